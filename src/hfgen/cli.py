@@ -1,0 +1,65 @@
+"""`hfgen` command line: one subcommand per module, each exposing `add_arguments(parser)` and `main(args)`.
+
+Subcommand modules keep heavy imports (torch, transformers) inside `main`, so `hfgen --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hfgen import __version__
+from hfgen.errors import exit_on_user_error
+
+COMMANDS = {
+    "train": "hfgen.train",
+    "generate": "hfgen.generate",
+    "merge": "hfgen.merge",
+    "eval": "hfgen.evaluation.command",
+    "report": "hfgen.report",
+    "sweep": "hfgen.sweep",
+}
+
+
+def _available_commands():
+    for name, module_name in COMMANDS.items():
+        try:
+            yield name, importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hfgen",
+        description="Train and evaluate generative models from recipe files: causal-LM pretraining, SFT (full, "
+        "LoRA, QLoRA), reward models, PPO/RLHF, and text-to-image diffusion.",
+        epilog="Run `hfgen COMMAND --help` for a command's options. Example: hfgen train recipes/tiny/pretrain.yaml",
+    )
+    parser.add_argument("--version", action="version", version=f"hfgen {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in _available_commands():
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        sub = subparsers.add_parser(
+            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    with exit_on_user_error():
+        return args.handler(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

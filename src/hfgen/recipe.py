@@ -1,0 +1,209 @@
+"""Recipes: a YAML file with `stage:` and flat keys, plus `--key value` overrides.
+
+The keys are the fields of the stage's typed config dataclasses (transformers `TrainingArguments`,
+TRL configs and our own), parsed with `HfArgumentParser` so every upstream option works without being
+re-declared here. Everything is validated before any model is built, and every problem found is
+reported at once, as one `UserError` (exit code 2) naming the offending keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfgen.errors import UserError
+from hfgen.stages import STAGES, load_stage
+
+STAGE_KEY = "stage"
+
+
+@dataclass
+class Recipe:
+    """A parsed and validated recipe."""
+
+    stage: str
+    values: dict[str, Any]  # the keys the user set (file, then overrides): re-runnable as is
+    configs: tuple  # one instance per dataclass of the stage, in the stage's ARGUMENTS order
+    source: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, cls):
+        """The config instance of type `cls` (or a subclass)."""
+        for config in self.configs:
+            if isinstance(config, cls):
+                return config
+        raise KeyError(cls.__name__)
+
+    @property
+    def output_dir(self) -> Path:
+        for config in self.configs:
+            if getattr(config, "output_dir", None):
+                return Path(config.output_dir)
+        raise UserError(f"the recipe for stage '{self.stage}' sets no output_dir; add `output_dir: PATH`.")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({STAGE_KEY: self.stage, **self.values}, sort_keys=False)
+
+
+class _RaisingParser:
+    """Wraps `HfArgumentParser` so that argparse problems raise instead of printing usage and exiting."""
+
+    def __init__(self, dataclass_types):
+        from transformers import HfArgumentParser
+
+        class Parser(HfArgumentParser):
+            def error(self, message):  # argparse calls this on bad values; we collect instead
+                raise UserError(message)
+
+        self.parser = Parser(dataclass_types)
+        self.actions = {
+            action.dest: action
+            for action in self.parser._actions
+            if action.option_strings and action.dest != "help" and not action.option_strings[0].startswith("--no_")
+        }
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML into a dict; a missing file or bad YAML is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"recipe file '{path}' is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe file '{path}' must be a mapping of keys to values, got {type(data).__name__}.")
+    return data
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`['--lr', '1e-4', '--flag', '--mods', 'q', 'v']` -> {'lr': '1e-4', 'flag': True, 'mods': ['q', 'v']}.
+
+    Values stay strings (typed later by the dataclass field); YAML scalars are decoded so that the
+    resolved recipe reads naturally (`true`, numbers, `null`).
+    """
+    overrides: dict[str, Any] = {}
+    key = None
+    for token in tokens:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            if not name:
+                raise UserError(f"override '{token}' has no key name.")
+            key = name.replace("-", "_")
+            overrides[key] = [value] if eq else []
+        elif key is None:
+            raise UserError(f"unexpected argument '{token}': overrides take the form --key value.")
+        else:
+            overrides[key].append(token)
+    resolved = {}
+    for key, values in overrides.items():
+        decoded = [_decode_scalar(v) for v in values]
+        resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
+    return resolved
+
+
+def _decode_scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text
+
+
+def _to_argv_tokens(value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _to_argv_tokens(v)]
+    if isinstance(value, dict):
+        return [json.dumps(value)]
+    return [str(value)]
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def known_keys(stage: str) -> list[str]:
+    module = load_stage(stage)
+    return sorted(f.name for cls in module.ARGUMENTS for f in dataclasses.fields(cls) if f.init)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_inputs: bool = True) -> Recipe:
+    """Read, merge, type-check and validate a recipe. Raises one UserError listing every problem."""
+    values = read_recipe_file(path) if path is not None else {}
+    values.update(parse_overrides(overrides or []))
+    return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs)
+
+
+def build_recipe(values: dict[str, Any], source: Path | None = None, check_inputs: bool = True) -> Recipe:
+    values = dict(values)
+    where = f"recipe '{source}'" if source else "recipe"
+    stage = values.pop(STAGE_KEY, None)
+    if stage is None:
+        raise UserError(f"{where} has no 'stage' key; set one of: {', '.join(STAGES)}.")
+    if stage not in STAGES:
+        raise UserError(f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}.")
+    module = load_stage(stage)
+    parser = _RaisingParser(module.ARGUMENTS)
+
+    errors = []
+    argv: list[str] = []
+    for key, value in values.items():
+        action = parser.actions.get(key)
+        if action is None:
+            errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
+            continue
+        if value is None:
+            continue  # YAML null: keep the field's default
+        tokens = _to_argv_tokens(value)
+        problem = _check_value(action, tokens)
+        if problem:
+            errors.append(f"key '{key}': {problem}")
+            continue
+        argv += [f"--{key}", *tokens]
+    if errors:
+        raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors) + ".")
+
+    try:
+        configs = parser.parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    except (ValueError, TypeError, ImportError) as error:  # raised by the configs' __post_init__ checks
+        raise UserError(f"{where}: {error}") from None
+    recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source)
+
+    if check_inputs and hasattr(module, "check"):
+        problems = module.check(*recipe.configs)
+        if problems:
+            raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
+    return recipe
+
+
+def _check_value(action: argparse.Action, tokens: list[str]) -> str | None:
+    """Type-check one key's tokens the way argparse would, so all bad keys are reported together."""
+    takes_list = action.nargs in ("+", "*")
+    if not takes_list and len(tokens) != 1:
+        return f"expected one value, got {len(tokens)}: {tokens}"
+    for token in tokens:
+        try:
+            converted = action.type(token) if action.type else token
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            type_name = getattr(action.type, "__name__", "value")
+            return f"invalid {type_name} value '{token}'"
+        if action.choices is not None and converted not in action.choices:
+            return f"'{token}' is not one of {list(action.choices)}"
+    return None
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"

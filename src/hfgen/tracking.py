@@ -1,0 +1,218 @@
+"""The run directory: records, metrics, evaluation results, checkpoints. Written once, used by every stage.
+
+A run directory holds:
+    recipe.yaml      the resolved recipe (re-runnable as is: `hfgen train OUTPUT_DIR/recipe.yaml`)
+    env.json         package versions, git commit, hardware
+    metrics.jsonl    one JSON object per logged step: {"step": int, "<name>": float, ...}
+    eval.json        final evaluation figures, a flat {"<name>": value} mapping
+    samples.jsonl    sample generations (text stages), or samples/*.png and grid.png (image stages)
+    checkpoint-N/    checkpoints (Trainer's or accelerate's `save_state`), rotated
+    COMPLETE         written last: a directory without it is an unfinished run, never mistaken for output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+COMPLETE_MARKER = "COMPLETE"
+TRACKED_PACKAGES = (
+    "hfgen", "torch", "transformers", "trl", "peft", "diffusers", "datasets", "accelerate", "evaluate",
+    "tokenizers", "safetensors",
+)  # fmt: skip
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the hfgen checkout (or of the working directory's repo), with '+dirty' if modified."""
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            return commit + ("+dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = {
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if torch.cuda.is_available():
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return env
+
+
+def write_run_records(output_dir: str | Path, recipe_yaml: str) -> None:
+    """Start a run: the resolved recipe and the environment, and no COMPLETE marker until the run ends."""
+    if not is_main_process():
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    (output_dir / "recipe.yaml").write_text(recipe_yaml)
+    write_json(output_dir / "env.json", environment())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    tmp.replace(path)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str | Path, default=None):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def update_eval(output_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Merge `results` into OUTPUT_DIR/eval.json (main process only) and return the merged dict."""
+    path = Path(output_dir) / "eval.json"
+    merged = {**read_json(path, {}), **results}
+    if is_main_process():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_json(path, merged)
+    return merged
+
+
+def mark_complete(output_dir: str | Path, **info) -> None:
+    if is_main_process():
+        write_json(Path(output_dir) / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+
+
+def is_complete(output_dir: str | Path) -> bool:
+    return (Path(output_dir) / COMPLETE_MARKER).is_file()
+
+
+class MetricsLogger:
+    """Appends one JSON line per call to OUTPUT_DIR/metrics.jsonl (main process only)."""
+
+    def __init__(self, output_dir: str | Path, fresh: bool = False):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if is_main_process():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self.path.unlink(missing_ok=True)
+
+    def log(self, step: int, **metrics) -> None:
+        if not is_main_process():
+            return
+        row = {"step": step, **{k: _jsonable(v) if hasattr(v, "item") else v for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics_callback(output_dir: str | Path):
+    """A transformers `TrainerCallback` that mirrors every Trainer log into metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    logger = MetricsLogger(output_dir)
+
+    class MetricsFileCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                logger.log(state.global_step, epoch=state.epoch, **logs)
+
+    return MetricsFileCallback()
+
+
+# ---- checkpoints for our own accelerate loops (Trainer-based stages use Trainer's) -------------------
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint dirs under output_dir, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None, recipe_yaml: str | None = None) -> Path:
+    """`accelerator.save_state` (models, optimizers, schedulers, RNG, registered objects) into checkpoint-STEP,
+    with the recipe beside it, then delete the oldest beyond `total_limit`."""
+    path = Path(output_dir) / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_json(path / "hfgen_state.json", {"step": step})
+        if recipe_yaml:
+            (path / "recipe.yaml").write_text(recipe_yaml)
+        if total_limit:
+            for old in checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:
+    """`--resume_from_checkpoint true` means the latest checkpoint in output_dir; a path means that one."""
+    from hfgen.errors import UserError
+
+    if resume_from_checkpoint in (None, False, "", "false", "False"):
+        return None
+    if resume_from_checkpoint in (True, "true", "True"):
+        found = checkpoints(output_dir)
+        if not found:
+            raise UserError(f"resume_from_checkpoint: no checkpoint-N directory in '{output_dir}' to resume from.")
+        return found[-1]
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise UserError(f"resume_from_checkpoint: '{path}' is not a directory.")
+    return path
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(read_json(Path(path) / "hfgen_state.json", {"step": 0})["step"])

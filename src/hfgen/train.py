@@ -1,0 +1,70 @@
+"""Train a stage from a recipe: `hfgen train RECIPE [--key value ...]`.
+
+Recipe keys are the fields of the stage's config dataclasses (transformers TrainingArguments, TRL configs,
+hfgen's model and data arguments); any key can be overridden on the command line. Stages:
+  pretrain  causal-LM pretraining, from a config (scratch) or a pretrained model
+  sft       supervised fine-tuning, full / LoRA / QLoRA
+  reward    Bradley-Terry reward model from preference pairs
+  ppo       PPO against a reward model with a KL penalty to the reference policy
+  rlhf      the three-step pipeline: SFT -> reward model -> PPO
+  vae       autoencoder (AutoencoderKL) for latent diffusion
+  t2i       text-to-image UNet, full or LoRA
+
+Also runs as `python -m hfgen.train RECIPE ...` and, on many processes or GPUs,
+`accelerate launch [--config_file recipes/accelerate/X.yaml] scripts/train.py RECIPE ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
+    parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
+    parser.add_argument("--list-keys", action="store_true", help="print every key the recipe's stage accepts, then exit")
+    parser.set_defaults(accepts_overrides=True)
+    parser.epilog = "Any other --key value pair overrides that key of the recipe, e.g. --learning_rate 1e-4."
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen.errors import UserError
+    from hfgen.recipe import known_keys, load_recipe, read_recipe_file
+
+    recipe_path = args.recipe or args.config_file
+    if recipe_path is None:
+        raise UserError("no recipe given: `hfgen train RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
+    if args.list_keys:
+        stage = read_recipe_file(recipe_path).get("stage")
+        print("\n".join(known_keys(stage)))
+        return 0
+    recipe = load_recipe(recipe_path, args.overrides)
+    run_recipe(recipe)
+    return 0
+
+
+def run_recipe(recipe) -> Path:
+    """Run a validated recipe: records first, the stage, then the COMPLETE marker. Used by the CLI and by `rlhf`."""
+    from hfgen import tracking
+    from hfgen.stages import load_stage
+
+    started = time.time()
+    output_dir = recipe.output_dir
+    tracking.write_run_records(output_dir, recipe.to_yaml())
+    load_stage(recipe.stage).run(*recipe.configs)
+    tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
+    return output_dir
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry for `python -m hfgen.train` and `scripts/train.py`: the same as `hfgen train`."""
+    from hfgen.cli import main as hfgen_main
+
+    return hfgen_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
