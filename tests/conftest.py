@@ -1,0 +1,43 @@
+"""Shared test setup: offline, deterministic, small thread counts, and a free port for multi-process runs."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+HFGEN = [sys.executable, "-m", "hfgen.cli"]
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_hfgen(*args, cwd=REPO, timeout=900, env=None) -> subprocess.CompletedProcess:
+    """Run the real `hfgen` CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [*HFGEN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 CPU processes (gloo) with the repo's cpu_2proc config."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(port), str(REPO / "scripts/train.py"), *map(str, args),
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "true"}
+    )
