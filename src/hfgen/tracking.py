@@ -104,6 +104,13 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
+    tmp.replace(path)
+
+
 def read_json(path: str | Path, default=None):
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else default
@@ -162,7 +169,7 @@ def metrics_callback(output_dir: str | Path):
     class MetricsFileCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                logger.log(state.global_step, epoch=state.epoch, **logs)
+                logger.log(state.global_step, **{"epoch": state.epoch, **logs})
 
     return MetricsFileCallback()
 
@@ -216,3 +223,18 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
 
 def checkpoint_step(path: str | Path) -> int:
     return int(read_json(Path(path) / "hfgen_state.json", {"step": 0})["step"])
+
+
+def write_weights_fingerprint(model, output_dir: str | Path) -> str:
+    """Every rank writes a SHA-256 of its own parameters to OUTPUT_DIR/weights-rank{R}.sha256, so a
+    multi-process run can be checked to end with identical weights on all ranks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    rank = int(os.environ.get("RANK", "0"))
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / f"weights-rank{rank}.sha256").write_text(digest.hexdigest() + "\n")
+    return digest.hexdigest()

@@ -120,7 +120,7 @@ def _request(rng: random.Random) -> str:
 
 
 def _thing_of(request: str) -> str:
-    words = request.rstrip(".?").split()
+    words = request.rstrip(".?").removesuffix(" like").split()
     return " ".join(words[words.index("the") + 1 :])
 
 

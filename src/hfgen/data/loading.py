@@ -1,0 +1,117 @@
+"""Load datasets from `embedded:NAME`, local files (json, jsonl, csv, parquet, txt, a dir) or hub ids, into
+train and eval splits, and check them before training: `datasets` loads some broken files without a word
+(a JSON row missing a key becomes None; a parquet with other column names loads fine), so the stage's
+required columns are checked, and a sample of rows is read, before any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen.errors import UserError
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+ROWS_CHECKED = 1000
+
+
+@dataclass
+class DataArguments:
+    """Which data a stage trains and evaluates on."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "embedded:NAME, a hub dataset id, a local file (json/jsonl/csv/parquet/txt) or a local dir."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (carved from train if absent)."})
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Percent of train held out for evaluation when the data has no test split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
+
+
+def load_raw(name: str, config: str | None = None):
+    """A DatasetDict from any supported source; any failure is a UserError naming the source."""
+    import datasets
+
+    if name.startswith("embedded:"):
+        from hfgen.data.embedded import NAMES, load_embedded
+
+        embedded = name.removeprefix("embedded:")
+        if embedded not in NAMES:
+            raise UserError(f"dataset_name '{name}': no such embedded dataset; choose from {', '.join('embedded:' + n for n in NAMES)}")
+        return load_embedded(embedded)
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise UserError(f"dataset_name '{name}': unsupported file type '{path.suffix}'; use {', '.join(sorted(FILE_BUILDERS))}")
+            return datasets.load_dataset(builder, data_files={"train": str(path)})
+        if path.is_dir():
+            if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+                loaded = datasets.load_from_disk(str(path))
+                return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+            return datasets.load_dataset(str(path), config)
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise UserError(f"dataset_name '{name}' does not exist")
+        return datasets.load_dataset(name, config)
+    except UserError:
+        raise
+    except Exception as error:  # datasets raises many types (FileNotFoundError, ArrowInvalid, DatasetNotFoundError...)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def load_splits(args: DataArguments, seed: int = 0):
+    """(train, eval) Datasets per the data arguments."""
+    raw = load_raw(args.dataset_name, args.dataset_config)
+    if args.dataset_train_split not in raw:
+        raise UserError(
+            f"dataset_train_split '{args.dataset_train_split}' is not a split of '{args.dataset_name}'; it has {', '.join(raw)}"
+        )
+    train = raw[args.dataset_train_split]
+    if args.dataset_test_split in raw:
+        evaluation = raw[args.dataset_test_split]
+    else:
+        parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) -> list[str]:
+    """Missing columns, and empty (None) values in the first rows, as messages naming the source."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        return [f"dataset '{source}' lacks column(s) {missing} (it has {dataset.column_names})"]
+    problems = []
+    sample = dataset.select(range(min(ROWS_CHECKED, len(dataset))))
+    for column in columns:
+        empty = [i for i, value in enumerate(sample[column]) if value is None or value == "" or value == []]
+        if empty:
+            problems.append(f"dataset '{source}' has empty values in column '{column}' (rows {empty[:5]}{'...' if len(empty) > 5 else ''})")
+    if len(dataset) == 0:
+        problems.append(f"dataset '{source}' has no rows")
+    return problems
+
+
+def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]]) -> list[str]:
+    """Problems with the recipe's dataset for a stage that accepts any of several column layouts."""
+    if not args.dataset_name:
+        return ["dataset_name is not set"]
+    try:
+        train, evaluation = load_splits(args)
+    except UserError as error:
+        return [str(error)]
+    for columns in any_of_columns:
+        if all(c in train.column_names for c in columns):
+            return column_problems(train, columns, args.dataset_name) + column_problems(evaluation, columns, args.dataset_name)
+    layouts = " or ".join(str(list(c)) for c in any_of_columns)
+    return [f"dataset '{args.dataset_name}' needs columns {layouts}; it has {train.column_names}"]

@@ -1,0 +1,117 @@
+"""Generate text (or images) from a trained model: `hfgen generate MODEL_DIR --prompt TEXT`.
+
+MODEL_DIR is a model dir or hub id, a LoRA adapter dir (loaded on its base), or a diffusers pipeline dir
+(then images are rendered). Text generation is batched and KV-cached. With a chat template and `--chat`
+(the default for models fine-tuned by sft/ppo), prompts are wrapped as a user turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model dir, hub id, LoRA adapter dir, or diffusers pipeline dir")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples (texts or images) per prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    chat = parser.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
+    images = parser.add_argument_group("images (diffusers pipeline dirs)")
+    images.add_argument("--num_inference_steps", type=int, default=25)
+    images.add_argument("--guidance_scale", type=float, default=3.0)
+    images.add_argument("--output_dir", default=None, help="where PNGs and grid.png go (default: MODEL/generated)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen.errors import UserError
+
+    model_path = Path(args.model)
+    if (model_path / "model_index.json").is_file():
+        from hfgen.diffusion import render_images
+
+        paths = render_images(
+            str(model_path), args.prompt, args.num_samples, args.num_inference_steps, args.guidance_scale, args.seed,
+            args.output_dir or str(model_path / "generated"),
+        )  # fmt: skip
+        for path in paths:
+            print(path)
+        return 0
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num_samples and --max_new_tokens must be at least 1.")
+
+    import torch
+
+    from hfgen.models import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    chat = wants_chat(args.model, tokenizer) if args.chat is None else args.chat
+    samples = generate_text(
+        model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, num_samples=args.num_samples, chat=chat,
+    )  # fmt: skip
+    for prompt, texts in zip(args.prompt, samples):
+        for text in texts:
+            print(f"### {prompt}\n{text if chat else prompt + text}\n")
+    return 0
+
+
+def wants_chat(model_path: str, tokenizer) -> bool:
+    """Chat format by default for fine-tuned runs (sft, ppo); raw text for pretrained ones."""
+    import yaml
+
+    recipe = Path(model_path) / "recipe.yaml"
+    if tokenizer.chat_template is None:
+        return False
+    if recipe.is_file():
+        return yaml.safe_load(recipe.read_text()).get("stage") not in ("pretrain",)
+    return (Path(model_path) / "adapter_config.json").is_file()
+
+
+def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
+    """Plain strings, or chat-formatted: a prompt may be a string (one user turn) or a list of messages."""
+    if not chat:
+        return list(prompts)
+    formatted = []
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        formatted.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return formatted
+
+
+def generate_text(
+    model, tokenizer, prompts: list, *, max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95,
+    num_samples: int = 1, chat: bool = False, batch_size: int = 64, min_new_tokens: int | None = None,
+) -> list[list[str]]:  # fmt: skip
+    """`num_samples` completions for each prompt (completion text only, special tokens removed).
+    Left-padded batches, KV cache on, stop at EOS."""
+    import torch
+
+    texts = format_prompts(tokenizer, prompts, chat)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    outputs: list[list[str]] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat
+            ).to(device)
+            with torch.inference_mode():
+                generated = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=num_samples,
+                    use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+                )  # fmt: skip
+            completions = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            outputs += [completions[i : i + num_samples] for i in range(0, len(completions), num_samples)]
+    finally:
+        tokenizer.padding_side = padding_side
+    return outputs

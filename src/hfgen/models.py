@@ -1,0 +1,195 @@
+"""Build and load tokenizers and language models: hub ids, local dirs, embedded tiny defaults, LoRA adapter dirs.
+
+Model arguments shared by the language stages live here too (`ModelArguments`), so every stage names
+models the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen.errors import UserError
+
+EMBEDDED_TOKENIZER = "embedded:tiny-bpe"
+EMBEDDED_VOCAB_SIZE = 512
+PAD, EOS = "<|pad|>", "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# `{% generation %}` marks assistant text, so TRL's `assistant_only_loss` can mask everything else.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class ModelArguments:
+    """Which model and tokenizer a language stage starts from."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained model: hub id or local dir (an earlier hfgen run's output_dir works)."}
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch from this config: a JSON file (e.g. recipes/tiny/llama_tiny.json), dir or hub id."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": f"Tokenizer: hub id, local dir, or '{EMBEDDED_TOKENIZER}' (trained here on the embedded corpus). Defaults to the model's."},
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16, float16."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub (off by default)."})
+
+
+# ---- path checks (used by the stages' check() before heavy work) ------------------------------------
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id: starts with . / ~, or has more than one '/', or exists."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
+    """Problems with a model path/hub id, for a recipe's `check()`."""
+    if not name or name.startswith("embedded:"):
+        return []
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and (path / "recipe.yaml").exists() and not (path / "COMPLETE").exists():
+            return [f"{key} '{name}' is an unfinished hfgen run (no COMPLETE marker); rerun the stage that writes it"]
+        if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json", "model_index.json", "tokenizer_config.json")):
+            return [f"{key} '{name}' is a directory without a config.json or adapter_config.json"]
+        return []
+    if looks_local(name):
+        return [f"{key} '{name}' does not exist{'; ' + hint if hint else ''}"]
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str) and not isinstance(
+        try_to_load_from_cache(name, "tokenizer_config.json"), str
+    ):
+        return [f"{key} '{name}' is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"]
+    return []
+
+
+def check_config_file(key: str, name: str | None) -> list[str]:
+    if name and looks_local(name) and not Path(name).exists():
+        return [f"{key} '{name}' does not exist"]
+    if name and name.endswith(".json") and Path(name).is_file():
+        try:
+            json.loads(Path(name).read_text())
+        except json.JSONDecodeError as error:
+            return [f"{key} '{name}' is not valid JSON ({error})"]
+    return []
+
+
+# ---- tokenizers -------------------------------------------------------------------------------------
+
+
+def build_embedded_tokenizer():
+    """A byte-level BPE tokenizer trained on the embedded corpus, as a normal HF fast tokenizer with a chat
+    template. Deterministic, offline, about a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfgen.data.embedded import tokenizer_training_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=EMBEDDED_VOCAB_SIZE,
+        special_tokens=[PAD, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_training_text(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token=PAD, eos_token=EOS, additional_special_tokens=list(ROLE_TOKENS)
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"  # batched generation wants left padding; collators pad as they need
+    return tokenizer
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """Tokenizer from a hub id, a local dir, an adapter dir (its base's), or the embedded default.
+    Guarantees a pad token distinct from EOS when it can (PPO needs EOS != PAD)."""
+    from transformers import AutoTokenizer
+
+    if name == EMBEDDED_TOKENIZER:
+        return build_embedded_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        base = adapter_base(name)
+        if base is None:
+            raise UserError(f"could not load a tokenizer from '{name}': {error}") from None
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return tokenizer
+
+
+# ---- models -----------------------------------------------------------------------------------------
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a PEFT adapter dir, or None if `path` is not one."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
+
+
+def build_causal_lm_from_config(config_name: str, tokenizer, args: ModelArguments):
+    """A randomly initialised causal LM from a config (JSON file, dir or hub id), sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config_name.endswith(".json") and Path(config_name).is_file():
+        values = json.loads(Path(config_name).read_text())
+        config = AutoConfig.for_model(**values)
+    else:
+        config = AutoConfig.from_pretrained(config_name, trust_remote_code=args.trust_remote_code)
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+
+
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """A causal LM from a full model dir / hub id, or base+adapter from a LoRA adapter dir (adapter kept
+    unmerged, as a PeftModel)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    base = adapter_base(path)
+    try:
+        if base is None:
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load a causal language model from '{path}': {error}") from None
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,125 @@
+"""Causal-LM pretraining, from a config (scratch) or a pretrained model (continued pretraining).
+
+    hfgen train recipes/tiny/pretrain.yaml --output_dir outputs/tiny/pretrain
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml scripts/train.py recipes/tiny/pretrain.yaml
+
+Texts are tokenized, joined with EOS between documents and cut into `block_size` blocks (packing), so no
+compute is spent on padding. Training is transformers' Trainer. Validation loss and perplexity at step 0
+and at the end, with a unigram model's perplexity as a floor to beat, go to OUTPUT_DIR/eval.json.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from hfgen import tracking
+from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.models import ModelArguments, check_config_file, check_model_source
+
+SAMPLE_PROMPTS = ("the cat", "a happy", "the red car", "the river")
+
+
+@dataclass
+class PretrainDataArguments(DataArguments):
+    text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per packed training sequence."})
+
+
+ARGUMENTS = (ModelArguments, PretrainDataArguments, TrainingArguments)
+
+
+def check(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> list[str]:
+    problems = []
+    if bool(model_args.model_name_or_path) == bool(model_args.config_name):
+        problems.append("set exactly one of model_name_or_path (continue pretraining) or config_name (from scratch)")
+    if model_args.config_name and not model_args.tokenizer_name:
+        problems.append("config_name (from scratch) needs tokenizer_name, e.g. embedded:tiny-bpe")
+    problems += check_model_source("model_name_or_path", model_args.model_name_or_path)
+    problems += check_config_file("config_name", model_args.config_name)
+    problems += check_model_source("tokenizer_name", model_args.tokenizer_name)
+    if data_args.block_size < 2:
+        problems.append(f"block_size must be at least 2, got {data_args.block_size}")
+    return problems + check_dataset(data_args, [(data_args.text_column,)])
+
+
+def pack(dataset, tokenizer, text_column: str, block_size: int):
+    """Tokenize, append EOS to each document, concatenate, and cut into `block_size` blocks (remainder dropped)."""
+
+    def tokenize_and_chunk(batch):
+        ids = [token for text in batch[text_column] for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+        usable = len(ids) // block_size * block_size
+        blocks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    return dataset.map(tokenize_and_chunk, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc="packing")
+
+
+def unigram_perplexity(train_blocks, eval_blocks, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model fitted on the training tokens: the floor to beat."""
+    counts = Counter(token for block in train_blocks["input_ids"] for token in block)
+    total = sum(counts.values()) + vocab_size
+    eval_tokens = [token for block in eval_blocks["input_ids"] for token in block[1:]]  # the tokens the LM predicts
+    nll = -sum(math.log((counts[t] + 1) / total) for t in eval_tokens) / len(eval_tokens)
+    return math.exp(nll)
+
+
+def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> Path:
+    from transformers import Trainer, set_seed
+
+    from hfgen.generate import generate_text
+    from hfgen.models import build_causal_lm_from_config, load_causal_lm, load_tokenizer
+
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+
+    # Model and tokenizer: from scratch (config + tokenizer) or continued from a pretrained model.
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, model_args.trust_remote_code)
+    if model_args.config_name:
+        model = build_causal_lm_from_config(model_args.config_name, tokenizer, model_args)
+    else:
+        model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation)
+
+    # Data: packed blocks of block_size tokens.
+    train_text, eval_text = load_splits(data_args, seed=training_args.seed)
+    with training_args.main_process_first(desc="packing"):
+        train_blocks = pack(train_text, tokenizer, data_args.text_column, data_args.block_size)
+        eval_blocks = pack(eval_text, tokenizer, data_args.text_column, data_args.block_size)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        processing_class=tokenizer,
+        callbacks=[tracking.metrics_callback(output_dir)],
+    )
+    initial = trainer.evaluate(metric_key_prefix="initial")
+    resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = trainer.evaluate()
+
+    trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
+    if training_args.world_size > 1:
+        tracking.write_weights_fingerprint(trainer.model, output_dir)
+    if trainer.is_world_process_zero():
+        samples = generate_text(trainer.model, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
+        tracking.write_jsonl(output_dir / "samples.jsonl", [{"prompt": p, "response": s[0]} for p, s in zip(SAMPLE_PROMPTS, samples)])
+        tracking.update_eval(
+            output_dir,
+            {
+                "eval_loss_initial": initial["initial_loss"],
+                "perplexity_initial": math.exp(initial["initial_loss"]),
+                "eval_loss": final["eval_loss"],
+                "perplexity": math.exp(final["eval_loss"]),
+                "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tokenizer)),
+                "train_tokens": result.global_step * training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size,
+                "train_runtime_s": result.metrics["train_runtime"],
+                "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            },
+        )
+    return output_dir
