@@ -28,7 +28,12 @@ def free_port() -> int:
 def run_hfgen(*args, cwd=REPO, timeout=900, env=None) -> subprocess.CompletedProcess:
     """Run the real `hfgen` CLI in a subprocess, as a user would."""
     return subprocess.run(
-        [*HFGEN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [*HFGEN, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -39,5 +44,10 @@ def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.Complete
         "--main_process_port", str(port), str(REPO / "scripts/train.py"), *map(str, args),
     ]  # fmt: skip
     return subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "true"}
+        command,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
     )

@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     chat = parser.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template")
+    chat.add_argument(
+        "--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template"
+    )
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
     images = parser.add_argument_group("images (diffusers pipeline dirs)")
     images.add_argument("--num_inference_steps", type=int, default=25)

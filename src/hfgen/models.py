@@ -34,19 +34,26 @@ class ModelArguments:
     """Which model and tokenizer a language stage starts from."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Pretrained model: hub id or local dir (an earlier hfgen run's output_dir works)."}
+        default=None,
+        metadata={"help": "Pretrained model: hub id or local dir (an earlier hfgen run's output_dir works)."},
     )
     config_name: str | None = field(
         default=None,
-        metadata={"help": "Train from scratch from this config: a JSON file (e.g. recipes/tiny/llama_tiny.json), dir or hub id."},
+        metadata={
+            "help": "Train from scratch from this config: a JSON file (e.g. recipes/tiny/llama_tiny.json), dir or hub id."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": f"Tokenizer: hub id, local dir, or '{EMBEDDED_TOKENIZER}' (trained here on the embedded corpus). Defaults to the model's."},
+        metadata={
+            "help": f"Tokenizer: hub id, local dir, or '{EMBEDDED_TOKENIZER}' (trained here on the embedded corpus). Defaults to the model's."
+        },
     )
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16, float16."})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub (off by default)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom model code from the hub (off by default)."}
+    )
 
 
 # ---- path checks (used by the stages' check() before heavy work) ------------------------------------
@@ -65,7 +72,10 @@ def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
     if path.exists():
         if path.is_dir() and (path / "recipe.yaml").exists() and not (path / "COMPLETE").exists():
             return [f"{key} '{name}' is an unfinished hfgen run (no COMPLETE marker); rerun the stage that writes it"]
-        if path.is_dir() and not any((path / f).exists() for f in ("config.json", "adapter_config.json", "model_index.json", "tokenizer_config.json")):
+        if path.is_dir() and not any(
+            (path / f).exists()
+            for f in ("config.json", "adapter_config.json", "model_index.json", "tokenizer_config.json")
+        ):
             return [f"{key} '{name}' is a directory without a config.json or adapter_config.json"]
         return []
     if looks_local(name):
@@ -73,8 +83,10 @@ def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    if HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str) and not isinstance(
-        try_to_load_from_cache(name, "tokenizer_config.json"), str
+    if (
+        HF_HUB_OFFLINE
+        and not isinstance(try_to_load_from_cache(name, "config.json"), str)
+        and not isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
     ):
         return [f"{key} '{name}' is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"]
     return []
@@ -172,7 +184,9 @@ def build_causal_lm_from_config(config_name: str, tokenizer, args: ModelArgument
     return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
 
 
-def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None):
+def load_causal_lm(
+    path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
+):
     """A causal LM from a full model dir / hub id, or base+adapter from a LoRA adapter dir (adapter kept
     unmerged, as a PeftModel)."""
     from transformers import AutoModelForCausalLM

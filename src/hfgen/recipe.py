@@ -152,7 +152,9 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
     if stage is None:
         raise UserError(f"{where} has no 'stage' key; set one of: {', '.join(STAGES)}.")
     if stage not in STAGES:
-        raise UserError(f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}.")
+        raise UserError(
+            f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}."
+        )
     module = load_stage(stage)
     parser = _RaisingParser(module.ARGUMENTS)
 

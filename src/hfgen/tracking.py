@@ -52,7 +52,11 @@ def git_commit() -> str | None:
                 ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
             ).stdout.strip()
             dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=10
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout.strip()
             return commit + ("+dirty" if dirty else "")
         except (OSError, subprocess.SubprocessError):
@@ -188,7 +192,9 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None, recipe_yaml: str | None = None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, total_limit: int | None, recipe_yaml: str | None = None
+) -> Path:
     """`accelerator.save_state` (models, optimizers, schedulers, RNG, registered objects) into checkpoint-STEP,
     with the recipe beside it, then delete the oldest beyond `total_limit`."""
     path = Path(output_dir) / f"checkpoint-{step}"

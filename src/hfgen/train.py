@@ -25,7 +25,9 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
     parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
-    parser.add_argument("--list-keys", action="store_true", help="print every key the recipe's stage accepts, then exit")
+    parser.add_argument(
+        "--list-keys", action="store_true", help="print every key the recipe's stage accepts, then exit"
+    )
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Any other --key value pair overrides that key of the recipe, e.g. --learning_rate 1e-4."
 

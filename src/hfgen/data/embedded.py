@@ -30,7 +30,12 @@ NEGATIVE = ("sad", "cold", "dull", "grim", "rude", "gloomy", "noisy", "bitter", 
 ADJECTIVES = POSITIVE + NEGATIVE
 VERBS = ("sits", "runs", "sleeps", "waits", "plays", "rests", "hides", "stands")
 PLACES = ("near", "by", "under", "behind", "beside", "above")
-REQUESTS = ("describe the {thing}.", "tell me about the {thing}.", "what is the {thing} like?", "write about the {thing}.")
+REQUESTS = (
+    "describe the {thing}.",
+    "tell me about the {thing}.",
+    "what is the {thing} like?",
+    "write about the {thing}.",
+)
 
 SPLIT_SEEDS = {"train": 1234, "test": 98765}
 SIZES = {"corpus": 3000, "instructions": 3000, "preferences": 3000, "prompts": 512}
@@ -143,7 +148,12 @@ def generate_rows(name: str, split: str) -> list[dict]:
             rows.append({"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]})
         elif name == "instructions_pc":
             request, answer = _conversation(rng)
-            rows.append({"prompt": [{"role": "user", "content": request}], "completion": [{"role": "assistant", "content": answer}]})
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": request}],
+                    "completion": [{"role": "assistant", "content": answer}],
+                }
+            )
         elif name == "preferences":
             rows.append(_preference_pair(rng))
         elif name == "prompts":

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from hfgen.errors import UserError
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
 ROWS_CHECKED = 1000
 
 
@@ -25,7 +32,9 @@ class DataArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (carved from train if absent)."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on (carved from train if absent)."}
+    )
     validation_split_percentage: float = field(
         default=5.0, metadata={"help": "Percent of train held out for evaluation when the data has no test split."}
     )
@@ -42,14 +51,18 @@ def load_raw(name: str, config: str | None = None):
 
         embedded = name.removeprefix("embedded:")
         if embedded not in NAMES:
-            raise UserError(f"dataset_name '{name}': no such embedded dataset; choose from {', '.join('embedded:' + n for n in NAMES)}")
+            raise UserError(
+                f"dataset_name '{name}': no such embedded dataset; choose from {', '.join('embedded:' + n for n in NAMES)}"
+            )
         return load_embedded(embedded)
     path = Path(name).expanduser()
     try:
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise UserError(f"dataset_name '{name}': unsupported file type '{path.suffix}'; use {', '.join(sorted(FILE_BUILDERS))}")
+                raise UserError(
+                    f"dataset_name '{name}': unsupported file type '{path.suffix}'; use {', '.join(sorted(FILE_BUILDERS))}"
+                )
             return datasets.load_dataset(builder, data_files={"train": str(path)})
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
@@ -96,7 +109,9 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
     for column in columns:
         empty = [i for i, value in enumerate(sample[column]) if value is None or value == "" or value == []]
         if empty:
-            problems.append(f"dataset '{source}' has empty values in column '{column}' (rows {empty[:5]}{'...' if len(empty) > 5 else ''})")
+            problems.append(
+                f"dataset '{source}' has empty values in column '{column}' (rows {empty[:5]}{'...' if len(empty) > 5 else ''})"
+            )
     if len(dataset) == 0:
         problems.append(f"dataset '{source}' has no rows")
     return problems
@@ -104,14 +119,21 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
 
 def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]]) -> list[str]:
     """Problems with the recipe's dataset for a stage that accepts any of several column layouts."""
+    import datasets
+
     if not args.dataset_name:
         return ["dataset_name is not set"]
+    datasets.disable_progress_bars()  # a check is quiet; its findings are the only output
     try:
         train, evaluation = load_splits(args)
     except UserError as error:
         return [str(error)]
+    finally:
+        datasets.enable_progress_bars()
     for columns in any_of_columns:
         if all(c in train.column_names for c in columns):
-            return column_problems(train, columns, args.dataset_name) + column_problems(evaluation, columns, args.dataset_name)
+            return column_problems(train, columns, args.dataset_name) + column_problems(
+                evaluation, columns, args.dataset_name
+            )
     layouts = " or ".join(str(list(c)) for c in any_of_columns)
     return [f"dataset '{args.dataset_name}' needs columns {layouts}; it has {train.column_names}"]

@@ -51,12 +51,16 @@ def pack(dataset, tokenizer, text_column: str, block_size: int):
     """Tokenize, append EOS to each document, concatenate, and cut into `block_size` blocks (remainder dropped)."""
 
     def tokenize_and_chunk(batch):
-        ids = [token for text in batch[text_column] for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
+        ids = [
+            token for text in batch[text_column] for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        ]
         usable = len(ids) // block_size * block_size
         blocks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
-    return dataset.map(tokenize_and_chunk, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc="packing")
+    return dataset.map(
+        tokenize_and_chunk, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc="packing"
+    )
 
 
 def unigram_perplexity(train_blocks, eval_blocks, vocab_size: int) -> float:
@@ -66,6 +70,19 @@ def unigram_perplexity(train_blocks, eval_blocks, vocab_size: int) -> float:
     eval_tokens = [token for block in eval_blocks["input_ids"] for token in block[1:]]  # the tokens the LM predicts
     nll = -sum(math.log((counts[t] + 1) / total) for t in eval_tokens) / len(eval_tokens)
     return math.exp(nll)
+
+
+def mean_loss(model, blocks, batch_size: int) -> float:
+    """Mean next-token loss over packed blocks (all of equal length, so the mean of batch means is exact)."""
+    import torch
+
+    model.eval()
+    losses = []
+    with torch.inference_mode():
+        for start in range(0, len(blocks), batch_size):
+            batch = torch.tensor(blocks[start : start + batch_size]["input_ids"], device=model.device)
+            losses.append(model(input_ids=batch, labels=batch).loss.item() * len(batch))
+    return sum(losses) / len(blocks)
 
 
 def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> Path:
@@ -82,7 +99,12 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     if model_args.config_name:
         model = build_causal_lm_from_config(model_args.config_name, tokenizer, model_args)
     else:
-        model = load_causal_lm(model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation)
+        model = load_causal_lm(
+            model_args.model_name_or_path,
+            model_args.dtype,
+            model_args.trust_remote_code,
+            model_args.attn_implementation,
+        )
 
     # Data: packed blocks of block_size tokens.
     train_text, eval_text = load_splits(data_args, seed=training_args.seed)
@@ -98,7 +120,9 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         processing_class=tokenizer,
         callbacks=[tracking.metrics_callback(output_dir)],
     )
-    initial = trainer.evaluate(metric_key_prefix="initial")
+    # Step-0 loss measured outside the Trainer: calling trainer.evaluate() before trainer.train() leaves the
+    # model unwrapped by DDP in transformers 5.23 (ranks then drift apart), so it must not touch the trainer.
+    initial_loss = mean_loss(model, eval_blocks, training_args.per_device_eval_batch_size)
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = trainer.evaluate()
@@ -108,16 +132,22 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         tracking.write_weights_fingerprint(trainer.model, output_dir)
     if trainer.is_world_process_zero():
         samples = generate_text(trainer.model, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
-        tracking.write_jsonl(output_dir / "samples.jsonl", [{"prompt": p, "response": s[0]} for p, s in zip(SAMPLE_PROMPTS, samples)])
+        tracking.write_jsonl(
+            output_dir / "samples.jsonl", [{"prompt": p, "response": s[0]} for p, s in zip(SAMPLE_PROMPTS, samples)]
+        )
         tracking.update_eval(
             output_dir,
             {
-                "eval_loss_initial": initial["initial_loss"],
-                "perplexity_initial": math.exp(initial["initial_loss"]),
+                "eval_loss_initial": initial_loss,
+                "perplexity_initial": math.exp(initial_loss),
                 "eval_loss": final["eval_loss"],
                 "perplexity": math.exp(final["eval_loss"]),
                 "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tokenizer)),
-                "train_tokens": result.global_step * training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size,
+                "train_tokens": result.global_step
+                * training_args.train_batch_size
+                * training_args.gradient_accumulation_steps
+                * training_args.world_size
+                * data_args.block_size,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "parameters": sum(p.numel() for p in trainer.model.parameters()),
             },

@@ -1,0 +1,129 @@
+"""What the fine-tuning stages (`sft`, `reward`) share: recipe checks and model loading on TRL's `ModelConfig`.
+
+Both stages take TRL's `ModelConfig` keys as they are (`use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`,
+`lora_target_modules`, `load_in_4bit`, ...), so a recipe written for `trl sft` reads the same here. The starting
+model may be a hub id, a full model dir, or a LoRA adapter dir from an earlier run (merged into its base on load).
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+from hfgen.models import adapter_base, check_model_source, load_causal_lm
+
+
+def run_first_hint(path: str) -> str:
+    """For a missing `outputs/X/Y`: the recipe that writes it, when `recipes/X/Y.yaml` exists."""
+    parts = Path(path).parts
+    if "outputs" in parts:
+        recipe = Path("recipes", *parts[parts.index("outputs") + 1 :]).with_suffix(".yaml")
+        if recipe.is_file():
+            return f"run `hfgen train {recipe}` first"
+    return "run the recipe that writes it first"
+
+
+def check_model_config(model_args) -> list[str]:
+    """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded."""
+    name = model_args.model_name_or_path
+    if not name:
+        return ["model_name_or_path is not set: name the model to fine-tune (hub id, model dir, or an earlier run's output_dir)"]
+    problems = check_model_source("model_name_or_path", name, hint=run_first_hint(name))
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+        if not model_args.use_peft:
+            problems.append(f"{key} (QLoRA) trains LoRA adapters on a frozen quantized base: set use_peft: true")
+        if adapter_base(name):
+            problems.append(f"{key}: model_name_or_path '{name}' is a LoRA adapter dir; merge it first (hfgen merge)")
+        problems += quantization_problems(key)
+    elif model_args.use_peft and adapter_base(name):
+        # The new adapter would record the original base as its base, without the old adapter's weights.
+        problems.append(
+            f"model_name_or_path '{name}' is a LoRA adapter dir, and use_peft would train a new adapter on top of it; "
+            f"merge it first (`hfgen merge {name} --output_dir MERGED_DIR`) and start from MERGED_DIR"
+        )
+    return problems
+
+
+def quantization_problems(key: str) -> list[str]:
+    """bitsandbytes 4/8-bit weights need a CUDA GPU and the bitsandbytes package: say so before any loading."""
+    import torch
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible")
+    if find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed (pip install 'hfgen[qlora]')")
+    if not missing:
+        return []
+    return [f"{key} (QLoRA) needs a CUDA GPU and bitsandbytes, but {' and '.join(missing)}; drop {key} to train plain LoRA"]
+
+
+def resolved(name: str) -> str:
+    """Local paths made absolute, so an adapter's recorded base (adapter_config.json) loads from any directory."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def load_model(model_args, training_args, tokenizer, sequence_classifier: bool = False):
+    """The model to fine-tune, before any LoRA wrapping: a causal LM, or (`sequence_classifier`) a one-label
+    `AutoModelForSequenceClassification` whose new `score` head reads the last non-pad token.
+
+    A LoRA adapter dir is merged into its base first. The embeddings grow if the tokenizer gained a pad token
+    (`load_tokenizer` guarantees one, distinct from EOS), since a pad id past the embedding table crashes the
+    first padded batch.
+    """
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    name = model_args.model_name_or_path
+    if adapter_base(name):
+        model = load_causal_lm(name, model_args.dtype, training_args.trust_remote_code, model_args.attn_implementation)
+        model = model.merge_and_unload()
+        if sequence_classifier:
+            model = sequence_classifier_from(model)
+    else:
+        kwargs = {
+            "revision": model_args.model_revision,
+            "dtype": model_args.dtype,
+            "trust_remote_code": training_args.trust_remote_code,
+            # Loaded where it is, then placed by Trainer/accelerate (DDP, FSDP and DeepSpeed all want device_map None).
+            "device_map": None,
+        }
+        if model_args.attn_implementation:
+            kwargs["attn_implementation"] = model_args.attn_implementation
+        quantization = get_quantization_config(model_args)
+        if quantization is not None:  # 4/8-bit weights are placed at load time, one copy per process
+            kwargs |= {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
+        if sequence_classifier:
+            kwargs["num_labels"] = 1
+        kwargs |= training_args.model_init_kwargs or {}
+        architecture = AutoModelForSequenceClassification if sequence_classifier else AutoModelForCausalLM
+        model = create_model_from_path(resolved(name), architecture, **kwargs)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def sequence_classifier_from(causal_lm):
+    """A one-label sequence classifier sharing `causal_lm`'s backbone weights, with a fresh `score` head."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = 1
+    classifier = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+    backbone = causal_lm.base_model_prefix
+    getattr(classifier, backbone).load_state_dict(getattr(causal_lm, backbone).state_dict())
+    classifier.config.name_or_path = causal_lm.config.name_or_path
+    return classifier
+
+
+def trained_tokens(trainer) -> int:
+    """Tokens the TRL trainer trained on (its logged `num_tokens`: non-pad tokens, summed over processes)."""
+    counts = [row["num_tokens"] for row in trainer.state.log_history if "num_tokens" in row]
+    return int(counts[-1]) if counts else 0

@@ -1,0 +1,103 @@
+"""Bad input gets a clear one-paragraph message naming the key/file, exit code 2, and no traceback."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO, run_hfgen
+from hfgen.cli import main as hfgen_main
+
+PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
+
+
+def write_recipe(tmp_path, **changes):
+    values = yaml.safe_load(PRETRAIN.read_text())
+    for key, value in changes.items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def run_inprocess(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", *map(str, argv)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return exit_info.value.code, captured.err
+
+
+def jsonl(tmp_path, rows, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_argv, expected",
+    [
+        # unknown key in the file, with the nearest valid key suggested
+        (lambda t: [write_recipe(t, learning_rat=0.1)], ["learning_rat", "did you mean 'learning_rate'"]),
+        # unknown override
+        (lambda t: [PRETRAIN, "--num_train_epoch", "3"], ["num_train_epoch", "num_train_epochs"]),
+        # wrong type on the command line and in the file
+        (lambda t: [PRETRAIN, "--learning_rate", "fast"], ["learning_rate", "fast"]),
+        (lambda t: [write_recipe(t, per_device_train_batch_size="many")], ["per_device_train_batch_size", "many"]),
+        # a value outside the allowed choices
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosin"], ["lr_scheduler_type", "cosin"]),
+        # unknown stage, with a suggestion
+        (lambda t: [write_recipe(t, stage="pretrian")], ["pretrian", "did you mean 'pretrain'"]),
+        # missing recipe file
+        (lambda t: [t / "nope.yaml"], ["nope.yaml", "does not exist"]),
+        # missing model dir (continued pretraining from a run that was never made)
+        (lambda t: [write_recipe(t, config_name=None, model_name_or_path="outputs/never/made")], ["model_name_or_path", "outputs/never/made"]),
+        # missing model config file
+        (lambda t: [PRETRAIN, "--config_name", "recipes/tiny/missing.json"], ["config_name", "missing.json"]),
+        # missing data file
+        (lambda t: [PRETRAIN, "--dataset_name", str(t / "missing.jsonl")], ["dataset_name", "missing.jsonl"]),
+        # data without the needed column (loads fine in `datasets`)
+        (lambda t: [PRETRAIN, "--dataset_name", jsonl(t, [{"content": "the cat is happy."}] * 20)], ["text", "content"]),
+        # a JSON row missing the key: `datasets` fills None without a word
+        (lambda t: [PRETRAIN, "--dataset_name", jsonl(t, [{"text": "the cat."}] * 5 + [{"other": 1}] + [{"text": "a dog."}] * 5)], ["empty values", "'text'", "rows [5]"]),
+        # both and neither of the model sources
+        (lambda t: [PRETRAIN, "--model_name_or_path", "outputs/x"], ["exactly one of model_name_or_path"]),
+        # no stage key at all
+        (lambda t: [write_recipe(t, stage=None)], ["no 'stage' key"]),
+    ],
+    ids=[
+        "unknown-key", "unknown-override", "bad-float", "bad-int-in-yaml", "bad-choice", "unknown-stage",
+        "missing-recipe", "missing-model-dir", "missing-config-json", "missing-data-file", "missing-column",
+        "row-missing-key", "ambiguous-model", "no-stage",
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):
+    code, err = run_inprocess(capsys, *make_argv(tmp_path), "--output_dir", tmp_path / "out")
+    assert code == 2
+    for fragment in expected:
+        assert fragment in err
+    assert err.startswith("hfgen: error:")
+    assert not (tmp_path / "out").exists(), "nothing is written for a rejected recipe"
+
+
+def test_all_problems_are_reported_together(tmp_path, capsys):
+    code, err = run_inprocess(
+        capsys, PRETRAIN, "--learning_rate", "fast", "--warmup_step", "3", "--output_dir", tmp_path
+    )
+    assert code == 2
+    assert "2 problems" in err and "learning_rate" in err and "warmup_step" in err
+
+
+def test_real_cli_prints_no_traceback(tmp_path):
+    result = run_hfgen("train", PRETRAIN, "--bogus_key", "1", "--output_dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert "bogus_key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_from_missing_model_exits_2(tmp_path):
+    result = run_hfgen("generate", tmp_path / "no_model", "--prompt", "the cat")
+    assert result.returncode == 2
+    assert "no_model" in result.stderr and "Traceback" not in result.stderr
