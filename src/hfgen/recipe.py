@@ -111,6 +111,8 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 
 def _decode_scalar(text: str) -> Any:
+    if text.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return text  # YAML 1.1 would make these booleans; `--save_strategy no` means the string
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -167,6 +169,8 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
             continue
         if value is None:
             continue  # YAML null: keep the field's default
+        if isinstance(value, bool) and action.choices and ("no" if not value else "yes") in action.choices:
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false: `save_strategy: no`
         tokens = _to_argv_tokens(value)
         problem = _check_value(action, tokens)
         if problem:

@@ -1,6 +1,8 @@
 """Stage `pretrain`: the tiny recipe learns, its output loads with from_pretrained, DDP ranks agree, resume is exact."""
 
 import re
+import subprocess
+import sys
 import shutil
 
 import pytest
@@ -109,3 +111,13 @@ def test_help_lists_stages_and_commands():
         assert stage in train_help
     keys = run_hfgen("train", PRETRAIN, "--list-keys").stdout.split()
     assert {"learning_rate", "block_size", "config_name", "dataset_name"} <= set(keys)
+
+
+def test_python_m_entry_point_with_tensorboard(tmp_path):
+    """`python -m hfgen.train` is the same entry; report_to tensorboard writes event files offline."""
+    command = [sys.executable, "-m", "hfgen.train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "4", *SHORT]
+    command += ["--report_to", "tensorboard", "--save_strategy", "no"]
+    result = subprocess.run(list(map(str, command)), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    assert tracking.is_complete(tmp_path)

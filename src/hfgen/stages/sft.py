@@ -1,0 +1,229 @@
+"""Supervised fine-tuning of a causal LM: full weights, LoRA, or QLoRA (4-bit base, CUDA + bitsandbytes), on TRL's
+`SFTTrainer`.
+
+    hfgen train recipes/tiny/sft_full.yaml
+    hfgen train recipes/tiny/sft_lora.yaml
+    ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml scripts/train.py recipes/tiny/sft_lora.yaml
+
+Recipe keys are TRL's own: `ModelConfig` (model_name_or_path, use_peft, lora_r, lora_alpha, lora_dropout,
+lora_target_modules, load_in_4bit, ...), `SFTConfig` (max_length, packing, completion_only_loss,
+assistant_only_loss, ...) and hfgen's data keys. Data in any of the common layouts: plain text
+(`dataset_text_field`), prompt/completion (loss on the completion by default), or conversational `messages`
+rendered with the tokenizer's chat template (`assistant_only_loss: true` masks everything but assistant turns).
+
+Beyond the training itself, the run records what a fine-tune is for: the held-out loss on *responses only*
+(completions / final assistant turns) before and after training, so the gain is comparable whatever loss
+masking or packing trained it, and sampled responses to held-out prompts with the fraction that ended with EOS
+(a policy that never stops is useless to PPO). The output dir holds a full model, or for LoRA the adapter, each
+with the tokenizer, so `hfgen generate OUTPUT_DIR` works on either and `hfgen merge` turns an adapter into a
+plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig
+
+from hfgen import tracking
+from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.errors import UserError
+from hfgen.finetune import check_model_config, load_model, trained_tokens
+
+
+@dataclass
+class SFTDataArguments(DataArguments):
+    num_samples: int = field(default=16, metadata={"help": "Held-out prompts answered after training, into samples.jsonl."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each sampled response."})
+
+
+# TRL's ModelConfig rather than hfgen's ModelArguments: the two share model_name_or_path, dtype and
+# attn_implementation (argparse refuses duplicate options), and ModelConfig carries the LoRA/QLoRA keys under the
+# names TRL users know. trust_remote_code is SFTConfig's. None of these three dataclasses share a field.
+ARGUMENTS = (ModelConfig, SFTDataArguments, SFTConfig)
+
+
+def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> list[str]:
+    problems = check_model_config(model_args)
+    if training_args.completion_only_loss:
+        layouts, why = [("prompt", "completion")], "completion_only_loss: true needs prompt/completion data: "
+    elif training_args.assistant_only_loss:
+        layouts, why = [("messages",), ("prompt", "completion")], "assistant_only_loss: true needs conversational data: "
+    else:
+        layouts, why = [("messages",), ("prompt", "completion"), (training_args.dataset_text_field,)], ""
+    problems += [why + problem for problem in check_dataset(data_args, layouts)]
+    if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
+        problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
+    return problems
+
+
+# ---- held-out responses: loss before/after, and sampled answers --------------------------------------
+
+
+def split_prompt_response(row: dict, text_field: str):
+    """(prompt, response) of one row: the completion, or a conversation's last assistant turn. Plain text has no
+    prompt: all of it is response."""
+    if "messages" in row:
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        return (messages[:last], messages[last : last + 1]) if last is not None else (None, None)
+    if "prompt" in row and "completion" in row:
+        return row["prompt"], row["completion"]
+    return "", row[text_field]
+
+
+def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tuple[list[int], int] | None:
+    """(token ids of prompt+response up to the response's EOS, index where the response starts), tokenized the way
+    SFTTrainer does: chat template for conversations, EOS after plain text. None when truncation leaves no
+    response token."""
+    from trl.data_utils import common_prefix_length
+
+    if isinstance(response, list):  # conversational
+        render = dict(tokenize=True, return_dict=True)
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **render)["input_ids"] if prompt else []
+        ids = tokenizer.apply_chat_template(prompt + response, **render)["input_ids"]
+    else:
+        prompt_ids = tokenizer(text=prompt)["input_ids"] if prompt else []
+        text = prompt + response
+        ids = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
+    start = common_prefix_length(prompt_ids, ids)  # the template may render the prompt differently alone
+    if tokenizer.eos_token_id in ids[start:]:  # the response ends at its EOS; template text after it is not scored
+        ids = ids[: ids.index(tokenizer.eos_token_id, start) + 1]
+    ids = ids[:max_length] if max_length else ids
+    return (ids, max(start, 1)) if start < len(ids) else None
+
+
+def response_loss(model, examples: list[tuple[list[int], int]], pad_token_id: int, batch_size: int) -> float:
+    """Mean next-token loss over response tokens only (prompt tokens are context, not scored)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    model.eval()
+    nll_sum, scored_tokens = 0.0, 0
+    with torch.inference_mode():
+        for begin in range(0, len(examples), batch_size):
+            chunk = examples[begin : begin + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            scored = torch.zeros_like(input_ids, dtype=torch.bool)
+            for row, (ids, start) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+                scored[row, start : len(ids)] = True
+            input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+            nll_sum += nll[scored[:, 1:]].sum().item()
+            scored_tokens += int(scored[:, 1:].sum())
+    return nll_sum / max(scored_tokens, 1)
+
+
+def sample_prompt(prompt, response):
+    """What to answer at sampling time: the row's prompt, or the first words of a plain text."""
+    return prompt if prompt or isinstance(response, list) else " ".join(response.split()[:3])
+
+
+def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed: int) -> list[dict]:
+    """One sampled response (temperature 0.7) per prompt, and whether it ended with EOS."""
+    import torch
+
+    from hfgen.generate import format_prompts
+
+    if not prompts:
+        return []
+    chat = isinstance(prompts[0], list)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        texts = format_prompts(tokenizer, prompts, chat)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(next(model.parameters()).device)
+    finally:
+        tokenizer.padding_side = padding_side
+    torch.manual_seed(seed)
+    model.eval()
+    with torch.inference_mode():
+        generated = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+    samples = []
+    for prompt, new_tokens in zip(prompts, generated[:, batch["input_ids"].shape[1] :].tolist()):
+        ended = tokenizer.eos_token_id in new_tokens
+        if ended:
+            new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
+        samples.append({"prompt": prompt, "response": tokenizer.decode(new_tokens, skip_special_tokens=True), "ended_with_eos": ended})
+    return samples
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+
+def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> Path:
+    from transformers import set_seed
+    from trl import SFTTrainer, get_peft_config
+
+    from hfgen.models import count_parameters, load_tokenizer
+
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+
+    # Model and tokenizer. LoRA wrapping (peft_config) is SFTTrainer's; QLoRA's 4-bit base is loaded here.
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    model = load_model(model_args, training_args, tokenizer)
+
+    # Data: SFTTrainer renders conversations with the chat template, tokenizes, builds the loss masks, packs.
+    train_rows, eval_rows = load_splits(data_args, seed=training_args.seed)
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=[tracking.metrics_callback(output_dir)],
+        )
+    except ValueError as error:  # TRL validates the config against the data and model here
+        raise UserError(f"SFTTrainer rejected the recipe: {error}") from None
+
+    # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
+    text_field = training_args.dataset_text_field
+    pairs = [split_prompt_response(row, text_field) for row in eval_rows]
+    held_out = [t for p, r in pairs if r is not None and (t := tokenize_response(tokenizer, p, r, training_args.max_length))]
+    sample_prompts = [sample_prompt(p, r) for p, r in pairs[: data_args.num_samples] if r is not None]
+    is_main = trainer.is_world_process_zero()
+    eval_batch = training_args.per_device_eval_batch_size
+    # Starting loss measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped.
+    initial_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch) if is_main else None
+
+    # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
+    resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_model(str(output_dir))
+    if training_args.world_size > 1:
+        tracking.write_weights_fingerprint(trainer.model, output_dir)
+
+    if is_main:
+        final_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch)
+        samples = sample_responses(trainer.model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed)
+        tracking.write_jsonl(output_dir / "samples.jsonl", samples)
+        tokens = trained_tokens(trainer)
+        tracking.update_eval(
+            output_dir,
+            {
+                "response_loss_initial": initial_loss,
+                "response_loss": final_loss,
+                "held_out_responses": len(held_out),
+                "eos_rate": sum(s["ended_with_eos"] for s in samples) / len(samples) if samples else None,
+                "train_loss": result.training_loss,
+                "train_tokens": tokens,
+                "train_runtime_s": result.metrics["train_runtime"],
+                "train_tokens_per_s": tokens / result.metrics["train_runtime"],
+                "parameters": count_parameters(trainer.model),
+                "trainable_parameters": count_parameters(trainer.model, trainable_only=True),
+                "peft": model_args.use_peft,
+            },
+        )
+    return output_dir
