@@ -1,0 +1,122 @@
+"""`hfgen report`: one self-contained HTML page whose plots and tables show every run given."""
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from hfgen import tracking
+from hfgen.cli import main as hfgen
+from hfgen.report import curve_figure, load_run, metric_groups, write_report
+
+
+def make_run(path, learning_rate, slope, ppo=False):
+    """A run dir as the stages write it: recipe, metrics.jsonl, eval.json, samples.jsonl, COMPLETE."""
+    tracking.write_run_records(
+        path, f"stage: {'ppo' if ppo else 'pretrain'}\nlearning_rate: {learning_rate}\nseed: 1\n"
+    )
+    logger = tracking.MetricsLogger(path)
+    for step in range(0, 50, 10):
+        metrics = {"loss": 5.0 - slope * step, "learning_rate": learning_rate, "epoch": step / 50}
+        if ppo:
+            metrics |= {"ppo/reward": slope * step, "ppo/oracle": 0.5 * slope * step, "ppo/kl": 0.01 * step,
+                        "ppo/entropy": 2.0 - 0.01 * step}  # fmt: skip
+        logger.log(step, **metrics)
+    logger.log(50, train_runtime=12.5)  # a one-off summary figure: not a curve
+    tracking.update_eval(path, {"quality/perplexity": 10.0 / slope, "diversity/distinct_2": 0.5, "eval_loss": 2.0})
+    tracking.write_jsonl(path / "samples.jsonl", [{"prompt": "the cat", "response": f"the cat is happy {slope}"}])
+    tracking.mark_complete(path)
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    return [make_run(tmp_path / "lr_low", 1e-4, 0.02), make_run(tmp_path / "lr_high", 3e-4, 0.05, ppo=True)]
+
+
+def embedded_pngs(page: str) -> list[Image.Image]:
+    return [
+        Image.open(io.BytesIO(base64.b64decode(data)))
+        for data in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    ]
+
+
+def test_each_plot_has_one_labelled_line_per_run(two_runs):
+    runs = [load_run(path, path.name) for path in two_runs]
+    groups = dict(metric_groups(runs))
+    assert groups["Loss"] == ["loss"]
+    assert groups["Reward and scores"] == ["ppo/reward", "ppo/oracle"]
+    assert groups["KL divergence"] == ["ppo/kl"] and groups["Entropy"] == ["ppo/entropy"]
+    assert "train_runtime" not in sum(groups.values(), []) and "epoch" not in sum(groups.values(), [])
+    axis = curve_figure(runs, ["loss"], "Loss").axes[0]
+    assert [line.get_label() for line in axis.get_lines()] == ["lr_low", "lr_high"]
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["lr_low", "lr_high"]
+    assert list(axis.get_lines()[1].get_ydata()) == [5.0 - 0.05 * s for s in range(0, 50, 10)]
+    # PPO-only curves are drawn for the run that has them
+    reward_axis = curve_figure(runs, ["ppo/reward"], "Reward").axes[0]
+    (line,) = reward_axis.get_lines()
+    assert line.get_label() == "lr_high" and line.get_color() == axis.get_lines()[1].get_color()
+
+
+def test_page_holds_both_runs_plots_eval_table_and_samples(two_runs, tmp_path):
+    out = tmp_path / "report.html"
+    assert hfgen(["report", *map(str, two_runs), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "lr_low" in page and "lr_high" in page
+    images = embedded_pngs(page)
+    assert len(images) == 5  # loss, rewards, KL, entropy, optimisation: one figure each
+    assert all(image.format == "PNG" and image.width > 300 for image in images)
+    evaluation = page[page.index('<table class="eval">') :]
+    assert "quality/perplexity" in evaluation and "500" in evaluation and "200" in evaluation
+    assert evaluation.index("quality/perplexity") < evaluation.index("eval_loss")  # criteria first
+    differences = page[page.index('<table class="recipe">') :]
+    assert "learning_rate" in differences and "seed" not in differences.split("</table>")[0]
+    assert "the cat is happy 0.02" in page and "the cat is happy 0.05" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_runs_without_records_are_shown_and_images_embedded(two_runs, tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    images_run = tmp_path / "t2i"
+    (images_run / "samples").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(images_run / "grid.png")
+    Image.new("RGB", (8, 8), (30, 30, 200)).save(images_run / "samples" / "0.png")
+    page = write_report([two_runs[0], empty, images_run], tmp_path / "r.html").read_text()
+    assert "empty_run" in page and "unfinished" in page
+    sizes = {image.size for image in embedded_pngs(page)}
+    assert (32, 32) in sizes and (8, 8) in sizes
+
+
+def test_missing_run_dir_is_a_user_error(two_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["report", str(two_runs[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "r.html")])
+    assert exit_info.value.code == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package `chromium`) is not installed")
+def test_page_renders_in_headless_chromium(two_runs, tmp_path):
+    out = write_report(two_runs, tmp_path / "report.html")
+    screenshot = tmp_path / "screenshot.png"
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={screenshot}", "--window-size=1200,1600", out.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert screenshot.is_file(), result.stderr[-2000:]
+    image = Image.open(screenshot).convert("L")
+    histogram = image.histogram()
+    background = max(histogram) / sum(histogram)
+    assert background < 0.97, "screenshot is (almost) blank"
+    colours = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50  # text, lines and plot colours, not a flat page
