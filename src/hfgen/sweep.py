@@ -1,0 +1,134 @@
+"""Run a grid of recipe variants, then compare them in one report: `hfgen sweep RECIPE --key V1,V2 ...`.
+
+    hfgen sweep recipes/tiny/pretrain.yaml --learning_rate 1e-3,3e-3 --warmup_steps 0,20
+    hfgen sweep recipes/tiny/sft_lora.yaml --learning_rate 1e-4,3e-4 --lora_r 8,16 --output_root outputs/sweeps/lora
+
+An override whose value holds commas is an axis of the grid; the grid is the product of the axes, and the
+other overrides apply to every point. Each point gets its own output dir, ROOT/KEY=VALUE_KEY=VALUE (ROOT is
+--output_root, by default the recipe's output_dir + "-sweep"). Every point's recipe is validated before the
+first one runs; then the points run one after the other through `hfgen.train.run_recipe`, exactly as
+`hfgen train` runs them. A point whose dir already holds a complete run of the same resolved recipe is
+skipped, so a sweep that stopped half way picks up where it was. Last, ROOT/report.html compares the points
+(`hfgen report`); with --eval each point is first evaluated by `hfgen eval` with its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+from pathlib import Path
+
+from hfgen.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("--output_root", help="where the points' run dirs and report.html go")
+    parser.add_argument("--eval", action="store_true", help="run `hfgen eval` on each point before the report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(accepts_overrides=True)
+    parser.epilog = "Other --key value pairs override the recipe; comma-separated values (--key a,b) form the grid."
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen import tracking
+    from hfgen.recipe import load_recipe
+    from hfgen.report import write_report
+    from hfgen.train import run_recipe
+
+    axes, fixed = split_grid(args.overrides)
+    if not axes:
+        raise UserError("hfgen sweep: no grid given; write comma-separated values, e.g. --learning_rate 1e-4,3e-4.")
+    if "output_dir" in axes or "--output_dir" in fixed:
+        raise UserError("hfgen sweep: each point gets its own output_dir under --output_root; do not set output_dir.")
+    root = Path(args.output_root) if args.output_root else default_root(args.recipe, fixed)
+    if args.quiet:
+        from hfgen.evaluation.command import quiet_libraries
+
+        quiet_libraries()
+
+    # Validate every point before running any: a typo in the last value must not cost the first runs.
+    points = grid_points(axes)
+    recipes, problems = {}, {}
+    for name, tokens in points:
+        try:
+            recipes[name] = load_recipe(args.recipe, [*fixed, *tokens, "--output_dir", str(root / name)])
+        except UserError as error:
+            problems.setdefault(str(error), []).append(name)  # one message for the points that share it
+    if problems:
+        invalid = sum(map(len, problems.values()))
+        details = " ".join(f"[{', '.join(names)}] {message}" for message, names in problems.items())
+        raise UserError(f"hfgen sweep: {invalid} of {len(points)} points are invalid, none was run: {details}")
+
+    print(f"sweep: {len(recipes)} points under {root}")
+    for index, (name, recipe) in enumerate(recipes.items(), 1):
+        run_dir = root / name
+        if tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml():
+            print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")
+            continue
+        print(f"[{index}/{len(recipes)}] {name}: training")
+        if args.quiet:
+            for config in recipe.configs:  # Trainer's progress bar; set on the parsed config, not in recipe.yaml
+                if hasattr(config, "disable_tqdm"):
+                    config.disable_tqdm = True
+        run_recipe(recipe)
+        if args.eval:
+            evaluate(run_dir, args.quiet)
+    report = write_report([root / name for name in recipes], root / "report.html", title=f"hfgen sweep {args.recipe}")
+    print(f"report: {report}")
+    return 0
+
+
+def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Override tokens -> (axes: key -> values, fixed tokens). `--lr 1e-4,3e-4` is an axis; `--steps 3`,
+    lists (`--modules q v`) and JSON/YAML values (`--x [1,2]`, `--y {a: 1}`) are fixed."""
+    groups: list[list[str]] = []
+    for token in tokens:
+        if token.startswith("--"):
+            key, eq, value = token.partition("=")
+            groups.append([key, value] if eq else [key])
+        elif groups:
+            groups[-1].append(token)
+        else:
+            raise UserError(f"hfgen sweep: unexpected argument '{token}'; overrides take the form --key value.")
+    axes, fixed = {}, []
+    for key, *values in groups:
+        if len(values) == 1 and "," in values[0] and not values[0].lstrip().startswith(("[", "{")):
+            axis = [v.strip() for v in values[0].split(",") if v.strip()]
+            name = key[2:].replace("-", "_")
+            if len(set(axis)) != len(axis):
+                raise UserError(f"hfgen sweep: --{name} repeats a value: {values[0]}")
+            axes[name] = axis
+        else:
+            fixed += [key, *values]
+    return axes, fixed
+
+
+def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
+    """(point name, override tokens) for each point of the product of the axes, the first axis slowest."""
+    points = []
+    for values in itertools.product(*axes.values()):
+        name = "_".join(f"{key}={safe(value)}" for key, value in zip(axes, values))
+        points.append((name, [token for key, value in zip(axes, values) for token in (f"--{key}", value)]))
+    return points
+
+
+def safe(value: str) -> str:
+    """A value as a piece of a directory name."""
+    return re.sub(r"[^\w.+-]", "-", value)
+
+
+def default_root(recipe_path: str, fixed: list[str]) -> Path:
+    from hfgen.recipe import load_recipe
+
+    return Path(f"{load_recipe(recipe_path, fixed, check_inputs=False).output_dir}-sweep")
+
+
+def evaluate(run_dir: Path, quiet: bool) -> None:
+    """`hfgen eval RUN_DIR` with its defaults."""
+    from hfgen.evaluation import command
+
+    parser = argparse.ArgumentParser(prog="hfgen eval")
+    command.add_arguments(parser)
+    command.main(parser.parse_args([str(run_dir), *(["--quiet"] if quiet else [])]))

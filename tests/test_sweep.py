@@ -1,0 +1,84 @@
+"""`hfgen sweep`: a grid of recipe overrides, validated up front, one run dir per point, one report."""
+
+import re
+
+import pytest
+
+from conftest import REPO, run_hfgen
+from hfgen import tracking
+from hfgen.cli import main as hfgen
+from hfgen.errors import UserError
+from hfgen.sweep import grid_points, split_grid
+
+PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
+SHORT = ["--max_steps", "3", "--max_train_samples", "100", "--max_eval_samples", "8", "--logging_steps", "1"]
+
+
+def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
+    axes, fixed = split_grid(
+        ["--learning_rate", "1e-4,3e-4", "--lora_r=8,16", "--max_steps", "3", "--modules", "q", "v", "--x", "[1,2]"]
+    )
+    assert axes == {"learning_rate": ["1e-4", "3e-4"], "lora_r": ["8", "16"]}
+    assert fixed == ["--max_steps", "3", "--modules", "q", "v", "--x", "[1,2]"]
+    points = grid_points(axes)
+    assert [name for name, _ in points] == [
+        "learning_rate=1e-4_lora_r=8", "learning_rate=1e-4_lora_r=16",
+        "learning_rate=3e-4_lora_r=8", "learning_rate=3e-4_lora_r=16",
+    ]  # fmt: skip
+    assert points[1][1] == ["--learning_rate", "1e-4", "--lora_r", "16"]
+    with pytest.raises(UserError, match="repeats a value"):
+        split_grid(["--lora_r", "8,8"])
+
+
+def test_an_invalid_point_stops_the_sweep_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["sweep", str(PRETRAIN), "--learning_rate", "1e-3,fast", "--output_root", str(tmp_path), *SHORT])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "1 of 2 points are invalid" in error and "learning_rate=fast" in error and "Traceback" not in error
+    assert not any(tmp_path.iterdir())
+
+
+def test_output_dir_and_missing_grid_are_user_errors(tmp_path, capsys):
+    for arguments, message in (
+        (["--learning_rate", "1e-3,3e-3", "--output_dir", str(tmp_path)], "do not set output_dir"),
+        (["--learning_rate", "1e-3"], "no grid given"),
+    ):
+        with pytest.raises(SystemExit):
+            hfgen(["sweep", str(PRETRAIN), *arguments])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_by_two_pretrain_sweep_makes_four_runs_and_one_report(tmp_path):
+    arguments = [
+        "sweep", PRETRAIN, "--learning_rate", "1e-3,3e-3", "--warmup_steps", "0,2",
+        "--output_root", tmp_path, "--quiet", *SHORT,
+    ]  # fmt: skip
+    result = run_hfgen(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [
+        "learning_rate=1e-3_warmup_steps=0", "learning_rate=1e-3_warmup_steps=2",
+        "learning_rate=3e-3_warmup_steps=0", "learning_rate=3e-3_warmup_steps=2",
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == names
+    for name in names:
+        run = tmp_path / name
+        assert tracking.is_complete(run) and (run / "model.safetensors").is_file()
+        recipe = (run / "recipe.yaml").read_text()
+        assert f"output_dir: {run}" in recipe and "max_steps: 3" in recipe
+    # each point trained with its own values: the logged learning rate peaks at the point's learning_rate,
+    # and starts there without warmup, at 0 with it
+    rates = [
+        [row["learning_rate"] for row in tracking.read_metrics(tmp_path / n) if "learning_rate" in row] for n in names
+    ]
+    assert [max(r) for r in rates] == pytest.approx([1e-3, 1e-3, 3e-3, 3e-3])
+    assert [r[0] for r in rates] == pytest.approx([1e-3, 0.0, 3e-3, 0.0])
+    assert "it/s" not in result.stderr  # --quiet: no training progress bar
+    page = (tmp_path / "report.html").read_text()
+    assert all(name in page for name in names)
+    assert len(re.findall(r"data:image/png;base64,", page)) >= 1
+    # run again: every point is complete with the same recipe, so nothing is retrained
+    again = run_hfgen(*arguments)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already complete, skipped") == 4
