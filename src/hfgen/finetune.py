@@ -27,7 +27,9 @@ def check_model_config(model_args) -> list[str]:
     """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded."""
     name = model_args.model_name_or_path
     if not name:
-        return ["model_name_or_path is not set: name the model to fine-tune (hub id, model dir, or an earlier run's output_dir)"]
+        return [
+            "model_name_or_path is not set: name the model to fine-tune (hub id, model dir, or an earlier run's output_dir)"
+        ]
     problems = check_model_source("model_name_or_path", name, hint=run_first_hint(name))
     if model_args.load_in_4bit or model_args.load_in_8bit:
         key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
@@ -56,7 +58,9 @@ def quantization_problems(key: str) -> list[str]:
         missing.append("bitsandbytes is not installed (pip install 'hfgen[qlora]')")
     if not missing:
         return []
-    return [f"{key} (QLoRA) needs a CUDA GPU and bitsandbytes, but {' and '.join(missing)}; drop {key} to train plain LoRA"]
+    return [
+        f"{key} (QLoRA) needs a CUDA GPU and bitsandbytes, but {' and '.join(missing)}; drop {key} to train plain LoRA"
+    ]
 
 
 def resolved(name: str) -> str:
@@ -123,7 +127,8 @@ def sequence_classifier_from(causal_lm):
     return classifier
 
 
-def trained_tokens(trainer) -> int:
-    """Tokens the TRL trainer trained on (its logged `num_tokens`: non-pad tokens, summed over processes)."""
-    counts = [row["num_tokens"] for row in trainer.state.log_history if "num_tokens" in row]
-    return int(counts[-1]) if counts else 0
+def count_trained_tokens(training_args) -> None:
+    """Have Trainer count the non-padding input tokens it trains on (`state.num_input_tokens_seen`, summed over
+    processes), for tokens/s in eval.json: one count for every collator and trainer."""
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"

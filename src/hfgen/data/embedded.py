@@ -179,6 +179,13 @@ def _preference_pair(rng: random.Random) -> dict:
             }
 
 
+def preference_pairs(count: int, seed: int) -> list[dict]:
+    """`count` fresh preference pairs (same layout as `preferences`) from their own seed: pairs a reward model
+    trained on the embedded splits has not seen."""
+    rng = random.Random(f"preferences:fresh:{seed}")
+    return [_preference_pair(rng) for _ in range(count)]
+
+
 NAMES = ("corpus", "instructions", "instructions_pc", "preferences", "prompts")
 
 

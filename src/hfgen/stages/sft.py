@@ -25,16 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, SFTConfig
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hfgen import tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
-from hfgen.finetune import check_model_config, load_model, trained_tokens
+from hfgen.finetune import check_model_config, count_trained_tokens, load_model
 
 
 @dataclass
 class SFTDataArguments(DataArguments):
-    num_samples: int = field(default=16, metadata={"help": "Held-out prompts answered after training, into samples.jsonl."})
+    num_samples: int = field(
+        default=16, metadata={"help": "Held-out prompts answered after training, into samples.jsonl."}
+    )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each sampled response."})
 
 
@@ -49,13 +52,47 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
     if training_args.completion_only_loss:
         layouts, why = [("prompt", "completion")], "completion_only_loss: true needs prompt/completion data: "
     elif training_args.assistant_only_loss:
-        layouts, why = [("messages",), ("prompt", "completion")], "assistant_only_loss: true needs conversational data: "
+        layouts, why = (
+            [("messages",), ("prompt", "completion")],
+            "assistant_only_loss: true needs conversational data: ",
+        )
     else:
         layouts, why = [("messages",), ("prompt", "completion"), (training_args.dataset_text_field,)], ""
     problems += [why + problem for problem in check_dataset(data_args, layouts)]
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
+
+
+# ---- packing without varlen attention kernels ----------------------------------------------------------
+
+ROW_PACKING_ATTENTION = ("sdpa", "eager")  # kernels that take a dense mask; flash/flex attention handle varlen rows
+
+
+@dataclass
+class PackedRowsCollator(DataCollatorForLanguageModeling):
+    """Packed rows stay separate rows of the batch, and the documents inside a row are kept apart by position_ids
+    alone: with no attention_mask, transformers builds a block-diagonal causal mask from the position resets
+    (`masking_utils.find_packed_sequence_indices`), whatever the attention kernel.
+
+    TRL's packing instead flattens the whole batch into one padding-free row, which varlen kernels (flash
+    attention) process in O(sum of document lengths²), but sdpa and eager in O((batch x max_length)²): on those,
+    this collator trains the same loss several times faster (see scripts/bench_sft.py)."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        del batch["attention_mask"]  # its presence would switch the packed-sequence mask off
+        return batch
+
+
+def use_row_packing(training_args: SFTConfig, model) -> bool:
+    """Best-fit-decreasing packing, not explicitly padding-free, on an attention kernel without varlen support."""
+    return (
+        training_args.packing
+        and training_args.packing_strategy in ("bfd", "bfd_split")
+        and not training_args.padding_free
+        and model.config._attn_implementation in ROW_PACKING_ATTENTION
+    )
 
 
 # ---- held-out responses: loss before/after, and sampled answers --------------------------------------
@@ -81,7 +118,9 @@ def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tu
 
     if isinstance(response, list):  # conversational
         render = dict(tokenize=True, return_dict=True)
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **render)["input_ids"] if prompt else []
+        prompt_ids = (
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **render)["input_ids"] if prompt else []
+        )
         ids = tokenizer.apply_chat_template(prompt + response, **render)["input_ids"]
     else:
         prompt_ids = tokenizer(text=prompt)["input_ids"] if prompt else []
@@ -138,7 +177,9 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed:
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         texts = format_prompts(tokenizer, prompts, chat)
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(next(model.parameters()).device)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(
+            next(model.parameters()).device
+        )
     finally:
         tokenizer.padding_side = padding_side
     torch.manual_seed(seed)
@@ -153,7 +194,13 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed:
         ended = tokenizer.eos_token_id in new_tokens
         if ended:
             new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
-        samples.append({"prompt": prompt, "response": tokenizer.decode(new_tokens, skip_special_tokens=True), "ended_with_eos": ended})
+        samples.append(
+            {
+                "prompt": prompt,
+                "response": tokenizer.decode(new_tokens, skip_special_tokens=True),
+                "ended_with_eos": ended,
+            }
+        )
     return samples
 
 
@@ -175,6 +222,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
 
     # Data: SFTTrainer renders conversations with the chat template, tokenizes, builds the loss masks, packs.
     train_rows, eval_rows = load_splits(data_args, seed=training_args.seed)
+    count_trained_tokens(training_args)
     try:
         trainer = SFTTrainer(
             model=model,
@@ -187,11 +235,19 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         )
     except ValueError as error:  # TRL validates the config against the data and model here
         raise UserError(f"SFTTrainer rejected the recipe: {error}") from None
+    if use_row_packing(training_args, trainer.model):
+        trainer.data_collator = PackedRowsCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            return_position_ids=True,
+            pad_to_multiple_of=training_args.pad_to_multiple_of,
+        )
 
     # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
     text_field = training_args.dataset_text_field
     pairs = [split_prompt_response(row, text_field) for row in eval_rows]
-    held_out = [t for p, r in pairs if r is not None and (t := tokenize_response(tokenizer, p, r, training_args.max_length))]
+    held_out = [
+        t for p, r in pairs if r is not None and (t := tokenize_response(tokenizer, p, r, training_args.max_length))
+    ]
     sample_prompts = [sample_prompt(p, r) for p, r in pairs[: data_args.num_samples] if r is not None]
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
@@ -207,9 +263,11 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
 
     if is_main:
         final_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch)
-        samples = sample_responses(trainer.model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed)
+        samples = sample_responses(
+            trainer.model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed
+        )
         tracking.write_jsonl(output_dir / "samples.jsonl", samples)
-        tokens = trained_tokens(trainer)
+        tokens = trainer.state.num_input_tokens_seen
         tracking.update_eval(
             output_dir,
             {

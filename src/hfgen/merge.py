@@ -1,0 +1,60 @@
+"""Merge a LoRA adapter into its base model: `hfgen merge ADAPTER_DIR --output_dir MERGED_DIR`.
+
+ADAPTER_DIR is a causal-LM adapter, e.g. the output of `sft` with `use_peft: true` (adapter_config.json naming
+its base, adapter_model.safetensors, tokenizer). MERGED_DIR receives a plain model (safetensors, config,
+generation config) and the tokenizer: it loads with `AutoModelForCausalLM.from_pretrained` without peft, and
+serves wherever a full model does (PPO's policy and reference, other tools, `hfgen generate MERGED_DIR --chat`).
+The merge is W + (alpha/r)·B·A per adapted layer, so the merged model computes what base+adapter computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="LoRA adapter dir (e.g. outputs/tiny/sft_lora)")
+    parser.add_argument("--output_dir", required=True, help="where the merged model and tokenizer go")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: the base's)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen import tracking
+    from hfgen.errors import UserError
+    from hfgen.models import adapter_base, check_model_source, load_causal_lm, load_tokenizer
+
+    adapter, output_dir = Path(args.adapter), Path(args.output_dir)
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise UserError(
+            f"'{adapter}' is not a LoRA adapter dir (no adapter_config.json); hfgen merge takes the output of a LoRA run."
+        )
+    task_type = json.loads(config_path.read_text()).get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
+        raise UserError(
+            f"'{adapter}' is a {task_type} adapter; hfgen merge handles causal-LM adapters (reward runs save merged models already)."
+        )
+    base = adapter_base(adapter)
+    problems = check_model_source("the adapter's base_model_name_or_path", base)
+    if problems:
+        raise UserError(f"{problems[0]} (from {config_path}).")
+    if output_dir.resolve() == adapter.resolve():
+        raise UserError("--output_dir must differ from the adapter dir.")
+
+    model = load_causal_lm(str(adapter), args.dtype)
+    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse weights that turn NaN
+    merged.save_pretrained(output_dir)  # safetensors
+    load_tokenizer(str(adapter)).save_pretrained(output_dir)
+    tracking.write_json(
+        output_dir / "merged_from.json",
+        {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions()},
+    )
+    print(output_dir)
+    return 0

@@ -1,0 +1,162 @@
+"""Reward model from preference pairs (Bradley-Terry), on TRL's `RewardTrainer`.
+
+    hfgen train recipes/tiny/reward.yaml
+    ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml scripts/train.py recipes/tiny/reward.yaml
+
+The model is an `AutoModelForSequenceClassification` with one label: a new linear `score` head on the starting
+model's backbone, read at the last non-pad token (`pad_token_id` is set in its config). Training minimises
+-log sigmoid(r(chosen) - r(rejected)) over pairs that share a prompt. Data: `chosen`/`rejected`, with or without a
+separate `prompt`, plain text or conversational (rendered with the chat template, exactly as SFT and PPO see it).
+
+The starting model is a base model, an SFT output dir, or an SFT LoRA adapter dir (merged into its base first).
+With `use_peft`, LoRA trains adapters plus the whole new head (task type SEQ_CLS); the adapters are merged before
+saving, so the output is always one plain classifier dir (safetensors + tokenizer): PPO loads it whole, as the
+reward model and as the value model's starting point. eval.json holds the held-out pairwise accuracy and the mean
+margin r(chosen) - r(rejected), before and after training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from trl import ModelConfig, RewardConfig
+
+from hfgen import tracking
+from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.errors import UserError
+from hfgen.finetune import check_model_config, count_trained_tokens, load_model
+
+# TRL's ModelConfig (LoRA/QLoRA keys under TRL's names) rather than hfgen's ModelArguments, which shares three of
+# its fields; none of these three dataclasses share a field, so every key has one meaning. trust_remote_code is
+# RewardConfig's.
+ARGUMENTS = (ModelConfig, DataArguments, RewardConfig)
+PAIR_LAYOUTS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
+
+
+def check(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> list[str]:
+    return check_model_config(model_args) + check_dataset(data_args, PAIR_LAYOUTS)
+
+
+# ---- held-out pairs: accuracy and margin ---------------------------------------------------------------
+
+
+def tokenize_pair(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """(chosen ids, rejected ids) of one pair, tokenized as RewardTrainer does: the prompt joined to each response,
+    conversations through the chat template, plain text with EOS appended."""
+
+    def ids(response):
+        if isinstance(response, list):  # conversational
+            messages = (row.get("prompt") or []) + response
+            return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        text = (row.get("prompt") or "") + response
+        return tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
+
+    return ids(row["chosen"]), ids(row["rejected"])
+
+
+def scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
+    """The reward model's scalar for each token sequence (right-padded batches)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    results = []
+    with torch.inference_mode():
+        for begin in range(0, len(sequences), batch_size):
+            chunk = sequences[begin : begin + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for row, ids in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            results += logits[:, 0].float().tolist()
+    return results
+
+
+def pairwise_eval(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> dict[str, float]:
+    """Accuracy (chosen scored strictly above rejected) and mean margin over held-out pairs."""
+    chosen = scores(model, [c for c, _ in pairs], tokenizer.pad_token_id, batch_size)
+    rejected = scores(model, [r for _, r in pairs], tokenizer.pad_token_id, batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+
+def run(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> Path:
+    from accelerate.utils import is_peft_model
+    from transformers import set_seed
+    from trl import RewardTrainer, get_peft_config
+
+    from hfgen.models import count_parameters, load_tokenizer
+
+    set_seed(training_args.seed)  # the new score head is drawn at random
+    output_dir = Path(training_args.output_dir)
+
+    # Model: a one-label sequence classifier on the starting model's backbone.
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    model = load_model(model_args, training_args, tokenizer, sequence_classifier=True)
+
+    # Data: RewardTrainer tokenizes prompt+chosen and prompt+rejected and drops pairs longer than max_length.
+    train_rows, eval_rows = load_splits(data_args, seed=training_args.seed)
+    count_trained_tokens(training_args)
+    # SEQ_CLS: PEFT then trains and saves the new score head in full (modules_to_save), beside the adapters.
+    peft_config = get_peft_config(replace(model_args, lora_task_type="SEQ_CLS"))
+    try:
+        trainer = RewardTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[tracking.metrics_callback(output_dir)],
+        )
+    except ValueError as error:  # TRL validates the config against the data and model here
+        raise UserError(f"RewardTrainer rejected the recipe: {error}") from None
+
+    held_out = [tokenize_pair(tokenizer, row) for row in eval_rows]
+    is_main = trainer.is_world_process_zero()
+    eval_batch = training_args.per_device_eval_batch_size
+    # Measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped.
+    initial = pairwise_eval(trainer.model, tokenizer, held_out, eval_batch) if is_main else None
+
+    resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    # Save one plain classifier: LoRA adapters (and the trained head copy) merged into the backbone.
+    if is_peft_model(trainer.model):
+        final_model = trainer.model.merge_and_unload()
+        if is_main:
+            final_model.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+    else:
+        final_model = trainer.model
+        trainer.save_model(str(output_dir))
+    if training_args.world_size > 1:
+        tracking.write_weights_fingerprint(final_model, output_dir)
+
+    if is_main:
+        final = pairwise_eval(final_model, tokenizer, held_out, eval_batch)
+        tokens = trainer.state.num_input_tokens_seen
+        tracking.update_eval(
+            output_dir,
+            {
+                "accuracy_initial": initial["accuracy"],
+                "margin_initial": initial["margin"],
+                "accuracy": final["accuracy"],
+                "margin": final["margin"],
+                "held_out_pairs": len(held_out),
+                "train_loss": result.training_loss,
+                "train_tokens": tokens,
+                "train_runtime_s": result.metrics["train_runtime"],
+                "train_tokens_per_s": tokens / result.metrics["train_runtime"],
+                "parameters": count_parameters(final_model),
+                "peft": model_args.use_peft,
+            },
+        )
+    return output_dir
