@@ -1,0 +1,224 @@
+"""The model side of a PPO step: sample responses, score them, and the forward passes that give log-probs and
+values over response tokens. Models are duck-typed (transformers causal LMs, sequence classifiers, PEFT models);
+nothing here imports transformers.
+
+Conventions (Huang et al. 2024, details 9, 13 and 16): prompts are left-padded and responses follow them, so the
+response always starts at column `context_length`; every forward pass gets `position_ids = cumsum(mask) - 1`, so
+left padding does not shift positions; logits are divided by the sampling temperature before log-probs; no-grad
+forward passes run in chunks of `chunk_size` sequences to bound memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+
+from hfgen.rl.functional import entropy_from_logits, response_mask, token_logprobs
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, L) positions counting only attended tokens (0 on left padding)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def chunks(count: int, size: int):
+    """Slices covering range(count) in steps of `size`."""
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+class Sampled(NamedTuple):
+    response_ids: torch.Tensor  # (B, T) long, padded with pad_token_id after the first EOS
+    logprobs: torch.Tensor  # (B, T) float, log pi(token) at the sampling temperature
+    entropy: torch.Tensor  # (B, T) float, entropy of pi(. | prefix) at the sampling temperature
+
+
+@torch.no_grad()
+def sample_responses(
+    policy, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_config, chunk_size: int, pad_token_id: int
+) -> Sampled:
+    """Sample one response per prompt with KV-cached `generate`, chunk by chunk.
+
+    The log-probs of the sampled tokens come from the logits `generate` already computed (output_logits), at
+    the config's temperature: that is pi_old of the PPO ratio, with no second forward pass over the rollout.
+    `generation_config` must set do_sample, return_dict_in_generate and output_logits.
+    """
+    temperature = generation_config.temperature
+    pieces = []
+    for rows in chunks(len(query_ids), chunk_size):
+        output = policy.generate(
+            input_ids=query_ids[rows], attention_mask=query_mask[rows], generation_config=generation_config
+        )
+        responses = output.sequences[:, query_ids.shape[1] :]
+        logits = torch.stack(output.logits, dim=1)  # (b, t, V), raw (before temperature or top-p)
+        pieces.append(
+            Sampled(responses, token_logprobs(logits, responses, temperature), entropy_from_logits(logits, temperature))
+        )
+        del logits, output
+    width = max(piece.response_ids.shape[1] for piece in pieces)  # generation stops early when a chunk is done
+
+    def padded(tensor, value):
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    return Sampled(
+        torch.cat([padded(piece.response_ids, pad_token_id) for piece in pieces]),
+        torch.cat([padded(piece.logprobs, 0.0) for piece in pieces]),
+        torch.cat([padded(piece.entropy, 0.0) for piece in pieces]),
+    )
+
+
+# ---- forward passes over responses ------------------------------------------------------------------
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
+    """(B, P + T) prompt+response -> (B, T, V) logits predicting each response token. Only the response
+    positions go through the LM head (`logits_to_keep`), which saves its cost on every prompt token."""
+    response_length = input_ids.shape[1] - context_length
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    return output.logits[:, :-1]
+
+
+def token_values(
+    value_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int
+) -> torch.Tensor:
+    """(B, P + T) -> (B, T) values V(prefix before each response token) from a one-label sequence classifier
+    (`AutoModelForSequenceClassification`): its backbone's hidden states through its `score` head, at every
+    position rather than only the last."""
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return value_model.score(hidden[:, context_length - 1 : -1]).squeeze(-1).float()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models behind one forward, so one DDP wrapper syncs both models' gradients in one
+    backward pass (and one `accelerator.prepare`, one optimizer, one checkpoint hold them)."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int):
+        """-> (policy logits (B, T, V), values (B, T)) over the response tokens."""
+        logits = response_logits(self.policy, input_ids, attention_mask, context_length)
+        return logits, token_values(self.value_model, input_ids, attention_mask, context_length)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    policy, reference, input_ids, attention_mask, context_length: int, temperature: float, chunk_size: int
+) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens under the frozen reference policy. With `reference=None` the
+    policy is a PEFT model and the reference is the same model with its adapter disabled: no second copy."""
+    model = policy if reference is None else reference
+    responses = input_ids[:, context_length:]
+    pieces = []
+    for rows in chunks(len(input_ids), chunk_size):
+        with policy.disable_adapter() if reference is None else nullcontext():
+            logits = response_logits(model, input_ids[rows], attention_mask[rows], context_length)
+        pieces.append(token_logprobs(logits, responses[rows], temperature))
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def rollout_values(value_model, input_ids, attention_mask, context_length: int, chunk_size: int) -> torch.Tensor:
+    """(B, T) values of the rollout, chunked, no grad."""
+    return torch.cat(
+        [
+            token_values(value_model, input_ids[rows], attention_mask[rows], context_length)
+            for rows in chunks(len(input_ids), chunk_size)
+        ]
+    )
+
+
+# ---- scoring ----------------------------------------------------------------------------------------
+
+RewardFunction = Callable[[list[str], list[str]], list[float]]
+
+
+def prompt_text(prompt) -> str:
+    """What a rule-based reward function reads as the prompt: the string itself, or a conversation's last
+    user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(message["content"] for message in reversed(prompt) if message["role"] == "user")
+
+
+def response_texts(tokenizer, response_ids: torch.Tensor, eos_token_id: int) -> list[str]:
+    """Each response's text up to its first EOS, special tokens removed."""
+    mask = response_mask(response_ids, eos_token_id)
+    return tokenizer.batch_decode(
+        [ids[keep].tolist() for ids, keep in zip(response_ids.cpu(), mask.cpu())], skip_special_tokens=True
+    )
+
+
+def reward_model_texts(tokenizer, prompts: list, responses: list[str]) -> list[str]:
+    """Prompt and response rendered the way TRL's RewardTrainer rendered the reward model's training pairs:
+    the reward model's own chat template for conversational prompts (so a reward model with another tokenizer
+    or template still reads what it was trained on), else prompt + response + EOS."""
+    texts = []
+    for prompt, response in zip(prompts, responses):
+        if isinstance(prompt, str):
+            texts.append(prompt + response + tokenizer.eos_token)
+        else:
+            conversation = [*prompt, {"role": "assistant", "content": response}]
+            texts.append(tokenizer.apply_chat_template(conversation, tokenize=False))
+    return texts
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, tokenizer, texts: list[str], chunk_size: int, chat: bool) -> torch.Tensor:
+    """(B,) float scores of a one-label sequence classifier, read at each text's last token."""
+    device = next(reward_model.parameters()).device
+    scores = []
+    for rows in chunks(len(texts), chunk_size):
+        batch = tokenizer(texts[rows], return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+        output = reward_model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids_from(batch["attention_mask"]),
+            use_cache=False,
+        )
+        scores.append(output.logits[:, 0].float())
+    return torch.cat(scores)
+
+
+def load_function(spec: str) -> RewardFunction:
+    """The function named by 'package.module:function'. Raises ValueError naming what is wrong."""
+    module_name, colon, function_name = spec.partition(":")
+    if not colon or not module_name or not function_name:
+        raise ValueError(f"'{spec}' is not of the form package.module:function")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except ImportError as error:
+        raise ValueError(f"'{spec}': cannot import module '{module_name}' ({error})") from None
+    except AttributeError:
+        raise ValueError(f"'{spec}': module '{module_name}' has no attribute '{function_name}'") from None
+    if not callable(function):
+        raise ValueError(f"'{spec}' is not callable")
+    return function
+
+
+def function_scores(function: RewardFunction, prompts: list, responses: list[str], device) -> torch.Tensor:
+    """(B,) float scores of a rule-based reward function called as function(prompt texts, response texts)."""
+    values = function([prompt_text(p) for p in prompts], responses)
+    if len(values) != len(responses):
+        raise ValueError(f"reward function returned {len(values)} scores for {len(responses)} responses")
+    return torch.tensor([float(v) for v in values], device=device)

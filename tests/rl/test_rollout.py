@@ -1,0 +1,144 @@
+"""The model side of a PPO step (`hfgen.rl.rollout`) on a tiny random Llama: left padding changes nothing,
+generation log-probs equal a forward pass's, the LoRA reference is the adapter-disabled policy, scores and values
+read the right positions."""
+
+import pytest
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from hfgen.rl import rollout as R
+from hfgen.rl.functional import response_mask, token_logprobs
+
+PAD, EOS, VOCAB = 0, 1, 64
+
+
+def tiny_config(**extra) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def value_model():
+    torch.manual_seed(1)
+    return LlamaForSequenceClassification(tiny_config(num_labels=1)).eval()
+
+
+def left_padded_pair():
+    """Two prompts of 3 and 5 tokens, left-padded to 5."""
+    ids = torch.tensor([[PAD, PAD, 7, 8, 9], [3, 4, 5, 6, 7]])
+    return ids, (ids != PAD).long()
+
+
+def test_position_ids_skip_left_padding():
+    _, mask = left_padded_pair()
+    assert R.position_ids_from(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_left_padding_does_not_change_response_logits(policy):
+    ids, mask = left_padded_pair()
+    padded = R.response_logits(policy, ids, mask, context_length=3)  # the last 2 tokens as the "response"
+    alone = R.response_logits(policy, ids[:1, 2:], mask[:1, 2:], context_length=1)
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
+    full = policy(input_ids=ids[1:], attention_mask=mask[1:]).logits[0, 2:4]  # no padding: positions are plain
+    torch.testing.assert_close(padded[1], full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_logprobs_equal_a_forward_pass_at_the_temperature(policy):
+    ids, mask = left_padded_pair()
+    config = GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    sampled = R.sample_responses(policy, ids, mask, config, chunk_size=1, pad_token_id=PAD)
+    assert sampled.response_ids.shape == sampled.logprobs.shape == sampled.entropy.shape
+    keep = response_mask(sampled.response_ids, EOS)
+    full_ids = torch.cat([ids, sampled.response_ids], 1)
+    full_mask = torch.cat([mask, keep.long()], 1)
+    recomputed = token_logprobs(R.response_logits(policy, full_ids, full_mask, 5), sampled.response_ids, 0.7)
+    torch.testing.assert_close(sampled.logprobs * keep, recomputed * keep, atol=1e-4, rtol=1e-4)
+    assert (sampled.entropy[keep] > 0).all()
+
+
+def test_token_values_read_the_prefix_before_each_response_token(value_model):
+    ids, mask = left_padded_pair()
+    values = R.token_values(value_model, ids, mask, context_length=3)
+    assert values.shape == (2, 2)
+    # The value before the last token is the classifier's score of the sequence without the last token.
+    score = value_model(input_ids=ids[1:, :4], attention_mask=mask[1:, :4]).logits[0, 0]
+    torch.testing.assert_close(values[1, 1], score, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_reference_is_the_policy_with_its_adapter_disabled(policy):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config()).eval()
+    expected_reference = LlamaForCausalLM(tiny_config()).eval()
+    expected_reference.load_state_dict(base.state_dict())
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    ids, mask = left_padded_pair()
+    reference = R.reference_logprobs(lora, None, ids, mask, 3, temperature=1.0, chunk_size=1)
+    torch.testing.assert_close(
+        reference, token_logprobs(R.response_logits(expected_reference, ids, mask, 3), ids[:, 3:]), atol=1e-5, rtol=1e-5
+    )
+    adapted = token_logprobs(R.response_logits(lora, ids, mask, 3), ids[:, 3:])
+    assert not torch.allclose(reference, adapted, atol=1e-4)  # the adapter is back on afterwards
+
+
+def test_reward_model_scores_are_independent_of_padding(value_model):
+    class Tokenizer:  # just enough of a tokenizer: one id per character
+        padding_side = "left"
+
+        def __call__(self, texts, return_tensors, padding, add_special_tokens):
+            width = max(map(len, texts))
+            ids = torch.tensor([[PAD] * (width - len(t)) + [2 + ord(c) % 60 for c in t] for t in texts])
+            return BatchLike(input_ids=ids, attention_mask=(ids != PAD).long())
+
+    class BatchLike(dict):
+        def to(self, device):
+            return self
+
+    batch = R.reward_model_scores(value_model, Tokenizer(), ["ab", "abcdef"], chunk_size=2, chat=False)
+    alone = R.reward_model_scores(value_model, Tokenizer(), ["ab"], chunk_size=1, chat=False)
+    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_response_texts_stop_at_the_first_eos():
+    class Tokenizer:
+        def batch_decode(self, sequences, skip_special_tokens):
+            return [" ".join(map(str, s)) for s in sequences]
+
+    texts = R.response_texts(Tokenizer(), torch.tensor([[5, 6, EOS, 7], [5, 6, 7, 8]]), EOS)
+    assert texts == ["5 6 1", "5 6 7 8"]  # the real tokenizer drops the EOS itself as a special token
+
+
+def test_reward_model_texts_render_the_chat_template_or_append_eos():
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    chat = R.reward_model_texts(tokenizer, [[{"role": "user", "content": "describe the cat."}]], ["the cat is kind."])
+    assert chat == ["<|user|>\ndescribe the cat.<|end|>\n<|assistant|>\nthe cat is kind.<|end|>\n"]
+    plain = R.reward_model_texts(tokenizer, ["the cat"], [" is kind."])
+    assert plain == ["the cat is kind.<|end|>"]
+
+
+def test_load_function_and_function_scores():
+    oracle = R.load_function("hfgen.data.embedded:oracle_scores")
+    prompts = [[{"role": "user", "content": "describe the red cat."}], "tell me about the dog."]
+    scores = R.function_scores(oracle, prompts, ["the red cat is kind.", "the cat is sad."], device="cpu")
+    assert scores.tolist() == [2.5, -2.0]  # +1 subject +0.5 colour +1 kind; -1 no dog -1 sad
+    for bad, message in (("hfgen.data.embedded", "form"), ("no_such_module:f", "cannot import"),
+                         ("hfgen.data.embedded:nothing", "no attribute"), ("hfgen.data.embedded:SUBJECTS", "callable")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            R.load_function(bad)

@@ -1,0 +1,195 @@
+"""Stage `ppo` end to end on tiny models: bad input exits 2, a zero learning rate changes nothing (KL 0), the oracle
+reward rises, the LoRA reference is the adapter-disabled policy, two processes agree, resume is exact."""
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, run_hfgen
+from hfgen import tracking
+
+ORACLE = "hfgen.data.embedded:oracle_scores"
+SFT_STEPS = 100  # enough for the tiny policy to answer in the embedded format and end with EOS
+
+
+def build_tiny_models(root):
+    """A tiny Llama briefly fine-tuned on the embedded conversations (a stand-in for an SFT run: it answers
+    'the red cat is kind and sad.' and stops), and a random one-label reward model with the same tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from hfgen.data.embedded import generate_rows
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    texts = [
+        tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in generate_rows("instructions", "train")
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    tokenizer.padding_side = "right"
+    for _ in range(SFT_STEPS):
+        rows = torch.randint(len(texts), (32,), generator=generator).tolist()
+        batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    tokenizer.padding_side = "left"
+    model.save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(root / "reward")
+    tokenizer.save_pretrained(root / "reward")
+    return root / "sft", root / "reward"
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+def write_recipe(path, sft, **values):
+    recipe = {
+        "stage": "ppo", "model_name_or_path": str(sft), "dataset_name": "embedded:prompts",
+        "oracle_function": ORACLE, "output_dir": str(path / "run"), "total_episodes": 48,
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "num_mini_batches": 1,
+        "num_ppo_epochs": 2, "response_length": 16, "learning_rate": 1e-3, "max_eval_samples": 4,
+        "eval_samples_per_prompt": 2, "sample_steps": 0, "use_cpu": True, "seed": 7,
+    }  # fmt: skip
+    recipe.update(values)
+    (path / "ppo.yaml").write_text(yaml.safe_dump(recipe))
+    return path / "ppo.yaml"
+
+
+def train(recipe, *overrides):
+    result = run_hfgen("train", recipe, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_functions=["hfgen.data.embedded:no_such_function"], num_ppo_epochs=0)
+    result = run_hfgen("train", recipe, "--reward_model_path", tmp_path / "missing", "--kl_estimator", "k2")
+    assert result.returncode == 2
+    assert "'k2' is not one of" in result.stderr and "Traceback" not in result.stderr
+    result = run_hfgen("train", recipe, "--reward_model_path", tmp_path / "missing")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for fragment in ("no_such_function", "num_ppo_epochs must be at least 1", "reward_model_path", "does not exist"):
+        assert fragment in result.stderr, fragment
+    result = run_hfgen("train", write_recipe(tmp_path, sft))  # no reward model and no reward function
+    assert result.returncode == 2 and "no reward" in result.stderr
+
+
+def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, tiny_models):
+    sft, reward = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_model_path=str(reward), learning_rate=0.0, total_episodes=32)
+    train(recipe)
+    run = tmp_path / "run"
+    before, after = load_file(sft / "model.safetensors"), load_file(run / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    metrics = tracking.read_metrics(run)
+    assert len(metrics) == 2
+    for row in metrics:
+        assert abs(row["objective/kl"]) < 1e-4 and row["policy/clipfrac_avg"] == 0.0
+        assert row["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    results = tracking.read_json(run / "eval.json")
+    assert abs(results["kl_to_reference"]) < 1e-4
+    assert results["win_rate/reward_model"] == results["win_rate/oracle"] == 0.5  # same samples: all ties
+    for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
+        assert (run / name).exists(), name
+
+
+@pytest.mark.slow
+def test_oracle_reward_rises(tmp_path, tiny_models):
+    sft, _ = tiny_models
+    recipe = write_recipe(
+        tmp_path, sft, reward_functions=[ORACLE], total_episodes=320, per_device_train_batch_size=16,
+        gradient_accumulation_steps=1, num_mini_batches=2, num_ppo_epochs=4, kl_coef=0.01, sample_steps=5,
+        max_eval_samples=16, eval_samples_per_prompt=4,
+    )  # fmt: skip
+    train(recipe)
+    run = tmp_path / "run"
+    oracle = [row["oracle/score"] for row in tracking.read_metrics(run)]
+    assert len(oracle) == 10
+    assert sum(oracle[-3:]) / 3 > sum(oracle[:3]) / 3 + 0.5, oracle
+    results = tracking.read_json(run / "eval.json")
+    assert results["ppo/oracle"] > results["sft/oracle"] and results["win_rate/oracle"] > 0.55, results
+    assert 0 < results["kl_to_reference"] < 20
+    samples = [yaml.safe_load(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in samples} == {1, 5, 10} and all("oracle" in row for row in samples)
+
+
+def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_models):
+    from peft import PeftModel
+    from trl import ModelConfig
+
+    from hfgen.stages.ppo import PPOConfig, load_policy_and_reference
+
+    sft, _ = tiny_models
+    model_args = ModelConfig(
+        model_name_or_path=str(sft), use_peft=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"]
+    )
+    _, policy, reference = load_policy_and_reference(model_args, PPOConfig(output_dir=str(tmp_path)))
+    assert reference is None and isinstance(policy, PeftModel)
+    base_parameters = sum(t.numel() for t in load_file(sft / "model.safetensors").values())
+    lora_parameters = sum(p.numel() for name, p in policy.named_parameters() if "lora_" in name)
+    assert 0 < lora_parameters == sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in policy.parameters()) == base_parameters + lora_parameters  # one copy of the base
+
+    recipe = write_recipe(
+        tmp_path, sft, reward_functions=[ORACLE], use_peft=True, lora_r=4, lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"], learning_rate=1e-2, total_episodes=32,
+    )  # fmt: skip
+    train(recipe)
+    run = tmp_path / "run"
+    metrics = tracking.read_metrics(run)
+    assert abs(metrics[0]["objective/kl"]) < 1e-4  # adapter initialised to zero: policy == reference
+    assert metrics[1]["objective/kl"] != 0.0
+    assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_policy_weights(tmp_path, tiny_models, free_port):
+    sft, reward = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_model_path=str(reward), reward_functions=[ORACLE], total_episodes=64)
+    result = accelerate_launch(free_port, recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    fingerprints = [(run / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    metrics = tracking.read_metrics(run)
+    assert [row["episode"] for row in metrics] == [32, 64]  # 2 processes x 16 episodes per step
+    assert load_file(run / "model.safetensors").keys() == load_file(sft / "model.safetensors").keys()
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models):
+    sft, reward = tiny_models
+    common = dict(reward_model_path=str(reward), total_episodes=64, save_steps=2, kl_target=1.0, kl_horizon=100)
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full_dir.mkdir(), resumed_dir.mkdir()
+    train(write_recipe(full_dir, sft, **common))
+    # The interrupted run: all that survives of it is its first checkpoint (and its metrics up to there).
+    (resumed_dir / "run").mkdir()
+    shutil.copytree(full_dir / "run" / "checkpoint-2", resumed_dir / "run" / "checkpoint-2")
+    train(write_recipe(resumed_dir, sft, **common), "--resume_from_checkpoint", "true")
+    full, resumed = tracking.read_metrics(full_dir / "run"), tracking.read_metrics(resumed_dir / "run")
+    assert [row["step"] for row in full] == [1, 2, 3, 4] and [row["step"] for row in resumed] == [3, 4]
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy_avg", "loss/value_avg", "lr"):
+        assert [row[key] for row in resumed] == pytest.approx([row[key] for row in full[2:]], rel=1e-5, abs=1e-7), key
+    a, b = load_file(full_dir / "run" / "model.safetensors"), load_file(resumed_dir / "run" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert full[2]["objective/kl_coef"] != 0.05  # the adaptive coefficient moved, and was restored
