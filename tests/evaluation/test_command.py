@@ -75,16 +75,25 @@ def test_eval_prints_the_three_criteria_and_merges_eval_json(model_dir):
     assert len(rows) == 4 and all(len(row["responses"]) == 2 and len(row["oracle"]) == 2 for row in rows)
 
 
-def test_reward_score_and_win_rate_against_itself_is_one_half(model_dir, reward_dir, tmp_path, capsys):
+def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(model_dir, reward_dir, tmp_path, capsys):
     output = tmp_path / "eval.json"
-    args = ["eval", str(model_dir), *FAST, "--reward_model", str(reward_dir), "--baseline", str(model_dir)]
-    assert hfgen([*args, "--output", str(output), "--perplexity_dataset", "none"]) == 0
+    args = ["eval", str(model_dir), *FAST, "--chat", "--reward_model", str(reward_dir), "--baseline", str(model_dir)]
+    assert hfgen([*args, "--output", str(output)]) == 0
     results = tracking.read_json(output)
     assert isinstance(results["quality/reward_score"], float)
     # same model, same seed: identical responses, every comparison a tie
     assert results["quality/win_rate_vs_baseline"] == 0.5 and results["eval/win_rate_judge"] == "reward"
-    assert "quality/perplexity" not in results
+    # chat models are measured on conversations formatted with their chat template
+    assert results["eval/chat"] is True and results["eval/perplexity_dataset"] == "embedded:instructions"
     assert "win_rate_vs_baseline" in capsys.readouterr().out
+    assert (tmp_path / "eval_samples.jsonl").is_file()  # beside --output
+
+
+def test_perplexity_can_be_skipped(model_dir, tmp_path):
+    output = tmp_path / "eval.json"
+    assert hfgen(["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]) == 0
+    results = tracking.read_json(output)
+    assert "quality/perplexity" not in results and "quality/oracle_score" in results
 
 
 @pytest.mark.parametrize(

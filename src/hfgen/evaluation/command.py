@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed")
     speed.add_argument("--speed_batch_size", type=int, default=16)
     speed.add_argument("--speed_new_tokens", type=int, default=64)
+    images = parser.add_argument_group("images (diffusers pipeline dirs; default: hfgen.evaluation.images' own)")
+    images.add_argument("--images_per_prompt", type=int)
+    images.add_argument("--num_inference_steps", type=int)
+    images.add_argument("--guidance_scale", type=float)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -358,7 +362,10 @@ def load_reward_model(path: str, device: str):
 
 
 def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
-    import inspect
+    """hfgen.evaluation.images' figures for a pipeline dir, plus the peak memory of the whole evaluation."""
+    import torch
+
+    from hfgen.evaluation import speed
 
     try:
         from hfgen.evaluation.images import evaluate_pipeline
@@ -366,11 +373,16 @@ def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
         if error.name != "hfgen.evaluation.images":
             raise
         raise UserError(f"'{target}' is a diffusers pipeline, and image evaluation is not available here.") from None
-    accepted = inspect.signature(evaluate_pipeline).parameters
-    options = {"seed": args.seed, "quiet": args.quiet}
-    if args.device != AUTO:
-        options["device"] = args.device
-    return evaluate_pipeline(str(target), **{k: v for k, v in options.items() if k in accepted})
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
+    options = {
+        name: getattr(args, name)
+        for name in ("images_per_prompt", "num_inference_steps", "guidance_scale")
+        if getattr(args, name) is not None
+    }
+    speed.reset_peak_memory(device)
+    results = evaluate_pipeline(str(target), seed=args.seed, device=device, quiet=args.quiet, **options)
+    results["speed/peak_memory_mb"], results["speed/peak_memory_kind"] = speed.peak_memory(device)
+    return results
 
 
 def format_value(value) -> str:
