@@ -113,6 +113,24 @@ def test_perplexity_does_not_depend_on_batching(tokenizer):
     assert perplexity(model, tokenizer, texts, batch_size=4) == pytest.approx(one_by_one, rel=1e-4)
 
 
+def test_perplexity_scores_only_the_tokens_after_a_prefix(tokenizer):
+    model = tiny_llama(tokenizer)
+    prefix = "the red cat is"
+    ids = tokenizer(SEEN, return_tensors="pt")["input_ids"]
+    context = len(tokenizer(prefix)["input_ids"])
+    with torch.no_grad():
+        log_probs = model(input_ids=ids).logits.log_softmax(-1)[0]
+    # token t is predicted from position t - 1; score tokens context .. end
+    nll = [-log_probs[t - 1, ids[0, t]].item() for t in range(context, ids.shape[1])]
+    expected = math.exp(sum(nll) / len(nll))
+    other = "a dog runs."  # batched with a shorter text and no prefix: padding must not leak in
+    value = perplexity(model, tokenizer, [SEEN, other], prefixes=[prefix, ""], batch_size=1)
+    assert perplexity(model, tokenizer, [SEEN], prefixes=[prefix]) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(model, tokenizer, [SEEN, other], prefixes=[prefix, ""], batch_size=2) == pytest.approx(value)
+    with pytest.raises(ValueError):
+        perplexity(model, tokenizer, [SEEN], prefixes=["the blue"])
+
+
 def test_perplexity_is_lower_on_text_the_model_was_overfit_to(tokenizer):
     model = tiny_llama(tokenizer)
     batch = tokenizer([SEEN], return_tensors="pt")

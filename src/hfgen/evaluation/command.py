@@ -177,23 +177,28 @@ def conversation(prompt, response: str) -> list[dict]:
     return messages + [{"role": "assistant", "content": response}]
 
 
-def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int) -> tuple[str | None, list[str]]:
-    """(dataset name, texts) to measure perplexity on; conversations are formatted with the chat template."""
+def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
+    """(dataset name, texts, prefixes) to measure perplexity on. Conversations are formatted with the chat
+    template and only their last message (the response) is scored: the prompt is context, as in SFT's loss."""
     from hfgen.data.loading import load_raw
 
     if spec == AUTO:
         if not eval_dataset.startswith("embedded:"):
-            return None, []
+            return None, [], None
         spec = "embedded:instructions" if chat else "embedded:corpus"
     if spec == "none":
-        return None, []
+        return None, [], None
     splits = load_raw(spec)
     rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
     rows = rows.select(range(min(count, len(rows))))
     if "text" in rows.column_names:
-        return spec, rows["text"]
+        return spec, rows["text"], None
     if "messages" in rows.column_names and tokenizer.chat_template is not None:
-        return spec, [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
+        prefixes = [
+            tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in rows["messages"]
+        ]
+        return spec, texts, prefixes
     raise UserError(f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column (it has {rows.column_names})")
 
 
@@ -236,15 +241,16 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     responses = sample(model, tokenizer, inputs, args, chat)
 
     # Quality: perplexity, then judges (reward model, oracle), then the baseline's win rate.
-    dataset, texts = perplexity_texts(
+    dataset, texts, prefixes = perplexity_texts(
         args.perplexity_dataset, args.eval_dataset, tokenizer, chat, args.perplexity_texts
     )
     if texts:
         with tqdm(total=len(texts), desc="perplexity", disable=args.quiet) as bar:
             results["quality/perplexity"] = text.perplexity(
-                model, tokenizer, texts, add_special_tokens=not chat, progress=bar
+                model, tokenizer, texts, prefixes, add_special_tokens=prefixes is None, progress=bar
             )
         results["eval/perplexity_dataset"] = dataset
+        results["eval/perplexity_of"] = "responses" if prefixes else "texts"
     judges = load_judges(args, device)
     scores = {name: judge(prompts, responses) for name, judge in judges.items()}
     for name, values in scores.items():

