@@ -11,7 +11,7 @@ from PIL import Image
 
 from hfgen import tracking
 from hfgen.cli import main as hfgen
-from hfgen.report import curve_figure, load_run, metric_groups, write_report
+from hfgen.report import Run, curve_figure, load_run, metric_groups, write_report
 
 
 def make_run(path, learning_rate, slope, ppo=False):
@@ -60,6 +60,20 @@ def test_each_plot_has_one_labelled_line_per_run(two_runs):
     reward_axis = curve_figure(runs, ["ppo/reward"], "Reward").axes[0]
     (line,) = reward_axis.get_lines()
     assert line.get_label() == "lr_high" and line.get_color() == axis.get_lines()[1].get_color()
+
+
+def test_ppo_and_trainer_metrics_land_in_sensible_groups(tmp_path):
+    keys = ["objective/kl", "policy/approxkl_avg", "objective/rlhf_reward", "oracle/score", "policy/entropy_avg",
+            "speed/generation_tokens_per_s", "time/generation_s", "val/ratio", "grad_norm", "val/eos_rate"]  # fmt: skip
+    run = Run("ppo", tmp_path, metrics=[{"step": step, **dict.fromkeys(keys, 1.0 * step)} for step in (1, 2)])
+    assert dict(metric_groups([run])) == {
+        "KL divergence": ["objective/kl", "policy/approxkl_avg"],
+        "Reward and scores": ["objective/rlhf_reward", "oracle/score"],
+        "Entropy": ["policy/entropy_avg"],
+        "Optimisation": ["val/ratio", "grad_norm"],
+        "Speed and time": ["speed/generation_tokens_per_s", "time/generation_s"],
+        "Other": ["val/eos_rate"],
+    }
 
 
 def test_page_holds_both_runs_plots_eval_table_and_samples(two_runs, tmp_path):

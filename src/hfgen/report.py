@@ -4,7 +4,7 @@
 
 The page holds, for the runs side by side: the recipe keys whose values differ between them, training curves
 from each run's metrics.jsonl (every numeric metric logged at two or more steps, one line per run, grouped:
-loss, reward/oracle scores, KL, entropy, perplexity, optimisation, other), their eval.json figures in one
+loss, reward/oracle scores, KL, entropy, perplexity, optimisation, speed, other), their eval.json figures in one
 table, sample texts (samples.jsonl, else eval_samples.jsonl) and images (grid.png, samples/*.png). Plots and
 images are embedded as base64 PNGs, so the file can be mailed or archived alone. A run that lacks a file is
 shown without it; a RUN_DIR that does not exist is an error.
@@ -27,15 +27,17 @@ from hfgen.errors import UserError
 METRIC_GROUPS = (
     ("Loss", re.compile(r"loss")),
     ("Reward and scores", re.compile(r"reward|oracle|score|win_rate")),
-    ("KL divergence", re.compile(r"(^|[/_])kl([/_]|$)")),
+    ("KL divergence", re.compile(r"(^|[/_]|approx)kl([/_]|$)")),
     ("Entropy", re.compile(r"entropy")),
     ("Perplexity", re.compile(r"perplexity")),
-    ("Optimisation", re.compile(r"learning_rate|(^|[/_])lr$|grad_norm|clip|ratio")),
+    ("Optimisation", re.compile(r"learning_rate|(^|[/_])lr$|grad_norm|clip|(^|[/_])ratio")),
+    ("Speed and time", re.compile(r"^speed/|^time/|per_s(econd)?$|runtime")),
     ("Other", re.compile(r"")),
 )
 NOT_CURVES = {"step", "epoch"}
 EVAL_ORDER = ("quality/", "diversity/", "speed/")
 IMAGES_SHOWN = 8
+UNSET = "(default)"  # a recipe key a run does not set
 
 
 @dataclass
@@ -177,7 +179,7 @@ def recipe_differences(runs: list[Run]) -> list[tuple[str, list]]:
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run.recipe if k not in keys]
-    rows = [(k, [run.recipe.get(k) for run in runs]) for k in keys]
+    rows = [(k, [run.recipe.get(k, UNSET) for run in runs]) for k in keys]
     return [(k, values) for k, values in rows if len({json.dumps(v, default=str) for v in values}) > 1]
 
 
