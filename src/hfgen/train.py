@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--list-keys", action="store_true", help="print every key the recipe's stage accepts, then exit"
     )
+    launch = parser.add_argument_group("several processes (spawns `accelerate launch` for you)")
+    launch.add_argument("--num_processes", type=int, help="processes (GPUs) to launch, e.g. 8")
+    launch.add_argument("--launch_config", help="accelerate config, e.g. recipes/accelerate/fsdp.yaml")
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Any other --key value pair overrides that key of the recipe, e.g. --learning_rate 1e-4."
 
@@ -43,9 +46,26 @@ def main(args: argparse.Namespace) -> int:
         stage = read_recipe_file(recipe_path).get("stage")
         print("\n".join(known_keys(stage)))
         return 0
-    recipe = load_recipe(recipe_path, args.overrides)
+    recipe = load_recipe(recipe_path, args.overrides)  # validated here, before any process is spawned
+    if args.num_processes or args.launch_config:
+        return launch_with_accelerate(recipe_path, args.overrides, args.num_processes, args.launch_config)
     run_recipe(recipe)
     return 0
+
+
+def launch_with_accelerate(recipe_path, overrides, num_processes: int | None, config_file: str | None) -> int:
+    """Re-run this same command under `accelerate launch`, which starts one process per device."""
+    import subprocess
+
+    from hfgen.errors import UserError
+
+    if config_file and not Path(config_file).is_file():
+        raise UserError(f"--launch_config '{config_file}' does not exist; presets live in recipes/accelerate/.")
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--config_file", config_file] if config_file else []
+    command += ["--num_processes", str(num_processes)] if num_processes else []
+    command += ["--module", "hfgen.train", str(recipe_path), *overrides]
+    return subprocess.run(command).returncode
 
 
 def run_recipe(recipe) -> Path:

@@ -121,3 +121,15 @@ def test_python_m_entry_point_with_tensorboard(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert tracking.is_complete(tmp_path)
+
+
+@pytest.mark.slow
+def test_hfgen_train_spawns_accelerate_when_asked(tmp_path, free_port):
+    config = REPO / "recipes/accelerate/cpu_2proc.yaml"
+    result = run_hfgen(
+        "train", PRETRAIN, "--launch_config", config, "--output_dir", tmp_path, "--max_steps", "3", *SHORT,
+        "--save_strategy", "no", env={"ACCELERATE_USE_CPU": "true", "MASTER_PORT": str(free_port)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+    assert (tmp_path / "weights-rank1.sha256").read_text() == (tmp_path / "weights-rank0.sha256").read_text()
