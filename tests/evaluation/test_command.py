@@ -89,6 +89,22 @@ def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(model_d
     assert (tmp_path / "eval_samples.jsonl").is_file()  # beside --output
 
 
+def test_lora_adapter_dir_is_evaluated_on_its_base_in_chat_format(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter_dir)
+    assert hfgen(["eval", str(adapter_dir), *FAST]) == 0
+    results = tracking.read_json(adapter_dir / "eval.json")
+    assert results["eval/chat"] is True and results["eval/perplexity_of"] == "responses"
+    assert all(
+        isinstance(results[k], float)
+        for k in ("quality/perplexity", "diversity/distinct_1", "speed/tokens_per_s_batch1")
+    )
+
+
 def test_perplexity_can_be_skipped(model_dir, tmp_path):
     output = tmp_path / "eval.json"
     assert hfgen(["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]) == 0
