@@ -1,0 +1,255 @@
+"""Stage `sft`: LoRA trains only the adapters and learns the answer format; the loss masks cover only responses;
+row packing keeps documents apart; ranks agree; QLoRA and bad input fail cleanly."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, accelerate_launch, run_hfgen
+from hfgen import tracking
+from hfgen.cli import main as hfgen_main
+from hfgen.data.embedded import generate_rows
+from hfgen.recipe import load_recipe
+from hfgen.train import run_recipe
+from tiny_models import pretrained_tiny_llama
+
+SFT_LORA = REPO / "recipes/tiny/sft_lora.yaml"  # conversational prompt/completion, completion-only loss
+SFT_FULL = REPO / "recipes/tiny/sft_full.yaml"  # conversational messages, assistant_only_loss
+SMALL = ["--max_train_samples", "2000", "--max_eval_samples", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return pretrained_tiny_llama(tmp_path_factory)
+
+
+def on_tiny(tiny_lm, output_dir, *overrides):
+    return ["--model_name_or_path", tiny_lm, "--output_dir", output_dir, *SMALL, *overrides]
+
+
+def train_in_process(monkeypatch, recipe, overrides):
+    """Run the stage in this process and hand back its SFTTrainer (seen through a spy on `train`, which still trains)."""
+    from trl import SFTTrainer
+
+    seen = {}
+    real_train = SFTTrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen["trainer"] = self
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "train", spy)
+    run_recipe(load_recipe(recipe, [str(o) for o in overrides]))
+    return seen["trainer"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_lm, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("sft_lora")
+    result = run_hfgen("train", SFT_LORA, *on_tiny(tiny_lm, output_dir, "--max_steps", "60", "--learning_rate", "1e-2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.mark.slow
+def test_lora_sft_learns_to_answer_in_format_and_stop(lora_run):
+    results = tracking.read_json(lora_run / "eval.json")
+    assert results["response_loss"] < 0.7 * results["response_loss_initial"], results
+    assert results["eos_rate"] >= 0.9 and results["trainable_parameters"] < results["parameters"] / 3
+    samples = [json.loads(line) for line in (lora_run / "samples.jsonl").read_text().splitlines()]
+    in_format = [s for s in samples if re.fullmatch(r"the [a-z ,]+\.", s["response"]) and s["ended_with_eos"]]
+    assert len(samples) == 16 and len(in_format) >= 12, samples
+    # The output is the adapter (LoRA weights only) with the tokenizer, not a copy of the base.
+    adapter = load_file(lora_run / "adapter_model.safetensors")
+    assert adapter and all("lora_A" in name or "lora_B" in name for name in adapter)
+    assert not (lora_run / "model.safetensors").exists() and (lora_run / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_generate_takes_the_adapter_dir_and_its_merge_answers_the_same(lora_run, tmp_path):
+    prompt = ["--prompt", "describe the red cat.", "--temperature", "0", "--max_new_tokens", "20"]
+    from_adapter = run_hfgen("generate", lora_run, *prompt)
+    assert from_adapter.returncode == 0, from_adapter.stderr[-2000:]
+    assert from_adapter.stdout.split("\n", 1)[1].strip().startswith("the ")
+    merged = run_hfgen("merge", lora_run, "--output_dir", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    from_merged = run_hfgen("generate", tmp_path / "merged", "--chat", *prompt)
+    assert from_merged.returncode == 0 and from_merged.stdout == from_adapter.stdout
+
+
+def test_lora_leaves_every_base_weight_bit_identical(tiny_lm, tmp_path, monkeypatch):
+    trainer = train_in_process(
+        monkeypatch, SFT_LORA, on_tiny(tiny_lm, tmp_path, "--max_steps", "5", "--num_samples", "0")
+    )
+    model = trainer.model
+    trained_base = {
+        k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k
+    }
+    base = load_file(tiny_lm / "model.safetensors")
+    assert base.keys() <= trained_base.keys()
+    for name, tensor in base.items():
+        assert torch.equal(tensor, trained_base[name]), name
+    # ...while the adapters moved (lora_B starts at zero)
+    lora_b = [v for k, v in model.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+
+
+def documents(batch, row):
+    """(input ids, labels) of each document packed into one batch row: split where position_ids restart."""
+    ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+    if "position_ids" not in batch:
+        return [(ids, labels)]
+    starts = [i for i, p in enumerate(batch["position_ids"][row].tolist()) if p == 0] + [len(ids)]
+    return [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+
+
+@pytest.mark.parametrize(
+    "recipe, data, packing, answer_ends",
+    [
+        (SFT_LORA, "instructions_pc", "false", "<|end|>\n"),  # completion-only: the whole completion as rendered
+        (SFT_LORA, "instructions_pc", "true", "<|end|>\n"),  # the same, packed into rows
+        (SFT_FULL, "instructions", "false", "<|end|>"),  # assistant_only_loss: the {% generation %} span
+    ],
+)
+def test_only_response_tokens_carry_labels_in_a_collated_batch(
+    tiny_lm, tmp_path, monkeypatch, recipe, data, packing, answer_ends
+):
+    trainer = train_in_process(
+        monkeypatch, recipe, on_tiny(tiny_lm, tmp_path, "--max_steps", "1", "--num_samples", "0", "--packing", packing)
+    )
+    tokenizer = trainer.processing_class
+    rows = generate_rows(data, "train")
+    answers = {
+        (row["completion"] if "completion" in row else row["messages"][1:])[0]["content"] + answer_ends for row in rows
+    }
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ("position_ids" in batch) == (packing == "true") and ("attention_mask" in batch) == (packing == "false")
+    checked = 0
+    for row in range(len(batch["input_ids"])):
+        for ids, labels in documents(batch, row):
+            real = [token for token in ids if token != tokenizer.pad_token_id]
+            if not real:  # row padding (each pad restarts position_ids)
+                continue
+            scored = [i for i, label in enumerate(labels) if label != -100]
+            assert scored == list(range(scored[0], scored[-1] + 1))  # one contiguous span...
+            assert tokenizer.decode(ids[scored[0] : scored[-1] + 1]) in answers  # ...which is exactly one answer
+            prompt = tokenizer.decode(ids[: scored[0]])  # everything before it is context
+            assert prompt.startswith("<|user|>\n") and prompt.endswith("<|end|>\n<|assistant|>\n"), prompt
+            assert tokenizer.decode(real[scored[-1] + 1 :]) in ("", "\n")  # at most the template's closing newline
+            checked += 1
+    assert checked >= len(batch["input_ids"])
+
+
+def test_row_packing_keeps_packed_documents_apart(tiny_lm):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hfgen.stages.sft import PackedRowsCollator, use_row_packing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    first, second, third = [5, 17, 42, 99, 7], [11, 12, 13], [60, 61, 62, 63, 64, 65, 66]
+    collator = PackedRowsCollator(pad_token_id=0, return_position_ids=True)
+    batch = collator([{"input_ids": first + second, "seq_lengths": [5, 3]}, {"input_ids": third, "seq_lengths": [7]}])
+    # use_cache=False as in training: transformers reads documents from position_ids only when there is no cache
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    for row, start, document in ((0, 0, first), (0, 5, second), (1, 0, third)):
+        alone = model(input_ids=torch.tensor([document])).logits[0]
+        torch.testing.assert_close(packed[row, start : start + len(document)], alone, atol=1e-5, rtol=1e-4)
+    # row packing on kernels that take a dense mask; TRL's padding-free rows where varlen kernels exist
+    args = type("Args", (), {"packing": True, "packing_strategy": "bfd", "padding_free": False})()
+    config = AutoConfig.from_pretrained(tiny_lm)
+    for kernel, expected in (("sdpa", True), ("eager", True), ("flash_attention_2", False)):
+        config._attn_implementation = kernel
+        assert use_row_packing(args, type("Model", (), {"config": config})()) == expected
+
+
+@pytest.mark.slow
+def test_full_sft_saves_a_plain_model_that_improved(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run_hfgen(
+        "train",
+        SFT_FULL,
+        *on_tiny(tiny_lm, tmp_path, "--max_steps", "40", "--packing", "true", "--per_device_train_batch_size", "8"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "eval.json")
+    assert (
+        results["response_loss"] < 0.7 * results["response_loss_initial"]
+        and results["trainable_parameters"] == results["parameters"]
+    )
+    assert results["train_tokens"] > 40 * 8 * 64  # packed rows: most of each 128-token row holds real tokens
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and model.config.pad_token_id != model.config.eos_token_id
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
+    result = accelerate_launch(
+        free_port, SFT_LORA, *on_tiny(tiny_lm, tmp_path, "--max_steps", "6", "--packing", "true", "--num_samples", "2")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = [(tmp_path / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2 and tracking.is_complete(tmp_path)
+
+
+def train_exit_code(capsys, *argv):
+    """`hfgen train ...` through the real CLI entry, in this process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", *map(str, argv)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return exit_info.value.code, captured.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine QLoRA may be runnable")
+def test_qlora_without_cuda_exits_2_saying_what_it_needs(tiny_lm, tmp_path, capsys):
+    code, message = train_exit_code(capsys, SFT_LORA, *on_tiny(tiny_lm, tmp_path, "--load_in_4bit", "true"))
+    assert code == 2 and "load_in_4bit" in message and "needs a CUDA GPU and bitsandbytes" in message
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def adapter_dir(path):
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some/base"}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # columns of no supported layout, named in the message
+        (
+            lambda t: ["--dataset_name", jsonl(t / "qa.jsonl", [{"question": "q", "answer": "a"}] * 4)],
+            ["question", "messages"],
+        ),
+        # completion-only loss asked of conversation data
+        (
+            lambda t: ["--dataset_name", "embedded:instructions", "--completion_only_loss", "true"],
+            ["completion_only_loss", "prompt"],
+        ),
+        # a model dir that was never made
+        (lambda t: ["--model_name_or_path", "outputs/tiny/never_made"], ["outputs/tiny/never_made", "does not exist"]),
+        # LoRA on top of an adapter dir: merge first
+        (lambda t: ["--model_name_or_path", adapter_dir(t)], ["adapter dir", "hfgen merge"]),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, overrides, expected):
+    code, message = train_exit_code(capsys, SFT_LORA, "--output_dir", tmp_path / "out", *overrides(tmp_path))
+    assert code == 2
+    for text in expected:
+        assert text in message
+
+
+def test_missing_pretrain_output_says_which_recipe_to_run_first(tmp_path, capsys, monkeypatch):
+    shutil.copytree(REPO / "recipes/tiny", tmp_path / "recipes/tiny")
+    monkeypatch.chdir(tmp_path)  # a checkout where the tiny pretrain run was never made
+    code, message = train_exit_code(capsys, "recipes/tiny/sft_lora.yaml")
+    assert code == 2 and "outputs/tiny/pretrain" in message and "hfgen train recipes/tiny/pretrain.yaml" in message
