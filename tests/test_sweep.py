@@ -13,6 +13,10 @@ from hfgen.sweep import grid_points, split_grid
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
 SHORT = ["--max_steps", "3", "--max_train_samples", "100", "--max_eval_samples", "8", "--logging_steps", "1"]
 
+# Tiny models gain nothing from a second torch thread, and on a CPU shared with other processes two threads
+# wait on each other (several times slower): the subprocesses run on one.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
 
 def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
     axes, fixed = split_grid(
@@ -55,7 +59,7 @@ def test_two_by_two_pretrain_sweep_makes_four_runs_and_one_report(tmp_path):
         "sweep", PRETRAIN, "--learning_rate", "1e-3,3e-3", "--warmup_steps", "0,2",
         "--output_root", tmp_path, "--quiet", *SHORT,
     ]  # fmt: skip
-    result = run_hfgen(*arguments)
+    result = run_hfgen(*arguments, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     names = [
         "learning_rate=1e-3_warmup_steps=0", "learning_rate=1e-3_warmup_steps=2",
@@ -79,6 +83,6 @@ def test_two_by_two_pretrain_sweep_makes_four_runs_and_one_report(tmp_path):
     assert all(name in page for name in names)
     assert len(re.findall(r"data:image/png;base64,", page)) >= 1
     # run again: every point is complete with the same recipe, so nothing is retrained
-    again = run_hfgen(*arguments)
+    again = run_hfgen(*arguments, env=ONE_THREAD)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already complete, skipped") == 4

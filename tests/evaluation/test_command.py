@@ -14,6 +14,10 @@ FAST = [
     "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet",
 ]  # fmt: skip
 
+# Tiny models gain nothing from a second torch thread, and on a CPU shared with other processes two threads
+# wait on each other (several times slower): the subprocesses run on one.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -59,7 +63,7 @@ def reward_dir(tmp_path_factory, tokenizer):
 
 def test_eval_prints_the_three_criteria_and_merges_eval_json(model_dir):
     tracking.write_json(model_dir / "eval.json", {"perplexity": 5.0})  # a stage's own figure, to be kept
-    result = run_hfgen("eval", model_dir, *FAST)
+    result = run_hfgen("eval", model_dir, *FAST, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     for word in ("quality", "diversity", "speed", "perplexity", "oracle_score", "distinct_2", "self_bleu",
                  "tokens_per_s_batch1", "tokens_per_s_batched", "peak_memory_mb"):  # fmt: skip
@@ -137,10 +141,10 @@ def test_eval_on_a_tiny_pretrain_run(tmp_path):
     run = tmp_path / "pretrain"
     trained = run_hfgen(
         "train", REPO / "recipes/tiny/pretrain.yaml", "--output_dir", run, "--max_steps", "30",
-        "--max_train_samples", "400", "--max_eval_samples", "20", "--logging_steps", "10",
+        "--max_train_samples", "400", "--max_eval_samples", "20", "--logging_steps", "10", env=ONE_THREAD,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
-    result = run_hfgen("eval", run, *FAST)
+    result = run_hfgen("eval", run, *FAST, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     results = tracking.read_json(run / "eval.json")
     assert results["perplexity"] > 0  # the stage's figure is kept beside ours
