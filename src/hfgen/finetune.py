@@ -38,12 +38,6 @@ def check_model_config(model_args) -> list[str]:
         if adapter_base(name):
             problems.append(f"{key}: model_name_or_path '{name}' is a LoRA adapter dir; merge it first (hfgen merge)")
         problems += quantization_problems(key)
-    elif model_args.use_peft and adapter_base(name):
-        # The new adapter would record the original base as its base, without the old adapter's weights.
-        problems.append(
-            f"model_name_or_path '{name}' is a LoRA adapter dir, and use_peft would train a new adapter on top of it; "
-            f"merge it first (`hfgen merge {name} --output_dir MERGED_DIR`) and start from MERGED_DIR"
-        )
     return problems
 
 

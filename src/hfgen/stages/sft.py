@@ -31,6 +31,7 @@ from hfgen import tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
+from hfgen.models import adapter_base
 
 
 @dataclass
@@ -49,6 +50,14 @@ ARGUMENTS = (ModelConfig, SFTDataArguments, SFTConfig)
 
 def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> list[str]:
     problems = check_model_config(model_args)
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit  # reported by check_model_config
+    if model_args.use_peft and not quantized and adapter_base(model_args.model_name_or_path or ""):
+        # The new adapter would name the old adapter's base as its own, without the old adapter's weights.
+        problems.append(
+            f"model_name_or_path '{model_args.model_name_or_path}' is a LoRA adapter dir, and use_peft would train a "
+            f"new adapter on top of it; merge it first (`hfgen merge {model_args.model_name_or_path} --output_dir "
+            "MERGED_DIR`) and start from MERGED_DIR"
+        )
     if training_args.completion_only_loss:
         layouts, why = [("prompt", "completion")], "completion_only_loss: true needs prompt/completion data: "
     elif training_args.assistant_only_loss:

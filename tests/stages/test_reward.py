@@ -1,0 +1,138 @@
+"""Stage `reward`: a Bradley-Terry reward model that ranks held-out pairs and agrees with the embedded oracle on
+fresh ones; LoRA runs save one merged classifier; SFT adapter dirs work as a start; ranks agree; bad input exits 2."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, accelerate_launch, run_hfgen
+from hfgen import tracking
+from hfgen.cli import main as hfgen_main
+from hfgen.data.embedded import oracle_score, preference_pairs
+from tiny_models import pretrained_tiny_llama, save_tiny_llama
+
+REWARD = REPO / "recipes/tiny/reward.yaml"
+SFT_LORA = REPO / "recipes/tiny/sft_lora.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return pretrained_tiny_llama(tmp_path_factory)
+
+
+def on_tiny(model, output_dir, *overrides):
+    return ["--model_name_or_path", model, "--output_dir", output_dir, *overrides]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_lm, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("reward")
+    result = run_hfgen("train", REWARD, *on_tiny(tiny_lm, output_dir, "--max_steps", "250", "--learning_rate", "2e-3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def load_reward_model(path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.slow
+def test_reward_model_ranks_held_out_pairs(reward_run):
+    results = tracking.read_json(reward_run / "eval.json")
+    assert results["accuracy"] >= 0.9 and results["margin"] > 1.0, results
+    assert abs(results["accuracy_initial"] - 0.5) < 0.15  # a fresh head starts at chance
+    assert results["held_out_pairs"] == 300
+
+
+@pytest.mark.slow
+def test_reward_model_agrees_with_the_oracle_on_fresh_pairs(reward_run):
+    from hfgen.stages.reward import pairwise_eval, tokenize_pair
+
+    model, tokenizer = load_reward_model(reward_run)
+    assert (
+        model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    )
+    fresh = preference_pairs(400, seed=2024)  # generated from their own seed, never trained on
+    assert all(
+        oracle_score(p["prompt"][0]["content"], p["chosen"][0]["content"])
+        > oracle_score(p["prompt"][0]["content"], p["rejected"][0]["content"])
+        for p in fresh
+    )
+    agreement = pairwise_eval(model, tokenizer, [tokenize_pair(tokenizer, pair) for pair in fresh], batch_size=64)
+    assert agreement["accuracy"] >= 0.85, agreement
+
+
+@pytest.mark.slow
+def test_lora_reward_from_an_sft_adapter_saves_one_merged_classifier(tiny_lm, tmp_path):
+    sft = run_hfgen("train", SFT_LORA, *on_tiny(tiny_lm, tmp_path / "sft", "--max_steps", "5", "--num_samples", "0"))
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    overrides = [
+        "--max_steps",
+        "60",
+        "--learning_rate",
+        "5e-3",
+        "--use_peft",
+        "true",
+        "--lora_target_modules",
+        "all-linear",
+    ]
+    result = run_hfgen("train", REWARD, *on_tiny(tmp_path / "sft", tmp_path / "reward", *overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "reward"
+    assert (output / "model.safetensors").is_file() and not (output / "adapter_config.json").exists()
+    model, tokenizer = load_reward_model(output)  # plain transformers, no peft
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    results = tracking.read_json(output / "eval.json")
+    assert results["accuracy"] > results["accuracy_initial"] + 0.15, results
+    # the saved (merged) model scores as the run measured it
+    from hfgen.data.embedded import load_embedded
+    from hfgen.stages.reward import pairwise_eval, tokenize_pair
+
+    held_out = [tokenize_pair(tokenizer, row) for row in load_embedded("preferences")["test"]]
+    assert pairwise_eval(model, tokenizer, held_out, batch_size=64)["accuracy"] == pytest.approx(results["accuracy"])
+
+
+def test_a_sequence_classifier_from_a_causal_lm_keeps_its_backbone(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.finetune import sequence_classifier_from
+
+    causal_lm = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path))
+    classifier = sequence_classifier_from(causal_lm)
+    assert classifier.config.num_labels == 1 and classifier.score.weight.shape[0] == 1
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        hidden = causal_lm.model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(classifier.model(input_ids=ids).last_hidden_state, hidden)
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
+    result = accelerate_launch(
+        free_port, REWARD, *on_tiny(tiny_lm, tmp_path, "--max_steps", "6", "--max_eval_samples", "32")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = [(tmp_path / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2 and tracking.is_complete(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([{"prompt": "p", "good": "a", "bad": "b"}] * 4, ["good", "chosen", "rejected"]),  # wrong column names
+        ([{"prompt": "p", "chosen": "a", "rejected": None}] * 4, ["rejected", "empty"]),  # missing values
+    ],
+)
+def test_bad_preference_data_exits_2_naming_the_columns(tmp_path, capsys, rows, expected):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", str(REWARD), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in message
+    for text in expected:
+        assert text in message
