@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hfgen.errors import UserError
 from hfgen.stages import STAGES, load_stage
 
 STAGE_KEY = "stage"
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -117,6 +119,8 @@ def _decode_scalar(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(text):
+        return float(text)  # YAML 1.1 wants a dot in floats: `3e-3` would stay a string
     return value if isinstance(value, (str, int, float, bool)) or value is None else text
 
 
