@@ -81,7 +81,12 @@ def load_raw(name: str, config: str | None = None):
 
 def load_splits(args: DataArguments, seed: int = 0):
     """(train, eval) Datasets per the data arguments."""
-    raw = load_raw(args.dataset_name, args.dataset_config)
+    return split_dataset(load_raw(args.dataset_name, args.dataset_config), args, seed)
+
+
+def split_dataset(raw, args: DataArguments, seed: int = 0):
+    """(train, eval) from a DatasetDict: the named splits, a held-out slice of train if there is no test split,
+    and the max_*_samples caps."""
     if args.dataset_train_split not in raw:
         raise UserError(
             f"dataset_train_split '{args.dataset_train_split}' is not a split of '{args.dataset_name}'; it has {', '.join(raw)}"
