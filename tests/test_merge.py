@@ -1,0 +1,72 @@
+"""`hfgen merge`: the merged model computes what base+adapter computes, saved as a plain model with its tokenizer."""
+
+import json
+
+import pytest
+import torch
+
+from hfgen.cli import main as hfgen_main
+from tiny_models import save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory):
+    """A tiny random base and a LoRA adapter on every linear layer, with random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("merge")
+    base = save_tiny_llama(root / "base")
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    model.save_pretrained(root / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(root / "adapter")
+    return base, root / "adapter"
+
+
+def merge(capsys, *argv):
+    """`hfgen merge ...` through the real CLI entry, in this process: (exit code, stderr)."""
+    try:
+        code = hfgen_main(["merge", *map(str, argv)])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.err
+
+
+def test_merged_logits_equal_base_plus_adapter_logits(base_and_adapter, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, adapter = base_and_adapter
+    assert merge(capsys, adapter, "--output_dir", tmp_path / "merged")[0] == 0
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    assert json.loads((merged_dir / "merged_from.json").read_text())["base"] == str(base)
+
+    ids = torch.randint(5, 400, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)(
+            input_ids=ids
+        ).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(input_ids=ids).logits
+        base_only = AutoModelForCausalLM.from_pretrained(base)(input_ids=ids).logits
+    torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-4)
+    assert (merged - base_only).abs().max() > 1e-2  # the adapter mattered, so the equality above has teeth
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer.chat_template and tokenizer.pad_token != tokenizer.eos_token
+
+
+def test_bad_merges_exit_2(base_and_adapter, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    code, message = merge(capsys, base, "--output_dir", tmp_path / "out")
+    assert code == 2 and "not a LoRA adapter dir" in message
+    code, message = merge(capsys, adapter, "--output_dir", adapter)
+    assert code == 2 and "--output_dir" in message
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    code, message = merge(capsys, orphan, "--output_dir", tmp_path / "out")
+    assert code == 2 and "does not exist" in message
