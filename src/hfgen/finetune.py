@@ -123,6 +123,6 @@ def sequence_classifier_from(causal_lm):
 
 def count_trained_tokens(training_args) -> None:
     """Have Trainer count the non-padding input tokens it trains on (`state.num_input_tokens_seen`, summed over
-    processes), for tokens/s in eval.json: one count for every collator and trainer."""
-    if training_args.include_num_input_tokens_seen == "no":
-        training_args.include_num_input_tokens_seen = "non_padding"
+    processes), for tokens/s in eval.json: one count for every collator and trainer. (A recipe can only say
+    true/false for this key, and true means "all", padding included.)"""
+    training_args.include_num_input_tokens_seen = "non_padding"
