@@ -120,6 +120,34 @@ def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2 and tracking.is_complete(tmp_path)
 
 
+def pairs_file(path, explicit_prompt: bool):
+    rows = []
+    for pair in preference_pairs(120, seed=7):
+        if explicit_prompt:  # plain text with a shared prompt
+            rows.append(
+                {
+                    "prompt": pair["prompt"][0]["content"] + "\n",
+                    **{k: pair[k][0]["content"] for k in ("chosen", "rejected")},
+                }
+            )
+        else:  # conversational, the prompt inside each conversation
+            rows.append({k: pair["prompt"] + pair[k] for k in ("chosen", "rejected")})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("explicit_prompt", [True, False], ids=["plain_with_prompt", "conversational_implicit_prompt"])
+def test_plain_and_implicit_prompt_pairs_train(tiny_lm, tmp_path, explicit_prompt):
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    data = pairs_file(tmp_path / "pairs.jsonl", explicit_prompt)
+    overrides = on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", data, "--max_steps", "3")
+    run_recipe(load_recipe(REWARD, [str(o) for o in overrides]))
+    results = tracking.read_json(tmp_path / "out/eval.json")
+    assert results["held_out_pairs"] == 6 and 0 <= results["accuracy"] <= 1 and results["train_tokens"] > 0
+
+
 @pytest.mark.parametrize(
     "rows, expected",
     [

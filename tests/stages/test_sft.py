@@ -144,6 +144,31 @@ def test_only_response_tokens_carry_labels_in_a_collated_batch(
     assert checked >= len(batch["input_ids"])
 
 
+def plain_prompt_completion(path):
+    rows = generate_rows("instructions_pc", "train")[:200]
+    return jsonl(
+        path / "pc.jsonl",
+        [{"prompt": r["prompt"][0]["content"] + "\n", "completion": r["completion"][0]["content"]} for r in rows],
+    )
+
+
+@pytest.mark.parametrize(
+    "dataset", [lambda t: "embedded:corpus", plain_prompt_completion], ids=["text", "plain_prompt_completion"]
+)
+def test_plain_text_and_plain_prompt_completion_data_train(tiny_lm, tmp_path, monkeypatch, dataset):
+    overrides = on_tiny(
+        tiny_lm, tmp_path / "out", "--dataset_name", dataset(tmp_path), "--max_steps", "2", "--num_samples", "2"
+    )
+    trainer = train_in_process(
+        monkeypatch, SFT_LORA, [*overrides, "--max_train_samples", "200", "--max_eval_samples", "16"]
+    )
+    results = tracking.read_json(tmp_path / "out/eval.json")
+    assert results["held_out_responses"] >= 10 and 0 < results["response_loss"] < 10
+    samples = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(isinstance(s["prompt"], str) for s in samples)
+    assert trainer.state.num_input_tokens_seen > 0
+
+
 def test_row_packing_keeps_packed_documents_apart(tiny_lm):
     from transformers import AutoConfig, AutoModelForCausalLM
 
