@@ -66,15 +66,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def wants_chat(model_path: str, tokenizer) -> bool:
-    """Chat format by default for fine-tuned runs (sft, ppo); raw text for pretrained ones."""
+    """Chat format by default when the tokenizer has a chat template, except for hfgen pretraining runs
+    (their recipe.yaml says stage: pretrain); `--chat` / `--no-chat` decide explicitly."""
     import yaml
 
-    recipe = Path(model_path) / "recipe.yaml"
     if tokenizer.chat_template is None:
         return False
+    recipe = Path(model_path) / "recipe.yaml"
     if recipe.is_file():
-        return yaml.safe_load(recipe.read_text()).get("stage") not in ("pretrain",)
-    return (Path(model_path) / "adapter_config.json").is_file()
+        return yaml.safe_load(recipe.read_text()).get("stage") != "pretrain"
+    return True
 
 
 def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
