@@ -13,6 +13,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# One torch thread per process: tiny models gain little from more, and the 2-process tests (or a busy
+# 2-core machine) slow down 10-30x when threads outnumber cores. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 HFGEN = [sys.executable, "-m", "hfgen.cli"]
