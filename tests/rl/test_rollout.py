@@ -142,3 +142,32 @@ def test_load_function_and_function_scores():
                          ("hfgen.data.embedded:nothing", "no attribute"), ("hfgen.data.embedded:SUBJECTS", "callable")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             R.load_function(bad)
+
+
+def test_prompt_rows_are_disjoint_across_processes_and_cover_each_pass():
+    size, local = 10, 3
+    first_pass = [R.prompt_rows(step, size, 2 * local, local, rank, seed=1) for step in (1,) for rank in (0, 1)]
+    assert not set(first_pass[0]) & set(first_pass[1])  # the two processes take different prompts
+    taken = [i for step in range(1, 6) for rank in (0, 1) for i in R.prompt_rows(step, size, 2 * local, local, rank, 1)]
+    assert sorted(taken[:10]) == list(range(10)) and sorted(taken[10:20]) == list(range(10))  # every prompt once a pass
+    assert taken[:10] != taken[10:20]  # a new order each pass
+    assert R.prompt_rows(4, size, 2 * local, local, 1, 1) == R.prompt_rows(4, size, 2 * local, local, 1, 1)
+
+
+def test_left_pad_right_aligns_sequences():
+    ids, mask = R.left_pad([[5, 6, 7], [8]], pad_token_id=PAD, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [PAD, PAD, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_reward_scorer_weights_the_reward_model_and_functions():
+    class Judge:
+        def __init__(self, bonus):
+            self.bonus = bonus
+
+        def __call__(self, prompts, responses):
+            return [len(r) + self.bonus for r in responses]
+
+    scorer = R.RewardScorer(None, None, {"length": Judge(0), "plus_one": Judge(1)}, [1.0, -2.0], chunk_size=4)
+    total, components = scorer(["p", "q"], ["ab", "abcd"], device="cpu")
+    assert components["length"].tolist() == [2.0, 4.0] and components["plus_one"].tolist() == [3.0, 5.0]
+    assert total.tolist() == [2.0 - 6.0, 4.0 - 10.0]

@@ -10,9 +10,11 @@ forward passes run in chunks of `chunk_size` sequences to bound memory.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -222,3 +224,55 @@ def function_scores(function: RewardFunction, prompts: list, responses: list[str
     if len(values) != len(responses):
         raise ValueError(f"reward function returned {len(values)} scores for {len(responses)} responses")
     return torch.tensor([float(v) for v in values], device=device)
+
+
+@dataclass
+class RewardScorer:
+    """The training reward of a batch: a weighted sum of a reward model's score (read from the response rendered as
+    text with the reward model's own tokenizer) and rule-based reward functions' scores."""
+
+    reward_model: object | None  # one-label sequence classifier, or None
+    reward_tokenizer: object | None
+    functions: dict[str, RewardFunction]  # name -> function(prompt texts, response texts) -> list[float]
+    weights: list[float]  # one per component: [reward model (if any), *functions]
+    chunk_size: int
+
+    def __call__(self, prompts: list, responses: list[str], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> ((B,) weighted total, {component name: (B,) scores})."""
+        components = {}
+        if self.reward_model is not None:
+            texts = reward_model_texts(self.reward_tokenizer, prompts, responses)
+            chat = not isinstance(prompts[0], str)
+            scores = reward_model_scores(self.reward_model, self.reward_tokenizer, texts, self.chunk_size, chat)
+            components["reward_model"] = scores.to(device)
+        for name, function in self.functions.items():
+            components[name] = function_scores(function, prompts, responses, device)
+        total = sum(weight * scores for weight, scores in zip(self.weights, components.values()))
+        return total, components
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(size: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+
+
+def prompt_rows(step: int, size: int, global_batch: int, local_batch: int, rank: int, seed: int) -> list[int]:
+    """Indices of the prompts process `rank` rolls out at `step` (counted from 1): consecutive slices of seeded
+    permutations of the `size` prompts, a new permutation per pass, a disjoint slice per process. A pure function
+    of the step, so a resumed run takes exactly the prompts the uninterrupted run would have taken."""
+    first = (step - 1) * global_batch + rank * local_batch
+    return [_permutation(size, seed, i // size)[i % size] for i in range(first, first + local_batch)]
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ((B, P) ids, (B, P) 0/1 mask), each sequence right-aligned."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, width - len(sequence) :] = 1
+    return ids.to(device), mask.to(device)

@@ -53,3 +53,12 @@ class PPOStats(NamedTuple):
     approx_kl: torch.Tensor
     entropy: torch.Tensor
     ratio: torch.Tensor
+
+
+class RolloutDetails(NamedTuple):
+    """What a rollout knows beyond PPO's tensors, for metrics and sample tables."""
+
+    texts: list[str]  # B response texts, up to the first EOS
+    components: dict[str, torch.Tensor]  # reward component name -> (B,) scores
+    entropy: torch.Tensor  # (B, T) entropy of the sampling distribution at each response token
+    has_eos: torch.Tensor  # (B,) bool

@@ -27,14 +27,15 @@ Deviations from the papers and from TRL's PPOTrainer, each deliberate:
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
+import torch
 from trl import ModelConfig
 
 from hfgen import tracking
@@ -42,6 +43,23 @@ from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, run_first_hint
 from hfgen.models import check_model_source
+from hfgen.rl import functional as F
+from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
+from hfgen.rl.metrics import RATES, format_evaluation, format_metrics, step_metrics
+from hfgen.rl.rollout import (
+    PolicyAndValue,
+    RewardScorer,
+    function_scores,
+    left_pad,
+    load_function,
+    prompt_rows,
+    prompt_text,
+    reference_logprobs,
+    response_texts,
+    rollout_values,
+    sample_responses,
+)
+from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 
 SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
 
@@ -152,8 +170,6 @@ ARGUMENTS = (ModelConfig, PPODataArguments, PPOConfig)
 
 
 def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> list[str]:
-    from hfgen.rl.rollout import load_function
-
     problems = check_model_config(model_args)
     for key in ("reward_model_path", "value_model_path"):
         if getattr(config, key):
@@ -191,13 +207,9 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
 
 
 def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> Path:
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
-
-    from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
-    from hfgen.rl.rollout import PolicyAndValue
 
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -215,7 +227,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     # Models: policy (+ reference), value model, reward model and reward functions.
     tokenizer, policy, reference = load_policy_and_reference(model_args, config)
     value_model = load_value_model(model_args, config, tokenizer)
-    scorer = load_scorer(model_args, config, accelerator.device)
+    scorer = load_scorer(model_args, config)
     oracle = load_oracle(config)
 
     # Data: prompts tokenized once; each step takes a slice of a seeded permutation (see `prompt_rows`).
@@ -280,7 +292,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         scheduler.step()
 
         # Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
-        metrics = step_metrics(accelerator, rollout, details, prompts, shaping, stats, oracle, timing, config)
+        local = step_metrics(
+            rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs
+        )
+        if oracle is not None:
+            local["oracle/score"] = function_scores(oracle, prompts, details.texts, accelerator.device).mean()
+        metrics = global_means(accelerator, local)
         metrics |= {"objective/kl_coef": kl_controller.value, "lr": scheduler.get_last_lr()[0]}
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
@@ -290,7 +307,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if config.logging_steps and (step % config.logging_steps == 0 or step in (1, total_steps)):
             accelerator.print(format_metrics(step, total_steps, metrics))
         if config.sample_steps and (step % config.sample_steps == 0 or step in (1, total_steps)):
-            write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle, accelerator)
+            if accelerator.is_main_process:
+                write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle)
         if config.save_steps and step % config.save_steps == 0 and step < total_steps:
             recipe = output_dir / "recipe.yaml"
             tracking.save_checkpoint(
@@ -320,7 +338,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     }
     if accelerator.is_main_process:
         tracking.update_eval(output_dir, results)
-        accelerator.print(format_evaluation(results))
+        if "kl_to_reference" in results:
+            accelerator.print(format_evaluation(results))
     accelerator.end_training()
     return output_dir
 
@@ -367,8 +386,6 @@ def load_policy_and_reference(model_args: ModelConfig, config: PPOConfig):
 def load_sequence_classifier(path: str, model_args: ModelConfig, config: PPOConfig, tokenizer):
     """A one-label sequence classifier from a full model dir, a classifier's LoRA adapter dir (merged), or a
     causal LM (its backbone, with a new score head)."""
-    import json
-
     from hfgen.finetune import load_model, resolved
 
     adapter_config = Path(path) / "adapter_config.json"
@@ -400,36 +417,8 @@ def load_value_model(model_args: ModelConfig, config: PPOConfig, tokenizer):
     return model
 
 
-@dataclass
-class Scorer:
-    """The training reward: a weighted sum of the reward model's score and the reward functions' scores."""
-
-    reward_model: object | None
-    reward_tokenizer: object | None
-    functions: dict  # name -> function(prompts, responses) -> list[float]
-    weights: list[float]  # [reward model?, *functions]
-    chunk_size: int
-
-    def __call__(self, prompts: list, responses: list[str], device):
-        """-> ((B,) total scores, {component name: (B,) scores})."""
-        from hfgen.rl.rollout import function_scores, reward_model_scores, reward_model_texts
-
-        components = {}
-        if self.reward_model is not None:
-            texts = reward_model_texts(self.reward_tokenizer, prompts, responses)
-            chat = not isinstance(prompts[0], str)
-            components["reward_model"] = reward_model_scores(
-                self.reward_model, self.reward_tokenizer, texts, self.chunk_size, chat
-            ).to(device)
-        for name, function in self.functions.items():
-            components[name] = function_scores(function, prompts, responses, device)
-        total = sum(weight * scores for weight, scores in zip(self.weights, components.values()))
-        return total, components
-
-
-def load_scorer(model_args: ModelConfig, config: PPOConfig, device) -> Scorer:
+def load_scorer(model_args: ModelConfig, config: PPOConfig) -> RewardScorer:
     from hfgen.models import load_tokenizer
-    from hfgen.rl.rollout import load_function
 
     reward_model = reward_tokenizer = None
     if config.reward_model_path:
@@ -439,12 +428,11 @@ def load_scorer(model_args: ModelConfig, config: PPOConfig, device) -> Scorer:
     functions = {spec.rpartition(":")[2]: load_function(spec) for spec in config.reward_functions}
     count = int(reward_model is not None) + len(functions)
     weights = config.reward_weights or [1.0] * count
-    return Scorer(reward_model, reward_tokenizer, functions, list(weights), config.local_rollout_forward_batch_size)
+    chunk = config.local_rollout_forward_batch_size
+    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk)
 
 
 def load_oracle(config: PPOConfig):
-    from hfgen.rl.rollout import load_function
-
     return load_function(config.oracle_function) if config.oracle_function else None
 
 
@@ -481,82 +469,39 @@ def tokenize_prompts(tokenizer, prompts: list, data_args: PPODataArguments) -> t
     return [prompts[i] for i in kept], [ids[i] for i in kept]
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(size: int, seed: int, epoch: int) -> list[int]:
-    import torch
-
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-
-
-def prompt_rows(step: int, size: int, global_batch: int, local_batch: int, rank: int, seed: int) -> list[int]:
-    """The prompts process `rank` rolls out at `step` (from 1): consecutive slices of seeded permutations of the
-    dataset, one permutation per pass, a disjoint part for each process. A pure function of the step, so a
-    resumed run takes exactly the prompts the uninterrupted run would have."""
-    first = (step - 1) * global_batch + rank * local_batch
-    return [
-        _permutation(size, seed, position // size)[position % size] for position in range(first, first + local_batch)
-    ]
-
-
-def left_pad(sequences: list[list[int]], pad_token_id: int, device):
-    """((B, P) ids, (B, P) mask) with each sequence right-aligned."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence) :] = torch.tensor(sequence)
-        mask[row, width - len(sequence) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 # ---- one PPO step -----------------------------------------------------------------------------------
-
-
-class RolloutDetails(NamedTuple):
-    """What the rollout knows beyond PPO's tensors: for metrics and sample tables."""
-
-    texts: list[str]  # B response texts, up to the first EOS
-    components: dict  # reward component name -> (B,) scores
-    entropy: object  # (B, T) per-token entropy of the sampling distribution
-    has_eos: object  # (B,) bool
 
 
 def collect_rollout(accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts, queries, config):
     """Sample responses from the current policy, then score them: reward, reference log-probs, values.
     -> (Rollout without advantages, RolloutDetails, {"generation": seconds, "scoring": seconds})."""
-    import torch
-
-    from hfgen.rl.functional import response_mask, truncate_after_eos
-    from hfgen.rl.rollout import reference_logprobs, response_texts, rollout_values, sample_responses
-    from hfgen.rl.types import Rollout
-
     unwrapped = accelerator.unwrap_model(trainable)
     unwrapped.eval()
     chunk = config.local_rollout_forward_batch_size
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, accelerator.device)
     started = time.perf_counter()
-    sampled = sample_responses(
-        unwrapped.policy, query_ids, query_mask, generation_config, chunk, tokenizer.pad_token_id
-    )
+    with accelerator.autocast():  # bf16 rollouts when mixed precision is on (the models keep float32 weights)
+        sampled = sample_responses(
+            unwrapped.policy, query_ids, query_mask, generation_config, chunk, tokenizer.pad_token_id
+        )
     generated = time.perf_counter()
 
     # Score at the first EOS (detail 1): everything after it is padding, masked out of every loss.
-    mask = response_mask(sampled.response_ids, tokenizer.eos_token_id)
-    responses = truncate_after_eos(sampled.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
+    responses = F.truncate_after_eos(sampled.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask, mask.long()], dim=1)
     context_length = query_ids.shape[1]
     texts = response_texts(tokenizer, responses, tokenizer.eos_token_id)
-    scores, components = scorer(prompts, texts, accelerator.device)
+    with accelerator.autocast():
+        scores, components = scorer(prompts, texts, accelerator.device)
+        ref_logprobs = reference_logprobs(
+            unwrapped.policy, reference, input_ids, attention_mask, context_length, config.temperature, chunk
+        )
+        values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk)
     has_eos = (responses == tokenizer.eos_token_id).any(dim=1)
     if config.missing_eos_penalty is not None:  # detail 2: a response that never stops is penalised
         scores = scores - config.missing_eos_penalty * (~has_eos).float()
-    ref_logprobs = reference_logprobs(
-        unwrapped.policy, reference, input_ids, attention_mask, context_length, config.temperature, chunk
-    )
-    values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk)
     rollout = Rollout(
         input_ids=input_ids, attention_mask=attention_mask, context_length=context_length, response_mask=mask,
         logprobs=sampled.logprobs * mask, ref_logprobs=ref_logprobs * mask, values=values * mask, scores=scores,
@@ -565,35 +510,22 @@ def collect_rollout(accelerator, trainable, reference, scorer, tokenizer, genera
     return rollout, RolloutDetails(texts, components, sampled.entropy, has_eos), timing
 
 
-def compute_advantages(rollout, kl_coef: float, config: PPOConfig, all_reduce):
+def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_reduce):
     """Per-token KL penalty plus the score at the end (detail 3), GAE over response tokens (detail 4), whitened
     advantages (detail 5). -> (Rollout with advantages and returns, {"kl": (B, T), "kl_rewards": (B, T)})."""
-    from hfgen.rl.functional import generalized_advantage_estimation, kl_penalised_rewards, kl_per_token, masked_whiten
-
     mask = rollout.response_mask
-    kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
-    rewards, kl_rewards = kl_penalised_rewards(rollout.scores, kl, kl_coef, mask)
+    kl = F.kl_per_token(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
+    rewards, kl_rewards = F.kl_penalised_rewards(rollout.scores, kl, kl_coef, mask)
     if config.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
-    advantages, returns = generalized_advantage_estimation(rewards, rollout.values, mask, config.gamma, config.lam)
-    advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
+        rewards = F.masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+    advantages, returns = F.generalized_advantage_estimation(rewards, rollout.values, mask, config.gamma, config.lam)
+    advantages = F.masked_whiten(advantages, mask, all_reduce=all_reduce)
     return dataclasses.replace(rollout, advantages=advantages, returns=returns), {"kl": kl, "kl_rewards": kl_rewards}
 
 
-def ppo_update(accelerator, trainable, optimizer, rollout, config: PPOConfig) -> list:
-    """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (detail 8, 15):
-    clipped policy loss + vf_coef * clipped value loss (detail 7, 14), one optimiser step per minibatch."""
-    import torch
-
-    from hfgen.rl.functional import (
-        clipped_policy_loss,
-        clipped_value_loss,
-        entropy_from_logits,
-        masked_mean,
-        token_logprobs,
-    )
-    from hfgen.rl.types import PPOStats
-
+def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig) -> list[PPOStats]:
+    """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
+    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
     stats = []
@@ -603,77 +535,34 @@ def ppo_update(accelerator, trainable, optimizer, rollout, config: PPOConfig) ->
                 batch = rollout.select(rows)
                 with accelerator.accumulate(trainable):
                     logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
-                    logprobs = token_logprobs(logits, batch.response_ids, config.temperature)
-                    policy = clipped_policy_loss(
-                        logprobs, batch.logprobs, batch.advantages, batch.response_mask, config.cliprange
-                    )
-                    value = clipped_value_loss(
-                        values, batch.values, batch.returns, batch.response_mask, config.cliprange_value
-                    )
+                    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
+                    mask = batch.response_mask
+                    policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
+                    value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
                     accelerator.backward(policy.loss + config.vf_coef * value.loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits, config.temperature), batch.response_mask)
+                    entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
                 stats.append(
-                    PPOStats(
-                        policy.loss.detach(),
-                        value.loss.detach(),
-                        policy.clip_fraction,
-                        value.clip_fraction,
-                        policy.approx_kl,
-                        entropy,
-                        policy.ratio,
-                    )  # fmt: skip
-                )
+                    PPOStats(policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction,
+                             policy.approx_kl, entropy, policy.ratio)
+                )  # fmt: skip
     return stats
 
 
 # ---- records ----------------------------------------------------------------------------------------
 
 
-def step_metrics(accelerator, rollout, details, prompts, shaping, stats, oracle, timing, config) -> dict:
-    """The step's figures as global means over all processes (names as TRL's PPOTrainer logged them, plus ours)."""
-    import torch
-
-    from hfgen.rl.functional import explained_variance, masked_mean
-    from hfgen.rl.rollout import function_scores
-
-    mask = rollout.response_mask
-    device = rollout.scores.device
-    lengths = mask.sum(1).float()
-    trained_tokens = rollout.attention_mask.sum().float() * config.num_ppo_epochs
-    local = {
-        "objective/scores": rollout.scores.mean(),
-        "objective/kl": shaping["kl"].sum(1).mean(),
-        "objective/entropy": (details.entropy * mask).sum(1).mean(),
-        "objective/non_score_reward": shaping["kl_rewards"].sum(1).mean(),
-        "objective/rlhf_reward": (rollout.scores + shaping["kl_rewards"].sum(1)).mean(),
-        **{f"reward/{name}": scores.mean() for name, scores in details.components.items()},
-        "policy/approxkl_avg": torch.stack([s.approx_kl for s in stats]).mean(),
-        "policy/clipfrac_avg": torch.stack([s.policy_clip_fraction for s in stats]).mean(),
-        "policy/entropy_avg": torch.stack([s.entropy for s in stats]).mean(),
-        "loss/policy_avg": torch.stack([s.policy_loss for s in stats]).mean(),
-        "loss/value_avg": torch.stack([s.value_loss for s in stats]).mean(),
-        "val/clipfrac_avg": torch.stack([s.value_clip_fraction for s in stats]).mean(),
-        "val/ratio": torch.stack([s.ratio for s in stats]).mean(),
-        "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
-        "val/eos_rate": details.has_eos.float().mean(),
-        "response/length_mean": lengths.mean(),
-        "per_token/kl": masked_mean(shaping["kl"], mask),
-        "speed/generation_tokens_per_s": lengths.sum() / max(timing["generation"], 1e-9),
-        "speed/training_tokens_per_s": trained_tokens / max(timing["training"], 1e-9),
-        **{f"time/{name}_s": torch.tensor(seconds) for name, seconds in timing.items()},
-    }
-    if oracle is not None:
-        local["oracle/score"] = function_scores(oracle, prompts, details.texts, device).mean()
+def global_means(accelerator, local: dict) -> dict[str, float]:
+    """Means over processes of this process's figures, in one collective; rates are summed instead."""
     names = list(local)
-    means = accelerator.reduce(torch.stack([local[n].float().to(device) for n in names]), "mean")
+    means = accelerator.reduce(torch.stack([local[n].float().to(accelerator.device) for n in names]), "mean")
     metrics = {name: value.item() for name, value in zip(names, means)}
-    for name in ("speed/generation_tokens_per_s", "speed/training_tokens_per_s"):
-        metrics[name] *= accelerator.num_processes  # each process's rate is a share of the total
+    for name in RATES:
+        metrics[name] *= accelerator.num_processes
     return metrics
 
 
@@ -690,25 +579,9 @@ def scalar_settings(config: PPOConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
 
 
-def format_metrics(step: int, total_steps: int, metrics: dict) -> str:
-    shown = [("score", "objective/scores"), ("oracle", "oracle/score"), ("kl", "objective/kl"),
-             ("entropy", "policy/entropy_avg"), ("clipfrac", "policy/clipfrac_avg"), ("vloss", "loss/value_avg"),
-             ("len", "response/length_mean"), ("eos", "val/eos_rate"), ("eps", "eps")]  # fmt: skip
-    parts = [f"{label} {metrics[key]:.3g}" for label, key in shown if key in metrics]
-    times = [metrics[f"time/{name}_s"] for name in ("generation", "scoring", "advantages", "training")]
-    split = "/".join(f"{100 * t / sum(times):.0f}" for t in times)
-    return f"step {step}/{total_steps} | " + " | ".join(parts) + f" | gen/score/adv/train % {split}"
-
-
-def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle, accelerator) -> None:
+def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -> None:
     """A table of prompts, responses and scores (detail 12: the way to see reward hacking), printed and appended
-    to samples.jsonl (main process's rollout)."""
-    import json
-
-    from hfgen.rl.rollout import prompt_text
-
-    if not accelerator.is_main_process:
-        return
+    to samples.jsonl; call on the main process."""
     rows = []
     for i in range(min(SAMPLE_ROWS, len(texts))):
         row = {"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": float(scores[i])}
@@ -718,8 +591,8 @@ def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle, a
     with (output_dir / "samples.jsonl").open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     for row in rows:
-        oracle_part = f" oracle {row['oracle']:+.2f}" if "oracle" in row else ""
-        print(f"    [{row['score']:+.2f}{oracle_part}] {row['prompt'][:40]!r} -> {row['response'][:80]!r}")
+        judged = f"score {row['score']:+.2f}" + (f", oracle {row['oracle']:+.2f}" if "oracle" in row else "")
+        print(f"    [{judged}] {row['prompt'][:40]!r} -> {row['response'][:80]!r}")
 
 
 # ---- final evaluation -------------------------------------------------------------------------------
@@ -729,14 +602,12 @@ def evaluate_against_reference(
     accelerator, policy, reference, scorer, oracle, tokenizer, prompts, data_args, config
 ) -> dict:
     """Sample `eval_samples_per_prompt` responses per held-out prompt from the reference (SFT) policy and from the
-    PPO policy, with the same random numbers, and compare them: mean reward-model and oracle scores, win rates of
-    PPO over SFT (ties count half), and KL(PPO || SFT) per response (k1, summed over tokens, on PPO's samples)."""
-    import torch
+    PPO policy, with the same random numbers, and compare them: mean scores (training reward, reward model, oracle),
+    win rates of PPO over SFT (ties count half), and KL(PPO || SFT) per response (k1 summed over the response
+    tokens of PPO's samples). Prompts are split over the processes and the results gathered."""
     from accelerate.utils import gather_object
 
     from hfgen.evaluation.text import win_rate
-    from hfgen.rl.functional import response_mask
-    from hfgen.rl.rollout import function_scores, reference_logprobs, response_texts, sample_responses
 
     prompts = [p for p in prompts for _ in range(data_args.eval_samples_per_prompt)]
     if not prompts:
@@ -746,56 +617,51 @@ def evaluate_against_reference(
     generation_config = make_generation_config(tokenizer, config.response_length, config.temperature, config.top_p)
     chunk = config.local_rollout_forward_batch_size
     judged: dict[str, dict[str, list[float]]] = {}
-    kl_values = []
-    with accelerator.split_between_processes(list(zip(prompts, queries))) as shard:
-        shard_prompts = [p for p, _ in shard]
-        query_ids, query_mask = left_pad([q for _, q in shard], tokenizer.pad_token_id, accelerator.device)
+    kl_values: list[float] = []
+    with accelerator.split_between_processes(list(zip(prompts, queries))) as shard, accelerator.autocast():
+        shard_prompts = [prompt for prompt, _ in shard]
+        query_ids, query_mask = left_pad([query for _, query in shard], tokenizer.pad_token_id, accelerator.device)
         for name in ("sft", "ppo"):
-            torch.manual_seed(config.seed + 1)  # common random numbers: the comparison is less noisy
+            torch.manual_seed(config.seed + 1)  # common random numbers: a less noisy comparison
+            use_reference = name == "sft" and reference is not None
             with policy.disable_adapter() if name == "sft" and reference is None else nullcontext():
-                model = reference if name == "sft" and reference is not None else policy
                 sampled = sample_responses(
-                    model, query_ids, query_mask, generation_config, chunk, tokenizer.pad_token_id
-                )
+                    reference if use_reference else policy, query_ids, query_mask, generation_config, chunk,
+                    tokenizer.pad_token_id,
+                )  # fmt: skip
+            mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
             texts = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
-            _, components = scorer(shard_prompts, texts, accelerator.device)
+            score, components = scorer(shard_prompts, texts, accelerator.device)
+            figures = {"score": score}  # the training reward, without the missing-EOS penalty
+            if "reward_model" in components:
+                figures["reward_model"] = components["reward_model"]
             if oracle is not None:
-                components["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
-            mask = response_mask(sampled.response_ids, tokenizer.eos_token_id)
-            components["response_length"] = mask.sum(1).float()
-            judged[name] = {key: values.tolist() for key, values in components.items()}
-            if name == "ppo":
-                input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)
-                attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-                ref = reference_logprobs(
-                    policy, reference, input_ids, attention_mask, query_ids.shape[1], config.temperature, chunk
-                )
-                kl_values = ((sampled.logprobs - ref) * mask).sum(1).tolist()
-    merged = {name: {key: [] for key in judged[name]} for name in judged}
-    all_kl = []
+                figures["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
+            figures["response_length"] = mask.sum(1).float()
+            figures["eos_rate"] = (sampled.response_ids == tokenizer.eos_token_id).any(1).float()
+            judged[name] = {key: values.tolist() for key, values in figures.items()}
+        input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # PPO's samples
+        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+        ref = reference_logprobs(
+            policy, reference, input_ids, attention_mask, query_ids.shape[1], config.temperature, chunk
+        )
+        kl_values = ((sampled.logprobs - ref) * mask).sum(1).tolist()
+
+    merged: dict[str, dict[str, list[float]]] = {name: {key: [] for key in judged[name]} for name in judged}
+    all_kl: list[float] = []
     for shard_judged, shard_kl in gather_object([(judged, kl_values)]):  # one (judged, kl) pair per process
-        for name, components in shard_judged.items():
-            for key, values in components.items():
+        for name, figures in shard_judged.items():
+            for key, values in figures.items():
                 merged[name][key] += values
         all_kl += shard_kl
-
-    results = {"eval/num_prompts": len(prompts) // max(data_args.eval_samples_per_prompt, 1),
-               "eval/samples_per_prompt": data_args.eval_samples_per_prompt,
-               "kl_to_reference": sum(all_kl) / len(all_kl)}  # fmt: skip
+    results = {
+        "eval/num_prompts": len(prompts) // data_args.eval_samples_per_prompt,
+        "eval/samples_per_prompt": data_args.eval_samples_per_prompt,
+        "kl_to_reference": sum(all_kl) / len(all_kl),
+    }
     for key in merged["ppo"]:
         results[f"sft/{key}"] = sum(merged["sft"][key]) / len(merged["sft"][key])
         results[f"ppo/{key}"] = sum(merged["ppo"][key]) / len(merged["ppo"][key])
-        if key != "response_length":
+        if key not in ("response_length", "eos_rate"):
             results[f"win_rate/{key}"] = win_rate(merged["ppo"][key], merged["sft"][key])
     return results
-
-
-def format_evaluation(results: dict) -> str:
-    lines = [f"Held-out evaluation: {results['eval/num_prompts']} prompts x {results['eval/samples_per_prompt']} samples",
-             f"  {'':<20}{'SFT':>10}{'PPO':>10}{'PPO win rate':>14}"]  # fmt: skip
-    for key in sorted({k.split("/", 1)[1] for k in results if k.startswith("ppo/")}):
-        win = results.get(f"win_rate/{key}")
-        win_text = f"{win:>14.3f}" if win is not None else f"{'':>14}"
-        lines.append(f"  {key:<20}{results[f'sft/{key}']:>10.3f}{results[f'ppo/{key}']:>10.3f}{win_text}")
-    lines.append(f"  KL(PPO || SFT) per response: {results['kl_to_reference']:.3f} nats")
-    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""What a PPO step reports: its figures (names as TRL's PPOTrainer logged them, plus ours), the console line, and the
+final SFT-vs-PPO table. Torch only; reducing over processes is the caller's job.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hfgen.rl.functional import explained_variance, masked_mean
+from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
+
+TIME_SPLIT = ("generation", "scoring", "advantages", "training")
+RATES = ("speed/generation_tokens_per_s", "speed/training_tokens_per_s")  # per process: summed over processes
+
+
+def step_metrics(
+    rollout: Rollout,
+    details: RolloutDetails,
+    kl: torch.Tensor,
+    kl_rewards: torch.Tensor,
+    stats: list[PPOStats],
+    timing: dict[str, float],
+    num_ppo_epochs: int,
+) -> dict[str, torch.Tensor]:
+    """This process's figures for one step, as 0-d tensors. kl and kl_rewards are (B, T), 0 outside the mask.
+
+    Sequence-level figures (objective/*) are means over responses of sums over tokens; training figures are
+    means over the update's micro-batches.
+    """
+    mask = rollout.response_mask
+    lengths = mask.sum(1).float()
+
+    def mean_of(field: str) -> torch.Tensor:
+        return torch.stack([getattr(s, field) for s in stats]).mean()
+
+    return {
+        "objective/scores": rollout.scores.mean(),
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": (details.entropy * mask).sum(1).mean(),
+        "objective/non_score_reward": kl_rewards.sum(1).mean(),
+        "objective/rlhf_reward": (rollout.scores + kl_rewards.sum(1)).mean(),
+        **{f"reward/{name}": scores.mean() for name, scores in details.components.items()},
+        "policy/approxkl_avg": mean_of("approx_kl"),
+        "policy/clipfrac_avg": mean_of("policy_clip_fraction"),
+        "policy/entropy_avg": mean_of("entropy"),
+        "loss/policy_avg": mean_of("policy_loss"),
+        "loss/value_avg": mean_of("value_loss"),
+        "val/clipfrac_avg": mean_of("value_clip_fraction"),
+        "val/ratio": mean_of("ratio"),
+        "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+        "val/eos_rate": details.has_eos.float().mean(),
+        "response/length_mean": lengths.mean(),
+        "per_token/kl": masked_mean(kl, mask),
+        "speed/generation_tokens_per_s": lengths.sum() / max(timing["generation"], 1e-9),
+        "speed/training_tokens_per_s": rollout.attention_mask.sum() * num_ppo_epochs / max(timing["training"], 1e-9),
+        **{f"time/{name}_s": torch.tensor(seconds) for name, seconds in timing.items()},
+    }
+
+
+def format_metrics(step: int, total_steps: int, metrics: dict[str, float]) -> str:
+    """One console line: the figures to watch, and the share of the step's time in each phase."""
+    shown = [("score", "objective/scores"), ("oracle", "oracle/score"), ("kl", "objective/kl"),
+             ("entropy", "policy/entropy_avg"), ("clipfrac", "policy/clipfrac_avg"), ("vloss", "loss/value_avg"),
+             ("len", "response/length_mean"), ("eos", "val/eos_rate"), ("eps", "eps")]  # fmt: skip
+    parts = [f"{label} {metrics[key]:.3g}" for label, key in shown if key in metrics]
+    times = [metrics[f"time/{name}_s"] for name in TIME_SPLIT]
+    split = "/".join(f"{100 * t / max(sum(times), 1e-9):.0f}" for t in times)
+    return f"step {step}/{total_steps} | " + " | ".join(parts) + f" | time % gen/score/adv/train {split}"
+
+
+def format_evaluation(results: dict) -> str:
+    """The held-out comparison of the SFT (reference) and PPO policies as a table."""
+    lines = [
+        f"Held-out evaluation: {results['eval/num_prompts']} prompts x {results['eval/samples_per_prompt']} samples",
+        f"  {'':<18}{'SFT':>9}{'PPO':>9}{'PPO win rate':>14}",
+    ]
+    for key in sorted({name.split("/", 1)[1] for name in results if name.startswith("ppo/")}):
+        win = results.get(f"win_rate/{key}")
+        win_text = f"{win:>14.3f}" if win is not None else ""
+        lines.append(f"  {key:<18}{results[f'sft/{key}']:>9.3f}{results[f'ppo/{key}']:>9.3f}{win_text}")
+    lines.append(f"  KL(PPO || SFT) per response: {results['kl_to_reference']:.3f} nats")
+    return "\n".join(lines)

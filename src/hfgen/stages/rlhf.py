@@ -1,0 +1,170 @@
+"""The three-step RLHF pipeline (Ouyang et al. 2022) in one recipe: supervised fine-tuning -> reward model -> PPO.
+
+    hfgen train recipes/tiny/rlhf.yaml            (what `make demo` runs)
+    hfgen train recipes/tiny/rlhf.yaml --force    (redo every step)
+    ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml scripts/train.py recipes/tiny/rlhf.yaml
+
+The pipeline recipe names one step recipe per step, each with optional overrides. Each step runs through
+`hfgen.train.run_recipe`, the entry a user calls (no stage imports another), writing OUTPUT_DIR/<step>, and the
+outputs are wired forward: the SFT model becomes PPO's policy and reference, the reward model PPO's reward model and
+(by PPO's default) its value model's initialisation. A `prerequisite` recipe (the tiny pretraining) runs first
+when its output is missing.
+
+A step is skipped when its output dir is complete (COMPLETE marker) and was made by the same resolved recipe; a
+step that runs makes every later step run too, since its inputs changed (`--force` reruns everything but the
+prerequisite). At the end a summary table (SFT held-out loss, reward-model accuracy, reward-model and oracle
+scores of the SFT and PPO policies on held-out prompts, win rates, KL, wall time per step) is printed and written
+to OUTPUT_DIR/eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen import tracking
+from hfgen.errors import UserError
+
+STEPS = ("sft", "reward", "ppo")
+
+
+@dataclass
+class RLHFArguments:
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Pipeline dir; step outputs go to OUTPUT_DIR/<step>."}
+    )
+    prerequisite: str | None = field(
+        default=None, metadata={"help": "Recipe run first when its output_dir is not complete (e.g. pretraining)."}
+    )
+    sft: str | None = field(default=None, metadata={"help": "Recipe of step 1 (stage sft)."})
+    reward: str | None = field(default=None, metadata={"help": "Recipe of step 2 (stage reward)."})
+    ppo: str | None = field(default=None, metadata={"help": "Recipe of step 3 (stage ppo)."})
+    sft_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the sft recipe."})
+    reward_overrides: str | None = field(
+        default=None, metadata={"help": "Mapping of keys overriding the reward recipe."}
+    )
+    ppo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the ppo recipe."})
+    force: bool = field(default=False, metadata={"help": "Rerun every step even when its output is complete."})
+
+
+ARGUMENTS = (RLHFArguments,)
+EXPECTED_STAGES = {"sft": "sft", "reward": "reward", "ppo": "ppo"}
+
+
+def check(args: RLHFArguments) -> list[str]:
+    """Every step recipe exists, has the right stage and valid keys (inputs are checked when the step runs, as
+    they are made by the steps before it)."""
+    problems = [] if args.output_dir else ["output_dir is not set"]
+    for step in STEPS:
+        if not getattr(args, step):
+            problems.append(f"{step} is not set: name the step's recipe, e.g. recipes/tiny/{step}.yaml")
+            continue
+        try:
+            recipe = step_recipe(args, step, check_inputs=False)
+        except UserError as error:
+            problems.append(f"step {step}: {error}")
+            continue
+        if recipe.stage != EXPECTED_STAGES[step]:
+            problems.append(f"step {step}: recipe '{getattr(args, step)}' is stage '{recipe.stage}', not '{step}'")
+    if args.prerequisite and not Path(args.prerequisite).is_file():
+        problems.append(f"prerequisite recipe '{args.prerequisite}' does not exist")
+    return problems
+
+
+def overrides_of(args: RLHFArguments, step: str) -> dict:
+    """The pipeline's wiring for `step` (output dir; the earlier steps' outputs as inputs), then the user's
+    overrides, which win."""
+    root = Path(args.output_dir)
+    wiring = {"output_dir": str(root / step)}
+    if step == "ppo":
+        wiring |= {"model_name_or_path": str(root / "sft"), "reward_model_path": str(root / "reward")}
+    text = getattr(args, f"{step}_overrides")
+    user = json.loads(text) if isinstance(text, str) else (text or {})
+    if not isinstance(user, dict):
+        raise UserError(f"{step}_overrides must be a mapping of recipe keys to values, got {text!r}")
+    return wiring | user
+
+
+def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
+    from hfgen.recipe import build_recipe, read_recipe_file
+
+    path = Path(getattr(args, step))
+    return build_recipe({**read_recipe_file(path), **overrides_of(args, step)}, source=path, check_inputs=check_inputs)
+
+
+def run(args: RLHFArguments) -> Path:
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    output_dir = Path(args.output_dir)
+    if args.prerequisite:
+        prerequisite = load_recipe(args.prerequisite, check_inputs=False)
+        if not tracking.is_complete(prerequisite.output_dir):
+            say(f"== prerequisite: {args.prerequisite} -> {prerequisite.output_dir}")
+            run_recipe(load_recipe(args.prerequisite))
+
+    rerun = args.force
+    for step in STEPS:
+        recipe = step_recipe(args, step, check_inputs=False)
+        done = tracking.is_complete(recipe.output_dir)
+        same = done and (recipe.output_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+        if done and same and not rerun:
+            say(f"== {step}: {recipe.output_dir} is complete, skipped (--force redoes it)")
+            continue
+        why = (
+            "forced"
+            if args.force
+            else "an earlier step ran"
+            if rerun
+            else "recipe changed"
+            if done
+            else "no output yet"
+        )
+        say(f"== {step} ({why}): {getattr(args, step)} -> {recipe.output_dir}")
+        run_recipe(step_recipe(args, step, check_inputs=True))
+        rerun = True  # every later step consumes this step's output
+
+    summary = summarise(output_dir, args)
+    say(format_summary(summary))
+    tracking.update_eval(output_dir, summary)
+    return output_dir
+
+
+def say(message: str) -> None:
+    if tracking.is_main_process():
+        print(message, flush=True)
+
+
+def summarise(output_dir: Path, args: RLHFArguments) -> dict:
+    """The pipeline's figures, read from each step's eval.json and COMPLETE marker."""
+    from hfgen.recipe import load_recipe
+
+    steps = {step: output_dir / step for step in STEPS}
+    if args.prerequisite:
+        steps = {"prerequisite": load_recipe(args.prerequisite, check_inputs=False).output_dir, **steps}
+    results = {f"wall_time_s/{step}": tracking.read_json(path / tracking.COMPLETE_MARKER)["wall_time_s"]
+               for step, path in steps.items()}  # fmt: skip
+    sft, reward, ppo = (tracking.read_json(output_dir / step / "eval.json") for step in STEPS)
+    results |= {"sft/held_out_response_loss": sft["response_loss"], "reward/accuracy": reward["accuracy"]}
+    results |= {key: value for key, value in ppo.items() if key.split("/")[0] in ("sft", "ppo", "win_rate")}
+    results["kl_to_reference"] = ppo["kl_to_reference"]
+    return results
+
+
+def format_summary(summary: dict) -> str:
+    rows = [("SFT held-out response loss", summary["sft/held_out_response_loss"]),
+            ("reward model accuracy (held-out pairs)", summary["reward/accuracy"])]  # fmt: skip
+    for judge in ("reward_model", "oracle"):
+        if f"ppo/{judge}" in summary:
+            rows += [(f"{judge} score: SFT -> PPO", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'ppo/{judge}']:.3f}"),
+                     (f"{judge} win rate of PPO over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
+    rows.append(("KL(PPO || SFT) per response, nats", summary["kl_to_reference"]))
+    rows += [
+        (f"wall time {key.split('/')[1]}, s", value) for key, value in summary.items() if key.startswith("wall_time_s/")
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = ["", "RLHF pipeline summary (held-out prompts)"]
+    for label, value in rows:
+        lines.append(f"  {label:<{width}}  {value:.3f}" if isinstance(value, float) else f"  {label:<{width}}  {value}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Rollout containers select whole episodes; step metrics read sequence sums, token means and the time split."""
+
+import torch
+
+from hfgen.rl.metrics import format_evaluation, format_metrics, step_metrics
+from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
+
+
+def rollout() -> Rollout:
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    return Rollout(
+        input_ids=torch.arange(10).view(2, 5), attention_mask=torch.ones(2, 5, dtype=torch.long), context_length=2,
+        response_mask=mask, logprobs=torch.zeros(2, 3), ref_logprobs=torch.zeros(2, 3),
+        values=torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 3.0]]), scores=torch.tensor([1.0, 3.0]),
+        advantages=torch.zeros(2, 3), returns=torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 3.0]]),
+    )  # fmt: skip
+
+
+def test_select_takes_whole_episodes_and_keeps_the_context_length():
+    picked = rollout().select(torch.tensor([1]))
+    assert len(picked) == 1 and picked.context_length == 2
+    assert picked.response_ids.tolist() == [[7, 8, 9]] and picked.scores.tolist() == [3.0]
+
+
+def test_step_metrics_by_hand():
+    batch = rollout()
+    kl = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 1.0]])
+    details = RolloutDetails(
+        ["a", "b"], {"reward_model": torch.tensor([1.0, 3.0])}, torch.ones(2, 3), torch.tensor([True, False])
+    )
+    one = torch.tensor(1.0)
+    stats = [PPOStats(one, one * 2, one * 0.1, one * 0.2, one * 0.01, one * 0.5, one)] * 2
+    timing = {"generation": 1.0, "scoring": 0.5, "advantages": 0.0, "training": 2.0}
+    metrics = {
+        k: float(v) for k, v in step_metrics(batch, details, kl, -0.1 * kl, stats, timing, num_ppo_epochs=2).items()
+    }
+    assert metrics["objective/kl"] == 1.5  # mean over responses of per-response sums: (1 + 2) / 2
+    assert metrics["objective/entropy"] == 2.5  # (2 + 3) / 2 tokens
+    assert abs(metrics["objective/rlhf_reward"] - (2.0 - 0.15)) < 1e-6
+    assert metrics["val/explained_variance"] == 1.0 and metrics["val/eos_rate"] == 0.5
+    assert metrics["response/length_mean"] == 2.5 and abs(metrics["per_token/kl"] - 3 / 5) < 1e-6
+    assert metrics["speed/generation_tokens_per_s"] == 5.0 and metrics["speed/training_tokens_per_s"] == 10.0
+    assert metrics["loss/value_avg"] == 2.0 and metrics["reward/reward_model"] == 2.0
+    line = format_metrics(3, 10, {**metrics, "eps": 4.0, **{f"time/{k}_s": v for k, v in timing.items()}})
+    assert line.startswith("step 3/10 | score 2 |") and "gen/score/adv/train 29/14/0/57" in line
+
+
+def test_format_evaluation_lists_both_policies_and_the_win_rate():
+    table = format_evaluation(
+        {"eval/num_prompts": 2, "eval/samples_per_prompt": 1, "kl_to_reference": 1.25, "sft/oracle": 0.5,
+         "ppo/oracle": 1.5, "win_rate/oracle": 0.75, "sft/response_length": 9.0, "ppo/response_length": 10.0}
+    )  # fmt: skip
+    assert "oracle" in table and "0.750" in table and "1.250 nats" in table

@@ -1,0 +1,105 @@
+"""Stage `rlhf`: the pipeline validates every step before running any, runs pretrain -> SFT -> reward -> PPO from
+nothing with each output wired into the next, skips complete steps, reruns what changed, and summarises."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO, run_hfgen
+from hfgen import tracking
+
+
+def shrunk(recipe: str, tmp_path, **values) -> str:
+    """A shipped tiny recipe cut down to a few seconds, written into tmp_path."""
+    data = yaml.safe_load((REPO / "recipes/tiny" / recipe).read_text())
+    data.update(values)
+    path = tmp_path / recipe
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    """A pipeline recipe over shrunk copies of the tiny recipes; pretraining is its missing prerequisite."""
+    (tmp_path / "tiny.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 256,
+                "tie_word_embeddings": True,
+            }
+        )  # fmt: skip
+    )
+    pretrain = str(tmp_path / "pretrain_out")
+    few = {"save_strategy": "no", "logging_steps": 1}
+    recipe = {
+        "stage": "rlhf",
+        "output_dir": str(tmp_path / "rlhf"),
+        "prerequisite": shrunk("pretrain.yaml", tmp_path, config_name=str(tmp_path / "tiny.json"), output_dir=pretrain,
+                               max_steps=3, max_train_samples=64, max_eval_samples=8, **few),
+        "sft": shrunk("sft_full.yaml", tmp_path, model_name_or_path=pretrain, max_steps=3, max_train_samples=64,
+                      max_eval_samples=8, num_samples=2, **few),
+        "reward": shrunk("reward.yaml", tmp_path, model_name_or_path=pretrain, max_steps=3, max_train_samples=64,
+                         max_eval_samples=8, **few),
+        "ppo": shrunk("ppo.yaml", tmp_path, total_episodes=16, per_device_train_batch_size=8, num_mini_batches=1,
+                      num_ppo_epochs=1, response_length=8, max_eval_samples=4, eval_samples_per_prompt=1, save_steps=0,
+                      logging_steps=1, sample_steps=0),
+    }  # fmt: skip
+    path = tmp_path / "rlhf.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_every_step_is_validated_before_anything_runs(pipeline, tmp_path):
+    result = run_hfgen("train", pipeline, "--ppo_overrides", '{"kl_coeff": 0.1}', "--reward", str(pipeline))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step ppo" in result.stderr and "did you mean 'kl_coef'" in result.stderr
+    assert "step reward" in result.stderr and "is stage 'rlhf', not 'reward'" in result.stderr
+    assert not (tmp_path / "pretrain_out").exists() and not (tmp_path / "rlhf" / "sft").exists()
+
+
+def test_shipped_pipeline_recipe_names_the_tiny_steps():
+    from hfgen.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes/tiny/rlhf.yaml")  # check(): every step recipe parses, stages match
+    (args,) = recipe.configs
+    assert (args.prerequisite, args.sft, args.reward, args.ppo) == (
+        "recipes/tiny/pretrain.yaml", "recipes/tiny/sft_full.yaml", "recipes/tiny/reward.yaml", "recipes/tiny/ppo.yaml",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pipeline_from_nothing_then_skips_and_reruns_what_changed(pipeline, tmp_path):
+    result = run_hfgen("train", pipeline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "rlhf"
+    assert tracking.is_complete(tmp_path / "pretrain_out")
+    for step in ("sft", "reward", "ppo"):
+        assert tracking.is_complete(root / step), step
+    ppo_recipe = yaml.safe_load((root / "ppo" / "recipe.yaml").read_text())
+    assert ppo_recipe["model_name_or_path"] == str(root / "sft")  # SFT -> policy and reference
+    assert ppo_recipe["reward_model_path"] == str(root / "reward")  # reward model -> reward and value init
+    summary = tracking.read_json(root / "eval.json")
+    for key in ("sft/held_out_response_loss", "reward/accuracy", "ppo/oracle", "sft/oracle", "win_rate/oracle",
+                "ppo/reward_model", "win_rate/reward_model", "kl_to_reference", "wall_time_s/ppo",
+                "wall_time_s/prerequisite"):  # fmt: skip
+        assert key in summary, key
+    assert "RLHF pipeline summary" in result.stdout and "oracle win rate of PPO over SFT" in result.stdout
+
+    finished = {step: (root / step / "COMPLETE").read_text() for step in ("sft", "reward", "ppo")}
+    result = run_hfgen("train", pipeline, "--ppo_overrides", '{"kl_coef": 0.1}')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== sft: " in result.stdout and "skipped" in result.stdout and "== ppo (recipe changed)" in result.stdout
+    assert (root / "sft" / "COMPLETE").read_text() == finished["sft"]  # not redone
+    assert (root / "ppo" / "COMPLETE").read_text() != finished["ppo"]
+
+    result = run_hfgen("train", pipeline, "--ppo_overrides", '{"kl_coef": 0.1}', "--force")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== sft (forced)" in result.stdout and "== reward (forced)" in result.stdout
+    assert (root / "sft" / "COMPLETE").read_text() != finished["sft"]
