@@ -44,12 +44,12 @@ def pipeline(tmp_path):
         "prerequisite": shrunk("pretrain.yaml", tmp_path, config_name=str(tmp_path / "tiny.json"), output_dir=pretrain,
                                max_steps=3, max_train_samples=64, max_eval_samples=8, **few),
         "sft": shrunk("sft_full.yaml", tmp_path, model_name_or_path=pretrain, max_steps=3, max_train_samples=64,
-                      max_eval_samples=8, num_samples=2, **few),
+                      max_eval_samples=8, num_samples=2, output_dir=str(tmp_path / "sft"), **few),
         "reward": shrunk("reward.yaml", tmp_path, model_name_or_path=pretrain, max_steps=3, max_train_samples=64,
-                         max_eval_samples=8, **few),
+                         max_eval_samples=8, output_dir=str(tmp_path / "reward"), **few),
         "ppo": shrunk("ppo.yaml", tmp_path, total_episodes=16, per_device_train_batch_size=8, num_mini_batches=1,
                       num_ppo_epochs=1, response_length=8, max_eval_samples=4, eval_samples_per_prompt=1, save_steps=0,
-                      logging_steps=1, sample_steps=0),
+                      logging_steps=1, sample_steps=0, output_dir=str(tmp_path / "ppo")),
     }  # fmt: skip
     path = tmp_path / "rlhf.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -78,14 +78,14 @@ def test_shipped_pipeline_recipe_names_the_tiny_steps():
 def test_pipeline_from_nothing_then_skips_and_reruns_what_changed(pipeline, tmp_path):
     result = run_hfgen("train", pipeline)
     assert result.returncode == 0, result.stderr[-3000:]
-    root = tmp_path / "rlhf"
+    root = tmp_path  # each step writes its own recipe's output_dir
     assert tracking.is_complete(tmp_path / "pretrain_out")
     for step in ("sft", "reward", "ppo"):
         assert tracking.is_complete(root / step), step
     ppo_recipe = yaml.safe_load((root / "ppo" / "recipe.yaml").read_text())
     assert ppo_recipe["model_name_or_path"] == str(root / "sft")  # SFT -> policy and reference
     assert ppo_recipe["reward_model_path"] == str(root / "reward")  # reward model -> reward and value init
-    summary = tracking.read_json(root / "eval.json")
+    summary = tracking.read_json(tmp_path / "rlhf" / "eval.json")
     for key in ("sft/held_out_response_loss", "reward/accuracy", "ppo/oracle", "sft/oracle", "win_rate/oracle",
                 "ppo/reward_model", "win_rate/reward_model", "kl_to_reference", "wall_time_s/ppo",
                 "wall_time_s/prerequisite"):  # fmt: skip

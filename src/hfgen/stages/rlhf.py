@@ -4,17 +4,18 @@
     hfgen train recipes/tiny/rlhf.yaml --force    (redo every step)
     ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml scripts/train.py recipes/tiny/rlhf.yaml
 
-The pipeline recipe names one step recipe per step, each with optional overrides. Each step runs through
-`hfgen.train.run_recipe`, the entry a user calls (no stage imports another), writing OUTPUT_DIR/<step>, and the
-outputs are wired forward: the SFT model becomes PPO's policy and reference, the reward model PPO's reward model and
-(by PPO's default) its value model's initialisation. A `prerequisite` recipe (the tiny pretraining) runs first
-when its output is missing.
+The pipeline recipe names one step recipe per step, each with optional overrides (a mapping of recipe keys).
+Each step runs through `hfgen.train.run_recipe`, the entry a user calls (no stage imports another), into its own
+recipe's output_dir, so a step run by hand and the same step run here are one run. The outputs are wired
+forward: the SFT model becomes PPO's policy and reference, the reward model PPO's reward model and (by PPO's
+default) its value model's initialisation. A `prerequisite` recipe (the tiny pretraining) runs first when its
+output is missing.
 
 A step is skipped when its output dir is complete (COMPLETE marker) and was made by the same resolved recipe; a
-step that runs makes every later step run too, since its inputs changed (`--force` reruns everything but the
+step that runs makes every later step run too, since its inputs changed; `--force` reruns every step (not the
 prerequisite). At the end a summary table (SFT held-out loss, reward-model accuracy, reward-model and oracle
 scores of the SFT and PPO policies on held-out prompts, win rates, KL, wall time per step) is printed and written
-to OUTPUT_DIR/eval.json.
+to the pipeline's OUTPUT_DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -26,14 +27,12 @@ from pathlib import Path
 from hfgen import tracking
 from hfgen.errors import UserError
 
-STEPS = ("sft", "reward", "ppo")
+STEPS = ("sft", "reward", "ppo")  # each step's recipe must be of the stage of the same name
 
 
 @dataclass
 class RLHFArguments:
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Pipeline dir; step outputs go to OUTPUT_DIR/<step>."}
-    )
+    output_dir: str | None = field(default=None, metadata={"help": "Where the pipeline's summary goes."})
     prerequisite: str | None = field(
         default=None, metadata={"help": "Recipe run first when its output_dir is not complete (e.g. pretraining)."}
     )
@@ -41,20 +40,17 @@ class RLHFArguments:
     reward: str | None = field(default=None, metadata={"help": "Recipe of step 2 (stage reward)."})
     ppo: str | None = field(default=None, metadata={"help": "Recipe of step 3 (stage ppo)."})
     sft_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the sft recipe."})
-    reward_overrides: str | None = field(
-        default=None, metadata={"help": "Mapping of keys overriding the reward recipe."}
-    )
+    reward_overrides: str | None = field(default=None, metadata={"help": "Mapping overriding the reward recipe."})
     ppo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the ppo recipe."})
     force: bool = field(default=False, metadata={"help": "Rerun every step even when its output is complete."})
 
 
 ARGUMENTS = (RLHFArguments,)
-EXPECTED_STAGES = {"sft": "sft", "reward": "reward", "ppo": "ppo"}
 
 
 def check(args: RLHFArguments) -> list[str]:
-    """Every step recipe exists, has the right stage and valid keys (inputs are checked when the step runs, as
-    they are made by the steps before it)."""
+    """Every step recipe exists, is of the right stage and has valid keys. Inputs are checked when a step runs,
+    since the steps before it make them."""
     problems = [] if args.output_dir else ["output_dir is not set"]
     for step in STEPS:
         if not getattr(args, step):
@@ -65,39 +61,42 @@ def check(args: RLHFArguments) -> list[str]:
         except UserError as error:
             problems.append(f"step {step}: {error}")
             continue
-        if recipe.stage != EXPECTED_STAGES[step]:
+        if recipe.stage != step:
             problems.append(f"step {step}: recipe '{getattr(args, step)}' is stage '{recipe.stage}', not '{step}'")
     if args.prerequisite and not Path(args.prerequisite).is_file():
         problems.append(f"prerequisite recipe '{args.prerequisite}' does not exist")
     return problems
 
 
-def overrides_of(args: RLHFArguments, step: str) -> dict:
-    """The pipeline's wiring for `step` (output dir; the earlier steps' outputs as inputs), then the user's
-    overrides, which win."""
-    root = Path(args.output_dir)
-    wiring = {"output_dir": str(root / step)}
-    if step == "ppo":
-        wiring |= {"model_name_or_path": str(root / "sft"), "reward_model_path": str(root / "reward")}
-    text = getattr(args, f"{step}_overrides")
-    user = json.loads(text) if isinstance(text, str) else (text or {})
-    if not isinstance(user, dict):
-        raise UserError(f"{step}_overrides must be a mapping of recipe keys to values, got {text!r}")
-    return wiring | user
-
-
 def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
+    """The step's recipe file, then the pipeline's wiring (PPO reads the SFT and reward steps' outputs), then the
+    user's overrides for the step, which win."""
     from hfgen.recipe import build_recipe, read_recipe_file
 
     path = Path(getattr(args, step))
-    return build_recipe({**read_recipe_file(path), **overrides_of(args, step)}, source=path, check_inputs=check_inputs)
+    values = read_recipe_file(path)
+    if step == "ppo":
+        values["model_name_or_path"] = str(step_recipe(args, "sft", check_inputs=False).output_dir)
+        values["reward_model_path"] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
+    values.update(user_overrides(args, step))
+    return build_recipe(values, source=path, check_inputs=check_inputs)
+
+
+def user_overrides(args: RLHFArguments, step: str) -> dict:
+    text = getattr(args, f"{step}_overrides")
+    try:
+        overrides = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        overrides = None
+    if not isinstance(overrides, dict):
+        raise UserError(f"{step}_overrides must be a mapping of recipe keys to values, got {text!r}")
+    return overrides
 
 
 def run(args: RLHFArguments) -> Path:
     from hfgen.recipe import load_recipe
     from hfgen.train import run_recipe
 
-    output_dir = Path(args.output_dir)
     if args.prerequisite:
         prerequisite = load_recipe(args.prerequisite, check_inputs=False)
         if not tracking.is_complete(prerequisite.output_dir):
@@ -109,7 +108,7 @@ def run(args: RLHFArguments) -> Path:
         recipe = step_recipe(args, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
         same = done and (recipe.output_dir / "recipe.yaml").read_text() == recipe.to_yaml()
-        if done and same and not rerun:
+        if same and not rerun:
             say(f"== {step}: {recipe.output_dir} is complete, skipped (--force redoes it)")
             continue
         why = (
@@ -125,10 +124,10 @@ def run(args: RLHFArguments) -> Path:
         run_recipe(step_recipe(args, step, check_inputs=True))
         rerun = True  # every later step consumes this step's output
 
-    summary = summarise(output_dir, args)
+    summary = summarise(args)
     say(format_summary(summary))
-    tracking.update_eval(output_dir, summary)
-    return output_dir
+    tracking.update_eval(args.output_dir, summary)
+    return Path(args.output_dir)
 
 
 def say(message: str) -> None:
@@ -136,19 +135,21 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def summarise(output_dir: Path, args: RLHFArguments) -> dict:
+def summarise(args: RLHFArguments) -> dict:
     """The pipeline's figures, read from each step's eval.json and COMPLETE marker."""
     from hfgen.recipe import load_recipe
 
-    steps = {step: output_dir / step for step in STEPS}
+    steps = {step: step_recipe(args, step, check_inputs=False).output_dir for step in STEPS}
     if args.prerequisite:
         steps = {"prerequisite": load_recipe(args.prerequisite, check_inputs=False).output_dir, **steps}
     results = {f"wall_time_s/{step}": tracking.read_json(path / tracking.COMPLETE_MARKER)["wall_time_s"]
                for step, path in steps.items()}  # fmt: skip
-    sft, reward, ppo = (tracking.read_json(output_dir / step / "eval.json") for step in STEPS)
+    results |= {f"output_dir/{step}": str(path) for step, path in steps.items()}
+    sft, reward, ppo = (tracking.read_json(steps[step] / "eval.json") for step in STEPS)
     results |= {"sft/held_out_response_loss": sft["response_loss"], "reward/accuracy": reward["accuracy"]}
+    # PPO's held-out comparison (absent when its recipe sets eval_samples_per_prompt: 0)
     results |= {key: value for key, value in ppo.items() if key.split("/")[0] in ("sft", "ppo", "win_rate")}
-    results["kl_to_reference"] = ppo["kl_to_reference"]
+    results |= {key: ppo[key] for key in ("kl_to_reference",) if key in ppo}
     return results
 
 
@@ -159,7 +160,8 @@ def format_summary(summary: dict) -> str:
         if f"ppo/{judge}" in summary:
             rows += [(f"{judge} score: SFT -> PPO", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'ppo/{judge}']:.3f}"),
                      (f"{judge} win rate of PPO over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
-    rows.append(("KL(PPO || SFT) per response, nats", summary["kl_to_reference"]))
+    if "kl_to_reference" in summary:
+        rows.append(("KL(PPO || SFT) per response, nats", summary["kl_to_reference"]))
     rows += [
         (f"wall time {key.split('/')[1]}, s", value) for key, value in summary.items() if key.startswith("wall_time_s/")
     ]
