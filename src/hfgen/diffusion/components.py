@@ -1,0 +1,321 @@
+"""The parts of a latent text-to-image pipeline (Stable Diffusion layout), built from configs or loaded.
+
+    tokenizer      CLIPTokenizer: a pretrained one, or `embedded:caption-bpe`, a CLIP-style BPE trained here on
+                   the training captions (every caption word becomes one token), saved as a normal CLIPTokenizer
+    text_encoder   CLIPTextModel (frozen unless the recipe trains it)
+    vae            AutoencoderKL: pretrained, or an earlier `vae` stage's output dir
+    unet           UNet2DConditionModel: pretrained, or built from a JSON config (from scratch)
+    scheduler      DDPMScheduler for training; the pipeline keeps the pretrained pipeline's sampler, or DDIM when
+                   built from scratch
+
+`save_pipeline` writes them as a StableDiffusionPipeline, so `DiffusionPipeline.from_pretrained(dir)` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen.errors import UserError
+from hfgen.models import check_config_file, check_model_source
+
+CAPTION_TOKENIZER = "embedded:caption-bpe"
+# Stable Diffusion 1.x's training noise schedule: the default for pipelines built from scratch.
+SD_NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
+LORA_BASE = "lora_base.json"  # names the pipeline a LoRA run's adapter belongs on
+
+
+@dataclass
+class PipelineArguments:
+    """Which pipeline the t2i stage starts from: a pretrained one, or components built from configs."""
+
+    pretrained_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A diffusers pipeline to fine-tune: hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) "
+                  "or local dir (an earlier t2i run's output_dir works)."},
+    )  # fmt: skip
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the pretrained pipeline."})
+    variant: str | None = field(
+        default=None, metadata={"help": "Weights variant of the pretrained pipeline, e.g. fp16."}
+    )
+    unet_config: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: UNet2DConditionModel config JSON (e.g. recipes/tiny/unet_digits.json)."},
+    )
+    vae_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: an AutoencoderKL dir (a `vae` stage's output_dir) or hub id. With a pretrained "
+                  "pipeline: replaces its VAE."},
+    )  # fmt: skip
+    text_encoder_config: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: CLIPTextConfig JSON (vocab size and token ids come from the tokenizer)."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": f"From scratch: a CLIPTokenizer dir or hub id, or '{CAPTION_TOKENIZER}' (a CLIP-style BPE trained "
+                  "here on the training captions)."},
+    )  # fmt: skip
+    max_caption_tokens: int = field(
+        default=16, metadata={"help": f"Token length of captions for '{CAPTION_TOKENIZER}' (CLIP uses 77)."}
+    )
+    scheduler_config: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: DDPMScheduler config JSON (default: Stable Diffusion 1.x's schedule)."},
+    )
+    prediction_type: str | None = field(
+        default=None,
+        metadata={"help": "What the UNet predicts: epsilon or v_prediction (default: the scheduler's).",
+                  "choices": ["epsilon", "v_prediction"]},
+    )  # fmt: skip
+
+
+def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
+    problems = []
+    if args.pretrained_model_name_or_path:
+        scratch_keys = [k for k in ("unet_config", "text_encoder_config", "tokenizer_name") if getattr(args, k)]
+        if scratch_keys:
+            problems.append(
+                f"{', '.join(scratch_keys)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
+            )
+        problems += check_model_source("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    else:
+        missing = [
+            k
+            for k in ("unet_config", "vae_name_or_path", "text_encoder_config", "tokenizer_name")
+            if not getattr(args, k)
+        ]
+        if missing:
+            problems.append(
+                "set pretrained_model_name_or_path (fine-tune a pipeline), or build one from scratch with unet_config, "
+                f"vae_name_or_path, text_encoder_config and tokenizer_name (missing: {', '.join(missing)})"
+            )
+    for key in ("unet_config", "text_encoder_config", "scheduler_config"):
+        problems += check_config_file(key, getattr(args, key))
+    problems += check_model_source("vae_name_or_path", args.vae_name_or_path, hint="train one with the vae stage first")
+    if args.tokenizer_name != CAPTION_TOKENIZER:
+        problems += check_model_source("tokenizer_name", args.tokenizer_name)
+    if args.max_caption_tokens < 4:
+        problems.append(f"max_caption_tokens must be at least 4, got {args.max_caption_tokens}")
+    return problems
+
+
+def read_config(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ---- tokenizer and text encoder ----------------------------------------------------------------------
+
+
+def build_caption_tokenizer(captions: list[str], max_length: int):
+    """A CLIPTokenizer whose BPE merges are learned from `captions` until every caption word is one token. It
+    splits text exactly as CLIP's does (its normalizer, regex and byte-level pre-tokenizer, `</w>` word ends), and
+    its base vocabulary is CLIP's 512 byte symbols, so any text still tokenizes. The merges are learned here rather
+    than by `tokenizers`' BpeTrainer, which breaks ties between equally frequent pairs differently from run to run:
+    a re-run or a resumed run must see the same token ids."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    template = CLIPTokenizer()  # an empty CLIP tokenizer: its normalizer and pre-tokenizer define the splitting
+    normalizer, pre_tokenizer = template.backend_tokenizer.normalizer, template.backend_tokenizer.pre_tokenizer
+    word_counts = Counter(
+        word for caption in captions for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption))
+    )
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = [template.bos_token, template.eos_token] + alphabet + [a + "</w>" for a in alphabet]
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    words = {tuple(word[:-1]) + (word[-1] + "</w>",): count for word, count in sorted(word_counts.items())}
+    merges = []
+    while True:  # classic BPE: merge the most frequent adjacent pair (ties: the smallest pair) until none is left
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab[best[0] + best[1]] = len(vocab)
+        words = {merge_pair(word, best): count for word, count in words.items()}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return tuple(merged)
+
+
+def load_tokenizer(name: str, revision: str | None = None, subfolder: str | None = None):
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(name, revision=revision, subfolder=subfolder or "")
+    except (OSError, ValueError) as error:
+        raise UserError(f"tokenizer '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+
+
+def build_text_encoder(config_path: str, tokenizer):
+    """A randomly initialised CLIPTextModel sized by the config, with the tokenizer's vocabulary, ids and length."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        **{
+            **read_config(config_path),
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,  # pooling looks for this id (not the legacy 2)
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
+    return CLIPTextModel(config)
+
+
+# ---- image models and schedulers ----------------------------------------------------------------------
+
+
+def build_unet(config_path: str):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(read_config(config_path))
+
+
+def build_vae(config_path: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_config(read_config(config_path))
+
+
+def load_vae(name: str, revision: str | None = None, subfolder: str | None = None):
+    """An AutoencoderKL from a dir holding one (a vae run), a pipeline dir/hub id (its `vae` subfolder), or a hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name)
+    if subfolder is None and (path / "model_index.json").is_file():
+        subfolder = "vae"
+    try:
+        return AutoencoderKL.from_pretrained(name, revision=revision, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        raise UserError(f"VAE '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+
+
+def build_noise_scheduler(config_path: str | None):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(read_config(config_path) if config_path else SD_NOISE_SCHEDULE)
+
+
+def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
+    """tokenizer, text_encoder, vae, unet, noise_scheduler (training) and sampler (saved with the pipeline)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if args.pretrained_model_name_or_path:
+        name, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+        try:
+            components = {
+                "tokenizer": load_tokenizer(name, revision, subfolder="tokenizer"),
+                "text_encoder": CLIPTextModel.from_pretrained(
+                    name, subfolder="text_encoder", revision=revision, variant=variant
+                ),
+                "vae": load_vae(
+                    args.vae_name_or_path or name, revision, subfolder=None if args.vae_name_or_path else "vae"
+                ),
+                "unet": UNet2DConditionModel.from_pretrained(
+                    name, subfolder="unet", revision=revision, variant=variant
+                ),
+                "noise_scheduler": DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=revision),
+                "sampler": pretrained_sampler(name, revision),
+            }
+        except (OSError, ValueError) as error:
+            raise UserError(f"pipeline '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+    else:
+        if args.tokenizer_name == CAPTION_TOKENIZER:
+            tokenizer = build_caption_tokenizer(train_captions, args.max_caption_tokens)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer_name)
+        noise_scheduler = build_noise_scheduler(args.scheduler_config)
+        components = {
+            "tokenizer": tokenizer,
+            "text_encoder": build_text_encoder(args.text_encoder_config, tokenizer),
+            "vae": load_vae(args.vae_name_or_path),
+            "unet": build_unet(args.unet_config),
+            "noise_scheduler": noise_scheduler,
+            "sampler": DDIMScheduler.from_config(noise_scheduler.config),
+        }
+    if args.prediction_type:  # the saved sampler must read the UNet's output the way it was trained
+        components["noise_scheduler"].register_to_config(prediction_type=args.prediction_type)
+        components["sampler"].register_to_config(prediction_type=args.prediction_type)
+    return components
+
+
+def pretrained_sampler(name: str, revision: str | None):
+    """The pretrained pipeline's own inference scheduler (its class is named in model_index.json)."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(name, revision=revision)
+    library, class_name = config["scheduler"]
+    import importlib
+
+    return getattr(importlib.import_module(library), class_name).from_pretrained(
+        name, subfolder="scheduler", revision=revision
+    )
+
+
+def make_pipeline(tokenizer, text_encoder, vae, unet, sampler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+# ---- reading pipeline dirs ------------------------------------------------------------------------------
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    """A diffusers pipeline dir (model_index.json) or a LoRA run of the t2i stage (adapter + its base's name)."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() or ((path / LORA_WEIGHTS).is_file() and (path / LORA_BASE).is_file())
+
+
+def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
+    """DiffusionPipeline.from_pretrained(path), or for a LoRA run its base pipeline with the adapter loaded."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    path = Path(path)
+    if not is_pipeline_dir(path):
+        raise UserError(f"'{path}' is not a diffusers pipeline dir (no model_index.json) nor a t2i LoRA run")
+    try:
+        if (path / "model_index.json").is_file():
+            pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+        else:
+            base = json.loads((path / LORA_BASE).read_text())
+            pipeline = DiffusionPipeline.from_pretrained(
+                base["pretrained_model_name_or_path"], revision=base.get("revision"), variant=base.get("variant"),
+                torch_dtype=dtype,
+            )  # fmt: skip
+            pipeline.load_lora_weights(str(path))
+    except (OSError, ValueError) as error:
+        raise UserError(f"pipeline '{path}' could not be loaded: {str(error).splitlines()[0]}") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)

@@ -1,0 +1,249 @@
+"""Image data for the diffusion stages: image-caption datasets in, normalised tensors out, checked before training.
+
+Sources: a hub dataset id (e.g. lambdalabs/naruto-blip-captions), a local `imagefolder` dir (images plus a
+metadata.jsonl with `file_name` and caption fields), a saved dataset dir, or `embedded:digits`: scikit-learn's
+bundled 1,797 handwritten digits (8x8, no download), upscaled to 32x32, each with one of several caption
+wordings ("a handwritten digit 7", "the digit seven, handwritten", ...).
+
+`check_image_data` finds problems before any model is built: missing columns, empty captions, and images that do
+not decode (a missing file named in metadata.jsonl, a truncated PNG), reading up to ROWS_CHECKED images. A bad
+image met later still stops the run with a UserError naming it, never a traceback mid-training.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen.data.loading import ROWS_CHECKED, DataArguments, column_problems, load_raw
+from hfgen.errors import UserError
+
+DIGITS = "embedded:digits"
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Several wordings, so the text encoder sees "7" and "seven" in different sentences; the evaluation prompt
+# ("a handwritten digit k", the first) is one of them.
+DIGIT_CAPTIONS = (
+    "a handwritten digit {n}",
+    "the digit {word}, handwritten",
+    "a handwritten {word}",
+    "the number {n} written by hand",
+    "a scan of a handwritten {n}",
+    "digit {word}",
+)
+DIGITS_SIZE = 32  # pixels: the 8x8 scans, upscaled 4x (bilinear)
+DIGITS_TEST_FRACTION = 0.1
+DIGITS_SEED = 1234
+
+
+@dataclass
+class ImageDataArguments(DataArguments):
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    caption_column: str = field(
+        default="text", metadata={"help": "Column holding the captions (a string, or a list: one is drawn per step)."}
+    )
+    resolution: int = field(
+        default=512, metadata={"help": "Images are resized (shorter side) and cropped to resolution x resolution."}
+    )
+    center_crop: bool = field(default=True, metadata={"help": "Crop the center (false: a random crop each time)."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
+
+
+def digit_caption(digit: int, wording: int) -> str:
+    return DIGIT_CAPTIONS[wording % len(DIGIT_CAPTIONS)].format(n=digit, word=DIGIT_WORDS[digit])
+
+
+@functools.lru_cache(maxsize=1)
+def digits_dataset():
+    """scikit-learn's handwritten digits as a DatasetDict (train/test, a fixed random split) of image, text, label."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = random.Random(DIGITS_SEED)
+    order = list(range(len(digits.images)))
+    rng.shuffle(order)
+    test_size = int(len(order) * DIGITS_TEST_FRACTION)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(DIGIT_WORDS)),
+        }
+    )
+
+    def rows(indices):
+        images, texts, labels = [], [], []
+        for i in indices:
+            pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)  # 0..16 ink levels -> 0..255
+            images.append(Image.fromarray(pixels, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR))
+            texts.append(digit_caption(int(digits.target[i]), rng.randrange(len(DIGIT_CAPTIONS))))
+            labels.append(int(digits.target[i]))
+        return datasets.Dataset.from_dict({"image": images, "text": texts, "label": labels}, features=features)
+
+    return datasets.DatasetDict({"train": rows(order[test_size:]), "test": rows(order[:test_size])})
+
+
+def load_image_splits(args: DataArguments, seed: int = 0):
+    """(train, eval) image datasets, split like `hfgen.data.loading.load_splits` (which knows no images)."""
+    raw = digits_dataset() if args.dataset_name == DIGITS else load_raw(args.dataset_name, args.dataset_config)
+    if args.dataset_train_split not in raw:
+        raise UserError(
+            f"dataset_train_split '{args.dataset_train_split}' is not a split of '{args.dataset_name}'; it has {', '.join(raw)}"
+        )
+    train = raw[args.dataset_train_split]
+    if args.dataset_test_split in raw:
+        evaluation = raw[args.dataset_test_split]
+    else:
+        parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+# ---- checks ---------------------------------------------------------------------------------------------
+
+
+def open_image(value, where: str):
+    """A decoded RGB PIL image from a dataset value (PIL image, or {'bytes', 'path'}); a UserError if it cannot be."""
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, (dict, str)) and (path := value.get("path") if isinstance(value, dict) else value):
+            if not Path(path).is_file():
+                raise UserError(f"{where} '{path}' does not exist")
+            where = f"{where} '{path}'"
+            image = Image.open(path)
+        else:
+            raise ValueError(f"not an image: {type(value).__name__}")
+        image.load()  # PIL opens lazily: only load() reads the pixels (and finds a truncated file)
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{where} cannot be decoded: {error}") from None
+
+
+def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CHECKED) -> list[str]:
+    """Rows among the first `limit` whose image does not decode, as messages naming the file when there is one."""
+    problems = []
+    for index, value in enumerate(
+        undecoded(dataset, image_column).select(range(min(limit, len(dataset))))[image_column]
+    ):
+        try:
+            open_image(value, f"dataset '{source}' row {index} image")
+        except UserError as error:
+            problems.append(str(error))
+            if len(problems) == 5:
+                return problems + ["(stopped looking after 5 bad images)"]
+    return problems
+
+
+def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]:
+    """Problems with the recipe's image dataset: loading, columns, empty captions, undecodable images."""
+    import datasets
+
+    if not args.dataset_name:
+        return ["dataset_name is not set"]
+    if args.resolution < 8 or args.resolution % 8:
+        return [f"resolution must be a multiple of 8, got {args.resolution}"]
+    datasets.disable_progress_bars()  # a check is quiet; its findings are the only output
+    try:
+        train, evaluation = load_image_splits(args)
+    except UserError as error:
+        return [str(error)]
+    finally:
+        datasets.enable_progress_bars()
+    columns = [args.image_column] + ([args.caption_column] if need_captions else [])
+    missing = [c for c in columns if c not in train.column_names]
+    if missing:
+        return [
+            f"dataset '{args.dataset_name}' lacks column(s) {missing} (it has {train.column_names}); set image_column"
+            + (" and caption_column" if need_captions else "") + " to the columns holding the images"
+            + (" and captions" if need_captions else "")
+        ]  # fmt: skip
+    train, evaluation = undecoded(train, args.image_column), undecoded(evaluation, args.image_column)
+    problems = column_problems(train, columns, args.dataset_name) + column_problems(
+        evaluation, columns, args.dataset_name
+    )
+    problems += image_problems(train, args.image_column, args.dataset_name)
+    return problems + image_problems(evaluation, args.image_column, args.dataset_name, limit=ROWS_CHECKED // 10)
+
+
+# ---- tensors --------------------------------------------------------------------------------------------
+
+
+def resize_and_crop(image, resolution: int, center_crop: bool, rng: random.Random | None = None):
+    """Shorter side to `resolution` (bilinear), then a center or random square crop: the diffusers examples' order."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = resolution / min(width, height)
+    if scale != 1:
+        image = image.resize(
+            (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
+        )
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        rng = rng or random
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image):
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], the range the VAE expects."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def pixel_transform(args: ImageDataArguments, source: str, flip: bool | None = None):
+    """A `with_transform` function: images -> `pixel_values` (resized, cropped, maybe flipped), captions kept.
+    `flip=None` flips at random per `args.random_flip`; True/False forces it (for cached latents)."""
+    from PIL import Image
+
+    def transform(batch):
+        images = [open_image(value, f"dataset '{source}' image") for value in batch[args.image_column]]
+        pixels = []
+        for image in images:
+            image = resize_and_crop(image, args.resolution, args.center_crop)
+            if flip if flip is not None else (args.random_flip and random.random() < 0.5):
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            pixels.append(to_tensor(image))
+        out = {"pixel_values": pixels}
+        if args.caption_column in batch:
+            out["caption"] = [pick_caption(c) for c in batch[args.caption_column]]
+        return out
+
+    return transform
+
+
+def undecoded(dataset, image_column: str):
+    """The dataset with images left as bytes/paths, so that `pixel_transform` decodes them (and names bad ones)."""
+    import datasets
+
+    if isinstance(dataset.features.get(image_column), datasets.Image):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def pick_caption(caption) -> str:
+    """A caption may be a list of alternatives: take one at random (the diffusers examples do the same)."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple)) and caption:
+        return random.choice(list(caption))
+    raise UserError(f"caption {caption!r} is neither a string nor a list of strings")

@@ -1,0 +1,200 @@
+"""What the t2i and vae stages' accelerate loops share: loop arguments, accelerator, optimizer and schedule, the
+step budget, resume, and the per-step bookkeeping (metrics, checkpoints).
+
+Names follow diffusers' training examples (`train_batch_size`, `max_train_steps`, `checkpointing_steps`,
+`checkpoints_total_limit`, `resume_from_checkpoint`, ...), so their users find their flags. Checkpoint rotation and
+the run directory live in `hfgen.tracking`, like every stage's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen import tracking
+
+LR_SCHEDULES = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+@dataclass
+class LoopArguments:
+    """The training loop: batch, steps, optimizer (AdamW), schedule, precision, checkpoints."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Run directory: model, metrics, checkpoints."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order, noise and timesteps."})
+    train_batch_size: int = field(default=16, metadata={"help": "Images per process per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps in all (overrides num_train_epochs)."}
+    )
+    num_train_epochs: int = field(default=1, metadata={"help": "Passes over the data, when max_train_steps is unset."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    scale_lr: bool = field(
+        default=False, metadata={"help": "Multiply the learning rate by batch x accumulation x processes."}
+    )
+    lr_scheduler: str = field(default="constant", metadata={"help": "Learning-rate schedule.", "choices": LR_SCHEDULES})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: no clipping)."})
+    mixed_precision: str = field(
+        default="no",
+        metadata={"help": "no, fp16 (CUDA) or bf16; frozen models are cast to it.", "choices": ["no", "fp16", "bf16"]},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower."}
+    )
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "Save a resumable checkpoint-N every this many steps (0: never)."}
+    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint-N dir, or 'true' for the newest one in output_dir."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log the mean loss to metrics.jsonl every N steps."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Worker processes loading images."})
+
+
+def check_loop_arguments(args: LoopArguments) -> list[str]:
+    import torch
+
+    problems = []
+    if not args.output_dir:
+        problems.append("output_dir is not set")
+    for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
+        if getattr(args, key) < 1:
+            problems.append(f"{key} must be at least 1, got {getattr(args, key)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        problems.append(f"max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        problems.append("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    resume = args.resume_from_checkpoint
+    if resume and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
+        problems.append(f"resume_from_checkpoint '{resume}' is not a directory")
+    return problems
+
+
+def make_accelerator(args: LoopArguments):
+    """An Accelerator with a seeded, resumable data order; seeds everything."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        # the shuffling order then depends only on (seed, epoch), so a resumed run sees the batches it would have
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)
+    return accelerator
+
+
+def weight_dtype(accelerator):
+    """The dtype frozen models are cast to under mixed precision (trained weights stay float32)."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(parameter_groups, args: LoopArguments, num_processes: int):
+    """AdamW over `parameter_groups` (params, or dicts with their own lr); lr scaled per `scale_lr`."""
+    import torch
+
+    scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
+    groups = [g if isinstance(g, dict) else {"params": g} for g in parameter_groups]
+    for group in groups:
+        group["lr"] = group.get("lr", args.learning_rate) * scale
+    return torch.optim.AdamW(
+        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
+
+
+def step_budget(args: LoopArguments, batches_per_epoch: int) -> tuple[int, int, int]:
+    """(optimizer steps in all, epochs, optimizer steps per epoch) for a dataloader of `batches_per_epoch`."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    return max_steps, math.ceil(max_steps / steps_per_epoch), steps_per_epoch
+
+
+def make_lr_scheduler(optimizer, args: LoopArguments, max_steps: int, num_processes: int):
+    from diffusers.optimization import get_scheduler
+
+    # a prepared scheduler steps once per process per optimizer step, hence the factor (as in diffusers' examples)
+    return get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
+    )  # fmt: skip
+
+
+def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int, int, int]:
+    """Load the checkpoint named by `resume_from_checkpoint`, if any: (global step, first epoch, batches of that
+    epoch to skip). Everything registered with the accelerator comes back: models, optimizer, schedule, RNG, EMA."""
+    path = tracking.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
+        return 0, 0, 0
+    accelerator.load_state(str(path))
+    step = tracking.checkpoint_step(path)
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step, step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps
+
+
+def epoch_batches(accelerator, dataloader, epoch: int, skip: int):
+    """The epoch's batches in their seeded order, without the first `skip` (already trained on before a resume)."""
+    dataloader.set_epoch(epoch)
+    return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+
+
+class TrainingRNG:
+    """The training loop's own random generator (noise, timesteps, dropped captions, flips), one stream per process,
+    saved in checkpoints (`accelerator.register_for_checkpointing`). A resumed run then draws exactly what the
+    uninterrupted run drew, whatever else used the global RNG meanwhile: a new DataLoader iterator, for one, takes
+    a draw from it, at a different moment in a resumed run."""
+
+    def __init__(self, seed: int, device):
+        import torch
+
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+class StepLog:
+    """Mean loss over the last `logging_steps` steps, averaged across processes, appended to metrics.jsonl. Losses
+    stay tensors between logs, so logging costs no per-step synchronisation."""
+
+    def __init__(self, accelerator, output_dir: str, every: int, fresh: bool):
+        self.accelerator, self.every = accelerator, every
+        self.logger = tracking.MetricsLogger(output_dir, fresh=fresh)
+        self.sums: dict = {}
+        self.count = 0
+
+    def add(self, **values) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.count += 1
+
+    def maybe_write(self, step: int, force: bool = False, **extra) -> dict | None:
+        if not self.count or (step % self.every and not force):
+            return None
+        means = {name: self.accelerator.reduce(total, "mean").item() / self.count for name, total in self.sums.items()}
+        self.logger.log(step, **means, **extra)
+        self.sums, self.count = {}, 0
+        return means
+
+
+def maybe_checkpoint(accelerator, args: LoopArguments, step: int) -> None:
+    """A resumable checkpoint-STEP every `checkpointing_steps`, rotated, with the run's recipe beside it."""
+    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        recipe = Path(args.output_dir) / "recipe.yaml"
+        tracking.save_checkpoint(
+            accelerator, args.output_dir, step, args.checkpoints_total_limit,
+            recipe.read_text() if recipe.is_file() else None,
+        )  # fmt: skip

@@ -1,0 +1,229 @@
+"""Image metrics for text-to-image pipelines: quality (prompt adherence, Fréchet distance), diversity, speed.
+
+Everything is fixed and offline, so figures from different runs compare:
+  digit classifier   an RBF support-vector classifier (scikit-learn SVC, C=10) on the 64 pixels of the real 8x8
+                     scikit-learn digits, trained on a random 75% of them (seed 0). It never sees the diffusion
+                     model; its accuracy on the other 25% is reported beside every adherence figure.
+  prompt adherence   the share of images generated for "a handwritten digit k" that the classifier labels k,
+                     averaged over k = 0..9. Images are brought to the classifier's form: grayscale, 8x8 by area
+                     averaging. The real held-out digits passed through the same resize path give the ceiling.
+  feature space      PCA (16 components) of all 1,797 real 8x8 digits: `frechet_distance` (FID's formula) between
+                     generated and real digits is computed there, with two halves of the real digits as the floor.
+  diversity          mean pairwise RMS pixel distance (pixels in [0, 1]) among one prompt's images, averaged over
+                     prompts, beside the same figure for real images of the same digit.
+  speed              images/s of the pipeline call, after a warm-up call.
+
+`evaluate_pipeline(pipeline_dir)` is what `hfgen eval PIPELINE_DIR` and the t2i stage call. For pipelines not
+trained on `embedded:digits` it reports diversity (on 32x32 thumbnails) and speed only.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIGIT_PROMPT = "a handwritten digit {k}"
+CLASSIFIER_SEED = 0
+CLASSIFIER_TEST_FRACTION = 0.25
+FEATURE_COMPONENTS = 16
+GENERIC_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunrise")
+THUMBNAIL = 32  # pixels: diversity of non-digit images is measured on thumbnails this size
+
+
+# ---- the fixed references: real digits, classifier, feature space --------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def real_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 scikit-learn digits as (N, 64) pixels in [0, 1] (ink is bright) and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def digit_classifier():
+    """(classifier, held-out accuracy, held-out pixels, held-out labels): SVC on a random 75% of the real digits."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    pixels, labels = real_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        pixels, labels, test_size=CLASSIFIER_TEST_FRACTION, random_state=CLASSIFIER_SEED, stratify=labels
+    )
+    classifier = SVC(C=10.0).fit(x_train, y_train)
+    return classifier, float(classifier.score(x_test, y_test)), x_test, y_test
+
+
+@functools.lru_cache(maxsize=1)
+def digit_feature_space():
+    """PCA of the real 8x8 digits: the fixed feature space of `digit_features`."""
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=FEATURE_COMPONENTS, random_state=0).fit(real_digits()[0])
+
+
+def digit_features(pixels: np.ndarray) -> np.ndarray:
+    return digit_feature_space().transform(pixels)
+
+
+def to_digit_pixels(images) -> np.ndarray:
+    """PIL images -> (N, 64) in [0, 1]: grayscale, then 8x8 by area averaging (the inverse of an upscale)."""
+    from PIL import Image
+
+    return np.stack(
+        [np.asarray(image.convert("L").resize((8, 8), Image.BOX), dtype=np.float32).ravel() / 255.0 for image in images]
+    )
+
+
+def thumbnails(images, size: int = THUMBNAIL) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack(
+        [
+            np.asarray(image.convert("RGB").resize((size, size), Image.BOX), dtype=np.float32).ravel() / 255.0
+            for image in images
+        ]
+    )
+
+
+def as_pipeline_sees(pixels: np.ndarray, resolution: int) -> np.ndarray:
+    """Real 8x8 digits through the training data's path (upscaled like embedded:digits, resized to `resolution`)
+    and back to 8x8: what a perfect generator at that resolution would hand the classifier."""
+    from PIL import Image
+
+    from hfgen.diffusion.data import DIGITS_SIZE, resize_and_crop
+
+    images = []
+    for row in pixels:
+        image = Image.fromarray((row.reshape(8, 8) * 255).round().astype(np.uint8), mode="L")
+        image = image.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR).convert("RGB")
+        images.append(resize_and_crop(image, resolution, center_crop=True))
+    return to_digit_pixels(images)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+
+def prompt_adherence(pixels_by_digit: dict[int, np.ndarray]) -> tuple[float, dict[int, float]]:
+    """(mean over digits, per digit) share of images the classifier labels as the digit they were prompted for."""
+    classifier = digit_classifier()[0]
+    per_digit = {k: float((classifier.predict(pixels) == k).mean()) for k, pixels in pixels_by_digit.items()}
+    return float(np.mean(list(per_digit.values()))), per_digit
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula):
+    |mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2)). The last trace is computed as the sum of square
+    roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2), a symmetric matrix: stable where sqrtm(S_a S_b) is not."""
+    mu_a, mu_b = features_a.mean(axis=0), features_b.mean(axis=0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov_a)
+    root_a = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    distance = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_covmean)
+    return max(distance, 0.0)  # rounding can leave a tiny negative for identical sets
+
+
+def mean_pairwise_distance(pixels: np.ndarray) -> float:
+    """Mean RMS distance between all pairs of rows (pixels in [0, 1]): 0 when all images are identical."""
+    if len(pixels) < 2:
+        return 0.0
+    x = pixels.astype(np.float64)
+    squared = (x**2).sum(1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0) / x.shape[1])
+    upper = np.triu_indices(len(x), k=1)
+    return float(distances[upper].mean())
+
+
+# ---- a whole pipeline ---------------------------------------------------------------------------------
+
+
+def trained_on_digits(pipeline_dir: str | Path) -> bool:
+    """Whether the run that wrote `pipeline_dir` trained on embedded:digits (read from its recipe.yaml)."""
+    import yaml
+
+    from hfgen.diffusion.data import DIGITS
+
+    recipe = Path(pipeline_dir) / "recipe.yaml"
+    return recipe.is_file() and (yaml.safe_load(recipe.read_text()) or {}).get("dataset_name") == DIGITS
+
+
+def evaluate_pipeline(
+    pipeline_dir: str, prompts: list[str] | None = None, images_per_prompt: int = 20, num_inference_steps: int = 25,
+    guidance_scale: float = 3.0, seed: int = 0, device: str | None = None, quiet: bool = False,
+    digits: bool | None = None, samples_dir: str | None = None,
+) -> dict:  # fmt: skip
+    """Generate `images_per_prompt` images per prompt and measure them; a flat dict of `quality/`, `diversity/`,
+    `speed/` figures and the `eval/` settings. Digit prompts (and digit metrics) when the pipeline was trained on
+    embedded:digits (or `digits=True`); else `prompts` or a few generic ones. `samples_dir` also saves the images.
+    `quiet` is accepted for `hfgen eval` (progress bars are always off here)."""
+    from hfgen.diffusion.components import load_pipeline
+    from hfgen.diffusion.rendering import generate_images, save_images
+
+    digits = trained_on_digits(pipeline_dir) if digits is None else digits
+    if digits:
+        prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
+    prompts = list(prompts or GENERIC_PROMPTS)
+    pipeline = load_pipeline(pipeline_dir, device=device)
+
+    def render():
+        return generate_images(pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed)
+
+    generate_images(pipeline, prompts[:1], 1, 2, guidance_scale, seed)  # warm-up: first-call allocations
+    started = time.perf_counter()
+    rows = render()
+    elapsed = time.perf_counter() - started
+    if samples_dir:
+        save_images(rows, prompts, samples_dir)
+
+    results = {
+        "eval/images_per_prompt": images_per_prompt,
+        "eval/num_prompts": len(prompts),
+        "eval/num_inference_steps": num_inference_steps,
+        "eval/guidance_scale": guidance_scale,
+        "eval/sampler": type(pipeline.scheduler).__name__,
+        "speed/images_per_s": len(prompts) * images_per_prompt / elapsed,
+    }
+    if not digits:
+        results["diversity/pairwise_distance"] = float(
+            np.mean([mean_pairwise_distance(thumbnails(row)) for row in rows])
+        )
+        return results
+    return {**results, **digit_metrics([to_digit_pixels(row) for row in rows], rows[0][0].size[0])}
+
+
+def digit_metrics(pixels_by_prompt: list[np.ndarray], resolution: int) -> dict:
+    """Adherence, Fréchet distance and diversity of generated digits, pixels_by_prompt[k] for digit k, each beside
+    its reference figure from real digits."""
+    _, accuracy, held_out, held_out_labels = digit_classifier()
+    real_pixels, real_labels = real_digits()
+    adherence, per_digit = prompt_adherence(dict(enumerate(pixels_by_prompt)))
+    ceiling, _ = prompt_adherence(
+        {k: as_pipeline_sees(held_out[held_out_labels == k], resolution) for k in range(len(pixels_by_prompt))}
+    )
+    generated = np.concatenate(pixels_by_prompt)
+    halves = np.random.default_rng(0).permutation(len(real_pixels))
+    half = len(halves) // 2
+    results = {
+        "quality/prompt_adherence": adherence,
+        **{f"quality/prompt_adherence_{k}": v for k, v in per_digit.items()},
+        "quality/prompt_adherence_real_images": ceiling,
+        "quality/classifier_heldout_accuracy": accuracy,
+        "quality/frechet_distance": frechet_distance(digit_features(generated), digit_features(real_pixels)),
+        "quality/frechet_distance_real_halves": frechet_distance(
+            digit_features(real_pixels[halves[:half]]), digit_features(real_pixels[halves[half:]])
+        ),
+        "diversity/pairwise_distance": float(np.mean([mean_pairwise_distance(p) for p in pixels_by_prompt])),
+        "diversity/pairwise_distance_real": float(
+            np.mean([mean_pairwise_distance(real_pixels[real_labels == k]) for k in range(len(pixels_by_prompt))])
+        ),
+    }
+    results["diversity/pairwise_distance_ratio"] = (
+        results["diversity/pairwise_distance"] / results["diversity/pairwise_distance_real"]
+    )
+    return results

@@ -1,0 +1,447 @@
+"""Stage `t2i`: train the UNet of a latent text-to-image pipeline (Stable Diffusion layout), full or LoRA.
+
+    hfgen train recipes/tiny/t2i_digits.yaml        (from scratch; its VAE comes from recipes/tiny/vae_digits.yaml)
+    hfgen train recipes/sd-1.5/t2i_lora.yaml
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml scripts/train.py recipes/sd-1.5/t2i_full.yaml
+
+The pipeline (tokenizer, CLIP text encoder, AutoencoderKL, UNet2DConditionModel, scheduler) is a pretrained one or
+is built from component configs. The loss is DDPM's (Ho et al., 2020): noise the VAE latents of an image to a
+random timestep and regress the noise (epsilon) or the velocity (v-prediction, Salimans & Ho, 2022), optionally
+weighted by min-SNR (Hang et al., 2023) and with offset noise. Captions are replaced by the empty prompt with
+probability `condition_dropout`, so the same UNet also learns the unconditional prediction that classifier-free
+guidance (Ho & Salimans, 2022) needs at sampling time. LoRA puts peft adapters on the UNet's attention projections
+(and the text encoder's, with `train_text_encoder`) and saves them where `pipe.load_lora_weights(dir)` finds them.
+
+Deviation from diffusers' train_text_to_image.py, for speed: with `cache_latents` (the default) the frozen VAE
+encodes every image once (both orientations when `random_flip`) and a frozen text encoder every distinct caption
+once, before training; each step then draws z from the cached latent distribution, as encoding on the fly would.
+Needs center crops; set `cache_latents: false` for random crops.
+
+Output: a StableDiffusionPipeline dir (`DiffusionPipeline.from_pretrained(dir)`), or for LoRA the adapter file plus
+lora_base.json naming the base pipeline; validation grids in validation/; eval.json with prompt adherence,
+diversity and images/s (hfgen.evaluation.images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hfgen import tracking
+from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments
+from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
+from hfgen.diffusion.training import LoopArguments, check_loop_arguments
+
+UNET_LORA_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class T2ITrainingArguments(LoopArguments):
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the UNet attention layers only."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank, i.e. scale 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(UNET_LORA_MODULES), metadata={"help": "UNet modules that get adapters."}
+    )
+    train_text_encoder: bool = field(
+        default=False, metadata={"help": "Also train the text encoder (LoRA adapters with use_lora, else fully)."}
+    )
+    snr_gamma: float | None = field(
+        default=None, metadata={"help": "Min-SNR loss weighting gamma (5.0 recommended); unset: plain MSE."}
+    )
+    noise_offset: float = field(default=0.0, metadata={"help": "Offset noise scale (0.1 is common); 0: off."})
+    condition_dropout: float = field(
+        default=0.1, metadata={"help": "Probability of training on the empty prompt (for classifier-free guidance)."}
+    )
+    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the UNet weights and save that."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up: lower early on)."})
+    cache_latents: bool = field(
+        default=True,
+        metadata={"help": "Encode images (and captions, if the text encoder is frozen) once before training."},
+    )
+    validation_prompts: list[str] = field(
+        default_factory=list, metadata={"help": "Prompts rendered to validation/step-N.png during training."}
+    )
+    validation_steps: int = field(
+        default=0, metadata={"help": "Render the validation grid every N steps (0: at the end only)."}
+    )
+    num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt."})
+    num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps for validation and evaluation."})
+    guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance scale at sampling time."})
+    eval_images_per_prompt: int = field(
+        default=20, metadata={"help": "Images per prompt for eval.json's adherence/diversity/speed (0: no evaluation)."}
+    )
+
+
+ARGUMENTS = (PipelineArguments, ImageDataArguments, T2ITrainingArguments)
+
+
+def check(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments) -> list[str]:
+    problems = check_pipeline_arguments(model_args) + check_loop_arguments(args)
+    if args.use_lora and not model_args.pretrained_model_name_or_path:
+        problems.append("use_lora adapts a pretrained pipeline: set pretrained_model_name_or_path")
+    if args.use_lora and args.use_ema:
+        problems.append("use_ema averages full UNet weights; it does not apply to use_lora")
+    if args.cache_latents and not data_args.center_crop:
+        problems.append(
+            "cache_latents needs center_crop: true (random crops differ every epoch); or cache_latents: false"
+        )
+    if not 0 <= args.condition_dropout < 1:
+        problems.append(f"condition_dropout must be in [0, 1), got {args.condition_dropout}")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        problems.append(f"snr_gamma must be positive, got {args.snr_gamma}")
+    return problems + check_image_data(data_args, need_captions=True)
+
+
+# ---- data: cached latents, or pixels and token ids -------------------------------------------------------
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Per image: the VAE posterior's mean and std (and the flipped image's), and its caption's index."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors["caption_index"])
+
+    def __getitem__(self, index):
+        return {name: values[index] for name, values in self.tensors.items()}
+
+
+def encode_captions(captions: list[str], tokenizer, text_encoder, device, batch_size: int = 256) -> torch.Tensor:
+    """The text encoder's last hidden states for each caption, padded to the tokenizer's length as the pipeline does."""
+    states = []
+    with torch.inference_mode():
+        for start in range(0, len(captions), batch_size):
+            ids = tokenize(tokenizer, captions[start : start + batch_size]).to(device)
+            states.append(text_encoder(ids, return_dict=False)[0])
+    return torch.cat(states)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def cache_latents(rows, data_args, vae, tokenizer, device, batch_size: int = 64):
+    """(CachedLatents over `rows`, the distinct captions; the last one is the empty prompt)."""
+    from hfgen.diffusion.data import pick_caption, pixel_transform, undecoded
+
+    captions = [pick_caption(c) for c in rows[data_args.caption_column]]
+    distinct = sorted(set(captions)) + [""]
+    index_of = {caption: i for i, caption in enumerate(distinct)}
+    tensors = {"caption_index": torch.tensor([index_of[c] for c in captions])}
+    orientations = {"": False, "flipped_": True} if data_args.random_flip else {"": False}
+    images = undecoded(rows, data_args.image_column)
+    with torch.inference_mode():
+        for prefix, flip in orientations.items():
+            transform = pixel_transform(data_args, data_args.dataset_name, flip=flip)
+            means, stds = [], []
+            for start in range(0, len(images), batch_size):
+                pixels = torch.stack(transform(images[start : start + batch_size])["pixel_values"])
+                posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+                means.append(posterior.mean.cpu())
+                stds.append(posterior.std.cpu())
+            tensors[prefix + "latent_mean"], tensors[prefix + "latent_std"] = torch.cat(means), torch.cat(stds)
+    return CachedLatents(tensors), distinct
+
+
+def pixel_dataset(rows, data_args, tokenizer):
+    """Images decoded, cropped and flipped on the fly; captions as token ids (for a text encoder being trained)."""
+    from hfgen.diffusion.data import pixel_transform, undecoded
+
+    transform = pixel_transform(data_args, data_args.dataset_name)
+
+    def with_ids(batch):
+        out = transform(batch)
+        return {"pixel_values": out["pixel_values"], "input_ids": list(tokenize(tokenizer, out["caption"]))}
+
+    return undecoded(rows, data_args.image_column).with_transform(with_ids)
+
+
+# ---- loss ------------------------------------------------------------------------------------------------
+
+
+def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: float | None):
+    """MSE to the target, or with min-SNR weighting (Hang et al., 2023, section 3.4): each timestep's loss is
+    weighted by min(SNR, gamma) / SNR for epsilon targets, / (SNR + 1) for v targets."""
+    from diffusers.training_utils import compute_snr
+
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    weights = weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    return (loss * weights).mean()
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------
+
+
+def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments) -> Path:
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    from hfgen.diffusion.components import load_components
+    from hfgen.diffusion.data import load_image_splits, pick_caption
+    from hfgen.diffusion.training import (
+        StepLog,
+        TrainingRNG,
+        epoch_batches,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        maybe_checkpoint,
+        resume,
+        step_budget,
+        weight_dtype,
+    )  # fmt: skip
+
+    accelerator = make_accelerator(args)
+    output_dir = Path(args.output_dir)
+    device, dtype = accelerator.device, weight_dtype(accelerator)
+
+    # Models: pretrained pipeline, or components from configs (the caption tokenizer learns the training captions).
+    train_rows, _ = load_image_splits(data_args, seed=args.seed)
+    parts = load_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
+    tokenizer, text_encoder, vae, unet = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"]
+    noise_scheduler = parts["noise_scheduler"]
+    train_text_encoder = args.train_text_encoder
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(train_text_encoder and not args.use_lora)
+    unet.requires_grad_(not args.use_lora)
+    if args.use_lora:
+        from peft import LoraConfig
+
+        lora = dict(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, init_lora_weights="gaussian")
+        unet.add_adapter(LoraConfig(**lora, target_modules=args.lora_target_modules))
+        if train_text_encoder:
+            text_encoder.add_adapter(LoraConfig(**lora, target_modules=TEXT_ENCODER_LORA_MODULES))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    # Frozen weights in the mixed-precision dtype; trained ones (full UNet, LoRA adapters) stay float32.
+    vae.to(device, dtype=dtype)
+    text_encoder.to(device, dtype=dtype if not train_text_encoder else torch.float32)
+    unet.to(device, dtype=dtype if args.use_lora else torch.float32)
+    if args.use_lora:
+        cast_training_params([unet, text_encoder] if train_text_encoder else [unet], dtype=torch.float32)
+    ema_unet = None
+    if args.use_ema:
+        ema_unet = EMAModel(
+            unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True,
+            model_cls=UNet2DConditionModel, model_config=unet.config,
+        )  # fmt: skip
+        accelerator.register_for_checkpointing(ema_unet)
+
+    # Data: cached latent distributions and captions (hidden states when the text encoder is frozen, else token
+    # ids), or pixels and token ids encoded every step.
+    if args.cache_latents:
+        train_set, captions = cache_latents(train_rows, data_args, vae, tokenizer, device)
+        empty_caption = len(captions) - 1
+        if train_text_encoder:
+            caption_ids = tokenize(tokenizer, captions).to(device)
+        else:
+            caption_states = encode_captions(captions, tokenizer, text_encoder, device)
+    else:
+        train_set = pixel_dataset(train_rows, data_args, tokenizer)
+        empty_ids = tokenize(tokenizer, [""]).to(device)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+        drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
+    )  # fmt: skip
+
+    # Optimizer over what trains, schedule, and everything through accelerate.
+    trained = [unet] + ([text_encoder] if train_text_encoder else [])
+    optimizer = make_optimizer(
+        [[p for p in model.parameters() if p.requires_grad] for model in trained], args, accelerator.num_processes
+    )
+    max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
+    lr_scheduler = make_lr_scheduler(optimizer, args, max_steps, accelerator.num_processes)
+    *trained, optimizer, train_loader, lr_scheduler = accelerator.prepare(
+        *trained, optimizer, train_loader, lr_scheduler
+    )
+    unet = trained[0]
+    if train_text_encoder:
+        text_encoder = trained[1]
+    if ema_unet is not None:
+        ema_unet.to(device)
+
+    rng = TrainingRNG(args.seed + accelerator.process_index, device)
+    accelerator.register_for_checkpointing(rng)
+    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    accelerator.print(f"t2i: {trainable:,} trainable UNet parameters, {len(train_set)} images, {max_steps} steps")
+
+    for epoch in range(first_epoch, num_epochs):
+        for model in trained:
+            model.train()
+        for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+            with accelerator.accumulate(*trained):
+                # Convert images to latent space: z ~ q(z|x) from the cached posterior, or by encoding the pixels
+                if args.cache_latents:
+                    mean, std = batch["latent_mean"], batch["latent_std"]
+                    if data_args.random_flip:
+                        flip = (torch.rand(len(mean), generator=rng.generator, device=device) < 0.5)[
+                            :, None, None, None
+                        ]
+                        mean = torch.where(flip, batch["flipped_latent_mean"], mean)
+                        std = torch.where(flip, batch["flipped_latent_std"], std)
+                    latents = mean + std * torch.randn(mean.shape, generator=rng.generator, device=device)
+                else:
+                    latents = vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample(rng.generator)
+                latents = latents.to(torch.float32) * vae.config.scaling_factor
+
+                # Sample noise that we'll add to the latents (offset noise shifts whole channels: darker/brighter images)
+                noise = torch.randn(latents.shape, generator=rng.generator, device=device)
+                if args.noise_offset:
+                    noise += args.noise_offset * torch.randn(
+                        latents.shape[:2] + (1, 1), generator=rng.generator, device=device
+                    )
+                bsz = latents.shape[0]
+                # Sample a random timestep for each image
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=rng.generator, device=device
+                )
+                # Add noise to the latents according to the noise magnitude at each timestep
+                # (this is the forward diffusion process)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                # Get the text embedding for conditioning; drop captions at random for classifier-free guidance
+                dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
+                if args.cache_latents and not train_text_encoder:
+                    encoder_hidden_states = caption_states[torch.where(dropped, empty_caption, batch["caption_index"])]
+                else:
+                    if args.cache_latents:
+                        input_ids = caption_ids[torch.where(dropped, empty_caption, batch["caption_index"])]
+                    else:
+                        input_ids = torch.where(dropped[:, None], empty_ids, batch["input_ids"])
+                    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+
+                # Get the target for loss depending on the prediction type
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+
+                # Predict the noise residual (or velocity) and compute loss
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(dtype), return_dict=False)[0]
+                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
+
+                # Backpropagate
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for m in trained for p in m.parameters()], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # Checks once an optimizer step has been taken (not on accumulation micro-steps)
+            if accelerator.sync_gradients:
+                global_step += 1
+                if ema_unet is not None:
+                    ema_unet.step(unet.parameters())
+                log.add(loss=loss)
+                log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
+                maybe_checkpoint(accelerator, args, global_step)
+                if args.validation_steps and global_step % args.validation_steps == 0:
+                    validate(accelerator, args, parts, unet, text_encoder, ema_unet, global_step)
+                if global_step >= max_steps:
+                    break
+    log.maybe_write(global_step, force=True)
+    accelerator.wait_for_everyone()
+
+    # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    if ema_unet is not None:
+        ema_unet.copy_to(unet.parameters())
+    if accelerator.is_main_process:
+        validate(accelerator, args, parts, unet, text_encoder, None, global_step)
+        save(output_dir, model_args, args, parts, unet, text_encoder)
+    if accelerator.num_processes > 1:
+        tracking.write_weights_fingerprint(unet, output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+    # Evaluate: prompt adherence (digits), diversity and images/s of the saved pipeline, as a user would load it.
+    if accelerator.is_main_process and args.eval_images_per_prompt:
+        from hfgen.evaluation.images import evaluate_pipeline
+
+        results = evaluate_pipeline(
+            str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+            device=str(device), digits=data_args.dataset_name == DIGITS, samples_dir=str(output_dir / "samples"),
+        )  # fmt: skip
+        results["train/steps"] = global_step
+        tracking.update_eval(output_dir, results)
+        accelerator.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+    return output_dir
+
+
+def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) -> None:
+    """Render the validation prompts with the current (or EMA) weights into validation/step-N.png (main process)."""
+    if not args.validation_prompts or not accelerator.is_main_process:
+        return
+    from hfgen.diffusion.components import make_pipeline
+    from hfgen.diffusion.rendering import generate_images, make_grid
+
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    if ema_unet is not None:
+        ema_unet.store(unet.parameters())
+        ema_unet.copy_to(unet.parameters())
+    pipeline = make_pipeline(parts["tokenizer"], text_encoder, parts["vae"], unet, parts["sampler"])
+    pipeline.set_progress_bar_config(disable=True)
+    unet.eval()
+    with accelerator.autocast():
+        rows = generate_images(
+            pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
+            args.guidance_scale, args.seed,
+        )  # fmt: skip
+    unet.train()
+    if ema_unet is not None:
+        ema_unet.restore(unet.parameters())
+    path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(rows).save(path)
+
+
+def save(
+    output_dir: Path, model_args: PipelineArguments, args: T2ITrainingArguments, parts, unet, text_encoder
+) -> None:
+    """A full pipeline dir, or LoRA weights that `pipe.load_lora_weights(output_dir)` loads on the base pipeline."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        text_encoder_layers = None
+        if args.train_text_encoder:
+            text_encoder_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        StableDiffusionPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            text_encoder_lora_layers=text_encoder_layers, safe_serialization=True,
+        )  # fmt: skip
+        base = {"pretrained_model_name_or_path": model_args.pretrained_model_name_or_path,
+                "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
+        tracking.write_json(output_dir / LORA_BASE, base)
+        return
+    from hfgen.diffusion.components import make_pipeline
+
+    # float32 on disk whatever the training precision (as the pretrained pipelines ship)
+    pipeline = make_pipeline(
+        parts["tokenizer"], text_encoder.to(torch.float32), parts["vae"].to(torch.float32), unet.to(torch.float32),
+        parts["sampler"],
+    )  # fmt: skip
+    pipeline.save_pretrained(output_dir, safe_serialization=True)

@@ -1,0 +1,269 @@
+"""Stage `vae`: train an AutoencoderKL, the latent space of a latent diffusion pipeline.
+
+    hfgen train recipes/tiny/vae_digits.yaml
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml scripts/train.py recipes/tiny/vae_digits.yaml
+
+From a config (scratch) or a pretrained VAE (fine-tuning). The loss is the Latent Diffusion autoencoder's
+(Rombach et al., 2022, appendix G): reconstruction + kl_weight * KL to N(0, I), both per pixel, plus, when
+`adversarial_weight` > 0, a hinge GAN term from a small PatchGAN discriminator (Isola et al., 2017) switched on at
+`adversarial_start_step`. Cut from the paper: the LPIPS perceptual term (its VGG weights would be a download) and
+the adaptive GAN weight (a fixed weight here). After training the latent scaling factor (1 / std of the training
+latents, how SD's 0.18215 was found) is written into the VAE's config, so the t2i stage's latents have unit
+variance. Held-out reconstruction error before and after training goes to eval.json; originals over
+reconstructions to reconstructions.png. The output dir loads with `AutoencoderKL.from_pretrained(dir)` and is what a
+t2i recipe names as `vae_name_or_path`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hfgen import tracking
+from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
+from hfgen.diffusion.training import LoopArguments, check_loop_arguments
+from hfgen.models import check_config_file, check_model_source
+
+EVAL_IMAGES_SHOWN = 8
+
+
+@dataclass
+class VAEModelArguments:
+    vae_config: str | None = field(
+        default=None, metadata={"help": "From scratch: AutoencoderKL config JSON (e.g. recipes/tiny/vae_digits.json)."}
+    )
+    pretrained_vae_name_or_path: str | None = field(
+        default=None, metadata={"help": "Fine-tune this AutoencoderKL: a dir, a pipeline dir or hub id (its vae)."}
+    )
+
+
+@dataclass
+class VAETrainingArguments(LoopArguments):
+    reconstruction_loss: str = field(
+        default="l1", metadata={"help": "Pixel loss: l1 (as the LDM autoencoder) or mse.", "choices": ["l1", "mse"]}
+    )
+    kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the KL term (the LDM autoencoders use 1e-6)."})
+    adversarial_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the PatchGAN hinge loss on reconstructions (0: no discriminator)."}
+    )
+    adversarial_start_step: int = field(default=0, metadata={"help": "Step from which the adversarial term is on."})
+    discriminator_channels: int = field(default=64, metadata={"help": "Width of the patch discriminator."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Images per batch when measuring held-out error."})
+
+
+ARGUMENTS = (VAEModelArguments, ImageDataArguments, VAETrainingArguments)
+
+
+def check(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments) -> list[str]:
+    problems = check_loop_arguments(args)
+    if bool(model_args.vae_config) == bool(model_args.pretrained_vae_name_or_path):
+        problems.append("set exactly one of vae_config (from scratch) or pretrained_vae_name_or_path (fine-tune)")
+    problems += check_config_file("vae_config", model_args.vae_config)
+    problems += check_model_source("pretrained_vae_name_or_path", model_args.pretrained_vae_name_or_path)
+    if args.kl_weight < 0 or args.adversarial_weight < 0:
+        problems.append("kl_weight and adversarial_weight must be >= 0")
+    return problems + check_image_data(data_args, need_captions=False)
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """PatchGAN: strided convolutions down to a map of real/fake logits, one per overlapping patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, downsamplings: int = 2):
+        super().__init__()
+        layers, width = [], in_channels
+        for i in range(downsamplings):
+            layers += [torch.nn.Conv2d(width, channels * 2**i, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
+            width = channels * 2**i
+        layers.append(torch.nn.Conv2d(width, 1, 3, padding=1))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, images):
+        return self.net(images)
+
+
+class EncodeDecode(torch.nn.Module):
+    """The VAE's training pass as one `forward`: encode, draw z from the posterior, decode. DDP synchronises the
+    gradients of what runs through `forward` only, and AutoencoderKL's own forward hides the posterior (the KL
+    term needs it)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels, generator=None):
+        posterior = self.vae.encode(pixels).latent_dist
+        return self.vae.decode(posterior.sample(generator)).sample, posterior
+
+
+def reconstruction_error(vae, dataloader, device) -> float:
+    """Mean squared error of reconstructions through the posterior mean, pixels in [0, 1]."""
+    vae.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in dataloader:
+            pixels = batch["pixel_values"].to(device, vae.dtype)
+            reconstructed = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+            total += F.mse_loss((reconstructed + 1) / 2, (pixels + 1) / 2, reduction="sum").item()
+            count += pixels.numel()
+    vae.train()
+    return total / count
+
+
+def latent_scaling_factor(vae, dataloader, device, max_batches: int = 16) -> float:
+    """1 / std of latents sampled from the training images: makes the diffusion model's inputs unit-variance."""
+    latents = []
+    with torch.inference_mode():
+        for index, batch in enumerate(dataloader):
+            if index == max_batches:
+                break
+            latents.append(vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample().float())
+    return 1.0 / torch.cat(latents).flatten().std().item()
+
+
+def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments) -> Path:
+    from hfgen.diffusion.components import build_vae, load_vae
+    from hfgen.diffusion.training import (
+        StepLog,
+        TrainingRNG,
+        epoch_batches,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        maybe_checkpoint,
+        resume,
+        step_budget,
+    )  # fmt: skip
+
+    accelerator = make_accelerator(args)
+    output_dir = Path(args.output_dir)
+
+    # Model: from a config, or a pretrained VAE to fine-tune.
+    vae = (
+        build_vae(model_args.vae_config) if model_args.vae_config else load_vae(model_args.pretrained_vae_name_or_path)
+    )
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    use_adversary = args.adversarial_weight > 0
+    discriminator = PatchDiscriminator(vae.config.in_channels, args.discriminator_channels) if use_adversary else None
+
+    # Data: images only, resized and cropped (captions unused).
+    train_rows, eval_rows = load_image_splits(data_args, seed=args.seed)
+    train_set = undecoded(train_rows, data_args.image_column).with_transform(
+        pixel_transform(data_args, data_args.dataset_name)
+    )
+    eval_set = undecoded(eval_rows, data_args.image_column).with_transform(
+        pixel_transform(data_args, data_args.dataset_name, flip=False)
+    )
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([row["pixel_values"] for row in rows])}
+
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, drop_last=len(train_set) >= args.train_batch_size,
+    )  # fmt: skip
+    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.eval_batch_size, collate_fn=collate)
+
+    # Optimizers and schedule.
+    optimizer = make_optimizer([vae.parameters()], args, accelerator.num_processes)
+    max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
+    lr_scheduler = make_lr_scheduler(optimizer, args, max_steps, accelerator.num_processes)
+    autoencoder, optimizer, train_loader, lr_scheduler = accelerator.prepare(
+        EncodeDecode(vae), optimizer, train_loader, lr_scheduler
+    )
+    if use_adversary:
+        disc_optimizer = make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
+        discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
+
+    rng = TrainingRNG(args.seed + accelerator.process_index, accelerator.device)
+    accelerator.register_for_checkpointing(rng)
+    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
+    initial_error = reconstruction_error(vae, eval_loader, accelerator.device) if global_step == 0 else None
+    log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
+
+    for epoch in range(first_epoch, num_epochs):
+        autoencoder.train()
+        for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+            adversarial = use_adversary and global_step >= args.adversarial_start_step
+            with accelerator.accumulate(autoencoder):
+                pixels = batch["pixel_values"]
+                # Encode to the posterior q(z|x), draw z from it, decode
+                reconstruction, posterior = autoencoder(pixels, rng.generator)
+                # Reconstruction and KL terms, both per pixel (the LDM autoencoder's weighting)
+                if args.reconstruction_loss == "l1":
+                    reconstruction_loss = F.l1_loss(reconstruction.float(), pixels.float())
+                else:
+                    reconstruction_loss = F.mse_loss(reconstruction.float(), pixels.float())
+                kl_loss = posterior.kl().mean() / pixels[0].numel()
+                loss = reconstruction_loss + args.kl_weight * kl_loss
+                losses = {"loss": loss, "reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss}
+
+                if adversarial:
+                    # Discriminator step first (hinge loss on real vs detached reconstructions) ...
+                    logits = discriminator(torch.cat([pixels, reconstruction.detach()]))
+                    real, fake = logits.chunk(2)
+                    disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+                    accelerator.backward(disc_loss)
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad()
+                    # ... then the autoencoder is pushed to make reconstructions the discriminator calls real
+                    generator_loss = -discriminator(reconstruction).mean()
+                    loss = loss + args.adversarial_weight * generator_loss
+                    losses.update(disc_loss=disc_loss, generator_loss=generator_loss)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(autoencoder.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+                if adversarial:
+                    disc_optimizer.zero_grad()  # the generator loss also reached the discriminator: not its update
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                log.add(**losses)
+                log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
+                maybe_checkpoint(accelerator, args, global_step)
+                if global_step >= max_steps:
+                    break
+    log.maybe_write(global_step, force=True)
+    accelerator.wait_for_everyone()
+
+    # Save: the latent scaling factor first (in the config), then the model as safetensors.
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_loader, accelerator.device))
+    final_error = reconstruction_error(vae, eval_loader, accelerator.device)
+    if accelerator.is_main_process:
+        vae.save_pretrained(output_dir)
+        save_reconstructions(vae, eval_set, output_dir / "reconstructions.png")
+        results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": vae.config.scaling_factor,
+                   "vae/parameters": sum(p.numel() for p in vae.parameters()), "train/steps": global_step}  # fmt: skip
+        if initial_error is not None:
+            results["quality/reconstruction_mse_initial"] = initial_error
+        tracking.update_eval(output_dir, results)
+        accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
+    if accelerator.num_processes > 1:
+        tracking.write_weights_fingerprint(vae, output_dir)
+    accelerator.end_training()
+    return output_dir
+
+
+def save_reconstructions(vae, eval_set, path: Path) -> None:
+    """Held-out originals (top row) over their reconstructions (bottom row)."""
+    from PIL import Image
+
+    from hfgen.diffusion.rendering import make_grid
+
+    pixels = torch.stack([eval_set[i]["pixel_values"] for i in range(min(EVAL_IMAGES_SHOWN, len(eval_set)))])
+    with torch.inference_mode():
+        reconstructed = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()).sample
+    rows = []
+    for batch in (pixels, reconstructed.float().cpu()):
+        arrays = ((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        rows.append([Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays])
+    make_grid(rows).save(path)

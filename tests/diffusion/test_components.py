@@ -1,0 +1,41 @@
+"""Pipeline components built offline: the caption tokenizer is a real CLIPTokenizer the pipeline can use."""
+
+from transformers import CLIPTokenizer
+
+from hfgen.diffusion.components import build_caption_tokenizer, build_text_encoder, is_pipeline_dir
+from hfgen.diffusion.data import DIGIT_CAPTIONS, DIGIT_WORDS, digit_caption
+
+CAPTIONS = [digit_caption(k, wording) for k in range(10) for wording in range(len(DIGIT_CAPTIONS))]
+
+
+def test_caption_tokenizer_makes_every_caption_word_one_token(tmp_path):
+    tokenizer = build_caption_tokenizer(CAPTIONS, max_length=16)
+    for word in ["handwritten", "digit", "7", *DIGIT_WORDS]:
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+    # saved and reloaded as the class StableDiffusionPipeline names, padded to its length like CLIP's
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    ids = reloaded("the digit seven, handwritten", padding="max_length", max_length=reloaded.model_max_length).input_ids
+    assert len(ids) == 16 and ids[0] == reloaded.bos_token_id and reloaded.eos_token_id in ids
+    # words it never saw still tokenize (byte-level alphabet), into several pieces
+    assert len(reloaded.tokenize("zebra")) > 1
+
+
+def test_text_encoder_takes_its_vocabulary_and_length_from_the_tokenizer(tmp_path):
+    import torch
+
+    config = tmp_path / "clip.json"
+    config.write_text('{"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}')
+    tokenizer = build_caption_tokenizer(CAPTIONS, max_length=12)
+    encoder = build_text_encoder(str(config), tokenizer)
+    assert encoder.config.vocab_size == len(tokenizer) and encoder.config.max_position_embeddings == 12
+    ids = tokenizer(["a handwritten digit 3"], padding="max_length", max_length=12, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = encoder(ids).last_hidden_state
+    assert states.shape == (1, 12, 16)
+
+
+def test_pipeline_dirs_are_recognised(tmp_path):
+    assert not is_pipeline_dir(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    assert is_pipeline_dir(tmp_path)

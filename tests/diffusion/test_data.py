@@ -1,0 +1,88 @@
+"""Image data: the embedded digits, imagefolder datasets, and the checks that catch bad images before training."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from hfgen.diffusion.data import (
+    DIGIT_WORDS,
+    DIGITS,
+    ImageDataArguments,
+    check_image_data,
+    digits_dataset,
+    load_image_splits,
+    pixel_transform,
+    resize_and_crop,
+    undecoded,
+)
+
+
+def test_digits_are_all_1797_scans_with_varied_captions_naming_the_digit():
+    data = digits_dataset()
+    rows = list(data["train"]) + list(data["test"])
+    assert len(rows) == 1797 and len(data["test"]) == 179
+    assert {row["label"] for row in rows} == set(range(10))
+    assert rows[0]["image"].size == (32, 32)
+    for row in rows:
+        k = row["label"]
+        assert str(k) in row["text"].split() or DIGIT_WORDS[k] in row["text"].replace(",", "").split(), row
+    sevens = {row["text"] for row in rows if row["label"] == 7}
+    assert "a handwritten digit 7" in sevens and len(sevens) >= 5
+
+
+def test_pixels_are_cropped_to_resolution_in_minus_one_to_one():
+    args = ImageDataArguments(dataset_name=DIGITS, resolution=16)
+    train, _ = load_image_splits(args)
+    batch = undecoded(train, "image").with_transform(pixel_transform(args, DIGITS))[:4]
+    pixels = batch["pixel_values"][0]
+    assert pixels.shape == (3, 16, 16)
+    assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.max() > 0.5  # ink is bright
+    assert batch["caption"][0] == train[0]["text"]
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_resize_and_crop_keeps_a_square_of_the_resolution(center):
+    image = Image.new("RGB", (40, 20))
+    assert resize_and_crop(image, 16, center_crop=center).size == (16, 16)
+
+
+def imagefolder(tmp_path, files=3, listed=3, truncate=None):
+    for i in range(files):
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    if truncate is not None:
+        data = (tmp_path / f"{truncate}.png").read_bytes()
+        (tmp_path / f"{truncate}.png").write_bytes(data[: len(data) // 2])
+    rows = [{"file_name": f"{i}.png", "text": f"a red square {i}"} for i in range(listed)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ImageDataArguments(dataset_name=str(tmp_path), resolution=8, validation_split_percentage=34)
+
+
+def test_a_clean_imagefolder_passes_the_checks(tmp_path):
+    args = imagefolder(tmp_path)
+    assert check_image_data(args, need_captions=True) == []
+    train, evaluation = load_image_splits(args)
+    assert len(train) + len(evaluation) == 3 and train.column_names == ["image", "text"]
+
+
+def test_missing_image_file_is_reported_by_name(tmp_path):
+    problems = check_image_data(imagefolder(tmp_path, files=3, listed=4), need_captions=True)
+    assert len(problems) == 1 and "3.png" in problems[0] and "does not exist" in problems[0]
+
+
+def test_truncated_png_is_reported_by_name(tmp_path):
+    problems = check_image_data(imagefolder(tmp_path, truncate=1), need_captions=True)
+    assert len(problems) == 1 and "1.png" in problems[0] and "cannot be decoded" in problems[0]
+
+
+def test_wrong_caption_column_names_the_columns(tmp_path):
+    args = imagefolder(tmp_path)
+    args.caption_column = "caption"
+    problems = check_image_data(args, need_captions=True)
+    assert len(problems) == 1 and "'caption'" in problems[0] and "'text'" in problems[0]
+    # the vae stage needs no captions: the same data is fine there
+    assert check_image_data(args, need_captions=False) == []
+
+
+def test_resolution_must_suit_the_vae():
+    assert "multiple of 8" in check_image_data(ImageDataArguments(dataset_name=DIGITS, resolution=12), True)[0]

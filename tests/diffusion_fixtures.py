@@ -1,0 +1,44 @@
+"""Tiny component configs for the diffusion stage tests: the digits recipes with a few-thousand-parameter VAE, UNet
+and text encoder, few steps and few images, so each run takes seconds on a CPU."""
+
+import json
+
+from conftest import REPO
+
+VAE_RECIPE = REPO / "recipes/tiny/vae_digits.yaml"
+T2I_RECIPE = REPO / "recipes/tiny/t2i_digits.yaml"
+LORA_RECIPE = REPO / "recipes/tiny/t2i_digits_lora.yaml"
+
+TINY_VAE = {"block_out_channels": [8, 16], "norm_num_groups": 4}
+TINY_UNET = {"block_out_channels": [16, 32], "norm_num_groups": 8, "cross_attention_dim": 16, "attention_head_dim": 4}
+TINY_TEXT_ENCODER = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+SMALL_DATA = ["--max_train_samples", "64", "--max_eval_samples", "32", "--train_batch_size", "16"]
+
+
+def write_tiny_configs(directory) -> dict[str, str]:
+    """Tiny versions of the recipes' JSON configs in `directory`; returns the override flags that use them."""
+    files = {
+        "vae_config": ("vae_digits.json", TINY_VAE),
+        "unet_config": ("unet_digits.json", TINY_UNET),
+        "text_encoder_config": ("clip_text_digits.json", TINY_TEXT_ENCODER),
+    }
+    paths = {}
+    for key, (name, changes) in files.items():
+        config = {**json.loads((REPO / "recipes/tiny" / name).read_text()), **changes}
+        path = directory / name
+        path.write_text(json.dumps(config))
+        paths[key] = str(path)
+    return paths
+
+
+def vae_overrides(configs, output_dir, steps=3) -> list[str]:
+    return ["--vae_config", configs["vae_config"], "--output_dir", str(output_dir), "--max_train_steps", str(steps),
+            "--checkpointing_steps", "0", "--logging_steps", "1", *SMALL_DATA]  # fmt: skip
+
+
+def t2i_overrides(configs, vae_dir, output_dir, steps=4) -> list[str]:
+    return ["--vae_name_or_path", str(vae_dir), "--unet_config", configs["unet_config"],
+            "--text_encoder_config", configs["text_encoder_config"], "--output_dir", str(output_dir),
+            "--max_train_steps", str(steps), "--logging_steps", "1", "--validation_steps", "2",
+            "--validation_prompts", "a handwritten digit 1", "a handwritten digit 2", "--num_validation_images", "2",
+            "--num_inference_steps", "2", "--eval_images_per_prompt", "2", *SMALL_DATA]  # fmt: skip

@@ -1,0 +1,199 @@
+"""Stage `t2i`: a pipeline built from scratch trains and saves as a diffusers pipeline that loads and generates;
+LoRA changes only adapter weights and loads with load_lora_weights; two processes end with identical UNet
+weights; resume continues exactly; bad data exits 2 before training; the GPU recipes parse."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, accelerate_launch, run_hfgen
+from diffusion_fixtures import (
+    LORA_RECIPE,
+    SMALL_DATA,
+    T2I_RECIPE,
+    VAE_RECIPE,
+    t2i_overrides,
+    vae_overrides,
+    write_tiny_configs,
+)  # fmt: skip
+from hfgen import tracking
+from hfgen.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(configs, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("vae")
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def scratch_run(configs, vae_dir, tmp_path_factory):
+    """A from-scratch pipeline: 4 steps, checkpoints every 2 keeping 1, validation grids every 2."""
+    output_dir = tmp_path_factory.mktemp("t2i")
+    overrides = t2i_overrides(configs, vae_dir, output_dir) + [
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "1",
+    ]
+    result = run_hfgen("train", T2I_RECIPE, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_saved_pipeline_loads_with_from_pretrained_and_generates(scratch_run):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    pipeline = DiffusionPipeline.from_pretrained(scratch_run)
+    assert isinstance(pipeline, StableDiffusionPipeline) and isinstance(pipeline.tokenizer, CLIPTokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a handwritten digit 4", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[
+        0
+    ]
+    assert image.size == (16, 16)  # 8x8 latents, VAE factor 2
+    assert pipeline.tokenizer.model_max_length == pipeline.text_encoder.config.max_position_embeddings == 16
+
+
+def test_run_records_metrics_rotated_checkpoints_validation_grids_and_eval(scratch_run):
+    assert tracking.is_complete(scratch_run)
+    assert [row["step"] for row in tracking.read_metrics(scratch_run)] == [1, 2, 3, 4]
+    assert [p.name for p in tracking.checkpoints(scratch_run)] == ["checkpoint-4"]  # limit 1: checkpoint-2 removed
+    assert (scratch_run / "checkpoint-4" / "recipe.yaml").is_file()
+    for step in (2, 4):
+        grid = Image.open(scratch_run / "validation" / f"step-00000{step}.png")
+        assert grid.size == (2 * 64, 2 * 64)  # 2 prompts x 2 images, cells enlarged to 64 px
+    results = tracking.read_json(scratch_run / "eval.json")
+    assert 0 <= results["quality/prompt_adherence"] <= 1 and results["quality/classifier_heldout_accuracy"] > 0.97
+    assert results["diversity/pairwise_distance"] > 0 and results["speed/images_per_s"] > 0
+    assert results["eval/num_prompts"] == 10 and results["train/steps"] == 4  # the ten digit prompts
+
+
+def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
+    result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--prompt", "digit five",
+                       "--num_samples", "3", "--num_inference_steps", "2", "--output_dir", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.glob("0*-*.png"))) == 6
+    assert Image.open(tmp_path / "grid.png").size == (3 * 64, 2 * 64)
+    assert str(tmp_path / "grid.png") in result.stdout
+
+
+def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
+                       "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate", "1e-2",
+                       "--eval_images_per_prompt", "0", "--num_validation_images", "1", "--num_inference_steps", "2",
+                       *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert adapter and all(".lora.down." in k or ".lora.up." in k for k in adapter)  # diffusers' LoRA naming
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora.up." in k)  # up (B) starts at zero: it trained
+    assert not (tmp_path / "unet").exists() and json.loads((tmp_path / "lora_base.json").read_text())[
+        "pretrained_model_name_or_path"
+    ] == str(scratch_run)
+    unet_file = scratch_run / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_size < 0.25 * unet_file.stat().st_size
+
+    # Every non-adapter UNet weight in the trained state (the checkpoint holds the whole model) equals the base's.
+    base = load_file(unet_file)
+    trained = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    frozen = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert frozen.keys() == base.keys()
+    for name, value in frozen.items():
+        assert torch.equal(value, base[name]), name
+
+    # The adapter loads on the base pipeline and changes its images; switched off, the base comes back exactly.
+    pipeline = DiffusionPipeline.from_pretrained(scratch_run)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        generator = torch.Generator().manual_seed(0)
+        return pipeline("a handwritten digit 3", num_inference_steps=2, generator=generator, output_type="np").images
+
+    before = render()
+    pipeline.load_lora_weights(tmp_path)
+    with_lora = render()
+    pipeline.disable_lora()
+    assert not torch.allclose(torch.from_numpy(with_lora), torch.from_numpy(before))
+    assert torch.equal(torch.from_numpy(render()), torch.from_numpy(before))
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_unet_weights(configs, vae_dir, tmp_path, free_port):
+    overrides = t2i_overrides(configs, vae_dir, tmp_path, steps=3) + ["--eval_images_per_prompt", "0"]
+    result = accelerate_launch(free_port, T2I_RECIPE, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = [(tmp_path / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+    assert (tmp_path / "model_index.json").is_file()
+
+
+def test_resume_from_checkpoint_matches_the_uninterrupted_run(configs, vae_dir, tmp_path):
+    common = t2i_overrides(configs, vae_dir, tmp_path, steps=4) + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+                                                                   "--eval_images_per_prompt", "0"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = run_hfgen("train", T2I_RECIPE, *common, "--output_dir", full)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")  # all that survives of an interrupted run
+    result = run_hfgen("train", T2I_RECIPE, *common, "--output_dir", resumed, "--resume_from_checkpoint", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b, midway = (
+        load_file(full / weights),
+        load_file(resumed / weights),
+        load_file(full / "checkpoint-2/model.safetensors"),
+    )
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a[n], midway[n]) for n in a)  # the last two steps changed the weights
+    assert [row["step"] for row in tracking.read_metrics(resumed)] == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--caption_column", "caption"], ["'caption'", "caption_column"]),
+        (["--dataset_name", "MISSING_FILE"], ["3.png", "does not exist"]),
+    ],
+)
+def test_bad_data_exits_2_before_training(configs, vae_dir, tmp_path, change, expected):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16)).save(folder / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": f"square {i}"} for i in range(4)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    change = [str(folder) if c == "MISSING_FILE" else c for c in change]
+    result = run_hfgen("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, tmp_path / "out"), *change)
+    assert result.returncode == 2, result.stderr[-3000:]
+    for text in expected:
+        assert text in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_recipes_for_real_pipelines_parse_with_their_features():
+    lora = load_recipe(REPO / "recipes/sd-1.5/t2i_lora.yaml", check_inputs=False)
+    full = load_recipe(REPO / "recipes/sd-1.5/t2i_full.yaml", check_inputs=False)
+    for recipe in (lora, full):
+        model_args, data_args, args = recipe.configs
+        assert model_args.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        assert data_args.dataset_name == "lambdalabs/naruto-blip-captions" and data_args.resolution == 512
+        assert args.snr_gamma == 5.0 and args.mixed_precision == "fp16" and args.validation_prompts
+    assert lora.configs[2].use_lora and not lora.configs[2].use_ema
+    assert full.configs[2].use_ema and full.configs[2].gradient_checkpointing and not full.configs[2].use_lora
+    tiny = load_recipe(T2I_RECIPE, check_inputs=False)
+    assert tiny.configs[2].condition_dropout > 0 and tiny.configs[2].guidance_scale > 1

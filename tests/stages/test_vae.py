@@ -1,0 +1,56 @@
+"""Stage `vae`: the autoencoder learns to reconstruct held-out digits, saves a loadable AutoencoderKL with its
+latent scaling factor, and bad data stops the run with exit code 2 before training."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import run_hfgen
+from diffusion_fixtures import VAE_RECIPE, vae_overrides, write_tiny_configs
+from hfgen import tracking
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
+
+
+def test_held_out_reconstruction_error_falls_far_below_its_start(configs, tmp_path):
+    from diffusers import AutoencoderKL
+
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=60), "--max_train_samples", "512",
+                       "--lr_warmup_steps", "5")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "eval.json")
+    assert results["quality/reconstruction_mse"] < 0.3 * results["quality/reconstruction_mse_initial"]
+    vae = AutoencoderKL.from_pretrained(tmp_path)
+    assert (
+        vae.config.scaling_factor == pytest.approx(results["vae/scaling_factor"])
+        and vae.config.scaling_factor != 0.18215
+    )
+    assert (tmp_path / "reconstructions.png").is_file() and tracking.is_complete(tmp_path)
+    losses = [row["reconstruction_loss"] for row in tracking.read_metrics(tmp_path)]
+    assert len(losses) == 60 and losses[-1] < losses[0] / 2
+
+
+def test_adversarial_term_trains_a_discriminator(configs, tmp_path):
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--adversarial_weight", "0.1",
+                       "--adversarial_start_step", "2", "--discriminator_channels", "8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = tracking.read_metrics(tmp_path)
+    assert "disc_loss" not in rows[1] and "disc_loss" in rows[2] and "generator_loss" in rows[3]
+
+
+def test_missing_image_exits_2_naming_the_file(configs, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16)).save(folder / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": "a square"} for i in range(5)]  # 4.png is missing
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path / "out"), "--dataset_name", folder,
+                       "--validation_split_percentage", "40")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "4.png" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
