@@ -212,11 +212,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     from transformers import get_scheduler
 
     output_dir = Path(config.output_dir)
+    trackers = [name for name in config.report_to if name != "none"]
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision="bf16" if config.bf16 else "no",
         cpu=config.use_cpu,
-        log_with=None if config.report_to in (["none"], []) else config.report_to,
+        log_with=trackers or None,
         project_dir=str(output_dir),
     )
     set_seed(config.seed)  # the same on every process: identical LoRA and value-head initialisation
@@ -265,7 +266,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     else:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
     metrics_logger = start_metrics(output_dir, start_step)
-    if config.report_to not in (["none"], []):
+    if trackers:
         accelerator.init_trackers("hfgen-ppo", config=scalar_settings(config))
     accelerator.print(
         f"PPO: {total_steps} steps x {global_batch} episodes ({accelerator.num_processes} process(es)), "
@@ -277,6 +278,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
+        # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
         rows = prompt_rows(step, len(train_queries), global_batch, local_batch, accelerator.process_index, config.seed)
         prompts = [train_prompts[i] for i in rows]
@@ -284,14 +286,16 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts,
             [train_queries[i] for i in rows], config,
         )  # fmt: skip
+        # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening.
         rollout, shaping = compute_advantages(rollout, kl_controller.value, config, all_reduce)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
+        # 3. PPO update: epochs of clipped policy and value losses over shuffled minibatches.
         train_started = time.perf_counter()
         stats = ppo_update(accelerator, trainable, optimizer, rollout, config)
         timing["training"] = time.perf_counter() - train_started
         scheduler.step()
 
-        # Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
+        # 4. Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
         local = step_metrics(
             rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs
         )
@@ -302,7 +306,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
         metrics_logger.log(step, **metrics)
-        if config.report_to not in (["none"], []):
+        if trackers:
             accelerator.log(metrics, step=step)
         if config.logging_steps and (step % config.logging_steps == 0 or step in (1, total_steps)):
             accelerator.print(format_metrics(step, total_steps, metrics))
@@ -350,8 +354,6 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
 def disable_dropout(model) -> None:
     """Dropout off everywhere (Huang et al. detail 10): with it, log-probs of the same tokens differ between the
     rollout and the update, and the PPO ratio starts away from 1."""
-    import torch
-
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -407,11 +409,16 @@ def load_sequence_classifier(path: str, model_args: ModelConfig, config: PPOConf
 def load_value_model(model_args: ModelConfig, config: PPOConfig, tokenizer):
     """The value model, initialised from value_model_path, else the reward model (Huang et al. detail 6), else the
     policy's weights with a new head. It reads the policy's tokens, so it must share the policy's vocabulary."""
+    from hfgen.models import load_tokenizer
+
     path = config.value_model_path or config.reward_model_path or model_args.model_name_or_path
+    if path == config.reward_model_path and not config.value_model_path:
+        reward_vocabulary, vocabulary = load_tokenizer(path).get_vocab(), tokenizer.get_vocab()
+        if any(vocabulary.get(token) != index for token, index in reward_vocabulary.items()):
+            # The reward model reads another vocabulary: it can judge text, but cannot read the policy's tokens.
+            print(f"value model: '{path}' has another vocabulary than the policy; starting from the policy instead")
+            path = model_args.model_name_or_path
     model = load_sequence_classifier(path, model_args, config, tokenizer)
-    if model.get_input_embeddings().num_embeddings != len(tokenizer) and not config.value_model_path:
-        # The reward model speaks another vocabulary: it can judge text, but cannot read the policy's tokens.
-        model = load_sequence_classifier(model_args.model_name_or_path, model_args, config, tokenizer)
     if not hasattr(model, "score"):
         raise UserError(f"value model '{path}' has no `score` head; use an AutoModelForSequenceClassification model")
     return model
