@@ -66,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def wants_chat(model_path: str, tokenizer) -> bool:
-    """Chat format by default when the tokenizer has a chat template, except for hfgen pretraining runs
-    (their recipe.yaml says stage: pretrain); `--chat` / `--no-chat` decide explicitly."""
+    """Chat format by default for fine-tuned models: hfgen runs other than pretraining, LoRA adapter dirs and
+    `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat` decide explicitly."""
     import yaml
 
     if tokenizer.chat_template is None:
@@ -75,7 +75,7 @@ def wants_chat(model_path: str, tokenizer) -> bool:
     recipe = Path(model_path) / "recipe.yaml"
     if recipe.is_file():
         return yaml.safe_load(recipe.read_text()).get("stage") != "pretrain"
-    return True
+    return any((Path(model_path) / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
 
 
 def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
