@@ -2,7 +2,7 @@
 (trl 1.10, `trl.experimental.ppo`) on the same models and settings, measured in the same run.
 
     .venv/bin/python scripts/bench_ppo.py
-    .venv/bin/python scripts/bench_ppo.py --peer_python .venv-trl110/bin/python --rounds 3
+    .venv/bin/python scripts/bench_ppo.py --rounds 3 --peer_python .venv/trl110/bin/python
 
 Settings (ANCHORS.md): a tiny random Llama (hidden 64, 2 layers, the embedded 512-token tokenizer) as policy,
 reference, reward model and value model; 16 episodes per PPO step (one minibatch, no gradient accumulation), 2 PPO
@@ -11,10 +11,11 @@ is 24 tokens long in both runs. Each run does --steps PPO steps in a fresh proce
 dropped and episodes/s is episodes over wall time of the rest. The runs alternate (ours, peer, ours, peer, ...) so
 that load from other programs hits both alike; the median over rounds is reported.
 
-The peer needs trl 1.10 next to the same torch/transformers. A venv that reuses this one's packages:
-    python3 -m venv .venv-trl110
-    .venv/bin/python -c "import site; print(site.getsitepackages()[0])" > .venv-trl110/lib/python3.11/site-packages/main.pth
-    .venv-trl110/bin/pip install --no-deps trl==1.10.0
+The peer needs trl 1.10 next to the same torch/transformers: a side venv inside .venv/ (so git ignores it) that
+reuses this venv's packages, with trl 1.10 in front of them (pip fetches the one wheel):
+    python3 -m venv .venv/trl110
+    .venv/bin/python -c "import site; print(site.getsitepackages()[0])" > .venv/trl110/lib/python3.11/site-packages/main.pth
+    .venv/trl110/bin/pip install --no-deps trl==1.10.0
 Without it, ours is printed beside the figure recorded in ANCHORS.md (about 28 episodes/s), clearly marked as not
 measured in this run.
 """
@@ -179,10 +180,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=14, help="PPO steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the figures")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the median is reported")
-    default_peer = REPO / ".venv-trl110/bin/python"
+    default_peer = REPO / ".venv/trl110/bin/python"
     parser.add_argument(
         "--peer_python", default=os.environ.get("HFGEN_PEER_PYTHON", str(default_peer) if default_peer.exists() else sys.executable),
-        help="interpreter with trl 1.10 (default: .venv-trl110/bin/python, $HFGEN_PEER_PYTHON, else this one)",
+        help="interpreter with trl 1.10 (default: $HFGEN_PEER_PYTHON, else .venv/trl110/bin/python, else this one)",
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -208,7 +209,9 @@ def main() -> None:
     if version:
         peer_eps = statistics.median(r["episodes_per_s"] for r in peer)
         print(f"  trl {version} PPOTrainer {peer_eps:7.1f} episodes/s   (runs: {listing(peer)})")
-        print(f"  ratio hfgen / trl    {ours_eps / peer_eps:7.2f}x   (same models, settings and machine, this run)")
+        paired = ", ".join(f"{o['episodes_per_s'] / p['episodes_per_s']:.2f}" for o, p in zip(ours, peer))
+        print(f"  ratio hfgen / trl    {ours_eps / peer_eps:7.2f}x   (same models, settings and machine, this run; "
+              f"round by round: {paired})")  # fmt: skip
     else:
         print(f"  trl 1.10 PPOTrainer  {ANCHOR_EPISODES_PER_S:7.1f} episodes/s   NOT measured in this run: the figure "
               f"recorded in ANCHORS.md (no trl 1.10 at {args.peer_python}; see this script's docstring)")  # fmt: skip
