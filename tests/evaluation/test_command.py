@@ -86,7 +86,11 @@ def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(model_d
     results = tracking.read_json(output)
     assert isinstance(results["quality/reward_score"], float)
     # same model, same seed: identical responses, every comparison a tie
-    assert results["quality/win_rate_vs_baseline"] == 0.5 and results["eval/win_rate_judge"] == "reward"
+    assert results["quality/win_rate_vs_baseline_by_reward"] == 0.5
+    assert results["quality/win_rate_vs_baseline_by_oracle"] == 0.5
+    assert results["quality/baseline_reward_score"] == results["quality/reward_score"]
+    # the oracle, which cannot be gamed, is the headline judge when there is one
+    assert results["quality/win_rate_vs_baseline"] == 0.5 and results["eval/win_rate_judge"] == "oracle"
     # chat models are measured on conversations formatted with their chat template
     assert results["eval/chat"] is True and results["eval/perplexity_dataset"] == "embedded:instructions"
     assert "win_rate_vs_baseline" in capsys.readouterr().out

@@ -262,11 +262,17 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
         baseline_inputs = [p if baseline_chat else prompt_text(p) for p in prompts]
         baseline_responses = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
-        judge_name = "reward" if "reward" in judges else "oracle"
-        judged = judges[judge_name](prompts, baseline_responses)
-        flat = [s for group in scores[judge_name] for s in group]
-        results["quality/win_rate_vs_baseline"] = text.win_rate(flat, [s for group in judged for s in group])
-        results["eval/baseline"], results["eval/win_rate_judge"] = args.baseline, judge_name
+        # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
+        for name, judge in judges.items():
+            judged = judge(prompts, baseline_responses)
+            results[f"quality/baseline_{name}_score"] = sum(map(mean, judged)) / len(judged)
+            ours = [s for group in scores[name] for s in group]
+            results[f"quality/win_rate_vs_baseline_by_{name}"] = text.win_rate(
+                ours, [s for group in judged for s in group]
+            )
+        primary = "oracle" if "oracle" in judges else "reward"
+        results["quality/win_rate_vs_baseline"] = results[f"quality/win_rate_vs_baseline_by_{primary}"]
+        results["eval/baseline"], results["eval/win_rate_judge"] = args.baseline, primary
 
     # Diversity: n-gram statistics always, embedding similarity when the encoder package is installed.
     encoder = text.load_sentence_encoder(device)
