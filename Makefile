@@ -35,6 +35,17 @@ demo-pretrain: install
 	HF_HUB_OFFLINE=1 $(BIN)/hfgen train recipes/tiny/pretrain.yaml
 	HF_HUB_OFFLINE=1 $(BIN)/hfgen generate outputs/tiny/pretrain --prompt "the cat" --prompt "the red car" --num_samples 2
 
+# Text-to-image from scratch on the embedded digits (CPU, ~10 minutes): the VAE, then the text encoder and UNet
+# (t2i stage), then the evaluation figures: prompt adherence, Fréchet distance, diversity, images/s.
+demo-images: install
+	HF_HUB_OFFLINE=1 $(BIN)/hfgen train recipes/tiny/vae_digits.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/hfgen train recipes/tiny/t2i_digits.yaml
+	@$(BIN)/python -c "import json; runs = ('outputs/tiny/vae', 'outputs/tiny/t2i'); \
+	[print(f'{run}/{k:42} {v:.4g}' if isinstance(v, float) else f'{run}/{k:42} {v}') \
+	 for run in runs for k, v in {**json.load(open(run + '/eval.json')), \
+	 'wall_time_s': json.load(open(run + '/COMPLETE'))['wall_time_s']}.items()]"
+	@echo "images: outputs/tiny/t2i/samples/grid.png, outputs/tiny/t2i/validation/"
+
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 

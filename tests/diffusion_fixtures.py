@@ -41,4 +41,4 @@ def t2i_overrides(configs, vae_dir, output_dir, steps=4) -> list[str]:
             "--text_encoder_config", configs["text_encoder_config"], "--output_dir", str(output_dir),
             "--max_train_steps", str(steps), "--logging_steps", "1", "--validation_steps", "2",
             "--validation_prompts", "a handwritten digit 1", "a handwritten digit 2", "--num_validation_images", "2",
-            "--num_inference_steps", "2", "--eval_images_per_prompt", "2", *SMALL_DATA]  # fmt: skip
+            "--num_inference_steps", "2", "--eval_images_per_prompt", "2", "--text_encoder_pretraining_steps", "5", *SMALL_DATA]  # fmt: skip

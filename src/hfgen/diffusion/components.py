@@ -65,6 +65,11 @@ class PipelineArguments:
         metadata={"help": f"From scratch: a CLIPTokenizer dir or hub id, or '{CAPTION_TOKENIZER}' (a CLIP-style BPE trained "
                   "here on the training captions)."},
     )  # fmt: skip
+    text_encoder_pretraining_steps: int = field(
+        default=0,
+        metadata={"help": "From scratch: CLIP contrastive pretraining steps for the new text encoder on the training "
+                  "image-caption pairs, before it is frozen (see hfgen/diffusion/text_pretraining.py); 0: none."},
+    )  # fmt: skip
     max_caption_tokens: int = field(
         default=16, metadata={"help": f"Token length of captions for '{CAPTION_TOKENIZER}' (CLIP uses 77)."}
     )
@@ -104,6 +109,8 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
     problems += check_model_source("vae_name_or_path", args.vae_name_or_path, hint="train one with the vae stage first")
     if args.tokenizer_name != CAPTION_TOKENIZER:
         problems += check_model_source("tokenizer_name", args.tokenizer_name)
+    if args.text_encoder_pretraining_steps and args.pretrained_model_name_or_path:
+        problems.append("text_encoder_pretraining_steps pretrains a text encoder built from scratch; drop it")
     if args.max_caption_tokens < 4:
         problems.append(f"max_caption_tokens must be at least 4, got {args.max_caption_tokens}")
     return problems
@@ -159,6 +166,13 @@ def merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
             merged.append(word[i])
             i += 1
     return tuple(merged)
+
+
+def tokenize(tokenizer, captions: list[str]):
+    """Token ids padded to the tokenizer's length, exactly as StableDiffusionPipeline encodes prompts."""
+    return tokenizer(
+        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def load_tokenizer(name: str, revision: str | None = None, subfolder: str | None = None):
@@ -257,7 +271,8 @@ def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
             "vae": load_vae(args.vae_name_or_path),
             "unet": build_unet(args.unet_config),
             "noise_scheduler": noise_scheduler,
-            "sampler": DDIMScheduler.from_config(noise_scheduler.config),
+            # DDIM with trailing timesteps: starts sampling from the last training timestep (Lin et al., 2024)
+            "sampler": DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", steps_offset=1),
         }
     if args.prediction_type:  # the saved sampler must read the UNet's output the way it was trained
         components["noise_scheduler"].register_to_config(prediction_type=args.prediction_type)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hfgen import tracking
-from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments
+from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments, tokenize
 from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
 from hfgen.diffusion.training import LoopArguments, check_loop_arguments
 
@@ -103,7 +104,8 @@ def check(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Per image: the VAE posterior's mean and std (and the flipped image's), and its caption's index."""
+    """Per image: the VAE posterior's mean and std (and the flipped image's), and its caption's index. Batches
+    are gathered in one indexing per tensor (`__getitems__`), not stacked from single rows."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -114,6 +116,14 @@ class CachedLatents(torch.utils.data.Dataset):
     def __getitem__(self, index):
         return {name: values[index] for name, values in self.tensors.items()}
 
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(indices)
+        return {name: values[index] for name, values in self.tensors.items()}
+
+    @staticmethod
+    def collate(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch  # already a batch (__getitems__)
+
 
 def encode_captions(captions: list[str], tokenizer, text_encoder, device, batch_size: int = 256) -> torch.Tensor:
     """The text encoder's last hidden states for each caption, padded to the tokenizer's length as the pipeline does."""
@@ -123,12 +133,6 @@ def encode_captions(captions: list[str], tokenizer, text_encoder, device, batch_
             ids = tokenize(tokenizer, captions[start : start + batch_size]).to(device)
             states.append(text_encoder(ids, return_dict=False)[0])
     return torch.cat(states)
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def cache_latents(rows, data_args, vae, tokenizer, device, batch_size: int = 64):
@@ -215,6 +219,13 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     parts = load_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
     tokenizer, text_encoder, vae, unet = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"]
     noise_scheduler = parts["noise_scheduler"]
+    if model_args.text_encoder_pretraining_steps:  # a new text encoder learns captions the CLIP way first
+        from hfgen.diffusion.text_pretraining import pretrain_text_encoder
+
+        first, last = pretrain_text_encoder(
+            text_encoder, tokenizer, train_rows, data_args, model_args.text_encoder_pretraining_steps, args.seed, device
+        )
+        tracking.update_eval(output_dir, {"text_encoder/clip_loss_initial": first, "text_encoder/clip_loss": last})
     train_text_encoder = args.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_text_encoder and not args.use_lora)
@@ -231,9 +242,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         if train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     # Frozen weights in the mixed-precision dtype; trained ones (full UNet, LoRA adapters) stay float32.
-    vae.to(device, dtype=dtype)
-    text_encoder.to(device, dtype=dtype if not train_text_encoder else torch.float32)
-    unet.to(device, dtype=dtype if args.use_lora else torch.float32)
+    for model, frozen in ((vae, True), (text_encoder, not train_text_encoder), (unet, args.use_lora)):
+        model.to(device)
+        if frozen and dtype != torch.float32:  # (diffusers warns about any dtype cast, even a no-op one)
+            model.to(dtype=dtype)
     if args.use_lora:
         cast_training_params([unet, text_encoder] if train_text_encoder else [unet], dtype=torch.float32)
     ema_unet = None
@@ -258,6 +270,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         empty_ids = tokenize(tokenizer, [""]).to(device)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+        collate_fn=CachedLatents.collate if args.cache_latents else None,
         drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
     )  # fmt: skip
 
@@ -281,9 +294,11 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
     log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     accelerator.print(f"t2i: {trainable:,} trainable UNet parameters, {len(train_set)} images, {max_steps} steps")
 
+    loop_started, first_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, num_epochs):
         for model in trained:
             model.train()
@@ -360,7 +375,15 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 if global_step >= max_steps:
                     break
     log.maybe_write(global_step, force=True)
+    loop_time = time.perf_counter() - loop_started
     accelerator.wait_for_everyone()
+    speed = {
+        "train/steps": global_step,
+        "train/runtime_s": loop_time,
+        "train/steps_per_s": (global_step - first_step) / loop_time,
+        "train/images_per_s": (global_step - first_step) * total_batch / loop_time,
+    }
+    tracking.update_eval(output_dir, speed)
 
     # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
@@ -383,7 +406,6 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
             device=str(device), digits=data_args.dataset_name == DIGITS, samples_dir=str(output_dir / "samples"),
         )  # fmt: skip
-        results["train/steps"] = global_step
         tracking.update_eval(output_dir, results)
         accelerator.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
     return output_dir
@@ -440,8 +462,8 @@ def save(
     from hfgen.diffusion.components import make_pipeline
 
     # float32 on disk whatever the training precision (as the pretrained pipelines ship)
-    pipeline = make_pipeline(
-        parts["tokenizer"], text_encoder.to(torch.float32), parts["vae"].to(torch.float32), unet.to(torch.float32),
-        parts["sampler"],
-    )  # fmt: skip
+    for model in (text_encoder, parts["vae"], unet):
+        if model.dtype != torch.float32:
+            model.to(dtype=torch.float32)
+    pipeline = make_pipeline(parts["tokenizer"], text_encoder, parts["vae"], unet, parts["sampler"])
     pipeline.save_pretrained(output_dir, safe_serialization=True)
