@@ -35,11 +35,14 @@ demo-pretrain: install
 	HF_HUB_OFFLINE=1 $(BIN)/hfgen train recipes/tiny/pretrain.yaml
 	HF_HUB_OFFLINE=1 $(BIN)/hfgen generate outputs/tiny/pretrain --prompt "the cat" --prompt "the red car" --num_samples 2
 
-# Text-to-image from scratch on the embedded digits (CPU, ~10 minutes): the VAE, then the text encoder and UNet
-# (t2i stage), then the evaluation figures: prompt adherence, Fréchet distance, diversity, images/s.
+# Text-to-image from scratch on the embedded digits (2-core CPU: ~6 minutes): the VAE, then the text encoder and
+# UNet (t2i stage), then the evaluation figures: prompt adherence, Fréchet distance, diversity, images/s.
+# One torch thread unless OMP_NUM_THREADS says otherwise: on a CPU shared with other jobs, two OpenMP threads
+# spin-wait for each other and a UNet step took 5-8x longer than with one. On an idle machine two are faster
+# (4 minutes instead of 6): OMP_NUM_THREADS=2 make demo-images.
 demo-images: install
-	HF_HUB_OFFLINE=1 $(BIN)/hfgen train recipes/tiny/vae_digits.yaml
-	HF_HUB_OFFLINE=1 $(BIN)/hfgen train recipes/tiny/t2i_digits.yaml
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/hfgen train recipes/tiny/vae_digits.yaml
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/hfgen train recipes/tiny/t2i_digits.yaml
 	@$(BIN)/python -c "import json; runs = ('outputs/tiny/vae', 'outputs/tiny/t2i'); \
 	[print(f'{run}/{k:42} {v:.4g}' if isinstance(v, float) else f'{run}/{k:42} {v}') \
 	 for run in runs for k, v in {**json.load(open(run + '/eval.json')), \

@@ -143,29 +143,33 @@ def mean_pairwise_distance(pixels: np.ndarray) -> float:
 # ---- a whole pipeline ---------------------------------------------------------------------------------
 
 
-def trained_on_digits(pipeline_dir: str | Path) -> bool:
-    """Whether the run that wrote `pipeline_dir` trained on embedded:digits (read from its recipe.yaml)."""
+def recipe_of(pipeline_dir: str | Path) -> dict:
+    """The recipe of the run that wrote `pipeline_dir` (its recipe.yaml), or {} for a pipeline from elsewhere."""
     import yaml
 
-    from hfgen.diffusion.data import DIGITS
-
     recipe = Path(pipeline_dir) / "recipe.yaml"
-    return recipe.is_file() and (yaml.safe_load(recipe.read_text()) or {}).get("dataset_name") == DIGITS
+    return (yaml.safe_load(recipe.read_text()) or {}) if recipe.is_file() else {}
 
 
 def evaluate_pipeline(
-    pipeline_dir: str, prompts: list[str] | None = None, images_per_prompt: int = 20, num_inference_steps: int = 25,
-    guidance_scale: float = 3.0, seed: int = 0, device: str | None = None, quiet: bool = False,
-    digits: bool | None = None, samples_dir: str | None = None,
+    pipeline_dir: str, prompts: list[str] | None = None, images_per_prompt: int | None = None,
+    num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+    device: str | None = None, quiet: bool = False, digits: bool | None = None, samples_dir: str | None = None,
 ) -> dict:  # fmt: skip
     """Generate `images_per_prompt` images per prompt and measure them; a flat dict of `quality/`, `diversity/`,
     `speed/` figures and the `eval/` settings. Digit prompts (and digit metrics) when the pipeline was trained on
     embedded:digits (or `digits=True`); else `prompts` or a few generic ones. `samples_dir` also saves the images.
-    `quiet` is accepted for `hfgen eval` (progress bars are always off here)."""
+    Unset sampling settings come from the t2i run's recipe.yaml (eval_images_per_prompt, num_inference_steps,
+    guidance_scale), else 20 / 25 / 3.0. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
+    from hfgen.diffusion.data import DIGITS
     from hfgen.diffusion.rendering import generate_images, save_images
 
-    digits = trained_on_digits(pipeline_dir) if digits is None else digits
+    recipe = recipe_of(pipeline_dir)
+    images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
+    num_inference_steps = num_inference_steps or recipe.get("num_inference_steps") or 25
+    guidance_scale = guidance_scale if guidance_scale is not None else recipe.get("guidance_scale", 3.0)
+    digits = recipe.get("dataset_name") == DIGITS if digits is None else digits
     if digits:
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
     prompts = list(prompts or GENERIC_PROMPTS)
