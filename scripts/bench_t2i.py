@@ -43,7 +43,7 @@ def hand_written_loop(recipe, steps: int) -> float:
 
     from hfgen.diffusion.components import load_components
     from hfgen.diffusion.data import load_image_splits, pick_caption
-    from hfgen.stages.t2i import cache_latents, encode_captions
+    from hfgen.diffusion.latents import cache_latents, encode_captions
 
     model_args, data_args, args = recipe.configs
     set_seed(args.seed)

@@ -2,8 +2,10 @@
 
     components.py  tokenizer / text encoder / VAE / UNet / schedulers, built from configs or loaded; pipeline dirs
     data.py        image-caption datasets (hub, imagefolder, embedded:digits), checks, transforms
+    latents.py     the t2i stage's inputs: latents cached from a frozen VAE, or pixels and token ids
     rendering.py   images from a pipeline: PNGs and a grid (`hfgen generate PIPELINE_DIR --prompt ...`)
-    training.py    what the t2i and vae stages share: loop arguments, accelerator, optimizer, resume
+    text_pretraining.py  CLIP-style contrastive pretraining of a text encoder built from scratch
+    training.py    what the t2i and vae stages share: loop arguments, accelerator, optimizer, resume, RNG
 
 The stages themselves are hfgen/stages/t2i.py and hfgen/stages/vae.py; image metrics are
 hfgen/evaluation/images.py. Heavy libraries are imported inside functions, so importing this package is cheap.
