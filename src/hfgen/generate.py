@@ -31,10 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from hfgen.diffusion import is_pipeline_dir
     from hfgen.errors import UserError
 
     model_path = Path(args.model)
-    if (model_path / "model_index.json").is_file():
+    if is_pipeline_dir(model_path):  # a diffusers pipeline dir or a t2i LoRA run
         from hfgen.diffusion import render_images
 
         paths = render_images(

@@ -71,11 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
+    from hfgen.diffusion import is_pipeline_dir
 
     target = Path(args.target)
+    images = is_pipeline_dir(target)  # a diffusers pipeline dir or a t2i LoRA run
     if args.quiet:
         quiet_libraries()
-    if (target / "model_index.json").is_file():
+    if images:
         results = evaluate_images(target, args)
     else:
         check_text_arguments(args)
@@ -84,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     merged = {**tracking.read_json(output, {}), **results}
     tracking.write_json(output, merged)
-    if not (target / "model_index.json").is_file():
+    if not images:
         tracking.write_jsonl(output.parent / "eval_samples.jsonl", samples)
     print(format_table(results, title=f"hfgen eval {args.target}"))
     print(f"\nwritten to {output}")
