@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen.data.loading import ROWS_CHECKED, DataArguments, column_problems, load_raw
+from hfgen.data.loading import ROWS_CHECKED, DataArguments, column_problems, load_raw, split_dataset
 from hfgen.errors import UserError
 
 DIGITS = "embedded:digits"
@@ -89,23 +89,9 @@ def digits_dataset():
 
 
 def load_image_splits(args: DataArguments, seed: int = 0):
-    """(train, eval) image datasets, split like `hfgen.data.loading.load_splits` (which knows no images)."""
+    """(train, eval) image datasets: `embedded:digits` or any `load_raw` source, split as `load_splits` does."""
     raw = digits_dataset() if args.dataset_name == DIGITS else load_raw(args.dataset_name, args.dataset_config)
-    if args.dataset_train_split not in raw:
-        raise UserError(
-            f"dataset_train_split '{args.dataset_train_split}' is not a split of '{args.dataset_name}'; it has {', '.join(raw)}"
-        )
-    train = raw[args.dataset_train_split]
-    if args.dataset_test_split in raw:
-        evaluation = raw[args.dataset_test_split]
-    else:
-        parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples:
-        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+    return split_dataset(raw, args, seed)
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
