@@ -231,6 +231,27 @@ def checkpoint_step(path: str | Path) -> int:
     return int(read_json(Path(path) / "hfgen_state.json", {"step": 0})["step"])
 
 
+def end_training(accelerator) -> None:
+    """`accelerator.end_training()` (trackers closed, process group destroyed) made safe for DDP models. Callers
+    drop their own references to the prepared (wrapped) models first; this drops accelerate's.
+
+    Why: a DDP model's reducer holds a reference to the process group. Were the group destroyed while a DDP wrapper
+    still lived, the reducer's later dealloc would destroy the group itself, with the GIL held, joining gloo's
+    worker threads while one of them waits for the GIL to free the last collective's tensors: a deadlock at exit,
+    seen as a 2-process run that prints its results and never returns. So the wrappers go first; if one is still
+    referenced somewhere, the group is left for interpreter exit instead (as Trainer-based stages do)."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    accelerator.free_memory()  # accelerate's references, then gc.collect()
+    if any(issubclass(type(obj), DistributedDataParallel) for obj in gc.get_objects()):
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        return
+    accelerator.end_training()
+
+
 def write_weights_fingerprint(model, output_dir: str | Path) -> str:
     """Every rank writes a SHA-256 of its own parameters to OUTPUT_DIR/weights-rank{R}.sha256, so a
     multi-process run can be checked to end with identical weights on all ranks."""

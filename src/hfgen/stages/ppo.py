@@ -344,7 +344,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         tracking.update_eval(output_dir, results)
         if "kl_to_reference" in results:
             accelerator.print(format_evaluation(results))
-    accelerator.end_training()
+    trainable = optimizer = None  # the DDP wrapper must go before the process group (see tracking.end_training)
+    tracking.end_training(accelerator)
     return output_dir
 
 

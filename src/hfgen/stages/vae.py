@@ -249,7 +249,8 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
     if accelerator.num_processes > 1:
         tracking.write_weights_fingerprint(vae, output_dir)
-    accelerator.end_training()
+    autoencoder = discriminator = None  # DDP wrappers go before the process group (see tracking.end_training)
+    tracking.end_training(accelerator)
     return output_dir
 
 
