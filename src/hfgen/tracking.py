@@ -198,7 +198,11 @@ def save_checkpoint(
     """`accelerator.save_state` (models, optimizers, schedulers, RNG, registered objects) into checkpoint-STEP,
     with the recipe beside it, then delete the oldest beyond `total_limit`."""
     path = Path(output_dir) / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
+    hook = accelerator.register_save_state_pre_hook(_drop_frozen_parameters)
+    try:
+        accelerator.save_state(str(path))
+    finally:
+        hook.remove()
     if accelerator.is_main_process:
         write_json(path / "hfgen_state.json", {"step": step})
         if recipe_yaml:
@@ -208,6 +212,59 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
+
+
+def _frozen_parameters(model) -> set[str]:
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _drop_frozen_parameters(models, weights, output_dir) -> None:
+    """Save-state hook: a checkpoint keeps what trains (and buffers). Frozen parameters (a LoRA base, a frozen
+    embedding) are the ones the run started from and come back from `model_name_or_path` on resume: a 7B LoRA
+    policy's checkpoint is then tens of MB, not 14 GB. (FSDP and DeepSpeed models are saved their own way and are
+    not in `weights`.)"""
+    for model, state in zip(models, weights):
+        for name in _frozen_parameters(model) & state.keys():
+            del state[name]
+
+
+def load_checkpoint(accelerator, path: str | Path) -> int:
+    """`accelerator.load_state` for a checkpoint written by `save_checkpoint` -> its step. Only frozen parameters
+    may be missing from its weights (they are the freshly loaded ones); anything else missing is an error."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        accelerator.load_state(str(path))  # saved whole, by their own savers
+        return checkpoint_step(path)
+    hook = accelerator.register_load_state_pre_hook(_check_trainable_weights_saved)
+    try:
+        accelerator.load_state(str(path), strict=False)  # strict=False: the frozen parameters are not in the file
+    finally:
+        hook.remove()
+    return checkpoint_step(path)
+
+
+def _check_trainable_weights_saved(models, input_dir) -> None:
+    """Load-state hook: every weight of every model but its frozen parameters must be in the checkpoint."""
+    from safetensors import safe_open
+
+    from hfgen.errors import UserError
+
+    for i, model in enumerate(models):  # weights files are numbered in prepare order
+        weights_file = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not weights_file.is_file():
+            raise UserError(f"checkpoint '{input_dir}' has no {weights_file.name}; it was not written by this stage.")
+        with safe_open(str(weights_file), "pt") as f:
+            present = set(f.keys()) | _frozen_parameters(model)
+        tied: dict[int, list[str]] = {}  # names sharing one tensor (tied embeddings) are saved once
+        for name, tensor in model.state_dict().items():
+            tied.setdefault(tensor.data_ptr(), []).append(name)
+        missing = [names[0] for names in tied.values() if not present.intersection(names)]
+        if missing:
+            raise UserError(
+                f"checkpoint '{input_dir}' lacks {len(missing)} trainable weights of this run's model (e.g. "
+                f"'{missing[0]}'): it was written by a run with other settings (model, LoRA, process count)."
+            )
 
 
 def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:

@@ -174,10 +174,15 @@ def test_two_processes_end_with_identical_policy_weights(tmp_path, tiny_models, 
     assert load_file(run / "model.safetensors").keys() == load_file(sft / "model.safetensors").keys()
 
 
+LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+
+
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models):
+@pytest.mark.parametrize("settings", [{}, LORA], ids=["full", "lora"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, settings):
     sft, reward = tiny_models
     common = dict(reward_model_path=str(reward), total_episodes=64, save_steps=2, kl_target=1.0, kl_horizon=100)
+    common |= settings
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir(), resumed_dir.mkdir()
     train(write_recipe(full_dir, sft, **common))
@@ -189,7 +194,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models):
     assert [row["step"] for row in full] == [1, 2, 3, 4] and [row["step"] for row in resumed] == [3, 4]
     for key in ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy_avg", "loss/value_avg", "lr"):
         assert [row[key] for row in resumed] == pytest.approx([row[key] for row in full[2:]], rel=1e-5, abs=1e-7), key
-    a, b = load_file(full_dir / "run" / "model.safetensors"), load_file(resumed_dir / "run" / "model.safetensors")
+    weights = "adapter_model.safetensors" if settings else "model.safetensors"
+    a, b = load_file(full_dir / "run" / weights), load_file(resumed_dir / "run" / weights)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert full[2]["objective/kl_coef"] != 0.05  # the adaptive coefficient moved, and was restored
+    # The checkpoint holds what trains: with LoRA, the adapter and the value model but none of the frozen base.
+    saved = load_file(full_dir / "run" / "checkpoint-2" / "model.safetensors").keys()
+    policy_keys = {key for key in saved if key.startswith("policy.")}
+    if settings:
+        assert policy_keys and all(".lora_" in key for key in policy_keys)
+    else:
+        assert {key.removeprefix("policy.") for key in policy_keys} >= load_file(sft / "model.safetensors").keys()
+    assert any(key.startswith("value_model.") for key in saved)
+    if not settings:  # a checkpoint written with other settings is refused, naming a weight it lacks
+        other = tmp_path / "other"
+        other.mkdir()
+        checkpoint = full_dir / "run" / "checkpoint-2"
+        result = run_hfgen("train", write_recipe(other, sft, **common, **LORA), "--resume_from_checkpoint", checkpoint)
+        assert result.returncode == 2 and "lacks" in result.stderr and "lora_" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -1,9 +1,9 @@
 """Stage `pretrain`: the tiny recipe learns, its output loads with from_pretrained, DDP ranks agree, resume is exact."""
 
 import re
+import shutil
 import subprocess
 import sys
-import shutil
 
 import pytest
 import torch

@@ -136,8 +136,7 @@ def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int,
     path = tracking.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         return 0, 0, 0
-    accelerator.load_state(str(path))
-    step = tracking.checkpoint_step(path)
+    step = tracking.load_checkpoint(accelerator, path)
     accelerator.print(f"resumed from {path} at step {step}")
     return step, step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps
 

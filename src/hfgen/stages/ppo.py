@@ -260,8 +260,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     start_step = 0
     resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
     if resume is not None:
-        accelerator.load_state(str(resume))  # weights, optimiser, scheduler, KL coefficient, every RNG
-        start_step = tracking.checkpoint_step(resume)
+        # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
+        start_step = tracking.load_checkpoint(accelerator, resume)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     else:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
