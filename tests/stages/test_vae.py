@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import run_hfgen
+from conftest import accelerate_launch, run_hfgen
 from diffusion_fixtures import VAE_RECIPE, vae_overrides, write_tiny_configs
 from hfgen import tracking
 
@@ -40,6 +40,17 @@ def test_adversarial_term_trains_a_discriminator(configs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = tracking.read_metrics(tmp_path)
     assert "disc_loss" not in rows[1] and "disc_loss" in rows[2] and "generator_loss" in rows[3]
+
+
+def test_two_processes_end_with_identical_weights(configs, tmp_path, free_port):
+    # With the discriminator on, two DDP models (autoencoder and discriminator) train and are torn down.
+    overrides = vae_overrides(configs, tmp_path, steps=4) + ["--adversarial_weight", "0.1", "--adversarial_start_step",
+                                                             "2", "--discriminator_channels", "8"]  # fmt: skip
+    result = accelerate_launch(free_port, VAE_RECIPE, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = [(tmp_path / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2 and tracking.is_complete(tmp_path)
 
 
 def test_missing_image_exits_2_naming_the_file(configs, tmp_path):
