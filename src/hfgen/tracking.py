@@ -135,6 +135,17 @@ def mark_complete(output_dir: str | Path, **info) -> None:
         write_json(Path(output_dir) / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
 
 
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes while their process group is up (PPO and the diffusion loops tear
+    it down at their end; single-process runs have none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 def is_complete(output_dir: str | Path) -> bool:
     return (Path(output_dir) / COMPLETE_MARKER).is_file()
 
@@ -288,25 +299,35 @@ def checkpoint_step(path: str | Path) -> int:
     return int(read_json(Path(path) / "hfgen_state.json", {"step": 0})["step"])
 
 
-def end_training(accelerator) -> None:
-    """`accelerator.end_training()` (trackers closed, process group destroyed) made safe for DDP models. Callers
-    drop their own references to the prepared (wrapped) models first; this drops accelerate's.
+def finish_trackers(accelerator) -> None:
+    """The end of a stage's own accelerate loop: its trackers closed. Unlike `accelerator.end_training()`, the
+    process group stays up: the next step of a pipeline runs in this process (parsing its TrainingArguments would
+    otherwise start a new group and wait for ranks that have left). `shutdown_distributed` ends it."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
-    Why: a DDP model's reducer holds a reference to the process group. Were the group destroyed while a DDP wrapper
-    still lived, the reducer's later dealloc would destroy the group itself, with the GIL held, joining gloo's
-    worker threads while one of them waits for the GIL to free the last collective's tensors: a deadlock at exit,
-    seen as a 2-process run that prints its results and never returns. So the wrappers go first; if one is still
-    referenced somewhere, the group is left for interpreter exit instead (as Trainer-based stages do)."""
+
+def shutdown_distributed() -> None:
+    """Destroy the process group once a command is done, after the DDP models are gone.
+
+    Why the order matters: a DDP model's reducer holds a reference to the group. Were the group destroyed while a
+    DDP wrapper lived, the reducer's later dealloc would destroy the group itself, with the GIL held, joining gloo's
+    worker threads while one of them waits for the GIL to free the last collective's tensors: a deadlock, seen as a
+    2-process run that printed its results and never exited. If a wrapper is still referenced somewhere, the group
+    is left for interpreter exit (as after Trainer-based stages)."""
     import gc
 
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    accelerator.free_memory()  # accelerate's references, then gc.collect()
-    if any(issubclass(type(obj), DistributedDataParallel) for obj in gc.get_objects()):
-        for tracker in accelerator.trackers:
-            tracker.finish()
+    if not (dist.is_available() and dist.is_initialized()):
         return
-    accelerator.end_training()
+    gc.collect()  # DDP wrappers kept alive only by reference cycles go now
+    if any(issubclass(type(obj), DistributedDataParallel) for obj in gc.get_objects()):
+        return
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
 
 
 def write_weights_fingerprint(model, output_dir: str | Path) -> str:

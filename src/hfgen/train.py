@@ -50,6 +50,9 @@ def main(args: argparse.Namespace) -> int:
     if args.num_processes or args.launch_config:
         return launch_with_accelerate(recipe_path, args.overrides, args.num_processes, args.launch_config)
     run_recipe(recipe)
+    from hfgen import tracking
+
+    tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0
 
 
@@ -78,6 +81,7 @@ def run_recipe(recipe) -> Path:
     tracking.write_run_records(output_dir, recipe.to_yaml())
     load_stage(recipe.stage).run(*recipe.configs)
     tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
+    tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0
     return output_dir
 
 

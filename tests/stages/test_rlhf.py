@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen
 from hfgen import tracking
 
 
@@ -103,3 +103,17 @@ def test_pipeline_from_nothing_then_skips_and_reruns_what_changed(pipeline, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "== sft (forced)" in result.stdout and "== reward (forced)" in result.stdout
     assert (root / "sft" / "COMPLETE").read_text() != finished["sft"]
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_whole_pipeline(pipeline, tmp_path, free_port):
+    # Every rank checks the previous step's COMPLETE marker, which the main rank writes: the ranks must wait for it.
+    result = accelerate_launch(free_port, pipeline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for step in ("pretrain_out", "sft", "reward", "ppo"):
+        assert tracking.is_complete(tmp_path / step), step
+        assert tracking.read_json(tmp_path / step / "env.json")["world_size"] == 2, step
+    assert (tmp_path / "ppo" / "weights-rank0.sha256").read_text() == (
+        tmp_path / "ppo" / "weights-rank1.sha256"
+    ).read_text()
+    assert "RLHF pipeline summary" in result.stdout

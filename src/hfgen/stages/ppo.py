@@ -344,8 +344,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         tracking.update_eval(output_dir, results)
         if "kl_to_reference" in results:
             accelerator.print(format_evaluation(results))
-    trainable = optimizer = None  # the DDP wrapper must go before the process group (see tracking.end_training)
-    tracking.end_training(accelerator)
+    tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
 
 

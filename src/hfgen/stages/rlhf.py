@@ -124,6 +124,8 @@ def run(args: RLHFArguments) -> Path:
         run_recipe(step_recipe(args, step, check_inputs=True))
         rerun = True  # every later step consumes this step's output
 
+    if not tracking.is_main_process():
+        return Path(args.output_dir)  # the summary is rank 0's to print and write
     summary = summarise(args)
     say(format_summary(summary))
     tracking.update_eval(args.output_dir, summary)

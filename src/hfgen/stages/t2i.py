@@ -325,8 +325,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     if accelerator.num_processes > 1:
         tracking.write_weights_fingerprint(unet, output_dir)
     accelerator.wait_for_everyone()
-    trained = None  # the DDP wrappers go before the process group (see tracking.end_training)
-    tracking.end_training(accelerator)
+    tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
 
     # Evaluate: prompt adherence (digits), diversity and images/s of the saved pipeline, as a user would load it.
     if accelerator.is_main_process and args.eval_images_per_prompt:

@@ -249,8 +249,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
     if accelerator.num_processes > 1:
         tracking.write_weights_fingerprint(vae, output_dir)
-    autoencoder = discriminator = None  # DDP wrappers go before the process group (see tracking.end_training)
-    tracking.end_training(accelerator)
+    tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
 
 
