@@ -274,7 +274,7 @@ def _check_trainable_weights_saved(models, input_dir) -> None:
         if missing:
             raise UserError(
                 f"checkpoint '{input_dir}' lacks {len(missing)} trainable weights of this run's model (e.g. "
-                f"'{missing[0]}'): it was written by a run with other settings (model, LoRA, process count)."
+                f"'{missing[0]}'): it was written by a run with other model or LoRA settings."
             )
 
 
