@@ -136,8 +136,8 @@ def mark_complete(output_dir: str | Path, **info) -> None:
 
 
 def wait_for_everyone() -> None:
-    """A barrier across the launched processes while their process group is up (PPO and the diffusion loops tear
-    it down at their end; single-process runs have none)."""
+    """A barrier across the launched processes, when there is a process group (single-process runs have none;
+    `shutdown_distributed` ends it when the command is done)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from hfgen import tracking
     from hfgen.errors import UserError
     from hfgen.recipe import known_keys, load_recipe, read_recipe_file
 
@@ -50,8 +51,6 @@ def main(args: argparse.Namespace) -> int:
     if args.num_processes or args.launch_config:
         return launch_with_accelerate(recipe_path, args.overrides, args.num_processes, args.launch_config)
     run_recipe(recipe)
-    from hfgen import tracking
-
     tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0
 
