@@ -232,7 +232,7 @@ def _frozen_parameters(model) -> set[str]:
 def _drop_frozen_parameters(models, weights, output_dir) -> None:
     """Save-state hook: a checkpoint keeps what trains (and buffers). Frozen parameters (a LoRA base, a frozen
     embedding) are the ones the run started from and come back from `model_name_or_path` on resume: a 7B LoRA
-    policy's checkpoint is then tens of MB, not 14 GB (its base in bf16). FSDP and DeepSpeed models are saved
+    policy's part of a checkpoint is then tens of MB, not 14 GB (its base in bf16). FSDP and DeepSpeed models are saved
     their own way and are not in `weights`."""
     for model, state in zip(models, weights):
         for name in _frozen_parameters(model) & state.keys():
