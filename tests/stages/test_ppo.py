@@ -13,6 +13,7 @@ from hfgen import tracking
 
 ORACLE = "hfgen.data.embedded:oracle_scores"
 SFT_STEPS = 100  # enough for the tiny policy to answer in the embedded format and end with EOS
+LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
 
 
 def build_tiny_models(root):
@@ -148,10 +149,7 @@ def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_
     assert 0 < lora_parameters == sum(p.numel() for p in policy.parameters() if p.requires_grad)
     assert sum(p.numel() for p in policy.parameters()) == base_parameters + lora_parameters  # one copy of the base
 
-    recipe = write_recipe(
-        tmp_path, sft, reward_functions=[ORACLE], use_peft=True, lora_r=4, lora_alpha=8,
-        lora_target_modules=["q_proj", "v_proj"], learning_rate=1e-2, total_episodes=32,
-    )  # fmt: skip
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], learning_rate=1e-2, total_episodes=32, **LORA)
     train(recipe)
     run = tmp_path / "run"
     metrics = tracking.read_metrics(run)
@@ -172,9 +170,6 @@ def test_two_processes_end_with_identical_policy_weights(tmp_path, tiny_models, 
     metrics = tracking.read_metrics(run)
     assert [row["episode"] for row in metrics] == [32, 64]  # 2 processes x 16 episodes per step
     assert load_file(run / "model.safetensors").keys() == load_file(sft / "model.safetensors").keys()
-
-
-LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
 
 
 @pytest.mark.slow

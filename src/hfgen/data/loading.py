@@ -122,19 +122,28 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
     return problems
 
 
-def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]]) -> list[str]:
-    """Problems with the recipe's dataset for a stage that accepts any of several column layouts."""
+def load_splits_for_check(load, args) -> tuple[tuple | None, list[str]]:
+    """`load(args)` for a stage's check -> ((train, evaluation), []), or (None, [the loading error]). Quiet: a
+    check's findings are its only output."""
     import datasets
 
-    if not args.dataset_name:
-        return ["dataset_name is not set"]
-    datasets.disable_progress_bars()  # a check is quiet; its findings are the only output
+    datasets.disable_progress_bars()
     try:
-        train, evaluation = load_splits(args)
+        return load(args), []
     except UserError as error:
-        return [str(error)]
+        return None, [str(error)]
     finally:
         datasets.enable_progress_bars()
+
+
+def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]]) -> list[str]:
+    """Problems with the recipe's dataset for a stage that accepts any of several column layouts."""
+    if not args.dataset_name:
+        return ["dataset_name is not set"]
+    splits, problems = load_splits_for_check(load_splits, args)
+    if problems:
+        return problems
+    train, evaluation = splits
     for columns in any_of_columns:
         if all(c in train.column_names for c in columns):
             return column_problems(train, columns, args.dataset_name) + column_problems(

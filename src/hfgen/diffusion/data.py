@@ -18,7 +18,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen.data.loading import ROWS_CHECKED, DataArguments, column_problems, load_raw, split_dataset
+from hfgen.data.loading import (
+    ROWS_CHECKED,
+    DataArguments,
+    column_problems,
+    load_raw,
+    load_splits_for_check,
+    split_dataset,
+)
 from hfgen.errors import UserError
 
 DIGITS = "embedded:digits"
@@ -136,19 +143,14 @@ def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CH
 
 def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]:
     """Problems with the recipe's image dataset: loading, columns, empty captions, undecodable images."""
-    import datasets
-
     if not args.dataset_name:
         return ["dataset_name is not set"]
     if args.resolution < 8 or args.resolution % 8:
         return [f"resolution must be a multiple of 8, got {args.resolution}"]
-    datasets.disable_progress_bars()  # a check is quiet; its findings are the only output
-    try:
-        train, evaluation = load_image_splits(args)
-    except UserError as error:
-        return [str(error)]
-    finally:
-        datasets.enable_progress_bars()
+    splits, problems = load_splits_for_check(load_image_splits, args)
+    if problems:
+        return problems
+    train, evaluation = splits
     columns = [args.image_column] + ([args.caption_column] if need_captions else [])
     missing = [c for c in columns if c not in train.column_names]
     if missing:
