@@ -52,5 +52,6 @@ def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.Complete
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+        # the weights fingerprint (hfgen.loop.maybe_write_fingerprint) is written only when a test asks for it
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "HFGEN_WEIGHTS_FINGERPRINT": "1"},
     )

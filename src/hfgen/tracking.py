@@ -330,13 +330,14 @@ def shutdown_distributed() -> None:
     PartialState().destroy_process_group()
 
 
-def write_weights_fingerprint(model, output_dir: str | Path) -> str:
-    """Every rank writes a SHA-256 of its own parameters to OUTPUT_DIR/weights-rank{R}.sha256, so a
-    multi-process run can be checked to end with identical weights on all ranks."""
+def write_weights_fingerprint(state_dict: dict, output_dir: str | Path) -> str:
+    """This rank's SHA-256 of `state_dict` (whole tensors) to OUTPUT_DIR/weights-rank{R}.sha256, so a multi-process
+    test can check that every rank ends with identical weights. Called only when a test asks for it
+    (`hfgen.loop.maybe_write_fingerprint`)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state_dict.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     rank = int(os.environ.get("RANK", "0"))

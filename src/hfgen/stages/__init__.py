@@ -3,6 +3,8 @@
     ARGUMENTS: tuple of dataclass types; the recipe's keys are the union of their fields.
     check(*configs) -> list[str]   (optional) problems found before heavy work: missing files, bad columns.
     run(*configs) -> pathlib.Path  trains, saves into `output_dir`, returns it.
+    refused_engines(*configs) -> dict[str, str]   (optional) engines the stage cannot run under (ddp, fsdp2,
+                                   zero2, zero3, ...) -> why; such a launch stops before any model loads.
 
 `configs` are instances of ARGUMENTS, in order. A stage never imports another stage: the `rlhf`
 pipeline runs its steps through `hfgen.train.run_recipe`, the same entry a user calls.

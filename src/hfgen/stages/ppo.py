@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from trl import ModelConfig
 
-from hfgen import tracking
+from hfgen import loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, run_first_hint
@@ -207,20 +207,14 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
 
 
 def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> Path:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     output_dir = Path(config.output_dir)
     trackers = [name for name in config.report_to if name != "none"]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision="bf16" if config.bf16 else "no",
-        cpu=config.use_cpu,
-        log_with=trackers or None,
-        project_dir=str(output_dir),
-    )
-    set_seed(config.seed)  # the same on every process: identical LoRA and value-head initialisation
+    accelerator = loop.make_accelerator(
+        output_dir, config.seed, config.gradient_accumulation_steps, "bf16" if config.bf16 else "no",
+        cpu=config.use_cpu, log_with=trackers,
+    )  # fmt: skip
     local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_mini_batches
     global_batch = local_batch * accelerator.num_processes
     total_steps = math.ceil(config.total_episodes / global_batch)
@@ -238,34 +232,28 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(
-        [p for p in trainable.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-    )
-    # Not passed to `prepare`: accelerate would step it once per process; it is checkpointed by registration.
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, config.warmup_steps, total_steps)
-    trainable, optimizer = accelerator.prepare(trainable, optimizer)
-    for frozen in (reference, scorer.reward_model):
-        if frozen is not None:
-            frozen.to(accelerator.device)
+    optimizer = loop.adamw(
+        [[p for p in trainable.parameters() if p.requires_grad]], config.learning_rate,
+        (config.adam_beta1, config.adam_beta2), config.weight_decay, config.adam_epsilon,
+    )  # fmt: skip
+    scheduler = loop.lr_schedule(accelerator, config.lr_scheduler_type, optimizer, config.warmup_steps, total_steps)
+    trainable, optimizer = loop.prepare(
+        accelerator, trainable, optimizer,
+        micro_batch_size=config.per_device_train_batch_size, max_grad_norm=config.max_grad_norm,
+    )  # fmt: skip
+    reference = loop.prepare_frozen(accelerator, reference)
+    scorer.reward_model = loop.prepare_frozen(accelerator, scorer.reward_model)
     if config.kl_target is None:
         kl_controller = FixedKLController(config.kl_coef)
     else:
         kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-    accelerator.register_for_checkpointing(scheduler, kl_controller)
+    accelerator.register_for_checkpointing(kl_controller)
 
-    start_step = 0
-    resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
-    if resume is not None:
-        # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
-        start_step = tracking.load_checkpoint(accelerator, resume)
-        accelerator.print(f"resumed from {resume} at step {start_step}")
-    else:
+    # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
+    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir)
+    if not start_step:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
-    metrics_logger = start_metrics(output_dir, start_step)
+    metrics_logger = loop.start_metrics(output_dir, start_step)
     if trackers:
         accelerator.init_trackers("hfgen-ppo", config=scalar_settings(config))
     accelerator.print(
@@ -282,10 +270,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         step_started = time.perf_counter()
         rows = prompt_rows(step, len(train_queries), global_batch, local_batch, accelerator.process_index, config.seed)
         prompts = [train_prompts[i] for i in rows]
-        rollout, details, timing = collect_rollout(
-            accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts,
-            [train_queries[i] for i in rows], config,
-        )  # fmt: skip
+        with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (unwrapped, ref, reward_model):
+            rollout, details, timing = collect_rollout(
+                accelerator, unwrapped, ref, dataclasses.replace(scorer, reward_model=reward_model), tokenizer,
+                generation_config, prompts, [train_queries[i] for i in rows], config,
+            )  # fmt: skip
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening.
         rollout, shaping = compute_advantages(rollout, kl_controller.value, config, all_reduce)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
@@ -314,26 +303,25 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             if accelerator.is_main_process:
                 write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle)
         if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            recipe = output_dir / "recipe.yaml"
-            tracking.save_checkpoint(
-                accelerator, output_dir, step, config.save_total_limit, recipe.read_text() if recipe.is_file() else None
-            )
+            loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
     train_runtime = time.perf_counter() - started
 
-    # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it.
-    accelerator.wait_for_everyone()
+    # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it; whole weights.
+    state = loop.full_state_dict(accelerator, trainable)
     trained = accelerator.unwrap_model(trainable)
     if accelerator.is_main_process:
-        trained.policy.save_pretrained(output_dir)
+        trained.policy.save_pretrained(output_dir, state_dict=loop.part(state, "policy"))
         tokenizer.save_pretrained(output_dir)
-        trained.value_model.save_pretrained(output_dir / "value_model")
-    if accelerator.num_processes > 1:
-        tracking.write_weights_fingerprint(trained.policy, output_dir)
+        trained.value_model.save_pretrained(output_dir / "value_model", state_dict=loop.part(state, "value_model"))
+    del state
+    loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
     # Evaluate: the SFT (reference) policy against the PPO policy on held-out prompts.
-    results = evaluate_against_reference(
-        accelerator, trained.policy, reference, scorer, oracle, tokenizer, eval_prompts, data_args, config
-    )
+    with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (trained, reference, reward_model):
+        results = evaluate_against_reference(
+            accelerator, trained.policy, reference, dataclasses.replace(scorer, reward_model=reward_model), oracle,
+            tokenizer, eval_prompts, data_args, config,
+        )  # fmt: skip
     results |= {
         "episodes": (total_steps - start_step) * global_batch,
         "train_runtime_s": train_runtime,
@@ -479,10 +467,10 @@ def tokenize_prompts(tokenizer, prompts: list, data_args: PPODataArguments) -> t
 # ---- one PPO step -----------------------------------------------------------------------------------
 
 
-def collect_rollout(accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts, queries, config):
-    """Sample responses from the current policy, then score them: reward, reference log-probs, values.
+def collect_rollout(accelerator, unwrapped, reference, scorer, tokenizer, generation_config, prompts, queries, config):
+    """Sample responses from the current policy, then score them: reward, reference log-probs, values. The models
+    come unwrapped, with full weights (`loop.gathered`).
     -> (Rollout without advantages, RolloutDetails, {"generation": seconds, "scoring": seconds})."""
-    unwrapped = accelerator.unwrap_model(trainable)
     unwrapped.eval()
     chunk = config.local_rollout_forward_batch_size
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, accelerator.device)
@@ -547,8 +535,7 @@ def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOC
                     policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
                     value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
                     accelerator.backward(policy.loss + config.vf_coef * value.loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
+                    loop.clip_gradients(accelerator, trainable, config.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 with torch.no_grad():
@@ -571,15 +558,6 @@ def global_means(accelerator, local: dict) -> dict[str, float]:
     for name in RATES:
         metrics[name] *= accelerator.num_processes
     return metrics
-
-
-def start_metrics(output_dir: Path, start_step: int) -> tracking.MetricsLogger:
-    """A fresh metrics.jsonl, or on resume the old one cut back to the checkpoint's step (the steps after it are
-    about to be redone)."""
-    if start_step and tracking.is_main_process():
-        kept = [row for row in tracking.read_metrics(output_dir) if row["step"] <= start_step]
-        tracking.write_jsonl(output_dir / "metrics.jsonl", kept)
-    return tracking.MetricsLogger(output_dir, fresh=start_step == 0)
 
 
 def scalar_settings(config: PPOConfig) -> dict:
@@ -625,7 +603,10 @@ def evaluate_against_reference(
     chunk = config.local_rollout_forward_batch_size
     judged: dict[str, dict[str, list[float]]] = {}
     kl_values: list[float] = []
-    with accelerator.split_between_processes(list(zip(prompts, queries))) as shard, accelerator.autocast():
+    pairs = list(zip(prompts, queries))
+    with accelerator.split_between_processes(pairs) as own:
+        kept = len(own)  # the shards are padded to one length: sharded engines need the same passes on every rank
+    with accelerator.split_between_processes(pairs, apply_padding=True) as shard, accelerator.autocast():
         shard_prompts = [prompt for prompt, _ in shard]
         query_ids, query_mask = left_pad([query for _, query in shard], tokenizer.pad_token_id, accelerator.device)
         for name in ("sft", "ppo"):
@@ -646,13 +627,13 @@ def evaluate_against_reference(
                 figures["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
             figures["response_length"] = mask.sum(1).float()
             figures["eos_rate"] = (sampled.response_ids == tokenizer.eos_token_id).any(1).float()
-            judged[name] = {key: values.tolist() for key, values in figures.items()}
+            judged[name] = {key: values.tolist()[:kept] for key, values in figures.items()}
         input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # PPO's samples
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
         ref = reference_logprobs(
             policy, reference, input_ids, attention_mask, query_ids.shape[1], config.temperature, chunk
         )
-        kl_values = ((sampled.logprobs - ref) * mask).sum(1).tolist()
+        kl_values = ((sampled.logprobs - ref) * mask).sum(1).tolist()[:kept]
 
     merged: dict[str, dict[str, list[float]]] = {name: {key: [] for key in judged[name]} for name in judged}
     all_kl: list[float] = []

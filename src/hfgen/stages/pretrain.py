@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from hfgen import tracking
+from hfgen import loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.models import ModelArguments, check_config_file, check_model_source
 
@@ -128,8 +128,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     final = trainer.evaluate()
 
     trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
-    if training_args.world_size > 1:
-        tracking.write_weights_fingerprint(trainer.model, output_dir)
+    loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
     if trainer.is_world_process_zero():
         samples = generate_text(trainer.model, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
         tracking.write_jsonl(

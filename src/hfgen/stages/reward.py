@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trl import ModelConfig, RewardConfig
 
-from hfgen import tracking
+from hfgen import loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
@@ -137,8 +137,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
     else:
         final_model = trainer.model
         trainer.save_model(str(output_dir))
-    if training_args.world_size > 1:
-        tracking.write_weights_fingerprint(final_model, output_dir)
+    loop.maybe_write_fingerprint(trainer.accelerator, final_model, output_dir)  # tests only
 
     if is_main:
         final = pairwise_eval(final_model, tokenizer, held_out, eval_batch)

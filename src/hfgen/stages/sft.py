@@ -27,7 +27,7 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from hfgen import tracking
+from hfgen import loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
@@ -267,8 +267,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
-    if training_args.world_size > 1:
-        tracking.write_weights_fingerprint(trainer.model, output_dir)
+    loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
     if is_main:
         final_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch)

@@ -1,0 +1,295 @@
+"""The accelerate loop of the stages hfgen drives itself (ppo, vae, t2i): one module for the mechanics that depend
+on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own algorithm.
+
+    accelerator = make_accelerator(output_dir, seed, ...)      the launch checked, everything seeded
+    optimizer = adamw(groups, ...); scheduler = lr_schedule(...)  stepped once per optimizer step, checkpointed
+    model, optimizer, *loaders = prepare(accelerator, model, optimizer, *loaders, micro_batch_size=..., max_grad_norm=...)
+    reference = prepare_frozen(accelerator, reference)          frozen models sharded like the trained one
+    with gathered(accelerator, model, reference) as (policy, ref): generate / call children with full weights
+    clip_gradients(accelerator, model, max_norm)                through the engine (DeepSpeed clips in its step)
+    state = full_state_dict(accelerator, model)                 whole weights on the main process, for save_pretrained
+    step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...); start_metrics(...)
+
+What each engine needs, and where it is handled:
+- DeepSpeed sizes its batch from a dataloader; a loop without one (PPO) states its micro-batch size (`prepare`).
+  Gradient clipping is DeepSpeed's own (the config's `gradient_clipping`, set from the stage's max norm).
+- ZeRO-3 partitions parameters: `generate` and calls to a prepared model's children need them gathered (`gathered`);
+  frozen models become DeepSpeed inference engines (TRL's `prepare_deepspeed`), the whole weights come from
+  `accelerator.get_state_dict` (which needs `stage3_gather_16bit_weights_on_model_save`, set here).
+- FSDP2 gathers a unit's parameters in its forward hooks: a call that bypasses the root's forward (a child's
+  forward, `generate` on a submodule) would see the root's shards, so `gathered` unshards every unit of the model
+  and keeps them whole until the context ends. Frozen models are sharded with accelerate's own FSDP2 preparation
+  (which also spreads rank 0's weights under `fsdp_cpu_ram_efficient_loading`).
+- A launch that would silently run N single-process copies (accelerate launched N processes, each of which sees one)
+  or an engine a stage cannot use stops with exit code 2 before any model loads (`check_launch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from hfgen import tracking
+from hfgen.errors import UserError
+
+FINGERPRINT_ENV = "HFGEN_WEIGHTS_FINGERPRINT"  # tests set it to 1: each rank writes a hash of its full weights
+
+
+# ---- the launch -------------------------------------------------------------------------------------
+
+
+def launched_engine() -> str:
+    """The engine `accelerate launch` asked for, from its environment: ddp, fsdp1, fsdp2, zero1, zero2 or zero3
+    ("ddp" stands for every plain data-parallel or single-process run)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "zero" + os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp" + os.environ.get("FSDP_VERSION", "1")
+    return "ddp"
+
+
+def engine(accelerator) -> str:
+    """The engine an Accelerator runs: ddp, fsdp1, fsdp2, zero1, zero2 or zero3."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return f"zero{state.deepspeed_plugin.zero_stage}"
+    if state.distributed_type == DistributedType.FSDP:
+        return f"fsdp{state.fsdp_plugin.fsdp_version}"
+    return "ddp"
+
+
+def check_launch(refused: dict[str, str] | None = None) -> None:
+    """Stop (exit code 2) a launch that cannot do what was asked, before any model loads: processes that would each
+    train alone (`accelerate launch` started WORLD_SIZE processes but accelerate sees one, e.g. CPU processes without
+    ACCELERATE_USE_CPU), or an engine the stage refuses (`refused`: engine -> why)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        from accelerate import PartialState
+
+        if PartialState().num_processes == 1:
+            raise UserError(
+                f"{world_size} processes were launched (WORLD_SIZE={world_size}) but accelerate sees 1 in each: every "
+                "process would train alone, writing the same output. On a machine without GPUs set "
+                "ACCELERATE_USE_CPU=true (or `use_cpu: true` in the launch config) for DDP, or DS_ACCELERATOR=cpu "
+                "(without ACCELERATE_USE_CPU) for DeepSpeed; on GPUs check that torch sees them."
+            )
+    asked = launched_engine()
+    if refused and asked in refused:
+        raise UserError(f"this stage cannot run under {asked}: {refused[asked]}")
+
+
+def make_accelerator(
+    output_dir: str | Path,
+    seed: int,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str = "no",
+    cpu: bool = False,
+    log_with: list[str] | None = None,
+    refused: dict[str, str] | None = None,
+):
+    """An Accelerator with a seeded data order (a resumed run sees the batches it would have) and everything seeded
+    with `seed` (the same initialisation on every process), after `check_launch`; an engine in `refused` (or FSDP1:
+    these loops call their models' parts directly, which FSDP2's unshard supports) stops the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    refused = {"fsdp1": "set fsdp_version: 2 in the launch config (FSDP2)", **(refused or {})}
+    check_launch(refused)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        cpu=cpu,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+    resolved = engine(accelerator)  # as accelerate resolved it, which may differ from what the launch asked
+    if resolved in refused:
+        raise UserError(f"this stage cannot run under {resolved}: {refused[resolved]}")
+    set_seed(seed)
+    return accelerator
+
+
+# ---- optimizer, schedule, prepare -------------------------------------------------------------------
+
+
+def adamw(parameter_groups, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):
+    """AdamW over `parameter_groups` (lists of parameters, or dicts with their own lr)."""
+    import torch
+
+    groups = [g if isinstance(g, dict) else {"params": list(g)} for g in parameter_groups]
+    for group in groups:
+        group.setdefault("lr", lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def lr_schedule(accelerator, name: str, optimizer, warmup_steps: int, total_steps: int):
+    """A transformers schedule stepped once per optimizer step by the loop itself (not through `prepare`, which
+    would step it once per process) and saved in checkpoints."""
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    return scheduler
+
+
+def prepare(accelerator, model, optimizer, *dataloaders, micro_batch_size: int, max_grad_norm: float):
+    """`accelerator.prepare(model, optimizer, *dataloaders)` under any engine -> (model, optimizer, *dataloaders).
+    DeepSpeed is told the micro-batch size (a loop without a dataloader has no other way to tell it), clips
+    gradients itself at `max_grad_norm`, and under ZeRO-3 gathers whole weights for `full_state_dict`."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        config = plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        config["train_batch_size"] = micro_batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        config["gradient_clipping"] = max_grad_norm or 0.0
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    return accelerator.prepare(model, optimizer, *dataloaders)
+
+
+def prepare_frozen(accelerator, model):
+    """A frozen (no-grad, eval) model placed for the engine: a DeepSpeed inference engine under ZeRO-3 (its
+    parameters were partitioned at load), an FSDP2 module under FSDP2, else the model on the device. It is not
+    registered with the accelerator: checkpoints hold what trains."""
+    if model is None:
+        return None
+    model.eval().requires_grad_(False)
+    name = engine(accelerator)
+    if name == "zero3":
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    if name == "fsdp2":
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model)
+    return model.to(accelerator.device)
+
+
+@contextlib.contextmanager
+def gathered(accelerator, *models):
+    """Full weights of prepared models (trained or frozen) for passes that do not go through their root forward:
+    `generate`, a child model's forward, an adapter switched off. Yields the unwrapped models, in order. Under
+    ZeRO-3 the parameters are gathered (DeepSpeed's fetch hooks off meanwhile, as TRL does); under FSDP2 every
+    unit is unsharded and stays so until the end (so uneven work across ranks cannot hang a collective)."""
+    name = engine(accelerator)
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if model is None:
+                continue
+            if name == "zero3":
+                import deepspeed
+                from trl.models.utils import add_hooks, remove_hooks
+
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(model.parameters())))
+                remove_hooks(model)
+                stack.callback(add_hooks, model)
+            elif name == "fsdp2":
+                stack.enter_context(_unsharded(model))
+        yield [None if m is None else _unwrap(accelerator, m) for m in models]
+
+
+@contextlib.contextmanager
+def _unsharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    resharding = [_reshards_after_forward(unit) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)  # its forward hook would reshard after each call
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, reshard in zip(units, resharding):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+def _reshards_after_forward(unit) -> bool:
+    group = unit._get_fsdp_state()._fsdp_param_group  # FSDP2 exposes a setter for this, not a getter
+    return group is not None and group.post_forward_mesh_info is not None
+
+
+def _unwrap(accelerator, model):
+    module = accelerator.unwrap_model(model)
+    return getattr(module, "module", module) if type(module).__name__ == "DeepSpeedEngine" else module
+
+
+def clip_gradients(accelerator, model, max_norm: float) -> None:
+    """Clip on optimizer steps through the engine (under DeepSpeed the engine clips in its step, see `prepare`)."""
+    if accelerator.sync_gradients and max_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
+# ---- whole weights ----------------------------------------------------------------------------------
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The whole state dict of a prepared model (gathered under ZeRO-3, from every shard under FSDP2), on the main
+    process (others may get an empty or partial dict): what `save_pretrained(..., state_dict=...)` writes. Every
+    process must call it."""
+    return accelerator.get_state_dict(model)
+
+
+def part(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix.` with the prefix removed (a child model's own state dict)."""
+    return {name[len(prefix) + 1 :]: tensor for name, tensor in state.items() if name.startswith(prefix + ".")}
+
+
+def maybe_write_fingerprint(accelerator, model, output_dir: str | Path) -> None:
+    """Only when a test asks (HFGEN_WEIGHTS_FINGERPRINT=1): each rank writes a hash of the model's full weights
+    (gathered under ZeRO-3, whole tensors under FSDP2), so a test can check that all ranks end identical. Never in a
+    user's run: it copies every weight to CPU. Every process must call it."""
+    if os.environ.get(FINGERPRINT_ENV) != "1":
+        return
+    module = _unwrap(accelerator, model)
+    if engine(accelerator) == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            state = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    else:
+        state = {name: _full(tensor) for name, tensor in module.state_dict().items()}
+    tracking.write_weights_fingerprint(state, output_dir)
+
+
+def _full(tensor):
+    full_tensor = getattr(tensor, "full_tensor", None)  # an FSDP2 DTensor: gathered from every shard
+    return full_tensor() if full_tensor is not None else tensor
+
+
+# ---- checkpoints, resume, metrics -------------------------------------------------------------------
+
+
+def resume(accelerator, resume_from_checkpoint, output_dir: str | Path) -> int:
+    """Load the checkpoint `resume_from_checkpoint` names (a dir, or true for the newest) -> its step (0: none).
+    Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects."""
+    path = tracking.resolve_resume(resume_from_checkpoint, output_dir)
+    if path is None:
+        return 0
+    step = tracking.load_checkpoint(accelerator, path)
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> None:
+    """A resumable checkpoint-STEP (rotated to `total_limit`), with the run's recipe beside it."""
+    recipe = Path(output_dir) / "recipe.yaml"
+    tracking.save_checkpoint(
+        accelerator, output_dir, step, total_limit, recipe.read_text() if recipe.is_file() else None
+    )
+
+
+def start_metrics(output_dir: str | Path, start_step: int) -> tracking.MetricsLogger:
+    """A fresh metrics.jsonl, or on resume the old one cut back to the checkpoint's step (the steps after it are
+    about to be redone): a resumed or repeated run never leaves duplicate or stale rows."""
+    if start_step and tracking.is_main_process():
+        kept = [row for row in tracking.read_metrics(output_dir) if row["step"] <= start_step]
+        tracking.write_jsonl(Path(output_dir) / "metrics.jsonl", kept)
+    return tracking.MetricsLogger(output_dir, fresh=start_step == 0)
