@@ -3,7 +3,7 @@ on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own al
 
     accelerator = make_accelerator(output_dir, seed, ...)      the launch checked, everything seeded
     optimizer = adamw(groups, ...); scheduler = lr_schedule(...)  stepped once per optimizer step, checkpointed
-    model, optimizer, *loaders = prepare(accelerator, model, optimizer, *loaders, micro_batch_size=..., max_grad_norm=...)
+    model, optimizer, loader = prepare(accelerator, model, optimizer, loader, micro_batch_size=..., max_grad_norm=...)
     reference = prepare_frozen(accelerator, reference)          frozen models sharded like the trained one
     with gathered(accelerator, model, reference) as (policy, ref): generate / call children with full weights
     clip_gradients(accelerator, model, max_norm)                through the engine (DeepSpeed clips in its step)
@@ -66,17 +66,24 @@ def check_launch(refused: dict[str, str] | None = None) -> None:
     train alone (`accelerate launch` started WORLD_SIZE processes but accelerate sees one, e.g. CPU processes without
     ACCELERATE_USE_CPU), or an engine the stage refuses (`refused`: engine -> why)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    asked = launched_engine()
     if world_size > 1:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        if PartialState().num_processes == 1:
+        # Created as Accelerator and TrainingArguments would (this state is shared with theirs). accelerate knows no
+        # process-group backend for DeepSpeed's CPU accelerator and would run each process alone: gloo is named.
+        deepspeed_on_cpu = asked.startswith("zero") and os.environ.get("DS_ACCELERATOR") == "cpu"
+        state = PartialState(
+            cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **({"backend": "gloo"} if deepspeed_on_cpu else {})
+        )
+        if state.num_processes == 1:
             raise UserError(
                 f"{world_size} processes were launched (WORLD_SIZE={world_size}) but accelerate sees 1 in each: every "
                 "process would train alone, writing the same output. On a machine without GPUs set "
                 "ACCELERATE_USE_CPU=true (or `use_cpu: true` in the launch config) for DDP, or DS_ACCELERATOR=cpu "
                 "(without ACCELERATE_USE_CPU) for DeepSpeed; on GPUs check that torch sees them."
             )
-    asked = launched_engine()
     if refused and asked in refused:
         raise UserError(f"this stage cannot run under {asked}: {refused[asked]}")
 
@@ -136,8 +143,8 @@ def lr_schedule(accelerator, name: str, optimizer, warmup_steps: int, total_step
     return scheduler
 
 
-def prepare(accelerator, model, optimizer, *dataloaders, micro_batch_size: int, max_grad_norm: float):
-    """`accelerator.prepare(model, optimizer, *dataloaders)` under any engine -> (model, optimizer, *dataloaders).
+def prepare(accelerator, *objects, micro_batch_size: int, max_grad_norm: float):
+    """`accelerator.prepare(*objects)` (models, optimizer, dataloaders) under any engine -> the prepared objects.
     DeepSpeed is told the micro-batch size (a loop without a dataloader has no other way to tell it), clips
     gradients itself at `max_grad_norm`, and under ZeRO-3 gathers whole weights for `full_state_dict`."""
     from accelerate.utils import DistributedType
@@ -146,10 +153,12 @@ def prepare(accelerator, model, optimizer, *dataloaders, micro_batch_size: int, 
         plugin = accelerator.state.deepspeed_plugin
         config = plugin.deepspeed_config
         config["train_micro_batch_size_per_gpu"] = micro_batch_size
-        config["train_batch_size"] = micro_batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        config["train_batch_size"] = (
+            micro_batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        )
         config["gradient_clipping"] = max_grad_norm or 0.0
         config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-    return accelerator.prepare(model, optimizer, *dataloaders)
+    return accelerator.prepare(*objects)
 
 
 def prepare_frozen(accelerator, model):
@@ -168,6 +177,22 @@ def prepare_frozen(accelerator, model):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         return fsdp2_prepare_model(accelerator, model)
+    return model.to(accelerator.device)
+
+
+def replicated(accelerator, model):
+    """A frozen model kept whole on every process rather than sharded, for models only some processes call (a
+    pipeline rendering on the main process). Under FSDP's `fsdp_cpu_ram_efficient_loading` transformers loaded the
+    weights on the first process only: they are broadcast from it."""
+    model.eval().requires_grad_(False)
+    efficient = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true")
+    if engine(accelerator).startswith("fsdp") and efficient and accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device=accelerator.device)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
     return model.to(accelerator.device)
 
 
@@ -221,10 +246,12 @@ def _unwrap(accelerator, model):
     return getattr(module, "module", module) if type(module).__name__ == "DeepSpeedEngine" else module
 
 
-def clip_gradients(accelerator, model, max_norm: float) -> None:
-    """Clip on optimizer steps through the engine (under DeepSpeed the engine clips in its step, see `prepare`)."""
+def clip_gradients(accelerator, models, max_norm: float) -> None:
+    """Clip the gradients of a prepared model (or a list of them) on optimizer steps, through the engine: FSDP2
+    clips its sharded gradients, DeepSpeed clips in its own step (see `prepare`)."""
     if accelerator.sync_gradients and max_norm:
-        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        models = models if isinstance(models, (list, tuple)) else [models]
+        accelerator.clip_grad_norm_([p for model in models for p in model.parameters()], max_norm)
 
 
 # ---- whole weights ----------------------------------------------------------------------------------

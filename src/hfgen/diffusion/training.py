@@ -1,9 +1,7 @@
-"""What the t2i and vae stages' accelerate loops share: loop arguments, accelerator, optimizer and schedule, the
-step budget, resume, and the per-step bookkeeping (metrics, checkpoints).
-
-Names follow diffusers' training examples (`train_batch_size`, `max_train_steps`, `checkpointing_steps`,
-`checkpoints_total_limit`, `resume_from_checkpoint`, ...), so their users find their flags. Checkpoint rotation and
-the run directory live in `hfgen.tracking`, like every stage's.
+"""What the t2i and vae stages share beyond `hfgen.loop` (the engine mechanics of every loop hfgen drives): their
+loop keys, named as in diffusers' training examples (`train_batch_size`, `max_train_steps`, `checkpointing_steps`,
+`checkpoints_total_limit`, `resume_from_checkpoint`, ...) so their users find their flags, and the epoch-based
+bookkeeping of a dataloader loop (step budget, resume position, training RNG, logged means, checkpoints).
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen import tracking
 
 LR_SCHEDULES = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
@@ -77,20 +74,12 @@ def check_loop_arguments(args: LoopArguments) -> list[str]:
     return problems
 
 
-def make_accelerator(args: LoopArguments):
-    """An Accelerator with a seeded, resumable data order; seeds everything."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+def make_accelerator(args: LoopArguments, refused: dict[str, str]):
+    from hfgen import loop
 
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=args.output_dir),
-        # the shuffling order then depends only on (seed, epoch), so a resumed run sees the batches it would have
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    return loop.make_accelerator(
+        args.output_dir, args.seed, args.gradient_accumulation_steps, args.mixed_precision, refused=refused
     )
-    set_seed(args.seed)
-    return accelerator
 
 
 def weight_dtype(accelerator):
@@ -101,16 +90,14 @@ def weight_dtype(accelerator):
 
 
 def make_optimizer(parameter_groups, args: LoopArguments, num_processes: int):
-    """AdamW over `parameter_groups` (params, or dicts with their own lr); lr scaled per `scale_lr`."""
-    import torch
+    """AdamW over `parameter_groups`; lr scaled by the global batch when `scale_lr`."""
+    from hfgen import loop
 
     scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
-    groups = [g if isinstance(g, dict) else {"params": g} for g in parameter_groups]
-    for group in groups:
-        group["lr"] = group.get("lr", args.learning_rate) * scale
-    return torch.optim.AdamW(
-        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
-    )
+    return loop.adamw(
+        parameter_groups, args.learning_rate * scale, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
+        args.adam_epsilon,
+    )  # fmt: skip
 
 
 def step_budget(args: LoopArguments, batches_per_epoch: int) -> tuple[int, int, int]:
@@ -120,24 +107,18 @@ def step_budget(args: LoopArguments, batches_per_epoch: int) -> tuple[int, int, 
     return max_steps, math.ceil(max_steps / steps_per_epoch), steps_per_epoch
 
 
-def make_lr_scheduler(optimizer, args: LoopArguments, max_steps: int, num_processes: int):
-    from diffusers.optimization import get_scheduler
+def make_lr_scheduler(accelerator, optimizer, args: LoopArguments, max_steps: int):
+    from hfgen import loop
 
-    # a prepared scheduler steps once per process per optimizer step, hence the factor (as in diffusers' examples)
-    return get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=max_steps * num_processes,
-    )  # fmt: skip
+    return loop.lr_schedule(accelerator, args.lr_scheduler, optimizer, args.lr_warmup_steps, max_steps)
 
 
 def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int, int, int]:
     """Load the checkpoint named by `resume_from_checkpoint`, if any: (global step, first epoch, batches of that
-    epoch to skip). Everything registered with the accelerator comes back: models, optimizer, schedule, RNG, EMA."""
-    path = tracking.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if path is None:
-        return 0, 0, 0
-    step = tracking.load_checkpoint(accelerator, path)
-    accelerator.print(f"resumed from {path} at step {step}")
+    epoch to skip)."""
+    from hfgen import loop
+
+    step = loop.resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     return step, step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps
 
 
@@ -169,9 +150,11 @@ class StepLog:
     """Mean loss over the last `logging_steps` steps, averaged across processes, appended to metrics.jsonl. Losses
     stay tensors between logs, so logging costs no per-step synchronisation."""
 
-    def __init__(self, accelerator, output_dir: str, every: int, fresh: bool):
+    def __init__(self, accelerator, output_dir: str, every: int, start_step: int):
+        from hfgen import loop
+
         self.accelerator, self.every = accelerator, every
-        self.logger = tracking.MetricsLogger(output_dir, fresh=fresh)
+        self.logger = loop.start_metrics(output_dir, start_step)
         self.sums: dict = {}
         self.count = 0
 
@@ -191,9 +174,7 @@ class StepLog:
 
 def maybe_checkpoint(accelerator, args: LoopArguments, step: int) -> None:
     """A resumable checkpoint-STEP every `checkpointing_steps`, rotated, with the run's recipe beside it."""
+    from hfgen import loop
+
     if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-        recipe = Path(args.output_dir) / "recipe.yaml"
-        tracking.save_checkpoint(
-            accelerator, args.output_dir, step, args.checkpoints_total_limit,
-            recipe.read_text() if recipe.is_file() else None,
-        )  # fmt: skip
+        loop.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hfgen import tracking
+from hfgen import loop, tracking
 from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments, tokenize
 from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
 from hfgen.diffusion.latents import CachedLatents, cache_latents, encode_captions, pixel_dataset
@@ -101,6 +101,18 @@ def check(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2
     return problems + check_image_data(data_args, need_captions=True)
 
 
+def refused_engines(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments):
+    """Engines this stage cannot use (see the README's engine table)."""
+    refused = {"zero3": "ZeRO-3 would partition the frozen text encoder at load, which this loop calls directly; use "
+                        "zero2 or fsdp2"}  # fmt: skip
+    if args.train_text_encoder:  # two trained models: DeepSpeed takes one per engine, FSDP2 clips one at a time
+        why = "train_text_encoder trains a second model; use DDP"
+        refused |= {"zero2": why, "fsdp2": why}
+    if args.use_ema:
+        refused["fsdp2"] = "use_ema averages whole UNet weights, which FSDP2 shards; use DDP or zero2"
+    return refused
+
+
 # ---- loss ------------------------------------------------------------------------------------------------
 
 
@@ -140,7 +152,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         weight_dtype,
     )  # fmt: skip
 
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, refused_engines(model_args, data_args, args))
     output_dir = Path(args.output_dir)
     device, dtype = accelerator.device, weight_dtype(accelerator)
 
@@ -172,6 +184,8 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         if train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     # Frozen weights in the mixed-precision dtype; trained ones (full UNet, LoRA adapters) stay float32.
+    if not train_text_encoder:
+        loop.replicated(accelerator, text_encoder)  # whole on every process (the main one renders alone)
     for model, frozen in ((vae, True), (text_encoder, not train_text_encoder), (unet, args.use_lora)):
         model.to(device)
         if frozen and dtype != torch.float32:  # (diffusers warns about any dtype cast, even a no-op one)
@@ -210,10 +224,11 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         [[p for p in model.parameters() if p.requires_grad] for model in trained], args, accelerator.num_processes
     )
     max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
-    lr_scheduler = make_lr_scheduler(optimizer, args, max_steps, accelerator.num_processes)
-    *trained, optimizer, train_loader, lr_scheduler = accelerator.prepare(
-        *trained, optimizer, train_loader, lr_scheduler
-    )
+    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
+    *trained, optimizer, train_loader = loop.prepare(
+        accelerator, *trained, optimizer, train_loader,
+        micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm,
+    )  # fmt: skip
     unet = trained[0]
     if train_text_encoder:
         text_encoder = trained[1]
@@ -223,7 +238,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     rng = TrainingRNG(args.seed + accelerator.process_index, device)
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
-    log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps, global_step)
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     accelerator.print(f"t2i: {trainable:,} trainable UNet parameters, {len(train_set)} images, {max_steps} steps")
@@ -286,14 +301,13 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
                 # Backpropagate
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for m in trained for p in m.parameters()], args.max_grad_norm)
+                loop.clip_gradients(accelerator, trained, args.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
             # Checks once an optimizer step has been taken (not on accumulation micro-steps)
             if accelerator.sync_gradients:
+                lr_scheduler.step()
                 global_step += 1
                 if ema_unet is not None:
                     ema_unet.step(unet.parameters())
@@ -301,7 +315,8 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:
-                    validate(accelerator, args, parts, unet, text_encoder, ema_unet, global_step)
+                    with loop.gathered(accelerator, unet, text_encoder) as (whole_unet, whole_text_encoder):
+                        validate(accelerator, args, parts, whole_unet, whole_text_encoder, ema_unet, global_step)
                 if global_step >= max_steps:
                     break
     log.maybe_write(global_step, force=True)
@@ -316,14 +331,13 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     tracking.update_eval(output_dir, speed)
 
     # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    if ema_unet is not None:
-        ema_unet.copy_to(unet.parameters())
-    if accelerator.is_main_process:
-        validate(accelerator, args, parts, unet, text_encoder, None, global_step)
-        save(output_dir, model_args, args, parts, unet, text_encoder)
-    if accelerator.num_processes > 1:
-        tracking.write_weights_fingerprint(unet, output_dir)
+    with loop.gathered(accelerator, unet, text_encoder) as (unet, text_encoder):
+        if ema_unet is not None:
+            ema_unet.copy_to(unet.parameters())
+        if accelerator.is_main_process:
+            validate(accelerator, args, parts, unet, text_encoder, None, global_step)
+            save(output_dir, model_args, args, parts, unet, text_encoder)
+    loop.maybe_write_fingerprint(accelerator, trained[0], output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
 
@@ -342,13 +356,13 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
 
 def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) -> None:
-    """Render the validation prompts with the current (or EMA) weights into validation/step-N.png (main process)."""
+    """Render the validation prompts with the current (or EMA) weights into validation/step-N.png (main process).
+    `unet` and `text_encoder` are unwrapped, with whole weights (`loop.gathered`)."""
     if not args.validation_prompts or not accelerator.is_main_process:
         return
     from hfgen.diffusion.components import make_pipeline
     from hfgen.diffusion.rendering import generate_images, make_grid
 
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     if ema_unet is not None:
         ema_unet.store(unet.parameters())
         ema_unet.copy_to(unet.parameters())

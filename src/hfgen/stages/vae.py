@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hfgen import tracking
+from hfgen import loop, tracking
 from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
 from hfgen.diffusion.training import LoopArguments, check_loop_arguments
 from hfgen.models import check_config_file, check_model_source
@@ -67,6 +67,15 @@ def check(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VA
     if args.kl_weight < 0 or args.adversarial_weight < 0:
         problems.append("kl_weight and adversarial_weight must be >= 0")
     return problems + check_image_data(data_args, need_captions=False)
+
+
+def refused_engines(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments):
+    """Engines this stage cannot use (see the README's engine table)."""
+    refused = {"zero3": "ZeRO-3 is not supported by the vae stage; use zero2 or fsdp2"}
+    if args.adversarial_weight > 0:  # a second trained model with its own optimizer: one engine per model
+        why = "the GAN discriminator (adversarial_weight > 0) is a second trained model; use DDP"
+        refused |= {"zero2": why, "zero3": why, "fsdp2": why}
+    return refused
 
 
 class PatchDiscriminator(torch.nn.Module):
@@ -138,7 +147,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         step_budget,
     )  # fmt: skip
 
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, refused_engines(model_args, data_args, args))
     output_dir = Path(args.output_dir)
 
     # Model: from a config, or a pretrained VAE to fine-tune.
@@ -171,19 +180,21 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     # Optimizers and schedule.
     optimizer = make_optimizer([vae.parameters()], args, accelerator.num_processes)
     max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
-    lr_scheduler = make_lr_scheduler(optimizer, args, max_steps, accelerator.num_processes)
-    autoencoder, optimizer, train_loader, lr_scheduler = accelerator.prepare(
-        EncodeDecode(vae), optimizer, train_loader, lr_scheduler
-    )
+    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
+    prepare = dict(micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm)
+    autoencoder, optimizer, train_loader = loop.prepare(accelerator, EncodeDecode(vae), optimizer, train_loader, **prepare)
     if use_adversary:
         disc_optimizer = make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
-        discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
+        discriminator, disc_optimizer = loop.prepare(accelerator, discriminator, disc_optimizer, **prepare)
 
     rng = TrainingRNG(args.seed + accelerator.process_index, accelerator.device)
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
-    initial_error = reconstruction_error(vae, eval_loader, accelerator.device) if global_step == 0 else None
-    log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    initial_error = None
+    if global_step == 0:
+        with loop.gathered(accelerator, autoencoder) as (unwrapped,):
+            initial_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps, global_step)
     accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
 
     for epoch in range(first_epoch, num_epochs):
@@ -217,15 +228,14 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                     losses.update(disc_loss=disc_loss, generator_loss=generator_loss)
 
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(autoencoder.parameters(), args.max_grad_norm)
+                loop.clip_gradients(accelerator, autoencoder, args.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
                 optimizer.zero_grad()
                 if adversarial:
                     disc_optimizer.zero_grad()  # the generator loss also reached the discriminator: not its update
 
             if accelerator.sync_gradients:
+                lr_scheduler.step()
                 global_step += 1
                 log.add(**losses)
                 log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
@@ -235,20 +245,22 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     log.maybe_write(global_step, force=True)
     accelerator.wait_for_everyone()
 
-    # Save: the latent scaling factor first (in the config), then the model as safetensors.
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_loader, accelerator.device))
-    final_error = reconstruction_error(vae, eval_loader, accelerator.device)
+    # Save: the latent scaling factor first (in the config), then the whole model as safetensors.
+    with loop.gathered(accelerator, autoencoder) as (unwrapped,):
+        vae = unwrapped.vae
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_loader, accelerator.device))
+        final_error = reconstruction_error(vae, eval_loader, accelerator.device)
+        if accelerator.is_main_process:
+            vae.save_pretrained(output_dir)
+            save_reconstructions(vae, eval_set, output_dir / "reconstructions.png")
     if accelerator.is_main_process:
-        vae.save_pretrained(output_dir)
-        save_reconstructions(vae, eval_set, output_dir / "reconstructions.png")
         results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": vae.config.scaling_factor,
                    "vae/parameters": sum(p.numel() for p in vae.parameters()), "train/steps": global_step}  # fmt: skip
         if initial_error is not None:
             results["quality/reconstruction_mse_initial"] = initial_error
         tracking.update_eval(output_dir, results)
         accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
-    if accelerator.num_processes > 1:
-        tracking.write_weights_fingerprint(vae, output_dir)
+    loop.maybe_write_fingerprint(accelerator, autoencoder, output_dir)
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
 
