@@ -81,8 +81,9 @@ def check_launch(refused: dict[str, str] | None = None) -> None:
             raise UserError(
                 f"{world_size} processes were launched (WORLD_SIZE={world_size}) but accelerate sees 1 in each: every "
                 "process would train alone, writing the same output. On a machine without GPUs set "
-                "ACCELERATE_USE_CPU=true (or `use_cpu: true` in the launch config) for DDP, or DS_ACCELERATOR=cpu "
-                "(without ACCELERATE_USE_CPU) for DeepSpeed; on GPUs check that torch sees them."
+                "ACCELERATE_USE_CPU=true (or `use_cpu: true` in the launch config) for DDP; for DeepSpeed set "
+                "DS_ACCELERATOR=cpu (without ACCELERATE_USE_CPU) and, for the Trainer-based stages (pretrain, sft, "
+                "reward), the recipe key `ddp_backend: gloo`. On GPUs check that torch sees them."
             )
     if refused and asked in refused:
         raise UserError(f"this stage cannot run under {asked}: {refused[asked]}")
@@ -262,6 +263,21 @@ def full_state_dict(accelerator, model) -> dict:
     process (others may get an empty or partial dict): what `save_pretrained(..., state_dict=...)` writes. Every
     process must call it."""
     return accelerator.get_state_dict(model)
+
+
+def whole_on_main(accelerator, model, empty):
+    """The prepared `model` with whole weights on the main process (None on the others), for saving and rendering
+    there: the unwrapped model itself where every process holds whole weights (DDP, ZeRO-1/2), else `empty()` (the
+    same architecture, built on the main process) loaded from `full_state_dict`: FSDP2's unsharded parameters live in
+    its gather buffers, which safetensors cannot save. Every process must call it."""
+    if engine(accelerator) not in ("fsdp2", "zero3"):
+        return _unwrap(accelerator, model) if accelerator.is_main_process else None
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    whole = empty()
+    whole.load_state_dict(state)
+    return whole.to(accelerator.device)
 
 
 def part(state: dict, prefix: str) -> dict:

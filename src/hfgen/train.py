@@ -47,6 +47,9 @@ def main(args: argparse.Namespace) -> int:
         stage = read_recipe_file(recipe_path).get("stage")
         print("\n".join(known_keys(stage)))
         return 0
+    from hfgen import loop
+
+    loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
     recipe = load_recipe(recipe_path, args.overrides)  # validated here, before any process is spawned
     if args.num_processes or args.launch_config:
         return launch_with_accelerate(recipe_path, args.overrides, args.num_processes, args.launch_config)

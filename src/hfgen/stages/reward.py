@@ -87,6 +87,14 @@ def pairwise_eval(model, tokenizer, pairs: list[tuple[list[int], list[int]]], ba
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
+def refused_engines(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> dict:
+    """Engines this stage cannot use (see the README's engine table)."""
+    if model_args.use_peft:  # the adapters are merged into the base at the end, which needs the whole model
+        why = "a LoRA reward model is merged into its base at the end; use DDP or zero2, or full fine-tuning"
+        return {"zero3": why, "fsdp2": why}
+    return {}
+
+
 def run(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> Path:
     from accelerate.utils import is_peft_model
     from transformers import set_seed
@@ -123,7 +131,8 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
     # Measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped.
-    initial = pairwise_eval(trainer.model, tokenizer, held_out, eval_batch) if is_main else None
+    with loop.gathered(trainer.accelerator, trainer.model) as (model,):  # every process, whole weights
+        initial = pairwise_eval(model, tokenizer, held_out, eval_batch)
 
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -139,8 +148,11 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
         trainer.save_model(str(output_dir))
     loop.maybe_write_fingerprint(trainer.accelerator, final_model, output_dir)  # tests only
 
+    engine_handle = trainer.model_wrapped if final_model is trainer.model else final_model  # (a ZeRO-3 engine)
+    with loop.gathered(trainer.accelerator, engine_handle) as (model,):
+        final = pairwise_eval(model, tokenizer, held_out, eval_batch)
+        parameters = count_parameters(model)
     if is_main:
-        final = pairwise_eval(final_model, tokenizer, held_out, eval_batch)
         tokens = trainer.state.num_input_tokens_seen
         tracking.update_eval(
             output_dir,
@@ -154,7 +166,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
                 "train_tokens": tokens,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_tokens_per_s": tokens / result.metrics["train_runtime"],
-                "parameters": count_parameters(final_model),
+                "parameters": parameters,
                 "peft": model_args.use_peft,
             },
         )

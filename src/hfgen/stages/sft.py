@@ -260,8 +260,10 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     sample_prompts = [sample_prompt(p, r) for p, r in pairs[: data_args.num_samples] if r is not None]
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
-    # Starting loss measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped.
-    initial_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch) if is_main else None
+    # Starting loss measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped. Every
+    # process measures (with whole weights: a sharded engine needs them all), the main one records.
+    with loop.gathered(trainer.accelerator, trainer.model) as (model,):
+        initial_loss = response_loss(model, held_out, tokenizer.pad_token_id, eval_batch)
 
     # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
@@ -269,11 +271,13 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     trainer.save_model(str(output_dir))
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
-    if is_main:
-        final_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch)
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (model,):
+        final_loss = response_loss(model, held_out, tokenizer.pad_token_id, eval_batch)
         samples = sample_responses(
-            trainer.model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed
+            model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed
         )
+        parameters = count_parameters(model), count_parameters(model, trainable_only=True)
+    if is_main:
         tracking.write_jsonl(output_dir / "samples.jsonl", samples)
         tokens = trainer.state.num_input_tokens_seen
         tracking.update_eval(
@@ -287,8 +291,8 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
                 "train_tokens": tokens,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_tokens_per_s": tokens / result.metrics["train_runtime"],
-                "parameters": count_parameters(trainer.model),
-                "trainable_parameters": count_parameters(trainer.model, trainable_only=True),
+                "parameters": parameters[0],
+                "trainable_parameters": parameters[1],
                 "peft": model_args.use_peft,
             },
         )

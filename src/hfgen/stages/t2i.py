@@ -331,12 +331,13 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     tracking.update_eval(output_dir, speed)
 
     # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
-    with loop.gathered(accelerator, unet, text_encoder) as (unet, text_encoder):
+    whole_unet = loop.whole_on_main(accelerator, unet, lambda: empty_like(unet))
+    if accelerator.is_main_process:
         if ema_unet is not None:
-            ema_unet.copy_to(unet.parameters())
-        if accelerator.is_main_process:
-            validate(accelerator, args, parts, unet, text_encoder, None, global_step)
-            save(output_dir, model_args, args, parts, unet, text_encoder)
+            ema_unet.copy_to(whole_unet.parameters())
+        text_encoder = accelerator.unwrap_model(text_encoder)  # (trained only under DDP: see refused_engines)
+        validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step)
+        save(output_dir, model_args, args, parts, whole_unet, text_encoder)
     loop.maybe_write_fingerprint(accelerator, trained[0], output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
@@ -353,6 +354,16 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         tracking.update_eval(output_dir, results)
         accelerator.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
     return output_dir
+
+
+def empty_like(unet):
+    """A new UNet of `unet`'s architecture and adapters, to load whole weights into (see `loop.whole_on_main`)."""
+    from diffusers import UNet2DConditionModel
+
+    empty = UNet2DConditionModel.from_config(unet.config)
+    for name, config in getattr(unet, "peft_config", {}).items():
+        empty.add_adapter(config, adapter_name=name)
+    return empty
 
 
 def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) -> None:

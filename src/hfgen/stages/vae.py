@@ -134,6 +134,8 @@ def latent_scaling_factor(vae, dataloader, device, max_batches: int = 16) -> flo
 
 
 def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments) -> Path:
+    from diffusers import AutoencoderKL
+
     from hfgen.diffusion.components import build_vae, load_vae
     from hfgen.diffusion.training import (
         StepLog,
@@ -247,15 +249,15 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
     # Save: the latent scaling factor first (in the config), then the whole model as safetensors.
     with loop.gathered(accelerator, autoencoder) as (unwrapped,):
-        vae = unwrapped.vae
-        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_loader, accelerator.device))
-        final_error = reconstruction_error(vae, eval_loader, accelerator.device)
-        if accelerator.is_main_process:
-            vae.save_pretrained(output_dir)
-            save_reconstructions(vae, eval_set, output_dir / "reconstructions.png")
+        scaling_factor = latent_scaling_factor(unwrapped.vae, train_loader, accelerator.device)
+        unwrapped.vae.register_to_config(scaling_factor=scaling_factor)
+        final_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
+    whole = loop.whole_on_main(accelerator, autoencoder, lambda: EncodeDecode(AutoencoderKL.from_config(vae.config)))
     if accelerator.is_main_process:
-        results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": vae.config.scaling_factor,
-                   "vae/parameters": sum(p.numel() for p in vae.parameters()), "train/steps": global_step}  # fmt: skip
+        whole.vae.save_pretrained(output_dir)
+        save_reconstructions(whole.vae, eval_set, output_dir / "reconstructions.png")
+        results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": scaling_factor,
+                   "vae/parameters": sum(p.numel() for p in whole.vae.parameters()), "train/steps": global_step}  # fmt: skip
         if initial_error is not None:
             results["quality/reconstruction_mse_initial"] = initial_error
         tracking.update_eval(output_dir, results)
