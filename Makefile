@@ -10,7 +10,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_GPU_SPEC ?= torch>=2.13
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-pretrain demo-images test test-fast lint clean
+.PHONY: install install-deepspeed demo demo-pretrain demo-images test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -49,7 +49,16 @@ demo-images: install
 	 'wall_time_s': json.load(open(run + '/COMPLETE'))['wall_time_s']}.items()]"
 	@echo "images: outputs/tiny/t2i/samples/grid.png, outputs/tiny/t2i/validation/"
 
-test: install
+# DeepSpeed (the engine tests run ZeRO-2/3 on CPU processes): a source-only package whose build imports torch, so it
+# is built in this venv (no build isolation), without compiling its ops (DS_BUILD_OPS=0; CPU and JIT need none).
+install-deepspeed: $(VENV)/.deepspeed
+
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(BIN)/pip install wheel setuptools
+	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation -e ".[deepspeed]"
+	touch $@
+
+test: install install-deepspeed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-fast: install

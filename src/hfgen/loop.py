@@ -117,6 +117,11 @@ def make_accelerator(
     resolved = engine(accelerator)  # as accelerate resolved it, which may differ from what the launch asked
     if resolved in refused:
         raise UserError(f"this stage cannot run under {resolved}: {refused[resolved]}")
+    if resolved == "ddp" and launched_engine() != "ddp":
+        raise UserError(
+            f"the launch asked for {launched_engine()} but accelerate set up plain data parallelism: `use_cpu: true` "
+            "(or ACCELERATE_USE_CPU) turns every engine into DDP; set use_cpu: false (DeepSpeed on CPU: DS_ACCELERATOR=cpu)"
+        )
     set_seed(seed)
     return accelerator
 

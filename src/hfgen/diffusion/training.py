@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 LR_SCHEDULES = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
 

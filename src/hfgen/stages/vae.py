@@ -184,7 +184,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
     lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
     prepare = dict(micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm)
-    autoencoder, optimizer, train_loader = loop.prepare(accelerator, EncodeDecode(vae), optimizer, train_loader, **prepare)
+    autoencoder, optimizer, train_loader = loop.prepare(
+        accelerator, EncodeDecode(vae), optimizer, train_loader, **prepare
+    )
     if use_adversary:
         disc_optimizer = make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
         discriminator, disc_optimizer = loop.prepare(accelerator, discriminator, disc_optimizer, **prepare)
