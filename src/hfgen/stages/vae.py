@@ -254,7 +254,13 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         scaling_factor = latent_scaling_factor(unwrapped.vae, train_loader, accelerator.device)
         unwrapped.vae.register_to_config(scaling_factor=scaling_factor)
         final_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
-    whole = loop.whole_on_main(accelerator, autoencoder, lambda: EncodeDecode(AutoencoderKL.from_config(vae.config)))
+
+    def empty():  # (from_config drops a config value that was a default when loaded: the scaling factor is set again)
+        model = AutoencoderKL.from_config(vae.config)
+        model.register_to_config(scaling_factor=scaling_factor)
+        return EncodeDecode(model)
+
+    whole = loop.whole_on_main(accelerator, autoencoder, empty)
     if accelerator.is_main_process:
         whole.vae.save_pretrained(output_dir)
         save_reconstructions(whole.vae, eval_set, output_dir / "reconstructions.png")
