@@ -81,7 +81,8 @@ def check_launch(refused: dict[str, str] | None = None) -> None:
             raise UserError(
                 f"{world_size} processes were launched (WORLD_SIZE={world_size}) but accelerate sees 1 in each: every "
                 "process would train alone, writing the same output. On a machine without GPUs set "
-                "ACCELERATE_USE_CPU=true (or `use_cpu: true` in the launch config) for DDP; for DeepSpeed set "
+                "ACCELERATE_USE_CPU=true in the environment for DDP (`use_cpu: true` in the launch config is not enough); for "
+                "DeepSpeed set "
                 "DS_ACCELERATOR=cpu (without ACCELERATE_USE_CPU) and, for the Trainer-based stages (pretrain, sft, "
                 "reward), the recipe key `ddp_backend: gloo`. On GPUs check that torch sees them."
             )
