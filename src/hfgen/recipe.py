@@ -27,6 +27,26 @@ _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
+class RunArguments:
+    """Keys every stage accepts, about the run rather than the training (read by `hfgen.train.run_recipe`)."""
+
+    nan_tolerance: int = field(
+        default=0,
+        metadata={"help": "Steps with a non-finite loss or gradient norm to skip before the run stops (exit code 3)."},
+    )
+    save_on_signal: bool = field(
+        default=False, metadata={"help": "On SIGINT/SIGTERM, write a checkpoint after the current step, then exit."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an output_dir holding the complete run of a different recipe."}
+    )
+
+    def __post_init__(self):
+        if self.nan_tolerance < 0:
+            raise ValueError(f"nan_tolerance must be >= 0, got {self.nan_tolerance}")
+
+
+@dataclass
 class Recipe:
     """A parsed and validated recipe."""
 
@@ -35,6 +55,7 @@ class Recipe:
     configs: tuple  # one instance per dataclass of the stage, in the stage's ARGUMENTS order
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    run: RunArguments = field(default_factory=RunArguments)
 
     def get(self, cls):
         """The config instance of type `cls` (or a subclass)."""
@@ -141,7 +162,7 @@ def _suggest(key: str, known: list[str]) -> str:
 
 def known_keys(stage: str) -> list[str]:
     module = load_stage(stage)
-    return sorted(f.name for cls in module.ARGUMENTS for f in dataclasses.fields(cls) if f.init)
+    return sorted(f.name for cls in (*module.ARGUMENTS, RunArguments) for f in dataclasses.fields(cls) if f.init)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_inputs: bool = True) -> Recipe:
@@ -162,7 +183,7 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
             f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}."
         )
     module = load_stage(stage)
-    parser = _RaisingParser(module.ARGUMENTS)
+    parser = _RaisingParser((*module.ARGUMENTS, RunArguments))
 
     errors = []
     argv: list[str] = []
@@ -190,7 +211,8 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
         raise UserError(f"{where}: {error}") from None
     except (ValueError, TypeError, ImportError) as error:  # raised by the configs' __post_init__ checks
         raise UserError(f"{where}: {error}") from None
-    recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source)
+    *configs, run = configs
+    recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
 
     if check_inputs and hasattr(module, "check"):
         problems = module.check(*recipe.configs)

@@ -72,12 +72,13 @@ def launch_with_accelerate(recipe_path, overrides, num_processes: int | None, co
 
 def run_recipe(recipe) -> Path:
     """Run a validated recipe: records first, the stage, then the COMPLETE marker. Used by the CLI and by `rlhf`."""
-    from hfgen import tracking
+    from hfgen import guard, tracking
     from hfgen.stages import load_stage
 
     started = time.time()
     output_dir = recipe.output_dir
-    tracking.write_run_records(output_dir, recipe.to_yaml())
+    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=recipe.run.overwrite_output_dir)
+    guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     load_stage(recipe.stage).run(*recipe.configs)
     tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0

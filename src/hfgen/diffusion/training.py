@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen import tracking
+from hfgen import guard, tracking
 
 LR_SCHEDULES = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
@@ -134,6 +134,7 @@ def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int,
     """Load the checkpoint named by `resume_from_checkpoint`, if any: (global step, first epoch, batches of that
     epoch to skip). Everything registered with the accelerator comes back: models, optimizer, schedule, RNG, EMA."""
     path = tracking.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    tracking.start_metrics(args.output_dir, path)
     if path is None:
         return 0, 0, 0
     step = tracking.load_checkpoint(accelerator, path)
@@ -190,10 +191,12 @@ class StepLog:
 
 
 def maybe_checkpoint(accelerator, args: LoopArguments, step: int) -> None:
-    """A resumable checkpoint-STEP every `checkpointing_steps`, rotated, with the run's recipe beside it."""
-    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+    """A resumable checkpoint-STEP every `checkpointing_steps`, rotated, with the run's recipe beside it; and on
+    SIGINT/SIGTERM with `save_on_signal`, one now, then exit."""
+    if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or guard.signalled():
         recipe = Path(args.output_dir) / "recipe.yaml"
-        tracking.save_checkpoint(
+        path = tracking.save_checkpoint(
             accelerator, args.output_dir, step, args.checkpoints_total_limit,
             recipe.read_text() if recipe.is_file() else None,
         )  # fmt: skip
+        guard.exit_on_signal(path)

@@ -27,6 +27,7 @@ Deviations from the papers and from TRL's PPOTrainer, each deliberate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from typing import Literal
 import torch
 from trl import ModelConfig
 
-from hfgen import tracking
+from hfgen import guard, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, run_first_hint
@@ -265,7 +266,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         accelerator.print(f"resumed from {resume} at step {start_step}")
     else:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
-    metrics_logger = start_metrics(output_dir, start_step)
+    tracking.start_metrics(output_dir, resume)
+    metrics_logger = tracking.MetricsLogger(output_dir)
+    divergence = guard.Divergence(output_dir)
     if trackers:
         accelerator.init_trackers("hfgen-ppo", config=scalar_settings(config))
     accelerator.print(
@@ -291,7 +294,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
         # 3. PPO update: epochs of clipped policy and value losses over shuffled minibatches.
         train_started = time.perf_counter()
-        stats = ppo_update(accelerator, trainable, optimizer, rollout, config)
+        guard.kill_point("step", step)
+        check = functools.partial(divergence.check_step, step, optimizer=optimizer)
+        stats = ppo_update(accelerator, trainable, optimizer, rollout, config, check)
         timing["training"] = time.perf_counter() - train_started
         scheduler.step()
 
@@ -313,11 +318,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if config.sample_steps and (step % config.sample_steps == 0 or step in (1, total_steps)):
             if accelerator.is_main_process:
                 write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle)
-        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+        if (config.save_steps and step % config.save_steps == 0 and step < total_steps) or guard.signalled():
             recipe = output_dir / "recipe.yaml"
-            tracking.save_checkpoint(
+            path = tracking.save_checkpoint(
                 accelerator, output_dir, step, config.save_total_limit, recipe.read_text() if recipe.is_file() else None
             )
+            guard.exit_on_signal(path)
     train_runtime = time.perf_counter() - started
 
     # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it.
@@ -326,11 +332,13 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     if accelerator.is_main_process:
         trained.policy.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        guard.kill_point("final_save")
         trained.value_model.save_pretrained(output_dir / "value_model")
     if accelerator.num_processes > 1:
         tracking.write_weights_fingerprint(trained.policy, output_dir)
 
     # Evaluate: the SFT (reference) policy against the PPO policy on held-out prompts.
+    guard.kill_point("eval")
     results = evaluate_against_reference(
         accelerator, trained.policy, reference, scorer, oracle, tokenizer, eval_prompts, data_args, config
     )
@@ -530,9 +538,10 @@ def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_
     return dataclasses.replace(rollout, advantages=advantages, returns=returns), {"kl": kl, "kl_rewards": kl_rewards}
 
 
-def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig) -> list[PPOStats]:
+def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, check=None) -> list[PPOStats]:
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
-    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch."""
+    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch. `check(loss)`
+    (the divergence guard) runs before each optimiser step."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
     stats = []
@@ -546,9 +555,12 @@ def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOC
                     mask = batch.response_mask
                     policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
                     value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-                    accelerator.backward(policy.loss + config.vf_coef * value.loss)
+                    loss = policy.loss + config.vf_coef * value.loss
+                    accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
+                    if accelerator.sync_gradients and check is not None:
+                        check(loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 with torch.no_grad():
@@ -571,15 +583,6 @@ def global_means(accelerator, local: dict) -> dict[str, float]:
     for name in RATES:
         metrics[name] *= accelerator.num_processes
     return metrics
-
-
-def start_metrics(output_dir: Path, start_step: int) -> tracking.MetricsLogger:
-    """A fresh metrics.jsonl, or on resume the old one cut back to the checkpoint's step (the steps after it are
-    about to be redone)."""
-    if start_step and tracking.is_main_process():
-        kept = [row for row in tracking.read_metrics(output_dir) if row["step"] <= start_step]
-        tracking.write_jsonl(output_dir / "metrics.jsonl", kept)
-    return tracking.MetricsLogger(output_dir, fresh=start_step == 0)
 
 
 def scalar_settings(config: PPOConfig) -> dict:

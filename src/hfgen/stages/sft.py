@@ -27,7 +27,7 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from hfgen import tracking
+from hfgen import guard, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
@@ -240,7 +240,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
             eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
-            callbacks=[tracking.metrics_callback(output_dir)],
+            callbacks=tracking.trainer_callbacks(output_dir),
         )
     except ValueError as error:  # TRL validates the config against the data and model here
         raise UserError(f"SFTTrainer rejected the recipe: {error}") from None
@@ -265,8 +265,10 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
 
     # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
+    guard.kill_point("final_save")
     if training_args.world_size > 1:
         tracking.write_weights_fingerprint(trainer.model, output_dir)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hfgen import tracking
+from hfgen import guard, tracking
 from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments, tokenize
 from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
 from hfgen.diffusion.latents import CachedLatents, cache_latents, encode_captions, pixel_dataset
@@ -224,6 +224,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
     log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    divergence = guard.Divergence(output_dir)
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     accelerator.print(f"t2i: {trainable:,} trainable UNet parameters, {len(train_set)} images, {max_steps} steps")
@@ -288,6 +289,9 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_([p for m in trained for p in m.parameters()], args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    guard.kill_point("step", global_step + 1)
+                    divergence.check_step(global_step + 1, loss, optimizer)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -322,6 +326,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     if accelerator.is_main_process:
         validate(accelerator, args, parts, unet, text_encoder, None, global_step)
         save(output_dir, model_args, args, parts, unet, text_encoder)
+        guard.kill_point("final_save")
     if accelerator.num_processes > 1:
         tracking.write_weights_fingerprint(unet, output_dir)
     accelerator.wait_for_everyone()
@@ -331,6 +336,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     if accelerator.is_main_process and args.eval_images_per_prompt:
         from hfgen.evaluation.images import evaluate_pipeline
 
+        guard.kill_point("eval")
         results = evaluate_pipeline(
             str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,

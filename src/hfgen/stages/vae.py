@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hfgen import tracking
+from hfgen import guard, tracking
 from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
 from hfgen.diffusion.training import LoopArguments, check_loop_arguments
 from hfgen.models import check_config_file, check_model_source
@@ -184,6 +184,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
     initial_error = reconstruction_error(vae, eval_loader, accelerator.device) if global_step == 0 else None
     log = StepLog(accelerator, args.output_dir, args.logging_steps, fresh=global_step == 0)
+    divergence = guard.Divergence(output_dir)
     accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
 
     for epoch in range(first_epoch, num_epochs):
@@ -219,6 +220,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(autoencoder.parameters(), args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    guard.kill_point("step", global_step + 1)
+                    divergence.check_step(global_step + 1, loss, optimizer)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -240,6 +244,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     final_error = reconstruction_error(vae, eval_loader, accelerator.device)
     if accelerator.is_main_process:
         vae.save_pretrained(output_dir)
+        guard.kill_point("final_save")
         save_reconstructions(vae, eval_set, output_dir / "reconstructions.png")
         results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": vae.config.scaling_factor,
                    "vae/parameters": sum(p.numel() for p in vae.parameters()), "train/steps": global_step}  # fmt: skip
