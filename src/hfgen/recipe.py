@@ -96,10 +96,19 @@ class _RaisingParser:
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML into a dict; a missing file or bad YAML is a UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe file '{path}' is a directory; give a recipe YAML file (recipes live under recipes/).")
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"recipe file '{path}' is not UTF-8 text (byte {error.start}: {error.object[error.start : error.start + 1]!r}); "
+            "save it as UTF-8 YAML."
+        ) from None
+    except OSError as error:
+        raise UserError(f"recipe file '{path}' cannot be read: {error.strerror or error}.") from None
     except yaml.YAMLError as error:
         raise UserError(f"recipe file '{path}' is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -178,6 +187,11 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
     stage = values.pop(STAGE_KEY, None)
     if stage is None:
         raise UserError(f"{where} has no 'stage' key; set one of: {', '.join(STAGES)}.")
+    if not isinstance(stage, str):
+        raise UserError(
+            f"{where}: key 'stage' must be one stage name, got {type(stage).__name__} {stage!r}; "
+            f"stages: {', '.join(STAGES)}."
+        )
     if stage not in STAGES:
         raise UserError(
             f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}."
@@ -194,6 +208,9 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
             continue
         if value is None:
             continue  # YAML null: keep the field's default
+        if value is True and action.const is not True:  # `--key` alone: only flags (bool keys) take no value
+            errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")
+            continue
         if isinstance(value, bool) and action.choices and ("no" if not value else "yes") in action.choices:
             value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false: `save_strategy: no`
         tokens = _to_argv_tokens(value)
@@ -213,12 +230,49 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
         raise UserError(f"{where}: {error}") from None
     *configs, run = configs
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
+    problems = value_problems((*recipe.configs, run))
+    if problems:
+        raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
 
     if check_inputs and hasattr(module, "check"):
         problems = module.check(*recipe.configs)
         if problems:
             raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
     return recipe
+
+
+# Numeric keys of any stage that must be >= 1, or >= 0, when set (by name, whichever config holds them).
+AT_LEAST_ONE = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "train_batch_size", "gradient_accumulation_steps",
+    "num_ppo_epochs", "num_mini_batches", "total_episodes", "response_length", "lora_r", "block_size",
+)  # fmt: skip
+NON_NEGATIVE = (
+    "learning_rate", "num_train_epochs", "warmup_steps", "lr_warmup_steps", "weight_decay", "adam_weight_decay",
+    "max_grad_norm", "lora_alpha", "lora_dropout", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
+    "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance",
+)  # fmt: skip
+
+
+def value_problems(configs) -> list[str]:
+    """Numbers no training can run with (a batch of 0, a negative learning rate, no steps at all), named by their
+    recipe keys, before a library rejects them under its own parameter names (LoRA's `r` for `lora_r`)."""
+    problems = []
+    for config in configs:
+        for key, minimum in [(k, 1) for k in AT_LEAST_ONE] + [(k, 0) for k in NON_NEGATIVE]:
+            value = getattr(config, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= minimum:
+                problems.append(f"key '{key}' must be at least {minimum}, got {value}")
+        if hasattr(config, "max_steps") and hasattr(config, "num_train_epochs"):  # transformers' TrainingArguments
+            if config.max_steps < -1:
+                problems.append(
+                    f"key 'max_steps' must be a number of steps, or -1 for num_train_epochs; got {config.max_steps}"
+                )
+            elif config.max_steps <= 0 and config.num_train_epochs <= 0:
+                problems.append(
+                    f"max_steps {config.max_steps} and num_train_epochs {config.num_train_epochs} train nothing: set "
+                    "max_steps (optimizer steps) or num_train_epochs to a positive number"
+                )
+    return problems
 
 
 def _check_value(action: argparse.Action, tokens: list[str]) -> str | None:
