@@ -65,6 +65,20 @@ def test_resume_refuses_an_incomplete_checkpoint_by_path(pretrain_runs, tmp_path
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr and "checkpoint-8" in result.stderr
 
 
+@pytest.mark.slow
+def test_a_sweep_point_killed_mid_run_continues_from_its_checkpoint(pretrain_runs, tmp_path):
+    sweep = ["sweep", PRETRAIN, *PRETRAIN_ARGS, "--learning_rate", "3.0e-3,", "--output_root", tmp_path]
+    killed = run_hfgen(*sweep, env={"HFGEN_KILL_AT": "checkpoint@8"})
+    assert killed.returncode < 0
+    point = tmp_path / "learning_rate=3.0e-3"
+    assert tracking.complete_checkpoints(point) and not tracking.is_complete(point)
+    result = run_hfgen(*sweep, env={"HFGEN_KILL_AT": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from its newest complete checkpoint" in result.stdout + result.stderr
+    assert "skipped checkpoint-8" in result.stderr and "resuming from checkpoint-4" in result.stderr
+    assert_same_run(pretrain_runs[0], point)  # as the uninterrupted run (same recipe, other output_dir)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
     return pretrained_tiny_llama(tmp_path_factory)

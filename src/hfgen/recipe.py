@@ -142,6 +142,17 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return resolved
 
 
+def valueless_keys(tokens: list[str]) -> frozenset:
+    """The override keys given as a bare `--key` (followed by another `--key` or nothing)."""
+    keys = [(token[2:].replace("-", "_"), "=" in token) for token in tokens if token.startswith("--")]
+    positions = [i for i, token in enumerate(tokens) if token.startswith("--")] + [len(tokens)]
+    return frozenset(
+        key
+        for (key, has_eq), here, following in zip(keys, positions, positions[1:])
+        if not has_eq and following == here + 1
+    )
+
+
 def _decode_scalar(text: str) -> Any:
     if text.lower() in ("yes", "no", "on", "off", "y", "n"):
         return text  # YAML 1.1 would make these booleans; `--save_strategy no` means the string
@@ -178,10 +189,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, che
     """Read, merge, type-check and validate a recipe. Raises one UserError listing every problem."""
     values = read_recipe_file(path) if path is not None else {}
     values.update(parse_overrides(overrides or []))
-    return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs)
+    bare = valueless_keys(overrides or [])
+    return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs, valueless=bare)
 
 
-def build_recipe(values: dict[str, Any], source: Path | None = None, check_inputs: bool = True) -> Recipe:
+def build_recipe(
+    values: dict[str, Any], source: Path | None = None, check_inputs: bool = True, valueless: frozenset = frozenset()
+) -> Recipe:
+    """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be."""
     values = dict(values)
     where = f"recipe '{source}'" if source else "recipe"
     stage = values.pop(STAGE_KEY, None)
@@ -208,7 +223,7 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
             continue
         if value is None:
             continue  # YAML null: keep the field's default
-        if value is True and action.const is not True:  # `--key` alone: only flags (bool keys) take no value
+        if key in valueless and action.const is not True:
             errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")
             continue
         if isinstance(value, bool) and action.choices and ("no" if not value else "yes") in action.choices:

@@ -85,6 +85,26 @@ def run_recipe(recipe) -> Path:
     return output_dir
 
 
+def run_step(recipe) -> Path:
+    """Run one step of a pipeline (`rlhf`) or one point of a sweep, which its caller has decided must run (its
+    output is missing, unfinished, of another recipe, or forced). An unfinished run of this same recipe continues
+    from its newest complete checkpoint rather than from scratch."""
+    from hfgen import tracking
+
+    output_dir = recipe.output_dir
+    previous = output_dir / "recipe.yaml"
+    unfinished_same_run = (
+        not tracking.is_complete(output_dir) and previous.is_file() and previous.read_text() == recipe.to_yaml()
+    )
+    if unfinished_same_run and tracking.complete_checkpoints(output_dir):
+        for config in recipe.configs:
+            if hasattr(config, "resume_from_checkpoint") and not config.resume_from_checkpoint:
+                config.resume_from_checkpoint = "true"
+                print(f"hfgen: {output_dir} was interrupted: continuing from its newest complete checkpoint")
+    recipe.run.overwrite_output_dir = True  # the caller compared the recipes itself
+    return run_recipe(recipe)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Entry for `python -m hfgen.train` and `scripts/train.py`: the same as `hfgen train`."""
     from hfgen.cli import main as hfgen_main

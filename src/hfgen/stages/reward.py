@@ -143,6 +143,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
         tracking.write_weights_fingerprint(final_model, output_dir)
 
     if is_main:
+        guard.kill_point("eval")
         final = pairwise_eval(final_model, tokenizer, held_out, eval_batch)
         tokens = trainer.state.num_input_tokens_seen
         tracking.update_eval(

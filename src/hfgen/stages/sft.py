@@ -273,6 +273,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         tracking.write_weights_fingerprint(trainer.model, output_dir)
 
     if is_main:
+        guard.kill_point("eval")
         final_loss = response_loss(trainer.model, held_out, tokenizer.pad_token_id, eval_batch)
         samples = sample_responses(
             trainer.model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed

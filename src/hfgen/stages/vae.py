@@ -241,6 +241,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
     # Save: the latent scaling factor first (in the config), then the model as safetensors.
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, train_loader, accelerator.device))
+    guard.kill_point("eval")
     final_error = reconstruction_error(vae, eval_loader, accelerator.device)
     if accelerator.is_main_process:
         vae.save_pretrained(output_dir)
