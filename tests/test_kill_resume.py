@@ -5,6 +5,7 @@ are killed at every point in one run; sft (LoRA), reward and t2i mid-checkpoint-
 points is scripts/kill_matrix.py."""
 
 import shutil
+import signal
 
 import pytest
 import yaml
@@ -63,6 +64,18 @@ def test_resume_refuses_an_incomplete_checkpoint_by_path(pretrain_runs, tmp_path
     assert "checkpoint-8" in result.stderr and "incomplete" in result.stderr
     result = run_hfgen("train", PRETRAIN, *PRETRAIN_ARGS, "--output_dir", tmp_path, "--resume_from_checkpoint", "true")
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr and "checkpoint-8" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_with_save_on_signal_saves_a_checkpoint_then_exits(pretrain_runs, tmp_path):
+    overrides = [*PRETRAIN_ARGS, "--save_on_signal", "true"]
+    result = train(PRETRAIN, tmp_path, overrides, kill_at="step@6:TERM")  # the notice arrives during step 6
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM received" in result.stderr and not tracking.is_complete(tmp_path)
+    assert [p.name for p in tracking.complete_checkpoints(tmp_path)] == ["checkpoint-6"]  # not only the periodic 4
+    result = train(PRETRAIN, tmp_path, overrides, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(pretrain_runs[0], tmp_path)
 
 
 @pytest.mark.slow

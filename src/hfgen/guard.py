@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from hfgen.errors import Diverged
 
-# Test harness: `HFGEN_KILL_AT=POINT` or `POINT@STEP` SIGKILLs the process at that point (inert when unset).
+# Test harness: `HFGEN_KILL_AT=POINT` or `POINT@STEP` SIGKILLs the process at that point (inert when unset);
+# `POINT@STEP:TERM` (or `:INT`) sends that signal instead, as a scheduler's preemption notice would.
 # Points: step (inside an optimizer step, before the update), checkpoint (a checkpoint's files written, its
 # completion marker not yet), final_save (the final model half saved), eval (during an evaluation).
 KILL_AT = "HFGEN_KILL_AT"
@@ -30,11 +31,12 @@ def kill_point(name: str, step: int | None = None) -> None:
     wanted = os.environ.get(KILL_AT)
     if not wanted:
         return
+    wanted, _, signal_name = wanted.partition(":")
     point, _, at = wanted.partition("@")
     if point == name and (not at or step is None or int(at) == step):
         sys.stdout.flush()
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{signal_name}") if signal_name else signal.SIGKILL)
 
 
 @dataclass
