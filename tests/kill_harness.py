@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from conftest import run_hfgen
 from hfgen import tracking
 
-# Row keys that measure the machine, not the training: wall-clock rates, and Trainer's `train_loss`, which averages
-# over the steps of one `train()` call only (a resumed call trains fewer).
-VOLATILE = ("runtime", "per_second", "_per_s", "eps", "time/", "train_loss")
+# Row keys that measure the machine, not the training: wall-clock rates; and two counters that start again in a
+# resumed `train()` call: Trainer's `train_loss` (the mean over that call's steps) and TRL's `num_tokens` (not
+# checkpointed by TRL 1.16; Trainer's own count, `num_input_tokens_seen`, is, and is compared).
+VOLATILE = ("runtime", "per_second", "_per_s", "eps", "time/", "train_loss", "num_tokens")
 
 
 def train(recipe, output_dir, overrides, kill_at=None, resume=False):
