@@ -256,16 +256,29 @@ def build_recipe(
     return recipe
 
 
-# Numeric keys of any stage that must be >= 1, or >= 0, when set (by name, whichever config holds them).
-AT_LEAST_ONE = (
-    "per_device_train_batch_size", "per_device_eval_batch_size", "train_batch_size", "gradient_accumulation_steps",
-    "num_ppo_epochs", "num_mini_batches", "total_episodes", "response_length", "lora_r", "block_size",
+# Numeric keys of any stage, by name (whichever config holds them): (minimum, maximum, minimum allowed itself).
+_AT_LEAST_ONE = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "train_batch_size", "eval_batch_size",
+    "gradient_accumulation_steps", "num_ppo_epochs", "num_mini_batches", "total_episodes", "response_length",
+    "local_rollout_forward_batch_size", "max_prompt_length", "lora_r", "lora_rank", "block_size", "resolution",
+    "max_caption_tokens", "num_inference_steps", "discriminator_channels", "kl_horizon",
 )  # fmt: skip
-NON_NEGATIVE = (
+_NON_NEGATIVE = (
     "learning_rate", "num_train_epochs", "warmup_steps", "lr_warmup_steps", "weight_decay", "adam_weight_decay",
-    "max_grad_norm", "lora_alpha", "lora_dropout", "save_steps", "eval_steps", "logging_steps", "save_total_limit",
-    "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance",
+    "adam_epsilon", "max_grad_norm", "lora_alpha", "save_steps", "eval_steps", "logging_steps", "sample_steps",
+    "save_total_limit", "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance", "seed",
+    "data_seed", "num_samples", "eval_samples_per_prompt", "eval_images_per_prompt", "num_validation_images",
+    "validation_steps", "text_encoder_pretraining_steps", "adversarial_start_step", "kl_weight", "adversarial_weight",
+    "kl_coef", "vf_coef", "cliprange", "cliprange_value", "noise_offset", "dataloader_num_workers",
 )  # fmt: skip
+_FRACTIONS = ("lora_dropout", "condition_dropout", "adam_beta1", "adam_beta2", "gamma", "lam", "ema_decay")
+BOUNDS = {
+    **dict.fromkeys(_AT_LEAST_ONE, (1, None, True)),
+    **dict.fromkeys(_NON_NEGATIVE, (0, None, True)),
+    **dict.fromkeys(_FRACTIONS, (0, 1, True)),
+    "temperature": (0, None, False),
+    "top_p": (0, 1, False),
+}
 
 
 def value_problems(configs) -> list[str]:
@@ -273,10 +286,17 @@ def value_problems(configs) -> list[str]:
     recipe keys, before a library rejects them under its own parameter names (LoRA's `r` for `lora_r`)."""
     problems = []
     for config in configs:
-        for key, minimum in [(k, 1) for k in AT_LEAST_ONE] + [(k, 0) for k in NON_NEGATIVE]:
+        for key, (low, high, low_allowed) in BOUNDS.items():
             value = getattr(config, key, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= minimum:
-                problems.append(f"key '{key}' must be at least {minimum}, got {value}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if not (value >= low if low_allowed else value > low) or (high is not None and not value <= high):
+                wanted = (
+                    f"between {low} and {high}"
+                    if high is not None
+                    else f"{'at least' if low_allowed else 'above'} {low}"
+                )
+                problems.append(f"key '{key}' must be {wanted}, got {value}")
         if hasattr(config, "max_steps") and hasattr(config, "num_train_epochs"):  # transformers' TrainingArguments
             if config.max_steps < -1:
                 problems.append(
