@@ -77,7 +77,10 @@ def run_recipe(recipe) -> Path:
 
     started = time.time()
     output_dir = recipe.output_dir
-    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=recipe.run.overwrite_output_dir)
+    # The rlhf pipeline's own dir holds only its summary: a rerun with other settings skips or redoes its steps,
+    # each of which is checked in its own dir (`run_step`).
+    overwrite = recipe.run.overwrite_output_dir or recipe.stage == "rlhf"
+    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite)
     guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     load_stage(recipe.stage).run(*recipe.configs)
     tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
