@@ -286,7 +286,7 @@ def trainer_callbacks(output_dir: str | Path) -> list:
     return [RunCallback()]
 
 
-# ---- checkpoints for our own accelerate loops (Trainer-based stages use Trainer's) -------------------
+# ---- checkpoints: complete when hfgen_state.json is written (Trainer writes the files of its own) ------------
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
