@@ -1,7 +1,8 @@
 """User-facing errors: bad recipes, data, model paths or CLI input.
 
 Anything raised as `UserError` is printed as one paragraph and the process exits with code 2,
-without a traceback. Everything else is a bug and keeps its traceback.
+without a traceback; a run stopped by the divergence guard (`Diverged`) exits with code 3 the same way.
+Everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,17 +11,25 @@ import sys
 from contextlib import contextmanager
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 
 class UserError(Exception):
     """A problem with what the user gave us (recipe, data, paths, flags), not with hfgen."""
 
 
+class Diverged(Exception):
+    """Training stopped on a non-finite loss or gradient norm (see `hfgen.guard`)."""
+
+
 @contextmanager
 def exit_on_user_error(program: str = "hfgen"):
-    """Turn a `UserError` into a one-paragraph message on stderr and exit code 2."""
+    """Turn a `UserError` into a one-paragraph message on stderr and exit code 2 (`Diverged`: exit code 3)."""
     try:
         yield
     except UserError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except Diverged as error:
+        print(f"{program}: diverged: {error}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED)

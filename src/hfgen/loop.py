@@ -8,7 +8,7 @@ on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own al
     with gathered(accelerator, model, reference) as (policy, ref): generate / call children with full weights
     clip_gradients(accelerator, model, max_norm)                through the engine (DeepSpeed clips in its step)
     state = full_state_dict(accelerator, model)                 whole weights on the main process, for save_pretrained
-    step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...); start_metrics(...)
+    step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...)  (atomic, rotated)
 
 What each engine needs, and where it is handled:
 - DeepSpeed sizes its batch from a dataloader; a loop without one (PPO) states its micro-batch size (`prepare`).
@@ -320,6 +320,7 @@ def resume(accelerator, resume_from_checkpoint, output_dir: str | Path) -> int:
     """Load the checkpoint `resume_from_checkpoint` names (a dir, or true for the newest) -> its step (0: none).
     Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects."""
     path = tracking.resolve_resume(resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, path)  # metrics.jsonl as it was at that checkpoint (none on a fresh start)
     if path is None:
         return 0
     step = tracking.load_checkpoint(accelerator, path)
@@ -327,18 +328,9 @@ def resume(accelerator, resume_from_checkpoint, output_dir: str | Path) -> int:
     return step
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> None:
-    """A resumable checkpoint-STEP (rotated to `total_limit`), with the run's recipe beside it."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """A resumable checkpoint-STEP (rotated to `total_limit`), with the run's recipe beside it, marked complete last."""
     recipe = Path(output_dir) / "recipe.yaml"
-    tracking.save_checkpoint(
+    return tracking.save_checkpoint(
         accelerator, output_dir, step, total_limit, recipe.read_text() if recipe.is_file() else None
     )
-
-
-def start_metrics(output_dir: str | Path, start_step: int) -> tracking.MetricsLogger:
-    """A fresh metrics.jsonl, or on resume the old one cut back to the checkpoint's step (the steps after it are
-    about to be redone): a resumed or repeated run never leaves duplicate or stale rows."""
-    if start_step and tracking.is_main_process():
-        kept = [row for row in tracking.read_metrics(output_dir) if row["step"] <= start_step]
-        tracking.write_jsonl(Path(output_dir) / "metrics.jsonl", kept)
-    return tracking.MetricsLogger(output_dir, fresh=start_step == 0)

@@ -27,6 +27,26 @@ _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
+class RunArguments:
+    """Keys every stage accepts, about the run rather than the training (read by `hfgen.train.run_recipe`)."""
+
+    nan_tolerance: int = field(
+        default=0,
+        metadata={"help": "Steps with a non-finite loss or gradient norm to skip before the run stops (exit code 3)."},
+    )
+    save_on_signal: bool = field(
+        default=False, metadata={"help": "On SIGINT/SIGTERM, write a checkpoint after the current step, then exit."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an output_dir holding the complete run of a different recipe."}
+    )
+
+    def __post_init__(self):
+        if self.nan_tolerance < 0:
+            raise ValueError(f"nan_tolerance must be >= 0, got {self.nan_tolerance}")
+
+
+@dataclass
 class Recipe:
     """A parsed and validated recipe."""
 
@@ -35,6 +55,7 @@ class Recipe:
     configs: tuple  # one instance per dataclass of the stage, in the stage's ARGUMENTS order
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    run: RunArguments = field(default_factory=RunArguments)
 
     def get(self, cls):
         """The config instance of type `cls` (or a subclass)."""
@@ -75,10 +96,19 @@ class _RaisingParser:
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML into a dict; a missing file or bad YAML is a UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe file '{path}' is a directory; give a recipe YAML file (recipes live under recipes/).")
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"recipe file '{path}' is not UTF-8 text (byte {error.start}: {error.object[error.start : error.start + 1]!r}); "
+            "save it as UTF-8 YAML."
+        ) from None
+    except OSError as error:
+        raise UserError(f"recipe file '{path}' cannot be read: {error.strerror or error}.") from None
     except yaml.YAMLError as error:
         raise UserError(f"recipe file '{path}' is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -112,6 +142,17 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return resolved
 
 
+def valueless_keys(tokens: list[str]) -> frozenset:
+    """The override keys given as a bare `--key` (followed by another `--key` or nothing)."""
+    keys = [(token[2:].replace("-", "_"), "=" in token) for token in tokens if token.startswith("--")]
+    positions = [i for i, token in enumerate(tokens) if token.startswith("--")] + [len(tokens)]
+    return frozenset(
+        key
+        for (key, has_eq), here, following in zip(keys, positions, positions[1:])
+        if not has_eq and following == here + 1
+    )
+
+
 def _decode_scalar(text: str) -> Any:
     if text.lower() in ("yes", "no", "on", "off", "y", "n"):
         return text  # YAML 1.1 would make these booleans; `--save_strategy no` means the string
@@ -141,28 +182,37 @@ def _suggest(key: str, known: list[str]) -> str:
 
 def known_keys(stage: str) -> list[str]:
     module = load_stage(stage)
-    return sorted(f.name for cls in module.ARGUMENTS for f in dataclasses.fields(cls) if f.init)
+    return sorted(f.name for cls in (*module.ARGUMENTS, RunArguments) for f in dataclasses.fields(cls) if f.init)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_inputs: bool = True) -> Recipe:
     """Read, merge, type-check and validate a recipe. Raises one UserError listing every problem."""
     values = read_recipe_file(path) if path is not None else {}
     values.update(parse_overrides(overrides or []))
-    return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs)
+    bare = valueless_keys(overrides or [])
+    return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs, valueless=bare)
 
 
-def build_recipe(values: dict[str, Any], source: Path | None = None, check_inputs: bool = True) -> Recipe:
+def build_recipe(
+    values: dict[str, Any], source: Path | None = None, check_inputs: bool = True, valueless: frozenset = frozenset()
+) -> Recipe:
+    """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be."""
     values = dict(values)
     where = f"recipe '{source}'" if source else "recipe"
     stage = values.pop(STAGE_KEY, None)
     if stage is None:
         raise UserError(f"{where} has no 'stage' key; set one of: {', '.join(STAGES)}.")
+    if not isinstance(stage, str):
+        raise UserError(
+            f"{where}: key 'stage' must be one stage name, got {type(stage).__name__} {stage!r}; "
+            f"stages: {', '.join(STAGES)}."
+        )
     if stage not in STAGES:
         raise UserError(
             f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}."
         )
     module = load_stage(stage)
-    parser = _RaisingParser(module.ARGUMENTS)
+    parser = _RaisingParser((*module.ARGUMENTS, RunArguments))
 
     errors = []
     argv: list[str] = []
@@ -173,6 +223,9 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
             continue
         if value is None:
             continue  # YAML null: keep the field's default
+        if key in valueless and action.const is not True:
+            errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")
+            continue
         if isinstance(value, bool) and action.choices and ("no" if not value else "yes") in action.choices:
             value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false: `save_strategy: no`
         tokens = _to_argv_tokens(value)
@@ -190,13 +243,71 @@ def build_recipe(values: dict[str, Any], source: Path | None = None, check_input
         raise UserError(f"{where}: {error}") from None
     except (ValueError, TypeError, ImportError) as error:  # raised by the configs' __post_init__ checks
         raise UserError(f"{where}: {error}") from None
-    recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source)
+    *configs, run = configs
+    recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
+    problems = value_problems((*recipe.configs, run))
+    if problems:
+        raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
 
     if check_inputs and hasattr(module, "check"):
         problems = module.check(*recipe.configs)
         if problems:
             raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
     return recipe
+
+
+# Numeric keys of any stage, by name (whichever config holds them): (minimum, maximum, minimum allowed itself).
+_AT_LEAST_ONE = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "train_batch_size", "eval_batch_size",
+    "gradient_accumulation_steps", "num_ppo_epochs", "num_mini_batches", "total_episodes", "response_length",
+    "local_rollout_forward_batch_size", "max_prompt_length", "lora_r", "lora_rank", "block_size", "resolution",
+    "max_caption_tokens", "num_inference_steps", "discriminator_channels", "kl_horizon",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "learning_rate", "num_train_epochs", "warmup_steps", "lr_warmup_steps", "weight_decay", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "lora_alpha", "save_steps", "eval_steps", "logging_steps", "sample_steps",
+    "save_total_limit", "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance", "seed",
+    "data_seed", "num_samples", "eval_samples_per_prompt", "eval_images_per_prompt", "num_validation_images",
+    "validation_steps", "text_encoder_pretraining_steps", "adversarial_start_step", "kl_weight", "adversarial_weight",
+    "kl_coef", "vf_coef", "cliprange", "cliprange_value", "noise_offset", "dataloader_num_workers",
+)  # fmt: skip
+_FRACTIONS = ("lora_dropout", "condition_dropout", "adam_beta1", "adam_beta2", "gamma", "lam", "ema_decay")
+BOUNDS = {
+    **dict.fromkeys(_AT_LEAST_ONE, (1, None, True)),
+    **dict.fromkeys(_NON_NEGATIVE, (0, None, True)),
+    **dict.fromkeys(_FRACTIONS, (0, 1, True)),
+    "temperature": (0, None, False),
+    "top_p": (0, 1, False),
+}
+
+
+def value_problems(configs) -> list[str]:
+    """Numbers no training can run with (a batch of 0, a negative learning rate, no steps at all), named by their
+    recipe keys, before a library rejects them under its own parameter names (LoRA's `r` for `lora_r`)."""
+    problems = []
+    for config in configs:
+        for key, (low, high, low_allowed) in BOUNDS.items():
+            value = getattr(config, key, None)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if not (value >= low if low_allowed else value > low) or (high is not None and not value <= high):
+                wanted = (
+                    f"between {low} and {high}"
+                    if high is not None
+                    else f"{'at least' if low_allowed else 'above'} {low}"
+                )
+                problems.append(f"key '{key}' must be {wanted}, got {value}")
+        if hasattr(config, "max_steps") and hasattr(config, "num_train_epochs"):  # transformers' TrainingArguments
+            if config.max_steps < -1:
+                problems.append(
+                    f"key 'max_steps' must be a number of steps, or -1 for num_train_epochs; got {config.max_steps}"
+                )
+            elif config.max_steps <= 0 and config.num_train_epochs <= 0:
+                problems.append(
+                    f"max_steps {config.max_steps} and num_train_epochs {config.num_train_epochs} train nothing: set "
+                    "max_steps (optimizer steps) or num_train_epochs to a positive number"
+                )
+    return problems
 
 
 def _check_value(action: argparse.Action, tokens: list[str]) -> str | None:

@@ -6,9 +6,10 @@
 An override whose value holds commas is an axis of the grid; the grid is the product of the axes, and the
 other overrides apply to every point. Each point gets its own output dir, ROOT/KEY=VALUE_KEY=VALUE (ROOT is
 --output_root, by default the recipe's output_dir + "-sweep"). Every point's recipe is validated before the
-first one runs; then the points run one after the other through `hfgen.train.run_recipe`, exactly as
+first one runs; then the points run one after the other through `hfgen.train.run_step`, exactly as
 `hfgen train` runs them. A point whose dir already holds a complete run of the same resolved recipe is
-skipped, so a sweep that stopped half way picks up where it was. Last, ROOT/report.html compares the points
+skipped, and a point that was interrupted continues from its newest complete checkpoint, so a sweep that
+stopped half way picks up where it was. Last, ROOT/report.html compares the points
 (`hfgen report`); with --eval each point is first evaluated by `hfgen eval` with its defaults.
 """
 
@@ -35,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.recipe import load_recipe
     from hfgen.report import write_report
-    from hfgen.train import run_recipe
+    from hfgen.train import run_step
 
     axes, fixed = split_grid(args.overrides)
     if not axes:
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
             for config in recipe.configs:  # Trainer's progress bar; set on the parsed config, not in recipe.yaml
                 if hasattr(config, "disable_tqdm"):
                     config.disable_tqdm = True
-        run_recipe(recipe)
+        run_step(recipe)
         if args.eval:
             evaluate(run_dir, args.quiet)
     report = write_report([root / name for name in recipes], root / "report.html", title=f"hfgen sweep {args.recipe}")

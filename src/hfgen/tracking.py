@@ -6,7 +6,8 @@ A run directory holds:
     metrics.jsonl    one JSON object per logged step: {"step": int, "<name>": float, ...}
     eval.json        final evaluation figures, a flat {"<name>": value} mapping
     samples.jsonl    sample generations (text stages), or samples/*.png and grid.png (image stages)
-    checkpoint-N/    checkpoints (Trainer's or accelerate's `save_state`), rotated
+    checkpoint-N/    checkpoints (Trainer's or accelerate's `save_state`), rotated; each complete one ends with
+                     hfgen_state.json, written last: a checkpoint without it was cut short and is never resumed from
     COMPLETE         written last: a directory without it is an unfinished run, never mistaken for output
 """
 
@@ -81,15 +82,56 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_run_records(output_dir: str | Path, recipe_yaml: str) -> None:
+def write_run_records(output_dir: str | Path, recipe_yaml: str, overwrite: bool = False) -> None:
     """Start a run: the resolved recipe and the environment, and no COMPLETE marker until the run ends."""
+    check_output_dir(output_dir, recipe_yaml, overwrite)
     if not is_main_process():
         return
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / "recipe.yaml").write_text(recipe_yaml)
     write_json(output_dir / "env.json", environment())
+
+
+# Keys that may change between a run and its continuation in the same directory.
+CONTINUATION_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "save_on_signal")
+
+
+def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool = False) -> None:
+    """`output_dir` must be a writable directory (created if missing) and must not hold the complete run of a
+    different recipe, unless `overwrite_output_dir: true` (a rerun of the same recipe repeats the run)."""
+    import yaml
+
+    from hfgen.errors import UserError
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir '{output_dir}' is a file, not a directory; give a directory path.")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"output_dir '{output_dir}' cannot be created: {error.strerror or error}.") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir '{output_dir}' is not writable; choose another output_dir.")
+    previous = output_dir / "recipe.yaml"
+    if overwrite or not (is_complete(output_dir) and previous.is_file()):
+        return
+    try:
+        before = yaml.safe_load(previous.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        before = None
+    now = yaml.safe_load(recipe_yaml) or {}
+    if isinstance(before, dict):
+        for key in CONTINUATION_KEYS:
+            before.pop(key, None)
+            now.pop(key, None)
+    if before != now:
+        changed = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
+        raise UserError(
+            f"output_dir '{output_dir}' holds a complete run of a different recipe (differing keys: "
+            f"{', '.join(changed) or 'the recipe file'}); choose another output_dir, or set overwrite_output_dir: true "
+            "to train over it."
+        )
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -150,6 +192,25 @@ def is_complete(output_dir: str | Path) -> bool:
     return (Path(output_dir) / COMPLETE_MARKER).is_file()
 
 
+def start_metrics(output_dir: str | Path, resume: Path | None) -> None:
+    """Before training: metrics.jsonl as it was when the `resume` checkpoint was written (its rows after that are
+    about to be logged again), or none at all on a fresh start. A resumed or repeated run never duplicates rows."""
+    if not is_main_process():
+        return
+    path = Path(output_dir) / "metrics.jsonl"
+    if resume is None:
+        path.unlink(missing_ok=True)
+        return
+    state = read_json(Path(resume) / CHECKPOINT_STATE, {})
+    rows = read_metrics(output_dir)
+    if "metrics_rows" in state:
+        kept = rows[: state["metrics_rows"]]
+    else:  # a checkpoint from an older hfgen: rows up to its step
+        kept = [row for row in rows if row["step"] <= state.get("step", 0)]
+    if path.is_file():
+        write_jsonl(path, kept)
+
+
 class MetricsLogger:
     """Appends one JSON line per call to OUTPUT_DIR/metrics.jsonl (main process only)."""
 
@@ -175,27 +236,66 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def metrics_callback(output_dir: str | Path):
-    """A transformers `TrainerCallback` that mirrors every Trainer log into metrics.jsonl."""
+def trainer_callbacks(output_dir: str | Path) -> list:
+    """What every Trainer-based stage adds to its Trainer: logs mirrored into metrics.jsonl, checkpoints marked
+    complete (hfgen_state.json written last, then rotation), the divergence guard, a save on SIGINT/SIGTERM
+    (`save_on_signal`), and the kill points of the resume tests."""
     from transformers import TrainerCallback
 
-    logger = MetricsLogger(output_dir)
+    from hfgen import guard
 
-    class MetricsFileCallback(TrainerCallback):
+    logger = MetricsLogger(output_dir)
+    divergence = guard.Divergence(output_dir)
+
+    class RunCallback(TrainerCallback):
+        total_limit = None
+
+        def on_init_end(self, args, state, control, **kwargs):
+            # Trainer rotates checkpoints before the completion marker exists: a kill in between would leave no
+            # complete checkpoint. Rotation moves after the marker (`finish_checkpoint`), with the recipe's limit.
+            self.total_limit, args.save_total_limit = args.save_total_limit, None
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 logger.log(state.global_step, **{"epoch": state.epoch, **logs})
+            divergence.note_loss(state.global_step, (logs or {}).get("loss"))
 
-    return MetricsFileCallback()
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            guard.kill_point("step", state.global_step + 1)
+            divergence.check_step(state.global_step + 1, optimizer=optimizer)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if guard.signalled():
+                control.should_save = True
+            if control.should_save:
+                start_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        on_epoch_end = on_step_end
+
+        def on_save(self, args, state, control, **kwargs):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            wait_for_everyone()  # every rank's files (its RNG state) are written
+            if args.should_save:
+                finish_checkpoint(output_dir, path, state.global_step, self.total_limit, state.best_model_checkpoint)
+            wait_for_everyone()
+            guard.exit_on_signal(path)
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            guard.kill_point("eval", state.global_step)
+
+    return [RunCallback()]
 
 
-# ---- checkpoints for our own accelerate loops (Trainer-based stages use Trainer's) -------------------
+# ---- checkpoints: complete when hfgen_state.json is written (Trainer writes the files of its own) ------------
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+CHECKPOINT_STATE = "hfgen_state.json"  # written last into a checkpoint: {"step": N, "metrics_rows": K}
+
+
 def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoint dirs under output_dir, oldest step first."""
+    """Checkpoint dirs under output_dir, complete or not, oldest step first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -203,24 +303,61 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_complete_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CHECKPOINT_STATE).is_file()
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoints that were written to the end, oldest step first."""
+    return [p for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
+
+
+def start_checkpoint(path: str | Path) -> None:
+    """Before (re)writing checkpoint-N: it is incomplete until `finish_checkpoint` marks it again."""
+    if is_main_process():
+        (Path(path) / CHECKPOINT_STATE).unlink(missing_ok=True)
+
+
+def finish_checkpoint(
+    output_dir: str | Path, path: str | Path, step: int, total_limit: int | None, keep: str | None = None
+) -> None:
+    """Mark a fully written checkpoint complete (its state file, written atomically and last, also records how many
+    metrics.jsonl rows it covers), then rotate: the oldest complete checkpoints beyond `total_limit` go (never
+    `keep`, the best one), and so do incomplete ones older than this one (left by a killed run). A kill at any
+    moment thus leaves at least the newest complete checkpoint."""
+    from hfgen import guard
+
+    guard.kill_point("checkpoint", step)
+    write_json(Path(path) / CHECKPOINT_STATE, {"step": step, "metrics_rows": len(read_metrics(output_dir))})
+    complete = complete_checkpoints(output_dir)
+    doomed = complete[:-total_limit] if total_limit and total_limit > 0 else []
+    doomed += [p for p in checkpoints(output_dir) if not is_complete_checkpoint(p) and _step_of(p) < step]
+    for old in doomed:
+        if keep is None or Path(old).resolve() != Path(keep).resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(_CHECKPOINT.match(path.name).group(1))
+
+
 def save_checkpoint(
     accelerator, output_dir: str | Path, step: int, total_limit: int | None, recipe_yaml: str | None = None
 ) -> Path:
     """`accelerator.save_state` (models, optimizers, schedulers, RNG, registered objects) into checkpoint-STEP,
-    with the recipe beside it, then delete the oldest beyond `total_limit`."""
+    with the recipe beside it, marked complete last (`finish_checkpoint`), then rotated."""
     path = Path(output_dir) / f"checkpoint-{step}"
+    start_checkpoint(path)
     hook = accelerator.register_save_state_pre_hook(_drop_frozen_parameters)
     try:
         accelerator.save_state(str(path))
     finally:
         hook.remove()
+    accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written
     if accelerator.is_main_process:
-        write_json(path / "hfgen_state.json", {"step": step})
         if recipe_yaml:
             (path / "recipe.yaml").write_text(recipe_yaml)
-        if total_limit:
-            for old in checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        finish_checkpoint(output_dir, path, step, total_limit)
     accelerator.wait_for_everyone()
     return path
 
@@ -279,19 +416,44 @@ def _check_trainable_weights_saved(models, input_dir) -> None:
 
 
 def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:
-    """`--resume_from_checkpoint true` means the latest checkpoint in output_dir; a path means that one."""
+    """`--resume_from_checkpoint true` means the newest complete checkpoint in output_dir (newer incomplete ones,
+    cut short by a kill, are skipped and named); a path means that one, which must be complete."""
+    import sys
+
     from hfgen.errors import UserError
 
     if resume_from_checkpoint in (None, False, "", "false", "False"):
         return None
     if resume_from_checkpoint in (True, "true", "True"):
         found = checkpoints(output_dir)
-        if not found:
-            raise UserError(f"resume_from_checkpoint: no checkpoint-N directory in '{output_dir}' to resume from.")
-        return found[-1]
+        complete = [p for p in found if is_complete_checkpoint(p)]
+        skipped = [
+            p.name
+            for p in found
+            if not is_complete_checkpoint(p) and (not complete or _step_of(p) > _step_of(complete[-1]))
+        ]
+        if not complete:
+            incomplete = f" (only incomplete ones: {', '.join(skipped)})" if skipped else ""
+            raise UserError(
+                f"resume_from_checkpoint: no complete checkpoint-N directory in '{output_dir}' to resume from"
+                f"{incomplete}; drop resume_from_checkpoint to start afresh."
+            )
+        if skipped and is_main_process():
+            print(
+                f"hfgen: resume: skipped {', '.join(skipped)} (incomplete: the run stopped while writing it); "
+                f"resuming from {complete[-1].name}",
+                file=sys.stderr,
+            )
+        return complete[-1]
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise UserError(f"resume_from_checkpoint: '{path}' is not a directory.")
+    if not is_complete_checkpoint(path):
+        raise UserError(
+            f"resume_from_checkpoint: '{path}' is an incomplete checkpoint (no {CHECKPOINT_STATE}: the run stopped "
+            "while writing it, or it was not written by hfgen); give an earlier checkpoint, or "
+            "`--resume_from_checkpoint true` for the newest complete one."
+        )
     return path
 
 

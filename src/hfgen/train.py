@@ -75,18 +75,42 @@ def launch_with_accelerate(recipe_path, overrides, num_processes: int | None, co
 
 def run_recipe(recipe) -> Path:
     """Run a validated recipe: records first, the stage, then the COMPLETE marker. Used by the CLI and by `rlhf`."""
-    from hfgen import loop, tracking
+    from hfgen import guard, loop, tracking
     from hfgen.stages import load_stage
 
     stage = load_stage(recipe.stage)
     loop.check_launch(getattr(stage, "refused_engines", lambda *configs: {})(*recipe.configs))  # before any model
     started = time.time()
     output_dir = recipe.output_dir
-    tracking.write_run_records(output_dir, recipe.to_yaml())
+    # The rlhf pipeline's own dir holds only its summary: a rerun with other settings skips or redoes its steps,
+    # each of which is checked in its own dir (`run_step`).
+    overwrite = recipe.run.overwrite_output_dir or recipe.stage == "rlhf"
+    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite)
+    guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     stage.run(*recipe.configs)
     tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0
     return output_dir
+
+
+def run_step(recipe) -> Path:
+    """Run one step of a pipeline (`rlhf`) or one point of a sweep, which its caller has decided must run (its
+    output is missing, unfinished, of another recipe, or forced). An unfinished run of this same recipe continues
+    from its newest complete checkpoint rather than from scratch."""
+    from hfgen import tracking
+
+    output_dir = recipe.output_dir
+    previous = output_dir / "recipe.yaml"
+    unfinished_same_run = (
+        not tracking.is_complete(output_dir) and previous.is_file() and previous.read_text() == recipe.to_yaml()
+    )
+    if unfinished_same_run and tracking.complete_checkpoints(output_dir):
+        for config in recipe.configs:
+            if hasattr(config, "resume_from_checkpoint") and not config.resume_from_checkpoint:
+                config.resume_from_checkpoint = "true"
+                print(f"hfgen: {output_dir} was interrupted: continuing from its newest complete checkpoint")
+    recipe.run.overwrite_output_dir = True  # the caller compared the recipes itself
+    return run_recipe(recipe)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -43,8 +43,9 @@ class DataArguments:
 
 
 def load_raw(name: str, config: str | None = None):
-    """A DatasetDict from any supported source; any failure is a UserError naming the source."""
+    """A DatasetDict from any supported source; a missing or unreadable source is a UserError naming it."""
     import datasets
+    from datasets.exceptions import DatasetsError
 
     if name.startswith("embedded:"):
         from hfgen.data.embedded import NAMES, load_embedded
@@ -63,6 +64,8 @@ def load_raw(name: str, config: str | None = None):
                 raise UserError(
                     f"dataset_name '{name}': unsupported file type '{path.suffix}'; use {', '.join(sorted(FILE_BUILDERS))}"
                 )
+            if path.stat().st_size < 2**20 and not path.read_bytes().strip():  # `datasets` fails on these oddly
+                raise UserError(f"dataset_name '{name}' is an empty file: it holds no rows")
             return datasets.load_dataset(builder, data_files={"train": str(path)})
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
@@ -74,7 +77,11 @@ def load_raw(name: str, config: str | None = None):
         return datasets.load_dataset(name, config)
     except UserError:
         raise
-    except Exception as error:  # datasets raises many types (FileNotFoundError, ArrowInvalid, DatasetNotFoundError...)
+    # What bad data or a bad name raises: OSError (FileNotFoundError, DatasetNotFoundError, EmptyDatasetError...),
+    # ValueError (ArrowInvalid, UnicodeDecodeError, a CSV parser's errors), and datasets' own build errors. Anything
+    # else is a bug and keeps its traceback.
+    except (OSError, ValueError, DatasetsError) as error:
+        error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
 
@@ -95,7 +102,15 @@ def split_dataset(raw, args: DataArguments, seed: int = 0):
     if args.dataset_test_split in raw:
         evaluation = raw[args.dataset_test_split]
     else:
-        parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        try:
+            parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        except ValueError:  # too few rows to hold out a slice, or a percentage outside (0, 100)
+            raise UserError(
+                f"dataset '{args.dataset_name}' has {len(train)} row(s) and no '{args.dataset_test_split}' split: cannot "
+                f"hold out validation_split_percentage {args.validation_split_percentage}% of it for evaluation; give "
+                "more rows, a test split (dataset_test_split), or a percentage between 0 and 100 that leaves rows on "
+                "both sides."
+            ) from None
         train, evaluation = parts["train"], parts["test"]
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
@@ -116,6 +131,12 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
         if empty:
             problems.append(
                 f"dataset '{source}' has empty values in column '{column}' (rows {empty[:5]}{'...' if len(empty) > 5 else ''})"
+            )
+        numbers = [i for i, value in enumerate(sample[column]) if isinstance(value, (int, float))]
+        if numbers:  # a CSV or JSON column of numbers is loaded as numbers: no tokenizer takes them
+            problems.append(
+                f"dataset '{source}' column '{column}' holds numbers, not text (row {numbers[0]}: "
+                f"{sample[column][numbers[0]]!r}); write the values as text (quoted in JSON), or name another column"
             )
     if len(dataset) == 0:
         problems.append(f"dataset '{source}' has no rows")

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfgen import guard, tracking
+
 LR_SCHEDULES = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
 
@@ -114,7 +116,7 @@ def make_lr_scheduler(accelerator, optimizer, args: LoopArguments, max_steps: in
 
 def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int, int, int]:
     """Load the checkpoint named by `resume_from_checkpoint`, if any: (global step, first epoch, batches of that
-    epoch to skip)."""
+    epoch to skip). Everything registered with the accelerator comes back: models, optimizer, schedule, RNG, EMA."""
     from hfgen import loop
 
     step = loop.resume(accelerator, args.resume_from_checkpoint, args.output_dir)
@@ -149,11 +151,9 @@ class StepLog:
     """Mean loss over the last `logging_steps` steps, averaged across processes, appended to metrics.jsonl. Losses
     stay tensors between logs, so logging costs no per-step synchronisation."""
 
-    def __init__(self, accelerator, output_dir: str, every: int, start_step: int):
-        from hfgen import loop
-
+    def __init__(self, accelerator, output_dir: str, every: int):
         self.accelerator, self.every = accelerator, every
-        self.logger = loop.start_metrics(output_dir, start_step)
+        self.logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `resume`
         self.sums: dict = {}
         self.count = 0
 
@@ -172,8 +172,9 @@ class StepLog:
 
 
 def maybe_checkpoint(accelerator, args: LoopArguments, step: int) -> None:
-    """A resumable checkpoint-STEP every `checkpointing_steps`, rotated, with the run's recipe beside it."""
+    """A resumable checkpoint-STEP every `checkpointing_steps`, rotated, with the run's recipe beside it; and on
+    SIGINT/SIGTERM with `save_on_signal`, one now, then exit."""
     from hfgen import loop
 
-    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-        loop.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+    if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or guard.signalled():
+        guard.exit_on_signal(loop.save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit))

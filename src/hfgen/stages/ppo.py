@@ -27,6 +27,7 @@ Deviations from the papers and from TRL's PPOTrainer, each deliberate:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from typing import Literal
 import torch
 from trl import ModelConfig
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, run_first_hint
@@ -253,7 +254,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir)
     if not start_step:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
-    metrics_logger = loop.start_metrics(output_dir, start_step)
+    metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`
+    divergence = guard.Divergence(output_dir)
     if trackers:
         accelerator.init_trackers("hfgen-ppo", config=scalar_settings(config))
     accelerator.print(
@@ -280,7 +282,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
         # 3. PPO update: epochs of clipped policy and value losses over shuffled minibatches.
         train_started = time.perf_counter()
-        stats = ppo_update(accelerator, trainable, optimizer, rollout, config)
+        guard.kill_point("step", step)
+        check = functools.partial(divergence.check_step, step, optimizer=optimizer)
+        stats = ppo_update(accelerator, trainable, optimizer, rollout, config, check)
         timing["training"] = time.perf_counter() - train_started
         scheduler.step()
 
@@ -302,8 +306,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if config.sample_steps and (step % config.sample_steps == 0 or step in (1, total_steps)):
             if accelerator.is_main_process:
                 write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle)
-        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit)
+        if (config.save_steps and step % config.save_steps == 0 and step < total_steps) or guard.signalled():
+            guard.exit_on_signal(loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit))
     train_runtime = time.perf_counter() - started
 
     # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it; whole weights.
@@ -312,11 +316,13 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     if accelerator.is_main_process:
         trained.policy.save_pretrained(output_dir, state_dict=loop.part(state, "policy"))
         tokenizer.save_pretrained(output_dir)
+        guard.kill_point("final_save")
         trained.value_model.save_pretrained(output_dir / "value_model", state_dict=loop.part(state, "value_model"))
     del state
     loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
     # Evaluate: the SFT (reference) policy against the PPO policy on held-out prompts.
+    guard.kill_point("eval")
     with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (trained, reference, reward_model):
         results = evaluate_against_reference(
             accelerator, trained.policy, reference, dataclasses.replace(scorer, reward_model=reward_model), oracle,
@@ -518,9 +524,10 @@ def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_
     return dataclasses.replace(rollout, advantages=advantages, returns=returns), {"kl": kl, "kl_rewards": kl_rewards}
 
 
-def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig) -> list[PPOStats]:
+def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, check=None) -> list[PPOStats]:
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
-    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch."""
+    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch. `check(loss)`
+    (the divergence guard) runs before each optimiser step."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
     stats = []
@@ -534,8 +541,11 @@ def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOC
                     mask = batch.response_mask
                     policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
                     value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-                    accelerator.backward(policy.loss + config.vf_coef * value.loss)
+                    loss = policy.loss + config.vf_coef * value.loss
+                    accelerator.backward(loss)
                     loop.clip_gradients(accelerator, trainable, config.max_grad_norm)
+                    if accelerator.sync_gradients and check is not None:
+                        check(loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 with torch.no_grad():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.models import ModelArguments, check_config_file, check_model_source
 
@@ -118,17 +118,19 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
         processing_class=tokenizer,
-        callbacks=[tracking.metrics_callback(output_dir)],
+        callbacks=tracking.trainer_callbacks(output_dir),
     )
     # Step-0 loss measured outside the Trainer: calling trainer.evaluate() before trainer.train() leaves the
     # model unwrapped by DDP in transformers 5.23 (ranks then drift apart), so it must not touch the trainer.
     with loop.gathered(trainer.accelerator, model) as (whole,):  # whole weights under ZeRO-3
         initial_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = trainer.evaluate()
 
     trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
+    guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
     if trainer.is_world_process_zero():
         samples = generate_text(trainer.model, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)

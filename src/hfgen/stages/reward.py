@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trl import ModelConfig, RewardConfig
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
@@ -122,7 +122,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
             eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[tracking.metrics_callback(output_dir)],
+            callbacks=tracking.trainer_callbacks(output_dir),
         )
     except ValueError as error:  # TRL validates the config against the data and model here
         raise UserError(f"RewardTrainer rejected the recipe: {error}") from None
@@ -135,6 +135,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
         initial = pairwise_eval(model, tokenizer, held_out, eval_batch)
 
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     # Save one plain classifier: LoRA adapters (and the trained head copy) merged into the backbone.
@@ -146,9 +147,11 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
     else:
         final_model = trainer.model
         trainer.save_model(str(output_dir))
+    guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, final_model, output_dir)  # tests only
 
     engine_handle = trainer.model_wrapped if final_model is trainer.model else final_model  # (a ZeRO-3 engine)
+    guard.kill_point("eval")
     with loop.gathered(trainer.accelerator, engine_handle) as (model,):
         final = pairwise_eval(model, tokenizer, held_out, eval_batch)
         parameters = count_parameters(model)

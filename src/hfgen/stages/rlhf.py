@@ -5,8 +5,9 @@
     ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml scripts/train.py recipes/tiny/rlhf.yaml
 
 The pipeline recipe names one step recipe per step, each with optional overrides (a mapping of recipe keys).
-Each step runs through `hfgen.train.run_recipe`, the entry a user calls (no stage imports another), into its own
-recipe's output_dir, so a step run by hand and the same step run here are one run. The outputs are wired
+Each step runs through `hfgen.train.run_step` (`run_recipe`, the entry a user calls; no stage imports another),
+into its own recipe's output_dir, so a step run by hand and the same step run here are one run; a step that was
+interrupted continues from its newest complete checkpoint. The outputs are wired
 forward: the SFT model becomes PPO's policy and reference, the reward model PPO's reward model and (by PPO's
 default) its value model's initialisation. A `prerequisite` recipe (the tiny pretraining) runs first when its
 output is missing.
@@ -95,13 +96,13 @@ def user_overrides(args: RLHFArguments, step: str) -> dict:
 
 def run(args: RLHFArguments) -> Path:
     from hfgen.recipe import load_recipe
-    from hfgen.train import run_recipe
+    from hfgen.train import run_step
 
     if args.prerequisite:
         prerequisite = load_recipe(args.prerequisite, check_inputs=False)
         if not tracking.is_complete(prerequisite.output_dir):
             say(f"== prerequisite: {args.prerequisite} -> {prerequisite.output_dir}")
-            run_recipe(load_recipe(args.prerequisite))
+            run_step(load_recipe(args.prerequisite))
 
     rerun = args.force
     for step in STEPS:
@@ -121,7 +122,7 @@ def run(args: RLHFArguments) -> Path:
             else "no output yet"
         )
         say(f"== {step} ({why}): {getattr(args, step)} -> {recipe.output_dir}")
-        run_recipe(step_recipe(args, step, check_inputs=True))
+        run_step(step_recipe(args, step, check_inputs=True))
         rerun = True  # every later step consumes this step's output
 
     if not tracking.is_main_process():

@@ -27,7 +27,7 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
@@ -240,7 +240,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
             eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
-            callbacks=[tracking.metrics_callback(output_dir)],
+            callbacks=tracking.trainer_callbacks(output_dir),
         )
     except ValueError as error:  # TRL validates the config against the data and model here
         raise UserError(f"SFTTrainer rejected the recipe: {error}") from None
@@ -267,10 +267,13 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
 
     # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
+    guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
+    guard.kill_point("eval")
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (model,):
         final_loss = response_loss(model, held_out, tokenizer.pad_token_id, eval_batch)
         samples = sample_responses(

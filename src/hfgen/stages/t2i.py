@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments, tokenize
 from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
 from hfgen.diffusion.latents import CachedLatents, cache_latents, encode_captions, pixel_dataset
@@ -238,7 +238,8 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     rng = TrainingRNG(args.seed + accelerator.process_index, device)
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
-    log = StepLog(accelerator, args.output_dir, args.logging_steps, global_step)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps)
+    divergence = guard.Divergence(output_dir)
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     accelerator.print(f"t2i: {trainable:,} trainable UNet parameters, {len(train_set)} images, {max_steps} steps")
@@ -302,6 +303,9 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 # Backpropagate
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, trained, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    guard.kill_point("step", global_step + 1)
+                    divergence.check_step(global_step + 1, loss, optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -338,6 +342,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         text_encoder = accelerator.unwrap_model(text_encoder)  # (trained only under DDP: see refused_engines)
         validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step)
         save(output_dir, model_args, args, parts, whole_unet, text_encoder)
+        guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, trained[0], output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
@@ -346,6 +351,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     if accelerator.is_main_process and args.eval_images_per_prompt:
         from hfgen.evaluation.images import evaluate_pipeline
 
+        guard.kill_point("eval")
         results = evaluate_pipeline(
             str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,

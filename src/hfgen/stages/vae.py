@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
 from hfgen.diffusion.training import LoopArguments, check_loop_arguments
 from hfgen.models import check_config_file, check_model_source
@@ -198,7 +198,8 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     if global_step == 0:
         with loop.gathered(accelerator, autoencoder) as (unwrapped,):
             initial_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
-    log = StepLog(accelerator, args.output_dir, args.logging_steps, global_step)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps)
+    divergence = guard.Divergence(output_dir)
     accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
 
     for epoch in range(first_epoch, num_epochs):
@@ -233,6 +234,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, autoencoder, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    guard.kill_point("step", global_step + 1)
+                    divergence.check_step(global_step + 1, loss, optimizer)
                 optimizer.step()
                 optimizer.zero_grad()
                 if adversarial:
@@ -250,6 +254,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     accelerator.wait_for_everyone()
 
     # Save: the latent scaling factor first (in the config), then the whole model as safetensors.
+    guard.kill_point("eval")
     with loop.gathered(accelerator, autoencoder) as (unwrapped,):
         scaling_factor = latent_scaling_factor(unwrapped.vae, train_loader, accelerator.device)
         unwrapped.vae.register_to_config(scaling_factor=scaling_factor)
@@ -263,6 +268,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     whole = loop.whole_on_main(accelerator, autoencoder, empty)
     if accelerator.is_main_process:
         whole.vae.save_pretrained(output_dir)
+        guard.kill_point("final_save")
         save_reconstructions(whole.vae, eval_set, output_dir / "reconstructions.png")
         results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": scaling_factor,
                    "vae/parameters": sum(p.numel() for p in whole.vae.parameters()), "train/steps": global_step}  # fmt: skip

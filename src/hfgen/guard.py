@@ -1,0 +1,143 @@
+"""What stops a run cleanly instead of letting it go wrong: the divergence guard, a save on SIGINT/SIGTERM, and the
+kill points the resume tests use. Trainer stages get all three through `tracking.trainer_callbacks`; the stages'
+own accelerate loops call `Divergence.check_step`, `signalled` and `kill_point` at the same moments.
+
+Recipe keys (every stage): `nan_tolerance` (steps with a non-finite loss or gradient norm that are skipped before
+the run stops with exit code 3) and `save_on_signal` (SIGINT/SIGTERM writes a checkpoint, then the run exits).
+`hfgen.train.run_recipe` sets them for the run with `configure`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from hfgen.errors import Diverged
+
+# Test harness: `HFGEN_KILL_AT=POINT` or `POINT@STEP` SIGKILLs the process at that point (inert when unset);
+# `POINT@STEP:TERM` (or `:INT`) sends that signal instead, as a scheduler's preemption notice would.
+# Points: step (inside an optimizer step, before the update), checkpoint (a checkpoint's files written, its
+# completion marker not yet), final_save (the final model half saved), eval (during an evaluation).
+KILL_AT = "HFGEN_KILL_AT"
+KILL_POINTS = ("step", "checkpoint", "final_save", "eval")
+
+
+def kill_point(name: str, step: int | None = None) -> None:
+    """SIGKILL this process here when HFGEN_KILL_AT names this point (and step): what a preemption does, at a
+    chosen moment, so the resume tests can hit a millisecond-long checkpoint write every time."""
+    wanted = os.environ.get(KILL_AT)
+    if not wanted:
+        return
+    wanted, _, signal_name = wanted.partition(":")
+    point, _, at = wanted.partition("@")
+    if point == name and (not at or step is None or int(at) == step):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), getattr(signal, f"SIG{signal_name}") if signal_name else signal.SIGKILL)
+
+
+@dataclass
+class Settings:
+    nan_tolerance: int = 0
+    save_on_signal: bool = False
+
+
+settings = Settings()
+_signal_received: int | None = None
+
+
+def configure(nan_tolerance: int = 0, save_on_signal: bool = False) -> None:
+    """The current run's settings (set by `run_recipe`); with `save_on_signal`, SIGINT and SIGTERM are caught and
+    turned into a checkpoint at the end of the current step (`signalled`)."""
+    global _signal_received
+    settings.nan_tolerance, settings.save_on_signal = nan_tolerance, save_on_signal
+    _signal_received = None
+    if save_on_signal:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _note_signal)
+
+
+def _note_signal(signum, frame) -> None:
+    global _signal_received
+    _signal_received = signum
+    print(f"hfgen: {signal.Signals(signum).name} received: saving a checkpoint after this step", file=sys.stderr)
+
+
+def signalled() -> bool:
+    """True once SIGINT/SIGTERM arrived in a run with `save_on_signal: true`: save a checkpoint, then `exit_on_signal`."""
+    return _signal_received is not None
+
+
+def exit_on_signal(checkpoint) -> None:
+    """After the checkpoint `signalled` asked for: leave without the COMPLETE marker (exit 128 + signal number)."""
+    if _signal_received is None:
+        return
+    print(f"hfgen: saved {checkpoint}; continue with --resume_from_checkpoint true", file=sys.stderr)
+    sys.exit(128 + _signal_received)
+
+
+class Divergence:
+    """Watches each optimizer step's loss and gradient norm. A non-finite one skips the step (its gradients are
+    dropped, so the optimizer leaves the weights as they were) while fewer than `nan_tolerance` steps have been
+    skipped, and otherwise stops the run: `Diverged`, exit code 3, no final model, no COMPLETE marker; the
+    newest complete checkpoint stays on disk."""
+
+    def __init__(self, output_dir, tolerance: int | None = None):
+        self.output_dir = output_dir
+        self.tolerance = settings.nan_tolerance if tolerance is None else tolerance
+        self.skipped = 0
+        self.last_finite: tuple[int, float] | None = None
+
+    def note_loss(self, step: int, loss) -> None:
+        """A logged loss (Trainer's `on_log`): remembered for the message when finite."""
+        if loss is not None and math.isfinite(float(loss)):
+            self.last_finite = (step, float(loss))
+
+    def check_step(self, step: int, loss=None, optimizer=None) -> bool:
+        """Before `optimizer.step()`: True to take the step; False when it was skipped (gradients set to None).
+        Raises `Diverged` past the tolerance. One device sync per call (`.item()`)."""
+        import torch
+
+        figures = {}
+        if loss is not None:
+            figures["loss"] = float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)
+        if optimizer is not None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                figures["gradient norm"] = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+                ).item()
+        bad = {name: value for name, value in figures.items() if not math.isfinite(value)}
+        if not bad:
+            if "loss" in figures:
+                self.last_finite = (step, figures["loss"])
+            return True
+        what = ", ".join(f"the {name} is {value}" for name, value in bad.items())
+        self.skipped += 1
+        if self.skipped > self.tolerance:
+            raise Diverged(self.message(step, what))
+        print(
+            f"hfgen: step {step}: {what}; skipped ({self.skipped} of nan_tolerance {self.tolerance})", file=sys.stderr
+        )
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
+        return False
+
+    def message(self, step: int, what: str) -> str:
+        from hfgen import tracking
+
+        last = (
+            f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
+            if self.last_finite
+            else "no finite loss seen before"
+        )
+        newest = tracking.complete_checkpoints(self.output_dir)
+        kept = f"the newest complete checkpoint is {newest[-1]}" if newest else "no complete checkpoint was written"
+        return (
+            f"training stopped at step {step}: {what} ({last}). The model was not saved and the run is not COMPLETE; "
+            f"{kept}. Lower learning_rate (or raise warmup, clip with max_grad_norm), or set nan_tolerance: N in the "
+            "recipe to skip up to N such steps."
+        )

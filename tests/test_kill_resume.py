@@ -1,0 +1,139 @@
+"""Runs that survive a SIGKILL at any moment: killed at named points (inside a step, mid-checkpoint-write, during
+evaluation, during the final save) and resumed with `--resume_from_checkpoint true`, every stage ends with the
+uninterrupted run's weights, bit for bit, and its metrics.jsonl rows (no duplicates, no gaps). pretrain and ppo
+are killed at every point in one run; sft (LoRA), reward and t2i mid-checkpoint-write. The full matrix of stages x
+points is scripts/kill_matrix.py."""
+
+import shutil
+import signal
+
+import pytest
+import yaml
+
+from conftest import REPO, run_hfgen
+from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
+from hfgen import tracking
+from hfgen.errors import UserError
+from kill_harness import killed_then_resumed, stable_rows, train, weight_differences
+from tiny_models import pretrained_tiny_llama
+
+PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
+PRETRAIN_ARGS = ["--max_train_samples", "200", "--max_eval_samples", "20", "--logging_steps", "2",
+                 "--max_steps", "8", "--save_steps", "4", "--save_total_limit", "1"]  # fmt: skip
+FINE_TUNING_ARGS = ["--max_train_samples", "64", "--max_eval_samples", "8", "--per_device_train_batch_size", "8",
+                    "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "2"]  # fmt: skip
+
+
+def reference_and_killed(tmp_path_factory, recipe, overrides, kill_points):
+    """(the uninterrupted run, the killed-and-resumed run, what the resumes said) for one stage."""
+    reference, killed = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("killed")
+    result = train(recipe, reference, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = killed_then_resumed(recipe, killed, overrides, kill_points)
+    return reference, killed, notes
+
+
+def assert_same_run(reference, killed):
+    assert weight_differences(reference, killed) == []
+    rows = stable_rows(reference)
+    assert rows and stable_rows(killed) == rows
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory):
+    # step 6 (resume from 4), writing checkpoint-8 (from 4 again), evaluating, saving the model (from 8)
+    points = ["step@6", "checkpoint@8", "eval", "final_save"]
+    return reference_and_killed(tmp_path_factory, PRETRAIN, PRETRAIN_ARGS, points)
+
+
+@pytest.mark.slow
+def test_pretrain_killed_at_every_point_ends_as_the_uninterrupted_run(pretrain_runs):
+    reference, killed, notes = pretrain_runs
+    assert_same_run(reference, killed)
+    assert any("skipped checkpoint-8" in line for line in notes), notes  # the half-written one, named
+    assert [p.name for p in tracking.checkpoints(killed)] == ["checkpoint-8"]  # save_total_limit 1
+
+
+def test_resume_refuses_an_incomplete_checkpoint_by_path(pretrain_runs, tmp_path):
+    shutil.copytree(pretrain_runs[0] / "checkpoint-8", tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-8" / tracking.CHECKPOINT_STATE).unlink()  # as a kill mid-write leaves it
+    with pytest.raises(UserError, match="checkpoint-8' is an incomplete checkpoint"):
+        tracking.resolve_resume(str(tmp_path / "checkpoint-8"), tmp_path)
+    with pytest.raises(UserError, match="no complete checkpoint.*only incomplete ones: checkpoint-8"):
+        tracking.resolve_resume("true", tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_with_save_on_signal_saves_a_checkpoint_then_exits(pretrain_runs, tmp_path):
+    overrides = [*PRETRAIN_ARGS, "--save_on_signal", "true"]
+    result = train(PRETRAIN, tmp_path, overrides, kill_at="step@6:TERM")  # the notice arrives during step 6
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM received" in result.stderr and not tracking.is_complete(tmp_path)
+    assert [p.name for p in tracking.complete_checkpoints(tmp_path)] == ["checkpoint-6"]  # not only the periodic 4
+    result = train(PRETRAIN, tmp_path, overrides, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(pretrain_runs[0], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_sweep_point_killed_mid_run_continues_from_its_checkpoint(pretrain_runs, tmp_path):
+    sweep = ["sweep", PRETRAIN, *PRETRAIN_ARGS, "--learning_rate", "3.0e-3,", "--output_root", tmp_path]
+    killed = run_hfgen(*sweep, env={"HFGEN_KILL_AT": "checkpoint@8"})
+    assert killed.returncode < 0
+    point = tmp_path / "learning_rate=3.0e-3"
+    assert tracking.complete_checkpoints(point) and not tracking.is_complete(point)
+    result = run_hfgen(*sweep, env={"HFGEN_KILL_AT": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from its newest complete checkpoint" in result.stdout + result.stderr
+    assert "skipped checkpoint-8" in result.stderr and "resuming from checkpoint-4" in result.stderr
+    assert_same_run(pretrain_runs[0], point)  # as the uninterrupted run (same recipe, other output_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return pretrained_tiny_llama(tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft_lora", "reward"])
+def test_fine_tuning_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tiny_lm, tmp_path_factory, stage):
+    overrides = ["--model_name_or_path", tiny_lm, *FINE_TUNING_ARGS]
+    overrides += ["--num_samples", "0"] if stage == "sft_lora" else []
+    reference, killed, notes = reference_and_killed(
+        tmp_path_factory, REPO / f"recipes/tiny/{stage}.yaml", overrides, ["checkpoint@4"]
+    )
+    assert_same_run(reference, killed)
+    assert any("skipped checkpoint-4" in line for line in notes), notes
+
+
+@pytest.fixture(scope="module")
+def ppo_recipe(tmp_path_factory):
+    from stages.test_ppo import build_tiny_models, write_recipe
+
+    root = tmp_path_factory.mktemp("ppo")
+    sft, reward = build_tiny_models(root)
+    path = write_recipe(root, sft, reward_model_path=str(reward), total_episodes=80, save_steps=2, kl_target=1.0)
+    recipe = yaml.safe_load(path.read_text())
+    del recipe["output_dir"]  # each run names its own
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_ppo_killed_at_every_point_ends_as_the_uninterrupted_run(ppo_recipe, tmp_path_factory):
+    # 5 steps, checkpoints at 2 and 4: step 3 (resume from 2), writing checkpoint-4 (from 2), saving, evaluating
+    points = ["step@3", "checkpoint@4", "final_save", "eval"]
+    reference, killed, notes = reference_and_killed(tmp_path_factory, ppo_recipe, [], points)
+    assert_same_run(reference, killed)
+    assert any("skipped checkpoint-4" in line for line in notes), notes
+
+
+@pytest.mark.slow
+def test_t2i_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tmp_path_factory):
+    configs = write_tiny_configs(tmp_path_factory.mktemp("configs"))
+    vae_dir = tmp_path_factory.mktemp("vae")
+    assert run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, vae_dir)).returncode == 0
+    overrides = t2i_overrides(configs, vae_dir, "unused", steps=4)
+    overrides += ["--checkpointing_steps", "2", "--eval_images_per_prompt", "0"]
+    reference, killed, notes = reference_and_killed(tmp_path_factory, T2I_RECIPE, overrides, ["checkpoint@4"])
+    assert_same_run(reference, killed)

@@ -1,0 +1,161 @@
+"""Malformed recipes, data, numbers and paths: each exits 2 with one paragraph naming the recipe key, value, file or
+row, and no traceback; a bug in loading keeps its traceback; a diverging run stops with exit 3."""
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, run_hfgen
+from hfgen import tracking
+from hfgen.errors import Diverged, UserError
+from hfgen.guard import Divergence
+from test_recipe_errors import run_inprocess
+
+PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
+SFT_LORA = REPO / "recipes/tiny/sft_lora.yaml"
+REWARD = REPO / "recipes/tiny/reward.yaml"
+T2I = REPO / "recipes/tiny/t2i_digits.yaml"
+PPO = REPO / "recipes/tiny/ppo.yaml"
+
+
+def recipe_with(tmp_path, **changes):
+    values = {**yaml.safe_load(PRETRAIN.read_text()), **changes}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def data_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# recette pr\u00e9par\u00e9e\nstage: pretrain\n".encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_argv, expected",
+    [
+        (lambda t: [not_utf8(t)], ["latin1.yaml", "not UTF-8"]),
+        (lambda t: [t], ["is a directory"]),
+        (lambda t: [recipe_with(t, stage=["pretrain", "sft"])], ["'stage'", "list"]),
+        (lambda t: [recipe_with(t, stage={"name": "pretrain"})], ["'stage'", "dict"]),
+        (lambda t: [recipe_with(t, stage=3)], ["'stage'", "int"]),
+        (lambda t: [PRETRAIN, "--max_steps", "-5", "--num_train_epochs", "0"], ["max_steps", "-5"]),
+        (lambda t: [PRETRAIN, "--max_steps", "0", "--num_train_epochs", "0"], ["train nothing", "num_train_epochs"]),
+        (lambda t: [SFT_LORA, "--lora_r", "0"], ["'lora_r'", "got 0"]),
+        (lambda t: [PRETRAIN, "--per_device_train_batch_size", "0"], ["per_device_train_batch_size"]),
+        (lambda t: [REWARD, "--per_device_train_batch_size", "-2"], ["per_device_train_batch_size", "-2"]),
+        (lambda t: [T2I, "--train_batch_size", "0"], ["train_batch_size"]),
+        (lambda t: [PPO, "--total_episodes", "0"], ["total_episodes"]),
+        (lambda t: [PRETRAIN, "--learning_rate", "-0.001"], ["learning_rate", "-0.001"]),
+        (lambda t: [PRETRAIN, "--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps"]),
+        (lambda t: [PRETRAIN, "--nan_tolerance", "-1"], ["nan_tolerance"]),
+        (lambda t: [PRETRAIN, "--learning_rate"], ["'learning_rate' was given no value"]),
+        (lambda t: [PRETRAIN, "--output_dir", t / "out", "--seed", "-1"], ["'seed'", "-1"]),
+        (lambda t: [PPO, "--temperature", "0"], ["'temperature'", "above 0"]),
+        (lambda t: [SFT_LORA, "--lora_dropout", "1.5"], ["'lora_dropout'", "between 0 and 1"]),
+        (lambda t: [T2I, "--resolution", "0"], ["'resolution'"]),
+        (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "one.jsonl", '{"text": "the cat."}\n')],
+         ["1 row(s)", "validation_split_percentage"]),
+        (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "empty.jsonl", "")], ["empty.jsonl"]),
+        (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "empty.csv", "")], ["empty.csv"]),
+        (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "numbers.csv", "text\n" + "\n".join(map(str, range(40))))],
+         ["column 'text' holds numbers"]),
+    ],
+    ids=[
+        "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
+        "zero-steps-zero-epochs", "lora-r-zero", "batch-zero", "reward-batch-negative", "t2i-batch-zero",
+        "ppo-no-episodes", "negative-learning-rate", "accumulation-zero", "negative-nan-tolerance",
+        "override-without-value", "negative-seed", "zero-temperature", "dropout-above-1", "zero-resolution",
+        "one-row-dataset", "empty-jsonl", "empty-csv", "numeric-text-column",
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):
+    code, err = run_inprocess(capsys, *make_argv(tmp_path), "--output_dir", tmp_path / "out")
+    assert code == 2, err
+    for fragment in expected:
+        assert fragment in err, err
+    assert "hfgen: error:" in err and "`r`" not in err
+
+
+def test_broken_json_lines_exit_2_in_the_real_cli(tmp_path):
+    # (in-process, `datasets` logs this error through a handler pytest has closed, which prints a traceback)
+    broken = data_file(tmp_path, "bad.jsonl", '{"text": "a"}\n{"text": \n')
+    result = run_hfgen("train", PRETRAIN, "--dataset_name", broken, "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "bad.jsonl" in result.stderr and "JSON parse error" in result.stderr
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_created_exits_2(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    code, err = run_inprocess(capsys, PRETRAIN, "--output_dir", taken)
+    assert code == 2 and "is a file" in err and str(taken) in err
+    code, err = run_inprocess(capsys, PRETRAIN, "--output_dir", taken / "run")
+    assert code == 2 and "output_dir" in err and "cannot be created" in err
+    assert taken.read_text() == "not a directory"
+
+
+def test_a_complete_run_of_another_recipe_is_kept_unless_overwrite_output_dir(tmp_path):
+    first = yaml.safe_dump({"stage": "pretrain", "learning_rate": 0.001})
+    tracking.write_run_records(tmp_path, first)
+    tracking.mark_complete(tmp_path)
+    tracking.check_output_dir(tmp_path, first)  # the same recipe again: repeated, as before
+    resumed = yaml.safe_dump({"stage": "pretrain", "learning_rate": 0.001, "resume_from_checkpoint": True})
+    tracking.check_output_dir(tmp_path, resumed)  # and continued
+    other = yaml.safe_dump({"stage": "pretrain", "learning_rate": 0.01})
+    with pytest.raises(UserError, match="learning_rate.*overwrite_output_dir"):
+        tracking.check_output_dir(tmp_path, other)
+    tracking.check_output_dir(tmp_path, other, overwrite=True)
+    (tmp_path / tracking.COMPLETE_MARKER).unlink()
+    tracking.check_output_dir(tmp_path, other)  # an unfinished run is no one's output yet
+
+
+def test_a_bug_while_loading_data_keeps_its_traceback(tmp_path, monkeypatch):
+    import datasets
+
+    from hfgen.data.loading import load_raw
+
+    def broken(*args, **kwargs):
+        raise AttributeError("a bug, not bad data")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(AttributeError):  # not turned into a UserError (exit 2, no traceback)
+        load_raw(str(data_file(tmp_path, "rows.jsonl", '{"text": "the cat."}\n')))
+
+
+def test_divergence_guard_skips_within_tolerance_then_stops():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    guard = Divergence(output_dir="/nonexistent", tolerance=1)
+    (weight * 2).sum().backward()
+    assert guard.check_step(1, torch.tensor(1.5), optimizer) and weight.grad is not None
+    optimizer.step()
+    optimizer.zero_grad()
+    before = weight.detach().clone()
+    (weight * math.nan).sum().backward()
+    assert not guard.check_step(2, torch.tensor(math.nan), optimizer)  # skipped: the gradients are dropped
+    optimizer.step()
+    assert torch.equal(weight.detach(), before)
+    (weight * math.inf).sum().backward()
+    with pytest.raises(Diverged, match=r"step 3.*last finite loss 1.5 at step 1.*nan_tolerance"):
+        guard.check_step(3, torch.tensor(1.0), optimizer)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_exit_3_keeping_its_checkpoint(tmp_path):
+    result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--learning_rate", "1e4", "--max_steps", "40",
+                       "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "1",
+                       "--max_train_samples", "200", "--max_eval_samples", "20")  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "training stopped at step" in result.stderr
+    assert "last finite loss" in result.stderr and "checkpoint-" in result.stderr
+    assert not tracking.is_complete(tmp_path) and not (tmp_path / "model.safetensors").exists()
+    assert tracking.complete_checkpoints(tmp_path)
