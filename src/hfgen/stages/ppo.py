@@ -49,6 +49,7 @@ from hfgen.rl.metrics import RATES, format_evaluation, format_metrics, step_metr
 from hfgen.rl.rollout import (
     PolicyAndValue,
     RewardScorer,
+    episode_ids,
     function_scores,
     left_pad,
     load_function,
@@ -117,7 +118,12 @@ class PPOConfig:
         default=1.0, metadata={"help": "Nucleus sampling; below 1 the samples no longer follow the policy exactly."}
     )
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of responses that never emit EOS."}
+        default=1.0,
+        metadata={
+            "help": "Subtracted from the score of responses cut off without EOS (the reward model also sees them "
+            "unfinished), so the policy learns to stop; about one standard deviation of a reward model's scores. "
+            "None or 0: off."
+        },
     )
     # -- reward shaping and advantages
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient beta (initial value if adaptive)."})
@@ -127,6 +133,27 @@ class PPOConfig:
     )
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL controller horizon, in episodes."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
+    reward_normalization: Literal["none", "running", "sft"] = field(
+        default="none",
+        metadata={
+            "help": "Normalise scores to mean 0, std 1: 'running' with every score so far, 'sft' with the first "
+            "rollout's (the SFT policy's responses, Huang et al. detail 11), 'none'."
+        },
+    )
+    reward_clip: float | None = field(
+        default=None, metadata={"help": "Clip the (normalised) score to [-reward_clip, reward_clip] (DeepSpeed-Chat)."}
+    )
+    kl_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(policy || reference) as a loss term; with kl_coef 0 it replaces the penalty."},
+    )
+    kl_loss_estimator: Literal["k2", "k3"] = field(default="k3", metadata={"help": "KL estimator of the loss term."})
+    entropy_coef: float = field(
+        default=0.0, metadata={"help": "Entropy bonus: subtracts coef x entropy from the loss."}
+    )
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Keep an EMA copy of the policy's weights (DeepSpeed-Chat), saved to ema/."}
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     # -- losses and optimisation
@@ -136,7 +163,13 @@ class PPOConfig:
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and value)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up, in PPO steps (rollouts)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    critic_learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of the value model; None: learning_rate."}
+    )
+    critic_warmup_steps: int = field(
+        default=0, metadata={"help": "First N PPO steps train only the value model (the policy is frozen)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5 as in the RLHF papers)."})
@@ -193,6 +226,13 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"temperature must be > 0 and top_p in (0, 1], got {config.temperature} and {config.top_p}")
     if not (0 <= config.gamma <= 1 and 0 <= config.lam <= 1):
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
+    if config.ema_decay is not None and not 0 < config.ema_decay < 1:
+        problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
+    if config.reward_clip is not None and config.reward_clip <= 0:
+        problems.append(f"reward_clip must be > 0 (or unset), got {config.reward_clip}")
+    for key in ("critic_warmup_steps", "entropy_coef", "kl_loss_coef"):
+        if getattr(config, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(config, key)}")
     if config.kl_target is not None and config.kl_target <= 0:
         problems.append(f"kl_target must be > 0 (or unset for a fixed kl_coef), got {config.kl_target}")
     if config.missing_eos_penalty is not None and config.missing_eos_penalty < 0:
@@ -228,7 +268,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     # Models: policy (+ reference), value model, reward model and reward functions.
     tokenizer, policy, reference = load_policy_and_reference(model_args, config)
     value_model = load_value_model(model_args, config, tokenizer)
-    scorer = load_scorer(model_args, config)
+    scorer = load_scorer(model_args, config, tokenizer)
     oracle = load_oracle(config)
 
     # Data: prompts tokenized once; each step takes a slice of a seeded permutation (see `prompt_rows`).
@@ -239,7 +279,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
     optimizer = torch.optim.AdamW(
-        [p for p in trainable.parameters() if p.requires_grad],
+        parameter_groups(trainable, config),
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
@@ -255,7 +295,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         kl_controller = FixedKLController(config.kl_coef)
     else:
         kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-    accelerator.register_for_checkpointing(scheduler, kl_controller)
+    reward_normalizer = F.RewardNormalizer(config.reward_normalization, config.reward_clip)
+    policy_ema = None
+    if config.ema_decay is not None:
+        policy_ema = F.ExponentialMovingAverage(trained_policy_parameters(policy), config.ema_decay)
+    accelerator.register_for_checkpointing(scheduler, kl_controller, reward_normalizer, *filter(None, [policy_ema]))
 
     start_step = 0
     resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
@@ -274,7 +318,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         f"{config.gradient_accumulation_steps} micro-batch(es) of {config.per_device_train_batch_size}"
     )
 
-    generation_config = make_generation_config(tokenizer, config.response_length, config.temperature, config.top_p)
+    generation_config = make_generation_config(
+        tokenizer, config.response_length, config.temperature, config.top_p, stop_token_ids(tokenizer, policy)
+    )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -284,20 +330,22 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         prompts = [train_prompts[i] for i in rows]
         rollout, details, timing = collect_rollout(
             accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts,
-            [train_queries[i] for i in rows], config,
+            [train_queries[i] for i in rows], config, reward_normalizer,
         )  # fmt: skip
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening.
         rollout, shaping = compute_advantages(rollout, kl_controller.value, config, all_reduce)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
         # 3. PPO update: epochs of clipped policy and value losses over shuffled minibatches.
         train_started = time.perf_counter()
-        stats = ppo_update(accelerator, trainable, optimizer, rollout, config)
+        stats = ppo_update(
+            accelerator, trainable, optimizer, rollout, config, step > config.critic_warmup_steps, policy_ema
+        )
         timing["training"] = time.perf_counter() - train_started
         scheduler.step()
 
         # 4. Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
         local = step_metrics(
-            rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs
+            rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs, all_reduce
         )
         if oracle is not None:
             local["oracle/score"] = function_scores(oracle, prompts, details.texts, accelerator.device).mean()
@@ -327,6 +375,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         trained.policy.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
         trained.value_model.save_pretrained(output_dir / "value_model")
+        if policy_ema is not None:
+            save_ema_policy(trained.policy, policy_ema, output_dir / "ema")
     if accelerator.num_processes > 1:
         tracking.write_weights_fingerprint(trained.policy, output_dir)
 
@@ -380,9 +430,32 @@ def load_policy_and_reference(model_args: ModelConfig, config: PPOConfig):
     if model_args.use_peft:
         from peft import get_peft_model
 
-        return tokenizer, get_peft_model(policy, get_peft_config(model_args)), None
+        policy = get_peft_model(policy, get_peft_config(model_args))
+        disable_dropout(policy)  # again: the adapters bring their own dropout (lora_dropout)
+        return tokenizer, policy, None
     reference = load_model(model_args, config, tokenizer).eval().requires_grad_(False)
     return tokenizer, policy, reference
+
+
+def parameter_groups(trainable, config: PPOConfig) -> list[dict]:
+    """AdamW parameter groups of the trained parameters: weight decay on weight matrices only, never on biases or
+    norms (transformers' Trainer rule), and the value model at `critic_learning_rate` when it is set."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    no_decay_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decayed = set(get_parameter_names(trainable, [torch.nn.LayerNorm], no_decay_patterns))
+    groups = []
+    for part in ("policy", "value_model"):
+        lr = config.critic_learning_rate if part == "value_model" and config.critic_learning_rate else None
+        for decay in (True, False):
+            params = [
+                p for name, p in trainable.named_parameters()
+                if p.requires_grad and name.startswith(part + ".") and (name in decayed) == decay
+            ]  # fmt: skip
+            if params:
+                group = {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "part": part}
+                groups.append(group | ({"lr": lr} if lr else {}))
+    return groups
 
 
 def load_sequence_classifier(path: str, model_args: ModelConfig, config: PPOConfig, tokenizer):
@@ -424,7 +497,7 @@ def load_value_model(model_args: ModelConfig, config: PPOConfig, tokenizer):
     return model
 
 
-def load_scorer(model_args: ModelConfig, config: PPOConfig) -> RewardScorer:
+def load_scorer(model_args: ModelConfig, config: PPOConfig, policy_tokenizer=None) -> RewardScorer:
     from hfgen.models import load_tokenizer
 
     reward_model = reward_tokenizer = None
@@ -436,22 +509,33 @@ def load_scorer(model_args: ModelConfig, config: PPOConfig) -> RewardScorer:
     count = int(reward_model is not None) + len(functions)
     weights = config.reward_weights or [1.0] * count
     chunk = config.local_rollout_forward_batch_size
-    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk)
+    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk, policy_tokenizer)
 
 
 def load_oracle(config: PPOConfig):
     return load_function(config.oracle_function) if config.oracle_function else None
 
 
-def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float):
+def stop_token_ids(tokenizer, policy) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and all EOS ids of the policy's generation config
+    (chat models often have several, e.g. end of text and end of turn)."""
+    configured = getattr(policy.generation_config, "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int]):
     """Sampling from exactly softmax(logits / temperature) (top-p aside): every other knob that could reshape the
-    distribution is pinned, so a model's generation_config.json (top_k=50, repetition_penalty...) cannot leak in."""
+    distribution is pinned to its off value, so a model's generation_config.json (top_k=50, min_p, repetition
+    penalty...) cannot leak in. Off must be explicit: transformers 5 fills every None from the model's own
+    generation config (`_prepare_generation_config`), so min_p=None would not switch min-p off."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_length=0, min_new_tokens=0, num_beams=1, guidance_scale=1.0, suppress_tokens=[], begin_suppress_tokens=[],
+        max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip
 
@@ -479,7 +563,10 @@ def tokenize_prompts(tokenizer, prompts: list, data_args: PPODataArguments) -> t
 # ---- one PPO step -----------------------------------------------------------------------------------
 
 
-def collect_rollout(accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts, queries, config):
+def collect_rollout(
+    accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts, queries, config,
+    reward_normalizer=None,
+):  # fmt: skip
     """Sample responses from the current policy, then score them: reward, reference log-probs, values.
     -> (Rollout without advantages, RolloutDetails, {"generation": seconds, "scoring": seconds})."""
     unwrapped = accelerator.unwrap_model(trainable)
@@ -494,20 +581,27 @@ def collect_rollout(accelerator, trainable, reference, scorer, tokenizer, genera
     generated = time.perf_counter()
 
     # Score at the first EOS (detail 1): everything after it is padding, masked out of every loss.
-    mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
-    responses = F.truncate_after_eos(sampled.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    stop_ids = generation_config.eos_token_id  # every stop token of the model (it may have several)
+    mask = F.response_mask(sampled.response_ids, stop_ids)
+    responses = F.truncate_after_eos(sampled.response_ids, stop_ids, tokenizer.pad_token_id)
+    has_eos = F.has_stop_token(responses, stop_ids)
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask, mask.long()], dim=1)
     context_length = query_ids.shape[1]
-    texts = response_texts(tokenizer, responses, tokenizer.eos_token_id)
+    texts = response_texts(tokenizer, responses, stop_ids)
     with accelerator.autocast():
-        scores, components = scorer(prompts, texts, accelerator.device)
+        scores, components = scorer(
+            prompts, texts, has_eos.tolist(), accelerator.device, episode_ids(queries, responses, mask)
+        )
         ref_logprobs = reference_logprobs(
             unwrapped.policy, reference, input_ids, attention_mask, context_length, config.temperature, chunk
         )
         values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk)
-    has_eos = (responses == tokenizer.eos_token_id).any(dim=1)
-    if config.missing_eos_penalty is not None:  # detail 2: a response that never stops is penalised
+    if reward_normalizer is not None:  # statistics of every process's scores, then normalise and clip
+        all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+        reward_normalizer.update(scores, all_reduce)
+        scores = reward_normalizer(scores)
+    if config.missing_eos_penalty:  # detail 2: a response that never stops is penalised
         scores = scores - config.missing_eos_penalty * (~has_eos).float()
     rollout = Rollout(
         input_ids=input_ids, attention_mask=attention_mask, context_length=context_length, response_mask=mask,
@@ -530,11 +624,16 @@ def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_
     return dataclasses.replace(rollout, advantages=advantages, returns=returns), {"kl": kl, "kl_rewards": kl_rewards}
 
 
-def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig) -> list[PPOStats]:
+def ppo_update(
+    accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None
+) -> list[PPOStats]:
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
-    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch."""
+    policy loss + vf_coef * clipped value loss (details 7, 14), minus entropy_coef * entropy, plus kl_loss_coef *
+    KL to the reference; one optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value
+    model only; `ema` (an ExponentialMovingAverage of the policy's trained weights) follows each step."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    policy_parameters = [p for p in accelerator.unwrap_model(trainable).policy.parameters() if p.requires_grad]
     stats = []
     for _ in range(config.num_ppo_epochs):
         for minibatch in torch.randperm(len(rollout), device=rollout.input_ids.device).split(minibatch_size):
@@ -546,18 +645,44 @@ def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOC
                     mask = batch.response_mask
                     policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
                     value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-                    accelerator.backward(policy.loss + config.vf_coef * value.loss)
+                    with torch.set_grad_enabled(config.entropy_coef > 0):
+                        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+                    policy_loss = policy.loss - config.entropy_coef * entropy
+                    if config.kl_loss_coef:
+                        kl = F.kl_loss(logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator)
+                        policy_loss = policy_loss + config.kl_loss_coef * kl
+                    # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
+                    accelerator.backward(policy_loss * float(train_policy) + config.vf_coef * value.loss)
+                    if not train_policy:
+                        for parameter in policy_parameters:
+                            parameter.grad = None  # AdamW skips it: no step, no weight decay, no moments
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                with torch.no_grad():
-                    entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+                    if ema is not None and accelerator.sync_gradients and train_policy:
+                        ema.update(trained_policy_parameters(accelerator.unwrap_model(trainable).policy))
                 stats.append(
                     PPOStats(policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction,
-                             policy.approx_kl, entropy, policy.ratio)
+                             policy.approx_kl, entropy.detach(), policy.ratio)
                 )  # fmt: skip
     return stats
+
+
+def save_ema_policy(policy, ema, directory: Path) -> None:
+    """The policy with its EMA weights swapped in, saved like the policy (full model or adapter); then restored."""
+    live = {name: p.detach().clone() for name, p in trained_policy_parameters(policy)}
+    with torch.no_grad():
+        for name, p in trained_policy_parameters(policy):
+            p.copy_(ema.shadow[name])
+        policy.save_pretrained(directory)
+        for name, p in trained_policy_parameters(policy):
+            p.copy_(live[name])
+
+
+def trained_policy_parameters(policy):
+    """(name, parameter) of the policy's trained weights (its LoRA adapters with use_peft)."""
+    return [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
 
 
 # ---- records ----------------------------------------------------------------------------------------
@@ -621,7 +746,9 @@ def evaluate_against_reference(
         return {}
     _, queries = tokenize_prompts(tokenizer, prompts, data_args)
     policy.eval()
-    generation_config = make_generation_config(tokenizer, config.response_length, config.temperature, config.top_p)
+    generation_config = make_generation_config(
+        tokenizer, config.response_length, config.temperature, config.top_p, stop_token_ids(tokenizer, policy)
+    )
     chunk = config.local_rollout_forward_batch_size
     judged: dict[str, dict[str, list[float]]] = {}
     kl_values: list[float] = []
@@ -636,16 +763,21 @@ def evaluate_against_reference(
                     reference if use_reference else policy, query_ids, query_mask, generation_config, chunk,
                     tokenizer.pad_token_id,
                 )  # fmt: skip
-            mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
-            texts = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
-            score, components = scorer(shard_prompts, texts, accelerator.device)
+            stop_ids = generation_config.eos_token_id
+            mask = F.response_mask(sampled.response_ids, stop_ids)
+            texts = response_texts(tokenizer, sampled.response_ids, stop_ids)
+            finished = F.has_stop_token(sampled.response_ids, stop_ids)
+            score, components = scorer(
+                shard_prompts, texts, finished.tolist(), accelerator.device,
+                episode_ids([query for _, query in shard], sampled.response_ids, mask),
+            )  # fmt: skip
             figures = {"score": score}  # the training reward, without the missing-EOS penalty
             if "reward_model" in components:
                 figures["reward_model"] = components["reward_model"]
             if oracle is not None:
                 figures["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
             figures["response_length"] = mask.sum(1).float()
-            figures["eos_rate"] = (sampled.response_ids == tokenizer.eos_token_id).any(1).float()
+            figures["eos_rate"] = finished.float()
             judged[name] = {key: values.tolist() for key, values in figures.items()}
         input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # PPO's samples
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
