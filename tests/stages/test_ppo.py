@@ -162,6 +162,10 @@ def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_
     assert abs(metrics[0]["objective/kl"]) < 1e-4  # adapter initialised to zero: policy == reference
     assert metrics[1]["objective/kl"] != 0.0
     assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()
+    # with use_peft the critic is LoRA-trained too: its adapters and new head are saved, not a full copy
+    value = load_file(run / "value_model" / "adapter_model.safetensors")
+    assert any("lora_" in key for key in value) and any("score" in key for key in value)
+    assert not any("embed_tokens" in key for key in value)
 
 
 @pytest.mark.slow

@@ -98,7 +98,10 @@ def token_values(
 ) -> torch.Tensor:
     """(B, P + T) -> (B, T) values V(prefix before each response token) from a one-label sequence classifier
     (`AutoModelForSequenceClassification`): its backbone's hidden states through its `score` head, at every
-    position rather than only the last."""
+    position rather than only the last. A PEFT-wrapped classifier is read through its base model (its LoRA layers
+    sit inside it)."""
+    if hasattr(value_model, "get_base_model"):
+        value_model = value_model.get_base_model()
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids,

@@ -494,6 +494,14 @@ def load_value_model(model_args: ModelConfig, config: PPOConfig, tokenizer):
     model = load_sequence_classifier(path, model_args, config, tokenizer)
     if not hasattr(model, "score"):
         raise UserError(f"value model '{path}' has no `score` head; use an AutoModelForSequenceClassification model")
+    if model_args.use_peft:
+        # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
+        from peft import get_peft_model
+        from trl import get_peft_config
+
+        lora = dataclasses.replace(get_peft_config(model_args), task_type="SEQ_CLS", modules_to_save=["score"])
+        model = get_peft_model(model, lora)
+        disable_dropout(model)
     return model
 
 
