@@ -108,6 +108,7 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     results = tracking.read_json(run / "eval.json")
     assert abs(results["kl_to_reference"]) < 1e-4
     assert results["win_rate/reward_model"] == results["win_rate/oracle"] == 0.5  # same samples: all ties
+    assert results["monitor/alerts"] == [] and results["stopped_early"] is False  # the monitor is on, and quiet
     for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
         assert (run / name).exists(), name
 
@@ -335,3 +336,30 @@ def test_entropy_bonus_raises_entropy_and_kl_loss_pulls_toward_the_reference(opt
         assert entropy_after > entropy_before + 0.01
     else:
         assert F.kl_loss(logprobs_after, ref_logprobs, mask, "k3") < 0.7 * kl_before
+
+
+def test_stop_on_hacking_ends_normally_keeping_the_policy_before_the_alert(tmp_path, tiny_models):
+    """A ceiling below every score makes the monitor's above-ceiling signal hold from the first step after its
+    3-step baseline (step 4): with patience 2 it alerts at step 5, the run stops there, exits 0 with COMPLETE, and
+    keeps the policy that sampled step 3."""
+    sft, _ = tiny_models
+    recipe = write_recipe(
+        tmp_path, sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
+        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=4,
+    )  # fmt: skip
+    result = train(recipe)
+    run = tmp_path / "run"
+    assert "reward-hacking alert at step 5 (above_ceiling, since step 4)" in result.stdout
+    assert (run / "COMPLETE").is_file() and (run / "model.safetensors").is_file()
+    metrics = tracking.read_metrics(run)
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5] and metrics[4]["monitor/alert/above_ceiling"] == 4
+    results = tracking.read_json(run / "eval.json")
+    assert results["stopped_early"] is True and results["stopped_at_step"] == 5 and results["steps"] == 5
+    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_step"] == 3
+    assert "above the ceiling" in results["stop_reason"] and results["monitor/first_alert_step"] == 5
+    # the kept policy (after step 2's update) differs from the start and from the checkpoint after step 4
+    kept = load_file(run / "model.safetensors")
+    at_step_4 = load_file(run / "checkpoint-4" / "model.safetensors")
+    start = load_file(sft / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(kept[name], start[name]) and not torch.equal(kept[name], at_step_4["policy." + name])

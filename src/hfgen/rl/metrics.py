@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from hfgen.rl.functional import AllReduceSum, explained_variance, masked_mean
+from hfgen.rl.monitor import mean_distinct_n
 from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 
 TIME_SPLIT = ("generation", "scoring", "advantages", "training")
@@ -52,6 +53,8 @@ def step_metrics(
         "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask, all_reduce),
         "val/eos_rate": details.has_eos.float().mean(),
         "response/length_mean": lengths.mean(),
+        "response/entropy_per_token": masked_mean(details.entropy, mask),
+        "response/distinct_2": torch.tensor(mean_distinct_n(details.texts)),
         "per_token/kl": masked_mean(kl, mask),
         "speed/generation_tokens_per_s": lengths.sum() / max(timing["generation"], 1e-9),
         "speed/training_tokens_per_s": rollout.attention_mask.sum() * num_ppo_epochs / max(timing["training"], 1e-9),

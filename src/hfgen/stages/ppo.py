@@ -46,6 +46,7 @@ from hfgen.models import check_model_source
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import RATES, format_evaluation, format_metrics, step_metrics
+from hfgen.rl.monitor import HackingMonitor
 from hfgen.rl.rollout import (
     PolicyAndValue,
     RewardScorer,
@@ -151,6 +152,18 @@ class PPOConfig:
     entropy_coef: float = field(
         default=0.0, metadata={"help": "Entropy bonus: subtracts coef x entropy from the loss."}
     )
+    hacking_monitor: bool = field(
+        default=True,
+        metadata={"help": "Watch for reward hacking (hfgen.rl.monitor): alerts to the console, metrics and eval.json."},
+    )
+    stop_on_hacking: bool = field(
+        default=False,
+        metadata={"help": "On an alert, stop and save the policy of the last step before the signal set in."},
+    )
+    reward_ceiling: float | None = field(
+        default=None,
+        metadata={"help": "Highest score the reward model gave in training; default: the highest of the first steps."},
+    )
     ema_decay: float | None = field(
         default=None, metadata={"help": "Keep an EMA copy of the policy's weights (DeepSpeed-Chat), saved to ema/."}
     )
@@ -226,6 +239,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"temperature must be > 0 and top_p in (0, 1], got {config.temperature} and {config.top_p}")
     if not (0 <= config.gamma <= 1 and 0 <= config.lam <= 1):
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
+    if config.stop_on_hacking and not config.hacking_monitor:
+        problems.append("stop_on_hacking needs hacking_monitor: true")
     if config.ema_decay is not None and not 0 < config.ema_decay < 1:
         problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
     if config.reward_clip is not None and config.reward_clip <= 0:
@@ -299,7 +314,10 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     policy_ema = None
     if config.ema_decay is not None:
         policy_ema = F.ExponentialMovingAverage(trained_policy_parameters(policy), config.ema_decay)
-    accelerator.register_for_checkpointing(scheduler, kl_controller, reward_normalizer, *filter(None, [policy_ema]))
+    monitor = HackingMonitor(reward_ceiling=config.reward_ceiling) if config.hacking_monitor else None
+    accelerator.register_for_checkpointing(
+        scheduler, kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor])
+    )
 
     start_step = 0
     resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
@@ -323,6 +341,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
+    last_step, stopped, snapshots = total_steps, {}, {}  # snapshots: step -> the policy weights that sampled it
     for step in range(start_step + 1, total_steps + 1):
         # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
@@ -332,6 +351,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             accelerator, trainable, reference, scorer, tokenizer, generation_config, prompts,
             [train_queries[i] for i in rows], config, reward_normalizer,
         )  # fmt: skip
+        if config.stop_on_hacking:  # the candidates to keep if the monitor stops the run a few steps later
+            snapshots = {s: w for s, w in snapshots.items() if s > step - monitor.patience - 2}
+            snapshots[step] = policy_weights(accelerator.unwrap_model(trainable).policy)
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening.
         rollout, shaping = compute_advantages(rollout, kl_controller.value, config, all_reduce)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
@@ -353,6 +375,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         metrics |= {"objective/kl_coef": kl_controller.value, "lr": scheduler.get_last_lr()[0]}
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
+        alerts = watch_for_hacking(accelerator, monitor, step, metrics, details, rollout) if monitor else []
         metrics_logger.log(step, **metrics)
         if trackers:
             accelerator.log(metrics, step=step)
@@ -366,6 +389,15 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             tracking.save_checkpoint(
                 accelerator, output_dir, step, config.save_total_limit, recipe.read_text() if recipe.is_file() else None
             )
+        if alerts and config.stop_on_hacking:
+            # Keep the policy of the last step before the alert's signal set in (the earliest one still held).
+            kept = max(alerts[0].onset - 1, min(snapshots))
+            load_policy_weights(accelerator.unwrap_model(trainable).policy, snapshots[kept])
+            stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
+                       "stop_signal": alerts[0].signal, "kept_policy_of_step": kept}  # fmt: skip
+            accelerator.print(f"stop_on_hacking: stopped at step {step}; the output is the policy of step {kept}")
+            last_step = step
+            break
     train_runtime = time.perf_counter() - started
 
     # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it.
@@ -385,10 +417,13 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         accelerator, trained.policy, reference, scorer, oracle, tokenizer, eval_prompts, data_args, config
     )
     results |= {
-        "episodes": (total_steps - start_step) * global_batch,
+        "episodes": (last_step - start_step) * global_batch,
         "train_runtime_s": train_runtime,
-        "episodes_per_s": (total_steps - start_step) * global_batch / max(train_runtime, 1e-9),
-        "steps": total_steps,
+        "episodes_per_s": (last_step - start_step) * global_batch / max(train_runtime, 1e-9),
+        "steps": last_step,
+        "stopped_early": False,
+        **stopped,
+        **(monitor.summary() if monitor else {}),
     }
     if accelerator.is_main_process:
         tracking.update_eval(output_dir, results)
@@ -686,6 +721,36 @@ def save_ema_policy(policy, ema, directory: Path) -> None:
         policy.save_pretrained(directory)
         for name, p in trained_policy_parameters(policy):
             p.copy_(live[name])
+
+
+def policy_weights(policy) -> dict[str, torch.Tensor]:
+    """A CPU copy of the policy's trained weights (its adapters with use_peft)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in trained_policy_parameters(policy)}
+
+
+@torch.no_grad()
+def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
+    for name, p in trained_policy_parameters(policy):
+        p.copy_(weights[name])
+
+
+def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: dict, details, rollout) -> list:
+    """Feed the monitor the step's global figures (the reward model's score of every response, gathered, so every
+    process decides alike); alerts go to the console and, with the monitor's figures, into `metrics`."""
+    proxy = details.components.get("reward_model", rollout.scores)
+    components = {name.removeprefix("reward/"): value for name, value in metrics.items() if name.startswith("reward/")}
+    alerts = monitor.observe(
+        step, kl=metrics["objective/kl"], entropy=metrics["response/entropy_per_token"],
+        length=metrics["response/length_mean"], distinct_2=metrics["response/distinct_2"], components=components,
+        proxy_scores=accelerator.gather(proxy.float()).tolist(), oracle=metrics.get("oracle/score"),
+    )  # fmt: skip
+    metrics |= monitor.metrics()
+    for alert in alerts:
+        accelerator.print(
+            f"reward-hacking alert at step {step} ({alert.signal}, since step {alert.onset}): {alert.message}"
+        )
+        metrics[f"monitor/alert/{alert.signal}"] = float(alert.onset)
+    return alerts
 
 
 def trained_policy_parameters(policy):
