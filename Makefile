@@ -10,7 +10,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_GPU_SPEC ?= torch>=2.13
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-pretrain demo-images test test-fast lint clean
+.PHONY: chromium install demo demo-pretrain demo-images test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -49,8 +49,14 @@ demo-images: install
 	 'wall_time_s': json.load(open(run + '/COMPLETE'))['wall_time_s']}.items()]"
 	@echo "images: outputs/tiny/t2i/samples/grid.png, outputs/tiny/t2i/validation/"
 
-test: install
+test: install chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# Headless Chromium renders the report in tests/test_report.py (Debian package `chromium`; needs root to install).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "could not install chromium: the report's headless-rendering test will be skipped"
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)
