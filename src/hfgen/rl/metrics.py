@@ -49,6 +49,7 @@ def step_metrics(
         "loss/value_avg": mean_of("value_loss"),
         "val/clipfrac_avg": mean_of("value_clip_fraction"),
         "val/ratio": mean_of("ratio"),
+        **({"loss/ptx_avg": mean_of("ptx_loss")} if stats[0].ptx_loss is not None else {}),
         # global already (the same on every process), so the caller's mean over processes leaves it unchanged
         "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask, all_reduce),
         "val/eos_rate": details.has_eos.float().mean(),

@@ -164,6 +164,14 @@ class PPOConfig:
         default=None,
         metadata={"help": "Highest score the reward model gave in training; default: the highest of the first steps."},
     )
+    ptx_coef: float = field(
+        default=0.0, metadata={"help": "PPO-ptx (InstructGPT): weight of the LM loss on ptx_dataset_name per update."}
+    )
+    ptx_dataset_name: str | None = field(
+        default=None, metadata={"help": "Pretraining texts for the ptx loss (train split, column ptx_column)."}
+    )
+    ptx_column: str = field(default="text", metadata={"help": "Text column of ptx_dataset_name."})
+    ptx_max_length: int = field(default=128, metadata={"help": "Tokens per pretraining text (longer ones are cut)."})
     ema_decay: float | None = field(
         default=None, metadata={"help": "Keep an EMA copy of the policy's weights (DeepSpeed-Chat), saved to ema/."}
     )
@@ -239,13 +247,15 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"temperature must be > 0 and top_p in (0, 1], got {config.temperature} and {config.top_p}")
     if not (0 <= config.gamma <= 1 and 0 <= config.lam <= 1):
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
+    if config.ptx_coef and not config.ptx_dataset_name:
+        problems.append("ptx_coef needs ptx_dataset_name (pretraining texts)")
     if config.stop_on_hacking and not config.hacking_monitor:
         problems.append("stop_on_hacking needs hacking_monitor: true")
     if config.ema_decay is not None and not 0 < config.ema_decay < 1:
         problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
     if config.reward_clip is not None and config.reward_clip <= 0:
         problems.append(f"reward_clip must be > 0 (or unset), got {config.reward_clip}")
-    for key in ("critic_warmup_steps", "entropy_coef", "kl_loss_coef"):
+    for key in ("critic_warmup_steps", "entropy_coef", "kl_loss_coef", "ptx_coef"):
         if getattr(config, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(config, key)}")
     if config.kl_target is not None and config.kl_target <= 0:
@@ -290,6 +300,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     train_rows, eval_rows = load_splits(data_args, seed=config.seed)
     train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows[data_args.prompt_column], data_args)
     eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows[data_args.prompt_column], data_args)
+    ptx_texts = tokenize_ptx_texts(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
@@ -360,7 +371,14 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         # 3. PPO update: epochs of clipped policy and value losses over shuffled minibatches.
         train_started = time.perf_counter()
         stats = ppo_update(
-            accelerator, trainable, optimizer, rollout, config, step > config.critic_warmup_steps, policy_ema
+            accelerator,
+            trainable,
+            optimizer,
+            rollout,
+            config,
+            step > config.critic_warmup_steps,
+            policy_ema,
+            ptx_texts,
         )
         timing["training"] = time.perf_counter() - train_started
         scheduler.step()
@@ -668,11 +686,13 @@ def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_
 
 
 def ppo_update(
-    accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None
-) -> list[PPOStats]:
+    accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None,
+    ptx_texts: list[list[int]] | None = None,
+) -> list[PPOStats]:  # fmt: skip
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
     policy loss + vf_coef * clipped value loss (details 7, 14), minus entropy_coef * entropy, plus kl_loss_coef *
-    KL to the reference; one optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value
+    KL to the reference, plus ptx_coef * LM loss on a micro-batch of `ptx_texts` (PPO-ptx); one optimiser step
+    per minibatch. `train_policy=False` (critic warm-up) steps the value
     model only; `ema` (an ExponentialMovingAverage of the policy's trained weights) follows each step."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
@@ -694,6 +714,11 @@ def ppo_update(
                     if config.kl_loss_coef:
                         kl = F.kl_loss(logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator)
                         policy_loss = policy_loss + config.kl_loss_coef * kl
+                    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
+                        ptx_loss = pretraining_loss(
+                            accelerator, trainable, ptx_texts, config.per_device_train_batch_size
+                        )
+                        policy_loss = policy_loss + config.ptx_coef * ptx_loss
                     # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
                     accelerator.backward(policy_loss * float(train_policy) + config.vf_coef * value.loss)
                     if not train_policy:
@@ -707,9 +732,44 @@ def ppo_update(
                         ema.update(trained_policy_parameters(accelerator.unwrap_model(trainable).policy))
                 stats.append(
                     PPOStats(policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction,
-                             policy.approx_kl, entropy.detach(), policy.ratio)
+                             policy.approx_kl, entropy.detach(), policy.ratio,
+                             ptx_loss.detach() if ptx_texts is not None else None)
                 )  # fmt: skip
     return stats
+
+
+def tokenize_ptx_texts(tokenizer, config: PPOConfig) -> list[list[int]]:
+    """Token ids of the pretraining texts for the ptx loss, each cut to ptx_max_length."""
+    from hfgen.data.loading import load_raw
+
+    splits = load_raw(config.ptx_dataset_name)
+    rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
+    if config.ptx_column not in rows.column_names:
+        raise UserError(f"ptx_dataset_name '{config.ptx_dataset_name}' has no column '{config.ptx_column}'")
+    ids = tokenizer(list(rows[config.ptx_column]), truncation=True, max_length=config.ptx_max_length)["input_ids"]
+    return [text for text in ids if len(text) > 1]
+
+
+def pretraining_loss(accelerator, trainable, texts: list[list[int]], batch_size: int) -> torch.Tensor:
+    """The policy's next-token loss on `batch_size` random pretraining texts (drawn with the global RNG, which
+    checkpoints restore)."""
+    from hfgen.rl.rollout import position_ids_from
+
+    picked = torch.randint(len(texts), (batch_size,)).tolist()
+    width = max(len(texts[i]) for i in picked)
+    pad = 0
+    input_ids = torch.full((batch_size, width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for row, i in enumerate(picked):
+        input_ids[row, : len(texts[i])] = torch.tensor(texts[i])
+        attention_mask[row, : len(texts[i])] = 1
+    input_ids, attention_mask = input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    policy = accelerator.unwrap_model(trainable).policy
+    return policy(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        labels=labels, use_cache=False,
+    ).loss  # fmt: skip
 
 
 def save_ema_policy(policy, ema, directory: Path) -> None:
