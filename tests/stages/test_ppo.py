@@ -94,7 +94,10 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
 
 def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, tiny_models):
     sft, reward = tiny_models
-    recipe = write_recipe(tmp_path, sft, reward_model_path=str(reward), learning_rate=0.0, total_episodes=32)
+    recipe = write_recipe(
+        tmp_path, sft, reward_model_path=str(reward), learning_rate=0.0, total_episodes=32,
+        eval_functions=["hfgen.data.embedded:on_topic_scores"],
+    )  # fmt: skip
     train(recipe)
     run = tmp_path / "run"
     before, after = load_file(sft / "model.safetensors"), load_file(run / "model.safetensors")
@@ -109,6 +112,7 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     assert abs(results["kl_to_reference"]) < 1e-4
     assert results["win_rate/reward_model"] == results["win_rate/oracle"] == 0.5  # same samples: all ties
     assert results["monitor/alerts"] == [] and results["stopped_early"] is False  # the monitor is on, and quiet
+    assert 0 <= results["ppo/on_topic_scores"] == results["sft/on_topic_scores"] <= 1  # an eval_functions judge
     for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
         assert (run / name).exists(), name
 

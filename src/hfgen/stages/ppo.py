@@ -102,6 +102,10 @@ class PPOConfig:
         default=None,
         metadata={"help": "A judge 'module:function' logged each step and in the final evaluation, never trained on."},
     )
+    eval_functions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More judges 'module:function' for the final SFT-vs-PPO evaluation (e.g. on-topic share)."},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     # -- episodes and batches
     total_episodes: int = field(default=1024, metadata={"help": "Prompts to roll out over the whole run."})
@@ -233,7 +237,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     components = int(bool(config.reward_model_path)) + len(config.reward_functions)
     if config.reward_weights is not None and len(config.reward_weights) != components:
         problems.append(f"reward_weights has {len(config.reward_weights)} values for {components} reward(s)")
-    for spec in [*config.reward_functions, *([config.oracle_function] if config.oracle_function else [])]:
+    for spec in [*config.reward_functions, *([config.oracle_function] if config.oracle_function else []),
+                 *config.eval_functions]:  # fmt: skip
         try:
             load_function(spec)
         except ValueError as error:
@@ -909,6 +914,10 @@ def evaluate_against_reference(
                 figures["reward_model"] = components["reward_model"]
             if oracle is not None:
                 figures["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
+            for spec in config.eval_functions:
+                figures[spec.rpartition(":")[2]] = function_scores(
+                    load_function(spec), shard_prompts, texts, accelerator.device
+                )
             figures["response_length"] = mask.sum(1).float()
             figures["eos_rate"] = finished.float()
             judged[name] = {key: values.tolist() for key, values in figures.items()}
