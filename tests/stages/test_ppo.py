@@ -13,6 +13,8 @@ from hfgen import tracking
 
 ORACLE = "hfgen.data.embedded:oracle_scores"
 SFT_STEPS = 100  # enough for the tiny policy to answer in the embedded format and end with EOS
+EVAL_FAST = ["--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "8", "--speed_new_tokens", "4",
+             "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet"]  # fmt: skip
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
 
 
@@ -115,6 +117,12 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     assert 0 <= results["ppo/on_topic_scores"] == results["sft/on_topic_scores"] <= 1  # an eval_functions judge
     for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
         assert (run / name).exists(), name
+    # `hfgen eval` on the PPO output dir: the unchanged policy ties its SFT baseline, PPO's own figures are kept
+    evaluated = run_hfgen("eval", run, "--reward_model", reward, "--baseline", sft, *EVAL_FAST)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    merged = tracking.read_json(run / "eval.json")
+    assert merged["quality/win_rate_vs_baseline_by_reward"] == 0.5 and merged["eval/chat"] is True
+    assert merged["kl_to_reference"] == results["kl_to_reference"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
     hfgen eval outputs/tiny/pretrain
     hfgen eval outputs/tiny/ppo --reward_model outputs/tiny/reward --baseline outputs/tiny/sft
     hfgen eval outputs/tiny/t2i        (a diffusers pipeline dir: image metrics)
+    hfgen eval outputs/tiny/rlhf       (an rlhf pipeline dir: its PPO policy, by its reward model, against its SFT model)
 
 For a text model (a model dir, hub id with --output, or LoRA adapter dir), `--num_samples` responses are
 sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
@@ -12,7 +13,8 @@ sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
   diversity  distinct-1/2/3 over all samples; self-BLEU and embedding self-similarity among each prompt's samples
   speed      generation tokens/s at batch 1 and batched (a fixed number of new tokens), peak memory
 The table is printed and merged into TARGET/eval.json (or --output), the samples go to eval_samples.jsonl
-beside it. A diffusers pipeline dir (with model_index.json) is handed to hfgen.evaluation.images.
+beside it. A diffusers pipeline dir (with model_index.json) is handed to hfgen.evaluation.images. The reward
+model scores with PPO's own `RewardScorer`, so `quality/reward_score` is the quantity PPO optimised.
 """
 
 from __future__ import annotations
@@ -74,15 +76,16 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.diffusion import is_pipeline_dir
 
     target = Path(args.target)
-    images = is_pipeline_dir(target)  # a diffusers pipeline dir or a t2i LoRA run
+    output = Path(args.output) if args.output else target / "eval.json"
+    follow_rlhf_pipeline(args)
+    images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
     if args.quiet:
         quiet_libraries()
     if images:
-        results = evaluate_images(target, args)
+        results = evaluate_images(Path(args.target), args)
     else:
         check_text_arguments(args)
         results, samples = evaluate_text_model(args)
-    output = Path(args.output) if args.output else target / "eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     merged = {**tracking.read_json(output, {}), **results}
     tracking.write_json(output, merged)
@@ -91,6 +94,25 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(results, title=f"hfgen eval {args.target}"))
     print(f"\nwritten to {output}")
     return 0
+
+
+def follow_rlhf_pipeline(args: argparse.Namespace) -> None:
+    """An `rlhf` pipeline's output dir holds records, not a model: evaluate its final policy (the PPO step's output),
+    judged by its reward model against its SFT model unless --reward_model / --baseline say otherwise. The results
+    still go to the pipeline dir's eval.json, beside its summary."""
+    from hfgen import tracking
+
+    recipe, summary = Path(args.target) / "recipe.yaml", Path(args.target) / "eval.json"
+    if not (recipe.is_file() and summary.is_file()) or "stage: rlhf" not in recipe.read_text():
+        return
+    steps = tracking.read_json(summary)
+    if "output_dir/ppo" not in steps:
+        raise UserError(
+            f"TARGET '{args.target}' is an rlhf pipeline dir whose summary names no PPO output; run it first"
+        )
+    args.target = steps["output_dir/ppo"]
+    args.reward_model = args.reward_model or steps.get("output_dir/reward")
+    args.baseline = args.baseline or steps.get("output_dir/sft")
 
 
 def quiet_libraries() -> None:
