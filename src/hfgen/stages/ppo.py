@@ -15,8 +15,13 @@ Keys follow TRL's last PPOTrainer (trl <= 1.10) where one existed, so its recipe
 
 Deviations from the papers and from TRL's PPOTrainer, each deliberate:
 - The score goes on the response's last token (its first EOS); TRL added it one token later, past the EOS.
-- The reward model reads prompt + response re-rendered as text with its own tokenizer and chat template, exactly
-  as TRL's RewardTrainer rendered its training pairs; so the reward model may use another tokenizer or template.
+- The reward model reads the policy's own token ids when it shares the policy's tokenizer (as TRL did), else
+  prompt + response re-rendered as text with its own tokenizer and chat template, as TRL's RewardTrainer rendered
+  its training pairs; either way a response cut off without EOS is shown unfinished (TRL appended EOS to all).
+  `hfgen eval` scores with the same `RewardScorer`.
+- Options TRL lacked (OpenRLHF / DeepSpeed-Chat): reward normalisation and clipping, a critic learning rate and
+  warm-up, LoRA on the value model, an EMA of the policy, PPO-ptx, KL as a loss term, an entropy bonus, and a
+  reward-hacking monitor (hfgen.rl.monitor) that can stop the run.
 - Advantage (and reward) whitening and the adaptive KL controller use statistics of the global batch (all
   processes), so N processes behave like one process with N times the batch.
 - The old log-probs pi_old come from the logits `generate` already computed (TRL did the same); reference and
@@ -77,9 +82,10 @@ class PPODataArguments(DataArguments):
 
 @dataclass
 class PPOConfig:
-    """PPO settings. Batch hierarchy per process (as TRL's): a rollout of per_device_train_batch_size x
-    gradient_accumulation_steps x num_mini_batches prompts, then num_ppo_epochs epochs over num_mini_batches
-    shuffled minibatches, each of gradient_accumulation_steps micro-batches."""
+    """PPO settings. Batch hierarchy per process, exactly TRL's (its `local_batch_size` was the same product): a
+    rollout of per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches prompts, split into
+    num_mini_batches shuffled minibatches for each of num_ppo_epochs epochs, each minibatch
+    gradient_accumulation_steps micro-batches (one optimiser step)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Where the policy, value model and records go."})
     seed: int = field(default=42, metadata={"help": "Seed; each process samples with seed + its rank."})
@@ -111,7 +117,9 @@ class PPOConfig:
     total_episodes: int = field(default=1024, metadata={"help": "Prompts to roll out over the whole run."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch size (sequences)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per minibatch."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per rollout batch."})
+    num_mini_batches: int = field(
+        default=1, metadata={"help": "Minibatches per rollout (as in TRL, the rollout is this many minibatches)."}
+    )
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Sequences per no-grad generation/forward chunk in the rollout."}
