@@ -608,7 +608,7 @@ def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, t
     return GenerationConfig(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
         eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_length=0, min_new_tokens=0, num_beams=1, guidance_scale=1.0, suppress_tokens=[], begin_suppress_tokens=[],
+        min_length=0, num_beams=1, guidance_scale=1.0, suppress_tokens=[], begin_suppress_tokens=[],
         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip
