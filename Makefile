@@ -10,7 +10,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_GPU_SPEC ?= torch>=2.13
 PYTEST_ARGS ?=
 
-.PHONY: chromium install demo demo-pretrain demo-images test test-fast lint clean
+.PHONY: check-monitor chromium install demo demo-pretrain demo-images test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ demo-images: install
 
 test: install chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The reward-hacking monitor over seeds (needs `make demo` first; about 2 x 3 minutes per seed on a CPU).
+check-monitor: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/hacking_monitor_seeds.py --seeds $${SEEDS:-1}
 
 # Headless Chromium renders the report in tests/test_report.py (Debian package `chromium`; needs root to install).
 chromium:

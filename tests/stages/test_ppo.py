@@ -118,7 +118,7 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
         assert (run / name).exists(), name
     # `hfgen eval` on the PPO output dir: the unchanged policy ties its SFT baseline, PPO's own figures are kept
-    evaluated = run_hfgen("eval", run, "--reward_model", reward, "--baseline", sft, *EVAL_FAST)
+    evaluated = run_hfgen("eval", run, "--reward_model", reward, "--baseline", sft, "--chat", *EVAL_FAST)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     merged = tracking.read_json(run / "eval.json")
     assert merged["quality/win_rate_vs_baseline_by_reward"] == 0.5 and merged["eval/chat"] is True
