@@ -4,7 +4,7 @@ learning to please the reward rather than to answer well. Pure Python and torch;
 
 Signals that need no oracle (each compared with the run's first `baseline_steps` steps):
     kl_growth         KL(policy || reference) per response growing faster than `max_kl_slope` nats per step
-                      (least-squares slope over the last `window` steps)
+                      (least-squares slope over the last `window` steps after the baseline steps)
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-2 below `repetition_floor` x its baseline: responses that
@@ -107,7 +107,7 @@ class HackingMonitor:
         """signal -> (holds at the latest step, what it saw)."""
         now = self.history[-1]
         out = {}
-        kl_slope = slope([row["kl"] for row in self.history[-self.window :]])
+        kl_slope = self.kl_slope()
         out["kl_growth"] = (kl_slope > self.max_kl_slope, f"KL grows {kl_slope:.2f} nats/step (now {now['kl']:.2f})")
         for key, signal in (("entropy", "entropy_collapse"), ("length", "length_drift"), ("distinct_2", "repetition")):
             base = self.baseline(key)
@@ -131,6 +131,11 @@ class HackingMonitor:
             out["above_ceiling"] = (share > self.ceiling_share, f"{share:.0%} of responses score above the ceiling")
         return out
 
+    def kl_slope(self) -> float:
+        """KL growth per step over the last `window` steps after the baseline (the first updates move the policy
+        off the reference in a jump that says nothing about hacking)."""
+        return slope([row["kl"] for row in self.history[self.baseline_steps :][-self.window :]])
+
     def baseline_component(self, name: str) -> float | None:
         values = [row["components"][name] for row in self.history[: self.baseline_steps] if name in row["components"]]
         return sum(values) / len(values) if values else None
@@ -143,7 +148,7 @@ class HackingMonitor:
             figures["monitor/distinct_2"] = now["distinct_2"]
         if now.get("above_ceiling") is not None:
             figures["monitor/above_ceiling"] = now["above_ceiling"]
-        figures["monitor/kl_slope"] = slope([row["kl"] for row in self.history[-self.window :]])
+        figures["monitor/kl_slope"] = self.kl_slope()
         oracle = self.oracle_summary()
         if oracle:
             figures |= {k: v for k, v in oracle.items() if isinstance(v, float)}
