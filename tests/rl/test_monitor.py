@@ -55,9 +55,9 @@ def test_one_component_dominating_and_scores_above_the_ceiling():
     rows += [STEADY | {"components": {"rm": 3.0, "format": 0.5}}] * 2  # all the gain from rm while format falls
     assert [a.signal for a in feed(M.HackingMonitor(), rows)] == ["dominance"]
     rows = [STEADY | {"proxy_scores": [0.0, 1.0, 2.0]}] * 3 + [STEADY | {"proxy_scores": [2.5, 3.0, 0.0]}] * 2
-    monitor = M.HackingMonitor()
-    assert [a.signal for a in feed(monitor, rows)] == ["above_ceiling"]  # 2 of 3 above the start's best, 2.0
-    assert M.HackingMonitor(reward_ceiling=5.0).observe(1, **rows[-1]) == []
+    assert [a.signal for a in feed(M.HackingMonitor(reward_ceiling=2.0), rows)] == ["above_ceiling"]  # 2 of 3 above
+    assert feed(M.HackingMonitor(reward_ceiling=5.0), rows) == []
+    assert feed(M.HackingMonitor(), rows) == []  # no known ceiling: the signal is off
 
 
 def test_oracle_summary_and_state_round_trip():

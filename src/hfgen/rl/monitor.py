@@ -10,8 +10,9 @@ Signals that need no oracle (each compared with the run's first `baseline_steps`
     repetition        mean within-response distinct-2 below `repetition_floor` x its baseline: responses that
                       repeat themselves ("lovely lovely lovely"), the commonest exploit of a learned reward
     dominance         one reward component brings more than `dominance` of the total gain while another falls
-    above_ceiling     a share above `ceiling_share` of responses scored higher than anything the reward model
-                      gave at the start (or `reward_ceiling`: the highest score it gave in training)
+    above_ceiling     a share above `ceiling_share` of responses scored higher than `reward_ceiling`, the highest
+                      score the reward model gave its own held-out preference pairs (off when unknown: the best
+                      of a few SFT batches is no ceiling, PPO is meant to beat it)
 A signal raises an alert when it holds `patience` steps in a row; its onset is the first of those steps. With an
 oracle (never used for alerts), the monitor also reports the gap between the proxy's and the oracle's gains since
 the start and the step where the oracle peaked, so an alert can be judged.
@@ -66,7 +67,6 @@ class HackingMonitor:
     dominance: float = 0.9
     ceiling_share: float = 0.5
     reward_ceiling: float | None = None
-    start_max: float | None = None  # the highest proxy score of the baseline steps (the ceiling by default)
     history: list[dict] = field(default_factory=list)
     streaks: dict[str, int] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
@@ -82,11 +82,8 @@ class HackingMonitor:
         row = {"step": step, "kl": kl, "entropy": entropy, "length": length, "components": components or {},
                "distinct_2": distinct_2, "oracle": oracle,
                "proxy": sum(proxy_scores) / len(proxy_scores) if proxy_scores else None}  # fmt: skip
-        if self.reward_ceiling is None and proxy_scores and len(self.history) < self.baseline_steps:
-            self.start_max = max(self.start_max if self.start_max is not None else float("-inf"), max(proxy_scores))
-        ceiling = self.reward_ceiling if self.reward_ceiling is not None else self.start_max
-        if proxy_scores and ceiling is not None and len(self.history) >= self.baseline_steps:
-            row["above_ceiling"] = sum(s > ceiling for s in proxy_scores) / len(proxy_scores)
+        if proxy_scores and self.reward_ceiling is not None:
+            row["above_ceiling"] = sum(s > self.reward_ceiling for s in proxy_scores) / len(proxy_scores)
         self.history.append(row)
         if len(self.history) <= self.baseline_steps:
             return []
@@ -179,10 +176,8 @@ class HackingMonitor:
         return result
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "streaks": self.streaks, "alerts": [tuple(a) for a in self.alerts],
-                "start_max": self.start_max}  # fmt: skip
+        return {"history": self.history, "streaks": self.streaks, "alerts": [tuple(a) for a in self.alerts]}
 
     def load_state_dict(self, state: dict) -> None:
         self.history, self.streaks = state["history"], state["streaks"]
         self.alerts = [Alert(*a) for a in state["alerts"]]
-        self.start_max = state["start_max"]

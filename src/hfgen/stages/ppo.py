@@ -174,7 +174,9 @@ class PPOConfig:
     )
     reward_ceiling: float | None = field(
         default=None,
-        metadata={"help": "Highest score the reward model gave in training; default: the highest of the first steps."},
+        metadata={
+            "help": "Scores above it are suspect (monitor); default: score_max of the reward run's eval.json, else off."
+        },
     )
     ptx_coef: float = field(
         default=0.0, metadata={"help": "PPO-ptx (InstructGPT): weight of the LM loss on ptx_dataset_name per update."}
@@ -338,7 +340,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     policy_ema = None
     if config.ema_decay is not None:
         policy_ema = F.ExponentialMovingAverage(trained_policy_parameters(policy), config.ema_decay)
-    monitor = HackingMonitor(reward_ceiling=config.reward_ceiling) if config.hacking_monitor else None
+    monitor = HackingMonitor(reward_ceiling=reward_ceiling(config)) if config.hacking_monitor else None
     accelerator.register_for_checkpointing(
         scheduler, kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor])
     )
@@ -805,6 +807,14 @@ def policy_weights(policy) -> dict[str, torch.Tensor]:
 def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
     for name, p in trained_policy_parameters(policy):
         p.copy_(weights[name])
+
+
+def reward_ceiling(config: PPOConfig) -> float | None:
+    """The monitor's ceiling: `reward_ceiling`, else the highest score the reward model gave its held-out pairs
+    (`score_max` in a reward run's eval.json), else None (that signal off)."""
+    if config.reward_ceiling is not None or not config.reward_model_path:
+        return config.reward_ceiling
+    return tracking.read_json(Path(config.reward_model_path) / "eval.json", {}).get("score_max")
 
 
 def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: dict, details, rollout) -> list:
