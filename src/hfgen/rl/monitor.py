@@ -60,7 +60,7 @@ class HackingMonitor:
     baseline_steps: int = 3
     window: int = 4
     patience: int = 2
-    max_kl_slope: float = 1.0
+    max_kl_slope: float = 3.0  # nats per response per step: the tiny demo peaks near 2, a hacking run near 12
     entropy_floor: float = 0.4
     length_drift: float = 0.6
     repetition_floor: float = 0.85
