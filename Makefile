@@ -10,7 +10,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_GPU_SPEC ?= torch>=2.13
 PYTEST_ARGS ?=
 
-.PHONY: install install-deepspeed demo demo-pretrain demo-images test test-fast lint clean
+.PHONY: check-monitor chromium install install-deepspeed demo demo-pretrain demo-images test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -58,8 +58,18 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation -e ".[deepspeed]"
 	touch $@
 
-test: install install-deepspeed
+test: install install-deepspeed chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The reward-hacking monitor over seeds (needs `make demo` first; about 2 x 3 minutes per seed on a CPU).
+check-monitor: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/hacking_monitor_seeds.py --seeds $${SEEDS:-1}
+
+# Headless Chromium renders the report in tests/test_report.py (Debian package `chromium`; needs root to install).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "could not install chromium: the report's headless-rendering test will be skipped"
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not slow" $(PYTEST_ARGS)

@@ -94,6 +94,17 @@ def test_page_holds_both_runs_plots_eval_table_and_samples(two_runs, tmp_path):
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_reward_hacking_alerts_have_their_own_table(two_runs, tmp_path):
+    alert = {"step": 7, "onset": 6, "signal": "repetition", "message": "distinct_2 0.5 against 1 at the start"}
+    tracking.update_eval(two_runs[1], {"monitor/alerts": [alert], "stopped_early": True, "stopped_at_step": 7,
+                                       "stop_reason": alert["message"]})  # fmt: skip
+    page = write_report(two_runs, tmp_path / "r.html").read_text()
+    alerts = page[page.index('<table class="alerts">') :].split("</table>")[0]
+    assert "repetition" in alerts and "distinct_2 0.5 against 1" in alerts and "stopped early" in alerts
+    assert "lr_high" in alerts and "lr_low" not in alerts
+    assert '<table class="alerts">' not in write_report(two_runs[:1], tmp_path / "quiet.html").read_text()
+
+
 def test_runs_without_records_are_shown_and_images_embedded(two_runs, tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NamedTuple
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +97,26 @@ def generate_text(
 ) -> list[list[str]]:  # fmt: skip
     """`num_samples` completions for each prompt (completion text only, special tokens removed).
     Left-padded batches, KV cache on, stop at EOS."""
+    samples = generate_tokens(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        num_samples=num_samples, chat=chat, batch_size=batch_size, min_new_tokens=min_new_tokens,
+    )  # fmt: skip
+    return [[sample.text for sample in group] for group in samples]
+
+
+class Completion(NamedTuple):
+    text: str  # the completion, special tokens removed
+    prompt_ids: list[int]  # the prompt's token ids as the model read them (unpadded)
+    completion_ids: list[int]  # up to and including the first EOS
+    finished: bool  # it ended with EOS (rather than at max_new_tokens)
+
+
+def generate_tokens(
+    model, tokenizer, prompts: list, *, max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95,
+    num_samples: int = 1, chat: bool = False, batch_size: int = 64, min_new_tokens: int | None = None,
+) -> list[list[Completion]]:  # fmt: skip
+    """`generate_text` with the token ids kept and whether each completion finished: what a reward model that
+    shares the tokenizer reads (`hfgen.rl.rollout.RewardScorer`)."""
     import torch
 
     texts = format_prompts(tokenizer, prompts, chat)
@@ -103,7 +124,8 @@ def generate_text(
     model.eval()
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    outputs: list[list[str]] = []
+    eos = tokenizer.eos_token_id
+    outputs: list[list[Completion]] = []
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(
@@ -112,10 +134,17 @@ def generate_text(
             with torch.inference_mode():
                 generated = model.generate(
                     **batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=num_samples,
-                    use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+                    use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling,
                 )  # fmt: skip
-            completions = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs += [completions[i : i + num_samples] for i in range(0, len(completions), num_samples)]
+            completions = generated[:, batch["input_ids"].shape[1] :].tolist()
+            decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
+            group = []
+            for row, (ids, text) in enumerate(zip(completions, decoded)):
+                prompt = batch["input_ids"][row // num_samples][batch["attention_mask"][row // num_samples].bool()]
+                finished = eos in ids
+                kept = ids[: ids.index(eos) + 1] if finished else ids
+                group.append(Completion(text, prompt.tolist(), kept, finished))
+            outputs += [group[i : i + num_samples] for i in range(0, len(group), num_samples)]
     finally:
         tokenizer.padding_side = padding_side
     return outputs

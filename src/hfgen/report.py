@@ -271,6 +271,15 @@ def render_html(runs: list[Run], title: str, max_samples: int = 8) -> str:
     else:
         parts.append('<p class="note">No run has an eval.json (run `hfgen eval RUN_DIR`).</p>')
 
+    alerted = [r for r in runs if r.eval.get("monitor/alerts") or r.eval.get("stopped_early")]
+    if alerted:  # the reward-hacking monitor's alerts (hfgen.rl.monitor), one row each
+        parts.append("<h2>Reward-hacking alerts</h2>")
+        rows = [[html.escape(r.name), cell(a["step"]), cell(a["onset"]), cell(a["signal"]), cell(a["message"])]
+                for r in alerted for a in r.eval.get("monitor/alerts", [])]  # fmt: skip
+        rows += [[html.escape(r.name), cell(r.eval["stopped_at_step"]), "", "stopped early", cell(r.eval["stop_reason"])]
+                 for r in alerted if r.eval.get("stopped_early")]  # fmt: skip
+        parts.append(table(["run", "step", "since step", "signal", "what it saw"], rows, "alerts"))
+
     parts.append("<h2>Samples</h2>")
     for run in runs:
         parts.append(f"<h3>{html.escape(run.name)}</h3>")

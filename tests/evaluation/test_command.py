@@ -156,3 +156,35 @@ def test_eval_on_a_tiny_pretrain_run(tmp_path):
     assert results["eval/perplexity_dataset"] == "embedded:corpus"
     for criterion in ("quality/oracle_score", "diversity/distinct_3", "speed/tokens_per_s_batch1"):
         assert isinstance(results[criterion], float), criterion
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
+def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
+    """`hfgen eval` reads what PPO's reward read: the policy's own ids (shared tokenizer), EOS only where the
+    response finished, the template's end-of-turn tokens after it; plain-text prompts too (they used to be joined
+    with a newline and no EOS)."""
+    import argparse
+
+    from transformers import AutoModelForSequenceClassification
+
+    from hfgen.evaluation.command import load_judges
+    from hfgen.generate import Completion
+    from hfgen.rl.rollout import sequence_scores, turn_suffix_ids
+
+    args = argparse.Namespace(reward_model=str(reward_dir), oracle="none", eval_dataset="x", batch_size=4)
+    judge = load_judges(args, "cpu", tokenizer)["reward"]
+    prompt = [{"role": "user", "content": "describe the cat."}] if chat else "the cat"
+    if chat:
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+    said = tokenizer(" is kind.", add_special_tokens=False)["input_ids"]
+    finished = Completion(" is kind.", prompt_ids, said + [tokenizer.eos_token_id], True)
+    cut_off = Completion(" is kind.", prompt_ids, said, False)
+    scores = judge([prompt], [[finished, cut_off]])[0]
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1)
+    suffix = turn_suffix_ids(tokenizer) if chat else []
+    expected = sequence_scores(
+        reward_model, [prompt_ids + finished.completion_ids + suffix, prompt_ids + said], tokenizer.pad_token_id, 4
+    ).tolist()
+    assert scores == pytest.approx(expected, abs=1e-5) and scores[0] != pytest.approx(scores[1])

@@ -186,3 +186,103 @@ def test_clipped_value_loss_by_hand():
     close(out.clip_fraction, 0.5)
     out.loss.backward()
     close(values.grad, [[0.0, 0.5 * 2 * (2.0 - 3.0) / 2]])  # clipped token: no gradient through V
+
+
+def two_processes(function, shards):
+    """Runs function(shard, all_reduce) for two shards in two threads whose all_reduce sums across them, as
+    `accelerator.reduce(t, "sum")` does across processes. -> the two results."""
+    import threading
+
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def worker(rank):
+        def all_reduce(tensor):
+            slots[rank] = tensor
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        results[rank] = function(shards[rank], all_reduce)
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_explained_variance_over_processes_is_that_of_the_pooled_batch():
+    values, returns = (
+        T([[1.0, 2.0], [0.0, 5.0], [3.0, 3.0], [9.0, 1.0]]),
+        T([[1.5, 2.0], [1.0, 4.0], [2.0, 7.0], [8.0, 0.0]]),
+    )
+    mask = torch.ones(4, 2)
+    pooled = F.explained_variance(values, returns, mask)
+    shards = [(values[:1], returns[:1], mask[:1]), (values[1:], returns[1:], mask[1:])]  # unequal shards
+    results = two_processes(lambda shard, reduce: F.explained_variance(*shard, all_reduce=reduce), shards)
+    close(results[0], pooled, atol=1e-5)
+    close(results[1], pooled, atol=1e-5)
+    local_mean = (F.explained_variance(*shards[0]) + F.explained_variance(*shards[1])) / 2
+    assert abs(local_mean - pooled) > 0.05  # the mean of per-process figures is another number
+
+
+def test_several_stop_tokens_each_end_a_response():
+    responses = T([[5, 2, 7, 1], [5, 6, 1, 2], [5, 6, 7, 8]])
+    assert F.response_mask(responses, [1, 2]).sum(1).tolist() == [2, 3, 4]
+    assert F.truncate_after_eos(responses, [1, 2], PAD).tolist() == [[5, 2, 0, 0], [5, 6, 1, 0], [5, 6, 7, 8]]
+    assert F.has_stop_token(responses, [1, 2]).tolist() == [True, True, False]
+    assert F.has_stop_token(responses, 2).tolist() == [True, True, False]
+
+
+def test_kl_loss_k2_and_k3_by_hand():
+    logprobs, ref, mask = T([[-1.0, -2.0, -0.5]]), T([[-2.0, -2.0, -0.25]]), T([[1, 1, 0]])
+    close(F.kl_loss(logprobs, ref, mask, "k2"), (0.5 * 1.0 + 0.0) / 2)
+    close(F.kl_loss(logprobs, ref, mask, "k3"), (math.exp(-1) + 0.0) / 2)
+    trained = logprobs.clone().requires_grad_()
+    F.kl_loss(trained, ref, mask, "k2").backward()
+    assert trained.grad[0, 0] > 0 and trained.grad[0, 2] == 0  # pushes log p down toward q; masked token untouched
+
+
+def test_reward_normalizer_sft_mode_puts_the_first_batch_at_mean_0_std_1_and_freezes():
+    first, later = T([1.0, 2.0, 3.0, 6.0]), T([10.0, 20.0])
+    normalizer = F.RewardNormalizer("sft")
+    normalizer.update(first)
+    normalised = normalizer(first)
+    close(normalised.mean(), 0.0, atol=1e-6)
+    close(normalised.std(), 1.0, atol=1e-6)
+    normalizer.update(later)  # frozen after the SFT batch
+    close(normalizer(T([6.0])), (6.0 - 3.0) / first.std().reshape(1), atol=1e-6)
+    restored = F.RewardNormalizer("sft")
+    restored.load_state_dict(normalizer.state_dict())
+    close(restored(later), normalizer(later))
+
+
+def test_reward_normalizer_running_mode_pools_every_batch_and_clips():
+    a, b = T([1.0, 2.0, 3.0]), T([10.0, 0.0])
+    normalizer = F.RewardNormalizer("running", clip=1.0)
+    normalizer.update(a)
+    normalizer.update(b)
+    pooled = torch.cat([a, b])
+    assert normalizer.mean == pytest.approx(pooled.mean().item()) and normalizer.std == pytest.approx(
+        pooled.std().item()
+    )
+    close(normalizer(T([3.2, 100.0, -100.0])), [(3.2 - 3.2) / pooled.std(), 1.0, -1.0], atol=1e-6)
+    close(F.RewardNormalizer("none", clip=2.0)(T([5.0, -1.0])), [2.0, -1.0])
+    shards = [a, b]  # over two processes: the statistics of both
+    means = two_processes(
+        lambda shard, reduce: (lambda n: (n.update(shard, reduce), n.mean)[1])(F.RewardNormalizer("running")), shards
+    )
+    assert means[0] == means[1] == pytest.approx(pooled.mean().item())
+
+
+def test_exponential_moving_average_by_hand():
+    weight = torch.nn.Parameter(T([0.0, 10.0]))
+    ema = F.ExponentialMovingAverage([("w", weight)], decay=0.9)
+    with torch.no_grad():
+        weight.copy_(T([1.0, 0.0]))
+    ema.update([("w", weight)])
+    close(ema.shadow["w"], [0.1, 9.0])
+    ema.update([("w", weight)])
+    close(ema.shadow["w"], [0.19, 8.1])

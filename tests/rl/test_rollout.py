@@ -97,20 +97,8 @@ def test_lora_reference_is_the_policy_with_its_adapter_disabled(policy):
 
 
 def test_reward_model_scores_are_independent_of_padding(value_model):
-    class Tokenizer:  # just enough of a tokenizer: one id per character
-        padding_side = "left"
-
-        def __call__(self, texts, return_tensors, padding, add_special_tokens):
-            width = max(map(len, texts))
-            ids = torch.tensor([[PAD] * (width - len(t)) + [2 + ord(c) % 60 for c in t] for t in texts])
-            return BatchLike(input_ids=ids, attention_mask=(ids != PAD).long())
-
-    class BatchLike(dict):
-        def to(self, device):
-            return self
-
-    batch = R.reward_model_scores(value_model, Tokenizer(), ["ab", "abcdef"], chunk_size=2, chat=False)
-    alone = R.reward_model_scores(value_model, Tokenizer(), ["ab"], chunk_size=1, chat=False)
+    batch = R.sequence_scores(value_model, [[5, 6], [5, 6, 7, 8, 9]], PAD, chunk_size=2)
+    alone = R.sequence_scores(value_model, [[5, 6]], PAD, chunk_size=1)
     torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -123,14 +111,58 @@ def test_response_texts_stop_at_the_first_eos():
     assert texts == ["5 6 1", "5 6 7 8"]  # the real tokenizer drops the EOS itself as a special token
 
 
-def test_reward_model_texts_render_the_chat_template_or_append_eos():
+def test_reward_model_texts_close_only_finished_responses():
     from hfgen.models import build_embedded_tokenizer
 
     tokenizer = build_embedded_tokenizer()
-    chat = R.reward_model_texts(tokenizer, [[{"role": "user", "content": "describe the cat."}]], ["the cat is kind."])
-    assert chat == ["<|user|>\ndescribe the cat.<|end|>\n<|assistant|>\nthe cat is kind.<|end|>\n"]
-    plain = R.reward_model_texts(tokenizer, ["the cat"], [" is kind."])
-    assert plain == ["the cat is kind.<|end|>"]
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    chat = R.reward_model_texts(tokenizer, [prompt, prompt], ["the cat is kind.", "the cat is"], [True, False])
+    assert chat[0] == "<|user|>\ndescribe the cat.<|end|>\n<|assistant|>\nthe cat is kind.<|end|>\n"
+    assert chat[1] == "<|user|>\ndescribe the cat.<|end|>\n<|assistant|>\nthe cat is"  # cut off: left open
+    plain = R.reward_model_texts(tokenizer, ["the cat", "the cat"], [" is kind.", " is"], [True, False])
+    assert plain == ["the cat is kind.<|end|>", "the cat is"]
+
+
+@pytest.fixture(scope="module")
+def embedded_reward_model():
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    torch.manual_seed(2)
+    config = tiny_config(num_labels=1)
+    config.vocab_size, config.pad_token_id, config.eos_token_id = (
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+    )
+    return tokenizer, LlamaForSequenceClassification(config).eval()
+
+
+def test_scorer_passes_the_policys_ids_straight_through_when_tokenizers_match(embedded_reward_model):
+    tokenizer, reward_model = embedded_reward_model
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    query = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    # "the" spelled letter by letter: it decodes to "the", which re-encodes as one token, so a decode/encode
+    # round trip would score other tokens than the policy produced.
+    spelled = [tokenizer.convert_tokens_to_ids(c) for c in "the"] + [tokenizer.eos_token_id]
+    assert tokenizer.unk_token_id not in spelled
+    suffix = R.turn_suffix_ids(tokenizer)
+    assert tokenizer.decode(suffix) == "\n"  # what the template writes after <|end|>
+    shared = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4, policy_tokenizer=tokenizer)
+    assert shared.reads_policy_ids
+    text = tokenizer.decode(spelled, skip_special_tokens=True)
+    score, _ = shared([prompt], [text], [True], "cpu", [query + spelled])
+    torch.testing.assert_close(
+        score, R.sequence_scores(reward_model, [query + spelled + suffix], tokenizer.pad_token_id, 4)
+    )
+    by_text, _ = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4)(
+        [prompt], [text], [True], "cpu", [query + spelled]
+    )
+    assert not torch.allclose(score, by_text)  # another tokenizer: re-rendered text, other tokens
+    unfinished, _ = shared([prompt], [text], [False], "cpu", [query + spelled[:-1]])
+    torch.testing.assert_close(
+        unfinished, R.sequence_scores(reward_model, [query + spelled[:-1]], tokenizer.pad_token_id, 4)
+    )
 
 
 def test_load_function_and_function_scores():
@@ -168,6 +200,6 @@ def test_reward_scorer_weights_the_reward_model_and_functions():
             return [len(r) + self.bonus for r in responses]
 
     scorer = R.RewardScorer(None, None, {"length": Judge(0), "plus_one": Judge(1)}, [1.0, -2.0], chunk_size=4)
-    total, components = scorer(["p", "q"], ["ab", "abcd"], device="cpu")
+    total, components = scorer(["p", "q"], ["ab", "abcd"], [True, False], device="cpu")
     assert components["length"].tolist() == [2.0, 4.0] and components["plus_one"].tolist() == [3.0, 5.0]
     assert total.tolist() == [2.0 - 6.0, 4.0 - 10.0]

@@ -13,6 +13,8 @@ from hfgen import tracking
 
 ORACLE = "hfgen.data.embedded:oracle_scores"
 SFT_STEPS = 100  # enough for the tiny policy to answer in the embedded format and end with EOS
+EVAL_FAST = ["--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "8", "--speed_new_tokens", "4",
+             "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet"]  # fmt: skip
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
 
 
@@ -94,7 +96,10 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
 
 def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, tiny_models):
     sft, reward = tiny_models
-    recipe = write_recipe(tmp_path, sft, reward_model_path=str(reward), learning_rate=0.0, total_episodes=32)
+    recipe = write_recipe(
+        tmp_path, sft, reward_model_path=str(reward), learning_rate=0.0, total_episodes=32,
+        eval_functions=["hfgen.data.embedded:on_topic_scores"],
+    )  # fmt: skip
     train(recipe)
     run = tmp_path / "run"
     before, after = load_file(sft / "model.safetensors"), load_file(run / "model.safetensors")
@@ -108,8 +113,16 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     results = tracking.read_json(run / "eval.json")
     assert abs(results["kl_to_reference"]) < 1e-4
     assert results["win_rate/reward_model"] == results["win_rate/oracle"] == 0.5  # same samples: all ties
+    assert results["monitor/alerts"] == [] and results["stopped_early"] is False  # the monitor is on, and quiet
+    assert 0 <= results["ppo/on_topic_scores"] == results["sft/on_topic_scores"] <= 1  # an eval_functions judge
     for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
         assert (run / name).exists(), name
+    # `hfgen eval` on the PPO output dir: the unchanged policy ties its SFT baseline, PPO's own figures are kept
+    evaluated = run_hfgen("eval", run, "--reward_model", reward, "--baseline", sft, "--chat", *EVAL_FAST)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    merged = tracking.read_json(run / "eval.json")
+    assert merged["quality/win_rate_vs_baseline_by_reward"] == 0.5 and merged["eval/chat"] is True
+    assert merged["kl_to_reference"] == results["kl_to_reference"]
 
 
 @pytest.mark.slow
@@ -149,6 +162,12 @@ def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_
     assert 0 < lora_parameters == sum(p.numel() for p in policy.parameters() if p.requires_grad)
     assert sum(p.numel() for p in policy.parameters()) == base_parameters + lora_parameters  # one copy of the base
 
+    # Dropout off in the adapters too (peft brings its own lora_dropout, 0.05 by default): else the update, run in
+    # train mode, sees other log-probs than the rollout did and the ratio drifts from 1.
+    assert model_args.lora_dropout > 0
+    assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    assert any("lora_dropout" in name for name, m in policy.named_modules() if isinstance(m, torch.nn.Dropout))
+
     recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], learning_rate=1e-2, total_episodes=32, **LORA)
     train(recipe)
     run = tmp_path / "run"
@@ -156,6 +175,10 @@ def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_
     assert abs(metrics[0]["objective/kl"]) < 1e-4  # adapter initialised to zero: policy == reference
     assert metrics[1]["objective/kl"] != 0.0
     assert (run / "adapter_config.json").is_file() and not (run / "model.safetensors").exists()
+    # with use_peft the critic is LoRA-trained too: its adapters and new head are saved, not a full copy
+    value = load_file(run / "value_model" / "adapter_model.safetensors")
+    assert any("lora_" in key for key in value) and any("score" in key for key in value)
+    assert not any("embed_tokens" in key for key in value)
 
 
 @pytest.mark.slow
@@ -209,3 +232,149 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, settings
         result = run_hfgen("train", write_recipe(other, sft, **common, **LORA), "--resume_from_checkpoint", checkpoint)
         assert result.returncode == 2 and "lacks" in result.stderr and "lora_" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_sampling_ignores_the_models_own_generation_defaults_and_stops_at_every_eos(tiny_models):
+    """The policy's generation_config.json may set min_p, top_k, a repetition penalty, suppressed tokens...: none
+    reaches PPO's sampling, whose scores must be softmax(logits / temperature) exactly (transformers 5 fills every
+    None of our config from the model's); all EOS ids of the model stop a response."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfgen.rl.rollout import left_pad
+    from hfgen.stages.ppo import make_generation_config, stop_token_ids
+
+    sft, _ = tiny_models
+    tokenizer, policy = AutoTokenizer.from_pretrained(sft), AutoModelForCausalLM.from_pretrained(sft).eval()
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|user|>")
+    policy.generation_config.update(
+        min_p=0.5, top_k=3, top_p=0.5, repetition_penalty=3.0, suppress_tokens=[7], typical_p=0.5, epsilon_cutoff=0.1,
+        eta_cutoff=0.1, min_length=5, eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+    )  # fmt: skip
+    stop_ids = stop_token_ids(tokenizer, policy)
+    assert stop_ids == [tokenizer.eos_token_id, end_of_turn]
+    config = make_generation_config(tokenizer, 6, 0.7, 1.0, stop_ids)
+    config.output_scores = True
+    query_ids, query_mask = left_pad([tokenizer("describe the cat.")["input_ids"]] * 4, tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(0)
+    output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    for logits, scores in zip(output.logits, output.scores):
+        torch.testing.assert_close(scores, logits / 0.7)
+
+
+def test_weight_decay_skips_biases_and_norms_and_the_critic_has_its_own_learning_rate():
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from hfgen.rl.rollout import PolicyAndValue
+    from hfgen.stages.ppo import PPOConfig, parameter_groups
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, attention_bias=True, num_labels=1)  # fmt: skip
+    trainable = PolicyAndValue(LlamaForCausalLM(config), LlamaForSequenceClassification(config))
+    settings = PPOConfig(weight_decay=0.1, learning_rate=1e-5, critic_learning_rate=1e-4)
+    groups = parameter_groups(trainable, settings)
+    names = {id(p): name for name, p in trainable.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | plain == set(names.values()) and not decayed & plain
+    assert "policy.model.layers.0.self_attn.q_proj.weight" in decayed
+    assert all(("bias" in n or "norm" in n) for n in plain) and any("bias" in n for n in plain)
+    assert {g["lr"] for g in groups if g["part"] == "value_model"} == {1e-4}
+    assert all("lr" not in g for g in groups if g["part"] == "policy")  # the optimiser's learning_rate
+
+
+def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, tiny_models):
+    sft, reward = tiny_models
+    recipe = write_recipe(
+        tmp_path, sft, reward_model_path=str(reward), total_episodes=48, per_device_train_batch_size=16,
+        gradient_accumulation_steps=1, learning_rate=1e-2, critic_warmup_steps=1, ema_decay=0.5,
+        reward_normalization="sft", missing_eos_penalty=None, critic_learning_rate=1e-3, ptx_coef=1.0,
+        ptx_dataset_name="embedded:corpus", ptx_max_length=32,
+    )  # fmt: skip
+    train(recipe)
+    run = tmp_path / "run"
+    metrics = tracking.read_metrics(run)
+    assert [row["episode"] for row in metrics] == [16, 32, 48]  # rollout = per_device x accumulation x minibatches
+    # the SFT policy's responses, normalised with their own statistics: mean 0
+    assert abs(metrics[0]["objective/scores"]) < 1e-5 and metrics[1]["objective/scores"] != 0
+    # step 1 trained the value model only: the policy sampling step 2 is still the reference
+    assert abs(metrics[1]["objective/kl"]) < 1e-4 and abs(metrics[2]["objective/kl"]) > 1e-3
+    policy, ema, start = (load_file(p) for p in (run / "model.safetensors", run / "ema" / "model.safetensors",
+                                                   sft / "model.safetensors"))  # fmt: skip
+    assert ema.keys() == policy.keys()
+    assert any(not torch.equal(ema[k], policy[k]) for k in policy)  # the average lags the policy
+    assert any(not torch.equal(ema[k], start[k]) for k in policy)  # and moved from the start
+    # PPO-ptx: the LM loss on the pretraining texts falls once the policy trains (step 1 was the critic's only)
+    assert metrics[2]["loss/ptx_avg"] < metrics[0]["loss/ptx_avg"] - 0.1
+    value_before = load_file(reward / "model.safetensors")["score.weight"]
+    assert not torch.equal(load_file(run / "value_model" / "model.safetensors")["score.weight"], value_before)
+
+
+@pytest.mark.parametrize("option", ["entropy_coef", "kl_loss_coef"])
+def test_entropy_bonus_raises_entropy_and_kl_loss_pulls_toward_the_reference(option):
+    """ppo_update on a rollout with zero advantages and values at their targets: the clipped losses give no
+    gradient to the policy, so only the option moves it."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from hfgen.rl import functional as F
+    from hfgen.rl.rollout import PolicyAndValue
+    from hfgen.rl.types import Rollout
+    from hfgen.stages.ppo import PPOConfig, parameter_groups, ppo_update
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)  # fmt: skip
+    trainable = PolicyAndValue(LlamaForCausalLM(config), LlamaForSequenceClassification(config))
+    with torch.no_grad():
+        trainable.policy.lm_head.weight.mul_(30)  # peaked: entropy well below its maximum, log 16
+    settings = PPOConfig(num_ppo_epochs=10, per_device_train_batch_size=8, learning_rate=2e-3, temperature=1.0,
+                         **{option: 1.0})  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(parameter_groups(trainable, settings), lr=settings.learning_rate)
+    input_ids = torch.randint(1, 16, (8, 10))
+    mask, context = torch.ones(8, 6, dtype=torch.bool), 4
+
+    def measure():
+        with torch.no_grad():
+            logits, values = trainable(input_ids, torch.ones_like(input_ids), context)
+        logprobs = F.token_logprobs(logits, input_ids[:, context:])
+        return logprobs, values, F.masked_mean(F.entropy_from_logits(logits), mask)
+
+    logprobs, values, entropy_before = measure()
+    ref_logprobs = logprobs - 0.5 * torch.rand_like(logprobs)  # a reference some distance away
+    rollout = Rollout(input_ids, torch.ones_like(input_ids), context, mask, logprobs, ref_logprobs, values,
+                      torch.zeros(8), torch.zeros(8, 6), values)  # fmt: skip
+    kl_before = F.kl_loss(logprobs, ref_logprobs, mask, "k3")
+    ppo_update(accelerator, trainable, optimizer, rollout, settings)
+    logprobs_after, _, entropy_after = measure()
+    if option == "entropy_coef":
+        assert entropy_after > entropy_before + 0.01
+    else:
+        assert F.kl_loss(logprobs_after, ref_logprobs, mask, "k3") < 0.7 * kl_before
+
+
+def test_stop_on_hacking_ends_normally_keeping_the_policy_before_the_alert(tmp_path, tiny_models):
+    """A ceiling below every score makes the monitor's above-ceiling signal hold from the first step after its
+    3-step baseline (step 4): with patience 2 it alerts at step 5, the run stops there, exits 0 with COMPLETE, and
+    keeps the policy that sampled step 3."""
+    sft, _ = tiny_models
+    recipe = write_recipe(
+        tmp_path, sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
+        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=4,
+    )  # fmt: skip
+    result = train(recipe)
+    run = tmp_path / "run"
+    assert "reward-hacking alert at step 5 (above_ceiling, since step 4)" in result.stdout
+    assert (run / "COMPLETE").is_file() and (run / "model.safetensors").is_file()
+    metrics = tracking.read_metrics(run)
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5] and metrics[4]["monitor/alert/above_ceiling"] == 4
+    results = tracking.read_json(run / "eval.json")
+    assert results["stopped_early"] is True and results["stopped_at_step"] == 5 and results["steps"] == 5
+    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_step"] == 3
+    assert "above the ceiling" in results["stop_reason"] and results["monitor/first_alert_step"] == 5
+    # the kept policy (after step 2's update) differs from the start and from the checkpoint after step 4
+    kept = load_file(run / "model.safetensors")
+    at_step_4 = load_file(run / "checkpoint-4" / "model.safetensors")
+    start = load_file(sft / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(kept[name], start[name]) and not torch.equal(kept[name], at_step_4["policy." + name])

@@ -99,6 +99,15 @@ def test_resume_from_first_checkpoint_matches_uninterrupted_run(tmp_path):
     # and a run that did not resume differs (the comparison above has teeth)
     other = load_file(full / "checkpoint-12" / "model.safetensors")
     assert any(not torch.allclose(a[n], other[n]) for n in a)
+    # Same weights would also come from a run that ignored the checkpoint and redid all 24 steps from the same
+    # seed; so: the resumed run logged only the steps after 12, at the learning rates of the uninterrupted run.
+    logged = [row for row in tracking.read_metrics(resumed) if "loss" in row]
+    full_logged = {row["step"]: row for row in tracking.read_metrics(full) if "loss" in row}
+    assert [row["step"] for row in logged] == [15, 20], logged
+    for row in logged:  # the scheduler took up at its saved position
+        assert row["learning_rate"] == pytest.approx(full_logged[row["step"]]["learning_rate"], rel=1e-6)
+    # Trainer logs the mean loss since its last log: steps 16-20 in both runs (the first resumed row covers 13-15)
+    assert logged[1]["loss"] == pytest.approx(full_logged[20]["loss"], rel=1e-4)
 
 
 def test_help_lists_stages_and_commands():

@@ -44,6 +44,7 @@ def test_reward_model_ranks_held_out_pairs(reward_run):
     results = tracking.read_json(reward_run / "eval.json")
     assert results["accuracy"] >= 0.9 and results["margin"] > 1.0, results
     assert abs(results["accuracy_initial"] - 0.5) < 0.15  # a fresh head starts at chance
+    assert isinstance(results["score_max"], float)  # the ceiling PPO's reward-hacking monitor reads
     assert results["held_out_pairs"] == 300
 
 

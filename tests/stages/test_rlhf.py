@@ -91,6 +91,13 @@ def test_pipeline_from_nothing_then_skips_and_reruns_what_changed(pipeline, tmp_
                 "wall_time_s/prerequisite"):  # fmt: skip
         assert key in summary, key
     assert "RLHF pipeline summary" in result.stdout and "oracle win rate of PPO over SFT" in result.stdout
+    # `hfgen eval` on the pipeline dir evaluates its PPO policy against its SFT model, by its reward model
+    evaluated = run_hfgen("eval", tmp_path / "rlhf", "--num_prompts", "4", "--num_samples", "2", "--max_new_tokens",
+                          "8", "--speed_new_tokens", "4", "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    merged = tracking.read_json(tmp_path / "rlhf" / "eval.json")
+    assert merged["eval/baseline"] == str(root / "sft") and "quality/baseline_reward_score" in merged
+    assert merged["reward/accuracy"] == summary["reward/accuracy"]  # the pipeline's summary is kept
 
     finished = {step: (root / step / "COMPLETE").read_text() for step in ("sft", "reward", "ppo")}
     result = run_hfgen("train", pipeline, "--ppo_overrides", '{"kl_coef": 0.1}')

@@ -209,6 +209,13 @@ def test_full_sft_saves_a_plain_model_that_improved(tiny_lm, tmp_path):
     assert results["train_tokens"] > 40 * 8 * 64  # packed rows: most of each 128-token row holds real tokens
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and model.config.pad_token_id != model.config.eos_token_id
+    # `hfgen eval` on the SFT output dir: chat format (an SFT run), its perplexity on the embedded conversations
+    evaluated = run_hfgen("eval", tmp_path, "--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "8",
+                          "--speed_new_tokens", "4", "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    merged = tracking.read_json(tmp_path / "eval.json")
+    assert merged["eval/chat"] is True and merged["eval/perplexity_dataset"] == "embedded:instructions"
+    assert merged["quality/perplexity"] > 1 and merged["response_loss"] == results["response_loss"]
 
 
 @pytest.mark.slow

@@ -80,6 +80,16 @@ def test_run_records_metrics_rotated_checkpoints_validation_grids_and_eval(scrat
     assert results["eval/num_prompts"] == 10 and results["train/steps"] == 4  # the ten digit prompts
 
 
+def test_hfgen_eval_on_the_t2i_pipeline_dir(scratch_run, tmp_path):
+    output = tmp_path / "eval.json"
+    result = run_hfgen("eval", scratch_run, "--images_per_prompt", "1", "--num_inference_steps", "2", "--quiet",
+                       "--output", output)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(output)
+    assert results["eval/images_per_prompt"] == 1 and results["speed/peak_memory_mb"] > 0
+    assert any(key.startswith("quality/") for key in results) and any(key.startswith("diversity/") for key in results)
+
+
 def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
     result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--prompt", "digit five",
                        "--num_samples", "3", "--num_inference_steps", "2", "--output_dir", tmp_path)  # fmt: skip
@@ -156,12 +166,21 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(configs, vae_dir, 
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a[n], midway[n]) for n in a)  # the last two steps changed the weights
-    assert [row["step"] for row in tracking.read_metrics(resumed)] == [3, 4]
+    assert_resumed_records(full, resumed)
+
+
+def assert_resumed_records(full, resumed):
+    """A run that ignored the checkpoint and redid every step from the same seed would end with the same weights;
+    the resumed one logs only the steps after the checkpoint, with the uninterrupted run's learning rates."""
+    logged, full_logged = tracking.read_metrics(resumed), tracking.read_metrics(full)
+    assert [row["step"] for row in logged] == [3, 4]
+    assert [row["lr"] for row in logged] == pytest.approx([row["lr"] for row in full_logged[2:]], rel=1e-6)
+    assert [row["loss"] for row in logged] == pytest.approx([row["loss"] for row in full_logged[2:]], rel=1e-4)
 
 
 def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(scratch_run, tmp_path):
     common = ["--pretrained_model_name_or_path", scratch_run, "--max_train_steps", "4", "--checkpointing_steps", "2",
-              "--checkpoints_total_limit", "2",
+              "--checkpoints_total_limit", "2", "--logging_steps", "1",
               "--learning_rate", "1e-2", "--eval_images_per_prompt", "0", "--num_validation_images", "1",
               "--num_inference_steps", "2", *SMALL_DATA]  # fmt: skip
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -177,6 +196,7 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(scratch_run,
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert_resumed_records(full, resumed)
 
 
 @pytest.mark.parametrize(

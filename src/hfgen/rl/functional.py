@@ -12,7 +12,7 @@ implementation details of RLHF with PPO"), http://joschu.net/blog/kl-approx.html
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -68,28 +68,46 @@ def masked_whiten(
     return whitened * mask
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 is a perfect value model, 0 is no
-    better than predicting the mean, negative is worse."""
-    _, residual_var = masked_mean_var(returns - values, mask)
-    _, returns_var = masked_mean_var(returns, mask)
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduceSum = None
+) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (of all processes with `all_reduce`): 1 is a
+    perfect value model, 0 is no better than predicting the mean, negative is worse. A ratio of global variances,
+    not a mean of per-process ratios."""
+    _, residual_var = masked_mean_var(returns - values, mask, all_reduce=all_reduce)
+    _, returns_var = masked_mean_var(returns, mask, all_reduce=all_reduce)
     return 1 - residual_var / returns_var.clamp(min=1e-8)
 
 
 # ---- responses --------------------------------------------------------------------------------------
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, T) long token ids -> (B, T) bool: true up to and including the first EOS of each row (the whole row
-    when it has no EOS). What comes after the first EOS was never part of the response."""
-    is_eos = response_ids == eos_token_id
+def is_stop_token(response_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    """(B, T) bool: where a token is one of the stop tokens (a model may have several EOS ids, e.g. end of text
+    and end of turn)."""
+    if isinstance(eos_token_ids, int):
+        return response_ids == eos_token_ids
+    return torch.isin(response_ids, torch.as_tensor(list(eos_token_ids), device=response_ids.device))
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    """(B, T) long token ids -> (B, T) bool: true up to and including the first stop token of each row (the whole
+    row when it has none). What comes after the first EOS was never part of the response."""
+    is_eos = is_stop_token(response_ids, eos_token_ids)
     eos_before = is_eos.cumsum(1) - is_eos.long()  # EOS tokens strictly before each position
     return eos_before == 0
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+def truncate_after_eos(
+    response_ids: torch.Tensor, eos_token_ids: int | Sequence[int], pad_token_id: int
+) -> torch.Tensor:
     """(B, T) token ids with every token after the first EOS replaced by `pad_token_id`."""
-    return response_ids.masked_fill(~response_mask(response_ids, eos_token_id), pad_token_id)
+    return response_ids.masked_fill(~response_mask(response_ids, eos_token_ids), pad_token_id)
+
+
+def has_stop_token(response_ids: torch.Tensor, eos_token_ids: int | Sequence[int]) -> torch.Tensor:
+    """(B,) bool: the response ended by itself (emitted a stop token) rather than being cut at the length limit."""
+    return is_stop_token(response_ids, eos_token_ids).any(dim=1)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -230,3 +248,92 @@ def clipped_value_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
     return ValueLoss(0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask), clip_fraction)
+
+
+def kl_loss(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: Literal["k2", "k3"] = "k3"
+) -> torch.Tensor:
+    """KL(policy || reference) as a loss term (GRPO-style), instead of, or beside, the per-token reward penalty:
+    the masked mean over tokens of k2 = 0.5 * log(p/q)^2 or k3 = (q/p - 1) - log(q/p), both >= 0 with gradient
+    pulling the policy toward the reference. logprobs (B, T) with grad, ref_logprobs and mask (B, T)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k2":
+        per_token = 0.5 * log_ratio**2
+    elif estimator == "k3":
+        per_token = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"unknown KL loss estimator '{estimator}' (use 'k2' or 'k3')")
+    return masked_mean(per_token, mask)
+
+
+# ---- reward normalisation ---------------------------------------------------------------------------
+
+
+class RewardNormalizer:
+    """Scores -> (score - mean) / std with statistics of the scores seen (Huang et al. detail 11; OpenRLHF's
+    `normalize_reward`), then clipped to [-clip, clip] when `clip` is set (DeepSpeed-Chat's reward clipping).
+
+    mode "running": mean and std of every score so far (all processes with `all_reduce`); "sft": of the first
+    batch only, which the SFT policy produced (the policy starts as the SFT model), then frozen, so SFT responses
+    sit at mean 0 and std 1 for the whole run; "none": unchanged (clipping aside). A checkpointable object
+    (state_dict / load_state_dict)."""
+
+    def __init__(self, mode: Literal["none", "running", "sft"] = "none", clip: float | None = None):
+        if mode not in ("none", "running", "sft"):
+            raise ValueError(f"unknown reward normalisation '{mode}' (use none, running or sft)")
+        self.mode, self.clip = mode, clip
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0  # Chan et al.'s parallel variance: count, mean, sum of squares
+
+    def update(self, scores: torch.Tensor, all_reduce: AllReduceSum = None) -> None:
+        if self.mode == "none" or (self.mode == "sft" and self.count > 0):
+            return
+        ones = torch.ones_like(scores, dtype=torch.float32)
+        batch_mean, batch_var = masked_mean_var(scores.float(), ones, unbiased=False, all_reduce=all_reduce)
+        totals = torch.tensor([float(len(scores))], device=scores.device)
+        batch_count = (all_reduce(totals) if all_reduce is not None else totals).item()
+        delta = batch_mean.item() - self.mean
+        total = self.count + batch_count
+        self.mean += delta * batch_count / total
+        self.m2 += batch_var.item() * batch_count + delta**2 * self.count * batch_count / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode != "none" and self.count > 1:
+            scores = (scores - self.mean) / max(self.std, 1e-8)
+        return scores.clamp(-self.clip, self.clip) if self.clip is not None else scores
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+# ---- exponential moving average of weights ----------------------------------------------------------
+
+
+class ExponentialMovingAverage:
+    """An EMA copy of named parameters (DeepSpeed-Chat's actor EMA): shadow = decay * shadow + (1 - decay) * param
+    after each optimiser step. Kept in float32 beside the model; checkpointable (state_dict / load_state_dict)."""
+
+    def __init__(self, named_parameters, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in named_parameters}
+
+    @torch.no_grad()
+    def update(self, named_parameters) -> None:
+        for name, p in named_parameters:
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            self.shadow[name].copy_(value)

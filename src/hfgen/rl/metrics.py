@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from hfgen.rl.functional import explained_variance, masked_mean
+from hfgen.rl.functional import AllReduceSum, explained_variance, masked_mean
+from hfgen.rl.monitor import mean_distinct_n
 from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 
 TIME_SPLIT = ("generation", "scoring", "advantages", "training")
@@ -21,6 +22,7 @@ def step_metrics(
     stats: list[PPOStats],
     timing: dict[str, float],
     num_ppo_epochs: int,
+    all_reduce: AllReduceSum = None,
 ) -> dict[str, torch.Tensor]:
     """This process's figures for one step, as 0-d tensors. kl and kl_rewards are (B, T), 0 outside the mask.
 
@@ -47,9 +49,13 @@ def step_metrics(
         "loss/value_avg": mean_of("value_loss"),
         "val/clipfrac_avg": mean_of("value_clip_fraction"),
         "val/ratio": mean_of("ratio"),
-        "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+        **({"loss/ptx_avg": mean_of("ptx_loss")} if stats[0].ptx_loss is not None else {}),
+        # global already (the same on every process), so the caller's mean over processes leaves it unchanged
+        "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask, all_reduce),
         "val/eos_rate": details.has_eos.float().mean(),
         "response/length_mean": lengths.mean(),
+        "response/entropy_per_token": masked_mean(details.entropy, mask),
+        "response/distinct_2": torch.tensor(mean_distinct_n(details.texts)),
         "per_token/kl": masked_mean(kl, mask),
         "speed/generation_tokens_per_s": lengths.sum() / max(timing["generation"], 1e-9),
         "speed/training_tokens_per_s": rollout.attention_mask.sum() * num_ppo_epochs / max(timing["training"], 1e-9),

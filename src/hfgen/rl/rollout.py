@@ -98,7 +98,10 @@ def token_values(
 ) -> torch.Tensor:
     """(B, P + T) -> (B, T) values V(prefix before each response token) from a one-label sequence classifier
     (`AutoModelForSequenceClassification`): its backbone's hidden states through its `score` head, at every
-    position rather than only the last."""
+    position rather than only the last. A PEFT-wrapped classifier is read through its base model (its LoRA layers
+    sit inside it)."""
+    if hasattr(value_model, "get_base_model"):
+        value_model = value_model.get_base_model()
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids,
@@ -163,39 +166,71 @@ def prompt_text(prompt) -> str:
     return next(message["content"] for message in reversed(prompt) if message["role"] == "user")
 
 
-def response_texts(tokenizer, response_ids: torch.Tensor, eos_token_id: int) -> list[str]:
+def response_texts(tokenizer, response_ids: torch.Tensor, eos_token_ids: int | list[int]) -> list[str]:
     """Each response's text up to its first EOS, special tokens removed."""
-    mask = response_mask(response_ids, eos_token_id)
+    mask = response_mask(response_ids, eos_token_ids)
     return tokenizer.batch_decode(
         [ids[keep].tolist() for ids, keep in zip(response_ids.cpu(), mask.cpu())], skip_special_tokens=True
     )
 
 
-def reward_model_texts(tokenizer, prompts: list, responses: list[str]) -> list[str]:
-    """Prompt and response rendered the way TRL's RewardTrainer rendered the reward model's training pairs:
-    the reward model's own chat template for conversational prompts (so a reward model with another tokenizer
-    or template still reads what it was trained on), else prompt + response + EOS."""
+def reward_model_texts(tokenizer, prompts: list, responses: list[str], finished: list[bool]) -> list[str]:
+    """Prompt and response rendered the way TRL's RewardTrainer rendered the reward model's training pairs: the
+    reward model's own chat template for conversational prompts (so a reward model with another tokenizer or
+    template still reads what it was trained on), else prompt + response + EOS. Only a finished response is
+    closed (EOS, end of turn): one cut off at the length limit is shown open, so it cannot pass for a complete
+    answer."""
     texts = []
-    for prompt, response in zip(prompts, responses):
+    for prompt, response, done in zip(prompts, responses, finished):
         if isinstance(prompt, str):
-            texts.append(prompt + response + tokenizer.eos_token)
+            texts.append(prompt + response + (tokenizer.eos_token if done else ""))
+        elif done:
+            texts.append(
+                tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+            )
         else:
-            conversation = [*prompt, {"role": "assistant", "content": response}]
-            texts.append(tokenizer.apply_chat_template(conversation, tokenize=False))
+            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + response)
     return texts
 
 
+def turn_suffix_ids(tokenizer) -> list[int]:
+    """The tokens a chat template writes after a finished assistant turn's EOS (e.g. a newline): the reward model
+    saw them at the end of every training pair, so the ids path appends them too. [] without a template."""
+    if tokenizer.chat_template is None or tokenizer.eos_token is None:
+        return []
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    head, eos, suffix = rendered.rpartition(tokenizer.eos_token)
+    return tokenizer(suffix, add_special_tokens=False)["input_ids"] if eos and suffix else []
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids of `a` mean the same to `b`: every token of b's vocabulary has the same id in a's (a may
+    add a pad token), the same EOS and the same chat template."""
+    vocabulary = a.get_vocab()
+    return (
+        a.eos_token == b.eos_token
+        and a.chat_template == b.chat_template
+        and all(vocabulary.get(token) == index for token, index in b.get_vocab().items())
+    )
+
+
+def episode_ids(queries: list[list[int]], response_ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each episode's prompt ids (unpadded) followed by its response ids under `mask` (up to the first EOS)."""
+    return [query + ids[keep].tolist() for query, ids, keep in zip(queries, response_ids.cpu(), mask.cpu())]
+
+
 @torch.no_grad()
-def reward_model_scores(reward_model, tokenizer, texts: list[str], chunk_size: int, chat: bool) -> torch.Tensor:
-    """(B,) float scores of a one-label sequence classifier, read at each text's last token."""
+def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int, chunk_size: int) -> torch.Tensor:
+    """(B,) float scores of a one-label sequence classifier, read at each token sequence's last token."""
     device = next(reward_model.parameters()).device
     scores = []
-    for rows in chunks(len(texts), chunk_size):
-        batch = tokenizer(texts[rows], return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+    for rows in chunks(len(sequences), chunk_size):
+        input_ids, attention_mask = left_pad(sequences[rows], pad_token_id, device)
         output = reward_model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=position_ids_from(batch["attention_mask"]),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
             use_cache=False,
         )
         scores.append(output.logits[:, 0].float())
@@ -228,22 +263,49 @@ def function_scores(function: RewardFunction, prompts: list, responses: list[str
 
 @dataclass
 class RewardScorer:
-    """The training reward of a batch: a weighted sum of a reward model's score (read from the response rendered as
-    text with the reward model's own tokenizer) and rule-based reward functions' scores."""
+    """The training reward of a batch: a weighted sum of a reward model's score and rule-based reward functions'
+    scores. Used by PPO and by `hfgen eval` alike, so eval reports the quantity PPO optimised.
+
+    The reward model reads the policy's own token ids (prompt + response up to its EOS, plus the chat template's
+    end-of-turn tokens) when it shares the policy's tokenizer, as TRL's PPOTrainer did: decoding and re-encoding
+    can change tokens (a leading space, special tokens). With another tokenizer, it reads the text re-rendered with
+    its own (`reward_model_texts`). Either way a response cut off without EOS is shown unfinished."""
 
     reward_model: object | None  # one-label sequence classifier, or None
     reward_tokenizer: object | None
     functions: dict[str, RewardFunction]  # name -> function(prompt texts, response texts) -> list[float]
     weights: list[float]  # one per component: [reward model (if any), *functions]
     chunk_size: int
+    policy_tokenizer: object | None = None  # when it is the reward model's tokenizer, ids pass straight through
 
-    def __call__(self, prompts: list, responses: list[str], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> ((B,) weighted total, {component name: (B,) scores})."""
+    def __post_init__(self):
+        self.reads_policy_ids = (
+            self.reward_model is not None
+            and self.policy_tokenizer is not None
+            and same_tokenizer(self.policy_tokenizer, self.reward_tokenizer)
+        )
+        self.suffix_ids = turn_suffix_ids(self.reward_tokenizer) if self.reads_policy_ids else []
+
+    def __call__(
+        self, prompts: list, responses: list[str], finished, device, token_ids: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """prompts (B) as the policy saw them (strings or chat messages), response texts (B), finished (B) bools (the
+        response emitted EOS), token_ids (B): the policy's prompt + response ids up to and including the EOS.
+        -> ((B,) weighted total, {component name: (B,) scores})."""
+        finished = [bool(done) for done in finished]
         components = {}
         if self.reward_model is not None:
-            texts = reward_model_texts(self.reward_tokenizer, prompts, responses)
-            chat = not isinstance(prompts[0], str)
-            scores = reward_model_scores(self.reward_model, self.reward_tokenizer, texts, self.chunk_size, chat)
+            if self.reads_policy_ids and token_ids is not None:
+                chat = not isinstance(prompts[0], str)
+                sequences = [
+                    list(ids) + (self.suffix_ids if done and chat else []) for ids, done in zip(token_ids, finished)
+                ]
+            else:
+                texts = reward_model_texts(self.reward_tokenizer, prompts, responses, finished)
+                chat = not isinstance(prompts[0], str)
+                sequences = self.reward_tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+            pad = self.reward_tokenizer.pad_token_id
+            scores = sequence_scores(self.reward_model, sequences, pad, self.chunk_size)
             components["reward_model"] = scores.to(device)
         for name, function in self.functions.items():
             components[name] = function_scores(function, prompts, responses, device)

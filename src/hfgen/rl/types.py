@@ -53,6 +53,7 @@ class PPOStats(NamedTuple):
     approx_kl: torch.Tensor
     entropy: torch.Tensor
     ratio: torch.Tensor
+    ptx_loss: torch.Tensor | None = None  # PPO-ptx: LM loss on the pretraining data
 
 
 class RolloutDetails(NamedTuple):

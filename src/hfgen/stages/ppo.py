@@ -15,8 +15,13 @@ Keys follow TRL's last PPOTrainer (trl <= 1.10) where one existed, so its recipe
 
 Deviations from the papers and from TRL's PPOTrainer, each deliberate:
 - The score goes on the response's last token (its first EOS); TRL added it one token later, past the EOS.
-- The reward model reads prompt + response re-rendered as text with its own tokenizer and chat template, exactly
-  as TRL's RewardTrainer rendered its training pairs; so the reward model may use another tokenizer or template.
+- The reward model reads the policy's own token ids when it shares the policy's tokenizer (as TRL did), else
+  prompt + response re-rendered as text with its own tokenizer and chat template, as TRL's RewardTrainer rendered
+  its training pairs; either way a response cut off without EOS is shown unfinished (TRL appended EOS to all).
+  `hfgen eval` scores with the same `RewardScorer`.
+- Options TRL lacked (OpenRLHF / DeepSpeed-Chat): reward normalisation and clipping, a critic learning rate and
+  warm-up, LoRA on the value model, an EMA of the policy, PPO-ptx, KL as a loss term, an entropy bonus, and a
+  reward-hacking monitor (hfgen.rl.monitor) that can stop the run.
 - Advantage (and reward) whitening and the adaptive KL controller use statistics of the global batch (all
   processes), so N processes behave like one process with N times the batch.
 - The old log-probs pi_old come from the logits `generate` already computed (TRL did the same); reference and
@@ -47,9 +52,11 @@ from hfgen.models import check_model_source
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import RATES, format_evaluation, format_metrics, step_metrics
+from hfgen.rl.monitor import HackingMonitor
 from hfgen.rl.rollout import (
     PolicyAndValue,
     RewardScorer,
+    episode_ids,
     function_scores,
     left_pad,
     load_function,
@@ -76,9 +83,10 @@ class PPODataArguments(DataArguments):
 
 @dataclass
 class PPOConfig:
-    """PPO settings. Batch hierarchy per process (as TRL's): a rollout of per_device_train_batch_size x
-    gradient_accumulation_steps x num_mini_batches prompts, then num_ppo_epochs epochs over num_mini_batches
-    shuffled minibatches, each of gradient_accumulation_steps micro-batches."""
+    """PPO settings. Batch hierarchy per process, exactly TRL's (its `local_batch_size` was the same product): a
+    rollout of per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches prompts, split into
+    num_mini_batches shuffled minibatches for each of num_ppo_epochs epochs, each minibatch
+    gradient_accumulation_steps micro-batches (one optimiser step)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Where the policy, value model and records go."})
     seed: int = field(default=42, metadata={"help": "Seed; each process samples with seed + its rank."})
@@ -101,12 +109,18 @@ class PPOConfig:
         default=None,
         metadata={"help": "A judge 'module:function' logged each step and in the final evaluation, never trained on."},
     )
+    eval_functions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More judges 'module:function' for the final SFT-vs-PPO evaluation (e.g. on-topic share)."},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
     # -- episodes and batches
     total_episodes: int = field(default=1024, metadata={"help": "Prompts to roll out over the whole run."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Micro-batch size (sequences)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per minibatch."})
-    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per rollout batch."})
+    num_mini_batches: int = field(
+        default=1, metadata={"help": "Minibatches per rollout (as in TRL, the rollout is this many minibatches)."}
+    )
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     local_rollout_forward_batch_size: int = field(
         default=64, metadata={"help": "Sequences per no-grad generation/forward chunk in the rollout."}
@@ -118,7 +132,12 @@ class PPOConfig:
         default=1.0, metadata={"help": "Nucleus sampling; below 1 the samples no longer follow the policy exactly."}
     )
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Subtracted from the score of responses that never emit EOS."}
+        default=1.0,
+        metadata={
+            "help": "Subtracted from the score of responses cut off without EOS (the reward model also sees them "
+            "unfinished), so the policy learns to stop; about one standard deviation of a reward model's scores. "
+            "None or 0: off."
+        },
     )
     # -- reward shaping and advantages
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient beta (initial value if adaptive)."})
@@ -128,6 +147,49 @@ class PPOConfig:
     )
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL controller horizon, in episodes."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
+    reward_normalization: Literal["none", "running", "sft"] = field(
+        default="none",
+        metadata={
+            "help": "Normalise scores to mean 0, std 1: 'running' with every score so far, 'sft' with the first "
+            "rollout's (the SFT policy's responses, Huang et al. detail 11), 'none'."
+        },
+    )
+    reward_clip: float | None = field(
+        default=None, metadata={"help": "Clip the (normalised) score to [-reward_clip, reward_clip] (DeepSpeed-Chat)."}
+    )
+    kl_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(policy || reference) as a loss term; with kl_coef 0 it replaces the penalty."},
+    )
+    kl_loss_estimator: Literal["k2", "k3"] = field(default="k3", metadata={"help": "KL estimator of the loss term."})
+    entropy_coef: float = field(
+        default=0.0, metadata={"help": "Entropy bonus: subtracts coef x entropy from the loss."}
+    )
+    hacking_monitor: bool = field(
+        default=True,
+        metadata={"help": "Watch for reward hacking (hfgen.rl.monitor): alerts to the console, metrics and eval.json."},
+    )
+    stop_on_hacking: bool = field(
+        default=False,
+        metadata={"help": "On an alert, stop and save the policy of the last step before the signal set in."},
+    )
+    reward_ceiling: float | None = field(
+        default=None,
+        metadata={
+            "help": "Scores above it are suspect (monitor); default: score_max of the reward run's eval.json, else off."
+        },
+    )
+    ptx_coef: float = field(
+        default=0.0, metadata={"help": "PPO-ptx (InstructGPT): weight of the LM loss on ptx_dataset_name per update."}
+    )
+    ptx_dataset_name: str | None = field(
+        default=None, metadata={"help": "Pretraining texts for the ptx loss (train split, column ptx_column)."}
+    )
+    ptx_column: str = field(default="text", metadata={"help": "Text column of ptx_dataset_name."})
+    ptx_max_length: int = field(default=128, metadata={"help": "Tokens per pretraining text (longer ones are cut)."})
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "Keep an EMA copy of the policy's weights (DeepSpeed-Chat), saved to ema/."}
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     # -- losses and optimisation
@@ -137,7 +199,13 @@ class PPOConfig:
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate (policy and value)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name."})
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up, in PPO steps (rollouts)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    critic_learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of the value model; None: learning_rate."}
+    )
+    critic_warmup_steps: int = field(
+        default=0, metadata={"help": "First N PPO steps train only the value model (the policy is frozen)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5 as in the RLHF papers)."})
@@ -180,7 +248,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     components = int(bool(config.reward_model_path)) + len(config.reward_functions)
     if config.reward_weights is not None and len(config.reward_weights) != components:
         problems.append(f"reward_weights has {len(config.reward_weights)} values for {components} reward(s)")
-    for spec in [*config.reward_functions, *([config.oracle_function] if config.oracle_function else [])]:
+    for spec in [*config.reward_functions, *([config.oracle_function] if config.oracle_function else []),
+                 *config.eval_functions]:  # fmt: skip
         try:
             load_function(spec)
         except ValueError as error:
@@ -194,6 +263,17 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"temperature must be > 0 and top_p in (0, 1], got {config.temperature} and {config.top_p}")
     if not (0 <= config.gamma <= 1 and 0 <= config.lam <= 1):
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
+    if config.ptx_coef and not config.ptx_dataset_name:
+        problems.append("ptx_coef needs ptx_dataset_name (pretraining texts)")
+    if config.stop_on_hacking and not config.hacking_monitor:
+        problems.append("stop_on_hacking needs hacking_monitor: true")
+    if config.ema_decay is not None and not 0 < config.ema_decay < 1:
+        problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
+    if config.reward_clip is not None and config.reward_clip <= 0:
+        problems.append(f"reward_clip must be > 0 (or unset), got {config.reward_clip}")
+    for key in ("critic_warmup_steps", "entropy_coef", "kl_loss_coef", "ptx_coef"):
+        if getattr(config, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(config, key)}")
     if config.kl_target is not None and config.kl_target <= 0:
         problems.append(f"kl_target must be > 0 (or unset for a fixed kl_coef), got {config.kl_target}")
     if config.missing_eos_penalty is not None and config.missing_eos_penalty < 0:
@@ -223,18 +303,19 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     # Models: policy (+ reference), value model, reward model and reward functions.
     tokenizer, policy, reference = load_policy_and_reference(model_args, config)
     value_model = load_value_model(model_args, config, tokenizer)
-    scorer = load_scorer(model_args, config)
+    scorer = load_scorer(model_args, config, tokenizer)
     oracle = load_oracle(config)
 
     # Data: prompts tokenized once; each step takes a slice of a seeded permutation (see `prompt_rows`).
     train_rows, eval_rows = load_splits(data_args, seed=config.seed)
     train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows[data_args.prompt_column], data_args)
     eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows[data_args.prompt_column], data_args)
+    ptx_texts = tokenize_ptx_texts(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
     optimizer = loop.adamw(
-        [[p for p in trainable.parameters() if p.requires_grad]], config.learning_rate,
+        parameter_groups(trainable, config), config.learning_rate,
         (config.adam_beta1, config.adam_beta2), config.weight_decay, config.adam_epsilon,
     )  # fmt: skip
     scheduler = loop.lr_schedule(accelerator, config.lr_scheduler_type, optimizer, config.warmup_steps, total_steps)
@@ -248,7 +329,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         kl_controller = FixedKLController(config.kl_coef)
     else:
         kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-    accelerator.register_for_checkpointing(kl_controller)
+    reward_normalizer = F.RewardNormalizer(config.reward_normalization, config.reward_clip)
+    policy_ema = None
+    if config.ema_decay is not None:
+        policy_ema = F.ExponentialMovingAverage(trained_policy_parameters(policy), config.ema_decay)
+    monitor = HackingMonitor(reward_ceiling=reward_ceiling(config)) if config.hacking_monitor else None
+    accelerator.register_for_checkpointing(kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor]))
 
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
     start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir)
@@ -264,9 +350,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         f"{config.gradient_accumulation_steps} micro-batch(es) of {config.per_device_train_batch_size}"
     )
 
-    generation_config = make_generation_config(tokenizer, config.response_length, config.temperature, config.top_p)
+    generation_config = make_generation_config(
+        tokenizer, config.response_length, config.temperature, config.top_p, stop_token_ids(tokenizer, policy)
+    )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
+    last_step, stopped, snapshots = total_steps, {}, {}  # snapshots: step -> the policy weights that sampled it
     for step in range(start_step + 1, total_steps + 1):
         # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
@@ -275,8 +364,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (unwrapped, ref, reward_model):
             rollout, details, timing = collect_rollout(
                 accelerator, unwrapped, ref, dataclasses.replace(scorer, reward_model=reward_model), tokenizer,
-                generation_config, prompts, [train_queries[i] for i in rows], config,
+                generation_config, prompts, [train_queries[i] for i in rows], config, reward_normalizer,
             )  # fmt: skip
+        if config.stop_on_hacking:  # the candidates to keep if the monitor stops the run a few steps later
+            snapshots = {s: w for s, w in snapshots.items() if s > step - monitor.patience - 2}
+            snapshots[step] = policy_weights(accelerator.unwrap_model(trainable).policy)
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening.
         rollout, shaping = compute_advantages(rollout, kl_controller.value, config, all_reduce)
         timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
@@ -284,13 +376,16 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         train_started = time.perf_counter()
         guard.kill_point("step", step)
         check = functools.partial(divergence.check_step, step, optimizer=optimizer)
-        stats = ppo_update(accelerator, trainable, optimizer, rollout, config, check)
+        stats = ppo_update(
+            accelerator, trainable, optimizer, rollout, config, step > config.critic_warmup_steps, policy_ema,
+            ptx_texts, check,
+        )  # fmt: skip
         timing["training"] = time.perf_counter() - train_started
         scheduler.step()
 
         # 4. Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
         local = step_metrics(
-            rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs
+            rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs, all_reduce
         )
         if oracle is not None:
             local["oracle/score"] = function_scores(oracle, prompts, details.texts, accelerator.device).mean()
@@ -298,6 +393,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         metrics |= {"objective/kl_coef": kl_controller.value, "lr": scheduler.get_last_lr()[0]}
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
+        alerts = watch_for_hacking(accelerator, monitor, step, metrics, details, rollout) if monitor else []
         metrics_logger.log(step, **metrics)
         if trackers:
             accelerator.log(metrics, step=step)
@@ -308,6 +404,15 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
                 write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle)
         if (config.save_steps and step % config.save_steps == 0 and step < total_steps) or guard.signalled():
             guard.exit_on_signal(loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit))
+        if alerts and config.stop_on_hacking:
+            # Keep the policy of the last step before the alert's signal set in (the earliest one still held).
+            kept = max(alerts[0].onset - 1, min(snapshots))
+            load_policy_weights(accelerator.unwrap_model(trainable).policy, snapshots[kept])
+            stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
+                       "stop_signal": alerts[0].signal, "kept_policy_of_step": kept}  # fmt: skip
+            accelerator.print(f"stop_on_hacking: stopped at step {step}; the output is the policy of step {kept}")
+            last_step = step
+            break
     train_runtime = time.perf_counter() - started
 
     # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it; whole weights.
@@ -318,6 +423,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         tokenizer.save_pretrained(output_dir)
         guard.kill_point("final_save")
         trained.value_model.save_pretrained(output_dir / "value_model", state_dict=loop.part(state, "value_model"))
+        if policy_ema is not None:
+            save_ema_policy(trained.policy, policy_ema, output_dir / "ema")
     del state
     loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
@@ -329,10 +436,13 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             tokenizer, eval_prompts, data_args, config,
         )  # fmt: skip
     results |= {
-        "episodes": (total_steps - start_step) * global_batch,
+        "episodes": (last_step - start_step) * global_batch,
         "train_runtime_s": train_runtime,
-        "episodes_per_s": (total_steps - start_step) * global_batch / max(train_runtime, 1e-9),
-        "steps": total_steps,
+        "episodes_per_s": (last_step - start_step) * global_batch / max(train_runtime, 1e-9),
+        "steps": last_step,
+        "stopped_early": False,
+        **stopped,
+        **(monitor.summary() if monitor else {}),
     }
     if accelerator.is_main_process:
         tracking.update_eval(output_dir, results)
@@ -374,9 +484,32 @@ def load_policy_and_reference(model_args: ModelConfig, config: PPOConfig):
     if model_args.use_peft:
         from peft import get_peft_model
 
-        return tokenizer, get_peft_model(policy, get_peft_config(model_args)), None
+        policy = get_peft_model(policy, get_peft_config(model_args))
+        disable_dropout(policy)  # again: the adapters bring their own dropout (lora_dropout)
+        return tokenizer, policy, None
     reference = load_model(model_args, config, tokenizer).eval().requires_grad_(False)
     return tokenizer, policy, reference
+
+
+def parameter_groups(trainable, config: PPOConfig) -> list[dict]:
+    """AdamW parameter groups of the trained parameters: weight decay on weight matrices only, never on biases or
+    norms (transformers' Trainer rule), and the value model at `critic_learning_rate` when it is set."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    no_decay_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decayed = set(get_parameter_names(trainable, [torch.nn.LayerNorm], no_decay_patterns))
+    groups = []
+    for part in ("policy", "value_model"):
+        lr = config.critic_learning_rate if part == "value_model" and config.critic_learning_rate else None
+        for decay in (True, False):
+            params = [
+                p for name, p in trainable.named_parameters()
+                if p.requires_grad and name.startswith(part + ".") and (name in decayed) == decay
+            ]  # fmt: skip
+            if params:
+                group = {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "part": part}
+                groups.append(group | ({"lr": lr} if lr else {}))
+    return groups
 
 
 def load_sequence_classifier(path: str, model_args: ModelConfig, config: PPOConfig, tokenizer):
@@ -415,10 +548,18 @@ def load_value_model(model_args: ModelConfig, config: PPOConfig, tokenizer):
     model = load_sequence_classifier(path, model_args, config, tokenizer)
     if not hasattr(model, "score"):
         raise UserError(f"value model '{path}' has no `score` head; use an AutoModelForSequenceClassification model")
+    if model_args.use_peft:
+        # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
+        from peft import get_peft_model
+        from trl import get_peft_config
+
+        lora = dataclasses.replace(get_peft_config(model_args), task_type="SEQ_CLS", modules_to_save=["score"])
+        model = get_peft_model(model, lora)
+        disable_dropout(model)
     return model
 
 
-def load_scorer(model_args: ModelConfig, config: PPOConfig) -> RewardScorer:
+def load_scorer(model_args: ModelConfig, config: PPOConfig, policy_tokenizer=None) -> RewardScorer:
     from hfgen.models import load_tokenizer
 
     reward_model = reward_tokenizer = None
@@ -430,22 +571,33 @@ def load_scorer(model_args: ModelConfig, config: PPOConfig) -> RewardScorer:
     count = int(reward_model is not None) + len(functions)
     weights = config.reward_weights or [1.0] * count
     chunk = config.local_rollout_forward_batch_size
-    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk)
+    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk, policy_tokenizer)
 
 
 def load_oracle(config: PPOConfig):
     return load_function(config.oracle_function) if config.oracle_function else None
 
 
-def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float):
+def stop_token_ids(tokenizer, policy) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and all EOS ids of the policy's generation config
+    (chat models often have several, e.g. end of text and end of turn)."""
+    configured = getattr(policy.generation_config, "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int]):
     """Sampling from exactly softmax(logits / temperature) (top-p aside): every other knob that could reshape the
-    distribution is pinned, so a model's generation_config.json (top_k=50, repetition_penalty...) cannot leak in."""
+    distribution is pinned to its off value, so a model's generation_config.json (top_k=50, min_p, repetition
+    penalty...) cannot leak in. Off must be explicit: transformers 5 fills every None from the model's own
+    generation config (`_prepare_generation_config`), so min_p=None would not switch min-p off."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_length=0, num_beams=1, guidance_scale=1.0, suppress_tokens=[], begin_suppress_tokens=[],
+        max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip
 
@@ -473,7 +625,10 @@ def tokenize_prompts(tokenizer, prompts: list, data_args: PPODataArguments) -> t
 # ---- one PPO step -----------------------------------------------------------------------------------
 
 
-def collect_rollout(accelerator, unwrapped, reference, scorer, tokenizer, generation_config, prompts, queries, config):
+def collect_rollout(
+    accelerator, unwrapped, reference, scorer, tokenizer, generation_config, prompts, queries, config,
+    reward_normalizer=None,
+):  # fmt: skip
     """Sample responses from the current policy, then score them: reward, reference log-probs, values. The models
     come unwrapped, with full weights (`loop.gathered`).
     -> (Rollout without advantages, RolloutDetails, {"generation": seconds, "scoring": seconds})."""
@@ -488,20 +643,27 @@ def collect_rollout(accelerator, unwrapped, reference, scorer, tokenizer, genera
     generated = time.perf_counter()
 
     # Score at the first EOS (detail 1): everything after it is padding, masked out of every loss.
-    mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
-    responses = F.truncate_after_eos(sampled.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    stop_ids = generation_config.eos_token_id  # every stop token of the model (it may have several)
+    mask = F.response_mask(sampled.response_ids, stop_ids)
+    responses = F.truncate_after_eos(sampled.response_ids, stop_ids, tokenizer.pad_token_id)
+    has_eos = F.has_stop_token(responses, stop_ids)
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask, mask.long()], dim=1)
     context_length = query_ids.shape[1]
-    texts = response_texts(tokenizer, responses, tokenizer.eos_token_id)
+    texts = response_texts(tokenizer, responses, stop_ids)
     with accelerator.autocast():
-        scores, components = scorer(prompts, texts, accelerator.device)
+        scores, components = scorer(
+            prompts, texts, has_eos.tolist(), accelerator.device, episode_ids(queries, responses, mask)
+        )
         ref_logprobs = reference_logprobs(
             unwrapped.policy, reference, input_ids, attention_mask, context_length, config.temperature, chunk
         )
         values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk)
-    has_eos = (responses == tokenizer.eos_token_id).any(dim=1)
-    if config.missing_eos_penalty is not None:  # detail 2: a response that never stops is penalised
+    if reward_normalizer is not None:  # statistics of every process's scores, then normalise and clip
+        all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+        reward_normalizer.update(scores, all_reduce)
+        scores = reward_normalizer(scores)
+    if config.missing_eos_penalty:  # detail 2: a response that never stops is penalised
         scores = scores - config.missing_eos_penalty * (~has_eos).float()
     rollout = Rollout(
         input_ids=input_ids, attention_mask=attention_mask, context_length=context_length, response_mask=mask,
@@ -524,12 +686,19 @@ def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_
     return dataclasses.replace(rollout, advantages=advantages, returns=returns), {"kl": kl, "kl_rewards": kl_rewards}
 
 
-def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, check=None) -> list[PPOStats]:
+def ppo_update(
+    accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None,
+    ptx_texts: list[list[int]] | None = None, check=None,
+) -> list[PPOStats]:  # fmt: skip
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
-    policy loss + vf_coef * clipped value loss (details 7, 14), one optimiser step per minibatch. `check(loss)`
-    (the divergence guard) runs before each optimiser step."""
+    policy loss + vf_coef * clipped value loss (details 7, 14), minus entropy_coef * entropy, plus kl_loss_coef *
+    KL to the reference, plus ptx_coef * LM loss on a micro-batch of `ptx_texts` (PPO-ptx); one optimiser step
+    per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
+    ExponentialMovingAverage of the policy's trained weights) follows each step; `check(loss)` (the divergence
+    guard) runs before each optimiser step."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    policy_parameters = [p for p in accelerator.unwrap_model(trainable).policy.parameters() if p.requires_grad]
     stats = []
     for _ in range(config.num_ppo_epochs):
         for minibatch in torch.randperm(len(rollout), device=rollout.input_ids.device).split(minibatch_size):
@@ -541,20 +710,124 @@ def ppo_update(accelerator, trainable, optimizer, rollout: Rollout, config: PPOC
                     mask = batch.response_mask
                     policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
                     value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-                    loss = policy.loss + config.vf_coef * value.loss
+                    with torch.set_grad_enabled(config.entropy_coef > 0):
+                        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+                    policy_loss = policy.loss - config.entropy_coef * entropy
+                    if config.kl_loss_coef:
+                        kl = F.kl_loss(logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator)
+                        policy_loss = policy_loss + config.kl_loss_coef * kl
+                    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
+                        ptx_loss = pretraining_loss(
+                            accelerator, trainable, ptx_texts, config.per_device_train_batch_size
+                        )
+                        policy_loss = policy_loss + config.ptx_coef * ptx_loss
+                    # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
+                    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
                     accelerator.backward(loss)
+                    if not train_policy:
+                        for parameter in policy_parameters:
+                            parameter.grad = None  # AdamW skips it: no step, no weight decay, no moments
                     loop.clip_gradients(accelerator, trainable, config.max_grad_norm)
                     if accelerator.sync_gradients and check is not None:
                         check(loss)
                     optimizer.step()
                     optimizer.zero_grad()
-                with torch.no_grad():
-                    entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+                    if ema is not None and accelerator.sync_gradients and train_policy:
+                        ema.update(trained_policy_parameters(accelerator.unwrap_model(trainable).policy))
                 stats.append(
                     PPOStats(policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction,
-                             policy.approx_kl, entropy, policy.ratio)
+                             policy.approx_kl, entropy.detach(), policy.ratio,
+                             ptx_loss.detach() if ptx_texts is not None else None)
                 )  # fmt: skip
     return stats
+
+
+def tokenize_ptx_texts(tokenizer, config: PPOConfig) -> list[list[int]]:
+    """Token ids of the pretraining texts for the ptx loss, each cut to ptx_max_length."""
+    from hfgen.data.loading import load_raw
+
+    splits = load_raw(config.ptx_dataset_name)
+    rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
+    if config.ptx_column not in rows.column_names:
+        raise UserError(f"ptx_dataset_name '{config.ptx_dataset_name}' has no column '{config.ptx_column}'")
+    ids = tokenizer(list(rows[config.ptx_column]), truncation=True, max_length=config.ptx_max_length)["input_ids"]
+    return [text for text in ids if len(text) > 1]
+
+
+def pretraining_loss(accelerator, trainable, texts: list[list[int]], batch_size: int) -> torch.Tensor:
+    """The policy's next-token loss on `batch_size` random pretraining texts (drawn with the global RNG, which
+    checkpoints restore)."""
+    from hfgen.rl.rollout import position_ids_from
+
+    picked = torch.randint(len(texts), (batch_size,)).tolist()
+    width = max(len(texts[i]) for i in picked)
+    pad = 0
+    input_ids = torch.full((batch_size, width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for row, i in enumerate(picked):
+        input_ids[row, : len(texts[i])] = torch.tensor(texts[i])
+        attention_mask[row, : len(texts[i])] = 1
+    input_ids, attention_mask = input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    policy = accelerator.unwrap_model(trainable).policy
+    return policy(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        labels=labels, use_cache=False,
+    ).loss  # fmt: skip
+
+
+def save_ema_policy(policy, ema, directory: Path) -> None:
+    """The policy with its EMA weights swapped in, saved like the policy (full model or adapter); then restored."""
+    live = {name: p.detach().clone() for name, p in trained_policy_parameters(policy)}
+    with torch.no_grad():
+        for name, p in trained_policy_parameters(policy):
+            p.copy_(ema.shadow[name])
+        policy.save_pretrained(directory)
+        for name, p in trained_policy_parameters(policy):
+            p.copy_(live[name])
+
+
+def policy_weights(policy) -> dict[str, torch.Tensor]:
+    """A CPU copy of the policy's trained weights (its adapters with use_peft)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in trained_policy_parameters(policy)}
+
+
+@torch.no_grad()
+def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
+    for name, p in trained_policy_parameters(policy):
+        p.copy_(weights[name])
+
+
+def reward_ceiling(config: PPOConfig) -> float | None:
+    """The monitor's ceiling: `reward_ceiling`, else the highest score the reward model gave its held-out pairs
+    (`score_max` in a reward run's eval.json), else None (that signal off)."""
+    if config.reward_ceiling is not None or not config.reward_model_path:
+        return config.reward_ceiling
+    return tracking.read_json(Path(config.reward_model_path) / "eval.json", {}).get("score_max")
+
+
+def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: dict, details, rollout) -> list:
+    """Feed the monitor the step's global figures (the reward model's score of every response, gathered, so every
+    process decides alike); alerts go to the console and, with the monitor's figures, into `metrics`."""
+    proxy = details.components.get("reward_model", rollout.scores)
+    components = {name.removeprefix("reward/"): value for name, value in metrics.items() if name.startswith("reward/")}
+    alerts = monitor.observe(
+        step, kl=metrics["objective/kl"], entropy=metrics["response/entropy_per_token"],
+        length=metrics["response/length_mean"], distinct_2=metrics["response/distinct_2"], components=components,
+        proxy_scores=accelerator.gather(proxy.float()).tolist(), oracle=metrics.get("oracle/score"),
+    )  # fmt: skip
+    metrics |= monitor.metrics()
+    for alert in alerts:
+        accelerator.print(
+            f"reward-hacking alert at step {step} ({alert.signal}, since step {alert.onset}): {alert.message}"
+        )
+        metrics[f"monitor/alert/{alert.signal}"] = float(alert.onset)
+    return alerts
+
+
+def trained_policy_parameters(policy):
+    """(name, parameter) of the policy's trained weights (its LoRA adapters with use_peft)."""
+    return [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
 
 
 # ---- records ----------------------------------------------------------------------------------------
@@ -609,7 +882,9 @@ def evaluate_against_reference(
         return {}
     _, queries = tokenize_prompts(tokenizer, prompts, data_args)
     policy.eval()
-    generation_config = make_generation_config(tokenizer, config.response_length, config.temperature, config.top_p)
+    generation_config = make_generation_config(
+        tokenizer, config.response_length, config.temperature, config.top_p, stop_token_ids(tokenizer, policy)
+    )
     chunk = config.local_rollout_forward_batch_size
     judged: dict[str, dict[str, list[float]]] = {}
     kl_values: list[float] = []
@@ -627,16 +902,25 @@ def evaluate_against_reference(
                     reference if use_reference else policy, query_ids, query_mask, generation_config, chunk,
                     tokenizer.pad_token_id,
                 )  # fmt: skip
-            mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
-            texts = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
-            score, components = scorer(shard_prompts, texts, accelerator.device)
+            stop_ids = generation_config.eos_token_id
+            mask = F.response_mask(sampled.response_ids, stop_ids)
+            texts = response_texts(tokenizer, sampled.response_ids, stop_ids)
+            finished = F.has_stop_token(sampled.response_ids, stop_ids)
+            score, components = scorer(
+                shard_prompts, texts, finished.tolist(), accelerator.device,
+                episode_ids([query for _, query in shard], sampled.response_ids, mask),
+            )  # fmt: skip
             figures = {"score": score}  # the training reward, without the missing-EOS penalty
             if "reward_model" in components:
                 figures["reward_model"] = components["reward_model"]
             if oracle is not None:
                 figures["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
+            for spec in config.eval_functions:
+                figures[spec.rpartition(":")[2]] = function_scores(
+                    load_function(spec), shard_prompts, texts, accelerator.device
+                )
             figures["response_length"] = mask.sum(1).float()
-            figures["eos_rate"] = (sampled.response_ids == tokenizer.eos_token_id).any(1).float()
+            figures["eos_rate"] = finished.float()
             judged[name] = {key: values.tolist()[:kept] for key, values in figures.items()}
         input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # PPO's samples
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)

@@ -81,7 +81,8 @@ def pairwise_eval(model, tokenizer, pairs: list[tuple[list[int], list[int]]], ba
     chosen = scores(model, [c for c, _ in pairs], tokenizer.pad_token_id, batch_size)
     rejected = scores(model, [r for _, r in pairs], tokenizer.pad_token_id, batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "score_max": max(chosen + rejected)}  # fmt: skip
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -164,6 +165,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
                 "margin_initial": initial["margin"],
                 "accuracy": final["accuracy"],
                 "margin": final["margin"],
+                "score_max": final["score_max"],  # PPO's reward-hacking monitor: scores above it are suspect
                 "held_out_pairs": len(held_out),
                 "train_loss": result.training_loss,
                 "train_tokens": tokens,

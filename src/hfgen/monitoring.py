@@ -1,0 +1,53 @@
+"""The reward-hacking monitor (`hfgen.rl.monitor`) for trainers that log through transformers' callbacks: the
+TRL-based online RL stages (GRPO, RLOO) add `HackingMonitorCallback` to their trainer.
+
+    trainer = GRPOTrainer(..., callbacks=[HackingMonitorCallback(stop_on_hacking=config.stop_on_hacking)])
+    ...; results |= callback.summary()      # into eval.json
+
+It reads the figures TRL logs each logging step: `kl` (per token, turned into per response with the mean completion
+length, the unit PPO's monitor uses), `entropy`, `completions/mean_length` and each reward function's
+`rewards/NAME/mean`. Responses themselves are not in the logs, so the repetition and above-ceiling signals stay off
+here. Alerts are printed and added to the logged row (so metrics.jsonl and the report carry them, when this callback
+runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from hfgen.rl.monitor import HackingMonitor
+
+
+class HackingMonitorCallback(TrainerCallback):
+    def __init__(self, monitor: HackingMonitor | None = None, stop_on_hacking: bool = False):
+        self.monitor = monitor or HackingMonitor()
+        self.stop_on_hacking = stop_on_hacking
+        self.stopped: dict = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "kl" not in logs and "reward" not in logs:
+            return  # an evaluation or end-of-training row
+        length = logs.get("completions/mean_length")
+        components = {
+            name.split("/")[1]: value
+            for name, value in logs.items()
+            if name.startswith("rewards/") and name.endswith("/mean")
+        }
+        alerts = self.monitor.observe(
+            state.global_step, kl=logs.get("kl", 0.0) * (length or 1.0), entropy=logs.get("entropy"), length=length,
+            components=components,
+        )  # fmt: skip
+        logs.update(self.monitor.metrics())
+        for alert in alerts:
+            print(
+                f"reward-hacking alert at step {alert.step} ({alert.signal}, since step {alert.onset}): {alert.message}"
+            )
+            logs[f"monitor/alert/{alert.signal}"] = float(alert.onset)
+        if alerts and self.stop_on_hacking and not self.stopped:
+            control.should_training_stop = True
+            self.stopped = {"stopped_early": True, "stopped_at_step": state.global_step,
+                            "stop_reason": alerts[0].message, "stop_signal": alerts[0].signal}  # fmt: skip
+
+    def summary(self) -> dict:
+        """For eval.json: the alerts, and whether (and why) the run stopped early."""
+        return {"stopped_early": False, **self.stopped, **self.monitor.summary()}
