@@ -174,24 +174,28 @@ def response_texts(tokenizer, response_ids: torch.Tensor, eos_token_id: int) -> 
 def reward_model_texts(tokenizer, prompts: list, responses: list[str]) -> list[str]:
     """Prompt and response rendered the way TRL's RewardTrainer rendered the reward model's training pairs:
     the reward model's own chat template for conversational prompts (so a reward model with another tokenizer
-    or template still reads what it was trained on), else prompt + response + EOS."""
-    texts = []
-    for prompt, response in zip(prompts, responses):
-        if isinstance(prompt, str):
-            texts.append(prompt + response + tokenizer.eos_token)
-        else:
-            conversation = [*prompt, {"role": "assistant", "content": response}]
-            texts.append(tokenizer.apply_chat_template(conversation, tokenize=False))
-    return texts
+    or template still reads what it was trained on), else prompt + response + EOS; an encoder reward model
+    without EOS or chat template reads plain text (hfgen.data.rendering)."""
+    from hfgen.data.rendering import sequence_text
+
+    return [
+        sequence_text(
+            tokenizer, prompt, response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
+        )[0]
+        for prompt, response in zip(prompts, responses)
+    ]
 
 
 @torch.no_grad()
 def reward_model_scores(reward_model, tokenizer, texts: list[str], chunk_size: int, chat: bool) -> torch.Tensor:
     """(B,) float scores of a one-label sequence classifier, read at each text's last token."""
+    from hfgen.data.rendering import uses_plain_template
+
     device = next(reward_model.parameters()).device
     scores = []
     for rows in chunks(len(texts), chunk_size):
-        batch = tokenizer(texts[rows], return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+        special = not chat or uses_plain_template(tokenizer, chat)  # a chat template writes its own special tokens
+        batch = tokenizer(texts[rows], return_tensors="pt", padding=True, add_special_tokens=special).to(device)
         output = reward_model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
