@@ -1,0 +1,129 @@
+"""Check a recipe before training: `hfgen check RECIPE [--key value ...]`.
+
+Everything that can be known in seconds without training: the recipe's keys and types, its models and data (the
+checks `hfgen train` runs first), then the data after layout conversion (rows read, kept, dropped and why), and
+for SFT three rendered examples with the trained tokens marked [[like this]], the share of rows whose labels are
+fully masked after truncation, whether EOS is inside the labels (a model that never sees it never stops), and
+whether the chat template's generation prompt is how the training conversations begin (else the model is
+sampled from a prompt it never saw). Exit 2 on any fatal finding. Steps whose models a pipeline has not made yet
+are skipped, and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+TEXT_KINDS = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt"}
+MAX_FULLY_MASKED = 0.5  # a larger share of rows with no trained token is fatal
+EXAMPLES = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.set_defaults(accepts_overrides=True)
+    parser.epilog = "Any --key value pair overrides that key of the recipe, as in `hfgen train`."
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen.errors import UserError
+    from hfgen.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # keys, types, models, data: as `hfgen train` does first
+    print(f"recipe: {args.recipe} (stage {recipe.stage}): keys, models and data are valid")
+    if recipe.stage not in TEXT_KINDS:
+        print(f"stage {recipe.stage}: no further data checks (the model-dependent checks run for text stages)")
+        return 0
+    fatal = check_text_stage(recipe)
+    if fatal:
+        raise UserError(f"recipe '{args.recipe}' has {len(fatal)} fatal finding(s): " + "; ".join(fatal))
+    return 0
+
+
+def check_text_stage(recipe) -> list[str]:
+    """Print the data report; return the fatal findings."""
+    from hfgen.data.prepare import TextDataArguments, load_for_stage, summary_lines
+
+    data_args = recipe.get(TextDataArguments)
+    training_args = recipe.configs[-1]
+    stage = recipe.stage
+    defaults = {
+        "pretrain": {"text": getattr(data_args, "text_column", "text")},
+        "sft": {"text": getattr(training_args, "dataset_text_field", "text")},
+        "ppo": {"prompt": getattr(data_args, "prompt_column", "prompt")},
+    }.get(stage)
+    train, _, records = load_for_stage(data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults)
+    print("\n".join(summary_lines(records)))
+    if stage != "sft":
+        print(f"model-dependent checks of stage {stage}: not run (rendered examples are checked for sft)")
+        return []
+    model = recipe.configs[0].model_name_or_path
+    from pathlib import Path
+
+    if not Path(model).exists() and model.startswith(("outputs", "./", "/")):
+        print(f"model-dependent checks skipped: '{model}' is made by an earlier step")
+        return []
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model, training_args.trust_remote_code)
+    return check_sft_rendering(train, tokenizer, training_args)
+
+
+def check_sft_rendering(rows, tokenizer, training_args) -> list[str]:
+    """Rendered examples with trained tokens marked, and the fatal findings: labels fully masked, no EOS in the
+    labels, a chat template whose generation prompt does not begin the training conversations."""
+    from trl.data_utils import common_prefix_length
+
+    from hfgen.stages.sft import split_prompt_response, tokenize_response
+
+    fatal = []
+    masked_loss = "completion" in rows.column_names and training_args.completion_only_loss is not False
+    masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
+    chat = "messages" in rows.column_names or isinstance(rows[0].get("completion", ""), list)
+    if chat and tokenizer.chat_template is None:
+        return ["the data is conversational but the tokenizer has no chat template"]
+    examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
+    for row in rows:
+        prompt, response = split_prompt_response(row, "text")
+        if response is None:
+            continue
+        tokenized = tokenize_response(tokenizer, prompt, response, training_args.max_length)
+        if tokenized is None:
+            fully_masked += 1
+            continue
+        ids, start = tokenized
+        start = start if masked_loss else 0
+        with_eos += tokenizer.eos_token_id in ids[max(start, 1) :]
+        if chat and prompt:
+            prompt_ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            prompt_ids = prompt_ids["input_ids"]
+            full = tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"]
+            mismatched += common_prefix_length(prompt_ids, full) < len(prompt_ids)
+        if len(examples) < EXAMPLES:
+            examples.append(tokenizer.decode(ids[:start]) + "[[" + tokenizer.decode(ids[start:]) + "]]")
+    total = len(rows)
+    print("rendered examples (trained tokens in [[...]]):")
+    for example in examples:
+        print("  " + example.replace("\n", "\\n"))
+    share_masked = fully_masked / total if total else 0.0
+    print(f"labels fully masked after truncation (max_length={training_args.max_length}): {share_masked:.1%}")
+    print(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")
+    if chat:
+        print(f"rows whose generation prompt differs from the training rendering: {mismatched}")
+    if share_masked > MAX_FULLY_MASKED:
+        fatal.append(
+            f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="
+            f"{training_args.max_length}: raise max_length"
+        )
+    if total > fully_masked and with_eos == 0:
+        fatal.append(
+            f"EOS ('{tokenizer.eos_token}') is inside no row's labels: the model would never learn to stop "
+            "(plain text needs the tokenizer's eos_token; a chat template must end assistant turns with it)"
+        )
+    if mismatched:
+        fatal.append(
+            f"the chat template's generation prompt does not begin the training conversations in {mismatched} rows: "
+            "the model would be sampled from a prompt it never trained on; fix the template's add_generation_prompt"
+        )
+    return fatal
