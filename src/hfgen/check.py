@@ -72,12 +72,15 @@ def check_text_stage(recipe) -> list[str]:
     from hfgen.models import load_tokenizer
 
     tokenizer = load_tokenizer(model, training_args.trust_remote_code)
-    return check_sft_rendering(train, tokenizer, training_args)
+    lines, fatal = check_sft_rendering(train, tokenizer, training_args)
+    print("\n".join(lines))
+    return fatal
 
 
-def check_sft_rendering(rows, tokenizer, training_args) -> list[str]:
-    """Rendered examples with trained tokens marked, and the fatal findings: labels fully masked, no EOS in the
-    labels, a chat template whose generation prompt does not begin the training conversations."""
+def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:
+    """(report lines: rendered examples with trained tokens marked and the shares below, fatal findings: labels
+    fully masked, no EOS in the labels, a chat template whose generation prompt does not begin the training
+    conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
     from trl.data_utils import common_prefix_length
 
     from hfgen.stages.sft import split_prompt_response, tokenize_response
@@ -88,7 +91,7 @@ def check_sft_rendering(rows, tokenizer, training_args) -> list[str]:
     masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
     chat = "messages" in rows.column_names or isinstance(rows[0].get("completion", ""), list)
     if chat and tokenizer.chat_template is None:
-        return ["the data is conversational but the tokenizer has no chat template"]
+        return [], ["the data is conversational but the tokenizer has no chat template"]
     examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
     for row in rows:
         prompt, response = split_prompt_response(row, "text")
@@ -111,14 +114,12 @@ def check_sft_rendering(rows, tokenizer, training_args) -> list[str]:
         if len(examples) < EXAMPLES:
             examples.append(tokenizer.decode(ids[:start]) + "[[" + tokenizer.decode(ids[start:]) + "]]")
     total = len(rows)
-    print("rendered examples (trained tokens in [[...]]):")
-    for example in examples:
-        print("  " + example.replace("\n", "\\n"))
+    lines = ["rendered examples (trained tokens in [[...]]):"] + ["  " + e.replace("\n", "\\n") for e in examples]
     share_masked = fully_masked / total if total else 0.0
-    print(f"labels fully masked after truncation (max_length={training_args.max_length}): {share_masked:.1%}")
-    print(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")
+    lines.append(f"labels fully masked after truncation (max_length={training_args.max_length}): {share_masked:.1%}")
+    lines.append(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")
     if chat:
-        print(f"rows whose generation prompt differs from the training rendering: {mismatched}")
+        lines.append(f"rows whose generation prompt differs from the training rendering: {mismatched}")
     if share_masked > MAX_FULLY_MASKED:
         fatal.append(
             f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="
@@ -134,4 +135,4 @@ def check_sft_rendering(rows, tokenizer, training_args) -> list[str]:
             f"the chat template's generation prompt does not begin the training conversations in {mismatched} rows: "
             "the model would be sampled from a prompt it never trained on; fix the template's add_generation_prompt"
         )
-    return fatal
+    return lines, fatal

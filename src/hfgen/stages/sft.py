@@ -66,6 +66,12 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             problems.append(f"completion_only_loss: true needs prompt/completion data; the data has {columns}")
         if training_args.assistant_only_loss and "text" in columns:
             problems.append(f"assistant_only_loss: true needs conversational data; the data has {columns}")
+        if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
+            from hfgen.check import check_sft_rendering
+            from hfgen.models import load_tokenizer
+
+            tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+            problems += check_sft_rendering(loaded[0], tokenizer, training_args)[1]
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
