@@ -60,21 +60,55 @@ def check_text_stage(recipe) -> list[str]:
     }.get(stage)
     train, _, records = load_for_stage(data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults)
     print("\n".join(summary_lines(records)))
+    if stage == "ppo":
+        print("\n".join(check_rewards(recipe, train["prompt"])))
+        return []
     if stage != "sft":
-        print(f"model-dependent checks of stage {stage}: not run (rendered examples are checked for sft)")
+        print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
         return []
     model = recipe.configs[0].model_name_or_path
-    from pathlib import Path
-
-    if not Path(model).exists() and model.startswith(("outputs", "./", "/")):
-        print(f"model-dependent checks skipped: '{model}' is made by an earlier step")
-        return []
     from hfgen.models import load_tokenizer
 
     tokenizer = load_tokenizer(model, training_args.trust_remote_code)
     lines, fatal = check_sft_rendering(train, tokenizer, training_args)
     print("\n".join(lines))
     return fatal
+
+
+REWARD_PROMPTS, REWARD_SAMPLES = 8, 4
+
+
+def check_rewards(recipe, prompts) -> list[str]:
+    """PPO: the reward of a few sampled responses (REWARD_SAMPLES for each of REWARD_PROMPTS prompts) and the
+    share of prompt groups whose rewards are all equal (such a group teaches a group-relative method nothing)."""
+    import torch
+
+    from hfgen.generate import generate_text
+    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.stages.ppo import load_scorer
+
+    model_args, _, config = recipe.configs
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
+    prompts = list(prompts[:REWARD_PROMPTS])
+    chat = not isinstance(prompts[0], str)
+    torch.manual_seed(config.seed)
+    samples = generate_text(
+        policy, tokenizer, prompts, max_new_tokens=config.response_length, temperature=config.temperature,
+        num_samples=REWARD_SAMPLES, chat=chat,
+    )  # fmt: skip
+    scorer = load_scorer(model_args, config)
+    groups = []
+    for prompt, responses in zip(prompts, samples):
+        total, _ = scorer([prompt] * len(responses), responses, torch.device("cpu"))
+        groups.append(total.tolist())
+    rewards = [r for group in groups for r in group]
+    equal = sum(max(g) - min(g) < 1e-6 for g in groups)
+    return [
+        f"reward of {len(rewards)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
+        f"mean {sum(rewards) / len(rewards):.3f}, min {min(rewards):.3f}, max {max(rewards):.3f}",
+        f"prompt groups whose rewards are all equal: {equal} of {len(groups)}",
+    ]
 
 
 def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:

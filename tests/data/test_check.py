@@ -69,3 +69,11 @@ def test_check_exits_2_naming_the_problem(tiny_lm, tmp_path, capsys, change, exp
 def test_check_says_which_checks_a_pipeline_skips(capsys):
     code, out, _ = check(capsys, REPO / "recipes/tiny/rlhf.yaml", small=False)
     assert code == 0 and "model-dependent checks skipped for every step (sft, reward, ppo)" in out
+
+
+def test_check_samples_rewards_for_ppo(tiny_lm, capsys):
+    code, out, _ = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm,
+                         "--reward_model_path", "null", "--reward_functions", "hfgen.data.embedded:oracle_scores",
+                         "--response_length", "8")  # fmt: skip
+    assert code == 0 and "reward of 32 sampled responses (4 for each of 8 prompts)" in out
+    assert "prompt groups whose rewards are all equal:" in out
