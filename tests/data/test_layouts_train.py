@@ -140,3 +140,26 @@ def test_ppo_runs_with_an_encoder_reward_model_on_prompts_given_as_messages(tiny
           "--logging_steps", "1", "--sample_steps", "0", "--local_rollout_forward_batch_size", "8")  # fmt: skip
     assert tracking.read_json(out / "data.json")["train"]["format"] == "messages"
     assert len(tracking.read_metrics(out)) >= 4 and (out / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_encoder_reward_model_trains_on_plain_and_conversational_pairs(tmp_path):
+    """all-MiniLM-L6-v2 (no EOS token, no chat template): plain pairs keep its [CLS]/[SEP] framing, and
+    conversational pairs are written with the plain template, which the run's records say."""
+    from transformers import AutoTokenizer
+
+    from hfgen.stages.reward import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    chosen, _ = tokenize_pair(tokenizer, {"prompt": "is the cat red?", "chosen": " yes.", "rejected": " no."})
+    assert chosen[0] == tokenizer.cls_token_id and chosen[-1] == tokenizer.sep_token_id
+    plain = jsonl(
+        tmp_path / "plain.jsonl", [{"prompt": f"q{i}?", "chosen": " good.", "rejected": " bad."} for i in range(40)]
+    )
+    for name, data in (("plain", plain), ("chat", "embedded:preferences")):
+        out = tmp_path / name
+        train(REPO / "recipes/tiny/reward.yaml", "--model_name_or_path", minilm_dir(), "--dataset_name", data,
+              "--output_dir", out, "--max_train_samples", "32", "--max_eval_samples", "8",
+              "--per_device_train_batch_size", "8", "--max_length", "64", *STEPS)  # fmt: skip
+        assert tracking.read_json(out / "eval.json")["held_out_pairs"] > 0
+        assert ("rendering" in tracking.read_json(out / "data.json")) == (name == "chat")
