@@ -27,10 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hfgen.errors import UserError
-    from hfgen.recipe import load_recipe
+    from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
 
-    recipe = load_recipe(args.recipe, args.overrides)  # keys, types, models, data: as `hfgen train` does first
-    print(f"recipe: {args.recipe} (stage {recipe.stage}): keys, models and data are valid")
+    values = {**read_recipe_file(args.recipe), **parse_overrides(args.overrides)}
+    pending = models_made_by_earlier_steps(values)
+    # keys, types, models, data: as `hfgen train` does first; without the models an earlier step will make
+    recipe = load_recipe(args.recipe, args.overrides, check_inputs=not pending)
+    if pending:
+        print(
+            f"recipe: {args.recipe} (stage {recipe.stage}): keys and types are valid; model-dependent checks "
+            f"skipped, since earlier steps make {', '.join(f'{k} ({v})' for k, v in pending.items())}"
+        )
+    else:
+        print(f"recipe: {args.recipe} (stage {recipe.stage}): keys, models and data are valid")
     if recipe.stage == "rlhf":
         print(
             "pipeline: model-dependent checks skipped for every step (sft, reward, ppo), since each step's input "
@@ -40,14 +49,29 @@ def main(args: argparse.Namespace) -> int:
     if recipe.stage not in TEXT_KINDS:
         print(f"stage {recipe.stage}: its images and captions were checked with the recipe; no text checks apply")
         return 0
-    fatal = check_text_stage(recipe)
+    fatal = check_text_stage(recipe, with_models=not pending)
     if fatal:
         raise UserError(f"recipe '{args.recipe}' has {len(fatal)} fatal finding(s): " + "; ".join(fatal))
     return 0
 
 
-def check_text_stage(recipe) -> list[str]:
-    """Print the data report; return the fatal findings."""
+def models_made_by_earlier_steps(values: dict) -> dict[str, str]:
+    """The recipe's model keys (`*_name_or_path`, `*_model_path`, `tokenizer_name`) naming a run dir under
+    outputs/ that does not exist yet: an earlier step (or the pipeline) makes it."""
+    from pathlib import Path
+
+    return {
+        key: value
+        for key, value in values.items()
+        if key.endswith(("name_or_path", "model_path", "tokenizer_name"))
+        and isinstance(value, str)
+        and "outputs" in Path(value).parts
+        and not Path(value).exists()
+    }
+
+
+def check_text_stage(recipe, with_models: bool = True) -> list[str]:
+    """Print the data report and, `with_models`, the model-dependent checks; return the fatal findings."""
     from hfgen.data.prepare import TextDataArguments, load_for_stage, summary_lines
 
     data_args = recipe.get(TextDataArguments)
@@ -60,6 +84,8 @@ def check_text_stage(recipe) -> list[str]:
     }.get(stage)
     train, _, records = load_for_stage(data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults)
     print("\n".join(summary_lines(records)))
+    if not with_models:
+        return []
     if stage == "ppo":
         print("\n".join(check_rewards(recipe, train["prompt"])))
         return []

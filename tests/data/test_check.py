@@ -77,3 +77,10 @@ def test_check_samples_rewards_for_ppo(tiny_lm, capsys):
                          "--response_length", "8")  # fmt: skip
     assert code == 0 and "reward of 32 sampled responses (4 for each of 8 prompts)" in out
     assert "prompt groups whose rewards are all equal:" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes/tiny").glob("*.yaml")))
+def test_check_passes_every_shipped_tiny_recipe(recipe, capsys):
+    code, out, err = check(capsys, REPO / "recipes/tiny" / recipe, small=False)
+    assert code == 0, err
+    assert "valid" in out
