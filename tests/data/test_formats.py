@@ -202,3 +202,15 @@ def test_to_standard_is_a_public_api_on_in_memory_data():
     rows = datasets.Dataset.from_list(DOLLY)
     standard, report = to_standard(rows, "prompt", "dolly")
     assert standard.column_names == ["prompt"] and report.rows_kept == 40
+
+
+def test_parquet_files_ultrachat_and_wikitext_style(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ULTRACHAT).to_parquet(tmp_path / "ultrachat.parquet")
+    train, _, records = load(tmp_path / "ultrachat.parquet", "sft")
+    assert records["train"]["format"] == "messages" and train.column_names == ["messages"]
+    lines = [" = Title = ", "", " text line one . ", "", "", " more text . "] * 20  # wikitext: many empty rows
+    datasets.Dataset.from_dict({"text": lines}).to_parquet(tmp_path / "wiki.parquet")
+    train, evaluation, records = load(tmp_path / "wiki.parquet", "text")
+    assert len(train) + len(evaluation) == 60
