@@ -163,3 +163,13 @@ def test_encoder_reward_model_trains_on_plain_and_conversational_pairs(tmp_path)
               "--per_device_train_batch_size", "8", "--max_length", "64", *STEPS)  # fmt: skip
         assert tracking.read_json(out / "eval.json")["held_out_pairs"] > 0
         assert ("rendering" in tracking.read_json(out / "data.json")) == (name == "chat")
+
+
+def test_trained_tokenizer_is_deterministic_and_sized():
+    from hfgen.data.embedded import generate_rows
+    from hfgen.models import train_bpe_tokenizer
+
+    texts = [row["text"] for row in generate_rows("corpus", "train")[:300]]
+    first, second = train_bpe_tokenizer(texts, 350), train_bpe_tokenizer(texts, 350)
+    assert len(first) == 350 and first.get_vocab() == second.get_vocab()
+    assert first.eos_token and first.pad_token and first.chat_template
