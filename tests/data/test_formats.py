@@ -141,10 +141,9 @@ def test_split_prefix_rule_is_used_and_recorded(tmp_path):
     import datasets
 
     rows = datasets.Dataset.from_list(TLDR)
-    datasets.DatasetDict({"train_prefs": rows, "test_prefs": rows.select(range(5)), "train_sft": rows}).save_to_disk(
-        tmp_path / "uf"
-    )
-    with pytest.raises(UserError, match="several splits start with it.*train_prefs, train_sft"):
+    splits = {"train_prefs": rows, "test_prefs": rows.select(range(5)), "train_sft": rows, "test_sft": rows}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "uf")
+    with pytest.raises(UserError, match="several splits start with it \\(train_prefs, train_sft\\)"):
         load(tmp_path / "uf", "preference")
     train, evaluation, records = load(tmp_path / "uf", "preference", dataset_train_split="train_prefs")
     assert len(evaluation) == 5 and any("test_prefs" in note for note in records["train"]["notes"])

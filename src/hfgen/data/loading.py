@@ -101,9 +101,8 @@ def resolve_split(
     if preferred in candidates:
         candidates = [preferred]
     if len(candidates) == 1:
-        return candidates[
-            0
-        ], f"{key} '{wanted}' is not a split of '{source}'; used '{candidates[0]}', the one split starting with it"
+        note = f"{key} '{wanted}' is not a split of '{source}'; used '{candidates[0]}', the one split starting with it"
+        return candidates[0], note
     if candidates:
         raise UserError(
             f"{key} '{wanted}' is not a split of '{source}' and several splits start with it ({', '.join(candidates)}); "
@@ -127,7 +126,7 @@ def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | No
             f"dataset_train_split '{args.dataset_train_split}' is not a split of '{source}'; it has {', '.join(raw)}"
         )
     # train_prefs -> test_prefs: the test split of the same family, when there is one
-    suffix = train_split.removeprefix(args.dataset_train_split) if train_split != args.dataset_train_split else ""
+    suffix = train_split.removeprefix("train") if train_split.startswith("train") else ""
     test_split, test_note = resolve_split(
         raw, args.dataset_test_split, "dataset_test_split", source, preferred=args.dataset_test_split + suffix
     )
