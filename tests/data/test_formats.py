@@ -213,3 +213,23 @@ def test_parquet_files_ultrachat_and_wikitext_style(tmp_path):
     datasets.Dataset.from_dict({"text": lines}).to_parquet(tmp_path / "wiki.parquet")
     train, evaluation, records = load(tmp_path / "wiki.parquet", "text")
     assert len(train) + len(evaluation) == 60
+
+
+def test_recipe_keys_take_yaml_mappings_for_columns_and_mixtures(tmp_path):
+    import yaml
+
+    from hfgen.recipe import load_recipe
+
+    a = jsonl(tmp_path / "a.jsonl", ALPACA)
+    b = jsonl(tmp_path / "b.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)])
+    recipe = {
+        "stage": "sft", "model_name_or_path": "x", "output_dir": str(tmp_path / "out"), "use_cpu": True, "bf16": False,
+        "datasets": [{"name": a, "weight": 0.5}, {"name": b, "weight": 0.5, "columns": {"prompt": "question", "completion": "answer"}}],
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    data_args = load_recipe(tmp_path / "r.yaml", check_inputs=False).configs[1]
+    assert [e.weight for e in data_args.mixture] == [0.5, 0.5]
+    train, _, records = load_for_stage(data_args, "sft")
+    assert [e["train"]["format"] for e in records["mixture"]] == ["alpaca", "prompt_completion"]
+    overridden = load_recipe(tmp_path / "r.yaml", ["--dataset_columns", "prompt=question"], check_inputs=False)
+    assert overridden.configs[1].dataset_columns == {"prompt": "question"}
