@@ -62,7 +62,7 @@ def jsonl(tmp_path, rows, name="data.jsonl"):
         # data without the needed column (loads fine in `datasets`)
         (lambda t: [PRETRAIN, "--dataset_name", jsonl(t, [{"content": "the cat is happy."}] * 20)], ["text", "content"]),
         # a JSON row missing the key: `datasets` fills None without a word
-        (lambda t: [PRETRAIN, "--dataset_name", jsonl(t, [{"text": "the cat."}] * 5 + [{"other": 1}] + [{"text": "a dog."}] * 5)], ["empty values", "'text'", "rows [5]"]),
+        (lambda t: [PRETRAIN, "--dataset_name", jsonl(t, [{"text": "the cat."}] * 5 + [{"other": 1}] + [{"text": "a dog."}] * 5)], ["lack a value", "'text'", "rows [6]"]),
         # both and neither of the model sources
         (lambda t: [PRETRAIN, "--model_name_or_path", "outputs/x"], ["exactly one of model_name_or_path"]),
         # no stage key at all

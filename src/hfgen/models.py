@@ -109,21 +109,28 @@ def check_config_file(key: str, name: str | None) -> list[str]:
 def build_embedded_tokenizer():
     """A byte-level BPE tokenizer trained on the embedded corpus, as a normal HF fast tokenizer with a chat
     template. Deterministic, offline, about a second."""
+    from hfgen.data.embedded import tokenizer_training_text
+
+    return train_bpe_tokenizer(tokenizer_training_text(), EMBEDDED_VOCAB_SIZE)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts` (an iterable of strings), as a normal
+    HF fast tokenizer: pad and EOS tokens, the chat role tokens and hfgen's chat template. Deterministic for the
+    same texts in the same order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from hfgen.data.embedded import tokenizer_training_text
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=EMBEDDED_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[PAD, EOS, *ROLE_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(tokenizer_training_text(), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token=PAD, eos_token=EOS, additional_special_tokens=list(ROLE_TOKENS)
     )

@@ -153,7 +153,7 @@ def test_plain_and_implicit_prompt_pairs_train(tiny_lm, tmp_path, explicit_promp
     "rows, expected",
     [
         ([{"prompt": "p", "good": "a", "bad": "b"}] * 4, ["good", "chosen", "rejected"]),  # wrong column names
-        ([{"prompt": "p", "chosen": "a", "rejected": None}] * 4, ["rejected", "empty"]),  # missing values
+        ([{"prompt": "p", "chosen": "a", "rejected": None}] * 4, ["rejected", "lack a value"]),  # missing values
     ],
 )
 def test_bad_preference_data_exits_2_naming_the_columns(tmp_path, capsys, rows, expected):

@@ -19,6 +19,7 @@ FILE_BUILDERS = {
     ".txt": "text",
     ".text": "text",
 }
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # `datasets` decompresses these itself
 ROWS_CHECKED = 1000
 
 
@@ -59,10 +60,11 @@ def load_raw(name: str, config: str | None = None):
     path = Path(name).expanduser()
     try:
         if path.is_file():
-            builder = FILE_BUILDERS.get(path.suffix.lower())
+            builder = file_builder(path)
             if builder is None:
                 raise UserError(
                     f"dataset_name '{name}': unsupported file type '{path.suffix}'; use {', '.join(sorted(FILE_BUILDERS))}"
+                    f", optionally compressed ({', '.join(COMPRESSIONS)})"
                 )
             if path.stat().st_size < 2**20 and not path.read_bytes().strip():  # `datasets` fails on these oddly
                 raise UserError(f"dataset_name '{name}' is an empty file: it holds no rows")
@@ -86,21 +88,60 @@ def load_raw(name: str, config: str | None = None):
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
 
 
+def file_builder(path: Path) -> str | None:
+    """The `datasets` builder of a data file, looking through a compression suffix (data.jsonl.gz -> json)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def resolve_split(
+    raw, wanted: str, key: str, source: str, preferred: str | None = None
+) -> tuple[str | None, str | None]:
+    """(split name, note): `wanted` itself, or the one split whose name starts with it (`train` -> `train_sft`),
+    with a note for the run's records; (None, None) when no split starts with it. Several candidates are a
+    UserError listing the splits, unless `preferred` is one of them."""
+    if wanted in raw:
+        return wanted, None
+    candidates = [split for split in raw if split.startswith(wanted)]
+    if preferred in candidates:
+        candidates = [preferred]
+    if len(candidates) == 1:
+        note = f"{key} '{wanted}' is not a split of '{source}'; used '{candidates[0]}', the one split starting with it"
+        return candidates[0], note
+    if candidates:
+        raise UserError(
+            f"{key} '{wanted}' is not a split of '{source}' and several splits start with it ({', '.join(candidates)}); "
+            f"set {key} to one of: {', '.join(raw)}"
+        )
+    return None, None
+
+
 def load_splits(args: DataArguments, seed: int = 0):
     """(train, eval) Datasets per the data arguments."""
     return split_dataset(load_raw(args.dataset_name, args.dataset_config), args, seed)
 
 
-def split_dataset(raw, args: DataArguments, seed: int = 0):
-    """(train, eval) from a DatasetDict: the named splits, a held-out slice of train if there is no test split,
-    and the max_*_samples caps."""
-    if args.dataset_train_split not in raw:
+def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | None = None):
+    """(train, eval) from a DatasetDict: the named splits (or the one split starting with each name, said in
+    `notes`), a held-out slice of train if there is no test split, and the max_*_samples caps."""
+    source = args.dataset_name
+    train_split, note = resolve_split(raw, args.dataset_train_split, "dataset_train_split", source)
+    if train_split is None:
         raise UserError(
-            f"dataset_train_split '{args.dataset_train_split}' is not a split of '{args.dataset_name}'; it has {', '.join(raw)}"
+            f"dataset_train_split '{args.dataset_train_split}' is not a split of '{source}'; it has {', '.join(raw)}"
         )
-    train = raw[args.dataset_train_split]
-    if args.dataset_test_split in raw:
-        evaluation = raw[args.dataset_test_split]
+    # train_prefs -> test_prefs: the test split of the same family, when there is one
+    suffix = train_split.removeprefix("train") if train_split.startswith("train") else ""
+    test_split, test_note = resolve_split(
+        raw, args.dataset_test_split, "dataset_test_split", source, preferred=args.dataset_test_split + suffix
+    )
+    if notes is not None:
+        notes += [n for n in (note, test_note) if n]
+    train = raw[train_split]
+    if test_split is not None and test_split != train_split:
+        evaluation = raw[test_split]
     else:
         try:
             parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)

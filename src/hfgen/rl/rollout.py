@@ -179,11 +179,17 @@ def reward_model_texts(tokenizer, prompts: list, responses: list[str], finished:
     reward model's own chat template for conversational prompts (so a reward model with another tokenizer or
     template still reads what it was trained on), else prompt + response + EOS. Only a finished response is
     closed (EOS, end of turn): one cut off at the length limit is shown open, so it cannot pass for a complete
-    answer."""
+    answer. An encoder reward model without EOS or chat template reads plain text, conversations in the plain
+    template the reward stage trained it on (`hfgen.data.rendering`)."""
+    from hfgen.data.rendering import plain_conversation, uses_plain_template
+
+    eos = tokenizer.eos_token or ""
     texts = []
     for prompt, response, done in zip(prompts, responses, finished):
         if isinstance(prompt, str):
-            texts.append(prompt + response + (tokenizer.eos_token if done else ""))
+            texts.append(prompt + response + (eos if done else ""))
+        elif uses_plain_template(tokenizer, True):
+            texts.append(plain_conversation([*prompt, {"role": "assistant", "content": response}]))
         elif done:
             texts.append(
                 tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
@@ -221,12 +227,16 @@ def episode_ids(queries: list[list[int]], response_ids: torch.Tensor, mask: torc
 
 
 @torch.no_grad()
-def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int, chunk_size: int) -> torch.Tensor:
-    """(B,) float scores of a one-label sequence classifier, read at each token sequence's last token."""
+def sequence_scores(
+    reward_model, sequences: list[list[int]], pad_token_id: int, chunk_size: int, padding_side: str = "left"
+) -> torch.Tensor:
+    """(B,) float scores of a one-label sequence classifier, read at each token sequence's last token (a decoder's
+    head) or its first (an encoder's [CLS] pooler: such tokenizers pad on the right, so the first token stays first)."""
     device = next(reward_model.parameters()).device
+    pad = left_pad if padding_side == "left" else right_pad
     scores = []
     for rows in chunks(len(sequences), chunk_size):
-        input_ids, attention_mask = left_pad(sequences[rows], pad_token_id, device)
+        input_ids, attention_mask = pad(sequences[rows], pad_token_id, device)
         output = reward_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -292,6 +302,8 @@ class RewardScorer:
         """prompts (B) as the policy saw them (strings or chat messages), response texts (B), finished (B) bools (the
         response emitted EOS), token_ids (B): the policy's prompt + response ids up to and including the EOS.
         -> ((B,) weighted total, {component name: (B,) scores})."""
+        from hfgen.data.rendering import uses_plain_template
+
         finished = [bool(done) for done in finished]
         components = {}
         if self.reward_model is not None:
@@ -303,9 +315,12 @@ class RewardScorer:
             else:
                 texts = reward_model_texts(self.reward_tokenizer, prompts, responses, finished)
                 chat = not isinstance(prompts[0], str)
-                sequences = self.reward_tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+                special = not chat or uses_plain_template(self.reward_tokenizer, chat)  # a template writes its own
+                sequences = self.reward_tokenizer(texts, add_special_tokens=special)["input_ids"]
             pad = self.reward_tokenizer.pad_token_id
-            scores = sequence_scores(self.reward_model, sequences, pad, self.chunk_size)
+            # An encoder classifier (no EOS: BERT, DeBERTa) pools its first token ([CLS]): padded on the right.
+            side = "left" if self.reward_tokenizer.eos_token is not None else "right"
+            scores = sequence_scores(self.reward_model, sequences, pad, self.chunk_size, side)
             components["reward_model"] = scores.to(device)
         for name, function in self.functions.items():
             components[name] = function_scores(function, prompts, responses, device)
@@ -327,6 +342,12 @@ def prompt_rows(step: int, size: int, global_batch: int, local_batch: int, rank:
     of the step, so a resumed run takes exactly the prompts the uninterrupted run would have taken."""
     first = (step - 1) * global_batch + rank * local_batch
     return [_permutation(size, seed, i // size)[i % size] for i in range(first, first + local_batch)]
+
+
+def right_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ((B, P) ids, (B, P) 0/1 mask), each sequence left-aligned."""
+    ids, mask = left_pad([s[::-1] for s in sequences], pad_token_id, device)
+    return ids.flip(1), mask.flip(1)
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

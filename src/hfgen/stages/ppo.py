@@ -45,7 +45,7 @@ import torch
 from trl import ModelConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, run_first_hint
 from hfgen.models import check_model_source
@@ -73,7 +73,7 @@ SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.json
 
 
 @dataclass
-class PPODataArguments(DataArguments):
+class PPODataArguments(TextDataArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "Column of prompts: strings or chat messages."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are dropped."})
     eval_samples_per_prompt: int = field(
@@ -284,7 +284,7 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append("logging_steps, sample_steps, save_steps and eval_samples_per_prompt must be >= 0")
     if not config.output_dir:
         problems.append("output_dir is not set")
-    return problems + check_dataset(data_args, [(data_args.prompt_column,)])
+    return problems + check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})[1]
 
 
 def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> Path:
@@ -307,9 +307,13 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     oracle = load_oracle(config)
 
     # Data: prompts tokenized once; each step takes a slice of a seeded permutation (see `prompt_rows`).
-    train_rows, eval_rows = load_splits(data_args, seed=config.seed)
-    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows[data_args.prompt_column], data_args)
-    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows[data_args.prompt_column], data_args)
+    # Any prompt layout (text, chat messages, a preference or SFT file's prompts) arrives as a `prompt` column.
+    train_rows, eval_rows, data_records = load_for_stage(
+        data_args, "prompt", seed=config.seed, default_columns={"prompt": data_args.prompt_column}
+    )
+    record(output_dir, data_records)
+    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], data_args)
+    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], data_args)
     ptx_texts = tokenize_ptx_texts(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.

@@ -18,16 +18,25 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from hfgen import guard, loop, tracking
-from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.errors import UserError
 from hfgen.models import ModelArguments, check_config_file, check_model_source
 
 SAMPLE_PROMPTS = ("the cat", "a happy", "the red car", "the river")
 
 
 @dataclass
-class PretrainDataArguments(DataArguments):
+class PretrainDataArguments(TextDataArguments):
     text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training sequence."})
+    train_tokenizer: bool = field(
+        default=False,
+        metadata={
+            "help": "From scratch: train a byte-level BPE tokenizer of vocab_size tokens on the training split "
+            "(instead of tokenizer_name); saved with the model."
+        },
+    )
+    vocab_size: int = field(default=8000, metadata={"help": "Tokens of the tokenizer train_tokenizer trains."})
 
 
 ARGUMENTS = (ModelArguments, PretrainDataArguments, TrainingArguments)
@@ -37,14 +46,23 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
     problems = []
     if bool(model_args.model_name_or_path) == bool(model_args.config_name):
         problems.append("set exactly one of model_name_or_path (continue pretraining) or config_name (from scratch)")
-    if model_args.config_name and not model_args.tokenizer_name:
-        problems.append("config_name (from scratch) needs tokenizer_name, e.g. embedded:tiny-bpe")
+    if model_args.config_name and not model_args.tokenizer_name and not data_args.train_tokenizer:
+        problems.append(
+            "config_name (from scratch) needs tokenizer_name (e.g. embedded:tiny-bpe) or train_tokenizer: true"
+        )
+    if data_args.train_tokenizer and (model_args.tokenizer_name or model_args.model_name_or_path):
+        problems.append(
+            "train_tokenizer trains a new tokenizer for a model from scratch (config_name): drop tokenizer_name "
+            "and model_name_or_path, or train_tokenizer"
+        )
+    if data_args.train_tokenizer and data_args.vocab_size < 300:
+        problems.append(f"vocab_size must be at least 300 (256 bytes + special tokens), got {data_args.vocab_size}")
     problems += check_model_source("model_name_or_path", model_args.model_name_or_path)
     problems += check_config_file("config_name", model_args.config_name)
     problems += check_model_source("tokenizer_name", model_args.tokenizer_name)
     if data_args.block_size < 2:
         problems.append(f"block_size must be at least 2, got {data_args.block_size}")
-    return problems + check_dataset(data_args, [(data_args.text_column,)])
+    return problems + check_text_data(data_args, "text", {"text": data_args.text_column})[1]
 
 
 def pack(dataset, tokenizer, text_column: str, block_size: int):
@@ -89,13 +107,25 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     from transformers import Trainer, set_seed
 
     from hfgen.generate import generate_text
-    from hfgen.models import build_causal_lm_from_config, load_causal_lm, load_tokenizer
+    from hfgen.models import build_causal_lm_from_config, load_causal_lm, load_tokenizer, train_bpe_tokenizer
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
 
+    # Data: any text layout arrives as a `text` column, empty lines dropped and counted.
+    train_text, eval_text, data_records = load_for_stage(
+        data_args, "text", seed=training_args.seed, default_columns={"text": data_args.text_column}
+    )
+    record(output_dir, data_records)
+
     # Model and tokenizer: from scratch (config + tokenizer) or continued from a pretrained model.
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, model_args.trust_remote_code)
+    if data_args.train_tokenizer:
+        with training_args.main_process_first(desc="tokenizer"):  # deterministic: every process trains the same one
+            tokenizer = train_bpe_tokenizer(train_text["text"], data_args.vocab_size)
+    else:
+        tokenizer = load_tokenizer(
+            model_args.tokenizer_name or model_args.model_name_or_path, model_args.trust_remote_code
+        )
     if model_args.config_name:
         model = build_causal_lm_from_config(model_args.config_name, tokenizer, model_args)
     else:
@@ -106,11 +136,15 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
             model_args.attn_implementation,
         )
 
-    # Data: packed blocks of block_size tokens.
-    train_text, eval_text = load_splits(data_args, seed=training_args.seed)
     with training_args.main_process_first(desc="packing"):
-        train_blocks = pack(train_text, tokenizer, data_args.text_column, data_args.block_size)
-        eval_blocks = pack(eval_text, tokenizer, data_args.text_column, data_args.block_size)
+        train_blocks = pack(train_text, tokenizer, "text", data_args.block_size)
+        eval_blocks = pack(eval_text, tokenizer, "text", data_args.block_size)
+    for split, blocks in (("training", train_blocks), ("evaluation", eval_blocks)):
+        if len(blocks) == 0:
+            raise UserError(
+                f"the {split} text of '{data_args.dataset_name or 'the mixture'}' is shorter than one block of "
+                f"block_size={data_args.block_size} tokens; lower block_size or give more text"
+            )
 
     trainer = Trainer(
         model=model,

@@ -23,19 +23,20 @@ from pathlib import Path
 from trl import ModelConfig, RewardConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
+from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
 
 # TRL's ModelConfig (LoRA/QLoRA keys under TRL's names) rather than hfgen's ModelArguments, which shares three of
 # its fields; none of these three dataclasses share a field, so every key has one meaning. trust_remote_code is
 # RewardConfig's.
-ARGUMENTS = (ModelConfig, DataArguments, RewardConfig)
-PAIR_LAYOUTS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]
+ARGUMENTS = (ModelConfig, TextDataArguments, RewardConfig)
+MAX_DROPPED_FOR_LENGTH = 0.5  # more pairs than this over max_length: the limit is wrong for the data
 
 
-def check(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> list[str]:
-    return check_model_config(model_args) + check_dataset(data_args, PAIR_LAYOUTS)
+def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> list[str]:
+    return check_model_config(model_args) + check_text_data(data_args, "preference")[1]
 
 
 # ---- held-out pairs: accuracy and margin ---------------------------------------------------------------
@@ -43,16 +44,25 @@ def check(model_args: ModelConfig, data_args: DataArguments, training_args: Rewa
 
 def tokenize_pair(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     """(chosen ids, rejected ids) of one pair, tokenized as RewardTrainer does: the prompt joined to each response,
-    conversations through the chat template, plain text with EOS appended."""
+    conversations through the chat template (a plain template when the tokenizer has none, as encoders), plain
+    text with EOS appended when the tokenizer has one."""
+    prompt = row.get("prompt")
+    return sequence_ids(tokenizer, prompt, row["chosen"]), sequence_ids(tokenizer, prompt, row["rejected"])
 
-    def ids(response):
-        if isinstance(response, list):  # conversational
-            messages = (row.get("prompt") or []) + response
-            return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        text = (row.get("prompt") or "") + response
-        return tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
 
-    return ids(row["chosen"]), ids(row["rejected"])
+def tokenized_pairs(rows, tokenizer, max_length: int | None, records: dict, split: str):
+    """`chosen_ids`/`rejected_ids` columns (RewardTrainer then skips its own tokenization, which needs an EOS
+    token), pairs longer than max_length dropped and counted; refused when none or too few fit."""
+    pairs = [tokenize_pair(tokenizer, row) for row in rows]
+    fits = [max_length is None or max(len(c), len(r)) <= max_length for c, r in pairs]
+    rows = rows.add_column("chosen_ids", [c for c, _ in pairs]).add_column("rejected_ids", [r for _, r in pairs])
+    kept = drop_and_count(rows, fits, records, f"longer than max_length={max_length}", split)
+    if len(kept) == 0 or len(kept) < (1 - MAX_DROPPED_FOR_LENGTH) * len(rows):
+        raise UserError(
+            f"{len(rows) - len(kept)} of {len(rows)} {split} pairs are longer than max_length={max_length} tokens; "
+            "raise max_length (or shorten the data)"
+        )
+    return kept
 
 
 def scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> list[float]:
@@ -88,7 +98,7 @@ def pairwise_eval(model, tokenizer, pairs: list[tuple[list[int], list[int]]], ba
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
-def refused_engines(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> dict:
+def refused_engines(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> dict:
     """Engines this stage cannot use (see the README's engine table)."""
     if model_args.use_peft:  # the adapters are merged into the base at the end, which needs the whole model
         why = "a LoRA reward model is merged into its base at the end; use DDP or zero2, or full fine-tuning"
@@ -96,7 +106,7 @@ def refused_engines(model_args: ModelConfig, data_args: DataArguments, training_
     return {}
 
 
-def run(model_args: ModelConfig, data_args: DataArguments, training_args: RewardConfig) -> Path:
+def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> Path:
     from accelerate.utils import is_peft_model
     from transformers import set_seed
     from trl import RewardTrainer, get_peft_config
@@ -110,8 +120,14 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
     tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
     model = load_model(model_args, training_args, tokenizer, sequence_classifier=True)
 
-    # Data: RewardTrainer tokenizes prompt+chosen and prompt+rejected and drops pairs longer than max_length.
-    train_rows, eval_rows = load_splits(data_args, seed=training_args.seed)
+    # Data: any preference layout, as prompt+chosen and prompt+rejected token ids; pairs over max_length dropped.
+    train_rows, eval_rows, data_records = load_for_stage(data_args, "preference", seed=training_args.seed)
+    conversational = isinstance(train_rows[0]["chosen"], list)
+    if uses_plain_template(tokenizer, conversational):
+        data_records["rendering"] = "plain template ('User: ...', 'Assistant: ...'): the tokenizer has no chat template"
+    train_rows = tokenized_pairs(train_rows, tokenizer, training_args.max_length, data_records, "train")
+    eval_rows = tokenized_pairs(eval_rows, tokenizer, training_args.max_length, data_records, "eval")
+    record(output_dir, data_records)
     count_trained_tokens(training_args)
     # SEQ_CLS: PEFT then trains and saves the new score head in full (modules_to_save), beside the adapters.
     peft_config = get_peft_config(replace(model_args, lora_task_type="SEQ_CLS"))
@@ -128,7 +144,7 @@ def run(model_args: ModelConfig, data_args: DataArguments, training_args: Reward
     except ValueError as error:  # TRL validates the config against the data and model here
         raise UserError(f"RewardTrainer rejected the recipe: {error}") from None
 
-    held_out = [tokenize_pair(tokenizer, row) for row in eval_rows]
+    held_out = list(zip(eval_rows["chosen_ids"], eval_rows["rejected_ids"]))
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
     # Measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped.

@@ -28,14 +28,14 @@ from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hfgen import guard, loop, tracking
-from hfgen.data.loading import DataArguments, check_dataset, load_splits
+from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, count_trained_tokens, load_model
 from hfgen.models import adapter_base
 
 
 @dataclass
-class SFTDataArguments(DataArguments):
+class SFTDataArguments(TextDataArguments):
     num_samples: int = field(
         default=16, metadata={"help": "Held-out prompts answered after training, into samples.jsonl."}
     )
@@ -58,16 +58,20 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"new adapter on top of it; merge it first (`hfgen merge {model_args.model_name_or_path} --output_dir "
             "MERGED_DIR`) and start from MERGED_DIR"
         )
-    if training_args.completion_only_loss:
-        layouts, why = [("prompt", "completion")], "completion_only_loss: true needs prompt/completion data: "
-    elif training_args.assistant_only_loss:
-        layouts, why = (
-            [("messages",), ("prompt", "completion")],
-            "assistant_only_loss: true needs conversational data: ",
-        )
-    else:
-        layouts, why = [("messages",), ("prompt", "completion"), (training_args.dataset_text_field,)], ""
-    problems += [why + problem for problem in check_dataset(data_args, layouts)]
+    loaded, data_problems = check_text_data(data_args, "sft", {"text": training_args.dataset_text_field})
+    problems += data_problems
+    if loaded:
+        columns = loaded[0].column_names
+        if training_args.completion_only_loss and "completion" not in columns:
+            problems.append(f"completion_only_loss: true needs prompt/completion data; the data has {columns}")
+        if training_args.assistant_only_loss and "text" in columns:
+            problems.append(f"assistant_only_loss: true needs conversational data; the data has {columns}")
+        if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
+            from hfgen.check import check_sft_rendering
+            from hfgen.models import load_tokenizer
+
+            tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+            problems += check_sft_rendering(loaded[0], tokenizer, training_args)[1]
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
@@ -213,6 +217,27 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed:
     return samples
 
 
+def drop_fully_masked(rows, tokenizer, training_args: SFTConfig, records: dict):
+    """Drop (and count) the rows whose loss would be on no token at all: prompts that fill max_length, so that
+    truncation cuts every completion token. Refused when none or too few remain."""
+    masked_loss = "completion" in rows.column_names and training_args.completion_only_loss is not False
+    masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
+    chat = "completion" not in rows.column_names or isinstance(rows[0]["completion"], list)
+    if not masked_loss or not training_args.max_length or (chat and tokenizer.chat_template is None):
+        return rows
+    keep = [
+        tokenize_response(tokenizer, prompt, response, training_args.max_length) is not None
+        for prompt, response in (split_prompt_response(row, "text") for row in rows)
+    ]
+    kept = drop_and_count(rows, keep, records, f"no trained token within max_length={training_args.max_length}")
+    if len(kept) < len(rows) / 2:
+        raise UserError(
+            f"{len(rows) - len(kept)} of {len(rows)} training rows have prompts that fill max_length="
+            f"{training_args.max_length} tokens, so truncation leaves them no trained token; raise max_length"
+        )
+    return kept
+
+
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
@@ -230,7 +255,13 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     model = load_model(model_args, training_args, tokenizer)
 
     # Data: SFTTrainer renders conversations with the chat template, tokenizes, builds the loss masks, packs.
-    train_rows, eval_rows = load_splits(data_args, seed=training_args.seed)
+    # Data: any SFT layout, as TRL's text, prompt/completion or messages columns.
+    train_rows, eval_rows, data_records = load_for_stage(
+        data_args, "sft", seed=training_args.seed, default_columns={"text": training_args.dataset_text_field}
+    )
+    training_args.dataset_text_field = "text"  # the text column, whatever the file called it, is `text` now
+    train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
+    record(output_dir, data_records)
     count_trained_tokens(training_args)
     try:
         trainer = SFTTrainer(

@@ -1,0 +1,198 @@
+"""Check a recipe before training: `hfgen check RECIPE [--key value ...]`.
+
+Everything that can be known in seconds without training: the recipe's keys and types, its models and data (the
+checks `hfgen train` runs first), then the data after layout conversion (rows read, kept, dropped and why), and
+for SFT three rendered examples with the trained tokens marked [[like this]], the share of rows whose labels are
+fully masked after truncation, whether EOS is inside the labels (a model that never sees it never stops), and
+whether the chat template's generation prompt is how the training conversations begin (else the model is
+sampled from a prompt it never saw). Exit 2 on any fatal finding. Steps whose models a pipeline has not made yet
+are skipped, and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+TEXT_KINDS = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt"}
+MAX_FULLY_MASKED = 0.5  # a larger share of rows with no trained token is fatal
+EXAMPLES = 3
+ROWS_RENDERED = 1000  # rows whose rendering is checked: enough for the shares, fast on any dataset
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.set_defaults(accepts_overrides=True)
+    parser.epilog = "Any --key value pair overrides that key of the recipe, as in `hfgen train`."
+
+
+def main(args: argparse.Namespace) -> int:
+    from hfgen.errors import UserError
+    from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
+
+    values = {**read_recipe_file(args.recipe), **parse_overrides(args.overrides)}
+    pending = models_made_by_earlier_steps(values)
+    # keys, types, models, data: as `hfgen train` does first; without the models an earlier step will make
+    recipe = load_recipe(args.recipe, args.overrides, check_inputs=not pending)
+    if pending:
+        print(
+            f"recipe: {args.recipe} (stage {recipe.stage}): keys and types are valid; model-dependent checks "
+            f"skipped, since earlier steps make {', '.join(f'{k} ({v})' for k, v in pending.items())}"
+        )
+    else:
+        print(f"recipe: {args.recipe} (stage {recipe.stage}): keys, models and data are valid")
+    if recipe.stage == "rlhf":
+        print(
+            "pipeline: model-dependent checks skipped for every step (sft, reward, ppo), since each step's input "
+            "model is made by the step before it; run `hfgen check STEP_RECIPE` once its input model exists"
+        )
+        return 0
+    if recipe.stage not in TEXT_KINDS:
+        print(f"stage {recipe.stage}: its images and captions were checked with the recipe; no text checks apply")
+        return 0
+    fatal = check_text_stage(recipe, with_models=not pending)
+    if fatal:
+        raise UserError(f"recipe '{args.recipe}' has {len(fatal)} fatal finding(s): " + "; ".join(fatal))
+    return 0
+
+
+def models_made_by_earlier_steps(values: dict) -> dict[str, str]:
+    """The recipe's model keys (`*_name_or_path`, `*_model_path`, `tokenizer_name`) naming a run dir under
+    outputs/ that does not exist yet: an earlier step (or the pipeline) makes it."""
+    from pathlib import Path
+
+    return {
+        key: value
+        for key, value in values.items()
+        if key.endswith(("name_or_path", "model_path", "tokenizer_name"))
+        and isinstance(value, str)
+        and "outputs" in Path(value).parts
+        and not Path(value).exists()
+    }
+
+
+def check_text_stage(recipe, with_models: bool = True) -> list[str]:
+    """Print the data report and, `with_models`, the model-dependent checks; return the fatal findings."""
+    from hfgen.data.prepare import TextDataArguments, load_for_stage, summary_lines
+
+    data_args = recipe.get(TextDataArguments)
+    training_args = recipe.configs[-1]
+    stage = recipe.stage
+    defaults = {
+        "pretrain": {"text": getattr(data_args, "text_column", "text")},
+        "sft": {"text": getattr(training_args, "dataset_text_field", "text")},
+        "ppo": {"prompt": getattr(data_args, "prompt_column", "prompt")},
+    }.get(stage)
+    train, _, records = load_for_stage(data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults)
+    print("\n".join(summary_lines(records)))
+    if not with_models:
+        return []
+    if stage == "ppo":
+        print("\n".join(check_rewards(recipe, train["prompt"])))
+        return []
+    if stage != "sft":
+        print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
+        return []
+    model = recipe.configs[0].model_name_or_path
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model, training_args.trust_remote_code)
+    lines, fatal = check_sft_rendering(train, tokenizer, training_args)
+    print("\n".join(lines))
+    return fatal
+
+
+REWARD_PROMPTS, REWARD_SAMPLES = 8, 4
+
+
+def check_rewards(recipe, prompts) -> list[str]:
+    """PPO: the reward of a few sampled responses (REWARD_SAMPLES for each of REWARD_PROMPTS prompts) and the
+    share of prompt groups whose rewards are all equal (such a group teaches a group-relative method nothing)."""
+    import torch
+
+    from hfgen.generate import generate_text
+    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.stages.ppo import load_scorer
+
+    model_args, _, config = recipe.configs
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
+    prompts = list(prompts[:REWARD_PROMPTS])
+    chat = not isinstance(prompts[0], str)
+    torch.manual_seed(config.seed)
+    samples = generate_text(
+        policy, tokenizer, prompts, max_new_tokens=config.response_length, temperature=config.temperature,
+        num_samples=REWARD_SAMPLES, chat=chat,
+    )  # fmt: skip
+    scorer = load_scorer(model_args, config)
+    groups = []
+    for prompt, responses in zip(prompts, samples):
+        total, _ = scorer([prompt] * len(responses), responses, torch.device("cpu"))
+        groups.append(total.tolist())
+    rewards = [r for group in groups for r in group]
+    equal = sum(max(g) - min(g) < 1e-6 for g in groups)
+    return [
+        f"reward of {len(rewards)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
+        f"mean {sum(rewards) / len(rewards):.3f}, min {min(rewards):.3f}, max {max(rewards):.3f}",
+        f"prompt groups whose rewards are all equal: {equal} of {len(groups)}",
+    ]
+
+
+def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:
+    """(report lines: rendered examples with trained tokens marked and the shares below, fatal findings: labels
+    fully masked, no EOS in the labels, a chat template whose generation prompt does not begin the training
+    conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
+    from trl.data_utils import common_prefix_length
+
+    from hfgen.stages.sft import split_prompt_response, tokenize_response
+
+    fatal = []
+    rows = rows.select(range(min(ROWS_RENDERED, len(rows))))
+    masked_loss = "completion" in rows.column_names and training_args.completion_only_loss is not False
+    masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
+    chat = "messages" in rows.column_names or isinstance(rows[0].get("completion", ""), list)
+    if chat and tokenizer.chat_template is None:
+        return [], ["the data is conversational but the tokenizer has no chat template"]
+    examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
+    for row in rows:
+        prompt, response = split_prompt_response(row, "text")
+        if response is None:
+            continue
+        tokenized = tokenize_response(tokenizer, prompt, response, training_args.max_length)
+        if tokenized is None:
+            fully_masked += 1
+            continue
+        ids, start = tokenized
+        start = start if masked_loss else 0
+        with_eos += tokenizer.eos_token_id in ids[max(start, 1) :]
+        if chat and prompt:
+            prompt_ids = tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            prompt_ids = prompt_ids["input_ids"]
+            full = tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"]
+            mismatched += common_prefix_length(prompt_ids, full) < len(prompt_ids)
+        if len(examples) < EXAMPLES:
+            examples.append(tokenizer.decode(ids[:start]) + "[[" + tokenizer.decode(ids[start:]) + "]]")
+    total = len(rows)
+    lines = ["rendered examples (trained tokens in [[...]]):"] + ["  " + e.replace("\n", "\\n") for e in examples]
+    share_masked = fully_masked / total if total else 0.0
+    lines.append(f"labels fully masked after truncation (max_length={training_args.max_length}): {share_masked:.1%}")
+    lines.append(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")
+    if chat:
+        lines.append(f"rows whose generation prompt differs from the training rendering: {mismatched}")
+    if share_masked > MAX_FULLY_MASKED:
+        fatal.append(
+            f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="
+            f"{training_args.max_length}: raise max_length"
+        )
+    if total > fully_masked and with_eos == 0:
+        fatal.append(
+            f"EOS ('{tokenizer.eos_token}') is inside no row's labels: the model would never learn to stop "
+            "(plain text needs the tokenizer's eos_token; a chat template must end assistant turns with it)"
+        )
+    if mismatched:
+        fatal.append(
+            f"the chat template's generation prompt does not begin the training conversations in {mismatched} rows: "
+            "the model would be sampled from a prompt it never trained on; fix the template's add_generation_prompt"
+        )
+    return lines, fatal

@@ -1,0 +1,395 @@
+"""Dataset layouts, declared not guessed: converters from the layouts people have (Alpaca, Dolly, ShareGPT, chat
+`messages`, prompt/completion, preference pairs, prompt-only, unpaired preferences) to the standard columns TRL's
+trainers read, and one policy for bad rows.
+
+    to_standard(dataset, kind, format=None, columns=None, source="data.jsonl") -> (dataset, report)
+
+`kind` is what the stage trains on:
+
+    text                 text                                   (pretraining)
+    sft                  text | prompt, completion | messages   (SFT)
+    preference           [prompt,] chosen, rejected             (reward models, DPO-style stages)
+    prompt               prompt: a string or chat messages      (PPO, GRPO-style stages)
+    unpaired_preference  prompt, completion, label              (KTO-style stages)
+
+`format` names the layout (`dataset_format:` in a recipe); without it the layout is detected, and only when the
+columns leave one choice. `columns` maps the layout's column names to the file's (`dataset_columns:`), e.g.
+`{prompt: instruction, completion: output}` or, for Alpaca with other names, `{output: answer}`.
+
+Bad rows: a row that lacks a required value (null, a missing JSON key) breaks the file: UserError naming the file,
+row and column, since training on it would silently train on something else. Rows that are merely unusable (empty
+text, an empty line of a CSV or text file, preference pairs with chosen equal to rejected) are dropped and counted
+in the report; too many such pairs (over MAX_IDENTICAL_PAIRS of the file) is a UserError, since that is a broken
+export rather than noise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hfgen.errors import UserError
+
+KINDS = ("text", "sft", "preference", "prompt", "unpaired_preference")
+MAX_IDENTICAL_PAIRS = 0.10  # a larger share of chosen == rejected pairs refuses the file
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES |= {"chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
+
+
+@dataclass(frozen=True)
+class Format:
+    """A dataset layout: the columns it needs, the ones it may have, the kinds it feeds, and its converter from
+    one row to rows of each kind (None when the row is unusable, with the reason in `drop_reason`)."""
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    describe: str = ""
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("text", ("text",), (), ("text", "sft"), "one text per row"),
+        Format("alpaca", ("instruction", "output"), ("input",), ("sft", "prompt"), "instruction, input, output"),
+        Format("dolly", ("instruction", "response"), ("context",), ("sft", "prompt"), "instruction, context, response"),
+        Format("sharegpt", ("conversations",), ("system",), ("sft", "prompt"), "conversations of {from, value} turns"),
+        Format("messages", ("messages",), (), ("sft", "prompt"), "messages of {role, content} turns"),
+        Format("prompt_completion", ("prompt", "completion"), (), ("sft", "prompt"), "prompt and completion"),
+        Format(
+            "preference", ("chosen", "rejected"), ("prompt",), ("preference", "prompt"), "[prompt,] chosen, rejected"
+        ),
+        Format("prompt", ("prompt",), (), ("prompt",), "a prompt: text or chat messages"),
+        Format(
+            "unpaired_preference",
+            ("prompt", "completion", "label"),
+            (),
+            ("unpaired_preference", "sft", "prompt"),
+            "prompt, completion, label (true = desirable)",
+        ),
+    )
+}
+# The columns a kind reads as they are: when they are present the data is already standard.
+STANDARD = {
+    "text": [("text",)],
+    "sft": [("messages",), ("prompt", "completion"), ("text",)],
+    "preference": [("chosen", "rejected")],
+    "prompt": [("prompt",)],
+    "unpaired_preference": [("prompt", "completion", "label")],
+}
+STANDARD_FORMAT = {("text",): "text", ("messages",): "messages", ("prompt", "completion"): "prompt_completion"}
+STANDARD_FORMAT |= {("chosen", "rejected"): "preference", ("prompt",): "prompt"}
+STANDARD_FORMAT |= {("prompt", "completion", "label"): "unpaired_preference"}
+
+
+@dataclass
+class DataReport:
+    """What conversion did to one split: its layout, rows read and kept, rows dropped by reason, notes."""
+
+    source: str
+    format: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "format": self.format,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "dropped": dict(self.dropped),
+            "notes": self.notes,
+        }
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{n} {reason}" for reason, n in self.dropped.items())
+        return f"{self.rows_kept} of {self.rows_read} rows ({self.format})" + (
+            f"; dropped {dropped}" if dropped else ""
+        )
+
+
+# ---- choosing the layout ------------------------------------------------------------------------------
+
+
+def detect_format(column_names: list[str], kind: str, source: str) -> str:
+    """The layout of a dataset with these columns, for `kind`: its standard columns when present, else the one
+    layout whose required columns are there (a layout needing more columns beats one needing a subset of them)."""
+    present = set(column_names)
+    standard = [cols for cols in STANDARD[kind] if present >= set(cols)]
+    if len(standard) == 1 or (kind == "text" and standard):
+        return STANDARD_FORMAT[standard[0]]
+    candidates = [f for f in FORMATS.values() if kind in f.kinds and present >= set(f.required)]
+    if len(standard) > 1:
+        candidates = [FORMATS[STANDARD_FORMAT[cols]] for cols in standard]
+    widest = [f for f in candidates if not any(set(f.required) < set(g.required) for g in candidates)]
+    if len(widest) == 1:
+        return widest[0].name
+    suitable = ", ".join(f"{f.name} ({f.describe})" for f in FORMATS.values() if kind in f.kinds)
+    if not widest:
+        raise UserError(
+            f"dataset '{source}' has columns {column_names}, which match no {kind} layout; set dataset_format to "
+            f"one of: {suitable}; and dataset_columns to map other column names, e.g. "
+            "dataset_columns: {prompt: question, completion: answer}"
+        )
+    raise UserError(
+        f"dataset '{source}' has columns {column_names}, which fit several {kind} layouts "
+        f"({', '.join(f.name for f in widest)}); set dataset_format to the one meant"
+    )
+
+
+def parse_columns(value) -> dict[str, str]:
+    """`dataset_columns` from a recipe: a mapping (YAML or JSON) or `a=b,c=d`, LAYOUT_NAME -> FILE_COLUMN."""
+    import json
+
+    if not value:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise UserError(f"dataset_columns '{value}' is not a valid mapping: {error}") from None
+        else:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise UserError(f"dataset_columns '{value}': write a mapping, e.g. {{prompt: instruction}}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise UserError(f"dataset_columns must map a layout's column names to the file's, got {value!r}")
+    return dict(value)
+
+
+# ---- conversion --------------------------------------------------------------------------------------------
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
+
+
+def _turns(row: int, column: str, turns, role_key: str, content_key: str, source: str) -> list[dict]:
+    """Chat turns as {role, content}; a turn without its role or content breaks the file."""
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get(role_key) is None or turn.get(content_key) is None:
+            raise UserError(
+                f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} lacks '{role_key}' or "
+                f"'{content_key}' ({turn!r})"
+            )
+        role = turn[role_key]
+        if role_key == "from":
+            role = SHAREGPT_ROLES.get(str(role).lower())
+            if role is None:
+                raise UserError(
+                    f"dataset '{source}' row {row + 1}: unknown ShareGPT speaker '{turn[role_key]}'; "
+                    f"known: {', '.join(SHAREGPT_ROLES)}"
+                )
+        messages.append({"role": role, "content": turn[content_key]})
+    return messages
+
+
+def _instruction_prompt(instruction: str, extra: str | None) -> str:
+    """Alpaca and Dolly as plain prompt/completion: the instruction, then its input or context, then a blank line."""
+    return instruction + (f"\n\n{extra}" if extra and extra.strip() else "") + "\n\n"
+
+
+def _prompt_of(messages: list[dict]) -> list[dict] | None:
+    """A conversation's prompt: its turns up to the last user turn."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    return messages[: last + 1] if last is not None else None
+
+
+def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> dict | str:
+    """One row in the kind's standard columns, or the reason it is unusable (a string)."""
+    if fmt == "text":
+        return {"text": row["text"]} if not _is_empty(row["text"]) else "empty text"
+    if fmt in ("alpaca", "dolly"):
+        answer, extra = ("output", "input") if fmt == "alpaca" else ("response", "context")
+        if _is_empty(row["instruction"]) or (kind == "sft" and _is_empty(row[answer])):
+            return "empty text"
+        prompt = _instruction_prompt(row["instruction"], row.get(extra))
+        return {"prompt": prompt} if kind == "prompt" else {"prompt": prompt, "completion": row[answer]}
+    if fmt in ("sharegpt", "messages"):
+        column, role_key, content_key = (
+            ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
+        )
+        messages = _turns(index, column, row[column], role_key, content_key, source)
+        if fmt == "sharegpt" and row.get("system") and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": row["system"]}] + messages
+        if kind == "prompt":
+            prompt = _prompt_of(messages)
+            return {"prompt": prompt} if prompt else "no user turn"
+        if not any(m["role"] == "assistant" and not _is_empty(m["content"]) for m in messages):
+            return "no assistant turn"
+        return {"messages": messages}
+    if fmt == "prompt_completion" or fmt == "unpaired_preference":
+        if _is_empty(row["prompt"]) or (kind != "prompt" and _is_empty(row["completion"])):
+            return "empty text"
+        if kind == "prompt":
+            return {"prompt": row["prompt"]}
+        standard = {"prompt": row["prompt"], "completion": row["completion"]}
+        return standard | ({"label": bool(row["label"])} if kind == "unpaired_preference" else {})
+    if fmt == "preference":
+        return _preference_row(kind, row)
+    if fmt == "prompt":
+        return {"prompt": row["prompt"]} if not _is_empty(row["prompt"]) else "empty prompt"
+    raise KeyError(fmt)
+
+
+def _preference_row(kind: str, row: dict) -> dict | str:
+    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if kind == "prompt":
+        if _is_empty(prompt):
+            return "no prompt column" if "prompt" not in row else "empty prompt"
+        return {"prompt": prompt}
+    if _is_empty(chosen) or _is_empty(rejected):
+        return "empty text"
+    if isinstance(chosen, list) and isinstance(prompt, str):
+        # UltraFeedback-binarized: a text prompt beside whole conversations (user turn included). The
+        # conversations are the pair; the shared turns before the answers are TRL's implicit prompt.
+        prompt = None
+    if chosen == rejected:
+        return "chosen equal to rejected"
+    return {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if prompt is not None else {})
+
+
+def check_required_values(dataset, columns: list[str], source: str, blank: list[bool]) -> None:
+    """Every row that is not blank has a value in every required column: a null (a JSON row missing the key, an
+    empty CSV cell in a row that has other values) breaks the file, named by row and column."""
+    import pyarrow.compute as pc
+
+    for column in columns:
+        nulls = [null and not skip for null, skip in zip(pc.is_null(dataset.data.column(column)).to_pylist(), blank)]
+        if any(nulls):
+            rows = [i + 1 for i, null in enumerate(nulls) if null]
+            raise UserError(
+                f"dataset '{source}': {len(rows)} row(s) lack a value in required column '{column}' (rows {rows[:5]}"
+                f"{'...' if len(rows) > 5 else ''}, counted from 1); fix or remove them"
+            )
+
+
+def _blank_rows(dataset) -> list[bool]:
+    """Rows with no value in any column: the empty lines of a text file, CSV or JSON-lines file."""
+    import pyarrow.compute as pc
+
+    blank = None
+    for column in dataset.data.columns:
+        empty = pc.is_null(column)
+        if column.type == "string" or str(column.type) in ("string", "large_string"):
+            empty = pc.or_kleene(empty, pc.equal(pc.utf8_trim_whitespace(column), ""))
+        blank = empty if blank is None else pc.and_kleene(blank, empty)
+    return [bool(b) for b in pc.fill_null(blank, True).to_pylist()] if blank is not None else []
+
+
+def resolve_layout(dataset, kind: str, format: str | None, columns: dict[str, str] | None, source: str):
+    """(dataset with the layout's column names, layout name): clean header names, apply the column mapping,
+    detect or check the layout."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    dataset = dataset.flatten_indices()  # the Arrow checks read dataset.data, which a split's selection hides
+    names = [c.strip().lstrip("\ufeff") for c in dataset.column_names]  # spreadsheets write a BOM, stray spaces
+    if names != dataset.column_names:
+        dataset = dataset.rename_columns(dict(zip(dataset.column_names, names)))
+    columns = columns or {}
+    missing = [file_column for file_column in columns.values() if file_column not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"dataset_columns names column(s) {missing} that dataset '{source}' lacks (it has {dataset.column_names})"
+        )
+    renames = {file_column: name for name, file_column in columns.items() if name != file_column}
+    clashes = [name for name in renames.values() if name in dataset.column_names and name not in renames]
+    if clashes:  # the file's own column of that name would be shadowed: keep it out of the way
+        dataset = dataset.remove_columns(clashes)
+    dataset = dataset.rename_columns(renames)
+
+    fmt = format or detect_format(dataset.column_names, kind, source)
+    if fmt not in FORMATS:
+        raise UserError(f"dataset_format '{fmt}' is not a known layout; choose from {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    if kind not in spec.kinds:
+        suitable = ", ".join(f.name for f in FORMATS.values() if kind in f.kinds)
+        raise UserError(f"dataset_format '{fmt}' cannot feed this stage ({kind} data); it takes: {suitable}")
+    lacking = [c for c in spec.required if c not in dataset.column_names]
+    if lacking:
+        raise UserError(
+            f"dataset '{source}' ({fmt} layout: {spec.describe}) lacks column(s) {lacking}; it has "
+            f"{dataset.column_names}. Map other names with dataset_columns, e.g. {{{lacking[0]}: YOUR_COLUMN}}"
+        )
+    return dataset, fmt
+
+
+def required_columns(fmt: str, kind: str) -> list[str]:
+    """The columns every row must have a value in: prompt-only stages need no answers."""
+    if kind == "prompt":
+        return (
+            ["prompt"]
+            if fmt in ("preference", "prompt_completion", "unpaired_preference")
+            else [c for c in FORMATS[fmt].required if c not in ("output", "response")]
+        )
+    return list(FORMATS[fmt].required)
+
+
+def check_rows(dataset, kind: str, format: str | None = None, columns: dict | None = None, source: str = "dataset"):
+    """The broken-file checks of `to_standard` alone, on a whole split as read: row numbers are the file's."""
+    dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
+    needed = [c for c in required_columns(fmt, kind) if c in dataset.column_names]
+    check_required_values(dataset, needed, source, _blank_rows(dataset))
+
+
+def to_standard(
+    dataset, kind: str, format: str | None = None, columns: dict[str, str] | None = None, source: str = "dataset"
+):
+    """(dataset in the kind's standard columns, DataReport). See the module docstring."""
+    dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
+    spec = FORMATS[fmt]
+    report = DataReport(source=source, format=fmt, rows_read=len(dataset))
+    blank = _blank_rows(dataset)
+    needed = [c for c in required_columns(fmt, kind) if c in dataset.column_names]
+    check_required_values(dataset, needed, source, blank)
+    if any(blank):
+        report.dropped["empty rows"] += sum(blank)
+        dataset = dataset.select([i for i, b in enumerate(blank) if not b])
+
+    keep = [c for c in (*spec.required, *spec.optional) if c in dataset.column_names]
+    reasons: list[str | None] = []
+
+    def convert(row, index):
+        result = _standard_row(fmt, kind, row, index, source)
+        reasons.append(result if isinstance(result, str) else None)
+        return result if isinstance(result, dict) else {}
+
+    rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep))]
+    kept = [r for r in rows if r]
+    report.dropped.update(reason for reason in reasons if reason)
+    report.rows_kept = len(kept)
+    identical = report.dropped.get("chosen equal to rejected", 0)
+    if identical > MAX_IDENTICAL_PAIRS * report.rows_read:
+        raise UserError(
+            f"dataset '{source}': {identical} of {report.rows_read} pairs have chosen equal to rejected (more than "
+            f"{MAX_IDENTICAL_PAIRS:.0%}), which looks like a broken export; fix the file"
+        )
+    return _from_rows(kept, source), report
+
+
+def _from_rows(rows: list[dict], source: str):
+    """A Dataset of the converted rows; a column mixing text and chat turns cannot be one Arrow column."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise UserError(
+            f"dataset '{source}' mixes text and chat messages in one column ({str(error).splitlines()[0]}); "
+            "use one or the other"
+        ) from None
+
+
+def require_rows(dataset, report: DataReport, what: str = "training rows") -> None:
+    """No usable row left is a UserError naming why the rows went."""
+    if len(dataset) == 0:
+        why = report.summary() if report.dropped else "the split is empty"
+        raise UserError(f"dataset '{report.source}' has no usable {what}: {why}")

@@ -1,0 +1,81 @@
+"""Mixtures of datasets: `datasets: [{name: ..., weight: 0.7, format: ...}, ...]` in a recipe.
+
+A weight is the probability that the next training example comes from that set (weights are normalised), as in
+`datasets.interleave_datasets`. Stopping rule: the mixture ends when one set runs out ("first_exhausted"), so no
+example is repeated and the weights hold over the whole mixture; the sets' evaluation splits are concatenated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from hfgen.errors import UserError
+
+SOURCE_COLUMN = "_mixture_set"
+
+
+@dataclass
+class MixtureEntry:
+    """One set of a mixture: where it comes from, its weight, and its layout."""
+
+    name: str
+    weight: float = 1.0
+    format: str | None = None
+    columns: dict | str | None = None
+    config: str | None = None
+    train_split: str | None = None
+    test_split: str | None = None
+
+
+ENTRY_KEYS = ("name", "weight", "format", "columns", "config", "train_split", "test_split")
+
+
+def parse_mixture(entries: list) -> list[MixtureEntry]:
+    """`datasets` from a recipe (mappings, or their JSON text as the command line passes them) -> entries."""
+    parsed = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            try:
+                entry = json.loads(entry) if entry.strip().startswith("{") else {"name": entry}
+            except json.JSONDecodeError as error:
+                raise UserError(f"datasets entry {i + 1} '{entry}' is not a mapping: {error}") from None
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise UserError(f"datasets entry {i + 1} needs a name: {{name: DATASET, weight: 0.5, format: alpaca}}")
+        unknown = [key for key in entry if key not in ENTRY_KEYS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], ENTRY_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(
+                f"datasets entry {i + 1} ('{entry['name']}'): unknown key '{unknown[0]}'{hint}; keys: {', '.join(ENTRY_KEYS)}"
+            )
+        try:
+            weight = float(entry.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = -1.0
+        if not weight > 0:
+            raise UserError(f"datasets entry {i + 1} ('{entry['name']}'): weight must be a positive number")
+        parsed.append(MixtureEntry(**{**entry, "weight": weight}))
+    return parsed
+
+
+def interleave(sets: list, weights: list[float], seed: int, names: list[str]):
+    """(mixed training set, rows drawn from each set by name)."""
+    import datasets
+
+    features = sets[0].features
+    for name, dataset in zip(names[1:], sets[1:]):
+        if dataset.features != features:
+            raise UserError(
+                f"the datasets of the mixture convert to different columns ('{names[0]}': {dict(features)}; "
+                f"'{name}': {dict(dataset.features)}): give them the same layout (e.g. all chat messages)"
+            )
+    tagged = [d.add_column(SOURCE_COLUMN, [i] * len(d)) for i, d in enumerate(sets)]
+    total = sum(weights)
+    mixed = datasets.interleave_datasets(
+        tagged, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="first_exhausted"
+    )
+    drawn = Counter(mixed[SOURCE_COLUMN])
+    return mixed.remove_columns(SOURCE_COLUMN), {name: drawn.get(i, 0) for i, name in enumerate(names)}

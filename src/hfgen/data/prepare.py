@@ -1,0 +1,146 @@
+"""A text stage's data, end to end: load each source, pick its splits, convert it to the stage's standard columns
+(hfgen.data.formats), drop and count unusable rows, mix several sources (hfgen.data.mixture), and record what
+happened in OUTPUT_DIR/data.json and on the console.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen.data.formats import FORMATS, DataReport, check_rows, parse_columns, require_rows, to_standard
+from hfgen.data.loading import DataArguments, load_raw, split_dataset
+from hfgen.data.mixture import interleave, parse_mixture
+from hfgen.errors import UserError
+
+
+@dataclass
+class TextDataArguments(DataArguments):
+    """Data keys of the text stages: the layout of the data, a column mapping, and mixtures."""
+
+    dataset_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Layout of the data: " + ", ".join(FORMATS) + ". Detected from the columns when unset and "
+            "unambiguous.",
+            "choices": [None, *FORMATS],
+        },
+    )
+    dataset_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Map the layout's column names to the file's, e.g. {prompt: instruction, completion: output}."
+        },
+    )
+    datasets: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "A mixture instead of dataset_name: [{name: DATA, weight: 0.7, format: alpaca, columns: {...}, "
+            "config: C, train_split: S, test_split: T}, ...]; weight = probability of drawing from the set."
+        },
+    )
+
+    def __post_init__(self):
+        self.dataset_columns = parse_columns(self.dataset_columns) or None
+        self.mixture = parse_mixture(self.datasets)
+
+
+def _one_source(args, kind: str, seed: int, name: str, fmt, columns: dict, notes: list[str], **split_keys):
+    """(train, eval, train report, eval report) of one source."""
+    raw = load_raw(name, split_keys.pop("config", None))
+    for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
+        check_rows(split, kind, fmt, columns, source=name)
+    source_args = dataclasses.replace(args, dataset_name=name, **{k: v for k, v in split_keys.items() if v})
+    train, evaluation = split_dataset(raw, source_args, seed, notes)
+    train, train_report = to_standard(train, kind, fmt, columns, source=name)
+    evaluation, eval_report = to_standard(evaluation, kind, fmt, columns, source=name)
+    train_report.notes += notes
+    require_rows(train, train_report)
+    require_rows(evaluation, eval_report, "evaluation rows")
+    return train, evaluation, train_report, eval_report
+
+
+def load_for_stage(args, kind: str, seed: int = 0, default_columns: dict[str, str] | None = None):
+    """(train, eval, records): the stage's data in the standard columns of `kind`; records say which layout,
+    split and rows were used, which were dropped and why, and for a mixture how many rows each set gave."""
+    import datasets
+
+    default_columns = {k: v for k, v in (default_columns or {}).items() if k != v}
+    if args.mixture and args.dataset_name:
+        raise UserError("set either dataset_name or datasets (a mixture), not both")
+    if not args.mixture:
+        if not args.dataset_name:
+            raise UserError("dataset_name is not set")
+        columns = {**default_columns, **(args.dataset_columns or {})}
+        train, evaluation, train_report, eval_report = _one_source(
+            args, kind, seed, args.dataset_name, args.dataset_format, columns, [], config=args.dataset_config
+        )
+        return train, evaluation, {"train": train_report.as_dict(), "eval": eval_report.as_dict()}
+
+    trains, evals, reports = [], [], []
+    for entry in args.mixture:
+        columns = {**default_columns, **parse_columns(entry.columns)}
+        train, evaluation, train_report, eval_report = _one_source(
+            args, kind, seed, entry.name, entry.format, columns, [],
+            config=entry.config, dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
+        )  # fmt: skip
+        trains.append(train)
+        evals.append(evaluation)
+        reports.append((train_report, eval_report))
+    names = [f"{i + 1}:{entry.name}" for i, entry in enumerate(args.mixture)]
+    mixed, drawn = interleave(trains, [e.weight for e in args.mixture], seed, names)
+    records = {
+        "mixture": [
+            {"name": e.name, "weight": e.weight, "rows_drawn": drawn[n], "train": t.as_dict(), "eval": v.as_dict()}
+            for e, n, (t, v) in zip(args.mixture, names, reports)
+        ],
+        "stopping_strategy": "first_exhausted",
+        "train_rows": len(mixed),
+    }
+    return mixed, datasets.concatenate_datasets(evals), records
+
+
+def summary_lines(records: dict) -> list[str]:
+    """The records as console lines."""
+    if "mixture" in records:
+        lines = [f"data: mixture of {len(records['mixture'])} sets, {records['train_rows']} training rows"]
+        for entry in records["mixture"]:
+            report = DataReport(**{k: v for k, v in entry["train"].items()})
+            lines.append(
+                f"  {entry['name']} (weight {entry['weight']}): {entry['rows_drawn']} drawn; {report.summary()}"
+            )
+        return lines
+    train, evaluation = (DataReport(**records[s]) for s in ("train", "eval"))
+    return [f"data: train {train.summary()}; eval {evaluation.summary()}"] + [f"  {n}" for n in train.notes]
+
+
+def record(output_dir, records: dict) -> None:
+    """data.json in the run dir, and the summary on the console (main process only)."""
+    from hfgen import tracking
+
+    if not tracking.is_main_process():
+        return
+    tracking.write_json(Path(output_dir) / "data.json", records)
+    print("\n".join(summary_lines(records)))
+
+
+def drop_and_count(dataset, keep: list[bool], records: dict, reason: str, split: str = "train"):
+    """Drop rows the stage found unusable (e.g. longer than max_length), counted in `records`."""
+    dropped = len(keep) - sum(keep)
+    if dropped:
+        target = records[split] if split in records else None
+        if target is not None:
+            target["dropped"][reason] = target["dropped"].get(reason, 0) + dropped
+            target["rows_kept"] -= dropped
+        else:
+            records.setdefault(f"{split}_dropped", {})[reason] = dropped
+        dataset = dataset.select([i for i, k in enumerate(keep) if k])
+    return dataset
+
+
+def check_text_data(args, kind: str, default_columns: dict[str, str] | None = None) -> tuple[tuple | None, list[str]]:
+    """For a stage's check: ((train, eval, records), []) or (None, [the problem]); quiet."""
+    from hfgen.data.loading import load_splits_for_check
+
+    return load_splits_for_check(lambda a: load_for_stage(a, kind, default_columns=default_columns), args)

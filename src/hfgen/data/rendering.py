@@ -1,0 +1,34 @@
+"""Text as a model reads it: a prompt and a response joined the way TRL's trainers join them, for tokenizers with
+and without an EOS token or a chat template (encoder classifiers such as BERT or DeBERTa have neither: their own
+[CLS]/[SEP] special tokens frame the text, and conversations are written with a plain template)."""
+
+from __future__ import annotations
+
+
+def plain_conversation(messages: list[dict]) -> str:
+    """A conversation as plain text, for a tokenizer without a chat template: 'User: ...' / 'Assistant: ...'."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def uses_plain_template(tokenizer, conversational: bool) -> bool:
+    """Whether conversations are rendered with the plain template (the tokenizer has no chat template)."""
+    return conversational and not getattr(tokenizer, "chat_template", None)
+
+
+def sequence_text(tokenizer, prompt, response) -> tuple[str, bool]:
+    """(text, add_special_tokens) for prompt + response as a reward model reads it: the chat template for
+    conversations (its special tokens are in the text), else the plain template or plain text with EOS appended when
+    the tokenizer has one, tokenized with the tokenizer's own special tokens."""
+    if isinstance(response, list) or isinstance(prompt, list):
+        messages = list(prompt or []) + (response if isinstance(response, list) else [])
+        if uses_plain_template(tokenizer, True):
+            return plain_conversation(messages), True
+        return tokenizer.apply_chat_template(messages, tokenize=False), False
+    text = (prompt or "") + response
+    eos = tokenizer.eos_token
+    return (text if not eos or text.endswith(eos) else text + eos), True
+
+
+def sequence_ids(tokenizer, prompt, response) -> list[int]:
+    text, special = sequence_text(tokenizer, prompt, response)
+    return tokenizer(text=text, add_special_tokens=special)["input_ids"]

@@ -1,0 +1,86 @@
+"""`hfgen check`: the report on a good SFT recipe, and exit 2 naming the problem on recipes made to show fully
+masked labels, a missing EOS in the labels and a chat template that generates from another prompt."""
+
+import pytest
+
+from conftest import REPO
+from hfgen.cli import main as hfgen_main
+from tiny_models import save_tiny_llama
+
+SFT_FULL = REPO / "recipes/tiny/sft_full.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def with_template(tiny_lm, tmp_path, old, new):
+    """A copy of the tiny model's tokenizer whose chat template has `old` replaced by `new`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    assert old in tokenizer.chat_template
+    tokenizer.chat_template = tokenizer.chat_template.replace(old, new)
+    path = tmp_path / "model"
+    for file in tiny_lm.iterdir():
+        (path / file.name).parent.mkdir(exist_ok=True)
+        (path / file.name).write_bytes(file.read_bytes())
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def check(capsys, *argv, small=True):
+    caps = ["--max_train_samples", "200", "--max_eval_samples", "20"] if small else []
+    try:
+        code = hfgen_main(["check", *map(str, argv), *caps])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_check_reports_the_data_and_rendered_examples(tiny_lm, capsys):
+    code, out, _ = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm)
+    assert code == 0
+    assert "200 of 200 rows (messages)" in out and out.count("[[") >= 3
+    assert "fully masked after truncation (max_length=128): 0.0%" in out and "EOS inside the labels: 200 of 200" in out
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("max_length", "6"), "fully masked labels after truncation at max_length=6"),
+        (("template", "message['content'] + '<|end|>'", "message['content']"), "EOS ('<|end|>') is inside no row's labels"),
+        (("template", "{{ '<|assistant|>\n' }}{%- endif %}", "{{ 'Assistant: ' }}{%- endif %}"), "generation prompt does not begin"),
+    ],
+    ids=["fully-masked", "no-eos-in-labels", "template-mismatch"],
+)  # fmt: skip
+def test_check_exits_2_naming_the_problem(tiny_lm, tmp_path, capsys, change, expected):
+    if change[0] == "max_length":
+        argv = ["--model_name_or_path", tiny_lm, "--max_length", change[1]]
+    else:
+        argv = ["--model_name_or_path", with_template(tiny_lm, tmp_path, *change[1:])]
+    code, _, err = check(capsys, SFT_FULL, *argv)
+    assert code == 2 and expected in err, err
+
+
+def test_check_says_which_checks_a_pipeline_skips(capsys):
+    code, out, _ = check(capsys, REPO / "recipes/tiny/rlhf.yaml", small=False)
+    assert code == 0 and "model-dependent checks skipped for every step (sft, reward, ppo)" in out
+
+
+def test_check_samples_rewards_for_ppo(tiny_lm, capsys):
+    code, out, _ = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm,
+                         "--reward_model_path", "null", "--reward_functions", "hfgen.data.embedded:oracle_scores",
+                         "--response_length", "8")  # fmt: skip
+    assert code == 0 and "reward of 32 sampled responses (4 for each of 8 prompts)" in out
+    assert "prompt groups whose rewards are all equal:" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes/tiny").glob("*.yaml")))
+def test_check_passes_every_shipped_tiny_recipe(recipe, capsys):
+    code, out, err = check(capsys, REPO / "recipes/tiny" / recipe, small=False)
+    assert code == 0, err
+    assert "valid" in out

@@ -1,0 +1,235 @@
+"""Dataset layouts, column mapping, splits, mixtures and the bad-row policy, on small files the tests write
+(data only: no model is built)."""
+
+import csv
+import gzip
+import json
+
+import pytest
+
+from hfgen.data.formats import to_standard
+from hfgen.data.prepare import TextDataArguments, load_for_stage
+from hfgen.errors import UserError
+
+
+def jsonl(path, rows, compress=False):
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if compress:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def load(path, kind, **keys):
+    return load_for_stage(TextDataArguments(dataset_name=str(path), **keys), kind)
+
+
+def turns(*pairs, role="role", content="content"):
+    return [{role: r, content: c} for r, c in pairs]
+
+
+ALPACA = [
+    {"instruction": f"name a colour {i}", "input": "" if i % 2 else "a warm one", "output": f"red {i}"}
+    for i in range(40)
+]
+DOLLY = [
+    {"instruction": f"sum {i}", "context": f"{i} and {i}", "response": f"{2 * i}", "category": "qa"} for i in range(40)
+]
+SHAREGPT = [
+    {
+        "conversations": turns(("human", f"hi {i}"), ("gpt", f"hello {i}"), role="from", content="value"),
+        "system": "be brief",
+    }
+    for i in range(40)
+]
+ULTRACHAT = [
+    {"prompt": f"q {i}", "prompt_id": f"id{i}", "messages": turns(("user", f"q {i}"), ("assistant", f"a {i}"))}
+    for i in range(40)
+]
+HH = [
+    {"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+    for i in range(40)
+]
+ULTRAFEEDBACK = [
+    {
+        "prompt": f"q{i}",
+        "chosen": turns(("user", f"q{i}"), ("assistant", f"good {i}")),
+        "rejected": turns(("user", f"q{i}"), ("assistant", f"bad {i}")),
+        "score_chosen": 8.0,
+    }
+    for i in range(40)
+]
+TLDR = [{"prompt": f"POST: story {i}\nTL;DR:", "chosen": f" short {i}", "rejected": f" long {i}"} for i in range(40)]
+
+
+@pytest.mark.parametrize(
+    "rows, kind, fmt, columns, check",
+    [
+        (ALPACA, "sft", "alpaca", ["prompt", "completion"], lambda r: r["prompt"].startswith("name a colour")),
+        (DOLLY, "sft", "dolly", ["prompt", "completion"], lambda r: "and" in r["prompt"]),
+        (SHAREGPT, "sft", "sharegpt", ["messages"], lambda r: [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]),
+        (ULTRACHAT, "sft", "messages", ["messages"], lambda r: r["messages"][1]["role"] == "assistant"),
+        (ULTRACHAT, "prompt", "prompt", ["prompt"], lambda r: isinstance(r["prompt"], str)),
+        (SHAREGPT, "prompt", "sharegpt", ["prompt"], lambda r: r["prompt"][-1]["role"] == "user"),
+        ([{"messages": turns(("user", f"q{i}"))} for i in range(40)], "prompt", "messages", ["prompt"], lambda r: len(r["prompt"]) == 1),
+        (HH, "preference", "preference", ["chosen", "rejected"], lambda r: r["chosen"].startswith("\n\nHuman")),
+        (ULTRAFEEDBACK, "preference", "preference", ["chosen", "rejected"], lambda r: r["chosen"][0]["role"] == "user"),
+        (TLDR, "preference", "preference", ["chosen", "prompt", "rejected"], lambda r: "TL;DR" in r["prompt"]),
+        (TLDR, "prompt", "prompt", ["prompt"], lambda r: "TL;DR" in r["prompt"]),
+        ([{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(40)], "unpaired_preference", "unpaired_preference", ["completion", "label", "prompt"], lambda r: isinstance(r["label"], bool)),
+    ],
+    ids=["alpaca", "dolly", "sharegpt", "ultrachat-sft", "ultrachat-prompts", "sharegpt-prompts", "messages-prompts", "hh-rlhf", "ultrafeedback", "tldr", "tldr-prompts", "unpaired"],
+)  # fmt: skip
+def test_each_layout_is_detected_and_converted(tmp_path, rows, kind, fmt, columns, check):
+    train, evaluation, records = load(jsonl(tmp_path / "data.jsonl", rows), kind)
+    assert records["train"]["format"] == fmt
+    assert sorted(train.column_names) == sorted(columns) and len(train) + len(evaluation) == len(rows)
+    assert all(check(row) for row in train)
+
+
+def test_format_and_column_mapping_are_declared(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "extra": 1} for i in range(20)]
+    path = jsonl(tmp_path / "qa.jsonl", rows)
+    with pytest.raises(UserError, match="match no sft layout.*dataset_format"):
+        load(path, "sft")
+    train, _, _ = load(path, "sft", dataset_columns='{"prompt": "question", "completion": "answer"}')
+    assert sorted(train.column_names) == ["completion", "prompt"]
+    train, _, records = load(path, "sft", dataset_format="alpaca", dataset_columns="instruction=question,output=answer")
+    assert records["train"]["format"] == "alpaca" and train[0]["completion"].startswith("a")
+    with pytest.raises(UserError, match="lacks column"):
+        load(path, "sft", dataset_format="dolly")
+
+
+def test_ambiguous_columns_ask_for_the_format(tmp_path):
+    rows = [{"text": "t", "messages": turns(("user", "q"), ("assistant", "a"))}] * 10
+    with pytest.raises(UserError, match="several sft layouts"):
+        load(jsonl(tmp_path / "both.jsonl", rows), "sft")
+    train, _, _ = load(jsonl(tmp_path / "both.jsonl", rows), "sft", dataset_format="messages")
+    assert train.column_names == ["messages"]
+
+
+def test_compressed_json_lines_load(tmp_path):
+    train, _, records = load(jsonl(tmp_path / "alpaca.jsonl.gz", ALPACA, compress=True), "sft")
+    assert records["train"]["format"] == "alpaca" and len(train) > 30
+
+
+def test_blank_lines_of_a_text_corpus_are_dropped_and_counted(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"paragraph {i} about the cat." if i % 3 == 2 else "" for i in range(90)))
+    train, evaluation, records = load(path, "text")
+    dropped = records["train"]["dropped"]["empty rows"] + records["eval"]["dropped"].get("empty rows", 0)
+    assert dropped == 60 and len(train) + len(evaluation) == 30 and all(t.strip() for t in train["text"])
+
+
+def test_spreadsheet_csv_with_bom_and_empty_lines(tmp_path):
+    path = tmp_path / "sheet.csv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:  # a BOM, as spreadsheets write
+        writer = csv.writer(f, lineterminator="\r\n")
+        writer.writerow(["prompt", " completion"])
+        for i in range(30):
+            writer.writerow([f"question {i}", f"answer {i}"])
+            if i % 10 == 0:
+                writer.writerow(["", ""])
+    train, evaluation, records = load(path, "sft")
+    assert sorted(train.column_names) == ["completion", "prompt"]
+    assert len(train) + len(evaluation) == 30
+
+
+def test_split_prefix_rule_is_used_and_recorded(tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_list(TLDR)
+    splits = {"train_prefs": rows, "test_prefs": rows.select(range(5)), "train_sft": rows, "test_sft": rows}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "uf")
+    with pytest.raises(UserError, match="several splits start with it \\(train_prefs, train_sft\\)"):
+        load(tmp_path / "uf", "preference")
+    train, evaluation, records = load(tmp_path / "uf", "preference", dataset_train_split="train_prefs")
+    assert len(evaluation) == 5 and any("test_prefs" in note for note in records["train"]["notes"])
+
+
+@pytest.mark.parametrize(
+    "rows, kind, expected",
+    [
+        (ALPACA[:10] + [{"instruction": "x", "input": ""}] + ALPACA[10:], "sft", ["'output'", "rows [11]"]),
+        ([{"text": "a"}] * 5 + [{"text": None, "id": 3}] + [{"text": "b"}] * 5, "text", ["'text'", "rows [6]"]),
+        ([{"conversations": [{"from": "human"}]}] * 10, "sft", ["turn 1", "value"]),
+        ([{"conversations": [{"from": "robot", "value": "x"}]}] * 10, "sft", ["robot"]),
+        ([{"chosen": "a", "rejected": "a"}] * 5 + [{"chosen": "a", "rejected": "b"}] * 20, "preference", ["chosen equal to rejected", "10%"]),
+        ([{"text": ""}] * 10, "text", ["no usable training rows", "empty"]),
+        ([{"prompt": "p", "chosen": "a"}] * 10, "preference", ["no preference layout", "rejected"]),
+    ],
+    ids=["alpaca-missing-output", "null-text", "turn-without-content", "unknown-speaker", "identical-pairs", "all-empty", "missing-column"],
+)  # fmt: skip
+def test_broken_files_raise_naming_row_and_column(tmp_path, rows, kind, expected):
+    with pytest.raises(UserError) as error:
+        load(jsonl(tmp_path / "bad.jsonl", rows), kind)
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_a_few_identical_pairs_are_dropped_and_counted(tmp_path):
+    rows = [{"chosen": f"a{i}", "rejected": f"b{i}" if i % 25 else f"a{i}"} for i in range(100)]
+    train, evaluation, records = load(jsonl(tmp_path / "pairs.jsonl", rows), "preference")
+    dropped = records["train"]["dropped"].get("chosen equal to rejected", 0) + records["eval"]["dropped"].get(
+        "chosen equal to rejected", 0
+    )
+    assert dropped == 4 and len(train) + len(evaluation) == 96
+
+
+def test_mixture_draws_by_weight_and_records_rows_per_set(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(400)])
+    b = jsonl(tmp_path / "b.jsonl", [{"content": f"b {i}"} for i in range(400)])
+    args = TextDataArguments(
+        datasets=[
+            json.dumps({"name": a, "weight": 0.8}),
+            json.dumps({"name": b, "weight": 0.2, "columns": {"text": "content"}}),
+        ]
+    )
+    train, evaluation, records = load_for_stage(args, "text", seed=0)
+    drawn = [entry["rows_drawn"] for entry in records["mixture"]]
+    assert sum(drawn) == len(train) and 3 < drawn[0] / drawn[1] < 6  # 0.8 / 0.2 = 4
+    assert records["stopping_strategy"] == "first_exhausted" and len(evaluation) == 40
+    with pytest.raises(UserError, match="did you mean 'weight'"):
+        TextDataArguments(datasets=[json.dumps({"name": a, "weigth": 1})])
+
+
+def test_to_standard_is_a_public_api_on_in_memory_data():
+    import datasets
+
+    rows = datasets.Dataset.from_list(DOLLY)
+    standard, report = to_standard(rows, "prompt", "dolly")
+    assert standard.column_names == ["prompt"] and report.rows_kept == 40
+
+
+def test_parquet_files_ultrachat_and_wikitext_style(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ULTRACHAT).to_parquet(tmp_path / "ultrachat.parquet")
+    train, _, records = load(tmp_path / "ultrachat.parquet", "sft")
+    assert records["train"]["format"] == "messages" and train.column_names == ["messages"]
+    lines = [" = Title = ", "", " text line one . ", "", "", " more text . "] * 20  # wikitext: many empty rows
+    datasets.Dataset.from_dict({"text": lines}).to_parquet(tmp_path / "wiki.parquet")
+    train, evaluation, records = load(tmp_path / "wiki.parquet", "text")
+    assert len(train) + len(evaluation) == 60
+
+
+def test_recipe_keys_take_yaml_mappings_for_columns_and_mixtures(tmp_path):
+    import yaml
+
+    from hfgen.recipe import load_recipe
+
+    a = jsonl(tmp_path / "a.jsonl", ALPACA)
+    b = jsonl(tmp_path / "b.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)])
+    recipe = {
+        "stage": "sft", "model_name_or_path": "x", "output_dir": str(tmp_path / "out"), "use_cpu": True, "bf16": False,
+        "datasets": [{"name": a, "weight": 0.5}, {"name": b, "weight": 0.5, "columns": {"prompt": "question", "completion": "answer"}}],
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    data_args = load_recipe(tmp_path / "r.yaml", check_inputs=False).configs[1]
+    assert [e.weight for e in data_args.mixture] == [0.5, 0.5]
+    train, _, records = load_for_stage(data_args, "sft")
+    assert [e["train"]["format"] for e in records["mixture"]] == ["alpaca", "prompt_completion"]
+    overridden = load_recipe(tmp_path / "r.yaml", ["--dataset_columns", "prompt=question"], check_inputs=False)
+    assert overridden.configs[1].dataset_columns == {"prompt": "question"}
