@@ -62,3 +62,10 @@ def test_splits_are_disjoint_and_the_tutor_is_careless():
     right = sum(arithmetic.exact_answer(prompts, answers)) / len(sft)
     assert 0.4 < right < 0.7  # room for RL above imitation
     assert all(arithmetic.parse_problem(p) for p in prompts)
+
+
+def test_gsm8k_exact_answer_by_hand():
+    solutions = ["She has 3 + 4 = 7 apples.\n#### 7", "Total 1,200 dollars.\n#### 1,200", "#### -3"]
+    responses = ["3 and 4 make 7. #### 7", "The answer: 1200.", "so it is 3"]
+    assert arithmetic.gsm8k_exact_answer(["q"] * 3, responses, solutions) == [1.0, 1.0, 0.0]
+    assert arithmetic.final_number("no number here") is None and arithmetic.final_number("x 2.0 y 5.0") == "5"

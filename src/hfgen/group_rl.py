@@ -231,7 +231,6 @@ def recorded(trainer_class):
                 local = torch.tensor(scores, device=rewards_per_func.device)
                 self._metrics[mode]["oracle/mean"].append(gather(local).mean().item())
             if mode == "train" and self.accelerator.is_main_process:
-                self._episodes += len(rewards_per_func)
                 self._samples = [
                     {"prompt": completion_text(p) if not isinstance(p, str) else p, "response": r,
                      **{name: rewards_per_func[i, j].item() for j, name in enumerate(self.reward_func_names)}}
@@ -244,6 +243,7 @@ def recorded(trainer_class):
             start = time.perf_counter()
             output = super().training_step(model, inputs, num_items_in_batch)
             self._timers["step"] += time.perf_counter() - start
+            self._episodes += self.args.per_device_train_batch_size  # completions trained on by this micro-step
             return output
 
         def log(self, logs, start_time=None):
@@ -376,10 +376,10 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
 
 
 def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArguments, config, name: str, oracle):
-    """`eval_samples_per_prompt` responses per held-out prompt from the starting model (SFT) and from the trained
-    policy, sampled as in training and with the same random numbers: mean of every reward component and the
+    """`eval_samples_per_prompt` responses per held-out prompt from the starting model (`sft/...`, as PPO names it)
+    and from the trained policy (`NAME/...`), sampled as in training and with the same random numbers: mean of every reward component and the
     oracle, exact match (the `exact_answer` reward when present), win rates of the trained policy (ties half), and
-    KL(trained || start) per response (summed over the trained policy's response tokens)."""
+    KL(trained || start) per response (`kl_to_reference`) (summed over the trained policy's response tokens)."""
     import torch
 
     from hfgen.evaluation.text import win_rate
@@ -404,9 +404,9 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, device)
     generation_config = sampling_config(tokenizer, config)
     judged, sampled = {}, None
-    for label, model in (("start", starting), (name, policy)):
+    for label, model in (("sft", starting), (name, policy)):
         torch.manual_seed(config.seed + 1)  # common random numbers: a less noisy comparison
-        use_adapter_off = label == "start" and model is None
+        use_adapter_off = label == "sft" and model is None
         model = policy if model is None else model.to(device)
         model.eval()
         with policy.disable_adapter() if use_adapter_off else _nothing():
@@ -446,15 +446,15 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
     results = {
         "eval/num_prompts": len(eval_rows),
         "eval/samples_per_prompt": data_args.eval_samples_per_prompt,
-        "kl_to_start": kl.mean().item(),
+        "kl_to_reference": kl.mean().item(),
     }
     for key in judged[name]:
-        results[f"start/{key}"] = sum(judged["start"][key]) / len(prompts)
+        results[f"sft/{key}"] = sum(judged["sft"][key]) / len(prompts)
         results[f"{name}/{key}"] = sum(judged[name][key]) / len(prompts)
         if key not in ("response_length", "eos_rate"):
-            results[f"win_rate/{key}"] = win_rate(judged[name][key], judged["start"][key])
+            results[f"win_rate/{key}"] = win_rate(judged[name][key], judged["sft"][key])
     if "exact_answer" in judged[name]:
-        results["start/exact_match"] = results["start/exact_answer"]
+        results["sft/exact_match"] = results["sft/exact_answer"]
         results[f"{name}/exact_match"] = results[f"{name}/exact_answer"]
     return results
 

@@ -1,11 +1,11 @@
 """An embedded task with verifiable answers, where RL can beat supervised fine-tuning: sums of single digits.
 
-A problem is a chain of three or four single digits to add ("3+8+5=?"); its answer is worked step by step in a
+A problem is a chain of three single digits to add ("3+8+5=?"); its answer is worked step by step in a
 fixed format ("3+8=11. 11+5=16. answer: 16"). The demonstrations come from a **careless tutor**: each step is
 miscalculated with probability `SLIP_RATE` (the wrong partial sum is then carried on), and some answers end
 without the "answer: N" line. A model fine-tuned on them learns to make the tutor's slips, so its sampled answers
 are often wrong; a rule reward that checks the exact answer can train the slips away, which no amount of imitation
-can. Every fact a step needs (x+y for x <= 27, y <= 9) is in the pretraining corpus, written correctly.
+can. Every fact a step needs (x+y for x <= 18, y <= 9) is in the pretraining corpus, written correctly.
 
 Problems are split by a hash of their digits, so held-out (test) problems are never in any train split.
 
@@ -27,9 +27,9 @@ import random
 import re
 import zlib
 
-SLIP_RATE = 0.2  # chance that the tutor gets one step wrong; with 2-3 steps about 45% of answers are wrong
+SLIP_RATE = 0.25  # chance that the tutor gets a step wrong; with 2 steps about 44% of answers are wrong
 NO_FORMAT_RATE = 0.1  # chance that the tutor ends with "so N" instead of "answer: N"
-TERMS = (3, 4)  # digits per problem
+TERMS = (3,)  # digits per problem: one length, so a digit's place in the prompt is fixed
 TEST_SHARE = 10  # one problem in TEST_SHARE (by hash) is held out
 SIZES = {"arithmetic_corpus": 4000, "arithmetic_instructions": 4000, "arithmetic_prompts": 4000}
 TEST_SIZE = 200
@@ -115,8 +115,8 @@ def _corpus_document(rng: random.Random) -> str:
     """Correct addition facts and correctly worked sums, in the task's own notation."""
     parts = []
     for _ in range(rng.randint(4, 10)):
-        if rng.random() < 0.5:
-            a, b = rng.randrange(28), rng.randrange(10)
+        if rng.random() < 0.2:
+            a, b = rng.randrange(19), rng.randrange(10)
             parts.append(f"{a}+{b}={a + b}.")
         else:
             digits = random_problem(rng, held_out=False)
@@ -172,3 +172,30 @@ def correct_steps(prompts: list[str], responses: list[str]) -> list[float]:
         written = [tuple(int(n) for n in step) for step in _STEP.findall(response)]
         scores.append(sum(a == b for a, b in zip(written, expected)) / len(expected))
     return scores
+
+
+# ---- GSM8K-style answers (recipes/qwen2.5-0.5b/grpo_gsm8k.yaml) -------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The answer a response or a GSM8K solution gives: the number after its last "####" or "answer:", else its
+    last number; commas and a trailing ".0" dropped."""
+    for marker in ("####", "answer:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            found = _NUMBER.findall(text)
+            return _canonical(found[0]) if found else None
+    found = _NUMBER.findall(text)
+    return _canonical(found[-1]) if found else None
+
+
+def _canonical(number: str) -> str:
+    number = number.replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def gsm8k_exact_answer(prompts: list[str], responses: list[str], answer: list[str]) -> list[float]:
+    """1.0 when the response's final number equals the GSM8K solution's "#### N" (the dataset's `answer` column)."""
+    return [float(final_number(r) is not None and final_number(r) == final_number(a)) for r, a in zip(responses, answer)]
