@@ -14,7 +14,9 @@ TINY_LLAMA_SIZES = {
 }
 
 
-def save_tiny_llama(path: Path, pretrain_steps: int = 0, seed: int = 0, tokenizer_name: str = "embedded:tiny-bpe") -> Path:
+def save_tiny_llama(
+    path: Path, pretrain_steps: int = 0, seed: int = 0, tokenizer_name: str = "embedded:tiny-bpe"
+) -> Path:
     """A ~110k-parameter Llama with the embedded tokenizer (chat template included), saved into `path`;
     `pretrain_steps` of next-token training on the embedded corpus first (150 steps: ~10 s on CPU, loss ~1.8)."""
     import torch

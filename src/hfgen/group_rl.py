@@ -365,9 +365,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         figures["episodes_per_s"] = figures["episodes"] / result.metrics["train_runtime"]
         if data_args.eval_samples_per_prompt:
             starting = None if model_args.use_peft else load_model(model_args, config, tokenizer)
-            figures |= evaluate_against_start(
-                trainer, starting, eval_rows, data_args, config, name, oracle
-            )
+            figures |= evaluate_against_start(trainer, starting, eval_rows, data_args, config, name, oracle)
         tracking.update_eval(output_dir, figures)
     return output_dir
 
@@ -411,7 +409,12 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
         model.eval()
         with policy.disable_adapter() if use_adapter_off else _nothing():
             sampled = sample_responses(
-                model, query_ids, query_mask, generation_config, data_args.eval_generation_batch_size, tokenizer.pad_token_id
+                model,
+                query_ids,
+                query_mask,
+                generation_config,
+                data_args.eval_generation_batch_size,
+                tokenizer.pad_token_id,
             )
         responses = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
         figures = {}
@@ -438,7 +441,13 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
     attention_mask = torch.cat([query_mask, (sampled.response_ids != tokenizer.pad_token_id).long()], dim=1)
     reference = starting.to(device) if starting is not None else None
     ref = reference_logprobs(
-        policy, reference, input_ids, attention_mask, query_ids.shape[1], config.temperature, data_args.eval_generation_batch_size
+        policy,
+        reference,
+        input_ids,
+        attention_mask,
+        query_ids.shape[1],
+        config.temperature,
+        data_args.eval_generation_batch_size,
     )
     response_mask = attention_mask[:, query_ids.shape[1] :].bool()
     kl = ((sampled.logprobs - ref) * response_mask).sum(1)

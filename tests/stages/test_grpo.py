@@ -159,3 +159,25 @@ def test_rloo_two_processes_end_with_identical_weights(tmp_path, models, free_po
     assert fingerprints[0] == fingerprints[1]
     assert load_file(run / "model.safetensors").keys() == load_file(models[0] / "model.safetensors").keys()
     assert [row["step"] for row in tracking.read_metrics(run) if "loss" in row] == [1, 2]
+
+
+def test_rlhf_pipeline_runs_grpo_in_ppos_place_with_or_without_a_reward_model(tmp_path):
+    from hfgen.recipe import load_recipe
+    from hfgen.stages.rlhf import pipeline_steps, step_recipe
+
+    (args,) = load_recipe("recipes/tiny/rlhf_grpo.yaml").configs  # check(): every step parses, stages match
+    assert pipeline_steps(args) == ("sft", "grpo")  # rule rewards only: no reward step
+    grpo = step_recipe(args, "grpo", check_inputs=False)
+    model_args, data_args, _ = grpo.configs
+    assert model_args.model_name_or_path == "outputs/tiny/arithmetic_sft" and data_args.reward_model_path is None
+    args.reward = "recipes/tiny/reward.yaml"
+    assert pipeline_steps(args) == ("sft", "reward", "grpo")
+    _, data_args, config = step_recipe(args, "grpo", check_inputs=False).configs
+    assert data_args.reward_model_path == "outputs/tiny/reward" and len(data_args.reward_functions) == 2
+    args.method = "ppo"
+    assert pipeline_steps(args) == ("sft", "reward", "ppo")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# bad\nstage: rlhf\nmethod: grpoo\noutput_dir: x\nsft: a\n")
+    result = run_hfgen("train", bad)
+    assert result.returncode == 2 and "method 'grpoo' is not one of ppo, grpo, rloo" in result.stderr

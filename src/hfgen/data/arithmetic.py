@@ -137,7 +137,9 @@ def generate_rows(name: str, split: str) -> list[dict]:
         digits = random_problem(rng, held_out)
         prompt = [{"role": "user", "content": problem_text(digits)}]
         if name == "arithmetic_instructions":
-            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": worked_answer(digits, rng)}]})
+            rows.append(
+                {"prompt": prompt, "completion": [{"role": "assistant", "content": worked_answer(digits, rng)}]}
+            )
         elif name == "arithmetic_prompts":
             rows.append({"prompt": prompt, "answer": str(sum(digits))})
         else:
@@ -198,4 +200,6 @@ def _canonical(number: str) -> str:
 
 def gsm8k_exact_answer(prompts: list[str], responses: list[str], answer: list[str]) -> list[float]:
     """1.0 when the response's final number equals the GSM8K solution's "#### N" (the dataset's `answer` column)."""
-    return [float(final_number(r) is not None and final_number(r) == final_number(a)) for r, a in zip(responses, answer)]
+    return [
+        float(final_number(r) is not None and final_number(r) == final_number(a)) for r, a in zip(responses, answer)
+    ]

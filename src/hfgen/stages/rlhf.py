@@ -47,9 +47,7 @@ class RLHFArguments:
     prerequisite: str | None = field(
         default=None, metadata={"help": "Recipe run first when its output_dir is not complete (e.g. pretraining)."}
     )
-    method: str = field(
-        default="ppo", metadata={"help": f"The last step's method (and stage): {' | '.join(METHODS)}."}
-    )
+    method: str = field(default="ppo", metadata={"help": f"The last step's method (and stage): {' | '.join(METHODS)}."})
     sft: str | None = field(default=None, metadata={"help": "Recipe of step 1 (stage sft)."})
     reward: str | None = field(default=None, metadata={"help": "Recipe of step 2 (stage reward)."})
     ppo: str | None = field(default=None, metadata={"help": "Recipe of step 3 (stage ppo)."})
@@ -189,10 +187,16 @@ def format_summary(summary: dict) -> str:
     judges = [key.split("/", 1)[1] for key in summary if key.startswith("win_rate/")]
     for judge in sorted(judges, key=lambda j: (j not in ("reward_model", "oracle"), j)):
         if f"{method}/{judge}" in summary:
-            rows += [(f"{judge} score: SFT -> {name}", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'{method}/{judge}']:.3f}"),
+            label = judge if judge.endswith("score") else f"{judge} score"
+            rows += [(f"{label}: SFT -> {name}", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'{method}/{judge}']:.3f}"),
                      (f"{judge} win rate of {name} over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
     if f"{method}/exact_match" in summary:
-        rows.append((f"exact match: SFT -> {name}", f"{summary['sft/exact_match']:.3f} -> {summary[f'{method}/exact_match']:.3f}"))
+        rows.append(
+            (
+                f"exact match: SFT -> {name}",
+                f"{summary['sft/exact_match']:.3f} -> {summary[f'{method}/exact_match']:.3f}",
+            )
+        )
     if "kl_to_reference" in summary:
         rows.append((f"KL({name} || SFT) per response, nats", summary["kl_to_reference"]))
     rows += [

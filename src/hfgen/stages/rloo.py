@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trl import RLOOConfig, ModelConfig
+from trl import ModelConfig, RLOOConfig
 
 from hfgen import group_rl
 from hfgen.group_rl import GroupRLArguments
