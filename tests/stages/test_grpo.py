@@ -66,6 +66,7 @@ def full_run(models, tmp_path_factory):
     return directory / "run"
 
 
+@pytest.mark.slow
 def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
     result = run_hfgen("train", write_recipe(tmp_path, models[0], num_generation=4))
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -77,6 +78,7 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
     assert "reward_weights has 1 values for 2 reward(s)" in result.stderr and "no attribute 'nope'" in result.stderr
 
 
+@pytest.mark.slow
 def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_path, models):
     from datasets import Dataset
     from trl.data_utils import maybe_apply_chat_template
