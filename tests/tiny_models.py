@@ -14,15 +14,17 @@ TINY_LLAMA_SIZES = {
 }
 
 
-def save_tiny_llama(path: Path, pretrain_steps: int = 0, seed: int = 0) -> Path:
+def save_tiny_llama(
+    path: Path, pretrain_steps: int = 0, seed: int = 0, tokenizer_name: str = "embedded:tiny-bpe"
+) -> Path:
     """A ~110k-parameter Llama with the embedded tokenizer (chat template included), saved into `path`;
     `pretrain_steps` of next-token training on the embedded corpus first (150 steps: ~10 s on CPU, loss ~1.8)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hfgen.models import build_embedded_tokenizer
+    from hfgen.models import load_tokenizer
 
-    tokenizer = build_embedded_tokenizer()
+    tokenizer = load_tokenizer(tokenizer_name)
     values = {**json.loads((REPO / "recipes/tiny/llama_tiny.json").read_text()), **TINY_LLAMA_SIZES}
     config = AutoConfig.for_model(**values)
     config.vocab_size = len(tokenizer)

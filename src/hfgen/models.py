@@ -14,6 +14,8 @@ from hfgen.errors import UserError
 
 EMBEDDED_TOKENIZER = "embedded:tiny-bpe"
 EMBEDDED_VOCAB_SIZE = 512
+ARITHMETIC_TOKENIZER = "embedded:arithmetic-bpe"  # digits one token each, for the embedded arithmetic task
+ARITHMETIC_VOCAB_SIZE = 288  # the 256 bytes, the special tokens and a few words
 PAD, EOS = "<|pad|>", "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 # `{% generation %}` marks assistant text, so TRL's `assistant_only_loss` can mask everything else.
@@ -46,7 +48,7 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None,
         metadata={
-            "help": f"Tokenizer: hub id, local dir, or '{EMBEDDED_TOKENIZER}' (trained here on the embedded corpus). Defaults to the model's."
+            "help": f"Tokenizer: hub id, local dir, or '{EMBEDDED_TOKENIZER}' / '{ARITHMETIC_TOKENIZER}' (trained here on the embedded corpus / arithmetic task). Defaults to the model's."
         },
     )
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16, float16."})
@@ -106,23 +108,31 @@ def check_config_file(key: str, name: str | None) -> list[str]:
 # ---- tokenizers -------------------------------------------------------------------------------------
 
 
-def build_embedded_tokenizer():
-    """A byte-level BPE tokenizer trained on the embedded corpus, as a normal HF fast tokenizer with a chat
-    template. Deterministic, offline, about a second."""
-    from hfgen.data.embedded import tokenizer_training_text
+def build_embedded_tokenizer(arithmetic: bool = False):
+    """A byte-level BPE tokenizer trained on the embedded corpus (or, `arithmetic`, on the arithmetic task's text
+    with every digit its own token, so numbers are spelled digit by digit), as a normal HF fast tokenizer with a
+    chat template. Deterministic, offline, about a second."""
+    from hfgen.data import arithmetic as arithmetic_task
+    from hfgen.data import embedded
 
-    return train_bpe_tokenizer(tokenizer_training_text(), EMBEDDED_VOCAB_SIZE)
+    texts = (arithmetic_task if arithmetic else embedded).tokenizer_training_text()
+    vocab_size = ARITHMETIC_VOCAB_SIZE if arithmetic else EMBEDDED_VOCAB_SIZE
+    return train_bpe_tokenizer(texts, vocab_size, split_digits=arithmetic)
 
 
-def train_bpe_tokenizer(texts, vocab_size: int):
+def train_bpe_tokenizer(texts, vocab_size: int, split_digits: bool = False):
     """A byte-level BPE tokenizer of `vocab_size` tokens trained on `texts` (an iterable of strings), as a normal
     HF fast tokenizer: pad and EOS tokens, the chat role tokens and hfgen's chat template. Deterministic for the
-    same texts in the same order."""
+    same texts in the same order. `split_digits`: every digit its own token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -144,8 +154,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     Guarantees a pad token distinct from EOS when it can (PPO needs EOS != PAD)."""
     from transformers import AutoTokenizer
 
-    if name == EMBEDDED_TOKENIZER:
-        return build_embedded_tokenizer()
+    if name in (EMBEDDED_TOKENIZER, ARITHMETIC_TOKENIZER):
+        return build_embedded_tokenizer(arithmetic=name == ARITHMETIC_TOKENIZER)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

@@ -13,12 +13,17 @@ Datasets (`embedded:NAME` in any dataset key), each with `train` and `test` spli
     instructions_pc {"prompt", "completion"}       the same, as conversational prompt/completion
     preferences     {"prompt", "chosen", "rejected"}  conversational preference pairs (chosen: higher oracle score)
     prompts         {"prompt"}                     conversational prompts for PPO and evaluation
+
+The `arithmetic_*` datasets (a task with verifiable answers, for GRPO/RLOO) live in `hfgen.data.arithmetic`.
 """
 
 from __future__ import annotations
 
 import random
 import re
+
+from hfgen.data.arithmetic import NAMES as ARITHMETIC_NAMES
+from hfgen.data.arithmetic import generate_rows as arithmetic_rows
 
 SUBJECTS = (
     "cat", "dog", "bird", "fish", "horse", "rabbit", "fox", "bear", "owl", "frog", "tree", "flower", "river",
@@ -218,14 +223,15 @@ def preference_pairs(count: int, seed: int) -> list[dict]:
     return [_preference_pair(rng) for _ in range(count)]
 
 
-NAMES = ("corpus", "instructions", "instructions_pc", "preferences", "prompts")
+NAMES = ("corpus", "instructions", "instructions_pc", "preferences", "prompts") + ARITHMETIC_NAMES
 
 
 def load_embedded(name: str):
     """A `datasets.DatasetDict` with train and test splits."""
     from datasets import Dataset, DatasetDict
 
-    return DatasetDict({split: Dataset.from_list(generate_rows(name, split)) for split in SPLIT_SEEDS})
+    generate = arithmetic_rows if name in ARITHMETIC_NAMES else generate_rows
+    return DatasetDict({split: Dataset.from_list(generate(name, split)) for split in SPLIT_SEEDS})
 
 
 def tokenizer_training_text() -> list[str]:

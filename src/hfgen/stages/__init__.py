@@ -19,6 +19,8 @@ STAGES = {
     "sft": "hfgen.stages.sft",  # supervised fine-tuning: full, LoRA, QLoRA (TRL SFTTrainer)
     "reward": "hfgen.stages.reward",  # Bradley-Terry reward model (TRL RewardTrainer)
     "ppo": "hfgen.stages.ppo",  # PPO against a reward model, with KL penalty (our own)
+    "grpo": "hfgen.stages.grpo",  # GRPO with rule rewards and/or a reward model (TRL GRPOTrainer)
+    "rloo": "hfgen.stages.rloo",  # RLOO, the same way (TRL RLOOTrainer)
     "rlhf": "hfgen.stages.rlhf",  # SFT -> reward -> PPO pipeline
     "vae": "hfgen.stages.vae",  # AutoencoderKL for latent diffusion
     "t2i": "hfgen.stages.t2i",  # text-to-image UNet training, full or LoRA

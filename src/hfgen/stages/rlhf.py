@@ -1,4 +1,6 @@
-"""The three-step RLHF pipeline (Ouyang et al. 2022) in one recipe: supervised fine-tuning -> reward model -> PPO.
+"""The three-step RLHF pipeline (Ouyang et al. 2022) in one recipe: supervised fine-tuning -> reward model -> PPO,
+or with `method: grpo | rloo` GRPO/RLOO in PPO's place (on rule rewards, the reward model, or both; without a
+`reward:` recipe the reward step is skipped).
 
     hfgen train recipes/tiny/rlhf.yaml            (what `make demo` runs)
     hfgen train recipes/tiny/rlhf.yaml --force    (redo every step)
@@ -28,7 +30,16 @@ from pathlib import Path
 from hfgen import tracking
 from hfgen.errors import UserError
 
-STEPS = ("sft", "reward", "ppo")  # each step's recipe must be of the stage of the same name
+METHODS = ("ppo", "grpo", "rloo", "dpo", "kto", "orpo", "simpo")  # the third step's stage
+ONLINE_METHODS = ("ppo", "grpo", "rloo")  # they sample responses and score them while training
+REWARD_MODEL_KEYS = {"ppo": "reward_model_path", "grpo": "reward_model_path", "rloo": "reward_model_path"}
+
+
+def pipeline_steps(args) -> tuple[str, ...]:
+    """("sft", "reward", method) when the method needs a reward model or a `reward:` recipe is set, else ("sft",
+    method). Each step's recipe must be of the stage of the same name."""
+    needs_reward_model = args.method == "ppo"  # grpo/rloo can run on rule rewards alone
+    return ("sft", "reward", args.method) if needs_reward_model or args.reward else ("sft", args.method)
 
 
 @dataclass
@@ -37,12 +48,17 @@ class RLHFArguments:
     prerequisite: str | None = field(
         default=None, metadata={"help": "Recipe run first when its output_dir is not complete (e.g. pretraining)."}
     )
+    method: str = field(default="ppo", metadata={"help": f"The last step's method (and stage): {' | '.join(METHODS)}."})
     sft: str | None = field(default=None, metadata={"help": "Recipe of step 1 (stage sft)."})
     reward: str | None = field(default=None, metadata={"help": "Recipe of step 2 (stage reward)."})
     ppo: str | None = field(default=None, metadata={"help": "Recipe of step 3 (stage ppo)."})
     sft_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the sft recipe."})
     reward_overrides: str | None = field(default=None, metadata={"help": "Mapping overriding the reward recipe."})
     ppo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the ppo recipe."})
+    grpo: str | None = field(default=None, metadata={"help": "Recipe of the last step with method: grpo."})
+    grpo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the grpo recipe."})
+    rloo: str | None = field(default=None, metadata={"help": "Recipe of the last step with method: rloo."})
+    rloo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the rloo recipe."})
     force: bool = field(default=False, metadata={"help": "Rerun every step even when its output is complete."})
 
 
@@ -53,7 +69,11 @@ def check(args: RLHFArguments) -> list[str]:
     """Every step recipe exists, is of the right stage and has valid keys. Inputs are checked when a step runs,
     since the steps before it make them."""
     problems = [] if args.output_dir else ["output_dir is not set"]
-    for step in STEPS:
+    if args.method not in METHODS:
+        return problems + [f"method '{args.method}' is not one of {', '.join(METHODS)}"]
+    if not hasattr(args, args.method):
+        return problems + [f"method '{args.method}' is not available in this version of hfgen"]
+    for step in pipeline_steps(args):
         if not getattr(args, step):
             problems.append(f"{step} is not set: name the step's recipe, e.g. recipes/tiny/{step}.yaml")
             continue
@@ -76,9 +96,10 @@ def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
 
     path = Path(getattr(args, step))
     values = read_recipe_file(path)
-    if step == "ppo":
+    if step == args.method:
         values["model_name_or_path"] = str(step_recipe(args, "sft", check_inputs=False).output_dir)
-        values["reward_model_path"] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
+        if "reward" in pipeline_steps(args) and step in REWARD_MODEL_KEYS:
+            values[REWARD_MODEL_KEYS[step]] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
     values.update(user_overrides(args, step))
     return build_recipe(values, source=path, check_inputs=check_inputs)
 
@@ -105,7 +126,7 @@ def run(args: RLHFArguments) -> Path:
             run_step(load_recipe(args.prerequisite))
 
     rerun = args.force
-    for step in STEPS:
+    for step in pipeline_steps(args):
         recipe = step_recipe(args, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
         same = done and (recipe.output_dir / "recipe.yaml").read_text() == recipe.to_yaml()
@@ -142,29 +163,43 @@ def summarise(args: RLHFArguments) -> dict:
     """The pipeline's figures, read from each step's eval.json and COMPLETE marker."""
     from hfgen.recipe import load_recipe
 
-    steps = {step: step_recipe(args, step, check_inputs=False).output_dir for step in STEPS}
+    steps = {step: step_recipe(args, step, check_inputs=False).output_dir for step in pipeline_steps(args)}
     if args.prerequisite:
         steps = {"prerequisite": load_recipe(args.prerequisite, check_inputs=False).output_dir, **steps}
     results = {f"wall_time_s/{step}": tracking.read_json(path / tracking.COMPLETE_MARKER)["wall_time_s"]
                for step, path in steps.items()}  # fmt: skip
     results |= {f"output_dir/{step}": str(path) for step, path in steps.items()}
-    sft, reward, ppo = (tracking.read_json(steps[step] / "eval.json") for step in STEPS)
-    results |= {"sft/held_out_response_loss": sft["response_loss"], "reward/accuracy": reward["accuracy"]}
-    # PPO's held-out comparison (absent when its recipe sets eval_samples_per_prompt: 0)
-    results |= {key: value for key, value in ppo.items() if key.split("/")[0] in ("sft", "ppo", "win_rate")}
-    results |= {key: ppo[key] for key in ("kl_to_reference",) if key in ppo}
+    sft, method = (tracking.read_json(steps[step] / "eval.json") for step in ("sft", args.method))
+    results |= {"method": args.method, "sft/held_out_response_loss": sft["response_loss"]}
+    if "reward" in steps:
+        results["reward/accuracy"] = tracking.read_json(steps["reward"] / "eval.json")["accuracy"]
+    # The method step's held-out comparison with the SFT model (absent when its recipe switches it off)
+    results |= {key: value for key, value in method.items() if key.split("/")[0] in ("sft", args.method, "win_rate")}
+    results |= {key: method[key] for key in ("kl_to_reference",) if key in method}
     return results
 
 
 def format_summary(summary: dict) -> str:
-    rows = [("SFT held-out response loss", summary["sft/held_out_response_loss"]),
-            ("reward model accuracy (held-out pairs)", summary["reward/accuracy"])]  # fmt: skip
-    for judge in ("reward_model", "oracle"):
-        if f"ppo/{judge}" in summary:
-            rows += [(f"{judge} score: SFT -> PPO", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'ppo/{judge}']:.3f}"),
-                     (f"{judge} win rate of PPO over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
+    method = summary.get("method", "ppo")
+    name = method.upper()
+    rows = [("SFT held-out response loss", summary["sft/held_out_response_loss"])]
+    if "reward/accuracy" in summary:
+        rows.append(("reward model accuracy (held-out pairs)", summary["reward/accuracy"]))
+    judges = [key.split("/", 1)[1] for key in summary if key.startswith("win_rate/")]
+    for judge in sorted(judges, key=lambda j: (j not in ("reward_model", "oracle"), j)):
+        if f"{method}/{judge}" in summary:
+            label = judge if judge.endswith("score") else f"{judge} score"
+            rows += [(f"{label}: SFT -> {name}", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'{method}/{judge}']:.3f}"),
+                     (f"{judge} win rate of {name} over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
+    if f"{method}/exact_match" in summary:
+        rows.append(
+            (
+                f"exact match: SFT -> {name}",
+                f"{summary['sft/exact_match']:.3f} -> {summary[f'{method}/exact_match']:.3f}",
+            )
+        )
     if "kl_to_reference" in summary:
-        rows.append(("KL(PPO || SFT) per response, nats", summary["kl_to_reference"]))
+        rows.append((f"KL({name} || SFT) per response, nats", summary["kl_to_reference"]))
     rows += [
         (f"wall time {key.split('/')[1]}, s", value) for key, value in summary.items() if key.startswith("wall_time_s/")
     ]

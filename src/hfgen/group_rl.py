@@ -1,0 +1,487 @@
+"""What the group-relative RL stages (`grpo`, `rloo`) share: thin wrappers over TRL's `GRPOTrainer` / `RLOOTrainer`.
+
+The recipe keys are TRL's own (`GRPOConfig` / `RLOOConfig`: num_generations, max_completion_length, beta, epsilon,
+epsilon_high, loss_type, scale_rewards, mask_truncated_completions, use_vllm, ...), TRL's `ModelConfig` (LoRA) and
+hfgen's data and reward keys. hfgen adds what TRL leaves out:
+
+- rewards named like PPO's: `reward_functions: [module:function]`, each called as function(prompt texts, response
+  texts) (plus any dataset column the function names as a parameter, e.g. `answer`), and/or `reward_model_path`
+  (a reward-stage output, read with its own tokenizer), weighted by `reward_weights` ([reward model, *functions]);
+  `oracle_function` is logged and evaluated, never trained on;
+- records: per reward component the share of groups whose rewards are all equal (no learning signal: a format
+  reward stuck at 0 or 1 shows here), the time split generation / scoring / training and episodes/s, on top of
+  TRL's reward means and stds, truncated share (`completions/clipped_ratio`), lengths, KL, clip ratios, entropy;
+  a sample table every logging step (samples.jsonl); at the end the held-out comparison of the starting (SFT)
+  model and the trained policy with the same random numbers (eval.json);
+- exact resume: TRL regenerates the completions buffer after a resume (`_buffered_inputs` is None) and restarts its
+  micro-step counter, so a checkpoint taken while a generation batch is only partly consumed
+  (steps_per_generation > gradient_accumulation_steps, or num_iterations > 1) resumes on different completions;
+  hfgen saves the buffer and the counter with each checkpoint and restores them;
+- plain-string prompts given to a model with a chat template are sent as one user turn, the way SFT on
+  conversational data trained it (`chat_prompts: auto`), or refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen import tracking
+from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
+from hfgen.errors import UserError
+from hfgen.finetune import check_model_config, load_model, run_first_hint
+from hfgen.models import check_model_source
+
+BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
+TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to the columns
+
+
+@dataclass
+class GroupRLArguments(DataArguments):
+    """Data, rewards and evaluation of a grpo/rloo run (TRL's config holds `reward_weights`)."""
+
+    reward_functions: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Rule rewards 'module:function' called as f(prompts, responses, [dataset columns it names]) -> floats."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward model dir (one-label sequence classifier, e.g. a reward run)."}
+    )
+    oracle_function: str | None = field(
+        default=None, metadata={"help": "A judge 'module:function' logged and evaluated, never trained on."}
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Column of prompts: strings or chat messages."})
+    chat_prompts: str = field(
+        default="auto",
+        metadata={
+            "help": "Plain-string prompts: 'auto' sends them as one user turn when the tokenizer has a chat template "
+            "(as SFT on conversations trained), 'never' keeps them raw, 'refuse' stops the recipe."
+        },
+    )
+    eval_samples_per_prompt: int = field(
+        default=4, metadata={"help": "Responses per held-out prompt in the final starting-vs-trained evaluation."}
+    )
+    eval_generation_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per generation chunk in that evaluation."}
+    )
+
+
+def reward_component_names(args: GroupRLArguments) -> list[str]:
+    return ["reward_model"] * bool(args.reward_model_path) + [spec.partition(":")[2] for spec in args.reward_functions]
+
+
+def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
+    """Problems found before anything heavy loads: models, rewards, data, prompts vs chat template."""
+    from hfgen.rl.rollout import load_function
+
+    problems = check_model_config(model_args)
+    if data_args.reward_model_path:
+        path = data_args.reward_model_path
+        problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
+    if not data_args.reward_model_path and not data_args.reward_functions:
+        problems.append("no reward: set reward_functions and/or reward_model_path")
+    components = reward_component_names(data_args)
+    if config.reward_weights is not None and len(config.reward_weights) != len(components):
+        problems.append(
+            f"reward_weights has {len(config.reward_weights)} values for {len(components)} reward(s) {components}"
+        )
+    for spec in [*data_args.reward_functions, *([data_args.oracle_function] if data_args.oracle_function else [])]:
+        try:
+            load_function(spec)
+        except ValueError as error:
+            problems.append(f"reward function {error}")
+    if data_args.chat_prompts not in ("auto", "never", "refuse"):
+        problems.append(f"chat_prompts must be auto, never or refuse, got '{data_args.chat_prompts}'")
+    if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
+        problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
+    if not config.output_dir:
+        problems.append("output_dir is not set")
+    dataset_problems = check_dataset(data_args, [(data_args.prompt_column,)])
+    problems += dataset_problems
+    if not dataset_problems and not problems:
+        problems += prompt_template_problems(model_args, data_args, config)
+    return problems
+
+
+def prompt_template_problems(model_args, data_args: GroupRLArguments, config) -> list[str]:
+    """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
+    from hfgen.models import load_tokenizer
+
+    splits, problems = load_splits_for_check(load_splits, data_args)
+    if problems:
+        return problems
+    first = splits[0][0][data_args.prompt_column]
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    has_template = tokenizer.chat_template is not None
+    if not isinstance(first, str) and not has_template:
+        return [
+            f"dataset '{data_args.dataset_name}' column '{data_args.prompt_column}' holds chat messages, but the "
+            f"tokenizer of '{model_args.model_name_or_path}' has no chat template to render them"
+        ]
+    if isinstance(first, str) and has_template and data_args.chat_prompts == "refuse":
+        return [
+            f"dataset '{data_args.dataset_name}' column '{data_args.prompt_column}' holds plain strings, but "
+            f"'{model_args.model_name_or_path}' has a chat template (a chat model would see untemplated text): set "
+            "chat_prompts: auto to send each as one user turn, or never to keep them raw"
+        ]
+    return []
+
+
+# ---- prompts and rewards ------------------------------------------------------------------------------------
+
+
+def prepare_prompts(dataset, data_args: GroupRLArguments, tokenizer):
+    """The prompt column as TRL's `prompt`; plain strings become one user turn for a chat model (`chat_prompts:
+    auto`), since TRL would otherwise send them untemplated."""
+    if data_args.prompt_column != "prompt":
+        if "prompt" in dataset.column_names:
+            dataset = dataset.remove_columns("prompt")
+        dataset = dataset.rename_column(data_args.prompt_column, "prompt")
+    if isinstance(dataset[0]["prompt"], str) and tokenizer.chat_template is not None:
+        if data_args.chat_prompts == "auto":
+            dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    return dataset
+
+
+def completion_text(completion) -> str:
+    """A TRL completion as text: the string, or the assistant message's content."""
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+def call_reward_function(function, prompts: list, responses: list[str], columns: dict) -> list[float]:
+    """function(prompt texts, response texts, **the dataset columns it names) as floats."""
+    from hfgen.rl.rollout import prompt_text
+
+    parameters = inspect.signature(function).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    extra = {key: value for key, value in columns.items() if takes_all or key in parameters}
+    values = function([prompt_text(p) for p in prompts], responses, **extra)
+    if len(values) != len(responses):
+        raise ValueError(f"reward function {function.__name__} returned {len(values)} scores for {len(responses)}")
+    return [float(v) for v in values]
+
+
+def trl_reward_function(spec: str):
+    """A `module:function(prompts, responses)` reward in TRL's calling convention, named after the function (TRL
+    logs it as rewards/NAME/mean and /std)."""
+    from hfgen.rl.rollout import load_function
+
+    function = load_function(spec)
+
+    def reward(prompts, completions, **columns):
+        columns = {key: value for key, value in columns.items() if key not in TRAINER_ARGUMENTS}
+        return call_reward_function(function, prompts, [completion_text(c) for c in completions], columns)
+
+    reward.__name__ = spec.partition(":")[2]
+    return reward
+
+
+def no_signal_share(rewards, num_generations: int) -> float:
+    """Share of the groups (consecutive runs of `num_generations` completions of one prompt) whose rewards are all
+    equal: their group-relative advantages are zero, so they teach nothing."""
+    import torch
+
+    groups = torch.as_tensor(rewards, dtype=torch.float32).view(-1, num_generations)
+    return (groups == groups[:, :1]).all(dim=1).float().mean().item()
+
+
+# ---- the trainer: TRL's, plus records and exact resume ------------------------------------------------------
+
+
+def recorded(trainer_class):
+    """`trainer_class` (GRPOTrainer or RLOOTrainer) plus hfgen's records and exact resume."""
+
+    class Recorded(trainer_class):
+        def __init__(self, *args, oracle=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.oracle = oracle
+            self._timers = {"generation": 0.0, "scoring": 0.0, "step": 0.0}
+            self._episodes = 0
+            self._samples: list[dict] = []
+
+        def _generate(self, prompts):
+            start = time.perf_counter()
+            try:
+                return super()._generate(prompts)
+            finally:
+                self._timers["generation"] += time.perf_counter() - start
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            import torch
+
+            start = time.perf_counter()
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            mode = "train" if self.model.training else "eval"
+            weights = self.reward_weights.to(rewards_per_func.device)
+            total = (rewards_per_func.nan_to_num() * weights).sum(1)
+            self._metrics[mode]["groups/no_signal_share"].append(no_signal_share(total, self.num_generations))
+            for column, name in enumerate(self.reward_func_names):
+                share = no_signal_share(rewards_per_func[:, column].nan_to_num(), self.num_generations)
+                self._metrics[mode][f"rewards/{name}/no_signal_share"].append(share)
+            responses = [completion_text(c) for c in completions]
+            if self.oracle is not None:
+                from accelerate.utils import gather
+
+                scores = call_reward_function(self.oracle, prompts, responses, {})
+                local = torch.tensor(scores, device=rewards_per_func.device)
+                self._metrics[mode]["oracle/mean"].append(gather(local).mean().item())
+            if mode == "train" and self.accelerator.is_main_process:
+                self._samples = [
+                    {"prompt": completion_text(p) if not isinstance(p, str) else p, "response": r,
+                     **{name: rewards_per_func[i, j].item() for j, name in enumerate(self.reward_func_names)}}
+                    for i, (p, r) in enumerate(zip(prompts[:4], responses[:4]))
+                ]  # fmt: skip
+            self._timers["scoring"] += time.perf_counter() - start
+            return rewards_per_func
+
+        def training_step(self, model, inputs, num_items_in_batch):
+            start = time.perf_counter()
+            output = super().training_step(model, inputs, num_items_in_batch)
+            self._timers["step"] += time.perf_counter() - start
+            self._episodes += self.args.per_device_train_batch_size  # completions trained on by this micro-step
+            return output
+
+        def log(self, logs, start_time=None):
+            if self.model.training and "loss" in logs:  # a training log: add the time split since the last one
+                generation, scoring, step = (self._timers[k] for k in ("generation", "scoring", "step"))
+                if step > 0:
+                    logs["time/generation_share"] = generation / step
+                    logs["time/scoring_share"] = scoring / step
+                    logs["time/training_share"] = max(step - generation - scoring, 0.0) / step
+                    logs["speed/episodes_per_s"] = self._episodes / step * self.accelerator.num_processes
+                self._timers = dict.fromkeys(self._timers, 0.0)
+                self._episodes = 0
+                if self._samples and self.accelerator.is_main_process:
+                    rows = [{"step": self.state.global_step, **row} for row in self._samples]
+                    path = Path(self.args.output_dir) / "samples.jsonl"
+                    with path.open("a") as handle:
+                        for row in rows:
+                            handle.write(json.dumps(row) + "\n")
+            super().log(logs, start_time)
+
+        # Exact resume: the completion buffer and micro-step counter travel with the checkpoint.
+        def _save_checkpoint(self, model, trial):
+            import torch
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            super()._save_checkpoint(model, trial)
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            rank = self.accelerator.process_index
+            torch.save({"step": self._step, "buffer": self._buffered_inputs}, folder / f"{rank}-{BUFFER_FILE}")
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            import torch
+
+            super()._load_optimizer_and_scheduler(checkpoint)
+            path = Path(checkpoint or "") / f"{self.accelerator.process_index}-{BUFFER_FILE}"
+            if checkpoint is not None and path.is_file():
+                state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+                self._step, self._buffered_inputs = state["step"], state["buffer"]
+
+    Recorded.__name__ = Recorded.__qualname__ = trainer_class.__name__
+    return Recorded
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+
+
+def load_reward_model(path: str, model_args, config):
+    """A reward-stage output (one-label sequence classifier) and its own tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hfgen.models import load_tokenizer, torch_dtype
+
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch_dtype(model_args.dtype or "auto"), trust_remote_code=config.trust_remote_code
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, config) -> Path:
+    """Train with `trainer_class` (TRL's GRPOTrainer or RLOOTrainer); `name` labels the trained policy in eval.json."""
+    from transformers import set_seed
+    from trl import get_peft_config
+
+    from hfgen.models import count_parameters, load_tokenizer
+    from hfgen.rl.rollout import load_function
+
+    set_seed(config.seed)
+    output_dir = Path(config.output_dir)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
+    model = load_model(model_args, config, tokenizer)
+
+    rewards, reward_tokenizers = [], []
+    if data_args.reward_model_path:
+        reward_model, reward_tokenizer = load_reward_model(data_args.reward_model_path, model_args, config)
+        rewards.append(reward_model)
+        reward_tokenizers.append(reward_tokenizer)
+    for spec in data_args.reward_functions:
+        rewards.append(trl_reward_function(spec))
+        reward_tokenizers.append(None)
+    oracle = load_function(data_args.oracle_function) if data_args.oracle_function else None
+
+    train_rows, eval_rows = load_splits(data_args, seed=config.seed)
+    train_rows = prepare_prompts(train_rows, data_args, tokenizer)
+    eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
+    try:
+        trainer = recorded(trainer_class)(
+            model=model,
+            reward_funcs=rewards,
+            args=config,
+            train_dataset=train_rows,
+            processing_class=tokenizer,
+            reward_processing_classes=reward_tokenizers,
+            peft_config=get_peft_config(model_args),
+            callbacks=[tracking.metrics_callback(output_dir)],
+            oracle=oracle,
+        )
+    except ValueError as error:  # TRL validates the config against the data and model here
+        raise UserError(f"{trainer_class.__name__} rejected the recipe: {error}") from None
+
+    resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
+    if resume is None and trainer.is_world_process_zero():
+        (output_dir / "samples.jsonl").unlink(missing_ok=True)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_model(str(output_dir))
+    if config.world_size > 1:
+        tracking.write_weights_fingerprint(trainer.model, output_dir)
+
+    if trainer.is_world_process_zero():
+        figures = {
+            "train_runtime_s": result.metrics["train_runtime"],
+            "episodes": trainer.state.global_step * config.generation_batch_size,
+            "parameters": count_parameters(trainer.model),
+            "trainable_parameters": count_parameters(trainer.model, trainable_only=True),
+            "peft": model_args.use_peft,
+        }
+        figures["episodes_per_s"] = figures["episodes"] / result.metrics["train_runtime"]
+        if data_args.eval_samples_per_prompt:
+            starting = None if model_args.use_peft else load_model(model_args, config, tokenizer)
+            figures |= evaluate_against_start(trainer, starting, eval_rows, data_args, config, name, oracle)
+        tracking.update_eval(output_dir, figures)
+    return output_dir
+
+
+# ---- final evaluation ---------------------------------------------------------------------------------------
+
+
+def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArguments, config, name: str, oracle):
+    """`eval_samples_per_prompt` responses per held-out prompt from the starting model (`sft/...`, as PPO names it)
+    and from the trained policy (`NAME/...`), sampled as in training and with the same random numbers: mean of every reward component and the
+    oracle, exact match (the `exact_answer` reward when present), win rates of the trained policy (ties half), and
+    KL(trained || start) per response (`kl_to_reference`) (summed over the trained policy's response tokens)."""
+    import torch
+
+    from hfgen.evaluation.text import win_rate
+    from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses
+
+    tokenizer = trainer.processing_class
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    device = trainer.accelerator.device
+    prompts = [row["prompt"] for row in eval_rows for _ in range(data_args.eval_samples_per_prompt)]
+    columns = {
+        key: [row[key] for row in eval_rows for _ in range(data_args.eval_samples_per_prompt)]
+        for key in eval_rows.column_names
+        if key != "prompt"
+    }
+    chat = not isinstance(prompts[0], str)
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(config.chat_template_kwargs or {}))
+        if chat else p
+        for p in prompts
+    ]  # fmt: skip
+    queries = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, device)
+    generation_config = sampling_config(tokenizer, config)
+    judged, sampled = {}, None
+    for label, model in (("sft", starting), (name, policy)):
+        torch.manual_seed(config.seed + 1)  # common random numbers: a less noisy comparison
+        use_adapter_off = label == "sft" and model is None
+        model = policy if model is None else model.to(device)
+        model.eval()
+        with policy.disable_adapter() if use_adapter_off else _nothing():
+            sampled = sample_responses(
+                model,
+                query_ids,
+                query_mask,
+                generation_config,
+                data_args.eval_generation_batch_size,
+                tokenizer.pad_token_id,
+            )
+        responses = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
+        figures = {}
+        for reward, reward_name in zip(trainer.reward_funcs, trainer.reward_func_names):
+            if isinstance(reward, torch.nn.Module):
+                from hfgen.rl.rollout import reward_model_scores, reward_model_texts
+
+                reward_tokenizer = trainer.reward_processing_classes[trainer.reward_func_names.index(reward_name)]
+                rendered = reward_model_texts(reward_tokenizer, prompts, responses)
+                figures[reward_name] = reward_model_scores(
+                    reward, reward_tokenizer, rendered, data_args.eval_generation_batch_size, chat
+                ).tolist()
+            else:
+                figures[reward_name] = reward(prompts, responses, **columns)
+        weights = trainer.reward_weights.tolist()
+        figures["reward"] = [sum(w * v for w, v in zip(weights, row)) for row in zip(*figures.values())]
+        if oracle is not None:
+            figures["oracle"] = call_reward_function(oracle, prompts, responses, columns)
+        ended = (sampled.response_ids == tokenizer.eos_token_id).any(1)
+        figures["eos_rate"] = ended.float().tolist()
+        figures["response_length"] = (sampled.response_ids != tokenizer.pad_token_id).sum(1).float().tolist()
+        judged[label] = figures
+    input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # the trained policy's samples
+    attention_mask = torch.cat([query_mask, (sampled.response_ids != tokenizer.pad_token_id).long()], dim=1)
+    reference = starting.to(device) if starting is not None else None
+    ref = reference_logprobs(
+        policy,
+        reference,
+        input_ids,
+        attention_mask,
+        query_ids.shape[1],
+        config.temperature,
+        data_args.eval_generation_batch_size,
+    )
+    response_mask = attention_mask[:, query_ids.shape[1] :].bool()
+    kl = ((sampled.logprobs - ref) * response_mask).sum(1)
+
+    results = {
+        "eval/num_prompts": len(eval_rows),
+        "eval/samples_per_prompt": data_args.eval_samples_per_prompt,
+        "kl_to_reference": kl.mean().item(),
+    }
+    for key in judged[name]:
+        results[f"sft/{key}"] = sum(judged["sft"][key]) / len(prompts)
+        results[f"{name}/{key}"] = sum(judged[name][key]) / len(prompts)
+        if key not in ("response_length", "eos_rate"):
+            results[f"win_rate/{key}"] = win_rate(judged[name][key], judged["sft"][key])
+    if "exact_answer" in judged[name]:
+        results["sft/exact_match"] = results["sft/exact_answer"]
+        results[f"{name}/exact_match"] = results[f"{name}/exact_answer"]
+    return results
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def sampling_config(tokenizer, config):
+    """Sampling as in training: softmax(logits / temperature) with the config's top_p/top_k/min_p, nothing else
+    (a model's own generation_config.json cannot leak in)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
+        min_p=config.min_p, repetition_penalty=config.repetition_penalty, max_new_tokens=config.max_completion_length,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip

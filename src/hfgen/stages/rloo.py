@@ -1,0 +1,31 @@
+"""RLOO (REINFORCE leave-one-out: each completion's baseline is the mean reward of the
+other completions of its prompt) with verifiable rewards and/or a reward model, on TRL's `RLOOTrainer`.
+
+    hfgen train recipes/tiny/rloo_arithmetic.yaml      (after recipes/tiny/arithmetic_sft.yaml)
+    ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml scripts/train.py recipes/tiny/rloo_arithmetic.yaml
+
+Recipe keys are TRL's `RLOOConfig` (num_generations, max_completion_length, beta, epsilon, epsilon_high,
+normalize_advantages, reward_clip_range, mask_truncated_completions, use_vllm, ...), `ModelConfig` (LoRA) and hfgen's data and reward keys
+(see hfgen.group_rl, which also says what hfgen adds to TRL: records, exact resume, prompt templating).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trl import ModelConfig, RLOOConfig
+
+from hfgen import group_rl
+from hfgen.group_rl import GroupRLArguments
+
+ARGUMENTS = (ModelConfig, GroupRLArguments, RLOOConfig)
+
+
+def check(model_args: ModelConfig, data_args: GroupRLArguments, config: RLOOConfig) -> list[str]:
+    return group_rl.check(model_args, data_args, config)
+
+
+def run(model_args: ModelConfig, data_args: GroupRLArguments, config: RLOOConfig) -> Path:
+    from trl import RLOOTrainer
+
+    return group_rl.run(RLOOTrainer, "rloo", model_args, data_args, config)

@@ -1,0 +1,185 @@
+"""Stages `grpo` and `rloo` (TRL's trainers, hfgen's records): bad recipes exit 2 naming the key, plain-string prompts
+are templated as SFT trained them (or refused), a run leaves its records and the held-out comparison, a resumed run
+reproduces the uninterrupted one exactly, and two processes end with identical weights."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, run_hfgen
+from hfgen import tracking
+from tiny_models import save_tiny_llama
+
+# exact_answer is 0 on a random model's garbage; a reward for short responses (written below, importable by the runs)
+# varies within every group, so the policy moves
+REWARDS = ["hfgen.data.arithmetic:exact_answer", "grpo_test_rewards:brevity"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two random tiny Llamas with the arithmetic tokenizer (the policy's start, and another one), and a reward
+    module on the runs' PYTHONPATH."""
+    root = tmp_path_factory.mktemp("grpo_models")
+    (root / "grpo_test_rewards.py").write_text(
+        "def brevity(prompts, responses):\n    return [-len(response) / 10 for response in responses]\n"
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        yield tuple(
+            save_tiny_llama(root / f"start{seed}", seed=seed, tokenizer_name="embedded:arithmetic-bpe")
+            for seed in (0, 1)
+        )
+
+
+def write_recipe(directory, model, stage="grpo", **values):
+    recipe = {
+        "stage": stage, "model_name_or_path": str(model), "dataset_name": "embedded:arithmetic_prompts",
+        "max_train_samples": 64, "max_eval_samples": 4, "eval_samples_per_prompt": 2, "eval_generation_batch_size": 8,
+        "reward_functions": REWARDS, "reward_weights": [1.0, 0.5], "oracle_function": "hfgen.data.arithmetic:correct_steps",
+        "num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 12, "learning_rate": 1e-3,
+        "max_steps": 4, "logging_steps": 1, "save_strategy": "steps", "save_steps": 1, "seed": 7,
+        "output_dir": str(directory / "run"), "report_to": "none", "use_cpu": True, "bf16": False,
+        "activation_checkpointing": False, "dataloader_num_workers": 0,
+        # a generation batch spans 2 optimizer steps: TRL alone would resume from checkpoint-1 on new completions
+        "steps_per_generation": 2,
+    } | values  # fmt: skip
+    path = directory / "recipe.yaml"
+    path.write_text("# test\n" + yaml.safe_dump(recipe))
+    return path
+
+
+def train(recipe, *overrides):
+    result = run_hfgen("train", recipe, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def full_run(models, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("grpo_full")
+    train(write_recipe(directory, models[0]))
+    return directory / "run"
+
+
+@pytest.mark.slow
+def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
+    result = run_hfgen("train", write_recipe(tmp_path, models[0], num_generation=4))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "num_generation" in result.stderr and "num_generations" in result.stderr
+    result = run_hfgen(
+        "train", write_recipe(tmp_path, models[0], reward_weights=[1.0], oracle_function="hfgen.data.arithmetic:nope")
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "reward_weights has 1 values for 2 reward(s)" in result.stderr and "no attribute 'nope'" in result.stderr
+
+
+@pytest.mark.slow
+def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_path, models):
+    from datasets import Dataset
+    from trl.data_utils import maybe_apply_chat_template
+
+    from hfgen.group_rl import GroupRLArguments, prepare_prompts
+    from hfgen.models import load_tokenizer
+    from hfgen.stages.sft import tokenize_response
+
+    tokenizer = load_tokenizer(str(models[0]))
+    strings = Dataset.from_list([{"question": "3+8+5=?"}])
+    prompted = prepare_prompts(strings, GroupRLArguments(prompt_column="question"), tokenizer)
+    rendered = maybe_apply_chat_template(prompted[0], tokenizer)["prompt"]  # what GRPOTrainer generates from
+    # SFT on the same question as a conversation: its response starts right after this prompt
+    conversation = ([{"role": "user", "content": "3+8+5=?"}], [{"role": "assistant", "content": "answer: 16"}])
+    ids, start = tokenize_response(tokenizer, *conversation, max_length=None)
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == ids[:start]
+    kept = prepare_prompts(strings, GroupRLArguments(prompt_column="question", chat_prompts="never"), tokenizer)
+    assert kept[0]["prompt"] == "3+8+5=?"
+
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+1+2=?"}) + "\n" for a in range(8)))
+    recipe = write_recipe(tmp_path, models[0], dataset_name=str(data), prompt_column="question", chat_prompts="refuse")
+    result = run_hfgen("train", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "plain strings" in result.stderr and "chat template" in result.stderr and "chat_prompts" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_comparison(full_run):
+    metrics = [row for row in tracking.read_metrics(full_run) if "loss" in row]
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]
+    for key in ("rewards/exact_answer/mean", "rewards/brevity/std", "rewards/exact_answer/no_signal_share",
+                "groups/no_signal_share", "completions/clipped_ratio", "completions/mean_length", "entropy",
+                "oracle/mean", "time/generation_share", "time/scoring_share", "time/training_share",
+                "speed/episodes_per_s"):  # fmt: skip
+        assert key in metrics[0], key
+    # an untrained random model writes garbage, mostly truncated: every reward is 0, so no group has any signal
+    assert metrics[0]["rewards/exact_answer/no_signal_share"] == 1.0  # all 0
+    assert metrics[0]["rewards/brevity/no_signal_share"] < 1.0 and metrics[0]["groups/no_signal_share"] < 1.0
+    assert metrics[0]["completions/clipped_ratio"] > 0.5
+    shares = [metrics[0][f"time/{part}_share"] for part in ("generation", "scoring", "training")]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
+    evaluation = tracking.read_json(full_run / "eval.json")
+    for key in ("sft/exact_answer", "grpo/exact_answer", "sft/brevity", "grpo/oracle", "win_rate/reward",
+                "sft/exact_match", "grpo/exact_match", "kl_to_reference", "episodes_per_s"):  # fmt: skip
+        assert key in evaluation, key
+    assert evaluation["eval/num_prompts"] == 4 and abs(evaluation["kl_to_reference"]) > 1e-3  # the policy moved
+    samples = [json.loads(line) for line in (full_run / "samples.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in samples} == {1, 2, 3, 4} and {"prompt", "response", "brevity"} <= set(samples[0])
+    assert tracking.is_complete(full_run) and (full_run / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resume_mid_generation_batch_reproduces_the_uninterrupted_run(full_run, models, tmp_path):
+    """Killed after checkpoint-1 (half-way through a generation batch), resumed: the same later metrics and final
+    weights. The resumed run starts from another model, so a resume that were ignored could not match."""
+    (tmp_path / "run").mkdir()
+    shutil.copytree(full_run / "checkpoint-1", tmp_path / "run" / "checkpoint-1")
+    train(write_recipe(tmp_path, models[1]), "--resume_from_checkpoint", "true")
+    full = [row for row in tracking.read_metrics(full_run) if "loss" in row]
+    resumed = [row for row in tracking.read_metrics(tmp_path / "run") if "loss" in row]
+    assert [row["step"] for row in resumed] == [2, 3, 4]
+    # generation metrics appear on generation steps only (1 and 3): a resume that regenerated at step 2 would show them
+    for key in ("loss", "grad_norm", "entropy", "reward", "rewards/brevity/std", "completions/mean_length"):
+        assert [key in row for row in resumed] == [key in row for row in full[1:]], key
+        values = [(row[key], original[key]) for row, original in zip(resumed, full[1:]) if key in row]
+        assert [a for a, _ in values] == pytest.approx([b for _, b in values], rel=1e-5, abs=1e-7), key
+    a, b = load_file(full_run / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_rloo_two_processes_end_with_identical_weights(tmp_path, models, free_port):
+    recipe = write_recipe(tmp_path, models[0], stage="rloo", max_steps=2, save_strategy="no", eval_samples_per_prompt=0)
+    result = accelerate_launch(free_port, recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    fingerprints = [(run / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    assert load_file(run / "model.safetensors").keys() == load_file(models[0] / "model.safetensors").keys()
+    assert [row["step"] for row in tracking.read_metrics(run) if "loss" in row] == [1, 2]
+
+
+def test_rlhf_pipeline_runs_grpo_in_ppos_place_with_or_without_a_reward_model(tmp_path):
+    from hfgen.recipe import load_recipe
+    from hfgen.stages.rlhf import pipeline_steps, step_recipe
+
+    (args,) = load_recipe("recipes/tiny/rlhf_grpo.yaml").configs  # check(): every step parses, stages match
+    assert pipeline_steps(args) == ("sft", "grpo")  # rule rewards only: no reward step
+    grpo = step_recipe(args, "grpo", check_inputs=False)
+    model_args, data_args, _ = grpo.configs
+    assert model_args.model_name_or_path == "outputs/tiny/arithmetic_sft" and data_args.reward_model_path is None
+    args.reward = "recipes/tiny/reward.yaml"
+    assert pipeline_steps(args) == ("sft", "reward", "grpo")
+    _, data_args, config = step_recipe(args, "grpo", check_inputs=False).configs
+    assert data_args.reward_model_path == "outputs/tiny/reward" and len(data_args.reward_functions) == 2
+    args.method = "ppo"
+    assert pipeline_steps(args) == ("sft", "reward", "ppo")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# bad\nstage: rlhf\nmethod: grpoo\noutput_dir: x\nsft: a\n")
+    result = run_hfgen("train", bad)
+    assert result.returncode == 2 and "method 'grpoo' is not one of ppo, grpo, rloo" in result.stderr

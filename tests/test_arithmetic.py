@@ -1,0 +1,71 @@
+"""The embedded arithmetic task: its rewards, judge and splits, against hand-computed values."""
+
+import pytest
+
+from hfgen.data import arithmetic
+from hfgen.group_rl import call_reward_function, no_signal_share, trl_reward_function
+
+PROMPTS = ["3+8+5=?", "3+8+5=?", "1+2+3+4=?", "describe the cat.", "3+8+5=?"]
+RESPONSES = [
+    "3+8=11. 11+5=16. answer: 16",  # right, well formed
+    "3+8=12. 12+5=17. answer: 17",  # a slip carried on
+    "1+2=3. 3+3=6. 6+4=10. so 10",  # right sum, no answer line
+    "answer: 16",  # not a problem
+    "3+8=11. 11+5=16. answer: 16 answer: 15",  # two answers: the last counts, the format fails
+]
+
+
+def test_exact_answer_by_hand():
+    assert arithmetic.exact_answer(PROMPTS, RESPONSES) == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_answer_format_by_hand():
+    assert arithmetic.answer_format(PROMPTS, RESPONSES) == [1.0, 1.0, 0.0, 0.0, 0.0]  # no steps: not the format
+
+
+def test_correct_steps_by_hand():
+    assert arithmetic.correct_steps(PROMPTS, RESPONSES) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert arithmetic.correct_steps(["1+2+3+4=?"], ["1+2=3. 3+3=7. 7+4=11. answer: 11"]) == [pytest.approx(1 / 3)]
+
+
+def test_exact_match_reads_the_answer_column():
+    assert arithmetic.exact_match(PROMPTS[:3], RESPONSES[:3], ["16", "16", "10"]) == [1.0, 0.0, 0.0]
+
+
+def test_no_signal_share_by_hand():
+    # groups of 3: [1,1,1] no signal, [0,1,0] signal, [0.5,0.5,0.5] no signal, [0,0,1] signal
+    rewards = [1, 1, 1, 0, 1, 0, 0.5, 0.5, 0.5, 0, 0, 1]
+    assert no_signal_share(rewards, 3) == 0.5
+    assert no_signal_share(rewards, 2) == pytest.approx(2 / 6)  # pairs: [1,1] [1,0] [1,0] [.5,.5] [.5,0] [0,1]
+    assert no_signal_share(rewards, 1) == 1.0
+
+
+def test_reward_functions_in_trls_calling_convention():
+    """Conversational prompts and completions reach the function as texts; dataset columns it names come along."""
+    prompts = [[{"role": "user", "content": "3+8+5=?"}]] * 2
+    completions = [[{"role": "assistant", "content": RESPONSES[0]}], [{"role": "assistant", "content": RESPONSES[1]}]]
+    exact = trl_reward_function("hfgen.data.arithmetic:exact_answer")
+    assert exact.__name__ == "exact_answer"
+    assert exact(prompts=prompts, completions=completions, answer=["16", "16"], trainer_state=None) == [1.0, 0.0]
+    by_column = trl_reward_function("hfgen.data.arithmetic:exact_match")
+    assert by_column(prompts=prompts, completions=completions, answer=["17", "17"], log_metric=print) == [0.0, 1.0]
+    assert call_reward_function(arithmetic.answer_format, ["x"], ["1+2=3. answer: 3"], {"answer": ["3"]}) == [1.0]
+
+
+def test_splits_are_disjoint_and_the_tutor_is_careless():
+    train = {row["prompt"][0]["content"] for row in arithmetic.generate_rows("arithmetic_prompts", "train")}
+    test = [row["prompt"][0]["content"] for row in arithmetic.generate_rows("arithmetic_prompts", "test")]
+    assert test and not train.intersection(test)
+    sft = arithmetic.generate_rows("arithmetic_instructions", "train")
+    prompts = [row["prompt"][0]["content"] for row in sft]
+    answers = [row["completion"][0]["content"] for row in sft]
+    right = sum(arithmetic.exact_answer(prompts, answers)) / len(sft)
+    assert 0.4 < right < 0.7  # room for RL above imitation
+    assert all(arithmetic.parse_problem(p) for p in prompts)
+
+
+def test_gsm8k_exact_answer_by_hand():
+    solutions = ["She has 3 + 4 = 7 apples.\n#### 7", "Total 1,200 dollars.\n#### 1,200", "#### -3"]
+    responses = ["3 and 4 make 7. #### 7", "The answer: 1200.", "so it is 3"]
+    assert arithmetic.gsm8k_exact_answer(["q"] * 3, responses, solutions) == [1.0, 1.0, 0.0]
+    assert arithmetic.final_number("no number here") is None and arithmetic.final_number("x 2.0 y 5.0") == "5"
