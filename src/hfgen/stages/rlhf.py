@@ -27,7 +27,9 @@ from pathlib import Path
 from hfgen import tracking
 from hfgen.errors import UserError
 
-STEPS = ("sft", "reward", "ppo")  # each step's recipe must be of the stage of the same name
+METHODS = ("ppo", "grpo", "rloo", "dpo", "kto", "orpo", "simpo")  # the third step; each step's recipe must be
+OFFLINE_METHODS = ("dpo", "kto", "orpo", "simpo")  # of the stage of the same name. These learn from the preference
+# pairs directly: the reward-model step runs only when a `reward:` recipe is given, as a judge of the evaluation.
 
 
 @dataclass
@@ -36,23 +38,46 @@ class RLHFArguments:
     prerequisite: str | None = field(
         default=None, metadata={"help": "Recipe run first when its output_dir is not complete (e.g. pretraining)."}
     )
+    method: str = field(
+        default="ppo",
+        metadata={"help": "The step after SFT: ppo | grpo | rloo | dpo | kto | orpo | simpo (offline methods skip the "
+                  "reward-model step unless `reward` names a recipe, whose model then judges their evaluation)."},
+    )  # fmt: skip
     sft: str | None = field(default=None, metadata={"help": "Recipe of step 1 (stage sft)."})
     reward: str | None = field(default=None, metadata={"help": "Recipe of step 2 (stage reward)."})
     ppo: str | None = field(default=None, metadata={"help": "Recipe of step 3 (stage ppo)."})
     sft_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the sft recipe."})
     reward_overrides: str | None = field(default=None, metadata={"help": "Mapping overriding the reward recipe."})
     ppo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the ppo recipe."})
+    dpo: str | None = field(default=None, metadata={"help": "Recipe of the dpo step (method: dpo)."})
+    dpo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the dpo recipe."})
+    kto: str | None = field(default=None, metadata={"help": "Recipe of the kto step (method: kto)."})
+    kto_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the kto recipe."})
+    orpo: str | None = field(default=None, metadata={"help": "Recipe of the orpo step (method: orpo)."})
+    orpo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the orpo recipe."})
+    simpo: str | None = field(default=None, metadata={"help": "Recipe of the simpo step (method: simpo)."})
+    simpo_overrides: str | None = field(default=None, metadata={"help": "Mapping overriding the simpo recipe."})
     force: bool = field(default=False, metadata={"help": "Rerun every step even when its output is complete."})
 
 
 ARGUMENTS = (RLHFArguments,)
 
 
+def pipeline_steps(args: RLHFArguments) -> tuple[str, ...]:
+    """("sft", "reward", method) when the method needs a reward model or a reward recipe is set, else ("sft", method)."""
+    if args.method in OFFLINE_METHODS and not args.reward:
+        return ("sft", args.method)
+    return ("sft", "reward", args.method)
+
+
 def check(args: RLHFArguments) -> list[str]:
     """Every step recipe exists, is of the right stage and has valid keys. Inputs are checked when a step runs,
     since the steps before it make them."""
     problems = [] if args.output_dir else ["output_dir is not set"]
-    for step in STEPS:
+    if args.method not in METHODS or not hasattr(args, args.method):
+        available = [method for method in METHODS if hasattr(args, method)]
+        return problems + [f"method '{args.method}' is not one of {', '.join(available)}"]
+    for step in pipeline_steps(args):
         if not getattr(args, step):
             problems.append(f"{step} is not set: name the step's recipe, e.g. recipes/tiny/{step}.yaml")
             continue
@@ -75,9 +100,10 @@ def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
 
     path = Path(getattr(args, step))
     values = read_recipe_file(path)
-    if step == "ppo":
+    if step == args.method:
         values["model_name_or_path"] = str(step_recipe(args, "sft", check_inputs=False).output_dir)
-        values["reward_model_path"] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
+        if "reward" in pipeline_steps(args):  # offline methods: the judge of their held-out evaluation
+            values["reward_model_path"] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
     values.update(user_overrides(args, step))
     return build_recipe(values, source=path, check_inputs=check_inputs)
 
@@ -104,7 +130,7 @@ def run(args: RLHFArguments) -> Path:
             run_recipe(load_recipe(args.prerequisite))
 
     rerun = args.force
-    for step in STEPS:
+    for step in pipeline_steps(args):
         recipe = step_recipe(args, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
         same = done and (recipe.output_dir / "recipe.yaml").read_text() == recipe.to_yaml()
@@ -141,34 +167,41 @@ def summarise(args: RLHFArguments) -> dict:
     """The pipeline's figures, read from each step's eval.json and COMPLETE marker."""
     from hfgen.recipe import load_recipe
 
-    steps = {step: step_recipe(args, step, check_inputs=False).output_dir for step in STEPS}
+    method = args.method
+    steps = {step: step_recipe(args, step, check_inputs=False).output_dir for step in pipeline_steps(args)}
     if args.prerequisite:
         steps = {"prerequisite": load_recipe(args.prerequisite, check_inputs=False).output_dir, **steps}
     results = {f"wall_time_s/{step}": tracking.read_json(path / tracking.COMPLETE_MARKER)["wall_time_s"]
                for step, path in steps.items()}  # fmt: skip
     results |= {f"output_dir/{step}": str(path) for step, path in steps.items()}
-    sft, reward, ppo = (tracking.read_json(steps[step] / "eval.json") for step in STEPS)
-    results |= {"sft/held_out_response_loss": sft["response_loss"], "reward/accuracy": reward["accuracy"]}
-    # PPO's held-out comparison (absent when its recipe sets eval_samples_per_prompt: 0)
-    results |= {key: value for key, value in ppo.items() if key.split("/")[0] in ("sft", "ppo", "win_rate")}
-    results |= {key: ppo[key] for key in ("kl_to_reference",) if key in ppo}
+    results["method"] = method
+    sft, tuned = (tracking.read_json(steps[step] / "eval.json") for step in ("sft", method))
+    results["sft/held_out_response_loss"] = sft["response_loss"]
+    if "reward" in steps:
+        results["reward/accuracy"] = tracking.read_json(steps["reward"] / "eval.json")["accuracy"]
+    # The method's held-out comparison with SFT (absent when its recipe skips it)
+    results |= {key: value for key, value in tuned.items() if key.split("/")[0] in ("sft", method, "win_rate")}
+    results |= {key: tuned[key] for key in ("kl_to_reference",) if key in tuned}
     return results
 
 
 def format_summary(summary: dict) -> str:
-    rows = [("SFT held-out response loss", summary["sft/held_out_response_loss"]),
-            ("reward model accuracy (held-out pairs)", summary["reward/accuracy"])]  # fmt: skip
+    method = summary.get("method", "ppo")
+    name = method.upper()
+    rows = [("SFT held-out response loss", summary["sft/held_out_response_loss"])]
+    if "reward/accuracy" in summary:
+        rows.append(("reward model accuracy (held-out pairs)", summary["reward/accuracy"]))
     for judge in ("reward_model", "oracle"):
-        if f"ppo/{judge}" in summary:
-            rows += [(f"{judge} score: SFT -> PPO", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'ppo/{judge}']:.3f}"),
-                     (f"{judge} win rate of PPO over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
+        if f"{method}/{judge}" in summary:
+            rows += [(f"{judge} score: SFT -> {name}", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'{method}/{judge}']:.3f}"),
+                     (f"{judge} win rate of {name} over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
     if "kl_to_reference" in summary:
-        rows.append(("KL(PPO || SFT) per response, nats", summary["kl_to_reference"]))
+        rows.append((f"KL({name} || SFT) per response, nats", summary["kl_to_reference"]))
     rows += [
         (f"wall time {key.split('/')[1]}, s", value) for key, value in summary.items() if key.startswith("wall_time_s/")
     ]
     width = max(len(label) for label, _ in rows)
-    lines = ["", "RLHF pipeline summary (held-out prompts)"]
+    lines = ["", f"RLHF pipeline summary ({method}; held-out prompts)"]
     for label, value in rows:
         lines.append(f"  {label:<{width}}  {value:.3f}" if isinstance(value, float) else f"  {label:<{width}}  {value}")
     return "\n".join(lines)
