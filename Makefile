@@ -50,6 +50,7 @@ demo-images: install
 	@echo "images: outputs/tiny/t2i/samples/grid.png, outputs/tiny/t2i/validation/"
 
 test: install
+	command -v chromium >/dev/null 2>&1 || apt-get install -y chromium || echo "no chromium: the report-opens test is skipped"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-fast: install

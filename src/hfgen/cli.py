@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "hfgen.evaluation.command",
     "report": "hfgen.report",
     "sweep": "hfgen.sweep",
+    "compare": "hfgen.compare",
 }
 
 
