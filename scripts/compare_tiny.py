@@ -35,7 +35,10 @@ def main() -> int:
         results = json.loads((run / "compare_eval.json").read_text())["results"]
         complete = json.loads((run / "COMPLETE").read_text())
         memory = json.loads((run / "peak_memory.json").read_text())["peak_memory_mb"]
-        oracle, reward = results.get("win_rate/oracle", float("nan")), results.get("win_rate/reward_model", float("nan"))
+        oracle, reward = (
+            results.get("win_rate/oracle", float("nan")),
+            results.get("win_rate/reward_model", float("nan")),
+        )
         print(f"{run.parent.name + ' ' + run.name:<14}{oracle:>11.3f}{reward:>8.3f}{reward - oracle:>7.3f}"
               f"{results['kl_to_reference']:>7.2f}{results['policy/distinct_2']:>8.3f}{results['policy/self_bleu']:>7.3f}"
               f"{results['policy/response_length']:>6.1f}{complete['wall_time_s']:>9.1f}{memory:>9.0f}")  # fmt: skip

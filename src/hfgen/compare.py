@@ -242,7 +242,8 @@ def run_figures(run_dir: Path) -> dict:
     for judge in ("oracle", "reward_model"):
         if f"policy/{judge}" in rows[0]:
             figures[f"ci/{judge}"] = bootstrap_interval(
-                rows, lambda sample, j=judge: win_rate([r[f"policy/{j}"] for r in sample], [r[f"sft/{j}"] for r in sample])
+                rows,
+                lambda sample, j=judge: win_rate([r[f"policy/{j}"] for r in sample], [r[f"sft/{j}"] for r in sample]),
             )
     if "win_rate/reward_model" in figures and "win_rate/oracle" in figures:
         figures["gap"] = figures["win_rate/reward_model"] - figures["win_rate/oracle"]

@@ -206,7 +206,9 @@ def preference_figures(before: dict, after: dict, paired: bool, reference_free: 
             reward = {side: [a - b for (a, _), (b, _) in zip(after[side], before[side])] for side in after}
         figures["accuracy"] = mean([float(c > r) for c, r in zip(reward["chosen"], reward["rejected"])])
         figures["held_out_pairs"] = len(after["chosen"])
-    figures["chosen_logp_fell"] = bool(figures["logps/chosen_change"] is not None and figures["logps/chosen_change"] < 0)
+    figures["chosen_logp_fell"] = bool(
+        figures["logps/chosen_change"] is not None and figures["logps/chosen_change"] < 0
+    )
     return figures
 
 

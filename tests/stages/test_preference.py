@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import preference_pairs
@@ -210,7 +210,8 @@ def test_a_few_identical_pairs_are_dropped_and_counted(tmp_path, capsys):
     data.write_text("".join(json.dumps(row) + "\n" for row in [PAIR] * 19 + [SAME]))
     args = PreferenceDataArguments(dataset_name=str(data), validation_split_percentage=50)
     train_rows, eval_rows = load_preference_splits(args, seed=0)
-    assert len(train_rows) + len(eval_rows) == 19 and SAME["chosen"] not in list(train_rows["chosen"]) + list(eval_rows["chosen"])
+    kept = list(train_rows["chosen"]) + list(eval_rows["chosen"])
+    assert len(kept) == 19 and SAME["chosen"] not in kept
     assert "dropped 1 of 10 pairs whose chosen equals rejected" in capsys.readouterr().out
 
 

@@ -110,8 +110,8 @@ def compare_to_reference(
     tokenizer.padding_side = padding_side
 
     rows: list[dict] = []
-    for shard_indices, shard_prompts, shard_local in gather_object([(indices, shard_prompts, local)]):
-        for i, (index, prompt) in enumerate(zip(shard_indices, shard_prompts)):
+    for gathered_indices, gathered_prompts, shard_local in gather_object([(indices, shard_prompts, local)]):
+        for i, (index, prompt) in enumerate(zip(gathered_indices, gathered_prompts)):
             row = {"index": index, "prompt": prompt, "kl": shard_local["kl"]["kl"][i]}
             for who in ("sft", name):
                 row |= {f"{who}/{key}": values[i] for key, values in shard_local[who].items()}
@@ -158,9 +158,7 @@ def bootstrap_interval(
         groups.setdefault(str(row["prompt"]), []).append(row)
     clusters = list(groups.values())
     rng = random.Random(seed)
-    values = sorted(
-        statistic([row for _ in clusters for row in rng.choice(clusters)]) for _ in range(resamples)
-    )
+    values = sorted(statistic([row for _ in clusters for row in rng.choice(clusters)]) for _ in range(resamples))
     tail = (1 - level) / 2
     return values[int(tail * (resamples - 1))], values[int((1 - tail) * (resamples - 1))]
 

@@ -30,7 +30,9 @@ def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_
     if unknown:
         problems.append(f"loss_type {unknown} unknown; DPO's loss types are {', '.join(LOSS_TYPES)}")
     if "robust" in training_args.loss_type and not 0 <= training_args.label_smoothing < 0.5:
-        problems.append(f"label_smoothing is a flip probability in [0, 0.5) for robust DPO, got {training_args.label_smoothing}")
+        problems.append(
+            f"label_smoothing is a flip probability in [0, 0.5) for robust DPO, got {training_args.label_smoothing}"
+        )
     return problems
 
 
