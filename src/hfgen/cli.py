@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "hfgen.report",
     "sweep": "hfgen.sweep",
     "check": "hfgen.check",
+    "compare": "hfgen.compare",
 }
 
 

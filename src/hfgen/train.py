@@ -6,7 +6,11 @@ hfgen's model and data arguments); any key can be overridden on the command line
   sft       supervised fine-tuning, full / LoRA / QLoRA
   reward    Bradley-Terry reward model from preference pairs
   ppo       PPO against a reward model with a KL penalty to the reference policy
-  rlhf      the three-step pipeline: SFT -> reward model -> PPO
+  dpo       direct preference optimisation (every TRL loss type), from preference pairs
+  kto       KTO, from unpaired (or paired) thumbs-up / thumbs-down data
+  orpo      ORPO: SFT plus an odds-ratio penalty, no reference model
+  simpo     SimPO: length-normalised implicit reward, no reference model
+  rlhf      the three-step pipeline: SFT -> reward model -> PPO (or SFT -> DPO/KTO/ORPO/SimPO)
   vae       autoencoder (AutoencoderKL) for latent diffusion
   t2i       text-to-image UNet, full or LoRA
 

@@ -21,6 +21,10 @@ STAGES = {
     "ppo": "hfgen.stages.ppo",  # PPO against a reward model, with KL penalty (our own)
     "grpo": "hfgen.stages.grpo",  # GRPO with rule rewards and/or a reward model (TRL GRPOTrainer)
     "rloo": "hfgen.stages.rloo",  # RLOO, the same way (TRL RLOOTrainer)
+    "dpo": "hfgen.stages.dpo",  # direct preference optimisation, every TRL loss type (TRL DPOTrainer)
+    "kto": "hfgen.stages.kto",  # KTO from unpaired or paired preferences (TRL KTOTrainer)
+    "orpo": "hfgen.stages.orpo",  # ORPO: SFT + odds-ratio penalty, no reference (TRL experimental ORPOTrainer)
+    "simpo": "hfgen.stages.simpo",  # SimPO: length-normalised, reference-free (TRL experimental CPOTrainer)
     "rlhf": "hfgen.stages.rlhf",  # SFT -> reward -> PPO pipeline
     "vae": "hfgen.stages.vae",  # AutoencoderKL for latent diffusion
     "t2i": "hfgen.stages.t2i",  # text-to-image UNet training, full or LoRA

@@ -31,14 +31,14 @@ from hfgen import tracking
 from hfgen.errors import UserError
 
 METHODS = ("ppo", "grpo", "rloo", "dpo", "kto", "orpo", "simpo")  # the third step's stage
-ONLINE_METHODS = ("ppo", "grpo", "rloo")  # they sample responses and score them while training
-REWARD_MODEL_KEYS = {"ppo": "reward_model_path", "grpo": "reward_model_path", "rloo": "reward_model_path"}
+# dpo, kto, orpo and simpo learn from the preference pairs directly: the reward-model step runs only when a
+# `reward:` recipe is given, as a judge of their evaluation; grpo and rloo can run on rule rewards alone.
 
 
 def pipeline_steps(args) -> tuple[str, ...]:
     """("sft", "reward", method) when the method needs a reward model or a `reward:` recipe is set, else ("sft",
     method). Each step's recipe must be of the stage of the same name."""
-    needs_reward_model = args.method == "ppo"  # grpo/rloo can run on rule rewards alone
+    needs_reward_model = args.method == "ppo"
     return ("sft", "reward", args.method) if needs_reward_model or args.reward else ("sft", args.method)
 
 
@@ -48,7 +48,11 @@ class RLHFArguments:
     prerequisite: str | None = field(
         default=None, metadata={"help": "Recipe run first when its output_dir is not complete (e.g. pretraining)."}
     )
-    method: str = field(default="ppo", metadata={"help": f"The last step's method (and stage): {' | '.join(METHODS)}."})
+    method: str = field(
+        default="ppo",
+        metadata={"help": "The step after SFT: ppo | grpo | rloo | dpo | kto | orpo | simpo (offline methods skip the "
+                  "reward-model step unless `reward` names a recipe, whose model then judges their evaluation)."},
+    )  # fmt: skip
     sft: str | None = field(default=None, metadata={"help": "Recipe of step 1 (stage sft)."})
     reward: str | None = field(default=None, metadata={"help": "Recipe of step 2 (stage reward)."})
     ppo: str | None = field(default=None, metadata={"help": "Recipe of step 3 (stage ppo)."})
@@ -59,6 +63,14 @@ class RLHFArguments:
     grpo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the grpo recipe."})
     rloo: str | None = field(default=None, metadata={"help": "Recipe of the last step with method: rloo."})
     rloo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the rloo recipe."})
+    dpo: str | None = field(default=None, metadata={"help": "Recipe of the dpo step (method: dpo)."})
+    dpo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the dpo recipe."})
+    kto: str | None = field(default=None, metadata={"help": "Recipe of the kto step (method: kto)."})
+    kto_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the kto recipe."})
+    orpo: str | None = field(default=None, metadata={"help": "Recipe of the orpo step (method: orpo)."})
+    orpo_overrides: str | None = field(default=None, metadata={"help": "Mapping of keys overriding the orpo recipe."})
+    simpo: str | None = field(default=None, metadata={"help": "Recipe of the simpo step (method: simpo)."})
+    simpo_overrides: str | None = field(default=None, metadata={"help": "Mapping overriding the simpo recipe."})
     force: bool = field(default=False, metadata={"help": "Rerun every step even when its output is complete."})
 
 
@@ -69,10 +81,9 @@ def check(args: RLHFArguments) -> list[str]:
     """Every step recipe exists, is of the right stage and has valid keys. Inputs are checked when a step runs,
     since the steps before it make them."""
     problems = [] if args.output_dir else ["output_dir is not set"]
-    if args.method not in METHODS:
-        return problems + [f"method '{args.method}' is not one of {', '.join(METHODS)}"]
-    if not hasattr(args, args.method):
-        return problems + [f"method '{args.method}' is not available in this version of hfgen"]
+    if args.method not in METHODS or not hasattr(args, args.method):
+        available = [method for method in METHODS if hasattr(args, method)]
+        return problems + [f"method '{args.method}' is not one of {', '.join(available)}"]
     for step in pipeline_steps(args):
         if not getattr(args, step):
             problems.append(f"{step} is not set: name the step's recipe, e.g. recipes/tiny/{step}.yaml")
@@ -98,8 +109,8 @@ def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
     values = read_recipe_file(path)
     if step == args.method:
         values["model_name_or_path"] = str(step_recipe(args, "sft", check_inputs=False).output_dir)
-        if "reward" in pipeline_steps(args) and step in REWARD_MODEL_KEYS:
-            values[REWARD_MODEL_KEYS[step]] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
+        if "reward" in pipeline_steps(args):  # the reward model to train against, or (offline methods) the judge
+            values["reward_model_path"] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
     values.update(user_overrides(args, step))
     return build_recipe(values, source=path, check_inputs=check_inputs)
 
@@ -204,7 +215,7 @@ def format_summary(summary: dict) -> str:
         (f"wall time {key.split('/')[1]}, s", value) for key, value in summary.items() if key.startswith("wall_time_s/")
     ]
     width = max(len(label) for label, _ in rows)
-    lines = ["", "RLHF pipeline summary (held-out prompts)"]
+    lines = ["", f"RLHF pipeline summary ({method}; held-out prompts)"]
     for label, value in rows:
         lines.append(f"  {label:<{width}}  {value:.3f}" if isinstance(value, float) else f"  {label:<{width}}  {value}")
     return "\n".join(lines)

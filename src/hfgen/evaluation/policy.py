@@ -1,0 +1,180 @@
+"""Held-out comparison of a tuned policy with its SFT starting point, shared by every post-SFT method (DPO, KTO,
+ORPO, SimPO, and `hfgen compare` for PPO too).
+
+Both policies answer the same held-out prompts, `samples_per_prompt` times each, with the same random numbers
+(common random numbers: the comparison is less noisy than two independent draws). Each response is judged by the
+learned reward model and/or an oracle function; the figures are the mean scores of both policies, the tuned
+policy's win rate over SFT per judge (ties count half), KL(tuned || SFT) per response (k1 summed over the tuned
+policy's own response tokens), response length, EOS rate and diversity (distinct-n, self-BLEU).
+
+The pieces are PPO's: `hfgen.rl.rollout` samples (KV-cached `generate`, pinned sampling config) and scores, and
+`hfgen.evaluation.text` gives win rates and diversity; this module only arranges them for any pair of policies.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from hfgen.evaluation.text import diversity, win_rate
+
+JUDGES = ("reward_model", "oracle")  # the scores that get win rates, in this order
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the held-out answers are sampled: the same settings for both policies."""
+
+    samples_per_prompt: int = 4
+    response_length: int = 24
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 42
+    chunk_size: int = 64
+    max_prompt_length: int = 256  # read by hfgen.stages.ppo.tokenize_prompts
+
+
+def load_judges(reward_model_path: str | None, oracle_function: str | None, chunk_size: int, device):
+    """(RewardScorer or None, oracle function or None): the learned reward model (read with its own tokenizer) and
+    the independent oracle."""
+    from hfgen.evaluation.command import load_reward_model
+    from hfgen.rl.rollout import RewardScorer, load_function
+
+    scorer = None
+    if reward_model_path:
+        reward_tokenizer, reward_model = load_reward_model(reward_model_path, device)
+        reward_model.eval().requires_grad_(False)
+        scorer = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], chunk_size)
+    return scorer, load_function(oracle_function) if oracle_function else None
+
+
+@torch.no_grad()
+def compare_to_reference(
+    accelerator, policy, reference, tokenizer, prompts: list, sampling: Sampling, scorer=None, oracle=None,
+    name: str = "policy",
+) -> tuple[dict, list[dict]]:  # fmt: skip
+    """-> (figures, one row per sampled prompt with both responses and their scores).
+
+    `reference=None` with a PEFT `policy`: the reference is the policy with its adapter disabled. Keys:
+    `sft/<figure>`, `<name>/<figure>`, `win_rate/<judge>` (name over SFT), `kl_to_reference`, `eval/...`.
+    Prompts are split over the processes and gathered; every process returns the same figures."""
+    from accelerate.utils import gather_object
+
+    from hfgen.rl import functional as F
+    from hfgen.rl.rollout import function_scores, left_pad, reference_logprobs, response_texts, sample_responses
+    from hfgen.stages.ppo import make_generation_config, tokenize_prompts
+
+    prompts = [p for p in prompts for _ in range(sampling.samples_per_prompt)]
+    if not prompts:
+        return {}, []
+    prompts, queries = tokenize_prompts(tokenizer, prompts, sampling)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    policy.eval()
+    generation_config = make_generation_config(
+        tokenizer, sampling.response_length, sampling.temperature, sampling.top_p
+    )
+    local: dict[str, dict[str, list]] = {}
+    with accelerator.split_between_processes(list(enumerate(zip(prompts, queries)))) as shard:
+        indices = [index for index, _ in shard]
+        shard_prompts = [prompt for _, (prompt, _) in shard]
+        query_ids, query_mask = left_pad([query for _, (_, query) in shard], tokenizer.pad_token_id, policy.device)
+        for who in ("sft", name):
+            torch.manual_seed(sampling.seed + 1)  # common random numbers
+            use_reference = who == "sft" and reference is not None
+            with policy.disable_adapter() if who == "sft" and reference is None else nullcontext():
+                sampled = sample_responses(
+                    reference if use_reference else policy, query_ids, query_mask, generation_config,
+                    sampling.chunk_size, tokenizer.pad_token_id,
+                )  # fmt: skip
+            mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
+            texts = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
+            figures: dict[str, list] = {"response": texts}
+            if scorer is not None:
+                figures["reward_model"] = scorer(shard_prompts, texts, policy.device)[0].tolist()
+            if oracle is not None:
+                figures["oracle"] = function_scores(oracle, shard_prompts, texts, policy.device).tolist()
+            figures["response_length"] = mask.sum(1).float().tolist()
+            figures["eos_rate"] = (sampled.response_ids == tokenizer.eos_token_id).any(1).float().tolist()
+            local[who] = figures
+        # KL(tuned || SFT) on the tuned policy's own samples: sum over its response tokens of log pi - log pi_sft
+        input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)
+        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+        ref = reference_logprobs(
+            policy, reference, input_ids, attention_mask, query_ids.shape[1], sampling.temperature,
+            sampling.chunk_size,
+        )  # fmt: skip
+        local["kl"] = {"kl": ((sampled.logprobs - ref) * mask).sum(1).tolist()}
+    tokenizer.padding_side = padding_side
+
+    rows: list[dict] = []
+    for gathered_indices, gathered_prompts, shard_local in gather_object([(indices, shard_prompts, local)]):
+        for i, (index, prompt) in enumerate(zip(gathered_indices, gathered_prompts)):
+            row = {"index": index, "prompt": prompt, "kl": shard_local["kl"]["kl"][i]}
+            for who in ("sft", name):
+                row |= {f"{who}/{key}": values[i] for key, values in shard_local[who].items()}
+            rows.append(row)
+    rows.sort(key=lambda row: row["index"])
+    return summarise(rows, name, sampling), rows
+
+
+def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
+    """The figures of `compare_to_reference` from its rows (also how `hfgen compare` re-reads saved rows)."""
+    results = {
+        "eval/num_prompts": len(rows) // max(sampling.samples_per_prompt, 1),
+        "eval/samples_per_prompt": sampling.samples_per_prompt,
+        "eval/response_length": sampling.response_length,
+        "eval/temperature": sampling.temperature,
+        "kl_to_reference": mean([row["kl"] for row in rows]),
+    }
+    for key in ("reward_model", "oracle", "response_length", "eos_rate"):
+        if f"{name}/{key}" not in rows[0]:
+            continue
+        ours, sft = [row[f"{name}/{key}"] for row in rows], [row[f"sft/{key}"] for row in rows]
+        results |= {f"sft/{key}": mean(sft), f"{name}/{key}": mean(ours)}
+        if key in JUDGES:
+            results[f"win_rate/{key}"] = win_rate(ours, sft)
+    for who in ("sft", name):
+        groups: dict = {}
+        for row in rows:
+            groups.setdefault(str(row["prompt"]), []).append(row[f"{who}/response"])
+        results |= {f"{who}/{key}": value for key, value in diversity(list(groups.values())).items()}
+    return results
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def bootstrap_interval(
+    rows: list[dict], statistic, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(rows)`, resampling whole prompts (the samples of one prompt are
+    not independent of each other)."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(str(row["prompt"]), []).append(row)
+    clusters = list(groups.values())
+    rng = random.Random(seed)
+    values = sorted(statistic([row for _ in clusters for row in rng.choice(clusters)]) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return values[int(tail * (resamples - 1))], values[int((1 - tail) * (resamples - 1))]
+
+
+def format_comparison(results: dict, name: str) -> str:
+    """The held-out comparison as a small table: SFT, the tuned policy, and its win rate over SFT."""
+    lines = [
+        f"Held-out evaluation: {results['eval/num_prompts']} prompts x {results['eval/samples_per_prompt']} samples",
+        f"  {'':<18}{'SFT':>9}{name.upper():>9}{'win rate':>10}",
+    ]
+    for key in ("reward_model", "oracle", "response_length", "eos_rate", "distinct_2", "self_bleu"):
+        if f"{name}/{key}" in results and results[f"{name}/{key}"] is not None:
+            win = results.get(f"win_rate/{key}")
+            lines.append(
+                f"  {key:<18}{results[f'sft/{key}']:>9.3f}{results[f'{name}/{key}']:>9.3f}"
+                + (f"{win:>10.3f}" if win is not None else "")
+            )
+    lines.append(f"  KL({name.upper()} || SFT) per response: {results['kl_to_reference']:.3f} nats")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""What the offline preference stages (`dpo`, `kto`, `orpo`, `simpo`) share: their data keys and checks, loading
+the pairs, the held-out preference figures, and the run itself around a TRL trainer.
+
+Each stage module names its TRL trainer and config; the run is the same for all four:
+
+1. data: the `reward` stage's preference layouts (`prompt`/`chosen`/`rejected`, or `chosen`/`rejected` sharing a
+   prompt prefix; plain or conversational), and for KTO also unpaired `prompt`/`completion`/`label` rows. Columns
+   and empty values are checked before any model loads (exit 2 naming the column and rows); pairs whose chosen
+   and rejected responses are equal teach nothing and are dropped and counted, and refused when they are more
+   than MAX_IDENTICAL_FRACTION of the data (a broken export, not noise).
+2. model: TRL's `ModelConfig` (LoRA: the reference is the same model with its adapter disabled, no second copy);
+   for full fine-tuning the reference (the starting model) is loaded once and passed to the trainer.
+3. records (eval.json): on held-out pairs, the log-probability of chosen and rejected responses before and after
+   training (a falling chosen log-prob is a known failure of DPO-like losses: it is logged and said), and the
+   preference accuracy of the implicit reward; then the held-out generation comparison with the SFT model
+   (`hfgen.evaluation.policy`: reward-model and oracle scores, win rates, KL, length, diversity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hfgen import tracking
+from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
+from hfgen.errors import UserError
+from hfgen.finetune import check_model_config, run_first_hint
+from hfgen.models import check_model_source
+
+PAIRED_LAYOUTS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]  # as the reward stage accepts
+UNPAIRED_LAYOUT = ("prompt", "completion", "label")  # KTO's thumbs-up / thumbs-down rows
+MAX_IDENTICAL_FRACTION = 0.1
+
+
+@dataclass
+class PreferenceDataArguments(DataArguments):
+    """Data keys, and the held-out generation comparison with the starting (SFT) model."""
+
+    eval_prompts_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Prompts for the held-out generation comparison (its 'test' split, column 'prompt'); "
+                  "default: the prompts of the held-out preference rows."},
+    )  # fmt: skip
+    eval_num_prompts: int = field(default=64, metadata={"help": "Held-out prompts answered by both policies."})
+    eval_samples_per_prompt: int = field(
+        default=4, metadata={"help": "Responses per held-out prompt and policy; 0 skips the generation comparison."}
+    )
+    eval_response_length: int = field(default=24, metadata={"help": "Maximum new tokens of each held-out answer."})
+    eval_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the held-out answers."})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A reward model that judges the held-out answers (never trained on)."}
+    )
+    oracle_function: str | None = field(
+        default=None, metadata={"help": "A judge 'module:function(prompts, responses) -> scores' of held-out answers."}
+    )
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+
+def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool = False) -> list[str]:
+    """Problems with the dataset (missing columns, empty values, too many chosen == rejected pairs) and with the
+    evaluation keys, found before any model is loaded."""
+    from hfgen.rl.rollout import load_function
+
+    layouts = PAIRED_LAYOUTS + ([UNPAIRED_LAYOUT] if unpaired_ok else [])
+    problems = check_dataset(data_args, layouts)
+    if not problems:
+        splits, problems = load_splits_for_check(load_splits, data_args)
+        for split, rows in zip(("train", "eval"), splits or ()):
+            if "chosen" in rows.column_names:
+                same = identical_rows(rows)
+                if len(same) > MAX_IDENTICAL_FRACTION * len(rows):
+                    problems.append(
+                        f"dataset '{data_args.dataset_name}' ({split} split): {len(same)} of {len(rows)} pairs have "
+                        f"chosen equal to rejected (rows {same[:5]}{'...' if len(same) > 5 else ''}), more than "
+                        f"{MAX_IDENTICAL_FRACTION:.0%}; such pairs carry no preference: fix the data"
+                    )
+    if data_args.reward_model_path:
+        path = data_args.reward_model_path
+        problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
+    if data_args.oracle_function:
+        try:
+            load_function(data_args.oracle_function)
+        except ValueError as error:
+            problems.append(f"oracle_function {error}")
+    if min(data_args.eval_num_prompts, data_args.eval_samples_per_prompt) < 0 or data_args.eval_response_length < 1:
+        problems.append("eval_num_prompts and eval_samples_per_prompt must be >= 0, eval_response_length >= 1")
+    return problems
+
+
+def identical_rows(rows) -> list[int]:
+    return [i for i, (c, r) in enumerate(zip(rows["chosen"], rows["rejected"])) if c == r]
+
+
+def load_preference_splits(data_args: PreferenceDataArguments, seed: int):
+    """(train, eval) rows with an explicit prompt (extracted from the shared prefix when implicit), without the
+    pairs whose chosen equals rejected (their number is printed)."""
+    from trl.data_utils import maybe_extract_prompt
+
+    splits = []
+    for split, rows in zip(("train", "eval"), load_splits(data_args, seed=seed)):
+        if "chosen" in rows.column_names:
+            same = set(identical_rows(rows))
+            if same:
+                print(f"{split}: dropped {len(same)} of {len(rows)} pairs whose chosen equals rejected")
+                rows = rows.select([i for i in range(len(rows)) if i not in same])
+            if "prompt" not in rows.column_names:
+                rows = rows.map(maybe_extract_prompt)
+        splits.append(rows)
+    return tuple(splits)
+
+
+def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
+    """Distinct prompts for the generation comparison, in order."""
+    if data_args.eval_prompts_dataset:
+        from hfgen.data.loading import load_raw
+
+        raw = load_raw(data_args.eval_prompts_dataset)
+        rows = raw["test"] if "test" in raw else raw[next(iter(raw))]
+        prompts = rows["prompt"]
+    else:
+        prompts = eval_rows["prompt"]
+    distinct = {repr(p): p for p in prompts}
+    return list(distinct.values())[: data_args.eval_num_prompts]
+
+
+# ---- held-out log-probabilities ---------------------------------------------------------------------------
+
+
+def completion_example(tokenizer, prompt, completion) -> tuple[list[int], int]:
+    """(token ids of prompt + completion, index where the completion starts), tokenized as TRL's preference
+    trainers do: chat template for conversations, EOS after plain text, the completion starting where the tokenized
+    prompt and prompt+completion diverge."""
+    from trl.data_utils import common_prefix_length
+
+    if isinstance(completion, list):
+        render = dict(tokenize=True, return_dict=True)
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **render)["input_ids"]
+        ids = tokenizer.apply_chat_template(prompt + completion, **render)["input_ids"]
+    else:
+        text = prompt + completion
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        ids = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
+    return ids, max(common_prefix_length(prompt_ids, ids), 1)
+
+
+def completion_logprobs(model, examples: list[tuple[list[int], int]], pad_token_id: int, batch_size: int):
+    """[(sum of the completion tokens' log-probs, number of completion tokens)] per example."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    results = []
+    with torch.inference_mode():
+        for begin in range(0, len(examples), batch_size):
+            chunk = examples[begin : begin + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            scored = torch.zeros_like(input_ids, dtype=torch.bool)
+            for row, (ids, start) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                scored[row, start : len(ids)] = True
+            attention_mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in chunk])[:, None]).long()
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+            mask = scored[:, 1:].to(device)
+            results += list(zip((logps * mask).sum(1).tolist(), mask.sum(1).tolist()))
+    return results
+
+
+def held_out_examples(tokenizer, eval_rows) -> dict[str, list]:
+    """{"chosen": [...], "rejected": [...]} tokenized completions of the held-out rows (unpaired rows: desirable
+    ones as chosen, undesirable ones as rejected; they are then not pairs)."""
+    if "chosen" in eval_rows.column_names:
+        return {
+            side: [completion_example(tokenizer, row["prompt"], row[side]) for row in eval_rows]
+            for side in ("chosen", "rejected")
+        }
+    return {
+        side: [completion_example(tokenizer, row["prompt"], row["completion"]) for row in eval_rows
+               if bool(row["label"]) == (side == "chosen")]
+        for side in ("chosen", "rejected")
+    }  # fmt: skip
+
+
+def preference_figures(before: dict, after: dict, paired: bool, reference_free: bool) -> dict:
+    """Log-prob change of chosen and rejected completions, and the implicit reward's held-out accuracy: the
+    log-ratio to the starting model (DPO, KTO), or the mean log-prob per token (ORPO, SimPO: reference-free)."""
+
+    def mean(values):
+        return sum(values) / len(values) if values else None
+
+    figures = {}
+    for side in ("chosen", "rejected"):
+        change = [a - b for (a, _), (b, _) in zip(after[side], before[side])]
+        figures[f"logps/{side}_initial"] = mean([b for b, _ in before[side]])
+        figures[f"logps/{side}"] = mean([a for a, _ in after[side]])
+        figures[f"logps/{side}_change"] = mean(change)
+    if paired and after["chosen"]:
+        if reference_free:
+            reward = {side: [s / max(n, 1) for s, n in after[side]] for side in after}
+            initial = {side: [s / max(n, 1) for s, n in before[side]] for side in before}
+            figures["accuracy_initial"] = mean([float(c > r) for c, r in zip(initial["chosen"], initial["rejected"])])
+        else:
+            reward = {side: [a - b for (a, _), (b, _) in zip(after[side], before[side])] for side in after}
+        figures["accuracy"] = mean([float(c > r) for c, r in zip(reward["chosen"], reward["rejected"])])
+        figures["held_out_pairs"] = len(after["chosen"])
+    figures["chosen_logp_fell"] = bool(
+        figures["logps/chosen_change"] is not None and figures["logps/chosen_change"] < 0
+    )
+    return figures
+
+
+CHOSEN_FELL = (
+    "warning: the held-out chosen responses' log-probability fell during training ({change:+.2f} nats on average). "
+    "The loss only needs chosen to rise *relative to* rejected, and both falling is a known failure of DPO-like "
+    "losses (probability mass moves to responses in neither set). Lower learning_rate or beta's pull, train fewer "
+    "steps, or add an SFT term (DPO: loss_type [sigmoid, sft]; ORPO/CPO keep one)."
+)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
+    problems = check_model_config(model_args) + check_preference_data(data_args, unpaired_ok)
+    if not training_args.output_dir:
+        problems.append("output_dir is not set")
+    return problems
+
+
+def run_stage(
+    method: str, trainer_class, model_args, data_args: PreferenceDataArguments, training_args,
+    needs_reference: bool,
+) -> Path:  # fmt: skip
+    """Train `trainer_class` (a TRL preference trainer) and record the held-out figures. `needs_reference`: the
+    loss uses a frozen reference model (DPO, KTO), loaded here for full fine-tuning."""
+    from accelerate.utils import is_peft_model
+    from transformers import set_seed
+    from trl import get_peft_config
+
+    from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison, load_judges
+    from hfgen.finetune import load_model
+    from hfgen.models import count_parameters, load_tokenizer
+
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    model = load_model(model_args, training_args, tokenizer)
+    # The starting model, frozen: the loss's reference (DPO, KTO) and the evaluation's baseline. With LoRA it is
+    # the policy with its adapter disabled.
+    reference = None if model_args.use_peft else load_model(model_args, training_args, tokenizer).eval()
+    if reference is not None:
+        reference.requires_grad_(False)
+
+    train_rows, eval_rows = load_preference_splits(data_args, training_args.seed)
+    extra = {"ref_model": reference} if needs_reference and reference is not None else {}
+    try:
+        trainer = trainer_class(
+            model=model,
+            args=training_args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+            callbacks=[tracking.metrics_callback(output_dir)],
+            **extra,
+        )
+    except ValueError as error:  # TRL validates the config against the data and model here
+        raise UserError(f"{trainer_class.__name__} rejected the recipe: {error}") from None
+
+    is_main = trainer.is_world_process_zero()
+    eval_batch = training_args.per_device_eval_batch_size
+    examples = held_out_examples(tokenizer, eval_rows)
+    policy_model = trainer.model  # measured outside the Trainer, before DDP wraps it
+    before = {s: completion_logprobs(policy_model, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
+
+    resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_model(str(output_dir))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if training_args.world_size > 1:
+        tracking.write_weights_fingerprint(policy, output_dir)
+
+    after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
+    figures = preference_figures(before, after, "chosen" in eval_rows.column_names, not needs_reference)
+    if figures["chosen_logp_fell"] and is_main:
+        print(CHOSEN_FELL.format(change=figures["logps/chosen_change"]))
+
+    # Held-out generation: the trained policy against the starting model, same prompts and random numbers.
+    comparison, rows = {}, []
+    if data_args.eval_samples_per_prompt and data_args.eval_num_prompts:
+        device = trainer.accelerator.device
+        scorer, oracle = load_judges(data_args.reward_model_path, data_args.oracle_function, eval_batch, device)
+        sampling = Sampling(
+            samples_per_prompt=data_args.eval_samples_per_prompt, response_length=data_args.eval_response_length,
+            temperature=data_args.eval_temperature, seed=training_args.seed, chunk_size=max(eval_batch, 16),
+        )  # fmt: skip
+        if reference is not None:
+            reference.to(device)
+        comparison, rows = compare_to_reference(
+            trainer.accelerator, policy, reference if not is_peft_model(policy) else None, tokenizer,
+            held_out_prompts(data_args, eval_rows), sampling, scorer, oracle, name=method,
+        )  # fmt: skip
+
+    if is_main:
+        tracking.write_jsonl(output_dir / "policy_eval.jsonl", rows)
+        tracking.update_eval(
+            output_dir,
+            {
+                **figures,
+                **comparison,
+                "method": method,
+                "train_pairs": len(train_rows),
+                "train_loss": result.training_loss,
+                "train_runtime_s": result.metrics["train_runtime"],
+                "train_samples_per_s": result.metrics["train_samples_per_second"],
+                "steps": trainer.state.global_step,
+                "parameters": count_parameters(policy),
+                "trainable_parameters": count_parameters(policy, trainable_only=True),
+                "peft": model_args.use_peft,
+            },
+        )
+        if comparison:
+            print(format_comparison(comparison, method))
+    return output_dir

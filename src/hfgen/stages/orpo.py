@@ -1,0 +1,30 @@
+"""ORPO (Hong et al. 2024) on TRL's experimental `ORPOTrainer`: supervised fine-tuning on the chosen responses
+plus an odds-ratio penalty on the rejected ones, in one loss and without a reference model.
+
+    hfgen train recipes/tiny/orpo.yaml
+
+Keys are TRL's `ORPOConfig` (`beta`: the odds-ratio term's weight, lambda in the paper; `max_length`,
+`max_completion_length`, ...), `ModelConfig` and the preference data keys of `hfgen.preference`. ORPO is meant to
+start from a base model as well as an SFT one; the held-out comparison is always against the starting model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trl import ModelConfig
+from trl.experimental.orpo import ORPOConfig
+
+from hfgen.preference import PreferenceDataArguments, check_stage, run_stage
+
+ARGUMENTS = (ModelConfig, PreferenceDataArguments, ORPOConfig)
+
+
+def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: ORPOConfig) -> list[str]:
+    return check_stage(model_args, data_args, training_args)
+
+
+def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: ORPOConfig) -> Path:
+    from trl.experimental.orpo import ORPOTrainer
+
+    return run_stage("orpo", ORPOTrainer, model_args, data_args, training_args, needs_reference=False)

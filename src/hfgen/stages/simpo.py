@@ -1,0 +1,42 @@
+"""SimPO (Meng et al. 2024) on TRL's experimental `CPOTrainer` with `loss_type: simpo`: the implicit reward is the
+length-normalised log-probability beta x mean log pi(y|x), with a target margin `simpo_gamma`; no reference model.
+
+    hfgen train recipes/tiny/simpo.yaml
+
+Keys are TRL's `CPOConfig` with SimPO's defaults (`loss_type` simpo, `cpo_alpha` 0: no behaviour-cloning term;
+set it above 0 for CPO-SimPO), `beta`, `simpo_gamma`, `label_smoothing`, `max_length`, ...; `ModelConfig` and the
+preference data keys of `hfgen.preference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig
+from trl.experimental.cpo import CPOConfig
+
+from hfgen.preference import PreferenceDataArguments, check_stage, run_stage
+
+
+@dataclass
+class SimPOConfig(CPOConfig):
+    loss_type: str = field(
+        default="simpo", metadata={"help": "simpo (or alphapo, SimPO with AlphaPO's reward shape).",
+                                   "choices": ["simpo", "alphapo"]},
+    )  # fmt: skip
+    cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of a behaviour-cloning (NLL) term; 0 in SimPO."})
+    beta: float = field(default=2.0, metadata={"help": "Scale of the length-normalised reward (SimPO paper: 2-2.5)."})
+
+
+ARGUMENTS = (ModelConfig, PreferenceDataArguments, SimPOConfig)
+
+
+def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: SimPOConfig) -> list[str]:
+    return check_stage(model_args, data_args, training_args)
+
+
+def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: SimPOConfig) -> Path:
+    from trl.experimental.cpo import CPOTrainer
+
+    return run_stage("simpo", CPOTrainer, model_args, data_args, training_args, needs_reference=False)
