@@ -36,13 +36,15 @@ class FlowPipelineArguments:
         default=False, metadata={"help": "Leave out the T5 text encoder of a pretrained pipeline (SD3 allows it)."}
     )
     transformer_config: str | None = field(
-        default=None, metadata={"help": "From scratch: SD3Transformer2DModel config JSON (recipes/tiny/mmdit_digits.json)."}
+        default=None,
+        metadata={"help": "From scratch: SD3Transformer2DModel config JSON (recipes/tiny/mmdit_digits.json)."},
     )
     vae_name_or_path: str | None = field(
         default=None, metadata={"help": "From scratch: an AutoencoderKL dir (a `vae` stage's output_dir) or hub id."}
     )
     text_encoder_config: str | None = field(
-        default=None, metadata={"help": "From scratch: CLIPTextConfig JSON of both CLIP text encoders (with projection_dim)."}
+        default=None,
+        metadata={"help": "From scratch: CLIPTextConfig JSON of both CLIP text encoders (with projection_dim)."},
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -67,7 +69,9 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
     if args.pretrained_model_name_or_path:
         scratch = [k for k in ("transformer_config", "text_encoder_config", "tokenizer_name") if getattr(args, k)]
         if scratch:
-            problems.append(f"{', '.join(scratch)} build a pipeline from scratch; drop them or pretrained_model_name_or_path")
+            problems.append(
+                f"{', '.join(scratch)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
+            )
         if args.text_encoder_pretraining_steps:
             problems.append("text_encoder_pretraining_steps pretrains text encoders built from scratch; drop it")
         problems += check_model_source("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
@@ -104,11 +108,18 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
             pipeline = DiffusionPipeline.from_pretrained(name, revision=args.revision, variant=args.variant, **drop)
         except (OSError, ValueError) as error:
             raise UserError(f"pipeline '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+        if type(pipeline).__name__ != "StableDiffusion3Pipeline":  # Flux and others need their own loop (not yet)
+            raise UserError(
+                f"pretrained_model_name_or_path '{name}' is a {type(pipeline).__name__}; the t2i_flow stage trains "
+                "StableDiffusion3Pipeline-layout pipelines (SD3, SD3.5)"
+            )
         parts = dict(pipeline.components)
         if args.vae_name_or_path:
             parts["vae"] = load_vae(args.vae_name_or_path)
         if args.override_shift:
-            parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler"].config, shift=args.shift)
+            parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(
+                parts["scheduler"].config, shift=args.shift
+            )
         return parts
     if args.tokenizer_name == CAPTION_TOKENIZER:
         tokenizer = build_caption_tokenizer(train_captions, args.max_caption_tokens)

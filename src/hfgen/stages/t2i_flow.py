@@ -57,9 +57,6 @@ class FlowTrainingArguments(LoopArguments):
     logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
     logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
     mode_scale: float = field(default=1.29, metadata={"help": "Scale of the `mode` timestep density."})
-    guidance: float = field(
-        default=1.0, metadata={"help": "Guidance value given to guidance-distilled transformers (guidance_embeds)."}
-    )
     condition_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt."})
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the transformer weights and save that."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up: lower early on)."})
@@ -120,8 +117,16 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     from hfgen.diffusion.flow_components import load_flow_components, make_pipeline, set_latent_normalisation
     from hfgen.diffusion.latents import CachedLatents, cache_latents
     from hfgen.diffusion.training import (
-        StepLog, TrainingRNG, epoch_batches, make_accelerator, make_lr_scheduler, make_optimizer, maybe_checkpoint,
-        resume, step_budget, weight_dtype,
+        StepLog,
+        TrainingRNG,
+        epoch_batches,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        maybe_checkpoint,
+        resume,
+        step_budget,
+        weight_dtype,
     )  # fmt: skip
 
     accelerator = make_accelerator(args, refused_engines(model_args, data_args, args))
@@ -182,7 +187,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         collate_fn=CachedLatents.collate, drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
     )  # fmt: skip
 
-    optimizer = make_optimizer([[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes)
+    optimizer = make_optimizer(
+        [[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes
+    )
     max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
     lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
     transformer, optimizer, train_loader = loop.prepare(
@@ -191,7 +198,6 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     )  # fmt: skip
     if ema is not None:
         ema.to(device)
-    guidance_embeds = getattr(accelerator.unwrap_model(transformer).config, "guidance_embeds", False)
 
     rng = TrainingRNG(args.seed + accelerator.process_index, device)
     accelerator.register_for_checkpointing(rng)
@@ -207,6 +213,10 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
             with accelerator.accumulate(transformer):
                 mean, std = batch["latent_mean"], batch["latent_std"]
+                if data_args.random_flip:  # both orientations are cached
+                    flip = (torch.rand(len(mean), generator=rng.generator, device=device) < 0.5)[:, None, None, None]
+                    mean = torch.where(flip, batch["flipped_latent_mean"], mean)
+                    std = torch.where(flip, batch["flipped_latent_std"], std)
                 latents = mean + std * torch.randn(mean.shape, generator=rng.generator, device=device)
                 latents = (latents.float() - shift) * scale
                 noise = torch.randn(latents.shape, generator=rng.generator, device=device)
@@ -217,11 +227,10 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 )  # fmt: skip
                 dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
                 index = torch.where(dropped, empty_caption, batch["caption_index"].to(device))
-                extra = {"guidance": torch.full((bsz,), args.guidance, device=device)} if guidance_embeds else {}
                 model_pred = transformer(
                     hidden_states=noisy_latents(latents, noise, sigmas).to(dtype), timestep=timesteps,
                     encoder_hidden_states=caption_states[index].to(dtype),
-                    pooled_projections=caption_pooled[index].to(dtype), return_dict=False, **extra,
+                    pooled_projections=caption_pooled[index].to(dtype), return_dict=False,
                 )[0]  # fmt: skip
                 loss = flow_loss(model_pred, latents, noise, sigmas, args.weighting_scheme)
                 accelerator.backward(loss)
@@ -305,13 +314,12 @@ def save(output_dir: Path, model_args, args, parts, transformer) -> None:
     from diffusers import StableDiffusion3Pipeline
 
     if args.use_lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        # peft's key names (lora_A/lora_B), as diffusers' train_dreambooth_lora_sd3.py saves them
         StableDiffusion3Pipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(transformer)),
-            safe_serialization=True,
-        )  # fmt: skip
+            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+        )
         base = {"pretrained_model_name_or_path": model_args.pretrained_model_name_or_path,
                 "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
         tracking.write_json(output_dir / LORA_BASE, base)
