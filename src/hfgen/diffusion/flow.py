@@ -18,7 +18,8 @@ WEIGHTING_SCHEMES = ["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", 
 def sample_sigmas(scheduler, batch_size: int, weighting_scheme: str, logit_mean: float, logit_std: float,
                   mode_scale: float, generator, device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(timesteps the transformer is told, sigmas in [0, 1]) for a batch, drawn by `weighting_scheme` from the
-    training scheduler's (shifted) schedule."""
+    training scheduler's (shifted) schedule. As in diffusers' SD3/Flux training scripts, the draw u in [0, 1]
+    indexes the schedule from its noisy end (sigma ~ 1 - u): a positive `logit_mean` trains at less noise."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     u = compute_density_for_timestep_sampling(
