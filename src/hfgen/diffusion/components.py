@@ -321,12 +321,12 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
         raise UserError(f"'{path}' is not a diffusers pipeline dir (no model_index.json) nor a t2i LoRA run")
     try:
         if (path / "model_index.json").is_file():
-            pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+            pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **absent_components(path))
         else:
             base = json.loads((path / LORA_BASE).read_text())
             pipeline = DiffusionPipeline.from_pretrained(
                 base["pretrained_model_name_or_path"], revision=base.get("revision"), variant=base.get("variant"),
-                torch_dtype=dtype,
+                torch_dtype=dtype, **absent_components(base["pretrained_model_name_or_path"]),
             )  # fmt: skip
             pipeline.load_lora_weights(str(path))
     except (OSError, ValueError) as error:
@@ -334,3 +334,12 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def absent_components(path: str | Path) -> dict:
+    """{name: None} for the components a local pipeline dir saved as absent (model_index.json `[null, null]`), e.g.
+    the T5 encoder of an SD3 pipeline trained without it: diffusers only loads such a dir when told so."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {name: None for name, value in json.loads(index.read_text()).items() if value == [None, None]}

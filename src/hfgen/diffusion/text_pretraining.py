@@ -45,7 +45,8 @@ def pretrain_text_encoder(
             projection_dim=text_config.projection_dim,
         )
     )
-    clip.text_model.load_state_dict(text_encoder.state_dict())
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # CLIPTextModelWithProjection wraps one
+    clip.text_model.load_state_dict(text_model.state_dict())
     clip.to(device).train()
 
     # The pairs: images as the pipeline sees them (resized, center-cropped), captions as token ids.
@@ -68,5 +69,7 @@ def pretrain_text_encoder(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    text_encoder.load_state_dict(clip.text_model.state_dict())
+    text_model.load_state_dict(clip.text_model.state_dict())
+    if hasattr(text_encoder, "text_projection"):  # SD3 conditions on the projected (pooled) embedding: keep CLIP's
+        text_encoder.text_projection.load_state_dict(clip.text_projection.state_dict())
     return losses[0], sum(losses[-10:]) / len(losses[-10:])

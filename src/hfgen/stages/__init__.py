@@ -28,6 +28,7 @@ STAGES = {
     "rlhf": "hfgen.stages.rlhf",  # SFT -> reward -> PPO pipeline
     "vae": "hfgen.stages.vae",  # AutoencoderKL for latent diffusion
     "t2i": "hfgen.stages.t2i",  # text-to-image UNet training, full or LoRA
+    "t2i_flow": "hfgen.stages.t2i_flow",  # flow-matching transformer (SD3 layout), full or LoRA
 }
 
 

@@ -1,0 +1,166 @@
+"""The parts of a flow-matching text-to-image pipeline in the Stable Diffusion 3 layout, built from configs or
+loaded from a pretrained pipeline.
+
+    tokenizer, tokenizer_2          CLIPTokenizers (from scratch: one `embedded:caption-bpe` tokenizer, used twice)
+    text_encoder, text_encoder_2    CLIPTextModelWithProjection: SD3 reads their penultimate hidden states
+                                    (sequence) and projected pooled embeddings; frozen, their outputs cached
+    text_encoder_3, tokenizer_3     T5 (SD3) or None: SD3 then uses zeros in its place (`drop_t5` drops a loaded one)
+    vae                             AutoencoderKL (16 latent channels), a `vae` stage run from scratch
+    transformer                     SD3Transformer2DModel (MMDiT), from a JSON config from scratch
+    scheduler                       FlowMatchEulerDiscreteScheduler, for training and sampling (its `shift`)
+
+`make_pipeline` assembles a StableDiffusion3Pipeline, so the saved dir loads with DiffusionPipeline.from_pretrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hfgen.diffusion.components import CAPTION_TOKENIZER, read_config
+from hfgen.errors import UserError
+from hfgen.models import check_config_file, check_model_source
+
+
+@dataclass
+class FlowPipelineArguments:
+    """Which pipeline the t2i_flow stage starts from: a pretrained SD3-layout one, or components from configs."""
+
+    pretrained_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A diffusers SD3-layout pipeline to fine-tune: hub id (e.g. "
+                  "stabilityai/stable-diffusion-3.5-medium) or local dir (an earlier t2i_flow run's output_dir)."},
+    )  # fmt: skip
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the pretrained pipeline."})
+    variant: str | None = field(default=None, metadata={"help": "Weights variant of the pretrained pipeline."})
+    drop_t5: bool = field(
+        default=False, metadata={"help": "Leave out the T5 text encoder of a pretrained pipeline (SD3 allows it)."}
+    )
+    transformer_config: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: SD3Transformer2DModel config JSON (recipes/tiny/mmdit_digits.json)."},
+    )
+    vae_name_or_path: str | None = field(
+        default=None, metadata={"help": "From scratch: an AutoencoderKL dir (a `vae` stage's output_dir) or hub id."}
+    )
+    text_encoder_config: str | None = field(
+        default=None,
+        metadata={"help": "From scratch: CLIPTextConfig JSON of both CLIP text encoders (with projection_dim)."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": f"From scratch: a CLIPTokenizer dir or hub id, or '{CAPTION_TOKENIZER}' (BPE learned here)."},
+    )
+    text_encoder_pretraining_steps: int = field(
+        default=0, metadata={"help": "From scratch: CLIP contrastive pretraining steps of each new text encoder."}
+    )
+    max_caption_tokens: int = field(default=16, metadata={"help": f"Token length of '{CAPTION_TOKENIZER}' captions."})
+    shift: float = field(
+        default=3.0, metadata={"help": "Shift of the sigma schedule (SD3 uses 3.0) when built from scratch; a "
+                                       "pretrained pipeline keeps its scheduler's unless set with override_shift."}
+    )  # fmt: skip
+    override_shift: bool = field(default=False, metadata={"help": "Apply `shift` to a pretrained pipeline too."})
+
+
+FROM_SCRATCH_KEYS = ("transformer_config", "vae_name_or_path", "text_encoder_config", "tokenizer_name")
+
+
+def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
+    problems = []
+    if args.pretrained_model_name_or_path:
+        scratch = [k for k in ("transformer_config", "text_encoder_config", "tokenizer_name") if getattr(args, k)]
+        if scratch:
+            problems.append(
+                f"{', '.join(scratch)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
+            )
+        if args.text_encoder_pretraining_steps:
+            problems.append("text_encoder_pretraining_steps pretrains text encoders built from scratch; drop it")
+        problems += check_model_source("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    else:
+        missing = [k for k in FROM_SCRATCH_KEYS if not getattr(args, k)]
+        if missing:
+            problems.append(
+                "set pretrained_model_name_or_path (fine-tune a pipeline), or build one from scratch with "
+                f"{', '.join(FROM_SCRATCH_KEYS)} (missing: {', '.join(missing)})"
+            )
+    for key in ("transformer_config", "text_encoder_config"):
+        problems += check_config_file(key, getattr(args, key))
+    problems += check_model_source("vae_name_or_path", args.vae_name_or_path, hint="train one with the vae stage first")
+    if args.tokenizer_name != CAPTION_TOKENIZER:
+        problems += check_model_source("tokenizer_name", args.tokenizer_name)
+    if args.shift <= 0:
+        problems.append(f"shift must be positive, got {args.shift}")
+    return problems
+
+
+def load_flow_components(args: FlowPipelineArguments, train_captions: list[str]) -> dict:
+    """The StableDiffusion3Pipeline components (see the module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from hfgen.diffusion.components import absent_components, build_caption_tokenizer, load_tokenizer, load_vae
+
+    if args.pretrained_model_name_or_path:
+        from diffusers import DiffusionPipeline
+
+        name = args.pretrained_model_name_or_path
+        drop = absent_components(name) | ({"text_encoder_3": None, "tokenizer_3": None} if args.drop_t5 else {})
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(name, revision=args.revision, variant=args.variant, **drop)
+        except (OSError, ValueError) as error:
+            raise UserError(f"pipeline '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+        if type(pipeline).__name__ != "StableDiffusion3Pipeline":  # Flux and others need their own loop (not yet)
+            raise UserError(
+                f"pretrained_model_name_or_path '{name}' is a {type(pipeline).__name__}; the t2i_flow stage trains "
+                "StableDiffusion3Pipeline-layout pipelines (SD3, SD3.5)"
+            )
+        parts = dict(pipeline.components)
+        if args.vae_name_or_path:
+            parts["vae"] = load_vae(args.vae_name_or_path)
+        if args.override_shift:
+            parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(
+                parts["scheduler"].config, shift=args.shift
+            )
+        return parts
+    if args.tokenizer_name == CAPTION_TOKENIZER:
+        tokenizer = build_caption_tokenizer(train_captions, args.max_caption_tokens)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer_name)
+    config = CLIPTextConfig(
+        **{
+            **read_config(args.text_encoder_config),
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
+    return {
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "tokenizer_3": None,
+        "text_encoder": CLIPTextModelWithProjection(config),
+        "text_encoder_2": CLIPTextModelWithProjection(config),
+        "text_encoder_3": None,
+        "vae": load_vae(args.vae_name_or_path),
+        "transformer": SD3Transformer2DModel.from_config(read_config(args.transformer_config)),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=args.shift),
+    }
+
+
+def make_pipeline(parts: dict, transformer=None):
+    """A StableDiffusion3Pipeline of `parts` (with `transformer` in place of parts' one when given)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    names = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
+             "scheduler")  # fmt: skip
+    return StableDiffusion3Pipeline(transformer=transformer or parts["transformer"], **{n: parts.get(n) for n in names})
+
+
+def set_latent_normalisation(vae, latent_means) -> None:
+    """A VAE trained here has no `shift_factor`/`scaling_factor` for its latents: set them, as SD3 did for its VAE,
+    so the transformer sees latents of mean 0 and unit variance (the pipeline applies them when decoding)."""
+    import torch
+
+    means = torch.as_tensor(latent_means).float()
+    vae.register_to_config(shift_factor=means.mean().item(), scaling_factor=1.0 / means.std().item())

@@ -1,0 +1,331 @@
+"""Stage `t2i_flow`: train the transformer of a flow-matching text-to-image pipeline (Stable Diffusion 3 layout:
+MMDiT, two CLIP text encoders with projection, optional T5, 16-channel VAE), full or LoRA.
+
+    hfgen train recipes/tiny/t2i_flow_digits.yaml   (from scratch; its VAE comes from recipes/tiny/vae_digits16.yaml)
+    hfgen train recipes/tiny/t2i_flow_digits_lora.yaml
+    hfgen train recipes/sd-3.5-medium/lora.yaml
+
+The loss is rectified flow's (hfgen.diffusion.flow): latents and noise joined by a straight line, the transformer
+regresses the velocity, with the timestep samplings of SD3's training (`weighting_scheme`, `logit_mean`,
+`logit_std`, `mode_scale`) and the scheduler's `shift`. The text encoders are frozen and every distinct caption is
+encoded once by the pipeline's own `encode_prompt` (sequence and pooled embeddings), so training conditions on
+exactly what sampling will; the VAE latents are cached too (hfgen.diffusion.latents, shared with `t2i`). Captions
+are dropped to the empty prompt with probability `condition_dropout` (classifier-free guidance).
+
+Output: a StableDiffusion3Pipeline dir (`DiffusionPipeline.from_pretrained(dir)`), or for LoRA the adapter file
+plus lora_base.json (`pipe.load_lora_weights(dir)` on the base); validation grids; eval.json as for `t2i`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hfgen import loop, tracking
+from hfgen.diffusion.components import LORA_BASE
+from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
+from hfgen.diffusion.flow import WEIGHTING_SCHEMES
+from hfgen.diffusion.flow_components import FlowPipelineArguments, check_flow_pipeline_arguments
+from hfgen.diffusion.training import LoopArguments, check_loop_arguments
+
+# Attention of both streams (image and text) and both MLPs of every MMDiT block.
+TRANSFORMER_LORA_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]  # fmt: skip
+
+
+@dataclass
+class FlowTrainingArguments(LoopArguments):
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the transformer only."})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(TRANSFORMER_LORA_MODULES),
+        metadata={"help": "Transformer modules that get adapters (attention and MLP projections)."},
+    )
+    weighting_scheme: str = field(
+        default="logit_normal",
+        metadata={"help": "Timestep sampling (logit_normal, mode, uniform) or loss weighting (sigma_sqrt, cosmap).",
+                  "choices": WEIGHTING_SCHEMES},
+    )  # fmt: skip
+    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
+    logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
+    mode_scale: float = field(default=1.29, metadata={"help": "Scale of the `mode` timestep density."})
+    condition_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt."})
+    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the transformer weights and save that."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up: lower early on)."})
+    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts of the validation grids."})
+    validation_steps: int = field(default=0, metadata={"help": "Validation grid every N steps (0: at the end only)."})
+    num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt."})
+    num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps for validation and evaluation."})
+    guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance scale at sampling time."})
+    eval_images_per_prompt: int = field(default=20, metadata={"help": "Images per prompt for eval.json (0: none)."})
+
+
+ARGUMENTS = (FlowPipelineArguments, ImageDataArguments, FlowTrainingArguments)
+
+
+def check(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: FlowTrainingArguments) -> list[str]:
+    problems = check_flow_pipeline_arguments(model_args) + check_loop_arguments(args)
+    if args.use_lora and not model_args.pretrained_model_name_or_path:
+        problems.append("use_lora adapts a pretrained pipeline: set pretrained_model_name_or_path")
+    if args.use_lora and args.use_ema:
+        problems.append("use_ema averages full transformer weights; it does not apply to use_lora")
+    if not data_args.center_crop:
+        problems.append("t2i_flow caches latents, which needs center_crop: true")
+    if not 0 <= args.condition_dropout < 1:
+        problems.append(f"condition_dropout must be in [0, 1), got {args.condition_dropout}")
+    if args.logit_std <= 0:
+        problems.append(f"logit_std must be positive, got {args.logit_std}")
+    return problems + check_image_data(data_args, need_captions=True)
+
+
+def refused_engines(model_args, data_args, args):
+    refused = {"zero3": "ZeRO-3 would partition the frozen text encoders, which this loop calls directly; use zero2 "
+                        "or fsdp2"}  # fmt: skip
+    if args.use_ema:
+        refused["fsdp2"] = "use_ema averages whole transformer weights, which FSDP2 shards; use DDP or zero2"
+    return refused
+
+
+def encode_captions(pipeline, captions: list[str], device, batch_size: int = 256):
+    """(sequence embeddings, pooled embeddings) of each caption, by the pipeline's own `encode_prompt`."""
+    sequences, pooled = [], []
+    with torch.inference_mode():
+        for start in range(0, len(captions), batch_size):
+            chunk = captions[start : start + batch_size]
+            embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+                chunk, chunk, chunk, device=device, do_classifier_free_guidance=False
+            )
+            sequences.append(embeds.float())
+            pooled.append(pooled_embeds.float())
+    return torch.cat(sequences), torch.cat(pooled)
+
+
+def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: FlowTrainingArguments) -> Path:
+    from diffusers import SD3Transformer2DModel
+    from diffusers.training_utils import EMAModel, cast_training_params
+
+    from hfgen.diffusion.data import load_image_splits, pick_caption
+    from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
+    from hfgen.diffusion.flow_components import load_flow_components, make_pipeline, set_latent_normalisation
+    from hfgen.diffusion.latents import CachedLatents, cache_latents
+    from hfgen.diffusion.training import (
+        StepLog,
+        TrainingRNG,
+        epoch_batches,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        maybe_checkpoint,
+        resume,
+        step_budget,
+        weight_dtype,
+    )  # fmt: skip
+
+    accelerator = make_accelerator(args, refused_engines(model_args, data_args, args))
+    output_dir = Path(args.output_dir)
+    device, dtype = accelerator.device, weight_dtype(accelerator)
+
+    train_rows, _ = load_image_splits(data_args, seed=args.seed)
+    parts = load_flow_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
+    transformer, vae = parts["transformer"], parts["vae"]
+    # The training schedule (all num_train_timesteps sigmas, shifted): a copy, as sampling resets the pipeline's own
+    scheduler = type(parts["scheduler"]).from_config(parts["scheduler"].config)
+    if model_args.text_encoder_pretraining_steps:  # new CLIP text encoders learn the captions contrastively first
+        from hfgen.diffusion.text_pretraining import pretrain_text_encoder
+
+        for index, name in enumerate(("text_encoder", "text_encoder_2")):
+            first, last = pretrain_text_encoder(
+                parts[name], parts["tokenizer"], train_rows, data_args, model_args.text_encoder_pretraining_steps,
+                args.seed + index, device,
+            )  # fmt: skip
+            tracking.update_eval(output_dir, {f"{name}/clip_loss_initial": first, f"{name}/clip_loss": last})
+    frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
+    for model in frozen:
+        loop.replicated(accelerator, model)
+        if dtype != torch.float32:
+            model.to(dtype=dtype)
+    transformer.requires_grad_(not args.use_lora)
+    if args.use_lora:
+        from peft import LoraConfig
+
+        transformer.add_adapter(
+            LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, init_lora_weights="gaussian",
+                       target_modules=args.lora_target_modules)
+        )  # fmt: skip
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device)
+    if args.use_lora:
+        if dtype != torch.float32:
+            transformer.to(dtype=dtype)
+        cast_training_params([transformer], dtype=torch.float32)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            transformer.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True,
+            model_cls=SD3Transformer2DModel, model_config=transformer.config,
+        )  # fmt: skip
+        accelerator.register_for_checkpointing(ema)
+
+    # Cached inputs: VAE posteriors per image, and every distinct caption's embeddings (the last: the empty prompt).
+    train_set, captions = cache_latents(train_rows, data_args, vae, None, device)
+    if vae.config.shift_factor is None:  # a VAE trained here: normalise its latents as SD3 does
+        set_latent_normalisation(vae, train_set.tensors["latent_mean"])
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    caption_states, caption_pooled = encode_captions(make_pipeline(parts), captions, device)
+    empty_caption = len(captions) - 1
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
+        collate_fn=CachedLatents.collate, drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
+    )  # fmt: skip
+
+    optimizer = make_optimizer(
+        [[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes
+    )
+    max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
+    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
+    transformer, optimizer, train_loader = loop.prepare(
+        accelerator, transformer, optimizer, train_loader, micro_batch_size=args.train_batch_size,
+        max_grad_norm=args.max_grad_norm,
+    )  # fmt: skip
+    if ema is not None:
+        ema.to(device)
+
+    rng = TrainingRNG(args.seed + accelerator.process_index, device)
+    accelerator.register_for_checkpointing(rng)
+    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps, global_step)
+    total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    accelerator.print(f"t2i_flow: {trainable:,} trainable parameters, {len(train_set)} images, {max_steps} steps")
+
+    loop_started, first_step = time.perf_counter(), global_step
+    for epoch in range(first_epoch, num_epochs):
+        transformer.train()
+        for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+            with accelerator.accumulate(transformer):
+                mean, std = batch["latent_mean"], batch["latent_std"]
+                if data_args.random_flip:  # both orientations are cached
+                    flip = (torch.rand(len(mean), generator=rng.generator, device=device) < 0.5)[:, None, None, None]
+                    mean = torch.where(flip, batch["flipped_latent_mean"], mean)
+                    std = torch.where(flip, batch["flipped_latent_std"], std)
+                latents = mean + std * torch.randn(mean.shape, generator=rng.generator, device=device)
+                latents = (latents.float() - shift) * scale
+                noise = torch.randn(latents.shape, generator=rng.generator, device=device)
+                bsz = len(latents)
+                timesteps, sigmas = sample_sigmas(
+                    scheduler, bsz, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
+                    rng.generator, device,
+                )  # fmt: skip
+                dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
+                index = torch.where(dropped, empty_caption, batch["caption_index"].to(device))
+                model_pred = transformer(
+                    hidden_states=noisy_latents(latents, noise, sigmas).to(dtype), timestep=timesteps,
+                    encoder_hidden_states=caption_states[index].to(dtype),
+                    pooled_projections=caption_pooled[index].to(dtype), return_dict=False,
+                )[0]  # fmt: skip
+                loss = flow_loss(model_pred, latents, noise, sigmas, args.weighting_scheme)
+                accelerator.backward(loss)
+                loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                lr_scheduler.step()
+                global_step += 1
+                if ema is not None:
+                    ema.step(transformer.parameters())
+                log.add(loss=loss)
+                log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
+                maybe_checkpoint(accelerator, args, global_step)
+                if args.validation_steps and global_step % args.validation_steps == 0:
+                    with loop.gathered(accelerator, transformer) as (whole,):
+                        validate(accelerator, args, parts, whole, ema, global_step)
+                if global_step >= max_steps:
+                    break
+    log.maybe_write(global_step, force=True)
+    loop_time = time.perf_counter() - loop_started
+    accelerator.wait_for_everyone()
+    tracking.update_eval(
+        output_dir,
+        {"train/steps": global_step, "train/runtime_s": loop_time,
+         "train/steps_per_s": (global_step - first_step) / loop_time,
+         "train/images_per_s": (global_step - first_step) * total_batch / loop_time},
+    )  # fmt: skip
+
+    with loop.gathered(accelerator, transformer) as (whole,):
+        if ema is not None:
+            ema.copy_to(whole.parameters())
+        if accelerator.is_main_process:
+            validate(accelerator, args, parts, whole, None, global_step)
+            save(output_dir, model_args, args, parts, whole)
+    loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
+    accelerator.wait_for_everyone()
+    tracking.finish_trackers(accelerator)
+
+    if accelerator.is_main_process and args.eval_images_per_prompt:
+        from hfgen.evaluation.images import evaluate_pipeline
+
+        results = evaluate_pipeline(
+            str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
+            device=str(device), digits=data_args.dataset_name == DIGITS, samples_dir=str(output_dir / "samples"),
+        )  # fmt: skip
+        tracking.update_eval(output_dir, results)
+        accelerator.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+    return output_dir
+
+
+def validate(accelerator, args, parts, transformer, ema, step: int) -> None:
+    """The validation prompts rendered with the current (or EMA) weights into validation/step-N.png."""
+    if not args.validation_prompts or not accelerator.is_main_process:
+        return
+    from hfgen.diffusion.flow_components import make_pipeline
+    from hfgen.diffusion.rendering import generate_images, make_grid
+
+    if ema is not None:
+        ema.store(transformer.parameters())
+        ema.copy_to(transformer.parameters())
+    pipeline = make_pipeline(parts, transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    transformer.eval()
+    with accelerator.autocast():
+        rows = generate_images(
+            pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
+            args.guidance_scale, args.seed,
+        )  # fmt: skip
+    transformer.train()
+    if ema is not None:
+        ema.restore(transformer.parameters())
+    path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(rows).save(path)
+
+
+def save(output_dir: Path, model_args, args, parts, transformer) -> None:
+    """A StableDiffusion3Pipeline dir (float32), or LoRA weights for `pipe.load_lora_weights(output_dir)`."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        # peft's key names (lora_A/lora_B), as diffusers' train_dreambooth_lora_sd3.py saves them
+        StableDiffusion3Pipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+        )
+        base = {"pretrained_model_name_or_path": model_args.pretrained_model_name_or_path,
+                "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
+        tracking.write_json(output_dir / LORA_BASE, base)
+        return
+    from hfgen.diffusion.flow_components import make_pipeline
+
+    pipeline = make_pipeline(parts, transformer)
+    pipeline.to(dtype=torch.float32)
+    pipeline.save_pretrained(output_dir, safe_serialization=True)

@@ -1,0 +1,190 @@
+"""Stage `t2i_flow`: a from-scratch SD3-layout pipeline (no T5) trains with rectified flow and saves as a
+StableDiffusion3Pipeline that loads and generates; LoRA on its transformer loads with load_lora_weights and changes
+samples; resume continues exactly; two processes end identical; the timestep samplings draw what they name."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, accelerate_launch, run_hfgen
+from diffusion_fixtures import SMALL_DATA
+from hfgen import tracking
+
+VAE16_RECIPE = REPO / "recipes/tiny/vae_digits16.yaml"
+FLOW_RECIPE = REPO / "recipes/tiny/t2i_flow_digits.yaml"
+FLOW_LORA_RECIPE = REPO / "recipes/tiny/t2i_flow_digits_lora.yaml"
+TINY = {
+    "vae_digits16.json": {"block_out_channels": [8, 16], "norm_num_groups": 4},
+    "mmdit_digits.json": {"num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+                          "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 16},
+    "clip_text_digits.json": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "projection_dim": 8},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("flow_configs")
+    for name, changes in TINY.items():
+        (directory / name).write_text(json.dumps({**json.loads((REPO / "recipes/tiny" / name).read_text()), **changes}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vae16_dir(configs, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("vae16")
+    result = run_hfgen("train", VAE16_RECIPE, "--vae_config", configs / "vae_digits16.json", "--output_dir", output_dir,
+                       "--max_train_steps", "3", "--checkpointing_steps", "0", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def flow_overrides(configs, vae_dir, output_dir, steps=4) -> list[str]:
+    return ["--vae_name_or_path", vae_dir, "--transformer_config", configs / "mmdit_digits.json",
+            "--text_encoder_config", configs / "clip_text_digits.json", "--output_dir", output_dir,
+            "--max_train_steps", str(steps), "--logging_steps", "1", "--text_encoder_pretraining_steps", "5",
+            "--num_inference_steps", "2", *SMALL_DATA]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flow_run(configs, vae16_dir, tmp_path_factory):
+    """From scratch with EMA: 4 steps, a checkpoint and a validation grid every 2 steps, a small evaluation."""
+    # (the resume test below resumes this run from checkpoint-2 with the same arguments)
+    output_dir = tmp_path_factory.mktemp("flow")
+    result = run_hfgen("train", FLOW_RECIPE, *flow_overrides(configs, vae16_dir, output_dir), "--use_ema", "true",
+                       "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--validation_steps", "2",
+                       "--validation_prompts", "a handwritten digit 1", "a handwritten digit 2",
+                       "--num_validation_images", "2", "--eval_images_per_prompt", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_saved_pipeline_is_sd3_without_t5_and_generates(flow_run):
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    # diffusers loads an SD3 dir saved without T5 when told so (as its docs show for dropping T5)
+    pipeline = DiffusionPipeline.from_pretrained(flow_run, text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipeline, StableDiffusion3Pipeline) and pipeline.text_encoder_3 is None
+    assert isinstance(pipeline.text_encoder_2, CLIPTextModelWithProjection)
+    assert pipeline.vae.config.latent_channels == 16 and pipeline.vae.config.shift_factor is not None
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a handwritten digit 4", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert image[0].size == (16, 16)
+
+
+def test_run_records_metrics_checkpoints_grids_and_eval(flow_run):
+    assert tracking.is_complete(flow_run)
+    assert [row["step"] for row in tracking.read_metrics(flow_run)] == [1, 2, 3, 4]
+    assert [p.name for p in tracking.checkpoints(flow_run)] == ["checkpoint-2", "checkpoint-4"]
+    for step in (2, 4):
+        assert Image.open(flow_run / "validation" / f"step-00000{step}.png").size == (2 * 64, 2 * 64)
+    results = tracking.read_json(flow_run / "eval.json")
+    assert results["eval/sampler"] == "FlowMatchEulerDiscreteScheduler" and results["eval/num_prompts"] == 10
+    assert 0 <= results["quality/prompt_adherence"] <= 1 and results["quality/frechet_distance"] > 0
+    assert results["text_encoder_2/clip_loss"] < results["text_encoder_2/clip_loss_initial"]
+
+
+def test_lora_loads_with_load_lora_weights_changes_samples_and_resumes_exactly(flow_run, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    common = ["--pretrained_model_name_or_path", flow_run, "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--checkpoints_total_limit", "2", "--learning_rate", "1e-2", "--eval_images_per_prompt", "0",
+              "--num_validation_images", "1", "--num_inference_steps", "2", *SMALL_DATA]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    result = run_hfgen("train", FLOW_LORA_RECIPE, *common, "--output_dir", full)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = load_file(full / "pytorch_lora_weights.safetensors")
+    assert adapter and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in adapter)
+    for module in ("attn.to_q", "attn.add_k_proj", "ff.net.0.proj", "ff.net.2"):  # attention and MLP
+        assert any(module in k for k in adapter), module
+    midway = load_file(full / "checkpoint-2/model.safetensors")
+    lora_keys = [key for key in midway if "lora_" in key]  # checkpoints keep what trains (and buffers): no base
+    assert len(lora_keys) == len(adapter) and set(midway) - set(lora_keys) <= {"pos_embed.pos_embed"}
+
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    result = run_hfgen("train", FLOW_LORA_RECIPE, *common, "--output_dir", resumed, "--resume_from_checkpoint", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = load_file(resumed / "pytorch_lora_weights.safetensors")
+    for name in adapter:
+        torch.testing.assert_close(adapter[name], again[name], rtol=1e-5, atol=1e-6)
+
+    pipeline = DiffusionPipeline.from_pretrained(flow_run, text_encoder_3=None, tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        generator = torch.Generator().manual_seed(0)
+        return torch.from_numpy(
+            pipeline("a handwritten digit 3", num_inference_steps=2, generator=generator, output_type="np").images
+        )
+
+    before = render()
+    pipeline.load_lora_weights(full)
+    assert not torch.allclose(render(), before)
+
+
+def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(flow_run / "checkpoint-2", resumed / "checkpoint-2")  # all that survives of an interrupted run
+    result = run_hfgen("train", FLOW_RECIPE, *flow_overrides(configs, vae16_dir, resumed), "--use_ema", "true",
+                       "--checkpointing_steps", "2", "--validation_steps", "2", "--validation_prompts",
+                       "a handwritten digit 1", "a handwritten digit 2", "--num_validation_images", "2",
+                       "--eval_images_per_prompt", "0", "--resume_from_checkpoint", "true")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = "transformer/diffusion_pytorch_model.safetensors"  # the EMA weights: the EMA state resumed too
+    a, b = load_file(flow_run / weights), load_file(resumed / weights)
+    midway = load_file(flow_run / "checkpoint-2/model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a[n], midway[n]) for n in a)
+    assert [row["step"] for row in tracking.read_metrics(resumed)] == [3, 4]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_transformer_weights(configs, vae16_dir, tmp_path, free_port):
+    result = accelerate_launch(free_port, FLOW_RECIPE, *flow_overrides(configs, vae16_dir, tmp_path, steps=3),
+                               "--eval_images_per_prompt", "0", "--checkpointing_steps", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = [(tmp_path / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+
+
+def test_timestep_samplings_draw_what_they_name():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
+
+    def sigmas(scheme, shift=1.0, **kwargs):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        settings = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, **kwargs}
+        return sample_sigmas(scheduler, 20000, scheme, generator=torch.Generator().manual_seed(0), device="cpu",
+                             **settings)[1]  # fmt: skip
+
+    uniform, logit_normal = sigmas("uniform"), sigmas("logit_normal")
+    assert abs(uniform.std().item() - (1 / 12) ** 0.5) < 0.01  # uniform on [0, 1]
+    assert logit_normal.std() < 0.8 * uniform.std()  # mass in the middle of the schedule
+    # as in diffusers' SD3 scripts, u indexes the schedule from the noisy end: a larger logit_mean trains less noisy
+    assert sigmas("logit_normal", logit_mean=1.0).mean() < logit_normal.mean() - 0.1
+    assert sigmas("mode", mode_scale=1.29).std() != pytest.approx(uniform.std().item(), abs=0.005)
+    assert sigmas("uniform", shift=3.0).mean() > uniform.mean() + 0.1  # the shift moves training to more noise
+
+    latents, noise = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    assert torch.equal(noisy_latents(latents, noise, torch.tensor([0.0, 1.0]))[:, 0, 0, 0], torch.tensor([0.0, 1.0]))
+    velocity = noise - latents
+    assert flow_loss(velocity, latents, noise, torch.tensor([0.3, 0.6]), "logit_normal") == 0
+
+
+def test_gpu_recipe_parses_with_its_features():
+    from hfgen.recipe import load_recipe
+
+    model_args, data_args, args = load_recipe(REPO / "recipes/sd-3.5-medium/lora.yaml", check_inputs=False).configs
+    assert model_args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3.5-medium" and model_args.drop_t5
+    assert args.use_lora and args.mixed_precision == "bf16" and args.gradient_checkpointing
+    assert args.weighting_scheme == "logit_normal" and data_args.resolution == 512
