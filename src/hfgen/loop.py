@@ -8,6 +8,7 @@ on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own al
     with gathered(accelerator, model, reference) as (policy, ref): generate / call children with full weights
     clip_gradients(accelerator, model, max_norm)                through the engine (DeepSpeed clips in its step)
     state = full_state_dict(accelerator, model)                 whole weights on the main process, for save_pretrained
+    whole = whole_on_main(accelerator, model, empty)           a plain whole copy on the main process (diffusers saves)
     step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...)  (atomic, rotated)
 
 What each engine needs, and where it is handled:
@@ -223,7 +224,7 @@ def gathered(accelerator, *models):
                 stack.callback(add_hooks, model)
             elif name == "fsdp2":
                 stack.enter_context(_unsharded(model))
-        yield [None if m is None else _unwrap(accelerator, m) for m in models]
+        yield [None if m is None else accelerator.unwrap_model(m) for m in models]
 
 
 @contextlib.contextmanager
@@ -246,11 +247,6 @@ def _unsharded(model):
 def _reshards_after_forward(unit) -> bool:
     group = unit._get_fsdp_state()._fsdp_param_group  # FSDP2 exposes a setter for this, not a getter
     return group is not None and group.post_forward_mesh_info is not None
-
-
-def _unwrap(accelerator, model):
-    module = accelerator.unwrap_model(model)
-    return getattr(module, "module", module) if type(module).__name__ == "DeepSpeedEngine" else module
 
 
 def clip_gradients(accelerator, models, max_norm: float) -> None:
@@ -277,7 +273,7 @@ def whole_on_main(accelerator, model, empty):
     same architecture, built on the main process) loaded from `full_state_dict`: FSDP2's unsharded parameters live in
     its gather buffers, which safetensors cannot save. Every process must call it."""
     if engine(accelerator) not in ("fsdp2", "zero3"):
-        return _unwrap(accelerator, model) if accelerator.is_main_process else None
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
     state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return None
@@ -297,7 +293,7 @@ def maybe_write_fingerprint(accelerator, model, output_dir: str | Path) -> None:
     user's run: it copies every weight to CPU. Every process must call it."""
     if os.environ.get(FINGERPRINT_ENV) != "1":
         return
-    module = _unwrap(accelerator, model)
+    module = accelerator.unwrap_model(model)
     if engine(accelerator) == "zero3":
         import deepspeed
 

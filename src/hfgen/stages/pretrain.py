@@ -166,8 +166,10 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):  # every process: sharded engines
+        samples = generate_text(whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
+        parameters = sum(p.numel() for p in whole.parameters())
     if trainer.is_world_process_zero():
-        samples = generate_text(trainer.model, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
         tracking.write_jsonl(
             output_dir / "samples.jsonl", [{"prompt": p, "response": s[0]} for p, s in zip(SAMPLE_PROMPTS, samples)]
         )
@@ -185,7 +187,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
                 * training_args.world_size
                 * data_args.block_size,
                 "train_runtime_s": result.metrics["train_runtime"],
-                "parameters": sum(p.numel() for p in trainer.model.parameters()),
+                "parameters": parameters,
             },
         )
     return output_dir
