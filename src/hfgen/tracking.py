@@ -444,6 +444,14 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
                 f"resuming from {complete[-1].name}",
                 file=sys.stderr,
             )
+        if _trained_to_the_end(complete[-1]):
+            # Trainer resumed from its last step takes one step more (transformers 5.24 checks max_steps only after
+            # a step): resume from the checkpoint before, or start again when there is none.
+            earlier = complete[:-1]
+            if is_main_process():
+                where = f"resuming from {earlier[-1].name}" if earlier else "starting again"
+                print(f"hfgen: resume: {complete[-1].name} is the last step's; {where}", file=sys.stderr)
+            return earlier[-1] if earlier else None
         return complete[-1]
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
@@ -455,6 +463,12 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
             "`--resume_from_checkpoint true` for the newest complete one."
         )
     return path
+
+
+def _trained_to_the_end(path: Path) -> bool:
+    """A Trainer checkpoint written at the run's last step (its trainer_state.json says so)."""
+    state = read_json(path / "trainer_state.json", {})
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
 
 
 def checkpoint_step(path: str | Path) -> int:

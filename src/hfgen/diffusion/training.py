@@ -120,6 +120,9 @@ def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int,
     from hfgen import loop
 
     step = loop.resume(accelerator, args.resume_from_checkpoint, args.output_dir)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if step >= max_steps:  # trained to the end: no epoch left to enter (the loop checks its budget after a step)
+        return step, math.ceil(max_steps / steps_per_epoch), 0
     return step, step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps
 
 
