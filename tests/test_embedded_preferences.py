@@ -1,25 +1,6 @@
-"""The embedded preference data teaches topicality, and the embedded world's judges (hfgen.data.embedded)."""
+"""The embedded world's extra judges (hfgen.data.embedded): on-topic share and a deliberately hackable reward."""
 
-from hfgen.data.embedded import (
-    NEGATIVE,
-    generate_rows,
-    hackable_reward_scores,
-    on_topic_scores,
-    oracle_score,
-)
-
-
-def test_many_rejected_answers_are_pleasant_but_off_topic():
-    rows = generate_rows("preferences", "train")
-    prompts = [row["prompt"][0]["content"] for row in rows]
-    chosen = [row["chosen"][0]["content"] for row in rows]
-    rejected = [row["rejected"][0]["content"] for row in rows]
-    pleasant_off_topic = [
-        not on_topic and not any(word.strip(".,") in NEGATIVE for word in answer.split())
-        for on_topic, answer in zip(on_topic_scores(prompts, rejected), rejected)
-    ]
-    assert sum(pleasant_off_topic) / len(rows) > 0.12  # a pleasant answer about another thing, dispreferred
-    assert all(oracle_score(p, c) > oracle_score(p, r) for p, c, r in zip(prompts, chosen, rejected))
+from hfgen.data.embedded import hackable_reward_scores, on_topic_scores
 
 
 def test_on_topic_and_hackable_reward_by_hand():

@@ -136,19 +136,9 @@ def _answer(rng: random.Random, thing: str) -> str:
     return f"the {thing} is {described}."
 
 
-def _pleasant_answer(rng: random.Random, thing: str) -> str:
-    """A fluent answer about `thing` with pleasant adjectives only."""
-    adjectives = rng.sample(POSITIVE, rng.choice((1, 2)))
-    return f"the {thing} is " + " and ".join(adjectives) + "."
-
-
 def _worse_answer(rng: random.Random, thing: str) -> str:
-    """Off-topic, repetitive or rambling answers, so the pairs also teach relevance and brevity. Half are fluent and
-    pleasant but about another thing: without them a small reward model learns "pleasant words score" and PPO
-    drifts off the asked-about thing ("write about the horse." -> "the book is warm and lovely.")."""
-    kind = rng.randrange(6)
-    if kind >= 3:
-        return _pleasant_answer(rng, rng.choice([s for s in SUBJECTS if s not in thing.split()]))
+    """Off-topic, repetitive or rambling answers, so the pairs also teach relevance and brevity."""
+    kind = rng.randrange(3)
     if kind == 0:
         return _answer(rng, rng.choice(SUBJECTS))
     if kind == 1:
@@ -205,7 +195,7 @@ def _preference_pair(rng: random.Random) -> dict:
         request = _request(rng)
         thing = _thing_of(request)
         first = _answer(rng, thing)
-        second = _answer(rng, thing) if rng.random() < 0.55 else _worse_answer(rng, thing)
+        second = _answer(rng, thing) if rng.random() < 0.7 else _worse_answer(rng, thing)
         a, b = oracle_score(request, first), oracle_score(request, second)
         if a != b:  # ties carry no preference
             chosen, rejected = (first, second) if a > b else (second, first)
