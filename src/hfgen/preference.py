@@ -232,10 +232,13 @@ def check_stage(model_args, data_args: PreferenceDataArguments, training_args, u
 
 def run_stage(
     method: str, trainer_class, model_args, data_args: PreferenceDataArguments, training_args,
-    needs_reference: bool,
+    needs_reference: bool, unpaired: bool = False,
 ) -> Path:  # fmt: skip
     """Train `trainer_class` (a TRL preference trainer) and record the held-out figures. `needs_reference`: the
-    loss uses a frozen reference model (DPO, KTO), loaded here for full fine-tuning."""
+    loss uses a frozen reference model (DPO, KTO), loaded here for full fine-tuning. `unpaired` (KTO): paired
+    training rows become a desirable and an undesirable row each, shuffled (seeded). TRL's own conversion leaves
+    blocks of 1,000 desirable rows followed by 1,000 undesirable ones, and KTO reads its rows in order (its KL
+    estimate pairs each row with its neighbours), so without the shuffle it trains on one label at a time."""
     from accelerate.utils import is_peft_model
     from transformers import set_seed
     from trl import get_peft_config
@@ -255,6 +258,10 @@ def run_stage(
         reference.requires_grad_(False)
 
     train_rows, eval_rows = load_preference_splits(data_args, training_args.seed)
+    if unpaired and "chosen" in train_rows.column_names:
+        from trl.data_utils import unpair_preference_dataset
+
+        train_rows = unpair_preference_dataset(train_rows).shuffle(seed=training_args.seed)
     extra = {"ref_model": reference} if needs_reference and reference is not None else {}
     try:
         trainer = trainer_class(
@@ -312,7 +319,7 @@ def run_stage(
                 **figures,
                 **comparison,
                 "method": method,
-                "train_pairs": len(train_rows),
+                "train_rows": len(train_rows),
                 "train_loss": result.training_loss,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_samples_per_s": result.metrics["train_samples_per_second"],

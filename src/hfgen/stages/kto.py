@@ -4,7 +4,7 @@ with a frozen reference model (the starting SFT model) as DPO has.
     hfgen train recipes/tiny/kto.yaml
 
 Data: unpaired `prompt`/`completion`/`label` rows (label true = desirable), or the preference pairs the `reward`
-and `dpo` stages read, which TRL splits into one desirable and one undesirable row each. Keys are TRL's
+and `dpo` stages read, which are split into one desirable and one undesirable row each, shuffled. Keys are TRL's
 `KTOConfig` (`beta`, `loss_type` kto | apo_zero_unpaired, `desirable_weight`, `undesirable_weight`,
 `precompute_ref_log_probs`, `max_length`, ...), `ModelConfig` and the preference data keys of `hfgen.preference`.
 With very unbalanced data, weigh the classes so that desirable_weight x #desirable / (undesirable_weight x
@@ -29,4 +29,4 @@ def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_
 def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: KTOConfig) -> Path:
     from trl import KTOTrainer
 
-    return run_stage("kto", KTOTrainer, model_args, data_args, training_args, needs_reference=True)
+    return run_stage("kto", KTOTrainer, model_args, data_args, training_args, needs_reference=True, unpaired=True)
