@@ -193,7 +193,7 @@ def test_broken_preference_data_exits_2_naming_rows_or_columns(tmp_path, capsys,
         ("dpo", ["--betta", "0.2"], "did you mean 'beta'"),
         ("dpo", ["--loss_type", "sigmoid", "nope"], "loss_type ['nope'] unknown"),
         ("simpo", ["--loss_type", "sigmoid"], "'sigmoid' is not one of ['simpo', 'alphapo']"),
-        ("kto", ["--eval_samples_per_prompt", "-1"], "eval_samples_per_prompt must be >= 0"),
+        ("kto", ["--eval_samples_per_prompt", "-1"], "'eval_samples_per_prompt' must be at least 0"),
     ],
 )
 def test_bad_keys_exit_2_naming_them(tmp_path, capsys, stage, overrides, expected):
