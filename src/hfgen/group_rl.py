@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen import tracking
+from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, load_model, run_first_hint
@@ -340,19 +340,20 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             processing_class=tokenizer,
             reward_processing_classes=reward_tokenizers,
             peft_config=get_peft_config(model_args),
-            callbacks=[tracking.metrics_callback(output_dir)],
+            callbacks=tracking.trainer_callbacks(output_dir),
             oracle=oracle,
         )
     except ValueError as error:  # TRL validates the config against the data and model here
         raise UserError(f"{trainer_class.__name__} rejected the recipe: {error}") from None
 
     resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, resume)
     if resume is None and trainer.is_world_process_zero():
         (output_dir / "samples.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
-    if config.world_size > 1:
-        tracking.write_weights_fingerprint(trainer.model, output_dir)
+    guard.kill_point("final_save")
+    loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
     if trainer.is_world_process_zero():
         figures = {

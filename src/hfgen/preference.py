@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen import tracking
+from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, run_first_hint
@@ -271,7 +271,7 @@ def run_stage(
             eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
-            callbacks=[tracking.metrics_callback(output_dir)],
+            callbacks=tracking.trainer_callbacks(output_dir),
             **extra,
         )
     except ValueError as error:  # TRL validates the config against the data and model here
@@ -284,11 +284,12 @@ def run_stage(
     before = {s: completion_logprobs(policy_model, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
 
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
+    tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
+    guard.kill_point("final_save")
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    if training_args.world_size > 1:
-        tracking.write_weights_fingerprint(policy, output_dir)
+    loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
     after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
     figures = preference_figures(before, after, "chosen" in eval_rows.column_names, not needs_reference)
