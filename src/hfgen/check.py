@@ -109,7 +109,7 @@ def check_rewards(recipe, prompts) -> list[str]:
     share of prompt groups whose rewards are all equal (such a group teaches a group-relative method nothing)."""
     import torch
 
-    from hfgen.generate import generate_text
+    from hfgen.generate import generate_tokens
     from hfgen.models import load_causal_lm, load_tokenizer
     from hfgen.stages.ppo import load_scorer
 
@@ -119,14 +119,17 @@ def check_rewards(recipe, prompts) -> list[str]:
     prompts = list(prompts[:REWARD_PROMPTS])
     chat = not isinstance(prompts[0], str)
     torch.manual_seed(config.seed)
-    samples = generate_text(
+    samples = generate_tokens(
         policy, tokenizer, prompts, max_new_tokens=config.response_length, temperature=config.temperature,
         num_samples=REWARD_SAMPLES, chat=chat,
     )  # fmt: skip
-    scorer = load_scorer(model_args, config)
+    scorer = load_scorer(model_args, config, tokenizer)  # scored exactly as PPO scores its rollouts
     groups = []
-    for prompt, responses in zip(prompts, samples):
-        total, _ = scorer([prompt] * len(responses), responses, torch.device("cpu"))
+    for prompt, completions in zip(prompts, samples):
+        total, _ = scorer(
+            [prompt] * len(completions), [c.text for c in completions], [c.finished for c in completions],
+            torch.device("cpu"), [c.prompt_ids + c.completion_ids for c in completions],
+        )  # fmt: skip
         groups.append(total.tolist())
     rewards = [r for group in groups for r in group]
     equal = sum(max(g) - min(g) < 1e-6 for g in groups)

@@ -246,13 +246,10 @@ def build_recipe(
     *configs, run = configs
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
     problems = value_problems((*recipe.configs, run))
+    if check_inputs and hasattr(module, "check"):
+        problems += module.check(*recipe.configs)  # every problem at once, out-of-range values with the rest
     if problems:
         raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
-
-    if check_inputs and hasattr(module, "check"):
-        problems = module.check(*recipe.configs)
-        if problems:
-            raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
     return recipe
 
 
