@@ -258,10 +258,20 @@ def _preference_row(kind: str, row: dict) -> dict | str:
 
 def check_required_values(dataset, columns: list[str], source: str, blank: list[bool]) -> None:
     """Every row that is not blank has a value in every required column: a null (a JSON row missing the key, an
-    empty CSV cell in a row that has other values) breaks the file, named by row and column."""
+    empty CSV cell in a row that has other values) breaks the file, named by row and column. A text column read as
+    numbers (a spreadsheet column of figures) is refused too: no tokenizer takes them."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    from hfgen.data.loading import NON_TEXT_COLUMNS
+
     for column in columns:
+        values = dataset.data.column(column)
+        if column not in NON_TEXT_COLUMNS and (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            raise UserError(
+                f"dataset '{source}' column '{column}' holds numbers, not text (row 1: {values[0].as_py()!r}); write "
+                "the values as text (quoted in JSON), or name another column"
+            )
         nulls = [null and not skip for null, skip in zip(pc.is_null(dataset.data.column(column)).to_pylist(), blank)]
         if any(nulls):
             rows = [i + 1 for i, null in enumerate(nulls) if null]
