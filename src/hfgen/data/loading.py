@@ -175,7 +175,7 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
                 f"dataset '{source}' has empty values in column '{column}' (rows {empty[:5]}{'...' if len(empty) > 5 else ''})"
             )
         numbers = [i for i, value in enumerate(sample[column]) if isinstance(value, (int, float))]
-        if numbers and column not in NON_TEXT_COLUMNS:  # a CSV or JSON column of numbers is loaded as numbers: no tokenizer takes them
+        if numbers and column not in NON_TEXT_COLUMNS:  # a column of numbers loads as numbers: no tokenizer takes them
             problems.append(
                 f"dataset '{source}' column '{column}' holds numbers, not text (row {numbers[0]}: "
                 f"{sample[column][numbers[0]]!r}); write the values as text (quoted in JSON), or name another column"
