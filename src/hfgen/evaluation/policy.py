@@ -64,8 +64,15 @@ def compare_to_reference(
     from accelerate.utils import gather_object
 
     from hfgen.rl import functional as F
-    from hfgen.rl.rollout import function_scores, left_pad, reference_logprobs, response_texts, sample_responses
-    from hfgen.stages.ppo import make_generation_config, tokenize_prompts
+    from hfgen.rl.rollout import (
+        episode_ids,
+        function_scores,
+        left_pad,
+        reference_logprobs,
+        response_texts,
+        sample_responses,
+    )
+    from hfgen.stages.ppo import make_generation_config, stop_token_ids, tokenize_prompts
 
     prompts = [p for p in prompts for _ in range(sampling.samples_per_prompt)]
     if not prompts:
@@ -73,8 +80,9 @@ def compare_to_reference(
     prompts, queries = tokenize_prompts(tokenizer, prompts, sampling)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     policy.eval()
+    stop_ids = stop_token_ids(tokenizer, policy)  # every EOS id ends a response, as in PPO
     generation_config = make_generation_config(
-        tokenizer, sampling.response_length, sampling.temperature, sampling.top_p
+        tokenizer, sampling.response_length, sampling.temperature, sampling.top_p, stop_ids
     )
     local: dict[str, dict[str, list]] = {}
     with accelerator.split_between_processes(list(enumerate(zip(prompts, queries)))) as shard:
@@ -89,15 +97,20 @@ def compare_to_reference(
                     reference if use_reference else policy, query_ids, query_mask, generation_config,
                     sampling.chunk_size, tokenizer.pad_token_id,
                 )  # fmt: skip
-            mask = F.response_mask(sampled.response_ids, tokenizer.eos_token_id)
-            texts = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
+            mask = F.response_mask(sampled.response_ids, stop_ids)
+            texts = response_texts(tokenizer, sampled.response_ids, stop_ids)
+            finished = F.has_stop_token(sampled.response_ids, stop_ids)
             figures: dict[str, list] = {"response": texts}
-            if scorer is not None:
-                figures["reward_model"] = scorer(shard_prompts, texts, policy.device)[0].tolist()
+            if scorer is not None:  # scored as PPO scores: a response cut off without EOS is shown unfinished
+                ids = episode_ids([query for _, (_, query) in shard], sampled.response_ids, mask)
+                scores, _ = scorer(shard_prompts, texts, finished.tolist(), policy.device, ids)
+                figures["reward_model"] = scores.tolist(), policy.device, ids)[
+                    0
+                ].tolist()
             if oracle is not None:
                 figures["oracle"] = function_scores(oracle, shard_prompts, texts, policy.device).tolist()
             figures["response_length"] = mask.sum(1).float().tolist()
-            figures["eos_rate"] = (sampled.response_ids == tokenizer.eos_token_id).any(1).float().tolist()
+            figures["eos_rate"] = finished.float().tolist()
             local[who] = figures
         # KL(tuned || SFT) on the tuned policy's own samples: sum over its response tokens of log pi - log pi_sft
         input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)
