@@ -104,9 +104,7 @@ def compare_to_reference(
             if scorer is not None:  # scored as PPO scores: a response cut off without EOS is shown unfinished
                 ids = episode_ids([query for _, (_, query) in shard], sampled.response_ids, mask)
                 scores, _ = scorer(shard_prompts, texts, finished.tolist(), policy.device, ids)
-                figures["reward_model"] = scores.tolist(), policy.device, ids)[
-                    0
-                ].tolist()
+                figures["reward_model"] = scores.tolist()
             if oracle is not None:
                 figures["oracle"] = function_scores(oracle, shard_prompts, texts, policy.device).tolist()
             figures["response_length"] = mask.sum(1).float().tolist()
