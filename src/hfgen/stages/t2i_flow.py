@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hfgen import loop, tracking
+from hfgen import guard, loop, tracking
 from hfgen.diffusion.components import LORA_BASE
 from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
 from hfgen.diffusion.flow import WEIGHTING_SCHEMES
@@ -202,7 +202,8 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     rng = TrainingRNG(args.seed + accelerator.process_index, device)
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
-    log = StepLog(accelerator, args.output_dir, args.logging_steps, global_step)
+    log = StepLog(accelerator, args.output_dir, args.logging_steps)
+    divergence = guard.Divergence(output_dir)
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     accelerator.print(f"t2i_flow: {trainable:,} trainable parameters, {len(train_set)} images, {max_steps} steps")
@@ -235,6 +236,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 loss = flow_loss(model_pred, latents, noise, sigmas, args.weighting_scheme)
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    guard.kill_point("step", global_step + 1)
+                    divergence.check_step(global_step + 1, loss, optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
@@ -266,12 +270,15 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if accelerator.is_main_process:
             validate(accelerator, args, parts, whole, None, global_step)
             save(output_dir, model_args, args, parts, whole)
+            guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)
 
     if accelerator.is_main_process and args.eval_images_per_prompt:
         from hfgen.evaluation.images import evaluate_pipeline
+
+        guard.kill_point("eval")
 
         results = evaluate_pipeline(
             str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
