@@ -55,3 +55,14 @@ def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.Complete
         # the weights fingerprint (hfgen.loop.maybe_write_fingerprint) is written only when a test asks for it
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "HFGEN_WEIGHTS_FINGERPRINT": "1"},
     )
+
+
+def shrunk(recipe: str, directory, **values) -> str:
+    """A shipped tiny recipe with `values` changed (cut down to a few seconds), written into `directory`."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "recipes/tiny" / recipe).read_text())
+    data.update(values)
+    path = Path(directory) / recipe
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, shrunk
 from hfgen import tracking
 
 pytestmark = pytest.mark.slow
@@ -48,17 +48,11 @@ def launch(engine: str, port: int, *args, env=None) -> subprocess.CompletedProce
     )  # fmt: skip
 
 
-def shrunk(recipe: str, directory, **values) -> str:
-    data = yaml.safe_load((REPO / "recipes/tiny" / recipe).read_text()) | {"use_cpu": False} | values
-    path = directory / recipe
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
-
-
 def write_pipeline(directory, pretrained) -> str:
     """The rlhf pipeline over shrunk tiny recipes, starting from a tiny pretrained Llama."""
-    # ddp_backend: DeepSpeed's CPU accelerator needs gloo named (transformers sets up the processes itself)
-    few = {"save_strategy": "no", "logging_steps": 1, "seed": 3, "ddp_backend": "gloo"}
+    # ddp_backend: DeepSpeed's CPU accelerator needs gloo named (transformers sets up the processes itself);
+    # use_cpu off: the launch (engine and backend) decides the device, not the tiny recipes' CPU default
+    few = {"save_strategy": "no", "logging_steps": 1, "seed": 3, "ddp_backend": "gloo", "use_cpu": False}
     recipe = {
         "stage": "rlhf",
         "output_dir": str(directory / "rlhf"),
@@ -68,7 +62,8 @@ def write_pipeline(directory, pretrained) -> str:
                          max_train_samples=64, max_eval_samples=8, output_dir=str(directory / "reward"), **few),
         "ppo": shrunk("ppo.yaml", directory, total_episodes=32, per_device_train_batch_size=8, num_mini_batches=1,
                       num_ppo_epochs=1, response_length=8, max_eval_samples=4, eval_samples_per_prompt=1,
-                      save_steps=0, logging_steps=1, sample_steps=1, seed=3, output_dir=str(directory / "ppo")),
+                      save_steps=0, logging_steps=1, sample_steps=1, seed=3, use_cpu=False,
+                      output_dir=str(directory / "ppo")),
     }  # fmt: skip
     path = directory / "rlhf.yaml"
     path.write_text(yaml.safe_dump(recipe))

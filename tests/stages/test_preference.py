@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch
+from conftest import REPO, accelerate_launch, shrunk
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import preference_pairs
@@ -236,14 +236,6 @@ def test_pipeline_runs_offline_methods_without_a_reward_step_unless_asked():
 
 
 # ---- hfgen compare ----------------------------------------------------------------------------------------
-
-
-def shrunk(recipe: str, directory, **values) -> str:
-    data = yaml.safe_load((REPO / "recipes/tiny" / recipe).read_text())
-    data.update(values)
-    path = directory / recipe
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

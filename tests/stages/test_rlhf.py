@@ -6,17 +6,8 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen, shrunk
 from hfgen import tracking
-
-
-def shrunk(recipe: str, tmp_path, **values) -> str:
-    """A shipped tiny recipe cut down to a few seconds, written into tmp_path."""
-    data = yaml.safe_load((REPO / "recipes/tiny" / recipe).read_text())
-    data.update(values)
-    path = tmp_path / recipe
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
 
 
 @pytest.fixture
