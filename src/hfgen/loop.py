@@ -7,6 +7,7 @@ on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own al
     reference = prepare_frozen(accelerator, reference)          frozen models sharded like the trained one
     with gathered(accelerator, model, reference) as (policy, ref): generate / call children with full weights
     clip_gradients(accelerator, model, max_norm)                through the engine (DeepSpeed clips in its step)
+    backward_and_step(accelerator, model, optimizer, loss, ...)   backward, clipping, divergence check, step
     state = full_state_dict(accelerator, model)                 whole weights on the main process, for save_pretrained
     whole = whole_on_main(accelerator, model, empty)           a plain whole copy on the main process (diffusers saves)
     step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...)  (atomic, rotated)
@@ -255,6 +256,21 @@ def clip_gradients(accelerator, models, max_norm: float) -> None:
     if accelerator.sync_gradients and max_norm:
         models = models if isinstance(models, (list, tuple)) else [models]
         accelerator.clip_grad_norm_([p for model in models for p in model.parameters()], max_norm)
+
+
+def backward_and_step(accelerator, models, optimizer, loss, max_grad_norm: float, next_step: int, divergence) -> None:
+    """One micro-batch's backward and the optimizer step it completes (a step on accumulation micro-steps is the
+    engine's no-op): gradients clipped through the engine, then, on real steps, the `step` kill point (tests) and
+    `divergence` (a `guard.Divergence`) checking the loss before the weights change."""
+    from hfgen import guard
+
+    accelerator.backward(loss)
+    clip_gradients(accelerator, models, max_grad_norm)
+    if accelerator.sync_gradients:
+        guard.kill_point("step", next_step)
+        divergence.check_step(next_step, loss, optimizer)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # ---- whole weights ----------------------------------------------------------------------------------

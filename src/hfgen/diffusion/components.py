@@ -7,6 +7,7 @@
     unet           UNet2DConditionModel: pretrained, or built from a JSON config (from scratch)
     scheduler      DDPMScheduler for training; the pipeline keeps the pretrained pipeline's sampler, or DDIM when
                    built from scratch
+    discriminator  a PatchGAN (`patch_discriminator`): the critic of a VAE trained with a GAN term (the vae stage)
 
 `save_pipeline` writes them as a StableDiffusionPipeline, so `DiffusionPipeline.from_pretrained(dir)` runs it.
 """
@@ -343,3 +344,15 @@ def absent_components(path: str | Path) -> dict:
     if not index.is_file():
         return {}
     return {name: None for name, value in json.loads(index.read_text()).items() if value == [None, None]}
+
+
+def patch_discriminator(in_channels: int = 3, channels: int = 64, downsamplings: int = 2):
+    """PatchGAN (Isola et al., 2017): strided convolutions down to a map of real/fake logits, one per overlapping
+    patch of the image."""
+    import torch
+
+    layers, width = [], in_channels
+    for i in range(downsamplings):
+        layers += [torch.nn.Conv2d(width, channels * 2**i, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
+        width = channels * 2**i
+    return torch.nn.Sequential(*layers, torch.nn.Conv2d(width, 1, 3, padding=1))

@@ -50,6 +50,15 @@ def make_grid(rows: list[list], cell: int | None = None):
     return grid
 
 
+def to_images(pixels) -> list:
+    """PIL images of a batch of pixel tensors in [-1, 1] (N, C, H, W), one or three channels."""
+    import torch
+    from PIL import Image
+
+    arrays = ((pixels.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays]
+
+
 def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
 

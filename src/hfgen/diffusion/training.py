@@ -101,6 +101,17 @@ def make_optimizer(parameter_groups, args: LoopArguments, num_processes: int):
     )  # fmt: skip
 
 
+def train_dataloader(dataset, args: LoopArguments, num_processes: int, collate_fn=None):
+    """Shuffled training batches of `train_batch_size` (seeded once prepared: `loop.make_accelerator`); a last
+    partial batch is dropped when the data fills at least one batch on every process."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers, drop_last=len(dataset) >= args.train_batch_size * num_processes,
+    )  # fmt: skip
+
+
 def step_budget(args: LoopArguments, batches_per_epoch: int) -> tuple[int, int, int]:
     """(optimizer steps in all, epochs, optimizer steps per epoch) for a dataloader of `batches_per_epoch`."""
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from hfgen import guard, loop, tracking
+from hfgen.diffusion import training
+from hfgen.diffusion.components import build_vae, load_vae, patch_discriminator
 from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
-from hfgen.diffusion.training import LoopArguments, check_loop_arguments
 from hfgen.models import check_config_file, check_model_source
 
 EVAL_IMAGES_SHOWN = 8
@@ -42,7 +43,7 @@ class VAEModelArguments:
 
 
 @dataclass
-class VAETrainingArguments(LoopArguments):
+class VAETrainingArguments(training.LoopArguments):
     reconstruction_loss: str = field(
         default="l1", metadata={"help": "Pixel loss: l1 (as the LDM autoencoder) or mse.", "choices": ["l1", "mse"]}
     )
@@ -59,7 +60,7 @@ ARGUMENTS = (VAEModelArguments, ImageDataArguments, VAETrainingArguments)
 
 
 def check(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments) -> list[str]:
-    problems = check_loop_arguments(args)
+    problems = training.check_loop_arguments(args)
     if bool(model_args.vae_config) == bool(model_args.pretrained_vae_name_or_path):
         problems.append("set exactly one of vae_config (from scratch) or pretrained_vae_name_or_path (fine-tune)")
     problems += check_config_file("vae_config", model_args.vae_config)
@@ -76,22 +77,6 @@ def refused_engines(model_args: VAEModelArguments, data_args: ImageDataArguments
         why = "the GAN discriminator (adversarial_weight > 0) is a second trained model; use DDP"
         refused |= {"zero2": why, "zero3": why, "fsdp2": why}
     return refused
-
-
-class PatchDiscriminator(torch.nn.Module):
-    """PatchGAN: strided convolutions down to a map of real/fake logits, one per overlapping patch."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 64, downsamplings: int = 2):
-        super().__init__()
-        layers, width = [], in_channels
-        for i in range(downsamplings):
-            layers += [torch.nn.Conv2d(width, channels * 2**i, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
-            width = channels * 2**i
-        layers.append(torch.nn.Conv2d(width, 1, 3, padding=1))
-        self.net = torch.nn.Sequential(*layers)
-
-    def forward(self, images):
-        return self.net(images)
 
 
 class EncodeDecode(torch.nn.Module):
@@ -136,20 +121,7 @@ def latent_scaling_factor(vae, dataloader, device, max_batches: int = 16) -> flo
 def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments) -> Path:
     from diffusers import AutoencoderKL
 
-    from hfgen.diffusion.components import build_vae, load_vae
-    from hfgen.diffusion.training import (
-        StepLog,
-        TrainingRNG,
-        epoch_batches,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        maybe_checkpoint,
-        resume,
-        step_budget,
-    )  # fmt: skip
-
-    accelerator = make_accelerator(args, refused_engines(model_args, data_args, args))
+    accelerator = training.make_accelerator(args, refused_engines(model_args, data_args, args))
     output_dir = Path(args.output_dir)
 
     # Model: from a config, or a pretrained VAE to fine-tune.
@@ -159,7 +131,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     use_adversary = args.adversarial_weight > 0
-    discriminator = PatchDiscriminator(vae.config.in_channels, args.discriminator_channels) if use_adversary else None
+    discriminator = patch_discriminator(vae.config.in_channels, args.discriminator_channels) if use_adversary else None
 
     # Data: images only, resized and cropped (captions unused).
     train_rows, eval_rows = load_image_splits(data_args, seed=args.seed)
@@ -169,42 +141,37 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     eval_set = undecoded(eval_rows, data_args.image_column).with_transform(
         pixel_transform(data_args, data_args.dataset_name, flip=False)
     )
-
-    def collate(rows):
-        return {"pixel_values": torch.stack([row["pixel_values"] for row in rows])}
-
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, drop_last=len(train_set) >= args.train_batch_size,
-    )  # fmt: skip
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.eval_batch_size, collate_fn=collate)
+    train_loader = training.train_dataloader(train_set, args, accelerator.num_processes)
+    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.eval_batch_size)
 
     # Optimizers and schedule.
-    optimizer = make_optimizer([vae.parameters()], args, accelerator.num_processes)
-    max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
-    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
+    optimizer = training.make_optimizer([vae.parameters()], args, accelerator.num_processes)
+    max_steps, num_epochs, steps_per_epoch = training.step_budget(
+        args, math.ceil(len(train_loader) / accelerator.num_processes)
+    )
+    lr_scheduler = training.make_lr_scheduler(accelerator, optimizer, args, max_steps)
     prepare = dict(micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm)
     autoencoder, optimizer, train_loader = loop.prepare(
         accelerator, EncodeDecode(vae), optimizer, train_loader, **prepare
     )
     if use_adversary:
-        disc_optimizer = make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
+        disc_optimizer = training.make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
         discriminator, disc_optimizer = loop.prepare(accelerator, discriminator, disc_optimizer, **prepare)
 
-    rng = TrainingRNG(args.seed + accelerator.process_index, accelerator.device)
+    rng = training.TrainingRNG(args.seed + accelerator.process_index, accelerator.device)
     accelerator.register_for_checkpointing(rng)
-    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
+    global_step, first_epoch, skip = training.resume(accelerator, args, steps_per_epoch)
     initial_error = None
     if global_step == 0:
         with loop.gathered(accelerator, autoencoder) as (unwrapped,):
             initial_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
-    log = StepLog(accelerator, args.output_dir, args.logging_steps)
+    log = training.StepLog(accelerator, args.output_dir, args.logging_steps)
     divergence = guard.Divergence(output_dir)
     accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
 
     for epoch in range(first_epoch, num_epochs):
         autoencoder.train()
-        for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+        for batch in training.epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
             adversarial = use_adversary and global_step >= args.adversarial_start_step
             with accelerator.accumulate(autoencoder):
                 pixels = batch["pixel_values"]
@@ -232,13 +199,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                     loss = loss + args.adversarial_weight * generator_loss
                     losses.update(disc_loss=disc_loss, generator_loss=generator_loss)
 
-                accelerator.backward(loss)
-                loop.clip_gradients(accelerator, autoencoder, args.max_grad_norm)
-                if accelerator.sync_gradients:
-                    guard.kill_point("step", global_step + 1)
-                    divergence.check_step(global_step + 1, loss, optimizer)
-                optimizer.step()
-                optimizer.zero_grad()
+                loop.backward_and_step(
+                    accelerator, autoencoder, optimizer, loss, args.max_grad_norm, global_step + 1, divergence
+                )
                 if adversarial:
                     disc_optimizer.zero_grad()  # the generator loss also reached the discriminator: not its update
 
@@ -247,7 +210,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                 global_step += 1
                 log.add(**losses)
                 log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
-                maybe_checkpoint(accelerator, args, global_step)
+                training.maybe_checkpoint(accelerator, args, global_step)
                 if global_step >= max_steps:
                     break
     log.maybe_write(global_step, force=True)
@@ -260,13 +223,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         unwrapped.vae.register_to_config(scaling_factor=scaling_factor)
         final_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
 
-    def empty():  # (from_config drops a config value that was a default when loaded: the scaling factor is set again)
-        model = AutoencoderKL.from_config(vae.config)
-        model.register_to_config(scaling_factor=scaling_factor)
-        return EncodeDecode(model)
-
-    whole = loop.whole_on_main(accelerator, autoencoder, empty)
+    whole = loop.whole_on_main(accelerator, autoencoder, lambda: EncodeDecode(AutoencoderKL.from_config(vae.config)))
     if accelerator.is_main_process:
+        whole.vae.register_to_config(scaling_factor=scaling_factor)  # (from_config drops it where it was a default)
         whole.vae.save_pretrained(output_dir)
         guard.kill_point("final_save")
         save_reconstructions(whole.vae, eval_set, output_dir / "reconstructions.png")
@@ -283,15 +242,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
 def save_reconstructions(vae, eval_set, path: Path) -> None:
     """Held-out originals (top row) over their reconstructions (bottom row)."""
-    from PIL import Image
-
-    from hfgen.diffusion.rendering import make_grid
+    from hfgen.diffusion.rendering import make_grid, to_images
 
     pixels = torch.stack([eval_set[i]["pixel_values"] for i in range(min(EVAL_IMAGES_SHOWN, len(eval_set)))])
     with torch.inference_mode():
         reconstructed = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()).sample
-    rows = []
-    for batch in (pixels, reconstructed.float().cpu()):
-        arrays = ((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        rows.append([Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in arrays])
-    make_grid(rows).save(path)
+    make_grid([to_images(pixels), to_images(reconstructed)]).save(path)
