@@ -1,10 +1,13 @@
 """Every stage under every engine on 2 CPU processes: DDP, FSDP2 (accelerate's FSDP2 branch on gloo, switched on by
-tests/engines/fsdp2_launch.py) and DeepSpeed ZeRO-2/3 (DeepSpeed's CPU accelerator). Each launch ends with saved
-models that load with the stock `from_pretrained`, identical full weights on both ranks, and the same numbers as
-DDP for the same seed: the pipeline's outputs (pretrain, SFT, reward model, PPO) to float tolerance, PPO's first
-update (losses, KL, on the same sampled rollout) to 1e-4 relative. A bad launch exits 2 before any model loads.
+tests/engines/fsdp2_launch.py) and DeepSpeed ZeRO-2/3 (DeepSpeed's CPU accelerator). Each run ends with saved
+models that load with the stock `from_pretrained` (a LoRA adapter with peft, on its base), identical full weights
+on both ranks, and the same numbers as DDP for the same seed: pretraining (but from a config under ZeRO-3: see
+`test_pretraining`), SFT (full and LoRA), the reward model and PPO to float tolerance, PPO's first update (losses,
+KL, on the same sampled rollout) to 1e-4 relative. A bad launch exits 2 before any model loads.
 
-One launch per (engine, job), run once per module; the tests read their outputs."""
+One `accelerate launch` per engine (tests/engines/run_recipes.py runs that engine's recipes one after the other
+through hfgen's training entry), made when a test first asks for the engine; the tests read its outputs.
+"""
 
 import json
 import os
@@ -28,38 +31,59 @@ FIRST_UPDATE = ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/
 
 
 def launch(engine: str, port: int, *args, env=None) -> subprocess.CompletedProcess:
-    """`accelerate launch` of hfgen's training entry on 2 CPU processes under `engine` (ddp, fsdp2, zero2, zero3)."""
+    """`accelerate launch` of tests/engines/run_recipes.py on 2 CPU processes under `engine` (ddp, fsdp2, zero2,
+    zero3): `args` are recipes with their overrides, separated by --then."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
     environment = {**os.environ, "HFGEN_WEIGHTS_FINGERPRINT": "1", **(env or {})}
-    entry = REPO / "scripts/train.py"
+    entry = [REPO / "tests/engines/run_recipes.py", *(["--fsdp2"] if engine == "fsdp2" else [])]
     if engine in ("ddp", "fsdp2"):
         command += ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
         environment["ACCELERATE_USE_CPU"] = "true"
-        if engine == "fsdp2":
-            entry = REPO / "tests/engines/fsdp2_launch.py"
     else:
         command += ["--use_deepspeed", "--zero_stage", engine[-1], "--num_processes", "2", "--mixed_precision", "no"]
         command += ["--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"] if engine == "zero3" else []
         environment["DS_ACCELERATOR"] = "cpu"
         environment.pop("ACCELERATE_USE_CPU", None)
     return subprocess.run(
-        [*command, str(entry), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900,
+        [*command, *map(str, entry), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=1800,
         env=environment,
     )  # fmt: skip
 
 
+# ddp_backend: DeepSpeed's CPU accelerator needs gloo named (transformers sets up the processes itself); use_cpu off:
+# the launch (engine and backend) decides the device, not the tiny recipes' CPU default
+TRAINER_KEYS = {"save_strategy": "no", "logging_steps": 1, "seed": 3, "ddp_backend": "gloo", "use_cpu": False}
+
+
+def write_pretrain(directory) -> str:
+    """Pretraining from a config (the tiny test Llama's sizes) for a few steps."""
+    from tiny_models import TINY_LLAMA_SIZES
+
+    config = directory / "llama.json"
+    config.write_text(json.dumps({**json.loads((REPO / "recipes/tiny/llama_tiny.json").read_text()),
+                                  **TINY_LLAMA_SIZES}))  # fmt: skip
+    return shrunk("pretrain.yaml", directory, config_name=str(config), block_size=64, max_steps=6, warmup_steps=0,
+                  per_device_train_batch_size=8, per_device_eval_batch_size=16, max_train_samples=256,
+                  max_eval_samples=32, output_dir=str(directory / "pretrain"), **TRAINER_KEYS)  # fmt: skip
+
+
+def write_sft_lora(directory, pretrained) -> str:
+    return shrunk("sft_lora.yaml", directory, model_name_or_path=str(pretrained), max_steps=3, warmup_steps=0,
+                  per_device_train_batch_size=8, max_train_samples=64, max_eval_samples=8, num_samples=2,
+                  output_dir=str(directory / "sft_lora"), **TRAINER_KEYS)  # fmt: skip
+
+
 def write_pipeline(directory, pretrained) -> str:
     """The rlhf pipeline over shrunk tiny recipes, starting from a tiny pretrained Llama."""
-    # ddp_backend: DeepSpeed's CPU accelerator needs gloo named (transformers sets up the processes itself);
-    # use_cpu off: the launch (engine and backend) decides the device, not the tiny recipes' CPU default
-    few = {"save_strategy": "no", "logging_steps": 1, "seed": 3, "ddp_backend": "gloo", "use_cpu": False}
     recipe = {
         "stage": "rlhf",
         "output_dir": str(directory / "rlhf"),
         "sft": shrunk("sft_full.yaml", directory, model_name_or_path=str(pretrained), max_steps=3,
-                      max_train_samples=64, max_eval_samples=8, num_samples=2, output_dir=str(directory / "sft"), **few),
+                      max_train_samples=64, max_eval_samples=8, num_samples=2, output_dir=str(directory / "sft"),
+                      **TRAINER_KEYS),
         "reward": shrunk("reward.yaml", directory, model_name_or_path=str(pretrained), max_steps=3,
-                         max_train_samples=64, max_eval_samples=8, output_dir=str(directory / "reward"), **few),
+                         max_train_samples=64, max_eval_samples=8, output_dir=str(directory / "reward"),
+                         **TRAINER_KEYS),
         "ppo": shrunk("ppo.yaml", directory, total_episodes=32, per_device_train_batch_size=8, num_mini_batches=1,
                       num_ppo_epochs=1, response_length=8, max_eval_samples=4, eval_samples_per_prompt=1,
                       save_steps=0, logging_steps=1, sample_steps=1, seed=3, use_cpu=False,
@@ -70,15 +94,16 @@ def write_pipeline(directory, pretrained) -> str:
     return str(path)
 
 
-def write_ppo(directory, sft, reward, **values) -> str:
+def write_ppo_lora(directory, sft, reward) -> str:
+    """A LoRA policy on fixed models (the tiny pretrained Llama, a seeded reward model)."""
     recipe = {
         "stage": "ppo", "model_name_or_path": str(sft), "reward_model_path": str(reward), "dataset_name":
-        "embedded:prompts", "oracle_function": ORACLE, "output_dir": str(directory / "ppo"), "total_episodes": 32,
+        "embedded:prompts", "oracle_function": ORACLE, "output_dir": str(directory / "ppo_lora"), "total_episodes": 32,
         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_ppo_epochs": 1,
         "response_length": 8, "learning_rate": 1e-3, "max_eval_samples": 4, "eval_samples_per_prompt": 1,
-        "sample_steps": 1, "seed": 5,
-    } | values  # fmt: skip
-    path = directory / "ppo.yaml"
+        "sample_steps": 1, "seed": 5, **LORA,
+    }  # fmt: skip
+    path = directory / "ppo_lora.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
 
@@ -100,15 +125,20 @@ def write_reward_model(path, pretrained):
     return path
 
 
-# (engine, job): the pipeline (SFT -> reward -> PPO) under every engine; a LoRA PPO run on fixed models under the
-# engines that shard the policy; the diffusion stages (VAE, then t2i on that VAE) under FSDP2 and ZeRO-2.
-JOBS = [("ddp", "pipeline"), ("zero3", "pipeline"), ("fsdp2", "pipeline"), ("zero2", "pipeline"), ("ddp", "lora"),
-        ("zero3", "lora"), ("fsdp2", "lora"), ("fsdp2", "vae"), ("fsdp2", "t2i"), ("zero2", "vae"), ("zero2", "t2i")]  # fmt: skip
+# The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
+# fine-tuning); SFT and PPO with LoRA; the diffusion stages (a VAE, then t2i on it) under FSDP2 and ZeRO-2.
+JOBS = {
+    "ddp": ("pretrain", "pipeline", "sft_lora", "ppo_lora"),
+    "zero3": ("pretrain", "pipeline", "sft_lora", "ppo_lora"),
+    "fsdp2": ("pretrain", "pipeline", "sft_lora", "ppo_lora", "vae", "t2i"),
+    "zero2": ("pipeline", "vae", "t2i"),
+}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every (engine, job) launched once -> {(engine, job): output dir}; the seconds each took are printed."""
+    """runs(engine) -> {job: output dir}: the engine's jobs, in one launch made on the first call (the seconds it
+    took are printed)."""
     pytest.importorskip("deepspeed")
     from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
     from tiny_models import save_tiny_llama
@@ -117,26 +147,31 @@ def runs(tmp_path_factory):
     pretrained = save_tiny_llama(root / "pretrained", pretrain_steps=30)
     reward = write_reward_model(root / "reward", pretrained)
     configs = write_tiny_configs(root)
-    outputs, seconds = {}, {}
-    for engine, job in JOBS:
-        directory = root / f"{engine}-{job}"
+    launched = {}
+
+    def run(engine: str) -> dict:
+        if engine in launched:
+            return launched[engine]
+        directory = root / engine
         directory.mkdir()
-        if job == "pipeline":
-            args, outputs[engine, job] = [write_pipeline(directory, pretrained)], directory
-        elif job == "lora":
-            args, outputs[engine, job] = [write_ppo(directory, pretrained, reward, **LORA)], directory / "ppo"
-        elif job == "vae":
-            args, outputs[engine, job] = [VAE_RECIPE, *vae_overrides(configs, directory, steps=3)], directory
-        else:
-            vae = outputs[engine, "vae"]
-            args = [T2I_RECIPE, *t2i_overrides(configs, vae, directory, steps=3), "--eval_images_per_prompt", "0"]
-            outputs[engine, job] = directory
+        jobs = {
+            "pretrain": ([write_pretrain(directory)], directory / "pretrain"),
+            "pipeline": ([write_pipeline(directory, pretrained)], directory),
+            "sft_lora": ([write_sft_lora(directory, pretrained)], directory / "sft_lora"),
+            "ppo_lora": ([write_ppo_lora(directory, pretrained, reward)], directory / "ppo_lora"),
+            "vae": ([VAE_RECIPE, *vae_overrides(configs, directory / "vae", steps=3)], directory / "vae"),
+            "t2i": ([T2I_RECIPE, *t2i_overrides(configs, directory / "vae", directory / "t2i", steps=3),
+                     "--eval_images_per_prompt", "0"], directory / "t2i"),
+        }  # fmt: skip
+        args = [arg for job in JOBS[engine] for arg in ("--then", *jobs[job][0])][1:]
         started = time.time()
         result = launch(engine, free_port(), *args)
-        seconds[f"{engine} {job}"] = round(time.time() - started, 1)
-        assert result.returncode == 0, f"{engine} {job}:\n{result.stderr[-4000:]}"
-    print("seconds per launch:", json.dumps(seconds))
-    return outputs
+        print(f"{engine}: {time.time() - started:.0f} s for {', '.join(JOBS[engine])}")
+        assert result.returncode == 0, f"{engine}:\n{result.stderr[-6000:]}"
+        launched[engine] = {job: jobs[job][1] for job in JOBS[engine]}
+        return launched[engine]
+
+    return run
 
 
 def fingerprints_agree(run_dir) -> bool:
@@ -150,18 +185,40 @@ def assert_same_weights(ours: dict, theirs: dict, what: str) -> None:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=f"{what}: {name}")
 
 
+def assert_whole_run(run) -> None:
+    """Complete, trained on 2 processes, the same full weights on both."""
+    assert tracking.is_complete(run) and tracking.read_json(run / "env.json")["world_size"] == 2, run
+    assert fingerprints_agree(run), run
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
+def test_pretraining(runs, engine):
+    """From a config: the model loads, its loss fell, and under FSDP2 it equals DDP's. Under ZeRO-3 transformers
+    builds the model under `zero.Init` and draws its initial weights with the main process's RNG, without the
+    default torch initialisation the other engines draw first: another (equally seeded) start, so not compared."""
+    from transformers import AutoModelForCausalLM
+
+    run = runs(engine)["pretrain"]
+    assert_whole_run(run)
+    results = tracking.read_json(run / "eval.json")
+    assert results["eval_loss"] < results["eval_loss_initial"] - 0.1
+    ours = AutoModelForCausalLM.from_pretrained(run).state_dict()
+    if engine == "fsdp2":
+        theirs = AutoModelForCausalLM.from_pretrained(runs("ddp")["pretrain"]).state_dict()
+        assert_same_weights(ours, theirs, engine)
+
+
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
 def test_pipeline_outputs_load_and_equal_ddp(runs, engine):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     for step, model_class in (("sft", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification),
                               ("ppo", AutoModelForCausalLM)):  # fmt: skip
-        run, ddp = runs[engine, "pipeline"] / step, runs["ddp", "pipeline"] / step
-        assert tracking.is_complete(run) and tracking.read_json(run / "env.json")["world_size"] == 2, step
-        assert fingerprints_agree(run), step
+        run, ddp = runs(engine)["pipeline"] / step, runs("ddp")["pipeline"] / step
+        assert_whole_run(run)
         ours, theirs = model_class.from_pretrained(run).state_dict(), model_class.from_pretrained(ddp).state_dict()
         assert_same_weights(ours, theirs, f"{engine} {step}")
-    assert tracking.is_complete(runs[engine, "pipeline"] / "rlhf")
+    assert tracking.is_complete(runs(engine)["pipeline"] / "rlhf")
 
 
 def first_updates(run_dir) -> tuple[list, list[dict]]:
@@ -172,8 +229,8 @@ def first_updates(run_dir) -> tuple[list, list[dict]]:
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
 def test_ppo_first_update_equals_ddp_on_the_same_rollout(runs, engine):
-    for job in ("pipeline", "lora") if engine != "zero2" else ("pipeline",):
-        run, ddp = (runs[name, job] / "ppo" if job == "pipeline" else runs[name, job] for name in (engine, "ddp"))
+    for job in ("pipeline", "ppo_lora") if engine != "zero2" else ("pipeline",):
+        run, ddp = (runs(name)[job] / "ppo" if job == "pipeline" else runs(name)[job] for name in (engine, "ddp"))
         (responses, ours), (ddp_responses, theirs) = first_updates(run), first_updates(ddp)
         assert responses == ddp_responses, job  # the same sampled tokens went into both updates
         for step in (0, 1):
@@ -182,22 +239,25 @@ def test_ppo_first_update_equals_ddp_on_the_same_rollout(runs, engine):
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_lora_ppo_saves_an_adapter_that_loads_on_its_base(runs, engine):
+def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, engine):
+    """SFT and PPO with a LoRA policy: an adapter (no full model) that peft loads on its base, equal to DDP's."""
     from peft import AutoPeftModelForCausalLM
 
-    run = runs[engine, "lora"]
-    assert fingerprints_agree(run) and not (run / "model.safetensors").exists()
-    ours = AutoPeftModelForCausalLM.from_pretrained(run).state_dict()
-    assert_same_weights(ours, AutoPeftModelForCausalLM.from_pretrained(runs["ddp", "lora"]).state_dict(), engine)
+    for job in ("sft_lora", "ppo_lora"):
+        run, ddp = runs(engine)[job], runs("ddp")[job]
+        assert_whole_run(run)
+        assert (run / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
+        ours = AutoPeftModelForCausalLM.from_pretrained(run).state_dict()
+        assert_same_weights(ours, AutoPeftModelForCausalLM.from_pretrained(ddp).state_dict(), f"{engine} {job}")
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
 def test_diffusion_stages_save_whole_models_that_load(runs, engine):
     from diffusers import AutoencoderKL, DiffusionPipeline
 
-    vae_dir, t2i_dir = runs[engine, "vae"], runs[engine, "t2i"]
+    vae_dir, t2i_dir = runs(engine)["vae"], runs(engine)["t2i"]
     for run in (vae_dir, t2i_dir):
-        assert tracking.is_complete(run) and fingerprints_agree(run)
+        assert_whole_run(run)
     vae = AutoencoderKL.from_pretrained(vae_dir)
     assert vae.config.scaling_factor == pytest.approx(tracking.read_json(vae_dir / "eval.json")["vae/scaling_factor"])
     pipeline = DiffusionPipeline.from_pretrained(t2i_dir)

@@ -232,7 +232,9 @@ def gathered(accelerator, *models):
 def _unsharded(model):
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    if units:  # FSDP takes the first unit to run forward as the root: a child's forward must not come first
+        units[0]._get_fsdp_state()._lazy_init()
     resharding = [_reshards_after_forward(unit) for unit in units]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)  # its forward hook would reshard after each call

@@ -1,12 +1,10 @@
-"""Test setup, never used by a user's run: `accelerate launch ... tests/engines/fsdp2_launch.py RECIPE` runs hfgen's
-training entry (the code users run, Trainer-based stages included) on accelerate's FSDP2 branch on CPU processes.
+"""Test setup, never used by a user's run: imported by `run_recipes.py --fsdp2`, it puts hfgen's training entry (the
+code users run, Trainer-based stages included) on accelerate's FSDP2 branch on CPU processes.
 
 accelerate maps any CPU run to DDP (MULTI_CPU), even with --use_fsdp. On CPU, torch's `fully_shard` works on gloo,
 so right after each Accelerator is created its state is switched onto the FSDP branch with an FSDP2 plugin: from
 there `prepare`, backward, clipping, `get_state_dict` and saving run accelerate's real FSDP2 code.
 """
-
-import sys
 
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -16,18 +14,14 @@ _create = Accelerator.__init__
 
 def _create_on_fsdp2(self, *args, **kwargs):
     _create(self, *args, **kwargs)
-    if self.state.distributed_type != DistributedType.FSDP:
-        PartialState().distributed_type = DistributedType.FSDP
-        self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-            state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
-        )  # fmt: skip
+    PartialState().distributed_type = DistributedType.FSDP
+    self.state.distributed_type = DistributedType.FSDP
+    # A new plugin for every Accelerator (several stages run in one process): accelerate records the first model's
+    # layer class in the plugin it wraps with.
+    self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
+    )  # fmt: skip
 
 
 Accelerator.__init__ = _create_on_fsdp2
-
-if __name__ == "__main__":
-    from hfgen.train import cli
-
-    sys.exit(cli())
