@@ -72,11 +72,10 @@ def check(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VA
 
 def refused_engines(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments):
     """Engines this stage cannot use (see the README's engine table)."""
-    refused = {"zero3": "ZeRO-3 is not supported by the vae stage; use zero2 or fsdp2"}
     if args.adversarial_weight > 0:  # a second trained model with its own optimizer: one engine per model
         why = "the GAN discriminator (adversarial_weight > 0) is a second trained model; use DDP"
-        refused |= {"zero2": why, "zero3": why, "fsdp2": why}
-    return refused
+        return {"zero2": why, "zero3": why, "fsdp2": why}
+    return {}
 
 
 class EncodeDecode(torch.nn.Module):
