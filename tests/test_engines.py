@@ -135,11 +135,11 @@ def write_reward_model(path, pretrained):
 
 
 # The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
-# fine-tuning); SFT, reward (DDP and ZeRO-2: refused by the others) and PPO with LoRA; the diffusion stages (a VAE, then t2i on it), but for t2i under ZeRO-3 (refused).
+# fine-tuning); SFT, reward and PPO with LoRA; the diffusion stages (a VAE, then t2i on it), but for t2i under ZeRO-3 (refused).
 JOBS = {
     "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora"),
-    "zero3": ("pretrain", "pipeline", "sft_lora", "ppo_lora", "vae"),
-    "fsdp2": ("pretrain", "pipeline", "sft_lora", "ppo_lora", "vae", "t2i"),
+    "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae"),
+    "fsdp2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i"),
     "zero2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i"),
 }
 
@@ -253,7 +253,7 @@ def test_ppo_first_update_equals_ddp_on_the_same_rollout(runs, engine):
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
 def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, engine):
     """SFT and PPO with a LoRA policy: an adapter (no full model) that peft loads on its base, equal to DDP's; a LoRA
-    reward model (ZeRO-2): one plain classifier, its adapters merged, equal to DDP's."""
+    reward model: one plain classifier, its adapters merged, equal to DDP's."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForSequenceClassification
 
@@ -271,13 +271,12 @@ def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, eng
         for name in (engine, "ddp")
     ]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
-    if "reward_lora" in runs(engine):
-        run, ddp = runs(engine)["reward_lora"], runs("ddp")["reward_lora"]
-        assert_whole_run(run)
-        assert not (run / "adapter_model.safetensors").exists()
-        ours = AutoModelForSequenceClassification.from_pretrained(run).state_dict()
-        theirs = AutoModelForSequenceClassification.from_pretrained(ddp).state_dict()
-        assert_same_weights(ours, theirs, f"{engine} reward_lora")
+    run, ddp = runs(engine)["reward_lora"], runs("ddp")["reward_lora"]
+    assert_whole_run(run)
+    assert not (run / "adapter_model.safetensors").exists()
+    ours = AutoModelForSequenceClassification.from_pretrained(run).state_dict()
+    theirs = AutoModelForSequenceClassification.from_pretrained(ddp).state_dict()
+    assert_same_weights(ours, theirs, f"{engine} reward_lora")
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])

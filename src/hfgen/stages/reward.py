@@ -98,12 +98,17 @@ def pairwise_eval(model, tokenizer, pairs: list[tuple[list[int], list[int]]], ba
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
-def refused_engines(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> dict:
-    """Engines this stage cannot use (see the README's engine table)."""
-    if model_args.use_peft:  # the adapters are merged into the base at the end, which needs the whole model
-        why = "a LoRA reward model is merged into its base at the end; use DDP or zero2, or full fine-tuning"
-        return {"zero3": why, "fsdp2": why}
-    return {}
+def peft_copy(peft_model):
+    """An untrained copy of a LoRA classifier's architecture (same base config, same adapters), built in full on this
+    process: outside ZeRO-3's `zero.Init`, which would partition it over processes that are not building it."""
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.modeling_utils import set_zero3_state
+
+    base = peft_model.get_base_model()
+    with set_zero3_state():  # (transformers' own switch: "zero.Init has been entered already")
+        copy = AutoModelForSequenceClassification.from_config(base.config, dtype=base.dtype)
+    return get_peft_model(copy, peft_model.peft_config["default"])
 
 
 def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> Path:
@@ -155,23 +160,25 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    # Save one plain classifier: LoRA adapters (and the trained head copy) merged into the backbone.
+    loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
+    # Save one plain classifier: LoRA adapters (and the trained head copy) merged into the backbone, on the main
+    # process from whole weights (gathered into a copy there under ZeRO-3 and FSDP2).
+    parameters = None
     if is_peft_model(trainer.model):
-        final_model = trainer.model.merge_and_unload()
+        whole = loop.whole_on_main(trainer.accelerator, trainer.model_wrapped, lambda: peft_copy(trainer.model))
         if is_main:
-            final_model.save_pretrained(output_dir)
+            merged = whole.merge_and_unload()
+            merged.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
+            parameters = count_parameters(merged)
     else:
-        final_model = trainer.model
         trainer.save_model(str(output_dir))
     guard.kill_point("final_save")
-    loop.maybe_write_fingerprint(trainer.accelerator, final_model, output_dir)  # tests only
 
-    engine_handle = trainer.model_wrapped if final_model is trainer.model else final_model  # (a ZeRO-3 engine)
     guard.kill_point("eval")
-    with loop.gathered(trainer.accelerator, engine_handle) as (model,):
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (model,):  # (LoRA: the same scores unmerged)
         final = pairwise_eval(model, tokenizer, held_out, eval_batch)
-        parameters = count_parameters(model)
+        parameters = parameters or count_parameters(model)
     if is_main:
         tokens = trainer.state.num_input_tokens_seen
         tracking.update_eval(
