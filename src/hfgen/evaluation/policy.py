@@ -7,8 +7,9 @@ learned reward model and/or an oracle function; the figures are the mean scores 
 policy's win rate over SFT per judge (ties count half), KL(tuned || SFT) per response (k1 summed over the tuned
 policy's own response tokens), response length, EOS rate and diversity (distinct-n, self-BLEU).
 
-The pieces are PPO's: `hfgen.rl.rollout` samples (KV-cached `generate`, pinned sampling config) and scores, and
-`hfgen.evaluation.text` gives win rates and diversity; this module only arranges them for any pair of policies.
+PPO's final evaluation is this comparison too. The pieces are PPO's: `hfgen.rl.rollout` samples (KV-cached
+`generate`, with `hfgen.rl.models`' pinned sampling config) and scores, and `hfgen.evaluation.text` gives win rates
+and diversity; this module only arranges them for any pair of policies.
 """
 
 from __future__ import annotations

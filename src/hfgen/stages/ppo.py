@@ -539,10 +539,8 @@ def ppo_update(
     accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None,
     ptx_texts: list[list[int]] | None = None, check=None,
 ) -> list[PPOStats]:  # fmt: skip
-    """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
-    policy loss + vf_coef * clipped value loss (details 7, 14), minus entropy_coef * entropy, plus kl_loss_coef *
-    KL to the reference, plus ptx_coef * LM loss on a micro-batch of `ptx_texts` (PPO-ptx); one optimiser step
-    per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
+    """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15), one
+    optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
     ExponentialMovingAverage of the policy's trained weights) follows each step; `check(loss)` (the divergence
     guard) runs before each optimiser step."""
     trainable.train()
@@ -552,26 +550,10 @@ def ppo_update(
     for _ in range(config.num_ppo_epochs):
         for minibatch in torch.randperm(len(rollout), device=rollout.input_ids.device).split(minibatch_size):
             for rows in minibatch.split(config.per_device_train_batch_size):
-                batch = rollout.select(rows)
                 with accelerator.accumulate(trainable):
-                    logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
-                    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
-                    mask = batch.response_mask
-                    policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
-                    value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-                    with torch.set_grad_enabled(config.entropy_coef > 0):
-                        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
-                    policy_loss = policy.loss - config.entropy_coef * entropy
-                    if config.kl_loss_coef:
-                        kl = F.kl_loss(logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator)
-                        policy_loss = policy_loss + config.kl_loss_coef * kl
-                    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
-                        ptx_loss = pretraining_loss(
-                            accelerator, trainable, ptx_texts, config.per_device_train_batch_size
-                        )
-                        policy_loss = policy_loss + config.ptx_coef * ptx_loss
-                    # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
-                    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
+                    loss, micro_batch_stats = ppo_loss(
+                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_texts
+                    )
                     accelerator.backward(loss)
                     if not train_policy:
                         for parameter in policy_parameters:
@@ -583,9 +565,34 @@ def ppo_update(
                     optimizer.zero_grad()
                     if ema is not None and accelerator.sync_gradients and train_policy:
                         ema.update(trained_policy_parameters(accelerator.unwrap_model(trainable).policy))
-                stats.append(
-                    PPOStats(policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction,
-                             policy.approx_kl, entropy.detach(), policy.ratio,
-                             ptx_loss.detach() if ptx_texts is not None else None)
-                )  # fmt: skip
+                stats.append(micro_batch_stats)
     return stats
+
+
+def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_texts):
+    """One micro-batch's loss: clipped policy loss + vf_coef * clipped value loss (details 7, 14), minus
+    entropy_coef * entropy, plus kl_loss_coef * KL to the reference, plus ptx_coef * LM loss on a micro-batch of
+    `ptx_texts` (PPO-ptx). -> (loss, PPOStats)."""
+    logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
+    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
+    mask = batch.response_mask
+    policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
+    value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
+    with torch.set_grad_enabled(config.entropy_coef > 0):
+        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+    policy_loss = policy.loss - config.entropy_coef * entropy
+    if config.kl_loss_coef:
+        policy_loss = policy_loss + config.kl_loss_coef * F.kl_loss(
+            logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator
+        )
+    ptx_loss = None
+    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
+        ptx_loss = pretraining_loss(accelerator, trainable, ptx_texts, config.per_device_train_batch_size)
+        policy_loss = policy_loss + config.ptx_coef * ptx_loss
+    # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
+    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
+    stats = PPOStats(
+        policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction, policy.approx_kl,
+        entropy.detach(), policy.ratio, ptx_loss.detach() if ptx_loss is not None else None,
+    )  # fmt: skip
+    return loss, stats
