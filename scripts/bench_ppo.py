@@ -1,5 +1,7 @@
-"""Episodes/s of hfgen's PPO against TRL's last PPOTrainer (trl 1.10, `trl.experimental.ppo`) on the same random
-Llamas and settings, measured the same way in alternating pairs, at one or more model sizes.
+"""Episodes/s of hfgen's PPO against TRL 1.10's PPOTrainer at one or more model sizes, in alternating pairs.
+
+Both run the same random Llamas and settings (TRL's last PPOTrainer: `trl.experimental.ppo`, trl 1.10) and are
+timed the same way.
 
     .venv/bin/python scripts/bench_ppo.py                                        # the default size, 5 pairs
     .venv/bin/python scripts/bench_ppo.py --hidden_size 64 128 192 --num_layers 2 4 4   # three sizes
