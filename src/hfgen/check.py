@@ -111,7 +111,7 @@ def check_rewards(recipe, prompts) -> list[str]:
 
     from hfgen.generate import generate_tokens
     from hfgen.models import load_causal_lm, load_tokenizer
-    from hfgen.stages.ppo import load_scorer
+    from hfgen.rl.models import load_scorer
 
     model_args, _, config = recipe.configs
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)

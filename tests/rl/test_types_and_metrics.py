@@ -2,7 +2,8 @@
 
 import torch
 
-from hfgen.rl.metrics import format_evaluation, format_metrics, step_metrics
+from hfgen.evaluation.policy import format_comparison
+from hfgen.rl.metrics import format_metrics, step_metrics
 from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 
 
@@ -45,9 +46,11 @@ def test_step_metrics_by_hand():
     assert line.startswith("step 3/10 | score 2 |") and "gen/score/adv/train 29/14/0/57" in line
 
 
-def test_format_evaluation_lists_both_policies_and_the_win_rate():
-    table = format_evaluation(
+def test_format_comparison_lists_both_policies_and_the_win_rate():
+    table = format_comparison(
         {"eval/num_prompts": 2, "eval/samples_per_prompt": 1, "kl_to_reference": 1.25, "sft/oracle": 0.5,
-         "ppo/oracle": 1.5, "win_rate/oracle": 0.75, "sft/response_length": 9.0, "ppo/response_length": 10.0}
+         "ppo/oracle": 1.5, "win_rate/oracle": 0.75, "sft/response_length": 9.0, "ppo/response_length": 10.0,
+         "sft/self_bleu": None, "ppo/self_bleu": None},  # one sample per prompt: no self-BLEU
+        "ppo",
     )  # fmt: skip
-    assert "oracle" in table and "0.750" in table and "1.250 nats" in table
+    assert "oracle" in table and "0.750" in table and "1.250 nats" in table and "self_bleu" not in table

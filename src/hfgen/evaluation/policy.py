@@ -7,8 +7,9 @@ learned reward model and/or an oracle function; the figures are the mean scores 
 policy's win rate over SFT per judge (ties count half), KL(tuned || SFT) per response (k1 summed over the tuned
 policy's own response tokens), response length, EOS rate and diversity (distinct-n, self-BLEU).
 
-The pieces are PPO's: `hfgen.rl.rollout` samples (KV-cached `generate`, pinned sampling config) and scores, and
-`hfgen.evaluation.text` gives win rates and diversity; this module only arranges them for any pair of policies.
+PPO's final evaluation is this comparison too. The pieces are PPO's: `hfgen.rl.rollout` samples (KV-cached
+`generate`, with `hfgen.rl.models`' pinned sampling config) and scores, and `hfgen.evaluation.text` gives win rates
+and diversity; this module only arranges them for any pair of policies.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from hfgen.evaluation.text import diversity, win_rate
 
-JUDGES = ("reward_model", "oracle")  # the scores that get win rates, in this order
+NOT_JUDGES = ("response_length", "eos_rate")  # figures without a win rate: more is not better
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 42
     chunk_size: int = 64
-    max_prompt_length: int = 256  # read by hfgen.stages.ppo.tokenize_prompts
+    max_prompt_length: int = 256
 
 
 def load_judges(reward_model_path: str | None, oracle_function: str | None, chunk_size: int, device):
@@ -54,16 +55,19 @@ def load_judges(reward_model_path: str | None, oracle_function: str | None, chun
 @torch.no_grad()
 def compare_to_reference(
     accelerator, policy, reference, tokenizer, prompts: list, sampling: Sampling, scorer=None, oracle=None,
-    name: str = "policy",
+    name: str = "policy", judges: dict | None = None,
 ) -> tuple[dict, list[dict]]:  # fmt: skip
     """-> (figures, one row per sampled prompt with both responses and their scores).
 
-    `reference=None` with a PEFT `policy`: the reference is the policy with its adapter disabled. Keys:
+    `reference=None` with a PEFT `policy`: the reference is the policy with its adapter disabled. `scorer` (a
+    `RewardScorer`) gives `reward_model` and, when it adds reward functions or weights (PPO's training reward),
+    `score`; `oracle` and `judges` ({name: function(prompts, responses)}) give one figure each. Keys:
     `sft/<figure>`, `<name>/<figure>`, `win_rate/<judge>` (name over SFT), `kl_to_reference`, `eval/...`.
     Prompts are split over the processes and gathered; every process returns the same figures."""
     from accelerate.utils import gather_object
 
     from hfgen.rl import functional as F
+    from hfgen.rl.models import make_generation_config, stop_token_ids, tokenize_prompts
     from hfgen.rl.rollout import (
         episode_ids,
         function_scores,
@@ -72,12 +76,12 @@ def compare_to_reference(
         response_texts,
         sample_responses,
     )
-    from hfgen.stages.ppo import make_generation_config, stop_token_ids, tokenize_prompts
 
     prompts = [p for p in prompts for _ in range(sampling.samples_per_prompt)]
     if not prompts:
         return {}, []
-    prompts, queries = tokenize_prompts(tokenizer, prompts, sampling)
+    prompts, queries = tokenize_prompts(tokenizer, prompts, sampling.max_prompt_length)
+    judges = {**({"oracle": oracle} if oracle is not None else {}), **(judges or {})}
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     policy.eval()
     stop_ids = stop_token_ids(tokenizer, policy)  # every EOS id ends a response, as in PPO
@@ -85,8 +89,11 @@ def compare_to_reference(
         tokenizer, sampling.response_length, sampling.temperature, sampling.top_p, stop_ids
     )
     local: dict[str, dict[str, list]] = {}
-    with accelerator.split_between_processes(list(enumerate(zip(prompts, queries)))) as shard:
-        indices = [index for index, _ in shard]
+    numbered = list(enumerate(zip(prompts, queries)))
+    with accelerator.split_between_processes(numbered) as own:
+        kept = len(own)  # the shards are padded to one length: sharded engines need the same passes on every rank
+    with accelerator.split_between_processes(numbered, apply_padding=True) as shard:
+        indices = [index for index, _ in shard][:kept]
         shard_prompts = [prompt for _, (prompt, _) in shard]
         query_ids, query_mask = left_pad([query for _, (_, query) in shard], tokenizer.pad_token_id, policy.device)
         for who in ("sft", name):
@@ -103,13 +110,16 @@ def compare_to_reference(
             figures: dict[str, list] = {"response": texts}
             if scorer is not None:  # scored as PPO scores: a response cut off without EOS is shown unfinished
                 ids = episode_ids([query for _, (_, query) in shard], sampled.response_ids, mask)
-                scores, _ = scorer(shard_prompts, texts, finished.tolist(), policy.device, ids)
-                figures["reward_model"] = scores.tolist()
-            if oracle is not None:
-                figures["oracle"] = function_scores(oracle, shard_prompts, texts, policy.device).tolist()
+                scores, components = scorer(shard_prompts, texts, finished.tolist(), policy.device, ids)
+                if list(components) != ["reward_model"] or scorer.weights != [1.0]:
+                    figures["score"] = scores.tolist()  # the training reward, without the missing-EOS penalty
+                if "reward_model" in components:
+                    figures["reward_model"] = components["reward_model"].tolist()
+            for judge, function in judges.items():
+                figures[judge] = function_scores(function, shard_prompts, texts, policy.device).tolist()
             figures["response_length"] = mask.sum(1).float().tolist()
             figures["eos_rate"] = finished.float().tolist()
-            local[who] = figures
+            local[who] = {key: values[:kept] for key, values in figures.items()}
         # KL(tuned || SFT) on the tuned policy's own samples: sum over its response tokens of log pi - log pi_sft
         input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
@@ -117,13 +127,13 @@ def compare_to_reference(
             policy, reference, input_ids, attention_mask, query_ids.shape[1], sampling.temperature,
             sampling.chunk_size,
         )  # fmt: skip
-        local["kl"] = {"kl": ((sampled.logprobs - ref) * mask).sum(1).tolist()}
+        local["kl"] = {"kl": ((sampled.logprobs - ref) * mask).sum(1).tolist()[:kept]}
     tokenizer.padding_side = padding_side
 
     rows: list[dict] = []
-    for gathered_indices, gathered_prompts, shard_local in gather_object([(indices, shard_prompts, local)]):
-        for i, (index, prompt) in enumerate(zip(gathered_indices, gathered_prompts)):
-            row = {"index": index, "prompt": prompt, "kl": shard_local["kl"]["kl"][i]}
+    for gathered_indices, shard_local in gather_object([(indices, local)]):
+        for i, index in enumerate(gathered_indices):
+            row = {"index": index, "prompt": prompts[index], "kl": shard_local["kl"]["kl"][i]}
             for who in ("sft", name):
                 row |= {f"{who}/{key}": values[i] for key, values in shard_local[who].items()}
             rows.append(row)
@@ -132,7 +142,8 @@ def compare_to_reference(
 
 
 def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
-    """The figures of `compare_to_reference` from its rows (also how `hfgen compare` re-reads saved rows)."""
+    """The figures of `compare_to_reference` from its rows (also how `hfgen compare` re-reads saved rows): the
+    mean of every figure, and a win rate for every judge (every figure but length and EOS rate)."""
     results = {
         "eval/num_prompts": len(rows) // max(sampling.samples_per_prompt, 1),
         "eval/samples_per_prompt": sampling.samples_per_prompt,
@@ -140,12 +151,11 @@ def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
         "eval/temperature": sampling.temperature,
         "kl_to_reference": mean([row["kl"] for row in rows]),
     }
-    for key in ("reward_model", "oracle", "response_length", "eos_rate"):
-        if f"{name}/{key}" not in rows[0]:
-            continue
+    figures = [key.split("/", 1)[1] for key in rows[0] if key.startswith(f"{name}/") and key != f"{name}/response"]
+    for key in figures:
         ours, sft = [row[f"{name}/{key}"] for row in rows], [row[f"sft/{key}"] for row in rows]
         results |= {f"sft/{key}": mean(sft), f"{name}/{key}": mean(ours)}
-        if key in JUDGES:
+        if key not in NOT_JUDGES:
             results[f"win_rate/{key}"] = win_rate(ours, sft)
     for who in ("sft", name):
         groups: dict = {}
@@ -175,13 +185,14 @@ def bootstrap_interval(
 
 
 def format_comparison(results: dict, name: str) -> str:
-    """The held-out comparison as a small table: SFT, the tuned policy, and its win rate over SFT."""
+    """The held-out comparison as a small table: SFT, the tuned policy, and its win rate over SFT, one row per
+    figure the comparison has."""
     lines = [
         f"Held-out evaluation: {results['eval/num_prompts']} prompts x {results['eval/samples_per_prompt']} samples",
         f"  {'':<18}{'SFT':>9}{name.upper():>9}{'win rate':>10}",
     ]
-    for key in ("reward_model", "oracle", "response_length", "eos_rate", "distinct_2", "self_bleu"):
-        if f"{name}/{key}" in results and results[f"{name}/{key}"] is not None:
+    for key in [key.split("/", 1)[1] for key in results if key.startswith(f"{name}/")]:
+        if results[f"{name}/{key}"] is not None:
             win = results.get(f"win_rate/{key}")
             lines.append(
                 f"  {key:<18}{results[f'sft/{key}']:>9.3f}{results[f'{name}/{key}']:>9.3f}"

@@ -1,5 +1,5 @@
-"""What a PPO step reports: its figures (names as TRL's PPOTrainer logged them, plus ours), the console line, and the
-final SFT-vs-PPO table. Torch only; reducing over processes is the caller's job.
+"""What a PPO step reports: its figures (names as TRL's PPOTrainer logged them, plus ours) and the console line.
+Torch only; reducing over processes is the caller's job (`hfgen.rl.records.global_means`).
 """
 
 from __future__ import annotations
@@ -72,17 +72,3 @@ def format_metrics(step: int, total_steps: int, metrics: dict[str, float]) -> st
     times = [metrics[f"time/{name}_s"] for name in TIME_SPLIT]
     split = "/".join(f"{100 * t / max(sum(times), 1e-9):.0f}" for t in times)
     return f"step {step}/{total_steps} | " + " | ".join(parts) + f" | time % gen/score/adv/train {split}"
-
-
-def format_evaluation(results: dict) -> str:
-    """The held-out comparison of the SFT (reference) and PPO policies as a table."""
-    lines = [
-        f"Held-out evaluation: {results['eval/num_prompts']} prompts x {results['eval/samples_per_prompt']} samples",
-        f"  {'':<18}{'SFT':>9}{'PPO':>9}{'PPO win rate':>14}",
-    ]
-    for key in sorted({name.split("/", 1)[1] for name in results if name.startswith("ppo/")}):
-        win = results.get(f"win_rate/{key}")
-        win_text = f"{win:>14.3f}" if win is not None else ""
-        lines.append(f"  {key:<18}{results[f'sft/{key}']:>9.3f}{results[f'ppo/{key}']:>9.3f}{win_text}")
-    lines.append(f"  KL(PPO || SFT) per response: {results['kl_to_reference']:.3f} nats")
-    return "\n".join(lines)

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,30 +44,39 @@ from trl import ModelConfig
 
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
-from hfgen.errors import UserError
+from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
 from hfgen.models import check_model_source
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
-from hfgen.rl.metrics import RATES, format_evaluation, format_metrics, step_metrics
+from hfgen.rl.metrics import format_metrics, step_metrics
+from hfgen.rl.models import (
+    load_oracle,
+    load_policy_and_reference,
+    load_scorer,
+    load_value_model,
+    make_generation_config,
+    parameter_groups,
+    stop_token_ids,
+    tokenize_prompts,
+)
 from hfgen.rl.monitor import HackingMonitor
+from hfgen.rl.policy_weights import load_policy_weights, policy_weights, save_ema_policy, trained_policy_parameters
+from hfgen.rl.ptx import pretraining_loss, tokenize_ptx_texts
+from hfgen.rl.records import global_means, reward_ceiling, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
     PolicyAndValue,
-    RewardScorer,
     episode_ids,
     function_scores,
     left_pad,
     load_function,
     prompt_rows,
-    prompt_text,
     reference_logprobs,
     response_texts,
     rollout_values,
     sample_responses,
 )
 from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
-
-SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
 
 
 @dataclass
@@ -312,8 +319,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         data_args, "prompt", seed=config.seed, default_columns={"prompt": data_args.prompt_column}
     )
     record(output_dir, data_records)
-    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], data_args)
-    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], data_args)
+    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], data_args.max_prompt_length)
+    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], data_args.max_prompt_length)
     ptx_texts = tokenize_ptx_texts(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
@@ -347,7 +354,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`
     divergence = guard.Divergence(output_dir)
     if trackers:
-        accelerator.init_trackers("hfgen-ppo", config=scalar_settings(config))
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("hfgen-ppo", config=settings)
     accelerator.print(
         f"PPO: {total_steps} steps x {global_batch} episodes ({accelerator.num_processes} process(es)), "
         f"{config.num_ppo_epochs} epochs x {config.num_mini_batches} minibatch(es) x "
@@ -432,13 +440,19 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     del state
     loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
-    # Evaluate: the SFT (reference) policy against the PPO policy on held-out prompts.
+    # Evaluate: the SFT (reference) policy against the PPO policy on held-out prompts (`hfgen.evaluation.policy`).
     guard.kill_point("eval")
+    sampling = Sampling(
+        data_args.eval_samples_per_prompt, config.response_length, config.temperature, config.top_p, config.seed,
+        config.local_rollout_forward_batch_size, data_args.max_prompt_length,
+    )  # fmt: skip
+    judges = {spec.rpartition(":")[2]: load_function(spec) for spec in config.eval_functions}
     with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (trained, reference, reward_model):
-        results = evaluate_against_reference(
-            accelerator, trained.policy, reference, dataclasses.replace(scorer, reward_model=reward_model), oracle,
-            tokenizer, eval_prompts, data_args, config,
-        )  # fmt: skip
+        with accelerator.autocast():
+            results, rows = compare_to_reference(
+                accelerator, trained.policy, reference, tokenizer, eval_prompts, sampling,
+                dataclasses.replace(scorer, reward_model=reward_model), oracle, name="ppo", judges=judges,
+            )  # fmt: skip
     results |= {
         "episodes": (last_step - start_step) * global_batch,
         "train_runtime_s": train_runtime,
@@ -450,180 +464,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     }
     if accelerator.is_main_process:
         tracking.update_eval(output_dir, results)
-        if "kl_to_reference" in results:
-            accelerator.print(format_evaluation(results))
+        if rows:
+            tracking.write_jsonl(output_dir / "policy_eval.jsonl", rows)
+            accelerator.print(format_comparison(results, "ppo"))
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
-
-
-# ---- models -----------------------------------------------------------------------------------------
-
-
-def disable_dropout(model) -> None:
-    """Dropout off everywhere (Huang et al. detail 10): with it, log-probs of the same tokens differ between the
-    rollout and the update, and the PPO ratio starts away from 1."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def load_policy_and_reference(model_args: ModelConfig, config: PPOConfig):
-    """(tokenizer, policy, reference). With use_peft the policy is a PeftModel and the reference is None: it is
-    the same model with its adapter disabled."""
-    from trl import get_peft_config
-
-    from hfgen.finetune import load_model
-    from hfgen.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # EOS == PAD would make every EOS look like padding: responses would never be seen to end.
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    policy = load_model(model_args, config, tokenizer)
-    disable_dropout(policy)
-    if config.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False  # `generate` turns the cache back on for itself
-    if model_args.use_peft:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, get_peft_config(model_args))
-        disable_dropout(policy)  # again: the adapters bring their own dropout (lora_dropout)
-        return tokenizer, policy, None
-    reference = load_model(model_args, config, tokenizer).eval().requires_grad_(False)
-    return tokenizer, policy, reference
-
-
-def parameter_groups(trainable, config: PPOConfig) -> list[dict]:
-    """AdamW parameter groups of the trained parameters: weight decay on weight matrices only, never on biases or
-    norms (transformers' Trainer rule), and the value model at `critic_learning_rate` when it is set."""
-    from transformers.trainer_pt_utils import get_parameter_names
-
-    no_decay_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
-    decayed = set(get_parameter_names(trainable, [torch.nn.LayerNorm], no_decay_patterns))
-    groups = []
-    for part in ("policy", "value_model"):
-        lr = config.critic_learning_rate if part == "value_model" and config.critic_learning_rate else None
-        for decay in (True, False):
-            params = [
-                p for name, p in trainable.named_parameters()
-                if p.requires_grad and name.startswith(part + ".") and (name in decayed) == decay
-            ]  # fmt: skip
-            if params:
-                group = {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "part": part}
-                groups.append(group | ({"lr": lr} if lr else {}))
-    return groups
-
-
-def load_sequence_classifier(path: str, model_args: ModelConfig, config: PPOConfig, tokenizer):
-    """A one-label sequence classifier from a full model dir, a classifier's LoRA adapter dir (merged), or a
-    causal LM (its backbone, with a new score head)."""
-    from hfgen.finetune import load_model, resolved
-
-    adapter_config = Path(path) / "adapter_config.json"
-    if adapter_config.is_file() and json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
-        from peft import AutoPeftModelForSequenceClassification
-
-        model = AutoPeftModelForSequenceClassification.from_pretrained(resolved(path), num_labels=1)
-        model = model.merge_and_unload()
-        model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        classifier_args = dataclasses.replace(
-            model_args, model_name_or_path=path, use_peft=False, load_in_4bit=False, load_in_8bit=False
-        )
-        model = load_model(classifier_args, config, tokenizer, sequence_classifier=True)
-    disable_dropout(model)
-    return model
-
-
-def load_value_model(model_args: ModelConfig, config: PPOConfig, tokenizer):
-    """The value model, initialised from value_model_path, else the reward model (Huang et al. detail 6), else the
-    policy's weights with a new head. It reads the policy's tokens, so it must share the policy's vocabulary."""
-    from hfgen.models import load_tokenizer
-
-    path = config.value_model_path or config.reward_model_path or model_args.model_name_or_path
-    if path == config.reward_model_path and not config.value_model_path:
-        reward_vocabulary, vocabulary = load_tokenizer(path).get_vocab(), tokenizer.get_vocab()
-        if any(vocabulary.get(token) != index for token, index in reward_vocabulary.items()):
-            # The reward model reads another vocabulary: it can judge text, but cannot read the policy's tokens.
-            print(f"value model: '{path}' has another vocabulary than the policy; starting from the policy instead")
-            path = model_args.model_name_or_path
-    model = load_sequence_classifier(path, model_args, config, tokenizer)
-    if not hasattr(model, "score"):
-        raise UserError(f"value model '{path}' has no `score` head; use an AutoModelForSequenceClassification model")
-    if model_args.use_peft:
-        # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
-        from peft import get_peft_model
-        from trl import get_peft_config
-
-        lora = dataclasses.replace(get_peft_config(model_args), task_type="SEQ_CLS", modules_to_save=["score"])
-        model = get_peft_model(model, lora)
-        disable_dropout(model)
-    return model
-
-
-def load_scorer(model_args: ModelConfig, config: PPOConfig, policy_tokenizer=None) -> RewardScorer:
-    from hfgen.models import load_tokenizer
-
-    reward_model = reward_tokenizer = None
-    if config.reward_model_path:
-        reward_tokenizer = load_tokenizer(config.reward_model_path, config.trust_remote_code)
-        reward_model = load_sequence_classifier(config.reward_model_path, model_args, config, reward_tokenizer)
-        reward_model.eval().requires_grad_(False)
-    functions = {spec.rpartition(":")[2]: load_function(spec) for spec in config.reward_functions}
-    count = int(reward_model is not None) + len(functions)
-    weights = config.reward_weights or [1.0] * count
-    chunk = config.local_rollout_forward_batch_size
-    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk, policy_tokenizer)
-
-
-def load_oracle(config: PPOConfig):
-    return load_function(config.oracle_function) if config.oracle_function else None
-
-
-def stop_token_ids(tokenizer, policy) -> list[int]:
-    """Every token that ends a response: the tokenizer's EOS and all EOS ids of the policy's generation config
-    (chat models often have several, e.g. end of text and end of turn)."""
-    configured = getattr(policy.generation_config, "eos_token_id", None)
-    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
-
-
-def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int]):
-    """Sampling from exactly softmax(logits / temperature) (top-p aside): every other knob that could reshape the
-    distribution is pinned to its off value, so a model's generation_config.json (top_k=50, min_p, repetition
-    penalty...) cannot leak in. Off must be explicit: transformers 5 fills every None from the model's own
-    generation config (`_prepare_generation_config`), so min_p=None would not switch min-p off."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
-        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_length=0, num_beams=1, guidance_scale=1.0, suppress_tokens=[], begin_suppress_tokens=[],
-        max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        return_dict_in_generate=True, output_logits=True,
-    )  # fmt: skip
-
-
-# ---- data -------------------------------------------------------------------------------------------
-
-
-def tokenize_prompts(tokenizer, prompts: list, data_args: PPODataArguments) -> tuple[list, list[list[int]]]:
-    """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
-    the assistant turn opened."""
-    from hfgen.generate import format_prompts
-
-    chat = not isinstance(prompts[0], str)
-    if chat and tokenizer.chat_template is None:
-        raise UserError("the prompts are chat messages but the tokenizer of the policy has no chat template")
-    ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
-    kept = [i for i, query in enumerate(ids) if len(query) <= data_args.max_prompt_length]
-    if not kept:
-        raise UserError(f"every prompt is longer than max_prompt_length={data_args.max_prompt_length} tokens")
-    if len(kept) < len(ids):
-        print(f"dropped {len(ids) - len(kept)} of {len(ids)} prompts longer than {data_args.max_prompt_length} tokens")
-    return [prompts[i] for i in kept], [ids[i] for i in kept]
 
 
 # ---- one PPO step -----------------------------------------------------------------------------------
@@ -694,10 +539,8 @@ def ppo_update(
     accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None,
     ptx_texts: list[list[int]] | None = None, check=None,
 ) -> list[PPOStats]:  # fmt: skip
-    """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15): clipped
-    policy loss + vf_coef * clipped value loss (details 7, 14), minus entropy_coef * entropy, plus kl_loss_coef *
-    KL to the reference, plus ptx_coef * LM loss on a micro-batch of `ptx_texts` (PPO-ptx); one optimiser step
-    per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
+    """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15), one
+    optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
     ExponentialMovingAverage of the policy's trained weights) follows each step; `check(loss)` (the divergence
     guard) runs before each optimiser step."""
     trainable.train()
@@ -707,26 +550,10 @@ def ppo_update(
     for _ in range(config.num_ppo_epochs):
         for minibatch in torch.randperm(len(rollout), device=rollout.input_ids.device).split(minibatch_size):
             for rows in minibatch.split(config.per_device_train_batch_size):
-                batch = rollout.select(rows)
                 with accelerator.accumulate(trainable):
-                    logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
-                    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
-                    mask = batch.response_mask
-                    policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
-                    value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-                    with torch.set_grad_enabled(config.entropy_coef > 0):
-                        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
-                    policy_loss = policy.loss - config.entropy_coef * entropy
-                    if config.kl_loss_coef:
-                        kl = F.kl_loss(logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator)
-                        policy_loss = policy_loss + config.kl_loss_coef * kl
-                    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
-                        ptx_loss = pretraining_loss(
-                            accelerator, trainable, ptx_texts, config.per_device_train_batch_size
-                        )
-                        policy_loss = policy_loss + config.ptx_coef * ptx_loss
-                    # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
-                    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
+                    loss, micro_batch_stats = ppo_loss(
+                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_texts
+                    )
                     accelerator.backward(loss)
                     if not train_policy:
                         for parameter in policy_parameters:
@@ -738,216 +565,34 @@ def ppo_update(
                     optimizer.zero_grad()
                     if ema is not None and accelerator.sync_gradients and train_policy:
                         ema.update(trained_policy_parameters(accelerator.unwrap_model(trainable).policy))
-                stats.append(
-                    PPOStats(policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction,
-                             policy.approx_kl, entropy.detach(), policy.ratio,
-                             ptx_loss.detach() if ptx_texts is not None else None)
-                )  # fmt: skip
+                stats.append(micro_batch_stats)
     return stats
 
 
-def tokenize_ptx_texts(tokenizer, config: PPOConfig) -> list[list[int]]:
-    """Token ids of the pretraining texts for the ptx loss, each cut to ptx_max_length."""
-    from hfgen.data.loading import load_raw
-
-    splits = load_raw(config.ptx_dataset_name)
-    rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
-    if config.ptx_column not in rows.column_names:
-        raise UserError(f"ptx_dataset_name '{config.ptx_dataset_name}' has no column '{config.ptx_column}'")
-    ids = tokenizer(list(rows[config.ptx_column]), truncation=True, max_length=config.ptx_max_length)["input_ids"]
-    return [text for text in ids if len(text) > 1]
-
-
-def pretraining_loss(accelerator, trainable, texts: list[list[int]], batch_size: int) -> torch.Tensor:
-    """The policy's next-token loss on `batch_size` random pretraining texts (drawn with the global RNG, which
-    checkpoints restore)."""
-    from hfgen.rl.rollout import position_ids_from
-
-    picked = torch.randint(len(texts), (batch_size,)).tolist()
-    width = max(len(texts[i]) for i in picked)
-    pad = 0
-    input_ids = torch.full((batch_size, width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for row, i in enumerate(picked):
-        input_ids[row, : len(texts[i])] = torch.tensor(texts[i])
-        attention_mask[row, : len(texts[i])] = 1
-    input_ids, attention_mask = input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    policy = accelerator.unwrap_model(trainable).policy
-    return policy(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
-        labels=labels, use_cache=False,
-    ).loss  # fmt: skip
-
-
-def save_ema_policy(policy, ema, directory: Path) -> None:
-    """The policy with its EMA weights swapped in, saved like the policy (full model or adapter); then restored."""
-    live = {name: p.detach().clone() for name, p in trained_policy_parameters(policy)}
-    with torch.no_grad():
-        for name, p in trained_policy_parameters(policy):
-            p.copy_(ema.shadow[name])
-        policy.save_pretrained(directory)
-        for name, p in trained_policy_parameters(policy):
-            p.copy_(live[name])
-
-
-def policy_weights(policy) -> dict[str, torch.Tensor]:
-    """A CPU copy of the policy's trained weights (its adapters with use_peft)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in trained_policy_parameters(policy)}
-
-
-@torch.no_grad()
-def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
-    for name, p in trained_policy_parameters(policy):
-        p.copy_(weights[name])
-
-
-def reward_ceiling(config: PPOConfig) -> float | None:
-    """The monitor's ceiling: `reward_ceiling`, else the highest score the reward model gave its held-out pairs
-    (`score_max` in a reward run's eval.json), else None (that signal off)."""
-    if config.reward_ceiling is not None or not config.reward_model_path:
-        return config.reward_ceiling
-    return tracking.read_json(Path(config.reward_model_path) / "eval.json", {}).get("score_max")
-
-
-def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: dict, details, rollout) -> list:
-    """Feed the monitor the step's global figures (the reward model's score of every response, gathered, so every
-    process decides alike); alerts go to the console and, with the monitor's figures, into `metrics`."""
-    proxy = details.components.get("reward_model", rollout.scores)
-    components = {name.removeprefix("reward/"): value for name, value in metrics.items() if name.startswith("reward/")}
-    alerts = monitor.observe(
-        step, kl=metrics["objective/kl"], entropy=metrics["response/entropy_per_token"],
-        length=metrics["response/length_mean"], distinct_2=metrics["response/distinct_2"], components=components,
-        proxy_scores=accelerator.gather(proxy.float()).tolist(), oracle=metrics.get("oracle/score"),
+def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_texts):
+    """One micro-batch's loss: clipped policy loss + vf_coef * clipped value loss (details 7, 14), minus
+    entropy_coef * entropy, plus kl_loss_coef * KL to the reference, plus ptx_coef * LM loss on a micro-batch of
+    `ptx_texts` (PPO-ptx). -> (loss, PPOStats)."""
+    logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
+    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
+    mask = batch.response_mask
+    policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
+    value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
+    with torch.set_grad_enabled(config.entropy_coef > 0):
+        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+    policy_loss = policy.loss - config.entropy_coef * entropy
+    if config.kl_loss_coef:
+        policy_loss = policy_loss + config.kl_loss_coef * F.kl_loss(
+            logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator
+        )
+    ptx_loss = None
+    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
+        ptx_loss = pretraining_loss(accelerator, trainable, ptx_texts, config.per_device_train_batch_size)
+        policy_loss = policy_loss + config.ptx_coef * ptx_loss
+    # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
+    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
+    stats = PPOStats(
+        policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction, policy.approx_kl,
+        entropy.detach(), policy.ratio, ptx_loss.detach() if ptx_loss is not None else None,
     )  # fmt: skip
-    metrics |= monitor.metrics()
-    for alert in alerts:
-        accelerator.print(
-            f"reward-hacking alert at step {step} ({alert.signal}, since step {alert.onset}): {alert.message}"
-        )
-        metrics[f"monitor/alert/{alert.signal}"] = float(alert.onset)
-    return alerts
-
-
-def trained_policy_parameters(policy):
-    """(name, parameter) of the policy's trained weights (its LoRA adapters with use_peft)."""
-    return [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
-
-
-# ---- records ----------------------------------------------------------------------------------------
-
-
-def global_means(accelerator, local: dict) -> dict[str, float]:
-    """Means over processes of this process's figures, in one collective; rates are summed instead."""
-    names = list(local)
-    means = accelerator.reduce(torch.stack([local[n].float().to(accelerator.device) for n in names]), "mean")
-    metrics = {name: value.item() for name, value in zip(names, means)}
-    for name in RATES:
-        metrics[name] *= accelerator.num_processes
-    return metrics
-
-
-def scalar_settings(config: PPOConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
-
-
-def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -> None:
-    """A table of prompts, responses and scores (detail 12: the way to see reward hacking), printed and appended
-    to samples.jsonl; call on the main process."""
-    rows = []
-    for i in range(min(SAMPLE_ROWS, len(texts))):
-        row = {"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": float(scores[i])}
-        if oracle is not None:
-            row["oracle"] = float(oracle([row["prompt"]], [texts[i]])[0])
-        rows.append(row)
-    with (output_dir / "samples.jsonl").open("a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    for row in rows:
-        judged = f"score {row['score']:+.2f}" + (f", oracle {row['oracle']:+.2f}" if "oracle" in row else "")
-        print(f"    [{judged}] {row['prompt'][:40]!r} -> {row['response'][:80]!r}")
-
-
-# ---- final evaluation -------------------------------------------------------------------------------
-
-
-def evaluate_against_reference(
-    accelerator, policy, reference, scorer, oracle, tokenizer, prompts, data_args, config
-) -> dict:
-    """Sample `eval_samples_per_prompt` responses per held-out prompt from the reference (SFT) policy and from the
-    PPO policy, with the same random numbers, and compare them: mean scores (training reward, reward model, oracle),
-    win rates of PPO over SFT (ties count half), and KL(PPO || SFT) per response (k1 summed over the response
-    tokens of PPO's samples). Prompts are split over the processes and the results gathered."""
-    from accelerate.utils import gather_object
-
-    from hfgen.evaluation.text import win_rate
-
-    prompts = [p for p in prompts for _ in range(data_args.eval_samples_per_prompt)]
-    if not prompts:
-        return {}
-    _, queries = tokenize_prompts(tokenizer, prompts, data_args)
-    policy.eval()
-    generation_config = make_generation_config(
-        tokenizer, config.response_length, config.temperature, config.top_p, stop_token_ids(tokenizer, policy)
-    )
-    chunk = config.local_rollout_forward_batch_size
-    judged: dict[str, dict[str, list[float]]] = {}
-    kl_values: list[float] = []
-    pairs = list(zip(prompts, queries))
-    with accelerator.split_between_processes(pairs) as own:
-        kept = len(own)  # the shards are padded to one length: sharded engines need the same passes on every rank
-    with accelerator.split_between_processes(pairs, apply_padding=True) as shard, accelerator.autocast():
-        shard_prompts = [prompt for prompt, _ in shard]
-        query_ids, query_mask = left_pad([query for _, query in shard], tokenizer.pad_token_id, accelerator.device)
-        for name in ("sft", "ppo"):
-            torch.manual_seed(config.seed + 1)  # common random numbers: a less noisy comparison
-            use_reference = name == "sft" and reference is not None
-            with policy.disable_adapter() if name == "sft" and reference is None else nullcontext():
-                sampled = sample_responses(
-                    reference if use_reference else policy, query_ids, query_mask, generation_config, chunk,
-                    tokenizer.pad_token_id,
-                )  # fmt: skip
-            stop_ids = generation_config.eos_token_id
-            mask = F.response_mask(sampled.response_ids, stop_ids)
-            texts = response_texts(tokenizer, sampled.response_ids, stop_ids)
-            finished = F.has_stop_token(sampled.response_ids, stop_ids)
-            score, components = scorer(
-                shard_prompts, texts, finished.tolist(), accelerator.device,
-                episode_ids([query for _, query in shard], sampled.response_ids, mask),
-            )  # fmt: skip
-            figures = {"score": score}  # the training reward, without the missing-EOS penalty
-            if "reward_model" in components:
-                figures["reward_model"] = components["reward_model"]
-            if oracle is not None:
-                figures["oracle"] = function_scores(oracle, shard_prompts, texts, accelerator.device)
-            for spec in config.eval_functions:
-                figures[spec.rpartition(":")[2]] = function_scores(
-                    load_function(spec), shard_prompts, texts, accelerator.device
-                )
-            figures["response_length"] = mask.sum(1).float()
-            figures["eos_rate"] = finished.float()
-            judged[name] = {key: values.tolist()[:kept] for key, values in figures.items()}
-        input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # PPO's samples
-        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-        ref = reference_logprobs(
-            policy, reference, input_ids, attention_mask, query_ids.shape[1], config.temperature, chunk
-        )
-        kl_values = ((sampled.logprobs - ref) * mask).sum(1).tolist()[:kept]
-
-    merged: dict[str, dict[str, list[float]]] = {name: {key: [] for key in judged[name]} for name in judged}
-    all_kl: list[float] = []
-    for shard_judged, shard_kl in gather_object([(judged, kl_values)]):  # one (judged, kl) pair per process
-        for name, figures in shard_judged.items():
-            for key, values in figures.items():
-                merged[name][key] += values
-        all_kl += shard_kl
-    results = {
-        "eval/num_prompts": len(prompts) // data_args.eval_samples_per_prompt,
-        "eval/samples_per_prompt": data_args.eval_samples_per_prompt,
-        "kl_to_reference": sum(all_kl) / len(all_kl),
-    }
-    for key in merged["ppo"]:
-        results[f"sft/{key}"] = sum(merged["sft"][key]) / len(merged["sft"][key])
-        results[f"ppo/{key}"] = sum(merged["ppo"][key]) / len(merged["ppo"][key])
-        if key not in ("response_length", "eos_rate"):
-            results[f"win_rate/{key}"] = win_rate(merged["ppo"][key], merged["sft"][key])
-    return results
+    return loss, stats

@@ -1,0 +1,179 @@
+"""PPO's models and sampling settings, from the recipe: the policy (and its frozen reference, or none with LoRA),
+the value model, the reward scorer and the oracle, dropout off in all of them; AdamW parameter groups; the
+tokenized prompts and the pinned generation config (also used by `hfgen.evaluation.policy`). `model_args` is trl's
+`ModelConfig`, `config` a `hfgen.stages.ppo.PPOConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from hfgen.errors import UserError
+from hfgen.rl.rollout import RewardScorer, load_function
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (Huang et al. detail 10): with it, log-probs of the same tokens differ between the
+    rollout and the update, and the PPO ratio starts away from 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_policy_and_reference(model_args, config):
+    """(tokenizer, policy, reference). With use_peft the policy is a PeftModel and the reference is None: it is
+    the same model with its adapter disabled."""
+    from trl import get_peft_config
+
+    from hfgen.finetune import load_model
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # EOS == PAD would make every EOS look like padding: responses would never be seen to end.
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    policy = load_model(model_args, config, tokenizer)
+    disable_dropout(policy)
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False  # `generate` turns the cache back on for itself
+    if model_args.use_peft:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, get_peft_config(model_args))
+        disable_dropout(policy)  # again: the adapters bring their own dropout (lora_dropout)
+        return tokenizer, policy, None
+    reference = load_model(model_args, config, tokenizer).eval().requires_grad_(False)
+    return tokenizer, policy, reference
+
+
+def parameter_groups(trainable, config) -> list[dict]:
+    """AdamW parameter groups of the trained parameters: weight decay on weight matrices only, never on biases or
+    norms (transformers' Trainer rule), and the value model at `critic_learning_rate` when it is set."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    no_decay_patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decayed = set(get_parameter_names(trainable, [torch.nn.LayerNorm], no_decay_patterns))
+    groups = []
+    for part in ("policy", "value_model"):
+        lr = config.critic_learning_rate if part == "value_model" and config.critic_learning_rate else None
+        for decay in (True, False):
+            params = [
+                p for name, p in trainable.named_parameters()
+                if p.requires_grad and name.startswith(part + ".") and (name in decayed) == decay
+            ]  # fmt: skip
+            if params:
+                group = {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "part": part}
+                groups.append(group | ({"lr": lr} if lr else {}))
+    return groups
+
+
+def load_sequence_classifier(path: str, model_args, config, tokenizer):
+    """A one-label sequence classifier from a full model dir, a classifier's LoRA adapter dir (merged), or a
+    causal LM (its backbone, with a new score head)."""
+    from hfgen.finetune import load_model, resolved
+
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file() and json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(resolved(path), num_labels=1)
+        model = model.merge_and_unload()
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        classifier_args = dataclasses.replace(
+            model_args, model_name_or_path=path, use_peft=False, load_in_4bit=False, load_in_8bit=False
+        )
+        model = load_model(classifier_args, config, tokenizer, sequence_classifier=True)
+    disable_dropout(model)
+    return model
+
+
+def load_value_model(model_args, config, tokenizer):
+    """The value model, initialised from value_model_path, else the reward model (Huang et al. detail 6), else the
+    policy's weights with a new head. It reads the policy's tokens, so it must share the policy's vocabulary."""
+    from hfgen.models import load_tokenizer
+
+    path = config.value_model_path or config.reward_model_path or model_args.model_name_or_path
+    if path == config.reward_model_path and not config.value_model_path:
+        reward_vocabulary, vocabulary = load_tokenizer(path).get_vocab(), tokenizer.get_vocab()
+        if any(vocabulary.get(token) != index for token, index in reward_vocabulary.items()):
+            # The reward model reads another vocabulary: it can judge text, but cannot read the policy's tokens.
+            print(f"value model: '{path}' has another vocabulary than the policy; starting from the policy instead")
+            path = model_args.model_name_or_path
+    model = load_sequence_classifier(path, model_args, config, tokenizer)
+    if not hasattr(model, "score"):
+        raise UserError(f"value model '{path}' has no `score` head; use an AutoModelForSequenceClassification model")
+    if model_args.use_peft:
+        # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
+        from peft import get_peft_model
+        from trl import get_peft_config
+
+        lora = dataclasses.replace(get_peft_config(model_args), task_type="SEQ_CLS", modules_to_save=["score"])
+        model = get_peft_model(model, lora)
+        disable_dropout(model)
+    return model
+
+
+def load_scorer(model_args, config, policy_tokenizer=None) -> RewardScorer:
+    from hfgen.models import load_tokenizer
+
+    reward_model = reward_tokenizer = None
+    if config.reward_model_path:
+        reward_tokenizer = load_tokenizer(config.reward_model_path, config.trust_remote_code)
+        reward_model = load_sequence_classifier(config.reward_model_path, model_args, config, reward_tokenizer)
+        reward_model.eval().requires_grad_(False)
+    functions = {spec.rpartition(":")[2]: load_function(spec) for spec in config.reward_functions}
+    count = int(reward_model is not None) + len(functions)
+    weights = config.reward_weights or [1.0] * count
+    chunk = config.local_rollout_forward_batch_size
+    return RewardScorer(reward_model, reward_tokenizer, functions, list(weights), chunk, policy_tokenizer)
+
+
+def load_oracle(config):
+    return load_function(config.oracle_function) if config.oracle_function else None
+
+
+def stop_token_ids(tokenizer, policy) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and all EOS ids of the policy's generation config
+    (chat models often have several, e.g. end of text and end of turn)."""
+    configured = getattr(policy.generation_config, "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def make_generation_config(tokenizer, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int]):
+    """Sampling from exactly softmax(logits / temperature) (top-p aside): every other knob that could reshape the
+    distribution is pinned to its off value, so a model's generation_config.json (top_k=50, min_p, repetition
+    penalty...) cannot leak in. Off must be explicit: transformers 5 fills every None from the model's own
+    generation config (`_prepare_generation_config`), so min_p=None would not switch min-p off."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_length=0, num_beams=1, guidance_scale=1.0, suppress_tokens=[], begin_suppress_tokens=[],
+        max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+
+
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:
+    """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
+    the assistant turn opened."""
+    from hfgen.generate import format_prompts
+
+    chat = not isinstance(prompts[0], str)
+    if chat and tokenizer.chat_template is None:
+        raise UserError("the prompts are chat messages but the tokenizer of the policy has no chat template")
+    ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+    kept = [i for i, query in enumerate(ids) if len(query) <= max_prompt_length]
+    if not kept:
+        raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens")
+    if len(kept) < len(ids):
+        print(f"dropped {len(ids) - len(kept)} of {len(ids)} prompts longer than {max_prompt_length} tokens")
+    return [prompts[i] for i in kept], [ids[i] for i in kept]

@@ -1,0 +1,69 @@
+"""What a PPO step leaves behind beyond its figures (`hfgen.rl.metrics`): their means over processes, the sample
+table, and the reward-hacking monitor's verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hfgen import tracking
+from hfgen.rl.metrics import RATES
+from hfgen.rl.monitor import HackingMonitor
+from hfgen.rl.rollout import prompt_text
+
+SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
+
+
+def global_means(accelerator, local: dict) -> dict[str, float]:
+    """Means over processes of this process's figures, in one collective; rates are summed instead."""
+    names = list(local)
+    means = accelerator.reduce(torch.stack([local[n].float().to(accelerator.device) for n in names]), "mean")
+    metrics = {name: value.item() for name, value in zip(names, means)}
+    for name in RATES:
+        metrics[name] *= accelerator.num_processes
+    return metrics
+
+
+def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -> None:
+    """A table of prompts, responses and scores (detail 12: the way to see reward hacking), printed and appended
+    to samples.jsonl; call on the main process."""
+    rows = []
+    for i in range(min(SAMPLE_ROWS, len(texts))):
+        row = {"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": float(scores[i])}
+        if oracle is not None:
+            row["oracle"] = float(oracle([row["prompt"]], [texts[i]])[0])
+        rows.append(row)
+    with (output_dir / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    for row in rows:
+        judged = f"score {row['score']:+.2f}" + (f", oracle {row['oracle']:+.2f}" if "oracle" in row else "")
+        print(f"    [{judged}] {row['prompt'][:40]!r} -> {row['response'][:80]!r}")
+
+
+def reward_ceiling(config) -> float | None:
+    """The monitor's ceiling: `reward_ceiling`, else the highest score the reward model gave its held-out pairs
+    (`score_max` in a reward run's eval.json), else None (that signal off)."""
+    if config.reward_ceiling is not None or not config.reward_model_path:
+        return config.reward_ceiling
+    return tracking.read_json(Path(config.reward_model_path) / "eval.json", {}).get("score_max")
+
+
+def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: dict, details, rollout) -> list:
+    """Feed the monitor the step's global figures (the reward model's score of every response, gathered, so every
+    process decides alike); alerts go to the console and, with the monitor's figures, into `metrics`."""
+    proxy = details.components.get("reward_model", rollout.scores)
+    components = {name.removeprefix("reward/"): value for name, value in metrics.items() if name.startswith("reward/")}
+    alerts = monitor.observe(
+        step, kl=metrics["objective/kl"], entropy=metrics["response/entropy_per_token"],
+        length=metrics["response/length_mean"], distinct_2=metrics["response/distinct_2"], components=components,
+        proxy_scores=accelerator.gather(proxy.float()).tolist(), oracle=metrics.get("oracle/score"),
+    )  # fmt: skip
+    metrics |= monitor.metrics()
+    for alert in alerts:
+        accelerator.print(
+            f"reward-hacking alert at step {step} ({alert.signal}, since step {alert.onset}): {alert.message}"
+        )
+        metrics[f"monitor/alert/{alert.signal}"] = float(alert.onset)
+    return alerts
