@@ -100,6 +100,9 @@ def test_dreambooth_batches_pair_instance_and_class_images_and_weigh_the_prior()
     epoch = batches(sampler, 0)
     assert len(epoch) == 6 and all(len(b) == 4 and max(b[:2]) < 5 and min(b[2:]) >= 5 for b in epoch)
     assert {i for b in epoch for i in b[2:]} == set(range(5, 17))  # every class image once an epoch
+    from accelerate.data_loader import BatchSamplerShard
+
+    assert [len(list(BatchSamplerShard(sampler, num_processes=2, process_index=r))) for r in (0, 1)] == [3, 3]
     pred, target = torch.tensor([1.0, 1.0, 3.0, 3.0]), torch.zeros(4)
 
     def mse(p, t):

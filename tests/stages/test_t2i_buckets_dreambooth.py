@@ -19,7 +19,7 @@ from hfgen import tracking
 from hfgen.errors import UserError
 from hfgen.recipe import load_recipe
 
-BUCKETS = ["--dataset_name", "embedded:digits-aspect", "--aspect_ratio_buckets", "1:1", "3:2", "2:3"]
+BUCKETS = ["--dataset_name", "embedded:digits-aspect", "--aspect_ratio_buckets", '"1:1"', '"3:2"', '"2:3"']
 # the tiny VAE and UNet each halve once: sides are multiples of 4, so 3:2 at about 16x16 pixels is 20x12
 SIZES = ["16x16", "20x12", "12x20"]
 
@@ -154,6 +154,7 @@ def test_dreambooth_script_short_case_generates_class_images_once_and_adds_missi
         (["--instance_data_dir", "EMPTY"], "needs instance_prompt"),
         (["--with_prior_preservation", "true"], "need(s) instance_data_dir"),
         (["--aspect_ratio_buckets", "wide"], "neither ratios"),
+        (["--aspect_ratio_buckets", "4:3"], "quote ratios"),  # YAML reads it as 243
     ],
 )
 def test_bad_dreambooth_and_bucket_keys_are_named_before_training(tmp_path, change, expected):

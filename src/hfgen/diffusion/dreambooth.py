@@ -149,7 +149,8 @@ class PriorBatchSampler(torch.utils.data.Sampler):
     shuffled by (seed, epoch); an epoch is max(instances, class images) pairs, as in diffusers' DreamBoothDataset."""
 
     def __init__(self, n_instance: int, n_class: int, batch_size: int, seed: int):
-        self.n_instance, self.n_class, self.batch_size, self.seed = n_instance, n_class, batch_size, seed
+        self.n_instance, self.n_class, self.per_kind, self.seed = n_instance, n_class, batch_size, seed
+        self.batch_size = 2 * batch_size  # what a batch holds (accelerate's BatchSamplerShard yields only full ones)
         self.drop_last, self.epoch = True, 0
         self.sampler = self  # accelerate hands the epoch to `batch_sampler.sampler` (see buckets.BucketBatchSampler)
 
@@ -157,19 +158,19 @@ class PriorBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, max(self.n_instance, self.n_class) // self.batch_size)
+        return max(1, max(self.n_instance, self.n_class) // self.per_kind)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        length = len(self) * self.batch_size
+        length = len(self) * self.per_kind
 
         def cycled(n):
             repeats = math.ceil(length / n)
             return torch.cat([torch.randperm(n, generator=generator) for _ in range(repeats)])[:length].tolist()
 
         instances, classes = cycled(self.n_instance), cycled(self.n_class)
-        for start in range(0, length, self.batch_size):
-            end = start + self.batch_size
+        for start in range(0, length, self.per_kind):
+            end = start + self.per_kind
             yield instances[start:end] + [self.n_instance + i for i in classes[start:end]]
 
 
