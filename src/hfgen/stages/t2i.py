@@ -178,8 +178,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     ema_unet = image_stage.make_ema(unet, UNet2DConditionModel, args, accelerator)
 
     # Data: cached latent distributions and captions (hidden states when the text encoder is frozen, else token
-    # ids), or pixels and token ids encoded every step. Bucket sides: multiples of the VAE's and UNet's downsampling.
-    size_multiple = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+    # ids), or pixels and token ids encoded every step. Bucket sides: multiples of the VAE's and UNet's downsampling
+    # and of 8 (StableDiffusionPipeline samples no other sizes).
+    downsampling = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+    size_multiple = math.lcm(8, downsampling)
     train_set, captions, train_loader = image_stage.training_data(
         train_rows, n_instance, data_args, args, accelerator, vae, size_multiple,
         tokenizer=None if args.cache_latents else tokenizer,
