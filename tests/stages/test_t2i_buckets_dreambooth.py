@@ -60,6 +60,7 @@ def bucket_runs(configs, vae_dir, tmp_path_factory):
     return root / "full", root / "resumed"
 
 
+@pytest.mark.slow
 def test_unet_trains_in_buckets_and_measures_every_bucket(bucket_runs):
     full, _ = bucket_runs
     buckets = tracking.read_json(full / "buckets.json")
@@ -72,6 +73,7 @@ def test_unet_trains_in_buckets_and_measures_every_bucket(bucket_runs):
         assert results[f"quality/prompt_adherence_bucket_{size}_real_images"] > 0.9  # the centred square: a fair test
 
 
+@pytest.mark.slow
 def test_unet_bucket_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(bucket_runs):
     full, resumed = bucket_runs
     weights = "unet/diffusion_pytorch_model.safetensors"
@@ -82,6 +84,7 @@ def test_unet_bucket_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(bucket_
     assert [row["loss"] for row in tracking.read_metrics(resumed)] == pytest.approx(full_losses[2:], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_flow_trains_in_buckets_then_learns_a_dreambooth_subject_with_prior_preservation(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     for name, changes in TINY.items():
@@ -126,6 +129,7 @@ def base_pipeline(configs, vae_dir, tmp_path_factory):
     return output_dir
 
 
+@pytest.mark.slow
 def test_dreambooth_script_short_case_generates_class_images_once_and_adds_missing_ones(base_pipeline, tmp_path):
     short = ["--max_train_steps", "2", "--num_class_images", "4", "--num_inference_steps", "2",
              "--train_batch_size", "2", "--num_validation_images", "1"]  # fmt: skip
