@@ -77,7 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="outputs/tiny/t2i", help="The base pipeline dir (t2i_digits.yaml's).")
     parser.add_argument("--output_dir", default="outputs/tiny/dreambooth")
-    parser.add_argument("--images_per_prompt", type=int, default=20)
+    parser.add_argument("--images_per_prompt", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     args, overrides = parser.parse_known_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
