@@ -3,7 +3,9 @@
 Sources: a hub dataset id (e.g. lambdalabs/naruto-blip-captions), a local `imagefolder` dir (images plus a
 metadata.jsonl with `file_name` and caption fields), a saved dataset dir, or `embedded:digits`: scikit-learn's
 bundled 1,797 handwritten digits (8x8, no download), upscaled to 32x32, each with one of several caption
-wordings ("a handwritten digit 7", "the digit seven, handwritten", ...).
+wordings ("a handwritten digit 7", "the digit seven, handwritten", ...). `embedded:digits-aspect` holds the same
+digits at three aspect ratios (1:1 32x32, 3:2 48x32, 2:3 32x48: the 32x32 digit centred on a black canvas, the
+ratio cycling with the row), for aspect-ratio buckets (hfgen.diffusion.buckets).
 
 `check_image_data` finds problems before any model is built: missing columns, empty captions, and images that do
 not decode (a missing file named in metadata.jsonl, a truncated PNG), reading up to ROWS_CHECKED images. A bad
@@ -29,6 +31,9 @@ from hfgen.data.loading import (
 from hfgen.errors import UserError
 
 DIGITS = "embedded:digits"
+DIGITS_ASPECT = "embedded:digits-aspect"
+DIGIT_DATASETS = (DIGITS, DIGITS_ASPECT)  # evaluated with the digit classifier
+DIGITS_ASPECT_CANVASES = ((32, 32), (48, 32), (32, 48))  # (width, height): 1:1, 3:2, 2:3
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Several wordings, so the text encoder sees "7" and "seven" in different sentences; the evaluation prompt
 # ("a handwritten digit k", the first) is one of them.
@@ -54,6 +59,12 @@ class ImageDataArguments(DataArguments):
     resolution: int = field(
         default=512, metadata={"help": "Images are resized (shorter side) and cropped to resolution x resolution."}
     )
+    aspect_ratio_buckets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Train at several aspect ratios: ratios ('4:3') of about resolution^2 pixels, sizes "
+                          "('768x512'), or 'auto' (the data's own ratios); each image goes to the nearest bucket "
+                          "and every batch comes from one bucket. Empty: square resolution x resolution."},
+    )  # fmt: skip
     center_crop: bool = field(default=True, metadata={"help": "Crop the center (false: a random crop each time)."})
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
 
@@ -95,9 +106,28 @@ def digits_dataset():
     return datasets.DatasetDict({"train": rows(order[test_size:]), "test": rows(order[:test_size])})
 
 
+@functools.lru_cache(maxsize=1)
+def digits_aspect_dataset():
+    """`digits_dataset` with row i's digit centred on the canvas DIGITS_ASPECT_CANVASES[i % 3] (black padding)."""
+    from PIL import Image
+
+    def pad(batch, indices):
+        images = []
+        for image, index in zip(batch["image"], indices):
+            width, height = DIGITS_ASPECT_CANVASES[index % len(DIGITS_ASPECT_CANVASES)]
+            canvas = Image.new("L", (width, height))
+            canvas.paste(image, ((width - image.width) // 2, (height - image.height) // 2))
+            images.append(canvas)
+        return {"image": images}
+
+    return digits_dataset().map(pad, batched=True, with_indices=True)
+
+
 def load_image_splits(args: DataArguments, seed: int = 0):
-    """(train, eval) image datasets: `embedded:digits` or any `load_raw` source, split as `load_splits` does."""
-    raw = digits_dataset() if args.dataset_name == DIGITS else load_raw(args.dataset_name, args.dataset_config)
+    """(train, eval) image datasets: the embedded digits or any `load_raw` source, split as `load_splits` does."""
+    embedded = {DIGITS: digits_dataset, DIGITS_ASPECT: digits_aspect_dataset}
+    name = args.dataset_name
+    raw = embedded[name]() if name in embedded else load_raw(name, args.dataset_config)
     return split_dataset(raw, args, seed)
 
 
@@ -147,6 +177,11 @@ def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]
         return ["dataset_name is not set"]
     if args.resolution < 8 or args.resolution % 8:
         return [f"resolution must be a multiple of 8, got {args.resolution}"]
+    if args.aspect_ratio_buckets:
+        from hfgen.diffusion.buckets import bucket_problems
+
+        if problems := bucket_problems(args.aspect_ratio_buckets):
+            return problems
     splits, problems = load_splits_for_check(load_image_splits, args)
     if problems:
         return problems
@@ -172,21 +207,28 @@ def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]
 
 def resize_and_crop(image, resolution: int, center_crop: bool, rng: random.Random | None = None):
     """Shorter side to `resolution` (bilinear), then a center or random square crop: the diffusers examples' order."""
+    return fit(image, (resolution, resolution), center_crop, rng)[0]
+
+
+def fit(image, size: tuple[int, int], center_crop: bool, rng: random.Random | None = None):
+    """(image resized to cover `size` = (width, height), bilinear, then cropped to it; the crop's (top, left)
+    in the resized image, SDXL's `crops_coords_top_left`)."""
     from PIL import Image
 
+    target_width, target_height = size
     width, height = image.size
-    scale = resolution / min(width, height)
+    scale = max(target_width / width, target_height / height)
     if scale != 1:
         image = image.resize(
-            (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
+            (max(target_width, round(width * scale)), max(target_height, round(height * scale))), Image.BILINEAR
         )
     width, height = image.size
     if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
+        left, top = (width - target_width) // 2, (height - target_height) // 2
     else:
         rng = rng or random
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
-    return image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, width - target_width), rng.randint(0, height - target_height)
+    return image.crop((left, top, left + target_width, top + target_height)), (top, left)
 
 
 def to_tensor(image):
@@ -198,20 +240,25 @@ def to_tensor(image):
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def pixel_transform(args: ImageDataArguments, source: str, flip: bool | None = None):
-    """A `with_transform` function: images -> `pixel_values` (resized, cropped, maybe flipped), captions kept.
-    `flip=None` flips at random per `args.random_flip`; True/False forces it (for cached latents)."""
+def pixel_transform(args: ImageDataArguments, source: str, flip: bool | None = None, size=None):
+    """A `with_transform` function: images -> `pixel_values` (resized, cropped to `size` = (width, height), default
+    resolution x resolution, maybe flipped), their `original_size` (height, width) and `crop_top_left`, captions
+    kept. `flip=None` flips at random per `args.random_flip`; True/False forces it (for cached latents)."""
     from PIL import Image
+
+    size = size or (args.resolution, args.resolution)
 
     def transform(batch):
         images = [open_image(value, f"dataset '{source}' image") for value in batch[args.image_column]]
-        pixels = []
+        pixels, original_sizes, crops = [], [], []
         for image in images:
-            image = resize_and_crop(image, args.resolution, args.center_crop)
+            original_sizes.append((image.height, image.width))
+            image, crop = fit(image, size, args.center_crop)
+            crops.append(crop)
             if flip if flip is not None else (args.random_flip and random.random() < 0.5):
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             pixels.append(to_tensor(image))
-        out = {"pixel_values": pixels}
+        out = {"pixel_values": pixels, "original_size": original_sizes, "crop_top_left": crops}
         if args.caption_column in batch:
             out["caption"] = [pick_caption(c) for c in batch[args.caption_column]]
         return out

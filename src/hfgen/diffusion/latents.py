@@ -41,30 +41,39 @@ def encode_captions(captions: list[str], tokenizer, text_encoder, device, batch_
     return torch.cat(states)
 
 
-def cache_latents(rows, data_args, vae, tokenizer, device, batch_size: int = 64):
-    """(CachedLatents over `rows`, the distinct captions; the last one is the empty prompt)."""
-    captions = [pick_caption(c) for c in rows[data_args.caption_column]]
-    distinct = sorted(set(captions)) + [""]
+def cache_latents(rows, data_args, vae, tokenizer, device, batch_size: int = 64, size=None, captions=None):
+    """(CachedLatents over `rows`, the distinct captions; the last one is the empty prompt). Images are fitted to
+    `size` = (width, height) (default: the square resolution); their original size and crop corner are kept too
+    (`original_size`, `crop_top_left`: SDXL-style micro-conditioning, which SD 1.x and SD3 do not take). `captions`
+    (distinct, the empty prompt last) indexes several calls' captions alike (one per aspect-ratio bucket)."""
+    texts = [pick_caption(c) for c in rows[data_args.caption_column]]
+    distinct = captions or sorted(set(texts)) + [""]
     index_of = {caption: i for i, caption in enumerate(distinct)}
-    tensors = {"caption_index": torch.tensor([index_of[c] for c in captions])}
+    tensors = {"caption_index": torch.tensor([index_of[c] for c in texts], dtype=torch.long)}
     orientations = {"": False, "flipped_": True} if data_args.random_flip else {"": False}
     images = undecoded(rows, data_args.image_column)
     with torch.inference_mode():
         for prefix, flip in orientations.items():
-            transform = pixel_transform(data_args, data_args.dataset_name, flip=flip)
+            transform = pixel_transform(data_args, data_args.dataset_name, flip=flip, size=size)
             means, stds = [], []
             for start in range(0, len(images), batch_size):
-                pixels = torch.stack(transform(images[start : start + batch_size])["pixel_values"])
-                posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+                out = transform(images[start : start + batch_size])
+                posterior = vae.encode(torch.stack(out["pixel_values"]).to(device, vae.dtype)).latent_dist
                 means.append(posterior.mean.cpu())
                 stds.append(posterior.std.cpu())
+                if not prefix:
+                    tensors.setdefault("original_size", []).extend(out["original_size"])
+                    tensors.setdefault("crop_top_left", []).extend(out["crop_top_left"])
             tensors[prefix + "latent_mean"], tensors[prefix + "latent_std"] = torch.cat(means), torch.cat(stds)
+    for name in ("original_size", "crop_top_left"):
+        tensors[name] = torch.tensor(tensors[name], dtype=torch.long).reshape(-1, 2)
     return CachedLatents(tensors), distinct
 
 
-def pixel_dataset(rows, data_args, tokenizer):
-    """Images decoded, cropped and flipped on the fly; captions as token ids (for a text encoder being trained)."""
-    transform = pixel_transform(data_args, data_args.dataset_name)
+def pixel_dataset(rows, data_args, tokenizer, size=None):
+    """Images decoded, fitted to `size` (default the square resolution) and flipped on the fly; captions as token
+    ids (for a text encoder being trained)."""
+    transform = pixel_transform(data_args, data_args.dataset_name, size=size)
 
     def with_ids(batch):
         out = transform(batch)

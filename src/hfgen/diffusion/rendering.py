@@ -15,9 +15,10 @@ GRID_CELL_MIN = 64  # pixels: small images (e.g. 16x16 digits) are enlarged in t
 
 def generate_images(
     pipeline, prompts: list[str], num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
-    batch_size: int = 64,
+    batch_size: int = 64, height: int | None = None, width: int | None = None,
 ) -> list[list]:  # fmt: skip
-    """`num_images` PIL images for each prompt. Seeded per prompt: a prompt's images do not depend on the others."""
+    """`num_images` PIL images for each prompt (`height` x `width`, default the pipeline's). Seeded per prompt: a
+    prompt's images do not depend on the others."""
     import torch
 
     images = []
@@ -29,7 +30,7 @@ def generate_images(
             count = min(batch_size, num_images - start)
             row += pipeline(
                 prompt, num_images_per_prompt=count, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, generator=generator,
+                guidance_scale=guidance_scale, generator=generator, height=height, width=width,
             ).images  # fmt: skip
         images.append(row)
     return images

@@ -162,14 +162,14 @@ def evaluate_pipeline(
     Unset sampling settings come from the t2i run's recipe.yaml (eval_images_per_prompt, num_inference_steps,
     guidance_scale), else 20 / 25 / 3.0. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
-    from hfgen.diffusion.data import DIGITS
+    from hfgen.diffusion.data import DIGIT_DATASETS
     from hfgen.diffusion.rendering import generate_images, save_images
 
     recipe = recipe_of(pipeline_dir)
     images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
     num_inference_steps = num_inference_steps or recipe.get("num_inference_steps") or 25
     guidance_scale = guidance_scale if guidance_scale is not None else recipe.get("guidance_scale", 3.0)
-    digits = recipe.get("dataset_name") == DIGITS if digits is None else digits
+    digits = recipe.get("dataset_name") in DIGIT_DATASETS if digits is None else digits
     if digits:
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
     prompts = list(prompts or GENERIC_PROMPTS)
@@ -230,4 +230,74 @@ def digit_metrics(pixels_by_prompt: list[np.ndarray], resolution: int) -> dict:
     results["diversity/pairwise_distance_ratio"] = (
         results["diversity/pairwise_distance"] / results["diversity/pairwise_distance_real"]
     )
+    return results
+
+
+# ---- aspect-ratio buckets -----------------------------------------------------------------------------
+
+
+def square(image, pad: bool):
+    """The centred square of an image's shorter side, or (`pad`) the image centred on a black square of its
+    longer side."""
+    from PIL import Image
+
+    width, height = image.size
+    if pad:
+        side = max(width, height)
+        canvas = Image.new(image.mode, (side, side))
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def as_bucket_sees(pixels: np.ndarray, size: tuple[int, int], pad: bool) -> np.ndarray:
+    """Real 8x8 digits through embedded:digits-aspect's path to a bucket of `size` and back through `square`: what
+    a perfect generator in that bucket would hand the classifier."""
+    from PIL import Image
+
+    from hfgen.diffusion.data import DIGITS_SIZE, fit
+
+    width, height = size
+    canvas_size = (DIGITS_SIZE * 3 // 2, DIGITS_SIZE) if width > height else (DIGITS_SIZE, DIGITS_SIZE * 3 // 2)
+    canvas_size = canvas_size if width != height else (DIGITS_SIZE, DIGITS_SIZE)
+    images = []
+    for row in pixels:
+        digit = Image.fromarray((row.reshape(8, 8) * 255).round().astype(np.uint8), mode="L")
+        canvas = Image.new("L", canvas_size)
+        canvas.paste(digit.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR),
+                     ((canvas_size[0] - DIGITS_SIZE) // 2, (canvas_size[1] - DIGITS_SIZE) // 2))  # fmt: skip
+        images.append(square(fit(canvas, size, center_crop=True)[0], pad))
+    return to_digit_pixels(images)
+
+
+def bucket_adherence(
+    pipeline_dir: str, sizes: list[tuple[int, int]], images_per_prompt: int, num_inference_steps: int,
+    guidance_scale: float, seed: int, device: str | None = None,
+) -> dict:  # fmt: skip
+    """Prompt adherence of digits generated at each bucket's size (width x height), for pipelines trained on
+    embedded:digits-aspect, whose digits sit centred on a canvas padded to the bucket's ratio. The classifier takes
+    square digits, so each sample is squared first, two ways, each beside its ceiling (real digits through the same
+    path, `as_bucket_sees`): `_bucket_WxH` keeps the centred square of the shorter side (the digit's own square);
+    `_bucket_WxH_padded` pads the sample to a square of its longer side, which shrinks the digit to 2/3 of the
+    classifier's 8x8 frame, where it recognises few even of the real digits (see `_padded_real_images`)."""
+    from hfgen.diffusion.components import load_pipeline
+    from hfgen.diffusion.rendering import generate_images
+
+    pipeline = load_pipeline(pipeline_dir, device=device)
+    prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
+    _, _, held_out, held_out_labels = digit_classifier()
+    results = {}
+    for width, height in sizes:
+        rows = generate_images(pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed,
+                               height=height, width=width)  # fmt: skip
+        for pad, suffix in ((False, ""), (True, "_padded")):
+            name = f"quality/prompt_adherence_bucket_{width}x{height}{suffix}"
+            results[name] = prompt_adherence(
+                {k: to_digit_pixels([square(image, pad) for image in row]) for k, row in enumerate(rows)}
+            )[0]
+            results[name + "_real_images"] = prompt_adherence(
+                {k: as_bucket_sees(held_out[held_out_labels == k], (width, height), pad) for k in range(10)}
+            )[0]
     return results

@@ -17,6 +17,10 @@ encodes every image once (both orientations when `random_flip`) and a frozen tex
 once, before training; each step then draws z from the cached latent distribution, as encoding on the fly would.
 Needs center crops; set `cache_latents: false` for random crops.
 
+Data (hfgen.diffusion.image_stage, shared with `t2i_flow`): a dataset of captioned images, square or in aspect-ratio
+buckets (`aspect_ratio_buckets`, hfgen.diffusion.buckets: every batch from one bucket); or DreamBooth's instance
+images under `instance_prompt`, with prior preservation on class images the base generates (hfgen.diffusion.dreambooth).
+
 Output: a StableDiffusionPipeline dir (`DiffusionPipeline.from_pretrained(dir)`), or for LoRA the adapter file plus
 lora_base.json naming the base pipeline; validation grids in validation/; eval.json with prompt adherence,
 diversity and images/s (hfgen.evaluation.images).
@@ -24,7 +28,6 @@ diversity and images/s (hfgen.evaluation.images).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,20 +37,18 @@ import torch
 import torch.nn.functional as F
 
 from hfgen import guard, loop, tracking
-from hfgen.diffusion.components import LORA_BASE, PipelineArguments, check_pipeline_arguments, tokenize
-from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
-from hfgen.diffusion.latents import CachedLatents, cache_latents, encode_captions, pixel_dataset
-from hfgen.diffusion.training import LoopArguments, check_loop_arguments
+from hfgen.diffusion import image_stage
+from hfgen.diffusion.components import PipelineArguments, check_pipeline_arguments, tokenize
+from hfgen.diffusion.data import ImageDataArguments
+from hfgen.diffusion.dreambooth import prior_preserving_loss
+from hfgen.diffusion.image_stage import ImageStageArguments
 
 UNET_LORA_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 @dataclass
-class T2ITrainingArguments(LoopArguments):
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the UNet attention layers only."})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank, i.e. scale 1)."})
+class T2ITrainingArguments(ImageStageArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(UNET_LORA_MODULES), metadata={"help": "UNet modules that get adapters."}
     )
@@ -58,26 +59,9 @@ class T2ITrainingArguments(LoopArguments):
         default=None, metadata={"help": "Min-SNR loss weighting gamma (5.0 recommended); unset: plain MSE."}
     )
     noise_offset: float = field(default=0.0, metadata={"help": "Offset noise scale (0.1 is common); 0: off."})
-    condition_dropout: float = field(
-        default=0.1, metadata={"help": "Probability of training on the empty prompt (for classifier-free guidance)."}
-    )
-    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the UNet weights and save that."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up: lower early on)."})
     cache_latents: bool = field(
         default=True,
         metadata={"help": "Encode images (and captions, if the text encoder is frozen) once before training."},
-    )
-    validation_prompts: list[str] = field(
-        default_factory=list, metadata={"help": "Prompts rendered to validation/step-N.png during training."}
-    )
-    validation_steps: int = field(
-        default=0, metadata={"help": "Render the validation grid every N steps (0: at the end only)."}
-    )
-    num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt."})
-    num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps for validation and evaluation."})
-    guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance scale at sampling time."})
-    eval_images_per_prompt: int = field(
-        default=20, metadata={"help": "Images per prompt for eval.json's adherence/diversity/speed (0: no evaluation)."}
     )
 
 
@@ -85,20 +69,14 @@ ARGUMENTS = (PipelineArguments, ImageDataArguments, T2ITrainingArguments)
 
 
 def check(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments) -> list[str]:
-    problems = check_pipeline_arguments(model_args) + check_loop_arguments(args)
-    if args.use_lora and not model_args.pretrained_model_name_or_path:
-        problems.append("use_lora adapts a pretrained pipeline: set pretrained_model_name_or_path")
-    if args.use_lora and args.use_ema:
-        problems.append("use_ema averages full UNet weights; it does not apply to use_lora")
+    problems = check_pipeline_arguments(model_args) + image_stage.check_image_stage(model_args, data_args, args)
     if args.cache_latents and not data_args.center_crop:
         problems.append(
             "cache_latents needs center_crop: true (random crops differ every epoch); or cache_latents: false"
         )
-    if not 0 <= args.condition_dropout < 1:
-        problems.append(f"condition_dropout must be in [0, 1), got {args.condition_dropout}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         problems.append(f"snr_gamma must be positive, got {args.snr_gamma}")
-    return problems + check_image_data(data_args, need_captions=True)
+    return problems
 
 
 def refused_engines(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments):
@@ -135,10 +113,11 @@ def diffusion_loss(model_pred, target, timesteps, noise_scheduler, snr_gamma: fl
 
 def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments) -> Path:
     from diffusers import UNet2DConditionModel
-    from diffusers.training_utils import EMAModel, cast_training_params
+    from diffusers.training_utils import cast_training_params
 
-    from hfgen.diffusion.components import load_components
-    from hfgen.diffusion.data import load_image_splits, pick_caption
+    from hfgen.diffusion.components import load_components, make_pipeline
+    from hfgen.diffusion.data import pick_caption
+    from hfgen.diffusion.latents import encode_captions
     from hfgen.diffusion.training import (
         StepLog,
         TrainingRNG,
@@ -157,7 +136,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     device, dtype = accelerator.device, weight_dtype(accelerator)
 
     # Models: pretrained pipeline, or components from configs (the caption tokenizer learns the training captions).
-    train_rows, _ = load_image_splits(data_args, seed=args.seed)
+    train_rows = image_stage.training_rows(data_args, args, args.seed)
     parts = load_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
     tokenizer, text_encoder, vae, unet = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"]
     noise_scheduler = parts["noise_scheduler"]
@@ -168,6 +147,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
             text_encoder, tokenizer, train_rows, data_args, model_args.text_encoder_pretraining_steps, args.seed, device
         )
         tracking.update_eval(output_dir, {"text_encoder/clip_loss_initial": first, "text_encoder/clip_loss": last})
+    # DreamBooth's class images come from the base pipeline, before it trains.
+    n_instance = len(train_rows)
+    base = lambda: make_pipeline(tokenizer, text_encoder, vae, unet, parts["sampler"]).to(device)  # noqa: E731
+    train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator)
     train_text_encoder = args.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_text_encoder and not args.use_lora)
@@ -192,31 +175,25 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
             model.to(dtype=dtype)
     if args.use_lora:
         cast_training_params([unet, text_encoder] if train_text_encoder else [unet], dtype=torch.float32)
-    ema_unet = None
-    if args.use_ema:
-        ema_unet = EMAModel(
-            unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True,
-            model_cls=UNet2DConditionModel, model_config=unet.config,
-        )  # fmt: skip
-        accelerator.register_for_checkpointing(ema_unet)
+    ema_unet = image_stage.make_ema(unet, UNet2DConditionModel, args, accelerator)
 
     # Data: cached latent distributions and captions (hidden states when the text encoder is frozen, else token
-    # ids), or pixels and token ids encoded every step.
+    # ids), or pixels and token ids encoded every step. Bucket sides: multiples of the VAE's and UNet's downsampling
+    # and of 8 (StableDiffusionPipeline samples no other sizes).
+    downsampling = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+    size_multiple = math.lcm(8, downsampling)
+    train_set, captions, train_loader = image_stage.training_data(
+        train_rows, n_instance, data_args, args, accelerator, vae, size_multiple,
+        tokenizer=None if args.cache_latents else tokenizer,
+    )  # fmt: skip
     if args.cache_latents:
-        train_set, captions = cache_latents(train_rows, data_args, vae, tokenizer, device)
         empty_caption = len(captions) - 1
         if train_text_encoder:
             caption_ids = tokenize(tokenizer, captions).to(device)
         else:
             caption_states = encode_captions(captions, tokenizer, text_encoder, device)
     else:
-        train_set = pixel_dataset(train_rows, data_args, tokenizer)
         empty_ids = tokenize(tokenizer, [""]).to(device)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
-        collate_fn=CachedLatents.collate if args.cache_latents else None,
-        drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
-    )  # fmt: skip
 
     # Optimizer over what trains, schedule, and everything through accelerate.
     trained = [unet] + ([text_encoder] if train_text_encoder else [])
@@ -240,6 +217,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
     log = StepLog(accelerator, args.output_dir, args.logging_steps)
     divergence = guard.Divergence(output_dir)
+    prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     accelerator.print(f"t2i: {trainable:,} trainable UNet parameters, {len(train_set)} images, {max_steps} steps")
@@ -252,14 +230,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
             with accelerator.accumulate(*trained):
                 # Convert images to latent space: z ~ q(z|x) from the cached posterior, or by encoding the pixels
                 if args.cache_latents:
-                    mean, std = batch["latent_mean"], batch["latent_std"]
-                    if data_args.random_flip:
-                        flip = (torch.rand(len(mean), generator=rng.generator, device=device) < 0.5)[
-                            :, None, None, None
-                        ]
-                        mean = torch.where(flip, batch["flipped_latent_mean"], mean)
-                        std = torch.where(flip, batch["flipped_latent_std"], std)
-                    latents = mean + std * torch.randn(mean.shape, generator=rng.generator, device=device)
+                    latents = image_stage.sample_cached_latents(batch, data_args.random_flip, rng.generator, device)
                 else:
                     latents = vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample(rng.generator)
                 latents = latents.to(torch.float32) * vae.config.scaling_factor
@@ -296,9 +267,12 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 else:
                     target = noise
 
-                # Predict the noise residual (or velocity) and compute loss
+                # Predict the noise residual (or velocity) and compute loss (DreamBooth: instance + weighted prior)
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(dtype), return_dict=False)[0]
-                loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
+                loss = prior_preserving_loss(
+                    lambda *part: diffusion_loss(*part, noise_scheduler, args.snr_gamma),
+                    (model_pred, target, timesteps), prior_loss_weight,
+                )  # fmt: skip
 
                 # Backpropagate
                 accelerator.backward(loss)
@@ -326,13 +300,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     log.maybe_write(global_step, force=True)
     loop_time = time.perf_counter() - loop_started
     accelerator.wait_for_everyone()
-    speed = {
-        "train/steps": global_step,
-        "train/runtime_s": loop_time,
-        "train/steps_per_s": (global_step - first_step) / loop_time,
-        "train/images_per_s": (global_step - first_step) * total_batch / loop_time,
-    }
-    tracking.update_eval(output_dir, speed)
+    image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
     # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
     whole_unet = loop.whole_on_main(accelerator, unet, lambda: empty_like(unet))
@@ -349,16 +317,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
     # Evaluate: prompt adherence (digits), diversity and images/s of the saved pipeline, as a user would load it.
     if accelerator.is_main_process and args.eval_images_per_prompt:
-        from hfgen.evaluation.images import evaluate_pipeline
-
-        guard.kill_point("eval")
-        results = evaluate_pipeline(
-            str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-            device=str(device), digits=data_args.dataset_name == DIGITS, samples_dir=str(output_dir / "samples"),
-        )  # fmt: skip
-        tracking.update_eval(output_dir, results)
-        accelerator.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+        image_stage.evaluate(output_dir, data_args, args, device)
     return output_dir
 
 
@@ -378,25 +337,9 @@ def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) 
     if not args.validation_prompts or not accelerator.is_main_process:
         return
     from hfgen.diffusion.components import make_pipeline
-    from hfgen.diffusion.rendering import generate_images, make_grid
 
-    if ema_unet is not None:
-        ema_unet.store(unet.parameters())
-        ema_unet.copy_to(unet.parameters())
     pipeline = make_pipeline(parts["tokenizer"], text_encoder, parts["vae"], unet, parts["sampler"])
-    pipeline.set_progress_bar_config(disable=True)
-    unet.eval()
-    with accelerator.autocast():
-        rows = generate_images(
-            pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
-            args.guidance_scale, args.seed,
-        )  # fmt: skip
-    unet.train()
-    if ema_unet is not None:
-        ema_unet.restore(unet.parameters())
-    path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows).save(path)
+    image_stage.validation_grid(accelerator, args, pipeline, unet, ema_unet, step)
 
 
 def save(
@@ -416,9 +359,7 @@ def save(
             output_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             text_encoder_lora_layers=text_encoder_layers, safe_serialization=True,
         )  # fmt: skip
-        base = {"pretrained_model_name_or_path": model_args.pretrained_model_name_or_path,
-                "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
-        tracking.write_json(output_dir / LORA_BASE, base)
+        image_stage.write_lora_base(output_dir, model_args)
         return
     from hfgen.diffusion.components import make_pipeline
 

@@ -10,7 +10,8 @@ regresses the velocity, with the timestep samplings of SD3's training (`weightin
 `logit_std`, `mode_scale`) and the scheduler's `shift`. The text encoders are frozen and every distinct caption is
 encoded once by the pipeline's own `encode_prompt` (sequence and pooled embeddings), so training conditions on
 exactly what sampling will; the VAE latents are cached too (hfgen.diffusion.latents, shared with `t2i`). Captions
-are dropped to the empty prompt with probability `condition_dropout` (classifier-free guidance).
+are dropped to the empty prompt with probability `condition_dropout` (classifier-free guidance). Data as for `t2i`
+(hfgen.diffusion.image_stage): square or in aspect-ratio buckets, or DreamBooth's instance and class images.
 
 Output: a StableDiffusion3Pipeline dir (`DiffusionPipeline.from_pretrained(dir)`), or for LoRA the adapter file
 plus lora_base.json (`pipe.load_lora_weights(dir)` on the base); validation grids; eval.json as for `t2i`.
@@ -18,7 +19,6 @@ plus lora_base.json (`pipe.load_lora_weights(dir)` on the base); validation grid
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from hfgen import guard, loop, tracking
-from hfgen.diffusion.components import LORA_BASE
-from hfgen.diffusion.data import DIGITS, ImageDataArguments, check_image_data
+from hfgen.diffusion import image_stage
+from hfgen.diffusion.data import ImageDataArguments
+from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.flow import WEIGHTING_SCHEMES
 from hfgen.diffusion.flow_components import FlowPipelineArguments, check_flow_pipeline_arguments
-from hfgen.diffusion.training import LoopArguments, check_loop_arguments
+from hfgen.diffusion.image_stage import ImageStageArguments
 
 # Attention of both streams (image and text) and both MLPs of every MMDiT block.
 TRANSFORMER_LORA_MODULES = [
@@ -41,10 +42,7 @@ TRANSFORMER_LORA_MODULES = [
 
 
 @dataclass
-class FlowTrainingArguments(LoopArguments):
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the transformer only."})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank."})
-    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+class FlowTrainingArguments(ImageStageArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(TRANSFORMER_LORA_MODULES),
         metadata={"help": "Transformer modules that get adapters (attention and MLP projections)."},
@@ -57,33 +55,18 @@ class FlowTrainingArguments(LoopArguments):
     logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
     logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
     mode_scale: float = field(default=1.29, metadata={"help": "Scale of the `mode` timestep density."})
-    condition_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt."})
-    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the transformer weights and save that."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (with warm-up: lower early on)."})
-    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts of the validation grids."})
-    validation_steps: int = field(default=0, metadata={"help": "Validation grid every N steps (0: at the end only)."})
-    num_validation_images: int = field(default=4, metadata={"help": "Images per validation prompt."})
-    num_inference_steps: int = field(default=25, metadata={"help": "Sampling steps for validation and evaluation."})
-    guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance scale at sampling time."})
-    eval_images_per_prompt: int = field(default=20, metadata={"help": "Images per prompt for eval.json (0: none)."})
 
 
 ARGUMENTS = (FlowPipelineArguments, ImageDataArguments, FlowTrainingArguments)
 
 
 def check(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: FlowTrainingArguments) -> list[str]:
-    problems = check_flow_pipeline_arguments(model_args) + check_loop_arguments(args)
-    if args.use_lora and not model_args.pretrained_model_name_or_path:
-        problems.append("use_lora adapts a pretrained pipeline: set pretrained_model_name_or_path")
-    if args.use_lora and args.use_ema:
-        problems.append("use_ema averages full transformer weights; it does not apply to use_lora")
+    problems = check_flow_pipeline_arguments(model_args) + image_stage.check_image_stage(model_args, data_args, args)
     if not data_args.center_crop:
         problems.append("t2i_flow caches latents, which needs center_crop: true")
-    if not 0 <= args.condition_dropout < 1:
-        problems.append(f"condition_dropout must be in [0, 1), got {args.condition_dropout}")
     if args.logit_std <= 0:
         problems.append(f"logit_std must be positive, got {args.logit_std}")
-    return problems + check_image_data(data_args, need_captions=True)
+    return problems
 
 
 def refused_engines(model_args, data_args, args):
@@ -110,12 +93,11 @@ def encode_captions(pipeline, captions: list[str], device, batch_size: int = 256
 
 def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: FlowTrainingArguments) -> Path:
     from diffusers import SD3Transformer2DModel
-    from diffusers.training_utils import EMAModel, cast_training_params
+    from diffusers.training_utils import cast_training_params
 
-    from hfgen.diffusion.data import load_image_splits, pick_caption
+    from hfgen.diffusion.data import pick_caption
     from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
     from hfgen.diffusion.flow_components import load_flow_components, make_pipeline, set_latent_normalisation
-    from hfgen.diffusion.latents import CachedLatents, cache_latents
     from hfgen.diffusion.training import (
         StepLog,
         TrainingRNG,
@@ -133,7 +115,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     output_dir = Path(args.output_dir)
     device, dtype = accelerator.device, weight_dtype(accelerator)
 
-    train_rows, _ = load_image_splits(data_args, seed=args.seed)
+    train_rows = image_stage.training_rows(data_args, args, args.seed)
     parts = load_flow_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
     transformer, vae = parts["transformer"], parts["vae"]
     # The training schedule (all num_train_timesteps sigmas, shifted): a copy, as sampling resets the pipeline's own
@@ -147,6 +129,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 args.seed + index, device,
             )  # fmt: skip
             tracking.update_eval(output_dir, {f"{name}/clip_loss_initial": first, f"{name}/clip_loss": last})
+    n_instance = len(train_rows)  # DreamBooth's class images come from the base pipeline, before it trains
+    base = lambda: make_pipeline(parts).to(device)  # noqa: E731
+    train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator)
     frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
     for model in frozen:
         loop.replicated(accelerator, model)
@@ -167,25 +152,19 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if dtype != torch.float32:
             transformer.to(dtype=dtype)
         cast_training_params([transformer], dtype=torch.float32)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            transformer.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True,
-            model_cls=SD3Transformer2DModel, model_config=transformer.config,
-        )  # fmt: skip
-        accelerator.register_for_checkpointing(ema)
+    ema = image_stage.make_ema(transformer, SD3Transformer2DModel, args, accelerator)
 
-    # Cached inputs: VAE posteriors per image, and every distinct caption's embeddings (the last: the empty prompt).
-    train_set, captions = cache_latents(train_rows, data_args, vae, None, device)
+    # Cached inputs: VAE posteriors per image (per bucket), and every distinct caption's embeddings (the last: the
+    # empty prompt). Bucket sides: multiples of the VAE's downsampling times the transformer's patch size.
+    size_multiple = 2 ** (len(vae.config.block_out_channels) - 1) * transformer.config.patch_size
+    train_set, captions, train_loader = image_stage.training_data(
+        train_rows, n_instance, data_args, args, accelerator, vae, size_multiple
+    )
     if vae.config.shift_factor is None:  # a VAE trained here: normalise its latents as SD3 does
-        set_latent_normalisation(vae, train_set.tensors["latent_mean"])
+        set_latent_normalisation(vae, image_stage.latent_means(train_set))
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     caption_states, caption_pooled = encode_captions(make_pipeline(parts), captions, device)
     empty_caption = len(captions) - 1
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
-        collate_fn=CachedLatents.collate, drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
-    )  # fmt: skip
 
     optimizer = make_optimizer(
         [[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes
@@ -204,6 +183,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
     log = StepLog(accelerator, args.output_dir, args.logging_steps)
     divergence = guard.Divergence(output_dir)
+    prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     accelerator.print(f"t2i_flow: {trainable:,} trainable parameters, {len(train_set)} images, {max_steps} steps")
@@ -213,12 +193,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         transformer.train()
         for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
             with accelerator.accumulate(transformer):
-                mean, std = batch["latent_mean"], batch["latent_std"]
-                if data_args.random_flip:  # both orientations are cached
-                    flip = (torch.rand(len(mean), generator=rng.generator, device=device) < 0.5)[:, None, None, None]
-                    mean = torch.where(flip, batch["flipped_latent_mean"], mean)
-                    std = torch.where(flip, batch["flipped_latent_std"], std)
-                latents = mean + std * torch.randn(mean.shape, generator=rng.generator, device=device)
+                latents = image_stage.sample_cached_latents(batch, data_args.random_flip, rng.generator, device)
                 latents = (latents.float() - shift) * scale
                 noise = torch.randn(latents.shape, generator=rng.generator, device=device)
                 bsz = len(latents)
@@ -233,7 +208,11 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                     encoder_hidden_states=caption_states[index].to(dtype),
                     pooled_projections=caption_pooled[index].to(dtype), return_dict=False,
                 )[0]  # fmt: skip
-                loss = flow_loss(model_pred, latents, noise, sigmas, args.weighting_scheme)
+                loss = prior_preserving_loss(  # DreamBooth: instance loss + weighted prior loss
+                    lambda *part: flow_loss(*part, args.weighting_scheme),
+                    (model_pred, latents, noise, sigmas),
+                    prior_loss_weight,
+                )
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
                 if accelerator.sync_gradients:
@@ -257,12 +236,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     log.maybe_write(global_step, force=True)
     loop_time = time.perf_counter() - loop_started
     accelerator.wait_for_everyone()
-    tracking.update_eval(
-        output_dir,
-        {"train/steps": global_step, "train/runtime_s": loop_time,
-         "train/steps_per_s": (global_step - first_step) / loop_time,
-         "train/images_per_s": (global_step - first_step) * total_batch / loop_time},
-    )  # fmt: skip
+    image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
     with loop.gathered(accelerator, transformer) as (whole,):
         if ema is not None:
@@ -276,17 +250,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     tracking.finish_trackers(accelerator)
 
     if accelerator.is_main_process and args.eval_images_per_prompt:
-        from hfgen.evaluation.images import evaluate_pipeline
-
-        guard.kill_point("eval")
-
-        results = evaluate_pipeline(
-            str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-            device=str(device), digits=data_args.dataset_name == DIGITS, samples_dir=str(output_dir / "samples"),
-        )  # fmt: skip
-        tracking.update_eval(output_dir, results)
-        accelerator.print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+        image_stage.evaluate(output_dir, data_args, args, device)
     return output_dir
 
 
@@ -295,25 +259,8 @@ def validate(accelerator, args, parts, transformer, ema, step: int) -> None:
     if not args.validation_prompts or not accelerator.is_main_process:
         return
     from hfgen.diffusion.flow_components import make_pipeline
-    from hfgen.diffusion.rendering import generate_images, make_grid
 
-    if ema is not None:
-        ema.store(transformer.parameters())
-        ema.copy_to(transformer.parameters())
-    pipeline = make_pipeline(parts, transformer)
-    pipeline.set_progress_bar_config(disable=True)
-    transformer.eval()
-    with accelerator.autocast():
-        rows = generate_images(
-            pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
-            args.guidance_scale, args.seed,
-        )  # fmt: skip
-    transformer.train()
-    if ema is not None:
-        ema.restore(transformer.parameters())
-    path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows).save(path)
+    image_stage.validation_grid(accelerator, args, make_pipeline(parts, transformer), transformer, ema, step)
 
 
 def save(output_dir: Path, model_args, args, parts, transformer) -> None:
@@ -327,9 +274,7 @@ def save(output_dir: Path, model_args, args, parts, transformer) -> None:
         StableDiffusion3Pipeline.save_lora_weights(
             output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
         )
-        base = {"pretrained_model_name_or_path": model_args.pretrained_model_name_or_path,
-                "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
-        tracking.write_json(output_dir / LORA_BASE, base)
+        image_stage.write_lora_base(output_dir, model_args)
         return
     from hfgen.diffusion.flow_components import make_pipeline
 

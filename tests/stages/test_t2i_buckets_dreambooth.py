@@ -1,0 +1,186 @@
+"""Aspect-ratio buckets and DreamBooth in both text-to-image stages, end to end on tiny models: the UNet path trains
+on the three-ratio digits in buckets (buckets.json, per-bucket adherence in eval.json) and resumes exactly mid-epoch;
+the flow path trains in buckets and then learns a DreamBooth subject with prior preservation on it; the DreamBooth
+script's short case generates class images once (cycling the class prompts), reuses them, adds only missing ones."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_t2i_flow import FLOW_LORA_RECIPE, FLOW_RECIPE, TINY, VAE16_RECIPE, flow_overrides
+
+from conftest import REPO, run_hfgen
+from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
+from hfgen import tracking
+from hfgen.errors import UserError
+from hfgen.recipe import load_recipe
+
+DIGITS_ASPECT = ["--dataset_name", "embedded:digits-aspect"]
+# StableDiffusionPipeline samples sizes divisible by 8 only: at 16x16 pixels ratios would all round to 16x16
+UNET_BUCKETS = [*DIGITS_ASPECT, "--aspect_ratio_buckets", "16x16", "24x16", "16x24"]
+# the flow path's tiny VAE halves once and its transformer's patches are 2 wide: sides are multiples of 4, so 3:2 at
+# about 16x16 pixels is 20x12
+FLOW_BUCKETS = [*DIGITS_ASPECT, "--aspect_ratio_buckets", '"1:1"', '"3:2"', '"2:3"']
+UNET_SIZES, FLOW_SIZES = ["16x16", "24x16", "16x24"], ["16x16", "20x12", "12x20"]
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(configs, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("vae")
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def bucket_runs(configs, vae_dir, tmp_path_factory):
+    """4 steps in buckets (3 batches an epoch: step 2's checkpoint is mid-epoch), then the same resumed from it."""
+    root = tmp_path_factory.mktemp("buckets")
+    common = (
+        t2i_overrides(configs, vae_dir, root / "full")
+        + UNET_BUCKETS
+        + ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]
+    )
+    result = run_hfgen("train", T2I_RECIPE, *common, "--eval_images_per_prompt", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (root / "resumed").mkdir()
+    shutil.copytree(root / "full" / "checkpoint-2", root / "resumed" / "checkpoint-2")
+    result = run_hfgen("train", T2I_RECIPE, *common, "--eval_images_per_prompt", "0", "--output_dir", root / "resumed",
+                       "--resume_from_checkpoint", "true")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "full", root / "resumed"
+
+
+@pytest.mark.slow
+def test_unet_trains_in_buckets_and_measures_every_bucket(bucket_runs):
+    full, _ = bucket_runs
+    buckets = tracking.read_json(full / "buckets.json")
+    assert list(buckets) == UNET_SIZES and sum(b["images"] for b in buckets.values()) == 64
+    assert all(b["batches_per_epoch"] == 1 for b in buckets.values())  # 16 per batch: one full batch per bucket
+    results = tracking.read_json(full / "eval.json")
+    for size in UNET_SIZES:
+        for suffix in ("", "_padded"):
+            assert 0 <= results[f"quality/prompt_adherence_bucket_{size}{suffix}"] <= 1
+        assert results[f"quality/prompt_adherence_bucket_{size}_real_images"] > 0.9  # the centred square: a fair test
+
+
+@pytest.mark.slow
+def test_unet_bucket_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(bucket_runs):
+    full, resumed = bucket_runs
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(full / weights), load_file(resumed / weights)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    full_losses = [row["loss"] for row in tracking.read_metrics(full)]
+    assert [row["loss"] for row in tracking.read_metrics(resumed)] == pytest.approx(full_losses[2:], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_flow_trains_in_buckets_then_learns_a_dreambooth_subject_with_prior_preservation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    for name, changes in TINY.items():
+        (root / name).write_text(json.dumps({**json.loads((REPO / "recipes/tiny" / name).read_text()), **changes}))
+    result = run_hfgen("train", VAE16_RECIPE, "--vae_config", root / "vae_digits16.json", "--output_dir", root / "vae",
+                       "--max_train_steps", "2", "--checkpointing_steps", "0", "--max_train_samples", "64",
+                       "--train_batch_size", "16")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_hfgen("train", FLOW_RECIPE, *flow_overrides(root, root / "vae", root / "base", steps=3), *FLOW_BUCKETS,
+                       "--eval_images_per_prompt", "0", "--checkpointing_steps", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tracking.read_json(root / "base" / "buckets.json")) == FLOW_SIZES
+
+    instance = root / "instance"
+    instance.mkdir()
+    sys.path.insert(0, str(REPO / "scripts"))
+    from dreambooth_digits import write_instance_images
+
+    write_instance_images(instance, count=3)
+    result = run_hfgen("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", root / "base",
+                       "--dataset_name", "", "--instance_data_dir", instance, "--instance_prompt", "a sks digit 3",
+                       "--with_prior_preservation", "true", "--class_prompt", "a handwritten digit 1",
+                       "a handwritten digit 2", "--num_class_images", "3", "--num_inference_steps", "2",
+                       "--output_dir", root / "dreambooth", "--max_train_steps", "2", "--train_batch_size", "2",
+                       "--checkpointing_steps", "0", "--eval_images_per_prompt", "0",
+                       "--num_validation_images", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    class_images = root / "dreambooth" / "class_images"
+    rows = [json.loads(line) for line in (class_images / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["a handwritten digit 1", "a handwritten digit 1", "a handwritten digit 2"]
+    assert len(list(class_images.glob("*.png"))) == 3
+    adapter = load_file(root / "dreambooth" / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(configs, vae_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("base")
+    result = run_hfgen("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, output_dir, steps=2),
+                       "--eval_images_per_prompt", "0", "--checkpointing_steps", "0")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.mark.slow
+def test_dreambooth_script_short_case_generates_class_images_once_and_adds_missing_ones(base_pipeline, tmp_path):
+    short = ["--max_train_steps", "2", "--num_class_images", "4", "--num_inference_steps", "2",
+             "--train_batch_size", "2", "--num_validation_images", "1"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, REPO / "scripts/dreambooth_digits.py", "--base", base_pipeline, "--output_dir", tmp_path,
+         "--images_per_prompt", "1", "--threads", "1", *short],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("generating 4 class images") == 1  # the run without prior preservation reuses none
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    for name in ("base", "with_prior_preservation", "without_prior_preservation"):
+        assert 0 <= figures[name]["class_adherence"] <= 1 and 0 <= figures[name]["subject_style"] <= 1
+    class_images = tmp_path / "class_images"
+    first = {p.name: p.stat().st_mtime_ns for p in class_images.glob("*.png")}
+    assert len(first) == 4 and "00003-a-handwritten-digit-3.png" in first  # class prompts cycle 0, 1, 2, 3
+
+    # A later run wanting 6 generates the 2 missing ones only, with the next class prompts.
+    result = run_hfgen("train", REPO / "recipes/tiny/t2i_digits_dreambooth.yaml", "--pretrained_model_name_or_path",
+                       base_pipeline, "--instance_data_dir", tmp_path / "instance", "--class_data_dir", class_images,
+                       "--output_dir", tmp_path / "more", *short, "--num_class_images", "6")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    now = {p.name: p.stat().st_mtime_ns for p in class_images.glob("*.png")}
+    assert len(now) == 6 and all(now[name] == first[name] for name in first)
+    assert "00005-a-handwritten-digit-5.png" in now
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--instance_data_dir", "MISSING"], "is not a directory"),
+        (["--instance_data_dir", "EMPTY", "--instance_prompt", "a sks digit"], "holds no images"),
+        (["--instance_data_dir", "EMPTY"], "needs instance_prompt"),
+        (["--with_prior_preservation", "true"], "need(s) instance_data_dir"),
+        (["--aspect_ratio_buckets", "wide"], "neither ratios"),
+        (["--aspect_ratio_buckets", "4:3"], "quote ratios"),  # YAML reads it as 243
+    ],
+)
+def test_bad_dreambooth_and_bucket_keys_are_named_before_training(tmp_path, change, expected):
+    (tmp_path / "empty").mkdir()
+    paths = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty")}
+    change = [paths.get(c, c) for c in change]
+    dataset = [] if "--instance_data_dir" not in change else ["--dataset_name", ""]
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(T2I_RECIPE, overrides=[*dataset, *change, "--output_dir", str(tmp_path / "out")])
+
+
+def test_dreambooth_gpu_recipe_parses_with_its_features():
+    model_args, data_args, args = load_recipe(
+        REPO / "recipes/sd-3.5-medium/lora_dreambooth.yaml", check_inputs=False
+    ).configs
+    assert model_args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3.5-medium" and model_args.drop_t5
+    assert args.use_lora and args.with_prior_preservation and "sks" in args.instance_prompt and args.class_prompt
+    assert args.mixed_precision == "bf16" and args.gradient_checkpointing and data_args.resolution == 1024
