@@ -109,7 +109,7 @@ def hand_written_flow_loop(recipe, steps: int) -> float:
     scheduler = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     data, captions = cache_latents(rows, data_args, vae, None, "cpu")
     set_latent_normalisation(vae, data.tensors["latent_mean"])
-    states, pooled = encode_captions(make_pipeline(parts), captions, "cpu")
+    states, pooled = encode_captions(make_pipeline(parts), captions, "cpu", model_args.max_sequence_length)
     latents_all = (data.tensors["latent_mean"] - vae.config.shift_factor) * vae.config.scaling_factor
     index_all = data.tensors["caption_index"]
 

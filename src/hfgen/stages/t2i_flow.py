@@ -94,15 +94,20 @@ def refused_engines(model_args, data_args, args):
     return refused
 
 
-def encode_captions(pipeline, captions: list[str], device, batch_size: int = 256):
-    """(sequence embeddings, pooled embeddings) of each caption, by the pipeline's own `encode_prompt`."""
+def encode_captions(pipeline, captions: list[str], device, max_sequence_length: int | None, batch_size: int = 256):
+    """(sequence embeddings, pooled embeddings) of each caption, by the pipeline's own `encode_prompt` (SD3: both
+    CLIPs' penultimate states then T5's, or zeros without it; Flux: T5's states, CLIP's pooled output)."""
+    length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     sequences, pooled = [], []
     with torch.inference_mode():
         for start in range(0, len(captions), batch_size):
             chunk = captions[start : start + batch_size]
-            embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
-                chunk, chunk, chunk, device=device, do_classifier_free_guidance=False
-            )
+            if type(pipeline).__name__ == "FluxPipeline":
+                embeds, pooled_embeds, _ = pipeline.encode_prompt(chunk, chunk, device=device, **length)
+            else:
+                embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+                    chunk, chunk, chunk, device=device, do_classifier_free_guidance=False, **length
+                )
             sequences.append(embeds.float())
             pooled.append(pooled_embeds.float())
     return torch.cat(sequences), torch.cat(pooled)
@@ -114,7 +119,13 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
 
     from hfgen.diffusion.data import load_image_splits, pick_caption
     from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
-    from hfgen.diffusion.flow_components import load_flow_components, make_pipeline, set_latent_normalisation
+    from hfgen.diffusion.flow_components import (
+        load_flow_components,
+        make_pipeline,
+        predict_velocity,
+        sampling_arguments,
+        set_latent_normalisation,
+    )  # fmt: skip
     from hfgen.diffusion.latents import CachedLatents, cache_latents
     from hfgen.diffusion.training import (
         StepLog,
@@ -180,8 +191,11 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     if vae.config.shift_factor is None:  # a VAE trained here: normalise its latents as SD3 does
         set_latent_normalisation(vae, train_set.tensors["latent_mean"])
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    caption_states, caption_pooled = encode_captions(make_pipeline(parts), captions, device)
+    caption_states, caption_pooled = encode_captions(
+        make_pipeline(parts), captions, device, model_args.max_sequence_length
+    )
     empty_caption = len(captions) - 1
+    sampling = sampling_arguments(model_args, data_args, parts)  # validation samples as training conditioned
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers,
         collate_fn=CachedLatents.collate, drop_last=len(train_set) >= args.train_batch_size * accelerator.num_processes,
@@ -228,11 +242,11 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 )  # fmt: skip
                 dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
                 index = torch.where(dropped, empty_caption, batch["caption_index"].to(device))
-                model_pred = transformer(
-                    hidden_states=noisy_latents(latents, noise, sigmas).to(dtype), timestep=timesteps,
-                    encoder_hidden_states=caption_states[index].to(dtype),
-                    pooled_projections=caption_pooled[index].to(dtype), return_dict=False,
-                )[0]  # fmt: skip
+                model_pred = predict_velocity(  # SD3 or Flux inputs, the guidance of a guidance-distilled one
+                    transformer, parts["transformer"].config, noisy_latents(latents, noise, sigmas).to(dtype),
+                    timesteps, caption_states[index].to(dtype), caption_pooled[index].to(dtype),
+                    model_args.training_guidance_scale,
+                )  # fmt: skip
                 loss = flow_loss(model_pred, latents, noise, sigmas, args.weighting_scheme)
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
@@ -251,7 +265,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     with loop.gathered(accelerator, transformer) as (whole,):
-                        validate(accelerator, args, parts, whole, ema, global_step)
+                        validate(accelerator, args, parts, whole, ema, global_step, sampling)
                 if global_step >= max_steps:
                     break
     log.maybe_write(global_step, force=True)
@@ -268,7 +282,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if ema is not None:
             ema.copy_to(whole.parameters())
         if accelerator.is_main_process:
-            validate(accelerator, args, parts, whole, None, global_step)
+            validate(accelerator, args, parts, whole, None, global_step, sampling)
             save(output_dir, model_args, args, parts, whole)
             guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
@@ -290,8 +304,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     return output_dir
 
 
-def validate(accelerator, args, parts, transformer, ema, step: int) -> None:
-    """The validation prompts rendered with the current (or EMA) weights into validation/step-N.png."""
+def validate(accelerator, args, parts, transformer, ema, step: int, sampling: dict) -> None:
+    """The validation prompts rendered with the current (or EMA) weights into validation/step-N.png (`sampling`:
+    more pipeline-call arguments)."""
     if not args.validation_prompts or not accelerator.is_main_process:
         return
     from hfgen.diffusion.flow_components import make_pipeline
@@ -306,7 +321,7 @@ def validate(accelerator, args, parts, transformer, ema, step: int) -> None:
     with accelerator.autocast():
         rows = generate_images(
             pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
-            args.guidance_scale, args.seed,
+            args.guidance_scale, args.seed, **sampling,
         )  # fmt: skip
     transformer.train()
     if ema is not None:
