@@ -165,6 +165,7 @@ def hfgen_stage(recipe_path: str, overrides: list[str], steps: int, output_dir: 
         *overrides, "--output_dir", output_dir, "--max_train_steps", str(steps),
         *([] if flow else ["--snr_gamma", "null"]),
         "--checkpointing_steps", "0", "--validation_steps", "0", "--eval_images_per_prompt", "0",
+        "--num_validation_images", "1",
         "--logging_steps", "50",
     ]  # fmt: skip
     run_recipe(load_recipe(recipe_path, overrides))
