@@ -1,6 +1,7 @@
 """Stage `t2i_flow`: a from-scratch SD3-layout pipeline (no T5) trains with rectified flow and saves as a
 StableDiffusion3Pipeline that loads and generates; LoRA on its transformer loads with load_lora_weights and changes
-samples; resume continues exactly; two processes end identical; the timestep samplings draw what they name."""
+samples; resume continues exactly; two processes end identical; the timestep samplings draw what they name; LoRA
+on a tiny Flux pipeline (guidance-distilled) takes the guidance input and loads with FluxPipeline.load_lora_weights."""
 
 import json
 import shutil
@@ -224,6 +225,7 @@ def tiny_flux_pipeline(sd3_dir, output_dir):
     return output_dir
 
 
+@pytest.mark.slow
 def test_flux_lora_feeds_guidance_and_loads_with_load_lora_weights(flow_run, tmp_path):
     from diffusers import DiffusionPipeline, FluxPipeline
 

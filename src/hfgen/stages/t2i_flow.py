@@ -1,9 +1,11 @@
 """Stage `t2i_flow`: train the transformer of a flow-matching text-to-image pipeline (Stable Diffusion 3 layout:
-MMDiT, two CLIP text encoders with projection, optional T5, 16-channel VAE), full or LoRA.
+MMDiT, two CLIP text encoders with projection, optional T5, 16-channel VAE; or a pretrained Flux.1 pipeline), full
+or LoRA.
 
     hfgen train recipes/tiny/t2i_flow_digits.yaml   (from scratch; its VAE comes from recipes/tiny/vae_digits16.yaml)
     hfgen train recipes/tiny/t2i_flow_digits_lora.yaml
     hfgen train recipes/sd-3.5-medium/lora.yaml
+    hfgen train recipes/flux.1-dev/lora.yaml
 
 The loss is rectified flow's (hfgen.diffusion.flow): latents and noise joined by a straight line, the transformer
 regresses the velocity, with the timestep samplings of SD3's training (`weighting_scheme`, `logit_mean`,
