@@ -77,6 +77,10 @@ def test_saved_pipeline_is_sd3_without_t5_and_generates(flow_run):
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline("a handwritten digit 4", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert image[0].size == (16, 16)
+    from hfgen.diffusion.rendering import recorded_call_arguments
+
+    # the tiny recipe trains without zero T5 tokens; hfgen generate / eval sample the same way, from recipe.yaml
+    assert recorded_call_arguments(flow_run) == {"max_sequence_length": 0}
 
 
 def test_run_records_metrics_checkpoints_grids_and_eval(flow_run):

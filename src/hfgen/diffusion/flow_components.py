@@ -29,8 +29,9 @@ class FlowPipelineArguments:
 
     pretrained_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A diffusers SD3-layout pipeline to fine-tune: hub id (e.g. "
-                  "stabilityai/stable-diffusion-3.5-medium) or local dir (an earlier t2i_flow run's output_dir)."},
+        metadata={"help": "A diffusers SD3 or Flux pipeline to fine-tune: hub id (e.g. "
+                  "stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev) or local dir (an earlier "
+                  "t2i_flow run's output_dir)."},
     )  # fmt: skip
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the pretrained pipeline."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the pretrained pipeline."})
