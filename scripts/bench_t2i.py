@@ -109,7 +109,7 @@ def hand_written_flow_loop(recipe, steps: int) -> float:
     scheduler = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     data, captions = cache_latents(rows, data_args, vae, None, "cpu")
     set_latent_normalisation(vae, data.tensors["latent_mean"])
-    states, pooled = encode_captions(make_pipeline(parts), captions, "cpu")
+    states, pooled = encode_captions(make_pipeline(parts), captions, "cpu", model_args.max_sequence_length)
     latents_all = (data.tensors["latent_mean"] - vae.config.shift_factor) * vae.config.scaling_factor
     index_all = data.tensors["caption_index"]
 
@@ -165,6 +165,7 @@ def hfgen_stage(recipe_path: str, overrides: list[str], steps: int, output_dir: 
         *overrides, "--output_dir", output_dir, "--max_train_steps", str(steps),
         *([] if flow else ["--snr_gamma", "null"]),
         "--checkpointing_steps", "0", "--validation_steps", "0", "--eval_images_per_prompt", "0",
+        "--num_validation_images", "1",
         "--logging_steps", "50",
     ]  # fmt: skip
     run_recipe(load_recipe(recipe_path, overrides))

@@ -1,10 +1,12 @@
 """Stage `t2i_flow`: a from-scratch SD3-layout pipeline (no T5) trains with rectified flow and saves as a
 StableDiffusion3Pipeline that loads and generates; LoRA on its transformer loads with load_lora_weights and changes
-samples; resume continues exactly; two processes end identical; the timestep samplings draw what they name."""
+samples; resume continues exactly; two processes end identical; the timestep samplings draw what they name; LoRA
+on a tiny Flux pipeline (guidance-distilled) takes the guidance input and loads with FluxPipeline.load_lora_weights."""
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -75,6 +77,10 @@ def test_saved_pipeline_is_sd3_without_t5_and_generates(flow_run):
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline("a handwritten digit 4", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert image[0].size == (16, 16)
+    from hfgen.diffusion.rendering import recorded_call_arguments
+
+    # the tiny recipe trains without zero T5 tokens; hfgen generate / eval sample the same way, from recipe.yaml
+    assert recorded_call_arguments(flow_run) == {"max_sequence_length": 0}
 
 
 def test_run_records_metrics_checkpoints_grids_and_eval(flow_run):
@@ -188,3 +194,67 @@ def test_gpu_recipe_parses_with_its_features():
     assert model_args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3.5-medium" and model_args.drop_t5
     assert args.use_lora and args.mixed_precision == "bf16" and args.gradient_checkpointing
     assert args.weighting_scheme == "logit_normal" and data_args.resolution == 512
+    model_args, data_args, args = load_recipe(REPO / "recipes/flux.1-dev/lora.yaml", check_inputs=False).configs
+    assert model_args.pretrained_model_name_or_path == "black-forest-labs/FLUX.1-dev"
+    assert model_args.max_sequence_length == 512 and model_args.training_guidance_scale == 1.0
+    assert args.use_lora and args.mixed_precision == "bf16" and args.gradient_checkpointing
+
+
+def tiny_flux_pipeline(sd3_dir, output_dir):
+    """A FluxPipeline built from configs (CLIP pooled + T5 sequence, a guidance-distilled FluxTransformer2DModel)
+    on the SD3 run's caption tokenizer (for both encoders) and 16-channel VAE: Flux.1-dev's layout, tiny."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd3_dir / "tokenizer")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    torch.manual_seed(0)
+    FluxPipeline(
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, **ids)
+        ),
+        text_encoder_2=T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
+        ),
+        transformer=FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16),
+        vae=AutoencoderKL.from_pretrained(sd3_dir / "vae"), tokenizer=tokenizer, tokenizer_2=tokenizer,
+    ).save_pretrained(output_dir)  # fmt: skip
+    return output_dir
+
+
+@pytest.mark.slow
+def test_flux_lora_feeds_guidance_and_loads_with_load_lora_weights(flow_run, tmp_path):
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    base = tiny_flux_pipeline(flow_run, tmp_path / "flux")
+    common = ["--pretrained_model_name_or_path", base, "--max_sequence_length", "8", "--max_train_steps", "2",
+              "--learning_rate", "1e-2", "--checkpointing_steps", "0", "--eval_images_per_prompt", "0",
+              "--num_validation_images", "1", "--num_inference_steps", "2", *SMALL_DATA]  # fmt: skip
+    adapters = {}
+    for scale in ("1.0", "4.0"):  # the guidance input of a guidance-distilled transformer reaches it in training
+        result = run_hfgen("train", FLOW_LORA_RECIPE, *common, "--training_guidance_scale", scale,
+                           "--output_dir", tmp_path / scale)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        adapters[scale] = load_file(tmp_path / scale / "pytorch_lora_weights.safetensors")
+    assert any("single_transformer_blocks" in key for key in adapters["1.0"])  # Flux's single-stream blocks too
+    assert any(not torch.equal(adapters["1.0"][k], adapters["4.0"][k]) for k in adapters["1.0"])
+    assert Image.open(tmp_path / "1.0/validation/step-000002.png").size == (64, 2 * 64)  # at the training size
+
+    pipeline = DiffusionPipeline.from_pretrained(base)
+    assert isinstance(pipeline, FluxPipeline)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipeline("a handwritten digit 3", num_inference_steps=2, height=16, width=16, max_sequence_length=8,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+    before = render()
+    pipeline.load_lora_weights(tmp_path / "1.0")
+    assert not np.allclose(render(), before)

@@ -10,6 +10,8 @@ loaded from a pretrained pipeline.
     scheduler                       FlowMatchEulerDiscreteScheduler, for training and sampling (its `shift`)
 
 `make_pipeline` assembles a StableDiffusion3Pipeline, so the saved dir loads with DiffusionPipeline.from_pretrained.
+A pretrained FluxPipeline (Flux.1: CLIP pooled + T5 sequence, FluxTransformer2DModel) is fine-tuned the same way:
+`predict_velocity` hides the two layouts' differences from the stage's loop.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class FlowPipelineArguments:
 
     pretrained_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A diffusers SD3-layout pipeline to fine-tune: hub id (e.g. "
-                  "stabilityai/stable-diffusion-3.5-medium) or local dir (an earlier t2i_flow run's output_dir)."},
+        metadata={"help": "A diffusers SD3 or Flux pipeline to fine-tune: hub id (e.g. "
+                  "stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev) or local dir (an earlier "
+                  "t2i_flow run's output_dir)."},
     )  # fmt: skip
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the pretrained pipeline."})
     variant: str | None = field(default=None, metadata={"help": "Weights variant of the pretrained pipeline."})
@@ -59,8 +62,22 @@ class FlowPipelineArguments:
                                        "pretrained pipeline keeps its scheduler's unless set with override_shift."}
     )  # fmt: skip
     override_shift: bool = field(default=False, metadata={"help": "Apply `shift` to a pretrained pipeline too."})
+    training_guidance_scale: float = field(
+        default=3.5,
+        metadata={"help": "The guidance input of a guidance-distilled transformer (Flux.1-dev: `guidance_embeds`) "
+                  "during training (diffusers' train_dreambooth_lora_flux.py --guidance_scale); unused otherwise. "
+                  "At sampling, such a pipeline takes `guidance_scale` as that input."},
+    )  # fmt: skip
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={"help": "T5 tokens of the prompt embedding, at training and sampling (the pipeline's argument; "
+                  "default: the pipeline's, 256 for SD3, 512 for Flux). An SD3 pipeline without T5 puts that many "
+                  "zero tokens after the CLIP ones: a tiny one trains ~10x faster with 0 (then sampled with "
+                  "max_sequence_length=0; hfgen generate and eval read it from the run's recipe.yaml)."},
+    )  # fmt: skip
 
 
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # the layouts this stage's loop feeds
 FROM_SCRATCH_KEYS = ("transformer_config", "vae_name_or_path", "text_encoder_config", "tokenizer_name")
 
 
@@ -89,6 +106,8 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
         problems += check_model_source("tokenizer_name", args.tokenizer_name)
     if args.shift <= 0:
         problems.append(f"shift must be positive, got {args.shift}")
+    if args.max_sequence_length is not None and not 0 <= args.max_sequence_length <= 512:  # the pipelines' bound
+        problems.append(f"max_sequence_length must be in [0, 512], got {args.max_sequence_length}")
     return problems
 
 
@@ -108,11 +127,13 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
             pipeline = DiffusionPipeline.from_pretrained(name, revision=args.revision, variant=args.variant, **drop)
         except (OSError, ValueError) as error:
             raise UserError(f"pipeline '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
-        if type(pipeline).__name__ != "StableDiffusion3Pipeline":  # Flux and others need their own loop (not yet)
+        if type(pipeline).__name__ not in FLOW_PIPELINES:
             raise UserError(
                 f"pretrained_model_name_or_path '{name}' is a {type(pipeline).__name__}; the t2i_flow stage trains "
-                "StableDiffusion3Pipeline-layout pipelines (SD3, SD3.5)"
+                f"{' and '.join(FLOW_PIPELINES)} pipelines (SD3, SD3.5, Flux.1)"
             )
+        if args.drop_t5 and type(pipeline).__name__ == "FluxPipeline":
+            raise UserError("drop_t5: Flux conditions on the T5 sequence embeddings and cannot drop its T5 encoder")
         parts = dict(pipeline.components)
         if args.vae_name_or_path:
             parts["vae"] = load_vae(args.vae_name_or_path)
@@ -148,13 +169,55 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
     }
 
 
-def make_pipeline(parts: dict, transformer=None):
-    """A StableDiffusion3Pipeline of `parts` (with `transformer` in place of parts' one when given)."""
-    from diffusers import StableDiffusion3Pipeline
+def is_flux(parts: dict) -> bool:
+    """Flux layout (CLIP pooled + T5 sequence, packed latents, position ids, guidance embedding) or SD3's."""
+    return type(parts["transformer"]).__name__ == "FluxTransformer2DModel"
 
+
+def make_pipeline(parts: dict, transformer=None):
+    """A StableDiffusion3Pipeline or FluxPipeline of `parts` (with `transformer` in place of parts' one when given)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    transformer = transformer or parts["transformer"]
+    if is_flux(parts):
+        names = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "scheduler")
+        return FluxPipeline(transformer=transformer, **{n: parts[n] for n in names})
     names = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
              "scheduler")  # fmt: skip
-    return StableDiffusion3Pipeline(transformer=transformer or parts["transformer"], **{n: parts.get(n) for n in names})
+    return StableDiffusion3Pipeline(transformer=transformer, **{n: parts.get(n) for n in names})
+
+
+def predict_velocity(transformer, config, latents, timesteps, states, pooled, guidance_scale: float):
+    """The velocity the transformer (of `config`) predicts for noisy `latents` (batch, channels, height, width) at
+    the schedule's `timesteps` (0-1000), in the latents' layout. Flux takes 2x2-packed latent tokens with their
+    (0, row, column) ids, zero text ids, timesteps in [0, 1] and, when guidance-distilled (`guidance_embeds`),
+    `guidance_scale` as an input: as diffusers' train_dreambooth_lora_flux.py and FluxPipeline feed it."""
+    if config["_class_name"] != "FluxTransformer2DModel":
+        return transformer(
+            hidden_states=latents, timestep=timesteps, encoder_hidden_states=states, pooled_projections=pooled,
+            return_dict=False,
+        )[0]  # fmt: skip
+    import torch
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = latents.shape
+    guidance = torch.full((batch,), guidance_scale, device=latents.device) if config["guidance_embeds"] else None
+    velocity = transformer(
+        hidden_states=FluxPipeline._pack_latents(latents, batch, channels, height, width),
+        img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype),
+        txt_ids=torch.zeros(states.shape[1], 3, device=latents.device, dtype=latents.dtype),
+        timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled, encoder_hidden_states=states,
+        return_dict=False,
+    )[0]  # fmt: skip
+    return FluxPipeline._unpack_latents(velocity, height, width, vae_scale_factor=1)
+
+
+def sampling_arguments(args: FlowPipelineArguments, data_args, parts: dict) -> dict:
+    """Pipeline-call arguments that sampling needs to match training: the T5 length when set, and for Flux (whose
+    pipeline renders 1024 px unless told) the training resolution."""
+    sampling = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    size = {"height": data_args.resolution, "width": data_args.resolution} if is_flux(parts) else {}
+    return {**sampling, **size}
 
 
 def set_latent_normalisation(vae, latent_means) -> None:

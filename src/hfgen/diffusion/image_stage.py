@@ -157,9 +157,9 @@ def make_ema(model, model_cls, args: ImageStageArguments, accelerator):
     return ema
 
 
-def validation_grid(accelerator, args: ImageStageArguments, pipeline, model, ema, step: int) -> None:
+def validation_grid(accelerator, args: ImageStageArguments, pipeline, model, ema, step: int, **call_arguments) -> None:
     """Render the validation prompts with `pipeline` (whose denoiser is `model`, with the EMA weights swapped in
-    when kept) into validation/step-N.png, on the main process."""
+    when kept) into validation/step-N.png, on the main process; `call_arguments` go to every pipeline call."""
     from hfgen.diffusion.rendering import generate_images, make_grid
 
     if ema is not None:
@@ -170,7 +170,7 @@ def validation_grid(accelerator, args: ImageStageArguments, pipeline, model, ema
     with accelerator.autocast():
         rows = generate_images(
             pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
-            args.guidance_scale, args.seed,
+            args.guidance_scale, args.seed, **call_arguments,
         )  # fmt: skip
     model.train()
     if ema is not None:

@@ -15,10 +15,10 @@ GRID_CELL_MIN = 64  # pixels: small images (e.g. 16x16 digits) are enlarged in t
 
 def generate_images(
     pipeline, prompts: list[str], num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
-    batch_size: int = 64, height: int | None = None, width: int | None = None,
+    batch_size: int = 64, **call_arguments,
 ) -> list[list]:  # fmt: skip
-    """`num_images` PIL images for each prompt (`height` x `width`, default the pipeline's). Seeded per prompt: a
-    prompt's images do not depend on the others."""
+    """`num_images` PIL images for each prompt. Seeded per prompt: a prompt's images do not depend on the others.
+    `call_arguments` go to every pipeline call (see `recorded_call_arguments`)."""
     import torch
 
     images = []
@@ -30,10 +30,20 @@ def generate_images(
             count = min(batch_size, num_images - start)
             row += pipeline(
                 prompt, num_images_per_prompt=count, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, generator=generator, height=height, width=width,
+                guidance_scale=guidance_scale, generator=generator, **call_arguments,
             ).images  # fmt: skip
         images.append(row)
     return images
+
+
+def recorded_call_arguments(pipeline_dir: str | Path) -> dict:
+    """Pipeline-call arguments a run trained with and its samples need too, from the run's recipe.yaml: a t2i_flow
+    run's `max_sequence_length` (the zero T5 tokens of a pipeline without T5)."""
+    from hfgen.evaluation.images import recipe_of
+
+    recipe = recipe_of(pipeline_dir)
+    length = recipe.get("max_sequence_length")
+    return {} if length is None else {"max_sequence_length": length}
 
 
 def make_grid(rows: list[list], cell: int | None = None):
@@ -94,5 +104,8 @@ def render_images(
     if not prompts:
         raise UserError("give at least one prompt.")
     pipeline = load_pipeline(pipeline_dir)
-    rows = generate_images(pipeline, list(prompts), num_images, num_inference_steps, guidance_scale, seed)
+    rows = generate_images(
+        pipeline, list(prompts), num_images, num_inference_steps, guidance_scale, seed,
+        **recorded_call_arguments(pipeline_dir),
+    )  # fmt: skip
     return save_images(rows, list(prompts), output_dir or Path(pipeline_dir) / "generated")

@@ -163,7 +163,7 @@ def evaluate_pipeline(
     guidance_scale), else 20 / 25 / 3.0. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.data import DIGIT_DATASETS
-    from hfgen.diffusion.rendering import generate_images, save_images
+    from hfgen.diffusion.rendering import generate_images, recorded_call_arguments, save_images
 
     recipe = recipe_of(pipeline_dir)
     images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
@@ -174,11 +174,15 @@ def evaluate_pipeline(
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
     prompts = list(prompts or GENERIC_PROMPTS)
     pipeline = load_pipeline(pipeline_dir, device=device)
+    call_arguments = recorded_call_arguments(pipeline_dir)
 
     def render():
-        return generate_images(pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed)
+        return generate_images(
+            pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed, **call_arguments
+        )
 
-    generate_images(pipeline, prompts[:1], 1, 2, guidance_scale, seed)  # warm-up: first-call allocations
+    # warm-up: first-call allocations
+    generate_images(pipeline, prompts[:1], 1, 2, guidance_scale, seed, **call_arguments)
     started = time.perf_counter()
     rows = render()
     elapsed = time.perf_counter() - started
@@ -283,15 +287,16 @@ def bucket_adherence(
     `_bucket_WxH_padded` pads the sample to a square of its longer side, which shrinks the digit to 2/3 of the
     classifier's 8x8 frame, where it recognises few even of the real digits (see `_padded_real_images`)."""
     from hfgen.diffusion.components import load_pipeline
-    from hfgen.diffusion.rendering import generate_images
+    from hfgen.diffusion.rendering import generate_images, recorded_call_arguments
 
     pipeline = load_pipeline(pipeline_dir, device=device)
+    call_arguments = recorded_call_arguments(pipeline_dir)
     prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
     _, _, held_out, held_out_labels = digit_classifier()
     results = {}
     for width, height in sizes:
         rows = generate_images(pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed,
-                               height=height, width=width)  # fmt: skip
+                               height=height, width=width, **call_arguments)  # fmt: skip
         for pad, suffix in ((False, ""), (True, "_padded")):
             name = f"quality/prompt_adherence_bucket_{width}x{height}{suffix}"
             results[name] = prompt_adherence(

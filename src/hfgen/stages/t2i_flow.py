@@ -1,9 +1,11 @@
 """Stage `t2i_flow`: train the transformer of a flow-matching text-to-image pipeline (Stable Diffusion 3 layout:
-MMDiT, two CLIP text encoders with projection, optional T5, 16-channel VAE), full or LoRA.
+MMDiT, two CLIP text encoders with projection, optional T5, 16-channel VAE; or a pretrained Flux.1 pipeline), full
+or LoRA.
 
     hfgen train recipes/tiny/t2i_flow_digits.yaml   (from scratch; its VAE comes from recipes/tiny/vae_digits16.yaml)
     hfgen train recipes/tiny/t2i_flow_digits_lora.yaml
     hfgen train recipes/sd-3.5-medium/lora.yaml
+    hfgen train recipes/flux.1-dev/lora.yaml
 
 The loss is rectified flow's (hfgen.diffusion.flow): latents and noise joined by a straight line, the transformer
 regresses the velocity, with the timestep samplings of SD3's training (`weighting_scheme`, `logit_mean`,
@@ -77,27 +79,38 @@ def refused_engines(model_args, data_args, args):
     return refused
 
 
-def encode_captions(pipeline, captions: list[str], device, batch_size: int = 256):
-    """(sequence embeddings, pooled embeddings) of each caption, by the pipeline's own `encode_prompt`."""
+def encode_captions(pipeline, captions: list[str], device, max_sequence_length: int | None, batch_size: int = 256):
+    """(sequence embeddings, pooled embeddings) of each caption, by the pipeline's own `encode_prompt` (SD3: both
+    CLIPs' penultimate states then T5's, or zeros without it; Flux: T5's states, CLIP's pooled output)."""
+    length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     sequences, pooled = [], []
     with torch.inference_mode():
         for start in range(0, len(captions), batch_size):
             chunk = captions[start : start + batch_size]
-            embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
-                chunk, chunk, chunk, device=device, do_classifier_free_guidance=False
-            )
+            if type(pipeline).__name__ == "FluxPipeline":
+                embeds, pooled_embeds, _ = pipeline.encode_prompt(chunk, chunk, device=device, **length)
+            else:
+                embeds, _, pooled_embeds, _ = pipeline.encode_prompt(
+                    chunk, chunk, chunk, device=device, do_classifier_free_guidance=False, **length
+                )
             sequences.append(embeds.float())
             pooled.append(pooled_embeds.float())
     return torch.cat(sequences), torch.cat(pooled)
 
 
 def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: FlowTrainingArguments) -> Path:
-    from diffusers import SD3Transformer2DModel
     from diffusers.training_utils import cast_training_params
 
     from hfgen.diffusion.data import pick_caption
     from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
-    from hfgen.diffusion.flow_components import load_flow_components, make_pipeline, set_latent_normalisation
+    from hfgen.diffusion.flow_components import (
+        is_flux,
+        load_flow_components,
+        make_pipeline,
+        predict_velocity,
+        sampling_arguments,
+        set_latent_normalisation,
+    )  # fmt: skip
     from hfgen.diffusion.training import (
         StepLog,
         TrainingRNG,
@@ -152,19 +165,24 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if dtype != torch.float32:
             transformer.to(dtype=dtype)
         cast_training_params([transformer], dtype=torch.float32)
-    ema = image_stage.make_ema(transformer, SD3Transformer2DModel, args, accelerator)
+    ema = image_stage.make_ema(transformer, type(transformer), args, accelerator)  # SD3 or Flux transformer
 
     # Cached inputs: VAE posteriors per image (per bucket), and every distinct caption's embeddings (the last: the
-    # empty prompt). Bucket sides: multiples of the VAE's downsampling times the transformer's patch size.
-    size_multiple = 2 ** (len(vae.config.block_out_channels) - 1) * transformer.config.patch_size
+    # empty prompt). Bucket sides: multiples of the VAE's downsampling times the transformer's patch size (Flux:
+    # its 2x2 latent packing; its config says patch_size 1).
+    patch = 2 if is_flux(parts) else transformer.config.patch_size
+    size_multiple = 2 ** (len(vae.config.block_out_channels) - 1) * patch
     train_set, captions, train_loader = image_stage.training_data(
         train_rows, n_instance, data_args, args, accelerator, vae, size_multiple
     )
     if vae.config.shift_factor is None:  # a VAE trained here: normalise its latents as SD3 does
         set_latent_normalisation(vae, image_stage.latent_means(train_set))
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    caption_states, caption_pooled = encode_captions(make_pipeline(parts), captions, device)
+    caption_states, caption_pooled = encode_captions(
+        make_pipeline(parts), captions, device, model_args.max_sequence_length
+    )
     empty_caption = len(captions) - 1
+    sampling = sampling_arguments(model_args, data_args, parts)  # validation samples as training conditioned
 
     optimizer = make_optimizer(
         [[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes
@@ -203,11 +221,11 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 )  # fmt: skip
                 dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
                 index = torch.where(dropped, empty_caption, batch["caption_index"].to(device))
-                model_pred = transformer(
-                    hidden_states=noisy_latents(latents, noise, sigmas).to(dtype), timestep=timesteps,
-                    encoder_hidden_states=caption_states[index].to(dtype),
-                    pooled_projections=caption_pooled[index].to(dtype), return_dict=False,
-                )[0]  # fmt: skip
+                model_pred = predict_velocity(  # SD3 or Flux inputs, the guidance of a guidance-distilled one
+                    transformer, parts["transformer"].config, noisy_latents(latents, noise, sigmas).to(dtype),
+                    timesteps, caption_states[index].to(dtype), caption_pooled[index].to(dtype),
+                    model_args.training_guidance_scale,
+                )  # fmt: skip
                 loss = prior_preserving_loss(  # DreamBooth: instance loss + weighted prior loss
                     lambda *part: flow_loss(*part, args.weighting_scheme),
                     (model_pred, latents, noise, sigmas),
@@ -230,7 +248,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     with loop.gathered(accelerator, transformer) as (whole,):
-                        validate(accelerator, args, parts, whole, ema, global_step)
+                        validate(accelerator, args, parts, whole, ema, global_step, sampling)
                 if global_step >= max_steps:
                     break
     log.maybe_write(global_step, force=True)
@@ -242,7 +260,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if ema is not None:
             ema.copy_to(whole.parameters())
         if accelerator.is_main_process:
-            validate(accelerator, args, parts, whole, None, global_step)
+            validate(accelerator, args, parts, whole, None, global_step, sampling)
             save(output_dir, model_args, args, parts, whole)
             guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
@@ -254,13 +272,16 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     return output_dir
 
 
-def validate(accelerator, args, parts, transformer, ema, step: int) -> None:
-    """The validation prompts rendered with the current (or EMA) weights into validation/step-N.png."""
+def validate(accelerator, args, parts, transformer, ema, step: int, sampling: dict) -> None:
+    """The validation prompts rendered with the current (or EMA) weights into validation/step-N.png (`sampling`:
+    more pipeline-call arguments)."""
     if not args.validation_prompts or not accelerator.is_main_process:
         return
     from hfgen.diffusion.flow_components import make_pipeline
 
-    image_stage.validation_grid(accelerator, args, make_pipeline(parts, transformer), transformer, ema, step)
+    image_stage.validation_grid(
+        accelerator, args, make_pipeline(parts, transformer), transformer, ema, step, **sampling
+    )
 
 
 def save(output_dir: Path, model_args, args, parts, transformer) -> None:
