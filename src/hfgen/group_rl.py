@@ -70,7 +70,8 @@ class GroupRLArguments(DataArguments):
         default=64, metadata={"help": "Sequences per generation chunk in that evaluation."}
     )
     hacking_monitor: bool = field(
-        default=True, metadata={"help": "Watch for reward hacking (hfgen.monitoring): alerts to the console and metrics."}
+        default=True,
+        metadata={"help": "Watch for reward hacking (hfgen.monitoring): alerts to the console and metrics."},
     )
     stop_on_hacking: bool = field(default=False, metadata={"help": "Stop training at the monitor's first alert."})
 
