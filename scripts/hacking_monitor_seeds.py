@@ -77,8 +77,13 @@ def main() -> int:
     parser.add_argument("--total_episodes", type=int, help="default: the demo recipe's")
     parser.add_argument("--output", default="outputs/hacking_monitor")
     parser.add_argument("--only", choices=("hackable", "demo"), help="run one kind only")
+    parser.add_argument(
+        "--model_name_or_path", help="the SFT policy; default: the demo recipe's (outputs/tiny/sft_full)"
+    )
+    parser.add_argument("--reward_model_path", help="default: the demo recipe's (outputs/tiny/reward)")
     args = parser.parse_args()
     base = yaml.safe_load((REPO / "recipes/tiny/ppo.yaml").read_text())
+    base |= {key: getattr(args, key) for key in ("model_name_or_path", "reward_model_path") if getattr(args, key)}
     for path in (base["model_name_or_path"], base["reward_model_path"]):
         if not (REPO / path / "config.json").is_file():
             raise SystemExit(f"{path} is missing: run `make demo` first")

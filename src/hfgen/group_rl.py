@@ -69,6 +69,11 @@ class GroupRLArguments(DataArguments):
     eval_generation_batch_size: int = field(
         default=64, metadata={"help": "Sequences per generation chunk in that evaluation."}
     )
+    hacking_monitor: bool = field(
+        default=True,
+        metadata={"help": "Watch for reward hacking (hfgen.monitoring): alerts to the console and metrics."},
+    )
+    stop_on_hacking: bool = field(default=False, metadata={"help": "Stop training at the monitor's first alert."})
 
 
 def reward_component_names(args: GroupRLArguments) -> list[str]:
@@ -310,6 +315,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     from trl import get_peft_config
 
     from hfgen.models import count_parameters, load_tokenizer
+    from hfgen.monitoring import HackingMonitorCallback
     from hfgen.rl.rollout import load_function
 
     set_seed(config.seed)
@@ -331,6 +337,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     train_rows, eval_rows = load_splits(data_args, seed=config.seed)
     train_rows = prepare_prompts(train_rows, data_args, tokenizer)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
+    monitor = HackingMonitorCallback(stop_on_hacking=data_args.stop_on_hacking) if data_args.hacking_monitor else None
     try:
         trainer = recorded(trainer_class)(
             model=model,
@@ -340,7 +347,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             processing_class=tokenizer,
             reward_processing_classes=reward_tokenizers,
             peft_config=get_peft_config(model_args),
-            callbacks=tracking.trainer_callbacks(output_dir),
+            callbacks=[*filter(None, [monitor]), *tracking.trainer_callbacks(output_dir)],  # alerts reach metrics.jsonl
             oracle=oracle,
         )
     except ValueError as error:  # TRL validates the config against the data and model here
@@ -348,6 +355,8 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
 
     resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
     tracking.start_metrics(output_dir, resume)
+    if monitor and resume:
+        monitor.load(resume)
     if resume is None and trainer.is_world_process_zero():
         (output_dir / "samples.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -364,6 +373,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             "peft": model_args.use_peft,
         }
         figures["episodes_per_s"] = figures["episodes"] / result.metrics["train_runtime"]
+        figures |= monitor.summary() if monitor else {}
         if data_args.eval_samples_per_prompt:
             starting = None if model_args.use_peft else load_model(model_args, config, tokenizer)
             figures |= evaluate_against_start(trainer, starting, eval_rows, data_args, config, name, oracle)

@@ -9,9 +9,14 @@ length, the unit PPO's monitor uses), `entropy`, `completions/mean_length` and e
 `rewards/NAME/mean`. Responses themselves are not in the logs, so the repetition and above-ceiling signals stay off
 here. Alerts are printed and added to the logged row (so metrics.jsonl and the report carry them, when this callback
 runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally.
+The monitor's state (its history, streaks and alerts) is written into every checkpoint (`hacking_monitor.json`) and
+read back with `load(checkpoint)` before a resumed run trains, so a resume judges against the same baseline.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -24,6 +29,21 @@ class HackingMonitorCallback(TrainerCallback):
         self.stop_on_hacking = stop_on_hacking
         self.stopped: dict = {}
 
+    STATE_FILE = "hacking_monitor.json"
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # every process holds the same state: it is fed the same gathered figures
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / self.STATE_FILE).write_text(json.dumps({"monitor": self.monitor.state_dict(), **self.stopped}))
+
+    def load(self, checkpoint: str | Path) -> None:
+        """Restore the state saved in `checkpoint` (absent in checkpoints written without the monitor: kept fresh)."""
+        path = Path(checkpoint) / self.STATE_FILE
+        if path.is_file():
+            state = json.loads(path.read_text())
+            self.monitor.load_state_dict(state.pop("monitor"))
+            self.stopped = state
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "kl" not in logs and "reward" not in logs:
             return  # an evaluation or end-of-training row
@@ -35,7 +55,8 @@ class HackingMonitorCallback(TrainerCallback):
         }
         alerts = self.monitor.observe(
             state.global_step, kl=logs.get("kl", 0.0) * (length or 1.0), entropy=logs.get("entropy"), length=length,
-            components=components,
+            components=components, oracle=logs.get("oracle/mean"),  # the oracle is only reported, never alerted on
+            proxy_scores=[logs["reward"]] if "reward" in logs else None,
         )  # fmt: skip
         logs.update(self.monitor.metrics())
         for alert in alerts:

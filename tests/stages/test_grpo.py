@@ -123,7 +123,8 @@ def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_compar
     assert sum(shares) == pytest.approx(1.0) and min(shares) >= 0
     evaluation = tracking.read_json(full_run / "eval.json")
     for key in ("sft/exact_answer", "grpo/exact_answer", "sft/brevity", "grpo/oracle", "win_rate/reward",
-                "sft/exact_match", "grpo/exact_match", "kl_to_reference", "episodes_per_s"):  # fmt: skip
+                "sft/exact_match", "grpo/exact_match", "kl_to_reference", "episodes_per_s", "monitor/alerts",
+                "stopped_early"):  # fmt: skip
         assert key in evaluation, key
     assert evaluation["eval/num_prompts"] == 4 and abs(evaluation["kl_to_reference"]) > 1e-3  # the policy moved
     samples = [json.loads(line) for line in (full_run / "samples.jsonl").read_text().splitlines()]
@@ -146,6 +147,9 @@ def test_resume_mid_generation_batch_reproduces_the_uninterrupted_run(full_run, 
         assert [key in row for row in resumed] == [key in row for row in full[1:]], key
         values = [(row[key], original[key]) for row, original in zip(resumed, full[1:]) if key in row]
         assert [a for a, _ in values] == pytest.approx([b for _, b in values], rel=1e-5, abs=1e-7), key
+    # the reward-hacking monitor's history travels with the checkpoint: a fresh monitor would have seen step 3 only
+    full_summary, resumed_summary = (tracking.read_json(run / "eval.json") for run in (full_run, tmp_path / "run"))
+    assert resumed_summary["monitor/observed_steps"] == full_summary["monitor/observed_steps"] == 2
     a, b = load_file(full_run / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

@@ -11,7 +11,8 @@ Datasets (`embedded:NAME` in any dataset key), each with `train` and `test` spli
     corpus          {"text"}                       pretraining documents
     instructions    {"messages"}                   user/assistant conversations for SFT
     instructions_pc {"prompt", "completion"}       the same, as conversational prompt/completion
-    preferences     {"prompt", "chosen", "rejected"}  conversational preference pairs (chosen: higher oracle score)
+    preferences     {"prompt", "chosen", "rejected"}  conversational preference pairs (chosen: higher oracle score;
+                                                   the last 15% are topic twins: rejected = chosen about another thing)
     prompts         {"prompt"}                     conversational prompts for PPO and evaluation
 
 The `arithmetic_*` datasets (a task with verifiable answers, for GRPO/RLOO) live in `hfgen.data.arithmetic`.
@@ -46,6 +47,7 @@ SPLIT_SEEDS = {"train": 1234, "test": 98765}
 SIZES = {"corpus": 3000, "instructions": 3000, "preferences": 3000, "prompts": 512}
 TEST_FRACTION = 0.1
 MAX_GOOD_LENGTH = 12  # words; longer answers lose oracle score
+TOPIC_TWIN_SHARE = 0.15  # of the preference pairs: the rejected answer is the chosen one about another thing
 
 
 # ---- the oracle -------------------------------------------------------------------------------------
@@ -167,6 +169,12 @@ def generate_rows(name: str, split: str) -> list[dict]:
     size = SIZES[name.removesuffix("_pc")]
     count = size if split == "train" else max(1, int(size * TEST_FRACTION))
     rows = []
+    if name == "preferences":
+        # the topic twins come last, from their own seed: the pairs before them are those of earlier versions, and
+        # so is the tokenizer (trained on the first 500)
+        twins = round(count * TOPIC_TWIN_SHARE)
+        count -= twins
+        twin_rng = random.Random(f"preferences:twins:{SPLIT_SEEDS[split]}")
     for _ in range(count):
         if name == "corpus":
             rows.append({"text": " ".join(_sentence(rng) for _ in range(rng.randint(3, 8)))})
@@ -187,6 +195,8 @@ def generate_rows(name: str, split: str) -> list[dict]:
             rows.append({"prompt": [{"role": "user", "content": _request(rng)}]})
         else:
             raise KeyError(name)
+    if name == "preferences":
+        rows += [_topic_twin_pair(twin_rng) for _ in range(twins)]
     return rows
 
 
@@ -204,6 +214,23 @@ def _preference_pair(rng: random.Random) -> dict:
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
+
+
+def _topic_twin_pair(rng: random.Random) -> dict:
+    """A pair whose rejected answer is the chosen one word for word, but about another thing: as fluent and as
+    pleasant, so all it teaches is to stay on the asked-about thing (the oracle's subject term)."""
+    while True:
+        request = _request(rng)
+        thing = _thing_of(request)
+        chosen = _answer(rng, thing)
+        rejected = chosen.replace(f"the {thing}", f"the {_thing(rng)}", 1)
+        if oracle_score(request, chosen) > oracle_score(request, rejected):  # not the same thing, nor named later
+            break
+    return {
+        "prompt": [{"role": "user", "content": request}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def preference_pairs(count: int, seed: int) -> list[dict]:

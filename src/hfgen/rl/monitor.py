@@ -166,7 +166,7 @@ class HackingMonitor:
 
     def summary(self) -> dict:
         """For eval.json: every alert, and the oracle's peak when there is one."""
-        result = {"monitor/alerts": [a._asdict() for a in self.alerts]}
+        result = {"monitor/alerts": [a._asdict() for a in self.alerts], "monitor/observed_steps": len(self.history)}
         if self.alerts:
             result["monitor/first_alert_step"] = self.alerts[0].step
         oracle = self.oracle_summary()
