@@ -246,6 +246,12 @@ def test_flux_lora_feeds_guidance_and_loads_with_load_lora_weights(flow_run, tmp
     assert any("single_transformer_blocks" in key for key in adapters["1.0"])  # Flux's single-stream blocks too
     assert any(not torch.equal(adapters["1.0"][k], adapters["4.0"][k]) for k in adapters["1.0"])
     assert Image.open(tmp_path / "1.0/validation/step-000002.png").size == (64, 2 * 64)  # at the training size
+    # aspect-ratio buckets on the Flux layout: sides count its 2x2 latent packing (with the tiny VAE's one halving,
+    # multiples of 4: 3:2 about 16x16 pixels is 20x12)
+    result = run_hfgen("train", FLOW_LORA_RECIPE, *common, "--dataset_name", "embedded:digits-aspect",
+                       "--aspect_ratio_buckets", '"1:1"', '"3:2"', '"2:3"', "--output_dir", tmp_path / "buckets")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tracking.read_json(tmp_path / "buckets" / "buckets.json")) == ["16x16", "20x12", "12x20"]
 
     pipeline = DiffusionPipeline.from_pretrained(base)
     assert isinstance(pipeline, FluxPipeline)
