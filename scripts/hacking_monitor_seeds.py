@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--total_episodes", type=int, help="default: the demo recipe's")
     parser.add_argument("--output", default="outputs/hacking_monitor")
     parser.add_argument("--only", choices=("hackable", "demo"), help="run one kind only")
+    parser.add_argument("--hackable_kl_coef", type=float, default=0.05, help="kl_coef of the hackable runs")
     parser.add_argument(
         "--model_name_or_path", help="the SFT policy; default: the demo recipe's (outputs/tiny/sft_full)"
     )
@@ -95,8 +96,10 @@ def main() -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if args.only in (None, "hackable"):
             recipe = {k: v for k, v in base.items() if k != "reward_model_path"}
+            # the demo's kl_coef (0.8) anchors the policy so firmly that the hackable reward cannot break it within
+            # the run; the hackable check uses a weak anchor so that there is hacking for the monitor to catch
             recipe |= {"reward_functions": [HACKABLE], "value_model_path": base["reward_model_path"], "seed": seed,
-                       "output_dir": str(output / f"hackable-{seed}")}  # fmt: skip
+                       "kl_coef": args.hackable_kl_coef, "output_dir": str(output / f"hackable-{seed}")}  # fmt: skip
             verdict = {"kind": "hackable", "seed": seed, **judge_hackable(run_ppo(recipe, output / f"hackable-{seed}"))}
             table.append(verdict)
             print(json.dumps(verdict), flush=True)
