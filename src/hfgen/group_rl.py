@@ -74,6 +74,12 @@ class GroupRLArguments(DataArguments):
         metadata={"help": "Watch for reward hacking (hfgen.monitoring): alerts to the console and metrics."},
     )
     stop_on_hacking: bool = field(default=False, metadata={"help": "Stop training at the monitor's first alert."})
+    freeze_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Submodules of the policy kept fixed (e.g. model.embed_tokens, lm_head: tied ones together)."
+        },
+    )
 
 
 def reward_component_names(args: GroupRLArguments) -> list[str]:
@@ -323,6 +329,11 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(model_args, config, tokenizer)
+    for module_name in data_args.freeze_modules:
+        try:
+            model.get_submodule(module_name).requires_grad_(False)
+        except AttributeError:
+            raise UserError(f"freeze_modules: the model has no submodule '{module_name}'") from None
 
     rewards, reward_tokenizers = [], []
     if data_args.reward_model_path:

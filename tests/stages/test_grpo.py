@@ -132,6 +132,15 @@ def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_compar
     assert tracking.is_complete(full_run) and (full_run / "model.safetensors").is_file()
 
 
+def test_freeze_modules_keeps_the_named_modules_unchanged(tmp_path, models):
+    frozen = ("model.embed_tokens.", "lm_head.", "model.layers.0.")
+    train(write_recipe(tmp_path, models[0], max_steps=1, save_strategy="no", eval_samples_per_prompt=0,
+                       freeze_modules=[name.rstrip(".") for name in frozen]))  # fmt: skip
+    start, trained = load_file(models[0] / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    moved = {key for key in start if not torch.equal(start[key], trained[key])}
+    assert moved and not {key for key in moved if key.startswith(frozen)}, moved
+
+
 @pytest.mark.slow
 def test_resume_mid_generation_batch_reproduces_the_uninterrupted_run(full_run, models, tmp_path):
     """Killed after checkpoint-1 (half-way through a generation batch), resumed: the same later metrics and final
