@@ -17,6 +17,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 # 2-core machine) slow down 10-30x when threads outnumber cores. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# fixtures shared by the diffusion stage tests (configs, vae_dir)
+pytest_plugins = ["diffusion_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 HFGEN = [sys.executable, "-m", "hfgen.cli"]
 

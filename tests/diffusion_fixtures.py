@@ -1,9 +1,12 @@
 """Tiny component configs for the diffusion stage tests: the digits recipes with a few-thousand-parameter VAE, UNet
-and text encoder, few steps and few images, so each run takes seconds on a CPU."""
+and text encoder, few steps and few images, so each run takes seconds on a CPU. Loaded as a pytest plugin by
+tests/conftest.py, so its fixtures (`configs`, `vae_dir`) are there for every test module without an import."""
 
 import json
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, run_hfgen
 
 VAE_RECIPE = REPO / "recipes/tiny/vae_digits.yaml"
 T2I_RECIPE = REPO / "recipes/tiny/t2i_digits.yaml"
@@ -42,3 +45,18 @@ def t2i_overrides(configs, vae_dir, output_dir, steps=4) -> list[str]:
             "--max_train_steps", str(steps), "--logging_steps", "1", "--validation_steps", "2",
             "--validation_prompts", "a handwritten digit 1", "a handwritten digit 2", "--num_validation_images", "2",
             "--num_inference_steps", "2", "--eval_images_per_prompt", "2", "--text_encoder_pretraining_steps", "5", *SMALL_DATA]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    """The tiny component configs, written once per test module."""
+    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(configs, tmp_path_factory):
+    """A 3-step tiny VAE run (the t2i stages' `vae` input), once per test module."""
+    output_dir = tmp_path_factory.mktemp("vae")
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir

@@ -15,26 +15,10 @@ from diffusion_fixtures import (
     LORA_RECIPE,
     SMALL_DATA,
     T2I_RECIPE,
-    VAE_RECIPE,
     t2i_overrides,
-    vae_overrides,
-    write_tiny_configs,
 )  # fmt: skip
 from hfgen import tracking
 from hfgen.recipe import load_recipe
-
-
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory):
-    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
-
-
-@pytest.fixture(scope="module")
-def vae_dir(configs, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("vae")
-    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, output_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
 
 
 @pytest.fixture(scope="module")

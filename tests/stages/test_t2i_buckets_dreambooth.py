@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_t2i_flow import FLOW_LORA_RECIPE, FLOW_RECIPE, TINY, VAE16_RECIPE, flow_overrides
 
 from conftest import REPO, run_hfgen
-from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
+from diffusion_fixtures import T2I_RECIPE, t2i_overrides
 from hfgen import tracking
 from hfgen.errors import UserError
 from hfgen.recipe import load_recipe
@@ -26,19 +26,6 @@ UNET_BUCKETS = [*DIGITS_ASPECT, "--aspect_ratio_buckets", "16x16", "24x16", "16x
 # about 16x16 pixels is 20x12
 FLOW_BUCKETS = [*DIGITS_ASPECT, "--aspect_ratio_buckets", '"1:1"', '"3:2"', '"2:3"']
 UNET_SIZES, FLOW_SIZES = ["16x16", "24x16", "16x24"], ["16x16", "20x12", "12x20"]
-
-
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory):
-    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
-
-
-@pytest.fixture(scope="module")
-def vae_dir(configs, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("vae")
-    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, output_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir
 
 
 @pytest.fixture(scope="module")

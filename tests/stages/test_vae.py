@@ -7,13 +7,8 @@ import pytest
 from PIL import Image
 
 from conftest import accelerate_launch, run_hfgen
-from diffusion_fixtures import VAE_RECIPE, vae_overrides, write_tiny_configs
+from diffusion_fixtures import VAE_RECIPE, vae_overrides
 from hfgen import tracking
-
-
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory):
-    return write_tiny_configs(tmp_path_factory.mktemp("configs"))
 
 
 def test_held_out_reconstruction_error_falls_far_below_its_start(configs, tmp_path):
