@@ -95,7 +95,7 @@ def write_pipeline(directory, pretrained) -> str:
                          **TRAINER_KEYS),
         "ppo": shrunk("ppo.yaml", directory, total_episodes=32, per_device_train_batch_size=8, num_mini_batches=1,
                       num_ppo_epochs=1, response_length=8, max_eval_samples=4, eval_samples_per_prompt=1,
-                      save_steps=0, logging_steps=1, sample_steps=1, seed=3, use_cpu=False,
+                      save_steps=0, logging_steps=1, sample_steps=1, seed=3, use_cpu=False, ema_decay=0.5,
                       output_dir=str(directory / "ppo")),
     }  # fmt: skip
     path = directory / "rlhf.yaml"
@@ -110,7 +110,7 @@ def write_ppo_lora(directory, sft, reward) -> str:
         "embedded:prompts", "oracle_function": ORACLE, "output_dir": str(directory / "ppo_lora"), "total_episodes": 32,
         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_ppo_epochs": 1,
         "response_length": 8, "learning_rate": 1e-3, "max_eval_samples": 4, "eval_samples_per_prompt": 1,
-        "sample_steps": 1, "seed": 5, **LORA,
+        "sample_steps": 1, "seed": 5, "ema_decay": 0.5, **LORA,
     }  # fmt: skip
     path = directory / "ppo_lora.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -230,6 +230,13 @@ def test_pipeline_outputs_load_and_equal_ddp(runs, engine):
         assert_whole_run(run)
         ours, theirs = model_class.from_pretrained(run).state_dict(), model_class.from_pretrained(ddp).state_dict()
         assert_same_weights(ours, theirs, f"{engine} {step}")
+    # the policy's EMA (`ema_decay`), averaged shard by shard under FSDP2 / ZeRO-3: whole, and equal to DDP's
+    ours, theirs = (
+        AutoModelForCausalLM.from_pretrained(runs(name)["pipeline"] / "ppo" / "ema") for name in (engine, "ddp")
+    )
+    assert_same_weights(ours.state_dict(), theirs.state_dict(), f"{engine} ppo ema")
+    policy = AutoModelForCausalLM.from_pretrained(runs(engine)["pipeline"] / "ppo").state_dict()
+    assert any(not torch.equal(policy[k], v) for k, v in ours.state_dict().items())  # the average lags the policy
     assert tracking.is_complete(runs(engine)["pipeline"] / "rlhf")
 
 
@@ -257,15 +264,16 @@ def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, eng
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForSequenceClassification
 
-    for job in ("sft_lora", "ppo_lora"):
-        run, ddp = runs(engine)[job], runs("ddp")[job]
-        assert_whole_run(run)
+    for job, inside in (("sft_lora", ""), ("ppo_lora", ""), ("ppo_lora", "ema")):
+        run, ddp = runs(engine)[job] / inside, runs("ddp")[job] / inside
+        if not inside:  # the EMA adapter (`ema_decay`) sits inside the PPO run
+            assert_whole_run(run)
         assert (run / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
         ours = AutoPeftModelForCausalLM.from_pretrained(run).state_dict()
         # Adam moves a weight by about the learning rate whatever its gradient's size, so float noise in a gradient
         # near zero leaves an odd adapter element ~1e-5 off (LoRA's B matrices start at zero); the losses agree.
         theirs = AutoPeftModelForCausalLM.from_pretrained(ddp).state_dict()
-        assert_same_weights(ours, theirs, f"{engine} {job}", atol=1e-4)
+        assert_same_weights(ours, theirs, f"{engine} {job} {inside}", atol=1e-4)
     losses = [
         [row["loss"] for row in tracking.read_metrics(runs(name)["sft_lora"]) if "loss" in row]
         for name in (engine, "ddp")

@@ -10,6 +10,8 @@ on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own al
     backward_and_step(accelerator, model, optimizer, loss, ...)   backward, clipping, divergence check, step
     state = full_state_dict(accelerator, model)                 whole weights on the main process, for save_pretrained
     whole = whole_on_main(accelerator, model, empty)           a plain whole copy on the main process (diffusers saves)
+    local_shard(p); whole_from_shard(accelerator, p, shard); shard_of(accelerator, p, whole)   per-weight state kept
+                                                                 shard by shard (an EMA, snapshots of the policy)
     step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...)  (atomic, rotated)
 
 What each engine needs, and where it is handled:
@@ -31,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+
+import torch
 
 from hfgen import tracking
 from hfgen.errors import UserError
@@ -325,6 +329,61 @@ def maybe_write_fingerprint(accelerator, model, output_dir: str | Path) -> None:
 def _full(tensor):
     full_tensor = getattr(tensor, "full_tensor", None)  # an FSDP2 DTensor: gathered from every shard
     return full_tensor() if full_tensor is not None else tensor
+
+
+# ---- the part of a weight each process holds ----------------------------------------------------------
+
+
+def local_shard(parameter):
+    """The part of a prepared model's parameter this process holds, as a plain tensor sharing its storage (writing
+    it writes the weight): the ZeRO-3 partition (the parameter itself is empty between passes), an FSDP2 DTensor's
+    local shard, else the whole tensor. State kept per weight (an EMA, snapshots) kept this way costs no
+    communication per step under any engine."""
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor.data
+    to_local = getattr(parameter, "to_local", None)
+    return (to_local() if to_local is not None else parameter).detach()
+
+
+def whole_from_shard(accelerator, parameter, shard):
+    """The whole tensor of which `shard` is this process's part, laid out as `parameter`'s `local_shard`. Every
+    process must call it, for the same parameters in the same order."""
+    if hasattr(parameter, "ds_tensor"):  # ZeRO-3: equal flat partitions, the last one padded
+        import torch.distributed as dist
+
+        group = getattr(parameter, "ds_process_group", None)
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        return torch.cat(parts)[: parameter.ds_numel].view(parameter.ds_shape)
+    if hasattr(parameter, "device_mesh"):  # FSDP2
+        from torch.distributed.tensor import DTensor
+
+        distributed = DTensor.from_local(
+            shard.to(parameter.device), parameter.device_mesh, parameter.placements, shape=parameter.shape,
+            stride=parameter.stride(),
+        )  # fmt: skip
+        return distributed.full_tensor().to(shard.device)
+    return shard
+
+
+def shard_of(accelerator, parameter, whole):
+    """This process's part of `whole`, a tensor shaped like `parameter` (the inverse of `whole_from_shard`; no
+    communication)."""
+    if hasattr(parameter, "ds_tensor"):
+        import torch.distributed as dist
+
+        group = getattr(parameter, "ds_process_group", None)
+        size = parameter.ds_tensor.numel()
+        flat = torch.nn.functional.pad(whole.reshape(-1), (0, size * dist.get_world_size(group) - whole.numel()))
+        return flat.narrow(0, dist.get_rank(group) * size, size)
+    if hasattr(parameter, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        distributed = distribute_tensor(
+            whole.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None
+        )
+        return distributed.to_local().to(whole.device)
+    return whole
 
 
 # ---- checkpoints, resume, metrics -------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The policy's trained weights (its LoRA adapters with use_peft): CPU snapshots (kept by `stop_on_hacking` to
-restore an earlier policy) and the EMA copy saved beside the policy."""
+restore an earlier policy) and the EMA copy saved beside the policy. Both hold each process's part of each weight
+(`loop.local_shard`), so they cost no communication per step and are right under FSDP2 and ZeRO-3, where a
+parameter outside a forward pass is a shard (or empty)."""
 
 from __future__ import annotations
 
@@ -7,29 +9,64 @@ from pathlib import Path
 
 import torch
 
+from hfgen import loop
+from hfgen.rl.functional import ExponentialMovingAverage
+
 
 def trained_policy_parameters(policy):
     """(name, parameter) of the policy's trained weights (its LoRA adapters with use_peft)."""
     return [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
 
 
-def save_ema_policy(policy, ema, directory: Path) -> None:
-    """The policy with its EMA weights swapped in, saved like the policy (full model or adapter); then restored."""
-    live = {name: p.detach().clone() for name, p in trained_policy_parameters(policy)}
-    with torch.no_grad():
-        for name, p in trained_policy_parameters(policy):
-            p.copy_(ema.shadow[name])
-        policy.save_pretrained(directory)
-        for name, p in trained_policy_parameters(policy):
-            p.copy_(live[name])
-
-
 def policy_weights(policy) -> dict[str, torch.Tensor]:
-    """A CPU copy of the policy's trained weights (its adapters with use_peft)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in trained_policy_parameters(policy)}
+    """A CPU copy of this process's part of the policy's trained weights."""
+    return {name: loop.local_shard(p).to("cpu", copy=True) for name, p in trained_policy_parameters(policy)}
 
 
 @torch.no_grad()
 def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
+    """Write back a `policy_weights` copy taken by this process."""
     for name, p in trained_policy_parameters(policy):
-        p.copy_(weights[name])
+        loop.local_shard(p).copy_(weights[name])
+
+
+class PolicyEMA:
+    """An EMA of the policy's trained weights (DeepSpeed-Chat's actor EMA), averaged shard by shard after each
+    optimiser step. Checkpointed as whole tensors (accelerate calls `state_dict` on every process and saves the main
+    process's), so a resume under another engine or process count finds them."""
+
+    def __init__(self, accelerator, policy, decay: float):
+        self.accelerator, self.policy = accelerator, policy
+        self.average = ExponentialMovingAverage(self._shards(), decay)
+
+    def _shards(self):
+        return [(name, loop.local_shard(p)) for name, p in trained_policy_parameters(self.policy)]
+
+    def update(self) -> None:
+        self.average.update(self._shards())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole EMA weights, on every process (a collective: every process must call it)."""
+        return {
+            name: loop.whole_from_shard(self.accelerator, p, self.average.shadow[name]).cpu()
+            for name, p in trained_policy_parameters(self.policy)
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, p in trained_policy_parameters(self.policy):
+            self.average.shadow[name].copy_(loop.shard_of(self.accelerator, p, state[name]))
+
+    def save(self, policy_state: dict, directory: Path) -> None:
+        """Save the policy as the run saves it (full model or adapter) with its EMA weights in place of the trained
+        ones: `policy_state` is the policy's whole state dict (main process; `loop.full_state_dict`). Every process
+        must call it."""
+        averaged = self.state_dict()
+        if not self.accelerator.is_main_process:
+            return
+        # A tied weight (the LM head sharing the embeddings) is one parameter under several names: each gets it.
+        names = {id(p): name for name, p in trained_policy_parameters(self.policy)}
+        state = dict(policy_state)
+        for alias, p in self.policy.named_parameters(remove_duplicate=False):
+            if id(p) in names and alias in state:
+                state[alias] = averaged[names[id(p)]].to(state[alias].dtype)
+        self.policy.save_pretrained(directory, state_dict=state)

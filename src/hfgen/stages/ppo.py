@@ -61,7 +61,7 @@ from hfgen.rl.models import (
     tokenize_prompts,
 )
 from hfgen.rl.monitor import HackingMonitor
-from hfgen.rl.policy_weights import load_policy_weights, policy_weights, save_ema_policy, trained_policy_parameters
+from hfgen.rl.policy_weights import PolicyEMA, load_policy_weights, policy_weights
 from hfgen.rl.ptx import pretraining_loss, tokenize_ptx_texts
 from hfgen.rl.records import global_means, reward_ceiling, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
@@ -343,7 +343,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     reward_normalizer = F.RewardNormalizer(config.reward_normalization, config.reward_clip)
     policy_ema = None
     if config.ema_decay is not None:
-        policy_ema = F.ExponentialMovingAverage(trained_policy_parameters(policy), config.ema_decay)
+        policy_ema = PolicyEMA(accelerator, accelerator.unwrap_model(trainable).policy, config.ema_decay)
     monitor = HackingMonitor(reward_ceiling=reward_ceiling(config)) if config.hacking_monitor else None
     accelerator.register_for_checkpointing(kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor]))
 
@@ -435,8 +435,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         tokenizer.save_pretrained(output_dir)
         guard.kill_point("final_save")
         trained.value_model.save_pretrained(output_dir / "value_model", state_dict=loop.part(state, "value_model"))
-        if policy_ema is not None:
-            save_ema_policy(trained.policy, policy_ema, output_dir / "ema")
+    if policy_ema is not None:
+        policy_ema.save(loop.part(state, "policy"), output_dir / "ema")
     del state
     loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
@@ -564,7 +564,7 @@ def ppo_update(
                     optimizer.step()
                     optimizer.zero_grad()
                     if ema is not None and accelerator.sync_gradients and train_policy:
-                        ema.update(trained_policy_parameters(accelerator.unwrap_model(trainable).policy))
+                        ema.update()
                 stats.append(micro_batch_stats)
     return stats
 
