@@ -4,6 +4,7 @@ uninterrupted run's weights, bit for bit, and its metrics.jsonl rows (no duplica
 are killed at every point in one run; sft (LoRA), reward and t2i mid-checkpoint-write. The full matrix of stages x
 points is scripts/kill_matrix.py."""
 
+import json
 import shutil
 import signal
 
@@ -112,7 +113,9 @@ def ppo_recipe(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ppo")
     sft, reward = build_tiny_models(root)
-    path = write_recipe(root, sft, reward_model_path=str(reward), total_episodes=80, save_steps=2, kl_target=1.0)
+    path = write_recipe(
+        root, sft, reward_model_path=str(reward), total_episodes=80, save_steps=2, kl_target=1.0, sample_steps=1
+    )
     recipe = yaml.safe_load(path.read_text())
     del recipe["output_dir"]  # each run names its own
     path.write_text(yaml.safe_dump(recipe))
@@ -125,6 +128,10 @@ def test_ppo_killed_at_every_point_ends_as_the_uninterrupted_run(ppo_recipe, tmp
     points = ["step@3", "checkpoint@4", "final_save", "eval"]
     reference, killed, notes = reference_and_killed(tmp_path_factory, ppo_recipe, [], points)
     assert_same_run(reference, killed)
+    # the sample table of each step once: a resumed run cuts samples.jsonl back to its checkpoint before writing
+    sample_steps = [[json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()]
+                    for run in (reference, killed)]  # fmt: skip
+    assert sample_steps[0] and sample_steps[1] == sample_steps[0]
     assert any("skipped checkpoint-4" in line for line in notes), notes
 
 

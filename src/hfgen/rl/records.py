@@ -26,6 +26,15 @@ def global_means(accelerator, local: dict) -> dict[str, float]:
     return metrics
 
 
+def start_samples(output_dir: Path, start_step: int) -> None:
+    """Before training (main process): samples.jsonl as it was at the resumed checkpoint (rows of later steps are
+    about to be written again), or none on a fresh start."""
+    path = output_dir / "samples.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        tracking.write_jsonl(path, [row for row in rows if row["step"] <= start_step])
+
+
 def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -> None:
     """A table of prompts, responses and scores (detail 12: the way to see reward hacking), printed and appended
     to samples.jsonl; call on the main process."""

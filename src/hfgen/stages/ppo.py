@@ -63,7 +63,7 @@ from hfgen.rl.models import (
 from hfgen.rl.monitor import HackingMonitor
 from hfgen.rl.policy_weights import PolicyEMA, load_policy_weights, policy_weights
 from hfgen.rl.ptx import pretraining_loss, tokenize_ptx_texts
-from hfgen.rl.records import global_means, reward_ceiling, watch_for_hacking, write_samples
+from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
     PolicyAndValue,
     episode_ids,
@@ -352,6 +352,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     if not start_step:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
     metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`
+    if accelerator.is_main_process:
+        start_samples(output_dir, start_step)
     divergence = guard.Divergence(output_dir)
     if trackers:
         settings = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (int, float, str, bool))}
