@@ -162,6 +162,20 @@ def test_two_processes_end_with_identical_transformer_weights(configs, vae16_dir
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_lora_on_two_processes_ends_with_identical_adapters(flow_run, tmp_path, free_port):
+    result = accelerate_launch(free_port, FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run,
+                               "--output_dir", tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "0",
+                               "--learning_rate", "1e-2", "--eval_images_per_prompt", "0", "--num_validation_images",
+                               "1", "--num_inference_steps", "2", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = [(tmp_path / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+    adapter = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())  # trained (B starts at zero)
+    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+
+
 def test_timestep_samplings_draw_what_they_name():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
