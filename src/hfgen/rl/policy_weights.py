@@ -56,13 +56,14 @@ class PolicyEMA:
         for name, p in trained_policy_parameters(self.policy):
             self.average.shadow[name].copy_(loop.shard_of(self.accelerator, p, state[name]))
 
-    def save(self, policy_state: dict, directory: Path) -> None:
+    def save(self, trainable_state: dict | None, directory: Path) -> None:
         """Save the policy as the run saves it (full model or adapter) with its EMA weights in place of the trained
-        ones: `policy_state` is the policy's whole state dict (main process; `loop.full_state_dict`). Every process
-        must call it."""
+        ones: `trainable_state` is `loop.full_state_dict` of the prepared PolicyAndValue (whole on the main process,
+        empty or None on others). Every process must call it."""
         averaged = self.state_dict()
         if not self.accelerator.is_main_process:
             return
+        policy_state = loop.part(trainable_state, "policy")
         # A tied weight (the LM head sharing the embeddings) is one parameter under several names: each gets it.
         names = {id(p): name for name, p in trained_policy_parameters(self.policy)}
         state = dict(policy_state)

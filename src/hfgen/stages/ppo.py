@@ -438,7 +438,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         guard.kill_point("final_save")
         trained.value_model.save_pretrained(output_dir / "value_model", state_dict=loop.part(state, "value_model"))
     if policy_ema is not None:
-        policy_ema.save(loop.part(state, "policy"), output_dir / "ema")
+        policy_ema.save(state, output_dir / "ema")
     del state
     loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
