@@ -32,6 +32,28 @@ FIGURES = {
 }
 
 
+def train_and_read(runs: dict, threads: int, skip=lambda name: False) -> dict:
+    """Run each of `runs` (name: (recipes, output dir)) in this process on `threads` torch threads, its recipes in
+    order (not the runs `skip` names), then read every output's eval.json there is: {name: figures}."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from hfgen import tracking
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    figures = {}
+    for name, (recipes, output) in runs.items():
+        if not skip(name):
+            started = time.perf_counter()
+            for recipe in recipes:
+                run_recipe(load_recipe(recipe))
+            print(f"{name}: {time.perf_counter() - started:.0f} s end to end")
+        if (Path(output) / "eval.json").is_file():
+            figures[name] = tracking.read_json(Path(output) / "eval.json")
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -39,22 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(REPO)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from hfgen import tracking
-    from hfgen.recipe import load_recipe
-    from hfgen.train import run_recipe
-
-    rows = {}
-    for name, (recipes, output) in RUNS.items():
-        if not (args.skip_unet and name.startswith("UNet")):
-            started = time.perf_counter()
-            for recipe in recipes:
-                run_recipe(load_recipe(recipe))
-            print(f"{name}: {time.perf_counter() - started:.0f} s end to end")
-        if (Path(output) / "eval.json").is_file():
-            rows[name] = tracking.read_json(Path(output) / "eval.json")
+    rows = train_and_read(RUNS, args.threads, skip=lambda name: args.skip_unet and name.startswith("UNet"))
     print("| path | " + " | ".join(FIGURES.values()) + " |")
     print("|---" * (len(FIGURES) + 1) + "|")
     for name, results in rows.items():

@@ -5,14 +5,19 @@ import pytest
 
 from hfgen.evaluation.images import (
     as_pipeline_sees,
+    bucket_adherence_of,
     digit_classifier,
     digit_features,
     digit_metrics,
     frechet_distance,
+    in_bucket,
     mean_pairwise_distance,
+    normalised_digit_classifier,
     prompt_adherence,
+    real_digit_image,
     real_digits,
     to_digit_pixels,
+    to_normalised_digit_pixels,
 )
 
 
@@ -71,3 +76,38 @@ def test_digit_metrics_of_real_digits_look_real():
     assert results["quality/prompt_adherence"] > 0.95
     assert results["diversity/pairwise_distance_ratio"] == pytest.approx(1.0, abs=0.15)
     assert results["quality/frechet_distance"] < 1.0
+
+
+# ---- the aspect-ratio bucket measure ----
+
+
+def test_bucket_measure_scores_real_digits_high_in_every_bucket_and_the_wrong_digit_low():
+    classifier, accuracy = normalised_digit_classifier()
+    assert accuracy >= 0.97
+    _, _, held_out, labels = digit_classifier()
+    # the recipes' buckets, the flow test's 12x20, and sizes of other scales no recipe names
+    for size in [(16, 16), (24, 16), (16, 24), (12, 20), (48, 32), (32, 64)]:
+        real = {k: to_normalised_digit_pixels(in_bucket(held_out[labels == k][:10], size)) for k in range(10)}
+        assert prompt_adherence(real, classifier)[0] >= 0.93, size
+        shifted = {k: real[(k + 1) % 10] for k in range(10)}  # digit k + 1 drawn for k
+        assert prompt_adherence(shifted, classifier)[0] <= 0.05, size
+    # eval.json's figures for one bucket: the measure and the earlier centred crop, each beside real digits
+    figures = bucket_adherence_of([in_bucket(held_out[labels == k][:5], (24, 16)) for k in range(10)], (24, 16))
+    assert figures["quality/prompt_adherence_bucket_24x16"] >= 0.9
+    assert figures["quality/prompt_adherence_bucket_24x16_real_images"] >= 0.95
+    assert figures["quality/prompt_adherence_bucket_24x16_centre_crop_real_images"] >= 0.95
+
+
+def test_bucket_normalisation_undoes_placement_and_scale_but_keeps_shape():
+    from PIL import Image
+
+    _, _, held_out, _ = digit_classifier()
+    digit = real_digit_image(held_out[0])
+    alone = to_normalised_digit_pixels([digit])[0]
+    for canvas_size, scale, corner in [((48, 32), 1.0, (0, 0)), ((32, 48), 0.5, (3, 25)), ((60, 20), 0.5, (40, 2))]:
+        placed = digit.resize((round(32 * scale), round(32 * scale)), Image.BILINEAR)
+        canvas = Image.new("L", canvas_size)
+        canvas.paste(placed, corner)
+        assert np.abs(to_normalised_digit_pixels([canvas])[0] - alone).mean() < 0.05, (canvas_size, scale, corner)
+    stretched = digit.resize((64, 32), Image.BILINEAR)  # a wide digit stays wide: the measure sees its shape
+    assert np.abs(to_normalised_digit_pixels([stretched])[0] - alone).mean() > 0.1

@@ -26,6 +26,9 @@ UNET_BUCKETS = [*DIGITS_ASPECT, "--aspect_ratio_buckets", "16x16", "24x16", "16x
 # about 16x16 pixels is 20x12
 FLOW_BUCKETS = [*DIGITS_ASPECT, "--aspect_ratio_buckets", '"1:1"', '"3:2"', '"2:3"']
 UNET_SIZES, FLOW_SIZES = ["16x16", "24x16", "16x24"], ["16x16", "20x12", "12x20"]
+PRIOR_PRESERVATION_IN_BUCKETS = ["--instance_data_dir", "EMPTY", "--instance_prompt", "a sks digit",
+                                 "--with_prior_preservation", "true", "--class_prompt", "a digit",
+                                 "--aspect_ratio_buckets", "16x16"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +57,13 @@ def test_unet_trains_in_buckets_and_measures_every_bucket(bucket_runs):
     assert list(buckets) == UNET_SIZES and sum(b["images"] for b in buckets.values()) == 64
     assert all(b["batches_per_epoch"] == 1 for b in buckets.values())  # 16 per batch: one full batch per bucket
     results = tracking.read_json(full / "eval.json")
-    for size in UNET_SIZES:
-        for suffix in ("", "_padded"):
+    for size in UNET_SIZES:  # the measure (ink centred and padded to a square) and the earlier centred crop
+        for suffix in ("", "_centre_crop"):
             assert 0 <= results[f"quality/prompt_adherence_bucket_{size}{suffix}"] <= 1
-        assert results[f"quality/prompt_adherence_bucket_{size}_real_images"] > 0.9  # the centred square: a fair test
+            assert results[f"quality/prompt_adherence_bucket_{size}{suffix}_real_images"] > 0.9  # a fair measure
+    lowest = min(results[f"quality/prompt_adherence_bucket_{size}"] for size in UNET_SIZES)
+    assert results["quality/prompt_adherence_bucket_min"] == lowest
+    assert "padded to a black square" in results["eval/bucket_measure"]
 
 
 @pytest.mark.slow
@@ -81,9 +87,11 @@ def test_flow_trains_in_buckets_then_learns_a_dreambooth_subject_with_prior_pres
                        "--train_batch_size", "16")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_hfgen("train", FLOW_RECIPE, *flow_overrides(root, root / "vae", root / "base", steps=3), *FLOW_BUCKETS,
-                       "--eval_images_per_prompt", "0", "--checkpointing_steps", "0")  # fmt: skip
+                       "--eval_images_per_prompt", "1", "--checkpointing_steps", "0")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tracking.read_json(root / "base" / "buckets.json")) == FLOW_SIZES
+    results = tracking.read_json(root / "base" / "eval.json")  # the SD3 pipeline samples every bucket's size
+    assert all(0 <= results[f"quality/prompt_adherence_bucket_{size}"] <= 1 for size in FLOW_SIZES)
 
     instance = root / "instance"
     instance.mkdir()
@@ -153,6 +161,7 @@ def test_dreambooth_script_short_case_generates_class_images_once_and_adds_missi
         (["--with_prior_preservation", "true"], "need(s) instance_data_dir"),
         (["--aspect_ratio_buckets", "wide"], "neither ratios"),
         (["--aspect_ratio_buckets", "4:3"], "quote ratios"),  # YAML reads it as 243
+        (PRIOR_PRESERVATION_IN_BUCKETS, "aspect_ratio_buckets with with_prior_preservation is not supported"),
     ],
 )
 def test_bad_dreambooth_and_bucket_keys_are_named_before_training(tmp_path, change, expected):
@@ -171,3 +180,22 @@ def test_dreambooth_gpu_recipe_parses_with_its_features():
     assert model_args.pretrained_model_name_or_path == "stabilityai/stable-diffusion-3.5-medium" and model_args.drop_t5
     assert args.use_lora and args.with_prior_preservation and "sks" in args.instance_prompt and args.class_prompt
     assert args.mixed_precision == "bf16" and args.gradient_checkpointing and data_args.resolution == 1024
+
+
+def test_flux_sides_off_its_packing_are_named_at_check(tmp_path):
+    """A Flux pipeline's sides must be multiples of its VAE's downsampling x its 2x2 latent packing (16 for
+    FLUX.1's 8x VAE): found from the configs alone (no weights here), before anything loads."""
+    configs = {"model_index.json": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
+               "transformer/config.json": {"_class_name": "FluxTransformer2DModel", "patch_size": 1},
+               "vae/config.json": {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}}  # fmt: skip
+    for name, config in configs.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(config))
+    flux = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    load_recipe(FLOW_LORA_RECIPE, overrides=[*flux, "--resolution", "32", *DIGITS_ASPECT, "--aspect_ratio_buckets",
+                                             "32x32", "48x32", '"3:2"'])  # fmt: skip
+    with pytest.raises(UserError, match=r"aspect_ratio_buckets: sizes \['40x32'\] are not multiples of 16.*Flux"):
+        load_recipe(FLOW_LORA_RECIPE, overrides=[*flux, "--resolution", "32", "--aspect_ratio_buckets", "40x32"])
+    result = run_hfgen("check", FLOW_LORA_RECIPE, *flux, "--resolution", "24")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "resolution 24 is not a multiple of 16" in result.stderr and "Flux's 2x2 latent packing" in result.stderr

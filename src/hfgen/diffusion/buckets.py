@@ -43,6 +43,13 @@ def bucket_problems(specs: list[str]) -> list[str]:
     return [f"aspect_ratio_buckets: {zero} have a zero side"] if zero else []
 
 
+def sizes_off_multiple(specs: list[str], multiple: int) -> list[str]:
+    """The sizes ('768x512') among `specs` with a side that is not a multiple of `multiple` (ratios are rounded to
+    it, so they never are)."""
+    sizes = [(spec, _SIZE.match(spec)) for spec in specs]
+    return [spec for spec, match in sizes if match and (int(match[1]) % multiple or int(match[2]) % multiple)]
+
+
 def size_for_ratio(ratio: float, resolution: int, multiple: int) -> tuple[int, int]:
     """(width, height) of about resolution^2 pixels at width/height = `ratio`, sides rounded to `multiple`."""
     width = math.sqrt(resolution * resolution * ratio)

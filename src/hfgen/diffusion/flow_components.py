@@ -111,6 +111,57 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
     return problems
 
 
+def latent_multiple(vae_config, transformer_config) -> int:
+    """What every image side must be a multiple of: the VAE's downsampling times the transformer's patch (Flux: its
+    2x2 latent packing, whatever its config's patch_size of 1 says)."""
+    flux = transformer_config.get("_class_name") == "FluxTransformer2DModel"
+    patch = 2 if flux else transformer_config.get("patch_size", 2)  # (SD3Transformer2DModel's default)
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) * patch
+
+
+def pipeline_config(name: str, filename: str) -> dict | None:
+    """A config file (`filename` in the dir or repo `name`; "": `name` is the file) of a local dir or of a hub repo
+    already in the cache; None where it is not there (a check downloads nothing)."""
+    import json
+    from pathlib import Path
+
+    path = Path(name).expanduser() / filename
+    if not path.is_file() and filename:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, filename)
+        except ValueError:  # not a repo id either: check_model_source names the key
+            return None
+        path = Path(cached) if isinstance(cached, str) else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def size_problems(args: FlowPipelineArguments, data_args) -> list[str]:
+    """`resolution` or an `aspect_ratio_buckets` size whose sides are not multiples of `latent_multiple`, read from
+    the configs before anything loads (skipped where a config is not at hand: a hub pipeline not yet downloaded)."""
+    from hfgen.diffusion.buckets import sizes_off_multiple
+
+    pretrained = args.pretrained_model_name_or_path
+    if pretrained:
+        transformer = pipeline_config(pretrained, "transformer/config.json")
+    else:
+        transformer = pipeline_config(args.transformer_config, "") if args.transformer_config else None
+    vae_source = args.vae_name_or_path or pretrained  # a VAE dir or hub id, or a pipeline's `vae` subfolder
+    vae = vae_source and (pipeline_config(vae_source, "config.json") or pipeline_config(vae_source, "vae/config.json"))
+    if not transformer or not vae or "block_out_channels" not in vae:
+        return []
+    multiple = latent_multiple(vae, transformer)
+    layout = "Flux's 2x2 latent packing" if transformer.get("_class_name") == "FluxTransformer2DModel" else "patches"
+    why = f"which this pipeline needs (VAE downsampling x {layout})"
+    problems = []
+    if data_args.resolution % multiple:
+        problems.append(f"resolution {data_args.resolution} is not a multiple of {multiple}, {why}")
+    if odd := sizes_off_multiple(data_args.aspect_ratio_buckets, multiple):
+        problems.append(f"aspect_ratio_buckets: sizes {odd} are not multiples of {multiple}, {why}")
+    return problems
+
+
 def load_flow_components(args: FlowPipelineArguments, train_captions: list[str]) -> dict:
     """The StableDiffusion3Pipeline components (see the module docstring)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel

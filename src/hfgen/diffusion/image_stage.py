@@ -55,8 +55,9 @@ def check_image_stage(model_args, data_args, args: ImageStageArguments) -> list[
         problems.append(f"condition_dropout must be in [0, 1), got {args.condition_dropout}")
     problems += dreambooth_problems(args, data_args.dataset_name, model_args.pretrained_model_name_or_path)
     if args.with_prior_preservation and data_args.aspect_ratio_buckets:
-        problems.append("aspect_ratio_buckets with with_prior_preservation is not supported: class images are "
-                        "square; drop one of them")  # fmt: skip
+        problems.append("aspect_ratio_buckets with with_prior_preservation is not supported: a prior-preservation "
+                        "batch stacks instance and class images in one tensor, and the class images are generated "
+                        "at one size; drop one of the two keys")  # fmt: skip
     if args.instance_data_dir:
         return problems
     return problems + check_image_data(data_args, need_captions=True)

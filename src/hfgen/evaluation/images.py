@@ -12,6 +12,11 @@ Everything is fixed and offline, so figures from different runs compare:
   diversity          mean pairwise RMS pixel distance (pixels in [0, 1]) among one prompt's images, averaged over
                      prompts, beside the same figure for real images of the same digit.
   speed              images/s of the pipeline call, after a warm-up call.
+  aspect-ratio buckets  adherence in every bucket (`bucket_adherence`): each sample's ink is cut to its bounding
+                     box, centred and padded to a black square (MNIST's normalisation: it undoes where and how large
+                     the digit sits on a non-square canvas, not its shape), then 8x8; classified by the same SVC
+                     trained on real digits normalised the same way (`normalised_digit_classifier`), beside real
+                     digits through the bucket's data path.
 
 `evaluate_pipeline(pipeline_dir)` is what `hfgen eval PIPELINE_DIR` and the t2i stage call. For pipelines not
 trained on `embedded:digits` it reports diversity (on 32x32 thumbnails) and speed only.
@@ -94,24 +99,19 @@ def thumbnails(images, size: int = THUMBNAIL) -> np.ndarray:
 def as_pipeline_sees(pixels: np.ndarray, resolution: int) -> np.ndarray:
     """Real 8x8 digits through the training data's path (upscaled like embedded:digits, resized to `resolution`)
     and back to 8x8: what a perfect generator at that resolution would hand the classifier."""
-    from PIL import Image
+    from hfgen.diffusion.data import resize_and_crop
 
-    from hfgen.diffusion.data import DIGITS_SIZE, resize_and_crop
-
-    images = []
-    for row in pixels:
-        image = Image.fromarray((row.reshape(8, 8) * 255).round().astype(np.uint8), mode="L")
-        image = image.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR).convert("RGB")
-        images.append(resize_and_crop(image, resolution, center_crop=True))
+    images = [resize_and_crop(real_digit_image(row).convert("RGB"), resolution, center_crop=True) for row in pixels]
     return to_digit_pixels(images)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
 
 
-def prompt_adherence(pixels_by_digit: dict[int, np.ndarray]) -> tuple[float, dict[int, float]]:
-    """(mean over digits, per digit) share of images the classifier labels as the digit they were prompted for."""
-    classifier = digit_classifier()[0]
+def prompt_adherence(pixels_by_digit: dict[int, np.ndarray], classifier=None) -> tuple[float, dict[int, float]]:
+    """(mean over digits, per digit) share of images the classifier (default `digit_classifier`'s) labels as the
+    digit they were prompted for."""
+    classifier = classifier or digit_classifier()[0]
     per_digit = {k: float((classifier.predict(pixels) == k).mean()) for k, pixels in pixels_by_digit.items()}
     return float(np.mean(list(per_digit.values()))), per_digit
 
@@ -239,70 +239,124 @@ def digit_metrics(pixels_by_prompt: list[np.ndarray], resolution: int) -> dict:
 
 # ---- aspect-ratio buckets -----------------------------------------------------------------------------
 
+INK_THRESHOLD = 0.2  # share of an image's brightest pixel from which a pixel counts as ink (the digit's box)
+BUCKET_MEASURE = (
+    "each sample's ink (pixels >= 0.2 of its brightest) cut to its bounding box, centred and padded to a black "
+    "square, then 8x8 by area averaging; classified by an SVC trained on real digits normalised the same way"
+)
 
-def square(image, pad: bool):
-    """The centred square of an image's shorter side, or (`pad`) the image centred on a black square of its
-    longer side."""
+
+def centred_on_square(image):
+    """The image's ink cut to its bounding box and centred on a black square of the box's longer side (grayscale):
+    MNIST's size-and-position normalisation. It undoes where and how large a digit sits on its canvas, never its
+    shape (a stretched digit stays stretched). An image without ink is padded whole."""
     from PIL import Image
 
+    gray = image.convert("L")
+    pixels = np.asarray(gray, dtype=np.float32)
+    ink = pixels >= INK_THRESHOLD * pixels.max() if pixels.max() > 0 else np.ones_like(pixels, dtype=bool)
+    rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    box = gray.crop((columns[0], rows[0], columns[-1] + 1, rows[-1] + 1))
+    side = max(box.size)
+    canvas = Image.new("L", (side, side))
+    canvas.paste(box, ((side - box.width) // 2, (side - box.height) // 2))
+    return canvas
+
+
+def centre_crop(image):
+    """The centred square of the image's shorter side (the earlier bucket measure, kept for comparison: it fits
+    digits centred on a canvas of the bucket's ratio, as embedded:digits-aspect's, and nothing else)."""
     width, height = image.size
-    if pad:
-        side = max(width, height)
-        canvas = Image.new(image.mode, (side, side))
-        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-        return canvas
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return image.crop((left, top, left + side, top + side))
 
 
-def as_bucket_sees(pixels: np.ndarray, size: tuple[int, int], pad: bool) -> np.ndarray:
-    """Real 8x8 digits through embedded:digits-aspect's path to a bucket of `size` and back through `square`: what
-    a perfect generator in that bucket would hand the classifier."""
+def to_normalised_digit_pixels(images) -> np.ndarray:
+    """PIL images -> (N, 64) in [0, 1], each `centred_on_square` then 8x8 by area averaging."""
+    return to_digit_pixels([centred_on_square(image) for image in images])
+
+
+def real_digit_image(row: np.ndarray):
+    """One real 8x8 digit (64 pixels in [0, 1]) as embedded:digits renders it: upscaled to 32x32, bilinear."""
     from PIL import Image
 
-    from hfgen.diffusion.data import DIGITS_SIZE, fit
+    from hfgen.diffusion.data import DIGITS_SIZE
 
-    width, height = size
-    canvas_size = (DIGITS_SIZE * 3 // 2, DIGITS_SIZE) if width > height else (DIGITS_SIZE, DIGITS_SIZE * 3 // 2)
-    canvas_size = canvas_size if width != height else (DIGITS_SIZE, DIGITS_SIZE)
+    digit = Image.fromarray((row.reshape(8, 8) * 255).round().astype(np.uint8), mode="L")
+    return digit.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR)
+
+
+@functools.lru_cache(maxsize=1)
+def normalised_digit_classifier():
+    """(classifier, held-out accuracy): `digit_classifier`'s SVC, split and held-out digits, on real digits through
+    `to_normalised_digit_pixels`, so it takes the bucket measure's form."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    pixels, labels = real_digits()
+    normalised = to_normalised_digit_pixels([real_digit_image(row) for row in pixels])
+    x_train, x_test, y_train, y_test = train_test_split(
+        normalised, labels, test_size=CLASSIFIER_TEST_FRACTION, random_state=CLASSIFIER_SEED, stratify=labels
+    )
+    classifier = SVC(C=10.0).fit(x_train, y_train)
+    return classifier, float(classifier.score(x_test, y_test))
+
+
+def in_bucket(pixels: np.ndarray, size: tuple[int, int]) -> list:
+    """Real 8x8 digits through embedded:digits-aspect's path into a bucket of `size` (width, height): centred on
+    the canvas of the nearest ratio, then fitted to the bucket as training fits it. What a perfect generator in that
+    bucket would draw."""
+    from PIL import Image
+
+    from hfgen.diffusion.buckets import nearest_bucket
+    from hfgen.diffusion.data import DIGITS_ASPECT_CANVASES, fit
+
+    canvas_size = DIGITS_ASPECT_CANVASES[nearest_bucket(size, list(DIGITS_ASPECT_CANVASES))]
     images = []
     for row in pixels:
-        digit = Image.fromarray((row.reshape(8, 8) * 255).round().astype(np.uint8), mode="L")
-        canvas = Image.new("L", canvas_size)
-        canvas.paste(digit.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR),
-                     ((canvas_size[0] - DIGITS_SIZE) // 2, (canvas_size[1] - DIGITS_SIZE) // 2))  # fmt: skip
-        images.append(square(fit(canvas, size, center_crop=True)[0], pad))
-    return to_digit_pixels(images)
+        digit, canvas = real_digit_image(row), Image.new("L", canvas_size)
+        canvas.paste(digit, ((canvas.width - digit.width) // 2, (canvas.height - digit.height) // 2))
+        images.append(fit(canvas, size, center_crop=True)[0])
+    return images
+
+
+def bucket_adherence_of(images_by_digit: list[list], size: tuple[int, int]) -> dict:
+    """eval.json's figures for one bucket from images_by_digit[k] (drawn for digit k at `size`), each beside real
+    held-out digits through the bucket's path (`_real_images`): `_bucket_WxH` by the bucket measure
+    (BUCKET_MEASURE), `_bucket_WxH_centre_crop` by the earlier centred square on the plain classifier."""
+    classifier = normalised_digit_classifier()[0]
+    _, _, held_out, held_out_labels = digit_classifier()
+    real = [in_bucket(held_out[held_out_labels == k], size) for k in range(len(images_by_digit))]
+    name = f"quality/prompt_adherence_bucket_{size[0]}x{size[1]}"
+    results = {}
+    for source, suffix in ((images_by_digit, ""), (real, "_real_images")):
+        normalised = {k: to_normalised_digit_pixels(images) for k, images in enumerate(source)}
+        cropped = {k: to_digit_pixels([centre_crop(image) for image in images]) for k, images in enumerate(source)}
+        results[name + suffix] = prompt_adherence(normalised, classifier)[0]
+        results[name + "_centre_crop" + suffix] = prompt_adherence(cropped)[0]
+    return results
 
 
 def bucket_adherence(
     pipeline_dir: str, sizes: list[tuple[int, int]], images_per_prompt: int, num_inference_steps: int,
     guidance_scale: float, seed: int, device: str | None = None,
 ) -> dict:  # fmt: skip
-    """Prompt adherence of digits generated at each bucket's size (width x height), for pipelines trained on
-    embedded:digits-aspect, whose digits sit centred on a canvas padded to the bucket's ratio. The classifier takes
-    square digits, so each sample is squared first, two ways, each beside its ceiling (real digits through the same
-    path, `as_bucket_sees`): `_bucket_WxH` keeps the centred square of the shorter side (the digit's own square);
-    `_bucket_WxH_padded` pads the sample to a square of its longer side, which shrinks the digit to 2/3 of the
-    classifier's 8x8 frame, where it recognises few even of the real digits (see `_padded_real_images`)."""
+    """Prompt adherence of digits generated at each bucket's size (width x height) by the bucket measure
+    (`bucket_adherence_of`), the lowest over the buckets, and the measure's classifier and description."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.rendering import generate_images, recorded_call_arguments
 
     pipeline = load_pipeline(pipeline_dir, device=device)
     call_arguments = recorded_call_arguments(pipeline_dir)
     prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
-    _, _, held_out, held_out_labels = digit_classifier()
     results = {}
     for width, height in sizes:
         rows = generate_images(pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed,
                                height=height, width=width, **call_arguments)  # fmt: skip
-        for pad, suffix in ((False, ""), (True, "_padded")):
-            name = f"quality/prompt_adherence_bucket_{width}x{height}{suffix}"
-            results[name] = prompt_adherence(
-                {k: to_digit_pixels([square(image, pad) for image in row]) for k, row in enumerate(rows)}
-            )[0]
-            results[name + "_real_images"] = prompt_adherence(
-                {k: as_bucket_sees(held_out[held_out_labels == k], (width, height), pad) for k in range(10)}
-            )[0]
-    return results
+        results |= bucket_adherence_of(rows, (width, height))
+    results["quality/prompt_adherence_bucket_min"] = min(
+        results[f"quality/prompt_adherence_bucket_{w}x{h}"] for w, h in sizes
+    )
+    results["quality/bucket_classifier_heldout_accuracy"] = normalised_digit_classifier()[1]
+    return results | {"eval/bucket_measure": BUCKET_MEASURE}

@@ -33,7 +33,7 @@ from hfgen.diffusion import image_stage
 from hfgen.diffusion.data import ImageDataArguments
 from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.flow import WEIGHTING_SCHEMES
-from hfgen.diffusion.flow_components import FlowPipelineArguments, check_flow_pipeline_arguments
+from hfgen.diffusion.flow_components import FlowPipelineArguments, check_flow_pipeline_arguments, size_problems
 from hfgen.diffusion.image_stage import ImageStageArguments
 
 # Attention of both streams (image and text) and both MLPs of every MMDiT block.
@@ -68,7 +68,7 @@ def check(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args
         problems.append("t2i_flow caches latents, which needs center_crop: true")
     if args.logit_std <= 0:
         problems.append(f"logit_std must be positive, got {args.logit_std}")
-    return problems
+    return problems + size_problems(model_args, data_args)
 
 
 def refused_engines(model_args, data_args, args):
@@ -104,7 +104,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     from hfgen.diffusion.data import pick_caption
     from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
     from hfgen.diffusion.flow_components import (
-        is_flux,
+        latent_multiple,
         load_flow_components,
         make_pipeline,
         predict_velocity,
@@ -170,8 +170,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     # Cached inputs: VAE posteriors per image (per bucket), and every distinct caption's embeddings (the last: the
     # empty prompt). Bucket sides: multiples of the VAE's downsampling times the transformer's patch size (Flux:
     # its 2x2 latent packing; its config says patch_size 1).
-    patch = 2 if is_flux(parts) else transformer.config.patch_size
-    size_multiple = 2 ** (len(vae.config.block_out_channels) - 1) * patch
+    size_multiple = latent_multiple(vae.config, parts["transformer"].config)
     train_set, captions, train_loader = image_stage.training_data(
         train_rows, n_instance, data_args, args, accelerator, vae, size_multiple
     )
