@@ -8,14 +8,18 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_t2i_flow import FLOW_LORA_RECIPE, FLOW_RECIPE, TINY, VAE16_RECIPE, flow_overrides
 
 from conftest import REPO, run_hfgen
 from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
 from hfgen import tracking
+from hfgen.diffusion.components import load_pipeline
+from hfgen.diffusion.rendering import generate_images
 from hfgen.errors import UserError
 from hfgen.recipe import load_recipe
 
@@ -116,6 +120,10 @@ def test_flow_trains_in_buckets_then_learns_a_dreambooth_subject_with_prior_pres
     rows = [json.loads(line) for line in (class_images / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a handwritten digit 1", "a handwritten digit 1", "a handwritten digit 2"]
     assert len(list(class_images.glob("*.png"))) == 3
+    # They are the base's samples drawn as it was trained: no zero T5 tokens (the recipe's max_sequence_length 0)
+    base = load_pipeline(root / "base", device="cpu")
+    first = generate_images(base, ["a handwritten digit 1"], 2, 2, 2.0, 42, height=16, width=16, max_sequence_length=0)
+    assert np.array_equal(np.asarray(first[0][0]), np.asarray(Image.open(class_images / rows[0]["file_name"])))
     adapter = load_file(root / "dreambooth" / "pytorch_lora_weights.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
