@@ -1,6 +1,7 @@
 """Aspect-ratio buckets and DreamBooth in both text-to-image stages, end to end on tiny models: the UNet path trains
 on the three-ratio digits in buckets (buckets.json, per-bucket adherence in eval.json) and resumes exactly mid-epoch;
-the flow path trains in buckets and then learns a DreamBooth subject with prior preservation on it; the DreamBooth
+the flow path trains in buckets and then learns a DreamBooth subject with prior preservation on it (class images: the
+base's samples as it was trained), and the DreamBooth script runs its short case there; the UNet DreamBooth
 script's short case generates class images once (cycling the class prompts), reuses them, adds only missing ones."""
 
 import json
@@ -8,14 +9,18 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_t2i_flow import FLOW_LORA_RECIPE, FLOW_RECIPE, TINY, VAE16_RECIPE, flow_overrides
 
 from conftest import REPO, run_hfgen
 from diffusion_fixtures import T2I_RECIPE, t2i_overrides
 from hfgen import tracking
+from hfgen.diffusion.components import load_pipeline
+from hfgen.diffusion.rendering import generate_images
 from hfgen.errors import UserError
 from hfgen.recipe import load_recipe
 
@@ -29,6 +34,8 @@ UNET_SIZES, FLOW_SIZES = ["16x16", "24x16", "16x24"], ["16x16", "20x12", "12x20"
 PRIOR_PRESERVATION_IN_BUCKETS = ["--instance_data_dir", "EMPTY", "--instance_prompt", "a sks digit",
                                  "--with_prior_preservation", "true", "--class_prompt", "a digit",
                                  "--aspect_ratio_buckets", "16x16"]  # fmt: skip
+SCRIPT_SHORT_CASE = ["--max_train_steps", "2", "--num_class_images", "4", "--num_inference_steps", "2",
+                     "--train_batch_size", "2", "--num_validation_images", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +118,24 @@ def test_flow_trains_in_buckets_then_learns_a_dreambooth_subject_with_prior_pres
     rows = [json.loads(line) for line in (class_images / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a handwritten digit 1", "a handwritten digit 1", "a handwritten digit 2"]
     assert len(list(class_images.glob("*.png"))) == 3
+    # They are the base's samples drawn as it was trained: no zero T5 tokens (the recipe's max_sequence_length 0)
+    base = load_pipeline(root / "base", device="cpu")
+    first = generate_images(base, ["a handwritten digit 1"], 2, 2, 2.0, 42, height=16, width=16, max_sequence_length=0)
+    assert np.array_equal(np.asarray(first[0][0]), np.asarray(Image.open(class_images / rows[0]["file_name"])))
     adapter = load_file(root / "dreambooth" / "pytorch_lora_weights.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+    # The DreamBooth script's short case on this path (recipes/tiny/t2i_flow_digits_dreambooth.yaml on this base)
+    result = subprocess.run(
+        [sys.executable, REPO / "scripts/dreambooth_digits.py", "--path", "flow", "--base", root / "base",
+         "--output_dir", root / "script", "--images_per_prompt", "1", "--threads", "1", *SCRIPT_SHORT_CASE],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((root / "script" / "figures.json").read_text())
+    assert figures["path"] == "flow" and len(list((root / "script" / "class_images").glob("*.png"))) == 4
+    for name in ("base", "with_prior_preservation", "without_prior_preservation"):
+        assert 0 <= figures[name]["class_adherence"] <= 1 and 0 <= figures[name]["subject_style"] <= 1
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +149,7 @@ def base_pipeline(configs, vae_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_dreambooth_script_short_case_generates_class_images_once_and_adds_missing_ones(base_pipeline, tmp_path):
-    short = ["--max_train_steps", "2", "--num_class_images", "4", "--num_inference_steps", "2",
-             "--train_batch_size", "2", "--num_validation_images", "1"]  # fmt: skip
+    short = SCRIPT_SHORT_CASE
     result = subprocess.run(
         [sys.executable, REPO / "scripts/dreambooth_digits.py", "--base", base_pipeline, "--output_dir", tmp_path,
          "--images_per_prompt", "1", "--threads", "1", *short],

@@ -98,11 +98,13 @@ def instance_rows(args: DreamBoothArguments, data_args):
     return folder_rows(paths, [args.instance_prompt] * len(paths), data_args.image_column, data_args.caption_column)
 
 
-def class_rows(args: DreamBoothArguments, data_args, class_dir: Path, make_pipeline, accelerator, sampling) -> object:
+def class_rows(args: DreamBoothArguments, data_args, class_dir: Path, make_pipeline, accelerator, sampling,
+               call_arguments: dict | None = None) -> object:  # fmt: skip
     """The class images in `class_dir`, first generating the missing ones (of `num_class_images`) with the base
-    pipeline `make_pipeline()` on the main process; `sampling`: (num_inference_steps, guidance_scale, seed)."""
+    pipeline `make_pipeline()` on the main process; `sampling`: (num_inference_steps, guidance_scale, seed);
+    `call_arguments`: what every pipeline call needs to sample as the base was trained (t2i_flow: its T5 length)."""
     if accelerator.is_main_process:
-        generate_missing(args, class_dir, make_pipeline, data_args.resolution, *sampling)
+        generate_missing(args, class_dir, make_pipeline, data_args.resolution, *sampling, **(call_arguments or {}))
     accelerator.wait_for_everyone()
     listed = read_metadata(class_dir)
     paths = image_files(class_dir)[: args.num_class_images]
@@ -117,9 +119,10 @@ def read_metadata(class_dir: Path) -> dict[str, str]:
     return {row["file_name"]: row["text"] for row in map(json.loads, path.read_text().splitlines()) if row}
 
 
-def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, steps: int, guidance: float, seed: int):
+def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, steps: int, guidance: float, seed: int,
+                     **call_arguments):  # fmt: skip
     """Generate class images numbered from the ones already there up to `num_class_images` (prompts cycle through
-    `class_prompt`), appending their prompts to metadata.jsonl."""
+    `class_prompt`), appending their prompts to metadata.jsonl; `call_arguments` go to every pipeline call."""
     from hfgen.diffusion.rendering import generate_images, slug
 
     class_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +139,9 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
             numbers = [i for i in missing if i % len(prompts) == k]
             if not numbers:
                 continue
+            size = {"height": resolution, "width": resolution, **call_arguments}
             row = generate_images(pipeline, [prompt], len(numbers), steps, guidance, seed + have * len(prompts) + k,
-                                  height=resolution, width=resolution)[0]  # fmt: skip
+                                  **size)[0]  # fmt: skip
             for number, image in zip(numbers, row):
                 name = f"{number:05d}-{slug(prompt)}.png"
                 image.save(class_dir / name)

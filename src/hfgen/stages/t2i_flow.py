@@ -142,9 +142,11 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 args.seed + index, device,
             )  # fmt: skip
             tracking.update_eval(output_dir, {f"{name}/clip_loss_initial": first, f"{name}/clip_loss": last})
+    # Pipeline-call arguments so that samples (DreamBooth's class images, validation) are conditioned as training is
+    sampling = sampling_arguments(model_args, data_args, parts)
     n_instance = len(train_rows)  # DreamBooth's class images come from the base pipeline, before it trains
     base = lambda: make_pipeline(parts).to(device)  # noqa: E731
-    train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator)
+    train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator, sampling)
     frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
     for model in frozen:
         loop.replicated(accelerator, model)
@@ -181,7 +183,6 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         make_pipeline(parts), captions, device, model_args.max_sequence_length
     )
     empty_caption = len(captions) - 1
-    sampling = sampling_arguments(model_args, data_args, parts)  # validation samples as training conditioned
 
     optimizer = make_optimizer(
         [[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes
