@@ -41,21 +41,18 @@ def load_reward_model(path):
 
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(reward_run):
-    from hfgen.data.embedded import TOPIC_TRADE_SHARE, TOPIC_TWIN_SHARE, load_embedded
+    from hfgen.data.embedded import TOPIC_TWIN_SHARE, load_embedded
     from hfgen.stages.reward import pairwise_eval, tokenize_pair
 
     results = tracking.read_json(reward_run / "eval.json")
-    # the last 30% of the held-out pairs are topic pairs (the same answer about another subject, or about another
-    # subject and one pleasant word nicer), which this 110k-parameter model (briefly pretrained, 250 steps here) ranks
-    # near chance: it cannot match the answer's subject to the prompt's (the demo's reward model starts from the SFT
-    # model, which can); 0.74 overall when measured
-    assert results["accuracy"] >= 0.7 and results["margin"] > 1.0, results
+    # the last 15% of the held-out pairs are topic twins (the same answer about another thing), which this 110k-
+    # parameter model (briefly pretrained, 250 steps here) ranks less well than the others (0.89 overall when measured)
+    assert results["accuracy"] >= 0.85 and results["margin"] > 1.0, results
     model, tokenizer = load_reward_model(reward_run)
     pairs = list(load_embedded("preferences")["test"])
-    topic_pairs = round(len(pairs) * TOPIC_TWIN_SHARE) + round(len(pairs) * TOPIC_TRADE_SHARE)
-    before_topic = pairs[: len(pairs) - topic_pairs]
-    ranked = pairwise_eval(model, tokenizer, [tokenize_pair(tokenizer, row) for row in before_topic], batch_size=64)
-    assert ranked["accuracy"] >= 0.8, ranked  # 0.83 when measured (0.9 before the topic pairs took 30% of the data)
+    before_twins = pairs[: len(pairs) - round(len(pairs) * TOPIC_TWIN_SHARE)]
+    ranked = pairwise_eval(model, tokenizer, [tokenize_pair(tokenizer, row) for row in before_twins], batch_size=64)
+    assert ranked["accuracy"] >= 0.9, ranked
     assert abs(results["accuracy_initial"] - 0.5) < 0.15  # a fresh head starts at chance
     assert isinstance(results["score_max"], float)  # the ceiling PPO's reward-hacking monitor reads
     assert results["held_out_pairs"] == 300
@@ -76,7 +73,7 @@ def test_reward_model_agrees_with_the_oracle_on_fresh_pairs(reward_run):
         for p in fresh
     )
     agreement = pairwise_eval(model, tokenizer, [tokenize_pair(tokenizer, pair) for pair in fresh], batch_size=64)
-    assert agreement["accuracy"] >= 0.8, agreement  # (0.85 before the topic pairs took 30% of the data)
+    assert agreement["accuracy"] >= 0.85, agreement
 
 
 @pytest.mark.slow

@@ -12,8 +12,7 @@ Datasets (`embedded:NAME` in any dataset key), each with `train` and `test` spli
     instructions    {"messages"}                   user/assistant conversations for SFT
     instructions_pc {"prompt", "completion"}       the same, as conversational prompt/completion
     preferences     {"prompt", "chosen", "rejected"}  conversational preference pairs (chosen: higher oracle score;
-                                                   the last 30% are topic pairs: rejected = about another subject,
-                                                   one pleasant word nicer (trades) or word for word (twins))
+                                                   the last 15% are topic twins: rejected = chosen about another thing)
     prompts         {"prompt"}                     conversational prompts for PPO and evaluation
 
 The `arithmetic_*` datasets (a task with verifiable answers, for GRPO/RLOO) live in `hfgen.data.arithmetic`.
@@ -48,8 +47,7 @@ SPLIT_SEEDS = {"train": 1234, "test": 98765}
 SIZES = {"corpus": 3000, "instructions": 3000, "preferences": 3000, "prompts": 512}
 TEST_FRACTION = 0.1
 MAX_GOOD_LENGTH = 12  # words; longer answers lose oracle score
-TOPIC_TWIN_SHARE = 0.15  # of the preference pairs: the rejected answer is the chosen one about another subject
-TOPIC_TRADE_SHARE = 0.15  # of the preference pairs: the rejected answer is about another subject, one word pleasanter
+TOPIC_TWIN_SHARE = 0.15  # of the preference pairs: the rejected answer is the chosen one about another thing
 
 
 # ---- the oracle -------------------------------------------------------------------------------------
@@ -128,14 +126,13 @@ def _sentence(rng: random.Random) -> str:
     return f"the {rng.choice(SUBJECTS)} {rng.choice(VERBS)} and it is {a}."
 
 
-def _listed(words: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
-
 def _answer(rng: random.Random, thing: str) -> str:
     """An SFT-style answer about `thing`: pleasant and unpleasant adjectives equally likely."""
-    described = _listed(rng.sample(ADJECTIVES, rng.choice((1, 2, 2, 3))))
+    adjectives = rng.sample(ADJECTIVES, rng.choice((1, 2, 2, 3)))
+    if len(adjectives) == 1:
+        described = adjectives[0]
+    else:
+        described = ", ".join(adjectives[:-1]) + " and " + adjectives[-1]
     if rng.random() < 0.3:
         return f"the {thing} {rng.choice(VERBS)} {rng.choice(PLACES)} the {rng.choice(SUBJECTS)} and it is {described}."
     return f"the {thing} is {described}."
@@ -173,11 +170,10 @@ def generate_rows(name: str, split: str) -> list[dict]:
     count = size if split == "train" else max(1, int(size * TEST_FRACTION))
     rows = []
     if name == "preferences":
-        # the topic pairs come last, from their own seeds: the pairs before them are those of earlier versions, and
+        # the topic twins come last, from their own seed: the pairs before them are those of earlier versions, and
         # so is the tokenizer (trained on the first 500)
-        trades, twins = round(count * TOPIC_TRADE_SHARE), round(count * TOPIC_TWIN_SHARE)
-        count -= trades + twins
-        trade_rng = random.Random(f"preferences:trades:{SPLIT_SEEDS[split]}")
+        twins = round(count * TOPIC_TWIN_SHARE)
+        count -= twins
         twin_rng = random.Random(f"preferences:twins:{SPLIT_SEEDS[split]}")
     for _ in range(count):
         if name == "corpus":
@@ -200,7 +196,6 @@ def generate_rows(name: str, split: str) -> list[dict]:
         else:
             raise KeyError(name)
     if name == "preferences":
-        rows += [_topic_trade_pair(trade_rng) for _ in range(trades)]
         rows += [_topic_twin_pair(twin_rng) for _ in range(twins)]
     return rows
 
@@ -221,43 +216,15 @@ def _preference_pair(rng: random.Random) -> dict:
             }
 
 
-def _other_subject(rng: random.Random, thing: str) -> str:
-    """`thing` ("red cat" or "cat") with another subject: the colour stays, so only the subject word differs."""
-    *colour, subject = thing.split()
-    return " ".join([*colour, rng.choice([other for other in SUBJECTS if other != subject])])
-
-
 def _topic_twin_pair(rng: random.Random) -> dict:
-    """A pair whose rejected answer is the chosen one word for word, but about another thing (only the subject word
-    changes, so a colour named or not cannot tell them apart): as fluent and as pleasant, so all it teaches is to stay
-    on the asked-about thing (the oracle's subject term)."""
+    """A pair whose rejected answer is the chosen one word for word, but about another thing: as fluent and as
+    pleasant, so all it teaches is to stay on the asked-about thing (the oracle's subject term)."""
     while True:
         request = _request(rng)
         thing = _thing_of(request)
         chosen = _answer(rng, thing)
-        rejected = chosen.replace(f"the {thing}", f"the {_other_subject(rng, thing)}", 1)
-        if oracle_score(request, chosen) > oracle_score(request, rejected):  # the subject not named later
-            break
-    return {
-        "prompt": [{"role": "user", "content": request}],
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-    }
-
-
-def _topic_trade_pair(rng: random.Random) -> dict:
-    """A pair whose rejected answer is about another thing and one pleasant word nicer than the chosen one: the
-    drift PPO finds when the reward model undervalues the subject ("the book is warm and lovely." for a horse), so
-    it teaches that naming the asked-about thing outweighs a pleasant word."""
-    while True:
-        request = _request(rng)
-        thing = _thing_of(request)
-        adjectives = rng.sample(ADJECTIVES, rng.choice((1, 2, 2)))
-        nicer = adjectives + [rng.choice([word for word in POSITIVE if word not in adjectives])]
-        rng.shuffle(nicer)
-        chosen = f"the {thing} is {_listed(adjectives)}."
-        rejected = f"the {_other_subject(rng, thing)} is {_listed(nicer)}."
-        if oracle_score(request, chosen) > oracle_score(request, rejected):  # not 4 distinct pleasant words
+        rejected = chosen.replace(f"the {thing}", f"the {_thing(rng)}", 1)
+        if oracle_score(request, chosen) > oracle_score(request, rejected):  # not the same thing, nor named later
             break
     return {
         "prompt": [{"role": "user", "content": request}],
