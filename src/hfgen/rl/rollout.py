@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from hfgen.rl.functional import entropy_from_logits, response_mask, token_logprobs
+from hfgen.rl.functional import response_mask, token_logprobs, token_logprobs_and_entropy
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -60,9 +60,7 @@ def sample_responses(
         )
         responses = output.sequences[:, query_ids.shape[1] :]
         logits = torch.stack(output.logits, dim=1)  # (b, t, V), raw (before temperature or top-p)
-        pieces.append(
-            Sampled(responses, token_logprobs(logits, responses, temperature), entropy_from_logits(logits, temperature))
-        )
+        pieces.append(Sampled(responses, *token_logprobs_and_entropy(logits, responses, temperature)))
         del logits, output
     width = max(piece.response_ids.shape[1] for piece in pieces)  # generation stops early when a chunk is done
 
@@ -80,17 +78,18 @@ def sample_responses(
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int) -> torch.Tensor:
-    """(B, P + T) prompt+response -> (B, T, V) logits predicting each response token. Only the response
-    positions go through the LM head (`logits_to_keep`), which saves its cost on every prompt token."""
-    response_length = input_ids.shape[1] - context_length
+    """(B, P + T) prompt+response -> (B, T, V) logits predicting each response token. Only the T positions before
+    each response token go through the LM head (`logits_to_keep` as positions), which saves its cost on every
+    prompt token and on the last token (which predicts nothing that is scored)."""
+    positions = torch.arange(context_length - 1, input_ids.shape[1] - 1, device=input_ids.device)
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from(attention_mask),
-        logits_to_keep=response_length + 1,
+        logits_to_keep=positions,
         use_cache=False,
     )
-    return output.logits[:, :-1]
+    return output.logits
 
 
 def token_values(
