@@ -4,7 +4,8 @@ Both run the same random Llamas and settings (TRL's last PPOTrainer: `trl.experi
 timed the same way.
 
     .venv/bin/python scripts/bench_ppo.py                                        # the default size, 5 pairs
-    .venv/bin/python scripts/bench_ppo.py --hidden_size 64 128 192 --num_layers 2 4 4   # three sizes
+    .venv/bin/python scripts/bench_ppo.py --hidden_size 64 128 192 64 --num_layers 2 2 3 2 \
+        --vocab_size 512 512 512 16384       # the README's sizes: default, ~3x, ~10x (width and depth), ~10x (vocabulary)
     .venv/bin/python scripts/bench_ppo.py --vocab_size 4096 --pairs 7 --peer_python .venv/trl110/bin/python
 
 Settings (ANCHORS.md): a random Llama as policy, reference, reward model and value model (default hidden 64,
@@ -23,7 +24,9 @@ alike; the figure is the median of the pairs' ratios. The machine's load (1-minu
 
 Passes per episode (both sides, the same counter): the Llama backbone's forward is wrapped; a call on one new token
 is a decoding step of generation, any other call a full forward pass (no-grad: rollout scoring, or prefill), a
-forward pass with gradients is followed by a backward pass. Counts are over the timed steps, per episode.
+forward pass with gradients is followed by a backward pass. Counts are over the timed steps, per episode. At these
+settings (one micro-batch per update) hfgen takes the rollout's values from the update's first forward pass, so
+it makes one no-grad pass fewer than TRL (3 against 4: prefill, reference, reward; TRL also a value pass).
 
 The peer needs trl 1.10 next to the same torch/transformers: a side venv inside .venv/ (so git ignores it) that
 reuses this venv's packages, with trl 1.10 in front of them (pip fetches the one wheel):
@@ -301,11 +304,12 @@ def main() -> None:
     )
     results = [bench_size(args, size, version, json.loads(args.ours)) for size in sizes]
     if version and len(results) > 1:
-        print("\n| hidden x layers x vocabulary | parameters | hfgen eps | trl eps | ratio (median of pairs) | load |")
+        print("\n| hidden x layers x vocabulary | parameters | hfgen eps | trl eps | ratio, median (range) | load |")
         print("|---|---|---|---|---|---|")
         for r in results:
             print(f"| {' x '.join(map(str, r['size']))} | {r['parameters'] / 1e6:.2f}M | {r['ours']:.1f} | "
-                  f"{r['peer']:.1f} | {r['ratio']:.2f}x | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")  # fmt: skip
+                  f"{r['peer']:.1f} | {r['ratio']:.2f}x ({min(r['ratios']):.2f}-{max(r['ratios']):.2f}) | "
+                  f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -136,14 +136,18 @@ def make_accelerator(
 # ---- optimizer, schedule, prepare -------------------------------------------------------------------
 
 
-def adamw(parameter_groups, lr: float, betas: tuple[float, float], weight_decay: float, eps: float):
-    """AdamW over `parameter_groups` (lists of parameters, or dicts with their own lr)."""
+def adamw(
+    parameter_groups, lr: float, betas: tuple[float, float], weight_decay: float, eps: float, fused: bool = False
+):
+    """AdamW over `parameter_groups` (lists of parameters, or dicts with their own lr). `fused`: torch's one-kernel
+    AdamW (transformers' default optimizer, `adamw_torch_fused`): the same update to within float rounding, several
+    times faster than the per-parameter loop on CPU."""
     import torch
 
     groups = [g if isinstance(g, dict) else {"params": list(g)} for g in parameter_groups]
     for group in groups:
         group.setdefault("lr", lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused or None)
 
 
 def lr_schedule(accelerator, name: str, optimizer, warmup_steps: int, total_steps: int):

@@ -68,6 +68,19 @@ def test_generation_logprobs_equal_a_forward_pass_at_the_temperature(policy):
     assert (sampled.entropy[keep] > 0).all()
 
 
+def test_inverse_transform_sampler_draws_from_the_tempered_softmax():
+    """Frequencies of 200k draws from softmax(scores / temperature) match its probabilities (they would be p^0.7,
+    renormalised, if the temperature were ignored); a zero-probability token is never drawn."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    scores = (p.clamp(min=1e-30).log() * 0.7).expand(200_000, 5).clone()  # softmax(scores / 0.7) = p
+    torch.manual_seed(0)
+    picked = R.InverseTransformSampler(0.7)(None, scores)
+    assert torch.isfinite(picked).sum(-1).eq(1).all()  # one finite entry per row: greedy decoding takes it
+    frequencies = torch.bincount(picked.argmax(-1), minlength=5) / len(scores)
+    torch.testing.assert_close(frequencies, p, atol=4e-3, rtol=0)
+    assert frequencies[4] == 0
+
+
 def test_token_values_read_the_prefix_before_each_response_token(value_model):
     ids, mask = left_padded_pair()
     values = R.token_values(value_model, ids, mask, context_length=3)

@@ -252,13 +252,15 @@ def test_sampling_ignores_the_models_own_generation_defaults_and_stops_at_every_
     )  # fmt: skip
     stop_ids = stop_token_ids(tokenizer, policy)
     assert stop_ids == [tokenizer.eos_token_id, end_of_turn]
-    config = make_generation_config(tokenizer, 6, 0.7, 1.0, stop_ids)
-    config.output_scores = True
     query_ids, query_mask = left_pad([tokenizer("describe the cat.")["input_ids"]] * 4, tokenizer.pad_token_id, "cpu")
-    torch.manual_seed(0)
-    output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    for logits, scores in zip(output.logits, output.scores):
-        torch.testing.assert_close(scores, logits / 0.7)
+    # models=None pins every knob off; models=[policy] pins off those the policy's own config sets (all here)
+    for config in (make_generation_config(tokenizer, 6, 0.7, 1.0, stop_ids),
+                   make_generation_config(tokenizer, 6, 0.7, 1.0, stop_ids, models=[policy])):  # fmt: skip
+        config.output_scores = True
+        torch.manual_seed(0)
+        output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+        for logits, scores in zip(output.logits, output.scores):
+            torch.testing.assert_close(scores, logits / 0.7)
 
 
 def test_weight_decay_skips_biases_and_norms_and_the_critic_has_its_own_learning_rate():
@@ -378,3 +380,29 @@ def test_stop_on_hacking_ends_normally_keeping_the_policy_before_the_alert(tmp_p
     start = load_file(sft / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(kept[name], start[name]) and not torch.equal(kept[name], at_step_4["policy." + name])
+
+
+def test_values_from_the_first_training_pass_equal_a_rollout_pass_of_their_own():
+    """With one micro-batch per update, V_old comes from the update's first forward pass (shuffled rows, train
+    mode, with grad): it must equal the no-grad rollout pass row for row."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from hfgen.rl.rollout import PolicyAndValue, rollout_values
+    from hfgen.rl.types import Rollout
+    from hfgen.stages.ppo import first_training_pass
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)  # fmt: skip
+    trainable = PolicyAndValue(LlamaForCausalLM(config), LlamaForSequenceClassification(config))
+    input_ids, attention_mask = torch.randint(1, 16, (8, 10)), torch.ones(8, 10, dtype=torch.long)
+    attention_mask[:3, :2] = 0  # left padding
+    mask = torch.ones(8, 6, dtype=torch.bool)
+    mask[2, 4:] = False  # a response that ended early
+    expected = rollout_values(trainable.value_model.eval(), input_ids, attention_mask, 4, chunk_size=3) * mask
+    zeros = torch.zeros(8, 6)
+    rollout = Rollout(input_ids, attention_mask, 4, mask, zeros, zeros, None, torch.zeros(8))
+    rollout, first_pass = first_training_pass(trainable, rollout)
+    torch.testing.assert_close(rollout.values, expected)
+    assert sorted(first_pass.rows.tolist()) == list(range(8)) and first_pass.rows.tolist() != list(range(8))
+    assert first_pass.outputs[1].requires_grad  # the update takes its loss from this very pass

@@ -86,7 +86,7 @@ def compare_to_reference(
     policy.eval()
     stop_ids = stop_token_ids(tokenizer, policy)  # every EOS id ends a response, as in PPO
     generation_config = make_generation_config(
-        tokenizer, sampling.response_length, sampling.temperature, sampling.top_p, stop_ids
+        tokenizer, sampling.response_length, sampling.temperature, sampling.top_p, stop_ids, models=[policy, reference]
     )
     local: dict[str, dict[str, list]] = {}
     numbered = list(enumerate(zip(prompts, queries)))

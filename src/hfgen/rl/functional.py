@@ -124,16 +124,33 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     The temperature the rollouts were sampled with must be applied here too: the policy being optimised is
     the tempered distribution. Computed as logit - logsumexp, in float32, without a (B, T, V) log-softmax copy.
     """
-    logits = logits.float() / temperature
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return token_logprobs_and_entropy(logits, tokens, temperature, entropy=False)[0]
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(..., V) logits -> (...) entropy in nats of softmax(logits / temperature)."""
     logits = logits.float() / temperature
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(-1)
+    return _entropy(logits, torch.logsumexp(logits, dim=-1))
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, entropy: bool = True, entropy_grad=False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` and `entropy_from_logits` of the same logits, sharing the tempered float32 copy and the
+    logsumexp (each a pass over B x T x V: at a large vocabulary they cost as much as the LM head). The entropy is
+    computed without gradient unless `entropy_grad` (an entropy bonus); with `entropy=False` it is None."""
+    logits = logits.float() / temperature
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    if not entropy:
+        return logprobs, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logprobs, _entropy(logits, log_normaliser)
+
+
+def _entropy(tempered_logits: torch.Tensor, log_normaliser: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v for tempered logits z."""
+    return log_normaliser - (torch.softmax(tempered_logits, dim=-1) * tempered_logits).sum(-1)
 
 
 # ---- rewards ----------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T) bool: the response's own tokens, up to and including the first EOS
     logprobs: torch.Tensor  # (B, T) float: log pi_old(token) at the sampling temperature
     ref_logprobs: torch.Tensor  # (B, T) float: the same under the frozen reference policy
-    values: torch.Tensor  # (B, T) float: V_old before each response token
+    values: torch.Tensor | None  # (B, T) float: V_old before each response token (None until the update's first
+    # forward pass gives them: hfgen.stages.ppo.values_from_first_pass)
     scores: torch.Tensor  # (B,) float: sequence reward (reward model and/or functions, missing-EOS penalty)
     advantages: torch.Tensor | None = None  # (B, T) float, whitened
     returns: torch.Tensor | None = None  # (B, T) float, the value model's targets

@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from trl import ModelConfig
@@ -327,7 +327,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     trainable = PolicyAndValue(policy, value_model)
     optimizer = loop.adamw(
         parameter_groups(trainable, config), config.learning_rate,
-        (config.adam_beta1, config.adam_beta2), config.weight_decay, config.adam_epsilon,
+        (config.adam_beta1, config.adam_beta2), config.weight_decay, config.adam_epsilon, fused=True,
     )  # fmt: skip
     scheduler = loop.lr_schedule(accelerator, config.lr_scheduler_type, optimizer, config.warmup_steps, total_steps)
     trainable, optimizer = loop.prepare(
@@ -364,8 +364,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         f"{config.gradient_accumulation_steps} micro-batch(es) of {config.per_device_train_batch_size}"
     )
 
+    stop_ids = stop_token_ids(tokenizer, policy)
     generation_config = make_generation_config(
-        tokenizer, config.response_length, config.temperature, config.top_p, stop_token_ids(tokenizer, policy)
+        tokenizer, config.response_length, config.temperature, config.top_p, stop_ids, models=[policy]
     )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
@@ -379,22 +380,28 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             rollout, details, timing = collect_rollout(
                 accelerator, unwrapped, ref, dataclasses.replace(scorer, reward_model=reward_model), tokenizer,
                 generation_config, prompts, [train_queries[i] for i in rows], config, reward_normalizer,
+                values=not values_from_first_pass(config),
             )  # fmt: skip
         if config.stop_on_hacking:  # the candidates to keep if the monitor stops the run a few steps later
             snapshots = {s: w for s, w in snapshots.items() if s > step - monitor.patience - 2}
             snapshots[step] = policy_weights(accelerator.unwrap_model(trainable).policy)
-        # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening.
+        # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening. The values come from the
+        # update's first forward pass when that pass covers the whole rollout (`values_from_first_pass`).
+        first_pass, first_pass_started = None, time.perf_counter()
+        if rollout.values is None:
+            rollout, first_pass = first_training_pass(trainable, rollout)
+        first_pass_s = time.perf_counter() - first_pass_started
         rollout, shaping = compute_advantages(rollout, kl_controller.value, config, all_reduce)
-        timing["advantages"] = time.perf_counter() - step_started - sum(timing.values())
+        timing["advantages"] = time.perf_counter() - step_started - sum(timing.values()) - first_pass_s
         # 3. PPO update: epochs of clipped policy and value losses over shuffled minibatches.
         train_started = time.perf_counter()
         guard.kill_point("step", step)
         check = functools.partial(divergence.check_step, step, optimizer=optimizer)
         stats = ppo_update(
             accelerator, trainable, optimizer, rollout, config, step > config.critic_warmup_steps, policy_ema,
-            ptx_texts, check,
+            ptx_texts, check, first_pass,
         )  # fmt: skip
-        timing["training"] = time.perf_counter() - train_started
+        timing["training"] = time.perf_counter() - train_started + first_pass_s
         scheduler.step()
 
         # 4. Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
@@ -478,10 +485,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
 
 def collect_rollout(
     accelerator, unwrapped, reference, scorer, tokenizer, generation_config, prompts, queries, config,
-    reward_normalizer=None,
+    reward_normalizer=None, values: bool = True,
 ):  # fmt: skip
-    """Sample responses from the current policy, then score them: reward, reference log-probs, values. The models
-    come unwrapped, with full weights (`loop.gathered`).
+    """Sample responses from the current policy, then score them: reward, reference log-probs, values (with
+    `values=False` left to the update's first pass: `values_from_first_pass`). The models come unwrapped, with
+    full weights (`loop.gathered`).
     -> (Rollout without advantages, RolloutDetails, {"generation": seconds, "scoring": seconds})."""
     unwrapped.eval()
     chunk = config.local_rollout_forward_batch_size
@@ -509,7 +517,9 @@ def collect_rollout(
         ref_logprobs = reference_logprobs(
             unwrapped.policy, reference, input_ids, attention_mask, context_length, config.temperature, chunk
         )
-        values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk)
+        old_values = None
+        if values:
+            old_values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk) * mask
     if reward_normalizer is not None:  # statistics of every process's scores, then normalise and clip
         all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
         reward_normalizer.update(scores, all_reduce)
@@ -518,7 +528,7 @@ def collect_rollout(
         scores = scores - config.missing_eos_penalty * (~has_eos).float()
     rollout = Rollout(
         input_ids=input_ids, attention_mask=attention_mask, context_length=context_length, response_mask=mask,
-        logprobs=sampled.logprobs * mask, ref_logprobs=ref_logprobs * mask, values=values * mask, scores=scores,
+        logprobs=sampled.logprobs * mask, ref_logprobs=ref_logprobs * mask, values=old_values, scores=scores,
     )  # fmt: skip
     timing = {"generation": generated - started, "scoring": time.perf_counter() - generated}
     return rollout, RolloutDetails(texts, components, sampled.entropy, has_eos), timing
@@ -537,24 +547,55 @@ def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_
     return dataclasses.replace(rollout, advantages=advantages, returns=returns), {"kl": kl, "kl_rewards": kl_rewards}
 
 
+def values_from_first_pass(config: PPOConfig) -> bool:
+    """Whether the rollout's values V_old come from the update's first forward pass rather than a no-grad pass of
+    their own: with one micro-batch per update (num_mini_batches and gradient_accumulation_steps 1) that pass
+    covers every episode with the weights that sampled them, so it gives the same values, one pass fewer."""
+    return config.num_mini_batches == 1 and config.gradient_accumulation_steps == 1
+
+
+class FirstPass(NamedTuple):
+    rows: torch.Tensor  # (B,) the first epoch's shuffled order of the rollout
+    outputs: tuple[torch.Tensor, torch.Tensor]  # the trained models' (logits, values) over it, with their graph
+
+
+def first_training_pass(trainable, rollout: Rollout) -> tuple[Rollout, FirstPass]:
+    """The update's first micro-batch forward pass, run before the advantages (`values_from_first_pass`): the
+    whole rollout in the first epoch's shuffled order (drawn here, where `ppo_update` would draw it, so the random
+    stream is unchanged). -> (the rollout with its values V_old, the pass for `ppo_update` to take the loss of)."""
+    trainable.train()
+    rows = torch.randperm(len(rollout), device=rollout.input_ids.device)
+    batch = rollout.select(rows)
+    logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
+    old_values = torch.empty_like(values, requires_grad=False)
+    old_values[rows] = values.detach()
+    return dataclasses.replace(rollout, values=old_values * rollout.response_mask), FirstPass(rows, (logits, values))
+
+
 def ppo_update(
     accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None,
-    ptx_texts: list[list[int]] | None = None, check=None,
+    ptx_texts: list[list[int]] | None = None, check=None, first_pass: FirstPass | None = None,
 ) -> list[PPOStats]:  # fmt: skip
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15), one
     optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
     ExponentialMovingAverage of the policy's trained weights) follows each step; `check(loss)` (the divergence
-    guard) runs before each optimiser step."""
+    guard) runs before each optimiser step; `first_pass` (`first_training_pass`) is the first micro-batch's forward
+    pass, already run."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
     policy_parameters = [p for p in accelerator.unwrap_model(trainable).policy.parameters() if p.requires_grad]
     stats = []
-    for _ in range(config.num_ppo_epochs):
-        for minibatch in torch.randperm(len(rollout), device=rollout.input_ids.device).split(minibatch_size):
+    for epoch in range(config.num_ppo_epochs):
+        if epoch == 0 and first_pass is not None:
+            order = first_pass.rows
+        else:
+            order = torch.randperm(len(rollout), device=rollout.input_ids.device)
+        for minibatch in order.split(minibatch_size):
             for rows in minibatch.split(config.per_device_train_batch_size):
+                outputs, first_pass = (first_pass.outputs if first_pass is not None else None), None
                 with accelerator.accumulate(trainable):
                     loss, micro_batch_stats = ppo_loss(
-                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_texts
+                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_texts, outputs
                     )
                     accelerator.backward(loss)
                     if not train_policy:
@@ -571,17 +612,21 @@ def ppo_update(
     return stats
 
 
-def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_texts):
+def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_texts, outputs=None):
     """One micro-batch's loss: clipped policy loss + vf_coef * clipped value loss (details 7, 14), minus
     entropy_coef * entropy, plus kl_loss_coef * KL to the reference, plus ptx_coef * LM loss on a micro-batch of
-    `ptx_texts` (PPO-ptx). -> (loss, PPOStats)."""
-    logits, values = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
-    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
+    `ptx_texts` (PPO-ptx). `outputs`: the trained models' (logits, values) over `batch`, when already computed.
+    -> (loss, PPOStats)."""
+    if outputs is None:
+        outputs = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
+    logits, values = outputs
+    logprobs, entropies = F.token_logprobs_and_entropy(
+        logits, batch.response_ids, config.temperature, entropy_grad=config.entropy_coef > 0
+    )
     mask = batch.response_mask
     policy = F.clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
     value = F.clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-    with torch.set_grad_enabled(config.entropy_coef > 0):
-        entropy = F.masked_mean(F.entropy_from_logits(logits, config.temperature), mask)
+    entropy = F.masked_mean(entropies, mask)
     policy_loss = policy.loss - config.entropy_coef * entropy
     if config.kl_loss_coef:
         policy_loss = policy_loss + config.kl_loss_coef * F.kl_loss(
