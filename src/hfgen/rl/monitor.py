@@ -9,7 +9,7 @@ leaves the reference in a jump that says nothing about hacking):
                       over those steps (it grows by that share of its level per step) and above `min_kl_slope` nats
                       per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
                       has found an exploit races off (tiny demo seeds: at most 0.2 of its level and 0.43 nats per
-                      step, one noisy step; the hackable reward: 0.26-0.33 and 1.5-2.6 nats per step within three
+                      step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step within three
                       steps of the oracle's peak). Its window is its patience: it alerts at the first step it holds
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
@@ -83,7 +83,7 @@ class HackingMonitorArguments:
     monitor_patience: int = field(default=2, metadata={"help": "Steps a signal must hold in a row to alert."})
     monitor_kl_window: int = field(default=4, metadata={"help": "Steps over which KL's growth is measured."})
     monitor_kl_growth: float = field(
-        default=0.2, metadata={"help": "Alert when KL grows by more than this share of its level per step..."}
+        default=0.15, metadata={"help": "Alert when KL grows by more than this share of its level per step..."}
     )
     monitor_min_kl_slope: float = field(
         default=1.0, metadata={"help": "...and by more than this many nats per response per step."}
@@ -152,7 +152,7 @@ class HackingMonitor:
     baseline_steps: int = 4
     patience: int = 2
     kl_window: int = 4
-    kl_growth: float = 0.2  # share of its level per step
+    kl_growth: float = 0.15  # share of its level per step
     min_kl_slope: float = 1.0  # nats per response per step
     entropy_floor: float = 0.4
     length_drift: float = 0.6
