@@ -9,8 +9,8 @@ leaves the reference in a jump that says nothing about hacking):
                       over those steps (it grows by that share of its level per step) and above `min_kl_slope` nats
                       per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
                       has found an exploit races off (tiny demo seeds: at most 0.2 of its level and 0.43 nats per
-                      step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step within three
-                      steps of the oracle's peak). Its window is its patience: it alerts at the first step it holds
+                      step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step, within three
+                      steps of the oracle's peak on 7 of 10 seeds: scripts/hacking_monitor_seeds.py). Its window is its patience: it alerts at the first step it holds
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
