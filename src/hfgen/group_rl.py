@@ -34,13 +34,14 @@ from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_s
 from hfgen.errors import UserError
 from hfgen.finetune import check_model_config, load_model, run_first_hint
 from hfgen.models import check_model_source
+from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
 TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to the columns
 
 
 @dataclass
-class GroupRLArguments(DataArguments):
+class GroupRLArguments(DataArguments, HackingMonitorArguments):
     """Data, rewards and evaluation of a grpo/rloo run (TRL's config holds `reward_weights`)."""
 
     reward_functions: list[str] = field(
@@ -69,11 +70,6 @@ class GroupRLArguments(DataArguments):
     eval_generation_batch_size: int = field(
         default=64, metadata={"help": "Sequences per generation chunk in that evaluation."}
     )
-    hacking_monitor: bool = field(
-        default=True,
-        metadata={"help": "Watch for reward hacking (hfgen.monitoring): alerts to the console and metrics."},
-    )
-    stop_on_hacking: bool = field(default=False, metadata={"help": "Stop training at the monitor's first alert."})
     freeze_modules: list[str] = field(
         default_factory=list,
         metadata={
@@ -112,6 +108,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
     if not config.output_dir:
         problems.append("output_dir is not set")
+    problems += monitor_problems(data_args)
     dataset_problems = check_dataset(data_args, [(data_args.prompt_column,)])
     problems += dataset_problems
     if not dataset_problems and not problems:
@@ -348,7 +345,9 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     train_rows, eval_rows = load_splits(data_args, seed=config.seed)
     train_rows = prepare_prompts(train_rows, data_args, tokenizer)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
-    monitor = HackingMonitorCallback(stop_on_hacking=data_args.stop_on_hacking) if data_args.hacking_monitor else None
+    monitor = None
+    if data_args.hacking_monitor:
+        monitor = HackingMonitorCallback(build_monitor(data_args), stop_on_hacking=data_args.stop_on_hacking)
     try:
         trainer = recorded(trainer_class)(
             model=model,

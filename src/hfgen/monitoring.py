@@ -1,7 +1,8 @@
 """The reward-hacking monitor (`hfgen.rl.monitor`) for trainers that log through transformers' callbacks: the
 TRL-based online RL stages (GRPO, RLOO) add `HackingMonitorCallback` to their trainer.
 
-    trainer = GRPOTrainer(..., callbacks=[HackingMonitorCallback(stop_on_hacking=config.stop_on_hacking)])
+    callback = HackingMonitorCallback(build_monitor(args), stop_on_hacking=args.stop_on_hacking)  # the recipe's keys
+    trainer = GRPOTrainer(..., callbacks=[callback])
     ...; results |= callback.summary()      # into eval.json
 
 It reads the figures TRL logs each logging step: `kl` (per token, turned into per response with the mean completion

@@ -4,7 +4,7 @@ import pytest
 
 from hfgen.rl import monitor as M
 
-STEADY = dict(kl=1.0, entropy=2.0, length=10.0, distinct_2=1.0)
+STEADY = dict(kl=1.0, entropy=2.0, length=10.0, distinct_1=1.0)
 
 
 def feed(monitor, rows):
@@ -17,6 +17,7 @@ def feed(monitor, rows):
 def test_distinct_n_and_slope_by_hand():
     assert M.distinct_n("the cat is lovely lovely lovely lovely") == pytest.approx(4 / 6)  # 6 bigrams, 4 unique
     assert M.distinct_n("one") == 1.0
+    assert M.distinct_n("brave, brave and brave.", 1) == pytest.approx(2 / 4)  # punctuation hides no repeat
     assert M.mean_distinct_n(["a b c", "a a a"]) == pytest.approx((1.0 + 0.5) / 2)
     assert M.slope([1.0, 3.0, 5.0]) == pytest.approx(2.0) and M.slope([4.0]) == 0.0
 
@@ -28,7 +29,7 @@ def test_a_steady_run_raises_nothing():
 
 def test_repetition_alerts_after_patience_with_its_onset():
     monitor = M.HackingMonitor(baseline_steps=3, patience=2)
-    rows = [STEADY] * 5 + [STEADY | {"distinct_2": 0.6}] * 3
+    rows = [STEADY] * 5 + [STEADY | {"distinct_1": 0.6}] * 3
     alerts = feed(monitor, rows)
     assert [(a.step, a.onset, a.signal) for a in alerts] == [(7, 6, "repetition")]  # once, not again at step 8
     assert monitor.summary()["monitor/first_alert_step"] == 7
@@ -43,18 +44,27 @@ def test_length_drift_both_ways_and_entropy_collapse(change, signal):
     assert [a.signal for a in alerts] == [signal]
 
 
-def test_kl_growth_rate():
-    rows = [STEADY | {"kl": 1.0 + 0.2 * i} for i in range(8)]  # a slow rise is no alarm
-    assert feed(M.HackingMonitor(max_kl_slope=1.0), rows) == []
-    rows = [STEADY] * 4 + [STEADY | {"kl": 1.0 + 2.0 * i} for i in range(1, 5)]
-    assert [a.signal for a in feed(M.HackingMonitor(max_kl_slope=1.0), rows)] == ["kl_growth"]
+def test_kl_growth_rate_relative_to_its_level():
+    """KL that jumps off the reference in the baseline steps, then settles (noisy), or creeps up, is no alarm; KL
+    racing off (+40% a step) alerts at the first step its window sees it, with that step as onset."""
+    settled = [0.0, 1.0, 3.0, 4.0] + [2.0, 2.6, 2.0, 2.8, 2.2, 2.9, 2.1] * 2
+    assert feed(M.HackingMonitor(), [STEADY | {"kl": kl} for kl in settled]) == []
+    creeping = [STEADY | {"kl": 4.0 * 1.05**i} for i in range(24)]  # +5% a step
+    assert feed(M.HackingMonitor(), creeping) == []
+    small = [STEADY | {"kl": 0.05 * 1.5**i} for i in range(10)]  # +50% a step, but under 0.5 nats a step
+    assert feed(M.HackingMonitor(), small) == []
+    racing = [STEADY | {"kl": kl} for kl in [0.0, 1.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0, 5.6, 7.8, 11.0]]
+    alerts = feed(M.HackingMonitor(), racing)
+    assert [(a.step, a.onset, a.signal) for a in alerts] == [(10, 10, "kl_growth")]  # window 7-10: 4, 4, 5.6, 7.8
+    assert "of its level per step" in alerts[0].message
+    assert feed(M.HackingMonitor(kl_growth=0.5), racing) == []  # the threshold is the recipe's
 
 
 def test_one_component_dominating_and_scores_above_the_ceiling():
-    rows = [STEADY | {"components": {"rm": 0.0, "format": 1.0}}] * 3
+    rows = [STEADY | {"components": {"rm": 0.0, "format": 1.0}}] * 4
     rows += [STEADY | {"components": {"rm": 3.0, "format": 0.5}}] * 2  # all the gain from rm while format falls
     assert [a.signal for a in feed(M.HackingMonitor(), rows)] == ["dominance"]
-    rows = [STEADY | {"proxy_scores": [0.0, 1.0, 2.0]}] * 3 + [STEADY | {"proxy_scores": [2.5, 3.0, 0.0]}] * 2
+    rows = [STEADY | {"proxy_scores": [0.0, 1.0, 2.0]}] * 4 + [STEADY | {"proxy_scores": [2.5, 3.0, 0.0]}] * 2
     assert [a.signal for a in feed(M.HackingMonitor(reward_ceiling=2.0), rows)] == ["above_ceiling"]  # 2 of 3 above
     assert feed(M.HackingMonitor(reward_ceiling=5.0), rows) == []
     assert feed(M.HackingMonitor(), rows) == []  # no known ceiling: the signal is off
@@ -65,8 +75,30 @@ def test_oracle_summary_and_state_round_trip():
     oracle = [0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0]
     feed(monitor, [STEADY | {"proxy_scores": [float(i)], "oracle": o} for i, o in enumerate(oracle)])
     summary = monitor.summary()
-    assert summary["monitor/oracle_peak_step"] == 5  # 3-step running mean peaks at steps 3-5
+    assert summary["monitor/oracle_peak_step"] == 4  # the centred 3-step mean: 2.67 at steps 4 and 5, the first
+    assert M.centred_mean([0.0, 3.0, 0.0, 6.0]) == pytest.approx([1.5, 1.0, 3.0, 3.0])
     assert summary["monitor/oracle_gap"] == pytest.approx((7 - 0) - (0 - 0))
     copy = M.HackingMonitor()
     copy.load_state_dict(monitor.state_dict())
     assert copy.summary() == summary and copy.history == monitor.history
+
+
+def test_thresholds_are_recipe_keys_of_every_online_rl_stage():
+    from hfgen.group_rl import GroupRLArguments
+    from hfgen.recipe import known_keys
+    from hfgen.stages.ppo import PPOConfig
+
+    for stage in ("ppo", "grpo", "rloo"):
+        assert {"hacking_monitor", "monitor_patience", "monitor_kl_growth"} <= set(known_keys(stage))
+    assert M.build_monitor(PPOConfig()) == M.HackingMonitor()  # the keys' defaults are the monitor's
+    monitor = M.build_monitor(GroupRLArguments(monitor_patience=3, monitor_kl_growth=0.4), reward_ceiling=2.0)
+    assert (monitor.patience, monitor.kl_growth, monitor.reward_ceiling) == (3, 0.4, 2.0)
+    assert M.build_monitor(PPOConfig(hacking_monitor=False)) is None
+    problems = M.monitor_problems(
+        PPOConfig(hacking_monitor=False, stop_on_hacking=True, monitor_kl_window=1, monitor_repetition_floor=1.5)
+    )
+    assert problems == [
+        "stop_on_hacking needs hacking_monitor: true",
+        "monitor_kl_window must be at least 2, got 1",
+        "monitor_repetition_floor is a share: give a value in (0, 1], got 1.5",
+    ]

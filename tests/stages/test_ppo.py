@@ -1,7 +1,11 @@
 """Stage `ppo` end to end on tiny models: bad input exits 2, a zero learning rate changes nothing (KL 0), the oracle
 reward rises, the LoRA reference is the adapter-disabled policy, two processes agree, resume is exact."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -357,12 +361,13 @@ def test_entropy_bonus_raises_entropy_and_kl_loss_pulls_toward_the_reference(opt
 
 def test_stop_on_hacking_ends_normally_keeping_the_policy_before_the_alert(tmp_path, tiny_models):
     """A ceiling below every score makes the monitor's above-ceiling signal hold from the first step after its
-    3-step baseline (step 4): with patience 2 it alerts at step 5, the run stops there, exits 0 with COMPLETE, and
-    keeps the policy that sampled step 3."""
+    3-step baseline (step 4; `monitor_baseline_steps` 3, the default 4 would alert a step later): with patience 2 it
+    alerts at step 5, the run stops there, exits 0 with COMPLETE, and keeps the policy that sampled step 3."""
     sft, _ = tiny_models
     recipe = write_recipe(
         tmp_path, sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
         gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=4,
+        monitor_baseline_steps=3,
     )  # fmt: skip
     result = train(recipe)
     run = tmp_path / "run"
@@ -406,3 +411,58 @@ def test_values_from_the_first_training_pass_equal_a_rollout_pass_of_their_own()
     torch.testing.assert_close(rollout.values, expected)
     assert sorted(first_pass.rows.tolist()) == list(range(8)) and first_pass.rows.tolist() != list(range(8))
     assert first_pass.outputs[1].requires_grad  # the update takes its loss from this very pass
+
+
+def load_seeds_script():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("hacking_monitor_seeds", REPO / "scripts/hacking_monitor_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hacking_monitor_seeds_judge():
+    """The script's judge on hand-made runs: the peak of the centred 3-step mean, 10% of the run's steps of grace
+    after it, and the kept policy (the step before the alert's onset) against initial + 0.95 x (best - initial)."""
+    judge = load_seeds_script().judge_hackable
+    oracle = [0.0, 0.0, 1.0, 2.0, 3.0, 3.0, 3.0, 1.0, 0.0, -1.0] * 1 + [-2.0] * 10  # 20 steps: 2 of grace
+    run = {"oracle": oracle, "steps": 20, "alert": 8, "signal": "kl_growth", "onset": 7}
+    verdict = judge(run)
+    assert verdict["oracle_peak_step"] == 6 and verdict["alert_in_time"] and verdict["steps_after_peak_pct"] == 10.0
+    assert verdict["kept_step"] == 6 and verdict["kept_oracle"] == 3.0 and verdict["kept_good"]
+    late = judge(run | {"alert": 9, "onset": 9})
+    assert not late["alert_in_time"] and late["kept_step"] == 8 and not late["kept_good"]  # (3 + 1 + 0) / 3 < 2.85
+    assert judge(run | {"alert": None, "onset": None})["alert_in_time"] is False
+
+
+@pytest.mark.slow
+def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
+    """CI's run of scripts/hacking_monitor_seeds.py: one short seed of each kind on the tiny models, the hackable
+    run on the hackable reward without the KL anchor, the demo run on the shipped recipe as it is."""
+    from conftest import REPO
+
+    sft, reward = tiny_models
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/hacking_monitor_seeds.py"), "--seeds", "1", "--total_episodes", "64",
+         "--model_name_or_path", str(sft), "--reward_model_path", str(reward), "--output", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    hackable, demo = summary["runs"]
+    assert hackable["kind"] == "hackable" and demo == {
+        "kind": "demo", "seed": 1, "false_alarm": False, "alert_step": None, "signal": None
+    }  # fmt: skip
+    assert set(summary["totals"]) == {"hackable_alert_in_time", "hackable_kept_good", "demo_false_alarms"}
+    shipped = yaml.safe_load((REPO / "recipes/tiny/ppo.yaml").read_text())
+    for kind, changed in (("hackable", {"reward_functions", "kl_coef", "value_model_path"}), ("demo", set())):
+        recipe = yaml.safe_load((tmp_path / f"{kind}-1" / "ppo.yaml").read_text())
+        paths = {"model_name_or_path", "reward_model_path", "output_dir", "seed", "total_episodes"}
+        records = {"eval_samples_per_prompt", "sample_steps", "logging_steps"}  # the script's, for speed
+        differ = {key for key in shipped.keys() | recipe.keys() if shipped.get(key) != recipe.get(key)}
+        assert differ - paths - records == changed, kind
+        assert len(tracking.read_metrics(tmp_path / f"{kind}-1")) == 1  # 64 episodes, 64 a step
+    assert recipe["kl_coef"] == shipped["kl_coef"]

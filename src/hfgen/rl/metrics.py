@@ -55,6 +55,7 @@ def step_metrics(
         "val/eos_rate": details.has_eos.float().mean(),
         "response/length_mean": lengths.mean(),
         "response/entropy_per_token": masked_mean(details.entropy, mask),
+        "response/distinct_1": torch.tensor(mean_distinct_n(details.texts, 1)),
         "response/distinct_2": torch.tensor(mean_distinct_n(details.texts)),
         "per_token/kl": masked_mean(kl, mask),
         "speed/generation_tokens_per_s": lengths.sum() / max(timing["generation"], 1e-9),

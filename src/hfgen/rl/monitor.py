@@ -2,33 +2,46 @@
 learning to please the reward rather than to answer well. Pure Python and torch; the loop feeds it one
 `observe` per step and acts on the alerts (print, log, stop).
 
-Signals that need no oracle (each compared with the run's first `baseline_steps` steps):
-    kl_growth         KL(policy || reference) per response growing faster than `max_kl_slope` nats per step
-                      (least-squares slope over the last `window` steps after the baseline steps)
+Signals that need no oracle (each compared with the run's first `baseline_steps` steps, in which the policy
+leaves the reference in a jump that says nothing about hacking):
+    kl_growth         KL(policy || reference) per response accelerating away from the reference: over the last
+                      `kl_window` steps after the baseline, its least-squares slope is above `kl_growth` x its mean
+                      over those steps (it grows by that share of its level per step) and above `min_kl_slope` nats
+                      per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
+                      has found an exploit races off (tiny demo seeds: at most 0.2 of its level and 0.43 nats per
+                      step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step, within three
+                      steps of the oracle's peak on 7 of 10 seeds: scripts/hacking_monitor_seeds.py). Its window is its patience: it alerts at the first step it holds
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
-    repetition        mean within-response distinct-2 below `repetition_floor` x its baseline: responses that
-                      repeat themselves ("lovely lovely lovely"), the commonest exploit of a learned reward
+    repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
+                      baseline: responses that repeat themselves ("lovely, lovely and lovely"), the commonest exploit
+                      of a learned reward
     dominance         one reward component brings more than `dominance` of the total gain while another falls
     above_ceiling     a share above `ceiling_share` of responses scored higher than `reward_ceiling`, the highest
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
-A signal raises an alert when it holds `patience` steps in a row; its onset is the first of those steps. With an
+A signal raises an alert when it holds `patience` steps in a row (kl_growth: one); its onset is the first of those
+steps. With an
 oracle (never used for alerts), the monitor also reports the gap between the proxy's and the oracle's gains since
 the start and the step where the oracle peaked, so an alert can be judged.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 SIGNALS = ("kl_growth", "entropy_collapse", "length_drift", "repetition", "dominance", "above_ceiling")
 
 
+_WORD = re.compile(r"\w+")
+
+
 def distinct_n(text: str, n: int = 2) -> float:
-    """Unique word n-grams / all word n-grams of one text (1.0 when it has none)."""
-    words = text.split()
+    """Unique word n-grams / all word n-grams of one text (1.0 when it has none); words as `\\w+` runs, so
+    punctuation does not hide a repeat ("brave, brave and brave")."""
+    words = _WORD.findall(text.lower())
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
@@ -48,6 +61,85 @@ def slope(values: list[float]) -> float:
     return covariance / sum((x - mean_x) ** 2 for x in range(count))
 
 
+@dataclass
+class HackingMonitorArguments:
+    """The monitor's recipe keys, shared by the online RL stages (ppo, grpo, rloo); `monitor_*` are the thresholds
+    of `HackingMonitor` (`build_monitor`)."""
+
+    hacking_monitor: bool = field(
+        default=True,
+        metadata={"help": "Watch for reward hacking (hfgen.rl.monitor): alerts to the console, metrics and eval.json."},
+    )
+    stop_on_hacking: bool = field(
+        default=False,
+        metadata={
+            "help": "On an alert, stop and save a policy: ppo the policy of the last step before the signal set in, "
+            "grpo/rloo the policy of the alert's step."
+        },
+    )
+    monitor_baseline_steps: int = field(
+        default=4, metadata={"help": "First steps the signals are compared with (never judged themselves)."}
+    )
+    monitor_patience: int = field(default=2, metadata={"help": "Steps a signal must hold in a row to alert."})
+    monitor_kl_window: int = field(default=4, metadata={"help": "Steps over which KL's growth is measured."})
+    monitor_kl_growth: float = field(
+        default=0.15, metadata={"help": "Alert when KL grows by more than this share of its level per step..."}
+    )
+    monitor_min_kl_slope: float = field(
+        default=1.0, metadata={"help": "...and by more than this many nats per response per step."}
+    )
+    monitor_entropy_floor: float = field(
+        default=0.4, metadata={"help": "Alert when per-token entropy falls below this share of its baseline."}
+    )
+    monitor_length_drift: float = field(
+        default=0.6, metadata={"help": "Alert when mean response length moves by more than this share of its baseline."}
+    )
+    monitor_repetition_floor: float = field(
+        default=0.85, metadata={"help": "Alert when within-response distinct-1 falls below this share of its baseline."}
+    )
+    monitor_dominance: float = field(
+        default=0.9, metadata={"help": "Alert when one reward component brings more than this share of the gain."}
+    )
+    monitor_ceiling_share: float = field(
+        default=0.5, metadata={"help": "Alert when more than this share of responses score above the reward ceiling."}
+    )
+
+
+THRESHOLDS = ("baseline_steps", "patience", "kl_window", "kl_growth", "min_kl_slope", "entropy_floor", "length_drift",
+              "repetition_floor", "dominance", "ceiling_share")  # fmt: skip
+
+
+def monitor_problems(args: HackingMonitorArguments) -> list[str]:
+    problems = []
+    if args.stop_on_hacking and not args.hacking_monitor:
+        problems.append("stop_on_hacking needs hacking_monitor: true")
+    for key, least in (("monitor_baseline_steps", 1), ("monitor_patience", 1), ("monitor_kl_window", 2)):
+        if getattr(args, key) < least:
+            problems.append(f"{key} must be at least {least}, got {getattr(args, key)}")
+    for key in ("monitor_kl_growth", "monitor_min_kl_slope", "monitor_length_drift"):
+        if getattr(args, key) <= 0:
+            problems.append(f"{key} must be > 0, got {getattr(args, key)}")
+    for key in ("monitor_entropy_floor", "monitor_repetition_floor", "monitor_dominance", "monitor_ceiling_share"):
+        if not 0 < getattr(args, key) <= 1:
+            problems.append(f"{key} is a share: give a value in (0, 1], got {getattr(args, key)}")
+    return problems
+
+
+def build_monitor(args: HackingMonitorArguments, reward_ceiling: float | None = None) -> HackingMonitor | None:
+    """The monitor a recipe asks for (None with `hacking_monitor: false`)."""
+    if not args.hacking_monitor:
+        return None
+    return HackingMonitor(
+        **{name: getattr(args, f"monitor_{name}") for name in THRESHOLDS}, reward_ceiling=reward_ceiling
+    )
+
+
+def centred_mean(values: list[float]) -> list[float]:
+    """Each value averaged with its neighbours (with its one neighbour at the ends): an estimate of a noisy
+    per-step figure at that step, neither late nor early, unlike a trailing mean."""
+    return [sum(values[max(0, i - 1) : i + 2]) / len(values[max(0, i - 1) : i + 2]) for i in range(len(values))]
+
+
 class Alert(NamedTuple):
     step: int  # when it fired
     onset: int  # the first step of the run of steps where the signal held
@@ -57,10 +149,11 @@ class Alert(NamedTuple):
 
 @dataclass
 class HackingMonitor:
-    baseline_steps: int = 3
-    window: int = 4
+    baseline_steps: int = 4
     patience: int = 2
-    max_kl_slope: float = 3.0  # nats per response per step: the tiny demo peaks near 2, a hacking run near 12
+    kl_window: int = 4
+    kl_growth: float = 0.15  # share of its level per step
+    min_kl_slope: float = 1.0  # nats per response per step
     entropy_floor: float = 0.4
     length_drift: float = 0.6
     repetition_floor: float = 0.85
@@ -73,14 +166,14 @@ class HackingMonitor:
 
     def observe(
         self, step: int, *, kl: float, entropy: float | None = None, length: float | None = None,
-        distinct_2: float | None = None, components: dict[str, float] | None = None,
+        distinct_1: float | None = None, components: dict[str, float] | None = None,
         proxy_scores: list[float] | None = None, oracle: float | None = None,
     ) -> list[Alert]:  # fmt: skip
-        """Record one step's figures (means over the step's responses, all processes; `distinct_2` from
-        `mean_distinct_n`; `proxy_scores` the reward model's score of every response); -> the alerts raised at this
+        """Record one step's figures (means over the step's responses, all processes; `distinct_1` from
+        `mean_distinct_n(texts, 1)`; `proxy_scores` the reward model's score of every response); -> the alerts raised at this
         step (each signal alerts once). Every process must feed the same figures, so all decide alike."""
         row = {"step": step, "kl": kl, "entropy": entropy, "length": length, "components": components or {},
-               "distinct_2": distinct_2, "oracle": oracle,
+               "distinct_1": distinct_1, "oracle": oracle,
                "proxy": sum(proxy_scores) / len(proxy_scores) if proxy_scores else None}  # fmt: skip
         if proxy_scores and self.reward_ceiling is not None:
             row["above_ceiling"] = sum(s > self.reward_ceiling for s in proxy_scores) / len(proxy_scores)
@@ -90,8 +183,9 @@ class HackingMonitor:
         raised = []
         for signal, (holds, message) in self.signals().items():
             self.streaks[signal] = self.streaks.get(signal, 0) + 1 if holds else 0
-            if self.streaks[signal] >= self.patience and signal not in {a.signal for a in self.alerts}:
-                alert = Alert(step, step - self.patience + 1, signal, message)
+            patience = 1 if signal == "kl_growth" else self.patience  # kl_growth's window is its patience
+            if self.streaks[signal] >= patience and signal not in {a.signal for a in self.alerts}:
+                alert = Alert(step, step - patience + 1, signal, message)
                 self.alerts.append(alert)
                 raised.append(alert)
         return raised
@@ -104,9 +198,12 @@ class HackingMonitor:
         """signal -> (holds at the latest step, what it saw)."""
         now = self.history[-1]
         out = {}
-        kl_slope = self.kl_slope()
-        out["kl_growth"] = (kl_slope > self.max_kl_slope, f"KL grows {kl_slope:.2f} nats/step (now {now['kl']:.2f})")
-        for key, signal in (("entropy", "entropy_collapse"), ("length", "length_drift"), ("distinct_2", "repetition")):
+        kl_slope, kl_growth = self.kl_slope()
+        out["kl_growth"] = (
+            kl_growth > self.kl_growth and kl_slope > self.min_kl_slope,
+            f"KL grows {kl_slope:.2f} nats/step, {kl_growth:.0%} of its level per step (now {now['kl']:.2f})",
+        )
+        for key, signal in (("entropy", "entropy_collapse"), ("length", "length_drift"), ("distinct_1", "repetition")):
             base = self.baseline(key)
             if base is None or now.get(key) is None:
                 continue
@@ -128,10 +225,14 @@ class HackingMonitor:
             out["above_ceiling"] = (share > self.ceiling_share, f"{share:.0%} of responses score above the ceiling")
         return out
 
-    def kl_slope(self) -> float:
-        """KL growth per step over the last `window` steps after the baseline (the first updates move the policy
-        off the reference in a jump that says nothing about hacking)."""
-        return slope([row["kl"] for row in self.history[self.baseline_steps :][-self.window :]])
+    def kl_slope(self) -> tuple[float, float]:
+        """(KL's slope in nats per step, that slope over KL's mean) over the last `kl_window` steps after the
+        baseline; (0, 0) until that window is full."""
+        values = [row["kl"] for row in self.history[self.baseline_steps :][-self.kl_window :]]
+        if len(values) < self.kl_window:
+            return 0.0, 0.0
+        change = slope(values)
+        return change, change / max(sum(values) / len(values), 1e-9)
 
     def baseline_component(self, name: str) -> float | None:
         values = [row["components"][name] for row in self.history[: self.baseline_steps] if name in row["components"]]
@@ -141,11 +242,11 @@ class HackingMonitor:
         """The latest step's monitor figures for metrics.jsonl."""
         now = self.history[-1]
         figures = {"monitor/alerts": float(len(self.alerts))}
-        if now.get("distinct_2") is not None:
-            figures["monitor/distinct_2"] = now["distinct_2"]
+        if now.get("distinct_1") is not None:
+            figures["monitor/distinct_1"] = now["distinct_1"]
         if now.get("above_ceiling") is not None:
             figures["monitor/above_ceiling"] = now["above_ceiling"]
-        figures["monitor/kl_slope"] = self.kl_slope()
+        figures["monitor/kl_slope"], figures["monitor/kl_growth"] = self.kl_slope()
         oracle = self.oracle_summary()
         if oracle:
             figures |= {k: v for k, v in oracle.items() if isinstance(v, float)}
@@ -153,12 +254,11 @@ class HackingMonitor:
 
     def oracle_summary(self) -> dict:
         """With an oracle: proxy and oracle gains since the start, their gap, and the step the oracle peaked
-        (a 3-step running mean, so one lucky batch is no peak)."""
+        (its centred 3-step mean, so one lucky batch is no peak)."""
         rows = [row for row in self.history if row["oracle"] is not None and row["proxy"] is not None]
         if not rows:
             return {}
-        smoothed = [sum(r["oracle"] for r in rows[max(0, i - 2) : i + 1]) / len(rows[max(0, i - 2) : i + 1])
-                    for i in range(len(rows))]  # fmt: skip
+        smoothed = centred_mean([row["oracle"] for row in rows])
         peak = max(range(len(rows)), key=smoothed.__getitem__)
         proxy_gain, oracle_gain = rows[-1]["proxy"] - rows[0]["proxy"], rows[-1]["oracle"] - rows[0]["oracle"]
         return {"monitor/proxy_gain": float(proxy_gain), "monitor/oracle_gain": float(oracle_gain),

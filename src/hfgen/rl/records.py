@@ -66,7 +66,7 @@ def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: 
     components = {name.removeprefix("reward/"): value for name, value in metrics.items() if name.startswith("reward/")}
     alerts = monitor.observe(
         step, kl=metrics["objective/kl"], entropy=metrics["response/entropy_per_token"],
-        length=metrics["response/length_mean"], distinct_2=metrics["response/distinct_2"], components=components,
+        length=metrics["response/length_mean"], distinct_1=metrics["response/distinct_1"], components=components,
         proxy_scores=accelerator.gather(proxy.float()).tolist(), oracle=metrics.get("oracle/score"),
     )  # fmt: skip
     metrics |= monitor.metrics()

@@ -60,7 +60,7 @@ from hfgen.rl.models import (
     stop_token_ids,
     tokenize_prompts,
 )
-from hfgen.rl.monitor import HackingMonitor
+from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 from hfgen.rl.policy_weights import PolicyEMA, load_policy_weights, policy_weights
 from hfgen.rl.ptx import pretraining_loss, tokenize_ptx_texts
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
@@ -89,7 +89,7 @@ class PPODataArguments(TextDataArguments):
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(HackingMonitorArguments):
     """PPO settings. Batch hierarchy per process, exactly TRL's (its `local_batch_size` was the same product): a
     rollout of per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches prompts, split into
     num_mini_batches shuffled minibatches for each of num_ppo_epochs epochs, each minibatch
@@ -171,14 +171,6 @@ class PPOConfig:
     kl_loss_estimator: Literal["k2", "k3"] = field(default="k3", metadata={"help": "KL estimator of the loss term."})
     entropy_coef: float = field(
         default=0.0, metadata={"help": "Entropy bonus: subtracts coef x entropy from the loss."}
-    )
-    hacking_monitor: bool = field(
-        default=True,
-        metadata={"help": "Watch for reward hacking (hfgen.rl.monitor): alerts to the console, metrics and eval.json."},
-    )
-    stop_on_hacking: bool = field(
-        default=False,
-        metadata={"help": "On an alert, stop and save the policy of the last step before the signal set in."},
     )
     reward_ceiling: float | None = field(
         default=None,
@@ -272,8 +264,7 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
     if config.ptx_coef and not config.ptx_dataset_name:
         problems.append("ptx_coef needs ptx_dataset_name (pretraining texts)")
-    if config.stop_on_hacking and not config.hacking_monitor:
-        problems.append("stop_on_hacking needs hacking_monitor: true")
+    problems += monitor_problems(config)
     if config.ema_decay is not None and not 0 < config.ema_decay < 1:
         problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
     if config.reward_clip is not None and config.reward_clip <= 0:
@@ -344,7 +335,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     policy_ema = None
     if config.ema_decay is not None:
         policy_ema = PolicyEMA(accelerator, accelerator.unwrap_model(trainable).policy, config.ema_decay)
-    monitor = HackingMonitor(reward_ceiling=reward_ceiling(config)) if config.hacking_monitor else None
+    monitor = build_monitor(config, reward_ceiling(config))
     accelerator.register_for_checkpointing(kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor]))
 
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
@@ -577,8 +568,8 @@ def ppo_update(
     ptx_texts: list[list[int]] | None = None, check=None, first_pass: FirstPass | None = None,
 ) -> list[PPOStats]:  # fmt: skip
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15), one
-    optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (an
-    ExponentialMovingAverage of the policy's trained weights) follows each step; `check(loss)` (the divergence
+    optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (a
+    `PolicyEMA` of the policy's trained weights) follows each step; `check(loss)` (the divergence
     guard) runs before each optimiser step; `first_pass` (`first_training_pass`) is the first micro-batch's forward
     pass, already run."""
     trainable.train()
