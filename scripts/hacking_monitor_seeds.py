@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from hfgen import tracking
 from hfgen.rl.monitor import centred_mean
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def run_ppo(recipe: dict, directory: Path) -> dict:
     )  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"run in {directory} failed:\n{result.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = tracking.read_metrics(recipe["output_dir"])
     alerts = [(row["step"], name.rsplit("/", 1)[1], value) for row in rows for name, value in row.items()
               if name.startswith("monitor/alert/")]  # fmt: skip
     first = min(alerts) if alerts else None

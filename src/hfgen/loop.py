@@ -10,7 +10,7 @@ on the engine (DDP, FSDP2, DeepSpeed ZeRO-2/3), so a stage keeps only its own al
     backward_and_step(accelerator, model, optimizer, loss, ...)   backward, clipping, divergence check, step
     state = full_state_dict(accelerator, model)                 whole weights on the main process, for save_pretrained
     whole = whole_on_main(accelerator, model, empty)           a plain whole copy on the main process (diffusers saves)
-    local_shard(p); whole_from_shard(accelerator, p, shard); shard_of(accelerator, p, whole)   per-weight state kept
+    local_shard(p); whole_from_shard(p, shard); shard_of(p, whole)   per-weight state kept
                                                                  shard by shard (an EMA, snapshots of the policy)
     step = resume(accelerator, resume_from_checkpoint, output_dir); save_checkpoint(...)  (atomic, rotated)
 
@@ -142,8 +142,6 @@ def adamw(
     """AdamW over `parameter_groups` (lists of parameters, or dicts with their own lr). `fused`: torch's one-kernel
     AdamW (transformers' default optimizer, `adamw_torch_fused`): the same update to within float rounding, several
     times faster than the per-parameter loop on CPU."""
-    import torch
-
     groups = [g if isinstance(g, dict) else {"params": list(g)} for g in parameter_groups]
     for group in groups:
         group.setdefault("lr", lr)
@@ -349,7 +347,7 @@ def local_shard(parameter):
     return (to_local() if to_local is not None else parameter).detach()
 
 
-def whole_from_shard(accelerator, parameter, shard):
+def whole_from_shard(parameter, shard):
     """The whole tensor of which `shard` is this process's part, laid out as `parameter`'s `local_shard`. Every
     process must call it, for the same parameters in the same order."""
     if hasattr(parameter, "ds_tensor"):  # ZeRO-3: equal flat partitions, the last one padded
@@ -370,7 +368,7 @@ def whole_from_shard(accelerator, parameter, shard):
     return shard
 
 
-def shard_of(accelerator, parameter, whole):
+def shard_of(parameter, whole):
     """This process's part of `whole`, a tensor shaped like `parameter` (the inverse of `whole_from_shard`; no
     communication)."""
     if hasattr(parameter, "ds_tensor"):

@@ -111,11 +111,15 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
     return problems
 
 
+def is_flux_config(transformer_config) -> bool:
+    """Whether a transformer config (a saved config.json's, or a loaded model's `.config`) is Flux's."""
+    return transformer_config.get("_class_name") == "FluxTransformer2DModel"
+
+
 def latent_multiple(vae_config, transformer_config) -> int:
     """What every image side must be a multiple of: the VAE's downsampling times the transformer's patch (Flux: its
     2x2 latent packing, whatever its config's patch_size of 1 says)."""
-    flux = transformer_config.get("_class_name") == "FluxTransformer2DModel"
-    patch = 2 if flux else transformer_config.get("patch_size", 2)  # (SD3Transformer2DModel's default)
+    patch = 2 if is_flux_config(transformer_config) else transformer_config.get("patch_size", 2)  # (SD3's default)
     return 2 ** (len(vae_config["block_out_channels"]) - 1) * patch
 
 
@@ -152,7 +156,7 @@ def size_problems(args: FlowPipelineArguments, data_args) -> list[str]:
     if not transformer or not vae or "block_out_channels" not in vae:
         return []
     multiple = latent_multiple(vae, transformer)
-    layout = "Flux's 2x2 latent packing" if transformer.get("_class_name") == "FluxTransformer2DModel" else "patches"
+    layout = "Flux's 2x2 latent packing" if is_flux_config(transformer) else "patches"
     why = f"which this pipeline needs (VAE downsampling x {layout})"
     problems = []
     if data_args.resolution % multiple:

@@ -10,7 +10,8 @@ leaves the reference in a jump that says nothing about hacking):
                       per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
                       has found an exploit races off (tiny demo seeds: at most 0.2 of its level and 0.43 nats per
                       step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step, within three
-                      steps of the oracle's peak on 7 of 10 seeds: scripts/hacking_monitor_seeds.py). Its window is its patience: it alerts at the first step it holds
+                      steps of the oracle's peak on 7 of 10 seeds: scripts/hacking_monitor_seeds.py). Its window
+                      is its patience: it alerts at the first step it holds.
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
@@ -21,15 +22,14 @@ leaves the reference in a jump that says nothing about hacking):
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
 A signal raises an alert when it holds `patience` steps in a row (kl_growth: one); its onset is the first of those
-steps. With an
-oracle (never used for alerts), the monitor also reports the gap between the proxy's and the oracle's gains since
-the start and the step where the oracle peaked, so an alert can be judged.
+steps. With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
+oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 SIGNALS = ("kl_growth", "entropy_collapse", "length_drift", "repetition", "dominance", "above_ceiling")
@@ -59,79 +59,6 @@ def slope(values: list[float]) -> float:
     mean_x, mean_y = (count - 1) / 2, sum(values) / count
     covariance = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values))
     return covariance / sum((x - mean_x) ** 2 for x in range(count))
-
-
-@dataclass
-class HackingMonitorArguments:
-    """The monitor's recipe keys, shared by the online RL stages (ppo, grpo, rloo); `monitor_*` are the thresholds
-    of `HackingMonitor` (`build_monitor`)."""
-
-    hacking_monitor: bool = field(
-        default=True,
-        metadata={"help": "Watch for reward hacking (hfgen.rl.monitor): alerts to the console, metrics and eval.json."},
-    )
-    stop_on_hacking: bool = field(
-        default=False,
-        metadata={
-            "help": "On an alert, stop and save a policy: ppo the policy of the last step before the signal set in, "
-            "grpo/rloo the policy of the alert's step."
-        },
-    )
-    monitor_baseline_steps: int = field(
-        default=4, metadata={"help": "First steps the signals are compared with (never judged themselves)."}
-    )
-    monitor_patience: int = field(default=2, metadata={"help": "Steps a signal must hold in a row to alert."})
-    monitor_kl_window: int = field(default=4, metadata={"help": "Steps over which KL's growth is measured."})
-    monitor_kl_growth: float = field(
-        default=0.15, metadata={"help": "Alert when KL grows by more than this share of its level per step..."}
-    )
-    monitor_min_kl_slope: float = field(
-        default=1.0, metadata={"help": "...and by more than this many nats per response per step."}
-    )
-    monitor_entropy_floor: float = field(
-        default=0.4, metadata={"help": "Alert when per-token entropy falls below this share of its baseline."}
-    )
-    monitor_length_drift: float = field(
-        default=0.6, metadata={"help": "Alert when mean response length moves by more than this share of its baseline."}
-    )
-    monitor_repetition_floor: float = field(
-        default=0.85, metadata={"help": "Alert when within-response distinct-1 falls below this share of its baseline."}
-    )
-    monitor_dominance: float = field(
-        default=0.9, metadata={"help": "Alert when one reward component brings more than this share of the gain."}
-    )
-    monitor_ceiling_share: float = field(
-        default=0.5, metadata={"help": "Alert when more than this share of responses score above the reward ceiling."}
-    )
-
-
-THRESHOLDS = ("baseline_steps", "patience", "kl_window", "kl_growth", "min_kl_slope", "entropy_floor", "length_drift",
-              "repetition_floor", "dominance", "ceiling_share")  # fmt: skip
-
-
-def monitor_problems(args: HackingMonitorArguments) -> list[str]:
-    problems = []
-    if args.stop_on_hacking and not args.hacking_monitor:
-        problems.append("stop_on_hacking needs hacking_monitor: true")
-    for key, least in (("monitor_baseline_steps", 1), ("monitor_patience", 1), ("monitor_kl_window", 2)):
-        if getattr(args, key) < least:
-            problems.append(f"{key} must be at least {least}, got {getattr(args, key)}")
-    for key in ("monitor_kl_growth", "monitor_min_kl_slope", "monitor_length_drift"):
-        if getattr(args, key) <= 0:
-            problems.append(f"{key} must be > 0, got {getattr(args, key)}")
-    for key in ("monitor_entropy_floor", "monitor_repetition_floor", "monitor_dominance", "monitor_ceiling_share"):
-        if not 0 < getattr(args, key) <= 1:
-            problems.append(f"{key} is a share: give a value in (0, 1], got {getattr(args, key)}")
-    return problems
-
-
-def build_monitor(args: HackingMonitorArguments, reward_ceiling: float | None = None) -> HackingMonitor | None:
-    """The monitor a recipe asks for (None with `hacking_monitor: false`)."""
-    if not args.hacking_monitor:
-        return None
-    return HackingMonitor(
-        **{name: getattr(args, f"monitor_{name}") for name in THRESHOLDS}, reward_ceiling=reward_ceiling
-    )
 
 
 def centred_mean(values: list[float]) -> list[float]:
@@ -281,3 +208,90 @@ class HackingMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.history, self.streaks = state["history"], state["streaks"]
         self.alerts = [Alert(*a) for a in state["alerts"]]
+
+
+@dataclass
+class HackingMonitorArguments:
+    """The monitor's recipe keys, shared by the online RL stages (ppo, grpo, rloo); `monitor_*` are the thresholds
+    of `HackingMonitor`, with its defaults (`build_monitor`)."""
+
+    hacking_monitor: bool = field(
+        default=True,
+        metadata={"help": "Watch for reward hacking (hfgen.rl.monitor): alerts to the console, metrics and eval.json."},
+    )
+    stop_on_hacking: bool = field(
+        default=False,
+        metadata={
+            "help": "On an alert, stop and save a policy: ppo the policy of the last step before the signal set in, "
+            "grpo/rloo the policy of the alert's step."
+        },
+    )
+    monitor_baseline_steps: int = field(
+        default=HackingMonitor.baseline_steps,
+        metadata={"help": "First steps the signals are compared with (never judged themselves)."},
+    )
+    monitor_patience: int = field(
+        default=HackingMonitor.patience, metadata={"help": "Steps a signal must hold in a row to alert."}
+    )
+    monitor_kl_window: int = field(
+        default=HackingMonitor.kl_window, metadata={"help": "Steps over which KL's growth is measured."}
+    )
+    monitor_kl_growth: float = field(
+        default=HackingMonitor.kl_growth,
+        metadata={"help": "Alert when KL grows by more than this share of its level per step..."},
+    )
+    monitor_min_kl_slope: float = field(
+        default=HackingMonitor.min_kl_slope,
+        metadata={"help": "...and by more than this many nats per response per step."},
+    )
+    monitor_entropy_floor: float = field(
+        default=HackingMonitor.entropy_floor,
+        metadata={"help": "Alert when per-token entropy falls below this share of its baseline."},
+    )
+    monitor_length_drift: float = field(
+        default=HackingMonitor.length_drift,
+        metadata={"help": "Alert when mean response length moves by more than this share of its baseline."},
+    )
+    monitor_repetition_floor: float = field(
+        default=HackingMonitor.repetition_floor,
+        metadata={"help": "Alert when within-response distinct-1 falls below this share of its baseline."},
+    )
+    monitor_dominance: float = field(
+        default=HackingMonitor.dominance,
+        metadata={"help": "Alert when one reward component brings more than this share of the gain."},
+    )
+    monitor_ceiling_share: float = field(
+        default=HackingMonitor.ceiling_share,
+        metadata={"help": "Alert when more than this share of responses score above the reward ceiling."},
+    )
+
+
+# HackingMonitor's thresholds, each the recipe key monitor_<name>
+THRESHOLDS = tuple(
+    f.name.removeprefix("monitor_") for f in fields(HackingMonitorArguments) if f.name.startswith("monitor_")
+)
+
+
+def monitor_problems(args: HackingMonitorArguments) -> list[str]:
+    problems = []
+    if args.stop_on_hacking and not args.hacking_monitor:
+        problems.append("stop_on_hacking needs hacking_monitor: true")
+    for key, least in (("monitor_baseline_steps", 1), ("monitor_patience", 1), ("monitor_kl_window", 2)):
+        if getattr(args, key) < least:
+            problems.append(f"{key} must be at least {least}, got {getattr(args, key)}")
+    for key in ("monitor_kl_growth", "monitor_min_kl_slope", "monitor_length_drift"):
+        if getattr(args, key) <= 0:
+            problems.append(f"{key} must be > 0, got {getattr(args, key)}")
+    for key in ("monitor_entropy_floor", "monitor_repetition_floor", "monitor_dominance", "monitor_ceiling_share"):
+        if not 0 < getattr(args, key) <= 1:
+            problems.append(f"{key} is a share: give a value in (0, 1], got {getattr(args, key)}")
+    return problems
+
+
+def build_monitor(args: HackingMonitorArguments, reward_ceiling: float | None = None) -> HackingMonitor | None:
+    """The monitor a recipe asks for (None with `hacking_monitor: false`)."""
+    if not args.hacking_monitor:
+        return None
+    return HackingMonitor(
+        **{name: getattr(args, f"monitor_{name}") for name in THRESHOLDS}, reward_ceiling=reward_ceiling
+    )

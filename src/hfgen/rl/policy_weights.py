@@ -48,13 +48,13 @@ class PolicyEMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole EMA weights, on every process (a collective: every process must call it)."""
         return {
-            name: loop.whole_from_shard(self.accelerator, p, self.average.shadow[name]).cpu()
+            name: loop.whole_from_shard(p, self.average.shadow[name]).cpu()
             for name, p in trained_policy_parameters(self.policy)
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, p in trained_policy_parameters(self.policy):
-            self.average.shadow[name].copy_(loop.shard_of(self.accelerator, p, state[name]))
+            self.average.shadow[name].copy_(loop.shard_of(p, state[name]))
 
     def save(self, trainable_state: dict | None, directory: Path) -> None:
         """Save the policy as the run saves it (full model or adapter) with its EMA weights in place of the trained

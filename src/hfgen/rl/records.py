@@ -31,8 +31,7 @@ def start_samples(output_dir: Path, start_step: int) -> None:
     about to be written again), or none on a fresh start."""
     path = output_dir / "samples.jsonl"
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        tracking.write_jsonl(path, [row for row in rows if row["step"] <= start_step])
+        tracking.write_jsonl(path, [row for row in tracking.read_jsonl(path) if row["step"] <= start_step])
 
 
 def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -> None:
