@@ -294,7 +294,7 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
         tmp_path, sft, reward_model_path=str(reward), total_episodes=48, per_device_train_batch_size=16,
         gradient_accumulation_steps=1, learning_rate=1e-2, critic_warmup_steps=1, ema_decay=0.5,
         reward_normalization="sft", missing_eos_penalty=None, critic_learning_rate=1e-3, ptx_coef=1.0,
-        ptx_dataset_name="embedded:corpus", ptx_max_length=32,
+        ptx_dataset_name="embedded:instructions", ptx_max_length=32,
     )  # fmt: skip
     train(recipe)
     run = tmp_path / "run"
@@ -309,10 +309,49 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
     assert ema.keys() == policy.keys()
     assert any(not torch.equal(ema[k], policy[k]) for k in policy)  # the average lags the policy
     assert any(not torch.equal(ema[k], start[k]) for k in policy)  # and moved from the start
-    # PPO-ptx: the LM loss on the pretraining texts falls once the policy trains (step 1 was the critic's only)
+    # PPO-ptx on the SFT conversations: their answers' loss falls once the policy trains (step 1 was the critic's only)
     assert metrics[2]["loss/ptx_avg"] < metrics[0]["loss/ptx_avg"] - 0.1
     value_before = load_file(reward / "model.safetensors")["score.weight"]
     assert not torch.equal(load_file(run / "value_model" / "model.safetensors")["score.weight"], value_before)
+
+
+def test_ptx_data_of_sft_layouts_carries_the_loss_on_the_answers(tmp_path):
+    """PPO-ptx data: conversations and prompt/completion pairs are rendered as SFT renders them and labelled on the
+    answer (its EOS included) only; plain texts (ptx_column) everywhere, as is a conversation whose chat template does
+    not mark the assistant's turns; examples with no answer token within ptx_max_length are dropped."""
+    from types import SimpleNamespace
+
+    from hfgen.errors import UserError
+    from hfgen.models import build_embedded_tokenizer
+    from hfgen.rl.ptx import IGNORE, ptx_examples
+
+    tokenizer = build_embedded_tokenizer()
+    files = {
+        "chat.jsonl": {"messages": [{"role": "user", "content": "describe the red cat."},
+                                    {"role": "assistant", "content": "the red cat is kind."}]},
+        "pairs.jsonl": {"prompt": "describe the dog. answer:", "completion": " the dog is calm."},
+        "plain.jsonl": {"body": "the owl sleeps."},
+    }  # fmt: skip
+    for name, row in files.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+
+    def labelled(name, column="text", max_length=128):
+        settings = SimpleNamespace(ptx_dataset_name=str(tmp_path / name), ptx_column=column, ptx_max_length=max_length)
+        [(ids, labels)] = ptx_examples(tokenizer, settings)
+        assert len(ids) == len(labels) <= max_length
+        assert all(label in (token, IGNORE) for token, label in zip(ids, labels))
+        return tokenizer.decode(ids), tokenizer.decode([label for label in labels if label != IGNORE])
+
+    text, answer = labelled("chat.jsonl")
+    assert text == tokenizer.apply_chat_template(files["chat.jsonl"]["messages"], tokenize=False)
+    assert answer == "the red cat is kind.<|end|>"
+    assert labelled("pairs.jsonl")[1].strip() == "the dog is calm.<|end|>"
+    assert labelled("plain.jsonl", column="body") == ("the owl sleeps.", "the owl sleeps.")
+    with pytest.raises(UserError, match="ptx_max_length"):  # the user turn alone fills 6 tokens
+        labelled("chat.jsonl", max_length=6)
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    text, answer = labelled("chat.jsonl")
+    assert answer == text and "describe the red cat." in text
 
 
 @pytest.mark.parametrize("option", ["entropy_coef", "kl_loss_coef"])

@@ -1,5 +1,8 @@
-"""PPO-ptx (InstructGPT's pretraining mix): the policy's next-token loss on pretraining texts, added to the PPO loss
-against the alignment tax. `config` is a `hfgen.stages.ppo.PPOConfig`."""
+"""PPO-ptx (InstructGPT's pretraining mix): the policy's next-token loss on a second dataset, added to the PPO loss
+against the alignment tax. The dataset is plain texts (the pretraining mix: loss on every token) or SFT data in any
+layout hfgen.data.formats reads (chat `messages`, prompt/completion, Alpaca, ShareGPT, ...), rendered as the SFT
+stage renders it, with the loss on the answers only: PPO then keeps the skills SFT taught. `config` is a
+`hfgen.stages.ppo.PPOConfig`."""
 
 from __future__ import annotations
 
@@ -8,32 +11,94 @@ import torch
 from hfgen.errors import UserError
 from hfgen.rl.rollout import position_ids_from
 
+IGNORE = -100  # label of a token that carries no loss (transformers' ignore_index)
 
-def tokenize_ptx_texts(tokenizer, config) -> list[list[int]]:
-    """Token ids of the pretraining texts for the ptx loss, each cut to ptx_max_length."""
+
+def _conversation_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, answers_marked) of a conversation: the chat template's rendering, labelled on the assistant
+    turns when the template marks them with {% generation %}; else (or with no chat template: the plain 'User: ...'
+    rendering) labelled everywhere."""
+    from hfgen.data.rendering import plain_conversation, uses_plain_template
+
+    if uses_plain_template(tokenizer, True):
+        ids = tokenizer(plain_conversation(messages))["input_ids"]
+        return ids, list(ids), False
+    rendered = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, answer_mask = list(rendered["input_ids"]), rendered["assistant_masks"]
+    if not any(answer_mask):
+        return ids, list(ids), False
+    return ids, [token if keep else IGNORE for token, keep in zip(ids, answer_mask)], True
+
+
+def _example(tokenizer, row: dict) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, answers_marked) of one standard SFT row (hfgen.data.formats, kind 'sft')."""
+    from hfgen.data.rendering import sequence_ids
+
+    if "text" in row:
+        ids = tokenizer(row["text"])["input_ids"]
+        return ids, list(ids), True
+    if "messages" in row:
+        return _conversation_example(tokenizer, row["messages"])
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list):
+        return _conversation_example(tokenizer, prompt + completion)
+    # text prompt and completion, joined as TRL's SFT joins them (EOS appended); the loss on the completion
+    ids = sequence_ids(tokenizer, prompt, completion)
+    prompt_length = len(tokenizer(prompt)["input_ids"])
+    return ids, [IGNORE] * prompt_length + ids[prompt_length:], True
+
+
+def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length; examples left without a
+    labelled token after the first are dropped."""
+    from hfgen.data.formats import to_standard
     from hfgen.data.loading import load_raw
 
-    splits = load_raw(config.ptx_dataset_name)
+    name = config.ptx_dataset_name
+    splits = load_raw(name)
     rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
-    if config.ptx_column not in rows.column_names:
-        raise UserError(f"ptx_dataset_name '{config.ptx_dataset_name}' has no column '{config.ptx_column}'")
-    ids = tokenizer(list(rows[config.ptx_column]), truncation=True, max_length=config.ptx_max_length)["input_ids"]
-    return [text for text in ids if len(text) > 1]
+    columns = None
+    if config.ptx_column != "text":
+        if config.ptx_column not in rows.column_names:
+            raise UserError(f"ptx_dataset_name '{name}' has no column '{config.ptx_column}' (ptx_column)")
+        columns = {"text": config.ptx_column}
+    rows, _ = to_standard(rows, "sft", columns=columns, source=name)
+    examples, unmarked = [], 0
+    for row in rows:
+        ids, labels, answers_marked = _example(tokenizer, row)
+        unmarked += not answers_marked
+        ids, labels = ids[: config.ptx_max_length], labels[: config.ptx_max_length]
+        if any(label != IGNORE for label in labels[1:]):  # the first token is never predicted
+            examples.append((ids, labels))
+    if unmarked:
+        print(
+            f"ptx: {unmarked} conversation(s) of '{name}' carry the loss on every token: the tokenizer's chat "
+            "template does not mark the assistant's turns with {% generation %}"
+        )
+    if not examples:
+        raise UserError(
+            f"ptx_dataset_name '{name}' has no example with a token to learn within ptx_max_length "
+            f"({config.ptx_max_length})"
+        )
+    return examples
 
 
-def pretraining_loss(accelerator, trainable, texts: list[list[int]], batch_size: int) -> torch.Tensor:
-    """The policy's next-token loss on `batch_size` random pretraining texts (drawn with the global RNG, which
-    checkpoints restore)."""
-    picked = torch.randint(len(texts), (batch_size,)).tolist()
-    width = max(len(texts[i]) for i in picked)
-    pad = 0
-    input_ids = torch.full((batch_size, width), pad, dtype=torch.long)
+def pretraining_loss(accelerator, trainable, examples: list[tuple[list[int], list[int]]], batch_size: int):
+    """The policy's next-token loss on `batch_size` random ptx examples (drawn with the global RNG, which
+    checkpoints restore), over their labelled tokens."""
+    picked = [examples[i] for i in torch.randint(len(examples), (batch_size,)).tolist()]
+    width = max(len(ids) for ids, _ in picked)
+    input_ids = torch.zeros((batch_size, width), dtype=torch.long)
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
-    for row, i in enumerate(picked):
-        input_ids[row, : len(texts[i])] = torch.tensor(texts[i])
-        attention_mask[row, : len(texts[i])] = 1
-    input_ids, attention_mask = input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels = torch.full((batch_size, width), IGNORE, dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(picked):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+    device = accelerator.device
+    input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
     policy = accelerator.unwrap_model(trainable).policy
     return policy(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),

@@ -62,7 +62,7 @@ from hfgen.rl.models import (
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 from hfgen.rl.policy_weights import PolicyEMA, load_policy_weights, policy_weights
-from hfgen.rl.ptx import pretraining_loss, tokenize_ptx_texts
+from hfgen.rl.ptx import pretraining_loss, ptx_examples
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
     PolicyAndValue,
@@ -182,10 +182,15 @@ class PPOConfig(HackingMonitorArguments):
         default=0.0, metadata={"help": "PPO-ptx (InstructGPT): weight of the LM loss on ptx_dataset_name per update."}
     )
     ptx_dataset_name: str | None = field(
-        default=None, metadata={"help": "Pretraining texts for the ptx loss (train split, column ptx_column)."}
+        default=None,
+        metadata={
+            "help": "Data of the ptx loss (train split): plain texts (loss on every token), or SFT data in any layout "
+            "the sft stage reads, e.g. chat messages (embedded:instructions), rendered with the chat template, loss "
+            "on the assistant's tokens: PPO then keeps the SFT skills."
+        },
     )
-    ptx_column: str = field(default="text", metadata={"help": "Text column of ptx_dataset_name."})
-    ptx_max_length: int = field(default=128, metadata={"help": "Tokens per pretraining text (longer ones are cut)."})
+    ptx_column: str = field(default="text", metadata={"help": "Text column of a plain-text ptx_dataset_name."})
+    ptx_max_length: int = field(default=128, metadata={"help": "Tokens per ptx example (longer ones are cut)."})
     ema_decay: float | None = field(
         default=None, metadata={"help": "Keep an EMA copy of the policy's weights (DeepSpeed-Chat), saved to ema/."}
     )
@@ -263,7 +268,7 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     if not (0 <= config.gamma <= 1 and 0 <= config.lam <= 1):
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
     if config.ptx_coef and not config.ptx_dataset_name:
-        problems.append("ptx_coef needs ptx_dataset_name (pretraining texts)")
+        problems.append("ptx_coef needs ptx_dataset_name (the data of the ptx loss)")
     problems += monitor_problems(config)
     if config.ema_decay is not None and not 0 < config.ema_decay < 1:
         problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
@@ -312,7 +317,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     record(output_dir, data_records)
     train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], data_args.max_prompt_length)
     eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], data_args.max_prompt_length)
-    ptx_texts = tokenize_ptx_texts(tokenizer, config) if config.ptx_coef else None
+    ptx_data = ptx_examples(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
@@ -390,7 +395,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         check = functools.partial(divergence.check_step, step, optimizer=optimizer)
         stats = ppo_update(
             accelerator, trainable, optimizer, rollout, config, step > config.critic_warmup_steps, policy_ema,
-            ptx_texts, check, first_pass,
+            ptx_data, check, first_pass,
         )  # fmt: skip
         timing["training"] = time.perf_counter() - train_started + first_pass_s
         scheduler.step()
@@ -565,7 +570,7 @@ def first_training_pass(trainable, rollout: Rollout) -> tuple[Rollout, FirstPass
 
 def ppo_update(
     accelerator, trainable, optimizer, rollout: Rollout, config: PPOConfig, train_policy: bool = True, ema=None,
-    ptx_texts: list[list[int]] | None = None, check=None, first_pass: FirstPass | None = None,
+    ptx_data: list[tuple[list[int], list[int]]] | None = None, check=None, first_pass: FirstPass | None = None,
 ) -> list[PPOStats]:  # fmt: skip
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15), one
     optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (a
@@ -586,7 +591,7 @@ def ppo_update(
                 outputs, first_pass = (first_pass.outputs if first_pass is not None else None), None
                 with accelerator.accumulate(trainable):
                     loss, micro_batch_stats = ppo_loss(
-                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_texts, outputs
+                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_data, outputs
                     )
                     accelerator.backward(loss)
                     if not train_policy:
@@ -603,10 +608,10 @@ def ppo_update(
     return stats
 
 
-def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_texts, outputs=None):
+def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_data, outputs=None):
     """One micro-batch's loss: clipped policy loss + vf_coef * clipped value loss (details 7, 14), minus
     entropy_coef * entropy, plus kl_loss_coef * KL to the reference, plus ptx_coef * LM loss on a micro-batch of
-    `ptx_texts` (PPO-ptx). `outputs`: the trained models' (logits, values) over `batch`, when already computed.
+    `ptx_data` (PPO-ptx). `outputs`: the trained models' (logits, values) over `batch`, when already computed.
     -> (loss, PPOStats)."""
     if outputs is None:
         outputs = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
@@ -624,8 +629,8 @@ def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_po
             logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator
         )
     ptx_loss = None
-    if ptx_texts is not None:  # in the same backward pass, so DDP syncs it with the rest
-        ptx_loss = pretraining_loss(accelerator, trainable, ptx_texts, config.per_device_train_batch_size)
+    if ptx_data is not None:  # in the same backward pass, so DDP syncs it with the rest
+        ptx_loss = pretraining_loss(accelerator, trainable, ptx_data, config.per_device_train_batch_size)
         policy_loss = policy_loss + config.ptx_coef * ptx_loss
     # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
     loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
