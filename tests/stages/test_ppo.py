@@ -294,7 +294,7 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
         tmp_path, sft, reward_model_path=str(reward), total_episodes=48, per_device_train_batch_size=16,
         gradient_accumulation_steps=1, learning_rate=1e-2, critic_warmup_steps=1, ema_decay=0.5,
         reward_normalization="sft", missing_eos_penalty=None, critic_learning_rate=1e-3, ptx_coef=1.0,
-        ptx_dataset_name="embedded:instructions", ptx_max_length=32,
+        ptx_dataset_name="embedded:corpus", ptx_max_length=32,
     )  # fmt: skip
     train(recipe)
     run = tmp_path / "run"
@@ -309,7 +309,7 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
     assert ema.keys() == policy.keys()
     assert any(not torch.equal(ema[k], policy[k]) for k in policy)  # the average lags the policy
     assert any(not torch.equal(ema[k], start[k]) for k in policy)  # and moved from the start
-    # PPO-ptx on the SFT conversations: their answers' loss falls once the policy trains (step 1 was the critic's only)
+    # PPO-ptx: the LM loss on the pretraining texts falls once the policy trains (step 1 was the critic's only)
     assert metrics[2]["loss/ptx_avg"] < metrics[0]["loss/ptx_avg"] - 0.1
     value_before = load_file(reward / "model.safetensors")["score.weight"]
     assert not torch.equal(load_file(run / "value_model" / "model.safetensors")["score.weight"], value_before)
