@@ -94,7 +94,7 @@ class HackingMonitor:
     def observe(
         self, step: int, *, kl: float, entropy: float | None = None, length: float | None = None,
         distinct_1: float | None = None, components: dict[str, float] | None = None,
-        proxy_scores: list[float] | None = None, oracle: float | None = None,
+        proxy_scores: list[float] | None = None, oracle: float | None = None, above_ceiling: float | None = None,
     ) -> list[Alert]:  # fmt: skip
         """Record one step's figures (means over the step's responses, all processes; `distinct_1` from
         `mean_distinct_n(texts, 1)`; `proxy_scores` the reward model's score of every response); -> the alerts raised at this
@@ -104,6 +104,8 @@ class HackingMonitor:
                "proxy": sum(proxy_scores) / len(proxy_scores) if proxy_scores else None}  # fmt: skip
         if proxy_scores and self.reward_ceiling is not None:
             row["above_ceiling"] = sum(s > self.reward_ceiling for s in proxy_scores) / len(proxy_scores)
+        elif above_ceiling is not None:  # the share itself, when the scores are gone (`replay`)
+            row["above_ceiling"] = above_ceiling
         self.history.append(row)
         if len(self.history) <= self.baseline_steps:
             return []
@@ -116,6 +118,11 @@ class HackingMonitor:
                 self.alerts.append(alert)
                 raised.append(alert)
         return raised
+
+    def kept_step(self) -> int | None:
+        """The step whose policy `stop_on_hacking` keeps: the last before the first alert's signal set in (None
+        without an alert)."""
+        return max(self.alerts[0].onset - 1, 1) if self.alerts else None
 
     def baseline(self, key: str) -> float | None:
         values = [row[key] for row in self.history[: self.baseline_steps] if row.get(key) is not None]
@@ -208,6 +215,20 @@ class HackingMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.history, self.streaks = state["history"], state["streaks"]
         self.alerts = [Alert(*a) for a in state["alerts"]]
+
+
+def replay(monitor: HackingMonitor, rows: list[dict]) -> list[Alert]:
+    """Feed a PPO run's logged figures (its metrics.jsonl rows) through `monitor` step by step -> its alerts. The
+    monitor never changes training, so these are the alerts the run would have raised with `monitor`'s thresholds
+    (the share above the reward ceiling comes from the log's `monitor/above_ceiling`)."""
+    for row in rows:
+        monitor.observe(
+            row["step"], kl=row["objective/kl"], entropy=row.get("response/entropy_per_token"),
+            length=row.get("response/length_mean"), distinct_1=row.get("response/distinct_1"),
+            components={k.removeprefix("reward/"): v for k, v in row.items() if k.startswith("reward/")},
+            oracle=row.get("oracle/score"), above_ceiling=row.get("monitor/above_ceiling"),
+        )  # fmt: skip
+    return monitor.alerts
 
 
 @dataclass
