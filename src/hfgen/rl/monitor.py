@@ -114,7 +114,8 @@ class HackingMonitor:
             self.streaks[signal] = self.streaks.get(signal, 0) + 1 if holds else 0
             patience = 1 if signal == "kl_growth" else self.patience  # kl_growth's window is its patience
             if self.streaks[signal] >= patience and signal not in {a.signal for a in self.alerts}:
-                alert = Alert(step, step - patience + 1, signal, message)
+                onset = self.kl_onset() if signal == "kl_growth" else step - patience + 1
+                alert = Alert(step, onset, signal, message)
                 self.alerts.append(alert)
                 raised.append(alert)
         return raised
@@ -123,6 +124,11 @@ class HackingMonitor:
         """The step whose policy `stop_on_hacking` keeps: the last before the first alert's signal set in (None
         without an alert)."""
         return max(self.alerts[0].onset - 1, 1) if self.alerts else None
+
+    def lookback(self) -> int:
+        """How many of the latest steps' policies may be kept (`kept_step`): the alert's step, the steps its signal
+        looked back over, and the one before them."""
+        return max(self.patience, self.kl_window) + 1
 
     def baseline(self, key: str) -> float | None:
         values = [row[key] for row in self.history[: self.baseline_steps] if row.get(key) is not None]
@@ -167,6 +173,13 @@ class HackingMonitor:
             return 0.0, 0.0
         change = slope(values)
         return change, change / max(sum(values) / len(values), 1e-9)
+
+    def kl_onset(self) -> int:
+        """The step KL's race set in, looking back over the window that saw it: the first of its steps whose KL
+        is above the highest KL before the window by more than `kl_growth` of it (the alert's step if none is)."""
+        window = self.history[self.baseline_steps :][-self.kl_window :]
+        before = max(row["kl"] for row in self.history[: len(self.history) - len(window)])
+        return next((row["step"] for row in window if row["kl"] > (1 + self.kl_growth) * before), window[-1]["step"])
 
     def baseline_component(self, name: str) -> float | None:
         values = [row["components"][name] for row in self.history[: self.baseline_steps] if name in row["components"]]
