@@ -8,10 +8,11 @@ leaves the reference in a jump that says nothing about hacking):
                       `kl_window` steps after the baseline, its least-squares slope is above `kl_growth` x its mean
                       over those steps (it grows by that share of its level per step) and above `min_kl_slope` nats
                       per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
-                      has found an exploit races off (tiny demo seeds: at most 0.2 of its level and 0.43 nats per
-                      step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step, within three
-                      steps of the oracle's peak on 7 of 10 seeds: scripts/hacking_monitor_seeds.py). Its window
-                      is its patience: it alerts at the first step it holds.
+                      has found an exploit races off (figures in the README, scripts/hacking_monitor_seeds.py).
+                      Its window is its patience: it alerts at the first step it holds. Its onset looks back over
+                      that window: the first of its steps whose KL is above the highest KL before the window by
+                      more than `kl_growth` of it (the policy of that step is already leaving; the alert's step
+                      when none is), so `stop_on_hacking` keeps the policy from before the race, not one inside it.
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
@@ -22,7 +23,8 @@ leaves the reference in a jump that says nothing about hacking):
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
 A signal raises an alert when it holds `patience` steps in a row (kl_growth: one); its onset is the first of those
-steps. With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
+steps (kl_growth: see above), and the policy to keep is the one of the step before the first alert's onset
+(`kept_step`). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
 oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
 """
 
