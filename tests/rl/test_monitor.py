@@ -114,6 +114,11 @@ def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
     assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_step() == 10
     assert monitor.lookback() == 5  # the alert's step, its 4-step window, the one before
+    # a noisy step above the highest before the window (6.0 > 1.15 x 5.2), then a dip, then the race
+    kls = [0.0, 1.0, 1.5, 1.8, 2.5, 4.0, 4.3, 5.2, 6.0, 5.0, 7.9, 13.1]
+    monitor = M.HackingMonitor()
+    alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
+    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_step() == 10
 
 
 def test_replay_of_logged_figures_raises_the_alerts_of_the_run():

@@ -10,9 +10,10 @@ leaves the reference in a jump that says nothing about hacking):
                       per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
                       has found an exploit races off (figures in the README, scripts/hacking_monitor_seeds.py).
                       Its window is its patience: it alerts at the first step it holds. Its onset looks back over
-                      that window: the first of its steps whose KL is above the highest KL before the window by
-                      more than `kl_growth` of it (the policy of that step is already leaving; the alert's step
-                      when none is), so `stop_on_hacking` keeps the policy from before the race, not one inside it.
+                      that window: the first of its steps after its lowest KL whose KL is above the highest KL
+                      before the window by more than `kl_growth` of it (the policy of that step is already leaving;
+                      the alert's step when none is), so `stop_on_hacking` keeps the policy from before the race,
+                      not one inside it.
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
@@ -177,11 +178,14 @@ class HackingMonitor:
         return change, change / max(sum(values) / len(values), 1e-9)
 
     def kl_onset(self) -> int:
-        """The step KL's race set in, looking back over the window that saw it: the first of its steps whose KL
-        is above the highest KL before the window by more than `kl_growth` of it (the alert's step if none is)."""
+        """The step KL's race set in, looking back over the window that saw it: the first of its steps after its
+        lowest KL whose KL is above the highest KL before the window by more than `kl_growth` of it (the alert's
+        step if none is). A noisy high before a dip in the window is not the race."""
         window = self.history[self.baseline_steps :][-self.kl_window :]
         before = max(row["kl"] for row in self.history[: len(self.history) - len(window)])
-        return next((row["step"] for row in window if row["kl"] > (1 + self.kl_growth) * before), window[-1]["step"])
+        low = min(range(len(window)), key=lambda i: window[i]["kl"])
+        rising = [row for row in window[low + 1 :] if row["kl"] > (1 + self.kl_growth) * before]
+        return rising[0]["step"] if rising else window[-1]["step"]
 
     def baseline_component(self, name: str) -> float | None:
         values = [row["components"][name] for row in self.history[: self.baseline_steps] if name in row["components"]]
