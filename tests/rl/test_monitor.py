@@ -119,6 +119,10 @@ def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
     monitor = M.HackingMonitor()
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
     assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_step() == 10
+    # a race in the first window after the baseline: no settled level to rise from, the onset is the alert's step
+    monitor = M.HackingMonitor()
+    alerts = feed(monitor, [STEADY | {"kl": kl} for kl in [0.0, 0.5, 1.0, 1.5, 2.6, 3.9, 5.0, 6.7]])
+    assert [(a.step, a.onset) for a in alerts] == [(8, 8)] and monitor.kept_step() == 7
 
 
 def test_replay_of_logged_figures_raises_the_alerts_of_the_run():

@@ -11,9 +11,9 @@ leaves the reference in a jump that says nothing about hacking):
                       has found an exploit races off (figures in the README, scripts/hacking_monitor_seeds.py).
                       Its window is its patience: it alerts at the first step it holds. Its onset looks back over
                       that window: the first of its steps after its lowest KL whose KL is above the highest KL
-                      before the window by more than `kl_growth` of it (the policy of that step is already leaving;
-                      the alert's step when none is), so `stop_on_hacking` keeps the policy from before the race,
-                      not one inside it.
+                      between the baseline and the window by more than `kl_growth` of it (the policy of that step
+                      is already leaving; the alert's step when none is, or when the window follows the baseline
+                      at once), so `stop_on_hacking` keeps the policy from before the race, not one inside it.
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
@@ -179,10 +179,15 @@ class HackingMonitor:
 
     def kl_onset(self) -> int:
         """The step KL's race set in, looking back over the window that saw it: the first of its steps after its
-        lowest KL whose KL is above the highest KL before the window by more than `kl_growth` of it (the alert's
-        step if none is). A noisy high before a dip in the window is not the race."""
+        lowest KL whose KL is above the highest KL between the baseline and the window by more than `kl_growth`
+        of it (a noisy high before a dip in the window is not the race). The alert's step when none is, or when
+        the window follows the baseline at once (no level yet to rise from: the policy is still leaving the
+        reference)."""
         window = self.history[self.baseline_steps :][-self.kl_window :]
-        before = max(row["kl"] for row in self.history[: len(self.history) - len(window)])
+        settled = self.history[self.baseline_steps : len(self.history) - len(window)]
+        if not settled:
+            return window[-1]["step"]
+        before = max(row["kl"] for row in settled)
         low = min(range(len(window)), key=lambda i: window[i]["kl"])
         rising = [row for row in window[low + 1 :] if row["kl"] > (1 + self.kl_growth) * before]
         return rising[0]["step"] if rising else window[-1]["step"]
