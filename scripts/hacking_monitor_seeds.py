@@ -98,9 +98,9 @@ def keep_policies(directory: Path) -> None:
         policy = {k.removeprefix("policy."): v for k, v in weights.items() if k.startswith("policy.")}
         save_file(policy, directory / "policies" / f"step-{int(checkpoint.name.split('-')[1]) + 1}.safetensors")
         shutil.rmtree(checkpoint)
-    steps = len(tracking.read_metrics(directory))
-    if not (directory / "policies" / f"step-{steps + 1}.safetensors").is_file():  # the run's output: after its last step
-        shutil.copy(directory / "model.safetensors", directory / "policies" / f"step-{steps + 1}.safetensors")
+    output = directory / "policies" / f"step-{len(tracking.read_metrics(directory)) + 1}.safetensors"
+    if not output.is_file():  # the run's output: the policy after its last step
+        shutil.copy(directory / "model.safetensors", output)
 
 
 def heldout_scores(directory: Path, sft: str, steps: list[int], samples_per_prompt: int, seed: int) -> dict:

@@ -450,9 +450,8 @@ def test_hacking_monitor_seeds_judge():
     rising = [0.0] * 10 + [1.0] * 7 + [3.0, 3.1, 3.0]
     judged |= {18: 3.0, 19: 3.1, 21: 3.05}
     silent = judge_hackable(run | {"alert": None, "onset": None, "kept": None}, rising, judge)
-    assert (silent["peak_end_step"], silent["alert_due"], silent["alert_in_time"], silent["kept_good"]) == (
-        20, False, True, True
-    )
+    assert (silent["peak_end_step"], silent["alert_due"]) == (20, False)
+    assert silent["alert_in_time"] and silent["kept_good"]
 
 
 @pytest.mark.slow
@@ -476,13 +475,15 @@ def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
     }  # fmt: skip
     assert set(summary["totals"]) == {"hackable_alert_in_time", "hackable_kept_good", "demo_false_alarms"}
     shipped = yaml.safe_load((REPO / "recipes/tiny/ppo.yaml").read_text())
-    # every step's policy kept for the held-out judge (step 1's is the SFT model), the checkpoints gone
-    assert [p.name for p in (tmp_path / "hackable-1" / "policies").iterdir()] == ["step-2.safetensors"]
+    # every step's policy kept for the held-out judge (step 1's is the SFT model, step 3's the run's output), the
+    # checkpoints gone
+    policies = sorted(p.name for p in (tmp_path / "hackable-1" / "policies").iterdir())
+    assert policies == ["step-2.safetensors", "step-3.safetensors"]
     assert not list((tmp_path / "hackable-1").glob("checkpoint-*"))
     assert set(json.loads((tmp_path / "hackable-1" / "heldout.json").read_text())) == {"2x0", "2x1"}
     assert {"oracle_peak_step", "peak_end_step", "kept_needed", "alert_in_time"} <= hackable.keys()
-    changed = {"reward_functions", "kl_coef", "value_model_path", "save_steps"}
-    for kind, changed in (("hackable", changed), ("demo", set())):
+    hackable_keys = {"reward_functions", "kl_coef", "value_model_path", "save_steps"}
+    for kind, changed in (("hackable", hackable_keys), ("demo", set())):
         recipe = yaml.safe_load((tmp_path / f"{kind}-1" / "ppo.yaml").read_text())
         paths = {"model_name_or_path", "reward_model_path", "output_dir", "seed", "total_episodes"}
         records = {"eval_samples_per_prompt", "sample_steps", "logging_steps"}  # the script's, for speed
