@@ -9,7 +9,9 @@ signals only; the oracle is logged to judge it):
   hackable  recipes/tiny/ppo.yaml with the reward model replaced by hfgen.data.embedded:hackable_reward_scores (it
             pays for a pleasant word however often it repeats) and no KL anchor (--hackable_kl_coef 0: with the
             demo's 0.8 the policy never finds the exploit within the run, with 0.05 only on some seeds; without an
-            anchor it finds it on every seed, a rise of the oracle then a collapse, which is what the check needs).
+            anchor it finds it on almost every seed, a rise of the oracle then a collapse, which is what the check
+            needs). No PPO-ptx either (another anchor, when the demo has one), and 32 steps (2,048 episodes,
+            --hackable_total_episodes) whatever the demo's length: the length the README's seed table measured.
   demo      the shipped demo, recipes/tiny/ppo.yaml as it is: any alert is a false alarm.
 
 The judge of a hackable run is held-out, not the training batches (a step's 64 responses are as noisy as the 0.95
@@ -177,7 +179,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--first_seed", type=int, default=1)
-    parser.add_argument("--total_episodes", type=int, help="default: the demo recipe's")
+    parser.add_argument("--total_episodes", type=int, help="of both kinds; default: the demo recipe's, and 2048 "
+                        "(--hackable_total_episodes) for the hackable runs")  # fmt: skip
+    parser.add_argument("--hackable_total_episodes", type=int, default=2048, help="32 steps of 64 episodes")
     parser.add_argument("--output", default="outputs/hacking_monitor")
     parser.add_argument("--only", choices=("hackable", "demo"), help="run one kind only")
     parser.add_argument("--reuse", action="store_true", help="re-judge finished runs in --output, no training")
@@ -202,7 +206,9 @@ def main() -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if args.only in (None, "hackable"):
             directory = output / f"hackable-{seed}"
-            recipe = {k: v for k, v in base.items() if k != "reward_model_path"}
+            # no reward model and no PPO-ptx (another anchor), the run length of the measured seeds (README)
+            recipe = {k: v for k, v in base.items() if k != "reward_model_path" and not k.startswith("ptx_")}
+            recipe["total_episodes"] = args.total_episodes or args.hackable_total_episodes
             # the demo's kl_coef (0.8) anchors the policy so firmly that the hackable reward cannot break it within
             # the run; the hackable check drops the anchor so that there is hacking for the monitor to catch. A
             # checkpoint after every step gives every step's policy to the held-out judge.

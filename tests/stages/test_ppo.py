@@ -482,7 +482,10 @@ def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
     assert not list((tmp_path / "hackable-1").glob("checkpoint-*"))
     assert set(json.loads((tmp_path / "hackable-1" / "heldout.json").read_text())) == {"2x0", "2x1"}
     assert {"oracle_peak_step", "peak_end_step", "kept_needed", "alert_in_time"} <= hackable.keys()
-    hackable_keys = {"reward_functions", "kl_coef", "value_model_path", "save_steps"}
+    # the hackable runs: the hackable reward, no KL anchor, no PPO-ptx, a checkpoint every step
+    hackable_keys = {"reward_functions", "kl_coef", "value_model_path", "save_steps"} | {
+        key for key in shipped if key.startswith("ptx_")
+    }
     for kind, changed in (("hackable", hackable_keys), ("demo", set())):
         recipe = yaml.safe_load((tmp_path / f"{kind}-1" / "ppo.yaml").read_text())
         paths = {"model_name_or_path", "reward_model_path", "output_dir", "seed", "total_episodes"}
