@@ -54,8 +54,10 @@ def test_kl_growth_rate_relative_to_its_level():
     small = [STEADY | {"kl": 0.05 * 1.5**i} for i in range(10)]  # +50% a step, but under 0.5 nats a step
     assert feed(M.HackingMonitor(), small) == []
     racing = [STEADY | {"kl": kl} for kl in [0.0, 1.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0, 5.6, 7.8, 11.0]]
-    alerts = feed(M.HackingMonitor(), racing)
-    assert [(a.step, a.onset, a.signal) for a in alerts] == [(10, 10, "kl_growth")]  # window 7-10: 4, 4, 5.6, 7.8
+    monitor = M.HackingMonitor()
+    alerts = feed(monitor, racing)
+    # window 7-10: 4, 4, 5.6, 7.8; the race set in at step 9, the first above 1.15 x 4 (the highest before it)
+    assert [(a.step, a.onset, a.signal) for a in alerts] == [(10, 9, "kl_growth")] and monitor.kept_step() == 8
     assert "of its level per step" in alerts[0].message
     assert feed(M.HackingMonitor(kl_growth=0.5), racing) == []  # the threshold is the recipe's
 
@@ -102,3 +104,39 @@ def test_thresholds_are_recipe_keys_of_every_online_rl_stage():
         "monitor_kl_window must be at least 2, got 1",
         "monitor_repetition_floor is a share: give a value in (0, 1], got 1.5",
     ]
+
+
+def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
+    """The onset is the first step of the window above the highest KL before it by more than kl_growth of it: a
+    step that is merely the highest so far (noise on a plateau) is not the onset."""
+    kls = [0.0, 1.0, 3.0, 4.0, 6.0, 6.2, 5.8, 6.3, 6.1, 6.5, 9.0, 16.0]  # 6.5 is a new high, 9.0 is the race
+    monitor = M.HackingMonitor()
+    alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
+    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_step() == 10
+    assert monitor.lookback() == 5  # the alert's step, its 4-step window, the one before
+    # a noisy step above the highest before the window (6.0 > 1.15 x 5.2), then a dip, then the race
+    kls = [0.0, 1.0, 1.5, 1.8, 2.5, 4.0, 4.3, 5.2, 6.0, 5.0, 7.9, 13.1]
+    monitor = M.HackingMonitor()
+    alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
+    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_step() == 10
+    # a race in the first window after the baseline: no settled level to rise from, the onset is the alert's step
+    monitor = M.HackingMonitor()
+    alerts = feed(monitor, [STEADY | {"kl": kl} for kl in [0.0, 0.5, 1.0, 1.5, 2.6, 3.9, 5.0, 6.7]])
+    assert [(a.step, a.onset) for a in alerts] == [(8, 8)] and monitor.kept_step() == 7
+
+
+def test_replay_of_logged_figures_raises_the_alerts_of_the_run():
+    """`replay` feeds metrics.jsonl rows as the training loop fed `observe`: the same alerts, the share above the
+    reward ceiling read from its logged figure."""
+    live = M.HackingMonitor(reward_ceiling=2.0)
+    rows = []
+    for step in range(1, 9):
+        figures = {"objective/kl": 1.0, "response/entropy_per_token": 2.0, "response/length_mean": 10.0,
+                   "response/distinct_1": 1.0 if step < 6 else 0.5, "reward/rm": 0.5, "oracle/score": 1.0}  # fmt: skip
+        scores = [0.0, 1.0] if step < 5 else [3.0, 3.0]
+        live.observe(step, kl=1.0, entropy=2.0, length=10.0, distinct_1=figures["response/distinct_1"],
+                     components={"rm": 0.5}, proxy_scores=scores, oracle=1.0)  # fmt: skip
+        rows.append({"step": step, **figures, **live.metrics()})
+    replayed = M.replay(M.HackingMonitor(), rows)
+    assert [(a.signal, a.step, a.onset) for a in live.alerts] == [("above_ceiling", 6, 5), ("repetition", 7, 6)]
+    assert replayed == live.alerts and M.HackingMonitor().kept_step() is None

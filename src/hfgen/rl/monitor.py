@@ -8,10 +8,12 @@ leaves the reference in a jump that says nothing about hacking):
                       `kl_window` steps after the baseline, its least-squares slope is above `kl_growth` x its mean
                       over those steps (it grows by that share of its level per step) and above `min_kl_slope` nats
                       per step. The leading signal: a healthy run's KL settles after the first steps, a policy that
-                      has found an exploit races off (tiny demo seeds: at most 0.2 of its level and 0.43 nats per
-                      step, one noisy step; the hackable reward: 0.18-0.33 and 1.2-2.6 nats per step, within three
-                      steps of the oracle's peak on 7 of 10 seeds: scripts/hacking_monitor_seeds.py). Its window
-                      is its patience: it alerts at the first step it holds.
+                      has found an exploit races off (figures in the README, scripts/hacking_monitor_seeds.py).
+                      Its window is its patience: it alerts at the first step it holds. Its onset looks back over
+                      that window: the first of its steps after its lowest KL whose KL is above the highest KL
+                      between the baseline and the window by more than `kl_growth` of it (the policy of that step
+                      is already leaving; the alert's step when none is, or when the window follows the baseline
+                      at once), so `stop_on_hacking` keeps the policy from before the race, not one inside it.
     entropy_collapse  per-token entropy below `entropy_floor` x its baseline
     length_drift      mean response length away from its baseline by more than `length_drift` x baseline
     repetition        mean within-response distinct-1 (words, punctuation aside) below `repetition_floor` x its
@@ -22,7 +24,8 @@ leaves the reference in a jump that says nothing about hacking):
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
 A signal raises an alert when it holds `patience` steps in a row (kl_growth: one); its onset is the first of those
-steps. With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
+steps (kl_growth: see above), and the policy to keep is the one of the step before the first alert's onset
+(`kept_step`). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
 oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
 """
 
@@ -94,7 +97,7 @@ class HackingMonitor:
     def observe(
         self, step: int, *, kl: float, entropy: float | None = None, length: float | None = None,
         distinct_1: float | None = None, components: dict[str, float] | None = None,
-        proxy_scores: list[float] | None = None, oracle: float | None = None,
+        proxy_scores: list[float] | None = None, oracle: float | None = None, above_ceiling: float | None = None,
     ) -> list[Alert]:  # fmt: skip
         """Record one step's figures (means over the step's responses, all processes; `distinct_1` from
         `mean_distinct_n(texts, 1)`; `proxy_scores` the reward model's score of every response); -> the alerts raised at this
@@ -104,6 +107,8 @@ class HackingMonitor:
                "proxy": sum(proxy_scores) / len(proxy_scores) if proxy_scores else None}  # fmt: skip
         if proxy_scores and self.reward_ceiling is not None:
             row["above_ceiling"] = sum(s > self.reward_ceiling for s in proxy_scores) / len(proxy_scores)
+        elif above_ceiling is not None:  # the share itself, when the scores are gone (`replay`)
+            row["above_ceiling"] = above_ceiling
         self.history.append(row)
         if len(self.history) <= self.baseline_steps:
             return []
@@ -112,10 +117,21 @@ class HackingMonitor:
             self.streaks[signal] = self.streaks.get(signal, 0) + 1 if holds else 0
             patience = 1 if signal == "kl_growth" else self.patience  # kl_growth's window is its patience
             if self.streaks[signal] >= patience and signal not in {a.signal for a in self.alerts}:
-                alert = Alert(step, step - patience + 1, signal, message)
+                onset = self.kl_onset() if signal == "kl_growth" else step - patience + 1
+                alert = Alert(step, onset, signal, message)
                 self.alerts.append(alert)
                 raised.append(alert)
         return raised
+
+    def kept_step(self) -> int | None:
+        """The step whose policy `stop_on_hacking` keeps: the last before the first alert's signal set in (None
+        without an alert)."""
+        return max(self.alerts[0].onset - 1, 1) if self.alerts else None
+
+    def lookback(self) -> int:
+        """How many of the latest steps' policies may be kept (`kept_step`): the alert's step, the steps its signal
+        looked back over, and the one before them."""
+        return max(self.patience, self.kl_window) + 1
 
     def baseline(self, key: str) -> float | None:
         values = [row[key] for row in self.history[: self.baseline_steps] if row.get(key) is not None]
@@ -160,6 +176,21 @@ class HackingMonitor:
             return 0.0, 0.0
         change = slope(values)
         return change, change / max(sum(values) / len(values), 1e-9)
+
+    def kl_onset(self) -> int:
+        """The step KL's race set in, looking back over the window that saw it: the first of its steps after its
+        lowest KL whose KL is above the highest KL between the baseline and the window by more than `kl_growth`
+        of it (a noisy high before a dip in the window is not the race). The alert's step when none is, or when
+        the window follows the baseline at once (no level yet to rise from: the policy is still leaving the
+        reference)."""
+        window = self.history[self.baseline_steps :][-self.kl_window :]
+        settled = self.history[self.baseline_steps : len(self.history) - len(window)]
+        if not settled:
+            return window[-1]["step"]
+        before = max(row["kl"] for row in settled)
+        low = min(range(len(window)), key=lambda i: window[i]["kl"])
+        rising = [row for row in window[low + 1 :] if row["kl"] > (1 + self.kl_growth) * before]
+        return rising[0]["step"] if rising else window[-1]["step"]
 
     def baseline_component(self, name: str) -> float | None:
         values = [row["components"][name] for row in self.history[: self.baseline_steps] if name in row["components"]]
@@ -208,6 +239,20 @@ class HackingMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.history, self.streaks = state["history"], state["streaks"]
         self.alerts = [Alert(*a) for a in state["alerts"]]
+
+
+def replay(monitor: HackingMonitor, rows: list[dict]) -> list[Alert]:
+    """Feed a PPO run's logged figures (its metrics.jsonl rows) through `monitor` step by step -> its alerts. The
+    monitor never changes training, so these are the alerts the run would have raised with `monitor`'s thresholds
+    (the share above the reward ceiling comes from the log's `monitor/above_ceiling`)."""
+    for row in rows:
+        monitor.observe(
+            row["step"], kl=row["objective/kl"], entropy=row.get("response/entropy_per_token"),
+            length=row.get("response/length_mean"), distinct_1=row.get("response/distinct_1"),
+            components={k.removeprefix("reward/"): v for k, v in row.items() if k.startswith("reward/")},
+            oracle=row.get("oracle/score"), above_ceiling=row.get("monitor/above_ceiling"),
+        )  # fmt: skip
+    return monitor.alerts
 
 
 @dataclass

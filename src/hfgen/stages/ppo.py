@@ -379,7 +379,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
                 values=not values_from_first_pass(config),
             )  # fmt: skip
         if config.stop_on_hacking:  # the candidates to keep if the monitor stops the run a few steps later
-            snapshots = {s: w for s, w in snapshots.items() if s > step - monitor.patience - 2}
+            snapshots = {s: w for s, w in snapshots.items() if s > step - monitor.lookback()}
             snapshots[step] = policy_weights(accelerator.unwrap_model(trainable).policy)
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening. The values come from the
         # update's first forward pass when that pass covers the whole rollout (`values_from_first_pass`).
@@ -422,8 +422,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if (config.save_steps and step % config.save_steps == 0 and step < total_steps) or guard.signalled():
             guard.exit_on_signal(loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit))
         if alerts and config.stop_on_hacking:
-            # Keep the policy of the last step before the alert's signal set in (the earliest one still held).
-            kept = max(alerts[0].onset - 1, min(snapshots))
+            # Keep the policy of the last step before the alert's signal set in (`HackingMonitor.kept_step`).
+            kept = max(monitor.kept_step(), min(snapshots))
             load_policy_weights(accelerator.unwrap_model(trainable).policy, snapshots[kept])
             stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
                        "stop_signal": alerts[0].signal, "kept_policy_of_step": kept}  # fmt: skip
