@@ -246,13 +246,19 @@ def replay(monitor: HackingMonitor, rows: list[dict]) -> list[Alert]:
     monitor never changes training, so these are the alerts the run would have raised with `monitor`'s thresholds
     (the share above the reward ceiling comes from the log's `monitor/above_ceiling`)."""
     for row in rows:
-        monitor.observe(
-            row["step"], kl=row["objective/kl"], entropy=row.get("response/entropy_per_token"),
-            length=row.get("response/length_mean"), distinct_1=row.get("response/distinct_1"),
-            components={k.removeprefix("reward/"): v for k, v in row.items() if k.startswith("reward/")},
-            oracle=row.get("oracle/score"), above_ceiling=row.get("monitor/above_ceiling"),
-        )  # fmt: skip
+        monitor.observe(row["step"], **logged_figures(row), above_ceiling=row.get("monitor/above_ceiling"))
     return monitor.alerts
+
+
+def logged_figures(metrics: dict) -> dict:
+    """A PPO step's figures in its metrics (live, or a metrics.jsonl row) as `HackingMonitor.observe`'s keywords:
+    the one place that knows which logged keys the monitor reads, for the training loop and `replay` alike."""
+    return {
+        "kl": metrics["objective/kl"], "entropy": metrics["response/entropy_per_token"],
+        "length": metrics["response/length_mean"], "distinct_1": metrics["response/distinct_1"],
+        "components": {k.removeprefix("reward/"): v for k, v in metrics.items() if k.startswith("reward/")},
+        "oracle": metrics.get("oracle/score"),
+    }  # fmt: skip
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from hfgen import tracking
 from hfgen.rl.metrics import RATES
-from hfgen.rl.monitor import HackingMonitor
+from hfgen.rl.monitor import HackingMonitor, logged_figures
 from hfgen.rl.rollout import prompt_text
 
 SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
@@ -62,12 +62,7 @@ def watch_for_hacking(accelerator, monitor: HackingMonitor, step: int, metrics: 
     """Feed the monitor the step's global figures (the reward model's score of every response, gathered, so every
     process decides alike); alerts go to the console and, with the monitor's figures, into `metrics`."""
     proxy = details.components.get("reward_model", rollout.scores)
-    components = {name.removeprefix("reward/"): value for name, value in metrics.items() if name.startswith("reward/")}
-    alerts = monitor.observe(
-        step, kl=metrics["objective/kl"], entropy=metrics["response/entropy_per_token"],
-        length=metrics["response/length_mean"], distinct_1=metrics["response/distinct_1"], components=components,
-        proxy_scores=accelerator.gather(proxy.float()).tolist(), oracle=metrics.get("oracle/score"),
-    )  # fmt: skip
+    alerts = monitor.observe(step, **logged_figures(metrics), proxy_scores=accelerator.gather(proxy.float()).tolist())
     metrics |= monitor.metrics()
     for alert in alerts:
         accelerator.print(
