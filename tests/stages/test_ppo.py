@@ -398,14 +398,15 @@ def test_entropy_bonus_raises_entropy_and_kl_loss_pulls_toward_the_reference(opt
         assert F.kl_loss(logprobs_after, ref_logprobs, mask, "k3") < 0.7 * kl_before
 
 
-def test_stop_on_hacking_ends_normally_keeping_the_policy_before_the_alert(tmp_path, tiny_models):
+def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp_path, tiny_models):
     """A ceiling below every score makes the monitor's above-ceiling signal hold from the first step after its
     3-step baseline (step 4; `monitor_baseline_steps` 3, the default 4 would alert a step later): with patience 2 it
-    alerts at step 5, the run stops there, exits 0 with COMPLETE, and keeps the policy that sampled step 3."""
+    alerts at step 5, the run stops there, exits 0 with COMPLETE, and keeps the average of the policies that
+    sampled steps 1-3 (`monitor_keep_average` 4: the steps before the onset, from step 1 on)."""
     sft, _ = tiny_models
     recipe = write_recipe(
         tmp_path, sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
-        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=4,
+        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=1,
         monitor_baseline_steps=3,
     )  # fmt: skip
     result = train(recipe)
@@ -416,14 +417,16 @@ def test_stop_on_hacking_ends_normally_keeping_the_policy_before_the_alert(tmp_p
     assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5] and metrics[4]["monitor/alert/above_ceiling"] == 4
     results = tracking.read_json(run / "eval.json")
     assert results["stopped_early"] is True and results["stopped_at_step"] == 5 and results["steps"] == 5
-    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_step"] == 3
+    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_steps"] == [1, 2, 3]
     assert "above the ceiling" in results["stop_reason"] and results["monitor/first_alert_step"] == 5
-    # the kept policy (after step 2's update) differs from the start and from the checkpoint after step 4
-    kept = load_file(run / "model.safetensors")
-    at_step_4 = load_file(run / "checkpoint-4" / "model.safetensors")
-    start = load_file(sft / "model.safetensors")
+    assert "the output is the average of the policies of steps 1-3" in result.stdout
+    # the kept policy is the mean of the start and the policies after steps 1 and 2 (which sampled steps 2, 3)
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(kept[name], start[name]) and not torch.equal(kept[name], at_step_4["policy." + name])
+    kept = load_file(run / "model.safetensors")[name]
+    start = load_file(sft / "model.safetensors")[name]
+    after = [load_file(run / f"checkpoint-{step}" / "model.safetensors")["policy." + name] for step in (1, 2, 4)]
+    torch.testing.assert_close(kept, (start + after[0] + after[1]) / 3)
+    assert not torch.allclose(kept, after[1]) and not torch.allclose(kept, after[2])
 
 
 def test_values_from_the_first_training_pass_equal_a_rollout_pass_of_their_own():
@@ -475,20 +478,24 @@ def test_hacking_monitor_seeds_judge():
     def judge(steps):
         return {step: judged[step] for step in steps}
 
-    run = {"steps": 20, "alert": 9, "signal": "kl_growth", "onset": 7, "kept": 6}
+    run = {"steps": 20, "alert": 9, "signal": "kl_growth", "onset": 7, "kept": [6]}
     verdict = judge_hackable(run, screen, judge)
     assert (verdict["oracle_peak_step"], verdict["peak_end_step"]) == (5, 7)  # 2.96 >= 0.1 + 0.95 x 3.0 = 2.95
     assert verdict["alert_in_time"] and not verdict["alert_in_time_of_argmax"]  # 9 <= 7 + 2, but > 5 + 2
     assert verdict["kept_oracle"] == 3.0 and verdict["kept_needed"] == 2.95 and verdict["kept_good"]
-    late = judge_hackable(run | {"alert": 10, "kept": 7}, screen, judge)
+    late = judge_hackable(run | {"alert": 10, "kept": [7]}, screen, judge)
     assert not late["alert_in_time"] and not late["kept_good"]  # 2.8 < 2.95 (screened 2.96: the judge decides)
-    silent = judge_hackable(run | {"alert": None, "onset": None, "kept": None}, screen, judge)
-    assert silent["alert_due"] and not silent["alert_in_time"] and silent["kept_step"] == 21  # the run's output
+    # several kept steps: the judge scores the average of their policies, not any one of them
+    judged[(6, 7)] = 2.97
+    averaged = judge_hackable(run | {"alert": 10, "kept": [6, 7]}, screen, judge)
+    assert averaged["kept_steps"] == "6+7" and averaged["kept_oracle"] == 2.97 and averaged["kept_good"]
+    silent = judge_hackable(run | {"alert": None, "onset": None, "kept": []}, screen, judge)
+    assert silent["alert_due"] and not silent["alert_in_time"] and silent["kept_steps"] == "21"  # the run's output
     assert not silent["kept_good"]
     # an oracle still at its peak 2 steps (10%) before the end: nothing to catch, silence is right
     rising = [0.0] * 10 + [1.0] * 7 + [3.0, 3.1, 3.0]
     judged |= {18: 3.0, 19: 3.1, 21: 3.05}
-    silent = judge_hackable(run | {"alert": None, "onset": None, "kept": None}, rising, judge)
+    silent = judge_hackable(run | {"alert": None, "onset": None, "kept": []}, rising, judge)
     assert (silent["peak_end_step"], silent["alert_due"]) == (20, False)
     assert silent["alert_in_time"] and silent["kept_good"]
 

@@ -24,9 +24,12 @@ leaves the reference in a jump that says nothing about hacking):
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
 A signal raises an alert when it holds `patience` steps in a row (kl_growth: one); its onset is the first of those
-steps (kl_growth: see above), and the policy to keep is the one of the step before the first alert's onset
-(`kept_step`). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
-oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
+steps (kl_growth: see above), and the policy to keep is the average of the policies of the `keep_average` steps
+before the first alert's onset (`kept_steps`): on the plateau an exploit starts from, consecutive policies differ by
+the noise of their updates as much as by their quality, and averaging the iterates cancels that noise (Polyak
+averaging, SWA) where picking one of them keeps it (figures in the README). With an oracle (never used for alerts),
+the monitor also reports the gap between the proxy's and the oracle's gains since the start and the step where the
+oracle peaked, so an alert can be judged.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class HackingMonitor:
     repetition_floor: float = 0.85
     dominance: float = 0.9
     ceiling_share: float = 0.5
+    keep_average: int = 4  # policies averaged into the one stop_on_hacking keeps
     reward_ceiling: float | None = None
     history: list[dict] = field(default_factory=list)
     streaks: dict[str, int] = field(default_factory=dict)
@@ -123,15 +127,18 @@ class HackingMonitor:
                 raised.append(alert)
         return raised
 
-    def kept_step(self) -> int | None:
-        """The step whose policy `stop_on_hacking` keeps: the last before the first alert's signal set in (None
-        without an alert)."""
-        return max(self.alerts[0].onset - 1, 1) if self.alerts else None
+    def kept_steps(self) -> list[int]:
+        """The steps whose policies `stop_on_hacking` averages into the one it keeps: the last `keep_average` steps
+        before the first alert's signal set in, from step 1 on (none without an alert)."""
+        if not self.alerts:
+            return []
+        last = max(self.alerts[0].onset - 1, 1)
+        return list(range(max(last - self.keep_average + 1, 1), last + 1))
 
     def lookback(self) -> int:
-        """How many of the latest steps' policies may be kept (`kept_step`): the alert's step, the steps its signal
-        looked back over, and the one before them."""
-        return max(self.patience, self.kl_window) + 1
+        """How many of the latest steps' policies may be kept (`kept_steps`): the alert's step, the steps its signal
+        looked back over, and the `keep_average` before them."""
+        return max(self.patience, self.kl_window) + self.keep_average
 
     def baseline(self, key: str) -> float | None:
         values = [row[key] for row in self.history[: self.baseline_steps] if row.get(key) is not None]
@@ -273,8 +280,8 @@ class HackingMonitorArguments:
     stop_on_hacking: bool = field(
         default=False,
         metadata={
-            "help": "On an alert, stop and save a policy: ppo the policy of the last step before the signal set in, "
-            "grpo/rloo the policy of the alert's step."
+            "help": "On an alert, stop and save a policy: ppo the average of the policies of the "
+            "monitor_keep_average steps before the signal set in, grpo/rloo the policy of the alert's step."
         },
     )
     monitor_baseline_steps: int = field(
@@ -315,6 +322,13 @@ class HackingMonitorArguments:
         default=HackingMonitor.ceiling_share,
         metadata={"help": "Alert when more than this share of responses score above the reward ceiling."},
     )
+    monitor_keep_average: int = field(
+        default=HackingMonitor.keep_average,
+        metadata={
+            "help": "ppo's stop_on_hacking keeps the average of the policies of this many steps before the signal "
+            "set in (1: the policy of the step before it)."
+        },
+    )
 
 
 # HackingMonitor's thresholds, each the recipe key monitor_<name>
@@ -327,7 +341,8 @@ def monitor_problems(args: HackingMonitorArguments) -> list[str]:
     problems = []
     if args.stop_on_hacking and not args.hacking_monitor:
         problems.append("stop_on_hacking needs hacking_monitor: true")
-    for key, least in (("monitor_baseline_steps", 1), ("monitor_patience", 1), ("monitor_kl_window", 2)):
+    for key, least in (("monitor_baseline_steps", 1), ("monitor_patience", 1), ("monitor_kl_window", 2),
+                       ("monitor_keep_average", 1)):  # fmt: skip
         if getattr(args, key) < least:
             problems.append(f"{key} must be at least {least}, got {getattr(args, key)}")
     for key in ("monitor_kl_growth", "monitor_min_kl_slope", "monitor_length_drift"):

@@ -23,6 +23,15 @@ def policy_weights(policy) -> dict[str, torch.Tensor]:
     return {name: loop.local_shard(p).to("cpu", copy=True) for name, p in trained_policy_parameters(policy)}
 
 
+def average_policy_weights(copies: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of several `policy_weights` copies (in float32, returned in the copies' dtype): with LoRA the
+    adapters' A and B are averaged separately, whose product is close to the average product for the nearby
+    policies of consecutive steps."""
+    return {
+        name: (sum(copy[name].float() for copy in copies) / len(copies)).to(copies[0][name].dtype) for name in copies[0]
+    }
+
+
 @torch.no_grad()
 def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
     """Write back a `policy_weights` copy taken by this process."""

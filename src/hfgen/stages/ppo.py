@@ -61,7 +61,7 @@ from hfgen.rl.models import (
     tokenize_prompts,
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
-from hfgen.rl.policy_weights import PolicyEMA, load_policy_weights, policy_weights
+from hfgen.rl.policy_weights import PolicyEMA, average_policy_weights, load_policy_weights, policy_weights
 from hfgen.rl.ptx import pretraining_loss, ptx_examples
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
@@ -422,12 +422,17 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if (config.save_steps and step % config.save_steps == 0 and step < total_steps) or guard.signalled():
             guard.exit_on_signal(loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit))
         if alerts and config.stop_on_hacking:
-            # Keep the policy of the last step before the alert's signal set in (`HackingMonitor.kept_step`).
-            kept = max(monitor.kept_step(), min(snapshots))
-            load_policy_weights(accelerator.unwrap_model(trainable).policy, snapshots[kept])
+            # Keep the average of the policies of the steps before the alert's signal set in
+            # (`HackingMonitor.kept_steps`; after a resume, of those this run sampled).
+            kept = [s for s in monitor.kept_steps() if s in snapshots] or [min(snapshots)]
+            averaged = average_policy_weights([snapshots[s] for s in kept])
+            load_policy_weights(accelerator.unwrap_model(trainable).policy, averaged)
             stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
-                       "stop_signal": alerts[0].signal, "kept_policy_of_step": kept}  # fmt: skip
-            accelerator.print(f"stop_on_hacking: stopped at step {step}; the output is the policy of step {kept}")
+                       "stop_signal": alerts[0].signal, "kept_policy_of_steps": kept}  # fmt: skip
+            policies = f"the policy of step {kept[0]}"
+            if len(kept) > 1:
+                policies = f"the average of the policies of steps {kept[0]}-{kept[-1]}"
+            accelerator.print(f"stop_on_hacking: stopped at step {step}; the output is {policies}")
             last_step = step
             break
     train_runtime = time.perf_counter() - started
