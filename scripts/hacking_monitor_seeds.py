@@ -152,9 +152,12 @@ def sample_heldout(directory: Path, sft: str, steps: list[int], samples_per_prom
     )
     oracle, scores = load_function(ORACLE), {}
     for step in steps:
-        averaged = [start | load_file(directory / "policies" / f"step-{s}.safetensors") if s > 1 else start
-                    for s in (step if isinstance(step, tuple) else (step,))]  # fmt: skip
-        weights = average_policy_weights(averaged) if len(averaged) > 1 else averaged[0]
+        averaged = step if isinstance(step, tuple) else (step,)
+        trained = {s: load_file(directory / "policies" / f"step-{s}.safetensors") for s in averaged if s > 1}
+        # the policies as saved (no tied head: loading the SFT model's would undo the averaged embedding)
+        names = next(iter(trained.values())).keys() if trained else start.keys()
+        copies = [trained[s] if s > 1 else {name: start[name] for name in names} for s in averaged]
+        weights = average_policy_weights(copies)
         missing, unexpected = policy.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # only a head tied to the embedding may be absent
             raise SystemExit(f"policy of step {step}: missing {missing}, unexpected {unexpected}")
