@@ -57,12 +57,8 @@ def test_kl_growth_rate_relative_to_its_level():
     monitor = M.HackingMonitor()
     alerts = feed(monitor, racing)
     # window 7-10: 4, 4, 5.6, 7.8; the race set in at step 9, the first above 1.15 x 4 (the highest before it)
-    assert [(a.step, a.onset, a.signal) for a in alerts] == [(10, 9, "kl_growth")] and monitor.kept_steps() == [
-        5,
-        6,
-        7,
-        8,
-    ]
+    assert [(a.step, a.onset, a.signal) for a in alerts] == [(10, 9, "kl_growth")]
+    assert monitor.kept_steps() == [7, 8]
     assert "of its level per step" in alerts[0].message
     assert feed(M.HackingMonitor(kl_growth=0.5), racing) == []  # the threshold is the recipe's
 
@@ -117,17 +113,17 @@ def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
     kls = [0.0, 1.0, 3.0, 4.0, 6.0, 6.2, 5.8, 6.3, 6.1, 6.5, 9.0, 16.0]  # 6.5 is a new high, 9.0 is the race
     monitor = M.HackingMonitor()
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
-    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_steps() == [7, 8, 9, 10]
-    assert monitor.lookback() == 8  # the alert's step and its 4-step window (the earliest onset), the 4 before
+    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_steps() == [9, 10]
+    assert monitor.lookback() == 6  # the alert's step and its 4-step window (the earliest onset), the 2 before
     # a noisy step above the highest before the window (6.0 > 1.15 x 5.2), then a dip, then the race
     kls = [0.0, 1.0, 1.5, 1.8, 2.5, 4.0, 4.3, 5.2, 6.0, 5.0, 7.9, 13.1]
     monitor = M.HackingMonitor()
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
-    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_steps() == [7, 8, 9, 10]
+    assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_steps() == [9, 10]
     # a race in the first window after the baseline: no settled level to rise from, the onset is the alert's step
     monitor = M.HackingMonitor()
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in [0.0, 0.5, 1.0, 1.5, 2.6, 3.9, 5.0, 6.7]])
-    assert [(a.step, a.onset) for a in alerts] == [(8, 8)] and monitor.kept_steps() == [4, 5, 6, 7]
+    assert [(a.step, a.onset) for a in alerts] == [(8, 8)] and monitor.kept_steps() == [6, 7]
 
 
 def test_kept_policies_are_the_steps_before_the_onset_from_step_one_on():
@@ -137,13 +133,13 @@ def test_kept_policies_are_the_steps_before_the_onset_from_step_one_on():
     monitor = M.HackingMonitor(keep_average=1)
     feed(monitor, racing)
     assert monitor.kept_steps() == [8] and monitor.lookback() == 5
-    early = M.HackingMonitor()
+    early = M.HackingMonitor(keep_average=4)
     early.alerts = [M.Alert(step=4, onset=3, signal="repetition", message="")]
     assert early.kept_steps() == [1, 2]
     for onset in range(6, 10):  # kl_growth's onset lies in its window: the alert's step or up to 3 before it
-        late = M.HackingMonitor()
+        late = M.HackingMonitor(keep_average=3)
         late.alerts = [M.Alert(step=9, onset=onset, signal="kl_growth", message="")]
-        assert min(late.kept_steps()) > 9 - late.lookback() and len(late.kept_steps()) == 4
+        assert min(late.kept_steps()) > 9 - late.lookback() and len(late.kept_steps()) == 3
 
 
 def test_replay_of_logged_figures_raises_the_alerts_of_the_run():

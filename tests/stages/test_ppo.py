@@ -402,7 +402,7 @@ def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp
     """A ceiling below every score makes the monitor's above-ceiling signal hold from the first step after its
     3-step baseline (step 4; `monitor_baseline_steps` 3, the default 4 would alert a step later): with patience 2 it
     alerts at step 5, the run stops there, exits 0 with COMPLETE, and keeps the average of the policies that
-    sampled steps 1-3 (`monitor_keep_average` 4: the steps before the onset, from step 1 on)."""
+    sampled steps 2 and 3 (`monitor_keep_average` 2: the steps before the onset)."""
     sft, _ = tiny_models
     recipe = write_recipe(
         tmp_path, sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
@@ -417,16 +417,16 @@ def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp
     assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5] and metrics[4]["monitor/alert/above_ceiling"] == 4
     results = tracking.read_json(run / "eval.json")
     assert results["stopped_early"] is True and results["stopped_at_step"] == 5 and results["steps"] == 5
-    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_steps"] == [1, 2, 3]
+    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_steps"] == [2, 3]
     assert "above the ceiling" in results["stop_reason"] and results["monitor/first_alert_step"] == 5
-    assert "the output is the average of the policies of steps 1-3" in result.stdout
-    # the kept policy is the mean of the start and the policies after steps 1 and 2 (which sampled steps 2, 3)
+    assert "the output is the average of the policies of steps 2-3" in result.stdout
+    # the kept policy is the mean of the policies after steps 1 and 2 (which sampled steps 2 and 3)
     name = "model.layers.0.self_attn.q_proj.weight"
     kept = load_file(run / "model.safetensors")[name]
     start = load_file(sft / "model.safetensors")[name]
     after = [load_file(run / f"checkpoint-{step}" / "model.safetensors")["policy." + name] for step in (1, 2, 4)]
-    torch.testing.assert_close(kept, (start + after[0] + after[1]) / 3)
-    assert not torch.allclose(kept, after[1]) and not torch.allclose(kept, after[2])
+    torch.testing.assert_close(kept, (after[0] + after[1]) / 2)
+    assert not any(torch.allclose(kept, other) for other in (start, *after))
 
 
 def test_values_from_the_first_training_pass_equal_a_rollout_pass_of_their_own():

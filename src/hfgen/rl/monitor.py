@@ -92,7 +92,7 @@ class HackingMonitor:
     repetition_floor: float = 0.85
     dominance: float = 0.9
     ceiling_share: float = 0.5
-    keep_average: int = 4  # policies averaged into the one stop_on_hacking keeps
+    keep_average: int = 2  # policies averaged into the one stop_on_hacking keeps
     reward_ceiling: float | None = None
     history: list[dict] = field(default_factory=list)
     streaks: dict[str, int] = field(default_factory=dict)
