@@ -3,6 +3,7 @@
     python scripts/hacking_monitor_seeds.py                      (10 seeds of each; needs `make demo` first)
     python scripts/hacking_monitor_seeds.py --only demo          (the shipped demo's false alarms only)
     python scripts/hacking_monitor_seeds.py --reuse              (re-judge the runs in --output with this monitor)
+    python scripts/hacking_monitor_seeds.py --reuse --keep_average 1   (... keeping the single step before the onset)
 
 Two PPO runs per seed from the demo's SFT model, the oracle hidden from the monitor (it alerts on its oracle-free
 signals only; the oracle is logged to judge it):
@@ -204,6 +205,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("hackable", "demo"), help="run one kind only")
     parser.add_argument("--reuse", action="store_true", help="re-judge finished runs in --output, no training")
     parser.add_argument("--hackable_kl_coef", type=float, default=0.0, help="kl_coef of the hackable runs")
+    parser.add_argument("--keep_average", type=int, help="monitor_keep_average of the hackable runs (the policies "
+                        "stop_on_hacking averages); default: the monitor's")  # fmt: skip
     parser.add_argument("--screen_samples", type=int, default=16, help="answers per held-out prompt, every step")
     parser.add_argument("--judge_samples", type=int, default=64, help="answers per held-out prompt, judged steps")
     parser.add_argument(
@@ -232,6 +235,8 @@ def main() -> int:
             # checkpoint after every step gives every step's policy to the held-out judge.
             recipe |= {"reward_functions": [HACKABLE], "value_model_path": base["reward_model_path"], "seed": seed,
                        "kl_coef": args.hackable_kl_coef, "output_dir": str(directory), "save_steps": 1}  # fmt: skip
+            if args.keep_average:
+                recipe["monitor_keep_average"] = args.keep_average
             run = run_ppo(recipe, directory, args.reuse)
             keep_policies(directory)
             sft, steps = str(REPO / base["model_name_or_path"]), list(range(1, run["steps"] + 1))
