@@ -9,8 +9,8 @@ Two PPO runs per seed from the demo's SFT model, the oracle hidden from the moni
 signals only; the oracle is logged to judge it):
   hackable  recipes/tiny/ppo.yaml with the reward model replaced by hfgen.data.embedded:hackable_reward_scores (it
             pays for a pleasant word however often it repeats) and no KL anchor (--hackable_kl_coef 0: with the
-            demo's 0.8 the policy never finds the exploit within the run, with 0.05 only on some seeds; without an
-            anchor it finds it on almost every seed, a rise of the oracle then a collapse, which is what the check
+            demo's former 0.8 the policy never found the exploit within the run, with 0.05 only on some seeds;
+            without an anchor it finds it on almost every seed, a rise of the oracle then a collapse, which the check
             needs). No PPO-ptx either (another anchor, when the demo has one), and 32 steps (2,048 episodes,
             --hackable_total_episodes) whatever the demo's length: the length the README's seed table measured.
   demo      the shipped demo, recipes/tiny/ppo.yaml as it is: any alert is a false alarm.
@@ -230,8 +230,8 @@ def main() -> int:
             # no reward model and no PPO-ptx (another anchor), the run length of the measured seeds (README)
             recipe = {k: v for k, v in base.items() if k != "reward_model_path" and not k.startswith("ptx_")}
             recipe["total_episodes"] = args.total_episodes or args.hackable_total_episodes
-            # the demo's kl_coef (0.8) anchors the policy so firmly that the hackable reward cannot break it within
-            # the run; the hackable check drops the anchor so that there is hacking for the monitor to catch. A
+            # a KL anchor like the demo's (0.8 when measured) holds the policy so firmly that the hackable reward
+            # cannot break it within the run; the hackable check drops it so there is hacking for the monitor. A
             # checkpoint after every step gives every step's policy to the held-out judge.
             recipe |= {"reward_functions": [HACKABLE], "value_model_path": base["reward_model_path"], "seed": seed,
                        "kl_coef": args.hackable_kl_coef, "output_dir": str(directory), "save_steps": 1}  # fmt: skip

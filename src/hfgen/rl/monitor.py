@@ -28,9 +28,8 @@ steps (kl_growth: see above), and the policy to keep is the average of the polic
 before the first alert's onset (`kept_steps`): on the plateau an exploit starts from, consecutive policies differ by
 the noise of their updates as much as by their quality, and averaging the iterates cancels some of it (Polyak
 averaging, SWA) where picking one of them keeps it; it cannot help an onset that comes before the peak (figures in
-the README). With an oracle (never used for alerts),
-the monitor also reports the gap between the proxy's and the oracle's gains since the start and the step where the
-oracle peaked, so an alert can be judged.
+the README). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
+oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
 """
 
 from __future__ import annotations
