@@ -1,14 +1,18 @@
 """The reward-hacking monitor as a transformers callback (for the TRL-based online RL stages)."""
 
+import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hfgen.monitoring import HackingMonitorCallback
+from hfgen.rl.monitor import HackingMonitor
 
 
 def test_callback_reads_trl_logs_alerts_and_stops_training(tmp_path, capsys):
     callback = HackingMonitorCallback(stop_on_hacking=True)
     args, state, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerState(), TrainerControl()
+    model = torch.nn.Linear(1, 1)
     for step in range(1, 9):
+        callback.on_step_begin(args, state, control, model=model)
         state.global_step = step
         length = 10.0 if step <= 5 else 30.0  # completions triple in length from step 6
         logs = {"loss": 0.1, "kl": 0.01, "entropy": 1.0, "completions/mean_length": length, "reward": 1.0,
@@ -37,3 +41,40 @@ def test_callback_state_is_saved_in_a_checkpoint_and_restored(tmp_path):
     assert resumed.monitor.history == callback.monitor.history and len(resumed.monitor.history) == 2
     resumed.load(tmp_path)  # a checkpoint without the monitor's file (written with it off): the state is kept
     assert len(resumed.monitor.history) == 2
+
+
+def test_stop_on_hacking_puts_back_the_average_of_the_policies_before_the_onset(tmp_path, capsys):
+    """The callback copies the trained weights at the start of each step (frozen ones are not its business); on an
+    alert it stops and loads into the model the average of the policies of the steps before the onset, as PPO's
+    loop keeps them. A run without an alert holds only the copies an alert could still keep."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[1].requires_grad_(False)
+    frozen = model[1].weight.detach().clone()
+    callback = HackingMonitorCallback(HackingMonitor(baseline_steps=2, patience=2), stop_on_hacking=True)
+    args, state, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerState(), TrainerControl()
+    policies = {}
+    for step in range(1, 10):
+        callback.on_step_begin(args, state, control, model=model)
+        policies[step] = [p.detach().clone() for p in model[0].parameters()]
+        with torch.no_grad():  # the step's update
+            for p in model.parameters():
+                p.add_(float(step))
+        state.global_step = step
+        logs = {"kl": 0.01, "entropy": 1.0, "completions/mean_length": 10.0 if step <= 4 else 30.0, "reward": 1.0}
+        callback.on_log(args, state, control, logs=logs)
+        if control.should_training_stop:
+            break
+    callback.on_train_end(args, state, control, model=model)
+    assert state.global_step == 6 and callback.summary()["kept_policy_of_steps"] == [3, 4]  # length drift from 5
+    for kept, (a, b) in zip(model[0].parameters(), zip(policies[3], policies[4])):
+        torch.testing.assert_close(kept.detach(), (a + b) / 2)
+    assert torch.equal(model[1].weight, frozen + sum(range(1, 7)))  # frozen weights are not put back
+    assert "the output is the average of the policies of steps [3, 4]" in capsys.readouterr().out
+
+    steady = HackingMonitorCallback(stop_on_hacking=True)
+    for step in range(1, 21):
+        steady.on_step_begin(args, state, control, model=model)
+        state.global_step = step
+        steady.on_log(args, state, TrainerControl(), logs={"kl": 0.01, "entropy": 1.0, "reward": 1.0})
+    # the copies of steps 15-20: the next alert's window starts at step 18 at the earliest, 2 are kept before it
+    assert sorted(steady.snapshots.copies) == list(range(15, 21))

@@ -9,7 +9,9 @@ It reads the figures TRL logs each logging step: `kl` (per token, turned into pe
 length, the unit PPO's monitor uses), `entropy`, `completions/mean_length` and each reward function's
 `rewards/NAME/mean`. Responses themselves are not in the logs, so the repetition and above-ceiling signals stay off
 here. Alerts are printed and added to the logged row (so metrics.jsonl and the report carry them, when this callback
-runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally.
+runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally, and
+the model holds the policy PPO's loop keeps: the average of the policies of the steps before the alert's onset
+(`HackingMonitor.kept_steps`), from CPU copies of the trained weights taken at the start of each recent step.
 The monitor's state (its history, streaks and alerts) is written into every checkpoint (`hacking_monitor.json`) and
 read back with `load(checkpoint)` before a resumed run trains, so a resume judges against the same baseline.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from hfgen.rl.monitor import HackingMonitor
+from hfgen.rl.policy_weights import PolicySnapshots
 
 
 class HackingMonitorCallback(TrainerCallback):
@@ -29,6 +32,11 @@ class HackingMonitorCallback(TrainerCallback):
         self.monitor = monitor or HackingMonitor()
         self.stop_on_hacking = stop_on_hacking
         self.stopped: dict = {}
+        self.snapshots = PolicySnapshots()
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.stop_on_hacking and not self.stopped:  # the policy of the step about to run, before its update
+            self.snapshots.take(state.global_step + 1, model, self.monitor.oldest_keepable_step())
 
     STATE_FILE = "hacking_monitor.json"
 
@@ -61,14 +69,24 @@ class HackingMonitorCallback(TrainerCallback):
         )  # fmt: skip
         logs.update(self.monitor.metrics())
         for alert in alerts:
-            print(
-                f"reward-hacking alert at step {alert.step} ({alert.signal}, since step {alert.onset}): {alert.message}"
-            )
+            if state.is_world_process_zero:
+                print(f"reward-hacking alert at step {alert.step} ({alert.signal}, since step {alert.onset}): "
+                      f"{alert.message}")  # fmt: skip
             logs[f"monitor/alert/{alert.signal}"] = float(alert.onset)
         if alerts and self.stop_on_hacking and not self.stopped:
-            control.should_training_stop = True
+            control.should_training_stop = True  # the step's checkpoint is still written, with its own weights
             self.stopped = {"stopped_early": True, "stopped_at_step": state.global_step,
                             "stop_reason": alerts[0].message, "stop_signal": alerts[0].signal}  # fmt: skip
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """After a stop: put the policy to keep into the model, before the stage saves it as the output."""
+        if self.stopped and self.snapshots.copies:
+            kept = self.snapshots.restore(model, self.monitor.kept_steps())
+            self.snapshots = PolicySnapshots()
+            self.stopped["kept_policy_of_steps"] = kept
+            if state.is_world_process_zero:
+                print(f"stop_on_hacking: stopped at step {self.stopped['stopped_at_step']}; the output is the average "
+                      f"of the policies of steps {kept}, before the alert's onset")  # fmt: skip
 
     def summary(self) -> dict:
         """For eval.json: the alerts, and whether (and why) the run stopped early."""

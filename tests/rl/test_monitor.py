@@ -114,7 +114,8 @@ def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
     monitor = M.HackingMonitor()
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
     assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_steps() == [9, 10]
-    assert monitor.lookback() == 6  # the alert's step and its 4-step window (the earliest onset), the 2 before
+    # an alert at step 13 would look back over steps 10-13 (its window): onset 10 at the earliest, the 2 before it
+    assert monitor.oldest_keepable_step() == 8
     # a noisy step above the highest before the window (6.0 > 1.15 x 5.2), then a dip, then the race
     kls = [0.0, 1.0, 1.5, 1.8, 2.5, 4.0, 4.3, 5.2, 6.0, 5.0, 7.9, 13.1]
     monitor = M.HackingMonitor()
@@ -128,18 +129,32 @@ def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
 
 def test_kept_policies_are_the_steps_before_the_onset_from_step_one_on():
     """stop_on_hacking averages the policies of the `keep_average` steps before the first alert's onset; fewer
-    when the onset is near the start; every one of them within the snapshots the loop holds (`lookback`)."""
+    when the onset is near the start; every one of them within the snapshots the loop holds (`oldest_keepable_step`)."""
     racing = [STEADY | {"kl": kl} for kl in [0.0, 1.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0, 5.6, 7.8, 11.0]]
     monitor = M.HackingMonitor(keep_average=1)
     feed(monitor, racing)
-    assert monitor.kept_steps() == [8] and monitor.lookback() == 5
+    assert monitor.kept_steps() == [8]
     early = M.HackingMonitor(keep_average=4)
     early.alerts = [M.Alert(step=4, onset=3, signal="repetition", message="")]
     assert early.kept_steps() == [1, 2]
-    for onset in range(6, 10):  # kl_growth's onset lies in its window: the alert's step or up to 3 before it
+    for onset in range(6, 10):  # an alert at step 9: kl_growth's onset lies in its window, steps 6-9
         late = M.HackingMonitor(keep_average=3)
+        feed(late, [STEADY] * 8)
+        oldest = late.oldest_keepable_step()  # the snapshots a loop still holds while step 9 runs
         late.alerts = [M.Alert(step=9, onset=onset, signal="kl_growth", message="")]
-        assert min(late.kept_steps()) > 9 - late.lookback() and len(late.kept_steps()) == 3
+        assert min(late.kept_steps()) >= oldest and len(late.kept_steps()) == 3
+    assert oldest == 3  # the earliest onset (6) less keep_average: no snapshot is held longer than needed
+
+
+def test_onset_and_keepable_steps_count_rows_when_a_trainer_logs_every_few_steps():
+    """A trainer that logs every 5 steps (TRL's logging_steps): a signal that held at steps 35 and 40 set in at
+    step 35 (not 39), and the policies kept come from before it."""
+    monitor = M.HackingMonitor(baseline_steps=3, patience=2)
+    rows = [STEADY] * 6 + [STEADY | {"distinct_1": 0.6}] * 2
+    alerts = [alert for step, row in zip(range(5, 45, 5), rows) for alert in monitor.observe(step, **row)]
+    assert [(a.step, a.onset) for a in alerts] == [(40, 35)] and monitor.kept_steps() == [33, 34]
+    # the next alert's window (4 rows) holds the rows of steps 30, 35, 40 and the next: 2 steps before 30 on
+    assert monitor.oldest_keepable_step() == 28
 
 
 def test_replay_of_logged_figures_raises_the_alerts_of_the_run():

@@ -27,6 +27,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_models")
     (root / "grpo_test_rewards.py").write_text(
         "def brevity(prompts, responses):\n    return [-len(response) / 10 for response in responses]\n"
+        "\n"
+        "# a component that rises by 10 each scoring while another falls by 5: the monitor's dominance signal\n"
+        "CALLS = {'rising': 0, 'falling': 0}\n"
+        "def rising(prompts, responses):\n    CALLS['rising'] += 1\n    return [10.0 * CALLS['rising']] * len(responses)\n"
+        "def falling(prompts, responses):\n    CALLS['falling'] += 1\n    return [-5.0 * CALLS['falling']] * len(responses)\n"
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
@@ -139,6 +144,26 @@ def test_freeze_modules_keeps_the_named_modules_unchanged(tmp_path, models):
     start, trained = load_file(models[0] / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
     moved = {key for key in start if not torch.equal(start[key], trained[key])}
     assert moved and not {key for key in moved if key.startswith(frozen)}, moved
+
+
+def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_path, models):
+    """One reward component brings all the gain while another falls (dominance, alerting from the first step after
+    a 2-step baseline): the run stops at step 3, normally, and its output is the average of the policies of steps 1
+    and 2 (the start model and checkpoint-1's weights), not the policy trained by step 3 (checkpoint-3's)."""
+    rewards = [*REWARDS, "grpo_test_rewards:rising", "grpo_test_rewards:falling"]
+    train(write_recipe(tmp_path, models[0], max_steps=6, steps_per_generation=1, eval_samples_per_prompt=0,
+                       reward_functions=rewards, reward_weights=[1.0, 0.5, 0.0, 0.0], stop_on_hacking=True,
+                       monitor_baseline_steps=2, monitor_patience=1))  # fmt: skip
+    run = tmp_path / "run"
+    summary = tracking.read_json(run / "eval.json")
+    assert summary["stopped_at_step"] == 3 and summary["stop_signal"] == "dominance" and tracking.is_complete(run)
+    assert summary["kept_policy_of_steps"] == [1, 2]
+    start, first, third, output = (
+        load_file(path / "model.safetensors") for path in (models[0], run / "checkpoint-1", run / "checkpoint-3", run)
+    )
+    for name in output:
+        torch.testing.assert_close(output[name], (start[name] + first[name]) / 2)
+    assert any(not torch.allclose(output[name], third[name]) for name in output)
 
 
 @pytest.mark.slow

@@ -121,7 +121,8 @@ class HackingMonitor:
             self.streaks[signal] = self.streaks.get(signal, 0) + 1 if holds else 0
             patience = 1 if signal == "kl_growth" else self.patience  # kl_growth's window is its patience
             if self.streaks[signal] >= patience and signal not in {a.signal for a in self.alerts}:
-                onset = self.kl_onset() if signal == "kl_growth" else step - patience + 1
+                # the first of the steps it held (rows, not step numbers: a trainer may log every few steps)
+                onset = self.kl_onset() if signal == "kl_growth" else self.history[-patience]["step"]
                 alert = Alert(step, onset, signal, message)
                 self.alerts.append(alert)
                 raised.append(alert)
@@ -135,10 +136,15 @@ class HackingMonitor:
         last = max(self.alerts[0].onset - 1, 1)
         return list(range(max(last - self.keep_average + 1, 1), last + 1))
 
-    def lookback(self) -> int:
-        """How many of the latest steps' policies may be kept (`kept_steps`): the alert's step, the steps its signal
-        looked back over, and the `keep_average` before them."""
-        return max(self.patience, self.kl_window) + self.keep_average
+    def oldest_keepable_step(self) -> int:
+        """The oldest step whose policy an alert at the next observed step may still keep (`kept_steps`): a signal's
+        onset lies in its window (its `patience` rows, kl_growth's `kl_window`), which will hold the latest rows but
+        the oldest of these, and `keep_average` steps before the onset are kept. Counted in rows, so it holds for a
+        trainer that logs every few steps; a loop drops the policy snapshots older than this."""
+        window = max(self.patience, self.kl_window)
+        rows = self.history[max(len(self.history) - window + 1, 0) :] if window > 1 else []
+        first = rows[0]["step"] if rows else (self.history[-1]["step"] + 1 if self.history else 1)
+        return first - self.keep_average
 
     def baseline(self, key: str) -> float | None:
         values = [row[key] for row in self.history[: self.baseline_steps] if row.get(key) is not None]
@@ -280,8 +286,8 @@ class HackingMonitorArguments:
     stop_on_hacking: bool = field(
         default=False,
         metadata={
-            "help": "On an alert, stop and save a policy: ppo the average of the policies of the "
-            "monitor_keep_average steps before the signal set in, grpo/rloo the policy of the alert's step."
+            "help": "On an alert, stop and save as the output the average of the policies of the "
+            "monitor_keep_average steps before the signal set in."
         },
     )
     monitor_baseline_steps: int = field(
@@ -325,8 +331,8 @@ class HackingMonitorArguments:
     monitor_keep_average: int = field(
         default=HackingMonitor.keep_average,
         metadata={
-            "help": "ppo's stop_on_hacking keeps the average of the policies of this many steps before the signal "
-            "set in (1: the policy of the step before it)."
+            "help": "stop_on_hacking keeps the average of the policies of this many steps before the signal set in "
+            "(1: the policy of the step before it)."
         },
     )
 

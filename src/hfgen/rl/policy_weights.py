@@ -39,6 +39,30 @@ def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
         loop.local_shard(p).copy_(weights[name])
 
 
+class PolicySnapshots:
+    """`policy_weights` copies of the policies of recent steps, for `stop_on_hacking` to put back the average of those
+    from before an alert's onset (`HackingMonitor.kept_steps`); the PPO loop and the TRL stages' callback share it.
+    The policy of step K is the one that sampled step K: the weights before K's update."""
+
+    def __init__(self):
+        self.copies: dict[int, dict[str, torch.Tensor]] = {}
+
+    def take(self, step: int, policy, oldest: int) -> None:
+        """Copy `policy` as step `step`'s, dropping the copies of steps before `oldest` (no alert can keep them)."""
+        self.copies = {s: copy for s, copy in self.copies.items() if s >= oldest}
+        self.copies[step] = policy_weights(policy)
+
+    def restore(self, policy, steps: list[int]) -> list[int]:
+        """Load into `policy` the average of the copies of `steps` (those this run took: after a resume, the older
+        ones are gone; with none of them, the oldest copy) -> the steps averaged (none, and `policy` unchanged,
+        when no copy was taken)."""
+        if not self.copies:
+            return []
+        kept = [s for s in steps if s in self.copies] or [min(self.copies)]
+        load_policy_weights(policy, average_policy_weights([self.copies[s] for s in kept]))
+        return kept
+
+
 class PolicyEMA:
     """An EMA of the policy's trained weights (DeepSpeed-Chat's actor EMA), averaged shard by shard after each
     optimiser step. Checkpointed as whole tensors (accelerate calls `state_dict` on every process and saves the main

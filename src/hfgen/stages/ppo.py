@@ -61,7 +61,7 @@ from hfgen.rl.models import (
     tokenize_prompts,
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
-from hfgen.rl.policy_weights import PolicyEMA, average_policy_weights, load_policy_weights, policy_weights
+from hfgen.rl.policy_weights import PolicyEMA, PolicySnapshots
 from hfgen.rl.ptx import pretraining_loss, ptx_examples
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
@@ -366,7 +366,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
-    last_step, stopped, snapshots = total_steps, {}, {}  # snapshots: step -> the policy weights that sampled it
+    last_step, stopped, snapshots = total_steps, {}, PolicySnapshots()
     for step in range(start_step + 1, total_steps + 1):
         # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
@@ -379,8 +379,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
                 values=not values_from_first_pass(config),
             )  # fmt: skip
         if config.stop_on_hacking:  # the candidates to keep if the monitor stops the run a few steps later
-            snapshots = {s: w for s, w in snapshots.items() if s > step - monitor.lookback()}
-            snapshots[step] = policy_weights(accelerator.unwrap_model(trainable).policy)
+            snapshots.take(step, accelerator.unwrap_model(trainable).policy, monitor.oldest_keepable_step())
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening. The values come from the
         # update's first forward pass when that pass covers the whole rollout (`values_from_first_pass`).
         first_pass, first_pass_started = None, time.perf_counter()
@@ -424,9 +423,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if alerts and config.stop_on_hacking:
             # Keep the average of the policies of the steps before the alert's signal set in
             # (`HackingMonitor.kept_steps`; after a resume, of those this run sampled).
-            kept = [s for s in monitor.kept_steps() if s in snapshots] or [min(snapshots)]
-            averaged = average_policy_weights([snapshots[s] for s in kept])
-            load_policy_weights(accelerator.unwrap_model(trainable).policy, averaged)
+            kept = snapshots.restore(accelerator.unwrap_model(trainable).policy, monitor.kept_steps())
             stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
                        "stop_signal": alerts[0].signal, "kept_policy_of_steps": kept}  # fmt: skip
             policies = f"the policy of step {kept[0]}"
