@@ -38,6 +38,14 @@ def stage_setups(work: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
     trainer_points = ["step@3", "checkpoint@4", "final_save", "eval"]
     sft, reward = build_tiny_models(work / "ppo_models")
     ppo = write_recipe(work / "ppo_models", sft, reward_model_path=str(reward), total_episodes=80, save_steps=2)
+    # stop_on_hacking stops at step 5 (a ceiling below every score: above_ceiling holds from step 4 after a 3-step
+    # baseline) and keeps the policies of steps 2-3: a kill after checkpoint-2 or -4 must keep the same ones
+    (work / "ppo_stop").mkdir()
+    ppo_stop = write_recipe(
+        work / "ppo_stop", sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
+        gradient_accumulation_steps=1, save_steps=2, stop_on_hacking=True, reward_ceiling=-100.0,
+        monitor_baseline_steps=3,
+    )  # fmt: skip
     configs = write_tiny_configs(work)
     vae_dir = work / "vae_for_t2i"
     assert train(VAE_RECIPE, vae_dir, vae_overrides(configs, vae_dir)).returncode == 0
@@ -52,6 +60,7 @@ def stage_setups(work: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
         "reward": (REPO / "recipes/tiny/reward.yaml", ["--model_name_or_path", str(tiny_lm), *TRAINER_ARGS],
                    trainer_points),
         "ppo": (ppo, [], ["step@3", "checkpoint@4", "final_save", "eval"]),
+        "ppo_stop_on_hacking": (ppo_stop, [], ["step@3", "checkpoint@4", "step@5", "final_save", "eval"]),
         "vae": (VAE_RECIPE, [*vae_overrides(configs, "unused", steps=6), *diffusion],
                 ["step@3", "checkpoint@4", "eval", "final_save"]),
         "t2i": (T2I_RECIPE, [*t2i_overrides(configs, vae_dir, "unused", steps=6), *diffusion],

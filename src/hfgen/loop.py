@@ -391,21 +391,25 @@ def shard_of(parameter, whole):
 # ---- checkpoints, resume, metrics -------------------------------------------------------------------
 
 
-def resume(accelerator, resume_from_checkpoint, output_dir: str | Path) -> int:
+def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_extra=None) -> int:
     """Load the checkpoint `resume_from_checkpoint` names (a dir, or true for the newest) -> its step (0: none).
-    Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects."""
+    Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects;
+    `load_extra(path)` reads what `save_checkpoint`'s `save_extra` wrote."""
     path = tracking.resolve_resume(resume_from_checkpoint, output_dir)
     tracking.start_metrics(output_dir, path)  # metrics.jsonl as it was at that checkpoint (none on a fresh start)
     if path is None:
         return 0
     step = tracking.load_checkpoint(accelerator, path)
+    if load_extra is not None:
+        load_extra(path)
     accelerator.print(f"resumed from {path} at step {step}")
     return step
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """A resumable checkpoint-STEP (rotated to `total_limit`), with the run's recipe beside it, marked complete last."""
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None, save_extra=None) -> Path:
+    """A resumable checkpoint-STEP (rotated to `total_limit`), with the run's recipe beside it, marked complete last;
+    `save_extra(path)`: see `tracking.save_checkpoint`."""
     recipe = Path(output_dir) / "recipe.yaml"
     return tracking.save_checkpoint(
-        accelerator, output_dir, step, total_limit, recipe.read_text() if recipe.is_file() else None
+        accelerator, output_dir, step, total_limit, recipe.read_text() if recipe.is_file() else None, save_extra
     )

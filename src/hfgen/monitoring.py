@@ -12,8 +12,9 @@ here. Alerts are printed and added to the logged row (so metrics.jsonl and the r
 runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally, and
 the model holds the policy PPO's loop keeps: the average of the policies of the steps before the alert's onset
 (`HackingMonitor.kept_steps`), from CPU copies of the trained weights taken at the start of each recent step.
-The monitor's state (its history, streaks and alerts) is written into every checkpoint (`hacking_monitor.json`) and
-read back with `load(checkpoint)` before a resumed run trains, so a resume judges against the same baseline.
+The monitor's state (its history, streaks and alerts) is written into every checkpoint (`hacking_monitor.json`), with
+stop_on_hacking's copies of recent policies (`PolicySnapshots.save`), and read back with `load(checkpoint)` before a
+resumed run trains, so a resume judges against the same baseline and keeps what the uninterrupted run keeps.
 """
 
 from __future__ import annotations
@@ -41,17 +42,22 @@ class HackingMonitorCallback(TrainerCallback):
     STATE_FILE = "hacking_monitor.json"
 
     def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero:  # every process holds the same state: it is fed the same gathered figures
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             (folder / self.STATE_FILE).write_text(json.dumps({"monitor": self.monitor.state_dict(), **self.stopped}))
+        if self.stop_on_hacking:  # each process its own copies (its shards)
+            self.snapshots.save(folder)
 
     def load(self, checkpoint: str | Path) -> None:
-        """Restore the state saved in `checkpoint` (absent in checkpoints written without the monitor: kept fresh)."""
+        """Restore the state saved in `checkpoint` (absent in checkpoints written without the monitor: kept fresh),
+        the recent policies `stop_on_hacking` may keep included."""
         path = Path(checkpoint) / self.STATE_FILE
         if path.is_file():
             state = json.loads(path.read_text())
             self.monitor.load_state_dict(state.pop("monitor"))
             self.stopped = state
+        if self.stop_on_hacking:
+            self.snapshots.load(checkpoint)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "kl" not in logs and "reward" not in logs:

@@ -347,10 +347,16 @@ def _step_of(path: Path) -> int:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, step: int, total_limit: int | None, recipe_yaml: str | None = None
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    total_limit: int | None,
+    recipe_yaml: str | None = None,
+    save_extra=None,
 ) -> Path:
     """`accelerator.save_state` (models, optimizers, schedulers, RNG, registered objects) into checkpoint-STEP,
-    with the recipe beside it, marked complete last (`finish_checkpoint`), then rotated."""
+    with the recipe beside it, marked complete last (`finish_checkpoint`), then rotated. `save_extra(path)`, run on
+    every process, writes what `save_state` cannot (each process's own files) before the checkpoint is complete."""
     path = Path(output_dir) / f"checkpoint-{step}"
     start_checkpoint(path)
     hook = accelerator.register_save_state_pre_hook(_drop_frozen_parameters)
@@ -358,6 +364,8 @@ def save_checkpoint(
         accelerator.save_state(str(path))
     finally:
         hook.remove()
+    if save_extra is not None:
+        save_extra(path)
     accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written
     if accelerator.is_main_process:
         if recipe_yaml:

@@ -29,7 +29,9 @@ def models(tmp_path_factory):
         "def brevity(prompts, responses):\n    return [-len(response) / 10 for response in responses]\n"
         "\n"
         "# a component that rises by 10 each scoring while another falls by 5: the monitor's dominance signal\n"
-        "CALLS = {'rising': 0, 'falling': 0}\n"
+        "# (a resumed run says how many scorings came before it)\n"
+        "import os\n"
+        "CALLS = dict.fromkeys(('rising', 'falling'), int(os.environ.get('GRPO_TEST_CALLS', 0)))\n"
         "def rising(prompts, responses):\n    CALLS['rising'] += 1\n    return [10.0 * CALLS['rising']] * len(responses)\n"
         "def falling(prompts, responses):\n    CALLS['falling'] += 1\n    return [-5.0 * CALLS['falling']] * len(responses)\n"
     )
@@ -149,11 +151,14 @@ def test_freeze_modules_keeps_the_named_modules_unchanged(tmp_path, models):
 def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_path, models):
     """One reward component brings all the gain while another falls (dominance, alerting from the first step after
     a 2-step baseline): the run stops at step 3, normally, and its output is the average of the policies of steps 1
-    and 2 (the start model and checkpoint-1's weights), not the policy trained by step 3 (checkpoint-3's)."""
+    and 2 (the start model and checkpoint-1's weights), not the policy trained by step 3 (checkpoint-3's). Killed
+    after checkpoint-2 and resumed, the run keeps the same average: the policies it sampled before the kill travel
+    with the checkpoint."""
     rewards = [*REWARDS, "grpo_test_rewards:rising", "grpo_test_rewards:falling"]
-    train(write_recipe(tmp_path, models[0], max_steps=6, steps_per_generation=1, eval_samples_per_prompt=0,
-                       reward_functions=rewards, reward_weights=[1.0, 0.5, 0.0, 0.0], stop_on_hacking=True,
-                       monitor_baseline_steps=2, monitor_patience=1))  # fmt: skip
+    recipe = dict(max_steps=6, steps_per_generation=1, eval_samples_per_prompt=0, reward_functions=rewards,
+                  reward_weights=[1.0, 0.5, 0.0, 0.0], stop_on_hacking=True, monitor_baseline_steps=2,
+                  monitor_patience=1)  # fmt: skip
+    train(write_recipe(tmp_path, models[0], **recipe))
     run = tmp_path / "run"
     summary = tracking.read_json(run / "eval.json")
     assert summary["stopped_at_step"] == 3 and summary["stop_signal"] == "dominance" and tracking.is_complete(run)
@@ -164,6 +169,20 @@ def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_
     for name in output:
         torch.testing.assert_close(output[name], (start[name] + first[name]) / 2)
     assert any(not torch.allclose(output[name], third[name]) for name in output)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "run").mkdir(parents=True)
+    shutil.copytree(run / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    rising = [row["rewards/rising/mean"] for row in tracking.read_metrics(run) if "rewards/rising/mean" in row]
+    assert rising[:2] == [10.0, 20.0]  # one scoring a step
+    result = run_hfgen("train", write_recipe(resumed, models[0], **recipe), "--resume_from_checkpoint", "true",
+                       env={"GRPO_TEST_CALLS": "2"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = tracking.read_json(resumed / "run" / "eval.json")
+    assert summary["stopped_at_step"] == 3 and summary["kept_policy_of_steps"] == [1, 2]
+    again = load_file(resumed / "run" / "model.safetensors")
+    for name in output:
+        torch.testing.assert_close(again[name], output[name])
 
 
 @pytest.mark.slow

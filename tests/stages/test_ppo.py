@@ -429,6 +429,34 @@ def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp
     assert not any(torch.allclose(kept, other) for other in (start, *after))
 
 
+def test_a_stop_on_hacking_run_killed_before_its_alert_keeps_what_the_uninterrupted_run_keeps(tmp_path, tiny_models):
+    """The run of the test above, killed after checkpoint-2 or checkpoint-4 and resumed: it stops at step 5 and keeps
+    the average of the policies of steps 2 and 3, which it sampled before the kill (the copies travel with the
+    checkpoints): the same output as the run that was not killed."""
+    sft, _ = tiny_models
+    common = dict(
+        reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
+        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=1,
+        monitor_baseline_steps=3,
+    )  # fmt: skip
+    (tmp_path / "full").mkdir()
+    train(write_recipe(tmp_path / "full", sft, **common))
+    full = tmp_path / "full" / "run"
+    assert (full / "checkpoint-4" / "policy_snapshots" / "process-0.safetensors").is_file()
+    for killed_after in (2, 4):
+        resumed = tmp_path / f"killed_after_{killed_after}"
+        (resumed / "run").mkdir(parents=True)
+        checkpoint = f"checkpoint-{killed_after}"
+        shutil.copytree(full / checkpoint, resumed / "run" / checkpoint)
+        result = train(write_recipe(resumed, sft, **common), "--resume_from_checkpoint", "true")
+        assert f"resumed from {resumed / 'run' / checkpoint}" in result.stdout
+        results = tracking.read_json(resumed / "run" / "eval.json")
+        assert results["stopped_at_step"] == 5 and results["kept_policy_of_steps"] == [2, 3], killed_after
+        a, b = load_file(full / "model.safetensors"), load_file(resumed / "run" / "model.safetensors")
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
 def test_values_from_the_first_training_pass_equal_a_rollout_pass_of_their_own():
     """With one micro-batch per update, V_old comes from the update's first forward pass (shuffled rows, train
     mode, with grad): it must equal the no-grad rollout pass row for row."""

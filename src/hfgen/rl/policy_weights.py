@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from hfgen import loop
 from hfgen.rl.functional import ExponentialMovingAverage
@@ -42,7 +45,11 @@ def load_policy_weights(policy, weights: dict[str, torch.Tensor]) -> None:
 class PolicySnapshots:
     """`policy_weights` copies of the policies of recent steps, for `stop_on_hacking` to put back the average of those
     from before an alert's onset (`HackingMonitor.kept_steps`); the PPO loop and the TRL stages' callback share it.
-    The policy of step K is the one that sampled step K: the weights before K's update."""
+    The policy of step K is the one that sampled step K: the weights before K's update. The copies go into every
+    checkpoint (`save`, `load`), so a run resumed after a kill keeps the policy the uninterrupted run keeps: an alert
+    a few steps after the resume may keep policies of steps before it."""
+
+    FOLDER = "policy_snapshots"
 
     def __init__(self):
         self.copies: dict[int, dict[str, torch.Tensor]] = {}
@@ -53,14 +60,51 @@ class PolicySnapshots:
         self.copies[step] = policy_weights(policy)
 
     def restore(self, policy, steps: list[int]) -> list[int]:
-        """Load into `policy` the average of the copies of `steps` (those this run took: after a resume, the older
-        ones are gone; with none of them, the oldest copy) -> the steps averaged (none, and `policy` unchanged,
-        when no copy was taken)."""
+        """Load into `policy` the average of the copies of `steps` (those there are: a resume from a checkpoint
+        without them, or written under another layout, lacks the older ones; with none of them, the oldest copy)
+        -> the steps averaged (none, and `policy` unchanged, when there is no copy)."""
         if not self.copies:
             return []
         kept = [s for s in steps if s in self.copies] or [min(self.copies)]
         load_policy_weights(policy, average_policy_weights([self.copies[s] for s in kept]))
         return kept
+
+    def save(self, checkpoint: str | Path) -> None:
+        """Write this process's copies into `checkpoint` (policy_snapshots/process-I.safetensors). Every process
+        writes its own: under FSDP2 and ZeRO-3 each holds other shards (no communication, as when they were taken).
+        They cost up to `HackingMonitor.oldest_keepable_step`'s few copies of the trained weights per checkpoint."""
+        if not self.copies:
+            return
+        state = PartialState()
+        folder = Path(checkpoint) / self.FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{step}/{name}": t.contiguous() for step, copy in self.copies.items() for name, t in copy.items()}
+        save_file(tensors, str(folder / f"process-{state.process_index}.safetensors"), metadata=self._layout(state))
+
+    def load(self, checkpoint: str | Path) -> None:
+        """Read back the copies `save` wrote into `checkpoint` for this process (none when it has none). Copies
+        written under another number of processes or another engine hold other shards: they are dropped, with a
+        warning, and the run keeps what it can (`restore`)."""
+        state = PartialState()
+        path = Path(checkpoint) / self.FOLDER / f"process-{state.process_index}.safetensors"
+        self.copies = {}
+        if not path.is_file():
+            return
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() != self._layout(state):
+                if state.is_main_process:
+                    print(f"warning: {path.parent} was written under {f.metadata()}, not this run's "
+                          f"{self._layout(state)}: its policy snapshots are not used; stop_on_hacking keeps the "
+                          "policies of the steps this run samples")  # fmt: skip
+                return
+            for key in f.keys():
+                step, name = key.split("/", 1)
+                self.copies.setdefault(int(step), {})[name] = f.get_tensor(key)
+
+    @staticmethod
+    def _layout(state) -> dict[str, str]:
+        """What decides which shard of each weight a process holds."""
+        return {"num_processes": str(state.num_processes), "distributed_type": str(state.distributed_type)}
 
 
 class PolicyEMA:

@@ -343,8 +343,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     monitor = build_monitor(config, reward_ceiling(config))
     accelerator.register_for_checkpointing(kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor]))
 
+    # stop_on_hacking's copies of recent policies travel with the checkpoints: an alert soon after a resume keeps
+    # what it would have kept without the kill
+    snapshots = PolicySnapshots() if config.stop_on_hacking else None
+    save_snapshots, load_snapshots = (snapshots.save, snapshots.load) if snapshots is not None else (None, None)
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
-    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir)
+    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots)
     if not start_step:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
     metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`
@@ -366,7 +370,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
-    last_step, stopped, snapshots = total_steps, {}, PolicySnapshots()
+    last_step, stopped = total_steps, {}
     for step in range(start_step + 1, total_steps + 1):
         # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
@@ -378,7 +382,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
                 generation_config, prompts, [train_queries[i] for i in rows], config, reward_normalizer,
                 values=not values_from_first_pass(config),
             )  # fmt: skip
-        if config.stop_on_hacking:  # the candidates to keep if the monitor stops the run a few steps later
+        if snapshots is not None:  # the candidates to keep if the monitor stops the run a few steps later
             snapshots.take(step, accelerator.unwrap_model(trainable).policy, monitor.oldest_keepable_step())
         # 2. Rewards and advantages: KL-penalised per-token rewards, GAE, whitening. The values come from the
         # update's first forward pass when that pass covers the whole rollout (`values_from_first_pass`).
@@ -419,10 +423,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             if accelerator.is_main_process:
                 write_samples(output_dir, step, prompts, details.texts, rollout.scores, oracle)
         if (config.save_steps and step % config.save_steps == 0 and step < total_steps) or guard.signalled():
-            guard.exit_on_signal(loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit))
+            checkpoint = loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit, save_snapshots)
+            guard.exit_on_signal(checkpoint)
         if alerts and config.stop_on_hacking:
             # Keep the average of the policies of the steps before the alert's signal set in
-            # (`HackingMonitor.kept_steps`; after a resume, of those this run sampled).
+            # (`HackingMonitor.kept_steps`).
             kept = snapshots.restore(accelerator.unwrap_model(trainable).policy, monitor.kept_steps())
             stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
                        "stop_signal": alerts[0].signal, "kept_policy_of_steps": kept}  # fmt: skip
