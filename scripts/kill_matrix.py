@@ -31,21 +31,17 @@ TRAINER_ARGS = ["--max_train_samples", "64", "--max_eval_samples", "8", "--per_d
 
 def stage_setups(work: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
     """stage -> (recipe, overrides, kill points in the order a run meets them)."""
-    from stages.test_ppo import build_tiny_models, write_recipe
+    from stages.test_ppo import STOPS_AT_STEP_5, build_tiny_models, write_recipe
     from tiny_models import save_tiny_llama
 
     tiny_lm = save_tiny_llama(work / "tiny_lm", pretrain_steps=150)
     trainer_points = ["step@3", "checkpoint@4", "final_save", "eval"]
     sft, reward = build_tiny_models(work / "ppo_models")
     ppo = write_recipe(work / "ppo_models", sft, reward_model_path=str(reward), total_episodes=80, save_steps=2)
-    # stop_on_hacking stops at step 5 (a ceiling below every score: above_ceiling holds from step 4 after a 3-step
-    # baseline) and keeps the policies of steps 2-3: a kill after checkpoint-2 or -4 must keep the same ones
+    # stop_on_hacking stops at step 5 keeping the policies of steps 2-3: a kill after checkpoint-2 or -4 must keep
+    # the same ones
     (work / "ppo_stop").mkdir()
-    ppo_stop = write_recipe(
-        work / "ppo_stop", sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
-        gradient_accumulation_steps=1, save_steps=2, stop_on_hacking=True, reward_ceiling=-100.0,
-        monitor_baseline_steps=3,
-    )  # fmt: skip
+    ppo_stop = write_recipe(work / "ppo_stop", sft, **STOPS_AT_STEP_5, save_steps=2)
     configs = write_tiny_configs(work)
     vae_dir = work / "vae_for_t2i"
     assert train(VAE_RECIPE, vae_dir, vae_overrides(configs, vae_dir)).returncode == 0

@@ -20,6 +20,13 @@ SFT_STEPS = 100  # enough for the tiny policy to answer in the embedded format a
 EVAL_FAST = ["--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "8", "--speed_new_tokens", "4",
              "--speed_batch_size", "2", "--perplexity_texts", "8", "--quiet"]  # fmt: skip
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+# stop_on_hacking's run (8 steps of 8 episodes): a reward ceiling below every score makes the above-ceiling signal
+# hold from step 4, the first after a 3-step baseline; with patience 2 the monitor alerts at step 5, and the run
+# stops there keeping the average of the policies of steps 2 and 3 (the tests below, scripts/kill_matrix.py)
+STOPS_AT_STEP_5 = dict(
+    reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64, gradient_accumulation_steps=1,
+    stop_on_hacking=True, reward_ceiling=-100.0, monitor_baseline_steps=3,
+)  # fmt: skip
 
 
 def build_tiny_models(root):
@@ -404,12 +411,7 @@ def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp
     alerts at step 5, the run stops there, exits 0 with COMPLETE, and keeps the average of the policies that
     sampled steps 2 and 3 (`monitor_keep_average` 2: the steps before the onset)."""
     sft, _ = tiny_models
-    recipe = write_recipe(
-        tmp_path, sft, reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
-        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=1,
-        monitor_baseline_steps=3,
-    )  # fmt: skip
-    result = train(recipe)
+    result = train(write_recipe(tmp_path, sft, **STOPS_AT_STEP_5, save_steps=1))
     run = tmp_path / "run"
     assert "reward-hacking alert at step 5 (above_ceiling, since step 4)" in result.stdout
     assert (run / "COMPLETE").is_file() and (run / "model.safetensors").is_file()
@@ -434,11 +436,7 @@ def test_a_stop_on_hacking_run_killed_before_its_alert_keeps_what_the_uninterrup
     the average of the policies of steps 2 and 3, which it sampled before the kill (the copies travel with the
     checkpoints): the same output as the run that was not killed."""
     sft, _ = tiny_models
-    common = dict(
-        reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64,
-        gradient_accumulation_steps=1, stop_on_hacking=True, reward_ceiling=-100.0, save_steps=1,
-        monitor_baseline_steps=3,
-    )  # fmt: skip
+    common = STOPS_AT_STEP_5 | {"save_steps": 1}
     (tmp_path / "full").mkdir()
     train(write_recipe(tmp_path / "full", sft, **common))
     full = tmp_path / "full" / "run"

@@ -76,17 +76,17 @@ class PolicySnapshots:
         if not self.copies:
             return
         state = PartialState()
-        folder = Path(checkpoint) / self.FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
+        path = self._file(checkpoint, state)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{step}/{name}": t.contiguous() for step, copy in self.copies.items() for name, t in copy.items()}
-        save_file(tensors, str(folder / f"process-{state.process_index}.safetensors"), metadata=self._layout(state))
+        save_file(tensors, str(path), metadata=self._layout(state))
 
     def load(self, checkpoint: str | Path) -> None:
         """Read back the copies `save` wrote into `checkpoint` for this process (none when it has none). Copies
         written under another number of processes or another engine hold other shards: they are dropped, with a
         warning, and the run keeps what it can (`restore`)."""
         state = PartialState()
-        path = Path(checkpoint) / self.FOLDER / f"process-{state.process_index}.safetensors"
+        path = self._file(checkpoint, state)
         self.copies = {}
         if not path.is_file():
             return
@@ -100,6 +100,10 @@ class PolicySnapshots:
             for key in f.keys():
                 step, name = key.split("/", 1)
                 self.copies.setdefault(int(step), {})[name] = f.get_tensor(key)
+
+    @classmethod
+    def _file(cls, checkpoint: str | Path, state) -> Path:
+        return Path(checkpoint) / cls.FOLDER / f"process-{state.process_index}.safetensors"
 
     @staticmethod
     def _layout(state) -> dict[str, str]:
