@@ -1,4 +1,5 @@
-"""What the fine-tuning stages (`sft`, `reward`) share: recipe checks and model loading on TRL's `ModelConfig`.
+"""What the fine-tuning stages (`sft`, `reward`) share: recipe checks and model loading on TRL's `ModelConfig`, and
+the construction of a TRL trainer, which every TRL-based stage (preference, grpo, rloo too) goes through.
 
 Both stages take TRL's `ModelConfig` keys as they are (`use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`,
 `lora_target_modules`, `load_in_4bit`, ...), so a recipe written for `trl sft` reads the same here. The starting
@@ -10,6 +11,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
+from hfgen.errors import UserError
 from hfgen.models import adapter_base, check_model_source, load_causal_lm
 
 
@@ -126,3 +128,12 @@ def count_trained_tokens(training_args) -> None:
     processes), for tokens/s in eval.json: one count for every collator and trainer. (A recipe can only say
     true/false for this key, and true means "all", padding included.)"""
     training_args.include_num_input_tokens_seen = "non_padding"
+
+
+def build_trainer(trainer_class, trainer_name: str | None = None, **kwargs):
+    """`trainer_class(**kwargs)`. TRL validates the config against the data and the model in the constructor, so a
+    ValueError there is the recipe's: a UserError naming the trainer (`trainer_name`, default the class's) and TRL's reason."""
+    try:
+        return trainer_class(**kwargs)
+    except ValueError as error:
+        raise UserError(f"{trainer_name or trainer_class.__name__} rejected the recipe: {error}") from None

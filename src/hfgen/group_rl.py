@@ -32,7 +32,7 @@ from pathlib import Path
 from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
 from hfgen.errors import UserError
-from hfgen.finetune import check_model_config, load_model, run_first_hint
+from hfgen.finetune import build_trainer, check_model_config, load_model, run_first_hint
 from hfgen.models import check_model_source
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 
@@ -348,20 +348,19 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     monitor = None
     if data_args.hacking_monitor:
         monitor = HackingMonitorCallback(build_monitor(data_args), stop_on_hacking=data_args.stop_on_hacking)
-    try:
-        trainer = recorded(trainer_class)(
-            model=model,
-            reward_funcs=rewards,
-            args=config,
-            train_dataset=train_rows,
-            processing_class=tokenizer,
-            reward_processing_classes=reward_tokenizers,
-            peft_config=get_peft_config(model_args),
-            callbacks=[*filter(None, [monitor]), *tracking.trainer_callbacks(output_dir)],  # alerts reach metrics.jsonl
-            oracle=oracle,
-        )
-    except ValueError as error:  # TRL validates the config against the data and model here
-        raise UserError(f"{trainer_class.__name__} rejected the recipe: {error}") from None
+    trainer = build_trainer(
+        recorded(trainer_class),
+        trainer_name=trainer_class.__name__,
+        model=model,
+        reward_funcs=rewards,
+        args=config,
+        train_dataset=train_rows,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizers,
+        peft_config=get_peft_config(model_args),
+        callbacks=[*filter(None, [monitor]), *tracking.trainer_callbacks(output_dir)],  # alerts reach metrics.jsonl
+        oracle=oracle,
+    )
 
     resume = tracking.resolve_resume(config.resume_from_checkpoint, output_dir)
     tracking.start_metrics(output_dir, resume)

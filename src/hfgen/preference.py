@@ -23,8 +23,7 @@ from pathlib import Path
 
 from hfgen import guard, loop, tracking
 from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
-from hfgen.errors import UserError
-from hfgen.finetune import check_model_config, run_first_hint
+from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.models import check_model_source
 
 PAIRED_LAYOUTS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]  # as the reward stage accepts
@@ -263,19 +262,17 @@ def run_stage(
 
         train_rows = unpair_preference_dataset(train_rows).shuffle(seed=training_args.seed)
     extra = {"ref_model": reference} if needs_reference and reference is not None else {}
-    try:
-        trainer = trainer_class(
-            model=model,
-            args=training_args,
-            train_dataset=train_rows,
-            eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
-            processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
-            callbacks=tracking.trainer_callbacks(output_dir),
-            **extra,
-        )
-    except ValueError as error:  # TRL validates the config against the data and model here
-        raise UserError(f"{trainer_class.__name__} rejected the recipe: {error}") from None
+    trainer = build_trainer(
+        trainer_class,
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=tracking.trainer_callbacks(output_dir),
+        **extra,
+    )
 
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size

@@ -26,7 +26,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
-from hfgen.finetune import check_model_config, count_trained_tokens, load_model
+from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model
 
 # TRL's ModelConfig (LoRA/QLoRA keys under TRL's names) rather than hfgen's ModelArguments, which shares three of
 # its fields; none of these three dataclasses share a field, so every key has one meaning. trust_remote_code is
@@ -136,18 +136,16 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     count_trained_tokens(training_args)
     # SEQ_CLS: PEFT then trains and saves the new score head in full (modules_to_save), beside the adapters.
     peft_config = get_peft_config(replace(model_args, lora_task_type="SEQ_CLS"))
-    try:
-        trainer = RewardTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_rows,
-            eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=tracking.trainer_callbacks(output_dir),
-        )
-    except ValueError as error:  # TRL validates the config against the data and model here
-        raise UserError(f"RewardTrainer rejected the recipe: {error}") from None
+    trainer = build_trainer(
+        RewardTrainer,
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=tracking.trainer_callbacks(output_dir),
+    )
 
     held_out = list(zip(eval_rows["chosen_ids"], eval_rows["rejected_ids"]))
     is_main = trainer.is_world_process_zero()

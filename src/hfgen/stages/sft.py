@@ -30,7 +30,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.errors import UserError
-from hfgen.finetune import check_model_config, count_trained_tokens, load_model
+from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model
 from hfgen.models import adapter_base
 
 
@@ -263,18 +263,16 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     record(output_dir, data_records)
     count_trained_tokens(training_args)
-    try:
-        trainer = SFTTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_rows,
-            eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
-            processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
-            callbacks=tracking.trainer_callbacks(output_dir),
-        )
-    except ValueError as error:  # TRL validates the config against the data and model here
-        raise UserError(f"SFTTrainer rejected the recipe: {error}") from None
+    trainer = build_trainer(
+        SFTTrainer,
+        model=model,
+        args=training_args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=tracking.trainer_callbacks(output_dir),
+    )
     if use_row_packing(training_args, trainer.model):
         trainer.data_collator = PackedRowsCollator(
             pad_token_id=tokenizer.pad_token_id,
