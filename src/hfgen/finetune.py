@@ -132,7 +132,8 @@ def count_trained_tokens(training_args) -> None:
 
 def build_trainer(trainer_class, trainer_name: str | None = None, **kwargs):
     """`trainer_class(**kwargs)`. TRL validates the config against the data and the model in the constructor, so a
-    ValueError there is the recipe's: a UserError naming the trainer (`trainer_name`, default the class's) and TRL's reason."""
+    ValueError there is the recipe's: a UserError naming the trainer (`trainer_name`, default the class's) and
+    TRL's reason."""
     try:
         return trainer_class(**kwargs)
     except ValueError as error:
