@@ -130,11 +130,18 @@ def count_trained_tokens(training_args) -> None:
     training_args.include_num_input_tokens_seen = "non_padding"
 
 
-def build_trainer(trainer_class, trainer_name: str | None = None, **kwargs):
-    """`trainer_class(**kwargs)`. TRL validates the config against the data and the model in the constructor, so a
-    ValueError there is the recipe's: a UserError naming the trainer (`trainer_name`, default the class's) and
+def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None, callbacks=(), eval_dataset=None,
+                  **kwargs):  # fmt: skip
+    """`trainer_class(**kwargs)` with what every TRL-based stage gives its trainer: hfgen's records
+    (`tracking.trainer_callbacks(output_dir)`, after the stage's own `callbacks`) and `eval_dataset` only when
+    `args.eval_strategy` evaluates. TRL validates the config against the data and the model in the constructor, so
+    a ValueError there is the recipe's: a UserError naming the trainer (`trainer_name`, default the class's) and
     TRL's reason."""
+    from hfgen import tracking
+
+    if kwargs["args"].eval_strategy != "no":
+        kwargs["eval_dataset"] = eval_dataset
     try:
-        return trainer_class(**kwargs)
+        return trainer_class(callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs)
     except ValueError as error:
         raise UserError(f"{trainer_name or trainer_class.__name__} rejected the recipe: {error}") from None

@@ -350,6 +350,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         monitor = HackingMonitorCallback(build_monitor(data_args), stop_on_hacking=data_args.stop_on_hacking)
     trainer = build_trainer(
         recorded(trainer_class),
+        output_dir,
         trainer_name=trainer_class.__name__,
         model=model,
         reward_funcs=rewards,
@@ -358,7 +359,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers,
         peft_config=get_peft_config(model_args),
-        callbacks=[*filter(None, [monitor]), *tracking.trainer_callbacks(output_dir)],  # alerts reach metrics.jsonl
+        callbacks=[monitor] if monitor else [],  # before hfgen's records: its alerts reach metrics.jsonl
         oracle=oracle,
     )
 

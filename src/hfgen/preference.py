@@ -264,13 +264,13 @@ def run_stage(
     extra = {"ref_model": reference} if needs_reference and reference is not None else {}
     trainer = build_trainer(
         trainer_class,
+        output_dir,
         model=model,
         args=training_args,
         train_dataset=train_rows,
-        eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=tracking.trainer_callbacks(output_dir),
         **extra,
     )
 

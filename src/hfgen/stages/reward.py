@@ -138,13 +138,13 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     peft_config = get_peft_config(replace(model_args, lora_task_type="SEQ_CLS"))
     trainer = build_trainer(
         RewardTrainer,
+        output_dir,
         model=model,
         args=training_args,
         train_dataset=train_rows,
-        eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=tracking.trainer_callbacks(output_dir),
     )
 
     held_out = list(zip(eval_rows["chosen_ids"], eval_rows["rejected_ids"]))

@@ -265,13 +265,13 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     count_trained_tokens(training_args)
     trainer = build_trainer(
         SFTTrainer,
+        output_dir,
         model=model,
         args=training_args,
         train_dataset=train_rows,
-        eval_dataset=eval_rows if training_args.eval_strategy != "no" else None,
+        eval_dataset=eval_rows,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=tracking.trainer_callbacks(output_dir),
     )
     if use_row_packing(training_args, trainer.model):
         trainer.data_collator = PackedRowsCollator(
