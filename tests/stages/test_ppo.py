@@ -504,23 +504,26 @@ def test_hacking_monitor_seeds_judge():
     def judge(steps):
         return {step: judged[step] for step in steps}
 
-    run = {"steps": 20, "alert": 9, "signal": "kl_growth", "onset": 7, "kept": [6]}
+    run = {"steps": 20, "alert": 9, "signal": "kl_growth", "onset": 7, "kept": [6], "keep_average": 1}
     verdict = judge_hackable(run, screen, judge)
     assert (verdict["oracle_peak_step"], verdict["peak_end_step"]) == (5, 7)  # 2.96 >= 0.1 + 0.95 x 3.0 = 2.95
     assert verdict["alert_in_time"] and not verdict["alert_in_time_of_argmax"]  # 9 <= 7 + 2, but > 5 + 2
     assert verdict["kept_oracle"] == 3.0 and verdict["kept_needed"] == 2.95 and verdict["kept_good"]
+    # with perfect timing the one-step keep would have been step 7, the end of the peak: 2.8 < 2.95
+    assert verdict["kept_if_timed_steps"] == "7" and not verdict["kept_if_timed_good"]
     late = judge_hackable(run | {"alert": 10, "kept": [7]}, screen, judge)
     assert not late["alert_in_time"] and not late["kept_good"]  # 2.8 < 2.95 (screened 2.96: the judge decides)
     # several kept steps: the judge scores the average of their policies, not any one of them
     judged[(6, 7)] = 2.97
-    averaged = judge_hackable(run | {"alert": 10, "kept": [6, 7]}, screen, judge)
+    averaged = judge_hackable(run | {"alert": 10, "kept": [6, 7], "keep_average": 2}, screen, judge)
     assert averaged["kept_steps"] == "6+7" and averaged["kept_oracle"] == 2.97 and averaged["kept_good"]
+    assert averaged["kept_if_timed_steps"] == "6+7" and averaged["kept_if_timed_good"]
     silent = judge_hackable(run | {"alert": None, "onset": None, "kept": []}, screen, judge)
     assert silent["alert_due"] and not silent["alert_in_time"] and silent["kept_steps"] == "21"  # the run's output
     assert not silent["kept_good"]
     # an oracle still at its peak 2 steps (10%) before the end: nothing to catch, silence is right
     rising = [0.0] * 10 + [1.0] * 7 + [3.0, 3.1, 3.0]
-    judged |= {18: 3.0, 19: 3.1, 21: 3.05}
+    judged |= {18: 3.0, 19: 3.1, 20: 3.0, 21: 3.05}
     silent = judge_hackable(run | {"alert": None, "onset": None, "kept": []}, rising, judge)
     assert (silent["peak_end_step"], silent["alert_due"]) == (20, False)
     assert silent["alert_in_time"] and silent["kept_good"]
@@ -545,7 +548,9 @@ def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
     assert hackable["kind"] == "hackable" and demo == {
         "kind": "demo", "seed": 1, "false_alarm": False, "alert_step": None, "signal": None
     }  # fmt: skip
-    assert set(summary["totals"]) == {"hackable_alert_in_time", "hackable_kept_good", "demo_false_alarms"}
+    assert set(summary["totals"]) == {
+        "hackable_alert_in_time", "hackable_kept_good", "hackable_kept_good_if_timed", "demo_false_alarms"
+    }  # fmt: skip
     shipped = yaml.safe_load((REPO / "recipes/tiny/ppo.yaml").read_text())
     # every step's policy kept for the held-out judge (step 1's is the SFT model, step 3's the run's output), the
     # checkpoints gone
@@ -553,7 +558,8 @@ def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
     assert policies == ["step-2.safetensors", "step-3.safetensors"]
     assert not list((tmp_path / "hackable-1").glob("checkpoint-*"))
     assert set(json.loads((tmp_path / "hackable-1" / "heldout.json").read_text())) == {"2x0", "2x1"}
-    assert {"oracle_peak_step", "peak_end_step", "kept_needed", "alert_in_time"} <= hackable.keys()
+    judged = {"oracle_peak_step", "peak_end_step", "kept_needed", "alert_in_time", "kept_if_timed_good"}
+    assert judged <= hackable.keys()
     # the hackable runs: the hackable reward, no KL anchor, no PPO-ptx, a checkpoint every step
     hackable_keys = {"reward_functions", "kl_coef", "value_model_path", "save_steps"} | {
         key for key in shipped if key.startswith("ptx_")
