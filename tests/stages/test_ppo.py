@@ -558,8 +558,8 @@ def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
     assert policies == ["step-2.safetensors", "step-3.safetensors"]
     assert not list((tmp_path / "hackable-1").glob("checkpoint-*"))
     assert set(json.loads((tmp_path / "hackable-1" / "heldout.json").read_text())) == {"2x0", "2x1"}
-    judged = {"oracle_peak_step", "peak_end_step", "kept_needed", "alert_in_time", "kept_if_timed_good"}
-    assert judged <= hackable.keys()
+    verdict_keys = {"oracle_peak_step", "peak_end_step", "kept_needed", "alert_in_time", "kept_if_timed_good"}
+    assert verdict_keys <= hackable.keys()
     # the hackable runs: the hackable reward, no KL anchor, no PPO-ptx, a checkpoint every step
     hackable_keys = {"reward_functions", "kl_coef", "value_model_path", "save_steps"} | {
         key for key in shipped if key.startswith("ptx_")
