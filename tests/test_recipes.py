@@ -46,3 +46,13 @@ def test_accelerate_preset_loads_with_accelerates_loader(path):
     config = load_config_from_file(str(path))  # raises on unknown keys
     assert isinstance(config, ClusterConfig) and config.num_processes >= 1
     assert path.read_text().startswith("#"), "a preset opens with a comment saying when to use it"
+
+
+def test_a_list_override_reads_as_in_the_recipe_file_or_as_separate_values():
+    dpo = REPO / "recipes/tiny/dpo.yaml"
+    overrides = ["--use_cpu", "true", "--output_dir", "/nonexistent/out"]
+    written = load_recipe(dpo, [*overrides, "--loss_type", "[sigmoid, sft]", "--loss_weights", "[1.0, 0.5]"], False)
+    spaced = load_recipe(dpo, [*overrides, "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5"], False)
+    for recipe in (written, spaced):
+        args = recipe.configs[-1]  # DPOConfig, after the model and data arguments
+        assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]

@@ -9,6 +9,7 @@ import yaml
 
 from conftest import REPO, run_hfgen
 from hfgen import tracking
+from hfgen.cli import main as hfgen_main
 from hfgen.errors import Diverged, UserError
 from hfgen.guard import Divergence
 from test_recipe_errors import run_inprocess
@@ -18,6 +19,7 @@ SFT_LORA = REPO / "recipes/tiny/sft_lora.yaml"
 REWARD = REPO / "recipes/tiny/reward.yaml"
 T2I = REPO / "recipes/tiny/t2i_digits.yaml"
 PPO = REPO / "recipes/tiny/ppo.yaml"
+DPO = REPO / "recipes/tiny/dpo.yaml"
 
 
 def recipe_with(tmp_path, **changes):
@@ -68,13 +70,26 @@ def not_utf8(tmp_path):
         (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "empty.csv", "")], ["empty.csv"]),
         (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "numbers.csv", "text\n" + "\n".join(map(str, range(40))))],
          ["column 'text' holds numbers"]),
+        (lambda t: [PRETRAIN, "--learning_rate", "inf"], ["'learning_rate'", "finite", "inf"]),
+        (lambda t: [PPO, "--kl_coef", "nan"], ["'kl_coef'", "finite", "nan"]),
+        (lambda t: [PRETRAIN, "--config_name", data_file(t, "unknown.json", '{"model_type": "llamma"}')],
+         ["config_name", "unknown.json", "'llamma'", "model_type"]),
+        (lambda t: [PRETRAIN, "--config_name", data_file(t, "untyped.json", '{"hidden_size": 8}')],
+         ["config_name", "untyped.json", "model_type None"]),
+        (lambda t: [PRETRAIN, "--config_name", data_file(t, "list.json", "[1, 2]")], ["list.json", "JSON object"]),
+        (lambda t: [PRETRAIN, "--report_to", "wandbb"], ["'report_to'", "'wandbb' is not a tracker", "'wandb'"]),
+        (lambda t: [PPO, "--report_to", "mlfow"], ["'report_to'", "'mlfow' is not a tracker"]),
+        (lambda t: [SFT_LORA, "--max_length", "0"], ["'max_length'", "at least 1"]),
+        (lambda t: [DPO, "--beta", "-1"], ["'beta'", "at least 0"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
         "zero-steps-zero-epochs", "lora-r-zero", "batch-zero", "reward-batch-negative", "t2i-batch-zero",
         "ppo-no-episodes", "negative-learning-rate", "accumulation-zero", "negative-nan-tolerance",
         "override-without-value", "negative-seed", "zero-temperature", "dropout-above-1", "zero-resolution",
-        "one-row-dataset", "empty-jsonl", "empty-csv", "numeric-text-column",
+        "one-row-dataset", "empty-jsonl", "empty-csv", "numeric-text-column", "infinite-learning-rate", "nan-kl-coef",
+        "config-unknown-model-type", "config-without-model-type", "config-not-an-object", "unknown-tracker",
+        "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):
@@ -101,6 +116,29 @@ def test_output_dir_that_is_a_file_or_cannot_be_created_exits_2(tmp_path, capsys
     code, err = run_inprocess(capsys, PRETRAIN, "--output_dir", taken / "run")
     assert code == 2 and "output_dir" in err and "cannot be created" in err
     assert taken.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("output_dir", [None, "", "  "])
+def test_a_recipe_without_output_dir_exits_2_instead_of_writing_to_trainer_output(
+    tmp_path, capsys, monkeypatch, output_dir
+):
+    monkeypatch.chdir(tmp_path)  # transformers' default output_dir is ./trainer_output: nothing may land here
+    recipe = recipe_with(tmp_path, output_dir=output_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", str(recipe), *(["--output_dir", output_dir] if output_dir is not None else [])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no output_dir" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_a_tracker_that_is_not_installed_exits_2(capsys):
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = next(
+        n for n in ("wandb", "comet_ml", "mlflow", "clearml") if n not in get_available_reporting_integrations()
+    )
+    code, err = run_inprocess(capsys, PRETRAIN, "--report_to", missing, "--output_dir", "/nonexistent/out")
+    assert code == 2 and f"tracker '{missing}' is not installed" in err and "report_to: none" in err
 
 
 def test_a_complete_run_of_another_recipe_is_kept_unless_overwrite_output_dir(tmp_path):

@@ -94,14 +94,26 @@ def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
     return []
 
 
-def check_config_file(key: str, name: str | None) -> list[str]:
+def check_config_file(key: str, name: str | None, transformers_config: bool = False) -> list[str]:
+    """A local config JSON must exist and hold a JSON object; `transformers_config`: with a `model_type` that
+    transformers knows (an unknown one fails deep inside `AutoConfig` with a list of every model type)."""
     if name and looks_local(name) and not Path(name).exists():
         return [f"{key} '{name}' does not exist"]
     if name and name.endswith(".json") and Path(name).is_file():
         try:
-            json.loads(Path(name).read_text())
-        except json.JSONDecodeError as error:
+            values = json.loads(Path(name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             return [f"{key} '{name}' is not valid JSON ({error})"]
+        if not isinstance(values, dict):
+            return [f"{key} '{name}' must hold a JSON object of config keys, got a {type(values).__name__}"]
+        if transformers_config:
+            from transformers import CONFIG_MAPPING
+
+            if values.get("model_type") not in CONFIG_MAPPING:
+                return [
+                    f"{key} '{name}' has model_type {values.get('model_type')!r}, which is not a transformers model "
+                    'type; set "model_type" to one, e.g. "llama", "qwen2", "gpt2"'
+                ]
     return []
 
 
@@ -189,11 +201,14 @@ def build_causal_lm_from_config(config_name: str, tokenizer, args: ModelArgument
     """A randomly initialised causal LM from a config (JSON file, dir or hub id), sized to the tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config_name.endswith(".json") and Path(config_name).is_file():
-        values = json.loads(Path(config_name).read_text())
-        config = AutoConfig.for_model(**values)
+    if config_name.endswith(".json") and Path(config_name).is_file():  # checked by `check_config_file`
+        config = AutoConfig.for_model(**json.loads(Path(config_name).read_text()))
     else:
-        config = AutoConfig.from_pretrained(config_name, trust_remote_code=args.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(config_name, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as error:  # a dir without config.json, an unknown model_type
+            message = str(error).strip().split(". Should contain")[0].splitlines()[0]
+            raise UserError(f"config_name '{config_name}': not a config transformers can build ({message})") from None
     config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,13 +67,21 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        for config in self.configs:
-            if getattr(config, "output_dir", None):
-                return Path(config.output_dir)
+        if recipe_output_dir(self.values) is not None:
+            for config in self.configs:
+                if getattr(config, "output_dir", None):
+                    return Path(config.output_dir)
         raise UserError(f"the recipe for stage '{self.stage}' sets no output_dir; add `output_dir: PATH`.")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump({STAGE_KEY: self.stage, **self.values}, sort_keys=False)
+
+
+def recipe_output_dir(values: dict[str, Any]) -> Path | None:
+    """The recipe's own output_dir (None when missing, null or empty): transformers' TrainingArguments would fill
+    a missing one with ./trainer_output, and a run would land wherever it was started from."""
+    value = values.get("output_dir")
+    return Path(str(value)) if value is not None and str(value).strip() else None
 
 
 class _RaisingParser:
@@ -162,6 +171,8 @@ def _decode_scalar(text: str) -> Any:
         return text
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(text):
         return float(text)  # YAML 1.1 wants a dot in floats: `3e-3` would stay a string
+    if isinstance(value, list) and all(isinstance(item, (str, int, float, bool)) for item in value):
+        return value  # `--loss_type "[sigmoid, sft]"`, written as in the recipe file: the same list
     return value if isinstance(value, (str, int, float, bool)) or value is None else text
 
 
@@ -246,6 +257,8 @@ def build_recipe(
     *configs, run = configs
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
     problems = value_problems((*recipe.configs, run))
+    if check_inputs and not recipe_output_dir(values):
+        problems.append("no output_dir: add `output_dir: PATH` to the recipe or give `--output_dir PATH`")
     if check_inputs and hasattr(module, "check"):
         problems += module.check(*recipe.configs)  # every problem at once, out-of-range values with the rest
     if problems:
@@ -258,7 +271,8 @@ _AT_LEAST_ONE = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "train_batch_size", "eval_batch_size",
     "gradient_accumulation_steps", "num_ppo_epochs", "num_mini_batches", "total_episodes", "response_length",
     "local_rollout_forward_batch_size", "max_prompt_length", "lora_r", "lora_rank", "block_size", "resolution",
-    "max_caption_tokens", "num_inference_steps", "discriminator_channels", "kl_horizon",
+    "max_caption_tokens", "num_inference_steps", "discriminator_channels", "kl_horizon", "max_length",
+    "max_completion_length", "eval_response_length", "num_iterations",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "learning_rate", "num_train_epochs", "warmup_steps", "lr_warmup_steps", "weight_decay", "adam_weight_decay",
@@ -266,7 +280,7 @@ _NON_NEGATIVE = (
     "save_total_limit", "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance", "seed",
     "data_seed", "num_samples", "eval_samples_per_prompt", "eval_images_per_prompt", "num_validation_images",
     "validation_steps", "text_encoder_pretraining_steps", "adversarial_start_step", "kl_weight", "adversarial_weight",
-    "kl_coef", "vf_coef", "cliprange", "cliprange_value", "noise_offset", "dataloader_num_workers",
+    "kl_coef", "vf_coef", "cliprange", "cliprange_value", "noise_offset", "dataloader_num_workers", "beta",
 )  # fmt: skip
 _FRACTIONS = ("lora_dropout", "condition_dropout", "adam_beta1", "adam_beta2", "gamma", "lam", "ema_decay")
 BOUNDS = {
@@ -287,6 +301,9 @@ def value_problems(configs) -> list[str]:
             value = getattr(config, key, None)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
+            if not math.isfinite(value):  # `inf` passes a lower bound, and a learning rate of inf diverges at once
+                problems.append(f"key '{key}' must be a finite number, got {value}")
+                continue
             if not (value >= low if low_allowed else value > low) or (high is not None and not value <= high):
                 wanted = (
                     f"between {low} and {high}"
@@ -294,6 +311,7 @@ def value_problems(configs) -> list[str]:
                     else f"{'at least' if low_allowed else 'above'} {low}"
                 )
                 problems.append(f"key '{key}' must be {wanted}, got {value}")
+        problems += tracker_problems(getattr(config, "report_to", None))
         if hasattr(config, "max_steps") and hasattr(config, "num_train_epochs"):  # transformers' TrainingArguments
             if config.max_steps < -1:
                 problems.append(
@@ -304,6 +322,33 @@ def value_problems(configs) -> list[str]:
                     f"max_steps {config.max_steps} and num_train_epochs {config.num_train_epochs} train nothing: set "
                     "max_steps (optimizer steps) or num_train_epochs to a positive number"
                 )
+    return problems
+
+
+def tracker_problems(report_to) -> list[str]:
+    """`report_to` names trackers that exist (transformers' integrations, or accelerate's for the accelerate-loop
+    stages) and are installed: otherwise the run would stop with a traceback once the model is built."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [name for name in names if name not in ("none", "all")]
+    if not names:
+        return []
+    import importlib.util
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    known = sorted({*INTEGRATION_TO_CALLBACK, *LOGGER_TYPE_TO_CLASS})
+    installed = {*get_available_reporting_integrations(), *(n for n in ("aim",) if importlib.util.find_spec(n))}
+    problems = []
+    for name in names:
+        if name not in known:
+            problems.append(
+                f"key 'report_to': '{name}' is not a tracker{_suggest(name, known)}; choose from {', '.join(known)}, or none"
+            )
+        elif name not in installed:
+            problems.append(
+                f"key 'report_to': tracker '{name}' is not installed here; install it or set report_to: none"
+            )
     return problems
 
 

@@ -58,7 +58,7 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
     if data_args.train_tokenizer and data_args.vocab_size < 300:
         problems.append(f"vocab_size must be at least 300 (256 bytes + special tokens), got {data_args.vocab_size}")
     problems += check_model_source("model_name_or_path", model_args.model_name_or_path)
-    problems += check_config_file("config_name", model_args.config_name)
+    problems += check_config_file("config_name", model_args.config_name, transformers_config=True)
     problems += check_model_source("tokenizer_name", model_args.tokenizer_name)
     if data_args.block_size < 2:
         problems.append(f"block_size must be at least 2, got {data_args.block_size}")
