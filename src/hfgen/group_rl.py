@@ -27,6 +27,7 @@ import inspect
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
@@ -109,7 +110,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     if not config.output_dir:
         problems.append("output_dir is not set")
     problems += monitor_problems(data_args)
-    dataset_problems = check_dataset(data_args, [(data_args.prompt_column,)])
+    dataset_problems = check_dataset(data_args, [(data_args.prompt_column,)], kind="prompt")
     problems += dataset_problems
     if not dataset_problems and not problems:
         problems += prompt_template_problems(model_args, data_args, config)
@@ -120,7 +121,7 @@ def prompt_template_problems(model_args, data_args: GroupRLArguments, config) ->
     """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
     from hfgen.models import load_tokenizer
 
-    splits, problems = load_splits_for_check(load_splits, data_args)
+    splits, problems = load_splits_for_check(partial(load_splits, kind="prompt"), data_args)
     if problems:
         return problems
     first = splits[0][0][data_args.prompt_column]
@@ -342,7 +343,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         reward_tokenizers.append(None)
     oracle = load_function(data_args.oracle_function) if data_args.oracle_function else None
 
-    train_rows, eval_rows = load_splits(data_args, seed=config.seed)
+    train_rows, eval_rows = load_splits(data_args, seed=config.seed, kind="prompt")
     train_rows = prepare_prompts(train_rows, data_args, tokenizer)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
     monitor = None

@@ -19,9 +19,11 @@ Each stage module names its TRL trainer and config; the run is the same for all 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
+from hfgen.data.formats import is_text_beside_conversations
 from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.models import check_model_source
@@ -63,9 +65,9 @@ def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool 
     from hfgen.rl.rollout import load_function
 
     layouts = PAIRED_LAYOUTS + ([UNPAIRED_LAYOUT] if unpaired_ok else [])
-    problems = check_dataset(data_args, layouts)
+    problems = check_dataset(data_args, layouts, kind="preference")
     if not problems:
-        splits, problems = load_splits_for_check(load_splits, data_args)
+        splits, problems = load_splits_for_check(partial(load_splits, kind="preference"), data_args)
         for split, rows in zip(("train", "eval"), splits or ()):
             if "chosen" in rows.column_names:
                 same = identical_rows(rows)
@@ -98,12 +100,14 @@ def load_preference_splits(data_args: PreferenceDataArguments, seed: int):
     from trl.data_utils import maybe_extract_prompt
 
     splits = []
-    for split, rows in zip(("train", "eval"), load_splits(data_args, seed=seed)):
+    for split, rows in zip(("train", "eval"), load_splits(data_args, seed=seed, kind="preference")):
         if "chosen" in rows.column_names:
             same = set(identical_rows(rows))
             if same:
                 print(f"{split}: dropped {len(same)} of {len(rows)} pairs whose chosen equals rejected")
                 rows = rows.select([i for i in range(len(rows)) if i not in same])
+            if "prompt" in rows.column_names and len(rows) and is_text_beside_conversations(rows[0]):
+                rows = rows.remove_columns("prompt")  # the conversations hold the prompt: TRL's implicit prompt
             if "prompt" not in rows.column_names:
                 rows = rows.map(maybe_extract_prompt)
         splits.append(rows)

@@ -79,8 +79,12 @@ TLDR = [{"prompt": f"POST: story {i}\nTL;DR:", "chosen": f" short {i}", "rejecte
         (TLDR, "preference", "preference", ["chosen", "prompt", "rejected"], lambda r: "TL;DR" in r["prompt"]),
         (TLDR, "prompt", "prompt", ["prompt"], lambda r: "TL;DR" in r["prompt"]),
         ([{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(40)], "unpaired_preference", "unpaired_preference", ["completion", "label", "prompt"], lambda r: isinstance(r["label"], bool)),
+        ([{"conversations": turns(("user", f"q{i}"), ("assistant", f"a{i}"))} for i in range(40)], "sft", "sharegpt", ["messages"], lambda r: [m["role"] for m in r["messages"]] == ["user", "assistant"]),
+        ([{"messages": turns(("human", f"q{i}"), ("gpt", f"a{i}"), role="from", content="value")} for i in range(40)], "sft", "messages", ["messages"], lambda r: r["messages"][1] == {"role": "assistant", "content": r["messages"][1]["content"]}),
+        ([{"text": f"describe the cat {i}."} for i in range(40)], "prompt", "text", ["prompt"], lambda r: r["prompt"].startswith("describe")),
+        ([{**row, "text": "Below is an instruction. " + row["output"]} for row in ALPACA], "prompt", "alpaca", ["prompt"], lambda r: r["prompt"].startswith("name a colour")),
     ],
-    ids=["alpaca", "dolly", "sharegpt", "ultrachat-sft", "ultrachat-prompts", "sharegpt-prompts", "messages-prompts", "hh-rlhf", "ultrafeedback", "tldr", "tldr-prompts", "unpaired"],
+    ids=["alpaca", "dolly", "sharegpt", "ultrachat-sft", "ultrachat-prompts", "sharegpt-prompts", "messages-prompts", "hh-rlhf", "ultrafeedback", "tldr", "tldr-prompts", "unpaired", "sharegpt-role-content-turns", "messages-from-value-turns", "prompts-one-per-line", "alpaca-with-rendered-text-prompts"],
 )  # fmt: skip
 def test_each_layout_is_detected_and_converted(tmp_path, rows, kind, fmt, columns, check):
     train, evaluation, records = load(jsonl(tmp_path / "data.jsonl", rows), kind)
@@ -143,10 +147,46 @@ def test_split_prefix_rule_is_used_and_recorded(tmp_path):
     rows = datasets.Dataset.from_list(TLDR)
     splits = {"train_prefs": rows, "test_prefs": rows.select(range(5)), "train_sft": rows, "test_sft": rows}
     datasets.DatasetDict(splits).save_to_disk(tmp_path / "uf")
-    with pytest.raises(UserError, match="several splits start with it \\(train_prefs, train_sft\\)"):
-        load(tmp_path / "uf", "preference")
+    datasets.DatasetDict({"train_a": rows, "train_b": rows}).save_to_disk(tmp_path / "ab")
+    with pytest.raises(UserError, match="several splits start with it \\(train_a, train_b\\)"):
+        load(tmp_path / "ab", "preference")  # no split is named for the stage's data: the recipe must say which
     train, evaluation, records = load(tmp_path / "uf", "preference", dataset_train_split="train_prefs")
     assert len(evaluation) == 5 and any("test_prefs" in note for note in records["train"]["notes"])
+    # UltraFeedback-binarized's names: a preference stage takes train_prefs / test_prefs, an SFT stage train_sft
+    train, evaluation, records = load(tmp_path / "uf", "preference")
+    assert len(evaluation) == 5 and any(
+        "used 'train_prefs', the one for this stage" in n for n in records["train"]["notes"]
+    )
+    train, evaluation, records = load(tmp_path / "uf", "sft", dataset_format="prompt_completion",
+                                      dataset_columns='{"completion": "chosen"}')  # fmt: skip
+    assert len(evaluation) == len(TLDR) and any("used 'train_sft'" in n for n in records["train"]["notes"])
+
+
+def test_tab_separated_files_load(tmp_path):
+    path = tmp_path / "sheet.tsv"
+    path.write_text("instruction\tinput\toutput\n" + "".join(f"say {i}, please\t\tword {i}\n" for i in range(30)))
+    train, evaluation, records = load(path, "sft")
+    assert records["train"]["format"] == "alpaca" and len(train) + len(evaluation) == 30
+    assert all(", please" in prompt for prompt in train["prompt"])  # the comma is text, not a separator
+
+
+def test_a_folder_of_images_with_caption_files_loads_as_image_and_text(tmp_path):
+    from PIL import Image
+
+    from hfgen.data.loading import load_raw
+
+    for split, count in (("train", 6), ("test", 2)):  # kohya-style: cat.png beside cat.txt
+        folder = tmp_path / "set" / split
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(f"a red square {split} {i}\n")
+    raw = load_raw(str(tmp_path / "set"))
+    assert sorted(raw) == ["test", "train"] and len(raw["train"]) == 6 and len(raw["test"]) == 2
+    assert raw["train"][3]["text"] == "a red square train 3" and raw["train"][3]["image"].size == (8, 8)
+    (tmp_path / "set" / "train" / "5.txt").unlink()
+    with pytest.raises(UserError, match="1 has none.*5.png"):
+        load_raw(str(tmp_path / "set"))
 
 
 @pytest.mark.parametrize(

@@ -51,10 +51,16 @@ class Format:
 FORMATS = {
     f.name: f
     for f in (
-        Format("text", ("text",), (), ("text", "sft"), "one text per row"),
+        Format("text", ("text",), (), ("text", "sft", "prompt"), "one text per row; for prompts, one prompt per row"),
         Format("alpaca", ("instruction", "output"), ("input",), ("sft", "prompt"), "instruction, input, output"),
         Format("dolly", ("instruction", "response"), ("context",), ("sft", "prompt"), "instruction, context, response"),
-        Format("sharegpt", ("conversations",), ("system",), ("sft", "prompt"), "conversations of {from, value} turns"),
+        Format(
+            "sharegpt",
+            ("conversations",),
+            ("system",),
+            ("sft", "prompt"),
+            "conversations of {from, value} (or {role, content}) turns",
+        ),
         Format("messages", ("messages",), (), ("sft", "prompt"), "messages of {role, content} turns"),
         Format("prompt_completion", ("prompt", "completion"), (), ("sft", "prompt"), "prompt and completion"),
         Format(
@@ -122,6 +128,8 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
     if len(standard) == 1 or (kind == "text" and standard):
         return STANDARD_FORMAT[standard[0]]
     candidates = [f for f in FORMATS.values() if kind in f.kinds and present >= set(f.required)]
+    if len(candidates) > 1:  # a `text` column beside a richer layout is its rendering (tatsu-lab/alpaca's)
+        candidates = [f for f in candidates if f.name != "text"]
     if len(standard) > 1:
         candidates = [FORMATS[STANDARD_FORMAT[cols]] for cols in standard]
     widest = [f for f in candidates if not any(set(f.required) < set(g.required) for g in candidates)]
@@ -170,10 +178,20 @@ def _is_empty(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
 
 
+# A turn's (speaker, text) keys: ShareGPT's and OpenAI's. Files mix them up (a `conversations` column of
+# {role, content} turns is common), and either is read in either layout.
+TURN_KEYS = (("from", "value"), ("role", "content"))
+
+
 def _turns(row: int, column: str, turns, role_key: str, content_key: str, source: str) -> list[dict]:
     """Chat turns as {role, content}; a turn without its role or content breaks the file."""
     messages = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and (turn.get(role_key) is None or turn.get(content_key) is None):
+            role_key, content_key = next(
+                (keys for keys in TURN_KEYS if turn.get(keys[0]) is not None and turn.get(keys[1]) is not None),
+                (role_key, content_key),
+            )
         if not isinstance(turn, dict) or turn.get(role_key) is None or turn.get(content_key) is None:
             raise UserError(
                 f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} lacks '{role_key}' or "
@@ -204,8 +222,8 @@ def _prompt_of(messages: list[dict]) -> list[dict] | None:
 
 def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> dict | str:
     """One row in the kind's standard columns, or the reason it is unusable (a string)."""
-    if fmt == "text":
-        return {"text": row["text"]} if not _is_empty(row["text"]) else "empty text"
+    if fmt == "text":  # a prompt file of one prompt per line reads as text: each line is a prompt
+        return {"prompt" if kind == "prompt" else "text": row["text"]} if not _is_empty(row["text"]) else "empty text"
     if fmt in ("alpaca", "dolly"):
         answer, extra = ("output", "input") if fmt == "alpaca" else ("response", "context")
         if _is_empty(row["instruction"]) or (kind == "sft" and _is_empty(row[answer])):
@@ -239,6 +257,13 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
     raise KeyError(fmt)
 
 
+def is_text_beside_conversations(row: dict) -> bool:
+    """UltraFeedback-binarized's layout: a text prompt beside whole conversations (user turn included). The
+    conversations are the pair; the shared turns before the answers are TRL's implicit prompt, and the text
+    prompt is dropped (TRL would read the pair as text, since its prompt is)."""
+    return isinstance(row.get("prompt"), str) and isinstance(row.get("chosen"), list)
+
+
 def _preference_row(kind: str, row: dict) -> dict | str:
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if kind == "prompt":
@@ -247,9 +272,7 @@ def _preference_row(kind: str, row: dict) -> dict | str:
         return {"prompt": prompt}
     if _is_empty(chosen) or _is_empty(rejected):
         return "empty text"
-    if isinstance(chosen, list) and isinstance(prompt, str):
-        # UltraFeedback-binarized: a text prompt beside whole conversations (user turn included). The
-        # conversations are the pair; the shared turns before the answers are TRL's implicit prompt.
+    if is_text_beside_conversations(row):
         prompt = None
     if chosen == rejected:
         return "chosen equal to rejected"

@@ -7,6 +7,7 @@ required columns are checked, and a sample of rows is read, before any model is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from hfgen.errors import UserError
@@ -15,12 +16,16 @@ FILE_BUILDERS = {
     ".json": "json",
     ".jsonl": "json",
     ".csv": "csv",
+    ".tsv": "csv",  # read with a tab separator (BUILDER_OPTIONS)
     ".parquet": "parquet",
     ".txt": "text",
     ".text": "text",
 }
+BUILDER_OPTIONS = {".tsv": {"sep": "\t"}}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # `datasets` decompresses these itself
 ROWS_CHECKED = 1000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_SUFFIXES = (".txt", ".caption")  # a caption file beside each image: kohya-style folders
 NON_TEXT_COLUMNS = ("label",)  # columns whose values are not text (KTO's desirable/undesirable label)
 
 
@@ -30,7 +35,9 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "embedded:NAME, a hub dataset id, a local file (json/jsonl/csv/parquet/txt) or a local dir."},
+        metadata={
+            "help": "embedded:NAME, a hub dataset id, a local file (json/jsonl/csv/tsv/parquet/txt) or a local dir."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -69,12 +76,13 @@ def load_raw(name: str, config: str | None = None):
                 )
             if path.stat().st_size < 2**20 and not path.read_bytes().strip():  # `datasets` fails on these oddly
                 raise UserError(f"dataset_name '{name}' is an empty file: it holds no rows")
-            return datasets.load_dataset(builder, data_files={"train": str(path)})
+            options = BUILDER_OPTIONS.get(data_suffix(path), {})
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, **options)
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
                 loaded = datasets.load_from_disk(str(path))
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-            return datasets.load_dataset(str(path), config)
+            return captioned_image_folder(path) or datasets.load_dataset(str(path), config)
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise UserError(f"dataset_name '{name}' does not exist")
         return datasets.load_dataset(name, config)
@@ -89,12 +97,53 @@ def load_raw(name: str, config: str | None = None):
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
 
 
-def file_builder(path: Path) -> str | None:
-    """The `datasets` builder of a data file, looking through a compression suffix (data.jsonl.gz -> json)."""
+def captioned_image_folder(path: Path):
+    """A DatasetDict of `image` and `text` from a folder of images each with its caption in a file of the same name
+    (`cat.png` + `cat.txt` or `cat.caption`, the layout of kohya-style LoRA trainers), or None when the folder is not
+    one (no caption files, or a metadata file, which `datasets`' imagefolder reads itself). Without this `datasets`
+    reads such a folder as a text dataset of the captions alone. Images under top-level `train/`, `test/` or
+    `validation/` folders form those splits, as in an imagefolder."""
+    import datasets
+
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images or any(p.stem == "metadata" for p in files):
+        return None
+    captions = {
+        image: next((c for c in map(image.with_suffix, CAPTION_SUFFIXES) if c.is_file()), None) for image in images
+    }
+    missing = [image for image, caption in captions.items() if caption is None]
+    if len(missing) == len(images):
+        return None
+    if missing:
+        raise UserError(
+            f"dataset_name '{path}': {len(images) - len(missing)} image(s) have a caption file beside them, "
+            f"but {len(missing)} {'has' if len(missing) == 1 else 'have'} none (e.g. '{missing[0]}'); give every "
+            "image a caption file "
+            f"({' or '.join(CAPTION_SUFFIXES)} of the same name), or move those images out"
+        )
+    splits: dict[str, dict[str, list]] = {}
+    for image, caption in captions.items():
+        top = image.relative_to(path).parts[0]
+        split = top if top in ("train", "test", "validation") and len(image.relative_to(path).parts) > 1 else "train"
+        rows = splits.setdefault(split, {"image": [], "text": []})
+        rows["image"].append(str(image))
+        rows["text"].append(caption.read_text(encoding="utf-8").strip())
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    return datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in splits.items()})
+
+
+def data_suffix(path: Path) -> str | None:
+    """A data file's type suffix, looking through a compression suffix (data.jsonl.gz -> .jsonl)."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in COMPRESSIONS:
         suffixes = suffixes[:-1]
-    return FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+    return suffixes[-1] if suffixes else None
+
+
+def file_builder(path: Path) -> str | None:
+    """The `datasets` builder of a data file (data.jsonl.gz -> json)."""
+    return FILE_BUILDERS.get(data_suffix(path))
 
 
 def resolve_split(
@@ -106,8 +155,12 @@ def resolve_split(
     if wanted in raw:
         return wanted, None
     candidates = [split for split in raw if split.startswith(wanted)]
-    if preferred in candidates:
-        candidates = [preferred]
+    if preferred in candidates and len(candidates) > 1:
+        note = (
+            f"{key} '{wanted}' is not a split of '{source}'; used '{preferred}', the one for this stage's data among "
+            f"the splits starting with it ({', '.join(candidates)})"
+        )
+        return preferred, note
     if len(candidates) == 1:
         note = f"{key} '{wanted}' is not a split of '{source}'; used '{candidates[0]}', the one split starting with it"
         return candidates[0], note
@@ -119,16 +172,23 @@ def resolve_split(
     return None, None
 
 
-def load_splits(args: DataArguments, seed: int = 0):
-    """(train, eval) Datasets per the data arguments."""
-    return split_dataset(load_raw(args.dataset_name, args.dataset_config), args, seed)
+def load_splits(args: DataArguments, seed: int = 0, kind: str | None = None):
+    """(train, eval) Datasets per the data arguments (`kind`: the stage's kind of data, see `split_dataset`)."""
+    return split_dataset(load_raw(args.dataset_name, args.dataset_config), args, seed, kind=kind)
 
 
-def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | None = None):
-    """(train, eval) from a DatasetDict: the named splits (or the one split starting with each name, said in
-    `notes`), a held-out slice of train if there is no test split, and the max_*_samples caps."""
+# Splits named for what they hold, as UltraFeedback-binarized's train_prefs / train_sft / train_gen: when several
+# splits start with the recipe's split name, the one for the stage's kind of data is taken.
+KIND_SPLIT_SUFFIX = {"preference": "_prefs", "unpaired_preference": "_prefs", "sft": "_sft", "prompt": "_gen"}
+
+
+def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | None = None, kind: str | None = None):
+    """(train, eval) from a DatasetDict: the named splits (or the one split starting with each name, or the one
+    named for `kind`'s data among several, said in `notes`), a held-out slice of train if there is no test split,
+    and the max_*_samples caps."""
     source = args.dataset_name
-    train_split, note = resolve_split(raw, args.dataset_train_split, "dataset_train_split", source)
+    preferred = args.dataset_train_split + KIND_SPLIT_SUFFIX[kind] if kind in KIND_SPLIT_SUFFIX else None
+    train_split, note = resolve_split(raw, args.dataset_train_split, "dataset_train_split", source, preferred)
     if train_split is None:
         raise UserError(
             f"dataset_train_split '{args.dataset_train_split}' is not a split of '{source}'; it has {', '.join(raw)}"
@@ -199,11 +259,11 @@ def load_splits_for_check(load, args) -> tuple[tuple | None, list[str]]:
         datasets.enable_progress_bars()
 
 
-def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]]) -> list[str]:
+def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]], kind: str | None = None) -> list[str]:
     """Problems with the recipe's dataset for a stage that accepts any of several column layouts."""
     if not args.dataset_name:
         return ["dataset_name is not set"]
-    splits, problems = load_splits_for_check(load_splits, args)
+    splits, problems = load_splits_for_check(partial(load_splits, kind=kind), args)
     if problems:
         return problems
     train, evaluation = splits

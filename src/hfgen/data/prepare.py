@@ -52,7 +52,7 @@ def _one_source(args, kind: str, seed: int, name: str, fmt, columns: dict, notes
     for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
         check_rows(split, kind, fmt, columns, source=name)
     source_args = dataclasses.replace(args, dataset_name=name, **{k: v for k, v in split_keys.items() if v})
-    train, evaluation = split_dataset(raw, source_args, seed, notes)
+    train, evaluation = split_dataset(raw, source_args, seed, notes, kind)
     train, train_report = to_standard(train, kind, fmt, columns, source=name)
     evaluation, eval_report = to_standard(evaluation, kind, fmt, columns, source=name)
     train_report.notes += notes
