@@ -300,12 +300,15 @@ def recorded(trainer_class):
 
 
 def load_reward_model(path: str, model_args, config):
-    """A reward-stage output (one-label sequence classifier) and its own tokenizer."""
+    """A reward-stage output (one-label sequence classifier) and its own tokenizer; one without a chat template (an
+    encoder: BERT, DeBERTa) is given the plain template the reward stage trained it on, as TRL renders conversations
+    for a reward model only through a chat template."""
     from transformers import AutoModelForSequenceClassification
 
+    from hfgen.data.rendering import with_plain_chat_template
     from hfgen.models import load_tokenizer, torch_dtype
 
-    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    tokenizer = with_plain_chat_template(load_tokenizer(path, config.trust_remote_code))
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=torch_dtype(model_args.dtype or "auto"), trust_remote_code=config.trust_remote_code
     )
@@ -403,7 +406,7 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
     import torch
 
     from hfgen.evaluation.text import win_rate
-    from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses
+    from hfgen.rl.rollout import RewardScorer, left_pad, reference_logprobs, response_texts, sample_responses
 
     tokenizer = trainer.processing_class
     policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -439,23 +442,19 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
                 tokenizer.pad_token_id,
             )
         responses = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
+        ended = (sampled.response_ids == tokenizer.eos_token_id).any(1)
         figures = {}
-        for reward, reward_name in zip(trainer.reward_funcs, trainer.reward_func_names):
-            if isinstance(reward, torch.nn.Module):
-                from hfgen.rl.rollout import reward_model_scores, reward_model_texts
-
-                reward_tokenizer = trainer.reward_processing_classes[trainer.reward_func_names.index(reward_name)]
-                rendered = reward_model_texts(reward_tokenizer, prompts, responses)
-                figures[reward_name] = reward_model_scores(
-                    reward, reward_tokenizer, rendered, data_args.eval_generation_batch_size, chat
-                ).tolist()
+        for index, (reward, reward_name) in enumerate(zip(trainer.reward_funcs, trainer.reward_func_names)):
+            if isinstance(reward, torch.nn.Module):  # scored as PPO and `hfgen eval` score (one scorer)
+                reward_tokenizer = trainer.reward_processing_classes[index]
+                scorer = RewardScorer(reward, reward_tokenizer, {}, [1.0], data_args.eval_generation_batch_size)
+                figures[reward_name] = scorer(prompts, responses, ended.tolist(), device)[0].tolist()
             else:
                 figures[reward_name] = reward(prompts, responses, **columns)
         weights = trainer.reward_weights.tolist()
         figures["reward"] = [sum(w * v for w, v in zip(weights, row)) for row in zip(*figures.values())]
         if oracle is not None:
             figures["oracle"] = call_reward_function(oracle, prompts, responses, columns)
-        ended = (sampled.response_ids == tokenizer.eos_token_id).any(1)
         figures["eos_rate"] = ended.float().tolist()
         figures["response_length"] = (sampled.response_ids != tokenizer.pad_token_id).sum(1).float().tolist()
         judged[label] = figures

@@ -90,6 +90,9 @@ def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool 
     return problems
 
 
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
+
+
 def identical_rows(rows) -> list[int]:
     return [i for i, (c, r) in enumerate(zip(rows["chosen"], rows["rejected"])) if c == r]
 
@@ -101,6 +104,9 @@ def load_preference_splits(data_args: PreferenceDataArguments, seed: int):
 
     splits = []
     for split, rows in zip(("train", "eval"), load_splits(data_args, seed=seed, kind="preference")):
+        # only the pair's columns: TRL reads a `messages` column beside them (UltraFeedback-binarized has one) as
+        # another layout, and ORPO's and CPO's trainers stop on it
+        rows = rows.select_columns([c for c in PREFERENCE_COLUMNS if c in rows.column_names])
         if "chosen" in rows.column_names:
             same = set(identical_rows(rows))
             if same:

@@ -227,6 +227,7 @@ def build_recipe(
 
     errors = []
     argv: list[str] = []
+    empty_lists: list[str] = []
     for key, value in values.items():
         action = parser.actions.get(key)
         if action is None:
@@ -240,6 +241,9 @@ def build_recipe(
         if isinstance(value, bool) and action.choices and ("no" if not value else "yes") in action.choices:
             value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false: `save_strategy: no`
         tokens = _to_argv_tokens(value)
+        if not tokens and action.nargs in ("+", "*"):  # `reward_functions: []`: argparse takes no empty list
+            empty_lists.append(key)
+            continue
         problem = _check_value(action, tokens)
         if problem:
             errors.append(f"key '{key}': {problem}")
@@ -254,6 +258,10 @@ def build_recipe(
         raise UserError(f"{where}: {error}") from None
     except (ValueError, TypeError, ImportError) as error:  # raised by the configs' __post_init__ checks
         raise UserError(f"{where}: {error}") from None
+    for key in empty_lists:
+        for config in configs:
+            if hasattr(config, key):
+                setattr(config, key, [])
     *configs, run = configs
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
     problems = value_problems((*recipe.configs, run))

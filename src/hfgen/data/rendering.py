@@ -10,6 +10,27 @@ def plain_conversation(messages: list[dict]) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
+def with_plain_chat_template(tokenizer):
+    """The tokenizer, given `plain_conversation` as its chat template when it has none (an encoder classifier), framed
+    by the special tokens its encoding adds ([CLS] ... [SEP]; BOS): for libraries that render conversations only
+    through a chat template and then tokenize without special tokens (TRL's GRPO and RLOO score with their reward
+    model's template so), the same token ids as the plain template encoded with them."""
+    import json
+
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    framed, bare = tokenizer("x")["input_ids"], tokenizer("x", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(framed)) if framed[i : i + len(bare)] == bare)
+    prefix, suffix = (tokenizer.decode(ids) for ids in (framed[:start], framed[start + len(bare) :]))
+    tokenizer.chat_template = (
+        f"{{{{ {json.dumps(prefix)} }}}}"
+        "{% for message in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+        "{{ message['role'] | capitalize }}: {{ message['content'] }}{% endfor %}"
+        f"{{{{ {json.dumps(suffix)} }}}}"
+    )
+    return tokenizer
+
+
 def uses_plain_template(tokenizer, conversational: bool) -> bool:
     """Whether conversations are rendered with the plain template (the tokenizer has no chat template)."""
     return conversational and not getattr(tokenizer, "chat_template", None)
