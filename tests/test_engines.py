@@ -117,6 +117,27 @@ def write_ppo_lora(directory, sft, reward) -> str:
     return str(path)
 
 
+def write_dpo(directory, pretrained) -> str:
+    """DPO: TRL's trainer, plus hfgen's own passes outside it (held-out log-probs, the generation comparison)."""
+    return shrunk("dpo.yaml", directory, model_name_or_path=str(pretrained), max_steps=2, per_device_train_batch_size=4,
+                  max_train_samples=32, max_eval_samples=8, eval_num_prompts=4, eval_samples_per_prompt=1,
+                  eval_response_length=8, output_dir=str(directory / "dpo"), **TRAINER_KEYS)  # fmt: skip
+
+
+def write_grpo(directory, pretrained, reward) -> str:
+    """GRPO scored by a reward model alone, and its held-out comparison with the starting model."""
+    recipe = {
+        "stage": "grpo", "model_name_or_path": str(pretrained), "reward_model_path": str(reward),
+        "reward_functions": [], "oracle_function": ORACLE, "dataset_name": "embedded:prompts", "max_train_samples": 32,
+        "max_eval_samples": 4, "eval_samples_per_prompt": 1, "num_generations": 2, "per_device_train_batch_size": 4,
+        "max_completion_length": 8, "max_steps": 1, "bf16": False, "activation_checkpointing": False,
+        "output_dir": str(directory / "grpo"), "report_to": "none", **TRAINER_KEYS,
+    }  # fmt: skip
+    path = directory / "grpo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,12 +156,13 @@ def write_reward_model(path, pretrained):
 
 
 # The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
-# fine-tuning); SFT, reward and PPO with LoRA; the diffusion stages (a VAE, then t2i on it), but for t2i under ZeRO-3 (refused).
+# fine-tuning); SFT, reward and PPO with LoRA; the diffusion stages (a VAE, then t2i on it), but for t2i under ZeRO-3
+# (refused); DPO and GRPO (TRL's trainers, with hfgen's passes outside them).
 JOBS = {
-    "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora"),
-    "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae"),
-    "fsdp2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i"),
-    "zero2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i"),
+    "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "dpo", "grpo"),
+    "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "dpo", "grpo"),
+    "fsdp2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "dpo", "grpo"),
+    "zero2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "dpo", "grpo"),
 }
 
 
@@ -172,6 +194,8 @@ def runs(tmp_path_factory):
                 "vae": (lambda: [VAE_RECIPE, *vae_overrides(configs, directory / "vae", steps=3)], directory / "vae"),
                 "t2i": (lambda: [T2I_RECIPE, *t2i_overrides(configs, directory / "vae", directory / "t2i", steps=3),
                                  "--eval_images_per_prompt", "0"], directory / "t2i"),
+                "dpo": (lambda: [write_dpo(directory, pretrained)], directory / "dpo"),
+                "grpo": (lambda: [write_grpo(directory, pretrained, reward)], directory / "grpo"),
             }  # fmt: skip
             args = [arg for job in JOBS[engine] for arg in ("--then", *jobs[job][0]())][1:]
             started = time.time()
@@ -285,6 +309,19 @@ def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, eng
     ours = AutoModelForSequenceClassification.from_pretrained(run).state_dict()
     theirs = AutoModelForSequenceClassification.from_pretrained(ddp).state_dict()
     assert_same_weights(ours, theirs, f"{engine} reward_lora")
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
+def test_trl_stages_own_passes_see_whole_weights_and_equal_ddp(runs, engine):
+    # DPO's held-out log-probs and generation comparison, GRPO's comparison scored by a reward model: hfgen's passes
+    # outside TRL's Trainer (under ZeRO-3 they once read partitioned weights, or hung on rank 0 alone)
+    for job, keys in (("dpo", ("logps/chosen", "logps/rejected", "kl_to_reference", "dpo/oracle")),
+                      ("grpo", ("kl_to_reference", "sft/reward", "grpo/reward", "grpo/oracle"))):  # fmt: skip
+        assert_whole_run(runs(engine)[job])
+        ours, ddp = (tracking.read_json(runs(name)[job] / "eval.json") for name in (engine, "ddp"))
+        assert ours["parameters"] == ddp["parameters"] > 0, job
+        for key in keys:
+            assert ours[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), (job, key)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])

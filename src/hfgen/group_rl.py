@@ -378,19 +378,26 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
-    if trainer.is_world_process_zero():
+    # On every process, with whole weights (gathered under ZeRO-3, unsharded under FSDP2): the reward model's passes
+    # and the starting model's load are collective there, and rank 0 alone would wait for the others for ever.
+    starting = (
+        None
+        if model_args.use_peft or not data_args.eval_samples_per_prompt
+        else load_model(model_args, config, tokenizer)
+    )
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped, starting) as (policy, starting):
         figures = {
             "train_runtime_s": result.metrics["train_runtime"],
             "episodes": trainer.state.global_step * config.generation_batch_size,
-            "parameters": count_parameters(trainer.model),
-            "trainable_parameters": count_parameters(trainer.model, trainable_only=True),
+            "parameters": count_parameters(policy),
+            "trainable_parameters": count_parameters(policy, trainable_only=True),
             "peft": model_args.use_peft,
         }
-        figures["episodes_per_s"] = figures["episodes"] / result.metrics["train_runtime"]
-        figures |= monitor.summary() if monitor else {}
         if data_args.eval_samples_per_prompt:
-            starting = None if model_args.use_peft else load_model(model_args, config, tokenizer)
-            figures |= evaluate_against_start(trainer, starting, eval_rows, data_args, config, name, oracle)
+            figures |= evaluate_against_start(trainer, policy, starting, eval_rows, data_args, config, name, oracle)
+    figures["episodes_per_s"] = figures["episodes"] / result.metrics["train_runtime"]
+    figures |= monitor.summary() if monitor else {}
+    if trainer.is_world_process_zero():
         tracking.update_eval(output_dir, figures)
     return output_dir
 
@@ -398,7 +405,9 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
 # ---- final evaluation ---------------------------------------------------------------------------------------
 
 
-def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArguments, config, name: str, oracle):
+def evaluate_against_start(
+    trainer, policy, starting, eval_rows, data_args: GroupRLArguments, config, name: str, oracle
+):
     """`eval_samples_per_prompt` responses per held-out prompt from the starting model (`sft/...`, as PPO names it)
     and from the trained policy (`NAME/...`), sampled as in training and with the same random numbers: mean of every reward component and the
     oracle, exact match (the `exact_answer` reward when present), win rates of the trained policy (ties half), and
@@ -409,7 +418,6 @@ def evaluate_against_start(trainer, starting, eval_rows, data_args: GroupRLArgum
     from hfgen.rl.rollout import RewardScorer, left_pad, reference_logprobs, response_texts, sample_responses
 
     tokenizer = trainer.processing_class
-    policy = trainer.accelerator.unwrap_model(trainer.model)
     device = trainer.accelerator.device
     prompts = [row["prompt"] for row in eval_rows for _ in range(data_args.eval_samples_per_prompt)]
     columns = {

@@ -287,37 +287,44 @@ def run_stage(
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
     examples = held_out_examples(tokenizer, eval_rows)
-    policy_model = trainer.model  # measured outside the Trainer, before DDP wraps it
-    before = {s: completion_logprobs(policy_model, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
+    # measured outside the Trainer, before DDP wraps it; whole weights under ZeRO-3 (partitioned at load)
+    with loop.gathered(trainer.accelerator, trainer.model) as (policy_model,):
+        before = {
+            s: completion_logprobs(policy_model, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()
+        }
 
     resume = tracking.resolve_resume(training_args.resume_from_checkpoint, output_dir)
     tracking.start_metrics(output_dir, resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
     guard.kill_point("final_save")
-    policy = trainer.accelerator.unwrap_model(trainer.model)
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
-    after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
+    # The trained policy's figures and the held-out generation against the starting model (same prompts and random
+    # numbers), with whole weights: gathered under ZeRO-3, unsharded under FSDP2, as the rollout in PPO.
+    # the starting model: TRL's prepared reference (DPO, KTO), or the one loaded for the comparison (ORPO, SimPO)
+    frozen = (getattr(trainer, "ref_model", None) or reference) if reference is not None else None
+    # (the engine, `model_wrapped`, not `model`: DeepSpeed's fetch hooks must be off, or each pass re-partitions)
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
+        after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
+        parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard
+        comparison, rows = {}, []
+        if data_args.eval_samples_per_prompt and data_args.eval_num_prompts:
+            device = trainer.accelerator.device
+            scorer, oracle = load_judges(data_args.reward_model_path, data_args.oracle_function, eval_batch, device)
+            sampling = Sampling(
+                samples_per_prompt=data_args.eval_samples_per_prompt, response_length=data_args.eval_response_length,
+                temperature=data_args.eval_temperature, seed=training_args.seed, chunk_size=max(eval_batch, 16),
+            )  # fmt: skip
+            if reference is not None:
+                reference.to(device)
+            comparison, rows = compare_to_reference(
+                trainer.accelerator, policy, reference if not is_peft_model(policy) else None, tokenizer,
+                held_out_prompts(data_args, eval_rows), sampling, scorer, oracle, name=method,
+            )  # fmt: skip
     figures = preference_figures(before, after, "chosen" in eval_rows.column_names, not needs_reference)
     if figures["chosen_logp_fell"] and is_main:
         print(CHOSEN_FELL.format(change=figures["logps/chosen_change"]))
-
-    # Held-out generation: the trained policy against the starting model, same prompts and random numbers.
-    comparison, rows = {}, []
-    if data_args.eval_samples_per_prompt and data_args.eval_num_prompts:
-        device = trainer.accelerator.device
-        scorer, oracle = load_judges(data_args.reward_model_path, data_args.oracle_function, eval_batch, device)
-        sampling = Sampling(
-            samples_per_prompt=data_args.eval_samples_per_prompt, response_length=data_args.eval_response_length,
-            temperature=data_args.eval_temperature, seed=training_args.seed, chunk_size=max(eval_batch, 16),
-        )  # fmt: skip
-        if reference is not None:
-            reference.to(device)
-        comparison, rows = compare_to_reference(
-            trainer.accelerator, policy, reference if not is_peft_model(policy) else None, tokenizer,
-            held_out_prompts(data_args, eval_rows), sampling, scorer, oracle, name=method,
-        )  # fmt: skip
 
     if is_main:
         tracking.write_jsonl(output_dir / "policy_eval.jsonl", rows)
@@ -332,8 +339,8 @@ def run_stage(
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_samples_per_s": result.metrics["train_samples_per_second"],
                 "steps": trainer.state.global_step,
-                "parameters": count_parameters(policy),
-                "trainable_parameters": count_parameters(policy, trainable_only=True),
+                "parameters": parameters[0],
+                "trainable_parameters": parameters[1],
                 "peft": model_args.use_peft,
             },
         )
