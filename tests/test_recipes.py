@@ -56,3 +56,6 @@ def test_a_list_override_reads_as_in_the_recipe_file_or_as_separate_values():
     for recipe in (written, spaced):
         args = recipe.configs[-1]  # DPOConfig, after the model and data arguments
         assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    grpo = REPO / "recipes/tiny/grpo_arithmetic.yaml"  # its file lists two reward functions
+    emptied = load_recipe(grpo, [*overrides, "--reward_functions", "[]", "--reward_model_path", "x"], False)
+    assert emptied.configs[1].reward_functions == []
