@@ -1,6 +1,7 @@
 """`hfgen eval`: prints quality, diversity and speed for a text model and merges them into eval.json."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,21 @@ def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_a_reward_model_or_an_autoencoder_is_refused_naming_what_it_is(reward_dir, tmp_path, capsys):
+    # loaded as causal LMs they would generate from a random head and print figures that mean nothing
+    from diffusers import AutoencoderKL
+
+    vae = tmp_path / "vae"
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2).save_pretrained(vae)
+    for target, message in ((reward_dir, "is a reward model (LlamaForSequenceClassification)"),
+                            (vae, "is a diffusers AutoencoderKL")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            hfgen(["eval", str(target), "--quiet"])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error and "Traceback" not in error
+        assert not (Path(target) / "eval_samples.jsonl").exists()
 
 
 @pytest.mark.slow
