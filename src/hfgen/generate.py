@@ -51,7 +51,10 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.models import load_causal_lm, load_tokenizer, not_a_generator
+
+    for problem in not_a_generator(args.model, "MODEL"):
+        raise UserError(problem)
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)

@@ -94,6 +94,28 @@ def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
     return []
 
 
+def not_a_generator(path: str | Path, label: str) -> list[str]:
+    """A model dir that generates nothing (a reward model, an autoencoder or another diffusers component), as a
+    problem naming what it is and where its own figures are: loaded as a causal LM it would sample from a random
+    head."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    kind = config.get("_class_name") or next(iter(config.get("architectures") or []), "")
+    if kind.endswith("ForSequenceClassification"):
+        return [
+            f"{label} '{path}' is a reward model ({kind}): it scores responses and generates none (`hfgen eval POLICY "
+            "--reward_model` judges with it); its held-out accuracy is in its own eval.json"
+        ]
+    if config.get("_class_name"):
+        return [
+            f"{label} '{path}' is a diffusers {kind} (a vae or other component run), not a pipeline: generate and "
+            "evaluate with the t2i run that uses it; an autoencoder's held-out reconstruction error is in its eval.json"
+        ]
+    return []
+
+
 def check_config_file(key: str, name: str | None, transformers_config: bool = False) -> list[str]:
     """A local config JSON must exist and hold a JSON object; `transformers_config`: with a `model_type` that
     transformers knows (an unknown one fails deep inside `AutoConfig` with a list of every model type)."""

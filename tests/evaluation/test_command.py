@@ -140,7 +140,7 @@ def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path
     assert message in error and "Traceback" not in error
 
 
-def test_a_reward_model_or_an_autoencoder_is_refused_naming_what_it_is(reward_dir, tmp_path, capsys):
+def test_eval_and_generate_refuse_a_reward_model_or_an_autoencoder_naming_what_it_is(reward_dir, tmp_path, capsys):
     # loaded as causal LMs they would generate from a random head and print figures that mean nothing
     from diffusers import AutoencoderKL
 
@@ -148,10 +148,11 @@ def test_a_reward_model_or_an_autoencoder_is_refused_naming_what_it_is(reward_di
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2).save_pretrained(vae)
     for target, message in ((reward_dir, "is a reward model (LlamaForSequenceClassification)"),
                             (vae, "is a diffusers AutoencoderKL")):  # fmt: skip
-        with pytest.raises(SystemExit) as exit_info:
-            hfgen(["eval", str(target), "--quiet"])
-        error = capsys.readouterr().err
-        assert exit_info.value.code == 2 and message in error and "Traceback" not in error
+        for command in (["eval", str(target), "--quiet"], ["generate", str(target), "--prompt", "the cat"]):
+            with pytest.raises(SystemExit) as exit_info:
+                hfgen(command)
+            error = capsys.readouterr().err
+            assert exit_info.value.code == 2 and message in error and "Traceback" not in error, command
         assert not (Path(target) / "eval_samples.jsonl").exists()
 
 

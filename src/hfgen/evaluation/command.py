@@ -128,7 +128,7 @@ def quiet_libraries() -> None:
 
 def check_text_arguments(args: argparse.Namespace) -> None:
     """Every problem with the paths, counts, oracle and datasets, reported at once."""
-    from hfgen.models import check_model_source
+    from hfgen.models import check_model_source, not_a_generator
 
     problems = []
     if not Path(args.target).exists() and not args.output:
@@ -138,7 +138,7 @@ def check_text_arguments(args: argparse.Namespace) -> None:
     ):
         problems.append(f"TARGET '{args.target}' has neither config.json, adapter_config.json nor model_index.json")
     else:
-        problems += not_a_generator(Path(args.target))
+        problems += not_a_generator(args.target, "TARGET")
     problems += check_model_source("--reward_model", args.reward_model)
     problems += check_model_source("--baseline", args.baseline)
     for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size", "speed_batch_size", "speed_new_tokens"):
@@ -157,29 +157,6 @@ def check_text_arguments(args: argparse.Namespace) -> None:
         problems.append(str(error))
     if problems:
         raise UserError(f"hfgen eval: {len(problems)} problem(s): " + "; ".join(problems) + ".")
-
-
-def not_a_generator(target: Path) -> list[str]:
-    """A model dir that samples nothing (a reward model, an autoencoder or another diffusers component), as a
-    problem saying where its own figures are: loaded as a causal LM it would generate from a random head."""
-    import json
-
-    try:
-        config = json.loads((target / "config.json").read_text())
-    except (OSError, ValueError):
-        return []
-    kind = config.get("_class_name") or next(iter(config.get("architectures") or []), "")
-    if kind.endswith("ForSequenceClassification"):
-        return [
-            f"TARGET '{target}' is a reward model ({kind}), not a generator: pass it as --reward_model to judge a "
-            "policy's responses; its held-out accuracy is in its own eval.json"
-        ]
-    if config.get("_class_name"):
-        return [
-            f"TARGET '{target}' is a diffusers {kind} (a vae or other component run), not a pipeline: evaluate the t2i "
-            "run that uses it; an autoencoder's held-out reconstruction error is in its own eval.json"
-        ]
-    return []
 
 
 def resolve_oracle(spec: str, eval_dataset: str):
