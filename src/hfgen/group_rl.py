@@ -452,7 +452,10 @@ def evaluate_against_start(
         responses = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
         ended = (sampled.response_ids == tokenizer.eos_token_id).any(1)
         figures = {}
-        for index, (reward, reward_name) in enumerate(zip(trainer.reward_funcs, trainer.reward_func_names)):
+        # components by hfgen's names ("reward_model", not TRL's name of the model's dir: outputs/tiny/reward would
+        # be "reward", the total's name)
+        names = reward_component_names(data_args)
+        for index, (reward, reward_name) in enumerate(zip(trainer.reward_funcs, names)):
             if isinstance(reward, torch.nn.Module):  # scored as PPO and `hfgen eval` score (one scorer)
                 reward_tokenizer = trainer.reward_processing_classes[index]
                 scorer = RewardScorer(reward, reward_tokenizer, {}, [1.0], data_args.eval_generation_batch_size)

@@ -258,4 +258,8 @@ def test_a_reward_model_alone_scores_training_and_the_held_out_comparison(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert figures["eval/num_prompts"] == 4 and "win_rate/reward" in figures
-    assert all(isinstance(figures[f"{side}/reward"], float) for side in ("sft", "grpo"))
+    for side in ("sft", "grpo"):  # the reward model alone: the total is its score
+        assert (
+            isinstance(figures[f"{side}/reward"], float)
+            and figures[f"{side}/reward_model"] == figures[f"{side}/reward"]
+        )
