@@ -53,8 +53,8 @@ def main(args: argparse.Namespace) -> int:
 
     from hfgen.models import load_causal_lm, load_tokenizer, not_a_generator
 
-    for problem in not_a_generator(args.model, "MODEL"):
-        raise UserError(problem)
+    if problems := not_a_generator(args.model, "MODEL"):
+        raise UserError(problems[0])
 
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)

@@ -107,8 +107,6 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         problems.append(f"chat_prompts must be auto, never or refuse, got '{data_args.chat_prompts}'")
     if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
-    if not config.output_dir:
-        problems.append("output_dir is not set")
     problems += monitor_problems(data_args)
     dataset_problems = check_dataset(data_args, [(data_args.prompt_column,)], kind="prompt")
     problems += dataset_problems
@@ -435,6 +433,9 @@ def evaluate_against_start(
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, device)
     generation_config = sampling_config(tokenizer, config)
     judged, sampled = {}, None
+    # components by hfgen's names ("reward_model", not TRL's name of the model's dir: outputs/tiny/reward would be
+    # "reward", the total's name)
+    names = reward_component_names(data_args)
     for label, model in (("sft", starting), (name, policy)):
         torch.manual_seed(config.seed + 1)  # common random numbers: a less noisy comparison
         use_adapter_off = label == "sft" and model is None
@@ -452,9 +453,6 @@ def evaluate_against_start(
         responses = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
         ended = (sampled.response_ids == tokenizer.eos_token_id).any(1)
         figures = {}
-        # components by hfgen's names ("reward_model", not TRL's name of the model's dir: outputs/tiny/reward would
-        # be "reward", the total's name)
-        names = reward_component_names(data_args)
         for index, (reward, reward_name) in enumerate(zip(trainer.reward_funcs, names)):
             if isinstance(reward, torch.nn.Module):  # scored as PPO and `hfgen eval` score (one scorer)
                 reward_tokenizer = trainer.reward_processing_classes[index]

@@ -233,10 +233,7 @@ CHOSEN_FELL = (
 
 
 def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
-    problems = check_model_config(model_args) + check_preference_data(data_args, unpaired_ok)
-    if not training_args.output_dir:
-        problems.append("output_dir is not set")
-    return problems
+    return check_model_config(model_args) + check_preference_data(data_args, unpaired_ok)
 
 
 def run_stage(
@@ -301,10 +298,10 @@ def run_stage(
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
     # The trained policy's figures and the held-out generation against the starting model (same prompts and random
-    # numbers), with whole weights: gathered under ZeRO-3, unsharded under FSDP2, as the rollout in PPO.
-    # the starting model: TRL's prepared reference (DPO, KTO), or the one loaded for the comparison (ORPO, SimPO)
+    # numbers), with whole weights as in PPO's rollout: gathered under ZeRO-3, unsharded under FSDP2. Gathered are
+    # the engine (`model_wrapped`: with `model` DeepSpeed's fetch hooks stay on and each pass re-partitions) and the
+    # starting model: TRL's prepared reference (DPO, KTO), or the one loaded for the comparison (ORPO, SimPO).
     frozen = (getattr(trainer, "ref_model", None) or reference) if reference is not None else None
-    # (the engine, `model_wrapped`, not `model`: DeepSpeed's fetch hooks must be off, or each pass re-partitions)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
         after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
         parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard

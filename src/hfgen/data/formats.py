@@ -187,25 +187,24 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
     """Chat turns as {role, content}; a turn without its role or content breaks the file."""
     messages = []
     for i, turn in enumerate(turns):
-        if isinstance(turn, dict) and (turn.get(role_key) is None or turn.get(content_key) is None):
-            role_key, content_key = next(
-                (keys for keys in TURN_KEYS if turn.get(keys[0]) is not None and turn.get(keys[1]) is not None),
-                (role_key, content_key),
-            )
-        if not isinstance(turn, dict) or turn.get(role_key) is None or turn.get(content_key) is None:
+        pairs = ((role_key, content_key), *TURN_KEYS) if isinstance(turn, dict) else ()  # the layout's keys first
+        speaker, text = next(
+            ((s, t) for s, t in pairs if turn.get(s) is not None and turn.get(t) is not None), (None, None)
+        )
+        if speaker is None:
             raise UserError(
                 f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} lacks '{role_key}' or "
                 f"'{content_key}' ({turn!r})"
             )
-        role = turn[role_key]
-        if role_key == "from":
+        role = turn[speaker]
+        if speaker == "from":
             role = SHAREGPT_ROLES.get(str(role).lower())
             if role is None:
                 raise UserError(
-                    f"dataset '{source}' row {row + 1}: unknown ShareGPT speaker '{turn[role_key]}'; "
+                    f"dataset '{source}' row {row + 1}: unknown ShareGPT speaker '{turn[speaker]}'; "
                     f"known: {', '.join(SHAREGPT_ROLES)}"
                 )
-        messages.append({"role": role, "content": turn[content_key]})
+        messages.append({"role": role, "content": turn[text]})
     return messages
 
 

@@ -124,8 +124,8 @@ def captioned_image_folder(path: Path):
         )
     splits: dict[str, dict[str, list]] = {}
     for image, caption in captions.items():
-        top = image.relative_to(path).parts[0]
-        split = top if top in ("train", "test", "validation") and len(image.relative_to(path).parts) > 1 else "train"
+        folders = image.relative_to(path).parts[:-1]
+        split = folders[0] if folders and folders[0] in ("train", "test", "validation") else "train"
         rows = splits.setdefault(split, {"image": [], "text": []})
         rows["image"].append(str(image))
         rows["text"].append(caption.read_text(encoding="utf-8").strip())

@@ -60,8 +60,6 @@ def check_loop_arguments(args: LoopArguments) -> list[str]:
     import torch
 
     problems = []
-    if not args.output_dir:
-        problems.append("output_dir is not set")
     for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
         if getattr(args, key) < 1:
             problems.append(f"{key} must be at least 1, got {getattr(args, key)}")

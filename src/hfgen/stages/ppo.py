@@ -285,8 +285,6 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         )
     if min(config.logging_steps, config.sample_steps, config.save_steps) < 0 or data_args.eval_samples_per_prompt < 0:
         problems.append("logging_steps, sample_steps, save_steps and eval_samples_per_prompt must be >= 0")
-    if not config.output_dir:
-        problems.append("output_dir is not set")
     return problems + check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})[1]
 
 

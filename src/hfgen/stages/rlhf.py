@@ -80,7 +80,7 @@ ARGUMENTS = (RLHFArguments,)
 def check(args: RLHFArguments) -> list[str]:
     """Every step recipe exists, is of the right stage and has valid keys. Inputs are checked when a step runs,
     since the steps before it make them."""
-    problems = [] if args.output_dir else ["output_dir is not set"]
+    problems = []
     if args.method not in METHODS or not hasattr(args, args.method):
         available = [method for method in METHODS if hasattr(args, method)]
         return problems + [f"method '{args.method}' is not one of {', '.join(available)}"]
