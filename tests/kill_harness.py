@@ -12,10 +12,25 @@ from safetensors.torch import load_file
 from conftest import run_hfgen
 from hfgen import tracking
 
-# Row keys that measure the machine, not the training: wall-clock rates; and two counters that start again in a
+# Row keys that measure the machine, not the training: wall-clock rates and times (TRL's GRPO/RLOO `step_time`);
+# and two counters that start again in a
 # resumed `train()` call: Trainer's `train_loss` (the mean over that call's steps) and TRL's `num_tokens` (not
 # checkpointed by TRL 1.16; Trainer's own count, `num_input_tokens_seen`, is, and is compared).
-VOLATILE = ("runtime", "per_second", "_per_s", "eps", "time/", "train_loss", "num_tokens")
+VOLATILE = ("runtime", "per_second", "_per_s", "eps", "time/", "step_time", "train_loss", "num_tokens")
+
+ORACLE = "hfgen.data.embedded:oracle_scores"
+# Each kind of stage as a few-step run of its tiny recipe from the tiny pretrained Llama (with `--max_steps`; shared
+# by tests/test_kill_resume.py and scripts/kill_matrix.py). The preference stages' held-out comparison is small; GRPO
+# and RLOO are scored by the embedded oracle, which varies within every group (the arithmetic recipes' exact-answer
+# reward is 0 on every answer of a model that never learnt arithmetic, and the weights would not move).
+PREFERENCE_ARGS = ["--max_train_samples", "64", "--max_eval_samples", "8", "--per_device_train_batch_size", "8",
+                   "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "2", "--eval_num_prompts", "4",
+                   "--eval_samples_per_prompt", "2", "--eval_response_length", "8"]  # fmt: skip
+GROUP_RL_ARGS = ["--dataset_name", "embedded:prompts", "--reward_functions", ORACLE, "--reward_weights", "1.0",
+                 "--oracle_function", ORACLE, "--freeze_modules", "[]", "--learning_rate", "1e-3",
+                 "--max_train_samples", "64", "--max_eval_samples", "4", "--eval_samples_per_prompt", "2",
+                 "--num_generations", "4", "--per_device_train_batch_size", "8", "--max_completion_length", "12",
+                 "--steps_per_generation", "2", "--save_steps", "2", "--logging_steps", "1"]  # fmt: skip
 
 
 def train(recipe, output_dir, overrides, kill_at=None, resume=False):

@@ -156,13 +156,14 @@ def write_reward_model(path, pretrained):
 
 
 # The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
-# fine-tuning); SFT, reward and PPO with LoRA; the diffusion stages (a VAE, then t2i on it), but for t2i under ZeRO-3
-# (refused); DPO and GRPO (TRL's trainers, with hfgen's passes outside them).
+# fine-tuning); SFT, reward and PPO with LoRA; the diffusion stages (a VAE, then t2i on it; the flow transformer on a
+# 16-channel VAE trained beforehand), but for t2i and t2i_flow under ZeRO-3 (refused); DPO and GRPO (TRL's trainers,
+# with hfgen's passes outside them).
 JOBS = {
     "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "dpo", "grpo"),
     "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "dpo", "grpo"),
-    "fsdp2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "dpo", "grpo"),
-    "zero2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "dpo", "grpo"),
+    "fsdp2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "t2i_flow", "dpo", "grpo"),
+    "zero2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "t2i_flow", "dpo", "grpo"),
 }
 
 
@@ -172,12 +173,16 @@ def runs(tmp_path_factory):
     took are printed)."""
     pytest.importorskip("deepspeed")
     from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
+    from stages.test_t2i_flow import FLOW_RECIPE, flow_overrides, train_vae16, write_flow_configs
     from tiny_models import save_tiny_llama
 
     root = tmp_path_factory.mktemp("engines")
     pretrained = save_tiny_llama(root / "pretrained", pretrain_steps=30)
     reward = write_reward_model(root / "reward", pretrained)
     configs = write_tiny_configs(root)
+    (root / "flow_configs").mkdir()
+    flow_configs = write_flow_configs(root / "flow_configs")
+    vae16 = train_vae16(flow_configs, root / "vae16")
     launched = {}
 
     def run(engine: str) -> dict:
@@ -194,6 +199,8 @@ def runs(tmp_path_factory):
                 "vae": (lambda: [VAE_RECIPE, *vae_overrides(configs, directory / "vae", steps=3)], directory / "vae"),
                 "t2i": (lambda: [T2I_RECIPE, *t2i_overrides(configs, directory / "vae", directory / "t2i", steps=3),
                                  "--eval_images_per_prompt", "0"], directory / "t2i"),
+                "t2i_flow": (lambda: [FLOW_RECIPE, *flow_overrides(flow_configs, vae16, directory / "t2i_flow", steps=3),
+                                      "--eval_images_per_prompt", "0"], directory / "t2i_flow"),
                 "dpo": (lambda: [write_dpo(directory, pretrained)], directory / "dpo"),
                 "grpo": (lambda: [write_grpo(directory, pretrained, reward)], directory / "grpo"),
             }  # fmt: skip
@@ -327,8 +334,8 @@ def test_trl_stages_own_passes_see_whole_weights_and_equal_ddp(runs, engine):
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_diffusion_stages_save_whole_models_that_load(runs, engine):
     """The VAE loads with its latent scaling factor and equals ZeRO-2's (DDP's arithmetic); the t2i pipeline
-    trained on it loads and renders."""
-    from diffusers import AutoencoderKL, DiffusionPipeline
+    trained on it loads and renders; the flow pipeline loads and renders, its transformer equal to ZeRO-2's."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, SD3Transformer2DModel
 
     vae_dir = runs(engine)["vae"]
     assert_whole_run(vae_dir)
@@ -341,6 +348,16 @@ def test_diffusion_stages_save_whole_models_that_load(runs, engine):
         pipeline = DiffusionPipeline.from_pretrained(runs(engine)["t2i"])
         image = pipeline("a handwritten digit 3", num_inference_steps=2, output_type="np").images[0]
         assert image.shape[-1] == 3 and abs(image).sum() > 0
+    if "t2i_flow" in runs(engine):
+        run = runs(engine)["t2i_flow"]
+        assert_whole_run(run)
+        pipeline = DiffusionPipeline.from_pretrained(run, text_encoder_3=None, tokenizer_3=None)
+        image = pipeline("a handwritten digit 3", num_inference_steps=2, max_sequence_length=0, output_type="np")
+        assert abs(image.images[0]).sum() > 0
+        if engine != "zero2":
+            ours, theirs = (SD3Transformer2DModel.from_pretrained(runs(name)["t2i_flow"], subfolder="transformer")
+                            for name in (engine, "zero2"))  # fmt: skip
+            assert_same_weights(ours.state_dict(), theirs.state_dict(), f"{engine} t2i_flow")
 
 
 def test_bad_launches_exit_2_before_any_model_loads(tmp_path):

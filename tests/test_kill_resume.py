@@ -1,7 +1,8 @@
 """Runs that survive a SIGKILL at any moment: killed at named points (inside a step, mid-checkpoint-write, during
 evaluation, during the final save) and resumed with `--resume_from_checkpoint true`, every stage ends with the
 uninterrupted run's weights, bit for bit, and its metrics.jsonl rows (no duplicates, no gaps). pretrain and ppo
-are killed at every point in one run; sft (LoRA), reward and t2i mid-checkpoint-write. The full matrix of stages x
+are killed at every point in one run; sft (LoRA), reward, t2i and t2i_flow mid-checkpoint-write, and DPO and GRPO
+(a sibling of each TRL family) mid-checkpoint-write and during their held-out comparison. The full matrix of stages x
 points is scripts/kill_matrix.py."""
 
 import json
@@ -15,7 +16,15 @@ from conftest import REPO, run_hfgen
 from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
 from hfgen import tracking
 from hfgen.errors import UserError
-from kill_harness import killed_then_resumed, stable_rows, train, weight_differences
+from kill_harness import (
+    GROUP_RL_ARGS,
+    PREFERENCE_ARGS,
+    VOLATILE,
+    killed_then_resumed,
+    stable_rows,
+    train,
+    weight_differences,
+)
 from tiny_models import pretrained_tiny_llama
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
@@ -96,15 +105,28 @@ def tiny_lm(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft_lora", "reward"])
+@pytest.mark.parametrize("stage", ["sft_lora", "reward", "dpo", "grpo_arithmetic"])
 def test_fine_tuning_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tiny_lm, tmp_path_factory, stage):
-    overrides = ["--model_name_or_path", tiny_lm, *FINE_TUNING_ARGS]
-    overrides += ["--num_samples", "0"] if stage == "sft_lora" else []
+    """The stages the issue lists and a sibling of each TRL family (preference, group RL), which are also killed
+    during their held-out comparison after training."""
+    overrides = ["--model_name_or_path", tiny_lm]
+    points = ["checkpoint@4"]
+    if stage in ("sft_lora", "reward"):
+        overrides += [*FINE_TUNING_ARGS, *(["--num_samples", "0"] if stage == "sft_lora" else [])]
+    else:
+        overrides += [*(PREFERENCE_ARGS if stage == "dpo" else GROUP_RL_ARGS), "--max_steps", "4"]
+        points.append("eval")
     reference, killed, notes = reference_and_killed(
-        tmp_path_factory, REPO / f"recipes/tiny/{stage}.yaml", overrides, ["checkpoint@4"]
+        tmp_path_factory, REPO / f"recipes/tiny/{stage}.yaml", overrides, points
     )
     assert_same_run(reference, killed)
     assert any("skipped checkpoint-4" in line for line in notes), notes
+    if "eval" in points:  # the comparison done again on the same weights: the same figures
+        assert held_out_figures(killed) == held_out_figures(reference)
+
+
+def held_out_figures(run) -> dict:
+    return {k: v for k, v in tracking.read_json(run / "eval.json").items() if not any(w in k for w in VOLATILE)}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +154,19 @@ def test_ppo_killed_at_every_point_ends_as_the_uninterrupted_run(ppo_recipe, tmp
     sample_steps = [[json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()]
                     for run in (reference, killed)]  # fmt: skip
     assert sample_steps[0] and sample_steps[1] == sample_steps[0]
+    assert any("skipped checkpoint-4" in line for line in notes), notes
+
+
+@pytest.mark.slow
+def test_t2i_flow_with_ema_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tmp_path_factory):
+    from stages.test_t2i_flow import FLOW_RECIPE, flow_overrides, train_vae16, write_flow_configs
+
+    configs = write_flow_configs(tmp_path_factory.mktemp("flow_configs"))
+    vae16 = train_vae16(configs, tmp_path_factory.mktemp("vae16"))
+    overrides = [*flow_overrides(configs, vae16, "unused", steps=4), "--use_ema", "true", "--checkpointing_steps", "2",
+                 "--eval_images_per_prompt", "0"]  # fmt: skip
+    reference, killed, notes = reference_and_killed(tmp_path_factory, FLOW_RECIPE, overrides, ["checkpoint@4"])
+    assert_same_run(reference, killed)
     assert any("skipped checkpoint-4" in line for line in notes), notes
 
 

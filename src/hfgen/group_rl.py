@@ -384,6 +384,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         else load_model(model_args, config, tokenizer)
     )
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, starting) as (policy, starting):
+        guard.kill_point("eval")
         figures = {
             "train_runtime_s": result.metrics["train_runtime"],
             "episodes": trainer.state.global_step * config.generation_batch_size,

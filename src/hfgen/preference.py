@@ -303,6 +303,7 @@ def run_stage(
     # starting model: TRL's prepared reference (DPO, KTO), or the one loaded for the comparison (ORPO, SimPO).
     frozen = (getattr(trainer, "ref_model", None) or reference) if reference is not None else None
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
+        guard.kill_point("eval")
         after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
         parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard
         comparison, rows = {}, []

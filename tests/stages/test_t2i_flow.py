@@ -28,21 +28,29 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("flow_configs")
+def write_flow_configs(directory):
+    """The tiny versions of the flow recipe's component configs, in `directory` (returned)."""
     for name, changes in TINY.items():
         (directory / name).write_text(json.dumps({**json.loads((REPO / "recipes/tiny" / name).read_text()), **changes}))
     return directory
 
 
-@pytest.fixture(scope="module")
-def vae16_dir(configs, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("vae16")
+def train_vae16(configs, output_dir):
+    """A 3-step tiny 16-channel VAE run (the flow stage's `vae` input) in `output_dir` (returned)."""
     result = run_hfgen("train", VAE16_RECIPE, "--vae_config", configs / "vae_digits16.json", "--output_dir", output_dir,
                        "--max_train_steps", "3", "--checkpointing_steps", "0", *SMALL_DATA)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    return write_flow_configs(tmp_path_factory.mktemp("flow_configs"))
+
+
+@pytest.fixture(scope="module")
+def vae16_dir(configs, tmp_path_factory):
+    return train_vae16(configs, tmp_path_factory.mktemp("vae16"))
 
 
 def flow_overrides(configs, vae_dir, output_dir, steps=4) -> list[str]:

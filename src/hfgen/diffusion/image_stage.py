@@ -158,6 +158,18 @@ def make_ema(model, model_cls, args: ImageStageArguments, accelerator):
     return ema
 
 
+def empty_like(model):
+    """A new denoiser (UNet or transformer) of `model`'s class, config and adapters, to load whole weights into (see
+    `loop.whole_on_main`). Under FSDP2 `model`'s class is FSDP's subclass of the denoiser's; the new one is not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    denoiser_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    empty = denoiser_class.from_config(model.config)
+    for name, config in getattr(model, "peft_config", {}).items():
+        empty.add_adapter(config, adapter_name=name)
+    return empty
+
+
 def validation_grid(accelerator, args: ImageStageArguments, pipeline, model, ema, step: int, **call_arguments) -> None:
     """Render the validation prompts with `pipeline` (whose denoiser is `model`, with the EMA weights swapped in
     when kept) into validation/step-N.png, on the main process; `call_arguments` go to every pipeline call."""

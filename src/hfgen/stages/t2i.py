@@ -303,7 +303,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
     # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
-    whole_unet = loop.whole_on_main(accelerator, unet, lambda: empty_like(unet))
+    whole_unet = loop.whole_on_main(accelerator, unet, lambda: image_stage.empty_like(unet))
     if accelerator.is_main_process:
         if ema_unet is not None:
             ema_unet.copy_to(whole_unet.parameters())
@@ -319,16 +319,6 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     if accelerator.is_main_process and args.eval_images_per_prompt:
         image_stage.evaluate(output_dir, data_args, args, device)
     return output_dir
-
-
-def empty_like(unet):
-    """A new UNet of `unet`'s architecture and adapters, to load whole weights into (see `loop.whole_on_main`)."""
-    from diffusers import UNet2DConditionModel
-
-    empty = UNet2DConditionModel.from_config(unet.config)
-    for name, config in getattr(unet, "peft_config", {}).items():
-        empty.add_adapter(config, adapter_name=name)
-    return empty
 
 
 def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) -> None:

@@ -256,13 +256,15 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     accelerator.wait_for_everyone()
     image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
-    with loop.gathered(accelerator, transformer) as (whole,):
+    # Save from whole weights on the main process: FSDP2's unsharded parameters live in its gather buffers, which
+    # safetensors cannot write (so not `loop.gathered` here, as for validation).
+    whole = loop.whole_on_main(accelerator, transformer, lambda: image_stage.empty_like(transformer))
+    if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(whole.parameters())
-        if accelerator.is_main_process:
-            validate(accelerator, args, parts, whole, None, global_step, sampling)
-            save(output_dir, model_args, args, parts, whole)
-            guard.kill_point("final_save")
+        validate(accelerator, args, parts, whole, None, global_step, sampling)
+        save(output_dir, model_args, args, parts, whole)
+        guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)
