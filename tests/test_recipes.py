@@ -59,3 +59,17 @@ def test_a_list_override_reads_as_in_the_recipe_file_or_as_separate_values():
     grpo = REPO / "recipes/tiny/grpo_arithmetic.yaml"  # its file lists two reward functions
     emptied = load_recipe(grpo, [*overrides, "--reward_functions", "[]", "--reward_model_path", "x"], False)
     assert emptied.configs[1].reward_functions == []
+
+
+def test_mapping_and_mixture_overrides_read_as_in_the_recipe_file():
+    """`--dataset_columns "{prompt: question}"`, `--datasets "[{name: a, weight: 0.7}, ...]"`: YAML as in the file."""
+    overrides = ["--use_cpu", "true", "--output_dir", "/nonexistent/out", "--dataset_name", ""]
+    mixture = "[{name: a.jsonl, weight: 0.7}, {name: b.csv, weight: 0.3, columns: {prompt: question}}]"
+    for stage in ("dpo", "grpo_arithmetic", "sft_full"):  # a TRL preference stage, GRPO, a Trainer stage
+        recipe = load_recipe(REPO / f"recipes/tiny/{stage}.yaml", [*overrides, "--datasets", mixture,
+                             "--dataset_columns", "{prompt: question}"], False)  # fmt: skip
+        data_args = recipe.configs[1]
+        assert [(e.name, e.weight) for e in data_args.mixture] == [("a.jsonl", 0.7), ("b.csv", 0.3)], stage
+        assert data_args.mixture[1].columns == {"prompt": "question"} and data_args.dataset_columns == {
+            "prompt": "question"
+        }

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 
 TEXT_KINDS = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt"}
+TEXT_KINDS |= {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "unpaired_preference"}
+TEXT_KINDS |= {"grpo": "prompt", "rloo": "prompt"}
+GROUP_RL = ("grpo", "rloo")
 MAX_FULLY_MASKED = 0.5  # a larger share of rows with no trained token is fatal
 EXAMPLES = 3
 ROWS_RENDERED = 1000  # rows whose rendering is checked: enough for the shares, fast on any dataset
@@ -80,14 +83,19 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     defaults = {
         "pretrain": {"text": getattr(data_args, "text_column", "text")},
         "sft": {"text": getattr(training_args, "dataset_text_field", "text")},
-        "ppo": {"prompt": getattr(data_args, "prompt_column", "prompt")},
+        **dict.fromkeys(("ppo", *GROUP_RL), {"prompt": getattr(data_args, "prompt_column", "prompt")}),
     }.get(stage)
-    train, _, records = load_for_stage(data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults)
+    train, _, records = load_for_stage(
+        data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults, other_columns=stage in GROUP_RL
+    )
     print("\n".join(summary_lines(records)))
     if not with_models:
         return []
     if stage == "ppo":
         print("\n".join(check_rewards(recipe, train["prompt"])))
+        return []
+    if stage in GROUP_RL:
+        print("\n".join(check_group_rewards(recipe, train)))
         return []
     if stage != "sft":
         print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
@@ -137,6 +145,50 @@ def check_rewards(recipe, prompts) -> list[str]:
         f"reward of {len(rewards)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
         f"mean {sum(rewards) / len(rewards):.3f}, min {min(rewards):.3f}, max {max(rewards):.3f}",
         f"prompt groups whose rewards are all equal: {equal} of {len(groups)}",
+    ]
+
+
+def check_group_rewards(recipe, rows) -> list[str]:
+    """GRPO/RLOO: each reward component and the weighted total of a few sampled responses (REWARD_SAMPLES for each
+    of REWARD_PROMPTS prompts, templated as the stage templates them), and the share of prompt groups whose totals
+    are all equal: their group-relative advantages are zero, they teach nothing."""
+    import torch
+
+    from hfgen.generate import generate_tokens
+    from hfgen.group_rl import load_reward_model, prepare_prompts, reward_component_names, trl_reward_function
+    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.rl.rollout import RewardScorer
+
+    model_args, data_args, config = recipe.configs
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
+    rows = prepare_prompts(rows.select(range(min(REWARD_PROMPTS, len(rows)))), data_args, tokenizer)
+    prompts = rows["prompt"]
+    torch.manual_seed(config.seed)
+    samples = generate_tokens(
+        policy, tokenizer, prompts, max_new_tokens=config.max_completion_length, temperature=config.temperature,
+        num_samples=REWARD_SAMPLES, chat=not isinstance(prompts[0], str),
+    )  # fmt: skip
+    each = [(row, completion) for row, group in zip(rows, samples) for completion in group]
+    prompts_each, texts, finished = ([row["prompt"] for row, _ in each], [c.text for _, c in each],
+                                     [c.finished for _, c in each])  # fmt: skip
+    columns = {key: [row[key] for row, _ in each] for key in rows.column_names if key != "prompt"}
+    components = []
+    if data_args.reward_model_path:  # scored as the stage's held-out comparison scores it
+        model, reward_tokenizer = load_reward_model(data_args.reward_model_path, model_args, config)
+        scorer = RewardScorer(model, reward_tokenizer, {}, [1.0], REWARD_PROMPTS * REWARD_SAMPLES)
+        components.append(scorer(prompts_each, texts, finished, torch.device("cpu"))[0].tolist())
+    for spec in data_args.reward_functions:
+        components.append(trl_reward_function(spec)(prompts_each, texts, **columns))
+    weights = config.reward_weights or [1.0] * len(components)
+    totals = [sum(w * v for w, v in zip(weights, values)) for values in zip(*components)]
+    groups = [totals[i : i + REWARD_SAMPLES] for i in range(0, len(totals), REWARD_SAMPLES)]
+    equal = sum(max(g) - min(g) < 1e-6 for g in groups)
+    means = ", ".join(f"{n} {sum(v) / len(v):.3f}" for n, v in zip(reward_component_names(data_args), components))
+    return [
+        f"reward of {len(totals)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
+        f"mean {sum(totals) / len(totals):.3f}, min {min(totals):.3f}, max {max(totals):.3f} (components: {means})",
+        f"prompt groups whose rewards are all equal (no signal for a group-relative method): {equal} of {len(groups)}",
     ]
 
 

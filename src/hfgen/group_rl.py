@@ -27,11 +27,10 @@ import inspect
 import json
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
-from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
+from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, run_first_hint
 from hfgen.models import check_model_source
@@ -42,7 +41,7 @@ TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")
 
 
 @dataclass
-class GroupRLArguments(DataArguments, HackingMonitorArguments):
+class GroupRLArguments(TextDataArguments, HackingMonitorArguments):
     """Data, rewards and evaluation of a grpo/rloo run (TRL's config holds `reward_weights`)."""
 
     reward_functions: list[str] = field(
@@ -108,21 +107,23 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
     problems += monitor_problems(data_args)
-    dataset_problems = check_dataset(data_args, [(data_args.prompt_column,)], kind="prompt")
+    splits, dataset_problems = check_text_data(data_args, "prompt", prompt_columns(data_args), other_columns=True)
     problems += dataset_problems
     if not dataset_problems and not problems:
-        problems += prompt_template_problems(model_args, data_args, config)
+        problems += prompt_template_problems(model_args, data_args, config, splits[0])
     return problems
 
 
-def prompt_template_problems(model_args, data_args: GroupRLArguments, config) -> list[str]:
+def prompt_columns(data_args: GroupRLArguments) -> dict[str, str]:
+    """The layout's `prompt` is the recipe's `prompt_column` (unless `dataset_columns` maps it)."""
+    return {"prompt": data_args.prompt_column}
+
+
+def prompt_template_problems(model_args, data_args: GroupRLArguments, config, train_rows) -> list[str]:
     """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
     from hfgen.models import load_tokenizer
 
-    splits, problems = load_splits_for_check(partial(load_splits, kind="prompt"), data_args)
-    if problems:
-        return problems
-    first = splits[0][0][data_args.prompt_column]
+    first = train_rows[0]["prompt"]
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     has_template = tokenizer.chat_template is not None
     if not isinstance(first, str) and not has_template:
@@ -143,12 +144,8 @@ def prompt_template_problems(model_args, data_args: GroupRLArguments, config) ->
 
 
 def prepare_prompts(dataset, data_args: GroupRLArguments, tokenizer):
-    """The prompt column as TRL's `prompt`; plain strings become one user turn for a chat model (`chat_prompts:
-    auto`), since TRL would otherwise send them untemplated."""
-    if data_args.prompt_column != "prompt":
-        if "prompt" in dataset.column_names:
-            dataset = dataset.remove_columns("prompt")
-        dataset = dataset.rename_column(data_args.prompt_column, "prompt")
+    """Plain-string prompts become one user turn for a chat model (`chat_prompts: auto`), since TRL would otherwise
+    send them untemplated."""
     if isinstance(dataset[0]["prompt"], str) and tokenizer.chat_template is not None:
         if data_args.chat_prompts == "auto":
             dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
@@ -344,7 +341,12 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         reward_tokenizers.append(None)
     oracle = load_function(data_args.oracle_function) if data_args.oracle_function else None
 
-    train_rows, eval_rows = load_splits(data_args, seed=config.seed, kind="prompt")
+    # any prompt layout (text, chat messages, an SFT or preference file's prompts) as `prompt`, the file's other
+    # columns beside it for the reward functions that name them (a reference answer)
+    train_rows, eval_rows, data_records = load_for_stage(
+        data_args, "prompt", seed=config.seed, default_columns=prompt_columns(data_args), other_columns=True
+    )
+    record(output_dir, data_records)
     train_rows = prepare_prompts(train_rows, data_args, tokenizer)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
     monitor = None

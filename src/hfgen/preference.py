@@ -3,11 +3,12 @@ the pairs, the held-out preference figures, and the run itself around a TRL trai
 
 Each stage module names its TRL trainer and config; the run is the same for all four:
 
-1. data: the `reward` stage's preference layouts (`prompt`/`chosen`/`rejected`, or `chosen`/`rejected` sharing a
-   prompt prefix; plain or conversational), and for KTO also unpaired `prompt`/`completion`/`label` rows. Columns
-   and empty values are checked before any model loads (exit 2 naming the column and rows); pairs whose chosen
-   and rejected responses are equal teach nothing and are dropped and counted, and refused when they are more
-   than MAX_IDENTICAL_FRACTION of the data (a broken export, not noise).
+1. data: read as every text stage reads it (hfgen.data.prepare: `dataset_format`, `dataset_columns`, mixtures,
+   one policy for bad rows): the `reward` stage's preference layouts (`prompt`/`chosen`/`rejected`, or
+   `chosen`/`rejected` sharing a prompt prefix; plain or conversational), and for KTO also unpaired
+   `prompt`/`completion`/`label` rows. Broken files exit 2 before any model loads, naming the file, column and
+   row; pairs whose chosen and rejected responses are equal teach nothing and are dropped and counted (data.json),
+   and refused when they are more than a tenth of the file (a broken export, not noise).
 2. model: TRL's `ModelConfig` (LoRA: the reference is the same model with its adapter disabled, no second copy);
    for full fine-tuning the reference (the starting model) is loaded once and passed to the trainer.
 3. records (eval.json): on held-out pairs, the log-probability of chosen and rejected responses before and after
@@ -19,22 +20,17 @@ Each stage module names its TRL trainer and config; the run is the same for all 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
 from hfgen.data.formats import is_text_beside_conversations
-from hfgen.data.loading import DataArguments, check_dataset, load_splits, load_splits_for_check
+from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.models import check_model_source
 
-PAIRED_LAYOUTS = [("prompt", "chosen", "rejected"), ("chosen", "rejected")]  # as the reward stage accepts
-UNPAIRED_LAYOUT = ("prompt", "completion", "label")  # KTO's thumbs-up / thumbs-down rows
-MAX_IDENTICAL_FRACTION = 0.1
-
 
 @dataclass
-class PreferenceDataArguments(DataArguments):
+class PreferenceDataArguments(TextDataArguments):
     """Data keys, and the held-out generation comparison with the starting (SFT) model."""
 
     eval_prompts_dataset: str | None = field(
@@ -59,24 +55,17 @@ class PreferenceDataArguments(DataArguments):
 # ---- data ---------------------------------------------------------------------------------------------
 
 
+def data_kind(unpaired_ok: bool) -> str:
+    """The kind of data a stage reads (hfgen.data.formats): preference pairs, or for KTO also unpaired rows."""
+    return "unpaired_preference" if unpaired_ok else "preference"
+
+
 def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool = False) -> list[str]:
-    """Problems with the dataset (missing columns, empty values, too many chosen == rejected pairs) and with the
-    evaluation keys, found before any model is loaded."""
+    """Problems with the dataset (its layout, missing columns and values, too many chosen == rejected pairs, no
+    usable row) and with the evaluation keys, found before any model is loaded."""
     from hfgen.rl.rollout import load_function
 
-    layouts = PAIRED_LAYOUTS + ([UNPAIRED_LAYOUT] if unpaired_ok else [])
-    problems = check_dataset(data_args, layouts, kind="preference")
-    if not problems:
-        splits, problems = load_splits_for_check(partial(load_splits, kind="preference"), data_args)
-        for split, rows in zip(("train", "eval"), splits or ()):
-            if "chosen" in rows.column_names:
-                same = identical_rows(rows)
-                if len(same) > MAX_IDENTICAL_FRACTION * len(rows):
-                    problems.append(
-                        f"dataset '{data_args.dataset_name}' ({split} split): {len(same)} of {len(rows)} pairs have "
-                        f"chosen equal to rejected (rows {same[:5]}{'...' if len(same) > 5 else ''}), more than "
-                        f"{MAX_IDENTICAL_FRACTION:.0%}; such pairs carry no preference: fix the data"
-                    )
+    problems = check_text_data(data_args, data_kind(unpaired_ok))[1]
     if data_args.reward_model_path:
         path = data_args.reward_model_path
         problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
@@ -93,31 +82,25 @@ def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
 
 
-def identical_rows(rows) -> list[int]:
-    return [i for i, (c, r) in enumerate(zip(rows["chosen"], rows["rejected"])) if c == r]
-
-
-def load_preference_splits(data_args: PreferenceDataArguments, seed: int):
-    """(train, eval) rows with an explicit prompt (extracted from the shared prefix when implicit), without the
-    pairs whose chosen equals rejected (their number is printed)."""
+def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpaired_ok: bool = False):
+    """(train, eval, data records): rows in the stage's layout (hfgen.data.formats: pairs, or for KTO also unpaired
+    rows; chosen == rejected pairs dropped and counted) with an explicit prompt (extracted from the shared prefix
+    when implicit)."""
     from trl.data_utils import maybe_extract_prompt
 
+    train, evaluation, records = load_for_stage(data_args, data_kind(unpaired_ok), seed=seed)
     splits = []
-    for split, rows in zip(("train", "eval"), load_splits(data_args, seed=seed, kind="preference")):
+    for rows in (train, evaluation):
         # only the pair's columns: TRL reads a `messages` column beside them (UltraFeedback-binarized has one) as
         # another layout, and ORPO's and CPO's trainers stop on it
         rows = rows.select_columns([c for c in PREFERENCE_COLUMNS if c in rows.column_names])
         if "chosen" in rows.column_names:
-            same = set(identical_rows(rows))
-            if same:
-                print(f"{split}: dropped {len(same)} of {len(rows)} pairs whose chosen equals rejected")
-                rows = rows.select([i for i in range(len(rows)) if i not in same])
             if "prompt" in rows.column_names and len(rows) and is_text_beside_conversations(rows[0]):
                 rows = rows.remove_columns("prompt")  # the conversations hold the prompt: TRL's implicit prompt
             if "prompt" not in rows.column_names:
                 rows = rows.map(maybe_extract_prompt)
         splits.append(rows)
-    return tuple(splits)
+    return (*splits, records)
 
 
 def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
@@ -263,7 +246,8 @@ def run_stage(
     if reference is not None:
         reference.requires_grad_(False)
 
-    train_rows, eval_rows = load_preference_splits(data_args, training_args.seed)
+    train_rows, eval_rows, data_records = load_preference_splits(data_args, training_args.seed, unpaired)
+    record(output_dir, data_records)
     if unpaired and "chosen" in train_rows.column_names:
         from trl.data_utils import unpair_preference_dataset
 

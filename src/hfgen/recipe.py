@@ -171,8 +171,12 @@ def _decode_scalar(text: str) -> Any:
         return text
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(text):
         return float(text)  # YAML 1.1 wants a dot in floats: `3e-3` would stay a string
-    if isinstance(value, list) and all(isinstance(item, (str, int, float, bool)) for item in value):
-        return value  # `--loss_type "[sigmoid, sft]"`, written as in the recipe file: the same list
+    if isinstance(value, dict) or (
+        isinstance(value, list) and all(isinstance(item, (str, int, float, bool, dict)) for item in value)
+    ):
+        # written as in the recipe file, the same value: `--loss_type "[sigmoid, sft]"`, `--dataset_columns
+        # "{prompt: question}"`, `--datasets "[{name: a.jsonl, weight: 0.7}, ...]"`
+        return value
     return value if isinstance(value, (str, int, float, bool)) or value is None else text
 
 

@@ -1,6 +1,8 @@
 """`hfgen check`: the report on a good SFT recipe, and exit 2 naming the problem on recipes made to show fully
 masked labels, a missing EOS in the labels and a chat template that generates from another prompt."""
 
+import json
+
 import pytest
 
 from conftest import REPO
@@ -77,6 +79,31 @@ def test_check_samples_rewards_for_ppo(tiny_lm, capsys):
                          "--response_length", "8")  # fmt: skip
     assert code == 0 and "reward of 32 sampled responses (4 for each of 8 prompts)" in out
     assert "prompt groups whose rewards are all equal:" in out
+
+
+def test_check_samples_every_reward_component_for_grpo_and_rloo(tiny_lm, tmp_path, capsys):
+    # a GSM8K-style file: the prompt under another name, the reference answer read by the reward function
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=?", "answer": f"#### {i + 1}"}) + "\n" for i in range(40)))
+    for stage in ("grpo_arithmetic", "rloo_arithmetic"):
+        code, out, _ = check(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--model_name_or_path", tiny_lm,
+                             "--dataset_name", data, "--prompt_column", "question", "--reward_functions",
+                             "hfgen.data.arithmetic:gsm8k_exact_answer", "hfgen.data.embedded:oracle_scores",
+                             "--max_completion_length", "8")  # fmt: skip
+        assert code == 0 and "rows (prompt)" in out, stage
+        assert "reward of 32 sampled responses (4 for each of 8 prompts)" in out
+        assert "components: gsm8k_exact_answer 0.000, oracle_scores" in out  # a random model never answers
+        assert "prompt groups whose rewards are all equal (no signal for a group-relative method):" in out
+
+
+def test_check_reports_the_preference_stages_data(capsys, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    same = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(39)] + [same]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for stage in ("dpo", "kto", "orpo", "simpo"):
+        code, out, _ = check(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--dataset_name", pairs)
+        assert code == 0 and "rows (preference)" in out and "dropped 1 chosen equal to rejected" in out, stage
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes/tiny").glob("*.yaml")))

@@ -273,3 +273,65 @@ def test_recipe_keys_take_yaml_mappings_for_columns_and_mixtures(tmp_path):
     assert [e["train"]["format"] for e in records["mixture"]] == ["alpaca", "prompt_completion"]
     overridden = load_recipe(tmp_path / "r.yaml", ["--dataset_columns", "prompt=question"], check_inputs=False)
     assert overridden.configs[1].dataset_columns == {"prompt": "question"}
+
+
+PAIR_TEXTS = [(f"write about the cat {i}.", f"the cat {i} sleeps.", f"a dog {i}.") for i in range(40)]
+
+
+@pytest.mark.parametrize(
+    "rows, prompt, chosen",
+    [
+        # a chat prompt with text answers: the answers become assistant turns
+        ([{"prompt": turns(("user", q)), "chosen": c, "rejected": r} for q, c, r in PAIR_TEXTS],
+         lambda q: turns(("user", q)), lambda c: turns(("assistant", c))),
+        # a text prompt with answers as assistant turns alone: the prompt becomes the user turn
+        ([{"prompt": q, "chosen": turns(("assistant", c)), "rejected": turns(("assistant", r))} for q, c, r in PAIR_TEXTS],
+         lambda q: turns(("user", q)), lambda c: turns(("assistant", c))),
+        # whole conversations of ShareGPT turns ({from, value}): implicit prompt, {role, content} turns
+        ([{"chosen": turns(("human", q), ("gpt", c), role="from", content="value"),
+           "rejected": turns(("human", q), ("gpt", r), role="from", content="value")} for q, c, r in PAIR_TEXTS],
+         None, lambda c: None),
+        # LLaMA-Factory's preference layout: the prompt turns in `conversations`, each answer one turn
+        ([{"conversations": turns(("human", q), role="from", content="value"), "chosen": {"from": "gpt", "value": c},
+           "rejected": {"from": "gpt", "value": r}} for q, c, r in PAIR_TEXTS],
+         lambda q: turns(("user", q)), lambda c: turns(("assistant", c))),
+    ],
+    ids=["chat-prompt-text-answers", "text-prompt-assistant-turns", "sharegpt-turn-pairs", "llama-factory-pairs"],
+)  # fmt: skip
+def test_preference_pairs_in_one_form_for_trl(tmp_path, rows, prompt, chosen):
+    """TRL needs a pair's prompt and answers all text or all chat turns, turns as {role, content}."""
+    train, evaluation, records = load(jsonl(tmp_path / "pairs.jsonl", rows), "preference")
+    assert records["train"]["format"] == "preference" and len(train) + len(evaluation) == len(rows)
+    by_chosen = {c: (q, c) for q, c, _ in PAIR_TEXTS}
+    for row in train:
+        text = row["chosen"][-1]["content"]
+        assert row["chosen"][-1] == {"role": "assistant", "content": text}
+        q, c = by_chosen[text]
+        if prompt is None:  # the conversations hold the prompt (TRL extracts it)
+            assert row["chosen"][0] == {"role": "user", "content": q} and "prompt" not in row
+        else:
+            assert row["prompt"] == prompt(q) and row["chosen"] == chosen(c)
+
+
+def test_prompt_files_keep_their_other_columns_for_reward_functions(tmp_path):
+    """GRPO's reward functions read a file's other columns (GSM8K's reference `answer`), under a mapped prompt."""
+    rows = [{"question": f"{i}+1=?", "answer": f"#### {i + 1}", "id": i} for i in range(40)]
+    path = jsonl(tmp_path / "gsm.jsonl", rows)
+    keys = {"dataset_columns": {"prompt": "question"}}
+    train, _, records = load_for_stage(TextDataArguments(dataset_name=path, **keys), "prompt", other_columns=True)
+    assert records["train"]["format"] == "prompt" and sorted(train.column_names) == ["answer", "id", "prompt"]
+    assert all(row["answer"] == f"#### {row['id'] + 1}" and row["prompt"] == f"{row['id']}+1=?" for row in train)
+    plain, _, _ = load_for_stage(TextDataArguments(dataset_name=path, **keys), "prompt")  # PPO's: prompts alone
+    assert plain.column_names == ["prompt"]
+
+
+def test_unpaired_rows_for_a_paired_stage_name_the_kto_stage(tmp_path):
+    path = jsonl(
+        tmp_path / "kto.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(20)]
+    )
+    with pytest.raises(UserError, match="unpaired rows.*kto stage"):
+        load(path, "preference")
+    train, _, records = load(path, "unpaired_preference")  # KTO's kind takes them, and pairs too
+    assert records["train"]["format"] == "unpaired_preference"
+    pairs = jsonl(tmp_path / "pairs.jsonl", TLDR)
+    assert load(pairs, "unpaired_preference")[2]["train"]["format"] == "preference"

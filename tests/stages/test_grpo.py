@@ -95,14 +95,14 @@ def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_p
     from hfgen.stages.sft import tokenize_response
 
     tokenizer = load_tokenizer(str(models[0]))
-    strings = Dataset.from_list([{"question": "3+8+5=?"}])
-    prompted = prepare_prompts(strings, GroupRLArguments(prompt_column="question"), tokenizer)
+    strings = Dataset.from_list([{"prompt": "3+8+5=?"}])  # (the data layer maps `prompt_column` to `prompt`)
+    prompted = prepare_prompts(strings, GroupRLArguments(), tokenizer)
     rendered = maybe_apply_chat_template(prompted[0], tokenizer)["prompt"]  # what GRPOTrainer generates from
     # SFT on the same question as a conversation: its response starts right after this prompt
     conversation = ([{"role": "user", "content": "3+8+5=?"}], [{"role": "assistant", "content": "answer: 16"}])
     ids, start = tokenize_response(tokenizer, *conversation, max_length=None)
     assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == ids[:start]
-    kept = prepare_prompts(strings, GroupRLArguments(prompt_column="question", chat_prompts="never"), tokenizer)
+    kept = prepare_prompts(strings, GroupRLArguments(chat_prompts="never"), tokenizer)
     assert kept[0]["prompt"] == "3+8+5=?"
 
     data = tmp_path / "questions.jsonl"

@@ -167,7 +167,7 @@ SAME = {"prompt": "describe the dog.", "chosen": "the dog is calm.", "rejected":
     "stage, rows, expected",
     [
         ("dpo", [{"prompt": "p", "good": "a", "bad": "b"}] * 8, ["good", "chosen", "rejected"]),  # wrong columns
-        ("dpo", [PAIR] * 6 + [{**PAIR, "rejected": None}] * 2, ["rejected", "empty", "rows ["]),
+        ("dpo", [PAIR] * 6 + [{**PAIR, "rejected": None}] * 2, ["rejected", "lack a value", "rows [7, 8]"]),
         ("kto", [{"prompt": "p", "completion": "a"}] * 8, ["label", "completion"]),  # unpaired without labels
         ("orpo", [PAIR] * 30 + [SAME] * 10, ["chosen equal to rejected", "more than 10%"]),  # too many useless pairs
     ],
@@ -203,16 +203,17 @@ def test_bad_keys_exit_2_naming_them(tmp_path, capsys, stage, overrides, expecte
     assert exit_info.value.code == 2 and "Traceback" not in message and expected in message, message
 
 
-def test_a_few_identical_pairs_are_dropped_and_counted(tmp_path, capsys):
+def test_a_few_identical_pairs_are_dropped_and_counted(tmp_path):
     from hfgen.preference import PreferenceDataArguments, load_preference_splits
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in [PAIR] * 19 + [SAME]))
     args = PreferenceDataArguments(dataset_name=str(data), validation_split_percentage=50)
-    train_rows, eval_rows = load_preference_splits(args, seed=0)
+    train_rows, eval_rows, records = load_preference_splits(args, seed=0)
     kept = list(train_rows["chosen"]) + list(eval_rows["chosen"])
     assert len(kept) == 19 and SAME["chosen"] not in kept
-    assert "dropped 1 of 10 pairs whose chosen equals rejected" in capsys.readouterr().out
+    # counted in data.json (and on the console), as in every text stage
+    assert sum(records[split]["dropped"].get("chosen equal to rejected", 0) for split in ("train", "eval")) == 1
 
 
 def test_ultrafeedback_binarized_splits_and_rows_reach_trl_as_conversations(tmp_path):
@@ -231,7 +232,9 @@ def test_ultrafeedback_binarized_splits_and_rows_reach_trl_as_conversations(tmp_
     )  # fmt: skip
     splits = {f"{side}_{use}": rows for side in ("train", "test") for use in ("prefs", "sft", "gen")}
     datasets.DatasetDict(splits).save_to_disk(tmp_path / "uf")
-    train_rows, eval_rows = load_preference_splits(PreferenceDataArguments(dataset_name=str(tmp_path / "uf")), seed=0)
+    train_rows, eval_rows, _ = load_preference_splits(
+        PreferenceDataArguments(dataset_name=str(tmp_path / "uf")), seed=0
+    )
     assert len(train_rows) == len(eval_rows) == 12
     assert sorted(train_rows.column_names) == ["chosen", "prompt", "rejected"]  # ORPO/CPO stopped on `messages`
     assert train_rows[0]["prompt"] == [{"role": "user", "content": "describe the cat 0."}]

@@ -64,7 +64,11 @@ FORMATS = {
         Format("messages", ("messages",), (), ("sft", "prompt"), "messages of {role, content} turns"),
         Format("prompt_completion", ("prompt", "completion"), (), ("sft", "prompt"), "prompt and completion"),
         Format(
-            "preference", ("chosen", "rejected"), ("prompt",), ("preference", "prompt"), "[prompt,] chosen, rejected"
+            "preference",
+            ("chosen", "rejected"),
+            ("prompt", "conversations"),
+            ("preference", "unpaired_preference", "prompt"),  # (KTO unpairs pairs itself)
+            "[prompt (or LLaMA-Factory's conversations),] chosen, rejected: text or chat turns",
         ),
         Format("prompt", ("prompt",), (), ("prompt",), "a prompt: text or chat messages"),
         Format(
@@ -136,6 +140,11 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
     if len(widest) == 1:
         return widest[0].name
     suitable = ", ".join(f"{f.name} ({f.describe})" for f in FORMATS.values() if kind in f.kinds)
+    if not widest and kind == "preference" and present >= set(FORMATS["unpaired_preference"].required):
+        raise UserError(
+            f"dataset '{source}' holds unpaired rows (prompt, completion, label: thumbs up or down), and this stage "
+            "needs pairs (chosen, rejected) of answers to one prompt; the kto stage trains on unpaired rows"
+        )
     if not widest:
         raise UserError(
             f"dataset '{source}' has columns {column_names}, which match no {kind} layout; set dataset_format to "
@@ -250,7 +259,7 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
         standard = {"prompt": row["prompt"], "completion": row["completion"]}
         return standard | ({"label": bool(row["label"])} if kind == "unpaired_preference" else {})
     if fmt == "preference":
-        return _preference_row(kind, row)
+        return _preference_row(kind, row, index, source)
     if fmt == "prompt":
         return {"prompt": row["prompt"]} if not _is_empty(row["prompt"]) else "empty prompt"
     raise KeyError(fmt)
@@ -260,19 +269,47 @@ def is_text_beside_conversations(row: dict) -> bool:
     """UltraFeedback-binarized's layout: a text prompt beside whole conversations (user turn included). The
     conversations are the pair; the shared turns before the answers are TRL's implicit prompt, and the text
     prompt is dropped (TRL would read the pair as text, since its prompt is)."""
-    return isinstance(row.get("prompt"), str) and isinstance(row.get("chosen"), list)
+    chosen = row.get("chosen")
+    return (
+        isinstance(row.get("prompt"), str)
+        and isinstance(chosen, list)
+        and any(isinstance(turn, dict) and turn.get("role") == "user" for turn in chosen)
+    )
 
 
-def _preference_row(kind: str, row: dict) -> dict | str:
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+def _chat_or_text(value, index: int, column: str, source: str):
+    """A preference column's value: text as it is; chat turns (either pair of keys, or the one turn dict
+    LLaMA-Factory writes for `chosen`/`rejected`) as {role, content} turns."""
+    if isinstance(value, dict):
+        value = [value]
+    return _turns(index, column, value, "role", "content", source) if isinstance(value, list) else value
+
+
+def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str:
+    """A pair in TRL's layout. Chat turns are read with either pair of keys; a text prompt beside conversations
+    that hold it is dropped (UltraFeedback-binarized), one beside answers alone becomes the user turn; text answers
+    to a chat prompt become assistant turns (TRL needs the prompt and the answers in one form)."""
+    prompt = row.get("prompt")
+    if prompt is None and row.get("conversations"):  # LLaMA-Factory's preference layout: the turns before the answers
+        prompt = row["conversations"]
+    prompt, chosen, rejected = (
+        _chat_or_text(value, index, column, source)
+        for column, value in (("prompt", prompt), ("chosen", row["chosen"]), ("rejected", row["rejected"]))
+    )
     if kind == "prompt":
         if _is_empty(prompt):
             return "no prompt column" if "prompt" not in row else "empty prompt"
         return {"prompt": prompt}
     if _is_empty(chosen) or _is_empty(rejected):
         return "empty text"
-    if is_text_beside_conversations(row):
-        prompt = None
+    pair = {"prompt": prompt, "chosen": chosen}
+    if isinstance(prompt, str) and isinstance(chosen, list):
+        prompt = None if is_text_beside_conversations(pair) else [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        chosen, rejected = (
+            [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+            for answer in (chosen, rejected)
+        )
     if chosen == rejected:
         return "chosen equal to rejected"
     return {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if prompt is not None else {})
@@ -372,9 +409,11 @@ def check_rows(dataset, kind: str, format: str | None = None, columns: dict | No
 
 
 def to_standard(
-    dataset, kind: str, format: str | None = None, columns: dict[str, str] | None = None, source: str = "dataset"
-):
-    """(dataset in the kind's standard columns, DataReport). See the module docstring."""
+    dataset, kind: str, format: str | None = None, columns: dict[str, str] | None = None, source: str = "dataset",
+    other_columns: bool = False,
+):  # fmt: skip
+    """(dataset in the kind's standard columns, DataReport). See the module docstring. `other_columns`: the file's
+    columns outside its layout travel with each row (GRPO's reward functions read them, e.g. a reference answer)."""
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     spec = FORMATS[fmt]
     report = DataReport(source=source, format=fmt, rows_read=len(dataset))
@@ -386,14 +425,15 @@ def to_standard(
         dataset = dataset.select([i for i, b in enumerate(blank) if not b])
 
     keep = [c for c in (*spec.required, *spec.optional) if c in dataset.column_names]
+    carried = [c for c in dataset.column_names if c not in keep] if other_columns else []
     reasons: list[str | None] = []
 
     def convert(row, index):
-        result = _standard_row(fmt, kind, row, index, source)
+        result = _standard_row(fmt, kind, {c: row[c] for c in keep}, index, source)
         reasons.append(result if isinstance(result, str) else None)
-        return result if isinstance(result, dict) else {}
+        return {**{c: row[c] for c in carried}, **result} if isinstance(result, dict) else {}
 
-    rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep))]
+    rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep + carried))]
     kept = [r for r in rows if r]
     report.dropped.update(reason for reason in reasons if reason)
     report.rows_kept = len(kept)

@@ -46,24 +46,29 @@ class TextDataArguments(DataArguments):
         self.mixture = parse_mixture(self.datasets)
 
 
-def _one_source(args, kind: str, seed: int, name: str, fmt, columns: dict, notes: list[str], **split_keys):
+def _one_source(
+    args, kind: str, seed: int, name: str, fmt, columns: dict, notes: list[str], other_columns: bool, **split_keys
+):
     """(train, eval, train report, eval report) of one source."""
     raw = load_raw(name, split_keys.pop("config", None))
     for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
         check_rows(split, kind, fmt, columns, source=name)
     source_args = dataclasses.replace(args, dataset_name=name, **{k: v for k, v in split_keys.items() if v})
     train, evaluation = split_dataset(raw, source_args, seed, notes, kind)
-    train, train_report = to_standard(train, kind, fmt, columns, source=name)
-    evaluation, eval_report = to_standard(evaluation, kind, fmt, columns, source=name)
+    train, train_report = to_standard(train, kind, fmt, columns, source=name, other_columns=other_columns)
+    evaluation, eval_report = to_standard(evaluation, kind, fmt, columns, source=name, other_columns=other_columns)
     train_report.notes += notes
     require_rows(train, train_report)
     require_rows(evaluation, eval_report, "evaluation rows")
     return train, evaluation, train_report, eval_report
 
 
-def load_for_stage(args, kind: str, seed: int = 0, default_columns: dict[str, str] | None = None):
-    """(train, eval, records): the stage's data in the standard columns of `kind`; records say which layout,
-    split and rows were used, which were dropped and why, and for a mixture how many rows each set gave."""
+def load_for_stage(
+    args, kind: str, seed: int = 0, default_columns: dict[str, str] | None = None, other_columns: bool = False
+):
+    """(train, eval, records): the stage's data in the standard columns of `kind` (and, with `other_columns`, the
+    file's columns outside its layout); records say which layout, split and rows were used, which were dropped and
+    why, and for a mixture how many rows each set gave."""
     import datasets
 
     default_columns = {k: v for k, v in (default_columns or {}).items() if k != v}
@@ -74,16 +79,16 @@ def load_for_stage(args, kind: str, seed: int = 0, default_columns: dict[str, st
             raise UserError("dataset_name is not set")
         columns = {**default_columns, **(args.dataset_columns or {})}
         train, evaluation, train_report, eval_report = _one_source(
-            args, kind, seed, args.dataset_name, args.dataset_format, columns, [], config=args.dataset_config
-        )
+            args, kind, seed, args.dataset_name, args.dataset_format, columns, [], other_columns,
+            config=args.dataset_config,
+        )  # fmt: skip
         return train, evaluation, {"train": train_report.as_dict(), "eval": eval_report.as_dict()}
 
     trains, evals, reports = [], [], []
     for entry in args.mixture:
         columns = {**default_columns, **parse_columns(entry.columns)}
         train, evaluation, train_report, eval_report = _one_source(
-            args, kind, seed, entry.name, entry.format, columns, [],
-            config=entry.config, dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
+            args, kind, seed, entry.name, entry.format, columns, [], other_columns, config=entry.config, dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
         )  # fmt: skip
         trains.append(train)
         evals.append(evaluation)
@@ -139,8 +144,11 @@ def drop_and_count(dataset, keep: list[bool], records: dict, reason: str, split:
     return dataset
 
 
-def check_text_data(args, kind: str, default_columns: dict[str, str] | None = None) -> tuple[tuple | None, list[str]]:
+def check_text_data(
+    args, kind: str, default_columns: dict[str, str] | None = None, other_columns: bool = False
+) -> tuple[tuple | None, list[str]]:
     """For a stage's check: ((train, eval, records), []) or (None, [the problem]); quiet."""
     from hfgen.data.loading import load_splits_for_check
 
-    return load_splits_for_check(lambda a: load_for_stage(a, kind, default_columns=default_columns), args)
+    return load_splits_for_check(lambda a: load_for_stage(a, kind, seed=0, default_columns=default_columns,
+                                                          other_columns=other_columns), args)  # fmt: skip
