@@ -1,6 +1,7 @@
 """Malformed recipes, data, numbers and paths: each exits 2 with one paragraph naming the recipe key, value, file or
 row, and no traceback; a bug in loading keeps its traceback; a diverging run stops with exit 3."""
 
+import json
 import math
 
 import pytest
@@ -20,6 +21,8 @@ REWARD = REPO / "recipes/tiny/reward.yaml"
 T2I = REPO / "recipes/tiny/t2i_digits.yaml"
 PPO = REPO / "recipes/tiny/ppo.yaml"
 DPO = REPO / "recipes/tiny/dpo.yaml"
+GRPO = REPO / "recipes/tiny/grpo_arithmetic.yaml"
+GSM8K = "hfgen.data.arithmetic:gsm8k_exact_answer"  # needs the data's `answer` column by name
 
 
 def recipe_with(tmp_path, **changes):
@@ -81,6 +84,14 @@ def not_utf8(tmp_path):
         (lambda t: [PPO, "--report_to", "mlfow"], ["'report_to'", "'mlfow' is not a tracker"]),
         (lambda t: [SFT_LORA, "--max_length", "0"], ["'max_length'", "at least 1"]),
         (lambda t: [DPO, "--beta", "-1"], ["'beta'", "at least 0"]),
+        (lambda t: [PPO, "--reward_functions", GSM8K], [GSM8K, "['answer']", "grpo and rloo pass"]),
+        (lambda t: [DPO, "--oracle_function", GSM8K], ["oracle_function", GSM8K, "['answer']"]),
+        (lambda t: [GRPO, "--reward_functions", GSM8K, "--reward_weights", "1.0", "--dataset_name",
+                    data_file(t, "prompts.txt", "".join(f"{i}+1=?\n" for i in range(20)))],
+         [GSM8K, "['answer']", "none besides the prompt"]),
+        (lambda t: [DPO, "--dataset_name", data_file(t, "kto.jsonl", "".join(
+            json.dumps({"prompt": f"p{i}", "completion": f"c{i}", "label": True}) + "\n" for i in range(20)))],
+         ["kto.jsonl", "unpaired rows", "kto stage"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
@@ -89,7 +100,8 @@ def not_utf8(tmp_path):
         "override-without-value", "negative-seed", "zero-temperature", "dropout-above-1", "zero-resolution",
         "one-row-dataset", "empty-jsonl", "empty-csv", "numeric-text-column", "infinite-learning-rate", "nan-kl-coef",
         "config-unknown-model-type", "config-without-model-type", "config-not-an-object", "unknown-tracker",
-        "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta",
+        "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
+        "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):

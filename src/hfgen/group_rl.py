@@ -84,7 +84,7 @@ def reward_component_names(args: GroupRLArguments) -> list[str]:
 
 def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     """Problems found before anything heavy loads: models, rewards, data, prompts vs chat template."""
-    from hfgen.rl.rollout import load_function
+    from hfgen.rl.rollout import load_function, unmet_arguments
 
     problems = check_model_config(model_args)
     if data_args.reward_model_path:
@@ -109,6 +109,18 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     problems += monitor_problems(data_args)
     splits, dataset_problems = check_text_data(data_args, "prompt", prompt_columns(data_args), other_columns=True)
     problems += dataset_problems
+    if splits:  # the rewards are called with the data's other columns by name
+        columns = [c for c in splits[0].column_names if c != "prompt"]
+        for spec in [*data_args.reward_functions, *([data_args.oracle_function] if data_args.oracle_function else [])]:
+            try:
+                unmet = unmet_arguments(load_function(spec), columns)
+            except ValueError:
+                continue  # reported above
+            if unmet:
+                problems.append(
+                    f"reward function '{spec}' needs argument(s) {unmet} after (prompts, responses), passed from the "
+                    f"data's columns of those names; the data has {columns or 'none besides the prompt'}"
+                )
     if not dataset_problems and not problems:
         problems += prompt_template_problems(model_args, data_args, config, splits[0])
     return problems
@@ -231,7 +243,10 @@ def recorded(trainer_class):
             if self.oracle is not None:
                 from accelerate.utils import gather
 
-                scores = call_reward_function(self.oracle, prompts, responses, {})
+                # the batch's dataset columns by name, as TRL passes them to the reward functions
+                keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
+                columns = {key: [row[key] for row in inputs] for key in keys}
+                scores = call_reward_function(self.oracle, prompts, responses, columns)
                 local = torch.tensor(scores, device=rewards_per_func.device)
                 self._metrics[mode]["oracle/mean"].append(gather(local).mean().item())
             if mode == "train" and self.accelerator.is_main_process:

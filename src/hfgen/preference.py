@@ -63,7 +63,7 @@ def data_kind(unpaired_ok: bool) -> str:
 def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool = False) -> list[str]:
     """Problems with the dataset (its layout, missing columns and values, too many chosen == rejected pairs, no
     usable row) and with the evaluation keys, found before any model is loaded."""
-    from hfgen.rl.rollout import load_function
+    from hfgen.rl.rollout import WHY_NO_COLUMNS, load_function, unmet_arguments
 
     problems = check_text_data(data_args, data_kind(unpaired_ok))[1]
     if data_args.reward_model_path:
@@ -71,9 +71,13 @@ def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool 
         problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
     if data_args.oracle_function:
         try:
-            load_function(data_args.oracle_function)
+            unmet = unmet_arguments(load_function(data_args.oracle_function))
         except ValueError as error:
             problems.append(f"oracle_function {error}")
+        else:
+            if unmet:
+                problems.append(f"oracle_function '{data_args.oracle_function}' needs argument(s) {unmet} after "
+                                f"(prompts, responses); {WHY_NO_COLUMNS}")  # fmt: skip
     if min(data_args.eval_num_prompts, data_args.eval_samples_per_prompt) < 0 or data_args.eval_response_length < 1:
         problems.append("eval_num_prompts and eval_samples_per_prompt must be >= 0, eval_response_length >= 1")
     return problems

@@ -14,7 +14,7 @@ import copy
 import functools
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -287,6 +287,28 @@ def load_function(spec: str) -> RewardFunction:
     if not callable(function):
         raise ValueError(f"'{spec}' is not callable")
     return function
+
+
+# What a stage that scores with function(prompts, responses) says of a function that needs more
+WHY_NO_COLUMNS = "this stage calls function(prompts, responses); grpo and rloo pass a dataset's columns by name"
+
+
+def unmet_arguments(function, columns: Sequence[str] = ()) -> list[str]:
+    """The arguments `function` needs after (prompts, responses) that `columns` (the dataset columns a caller
+    passes by name: none for PPO and the evaluations) do not give it, e.g. GSM8K's `answer`."""
+    return [name for name in required_arguments(function)[2:] if name not in columns]
+
+
+def required_arguments(function) -> list[str]:
+    """The names of `function`'s parameters that have no default (not *args / **kwargs)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: nothing known
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind not in variadic]
 
 
 def function_scores(function: RewardFunction, prompts: list, responses: list[str], device) -> torch.Tensor:

@@ -65,6 +65,7 @@ from hfgen.rl.policy_weights import PolicyEMA, PolicySnapshots
 from hfgen.rl.ptx import pretraining_loss, ptx_examples
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
+    WHY_NO_COLUMNS,
     PolicyAndValue,
     episode_ids,
     function_scores,
@@ -75,6 +76,7 @@ from hfgen.rl.rollout import (
     response_texts,
     rollout_values,
     sample_responses,
+    unmet_arguments,
 )
 from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 
@@ -255,9 +257,14 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     for spec in [*config.reward_functions, *([config.oracle_function] if config.oracle_function else []),
                  *config.eval_functions]:  # fmt: skip
         try:
-            load_function(spec)
+            unmet = unmet_arguments(load_function(spec))
         except ValueError as error:
             problems.append(f"reward function {error}")
+            continue
+        if unmet:
+            problems.append(
+                f"reward function '{spec}' needs argument(s) {unmet} after (prompts, responses); {WHY_NO_COLUMNS}"
+            )
     positive = ("total_episodes", "per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches",
                 "num_ppo_epochs", "local_rollout_forward_batch_size", "response_length", "kl_horizon")  # fmt: skip
     problems += [
