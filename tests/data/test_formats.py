@@ -335,3 +335,38 @@ def test_unpaired_rows_for_a_paired_stage_name_the_kto_stage(tmp_path):
     assert records["train"]["format"] == "unpaired_preference"
     pairs = jsonl(tmp_path / "pairs.jsonl", TLDR)
     assert load(pairs, "unpaired_preference")[2]["train"]["format"] == "preference"
+
+
+def mixture(tmp_path, kind, *sets, **keys):
+    entries = []
+    for i, (rows, extra) in enumerate(sets):
+        entries.append({"name": jsonl(tmp_path / f"set{i}.jsonl", rows), "weight": 1.0, **extra})
+    return load_for_stage(TextDataArguments(datasets=entries), kind, **keys)
+
+
+def test_a_mixture_of_text_and_chat_layouts_trains_as_chat(tmp_path):
+    """Alpaca beside ShareGPT (LLaMA-Factory users mix them): the text rows become a user and an assistant turn."""
+    train, evaluation, records = mixture(tmp_path, "sft", (ALPACA, {}), (SHAREGPT, {}))
+    assert [e["train"]["format"] for e in records["mixture"]] == ["alpaca", "sharegpt"]
+    assert train.column_names == evaluation.column_names == ["messages"]
+    roles = {tuple(m["role"] for m in row["messages"]) for row in train}
+    assert roles == {("user", "assistant"), ("system", "user", "assistant")}
+    prompts, _, _ = mixture(tmp_path, "prompt", (ALPACA, {}), (SHAREGPT, {}))
+    assert all(isinstance(row["prompt"], list) and row["prompt"][-1]["role"] == "user" for row in prompts)
+    pairs, _, _ = mixture(tmp_path, "preference", (TLDR, {}), (ULTRAFEEDBACK, {}))  # explicit text, conversations
+    assert all(row["chosen"][-1]["role"] == "assistant" for row in pairs)
+
+
+def test_kto_mixes_pairs_with_unpaired_rows_and_grpo_keeps_the_columns_all_sets_have(tmp_path):
+    unpaired = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(40)]
+    train, _, _ = mixture(tmp_path, "unpaired_preference", (unpaired, {}), (TLDR, {}))
+    assert train.column_names == ["prompt", "completion", "label"] and len(train) > 40  # pairs gave two rows each
+    assert {row["completion"] for row in train} & {pair["chosen"] for pair in TLDR}
+    train, _, _ = mixture(tmp_path, "unpaired_preference", (unpaired, {}), (HH, {}))  # implicit prompts: extracted
+    assert {row["prompt"] for row in train} & {f"\n\nHuman: q{i}\n\nAssistant:" for i in range(40)}
+    gsm = [{"question": f"{i}+1=?", "answer": f"#### {i + 1}", "source": "gsm"} for i in range(40)]
+    other = [{"prompt": f"{i}+2=?", "answer": f"#### {i + 2}", "level": 1} for i in range(40)]
+    train, _, _ = mixture(
+        tmp_path, "prompt", (gsm, {"columns": {"prompt": "question"}}), (other, {}), other_columns=True
+    )
+    assert sorted(train.column_names) == ["answer", "prompt"]  # `source` and `level` are in one set only

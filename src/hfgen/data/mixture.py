@@ -61,6 +61,69 @@ def parse_mixture(entries: list) -> list[MixtureEntry]:
     return parsed
 
 
+def _is_chat(value) -> bool:
+    return isinstance(value, list)
+
+
+def _as_chat(dataset, kind: str):
+    """A converted set's text rows as chat turns (the prompt a user turn, answers assistant turns), so that it
+    mixes with sets in chat turns (Alpaca beside ShareGPT). Text corpora and implicit-prompt pairs stay as they are."""
+    columns = dataset.column_names
+    if not len(dataset):
+        return dataset
+
+    def user(text):
+        return text if _is_chat(text) else [{"role": "user", "content": text}]
+
+    def assistant(text):
+        return text if _is_chat(text) else [{"role": "assistant", "content": text}]
+
+    if kind == "sft" and {"prompt", "completion"} <= set(columns):
+        return dataset.map(
+            lambda row: {"messages": user(row["prompt"]) + assistant(row["completion"])},
+            remove_columns=["prompt", "completion"],
+        )
+    if (
+        "prompt" in columns
+        and not _is_chat(dataset[0]["prompt"])
+        and kind in ("prompt", "preference", "unpaired_preference")
+    ):
+        answers = [c for c in ("chosen", "rejected", "completion") if c in columns]
+        return dataset.map(
+            lambda row: {"prompt": user(row["prompt"]), **{c: assistant(row[c]) for c in answers}},
+            remove_columns=["prompt", *answers],
+        )
+    return dataset
+
+
+def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = False) -> list:
+    """The sets of a mixture in one form: when some hold chat turns and others text, the text ones as chat turns
+    (`_as_chat`); for KTO's data, pairs beside unpaired rows as unpaired rows (each pair a desirable and an
+    undesirable row, shuffled: KTO reads rows in order); with `common_columns_only`, only the columns every set
+    has (the carried columns of GRPO's data). Pairs whose prompt is implicit (the conversations' or texts' shared
+    start) beside sets with a `prompt` get theirs extracted (as TRL extracts it)."""
+    implicit = ["chosen" in d.column_names and "prompt" not in d.column_names for d in sets]
+    if any(implicit) and not all(implicit):
+        from trl.data_utils import maybe_extract_prompt
+
+        sets = [d.map(maybe_extract_prompt) if "chosen" in d.column_names else d for d in sets]
+    if kind == "unpaired_preference" and len({"label" in d.column_names for d in sets}) > 1:
+        from trl.data_utils import unpair_preference_dataset
+
+        sets = [d if "label" in d.column_names else unpair_preference_dataset(d).shuffle(seed=seed) for d in sets]
+    chat = [
+        _is_chat(d[0]["messages"]) if "messages" in d.column_names else
+        any(_is_chat(d[0][c]) for c in ("prompt", "chosen") if c in d.column_names)
+        for d in sets if len(d)
+    ]  # fmt: skip
+    if any(chat) and not all(chat):
+        sets = [_as_chat(d, kind) for d in sets]
+    if common_columns_only and sets:
+        common = set.intersection(*(set(d.column_names) for d in sets))
+        sets = [d.select_columns([c for c in d.column_names if c in common]) for d in sets]
+    return sets
+
+
 def interleave(sets: list, weights: list[float], seed: int, names: list[str]):
     """(mixed training set, rows drawn from each set by name)."""
     import datasets

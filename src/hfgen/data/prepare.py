@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hfgen.data.formats import FORMATS, DataReport, check_rows, parse_columns, require_rows, to_standard
 from hfgen.data.loading import DataArguments, load_raw, split_dataset
-from hfgen.data.mixture import interleave, parse_mixture
+from hfgen.data.mixture import harmonise, interleave, parse_mixture
 from hfgen.errors import UserError
 
 
@@ -93,6 +93,8 @@ def load_for_stage(
         trains.append(train)
         evals.append(evaluation)
         reports.append((train_report, eval_report))
+    trains = harmonise(trains, kind, seed, common_columns_only=other_columns)
+    evals = harmonise(evals, kind, seed, common_columns_only=other_columns)
     names = [f"{i + 1}:{entry.name}" for i, entry in enumerate(args.mixture)]
     mixed, drawn = interleave(trains, [e.weight for e in args.mixture], seed, names)
     records = {
