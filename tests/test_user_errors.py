@@ -92,6 +92,9 @@ def not_utf8(tmp_path):
         (lambda t: [DPO, "--dataset_name", data_file(t, "kto.jsonl", "".join(
             json.dumps({"prompt": f"p{i}", "completion": f"c{i}", "label": True}) + "\n" for i in range(20)))],
          ["kto.jsonl", "unpaired rows", "kto stage"]),
+        (lambda t: [DPO, "--eval_prompts_dataset", t / "missing.jsonl"], ["eval_prompts_dataset", "missing.jsonl"]),
+        (lambda t: [DPO, "--eval_prompts_dataset", data_file(t, "qa.jsonl", '{"question": "q", "answer": "a"}\n' * 4)],
+         ["eval_prompts_dataset", "qa.jsonl", "match no prompt layout"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
@@ -102,6 +105,7 @@ def not_utf8(tmp_path):
         "config-unknown-model-type", "config-without-model-type", "config-not-an-object", "unknown-tracker",
         "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
+        "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):

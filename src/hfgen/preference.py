@@ -25,6 +25,7 @@ from pathlib import Path
 from hfgen import guard, loop, tracking
 from hfgen.data.formats import is_text_beside_conversations
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.models import check_model_source
 
@@ -66,6 +67,11 @@ def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool 
     from hfgen.rl.rollout import WHY_NO_COLUMNS, load_function, unmet_arguments
 
     problems = check_text_data(data_args, data_kind(unpaired_ok))[1]
+    if data_args.eval_prompts_dataset:
+        try:
+            load_eval_prompts(data_args.eval_prompts_dataset)
+        except UserError as error:
+            problems.append(str(error))
     if data_args.reward_model_path:
         path = data_args.reward_model_path
         problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
@@ -107,14 +113,24 @@ def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpair
     return (*splits, records)
 
 
+def load_eval_prompts(name: str) -> list:
+    """The prompts of `eval_prompts_dataset` (its test split, else its first), in any prompt layout
+    (hfgen.data.formats: a `prompt` column, a .txt of one prompt a line, Alpaca's instructions, conversations)."""
+    from hfgen.data.formats import to_standard
+    from hfgen.data.loading import load_raw
+
+    try:
+        raw = load_raw(name)
+        rows = raw["test"] if "test" in raw else raw[next(iter(raw))]
+        return to_standard(rows, "prompt", source=name)[0]["prompt"]
+    except UserError as error:
+        raise UserError(f"eval_prompts_dataset: {error}") from None
+
+
 def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
     """Distinct prompts for the generation comparison, in order."""
     if data_args.eval_prompts_dataset:
-        from hfgen.data.loading import load_raw
-
-        raw = load_raw(data_args.eval_prompts_dataset)
-        rows = raw["test"] if "test" in raw else raw[next(iter(raw))]
-        prompts = rows["prompt"]
+        prompts = load_eval_prompts(data_args.eval_prompts_dataset)
     else:
         prompts = eval_rows["prompt"]
     distinct = {repr(p): p for p in prompts}

@@ -327,3 +327,16 @@ def test_compare_report_opens_in_headless_chromium_with_intervals(comparison):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "oracle win rate [95% CI]" in result.stdout and "Mean over seeds" in result.stdout
+
+
+def test_eval_prompts_dataset_is_read_in_any_prompt_layout(tmp_path):
+    from hfgen.preference import load_eval_prompts
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(
+        json.dumps([{"instruction": f"describe the cat {i}.", "input": "", "output": "x"} for i in range(5)])
+    )
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("".join(f"describe the dog {i}.\n" for i in range(5)))
+    assert load_eval_prompts(str(alpaca))[0].startswith("describe the cat 0.")  # (a KeyError 'prompt' before)
+    assert load_eval_prompts(str(lines)) == [f"describe the dog {i}." for i in range(5)]
