@@ -205,3 +205,21 @@ def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
         reward_model, [prompt_ids + finished.completion_ids + suffix, prompt_ids + said], tokenizer.pad_token_id, 4
     ).tolist()
     assert scores == pytest.approx(expected, abs=1e-5) and scores[0] != pytest.approx(scores[1])
+
+
+def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_path):
+    from hfgen.errors import UserError
+    from hfgen.evaluation.command import load_prompts
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"describe the cat {i}.", "output": "x"} for i in range(5)]))
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("".join(f"describe the dog {i}.\n" for i in range(5)))
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(5)))
+    # --eval_split test (the default) on a file: its one split
+    assert load_prompts(str(alpaca), "test", "prompt", 2)[1].startswith("describe the cat 1.")
+    assert load_prompts(str(lines), "test", "prompt", 3) == [f"describe the dog {i}." for i in range(3)]
+    assert load_prompts(str(questions), "test", "question", 2) == ["q0", "q1"]
+    with pytest.raises(UserError, match="match no prompt layout.*--prompt_column"):
+        load_prompts(str(questions), "test", "prompt", 2)

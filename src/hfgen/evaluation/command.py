@@ -179,16 +179,26 @@ def resolve_oracle(spec: str, eval_dataset: str):
 
 
 def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list:
-    """The first `count` prompts of a dataset split (strings, or lists of chat messages)."""
+    """The first `count` prompts of a dataset split (strings, or lists of chat messages), in any prompt layout
+    (hfgen.data.formats: a `prompt` column or the one `--prompt_column` names, a .txt of one prompt a line,
+    Alpaca's instructions, conversations' user turns). A file has one split (`train`): that one is read."""
+    from hfgen.data.formats import to_standard
     from hfgen.data.loading import load_raw
 
     splits = load_raw(dataset_name)
+    if split not in splits and len(splits) == 1:
+        split = next(iter(splits))
     if split not in splits:
         raise UserError(f"--eval_split '{split}' is not a split of '{dataset_name}'; it has {', '.join(splits)}")
     rows = splits[split]
-    if column not in rows.column_names:
+    if column != "prompt" and column not in rows.column_names:
         raise UserError(f"--eval_dataset '{dataset_name}' has no column '{column}' (it has {rows.column_names})")
-    return rows.select(range(min(count, len(rows))))[column]
+    rows = rows.select(range(min(count, len(rows))))
+    columns = {"prompt": column} if column != "prompt" else None
+    try:
+        return to_standard(rows, "prompt", columns=columns, source=dataset_name)[0]["prompt"]
+    except UserError as error:
+        raise UserError(f"{error} (in hfgen eval, --prompt_column names the column of prompts)") from None
 
 
 def prompt_text(prompt) -> str:
