@@ -88,7 +88,8 @@ def _as_chat(dataset, kind: str):
         and not _is_chat(dataset[0]["prompt"])
         and kind in ("prompt", "preference", "unpaired_preference")
     ):
-        answers = [c for c in ("chosen", "rejected", "completion") if c in columns]
+        # (a prompt set's other columns are the reward functions' and stay as they are)
+        answers = [c for c in ("chosen", "rejected", "completion") if c in columns and kind != "prompt"]
         return dataset.map(
             lambda row: {"prompt": user(row["prompt"]), **{c: assistant(row[c]) for c in answers}},
             remove_columns=["prompt", *answers],
@@ -111,9 +112,10 @@ def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = 
         from trl.data_utils import unpair_preference_dataset
 
         sets = [d if "label" in d.column_names else unpair_preference_dataset(d).shuffle(seed=seed) for d in sets]
+    layout_columns = ("prompt",) if kind == "prompt" else ("prompt", "chosen", "completion")  # not carried ones
     chat = [
         _is_chat(d[0]["messages"]) if "messages" in d.column_names else
-        any(_is_chat(d[0][c]) for c in ("prompt", "chosen") if c in d.column_names)
+        any(_is_chat(d[0][c]) for c in layout_columns if c in d.column_names)
         for d in sets if len(d)
     ]  # fmt: skip
     if any(chat) and not all(chat):
