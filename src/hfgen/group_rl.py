@@ -136,16 +136,17 @@ def prompt_template_problems(model_args, data_args: GroupRLArguments, config, tr
     from hfgen.models import load_tokenizer
 
     first = train_rows[0]["prompt"]
+    source = f"dataset '{data_args.dataset_name}'" if data_args.dataset_name else "the datasets' mixture"
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     has_template = tokenizer.chat_template is not None
     if not isinstance(first, str) and not has_template:
         return [
-            f"dataset '{data_args.dataset_name}' column '{data_args.prompt_column}' holds chat messages, but the "
+            f"the prompts of {source} hold chat messages, but the "
             f"tokenizer of '{model_args.model_name_or_path}' has no chat template to render them"
         ]
     if isinstance(first, str) and has_template and data_args.chat_prompts == "refuse":
         return [
-            f"dataset '{data_args.dataset_name}' column '{data_args.prompt_column}' holds plain strings, but "
+            f"the prompts of {source} are plain strings, but "
             f"'{model_args.model_name_or_path}' has a chat template (a chat model would see untemplated text): set "
             "chat_prompts: auto to send each as one user turn, or never to keep them raw"
         ]
