@@ -179,3 +179,28 @@ def test_t2i_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tmp_path_factor
     overrides += ["--checkpointing_steps", "2", "--eval_images_per_prompt", "0"]
     reference, killed, notes = reference_and_killed(tmp_path_factory, T2I_RECIPE, overrides, ["checkpoint@4"])
     assert_same_run(reference, killed)
+
+
+@pytest.mark.slow
+def test_an_rlhf_step_killed_mid_run_continues_from_its_checkpoint(tiny_lm, tmp_path):
+    from conftest import shrunk
+
+    sft = shrunk("sft_full.yaml", tmp_path, model_name_or_path=str(tiny_lm), output_dir=str(tmp_path / "sft"),
+                 max_train_samples=64, max_eval_samples=8, per_device_train_batch_size=8, max_steps=4,
+                 save_strategy="steps", save_steps=1, logging_steps=1, num_samples=0)  # fmt: skip
+    dpo = shrunk("dpo.yaml", tmp_path, model_name_or_path="from the sft step", output_dir=str(tmp_path / "dpo"),
+                 max_steps=2, per_device_train_batch_size=4, max_train_samples=32, max_eval_samples=8,
+                 eval_num_prompts=2, eval_samples_per_prompt=1, eval_response_length=4)  # fmt: skip
+    pipeline = tmp_path / "rlhf.yaml"
+    pipeline.write_text(yaml.safe_dump({"stage": "rlhf", "output_dir": str(tmp_path / "rlhf"), "method": "dpo",
+                                        "sft": sft, "dpo": dpo}))  # fmt: skip
+    killed = run_hfgen("train", pipeline, env={"HFGEN_KILL_AT": "step@3"})  # inside the sft step's third step
+    assert killed.returncode == -signal.SIGKILL and not tracking.is_complete(tmp_path / "sft")
+    kept = tmp_path / "sft" / "checkpoint-2" / tracking.CHECKPOINT_STATE
+    written = kept.stat().st_mtime_ns
+    result = run_hfgen("train", pipeline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== sft (interrupted)" in result.stdout and "continuing from its newest complete checkpoint" in result.stdout
+    assert kept.stat().st_mtime_ns == written  # continued after checkpoint-2, not trained again from step 1
+    assert [row["step"] for row in tracking.read_metrics(tmp_path / "sft") if "loss" in row] == [1, 2, 3, 4]
+    assert tracking.is_complete(tmp_path / "dpo") and tracking.is_complete(tmp_path / "rlhf")

@@ -151,6 +151,8 @@ def run(args: RLHFArguments) -> Path:
             if rerun
             else "recipe changed"
             if done
+            else "interrupted"
+            if (recipe.output_dir / "recipe.yaml").is_file()
             else "no output yet"
         )
         say(f"== {step} ({why}): {getattr(args, step)} -> {recipe.output_dir}")
