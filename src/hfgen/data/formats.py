@@ -366,7 +366,8 @@ def resolve_layout(dataset, kind: str, format: str | None, columns: dict[str, st
     missing = [file_column for file_column in columns.values() if file_column not in dataset.column_names]
     if missing:
         raise UserError(
-            f"dataset_columns names column(s) {missing} that dataset '{source}' lacks (it has {dataset.column_names})"
+            f"dataset_columns (or the stage's prompt_column / text_column) names column(s) {missing} that dataset "
+            f"'{source}' lacks (it has {dataset.column_names})"
         )
     renames = {file_column: name for name, file_column in columns.items() if name != file_column}
     clashes = [name for name in renames.values() if name in dataset.column_names and name not in renames]
