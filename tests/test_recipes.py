@@ -73,3 +73,15 @@ def test_mapping_and_mixture_overrides_read_as_in_the_recipe_file():
         assert data_args.mixture[1].columns == {"prompt": "question"} and data_args.dataset_columns == {
             "prompt": "question"
         }
+
+
+def test_train_help_lists_every_stage(capsys):
+    from hfgen.cli import main as hfgen_main
+    from hfgen.stages import STAGES
+
+    with pytest.raises(SystemExit):
+        hfgen_main(["train", "--help"])
+    listed = [
+        line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and line.split()
+    ]
+    assert set(STAGES) <= set(listed), set(STAGES) - set(listed)  # grpo, rloo and t2i_flow were missing

@@ -2,17 +2,7 @@
 
 Recipe keys are the fields of the stage's config dataclasses (transformers TrainingArguments, TRL configs,
 hfgen's model and data arguments); any key can be overridden on the command line. Stages:
-  pretrain  causal-LM pretraining, from a config (scratch) or a pretrained model
-  sft       supervised fine-tuning, full / LoRA / QLoRA
-  reward    Bradley-Terry reward model from preference pairs
-  ppo       PPO against a reward model with a KL penalty to the reference policy
-  dpo       direct preference optimisation (every TRL loss type), from preference pairs
-  kto       KTO, from unpaired (or paired) thumbs-up / thumbs-down data
-  orpo      ORPO: SFT plus an odds-ratio penalty, no reference model
-  simpo     SimPO: length-normalised implicit reward, no reference model
-  rlhf      the three-step pipeline: SFT -> reward model -> PPO (or SFT -> DPO/KTO/ORPO/SimPO)
-  vae       autoencoder (AutoencoderKL) for latent diffusion
-  t2i       text-to-image UNet, full or LoRA
+{stages}
 
 Also runs as `python -m hfgen.train RECIPE ...` and, on many processes or GPUs,
 `accelerate launch [--config_file recipes/accelerate/X.yaml] scripts/train.py RECIPE ...`.
@@ -24,6 +14,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from hfgen.stages import SUMMARIES
+
+# the stage list of the docstring (`hfgen train --help`), from the registry
+__doc__ = __doc__.replace("{stages}", "\n".join(f"  {name:9} {summary}" for name, summary in SUMMARIES.items()))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,22 +14,25 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = {
-    "pretrain": "hfgen.stages.pretrain",  # causal-LM pretraining (from scratch or continued)
-    "sft": "hfgen.stages.sft",  # supervised fine-tuning: full, LoRA, QLoRA (TRL SFTTrainer)
-    "reward": "hfgen.stages.reward",  # Bradley-Terry reward model (TRL RewardTrainer)
-    "ppo": "hfgen.stages.ppo",  # PPO against a reward model, with KL penalty (our own)
-    "grpo": "hfgen.stages.grpo",  # GRPO with rule rewards and/or a reward model (TRL GRPOTrainer)
-    "rloo": "hfgen.stages.rloo",  # RLOO, the same way (TRL RLOOTrainer)
-    "dpo": "hfgen.stages.dpo",  # direct preference optimisation, every TRL loss type (TRL DPOTrainer)
-    "kto": "hfgen.stages.kto",  # KTO from unpaired or paired preferences (TRL KTOTrainer)
-    "orpo": "hfgen.stages.orpo",  # ORPO: SFT + odds-ratio penalty, no reference (TRL experimental ORPOTrainer)
-    "simpo": "hfgen.stages.simpo",  # SimPO: length-normalised, reference-free (TRL experimental CPOTrainer)
-    "rlhf": "hfgen.stages.rlhf",  # SFT -> reward -> PPO pipeline
-    "vae": "hfgen.stages.vae",  # AutoencoderKL for latent diffusion
-    "t2i": "hfgen.stages.t2i",  # text-to-image UNet training, full or LoRA
-    "t2i_flow": "hfgen.stages.t2i_flow",  # flow-matching transformer (SD3 layout), full or LoRA
+# name -> (module, what it trains: `hfgen train --help` lists these)
+_REGISTRY = {
+    "pretrain": ("hfgen.stages.pretrain", "causal-LM pretraining, from a config (scratch) or a pretrained model"),
+    "sft": ("hfgen.stages.sft", "supervised fine-tuning, full / LoRA / QLoRA (TRL SFTTrainer)"),
+    "reward": ("hfgen.stages.reward", "Bradley-Terry reward model from preference pairs (TRL RewardTrainer)"),
+    "ppo": ("hfgen.stages.ppo", "PPO against a reward model with a KL penalty to the reference policy (hfgen's own)"),
+    "grpo": ("hfgen.stages.grpo", "GRPO with rule rewards and/or a reward model (TRL GRPOTrainer)"),
+    "rloo": ("hfgen.stages.rloo", "RLOO, the same way (TRL RLOOTrainer)"),
+    "dpo": ("hfgen.stages.dpo", "direct preference optimisation, every TRL loss type, from preference pairs"),
+    "kto": ("hfgen.stages.kto", "KTO, from unpaired (or paired) thumbs-up / thumbs-down data"),
+    "orpo": ("hfgen.stages.orpo", "ORPO: SFT plus an odds-ratio penalty, no reference model"),
+    "simpo": ("hfgen.stages.simpo", "SimPO: length-normalised implicit reward, no reference model"),
+    "rlhf": ("hfgen.stages.rlhf", "the pipeline: SFT -> reward model -> PPO/GRPO/RLOO, or SFT -> DPO/KTO/ORPO/SimPO"),
+    "vae": ("hfgen.stages.vae", "autoencoder (AutoencoderKL) for latent diffusion"),
+    "t2i": ("hfgen.stages.t2i", "text-to-image UNet (SD 1.x layout), full or LoRA, buckets, DreamBooth"),
+    "t2i_flow": ("hfgen.stages.t2i_flow", "flow-matching transformer (SD3 / Flux layout), full or LoRA, buckets, DreamBooth"),
 }
+STAGES = {name: module for name, (module, _) in _REGISTRY.items()}
+SUMMARIES = {name: summary for name, (_, summary) in _REGISTRY.items()}
 
 
 def load_stage(name: str):
