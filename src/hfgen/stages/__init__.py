@@ -29,7 +29,10 @@ _REGISTRY = {
     "rlhf": ("hfgen.stages.rlhf", "the pipeline: SFT -> reward model -> PPO/GRPO/RLOO, or SFT -> DPO/KTO/ORPO/SimPO"),
     "vae": ("hfgen.stages.vae", "autoencoder (AutoencoderKL) for latent diffusion"),
     "t2i": ("hfgen.stages.t2i", "text-to-image UNet (SD 1.x layout), full or LoRA, buckets, DreamBooth"),
-    "t2i_flow": ("hfgen.stages.t2i_flow", "flow-matching transformer (SD3 / Flux layout), full or LoRA, buckets, DreamBooth"),
+    "t2i_flow": (
+        "hfgen.stages.t2i_flow",
+        "flow-matching transformer (SD3 / Flux layout), full or LoRA, buckets, DreamBooth",
+    ),
 }
 STAGES = {name: module for name, (module, _) in _REGISTRY.items()}
 SUMMARIES = {name: summary for name, (_, summary) in _REGISTRY.items()}
