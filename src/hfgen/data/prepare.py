@@ -88,7 +88,8 @@ def load_for_stage(
     for entry in args.mixture:
         columns = {**default_columns, **parse_columns(entry.columns)}
         train, evaluation, train_report, eval_report = _one_source(
-            args, kind, seed, entry.name, entry.format, columns, [], other_columns, config=entry.config, dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
+            args, kind, seed, entry.name, entry.format, columns, [], other_columns, config=entry.config,
+            dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
         )  # fmt: skip
         trains.append(train)
         evals.append(evaluation)
