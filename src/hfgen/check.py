@@ -117,20 +117,13 @@ def check_rewards(recipe, prompts) -> list[str]:
     share of prompt groups whose rewards are all equal (such a group teaches a group-relative method nothing)."""
     import torch
 
-    from hfgen.generate import generate_tokens
-    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.models import load_tokenizer
     from hfgen.rl.models import load_scorer
 
     model_args, _, config = recipe.configs
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
     prompts = list(prompts[:REWARD_PROMPTS])
-    chat = not isinstance(prompts[0], str)
-    torch.manual_seed(config.seed)
-    samples = generate_tokens(
-        policy, tokenizer, prompts, max_new_tokens=config.response_length, temperature=config.temperature,
-        num_samples=REWARD_SAMPLES, chat=chat,
-    )  # fmt: skip
+    samples = sampled_responses(model_args, config, tokenizer, prompts, config.response_length)
     scorer = load_scorer(model_args, config, tokenizer)  # scored exactly as PPO scores its rollouts
     groups = []
     for prompt, completions in zip(prompts, samples):
@@ -139,12 +132,33 @@ def check_rewards(recipe, prompts) -> list[str]:
             torch.device("cpu"), [c.prompt_ids + c.completion_ids for c in completions],
         )  # fmt: skip
         groups.append(total.tolist())
+    return reward_lines(groups)
+
+
+def sampled_responses(model_args, config, tokenizer, prompts: list, max_new_tokens: int):
+    """REWARD_SAMPLES completions of each prompt by the recipe's policy, seeded by the recipe."""
+    import torch
+
+    from hfgen.generate import generate_tokens
+    from hfgen.models import load_causal_lm
+
+    policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
+    torch.manual_seed(config.seed)
+    return generate_tokens(
+        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=config.temperature,
+        num_samples=REWARD_SAMPLES, chat=not isinstance(prompts[0], str),
+    )  # fmt: skip
+
+
+def reward_lines(groups: list[list[float]], components: str = "", equal_means: str = "") -> list[str]:
+    """The report of the sampled rewards (one list per prompt): their spread, and how many prompts' groups got
+    one reward for all (`components`, `equal_means`: what the stage adds to each line)."""
     rewards = [r for group in groups for r in group]
     equal = sum(max(g) - min(g) < 1e-6 for g in groups)
     return [
         f"reward of {len(rewards)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
-        f"mean {sum(rewards) / len(rewards):.3f}, min {min(rewards):.3f}, max {max(rewards):.3f}",
-        f"prompt groups whose rewards are all equal: {equal} of {len(groups)}",
+        f"mean {sum(rewards) / len(rewards):.3f}, min {min(rewards):.3f}, max {max(rewards):.3f}{components}",
+        f"prompt groups whose rewards are all equal{equal_means}: {equal} of {len(groups)}",
     ]
 
 
@@ -154,21 +168,14 @@ def check_group_rewards(recipe, rows) -> list[str]:
     are all equal: their group-relative advantages are zero, they teach nothing."""
     import torch
 
-    from hfgen.generate import generate_tokens
     from hfgen.group_rl import load_reward_model, prepare_prompts, reward_component_names, trl_reward_function
-    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.models import load_tokenizer
     from hfgen.rl.rollout import RewardScorer
 
     model_args, data_args, config = recipe.configs
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
     rows = prepare_prompts(rows.select(range(min(REWARD_PROMPTS, len(rows)))), data_args, tokenizer)
-    prompts = rows["prompt"]
-    torch.manual_seed(config.seed)
-    samples = generate_tokens(
-        policy, tokenizer, prompts, max_new_tokens=config.max_completion_length, temperature=config.temperature,
-        num_samples=REWARD_SAMPLES, chat=not isinstance(prompts[0], str),
-    )  # fmt: skip
+    samples = sampled_responses(model_args, config, tokenizer, rows["prompt"], config.max_completion_length)
     each = [(row, completion) for row, group in zip(rows, samples) for completion in group]
     prompts_each, texts, finished = ([row["prompt"] for row, _ in each], [c.text for _, c in each],
                                      [c.finished for _, c in each])  # fmt: skip
@@ -183,13 +190,8 @@ def check_group_rewards(recipe, rows) -> list[str]:
     weights = config.reward_weights or [1.0] * len(components)
     totals = [sum(w * v for w, v in zip(weights, values)) for values in zip(*components)]
     groups = [totals[i : i + REWARD_SAMPLES] for i in range(0, len(totals), REWARD_SAMPLES)]
-    equal = sum(max(g) - min(g) < 1e-6 for g in groups)
     means = ", ".join(f"{n} {sum(v) / len(v):.3f}" for n, v in zip(reward_component_names(data_args), components))
-    return [
-        f"reward of {len(totals)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
-        f"mean {sum(totals) / len(totals):.3f}, min {min(totals):.3f}, max {max(totals):.3f} (components: {means})",
-        f"prompt groups whose rewards are all equal (no signal for a group-relative method): {equal} of {len(groups)}",
-    ]
+    return reward_lines(groups, f" (components: {means})", " (no signal for a group-relative method)")
 
 
 def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
-from hfgen.data.formats import is_text_beside_conversations
+from hfgen.data.formats import unpaired_rows
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
@@ -104,11 +104,9 @@ def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpair
         # only the pair's columns: TRL reads a `messages` column beside them (UltraFeedback-binarized has one) as
         # another layout, and ORPO's and CPO's trainers stop on it
         rows = rows.select_columns([c for c in PREFERENCE_COLUMNS if c in rows.column_names])
-        if "chosen" in rows.column_names:
-            if "prompt" in rows.column_names and len(rows) and is_text_beside_conversations(rows[0]):
-                rows = rows.remove_columns("prompt")  # the conversations hold the prompt: TRL's implicit prompt
-            if "prompt" not in rows.column_names:
-                rows = rows.map(maybe_extract_prompt)
+        # (a text prompt beside conversations that hold it was dropped by the converter: TRL's implicit prompt)
+        if "chosen" in rows.column_names and "prompt" not in rows.column_names:
+            rows = rows.map(maybe_extract_prompt)
         splits.append(rows)
     return (*splits, records)
 
@@ -245,9 +243,7 @@ def run_stage(
 ) -> Path:  # fmt: skip
     """Train `trainer_class` (a TRL preference trainer) and record the held-out figures. `needs_reference`: the
     loss uses a frozen reference model (DPO, KTO), loaded here for full fine-tuning. `unpaired` (KTO): paired
-    training rows become a desirable and an undesirable row each, shuffled (seeded). TRL's own conversion leaves
-    blocks of 1,000 desirable rows followed by 1,000 undesirable ones, and KTO reads its rows in order (its KL
-    estimate pairs each row with its neighbours), so without the shuffle it trains on one label at a time."""
+    training rows become a desirable and an undesirable row each, shuffled (`formats.unpaired_rows` says why)."""
     from accelerate.utils import is_peft_model
     from transformers import set_seed
     from trl import get_peft_config
@@ -269,9 +265,7 @@ def run_stage(
     train_rows, eval_rows, data_records = load_preference_splits(data_args, training_args.seed, unpaired)
     record(output_dir, data_records)
     if unpaired and "chosen" in train_rows.column_names:
-        from trl.data_utils import unpair_preference_dataset
-
-        train_rows = unpair_preference_dataset(train_rows).shuffle(seed=training_args.seed)
+        train_rows = unpaired_rows(train_rows, training_args.seed)
     extra = {"ref_model": reference} if needs_reference and reference is not None else {}
     trainer = build_trainer(
         trainer_class,

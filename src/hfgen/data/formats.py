@@ -302,9 +302,9 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
         return {"prompt": prompt}
     if _is_empty(chosen) or _is_empty(rejected):
         return "empty text"
-    pair = {"prompt": prompt, "chosen": chosen}
     if isinstance(prompt, str) and isinstance(chosen, list):
-        prompt = None if is_text_beside_conversations(pair) else [{"role": "user", "content": prompt}]
+        holds_prompt = is_text_beside_conversations({"prompt": prompt, "chosen": chosen})
+        prompt = None if holds_prompt else [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list):
         chosen, rejected = (
             [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
@@ -430,7 +430,8 @@ def to_standard(
     reasons: list[str | None] = []
 
     def convert(row, index):
-        result = _standard_row(fmt, kind, {c: row[c] for c in keep}, index, source)
+        layout_row = {c: row[c] for c in keep} if carried else row  # the converter sees the layout's columns
+        result = _standard_row(fmt, kind, layout_row, index, source)
         reasons.append(result if isinstance(result, str) else None)
         return {**{c: row[c] for c in carried}, **result} if isinstance(result, dict) else {}
 
@@ -445,6 +446,15 @@ def to_standard(
             f"{MAX_IDENTICAL_PAIRS:.0%}), which looks like a broken export; fix the file"
         )
     return _from_rows(kept, source), report
+
+
+def unpaired_rows(pairs, seed: int):
+    """Preference pairs as KTO's unpaired rows (each pair a desirable and an undesirable row), shuffled (seeded):
+    TRL's conversion leaves blocks of desirable rows followed by undesirable ones, and KTO reads its rows in order
+    (its KL estimate pairs each row with its neighbours), so unshuffled it trains on one label at a time."""
+    from trl.data_utils import unpair_preference_dataset
+
+    return unpair_preference_dataset(pairs).shuffle(seed=seed)
 
 
 def _from_rows(rows: list[dict], source: str):

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+from hfgen.data.formats import unpaired_rows
 from hfgen.errors import UserError
 
 SOURCE_COLUMN = "_mixture_set"
@@ -99,8 +100,7 @@ def _as_chat(dataset, kind: str):
 
 def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = False) -> list:
     """The sets of a mixture in one form: when some hold chat turns and others text, the text ones as chat turns
-    (`_as_chat`); for KTO's data, pairs beside unpaired rows as unpaired rows (each pair a desirable and an
-    undesirable row, shuffled: KTO reads rows in order); with `common_columns_only`, only the columns every set
+    (`_as_chat`); for KTO's data, pairs beside unpaired rows as unpaired rows (`unpaired_rows`); with `common_columns_only`, only the columns every set
     has (the carried columns of GRPO's data). Pairs whose prompt is implicit (the conversations' or texts' shared
     start) beside sets with a `prompt` get theirs extracted (as TRL extracts it)."""
     implicit = ["chosen" in d.column_names and "prompt" not in d.column_names for d in sets]
@@ -109,9 +109,7 @@ def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = 
 
         sets = [d.map(maybe_extract_prompt) if "chosen" in d.column_names else d for d in sets]
     if kind == "unpaired_preference" and len({"label" in d.column_names for d in sets}) > 1:
-        from trl.data_utils import unpair_preference_dataset
-
-        sets = [d if "label" in d.column_names else unpair_preference_dataset(d).shuffle(seed=seed) for d in sets]
+        sets = [d if "label" in d.column_names else unpaired_rows(d, seed) for d in sets]
     layout_columns = ("prompt",) if kind == "prompt" else ("prompt", "chosen", "completion")  # not carried ones
     chat = [
         _is_chat(d[0]["messages"]) if "messages" in d.column_names else
