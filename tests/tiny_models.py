@@ -14,25 +14,57 @@ TINY_LLAMA_SIZES = {
 }
 
 
+# Other architectures, as small as the tiny Llama: their module names (gpt2's fused Conv1D `c_attn`, phi3's
+# `qkv_proj`), position embeddings (learned in gpt2 and opt), heads (tied or not), norms and attention (gemma2's
+# soft-capping) differ from Llama's, and a stage that assumes Llama's breaks on them.
+# scripts/architecture_matrix.py runs every text stage on each.
+_SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+ARCHITECTURES = {
+    "llama": {**json.loads((REPO / "recipes/tiny/llama_tiny.json").read_text()), **TINY_LLAMA_SIZES},
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
+    "gpt_neox": {"model_type": "gpt_neox", **_SMALL},
+    "opt": {"model_type": "opt", **_SMALL, "ffn_dim": 128, "word_embed_proj_dim": 64},
+    "qwen2": {"model_type": "qwen2", **_SMALL, "tie_word_embeddings": True},
+    "qwen3": {"model_type": "qwen3", **_SMALL, "head_dim": 16},
+    "mistral": {"model_type": "mistral", **_SMALL},
+    "gemma2": {"model_type": "gemma2", **_SMALL, "head_dim": 16},
+    "phi3": {"model_type": "phi3", **_SMALL},
+    "olmo2": {"model_type": "olmo2", **_SMALL},
+}
+
+
 def save_tiny_llama(
     path: Path, pretrain_steps: int = 0, seed: int = 0, tokenizer_name: str = "embedded:tiny-bpe"
 ) -> Path:
     """A ~110k-parameter Llama with the embedded tokenizer (chat template included), saved into `path`;
     `pretrain_steps` of next-token training on the embedded corpus first (150 steps: ~10 s on CPU, loss ~1.8)."""
+    return save_tiny_causal_lm(path, "llama", pretrain_steps, seed, tokenizer_name)
+
+
+def save_tiny_causal_lm(
+    path: Path, architecture: str = "llama", pretrain_steps: int = 0, seed: int = 0,
+    tokenizer_name: str = "embedded:tiny-bpe",
+) -> Path:  # fmt: skip
+    """A tiny causal LM of one of `ARCHITECTURES` with the embedded tokenizer, saved into `path` (see
+    `save_tiny_llama`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from hfgen.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_name)
-    values = {**json.loads((REPO / "recipes/tiny/llama_tiny.json").read_text()), **TINY_LLAMA_SIZES}
-    config = AutoConfig.for_model(**values)
+    config = AutoConfig.for_model(**ARCHITECTURES[architecture])
     config.vocab_size = len(tokenizer)
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if architecture != "llama":
+        config.bos_token_id = None  # gpt2's and opt's defaults are ids of their own, larger vocabularies
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if architecture != "llama":
+        model.generation_config.bos_token_id = None
     if pretrain_steps:
         pretrain(model, tokenizer, pretrain_steps)
     model.save_pretrained(path)

@@ -108,6 +108,56 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
     return model
 
 
+def lora_config(model_args, model, **changes):
+    """TRL's `get_peft_config(model_args)` (None without `use_peft`), with `changes` applied, checked against
+    `model` before any stage wraps it, so a recipe written for another architecture exits 2 naming
+    `lora_target_modules` and the model's linear layers instead of failing inside peft.
+
+    TRL turns a one-item list into a string, which peft reads as a regular expression over whole module paths:
+    `[c_attn]` would then match nothing. A bare module name stays a name here (peft's suffix match, as for a
+    longer list); `all-linear` and real expressions stay strings.
+    """
+    import dataclasses
+    import re
+
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if config is None:
+        return None
+    targets = config.target_modules
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w.]+", targets):
+        changes = {"target_modules": [targets], **changes}
+    config = dataclasses.replace(config, **changes) if changes else config
+    targets = config.target_modules
+    model_type = getattr(model.config, "model_type", None)
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+         if type(module).__name__ in ("Linear", "Conv1D") and name.rsplit(".", 1)[-1] not in ("lm_head", "score")}
+    )  # fmt: skip
+    layers = f"its linear layers are named {', '.join(linear)}; [all-linear] adapts all of them"
+    where = f"model '{model_args.model_name_or_path}' ({model_type})"
+    if targets is None and config.target_parameters is None:
+        if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+            raise UserError(
+                f"lora_target_modules is not set and peft has no default for {where}: name the layers to adapt "
+                f"({layers})"
+            )
+    elif isinstance(targets, str):
+        if targets != "all-linear" and not any(re.fullmatch(targets, name) for name in names):
+            raise UserError(
+                f"lora_target_modules '{targets}' (a regular expression over module paths) matches no module of "
+                f"{where}: {layers}"
+            )
+    elif targets is not None:
+        unmatched = [t for t in sorted(targets) if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:
+            raise UserError(f"lora_target_modules: {where} has no module named {', '.join(unmatched)}: {layers}")
+    return config
+
+
 def sequence_classifier_from(causal_lm):
     """A one-label sequence classifier sharing `causal_lm`'s backbone weights, with a fresh `score` head."""
     import copy

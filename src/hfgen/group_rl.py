@@ -32,7 +32,7 @@ from pathlib import Path
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
-from hfgen.finetune import build_trainer, check_model_config, load_model, run_first_hint
+from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.models import check_model_source
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 
@@ -330,7 +330,6 @@ def load_reward_model(path: str, model_args, config):
 def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, config) -> Path:
     """Train with `trainer_class` (TRL's GRPOTrainer or RLOOTrainer); `name` labels the trained policy in eval.json."""
     from transformers import set_seed
-    from trl import get_peft_config
 
     from hfgen.models import count_parameters, load_tokenizer
     from hfgen.monitoring import HackingMonitorCallback
@@ -378,7 +377,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         train_dataset=train_rows,
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args, model),
         callbacks=[monitor] if monitor else [],  # before hfgen's records: its alerts reach metrics.jsonl
         oracle=oracle,
     )

@@ -246,10 +246,9 @@ def run_stage(
     training rows become a desirable and an undesirable row each, shuffled (`formats.unpaired_rows` says why)."""
     from accelerate.utils import is_peft_model
     from transformers import set_seed
-    from trl import get_peft_config
 
     from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison, load_judges
-    from hfgen.finetune import load_model
+    from hfgen.finetune import load_model, lora_config
     from hfgen.models import count_parameters, load_tokenizer
 
     set_seed(training_args.seed)
@@ -275,7 +274,7 @@ def run_stage(
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args, model),
         **extra,
     )
 

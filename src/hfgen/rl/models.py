@@ -26,9 +26,7 @@ def disable_dropout(model) -> None:
 def load_policy_and_reference(model_args, config):
     """(tokenizer, policy, reference). With use_peft the policy is a PeftModel and the reference is None: it is
     the same model with its adapter disabled."""
-    from trl import get_peft_config
-
-    from hfgen.finetune import load_model
+    from hfgen.finetune import load_model, lora_config
     from hfgen.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
@@ -44,7 +42,7 @@ def load_policy_and_reference(model_args, config):
     if model_args.use_peft:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, get_peft_config(model_args))
+        policy = get_peft_model(policy, lora_config(model_args, policy))
         disable_dropout(policy)  # again: the adapters bring their own dropout (lora_dropout)
         return tokenizer, policy, None
     reference = load_model(model_args, config, tokenizer).eval().requires_grad_(False)
@@ -111,9 +109,10 @@ def load_value_model(model_args, config, tokenizer):
     if model_args.use_peft:
         # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
         from peft import get_peft_model
-        from trl import get_peft_config
 
-        lora = dataclasses.replace(get_peft_config(model_args), task_type="SEQ_CLS", modules_to_save=["score"])
+        from hfgen.finetune import lora_config
+
+        lora = lora_config(model_args, model, task_type="SEQ_CLS", modules_to_save=["score"])
         model = get_peft_model(model, lora)
         disable_dropout(model)
     return model

@@ -17,7 +17,6 @@ margin r(chosen) - r(rejected), before and after training.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from trl import ModelConfig, RewardConfig
@@ -26,7 +25,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
-from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model
+from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model, lora_config
 
 # TRL's ModelConfig (LoRA/QLoRA keys under TRL's names) rather than hfgen's ModelArguments, which shares three of
 # its fields; none of these three dataclasses share a field, so every key has one meaning. trust_remote_code is
@@ -114,7 +113,7 @@ def peft_copy(peft_model):
 def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> Path:
     from accelerate.utils import is_peft_model
     from transformers import set_seed
-    from trl import RewardTrainer, get_peft_config
+    from trl import RewardTrainer
 
     from hfgen.models import count_parameters, load_tokenizer
 
@@ -135,7 +134,7 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     record(output_dir, data_records)
     count_trained_tokens(training_args)
     # SEQ_CLS: PEFT then trains and saves the new score head in full (modules_to_save), beside the adapters.
-    peft_config = get_peft_config(replace(model_args, lora_task_type="SEQ_CLS"))
+    peft_config = lora_config(model_args, model, task_type="SEQ_CLS")
     trainer = build_trainer(
         RewardTrainer,
         output_dir,

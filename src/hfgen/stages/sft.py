@@ -30,7 +30,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.errors import UserError
-from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model
+from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model, lora_config
 from hfgen.models import adapter_base
 
 
@@ -243,7 +243,7 @@ def drop_fully_masked(rows, tokenizer, training_args: SFTConfig, records: dict):
 
 def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> Path:
     from transformers import set_seed
-    from trl import SFTTrainer, get_peft_config
+    from trl import SFTTrainer
 
     from hfgen.models import count_parameters, load_tokenizer
 
@@ -271,7 +271,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args, model),
     )
     if use_row_packing(training_args, trainer.model):
         trainer.data_collator = PackedRowsCollator(

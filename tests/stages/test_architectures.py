@@ -1,0 +1,47 @@
+"""The text stages on an architecture other than Llama: GPT-2 (fused Conv1D projections named `c_attn`, learned
+position embeddings, a `transformer.` backbone), the short CI case of scripts/architecture_matrix.py, which runs
+every text stage on ten architectures. LoRA through one module name, as GPT-2 users write it: `[c_attn]`."""
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, run_hfgen
+from stages.test_ppo import ORACLE, write_recipe
+from tiny_models import save_tiny_causal_lm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("gpt2"), "gpt2", pretrain_steps=100)
+
+
+def adapted(run_dir) -> set[str]:
+    return {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in load_file(run_dir / "adapter_model.safetensors")}
+
+
+def test_sft_lora_on_one_named_gpt2_module(tiny_gpt2, tmp_path):
+    result = run_hfgen(
+        "train", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", tiny_gpt2, "--output_dir", tmp_path,
+        "--lora_target_modules", "[c_attn]", "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert adapted(tmp_path) == {"c_attn"}
+
+
+def test_ppo_with_lora_policy_and_critic_on_gpt2(tiny_gpt2, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_gpt2, total_episodes=16, gradient_accumulation_steps=1, use_peft=True,
+                          lora_r=4, lora_target_modules=["c_attn"], reward_functions=[ORACLE])  # fmt: skip
+    result = run_hfgen("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert (run_dir / "COMPLETE").is_file() and adapted(run_dir) == {"c_attn"}
+
+
+def test_a_llama_module_list_on_gpt2_exits_2_naming_its_layers(tiny_gpt2, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_gpt2, use_peft=True, lora_target_modules=["q_proj", "v_proj"],
+                          reward_functions=[ORACLE])  # fmt: skip
+    result = run_hfgen("train", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lora_target_modules" in result.stderr and "c_attn, c_fc, c_proj" in result.stderr

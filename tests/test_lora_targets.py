@@ -1,0 +1,62 @@
+"""`lora_target_modules` on architectures other than Llama (hfgen.finetune.lora_config, which every text stage's
+LoRA goes through): a one-module list adapts that module, names that are not the model's exit 2 listing the
+model's linear layers, and a model peft has no default for asks for the key instead of failing inside peft."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from trl import ModelConfig
+
+from hfgen.errors import UserError
+from hfgen.finetune import lora_config
+from tiny_models import ARCHITECTURES
+
+
+def tiny(architecture: str):
+    config = AutoConfig.for_model(**ARCHITECTURES[architecture], vocab_size=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def adapted_modules(model, targets) -> set[str]:
+    """The module names (last part) that get LoRA layers under `lora_target_modules: targets`."""
+    from peft import get_peft_model
+
+    args = ModelConfig(model_name_or_path="tiny", use_peft=True, lora_r=2, lora_target_modules=targets)
+    wrapped = get_peft_model(model, lora_config(args, model))
+    return {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in wrapped.named_parameters() if ".lora_A" in name}
+
+
+@pytest.mark.parametrize(
+    "architecture, targets, adapted",
+    [
+        ("gpt2", ["c_attn"], {"c_attn"}),  # TRL makes a one-item list a string, which peft reads as a regex
+        ("llama", ["q_proj"], {"q_proj"}),
+        ("gpt2", ["c_attn", "c_fc"], {"c_attn", "c_fc"}),
+        ("gpt2", ["all-linear"], {"c_attn", "c_fc", "c_proj"}),
+        ("gpt2", [r".*\.mlp\.c_fc"], {"c_fc"}),  # a real expression stays one
+        ("llama", None, {"q_proj", "v_proj"}),  # peft's default for the model type
+    ],
+)
+def test_target_modules_adapt_the_named_layers(architecture, targets, adapted):
+    assert adapted_modules(tiny(architecture), targets) == adapted
+
+
+@pytest.mark.parametrize(
+    "architecture, targets, expected",
+    [
+        ("gpt2", ["q_proj", "v_proj"], ["no module named q_proj, v_proj", "c_attn, c_fc, c_proj", "[all-linear]"]),
+        ("gpt2", ["c_attn", "q_proj"], ["no module named q_proj", "(gpt2)"]),  # one right name does not hide a typo
+        ("gpt2", [".*q_proj"], ["'.*q_proj'", "matches no module", "c_attn"]),
+        ("phi3", None, ["lora_target_modules is not set", "(phi3)", "qkv_proj"]),  # peft knows no default for phi3
+    ],
+)
+def test_target_modules_the_model_lacks_are_a_user_error(architecture, targets, expected):
+    args = ModelConfig(model_name_or_path="tiny", use_peft=True, lora_target_modules=targets)
+    with pytest.raises(UserError) as error:
+        lora_config(args, tiny(architecture))
+    assert all(part in str(error.value) for part in expected), str(error.value)
+
+
+def test_no_lora_without_use_peft():
+    assert lora_config(ModelConfig(model_name_or_path="tiny", lora_target_modules=["nothing"]), tiny("gpt2")) is None
