@@ -12,7 +12,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from hfgen.errors import UserError
-from hfgen.models import adapter_base, check_model_source, load_causal_lm
+from hfgen.models import adapter_base, check_lora_targets, check_model_source, linear_layers_hint, load_causal_lm
 
 
 def run_first_hint(path: str) -> str:
@@ -132,29 +132,15 @@ def lora_config(model_args, model, **changes):
     config = dataclasses.replace(config, **changes) if changes else config
     targets = config.target_modules
     model_type = getattr(model.config, "model_type", None)
-    names = [name for name, _ in model.named_modules() if name]
-    linear = sorted(
-        {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-         if type(module).__name__ in ("Linear", "Conv1D") and name.rsplit(".", 1)[-1] not in ("lm_head", "score")}
-    )  # fmt: skip
-    layers = f"its linear layers are named {', '.join(linear)}; [all-linear] adapts all of them"
     where = f"model '{model_args.model_name_or_path}' ({model_type})"
     if targets is None and config.target_parameters is None:
         if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
             raise UserError(
                 f"lora_target_modules is not set and peft has no default for {where}: name the layers to adapt "
-                f"({layers})"
+                f"({linear_layers_hint(model)})"
             )
-    elif isinstance(targets, str):
-        if targets != "all-linear" and not any(re.fullmatch(targets, name) for name in names):
-            raise UserError(
-                f"lora_target_modules '{targets}' (a regular expression over module paths) matches no module of "
-                f"{where}: {layers}"
-            )
-    elif targets is not None:
-        unmatched = [t for t in sorted(targets) if not any(n == t or n.endswith(f".{t}") for n in names)]
-        if unmatched:
-            raise UserError(f"lora_target_modules: {where} has no module named {', '.join(unmatched)}: {layers}")
+    elif targets is not None and targets != "all-linear":
+        check_lora_targets(targets, model, where)
     return config
 
 

@@ -261,3 +261,42 @@ def load_causal_lm(
 
 def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def linear_layers_hint(model, all_linear: bool = True) -> str:
+    """What to write in `lora_target_modules` for `model`: the names its linear layers end in (`to_out.0` where the
+    last part is an index), heads aside."""
+    names = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if type(module).__name__ in ("Linear", "Conv1D") and parts[-1] not in ("lm_head", "score"):
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    hint = f"its linear layers are named {', '.join(sorted(names))}"
+    return hint + ("; [all-linear] adapts all of them" if all_linear else "")
+
+
+def check_lora_targets(targets, model, where: str, all_linear: bool = True, warn_partial: bool = True) -> None:
+    """`lora_target_modules` as peft will read it (a list: module names matched as path suffixes; a string: a regular
+    expression over whole paths) must name modules `model` has. None matching is an error (exit 2 naming the key,
+    the names and the model's linear layers), which peft would raise as its own traceback. Some not matching is
+    allowed, since one list may serve several architectures (Llama's and GPT-NeoX's names together), but peft skips
+    those silently and a typo adapts fewer layers than meant: `warn_partial` prints them."""
+    import re
+
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in names):
+            raise UserError(
+                f"lora_target_modules '{targets}' (a regular expression over module paths) matches no module of "
+                f"{where}: {linear_layers_hint(model, all_linear)}"
+            )
+        return
+    unmatched = [t for t in sorted(targets) if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if len(unmatched) == len(set(targets)):
+        raise UserError(
+            f"lora_target_modules: {where} has no module named {', '.join(unmatched)}: "
+            f"{linear_layers_hint(model, all_linear)}"
+        )
+    if unmatched and warn_partial:
+        print(f"warning: lora_target_modules: {where} has no module named {', '.join(unmatched)}; the adapters go on "
+              f"the others ({linear_layers_hint(model, all_linear)})")  # fmt: skip

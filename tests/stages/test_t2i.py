@@ -183,6 +183,15 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(scratch_run,
     assert_resumed_records(full, resumed)
 
 
+def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):
+    result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
+                       "--lora_target_modules", "[q_proj, k_proj]", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert all(part in result.stderr for part in ("lora_target_modules", "k_proj, q_proj", "to_out.0", "to_q"))
+    assert "all-linear" not in result.stderr  # peft takes it for transformers models only
+    assert not (tmp_path / "COMPLETE").exists()
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [

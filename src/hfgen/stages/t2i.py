@@ -42,6 +42,7 @@ from hfgen.diffusion.components import PipelineArguments, check_pipeline_argumen
 from hfgen.diffusion.data import ImageDataArguments
 from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.image_stage import ImageStageArguments
+from hfgen.models import check_lora_targets
 
 UNET_LORA_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -149,6 +150,9 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         tracking.update_eval(output_dir, {"text_encoder/clip_loss_initial": first, "text_encoder/clip_loss": last})
     # DreamBooth's class images come from the base pipeline, before it trains.
     n_instance = len(train_rows)
+    if args.use_lora:  # before the class images, which can take a while
+        check_lora_targets(args.lora_target_modules, unet, "the UNet", all_linear=False,
+                           warn_partial=args.lora_target_modules != list(UNET_LORA_MODULES))  # fmt: skip
     base = lambda: make_pipeline(tokenizer, text_encoder, vae, unet, parts["sampler"]).to(device)  # noqa: E731
     train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator)
     train_text_encoder = args.train_text_encoder

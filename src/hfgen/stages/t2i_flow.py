@@ -35,6 +35,7 @@ from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.flow import WEIGHTING_SCHEMES
 from hfgen.diffusion.flow_components import FlowPipelineArguments, check_flow_pipeline_arguments, size_problems
 from hfgen.diffusion.image_stage import ImageStageArguments
+from hfgen.models import check_lora_targets
 
 # Attention of both streams (image and text) and both MLPs of every MMDiT block.
 TRANSFORMER_LORA_MODULES = [
@@ -145,6 +146,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     # Pipeline-call arguments so that samples (DreamBooth's class images, validation) are conditioned as training is
     sampling = sampling_arguments(model_args, data_args, parts)
     n_instance = len(train_rows)  # DreamBooth's class images come from the base pipeline, before it trains
+    if args.use_lora:  # before the class images, which can take a while
+        check_lora_targets(args.lora_target_modules, transformer, "the denoising transformer", all_linear=False,
+                           warn_partial=args.lora_target_modules != list(TRANSFORMER_LORA_MODULES))  # fmt: skip
     base = lambda: make_pipeline(parts).to(device)  # noqa: E731
     train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator, sampling)
     frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
