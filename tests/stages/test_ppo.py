@@ -156,6 +156,19 @@ def test_oracle_reward_rises(tmp_path, tiny_models):
     assert {row["step"] for row in samples} == {1, 5, 10} and all("oracle" in row for row in samples)
 
 
+def test_a_bfloat16_policy_trains_float32_weights_so_ppo_updates_land(tmp_path, tiny_models):
+    """`dtype: bfloat16` at a PPO learning rate (1e-6): updated in bfloat16, the policy would barely move (its
+    AdamW steps round away against the weights); the policy and critic keep float32 weights under bf16 compute."""
+    from stages.test_sft import share_moved
+
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, dtype="bfloat16", learning_rate=1e-6, reward_functions=[ORACLE],
+                          total_episodes=16, eval_samples_per_prompt=0)  # fmt: skip
+    result = train(recipe)
+    assert share_moved(sft, tmp_path / "run") > 0.5  # 0.7 (unused tokens' embeddings stay); in bfloat16: 0.003
+    assert "the trained weights stay float32" in result.stdout
+
+
 def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_models):
     from peft import PeftModel
     from trl import ModelConfig

@@ -218,6 +218,23 @@ def test_full_sft_saves_a_plain_model_that_improved(tiny_lm, tmp_path):
     assert merged["quality/perplexity"] > 1 and merged["response_loss"] == results["response_loss"]
 
 
+def share_moved(start_dir, trained_dir) -> float:
+    """The share of `start_dir`'s weights that differ in `trained_dir` (compared in the trained weights' dtype)."""
+    start, trained = load_file(start_dir / "model.safetensors"), load_file(trained_dir / "model.safetensors")
+    moved = sum((start[k].to(trained[k].dtype) != trained[k]).sum().item() for k in trained)
+    return moved / sum(trained[k].numel() for k in trained)
+
+
+def test_a_bfloat16_model_trains_float32_weights_so_small_updates_land(tiny_lm, tmp_path):
+    """`dtype: bfloat16` for a full fine-tune at an SFT learning rate: updated in bfloat16, most of AdamW's steps
+    (about the learning rate) would round away against the weights; float32 weights under bf16 compute keep them."""
+    result = run_hfgen("train", SFT_FULL, *on_tiny(tiny_lm, tmp_path, "--dtype", "bfloat16", "--learning_rate", "2e-5",
+                                                   "--max_steps", "3", "--warmup_steps", "0"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert share_moved(tiny_lm, tmp_path) > 0.9  # in bfloat16: 0.15
+    assert "the trained weights stay float32" in result.stdout
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
     result = accelerate_launch(

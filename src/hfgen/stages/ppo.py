@@ -59,6 +59,7 @@ from hfgen.rl.models import (
     parameter_groups,
     stop_token_ids,
     tokenize_prompts,
+    training_precision,
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 from hfgen.rl.policy_weights import PolicyEMA, PolicySnapshots
@@ -300,17 +301,17 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
 
     output_dir = Path(config.output_dir)
     trackers = [name for name in config.report_to if name != "none"]
+    precision, trained_args = training_precision(model_args, config)
     accelerator = loop.make_accelerator(
-        output_dir, config.seed, config.gradient_accumulation_steps, "bf16" if config.bf16 else "no",
-        cpu=config.use_cpu, log_with=trackers,
-    )  # fmt: skip
+        output_dir, config.seed, config.gradient_accumulation_steps, precision, cpu=config.use_cpu, log_with=trackers
+    )
     local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_mini_batches
     global_batch = local_batch * accelerator.num_processes
     total_steps = math.ceil(config.total_episodes / global_batch)
 
     # Models: policy (+ reference), value model, reward model and reward functions.
-    tokenizer, policy, reference = load_policy_and_reference(model_args, config)
-    value_model = load_value_model(model_args, config, tokenizer)
+    tokenizer, policy, reference = load_policy_and_reference(model_args, config, trained_args)
+    value_model = load_value_model(trained_args, config, tokenizer)
     scorer = load_scorer(model_args, config, tokenizer)
     oracle = load_oracle(config)
 
