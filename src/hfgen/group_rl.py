@@ -172,15 +172,12 @@ def completion_text(completion) -> str:
 
 def call_reward_function(function, prompts: list, responses: list[str], columns: dict) -> list[float]:
     """function(prompt texts, response texts, **the dataset columns it names) as floats."""
-    from hfgen.rl.rollout import prompt_text
+    from hfgen.rl.rollout import prompt_text, reward_values
 
     parameters = inspect.signature(function).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     extra = {key: value for key, value in columns.items() if takes_all or key in parameters}
-    values = function([prompt_text(p) for p in prompts], responses, **extra)
-    if len(values) != len(responses):
-        raise ValueError(f"reward function {function.__name__} returned {len(values)} scores for {len(responses)}")
-    return [float(v) for v in values]
+    return reward_values(function, function([prompt_text(p) for p in prompts], responses, **extra), len(responses))
 
 
 def trl_reward_function(spec: str):

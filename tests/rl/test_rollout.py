@@ -240,3 +240,47 @@ def test_reward_scorer_weights_the_reward_model_and_functions():
     total, components = scorer(["p", "q"], ["ab", "abcd"], [True, False], device="cpu")
     assert components["length"].tolist() == [2.0, 4.0] and components["plus_one"].tolist() == [3.0, 5.0]
     assert total.tolist() == [2.0 - 6.0, 4.0 - 10.0]
+
+
+def test_a_reward_function_may_skip_responses_with_none_as_in_trl(capsys):
+    def on_questions(prompts, responses):  # scores only the answers to questions
+        return [len(r) if p.endswith("?") else None for p, r in zip(prompts, responses)]
+
+    def length(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+    both = R.RewardScorer(None, None, {"on_questions": on_questions, "length": length}, [1.0, 0.5], chunk_size=4)
+    total, components = both(["why?", "say it."], ["ab", "abcd"], [True, True], device="cpu")
+    assert total.tolist() == [2.0 + 1.0, 2.0]  # the unscored component adds nothing
+    assert components["on_questions"][1].isnan() and "warning" not in capsys.readouterr().out
+    alone = R.RewardScorer(None, None, {"on_questions": on_questions}, [1.0], chunk_size=4)
+    total, _ = alone(["why?", "say it."], ["ab", "abcd"], [True, True], device="cpu")
+    assert total.tolist() == [2.0, 0.0] and "no reward component scored 1 of 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "returned, expected",
+    [
+        (lambda n: [1.0] * (n - 1), "returned 1 scores for 2 responses"),
+        (lambda n: ["good"] * n, "returned 'good' for response 0"),
+        (lambda n: None, "returned NoneType, not a list of 2 scores"),
+    ],
+)
+def test_a_reward_function_returning_no_scores_is_a_user_error_naming_it(returned, expected):
+    from hfgen.errors import UserError
+    from hfgen.group_rl import call_reward_function
+
+    def broken(prompts, responses):
+        return returned(len(responses))
+
+    for call in (lambda: R.function_scores(broken, ["p", "q"], ["a", "b"], "cpu"),  # PPO, hfgen eval
+                 lambda: call_reward_function(broken, ["p", "q"], ["a", "b"], {})):  # GRPO, RLOO  # fmt: skip
+        with pytest.raises(UserError, match="reward function .*broken " + expected.replace("(", r"\(")):
+            call()
+
+
+def test_reward_functions_may_return_arrays_and_tensors():
+    import numpy
+
+    for values in (numpy.array([1.0, 2.0]), torch.tensor([1.0, 2.0]), (1, 2)):
+        assert R.function_scores(lambda p, r, v=values: v, ["p", "q"], ["a", "b"], "cpu").tolist() == [1.0, 2.0]

@@ -41,7 +41,7 @@ def step_metrics(
         "objective/entropy": (details.entropy * mask).sum(1).mean(),
         "objective/non_score_reward": kl_rewards.sum(1).mean(),
         "objective/rlhf_reward": (rollout.scores + kl_rewards.sum(1)).mean(),
-        **{f"reward/{name}": scores.mean() for name, scores in details.components.items()},
+        **{f"reward/{name}": scores.nanmean() for name, scores in details.components.items()},  # None: not scored
         "policy/approxkl_avg": mean_of("approx_kl"),
         "policy/clipfrac_avg": mean_of("policy_clip_fraction"),
         "policy/entropy_avg": mean_of("entropy"),

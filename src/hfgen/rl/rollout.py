@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from hfgen.errors import UserError
 from hfgen.rl.functional import response_mask, token_logprobs, token_logprobs_and_entropy
 
 
@@ -314,9 +315,33 @@ def required_arguments(function) -> list[str]:
 def function_scores(function: RewardFunction, prompts: list, responses: list[str], device) -> torch.Tensor:
     """(B,) float scores of a rule-based reward function called as function(prompt texts, response texts)."""
     values = function([prompt_text(p) for p in prompts], responses)
-    if len(values) != len(responses):
-        raise ValueError(f"reward function returned {len(values)} scores for {len(responses)} responses")
-    return torch.tensor([float(v) for v in values], device=device)
+    return torch.tensor(reward_values(function, values, len(responses)), device=device)
+
+
+def reward_values(function, values, count: int) -> list[float]:
+    """What a reward function returned, as `count` floats (a list, tuple, numpy array or tensor of numbers). None
+    is TRL's "this function does not score this sample": NaN here, which the weighted sum of the rewards skips
+    (`RewardScorer`; TRL's GRPO and RLOO do the same). Anything else is the recipe's function at fault, not hfgen:
+    exit 2 naming the function and what it returned."""
+    name = getattr(function, "__qualname__", repr(function))
+    try:
+        values = values.tolist() if hasattr(values, "tolist") else list(values)
+    except TypeError:
+        raise UserError(
+            f"reward function {name} returned {type(values).__name__}, not a list of {count} scores"
+        ) from None
+    if len(values) != count:
+        raise UserError(f"reward function {name} returned {len(values)} scores for {count} responses")
+    scores = []
+    for index, value in enumerate(values):
+        try:
+            scores.append(math.nan if value is None else float(value))
+        except (TypeError, ValueError):
+            raise UserError(
+                f"reward function {name} returned {value!r} for response {index}: a score must be a number (None: "
+                "the function does not score that response)"
+            ) from None
+    return scores
 
 
 @dataclass
@@ -335,6 +360,7 @@ class RewardScorer:
     weights: list[float]  # one per component: [reward model (if any), *functions]
     chunk_size: int
     policy_tokenizer: object | None = None  # when it is the reward model's tokenizer, ids pass straight through
+    warned_unscored: bool = False  # said once a run
 
     def __post_init__(self):
         self.reads_policy_ids = (
@@ -372,8 +398,13 @@ class RewardScorer:
             components["reward_model"] = scores.to(device)
         for name, function in self.functions.items():
             components[name] = function_scores(function, prompts, responses, device)
-        total = sum(weight * scores for weight, scores in zip(self.weights, components.values()))
-        return total, components
+        weighted = torch.stack([weight * scores for weight, scores in zip(self.weights, components.values())])
+        unscored = weighted.isnan().all(0)
+        if unscored.any() and not self.warned_unscored:
+            print(f"warning: no reward component scored {int(unscored.sum())} of {len(responses)} responses (every "
+                  "function returned None for them): their reward is 0")  # fmt: skip
+            self.warned_unscored = True
+        return weighted.nansum(0), components
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
