@@ -24,8 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "src")]
 
+from engines.launch import engine_command  # noqa: E402
 from tiny_models import ARCHITECTURES  # noqa: E402
 
+SHORT_PRETRAINING = ["--max_steps", "30", "--save_strategy", "no"]
 FEW_STEPS = ["--max_steps", "4", "--max_train_samples", "256", "--max_eval_samples", "16"]
 FEW_EPISODES = ["--total_episodes", "128", "--eval_samples_per_prompt", "1", "--max_eval_samples", "8"]
 LORA = ["--use_peft", "true", "--lora_target_modules", "all-linear"]
@@ -40,36 +42,14 @@ def stages(config: Path) -> dict[str, list[str]]:
     """stage name -> `hfgen train` arguments ({sft}, {reward}: the runs of those names; every run's output_dir is
     added by `run`)."""
     preference = ["--model_name_or_path", "{sft}", *FEW_STEPS]
+    ppo = ["recipes/tiny/ppo.yaml", "--model_name_or_path", "{sft}", "--reward_model_path", "{reward}", *FEW_EPISODES]
     return {
-        "pretrain": [
-            "recipes/tiny/pretrain.yaml",
-            "--config_name",
-            str(config),
-            "--max_steps",
-            "30",
-            "--save_strategy",
-            "no",
-        ],  # fmt: skip
+        "pretrain": ["recipes/tiny/pretrain.yaml", "--config_name", str(config), *SHORT_PRETRAINING],
         "sft": ["recipes/tiny/sft_full.yaml", "--model_name_or_path", "{pretrain}", *FEW_STEPS],
         "sft_lora": ["recipes/tiny/sft_lora.yaml", "--model_name_or_path", "{pretrain}", *FEW_STEPS],
         "reward": ["recipes/tiny/reward.yaml", "--model_name_or_path", "{sft}", *FEW_STEPS],
-        "ppo": [
-            "recipes/tiny/ppo.yaml",
-            "--model_name_or_path",
-            "{sft}",
-            "--reward_model_path",
-            "{reward}",
-            *FEW_EPISODES,
-        ],  # fmt: skip
-        "ppo_lora": [
-            "recipes/tiny/ppo.yaml",
-            "--model_name_or_path",
-            "{sft}",
-            "--reward_model_path",
-            "{reward}",
-            *FEW_EPISODES,
-            *LORA,
-        ],  # fmt: skip
+        "ppo": ppo,
+        "ppo_lora": [*ppo, *LORA],
         "dpo": ["recipes/tiny/dpo.yaml", *preference],
         "kto": ["recipes/tiny/kto.yaml", *preference],
         "orpo": ["recipes/tiny/orpo.yaml", *preference],
@@ -77,21 +57,6 @@ def stages(config: Path) -> dict[str, list[str]]:
         "grpo": ["recipes/tiny/grpo_arithmetic.yaml", *GROUP_RL],
         "rloo": ["recipes/tiny/rloo_arithmetic.yaml", *GROUP_RL],
     }
-
-
-def engine_launch(engine: str, port: int) -> tuple[list[str], dict]:
-    """The `accelerate launch` prefix and environment of tests/test_engines.py for `engine`."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
-    environment = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
-    entry = [str(REPO / "tests/engines/run_recipes.py"), *(["--fsdp2"] if engine == "fsdp2" else [])]
-    if engine in ("ddp", "fsdp2"):
-        command += ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
-        environment["ACCELERATE_USE_CPU"] = "true"
-    else:
-        command += ["--use_deepspeed", "--zero_stage", engine[-1], "--num_processes", "2", "--mixed_precision", "no"]
-        command += ["--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"] if engine == "zero3" else []
-        environment["DS_ACCELERATOR"] = "cpu"
-    return command + entry, environment
 
 
 def run(command: list[str], log: Path, environment: dict | None = None) -> int:
@@ -124,7 +89,7 @@ def main() -> int:
             print(architecture, name, row[name], flush=True)
         for engine in args.engines:
             port += 1
-            launch, environment = engine_launch(engine, port)
+            launch, environment = engine_command(engine, port)
             on_processes = ["--use_cpu", "false", "--per_device_train_batch_size", "16"]
             runs = []
             for name in ("ppo", "ppo_lora"):

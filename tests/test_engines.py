@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from conftest import REPO, shrunk
+from engines.launch import engine_command
 from hfgen import tracking
 
 pytestmark = pytest.mark.slow
@@ -33,19 +34,9 @@ FIRST_UPDATE = ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/
 def launch(engine: str, port: int, *args, env=None) -> subprocess.CompletedProcess:
     """`accelerate launch` of tests/engines/run_recipes.py on 2 CPU processes under `engine` (ddp, fsdp2, zero2,
     zero3): `args` are recipes with their overrides, separated by --then."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
-    environment = {**os.environ, "HFGEN_WEIGHTS_FINGERPRINT": "1", **(env or {})}
-    entry = [REPO / "tests/engines/run_recipes.py", *(["--fsdp2"] if engine == "fsdp2" else [])]
-    if engine in ("ddp", "fsdp2"):
-        command += ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
-        environment["ACCELERATE_USE_CPU"] = "true"
-    else:
-        command += ["--use_deepspeed", "--zero_stage", engine[-1], "--num_processes", "2", "--mixed_precision", "no"]
-        command += ["--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"] if engine == "zero3" else []
-        environment["DS_ACCELERATOR"] = "cpu"
-        environment.pop("ACCELERATE_USE_CPU", None)
+    command, environment = engine_command(engine, port, {"HFGEN_WEIGHTS_FINGERPRINT": "1", **(env or {})})
     return subprocess.run(
-        [*command, *map(str, entry), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=1800,
+        [*command, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=1800,
         env=environment,
     )  # fmt: skip
 
