@@ -12,7 +12,14 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from hfgen.errors import UserError
-from hfgen.models import adapter_base, check_lora_targets, check_model_source, linear_layers_hint, load_causal_lm
+from hfgen.models import (
+    adapter_base,
+    check_lora_targets,
+    check_model_source,
+    fit_max_length,
+    linear_layers_hint,
+    load_causal_lm,
+)
 
 
 def run_first_hint(path: str) -> str:
@@ -105,6 +112,7 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    fit_max_length(model, training_args)
     return model
 
 

@@ -33,7 +33,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
-from hfgen.models import check_model_source
+from hfgen.models import check_model_source, position_limit
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
@@ -337,6 +337,12 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(model_args, config, tokenizer)
+    limit = position_limit(model.config)
+    if limit and (config.max_completion_length or 0) >= limit:
+        raise UserError(
+            f"max_completion_length {config.max_completion_length} leaves no room for a prompt in the {limit} "
+            f"positions {model.config.model_type} models learn: lower max_completion_length"
+        )
     for module_name in data_args.freeze_modules:
         try:
             model.get_submodule(module_name).requires_grad_(False)

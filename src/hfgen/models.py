@@ -300,3 +300,23 @@ def check_lora_targets(targets, model, where: str, all_linear: bool = True, warn
     if unmatched and warn_partial:
         print(f"warning: lora_target_modules: {where} has no module named {', '.join(unmatched)}; the adapters go on "
               f"the others ({linear_layers_hint(model, all_linear)})")  # fmt: skip
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model with learned position embeddings can read (GPT-2's `n_positions`, OPT's and
+    BERT's `max_position_embeddings`): past it the position lookup fails (an IndexError on a CPU, a device-side
+    assert on a GPU). None for rotary (RoPE) and ALiBi models, which run past their max_position_embeddings (less
+    well, but without failing) and are often trained past it on purpose."""
+    if getattr(config, "rope_parameters", None) or getattr(config, "rotary_dim", None):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def fit_max_length(model, args, key: str = "max_length") -> None:
+    """Lower `args.<key>` (the longest row a Trainer stage keeps) to the model's `position_limit`, saying so: TRL's
+    default (1024) is longer than a BERT reward model or a small GPT-2 can read, and the rows it keeps would crash
+    the first batch that holds one."""
+    limit, value = position_limit(model.config), getattr(args, key, None)
+    if limit and value and value > limit:
+        print(f"{key} {value} is more than the {limit} positions {model.config.model_type} models learn: {key} {limit}")
+        setattr(args, key, limit)

@@ -45,3 +45,25 @@ def test_a_llama_module_list_on_gpt2_exits_2_naming_its_layers(tiny_gpt2, tmp_pa
     result = run_hfgen("train", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lora_target_modules" in result.stderr and "c_attn, c_fc, c_proj" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, expected",
+    [
+        ("pretrain.yaml", ["--block_size", "512"], "block_size 512 is more than the 256 positions"),
+        ("ppo.yaml", ["--response_length", "300", "--reward_functions", f"[{ORACLE}]", "--reward_model_path", "null"],
+         "response_length 300 leaves no room for a prompt in the 256 positions"),
+        ("grpo_arithmetic.yaml", ["--max_completion_length", "256", "--freeze_modules", "[]"],
+         "max_completion_length 256 leaves no room"),
+    ],
+)  # fmt: skip
+def test_lengths_past_gpt2s_learned_positions_exit_2_before_training(tiny_gpt2, tmp_path, recipe, overrides, expected):
+    model = (
+        ["--config_name", tiny_gpt2 / "config.json"]
+        if recipe == "pretrain.yaml"
+        else ["--model_name_or_path", tiny_gpt2]
+    )
+    result = run_hfgen("train", REPO / "recipes/tiny" / recipe, *model, "--output_dir", tmp_path, *overrides)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and expected in result.stderr, result.stderr[
+        -2000:
+    ]

@@ -203,6 +203,24 @@ def make_generation_config(
     )  # fmt: skip
 
 
+def prompt_room(policy, max_prompt_length: int, response_length: int) -> int:
+    """The longest prompt PPO keeps: `max_prompt_length`, lowered (and said) so that prompt + response fit in the
+    positions a model with learned position embeddings can read (`hfgen.models.position_limit`: GPT-2, OPT)."""
+    from hfgen.models import position_limit
+
+    limit = position_limit(policy.config)
+    if not limit or max_prompt_length + response_length <= limit:
+        return max_prompt_length
+    if response_length >= limit:
+        raise UserError(
+            f"response_length {response_length} leaves no room for a prompt in the {limit} positions "
+            f"{policy.config.model_type} models learn: lower response_length"
+        )
+    print(f"max_prompt_length {max_prompt_length} + response_length {response_length} is more than the {limit} "
+          f"positions {policy.config.model_type} models learn: prompts over {limit - response_length} tokens are dropped")  # fmt: skip
+    return limit - response_length
+
+
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:
     """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
     the assistant turn opened."""

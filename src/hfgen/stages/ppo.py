@@ -46,7 +46,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
-from hfgen.models import check_model_source
+from hfgen.models import check_model_source, fit_max_length
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, step_metrics
@@ -57,6 +57,7 @@ from hfgen.rl.models import (
     load_value_model,
     make_generation_config,
     parameter_groups,
+    prompt_room,
     stop_token_ids,
     tokenize_prompts,
     training_precision,
@@ -321,8 +322,10 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         data_args, "prompt", seed=config.seed, default_columns={"prompt": data_args.prompt_column}
     )
     record(output_dir, data_records)
-    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], data_args.max_prompt_length)
-    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], data_args.max_prompt_length)
+    max_prompt_length = prompt_room(policy, data_args.max_prompt_length, config.response_length)
+    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], max_prompt_length)
+    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], max_prompt_length)
+    fit_max_length(policy, config, "ptx_max_length")
     ptx_data = ptx_examples(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
@@ -462,7 +465,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     guard.kill_point("eval")
     sampling = Sampling(
         data_args.eval_samples_per_prompt, config.response_length, config.temperature, config.top_p, config.seed,
-        config.local_rollout_forward_batch_size, data_args.max_prompt_length,
+        config.local_rollout_forward_batch_size, max_prompt_length,
     )  # fmt: skip
     judges = {spec.rpartition(":")[2]: load_function(spec) for spec in config.eval_functions}
     with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (trained, reference, reward_model):

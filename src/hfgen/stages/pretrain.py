@@ -107,7 +107,13 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     from transformers import Trainer, set_seed
 
     from hfgen.generate import generate_text
-    from hfgen.models import build_causal_lm_from_config, load_causal_lm, load_tokenizer, train_bpe_tokenizer
+    from hfgen.models import (
+        build_causal_lm_from_config,
+        load_causal_lm,
+        load_tokenizer,
+        position_limit,
+        train_bpe_tokenizer,
+    )
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -134,6 +140,12 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
             model_args.dtype,
             model_args.trust_remote_code,
             model_args.attn_implementation,
+        )
+    limit = position_limit(model.config)
+    if limit and data_args.block_size > limit:
+        raise UserError(
+            f"block_size {data_args.block_size} is more than the {limit} positions the model learns "
+            f"({model.config.model_type}'s max_position_embeddings): lower block_size to at most {limit}"
         )
 
     with training_args.main_process_first(desc="packing"):
