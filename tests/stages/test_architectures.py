@@ -67,3 +67,11 @@ def test_lengths_past_gpt2s_learned_positions_exit_2_before_training(tiny_gpt2, 
     assert result.returncode == 2 and "Traceback" not in result.stderr and expected in result.stderr, result.stderr[
         -2000:
     ]
+
+
+def test_packing_on_a_model_that_would_mix_packed_documents_exits_2(tmp_path):
+    opt = save_tiny_causal_lm(tmp_path / "opt", "opt")
+    result = run_hfgen("train", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", opt, "--packing", "true",
+                       "--max_steps", "1", "--max_train_samples", "64", "--output_dir", tmp_path / "run")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "packing: true, but opt models do not keep the documents of a packed row apart" in result.stderr

@@ -191,6 +191,19 @@ def test_row_packing_keeps_packed_documents_apart(tiny_lm):
         assert use_row_packing(args, type("Model", (), {"config": config})()) == expected
 
 
+@pytest.mark.parametrize("architecture, apart", [("llama", True), ("gpt2", True), ("qwen2", True), ("opt", False)])
+def test_row_packing_needs_a_model_that_reads_documents_from_position_ids(architecture, apart):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hfgen.stages.sft import keeps_documents_apart
+    from tiny_models import ARCHITECTURES
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**ARCHITECTURES[architecture], vocab_size=64, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    assert keeps_documents_apart(model) == apart and model.training  # OPT builds its mask without position_ids
+
+
 @pytest.mark.slow
 def test_full_sft_saves_a_plain_model_that_improved(tiny_lm, tmp_path):
     from transformers import AutoModelForCausalLM

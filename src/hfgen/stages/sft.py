@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -106,6 +107,25 @@ def use_row_packing(training_args: SFTConfig, model) -> bool:
         and not training_args.padding_free
         and model.config._attn_implementation in ROW_PACKING_ATTENTION
     )
+
+
+def keeps_documents_apart(model) -> bool:
+    """Whether `model` reads the documents of a packed row apart from its position_ids alone, as row packing needs
+    (transformers' masks do so where a model passes position_ids on; OPT's forward does not): the logits of a short
+    document packed after another equal its logits alone. A forward of five tokens, under no_grad, in eval mode."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    first, second = [1, 2, 3], [4, 5]
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([first + second], device=device)
+            positions = torch.tensor([[0, 1, 2, 0, 1]], device=device)
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, len(first) :].float()
+            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0].float()
+    finally:
+        model.train(training)
+    return bool((packed - alone).abs().max() <= 0.02 * alone.abs().max() + 1e-4)  # bf16 noise, not a leak
 
 
 # ---- held-out responses: loss before/after, and sampled answers --------------------------------------
@@ -274,6 +294,14 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         peft_config=lora_config(model_args, model),
     )
     if use_row_packing(training_args, trainer.model):
+        with loop.gathered(trainer.accelerator, trainer.model) as (whole,):
+            apart = keeps_documents_apart(whole)
+        if not apart:
+            raise UserError(
+                f"packing: true, but {model.config.model_type} models do not keep the documents of a packed row apart "
+                "(their attention ignores the position_ids that mark where each starts; OPT's, for one), so documents "
+                "would attend to each other: set packing: false"
+            )
         trainer.data_collator = PackedRowsCollator(
             pad_token_id=tokenizer.pad_token_id,
             return_position_ids=True,
