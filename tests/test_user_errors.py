@@ -38,6 +38,14 @@ def data_file(tmp_path, name, text):
     return path
 
 
+def custom_code_model(tmp_path):
+    """A model dir whose config maps a model type transformers does not know to its own code (never run here)."""
+    (tmp_path / "custom").mkdir()
+    data_file(tmp_path / "custom", "config.json", json.dumps({"model_type": "custom_lm", "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomLM"}}))  # fmt: skip
+    return tmp_path / "custom"
+
+
 def not_utf8(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("# recette pr\u00e9par\u00e9e\nstage: pretrain\n".encode("latin-1"))
@@ -95,6 +103,9 @@ def not_utf8(tmp_path):
         (lambda t: [DPO, "--eval_prompts_dataset", t / "missing.jsonl"], ["eval_prompts_dataset", "missing.jsonl"]),
         (lambda t: [DPO, "--eval_prompts_dataset", data_file(t, "qa.jsonl", '{"question": "q", "answer": "a"}\n' * 4)],
          ["eval_prompts_dataset", "qa.jsonl", "match no prompt layout"]),
+        (lambda t: [SFT_LORA, "--model_name_or_path", custom_code_model(t)],
+         ["model_name_or_path", "'custom_lm'", "modeling_custom.CustomLM", "trust_remote_code: true"]),
+        (lambda t: [PPO, "--reward_model_path", custom_code_model(t)], ["reward_model_path", "trust_remote_code: true"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
@@ -105,7 +116,7 @@ def not_utf8(tmp_path):
         "config-unknown-model-type", "config-without-model-type", "config-not-an-object", "unknown-tracker",
         "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
-        "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts",
+        "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "sft-custom-code", "ppo-custom-code-reward",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):

@@ -32,14 +32,17 @@ def run_first_hint(path: str) -> str:
     return "run the recipe that writes it first"
 
 
-def check_model_config(model_args) -> list[str]:
-    """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded."""
+def check_model_config(model_args, trust_remote_code: bool = False) -> list[str]:
+    """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded (`trust_remote_code`:
+    the recipe's, on its training config)."""
     name = model_args.model_name_or_path
     if not name:
         return [
             "model_name_or_path is not set: name the model to fine-tune (hub id, model dir, or an earlier run's output_dir)"
         ]
-    problems = check_model_source("model_name_or_path", name, hint=run_first_hint(name))
+    problems = check_model_source(
+        "model_name_or_path", name, hint=run_first_hint(name), trust_remote_code=trust_remote_code
+    )
     if model_args.load_in_4bit or model_args.load_in_8bit:
         key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
         if not model_args.use_peft:

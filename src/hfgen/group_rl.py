@@ -86,10 +86,12 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     """Problems found before anything heavy loads: models, rewards, data, prompts vs chat template."""
     from hfgen.rl.rollout import load_function, unmet_arguments
 
-    problems = check_model_config(model_args)
+    problems = check_model_config(model_args, config.trust_remote_code)
     if data_args.reward_model_path:
         path = data_args.reward_model_path
-        problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
+        problems += check_model_source(
+            "reward_model_path", path, hint=run_first_hint(path), trust_remote_code=config.trust_remote_code
+        )
     if not data_args.reward_model_path and not data_args.reward_functions:
         problems.append("no reward: set reward_functions and/or reward_model_path")
     components = reward_component_names(data_args)

@@ -66,8 +66,9 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
-    """Problems with a model path/hub id, for a recipe's `check()`."""
+def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_code: bool | None = None) -> list[str]:
+    """Problems with a model path/hub id, for a recipe's `check()`; with `trust_remote_code` given, also a model
+    that needs its own code (`custom_code_problem`)."""
     if not name or name.startswith("embedded:"):
         return []
     path = Path(name).expanduser()
@@ -79,19 +80,42 @@ def check_model_source(key: str, name: str | None, hint: str = "") -> list[str]:
             for f in ("config.json", "adapter_config.json", "model_index.json", "tokenizer_config.json")
         ):
             return [f"{key} '{name}' is a directory without a config.json or adapter_config.json"]
-        return []
-    if looks_local(name):
+        config = path / "config.json"
+    elif looks_local(name):
         return [f"{key} '{name}' does not exist{'; ' + hint if hint else ''}"]
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.constants import HF_HUB_OFFLINE
+    else:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_OFFLINE
 
-    if (
-        HF_HUB_OFFLINE
-        and not isinstance(try_to_load_from_cache(name, "config.json"), str)
-        and not isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
-    ):
-        return [f"{key} '{name}' is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"]
+        config = try_to_load_from_cache(name, "config.json")
+        if (
+            HF_HUB_OFFLINE
+            and not isinstance(config, str)
+            and not isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
+        ):
+            return [f"{key} '{name}' is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"]
+    if trust_remote_code is False and isinstance(config, (str, Path)):
+        return custom_code_problem(key, name, Path(config))
     return []
+
+
+def custom_code_problem(key: str, name: str, config_file: Path) -> list[str]:
+    """A model whose config maps it to its own code (`auto_map`) for a model type transformers does not know: it
+    loads only with `trust_remote_code: true`, which runs that code (transformers would stop with a traceback).
+    A known model type with an `auto_map` loads with transformers' own code, as transformers does."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return []
+    from transformers import CONFIG_MAPPING
+
+    if not config.get("auto_map") or config.get("model_type") in CONFIG_MAPPING:
+        return []
+    classes = ", ".join(sorted(set(config["auto_map"].values()) if isinstance(config["auto_map"], dict) else []))
+    return [
+        f"{key} '{name}' is a {config.get('model_type')!r} model that brings its own code ({classes}), which "
+        "transformers runs only with trust_remote_code: true; set it in the recipe if you trust that code"
+    ]
 
 
 def not_a_generator(path: str | Path, label: str) -> list[str]:

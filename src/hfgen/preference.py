@@ -234,7 +234,9 @@ CHOSEN_FELL = (
 
 
 def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
-    return check_model_config(model_args) + check_preference_data(data_args, unpaired_ok)
+    return check_model_config(model_args, training_args.trust_remote_code) + check_preference_data(
+        data_args, unpaired_ok
+    )
 
 
 def run_stage(

@@ -247,10 +247,11 @@ ARGUMENTS = (ModelConfig, PPODataArguments, PPOConfig)
 
 
 def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> list[str]:
-    problems = check_model_config(model_args)
+    problems = check_model_config(model_args, config.trust_remote_code)
     for key in ("reward_model_path", "value_model_path"):
         if getattr(config, key):
-            problems += check_model_source(key, getattr(config, key), hint=run_first_hint(getattr(config, key)))
+            path = getattr(config, key)
+            problems += check_model_source(key, path, run_first_hint(path), trust_remote_code=config.trust_remote_code)
     if not config.reward_model_path and not config.reward_functions:
         problems.append("no reward: set reward_model_path and/or reward_functions")
     components = int(bool(config.reward_model_path)) + len(config.reward_functions)

@@ -35,7 +35,7 @@ MAX_DROPPED_FOR_LENGTH = 0.5  # more pairs than this over max_length: the limit 
 
 
 def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> list[str]:
-    return check_model_config(model_args) + check_text_data(data_args, "preference")[1]
+    return check_model_config(model_args, training_args.trust_remote_code) + check_text_data(data_args, "preference")[1]
 
 
 # ---- held-out pairs: accuracy and margin ---------------------------------------------------------------

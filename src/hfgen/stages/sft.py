@@ -50,7 +50,7 @@ ARGUMENTS = (ModelConfig, SFTDataArguments, SFTConfig)
 
 
 def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> list[str]:
-    problems = check_model_config(model_args)
+    problems = check_model_config(model_args, training_args.trust_remote_code)
     quantized = model_args.load_in_4bit or model_args.load_in_8bit  # reported by check_model_config
     if model_args.use_peft and not quantized and adapter_base(model_args.model_name_or_path or ""):
         # The new adapter would name the old adapter's base as its own, without the old adapter's weights.
