@@ -67,7 +67,8 @@ def run(command: list[str], log: Path, environment: dict | None = None) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
-    parser.add_argument("--stages", nargs="+", help="default: all of them, in order (later ones need earlier ones)")
+    parser.add_argument("--stages", nargs="*", help="default: all of them, in order (later ones need earlier ones); "
+                        "none: only the --engines runs, on the stages' outputs already in --work")  # fmt: skip
     parser.add_argument("--engines", nargs="*", default=[], choices=("ddp", "fsdp2", "zero2", "zero3"))
     parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="architecture_matrix-")))
     args = parser.parse_args()
@@ -82,7 +83,7 @@ def main() -> int:
         plan = stages(config)
         outputs = {name: str(work / name) for name in plan}
         row = table.setdefault(architecture, {})
-        for name in args.stages or plan:
+        for name in plan if args.stages is None else args.stages:
             command = [arg.format(**outputs) for arg in plan[name]]
             code = run([*hfgen, *command, "--output_dir", outputs[name]], work / f"{name}.log")
             row[name] = "ok" if code == 0 else f"exit {code}"
