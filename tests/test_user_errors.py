@@ -46,6 +46,15 @@ def custom_code_model(tmp_path):
     return tmp_path / "custom"
 
 
+def gpt2_config_only(tmp_path):
+    """A GPT-2 model dir with its config and no weights: what the recipe checks read before anything loads."""
+    (tmp_path / "gpt2").mkdir()
+    data_file(
+        tmp_path / "gpt2", "config.json", json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2})
+    )
+    return tmp_path / "gpt2"
+
+
 def not_utf8(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("# recette pr\u00e9par\u00e9e\nstage: pretrain\n".encode("latin-1"))
@@ -106,6 +115,8 @@ def not_utf8(tmp_path):
         (lambda t: [SFT_LORA, "--model_name_or_path", custom_code_model(t)],
          ["model_name_or_path", "'custom_lm'", "modeling_custom.CustomLM", "trust_remote_code: true"]),
         (lambda t: [PPO, "--reward_model_path", custom_code_model(t)], ["reward_model_path", "trust_remote_code: true"]),
+        (lambda t: [SFT_LORA, "--model_name_or_path", gpt2_config_only(t), "--lora_target_modules", "[q_proj, v_proj]"],
+         ["lora_target_modules", "(gpt2) has no module named q_proj, v_proj", "c_attn, c_fc, c_proj"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
@@ -117,6 +128,7 @@ def not_utf8(tmp_path):
         "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
         "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "sft-custom-code", "ppo-custom-code-reward",
+        "sft-lora-targets-of-another-family",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):

@@ -50,7 +50,30 @@ def check_model_config(model_args, trust_remote_code: bool = False) -> list[str]
         if adapter_base(name):
             problems.append(f"{key}: model_name_or_path '{name}' is a LoRA adapter dir; merge it first (hfgen merge)")
         problems += quantization_problems(key)
+    if not problems and model_args.use_peft:
+        problems += lora_target_problems(model_args, trust_remote_code)
     return problems
+
+
+def lora_target_problems(model_args, trust_remote_code: bool) -> list[str]:
+    """`lora_config`'s check of `lora_target_modules`, on the model's architecture built on the meta device (no
+    weights read), so a recipe written for another family fails in seconds rather than after the model loads. Best
+    effort: a model this cannot build here is checked once loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(resolved(name), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 (any failure to build it here leaves the check to the loaded model)
+        return []
+    try:
+        lora_config(model_args, model, warn=False)
+    except UserError as error:
+        return [str(error)]
+    return []
 
 
 def quantization_problems(key: str) -> list[str]:
@@ -119,7 +142,7 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
     return model
 
 
-def lora_config(model_args, model, **changes):
+def lora_config(model_args, model, warn: bool = True, **changes):
     """TRL's `get_peft_config(model_args)` (None without `use_peft`), with `changes` applied, checked against
     `model` before any stage wraps it, so a recipe written for another architecture exits 2 naming
     `lora_target_modules` and the model's linear layers instead of failing inside peft.
@@ -151,7 +174,7 @@ def lora_config(model_args, model, **changes):
                 f"({linear_layers_hint(model)})"
             )
     elif targets is not None and targets != "all-linear":
-        check_lora_targets(targets, model, where)
+        check_lora_targets(targets, model, where, warn_partial=warn)
     return config
 
 
