@@ -204,7 +204,7 @@ def float32_weights_note(dtype: str, frozen: str) -> str:
     """Why a model trained in full keeps float32 weights when `dtype` asks for a half dtype (said when it happens)."""
     resolution = {"bfloat16": 256, "float16": 2048}[dtype]  # half the spacing of its numbers, relative
     return (f"dtype {dtype}: the trained weights stay float32 and compute in {dtype} (mixed precision): an update "
-            f"smaller than 1/{resolution} of a weight is lost in {dtype}, and at fine-tuning learning rates most are; "
+            f"smaller than 1/{resolution} of a weight would be lost in {dtype} (AdamW's are about the learning rate); "
             f"{frozen}")  # fmt: skip
 
 
