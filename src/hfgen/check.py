@@ -194,6 +194,27 @@ def check_group_rewards(recipe, rows) -> list[str]:
     return reward_lines(groups, f" (components: {means})", " (no signal for a group-relative method)")
 
 
+def assistant_mask_problems(tokenizer) -> list[str]:
+    """`assistant_only_loss` masks by the chat template's `{% generation %}` markers. A template without them is
+    swapped by SFTTrainer for its training version of the same template where TRL has one (Llama 3, Qwen, Gemma,
+    Phi-3, ...); any other would fail in SFTTrainer's constructor after the model has loaded."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return []
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        return [
+            "assistant_only_loss: true masks the loss by the chat template's {% generation %} ... {% endgeneration %} "
+            "markers around assistant turns; this tokenizer's template has none and TRL has no training version of "
+            "it: set chat_template_path to a .jinja template with the markers (or a tokenizer dir whose template has "
+            "them), or set assistant_only_loss: false (loss on every token), or give prompt/completion data "
+            "(completion_only_loss)"
+        ]
+    return []
+
+
 def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:
     """(report lines: rendered examples with trained tokens marked and the shares below, fatal findings: labels
     fully masked, no EOS in the labels, a chat template whose generation prompt does not begin the training
@@ -209,6 +230,8 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
     chat = "messages" in rows.column_names or isinstance(rows[0].get("completion", ""), list)
     if chat and tokenizer.chat_template is None:
         return [], ["the data is conversational but the tokenizer has no chat template"]
+    if "messages" in rows.column_names and training_args.assistant_only_loss and not training_args.chat_template_path:
+        fatal += assistant_mask_problems(tokenizer)
     examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
     for row in rows:
         prompt, response = split_prompt_response(row, "text")

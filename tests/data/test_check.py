@@ -7,9 +7,11 @@ import pytest
 
 from conftest import REPO
 from hfgen.cli import main as hfgen_main
+from hfgen.models import CHAT_TEMPLATE
 from tiny_models import save_tiny_llama
 
 SFT_FULL = REPO / "recipes/tiny/sft_full.yaml"
+GENERATION_SPAN = "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,9 @@ def test_check_reports_the_data_and_rendered_examples(tiny_lm, capsys):
         (("max_length", "6"), "fully masked labels after truncation at max_length=6"),
         (("template", "message['content'] + '<|end|>'", "message['content']"), "EOS ('<|end|>') is inside no row's labels"),
         (("template", "{{ '<|assistant|>\n' }}{%- endif %}", "{{ 'Assistant: ' }}{%- endif %}"), "generation prompt does not begin"),
+        (("template", GENERATION_SPAN, GENERATION_SPAN[16:-19]), "assistant_only_loss: true masks the loss by"),
     ],
-    ids=["fully-masked", "no-eos-in-labels", "template-mismatch"],
+    ids=["fully-masked", "no-eos-in-labels", "template-mismatch", "no-generation-markers"],
 )  # fmt: skip
 def test_check_exits_2_naming_the_problem(tiny_lm, tmp_path, capsys, change, expected):
     if change[0] == "max_length":
@@ -66,6 +69,15 @@ def test_check_exits_2_naming_the_problem(tiny_lm, tmp_path, capsys, change, exp
         argv = ["--model_name_or_path", with_template(tiny_lm, tmp_path, *change[1:])]
     code, _, err = check(capsys, SFT_FULL, *argv)
     assert code == 2 and expected in err, err
+
+
+def test_a_template_without_generation_markers_trains_with_chat_template_path(tiny_lm, tmp_path, capsys):
+    # the assistant mask's markers given by a template file, as SFTTrainer reads it (TRL's chat_template_path)
+    unmarked = with_template(tiny_lm, tmp_path, GENERATION_SPAN, GENERATION_SPAN[16:-19])
+    marked = tmp_path / "marked.jinja"
+    marked.write_text(CHAT_TEMPLATE)
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", unmarked, "--chat_template_path", marked)
+    assert code == 0, err
 
 
 def test_check_says_which_checks_a_pipeline_skips(capsys):
