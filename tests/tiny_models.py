@@ -72,6 +72,37 @@ def save_tiny_causal_lm(
     return path
 
 
+def save_tiny_gpt2_without_pad(path: Path) -> Path:
+    """A tiny random GPT-2 whose tokenizer has no pad token, as GPT-2's and Llama 3's have none: hfgen adds one when
+    it loads it, and the model's embeddings grow by a row (which a LoRA run saves with its adapter). The embedded
+    corpus's BPE and hfgen's chat template otherwise."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from hfgen.data import embedded
+    from hfgen.models import CHAT_TEMPLATE, EOS, ROLE_TOKENS
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(embedded.tokenizer_training_text(), trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS, *ROLE_TOKENS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS, additional_special_tokens=list(ROLE_TOKENS)
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = AutoConfig.for_model(**ARCHITECTURES["gpt2"])
+    config.vocab_size, config.bos_token_id, config.eos_token_id = len(tokenizer), None, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.bos_token_id, model.generation_config.eos_token_id = None, tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def pretrain(model, tokenizer, steps: int, block_size: int = 64, batch_size: int = 16) -> None:
     """Next-token training on packed blocks of the embedded corpus (AdamW, linear decay)."""
     import torch

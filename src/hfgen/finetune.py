@@ -14,8 +14,10 @@ from pathlib import Path
 from hfgen.errors import UserError
 from hfgen.models import (
     adapter_base,
+    base_model_of,
     check_lora_targets,
     check_model_source,
+    fit_embeddings,
     fit_max_length,
     linear_layers_hint,
     load_causal_lm,
@@ -62,7 +64,7 @@ def lora_target_problems(model_args, trust_remote_code: bool) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name = adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path
+    name = base_model_of(model_args.model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(resolved(name), trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -114,7 +116,10 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
     name = model_args.model_name_or_path
     if adapter_base(name):
         model = load_causal_lm(name, model_args.dtype, training_args.trust_remote_code, model_args.attn_implementation)
-        model = model.merge_and_unload()
+        model = model.merge_and_unload().requires_grad_(True)  # peft froze the base; full fine-tuning trains it
+        # peft records the model's name as a new adapter's base: the adapter dir, whose weights are merged in here
+        # (the merged base alone would load without them); load_causal_lm follows such chains.
+        model.name_or_path = resolved(name)
         if sequence_classifier:
             model = sequence_classifier_from(model)
     else:
@@ -135,8 +140,7 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
         kwargs |= training_args.model_init_kwargs or {}
         architecture = AutoModelForSequenceClassification if sequence_classifier else AutoModelForCausalLM
         model = create_model_from_path(resolved(name), architecture, **kwargs)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     fit_max_length(model, training_args)
     return model

@@ -237,6 +237,14 @@ def adapter_base(path: str | Path) -> str | None:
     return json.loads(config.read_text()).get("base_model_name_or_path")
 
 
+def base_model_of(path: str | Path) -> str:
+    """The full model under `path`: itself, or the base at the end of a chain of adapter dirs."""
+    path = str(path)
+    while (base := adapter_base(path)) is not None:
+        path = base
+    return path
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -262,11 +270,20 @@ def build_causal_lm_from_config(config_name: str, tokenizer, args: ModelArgument
     return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
 
 
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the model's embeddings to the tokenizer: `load_tokenizer` gives a tokenizer without a pad token (GPT-2's,
+    Llama 3's) a new one, whose id past the embedding table would crash the first padded batch."""
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+
+
 def load_causal_lm(
     path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
 ):
     """A causal LM from a full model dir / hub id, or base+adapter from a LoRA adapter dir (adapter kept
-    unmerged, as a PeftModel)."""
+    unmerged, as a PeftModel). Its embeddings fit its tokenizer as `load_tokenizer` gives it (`fit_embeddings`):
+    for an adapter trained on such a base, peft saved the grown embeddings, and the base grows before they go in. An
+    adapter whose base is itself an adapter dir (LoRA trained on an earlier LoRA run) loads on that one, merged."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -274,11 +291,21 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     base = adapter_base(path)
     try:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    except UserError:  # a model without a tokenizer of its own (pretraining takes one by name)
+        tokenizer = None
+    try:
+        if adapter_base(base or ""):  # trained on an earlier run's adapter (merged then, as load_model does)
+            model = load_causal_lm(base, dtype, trust_remote_code, attn_implementation).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
+        if tokenizer is not None:
+            fit_embeddings(model, tokenizer)
         if base is None:
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            return model
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
+        return PeftModel.from_pretrained(model, path)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load a causal language model from '{path}': {error}") from None
 

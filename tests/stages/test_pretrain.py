@@ -13,6 +13,7 @@ from conftest import REPO, accelerate_launch, run_hfgen
 from hfgen import tracking
 from hfgen.data.embedded import ADJECTIVES, COLORS, SUBJECTS
 from hfgen.recipe import load_recipe
+from tiny_models import save_tiny_gpt2_without_pad
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
 SHORT = ["--max_train_samples", "300", "--max_eval_samples", "40", "--logging_steps", "5"]
@@ -142,3 +143,23 @@ def test_hfgen_train_spawns_accelerate_when_asked(tmp_path, free_port):
     assert result.returncode == 0, result.stderr[-3000:]
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
     assert (tmp_path / "weights-rank1.sha256").read_text() == (tmp_path / "weights-rank0.sha256").read_text()
+
+
+def test_continued_pretraining_and_generation_on_a_model_whose_tokenizer_has_no_pad(tmp_path):
+    """GPT-2's and Llama 3's tokenizers have no pad token: hfgen adds one (its id one past the embedding table), so
+    the model's embeddings grow with it, here as in fine-tuning. Without that, pretraining's samples after training
+    and `hfgen generate` on prompts of different lengths died on an IndexError (the pad id read as a token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = save_tiny_gpt2_without_pad(tmp_path / "gpt2")
+    prompts = ["--prompt", "the cat", "--prompt", "a much longer prompt about the red car", "--max_new_tokens", "4"]
+    generated = run_hfgen("generate", base, *prompts)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    output_dir = tmp_path / "continued"
+    result = run_hfgen("train", PRETRAIN, "--config_name", "null", "--tokenizer_name", "null", "--model_name_or_path",
+                       base, "--output_dir", output_dir, "--max_steps", "2", *SHORT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
+    assert AutoModelForCausalLM.from_pretrained(output_dir).get_input_embeddings().num_embeddings == len(tokenizer)
+    assert (output_dir / "samples.jsonl").read_text().strip()

@@ -15,7 +15,7 @@ from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import generate_rows
 from hfgen.recipe import load_recipe
 from hfgen.train import run_recipe
-from tiny_models import pretrained_tiny_llama
+from tiny_models import pretrained_tiny_llama, save_tiny_gpt2_without_pad
 
 SFT_LORA = REPO / "recipes/tiny/sft_lora.yaml"  # conversational prompt/completion, completion-only loss
 SFT_FULL = REPO / "recipes/tiny/sft_full.yaml"  # conversational messages, assistant_only_loss
@@ -279,11 +279,6 @@ def jsonl(path, rows):
     return path
 
 
-def adapter_dir(path):
-    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some/base"}))
-    return path
-
-
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -299,8 +294,6 @@ def adapter_dir(path):
         ),
         # a model dir that was never made
         (lambda t: ["--model_name_or_path", "outputs/tiny/never_made"], ["outputs/tiny/never_made", "does not exist"]),
-        # LoRA on top of an adapter dir: merge first
-        (lambda t: ["--model_name_or_path", adapter_dir(t)], ["adapter dir", "hfgen merge"]),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, overrides, expected):
@@ -323,3 +316,68 @@ def test_a_recipe_trl_rejects_when_it_builds_the_trainer_exits_2_with_trls_reaso
     code, message = train_exit_code(capsys, SFT_LORA, *on_tiny(tiny_lm, tmp_path, "--eos_token", "<no-such-token>"))
     assert code == 2 and "SFTTrainer rejected the recipe" in message and "'<no-such-token>'" in message
     assert not (tmp_path / "COMPLETE").exists()
+
+
+LORA_FEW_STEPS = [
+    "--max_steps",
+    "3",
+    "--learning_rate",
+    "0.05",
+    "--num_samples",
+    "0",
+    "--lora_target_modules",
+    "c_attn",
+]
+
+
+@pytest.fixture(scope="module")
+def lora_run_on_padless_gpt2(tmp_path_factory):
+    """(base, LoRA run dir): a few LoRA steps on a tiny GPT-2 whose tokenizer had no pad token (its embeddings grew
+    by a row, saved with the adapter)."""
+    root = tmp_path_factory.mktemp("lora_chain")
+    base = save_tiny_gpt2_without_pad(root / "base")
+    run_recipe(load_recipe(SFT_LORA, [str(o) for o in on_tiny(base, root / "first", *LORA_FEW_STEPS)]))
+    return base, root / "first"
+
+
+def test_lora_on_an_earlier_lora_run_loads_as_trained(lora_run_on_padless_gpt2, tmp_path, monkeypatch):
+    """LoRA trained on an earlier LoRA run (whose adapter is merged in first): the output dir loads (hfgen
+    generate/eval/merge's loader) and merges into the model that was trained. Once it recorded the bare base: the
+    earlier adapter went missing, and the grown embeddings did not fit the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_causal_lm
+
+    base, first = lora_run_on_padless_gpt2
+    trained = train_in_process(monkeypatch, SFT_LORA, on_tiny(first, tmp_path / "second", *LORA_FEW_STEPS)).model
+    assert json.loads((tmp_path / "second/adapter_config.json").read_text())["base_model_name_or_path"] == str(first)
+    assert hfgen_main(["merge", str(tmp_path / "second"), "--output_dir", str(tmp_path / "merged")]) == 0
+
+    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=ids).logits
+        loaded = load_causal_lm(str(tmp_path / "second"), "float32")(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+        bare = AutoModelForCausalLM.from_pretrained(base)
+        bare.resize_token_embeddings(bare.get_input_embeddings().num_embeddings + 1)  # the pad token's row
+        second_alone = PeftModel.from_pretrained(bare, tmp_path / "second")(input_ids=ids).logits
+    torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
+    assert (second_alone - expected).abs().max() > 1e-2  # the first run's adapter matters, so the above has teeth
+
+
+def test_full_fine_tuning_from_a_lora_run_trains_every_weight(lora_run_on_padless_gpt2, tmp_path, monkeypatch):
+    """Full SFT starting from a LoRA run dir trains the merged model's weights (peft had frozen them: DPO died on
+    "does not require grad")."""
+    from safetensors.torch import load_file
+
+    from hfgen.models import load_causal_lm
+
+    _, first = lora_run_on_padless_gpt2
+    overrides = ["--max_steps", "2", "--learning_rate", "0.01", "--num_samples", "0"]
+    train_in_process(monkeypatch, SFT_FULL, on_tiny(first, tmp_path / "full", *overrides))
+    start = {k: v for k, v in load_causal_lm(str(first), "float32").merge_and_unload().state_dict().items()}
+    trained = load_file(tmp_path / "full/model.safetensors")
+    moved = [name for name, tensor in trained.items() if not torch.equal(tensor, start[name])]
+    assert len(moved) == len(trained), sorted(set(trained) - set(moved))

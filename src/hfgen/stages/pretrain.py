@@ -109,6 +109,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     from hfgen.generate import generate_text
     from hfgen.models import (
         build_causal_lm_from_config,
+        fit_embeddings,
         load_causal_lm,
         load_tokenizer,
         position_limit,
@@ -141,6 +142,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
             model_args.trust_remote_code,
             model_args.attn_implementation,
         )
+        fit_embeddings(model, tokenizer)  # `tokenizer_name` may name another (or load_tokenizer added a pad token)
     limit = position_limit(model.config)
     if limit and data_args.block_size > limit:
         raise UserError(

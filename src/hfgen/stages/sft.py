@@ -32,7 +32,6 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model, lora_config
-from hfgen.models import adapter_base
 
 
 @dataclass
@@ -51,14 +50,6 @@ ARGUMENTS = (ModelConfig, SFTDataArguments, SFTConfig)
 
 def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code)
-    quantized = model_args.load_in_4bit or model_args.load_in_8bit  # reported by check_model_config
-    if model_args.use_peft and not quantized and adapter_base(model_args.model_name_or_path or ""):
-        # The new adapter would name the old adapter's base as its own, without the old adapter's weights.
-        problems.append(
-            f"model_name_or_path '{model_args.model_name_or_path}' is a LoRA adapter dir, and use_peft would train a "
-            f"new adapter on top of it; merge it first (`hfgen merge {model_args.model_name_or_path} --output_dir "
-            "MERGED_DIR`) and start from MERGED_DIR"
-        )
     loaded, data_problems = check_text_data(data_args, "sft", {"text": training_args.dataset_text_field})
     problems += data_problems
     if loaded:
