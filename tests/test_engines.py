@@ -94,16 +94,16 @@ def write_pipeline(directory, pretrained) -> str:
     return str(path)
 
 
-def write_ppo_lora(directory, sft, reward) -> str:
-    """A LoRA policy on fixed models (the tiny pretrained Llama, a seeded reward model)."""
+def write_ppo_lora(directory, sft, reward, name: str = "ppo_lora") -> str:
+    """A LoRA policy on fixed models (the tiny pretrained Llama, a seeded reward model), or on an earlier LoRA run."""
     recipe = {
         "stage": "ppo", "model_name_or_path": str(sft), "reward_model_path": str(reward), "dataset_name":
-        "embedded:prompts", "oracle_function": ORACLE, "output_dir": str(directory / "ppo_lora"), "total_episodes": 32,
+        "embedded:prompts", "oracle_function": ORACLE, "output_dir": str(directory / name), "total_episodes": 32,
         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_ppo_epochs": 1,
         "response_length": 8, "learning_rate": 1e-3, "max_eval_samples": 4, "eval_samples_per_prompt": 1,
         "sample_steps": 1, "seed": 5, "ema_decay": 0.5, **LORA,
     }  # fmt: skip
-    path = directory / "ppo_lora.yaml"
+    path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
 
@@ -151,10 +151,34 @@ def write_reward_model(path, pretrained):
 # 16-channel VAE trained beforehand), but for t2i and t2i_flow under ZeRO-3 (refused); DPO and GRPO (TRL's trainers,
 # with hfgen's passes outside them).
 JOBS = {
-    "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "dpo", "grpo"),
-    "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "dpo", "grpo"),
-    "fsdp2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "t2i_flow", "dpo", "grpo"),
-    "zero2": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "vae", "t2i", "t2i_flow", "dpo", "grpo"),
+    "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora", "dpo", "grpo"),
+    "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora", "vae", "dpo", "grpo"),
+    "fsdp2": (
+        "pretrain",
+        "pipeline",
+        "sft_lora",
+        "reward_lora",
+        "ppo_lora",
+        "ppo_on_lora",
+        "vae",
+        "t2i",
+        "t2i_flow",
+        "dpo",
+        "grpo",
+    ),
+    "zero2": (
+        "pretrain",
+        "pipeline",
+        "sft_lora",
+        "reward_lora",
+        "ppo_lora",
+        "ppo_on_lora",
+        "vae",
+        "t2i",
+        "t2i_flow",
+        "dpo",
+        "grpo",
+    ),
 }
 
 
@@ -187,6 +211,8 @@ def runs(tmp_path_factory):
                 "sft_lora": (lambda: [write_sft_lora(directory, pretrained)], directory / "sft_lora"),
                 "reward_lora": (lambda: [write_reward_lora(directory, pretrained)], directory / "reward_lora"),
                 "ppo_lora": (lambda: [write_ppo_lora(directory, pretrained, reward)], directory / "ppo_lora"),
+                "ppo_on_lora": (lambda: [write_ppo_lora(directory, directory / "sft_lora", reward, "ppo_on_lora")],
+                                directory / "ppo_on_lora"),
                 "vae": (lambda: [VAE_RECIPE, *vae_overrides(configs, directory / "vae", steps=3)], directory / "vae"),
                 "t2i": (lambda: [T2I_RECIPE, *t2i_overrides(configs, directory / "vae", directory / "t2i", steps=3),
                                  "--eval_images_per_prompt", "0"], directory / "t2i"),
@@ -286,6 +312,8 @@ def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, eng
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForSequenceClassification
 
+    from hfgen.models import load_causal_lm
+
     for job, inside in (("sft_lora", ""), ("ppo_lora", ""), ("ppo_lora", "ema")):
         run, ddp = runs(engine)[job] / inside, runs("ddp")[job] / inside
         if not inside:  # the EMA adapter (`ema_decay`) sits inside the PPO run
@@ -296,6 +324,15 @@ def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, eng
         # near zero leaves an odd adapter element ~1e-5 off (LoRA's B matrices start at zero); the losses agree.
         theirs = AutoPeftModelForCausalLM.from_pretrained(ddp).state_dict()
         assert_same_weights(ours, theirs, f"{engine} {job} {inside}", atol=1e-4)
+    # PPO's LoRA on the SFT LoRA run: the earlier adapter merged in first (its weights gathered under ZeRO-3), the
+    # new adapter's base that run, loaded as a chain by hfgen
+    run, ddp = runs(engine)["ppo_on_lora"], runs("ddp")["ppo_on_lora"]
+    assert_whole_run(run)
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        runs(engine)["sft_lora"]
+    )
+    ours, theirs = (load_causal_lm(str(path), "float32").state_dict() for path in (run, ddp))
+    assert_same_weights(ours, theirs, f"{engine} ppo_on_lora", atol=1e-4)
     losses = [
         [row["loss"] for row in tracking.read_metrics(runs(name)["sft_lora"]) if "loss" in row]
         for name in (engine, "ddp")
@@ -370,3 +407,16 @@ def test_bad_launches_exit_2_before_any_model_loads(tmp_path):
     assert re.search(r"exitcode\s*:\s*2", result.stderr) and "cannot run under zero2" in result.stderr
     assert "discriminator" in result.stderr
     assert "hfgen: error:" in result.stderr and f'File "{REPO / "src"}' not in result.stderr  # no hfgen traceback
+    # A recipe that keeps `use_cpu: true` (the tiny recipes' default) under a DeepSpeed launch: PPO's own loop died
+    # on an AttributeError inside accelerate's set-up.
+    ppo = ["--model_name_or_path", tiny_model(tmp_path), "--reward_model_path", "null", "--reward_functions",
+           ORACLE, "--output_dir", tmp_path / "ppo", "--use_cpu", "true"]  # fmt: skip
+    result = launch("zero3", free_port(), REPO / "recipes/tiny/ppo.yaml", *ppo)
+    assert re.search(r"exitcode\s*:\s*2", result.stderr) and "set use_cpu: false" in result.stderr
+    assert "hfgen: error:" in result.stderr and f'File "{REPO / "src"}' not in result.stderr  # no hfgen traceback
+
+
+def tiny_model(directory):
+    from tiny_models import save_tiny_llama
+
+    return save_tiny_llama(directory / "tiny")

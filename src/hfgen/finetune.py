@@ -21,6 +21,7 @@ from hfgen.models import (
     fit_max_length,
     linear_layers_hint,
     load_causal_lm,
+    merged,
 )
 
 
@@ -115,8 +116,15 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
 
     name = model_args.model_name_or_path
     if adapter_base(name):
-        model = load_causal_lm(name, model_args.dtype, training_args.trust_remote_code, model_args.attn_implementation)
-        model = model.merge_and_unload().requires_grad_(True)  # peft froze the base; full fine-tuning trains it
+        import torch
+
+        # Loading an adapter draws random LoRA weights before reading the saved ones, and not the same draws under
+        # ZeRO-3: the random state is put back, so a new adapter starts the same on every engine.
+        with torch.random.fork_rng():
+            model = load_causal_lm(
+                name, model_args.dtype, training_args.trust_remote_code, model_args.attn_implementation
+            )
+            model = merged(model).requires_grad_(True)  # peft froze the base; full fine-tuning trains it
         # peft records the model's name as a new adapter's base: the adapter dir, whose weights are merged in here
         # (the merged base alone would load without them); load_causal_lm follows such chains.
         model.name_or_path = resolved(name)

@@ -96,6 +96,13 @@ def check_launch(refused: dict[str, str] | None = None) -> None:
         raise UserError(f"this stage cannot run under {asked}: {refused[asked]}")
 
 
+def use_cpu_problem() -> str:
+    return (
+        f"the launch asked for {launched_engine()} but `use_cpu: true` (or ACCELERATE_USE_CPU) turns every engine into "
+        "plain data parallelism: set use_cpu: false in the recipe (DeepSpeed on CPU: DS_ACCELERATOR=cpu)"
+    )
+
+
 def make_accelerator(
     output_dir: str | Path,
     seed: int,
@@ -113,6 +120,8 @@ def make_accelerator(
 
     refused = {"fsdp1": "set fsdp_version: 2 in the launch config (FSDP2)", **(refused or {})}
     check_launch(refused)
+    if cpu and launched_engine().startswith("zero"):  # accelerate's DeepSpeed set-up fails half-way on cpu=True
+        raise UserError(use_cpu_problem())
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
@@ -125,10 +134,7 @@ def make_accelerator(
     if resolved in refused:
         raise UserError(f"this stage cannot run under {resolved}: {refused[resolved]}")
     if resolved == "ddp" and launched_engine() != "ddp":
-        raise UserError(
-            f"the launch asked for {launched_engine()} but accelerate set up plain data parallelism: `use_cpu: true` "
-            "(or ACCELERATE_USE_CPU) turns every engine into DDP; set use_cpu: false (DeepSpeed on CPU: DS_ACCELERATOR=cpu)"
-        )
+        raise UserError(use_cpu_problem())
     set_seed(seed)
     return accelerator
 

@@ -277,6 +277,19 @@ def fit_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def merged(peft_model):
+    """`peft_model.merge_and_unload()`, also on weights that ZeRO-3's `zero.Init` partitioned as they loaded (a
+    process holds a slice: the merge gathers them, and the merged weights are partitioned again from rank 0's)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return peft_model.merge_and_unload()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(peft_model.parameters()), modifier_rank=0):
+        return peft_model.merge_and_unload()
+
+
 def load_causal_lm(
     path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
 ):
@@ -296,7 +309,7 @@ def load_causal_lm(
         tokenizer = None
     try:
         if adapter_base(base or ""):  # trained on an earlier run's adapter (merged then, as load_model does)
-            model = load_causal_lm(base, dtype, trust_remote_code, attn_implementation).merge_and_unload()
+            model = merged(load_causal_lm(base, dtype, trust_remote_code, attn_implementation))
         else:
             model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
         if tokenizer is not None:
