@@ -147,38 +147,15 @@ def write_reward_model(path, pretrained):
 
 
 # The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
-# fine-tuning); SFT, reward and PPO with LoRA; the diffusion stages (a VAE, then t2i on it; the flow transformer on a
-# 16-channel VAE trained beforehand), but for t2i and t2i_flow under ZeRO-3 (refused); DPO and GRPO (TRL's trainers,
-# with hfgen's passes outside them).
+# fine-tuning); SFT, reward and PPO with LoRA, and PPO's LoRA on the SFT LoRA run; the diffusion stages (a VAE, then
+# t2i on it; the flow transformer on a 16-channel VAE trained beforehand), but for t2i and t2i_flow under ZeRO-3
+# (refused); DPO and GRPO (TRL's trainers, with hfgen's passes outside them).
+TEXT_JOBS = ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora")
 JOBS = {
-    "ddp": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora", "dpo", "grpo"),
-    "zero3": ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora", "vae", "dpo", "grpo"),
-    "fsdp2": (
-        "pretrain",
-        "pipeline",
-        "sft_lora",
-        "reward_lora",
-        "ppo_lora",
-        "ppo_on_lora",
-        "vae",
-        "t2i",
-        "t2i_flow",
-        "dpo",
-        "grpo",
-    ),
-    "zero2": (
-        "pretrain",
-        "pipeline",
-        "sft_lora",
-        "reward_lora",
-        "ppo_lora",
-        "ppo_on_lora",
-        "vae",
-        "t2i",
-        "t2i_flow",
-        "dpo",
-        "grpo",
-    ),
+    "ddp": (*TEXT_JOBS, "dpo", "grpo"),
+    "zero3": (*TEXT_JOBS, "vae", "dpo", "grpo"),
+    "fsdp2": (*TEXT_JOBS, "vae", "t2i", "t2i_flow", "dpo", "grpo"),
+    "zero2": (*TEXT_JOBS, "vae", "t2i", "t2i_flow", "dpo", "grpo"),
 }
 
 
