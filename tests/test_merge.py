@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import run_hfgen
 from hfgen.cli import main as hfgen_main
 from tiny_models import save_tiny_llama
 
@@ -70,3 +71,19 @@ def test_bad_merges_exit_2(base_and_adapter, tmp_path, capsys):
     (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
     code, message = merge(capsys, orphan, "--output_dir", tmp_path / "out")
     assert code == 2 and "does not exist" in message
+
+
+def test_a_merge_killed_half_way_leaves_no_model_dir_and_a_rerun_completes(base_and_adapter, tmp_path, capsys):
+    _, adapter = base_and_adapter
+    output_dir = tmp_path / "merged"
+    killed = run_hfgen("merge", adapter, "--output_dir", output_dir, env={"HFGEN_KILL_AT": "merge_save"})
+    assert killed.returncode == -9  # SIGKILL after the weights, before the tokenizer
+    assert not output_dir.exists()  # the weights went to merged.partial, never into place
+    assert merge(capsys, adapter, "--output_dir", output_dir)[0] == 0
+    assert (output_dir / "merged_from.json").is_file() and (output_dir / "tokenizer.json").is_file()
+    assert not (tmp_path / "merged.partial").exists()
+    assert merge(capsys, adapter, "--output_dir", output_dir)[0] == 0  # an earlier merge's dir is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("mine")
+    code, message = merge(capsys, adapter, "--output_dir", tmp_path / "notes")
+    assert code == 2 and "holds other files" in message and (tmp_path / "notes/todo.txt").is_file()

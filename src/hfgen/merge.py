@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hfgen import tracking
+    from hfgen import guard, tracking
     from hfgen.errors import UserError
     from hfgen.models import adapter_base, check_model_source, load_causal_lm, load_tokenizer
 
@@ -48,13 +49,24 @@ def main(args: argparse.Namespace) -> int:
     if output_dir.resolve() == adapter.resolve():
         raise UserError("--output_dir must differ from the adapter dir.")
 
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "merged_from.json").is_file():
+        raise UserError(
+            f"--output_dir '{output_dir}' holds other files; give a new or empty dir (or an earlier merge's)."
+        )
+
     model = load_causal_lm(str(adapter), args.dtype)
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse weights that turn NaN
-    merged.save_pretrained(output_dir)  # safetensors
-    load_tokenizer(str(adapter)).save_pretrained(output_dir)
+    # Written beside, then moved into place: a merge killed half-way leaves no dir that looks like a model.
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(partial)  # safetensors
+    guard.kill_point("merge_save")
+    load_tokenizer(str(adapter)).save_pretrained(partial)
     tracking.write_json(
-        output_dir / "merged_from.json",
+        partial / "merged_from.json",
         {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions()},
     )
+    shutil.rmtree(output_dir, ignore_errors=True)  # empty, or an earlier merge's (checked above)
+    partial.rename(output_dir)
     print(output_dir)
     return 0
