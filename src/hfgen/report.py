@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hfgen import tracking
 from hfgen.errors import UserError
 
 # Metric groups, first match wins; each becomes one figure with a panel per metric.
@@ -76,7 +77,7 @@ def write_report(run_dirs, out: str | Path, title: str = "hfgen report", max_sam
     runs = [load_run(path, name) for path, name in zip(paths, run_names(paths))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(runs, title, max_samples))
+    tracking.write_text(out, render_html(runs, title, max_samples))  # a page killed half-way is never left
     return out
 
 
@@ -95,8 +96,6 @@ def run_names(paths: list[Path]) -> list[str]:
 
 def load_run(path: Path, name: str) -> Run:
     import yaml
-
-    from hfgen import tracking
 
     run = Run(name=name, path=path, complete=tracking.is_complete(path))
     if (path / "recipe.yaml").is_file():

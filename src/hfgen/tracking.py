@@ -134,12 +134,17 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
         )
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (a reader, or a process killed meanwhile, never leaves half a file)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (a reader never sees half a file)."""
+    write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value):
@@ -151,10 +156,7 @@ def _jsonable(value):
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
 
 
 def read_json(path: str | Path, default=None):
