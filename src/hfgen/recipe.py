@@ -254,7 +254,7 @@ def build_recipe(
             continue
         argv += [f"--{key}", *tokens]
     if errors:
-        raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors) + ".")
+        raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors).rstrip(".") + ".")
 
     try:
         configs = parser.parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
@@ -274,7 +274,7 @@ def build_recipe(
     if check_inputs and hasattr(module, "check"):
         problems += module.check(*recipe.configs)  # every problem at once, out-of-range values with the rest
     if problems:
-        raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems) + ".")
+        raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems).rstrip(".") + ".")
     return recipe
 
 
