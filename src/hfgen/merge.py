@@ -1,6 +1,7 @@
 """Merge a LoRA adapter into its base model: `hfgen merge ADAPTER_DIR --output_dir MERGED_DIR`.
 
-ADAPTER_DIR is a causal-LM adapter, e.g. the output of `sft` with `use_peft: true` (adapter_config.json naming
+ADAPTER_DIR is a causal-LM adapter (or a t2i / t2i_flow LoRA run, whose adapters are fused into its base pipeline:
+MERGED_DIR is then a plain diffusers pipeline dir), e.g. the output of `sft` with `use_peft: true` (adapter_config.json naming
 its base, adapter_model.safetensors, tokenizer). MERGED_DIR receives a plain model (safetensors, config,
 generation config) and the tokenizer: it loads with `AutoModelForCausalLM.from_pretrained` without peft, and
 serves wherever a full model does (PPO's policy and reference, other tools, `hfgen generate MERGED_DIR --chat`).
@@ -16,7 +17,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", help="LoRA adapter dir (e.g. outputs/tiny/sft_lora)")
+    parser.add_argument(
+        "adapter", help="LoRA run dir: a causal-LM adapter (e.g. outputs/tiny/sft_lora) or a t2i/t2i_flow LoRA run"
+    )
     parser.add_argument("--output_dir", required=True, help="where the merged model and tokenizer go")
     parser.add_argument(
         "--dtype",
@@ -28,10 +31,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hfgen import guard, tracking
+    from hfgen.diffusion.components import LORA_BASE
+    from hfgen.errors import UserError
+
+    adapter, output_dir = Path(args.adapter), Path(args.output_dir)
+    if output_dir.resolve() == adapter.resolve():
+        raise UserError("--output_dir must differ from the adapter dir.")
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "merged_from.json").is_file():
+        raise UserError(
+            f"--output_dir '{output_dir}' holds other files; give a new or empty dir (or an earlier merge's)."
+        )
+    if (adapter / LORA_BASE).is_file():
+        save, base = fused_pipeline(adapter, args.dtype)
+    else:
+        save, base = merged_causal_lm(adapter, args.dtype)
+
+    # Written beside, then moved into place: a merge killed half-way leaves no dir that looks like a model.
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    guard.kill_point("merge_save")
+    tracking.write_json(
+        partial / "merged_from.json",
+        {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions()},
+    )
+    shutil.rmtree(output_dir, ignore_errors=True)  # empty, or an earlier merge's (checked above)
+    partial.rename(output_dir)
+    print(output_dir)
+    return 0
+
+
+def merged_causal_lm(adapter: Path, dtype: str):
+    """(save(dir): the merged model and the adapter's tokenizer, the base's name) for a causal-LM adapter dir."""
     from hfgen.errors import UserError
     from hfgen.models import adapter_base, check_model_source, load_causal_lm, load_tokenizer
 
-    adapter, output_dir = Path(args.adapter), Path(args.output_dir)
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         raise UserError(
@@ -46,27 +80,25 @@ def main(args: argparse.Namespace) -> int:
     problems = check_model_source("the adapter's base_model_name_or_path", base)
     if problems:
         raise UserError(f"{problems[0]} (from {config_path}).")
-    if output_dir.resolve() == adapter.resolve():
-        raise UserError("--output_dir must differ from the adapter dir.")
+    merged = load_causal_lm(str(adapter), dtype).merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
+    tokenizer = load_tokenizer(str(adapter))
 
-    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "merged_from.json").is_file():
-        raise UserError(
-            f"--output_dir '{output_dir}' holds other files; give a new or empty dir (or an earlier merge's)."
-        )
+    def save(directory: Path) -> None:
+        merged.save_pretrained(directory)  # safetensors
+        tokenizer.save_pretrained(directory)
 
-    model = load_causal_lm(str(adapter), args.dtype)
-    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse weights that turn NaN
-    # Written beside, then moved into place: a merge killed half-way leaves no dir that looks like a model.
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial)  # safetensors
-    guard.kill_point("merge_save")
-    load_tokenizer(str(adapter)).save_pretrained(partial)
-    tracking.write_json(
-        partial / "merged_from.json",
-        {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions()},
-    )
-    shutil.rmtree(output_dir, ignore_errors=True)  # empty, or an earlier merge's (checked above)
-    partial.rename(output_dir)
-    print(output_dir)
-    return 0
+    return save, base
+
+
+def fused_pipeline(adapter: Path, dtype: str):
+    """(save(dir): the base pipeline with the LoRA weights fused in, the base's name) for a t2i or t2i_flow LoRA
+    run (its adapters and lora_base.json): a plain diffusers pipeline dir, loadable without peft."""
+    import torch
+
+    from hfgen.diffusion.components import LORA_BASE, load_pipeline
+
+    pipeline = load_pipeline(adapter, device="cpu", dtype=None if dtype == "auto" else getattr(torch, dtype))
+    pipeline.fuse_lora()  # every component the adapters were trained on (UNet or transformer, text encoders)
+    pipeline.unload_lora_weights()  # the LoRA layers go, the fused weights stay
+    base = json.loads((adapter / LORA_BASE).read_text())["pretrained_model_name_or_path"]
+    return (lambda directory: pipeline.save_pretrained(directory, safe_serialization=True)), base

@@ -119,6 +119,17 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     assert not torch.allclose(torch.from_numpy(with_lora), torch.from_numpy(before))
     assert torch.equal(torch.from_numpy(render()), torch.from_numpy(before))
 
+    # `hfgen merge` fuses the adapters into a plain pipeline dir that renders what base + adapters render; the LoRA
+    # run itself is refused as a starting pipeline (its adapters would be lost), pointing at the merge.
+    merged = run_hfgen("merge", tmp_path, "--output_dir", tmp_path.parent / f"{tmp_path.name}_merged")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path.parent / f"{tmp_path.name}_merged")
+    pipeline.set_progress_bar_config(disable=True)
+    assert not any("lora" in name for name in pipeline.unet.state_dict())
+    torch.testing.assert_close(torch.from_numpy(render()), torch.from_numpy(with_lora), atol=1e-4, rtol=1e-4)
+    refused = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path)
+    assert refused.returncode == 2 and "is a LoRA run" in refused.stderr and "hfgen merge" in refused.stderr
+
 
 @pytest.mark.slow
 def test_two_processes_end_with_identical_unet_weights(configs, vae_dir, tmp_path, free_port):

@@ -139,7 +139,16 @@ def test_lora_loads_with_load_lora_weights_changes_samples_and_resumes_exactly(f
 
     before = render()
     pipeline.load_lora_weights(full)
-    assert not torch.allclose(render(), before)
+    with_lora = render()
+    assert not torch.allclose(with_lora, before)
+
+    # `hfgen merge` fuses the adapters into a plain SD3 pipeline dir (still without its T5) rendering the same
+    merged = run_hfgen("merge", full, "--output_dir", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "merged", text_encoder_3=None, tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+    assert not any("lora" in name for name in pipeline.transformer.state_dict())
+    torch.testing.assert_close(render(), with_lora, atol=1e-4, rtol=1e-4)
 
 
 def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):

@@ -93,7 +93,16 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
             problems.append(
                 f"{', '.join(scratch_keys)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
             )
-        problems += check_model_source("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+        name = args.pretrained_model_name_or_path
+        if (Path(name) / LORA_BASE).is_file():  # a LoRA run's adapters, not a pipeline: their weights would be lost
+            base = json.loads((Path(name) / LORA_BASE).read_text())["pretrained_model_name_or_path"]
+            problems.append(
+                f"pretrained_model_name_or_path '{name}' is a LoRA run (adapters for the pipeline '{base}'), not a "
+                f"pipeline: fuse them into one with `hfgen merge {name} --output_dir MERGED_DIR` and start from "
+                f"MERGED_DIR, or start from '{base}'"
+            )
+        else:
+            problems += check_model_source("pretrained_model_name_or_path", name)
     else:
         missing = [
             k
