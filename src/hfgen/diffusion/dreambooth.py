@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,39 +114,66 @@ def class_rows(args: DreamBoothArguments, data_args, class_dir: Path, make_pipel
 
 
 def read_metadata(class_dir: Path) -> dict[str, str]:
+    """{file name: prompt} of the generated class images; a last line cut short by a kill is skipped (its image
+    then takes the prompt its number cycles to, the one it was generated with)."""
     path = class_dir / METADATA
     if not path.is_file():
         return {}
-    return {row["file_name"]: row["text"] for row in map(json.loads, path.read_text().splitlines()) if row}
+    listed = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        listed[row["file_name"]] = row["text"]
+    return listed
+
+
+GENERATED_NAME = re.compile(r"^(\d{5})-")  # the class images hfgen writes: NNNNN-prompt-slug.png
+CLASS_IMAGE_BATCH = 16  # images per pipeline call while generating class images
 
 
 def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, steps: int, guidance: float, seed: int,
                      **call_arguments):  # fmt: skip
-    """Generate class images numbered from the ones already there up to `num_class_images` (prompts cycle through
-    `class_prompt`), appending their prompts to metadata.jsonl; `call_arguments` go to every pipeline call."""
-    from hfgen.diffusion.rendering import generate_images, slug
+    """Generate the class images numbered 0..num_class_images-1 that are not in `class_dir` yet (besides images a
+    user put there, which count), prompts cycling through `class_prompt`, appending their prompts to
+    metadata.jsonl; `call_arguments` go to every pipeline call. Image N comes from its own generator seeded
+    `seed + N`, so it is the same however the generation was batched or interrupted, and it is written under a
+    temporary name and then renamed: a run killed meanwhile leaves no half-written image, and the next one generates
+    exactly the missing numbers (a kill used to leave holes that counting the files could not see)."""
+    from hfgen import guard
+    from hfgen.diffusion.rendering import slug
 
     class_dir.mkdir(parents=True, exist_ok=True)
-    have = len(image_files(class_dir))
-    if have >= args.num_class_images:
+    present = image_files(class_dir)
+    generated = {int(match[1]) for p in present if (match := GENERATED_NAME.match(p.name))}
+    wanted = args.num_class_images - (len(present) - len(generated))  # a user's own images count towards it
+    missing = [number for number in range(wanted) if number not in generated]
+    if not missing:
         return
     pipeline = make_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    missing = range(have, args.num_class_images)
+    device = pipeline.device if pipeline.device.type != "meta" else "cpu"
     prompts = args.class_prompt
     print(f"dreambooth: generating {len(missing)} class images into {class_dir}")
     with (class_dir / METADATA).open("a") as metadata:
         for k, prompt in enumerate(prompts):
-            numbers = [i for i in missing if i % len(prompts) == k]
-            if not numbers:
-                continue
-            size = {"height": resolution, "width": resolution, **call_arguments}
-            row = generate_images(pipeline, [prompt], len(numbers), steps, guidance, seed + have * len(prompts) + k,
-                                  **size)[0]  # fmt: skip
-            for number, image in zip(numbers, row):
-                name = f"{number:05d}-{slug(prompt)}.png"
-                image.save(class_dir / name)
-                metadata.write(json.dumps({"file_name": name, "text": prompt}) + "\n")
+            numbers = [number for number in missing if number % len(prompts) == k]
+            for start in range(0, len(numbers), CLASS_IMAGE_BATCH):
+                chunk = numbers[start : start + CLASS_IMAGE_BATCH]
+                images = pipeline(
+                    prompt, num_images_per_prompt=len(chunk), num_inference_steps=steps, guidance_scale=guidance,
+                    generator=[torch.Generator(device=device).manual_seed(seed + number) for number in chunk],
+                    height=resolution, width=resolution, **call_arguments,
+                ).images  # fmt: skip
+                for number, image in zip(chunk, images):
+                    name = f"{number:05d}-{slug(prompt)}.png"
+                    partial = class_dir / f"{name}.partial"
+                    image.save(partial, format="PNG")
+                    partial.replace(class_dir / name)
+                    metadata.write(json.dumps({"file_name": name, "text": prompt}) + "\n")
+                    metadata.flush()
+                    guard.kill_point("class_image", number)
 
 
 class PriorBatchSampler(torch.utils.data.Sampler):
