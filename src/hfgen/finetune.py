@@ -120,7 +120,7 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
 
         # Loading an adapter draws random LoRA weights before reading the saved ones, and not the same draws under
         # ZeRO-3: the random state is put back, so a new adapter starts the same on every engine.
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             model = load_causal_lm(
                 name, model_args.dtype, training_args.trust_remote_code, model_args.attn_implementation
             )
