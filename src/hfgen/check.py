@@ -100,11 +100,9 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     if stage != "sft":
         print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
         return []
-    model = recipe.configs[0].model_name_or_path
-    from hfgen.models import load_tokenizer
+    from hfgen.stages.sft import tokenizer_for
 
-    tokenizer = load_tokenizer(model, training_args.trust_remote_code)
-    lines, fatal = check_sft_rendering(train, tokenizer, training_args)
+    lines, fatal = check_sft_rendering(train, tokenizer_for(recipe.configs[0], training_args), training_args)
     print("\n".join(lines))
     return fatal
 
@@ -229,8 +227,11 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
     masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
     chat = "messages" in rows.column_names or isinstance(rows[0].get("completion", ""), list)
     if chat and tokenizer.chat_template is None:
-        return [], ["the data is conversational but the tokenizer has no chat template"]
-    if "messages" in rows.column_names and training_args.assistant_only_loss and not training_args.chat_template_path:
+        return [], [
+            "the data is conversational but the tokenizer has no chat template: set chat_template_path (a .jinja file, "
+            "or a tokenizer whose template to copy, e.g. an instruct model's)"
+        ]
+    if "messages" in rows.column_names and training_args.assistant_only_loss:
         fatal += assistant_mask_problems(tokenizer)
     examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
     for row in rows:

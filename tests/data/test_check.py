@@ -80,6 +80,26 @@ def test_a_template_without_generation_markers_trains_with_chat_template_path(ti
     assert code == 0, err
 
 
+@pytest.mark.parametrize("source", ["jinja", "tokenizer"])
+def test_a_base_model_without_chat_template_takes_one_from_chat_template_path(tiny_lm, tmp_path, capsys, source):
+    # a base model (GPT-2, a Llama base) on conversations: the template a recipe names is the one checked and used
+    from transformers import AutoTokenizer
+
+    base = with_template(tiny_lm, tmp_path, "", "")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = None
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(base)
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", base)
+    assert code == 2 and "no chat template: set chat_template_path" in err
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    code, out, err = check(capsys, SFT_FULL, "--model_name_or_path", base, "--chat_template_path",
+                           template if source == "jinja" else tiny_lm)  # fmt: skip
+    assert code == 0, err
+    assert "<|assistant|>\\n[[" in out  # rendered with that template, the answer's tokens marked as trained
+
+
 def test_check_says_which_checks_a_pipeline_skips(capsys):
     code, out, _ = check(capsys, REPO / "recipes/tiny/rlhf.yaml", small=False)
     assert code == 0 and "model-dependent checks skipped for every step (sft, reward, ppo)" in out

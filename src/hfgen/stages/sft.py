@@ -60,13 +60,34 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             problems.append(f"assistant_only_loss: true needs conversational data; the data has {columns}")
         if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
             from hfgen.check import check_sft_rendering
-            from hfgen.models import load_tokenizer
 
-            tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
-            problems += check_sft_rendering(loaded[0], tokenizer, training_args)[1]
+            problems += check_sft_rendering(loaded[0], tokenizer_for(model_args, training_args), training_args)[1]
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
+
+
+def tokenizer_for(model_args, training_args: SFTConfig):
+    """The tokenizer as SFTTrainer renders with: with `chat_template_path`, that template (a .jinja file, or the
+    template, added tokens and EOS of a tokenizer, as TRL's `clone_chat_template` copies them) in place of the
+    model's own, so the checks, the fully-masked rows and the held-out responses see what training sees. SFTTrainer
+    applies the same again in its constructor (and, from a tokenizer, grows the model for its tokens)."""
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    path = training_args.chat_template_path
+    if not path:
+        return tokenizer
+    if Path(path).is_file() and path.endswith((".jinja", ".j2")):
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    source = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
+    tokenizer.chat_template = source.get_chat_template()
+    tokenizer.add_tokens([t for t in source.added_tokens_decoder.values() if t.content not in tokenizer.vocab])
+    tokenizer.eos_token = source.eos_token
+    return tokenizer
 
 
 # ---- packing without varlen attention kernels ----------------------------------------------------------
@@ -256,13 +277,13 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from hfgen.models import count_parameters, load_tokenizer
+    from hfgen.models import count_parameters
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
 
     # Model and tokenizer. LoRA wrapping (peft_config) is SFTTrainer's; QLoRA's 4-bit base is loaded here.
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    tokenizer = tokenizer_for(model_args, training_args)
     model = load_model(model_args, training_args, tokenizer)
 
     # Data: SFTTrainer renders conversations with the chat template, tokenizes, builds the loss masks, packs.
