@@ -61,12 +61,26 @@ def data_kind(unpaired_ok: bool) -> str:
     return "unpaired_preference" if unpaired_ok else "preference"
 
 
-def check_preference_data(data_args: PreferenceDataArguments, unpaired_ok: bool = False) -> list[str]:
+def check_preference_data(
+    data_args: PreferenceDataArguments, unpaired_ok: bool = False, model: str | None = None,
+    trust_remote_code: bool = False,
+) -> list[str]:  # fmt: skip
     """Problems with the dataset (its layout, missing columns and values, too many chosen == rejected pairs, no
-    usable row) and with the evaluation keys, found before any model is loaded."""
+    usable row; conversations that `model`'s tokenizer has no chat template for) and with the evaluation keys, found
+    before any model is loaded."""
+    from trl.data_utils import is_conversational
+
+    from hfgen.models import load_tokenizer
     from hfgen.rl.rollout import WHY_NO_COLUMNS, load_function, unmet_arguments
 
-    problems = check_text_data(data_args, data_kind(unpaired_ok))[1]
+    loaded, problems = check_text_data(data_args, data_kind(unpaired_ok))
+    if model and loaded and len(loaded[0]) and is_conversational(loaded[0][0]):
+        if load_tokenizer(model, trust_remote_code).chat_template is None:
+            problems.append(
+                f"the data's rows are conversations, but model '{model}' has no chat template to render them with "
+                "(a base model): start from one that has (an sft run keeps the template it trained with, e.g. from "
+                "chat_template_path), or give text rows"
+            )
     if data_args.eval_prompts_dataset:
         try:
             load_eval_prompts(data_args.eval_prompts_dataset)
@@ -234,9 +248,9 @@ CHOSEN_FELL = (
 
 
 def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
-    return check_model_config(model_args, training_args.trust_remote_code) + check_preference_data(
-        data_args, unpaired_ok
-    )
+    problems = check_model_config(model_args, training_args.trust_remote_code)
+    model = None if problems else model_args.model_name_or_path  # its tokenizer renders conversations
+    return problems + check_preference_data(data_args, unpaired_ok, model, training_args.trust_remote_code)
 
 
 def run_stage(

@@ -80,9 +80,8 @@ def test_a_template_without_generation_markers_trains_with_chat_template_path(ti
     assert code == 0, err
 
 
-@pytest.mark.parametrize("source", ["jinja", "tokenizer"])
-def test_a_base_model_without_chat_template_takes_one_from_chat_template_path(tiny_lm, tmp_path, capsys, source):
-    # a base model (GPT-2, a Llama base) on conversations: the template a recipe names is the one checked and used
+def without_chat_template(tiny_lm, tmp_path):
+    """A copy of the tiny model whose tokenizer has no chat template (a base model's)."""
     from transformers import AutoTokenizer
 
     base = with_template(tiny_lm, tmp_path, "", "")
@@ -90,6 +89,13 @@ def test_a_base_model_without_chat_template_takes_one_from_chat_template_path(ti
     tokenizer.chat_template = None
     (base / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer.save_pretrained(base)
+    return base
+
+
+@pytest.mark.parametrize("source", ["jinja", "tokenizer"])
+def test_a_base_model_without_chat_template_takes_one_from_chat_template_path(tiny_lm, tmp_path, capsys, source):
+    # a base model (GPT-2, a Llama base) on conversations: the template a recipe names is the one checked and used
+    base = without_chat_template(tiny_lm, tmp_path)
     code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", base)
     assert code == 2 and "no chat template: set chat_template_path" in err
     template = tmp_path / "chat.jinja"
@@ -98,6 +104,15 @@ def test_a_base_model_without_chat_template_takes_one_from_chat_template_path(ti
                            template if source == "jinja" else tiny_lm)  # fmt: skip
     assert code == 0, err
     assert "<|assistant|>\\n[[" in out  # rendered with that template, the answer's tokens marked as trained
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_preference_conversations_on_a_model_without_chat_template_exit_2_before_it_loads(tiny_lm, tmp_path, capsys,
+                                                                                           stage):  # fmt: skip
+    # was TRL's "Cannot use chat template functions" once the model and its reference had loaded
+    code, _, err = check(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--model_name_or_path",
+                         without_chat_template(tiny_lm, tmp_path))  # fmt: skip
+    assert code == 2 and "rows are conversations, but model" in err and "no chat template" in err
 
 
 def test_check_says_which_checks_a_pipeline_skips(capsys):
