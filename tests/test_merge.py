@@ -87,3 +87,12 @@ def test_a_merge_killed_half_way_leaves_no_model_dir_and_a_rerun_completes(base_
     (tmp_path / "notes/todo.txt").write_text("mine")
     code, message = merge(capsys, adapter, "--output_dir", tmp_path / "notes")
     assert code == 2 and "holds other files" in message and (tmp_path / "notes/todo.txt").is_file()
+
+
+def test_a_full_model_loads_from_inside_an_adapter_dir(base_and_adapter, monkeypatch):
+    # the adapter-chain probe must not read the working directory's adapter_config.json for a full model
+    from hfgen.models import load_causal_lm
+
+    base, adapter = base_and_adapter
+    monkeypatch.chdir(adapter)
+    assert type(load_causal_lm(str(base), "float32")).__name__ == "LlamaForCausalLM"

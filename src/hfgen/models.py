@@ -308,7 +308,7 @@ def load_causal_lm(
     except UserError:  # a model without a tokenizer of its own (pretraining takes one by name)
         tokenizer = None
     try:
-        if adapter_base(base or ""):  # trained on an earlier run's adapter (merged then, as load_model does)
+        if base is not None and adapter_base(base):  # trained on an earlier run's adapter (merged, as load_model does)
             model = merged(load_causal_lm(base, dtype, trust_remote_code, attn_implementation))
         else:
             model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
