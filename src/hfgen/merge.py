@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hfgen import guard, tracking
-    from hfgen.diffusion.components import LORA_BASE
+    from hfgen.diffusion.components import lora_run_base
     from hfgen.errors import UserError
 
     adapter, output_dir = Path(args.adapter), Path(args.output_dir)
@@ -41,8 +41,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(
             f"--output_dir '{output_dir}' holds other files; give a new or empty dir (or an earlier merge's)."
         )
-    if (adapter / LORA_BASE).is_file():
-        save, base = fused_pipeline(adapter, args.dtype)
+    if pipeline_base := lora_run_base(adapter):
+        save, base = fused_pipeline(adapter, args.dtype), pipeline_base["pretrained_model_name_or_path"]
     else:
         save, base = merged_causal_lm(adapter, args.dtype)
 
@@ -91,14 +91,13 @@ def merged_causal_lm(adapter: Path, dtype: str):
 
 
 def fused_pipeline(adapter: Path, dtype: str):
-    """(save(dir): the base pipeline with the LoRA weights fused in, the base's name) for a t2i or t2i_flow LoRA
-    run (its adapters and lora_base.json): a plain diffusers pipeline dir, loadable without peft."""
+    """save(dir): the base pipeline with the LoRA weights fused in, for a t2i or t2i_flow LoRA run (its adapters
+    and lora_base.json): a plain diffusers pipeline dir, loadable without peft."""
     import torch
 
-    from hfgen.diffusion.components import LORA_BASE, load_pipeline
+    from hfgen.diffusion.components import load_pipeline
 
     pipeline = load_pipeline(adapter, device="cpu", dtype=None if dtype == "auto" else getattr(torch, dtype))
     pipeline.fuse_lora()  # every component the adapters were trained on (UNet or transformer, text encoders)
     pipeline.unload_lora_weights()  # the LoRA layers go, the fused weights stay
-    base = json.loads((adapter / LORA_BASE).read_text())["pretrained_model_name_or_path"]
-    return (lambda directory: pipeline.save_pretrained(directory, safe_serialization=True)), base
+    return lambda directory: pipeline.save_pretrained(directory, safe_serialization=True)

@@ -94,8 +94,8 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
                 f"{', '.join(scratch_keys)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
             )
         name = args.pretrained_model_name_or_path
-        if (Path(name) / LORA_BASE).is_file():  # a LoRA run's adapters, not a pipeline: their weights would be lost
-            base = json.loads((Path(name) / LORA_BASE).read_text())["pretrained_model_name_or_path"]
+        if base := lora_run_base(name):  # a LoRA run's adapters, not a pipeline: their weights would be lost
+            base = base["pretrained_model_name_or_path"]
             problems.append(
                 f"pretrained_model_name_or_path '{name}' is a LoRA run (adapters for the pipeline '{base}'), not a "
                 f"pipeline: fuse them into one with `hfgen merge {name} --output_dir MERGED_DIR` and start from "
@@ -315,6 +315,13 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, sampler):
 # ---- reading pipeline dirs ------------------------------------------------------------------------------
 
 
+def lora_run_base(path: str | Path) -> dict | None:
+    """The base pipeline a t2i / t2i_flow LoRA run's adapters belong on (its lora_base.json: name, revision,
+    variant), or None if `path` is not such a run."""
+    base_file = Path(path) / LORA_BASE
+    return json.loads(base_file.read_text()) if base_file.is_file() else None
+
+
 def is_pipeline_dir(path: str | Path) -> bool:
     """A diffusers pipeline dir (model_index.json) or a LoRA run of the t2i stage (adapter + its base's name)."""
     path = Path(path)
@@ -333,7 +340,7 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
         if (path / "model_index.json").is_file():
             pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **absent_components(path))
         else:
-            base = json.loads((path / LORA_BASE).read_text())
+            base = lora_run_base(path)
             pipeline = DiffusionPipeline.from_pretrained(
                 base["pretrained_model_name_or_path"], revision=base.get("revision"), variant=base.get("variant"),
                 torch_dtype=dtype, **absent_components(base["pretrained_model_name_or_path"]),

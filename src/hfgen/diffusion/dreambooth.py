@@ -142,7 +142,7 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
     temporary name and then renamed: a run killed meanwhile leaves no half-written image, and the next one generates
     exactly the missing numbers (a kill used to leave holes that counting the files could not see)."""
     from hfgen import guard
-    from hfgen.diffusion.rendering import slug
+    from hfgen.diffusion.rendering import generator_device, slug
 
     class_dir.mkdir(parents=True, exist_ok=True)
     present = image_files(class_dir)
@@ -153,7 +153,7 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
         return
     pipeline = make_pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    device = pipeline.device if pipeline.device.type != "meta" else "cpu"
+    device = generator_device(pipeline)
     prompts = args.class_prompt
     print(f"dreambooth: generating {len(missing)} class images into {class_dir}")
     with (class_dir / METADATA).open("a") as metadata:

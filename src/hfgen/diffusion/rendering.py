@@ -13,6 +13,11 @@ from pathlib import Path
 GRID_CELL_MIN = 64  # pixels: small images (e.g. 16x16 digits) are enlarged in the grid so a person can see them
 
 
+def generator_device(pipeline):
+    """Where a pipeline's seeded generators live: its device (CPU while it reads as meta, e.g. parts offloaded)."""
+    return pipeline.device if pipeline.device.type != "meta" else "cpu"
+
+
 def generate_images(
     pipeline, prompts: list[str], num_images: int, num_inference_steps: int, guidance_scale: float, seed: int,
     batch_size: int = 64, **call_arguments,
@@ -22,7 +27,7 @@ def generate_images(
     import torch
 
     images = []
-    device = pipeline.device if pipeline.device.type != "meta" else "cpu"
+    device = generator_device(pipeline)
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(seed + index)
         row = []
