@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.models import check_model_source, position_limit
@@ -135,17 +135,14 @@ def prompt_columns(data_args: GroupRLArguments) -> dict[str, str]:
 
 def prompt_template_problems(model_args, data_args: GroupRLArguments, config, train_rows) -> list[str]:
     """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
-    from hfgen.models import load_tokenizer
+    from hfgen.models import chat_prompts_without_template, load_tokenizer
 
     first = train_rows[0]["prompt"]
-    source = f"dataset '{data_args.dataset_name}'" if data_args.dataset_name else "the datasets' mixture"
-    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    has_template = tokenizer.chat_template is not None
-    if not isinstance(first, str) and not has_template:
-        return [
-            f"the prompts of {source} hold chat messages, but the "
-            f"tokenizer of '{model_args.model_name_or_path}' has no chat template to render them"
-        ]
+    source = data_source(data_args)
+    model = model_args.model_name_or_path
+    if problems := chat_prompts_without_template(model, config.trust_remote_code, first, source):
+        return problems
+    has_template = load_tokenizer(model, config.trust_remote_code).chat_template is not None
     if isinstance(first, str) and has_template and data_args.chat_prompts == "refuse":
         return [
             f"the prompts of {source} are plain strings, but "

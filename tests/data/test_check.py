@@ -115,6 +115,16 @@ def test_preference_conversations_on_a_model_without_chat_template_exit_2_before
     assert code == 2 and "rows are conversations, but model" in err and "no chat template" in err
 
 
+def test_ppo_chat_prompts_on_a_policy_without_chat_template_exit_2_before_it_loads(tiny_lm, tmp_path, capsys):
+    # PPO found out in tokenize_prompts, after the policy, its reference, the value and reward models had loaded
+    base = without_chat_template(tiny_lm, tmp_path)
+    extra = ["--reward_model_path", "null", "--reward_functions", "hfgen.data.embedded:oracle_scores"]
+    code, _, err = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", base, *extra)
+    assert code == 2 and "hold chat messages, but the tokenizer of" in err and "no chat template" in err, err
+    code, _, err = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm, *extra)
+    assert code == 0, err
+
+
 def test_check_says_which_checks_a_pipeline_skips(capsys):
     code, out, _ = check(capsys, REPO / "recipes/tiny/rlhf.yaml", small=False)
     assert code == 0 and "model-dependent checks skipped for every step (sft, reward, ppo)" in out

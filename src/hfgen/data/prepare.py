@@ -147,6 +147,11 @@ def drop_and_count(dataset, keep: list[bool], records: dict, reason: str, split:
     return dataset
 
 
+def data_source(args) -> str:
+    """The recipe's data in words, for messages: its dataset, or its mixture."""
+    return f"dataset '{args.dataset_name}'" if args.dataset_name else "the datasets' mixture"
+
+
 def check_text_data(
     args, kind: str, default_columns: dict[str, str] | None = None, other_columns: bool = False
 ) -> tuple[tuple | None, list[str]]:

@@ -43,10 +43,10 @@ import torch
 from trl import ModelConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
-from hfgen.models import check_model_source, fit_max_length
+from hfgen.models import chat_prompts_without_template, check_model_source, fit_max_length
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, step_metrics
@@ -295,7 +295,14 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         )
     if min(config.logging_steps, config.sample_steps, config.save_steps) < 0 or data_args.eval_samples_per_prompt < 0:
         problems.append("logging_steps, sample_steps, save_steps and eval_samples_per_prompt must be >= 0")
-    return problems + check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})[1]
+    splits, data_problems = check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})
+    if splits and not problems + data_problems:
+        first = splits[0][0]["prompt"]
+        source = data_source(data_args)
+        data_problems += chat_prompts_without_template(
+            model_args.model_name_or_path, config.trust_remote_code, first, source
+        )
+    return problems + data_problems
 
 
 def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> Path:
