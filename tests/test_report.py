@@ -126,6 +126,17 @@ def test_missing_run_dir_is_a_user_error(two_runs, tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_run_killed_mid_line_reports_and_a_damaged_file_is_named(two_runs, tmp_path, capsys):
+    # a SIGKILL while metrics.jsonl is appended leaves half a line: the report shows the rows before it
+    with (two_runs[0] / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 60, "lo')
+    assert len(load_run(two_runs[0], "killed").metrics) == 6
+    (two_runs[1] / "eval.json").write_text('{"quality/perplexity": 2.')
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["report", *map(str, two_runs), "--out", str(tmp_path / "r.html")])
+    assert exit_info.value.code == 2 and "eval.json' is not valid JSON" in capsys.readouterr().err
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -34,8 +34,10 @@ def _available_commands():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: `compare --seed 1` was taken as --seeds (prefix matching), never as the recipe key it is
     parser = argparse.ArgumentParser(
         prog="hfgen",
+        allow_abbrev=False,
         description="Train and evaluate generative models from recipe files: causal-LM pretraining, SFT (full, "
         "LoRA, QLoRA), reward models, PPO/RLHF, and text-to-image diffusion.",
         epilog="Run `hfgen COMMAND --help` for a command's options. Example: hfgen train recipes/tiny/pretrain.yaml",
@@ -45,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _available_commands():
         summary = (module.__doc__ or "").strip().splitlines()[0]
         sub = subparsers.add_parser(
-            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
         )
         module.add_arguments(sub)
         sub.set_defaults(handler=module.main)

@@ -104,8 +104,7 @@ def load_run(path: Path, name: str) -> Run:
     run.eval = tracking.read_json(path / "eval.json", {})
     for samples_file in ("samples.jsonl", "eval_samples.jsonl"):
         if (path / samples_file).is_file():
-            lines = (path / samples_file).read_text().splitlines()
-            run.samples = [json.loads(line) for line in lines if line.strip()]
+            run.samples = tracking.read_jsonl(path / samples_file)
             break
     grid = [path / "grid.png"] if (path / "grid.png").is_file() else []
     run.images = grid + sorted((path / "samples").glob("*.png"))[:IMAGES_SHOWN]

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hfgen.errors import UserError
+
 COMPLETE_MARKER = "COMPLETE"
 TRACKED_PACKAGES = (
     "hfgen", "torch", "transformers", "trl", "peft", "diffusers", "datasets", "accelerate", "evaluate",
@@ -160,8 +162,14 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def read_json(path: str | Path, default=None):
+    """A JSON file's value (`default` when it is missing); a file that is not JSON is a UserError naming it."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else default
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"'{path}' is not valid JSON ({error}): restore or delete it") from None
 
 
 def update_eval(output_dir: str | Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +244,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # the line being appended when the run was killed: it never happened
+                break
+            raise UserError(f"'{path}' line {number} is not valid JSON ({error}): restore or delete it") from None
+    return rows
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -370,3 +370,74 @@ def test_kto_mixes_pairs_with_unpaired_rows_and_grpo_keeps_the_columns_all_sets_
         tmp_path, "prompt", (gsm, {"columns": {"prompt": "question"}}), (other, {}), other_columns=True
     )
     assert sorted(train.column_names) == ["answer", "prompt"]  # `source` and `level` are in one set only
+
+
+def test_values_files_write_as_numbers_or_parts_are_read_as_text(tmp_path):
+    """A CSV column of figures, a JSON answer written as 42, OpenAI content parts and tool calls: read as text
+    (were a traceback, a refusal without a way out, or tool calls dropped); a value that is no text is refused
+    by row and column."""
+    (tmp_path / "qa.csv").write_text(
+        "prompt,completion\n" + "".join(f'"what is {i} plus one",{i + 1}\n' for i in range(20))
+    )
+    train, _, _ = load(tmp_path / "qa.csv", "sft")
+    assert all(row["completion"].isdigit() for row in train)
+    mixed = [{"instruction": "add one to", "input": i, "output": i + 1 if i % 2 else f"{i + 1}"} for i in range(20)]
+    train, _, _ = load(jsonl(tmp_path / "mixed.jsonl", mixed), "sft")
+    assert {row["completion"] for row in train} <= {str(i + 1) for i in range(20)}
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    chats = [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": f"weather {i}?"}]},
+                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "name": "weather", "content": "sunny"},
+                      {"role": "assistant", "content": f"sunny {i}"}]}
+        for i in range(20)
+    ] + [{"messages": turns(("user", f"hi {i}"), ("assistant", f"hello {i}"))} for i in range(20)]  # fmt: skip
+    train, _, _ = load(jsonl(tmp_path / "tools.jsonl", chats), "sft")
+    rows = [row["messages"] for row in train]
+    with_tools = [m for m in rows if len(m) == 4]
+    assert with_tools and with_tools[0][0]["content"].startswith("weather") and with_tools[0][1]["tool_calls"] == [call]
+    assert all("tool_calls" not in turn for m in rows if len(m) == 2 for turn in m)  # no key where a turn had none
+    for rows, expected in (([{"text": True}] * 20, "true/false"), ([{"text": {"a": 1}}] * 20, "row 1, column 'text'")):
+        with pytest.raises(UserError, match=expected):
+            load(jsonl(tmp_path / "bad.jsonl", rows), "text")
+
+
+def test_files_folders_and_splits_as_people_have_them(tmp_path):
+    import datasets
+
+    pairs = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    (tmp_path / "parts").mkdir()
+    for k in range(3):
+        jsonl(tmp_path / "parts" / f"part{k}.jsonl", pairs)
+    train, evaluation, _ = load(tmp_path / "parts" / "*.jsonl", "sft")  # a glob pattern
+    assert len(train) + len(evaluation) == 60
+    (tmp_path / "parts" / "extra.csv").write_text("prompt,completion\na,b\n")
+    with pytest.raises(UserError, match="different types"):  # was: the CSV's rows left out without a word
+        load(tmp_path / "parts", "sft")
+    with gzip.open(tmp_path / "empty.jsonl.gz", "wt") as f:
+        f.write("")
+    with pytest.raises(UserError, match="empty file"):
+        load(tmp_path / "empty.jsonl.gz", "sft")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "a"}\n' * 20)
+    with pytest.raises(UserError, match="UTF-8"):
+        load(tmp_path / "latin1.jsonl", "sft")
+    with pytest.raises(UserError, match="does not exist"):
+        load("no_such_file.jsonl", "sft")
+    rows = datasets.Dataset.from_list(pairs)
+    datasets.DatasetDict({"train": rows, "validation": rows.select(range(3))}).save_to_disk(tmp_path / "dd")
+    train, evaluation, records = load(tmp_path / "dd", "sft")
+    assert len(train) == 20 and len(evaluation) == 3 and "'validation' split" in records["train"]["notes"][0]
+    with pytest.raises(UserError, match="dataset_test_split 'dev' is not a split"):
+        load(tmp_path / "dd", "sft", dataset_test_split="dev")  # was: a slice of train, without a word
+    nested = [{"meta": {"body": f"text {i}", "id": i}} for i in range(20)]
+    train, _, _ = load(jsonl(tmp_path / "nested.jsonl", nested), "text", dataset_columns={"text": "meta.body"})
+    assert train[0]["text"].startswith("text ")
+
+
+def test_a_mixture_of_prompt_completion_sets_keeps_the_loss_on_the_completions(tmp_path):
+    """Alpaca (text) beside conversational prompt/completion: was a mixture of whole conversations, which trained
+    the prompts too; now conversational prompt/completion, which TRL trains on the completions."""
+    chat = [{"prompt": turns(("user", f"q {i}")), "completion": turns(("assistant", f"a {i}"))} for i in range(40)]
+    train, _, _ = mixture(tmp_path, "sft", (ALPACA, {}), (chat, {}))
+    assert sorted(train.column_names) == ["completion", "prompt"]
+    assert all(row["prompt"][-1]["role"] == "user" and row["completion"][0]["role"] == "assistant" for row in train)

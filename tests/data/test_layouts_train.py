@@ -173,3 +173,12 @@ def test_trained_tokenizer_is_deterministic_and_sized():
     first, second = train_bpe_tokenizer(texts, 350), train_bpe_tokenizer(texts, 350)
     assert len(first) == 350 and first.get_vocab() == second.get_vocab()
     assert first.eos_token and first.pad_token and first.chat_template
+
+
+def test_an_sft_recipe_with_assistant_only_loss_trains_alpaca_on_the_answers(tiny_lm, tmp_path, capsys):
+    # was TRL's refusal ("the dataset is not conversational") after the model had loaded, though `hfgen check` passed
+    out = tmp_path / "sft"
+    train(REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", tiny_lm, "--output_dir", out,
+          "--dataset_name", jsonl(tmp_path / "alpaca.jsonl", ALPACA), "--num_samples", "0", *STEPS)  # fmt: skip
+    assert "the loss is on the completions (completion_only_loss)" in capsys.readouterr().out
+    assert tracking.read_json(out / "data.json")["notes"] and (out / "COMPLETE").exists()

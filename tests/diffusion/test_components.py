@@ -1,5 +1,7 @@
 """Pipeline components built offline: the caption tokenizer is a real CLIPTokenizer the pipeline can use."""
 
+from pathlib import Path
+
 from transformers import CLIPTokenizer
 
 from hfgen.diffusion.components import build_caption_tokenizer, build_text_encoder, is_pipeline_dir
@@ -39,3 +41,19 @@ def test_pipeline_dirs_are_recognised(tmp_path):
     assert not is_pipeline_dir(tmp_path)
     (tmp_path / "model_index.json").write_text("{}")
     assert is_pipeline_dir(tmp_path)
+
+
+def test_a_lora_runs_local_base_is_recorded_as_an_absolute_path(tmp_path, monkeypatch):
+    # a relative base (`outputs/tiny/t2i`) made `hfgen generate RUN` fail from any other directory
+    from types import SimpleNamespace
+
+    from hfgen.diffusion.components import lora_run_base
+    from hfgen.diffusion.image_stage import write_lora_base
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    write_lora_base(Path("run"), SimpleNamespace(pretrained_model_name_or_path="base", revision=None, variant=None))
+    assert lora_run_base(tmp_path / "run")["pretrained_model_name_or_path"] == str(tmp_path / "base")
+    write_lora_base(Path("run"), SimpleNamespace(pretrained_model_name_or_path="org/sd", revision="r", variant=None))
+    assert lora_run_base(tmp_path / "run")["pretrained_model_name_or_path"] == "org/sd"  # a hub id stays one

@@ -86,3 +86,44 @@ def test_wrong_caption_column_names_the_columns(tmp_path):
 
 def test_resolution_must_suit_the_vae():
     assert "multiple of 8" in check_image_data(ImageDataArguments(dataset_name=DIGITS, resolution=12), True)[0]
+
+
+def test_images_as_cameras_and_tools_write_them_decode_as_they_look(tmp_path):
+    """A 16-bit grayscale PNG (was clipped to white), a phone JPEG stored turned with its EXIF orientation (was
+    trained sideways), raw PNG bytes in a parquet column (were refused), image paths relative to the data file
+    (were looked up in the working directory)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hfgen.diffusion.data import open_image
+
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    pixels = np.asarray(open_image(str(tmp_path / "depth.png"), "image"))
+    assert pixels.min() == 0 and 250 <= pixels.max() <= 255 and 120 <= np.median(pixels) <= 135
+
+    photo = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert open_image(str(tmp_path / "phone.jpg"), "image").size == (20, 40)
+
+    (tmp_path / "set" / "imgs").mkdir(parents=True)
+    encoded = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "set" / "imgs" / f"{i}.png")
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (0, 40 * i, 0)).save(buffer, "PNG")
+        encoded.append(buffer.getvalue())
+    rows = [{"image": f"imgs/{i}.png", "text": f"a red square {i}"} for i in range(6)]
+    (tmp_path / "set" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"image": encoded, "text": [f"green {i}" for i in range(6)]}), tmp_path / "bytes.parquet")
+    for name in (tmp_path / "set" / "data.jsonl", tmp_path / "bytes.parquet"):
+        args = ImageDataArguments(dataset_name=str(name), resolution=8, validation_split_percentage=34)
+        assert check_image_data(args, need_captions=True) == []
+        train, _ = load_image_splits(args)
+        batch = pixel_transform(args, str(name), flip=False)(train[:2])
+        assert batch["pixel_values"][0].shape == (3, 8, 8)

@@ -192,13 +192,57 @@ def _is_empty(value) -> bool:
 TURN_KEYS = (("from", "value"), ("role", "content"))
 
 
+def _text(value, row: int, column: str, source: str):
+    """A text field's value as text: numbers (a CSV column of figures, a JSON answer written as 42) become their
+    text, as a tokenizer needs; any other value that is not text (true, an object, a list where text belongs) breaks
+    the file, named by row and column. None stays None (the empty-value rules handle it)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    raise UserError(
+        f"dataset '{source}' row {row + 1}, column '{column}': {type(value).__name__} value {str(value)[:60]!r} "
+        "where text belongs; write it as text, or map another column (dataset_columns)"
+    )
+
+
+def _content(turn: dict, key: str, row: int, column: str, source: str) -> str:
+    """A turn's content as text: OpenAI's list of parts ([{type: text, text: ...}]) joined; an assistant turn that
+    only calls tools (content null beside tool_calls) is empty text. Non-text parts (images) break the file: the
+    text stages train text models."""
+    content = turn.get(key)
+    if content is None and turn.get("tool_calls"):
+        return ""
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+            kinds = sorted(
+                {str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content}
+            )
+            raise UserError(
+                f"dataset '{source}' row {row + 1}, column '{column}': a turn's content has parts of type "
+                f"{kinds}; the text stages take text parts only ({{type: text, text: ...}})"
+            )
+        return "\n".join(_text(part.get("text"), row, column, source) or "" for part in content)
+    return _text(content, row, column, source)
+
+
+# Keys a chat turn keeps besides role and content: tool calls and tool results, which chat templates render.
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
+
+
 def _turns(row: int, column: str, turns, role_key: str, content_key: str, source: str) -> list[dict]:
-    """Chat turns as {role, content}; a turn without its role or content breaks the file."""
+    """Chat turns as {role, content} (with their tool calls, if any); a turn without its role or content breaks
+    the file."""
     messages = []
     for i, turn in enumerate(turns):
         pairs = ((role_key, content_key), *TURN_KEYS) if isinstance(turn, dict) else ()  # the layout's keys first
         speaker, text = next(
-            ((s, t) for s, t in pairs if turn.get(s) is not None and turn.get(t) is not None), (None, None)
+            (
+                (s, t)
+                for s, t in pairs
+                if turn.get(s) is not None and (turn.get(t) is not None or (t in turn and turn.get("tool_calls")))
+            ),
+            (None, None),
         )
         if speaker is None:
             raise UserError(
@@ -213,7 +257,8 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
                     f"dataset '{source}' row {row + 1}: unknown ShareGPT speaker '{turn[speaker]}'; "
                     f"known: {', '.join(SHAREGPT_ROLES)}"
                 )
-        messages.append({"role": role, "content": turn[text]})
+        message = {"role": role, "content": _content(turn, text, row, column, source)}
+        messages.append(message | {key: turn[key] for key in TOOL_KEYS if turn.get(key) is not None})
     return messages
 
 
@@ -228,8 +273,20 @@ def _prompt_of(messages: list[dict]) -> list[dict] | None:
     return messages[: last + 1] if last is not None else None
 
 
+# The layouts' columns that hold text, and those of them that may hold chat turns instead.
+CHAT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "conversations", "messages")
+TEXT_COLUMNS = (*CHAT_COLUMNS, "text", "instruction", "input", "output", "context", "response", "system")
+
+
 def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> dict | str:
     """One row in the kind's standard columns, or the reason it is unusable (a string)."""
+    row = {  # every text value as text; chat turns (lists, LLaMA-Factory's one-turn dicts) stay as they are
+        column: value
+        if isinstance(value, (list, dict)) and column in CHAT_COLUMNS
+        else _text(value, index, column, source)
+        for column, value in row.items()
+        if column in TEXT_COLUMNS
+    } | {column: value for column, value in row.items() if column not in TEXT_COLUMNS}
     if fmt == "text":  # a prompt file of one prompt per line reads as text: each line is a prompt
         return {"prompt" if kind == "prompt" else "text": row["text"]} if not _is_empty(row["text"]) else "empty text"
     if fmt in ("alpaca", "dolly"):
@@ -317,8 +374,8 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
 
 def check_required_values(dataset, columns: list[str], source: str, blank: list[bool]) -> None:
     """Every row that is not blank has a value in every required column: a null (a JSON row missing the key, an
-    empty CSV cell in a row that has other values) breaks the file, named by row and column. A text column read as
-    numbers (a spreadsheet column of figures) is refused too: no tokenizer takes them."""
+    empty CSV cell in a row that has other values) breaks the file, named by row and column. A text column of
+    true/false is refused too (numbers are read as their text: a spreadsheet column of figures)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -326,10 +383,10 @@ def check_required_values(dataset, columns: list[str], source: str, blank: list[
 
     for column in columns:
         values = dataset.data.column(column)
-        if column not in NON_TEXT_COLUMNS and (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+        if column not in NON_TEXT_COLUMNS and pa.types.is_boolean(values.type):
             raise UserError(
-                f"dataset '{source}' column '{column}' holds numbers, not text (row 1: {values[0].as_py()!r}); write "
-                "the values as text (quoted in JSON), or name another column"
+                f"dataset '{source}' column '{column}' holds true/false values, not text (row 1: "
+                f"{values[0].as_py()!r}); map the column that holds the text (dataset_columns)"
             )
         nulls = [null and not skip for null, skip in zip(pc.is_null(dataset.data.column(column)).to_pylist(), blank)]
         if any(nulls):
@@ -364,6 +421,9 @@ def resolve_layout(dataset, kind: str, format: str | None, columns: dict[str, st
         dataset = dataset.rename_columns(dict(zip(dataset.column_names, names)))
     columns = columns or {}
     missing = [file_column for file_column in columns.values() if file_column not in dataset.column_names]
+    if any("." in column for column in missing):  # a nested field (`meta.body`): its own column once flattened
+        dataset = dataset.flatten()
+        missing = [file_column for file_column in columns.values() if file_column not in dataset.column_names]
     if missing:
         raise UserError(
             f"dataset_columns (or the stage's prompt_column / text_column) names column(s) {missing} that dataset "
@@ -457,13 +517,27 @@ def unpaired_rows(pairs, seed: int):
     return unpair_preference_dataset(pairs).shuffle(seed=seed)
 
 
+def _has_tool_keys(value) -> bool:
+    return isinstance(value, list) and any(isinstance(t, dict) and any(k in t for k in TOOL_KEYS) for t in value)
+
+
 def _from_rows(rows: list[dict], source: str):
     """A Dataset of the converted rows; a column mixing text and chat turns cannot be one Arrow column."""
     import pyarrow as pa
     from datasets import Dataset
 
     try:
-        return Dataset.from_list(rows)
+        dataset = Dataset.from_list(rows)
+        if any(_has_tool_keys(value) for row in rows for value in row.values()):
+            # Arrow gives every turn every key (None where a turn has none), and chat templates test `'tool_calls'
+            # in message`: chat columns as JSON keep each turn's own keys (datasets' Json feature)
+            from datasets import Features, Json, List
+
+            features = Features(
+                {c: List(Json()) if isinstance(rows[0][c], list) else f for c, f in dataset.features.items()}
+            )
+            dataset = Dataset.from_list(rows, features=features)
+        return dataset
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
         raise UserError(
             f"dataset '{source}' mixes text and chat messages in one column ({str(error).splitlines()[0]}); "

@@ -6,6 +6,11 @@ required columns are checked, and a sample of rows is read, before any model is 
 
 from __future__ import annotations
 
+import bz2
+import glob
+import gzip
+import importlib.util
+import lzma
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,13 +25,19 @@ FILE_BUILDERS = {
     ".parquet": "parquet",
     ".txt": "text",
     ".text": "text",
+    ".arrow": "arrow",  # a `datasets` cache file (data-00000-of-00001.arrow)
 }
 BUILDER_OPTIONS = {".tsv": {"sep": "\t"}}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # `datasets` decompresses these itself
+COMPRESSION_PACKAGES = {".zst": "zstandard", ".lz4": "lz4"}  # ... with these packages, which it does not require
 ROWS_CHECKED = 1000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # a caption file beside each image: kohya-style folders
 NON_TEXT_COLUMNS = ("label",)  # columns whose values are not text (KTO's desirable/undesirable label)
+
+
+DEFAULT_TEST_SPLIT = "test"
+EVAL_SPLITS = ("validation", "valid", "val", "dev", "eval")  # held-out splits under other names, when there is no test
 
 
 @dataclass
@@ -36,13 +47,18 @@ class DataArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "embedded:NAME, a hub dataset id, a local file (json/jsonl/csv/tsv/parquet/txt) or a local dir."
+            "help": "embedded:NAME, a hub dataset id, a local file (json/jsonl/csv/tsv/parquet/txt/arrow, maybe "
+            "compressed), a glob pattern of such files, or a local dir."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(
-        default="test", metadata={"help": "Split to evaluate on (carved from train if absent)."}
+        default=DEFAULT_TEST_SPLIT,
+        metadata={
+            "help": "Split to evaluate on; when the default 'test' is absent, a 'validation' (valid, val, dev, eval) "
+            "split, else a slice carved from train (validation_split_percentage)."
+        },
     )
     validation_split_percentage: float = field(
         default=5.0, metadata={"help": "Percent of train held out for evaluation when the data has no test split."}
@@ -67,23 +83,23 @@ def load_raw(name: str, config: str | None = None):
         return load_embedded(embedded)
     path = Path(name).expanduser()
     try:
-        if path.is_file():
-            builder = file_builder(path)
-            if builder is None:
-                raise UserError(
-                    f"dataset_name '{name}': unsupported file type '{path.suffix}'; use {', '.join(sorted(FILE_BUILDERS))}"
-                    f", optionally compressed ({', '.join(COMPRESSIONS)})"
-                )
-            if path.stat().st_size < 2**20 and not path.read_bytes().strip():  # `datasets` fails on these oddly
-                raise UserError(f"dataset_name '{name}' is an empty file: it holds no rows")
-            options = BUILDER_OPTIONS.get(data_suffix(path), {})
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, **options)
+        if path.is_file() or glob.has_magic(name):
+            files = [path] if path.is_file() else sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
+            builder = files_builder(name, files)
+            for file in files:
+                if is_empty_file(file):  # `datasets` fails on these oddly
+                    raise UserError(f"dataset_name '{name}': '{file}' is an empty file: it holds no rows")
+            options = BUILDER_OPTIONS.get(data_suffix(files[0]), {})
+            return valid_text(
+                datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, **options), name
+            )
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
                 loaded = datasets.load_from_disk(str(path))
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-            return captioned_image_folder(path) or datasets.load_dataset(str(path), config)
-        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            one_file_type(path)
+            return captioned_image_folder(path) or valid_text(datasets.load_dataset(str(path), config), name)
+        if name.startswith((".", "/", "~")) or name.count("/") > 1 or data_suffix(path) in FILE_BUILDERS:
             raise UserError(f"dataset_name '{name}' does not exist")
         return datasets.load_dataset(name, config)
     except UserError:
@@ -95,6 +111,78 @@ def load_raw(name: str, config: str | None = None):
         error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def files_builder(name: str, files: list[Path]) -> str:
+    """The one `datasets` builder of the data files a name (a file or a glob pattern) stands for; a UserError when
+    there are none, the type is not a data file's, a compression's package is missing, or the types differ."""
+    if not files:
+        raise UserError(f"dataset_name '{name}' matches no file")
+    builders = {file_builder(file) for file in files}
+    if None in builders:
+        other = next(file for file in files if file_builder(file) is None)
+        raise UserError(
+            f"dataset_name '{name}': unsupported file type '{other.suffix}' ('{other}'); use "
+            f"{', '.join(sorted(FILE_BUILDERS))}, optionally compressed ({', '.join(COMPRESSIONS)})"
+        )
+    if len(builders) > 1:
+        raise UserError(
+            f"dataset_name '{name}' holds files of different types ({', '.join(sorted(builders))}); a dataset is "
+            "read with one reader: give one type, or several sets as a mixture (datasets: [{name: ...}, ...])"
+        )
+    for file in files:
+        package = COMPRESSION_PACKAGES.get(file.suffix.lower())
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"dataset_name '{name}': reading '{file.name}' needs the {package} package: pip install {package}"
+            )
+    return builders.pop()
+
+
+def is_empty_file(path: Path) -> bool:
+    """Whether a data file holds nothing but white space, looking through its compression."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower())
+    if opener is None:
+        return path.stat().st_size < 2**20 and not path.read_bytes().strip()
+    try:
+        with opener(path) as stream:
+            return not stream.read(2**20).strip()
+    except (OSError, EOFError, lzma.LZMAError):
+        return False  # a broken archive: `datasets` names what is wrong with it
+
+
+def one_file_type(path: Path) -> None:
+    """A folder of data files read as one dataset holds one type: `datasets` reads the commonest and leaves the
+    others out without a word (a.jsonl and b.csv gave a.jsonl's rows). Image folders are `datasets`' own
+    (imagefolder with its metadata file) or `captioned_image_folder`'s."""
+    files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+        return
+    data_files = [p for p in files if file_builder(p) is not None and not is_documentation(p)]
+    if data_files:
+        files_builder(str(path), data_files)
+
+
+def is_documentation(path: Path) -> bool:
+    """A dataset repository's files that are not its rows: LICENSE.txt, dataset_infos.json and the like."""
+    return path.stem.upper().startswith(("LICENSE", "README", "NOTICE", "CHANGELOG", "CITATION")) or path.name in (
+        "dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"
+    )  # fmt: skip
+
+
+def valid_text(raw, name: str):
+    """The loaded splits, after Arrow's full check: text that is not UTF-8 loads, and fails only when a later
+    step reads it (a raw pyarrow error)."""
+    import pyarrow as pa
+
+    for split, dataset in raw.items():
+        try:
+            dataset.data.table.validate(full=True)
+        except pa.ArrowInvalid as error:
+            raise UserError(
+                f"dataset_name '{name}' ({split} split) is not valid text: {error}; save it as UTF-8"
+            ) from None
+    return raw
 
 
 def captioned_image_folder(path: Path):
@@ -198,6 +286,16 @@ def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | No
     test_split, test_note = resolve_split(
         raw, args.dataset_test_split, "dataset_test_split", source, preferred=args.dataset_test_split + suffix
     )
+    if test_split is None and args.dataset_test_split != DEFAULT_TEST_SPLIT:
+        raise UserError(
+            f"dataset_test_split '{args.dataset_test_split}' is not a split of '{source}'; it has {', '.join(raw)} "
+            f"(without dataset_test_split, the '{DEFAULT_TEST_SPLIT}' split, else a validation split, else "
+            f"validation_split_percentage of the training split is held out)"
+        )
+    if test_split is None:  # no `test`: a validation split is what the data's authors held out
+        test_split = next((split for split in EVAL_SPLITS if split in raw and split != train_split), None)
+        if test_split:
+            test_note = f"'{source}' has no '{DEFAULT_TEST_SPLIT}' split: evaluating on its '{test_split}' split"
     if notes is not None:
         notes += [n for n in (note, test_note) if n]
     train = raw[train_split]
@@ -214,6 +312,9 @@ def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | No
                 "both sides."
             ) from None
         train, evaluation = parts["train"], parts["test"]
+    for key in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"{key} must be at least 1 (or unset for every row), got {getattr(args, key)}")
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples:

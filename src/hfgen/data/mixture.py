@@ -66,9 +66,12 @@ def _is_chat(value) -> bool:
     return isinstance(value, list)
 
 
-def _as_chat(dataset, kind: str):
+def _as_chat(dataset, kind: str, to_messages: bool = True):
     """A converted set's text rows as chat turns (the prompt a user turn, answers assistant turns), so that it
-    mixes with sets in chat turns (Alpaca beside ShareGPT). Text corpora and implicit-prompt pairs stay as they are."""
+    mixes with sets in chat turns (Alpaca beside ShareGPT). SFT's prompt/completion rows become `messages` only
+    beside sets of whole conversations (`to_messages`); beside conversational prompt/completion sets they stay
+    prompt/completion, in turns, so that their loss stays on the completion. Text corpora and implicit-prompt pairs
+    stay as they are."""
     columns = dataset.column_names
     if not len(dataset):
         return dataset
@@ -79,6 +82,8 @@ def _as_chat(dataset, kind: str):
     def assistant(text):
         return text if _is_chat(text) else [{"role": "assistant", "content": text}]
 
+    if kind == "sft" and {"prompt", "completion"} <= set(columns) and not to_messages:
+        return dataset.map(lambda row: {"prompt": user(row["prompt"]), "completion": assistant(row["completion"])})
     if kind == "sft" and {"prompt", "completion"} <= set(columns):
         return dataset.map(
             lambda row: {"messages": user(row["prompt"]) + assistant(row["completion"])},
@@ -117,7 +122,8 @@ def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = 
         for d in sets if len(d)
     ]  # fmt: skip
     if any(chat) and not all(chat):
-        sets = [_as_chat(d, kind) for d in sets]
+        to_messages = any("messages" in d.column_names for d in sets)
+        sets = [_as_chat(d, kind, to_messages) for d in sets]
     if common_columns_only and sets:
         common = set.intersection(*(set(d.column_names) for d in sets))
         sets = [d.select_columns([c for c in d.column_names if c in common]) for d in sets]

@@ -128,7 +128,34 @@ def load_image_splits(args: DataArguments, seed: int = 0):
     embedded = {DIGITS: digits_dataset, DIGITS_ASPECT: digits_aspect_dataset}
     name = args.dataset_name
     raw = embedded[name]() if name in embedded else load_raw(name, args.dataset_config)
+    if name not in embedded:
+        raw = paths_beside_the_data(raw, name, args.image_column)
     return split_dataset(raw, args, seed)
+
+
+def paths_beside_the_data(raw, name: str, image_column: str):
+    """Image paths in a JSON/CSV file (or a folder of them) are relative to the file, as an imagefolder's metadata
+    file names its images: a relative path that exists there is made absolute (one that does not is left as it is,
+    relative to the working directory)."""
+    import datasets
+
+    base = Path(name).expanduser()
+    base = base.parent if base.is_file() else base
+    if not base.is_dir():
+        return raw
+
+    def resolve(row):
+        path = row[image_column]
+        if isinstance(path, str) and path and not Path(path).is_absolute() and (base / path).is_file():
+            return {image_column: str((base / path).resolve())}
+        return {image_column: path}
+
+    return datasets.DatasetDict(
+        {
+            split: dataset.map(resolve) if dataset.features.get(image_column) == datasets.Value("string") else dataset
+            for split, dataset in raw.items()
+        }
+    )
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -136,11 +163,13 @@ def load_image_splits(args: DataArguments, seed: int = 0):
 
 def open_image(value, where: str):
     """A decoded RGB PIL image from a dataset value (PIL image, or {'bytes', 'path'}); a UserError if it cannot be."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         if isinstance(value, Image.Image):
             image = value
+        elif isinstance(value, (bytes, bytearray)):  # a parquet column of encoded files
+            image = Image.open(io.BytesIO(value))
         elif isinstance(value, dict) and value.get("bytes"):
             image = Image.open(io.BytesIO(value["bytes"]))
         elif isinstance(value, (dict, str)) and (path := value.get("path") if isinstance(value, dict) else value):
@@ -151,9 +180,26 @@ def open_image(value, where: str):
         else:
             raise ValueError(f"not an image: {type(value).__name__}")
         image.load()  # PIL opens lazily: only load() reads the pixels (and finds a truncated file)
-        return image.convert("RGB")
+        image = ImageOps.exif_transpose(image)  # a phone photo's pixels are stored turned; its EXIF says how
+        return eight_bit(image).convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
         raise UserError(f"{where} cannot be decoded: {error}") from None
+
+
+def eight_bit(image):
+    """A 16- or 32-bit grayscale image (16-bit PNGs, TIFFs) scaled to 8 bits: PIL's convert("RGB") clips such values
+    at 255, so a 16-bit image would train as white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":  # floats: 0-1 as most tools write them, else 0-255
+        scale = 255.0 if pixels.max(initial=0) <= 1 else 1.0
+    else:  # I;16 is 16-bit; "I" holds 16-bit PNGs in older Pillow too, and 8-bit values when they fit
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 1.0
+    return Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CHECKED) -> list[str]:

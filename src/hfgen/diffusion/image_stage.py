@@ -203,7 +203,10 @@ def record_speed(output_dir: Path, steps: int, first_step: int, seconds: float, 
 
 def write_lora_base(output_dir: Path, model_args) -> None:
     """lora_base.json: the pipeline a LoRA run's adapters load on (`hfgen generate` / `eval` read it)."""
-    base = {"pretrained_model_name_or_path": model_args.pretrained_model_name_or_path,
+    from hfgen.finetune import resolved
+
+    # a local base as an absolute path: `hfgen generate RUN` from another directory finds it (as adapter_config.json)
+    base = {"pretrained_model_name_or_path": resolved(model_args.pretrained_model_name_or_path),
             "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
     tracking.write_json(output_dir / LORA_BASE, base)
 

@@ -57,7 +57,10 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
         if training_args.completion_only_loss and "completion" not in columns:
             problems.append(f"completion_only_loss: true needs prompt/completion data; the data has {columns}")
         if training_args.assistant_only_loss and "text" in columns:
-            problems.append(f"assistant_only_loss: true needs conversational data; the data has {columns}")
+            problems.append(
+                f"assistant_only_loss: true needs conversational data (or prompt/completion); the data is plain text "
+                f"(columns {columns}): set assistant_only_loss: false to train on every token"
+            )
         if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
             from hfgen.check import check_sft_rendering
 
@@ -65,6 +68,22 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
+
+
+def completion_loss_instead(rows, training_args: SFTConfig) -> str | None:
+    """`assistant_only_loss: true` on prompt/completion text (Alpaca, Dolly, a CSV of questions and answers) means
+    what TRL's completion_only_loss does there, the loss on the answers; TRL would refuse it as not conversational.
+    Switched over, with the note returned (None when nothing changed)."""
+    if not training_args.assistant_only_loss or "completion" not in rows.column_names:
+        return None
+    if not len(rows) or not isinstance(rows[0]["completion"], str):
+        return None
+    training_args.assistant_only_loss = False
+    training_args.completion_only_loss = True
+    return (
+        "assistant_only_loss: the data is prompt/completion text, not chat turns: the loss is on the completions "
+        "(completion_only_loss), as assistant_only_loss asks"
+    )
 
 
 def tokenizer_for(model_args, training_args: SFTConfig):
@@ -292,6 +311,9 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         data_args, "sft", seed=training_args.seed, default_columns={"text": training_args.dataset_text_field}
     )
     training_args.dataset_text_field = "text"  # the text column, whatever the file called it, is `text` now
+    if note := completion_loss_instead(train_rows, training_args):
+        print(note)
+        data_records.setdefault("notes", []).append(note)
     train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     record(output_dir, data_records)
     count_trained_tokens(training_args)
