@@ -46,8 +46,11 @@ def main(args: argparse.Namespace) -> int:
         for path in paths:
             print(path)
         return 0
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UserError("--num_samples and --max_new_tokens must be at least 1.")
+    problems = sampling_problems(args.num_samples, args.temperature, args.top_p)
+    problems += ["--max_new_tokens must be at least 1"] * (args.max_new_tokens < 1)
+    problems += ["--prompt '' is empty: give the text to continue"] * any(not p.strip() for p in args.prompt)
+    if problems:
+        raise UserError("hfgen generate: " + "; ".join(problems) + ".")
 
     import torch
 
@@ -70,6 +73,23 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def sampling_problems(num_samples: int, temperature: float, top_p: float) -> list[str]:
+    """The sampling options' problems (generate and eval): greedy decoding has one answer per prompt."""
+    problems = []
+    if num_samples < 1:
+        problems.append("--num_samples must be at least 1")
+    if temperature < 0:
+        problems.append(f"--temperature must be >= 0 (0 is greedy decoding), got {temperature}")
+    if temperature == 0 and num_samples > 1:
+        problems.append(
+            f"--temperature 0 decodes greedily, one answer per prompt: --num_samples {num_samples} would repeat it; "
+            "give a temperature above 0 to sample, or --num_samples 1"
+        )
+    if not 0 < top_p <= 1:
+        problems.append(f"--top_p must lie in (0, 1], got {top_p}")
+    return problems
+
+
 def wants_chat(model_path: str, tokenizer) -> bool:
     """Chat format by default for fine-tuned models: hfgen runs other than pretraining, LoRA adapter dirs and
     `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat` decide explicitly."""
@@ -87,6 +107,13 @@ def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
     """Plain strings, or chat-formatted: a prompt may be a string (one user turn) or a list of messages."""
     if not chat:
         return list(prompts)
+    if tokenizer.chat_template is None:
+        from hfgen.errors import UserError
+
+        raise UserError(
+            f"the tokenizer of this model ({tokenizer.name_or_path}) has no chat template to wrap the prompts in: "
+            "drop --chat (the prompts are fed as raw text)"
+        )
     formatted = []
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -134,9 +161,10 @@ def generate_tokens(
             batch = tokenizer(
                 texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat
             ).to(device)
+            new_tokens = within_positions(model, batch["input_ids"].shape[1], max_new_tokens)
             with torch.inference_mode():
                 generated = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=num_samples,
+                    **batch, max_new_tokens=new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=num_samples,
                     use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling,
                 )  # fmt: skip
             completions = generated[:, batch["input_ids"].shape[1] :].tolist()
@@ -151,3 +179,23 @@ def generate_tokens(
     finally:
         tokenizer.padding_side = padding_side
     return outputs
+
+
+def within_positions(model, prompt_length: int, max_new_tokens: int) -> int:
+    """`max_new_tokens`, lowered (once said) so that prompt + answer fit a model with learned positions (GPT-2's
+    n_positions, OPT's): past them generation fails with an IndexError (a device assert on a GPU)."""
+    from hfgen.errors import UserError
+    from hfgen.models import position_limit
+
+    limit = position_limit(model.config)
+    if limit is None or prompt_length + max_new_tokens <= limit:
+        return max_new_tokens
+    if prompt_length >= limit:
+        raise UserError(
+            f"a prompt of {prompt_length} tokens leaves no room to answer in this model's {limit} positions: "
+            "give shorter prompts"
+        )
+    print(
+        f"max_new_tokens {max_new_tokens} lowered to {limit - prompt_length}: the model reads at most {limit} positions"
+    )
+    return limit - prompt_length

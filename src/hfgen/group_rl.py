@@ -33,7 +33,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
-from hfgen.models import check_model_source, position_limit
+from hfgen.models import check_model_source, not_a_reward_model, position_limit
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
@@ -91,7 +91,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         path = data_args.reward_model_path
         problems += check_model_source(
             "reward_model_path", path, hint=run_first_hint(path), trust_remote_code=config.trust_remote_code
-        )
+        ) or not_a_reward_model(path, "reward_model_path")
     if not data_args.reward_model_path and not data_args.reward_functions:
         problems.append("no reward: set reward_functions and/or reward_model_path")
     components = reward_component_names(data_args)

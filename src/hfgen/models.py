@@ -140,6 +140,32 @@ def not_a_generator(path: str | Path, label: str) -> list[str]:
     return []
 
 
+def not_a_reward_model(path: str | Path | None, label: str) -> list[str]:
+    """A local model dir that is no sequence classifier (a causal LM, the SFT run given by mistake), as a problem:
+    loaded as a reward model it would score with a new, random head, and training would follow noise. Hub ids and
+    dirs whose config names no architecture are left to the loader."""
+    if not path or not Path(path).is_dir():
+        return []
+    adapter = Path(path) / "adapter_config.json"
+    try:
+        if adapter.is_file():
+            task = json.loads(adapter.read_text()).get("task_type")
+            kind = f"a LoRA adapter of task {task}"
+            scores = task == "SEQ_CLS"
+        else:
+            architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+            kind = ", ".join(architectures)
+            scores = not architectures or any(a.endswith("ForSequenceClassification") for a in architectures)
+    except (OSError, ValueError):
+        return []
+    if scores:
+        return []
+    return [
+        f"{label} '{path}' is not a reward model ({kind}): its score head would be new and random; give the output "
+        "of a reward stage (a sequence classifier), e.g. `hfgen train recipes/tiny/reward.yaml`"
+    ]
+
+
 def check_config_file(key: str, name: str | None, transformers_config: bool = False) -> list[str]:
     """A local config JSON must exist and hold a JSON object; `transformers_config`: with a `model_type` that
     transformers knows (an unknown one fails deep inside `AutoConfig` with a list of every model type)."""

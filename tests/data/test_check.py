@@ -168,3 +168,11 @@ def test_check_passes_every_shipped_tiny_recipe(recipe, capsys):
     code, out, err = check(capsys, REPO / "recipes/tiny" / recipe, small=False)
     assert code == 0, err
     assert "valid" in out
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo_arithmetic"])
+def test_a_causal_lm_given_as_the_reward_model_exits_2(tiny_lm, capsys, recipe):
+    # was a run on the scores of a new, random head (transformers only reported `score.weight` as newly initialised)
+    code, _, err = check(capsys, REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", tiny_lm,
+                         "--reward_model_path", tiny_lm)  # fmt: skip
+    assert code == 2 and "reward_model_path" in err and "is not a reward model (LlamaForCausalLM)" in err, err

@@ -129,6 +129,10 @@ def test_perplexity_can_be_skipped(model_dir, tmp_path):
         (["{model}", "--oracle", "no_such_module:f"], "not an importable MODULE:FUNC"),
         (["{model}", "--prompt_column", "question"], "has no column 'question'"),
         (["{model}", "--num_samples", "0"], "--num_samples must be at least 1"),
+        (["{model}", "--num_samples", "2", "--temperature", "0"], "--temperature 0 decodes greedily"),
+        (["{model}", "--top_p", "1.5"], "--top_p must lie in (0, 1]"),
+        (["{model}", "--device", "nonsense"], "is not a device name"),
+        (["{model}", "--reward_model", "{model}"], "is not a reward model"),
     ],
 )
 def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path, capsys, arguments, message):
@@ -223,3 +227,28 @@ def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_pa
     assert load_prompts(str(questions), "test", "question", 2) == ["q0", "q1"]
     with pytest.raises(UserError, match="match no prompt layout.*--prompt_column"):
         load_prompts(str(questions), "test", "prompt", 2)
+
+
+def test_generate_fits_learned_positions_and_refuses_what_it_cannot_do(tmp_path, capsys):
+    """A GPT-2 of 256 positions asked for 400 new tokens (was an IndexError), greedy decoding asked for 3 samples
+    (transformers' ValueError), --chat on a tokenizer without a chat template, an empty raw prompt (a reshape error)."""
+    from transformers import AutoTokenizer
+
+    from tiny_models import save_tiny_gpt2_without_pad
+
+    model = save_tiny_gpt2_without_pad(tmp_path / "gpt2")
+    assert hfgen(["generate", str(model), "--prompt", "the cat", "--max_new_tokens", "400", "--no-chat"]) == 0
+    assert "max_new_tokens 400 lowered to" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = None
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(model)
+    for arguments, message in (
+        (["--num_samples", "3", "--temperature", "0"], "--temperature 0 decodes greedily"),
+        (["--chat"], "has no chat template"),
+        (["--prompt", "", "--no-chat"], "is empty"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            hfgen(["generate", str(model), "--prompt", "the cat", *arguments])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error and "Traceback" not in error, arguments

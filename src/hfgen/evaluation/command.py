@@ -126,9 +126,24 @@ def quiet_libraries() -> None:
 # ---- checks before any model is loaded ---------------------------------------------------------------
 
 
+def device_problems(device: str) -> list[str]:
+    """--device names a device torch has here (cuda on a machine without one was an AssertionError)."""
+    import torch
+
+    if device == AUTO:
+        return []
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return [f"--device '{device}' is not a device name (cuda, cuda:1, cpu, mps, ...)"]
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    return [] if available() else [f"--device '{device}': this machine has no {kind} device (use cpu)"]
+
+
 def check_text_arguments(args: argparse.Namespace) -> None:
     """Every problem with the paths, counts, oracle and datasets, reported at once."""
-    from hfgen.models import check_model_source, not_a_generator
+    from hfgen.generate import sampling_problems
+    from hfgen.models import check_model_source, not_a_generator, not_a_reward_model
 
     problems = []
     if not Path(args.target).exists() and not args.output:
@@ -139,11 +154,15 @@ def check_text_arguments(args: argparse.Namespace) -> None:
         problems.append(f"TARGET '{args.target}' has neither config.json, adapter_config.json nor model_index.json")
     else:
         problems += not_a_generator(args.target, "TARGET")
-    problems += check_model_source("--reward_model", args.reward_model)
+    problems += check_model_source("--reward_model", args.reward_model) or not_a_reward_model(
+        args.reward_model, "--reward_model"
+    )
     problems += check_model_source("--baseline", args.baseline)
-    for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size", "speed_batch_size", "speed_new_tokens"):
+    for name in ("num_prompts", "max_new_tokens", "batch_size", "speed_batch_size", "speed_new_tokens"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1")
+    problems += sampling_problems(args.num_samples, args.temperature, args.top_p)
+    problems += device_problems(args.device)
     try:
         oracle = resolve_oracle(args.oracle, args.eval_dataset)
     except UserError as error:
@@ -430,6 +449,8 @@ def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
         if error.name != "hfgen.evaluation.images":
             raise
         raise UserError(f"'{target}' is a diffusers pipeline, and image evaluation is not available here.") from None
+    if problems := device_problems(args.device):
+        raise UserError(problems[0])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
     options = {
         name: getattr(args, name)

@@ -46,7 +46,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
-from hfgen.models import chat_prompts_without_template, check_model_source, fit_max_length
+from hfgen.models import chat_prompts_without_template, check_model_source, fit_max_length, not_a_reward_model
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, step_metrics
@@ -252,6 +252,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         if getattr(config, key):
             path = getattr(config, key)
             problems += check_model_source(key, path, run_first_hint(path), trust_remote_code=config.trust_remote_code)
+    if config.reward_model_path and not problems:
+        problems += not_a_reward_model(config.reward_model_path, "reward_model_path")
     if not config.reward_model_path and not config.reward_functions:
         problems.append("no reward: set reward_model_path and/or reward_functions")
     components = int(bool(config.reward_model_path)) + len(config.reward_functions)
