@@ -135,6 +135,9 @@ def test_a_run_killed_mid_line_reports_and_a_damaged_file_is_named(two_runs, tmp
     with pytest.raises(SystemExit) as exit_info:
         hfgen(["report", *map(str, two_runs), "--out", str(tmp_path / "r.html")])
     assert exit_info.value.code == 2 and "eval.json' is not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # was an IsADirectoryError, with a stray .tmp file left
+        hfgen(["report", str(two_runs[0]), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -86,3 +86,16 @@ def test_two_by_two_pretrain_sweep_makes_four_runs_and_one_report(tmp_path):
     again = run_hfgen(*arguments, env=ONE_THREAD)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already complete, skipped") == 4
+    # the same grid with another fixed key: the complete runs of the first recipe are refused, not trained over
+    other = run_hfgen(*[a if a != "3" else "4" for a in arguments], env=ONE_THREAD)
+    assert other.returncode == 2 and "holds a complete run of a different recipe" in other.stderr
+
+
+@pytest.mark.slow
+def test_a_point_that_diverges_does_not_stop_the_others(tmp_path):
+    # was: the sweep ended at the diverged point, the later points never ran and no report was written
+    arguments = ["sweep", PRETRAIN, "--learning_rate", "1e30,1e-3", "--nan_tolerance", "0", "--output_root", tmp_path,
+                 "--quiet", *SHORT]  # fmt: skip
+    result = run_hfgen(*arguments, env=ONE_THREAD)
+    assert result.returncode == 3 and "1 of 2 points failed" in result.stderr and "learning_rate=1e30" in result.stderr
+    assert tracking.is_complete(tmp_path / "learning_rate=1e-3") and (tmp_path / "report.html").is_file()

@@ -66,12 +66,18 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.stages import rlhf
 
     pipeline = load_recipe(args.recipe)
+    if pipeline.stage != "rlhf":
+        raise UserError(
+            f"hfgen compare: '{args.recipe}' is a {pipeline.stage} recipe; compare takes a pipeline recipe (stage: "
+            "rlhf) that names a step recipe for each method, e.g. recipes/tiny/compare.yaml"
+        )
     (base,) = pipeline.configs
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in rlhf.METHODS or not hasattr(base, m) or not getattr(base, m)]
+    named = [m for m in rlhf.METHODS if getattr(base, m, None)]
+    unknown = [m for m in methods if m not in named]
     if unknown or not methods:
         raise UserError(f"hfgen compare: --methods {unknown or args.methods}: each must be a method whose step "
-                        f"recipe the pipeline '{args.recipe}' names ({', '.join(rlhf.METHODS)})")  # fmt: skip
+                        f"recipe the pipeline '{args.recipe}' names ({', '.join(named) or 'none'})")  # fmt: skip
     if args.seeds < 1 or args.prompts < 1:
         raise UserError("hfgen compare: --seeds and --prompts must be at least 1")
     root = Path(args.output_root) if args.output_root else Path(f"{base.output_dir}-compare")

@@ -37,6 +37,8 @@ def main(args: argparse.Namespace) -> int:
     adapter, output_dir = Path(args.adapter), Path(args.output_dir)
     if output_dir.resolve() == adapter.resolve():
         raise UserError("--output_dir must differ from the adapter dir.")
+    if problem := tracking.path_problem(output_dir, "--output_dir", directory=True):
+        raise UserError(problem + ".")
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "merged_from.json").is_file():
         raise UserError(
             f"--output_dir '{output_dir}' holds other files; give a new or empty dir (or an earlier merge's)."

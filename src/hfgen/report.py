@@ -73,6 +73,8 @@ def write_report(run_dirs, out: str | Path, title: str = "hfgen report", max_sam
     missing = [str(d) for d in run_dirs if not Path(d).is_dir()]
     if missing:
         raise UserError(f"hfgen report: run dir(s) not found: {', '.join(missing)}.")
+    if problem := tracking.path_problem(out, "--out", directory=False):
+        raise UserError(f"hfgen report: {problem}.")
     paths = [Path(d) for d in run_dirs]
     runs = [load_run(path, name) for path, name in zip(paths, run_names(paths))]
     out = Path(out)

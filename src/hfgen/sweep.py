@@ -9,8 +9,11 @@ other overrides apply to every point. Each point gets its own output dir, ROOT/K
 first one runs; then the points run one after the other through `hfgen.train.run_step`, exactly as
 `hfgen train` runs them. A point whose dir already holds a complete run of the same resolved recipe is
 skipped, and a point that was interrupted continues from its newest complete checkpoint, so a sweep that
-stopped half way picks up where it was. Last, ROOT/report.html compares the points
-(`hfgen report`); with --eval each point is first evaluated by `hfgen eval` with its defaults.
+stopped half way picks up where it was; a point whose dir holds the complete run of another recipe is refused
+before anything runs (as `hfgen train` refuses it). A point that fails (diverges, or finds bad data) does not stop
+the others: the sweep says which failed and exits non-zero after the report. Last, ROOT/report.html compares
+the points (`hfgen report`); with --eval each point not yet evaluated is first evaluated by `hfgen eval` with its
+defaults.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import itertools
 import re
 from pathlib import Path
 
-from hfgen.errors import UserError
+from hfgen.errors import Diverged, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +58,11 @@ def main(args: argparse.Namespace) -> int:
     for name, tokens in points:
         try:
             recipes[name] = load_recipe(args.recipe, [*fixed, *tokens, "--output_dir", str(root / name)])
+            # a point's dir holding the complete run of another recipe (an earlier sweep with other fixed keys) is
+            # refused as `hfgen train` refuses it, not trained over
+            if (root / name).exists():
+                recipe = recipes[name]
+                tracking.check_output_dir(root / name, recipe.to_yaml(), recipe.run.overwrite_output_dir)
         except UserError as error:
             problems.setdefault(str(error), []).append(name)  # one message for the points that share it
     if problems:
@@ -63,22 +71,40 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"hfgen sweep: {invalid} of {len(points)} points are invalid, none was run: {details}")
 
     print(f"sweep: {len(recipes)} points under {root}")
+    failed: dict[str, Exception] = {}
     for index, (name, recipe) in enumerate(recipes.items(), 1):
         run_dir = root / name
-        if tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml():
-            print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")
-            continue
-        print(f"[{index}/{len(recipes)}] {name}: training")
-        if args.quiet:
-            for config in recipe.configs:  # Trainer's progress bar; set on the parsed config, not in recipe.yaml
-                if hasattr(config, "disable_tqdm"):
-                    config.disable_tqdm = True
-        run_step(recipe)
-        if args.eval:
-            evaluate(run_dir, args.quiet)
-    report = write_report([root / name for name in recipes], root / "report.html", title=f"hfgen sweep {args.recipe}")
-    print(f"report: {report}")
+        done = tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+        try:
+            if done:
+                print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")
+            else:
+                print(f"[{index}/{len(recipes)}] {name}: training")
+                if args.quiet:
+                    for config in recipe.configs:  # Trainer's progress bar: on the parsed config, not in recipe.yaml
+                        if hasattr(config, "disable_tqdm"):
+                            config.disable_tqdm = True
+                run_step(recipe)
+            if args.eval and not (done and was_evaluated(run_dir)):
+                evaluate(run_dir, args.quiet)
+        except (UserError, Diverged) as error:  # one point's failure (a diverged learning rate) is a finding
+            failed[name] = error
+            print(f"[{index}/{len(recipes)}] {name}: failed: {error}")
+    runs = [root / name for name in recipes if (root / name).is_dir()]
+    report = write_report(runs, root / "report.html", title=f"hfgen sweep {args.recipe}") if runs else None
+    print(f"report: {report}" if report else "report: no point has a run dir")
+    if failed:
+        listing = "; ".join(f"{name}: {error}" for name, error in failed.items())
+        message = f"hfgen sweep: {len(failed)} of {len(recipes)} points failed (the others ran): {listing}"
+        raise Diverged(message) if all(isinstance(e, Diverged) for e in failed.values()) else UserError(message)
     return 0
+
+
+def was_evaluated(run_dir: Path) -> bool:
+    """Whether `hfgen eval` has written its figures into the run's eval.json (a stage's own figures aside)."""
+    from hfgen import tracking
+
+    return "speed/peak_memory_mb" in tracking.read_json(run_dir / "eval.json", {})
 
 
 def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:

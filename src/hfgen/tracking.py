@@ -136,6 +136,20 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
         )
 
 
+def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
+    """An output path that is the wrong kind of thing (a folder where a file goes, or the reverse), as a problem
+    naming the option: writing would fail half way (IsADirectoryError, NotADirectoryError)."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        return f"{label} '{path}' is a file; give a directory"
+    if not directory and path.is_dir():
+        return f"{label} '{path}' is a directory; give the file to write, e.g. '{path / 'out'}'"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{label} '{path}': '{parent}' is a file, not a directory"
+    return None
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a file atomically (a reader, or a process killed meanwhile, never leaves half a file)."""
     path = Path(path)

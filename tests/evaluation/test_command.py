@@ -115,10 +115,12 @@ def test_lora_adapter_dir_is_evaluated_on_its_base_in_chat_format(model_dir, tmp
 
 
 def test_perplexity_can_be_skipped(model_dir, tmp_path):
-    output = tmp_path / "eval.json"
+    output = tmp_path / "policy_a.json"
     assert hfgen(["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]) == 0
     results = tracking.read_json(output)
     assert "quality/perplexity" not in results and "quality/oracle_score" in results
+    # the samples are named after --output (were eval_samples.jsonl, which the next model evaluated there replaced)
+    assert (tmp_path / "policy_a_samples.jsonl").is_file() and not (tmp_path / "eval_samples.jsonl").exists()
 
 
 @pytest.mark.parametrize(
@@ -133,6 +135,7 @@ def test_perplexity_can_be_skipped(model_dir, tmp_path):
         (["{model}", "--top_p", "1.5"], "--top_p must lie in (0, 1]"),
         (["{model}", "--device", "nonsense"], "is not a device name"),
         (["{model}", "--reward_model", "{model}"], "is not a reward model"),
+        (["{model}", "--output", "{model}"], "is a directory; give the file to write"),
     ],
 )
 def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path, capsys, arguments, message):

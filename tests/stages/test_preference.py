@@ -340,3 +340,16 @@ def test_eval_prompts_dataset_is_read_in_any_prompt_layout(tmp_path):
     lines.write_text("".join(f"describe the dog {i}.\n" for i in range(5)))
     assert load_eval_prompts(str(alpaca))[0].startswith("describe the cat 0.")  # (a KeyError 'prompt' before)
     assert load_eval_prompts(str(lines)) == [f"describe the dog {i}." for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    "recipe, methods, message",
+    [("pretrain.yaml", "ppo,dpo", "is a pretrain recipe; compare takes a pipeline recipe"),
+     ("rlhf.yaml", "ppo,kto", "--methods ['kto']: each must be a method whose step recipe the pipeline")],
+)  # fmt: skip
+def test_compare_refuses_a_stage_recipe_and_methods_the_pipeline_lacks(capsys, recipe, methods, message):
+    # a stage recipe was a ValueError traceback (`(base,) = configs`); the list of methods offered all of them
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["compare", str(REPO / "recipes/tiny" / recipe), "--methods", methods, "--seeds", "1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and "Traceback" not in error, error

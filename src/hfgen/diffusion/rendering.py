@@ -108,6 +108,10 @@ def render_images(
         raise UserError("the number of images and of inference steps must be at least 1.")
     if not prompts:
         raise UserError("give at least one prompt.")
+    from hfgen import tracking
+
+    if output_dir and (problem := tracking.path_problem(output_dir, "--output_dir", directory=True)):
+        raise UserError(problem + ".")
     pipeline = load_pipeline(pipeline_dir)
     rows = generate_images(
         pipeline, list(prompts), num_images, num_inference_steps, guidance_scale, seed,

@@ -77,6 +77,8 @@ def main(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     output = Path(args.output) if args.output else target / "eval.json"
+    if problem := tracking.path_problem(output, "--output", directory=False):
+        raise UserError(f"hfgen eval: {problem}.")
     follow_rlhf_pipeline(args)
     images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
     if args.quiet:
@@ -90,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     merged = {**tracking.read_json(output, {}), **results}
     tracking.write_json(output, merged)
     if not images:
-        tracking.write_jsonl(output.parent / "eval_samples.jsonl", samples)
+        tracking.write_jsonl(samples_file(output), samples)
     print(format_table(results, title=f"hfgen eval {args.target}"))
     print(f"\nwritten to {output}")
     return 0
@@ -124,6 +126,12 @@ def quiet_libraries() -> None:
 
 
 # ---- checks before any model is loaded ---------------------------------------------------------------
+
+
+def samples_file(output: Path) -> Path:
+    """Where the samples go: eval_samples.jsonl beside a run's eval.json (the report reads it there), else named
+    after --output (evaluating several models into one folder keeps each one's samples)."""
+    return output.with_name("eval_samples.jsonl" if output.name == "eval.json" else f"{output.stem}_samples.jsonl")
 
 
 def device_problems(device: str) -> list[str]:
