@@ -54,9 +54,9 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from hfgen.models import load_causal_lm, load_tokenizer, not_a_generator
+    from hfgen.models import check_model_source, load_causal_lm, load_tokenizer, not_a_generator
 
-    if problems := not_a_generator(args.model, "MODEL"):
+    if problems := check_model_source("MODEL", args.model) or not_a_generator(args.model, "MODEL"):
         raise UserError(problems[0])
 
     torch.manual_seed(args.seed)

@@ -66,6 +66,29 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+def not_a_model_dir(path: Path) -> str | None:
+    """What an hfgen dir that holds no loadable model is (a pipeline's records, a run killed before it finished, a
+    training checkpoint), in words that say where the model is; None for any other dir."""
+    recipe = path / "recipe.yaml"
+    if recipe.is_file() and "stage: rlhf" in recipe.read_text():
+        from hfgen import tracking
+
+        steps = tracking.read_json(path / "eval.json", {})
+        policy = next((v for k, v in steps.items() if k.startswith("output_dir/") and k != "output_dir/sft" and
+                       k != "output_dir/reward" and k != "output_dir/prerequisite"), None)  # fmt: skip
+        return "is an rlhf pipeline dir (records, no model)" + (f"; its final policy is '{policy}'" if policy else "")
+    if (path / "hfgen_state.json").is_file() and not (path / "config.json").is_file():
+        return "is a training checkpoint (the state a run resumes from), not a model: use the finished run's dir"
+    if recipe.is_file() and not (path / "COMPLETE").exists():
+        checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.rpartition("-")[2] or 0))
+        newest = f"; its newest checkpoint is '{checkpoints[-1]}'" if checkpoints else ""
+        return (
+            f"is an unfinished hfgen run (no COMPLETE marker){newest}: rerun the stage that writes it (an interrupted "
+            "run continues from its newest complete checkpoint)"
+        )
+    return None
+
+
 def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_code: bool | None = None) -> list[str]:
     """Problems with a model path/hub id, for a recipe's `check()`; with `trust_remote_code` given, also a model
     that needs its own code (`custom_code_problem`)."""
@@ -73,9 +96,11 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
         return []
     path = Path(name).expanduser()
     if path.exists():
-        if path.is_dir() and (path / "recipe.yaml").exists() and not (path / "COMPLETE").exists():
-            return [f"{key} '{name}' is an unfinished hfgen run (no COMPLETE marker); rerun the stage that writes it"]
-        if path.is_dir() and not any(
+        if not path.is_dir():
+            return [f"{key} '{name}' is a file; give a model dir or hub id"]
+        if problem := not_a_model_dir(path):
+            return [f"{key} '{name}' {problem}"]
+        if not any(
             (path / f).exists()
             for f in ("config.json", "adapter_config.json", "model_index.json", "tokenizer_config.json")
         ):

@@ -255,3 +255,24 @@ def test_generate_fits_learned_positions_and_refuses_what_it_cannot_do(tmp_path,
             hfgen(["generate", str(model), "--prompt", "the cat", *arguments])
         error = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in error and "Traceback" not in error, arguments
+
+
+def test_generate_and_eval_say_what_a_dir_without_a_model_is(tmp_path, capsys):
+    # were "could not load a tokenizer ... You need to have sentencepiece" or "Repo id must be in the form"
+    pipeline, killed, checkpoint = tmp_path / "rlhf", tmp_path / "killed", tmp_path / "run" / "checkpoint-2"
+    tracking.write_run_records(pipeline, "stage: rlhf\n")
+    tracking.write_json(pipeline / "eval.json", {"output_dir/sft": "s", "output_dir/ppo": str(tmp_path / "ppo")})
+    tracking.write_run_records(killed, "stage: sft\n")
+    (killed / "checkpoint-3").mkdir()
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "hfgen_state.json").write_text("{}")
+    cases = [(pipeline, f"its final policy is '{tmp_path / 'ppo'}'"), (killed, "newest checkpoint is"),
+             (checkpoint, "is a training checkpoint"), (tmp_path / "none" / "x", "does not exist")]  # fmt: skip
+    for target, message in cases:
+        commands = [["generate", str(target), "--prompt", "hi"]]
+        commands += [["eval", str(target), "--quiet"]] if target != pipeline else []  # eval follows a pipeline dir
+        for command in commands:
+            with pytest.raises(SystemExit) as exit_info:
+                hfgen(command)
+            error = capsys.readouterr().err
+            assert exit_info.value.code == 2 and message in error and "Traceback" not in error, (command, error)

@@ -156,6 +156,8 @@ def check_text_arguments(args: argparse.Namespace) -> None:
     problems = []
     if not Path(args.target).exists() and not args.output:
         problems.append(f"TARGET '{args.target}' does not exist (for a hub id, pass --output FILE)")
+    elif Path(args.target).exists() and (source := check_model_source("TARGET", args.target)):
+        problems += source
     elif Path(args.target).is_dir() and not any(
         (Path(args.target) / name).is_file() for name in ("config.json", "adapter_config.json")
     ):
