@@ -101,3 +101,20 @@ def test_generate_from_missing_model_exits_2(tmp_path):
     result = run_hfgen("generate", tmp_path / "no_model", "--prompt", "the cat")
     assert result.returncode == 2
     assert "no_model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_names_the_recipe_trl_style_with_overrides_after_it(capsys):
+    # `--config R --max_train_samples 50` gave the recipe's slot to `50`; a second recipe was ignored
+    assert hfgen_main(["check", "--config", str(PRETRAIN), "--max_train_samples", "50", "--max_eval_samples", "5"]) == 0
+    assert f"recipe: {PRETRAIN}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", str(PRETRAIN), "--config", str(REPO / "recipes/tiny/sft_full.yaml")])
+    assert exit_info.value.code == 2 and "two recipes given" in capsys.readouterr().err
+
+
+def test_options_are_not_abbreviated():
+    # `hfgen compare --seed 1` was taken as --seeds 1 (argparse's prefix matching): a recipe key is an override
+    from hfgen.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["compare", "r.yaml", "--seed", "1"])
+    assert args.seeds != 1 and extra == ["--seed", "1"]

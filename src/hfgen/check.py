@@ -23,7 +23,8 @@ ROWS_RENDERED = 1000  # rows whose rendering is checked: enough for the shares, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
+    parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Any --key value pair overrides that key of the recipe, as in `hfgen train`."
 
@@ -31,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from hfgen.errors import UserError
     from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
+    from hfgen.train import recipe_argument
 
+    args.recipe = recipe_argument(args)
+    if args.recipe is None:
+        raise UserError("no recipe given: `hfgen check RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
     values = {**read_recipe_file(args.recipe), **parse_overrides(args.overrides)}
     pending = models_made_by_earlier_steps(values)
     # keys, types, models, data: as `hfgen train` does first; without the models an earlier step will make

@@ -58,9 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_as_recipe(argv: list[str]) -> list[str]:
+    """`hfgen train --config R --key v` (TRL's CLI style) as `hfgen train R --key v`: parsed as it was written, the
+    recipe's slot took the first override's value (`3` of `--max_steps 3`)."""
+    from hfgen.errors import UserError
+
+    if not argv or argv[0] not in ("train", "check"):
+        return argv
+    rest = argv[1:]
+    for i, token in enumerate(rest):
+        if token == "--config" and i + 1 < len(rest):
+            value, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
+        elif token.startswith("--config="):
+            value, rest = token.partition("=")[2], rest[:i] + rest[i + 1 :]
+        else:
+            continue
+        if rest and not rest[0].startswith("-"):
+            raise UserError(f"two recipes given ('{rest[0]}' and --config '{value}'): give one")
+        return [argv[0], value, *rest]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    with exit_on_user_error():
+        argv = config_as_recipe(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
