@@ -118,3 +118,13 @@ def test_options_are_not_abbreviated():
 
     args, extra = build_parser().parse_known_args(["compare", "r.yaml", "--seed", "1"])
     assert args.seeds != 1 and extra == ["--seed", "1"]
+
+
+def test_number_overrides_as_people_type_them():
+    # `--max_steps 1e3` was "invalid int value '1000.0'" (YAML reads a float); `--max_steps None` was refused
+    from hfgen.recipe import load_recipe
+
+    recipe = load_recipe(PRETRAIN, ["--max_steps", "1e3", "--max_eval_samples", "None"], check_inputs=False)
+    args = next(c for c in recipe.configs if hasattr(c, "max_steps"))
+    data = next(c for c in recipe.configs if hasattr(c, "max_eval_samples"))
+    assert args.max_steps == 1000 and data.max_eval_samples is None

@@ -237,6 +237,10 @@ def build_recipe(
         if action is None:
             errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
             continue
+        if isinstance(value, str) and value in ("None", "none") and action.type in (int, float):
+            value = None  # Python's spelling of null, for a number (`--max_steps None`)
+        if isinstance(value, float) and value.is_integer() and action.type is int:
+            value = int(value)  # `--max_steps 1e3`: YAML reads a float
         if value is None:
             continue  # YAML null: keep the field's default
         if key in valueless and action.const is not True:
