@@ -176,3 +176,11 @@ def test_a_causal_lm_given_as_the_reward_model_exits_2(tiny_lm, capsys, recipe):
     code, _, err = check(capsys, REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", tiny_lm,
                          "--reward_model_path", tiny_lm)  # fmt: skip
     assert code == 2 and "reward_model_path" in err and "is not a reward model (LlamaForCausalLM)" in err, err
+
+
+def test_reward_pairs_over_max_length_exit_2_at_the_check(tiny_lm, capsys):
+    # were found only after the model had loaded (`hfgen check` said the recipe was valid)
+    code, _, err = check(
+        capsys, REPO / "recipes/tiny/reward.yaml", "--model_name_or_path", tiny_lm, "--max_length", "6"
+    )
+    assert code == 2 and "pairs are longer than max_length=6 tokens" in err, err

@@ -35,7 +35,21 @@ MAX_DROPPED_FOR_LENGTH = 0.5  # more pairs than this over max_length: the limit 
 
 
 def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> list[str]:
-    return check_model_config(model_args, training_args.trust_remote_code) + check_text_data(data_args, "preference")[1]
+    problems = check_model_config(model_args, training_args.trust_remote_code)
+    loaded, data_problems = check_text_data(data_args, "preference")
+    problems += data_problems
+    if loaded and not problems:  # pairs over max_length, found here rather than once the model has loaded
+        from hfgen.data.loading import ROWS_CHECKED
+        from hfgen.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+        for rows, split in zip(loaded[:2], ("train", "eval")):
+            try:
+                tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, training_args.max_length,
+                                {}, split)  # fmt: skip
+            except UserError as error:
+                problems.append(str(error))
+    return problems
 
 
 # ---- held-out pairs: accuracy and margin ---------------------------------------------------------------
