@@ -79,12 +79,14 @@ class GroupRLArguments(TextDataArguments, HackingMonitorArguments):
 
 
 def reward_component_names(args: GroupRLArguments) -> list[str]:
-    return ["reward_model"] * bool(args.reward_model_path) + [spec.partition(":")[2] for spec in args.reward_functions]
+    from hfgen.rl.rollout import function_name
+
+    return ["reward_model"] * bool(args.reward_model_path) + [function_name(spec) for spec in args.reward_functions]
 
 
 def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     """Problems found before anything heavy loads: models, rewards, data, prompts vs chat template."""
-    from hfgen.rl.rollout import load_function, unmet_arguments
+    from hfgen.rl.rollout import load_function, same_name_problems, unmet_arguments
 
     problems = check_model_config(model_args, config.trust_remote_code)
     if data_args.reward_model_path:
@@ -94,6 +96,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         ) or not_a_reward_model(path, "reward_model_path")
     if not data_args.reward_model_path and not data_args.reward_functions:
         problems.append("no reward: set reward_functions and/or reward_model_path")
+    problems += same_name_problems(data_args.reward_functions)
     components = reward_component_names(data_args)
     if config.reward_weights is not None and len(config.reward_weights) != len(components):
         problems.append(
@@ -182,7 +185,7 @@ def call_reward_function(function, prompts: list, responses: list[str], columns:
 def trl_reward_function(spec: str):
     """A `module:function(prompts, responses)` reward in TRL's calling convention, named after the function (TRL
     logs it as rewards/NAME/mean and /std)."""
-    from hfgen.rl.rollout import load_function
+    from hfgen.rl.rollout import function_name, load_function
 
     function = load_function(spec)
 
@@ -190,7 +193,7 @@ def trl_reward_function(spec: str):
         columns = {key: value for key, value in columns.items() if key not in TRAINER_ARGUMENTS}
         return call_reward_function(function, prompts, [completion_text(c) for c in completions], columns)
 
-    reward.__name__ = spec.partition(":")[2]
+    reward.__name__ = function_name(spec)
     return reward
 
 

@@ -304,3 +304,29 @@ def test_a_bert_reward_model_reads_long_texts_cut_from_the_left_to_its_positions
     ids = R.reward_model_ids(model, tokenizer, [long_prompt + " the cat is calm."], special=True)[0]
     assert len(ids) == 512 and ids[0] == tokenizer.cls_token_id  # the prompt's start is cut, [CLS] kept
     assert tokenizer.decode(ids[-8:-1]).endswith("the cat is calm.") and tokenizer.truncation_side == "right"
+
+
+def test_recipe_functions_from_files_in_either_convention_and_their_errors(tmp_path):
+    """A reward function in a .py file (was "cannot import module"), written TRL's way (`completions`, keywords:
+    was a TypeError mid-run), one that raises (was a raw traceback) or returns text (was taken as a number)."""
+    from hfgen.errors import UserError
+    from hfgen.rl.rollout import load_function, reward_values, same_name_problems, unmet_arguments
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def trl_style(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+        "def with_answer(prompts, completions, answer, **kwargs):\n    return [float(a in c) for c, a in zip(completions, answer)]\n"
+        "def positional(prompts, responses):\n    return [1.0 for _ in responses]\n"
+        "def raises(prompts, responses):\n    return [1 / 0 for _ in responses]\n"
+        "def text(prompts, responses):\n    return ['1' for _ in responses]\n"
+    )  # fmt: skip
+    spec = f"{tmp_path / 'my_rewards.py'}:"
+    assert load_function(spec + "trl_style")(["p", "q"], ["ab", "c"]) == [2.0, 1.0]
+    assert load_function(spec + "with_answer")(["p"], ["x 4"], answer=["4"]) == [1.0]
+    assert unmet_arguments(load_function(spec + "with_answer")) == ["answer"]
+    assert unmet_arguments(load_function(spec + "with_answer"), ["answer"]) == []
+    assert load_function(spec + "positional")(["p"], ["r"]) == [1.0]
+    with pytest.raises(UserError, match=r"raised ZeroDivisionError: division by zero \(at .*my_rewards.py:8\)"):
+        load_function(spec + "raises")(["p"], ["r"])
+    with pytest.raises(UserError, match="a score must be a number"):
+        reward_values(load_function(spec + "text"), load_function(spec + "text")(["p"], ["r"]), 1)
+    assert same_name_problems(["a:score", "b:score", "a:other"]) and not same_name_problems(["a:score", "a:other"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hfgen.errors import UserError
-from hfgen.rl.rollout import RewardScorer, load_function
+from hfgen.rl.rollout import RewardScorer, function_name, load_function
 
 
 def disable_dropout(model) -> None:
@@ -155,7 +155,7 @@ def load_scorer(model_args, config, policy_tokenizer=None) -> RewardScorer:
         reward_tokenizer = load_tokenizer(config.reward_model_path, config.trust_remote_code)
         reward_model = load_sequence_classifier(config.reward_model_path, model_args, config, reward_tokenizer)
         reward_model.eval().requires_grad_(False)
-    functions = {spec.rpartition(":")[2]: load_function(spec) for spec in config.reward_functions}
+    functions = {function_name(spec): load_function(spec) for spec in config.reward_functions}
     count = int(reward_model is not None) + len(functions)
     weights = config.reward_weights or [1.0] * count
     chunk = config.local_rollout_forward_batch_size

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -275,19 +275,118 @@ def sequence_scores(
 
 
 def load_function(spec: str) -> RewardFunction:
-    """The function named by 'package.module:function'. Raises ValueError naming what is wrong."""
-    module_name, colon, function_name = spec.partition(":")
+    """The function named by 'package.module:function' (or 'path/to/file.py:function'), as `recipe_function`
+    wraps it. Raises ValueError naming what is wrong."""
+    module_name, colon, function_name = spec.rpartition(":")
     if not colon or not module_name or not function_name:
-        raise ValueError(f"'{spec}' is not of the form package.module:function")
+        raise ValueError(f"'{spec}' is not of the form package.module:function (or path/to/file.py:function)")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
+        module = import_module_or_file(module_name)
+        function = getattr(module, function_name)
     except ImportError as error:
-        raise ValueError(f"'{spec}': cannot import module '{module_name}' ({error})") from None
+        raise ValueError(
+            f"'{spec}': cannot import module '{module_name}' ({error}); give an importable module (the working "
+            "directory and PYTHONPATH are searched) or a file, path/to/rewards.py:function"
+        ) from None
     except AttributeError:
         raise ValueError(f"'{spec}': module '{module_name}' has no attribute '{function_name}'") from None
     if not callable(function):
         raise ValueError(f"'{spec}' is not callable")
-    return function
+    return recipe_function(function, spec)
+
+
+def import_module_or_file(name: str):
+    """A module by import name, also from the working directory (the `hfgen` console script does not put it on
+    sys.path, as `python -m` does), or from a .py file."""
+    import sys
+
+    if name.endswith(".py"):
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise ImportError(f"no file {path}")
+        module_name = f"hfgen_recipe_{path.stem}_{zlib.crc32(str(path).encode())}"
+        if module_name not in sys.modules:
+            loader = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[module_name] = module  # before it runs: dataclasses and pickling look it up there
+            loader.loader.exec_module(module)
+        return sys.modules[module_name]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        import os
+
+        if error.name != name.partition(".")[0] or os.getcwd() in sys.path:
+            raise
+        sys.path.append(os.getcwd())
+        return importlib.import_module(name)
+
+
+def takes_trl_arguments(function) -> bool:
+    """A reward function written for TRL: it names its arguments `completions` (and maybe `prompts`), which TRL
+    passes by keyword."""
+    import inspect
+
+    try:
+        return "completions" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def recipe_function(function, spec: str):
+    """A recipe's reward / oracle / eval function, called as function(prompts, responses, **columns) whichever
+    convention it was written in (hfgen's positional one, or TRL's keywords `prompts`, `completions`); an
+    exception inside it is a UserError naming the function, its exception and where it was raised (the recipe's
+    code, not hfgen's)."""
+    import inspect
+
+    trl_style = takes_trl_arguments(function)
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+    @functools.wraps(function)
+    def call(prompts, responses, **columns):
+        try:
+            if not trl_style:
+                return function(prompts, responses, **columns)
+            given = {"prompts": prompts, "completions": responses, **columns}
+            return function(**{k: v for k, v in given.items() if takes_all or k in parameters})
+        except UserError:
+            raise
+        except Exception as error:
+            import traceback
+
+            where = traceback.extract_tb(error.__traceback__)[-1]
+            raise UserError(
+                f"function '{spec}' raised {type(error).__name__}: {error} (at {where.filename}:{where.lineno})"
+            ) from None
+
+    return call
+
+
+def function_name(spec: str) -> str:
+    """How a reward function is named in the logs (rewards/NAME/...) and eval.json: its name without its module."""
+    return spec.rpartition(":")[2]
+
+
+def same_name_problems(specs: Sequence[str]) -> list[str]:
+    """Two reward functions of one name would share their records (rewards/NAME/mean): refused."""
+    names = [function_name(spec) for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    return (
+        [
+            f"reward_functions: {[s for s in specs if function_name(s) in twice]} share the name(s) {twice}, under which "
+            "their figures are logged; rename one of them (or wrap it in a function of another name)"
+        ]
+        if twice
+        else []
+    )
 
 
 # What a stage that scores with function(prompts, responses) says of a function that needs more
@@ -295,9 +394,11 @@ WHY_NO_COLUMNS = "this stage calls function(prompts, responses); grpo and rloo p
 
 
 def unmet_arguments(function, columns: Sequence[str] = ()) -> list[str]:
-    """The arguments `function` needs after (prompts, responses) that `columns` (the dataset columns a caller
-    passes by name: none for PPO and the evaluations) do not give it, e.g. GSM8K's `answer`."""
-    return [name for name in required_arguments(function)[2:] if name not in columns]
+    """The arguments `function` needs besides the prompts and responses that `columns` (the dataset columns a
+    caller passes by name: none for PPO and the evaluations) do not give it, e.g. GSM8K's `answer`."""
+    required = required_arguments(function)
+    given = ("prompts", "completions") if takes_trl_arguments(function) else required[:2]
+    return [name for name in required if name not in given and name not in columns]
 
 
 def required_arguments(function) -> list[str]:
@@ -335,6 +436,8 @@ def reward_values(function, values, count: int) -> list[float]:
     scores = []
     for index, value in enumerate(values):
         try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError("text is not a score")
             scores.append(math.nan if value is None else float(value))
         except (TypeError, ValueError):
             raise UserError(

@@ -70,6 +70,7 @@ from hfgen.rl.rollout import (
     WHY_NO_COLUMNS,
     PolicyAndValue,
     episode_ids,
+    function_name,
     function_scores,
     left_pad,
     load_function,
@@ -77,6 +78,7 @@ from hfgen.rl.rollout import (
     reference_logprobs,
     response_texts,
     rollout_values,
+    same_name_problems,
     sample_responses,
     unmet_arguments,
 )
@@ -256,6 +258,7 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems += not_a_reward_model(config.reward_model_path, "reward_model_path")
     if not config.reward_model_path and not config.reward_functions:
         problems.append("no reward: set reward_model_path and/or reward_functions")
+    problems += same_name_problems(config.reward_functions)
     components = int(bool(config.reward_model_path)) + len(config.reward_functions)
     if config.reward_weights is not None and len(config.reward_weights) != components:
         problems.append(f"reward_weights has {len(config.reward_weights)} values for {components} reward(s)")
@@ -477,7 +480,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         data_args.eval_samples_per_prompt, config.response_length, config.temperature, config.top_p, config.seed,
         config.local_rollout_forward_batch_size, max_prompt_length,
     )  # fmt: skip
-    judges = {spec.rpartition(":")[2]: load_function(spec) for spec in config.eval_functions}
+    judges = {function_name(spec): load_function(spec) for spec in config.eval_functions}
     with loop.gathered(accelerator, trainable, reference, scorer.reward_model) as (trained, reference, reward_model):
         with accelerator.autocast():
             results, rows = compare_to_reference(
