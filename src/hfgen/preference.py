@@ -122,6 +122,11 @@ def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpair
         if "chosen" in rows.column_names and "prompt" not in rows.column_names:
             rows = rows.map(maybe_extract_prompt)
         splits.append(rows)
+    if "label" in splits[0].column_names and len(set(splits[0]["label"])) == 1:
+        kind = "desirable" if splits[0][0]["label"] else "undesirable"
+        note = f"every training row is labelled {kind}: KTO learns from both kinds (check the label column)"
+        print(f"warning: {note}")
+        records.setdefault("notes", []).append(note)
     return (*splits, records)
 
 

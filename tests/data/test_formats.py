@@ -441,3 +441,14 @@ def test_a_mixture_of_prompt_completion_sets_keeps_the_loss_on_the_completions(t
     train, _, _ = mixture(tmp_path, "sft", (ALPACA, {}), (chat, {}))
     assert sorted(train.column_names) == ["completion", "prompt"]
     assert all(row["prompt"][-1]["role"] == "user" and row["completion"][0]["role"] == "assistant" for row in train)
+
+
+def test_kto_labels_are_read_as_written(tmp_path):
+    # `bool("no")` is True: a file of text labels trained every row as desirable
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": ["no", "Yes", "0", 1, "true", False][i % 6]}
+            for i in range(60)]  # fmt: skip
+    train, evaluation, _ = load(jsonl(tmp_path / "kto.jsonl", rows), "unpaired_preference")
+    expected = {f"c{i}": [False, True, False, True, True, False][i % 6] for i in range(60)}
+    assert all(row["label"] == expected[row["completion"]] for row in [*train, *evaluation])
+    with pytest.raises(UserError, match="'maybe' is not a label"):
+        load(jsonl(tmp_path / "bad.jsonl", [{**rows[0], "label": "maybe"}] * 20), "unpaired_preference")

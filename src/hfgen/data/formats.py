@@ -262,6 +262,25 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
     return messages
 
 
+LABEL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+LABEL_WORDS |= {"desirable": True, "undesirable": False, "good": True, "bad": False}
+
+
+def _label(value, row: int, source: str) -> bool:
+    """A KTO label: true/false, 1/0, or such a word; anything else breaks the file (`bool("no")` is True: a file
+    of text labels trained every row as desirable)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise UserError(
+        f"dataset '{source}' row {row + 1}, column 'label': {value!r} is not a label; write true (desirable) or false "
+        f"(undesirable), 1/0, or one of {', '.join(LABEL_WORDS)}"
+    )
+
+
 def _instruction_prompt(instruction: str, extra: str | None) -> str:
     """Alpaca and Dolly as plain prompt/completion: the instruction, then its input or context, then a blank line."""
     return instruction + (f"\n\n{extra}" if extra and extra.strip() else "") + "\n\n"
@@ -314,7 +333,7 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
         if kind == "prompt":
             return {"prompt": row["prompt"]}
         standard = {"prompt": row["prompt"], "completion": row["completion"]}
-        return standard | ({"label": bool(row["label"])} if kind == "unpaired_preference" else {})
+        return standard | ({"label": _label(row["label"], index, source)} if kind == "unpaired_preference" else {})
     if fmt == "preference":
         return _preference_row(kind, row, index, source)
     if fmt == "prompt":
