@@ -107,6 +107,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
             load_function(spec)
         except ValueError as error:
             problems.append(f"reward function {error}")
+    problems += trainer_key_problems(config)
     if data_args.chat_prompts not in ("auto", "never", "refuse"):
         problems.append(f"chat_prompts must be auto, never or refuse, got '{data_args.chat_prompts}'")
     if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
@@ -128,6 +129,27 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
                 )
     if not dataset_problems and not problems:
         problems += prompt_template_problems(model_args, data_args, config, splits[0])
+    return problems
+
+
+# TRL's GRPO checks these only when it uses them (after the first generation): a typo was a traceback then
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def trainer_key_problems(config) -> list[str]:
+    """TRL keys that its trainers would refuse only mid-run: GRPO's loss_type and scale_rewards, use_vllm without
+    vLLM installed."""
+    import importlib.util
+
+    problems = []
+    if type(config).__name__.startswith("GRPO") and config.loss_type not in GRPO_LOSS_TYPES:
+        problems.append(f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{config.loss_type}'")
+    scale = getattr(config, "scale_rewards", "group")
+    if not isinstance(scale, bool) and str(scale) not in SCALE_REWARDS:
+        problems.append(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got '{scale}'")
+    if getattr(config, "use_vllm", False) and importlib.util.find_spec("vllm") is None:
+        problems.append("use_vllm: true needs vLLM, which is not installed (pip install vllm, on a CUDA machine)")
     return problems
 
 
@@ -350,6 +372,16 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             model.get_submodule(module_name).requires_grad_(False)
         except AttributeError:
             raise UserError(f"freeze_modules: the model has no submodule '{module_name}'") from None
+    if data_args.freeze_modules and model_args.use_peft:
+        # LoRA trains adapters only: every base weight, the listed modules' among them, stays as it is
+        print(
+            f"freeze_modules {data_args.freeze_modules}: with use_peft only the LoRA adapters train (base weights stay)"
+        )
+    elif data_args.freeze_modules and not any(p.requires_grad for p in model.parameters()):
+        raise UserError(
+            f"freeze_modules {data_args.freeze_modules} freezes every parameter of the model: nothing is left to "
+            "train; list fewer modules"
+        )
 
     rewards, reward_tokenizers = [], []
     if data_args.reward_model_path:

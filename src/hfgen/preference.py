@@ -63,7 +63,7 @@ def data_kind(unpaired_ok: bool) -> str:
 
 def check_preference_data(
     data_args: PreferenceDataArguments, unpaired_ok: bool = False, model: str | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, training_args=None,
 ) -> list[str]:  # fmt: skip
     """Problems with the dataset (its layout, missing columns and values, too many chosen == rejected pairs, no
     usable row; conversations that `model`'s tokenizer has no chat template for) and with the evaluation keys, found
@@ -81,6 +81,8 @@ def check_preference_data(
                 "(a base model): start from one that has (an sft run keeps the template it trained with, e.g. from "
                 "chat_template_path), or give text rows"
             )
+    if model and loaded and len(loaded[0]) and not problems and training_args is not None:
+        problems += prompt_length_problems(load_tokenizer(model, trust_remote_code), loaded[0], training_args)
     if data_args.eval_prompts_dataset:
         try:
             load_eval_prompts(data_args.eval_prompts_dataset)
@@ -104,6 +106,35 @@ def check_preference_data(
 
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
+MAX_FULL_PROMPTS = 0.5  # a larger share of rows whose prompt fills max_length: the limit is wrong for the data
+
+
+def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
+    """Rows whose prompt alone fills `max_length` (after `max_prompt_length`, where the trainer has it) keep no
+    answer token under keep_start truncation: TRL's DPO drops them (all dropped: a traceback), KTO trained zero
+    steps, ORPO and SimPO diverged on empty answers. Refused when most of the checked rows are such."""
+    from trl.data_utils import maybe_extract_prompt
+
+    from hfgen.data.loading import ROWS_CHECKED
+
+    limit = getattr(training_args, "max_length", None)
+    if not limit or getattr(training_args, "truncation_mode", "keep_start") == "keep_end":
+        return []
+    prompt_limit = getattr(training_args, "max_prompt_length", None) or limit
+    sample = rows.select(range(min(ROWS_CHECKED, len(rows))))
+    lengths = []
+    for row in sample:
+        prompt = maybe_extract_prompt(dict(row)).get("prompt", "") if "prompt" not in row else row["prompt"]
+        if not isinstance(prompt, str):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        lengths.append(min(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), prompt_limit))
+    full = sum(length >= limit for length in lengths)
+    if full <= MAX_FULL_PROMPTS * len(lengths):
+        return []
+    return [
+        f"{full} of {len(lengths)} rows checked have a prompt of max_length={limit} tokens or more, which leaves no "
+        "answer token to train on: raise max_length (or shorten the prompts, or set truncation_mode: keep_end)"
+    ]
 
 
 def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpaired_ok: bool = False):
@@ -255,7 +286,9 @@ CHOSEN_FELL = (
 def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code)
     model = None if problems else model_args.model_name_or_path  # its tokenizer renders conversations
-    return problems + check_preference_data(data_args, unpaired_ok, model, training_args.trust_remote_code)
+    return problems + check_preference_data(
+        data_args, unpaired_ok, model, training_args.trust_remote_code, training_args
+    )
 
 
 def run_stage(

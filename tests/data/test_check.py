@@ -184,3 +184,19 @@ def test_reward_pairs_over_max_length_exit_2_at_the_check(tiny_lm, capsys):
         capsys, REPO / "recipes/tiny/reward.yaml", "--model_name_or_path", tiny_lm, "--max_length", "6"
     )
     assert code == 2 and "pairs are longer than max_length=6 tokens" in err, err
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "orpo", "simpo"])
+def test_preference_prompts_that_fill_max_length_exit_2_at_the_check(tiny_lm, capsys, stage):
+    # DPO: a traceback once TRL had dropped every row; KTO: zero steps and COMPLETE; ORPO, SimPO: "diverged"
+    code, _, err = check(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--model_name_or_path", tiny_lm,
+                         "--max_length", "8")  # fmt: skip
+    assert code == 2 and "have a prompt of max_length=8 tokens or more" in err, err
+
+
+@pytest.mark.parametrize("key, value, message", [("loss_type", "foo", "loss_type must be one of"),
+                                                 ("scale_rewards", "maybe", "scale_rewards must be one of")])  # fmt: skip
+def test_grpo_keys_trl_checks_mid_run_exit_2_at_the_check(tiny_lm, capsys, key, value, message):
+    code, _, err = check(capsys, REPO / "recipes/tiny/grpo_arithmetic.yaml", "--model_name_or_path", tiny_lm,
+                         f"--{key}", value)  # fmt: skip
+    assert code == 2 and message in err, err

@@ -156,3 +156,20 @@ def test_sentence_encoder_finds_paraphrases_closer_than_unrelated_text():
     assert similarity(["the cat is happy.", "the cat is happy."]) == pytest.approx(1.0, abs=1e-5)
     assert similarity(["the cat is happy.", "the kitten is cheerful."]) > 0.5
     assert similarity(["the cat is happy.", "stock markets fell sharply today."]) < 0.3
+
+
+def test_the_held_out_comparison_skips_what_a_judge_did_not_score():
+    # a reward function returning None ("not scored") made eval.json hold NaN, which is no JSON
+    import json
+    import math
+
+    from hfgen.evaluation.policy import Sampling, format_comparison, summarise
+
+    rows = [{"prompt": f"p{i}", "kl": 0.1, "sft/response": "a", "grpo/response": "b",
+             "sft/judge": [1.0, math.nan][i % 2], "grpo/judge": [2.0, 0.0][i % 2],
+             "sft/silent": math.nan, "grpo/silent": math.nan} for i in range(4)]  # fmt: skip
+    results = summarise(rows, "grpo", Sampling(samples_per_prompt=1))
+    assert results["sft/judge"] == 1.0 and results["grpo/judge"] == 1.0 and results["win_rate/judge"] == 1.0
+    assert results["sft/silent"] is None and results["win_rate/silent"] is None
+    json.loads(json.dumps(results, allow_nan=False))
+    assert "silent" not in format_comparison(results, "grpo")

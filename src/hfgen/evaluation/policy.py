@@ -14,6 +14,7 @@ and diversity; this module only arranges them for any pair of policies.
 
 from __future__ import annotations
 
+import math
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -155,8 +156,9 @@ def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
     for key in figures:
         ours, sft = [row[f"{name}/{key}"] for row in rows], [row[f"sft/{key}"] for row in rows]
         results |= {f"sft/{key}": mean(sft), f"{name}/{key}": mean(ours)}
-        if key not in NOT_JUDGES:
-            results[f"win_rate/{key}"] = win_rate(ours, sft)
+        if key not in NOT_JUDGES:  # over the pairs the judge scored on both sides
+            pairs = [(a, b) for a, b in zip(ours, sft) if mean([a]) is not None and mean([b]) is not None]
+            results[f"win_rate/{key}"] = win_rate(*zip(*pairs)) if pairs else None
     for who in ("sft", name):
         groups: dict = {}
         for row in rows:
@@ -165,8 +167,11 @@ def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
     return results
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def mean(values: list[float]) -> float | None:
+    """The mean of the scored values: None (a reward function's "not scored") and NaN are skipped; None when
+    nothing was scored (eval.json holds null, not NaN, which is no JSON)."""
+    scored = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(scored) / len(scored) if scored else None
 
 
 def bootstrap_interval(
@@ -192,7 +197,7 @@ def format_comparison(results: dict, name: str) -> str:
         f"  {'':<18}{'SFT':>9}{name.upper():>9}{'win rate':>10}",
     ]
     for key in [key.split("/", 1)[1] for key in results if key.startswith(f"{name}/")]:
-        if results[f"{name}/{key}"] is not None:
+        if results[f"{name}/{key}"] is not None and results[f"sft/{key}"] is not None:
             win = results.get(f"win_rate/{key}")
             lines.append(
                 f"  {key:<18}{results[f'sft/{key}']:>9.3f}{results[f'{name}/{key}']:>9.3f}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -301,7 +302,7 @@ def import_module_or_file(name: str):
     import sys
 
     if name.endswith(".py"):
-        import importlib.util
+        from importlib.util import module_from_spec, spec_from_file_location
         from pathlib import Path
 
         path = Path(name).expanduser().resolve()
@@ -309,8 +310,8 @@ def import_module_or_file(name: str):
             raise ImportError(f"no file {path}")
         module_name = f"hfgen_recipe_{path.stem}_{zlib.crc32(str(path).encode())}"
         if module_name not in sys.modules:
-            loader = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader)
+            loader = spec_from_file_location(module_name, path)
+            module = module_from_spec(loader)
             sys.modules[module_name] = module  # before it runs: dataclasses and pickling look it up there
             loader.loader.exec_module(module)
         return sys.modules[module_name]

@@ -200,7 +200,7 @@ def format_summary(summary: dict) -> str:
         rows.append(("reward model accuracy (held-out pairs)", summary["reward/accuracy"]))
     judges = [key.split("/", 1)[1] for key in summary if key.startswith("win_rate/")]
     for judge in sorted(judges, key=lambda j: (j not in ("reward_model", "oracle"), j)):
-        if f"{method}/{judge}" in summary:
+        if summary.get(f"{method}/{judge}") is not None and summary.get(f"sft/{judge}") is not None:
             label = judge if judge.endswith("score") else f"{judge} score"
             rows += [(f"{label}: SFT -> {name}", f"{summary[f'sft/{judge}']:.3f} -> {summary[f'{method}/{judge}']:.3f}"),
                      (f"{judge} win rate of {name} over SFT", summary[f"win_rate/{judge}"])]  # fmt: skip
