@@ -49,9 +49,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"recipe: {args.recipe} (stage {recipe.stage}): keys, models and data are valid")
     if recipe.stage == "rlhf":
+        from hfgen.stages.rlhf import pipeline_steps
+
         print(
-            "pipeline: model-dependent checks skipped for every step (sft, reward, ppo), since each step's input "
-            "model is made by the step before it; run `hfgen check STEP_RECIPE` once its input model exists"
+            f"pipeline: model-dependent checks skipped for every step ({', '.join(pipeline_steps(recipe.configs[0]))}), "
+            "since each step's input model is made by the step before it; run `hfgen check STEP_RECIPE` once its "
+            "input model exists"
         )
         return 0
     if recipe.stage not in TEXT_KINDS:
