@@ -128,3 +128,12 @@ def test_number_overrides_as_people_type_them():
     args = next(c for c in recipe.configs if hasattr(c, "max_steps"))
     data = next(c for c in recipe.configs if hasattr(c, "max_eval_samples"))
     assert args.max_steps == 1000 and data.max_eval_samples is None
+
+
+def test_a_key_written_twice_in_a_recipe_exits_2(tmp_path, capsys):
+    # YAML keeps the last one silently: a recipe edited in two places trained with whichever came later
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(f"stage: pretrain\nmax_steps: 3\noutput_dir: {tmp_path / 'out'}\nmax_steps: 5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["check", str(recipe)])
+    assert exit_info.value.code == 2 and "key 'max_steps' is given twice (line 4)" in capsys.readouterr().err

@@ -102,6 +102,22 @@ class _RaisingParser:
         }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last silently: a recipe
+    edited in two places trained with whichever came later)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML into a dict; a missing file or bad YAML is a UserError."""
     path = Path(path)
@@ -110,7 +126,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as error:
         raise UserError(
             f"recipe file '{path}' is not UTF-8 text (byte {error.start}: {error.object[error.start : error.start + 1]!r}); "
