@@ -77,7 +77,8 @@ def not_a_model_dir(path: Path) -> str | None:
         policy = next((v for k, v in steps.items() if k.startswith("output_dir/") and k != "output_dir/sft" and
                        k != "output_dir/reward" and k != "output_dir/prerequisite"), None)  # fmt: skip
         return "is an rlhf pipeline dir (records, no model)" + (f"; its final policy is '{policy}'" if policy else "")
-    if (path / "hfgen_state.json").is_file() and not (path / "config.json").is_file():
+    loadable = ("config.json", "adapter_config.json", "model_index.json")  # a Trainer's checkpoints hold a model
+    if (path / "hfgen_state.json").is_file() and not any((path / name).is_file() for name in loadable):
         return "is a training checkpoint (the state a run resumes from), not a model: use the finished run's dir"
     if recipe.is_file() and not (path / "COMPLETE").exists():
         checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.rpartition("-")[2] or 0))
