@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.max_samples < 0:
+        raise UserError(f"hfgen report: --max_samples must be >= 0 (0: no samples), got {args.max_samples}.")
     path = write_report(args.run_dirs, args.out, title=args.title, max_samples=args.max_samples)
     print(path)
     return 0
