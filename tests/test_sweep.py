@@ -47,6 +47,7 @@ def test_output_dir_and_missing_grid_are_user_errors(tmp_path, capsys):
     for arguments, message in (
         (["--learning_rate", "1e-3,3e-3", "--output_dir", str(tmp_path)], "do not set output_dir"),
         (["--learning_rate", "1e-3"], "no grid given"),
+        (["--learning_rate", "1e-3,3e-3", "--learning_rate", "1e-2"], "--learning_rate is given twice"),
     ):
         with pytest.raises(SystemExit):
             hfgen(["sweep", str(PRETRAIN), *arguments])

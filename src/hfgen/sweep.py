@@ -119,6 +119,10 @@ def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
             groups[-1].append(token)
         else:
             raise UserError(f"hfgen sweep: unexpected argument '{token}'; overrides take the form --key value.")
+    keys = [key[2:].replace("-", "_") for key, *_ in groups]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:  # the later one replaced the earlier: an axis lost its values, or a fixed value its axis
+        raise UserError(f"hfgen sweep: --{twice[0]} is given twice; give each key once (an axis as --key a,b,c)")
     axes, fixed = {}, []
     for key, *values in groups:
         if len(values) == 1 and "," in values[0] and not values[0].lstrip().startswith(("[", "{")):
