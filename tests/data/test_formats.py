@@ -452,3 +452,21 @@ def test_kto_labels_are_read_as_written(tmp_path):
     assert all(row["label"] == expected[row["completion"]] for row in [*train, *evaluation])
     with pytest.raises(UserError, match="'maybe' is not a label"):
         load(jsonl(tmp_path / "bad.jsonl", [{**rows[0], "label": "maybe"}] * 20), "unpaired_preference")
+
+
+def test_a_json_file_whose_rows_are_one_field_loads_them(tmp_path):
+    # SQuAD-style {"version": ..., "data": [rows]} was one row holding the whole list
+    (tmp_path / "squad.json").write_text(json.dumps({"version": 2, "data": [{"text": f"t {i}"} for i in range(20)]}))
+    train, evaluation, _ = load(tmp_path / "squad.json", "text")
+    assert len(train) + len(evaluation) == 20 and train[0]["text"].startswith("t ")
+
+
+def test_sharegpt_tool_turns_of_llama_factory(tmp_path):
+    # `function_call` / `observation` speakers (glaive, LLaMA-Factory) were refused as unknown speakers
+    call = json.dumps({"name": "weather", "arguments": {"city": "Oslo"}})
+    rows = [{"conversations": turns(("human", f"weather {i}?"), ("function_call", call), ("observation", "sunny"),
+                                    ("gpt", f"sunny {i}"), role="from", content="value")} for i in range(20)]  # fmt: skip
+    train, _, _ = load(jsonl(tmp_path / "glaive.jsonl", rows), "sft")
+    messages = train[0]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "weather"

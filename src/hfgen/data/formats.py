@@ -34,6 +34,7 @@ KINDS = ("text", "sft", "preference", "prompt", "unpaired_preference")
 MAX_IDENTICAL_PAIRS = 0.10  # a larger share of chosen == rejected pairs refuses the file
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SHAREGPT_ROLES |= {"chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
+SHAREGPT_ROLES |= {"function_call": "assistant", "observation": "tool"}  # LLaMA-Factory's tool turns (glaive)
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,12 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
             "needs pairs (chosen, rejected) of answers to one prompt; the kto stage trains on unpaired rows"
         )
     if not widest:
+        example = {"text": "{text: %s} (or the stage's text_column)" % column_names[0]}.get(
+            kind, "{prompt: question, completion: answer}"
+        )
         raise UserError(
             f"dataset '{source}' has columns {column_names}, which match no {kind} layout; set dataset_format to "
-            f"one of: {suitable}; and dataset_columns to map other column names, e.g. "
-            "dataset_columns: {prompt: question, completion: answer}"
+            f"one of: {suitable}; and dataset_columns to map other column names, e.g. dataset_columns: {example}"
         )
     raise UserError(
         f"dataset '{source}' has columns {column_names}, which fit several {kind} layouts "
@@ -258,6 +261,8 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
                     f"known: {', '.join(SHAREGPT_ROLES)}"
                 )
         message = {"role": role, "content": _content(turn, text, row, column, source)}
+        if speaker == "from" and str(turn[speaker]).lower() == "function_call" and (call := _tool_call(message)):
+            message = {"role": "assistant", "content": "", "tool_calls": [call]}
         messages.append(message | {key: turn[key] for key in TOOL_KEYS if turn.get(key) is not None})
     return messages
 
@@ -279,6 +284,20 @@ def _label(value, row: int, source: str) -> bool:
         f"dataset '{source}' row {row + 1}, column 'label': {value!r} is not a label; write true (desirable) or false "
         f"(undesirable), 1/0, or one of {', '.join(LABEL_WORDS)}"
     )
+
+
+def _tool_call(message: dict) -> dict | None:
+    """A ShareGPT `function_call` turn's JSON ({"name": ..., "arguments": ...}) as an OpenAI tool call, which chat
+    templates render; None when it is not such JSON (the turn then stays text)."""
+    import json
+
+    try:
+        call = json.loads(message["content"])
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(call, dict) or "name" not in call:
+        return None
+    return {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
 
 
 def _instruction_prompt(instruction: str, extra: str | None) -> str:

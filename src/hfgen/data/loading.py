@@ -91,9 +91,12 @@ def load_raw(name: str, config: str | None = None):
                 if is_empty_file(file):  # `datasets` fails on these oddly
                     raise UserError(f"dataset_name '{name}': '{file}' is an empty file: it holds no rows")
             options = BUILDER_OPTIONS.get(data_suffix(files[0]), {})
-            return valid_text(
-                datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, **options), name
-            )
+            raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, **options)
+            if data_suffix(files[0]) == ".json" and (
+                field := rows_field(raw)
+            ):  # SQuAD-style {"version": 1, "data": [rows]}
+                raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, field=field)
+            return valid_text(raw, name)
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
                 loaded = datasets.load_from_disk(str(path))
@@ -138,6 +141,19 @@ def files_builder(name: str, files: list[Path]) -> str:
                 f"dataset_name '{name}': reading '{file.name}' needs the {package} package: pip install {package}"
             )
     return builders.pop()
+
+
+CHAT_LISTS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion")  # one row's own turns
+
+
+def rows_field(raw) -> str | None:
+    """The field of a one-object JSON file that holds its rows (a list of objects), when that is all it holds."""
+    train = raw["train"]
+    if len(train) != 1:
+        return None
+    lists = [c for c in train.column_names if isinstance(train[0][c], list) and train[0][c] and c not in CHAT_LISTS
+             and all(isinstance(item, dict) for item in train[0][c])]  # fmt: skip
+    return lists[0] if len(lists) == 1 else None
 
 
 def is_empty_file(path: Path) -> bool:
