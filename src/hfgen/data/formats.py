@@ -147,8 +147,10 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
             "needs pairs (chosen, rejected) of answers to one prompt; the kto stage trains on unpaired rows"
         )
     if not widest:
-        example = {"text": "{text: %s} (or the stage's text_column)" % column_names[0]}.get(
-            kind, "{prompt: question, completion: answer}"
+        example = (
+            f"{{text: {column_names[0]}}} (or the stage's text_column)"
+            if kind == "text"
+            else "{prompt: question, completion: answer}"
         )
         raise UserError(
             f"dataset '{source}' has columns {column_names}, which match no {kind} layout; set dataset_format to "
