@@ -236,7 +236,10 @@ def captioned_image_folder(path: Path):
         split = folders[0] if folders and folders[0] in ("train", "test", "validation") else "train"
         rows = splits.setdefault(split, {"image": [], "text": []})
         rows["image"].append(str(image))
-        rows["text"].append(caption.read_text(encoding="utf-8").strip())
+        try:
+            rows["text"].append(caption.read_text(encoding="utf-8").strip())
+        except UnicodeDecodeError as error:
+            raise UserError(f"dataset_name '{path}': caption file '{caption}' is not UTF-8 text ({error})") from None
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     return datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in splits.items()})
 
