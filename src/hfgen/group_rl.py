@@ -40,6 +40,17 @@ BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-
 TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to the columns
 
 
+def chat_prompts_field():
+    """The `chat_prompts` key of the online RL stages (grpo, rloo, ppo)."""
+    return field(
+        default="auto",
+        metadata={
+            "help": "Plain-string prompts: 'auto' sends them as one user turn when the tokenizer has a chat template "
+            "(as SFT on conversations trained), 'never' keeps them raw, 'refuse' stops the recipe."
+        },
+    )
+
+
 @dataclass
 class GroupRLArguments(TextDataArguments, HackingMonitorArguments):
     """Data, rewards and evaluation of a grpo/rloo run (TRL's config holds `reward_weights`)."""
@@ -57,13 +68,7 @@ class GroupRLArguments(TextDataArguments, HackingMonitorArguments):
         default=None, metadata={"help": "A judge 'module:function' logged and evaluated, never trained on."}
     )
     prompt_column: str = field(default="prompt", metadata={"help": "Column of prompts: strings or chat messages."})
-    chat_prompts: str = field(
-        default="auto",
-        metadata={
-            "help": "Plain-string prompts: 'auto' sends them as one user turn when the tokenizer has a chat template "
-            "(as SFT on conversations trained), 'never' keeps them raw, 'refuse' stops the recipe."
-        },
-    )
+    chat_prompts: str = chat_prompts_field()
     eval_samples_per_prompt: int = field(
         default=4, metadata={"help": "Responses per held-out prompt in the final starting-vs-trained evaluation."}
     )
@@ -108,8 +113,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         except ValueError as error:
             problems.append(f"reward function {error}")
     problems += trainer_key_problems(config)
-    if data_args.chat_prompts not in ("auto", "never", "refuse"):
-        problems.append(f"chat_prompts must be auto, never or refuse, got '{data_args.chat_prompts}'")
+    problems += chat_prompts_problems(data_args)
     if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
     problems += monitor_problems(data_args)
@@ -153,12 +157,18 @@ def trainer_key_problems(config) -> list[str]:
     return problems
 
 
+def chat_prompts_problems(data_args) -> list[str]:
+    if data_args.chat_prompts not in ("auto", "never", "refuse"):
+        return [f"chat_prompts must be auto, never or refuse, got '{data_args.chat_prompts}'"]
+    return []
+
+
 def prompt_columns(data_args: GroupRLArguments) -> dict[str, str]:
     """The layout's `prompt` is the recipe's `prompt_column` (unless `dataset_columns` maps it)."""
     return {"prompt": data_args.prompt_column}
 
 
-def prompt_template_problems(model_args, data_args: GroupRLArguments, config, train_rows) -> list[str]:
+def prompt_template_problems(model_args, data_args, config, train_rows) -> list[str]:
     """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
     from hfgen.models import chat_prompts_without_template, load_tokenizer
 
@@ -180,7 +190,7 @@ def prompt_template_problems(model_args, data_args: GroupRLArguments, config, tr
 # ---- prompts and rewards ------------------------------------------------------------------------------------
 
 
-def prepare_prompts(dataset, data_args: GroupRLArguments, tokenizer):
+def prepare_prompts(dataset, data_args, tokenizer):
     """Plain-string prompts become one user turn for a chat model (`chat_prompts: auto`), since TRL would otherwise
     send them untemplated."""
     if isinstance(dataset[0]["prompt"], str) and tokenizer.chat_template is not None:

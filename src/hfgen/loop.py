@@ -397,11 +397,14 @@ def shard_of(parameter, whole):
 # ---- checkpoints, resume, metrics -------------------------------------------------------------------
 
 
-def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_extra=None) -> int:
+def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_extra=None, same_keys=()) -> int:
     """Load the checkpoint `resume_from_checkpoint` names (a dir, or true for the newest) -> its step (0: none).
     Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects;
-    `load_extra(path)` reads what `save_checkpoint`'s `save_extra` wrote."""
+    `load_extra(path)` reads what `save_checkpoint`'s `save_extra` wrote. `same_keys`: recipe keys that shape what a
+    checkpoint holds (an EMA copy, the monitor's state): a resume under other values is refused, naming them."""
     path = tracking.resolve_resume(resume_from_checkpoint, output_dir)
+    if path is not None and same_keys:
+        check_same_keys(path, Path(output_dir) / "recipe.yaml", same_keys)
     tracking.start_metrics(output_dir, path)  # metrics.jsonl as it was at that checkpoint (none on a fresh start)
     if path is None:
         return 0
@@ -410,6 +413,25 @@ def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_ext
         load_extra(path)
     accelerator.print(f"resumed from {path} at step {step}")
     return step
+
+
+def check_same_keys(checkpoint: Path, recipe: Path, keys) -> None:
+    """The checkpoint's recipe and this run's agree on `keys` (a UserError naming those that differ): under other
+    values the checkpoint's saved objects do not match this run's (accelerate's count error, or a KeyError)."""
+    import yaml
+
+    from hfgen.errors import UserError
+
+    if not (checkpoint / "recipe.yaml").is_file() or not recipe.is_file():
+        return
+    then, now = (yaml.safe_load(path.read_text()) or {} for path in (checkpoint / "recipe.yaml", recipe))
+    differ = [key for key in keys if then.get(key) != now.get(key)]
+    if differ:
+        changes = ", ".join(f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in differ)
+        raise UserError(
+            f"checkpoint '{checkpoint}' was written with other values of keys that shape what it holds ({changes}): "
+            "resume with the recipe's values as they were, or start afresh in a new output_dir"
+        )
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None, save_extra=None) -> Path:

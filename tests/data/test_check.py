@@ -200,3 +200,41 @@ def test_grpo_keys_trl_checks_mid_run_exit_2_at_the_check(tiny_lm, capsys, key, 
     code, _, err = check(capsys, REPO / "recipes/tiny/grpo_arithmetic.yaml", "--model_name_or_path", tiny_lm,
                          f"--{key}", value)  # fmt: skip
     assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr_scheduler_type", "reduce_lr_on_plateau", "is not one this loop can step"),
+    ("lr_scheduler_type", "bogus", "is not one this loop can step"),
+    ("critic_learning_rate", "-0.1", "critic_learning_rate must be >= 0"),
+])  # fmt: skip
+def test_ppo_keys_that_failed_after_the_models_loaded_exit_2_at_the_check(tiny_lm, capsys, key, value, message):
+    code, _, err = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm,
+                         "--reward_model_path", "null", "--reward_functions", "hfgen.data.embedded:oracle_scores",
+                         f"--{key}", value)  # fmt: skip
+    assert code == 2 and message in err, err
+
+
+def test_a_resume_under_other_values_of_the_keys_that_shape_a_checkpoint_exits_2(tmp_path):
+    # PPO resumed without its ema_decay: a KeyError ('history') in the monitor's state, or accelerate's count error
+    from hfgen import loop
+    from hfgen.errors import UserError
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "recipe.yaml").write_text("stage: ppo\nema_decay: 0.9\nkl_target: null\n")
+    (tmp_path / "recipe.yaml").write_text("stage: ppo\nkl_target: null\ntotal_episodes: 80\n")
+    with pytest.raises(UserError, match=r"ema_decay: 0.9 -> None"):
+        loop.check_same_keys(tmp_path / "checkpoint-2", tmp_path / "recipe.yaml", ("ema_decay", "kl_target"))
+    loop.check_same_keys(tmp_path / "checkpoint-2", tmp_path / "recipe.yaml", ("kl_target",))  # others may change
+
+
+def test_ppo_takes_chat_prompts_as_grpo_does(tiny_lm, tmp_path, capsys):
+    # plain-string prompts went to a chat model untemplated (every response one EOS token); PPO had no chat_prompts
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"write about the horse {i}.\n" for i in range(30)))
+    extra = ["--reward_model_path", "null", "--reward_functions", "hfgen.data.embedded:oracle_scores"]
+    code, _, err = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm, "--dataset_name",
+                         prompts, "--chat_prompts", "refuse", *extra)  # fmt: skip
+    assert code == 2 and "are plain strings" in err and "chat_prompts: auto" in err, err
+    code, _, err = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm, "--dataset_name",
+                         prompts, *extra)  # fmt: skip
+    assert code == 0, err

@@ -470,3 +470,14 @@ def test_sharegpt_tool_turns_of_llama_factory(tmp_path):
     messages = train[0]["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
     assert messages[1]["tool_calls"][0]["function"]["name"] == "weather"
+
+
+def test_prompts_from_pairs_whose_prompt_is_implicit(tmp_path):
+    # a conversational pair file without `prompt` was "0 of N rows: no prompt column" for ppo/grpo, though the reward
+    # stage trains on it: the prompt is the turns the two answers share (TRL's rule)
+    pairs = [{"chosen": turns(("user", f"q{i}"), ("assistant", "good")), "rejected": turns(("user", f"q{i}"),
+              ("assistant", "bad"))} for i in range(20)]  # fmt: skip
+    train, _, _ = load(jsonl(tmp_path / "pairs.jsonl", pairs), "prompt")
+    assert all(row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}] for row in train)
+    train, _, _ = load(jsonl(tmp_path / "hh.jsonl", HH), "prompt")
+    assert train[0]["prompt"].startswith("\n\nHuman: q") and train[0]["prompt"].rstrip().endswith("Assistant:")

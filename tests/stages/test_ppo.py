@@ -329,6 +329,7 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
     assert ema.keys() == policy.keys()
     assert any(not torch.equal(ema[k], policy[k]) for k in policy)  # the average lags the policy
     assert any(not torch.equal(ema[k], start[k]) for k in policy)  # and moved from the start
+    assert (run / "ema" / "tokenizer_config.json").is_file()  # ema/ is a model generate and eval can load
     # PPO-ptx: the LM loss on the pretraining texts falls once the policy trains (step 1 was the critic's only)
     assert metrics[2]["loss/ptx_avg"] < metrics[0]["loss/ptx_avg"] - 0.1
     value_before = load_file(reward / "model.safetensors")["score.weight"]

@@ -394,6 +394,10 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
         for column, value in (("prompt", prompt), ("chosen", row["chosen"]), ("rejected", row["rejected"]))
     )
     if kind == "prompt":
+        if _is_empty(prompt) and "prompt" not in row and not _is_empty(chosen) and not _is_empty(rejected):
+            from trl.data_utils import maybe_extract_prompt  # an implicit prompt: the answers' shared start
+
+            prompt = maybe_extract_prompt({"chosen": chosen, "rejected": rejected}).get("prompt")
         if _is_empty(prompt):
             return "no prompt column" if "prompt" not in row else "empty prompt"
         return {"prompt": prompt}

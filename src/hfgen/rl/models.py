@@ -87,7 +87,7 @@ def parameter_groups(trainable, config) -> list[dict]:
     decayed = set(get_parameter_names(trainable, [torch.nn.LayerNorm], no_decay_patterns))
     groups = []
     for part in ("policy", "value_model"):
-        lr = config.critic_learning_rate if part == "value_model" and config.critic_learning_rate else None
+        lr = config.critic_learning_rate if part == "value_model" and config.critic_learning_rate is not None else None
         for decay in (True, False):
             params = [
                 p for name, p in trainable.named_parameters()

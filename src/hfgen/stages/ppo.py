@@ -43,10 +43,12 @@ import torch
 from trl import ModelConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.errors import UserError
 from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
-from hfgen.models import chat_prompts_without_template, check_model_source, fit_max_length, not_a_reward_model
+from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
+from hfgen.models import check_model_source, fit_max_length, not_a_reward_model
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, step_metrics
@@ -88,6 +90,7 @@ from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 @dataclass
 class PPODataArguments(TextDataArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "Column of prompts: strings or chat messages."})
+    chat_prompts: str = chat_prompts_field()
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this (tokens) are dropped."})
     eval_samples_per_prompt: int = field(
         default=4, metadata={"help": "Responses per held-out prompt in the final SFT-vs-PPO evaluation."}
@@ -289,9 +292,10 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
     if config.reward_clip is not None and config.reward_clip <= 0:
         problems.append(f"reward_clip must be > 0 (or unset), got {config.reward_clip}")
-    for key in ("critic_warmup_steps", "entropy_coef", "kl_loss_coef", "ptx_coef"):
-        if getattr(config, key) < 0:
+    for key in ("critic_warmup_steps", "entropy_coef", "kl_loss_coef", "ptx_coef", "critic_learning_rate"):
+        if (getattr(config, key) or 0) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(config, key)}")
+    problems += scheduler_problems(config.lr_scheduler_type)
     if config.kl_target is not None and config.kl_target <= 0:
         problems.append(f"kl_target must be > 0 (or unset for a fixed kl_coef), got {config.kl_target}")
     if config.missing_eos_penalty is not None and config.missing_eos_penalty < 0:
@@ -300,14 +304,30 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         )
     if min(config.logging_steps, config.sample_steps, config.save_steps) < 0 or data_args.eval_samples_per_prompt < 0:
         problems.append("logging_steps, sample_steps, save_steps and eval_samples_per_prompt must be >= 0")
+    problems += chat_prompts_problems(data_args)
     splits, data_problems = check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})
     if splits and not problems + data_problems:
-        first = splits[0][0]["prompt"]
-        source = data_source(data_args)
-        data_problems += chat_prompts_without_template(
-            model_args.model_name_or_path, config.trust_remote_code, first, source
-        )
+        data_problems += prompt_template_problems(model_args, data_args, config, splits[0])
     return problems + data_problems
+
+
+# Keys that decide which objects a checkpoint holds (the EMA copy, the monitor) or how they read (the KL
+# controller, the reward normaliser, the optimizer's groups): a resume must keep them
+CHECKPOINT_KEYS = ("ema_decay", "hacking_monitor", "stop_on_hacking", "kl_target", "reward_normalization",
+                   "critic_learning_rate", "use_peft")  # fmt: skip
+
+
+def scheduler_problems(name: str) -> list[str]:
+    """The learning-rate schedules this loop can step: transformers' names, less the ones that need a metric
+    (reduce_lr_on_plateau, greedy) or arguments PPO has no key for (min_lr, num_decay_steps)."""
+    from transformers import SchedulerType
+
+    needs_more = ("reduce_lr_on_plateau", "greedy", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                  "warmup_stable_decay")  # fmt: skip
+    usable = [s.value for s in SchedulerType if s.value not in needs_more]
+    if name in usable:
+        return []
+    return [f"lr_scheduler_type '{name}' is not one this loop can step; use one of {', '.join(usable)}"]
 
 
 def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> Path:
@@ -322,6 +342,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_mini_batches
     global_batch = local_batch * accelerator.num_processes
     total_steps = math.ceil(config.total_episodes / global_batch)
+    if config.critic_warmup_steps >= total_steps:
+        raise UserError(
+            f"critic_warmup_steps {config.critic_warmup_steps} covers the whole run ({total_steps} steps of "
+            f"{global_batch} episodes): the policy would never train; lower it or raise total_episodes"
+        )
 
     # Models: policy (+ reference), value model, reward model and reward functions.
     tokenizer, policy, reference = load_policy_and_reference(model_args, config, trained_args)
@@ -336,6 +361,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     record(output_dir, data_records)
     max_prompt_length = prompt_room(policy, data_args.max_prompt_length, config.response_length)
+    # plain-string prompts to a chat model as one user turn (`chat_prompts`), as GRPO and RLOO send them
+    train_rows, eval_rows = (prepare_prompts(rows, data_args, tokenizer) for rows in (train_rows, eval_rows))
     train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], max_prompt_length)
     eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], max_prompt_length)
     fit_max_length(policy, config, "ptx_max_length")
@@ -370,7 +397,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     snapshots = PolicySnapshots() if config.stop_on_hacking else None
     save_snapshots, load_snapshots = (snapshots.save, snapshots.load) if snapshots is not None else (None, None)
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
-    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots)
+    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots, CHECKPOINT_KEYS)
     if not start_step:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
     metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`
@@ -471,6 +498,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         trained.value_model.save_pretrained(output_dir / "value_model", state_dict=loop.part(state, "value_model"))
     if policy_ema is not None:
         policy_ema.save(state, output_dir / "ema")
+        if accelerator.is_main_process:  # ema/ is a model of its own: generate and eval read its tokenizer
+            tokenizer.save_pretrained(output_dir / "ema")
     del state
     loop.maybe_write_fingerprint(accelerator, trainable, output_dir)
 
