@@ -418,16 +418,22 @@ def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_ext
 def check_same_keys(checkpoint: Path, recipe: Path, keys) -> None:
     """The checkpoint's recipe and this run's agree on `keys` (a UserError naming those that differ): under other
     values the checkpoint's saved objects do not match this run's (accelerate's count error, or a KeyError)."""
-    import yaml
-
     from hfgen.errors import UserError
+    from hfgen.recipe import load_recipe
 
     if not (checkpoint / "recipe.yaml").is_file() or not recipe.is_file():
         return
-    then, now = (yaml.safe_load(path.read_text()) or {} for path in (checkpoint / "recipe.yaml", recipe))
-    differ = [key for key in keys if then.get(key) != now.get(key)]
+    try:  # parsed, so that a key left out and the same key at its default agree
+        then, now = (load_recipe(path, check_inputs=False) for path in (checkpoint / "recipe.yaml", recipe))
+    except UserError:
+        return  # a recipe of an older hfgen: accelerate's own checks remain
+
+    def value(parsed, key):
+        return next((getattr(c, key) for c in (*parsed.configs, parsed.run) if hasattr(c, key)), None)
+
+    differ = [key for key in keys if value(then, key) != value(now, key)]
     if differ:
-        changes = ", ".join(f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in differ)
+        changes = ", ".join(f"{key}: {value(then, key)!r} -> {value(now, key)!r}" for key in differ)
         raise UserError(
             f"checkpoint '{checkpoint}' was written with other values of keys that shape what it holds ({changes}): "
             "resume with the recipe's values as they were, or start afresh in a new output_dir"
