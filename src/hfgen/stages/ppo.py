@@ -313,8 +313,14 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
 
 # Keys that decide which objects a checkpoint holds (the EMA copy, the monitor) or how they read (the KL
 # controller, the reward normaliser, the optimizer's groups): a resume must keep them
-CHECKPOINT_KEYS = ("ema_decay", "hacking_monitor", "stop_on_hacking", "kl_target", "reward_normalization",
-                   "critic_learning_rate", "use_peft")  # fmt: skip
+CHECKPOINT_KEYS = (
+    "ema_decay",
+    "hacking_monitor",
+    "stop_on_hacking",
+    "kl_target",
+    "reward_normalization",
+    "critic_learning_rate",
+)  # fmt: skip  (use_peft: the weights check names what the checkpoint lacks)
 
 
 def scheduler_problems(name: str) -> list[str]:
