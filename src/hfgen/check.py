@@ -32,9 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from hfgen.errors import UserError
     from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
-    from hfgen.train import recipe_argument
 
-    args.recipe = recipe_argument(args)
+    args.recipe = args.recipe or args.config_file  # `hfgen.cli.config_as_recipe` makes --config RECIPE the recipe
     if args.recipe is None:
         raise UserError("no recipe given: `hfgen check RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
     values = {**read_recipe_file(args.recipe), **parse_overrides(args.overrides)}

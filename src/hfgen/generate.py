@@ -182,7 +182,7 @@ def generate_tokens(
 
 
 def within_positions(model, prompt_length: int, max_new_tokens: int) -> int:
-    """`max_new_tokens`, lowered (once said) so that prompt + answer fit a model with learned positions (GPT-2's
+    """`max_new_tokens`, lowered (with a line saying so) so that prompt + answer fit a model with learned positions (GPT-2's
     n_positions, OPT's): past them generation fails with an IndexError (a device assert on a GPU)."""
     from hfgen.errors import UserError
     from hfgen.models import position_limit

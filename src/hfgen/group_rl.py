@@ -170,14 +170,17 @@ def prompt_columns(data_args: GroupRLArguments) -> dict[str, str]:
 
 def prompt_template_problems(model_args, data_args, config, train_rows) -> list[str]:
     """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
-    from hfgen.models import chat_prompts_without_template, load_tokenizer
+    from hfgen.models import load_tokenizer
 
     first = train_rows[0]["prompt"]
     source = data_source(data_args)
     model = model_args.model_name_or_path
-    if problems := chat_prompts_without_template(model, config.trust_remote_code, first, source):
-        return problems
     has_template = load_tokenizer(model, config.trust_remote_code).chat_template is not None
+    if not isinstance(first, str) and not has_template:
+        return [
+            f"the prompts of {source} hold chat messages, but the tokenizer of '{model}' has no chat template to "
+            "render them: use a chat model (or one whose tokenizer has a chat_template), or give plain-string prompts"
+        ]
     if isinstance(first, str) and has_template and data_args.chat_prompts == "refuse":
         return [
             f"the prompts of {source} are plain strings, but "

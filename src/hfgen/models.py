@@ -259,17 +259,6 @@ def train_bpe_tokenizer(texts, vocab_size: int, split_digits: bool = False):
     return tokenizer
 
 
-def chat_prompts_without_template(model: str, trust_remote_code: bool, first_prompt, source: str) -> list[str]:
-    """Prompts that are chat messages need the model's chat template; checked with the recipe (the stage itself
-    would find out only after its models had loaded)."""
-    if isinstance(first_prompt, str) or load_tokenizer(model, trust_remote_code).chat_template is not None:
-        return []
-    return [
-        f"the prompts of {source} hold chat messages, but the tokenizer of '{model}' has no chat template to render "
-        "them: use a chat model (or one whose tokenizer has a chat_template), or give plain-string prompts"
-    ]
-
-
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer from a hub id, a local dir, an adapter dir (its base's), or the embedded default.
     Guarantees a pad token distinct from EOS when it can (PPO needs EOS != PAD)."""

@@ -74,15 +74,16 @@ def check_preference_data(
     from hfgen.rl.rollout import WHY_NO_COLUMNS, load_function, unmet_arguments
 
     loaded, problems = check_text_data(data_args, data_kind(unpaired_ok))
-    if model and loaded and len(loaded[0]) and is_conversational(loaded[0][0]):
-        if load_tokenizer(model, trust_remote_code).chat_template is None:
+    tokenizer = load_tokenizer(model, trust_remote_code) if model and loaded and len(loaded[0]) else None
+    if tokenizer is not None and is_conversational(loaded[0][0]):
+        if tokenizer.chat_template is None:
             problems.append(
                 f"the data's rows are conversations, but model '{model}' has no chat template to render them with "
                 "(a base model): start from one that has (an sft run keeps the template it trained with, e.g. from "
                 "chat_template_path), or give text rows"
             )
-    if model and loaded and len(loaded[0]) and not problems and training_args is not None:
-        problems += prompt_length_problems(load_tokenizer(model, trust_remote_code), loaded[0], training_args)
+    if tokenizer is not None and not problems and training_args is not None:
+        problems += prompt_length_problems(tokenizer, loaded[0], training_args)
     if data_args.eval_prompts_dataset:
         try:
             load_eval_prompts(data_args.eval_prompts_dataset)

@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.errors import UserError
     from hfgen.recipe import known_keys, load_recipe, read_recipe_file
 
-    recipe_path = recipe_argument(args)
+    recipe_path = args.recipe or args.config_file  # `hfgen.cli.config_as_recipe` makes --config RECIPE the recipe
     if recipe_path is None:
         raise UserError("no recipe given: `hfgen train RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
     if args.list_keys:
@@ -55,11 +55,6 @@ def main(args: argparse.Namespace) -> int:
     run_recipe(recipe)
     tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0
-
-
-def recipe_argument(args: argparse.Namespace) -> str | None:
-    """RECIPE, or `--config RECIPE` (TRL's CLI style; `hfgen.cli.config_as_recipe` makes it RECIPE)."""
-    return args.recipe or args.config_file
 
 
 def launch_with_accelerate(recipe_path, overrides, num_processes: int | None, config_file: str | None) -> int:

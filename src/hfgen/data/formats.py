@@ -320,13 +320,14 @@ TEXT_COLUMNS = (*CHAT_COLUMNS, "text", "instruction", "input", "output", "contex
 
 def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> dict | str:
     """One row in the kind's standard columns, or the reason it is unusable (a string)."""
-    row = {  # every text value as text; chat turns (lists, LLaMA-Factory's one-turn dicts) stay as they are
-        column: value
-        if isinstance(value, (list, dict)) and column in CHAT_COLUMNS
-        else _text(value, index, column, source)
+    # every text value as text; chat turns (lists, LLaMA-Factory's one-turn dicts) and other columns as they are
+    chat = (list, dict)
+    row = {
+        column: _text(value, index, column, source)
+        if column in TEXT_COLUMNS and not (column in CHAT_COLUMNS and isinstance(value, chat))
+        else value
         for column, value in row.items()
-        if column in TEXT_COLUMNS
-    } | {column: value for column, value in row.items() if column not in TEXT_COLUMNS}
+    }
     if fmt == "text":  # a prompt file of one prompt per line reads as text: each line is a prompt
         return {"prompt" if kind == "prompt" else "text": row["text"]} if not _is_empty(row["text"]) else "empty text"
     if fmt in ("alpaca", "dolly"):

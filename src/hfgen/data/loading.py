@@ -92,9 +92,8 @@ def load_raw(name: str, config: str | None = None):
                     raise UserError(f"dataset_name '{name}': '{file}' is an empty file: it holds no rows")
             options = BUILDER_OPTIONS.get(data_suffix(files[0]), {})
             raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, **options)
-            if data_suffix(files[0]) == ".json" and (
-                field := rows_field(raw)
-            ):  # SQuAD-style {"version": 1, "data": [rows]}
+            # SQuAD-style {"version": 1, "data": [rows]}: the rows are one field
+            if data_suffix(files[0]) == ".json" and (field := rows_field(raw)):
                 raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, field=field)
             return valid_text(raw, name)
         if path.is_dir():
@@ -143,15 +142,15 @@ def files_builder(name: str, files: list[Path]) -> str:
     return builders.pop()
 
 
-CHAT_LISTS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion")  # one row's own turns
-
-
 def rows_field(raw) -> str | None:
-    """The field of a one-object JSON file that holds its rows (a list of objects), when that is all it holds."""
+    """The field of a one-object JSON file that holds its rows (a list of objects), when that is all it holds (a
+    layout's own chat column, one row's turns, is not such a field)."""
+    from hfgen.data.formats import CHAT_COLUMNS
+
     train = raw["train"]
     if len(train) != 1:
         return None
-    lists = [c for c in train.column_names if isinstance(train[0][c], list) and train[0][c] and c not in CHAT_LISTS
+    lists = [c for c in train.column_names if isinstance(train[0][c], list) and train[0][c] and c not in CHAT_COLUMNS
              and all(isinstance(item, dict) for item in train[0][c])]  # fmt: skip
     return lists[0] if len(lists) == 1 else None
 

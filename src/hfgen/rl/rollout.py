@@ -339,20 +339,22 @@ def takes_trl_arguments(function) -> bool:
 
 def recipe_function(function, spec: str):
     """A recipe's reward / oracle / eval function, called as function(prompts, responses, **columns) whichever
-    convention it was written in (hfgen's positional one, or TRL's keywords `prompts`, `completions`); an
+    convention it was written in (hfgen's positional one, or TRL's keywords `prompts`, `completions`), with the
+    columns it names as parameters (all of them when it takes **kwargs); an
     exception inside it is a UserError naming the function, its exception and where it was raised (the recipe's
     code, not hfgen's)."""
     import inspect
 
-    trl_style = takes_trl_arguments(function)
     try:
         parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # a builtin without a signature: called positionally, with no columns
         parameters = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    trl_style = "completions" in parameters
 
     @functools.wraps(function)
     def call(prompts, responses, **columns):
+        columns = {k: v for k, v in columns.items() if takes_all or k in parameters}  # the ones it names
         try:
             if not trl_style:
                 return function(prompts, responses, **columns)
@@ -380,14 +382,12 @@ def same_name_problems(specs: Sequence[str]) -> list[str]:
     """Two reward functions of one name would share their records (rewards/NAME/mean): refused."""
     names = [function_name(spec) for spec in specs]
     twice = sorted({name for name in names if names.count(name) > 1})
-    return (
-        [
-            f"reward_functions: {[s for s in specs if function_name(s) in twice]} share the name(s) {twice}, under which "
-            "their figures are logged; rename one of them (or wrap it in a function of another name)"
-        ]
-        if twice
-        else []
-    )
+    if not twice:
+        return []
+    return [
+        f"reward_functions: {[s for s in specs if function_name(s) in twice]} share the name(s) {twice}, under which "
+        "their figures are logged; rename one of them (or wrap it in a function of another name)"
+    ]
 
 
 # What a stage that scores with function(prompts, responses) says of a function that needs more

@@ -312,7 +312,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
 
 
 # Keys that decide which objects a checkpoint holds (the EMA copy, the monitor) or how they read (the KL
-# controller, the reward normaliser, the optimizer's groups): a resume must keep them
+# controller, the reward normaliser, the optimizer's groups): a resume must keep them. (use_peft is left to the
+# weights check, which names what the checkpoint lacks.)
 CHECKPOINT_KEYS = (
     "ema_decay",
     "hacking_monitor",
@@ -320,7 +321,7 @@ CHECKPOINT_KEYS = (
     "kl_target",
     "reward_normalization",
     "critic_learning_rate",
-)  # fmt: skip  (use_peft: the weights check names what the checkpoint lacks)
+)
 
 
 def scheduler_problems(name: str) -> list[str]:
