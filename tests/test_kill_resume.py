@@ -204,3 +204,123 @@ def test_an_rlhf_step_killed_mid_run_continues_from_its_checkpoint(tiny_lm, tmp_
     assert kept.stat().st_mtime_ns == written  # continued after checkpoint-2, not trained again from step 1
     assert [row["step"] for row in tracking.read_metrics(tmp_path / "sft") if "loss" in row] == [1, 2, 3, 4]
     assert tracking.is_complete(tmp_path / "dpo") and tracking.is_complete(tmp_path / "rlhf")
+
+
+# ---- what a resume and a fresh start may find in the output dir ------------------------------------------------
+
+
+def fake_checkpoint(output_dir, recipe: dict, state: dict, step: int = 4):
+    """A complete checkpoint-STEP as hfgen leaves it (its recipe and state file), for the checks made before any
+    weights load."""
+    path = output_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (path / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": step, "metrics_rows": 0, **state}))
+    return path
+
+
+def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_refused(tmp_path):
+    # each resumed without a word: a learning rate recorded in recipe.yaml but never used, a batch size silently
+    # changed mid-run, a ZeRO-3 checkpoint's optimizer dropped under DDP, another process count's data order
+    recipe = yaml.safe_load(PRETRAIN.read_text())
+    launch = tracking.launch_identity()
+    checkpoint = fake_checkpoint(tmp_path, recipe, launch)
+
+    def resume_with(**changes):
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**recipe, **changes}))
+        return tracking.resolve_resume("true", tmp_path)
+
+    assert resume_with(resume_from_checkpoint=True, logging_steps=1, save_steps=2, max_steps=99) == checkpoint
+    with pytest.raises(UserError, match=r"learning_rate: 0.003 -> 0.03.*start afresh"):
+        resume_with(learning_rate=0.03)
+    with pytest.raises(UserError, match=r"per_device_train_batch_size"):
+        resume_with(per_device_train_batch_size=3)
+    with pytest.raises(UserError, match="written by a pretrain run, not a sft run"):
+        resume_with(stage="sft")
+    (checkpoint / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 4, **launch, "processes": 2}))
+    with pytest.raises(UserError, match=r"another launch \(processes: 2 -> 1\)"):
+        resume_with()
+    (checkpoint / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 4, **launch, "engine": "zero3"}))
+    with pytest.raises(UserError, match=r"engine: 'zero3' -> 'ddp'"):
+        resume_with()
+
+
+def test_the_steps_the_divergence_guard_skipped_travel_with_the_checkpoint(tmp_path):
+    # nan_tolerance counted afresh after every resume: a run killed after a skipped step could skip it again
+    from hfgen import guard
+
+    guard.configure(nan_tolerance=2)
+    guard.skipped_steps.add(3)
+    (tmp_path / "checkpoint-4").mkdir()
+    tracking.finish_checkpoint(tmp_path, tmp_path / "checkpoint-4", 4, None)
+    guard.configure(nan_tolerance=2)  # the resumed process starts with none
+    assert tracking.resolve_resume("true", tmp_path) == tmp_path / "checkpoint-4"
+    assert guard.skipped_steps == {3}
+    guard.configure()
+
+
+def test_a_second_run_into_a_dir_in_use_exits_2(tmp_path):
+    # two runs into one dir interleaved their metrics rows, checkpoints and weights, both ending "COMPLETE"
+    import subprocess
+    import sys
+
+    tracking.lock_output_dir(tmp_path)
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from hfgen import tracking; from pathlib import Path; "
+                               "tracking.lock_output_dir(Path(sys.argv[1]))", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert other.returncode != 0 and "is in use by another running hfgen process (pid" in other.stderr
+
+
+@pytest.mark.slow
+def test_a_fresh_start_over_an_unfinished_run_is_refused_and_overwrite_clears_its_checkpoints(pretrain_runs, tmp_path):
+    # the new run's rotation deleted its own checkpoints and kept the old run's newer one, which a resume then
+    # continued: a run of two recipes
+    shutil.copytree(pretrain_runs[0] / "checkpoint-8", tmp_path / "checkpoint-12")
+    (tmp_path / "checkpoint-12" / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 12}))
+    shutil.copy(pretrain_runs[0] / "recipe.yaml", tmp_path / "recipe.yaml")
+    refused = train(PRETRAIN, tmp_path, PRETRAIN_ARGS)
+    assert refused.returncode == 2 and "holds an unfinished run with complete checkpoints (checkpoint-12)" in (
+        refused.stderr
+    )
+    result = train(PRETRAIN, tmp_path, [*PRETRAIN_ARGS, "--overwrite_output_dir", "true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tracking.checkpoints(tmp_path)] == ["checkpoint-8"]
+    assert_same_run(pretrain_runs[0], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_complete_trainer_run_given_more_steps_continues_from_its_last_checkpoint(pretrain_runs, tmp_path):
+    # it printed "checkpoint-8 is the last step's; starting again" and trained every step again
+    shutil.copytree(pretrain_runs[0], tmp_path, dirs_exist_ok=True)
+    more = [*PRETRAIN_ARGS, "--max_steps", "10", "--overwrite_output_dir", "true"]
+    result = train(PRETRAIN, tmp_path, more, kill_at="step@3", resume=True)  # a run trained again dies at step 3
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting again" not in result.stderr
+    steps = [row["step"] for row in tracking.read_metrics(tmp_path) if "loss" in row]
+    assert steps == [2, 4, 6, 8, 10]
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_last_step_completes_the_run_then_stops_a_pipeline(pretrain_runs, tmp_path):
+    # with save_on_signal the signal was noted, then forgotten: a pipeline ran its next steps to the end
+    overrides = [*PRETRAIN_ARGS, "--save_on_signal", "true", "--eval_strategy", "no"]
+    result = train(PRETRAIN, tmp_path, overrides, kill_at="eval@8:INT")  # during the final evaluation
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-3000:]
+    assert tracking.is_complete(tmp_path) and "stopping here, as the signal asked" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_pipeline_step_whose_inputs_were_made_again_starts_over(pretrain_runs, tmp_path):
+    # the rlhf pipeline retrained sft, then continued ppo's interrupted run, trained against the old sft model
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_step
+
+    recipe = load_recipe(PRETRAIN, [*PRETRAIN_ARGS, "--output_dir", str(tmp_path)])
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())  # the same step, interrupted after checkpoint-4
+    shutil.copytree(pretrain_runs[0] / "checkpoint-8", tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-4" / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 4, "metrics_rows": 0}))
+    run_step(recipe, fresh=True)
+    assert [row["step"] for row in tracking.read_metrics(tmp_path) if "loss" in row] == [2, 4, 6, 8]  # from step 1
+    assert_same_run(pretrain_runs[0], tmp_path)

@@ -12,7 +12,7 @@ from conftest import REPO, run_hfgen
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.errors import Diverged, UserError
-from hfgen.guard import Divergence
+from hfgen.guard import Divergence, configure
 from test_recipe_errors import run_inprocess
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
@@ -211,7 +211,8 @@ def test_a_bug_while_loading_data_keeps_its_traceback(tmp_path, monkeypatch):
 def test_divergence_guard_skips_within_tolerance_then_stops():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1)
-    guard = Divergence(output_dir="/nonexistent", tolerance=1)
+    configure(nan_tolerance=1)  # a run's start: no step skipped yet
+    guard = Divergence(output_dir="/nonexistent")
     (weight * 2).sum().backward()
     assert guard.check_step(1, torch.tensor(1.5), optimizer) and weight.grad is not None
     optimizer.step()
@@ -221,6 +222,8 @@ def test_divergence_guard_skips_within_tolerance_then_stops():
     assert not guard.check_step(2, torch.tensor(math.nan), optimizer)  # skipped: the gradients are dropped
     optimizer.step()
     assert torch.equal(weight.detach(), before)
+    (weight * math.nan).sum().backward()  # another optimizer step of step 2 (PPO's minibatches): the same step
+    assert not guard.check_step(2, torch.tensor(math.nan), optimizer)
     (weight * math.inf).sum().backward()
     with pytest.raises(Diverged, match=r"step 3.*last finite loss 1.5 at step 1.*nan_tolerance"):
         guard.check_step(3, torch.tensor(1.0), optimizer)

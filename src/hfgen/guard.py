@@ -47,6 +47,9 @@ class Settings:
 
 settings = Settings()
 _signal_received: int | None = None
+# Steps the divergence guard skipped in this run (every `Divergence` of the run shares them): a checkpoint records
+# them (`tracking.finish_checkpoint`) and a resume restores them, so `nan_tolerance` counts over the whole run.
+skipped_steps: set[int] = set()
 
 
 def configure(nan_tolerance: int = 0, save_on_signal: bool = False) -> None:
@@ -55,6 +58,7 @@ def configure(nan_tolerance: int = 0, save_on_signal: bool = False) -> None:
     global _signal_received
     settings.nan_tolerance, settings.save_on_signal = nan_tolerance, save_on_signal
     _signal_received = None
+    skipped_steps.clear()
     if save_on_signal:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _note_signal)
@@ -67,8 +71,32 @@ def _note_signal(signum, frame) -> None:
 
 
 def signalled() -> bool:
-    """True once SIGINT/SIGTERM arrived in a run with `save_on_signal: true`: save a checkpoint, then `exit_on_signal`."""
+    """True once SIGINT/SIGTERM arrived in a run with `save_on_signal: true`: save a checkpoint, then `exit_on_signal`.
+    Called by every process at the same moment of each step: on several processes, one that was signalled (one
+    preempted machine) tells the others, so they all save the same checkpoint and leave together (one deciding
+    alone would leave the rest waiting in a collective forever). Costs one tiny all-reduce a step, only with
+    `save_on_signal`."""
+    global _signal_received
+    if not settings.save_on_signal:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import torch
+        from accelerate import PartialState
+
+        flag = torch.tensor([_signal_received or 0], device=PartialState().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and _signal_received is None:
+            _signal_received = int(flag.item())
+            print(f"hfgen: another process received {signal.Signals(_signal_received).name}: saving a checkpoint "
+                  "after this step", file=sys.stderr)  # fmt: skip
     return _signal_received is not None
+
+
+def received_signal() -> int | None:
+    """The signal this process received (no collective: for the end of a run, after its last step)."""
+    return _signal_received
 
 
 def exit_on_signal(checkpoint) -> None:
@@ -88,7 +116,6 @@ class Divergence:
     def __init__(self, output_dir, tolerance: int | None = None):
         self.output_dir = output_dir
         self.tolerance = settings.nan_tolerance if tolerance is None else tolerance
-        self.skipped = 0
         self.last_finite: tuple[int, float] | None = None
 
     def note_loss(self, step: int, loss) -> None:
@@ -116,11 +143,12 @@ class Divergence:
                 self.last_finite = (step, figures["loss"])
             return True
         what = ", ".join(f"the {name} is {value}" for name, value in bad.items())
-        self.skipped += 1
-        if self.skipped > self.tolerance:
+        skipped_steps.add(step)  # a step counts once, however many optimizer steps (PPO's minibatches) it holds
+        if len(skipped_steps) > self.tolerance:
             raise Diverged(self.message(step, what))
         print(
-            f"hfgen: step {step}: {what}; skipped ({self.skipped} of nan_tolerance {self.tolerance})", file=sys.stderr
+            f"hfgen: step {step}: {what}; skipped ({len(skipped_steps)} of nan_tolerance {self.tolerance})",
+            file=sys.stderr,
         )
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer

@@ -57,9 +57,20 @@ def launched_engine() -> str:
 
 def engine(accelerator) -> str:
     """The engine an Accelerator runs: ddp, fsdp1, fsdp2, zero1, zero2 or zero3."""
+    return _engine_of(accelerator.state)
+
+
+def current_engine() -> str:
+    """The engine of this process's accelerate state (a Trainer's or a stage's Accelerator), or, before there is
+    one, the engine the launch asked for."""
+    from accelerate.state import AcceleratorState
+
+    return _engine_of(AcceleratorState()) if AcceleratorState._shared_state else launched_engine()
+
+
+def _engine_of(state) -> str:
     from accelerate.utils import DistributedType
 
-    state = accelerator.state
     if state.distributed_type == DistributedType.DEEPSPEED:
         return f"zero{state.deepspeed_plugin.zero_stage}"
     if state.distributed_type == DistributedType.FSDP:
@@ -397,14 +408,12 @@ def shard_of(parameter, whole):
 # ---- checkpoints, resume, metrics -------------------------------------------------------------------
 
 
-def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_extra=None, same_keys=()) -> int:
+def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_extra=None) -> int:
     """Load the checkpoint `resume_from_checkpoint` names (a dir, or true for the newest) -> its step (0: none).
     Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects;
-    `load_extra(path)` reads what `save_checkpoint`'s `save_extra` wrote. `same_keys`: recipe keys that shape what a
-    checkpoint holds (an EMA copy, the monitor's state): a resume under other values is refused, naming them."""
+    `load_extra(path)` reads what `save_checkpoint`'s `save_extra` wrote. A checkpoint of another recipe or launch
+    is refused (`tracking.check_same_run`)."""
     path = tracking.resolve_resume(resume_from_checkpoint, output_dir)
-    if path is not None and same_keys:
-        check_same_keys(path, Path(output_dir) / "recipe.yaml", same_keys)
     tracking.start_metrics(output_dir, path)  # metrics.jsonl as it was at that checkpoint (none on a fresh start)
     if path is None:
         return 0
@@ -413,31 +422,6 @@ def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_ext
         load_extra(path)
     accelerator.print(f"resumed from {path} at step {step}")
     return step
-
-
-def check_same_keys(checkpoint: Path, recipe: Path, keys) -> None:
-    """The checkpoint's recipe and this run's agree on `keys` (a UserError naming those that differ): under other
-    values the checkpoint's saved objects do not match this run's (accelerate's count error, or a KeyError)."""
-    from hfgen.errors import UserError
-    from hfgen.recipe import load_recipe
-
-    if not (checkpoint / "recipe.yaml").is_file() or not recipe.is_file():
-        return
-    try:  # parsed, so that a key left out and the same key at its default agree
-        then, now = (load_recipe(path, check_inputs=False) for path in (checkpoint / "recipe.yaml", recipe))
-    except UserError:
-        return  # a recipe of an older hfgen: accelerate's own checks remain
-
-    def value(parsed, key):
-        return next((getattr(c, key) for c in (*parsed.configs, parsed.run) if hasattr(c, key)), None)
-
-    differ = [key for key in keys if value(then, key) != value(now, key)]
-    if differ:
-        changes = ", ".join(f"{key}: {value(then, key)!r} -> {value(now, key)!r}" for key in differ)
-        raise UserError(
-            f"checkpoint '{checkpoint}' was written with other values of keys that shape what it holds ({changes}): "
-            "resume with the recipe's values as they were, or start afresh in a new output_dir"
-        )
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None, save_extra=None) -> Path:

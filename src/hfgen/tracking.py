@@ -84,12 +84,19 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_run_records(output_dir: str | Path, recipe_yaml: str, overwrite: bool = False) -> None:
-    """Start a run: the resolved recipe and the environment, and no COMPLETE marker until the run ends."""
+def write_run_records(
+    output_dir: str | Path, recipe_yaml: str, overwrite: bool = False, resuming: bool = False
+) -> None:
+    """Start a run: the resolved recipe and the environment, and no COMPLETE marker until the run ends. The dir is
+    this process's alone while it runs (`lock_output_dir`); a fresh start (not `resuming`) leaves none of an earlier
+    run's checkpoints in it (`clear_old_checkpoints`)."""
     check_output_dir(output_dir, recipe_yaml, overwrite)
     if not is_main_process():
         return
     output_dir = Path(output_dir)
+    lock_output_dir(output_dir)
+    if not resuming:
+        clear_old_checkpoints(output_dir, overwrite)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / "recipe.yaml").write_text(recipe_yaml)
     write_json(output_dir / "env.json", environment())
@@ -134,6 +141,53 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
             f"{', '.join(changed) or 'the recipe file'}); choose another output_dir, or set overwrite_output_dir: true "
             "to train over it."
         )
+
+
+_locks: dict[Path, Any] = {}  # output dir -> its open lock file, held until the process ends
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """Hold an exclusive lock on OUTPUT_DIR/.hfgen.lock for the rest of this process: a second run started into
+    the same dir (by mistake, or a scheduler's duplicate job) exits 2 instead of interleaving its metrics rows,
+    checkpoints and weights with this one's. The lock goes with the process, however it ends (a SIGKILL too)."""
+    import fcntl
+
+    key = output_dir.resolve()
+    if key in _locks:
+        return  # this process holds it already (a pipeline step run again, a test running twice)
+    handle = open(key / ".hfgen.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise UserError(
+            f"output_dir '{output_dir}' is in use by another running hfgen process ({holder or 'pid unknown'}); "
+            "wait for it to end, or choose another output_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+    handle.flush()
+    _locks[key] = handle
+
+
+def clear_old_checkpoints(output_dir: Path, overwrite: bool) -> None:
+    """A fresh start in a dir that holds checkpoints: a complete run's (repeated, or overwritten) and incomplete
+    ones go, since the new run's rotation and a later resume would otherwise mix them with its own. An unfinished
+    run's complete checkpoints are kept unless `overwrite`: that is work a resume would continue, so the run is
+    refused instead of starting over it."""
+    found = checkpoints(output_dir)
+    resumable = [p.name for p in found if is_complete_checkpoint(p)]
+    if resumable and not overwrite and not is_complete(output_dir):
+        raise UserError(
+            f"output_dir '{output_dir}' holds an unfinished run with complete checkpoints ({', '.join(resumable)}): "
+            "continue it with --resume_from_checkpoint true, or start again over it with overwrite_output_dir: true "
+            "(its checkpoints are then deleted), or choose another output_dir."
+        )
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
@@ -366,7 +420,15 @@ def finish_checkpoint(
     from hfgen import guard
 
     guard.kill_point("checkpoint", step)
-    write_json(Path(path) / CHECKPOINT_STATE, {"step": step, "metrics_rows": len(read_metrics(output_dir))})
+    recipe = Path(output_dir) / "recipe.yaml"
+    if recipe.is_file() and not (Path(path) / "recipe.yaml").is_file():  # what a resume is compared with
+        shutil.copyfile(recipe, Path(path) / "recipe.yaml")
+    write_json(Path(path) / CHECKPOINT_STATE, {
+        "step": step,
+        "metrics_rows": len(read_metrics(output_dir)),
+        **launch_identity(),
+        "skipped_steps": sorted(guard.skipped_steps),
+    })  # fmt: skip
     complete = complete_checkpoints(output_dir)
     doomed = complete[:-total_limit] if total_limit and total_limit > 0 else []
     doomed += [p for p in checkpoints(output_dir) if not is_complete_checkpoint(p) and _step_of(p) < step]
@@ -461,14 +523,36 @@ def _check_trainable_weights_saved(models, input_dir) -> None:
             )
 
 
-def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path, args=None) -> Path | None:
     """`--resume_from_checkpoint true` means the newest complete checkpoint in output_dir (newer incomplete ones,
-    cut short by a kill, are skipped and named); a path means that one, which must be complete."""
+    cut short by a kill, are skipped and named); a path means that one, which must be complete. Either must have
+    been written by this run (`check_same_run`); the steps the divergence guard skipped come back with it. `args`:
+    a Trainer stage's TrainingArguments (a checkpoint of a run's last step is one to extend when they ask for more)."""
+    path = _resume_path(resume_from_checkpoint, output_dir, args)
+    if path is not None:
+        from hfgen import guard
+
+        check_same_run(path, output_dir)
+        guard.skipped_steps.update(read_json(path / CHECKPOINT_STATE, {}).get("skipped_steps", []))
+    return path
+
+
+def trainer_resume(args, output_dir: str | Path) -> Path | None:
+    """A Trainer stage's resume: the checkpoint to pass to `trainer.train` (None: a fresh start), with
+    metrics.jsonl cut back to it (`start_metrics`)."""
+    path = resolve_resume(args.resume_from_checkpoint, output_dir, args)
+    start_metrics(output_dir, path)
+    return path
+
+
+def resume_requested(resume_from_checkpoint) -> bool:
+    return resume_from_checkpoint not in (None, False, "", "false", "False")
+
+
+def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
     import sys
 
-    from hfgen.errors import UserError
-
-    if resume_from_checkpoint in (None, False, "", "false", "False"):
+    if not resume_requested(resume_from_checkpoint):
         return None
     if resume_from_checkpoint in (True, "true", "True"):
         found = checkpoints(output_dir)
@@ -490,7 +574,7 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
                 f"resuming from {complete[-1].name}",
                 file=sys.stderr,
             )
-        if _trained_to_the_end(complete[-1]):
+        if _trained_to_the_end(complete[-1], args):
             # Trainer resumed from its last step takes one step more (transformers 5.24 checks max_steps only after
             # a step): resume from the checkpoint before, or start again when there is none.
             earlier = complete[:-1]
@@ -511,10 +595,88 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
     return path
 
 
-def _trained_to_the_end(path: Path) -> bool:
-    """A Trainer checkpoint written at the run's last step (its trainer_state.json says so)."""
+def _trained_to_the_end(path: Path, args=None) -> bool:
+    """A Trainer checkpoint written at the last step of this run (`args`: its TrainingArguments): a run extended
+    past it (a larger max_steps or num_train_epochs) continues from it."""
     state = read_json(path / "trainer_state.json", {})
-    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+    if not state.get("max_steps") or state.get("global_step", 0) < state["max_steps"]:
+        return False  # not a last step's checkpoint (or not a Trainer's)
+    if args is None:
+        return True
+    if args.max_steps and args.max_steps > 0:
+        return state["global_step"] >= args.max_steps
+    return state.get("num_train_epochs", 0) >= args.num_train_epochs
+
+
+# Keys that may change between a run and its resume: where and how often it saves, logs and reports, and how long it
+# trains (a resume may extend a run). Any other change would make the resumed run another run than the checkpoint's.
+RESUMABLE_CHANGES = frozenset((
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "save_on_signal", "nan_tolerance",
+    "logging_steps", "logging_dir", "logging_first_step", "report_to", "run_name", "disable_tqdm", "log_level",
+    "save_steps", "save_strategy", "save_total_limit", "checkpointing_steps", "checkpoints_total_limit",
+    "max_steps", "num_train_epochs", "total_episodes", "max_train_steps",
+    "dataloader_num_workers", "ddp_backend", "ddp_timeout", "use_cpu",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+))  # fmt: skip
+
+
+def launch_identity() -> dict[str, Any]:
+    """How this run is launched, as a checkpoint records it: processes and engine. A checkpoint's optimizer, data
+    order and shards are those of its launch (a ZeRO-3 checkpoint has no optimizer.pt a DDP run could read, and
+    a run on another number of processes draws other batches)."""
+    from accelerate import PartialState
+
+    from hfgen import loop
+
+    processes = PartialState().num_processes if PartialState._shared_state else int(os.environ.get("WORLD_SIZE", "1"))
+    return {"processes": processes, "engine": loop.current_engine()}
+
+
+def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
+    """A resume continues the checkpoint's run: the same stage and recipe (but for `RESUMABLE_CHANGES`), the same
+    number of processes and engine; otherwise a UserError naming what differs (a resumed run that silently ran
+    with other values, or on another launch, would be neither the old run nor the new one)."""
+    import yaml
+
+    from hfgen.recipe import load_recipe
+
+    state = read_json(checkpoint / CHECKPOINT_STATE, {})
+    now = launch_identity()
+    launch = [f"{key}: {state[key]!r} -> {now[key]!r}" for key in now if key in state and state[key] != now[key]]
+    if launch:
+        raise UserError(
+            f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by another launch ({', '.join(launch)}); "
+            "its optimizer state and data order belong to that launch. Resume with the same number of processes and "
+            "engine, or start afresh (a new output_dir, or overwrite_output_dir: true)."
+        )
+    then_file, now_file = checkpoint / "recipe.yaml", Path(output_dir) / "recipe.yaml"
+    if not then_file.is_file() or not now_file.is_file():
+        return  # a checkpoint of an older hfgen
+    then_yaml, now_yaml = (yaml.safe_load(f.read_text()) or {} for f in (then_file, now_file))
+    if then_yaml.get("stage") != now_yaml.get("stage"):
+        raise UserError(
+            f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a {then_yaml.get('stage')} run, "
+            f"not a {now_yaml.get('stage')} run; give a checkpoint of this run."
+        )
+    keys = sorted((set(then_yaml) | set(now_yaml)) - RESUMABLE_CHANGES)
+    if all(then_yaml.get(key) == now_yaml.get(key) for key in keys):
+        return
+    try:  # parsed, so that a key left out and the same key at its default agree
+        then, now_recipe = (load_recipe(path, check_inputs=False) for path in (then_file, now_file))
+    except UserError:
+        return  # a recipe of an older hfgen: accelerate's own checks remain
+
+    def value(parsed, key):
+        return next((getattr(c, key) for c in (*parsed.configs, parsed.run) if hasattr(c, key)), None)
+
+    changed = [f"{key}: {value(then, key)!r} -> {value(now_recipe, key)!r}"
+               for key in keys if value(then, key) != value(now_recipe, key)]  # fmt: skip
+    if changed:
+        raise UserError(
+            f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a run with other values of keys that "
+            f"shape training ({', '.join(changed)}); a resume continues that run as it was. Resume with those values, "
+            "or start afresh (a new output_dir, or overwrite_output_dir: true)."
+        )
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -84,24 +84,33 @@ def run_recipe(recipe) -> Path:
     # The rlhf pipeline's own dir holds only its summary: a rerun with other settings skips or redoes its steps,
     # each of which is checked in its own dir (`run_step`).
     overwrite = recipe.run.overwrite_output_dir or recipe.stage == "rlhf"
-    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite)
+    resuming = any(tracking.resume_requested(getattr(c, "resume_from_checkpoint", None)) for c in recipe.configs)
+    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
     guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     stage.run(*recipe.configs)
     tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0
+    signum = guard.received_signal()
+    if signum is not None:  # it came after the last step (the final save, evaluation): the run is complete
+        print(f"hfgen: {output_dir} is complete; stopping here, as the signal asked", file=sys.stderr)
+        sys.exit(128 + signum)  # a pipeline or sweep stops before its next step
     return output_dir
 
 
-def run_step(recipe) -> Path:
+def run_step(recipe, fresh: bool = False) -> Path:
     """Run one step of a pipeline (`rlhf`) or one point of a sweep, which its caller has decided must run (its
     output is missing, unfinished, of another recipe, or forced). An unfinished run of this same recipe continues
-    from its newest complete checkpoint rather than from scratch."""
+    from its newest complete checkpoint rather than from scratch, unless `fresh` (its inputs, an earlier step's
+    output, were made again): then it starts over, its old checkpoints deleted."""
     from hfgen import tracking
 
     output_dir = recipe.output_dir
     previous = output_dir / "recipe.yaml"
     unfinished_same_run = (
-        not tracking.is_complete(output_dir) and previous.is_file() and previous.read_text() == recipe.to_yaml()
+        not fresh
+        and not tracking.is_complete(output_dir)
+        and previous.is_file()
+        and previous.read_text() == recipe.to_yaml()
     )
     if unfinished_same_run and tracking.complete_checkpoints(output_dir):
         for config in recipe.configs:

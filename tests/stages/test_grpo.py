@@ -188,10 +188,13 @@ def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_
 @pytest.mark.slow
 def test_resume_mid_generation_batch_reproduces_the_uninterrupted_run(full_run, models, tmp_path):
     """Killed after checkpoint-1 (half-way through a generation batch), resumed: the same later metrics and final
-    weights. The resumed run starts from another model, so a resume that were ignored could not match."""
+    weights. A resume that were ignored would log step 1 again (a resume that changed the starting model is refused:
+    `tracking.check_same_run`)."""
     (tmp_path / "run").mkdir()
     shutil.copytree(full_run / "checkpoint-1", tmp_path / "run" / "checkpoint-1")
-    train(write_recipe(tmp_path, models[1]), "--resume_from_checkpoint", "true")
+    result = run_hfgen("train", write_recipe(tmp_path, models[1]), "--resume_from_checkpoint", "true")
+    assert result.returncode == 2 and "model_name_or_path" in result.stderr, result.stderr[-2000:]
+    train(write_recipe(tmp_path, models[0]), "--resume_from_checkpoint", "true")
     full = [row for row in tracking.read_metrics(full_run) if "loss" in row]
     resumed = [row for row in tracking.read_metrics(tmp_path / "run") if "loss" in row]
     assert [row["step"] for row in resumed] == [2, 3, 4]

@@ -249,12 +249,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, settings
     else:
         assert {key.removeprefix("policy.") for key in policy_keys} >= load_file(sft / "model.safetensors").keys()
     assert any(key.startswith("value_model.") for key in saved)
-    if not settings:  # a checkpoint written with other settings is refused, naming a weight it lacks
+    if not settings:  # a checkpoint written with other settings is refused, naming them
         other = tmp_path / "other"
         other.mkdir()
         checkpoint = full_dir / "run" / "checkpoint-2"
         result = run_hfgen("train", write_recipe(other, sft, **common, **LORA), "--resume_from_checkpoint", checkpoint)
-        assert result.returncode == 2 and "lacks" in result.stderr and "lora_" in result.stderr
+        assert result.returncode == 2 and "use_peft: False -> True" in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
 
 

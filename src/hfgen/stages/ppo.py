@@ -311,19 +311,6 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     return problems + data_problems
 
 
-# Keys that decide which objects a checkpoint holds (the EMA copy, the monitor) or how they read (the KL
-# controller, the reward normaliser, the optimizer's groups): a resume must keep them. (use_peft is left to the
-# weights check, which names what the checkpoint lacks.)
-CHECKPOINT_KEYS = (
-    "ema_decay",
-    "hacking_monitor",
-    "stop_on_hacking",
-    "kl_target",
-    "reward_normalization",
-    "critic_learning_rate",
-)
-
-
 def scheduler_problems(name: str) -> list[str]:
     """The learning-rate schedules this loop can step: transformers' names, less the ones that need a metric
     (reduce_lr_on_plateau, greedy) or arguments PPO has no key for (min_lr, num_decay_steps)."""
@@ -404,7 +391,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     snapshots = PolicySnapshots() if config.stop_on_hacking else None
     save_snapshots, load_snapshots = (snapshots.save, snapshots.load) if snapshots is not None else (None, None)
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
-    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots, CHECKPOINT_KEYS)
+    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots)
     if not start_step:
         set_seed(config.seed + accelerator.process_index)  # each process samples differently
     metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`

@@ -156,7 +156,7 @@ def run(args: RLHFArguments) -> Path:
             else "no output yet"
         )
         say(f"== {step} ({why}): {getattr(args, step)} -> {recipe.output_dir}")
-        run_step(step_recipe(args, step, check_inputs=True))
+        run_step(step_recipe(args, step, check_inputs=True), fresh=rerun)
         rerun = True  # every later step consumes this step's output
 
     if not tracking.is_main_process():
