@@ -432,7 +432,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         oracle=oracle,
     )
 
-    resume = tracking.trainer_resume(config, output_dir)
+    resume = tracking.trainer_resume(trainer, output_dir)
     if monitor and resume:
         monitor.load(resume)
     if resume is None and trainer.is_world_process_zero():

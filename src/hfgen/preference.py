@@ -342,7 +342,7 @@ def run_stage(
             s: completion_logprobs(policy_model, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()
         }
 
-    resume = tracking.trainer_resume(training_args, output_dir)
+    resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
     guard.kill_point("final_save")

@@ -537,11 +537,16 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
     return path
 
 
-def trainer_resume(args, output_dir: str | Path) -> Path | None:
+def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     """A Trainer stage's resume: the checkpoint to pass to `trainer.train` (None: a fresh start), with
-    metrics.jsonl cut back to it (`start_metrics`)."""
-    path = resolve_resume(args.resume_from_checkpoint, output_dir, args)
+    metrics.jsonl cut back to it (`start_metrics`) and TRL's token count as it was then."""
+    path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir, trainer.args)
     start_metrics(output_dir, path)
+    if path is not None and is_main_process() and hasattr(trainer, "_total_train_tokens"):
+        # TRL (1.16) keeps its `num_tokens` count in the trainer, not in the checkpoint: the curve restarted at 0.
+        # The main process logs it; the count is the same on every process (a gathered sum).
+        counts = [row["num_tokens"] for row in read_metrics(output_dir) if "num_tokens" in row]
+        trainer._total_train_tokens = counts[-1] if counts else 0
     return path
 
 

@@ -172,7 +172,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     # model unwrapped by DDP in transformers 5.23 (ranks then drift apart), so it must not touch the trainer.
     with loop.gathered(trainer.accelerator, model) as (whole,):  # whole weights under ZeRO-3
         initial_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
-    resume = tracking.trainer_resume(training_args, output_dir)
+    resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = trainer.evaluate()
 

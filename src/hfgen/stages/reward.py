@@ -167,7 +167,7 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     with loop.gathered(trainer.accelerator, trainer.model) as (model,):  # every process, whole weights
         initial = pairwise_eval(model, tokenizer, held_out, eval_batch)
 
-    resume = tracking.trainer_resume(training_args, output_dir)
+    resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only

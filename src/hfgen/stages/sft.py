@@ -357,7 +357,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         initial_loss = response_loss(model, held_out, tokenizer.pad_token_id, eval_batch)
 
     # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
-    resume = tracking.trainer_resume(training_args, output_dir)
+    resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
     guard.kill_point("final_save")
