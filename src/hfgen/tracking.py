@@ -95,8 +95,9 @@ def write_run_records(
         return
     output_dir = Path(output_dir)
     lock_output_dir(output_dir)
-    if not resuming:
+    if not resuming:  # nothing of an earlier run is left to mix with this one's
         clear_old_checkpoints(output_dir, overwrite)
+        (output_dir / "eval.json").unlink(missing_ok=True)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / "recipe.yaml").write_text(recipe_yaml)
     write_json(output_dir / "env.json", environment())

@@ -60,3 +60,15 @@ def test_missing_image_exits_2_naming_the_file(configs, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "4.png" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_resumed_run_reports_the_error_it_started_from(configs, tmp_path):
+    # the starting error was measured only when a run started at step 0, and written only at its end: a resumed
+    # run's eval.json had none (and `hfgen report` an empty cell)
+    overrides = [*vae_overrides(configs, tmp_path, steps=4), "--checkpointing_steps", "2"]
+    killed = run_hfgen("train", VAE_RECIPE, *overrides, env={"HFGEN_KILL_AT": "step@3"})
+    assert killed.returncode < 0
+    result = run_hfgen("train", VAE_RECIPE, *overrides, "--resume_from_checkpoint", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "eval.json")
+    assert results["quality/reconstruction_mse_initial"] > results["quality/reconstruction_mse"]

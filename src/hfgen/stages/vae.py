@@ -160,10 +160,10 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     rng = training.TrainingRNG(args.seed + accelerator.process_index, accelerator.device)
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = training.resume(accelerator, args, steps_per_epoch)
-    initial_error = None
-    if global_step == 0:
+    if global_step == 0:  # into eval.json now: a resumed run has it from there
         with loop.gathered(accelerator, autoencoder) as (unwrapped,):
             initial_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
+        tracking.update_eval(output_dir, {"quality/reconstruction_mse_initial": initial_error})
     log = training.StepLog(accelerator, args.output_dir, args.logging_steps)
     divergence = guard.Divergence(output_dir)
     accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
@@ -230,9 +230,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         save_reconstructions(whole.vae, eval_set, output_dir / "reconstructions.png")
         results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": scaling_factor,
                    "vae/parameters": sum(p.numel() for p in whole.vae.parameters()), "train/steps": global_step}  # fmt: skip
-        if initial_error is not None:
-            results["quality/reconstruction_mse_initial"] = initial_error
-        tracking.update_eval(output_dir, results)
+        initial_error = tracking.update_eval(output_dir, results).get("quality/reconstruction_mse_initial")
         accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
     loop.maybe_write_fingerprint(accelerator, autoencoder, output_dir)
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
