@@ -20,7 +20,10 @@ ROOT/report.html (self-contained) holds, per method and seed: oracle and reward-
 bootstrap 95% intervals (prompts resampled), the reward-model-vs-oracle gap (reward-model win rate minus oracle win
 rate: how much a method games the learned reward), KL to SFT, diversity (distinct-2, self-BLEU), response length,
 wall time and peak memory; and each method's training curves side by side. Resumable like `hfgen sweep`: a run
-already complete with the same resolved recipe is not retrained, and its evaluation is not redone.
+already complete with the same resolved recipe, trained from the same SFT (and reward) model, is not retrained
+(a retrained SFT model retrains every run, as a pipeline step that runs reruns the later steps), and its evaluation
+is redone only when a model it reads was trained again or the evaluation settings change. A run dir that holds the
+complete run of another recipe is refused before anything trains (--overwrite_output_dir true trains over it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from hfgen.errors import UserError
 
 EVAL_FILE = "compare_eval.json"  # a run's comparison figures, beside the rows in compare_eval.jsonl
+INPUTS_FILE = "compare_inputs.json"  # the SFT and reward models a run was trained from (`model_stamp`)
 OFFLINE = ("dpo", "kto", "orpo", "simpo")
 
 
@@ -92,23 +96,44 @@ def main(args: argparse.Namespace) -> int:
         for seed in range(args.seeds):
             runs[(method, seed)] = point_recipe(base, method, seed, root, args)
 
+    # A run dir holding the complete run of another recipe is refused before anything trains, as `hfgen sweep`
+    # refuses it (a retrain of the SFT model must not come first, only for the points to fail).
+    problems = []
+    for recipe in runs.values():
+        if recipe.output_dir.exists():
+            try:
+                tracking.check_output_dir(recipe.output_dir, recipe.to_yaml(), recipe.run.overwrite_output_dir)
+            except UserError as error:
+                problems.append(str(error))
+    if problems:
+        raise UserError(f"hfgen compare: nothing was run: {' '.join(problems)} (for hfgen compare: "
+                        "--overwrite_output_dir true, or another --output_root)")  # fmt: skip
+
     # The shared steps: prerequisite, SFT and (when any method needs it) the reward model, as `hfgen train` runs them.
     needs_reward = any("reward" in rlhf.pipeline_steps(dataclasses.replace(base, method=m)) for m in methods)
     shared = dataclasses.replace(base, force=False)
     run_shared_steps(shared, needs_reward)
     sft_dir = rlhf.step_recipe(shared, "sft", check_inputs=False).output_dir
     reward_dir = rlhf.step_recipe(shared, "reward", check_inputs=False).output_dir if needs_reward else None
+    # Which SFT and reward models a run was trained from: a run of an older SFT model is stale even though its
+    # recipe (which names the SFT model by its path) is the same. The offline methods train without the reward
+    # model (it only judges them, below).
+    sft_stamp, reward_stamp = model_stamp(sft_dir), model_stamp(reward_dir) if reward_dir else None
 
     print(f"compare: {len(runs)} runs ({', '.join(methods)} x {args.seeds} seeds) under {root}, "
           f"{args.prompts} training prompts each")  # fmt: skip
     for index, ((method, seed), recipe) in enumerate(runs.items(), 1):
         run_dir = recipe.output_dir
         label = f"[{index}/{len(runs)}] {method} seed {seed}"
-        if tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml():
+        done = tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+        inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
+        if done and tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs:
             print(f"{label}: already complete, skipped")
         else:
-            print(f"{label}: training -> {run_dir}", flush=True)
+            why = " (trained from an older SFT or reward model, or not recorded)" if done else ""
+            print(f"{label}: training{why} -> {run_dir}", flush=True)
             train_point(recipe, args.quiet)
+            tracking.write_json(run_dir / INPUTS_FILE, inputs)
         evaluate_point(run_dir, method, sft_dir, reward_dir, args)
     report = write_compare_report(root, runs, methods, args)
     print(f"report: {report}")
@@ -166,8 +191,13 @@ def train_point(recipe, quiet: bool) -> None:
     path.write_text(recipe.to_yaml())
     code = f"from hfgen.compare import run_point; run_point({str(path)!r}, {quiet!r})"
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
-    if subprocess.run([sys.executable, "-c", code], env=env).returncode != 0:
-        raise UserError(f"hfgen compare: the run {recipe.output_dir} failed (its output is above); rerun to resume")
+    returncode = subprocess.run([sys.executable, "-c", code], env=env).returncode
+    if returncode == 2:  # the child's one-paragraph error is above
+        raise UserError(f"hfgen compare: the run {recipe.output_dir} was refused (why is above); fix that, then rerun "
+                        "the same command: complete runs are skipped")  # fmt: skip
+    if returncode != 0:
+        raise UserError(f"hfgen compare: the run {recipe.output_dir} failed (its output is above); the same command "
+                        "trains it again from the start, and skips the runs that are complete")  # fmt: skip
 
 
 def run_point(recipe_path: str, quiet: bool = False) -> None:
@@ -196,6 +226,14 @@ def run_point(recipe_path: str, quiet: bool = False) -> None:
 # ---- evaluation -------------------------------------------------------------------------------------------
 
 
+def model_stamp(model_dir: Path) -> dict | None:
+    """What tells one training of a model dir from the next: its COMPLETE marker (finish time and wall time),
+    rewritten by every run that finishes there. Cheap, unlike hashing the weights of a large model."""
+    from hfgen import tracking
+
+    return tracking.read_json(Path(model_dir) / tracking.COMPLETE_MARKER, None)
+
+
 def evaluation_settings(args) -> dict:
     keys = ("eval_dataset", "num_prompts", "samples_per_prompt", "response_length", "temperature", "oracle")
     return {key: getattr(args, key) for key in keys}
@@ -203,7 +241,7 @@ def evaluation_settings(args) -> dict:
 
 def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path | None, args) -> dict:
     """The run's policy against the SFT model on the held-out prompts (hfgen.evaluation.policy); cached in the run
-    dir and redone only when the evaluation settings change."""
+    dir and redone when the evaluation settings change or any of the models it reads was trained again."""
     import torch
     from accelerate import PartialState
 
@@ -213,6 +251,8 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
     from hfgen.models import adapter_base, load_causal_lm, load_tokenizer
 
     settings = {**evaluation_settings(args), "reward_model": str(reward_dir) if reward_dir else None}
+    settings["models"] = {"policy": model_stamp(run_dir), "sft": model_stamp(sft_dir)}
+    settings["models"]["reward"] = model_stamp(reward_dir) if reward_dir else None
     cached = tracking.read_json(run_dir / EVAL_FILE, {})
     if cached.get("settings") == settings:
         return cached

@@ -353,3 +353,48 @@ def test_compare_refuses_a_stage_recipe_and_methods_the_pipeline_lacks(capsys, r
         hfgen_main(["compare", str(REPO / "recipes/tiny" / recipe), "--methods", methods, "--seeds", "1"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and "Traceback" not in error, error
+
+
+@pytest.mark.slow
+def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_changes(tiny_lm, tmp_path, capsys):
+    # A retrained SFT model left every run "already complete, skipped", and a retrained run kept its old
+    # compare_eval.json (the evaluation was cached by its settings only).
+    few = {"save_strategy": "no", "max_eval_samples": 8, "disable_tqdm": True, "output_dir": str(tmp_path / "sft")}
+    sft = shrunk("sft_full.yaml", tmp_path, model_name_or_path=str(tiny_lm), max_steps=2, max_train_samples=32, **few)
+    dpo = shrunk("dpo.yaml", tmp_path, per_device_train_batch_size=8, max_eval_samples=8)
+
+    def compare(sft_overrides: dict, *extra: str) -> str:
+        pipeline = {"stage": "rlhf", "method": "dpo", "output_dir": str(tmp_path / "pipeline"), "sft": sft, "dpo": dpo,
+                    "sft_overrides": sft_overrides}  # fmt: skip
+        (tmp_path / "compare.yaml").write_text(yaml.safe_dump(pipeline))
+        command = ["compare", str(tmp_path / "compare.yaml"), "--methods", "dpo", "--seeds", "1", "--prompts", "8",
+                   "--num_prompts", "2", "--samples_per_prompt", "1", "--response_length", "4",
+                   "--output_root", str(tmp_path / "root"), "--quiet", *extra]  # fmt: skip
+        assert hfgen_main(command) == 0
+        return capsys.readouterr().out
+
+    run = tmp_path / "root/dpo/seed=0"
+    compare({})
+    first = (run / "compare_eval.json").read_text()
+    assert "already complete, skipped" in compare({})  # nothing changed: nothing redone
+    assert (run / "compare_eval.json").read_text() == first
+    printed = compare(
+        {"learning_rate": 1e-2, "overwrite_output_dir": True}
+    )  # the SFT model is trained again: the DPO run is stale
+    assert "== sft" in printed and "training (trained from an older SFT or reward model" in printed, printed
+    second = (run / "compare_eval.json").read_text()
+    assert second != first
+    # another recipe for the run: refused before anything trains, naming the key and what to pass
+    with pytest.raises(SystemExit) as exit_info:
+        compare({"learning_rate": 1e-2, "overwrite_output_dir": True}, "--learning_rate", "0.05")
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "differing keys: learning_rate" in captured.err
+    assert "--overwrite_output_dir true" in captured.err and "== sft" not in captured.out
+    compare(
+        {"learning_rate": 1e-2, "overwrite_output_dir": True},
+        "--learning_rate",
+        "0.05",
+        "--overwrite_output_dir",
+        "true",
+    )
+    assert (run / "compare_eval.json").read_text() != second  # retrained, so evaluated again
