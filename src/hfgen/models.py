@@ -147,7 +147,19 @@ def custom_code_problem(key: str, name: str, config_file: Path) -> list[str]:
 def not_a_generator(path: str | Path, label: str) -> list[str]:
     """A model dir that generates nothing (a reward model, an autoencoder or another diffusers component), as a
     problem naming what it is and where its own figures are: loaded as a causal LM it would sample from a random
-    head."""
+    head. A LoRA adapter of task SEQ_CLS (a reward model's, or PPO's value model) is one too: loaded as a causal
+    LM over its base it generated text while its score head was dropped."""
+    adapter = Path(path) / "adapter_config.json"
+    try:
+        task = json.loads(adapter.read_text()).get("task_type") if adapter.is_file() else None
+    except (OSError, ValueError):
+        task = None
+    if task == "SEQ_CLS":
+        return [
+            f"{label} '{path}' is a LoRA adapter of a sequence classifier (task_type SEQ_CLS: a reward model, or PPO's "
+            "value model): it scores responses and generates none (`hfgen eval POLICY --reward_model` judges with a "
+            "reward model); give a policy (causal LM) dir"
+        ]
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):

@@ -150,11 +150,18 @@ def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path
 def test_eval_and_generate_refuse_a_reward_model_or_an_autoencoder_naming_what_it_is(reward_dir, tmp_path, capsys):
     # loaded as causal LMs they would generate from a random head and print figures that mean nothing
     from diffusers import AutoencoderKL
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
 
     vae = tmp_path / "vae"
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2).save_pretrained(vae)
+    # a reward model's LoRA adapter, as PPO's value_model/ is (it generated text from its base, the head dropped)
+    adapter = tmp_path / "value_model"
+    lora = LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj", "v_proj"])
+    get_peft_model(AutoModelForSequenceClassification.from_pretrained(reward_dir), lora).save_pretrained(adapter)
     for target, message in ((reward_dir, "is a reward model (LlamaForSequenceClassification)"),
-                            (vae, "is a diffusers AutoencoderKL")):  # fmt: skip
+                            (vae, "is a diffusers AutoencoderKL"),
+                            (adapter, "is a LoRA adapter of a sequence classifier (task_type SEQ_CLS")):  # fmt: skip
         for command in (["eval", str(target), "--quiet"], ["generate", str(target), "--prompt", "the cat"]):
             with pytest.raises(SystemExit) as exit_info:
                 hfgen(command)
