@@ -284,3 +284,62 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
             "the model would be sampled from a prompt it never trained on; fix the template's add_generation_prompt"
         )
     return lines, fatal
+
+
+# ---- launch checks (`hfgen train`: before any model loads, and before `--num_processes` spawns processes) ----
+
+
+def deepspeed_on_cpu_flag_problem() -> str:
+    return (
+        "the launch asked for DeepSpeed but ACCELERATE_USE_CPU=true is set, which turns accelerate's engine into plain "
+        "data parallelism half way (the Trainer-based stages crashed after the model loaded, ppo/vae/t2i refused it): "
+        "unset ACCELERATE_USE_CPU for DeepSpeed (on CPUs: DS_ACCELERATOR=cpu, see README 'Trying a preset on a CPU'), "
+        "or launch plain DDP (recipes/accelerate/cpu_2proc.yaml) with it"
+    )
+
+
+def check_launched_environment() -> None:
+    """In a launched process: a DeepSpeed launch with ACCELERATE_USE_CPU exits 2 before anything loads, whatever
+    the stage (`loop.make_accelerator` refuses it for its own loops only once it builds the Accelerator)."""
+    from accelerate.utils import parse_flag_from_env
+
+    from hfgen.errors import UserError
+    from hfgen.loop import launched_engine
+
+    if launched_engine().startswith("zero") and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise UserError(deepspeed_on_cpu_flag_problem())
+
+
+def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
+    """Before `hfgen train --num_processes N --launch_config CFG` spawns anything: the launch the processes would
+    refuse, refused once here (each process printed the refusal, then torchrun its own traceback, exit code 1).
+    Returns the number of processes the launch will start."""
+    import torch
+    import yaml
+    from accelerate.utils import parse_flag_from_env
+
+    from hfgen.errors import UserError
+
+    config = {}
+    if launch_config:
+        try:
+            config = yaml.safe_load(open(launch_config)) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise UserError(f"--launch_config '{launch_config}' cannot be read as YAML: {error}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"--launch_config '{launch_config}' must be an accelerate config (a mapping of keys)")
+    if num_processes is not None and num_processes < 1:
+        raise UserError(f"--num_processes {num_processes}: must be at least 1")
+    processes = num_processes or int(config.get("num_processes") or max(torch.cuda.device_count(), 1))
+    deepspeed = config.get("distributed_type") == "DEEPSPEED"
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    if deepspeed and use_cpu:
+        raise UserError(deepspeed_on_cpu_flag_problem())
+    if processes > 1 and not deepspeed and not use_cpu and not torch.cuda.is_available():
+        raise UserError(
+            f"{processes} processes on a machine where torch sees no GPU: each would train alone, writing the same "
+            "output. Set ACCELERATE_USE_CPU=true in the environment for CPU processes (`use_cpu: true` in the launch "
+            "config is not enough), e.g. `ACCELERATE_USE_CPU=true hfgen train RECIPE --num_processes 2 --launch_config "
+            "recipes/accelerate/cpu_2proc.yaml`; on GPUs check that torch sees them"
+        )
+    return processes

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,11 @@ def build_recipe(
             value = int(value)  # `--max_steps 1e3`: YAML reads a float
         if value is None:
             continue  # YAML null: keep the field's default
+        if key == "ddp_backend" and "WORLD_SIZE" not in os.environ:
+            # a process-group backend outside any launch (`hfgen check`, a one-process run of a recipe made for a
+            # DeepSpeed-on-CPU launch): accelerate would ask torch for a group no one made. Kept in recipe.yaml, and
+            # under a launch (its WORLD_SIZE; one DeepSpeed process needs it too)
+            continue
         if key in valueless and action.const is not True:
             errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")
             continue

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch = parser.add_argument_group("several processes (spawns `accelerate launch` for you)")
     launch.add_argument("--num_processes", type=int, help="processes (GPUs) to launch, e.g. 8")
     launch.add_argument("--launch_config", help="accelerate config, e.g. recipes/accelerate/fsdp.yaml")
+    launch.add_argument("--main_process_port", type=int, help="rendezvous port (another one for a second launch)")
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Any other --key value pair overrides that key of the recipe, e.g. --learning_rate 1e-4."
 
@@ -47,27 +48,67 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(known_keys(stage)))
         return 0
     from hfgen import loop
+    from hfgen.check import check_launched_environment, check_spawn
 
+    check_launched_environment()
     loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
-    recipe = load_recipe(recipe_path, args.overrides)  # validated here, before any process is spawned
-    if args.num_processes or args.launch_config:
-        return launch_with_accelerate(recipe_path, args.overrides, args.num_processes, args.launch_config)
+    if args.num_processes or args.launch_config or args.main_process_port:
+        if args.launch_config and not Path(args.launch_config).is_file():
+            raise UserError(
+                f"--launch_config '{args.launch_config}' does not exist; presets live in recipes/accelerate/."
+            )
+        processes = check_spawn(args.num_processes, args.launch_config)  # refused once here, not once per process
+        validate_for_processes(recipe_path, args.overrides, processes)
+        return launch_with_accelerate(
+            recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port
+        )
+    recipe = load_recipe(recipe_path, args.overrides)
     run_recipe(recipe)
     tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0
 
 
-def launch_with_accelerate(recipe_path, overrides, num_processes: int | None, config_file: str | None) -> int:
+def validate_for_processes(recipe_path, overrides, processes: int) -> None:
+    """Validate the recipe before any process is spawned. TRL's GRPO/RLOO configs check their global batch against
+    the world size, which this one process does not know: a recipe they refuse here is checked again with the
+    per-device batch sizes times `processes` (the same global batch on one process), and if that passes the
+    launched processes judge it at their real world size. Any other refusal stands (the original message)."""
+    import dataclasses
+
+    from hfgen.errors import UserError
+    from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
+    from hfgen.stages import load_stage
+
+    try:
+        load_recipe(recipe_path, overrides)
+        return
+    except UserError as error:
+        if processes <= 1:
+            raise
+        refusal = error
+    values = {**read_recipe_file(recipe_path), **parse_overrides(overrides)}
+    defaults = {f.name: f.default for cls in load_stage(values["stage"]).ARGUMENTS for f in dataclasses.fields(cls)}
+    scaled = []
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        value = values.get(key, defaults.get(key))
+        if isinstance(value, int):
+            scaled += [f"--{key}", str(value * processes)]
+    try:
+        load_recipe(recipe_path, [*overrides, *scaled])
+    except UserError:
+        raise refusal from None  # the refusal at one process: its message names the user's own values
+
+
+def launch_with_accelerate(
+    recipe_path, overrides, num_processes: int | None, config_file: str | None, main_process_port: int | None = None
+) -> int:
     """Re-run this same command under `accelerate launch`, which starts one process per device."""
     import subprocess
 
-    from hfgen.errors import UserError
-
-    if config_file and not Path(config_file).is_file():
-        raise UserError(f"--launch_config '{config_file}' does not exist; presets live in recipes/accelerate/.")
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     command += ["--config_file", config_file] if config_file else []
     command += ["--num_processes", str(num_processes)] if num_processes else []
+    command += ["--main_process_port", str(main_process_port)] if main_process_port else []
     command += ["--module", "hfgen.train", str(recipe_path), *overrides]
     return subprocess.run(command).returncode
 

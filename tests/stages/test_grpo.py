@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen
 from hfgen import tracking
 from tiny_models import save_tiny_llama
 
@@ -266,3 +266,28 @@ def test_a_reward_model_alone_scores_training_and_the_held_out_comparison(tmp_pa
             isinstance(figures[f"{side}/reward"], float)
             and figures[f"{side}/reward_model"] == figures[f"{side}/reward"]
         )
+
+
+def test_spawning_checks_the_global_batch_at_the_launched_world_size(models, tmp_path, monkeypatch):
+    # `hfgen train --num_processes 2` validated as one process: a generation batch of 2 per process x 2 processes
+    # (divisible by num_generations 4 only on 2) was refused before anything was spawned
+    from hfgen.errors import UserError
+    from hfgen.train import validate_for_processes
+
+    monkeypatch.syspath_prepend(str(models[0].parent))  # the reward module, in this process
+    recipe = write_recipe(tmp_path, models[0], per_device_train_batch_size=2, steps_per_generation=1)
+    validate_for_processes(recipe, [], 2)
+    with pytest.raises(UserError, match=r"generation_batch_size \(2\) must be divisible by num_generations \(4\)"):
+        validate_for_processes(recipe, [], 1)
+    with pytest.raises(UserError, match="must be divisible by num_generations"):  # wrong on 2 processes too
+        validate_for_processes(recipe, ["--num_generations", "3"], 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the spawned processes are CPU processes")
+def test_spawned_on_two_processes_with_its_own_port(models, tmp_path):
+    recipe = write_recipe(tmp_path, models[0], per_device_train_batch_size=2, steps_per_generation=1, max_steps=1)
+    launch = ["--num_processes", "2", "--launch_config", REPO / "recipes/accelerate/cpu_2proc.yaml"]
+    result = run_hfgen("train", recipe, *launch, "--main_process_port", "29741", env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tracking.is_complete(tmp_path / "run")

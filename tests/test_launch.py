@@ -1,0 +1,61 @@
+"""Launch checks of `hfgen train`: a launch that cannot do what was asked exits 2 once, before any model loads or
+any process is spawned; a one-process run ignores a process-group backend meant for a launch."""
+
+import pytest
+import torch
+
+from conftest import REPO
+from hfgen.cli import build_parser
+from hfgen.cli import main as hfgen_main
+from hfgen.recipe import load_recipe
+
+PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
+CPU_2PROC = REPO / "recipes/accelerate/cpu_2proc.yaml"
+ZERO3 = REPO / "recipes/accelerate/deepspeed_zero3.yaml"
+
+
+def refused(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", *map(str, argv)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    return error
+
+
+def test_a_deepspeed_launch_with_accelerate_use_cpu_exits_2_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    # the environment `accelerate launch --use_deepspeed` gives each process, with ACCELERATE_USE_CPU=true: the
+    # Trainer-based stages crashed after the model loaded ('weight' must be 2-D), leaving an output dir
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    error = refused(capsys, PRETRAIN, "--output_dir", tmp_path / "run")
+    assert "asked for DeepSpeed but ACCELERATE_USE_CPU=true" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_process_group_backend_is_ignored_by_one_process():
+    # `ddp_backend: gloo` (README: for DeepSpeed on CPUs) made `hfgen check` and one-process runs fail with
+    # "Default process group has not been initialized"; the recipe still records it
+    recipe = load_recipe(PRETRAIN, ["--ddp_backend", "gloo"], check_inputs=False)
+    assert "ddp_backend: gloo" in recipe.to_yaml()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPUs")
+def test_spawning_refuses_a_launch_its_processes_would_refuse_once_before_spawning(tmp_path, monkeypatch, capsys):
+    # was refused by every spawned process (the message twice), then torchrun's ChildFailedError traceback, exit 1
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    run = ["--output_dir", tmp_path / "run"]
+    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", CPU_2PROC, *run)
+    assert error.count("ACCELERATE_USE_CPU=true") == 2 and "ChildFailedError" not in error  # said once (x2 in it)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", ZERO3, *run)
+    assert "asked for DeepSpeed but ACCELERATE_USE_CPU=true" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_main_process_port_is_a_launch_option_not_a_recipe_key():
+    # was refused as "unknown key 'main_process_port' for stage ..."
+    args, extra = build_parser().parse_known_args(
+        ["train", "r.yaml", "--num_processes", "2", "--main_process_port", "29555"]
+    )
+    assert args.main_process_port == 29555 and extra == []
