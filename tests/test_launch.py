@@ -59,3 +59,27 @@ def test_main_process_port_is_a_launch_option_not_a_recipe_key():
         ["train", "r.yaml", "--num_processes", "2", "--main_process_port", "29555"]
     )
     assert args.main_process_port == 29555 and extra == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a full disk for the run's saves (needs the right to mount, else the test is skipped)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not allowed here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_while_saving_exits_2_naming_the_output_dir(small_disk, tmp_path, capsys):
+    # was a raw traceback: SafetensorError "No space left on device" (or torch's "unexpected pos")
+    run = small_disk / "run"
+    tiny = ["--max_steps", "1", "--max_train_samples", "16", "--max_eval_samples", "4", "--disable_tqdm", "true"]
+    error = refused(capsys, PRETRAIN, "--output_dir", run, *tiny)
+    assert f"the disk is full: writing under '{run}" in error and "No space left on device" in error
+    assert (run / "recipe.yaml").is_file() and not (run / "COMPLETE").exists()

@@ -208,7 +208,7 @@ def run_point(recipe_path: str, quiet: bool = False) -> None:
     from hfgen.errors import exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
     from hfgen.recipe import load_recipe
-    from hfgen.train import run_recipe
+    from hfgen.train import disk_full_exits_2, run_recipe
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with exit_on_user_error():
@@ -218,7 +218,8 @@ def run_point(recipe_path: str, quiet: bool = False) -> None:
                 if hasattr(config, "disable_tqdm"):
                     config.disable_tqdm = True
         reset_peak_memory(device)
-        run_recipe(recipe)
+        with disk_full_exits_2(recipe.output_dir):
+            run_recipe(recipe)
     megabytes, kind = peak_memory(device)
     tracking.write_json(Path(recipe.output_dir) / "peak_memory.json", {"peak_memory_mb": megabytes, "kind": kind})
 
