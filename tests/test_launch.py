@@ -53,6 +53,10 @@ def test_spawning_refuses_a_launch_its_processes_would_refuse_once_before_spawni
     assert not (tmp_path / "run").exists()
 
 
+def test_num_processes_0_exits_2(capsys):
+    assert "--num_processes 0: must be at least 1" in refused(capsys, PRETRAIN, "--num_processes", "0")
+
+
 def test_main_process_port_is_a_launch_option_not_a_recipe_key():
     # was refused as "unknown key 'main_process_port' for stage ..."
     args, extra = build_parser().parse_known_args(

@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_launched_environment()
     loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
-    if args.num_processes or args.launch_config or args.main_process_port:
+    if args.num_processes is not None or args.launch_config or args.main_process_port is not None:
         if args.launch_config and not Path(args.launch_config).is_file():
             raise UserError(
                 f"--launch_config '{args.launch_config}' does not exist; presets live in recipes/accelerate/."
