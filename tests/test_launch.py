@@ -77,7 +77,8 @@ def small_disk(tmp_path):
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        # lazily: the run's output-dir lock (`tracking.lock_output_dir`) stays open until this process ends
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_a_full_disk_while_saving_exits_2_naming_the_output_dir(small_disk, tmp_path, capsys):
