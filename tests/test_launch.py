@@ -77,7 +77,7 @@ def small_disk(tmp_path):
     try:
         yield mount
     finally:
-        # lazily: the run's output-dir lock (`tracking.lock_output_dir`) stays open until this process ends
+        # lazily: a file the failed run left open would keep it busy
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 

@@ -144,13 +144,14 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
         )
 
 
-_locks: dict[Path, Any] = {}  # output dir -> its open lock file, held until the process ends
+_locks: dict[Path, Any] = {}  # output dir -> its open lock file, held while its run runs
 
 
 def lock_output_dir(output_dir: Path) -> None:
-    """Hold an exclusive lock on OUTPUT_DIR/.hfgen.lock for the rest of this process: a second run started into
-    the same dir (by mistake, or a scheduler's duplicate job) exits 2 instead of interleaving its metrics rows,
-    checkpoints and weights with this one's. The lock goes with the process, however it ends (a SIGKILL too)."""
+    """Hold an exclusive lock on OUTPUT_DIR/.hfgen.lock while this process runs there (`unlock_output_dir` at the
+    end): a second run started into the same dir (by mistake, or a scheduler's duplicate job) exits 2 instead of
+    interleaving its metrics rows, checkpoints and weights with this one's. A process that dies, however (a SIGKILL
+    too), releases it."""
     import fcntl
 
     key = output_dir.resolve()
@@ -172,6 +173,13 @@ def lock_output_dir(output_dir: Path) -> None:
     handle.write(f"pid {os.getpid()} on {platform.node()}\n")
     handle.flush()
     _locks[key] = handle
+
+
+def unlock_output_dir(output_dir: Path) -> None:
+    """The run in `output_dir` has ended (complete or failed): another may start there."""
+    handle = _locks.pop(Path(output_dir).resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 def clear_old_checkpoints(output_dir: Path, overwrite: bool) -> None:

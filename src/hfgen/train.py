@@ -170,8 +170,11 @@ def run_recipe(recipe) -> Path:
     resuming = any(tracking.resume_requested(getattr(c, "resume_from_checkpoint", None)) for c in recipe.configs)
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
     guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
-    stage.run(*recipe.configs)
-    tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
+    try:
+        stage.run(*recipe.configs)
+        tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
+    finally:
+        tracking.unlock_output_dir(output_dir)  # (a killed process's lock goes with it)
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0
     signum = guard.received_signal()
     if signum is not None:  # it came after the last step (the final save, evaluation): the run is complete
