@@ -137,3 +137,42 @@ def test_a_key_written_twice_in_a_recipe_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         hfgen_main(["check", str(recipe)])
     assert exit_info.value.code == 2 and "key 'max_steps' is given twice (line 4)" in capsys.readouterr().err
+
+
+def test_null_sets_none_or_exits_2(tmp_path, capsys):
+    # `max_length: null` kept TRL's default 1024 (null was skipped) although TRL reads None as "no truncation"
+    from hfgen.recipe import load_recipe
+
+    sft = REPO / "recipes/tiny/sft_full.yaml"
+    recipe = load_recipe(sft, ["--max_length", "null", "--max_train_samples", "None"], check_inputs=False)
+    assert {getattr(c, "max_length", None) for c in recipe.configs} == {None}
+    assert next(c for c in recipe.configs if hasattr(c, "max_train_samples")).max_train_samples is None
+    ppo = load_recipe(REPO / "recipes/tiny/ppo.yaml", ["--missing_eos_penalty", "null"], check_inputs=False)
+    assert next(c for c in ppo.configs if hasattr(c, "missing_eos_penalty")).missing_eos_penalty is None
+    code, err = run_inprocess(capsys, sft, "--learning_rate", "null", "--output_dir", tmp_path)
+    assert code == 2 and "key 'learning_rate' cannot be null" in err
+
+
+def test_scientific_numbers_inside_a_mapping_are_numbers(tmp_path):
+    # YAML 1.1 reads `1e-3` as a string; only top-level keys were typed, so the scheduler got min_lr='1e-3'
+    # and stopped with a TypeError after the model had loaded
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    from hfgen.recipe import load_recipe
+
+    path = write_recipe(
+        tmp_path, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": "1e-3", "x": ["2E-1"]}
+    )
+    path.write_text(path.read_text().replace("'1e-3'", "1e-3").replace("'2E-1'", "2E-1"))  # as people write them
+    args = load_recipe(path, check_inputs=False).get(TrainingArguments)
+    assert args.lr_scheduler_kwargs == {"min_lr": 0.001, "x": [0.2]}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        0,
+        4,
+        scheduler_specific_kwargs={"min_lr": args.lr_scheduler_kwargs["min_lr"]},
+    )
+    scheduler.step()

@@ -197,6 +197,16 @@ def _decode_scalar(text: str) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else text
 
 
+def _numbers_inside(value: Any) -> Any:
+    """A mapping's (or list's) `1e-3` strings as floats, at any depth: YAML 1.1 wants a dot in a float, and a
+    mapping's values reach the library untyped (a scheduler's `min_lr: '1e-3'` is a TypeError mid-run)."""
+    if isinstance(value, dict):
+        return {k: _numbers_inside(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_inside(v) for v in value]
+    return float(value) if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) else value
+
+
 def _to_argv_tokens(value: Any) -> list[str]:
     if isinstance(value, bool):
         return ["true" if value else "false"]
@@ -249,6 +259,7 @@ def build_recipe(
     errors = []
     argv: list[str] = []
     empty_lists: list[str] = []
+    nulls: list[str] = []
     for key, value in values.items():
         action = parser.actions.get(key)
         if action is None:
@@ -256,10 +267,18 @@ def build_recipe(
             continue
         if isinstance(value, str) and value in ("None", "none") and action.type in (int, float):
             value = None  # Python's spelling of null, for a number (`--max_steps None`)
+        # A mapping reaches the library untyped (`lr_scheduler_kwargs: {min_lr: 1e-3}`); a plain list's items are
+        # typed by the field (`1e-3` for a str key stays a str)
+        if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            value = values[key] = _numbers_inside(value)
         if isinstance(value, float) and value.is_integer() and action.type is int:
             value = int(value)  # `--max_steps 1e3`: YAML reads a float
-        if value is None:
-            continue  # YAML null: keep the field's default
+        if value is None:  # YAML null: the field's None (TRL's `max_length: None` = no truncation)
+            if not _allows_none(module.ARGUMENTS + (RunArguments,), key):
+                errors.append(f"key '{key}' cannot be null; give it a value or leave the key out for its default")
+            else:
+                nulls.append(key)
+            continue
         if key == "ddp_backend" and "WORLD_SIZE" not in os.environ:
             # a process-group backend outside any launch (`hfgen check`, a one-process run of a recipe made for a
             # DeepSpeed-on-CPU launch): accelerate would ask torch for a group no one made. Kept in recipe.yaml, and
@@ -283,7 +302,7 @@ def build_recipe(
         raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors).rstrip(".") + ".")
 
     try:
-        configs = parser.parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        configs = _parse_into_dataclasses(parser.parser, argv, nulls)
     except UserError as error:
         raise UserError(f"{where}: {error}") from None
     except (ValueError, TypeError, ImportError) as error:  # raised by the configs' __post_init__ checks
@@ -302,6 +321,33 @@ def build_recipe(
     if problems:
         raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems).rstrip(".") + ".")
     return recipe
+
+
+def _allows_none(dataclass_types, key: str) -> bool:
+    """Whether the field `key` may be None: typed Optional (`X | None`), or None by default."""
+    import types
+    import typing
+
+    for cls in dataclass_types:
+        for f in dataclasses.fields(cls):
+            if f.name == key and f.init:
+                hint = typing.get_type_hints(cls).get(key)
+                union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+                return f.default is None or (union and type(None) in typing.get_args(hint))
+    return False
+
+
+def _parse_into_dataclasses(parser, argv: list[str], nulls: list[str]) -> tuple:
+    """HfArgumentParser.parse_args_into_dataclasses, with the keys in `nulls` set to None before the configs are
+    built (argparse has no spelling of None for a typed value), so their __post_init__ checks see the None."""
+    namespace = parser.parse_args(args=argv)
+    for key in nulls:
+        setattr(namespace, key, None)
+    configs = []
+    for cls in parser.dataclass_types:
+        keys = {f.name for f in dataclasses.fields(cls) if f.init}
+        configs.append(cls(**{k: v for k, v in vars(namespace).items() if k in keys}))
+    return tuple(configs)
 
 
 # Numeric keys of any stage, by name (whichever config holds them): (minimum, maximum, minimum allowed itself).
