@@ -1,6 +1,7 @@
 """`hfgen merge`: the merged model computes what base+adapter computes, saved as a plain model with its tokenizer."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -96,3 +97,25 @@ def test_a_full_model_loads_from_inside_an_adapter_dir(base_and_adapter, monkeyp
     base, adapter = base_and_adapter
     monkeypatch.chdir(adapter)
     assert type(load_causal_lm(str(base), "float32")).__name__ == "LlamaForCausalLM"
+
+
+def test_merges_that_would_be_wrong_exit_2(base_and_adapter, tmp_path, capsys):
+    # An unfinished run (no COMPLETE: killed at its final save) gave a complete-looking merged dir; a LoRA on
+    # embed_tokens of a tied model merged into the shared weight (logits 0.17 off base+adapter's)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, adapter = base_and_adapter
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(adapter, unfinished)
+    (unfinished / "recipe.yaml").write_text("stage: sft\n")
+    code, message = merge(capsys, unfinished, "--output_dir", tmp_path / "out")
+    assert code == 2 and "unfinished hfgen run" in message and not (tmp_path / "out").exists()
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied, as SmolLM2's
+    config = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(tmp_path / "embeddings")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "embeddings")
+    code, message = merge(capsys, tmp_path / "embeddings", "--output_dir", tmp_path / "out")
+    assert code == 2 and "'model.embed_tokens'" in message and "tie_word_embeddings" in message

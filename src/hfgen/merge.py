@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> int:
     from hfgen import guard, tracking
     from hfgen.diffusion.components import lora_run_base
     from hfgen.errors import UserError
+    from hfgen.models import not_a_model_dir
 
     adapter, output_dir = Path(args.adapter), Path(args.output_dir)
     if output_dir.resolve() == adapter.resolve():
@@ -43,6 +44,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(
             f"--output_dir '{output_dir}' holds other files; give a new or empty dir (or an earlier merge's)."
         )
+    if problem := not_a_model_dir(adapter):  # a run killed before its final save holds a partial adapter, or none
+        raise UserError(f"'{adapter}' {problem}.")
     if pipeline_base := lora_run_base(adapter):
         save, base = fused_pipeline(adapter, args.dtype), pipeline_base["pretrained_model_name_or_path"]
     else:
@@ -66,7 +69,13 @@ def main(args: argparse.Namespace) -> int:
 def merged_causal_lm(adapter: Path, dtype: str):
     """(save(dir): the merged model and the adapter's tokenizer, the base's name) for a causal-LM adapter dir."""
     from hfgen.errors import UserError
-    from hfgen.models import adapter_base, check_model_source, load_causal_lm, load_tokenizer
+    from hfgen.models import (
+        adapter_base,
+        check_model_source,
+        load_causal_lm,
+        load_tokenizer,
+        refuse_tied_embedding_merge,
+    )
 
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
@@ -82,7 +91,9 @@ def merged_causal_lm(adapter: Path, dtype: str):
     problems = check_model_source("the adapter's base_model_name_or_path", base)
     if problems:
         raise UserError(f"{problems[0]} (from {config_path}).")
-    merged = load_causal_lm(str(adapter), dtype).merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
+    model = load_causal_lm(str(adapter), dtype)
+    refuse_tied_embedding_merge(model, f"'{adapter}'")
+    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
     tokenizer = load_tokenizer(str(adapter))
 
     def save(directory: Path) -> None:

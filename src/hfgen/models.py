@@ -341,11 +341,33 @@ def fit_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
-def merged(peft_model):
+def refuse_tied_embedding_merge(peft_model, where) -> None:
+    """A LoRA on the input (or output) embeddings of a model whose output layer shares their weight (tied, as in the
+    tiny model, SmolLM2, Qwen2.5) cannot be merged: unmerged it changes only the lookup (or only the logits), merged
+    into the shared weight it changes both, and the merged model computes something else (UserError)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.get_base_model()
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or inputs.weight is not outputs.weight:
+        return
+    for layer in (inputs, outputs):
+        if isinstance(layer, LoraLayer):
+            name = next(name for name, module in model.named_modules() if module is layer)
+            raise UserError(
+                f"{where}: the adapter trains '{name}', whose weight the model's input and output embeddings share "
+                "(tie_word_embeddings); merged, it would change both and the model would compute something else. "
+                "hfgen generate uses the adapter unmerged; to merge or train on from it, train the LoRA without the "
+                "embeddings in lora_target_modules"
+            )
+
+
+def merged(peft_model, where="the adapter"):
     """`peft_model.merge_and_unload()`, also on weights that ZeRO-3's `zero.Init` partitioned as they loaded (a
     process holds a slice: the merge gathers them, and the merged weights are partitioned again from rank 0's)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    refuse_tied_embedding_merge(peft_model, where)
     if not is_deepspeed_zero3_enabled():
         return peft_model.merge_and_unload()
     import deepspeed
@@ -373,7 +395,7 @@ def load_causal_lm(
         tokenizer = None
     try:
         if base is not None and adapter_base(base):  # trained on an earlier run's adapter (merged, as load_model does)
-            model = merged(load_causal_lm(base, dtype, trust_remote_code, attn_implementation))
+            model = merged(load_causal_lm(base, dtype, trust_remote_code, attn_implementation), f"'{base}'")
         else:
             model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
         if tokenizer is not None:
