@@ -124,9 +124,8 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
             model = load_causal_lm(
                 name, model_args.dtype, training_args.trust_remote_code, model_args.attn_implementation
             )
-            model = merged(model, f"model_name_or_path '{name}'").requires_grad_(
-                True
-            )  # peft froze the base; full fine-tuning trains it
+            # peft froze the base; full fine-tuning trains it
+            model = merged(model, f"model_name_or_path '{name}'").requires_grad_(True)
         # peft records the model's name as a new adapter's base: the adapter dir, whose weights are merged in here
         # (the merged base alone would load without them); load_causal_lm follows such chains.
         model.name_or_path = resolved(name)

@@ -331,7 +331,12 @@ def build_causal_lm_from_config(config_name: str, tokenizer, args: ModelArgument
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
-    return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    kwargs = {"trust_remote_code": args.trust_remote_code}
+    if args.dtype != "auto":  # auto: float32, as from_config builds it (there are no weights whose dtype to keep)
+        kwargs["dtype"] = torch_dtype(args.dtype)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 def fit_embeddings(model, tokenizer) -> None:

@@ -163,3 +163,33 @@ def test_continued_pretraining_and_generation_on_a_model_whose_tokenizer_has_no_
     assert tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
     assert AutoModelForCausalLM.from_pretrained(output_dir).get_input_embeddings().num_embeddings == len(tokenizer)
     assert (output_dir / "samples.jsonl").read_text().strip()
+
+
+@pytest.mark.slow
+def test_continued_from_a_lora_run_in_bfloat16_trains_float32_weights(tmp_path):
+    """An adapter dir as model_name_or_path crashed ("element 0 of tensors does not require grad": the base came
+    frozen under peft, unmerged); `dtype: bfloat16` trained and saved bfloat16 weights (updates lost to rounding),
+    and from scratch `dtype` was ignored without a word."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_models import save_tiny_llama
+
+    base = save_tiny_llama(tmp_path / "base")
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "adapter")
+    output_dir = tmp_path / "continued"
+    result = run_hfgen("train", PRETRAIN, "--config_name", "null", "--tokenizer_name", "null", "--model_name_or_path",
+                       tmp_path / "adapter", "--dtype", "bfloat16", "--output_dir", output_dir, "--max_steps", "2",
+                       *SHORT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the trained weights stay float32" in result.stdout
+    weights = load_file(output_dir / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert not (output_dir / "adapter_config.json").exists()
+
+    scratch = run_hfgen("train", PRETRAIN, "--dtype", "bfloat16", "--attn_implementation", "eager", "--output_dir",
+                        tmp_path / "scratch", "--max_steps", "2", *SHORT)  # fmt: skip
+    assert scratch.returncode == 0, scratch.stderr[-3000:]
+    assert "the trained weights stay float32" in scratch.stdout

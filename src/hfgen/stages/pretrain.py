@@ -106,12 +106,15 @@ def mean_loss(model, blocks, batch_size: int) -> float:
 def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> Path:
     from transformers import Trainer, set_seed
 
+    from hfgen.finetune import keep_float32_weights
     from hfgen.generate import generate_text
     from hfgen.models import (
+        adapter_base,
         build_causal_lm_from_config,
         fit_embeddings,
         load_causal_lm,
         load_tokenizer,
+        merged,
         position_limit,
         train_bpe_tokenizer,
     )
@@ -142,7 +145,12 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
             model_args.trust_remote_code,
             model_args.attn_implementation,
         )
+        if adapter_base(model_args.model_name_or_path):  # an earlier LoRA run: base+adapter, trained in full
+            model = merged(model, f"model_name_or_path '{model_args.model_name_or_path}'").requires_grad_(True)
         fit_embeddings(model, tokenizer)  # `tokenizer_name` may name another (or load_tokenizer added a pad token)
+    # dtype bfloat16/float16: float32 weights under mixed precision, as the other stages train (an AdamW update
+    # smaller than 1/256 of a weight is lost in bfloat16)
+    keep_float32_weights(model, training_args, lora=False)
     limit = position_limit(model.config)
     if limit and data_args.block_size > limit:
         raise UserError(
