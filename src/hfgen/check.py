@@ -82,6 +82,7 @@ def models_made_by_earlier_steps(values: dict) -> dict[str, str]:
 
 def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     """Print the data report and, `with_models`, the model-dependent checks; return the fatal findings."""
+    from hfgen.data.formats import REWARD_COLUMNS
     from hfgen.data.prepare import TextDataArguments, load_for_stage, summary_lines
 
     data_args = recipe.get(TextDataArguments)
@@ -93,8 +94,9 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         **dict.fromkeys(("ppo", *GROUP_RL), {"prompt": getattr(data_args, "prompt_column", "prompt")}),
     }.get(stage)
     train, _, records = load_for_stage(
-        data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults, other_columns=stage in GROUP_RL
-    )
+        data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults,
+        other_columns=True if stage in GROUP_RL else REWARD_COLUMNS if stage == "reward" else False,
+    )  # fmt: skip
     print("\n".join(summary_lines(records)))
     if not with_models:
         return []

@@ -175,3 +175,32 @@ def test_bad_preference_data_exits_2_naming_the_columns(tmp_path, capsys, rows, 
     assert exit_info.value.code == 2 and "Traceback" not in message
     for text in expected:
         assert text in message
+
+
+def test_a_margin_column_goes_into_the_loss_and_a_bad_one_exits_2(tmp_path, capsys):
+    # The margin column was dropped with the other columns outside the layout: RewardTrainer, which subtracts it from
+    # the reward difference in its loss, never saw it
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    model = save_tiny_llama(tmp_path / "model")
+    pairs = [{k: pair[k][0]["content"] for k in ("chosen", "rejected")} for pair in preference_pairs(40, seed=7)]
+    losses = []
+    for margin in (0.0, 5.0):
+        data = tmp_path / f"margin{margin}.jsonl"
+        data.write_text("".join(json.dumps({**pair, "margin": margin}) + "\n" for pair in pairs))
+        output_dir = tmp_path / f"out{margin}"
+        run_recipe(load_recipe(REWARD, [str(o) for o in on_tiny(model, output_dir, "--dataset_name", data,
+                                                                "--max_steps", "1")]))  # fmt: skip
+        losses.append(tracking.read_json(output_dir / "eval.json")["train_loss"])
+        assert "margin" in tracking.read_json(output_dir / "data.json")
+    assert losses[1] > losses[0] + 3  # -log sigmoid(d - 5) against -log sigmoid(d), d about 0 at the start
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        "".join(json.dumps({**pair, "margin": "high" if i == 2 else 1}) + "\n" for i, pair in enumerate(pairs))
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["check", str(REWARD), "--dataset_name", str(data), "--output_dir", str(tmp_path / "bad")])
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "row 3, column 'margin'" in message and "'high'" in message

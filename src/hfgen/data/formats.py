@@ -25,6 +25,7 @@ export rather than noise.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -507,19 +508,53 @@ def required_columns(fmt: str, kind: str) -> list[str]:
     return list(FORMATS[fmt].required)
 
 
-def check_rows(dataset, kind: str, format: str | None = None, columns: dict | None = None, source: str = "dataset"):
+def check_rows(
+    dataset, kind: str, format: str | None = None, columns: dict | None = None, source: str = "dataset",
+    other_columns: bool | tuple[str, ...] = False,
+):  # fmt: skip
     """The broken-file checks of `to_standard` alone, on a whole split as read: row numbers are the file's."""
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     needed = [c for c in required_columns(fmt, kind) if c in dataset.column_names]
-    check_required_values(dataset, needed, source, _blank_rows(dataset))
+    blank = _blank_rows(dataset)
+    check_required_values(dataset, needed, source, blank)
+    named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
+    for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
+        for row, (value, skip) in enumerate(zip(dataset[column], blank)):
+            if not skip:
+                _check_number(value, row, column, source)
+
+
+def _carried(dataset, fmt: str, other_columns: bool | tuple[str, ...]) -> set[str]:
+    """The columns outside the layout that travel with each row (see `to_standard`)."""
+    spec = FORMATS[fmt]
+    wanted = other_columns if isinstance(other_columns, tuple) else ()
+    return {
+        c for c in dataset.column_names
+        if c not in (*spec.required, *spec.optional) and (other_columns is True or c in wanted)
+    }  # fmt: skip
+
+
+# Columns outside a layout that a stage reads as numbers, refused by row when a value is not one: a reward
+# stage's `margin` (TRL's RewardTrainer subtracts it from the reward difference in its loss).
+REWARD_COLUMNS = ("margin",)
+NUMBER_COLUMNS = frozenset(REWARD_COLUMNS)
+
+
+def _check_number(value, row: int, column: str, source: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UserError(
+            f"dataset '{source}' row {row + 1}, column '{column}': {type(value).__name__} value {str(value)[:60]!r} "
+            "where a finite number belongs; fix the row, or rename the column if it is not a margin"
+        )
 
 
 def to_standard(
     dataset, kind: str, format: str | None = None, columns: dict[str, str] | None = None, source: str = "dataset",
-    other_columns: bool = False,
+    other_columns: bool | tuple[str, ...] = False,
 ):  # fmt: skip
     """(dataset in the kind's standard columns, DataReport). See the module docstring. `other_columns`: the file's
-    columns outside its layout travel with each row (GRPO's reward functions read them, e.g. a reference answer)."""
+    columns outside its layout travel with each row (GRPO's reward functions read them, e.g. a reference answer);
+    all of them (True) or those named (a reward stage's `margin`), those in NUMBER_COLUMNS checked as numbers."""
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     spec = FORMATS[fmt]
     report = DataReport(source=source, format=fmt, rows_read=len(dataset))
@@ -531,7 +566,7 @@ def to_standard(
         dataset = dataset.select([i for i, b in enumerate(blank) if not b])
 
     keep = [c for c in (*spec.required, *spec.optional) if c in dataset.column_names]
-    carried = [c for c in dataset.column_names if c not in keep] if other_columns else []
+    carried = [c for c in dataset.column_names if c in _carried(dataset, fmt, other_columns)]
     reasons: list[str | None] = []
 
     def convert(row, index):

@@ -47,12 +47,20 @@ class TextDataArguments(DataArguments):
 
 
 def _one_source(
-    args, kind: str, seed: int, name: str, fmt, columns: dict, notes: list[str], other_columns: bool, **split_keys
+    args,
+    kind: str,
+    seed: int,
+    name: str,
+    fmt,
+    columns: dict,
+    notes: list[str],
+    other_columns: bool | tuple[str, ...],
+    **split_keys,
 ):
     """(train, eval, train report, eval report) of one source."""
     raw = load_raw(name, split_keys.pop("config", None))
     for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
-        check_rows(split, kind, fmt, columns, source=name)
+        check_rows(split, kind, fmt, columns, source=name, other_columns=other_columns)
     source_args = dataclasses.replace(args, dataset_name=name, **{k: v for k, v in split_keys.items() if v})
     train, evaluation = split_dataset(raw, source_args, seed, notes, kind)
     train, train_report = to_standard(train, kind, fmt, columns, source=name, other_columns=other_columns)
@@ -64,7 +72,11 @@ def _one_source(
 
 
 def load_for_stage(
-    args, kind: str, seed: int = 0, default_columns: dict[str, str] | None = None, other_columns: bool = False
+    args,
+    kind: str,
+    seed: int = 0,
+    default_columns: dict[str, str] | None = None,
+    other_columns: bool | tuple[str, ...] = False,
 ):
     """(train, eval, records): the stage's data in the standard columns of `kind` (and, with `other_columns`, the
     file's columns outside its layout); records say which layout, split and rows were used, which were dropped and
@@ -94,8 +106,8 @@ def load_for_stage(
         trains.append(train)
         evals.append(evaluation)
         reports.append((train_report, eval_report))
-    trains = harmonise(trains, kind, seed, common_columns_only=other_columns)
-    evals = harmonise(evals, kind, seed, common_columns_only=other_columns)
+    trains = harmonise(trains, kind, seed, common_columns_only=bool(other_columns))
+    evals = harmonise(evals, kind, seed, common_columns_only=bool(other_columns))
     names = [f"{i + 1}:{entry.name}" for i, entry in enumerate(args.mixture)]
     mixed, drawn = interleave(trains, [e.weight for e in args.mixture], seed, names)
     records = {
@@ -153,7 +165,7 @@ def data_source(args) -> str:
 
 
 def check_text_data(
-    args, kind: str, default_columns: dict[str, str] | None = None, other_columns: bool = False
+    args, kind: str, default_columns: dict[str, str] | None = None, other_columns: bool | tuple[str, ...] = False
 ) -> tuple[tuple | None, list[str]]:
     """For a stage's check: ((train, eval, records), []) or (None, [the problem]); quiet."""
     from hfgen.data.loading import load_splits_for_check

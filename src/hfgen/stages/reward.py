@@ -22,6 +22,7 @@ from pathlib import Path
 from trl import ModelConfig, RewardConfig
 
 from hfgen import guard, loop, tracking
+from hfgen.data.formats import REWARD_COLUMNS
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
@@ -36,7 +37,7 @@ MAX_DROPPED_FOR_LENGTH = 0.5  # more pairs than this over max_length: the limit 
 
 def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code)
-    loaded, data_problems = check_text_data(data_args, "preference")
+    loaded, data_problems = check_text_data(data_args, "preference", other_columns=REWARD_COLUMNS)
     problems += data_problems
     if loaded and not problems:  # pairs over max_length, found here rather than once the model has loaded
         from hfgen.data.loading import ROWS_CHECKED
@@ -139,7 +140,13 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     model = load_model(model_args, training_args, tokenizer, sequence_classifier=True)
 
     # Data: any preference layout, as prompt+chosen and prompt+rejected token ids; pairs over max_length dropped.
-    train_rows, eval_rows, data_records = load_for_stage(data_args, "preference", seed=training_args.seed)
+    train_rows, eval_rows, data_records = load_for_stage(
+        data_args, "preference", seed=training_args.seed, other_columns=REWARD_COLUMNS
+    )
+    if "margin" in train_rows.column_names:
+        data_records["margin"] = (
+            "column 'margin' used in the loss: -log sigmoid(r(chosen) - r(rejected) - margin) (TRL's RewardTrainer)"
+        )
     conversational = isinstance(train_rows[0]["chosen"], list)
     if uses_plain_template(tokenizer, conversational):
         data_records["rendering"] = "plain template ('User: ...', 'Assistant: ...'): the tokenizer has no chat template"
