@@ -109,7 +109,7 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     if stage != "sft":
         print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
         return []
-    from hfgen.stages.sft import tokenizer_for
+    from hfgen.finetune import tokenizer_for
 
     lines, fatal = check_sft_rendering(train, tokenizer_for(recipe.configs[0], training_args), training_args)
     print("\n".join(lines))

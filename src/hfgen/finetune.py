@@ -101,6 +101,47 @@ def resolved(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def tokenizer_for(model_args, training_args):
+    """The tokenizer as TRL's SFTTrainer and RewardTrainer render with: the recipe's `eos_token`, then with
+    `chat_template_path` that template (a .jinja file, or the template, added tokens and EOS of a tokenizer, as TRL's
+    `clone_chat_template` copies them) in place of the model's own, so the checks, the pre-tokenized rows and the
+    held-out responses see what training sees. The trainer applies the same again in its constructor (and, from a
+    tokenizer, grows the model for its tokens)."""
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    if training_args.eos_token:
+        if training_args.eos_token not in tokenizer.get_vocab():  # TRL's ValueError, once the model has loaded
+            raise UserError(
+                f"eos_token '{training_args.eos_token}' is not a token of the tokenizer of "
+                f"'{model_args.model_name_or_path}'; name one of its tokens (its EOS is '{tokenizer.eos_token}')"
+            )
+        tokenizer.eos_token = training_args.eos_token
+    path = training_args.chat_template_path
+    if not path:
+        return tokenizer
+    if path.endswith((".jinja", ".j2")):
+        if not Path(path).is_file():
+            raise UserError(f"chat_template_path '{path}' does not exist (a .jinja template file)")
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    if problems := check_model_source("chat_template_path", path):  # an uncached hub id offline, a missing dir
+        raise UserError(problems[0] + " (a .jinja file, or a tokenizer dir or hub id whose template is copied)")
+    try:
+        source = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"chat_template_path '{path}': no tokenizer loads from it ({str(error).strip().splitlines()[0]}); give "
+            "a .jinja template file, or a tokenizer dir or hub id whose template is copied"
+        ) from None
+    tokenizer.chat_template = source.get_chat_template()
+    tokenizer.add_tokens([t for t in source.added_tokens_decoder.values() if t.content not in tokenizer.vocab])
+    tokenizer.eos_token = source.eos_token
+    return tokenizer
+
+
 def load_model(model_args, training_args, tokenizer, sequence_classifier: bool = False):
     """The model to fine-tune, before any LoRA wrapping: a causal LM, or (`sequence_classifier`) a one-label
     `AutoModelForSequenceClassification` whose new `score` head reads the last non-pad token.

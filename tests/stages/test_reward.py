@@ -204,3 +204,31 @@ def test_a_margin_column_goes_into_the_loss_and_a_bad_one_exits_2(tmp_path, caps
         hfgen_main(["check", str(REWARD), "--dataset_name", str(data), "--output_dir", str(tmp_path / "bad")])
     message = capsys.readouterr().err
     assert exit_info.value.code == 2 and "row 3, column 'margin'" in message and "'high'" in message
+
+
+def test_chat_template_path_is_what_the_pairs_are_rendered_with(tmp_path):
+    # The pairs were tokenized with the model's own template, RewardTrainer then applied chat_template_path, and the
+    # run saved that template: the saved model scored held-out pairs differently from what eval.json reports
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hfgen.data.prepare import load_for_stage
+    from hfgen.recipe import load_recipe
+    from hfgen.stages.reward import pairwise_eval, tokenized_pairs
+    from hfgen.train import run_recipe
+
+    model = save_tiny_llama(tmp_path / "model")
+    template = tmp_path / "other.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] | upper }} >> {{ m['content'] }}\n{% endfor %}")
+    data = pairs_file(tmp_path / "pairs.jsonl", explicit_prompt=False)
+    output_dir = tmp_path / "out"
+    overrides = on_tiny(model, output_dir, "--dataset_name", data, "--max_steps", "2", "--chat_template_path", template)
+    run_recipe(load_recipe(REWARD, [str(o) for o in overrides]))
+
+    recipe = load_recipe(output_dir / "recipe.yaml", check_inputs=False)
+    _, evaluation, _ = load_for_stage(recipe.configs[1], "preference", seed=recipe.configs[2].seed)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.chat_template == template.read_text()
+    pairs = tokenized_pairs(evaluation, tokenizer, None, {}, "eval")
+    saved = pairwise_eval(AutoModelForSequenceClassification.from_pretrained(output_dir), tokenizer,
+                          list(zip(pairs["chosen_ids"], pairs["rejected_ids"])), 8)  # fmt: skip
+    assert saved["margin"] == pytest.approx(tracking.read_json(output_dir / "eval.json")["margin"], abs=1e-5)

@@ -310,11 +310,11 @@ def test_missing_pretrain_output_says_which_recipe_to_run_first(tmp_path, capsys
     assert code == 2 and "outputs/tiny/pretrain" in message and "hfgen train recipes/tiny/pretrain.yaml" in message
 
 
-def test_a_recipe_trl_rejects_when_it_builds_the_trainer_exits_2_with_trls_reason(tiny_lm, tmp_path, capsys):
-    """Some recipe values only TRL's trainer constructor can judge (here an EOS token the tokenizer lacks): the run
-    exits 2 naming the trainer and TRL's reason (the key and value), not a traceback, and leaves no COMPLETE."""
+def test_an_eos_token_the_tokenizer_lacks_exits_2_before_the_model_loads(tiny_lm, tmp_path, capsys):
+    """TRL's trainer constructor refused it once the model had loaded; the recipe check names it now (the check
+    applies the recipe's eos_token to the tokenizer it renders with)."""
     code, message = train_exit_code(capsys, SFT_LORA, *on_tiny(tiny_lm, tmp_path, "--eos_token", "<no-such-token>"))
-    assert code == 2 and "SFTTrainer rejected the recipe" in message and "'<no-such-token>'" in message
+    assert code == 2 and "eos_token '<no-such-token>' is not a token of the tokenizer" in message
     assert not (tmp_path / "COMPLETE").exists()
 
 

@@ -26,7 +26,14 @@ from hfgen.data.formats import REWARD_COLUMNS
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
-from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model, lora_config
+from hfgen.finetune import (
+    build_trainer,
+    check_model_config,
+    count_trained_tokens,
+    load_model,
+    lora_config,
+    tokenizer_for,
+)
 
 # TRL's ModelConfig (LoRA/QLoRA keys under TRL's names) rather than hfgen's ModelArguments, which shares three of
 # its fields; none of these three dataclasses share a field, so every key has one meaning. trust_remote_code is
@@ -41,9 +48,11 @@ def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: 
     problems += data_problems
     if loaded and not problems:  # pairs over max_length, found here rather than once the model has loaded
         from hfgen.data.loading import ROWS_CHECKED
-        from hfgen.models import load_tokenizer
 
-        tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+        try:
+            tokenizer = tokenizer_for(model_args, training_args)  # the recipe's eos_token and chat template
+        except UserError as error:
+            return [*problems, str(error)]
         for rows, split in zip(loaded[:2], ("train", "eval")):
             try:
                 tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, training_args.max_length,
@@ -130,13 +139,15 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     from transformers import set_seed
     from trl import RewardTrainer
 
-    from hfgen.models import count_parameters, load_tokenizer
+    from hfgen.models import count_parameters
 
     set_seed(training_args.seed)  # the new score head is drawn at random
     output_dir = Path(training_args.output_dir)
 
     # Model: a one-label sequence classifier on the starting model's backbone.
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    # With the recipe's eos_token and chat_template_path applied here, before the pairs are tokenized (RewardTrainer
+    # applies them in its constructor, after: the pairs were rendered with the model's own template and EOS)
+    tokenizer = tokenizer_for(model_args, training_args)
     model = load_model(model_args, training_args, tokenizer, sequence_classifier=True)
 
     # Data: any preference layout, as prompt+chosen and prompt+rejected token ids; pairs over max_length dropped.

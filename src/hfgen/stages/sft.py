@@ -31,7 +31,14 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
 from hfgen.errors import UserError
-from hfgen.finetune import build_trainer, check_model_config, count_trained_tokens, load_model, lora_config
+from hfgen.finetune import (
+    build_trainer,
+    check_model_config,
+    count_trained_tokens,
+    load_model,
+    lora_config,
+    tokenizer_for,
+)
 
 
 @dataclass
@@ -64,7 +71,12 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
         if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
             from hfgen.check import check_sft_rendering
 
-            problems += check_sft_rendering(loaded[0], tokenizer_for(model_args, training_args), training_args)[1]
+            try:
+                tokenizer = tokenizer_for(model_args, training_args)
+            except UserError as error:
+                problems.append(str(error))
+            else:
+                problems += check_sft_rendering(loaded[0], tokenizer, training_args)[1]
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
@@ -84,29 +96,6 @@ def completion_loss_instead(rows, training_args: SFTConfig) -> str | None:
         "assistant_only_loss: the data is prompt/completion text, not chat turns: the loss is on the completions "
         "(completion_only_loss), as assistant_only_loss asks"
     )
-
-
-def tokenizer_for(model_args, training_args: SFTConfig):
-    """The tokenizer as SFTTrainer renders with: with `chat_template_path`, that template (a .jinja file, or the
-    template, added tokens and EOS of a tokenizer, as TRL's `clone_chat_template` copies them) in place of the
-    model's own, so the checks, the fully-masked rows and the held-out responses see what training sees. SFTTrainer
-    applies the same again in its constructor (and, from a tokenizer, grows the model for its tokens)."""
-    from hfgen.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
-    path = training_args.chat_template_path
-    if not path:
-        return tokenizer
-    if Path(path).is_file() and path.endswith((".jinja", ".j2")):
-        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    source = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
-    tokenizer.chat_template = source.get_chat_template()
-    tokenizer.add_tokens([t for t in source.added_tokens_decoder.values() if t.content not in tokenizer.vocab])
-    tokenizer.eos_token = source.eos_token
-    return tokenizer
 
 
 # ---- packing without varlen attention kernels ----------------------------------------------------------
