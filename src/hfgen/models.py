@@ -309,6 +309,34 @@ def base_model_of(path: str | Path) -> str:
     return path
 
 
+def not_a_causal_lm(key: str, name: str | None, trust_remote_code: bool = False) -> list[str]:
+    """A model (or an adapter's base) whose config names no causal-LM class: an encoder such as BERT (no EOS, no
+    generation; transformers would bolt a decoder head onto it) or a sequence classifier, as a problem. Best effort:
+    a config that cannot be read here is left to the loading."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not name or name.startswith("embedded:"):
+        return []
+    try:
+        config = AutoConfig.from_pretrained(base_model_of(name), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 (the loading says what is wrong with it)
+        return []
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return []
+    architectures = getattr(config, "architectures", None) or []
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not architectures or any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    ):
+        return []
+    what = ", ".join(architectures) or config.model_type
+    return [
+        f"{key} '{name}' is a {what} model, not a causal language model (no ...ForCausalLM architecture): this "
+        "stage trains a text generator; give a causal LM (e.g. a Llama, Qwen, SmolLM2 or GPT-2 checkpoint)"
+    ]
+
+
 def torch_dtype(name: str):
     import torch
 

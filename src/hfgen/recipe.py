@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,9 @@ from hfgen.errors import UserError
 from hfgen.stages import STAGES, load_stage
 
 STAGE_KEY = "stage"
+# Keys transformers/TRL renamed: the old name in a recipe points to the new one (difflib would suggest
+# `torch_compile` for `torch_dtype`)
+RENAMED = {"torch_dtype": "dtype", "evaluation_strategy": "eval_strategy"}
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -263,7 +267,10 @@ def build_recipe(
     for key, value in values.items():
         action = parser.actions.get(key)
         if action is None:
-            errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
+            if RENAMED.get(key) in parser.actions:  # a spelling from older recipes, closer to another key's letters
+                errors.append(f"unknown key '{key}' for stage '{stage}': it is now '{RENAMED[key]}'")
+            else:
+                errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
             continue
         if isinstance(value, str) and value in ("None", "none") and action.type in (int, float):
             value = None  # Python's spelling of null, for a number (`--max_steps None`)
@@ -314,6 +321,8 @@ def build_recipe(
     *configs, run = configs
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
     problems = value_problems((*recipe.configs, run))
+    if check_inputs:
+        problems += installed_problems((*recipe.configs, run))
     if check_inputs and not recipe_output_dir(values):
         problems.append("no output_dir: add `output_dir: PATH` to the recipe or give `--output_dir PATH`")
     if check_inputs and hasattr(module, "check"):
@@ -409,6 +418,54 @@ def value_problems(configs) -> list[str]:
     return problems
 
 
+# attn_implementation values a model loads with, and what each needs here (transformers checks when it loads)
+_ATTENTION_NEEDS = {
+    "flash_attention_2": ("is_flash_attn_2_available", "the flash-attn package and a CUDA GPU"),
+    "flash_attention_3": ("is_flash_attn_3_available", "flash-attn 3 (flash_attn_interface) and a Hopper GPU"),
+    "flash_attention_4": ("is_flash_attn_4_available", "flash-attn 4 and a recent NVIDIA GPU"),
+    "flex_attention": ("is_torch_flex_attn_available", "a torch with flex attention"),
+}
+
+
+def installed_problems(configs) -> list[str]:
+    """Keys that need a package (or hardware) this machine lacks, said before any model loads; checked where the
+    recipe is to run (not when a finished run's recipe is read back)."""
+    problems = []
+    for config in configs:
+        problems += attention_problems(getattr(config, "attn_implementation", None))
+        if getattr(config, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
+            problems.append(
+                "key 'use_liger_kernel': true needs the liger-kernel package, which is not installed here "
+                "(pip install liger-kernel); or set use_liger_kernel: false"
+            )
+    return problems
+
+
+def attention_problems(name: str | None) -> list[str]:
+    """`attn_implementation` names a kernel transformers knows (or a hub kernel, `org/repo`, with the kernels
+    package), whose package is installed: otherwise the run stops with a traceback once the model is built."""
+    import transformers.utils
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not name:
+        return []
+    if "/" in name:  # a kernel from the hub (transformers' `kernels` integration)
+        if transformers.utils.is_kernels_available():
+            return []
+        return [
+            f"key 'attn_implementation': '{name}' is a hub kernel, which needs the kernels package (pip install kernels)"
+        ]
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known:
+        return [
+            f"key 'attn_implementation': '{name}' is not an attention kernel{_suggest(name, known)}; choose from {', '.join(known)}"
+        ]
+    check, needs = _ATTENTION_NEEDS.get(name.removeprefix("paged|"), (None, None))
+    if check and not getattr(transformers.utils, check)():
+        return [f"key 'attn_implementation': {name} needs {needs}, not available here; use sdpa (or eager)"]
+    return []
+
+
 def tracker_problems(report_to) -> list[str]:
     """`report_to` names trackers that exist (transformers' integrations, or accelerate's for the accelerate-loop
     stages) and are installed: otherwise the run would stop with a traceback once the model is built."""
@@ -416,8 +473,6 @@ def tracker_problems(report_to) -> list[str]:
     names = [name for name in names if name not in ("none", "all")]
     if not names:
         return []
-    import importlib.util
-
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 

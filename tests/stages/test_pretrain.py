@@ -193,3 +193,16 @@ def test_continued_from_a_lora_run_in_bfloat16_trains_float32_weights(tmp_path):
                         tmp_path / "scratch", "--max_steps", "2", *SHORT)  # fmt: skip
     assert scratch.returncode == 0, scratch.stderr[-3000:]
     assert "the trained weights stay float32" in scratch.stdout
+
+
+def test_a_block_no_batch_of_documents_fills_says_how_many_tokens_there_are(tmp_path, capsys):
+    # The message said the text was shorter than one block, of a corpus with far more tokens than block_size:
+    # blocks are cut within each batch of 1000 documents
+    from hfgen.cli import main as hfgen_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", str(PRETRAIN), "--output_dir", str(tmp_path / "out"), "--block_size", "50000",
+                    "--max_train_samples", "3000", "--max_eval_samples", "40"])  # fmt: skip
+    message = capsys.readouterr().err
+    tokens = int(re.search(r"the training text .* it has (\d+) tokens in 3000 documents", message).group(1))
+    assert exit_info.value.code == 2 and tokens > 50000 and "each batch of 1000 documents" in message

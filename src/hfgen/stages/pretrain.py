@@ -20,9 +20,10 @@ from transformers import TrainingArguments
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
-from hfgen.models import ModelArguments, check_config_file, check_model_source
+from hfgen.models import ModelArguments, check_config_file, check_model_source, not_a_causal_lm
 
 SAMPLE_PROMPTS = ("the cat", "a happy", "the red car", "the river")
+PACK_BATCH = 1000  # documents tokenized and cut into blocks together
 
 
 @dataclass
@@ -57,7 +58,10 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
         )
     if data_args.train_tokenizer and data_args.vocab_size < 300:
         problems.append(f"vocab_size must be at least 300 (256 bytes + special tokens), got {data_args.vocab_size}")
-    problems += check_model_source("model_name_or_path", model_args.model_name_or_path)
+    source_problems = check_model_source("model_name_or_path", model_args.model_name_or_path)
+    problems += source_problems or not_a_causal_lm(
+        "model_name_or_path", model_args.model_name_or_path, model_args.trust_remote_code
+    )
     problems += check_config_file("config_name", model_args.config_name, transformers_config=True)
     problems += check_model_source("tokenizer_name", model_args.tokenizer_name)
     if data_args.block_size < 2:
@@ -77,7 +81,7 @@ def pack(dataset, tokenizer, text_column: str, block_size: int):
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
     return dataset.map(
-        tokenize_and_chunk, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc="packing"
+        tokenize_and_chunk, batched=True, batch_size=PACK_BATCH, remove_columns=dataset.column_names, desc="packing"
     )
 
 
@@ -161,11 +165,16 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     with training_args.main_process_first(desc="packing"):
         train_blocks = pack(train_text, tokenizer, "text", data_args.block_size)
         eval_blocks = pack(eval_text, tokenizer, "text", data_args.block_size)
-    for split, blocks in (("training", train_blocks), ("evaluation", eval_blocks)):
+    for split, blocks, text in (("training", train_blocks, train_text), ("evaluation", eval_blocks, eval_text)):
         if len(blocks) == 0:
+            # Blocks are cut within each batch of PACK_BATCH documents (each batch's remainder is dropped), so a
+            # text of many short documents can hold many blocks' worth of tokens and still give none
+            tokens = sum(len(ids) + 1 for ids in tokenizer(list(text["text"]))["input_ids"])
             raise UserError(
-                f"the {split} text of '{data_args.dataset_name or 'the mixture'}' is shorter than one block of "
-                f"block_size={data_args.block_size} tokens; lower block_size or give more text"
+                f"the {split} text of '{data_args.dataset_name or 'the mixture'}' gives no block of "
+                f"block_size={data_args.block_size} tokens: it has {tokens} tokens in {len(text)} documents, and "
+                f"blocks are cut within each batch of {PACK_BATCH} documents (the remainder of each is dropped), "
+                f"none of which reaches {data_args.block_size} tokens; lower block_size or give more (or longer) text"
             )
 
     trainer = Trainer(

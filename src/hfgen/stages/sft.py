@@ -39,6 +39,7 @@ from hfgen.finetune import (
     lora_config,
     tokenizer_for,
 )
+from hfgen.models import not_a_causal_lm
 
 
 @dataclass
@@ -56,7 +57,15 @@ ARGUMENTS = (ModelConfig, SFTDataArguments, SFTConfig)
 
 
 def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> list[str]:
-    problems = check_model_config(model_args, training_args.trust_remote_code)
+    # An encoder first: the LoRA target check would build it as a causal LM (transformers bolts a decoder head on)
+    problems = not_a_causal_lm(
+        "model_name_or_path", model_args.model_name_or_path, training_args.trust_remote_code
+    ) or check_model_config(model_args, training_args.trust_remote_code)
+    if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
+        problems.append(  # SFTTrainer's refusal, once the model had loaded
+            f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
+            "it): set packing: true, or max_length: null to train rows at their full length"
+        )
     loaded, data_problems = check_text_data(data_args, "sft", {"text": training_args.dataset_text_field})
     problems += data_problems
     if loaded:
