@@ -381,3 +381,36 @@ def test_full_fine_tuning_from_a_lora_run_trains_every_weight(lora_run_on_padles
     trained = load_file(tmp_path / "full/model.safetensors")
     moved = [name for name, tensor in trained.items() if not torch.equal(tensor, start[name])]
     assert len(moved) == len(trained), sorted(set(trained) - set(moved))
+
+
+def test_lora_takes_a_chat_template_from_a_tokenizer_dir(tmp_path, capsys):
+    """A base without a chat template and chat_template_path naming a tokenizer dir: TRL's clone_chat_template padded
+    the vocabulary with dummy tokens and trained them beside LoRA (trainable tokens on lm_head in modules_to_save),
+    and the first forward pass died ("TrainableTokensLayer wraps an unknown layer type"). The template and EOS apply,
+    LoRA trains; a tokenizer bringing tokens the model lacks exits 2 at the check."""
+    from transformers import AutoTokenizer
+
+    from tiny_models import save_tiny_llama
+
+    with_template = save_tiny_llama(tmp_path / "with_template")
+    base = tmp_path / "base"
+    shutil.copytree(with_template, base)
+    (base / "chat_template.jinja").unlink()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    assert not tokenizer.chat_template
+    output_dir = tmp_path / "out"
+    run_recipe(load_recipe(SFT_LORA, [str(a) for a in on_tiny(base, output_dir, "--chat_template_path", with_template,
+                                                               "--max_steps", "2", "--num_samples", "1")]))  # fmt: skip
+    saved = AutoTokenizer.from_pretrained(output_dir)
+    assert saved.chat_template == AutoTokenizer.from_pretrained(with_template).chat_template
+    assert tracking.is_complete(output_dir)
+
+    more_tokens = tmp_path / "more_tokens"
+    source = AutoTokenizer.from_pretrained(with_template)
+    source.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    source.save_pretrained(more_tokens)
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["check", str(SFT_LORA), *map(str, on_tiny(base, tmp_path / "refused", "--chat_template_path",
+                                                              more_tokens))])  # fmt: skip
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "brings 1 token(s) the model's tokenizer lacks (<|tool|>)" in message

@@ -86,9 +86,31 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
                 problems.append(str(error))
             else:
                 problems += check_sft_rendering(loaded[0], tokenizer, training_args)[1]
+                problems += new_template_tokens_problems(model_args, training_args, tokenizer)
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
     return problems
+
+
+def new_template_tokens_problems(model_args, training_args: SFTConfig, tokenizer) -> list[str]:
+    """LoRA with `chat_template_path` naming a tokenizer whose special tokens the model's lacks: TRL would train the
+    new tokens' embedding rows (peft's trainable_token_indices) and lm_head in full (modules_to_save), and peft cannot
+    run the two on one layer (a ValueError, "TrainableTokensLayer wraps an unknown layer type", at the first forward
+    pass, after the model has loaded); frozen under LoRA, their rows would stay random."""
+    from hfgen.models import load_tokenizer
+
+    if not model_args.use_peft or not training_args.chat_template_path:
+        return []
+    own = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
+    new = sorted(set(tokenizer.get_vocab()) - set(own.get_vocab()))
+    if not new:
+        return []
+    return [
+        f"chat_template_path '{training_args.chat_template_path}' brings {len(new)} token(s) the model's tokenizer "
+        f"lacks ({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}), which TRL trains beside LoRA in a way peft "
+        "cannot run (lm_head in full and the new embedding rows): train without LoRA (use_peft: false) to learn the "
+        "new tokens, or give a .jinja template written with tokens the tokenizer has"
+    ]
 
 
 def completion_loss_instead(rows, training_args: SFTConfig) -> str | None:
@@ -302,6 +324,15 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     # Model and tokenizer. LoRA wrapping (peft_config) is SFTTrainer's; QLoRA's 4-bit base is loaded here.
     tokenizer = tokenizer_for(model_args, training_args)
     model = load_model(model_args, training_args, tokenizer)
+    template = training_args.chat_template_path
+    if model_args.use_peft and template and not template.endswith((".jinja", ".j2")):
+        # A tokenizer's template and EOS are on `tokenizer` already (its new tokens were refused by the check). TRL's
+        # clone_chat_template would also pad the vocabulary to a multiple of 64 with dummy tokens and train them
+        # beside LoRA (trainable_token_indices, lm_head in modules_to_save), which peft cannot run: a ValueError
+        # ("TrainableTokensLayer wraps an unknown layer type") at the first forward pass.
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        training_args.chat_template_path = None
 
     # Data: SFTTrainer renders conversations with the chat template, tokenizes, builds the loss masks, packs.
     # Data: any SFT layout, as TRL's text, prompt/completion or messages columns.
