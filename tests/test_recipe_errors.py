@@ -225,3 +225,17 @@ def test_the_check_renders_with_the_recipes_eos_token(tmp_path, capsys):
         hfgen_main(["check", *recipe])
     assert "EOS ('<|system|>') is inside no row's labels" in capsys.readouterr().err
     assert hfgen_main(["check", *recipe, "--eos_token", "<|end|>"]) in (0, None)
+
+
+def test_gradient_checkpointing_against_activation_checkpointing_exits_2(tmp_path, capsys):
+    # The shipped TRL-stage recipes set activation_checkpointing: false, and transformers reads its deprecated alias
+    # gradient_checkpointing only when the new name is unset: `--gradient_checkpointing true` was ignored
+    from transformers import TrainingArguments
+
+    from hfgen.recipe import load_recipe
+
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    code, err = run_inprocess(capsys, sft, "--gradient_checkpointing", "true", "--output_dir", tmp_path)
+    assert code == 2 and "keys 'gradient_checkpointing' (true) and 'activation_checkpointing' (false) disagree" in err
+    agreeing = load_recipe(sft, ["--gradient_checkpointing", "false"], check_inputs=False)
+    assert agreeing.get(TrainingArguments).activation_checkpointing is False

@@ -305,6 +305,7 @@ def build_recipe(
             errors.append(f"key '{key}': {problem}")
             continue
         argv += [f"--{key}", *tokens]
+    errors += _alias_conflicts(values, parser.actions)
     if errors:
         raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors).rstrip(".") + ".")
 
@@ -330,6 +331,33 @@ def build_recipe(
     if problems:
         raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems).rstrip(".") + ".")
     return recipe
+
+
+# transformers' deprecated names, read only when the new name is unset: the shipped TRL-stage recipes set
+# activation_checkpointing, so a `gradient_checkpointing: true` beside it was ignored without a word
+ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _alias_conflicts(values: dict[str, Any], actions: dict) -> list[str]:
+    """A key and its deprecated alias both set, to different values: which one wins is transformers' rule (the new
+    name), which the recipe does not show."""
+    from transformers.hf_argparser import string_to_bool
+
+    def normal(value):
+        return string_to_bool(str(value)) if isinstance(value, (bool, str)) else value
+
+    problems = []
+    for old, new in ALIASES.items():
+        if old in actions and new in actions and values.get(old) is not None and values.get(new) is not None:
+            if normal(values[old]) != normal(values[new]):
+                problems.append(
+                    f"keys '{old}' ({' '.join(_to_argv_tokens(values[old]))}) and '{new}' ({' '.join(_to_argv_tokens(values[new]))}) disagree: {old} is transformers' "
+                    f"old name of {new}, read only when {new} is unset; set {new} alone"
+                )
+    return problems
 
 
 def _allows_none(dataclass_types, key: str) -> bool:
