@@ -17,6 +17,13 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 # 2-core machine) slow down 10-30x when threads outnumber cores. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# transformers creates its log handler on first use, on the sys.stderr of that moment: created inside a test that
+# captures output (capsys), it would keep writing to that test's closed stream, and every later test's stderr would
+# hold a "--- Logging error --- Traceback". Created here, on the real stderr.
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+transformers_logging.get_logger("transformers")
+
 # fixtures shared by the diffusion stage tests (configs, vae_dir)
 pytest_plugins = ["diffusion_fixtures"]
 
