@@ -60,3 +60,19 @@ def vae_dir(configs, tmp_path_factory):
     result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, output_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
+
+
+def with_reference_lora(denoiser, run_dir, prefix: str, rank: int, alpha: int, target_modules: list[str]):
+    """`denoiser` with the run's adapter weights put in by peft at the recipe's rank and alpha (scale alpha / rank):
+    what `load_lora_weights` must reproduce from the saved file alone."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(run_dir / "pytorch_lora_weights.safetensors")
+    state = {key.removeprefix(f"{prefix}."): value for key, value in saved.items() if key.startswith(f"{prefix}.")}
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules))
+    result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state))
+    assert state and not result.unexpected_keys
+    return denoiser

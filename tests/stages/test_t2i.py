@@ -16,6 +16,7 @@ from diffusion_fixtures import (
     SMALL_DATA,
     T2I_RECIPE,
     t2i_overrides,
+    with_reference_lora,
 )  # fmt: skip
 from hfgen import tracking
 from hfgen.recipe import load_recipe
@@ -86,8 +87,11 @@ def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
 def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run, tmp_path):
     from diffusers import DiffusionPipeline
 
+    from hfgen.stages.t2i import UNET_LORA_MODULES
+
+    # lora_alpha != lora_rank: the saved file must carry the scale alpha / rank (load_lora_weights' default is 1)
     result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
-                       "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate", "1e-2",
+                       "--lora_rank", "4", "--lora_alpha", "16", "--max_train_steps", "3", "--checkpointing_steps", "3", "--learning_rate", "1e-2",
                        "--eval_images_per_prompt", "0", "--num_validation_images", "1", "--num_inference_steps", "2",
                        *SMALL_DATA)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,6 +122,12 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     pipeline.disable_lora()
     assert not torch.allclose(torch.from_numpy(with_lora), torch.from_numpy(before))
     assert torch.equal(torch.from_numpy(render()), torch.from_numpy(before))
+    reference = DiffusionPipeline.from_pretrained(scratch_run)
+    reference.set_progress_bar_config(disable=True)
+    with_reference_lora(reference.unet, tmp_path, "unet", 4, 16, UNET_LORA_MODULES)
+    generator = torch.Generator().manual_seed(0)
+    at_alpha = reference("a handwritten digit 3", num_inference_steps=2, generator=generator, output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(with_lora), torch.from_numpy(at_alpha), atol=1e-5, rtol=1e-5)
 
     # `hfgen merge` fuses the adapters into a plain pipeline dir that renders what base + adapters render; the LoRA
     # run itself is refused as a starting pipeline (its adapters would be lost), pointing at the merge.

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, run_hfgen
-from diffusion_fixtures import SMALL_DATA
+from diffusion_fixtures import SMALL_DATA, with_reference_lora
 from hfgen import tracking
 
 VAE16_RECIPE = REPO / "recipes/tiny/vae_digits16.yaml"
@@ -106,7 +106,11 @@ def test_run_records_metrics_checkpoints_grids_and_eval(flow_run):
 def test_lora_loads_with_load_lora_weights_changes_samples_and_resumes_exactly(flow_run, tmp_path):
     from diffusers import DiffusionPipeline
 
+    from hfgen.stages.t2i_flow import TRANSFORMER_LORA_MODULES
+
+    # lora_alpha != lora_rank: the saved file must carry the scale alpha / rank (load_lora_weights' default is 1)
     common = ["--pretrained_model_name_or_path", flow_run, "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--lora_rank", "4", "--lora_alpha", "16",
               "--checkpoints_total_limit", "2", "--learning_rate", "1e-2", "--eval_images_per_prompt", "0",
               "--num_validation_images", "1", "--num_inference_steps", "2", *SMALL_DATA]  # fmt: skip
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -141,6 +145,10 @@ def test_lora_loads_with_load_lora_weights_changes_samples_and_resumes_exactly(f
     pipeline.load_lora_weights(full)
     with_lora = render()
     assert not torch.allclose(with_lora, before)
+    pipeline = DiffusionPipeline.from_pretrained(flow_run, text_encoder_3=None, tokenizer_3=None)
+    pipeline.set_progress_bar_config(disable=True)
+    with_reference_lora(pipeline.transformer, full, "transformer", 4, 16, TRANSFORMER_LORA_MODULES)
+    torch.testing.assert_close(render(), with_lora, atol=1e-5, rtol=1e-5)
 
     # `hfgen merge` fuses the adapters into a plain SD3 pipeline dir (still without its T5) rendering the same
     merged = run_hfgen("merge", full, "--output_dir", tmp_path / "merged")

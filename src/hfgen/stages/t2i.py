@@ -346,12 +346,17 @@ def save(
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
-        text_encoder_layers = None
+        text_encoder_layers = text_encoder_metadata = None
         if args.train_text_encoder:
             text_encoder_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+            text_encoder_metadata = text_encoder.peft_config["default"].to_dict()
+        # The adapters' configs go into the file's metadata: without them load_lora_weights takes alpha = rank
+        # (scale 1), not the recipe's lora_alpha / lora_rank.
         StableDiffusionPipeline.save_lora_weights(
             output_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             text_encoder_lora_layers=text_encoder_layers, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text_encoder_metadata,
         )  # fmt: skip
         image_stage.write_lora_base(output_dir, model_args)
         return

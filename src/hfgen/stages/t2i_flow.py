@@ -297,10 +297,12 @@ def save(output_dir: Path, model_args, args, parts, transformer) -> None:
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
-        # peft's key names (lora_A/lora_B), as diffusers' train_dreambooth_lora_sd3.py saves them
+        # peft's key names (lora_A/lora_B), as diffusers' train_dreambooth_lora_sd3.py saves them, and the adapter's
+        # config in the file's metadata (without it load_lora_weights takes alpha = rank, not the recipe's alpha)
         StableDiffusion3Pipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
-        )
+            output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True,
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        )  # fmt: skip
         image_stage.write_lora_base(output_dir, model_args)
         return
     from hfgen.diffusion.flow_components import make_pipeline
