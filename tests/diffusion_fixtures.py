@@ -76,3 +76,20 @@ def with_reference_lora(denoiser, run_dir, prefix: str, rank: int, alpha: int, t
     result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(state))
     assert state and not result.unexpected_keys
     return denoiser
+
+
+def list_caption_folder(directory, images: int = 24):
+    """An imagefolder of `images` 24x16 noise images, each captioned by a list of two alternatives (one is drawn
+    per step): random crops at resolution 16 have room to move, and caption picks show."""
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    rows = []
+    for i in range(images):
+        pixels = generator.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(directory / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": [f"a handwritten digit {i % 10}", f"noise number {i}"]})
+    (directory / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory

@@ -13,7 +13,14 @@ import pytest
 import yaml
 
 from conftest import REPO, run_hfgen
-from diffusion_fixtures import T2I_RECIPE, VAE_RECIPE, t2i_overrides, vae_overrides, write_tiny_configs
+from diffusion_fixtures import (
+    T2I_RECIPE,
+    VAE_RECIPE,
+    list_caption_folder,
+    t2i_overrides,
+    vae_overrides,
+    write_tiny_configs,
+)  # fmt: skip
 from hfgen import tracking
 from hfgen.errors import UserError
 from kill_harness import (
@@ -178,6 +185,24 @@ def test_t2i_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tmp_path_factor
     overrides = t2i_overrides(configs, vae_dir, "unused", steps=4)
     overrides += ["--checkpointing_steps", "2", "--eval_images_per_prompt", "0"]
     reference, killed, notes = reference_and_killed(tmp_path_factory, T2I_RECIPE, overrides, ["checkpoint@4"])
+    assert_same_run(reference, killed)
+
+
+@pytest.mark.slow
+def test_t2i_on_pixels_with_random_crops_flips_and_list_captions_killed_mid_run_ends_as_the_uninterrupted_run(
+    tmp_path_factory,
+):
+    # cache_latents false: crops, flips and caption picks are drawn per step while loading, a prefetched batch ahead
+    configs = write_tiny_configs(tmp_path_factory.mktemp("configs"))
+    vae_dir = tmp_path_factory.mktemp("vae")
+    assert run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, vae_dir)).returncode == 0
+    data = list_caption_folder(tmp_path_factory.mktemp("data") / "images")
+    overrides = t2i_overrides(configs, vae_dir, "unused", steps=6) + [
+        "--dataset_name", str(data), "--train_batch_size", "4", "--cache_latents", "false", "--center_crop", "false",
+        "--random_flip", "true", "--checkpointing_steps", "3", "--eval_images_per_prompt", "0",
+        "--validation_steps", "0", "--validation_prompts", "[]",
+    ]  # fmt: skip
+    reference, killed, _ = reference_and_killed(tmp_path_factory, T2I_RECIPE, overrides, ["step@5"])
     assert_same_run(reference, killed)
 
 

@@ -110,3 +110,38 @@ def test_dreambooth_batches_pair_instance_and_class_images_and_weigh_the_prior()
 
     assert prior_preserving_loss(mse, (pred, target), None) == 5.0
     assert prior_preserving_loss(mse, (pred, target), 0.5) == 1.0 + 0.5 * 9.0
+
+
+@pytest.mark.parametrize("buckets", [[], ["3:2", "2:3"]])
+def test_every_caption_of_a_list_is_cached_and_one_drawn_per_step(tmp_path, buckets):
+    """A row's list of captions: every one cached (with buckets too: their caption set and the cache's agree, was a
+    KeyError), and each step draws one from the training RNG, so all of them train (was one, frozen at caching)."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from conftest import REPO
+    from diffusion_fixtures import TINY_VAE, list_caption_folder
+    from hfgen.diffusion.buckets import bucketed_latents
+    from hfgen.diffusion.image_stage import draw_captions
+    from hfgen.diffusion.latents import cache_latents
+
+    folder = list_caption_folder(tmp_path / "images", images=8)
+    args = ImageDataArguments(dataset_name=str(folder), resolution=16, aspect_ratio_buckets=buckets,
+                              validation_split_percentage=25)  # fmt: skip
+    rows = load_image_splits(args)[0]
+    vae = AutoencoderKL.from_config({**json.loads((REPO / "recipes/tiny/vae_digits.json").read_text()), **TINY_VAE})
+    if buckets:
+        dataset, captions = bucketed_latents(rows, args, vae, "cpu", multiple=8)
+        batch = dataset.__getitems__(list(dataset.ranges()[0]))
+    else:
+        dataset, captions = cache_latents(rows, args, vae, None, "cpu")
+        batch = dataset.__getitems__(list(range(len(dataset))))
+    alternatives = {row[0]: set(row) for row in rows["text"]}
+    assert set(captions) == set().union(*alternatives.values()) | {""}
+    drawn = [set() for _ in batch["caption_index"]]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for seen, index in zip(drawn, draw_captions(batch, generator, "cpu").tolist()):
+            seen.add(captions[index])
+    assert drawn == [alternatives[captions[i]] for i in batch["caption_index"].tolist()]

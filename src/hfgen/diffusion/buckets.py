@@ -105,6 +105,11 @@ class Bucketed(torch.utils.data.ConcatDataset):
         super().__init__(datasets)
         self.sizes = sizes
 
+    def set_epoch(self, epoch: int) -> None:  # the pixel datasets' random draws (`latents.PixelRows`)
+        for dataset in self.datasets:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+
     def ranges(self) -> list[range]:
         starts = [0] + self.cumulative_sizes[:-1]
         return [range(start, end) for start, end in zip(starts, self.cumulative_sizes)]
@@ -154,11 +159,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def bucketed_latents(rows, data_args, vae, device, multiple: int):
     """(Bucketed CachedLatents, the distinct captions with the empty prompt last, a summary for buckets.json)."""
-    from hfgen.diffusion.data import pick_caption
+    from hfgen.diffusion.data import every_caption
     from hfgen.diffusion.latents import cache_latents
 
     rows, sizes, assignment = assign(rows, data_args, multiple)
-    captions = sorted({pick_caption(c) for c in rows[data_args.caption_column]}) + [""]
+    captions = sorted(set(every_caption(rows[data_args.caption_column]))) + [""]
     parts = [
         cache_latents(rows.select([i for i, b in enumerate(assignment) if b == bucket]), data_args, vae, None,
                       device, size=size, captions=captions)[0]
@@ -167,15 +172,16 @@ def bucketed_latents(rows, data_args, vae, device, multiple: int):
     return Bucketed(parts, sizes), captions
 
 
-def bucketed_pixels(rows, data_args, tokenizer, multiple: int):
+def bucketed_pixels(rows, data_args, tokenizer, multiple: int, seed: int):
     """Bucketed datasets of pixels fitted to their bucket's size (random crops, flips) and caption token ids."""
     from hfgen.diffusion.latents import pixel_dataset
 
     rows, sizes, assignment = assign(rows, data_args, multiple)
     parts = [
-        pixel_dataset(rows.select([i for i, b in enumerate(assignment) if b == bucket]), data_args, tokenizer, size)
+        pixel_dataset(rows.select([i for i, b in enumerate(assignment) if b == bucket]), data_args, tokenizer,
+                      seed + bucket, size)
         for bucket, size in enumerate(sizes)
-    ]
+    ]  # fmt: skip
     return Bucketed(parts, sizes)
 
 

@@ -294,19 +294,20 @@ def pixel_transform(args: ImageDataArguments, source: str, flip: bool | None = N
 
     size = size or (args.resolution, args.resolution)
 
-    def transform(batch):
+    def transform(batch, rngs=None):
         images = [open_image(value, f"dataset '{source}' image") for value in batch[args.image_column]]
+        rngs = rngs or [random] * len(images)  # one random.Random per row (`row_rng`), else the global one
         pixels, original_sizes, crops = [], [], []
-        for image in images:
+        for image, rng in zip(images, rngs):
             original_sizes.append((image.height, image.width))
-            image, crop = fit(image, size, args.center_crop)
+            image, crop = fit(image, size, args.center_crop, rng)
             crops.append(crop)
-            if flip if flip is not None else (args.random_flip and random.random() < 0.5):
+            if flip if flip is not None else (args.random_flip and rng.random() < 0.5):
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             pixels.append(to_tensor(image))
         out = {"pixel_values": pixels, "original_size": original_sizes, "crop_top_left": crops}
         if args.caption_column in batch:
-            out["caption"] = [pick_caption(c) for c in batch[args.caption_column]]
+            out["caption"] = [pick_caption(c, rng) for c, rng in zip(batch[args.caption_column], rngs)]
         return out
 
     return transform
@@ -321,10 +322,28 @@ def undecoded(dataset, image_column: str):
     return dataset
 
 
-def pick_caption(caption) -> str:
-    """A caption may be a list of alternatives: take one at random (the diffusers examples do the same)."""
+def row_rng(seed: int, epoch: int, row: int) -> random.Random:
+    """The random draws (crop, flip, caption) of one row in one epoch: a function of (seed, epoch, row) alone, so
+    a resumed run, dataloader workers and prefetching draw what the uninterrupted run drew."""
+    return random.Random(f"{seed}/{epoch}/{row}")
+
+
+def caption_options(caption) -> list[str]:
+    """A row's captions: its string, or its list of alternatives (one is drawn per step)."""
     if isinstance(caption, str):
-        return caption
-    if isinstance(caption, (list, tuple)) and caption:
-        return random.choice(list(caption))
+        return [caption]
+    if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+        return list(caption)
     raise UserError(f"caption {caption!r} is neither a string nor a list of strings")
+
+
+def every_caption(captions) -> list[str]:
+    """Every caption of a caption column, list alternatives included."""
+    return [caption for value in captions for caption in caption_options(value)]
+
+
+def pick_caption(caption, rng=None) -> str:
+    """A caption may be a list of alternatives: take one at random from `rng` (default: the global `random`), as
+    the diffusers examples do."""
+    options = caption_options(caption)
+    return options[0] if len(options) == 1 else (rng or random).choice(options)

@@ -103,7 +103,7 @@ def training_data(rows, n_instance: int, data_args, args, accelerator, vae, size
         if cached:
             dataset, captions = buckets.bucketed_latents(rows, data_args, vae, accelerator.device, size_multiple)
         else:
-            dataset = buckets.bucketed_pixels(rows, data_args, tokenizer, size_multiple)
+            dataset = buckets.bucketed_pixels(rows, data_args, tokenizer, size_multiple, args.seed)
         sampler = buckets.BucketBatchSampler(dataset.ranges(), batch_size, args.seed, accelerator.num_processes)
         if not len(sampler):
             raise UserError(f"aspect_ratio_buckets: no bucket holds train_batch_size ({batch_size}) x processes "
@@ -113,7 +113,7 @@ def training_data(rows, n_instance: int, data_args, args, accelerator, vae, size
     elif cached:
         dataset, captions = cache_latents(rows, data_args, vae, None, accelerator.device)
     else:
-        dataset = pixel_dataset(rows, data_args, tokenizer)
+        dataset = pixel_dataset(rows, data_args, tokenizer, args.seed)
     if args.with_prior_preservation:
         sampler = PriorBatchSampler(n_instance, len(rows) - n_instance, batch_size, args.seed)
     loader_args = dict(num_workers=args.dataloader_num_workers, collate_fn=CachedLatents.collate if cached else None)
@@ -139,6 +139,16 @@ def sample_cached_latents(batch, random_flip: bool, generator, device) -> torch.
         mean = torch.where(flip, batch["flipped_latent_mean"], mean)
         std = torch.where(flip, batch["flipped_latent_std"], std)
     return mean + std * torch.randn(mean.shape, generator=generator, device=device)
+
+
+def draw_captions(batch, generator, device) -> torch.Tensor:
+    """Each cached image's caption index: its caption's, or for a row with a list of captions one of them drawn now
+    from the training RNG (`generator`: checkpointed), so every step may see another and a resume draws the same."""
+    if "caption_choices" not in batch:
+        return batch["caption_index"].to(device)
+    choices, counts = batch["caption_choices"].to(device), batch["caption_count"].to(device)
+    pick = (torch.rand(len(counts), generator=generator, device=device) * counts).long()
+    return choices.gather(1, pick[:, None])[:, 0]
 
 
 # ---- the loop's other parts ---------------------------------------------------------------------------

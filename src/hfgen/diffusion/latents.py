@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from hfgen.diffusion.components import tokenize
-from hfgen.diffusion.data import pick_caption, pixel_transform, undecoded
+from hfgen.diffusion.data import caption_options, pixel_transform, row_rng, undecoded
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Per image: the VAE posterior's mean and std (and the flipped image's), and its caption's index. Batches
-    are gathered in one indexing per tensor (`__getitems__`), not stacked from single rows."""
+    """Per image: the VAE posterior's mean and std (and the flipped image's), and its caption's index (with list
+    captions also every alternative's, `caption_choices`, and their count: `image_stage.draw_captions` draws one
+    per step). Batches are gathered in one indexing per tensor (`__getitems__`), not stacked from single rows."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -46,10 +47,16 @@ def cache_latents(rows, data_args, vae, tokenizer, device, batch_size: int = 64,
     `size` = (width, height) (default: the square resolution); their original size and crop corner are kept too
     (`original_size`, `crop_top_left`: SDXL-style micro-conditioning, which SD 1.x and SD3 do not take). `captions`
     (distinct, the empty prompt last) indexes several calls' captions alike (one per aspect-ratio bucket)."""
-    texts = [pick_caption(c) for c in rows[data_args.caption_column]]
-    distinct = captions or sorted(set(texts)) + [""]
+    options = [caption_options(c) for c in rows[data_args.caption_column]]
+    distinct = captions or sorted({c for texts in options for c in texts}) + [""]
     index_of = {caption: i for i, caption in enumerate(distinct)}
-    tensors = {"caption_index": torch.tensor([index_of[c] for c in texts], dtype=torch.long)}
+    tensors = {"caption_index": torch.tensor([index_of[texts[0]] for texts in options], dtype=torch.long)}
+    if any(len(texts) > 1 for texts in options):  # list captions: every one cached, one drawn per step
+        width = max(len(texts) for texts in options)
+        tensors["caption_choices"] = torch.tensor(
+            [[index_of[c] for c in texts] + [index_of[texts[0]]] * (width - len(texts)) for texts in options]
+        )
+        tensors["caption_count"] = torch.tensor([len(texts) for texts in options])
     orientations = {"": False, "flipped_": True} if data_args.random_flip else {"": False}
     images = undecoded(rows, data_args.image_column)
     with torch.inference_mode():
@@ -70,13 +77,35 @@ def cache_latents(rows, data_args, vae, tokenizer, device, batch_size: int = 64,
     return CachedLatents(tensors), distinct
 
 
-def pixel_dataset(rows, data_args, tokenizer, size=None):
+class PixelRows(torch.utils.data.Dataset):
+    """Rows decoded and transformed (`pixel_transform`) on the fly, each row's random crop, flip and caption drawn
+    from `row_rng(seed, epoch, row)`: a resumed run sees what the uninterrupted run saw (the global `random`, which
+    checkpoints save, is a prefetched batch ahead at a checkpoint). The loop sets the epoch (`epoch_batches`)."""
+
+    def __init__(self, rows, transform, seed: int):
+        self.rows, self.transform, self.seed, self.epoch = rows, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        out = self.transform(self.rows[indices], [row_rng(self.seed, self.epoch, i) for i in indices])
+        return [{name: values[i] for name, values in out.items()} for i in range(len(indices))]
+
+
+def pixel_dataset(rows, data_args, tokenizer, seed: int, size=None):
     """Images decoded, fitted to `size` (default the square resolution) and flipped on the fly; captions as token
     ids (for a text encoder being trained)."""
     transform = pixel_transform(data_args, data_args.dataset_name, size=size)
 
-    def with_ids(batch):
-        out = transform(batch)
+    def with_ids(batch, rngs):
+        out = transform(batch, rngs)
         return {"pixel_values": out["pixel_values"], "input_ids": list(tokenize(tokenizer, out["caption"]))}
 
-    return undecoded(rows, data_args.image_column).with_transform(with_ids)
+    return PixelRows(undecoded(rows, data_args.image_column), with_ids, seed)

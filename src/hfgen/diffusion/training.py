@@ -138,6 +138,8 @@ def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int,
 def epoch_batches(accelerator, dataloader, epoch: int, skip: int):
     """The epoch's batches in their seeded order, without the first `skip` (already trained on before a resume)."""
     dataloader.set_epoch(epoch)
+    if hasattr(dataloader.dataset, "set_epoch"):  # per-row random transforms (`latents.PixelRows`); accelerate
+        dataloader.dataset.set_epoch(epoch)  # tells the dataset only when its sampler takes no epoch
     return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
 
 

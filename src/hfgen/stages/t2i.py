@@ -117,7 +117,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     from diffusers.training_utils import cast_training_params
 
     from hfgen.diffusion.components import load_components, make_pipeline
-    from hfgen.diffusion.data import pick_caption
+    from hfgen.diffusion.data import every_caption
     from hfgen.diffusion.latents import encode_captions
     from hfgen.diffusion.training import (
         StepLog,
@@ -138,7 +138,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
     # Models: pretrained pipeline, or components from configs (the caption tokenizer learns the training captions).
     train_rows = image_stage.training_rows(data_args, args, args.seed)
-    parts = load_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
+    parts = load_components(model_args, every_caption(train_rows[data_args.caption_column]))
     tokenizer, text_encoder, vae, unet = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"]
     noise_scheduler = parts["noise_scheduler"]
     if model_args.text_encoder_pretraining_steps:  # a new text encoder learns captions the CLIP way first
@@ -256,11 +256,15 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
                 # Get the text embedding for conditioning; drop captions at random for classifier-free guidance
                 dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
+                if args.cache_latents:
+                    caption_index = torch.where(
+                        dropped, empty_caption, image_stage.draw_captions(batch, rng.generator, device)
+                    )
                 if args.cache_latents and not train_text_encoder:
-                    encoder_hidden_states = caption_states[torch.where(dropped, empty_caption, batch["caption_index"])]
+                    encoder_hidden_states = caption_states[caption_index]
                 else:
                     if args.cache_latents:
-                        input_ids = caption_ids[torch.where(dropped, empty_caption, batch["caption_index"])]
+                        input_ids = caption_ids[caption_index]
                     else:
                         input_ids = torch.where(dropped[:, None], empty_ids, batch["input_ids"])
                     encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]

@@ -102,7 +102,7 @@ def encode_captions(pipeline, captions: list[str], device, max_sequence_length: 
 def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: FlowTrainingArguments) -> Path:
     from diffusers.training_utils import cast_training_params
 
-    from hfgen.diffusion.data import pick_caption
+    from hfgen.diffusion.data import every_caption
     from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
     from hfgen.diffusion.flow_components import (
         latent_multiple,
@@ -130,7 +130,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     device, dtype = accelerator.device, weight_dtype(accelerator)
 
     train_rows = image_stage.training_rows(data_args, args, args.seed)
-    parts = load_flow_components(model_args, [pick_caption(c) for c in train_rows[data_args.caption_column]])
+    parts = load_flow_components(model_args, every_caption(train_rows[data_args.caption_column]))
     transformer, vae = parts["transformer"], parts["vae"]
     # The training schedule (all num_train_timesteps sigmas, shifted): a copy, as sampling resets the pipeline's own
     scheduler = type(parts["scheduler"]).from_config(parts["scheduler"].config)
@@ -224,7 +224,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                     rng.generator, device,
                 )  # fmt: skip
                 dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
-                index = torch.where(dropped, empty_caption, batch["caption_index"].to(device))
+                index = torch.where(dropped, empty_caption, image_stage.draw_captions(batch, rng.generator, device))
                 model_pred = predict_velocity(  # SD3 or Flux inputs, the guidance of a guidance-distilled one
                     transformer, parts["transformer"].config, noisy_latents(latents, noise, sigmas).to(dtype),
                     timesteps, caption_states[index].to(dtype), caption_pooled[index].to(dtype),

@@ -27,6 +27,7 @@ from hfgen import guard, loop, tracking
 from hfgen.diffusion import training
 from hfgen.diffusion.components import build_vae, load_vae, patch_discriminator
 from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
+from hfgen.diffusion.latents import PixelRows
 from hfgen.models import check_config_file, check_model_source
 
 EVAL_IMAGES_SHOWN = 8
@@ -134,8 +135,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
     # Data: images only, resized and cropped (captions unused).
     train_rows, eval_rows = load_image_splits(data_args, seed=args.seed)
-    train_set = undecoded(train_rows, data_args.image_column).with_transform(
-        pixel_transform(data_args, data_args.dataset_name)
+    # (random crops and flips drawn per (seed, epoch, row): a resume sees what the uninterrupted run saw)
+    train_set = PixelRows(
+        undecoded(train_rows, data_args.image_column), pixel_transform(data_args, data_args.dataset_name), args.seed
     )
     eval_set = undecoded(eval_rows, data_args.image_column).with_transform(
         pixel_transform(data_args, data_args.dataset_name, flip=False)
