@@ -141,6 +141,30 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     assert refused.returncode == 2 and "is a LoRA run" in refused.stderr and "hfgen merge" in refused.stderr
 
 
+@pytest.mark.parametrize("use_lora", ["false", "true"])
+def test_a_run_at_another_resolution_than_its_base_renders_at_its_own(scratch_run, tmp_path, use_lora):
+    """The base renders 16 px (sample_size 8); a run at resolution 32 samples (eval, hfgen generate) at 32, and its
+    saved UNet config says so (a LoRA run's base keeps its own: the size comes from the run's recipe.yaml)."""
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", run,
+                       "--use_lora", use_lora, "--resolution", "32", "--max_train_steps", "1",
+                       "--checkpointing_steps", "0", "--eval_images_per_prompt", "1", "--num_validation_images", "1",
+                       "--num_inference_steps", "2", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {Image.open(path).size for path in (run / "samples").glob("0*.png")} == {(32, 32)}
+    result = run_hfgen("generate", run, "--prompt", "a handwritten digit 3", "--num_inference_steps", "2",
+                       "--output_dir", tmp_path / "generated")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(next((tmp_path / "generated").glob("00-*.png"))).size == (32, 32)
+    if use_lora == "false":
+        pipeline = DiffusionPipeline.from_pretrained(run)
+        assert pipeline.unet.config.sample_size == 16
+        pipeline.set_progress_bar_config(disable=True)
+        assert pipeline("a handwritten digit 3", num_inference_steps=2).images[0].size == (32, 32)
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_identical_unet_weights(configs, vae_dir, tmp_path, free_port):
     overrides = t2i_overrides(configs, vae_dir, tmp_path, steps=3) + ["--eval_images_per_prompt", "0"]

@@ -87,8 +87,9 @@ def test_saved_pipeline_is_sd3_without_t5_and_generates(flow_run):
     assert image[0].size == (16, 16)
     from hfgen.diffusion.rendering import recorded_call_arguments
 
-    # the tiny recipe trains without zero T5 tokens; hfgen generate / eval sample the same way, from recipe.yaml
-    assert recorded_call_arguments(flow_run) == {"max_sequence_length": 0}
+    # the tiny recipe trains without zero T5 tokens, at resolution 16; hfgen generate / eval sample the same way,
+    # from recipe.yaml
+    assert recorded_call_arguments(flow_run) == {"max_sequence_length": 0, "height": 16, "width": 16}
 
 
 def test_run_records_metrics_checkpoints_grids_and_eval(flow_run):

@@ -268,11 +268,10 @@ def predict_velocity(transformer, config, latents, timesteps, states, pooled, gu
 
 
 def sampling_arguments(args: FlowPipelineArguments, data_args, parts: dict) -> dict:
-    """Pipeline-call arguments that sampling needs to match training: the T5 length when set, and for Flux (whose
-    pipeline renders 1024 px unless told) the training resolution."""
+    """Pipeline-call arguments that sampling needs to match training: the T5 length when set, and the training
+    resolution (Flux's pipeline renders 1024 px unless told, SD3's the base transformer's sample_size)."""
     sampling = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
-    size = {"height": data_args.resolution, "width": data_args.resolution} if is_flux(parts) else {}
-    return {**sampling, **size}
+    return {**sampling, "height": data_args.resolution, "width": data_args.resolution}
 
 
 def set_latent_normalisation(vae, latent_means) -> None:

@@ -203,6 +203,14 @@ def validation_grid(accelerator, args: ImageStageArguments, pipeline, model, ema
     make_grid(rows).save(path)
 
 
+def record_sample_size(denoiser, resolution: int, vae) -> None:
+    """The denoiser's config `sample_size` (its latent side) set to the training resolution's before saving: the
+    pipelines render sample_size x the VAE's factor by default, which was the base's size, not the trained one
+    (Flux's transformer has no sample_size: its pipeline is told the size, `sampling_arguments`)."""
+    if "sample_size" in denoiser.config:
+        denoiser.register_to_config(sample_size=resolution // 2 ** (len(vae.config.block_out_channels) - 1))
+
+
 def record_speed(output_dir: Path, steps: int, first_step: int, seconds: float, total_batch: int) -> None:
     tracking.update_eval(
         output_dir,

@@ -43,12 +43,18 @@ def generate_images(
 
 def recorded_call_arguments(pipeline_dir: str | Path) -> dict:
     """Pipeline-call arguments a run trained with and its samples need too, from the run's recipe.yaml: a t2i_flow
-    run's `max_sequence_length` (the zero T5 tokens of a pipeline without T5)."""
+    run's `max_sequence_length` (the zero T5 tokens of a pipeline without T5), and a text-to-image run's
+    `resolution` as height and width (a LoRA run's base renders at its own size otherwise)."""
+    from hfgen.diffusion.data import ImageDataArguments
     from hfgen.evaluation.images import recipe_of
 
     recipe = recipe_of(pipeline_dir)
     length = recipe.get("max_sequence_length")
-    return {} if length is None else {"max_sequence_length": length}
+    arguments = {} if length is None else {"max_sequence_length": length}
+    if recipe.get("stage") in ("t2i", "t2i_flow"):
+        side = recipe.get("resolution", ImageDataArguments.resolution)
+        arguments |= {"height": side, "width": side}
+    return arguments
 
 
 def make_grid(rows: list[list], cell: int | None = None):

@@ -353,7 +353,7 @@ def bucket_adherence(
     results = {}
     for width, height in sizes:
         rows = generate_images(pipeline, prompts, images_per_prompt, num_inference_steps, guidance_scale, seed,
-                               height=height, width=width, **call_arguments)  # fmt: skip
+                               **(call_arguments | {"height": height, "width": width}))  # fmt: skip
         results |= bucket_adherence_of(rows, (width, height))
     results["quality/prompt_adherence_bucket_min"] = min(
         results[f"quality/prompt_adherence_bucket_{w}x{h}"] for w, h in sizes

@@ -302,7 +302,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     with loop.gathered(accelerator, unet, text_encoder) as (whole_unet, whole_text_encoder):
-                        validate(accelerator, args, parts, whole_unet, whole_text_encoder, ema_unet, global_step)
+                        validate(
+                            accelerator, args, parts, whole_unet, whole_text_encoder, ema_unet, global_step,
+                            data_args.resolution,
+                        )  # fmt: skip
                 if global_step >= max_steps:
                     break
     log.maybe_write(global_step, force=True)
@@ -316,8 +319,8 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         if ema_unet is not None:
             ema_unet.copy_to(whole_unet.parameters())
         text_encoder = accelerator.unwrap_model(text_encoder)  # (trained only under DDP: see refused_engines)
-        validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step)
-        save(output_dir, model_args, args, parts, whole_unet, text_encoder)
+        validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step, data_args.resolution)
+        save(output_dir, model_args, args, parts, whole_unet, text_encoder, data_args.resolution)
         guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, trained[0], output_dir)
     accelerator.wait_for_everyone()
@@ -329,7 +332,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     return output_dir
 
 
-def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) -> None:
+def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int, resolution: int) -> None:
     """Render the validation prompts with the current (or EMA) weights into validation/step-N.png (main process).
     `unet` and `text_encoder` are unwrapped, with whole weights (`loop.gathered`)."""
     if not args.validation_prompts or not accelerator.is_main_process:
@@ -337,12 +340,14 @@ def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int) 
     from hfgen.diffusion.components import make_pipeline
 
     pipeline = make_pipeline(parts["tokenizer"], text_encoder, parts["vae"], unet, parts["sampler"])
-    image_stage.validation_grid(accelerator, args, pipeline, unet, ema_unet, step)
+    size = {"height": resolution, "width": resolution}  # the trained size, not the base UNet's sample_size
+    image_stage.validation_grid(accelerator, args, pipeline, unet, ema_unet, step, **size)
 
 
 def save(
-    output_dir: Path, model_args: PipelineArguments, args: T2ITrainingArguments, parts, unet, text_encoder
-) -> None:
+    output_dir: Path, model_args: PipelineArguments, args: T2ITrainingArguments, parts, unet, text_encoder,
+    resolution: int,
+) -> None:  # fmt: skip
     """A full pipeline dir, or LoRA weights that `pipe.load_lora_weights(output_dir)` loads on the base pipeline."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -370,5 +375,6 @@ def save(
     for model in (text_encoder, parts["vae"], unet):
         if model.dtype != torch.float32:
             model.to(dtype=torch.float32)
+    image_stage.record_sample_size(unet, resolution, parts["vae"])
     pipeline = make_pipeline(parts["tokenizer"], text_encoder, parts["vae"], unet, parts["sampler"])
     pipeline.save_pretrained(output_dir, safe_serialization=True)

@@ -267,7 +267,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if ema is not None:
             ema.copy_to(whole.parameters())
         validate(accelerator, args, parts, whole, None, global_step, sampling)
-        save(output_dir, model_args, args, parts, whole)
+        save(output_dir, model_args, args, parts, whole, data_args.resolution)
         guard.kill_point("final_save")
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
     accelerator.wait_for_everyone()
@@ -290,7 +290,7 @@ def validate(accelerator, args, parts, transformer, ema, step: int, sampling: di
     )
 
 
-def save(output_dir: Path, model_args, args, parts, transformer) -> None:
+def save(output_dir: Path, model_args, args, parts, transformer, resolution: int) -> None:
     """A StableDiffusion3Pipeline dir (float32), or LoRA weights for `pipe.load_lora_weights(output_dir)`."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -307,6 +307,7 @@ def save(output_dir: Path, model_args, args, parts, transformer) -> None:
         return
     from hfgen.diffusion.flow_components import make_pipeline
 
+    image_stage.record_sample_size(transformer, resolution, parts["vae"])
     pipeline = make_pipeline(parts, transformer)
     pipeline.to(dtype=torch.float32)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
