@@ -228,6 +228,13 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(scratch_run,
     assert_resumed_records(full, resumed)
 
 
+def test_zero_validation_images_exit_2_at_the_check(scratch_run):
+    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run,
+                       "--num_validation_images", "0")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "num_validation_images" in result.stderr and "validation_prompts: []" in result.stderr
+
+
 def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):
     result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
                        "--lora_target_modules", "[q_proj, k_proj]", *SMALL_DATA)  # fmt: skip

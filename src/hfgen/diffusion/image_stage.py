@@ -51,6 +51,9 @@ def check_image_stage(model_args, data_args, args: ImageStageArguments) -> list[
         problems.append("use_lora adapts a pretrained pipeline: set pretrained_model_name_or_path")
     if args.use_lora and args.use_ema:
         problems.append("use_ema averages full weights; it does not apply to use_lora")
+    if args.num_validation_images < 1:  # (make_grid would fail on empty rows at the end of training)
+        problems.append(f"num_validation_images must be at least 1, got {args.num_validation_images}; for no "
+                        "validation grids set validation_prompts: []")  # fmt: skip
     if not 0 <= args.condition_dropout < 1:
         problems.append(f"condition_dropout must be in [0, 1), got {args.condition_dropout}")
     problems += dreambooth_problems(args, data_args.dataset_name, model_args.pretrained_model_name_or_path)

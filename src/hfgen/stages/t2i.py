@@ -319,9 +319,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         if ema_unet is not None:
             ema_unet.copy_to(whole_unet.parameters())
         text_encoder = accelerator.unwrap_model(text_encoder)  # (trained only under DDP: see refused_engines)
-        validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step, data_args.resolution)
+        # saved first: a failure while rendering the last grid leaves the trained weights on disk
         save(output_dir, model_args, args, parts, whole_unet, text_encoder, data_args.resolution)
         guard.kill_point("final_save")
+        validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step, data_args.resolution)
     loop.maybe_write_fingerprint(accelerator, trained[0], output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed

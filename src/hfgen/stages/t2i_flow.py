@@ -266,9 +266,10 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(whole.parameters())
-        validate(accelerator, args, parts, whole, None, global_step, sampling)
+        # saved first: a failure while rendering the last grid leaves the trained weights on disk
         save(output_dir, model_args, args, parts, whole, data_args.resolution)
         guard.kill_point("final_save")
+        validate(accelerator, args, parts, whole, None, global_step, sampling)
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
     accelerator.wait_for_everyone()
     tracking.finish_trackers(accelerator)
