@@ -29,6 +29,21 @@ def test_held_out_reconstruction_error_falls_far_below_its_start(configs, tmp_pa
     assert len(losses) == 60 and losses[-1] < losses[0] / 2
 
 
+def test_with_gradient_accumulation_a_step_logs_the_mean_of_its_micro_batches(configs, tmp_path):
+    """At learning rate 0 the weights stay put, so two accumulated micro-batches of 8 see what two steps of 8 see
+    (same batches, same random draws): the accumulated step logs their mean (was the last micro-batch's)."""
+    common = [*vae_overrides(configs, tmp_path, steps=2), "--learning_rate", "0", "--train_batch_size", "8"]
+    runs = {}
+    for accumulation, steps in ((2, 2), (1, 4)):
+        output_dir = tmp_path / f"accumulation{accumulation}"
+        result = run_hfgen("train", VAE_RECIPE, *common, "--gradient_accumulation_steps", str(accumulation),
+                           "--max_train_steps", str(steps), "--output_dir", output_dir)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[accumulation] = [row["loss"] for row in tracking.read_metrics(output_dir)]
+    single = runs[1]
+    assert runs[2] == pytest.approx([(single[0] + single[1]) / 2, (single[2] + single[3]) / 2], rel=1e-5)
+
+
 def test_adversarial_term_trains_a_discriminator(configs, tmp_path):
     result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--adversarial_weight", "0.1",
                        "--adversarial_start_step", "2", "--discriminator_channels", "8")  # fmt: skip

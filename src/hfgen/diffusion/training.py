@@ -170,11 +170,23 @@ class StepLog:
         self.logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `resume`
         self.sums: dict = {}
         self.count = 0
+        self.micro: dict = {}  # name: (sum, count) over the current optimizer step's micro-batches
 
     def add(self, **values) -> None:
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
         self.count += 1
+
+    def add_micro_batch(self, **values) -> None:
+        """One micro-batch's values; `end_step` adds their mean over the step (gradient_accumulation_steps > 1:
+        the step's loss is that of all its micro-batches, not of the last one)."""
+        for name, value in values.items():
+            total, count = self.micro.get(name, (0.0, 0))
+            self.micro[name] = (total + value.detach().float(), count + 1)
+
+    def end_step(self) -> None:
+        self.add(**{name: total / count for name, (total, count) in self.micro.items()})
+        self.micro = {}
 
     def maybe_write(self, step: int, force: bool = False, **extra) -> dict | None:
         if not self.count or (step % self.every and not force):

@@ -283,6 +283,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 )  # fmt: skip
 
                 # Backpropagate
+                log.add_micro_batch(loss=loss)
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, trained, args.max_grad_norm)
                 if accelerator.sync_gradients:
@@ -297,7 +298,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                 global_step += 1
                 if ema_unet is not None:
                     ema_unet.step(unet.parameters())
-                log.add(loss=loss)
+                log.end_step()
                 log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:

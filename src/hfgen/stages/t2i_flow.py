@@ -235,6 +235,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                     (model_pred, latents, noise, sigmas),
                     prior_loss_weight,
                 )
+                log.add_micro_batch(loss=loss)
                 accelerator.backward(loss)
                 loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
                 if accelerator.sync_gradients:
@@ -247,7 +248,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 global_step += 1
                 if ema is not None:
                     ema.step(transformer.parameters())
-                log.add(loss=loss)
+                log.end_step()
                 log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:

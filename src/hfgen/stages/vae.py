@@ -200,6 +200,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                     loss = loss + args.adversarial_weight * generator_loss
                     losses.update(disc_loss=disc_loss, generator_loss=generator_loss)
 
+                log.add_micro_batch(**losses)
                 loop.backward_and_step(
                     accelerator, autoencoder, optimizer, loss, args.max_grad_norm, global_step + 1, divergence
                 )
@@ -209,7 +210,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
             if accelerator.sync_gradients:
                 lr_scheduler.step()
                 global_step += 1
-                log.add(**losses)
+                log.end_step()
                 log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
                 training.maybe_checkpoint(accelerator, args, global_step)
                 if global_step >= max_steps:
