@@ -65,6 +65,23 @@ def test_a_clean_imagefolder_passes_the_checks(tmp_path):
     assert len(train) + len(evaluation) == 3 and train.column_names == ["image", "text"]
 
 
+@pytest.mark.parametrize("suffix", ["json", "csv", "parquet"])
+def test_relative_image_paths_in_a_data_file_are_beside_it(tmp_path, suffix):
+    """CSV and parquet load their strings as large_string (JSON as string): the paths resolve for all three."""
+    import datasets
+
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    rows = datasets.Dataset.from_dict({"file_name": [f"images/{i}.png" for i in range(4)],
+                                       "text": [f"a red square {i}" for i in range(4)]})  # fmt: skip
+    path = tmp_path / f"data.{suffix}"
+    getattr(rows, f"to_{suffix}")(str(path))
+    args = ImageDataArguments(dataset_name=str(path), image_column="file_name", resolution=8,
+                              validation_split_percentage=25)  # fmt: skip
+    assert check_image_data(args, need_captions=True) == []
+
+
 def test_missing_image_file_is_reported_by_name(tmp_path):
     problems = check_image_data(imagefolder(tmp_path, files=3, listed=4), need_captions=True)
     assert len(problems) == 1 and "3.png" in problems[0] and "does not exist" in problems[0]

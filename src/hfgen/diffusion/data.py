@@ -144,6 +144,8 @@ def paths_beside_the_data(raw, name: str, image_column: str):
     if not base.is_dir():
         return raw
 
+    strings = (datasets.Value("string"), datasets.Value("large_string"))
+
     def resolve(row):
         path = row[image_column]
         if isinstance(path, str) and path and not Path(path).is_absolute() and (base / path).is_file():
@@ -152,7 +154,8 @@ def paths_beside_the_data(raw, name: str, image_column: str):
 
     return datasets.DatasetDict(
         {
-            split: dataset.map(resolve) if dataset.features.get(image_column) == datasets.Value("string") else dataset
+            # (JSON loads strings as "string", CSV and parquet as "large_string")
+            split: dataset.map(resolve) if dataset.features.get(image_column) in strings else dataset
             for split, dataset in raw.items()
         }
     )
