@@ -145,3 +145,21 @@ def test_every_caption_of_a_list_is_cached_and_one_drawn_per_step(tmp_path, buck
         for seen, index in zip(drawn, draw_captions(batch, generator, "cpu").tolist()):
             seen.add(captions[index])
     assert drawn == [alternatives[captions[i]] for i in batch["caption_index"].tolist()]
+
+
+def test_bucket_sizes_follow_the_exif_orientation(tmp_path):
+    """A 48x32 JPEG stored turned (EXIF orientation 6: shown 32x48) goes to the 2:3 bucket, as it trains."""
+    from hfgen.diffusion.buckets import image_sizes
+
+    image = Image.new("RGB", (48, 32))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", (48, 32)).save(tmp_path / "plain.jpg")
+    (tmp_path / "metadata.jsonl").write_text(
+        '{"file_name": "turned.jpg", "text": "a"}\n{"file_name": "plain.jpg", "text": "b"}\n'
+        '{"file_name": "plain.jpg", "text": "c"}\n{"file_name": "plain.jpg", "text": "d"}\n'
+    )
+    args = ImageDataArguments(dataset_name=str(tmp_path), resolution=16, validation_split_percentage=25)
+    rows = load_image_splits(args)[0]
+    assert sorted(image_sizes(rows, "image")) == sorted((32, 48) if text == "a" else (48, 32) for text in rows["text"])

@@ -25,6 +25,7 @@ import re
 import torch
 
 AUTO = "auto"
+EXIF_ORIENTATION = 0x0112
 _RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
@@ -80,21 +81,26 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int
 
 
 def image_sizes(rows, image_column: str) -> list[tuple[int, int]]:
-    """(width, height) of every image, read from the file headers (no decoding)."""
+    """(width, height) of every image as displayed, read from the file headers (no decoding): EXIF orientations
+    5-8 (a phone held upright) swap the stored sides, as `open_image` turns the pixels."""
     import io
 
     from PIL import Image
 
     from hfgen.diffusion.data import open_image, undecoded
 
+    def displayed(image):
+        width, height = image.size
+        return (height, width) if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (width, height)
+
     sizes = []
     for value in undecoded(rows, image_column)[image_column]:
         if isinstance(value, dict) and value.get("bytes"):
-            sizes.append(Image.open(io.BytesIO(value["bytes"])).size)
+            sizes.append(displayed(Image.open(io.BytesIO(value["bytes"]))))
         elif isinstance(value, dict) and value.get("path"):
-            sizes.append(Image.open(value["path"]).size)
+            sizes.append(displayed(Image.open(value["path"])))
         else:
-            sizes.append(open_image(value, "image").size)
+            sizes.append(open_image(value, "image").size)  # decoded and already turned
     return sizes
 
 
