@@ -75,6 +75,23 @@ def test_hfgen_eval_on_the_t2i_pipeline_dir(scratch_run, tmp_path):
     assert any(key.startswith("quality/") for key in results) and any(key.startswith("diversity/") for key in results)
 
 
+def test_hfgen_eval_on_a_run_uses_its_validation_prompts_and_one_image_has_no_diversity(scratch_run, tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(scratch_run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe |= {"dataset_name": str(tmp_path / "images"), "validation_prompts": ["a red square", "a blue circle"]}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))  # (a run on other data than the digits)
+    result = run_hfgen("eval", run, "--images_per_prompt", "1", "--num_inference_steps", "2", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(run / "eval.json")
+    assert results["eval/num_prompts"] == 2 and results["eval/images_per_prompt"] == 1
+    assert results["diversity/pairwise_distance"] is None
+    refused = run_hfgen("eval", run, "--images_per_prompt", "0")
+    assert refused.returncode == 2 and "--images_per_prompt" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
     result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--prompt", "digit five",
                        "--num_samples", "3", "--num_inference_steps", "2", "--output_dir", tmp_path)  # fmt: skip

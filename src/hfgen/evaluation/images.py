@@ -158,13 +158,18 @@ def evaluate_pipeline(
 ) -> dict:  # fmt: skip
     """Generate `images_per_prompt` images per prompt and measure them; a flat dict of `quality/`, `diversity/`,
     `speed/` figures and the `eval/` settings. Digit prompts (and digit metrics) when the pipeline was trained on
-    embedded:digits (or `digits=True`); else `prompts` or a few generic ones. `samples_dir` also saves the images.
-    Unset sampling settings come from the t2i run's recipe.yaml (eval_images_per_prompt, num_inference_steps,
-    guidance_scale), else 20 / 25 / 3.0. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
+    embedded:digits (or `digits=True`); else `prompts`, the run's validation_prompts, or a few generic ones.
+    `samples_dir` also saves the images. Unset sampling settings come from the t2i run's recipe.yaml
+    (eval_images_per_prompt, num_inference_steps, guidance_scale), else 20 / 25 / 3.0. Diversity needs two images
+    per prompt: with one it is None. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.data import DIGIT_DATASETS
     from hfgen.diffusion.rendering import generate_images, recorded_call_arguments, save_images
+    from hfgen.errors import UserError
 
+    for name, value in (("images_per_prompt", images_per_prompt), ("num_inference_steps", num_inference_steps)):
+        if value is not None and value < 1:  # (0 would otherwise read as unset: the default)
+            raise UserError(f"hfgen eval: --{name} must be at least 1, got {value}.")
     recipe = recipe_of(pipeline_dir)
     images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
     num_inference_steps = num_inference_steps or recipe.get("num_inference_steps") or 25
@@ -172,7 +177,7 @@ def evaluate_pipeline(
     digits = recipe.get("dataset_name") in DIGIT_DATASETS if digits is None else digits
     if digits:
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
-    prompts = list(prompts or GENERIC_PROMPTS)
+    prompts = list(prompts or recipe.get("validation_prompts") or GENERIC_PROMPTS)
     pipeline = load_pipeline(pipeline_dir, device=device)
     call_arguments = recorded_call_arguments(pipeline_dir)
 
@@ -201,8 +206,11 @@ def evaluate_pipeline(
         results["diversity/pairwise_distance"] = float(
             np.mean([mean_pairwise_distance(thumbnails(row)) for row in rows])
         )
-        return results
-    return {**results, **digit_metrics([to_digit_pixels(row) for row in rows], rows[0][0].size[0])}
+    else:
+        results |= digit_metrics([to_digit_pixels(row) for row in rows], rows[0][0].size[0])
+    if images_per_prompt < 2:  # no pair to measure (was reported as 0: no diversity at all)
+        results |= {key: None for key in results if key.startswith("diversity/") and not key.endswith("_real")}
+    return results
 
 
 def digit_metrics(pixels_by_prompt: list[np.ndarray], resolution: int) -> dict:
