@@ -144,3 +144,17 @@ def test_images_as_cameras_and_tools_write_them_decode_as_they_look(tmp_path):
         train, _ = load_image_splits(args)
         batch = pixel_transform(args, str(name), flip=False)(train[:2])
         assert batch["pixel_values"][0].shape == (3, 8, 8)
+
+
+def test_images_an_imagefolder_metadata_leaves_out_are_warned_about(tmp_path, capsys):
+    assert check_image_data(imagefolder(tmp_path, files=4, listed=3), need_captions=True) == []
+    out = capsys.readouterr().out
+    assert "warning" in out and "1 image(s)" in out and "3.png" in out and "metadata" in out
+
+
+def test_dreambooth_instance_images_include_tiff_and_gif(tmp_path):
+    from hfgen.diffusion.dreambooth import image_files
+
+    for suffix in ("png", "tif", "tiff", "gif"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"a.{suffix}")
+    assert [p.suffix for p in image_files(tmp_path)] == [".gif", ".png", ".tif", ".tiff"]

@@ -245,11 +245,38 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(scratch_run,
     assert_resumed_records(full, resumed)
 
 
-def test_zero_validation_images_exit_2_at_the_check(scratch_run):
-    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run,
-                       "--num_validation_images", "0")  # fmt: skip
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--num_validation_images", "0"], ["num_validation_images", "validation_prompts: []"]),
+        (["--checkpoints_total_limit", "0"], ["checkpoints_total_limit", "at least 1"]),  # (0 kept every one)
+    ],
+)
+def test_zero_counts_exit_2_at_the_check(scratch_run, change, expected):
+    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, *change)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "num_validation_images" in result.stderr and "validation_prompts: []" in result.stderr
+    assert all(part in result.stderr for part in expected), result.stderr
+
+
+def test_text_encoder_lora_with_a_peft_transformers_cannot_use_exits_2_at_the_check(scratch_run):
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    if Version(version("peft")) >= Version(MIN_PEFT_VERSION):
+        pytest.skip(f"peft {version('peft')} is new enough for transformers' text-encoder adapters")
+    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run,
+                       "--train_text_encoder", "true")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train_text_encoder" in result.stderr and MIN_PEFT_VERSION in result.stderr
+
+
+def test_generate_with_more_steps_than_the_scheduler_has_exits_2(scratch_run, tmp_path):
+    result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--num_inference_steps", "2000",
+                       "--output_dir", tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--num_inference_steps 2000" in result.stderr and "1000" in result.stderr
 
 
 def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):

@@ -220,6 +220,35 @@ def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CH
     return problems
 
 
+def unlisted_images(name: str) -> list[str]:
+    """The images of an imagefolder (a folder with metadata.jsonl or metadata.csv files) that no metadata file
+    names: `datasets` leaves them out without a word."""
+    import csv
+    import json
+
+    from hfgen.data.loading import IMAGE_SUFFIXES
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    listed = set()
+    for metadata in (p for p in files if p.name in ("metadata.jsonl", "metadata.csv")):
+        try:
+            with metadata.open(encoding="utf-8") as stream:
+                if metadata.suffix == ".csv":
+                    names = [row.get("file_name") for row in csv.DictReader(stream)]
+                else:
+                    names = [json.loads(line).get("file_name") for line in stream if line.strip()]
+        except (OSError, ValueError, AttributeError):
+            return []  # a metadata file the loader itself reports
+        listed |= {(metadata.parent / n).resolve() for n in names if isinstance(n, str)}
+    if not listed:
+        return []
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(str(p.relative_to(folder)) for p in images if p.resolve() not in listed)
+
+
 def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]:
     """Problems with the recipe's image dataset: loading, columns, empty captions, undecodable images."""
     if not args.dataset_name:
@@ -234,6 +263,9 @@ def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]
     splits, problems = load_splits_for_check(load_image_splits, args)
     if problems:
         return problems
+    if unlisted := unlisted_images(args.dataset_name):
+        print(f"warning: dataset '{args.dataset_name}': {len(unlisted)} image(s) in the folder are not in its "
+              f"metadata file and are left out (e.g. '{unlisted[0]}'); list them to train on them")  # fmt: skip
     train, evaluation = splits
     columns = [args.image_column] + ([args.caption_column] if need_captions else [])
     missing = [c for c in columns if c not in train.column_names]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from hfgen.data.loading import IMAGE_SUFFIXES  # the dataset path's (TIFF and GIF too)
+
 METADATA = "metadata.jsonl"
 
 

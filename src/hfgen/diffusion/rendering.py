@@ -41,6 +41,17 @@ def generate_images(
     return images
 
 
+def check_inference_steps(pipeline, num_inference_steps: int) -> None:
+    """A UserError when `num_inference_steps` exceeds the timesteps the pipeline's scheduler was trained with
+    (its set_timesteps raises a raw ValueError there)."""
+    from hfgen.errors import UserError
+
+    limit = pipeline.scheduler.config.get("num_train_timesteps")
+    if limit is not None and num_inference_steps > limit:
+        raise UserError(f"--num_inference_steps {num_inference_steps} is more than the {limit} timesteps the "
+                        f"pipeline's scheduler ({type(pipeline.scheduler).__name__}) was trained with")  # fmt: skip
+
+
 def recorded_call_arguments(pipeline_dir: str | Path) -> dict:
     """Pipeline-call arguments a run trained with and its samples need too, from the run's recipe.yaml: a t2i_flow
     run's `max_sequence_length` (the zero T5 tokens of a pipeline without T5), and a text-to-image run's
@@ -119,6 +130,7 @@ def render_images(
     if output_dir and (problem := tracking.path_problem(output_dir, "--output_dir", directory=True)):
         raise UserError(problem + ".")
     pipeline = load_pipeline(pipeline_dir)
+    check_inference_steps(pipeline, num_inference_steps)
     rows = generate_images(
         pipeline, list(prompts), num_images, num_inference_steps, guidance_scale, seed,
         **recorded_call_arguments(pipeline_dir),

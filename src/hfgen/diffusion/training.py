@@ -63,6 +63,9 @@ def check_loop_arguments(args: LoopArguments) -> list[str]:
     for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
         if getattr(args, key) < 1:
             problems.append(f"{key} must be at least 1, got {getattr(args, key)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:  # (0 kept every one)
+        problems.append(f"checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}; unset it "
+                        "to keep every checkpoint, or set checkpointing_steps: 0 for none")  # fmt: skip
     if args.max_train_steps is not None and args.max_train_steps < 1:
         problems.append(f"max_train_steps must be at least 1, got {args.max_train_steps}")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():

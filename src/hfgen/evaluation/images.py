@@ -164,7 +164,7 @@ def evaluate_pipeline(
     per prompt: with one it is None. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.data import DIGIT_DATASETS
-    from hfgen.diffusion.rendering import generate_images, recorded_call_arguments, save_images
+    from hfgen.diffusion.rendering import check_inference_steps, generate_images, recorded_call_arguments, save_images
     from hfgen.errors import UserError
 
     for name, value in (("images_per_prompt", images_per_prompt), ("num_inference_steps", num_inference_steps)):
@@ -179,6 +179,7 @@ def evaluate_pipeline(
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
     prompts = list(prompts or recipe.get("validation_prompts") or GENERIC_PROMPTS)
     pipeline = load_pipeline(pipeline_dir, device=device)
+    check_inference_steps(pipeline, num_inference_steps)
     call_arguments = recorded_call_arguments(pipeline_dir)
 
     def render():

@@ -75,9 +75,25 @@ def check(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2
         problems.append(
             "cache_latents needs center_crop: true (random crops differ every epoch); or cache_latents: false"
         )
+    if args.use_lora and args.train_text_encoder and (problem := text_encoder_lora_problem()):
+        problems.append(problem)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         problems.append(f"snr_gamma must be positive, got {args.snr_gamma}")
     return problems
+
+
+def text_encoder_lora_problem() -> str | None:
+    """transformers' add_adapter (the text encoder's LoRA) needs a newer peft than diffusers' does (the UNet's)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    installed = version("peft")
+    if Version(installed) < Version(MIN_PEFT_VERSION):
+        return (f"use_lora with train_text_encoder needs peft >= {MIN_PEFT_VERSION} (transformers' adapters on the "
+                f"text encoder); peft {installed} is installed: upgrade it, or set train_text_encoder: false")  # fmt: skip
+    return None
 
 
 def refused_engines(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2ITrainingArguments):
