@@ -165,7 +165,7 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
                 images = pipeline(
                     prompt, num_images_per_prompt=len(chunk), num_inference_steps=steps, guidance_scale=guidance,
                     generator=[torch.Generator(device=device).manual_seed(seed + number) for number in chunk],
-                    height=resolution, width=resolution, **call_arguments,
+                    **({"height": resolution, "width": resolution} | call_arguments),
                 ).images  # fmt: skip
                 for number, image in zip(chunk, images):
                     name = f"{number:05d}-{slug(prompt)}.png"
