@@ -279,6 +279,23 @@ def test_generate_with_more_steps_than_the_scheduler_has_exits_2(scratch_run, tm
     assert "--num_inference_steps 2000" in result.stderr and "1000" in result.stderr
 
 
+def test_with_gradient_accumulation_a_step_logs_the_mean_of_its_micro_batches(scratch_run, tmp_path):
+    """At learning rate 0 the adapters stay put, so two accumulated micro-batches of 8 see what two steps of 8 see
+    (same batches, same noise and timesteps): the accumulated step logs their mean (was the last micro-batch's)."""
+    losses = {}
+    for accumulation, steps in ((2, 2), (1, 4)):
+        output_dir = tmp_path / f"accumulation{accumulation}"
+        result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir",
+                           output_dir, "--learning_rate", "0", "--gradient_accumulation_steps", str(accumulation),
+                           "--max_train_steps", str(steps), "--logging_steps", "1", "--checkpointing_steps", "0",
+                           "--eval_images_per_prompt", "0", "--validation_prompts", "[]", *SMALL_DATA,
+                           "--train_batch_size", "8")  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[accumulation] = [row["loss"] for row in tracking.read_metrics(output_dir)]
+    single = losses[1]
+    assert losses[2] == pytest.approx([(single[0] + single[1]) / 2, (single[2] + single[3]) / 2], rel=1e-5)
+
+
 def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):
     result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
                        "--lora_target_modules", "[q_proj, k_proj]", *SMALL_DATA)  # fmt: skip
