@@ -622,9 +622,13 @@ def _trained_to_the_end(path: Path, args=None) -> bool:
     return state.get("num_train_epochs", 0) >= args.num_train_epochs
 
 
-# Keys that may change between a run and its resume: where and how often it saves, logs and reports, and how long it
-# trains (a resume may extend a run). Any other change would make the resumed run another run than the checkpoint's.
+# Keys that may change between a run and its resume: where and how often it saves, logs and reports, how it is
+# evaluated and sampled (`eval_*`, `validation_*` and the keys below), and how long it trains (a resume may extend a
+# run). Any other change would make the resumed run another run than the checkpoint's.
+RESUMABLE_PREFIXES = ("eval_", "validation_")
 RESUMABLE_CHANGES = frozenset((
+    "per_device_eval_batch_size", "max_eval_samples", "num_validation_images", "num_inference_steps",
+    "guidance_scale", "num_samples", "sample_max_new_tokens", "sample_steps",
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "save_on_signal", "nan_tolerance",
     "logging_steps", "logging_dir", "logging_first_step", "report_to", "run_name", "disable_tqdm", "log_level",
     "save_steps", "save_strategy", "save_total_limit", "checkpointing_steps", "checkpoints_total_limit",
@@ -672,7 +676,9 @@ def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a {then_yaml.get('stage')} run, "
             f"not a {now_yaml.get('stage')} run; give a checkpoint of this run."
         )
-    keys = sorted((set(then_yaml) | set(now_yaml)) - RESUMABLE_CHANGES)
+    keys = sorted(
+        key for key in (set(then_yaml) | set(now_yaml)) - RESUMABLE_CHANGES if not key.startswith(RESUMABLE_PREFIXES)
+    )
     if all(then_yaml.get(key) == now_yaml.get(key) for key in keys):
         return
     try:  # parsed, so that a key left out and the same key at its default agree
