@@ -255,7 +255,10 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**recipe, **changes}))
         return tracking.resolve_resume("true", tmp_path)
 
-    assert resume_with(resume_from_checkpoint=True, logging_steps=1, save_steps=2, max_steps=99) == checkpoint
+    allowed = dict(
+        resume_from_checkpoint=True, logging_steps=1, save_steps=2, max_steps=99, eval_steps=3, max_eval_samples=5
+    )  # where it saves and logs, how it is evaluated, how long it trains
+    assert resume_with(**allowed) == checkpoint
     with pytest.raises(UserError, match=r"learning_rate: 0.003 -> 0.03.*start afresh"):
         resume_with(learning_rate=0.03)
     with pytest.raises(UserError, match=r"per_device_train_batch_size"):
