@@ -288,28 +288,7 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
     return lines, fatal
 
 
-# ---- launch checks (`hfgen train`: before any model loads, and before `--num_processes` spawns processes) ----
-
-
-def deepspeed_on_cpu_flag_problem() -> str:
-    return (
-        "the launch asked for DeepSpeed but ACCELERATE_USE_CPU=true is set, which turns accelerate's engine into plain "
-        "data parallelism half way (the Trainer-based stages crashed after the model loaded, ppo/vae/t2i refused it): "
-        "unset ACCELERATE_USE_CPU for DeepSpeed (on CPUs: DS_ACCELERATOR=cpu, see README 'Trying a preset on a CPU'), "
-        "or launch plain DDP (recipes/accelerate/cpu_2proc.yaml) with it"
-    )
-
-
-def check_launched_environment() -> None:
-    """In a launched process: a DeepSpeed launch with ACCELERATE_USE_CPU exits 2 before anything loads, whatever
-    the stage (`loop.make_accelerator` refuses it for its own loops only once it builds the Accelerator)."""
-    from accelerate.utils import parse_flag_from_env
-
-    from hfgen.errors import UserError
-    from hfgen.loop import launched_engine
-
-    if launched_engine().startswith("zero") and parse_flag_from_env("ACCELERATE_USE_CPU"):
-        raise UserError(deepspeed_on_cpu_flag_problem())
+# ---- launch checks (`hfgen train --num_processes`: before it spawns processes) ----
 
 
 def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
@@ -321,6 +300,7 @@ def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
     from accelerate.utils import parse_flag_from_env
 
     from hfgen.errors import UserError
+    from hfgen.loop import deepspeed_on_cpu_flag_problem
 
     config = {}
     if launch_config:

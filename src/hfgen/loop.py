@@ -81,12 +81,16 @@ def _engine_of(state) -> str:
 def check_launch(refused: dict[str, str] | None = None) -> None:
     """Stop (exit code 2) a launch that cannot do what was asked, before any model loads: processes that would each
     train alone (`accelerate launch` started WORLD_SIZE processes but accelerate sees one, e.g. CPU processes without
-    ACCELERATE_USE_CPU), or an engine the stage refuses (`refused`: engine -> why)."""
+    ACCELERATE_USE_CPU), DeepSpeed asked for with ACCELERATE_USE_CPU, or an engine the stage refuses (`refused`:
+    engine -> why)."""
+    from accelerate.utils import parse_flag_from_env
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     asked = launched_engine()
+    if asked.startswith("zero") and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise UserError(deepspeed_on_cpu_flag_problem())
     if world_size > 1:
         from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
 
         # Created as Accelerator and TrainingArguments would (this state is shared with theirs). accelerate knows no
         # process-group backend for DeepSpeed's CPU accelerator and would run each process alone: gloo is named.
@@ -105,6 +109,15 @@ def check_launch(refused: dict[str, str] | None = None) -> None:
             )
     if refused and asked in refused:
         raise UserError(f"this stage cannot run under {asked}: {refused[asked]}")
+
+
+def deepspeed_on_cpu_flag_problem() -> str:
+    return (
+        "the launch asked for DeepSpeed but ACCELERATE_USE_CPU=true is set, which turns accelerate's engine into plain "
+        "data parallelism half way (the Trainer-based stages crashed after the model loaded, ppo/vae/t2i refused it): "
+        "unset ACCELERATE_USE_CPU for DeepSpeed (on CPUs: DS_ACCELERATOR=cpu, see README 'Trying a preset on a CPU'), "
+        "or launch plain DDP (recipes/accelerate/cpu_2proc.yaml) with it"
+    )
 
 
 def use_cpu_problem() -> str:

@@ -49,9 +49,8 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(known_keys(stage)))
         return 0
     from hfgen import loop
-    from hfgen.check import check_launched_environment, check_spawn
+    from hfgen.check import check_spawn
 
-    check_launched_environment()
     loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
     if args.num_processes is not None or args.launch_config or args.main_process_port is not None:
         if args.launch_config and not Path(args.launch_config).is_file():
