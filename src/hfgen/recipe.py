@@ -70,6 +70,11 @@ class Recipe:
                 return config
         raise KeyError(cls.__name__)
 
+    def value(self, key: str):
+        """The parsed value of `key` (its default when the recipe leaves it out), from whichever config has it;
+        None when none has."""
+        return next((getattr(c, key) for c in (*self.configs, self.run) if hasattr(c, key)), None)
+
     @property
     def output_dir(self) -> Path:
         if recipe_output_dir(self.values) is not None:

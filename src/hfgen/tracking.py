@@ -685,12 +685,8 @@ def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
         then, now_recipe = (load_recipe(path, check_inputs=False) for path in (then_file, now_file))
     except UserError:
         return  # a recipe of an older hfgen: accelerate's own checks remain
-
-    def value(parsed, key):
-        return next((getattr(c, key) for c in (*parsed.configs, parsed.run) if hasattr(c, key)), None)
-
-    changed = [f"{key}: {value(then, key)!r} -> {value(now_recipe, key)!r}"
-               for key in keys if value(then, key) != value(now_recipe, key)]  # fmt: skip
+    changed = [f"{key}: {then.value(key)!r} -> {now_recipe.value(key)!r}"
+               for key in keys if then.value(key) != now_recipe.value(key)]  # fmt: skip
     if changed:
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a run with other values of keys that "

@@ -166,7 +166,7 @@ def run_recipe(recipe) -> Path:
     # The rlhf pipeline's own dir holds only its summary: a rerun with other settings skips or redoes its steps,
     # each of which is checked in its own dir (`run_step`).
     overwrite = recipe.run.overwrite_output_dir or recipe.stage == "rlhf"
-    resuming = any(tracking.resume_requested(getattr(c, "resume_from_checkpoint", None)) for c in recipe.configs)
+    resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
     guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     try:
