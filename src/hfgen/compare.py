@@ -127,13 +127,17 @@ def main(args: argparse.Namespace) -> int:
         label = f"[{index}/{len(runs)}] {method} seed {seed}"
         done = tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
         inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
-        if done and tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs:
+        same_inputs = tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs
+        if done and same_inputs:
             print(f"{label}: already complete, skipped")
         else:
             why = " (trained from an older SFT or reward model, or not recorded)" if done else ""
             print(f"{label}: training{why} -> {run_dir}", flush=True)
-            train_point(recipe, args.quiet)
+            # recorded before training: an interrupted run of these inputs continues from its checkpoint (run_step),
+            # one begun from other inputs starts over
+            run_dir.mkdir(parents=True, exist_ok=True)
             tracking.write_json(run_dir / INPUTS_FILE, inputs)
+            train_point(recipe, args.quiet, fresh=not same_inputs)
         evaluate_point(run_dir, method, sft_dir, reward_dir, args)
     report = write_compare_report(root, runs, methods, args)
     print(f"report: {report}")
@@ -184,12 +188,13 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
         run_recipe(rlhf.step_recipe(shared, step, check_inputs=True))
 
 
-def train_point(recipe, quiet: bool) -> None:
-    """Train one run in a child process, so that its peak memory is its own (written to peak_memory.json)."""
+def train_point(recipe, quiet: bool, fresh: bool) -> None:
+    """Train one run in a child process, so that its peak memory is its own (written to peak_memory.json); as a
+    sweep point (`run_step`: an interrupted run continues from its checkpoint, unless `fresh`)."""
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     path = recipe.output_dir / "compare_recipe.yaml"
     path.write_text(recipe.to_yaml())
-    code = f"from hfgen.compare import run_point; run_point({str(path)!r}, {quiet!r})"
+    code = f"from hfgen.compare import run_point; run_point({str(path)!r}, {quiet!r}, {fresh!r})"
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     returncode = subprocess.run([sys.executable, "-c", code], env=env).returncode
     if returncode == 2:  # the child's one-paragraph error is above
@@ -197,18 +202,18 @@ def train_point(recipe, quiet: bool) -> None:
                         "the same command: complete runs are skipped")  # fmt: skip
     if returncode != 0:
         raise UserError(f"hfgen compare: the run {recipe.output_dir} failed (its output is above); the same command "
-                        "trains it again from the start, and skips the runs that are complete")  # fmt: skip
+                        "continues it from its newest complete checkpoint, and skips the runs that are complete")  # fmt: skip
 
 
-def run_point(recipe_path: str, quiet: bool = False) -> None:
-    """The child process of `train_point`: `hfgen train` on the recipe, then the process's peak memory."""
+def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> None:
+    """The child process of `train_point`: the recipe's run (`run_step`), then the process's peak memory."""
     import torch
 
     from hfgen import tracking
     from hfgen.errors import exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
     from hfgen.recipe import load_recipe
-    from hfgen.train import disk_full_exits_2, run_recipe
+    from hfgen.train import disk_full_exits_2, run_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with exit_on_user_error():
@@ -219,7 +224,7 @@ def run_point(recipe_path: str, quiet: bool = False) -> None:
                     config.disable_tqdm = True
         reset_peak_memory(device)
         with disk_full_exits_2(recipe.output_dir):
-            run_recipe(recipe)
+            run_step(recipe, fresh=fresh)
     megabytes, kind = peak_memory(device)
     tracking.write_json(Path(recipe.output_dir) / "peak_memory.json", {"peak_memory_mb": megabytes, "kind": kind})
 

@@ -398,3 +398,27 @@ def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_chan
         "true",
     )
     assert (run / "compare_eval.json").read_text() != second  # retrained, so evaluated again
+
+
+@pytest.mark.slow
+def test_an_interrupted_compare_run_continues_from_its_checkpoint(tiny_lm, tmp_path, capfd, monkeypatch):
+    # compare trained its runs as fresh starts: an interrupted one was refused (its dir held complete checkpoints)
+    few = {"save_strategy": "no", "max_eval_samples": 8, "disable_tqdm": True, "output_dir": str(tmp_path / "sft")}
+    sft = shrunk("sft_full.yaml", tmp_path, model_name_or_path=str(tiny_lm), max_steps=2, max_train_samples=32, **few)
+    dpo = shrunk("dpo.yaml", tmp_path, per_device_train_batch_size=8, max_eval_samples=8,
+                 save_strategy="steps", save_steps=1)  # 16 prompts: two steps  # fmt: skip
+    pipeline = {"stage": "rlhf", "method": "dpo", "output_dir": str(tmp_path / "pipeline"), "sft": sft, "dpo": dpo}
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(pipeline))
+    command = ["compare", str(tmp_path / "compare.yaml"), "--methods", "dpo", "--seeds", "1", "--prompts", "16",
+               "--num_prompts", "2", "--samples_per_prompt", "1", "--response_length", "4",
+               "--output_root", str(tmp_path / "root"), "--quiet"]  # fmt: skip
+    monkeypatch.setenv("HFGEN_KILL_AT", "checkpoint@2")  # the DPO run's child, writing its second checkpoint
+    with pytest.raises(SystemExit):
+        hfgen_main(command)
+    run = tmp_path / "root/dpo/seed=0"
+    assert tracking.complete_checkpoints(run) and not tracking.is_complete(run)
+    monkeypatch.delenv("HFGEN_KILL_AT")
+    capfd.readouterr()
+    assert hfgen_main(command) == 0
+    assert "continuing from its newest complete checkpoint" in capfd.readouterr().out
+    assert tracking.is_complete(run)
