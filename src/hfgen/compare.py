@@ -167,17 +167,20 @@ def point_recipe(base, method: str, seed: int, root: Path, args):
 
 
 def run_shared_steps(shared, needs_reward: bool) -> None:
-    """Prerequisite, SFT and reward steps, skipped when complete with the same recipe (as the pipeline does)."""
+    """Prerequisite, SFT and reward steps, skipped when complete with the same recipe (as the pipeline does). An
+    interrupted step continues from its checkpoint (`run_step`) unless an earlier step ran just now; a complete step
+    of another recipe is trained over only with its overwrite_output_dir (`run_recipe` refuses it otherwise)."""
     from hfgen import tracking
     from hfgen.recipe import load_recipe
     from hfgen.stages import rlhf
-    from hfgen.train import run_recipe
+    from hfgen.train import run_recipe, run_step
 
     if shared.prerequisite:
         prerequisite = load_recipe(shared.prerequisite, check_inputs=False)
         if not tracking.is_complete(prerequisite.output_dir):
             print(f"== prerequisite: {shared.prerequisite} -> {prerequisite.output_dir}")
-            run_recipe(load_recipe(shared.prerequisite))
+            run_step(load_recipe(shared.prerequisite))
+    ran = False
     for step in ("sft", "reward") if needs_reward else ("sft",):
         recipe = rlhf.step_recipe(shared, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
@@ -185,7 +188,12 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
             print(f"== {step}: {recipe.output_dir} is complete, reused")
             continue
         print(f"== {step}: -> {recipe.output_dir}")
-        run_recipe(rlhf.step_recipe(shared, step, check_inputs=True))
+        step_recipe = rlhf.step_recipe(shared, step, check_inputs=True)
+        if done:
+            run_recipe(step_recipe)
+        else:
+            run_step(step_recipe, fresh=ran)
+        ran = True
 
 
 def train_point(recipe, quiet: bool, fresh: bool) -> None:

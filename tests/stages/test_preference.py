@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, shrunk
+from conftest import REPO, accelerate_launch, run_hfgen, shrunk
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import preference_pairs
@@ -400,18 +400,24 @@ def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_chan
     assert (run / "compare_eval.json").read_text() != second  # retrained, so evaluated again
 
 
+def interruptible_compare(tmp_path, tiny_lm, sft_saves: bool) -> list[str]:
+    """A one-run DPO comparison whose DPO run (and, `sft_saves`, SFT step) writes a checkpoint each of its 2 steps."""
+    saves = {"save_strategy": "steps", "save_steps": 1}
+    few = {"max_eval_samples": 8, "disable_tqdm": True, "output_dir": str(tmp_path / "sft"),
+           **(saves if sft_saves else {"save_strategy": "no"})}  # fmt: skip
+    sft = shrunk("sft_full.yaml", tmp_path, model_name_or_path=str(tiny_lm), max_steps=2, max_train_samples=32, **few)
+    dpo = shrunk("dpo.yaml", tmp_path, per_device_train_batch_size=8, max_eval_samples=8, **saves)  # 16 prompts: 2
+    pipeline = {"stage": "rlhf", "method": "dpo", "output_dir": str(tmp_path / "pipeline"), "sft": sft, "dpo": dpo}
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(pipeline))
+    return ["compare", str(tmp_path / "compare.yaml"), "--methods", "dpo", "--seeds", "1", "--prompts", "16",
+            "--num_prompts", "2", "--samples_per_prompt", "1", "--response_length", "4",
+            "--output_root", str(tmp_path / "root"), "--quiet"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_an_interrupted_compare_run_continues_from_its_checkpoint(tiny_lm, tmp_path, capfd, monkeypatch):
     # compare trained its runs as fresh starts: an interrupted one was refused (its dir held complete checkpoints)
-    few = {"save_strategy": "no", "max_eval_samples": 8, "disable_tqdm": True, "output_dir": str(tmp_path / "sft")}
-    sft = shrunk("sft_full.yaml", tmp_path, model_name_or_path=str(tiny_lm), max_steps=2, max_train_samples=32, **few)
-    dpo = shrunk("dpo.yaml", tmp_path, per_device_train_batch_size=8, max_eval_samples=8,
-                 save_strategy="steps", save_steps=1)  # 16 prompts: two steps  # fmt: skip
-    pipeline = {"stage": "rlhf", "method": "dpo", "output_dir": str(tmp_path / "pipeline"), "sft": sft, "dpo": dpo}
-    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(pipeline))
-    command = ["compare", str(tmp_path / "compare.yaml"), "--methods", "dpo", "--seeds", "1", "--prompts", "16",
-               "--num_prompts", "2", "--samples_per_prompt", "1", "--response_length", "4",
-               "--output_root", str(tmp_path / "root"), "--quiet"]  # fmt: skip
+    command = interruptible_compare(tmp_path, tiny_lm, sft_saves=False)
     monkeypatch.setenv("HFGEN_KILL_AT", "checkpoint@2")  # the DPO run's child, writing its second checkpoint
     with pytest.raises(SystemExit):
         hfgen_main(command)
@@ -422,3 +428,15 @@ def test_an_interrupted_compare_run_continues_from_its_checkpoint(tiny_lm, tmp_p
     assert hfgen_main(command) == 0
     assert "continuing from its newest complete checkpoint" in capfd.readouterr().out
     assert tracking.is_complete(run)
+
+
+@pytest.mark.slow
+def test_an_interrupted_shared_sft_step_of_compare_continues_from_its_checkpoint(tiny_lm, tmp_path):
+    # the same, for the SFT step the runs share (trained in compare's own process)
+    command = interruptible_compare(tmp_path, tiny_lm, sft_saves=True)
+    killed = run_hfgen(*command, env={"HFGEN_KILL_AT": "checkpoint@2"})
+    assert killed.returncode < 0 and tracking.complete_checkpoints(tmp_path / "sft")
+    result = run_hfgen(*command, env={"HFGEN_KILL_AT": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from its newest complete checkpoint" in result.stdout
+    assert tracking.is_complete(tmp_path / "sft") and tracking.is_complete(tmp_path / "root/dpo/seed=0")
