@@ -99,6 +99,12 @@ def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
     assert len(list(tmp_path.glob("0*-*.png"))) == 6
     assert Image.open(tmp_path / "grid.png").size == (3 * 64, 2 * 64)
     assert str(tmp_path / "grid.png") in result.stdout
+    # a second render into the same dir, with fewer prompts and samples: only its own images are there
+    (tmp_path / "notes.png").write_bytes(b"not ours")
+    result = run_hfgen("generate", scratch_run, "--prompt", "digit seven", "--num_samples", "1",
+                       "--num_inference_steps", "2", "--output_dir", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00-digit-seven-0.png", "grid.png", "notes.png"]
 
 
 def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run, tmp_path):

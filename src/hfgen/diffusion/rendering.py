@@ -96,10 +96,19 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
 
 
+# the names `save_images` writes: NN-prompt-slug-K.png and grid.png
+SAVED_IMAGE = re.compile(r"(\d{2,}-[a-z0-9-]*-\d+|grid)\.png")
+
+
 def save_images(rows: list[list], prompts: list[str], output_dir: str | Path) -> list[Path]:
-    """PNGs named NN-prompt-slug-K.png, then grid.png (last in the returned list)."""
+    """PNGs named NN-prompt-slug-K.png, then grid.png (last in the returned list). An earlier call's images in
+    `output_dir` are deleted first: a second render with fewer prompts or samples would otherwise leave the first's
+    extra images beside its own, as if rendered now (other files are left alone)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for old in output_dir.glob("*.png"):
+        if SAVED_IMAGE.fullmatch(old.name):
+            old.unlink()
     paths = []
     for index, (prompt, row) in enumerate(zip(prompts, rows)):
         for k, image in enumerate(row):
