@@ -128,6 +128,9 @@ def test_fine_tuning_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tiny_lm
     )
     assert_same_run(reference, killed)
     assert any("skipped checkpoint-4" in line for line in notes), notes
+    if stage != "grpo_arithmetic":  # the mean loss of the whole run's steps, not only of those after the resume
+        losses = [tracking.read_json(run / "eval.json")["train_loss"] for run in (reference, killed)]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     if "eval" in points:  # the comparison done again on the same weights: the same figures
         assert held_out_figures(killed) == held_out_figures(reference)
 

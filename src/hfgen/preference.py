@@ -384,7 +384,7 @@ def run_stage(
                 **comparison,
                 "method": method,
                 "train_rows": len(train_rows),
-                "train_loss": result.training_loss,
+                "train_loss": tracking.run_train_loss(trainer, result.training_loss, resume),
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_samples_per_s": result.metrics["train_samples_per_second"],
                 "steps": trainer.state.global_step,

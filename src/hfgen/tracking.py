@@ -559,6 +559,25 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     return path
 
 
+def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> float:
+    """The mean training loss over the whole run's steps, for eval.json. After a resume the Trainer's `training_loss`
+    covers only the steps this call trained (transformers 5), so a resumed run recorded another figure than the
+    uninterrupted one; the earlier steps' losses come from the log history restored with the checkpoint (each
+    logged loss is the mean over the steps since the log before it). Steps after the checkpoint's last log and
+    before the checkpoint have no logged loss and are left out (none when logging_steps divides save_steps)."""
+    if resumed_from is None:
+        return training_loss
+    start = _step_of(resumed_from)
+    total, steps, previous = 0.0, 0, 0
+    for row in trainer.state.log_history:
+        if "loss" in row and row.get("step", start + 1) <= start:
+            total += row["loss"] * (row["step"] - previous)
+            steps += row["step"] - previous
+            previous = row["step"]
+    trained = trainer.state.global_step - start
+    return (total + training_loss * trained) / max(steps + trained, 1)
+
+
 def resume_requested(resume_from_checkpoint) -> bool:
     return resume_from_checkpoint not in (None, False, "", "false", "False")
 

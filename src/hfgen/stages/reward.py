@@ -218,7 +218,7 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
                 "margin": final["margin"],
                 "score_max": final["score_max"],  # PPO's reward-hacking monitor: scores above it are suspect
                 "held_out_pairs": len(held_out),
-                "train_loss": result.training_loss,
+                "train_loss": tracking.run_train_loss(trainer, result.training_loss, resume),
                 "train_tokens": tokens,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_tokens_per_s": tokens / result.metrics["train_runtime"],

@@ -409,7 +409,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
                 "response_loss": final_loss,
                 "held_out_responses": len(held_out),
                 "eos_rate": sum(s["ended_with_eos"] for s in samples) / len(samples) if samples else None,
-                "train_loss": result.training_loss,
+                "train_loss": tracking.run_train_loss(trainer, result.training_loss, resume),
                 "train_tokens": tokens,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "train_tokens_per_s": tokens / result.metrics["train_runtime"],
