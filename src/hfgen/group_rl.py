@@ -244,6 +244,19 @@ def no_signal_share(rewards, num_generations: int) -> float:
 # ---- the trainer: TRL's, plus records and exact resume ------------------------------------------------------
 
 
+class WithPositions:
+    """`model` called with `position_ids` counted from the attention mask (`position_ids_from`, as generate and PPO
+    number a left-padded row), whatever wraps it (PEFT, DeepSpeed, FSDP, DDP): only the call's arguments change."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        from hfgen.rl.rollout import position_ids_from
+
+        return self.model(**inputs, position_ids=position_ids_from(inputs["attention_mask"]))
+
+
 def recorded(trainer_class):
     """`trainer_class` (GRPOTrainer or RLOOTrainer) plus hfgen's records and exact resume."""
 
@@ -292,6 +305,14 @@ def recorded(trainer_class):
                 ]  # fmt: skip
             self._timers["scoring"] += time.perf_counter() - start
             return rewards_per_func
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
+            # TRL scores the left-padded batch without position_ids, so a model with learned absolute positions that
+            # ignores the mask there (GPT-2, OPT) reads each row shifted by its padding: log-probs unlike those it
+            # sampled with. generate (and PPO's passes) number each row from its first real token; so do these.
+            if kwargs.get("pixel_values") is None:  # a vision model computes its own (multimodal) positions
+                model = WithPositions(model)
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, *args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch):
             start = time.perf_counter()
@@ -480,6 +501,8 @@ def evaluate_against_start(
     import torch
 
     from hfgen.evaluation.text import win_rate
+    from hfgen.rl.functional import has_stop_token
+    from hfgen.rl.models import stop_token_ids
     from hfgen.rl.rollout import RewardScorer, left_pad, reference_logprobs, response_texts, sample_responses
 
     tokenizer = trainer.processing_class
@@ -498,7 +521,10 @@ def evaluate_against_start(
     ]  # fmt: skip
     queries = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, device)
-    generation_config = sampling_config(tokenizer, config)
+    # every id that ends a completion in training (TRL stops at the tokenizer's EOS and all of the policy's
+    # generation_config eos ids), so eos_rate and lengths measure what training sampled
+    stop_ids = stop_token_ids(tokenizer, policy)
+    generation_config = sampling_config(tokenizer, config, stop_ids)
     judged, sampled = {}, None
     # components by hfgen's names ("reward_model", not TRL's name of the model's dir: outputs/tiny/reward would be
     # "reward", the total's name)
@@ -517,8 +543,8 @@ def evaluate_against_start(
                 data_args.eval_generation_batch_size,
                 tokenizer.pad_token_id,
             )
-        responses = response_texts(tokenizer, sampled.response_ids, tokenizer.eos_token_id)
-        ended = (sampled.response_ids == tokenizer.eos_token_id).any(1)
+        responses = response_texts(tokenizer, sampled.response_ids, stop_ids)
+        ended = has_stop_token(sampled.response_ids, stop_ids)
         figures = {}
         for index, (reward, reward_name) in enumerate(zip(trainer.reward_funcs, names)):
             if isinstance(reward, torch.nn.Module):  # scored as PPO and `hfgen eval` score (one scorer)
@@ -571,14 +597,14 @@ def _nothing():
     return nullcontext()
 
 
-def sampling_config(tokenizer, config):
+def sampling_config(tokenizer, config, stop_ids: list[int]):
     """Sampling as in training: softmax(logits / temperature) with the config's top_p/top_k/min_p, nothing else
-    (a model's own generation_config.json cannot leak in)."""
+    (a model's own generation_config.json cannot leak in), ending at any of `stop_ids`."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
         min_p=config.min_p, repetition_penalty=config.repetition_penalty, max_new_tokens=config.max_completion_length,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip

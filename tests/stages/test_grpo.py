@@ -291,3 +291,57 @@ def test_spawned_on_two_processes_with_its_own_port(models, tmp_path):
     result = run_hfgen("train", recipe, *launch, "--main_process_port", "29741", env={"ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert tracking.is_complete(tmp_path / "run")
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_trained_log_probs_of_a_left_padded_batch_equal_the_unpadded_ones(tmp_path, stage):
+    # GPT-2 learns absolute positions and its attention ignores the mask there: TRL's scoring pass, given no
+    # position_ids, read a left-padded row shifted by its padding (log-probs unlike those it sampled with)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from hfgen.group_rl import recorded
+    from hfgen.models import load_tokenizer
+    from tiny_models import save_tiny_causal_lm
+
+    trainer_class, config_class = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}[stage]
+    path = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    config = config_class(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none",
+                          per_device_train_batch_size=2, num_generations=2, max_completion_length=4)  # fmt: skip
+    trainer = recorded(trainer_class)(
+        model=model, reward_funcs=[lambda prompts, completions, **_: [0.0] * len(prompts)], args=config,
+        train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}), processing_class=tokenizer,
+    )  # fmt: skip
+    rows, scored = [[5, 6, 7, 8, 9, 10], [11, 12, 13]], 2  # prompt + completion; the last 2 tokens are scored
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask, scored)
+        for row, row_logps in zip(rows, logps):
+            logits = model(input_ids=torch.tensor([row])).logits[0, -scored - 1 : -1].float()
+            alone = logits.log_softmax(-1).gather(-1, torch.tensor(row[-scored:])[:, None])[:, 0]
+            torch.testing.assert_close(row_logps, alone, atol=1e-5, rtol=0)
+
+
+def test_the_held_out_comparison_stops_at_every_eos_id_training_stops_at(tmp_path, models):
+    # a generation_config listing several eos ids: TRL stops at each in training; the evaluation once stopped at the
+    # tokenizer's EOS alone (eos_rate and lengths of responses training never sees). Here every token but the pad
+    # ends a response, so each one is a single token, ended.
+    from transformers import GenerationConfig
+
+    start = tmp_path / "start"
+    shutil.copytree(models[0], start)
+    generation = GenerationConfig.from_pretrained(start)
+    pad = generation.pad_token_id
+    vocabulary = json.loads((start / "config.json").read_text())["vocab_size"]
+    generation.eos_token_id = [i for i in range(vocabulary) if i != pad]
+    generation.save_pretrained(start)
+    train(write_recipe(tmp_path, start, max_steps=1, save_strategy="no", steps_per_generation=1))
+    figures = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for side in ("sft", "grpo"):
+        assert figures[f"{side}/eos_rate"] == 1.0 and figures[f"{side}/response_length"] == 1.0, figures
