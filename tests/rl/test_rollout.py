@@ -202,6 +202,33 @@ def test_scorer_passes_the_policys_ids_straight_through_when_tokenizers_match(em
     )
 
 
+@pytest.mark.parametrize("stop", [".", "<|user|>"])
+def test_the_ids_path_closes_a_response_ended_by_another_stop_id_as_the_text_path_renders_it(
+    embedded_reward_model, stop
+):
+    # a stop id other than the template's end of turn (a "." among a model's eos ids, or a special token such as
+    # Qwen's <|endoftext|> beside <|im_end|>) once got the template's suffix straight after it: a sequence unlike the
+    # rendered text, in which the text's response (the special token skipped) ends with the end of turn
+    tokenizer, reward_model = embedded_reward_model
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    query = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    response = tokenizer("the cat is calm", add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids(stop)
+    ]
+    text = tokenizer.decode(response, skip_special_tokens=True)
+    shared = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4, policy_tokenizer=tokenizer)
+    by_ids, _ = shared([prompt], [text], [True], "cpu", [query + response])
+    by_text, _ = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4)([prompt], [text], [True], "cpu")
+    torch.testing.assert_close(by_ids, by_text)
+    plain = "describe the cat."  # a plain-string prompt: the text path adds EOS after the response
+    plain_ids = tokenizer(plain, add_special_tokens=False)["input_ids"]
+    response = [*tokenizer(" the cat is calm", add_special_tokens=False)["input_ids"], response[-1]]
+    text = tokenizer.decode(response, skip_special_tokens=True)
+    by_ids, _ = shared([plain], [text], [True], "cpu", [plain_ids + response])
+    by_text, _ = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4)([plain], [text], [True], "cpu")
+    torch.testing.assert_close(by_ids, by_text)
+
+
 def test_load_function_and_function_scores():
     oracle = R.load_function("hfgen.data.embedded:oracle_scores")
     prompts = [[{"role": "user", "content": "describe the red cat."}], "tell me about the dog."]

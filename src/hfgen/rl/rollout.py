@@ -487,9 +487,7 @@ class RewardScorer:
         if self.reward_model is not None:
             if self.reads_policy_ids and token_ids is not None:
                 chat = not isinstance(prompts[0], str)
-                sequences = [
-                    list(ids) + (self.suffix_ids if done and chat else []) for ids, done in zip(token_ids, finished)
-                ]
+                sequences = [self.closed(ids, chat) if done else list(ids) for ids, done in zip(token_ids, finished)]
             else:
                 texts = reward_model_texts(self.reward_tokenizer, prompts, responses, finished)
                 chat = not isinstance(prompts[0], str)
@@ -509,6 +507,19 @@ class RewardScorer:
                   "function returned None for them): their reward is 0")  # fmt: skip
             self.warned_unscored = True
         return weighted.nansum(0), components
+
+    def closed(self, ids: list[int], chat: bool) -> list[int]:
+        """A finished episode's ids (ending with the stop id that ended it) as the text path renders it
+        (`reward_model_texts`): the response's text, then EOS, then the template's end-of-turn suffix. A stop id
+        other than EOS ("." in a list of eos ids, Qwen's <|endoftext|> for <|im_end|>) is kept when it is text and
+        dropped when it is a special token (`response_texts` skips those), and EOS follows it: the template's
+        suffix after another stop id would make a sequence the reward model never read."""
+        tokenizer = self.reward_tokenizer
+        ids, stop = list(ids[:-1]), ids[-1]
+        if stop != tokenizer.eos_token_id and stop not in tokenizer.all_special_ids:
+            ids.append(stop)
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        return ids + eos + (self.suffix_ids if chat else [])
 
 
 def reward_model_ids(reward_model, tokenizer, texts: list[str], special: bool) -> list[list[int]]:
