@@ -232,6 +232,32 @@ def trl_reward_function(spec: str):
     return reward
 
 
+def reward_model_function(reward_model, reward_tokenizer, stop_ids: list[int], chunk_size: int):
+    """The reward model as a TRL reward function, scoring as PPO and eval.json score (rollout's RewardScorer, text
+    path): TRL itself renders every completion as a closed assistant turn, so a completion cut off at
+    max_completion_length (no stop id at its end) passed for a finished answer in training while eval.json showed
+    it unfinished. `finished` here: the completion's ids (TRL passes them, cut after the first stop id) end with one
+    of `stop_ids`, the ids TRL stops at. Named as TRL names a reward model (its dir), so the logs keep their keys;
+    `.scorer` is the scorer, for the held-out comparison."""
+    import torch
+
+    from hfgen.rl.rollout import RewardScorer
+
+    scorer = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], chunk_size)
+    stops = set(stop_ids)
+
+    def reward(prompts, completions, completion_ids, **_):
+        finished = [bool(ids) and ids[-1] in stops for ids in completion_ids]
+        responses = [completion_text(c) for c in completions]
+        device = next(reward_model.parameters()).device
+        with torch.inference_mode():
+            return scorer(prompts, responses, finished, device)[0].tolist()
+
+    reward.__name__ = str(reward_model.config.name_or_path).rstrip("/").split("/")[-1]
+    reward.scorer = scorer
+    return reward
+
+
 def no_signal_share(rewards, num_generations: int) -> float:
     """Share of the groups (consecutive runs of `num_generations` completions of one prompt) whose rewards are all
     equal: their group-relative advantages are zero, so they teach nothing."""
@@ -417,14 +443,15 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             "train; list fewer modules"
         )
 
-    rewards, reward_tokenizers = [], []
+    rewards, reward_model = [], None
     if data_args.reward_model_path:
+        from hfgen.rl.models import stop_token_ids
+
         reward_model, reward_tokenizer = load_reward_model(data_args.reward_model_path, model_args, config)
-        rewards.append(reward_model)
-        reward_tokenizers.append(reward_tokenizer)
-    for spec in data_args.reward_functions:
-        rewards.append(trl_reward_function(spec))
-        reward_tokenizers.append(None)
+        stop_ids = stop_token_ids(tokenizer, model)  # what TRL stops generation at
+        chunk = data_args.eval_generation_batch_size
+        rewards.append(reward_model_function(reward_model, reward_tokenizer, stop_ids, chunk))
+    rewards += [trl_reward_function(spec) for spec in data_args.reward_functions]
     oracle = load_function(data_args.oracle_function) if data_args.oracle_function else None
 
     # any prompt layout (text, chat messages, an SFT or preference file's prompts) as `prompt`, the file's other
@@ -447,12 +474,13 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         args=config,
         train_dataset=train_rows,
         processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizers,
         peft_config=lora_config(model_args, model),
         callbacks=[monitor] if monitor else [],  # before hfgen's records: its alerts reach metrics.jsonl
         oracle=oracle,
     )
 
+    if reward_model is not None:  # a reward function to TRL: placed here, whole on each process (as PPO's)
+        reward_model.to(trainer.accelerator.device)
     resume = tracking.trainer_resume(trainer, output_dir)
     if monitor and resume:
         monitor.load(resume)
@@ -503,7 +531,7 @@ def evaluate_against_start(
     from hfgen.evaluation.text import win_rate
     from hfgen.rl.functional import has_stop_token
     from hfgen.rl.models import stop_token_ids
-    from hfgen.rl.rollout import RewardScorer, left_pad, reference_logprobs, response_texts, sample_responses
+    from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses
 
     tokenizer = trainer.processing_class
     device = trainer.accelerator.device
@@ -546,11 +574,9 @@ def evaluate_against_start(
         responses = response_texts(tokenizer, sampled.response_ids, stop_ids)
         ended = has_stop_token(sampled.response_ids, stop_ids)
         figures = {}
-        for index, (reward, reward_name) in enumerate(zip(trainer.reward_funcs, names)):
-            if isinstance(reward, torch.nn.Module):  # scored as PPO and `hfgen eval` score (one scorer)
-                reward_tokenizer = trainer.reward_processing_classes[index]
-                scorer = RewardScorer(reward, reward_tokenizer, {}, [1.0], data_args.eval_generation_batch_size)
-                figures[reward_name] = scorer(prompts, responses, ended.tolist(), device)[0].tolist()
+        for reward, reward_name in zip(trainer.reward_funcs, names):
+            if hasattr(reward, "scorer"):  # the reward model, scored as in training, PPO and `hfgen eval`
+                figures[reward_name] = reward.scorer(prompts, responses, ended.tolist(), device)[0].tolist()
             else:
                 figures[reward_name] = reward(prompts, responses, **columns)
         weights = trainer.reward_weights.tolist()

@@ -345,3 +345,41 @@ def test_the_held_out_comparison_stops_at_every_eos_id_training_stops_at(tmp_pat
     figures = json.loads((tmp_path / "run" / "eval.json").read_text())
     for side in ("sft", "grpo"):
         assert figures[f"{side}/eos_rate"] == 1.0 and figures[f"{side}/response_length"] == 1.0, figures
+
+
+def test_a_reward_model_scores_a_truncated_completion_unfinished_in_training_as_in_the_evaluation(tmp_path, models):
+    # TRL rendered every completion as a closed assistant turn for a reward model, so one cut off at
+    # max_completion_length scored as a finished answer in training, and unfinished in eval.json (RewardScorer)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import GRPOConfig, GRPOTrainer, ModelConfig
+
+    from hfgen.group_rl import load_reward_model, recorded, reward_model_function
+    from hfgen.models import load_tokenizer
+    from hfgen.rl.models import stop_token_ids
+    from hfgen.rl.rollout import RewardScorer
+
+    judge = tmp_path / "judge"
+    AutoModelForSequenceClassification.from_pretrained(models[1], num_labels=1).save_pretrained(judge)
+    load_tokenizer(str(models[1])).save_pretrained(judge)
+    config = GRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none",
+                        per_device_train_batch_size=2, num_generations=2, max_completion_length=4)  # fmt: skip
+    reward_model, reward_tokenizer = load_reward_model(str(judge), ModelConfig(dtype="float32"), config)
+    tokenizer = load_tokenizer(str(models[0]))
+    policy = AutoModelForCausalLM.from_pretrained(models[0])
+    reward = reward_model_function(reward_model, reward_tokenizer, stop_token_ids(tokenizer, policy), 8)
+    prompt = [{"role": "user", "content": "1+2="}]
+    trainer = recorded(GRPOTrainer)(
+        model=policy, reward_funcs=[reward], args=config, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": [prompt, prompt]}),
+    )  # fmt: skip
+    answer = tokenizer("3", add_special_tokens=False)["input_ids"]
+    completion_ids = [answer + [tokenizer.eos_token_id], answer]  # finished; cut off at the length limit
+    text = tokenizer.decode(answer, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": text}]] * 2
+    trained = trainer._calculate_rewards([{"prompt": prompt}] * 2, [prompt] * 2, completions, completion_ids)[:, 0]
+    evaluated, _ = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], 8)(
+        [prompt] * 2, [text] * 2, [True, False], "cpu"
+    )
+    torch.testing.assert_close(trained, evaluated)
+    assert trained[0] != trained[1]  # the same text, shown open when it was cut off
