@@ -105,6 +105,32 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
     assert result.returncode == 2 and "no reward" in result.stderr
 
 
+def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):
+    # value_model_path of another vocabulary was accepted silently (the check ran only for the reward model), and a
+    # BERT classifier was said to be "no AutoModelForSequenceClassification" though it is one
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hfgen.models import build_embedded_tokenizer
+    from tiny_models import save_tiny_llama
+
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], total_episodes=16, gradient_accumulation_steps=1)
+    other = save_tiny_llama(tmp_path / "other", tokenizer_name="embedded:arithmetic-bpe")
+    result = run_hfgen("check", recipe, "--value_model_path", other)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"value_model_path '{other}' has another vocabulary" in result.stderr, result.stderr[-2000:]
+    tokenizer = build_embedded_tokenizer()
+    bert = tmp_path / "bert"
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, num_labels=1)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    result = run_hfgen("train", recipe, "--value_model_path", bert)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for fragment in (f"value_model_path '{bert}' is a BertForSequenceClassification", "must be a decoder"):
+        assert fragment in result.stderr, result.stderr[-2000:]
+
+
 def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, tiny_models):
     sft, reward = tiny_models
     recipe = write_recipe(

@@ -120,21 +120,57 @@ def load_sequence_classifier(path: str, model_args, config, tokenizer):
     return model
 
 
+def value_vocabulary_problem(path: str, policy_tokenizer, trust_remote_code: bool = False) -> str | None:
+    """Why `value_model_path` cannot read the policy's tokens (another vocabulary), or None."""
+    from hfgen.models import load_tokenizer
+    from hfgen.rl.rollout import same_vocabulary
+
+    if same_vocabulary(policy_tokenizer, load_tokenizer(path, trust_remote_code)):
+        return None
+    return (
+        f"value_model_path '{path}' has another vocabulary than the policy's: the value model reads the policy's "
+        "token ids, which would mean other tokens to it (or lie outside its embeddings); give a model of the "
+        "policy's tokenizer (e.g. a reward model trained from the policy's SFT model), or leave value_model_path "
+        "unset to start from the reward model (when it shares the vocabulary) or the policy"
+    )
+
+
 def load_value_model(model_args, config, tokenizer):
     """The value model, initialised from value_model_path, else the reward model (Huang et al. detail 6), else the
-    policy's weights with a new head. It reads the policy's tokens, so it must share the policy's vocabulary."""
+    policy's weights with a new head. It reads the policy's tokens, so it must share the policy's vocabulary
+    (`value_model_path` of another exits 2; `hfgen check` says so first), and its per-token values come from a
+    decoder's hidden states through a `score` head (a decoder's sequence classifier, or a causal LM's backbone)."""
     from hfgen.models import load_tokenizer
+    from hfgen.rl.rollout import same_vocabulary
 
-    path = config.value_model_path or config.reward_model_path or model_args.model_name_or_path
-    if path == config.reward_model_path and not config.value_model_path:
-        reward_vocabulary, vocabulary = load_tokenizer(path).get_vocab(), tokenizer.get_vocab()
-        if any(vocabulary.get(token) != index for token, index in reward_vocabulary.items()):
+    key, path = "value_model_path", config.value_model_path
+    if path:
+        problem = value_vocabulary_problem(path, tokenizer, config.trust_remote_code)
+        if problem:
+            raise UserError(problem)
+    elif config.reward_model_path:
+        key, path = "reward_model_path", config.reward_model_path
+        if not same_vocabulary(tokenizer, load_tokenizer(path, config.trust_remote_code)):
             # The reward model reads another vocabulary: it can judge text, but cannot read the policy's tokens.
             print(f"value model: '{path}' has another vocabulary than the policy; starting from the policy instead")
-            path = model_args.model_name_or_path
+            key, path = "model_name_or_path", model_args.model_name_or_path
+    else:
+        key, path = "model_name_or_path", model_args.model_name_or_path
     model = load_sequence_classifier(path, model_args, config, tokenizer)
     if not hasattr(model, "score"):
-        raise UserError(f"value model '{path}' has no `score` head; use an AutoModelForSequenceClassification model")
+        # token_values runs the backbone over the policy's tokens and reads every position through `score`: a
+        # decoder's classifier (LlamaForSequenceClassification...) has one; an encoder's (BERT: `classifier` over a
+        # pooled [CLS], attention to later tokens) cannot give per-token values of a response being written
+        raise UserError(
+            f"the value model from {key} '{path}' is a {type(model).__name__}, whose head is not a per-token "
+            "`score` layer: PPO's value model must be a decoder (a causal LM, or its sequence classifier, e.g. a "
+            f"reward model trained from the policy's SFT model) sharing the policy's vocabulary; "
+            + (
+                "give another value_model_path, or leave it unset to start from the reward model or the policy"
+                if key == "value_model_path"
+                else "set value_model_path to such a model"
+            )
+        )
     if model_args.use_peft:
         # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
         from peft import get_peft_model

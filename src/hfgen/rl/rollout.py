@@ -239,14 +239,15 @@ def turn_suffix_ids(tokenizer) -> list[int]:
 
 
 def same_tokenizer(a, b) -> bool:
-    """Whether token ids of `a` mean the same to `b`: every token of b's vocabulary has the same id in a's (a may
-    add a pad token), the same EOS and the same chat template."""
+    """Whether token ids of `a` mean the same to `b`: the same vocabulary (`same_vocabulary`), EOS and chat
+    template."""
+    return a.eos_token == b.eos_token and a.chat_template == b.chat_template and same_vocabulary(a, b)
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether every token of b's vocabulary has the same id in a's (a may add a pad token)."""
     vocabulary = a.get_vocab()
-    return (
-        a.eos_token == b.eos_token
-        and a.chat_template == b.chat_template
-        and all(vocabulary.get(token) == index for token, index in b.get_vocab().items())
-    )
+    return all(vocabulary.get(token) == index for token, index in b.get_vocab().items())
 
 
 def episode_ids(queries: list[list[int]], response_ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:

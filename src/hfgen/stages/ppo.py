@@ -259,6 +259,13 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
             problems += check_model_source(key, path, run_first_hint(path), trust_remote_code=config.trust_remote_code)
     if config.reward_model_path and not problems:
         problems += not_a_reward_model(config.reward_model_path, "reward_model_path")
+    if config.value_model_path and not problems:
+        from hfgen.models import load_tokenizer
+        from hfgen.rl.models import value_vocabulary_problem
+
+        policy_tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+        problems += filter(None, [value_vocabulary_problem(config.value_model_path, policy_tokenizer,
+                                                           config.trust_remote_code)])  # fmt: skip
     if not config.reward_model_path and not config.reward_functions:
         problems.append("no reward: set reward_model_path and/or reward_functions")
     problems += same_name_problems(config.reward_functions)
