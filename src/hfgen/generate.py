@@ -149,12 +149,15 @@ def generate_tokens(
     shares the tokenizer reads (`hfgen.rl.rollout.RewardScorer`)."""
     import torch
 
+    from hfgen.models import unsampled_ids
+
     texts = format_prompts(tokenizer, prompts, chat)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     eos = tokenizer.eos_token_id
+    sampling["suppress_tokens"] = unsampled_ids(tokenizer, [eos]) or None  # never the (maybe added) pad token
     outputs: list[list[Completion]] = []
     try:
         for start in range(0, len(texts), batch_size):

@@ -391,6 +391,21 @@ def recorded(trainer_class):
 # ---- the stage ----------------------------------------------------------------------------------------------
 
 
+def suppress_pad(config, tokenizer, model) -> None:
+    """TRL's generation never samples the pad token (`hfgen.models.unsampled_ids`: the one hfgen adds to a tokenizer
+    without one is an untrained row, sampled about once in V tokens otherwise): added to the recipe's
+    `generation_kwargs`, which TRL passes to transformers' generate. vLLM takes other sampling parameters: left as
+    it is there."""
+    from hfgen.models import unsampled_ids
+    from hfgen.rl.models import stop_token_ids
+
+    pad = unsampled_ids(tokenizer, stop_token_ids(tokenizer, model))
+    if pad and not getattr(config, "use_vllm", False):
+        kwargs = dict(config.generation_kwargs or {})
+        kwargs["suppress_tokens"] = sorted({*(kwargs.get("suppress_tokens") or []), *pad})
+        config.generation_kwargs = kwargs
+
+
 def load_reward_model(path: str, model_args, config):
     """A reward-stage output (one-label sequence classifier) and its own tokenizer; one without a chat template (an
     encoder: BERT, DeBERTa) is given the plain template the reward stage trained it on, as TRL renders conversations
@@ -421,6 +436,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(model_args, config, tokenizer)
+    suppress_pad(config, tokenizer, model)
     limit = position_limit(model.config)
     if limit and (config.max_completion_length or 0) >= limit:
         raise UserError(
@@ -625,12 +641,16 @@ def _nothing():
 
 def sampling_config(tokenizer, config, stop_ids: list[int]):
     """Sampling as in training: softmax(logits / temperature) with the config's top_p/top_k/min_p, nothing else
-    (a model's own generation_config.json cannot leak in), ending at any of `stop_ids`."""
+    (a model's own generation_config.json cannot leak in), ending at any of `stop_ids`, never the pad token (as in
+    training, `suppress_pad`)."""
     from transformers import GenerationConfig
+
+    from hfgen.models import unsampled_ids
 
     return GenerationConfig(
         do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
         min_p=config.min_p, repetition_penalty=config.repetition_penalty, max_new_tokens=config.max_completion_length,
         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        suppress_tokens=unsampled_ids(tokenizer, stop_ids) or None,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip

@@ -290,6 +290,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def unsampled_ids(tokenizer, stop_ids=()) -> list[int]:
+    """Token ids generation must never produce: the pad token (the one `load_tokenizer` adds is an untrained row,
+    which sampling would otherwise draw about once in V tokens, and a reward model of the base vocabulary has no row
+    for it; a model's own pad is padding too), unless it also ends a response (pad = EOS)."""
+    pad = tokenizer.pad_token_id
+    return [] if pad is None or pad == tokenizer.eos_token_id or pad in stop_ids else [pad]
+
+
 # ---- models -----------------------------------------------------------------------------------------
 
 

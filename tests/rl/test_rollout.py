@@ -229,6 +229,51 @@ def test_the_ids_path_closes_a_response_ended_by_another_stop_id_as_the_text_pat
     torch.testing.assert_close(by_ids, by_text)
 
 
+@pytest.fixture(scope="module")
+def uniform_gpt2_without_pad(tmp_path_factory):
+    """A tiny GPT-2 whose tokenizer has no pad token (hfgen adds one, and a row for it) and whose logits are all 0:
+    it samples every token, the added pad among them, with probability 1/V."""
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import fit_embeddings, load_tokenizer
+    from tiny_models import save_tiny_gpt2_without_pad
+
+    path = save_tiny_gpt2_without_pad(tmp_path_factory.mktemp("gpt2_nopad"))
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    fit_embeddings(model, tokenizer)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    return tokenizer, model
+
+
+def test_ppo_and_hfgen_generate_never_sample_the_added_pad_token(uniform_gpt2_without_pad):
+    # the pad token hfgen adds was sampled about once in V tokens, and PPO then sent its id (past a reward model of
+    # the base vocabulary's embeddings) to the reward model: an IndexError
+    from hfgen.generate import generate_tokens
+    from hfgen.rl.models import make_generation_config
+
+    tokenizer, model = uniform_gpt2_without_pad
+    pad = tokenizer.pad_token_id
+    assert pad == model.config.vocab_size - 1  # added by hfgen
+    queries = [tokenizer("the cat")["input_ids"]] * 256
+    query_ids, query_mask = R.left_pad(queries, pad, "cpu")
+    torch.manual_seed(0)  # 256 x 24 draws: about 15 pads expected without suppression
+    config = make_generation_config(tokenizer, 24, 1.0, 1.0, [tokenizer.eos_token_id], models=[model])
+    sampled = R.sample_responses(model, query_ids, query_mask, config, 256, pad)
+    assert not (sampled.response_ids[response_mask(sampled.response_ids, tokenizer.eos_token_id)] == pad).any()
+    completions = generate_tokens(model, tokenizer, ["the cat"] * 256, max_new_tokens=24, temperature=1.0, top_p=1.0)
+    assert not any(pad in c.completion_ids for group in completions for c in group)
+
+
+def test_an_id_past_the_reward_models_embeddings_is_a_clear_error(value_model):
+    from hfgen.errors import UserError
+
+    with pytest.raises(UserError, match=f"token id {VOCAB} reached the reward model, whose embeddings have {VOCAB}"):
+        R.sequence_scores(value_model, [[3, 4, VOCAB]], PAD, 4)
+
+
 def test_load_function_and_function_scores():
     oracle = R.load_function("hfgen.data.embedded:oracle_scores")
     prompts = [[{"role": "user", "content": "describe the red cat."}], "tell me about the dog."]

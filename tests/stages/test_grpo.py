@@ -383,3 +383,42 @@ def test_a_reward_model_scores_a_truncated_completion_unfinished_in_training_as_
     )
     torch.testing.assert_close(trained, evaluated)
     assert trained[0] != trained[1]  # the same text, shown open when it was cut off
+
+
+def test_training_and_the_evaluation_never_sample_the_added_pad_token(tmp_path):
+    # the pad token hfgen adds to a tokenizer without one is an untrained row, which TRL's and the evaluation's
+    # sampling drew about once in V tokens
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hfgen.group_rl import recorded, sampling_config, suppress_pad
+    from hfgen.models import fit_embeddings, load_tokenizer
+    from hfgen.rl.functional import response_mask
+    from hfgen.rl.models import stop_token_ids
+    from hfgen.rl.rollout import left_pad, sample_responses
+    from tiny_models import save_tiny_gpt2_without_pad
+
+    path = save_tiny_gpt2_without_pad(tmp_path / "gpt2")
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    fit_embeddings(model, tokenizer)
+    with torch.no_grad():  # logits all 0: every token, the pad among them, drawn with probability 1/V
+        model.get_output_embeddings().weight.zero_()
+    pad = tokenizer.pad_token_id
+    config = GRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none",
+                        per_device_train_batch_size=2, num_generations=2, max_completion_length=24)  # fmt: skip
+    suppress_pad(config, tokenizer, model)
+    trainer = recorded(GRPOTrainer)(
+        model=model, reward_funcs=[lambda prompts, completions, **_: [0.0] * len(prompts)], args=config,
+        train_dataset=Dataset.from_dict({"prompt": ["the cat"] * 2}), processing_class=tokenizer,
+    )  # fmt: skip
+    torch.manual_seed(0)  # 128 x 24 draws: about 8 pads expected without suppression
+    completion_ids = trainer._generate(["the cat"] * 128)[1]
+    assert not any(pad in ids for ids in completion_ids)
+    query_ids, query_mask = left_pad([tokenizer("the cat")["input_ids"]] * 128, pad, "cpu")
+    generation_config = sampling_config(tokenizer, config, stop_token_ids(tokenizer, model))
+    sampled = sample_responses(model.eval(), query_ids, query_mask, generation_config, 128, pad)
+    responses = sampled.response_ids[response_mask(sampled.response_ids, generation_config.eos_token_id)]
+    assert not (responses == pad).any()  # (pad fills a row after its EOS)

@@ -216,13 +216,16 @@ def make_generation_config(
     """Sampling from exactly softmax(logits / temperature) (top-p aside): every other knob that could reshape the
     distribution is pinned to its off value, so a model's generation_config.json (top_k=50, min_p, repetition
     penalty...) cannot leak in. Off must be explicit: transformers 5 fills every None from the model's own
-    generation config (`_prepare_generation_config`), so min_p=None would not switch min-p off.
+    generation config (`_prepare_generation_config`), so min_p=None would not switch min-p off. The pad token is
+    suppressed (`hfgen.models.unsampled_ids`): the log-probs stay those of the whole softmax.
 
     `models` (those that will sample with this config; None: unknown): min-p and the suppressed-token lists have no
     "off" value that skips their logits processor (min_p=0.0 still runs a softmax over the vocabulary at every
     step), so they are pinned off only when one of these models' generation configs sets them, and left unset
     (no processor at all) otherwise."""
     from transformers import GenerationConfig
+
+    from hfgen.models import unsampled_ids
 
     set_by_model = {
         key: models is None or any(getattr(m.generation_config, key, None) is not None for m in models if m is not None)
@@ -232,7 +235,8 @@ def make_generation_config(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0, epsilon_cutoff=0.0,
         eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
         min_length=0, num_beams=1, guidance_scale=1.0, min_p=0.0 if set_by_model["min_p"] else None,
-        suppress_tokens=[] if set_by_model["suppress_tokens"] else None,
+        # the pad token is never sampled (`unsampled_ids`); nothing else is suppressed
+        suppress_tokens=unsampled_ids(tokenizer, stop_ids) or ([] if set_by_model["suppress_tokens"] else None),
         begin_suppress_tokens=[] if set_by_model["begin_suppress_tokens"] else None,
         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=True,

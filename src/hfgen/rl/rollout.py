@@ -262,6 +262,14 @@ def sequence_scores(
     """(B,) float scores of a one-label sequence classifier, read at each token sequence's last token (a decoder's
     head) or its first (an encoder's [CLS] pooler: such tokenizers pad on the right, so the first token stays first)."""
     device = next(reward_model.parameters()).device
+    table = reward_model.get_input_embeddings().num_embeddings
+    outside = max((max(ids, default=0) for ids in sequences), default=0)
+    if outside >= table:  # an index error deep in the model otherwise
+        raise UserError(
+            f"token id {outside} reached the reward model, whose embeddings have {table} rows: the policy's ids are not "
+            "all in the reward model's vocabulary (its tokenizer has tokens the reward model lacks, e.g. an added pad "
+            "token); give the reward model a tokenizer that matches its embeddings"
+        )
     pad = left_pad if padding_side == "left" else right_pad
     scores = []
     for rows in chunks(len(sequences), chunk_size):
