@@ -51,6 +51,16 @@ def chat_prompts_field():
     )
 
 
+def disable_dropout_field():
+    """hfgen's default of TRL's `disable_dropout` key in grpo/rloo: on (TRL's is off), as PPO turns dropout off: with
+    dropout the log-probs of the same tokens differ between generation, the old-policy and reference passes and the
+    update, so the ratio and KL start away from 1 and 0 (KL 0.004 at step 1 on GPT-2)."""
+    return field(
+        default=True,
+        metadata={"help": "Turn dropout off in the policy and reference (hfgen's default: true, as in PPO)."},
+    )
+
+
 @dataclass
 class GroupRLArguments(TextDataArguments, HackingMonitorArguments):
     """Data, rewards and evaluation of a grpo/rloo run (TRL's config holds `reward_weights`)."""

@@ -422,3 +422,13 @@ def test_training_and_the_evaluation_never_sample_the_added_pad_token(tmp_path):
     sampled = sample_responses(model.eval(), query_ids, query_mask, generation_config, 128, pad)
     responses = sampled.response_ids[response_mask(sampled.response_ids, generation_config.eos_token_id)]
     assert not (responses == pad).any()  # (pad fills a row after its EOS)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_dropout_is_off_by_default_as_in_ppo_and_can_be_turned_on(tmp_path, models, stage):
+    # TRL's disable_dropout defaults to false: GPT-2's dropout made KL 0.004 at step 1 instead of 0
+    from hfgen.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, models[0], stage=stage)
+    assert load_recipe(recipe, check_inputs=False).value("disable_dropout") is True
+    assert load_recipe(recipe, ["--disable_dropout", "false"], check_inputs=False).value("disable_dropout") is False

@@ -10,12 +10,22 @@ scale_rewards, mask_truncated_completions, use_vllm, ...), `ModelConfig` (LoRA) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from trl import GRPOConfig, ModelConfig
+from trl import GRPOConfig as TRLGRPOConfig
+from trl import ModelConfig
 
 from hfgen import group_rl
-from hfgen.group_rl import GroupRLArguments
+from hfgen.group_rl import GroupRLArguments, disable_dropout_field
+
+
+@dataclass
+class GRPOConfig(TRLGRPOConfig):
+    """TRL's, with dropout off by default (`group_rl.disable_dropout_field`)."""
+
+    disable_dropout: bool = disable_dropout_field()
+
 
 ARGUMENTS = (ModelConfig, GroupRLArguments, GRPOConfig)
 

@@ -11,12 +11,22 @@ normalize_advantages, reward_clip_range, mask_truncated_completions, use_vllm, .
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from trl import ModelConfig, RLOOConfig
+from trl import ModelConfig
+from trl import RLOOConfig as TRLRLOOConfig
 
 from hfgen import group_rl
-from hfgen.group_rl import GroupRLArguments
+from hfgen.group_rl import GroupRLArguments, disable_dropout_field
+
+
+@dataclass
+class RLOOConfig(TRLRLOOConfig):
+    """TRL's, with dropout off by default (`group_rl.disable_dropout_field`)."""
+
+    disable_dropout: bool = disable_dropout_field()
+
 
 ARGUMENTS = (ModelConfig, GroupRLArguments, RLOOConfig)
 
