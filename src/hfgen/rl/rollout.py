@@ -45,8 +45,8 @@ class InverseTransformSampler:
     sampling (one uniform number per row against the cumulative probabilities) and returns scores whose only
     finite entry is that token, for `generate`'s greedy step (do_sample=False) to pick. The same distribution as
     generate's sampling step, which calls `torch.multinomial`: on CPU that takes about 0.2 ms per step at a
-    512-token vocabulary and 5 ms at 16k, ten times this. Other processors (none in PPO: `make_generation_config`
-    pins them off) run before it, as they would before the sampling step."""
+    512-token vocabulary and 5 ms at 16k, ten times this. Other processors (in PPO only the pad token's
+    suppression: `make_generation_config` pins the rest off) run before it, as they would before the sampling step."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
