@@ -100,3 +100,26 @@ def test_a_point_that_diverges_does_not_stop_the_others(tmp_path):
     result = run_hfgen(*arguments, env=ONE_THREAD)
     assert result.returncode == 3 and "1 of 2 points failed" in result.stderr and "learning_rate=1e30" in result.stderr
     assert tracking.is_complete(tmp_path / "learning_rate=1e-3") and (tmp_path / "report.html").is_file()
+
+
+def test_pipeline_points_train_their_steps_in_their_own_dirs(tmp_path):
+    """An rlhf pipeline's steps wrote into their step recipes' output_dirs, shared by every point: point 2 retrained
+    point 1's reward and DPO models in place, and a rerun found both points complete."""
+    from hfgen.stages import rlhf
+    from hfgen.sweep import point_recipe
+
+    compare = REPO / "recipes/tiny/compare.yaml"
+    axes, fixed = split_grid(["--sft", f"{REPO}/recipes/tiny/sft_full.yaml,{REPO}/recipes/tiny/sft_lora.yaml",
+                              "--method", "dpo", "--sft_overrides", '{"learning_rate": 0.01}'])  # fmt: skip
+    step_dirs = []
+    for name, tokens in grid_points(axes):
+        (pipeline,) = point_recipe(str(compare), [*fixed, *tokens], tmp_path / name).configs
+        for step in ("sft", "reward", "dpo"):
+            step_dirs.append(rlhf.step_recipe(pipeline, step, check_inputs=False).output_dir)
+            assert step_dirs[-1] == tmp_path / name / step
+        assert rlhf.step_recipe(pipeline, "sft", check_inputs=False).values["learning_rate"] == 0.01  # the user's
+        # the method step trains from this point's SFT model and is judged by its reward model
+        wired = rlhf.step_recipe(pipeline, "dpo", check_inputs=False).values
+        assert wired["model_name_or_path"] == str(tmp_path / name / "sft")
+        assert wired["reward_model_path"] == str(tmp_path / name / "reward")
+    assert len(set(step_dirs)) == 6

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -37,7 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
-    from hfgen.recipe import load_recipe
     from hfgen.report import write_report
     from hfgen.train import run_step
 
@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     recipes, problems = {}, {}
     for name, tokens in points:
         try:
-            recipes[name] = load_recipe(args.recipe, [*fixed, *tokens, "--output_dir", str(root / name)])
+            recipes[name] = point_recipe(args.recipe, [*fixed, *tokens], root / name)
             # a point's dir holding the complete run of another recipe (an earlier sweep with other fixed keys) is
             # refused as `hfgen train` refuses it, not trained over
             if (root / name).exists():
@@ -98,6 +98,24 @@ def main(args: argparse.Namespace) -> int:
         message = f"hfgen sweep: {len(failed)} of {len(recipes)} points failed (the others ran): {listing}"
         raise Diverged(message) if all(isinstance(e, Diverged) for e in failed.values()) else UserError(message)
     return 0
+
+
+def point_recipe(recipe_path: str, tokens: list[str], point_dir: Path):
+    """The point's recipe, written into `point_dir`. A pipeline's (stage rlhf) steps write into their own recipes'
+    output_dirs, which every point would share (point 2 retraining point 1's models in place, a rerun finding both
+    complete): each step's output_dir becomes POINT_DIR/STEP, through its `STEP_overrides` (the user's own kept)."""
+    from hfgen.recipe import load_recipe
+    from hfgen.stages import rlhf
+
+    tokens = [*tokens, "--output_dir", str(point_dir)]
+    recipe = load_recipe(recipe_path, tokens)
+    if recipe.stage != "rlhf":
+        return recipe
+    (pipeline,) = recipe.configs
+    for step in rlhf.pipeline_steps(pipeline):
+        overrides = {**rlhf.user_overrides(pipeline, step), "output_dir": str(point_dir / step)}
+        tokens += [f"--{step}_overrides", json.dumps(overrides)]
+    return load_recipe(recipe_path, tokens)
 
 
 def was_evaluated(run_dir: Path) -> bool:
