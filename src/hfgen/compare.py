@@ -84,6 +84,8 @@ def main(args: argparse.Namespace) -> int:
                         f"recipe the pipeline '{args.recipe}' names ({', '.join(named) or 'none'})")  # fmt: skip
     if args.seeds < 1 or args.prompts < 1:
         raise UserError("hfgen compare: --seeds and --prompts must be at least 1")
+    if problems := evaluation_problems(args):  # found after all the training, they cost every run
+        raise UserError(f"hfgen compare: nothing was run: {'; '.join(problems)}.")
     root = Path(args.output_root) if args.output_root else Path(f"{base.output_dir}-compare")
     if args.quiet:
         from hfgen.evaluation.command import quiet_libraries
@@ -251,6 +253,25 @@ def model_stamp(model_dir: Path) -> dict | None:
 def evaluation_settings(args) -> dict:
     keys = ("eval_dataset", "num_prompts", "samples_per_prompt", "response_length", "temperature", "oracle")
     return {key: getattr(args, key) for key in keys}
+
+
+def evaluation_problems(args) -> list[str]:
+    """The evaluation options' problems, with `hfgen eval`'s checks (its --num_samples is --samples_per_prompt here)."""
+    from hfgen.evaluation.command import load_prompts, resolve_oracle
+    from hfgen.generate import sampling_problems
+
+    problems = [
+        f"--{name} must be at least 1" for name in ("num_prompts", "response_length") if getattr(args, name) < 1
+    ]
+    sampling = sampling_problems(args.samples_per_prompt, args.temperature, top_p=1.0)
+    problems += [problem.replace("--num_samples", "--samples_per_prompt") for problem in sampling]
+    for check in (lambda: resolve_oracle(args.oracle, args.eval_dataset),
+                  lambda: load_prompts(args.eval_dataset, "test", "prompt", 1)):  # fmt: skip
+        try:
+            check()
+        except UserError as error:
+            problems.append(str(error))
+    return problems
 
 
 def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path | None, args) -> dict:

@@ -355,6 +355,22 @@ def test_compare_refuses_a_stage_recipe_and_methods_the_pipeline_lacks(capsys, r
     assert exit_info.value.code == 2 and message in error and "Traceback" not in error, error
 
 
+def test_compare_checks_its_evaluation_options_before_anything_trains(capsys, tmp_path):
+    # --temperature -1 sampled garbage and exited 0; a bad --oracle, --num_prompts 0 and --samples_per_prompt 0 failed
+    # only after all the training
+    root = tmp_path / "compare"
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["compare", str(REPO / "recipes/tiny/compare.yaml"), "--methods", "dpo", "--seeds", "1",
+                    "--output_root", str(root), "--temperature", "-1", "--oracle", "no_such_module:fn",
+                    "--num_prompts", "0", "--samples_per_prompt", "0"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    for message in ("--temperature must be >= 0", "--oracle 'no_such_module:fn'", "--num_prompts must be at least 1",
+                    "--samples_per_prompt must be at least 1"):  # fmt: skip
+        assert message in error, error
+    assert not root.exists()
+
+
 @pytest.mark.slow
 def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_changes(tiny_lm, tmp_path, capsys):
     # A retrained SFT model left every run "already complete, skipped", and a retrained run kept its old
