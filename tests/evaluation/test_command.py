@@ -123,6 +123,25 @@ def test_perplexity_can_be_skipped(model_dir, tmp_path):
     assert (tmp_path / "policy_a_samples.jsonl").is_file() and not (tmp_path / "eval_samples.jsonl").exists()
 
 
+def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_stages(model_dir, tmp_path, capsys):
+    # the earlier evaluation's figures stayed beside the new settings: a baseline win rate the new one did not measure
+    output = tmp_path / "eval.json"
+    tracking.write_json(output, {"train_loss": 3.5})  # a stage's own figure
+    assert hfgen(["eval", str(model_dir), *FAST, "--baseline", str(model_dir), "--output", str(output)]) == 0
+    assert "quality/win_rate_vs_baseline" in tracking.read_json(output)
+    assert hfgen(["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]) == 0
+    results = tracking.read_json(output)
+    assert results["train_loss"] == 3.5 and "quality/oracle_score" in results
+    assert not any(key.startswith(("quality/win_rate", "quality/baseline", "eval/baseline")) for key in results)
+    assert "quality/perplexity" not in results and "eval/perplexity_dataset" not in results
+    # an --output that is not a JSON object was a TypeError after the whole evaluation
+    output.write_text("[1]")
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(model_dir), *FAST, "--output", str(output)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds JSON list, not an object" in error and "Traceback" not in error
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

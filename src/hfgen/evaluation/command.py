@@ -26,6 +26,7 @@ from pathlib import Path
 from hfgen.errors import UserError
 
 CRITERIA = ("quality", "diversity", "speed")
+EVAL_PREFIXES = tuple(f"{name}/" for name in (*CRITERIA, "eval"))  # every key `hfgen eval` writes: it owns these
 AUTO = "auto"
 
 
@@ -79,6 +80,10 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else target / "eval.json"
     if problem := tracking.path_problem(output, "--output", directory=False):
         raise UserError(f"hfgen eval: {problem}.")
+    earlier = tracking.read_json(output, {})  # checked now, not merged into after the whole evaluation
+    if not isinstance(earlier, dict):
+        raise UserError(f"hfgen eval: --output '{output}' holds JSON {type(earlier).__name__}, not an object of "
+                        "figures; give another --output, or delete the file")  # fmt: skip
     follow_rlhf_pipeline(args)
     images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
     if args.quiet:
@@ -89,7 +94,9 @@ def main(args: argparse.Namespace) -> int:
         check_text_arguments(args)
         results, samples = evaluate_text_model(args)
     output.parent.mkdir(parents=True, exist_ok=True)
-    merged = {**tracking.read_json(output, {}), **results}
+    # An earlier evaluation's figures go (the new one may have no baseline, other settings); the stage's own stay
+    kept = {key: value for key, value in tracking.read_json(output, {}).items() if not key.startswith(EVAL_PREFIXES)}
+    merged = {**kept, **results}
     tracking.write_json(output, merged)
     if not images:
         tracking.write_jsonl(samples_file(output), samples)
