@@ -69,17 +69,24 @@ def looks_local(name: str) -> bool:
 def not_a_model_dir(path: Path) -> str | None:
     """What an hfgen dir that holds no loadable model is (a pipeline's records, a run killed before it finished, a
     training checkpoint), in words that say where the model is; None for any other dir."""
+    from hfgen import tracking
+
     recipe = path / "recipe.yaml"
     if recipe.is_file() and "stage: rlhf" in recipe.read_text():
-        from hfgen import tracking
-
         steps = tracking.read_json(path / "eval.json", {})
         policy = next((v for k, v in steps.items() if k.startswith("output_dir/") and k != "output_dir/sft" and
                        k != "output_dir/reward" and k != "output_dir/prerequisite"), None)  # fmt: skip
         return "is an rlhf pipeline dir (records, no model)" + (f"; its final policy is '{policy}'" if policy else "")
     loadable = ("config.json", "adapter_config.json", "model_index.json")  # a Trainer's checkpoints hold a model
-    if (path / "hfgen_state.json").is_file() and not any((path / name).is_file() for name in loadable):
-        return "is a training checkpoint (the state a run resumes from), not a model: use the finished run's dir"
+    # A checkpoint holds a copy of its run's recipe.yaml and never a COMPLETE marker: judged as a checkpoint (its
+    # hfgen_state.json, written last, marks it complete), not as an unfinished run
+    if tracking.is_complete_checkpoint(path) or tracking.is_checkpoint_dir(path):
+        if not tracking.is_complete_checkpoint(path):
+            return ("is an incomplete training checkpoint (its save was interrupted, no hfgen_state.json): use a "
+                    "complete checkpoint of the run, or the finished run's dir")  # fmt: skip
+        if not any((path / name).is_file() for name in loadable):
+            return "is a training checkpoint (the state a run resumes from), not a model: use the finished run's dir"
+        return None
     if recipe.is_file() and not (path / "COMPLETE").exists():
         checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.rpartition("-")[2] or 0))
         newest = f"; its newest checkpoint is '{checkpoints[-1]}'" if checkpoints else ""

@@ -404,6 +404,12 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint-N dir of an hfgen run (complete or not): named so, beside its run's recipe."""
+    path = Path(path)
+    return bool(_CHECKPOINT.match(path.name)) and (path.parent / "recipe.yaml").is_file()
+
+
 def is_complete_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CHECKPOINT_STATE).is_file()
 

@@ -208,6 +208,30 @@ def test_eval_on_a_tiny_pretrain_run(tmp_path):
         assert isinstance(results[criterion], float), criterion
 
 
+def test_eval_and_generate_take_a_complete_checkpoint_and_refuse_an_incomplete_one(tmp_path, capsys):
+    # a checkpoint carries a copy of its run's recipe.yaml and no COMPLETE marker: every checkpoint was refused as
+    # "an unfinished hfgen run"
+    run = tmp_path / "pretrain"
+    trained = run_hfgen(
+        "train", REPO / "recipes/tiny/pretrain.yaml", "--output_dir", run, "--max_steps", "2", "--save_steps", "2",
+        "--max_train_samples", "64", "--max_eval_samples", "8", "--logging_steps", "1", env=ONE_THREAD,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint = run / "checkpoint-2"
+    assert (checkpoint / "recipe.yaml").is_file() and tracking.is_complete_checkpoint(checkpoint)
+    output = tmp_path / "checkpoint_eval.json"
+    assert hfgen(["eval", str(checkpoint), *FAST, "--perplexity_dataset", "none", "--output", str(output)]) == 0
+    assert tracking.read_json(output)["eval/num_prompts"] == 4
+    assert hfgen(["generate", str(checkpoint), "--prompt", "the cat", "--max_new_tokens", "4"]) == 0
+    capsys.readouterr()
+    (checkpoint / tracking.CHECKPOINT_STATE).unlink()  # as a save killed half way leaves it
+    for command in (["generate", str(checkpoint), "--prompt", "hi"], ["eval", str(checkpoint), "--quiet"]):
+        with pytest.raises(SystemExit) as exit_info:
+            hfgen(command)
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "is an incomplete training checkpoint" in error, error
+
+
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
 def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
     """`hfgen eval` reads what PPO's reward read: the policy's own ids (shared tokenizer), EOS only where the
