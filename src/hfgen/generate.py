@@ -90,14 +90,19 @@ def sampling_problems(num_samples: int, temperature: float, top_p: float) -> lis
     return problems
 
 
+RUN_SUB_MODELS = ("ema",)  # the models a run saves beside its own (PPO's `ema_decay` copy), in the run's format
+
+
 def wants_chat(model_path: str, tokenizer) -> bool:
-    """Chat format by default for fine-tuned models: hfgen runs other than pretraining, LoRA adapter dirs and
-    `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat` decide explicitly."""
+    """Chat format by default for fine-tuned models: hfgen runs other than pretraining (and their sub-models, e.g.
+    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat` decide explicitly."""
     import yaml
 
     if tokenizer.chat_template is None:
         return False
     recipe = Path(model_path) / "recipe.yaml"
+    if not recipe.is_file() and Path(model_path).name in RUN_SUB_MODELS:  # a run's sub-model: the run's format
+        recipe = Path(model_path).parent / "recipe.yaml"
     if recipe.is_file():
         return yaml.safe_load(recipe.read_text()).get("stage") != "pretrain"
     return any((Path(model_path) / name).is_file() for name in ("adapter_config.json", "merged_from.json"))

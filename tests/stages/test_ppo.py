@@ -338,6 +338,9 @@ def test_weight_decay_skips_biases_and_norms_and_the_critic_has_its_own_learning
 
 
 def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, tiny_models):
+    from hfgen.generate import wants_chat
+    from hfgen.models import load_tokenizer
+
     sft, reward = tiny_models
     recipe = write_recipe(
         tmp_path, sft, reward_model_path=str(reward), total_episodes=48, per_device_train_batch_size=16,
@@ -359,6 +362,9 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
     assert any(not torch.equal(ema[k], policy[k]) for k in policy)  # the average lags the policy
     assert any(not torch.equal(ema[k], start[k]) for k in policy)  # and moved from the start
     assert (run / "ema" / "tokenizer_config.json").is_file()  # ema/ is a model generate and eval can load
+    # in the run's format: chat (ema/ has no recipe.yaml of its own, and was evaluated and sampled as raw text)
+    tokenizer = load_tokenizer(str(run / "ema"))
+    assert wants_chat(str(run / "ema"), tokenizer) and wants_chat(str(run), tokenizer)
     # PPO-ptx: the LM loss on the pretraining texts falls once the policy trains (step 1 was the critic's only)
     assert metrics[2]["loss/ptx_avg"] < metrics[0]["loss/ptx_avg"] - 0.1
     value_before = load_file(reward / "model.safetensors")["score.weight"]
