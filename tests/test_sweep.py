@@ -32,6 +32,9 @@ def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
     assert points[1][1] == ["--learning_rate", "1e-4", "--lora_r", "16"]
     with pytest.raises(UserError, match="repeats a value"):
         split_grid(["--lora_r", "8,8"])
+    # values that map to one directory name were merged into one point
+    with pytest.raises(UserError, match="the points --run_name a/b and --run_name a:b would share the directory"):
+        grid_points(split_grid(["--run_name", "a/b,a:b,a b"])[0])
 
 
 def test_an_invalid_point_stops_the_sweep_before_any_run(tmp_path, capsys):

@@ -156,9 +156,14 @@ def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
 
 def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
     """(point name, override tokens) for each point of the product of the axes, the first axis slowest."""
-    points = []
+    points, named = [], {}
     for values in itertools.product(*axes.values()):
         name = "_".join(f"{key}={safe(value)}" for key, value in zip(axes, values))
+        if name in named:  # `a/b` and `a:b` are both `a-b`: two points would share one run dir
+            spelled = " and ".join(" ".join(f"--{k} {v}" for k, v in zip(axes, vs)) for vs in (named[name], values))
+            raise UserError(f"hfgen sweep: the points {spelled} would share the directory '{name}' (a value's "
+                            "characters other than letters, digits and . + - become -): give values that differ there")  # fmt: skip
+        named[name] = values
         points.append((name, [token for key, value in zip(axes, values) for token in (f"--{key}", value)]))
     return points
 
