@@ -1,5 +1,6 @@
 """`hfgen sweep`: a grid of recipe overrides, validated up front, one run dir per point, one report."""
 
+import os
 import re
 
 import pytest
@@ -126,3 +127,22 @@ def test_pipeline_points_train_their_steps_in_their_own_dirs(tmp_path):
         assert wired["model_name_or_path"] == str(tmp_path / name / "sft")
         assert wired["reward_model_path"] == str(tmp_path / name / "reward")
     assert len(set(step_dirs)) == 6
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_with_its_root_spelled_another_way(tmp_path):
+    # `./x` then `/abs/x`: the complete points were refused ("differing keys: output_dir") and an interrupted point
+    # retrained from step 1, since the recipes were compared as text
+    arguments = ["sweep", PRETRAIN, "--seed", "1,2", "--quiet", "--save_steps", "1", *SHORT[:2], *SHORT[4:]]
+    relative = os.path.relpath(tmp_path / "sw", REPO)  # the sweep runs in the repo (the recipe's paths)
+    first = run_hfgen(*arguments, "--max_train_samples", "64", "--output_root", relative, env=ONE_THREAD)
+    assert first.returncode == 0, first.stderr[-3000:]
+    point = tmp_path / "sw" / "seed=2"
+    again = run_hfgen(*arguments, "--max_train_samples", "64", "--output_root", tmp_path / "sw", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already complete, skipped") == 2, again.stdout
+    (point / tracking.COMPLETE_MARKER).unlink()  # as a kill after the last checkpoint leaves it
+    resumed = run_hfgen(*arguments, "--max_train_samples", "64", "--output_root", f"{relative}/../sw", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "was interrupted: continuing from its newest complete checkpoint" in resumed.stdout, resumed.stdout
+    assert tracking.is_complete(point)

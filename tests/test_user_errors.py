@@ -3,6 +3,7 @@ row, and no traceback; a bug in loading keeps its traceback; a diverging run sto
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -191,6 +192,12 @@ def test_a_complete_run_of_another_recipe_is_kept_unless_overwrite_output_dir(tm
     with pytest.raises(UserError, match="learning_rate.*overwrite_output_dir"):
         tracking.check_output_dir(tmp_path, other)
     tracking.check_output_dir(tmp_path, other, overwrite=True)
+    # the same dir spelled another way is the same recipe (was refused: "differing keys: output_dir")
+    tracking.write_run_records(tmp_path, yaml.safe_dump({"stage": "pretrain", "output_dir": str(tmp_path)}), True)
+    tracking.mark_complete(tmp_path)
+    spelled = yaml.safe_dump({"stage": "pretrain", "output_dir": os.path.relpath(tmp_path / ".." / tmp_path.name)})
+    tracking.check_output_dir(tmp_path, spelled)
+    assert tracking.holds_recipe(tmp_path, spelled)
     (tmp_path / tracking.COMPLETE_MARKER).unlink()
     tracking.check_output_dir(tmp_path, other)  # an unfinished run is no one's output yet
 

@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     for index, ((method, seed), recipe) in enumerate(runs.items(), 1):
         run_dir = recipe.output_dir
         label = f"[{index}/{len(runs)}] {method} seed {seed}"
-        done = tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml())
         inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
         same_inputs = tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs
         if done and same_inputs:
@@ -186,7 +186,7 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
     for step in ("sft", "reward") if needs_reward else ("sft",):
         recipe = rlhf.step_recipe(shared, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
-        if done and (recipe.output_dir / "recipe.yaml").read_text() == recipe.to_yaml():
+        if done and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml()):
             print(f"== {step}: {recipe.output_dir} is complete, reused")
             continue
         print(f"== {step}: -> {recipe.output_dir}")

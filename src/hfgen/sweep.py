@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     failed: dict[str, Exception] = {}
     for index, (name, recipe) in enumerate(recipes.items(), 1):
         run_dir = root / name
-        done = tracking.is_complete(run_dir) and (run_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml())
         try:
             if done:
                 print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")

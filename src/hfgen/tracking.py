@@ -107,11 +107,37 @@ def write_run_records(
 CONTINUATION_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "save_on_signal")
 
 
+def comparable_recipe(recipe_yaml: str):
+    """A recipe.yaml's values as compared between two runs: its output_dir resolved, so that `./x` and `/abs/x` (the
+    same dir, spelled from elsewhere) are one run. None for a file that is not a YAML mapping."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(recipe_yaml)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(values, dict):
+        return None
+    if isinstance(values.get("output_dir"), str):
+        values["output_dir"] = str(Path(values["output_dir"]).expanduser().resolve())
+    return values
+
+
+def holds_recipe(output_dir: str | Path, recipe_yaml: str) -> bool:
+    """Whether OUTPUT_DIR/recipe.yaml records this same resolved recipe (output_dir compared resolved)."""
+    previous = Path(output_dir) / "recipe.yaml"
+    if not previous.is_file():
+        return False
+    try:
+        before = comparable_recipe(previous.read_text())
+    except UnicodeDecodeError:
+        return False
+    return before is not None and before == comparable_recipe(recipe_yaml)
+
+
 def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool = False) -> None:
     """`output_dir` must be a writable directory (created if missing) and must not hold the complete run of a
     different recipe, unless `overwrite_output_dir: true` (a rerun of the same recipe repeats the run)."""
-    import yaml
-
     from hfgen.errors import UserError
 
     output_dir = Path(output_dir)
@@ -127,10 +153,10 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
     if overwrite or not (is_complete(output_dir) and previous.is_file()):
         return
     try:
-        before = yaml.safe_load(previous.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
+        before = comparable_recipe(previous.read_text())
+    except UnicodeDecodeError:
         before = None
-    now = yaml.safe_load(recipe_yaml) or {}
+    now = comparable_recipe(recipe_yaml) or {}
     if isinstance(before, dict):
         for key in CONTINUATION_KEYS:
             before.pop(key, None)

@@ -190,12 +190,8 @@ def run_step(recipe, fresh: bool = False) -> Path:
     from hfgen import tracking
 
     output_dir = recipe.output_dir
-    previous = output_dir / "recipe.yaml"
     unfinished_same_run = (
-        not fresh
-        and not tracking.is_complete(output_dir)
-        and previous.is_file()
-        and previous.read_text() == recipe.to_yaml()
+        not fresh and not tracking.is_complete(output_dir) and tracking.holds_recipe(output_dir, recipe.to_yaml())
     )
     if unfinished_same_run and tracking.complete_checkpoints(output_dir):
         for config in recipe.configs:

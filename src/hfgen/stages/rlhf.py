@@ -140,7 +140,7 @@ def run(args: RLHFArguments) -> Path:
     for step in pipeline_steps(args):
         recipe = step_recipe(args, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
-        same = done and (recipe.output_dir / "recipe.yaml").read_text() == recipe.to_yaml()
+        same = done and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml())
         if same and not rerun:
             say(f"== {step}: {recipe.output_dir} is complete, skipped (--force redoes it)")
             continue
