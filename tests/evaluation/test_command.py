@@ -280,6 +280,10 @@ def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_pa
     assert load_prompts(str(questions), "test", "question", 2) == ["q0", "q1"]
     with pytest.raises(UserError, match="match no prompt layout.*--prompt_column"):
         load_prompts(str(questions), "test", "prompt", 2)
+    # --num_prompts counts the prompts left once the empty ones are dropped (it counted rows: fewer were evaluated)
+    gaps = tmp_path / "gaps.jsonl"
+    gaps.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a", "", " ", "b", "", "c", "d"]))
+    assert load_prompts(str(gaps), "test", "prompt", 3) == ["a", "b", "c"]
 
 
 def test_generate_fits_learned_positions_and_refuses_what_it_cannot_do(tmp_path, capsys):

@@ -215,7 +215,7 @@ def resolve_oracle(spec: str, eval_dataset: str):
 
 
 def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list:
-    """The first `count` prompts of a dataset split (strings, or lists of chat messages), in any prompt layout
+    """The first `count` (non-empty) prompts of a dataset split (strings, or lists of chat messages), in any prompt layout
     (hfgen.data.formats: a `prompt` column or the one `--prompt_column` names, a .txt of one prompt a line,
     Alpaca's instructions, conversations' user turns). A file has one split (`train`): that one is read."""
     from hfgen.data.formats import to_standard
@@ -229,12 +229,12 @@ def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list
     rows = splits[split]
     if column != "prompt" and column not in rows.column_names:
         raise UserError(f"--eval_dataset '{dataset_name}' has no column '{column}' (it has {rows.column_names})")
-    rows = rows.select(range(min(count, len(rows))))
     columns = {"prompt": column} if column != "prompt" else None
-    try:
-        return to_standard(rows, "prompt", columns=columns, source=dataset_name)[0]["prompt"]
+    try:  # the first `count` after the empty prompts are dropped (selected before, fewer would be evaluated)
+        prompts = to_standard(rows, "prompt", columns=columns, source=dataset_name)[0]["prompt"]
     except UserError as error:
         raise UserError(f"{error} (in hfgen eval, --prompt_column names the column of prompts)") from None
+    return prompts[:count]
 
 
 def prompt_text(prompt) -> str:
