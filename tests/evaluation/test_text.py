@@ -57,6 +57,8 @@ def test_self_bleu_is_one_for_copies_and_falls_with_unrelated_samples():
     # each copy matches the other copy exactly (BLEU 1); the unrelated text shares no word (BLEU 0)
     assert self_bleu([text, text, "a dog runs far away now"]) == pytest.approx(2 / 3)
     assert self_bleu([text]) is None
+    # identical empty answers are copies (they scored 0, "most diverse"); a lone empty one copies nothing
+    assert self_bleu(["", ""]) == 1.0 and self_bleu(["", "", text]) == pytest.approx(2 / 3)
 
 
 def test_diversity_averages_self_bleu_per_prompt_and_pools_distinct_n():

@@ -74,11 +74,16 @@ def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: 
 
 
 def self_bleu(texts: Sequence[str], max_n: int = 4) -> float | None:
-    """Mean BLEU of each text against all the others; None for fewer than two texts."""
+    """Mean BLEU of each text against all the others; None for fewer than two texts. An empty text counts as a
+    copy (1) when another text is empty too, else 0: BLEU has no n-gram of it, and identical empty answers scored 0,
+    "most diverse"."""
     if len(texts) < 2:
         return None
     tokenized = [words(t) for t in texts]
-    scores = [bleu(hyp, tokenized[:i] + tokenized[i + 1 :], max_n) for i, hyp in enumerate(tokenized)]
+    scores = []
+    for i, hypothesis in enumerate(tokenized):
+        others = tokenized[:i] + tokenized[i + 1 :]
+        scores.append(bleu(hypothesis, others, max_n) if hypothesis else float(any(not o for o in others)))
     return sum(scores) / len(scores)
 
 
