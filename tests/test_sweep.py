@@ -2,6 +2,7 @@
 
 import os
 import re
+import resource
 
 import pytest
 
@@ -146,3 +147,22 @@ def test_a_sweep_resumes_with_its_root_spelled_another_way(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "was interrupted: continuing from its newest complete checkpoint" in resumed.stdout, resumed.stdout
     assert tracking.is_complete(point)
+
+
+def test_a_points_evaluation_measures_its_own_peak_memory(tmp_path):
+    # on a CPU `sweep --eval` recorded the sweep process's peak RSS (all points' training) as each point's
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hfgen.models import build_embedded_tokenizer
+    from hfgen.sweep import evaluate
+
+    tokenizer = build_embedded_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    ballast = b"\x01" * 2**30  # this process's peak RSS: 1 GiB more than an evaluation of a tiny model needs
+    evaluate(tmp_path, quiet=True)
+    del ballast
+    peak = tracking.read_json(tmp_path / "eval.json")["speed/peak_memory_mb"]
+    assert peak < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10 - 512

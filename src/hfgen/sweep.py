@@ -22,6 +22,8 @@ import argparse
 import itertools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from hfgen.errors import Diverged, UserError
@@ -180,9 +182,9 @@ def default_root(recipe_path: str, fixed: list[str]) -> Path:
 
 
 def evaluate(run_dir: Path, quiet: bool) -> None:
-    """`hfgen eval RUN_DIR` with its defaults."""
-    from hfgen.evaluation import command
-
-    parser = argparse.ArgumentParser(prog="hfgen eval")
-    command.add_arguments(parser)
-    command.main(parser.parse_args([str(run_dir), *(["--quiet"] if quiet else [])]))
+    """`hfgen eval RUN_DIR` with its defaults, in a process of its own: on a CPU its `speed/peak_memory_mb` is the
+    process's peak RSS, which in the sweep's process would be the largest of all the points' training runs."""
+    command = [sys.executable, "-m", "hfgen.cli", "eval", str(run_dir), *(["--quiet"] if quiet else [])]
+    returncode = subprocess.run(command).returncode
+    if returncode != 0:  # its one-paragraph error or its traceback is above
+        raise UserError(f"hfgen sweep: `hfgen eval {run_dir}` failed (exit code {returncode}; why is above)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def synchronize(device) -> None:
@@ -70,6 +71,13 @@ def peak_memory(device) -> tuple[float, str]:
 
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    # Linux: the high-water mark of this process image. ru_maxrss would carry over the parent's peak through fork and
+    # exec: a sweep's or compare's child process reported the parent's training memory as its own
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10, "process_peak_rss"
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
