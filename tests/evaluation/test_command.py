@@ -155,6 +155,7 @@ def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_s
         (["{model}", "--device", "nonsense"], "is not a device name"),
         (["{model}", "--reward_model", "{model}"], "is not a reward model"),
         (["{model}", "--output", "{model}"], "is a directory; give the file to write"),
+        (["{model}", "--images_per_prompt", "2"], "--images_per_prompt does not apply to TARGET"),
     ],
 )
 def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path, capsys, arguments, message):
@@ -164,6 +165,17 @@ def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_image_eval_refuses_the_text_options_the_user_gave(tmp_path, capsys):
+    # a diffusers pipeline's evaluation ignored them silently (--num_prompts 3 evaluated the run's own prompts)
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(tmp_path), "--num_prompts", "3", "--temperature", "0.5", "--chat", "--seed", "1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    assert "--num_prompts, --temperature, --chat do not apply to TARGET" in error, error
+    assert "--eval_dataset" not in error and "--seed" not in error  # defaults, and an option images use
 
 
 def test_eval_and_generate_refuse_a_reward_model_or_an_autoencoder_naming_what_it_is(reward_dir, tmp_path, capsys):

@@ -35,41 +35,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="eval.json to write or merge into (default: TARGET/eval.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--device", default=AUTO, help="cuda, cpu, ... (default: cuda when available)")
+    # the text evaluation's options (action=Given): refused for a diffusers pipeline, which would ignore them
     prompts = parser.add_argument_group("sampling")
-    prompts.add_argument("--eval_dataset", default="embedded:prompts", help="dataset with a prompt column")
-    prompts.add_argument("--eval_split", default="test")
-    prompts.add_argument("--prompt_column", default="prompt", help="a string or a list of chat messages")
-    prompts.add_argument("--num_prompts", type=int, default=32)
-    prompts.add_argument("--num_samples", type=int, default=4, help="responses per prompt (2+ for self-BLEU)")
-    prompts.add_argument("--max_new_tokens", type=int, default=48)
-    prompts.add_argument("--temperature", type=float, default=0.8)
-    prompts.add_argument("--top_p", type=float, default=0.95)
-    prompts.add_argument("--batch_size", type=int, default=64, help="sequences per generation batch")
+    prompts.add_argument(
+        "--eval_dataset", action=Given, default="embedded:prompts", help="dataset with a prompt column"
+    )
+    prompts.add_argument("--eval_split", action=Given, default="test")
+    prompts.add_argument("--prompt_column", action=Given, default="prompt", help="a string or a list of chat messages")
+    prompts.add_argument("--num_prompts", action=Given, type=int, default=32)
+    prompts.add_argument(
+        "--num_samples", action=Given, type=int, default=4, help="responses per prompt (2+ for self-BLEU)"
+    )
+    prompts.add_argument("--max_new_tokens", action=Given, type=int, default=48)
+    prompts.add_argument("--temperature", action=Given, type=float, default=0.8)
+    prompts.add_argument("--top_p", action=Given, type=float, default=0.95)
+    prompts.add_argument("--batch_size", action=Given, type=int, default=64, help="sequences per generation batch")
     prompts.add_argument("--seed", type=int, default=0)
     chat = prompts.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="use the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
     quality = parser.add_argument_group("quality")
     quality.add_argument(
-        "--perplexity_dataset", default=AUTO,
+        "--perplexity_dataset", action=Given, default=AUTO,
         help="texts (column 'text') or conversations ('messages') to measure perplexity on; 'auto': embedded:corpus "
         "for raw-text models, embedded:instructions for chat models, when the prompts are embedded; 'none' skips",
     )  # fmt: skip
-    quality.add_argument("--perplexity_texts", type=int, default=200, help="how many texts of its test split")
-    quality.add_argument("--reward_model", help="a sequence-classification reward model dir")
     quality.add_argument(
-        "--oracle", default=AUTO,
+        "--perplexity_texts", action=Given, type=int, default=200, help="how many texts of its test split"
+    )
+    quality.add_argument("--reward_model", action=Given, help="a sequence-classification reward model dir")
+    quality.add_argument(
+        "--oracle", action=Given, default=AUTO,
         help="MODULE:FUNC scoring (prompts, responses) -> list[float]; 'auto': hfgen.data.embedded:oracle_scores "
         "for embedded prompts; 'none' skips",
     )  # fmt: skip
-    quality.add_argument("--baseline", help="another model dir: win rate of TARGET over it")
+    quality.add_argument("--baseline", action=Given, help="another model dir: win rate of TARGET over it")
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--speed_batch_size", type=int, default=16)
-    speed.add_argument("--speed_new_tokens", type=int, default=64)
+    speed.add_argument("--speed_batch_size", action=Given, type=int, default=16)
+    speed.add_argument("--speed_new_tokens", action=Given, type=int, default=64)
     images = parser.add_argument_group("images (diffusers pipeline dirs; default: hfgen.evaluation.images' own)")
     images.add_argument("--images_per_prompt", type=int)
     images.add_argument("--num_inference_steps", type=int)
     images.add_argument("--guidance_scale", type=float)
+
+
+class Given(argparse.Action):
+    """Stores the value and records that the user gave the option (`args.given`): an evaluation the option does
+    not apply to refuses it, rather than ignore it while its default would have been fine."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
+IMAGE_OPTIONS = ("images_per_prompt", "num_inference_steps", "guidance_scale")
+
+
+def options_that_do_not_apply(args: argparse.Namespace, images: bool) -> list[str]:
+    """The options the user gave that this kind of evaluation ignores: the text ones for a diffusers pipeline, the
+    image ones for a text model."""
+    if images:
+        given = sorted(getattr(args, "given", ())) + (["chat"] if args.chat is not None else [])
+        return [f"--{name}" for name in given]
+    return [f"--{name}" for name in IMAGE_OPTIONS if getattr(args, name) is not None]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,6 +114,11 @@ def main(args: argparse.Namespace) -> int:
                         "figures; give another --output, or delete the file")  # fmt: skip
     follow_rlhf_pipeline(args)
     images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
+    if ignored := options_that_do_not_apply(args, images):
+        kind = "a diffusers pipeline (image metrics)" if images else "a text model"
+        verb, pronoun = ("does", "it") if len(ignored) == 1 else ("do", "them")
+        raise UserError(f"hfgen eval: {', '.join(ignored)} {verb} not apply to TARGET '{args.target}', {kind}; "
+                        f"leave {pronoun} out")  # fmt: skip
     if args.quiet:
         quiet_libraries()
     if images:
