@@ -155,6 +155,9 @@ def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_s
         (["{model}", "--device", "nonsense"], "is not a device name"),
         (["{model}", "--reward_model", "{model}"], "is not a reward model"),
         (["{model}", "--output", "{model}"], "is a directory; give the file to write"),
+        (["{model}", "--perplexity_texts", "0"], "--perplexity_texts must be at least 1"),
+        (["{model}", "--perplexity_dataset", "{model}/missing.jsonl"], "missing.jsonl"),
+        (["{model}", "--perplexity_dataset", "embedded:prompts"], "needs a 'text' or 'messages' column"),
         (["{model}", "--images_per_prompt", "2"], "--images_per_prompt does not apply to TARGET"),
     ],
 )

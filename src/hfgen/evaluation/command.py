@@ -224,6 +224,13 @@ def check_text_arguments(args: argparse.Namespace) -> None:
         load_prompts(args.eval_dataset, args.eval_split, args.prompt_column, 1)
     except UserError as error:
         problems.append(str(error))
+    if args.perplexity_texts < 1:  # was a silent skip of perplexity
+        problems.append("--perplexity_texts must be at least 1 (--perplexity_dataset none skips perplexity)")
+    if args.perplexity_dataset not in (AUTO, "none"):  # found after the speed runs and the sampling, otherwise
+        try:
+            perplexity_rows(args.perplexity_dataset, 1)
+        except UserError as error:
+            problems.append(str(error))
     if problems:
         raise UserError(f"hfgen eval: {len(problems)} problem(s): " + "; ".join(problems) + ".")
 
@@ -277,20 +284,30 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
+def perplexity_rows(spec: str, count: int):
+    """The first `count` rows of the --perplexity_dataset's test split (its one split for a file), which must have a
+    'text' or 'messages' column."""
+    from hfgen.data.loading import load_raw
+
+    splits = load_raw(spec)
+    rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
+    if not {"text", "messages"} & set(rows.column_names):
+        raise UserError(
+            f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column (it has {rows.column_names})"
+        )
+    return rows.select(range(min(count, len(rows))))
+
+
 def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
     """(dataset name, texts, prefixes) to measure perplexity on. Conversations are formatted with the chat
     template and only their last message (the response) is scored: the prompt is context, as in SFT's loss."""
-    from hfgen.data.loading import load_raw
-
     if spec == AUTO:
         if not eval_dataset.startswith("embedded:"):
             return None, [], None
         spec = "embedded:instructions" if chat else "embedded:corpus"
     if spec == "none":
         return None, [], None
-    splits = load_raw(spec)
-    rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
-    rows = rows.select(range(min(count, len(rows))))
+    rows = perplexity_rows(spec, count)
     if "text" in rows.column_names:
         return spec, rows["text"], None
     if "messages" in rows.column_names and tokenizer.chat_template is not None:
@@ -299,7 +316,8 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
             tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in rows["messages"]
         ]
         return spec, texts, prefixes
-    raise UserError(f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column (it has {rows.column_names})")
+    raise UserError(f"--perplexity_dataset '{spec}' holds conversations ('messages'), and the model's tokenizer has no "
+                    "chat template to render them; give texts (a 'text' column), or --perplexity_dataset none")  # fmt: skip
 
 
 # ---- text evaluation --------------------------------------------------------------------------------
