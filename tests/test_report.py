@@ -132,12 +132,34 @@ def test_a_run_killed_mid_line_reports_and_a_damaged_file_is_named(two_runs, tmp
         f.write('{"step": 60, "lo')
     assert len(load_run(two_runs[0], "killed").metrics) == 6
     (two_runs[1] / "eval.json").write_text('{"quality/perplexity": 2.')
-    with pytest.raises(SystemExit) as exit_info:
-        hfgen(["report", *map(str, two_runs), "--out", str(tmp_path / "r.html")])
-    assert exit_info.value.code == 2 and "eval.json' is not valid JSON" in capsys.readouterr().err
+    assert hfgen(["report", *map(str, two_runs), "--out", str(tmp_path / "r.html")]) == 0  # shown without it
+    assert "eval.json' is not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # was an IsADirectoryError, with a stray .tmp file left
         hfgen(["report", str(two_runs[0]), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_a_run_with_malformed_files_is_shown_without_them_and_each_is_named(two_runs, tmp_path, capsys):
+    # each was a traceback (AttributeError, TypeError, UnicodeDecodeError); the README promises a run lacking a file
+    # is shown without it
+    low, high = two_runs
+    (low / "recipe.yaml").write_text("- a\n- b\n")
+    (low / "eval.json").write_text("[1]")
+    (high / "recipe.yaml").write_text("stage: [unclosed\n")
+    (high / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe\n')
+    (high / "samples.jsonl").write_text('[1, 2]\n"text"\n')
+    out = tmp_path / "r.html"
+    assert hfgen(["report", str(low), str(high), "--out", str(out)]) == 0
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    for file in (low / "recipe.yaml", low / "eval.json", high / "recipe.yaml", high / "metrics.jsonl",
+                 high / "samples.jsonl"):  # fmt: skip
+        assert str(file) in error and f"shown without {file.name}" in error, (file, error)
+    page = out.read_text()
+    assert "Unreadable files" in page and "lr_low" in page and "lr_high" in page
+    assert load_run(low, "low").metrics and not load_run(high, "high").metrics  # the good file of a run is kept
+    (low / "metrics.jsonl").write_text('{"step": 1}\n[1]\n')
+    assert load_run(low, "low").metrics == [] and "rows that are JSON objects" in load_run(low, "low").warnings[1]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

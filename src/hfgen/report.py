@@ -7,7 +7,8 @@ from each run's metrics.jsonl (every numeric metric logged at two or more steps,
 loss, reward/oracle scores, KL, entropy, perplexity, optimisation, speed, other), their eval.json figures in one
 table, sample texts (samples.jsonl, else eval_samples.jsonl) and images (grid.png, samples/*.png). Plots and
 images are embedded as base64 PNGs, so the file can be mailed or archived alone. A run that lacks a file is
-shown without it; a RUN_DIR that does not exist is an error.
+shown without it, as is one whose file is malformed (with a warning naming it); a RUN_DIR that does not exist is an
+error.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import html
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,7 @@ class Run:
     samples: list[dict] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
     complete: bool = False
+    warnings: list[str] = field(default_factory=list)  # its files that could not be read, shown without them
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +82,8 @@ def write_report(run_dirs, out: str | Path, title: str = "hfgen report", max_sam
         raise UserError(f"hfgen report: {problem}.")
     paths = [Path(d) for d in run_dirs]
     runs = [load_run(path, name) for path, name in zip(paths, run_names(paths))]
+    for warning in (warning for run in runs for warning in run.warnings):
+        print(f"hfgen report: warning: {warning}", file=sys.stderr)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tracking.write_text(out, render_html(runs, title, max_samples))  # a page killed half-way is never left
@@ -99,20 +104,42 @@ def run_names(paths: list[Path]) -> list[str]:
 
 
 def load_run(path: Path, name: str) -> Run:
+    """A run's files; one that is malformed (not YAML/JSON, not UTF-8, not the mapping or rows it should hold) is
+    left out with a warning naming it, as a missing one is: the other runs and files are still worth a report."""
     import yaml
 
+    def recipe(file: Path):
+        return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+
     run = Run(name=name, path=path, complete=tracking.is_complete(path))
-    if (path / "recipe.yaml").is_file():
-        run.recipe = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
-    run.metrics = tracking.read_metrics(path)
-    run.eval = tracking.read_json(path / "eval.json", {})
+    run.recipe = read_or_warn(run, "recipe.yaml", recipe, dict)
+    run.metrics = read_or_warn(run, "metrics.jsonl", tracking.read_jsonl, list)
+    run.eval = read_or_warn(run, "eval.json", lambda file: tracking.read_json(file, {}), dict)
     for samples_file in ("samples.jsonl", "eval_samples.jsonl"):
         if (path / samples_file).is_file():
-            run.samples = tracking.read_jsonl(path / samples_file)
+            run.samples = read_or_warn(run, samples_file, tracking.read_jsonl, list)
             break
     grid = [path / "grid.png"] if (path / "grid.png").is_file() else []
     run.images = grid + sorted((path / "samples").glob("*.png"))[:IMAGES_SHOWN]
     return run
+
+
+def read_or_warn(run: Run, name: str, read, kind: type):
+    """`read(RUN/name)` when it is a `kind` (a list: of JSON objects); else an empty one, and a warning for the run."""
+    import yaml
+
+    try:
+        value = read(run.path / name)
+    except (UserError, UnicodeDecodeError, yaml.YAMLError) as error:
+        problem = " ".join(str(error).split())  # YAML's is several lines
+        problem = problem if str(run.path / name) in problem else f"'{run.path / name}' cannot be read ({problem})"
+    else:
+        if kind is list and all(isinstance(row, dict) for row in value) or kind is dict and isinstance(value, dict):
+            return value
+        wanted = "rows that are JSON objects" if kind is list else "a mapping"
+        problem = f"'{run.path / name}' does not hold {wanted}"
+    run.warnings.append(f"{problem}; the run is shown without {name}")
+    return kind()
 
 
 def numeric_series(run: Run, key: str) -> tuple[list[float], list[float]]:
@@ -251,6 +278,10 @@ def render_html(runs: list[Run], title: str, max_samples: int = 8) -> str:
             "runs",
         )
     )
+
+    warnings = [f"{r.name}: {w}" for r in runs for w in r.warnings]
+    if warnings:
+        parts.append(f'<p class="note">Unreadable files: {html.escape("; ".join(warnings))}.</p>')
 
     differences = recipe_differences(runs)
     if differences and len(runs) > 1:

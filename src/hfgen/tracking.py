@@ -347,7 +347,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise UserError(f"'{path}' is not UTF-8 text ({error}): restore or delete it") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     rows = []
     for number, line in enumerate(lines, start=1):
         try:
