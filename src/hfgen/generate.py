@@ -95,7 +95,8 @@ RUN_SUB_MODELS = ("ema",)  # the models a run saves beside its own (PPO's `ema_d
 
 def wants_chat(model_path: str, tokenizer) -> bool:
     """Chat format by default for fine-tuned models: hfgen runs other than pretraining (and their sub-models, e.g.
-    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat` decide explicitly."""
+    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat`
+    decide explicitly."""
     import yaml
 
     if tokenizer.chat_template is None:

@@ -163,8 +163,10 @@ def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
         name = "_".join(f"{key}={safe(value)}" for key, value in zip(axes, values))
         if name in named:  # `a/b` and `a:b` are both `a-b`: two points would share one run dir
             spelled = " and ".join(" ".join(f"--{k} {v}" for k, v in zip(axes, vs)) for vs in (named[name], values))
-            raise UserError(f"hfgen sweep: the points {spelled} would share the directory '{name}' (a value's "
-                            "characters other than letters, digits and . + - become -): give values that differ there")  # fmt: skip
+            raise UserError(
+                f"hfgen sweep: the points {spelled} would share the directory '{name}' (a value's characters other "
+                "than letters, digits and . + - become -): give values that differ there"
+            )
         named[name] = values
         points.append((name, [token for key, value in zip(axes, values) for token in (f"--{key}", value)]))
     return points

@@ -255,7 +255,7 @@ def resolve_oracle(spec: str, eval_dataset: str):
 
 
 def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list:
-    """The first `count` (non-empty) prompts of a dataset split (strings, or lists of chat messages), in any prompt layout
+    """The first `count` non-empty prompts of a dataset split (strings, or lists of chat messages), in any layout
     (hfgen.data.formats: a `prompt` column or the one `--prompt_column` names, a .txt of one prompt a line,
     Alpaca's instructions, conversations' user turns). A file has one split (`train`): that one is read."""
     from hfgen.data.formats import to_standard
@@ -316,8 +316,10 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
             tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in rows["messages"]
         ]
         return spec, texts, prefixes
-    raise UserError(f"--perplexity_dataset '{spec}' holds conversations ('messages'), and the model's tokenizer has no "
-                    "chat template to render them; give texts (a 'text' column), or --perplexity_dataset none")  # fmt: skip
+    raise UserError(
+        f"--perplexity_dataset '{spec}' holds conversations ('messages'), and the model's tokenizer has no chat "
+        "template to render them; give texts (a 'text' column), or --perplexity_dataset none"
+    )
 
 
 # ---- text evaluation --------------------------------------------------------------------------------
