@@ -353,6 +353,10 @@ def run_stage(
     # the engine (`model_wrapped`: with `model` DeepSpeed's fetch hooks stay on and each pass re-partitions) and the
     # starting model: TRL's prepared reference (DPO, KTO), or the one loaded for the comparison (ORPO, SimPO).
     frozen = (getattr(trainer, "ref_model", None) or reference) if reference is not None else None
+    if frozen is not None and getattr(training_args, "sync_ref_model", False):
+        # DPO's sync_ref_model mixed the policy into TRL's reference during training: it is no longer the starting
+        # model the comparison and kl_to_reference are against, so that one is loaded again (as for ORPO, SimPO)
+        frozen = load_model(model_args, training_args, tokenizer).eval().requires_grad_(False)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
         guard.kill_point("eval")
         after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}

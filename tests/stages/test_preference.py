@@ -127,6 +127,15 @@ def test_lora_reference_is_the_adapter_disabled_policy(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
+def test_sync_ref_model_compares_against_the_starting_model(tiny_lm, tmp_path):
+    # mixup alpha 1 at every step: TRL's reference becomes the policy itself; the comparison's baseline must not
+    sync = {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 1.0, "max_steps": 2}
+    train(write_recipe(tmp_path, "dpo", tiny_lm, learning_rate=1e-2, eval_samples_per_prompt=1, **sync))
+    results = tracking.read_json(tmp_path / "run/eval.json")
+    assert results["kl_to_reference"] > 0.01, results["kl_to_reference"]
+
+
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_lm, tmp_path):
     common = {"save_strategy": "steps", "save_steps": 2, "eval_samples_per_prompt": 0, "learning_rate": 2e-3}
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
