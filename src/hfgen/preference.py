@@ -27,7 +27,7 @@ from hfgen.data.formats import unpaired_rows
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
-from hfgen.models import check_model_source
+from hfgen.models import check_model_source, not_a_reward_model
 
 
 @dataclass
@@ -91,7 +91,10 @@ def check_preference_data(
             problems.append(str(error))
     if data_args.reward_model_path:
         path = data_args.reward_model_path
-        problems += check_model_source("reward_model_path", path, hint=run_first_hint(path))
+        # a causal LM (the SFT run given by mistake) would judge with a new, random score head
+        problems += check_model_source("reward_model_path", path, hint=run_first_hint(path)) or not_a_reward_model(
+            path, "reward_model_path"
+        )
     if data_args.oracle_function:
         try:
             unmet = unmet_arguments(load_function(data_args.oracle_function))

@@ -17,7 +17,7 @@ from conftest import REPO, accelerate_launch, run_hfgen, shrunk
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import preference_pairs
-from tiny_models import pretrained_tiny_llama
+from tiny_models import pretrained_tiny_llama, save_tiny_llama
 
 ORACLE = "hfgen.data.embedded:oracle_scores"
 FEW = {  # a few seconds on the tiny test model
@@ -210,6 +210,18 @@ def test_bad_keys_exit_2_naming_them(tmp_path, capsys, stage, overrides, expecte
         hfgen_main(["train", str(REPO / f"recipes/tiny/{stage}.yaml"), *overrides, "--output_dir", str(tmp_path)])
     message = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in message and expected in message, message
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "orpo", "simpo"])
+def test_a_causal_lm_as_reward_model_exits_2(tmp_path, capsys, stage):
+    # judged with a new, random score head, the held-out win rates would be noise
+    causal_lm = save_tiny_llama(tmp_path / "sft")
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["train", str(REPO / f"recipes/tiny/{stage}.yaml"), "--model_name_or_path", str(causal_lm),
+                    "--reward_model_path", str(causal_lm), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in message
+    assert "reward_model_path" in message and "is not a reward model" in message, message
 
 
 def test_a_few_identical_pairs_are_dropped_and_counted(tmp_path):
