@@ -354,7 +354,8 @@ def recorded(trainer_class):
             start = time.perf_counter()
             output = super().training_step(model, inputs, num_items_in_batch)
             self._timers["step"] += time.perf_counter() - start
-            self._episodes += self.args.per_device_train_batch_size  # completions trained on by this micro-step
+            # completions generated per micro-step: each is trained on num_iterations times
+            self._episodes += self.args.per_device_train_batch_size / self.num_iterations
             return output
 
         def log(self, logs, start_time=None):
@@ -528,7 +529,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         guard.kill_point("eval")
         figures = {
             "train_runtime_s": result.metrics["train_runtime"],
-            "episodes": trainer.state.global_step * config.generation_batch_size,
+            "episodes": generated_completions(trainer.state.global_step, config),
             "parameters": count_parameters(policy),
             "trainable_parameters": count_parameters(policy, trainable_only=True),
             "peft": model_args.use_peft,
@@ -540,6 +541,14 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     if trainer.is_world_process_zero():
         tracking.update_eval(output_dir, figures)
     return output_dir
+
+
+def generated_completions(steps: int, config) -> int:
+    """Completions generated over `steps` optimizer steps (all processes): TRL generates one generation batch every
+    steps_per_generation x num_iterations micro-steps (the first at micro-step 0), not one per optimizer step."""
+    micro_steps = steps * config.gradient_accumulation_steps
+    generate_every = config.steps_per_generation * config.num_iterations
+    return -(-micro_steps // generate_every) * config.generation_batch_size
 
 
 # ---- final evaluation ---------------------------------------------------------------------------------------

@@ -134,9 +134,24 @@ def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_compar
                 "stopped_early"):  # fmt: skip
         assert key in evaluation, key
     assert evaluation["eval/num_prompts"] == 4 and abs(evaluation["kl_to_reference"]) > 1e-3  # the policy moved
+    # 4 steps of 8 completions: one generation batch of 16 serves 2 steps (steps_per_generation)
+    assert evaluation["episodes"] == 32 and evaluation["episodes_per_s"] > 0
     samples = [json.loads(line) for line in (full_run / "samples.jsonl").read_text().splitlines()]
     assert {row["step"] for row in samples} == {1, 2, 3, 4} and {"prompt", "response", "brevity"} <= set(samples[0])
     assert tracking.is_complete(full_run) and (full_run / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("steps_per_generation, num_iterations, generated", [(1, 1, 40), (2, 1, 48), (1, 2, 24)])
+def test_episodes_count_the_completions_generated(tmp_path, steps_per_generation, num_iterations, generated):
+    from trl import GRPOConfig
+
+    from hfgen.group_rl import generated_completions
+
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, use_cpu=True,
+                        steps_per_generation=steps_per_generation, num_iterations=num_iterations)  # fmt: skip
+    # 5 optimizer steps; a generation batch of 8 x steps_per_generation serves steps_per_generation x num_iterations
+    # steps (the last one started is counted whole)
+    assert generated_completions(5, config) == generated
 
 
 def test_freeze_modules_keeps_the_named_modules_unchanged(tmp_path, models):
