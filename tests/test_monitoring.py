@@ -28,6 +28,26 @@ def test_callback_reads_trl_logs_alerts_and_stops_training(tmp_path, capsys):
     assert len(callback.monitor.history) == 7
 
 
+def test_without_beta_no_kl_is_fed_and_the_kl_signal_is_said_to_be_off(tmp_path, capsys):
+    from trl import GRPOConfig
+
+    # beta 0 (TRL's default): TRL logs no `kl`; a KL of 0 fed instead would leave kl_growth silently blind
+    args = GRPOConfig(output_dir=str(tmp_path), beta=0.0, report_to=[], use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    callback = HackingMonitorCallback()
+    callback.on_train_begin(args, state, control)
+    assert "kl_growth signal is off" in capsys.readouterr().out
+    for step in range(1, 9):
+        state.global_step = step
+        logs = {"loss": 0.1, "entropy": 1.0, "completions/mean_length": 10.0, "reward": 1.0}
+        callback.on_log(args, state, control, logs=logs)
+    assert all(row["kl"] is None for row in callback.monitor.history)
+    assert "kl_growth" not in callback.monitor.signals() and "monitor/kl_slope" not in logs
+    assert "entropy_collapse" in callback.monitor.signals()  # the others still judge
+    callback.on_train_begin(GRPOConfig(output_dir=str(tmp_path), beta=0.1, use_cpu=True), state, control)
+    assert "kl_growth" not in capsys.readouterr().out
+
+
 def test_callback_state_is_saved_in_a_checkpoint_and_restored(tmp_path):
     args, state, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerState(), TrainerControl()
     callback = HackingMonitorCallback()

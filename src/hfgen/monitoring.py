@@ -6,7 +6,8 @@ TRL-based online RL stages (GRPO, RLOO) add `HackingMonitorCallback` to their tr
     ...; results |= callback.summary()      # into eval.json
 
 It reads the figures TRL logs each logging step: `kl` (per token, turned into per response with the mean completion
-length, the unit PPO's monitor uses), `entropy`, `completions/mean_length` and each reward function's
+length, the unit PPO's monitor uses; TRL logs none with `beta` 0, the kl_growth signal is then off and said so at
+the start), `entropy`, `completions/mean_length` and each reward function's
 `rewards/NAME/mean`. Responses themselves are not in the logs, so the repetition and above-ceiling signals stay off
 here. Alerts are printed and added to the logged row (so metrics.jsonl and the report carry them, when this callback
 runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally, and
@@ -34,6 +35,11 @@ class HackingMonitorCallback(TrainerCallback):
         self.stop_on_hacking = stop_on_hacking
         self.stopped: dict = {}
         self.snapshots = PolicySnapshots()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "beta", None) == 0 and state.is_world_process_zero:
+            print("reward-hacking monitor: with beta 0 TRL computes no KL to the reference, so the kl_growth signal "
+                  "is off (set beta > 0 to watch it); entropy, length and reward components are still watched")  # fmt: skip
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.stop_on_hacking and not self.stopped:  # the policy of the step about to run, before its update
@@ -68,8 +74,9 @@ class HackingMonitorCallback(TrainerCallback):
             for name, value in logs.items()
             if name.startswith("rewards/") and name.endswith("/mean")
         }
+        kl = logs["kl"] * (length or 1.0) if "kl" in logs else None  # none logged with beta 0: no KL signal
         alerts = self.monitor.observe(
-            state.global_step, kl=logs.get("kl", 0.0) * (length or 1.0), entropy=logs.get("entropy"), length=length,
+            state.global_step, kl=kl, entropy=logs.get("entropy"), length=length,
             components=components, oracle=logs.get("oracle/mean"),  # the oracle is only reported, never alerted on
             proxy_scores=[logs["reward"]] if "reward" in logs else None,
         )  # fmt: skip

@@ -99,13 +99,14 @@ class HackingMonitor:
     alerts: list[Alert] = field(default_factory=list)
 
     def observe(
-        self, step: int, *, kl: float, entropy: float | None = None, length: float | None = None,
+        self, step: int, *, kl: float | None, entropy: float | None = None, length: float | None = None,
         distinct_1: float | None = None, components: dict[str, float] | None = None,
         proxy_scores: list[float] | None = None, oracle: float | None = None, above_ceiling: float | None = None,
     ) -> list[Alert]:  # fmt: skip
         """Record one step's figures (means over the step's responses, all processes; `distinct_1` from
         `mean_distinct_n(texts, 1)`; `proxy_scores` the reward model's score of every response); -> the alerts raised at this
-        step (each signal alerts once). Every process must feed the same figures, so all decide alike."""
+        step (each signal alerts once). Every process must feed the same figures, so all decide alike. `kl` None: no
+        KL is known (GRPO/RLOO with beta 0 log none), and kl_growth is not judged."""
         row = {"step": step, "kl": kl, "entropy": entropy, "length": length, "components": components or {},
                "distinct_1": distinct_1, "oracle": oracle,
                "proxy": sum(proxy_scores) / len(proxy_scores) if proxy_scores else None}  # fmt: skip
@@ -154,11 +155,12 @@ class HackingMonitor:
         """signal -> (holds at the latest step, what it saw)."""
         now = self.history[-1]
         out = {}
-        kl_slope, kl_growth = self.kl_slope()
-        out["kl_growth"] = (
-            kl_growth > self.kl_growth and kl_slope > self.min_kl_slope,
-            f"KL grows {kl_slope:.2f} nats/step, {kl_growth:.0%} of its level per step (now {now['kl']:.2f})",
-        )
+        if now["kl"] is not None:
+            kl_slope, kl_growth = self.kl_slope()
+            out["kl_growth"] = (
+                kl_growth > self.kl_growth and kl_slope > self.min_kl_slope,
+                f"KL grows {kl_slope:.2f} nats/step, {kl_growth:.0%} of its level per step (now {now['kl']:.2f})",
+            )
         for key, signal in (("entropy", "entropy_collapse"), ("length", "length_drift"), ("distinct_1", "repetition")):
             base = self.baseline(key)
             if base is None or now.get(key) is None:
@@ -185,7 +187,7 @@ class HackingMonitor:
         """(KL's slope in nats per step, that slope over KL's mean) over the last `kl_window` steps after the
         baseline; (0, 0) until that window is full."""
         values = [row["kl"] for row in self.history[self.baseline_steps :][-self.kl_window :]]
-        if len(values) < self.kl_window:
+        if len(values) < self.kl_window or None in values:  # (None: no KL known)
             return 0.0, 0.0
         change = slope(values)
         return change, change / max(sum(values) / len(values), 1e-9)
@@ -217,7 +219,8 @@ class HackingMonitor:
             figures["monitor/distinct_1"] = now["distinct_1"]
         if now.get("above_ceiling") is not None:
             figures["monitor/above_ceiling"] = now["above_ceiling"]
-        figures["monitor/kl_slope"], figures["monitor/kl_growth"] = self.kl_slope()
+        if now["kl"] is not None:
+            figures["monitor/kl_slope"], figures["monitor/kl_growth"] = self.kl_slope()
         oracle = self.oracle_summary()
         if oracle:
             figures |= {k: v for k, v in oracle.items() if isinstance(v, float)}
