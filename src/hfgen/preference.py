@@ -104,8 +104,7 @@ def check_preference_data(
             if unmet:
                 problems.append(f"oracle_function '{data_args.oracle_function}' needs argument(s) {unmet} after "
                                 f"(prompts, responses); {WHY_NO_COLUMNS}")  # fmt: skip
-    if min(data_args.eval_num_prompts, data_args.eval_samples_per_prompt) < 0 or data_args.eval_response_length < 1:
-        problems.append("eval_num_prompts and eval_samples_per_prompt must be >= 0, eval_response_length >= 1")
+    # (eval_num_prompts, eval_samples_per_prompt, eval_response_length, eval_temperature: recipe.BOUNDS)
     return problems
 
 

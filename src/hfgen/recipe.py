@@ -407,6 +407,7 @@ _NON_NEGATIVE = (
     "data_seed", "num_samples", "eval_samples_per_prompt", "eval_images_per_prompt", "num_validation_images",
     "validation_steps", "text_encoder_pretraining_steps", "adversarial_start_step", "kl_weight", "adversarial_weight",
     "kl_coef", "vf_coef", "cliprange", "cliprange_value", "noise_offset", "dataloader_num_workers", "beta",
+    "eval_num_prompts",
 )  # fmt: skip
 _FRACTIONS = ("lora_dropout", "condition_dropout", "adam_beta1", "adam_beta2", "gamma", "lam", "ema_decay")
 BOUNDS = {
@@ -414,6 +415,7 @@ BOUNDS = {
     **dict.fromkeys(_NON_NEGATIVE, (0, None, True)),
     **dict.fromkeys(_FRACTIONS, (0, 1, True)),
     "temperature": (0, None, False),
+    "eval_temperature": (0, None, False),  # the preference stages' held-out sampling (0 trained, then crashed)
     "top_p": (0, 1, False),
 }
 

@@ -203,6 +203,9 @@ def test_broken_preference_data_exits_2_naming_rows_or_columns(tmp_path, capsys,
         ("dpo", ["--loss_type", "sigmoid", "nope"], "loss_type ['nope'] unknown"),
         ("simpo", ["--loss_type", "sigmoid"], "'sigmoid' is not one of ['simpo', 'alphapo']"),
         ("kto", ["--eval_samples_per_prompt", "-1"], "'eval_samples_per_prompt' must be at least 0"),
+        ("dpo", ["--eval_temperature", "0"], "'eval_temperature' must be above 0"),
+        ("simpo", ["--eval_temperature", "nan"], "'eval_temperature' must be a finite number"),
+        ("orpo", ["--eval_num_prompts", "-2"], "'eval_num_prompts' must be at least 0"),
     ],
 )
 def test_bad_keys_exit_2_naming_them(tmp_path, capsys, stage, overrides, expected):
