@@ -284,8 +284,9 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
     """`trainer_class(**kwargs)` with what every TRL-based stage gives its trainer: hfgen's records
     (`tracking.trainer_callbacks(output_dir)`, after the stage's own `callbacks`) and `eval_dataset` only when
     `args.eval_strategy` evaluates. TRL validates the config against the data and the model in the constructor, so
-    a ValueError there is the recipe's: a UserError naming the trainer (`trainer_name`, default the class's) and
-    TRL's reason."""
+    a ValueError there is the recipe's, as is a NotImplementedError (a combination of keys TRL does not support,
+    e.g. sync_ref_model with LoRA): a UserError naming the trainer (`trainer_name`, default the class's) and TRL's
+    reason."""
     from hfgen import tracking
 
     keep_float32_weights(kwargs["model"], kwargs["args"], lora=kwargs.get("peft_config") is not None)
@@ -293,5 +294,5 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
         kwargs["eval_dataset"] = eval_dataset
     try:
         return trainer_class(callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs)
-    except ValueError as error:
+    except (ValueError, NotImplementedError) as error:
         raise UserError(f"{trainer_name or trainer_class.__name__} rejected the recipe: {error}") from None

@@ -288,6 +288,11 @@ CHOSEN_FELL = (
 
 def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code)
+    if getattr(training_args, "sync_ref_model", False) and model_args.use_peft:  # TRL's NotImplementedError
+        problems.append(
+            "sync_ref_model needs a reference model of its own to update, and with use_peft the reference is the "
+            "adapter-disabled policy: set sync_ref_model: false, or train without use_peft"
+        )
     model = None if problems else model_args.model_name_or_path  # its tokenizer renders conversations
     return problems + check_preference_data(
         data_args, unpaired_ok, model, training_args.trust_remote_code, training_args

@@ -85,6 +85,14 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
     assert "reward_weights has 1 values for 2 reward(s)" in result.stderr and "no attribute 'nope'" in result.stderr
 
 
+def test_a_combination_trl_does_not_implement_exits_2_naming_it(tmp_path, models):
+    # TRL's constructor raises NotImplementedError for sync_ref_model with LoRA: the recipe's, not a bug of hfgen's
+    lora = {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj"], "sync_ref_model": True, "beta": 0.1}
+    result = run_hfgen("train", write_recipe(tmp_path, models[0], **lora))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "GRPOTrainer rejected the recipe" in result.stderr and "sync_ref_model" in result.stderr
+
+
 @pytest.mark.slow
 def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_path, models):
     from datasets import Dataset

@@ -33,6 +33,12 @@ def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_
         problems.append(
             f"label_smoothing is a flip probability in [0, 0.5) for robust DPO, got {training_args.label_smoothing}"
         )
+    sorting = [name for name in training_args.loss_type if name in ("aot", "aot_unpaired")]
+    if training_args.use_weighting and sorting:  # TRL's NotImplementedError, once the models have loaded
+        problems.append(
+            f"use_weighting (WPO's per-pair weights) does not work with loss_type {sorting}, which sort the pairs "
+            "within a batch: set use_weighting: false or use another loss type"
+        )
     return problems
 
 
