@@ -149,16 +149,25 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
 # TRL's GRPO checks these only when it uses them (after the first generation): a typo was a traceback then
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
+CHOICE_KEYS = {  # GRPO keys whose values TRL checks only at the first loss (after the models load and generate)
+    "importance_sampling_level": ("token", "sequence"),
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+    "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+}
 
 
 def trainer_key_problems(config) -> list[str]:
-    """TRL keys that its trainers would refuse only mid-run: GRPO's loss_type and scale_rewards, use_vllm without
-    vLLM installed."""
+    """TRL keys that its trainers would refuse only mid-run: GRPO's loss_type, scale_rewards and `CHOICE_KEYS`,
+    use_vllm without vLLM installed."""
     import importlib.util
 
     problems = []
     if type(config).__name__.startswith("GRPO") and config.loss_type not in GRPO_LOSS_TYPES:
         problems.append(f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{config.loss_type}'")
+    for key, choices in CHOICE_KEYS.items():
+        value = getattr(config, key, None)
+        if value is not None and value not in choices:
+            problems.append(f"{key} must be one of {', '.join(choices)}, got '{value}'")
     scale = getattr(config, "scale_rewards", "group")
     if not isinstance(scale, bool) and str(scale) not in SCALE_REWARDS:
         problems.append(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got '{scale}'")
