@@ -20,6 +20,7 @@ from trl import DPOConfig, ModelConfig
 from hfgen.preference import PreferenceDataArguments, check_stage, run_stage
 
 ARGUMENTS = (ModelConfig, PreferenceDataArguments, DPOConfig)
+SMOOTHED_LOSS_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")  # the ones TRL 1.16 reads label_smoothing in
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")  # fmt: skip
 
@@ -32,6 +33,17 @@ def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_
     if "robust" in training_args.loss_type and not 0 <= training_args.label_smoothing < 0.5:
         problems.append(
             f"label_smoothing is a flip probability in [0, 0.5) for robust DPO, got {training_args.label_smoothing}"
+        )
+    if training_args.label_smoothing and not set(training_args.loss_type) & set(SMOOTHED_LOSS_TYPES):
+        # TRL ignores it there: a recipe asking for conservative DPO would silently train plain DPO
+        problems.append(
+            f"label_smoothing {training_args.label_smoothing} has no effect with loss_type {training_args.loss_type}: "
+            f"only {', '.join(SMOOTHED_LOSS_TYPES)} use it (conservative DPO: loss_type robust); set it to 0 or "
+            "change the loss type"
+        )
+    if training_args.ld_alpha is not None and not 0 <= training_args.ld_alpha <= 1:
+        problems.append(
+            f"ld_alpha (LD-DPO's weight of the verbose tokens) must be in [0, 1], got {training_args.ld_alpha}"
         )
     sorting = [name for name in training_args.loss_type if name in ("aot", "aot_unpaired")]
     if training_args.use_weighting and sorting:  # TRL's NotImplementedError, once the models have loaded
