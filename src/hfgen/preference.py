@@ -179,9 +179,13 @@ def load_eval_prompts(name: str) -> list:
 
 
 def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
-    """Distinct prompts for the generation comparison, in order."""
+    """Distinct prompts for the generation comparison, in order. When the preference rows are conversations, a
+    plain-string prompt of `eval_prompts_dataset` (a .txt) is sent as one user turn, as grpo/rloo/ppo send theirs
+    (`chat_prompts: auto`): raw text is not what the policy was trained to answer."""
     if data_args.eval_prompts_dataset:
         prompts = load_eval_prompts(data_args.eval_prompts_dataset)
+        if len(eval_rows) and not isinstance(eval_rows[0]["prompt"], str):
+            prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     else:
         prompts = eval_rows["prompt"]
     distinct = {repr(p): p for p in prompts}

@@ -371,6 +371,22 @@ def test_eval_prompts_dataset_is_read_in_any_prompt_layout(tmp_path):
     assert load_eval_prompts(str(lines)) == [f"describe the dog {i}." for i in range(5)]
 
 
+def test_plain_held_out_prompts_are_a_user_turn_when_the_pairs_are_conversations(tmp_path):
+    import datasets
+
+    from hfgen.preference import PreferenceDataArguments, held_out_prompts
+
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("describe the dog.\ndescribe the cat.\n")
+    args = PreferenceDataArguments(eval_prompts_dataset=str(lines), eval_num_prompts=8)
+    talk = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "chosen": [], "rejected": []}])
+    # trained on conversations: sent raw, the text was not what the policy learnt to answer
+    assert held_out_prompts(args, talk) == [[{"role": "user", "content": "describe the dog."}],
+                                            [{"role": "user", "content": "describe the cat."}]]  # fmt: skip
+    plain = datasets.Dataset.from_list([{"prompt": "hi", "chosen": "a", "rejected": "b"}])
+    assert held_out_prompts(args, plain) == ["describe the dog.", "describe the cat."]
+
+
 @pytest.mark.parametrize(
     "recipe, methods, message",
     [("pretrain.yaml", "ppo,dpo", "is a pretrain recipe; compare takes a pipeline recipe"),
