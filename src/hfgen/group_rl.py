@@ -500,7 +500,8 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
     monitor = None
     if data_args.hacking_monitor:
-        monitor = HackingMonitorCallback(build_monitor(data_args), stop_on_hacking=data_args.stop_on_hacking)
+        monitor = build_monitor(data_args, reward_weights=config.reward_weights)
+        monitor = HackingMonitorCallback(monitor, stop_on_hacking=data_args.stop_on_hacking)
     trainer = build_trainer(
         recorded(trainer_class),
         output_dir,

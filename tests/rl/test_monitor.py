@@ -67,6 +67,12 @@ def test_one_component_dominating_and_scores_above_the_ceiling():
     rows = [STEADY | {"components": {"rm": 0.0, "format": 1.0}}] * 4
     rows += [STEADY | {"components": {"rm": 3.0, "format": 0.5}}] * 2  # all the gain from rm while format falls
     assert [a.signal for a in feed(M.HackingMonitor(), rows)] == ["dominance"]
+    # weighed as trained (reward_weights [1, 0.1]): rm's gain of 0.3 is most of the reward's, format's fall of 0.5
+    # a tenth of it; unweighed, format's fall hid the gain (0.3 - 0.5 < 0) and no alert came
+    rows = [STEADY | {"components": {"rm": 0.0, "format": 1.0}}] * 4
+    rows += [STEADY | {"components": {"rm": 0.3, "format": 0.5}}] * 2
+    assert feed(M.HackingMonitor(), rows) == []
+    assert [a.signal for a in feed(M.HackingMonitor(weights={"rm": 1.0, "format": 0.1}), rows)] == ["dominance"]
     rows = [STEADY | {"proxy_scores": [0.0, 1.0, 2.0]}] * 4 + [STEADY | {"proxy_scores": [2.5, 3.0, 0.0]}] * 2
     assert [a.signal for a in feed(M.HackingMonitor(reward_ceiling=2.0), rows)] == ["above_ceiling"]  # 2 of 3 above
     assert feed(M.HackingMonitor(reward_ceiling=5.0), rows) == []
@@ -97,6 +103,8 @@ def test_thresholds_are_recipe_keys_of_every_online_rl_stage():
     monitor = M.build_monitor(GroupRLArguments(monitor_patience=3, monitor_kl_growth=0.4), reward_ceiling=2.0)
     assert (monitor.patience, monitor.kl_growth, monitor.reward_ceiling) == (3, 0.4, 2.0)
     assert M.build_monitor(PPOConfig(hacking_monitor=False)) is None
+    config = PPOConfig(reward_model_path="rm", reward_functions=["hfgen.data.arithmetic:exact_answer"])
+    assert M.build_monitor(config, reward_weights=[1.0, 0.1]).weights == {"reward_model": 1.0, "exact_answer": 0.1}
     problems = M.monitor_problems(
         PPOConfig(hacking_monitor=False, stop_on_hacking=True, monitor_kl_window=1, monitor_repetition_floor=1.5)
     )

@@ -20,6 +20,7 @@ leaves the reference in a jump that says nothing about hacking):
                       baseline: responses that repeat themselves ("lovely, lovely and lovely"), the commonest exploit
                       of a learned reward
     dominance         one reward component brings more than `dominance` of the total gain while another falls
+                      (each component's gain weighed by its `reward_weights` entry, as in the reward trained on)
     above_ceiling     a share above `ceiling_share` of responses scored higher than `reward_ceiling`, the highest
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
@@ -94,6 +95,7 @@ class HackingMonitor:
     ceiling_share: float = 0.5
     keep_average: int = 2  # policies averaged into the one stop_on_hacking keeps
     reward_ceiling: float | None = None
+    weights: dict[str, float] = field(default_factory=dict)  # component -> its reward weight (absent: 1)
     history: list[dict] = field(default_factory=list)
     streaks: dict[str, int] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
@@ -173,7 +175,11 @@ class HackingMonitor:
                 holds = now[key] < self.repetition_floor * base
             out[signal] = (holds, f"{key} {now[key]:.3g} against {base:.3g} at the start")
         if len(now["components"]) > 1:
-            gains = {n: v - (self.baseline_component(n) or 0.0) for n, v in now["components"].items()}
+            # weighed as the trained reward weighs them: a 0.1-weighted component's fall is a tenth of its own
+            gains = {
+                n: self.weights.get(n, 1.0) * (v - (self.baseline_component(n) or 0.0))
+                for n, v in now["components"].items()
+            }
             total = sum(gains.values())
             top = max(gains, key=gains.get)
             holds = total > 0 and gains[top] > self.dominance * total and min(gains.values()) < 0
@@ -363,10 +369,18 @@ def monitor_problems(args: HackingMonitorArguments) -> list[str]:
     return problems
 
 
-def build_monitor(args: HackingMonitorArguments, reward_ceiling: float | None = None) -> HackingMonitor | None:
-    """The monitor a recipe asks for (None with `hacking_monitor: false`)."""
+def build_monitor(
+    args: HackingMonitorArguments, reward_ceiling: float | None = None, reward_weights: list[float] | None = None
+) -> HackingMonitor | None:
+    """The monitor a recipe asks for (None with `hacking_monitor: false`). `reward_weights`: the recipe's weights of
+    its reward components, in the order the stages score them (`reward_model`, then `args.reward_functions`)."""
+    from hfgen.rl.rollout import function_name
+
     if not args.hacking_monitor:
         return None
+    names = ["reward_model"] * bool(getattr(args, "reward_model_path", None))
+    names += [function_name(spec) for spec in getattr(args, "reward_functions", [])]
     return HackingMonitor(
-        **{name: getattr(args, f"monitor_{name}") for name in THRESHOLDS}, reward_ceiling=reward_ceiling
-    )
+        **{name: getattr(args, f"monitor_{name}") for name in THRESHOLDS}, reward_ceiling=reward_ceiling,
+        weights=dict(zip(names, reward_weights or [])),
+    )  # fmt: skip

@@ -390,7 +390,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     policy_ema = None
     if config.ema_decay is not None:
         policy_ema = PolicyEMA(accelerator, accelerator.unwrap_model(trainable).policy, config.ema_decay)
-    monitor = build_monitor(config, reward_ceiling(config))
+    monitor = build_monitor(config, reward_ceiling(config), config.reward_weights)
     accelerator.register_for_checkpointing(kl_controller, reward_normalizer, *filter(None, [policy_ema, monitor]))
 
     # stop_on_hacking's copies of recent policies travel with the checkpoints: an alert soon after a resume keeps
