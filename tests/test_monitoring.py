@@ -88,7 +88,8 @@ def test_stop_on_hacking_puts_back_the_average_of_the_policies_before_the_onset(
     assert state.global_step == 6 and callback.summary()["kept_policy_of_steps"] == [3, 4]  # length drift from 5
     for kept, (a, b) in zip(model[0].parameters(), zip(policies[3], policies[4])):
         torch.testing.assert_close(kept.detach(), (a + b) / 2)
-    assert torch.equal(model[1].weight, frozen + sum(range(1, 7)))  # frozen weights are not put back
+    # frozen weights are not put back (added to in float steps: equal up to rounding)
+    torch.testing.assert_close(model[1].weight.detach(), frozen + sum(range(1, 7)))
     assert "the output is the average of the policies of steps [3, 4]" in capsys.readouterr().out
 
     steady = HackingMonitorCallback(stop_on_hacking=True)
