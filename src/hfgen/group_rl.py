@@ -157,13 +157,18 @@ CHOICE_KEYS = {  # GRPO keys whose values TRL checks only at the first loss (aft
 
 
 def trainer_key_problems(config) -> list[str]:
-    """TRL keys that its trainers would refuse only mid-run: GRPO's loss_type, scale_rewards and `CHOICE_KEYS`,
-    use_vllm without vLLM installed."""
+    """TRL keys that its trainers would refuse only mid-run or after the models load: GRPO's loss_type,
+    scale_rewards and `CHOICE_KEYS`, eval_strategy (no eval_dataset is passed), use_vllm without vLLM installed."""
     import importlib.util
 
     problems = []
     if type(config).__name__.startswith("GRPO") and config.loss_type not in GRPO_LOSS_TYPES:
         problems.append(f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, got '{config.loss_type}'")
+    if config.eval_strategy != "no":  # TRL wants an eval_dataset then, refused once the models have loaded
+        problems.append(
+            f"eval_strategy '{config.eval_strategy.value}': grpo and rloo evaluate on the held-out prompts once, after "
+            "training (eval.json: the comparison with the starting model), not during it; set eval_strategy: no"
+        )
     for key, choices in CHOICE_KEYS.items():
         value = getattr(config, key, None)
         if value is not None and value not in choices:

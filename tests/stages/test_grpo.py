@@ -85,11 +85,12 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
     assert "reward_weights has 1 values for 2 reward(s)" in result.stderr and "no attribute 'nope'" in result.stderr
     # values TRL checks only at the first loss, after the models loaded and generated
     bad = {"importance_sampling_level": "sentence", "multi_objective_aggregation": "mean",
-           "vllm_importance_sampling_mode": "clip"}  # fmt: skip
+           "vllm_importance_sampling_mode": "clip", "eval_strategy": "steps"}  # fmt: skip
     result = run_hfgen("train", write_recipe(tmp_path, models[0], **bad))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    for key, value in bad.items():
+    for key, value in list(bad.items())[:3]:
         assert f"{key} must be one of" in result.stderr and f"got '{value}'" in result.stderr, result.stderr[-2000:]
+    assert "eval_strategy 'steps'" in result.stderr and "set eval_strategy: no" in result.stderr
 
 
 def test_a_combination_trl_does_not_implement_exits_2_naming_it(tmp_path, models):
