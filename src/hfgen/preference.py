@@ -10,7 +10,9 @@ Each stage module names its TRL trainer and config; the run is the same for all 
    row; pairs whose chosen and rejected responses are equal teach nothing and are dropped and counted (data.json),
    and refused when they are more than a tenth of the file (a broken export, not noise).
 2. model: TRL's `ModelConfig` (LoRA: the reference is the same model with its adapter disabled, no second copy);
-   for full fine-tuning the reference (the starting model) is loaded once and passed to the trainer.
+   for full fine-tuning the reference (the starting model) is loaded once and passed to the trainer (with
+   `precompute_ref_log_probs` it is not: TRL computes its log-probs with the policy before training, and the
+   starting model is loaded after training for the comparison).
 3. records (eval.json): on held-out pairs, the log-probability of chosen and rejected responses before and after
    training (a falling chosen log-prob is a known failure of DPO-like losses: it is logged and said), and the
    preference accuracy of the implicit reward; then the held-out generation comparison with the SFT model
@@ -303,6 +305,17 @@ def check_stage(model_args, data_args: PreferenceDataArguments, training_args, u
     )
 
 
+def starting_model_while_training(model_args, training_args, needs_reference: bool) -> bool:
+    """Whether the starting model is loaded before training (full fine-tuning: the loss's reference, and ORPO's
+    and SimPO's baseline). With `precompute_ref_log_probs` TRL computes the reference's log-probs with the policy
+    before its first step and keeps no reference in memory, so none is passed and the comparison's baseline is
+    loaded after training; not under FSDP, where TRL would load a reference of its own for the precompute."""
+    if model_args.use_peft:
+        return False
+    precomputed = getattr(training_args, "precompute_ref_log_probs", False)
+    return not (needs_reference and precomputed and not loop.launched_engine().startswith("fsdp"))
+
+
 def run_stage(
     method: str, trainer_class, model_args, data_args: PreferenceDataArguments, training_args,
     needs_reference: bool, unpaired: bool = False,
@@ -322,8 +335,12 @@ def run_stage(
     tokenizer = load_tokenizer(model_args.model_name_or_path, training_args.trust_remote_code)
     model = load_model(model_args, training_args, tokenizer)
     # The starting model, frozen: the loss's reference (DPO, KTO) and the evaluation's baseline. With LoRA it is
-    # the policy with its adapter disabled.
-    reference = None if model_args.use_peft else load_model(model_args, training_args, tokenizer).eval()
+    # the policy with its adapter disabled; when TRL needs none during training, it is loaded after training.
+    reference = (
+        load_model(model_args, training_args, tokenizer).eval()
+        if starting_model_while_training(model_args, training_args, needs_reference)
+        else None
+    )
     if reference is not None:
         reference.requires_grad_(False)
 
@@ -364,9 +381,9 @@ def run_stage(
     # the engine (`model_wrapped`: with `model` DeepSpeed's fetch hooks stay on and each pass re-partitions) and the
     # starting model: TRL's prepared reference (DPO, KTO), or the one loaded for the comparison (ORPO, SimPO).
     frozen = (getattr(trainer, "ref_model", None) or reference) if reference is not None else None
-    if frozen is not None and getattr(training_args, "sync_ref_model", False):
-        # DPO's sync_ref_model mixed the policy into TRL's reference during training: it is no longer the starting
-        # model the comparison and kl_to_reference are against, so that one is loaded again (as for ORPO, SimPO)
+    if not model_args.use_peft and (frozen is None or getattr(training_args, "sync_ref_model", False)):
+        # not loaded (precompute_ref_log_probs), or DPO's sync_ref_model mixed the policy into TRL's reference during
+        # training: no longer the starting model the comparison and kl_to_reference are against. Loaded now.
         frozen = load_model(model_args, training_args, tokenizer).eval().requires_grad_(False)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
         guard.kill_point("eval")

@@ -135,6 +135,30 @@ def test_sync_ref_model_compares_against_the_starting_model(tiny_lm, tmp_path):
     assert results["kl_to_reference"] > 0.01, results["kl_to_reference"]
 
 
+def test_precomputed_reference_log_probs_keep_no_reference_in_memory(monkeypatch):
+    from trl import DPOConfig, KTOConfig, ModelConfig
+
+    from hfgen.preference import starting_model_while_training
+
+    full, lora = ModelConfig(), ModelConfig(use_peft=True)
+    precompute = DPOConfig(output_dir="unused", precompute_ref_log_probs=True, use_cpu=True)
+    assert not starting_model_while_training(full, precompute, needs_reference=True)  # TRL computes them first
+    assert starting_model_while_training(full, DPOConfig(output_dir="unused", use_cpu=True), needs_reference=True)
+    assert starting_model_while_training(full, KTOConfig(output_dir="unused", use_cpu=True), needs_reference=True)
+    assert not starting_model_while_training(lora, precompute, needs_reference=True)  # the adapter-disabled policy
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # TRL would load one itself for the precompute
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert starting_model_while_training(full, precompute, needs_reference=True)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_run_compares_against_the_starting_model(tiny_lm, tmp_path):
+    train(write_recipe(tmp_path, "dpo", tiny_lm, learning_rate=1e-2, eval_samples_per_prompt=1, max_steps=2,
+                       precompute_ref_log_probs=True))  # fmt: skip
+    results = tracking.read_json(tmp_path / "run/eval.json")
+    assert results["steps"] == 2 and results["kl_to_reference"] > 0.01 and results["logps/chosen_change"] != 0
+
+
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_lm, tmp_path):
     common = {"save_strategy": "steps", "save_steps": 2, "eval_samples_per_prompt": 0, "learning_rate": 2e-3}
