@@ -6,9 +6,10 @@ pairs directly, the log-ratio to a frozen reference (the starting SFT model) ser
 
 Keys are TRL's `DPOConfig` (`beta`, `loss_type` as a list: sigmoid, hinge, ipo, robust, exo_pair, nca_pair,
 bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, combined with
-`loss_weights`; `label_smoothing`, `precompute_ref_log_probs`, `max_length`, `truncation_mode`, `padding_free`,
-...), `ModelConfig` (LoRA: the reference is the adapter-disabled policy) and the preference data keys of
-`hfgen.preference`, which also describes the data, the checks and eval.json.
+`loss_weights`; `label_smoothing`, `precompute_ref_log_probs`, `max_length`, `truncation_mode`, ...;
+`padding_free` is off in TRL 1.16's DPO, which pads), `ModelConfig` (LoRA: the reference is the adapter-disabled
+policy) and the preference data keys of `hfgen.preference`, which also describes the data, the checks and
+eval.json.
 """
 
 from __future__ import annotations

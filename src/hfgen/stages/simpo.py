@@ -3,7 +3,8 @@ length-normalised log-probability beta x mean log pi(y|x), with a target margin 
 
     hfgen train recipes/tiny/simpo.yaml
 
-Keys are TRL's `CPOConfig` with SimPO's defaults (`loss_type` simpo, `cpo_alpha` 0: no behaviour-cloning term;
+Keys are TRL's `CPOConfig` with SimPO's defaults (`loss_type` simpo, or alphapo: SimPO with AlphaPO's reward
+shape, which needs `alpha` other than 0; `cpo_alpha` 0: no behaviour-cloning term;
 set it above 0 for CPO-SimPO), `beta`, `simpo_gamma`, `label_smoothing`, `max_length`, ...; `ModelConfig` and the
 preference data keys of `hfgen.preference`.
 """
@@ -28,12 +29,24 @@ class SimPOConfig(CPOConfig):
     cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of a behaviour-cloning (NLL) term; 0 in SimPO."})
     beta: float = field(default=2.0, metadata={"help": "Scale of the length-normalised reward (SimPO paper: 2-2.5)."})
 
+    def __post_init__(self):
+        # TRL's CPOConfig turns loss_type alphapo into simpo (AlphaPO is SimPO with `alpha` != 0): remembered, so
+        # that check can say when alpha was left at 0
+        self.alphapo = self.loss_type == "alphapo"
+        super().__post_init__()
+
 
 ARGUMENTS = (ModelConfig, PreferenceDataArguments, SimPOConfig)
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: SimPOConfig) -> list[str]:
-    return check_stage(model_args, data_args, training_args)
+    problems = check_stage(model_args, data_args, training_args)
+    if getattr(training_args, "alphapo", False) and training_args.alpha == 0:
+        problems.append(
+            "loss_type alphapo with alpha 0 is plain SimPO: AlphaPO's reward shape (1 - p^-alpha) / alpha needs "
+            "alpha set to a value other than 0 (or use loss_type simpo)"
+        )
+    return problems
 
 
 def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: SimPOConfig) -> Path:
