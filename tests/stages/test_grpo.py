@@ -185,9 +185,11 @@ def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_
     and 2 (the start model and checkpoint-1's weights), not the policy trained by step 3 (checkpoint-3's). Killed
     after checkpoint-2 and resumed, the run keeps the same average: the policies it sampled before the kill travel
     with the checkpoint."""
+    # rising and falling give every response of a step the same score: weighed in (the monitor weighs components
+    # as the reward does), they move no group-relative advantage, so training is that of REWARDS alone
     rewards = [*REWARDS, "grpo_test_rewards:rising", "grpo_test_rewards:falling"]
     recipe = dict(max_steps=6, steps_per_generation=1, eval_samples_per_prompt=0, reward_functions=rewards,
-                  reward_weights=[1.0, 0.5, 0.0, 0.0], stop_on_hacking=True, monitor_baseline_steps=2,
+                  reward_weights=[1.0, 0.5, 1.0, 1.0], stop_on_hacking=True, monitor_baseline_steps=2,
                   monitor_patience=1)  # fmt: skip
     train(write_recipe(tmp_path, models[0], **recipe))
     run = tmp_path / "run"
