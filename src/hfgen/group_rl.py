@@ -273,8 +273,10 @@ def reward_model_function(reward_model, reward_tokenizer, stop_ids: list[int], c
     def reward(prompts, completions, completion_ids, **_):
         finished = [bool(ids) and ids[-1] in stops for ids in completion_ids]
         responses = [completion_text(c) for c in completions]
-        device = next(reward_model.parameters()).device
-        with torch.inference_mode():
+        device = next(scorer.reward_model.parameters()).device
+        # no_grad, not inference_mode: FSDP2 keeps the unsharded weights it makes here, and inference tensors could
+        # not be updated in place by the held-out comparison's passes, outside inference mode
+        with torch.no_grad():
             return scorer(prompts, responses, finished, device)[0].tolist()
 
     reward.__name__ = str(reward_model.config.name_or_path).rstrip("/").split("/")[-1]
@@ -521,8 +523,9 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         oracle=oracle,
     )
 
-    if reward_model is not None:  # a reward function to TRL: placed here, whole on each process (as PPO's)
-        reward_model.to(trainer.accelerator.device)
+    if reward_model is not None:  # a reward function to TRL, which does not place it: placed for the engine as
+        # PPO's (under ZeRO-3 its weights were partitioned at load; every process scores its own completions)
+        rewards[0].scorer.reward_model = loop.prepare_frozen(trainer.accelerator, reward_model)
     resume = tracking.trainer_resume(trainer, output_dir)
     if monitor and resume:
         monitor.load(resume)
