@@ -504,6 +504,35 @@ def test_a_stop_on_hacking_run_killed_before_its_alert_keeps_what_the_uninterrup
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_stopped_run_killed_in_its_final_save_or_resumed_when_complete_does_not_train_past_its_stop(
+    tmp_path, tiny_models
+):
+    """The stop's step writes a checkpoint (save_steps 1) before the stop: a run killed while saving its output, then
+    resumed from that checkpoint, stops there again (the restored monitor has its alert, which it raises once) and
+    keeps the same averaged policy; so does a complete stopped run resumed. It trained steps 6-8 and kept another."""
+    from kill_harness import killed_then_resumed, weight_differences
+
+    sft, _ = tiny_models
+    common = STOPS_AT_STEP_5 | {"save_steps": 1}
+    recipe = write_recipe(tmp_path, sft, **common)
+    train(recipe)
+    killed = tmp_path / "killed"
+    killed_then_resumed(recipe, killed, [], ["final_save"])
+    full = tmp_path / "run"
+    volatile = ("runtime", "per_s")
+    results = [{k: v for k, v in tracking.read_json(run / "eval.json").items() if not any(w in k for w in volatile)}
+               for run in (full, killed)]  # fmt: skip
+    assert results[0]["stopped_at_step"] == 5 and results[0]["episodes"] == 40
+    assert results[1] == results[0]
+    assert weight_differences(full, killed) == []
+    assert [row["step"] for row in tracking.read_metrics(killed)] == [1, 2, 3, 4, 5]
+    # a complete stopped run resumed: the same output again, no step trained
+    train(recipe, "--output_dir", killed, "--resume_from_checkpoint", "true")
+    assert weight_differences(full, killed) == [] and not (killed / "checkpoint-6").exists()
+    assert tracking.read_json(killed / "eval.json")["steps"] == 5
+
+
 def test_values_from_the_first_training_pass_equal_a_rollout_pass_of_their_own():
     """With one micro-batch per update, V_old comes from the update's first forward pass (shuffled rows, train
     mode, with grad): it must equal the no-grad rollout pass row for row."""

@@ -421,7 +421,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
     last_step, stopped = total_steps, {}
-    for step in range(start_step + 1, total_steps + 1):
+    if monitor is not None and monitor.alerts and config.stop_on_hacking:
+        # Resumed from the checkpoint of the step whose alert stopped the run (a kill during the final save or
+        # evaluation, a resume of the complete run): the monitor raises each signal once, so the loop would train
+        # on past the stop. The run ends as it did, keeping the same policies (their copies are in the checkpoint).
+        last_step, stopped = monitor.alerts[0].step, stop_on_hacking(accelerator, trainable, snapshots, monitor)
+    for step in range(start_step + 1, total_steps + 1) if not stopped else ():
         # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
         rows = prompt_rows(step, len(train_queries), global_batch, local_batch, accelerator.process_index, config.seed)
@@ -476,16 +481,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             checkpoint = loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit, save_snapshots)
             guard.exit_on_signal(checkpoint)
         if alerts and config.stop_on_hacking:
-            # Keep the average of the policies of the steps before the alert's signal set in
-            # (`HackingMonitor.kept_steps`).
-            kept = snapshots.restore(accelerator.unwrap_model(trainable).policy, monitor.kept_steps())
-            stopped = {"stopped_early": True, "stopped_at_step": step, "stop_reason": alerts[0].message,
-                       "stop_signal": alerts[0].signal, "kept_policy_of_steps": kept}  # fmt: skip
-            policies = f"the policy of step {kept[0]}"
-            if len(kept) > 1:
-                policies = f"the average of the policies of steps {kept[0]}-{kept[-1]}"
-            accelerator.print(f"stop_on_hacking: stopped at step {step}; the output is {policies}")
-            last_step = step
+            last_step, stopped = step, stop_on_hacking(accelerator, trainable, snapshots, monitor)
             break
     train_runtime = time.perf_counter() - started
 
@@ -518,9 +514,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
                 dataclasses.replace(scorer, reward_model=reward_model), oracle, name="ppo", judges=judges,
             )  # fmt: skip
     results |= {
-        "episodes": (last_step - start_step) * global_batch,
+        "episodes": last_step * global_batch,  # the whole run's, as group_rl's; the rate is this session's
         "train_runtime_s": train_runtime,
-        "episodes_per_s": (last_step - start_step) * global_batch / max(train_runtime, 1e-9),
+        "episodes_per_s": max(last_step - start_step, 0) * global_batch / max(train_runtime, 1e-9),
         "steps": last_step,
         "stopped_early": False,
         **stopped,
@@ -533,6 +529,19 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             accelerator.print(format_comparison(results, "ppo"))
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
+
+
+def stop_on_hacking(accelerator, trainable, snapshots: PolicySnapshots, monitor) -> dict:
+    """Put back the average of the policies of the steps before the first alert's signal set in
+    (`HackingMonitor.kept_steps`) -> eval.json's record of the stop."""
+    alert = monitor.alerts[0]
+    kept = snapshots.restore(accelerator.unwrap_model(trainable).policy, monitor.kept_steps())
+    policies = f"the policy of step {kept[0]}"
+    if len(kept) > 1:
+        policies = f"the average of the policies of steps {kept[0]}-{kept[-1]}"
+    accelerator.print(f"stop_on_hacking: stopped at step {alert.step}; the output is {policies}")
+    return {"stopped_early": True, "stopped_at_step": alert.step, "stop_reason": alert.message,
+            "stop_signal": alert.signal, "kept_policy_of_steps": kept}  # fmt: skip
 
 
 # ---- one PPO step -----------------------------------------------------------------------------------
