@@ -335,6 +335,9 @@ def test_weight_decay_skips_biases_and_norms_and_the_critic_has_its_own_learning
     assert all(("bias" in n or "norm" in n) for n in plain) and any("bias" in n for n in plain)
     assert {g["lr"] for g in groups if g["part"] == "value_model"} == {1e-4}
     assert all("lr" not in g for g in groups if g["part"] == "policy")  # the optimiser's learning_rate
+    # critic_learning_rate 0 freezes the critic; it was taken for unset and the critic trained at learning_rate
+    groups = parameter_groups(trainable, PPOConfig(learning_rate=1e-5, critic_learning_rate=0.0))
+    assert {g["lr"] for g in groups if g["part"] == "value_model"} == {0.0}
 
 
 def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, tiny_models):

@@ -95,7 +95,7 @@ def parameter_groups(trainable, config) -> list[dict]:
             ]  # fmt: skip
             if params:
                 group = {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "part": part}
-                groups.append(group | ({"lr": lr} if lr else {}))
+                groups.append(group | ({"lr": lr} if lr is not None else {}))  # 0 too: a frozen critic
     return groups
 
 
