@@ -202,6 +202,24 @@ def test_a_complete_run_of_another_recipe_is_kept_unless_overwrite_output_dir(tm
     tracking.check_output_dir(tmp_path, other)  # an unfinished run is no one's output yet
 
 
+def test_a_fresh_start_over_a_run_clears_what_it_wrote_but_not_a_dir_that_held_no_run_nor_runs_inside(tmp_path):
+    recipe = yaml.safe_dump({"stage": "pretrain", "learning_rate": 0.001})
+    (tmp_path / "notes.txt").write_text("the user's, before any run")
+    tracking.write_run_records(tmp_path, recipe)
+    assert (tmp_path / "notes.txt").is_file()  # no run had written here
+    # the first run's outputs, and a run dir of its own under it (a pipeline step kept there)
+    for name in ("model.safetensors", "ema/model.safetensors", "samples.jsonl", "nested/recipe.yaml",
+                 "sweep/point/recipe.yaml"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    tracking.mark_complete(tmp_path)
+    tracking.write_run_records(tmp_path, recipe, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hfgen.lock", "env.json", "nested", "recipe.yaml", "sweep"]
+    (tmp_path / "model.safetensors").write_text("x")
+    tracking.write_run_records(tmp_path, recipe, resuming=True)  # a resume keeps everything
+    assert (tmp_path / "model.safetensors").is_file()
+
+
 def test_a_bug_while_loading_data_keeps_its_traceback(tmp_path, monkeypatch):
     import datasets
 

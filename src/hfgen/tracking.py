@@ -88,8 +88,8 @@ def write_run_records(
     output_dir: str | Path, recipe_yaml: str, overwrite: bool = False, resuming: bool = False
 ) -> None:
     """Start a run: the resolved recipe and the environment, and no COMPLETE marker until the run ends. The dir is
-    this process's alone while it runs (`lock_output_dir`); a fresh start (not `resuming`) leaves none of an earlier
-    run's checkpoints in it (`clear_old_checkpoints`)."""
+    this process's alone while it runs (`lock_output_dir`); a fresh start (not `resuming`) leaves nothing of an
+    earlier run in it (`clear_old_checkpoints`, `clear_previous_run`)."""
     check_output_dir(output_dir, recipe_yaml, overwrite)
     if not is_main_process():
         return
@@ -97,7 +97,7 @@ def write_run_records(
     lock_output_dir(output_dir)
     if not resuming:  # nothing of an earlier run is left to mix with this one's
         clear_old_checkpoints(output_dir, overwrite)
-        (output_dir / "eval.json").unlink(missing_ok=True)
+        clear_previous_run(output_dir)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / "recipe.yaml").write_text(recipe_yaml)
     write_json(output_dir / "env.json", environment())
@@ -171,6 +171,7 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
 
 
 _locks: dict[Path, Any] = {}  # output dir -> its open lock file, held while its run runs
+LOCK_FILE = ".hfgen.lock"
 
 
 def lock_output_dir(output_dir: Path) -> None:
@@ -183,7 +184,7 @@ def lock_output_dir(output_dir: Path) -> None:
     key = output_dir.resolve()
     if key in _locks:
         return  # this process holds it already (a pipeline step run again, a test running twice)
-    handle = open(key / ".hfgen.lock", "a+")
+    handle = open(key / LOCK_FILE, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -223,6 +224,29 @@ def clear_old_checkpoints(output_dir: Path, overwrite: bool) -> None:
         )
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds an hfgen run (its recipe, its COMPLETE marker or a checkpoint of it)."""
+    return (path / "recipe.yaml").is_file() or is_complete(path) or bool(checkpoints(path))
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """A fresh start over an earlier run: what that run wrote goes, so none of it lies beside the new run's outputs
+    as if this run had made it (an `ema/` or `value_model/` the new recipe does not write, a full model.safetensors
+    beside a new LoRA adapter, which `from_pretrained` loads instead of the adapter, another stage's samples.jsonl).
+    Only a dir that holds a run is cleared (not a dir of the user's that never held one), and in it neither the lock
+    nor a folder with runs in it (a pipeline's steps or a sweep kept under the rlhf pipeline's dir)."""
+    if not is_run_dir(output_dir):
+        return
+    for path in output_dir.iterdir():
+        holds_runs = path.is_dir() and not _CHECKPOINT.match(path.name) and any(path.rglob("recipe.yaml"))
+        if path.name == LOCK_FILE or holds_runs:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def path_problem(path: str | Path, label: str, directory: bool) -> str | None:

@@ -231,6 +231,21 @@ def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_
     assert not any("embed_tokens" in key for key in value)
 
 
+def test_a_lora_run_over_a_full_run_with_overwrite_leaves_none_of_its_outputs(tmp_path, tiny_models):
+    """overwrite_output_dir trains over a complete run of another recipe: its full model.safetensors (which
+    from_pretrained loads in place of the new adapter), ema/ and samples.jsonl were left beside the new outputs."""
+    sft, _ = tiny_models
+    common = dict(reward_functions=[ORACLE], total_episodes=16)
+    train(write_recipe(tmp_path, sft, **common, ema_decay=0.5, sample_steps=1))
+    run = tmp_path / "run"
+    assert all((run / name).exists() for name in ("model.safetensors", "ema", "samples.jsonl"))
+    train(write_recipe(tmp_path, sft, **common, **LORA), "--overwrite_output_dir", "true")
+    assert (run / "adapter_model.safetensors").is_file() and (run / "COMPLETE").is_file()
+    assert not any((run / name).exists() for name in ("model.safetensors", "ema", "samples.jsonl"))
+    assert (run / "value_model" / "adapter_model.safetensors").is_file()
+    assert not (run / "value_model" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_identical_policy_weights(tmp_path, tiny_models, free_port):
     sft, reward = tiny_models
