@@ -51,9 +51,8 @@ def main(args: argparse.Namespace) -> int:
         from hfgen.stages.rlhf import pipeline_steps
 
         print(
-            f"pipeline: model-dependent checks skipped for every step ({', '.join(pipeline_steps(recipe.configs[0]))}), "
-            "since each step's input model is made by the step before it; run `hfgen check STEP_RECIPE` once its "
-            "input model exists"
+            f"pipeline: every step's values checked ({', '.join(pipeline_steps(recipe.configs[0]))}); the checks of "
+            "the models an earlier step makes were skipped; run `hfgen check STEP_RECIPE` once its input model exists"
         )
         return 0
     if recipe.stage not in TEXT_KINDS:

@@ -77,13 +77,27 @@ class RLHFArguments:
 ARGUMENTS = (RLHFArguments,)
 
 
+INPUT_MODEL_KEYS = ("model_name_or_path", "reward_model_path", "value_model_path")  # a step's models to read
+
+
 def check(args: RLHFArguments) -> list[str]:
-    """Every step recipe exists, is of the right stage and has valid keys. Inputs are checked when a step runs,
-    since the steps before it make them."""
+    """Every step recipe exists, is of the right stage, has valid keys and values (the stage's own checks, less
+    those about the models earlier steps make: they are checked when the step runs), and writes a dir of its own."""
     problems = []
     if args.method not in METHODS or not hasattr(args, args.method):
         available = [method for method in METHODS if hasattr(args, method)]
         return problems + [f"method '{args.method}' is not one of {', '.join(available)}"]
+    if args.prerequisite and not Path(args.prerequisite).is_file():
+        problems.append(f"prerequisite recipe '{args.prerequisite}' does not exist")
+    # (name, recipe) in the order they run: the prerequisite, then the steps
+    recipes = []
+    if args.prerequisite and Path(args.prerequisite).is_file():
+        from hfgen.recipe import load_recipe
+
+        try:
+            recipes.append(("prerequisite", load_recipe(args.prerequisite, check_inputs=False)))
+        except UserError as error:
+            problems.append(f"prerequisite: {error}")
     for step in pipeline_steps(args):
         if not getattr(args, step):
             problems.append(f"{step} is not set: name the step's recipe, e.g. recipes/tiny/{step}.yaml")
@@ -95,9 +109,55 @@ def check(args: RLHFArguments) -> list[str]:
             continue
         if recipe.stage != step:
             problems.append(f"step {step}: recipe '{getattr(args, step)}' is stage '{recipe.stage}', not '{step}'")
-    if args.prerequisite and not Path(args.prerequisite).is_file():
-        problems.append(f"prerequisite recipe '{args.prerequisite}' does not exist")
+            continue
+        recipes.append((step, recipe))
+    for name, recipe in recipes:
+        try:
+            _ = recipe.output_dir  # raises when the recipe sets none
+        except UserError as error:
+            problems.append(f"{'' if name == 'prerequisite' else 'step '}{name}: {error}")
+    if problems:
+        return problems
+    problems += shared_dir_problems(args, recipes)
+    # each step's values, before anything trains (a bad ppo_overrides value was found after SFT and reward trained)
+    made = [recipe.output_dir for _, recipe in recipes]
+    steps = [(name, recipe) for name, recipe in recipes if name != "prerequisite"]
+    return problems + [f"step {step}: {problem}" for step, problem in value_problems(steps, made)]
+
+
+def shared_dir_problems(args: RLHFArguments, recipes: list) -> list[str]:
+    """Each step (and the prerequisite, and the pipeline's summary) writes a dir of its own, and no step reads a model
+    from the dir of itself or of a later step: a PPO step writing into the SFT step's dir trained over the SFT
+    model it had just loaded, then failed."""
+    problems, writers = [], {}
+    if args.output_dir:
+        writers[Path(args.output_dir).resolve()] = "the pipeline's output_dir"
+    for index, (name, recipe) in enumerate(recipes):
+        where = writers.setdefault(recipe.output_dir.resolve(), f"step {name}")
+        if where != f"step {name}":
+            problems.append(f"step {name}: output_dir '{recipe.output_dir}' is also {where}'s; give each its own dir")
+        made_later = {r.output_dir.resolve(): n for n, r in recipes[index:]}
+        for key in INPUT_MODEL_KEYS:
+            path = recipe.value(key)
+            if isinstance(path, str) and Path(path).resolve() in made_later:
+                maker = made_later[Path(path).resolve()]
+                whose = "its own output_dir" if maker == name else f"the output_dir of step {maker}, which runs later"
+                problems.append(f"step {name}: {key} '{path}' is {whose}; give the step a model it does not write")
     return problems
+
+
+def value_problems(recipes: list, made: list[Path]) -> list[str]:
+    """(step, problem) of each step's own checks (`stage.check`), run before anything trains, less the problems
+    naming a dir the pipeline writes: the models earlier steps make do not exist yet (or are about to be made
+    again); the step checks them when it runs."""
+    from hfgen.stages import load_stage
+
+    found = []
+    for step, recipe in recipes:
+        module = load_stage(recipe.stage)
+        problems = module.check(*recipe.configs) if hasattr(module, "check") else []
+        found += [(step, p) for p in problems if not any(str(path) in p for path in made)]
+    return found
 
 
 def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
