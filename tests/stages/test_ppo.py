@@ -103,6 +103,12 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
         assert fragment in result.stderr, fragment
     result = run_hfgen("train", write_recipe(tmp_path, sft))  # no reward model and no reward function
     assert result.returncode == 2 and "no reward" in result.stderr
+    # options of a loss whose weight is 0 were silently unused (the reverse, a weight without its data, was refused)
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], ptx_dataset_name="embedded:corpus")
+    result = run_hfgen("train", recipe, "--kl_loss_estimator", "k2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ptx_dataset_name 'embedded:corpus' needs ptx_coef > 0" in result.stderr
+    assert "kl_loss_estimator 'k2' needs kl_loss_coef > 0" in result.stderr
 
 
 def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):

@@ -294,6 +294,16 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
     if config.ptx_coef and not config.ptx_dataset_name:
         problems.append("ptx_coef needs ptx_dataset_name (the data of the ptx loss)")
+    if config.ptx_dataset_name and not config.ptx_coef:  # else the data would be silently unused
+        problems.append(
+            f"ptx_dataset_name '{config.ptx_dataset_name}' needs ptx_coef > 0 (the ptx loss's weight); "
+            "ptx_dataset_name: null trains without ptx"
+        )
+    if config.kl_loss_estimator != PPOConfig.kl_loss_estimator and not config.kl_loss_coef:
+        problems.append(
+            f"kl_loss_estimator '{config.kl_loss_estimator}' needs kl_loss_coef > 0 (the KL loss's weight): without "
+            "it there is no KL loss to estimate"
+        )
     problems += monitor_problems(config)
     if config.ema_decay is not None and not 0 < config.ema_decay < 1:
         problems.append(f"ema_decay must lie in (0, 1), got {config.ema_decay}")
