@@ -259,6 +259,15 @@ def test_reward_normalizer_sft_mode_puts_the_first_batch_at_mean_0_std_1_and_fre
     close(restored(later), normalizer(later))
 
 
+def test_reward_normalizer_sft_mode_pools_batches_of_one_score_until_it_has_two():
+    # per_device_train_batch_size 1: it froze after one score, had no std, and never normalised
+    normalizer = F.RewardNormalizer("sft")
+    for score in (1.0, 3.0, 100.0):
+        normalizer.update(T([score]))
+    assert normalizer.count == 2 and normalizer.mean == pytest.approx(2.0)
+    close(normalizer(T([3.0])), (3.0 - 2.0) / T([1.0, 3.0]).std().reshape(1), atol=1e-6)
+
+
 def test_reward_normalizer_running_mode_pools_every_batch_and_clips():
     a, b = T([1.0, 2.0, 3.0]), T([10.0, 0.0])
     normalizer = F.RewardNormalizer("running", clip=1.0)

@@ -292,8 +292,9 @@ class RewardNormalizer:
 
     mode "running": mean and std of every score so far (all processes with `all_reduce`); "sft": of the first
     batch only, which the SFT policy produced (the policy starts as the SFT model), then frozen, so SFT responses
-    sit at mean 0 and std 1 for the whole run; "none": unchanged (clipping aside). A checkpointable object
-    (state_dict / load_state_dict)."""
+    sit at mean 0 and std 1 for the whole run (a batch of one score has no std: batches are pooled until there are
+    two scores); "none": unchanged (clipping aside). Scores pass unnormalised until there are two.
+    A checkpointable object (state_dict / load_state_dict)."""
 
     def __init__(self, mode: Literal["none", "running", "sft"] = "none", clip: float | None = None):
         if mode not in ("none", "running", "sft"):
@@ -302,7 +303,7 @@ class RewardNormalizer:
         self.count, self.mean, self.m2 = 0.0, 0.0, 0.0  # Chan et al.'s parallel variance: count, mean, sum of squares
 
     def update(self, scores: torch.Tensor, all_reduce: AllReduceSum = None) -> None:
-        if self.mode == "none" or (self.mode == "sft" and self.count > 0):
+        if self.mode == "none" or (self.mode == "sft" and self.count > 1):  # frozen once it has a std
             return
         ones = torch.ones_like(scores, dtype=torch.float32)
         batch_mean, batch_var = masked_mean_var(scores.float(), ones, unbiased=False, all_reduce=all_reduce)
