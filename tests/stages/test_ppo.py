@@ -109,6 +109,12 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ptx_dataset_name 'embedded:corpus' needs ptx_coef > 0" in result.stderr
     assert "kl_loss_estimator 'k2' needs kl_loss_coef > 0" in result.stderr
+    # missing ptx data: found after every model had loaded, named as the prompt data's dataset_name
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], ptx_coef=1.0,
+                          ptx_dataset_name=str(tmp_path / "missing.jsonl"))  # fmt: skip
+    result = run_hfgen("train", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "PPO:" not in result.stdout
+    assert f"ptx_dataset_name '{tmp_path / 'missing.jsonl'}' does not exist" in result.stderr
 
 
 def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):
@@ -429,6 +435,10 @@ def test_ptx_data_of_sft_layouts_carries_the_loss_on_the_answers(tmp_path):
     assert labelled("plain.jsonl", column="body") == ("the owl sleeps.", "the owl sleeps.")
     with pytest.raises(UserError, match="ptx_max_length"):  # the user turn alone fills 6 tokens
         labelled("chat.jsonl", max_length=6)
+    # a layout of neither kind: the message named dataset_format and dataset_columns, the prompt data's keys
+    with pytest.raises(UserError, match=r"ptx_dataset_name .*'body'.* set ptx_column to its text column") as error:
+        labelled("plain.jsonl")
+    assert "dataset_format" not in str(error.value) and "dataset_columns" not in str(error.value)
     tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     text, answer = labelled("chat.jsonl")
     assert answer == text and "describe the red cat." in text

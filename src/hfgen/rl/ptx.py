@@ -50,21 +50,44 @@ def _example(tokenizer, row: dict) -> tuple[list[int], list[int], bool]:
     return ids, [IGNORE] * prompt_length + ids[prompt_length:], True
 
 
-def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length; examples left without a
-    labelled token after the first are dropped."""
-    from hfgen.data.formats import to_standard
+def ptx_rows(config):
+    """The ptx data's train split in the sft stage's standard columns (`to_standard`), for `ptx_examples` and the
+    ppo stage's check. Its problems name the ptx keys: the loaders' messages name the prompt data's keys
+    (dataset_name, dataset_format, dataset_columns), which say nothing about the ptx data."""
+    from hfgen.data.formats import resolve_layout, to_standard
     from hfgen.data.loading import load_raw
 
     name = config.ptx_dataset_name
-    splits = load_raw(name)
+    try:
+        splits = load_raw(name)
+    except UserError as error:  # "dataset_name 'NAME' does not exist", "dataset_name 'NAME': ..."
+        message = str(error)
+        raise UserError(f"ptx_{message}" if message.startswith("dataset_name ") else message) from None
     rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
     columns = None
     if config.ptx_column != "text":
         if config.ptx_column not in rows.column_names:
             raise UserError(f"ptx_dataset_name '{name}' has no column '{config.ptx_column}' (ptx_column)")
         columns = {"text": config.ptx_column}
-    rows, _ = to_standard(rows, "sft", columns=columns, source=name)
+    try:
+        resolve_layout(rows, "sft", None, columns, name)
+    except UserError as error:  # it names dataset_format and dataset_columns, the prompt data's keys
+        if "fit several" in str(error):  # its columns fit several layouts
+            what = "they fit several SFT layouts; keep the columns of one, or set ptx_column to its text column"
+        else:
+            what = (
+                f"neither plain texts in a column '{config.ptx_column}' (ptx_column) nor SFT data in a layout the "
+                "sft stage reads (messages, prompt/completion, Alpaca, ShareGPT, ...); set ptx_column to its text column"
+            )
+        raise UserError(f"ptx_dataset_name '{name}' has columns {rows.column_names}: {what}") from None
+    return to_standard(rows, "sft", columns=columns, source=name)[0]
+
+
+def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length; examples left without a
+    labelled token after the first are dropped."""
+    name = config.ptx_dataset_name
+    rows = ptx_rows(config)
     examples, unmarked = [], 0
     for row in rows:
         ids, labels, answers_marked = _example(tokenizer, row)

@@ -66,7 +66,7 @@ from hfgen.rl.models import (
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 from hfgen.rl.policy_weights import PolicyEMA, PolicySnapshots
-from hfgen.rl.ptx import pretraining_loss, ptx_examples
+from hfgen.rl.ptx import pretraining_loss, ptx_examples, ptx_rows
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
     WHY_NO_COLUMNS,
@@ -294,6 +294,11 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         problems.append(f"gamma and lam must lie in [0, 1], got {config.gamma} and {config.lam}")
     if config.ptx_coef and not config.ptx_dataset_name:
         problems.append("ptx_coef needs ptx_dataset_name (the data of the ptx loss)")
+    if config.ptx_dataset_name and config.ptx_coef:  # its data now, not after every model has loaded
+        try:
+            ptx_rows(config)
+        except UserError as error:
+            problems.append(str(error))
     if config.ptx_dataset_name and not config.ptx_coef:  # else the data would be silently unused
         problems.append(
             f"ptx_dataset_name '{config.ptx_dataset_name}' needs ptx_coef > 0 (the ptx loss's weight); "
