@@ -367,6 +367,17 @@ def test_weight_decay_skips_biases_and_norms_and_the_critic_has_its_own_learning
     assert {g["lr"] for g in groups if g["part"] == "value_model"} == {0.0}
 
 
+def test_scores_lie_within_reward_clip_with_the_missing_eos_penalty():
+    # the penalty was subtracted after the clip: -0.8 clipped to [-1, 1], then -1 -> -1.8
+    from hfgen.rl.functional import RewardNormalizer
+    from hfgen.stages.ppo import PPOConfig, shape_scores
+
+    config = PPOConfig(reward_clip=1.0, missing_eos_penalty=1.0)
+    scores = shape_scores(torch.tensor([-0.8, 0.5, 3.0]), torch.tensor([False, False, True]), config,
+                          RewardNormalizer("none", config.reward_clip))  # fmt: skip
+    torch.testing.assert_close(scores, torch.tensor([-1.0, -0.5, 1.0]))
+
+
 def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, tiny_models):
     from hfgen.generate import wants_chat
     from hfgen.models import load_tokenizer

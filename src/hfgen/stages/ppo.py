@@ -599,18 +599,26 @@ def collect_rollout(
         old_values = None
         if values:
             old_values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk) * mask
-    if reward_normalizer is not None:  # statistics of every process's scores, then normalise and clip
-        all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
-        reward_normalizer.update(scores, all_reduce)
-        scores = reward_normalizer(scores)
-    if config.missing_eos_penalty:  # detail 2: a response that never stops is penalised
-        scores = scores - config.missing_eos_penalty * (~has_eos).float()
+    all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+    scores = shape_scores(scores, has_eos, config, reward_normalizer, all_reduce)
     rollout = Rollout(
         input_ids=input_ids, attention_mask=attention_mask, context_length=context_length, response_mask=mask,
         logprobs=sampled.logprobs * mask, ref_logprobs=ref_logprobs * mask, values=old_values, scores=scores,
     )  # fmt: skip
     timing = {"generation": generated - started, "scoring": time.perf_counter() - generated}
     return rollout, RolloutDetails(texts, components, sampled.entropy, has_eos), timing
+
+
+def shape_scores(scores, has_eos, config: PPOConfig, reward_normalizer=None, all_reduce=None) -> torch.Tensor:
+    """The score PPO trains on: `missing_eos_penalty` off the score of a response that never stopped (detail 2), in
+    the reward's own units (as TRL subtracts it), then normalised and clipped (`RewardNormalizer`; the statistics
+    of every process's scores), so it lies in [-reward_clip, reward_clip] (DeepSpeed-Chat and OpenRLHF clip last)."""
+    if config.missing_eos_penalty:
+        scores = scores - config.missing_eos_penalty * (~has_eos).float()
+    if reward_normalizer is not None:
+        reward_normalizer.update(scores, all_reduce)
+        scores = reward_normalizer(scores)
+    return scores
 
 
 def compute_advantages(rollout: Rollout, kl_coef: float, config: PPOConfig, all_reduce):
