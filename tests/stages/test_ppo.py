@@ -559,7 +559,7 @@ def test_a_stopped_run_killed_in_its_final_save_or_resumed_when_complete_does_no
     from kill_harness import killed_then_resumed, weight_differences
 
     sft, _ = tiny_models
-    common = STOPS_AT_STEP_5 | {"save_steps": 1}
+    common = STOPS_AT_STEP_5 | {"save_steps": 1, "ema_decay": 0.5}
     recipe = write_recipe(tmp_path, sft, **common)
     train(recipe)
     killed = tmp_path / "killed"
@@ -569,6 +569,7 @@ def test_a_stopped_run_killed_in_its_final_save_or_resumed_when_complete_does_no
     results = [{k: v for k, v in tracking.read_json(run / "eval.json").items() if not any(w in k for w in volatile)}
                for run in (full, killed)]  # fmt: skip
     assert results[0]["stopped_at_step"] == 5 and results[0]["episodes"] == 40
+    assert results[0]["ema_through_step"] == 5  # ema/ is not rolled back with the policy: eval.json says so
     assert results[1] == results[0]
     assert weight_differences(full, killed) == []
     assert [row["step"] for row in tracking.read_metrics(killed)] == [1, 2, 3, 4, 5]

@@ -535,6 +535,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         "steps": last_step,
         "stopped_early": False,
         **stopped,
+        # ema/ averages every update up to the last step trained, the stop's included: stop_on_hacking keeps
+        # earlier policies, not an earlier EMA
+        **({"ema_through_step": last_step} if policy_ema is not None else {}),
         **(monitor.summary() if monitor else {}),
     }
     if accelerator.is_main_process:
