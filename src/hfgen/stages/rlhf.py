@@ -131,22 +131,23 @@ def shared_dir_problems(args: RLHFArguments, recipes: list) -> list[str]:
     model it had just loaded, then failed."""
     problems, writers = [], {}
     if args.output_dir:
-        writers[Path(args.output_dir).resolve()] = "the pipeline's output_dir"
+        writers[Path(args.output_dir).resolve()] = "the pipeline's own"
     for index, (name, recipe) in enumerate(recipes):
-        where = writers.setdefault(recipe.output_dir.resolve(), f"step {name}")
-        if where != f"step {name}":
-            problems.append(f"step {name}: output_dir '{recipe.output_dir}' is also {where}'s; give each its own dir")
+        label = "the prerequisite" if name == "prerequisite" else f"step {name}"
+        where = writers.setdefault(recipe.output_dir.resolve(), f"{label}'s")
+        if where != f"{label}'s":
+            problems.append(f"{label}: output_dir '{recipe.output_dir}' is also {where}; give each its own dir")
         made_later = {r.output_dir.resolve(): n for n, r in recipes[index:]}
         for key in INPUT_MODEL_KEYS:
             path = recipe.value(key)
             if isinstance(path, str) and Path(path).resolve() in made_later:
                 maker = made_later[Path(path).resolve()]
                 whose = "its own output_dir" if maker == name else f"the output_dir of step {maker}, which runs later"
-                problems.append(f"step {name}: {key} '{path}' is {whose}; give the step a model it does not write")
+                problems.append(f"{label}: {key} '{path}' is {whose}; give the step a model it does not write")
     return problems
 
 
-def value_problems(recipes: list, made: list[Path]) -> list[str]:
+def value_problems(recipes: list, made: list[Path]) -> list[tuple[str, str]]:
     """(step, problem) of each step's own checks (`stage.check`), run before anything trains, less the problems
     naming a dir the pipeline writes: the models earlier steps make do not exist yet (or are about to be made
     again); the step checks them when it runs."""
