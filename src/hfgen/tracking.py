@@ -89,15 +89,14 @@ def write_run_records(
 ) -> None:
     """Start a run: the resolved recipe and the environment, and no COMPLETE marker until the run ends. The dir is
     this process's alone while it runs (`lock_output_dir`); a fresh start (not `resuming`) leaves nothing of an
-    earlier run in it (`clear_old_checkpoints`, `clear_previous_run`)."""
+    earlier run in it (`clear_previous_run`)."""
     check_output_dir(output_dir, recipe_yaml, overwrite)
     if not is_main_process():
         return
     output_dir = Path(output_dir)
     lock_output_dir(output_dir)
     if not resuming:  # nothing of an earlier run is left to mix with this one's
-        clear_old_checkpoints(output_dir, overwrite)
-        clear_previous_run(output_dir)
+        clear_previous_run(output_dir, overwrite)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     (output_dir / "recipe.yaml").write_text(recipe_yaml)
     write_json(output_dir / "env.json", environment())
@@ -209,34 +208,26 @@ def unlock_output_dir(output_dir: Path) -> None:
         handle.close()
 
 
-def clear_old_checkpoints(output_dir: Path, overwrite: bool) -> None:
-    """A fresh start in a dir that holds checkpoints: a complete run's (repeated, or overwritten) and incomplete
-    ones go, since the new run's rotation and a later resume would otherwise mix them with its own. An unfinished
-    run's complete checkpoints are kept unless `overwrite`: that is work a resume would continue, so the run is
-    refused instead of starting over it."""
-    found = checkpoints(output_dir)
-    resumable = [p.name for p in found if is_complete_checkpoint(p)]
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds an hfgen run (its recipe, its COMPLETE marker or a checkpoint of it)."""
+    return (path / "recipe.yaml").is_file() or is_complete(path) or bool(checkpoints(path))
+
+
+def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
+    """A fresh start over an earlier run: what that run wrote goes, so none of it mixes with the new run's: its
+    checkpoints (the new run's rotation and a later resume would take them for its own), and its outputs (an `ema/`
+    or `value_model/` the new recipe does not write, a full model.safetensors beside a new LoRA adapter, which
+    `from_pretrained` loads instead of the adapter, another stage's samples.jsonl). Only a dir that holds a run is
+    cleared (not a dir of the user's that never held one), and in it neither the lock nor a folder with runs in it
+    (a pipeline's steps or a sweep kept under the rlhf pipeline's dir). An unfinished run's complete checkpoints
+    are kept unless `overwrite`: that is work a resume would continue, so the run is refused instead."""
+    resumable = [p.name for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
     if resumable and not overwrite and not is_complete(output_dir):
         raise UserError(
             f"output_dir '{output_dir}' holds an unfinished run with complete checkpoints ({', '.join(resumable)}): "
             "continue it with --resume_from_checkpoint true, or start again over it with overwrite_output_dir: true "
             "(its checkpoints are then deleted), or choose another output_dir."
         )
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def is_run_dir(path: Path) -> bool:
-    """Whether `path` holds an hfgen run (its recipe, its COMPLETE marker or a checkpoint of it)."""
-    return (path / "recipe.yaml").is_file() or is_complete(path) or bool(checkpoints(path))
-
-
-def clear_previous_run(output_dir: Path) -> None:
-    """A fresh start over an earlier run: what that run wrote goes, so none of it lies beside the new run's outputs
-    as if this run had made it (an `ema/` or `value_model/` the new recipe does not write, a full model.safetensors
-    beside a new LoRA adapter, which `from_pretrained` loads instead of the adapter, another stage's samples.jsonl).
-    Only a dir that holds a run is cleared (not a dir of the user's that never held one), and in it neither the lock
-    nor a folder with runs in it (a pipeline's steps or a sweep kept under the rlhf pipeline's dir)."""
     if not is_run_dir(output_dir):
         return
     for path in output_dir.iterdir():
@@ -244,9 +235,9 @@ def clear_previous_run(output_dir: Path) -> None:
         if path.name == LOCK_FILE or holds_runs:
             continue
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink()
+            path.unlink(missing_ok=True)
 
 
 def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
