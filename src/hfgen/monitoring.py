@@ -87,7 +87,11 @@ class HackingMonitorCallback(TrainerCallback):
                       f"{alert.message}")  # fmt: skip
             logs[f"monitor/alert/{alert.signal}"] = float(alert.onset)
         if alerts and self.stop_on_hacking and not self.stopped:
-            control.should_training_stop = True  # the step's checkpoint is still written, with its own weights
+            control.should_training_stop = True
+            # and no checkpoint of this step: a run resumed from it (killed while saving its output, or resumed when
+            # complete) would train on past the stop, its monitor having raised this alert already; resumed from
+            # an earlier one, it replays the steps to this alert and stops here again with the same policies
+            control.should_save = False
             self.stopped = {"stopped_early": True, "stopped_at_step": state.global_step,
                             "stop_reason": alerts[0].message, "stop_signal": alerts[0].signal}  # fmt: skip
 

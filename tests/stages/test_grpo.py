@@ -182,9 +182,9 @@ def test_freeze_modules_keeps_the_named_modules_unchanged(tmp_path, models):
 def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_path, models):
     """One reward component brings all the gain while another falls (dominance, alerting from the first step after
     a 2-step baseline): the run stops at step 3, normally, and its output is the average of the policies of steps 1
-    and 2 (the start model and checkpoint-1's weights), not the policy trained by step 3 (checkpoint-3's). Killed
-    after checkpoint-2 and resumed, the run keeps the same average: the policies it sampled before the kill travel
-    with the checkpoint."""
+    and 2 (the start model and checkpoint-1's weights), not a policy trained further. Killed after checkpoint-2 (or
+    while saving its output: the stop's step writes no checkpoint) and resumed, the run keeps the same average: the
+    policies it sampled before the kill travel with the checkpoint."""
     # rising and falling give every response of a step the same score: weighed in (the monitor weighs components
     # as the reward does), they move no group-relative advantage, so training is that of REWARDS alone
     rewards = [*REWARDS, "grpo_test_rewards:rising", "grpo_test_rewards:falling"]
@@ -196,12 +196,14 @@ def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_
     summary = tracking.read_json(run / "eval.json")
     assert summary["stopped_at_step"] == 3 and summary["stop_signal"] == "dominance" and tracking.is_complete(run)
     assert summary["kept_policy_of_steps"] == [1, 2]
-    start, first, third, output = (
-        load_file(path / "model.safetensors") for path in (models[0], run / "checkpoint-1", run / "checkpoint-3", run)
+    # no checkpoint of the stop's step: resumed from it, the run trained on past the stop (its alert raised already)
+    assert not (run / "checkpoint-3").exists()
+    start, first, second, output = (
+        load_file(path / "model.safetensors") for path in (models[0], run / "checkpoint-1", run / "checkpoint-2", run)
     )
     for name in output:
         torch.testing.assert_close(output[name], (start[name] + first[name]) / 2)
-    assert any(not torch.allclose(output[name], third[name]) for name in output)
+    assert any(not torch.allclose(output[name], second[name]) for name in output)
 
     resumed = tmp_path / "resumed"
     (resumed / "run").mkdir(parents=True)
