@@ -208,13 +208,15 @@ def test_a_fresh_start_over_a_run_clears_what_it_wrote_but_not_a_dir_that_held_n
     tracking.write_run_records(tmp_path, recipe)
     assert (tmp_path / "notes.txt").is_file()  # no run had written here
     # the first run's outputs, and a run dir of its own under it (a pipeline step kept there)
+    # (and DreamBooth's class images in their default dir, which later runs reuse)
     for name in ("model.safetensors", "ema/model.safetensors", "samples.jsonl", "nested/recipe.yaml",
-                 "sweep/point/recipe.yaml"):  # fmt: skip
+                 "sweep/point/recipe.yaml", "class_images/0000.png"):  # fmt: skip
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     tracking.mark_complete(tmp_path)
     tracking.write_run_records(tmp_path, recipe, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hfgen.lock", "env.json", "nested", "recipe.yaml", "sweep"]
+    kept = [".hfgen.lock", "class_images", "env.json", "nested", "recipe.yaml", "sweep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
     (tmp_path / "model.safetensors").write_text("x")
     tracking.write_run_records(tmp_path, recipe, resuming=True)  # a resume keeps everything
     assert (tmp_path / "model.safetensors").is_file()

@@ -171,6 +171,9 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
 
 _locks: dict[Path, Any] = {}  # output dir -> its open lock file, held while its run runs
 LOCK_FILE = ".hfgen.lock"
+# what a fresh start over an earlier run keeps in its dir: the lock, and DreamBooth's generated class images (its
+# default class_data_dir), which later runs reuse by design (generating them again costs the base model's passes)
+KEPT_ON_FRESH_START = (LOCK_FILE, "class_images")
 
 
 def lock_output_dir(output_dir: Path) -> None:
@@ -218,8 +221,8 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
     checkpoints (the new run's rotation and a later resume would take them for its own), and its outputs (an `ema/`
     or `value_model/` the new recipe does not write, a full model.safetensors beside a new LoRA adapter, which
     `from_pretrained` loads instead of the adapter, another stage's samples.jsonl). Only a dir that holds a run is
-    cleared (not a dir of the user's that never held one), and in it neither the lock nor a folder with runs in it
-    (a pipeline's steps or a sweep kept under the rlhf pipeline's dir). An unfinished run's complete checkpoints
+    cleared (not a dir of the user's that never held one), and in it neither `KEPT_ON_FRESH_START` nor a folder with
+    runs in it (a pipeline's steps or a sweep kept under the rlhf pipeline's dir). An unfinished run's complete checkpoints
     are kept unless `overwrite`: that is work a resume would continue, so the run is refused instead."""
     resumable = [p.name for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
     if resumable and not overwrite and not is_complete(output_dir):
@@ -232,7 +235,7 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
         return
     for path in output_dir.iterdir():
         holds_runs = path.is_dir() and not _CHECKPOINT.match(path.name) and any(path.rglob("recipe.yaml"))
-        if path.name == LOCK_FILE or holds_runs:
+        if path.name in KEPT_ON_FRESH_START or holds_runs:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
