@@ -301,7 +301,9 @@ def test_pipeline_runs_offline_methods_without_a_reward_step_unless_asked():
     from hfgen.recipe import build_recipe
     from hfgen.stages.rlhf import pipeline_steps, step_recipe
 
-    base = {"stage": "rlhf", "output_dir": "outputs/x", "sft": "recipes/tiny/sft_full.yaml"}
+    # the pretraining the SFT step starts from is the pipeline's prerequisite: a fresh clone has no outputs/tiny
+    base = {"stage": "rlhf", "output_dir": "outputs/x", "sft": "recipes/tiny/sft_full.yaml",
+            "prerequisite": "recipes/tiny/pretrain.yaml"}  # fmt: skip
     (args,) = build_recipe({**base, "method": "dpo", "dpo": "recipes/tiny/dpo.yaml"}, check_inputs=True).configs
     assert pipeline_steps(args) == ("sft", "dpo")
     judged = {**base, "method": "kto", "kto": "recipes/tiny/kto.yaml", "reward": "recipes/tiny/reward.yaml"}
