@@ -34,7 +34,7 @@ from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, 
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.models import check_model_source, not_a_reward_model, position_limit
-from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
+from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
 TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to the columns
@@ -91,12 +91,6 @@ class GroupRLArguments(TextDataArguments, HackingMonitorArguments):
             "help": "Submodules of the policy kept fixed (e.g. model.embed_tokens, lm_head: tied ones together)."
         },
     )
-
-
-def reward_component_names(args: GroupRLArguments) -> list[str]:
-    from hfgen.rl.rollout import function_name
-
-    return ["reward_model"] * bool(args.reward_model_path) + [function_name(spec) for spec in args.reward_functions]
 
 
 def check(model_args, data_args: GroupRLArguments, config) -> list[str]:

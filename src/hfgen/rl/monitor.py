@@ -369,17 +369,23 @@ def monitor_problems(args: HackingMonitorArguments) -> list[str]:
     return problems
 
 
+def reward_component_names(args) -> list[str]:
+    """A recipe's reward components by name, in the order the online RL stages score them and `reward_weights`
+    weighs them: `reward_model` (when `reward_model_path` is set), then each of `reward_functions`."""
+    from hfgen.rl.rollout import function_name  # (torch: not at import)
+
+    names = ["reward_model"] * bool(getattr(args, "reward_model_path", None))
+    return names + [function_name(spec) for spec in getattr(args, "reward_functions", None) or []]
+
+
 def build_monitor(
     args: HackingMonitorArguments, reward_ceiling: float | None = None, reward_weights: list[float] | None = None
 ) -> HackingMonitor | None:
     """The monitor a recipe asks for (None with `hacking_monitor: false`). `reward_weights`: the recipe's weights of
     its reward components, in the order the stages score them (`reward_model`, then `args.reward_functions`)."""
-    from hfgen.rl.rollout import function_name
-
     if not args.hacking_monitor:
         return None
-    names = ["reward_model"] * bool(getattr(args, "reward_model_path", None))
-    names += [function_name(spec) for spec in getattr(args, "reward_functions", [])]
+    names = reward_component_names(args)
     return HackingMonitor(
         **{name: getattr(args, f"monitor_{name}") for name in THRESHOLDS}, reward_ceiling=reward_ceiling,
         weights=dict(zip(names, reward_weights or [])),
