@@ -128,6 +128,22 @@ def test_images_as_cameras_and_tools_write_them_decode_as_they_look(tmp_path):
     photo.save(tmp_path / "phone.jpg", exif=exif)
     assert open_image(str(tmp_path / "phone.jpg"), "image").size == (20, 40)
 
+    # a black shape drawn only in the alpha channel (RGB all zero): was a blank black square, now black on white
+    shape = np.zeros((16, 16, 4), dtype=np.uint8)
+    shape[4:12, 4:12, 3] = 255
+    Image.fromarray(shape, mode="RGBA").save(tmp_path / "logo.png")
+    alpha_only = Image.fromarray(shape[..., 3], mode="L")
+    Image.merge("LA", (Image.new("L", (16, 16), 0), alpha_only)).save(tmp_path / "gray.png")
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.paste(1, (4, 4, 12, 12))
+    palette.save(tmp_path / "palette.png", transparency=0)  # colour 0 (black) transparent, a red square on it
+    logo = np.asarray(open_image(str(tmp_path / "logo.png"), "image"))
+    assert (logo[0, 0] == 255).all() and (logo[8, 8] == 0).all()
+    assert (np.asarray(open_image(str(tmp_path / "palette.png"), "image"))[0, 0] == 255).all()
+    gray = np.asarray(open_image(str(tmp_path / "gray.png"), "image"))
+    assert (gray[0, 0] == 255).all() and (gray[8, 8] == 0).all()
+
     (tmp_path / "set" / "imgs").mkdir(parents=True)
     encoded = []
     for i in range(6):

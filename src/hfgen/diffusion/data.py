@@ -184,9 +184,23 @@ def open_image(value, where: str):
             raise ValueError(f"not an image: {type(value).__name__}")
         image.load()  # PIL opens lazily: only load() reads the pixels (and finds a truncated file)
         image = ImageOps.exif_transpose(image)  # a phone photo's pixels are stored turned; its EXIF says how
-        return eight_bit(image).convert("RGB")
+        return on_white(eight_bit(image)).convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
         raise UserError(f"{where} cannot be decoded: {error}") from None
+
+
+def on_white(image):
+    """A transparent image (RGBA, LA, a palette with a transparent colour) laid on white, as a viewer shows it:
+    convert("RGB") drops the alpha channel and keeps the colour under it, which is often black, so a logo or a
+    line drawing whose shape lives in the alpha channel would train as a blank square."""
+    from PIL import Image
+
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and not (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        return image
+    image = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
 
 
 def eight_bit(image):
