@@ -174,3 +174,17 @@ def test_dreambooth_instance_images_include_tiff_and_gif(tmp_path):
     for suffix in ("png", "tif", "tiff", "gif"):
         Image.new("RGB", (8, 8)).save(tmp_path / f"a.{suffix}")
     assert [p.suffix for p in image_files(tmp_path)] == [".gif", ".png", ".tif", ".tiff"]
+
+
+def test_an_empty_caption_and_an_undecodable_image_are_named_by_their_row_in_the_file(tmp_path):
+    """The held-out slice is drawn at random (train_test_split shuffles), so row i of the training split is some
+    other row of the file: the messages named the split's position, which sent the user to the wrong line."""
+    for i in range(20):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "7.png").write_bytes(b"not a png")
+    rows = [{"image": f"{i}.png", "text": "" if i == 12 else f"square {i}"} for i in range(20)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ImageDataArguments(dataset_name=str(tmp_path / "data.jsonl"), resolution=8, validation_split_percentage=25)
+    problems = " ".join(check_image_data(args, need_captions=True))
+    assert "rows [13], counted from 1" in problems, problems  # the 13th line holds the empty caption
+    assert "row 8 (counted from 1) image" in problems and "7.png" in problems, problems

@@ -354,18 +354,31 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
     for column in columns:
         empty = [i for i, value in enumerate(sample[column]) if value is None or value == "" or value == []]
         if empty:
+            rows = source_rows(dataset, empty[:5])
             problems.append(
-                f"dataset '{source}' has empty values in column '{column}' (rows {empty[:5]}{'...' if len(empty) > 5 else ''})"
+                f"dataset '{source}' has empty values in column '{column}' (rows {rows}"
+                f"{'...' if len(empty) > 5 else ''}, counted from 1)"
             )
         numbers = [i for i, value in enumerate(sample[column]) if isinstance(value, (int, float))]
         if numbers and column not in NON_TEXT_COLUMNS:  # a column of numbers loads as numbers: no tokenizer takes them
             problems.append(
-                f"dataset '{source}' column '{column}' holds numbers, not text (row {numbers[0]}: "
+                f"dataset '{source}' column '{column}' holds numbers, not text (row {source_rows(dataset, numbers)[0]}: "
                 f"{sample[column][numbers[0]]!r}); write the values as text (quoted in JSON), or name another column"
             )
     if len(dataset) == 0:
         problems.append(f"dataset '{source}' has no rows")
     return problems
+
+
+def source_rows(dataset, positions: list[int]) -> list[int]:
+    """The rows, counted from 1 as the layout checks count them, of the loaded data that `positions` of `dataset`
+    hold: a held-out split (train_test_split shuffles) or a max_*_samples selection is a view whose row i is
+    another row of the data, and a message must name the row the user can find in their file."""
+    indices = dataset._indices  # datasets' view mapping (None when the dataset is the loaded data itself)
+    if indices is None:
+        return [position + 1 for position in positions]
+    column = indices.column(0)
+    return [column[position].as_py() + 1 for position in positions]
 
 
 def load_splits_for_check(load, args) -> tuple[tuple | None, list[str]]:

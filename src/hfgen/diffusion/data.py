@@ -221,12 +221,14 @@ def eight_bit(image):
 
 def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CHECKED) -> list[str]:
     """Rows among the first `limit` whose image does not decode, as messages naming the file when there is one."""
+    from hfgen.data.loading import source_rows
+
     problems = []
     for index, value in enumerate(
         undecoded(dataset, image_column).select(range(min(limit, len(dataset))))[image_column]
     ):
         try:
-            open_image(value, f"dataset '{source}' row {index} image")
+            open_image(value, f"dataset '{source}' row {source_rows(dataset, [index])[0]} (counted from 1) image")
         except UserError as error:
             problems.append(str(error))
             if len(problems) == 5:
