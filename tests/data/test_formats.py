@@ -337,11 +337,11 @@ def test_unpaired_rows_for_a_paired_stage_name_the_kto_stage(tmp_path):
     assert load(pairs, "unpaired_preference")[2]["train"]["format"] == "preference"
 
 
-def mixture(tmp_path, kind, *sets, **keys):
+def mixture(tmp_path, kind, *sets, dataset_columns=None, **keys):
     entries = []
     for i, (rows, extra) in enumerate(sets):
         entries.append({"name": jsonl(tmp_path / f"set{i}.jsonl", rows), "weight": 1.0, **extra})
-    return load_for_stage(TextDataArguments(datasets=entries), kind, **keys)
+    return load_for_stage(TextDataArguments(datasets=entries, dataset_columns=dataset_columns), kind, **keys)
 
 
 def test_a_mixture_of_text_and_chat_layouts_trains_as_chat(tmp_path):
@@ -481,3 +481,19 @@ def test_prompts_from_pairs_whose_prompt_is_implicit(tmp_path):
     assert all(row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}] for row in train)
     train, _, _ = load(jsonl(tmp_path / "hh.jsonl", HH), "prompt")
     assert train[0]["prompt"].startswith("\n\nHuman: q") and train[0]["prompt"].rstrip().endswith("Assistant:")
+
+
+def test_a_mixture_takes_the_top_level_columns_and_format_unless_an_entry_sets_its_own(tmp_path):
+    """The top-level dataset_columns and dataset_format were ignored for a mixture: `completion` trained instead of
+    the mapped `final` column, without a word."""
+    rows = [{"prompt": f"q{i}", "completion": "DRAFT", "final": f"FINAL {i}"} for i in range(40)]
+    train, _, records = mixture(tmp_path, "sft", (rows, {}), (rows, {}), dataset_columns="completion=final")
+    assert set(train["completion"]) <= {f"FINAL {i}" for i in range(40)}
+    args = TextDataArguments(
+        datasets=[{"name": str(tmp_path / "set0.jsonl")}, {"name": str(tmp_path / "set1.jsonl"), "columns": {}}],
+        dataset_columns="completion=final",
+        dataset_format="prompt_completion",
+    )
+    train, _, records = load_for_stage(args, "sft")
+    assert "DRAFT" in train["completion"] and any(c.startswith("FINAL") for c in train["completion"])
+    assert [e["train"]["format"] for e in records["mixture"]] == ["prompt_completion"] * 2

@@ -98,9 +98,13 @@ def load_for_stage(
 
     trains, evals, reports = [], [], []
     for entry in args.mixture:
-        columns = {**default_columns, **parse_columns(entry.columns)}
+        # The top-level dataset_columns / dataset_format / dataset_config are every set's defaults, as the top-level
+        # splits already are: an entry's own columns / format / config replace them for that set.
+        own_columns = parse_columns(entry.columns) if entry.columns is not None else (args.dataset_columns or {})
+        columns = {**default_columns, **own_columns}
+        fmt = entry.format or args.dataset_format
         train, evaluation, train_report, eval_report = _one_source(
-            args, kind, seed, entry.name, entry.format, columns, [], other_columns, config=entry.config,
+            args, kind, seed, entry.name, fmt, columns, [], other_columns, config=entry.config or args.dataset_config,
             dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
         )  # fmt: skip
         trains.append(train)
