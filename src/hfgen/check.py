@@ -17,6 +17,7 @@ TEXT_KINDS = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "
 TEXT_KINDS |= {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "unpaired_preference"}
 TEXT_KINDS |= {"grpo": "prompt", "rloo": "prompt"}
 GROUP_RL = ("grpo", "rloo")
+PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "kto")
 MAX_FULLY_MASKED = 0.5  # a larger share of rows with no trained token is fatal
 EXAMPLES = 3
 ROWS_RENDERED = 1000  # rows whose rendering is checked: enough for the shares, fast on any dataset
@@ -92,10 +93,16 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         "sft": {"text": getattr(training_args, "dataset_text_field", "text")},
         **dict.fromkeys(("ppo", *GROUP_RL), {"prompt": getattr(data_args, "prompt_column", "prompt")}),
     }.get(stage)
-    train, _, records = load_for_stage(
+    train, evaluation, records = load_for_stage(
         data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults,
         other_columns=True if stage in GROUP_RL else REWARD_COLUMNS if stage == "reward" else False,
     )  # fmt: skip
+    if with_models and stage in PREFERENCE_STAGES:  # pairs that max_length makes equal count as equal pairs
+        from hfgen.models import load_tokenizer
+        from hfgen.preference import drop_truncated_identical_pairs
+
+        tokenizer = load_tokenizer(recipe.configs[0].model_name_or_path, training_args.trust_remote_code)
+        drop_truncated_identical_pairs(tokenizer, (train, evaluation), records, training_args)
     print("\n".join(summary_lines(records)))
     if not with_models:
         return []

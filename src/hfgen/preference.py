@@ -86,6 +86,13 @@ def check_preference_data(
             )
     if tokenizer is not None and not problems and training_args is not None:
         problems += prompt_length_problems(tokenizer, loaded[0], training_args)
+        from hfgen.data.loading import ROWS_CHECKED
+
+        sample = [rows.select(range(min(ROWS_CHECKED, len(rows)))) for rows in loaded[:2]]
+        try:
+            drop_truncated_identical_pairs(tokenizer, sample, {}, training_args)
+        except UserError as error:
+            problems.append(str(error))
     if data_args.eval_prompts_dataset:
         try:
             load_eval_prompts(data_args.eval_prompts_dataset)
@@ -142,10 +149,63 @@ def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
     ]
 
 
-def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpaired_ok: bool = False):
+def trained_sequence(tokenizer, prompt, completion, training_args) -> tuple[tuple, tuple]:
+    """(token ids, completion mask) of prompt + completion as the trainer feeds them: tokenized as TRL's preference
+    trainers do (completion_example), then cut to `max_length` as their collators cut it (keep_start: the first
+    tokens; DPO's keep_end: the last)."""
+    ids, start = completion_example(tokenizer, prompt, completion)
+    mask = [0] * start + [1] * (len(ids) - start)
+    limit = getattr(training_args, "max_length", None)
+    if limit:
+        keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
+        ids, mask = (ids[-limit:], mask[-limit:]) if keep_end else (ids[:limit], mask[:limit])
+    return tuple(ids), tuple(mask)
+
+
+def drop_truncated_identical_pairs(tokenizer, splits, records: dict, training_args):
+    """Pairs whose chosen and rejected differ only past `max_length` train as the same sequence (log-probs and
+    margin equal, nothing learnt): dropped and counted as chosen == rejected pairs are, and refused, as those are,
+    when the two kinds together exceed MAX_IDENTICAL_PAIRS of the pairs."""
+    from trl.data_utils import maybe_extract_prompt
+
+    from hfgen.data.formats import IDENTICAL, MAX_IDENTICAL_PAIRS
+    from hfgen.data.prepare import drop_and_count
+
+    limit = getattr(training_args, "max_length", None)
+    if not limit or "chosen" not in splits[0].column_names:
+        return splits
+    reason = f"{IDENTICAL} within max_length={limit}"
+    kept = []
+    for rows, split in zip(splits, ("train", "eval")):
+        keep = []
+        for row in rows:
+            row = maybe_extract_prompt(dict(row)) if "prompt" not in row else row
+            chosen, rejected = (
+                trained_sequence(tokenizer, row["prompt"], row[side], training_args) for side in ("chosen", "rejected")
+            )
+            # (a prompt that fills max_length leaves no answer token on either side: prompt_length_problems' rows)
+            keep.append(chosen != rejected or not any(chosen[1]))
+        kept.append(drop_and_count(rows, keep, records, reason, split))
+    reports = [records[split] for split in ("train", "eval") if split in records]
+    reports += [entry[split] for entry in records.get("mixture", []) for split in ("train", "eval")]
+    read = sum(report["rows_read"] for report in reports) or sum(len(rows) for rows in splits)
+    truncated = sum(len(rows) - len(k) for rows, k in zip(splits, kept))
+    identical = truncated + sum(report["dropped"].get(IDENTICAL, 0) for report in reports)
+    if truncated and identical > MAX_IDENTICAL_PAIRS * read:
+        raise UserError(
+            f"{truncated} of {read} pairs have chosen and rejected that differ only after max_length={limit} tokens "
+            f"(with {identical - truncated} equal pairs, more than {MAX_IDENTICAL_PAIRS:.0%}): truncated, they train as "
+            "the same sequence and teach nothing; raise max_length (or shorten the shared start of the answers)"
+        )
+    return kept
+
+
+def load_preference_splits(
+    data_args: PreferenceDataArguments, seed: int, unpaired_ok: bool = False, tokenizer=None, training_args=None
+):
     """(train, eval, data records): rows in the stage's layout (hfgen.data.formats: pairs, or for KTO also unpaired
-    rows; chosen == rejected pairs dropped and counted) with an explicit prompt (extracted from the shared prefix
-    when implicit)."""
+    rows; chosen == rejected pairs dropped and counted, also those equal once cut to max_length when `tokenizer` and
+    `training_args` are given) with an explicit prompt (extracted from the shared prefix when implicit)."""
     from trl.data_utils import maybe_extract_prompt
 
     train, evaluation, records = load_for_stage(data_args, data_kind(unpaired_ok), seed=seed)
@@ -158,6 +218,8 @@ def load_preference_splits(data_args: PreferenceDataArguments, seed: int, unpair
         if "chosen" in rows.column_names and "prompt" not in rows.column_names:
             rows = rows.map(maybe_extract_prompt)
         splits.append(rows)
+    if tokenizer is not None and training_args is not None:
+        splits = drop_truncated_identical_pairs(tokenizer, splits, records, training_args)
     if "label" in splits[0].column_names and len(set(splits[0]["label"])) == 1:
         kind = "desirable" if splits[0][0]["label"] else "undesirable"
         note = f"every training row is labelled {kind}: KTO learns from both kinds (check the label column)"
@@ -344,7 +406,9 @@ def run_stage(
     if reference is not None:
         reference.requires_grad_(False)
 
-    train_rows, eval_rows, data_records = load_preference_splits(data_args, training_args.seed, unpaired)
+    train_rows, eval_rows, data_records = load_preference_splits(
+        data_args, training_args.seed, unpaired, tokenizer, training_args
+    )
     record(output_dir, data_records)
     if unpaired and "chosen" in train_rows.column_names:
         train_rows = unpaired_rows(train_rows, training_args.seed)

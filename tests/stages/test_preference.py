@@ -528,3 +528,37 @@ def test_an_interrupted_shared_sft_step_of_compare_continues_from_its_checkpoint
     assert result.returncode == 0, result.stderr[-3000:]
     assert "continuing from its newest complete checkpoint" in result.stdout
     assert tracking.is_complete(tmp_path / "sft") and tracking.is_complete(tmp_path / "root/dpo/seed=0")
+
+
+@pytest.mark.parametrize("stage", ["dpo", "simpo"])
+def test_pairs_equal_within_max_length_are_dropped_and_counted_refused_when_many(tmp_path, capsys, stage):
+    """Answers that differ only after max_length tokens trained as one sequence (margins 0) with data.json saying
+    every pair was kept: they count as chosen == rejected pairs, dropped under 10%, refused (exit 2) above."""
+    from trl import DPOConfig
+
+    from hfgen.models import load_tokenizer
+    from hfgen.preference import PreferenceDataArguments, load_preference_splits
+
+    model = save_tiny_llama(tmp_path / "lm")
+    shared = " ".join(["the cat sat on the mat"] * 20)
+    late = [{"prompt": f"q{i}", "chosen": f"{shared} good", "rejected": f"{shared} bad"} for i in range(8)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in [PAIR] * 30 + late))
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["check", str(REPO / f"recipes/tiny/{stage}.yaml"), "--dataset_name", str(data),
+                    "--model_name_or_path", str(model), "--max_length", "32", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in message
+    assert "8 of 38 pairs" in message and "max_length=32" in message, message
+
+    data.write_text("".join(json.dumps(row) + "\n" for row in [PAIR] * 30 + late[:2]))
+    args = PreferenceDataArguments(dataset_name=str(data), validation_split_percentage=25)
+    config = DPOConfig(output_dir=str(tmp_path / "out"), max_length=32, use_cpu=True, bf16=False)
+    train_rows, eval_rows, records = load_preference_splits(args, 0, False, load_tokenizer(str(model)), config)
+    assert len(train_rows) + len(eval_rows) == 30
+    dropped = [records[s]["dropped"].get("chosen equal to rejected within max_length=32", 0) for s in ("train", "eval")]
+    assert sum(dropped) == 2
+    # (kept whole, the pairs differ: nothing dropped)
+    config = DPOConfig(output_dir=str(tmp_path / "out"), max_length=256, use_cpu=True, bf16=False)
+    train_rows, eval_rows, _ = load_preference_splits(args, 0, False, load_tokenizer(str(model)), config)
+    assert len(train_rows) + len(eval_rows) == 32

@@ -33,6 +33,7 @@ from hfgen.errors import UserError
 
 KINDS = ("text", "sft", "preference", "prompt", "unpaired_preference")
 MAX_IDENTICAL_PAIRS = 0.10  # a larger share of chosen == rejected pairs refuses the file
+IDENTICAL = "chosen equal to rejected"  # the drop reason of such pairs
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SHAREGPT_ROLES |= {"chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
 SHAREGPT_ROLES |= {"function_call": "assistant", "observation": "tool"}  # LLaMA-Factory's tool turns (glaive)
@@ -414,7 +415,7 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
             for answer in (chosen, rejected)
         )
     if chosen == rejected:
-        return "chosen equal to rejected"
+        return IDENTICAL
     return {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if prompt is not None else {})
 
 
@@ -579,7 +580,7 @@ def to_standard(
     kept = [r for r in rows if r]
     report.dropped.update(reason for reason in reasons if reason)
     report.rows_kept = len(kept)
-    identical = report.dropped.get("chosen equal to rejected", 0)
+    identical = report.dropped.get(IDENTICAL, 0)
     if identical > MAX_IDENTICAL_PAIRS * report.rows_read:
         raise UserError(
             f"dataset '{source}': {identical} of {report.rows_read} pairs have chosen equal to rejected (more than "
