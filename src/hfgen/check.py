@@ -103,6 +103,10 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
 
         tokenizer = load_tokenizer(recipe.configs[0].model_name_or_path, training_args.trust_remote_code)
         drop_truncated_identical_pairs(tokenizer, (train, evaluation), records, training_args)
+    if with_models and stage == "ppo":  # prompts over max_prompt_length, as the run drops them
+        from hfgen.stages.ppo import prompt_length_problems
+
+        prompt_length_problems(recipe.configs[0], data_args, training_args, (train, evaluation), records)
     print("\n".join(summary_lines(records)))
     if not with_models:
         return []

@@ -696,3 +696,31 @@ def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
         assert differ - paths - records == changed, kind
         assert len(tracking.read_metrics(tmp_path / f"{kind}-1")) == 2  # 128 episodes, 64 a step
     assert recipe["kl_coef"] == shipped["kl_coef"]
+
+
+def test_prompts_over_max_prompt_length_are_counted_and_refused_when_most(tmp_path, tiny_models):
+    """PPO dropped prompts over max_prompt_length with a console line only: data.json and hfgen check said every
+    prompt was kept, and a run that lost most of its prompts trained on the rest."""
+    sft, _ = tiny_models
+    data = tmp_path / "prompts.jsonl"
+
+    def write(long_prompts):
+        rows = [
+            {"prompt": f"q{i} " + ("the red cat is kind " * 20 if i < long_prompts else "the cat")} for i in range(30)
+        ]
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], dataset_name=str(data), max_prompt_length=40,
+                          total_episodes=8, gradient_accumulation_steps=1)  # fmt: skip
+    write(20)
+    result = run_hfgen("check", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "prompts are longer than max_prompt_length=40 tokens" in result.stderr, result.stderr[-2000:]
+    write(4)
+    result = run_hfgen("check", recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "longer than max_prompt_length=40" in result.stdout, result.stdout
+    train(recipe)
+    records = tracking.read_json(tmp_path / "run" / "data.json")
+    dropped = sum(records[s]["dropped"].get("longer than max_prompt_length=40", 0) for s in ("train", "eval"))
+    assert dropped == 4

@@ -261,6 +261,33 @@ def prompt_room(policy, max_prompt_length: int, response_length: int) -> int:
     return limit - response_length
 
 
+MAX_LONG_PROMPTS = 0.5  # a larger share of prompts over max_prompt_length: the limit is wrong for the data
+
+
+def drop_long_prompts(tokenizer, rows, max_prompt_length: int, records: dict, split: str):
+    """`rows` less the prompts longer than max_prompt_length tokens (as tokenize_prompts renders them), dropped and
+    counted in the data records (data.json, hfgen check); refused, as the README's bad-rows policy says, when none
+    remain or more than half the prompts are dropped (the limit is wrong for the data)."""
+    from hfgen.data.prepare import drop_and_count
+    from hfgen.generate import format_prompts
+
+    if not len(rows):
+        return rows
+    prompts = rows["prompt"]
+    chat = not isinstance(prompts[0], str)
+    if chat and tokenizer.chat_template is None:
+        raise UserError("the prompts are chat messages but the tokenizer of the policy has no chat template")
+    ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+    keep = [len(query) <= max_prompt_length for query in ids]
+    kept = drop_and_count(rows, keep, records, f"longer than max_prompt_length={max_prompt_length}", split)
+    if len(kept) == 0 or len(kept) < (1 - MAX_LONG_PROMPTS) * len(rows):
+        raise UserError(
+            f"{len(rows) - len(kept)} of {len(rows)} {split} prompts are longer than max_prompt_length="
+            f"{max_prompt_length} tokens; raise max_prompt_length (or shorten the prompts)"
+        )
+    return kept
+
+
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:
     """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
     the assistant turn opened."""

@@ -53,6 +53,7 @@ from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, step_metrics
 from hfgen.rl.models import (
+    drop_long_prompts,
     load_oracle,
     load_policy_and_reference,
     load_scorer,
@@ -330,7 +331,26 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     splits, data_problems = check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})
     if splits and not problems + data_problems:
         data_problems += prompt_template_problems(model_args, data_args, config, splits[0])
+    if splits and not problems + data_problems:
+        data_problems += prompt_length_problems(model_args, data_args, config, splits)
     return problems + data_problems
+
+
+def prompt_length_problems(model_args, data_args, config, splits, records: dict | None = None) -> list[str]:
+    """More than half of (a sample of) the prompts over max_prompt_length, found before any model loads; with
+    `records`, the drops counted there (hfgen check's data report)."""
+    from hfgen.data.loading import ROWS_CHECKED
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    for rows, split in zip(splits[:2], ("train", "eval")):
+        rows = rows if records is not None else rows.select(range(min(ROWS_CHECKED, len(rows))))
+        try:
+            drop_long_prompts(tokenizer, prepare_prompts(rows, data_args, tokenizer), data_args.max_prompt_length,
+                              {} if records is None else records, split)  # fmt: skip
+        except UserError as error:
+            return [str(error)]
+    return []
 
 
 def scheduler_problems(name: str) -> list[str]:
@@ -375,10 +395,14 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     train_rows, eval_rows, data_records = load_for_stage(
         data_args, "prompt", seed=config.seed, default_columns={"prompt": data_args.prompt_column}
     )
-    record(output_dir, data_records)
     max_prompt_length = prompt_room(policy, data_args.max_prompt_length, config.response_length)
     # plain-string prompts to a chat model as one user turn (`chat_prompts`), as GRPO and RLOO send them
     train_rows, eval_rows = (prepare_prompts(rows, data_args, tokenizer) for rows in (train_rows, eval_rows))
+    train_rows, eval_rows = (
+        drop_long_prompts(tokenizer, rows, max_prompt_length, data_records, split)
+        for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
+    )
+    record(output_dir, data_records)
     train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], max_prompt_length)
     eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], max_prompt_length)
     fit_max_length(policy, config, "ptx_max_length")
