@@ -497,3 +497,15 @@ def test_a_mixture_takes_the_top_level_columns_and_format_unless_an_entry_sets_i
     train, _, records = load_for_stage(args, "sft")
     assert "DRAFT" in train["completion"] and any(c.startswith("FINAL") for c in train["completion"])
     assert [e["train"]["format"] for e in records["mixture"]] == ["prompt_completion"] * 2
+
+
+def test_a_chat_prompt_repeated_by_the_conversations_is_trained_once(tmp_path):
+    """A chat prompt beside chosen/rejected conversations that start with it rendered the user turn twice."""
+    rows = [
+        {"prompt": turns(("user", f"q{i}")), "chosen": r["chosen"], "rejected": r["rejected"]}
+        for i, r in enumerate(ULTRAFEEDBACK)
+    ]
+    train, _, _ = load(jsonl(tmp_path / "pairs.jsonl", rows), "preference")
+    row = train[0]
+    assert len(row["prompt"]) == 1 and row["chosen"] == turns(("assistant", row["chosen"][0]["content"]))
+    assert row["rejected"][0]["role"] == "assistant" and len(row["rejected"]) == 1

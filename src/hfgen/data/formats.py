@@ -388,7 +388,8 @@ def _chat_or_text(value, index: int, column: str, source: str):
 def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str:
     """A pair in TRL's layout. Chat turns are read with either pair of keys; a text prompt beside conversations
     that hold it is dropped (UltraFeedback-binarized), one beside answers alone becomes the user turn; text answers
-    to a chat prompt become assistant turns (TRL needs the prompt and the answers in one form)."""
+    to a chat prompt become assistant turns (TRL needs the prompt and the answers in one form), and conversations that
+    repeat a chat prompt lose the repeated turns."""
     prompt = row.get("prompt")
     if prompt is None and row.get("conversations"):  # LLaMA-Factory's preference layout: the turns before the answers
         prompt = row["conversations"]
@@ -414,6 +415,13 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
             [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
             for answer in (chosen, rejected)
         )
+        # a chat prompt beside whole conversations that repeat it (a prompt column added to UltraFeedback-style
+        # pairs): the repeated turns are left out of the answers, as a text prompt is left out beside them, or TRL
+        # would render the user turn twice
+        if all(answer[: len(prompt)] == prompt for answer in (chosen, rejected)):
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+            if not chosen or not rejected:
+                return "empty text"
     if chosen == rejected:
         return IDENTICAL
     return {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if prompt is not None else {})
