@@ -509,3 +509,15 @@ def test_a_chat_prompt_repeated_by_the_conversations_is_trained_once(tmp_path):
     row = train[0]
     assert len(row["prompt"]) == 1 and row["chosen"] == turns(("assistant", row["chosen"][0]["content"]))
     assert row["rejected"][0]["role"] == "assistant" and len(row["rejected"]) == 1
+
+
+def test_tatsu_lab_alpaca_with_its_rendered_text_column_is_read_as_alpaca(tmp_path):
+    """tatsu-lab/alpaca has instruction, input, output and their rendering in `text`: SFT read it as plain text
+    (the loss on the prompt too), though a text column beside a richer layout is meant to lose."""
+    rows = [
+        {**row, "text": f"### Instruction:\n{row['instruction']}\n\n### Response:\n{row['output']}"} for row in ALPACA
+    ]
+    path = jsonl(tmp_path / "alpaca.jsonl", rows)
+    for kind in ("sft", "prompt"):
+        assert load(path, kind)[2]["train"]["format"] == "alpaca"
+    assert load(path, "text")[2]["train"]["format"] == "text"  # pretraining reads the text

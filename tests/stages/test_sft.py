@@ -292,6 +292,18 @@ def jsonl(path, rows):
             lambda t: ["--dataset_name", "embedded:instructions", "--completion_only_loss", "true"],
             ["completion_only_loss", "prompt"],
         ),
+        # ... of plain text: the layout it was read as is named, not the converted columns alone
+        (
+            lambda t: [
+                "--dataset_name",
+                jsonl(t / "t.jsonl", [{"text": "a b"}] * 8),
+                "--completion_only_loss",
+                "true",
+                "--assistant_only_loss",
+                "false",
+            ],  # fmt: skip
+            ["completion_only_loss", "is read as text", "dataset_format"],
+        ),
         # a model dir that was never made
         (lambda t: ["--model_name_or_path", "outputs/tiny/never_made"], ["outputs/tiny/never_made", "does not exist"]),
     ],

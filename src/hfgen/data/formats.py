@@ -132,6 +132,9 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
     layout whose required columns are there (a layout needing more columns beats one needing a subset of them)."""
     present = set(column_names)
     standard = [cols for cols in STANDARD[kind] if present >= set(cols)]
+    richer = [f for f in FORMATS.values() if kind in f.kinds and f.name != "text" and present >= set(f.required)]
+    if standard == [("text",)] and kind != "text" and richer:
+        standard = []  # a `text` column beside a richer layout is its rendering (tatsu-lab/alpaca's): the layout wins
     if len(standard) == 1 or (kind == "text" and standard):
         return STANDARD_FORMAT[standard[0]]
     candidates = [f for f in FORMATS.values() if kind in f.kinds and present >= set(f.required)]

@@ -29,7 +29,7 @@ from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, drop_and_count, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import (
     build_trainer,
@@ -71,7 +71,13 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
     if loaded:
         columns = loaded[0].column_names
         if training_args.completion_only_loss and "completion" not in columns:
-            problems.append(f"completion_only_loss: true needs prompt/completion data; the data has {columns}")
+            records = loaded[2].get("mixture", [loaded[2]])
+            layouts = sorted({entry["train"]["format"] for entry in records})
+            problems.append(
+                f"completion_only_loss: true needs prompt/completion data; {data_source(data_args)} is read as "
+                f"{', '.join(layouts)} (columns {columns} after conversion): give a prompt/completion layout (alpaca, "
+                "dolly, prompt_completion: set dataset_format), or set completion_only_loss: false"
+            )
         if training_args.assistant_only_loss and "text" in columns:
             problems.append(
                 f"assistant_only_loss: true needs conversational data (or prompt/completion); the data is plain text "
