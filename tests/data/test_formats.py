@@ -521,3 +521,21 @@ def test_tatsu_lab_alpaca_with_its_rendered_text_column_is_read_as_alpaca(tmp_pa
     for kind in ("sft", "prompt"):
         assert load(path, kind)[2]["train"]["format"] == "alpaca"
     assert load(path, "text")[2]["train"]["format"] == "text"  # pretraining reads the text
+
+
+@pytest.mark.parametrize(
+    "columns, layout", [("prompt=instruction,completion=output", "prompt_completion"), ("response=output", "dolly")]
+)
+def test_a_filled_input_column_the_layout_leaves_out_is_said(tmp_path, columns, layout):
+    """Alpaca mapped as the README suggests (or read as Dolly) left its input column out of every prompt without a
+    word: data.json and the console now name it."""
+    from hfgen.data.prepare import summary_lines
+
+    path = jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    _, _, records = load(path, "sft", dataset_columns=columns)
+    assert records["train"]["format"] == layout
+    notes = records["train"]["notes"]
+    assert any("column 'input' (filled in" in n and f"left out by the {layout} layout" in n for n in notes), notes
+    assert any("the alpaca layout reads it" in n for n in notes)
+    assert any("column 'input'" in line for line in summary_lines(records))
+    assert not load(path, "sft")[2]["train"]["notes"]  # read as alpaca: nothing left out

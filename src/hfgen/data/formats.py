@@ -560,6 +560,29 @@ def _check_number(value, row: int, column: str, source: str) -> None:
         )
 
 
+# Columns some layout reads into the prompt (Alpaca's input, Dolly's context, ShareGPT's system): a file's column of
+# such a name that the chosen layout does not read leaves part of each prompt out, and is said.
+PROMPT_PART_COLUMNS = ("input", "context", "system")
+
+
+def left_out_notes(dataset, fmt: str, kind: str, carried) -> list[str]:
+    """Notes naming the non-empty PROMPT_PART_COLUMNS the layout `fmt` leaves out (Alpaca mapped as prompt/completion
+    keeps only the instruction), with the layouts that would read them."""
+    spec = FORMATS[fmt]
+    notes = []
+    for column in PROMPT_PART_COLUMNS:
+        if column not in dataset.column_names or column in (*spec.required, *spec.optional, *carried):
+            continue
+        filled = sum(not _is_empty(value) for value in dataset[column])
+        if filled:
+            readers = [f.name for f in FORMATS.values() if column in f.optional and kind in f.kinds]
+            notes.append(
+                f"column '{column}' (filled in {filled} of {len(dataset)} rows) is left out by the {fmt} layout"
+                + (f"; the {' or '.join(readers)} layout reads it (dataset_format)" if readers else "")
+            )
+    return notes
+
+
 def to_standard(
     dataset, kind: str, format: str | None = None, columns: dict[str, str] | None = None, source: str = "dataset",
     other_columns: bool | tuple[str, ...] = False,
@@ -587,6 +610,7 @@ def to_standard(
         reasons.append(result if isinstance(result, str) else None)
         return {**{c: row[c] for c in carried}, **result} if isinstance(result, dict) else {}
 
+    report.notes += left_out_notes(dataset, fmt, kind, carried)
     rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep + carried))]
     kept = [r for r in rows if r]
     report.dropped.update(reason for reason in reasons if reason)
