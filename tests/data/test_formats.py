@@ -539,3 +539,21 @@ def test_a_filled_input_column_the_layout_leaves_out_is_said(tmp_path, columns, 
     assert any("the alpaca layout reads it" in n for n in notes)
     assert any("column 'input'" in line for line in summary_lines(records))
     assert not load(path, "sft")[2]["train"]["notes"]  # read as alpaca: nothing left out
+
+
+def test_implicit_prompt_pairs_whose_prompts_differ_are_refused_by_row(tmp_path):
+    """HH-RLHF-style text pairs with different questions trained with the prompt '\\n\\nHuman:' (their shared start);
+    conversations crashed DPO's check. Both are refused naming the rows; prompts alone say why a row is dropped."""
+    text = HH[:10] + [{"chosen": HH[0]["chosen"], "rejected": HH[1]["rejected"]}]
+    chat = [{k: r[k] for k in ("chosen", "rejected")} for r in ULTRAFEEDBACK[:10]]
+    chat.append({"chosen": ULTRAFEEDBACK[0]["chosen"], "rejected": ULTRAFEEDBACK[1]["rejected"]})
+    for name, rows in (("text", text), ("chat", chat)):
+        path = jsonl(tmp_path / f"{name}.jsonl", rows)
+        for kind in ("preference", "prompt"):
+            with pytest.raises(UserError, match=r"rows \[11\].*start with different prompts"):
+                load(path, kind)
+    import datasets
+
+    prompts, report = to_standard(datasets.Dataset.from_list(text), "prompt", "preference")
+    assert len(prompts) == 10 and report.dropped == {"chosen and rejected start with different prompts": 1}
+    assert len(load(jsonl(tmp_path / "hh.jsonl", HH), "preference")[0]) > 30  # aligned pairs still train

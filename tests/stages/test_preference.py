@@ -194,6 +194,10 @@ def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
 
 PAIR = {"prompt": "describe the cat.", "chosen": "the cat is kind.", "rejected": "the cat is rude."}
 SAME = {"prompt": "describe the dog.", "chosen": "the dog is calm.", "rejected": "the dog is calm."}
+CONVERSATION_PAIR = {
+    "chosen": [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "kind."}],
+    "rejected": [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "rude."}],
+}
 
 
 @pytest.mark.parametrize(
@@ -203,8 +207,19 @@ SAME = {"prompt": "describe the dog.", "chosen": "the dog is calm.", "rejected":
         ("dpo", [PAIR] * 6 + [{**PAIR, "rejected": None}] * 2, ["rejected", "lack a value", "rows [7, 8]"]),
         ("kto", [{"prompt": "p", "completion": "a"}] * 8, ["label", "completion"]),  # unpaired without labels
         ("orpo", [PAIR] * 30 + [SAME] * 10, ["chosen equal to rejected", "more than 10%"]),  # too many useless pairs
+        (
+            "dpo",
+            [CONVERSATION_PAIR] * 6
+            + [
+                {
+                    **CONVERSATION_PAIR,
+                    "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+                }
+            ],
+            ["rows [7]", "start with different prompts"],
+        ),  # implicit prompt: a traceback in the check  # fmt: skip
     ],
-    ids=["missing_column", "missing_values", "kto_unlabelled", "identical_pairs"],
+    ids=["missing_column", "missing_values", "kto_unlabelled", "identical_pairs", "different_prompts"],
 )
 def test_broken_preference_data_exits_2_naming_rows_or_columns(tmp_path, capsys, stage, rows, expected):
     data = tmp_path / "pairs.jsonl"

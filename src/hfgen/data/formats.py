@@ -26,6 +26,7 @@ export rather than noise.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -388,6 +389,26 @@ def _chat_or_text(value, index: int, column: str, source: str):
     return _turns(index, column, value, "role", "content", source) if isinstance(value, list) else value
 
 
+DIFFERENT_PROMPTS = "chosen and rejected start with different prompts"
+TURN_MARKER = re.compile(r"\n\n(Human|Assistant|User|System):")  # a dialogue turn of HH-RLHF-style text pairs
+
+
+def prompts_differ(chosen, rejected) -> bool:
+    """Whether an implicit-prompt pair's chosen and rejected part before their prompt ends (different questions:
+    rows misaligned in an export): TRL's implicit prompt, their shared start, would then be a part of a prompt (no
+    turn at all, or HH-RLHF's bare '\n\nHuman:') and both answers would start with the rest of their prompts. In
+    conversations an answer then starts with a turn that is not the assistant's; in text, with a dialogue turn."""
+    import os
+
+    if isinstance(chosen, list) != isinstance(rejected, list) or _is_empty(chosen) or _is_empty(rejected):
+        return False
+    if isinstance(chosen, list):
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        return all(answer[shared:] and answer[shared].get("role") != "assistant" for answer in (chosen, rejected))
+    shared = len(os.path.commonprefix([chosen, rejected]))  # (TRL's extract_prompt, at C speed)
+    return all(TURN_MARKER.search(answer[shared:]) for answer in (chosen, rejected))
+
+
 def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str:
     """A pair in TRL's layout. Chat turns are read with either pair of keys; a text prompt beside conversations
     that hold it is dropped (UltraFeedback-binarized), one beside answers alone becomes the user turn; text answers
@@ -404,12 +425,16 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
         if _is_empty(prompt) and "prompt" not in row and not _is_empty(chosen) and not _is_empty(rejected):
             from trl.data_utils import maybe_extract_prompt  # an implicit prompt: the answers' shared start
 
+            if prompts_differ(chosen, rejected):
+                return DIFFERENT_PROMPTS
             prompt = maybe_extract_prompt({"chosen": chosen, "rejected": rejected}).get("prompt")
         if _is_empty(prompt):
             return "no prompt column" if "prompt" not in row else "empty prompt"
         return {"prompt": prompt}
     if _is_empty(chosen) or _is_empty(rejected):
         return "empty text"
+    if _is_empty(prompt) and prompts_differ(chosen, rejected):  # (check_rows refuses these in a stage's data)
+        return DIFFERENT_PROMPTS
     if isinstance(prompt, str) and isinstance(chosen, list):
         holds_prompt = is_text_beside_conversations({"prompt": prompt, "chosen": chosen})
         prompt = None if holds_prompt else [{"role": "user", "content": prompt}]
@@ -529,6 +554,17 @@ def check_rows(
     needed = [c for c in required_columns(fmt, kind) if c in dataset.column_names]
     blank = _blank_rows(dataset)
     check_required_values(dataset, needed, source, blank)
+    if fmt == "preference" and "prompt" not in dataset.column_names and "conversations" not in dataset.column_names:
+        different = [
+            i + 1 for i, (chosen, rejected, skip) in enumerate(zip(dataset["chosen"], dataset["rejected"], blank))
+            if not skip and prompts_differ(*(_chat_or_text(v, i, c, source) for v, c in ((chosen, "chosen"), (rejected, "rejected"))))
+        ]  # fmt: skip
+        if different:
+            raise UserError(
+                f"dataset '{source}': in {len(different)} row(s) (rows {different[:5]}{'...' if len(different) > 5 else ''}"
+                ", counted from 1) chosen and rejected start with different prompts, and the prompt is the start they "
+                "share (no prompt column): the rows are misaligned; fix or remove them, or give a prompt column"
+            )
     named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
         for row, (value, skip) in enumerate(zip(dataset[column], blank)):
