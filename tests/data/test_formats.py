@@ -557,3 +557,16 @@ def test_implicit_prompt_pairs_whose_prompts_differ_are_refused_by_row(tmp_path)
     prompts, report = to_standard(datasets.Dataset.from_list(text), "prompt", "preference")
     assert len(prompts) == 10 and report.dropped == {"chosen and rejected start with different prompts": 1}
     assert len(load(jsonl(tmp_path / "hh.jsonl", HH), "preference")[0]) > 30  # aligned pairs still train
+
+
+@pytest.mark.parametrize("kind", ["sft", "unpaired_preference"])
+def test_a_chat_prompt_with_a_text_completion_becomes_turns(tmp_path, kind):
+    """A chat prompt beside a text completion (or the reverse) reached TRL mixed, which fails on it: the text side
+    becomes one turn, as for preference pairs."""
+    label = {"label": True} if kind == "unpaired_preference" else {}
+    rows = [{"prompt": turns(("user", f"q{i}")), "completion": f"a{i}", **label} for i in range(40)]
+    train, _, _ = load(jsonl(tmp_path / "chat_prompt.jsonl", rows), kind)
+    assert train[0]["completion"] == turns(("assistant", train[0]["completion"][0]["content"]))
+    rows = [{"prompt": f"q{i}", "completion": turns(("assistant", f"a{i}")), **label} for i in range(40)]
+    train, _, _ = load(jsonl(tmp_path / "chat_answer.jsonl", rows), kind)
+    assert train[0]["prompt"][0]["role"] == "user" and isinstance(train[0]["completion"], list)

@@ -361,6 +361,16 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
         if kind == "prompt":
             return {"prompt": row["prompt"]}
         standard = {"prompt": row["prompt"], "completion": row["completion"]}
+        if isinstance(row["prompt"], chat) or isinstance(row["completion"], chat):
+            # chat turns on one side and text on the other (a chat prompt with a text answer): the text becomes one
+            # turn, as for preference pairs; TRL needs both in one form (it fails on, or concatenates, a mixed row)
+            standard = {
+                "prompt": _chat_or_text(row["prompt"], index, "prompt", source),
+                "completion": _chat_or_text(row["completion"], index, "completion", source),
+            }
+            for column, role in (("prompt", "user"), ("completion", "assistant")):
+                if isinstance(standard[column], str):
+                    standard[column] = [{"role": role, "content": standard[column]}]
         return standard | ({"label": _label(row["label"], index, source)} if kind == "unpaired_preference" else {})
     if fmt == "preference":
         return _preference_row(kind, row, index, source)
