@@ -125,9 +125,11 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     problems += dataset_problems
     if splits:  # the rewards are called with the data's other columns by name
         columns = [c for c in splits[0].column_names if c != "prompt"]
+        read = {}  # column -> the reward functions that read it
         for spec in [*data_args.reward_functions, *([data_args.oracle_function] if data_args.oracle_function else [])]:
             try:
-                unmet = unmet_arguments(load_function(spec), columns)
+                function = load_function(spec)
+                unmet = unmet_arguments(function, columns)
             except ValueError:
                 continue  # reported above
             if unmet:
@@ -135,8 +137,38 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
                     f"reward function '{spec}' needs argument(s) {unmet} after (prompts, responses), passed from the "
                     f"data's columns of those names; the data has {columns or 'none besides the prompt'}"
                 )
+            for column in set(unmet_arguments(function)) & set(columns):
+                read.setdefault(column, []).append(spec)
+        if read and not problems:
+            problems += reward_column_problems(data_args, read)
     if not dataset_problems and not problems:
         problems += prompt_template_problems(model_args, data_args, config, splits[0])
+    return problems
+
+
+def reward_column_problems(data_args, read: dict[str, list[str]]) -> list[str]:
+    """Rows without a value (null: a JSON row missing the key) in a column a reward function reads, named by file,
+    split, row (counted from 1, as in the file) and column, as the README's bad-rows policy names them: the reward
+    function would raise on them mid-run, or score them against None."""
+    from hfgen.data.formats import _blank_rows, parse_columns
+    from hfgen.data.loading import load_raw
+
+    top = data_args.dataset_columns or {}
+    sources = [(e.name, e.config or data_args.dataset_config, parse_columns(e.columns) if e.columns is not None else top)
+               for e in data_args.mixture]  # fmt: skip
+    problems = []
+    for name, config, mapping in sources or [(data_args.dataset_name, data_args.dataset_config, top)]:
+        for split_name, split in load_raw(name, config).items():
+            blank = _blank_rows(split.flatten_indices())  # empty lines: dropped as rows, not broken
+            for column in sorted(c for c in read if mapping.get(c, c) in split.column_names):
+                values = split[mapping.get(column, column)]
+                rows = [i + 1 for i, (v, b) in enumerate(zip(values, blank)) if v is None and not b]
+                if rows:
+                    problems.append(
+                        f"dataset '{name}' (split '{split_name}'): {len(rows)} row(s) lack a value in column '{column}',"
+                        f" which reward function(s) {', '.join(read[column])} read (rows {rows[:5]}"
+                        f"{'...' if len(rows) > 5 else ''}, counted from 1); fix or remove them"
+                    )
     return problems
 
 

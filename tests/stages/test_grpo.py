@@ -101,6 +101,19 @@ def test_a_combination_trl_does_not_implement_exits_2_naming_it(tmp_path, models
     assert "GRPOTrainer rejected the recipe" in result.stderr and "sync_ref_model" in result.stderr
 
 
+def test_a_null_in_a_column_a_reward_function_reads_exits_2_naming_file_row_and_column(tmp_path, models):
+    """GSM8K-style rows missing their answer passed the check and the reward function raised mid-run."""
+    data = tmp_path / "questions.jsonl"
+    rows = [{"question": f"What is {i} plus 1?", **({"answer": f"#### {i + 1}"} if i % 3 else {})} for i in range(30)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = write_recipe(tmp_path, models[0], dataset_name=str(data), prompt_column="question",
+                          reward_functions=["hfgen.data.arithmetic:gsm8k_exact_answer"], reward_weights=None)  # fmt: skip
+    result = run_hfgen("check", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = f"dataset '{data}' (split 'train'): 10 row(s) lack a value in column 'answer'"
+    assert expected in result.stderr and "rows [1, 4, 7, 10, 13]" in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_path, models):
     from datasets import Dataset
