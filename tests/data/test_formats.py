@@ -570,3 +570,16 @@ def test_a_chat_prompt_with_a_text_completion_becomes_turns(tmp_path, kind):
     rows = [{"prompt": f"q{i}", "completion": turns(("assistant", f"a{i}")), **label} for i in range(40)]
     train, _, _ = load(jsonl(tmp_path / "chat_answer.jsonl", rows), kind)
     assert train[0]["prompt"][0]["role"] == "user" and isinstance(train[0]["completion"], list)
+
+
+def test_identical_pairs_are_counted_over_the_whole_data_not_per_split(tmp_path):
+    """One chosen == rejected pair in a 6-row test split refused the run (1 > 10% of 6) without naming the split."""
+    (tmp_path / "pairs").mkdir()
+    jsonl(tmp_path / "pairs" / "train.jsonl", TLDR)
+    jsonl(tmp_path / "pairs" / "test.jsonl", [{**row, "rejected": row["chosen"] if i == 0 else row["rejected"]}
+                                              for i, row in enumerate(TLDR[:6])])  # fmt: skip
+    train, evaluation, records = load(tmp_path / "pairs", "preference")
+    assert len(train) == 40 and len(evaluation) == 5 and records["eval"]["dropped"] == {"chosen equal to rejected": 1}
+    jsonl(tmp_path / "pairs" / "test.jsonl", [{**row, "rejected": row["chosen"]} for row in TLDR[:6]])
+    with pytest.raises(UserError, match=r"6 of 46 pairs .*0 of 40 in the training split, 6 of 6 in the evaluation"):
+        load(tmp_path / "pairs", "preference")

@@ -631,7 +631,7 @@ def left_out_notes(dataset, fmt: str, kind: str, carried) -> list[str]:
 
 def to_standard(
     dataset, kind: str, format: str | None = None, columns: dict[str, str] | None = None, source: str = "dataset",
-    other_columns: bool | tuple[str, ...] = False,
+    other_columns: bool | tuple[str, ...] = False, refuse_identical: bool = True,
 ):  # fmt: skip
     """(dataset in the kind's standard columns, DataReport). See the module docstring. `other_columns`: the file's
     columns outside its layout travel with each row (GRPO's reward functions read them, e.g. a reference answer);
@@ -661,13 +661,23 @@ def to_standard(
     kept = [r for r in rows if r]
     report.dropped.update(reason for reason in reasons if reason)
     report.rows_kept = len(kept)
-    identical = report.dropped.get(IDENTICAL, 0)
-    if identical > MAX_IDENTICAL_PAIRS * report.rows_read:
+    if refuse_identical:
+        refuse_identical_pairs(source, {"data": report})
+    return _from_rows(kept, source), report
+
+
+def refuse_identical_pairs(source: str, reports: dict[str, DataReport]) -> None:
+    """A UserError when chosen equals rejected in more than MAX_IDENTICAL_PAIRS of the pairs of all `reports` (a
+    source's splits, by name) together: a broken export, not noise. Counted over the whole data, so that one such
+    pair in a small test split does not refuse a run; the message says how many each split holds."""
+    identical = sum(report.dropped.get(IDENTICAL, 0) for report in reports.values())
+    read = sum(report.rows_read for report in reports.values())
+    if identical > MAX_IDENTICAL_PAIRS * read:
+        where = ", ".join(f"{r.dropped.get(IDENTICAL, 0)} of {r.rows_read} in {name}" for name, r in reports.items())
         raise UserError(
-            f"dataset '{source}': {identical} of {report.rows_read} pairs have chosen equal to rejected (more than "
+            f"dataset '{source}': {identical} of {read} pairs have chosen equal to rejected ({where}; more than "
             f"{MAX_IDENTICAL_PAIRS:.0%}), which looks like a broken export; fix the file"
         )
-    return _from_rows(kept, source), report
 
 
 def unpaired_rows(pairs, seed: int):

@@ -9,7 +9,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen.data.formats import FORMATS, DataReport, check_rows, parse_columns, require_rows, to_standard
+from hfgen.data.formats import (
+    FORMATS,
+    DataReport,
+    check_rows,
+    parse_columns,
+    refuse_identical_pairs,
+    require_rows,
+    to_standard,
+)
 from hfgen.data.loading import DataArguments, load_raw, split_dataset
 from hfgen.data.mixture import harmonise, interleave, parse_mixture
 from hfgen.errors import UserError
@@ -63,8 +71,12 @@ def _one_source(
         check_rows(split, kind, fmt, columns, source=name, other_columns=other_columns)
     source_args = dataclasses.replace(args, dataset_name=name, **{k: v for k, v in split_keys.items() if v})
     train, evaluation = split_dataset(raw, source_args, seed, notes, kind)
-    train, train_report = to_standard(train, kind, fmt, columns, source=name, other_columns=other_columns)
-    evaluation, eval_report = to_standard(evaluation, kind, fmt, columns, source=name, other_columns=other_columns)
+    train, train_report = to_standard(train, kind, fmt, columns, source=name, other_columns=other_columns,
+                                      refuse_identical=False)  # fmt: skip
+    evaluation, eval_report = to_standard(evaluation, kind, fmt, columns, source=name, other_columns=other_columns,
+                                          refuse_identical=False)  # fmt: skip
+    # chosen == rejected pairs refuse the source over its whole data, not one split (a 6-row test split)
+    refuse_identical_pairs(name, {"the training split": train_report, "the evaluation split": eval_report})
     train_report.notes += notes
     require_rows(train, train_report)
     require_rows(evaluation, eval_report, "evaluation rows")
