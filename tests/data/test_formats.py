@@ -583,3 +583,27 @@ def test_identical_pairs_are_counted_over_the_whole_data_not_per_split(tmp_path)
     jsonl(tmp_path / "pairs" / "test.jsonl", [{**row, "rejected": row["chosen"]} for row in TLDR[:6]])
     with pytest.raises(UserError, match=r"6 of 46 pairs .*0 of 40 in the training split, 6 of 6 in the evaluation"):
         load(tmp_path / "pairs", "preference")
+
+
+def test_dataset_config_is_asked_for_by_name_refused_where_it_means_nothing_and_recorded(tmp_path):
+    """A hub-style folder of several configurations said only 'Config name is missing.'; a dataset_config given for
+    a plain file was ignored without a word; data.json did not say which configuration was read."""
+    folder = tmp_path / "hub"
+    for config in ("main", "socratic"):
+        (folder / config).mkdir(parents=True)
+        jsonl(folder / config / "train.jsonl", TLDR)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
+            for c in ("main", "socratic")
+        )
+        + "---\n"
+    )
+    with pytest.raises(UserError, match=r"several configurations; set dataset_config to one of \['main', 'socratic'\]"):
+        load(folder, "preference")
+    with pytest.raises(UserError, match=r"dataset_config 'nope' is not one of .*\['main', 'socratic'\]"):
+        load(folder, "preference", dataset_config="nope")
+    assert load(folder, "preference", dataset_config="main")[2]["dataset_config"] == "main"
+    with pytest.raises(UserError, match="dataset_config 'main' is set, but dataset .* is a data file"):
+        load(folder / "main" / "train.jsonl", "preference", dataset_config="main")

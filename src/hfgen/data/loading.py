@@ -11,6 +11,7 @@ import glob
 import gzip
 import importlib.util
 import lzma
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -83,6 +84,13 @@ def load_raw(name: str, config: str | None = None):
             )
         return load_embedded(embedded)
     path = Path(name).expanduser()
+    saved = path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
+    if config and (path.is_file() or glob.has_magic(name) or saved):  # read without it: a silent no-op
+        kind = "a save_to_disk folder" if saved else "a data file" if path.is_file() else "a pattern of data files"
+        raise UserError(
+            f"dataset_config '{config}' is set, but dataset '{name}' is {kind}, which has no configurations: remove "
+            "dataset_config (in a mixture, set `config` on the entries that are hub datasets or hub-style folders)"
+        )
     try:
         if path.is_file() or glob.has_magic(name):
             files = [path] if path.is_file() else sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
@@ -113,6 +121,18 @@ def load_raw(name: str, config: str | None = None):
     except (OSError, ValueError, DatasetsError) as error:
         error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        configs = re.search(r"(?:available configs|Available): (\[.*?\])", str(error))
+        if configs and ("Config name is missing" in str(error) or "BuilderConfig" in str(error)):
+            # datasets' first line alone ("Config name is missing.") names neither the key nor the choices
+            given = (
+                f"dataset_config '{config}' is not one of its configurations"
+                if config
+                else "it has several configurations"
+            )
+            raise UserError(
+                f"dataset_name '{name}': {given}; set dataset_config to one of {configs.group(1)} (in a mixture, the "
+                "entry's `config`)"
+            ) from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
 
 

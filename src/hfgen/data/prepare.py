@@ -106,7 +106,8 @@ def load_for_stage(
             args, kind, seed, args.dataset_name, args.dataset_format, columns, [], other_columns,
             config=args.dataset_config,
         )  # fmt: skip
-        return train, evaluation, {"train": train_report.as_dict(), "eval": eval_report.as_dict()}
+        records = {"train": train_report.as_dict(), "eval": eval_report.as_dict()}
+        return train, evaluation, records | ({"dataset_config": args.dataset_config} if args.dataset_config else {})
 
     trains, evals, reports = [], [], []
     for entry in args.mixture:
@@ -129,6 +130,7 @@ def load_for_stage(
     records = {
         "mixture": [
             {"name": e.name, "weight": e.weight, "rows_drawn": drawn[n], "train": t.as_dict(), "eval": v.as_dict()}
+            | ({"config": e.config or args.dataset_config} if e.config or args.dataset_config else {})
             for e, n, (t, v) in zip(args.mixture, names, reports)
         ],
         "stopping_strategy": "first_exhausted",
