@@ -232,3 +232,18 @@ def test_chat_template_path_is_what_the_pairs_are_rendered_with(tmp_path):
     saved = pairwise_eval(AutoModelForSequenceClassification.from_pretrained(output_dir), tokenizer,
                           list(zip(pairs["chosen_ids"], pairs["rejected_ids"])), 8)  # fmt: skip
     assert saved["margin"] == pytest.approx(tracking.read_json(output_dir / "eval.json")["margin"], abs=1e-5)
+
+
+def test_the_logged_held_out_accuracy_is_named_as_the_batch_mean_it_is(tiny_lm, tmp_path):
+    """metrics.jsonl's eval_accuracy was TRL's mean of batch means (0.8125 against eval.json's 0.7 per pair): it is
+    logged as eval_batch_mean_accuracy, so that it is not mistaken for the per-pair figure."""
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    data = pairs_file(tmp_path / "pairs.jsonl", True)
+    overrides = on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", data, "--max_steps", "2", "--eval_strategy",
+                        "steps", "--eval_steps", "1", "--per_device_eval_batch_size", "4")  # fmt: skip
+    run_recipe(load_recipe(REWARD, [str(o) for o in overrides]))
+    rows = tracking.read_jsonl(tmp_path / "out/metrics.jsonl")
+    evaluated = [row for row in rows if "eval_loss" in row]
+    assert evaluated and all("eval_batch_mean_accuracy" in row and "eval_accuracy" not in row for row in evaluated)
