@@ -108,6 +108,21 @@ def write_ppo_lora(directory, sft, reward, name: str = "ppo_lora") -> str:
     return str(path)
 
 
+def write_ppo_warmup(directory, pretrained, reward) -> str:
+    """Full PPO whose first step is a critic warm-up (`critic_warmup_steps`), with a large weight decay: a policy
+    step taken in the warm-up (zero gradients, but weight decay and Adam's step count) shows in step 2's KL."""
+    recipe = {
+        "stage": "ppo", "model_name_or_path": str(pretrained), "reward_model_path": str(reward), "dataset_name":
+        "embedded:prompts", "output_dir": str(directory / "ppo_warmup"), "total_episodes": 32,
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_ppo_epochs": 1,
+        "response_length": 8, "learning_rate": 1e-3, "weight_decay": 10.0, "critic_warmup_steps": 1,
+        "max_eval_samples": 4, "eval_samples_per_prompt": 1, "sample_steps": 1, "seed": 5,
+    }  # fmt: skip
+    path = directory / "ppo_warmup.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
 def write_dpo(directory, pretrained) -> str:
     """DPO: TRL's trainer, plus hfgen's own passes outside it (held-out log-probs, the generation comparison)."""
     return shrunk("dpo.yaml", directory, model_name_or_path=str(pretrained), max_steps=2, per_device_train_batch_size=4,
@@ -149,13 +164,14 @@ def write_reward_model(path, pretrained):
 # The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
 # fine-tuning); SFT, reward and PPO with LoRA, and PPO's LoRA on the SFT LoRA run; the diffusion stages (a VAE, then
 # t2i on it; the flow transformer on a 16-channel VAE trained beforehand), but for t2i and t2i_flow under ZeRO-3
-# (refused); DPO and GRPO (TRL's trainers, with hfgen's passes outside them).
+# (refused); DPO and GRPO (TRL's trainers, with hfgen's passes outside them). PPO's critic warm-up under DDP and
+# DeepSpeed (which steps inside the backward).
 TEXT_JOBS = ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora")
 JOBS = {
-    "ddp": (*TEXT_JOBS, "dpo", "grpo"),
-    "zero3": (*TEXT_JOBS, "vae", "dpo", "grpo"),
+    "ddp": (*TEXT_JOBS, "ppo_warmup", "dpo", "grpo"),
+    "zero3": (*TEXT_JOBS, "ppo_warmup", "vae", "dpo", "grpo"),
     "fsdp2": (*TEXT_JOBS, "vae", "t2i", "t2i_flow", "dpo", "grpo"),
-    "zero2": (*TEXT_JOBS, "vae", "t2i", "t2i_flow", "dpo", "grpo"),
+    "zero2": (*TEXT_JOBS, "ppo_warmup", "vae", "t2i", "t2i_flow", "dpo", "grpo"),
 }
 
 
@@ -190,6 +206,7 @@ def runs(tmp_path_factory):
                 "ppo_lora": (lambda: [write_ppo_lora(directory, pretrained, reward)], directory / "ppo_lora"),
                 "ppo_on_lora": (lambda: [write_ppo_lora(directory, directory / "sft_lora", reward, "ppo_on_lora")],
                                 directory / "ppo_on_lora"),
+                "ppo_warmup": (lambda: [write_ppo_warmup(directory, pretrained, reward)], directory / "ppo_warmup"),
                 "vae": (lambda: [VAE_RECIPE, *vae_overrides(configs, directory / "vae", steps=3)], directory / "vae"),
                 "t2i": (lambda: [T2I_RECIPE, *t2i_overrides(configs, directory / "vae", directory / "t2i", steps=3),
                                  "--eval_images_per_prompt", "0"], directory / "t2i"),
@@ -280,6 +297,25 @@ def test_ppo_first_update_equals_ddp_on_the_same_rollout(runs, engine):
         for step in (0, 1):
             for key in FIRST_UPDATE:  # (the KL of step 1 is ~1e-7 noise: policy == reference there)
                 assert ours[step][key] == pytest.approx(theirs[step][key], rel=1e-4, abs=1e-6), (job, step, key)
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_ppo_critic_warmup_leaves_the_policy_alone_as_under_ddp(runs, engine):
+    """The warm-up step trains the value model only: the policy samples step 2 unchanged (KL to the reference ~0),
+    and the first real update, Adam's first step, equals DDP's (DeepSpeed once took a policy step in the warm-up:
+    weight decay, Adam's step count)."""
+    from transformers import AutoModelForCausalLM
+
+    run, ddp = runs(engine)["ppo_warmup"], runs("ddp")["ppo_warmup"]
+    assert_whole_run(run)
+    (responses, ours), (ddp_responses, theirs) = first_updates(run), first_updates(ddp)
+    assert responses == ddp_responses
+    assert abs(ours[1]["objective/kl"]) < 1e-4
+    for step in (0, 1):
+        for key in FIRST_UPDATE:
+            assert ours[step][key] == pytest.approx(theirs[step][key], rel=1e-4, abs=1e-6), (step, key)
+    ours, theirs = (AutoModelForCausalLM.from_pretrained(path).state_dict() for path in (run, ddp))
+    assert_same_weights(ours, theirs, f"{engine} ppo_warmup")
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])

@@ -31,6 +31,7 @@ Deviations from the papers and from TRL's PPOTrainer, each deliberate:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -410,7 +411,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
-    optimizer = loop.adamw(
+    optimizer = adamw = loop.adamw(
         parameter_groups(trainable, config), config.learning_rate,
         (config.adam_beta1, config.adam_beta2), config.weight_decay, config.adam_epsilon, fused=True,
     )  # fmt: skip
@@ -490,10 +491,12 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         train_started = time.perf_counter()
         guard.kill_point("step", step)
         check = functools.partial(divergence.check_step, step, optimizer=optimizer)
-        stats = ppo_update(
-            accelerator, trainable, optimizer, rollout, config, step > config.critic_warmup_steps, policy_ema,
-            ptx_data, check, first_pass,
-        )  # fmt: skip
+        train_policy = step > config.critic_warmup_steps
+        with contextlib.nullcontext() if train_policy else policy_frozen(adamw):
+            stats = ppo_update(
+                accelerator, trainable, optimizer, rollout, config, train_policy, policy_ema, ptx_data, check,
+                first_pass,
+            )  # fmt: skip
         timing["training"] = time.perf_counter() - train_started + first_pass_s
         scheduler.step()
 
@@ -691,13 +694,13 @@ def ppo_update(
     ptx_data: list[tuple[list[int], list[int]]] | None = None, check=None, first_pass: FirstPass | None = None,
 ) -> list[PPOStats]:  # fmt: skip
     """`num_ppo_epochs` passes over the rollout in shuffled minibatches of micro-batches (details 8, 15), one
-    optimiser step per minibatch. `train_policy=False` (critic warm-up) steps the value model only; `ema` (a
+    optimiser step per minibatch. `train_policy=False` (critic warm-up) takes the value loss only (the optimizer's
+    steps leave the policy alone inside `policy_frozen`); `ema` (a
     `PolicyEMA` of the policy's trained weights) follows each step; `check(loss)` (the divergence
     guard) runs before each optimiser step; `first_pass` (`first_training_pass`) is the first micro-batch's forward
     pass, already run."""
     trainable.train()
     minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    policy_parameters = [p for p in accelerator.unwrap_model(trainable).policy.parameters() if p.requires_grad]
     stats = []
     for epoch in range(config.num_ppo_epochs):
         if epoch == 0 and first_pass is not None:
@@ -712,9 +715,6 @@ def ppo_update(
                         accelerator, trainable, rollout.select(rows), config, train_policy, ptx_data, outputs
                     )
                     accelerator.backward(loss)
-                    if not train_policy:
-                        for parameter in policy_parameters:
-                            parameter.grad = None  # AdamW skips it: no step, no weight decay, no moments
                     loop.clip_gradients(accelerator, trainable, config.max_grad_norm)
                     if accelerator.sync_gradients and check is not None:
                         check(loss)
@@ -724,6 +724,28 @@ def ppo_update(
                         ema.update()
                 stats.append(micro_batch_stats)
     return stats
+
+
+@contextlib.contextmanager
+def policy_frozen(adamw):
+    """The optimizer steps taken inside leave the policy as it was (critic warm-up): its parameters' gradients are
+    dropped just before each step, and AdamW skips a parameter without one (no update, no weight decay, no moments
+    or step count), so the first real update is Adam's first step, as if the warm-up had not been. `adamw` is the
+    torch optimizer itself (not accelerate's wrapper), hooked at its own step: DeepSpeed takes the step inside
+    `accelerator.backward`, on flat copies of the parameter groups (the same group dicts, `part` kept), where
+    gradients set to None after the backward would come too late and miss DeepSpeed's buffers."""
+
+    def drop_policy_gradients(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            if group.get("part") == "policy":
+                for parameter in group["params"]:
+                    parameter.grad = None
+
+    hook = adamw.register_step_pre_hook(drop_policy_gradients)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_data, outputs=None):
