@@ -75,12 +75,29 @@ def test_generate_writes_in_the_corpus_style(tiny_pretrain):
 
 
 @pytest.mark.slow
-def test_two_processes_end_with_identical_weights(tmp_path, free_port):
-    result = accelerate_launch(free_port, PRETRAIN, "--output_dir", tmp_path, "--max_steps", "12", *SHORT)
+def test_two_processes_end_with_identical_weights_and_exact_eval_loss(tmp_path, free_port):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from hfgen.data.prepare import load_for_stage
+    from hfgen.stages.pretrain import PretrainDataArguments, mean_loss, pack
+
+    overrides = [*SHORT, "--per_device_eval_batch_size", "4"]
+    result = accelerate_launch(free_port, PRETRAIN, "--output_dir", tmp_path, "--max_steps", "12", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     fingerprints = [(tmp_path / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
     assert fingerprints[0] == fingerprints[1]
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+    # The final eval_loss is the mean over every held-out block once, as the initial one, though the blocks do not
+    # split evenly over 2 processes x 4 (accelerate pads the last batch with copies, which trainer.evaluate() counts)
+    recipe = load_recipe(PRETRAIN, overrides)
+    data_args = recipe.get(PretrainDataArguments)
+    _, eval_text, _ = load_for_stage(data_args, "text", seed=recipe.get(TrainingArguments).seed,
+                                     default_columns={"text": data_args.text_column})  # fmt: skip
+    blocks = pack(eval_text, AutoTokenizer.from_pretrained(tmp_path), "text", data_args.block_size)
+    assert len(blocks) % 8
+    exact = mean_loss(AutoModelForCausalLM.from_pretrained(tmp_path), blocks, 1)
+    assert tracking.read_json(tmp_path / "eval.json")["eval_loss"] == pytest.approx(exact, rel=1e-5)
+    assert tracking.read_metrics(tmp_path)[-1]["eval_loss"] == pytest.approx(exact, rel=1e-5)
 
 
 @pytest.mark.slow

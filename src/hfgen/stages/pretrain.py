@@ -191,14 +191,18 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         initial_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final = trainer.evaluate()
 
     trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):  # every process: sharded engines
+        # The final loss as the initial one, over every held-out block once: trainer.evaluate() on N processes
+        # averages batch means, and accelerate pads the last process's batch with copies of blocks when they do
+        # not split evenly over processes x per_device_eval_batch_size
+        final_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
         samples = generate_text(whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
         parameters = sum(p.numel() for p in whole.parameters())
+    trainer.log({"eval_loss": final_loss})  # metrics.jsonl's last row, as trainer.evaluate() logged it
     if trainer.is_world_process_zero():
         tracking.write_jsonl(
             output_dir / "samples.jsonl", [{"prompt": p, "response": s[0]} for p, s in zip(SAMPLE_PROMPTS, samples)]
@@ -208,8 +212,8 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
             {
                 "eval_loss_initial": initial_loss,
                 "perplexity_initial": math.exp(initial_loss),
-                "eval_loss": final["eval_loss"],
-                "perplexity": math.exp(final["eval_loss"]),
+                "eval_loss": final_loss,
+                "perplexity": math.exp(final_loss),
                 "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tokenizer)),
                 "train_tokens": result.global_step
                 * training_args.train_batch_size
