@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -309,6 +310,44 @@ def backward_and_step(accelerator, models, optimizer, loss, max_grad_norm: float
         divergence.check_step(next_step, loss, optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def repeated_rows(dataloader) -> int:
+    """How many rows of an epoch a prepared training dataloader trains twice: on N processes accelerate gives every
+    process the same number of full batches (`even_batches`), completing the last ones with copies of the epoch's
+    first rows when the rows do not fill whole batches of processes x per-device batch (one process: none, the
+    last batch is short)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    shard = getattr(dataloader, "batch_sampler", None)
+    if not isinstance(shard, BatchSamplerShard) or shard.split_batches or not shard.even_batches or shard.drop_last:
+        return 0
+    if type(shard.batch_sampler) is not BatchSampler:  # batches of their own making (buckets) may be short
+        return 0
+    try:
+        rows = len(shard.batch_sampler.sampler)  # GRPO's sampler repeats each prompt: it counts the repeats
+    except TypeError:  # an iterable dataset has no length
+        return 0
+    return max(0, len(shard) * shard.batch_size * shard.num_processes - rows)
+
+
+def note_repeated_rows(dataloader, output_dir: str | Path) -> None:
+    """Say (main process) and record in data.json (`train_rows_repeated_per_epoch`) how many rows each epoch trains
+    twice (`repeated_rows`): they count in the steps and the trained tokens, not in data.json's rows_kept."""
+    repeated = repeated_rows(dataloader)
+    if not repeated or not tracking.is_main_process():
+        return
+    shard = dataloader.batch_sampler
+    rows = len(shard) * shard.batch_size * shard.num_processes - repeated
+    print(
+        f"hfgen: the {rows} training rows of an epoch do not fill whole batches of {shard.num_processes} processes x {shard.batch_size}: accelerate completes "
+        f"each epoch's last batches with copies of its first {repeated} rows, which train twice per epoch (and count "
+        "in train_tokens); data.json records it as train_rows_repeated_per_epoch",
+        file=sys.stderr,
+    )
+    path = Path(output_dir) / "data.json"
+    tracking.write_json(path, {**tracking.read_json(path, {}), "train_rows_repeated_per_epoch": repeated})
 
 
 # ---- whole weights ----------------------------------------------------------------------------------

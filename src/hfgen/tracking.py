@@ -404,6 +404,11 @@ def trainer_callbacks(output_dir: str | Path) -> list:
             # complete checkpoint. Rotation moves after the marker (`finish_checkpoint`), with the recipe's limit.
             self.total_limit, args.save_total_limit = args.save_total_limit, None
 
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            from hfgen import loop
+
+            loop.note_repeated_rows(train_dataloader, output_dir)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 logger.log(state.global_step, **{"epoch": state.epoch, **logs})
