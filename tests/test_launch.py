@@ -88,3 +88,17 @@ def test_a_full_disk_while_saving_exits_2_naming_the_output_dir(small_disk, tmp_
     error = refused(capsys, PRETRAIN, "--output_dir", run, *tiny)
     assert f"the disk is full: writing under '{run}" in error and "No space left on device" in error
     assert (run / "recipe.yaml").is_file() and not (run / "COMPLETE").exists()
+
+
+def test_the_stages_told_to_set_ddp_backend_are_every_stage_transformers_sets_up():
+    # DeepSpeed on CPU processes: the message named pretrain, sft and reward only, while GRPO (and every TRL stage)
+    # needs `ddp_backend: gloo` as much
+    from transformers import TrainingArguments
+
+    from hfgen import loop
+    from hfgen.stages import STAGES, load_stage
+
+    trainer_based = {
+        name for name in STAGES if any(issubclass(c, TrainingArguments) for c in load_stage(name).ARGUMENTS)
+    }
+    assert set(loop.TRAINER_STAGES) == trainer_based

@@ -41,6 +41,9 @@ from hfgen import tracking
 from hfgen.errors import UserError
 
 FINGERPRINT_ENV = "HFGEN_WEIGHTS_FINGERPRINT"  # tests set it to 1: each rank writes a hash of its full weights
+# The stages whose processes transformers' TrainingArguments sets up (its Trainer, TRL's trainers): under DeepSpeed on
+# CPUs they need the recipe key `ddp_backend: gloo`, accelerate knowing no backend for DeepSpeed's CPU accelerator
+TRAINER_STAGES = ("pretrain", "sft", "reward", "dpo", "kto", "orpo", "simpo", "grpo", "rloo")
 
 
 # ---- the launch -------------------------------------------------------------------------------------
@@ -105,8 +108,9 @@ def check_launch(refused: dict[str, str] | None = None) -> None:
                 "process would train alone, writing the same output. On a machine without GPUs set "
                 "ACCELERATE_USE_CPU=true in the environment for DDP (`use_cpu: true` in the launch config is not enough); for "
                 "DeepSpeed set "
-                "DS_ACCELERATOR=cpu (without ACCELERATE_USE_CPU) and, for the Trainer-based stages (pretrain, sft, "
-                "reward), the recipe key `ddp_backend: gloo`. On GPUs check that torch sees them."
+                "DS_ACCELERATOR=cpu (without ACCELERATE_USE_CPU) and, for the Trainer-based stages "
+                f"({', '.join(TRAINER_STAGES)}; the rlhf pipeline's steps among them), the recipe key "
+                "`ddp_backend: gloo`. On GPUs check that torch sees them."
             )
     if refused and asked in refused:
         raise UserError(f"this stage cannot run under {asked}: {refused[asked]}")

@@ -113,7 +113,8 @@ def validate_for_processes(recipe_path, overrides, processes: int) -> None:
     """Validate the recipe before any process is spawned. TRL's GRPO/RLOO configs check their global batch against
     the world size, which this one process does not know: a recipe they refuse here is checked again with the
     per-device batch sizes times `processes` (the same global batch on one process), and if that passes the
-    launched processes judge it at their real world size. Any other refusal stands (the original message)."""
+    launched processes judge it at their real world size. A recipe refused that way too is refused with the figures
+    of the launched processes (the one-process figures would be another batch); any other refusal stands."""
     import dataclasses
 
     from hfgen.errors import UserError
@@ -136,8 +137,13 @@ def validate_for_processes(recipe_path, overrides, processes: int) -> None:
             scaled += [f"--{key}", str(value * processes)]
     try:
         load_recipe(recipe_path, [*overrides, *scaled])
-    except UserError:
-        raise refusal from None  # the refusal at one process: its message names the user's own values
+    except UserError as at_scale:
+        if str(at_scale) == str(refusal):  # not about the batch: its message names the user's own values
+            raise refusal from None
+        raise UserError(
+            f"on {processes} processes (the batch sizes of {processes} processes, each with the recipe's "
+            f"per-device ones): {at_scale}"
+        ) from None
 
 
 def launch_with_accelerate(

@@ -327,7 +327,9 @@ def test_spawning_checks_the_global_batch_at_the_launched_world_size(models, tmp
     validate_for_processes(recipe, [], 2)
     with pytest.raises(UserError, match=r"generation_batch_size \(2\) must be divisible by num_generations \(4\)"):
         validate_for_processes(recipe, [], 1)
-    with pytest.raises(UserError, match="must be divisible by num_generations"):  # wrong on 2 processes too
+    # wrong on 2 processes too: the figures are the 2 processes' (2 x 2), not the one-process ones
+    with pytest.raises(UserError, match=r"on 2 processes .*generation_batch_size \(4\) must be divisible by "
+                       r"num_generations \(3\)"):  # fmt: skip
         validate_for_processes(recipe, ["--num_generations", "3"], 2)
 
 
