@@ -272,6 +272,8 @@ def test_pipeline_outputs_load_and_equal_ddp(runs, engine):
         assert_whole_run(run)
         ours, theirs = model_class.from_pretrained(run).state_dict(), model_class.from_pretrained(ddp).state_dict()
         assert_same_weights(ours, theirs, f"{engine} {step}")
+        if step == "ppo":  # tied embeddings saved once, as under DDP (ZeRO-2 and FSDP2 once wrote the LM head too)
+            assert saved_names(run) == saved_names(ddp), engine
     # the policy's EMA (`ema_decay`), averaged shard by shard under FSDP2 / ZeRO-3: whole, and equal to DDP's
     ours, theirs = (
         AutoModelForCausalLM.from_pretrained(runs(name)["pipeline"] / "ppo" / "ema") for name in (engine, "ddp")
@@ -280,6 +282,13 @@ def test_pipeline_outputs_load_and_equal_ddp(runs, engine):
     policy = AutoModelForCausalLM.from_pretrained(runs(engine)["pipeline"] / "ppo").state_dict()
     assert any(not torch.equal(policy[k], v) for k, v in ours.state_dict().items())  # the average lags the policy
     assert tracking.is_complete(runs(engine)["pipeline"] / "rlhf")
+
+
+def saved_names(run_dir) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "model.safetensors", "pt") as weights:
+        return set(weights.keys())
 
 
 def first_updates(run_dir) -> tuple[list, list[dict]]:

@@ -361,7 +361,18 @@ def full_state_dict(accelerator, model) -> dict:
     """The whole state dict of a prepared model (gathered under ZeRO-3, from every shard under FSDP2), on the main
     process (others may get an empty or partial dict): what `save_pretrained(..., state_dict=...)` writes. Every
     process must call it."""
-    return accelerator.get_state_dict(model)
+    state = accelerator.get_state_dict(model)
+    # Tied weights (a causal LM's embeddings and LM head) are one parameter under two names. ZeRO-2 (a clone per
+    # name) and FSDP2 (a gathered copy per name) give each name a tensor of its own, which save_pretrained cannot
+    # tell from two weights and writes twice: the names share one tensor again, as under DDP.
+    names = {}
+    for name, tensor in accelerator.unwrap_model(model).state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    for first, *aliases in names.values():
+        for alias in aliases:
+            if first in state and alias in state:
+                state[alias] = state[first]
+    return state
 
 
 def whole_on_main(accelerator, model, empty):
