@@ -260,6 +260,8 @@ def test_pretraining(runs, engine):
     if engine in ("fsdp2", "zero2"):
         theirs = AutoModelForCausalLM.from_pretrained(runs("ddp")["pretrain"]).state_dict()
         assert_same_weights(ours, theirs, engine)
+    # tied embeddings saved once, as under DDP (ZeRO-2 and FSDP2 once wrote the LM head too)
+    assert saved_names(run) == saved_names(runs("ddp")["pretrain"]), engine
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
@@ -272,8 +274,7 @@ def test_pipeline_outputs_load_and_equal_ddp(runs, engine):
         assert_whole_run(run)
         ours, theirs = model_class.from_pretrained(run).state_dict(), model_class.from_pretrained(ddp).state_dict()
         assert_same_weights(ours, theirs, f"{engine} {step}")
-        if step == "ppo":  # tied embeddings saved once, as under DDP (ZeRO-2 and FSDP2 once wrote the LM head too)
-            assert saved_names(run) == saved_names(ddp), engine
+        assert saved_names(run) == saved_names(ddp), (engine, step)  # tied embeddings saved once, as under DDP
     # the policy's EMA (`ema_decay`), averaged shard by shard under FSDP2 / ZeRO-3: whole, and equal to DDP's
     ours, theirs = (
         AutoModelForCausalLM.from_pretrained(runs(name)["pipeline"] / "ppo" / "ema") for name in (engine, "ddp")

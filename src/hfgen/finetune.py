@@ -293,6 +293,23 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
     if kwargs["args"].eval_strategy != "no":
         kwargs["eval_dataset"] = eval_dataset
     try:
-        return trainer_class(callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs)
+        return saving_ties_once(trainer_class)(
+            callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs
+        )
     except (ValueError, NotImplementedError) as error:
         raise UserError(f"{trainer_name or trainer_class.__name__} rejected the recipe: {error}") from None
+
+
+def saving_ties_once(trainer_class):
+    """`trainer_class` whose saves write tied weights (embeddings and LM head) once under every engine, as under
+    DDP: under ZeRO-2 and FSDP2 the Trainer hands `_save` a whole state dict with a copy per name (`loop.tied_as_in`)."""
+    from hfgen import loop
+
+    class TiesSavedOnce(trainer_class):
+        def _save(self, output_dir=None, state_dict=None):
+            if state_dict is not None:
+                state_dict = loop.tied_as_in(self.accelerator.unwrap_model(self.model), state_dict)
+            super()._save(output_dir, state_dict)
+
+    TiesSavedOnce.__name__ = TiesSavedOnce.__qualname__ = trainer_class.__name__
+    return TiesSavedOnce

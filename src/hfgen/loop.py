@@ -361,12 +361,19 @@ def full_state_dict(accelerator, model) -> dict:
     """The whole state dict of a prepared model (gathered under ZeRO-3, from every shard under FSDP2), on the main
     process (others may get an empty or partial dict): what `save_pretrained(..., state_dict=...)` writes. Every
     process must call it."""
-    state = accelerator.get_state_dict(model)
-    # Tied weights (a causal LM's embeddings and LM head) are one parameter under two names. ZeRO-2 (a clone per
-    # name) and FSDP2 (a gathered copy per name) give each name a tensor of its own, which save_pretrained cannot
-    # tell from two weights and writes twice: the names share one tensor again, as under DDP.
+    return tied_as_in(accelerator.unwrap_model(model), accelerator.get_state_dict(model))
+
+
+def tied_as_in(module, state: dict) -> dict:
+    """`state` (a whole state dict of `module`) with the names of one parameter of `module` sharing one tensor.
+    Tied weights (a causal LM's embeddings and LM head) are one parameter under two names; ZeRO-2 (a clone per name)
+    and FSDP2 (a gathered copy per name) give each name a tensor of its own, which save_pretrained cannot tell from
+    two weights and writes twice. Shared again, they are saved once, as under DDP. ZeRO-3's gathered state dict
+    (which holds each parameter once) and the other processes' empty ones are left as they are."""
+    if not state or any(hasattr(p, "ds_tensor") for p in module.parameters()):
+        return state
     names = {}
-    for name, tensor in accelerator.unwrap_model(model).state_dict(keep_vars=True).items():
+    for name, tensor in module.state_dict(keep_vars=True).items():
         names.setdefault(id(tensor), []).append(name)
     for first, *aliases in names.values():
         for alias in aliases:

@@ -110,7 +110,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
 def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> Path:
     from transformers import Trainer, set_seed
 
-    from hfgen.finetune import keep_float32_weights
+    from hfgen.finetune import keep_float32_weights, saving_ties_once
     from hfgen.generate import generate_text
     from hfgen.models import (
         adapter_base,
@@ -177,7 +177,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
                 f"none of which reaches {data_args.block_size} tokens; lower block_size or give more (or longer) text"
             )
 
-    trainer = Trainer(
+    trainer = saving_ties_once(Trainer)(
         model=model,
         args=training_args,
         train_dataset=train_blocks,
