@@ -93,3 +93,25 @@ def list_caption_folder(directory, images: int = 24):
         rows.append({"file_name": f"{i}.png", "text": [f"a handwritten digit {i % 10}", f"noise number {i}"]})
     (directory / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return directory
+
+
+def validation_grid_difference(run_dir, pipeline_dir=None) -> int:
+    """The largest pixel difference between a run's last validation grid and the same prompts rendered (as in
+    validation: the recipe's steps, guidance, seed) from `pipeline_dir` (default: the run) by hfgen's loader."""
+    import numpy as np
+    from PIL import Image
+
+    from hfgen.diffusion.components import load_pipeline
+    from hfgen.diffusion.image_stage import ImageStageArguments
+    from hfgen.diffusion.rendering import generate_images, make_grid, recorded_call_arguments
+    from hfgen.evaluation.images import recipe_of
+
+    recipe, pipeline_dir = recipe_of(run_dir), pipeline_dir or run_dir
+    setting = lambda key: recipe.get(key, getattr(ImageStageArguments, key))  # noqa: E731
+    rows = generate_images(
+        load_pipeline(pipeline_dir, "cpu"), recipe["validation_prompts"], setting("num_validation_images"),
+        setting("num_inference_steps"), setting("guidance_scale"), setting("seed"),
+        **recorded_call_arguments(pipeline_dir),
+    )  # fmt: skip
+    grid = sorted((run_dir / "validation").glob("step-*.png"))[-1]
+    return int(np.abs(np.asarray(make_grid(rows), int) - np.asarray(Image.open(grid).convert("RGB"), int)).max())

@@ -53,7 +53,9 @@ def test_a_lora_runs_local_base_is_recorded_as_an_absolute_path(tmp_path, monkey
     (tmp_path / "base").mkdir()
     (tmp_path / "run").mkdir()
     monkeypatch.chdir(tmp_path)
-    write_lora_base(Path("run"), SimpleNamespace(pretrained_model_name_or_path="base", revision=None, variant=None))
+    write_lora_base(Path("run"), SimpleNamespace(pretrained_model_name_or_path="base", revision=None, variant=None), {})
     assert lora_run_base(tmp_path / "run")["pretrained_model_name_or_path"] == str(tmp_path / "base")
-    write_lora_base(Path("run"), SimpleNamespace(pretrained_model_name_or_path="org/sd", revision="r", variant=None))
+    write_lora_base(
+        Path("run"), SimpleNamespace(pretrained_model_name_or_path="org/sd", revision="r", variant=None), {}
+    )
     assert lora_run_base(tmp_path / "run")["pretrained_model_name_or_path"] == "org/sd"  # a hub id stays one

@@ -16,6 +16,7 @@ from diffusion_fixtures import (
     SMALL_DATA,
     T2I_RECIPE,
     t2i_overrides,
+    validation_grid_difference,
     with_reference_lora,
 )  # fmt: skip
 from hfgen import tracking
@@ -162,6 +163,27 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     torch.testing.assert_close(torch.from_numpy(render()), torch.from_numpy(with_lora), atol=1e-4, rtol=1e-4)
     refused = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path)
     assert refused.returncode == 2 and "is a LoRA run" in refused.stderr and "hfgen merge" in refused.stderr
+
+
+def test_a_lora_run_s_pipeline_changes_are_recorded_and_applied_by_generate_and_merge(scratch_run, vae_dir, tmp_path):
+    """A LoRA run with its own prediction_type and VAE trains and validates on the changed base: lora_base.json
+    records the changes, and hfgen's loader (generate, eval, merge) renders the run's validation grid exactly."""
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", run,
+                       "--prediction_type", "v_prediction", "--vae_name_or_path", vae_dir, "--max_train_steps", "2",
+                       "--checkpointing_steps", "0", "--eval_images_per_prompt", "0", "--num_validation_images", "1",
+                       "--num_inference_steps", "2", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    changes = json.loads((run / "lora_base.json").read_text())["pipeline_changes"]
+    assert changes["scheduler"] == {"prediction_type": "v_prediction"}
+    assert changes["vae"]["name_or_path"] == str(vae_dir.resolve())
+    assert validation_grid_difference(run) == 0
+    merged = tmp_path / "merged"
+    assert run_hfgen("merge", run, "--output_dir", merged).returncode == 0
+    assert DiffusionPipeline.from_pretrained(merged).scheduler.config.prediction_type == "v_prediction"
+    assert validation_grid_difference(run, merged) <= 1  # fused weights: float rounding at most
 
 
 @pytest.mark.parametrize("use_lora", ["false", "true"])

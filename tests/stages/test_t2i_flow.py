@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, run_hfgen
-from diffusion_fixtures import SMALL_DATA, with_reference_lora
+from diffusion_fixtures import SMALL_DATA, validation_grid_difference, with_reference_lora
 from hfgen import tracking
 
 VAE16_RECIPE = REPO / "recipes/tiny/vae_digits16.yaml"
@@ -158,6 +158,26 @@ def test_lora_loads_with_load_lora_weights_changes_samples_and_resumes_exactly(f
     pipeline.set_progress_bar_config(disable=True)
     assert not any("lora" in name for name in pipeline.transformer.state_dict())
     torch.testing.assert_close(render(), with_lora, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_and_merge(flow_run, tmp_path):
+    """A LoRA run that sets its base's shift records it in lora_base.json; hfgen's loader (generate, eval, merge)
+    applies it, so the run's validation grid renders again exactly."""
+    from diffusers import DiffusionPipeline
+
+    run = tmp_path / "run"
+    result = run_hfgen("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--output_dir", run,
+                       "--override_shift", "true", "--shift", "1.0", "--max_train_steps", "2",
+                       "--checkpointing_steps", "0", "--eval_images_per_prompt", "0", "--num_validation_images", "1",
+                       "--num_inference_steps", "3", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    changes = json.loads((run / "lora_base.json").read_text())["pipeline_changes"]
+    assert changes == {"scheduler": {"shift": 1.0, "use_dynamic_shifting": False}}
+    assert validation_grid_difference(run) == 0
+    merged = tmp_path / "merged"
+    assert run_hfgen("merge", run, "--output_dir", merged).returncode == 0
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None}
+    assert DiffusionPipeline.from_pretrained(merged, **no_t5).scheduler.config.shift == 1.0
 
 
 def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):

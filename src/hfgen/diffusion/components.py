@@ -246,7 +246,8 @@ def build_noise_scheduler(config_path: str | None):
 
 
 def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
-    """tokenizer, text_encoder, vae, unet, noise_scheduler (training) and sampler (saved with the pipeline)."""
+    """tokenizer, text_encoder, vae, unet, noise_scheduler (training), sampler (saved with the pipeline) and
+    base_sampler (the base pipeline's own, without the recipe's prediction_type)."""
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -284,9 +285,12 @@ def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
             # DDIM with trailing timesteps: starts sampling from the last training timestep (Lin et al., 2024)
             "sampler": DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", steps_offset=1),
         }
+    # The sampler as the base pipeline's users sample it (DreamBooth's class images come from the base)
+    components["base_sampler"] = components["sampler"]
     if args.prediction_type:  # the saved sampler must read the UNet's output the way it was trained
         components["noise_scheduler"].register_to_config(prediction_type=args.prediction_type)
-        components["sampler"].register_to_config(prediction_type=args.prediction_type)
+        sampler = components["sampler"]
+        components["sampler"] = type(sampler).from_config(sampler.config, prediction_type=args.prediction_type)
     return components
 
 
@@ -341,16 +345,51 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
             pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **absent_components(path))
         else:
             base = lora_run_base(path)
+            changes = base.get("pipeline_changes", {})
+            left_out = {name: None for name in changes.get("absent", [])}  # e.g. drop_t5's T5
             pipeline = DiffusionPipeline.from_pretrained(
                 base["pretrained_model_name_or_path"], revision=base.get("revision"), variant=base.get("variant"),
-                torch_dtype=dtype, **absent_components(base["pretrained_model_name_or_path"]),
+                torch_dtype=dtype, **absent_components(base["pretrained_model_name_or_path"]) | left_out,
             )  # fmt: skip
+            apply_pipeline_changes(pipeline, changes, dtype)
             pipeline.load_lora_weights(str(path))
     except (OSError, ValueError) as error:
         raise UserError(f"pipeline '{path}' could not be loaded: {str(error).splitlines()[0]}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def pipeline_changes(model_args, vae, scheduler_changes: dict, absent: tuple[str, ...] = ()) -> dict:
+    """What a LoRA run's recipe changed in its base pipeline, for lora_base.json's `pipeline_changes`: the
+    scheduler's config keys it set (`scheduler_changes`: prediction_type; a flow run's shift), the VAE it swapped in
+    (`vae_name_or_path`, with the latent shift/scaling factors the run used: a flow run sets them on a VAE trained
+    here), and the components it left out (`absent`: drop_t5's T5). The adapters were trained on, and validated
+    with, that pipeline: `load_pipeline` rebuilds it (stock `load_lora_weights` on the base does not)."""
+    from hfgen.finetune import resolved
+
+    changes = {}
+    if scheduler_changes:
+        changes["scheduler"] = scheduler_changes
+    if model_args.vae_name_or_path:
+        changes["vae"] = {"name_or_path": resolved(model_args.vae_name_or_path),
+                          "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}  # fmt: skip
+    if absent:
+        changes["absent"] = list(absent)
+    return changes
+
+
+def apply_pipeline_changes(pipeline, changes: dict, dtype=None) -> None:
+    """A loaded base pipeline changed as its LoRA run's recipe changed it (see `pipeline_changes`; the absent
+    components are left out at loading)."""
+    if scheduler := changes.get("scheduler"):
+        pipeline.register_modules(
+            scheduler=type(pipeline.scheduler).from_config(pipeline.scheduler.config, **scheduler)
+        )
+    if vae := changes.get("vae"):
+        swapped = load_vae(vae["name_or_path"])
+        swapped.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
+        pipeline.register_modules(vae=swapped.to(dtype=dtype) if dtype is not None else swapped)
 
 
 def absent_components(path: str | Path) -> dict:

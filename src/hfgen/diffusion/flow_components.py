@@ -190,11 +190,12 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
         if args.drop_t5 and type(pipeline).__name__ == "FluxPipeline":
             raise UserError("drop_t5: Flux conditions on the T5 sequence embeddings and cannot drop its T5 encoder")
         parts = dict(pipeline.components)
+        parts["base_scheduler"] = parts["scheduler"]  # the base's own sampling (DreamBooth's class images)
         if args.vae_name_or_path:
             parts["vae"] = load_vae(args.vae_name_or_path)
         if args.override_shift:
             parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(
-                parts["scheduler"].config, shift=args.shift
+                parts["scheduler"].config, **scheduler_changes(args)
             )
         return parts
     if args.tokenizer_name == CAPTION_TOKENIZER:
@@ -222,6 +223,34 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
         "transformer": SD3Transformer2DModel.from_config(read_config(args.transformer_config)),
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=args.shift),
     }
+
+
+def scheduler_changes(args: FlowPipelineArguments) -> dict:
+    """The scheduler config keys `override_shift` sets on a pretrained pipeline's scheduler: its `shift`, static
+    (a Flux scheduler's `use_dynamic_shifting`, which picks the shift from the image size and ignores `shift`, goes
+    off), at training and sampling alike."""
+    return {"shift": args.shift, "use_dynamic_shifting": False} if args.override_shift else {}
+
+
+def base_parts(args: FlowPipelineArguments, parts: dict) -> dict:
+    """The parts of the pipeline as it was before training, as its users sample it: a pretrained base with its own
+    scheduler and VAE, not the recipe's override_shift / vae_name_or_path (drop_t5 stays: its T5 is not loaded)."""
+    if not args.pretrained_model_name_or_path:
+        return parts
+    from hfgen.diffusion.components import load_vae
+
+    vae = (
+        load_vae(args.pretrained_model_name_or_path, args.revision, subfolder="vae") if args.vae_name_or_path else None
+    )
+    return {**parts, "scheduler": parts["base_scheduler"], "vae": vae or parts["vae"]}
+
+
+def lora_pipeline_changes(args: FlowPipelineArguments, parts: dict) -> dict:
+    """lora_base.json's `pipeline_changes` of a t2i_flow LoRA run (`components.pipeline_changes`)."""
+    from hfgen.diffusion.components import pipeline_changes
+
+    absent = ("text_encoder_3", "tokenizer_3") if args.drop_t5 else ()
+    return pipeline_changes(args, parts["vae"], scheduler_changes(args), absent)
 
 
 def is_flux(parts: dict) -> bool:

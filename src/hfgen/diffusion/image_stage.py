@@ -222,13 +222,14 @@ def record_speed(output_dir: Path, steps: int, first_step: int, seconds: float, 
     )  # fmt: skip
 
 
-def write_lora_base(output_dir: Path, model_args) -> None:
-    """lora_base.json: the pipeline a LoRA run's adapters load on (`hfgen generate` / `eval` read it)."""
+def write_lora_base(output_dir: Path, model_args, changes: dict) -> None:
+    """lora_base.json: the pipeline a LoRA run's adapters load on (`hfgen generate` / `eval` / `merge` read it), with
+    the `changes` the recipe made to it (`components.pipeline_changes`), which they apply."""
     from hfgen.finetune import resolved
 
     # a local base as an absolute path: `hfgen generate RUN` from another directory finds it (as adapter_config.json)
     base = {"pretrained_model_name_or_path": resolved(model_args.pretrained_model_name_or_path),
-            "revision": model_args.revision, "variant": model_args.variant}  # fmt: skip
+            "revision": model_args.revision, "variant": model_args.variant, "pipeline_changes": changes}  # fmt: skip
     tracking.write_json(output_dir / LORA_BASE, base)
 
 

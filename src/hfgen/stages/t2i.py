@@ -132,7 +132,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
 
-    from hfgen.diffusion.components import load_components, make_pipeline
+    from hfgen.diffusion.components import load_components
     from hfgen.diffusion.data import every_caption
     from hfgen.diffusion.latents import encode_captions
     from hfgen.diffusion.training import (
@@ -169,8 +169,9 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     if args.use_lora:  # before the class images, which can take a while
         check_lora_targets(args.lora_target_modules, unet, "the UNet", all_linear=False,
                            warn_partial=args.lora_target_modules != list(UNET_LORA_MODULES))  # fmt: skip
-    base = lambda: make_pipeline(tokenizer, text_encoder, vae, unet, parts["sampler"]).to(device)  # noqa: E731
-    train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator)
+    train_rows = image_stage.with_class_rows(
+        train_rows, data_args, args, lambda: base_pipeline(model_args, parts).to(device), accelerator
+    )
     train_text_encoder = args.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_text_encoder and not args.use_lora)
@@ -350,6 +351,17 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     return output_dir
 
 
+def base_pipeline(model_args: PipelineArguments, parts):
+    """The pipeline as it was before training, sampled as its users sample it: a pretrained base with its own
+    sampler and VAE, not the recipe's prediction_type / vae_name_or_path (which its UNet was not trained with)."""
+    from hfgen.diffusion.components import load_vae, make_pipeline
+
+    vae = parts["vae"]
+    if model_args.pretrained_model_name_or_path and model_args.vae_name_or_path:
+        vae = load_vae(model_args.pretrained_model_name_or_path, model_args.revision, subfolder="vae")
+    return make_pipeline(parts["tokenizer"], parts["text_encoder"], vae, parts["unet"], parts["base_sampler"])
+
+
 def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int, resolution: int) -> None:
     """Render the validation prompts with the current (or EMA) weights into validation/step-N.png (main process).
     `unet` and `text_encoder` are unwrapped, with whole weights (`loop.gathered`)."""
@@ -370,6 +382,8 @@ def save(
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    from hfgen.diffusion.components import pipeline_changes
+
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
@@ -385,7 +399,10 @@ def save(
             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
             text_encoder_lora_adapter_metadata=text_encoder_metadata,
         )  # fmt: skip
-        image_stage.write_lora_base(output_dir, model_args)
+        scheduler_changes = {"prediction_type": model_args.prediction_type} if model_args.prediction_type else {}
+        image_stage.write_lora_base(
+            output_dir, model_args, pipeline_changes(model_args, parts["vae"], scheduler_changes)
+        )
         return
     from hfgen.diffusion.components import make_pipeline
 

@@ -105,6 +105,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     from hfgen.diffusion.data import every_caption
     from hfgen.diffusion.flow import flow_loss, noisy_latents, sample_sigmas
     from hfgen.diffusion.flow_components import (
+        base_parts,
         latent_multiple,
         load_flow_components,
         make_pipeline,
@@ -149,7 +150,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     if args.use_lora:  # before the class images, which can take a while
         check_lora_targets(args.lora_target_modules, transformer, "the denoising transformer", all_linear=False,
                            warn_partial=args.lora_target_modules != list(TRANSFORMER_LORA_MODULES))  # fmt: skip
-    base = lambda: make_pipeline(parts).to(device)  # noqa: E731
+    base = lambda: make_pipeline(base_parts(model_args, parts)).to(device)  # noqa: E731
     train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator, sampling)
     frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
     for model in frozen:
@@ -305,7 +306,9 @@ def save(output_dir: Path, model_args, args, parts, transformer, resolution: int
             output_dir, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True,
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )  # fmt: skip
-        image_stage.write_lora_base(output_dir, model_args)
+        from hfgen.diffusion.flow_components import lora_pipeline_changes
+
+        image_stage.write_lora_base(output_dir, model_args, lora_pipeline_changes(model_args, parts))
         return
     from hfgen.diffusion.flow_components import make_pipeline
 
