@@ -324,6 +324,47 @@ def test_with_gradient_accumulation_a_step_logs_the_mean_of_its_micro_batches(sc
     assert losses[2] == pytest.approx([(single[0] + single[1]) / 2, (single[2] + single[3]) / 2], rel=1e-5)
 
 
+def test_component_configs_that_fail_mid_training_exit_2_at_the_check(configs, vae_dir, scratch_run, tmp_path):
+    """A scheduler whose prediction_type the loss does not train (a file's, or a pretrained pipeline's), a UNet
+    config of another class, with SDXL's added conditions or with other channels than the VAE's latents: refused by
+    `hfgen check` (they trained wrongly, or crashed after the text encoder's pretraining)."""
+    unet = json.loads(open(configs["unet_config"]).read())
+    files = {
+        "sample.json": {"num_train_timesteps": 1000, "prediction_type": "sample"},
+        "sdxl.json": {**unet, "addition_embed_type": "text_time"},
+        "unet16.json": {**unet, "in_channels": 16, "out_channels": 16},
+        "mmdit.json": {**unet, "_class_name": "SD3Transformer2DModel"},
+        "vae16/config.json": {"_class_name": "AutoencoderKL", "latent_channels": 16, "block_out_channels": [8, 16]},
+    }
+    for name, config in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(config))
+    shutil.copytree(scratch_run, tmp_path / "sample_base", ignore=shutil.ignore_patterns("checkpoint-*"))
+    scheduler = tmp_path / "sample_base/scheduler/scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "sample"}))
+    scratch = t2i_overrides(configs, vae_dir, tmp_path / "out")
+    cases = [
+        (
+            ["--scheduler_config", tmp_path / "sample.json", "--prediction_type", "null"],
+            "scheduler_config",
+            "prediction_type 'sample'",
+        ),
+        (["--unet_config", tmp_path / "sdxl.json"], "unet_config", "addition_embed_type 'text_time'"),
+        (["--unet_config", tmp_path / "unet16.json"], "in_channels 16, out_channels 16", "latent_channels is 4"),
+        (["--unet_config", tmp_path / "mmdit.json"], "unet_config", "SD3Transformer2DModel"),
+        (["--vae_name_or_path", tmp_path / "vae16"], "in_channels 4, out_channels 4", "latent_channels is 16"),
+    ]
+    for change, *expected in cases:
+        result = run_hfgen("check", T2I_RECIPE, *scratch, *change)
+        assert result.returncode == 2 and all(part in result.stderr for part in expected), (change, result.stderr)
+    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path / "sample_base")
+    assert result.returncode == 2 and "prediction_type 'sample'" in result.stderr, result.stderr
+    # a pretrained pipeline's scheduler is the one trained with: a scheduler_config beside it is refused
+    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--scheduler_config",
+                       tmp_path / "sample.json")  # fmt: skip
+    assert result.returncode == 2 and "scheduler_config build a pipeline from scratch" in result.stderr
+
+
 def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):
     result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
                        "--lora_target_modules", "[q_proj, k_proj]", *SMALL_DATA)  # fmt: skip

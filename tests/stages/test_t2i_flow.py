@@ -180,6 +180,25 @@ def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_
     assert DiffusionPipeline.from_pretrained(merged, **no_t5).scheduler.config.shift == 1.0
 
 
+def test_a_transformer_config_of_another_class_or_channels_exits_2_at_the_check(configs, tmp_path):
+    """A UNet config as transformer_config, or a transformer whose channels differ from the VAE's latents: refused
+    by `hfgen check` (they crashed after the text encoders' pretraining). The VAEs are configs alone: enough there."""
+    for channels in (4, 16):
+        (tmp_path / f"vae{channels}").mkdir()
+        (tmp_path / f"vae{channels}/config.json").write_text(json.dumps(
+            {"_class_name": "AutoencoderKL", "latent_channels": channels, "block_out_channels": [8, 16]}
+        ))  # fmt: skip
+    cases = [
+        (["--vae_name_or_path", tmp_path / "vae4"], ["in_channels 16, out_channels 16", "latent_channels is 4"]),
+        (["--transformer_config", REPO / "recipes/tiny/unet_digits.json"], ["transformer_config", "UNet2DConditionModel"]),
+    ]  # fmt: skip
+    for change, expected in cases:
+        result = run_hfgen(
+            "check", FLOW_RECIPE, *flow_overrides(configs, tmp_path / "vae16", tmp_path / "out"), *change
+        )
+        assert result.returncode == 2 and all(part in result.stderr for part in expected), (change, result.stderr)
+
+
 def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()

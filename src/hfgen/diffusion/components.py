@@ -76,7 +76,10 @@ class PipelineArguments:
     )
     scheduler_config: str | None = field(
         default=None,
-        metadata={"help": "From scratch: DDPMScheduler config JSON (default: Stable Diffusion 1.x's schedule)."},
+        metadata={
+            "help": "From scratch: DDPMScheduler config JSON (default: Stable Diffusion 1.x's schedule; its "
+            "prediction_type: epsilon or v_prediction)."
+        },
     )
     prediction_type: str | None = field(
         default=None,
@@ -88,7 +91,9 @@ class PipelineArguments:
 def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
     problems = []
     if args.pretrained_model_name_or_path:
-        scratch_keys = [k for k in ("unet_config", "text_encoder_config", "tokenizer_name") if getattr(args, k)]
+        scratch_keys = [
+            k for k in ("unet_config", "text_encoder_config", "tokenizer_name", "scheduler_config") if getattr(args, k)
+        ]  # (scheduler_config too: a pretrained pipeline's scheduler would be trained with, not the file's)
         if scratch_keys:
             problems.append(
                 f"{', '.join(scratch_keys)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
@@ -123,7 +128,94 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
         problems.append("text_encoder_pretraining_steps pretrains a text encoder built from scratch; drop it")
     if args.max_caption_tokens < 4:
         problems.append(f"max_caption_tokens must be at least 4, got {args.max_caption_tokens}")
-    return problems
+    if problems:
+        return problems
+    return scheduler_prediction_problems(args) + unet_config_problems(args)
+
+
+TRAINED_PREDICTIONS = ("epsilon", "v_prediction")  # the loss targets this stage computes (the recipe key's choices)
+
+
+def scheduler_prediction_problems(args: PipelineArguments) -> list[str]:
+    """A scheduler (scheduler_config, or a pretrained pipeline's) whose prediction_type the loss does not compute:
+    the UNet would be trained to predict noise while the saved scheduler reads its output as that type. Read before
+    anything loads (skipped for a hub pipeline not yet downloaded); the recipe's `prediction_type` replaces it."""
+    from hfgen.diffusion.flow_components import pipeline_config
+
+    if args.prediction_type:
+        return []
+    if args.scheduler_config:
+        config, source = read_config(args.scheduler_config), f"scheduler_config '{args.scheduler_config}'"
+    elif args.pretrained_model_name_or_path:
+        name = args.pretrained_model_name_or_path
+        config, source = pipeline_config(name, "scheduler/scheduler_config.json"), f"the scheduler of '{name}'"
+    else:
+        return []
+    kind = (config or {}).get("prediction_type", "epsilon")
+    if kind in TRAINED_PREDICTIONS:
+        return []
+    return [f"{source} has prediction_type '{kind}', which this stage does not train (its loss targets: "
+            f"{' or '.join(TRAINED_PREDICTIONS)}): set the recipe's prediction_type to one of them (the saved "
+            "scheduler then reads the UNet's output that way), or use a scheduler config with one"]  # fmt: skip
+
+
+def vae_config_of(vae_name_or_path: str | None, pretrained: str | None) -> dict | None:
+    """The config of the VAE a pipeline will use (`vae_name_or_path`: a VAE dir or a pipeline's, else the
+    pretrained pipeline's `vae`), or None where it is not at hand (a hub repo not downloaded)."""
+    from hfgen.diffusion.flow_components import pipeline_config
+
+    if vae_name_or_path:
+        return pipeline_config(vae_name_or_path, "config.json") or pipeline_config(vae_name_or_path, "vae/config.json")
+    return pipeline_config(pretrained, "vae/config.json") if pretrained else None
+
+
+def denoiser_config_problems(key: str, name: str, config: dict, expected: str, vae_config: dict | None) -> list[str]:
+    """A denoiser config (`key`'s file or a pretrained pipeline's) for another model class than the stage builds
+    (its `_class_name`), or whose in/out channels differ from the VAE's latent_channels: either fails only after
+    the text encoders are pretrained and the data encoded."""
+    import inspect
+
+    import diffusers
+
+    found = config.get("_class_name")
+    if found and found != expected:
+        return [f"{key} '{name}' is a config of {found} (its _class_name); this stage's denoiser is a {expected}"]
+    if vae_config is None:
+        return []
+    defaults = inspect.signature(getattr(diffusers, expected).__init__).parameters
+    latent = vae_config.get("latent_channels", 4)  # (AutoencoderKL's default)
+    channels = {k: config.get(k, defaults[k].default) for k in ("in_channels", "out_channels")}
+    channels["out_channels"] = channels["out_channels"] or channels["in_channels"]  # (SD3's None: as in_channels)
+    wrong = {k: v for k, v in channels.items() if v != latent}
+    if not wrong:
+        return []
+    said = ", ".join(f"{k} {v}" for k, v in wrong.items())
+    return [f"{key} '{name}' has {said}, but the VAE's latent_channels is {latent}: the denoiser takes and returns "
+            "the VAE's latents; use a VAE and a denoiser config with the same channels"]  # fmt: skip
+
+
+def unet_config_problems(args: PipelineArguments) -> list[str]:
+    """The UNet config (unet_config, or a pretrained pipeline's with another VAE) checked against the VAE and what
+    this loop feeds it (`denoiser_config_problems`; no SDXL added conditions)."""
+    from hfgen.diffusion.flow_components import pipeline_config
+
+    if args.unet_config:
+        key, name, config = "unet_config", args.unet_config, read_config(args.unet_config)
+    elif args.pretrained_model_name_or_path:
+        key, name = "pretrained_model_name_or_path", args.pretrained_model_name_or_path
+        config = pipeline_config(name, "unet/config.json")
+    else:
+        config = None
+    if not config:
+        return []
+    if added := config.get("addition_embed_type"):
+        return [f"{key} '{name}': its UNet has addition_embed_type '{added}' (SDXL's added time/text conditions), "
+                "which this stage does not feed (it passes no added_cond_kwargs); use an SD 1.x/2.x-style UNet "
+                "(no addition_embed_type)"]  # fmt: skip
+    vae = vae_config_of(args.vae_name_or_path, args.pretrained_model_name_or_path)
+    if args.pretrained_model_name_or_path and not args.vae_name_or_path:
+        vae = None  # a pipeline's own UNet and VAE go together
+    return denoiser_config_problems(key, name, config, "UNet2DConditionModel", vae)
 
 
 def read_config(path: str) -> dict:

@@ -108,7 +108,27 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
         problems.append(f"shift must be positive, got {args.shift}")
     if args.max_sequence_length is not None and not 0 <= args.max_sequence_length <= 512:  # the pipelines' bound
         problems.append(f"max_sequence_length must be in [0, 512], got {args.max_sequence_length}")
-    return problems
+    if problems:
+        return problems
+    return transformer_config_problems(args)
+
+
+def transformer_config_problems(args: FlowPipelineArguments) -> list[str]:
+    """The transformer config (transformer_config, or a pretrained SD3 pipeline's with another VAE) checked against
+    the VAE (`components.denoiser_config_problems`); Flux's packs 2x2 latents into its in_channels: not compared."""
+    from hfgen.diffusion.components import denoiser_config_problems, vae_config_of
+
+    if args.transformer_config:
+        key, name, config = "transformer_config", args.transformer_config, read_config(args.transformer_config)
+    elif args.pretrained_model_name_or_path and args.vae_name_or_path:
+        key, name = "pretrained_model_name_or_path", args.pretrained_model_name_or_path
+        config = pipeline_config(name, "transformer/config.json")
+        if not config or is_flux_config(config):
+            return []
+    else:
+        return []
+    vae = vae_config_of(args.vae_name_or_path, args.pretrained_model_name_or_path)
+    return denoiser_config_problems(key, name, config, "SD3Transformer2DModel", vae)
 
 
 def is_flux_config(transformer_config) -> bool:
