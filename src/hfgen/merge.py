@@ -46,8 +46,15 @@ def main(args: argparse.Namespace) -> int:
         )
     if problem := not_a_model_dir(adapter):  # a run killed before its final save holds a partial adapter, or none
         raise UserError(f"'{adapter}' {problem}.")
+    run_recipe = {}
     if pipeline_base := lora_run_base(adapter):
+        from hfgen.evaluation.images import recipe_of
+
         save, base = fused_pipeline(adapter, args.dtype), pipeline_base["pretrained_model_name_or_path"]
+        # the run's recipe goes along: what its samples need (resolution, max_sequence_length) and what `hfgen eval`
+        # reads (validation prompts, digits), as `recipe_of` finds it on the run (a recipe.yaml would make the dir
+        # look like a run)
+        run_recipe = {"recipe": recipe_of(adapter)}
     else:
         save, base = merged_causal_lm(adapter, args.dtype)
 
@@ -58,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     guard.kill_point("merge_save")
     tracking.write_json(
         partial / "merged_from.json",
-        {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions()},
+        {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions(), **run_recipe},
     )
     shutil.rmtree(output_dir, ignore_errors=True)  # empty, or an earlier merge's (checked above)
     partial.rename(output_dir)

@@ -160,10 +160,13 @@ def test_lora_loads_with_load_lora_weights_changes_samples_and_resumes_exactly(f
     torch.testing.assert_close(render(), with_lora, atol=1e-4, rtol=1e-4)
 
 
-def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_and_merge(flow_run, tmp_path):
+def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_eval_and_merge(flow_run, tmp_path):
     """A LoRA run that sets its base's shift records it in lora_base.json; hfgen's loader (generate, eval, merge)
     applies it, so the run's validation grid renders again exactly."""
     from diffusers import DiffusionPipeline
+
+    from hfgen.diffusion.rendering import recorded_call_arguments
+    from hfgen.evaluation.images import recipe_of
 
     run = tmp_path / "run"
     result = run_hfgen("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--output_dir", run,
@@ -178,6 +181,12 @@ def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_
     assert run_hfgen("merge", run, "--output_dir", merged).returncode == 0
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None}
     assert DiffusionPipeline.from_pretrained(merged, **no_t5).scheduler.config.shift == 1.0
+    # the merged dir samples as the run did (its max_sequence_length 0 and resolution come along), and `hfgen eval`
+    # finds the run's digits evaluation there
+    assert recorded_call_arguments(merged) == recorded_call_arguments(run) == {"max_sequence_length": 0, "height": 16,
+                                                                             "width": 16}  # fmt: skip
+    assert validation_grid_difference(run, merged) <= 1  # fused weights: float rounding at most
+    assert recipe_of(merged)["dataset_name"] == "embedded:digits"
 
 
 def test_a_transformer_config_of_another_class_or_channels_exits_2_at_the_check(configs, tmp_path):

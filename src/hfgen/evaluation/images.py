@@ -144,11 +144,16 @@ def mean_pairwise_distance(pixels: np.ndarray) -> float:
 
 
 def recipe_of(pipeline_dir: str | Path) -> dict:
-    """The recipe of the run that wrote `pipeline_dir` (its recipe.yaml), or {} for a pipeline from elsewhere."""
+    """The recipe of the run that wrote `pipeline_dir` (its recipe.yaml; for `hfgen merge`'s output of a LoRA run,
+    the run's, kept in merged_from.json), or {} for a pipeline from elsewhere."""
+    import json
+
     import yaml
 
-    recipe = Path(pipeline_dir) / "recipe.yaml"
-    return (yaml.safe_load(recipe.read_text()) or {}) if recipe.is_file() else {}
+    recipe, merged_from = Path(pipeline_dir) / "recipe.yaml", Path(pipeline_dir) / "merged_from.json"
+    if recipe.is_file():
+        return yaml.safe_load(recipe.read_text()) or {}
+    return json.loads(merged_from.read_text()).get("recipe") or {} if merged_from.is_file() else {}
 
 
 def evaluate_pipeline(
