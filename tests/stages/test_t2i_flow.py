@@ -176,6 +176,9 @@ def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_
     assert result.returncode == 0, result.stderr[-3000:]
     changes = json.loads((run / "lora_base.json").read_text())["pipeline_changes"]
     assert changes == {"scheduler": {"shift": 1.0, "use_dynamic_shifting": False}}
+    # `shift` without override_shift would be ignored on a pretrained pipeline: refused
+    refused = run_hfgen("check", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--shift", "2.0")
+    assert refused.returncode == 2 and "shift 2.0 is not applied" in refused.stderr, refused.stderr
     assert validation_grid_difference(run) == 0
     merged = tmp_path / "merged"
     assert run_hfgen("merge", run, "--output_dir", merged).returncode == 0
@@ -315,6 +318,22 @@ def tiny_flux_pipeline(sd3_dir, output_dir):
         vae=AutoencoderKL.from_pretrained(sd3_dir / "vae"), tokenizer=tokenizer, tokenizer_2=tokenizer,
     ).save_pretrained(output_dir)  # fmt: skip
     return output_dir
+
+
+@pytest.mark.slow
+def test_override_shift_on_flux_is_a_static_shift(flow_run, tmp_path):
+    """Flux's scheduler shifts dynamically (by image size), ignoring `shift`: override_shift turns that off, so the
+    shift applies at training and sampling, and hfgen's loader samples the run as its validation did."""
+    base = tiny_flux_pipeline(flow_run, tmp_path / "flux")
+    run = tmp_path / "run"
+    result = run_hfgen("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", base, "--max_sequence_length",
+                       "8", "--override_shift", "true", "--shift", "2.0", "--max_train_steps", "1",
+                       "--checkpointing_steps", "0", "--eval_images_per_prompt", "0", "--num_validation_images", "1",
+                       "--num_inference_steps", "2", "--output_dir", run, *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    changes = json.loads((run / "lora_base.json").read_text())["pipeline_changes"]
+    assert changes == {"scheduler": {"shift": 2.0, "use_dynamic_shifting": False}}
+    assert validation_grid_difference(run) == 0
 
 
 @pytest.mark.slow

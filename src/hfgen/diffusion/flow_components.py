@@ -22,6 +22,8 @@ from hfgen.diffusion.components import CAPTION_TOKENIZER, read_config
 from hfgen.errors import UserError
 from hfgen.models import check_config_file, check_model_source
 
+SCRATCH_SHIFT = 3.0  # SD3's sigma-schedule shift: the default of a pipeline built from scratch
+
 
 @dataclass
 class FlowPipelineArguments:
@@ -57,11 +59,16 @@ class FlowPipelineArguments:
         default=0, metadata={"help": "From scratch: CLIP contrastive pretraining steps of each new text encoder."}
     )
     max_caption_tokens: int = field(default=16, metadata={"help": f"Token length of '{CAPTION_TOKENIZER}' captions."})
-    shift: float = field(
-        default=3.0, metadata={"help": "Shift of the sigma schedule (SD3 uses 3.0) when built from scratch; a "
-                                       "pretrained pipeline keeps its scheduler's unless set with override_shift."}
+    shift: float | None = field(
+        default=None, metadata={"help": f"Shift of the sigma schedule when built from scratch (default {SCRATCH_SHIFT}, "
+                                        "SD3's); a pretrained pipeline keeps its scheduler's unless override_shift."}
     )  # fmt: skip
-    override_shift: bool = field(default=False, metadata={"help": "Apply `shift` to a pretrained pipeline too."})
+    override_shift: bool = field(
+        default=False,
+        metadata={"help": "Apply `shift` to a pretrained pipeline's scheduler, as a static shift at training and "
+                  "sampling: a Flux scheduler's dynamic shifting (the shift picked from the image size, which "
+                  "ignores `shift`) goes off."},
+    )  # fmt: skip
     training_guidance_scale: float = field(
         default=3.5,
         metadata={"help": "The guidance input of a guidance-distilled transformer (Flux.1-dev: `guidance_embeds`) "
@@ -104,8 +111,14 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
     problems += check_model_source("vae_name_or_path", args.vae_name_or_path, hint="train one with the vae stage first")
     if args.tokenizer_name != CAPTION_TOKENIZER:
         problems += check_model_source("tokenizer_name", args.tokenizer_name)
-    if args.shift <= 0:
+    if args.shift is not None and args.shift <= 0:
         problems.append(f"shift must be positive, got {args.shift}")
+    if args.pretrained_model_name_or_path and args.shift is not None and not args.override_shift:
+        problems.append(f"shift {args.shift} is not applied to a pretrained pipeline, which keeps its scheduler's: "
+                        "set override_shift: true to apply it (a static shift), or drop shift")  # fmt: skip
+    if args.override_shift and (args.shift is None or not args.pretrained_model_name_or_path):
+        problems.append("override_shift applies `shift` to a pretrained pipeline's scheduler: set both "
+                        "pretrained_model_name_or_path and shift, or drop override_shift")  # fmt: skip
     if args.max_sequence_length is not None and not 0 <= args.max_sequence_length <= 512:  # the pipelines' bound
         problems.append(f"max_sequence_length must be in [0, 512], got {args.max_sequence_length}")
     if problems:
@@ -241,7 +254,7 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
         "text_encoder_3": None,
         "vae": load_vae(args.vae_name_or_path),
         "transformer": SD3Transformer2DModel.from_config(read_config(args.transformer_config)),
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=args.shift),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=SCRATCH_SHIFT if args.shift is None else args.shift),
     }
 
 
