@@ -203,6 +203,8 @@ def test_a_transformer_config_of_another_class_or_channels_exits_2_at_the_check(
     cases = [
         (["--vae_name_or_path", tmp_path / "vae4"], ["in_channels 16, out_channels 16", "latent_channels is 4"]),
         (["--transformer_config", REPO / "recipes/tiny/unet_digits.json"], ["transformer_config", "UNet2DConditionModel"]),
+        # (and a density's parameters given with a weighting_scheme that does not read them)
+        (["--weighting_scheme", "uniform", "--logit_mean", "1.0"], ["logit_mean", "weighting_scheme uniform"]),
     ]  # fmt: skip
     for change, expected in cases:
         result = run_hfgen(

@@ -69,6 +69,14 @@ def check(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args
         problems.append("t2i_flow caches latents, which needs center_crop: true")
     if args.logit_std <= 0:
         problems.append(f"logit_std must be positive, got {args.logit_std}")
+    # Each density's parameters are read by it alone (compute_density_for_timestep_sampling): set for another, they
+    # would be ignored. (Compared with the defaults: a recipe spelling those out for another scheme still checks.)
+    unused = {"logit_normal": ("logit_mean", "logit_std"), "mode": ("mode_scale",)}
+    for scheme, keys in unused.items():
+        changed = [k for k in keys if getattr(args, k) != getattr(FlowTrainingArguments, k)]
+        if changed and args.weighting_scheme != scheme:
+            problems.append(f"{', '.join(changed)}: parameters of the {scheme} timestep density; weighting_scheme "
+                            f"{args.weighting_scheme} does not read them: drop them or set weighting_scheme: {scheme}")  # fmt: skip
     return problems + size_problems(model_args, data_args)
 
 
