@@ -2,6 +2,7 @@
 latent scaling factor, and bad data stops the run with exit code 2 before training."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -27,6 +28,24 @@ def test_held_out_reconstruction_error_falls_far_below_its_start(configs, tmp_pa
     assert (tmp_path / "reconstructions.png").is_file() and tracking.is_complete(tmp_path)
     losses = [row["reconstruction_loss"] for row in tracking.read_metrics(tmp_path)]
     assert len(losses) == 60 and losses[-1] < losses[0] / 2
+
+
+def test_a_fine_tuned_vae_keeps_its_pretrained_scaling_factor(configs, vae_dir, tmp_path):
+    """The denoisers made for a pretrained VAE use its scaling_factor (SD's 0.18215): fine-tuning keeps it; the
+    factor measured on the data goes to eval.json beside it."""
+    from diffusers import AutoencoderKL
+
+    shutil.copytree(vae_dir, tmp_path / "pretrained", ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = tmp_path / "pretrained/config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "scaling_factor": 0.125}))
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path / "run", steps=1), "--vae_config", "null",
+                       "--pretrained_vae_name_or_path", tmp_path / "pretrained")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "run/eval.json")
+    assert (
+        AutoencoderKL.from_pretrained(tmp_path / "run").config.scaling_factor == results["vae/scaling_factor"] == 0.125
+    )
+    assert results["vae/measured_scaling_factor"] != 0.125
 
 
 def test_with_gradient_accumulation_a_step_logs_the_mean_of_its_micro_batches(configs, tmp_path):

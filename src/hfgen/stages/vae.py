@@ -7,9 +7,10 @@ From a config (scratch) or a pretrained VAE (fine-tuning). The loss is the Laten
 (Rombach et al., 2022, appendix G): reconstruction + kl_weight * KL to N(0, I), both per pixel, plus, when
 `adversarial_weight` > 0, a hinge GAN term from a small PatchGAN discriminator (Isola et al., 2017) switched on at
 `adversarial_start_step`. Cut from the paper: the LPIPS perceptual term (its VGG weights would be a download) and
-the adaptive GAN weight (a fixed weight here). After training the latent scaling factor (1 / std of the training
-latents, how SD's 0.18215 was found) is written into the VAE's config, so the t2i stage's latents have unit
-variance. Held-out reconstruction error before and after training goes to eval.json; originals over
+the adaptive GAN weight (a fixed weight here). After training from scratch the latent scaling factor (1 / std of
+the training latents, how SD's 0.18215 was found) is written into the VAE's config, so the t2i stage's latents have
+unit variance; a fine-tuned VAE keeps its pretrained factor (the denoisers made for it use that scale). Both
+figures go to eval.json (`vae/scaling_factor`, `vae/measured_scaling_factor`). Held-out reconstruction error before and after training goes to eval.json; originals over
 reconstructions to reconstructions.png. The output dir loads with `AutoencoderKL.from_pretrained(dir)` and is what a
 t2i recipe names as `vae_name_or_path`.
 """
@@ -221,7 +222,10 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     # Save: the latent scaling factor first (in the config), then the whole model as safetensors.
     guard.kill_point("eval")
     with loop.gathered(accelerator, autoencoder) as (unwrapped,):
-        scaling_factor = latent_scaling_factor(unwrapped.vae, train_loader, accelerator.device)
+        measured = latent_scaling_factor(unwrapped.vae, train_loader, accelerator.device)
+        # A fine-tuned VAE keeps its own factor (as SD's keeps 0.18215): the denoisers trained on its latents were
+        # trained with that scale, and fine-tuning leaves the latent space about where it was.
+        scaling_factor = vae.config.scaling_factor if model_args.pretrained_vae_name_or_path else measured
         unwrapped.vae.register_to_config(scaling_factor=scaling_factor)
         final_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
 
@@ -232,6 +236,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         guard.kill_point("final_save")
         save_reconstructions(whole.vae, eval_set, output_dir / "reconstructions.png")
         results = {"quality/reconstruction_mse": final_error, "vae/scaling_factor": scaling_factor,
+                   "vae/measured_scaling_factor": measured,
                    "vae/parameters": sum(p.numel() for p in whole.vae.parameters()), "train/steps": global_step}  # fmt: skip
         initial_error = tracking.update_eval(output_dir, results).get("quality/reconstruction_mse_initial")
         accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
