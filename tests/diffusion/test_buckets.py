@@ -21,6 +21,14 @@ def test_bucket_sizes_from_ratios_sizes_and_the_data():
     assert "zero side" in bucket_problems(["0:1"])[0] and not bucket_problems(["4:3", "768x512"])
 
 
+def test_ratios_that_round_to_one_size_are_merged_with_a_warning(capsys):
+    # at resolution 16 with sides in multiples of 8, 4:3 and 1:1 both give 16x16: one bucket, and the user is told
+    assert bucket_sizes(["1:1", "4:3", "1:2"], 16, 8) == [(16, 16), (8, 24)]
+    assert "1:1, 4:3 all round to 16x16" in capsys.readouterr().out
+    bucket_sizes(["768x512", "768x512"], 512, 64)  # the same size given twice: nothing to tell
+    assert "warning" not in capsys.readouterr().out
+
+
 def batches(sampler, epoch):
     sampler.set_epoch(epoch)
     return list(sampler)

@@ -70,6 +70,13 @@ def bucket_sizes(specs: list[str], resolution: int, multiple: int, image_sizes=(
             else:
                 match = _RATIO.match(spec)
                 sizes.append(size_for_ratio(float(match[1]) / float(match[2]), resolution, multiple))
+        merged = {}  # a size given by several specs (ratios close at a small resolution round alike): one bucket
+        for spec, size in zip(specs, sizes):
+            merged.setdefault(size, []).append(spec)
+        for (width, height), named in merged.items():
+            if len(set(named)) > 1:
+                print(f"warning: aspect_ratio_buckets: {', '.join(named)} all round to {width}x{height} (sides "
+                      f"multiples of {multiple}): they make one bucket")  # fmt: skip
     return list(dict.fromkeys(sizes))
 
 
