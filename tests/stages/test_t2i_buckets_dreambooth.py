@@ -203,6 +203,26 @@ def test_class_image_generation_killed_midway_ends_with_the_uninterrupted_images
     assert sorted(json.loads(row)["file_name"] for row in rows) == [p.name for p in images["whole"]]
 
 
+def test_class_images_come_from_the_base_as_it_samples_not_with_the_recipe_s_prediction_type(base_pipeline, tmp_path):
+    """The base's UNet predicts noise: class images sampled with the run's v_prediction sampler would be noise
+    read as velocity. They come from the base's own sampler, so they are the ones a run without the change makes."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from dreambooth_digits import write_instance_images
+
+    write_instance_images(tmp_path / "instance", count=2)
+    common = ["train", REPO / "recipes/tiny/t2i_digits_dreambooth.yaml", "--pretrained_model_name_or_path",
+              base_pipeline, "--instance_data_dir", tmp_path / "instance", "--num_class_images", "2",
+              "--num_inference_steps", "2", "--max_train_steps", "1", "--train_batch_size", "2",
+              "--num_validation_images", "1", "--validation_prompts", "[]", "--eval_images_per_prompt", "0"]  # fmt: skip
+    for name, change in (("base", []), ("v", ["--prediction_type", "v_prediction"])):
+        result = run_hfgen(*common, *change, "--output_dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-3000:]
+    images = {run: sorted((tmp_path / run / "class_images").glob("*.png")) for run in ("base", "v")}
+    assert len(images["v"]) == 2
+    for ours, theirs in zip(images["v"], images["base"]):
+        assert np.array_equal(np.asarray(Image.open(ours)), np.asarray(Image.open(theirs))), ours.name
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
