@@ -8,6 +8,7 @@ points is scripts/kill_matrix.py."""
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -209,19 +210,25 @@ def test_t2i_on_pixels_with_random_crops_flips_and_list_captions_killed_mid_run_
     assert_same_run(reference, killed)
 
 
-@pytest.mark.slow
-def test_an_rlhf_step_killed_mid_run_continues_from_its_checkpoint(tiny_lm, tmp_path):
+def tiny_dpo_pipeline(tiny_lm, tmp_path, **sft_values) -> Path:
+    """An rlhf pipeline recipe (sft of 4 steps, checkpoint each, then dpo of 2) in tmp_path, its steps under it."""
     from conftest import shrunk
 
     sft = shrunk("sft_full.yaml", tmp_path, model_name_or_path=str(tiny_lm), output_dir=str(tmp_path / "sft"),
                  max_train_samples=64, max_eval_samples=8, per_device_train_batch_size=8, max_steps=4,
-                 save_strategy="steps", save_steps=1, logging_steps=1, num_samples=0)  # fmt: skip
+                 save_strategy="steps", save_steps=1, logging_steps=1, num_samples=0, **sft_values)  # fmt: skip
     dpo = shrunk("dpo.yaml", tmp_path, model_name_or_path="from the sft step", output_dir=str(tmp_path / "dpo"),
                  max_steps=2, per_device_train_batch_size=4, max_train_samples=32, max_eval_samples=8,
                  eval_num_prompts=2, eval_samples_per_prompt=1, eval_response_length=4)  # fmt: skip
     pipeline = tmp_path / "rlhf.yaml"
     pipeline.write_text(yaml.safe_dump({"stage": "rlhf", "output_dir": str(tmp_path / "rlhf"), "method": "dpo",
                                         "sft": sft, "dpo": dpo}))  # fmt: skip
+    return pipeline
+
+
+@pytest.mark.slow
+def test_an_rlhf_step_killed_mid_run_continues_from_its_checkpoint(tiny_lm, tmp_path):
+    pipeline = tiny_dpo_pipeline(tiny_lm, tmp_path)
     killed = run_hfgen("train", pipeline, env={"HFGEN_KILL_AT": "step@3"})  # inside the sft step's third step
     assert killed.returncode == -signal.SIGKILL and not tracking.is_complete(tmp_path / "sft")
     kept = tmp_path / "sft" / "checkpoint-2" / tracking.CHECKPOINT_STATE
@@ -232,6 +239,25 @@ def test_an_rlhf_step_killed_mid_run_continues_from_its_checkpoint(tiny_lm, tmp_
     assert kept.stat().st_mtime_ns == written  # continued after checkpoint-2, not trained again from step 1
     assert [row["step"] for row in tracking.read_metrics(tmp_path / "sft") if "loss" in row] == [1, 2, 3, 4]
     assert tracking.is_complete(tmp_path / "dpo") and tracking.is_complete(tmp_path / "rlhf")
+
+
+@pytest.mark.slow
+def test_a_pipeline_stopped_after_an_earlier_step_ran_again_reruns_the_later_steps(tiny_lm, tmp_path):
+    # sft trained again (its overrides changed), then a SIGTERM during its final save (save_on_signal) stopped the
+    # pipeline before dpo: the next run said "dpo: complete, skipped", a DPO model trained from the old SFT model
+    pipeline = tiny_dpo_pipeline(tiny_lm, tmp_path, save_on_signal=True)
+    assert run_hfgen("train", pipeline).returncode == 0
+    changed = ["--sft_overrides", json.dumps({"learning_rate": 1e-3})]
+    stopped = run_hfgen("train", pipeline, *changed, env={"HFGEN_KILL_AT": "final_save:TERM"})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "== sft (recipe changed)" in stopped.stdout and "== dpo" not in stopped.stdout
+    result = run_hfgen("train", pipeline, *changed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== dpo (an earlier step was made again since it ran)" in result.stdout, result.stdout
+    sft_run = tracking.read_json(tmp_path / "sft" / tracking.COMPLETE_MARKER)
+    assert tracking.read_json(tmp_path / "dpo" / tracking.INPUTS_RECORD) == {"sft": sft_run}
+    again = run_hfgen("train", pipeline, *changed)  # nothing changed since: every step is skipped
+    assert again.returncode == 0 and again.stdout.count("is complete, skipped") == 2, again.stdout
 
 
 # ---- what a resume and a fresh start may find in the output dir ------------------------------------------------

@@ -304,8 +304,24 @@ def update_eval(output_dir: str | Path, results: dict[str, Any]) -> dict[str, An
 
 
 def mark_complete(output_dir: str | Path, **info) -> None:
+    """The run ended. `run`, a random id, tells this run's output from the next run's into the same dir (a pipeline
+    compares it with the id its later steps recorded as their input: `inputs_of`)."""
+    import uuid
+
     if is_main_process():
-        write_json(Path(output_dir) / COMPLETE_MARKER, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+        marker = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": uuid.uuid4().hex, **info}
+        write_json(Path(output_dir) / COMPLETE_MARKER, marker)
+
+
+# A pipeline step's record of the runs it consumed (the earlier steps' COMPLETE markers, `inputs_of`), written when
+# it starts: a step whose inputs were made again since is run again from scratch, even when a stop between steps
+# made the pipeline forget that an earlier step ran.
+INPUTS_RECORD = "pipeline_inputs.json"
+
+
+def inputs_of(run_dirs: dict[str, Path]) -> dict[str, Any]:
+    """{name: the COMPLETE marker of that run (its id and end time), or None when it has none}."""
+    return {name: read_json(Path(path) / COMPLETE_MARKER, None) for name, path in run_dirs.items()}
 
 
 def wait_for_everyone() -> None:

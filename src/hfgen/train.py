@@ -160,8 +160,9 @@ def launch_with_accelerate(
     return subprocess.run(command).returncode
 
 
-def run_recipe(recipe) -> Path:
-    """Run a validated recipe: records first, the stage, then the COMPLETE marker. Used by the CLI and by `rlhf`."""
+def run_recipe(recipe, inputs: dict | None = None) -> Path:
+    """Run a validated recipe: records first, the stage, then the COMPLETE marker. Used by the CLI and by `rlhf`,
+    whose steps record `inputs`, the runs they consume (`tracking.INPUTS_RECORD`), before they train."""
     from hfgen import guard, loop, tracking
     from hfgen.stages import load_stage
 
@@ -174,6 +175,8 @@ def run_recipe(recipe) -> Path:
     overwrite = recipe.run.overwrite_output_dir or recipe.stage == "rlhf"
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
+    if inputs is not None and tracking.is_main_process():
+        tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
     guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     try:
         stage.run(*recipe.configs)
@@ -188,11 +191,11 @@ def run_recipe(recipe) -> Path:
     return output_dir
 
 
-def run_step(recipe, fresh: bool = False) -> Path:
+def run_step(recipe, fresh: bool = False, inputs: dict | None = None) -> Path:
     """Run one step of a pipeline (`rlhf`) or one point of a sweep, which its caller has decided must run (its
     output is missing, unfinished, of another recipe, or forced). An unfinished run of this same recipe continues
     from its newest complete checkpoint rather than from scratch, unless `fresh` (its inputs, an earlier step's
-    output, were made again): then it starts over, its old checkpoints deleted."""
+    output, were made again): then it starts over, its old checkpoints deleted. `inputs`: see `run_recipe`."""
     from hfgen import tracking
 
     output_dir = recipe.output_dir
@@ -205,7 +208,7 @@ def run_step(recipe, fresh: bool = False) -> Path:
                 config.resume_from_checkpoint = "true"
                 print(f"hfgen: {output_dir} was interrupted: continuing from its newest complete checkpoint")
     recipe.run.overwrite_output_dir = True  # the caller compared the recipes itself
-    return run_recipe(recipe)
+    return run_recipe(recipe, inputs)
 
 
 def cli(argv: list[str] | None = None) -> int:

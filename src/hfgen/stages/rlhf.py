@@ -14,8 +14,10 @@ forward: the SFT model becomes PPO's policy and reference, the reward model PPO'
 default) its value model's initialisation. A `prerequisite` recipe (the tiny pretraining) runs first when its
 output is missing.
 
-A step is skipped when its output dir is complete (COMPLETE marker) and was made by the same resolved recipe; a
-step that runs makes every later step run too, since its inputs changed; `--force` reruns every step (not the
+A step is skipped when its output dir is complete (COMPLETE marker) and was made by the same resolved recipe from
+the same inputs; a step that runs makes every later step run too, from scratch, since its inputs changed (each step
+records the runs it consumed, the earlier steps' COMPLETE markers, in its OUTPUT_DIR/pipeline_inputs.json, so this
+holds across a stop between two steps); `--force` reruns every step (not the
 prerequisite). At the end a summary table (SFT held-out loss, reward-model accuracy, reward-model and oracle
 scores of the SFT and PPO policies on held-out prompts, win rates, KL, wall time per step) is printed and written
 to the pipeline's OUTPUT_DIR/eval.json.
@@ -191,17 +193,30 @@ def run(args: RLHFArguments) -> Path:
     from hfgen.recipe import load_recipe
     from hfgen.train import run_step
 
+    consumed = {}  # the runs a step consumes (its inputs): the prerequisite and every earlier step
     if args.prerequisite:
         prerequisite = load_recipe(args.prerequisite, check_inputs=False)
         if not tracking.is_complete(prerequisite.output_dir):
             say(f"== prerequisite: {args.prerequisite} -> {prerequisite.output_dir}")
             run_step(load_recipe(args.prerequisite))
+        consumed["prerequisite"] = prerequisite.output_dir
 
-    rerun = args.force
+    earlier_ran = False
     for step in pipeline_steps(args):
         recipe = step_recipe(args, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
         same = done and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml())
+        # Whether an earlier step was made again since this one started (complete or interrupted: a checkpoint
+        # trained on the old inputs is not resumed). Read from the step's dir, not only remembered here: a stop
+        # between two steps (a signal during a step's final save, a kill while the next step cleared its dir) lost
+        # that, and the next run skipped a step trained from the old SFT model. (A dir without the record, of a step
+        # run by hand, is judged by its recipe alone.)
+        inputs = tracking.inputs_of(consumed)
+        recorded = tracking.read_json(recipe.output_dir / tracking.INPUTS_RECORD, None)
+        inputs_changed = recorded is not None and recorded != inputs
+        rerun = args.force or earlier_ran or inputs_changed
+        tracking.wait_for_everyone()  # every rank has read the record before rank 0 rewrites it
+        consumed[step] = recipe.output_dir
         if same and not rerun:
             say(f"== {step}: {recipe.output_dir} is complete, skipped (--force redoes it)")
             continue
@@ -209,7 +224,9 @@ def run(args: RLHFArguments) -> Path:
             "forced"
             if args.force
             else "an earlier step ran"
-            if rerun
+            if earlier_ran
+            else "an earlier step was made again since it ran"
+            if inputs_changed
             else "recipe changed"
             if done
             else "interrupted"
@@ -217,8 +234,8 @@ def run(args: RLHFArguments) -> Path:
             else "no output yet"
         )
         say(f"== {step} ({why}): {getattr(args, step)} -> {recipe.output_dir}")
-        run_step(step_recipe(args, step, check_inputs=True), fresh=rerun)
-        rerun = True  # every later step consumes this step's output
+        run_step(step_recipe(args, step, check_inputs=True), fresh=rerun, inputs=inputs)
+        earlier_ran = True  # every later step consumes this step's output
 
     if not tracking.is_main_process():
         return Path(args.output_dir)  # the summary is rank 0's to print and write
