@@ -302,6 +302,56 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         resume_with()
 
 
+DIES_DELETING = """
+import os, signal, sys
+from pathlib import Path
+from hfgen import tracking
+
+unlink, deleted = os.unlink, []
+def dying_unlink(*args, **kwargs):  # a preemption half way through deleting a dir
+    unlink(*args, **kwargs)
+    deleted.append(args[0])
+    if len(deleted) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.unlink = dying_unlink
+output_dir = Path(sys.argv[1])
+if sys.argv[2] == "rotate":
+    tracking.finish_checkpoint(output_dir, output_dir / "checkpoint-8", 8, 1)
+else:
+    tracking.clear_previous_run(output_dir, overwrite=True)
+"""
+
+
+def test_a_kill_while_old_checkpoints_or_an_old_run_are_deleted_leaves_nothing_that_looks_complete(tmp_path):
+    # rotation's rmtree, killed half way, left a checkpoint-4 with its state files but no optimizer, scheduler or
+    # RNG state, from which a resume continued silently (other weights, learning rate 0)
+    import subprocess
+    import sys
+
+    recipe = yaml.safe_load(PRETRAIN.read_text())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    for step in (4, 8):
+        checkpoint = fake_checkpoint(tmp_path, recipe, tracking.launch_identity(), step=step)
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "model.safetensors"):
+            (checkpoint / name).write_text("x")
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 12}))
+    (tmp_path / "checkpoint-8" / tracking.CHECKPOINT_STATE).unlink()  # being written: finish_checkpoint marks it
+
+    def killed_deleting(what):
+        run = subprocess.run([sys.executable, "-c", DIES_DELETING, str(tmp_path), what], capture_output=True, text=True)
+        assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+
+    killed_deleting("rotate")
+    assert [p.name for p in tracking.checkpoints(tmp_path)] == ["checkpoint-8"]
+    assert tracking.resolve_resume("true", tmp_path) == tmp_path / "checkpoint-8"
+    tracking.write_run_records(tmp_path, yaml.safe_dump(recipe), resuming=True)  # a resume removes the leftover
+    tracking.unlock_output_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".deleting")) == []
+    tracking.mark_complete(tmp_path)
+    killed_deleting("clear")  # a fresh start over the complete run, killed while clearing it
+    assert not tracking.is_complete(tmp_path) and not tracking.complete_checkpoints(tmp_path)
+
+
 def test_the_steps_the_divergence_guard_skipped_travel_with_the_checkpoint(tmp_path):
     # nan_tolerance counted afresh after every resume: a run killed after a skipped step could skip it again
     from hfgen import guard

@@ -95,6 +95,7 @@ def write_run_records(
         return
     output_dir = Path(output_dir)
     lock_output_dir(output_dir)
+    remove_deletion_leftovers(output_dir)
     if not resuming:  # nothing of an earlier run is left to mix with this one's
         clear_previous_run(output_dir, overwrite)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -233,14 +234,41 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
         )
     if not is_run_dir(output_dir):
         return
-    for path in output_dir.iterdir():
+    # The marker first, then the checkpoints, each gone at once (`remove_dir`): a kill half way leaves an unfinished
+    # run with no checkpoint to resume, never a complete-looking dir or checkpoint missing some of its files.
+    (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+    for path in [*checkpoints(output_dir), *output_dir.iterdir()]:
         holds_runs = path.is_dir() and not _CHECKPOINT.match(path.name) and any(path.rglob("recipe.yaml"))
-        if path.name in KEPT_ON_FRESH_START or holds_runs:
+        if path.name in KEPT_ON_FRESH_START or holds_runs or not os.path.lexists(path):
             continue
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            remove_dir(path)
         else:
             path.unlink(missing_ok=True)
+
+
+DELETING_PREFIX = ".deleting-"
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a dir as if at once: renamed first (atomic) to a hidden name no reader takes for a checkpoint or output,
+    then removed. `shutil.rmtree` alone, killed half way, left e.g. a checkpoint-N with its state files but not its
+    optimizer, scheduler or RNG state, which a resume then took for complete (other weights, a learning rate of 0)."""
+    import uuid
+
+    doomed = path.with_name(f"{DELETING_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.rename(doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_deletion_leftovers(output_dir: Path) -> None:
+    """What a kill during `remove_dir` left (renamed, not yet removed): removed when a run starts in the dir."""
+    for path in output_dir.glob(f"{DELETING_PREFIX}*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
@@ -518,7 +546,7 @@ def finish_checkpoint(
     doomed += [p for p in checkpoints(output_dir) if not is_complete_checkpoint(p) and _step_of(p) < step]
     for old in doomed:
         if keep is None or Path(old).resolve() != Path(keep).resolve():
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(Path(old))
 
 
 def _step_of(path: Path) -> int:
