@@ -410,6 +410,33 @@ def test_a_complete_trainer_run_given_more_steps_continues_from_its_last_checkpo
 
 
 @pytest.mark.slow
+def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it_without_training_again(tmp_path):
+    # "checkpoint-8 is the last step's; starting again": every step trained again, and with save_total_limit 1 the
+    # rotation deleted each new checkpoint as soon as it was written, keeping the stale checkpoint-8
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert train(PRETRAIN, reference, PRETRAIN_ARGS).returncode == 0
+    stopped = train(PRETRAIN, killed, PRETRAIN_ARGS, kill_at="final_save")  # checkpoint-8 written, no COMPLETE
+    assert stopped.returncode == -signal.SIGKILL
+    last = killed / "checkpoint-8" / tracking.CHECKPOINT_STATE
+    written = last.stat().st_mtime_ns
+    result = train(PRETRAIN, killed, PRETRAIN_ARGS, kill_at="step@1", resume=True)  # (dies if it trains a step)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint-8 is the last step's; finishing the run from it" in result.stderr
+    assert last.stat().st_mtime_ns == written and [p.name for p in tracking.checkpoints(killed)] == ["checkpoint-8"]
+    assert_same_run(reference, killed)
+    assert (killed / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()  # the RNG came back
+
+
+def test_rotation_deletes_the_checkpoints_of_a_line_of_training_the_run_left_not_its_own(tmp_path):
+    recipe = yaml.safe_load(PRETRAIN.read_text())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    fake_checkpoint(tmp_path, recipe, {}, step=9)  # of the run before it resumed from an earlier checkpoint
+    (tmp_path / "checkpoint-3").mkdir()
+    tracking.finish_checkpoint(tmp_path, tmp_path / "checkpoint-3", 3, 1)
+    assert [p.name for p in tracking.checkpoints(tmp_path)] == ["checkpoint-3"]
+
+
+@pytest.mark.slow
 def test_a_signal_after_the_last_step_completes_the_run_then_stops_a_pipeline(pretrain_runs, tmp_path):
     # with save_on_signal the signal was noted, then forgotten: a pipeline ran its next steps to the end
     overrides = [*PRETRAIN_ARGS, "--save_on_signal", "true", "--eval_strategy", "no"]

@@ -541,8 +541,11 @@ def finish_checkpoint(
         **launch_identity(),
         "skipped_steps": sorted(guard.skipped_steps),
     })  # fmt: skip
-    complete = complete_checkpoints(output_dir)
-    doomed = complete[:-total_limit] if total_limit and total_limit > 0 else []
+    # Checkpoints of later steps than this one are of a line of training the run left (it resumed from an earlier
+    # one): they go, never this run's own (rotation keeping a stale "newest" one deleted each new one as written).
+    complete = [p for p in complete_checkpoints(output_dir) if _step_of(p) <= step]
+    doomed = [p for p in checkpoints(output_dir) if _step_of(p) > step]
+    doomed += complete[:-total_limit] if total_limit and total_limit > 0 else []
     doomed += [p for p in checkpoints(output_dir) if not is_complete_checkpoint(p) and _step_of(p) < step]
     for old in doomed:
         if keep is None or Path(old).resolve() != Path(keep).resolve():
@@ -654,12 +657,33 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     metrics.jsonl cut back to it (`start_metrics`) and TRL's token count as it was then."""
     path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir, trainer.args)
     start_metrics(output_dir, path)
+    if path is not None and _trained_to_the_end(path, trainer.args):
+        _finish_without_training(trainer, path)
     if path is not None and is_main_process() and hasattr(trainer, "_total_train_tokens"):
         # TRL (1.16) keeps its `num_tokens` count in the trainer, not in the checkpoint: the curve restarted at 0.
         # The main process logs it; the count is the same on every process (a gathered sum).
         counts = [row["num_tokens"] for row in read_metrics(output_dir) if "num_tokens" in row]
         trainer._total_train_tokens = counts[-1] if counts else 0
     return path
+
+
+def _finish_without_training(trainer, checkpoint: Path) -> None:
+    """From a checkpoint of the run's last step (a stop during the final evaluation or save), `trainer.train` loads
+    it (weights, optimizer, state, log history) and ends as training ends (its closing metrics row, the best model
+    when asked), training no step: transformers (5.24-5.25) checks max_steps only after a step, so where the last
+    step is not an epoch's last it trained one step more. Any epoch left is skipped, and the RNG state comes back from
+    the checkpoint (as a resumed epoch restores it) for what samples after training (generations, held-out
+    comparisons): the uninterrupted run's."""
+    finalize = trainer._finalize_training
+
+    def no_epoch(*args, **kwargs):
+        trainer.control.should_training_stop = True
+
+    def finalize_from_checkpoint(*args, **kwargs):
+        trainer._load_rng_state(str(checkpoint))
+        return finalize(*args, **kwargs)
+
+    trainer._run_epoch, trainer._finalize_training = no_epoch, finalize_from_checkpoint
 
 
 def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> float:
@@ -710,14 +734,10 @@ def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
                 f"resuming from {complete[-1].name}",
                 file=sys.stderr,
             )
-        if _trained_to_the_end(complete[-1], args):
-            # Trainer resumed from its last step takes one step more (transformers 5.24 checks max_steps only after
-            # a step): resume from the checkpoint before, or start again when there is none.
-            earlier = complete[:-1]
-            if is_main_process():
-                where = f"resuming from {earlier[-1].name}" if earlier else "starting again"
-                print(f"hfgen: resume: {complete[-1].name} is the last step's; {where}", file=sys.stderr)
-            return earlier[-1] if earlier else None
+        if _trained_to_the_end(complete[-1], args) and is_main_process():
+            # (resuming from an earlier checkpoint, or from none, trained again what was trained, and the rotation
+            # then deleted the new run's checkpoints in favour of this one)
+            print(f"hfgen: resume: {complete[-1].name} is the last step's; finishing the run from it", file=sys.stderr)
         return complete[-1]
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
