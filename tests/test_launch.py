@@ -102,3 +102,23 @@ def test_the_stages_told_to_set_ddp_backend_are_every_stage_transformers_sets_up
         name for name in STAGES if any(issubclass(c, TrainingArguments) for c in load_stage(name).ARGUMENTS)
     }
     assert set(loop.TRAINER_STAGES) == trainer_based
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches CPU processes")
+def test_a_spawned_launch_exits_with_its_processes_code_and_launches_every_process(tmp_path):
+    # a process's exit 2 came back as the launcher's CalledProcessError / ChildFailedError traceback and exit 1, a
+    # save_on_signal exit 143 as 1; and without --launch_config, --num_processes 2 started one process
+    from conftest import run_hfgen
+
+    tiny = ["--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "4", "--save_steps", "1",
+            "--logging_steps", "1", "--disable_tqdm", "true"]  # fmt: skip
+    missing = ["--resume_from_checkpoint", str(tmp_path / "no-such-checkpoint")]
+    cpu = {"ACCELERATE_USE_CPU": "true", "HFGEN_KILL_AT": ""}
+    result = run_hfgen("train", PRETRAIN, *tiny, *missing, "--output_dir", tmp_path / "a", "--num_processes", "2",
+                       env=cpu)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("no-such-checkpoint' is not a directory") == 2  # said by each of the 2 processes
+    stopped = run_hfgen("train", PRETRAIN, *tiny, "--save_on_signal", "true", "--output_dir", tmp_path / "b",
+                        "--num_processes", "1", env={**cpu, "HFGEN_KILL_AT": "step@2:TERM"})  # fmt: skip
+    assert stopped.returncode == 128 + 15 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]

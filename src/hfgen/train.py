@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         processes = check_spawn(args.num_processes, args.launch_config)  # refused once here, not once per process
         validate_for_processes(recipe_path, args.overrides, processes)
         return launch_with_accelerate(
-            recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port
+            recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
     recipe = load_recipe(recipe_path, args.overrides)
     with disk_full_exits_2(recipe.output_dir):
@@ -147,17 +147,44 @@ def validate_for_processes(recipe_path, overrides, processes: int) -> None:
 
 
 def launch_with_accelerate(
-    recipe_path, overrides, num_processes: int | None, config_file: str | None, main_process_port: int | None = None
+    recipe_path,
+    overrides,
+    num_processes: int | None,
+    config_file: str | None,
+    main_process_port: int | None = None,
+    processes: int = 1,
 ) -> int:
-    """Re-run this same command under `accelerate launch`, which starts one process per device."""
+    """Re-run this same command under accelerate's launcher, which starts one process per device (`processes` of
+    them, as `check.check_spawn` counted), and return the launched processes' exit code: a process's own code (2 bad
+    input, 3 divergence, 128 + signal after save_on_signal), not the launcher's traceback and exit code 1."""
     import subprocess
 
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    command += ["--config_file", config_file] if config_file else []
+    import yaml
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    command = ["--config_file", config_file] if config_file else []
     command += ["--num_processes", str(num_processes)] if num_processes else []
     command += ["--main_process_port", str(main_process_port)] if main_process_port else []
+    engine = (yaml.safe_load(open(config_file)) or {}).get("distributed_type", "NO") if config_file else "NO"
+    if processes > 1 and engine == "NO":
+        # without a multi-process config accelerate starts ONE process (its simple launcher), which trained alone
+        command.append("--multi_gpu")  # DDP: on CPUs (ACCELERATE_USE_CPU=true, as check_spawn asks) CPU processes
     command += ["--module", "hfgen.train", str(recipe_path), *overrides]
-    return subprocess.run(command).returncode
+    try:
+        launch_command(launch_command_parser().parse_args(command))
+    except subprocess.CalledProcessError as error:  # the one process (its output has been shown)
+        return _exit_code(error.returncode)
+    except ChildFailedError as error:  # torchrun: the first process that failed
+        rank, failure = error.get_first_failure()
+        print(f"hfgen: process {rank} of the launch exited with code {failure.exitcode}", file=sys.stderr)
+        return _exit_code(failure.exitcode)
+    return 0
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's return code as a shell reports it: killed by signal N (returncode -N) -> 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def run_recipe(recipe, inputs: dict | None = None) -> Path:
