@@ -72,13 +72,27 @@ def test_pretrain_killed_at_every_point_ends_as_the_uninterrupted_run(pretrain_r
     assert [p.name for p in tracking.checkpoints(killed)] == ["checkpoint-8"]  # save_total_limit 1
 
 
-def test_resume_refuses_an_incomplete_checkpoint_by_path(pretrain_runs, tmp_path):
+def test_resume_refuses_an_incomplete_checkpoint_by_path(pretrain_runs, tmp_path, capsys):
     shutil.copytree(pretrain_runs[0] / "checkpoint-8", tmp_path / "checkpoint-8")
     (tmp_path / "checkpoint-8" / tracking.CHECKPOINT_STATE).unlink()  # as a kill mid-write leaves it
     with pytest.raises(UserError, match="checkpoint-8' is an incomplete checkpoint"):
         tracking.resolve_resume(str(tmp_path / "checkpoint-8"), tmp_path)
-    with pytest.raises(UserError, match="no complete checkpoint.*only incomplete ones: checkpoint-8"):
-        tracking.resolve_resume("true", tmp_path)
+    with pytest.raises(UserError, match="no-such-checkpoint' is not a directory"):
+        tracking.resolve_resume(str(tmp_path / "no-such-checkpoint"), tmp_path)
+    assert tracking.resolve_resume("true", tmp_path) is None  # `true` with nothing to resume: a fresh start
+    assert "only incomplete ones: checkpoint-8); starting afresh" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_restarted_with_resume_true_starts_afresh(tmp_path):
+    # a restart script always passing --resume_from_checkpoint true exited 2: "no complete checkpoint-N directory"
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert train(PRETRAIN, reference, PRETRAIN_ARGS).returncode == 0
+    assert train(PRETRAIN, killed, PRETRAIN_ARGS, kill_at="checkpoint@4", resume=True).returncode == -signal.SIGKILL
+    result = train(PRETRAIN, killed, PRETRAIN_ARGS, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(only incomplete ones: checkpoint-4); starting afresh" in result.stderr, result.stderr[-3000:]
+    assert_same_run(reference, killed)
 
 
 @pytest.mark.slow

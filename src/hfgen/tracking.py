@@ -709,6 +709,21 @@ def resume_requested(resume_from_checkpoint) -> bool:
     return resume_from_checkpoint not in (None, False, "", "false", "False")
 
 
+def nothing_to_resume(resume_from_checkpoint, output_dir: str | Path) -> bool:
+    """`--resume_from_checkpoint true` with no complete checkpoint in output_dir (a run killed before its first one,
+    a new dir): the run starts afresh, as the README promises a restart script that always passes it, and says so
+    (the dir is then cleared as for a fresh start, not mixed into the new run)."""
+    import sys
+
+    if resume_from_checkpoint not in (True, "true", "True") or complete_checkpoints(output_dir):
+        return False
+    if is_main_process():
+        incomplete = [p.name for p in checkpoints(output_dir)]
+        which = f" (only incomplete ones: {', '.join(incomplete)})" if incomplete else ""
+        print(f"hfgen: resume: no complete checkpoint in '{output_dir}'{which}; starting afresh", file=sys.stderr)
+    return True
+
+
 def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
     import sys
 
@@ -723,11 +738,8 @@ def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
             if not is_complete_checkpoint(p) and (not complete or _step_of(p) > _step_of(complete[-1]))
         ]
         if not complete:
-            incomplete = f" (only incomplete ones: {', '.join(skipped)})" if skipped else ""
-            raise UserError(
-                f"resume_from_checkpoint: no complete checkpoint-N directory in '{output_dir}' to resume from"
-                f"{incomplete}; drop resume_from_checkpoint to start afresh."
-            )
+            nothing_to_resume(resume_from_checkpoint, output_dir)  # says so: a fresh start
+            return None
         if skipped and is_main_process():
             print(
                 f"hfgen: resume: skipped {', '.join(skipped)} (incomplete: the run stopped while writing it); "

@@ -200,6 +200,10 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
     # The rlhf pipeline's own dir holds only its summary: a rerun with other settings skips or redoes its steps,
     # each of which is checked in its own dir (`run_step`).
     overwrite = recipe.run.overwrite_output_dir or recipe.stage == "rlhf"
+    if tracking.nothing_to_resume(recipe.value("resume_from_checkpoint"), output_dir):
+        for config in (*recipe.configs, recipe.run):  # a fresh start: the dir is cleared like one's
+            if hasattr(config, "resume_from_checkpoint"):
+                config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
     if inputs is not None and tracking.is_main_process():
