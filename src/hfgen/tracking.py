@@ -655,6 +655,7 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
 def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     """A Trainer stage's resume: the checkpoint to pass to `trainer.train` (None: a fresh start), with
     metrics.jsonl cut back to it (`start_metrics`) and TRL's token count as it was then."""
+    _count_whole_model_flos(trainer)
     path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir, trainer.args)
     start_metrics(output_dir, path)
     if path is not None and _trained_to_the_end(path, trainer.args):
@@ -665,6 +666,25 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
         counts = [row["num_tokens"] for row in read_metrics(output_dir) if "num_tokens" in row]
         trainer._total_train_tokens = counts[-1] if counts else 0
     return path
+
+
+def _count_whole_model_flos(trainer) -> None:
+    """Under ZeRO-3, Trainer's `total_flos` (6 x tokens x `model.num_parameters(exclude_embeddings=True)` per
+    micro-batch) counts `numel()` of partitioned parameters, which is what this process holds at that moment: the
+    first micro-batch of each process counted 0 (its parameters released), so a resumed run (a new process) counted
+    one micro-batch per process fewer than the uninterrupted run, with identical weights. The whole model's count,
+    taken once before training (DeepSpeed's `ds_numel` where already partitioned), is used instead, as under DDP."""
+    from torch import nn
+
+    from hfgen import loop
+
+    model = trainer.model
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if loop.engine(trainer.accelerator) != "zero3" or not hasattr(model, "num_parameters"):
+        return  # whole parameters on every process: transformers' own count stands
+    embeddings = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Embedding)}
+    count = sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters() if name not in embeddings)
+    trainer.floating_point_ops = lambda inputs: 6 * inputs[main_input].numel() * count if main_input in inputs else 0
 
 
 def _finish_without_training(trainer, checkpoint: Path) -> None:
