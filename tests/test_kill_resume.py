@@ -441,6 +441,19 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it_without_traini
     assert (killed / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()  # the RNG came back
 
 
+@pytest.mark.slow
+def test_a_signal_during_the_last_steps_evaluation_lets_the_resumed_run_complete_as_the_uninterrupted_one(tmp_path):
+    # with save_on_signal the run saved checkpoint-8 and stopped; the resume trained every step again from 0
+    overrides = [*PRETRAIN_ARGS, "--save_on_signal", "true", "--eval_strategy", "steps", "--eval_steps", "4"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert train(PRETRAIN, reference, overrides).returncode == 0
+    result = train(PRETRAIN, stopped, overrides, kill_at="eval@8:TERM")  # the last step's evaluation, in training
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    result = train(PRETRAIN, stopped, overrides, kill_at="step@1", resume=True)  # (dies if it trains a step)
+    assert result.returncode == 0 and "finishing the run from it" in result.stderr, result.stderr[-3000:]
+    assert_same_run(reference, stopped)
+
+
 def test_rotation_deletes_the_checkpoints_of_a_line_of_training_the_run_left_not_its_own(tmp_path):
     recipe = yaml.safe_load(PRETRAIN.read_text())
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
