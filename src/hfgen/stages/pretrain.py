@@ -195,6 +195,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
+    guard.kill_point("eval")  # (trainer.evaluate()'s callback held it when the final loss came from there)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):  # every process: sharded engines
         # The final loss as the initial one, over every held-out block once: trainer.evaluate() on N processes
         # averages batch means, and accelerate pads the last process's batch with copies of blocks when they do
