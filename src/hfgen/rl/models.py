@@ -265,19 +265,15 @@ MAX_LONG_PROMPTS = 0.5  # a larger share of prompts over max_prompt_length: the 
 
 
 def drop_long_prompts(tokenizer, rows, max_prompt_length: int, records: dict, split: str):
-    """`rows` less the prompts longer than max_prompt_length tokens (as tokenize_prompts renders them), dropped and
-    counted in the data records (data.json, hfgen check); refused, as the README's bad-rows policy says, when none
-    remain or more than half the prompts are dropped (the limit is wrong for the data)."""
+    """(`rows` less the prompts longer than max_prompt_length tokens, the kept prompts' token ids as `prompt_ids`
+    gives them), the dropped ones counted in the data records (data.json, hfgen check); refused, as the README's
+    bad-rows policy says, when none remain or more than half the prompts are dropped (the limit is wrong for the
+    data)."""
     from hfgen.data.prepare import drop_and_count
-    from hfgen.generate import format_prompts
 
     if not len(rows):
-        return rows
-    prompts = rows["prompt"]
-    chat = not isinstance(prompts[0], str)
-    if chat and tokenizer.chat_template is None:
-        raise UserError("the prompts are chat messages but the tokenizer of the policy has no chat template")
-    ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+        return rows, []
+    ids = prompt_ids(tokenizer, rows["prompt"])
     keep = [len(query) <= max_prompt_length for query in ids]
     kept = drop_and_count(rows, keep, records, f"longer than max_prompt_length={max_prompt_length}", split)
     if len(kept) == 0 or len(kept) < (1 - MAX_LONG_PROMPTS) * len(rows):
@@ -285,18 +281,24 @@ def drop_long_prompts(tokenizer, rows, max_prompt_length: int, records: dict, sp
             f"{len(rows) - len(kept)} of {len(rows)} {split} prompts are longer than max_prompt_length="
             f"{max_prompt_length} tokens; raise max_prompt_length (or shorten the prompts)"
         )
-    return kept
+    return kept, [query for query, kept_it in zip(ids, keep) if kept_it]
 
 
-def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:
-    """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
-    the assistant turn opened."""
+def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """The prompts' token ids as the policy reads them: chat messages get the chat template with the assistant turn
+    opened."""
     from hfgen.generate import format_prompts
 
     chat = not isinstance(prompts[0], str)
     if chat and tokenizer.chat_template is None:
         raise UserError("the prompts are chat messages but the tokenizer of the policy has no chat template")
-    ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+    return tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+
+
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:
+    """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
+    the assistant turn opened (`prompt_ids`)."""
+    ids = prompt_ids(tokenizer, prompts)
     kept = [i for i, query in enumerate(ids) if len(query) <= max_prompt_length]
     if not kept:
         raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens")

@@ -63,7 +63,6 @@ from hfgen.rl.models import (
     parameter_groups,
     prompt_room,
     stop_token_ids,
-    tokenize_prompts,
     training_precision,
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
@@ -399,13 +398,13 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     max_prompt_length = prompt_room(policy, data_args.max_prompt_length, config.response_length)
     # plain-string prompts to a chat model as one user turn (`chat_prompts`), as GRPO and RLOO send them
     train_rows, eval_rows = (prepare_prompts(rows, data_args, tokenizer) for rows in (train_rows, eval_rows))
-    train_rows, eval_rows = (
+    # (the rows within max_prompt_length, and their token ids: the prompts are rendered and tokenized once)
+    (train_rows, train_queries), (eval_rows, _) = (
         drop_long_prompts(tokenizer, rows, max_prompt_length, data_records, split)
         for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
     )
     record(output_dir, data_records)
-    train_prompts, train_queries = tokenize_prompts(tokenizer, train_rows["prompt"], max_prompt_length)
-    eval_prompts, _ = tokenize_prompts(tokenizer, eval_rows["prompt"], max_prompt_length)
+    train_prompts, eval_prompts = list(train_rows["prompt"]), list(eval_rows["prompt"])
     fit_max_length(policy, config, "ptx_max_length")
     ptx_data = ptx_examples(tokenizer, config) if config.ptx_coef else None
 
