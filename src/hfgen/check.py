@@ -301,25 +301,36 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
 # ---- launch checks (`hfgen train --num_processes`: before it spawns processes) ----
 
 
+def read_launch_config(launch_config: str | None) -> dict:
+    """The accelerate config file of `--launch_config` as a mapping ({} without one); a UserError naming it when it
+    cannot be read as one."""
+    import yaml
+
+    from hfgen.errors import UserError
+
+    if not launch_config:
+        return {}
+    try:
+        with open(launch_config) as stream:
+            config = yaml.safe_load(stream) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"--launch_config '{launch_config}' cannot be read as YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--launch_config '{launch_config}' must be an accelerate config (a mapping of keys)")
+    return config
+
+
 def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
     """Before `hfgen train --num_processes N --launch_config CFG` spawns anything: the launch the processes would
     refuse, refused once here (each process printed the refusal, then torchrun its own traceback, exit code 1).
     Returns the number of processes the launch will start."""
     import torch
-    import yaml
     from accelerate.utils import parse_flag_from_env
 
     from hfgen.errors import UserError
     from hfgen.loop import deepspeed_on_cpu_flag_problem
 
-    config = {}
-    if launch_config:
-        try:
-            config = yaml.safe_load(open(launch_config)) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise UserError(f"--launch_config '{launch_config}' cannot be read as YAML: {error}") from None
-        if not isinstance(config, dict):
-            raise UserError(f"--launch_config '{launch_config}' must be an accelerate config (a mapping of keys)")
+    config = read_launch_config(launch_config)
     if num_processes is not None and num_processes < 1:
         raise UserError(f"--num_processes {num_processes}: must be at least 1")
     processes = num_processes or int(config.get("num_processes") or max(torch.cuda.device_count(), 1))

@@ -159,14 +159,15 @@ def launch_with_accelerate(
     input, 3 divergence, 128 + signal after save_on_signal), not the launcher's traceback and exit code 1."""
     import subprocess
 
-    import yaml
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from hfgen.check import read_launch_config
 
     command = ["--config_file", config_file] if config_file else []
     command += ["--num_processes", str(num_processes)] if num_processes else []
     command += ["--main_process_port", str(main_process_port)] if main_process_port else []
-    engine = (yaml.safe_load(open(config_file)) or {}).get("distributed_type", "NO") if config_file else "NO"
+    engine = read_launch_config(config_file).get("distributed_type", "NO")  # (check_spawn has read it already)
     if processes > 1 and engine == "NO":
         # without a multi-process config accelerate starts ONE process (its simple launcher), which trained alone
         command.append("--multi_gpu")  # DDP: on CPUs (ACCELERATE_USE_CPU=true, as check_spawn asks) CPU processes
