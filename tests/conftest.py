@@ -1,5 +1,7 @@
 """Shared test setup: offline, deterministic, small thread counts, and a free port for multi-process runs."""
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -48,6 +50,29 @@ def run_hfgen(*args, cwd=REPO, timeout=900, env=None) -> subprocess.CompletedPro
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_hfgen_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    """`hfgen ARGS` run by the CLI's own `main` in this process, for runs a test expects to stop at the check (exit 2):
+    the same code as the console script without a new interpreter importing torch, transformers and diffusers again
+    (about 5 s a call). A bug's exception is raised here, as its traceback would end the real CLI."""
+    stdout, stderr, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    from hfgen.cli import main
+
+    # what a new interpreter would find: the PYTHONPATH a test set (its reward modules), then the working directory
+    added = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path and path not in sys.path]
+    sys.path[:0] = added
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                returncode = main([*map(str, args)])
+            except SystemExit as exit_info:
+                returncode = exit_info.code if isinstance(exit_info.code, int) else int(exit_info.code is not None)
+    finally:
+        os.chdir(previous)
+        del sys.path[: len(added)]
+    return subprocess.CompletedProcess(["hfgen", *map(str, args)], returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.CompletedProcess:

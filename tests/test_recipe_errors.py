@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from hfgen.cli import main as hfgen_main
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
@@ -98,7 +98,7 @@ def test_real_cli_prints_no_traceback(tmp_path):
 
 
 def test_generate_from_missing_model_exits_2(tmp_path):
-    result = run_hfgen("generate", tmp_path / "no_model", "--prompt", "the cat")
+    result = run_hfgen_here("generate", tmp_path / "no_model", "--prompt", "the cat")
     assert result.returncode == 2
     assert "no_model" in result.stderr and "Traceback" not in result.stderr
 

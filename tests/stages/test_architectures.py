@@ -5,7 +5,7 @@ every text stage on ten architectures. LoRA through one module name, as GPT-2 us
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from stages.test_ppo import ORACLE, write_recipe
 from tiny_models import save_tiny_causal_lm
 
@@ -42,7 +42,7 @@ def test_ppo_with_lora_policy_and_critic_on_gpt2(tiny_gpt2, tmp_path):
 def test_a_llama_module_list_on_gpt2_exits_2_naming_its_layers(tiny_gpt2, tmp_path):
     recipe = write_recipe(tmp_path, tiny_gpt2, use_peft=True, lora_target_modules=["q_proj", "v_proj"],
                           reward_functions=[ORACLE])  # fmt: skip
-    result = run_hfgen("train", recipe)
+    result = run_hfgen_here("train", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lora_target_modules" in result.stderr and "c_attn, c_fc, c_proj" in result.stderr
 
@@ -63,7 +63,7 @@ def test_lengths_past_gpt2s_learned_positions_exit_2_before_training(tiny_gpt2, 
         if recipe == "pretrain.yaml"
         else ["--model_name_or_path", tiny_gpt2]
     )
-    result = run_hfgen("train", REPO / "recipes/tiny" / recipe, *model, "--output_dir", tmp_path, *overrides)
+    result = run_hfgen_here("train", REPO / "recipes/tiny" / recipe, *model, "--output_dir", tmp_path, *overrides)
     assert result.returncode == 2 and "Traceback" not in result.stderr and expected in result.stderr, result.stderr[
         -2000:
     ]
@@ -71,7 +71,7 @@ def test_lengths_past_gpt2s_learned_positions_exit_2_before_training(tiny_gpt2, 
 
 def test_packing_on_a_model_that_would_mix_packed_documents_exits_2(tmp_path):
     opt = save_tiny_causal_lm(tmp_path / "opt", "opt")
-    result = run_hfgen("train", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", opt, "--packing", "true",
+    result = run_hfgen_here("train", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", opt, "--packing", "true",
                        "--max_steps", "1", "--max_train_samples", "64", "--output_dir", tmp_path / "run")  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "packing: true, but opt models do not keep the documents of a packed row apart" in result.stderr

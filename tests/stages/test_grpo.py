@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from tiny_models import save_tiny_llama
 
@@ -75,10 +75,10 @@ def full_run(models, tmp_path_factory):
 
 @pytest.mark.slow
 def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
-    result = run_hfgen("train", write_recipe(tmp_path, models[0], num_generation=4))
+    result = run_hfgen_here("train", write_recipe(tmp_path, models[0], num_generation=4))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "num_generation" in result.stderr and "num_generations" in result.stderr
-    result = run_hfgen(
+    result = run_hfgen_here(
         "train", write_recipe(tmp_path, models[0], reward_weights=[1.0], oracle_function="hfgen.data.arithmetic:nope")
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -86,7 +86,7 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
     # values TRL checks only at the first loss, after the models loaded and generated
     bad = {"importance_sampling_level": "sentence", "multi_objective_aggregation": "mean",
            "vllm_importance_sampling_mode": "clip", "eval_strategy": "steps"}  # fmt: skip
-    result = run_hfgen("train", write_recipe(tmp_path, models[0], **bad))
+    result = run_hfgen_here("train", write_recipe(tmp_path, models[0], **bad))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for key, value in list(bad.items())[:3]:
         assert f"{key} must be one of" in result.stderr and f"got '{value}'" in result.stderr, result.stderr[-2000:]
@@ -96,7 +96,7 @@ def test_bad_recipes_exit_2_naming_the_key(tmp_path, models):
 def test_a_combination_trl_does_not_implement_exits_2_naming_it(tmp_path, models):
     # TRL's constructor raises NotImplementedError for sync_ref_model with LoRA: the recipe's, not a bug of hfgen's
     lora = {"use_peft": True, "lora_r": 4, "lora_target_modules": ["q_proj"], "sync_ref_model": True, "beta": 0.1}
-    result = run_hfgen("train", write_recipe(tmp_path, models[0], **lora))
+    result = run_hfgen_here("train", write_recipe(tmp_path, models[0], **lora))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "GRPOTrainer rejected the recipe" in result.stderr and "sync_ref_model" in result.stderr
 
@@ -108,7 +108,7 @@ def test_a_null_in_a_column_a_reward_function_reads_exits_2_naming_file_row_and_
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = write_recipe(tmp_path, models[0], dataset_name=str(data), prompt_column="question",
                           reward_functions=["hfgen.data.arithmetic:gsm8k_exact_answer"], reward_weights=None)  # fmt: skip
-    result = run_hfgen("check", recipe)
+    result = run_hfgen_here("check", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     expected = f"dataset '{data}' (split 'train'): 10 row(s) lack a value in column 'answer'"
     assert expected in result.stderr and "rows [1, 4, 7, 10, 13]" in result.stderr, result.stderr[-2000:]
@@ -137,7 +137,7 @@ def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_p
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps({"question": f"{a}+1+2=?"}) + "\n" for a in range(8)))
     recipe = write_recipe(tmp_path, models[0], dataset_name=str(data), prompt_column="question", chat_prompts="refuse")
-    result = run_hfgen("train", recipe)
+    result = run_hfgen_here("train", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "plain strings" in result.stderr and "chat template" in result.stderr and "chat_prompts" in result.stderr
 
@@ -240,7 +240,7 @@ def test_resume_mid_generation_batch_reproduces_the_uninterrupted_run(full_run, 
     `tracking.check_same_run`)."""
     (tmp_path / "run").mkdir()
     shutil.copytree(full_run / "checkpoint-1", tmp_path / "run" / "checkpoint-1")
-    result = run_hfgen("train", write_recipe(tmp_path, models[1]), "--resume_from_checkpoint", "true")
+    result = run_hfgen_here("train", write_recipe(tmp_path, models[1]), "--resume_from_checkpoint", "true")
     assert result.returncode == 2 and "model_name_or_path" in result.stderr, result.stderr[-2000:]
     train(write_recipe(tmp_path, models[0]), "--resume_from_checkpoint", "true")
     full = [row for row in tracking.read_metrics(full_run) if "loss" in row]
@@ -289,7 +289,7 @@ def test_rlhf_pipeline_runs_grpo_in_ppos_place_with_or_without_a_reward_model(tm
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("# bad\nstage: rlhf\nmethod: grpoo\noutput_dir: x\nsft: a\n")
-    result = run_hfgen("train", bad)
+    result = run_hfgen_here("train", bad)
     assert result.returncode == 2 and "method 'grpoo' is not one of ppo, grpo, rloo" in result.stderr
 
 

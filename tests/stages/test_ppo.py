@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_hfgen
+from conftest import accelerate_launch, run_hfgen, run_hfgen_here
 from hfgen import tracking
 
 ORACLE = "hfgen.data.embedded:oracle_scores"
@@ -94,25 +94,25 @@ def train(recipe, *overrides):
 def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
     sft, _ = tiny_models
     recipe = write_recipe(tmp_path, sft, reward_functions=["hfgen.data.embedded:no_such_function"], num_ppo_epochs=0)
-    result = run_hfgen("train", recipe, "--reward_model_path", tmp_path / "missing", "--kl_estimator", "k2")
+    result = run_hfgen_here("train", recipe, "--reward_model_path", tmp_path / "missing", "--kl_estimator", "k2")
     assert result.returncode == 2
     assert "'k2' is not one of" in result.stderr and "Traceback" not in result.stderr
-    result = run_hfgen("train", recipe, "--reward_model_path", tmp_path / "missing")
+    result = run_hfgen_here("train", recipe, "--reward_model_path", tmp_path / "missing")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for fragment in ("no_such_function", "num_ppo_epochs must be at least 1", "reward_model_path", "does not exist"):
         assert fragment in result.stderr, fragment
-    result = run_hfgen("train", write_recipe(tmp_path, sft))  # no reward model and no reward function
+    result = run_hfgen_here("train", write_recipe(tmp_path, sft))  # no reward model and no reward function
     assert result.returncode == 2 and "no reward" in result.stderr
     # options of a loss whose weight is 0 were silently unused (the reverse, a weight without its data, was refused)
     recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], ptx_dataset_name="embedded:corpus")
-    result = run_hfgen("train", recipe, "--kl_loss_estimator", "k2")
+    result = run_hfgen_here("train", recipe, "--kl_loss_estimator", "k2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ptx_dataset_name 'embedded:corpus' needs ptx_coef > 0" in result.stderr
     assert "kl_loss_estimator 'k2' needs kl_loss_coef > 0" in result.stderr
     # missing ptx data: found after every model had loaded, named as the prompt data's dataset_name
     recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], ptx_coef=1.0,
                           ptx_dataset_name=str(tmp_path / "missing.jsonl"))  # fmt: skip
-    result = run_hfgen("train", recipe)
+    result = run_hfgen_here("train", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "PPO:" not in result.stdout
     assert f"ptx_dataset_name '{tmp_path / 'missing.jsonl'}' does not exist" in result.stderr
 
@@ -128,7 +128,7 @@ def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2
     sft, _ = tiny_models
     recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], total_episodes=16, gradient_accumulation_steps=1)
     other = save_tiny_llama(tmp_path / "other", tokenizer_name="embedded:arithmetic-bpe")
-    result = run_hfgen("check", recipe, "--value_model_path", other)
+    result = run_hfgen_here("check", recipe, "--value_model_path", other)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"value_model_path '{other}' has another vocabulary" in result.stderr, result.stderr[-2000:]
     tokenizer = build_embedded_tokenizer()
@@ -137,7 +137,7 @@ def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2
                         intermediate_size=32, max_position_embeddings=128, num_labels=1)  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(bert)
     tokenizer.save_pretrained(bert)
-    result = run_hfgen("train", recipe, "--value_model_path", bert)
+    result = run_hfgen_here("train", recipe, "--value_model_path", bert)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for fragment in (f"value_model_path '{bert}' is a BertForSequenceClassification", "must be a decoder"):
         assert fragment in result.stderr, result.stderr[-2000:]
@@ -306,7 +306,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, settings
         other = tmp_path / "other"
         other.mkdir()
         checkpoint = full_dir / "run" / "checkpoint-2"
-        result = run_hfgen("train", write_recipe(other, sft, **common, **LORA), "--resume_from_checkpoint", checkpoint)
+        result = run_hfgen_here(
+            "train", write_recipe(other, sft, **common, **LORA), "--resume_from_checkpoint", checkpoint
+        )
         assert result.returncode == 2 and "use_peft: False -> True" in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
 
@@ -713,7 +715,7 @@ def test_prompts_over_max_prompt_length_are_counted_and_refused_when_most(tmp_pa
     recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], dataset_name=str(data), max_prompt_length=40,
                           total_episodes=8, gradient_accumulation_steps=1)  # fmt: skip
     write(20)
-    result = run_hfgen("check", recipe)
+    result = run_hfgen_here("check", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "prompts are longer than max_prompt_length=40 tokens" in result.stderr, result.stderr[-2000:]
     write(4)

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, accelerate_launch, run_hfgen, shrunk
+from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here, shrunk
 from hfgen import tracking
 
 
@@ -48,7 +48,7 @@ def pipeline(tmp_path):
 
 
 def test_every_step_is_validated_before_anything_runs(pipeline, tmp_path):
-    result = run_hfgen("train", pipeline, "--ppo_overrides", '{"kl_coeff": 0.1}', "--reward", str(pipeline))
+    result = run_hfgen_here("train", pipeline, "--ppo_overrides", '{"kl_coeff": 0.1}', "--reward", str(pipeline))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "step ppo" in result.stderr and "did you mean 'kl_coef'" in result.stderr
     assert "step reward" in result.stderr and "is stage 'rlhf', not 'reward'" in result.stderr
@@ -57,11 +57,11 @@ def test_every_step_is_validated_before_anything_runs(pipeline, tmp_path):
 
 def test_a_step_writing_another_steps_dir_or_its_own_input_model_exits_2_before_anything_runs(pipeline, tmp_path):
     # ppo into the sft step's dir trained over the SFT run it had just loaded, then failed with a traceback
-    result = run_hfgen("train", pipeline, "--ppo_overrides", json.dumps({"output_dir": str(tmp_path / "sft")}))
+    result = run_hfgen_here("train", pipeline, "--ppo_overrides", json.dumps({"output_dir": str(tmp_path / "sft")}))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"step ppo: output_dir '{tmp_path / 'sft'}' is also step sft's" in result.stderr
     overrides = {"output_dir": str(tmp_path / "pretrain_out")}  # sft over the prerequisite's model, its own input
-    result = run_hfgen("train", pipeline, "--sft_overrides", json.dumps(overrides))
+    result = run_hfgen_here("train", pipeline, "--sft_overrides", json.dumps(overrides))
     assert result.returncode == 2 and "step sft: output_dir" in result.stderr
     assert f"model_name_or_path '{tmp_path / 'pretrain_out'}' is its own output_dir" in result.stderr
     assert not (tmp_path / "pretrain_out").exists() and not (tmp_path / "sft").exists()
@@ -70,7 +70,7 @@ def test_a_step_writing_another_steps_dir_or_its_own_input_model_exits_2_before_
 def test_every_steps_values_are_checked_before_anything_runs(pipeline, tmp_path):
     # reward_clip 0 was found after pretraining, SFT and reward had trained; the models earlier steps make are not
     # there yet, and are no problem
-    result = run_hfgen("train", pipeline, "--ppo_overrides", '{"reward_clip": 0, "monitor_kl_window": 1}')
+    result = run_hfgen_here("train", pipeline, "--ppo_overrides", '{"reward_clip": 0, "monitor_kl_window": 1}')
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         "step ppo: monitor_kl_window must be at least 2" in result.stderr and "reward_clip must be > 0" in result.stderr

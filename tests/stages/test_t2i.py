@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
 from diffusion_fixtures import (
     LORA_RECIPE,
     SMALL_DATA,
@@ -89,7 +89,7 @@ def test_hfgen_eval_on_a_run_uses_its_validation_prompts_and_one_image_has_no_di
     results = tracking.read_json(run / "eval.json")
     assert results["eval/num_prompts"] == 2 and results["eval/images_per_prompt"] == 1
     assert results["diversity/pairwise_distance"] is None
-    refused = run_hfgen("eval", run, "--images_per_prompt", "0")
+    refused = run_hfgen_here("eval", run, "--images_per_prompt", "0")
     assert refused.returncode == 2 and "--images_per_prompt" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -161,7 +161,7 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     pipeline.set_progress_bar_config(disable=True)
     assert not any("lora" in name for name in pipeline.unet.state_dict())
     torch.testing.assert_close(torch.from_numpy(render()), torch.from_numpy(with_lora), atol=1e-4, rtol=1e-4)
-    refused = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path)
+    refused = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path)
     assert refused.returncode == 2 and "is a LoRA run" in refused.stderr and "hfgen merge" in refused.stderr
 
 
@@ -281,7 +281,7 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(scratch_run,
     ],
 )
 def test_zero_counts_exit_2_at_the_check(scratch_run, change, expected):
-    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, *change)
+    result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, *change)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert all(part in result.stderr for part in expected), result.stderr
 
@@ -294,14 +294,14 @@ def test_text_encoder_lora_with_a_peft_transformers_cannot_use_exits_2_at_the_ch
 
     if Version(version("peft")) >= Version(MIN_PEFT_VERSION):
         pytest.skip(f"peft {version('peft')} is new enough for transformers' text-encoder adapters")
-    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run,
+    result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run,
                        "--train_text_encoder", "true")  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "train_text_encoder" in result.stderr and MIN_PEFT_VERSION in result.stderr
 
 
 def test_generate_with_more_steps_than_the_scheduler_has_exits_2(scratch_run, tmp_path):
-    result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--num_inference_steps", "2000",
+    result = run_hfgen_here("generate", scratch_run, "--prompt", "a handwritten digit 3", "--num_inference_steps", "2000",
                        "--output_dir", tmp_path)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--num_inference_steps 2000" in result.stderr and "1000" in result.stderr
@@ -355,18 +355,18 @@ def test_component_configs_that_fail_mid_training_exit_2_at_the_check(configs, v
         (["--vae_name_or_path", tmp_path / "vae16"], "in_channels 4, out_channels 4", "latent_channels is 16"),
     ]
     for change, *expected in cases:
-        result = run_hfgen("check", T2I_RECIPE, *scratch, *change)
+        result = run_hfgen_here("check", T2I_RECIPE, *scratch, *change)
         assert result.returncode == 2 and all(part in result.stderr for part in expected), (change, result.stderr)
-    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path / "sample_base")
+    result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", tmp_path / "sample_base")
     assert result.returncode == 2 and "prediction_type 'sample'" in result.stderr, result.stderr
     # a pretrained pipeline's scheduler is the one trained with: a scheduler_config beside it is refused
-    result = run_hfgen("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--scheduler_config",
+    result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--scheduler_config",
                        tmp_path / "sample.json")  # fmt: skip
     assert result.returncode == 2 and "scheduler_config build a pipeline from scratch" in result.stderr
 
 
 def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):
-    result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
+    result = run_hfgen_here("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", tmp_path,
                        "--lora_target_modules", "[q_proj, k_proj]", *SMALL_DATA)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert all(part in result.stderr for part in ("lora_target_modules", "k_proj, q_proj", "to_out.0", "to_q"))
@@ -389,7 +389,7 @@ def test_bad_data_exits_2_before_training(configs, vae_dir, tmp_path, change, ex
     rows = [{"file_name": f"{i}.png", "text": f"square {i}"} for i in range(4)]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     change = [str(folder) if c == "MISSING_FILE" else c for c in change]
-    result = run_hfgen("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, tmp_path / "out"), *change)
+    result = run_hfgen_here("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, tmp_path / "out"), *change)
     assert result.returncode == 2, result.stderr[-3000:]
     for text in expected:
         assert text in result.stderr

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_t2i_flow import FLOW_LORA_RECIPE, FLOW_RECIPE, TINY, VAE16_RECIPE, flow_overrides
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from diffusion_fixtures import T2I_RECIPE, t2i_overrides
 from hfgen import tracking
 from hfgen.diffusion.components import load_pipeline
@@ -267,6 +267,6 @@ def test_flux_sides_off_its_packing_are_named_at_check(tmp_path):
                                              "32x32", "48x32", '"3:2"'])  # fmt: skip
     with pytest.raises(UserError, match=r"aspect_ratio_buckets: sizes \['40x32'\] are not multiples of 16.*Flux"):
         load_recipe(FLOW_LORA_RECIPE, overrides=[*flux, "--resolution", "32", "--aspect_ratio_buckets", "40x32"])
-    result = run_hfgen("check", FLOW_LORA_RECIPE, *flux, "--resolution", "24")
+    result = run_hfgen_here("check", FLOW_LORA_RECIPE, *flux, "--resolution", "24")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "resolution 24 is not a multiple of 16" in result.stderr and "Flux's 2x2 latent packing" in result.stderr

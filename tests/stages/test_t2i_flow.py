@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
 from diffusion_fixtures import SMALL_DATA, validation_grid_difference, with_reference_lora
 from hfgen import tracking
 
@@ -177,7 +177,7 @@ def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_
     changes = json.loads((run / "lora_base.json").read_text())["pipeline_changes"]
     assert changes == {"scheduler": {"shift": 1.0, "use_dynamic_shifting": False}}
     # `shift` without override_shift would be ignored on a pretrained pipeline: refused
-    refused = run_hfgen("check", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--shift", "2.0")
+    refused = run_hfgen_here("check", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--shift", "2.0")
     assert refused.returncode == 2 and "shift 2.0 is not applied" in refused.stderr, refused.stderr
     assert validation_grid_difference(run) == 0
     merged = tmp_path / "merged"
@@ -207,7 +207,7 @@ def test_a_transformer_config_of_another_class_or_channels_exits_2_at_the_check(
         (["--weighting_scheme", "uniform", "--logit_mean", "1.0"], ["logit_mean", "weighting_scheme uniform"]),
     ]  # fmt: skip
     for change, expected in cases:
-        result = run_hfgen(
+        result = run_hfgen_here(
             "check", FLOW_RECIPE, *flow_overrides(configs, tmp_path / "vae16", tmp_path / "out"), *change
         )
         assert result.returncode == 2 and all(part in result.stderr for part in expected), (change, result.stderr)

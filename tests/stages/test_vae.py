@@ -7,7 +7,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from conftest import accelerate_launch, run_hfgen
+from conftest import accelerate_launch, run_hfgen, run_hfgen_here
 from diffusion_fixtures import VAE_RECIPE, vae_overrides
 from hfgen import tracking
 
@@ -89,7 +89,7 @@ def test_missing_image_exits_2_naming_the_file(configs, tmp_path):
         Image.new("RGB", (16, 16)).save(folder / f"{i}.png")
     rows = [{"file_name": f"{i}.png", "text": "a square"} for i in range(5)]  # 4.png is missing
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path / "out"), "--dataset_name", folder,
+    result = run_hfgen_here("train", VAE_RECIPE, *vae_overrides(configs, tmp_path / "out"), "--dataset_name", folder,
                        "--validation_split_percentage", "40")  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "4.png" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr
