@@ -1,9 +1,9 @@
 """Runs that survive a SIGKILL at any moment: killed at named points (inside a step, mid-checkpoint-write, during
 evaluation, during the final save) and resumed with `--resume_from_checkpoint true`, every stage ends with the
 uninterrupted run's weights, bit for bit, and its metrics.jsonl rows (no duplicates, no gaps). pretrain and ppo
-are killed at every point in one run; sft (LoRA), reward, t2i and t2i_flow mid-checkpoint-write, and DPO and GRPO
-(a sibling of each TRL family) mid-checkpoint-write and during their held-out comparison. The full matrix of stages x
-points is scripts/kill_matrix.py."""
+are killed at every point in one run; sft (LoRA), reward, t2i and t2i_flow mid-checkpoint-write, t2i on 2
+processes inside a step, and DPO and GRPO (a sibling of each TRL family) mid-checkpoint-write and during their
+held-out comparison. The full matrix of stages x points is scripts/kill_matrix.py."""
 
 import json
 import shutil
@@ -203,6 +203,27 @@ def test_t2i_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tmp_path_factor
     overrides = t2i_overrides(configs, vae_dir, "unused", steps=4)
     overrides += ["--checkpointing_steps", "2", "--eval_images_per_prompt", "0"]
     reference, killed, notes = reference_and_killed(tmp_path_factory, T2I_RECIPE, overrides, ["checkpoint@4"])
+    assert_same_run(reference, killed)
+
+
+@pytest.mark.slow
+def test_t2i_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(
+    configs, vae_dir, tmp_path, free_port, monkeypatch
+):
+    # Each process draws its own noise, timesteps and dropped captions (`TrainingRNG`): the checkpoint kept the main
+    # process's generator alone, and after a resume process 1 drew process 0's (every later step differed)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    overrides = t2i_overrides(configs, vae_dir, "unused", steps=4) + [
+        "--checkpointing_steps", "2", "--eval_images_per_prompt", "0", "--validation_prompts", "[]",
+        "--num_processes", "2", "--main_process_port", str(free_port),
+    ]  # fmt: skip
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    result = train(T2I_RECIPE, reference, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = train(T2I_RECIPE, killed, overrides, kill_at="step@3")  # after checkpoint-2
+    assert result.returncode == 128 + signal.SIGKILL, result.stderr[-3000:]
+    result = train(T2I_RECIPE, killed, overrides, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(reference, killed)
 
 

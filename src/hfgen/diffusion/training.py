@@ -150,7 +150,12 @@ class TrainingRNG:
     """The training loop's own random generator (noise, timesteps, dropped captions, flips), one stream per process,
     saved in checkpoints (`accelerator.register_for_checkpointing`). A resumed run then draws exactly what the
     uninterrupted run drew, whatever else used the global RNG meanwhile: a new DataLoader iterator, for one, takes
-    a draw from it, at a different moment in a resumed run."""
+    a draw from it, at a different moment in a resumed run.
+
+    accelerate writes a registered object's `state_dict` from the main process only (one custom_checkpoint_N.pkl)
+    but calls it on every process, and every process loads that file: the state holds every process's stream
+    (gathered, a collective), and each process takes back its own. Saving the main process's alone gave every
+    process rank 0's stream after a resume: the same noise and timesteps on all, a different run."""
 
     def __init__(self, seed: int, device):
         import torch
@@ -158,10 +163,25 @@ class TrainingRNG:
         self.generator = torch.Generator(device).manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+        """Every process's generator state, in process order (every process must call it)."""
+        from accelerate.utils import gather_object
+
+        return {"states": gather_object([self.generator.get_state()])}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        from accelerate import PartialState
+
+        from hfgen.errors import UserError
+
+        process = PartialState()
+        states = state["states"] if "states" in state else [state["state"]]  # earlier hfgen: the main process's
+        if len(states) != process.num_processes:  # (`check_same_run` refuses a checkpoint of another launch)
+            raise UserError(
+                f"this checkpoint holds the training RNG of {len(states)} process(es), this run has "
+                f"{process.num_processes}: it was written by an earlier hfgen, which kept the main process's alone, "
+                "so no resume of it on several processes can repeat the run; start it afresh."
+            )
+        self.generator.set_state(states[process.process_index])
 
 
 class StepLog:
