@@ -681,8 +681,8 @@ def evaluate_against_start(
     kl = ((sampled.logprobs - ref) * response_mask).sum(1)
 
     results = {
-        "eval/num_prompts": len(eval_rows),
-        "eval/samples_per_prompt": data_args.eval_samples_per_prompt,
+        "heldout/num_prompts": len(eval_rows),  # not eval/: `hfgen eval` owns those and replaces them
+        "heldout/samples_per_prompt": data_args.eval_samples_per_prompt,
         "kl_to_reference": kl.mean().item(),
     }
     for key in judged[name]:

@@ -213,7 +213,8 @@ def recipe_differences(runs: list[Run]) -> list[tuple[str, list]]:
 
 
 def eval_keys(runs: list[Run]) -> list[str]:
-    """Every eval.json key: quality, diversity, speed first, then the stages' own, then settings (eval/...)."""
+    """Every eval.json key: quality, diversity, speed first, then the stages' own, then settings (`hfgen eval`'s
+    eval/..., the held-out comparison's heldout/...)."""
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run.eval if k not in keys]
@@ -222,7 +223,7 @@ def eval_keys(runs: list[Run]) -> list[str]:
         for i, prefix in enumerate(EVAL_ORDER):
             if key.startswith(prefix):
                 return i
-        return len(EVAL_ORDER) + (1 if key.startswith("eval/") else 0)
+        return len(EVAL_ORDER) + (1 if key.startswith(("eval/", "heldout/")) else 0)
 
     return sorted(keys, key=rank)  # stable: keeps first-seen order within a rank
 

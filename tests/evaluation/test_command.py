@@ -125,13 +125,22 @@ def test_perplexity_can_be_skipped(model_dir, tmp_path):
 
 def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_stages(model_dir, tmp_path, capsys):
     # the earlier evaluation's figures stayed beside the new settings: a baseline win rate the new one did not measure
+    from hfgen.evaluation.policy import Sampling, summarise
+
     output = tmp_path / "eval.json"
-    tracking.write_json(output, {"train_loss": 3.5})  # a stage's own figure
+    # a stage's own figures: a loss and a PPO/DPO/GRPO held-out comparison, whose settings were eval/... keys that
+    # `hfgen eval` deleted or overwrote (its win rate then read as measured on --num_prompts at --temperature)
+    rows = [{"prompt": f"p{i // 2}", "kl": 0.1, "sft/response": "a", "ppo/response": "b", "sft/oracle": 0.0,
+             "ppo/oracle": 1.0} for i in range(6)]  # fmt: skip
+    stage = {"train_loss": 3.5, **summarise(rows, "ppo", Sampling(samples_per_prompt=2, temperature=0.7))}
+    assert stage["heldout/num_prompts"] == 3 and stage["heldout/temperature"] == 0.7
+    tracking.write_json(output, stage)
     assert hfgen(["eval", str(model_dir), *FAST, "--baseline", str(model_dir), "--output", str(output)]) == 0
     assert "quality/win_rate_vs_baseline" in tracking.read_json(output)
     assert hfgen(["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]) == 0
     results = tracking.read_json(output)
-    assert results["train_loss"] == 3.5 and "quality/oracle_score" in results
+    assert {key: results.get(key) for key in stage} == stage and "quality/oracle_score" in results
+    assert results["eval/num_prompts"] == 4 and results["eval/temperature"] == 0.8  # hfgen eval's own settings
     assert not any(key.startswith(("quality/win_rate", "quality/baseline", "eval/baseline")) for key in results)
     assert "quality/perplexity" not in results and "eval/perplexity_dataset" not in results
     # an --output that is not a JSON object was a TypeError after the whole evaluation

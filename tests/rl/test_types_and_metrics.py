@@ -48,7 +48,7 @@ def test_step_metrics_by_hand():
 
 def test_format_comparison_lists_both_policies_and_the_win_rate():
     table = format_comparison(
-        {"eval/num_prompts": 2, "eval/samples_per_prompt": 1, "kl_to_reference": 1.25, "sft/oracle": 0.5,
+        {"heldout/num_prompts": 2, "heldout/samples_per_prompt": 1, "kl_to_reference": 1.25, "sft/oracle": 0.5,
          "ppo/oracle": 1.5, "win_rate/oracle": 0.75, "sft/response_length": 9.0, "ppo/response_length": 10.0,
          "sft/self_bleu": None, "ppo/self_bleu": None},  # one sample per prompt: no self-BLEU
         "ppo",

@@ -162,7 +162,7 @@ def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_compar
                 "sft/exact_match", "grpo/exact_match", "kl_to_reference", "episodes_per_s", "monitor/alerts",
                 "stopped_early"):  # fmt: skip
         assert key in evaluation, key
-    assert evaluation["eval/num_prompts"] == 4 and abs(evaluation["kl_to_reference"]) > 1e-3  # the policy moved
+    assert evaluation["heldout/num_prompts"] == 4 and abs(evaluation["kl_to_reference"]) > 1e-3  # the policy moved
     # 4 steps of 8 completions: one generation batch of 16 serves 2 steps (steps_per_generation)
     assert evaluation["episodes"] == 32 and evaluation["episodes_per_s"] > 0
     samples = [json.loads(line) for line in (full_run / "samples.jsonl").read_text().splitlines()]
@@ -308,7 +308,7 @@ def test_a_reward_model_alone_scores_training_and_the_held_out_comparison(tmp_pa
     result = run_hfgen("train", recipe)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert figures["eval/num_prompts"] == 4 and "win_rate/reward" in figures
+    assert figures["heldout/num_prompts"] == 4 and "win_rate/reward" in figures
     for side in ("sft", "grpo"):  # the reward model alone: the total is its score
         assert (
             isinstance(figures[f"{side}/reward"], float)

@@ -63,7 +63,7 @@ def test_dpo_records_preference_figures_and_the_generation_comparison(dpo_run, t
         change = results[f"logps/{side}"] - results[f"logps/{side}_initial"]
         assert results[f"logps/{side}_change"] == pytest.approx(change) and change != 0
     assert results["chosen_logp_fell"] == (results["logps/chosen_change"] < 0)
-    assert results["eval/num_prompts"] == 4 and 0 <= results["win_rate/oracle"] <= 1
+    assert results["heldout/num_prompts"] == 4 and 0 <= results["win_rate/oracle"] <= 1
     assert results["kl_to_reference"] > 0  # trained policy differs from its reference
     rows = [json.loads(line) for line in (dpo_run / "policy_eval.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"sft/response", "dpo/response", "sft/oracle", "dpo/oracle", "kl"} <= rows[0].keys()
@@ -110,7 +110,7 @@ def test_kto_orpo_simpo_train_on_their_layouts(tiny_lm, tmp_path, stage, data):
     assert results["method"] == stage and results["steps"] == 4
     assert results["logps/chosen_change"] != 0 and results["logps/rejected_change"] != 0
     assert ("accuracy" in results) == (data != "unpaired")  # unpaired rows are not pairs
-    assert results["eval/num_prompts"] == 2 and results["kl_to_reference"] > 0
+    assert results["heldout/num_prompts"] == 2 and results["kl_to_reference"] > 0
     if stage in ("orpo", "simpo"):  # reference-free: the implicit reward is the mean log-prob, before and after
         assert 0 <= results["accuracy_initial"] <= 1
 
@@ -189,7 +189,7 @@ def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
     fingerprints = [(run / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
     assert fingerprints[0] == fingerprints[1]
     assert tracking.read_json(run / "env.json")["world_size"] == 2
-    assert tracking.read_json(run / "eval.json")["eval/num_prompts"] == 4  # gathered from both ranks
+    assert tracking.read_json(run / "eval.json")["heldout/num_prompts"] == 4  # gathered from both ranks
 
 
 PAIR = {"prompt": "describe the cat.", "chosen": "the cat is kind.", "rejected": "the cat is rude."}
@@ -371,7 +371,7 @@ def test_compare_trains_each_method_at_a_matched_budget_and_resumes(comparison):
     assert ppo["episodes"] == 16 and dpo["steps"] == 2  # 16 prompts: 16 episodes, or 2 steps of 8 pairs
     for method in ("ppo", "dpo"):
         record = tracking.read_json(root / method / "seed=0/compare_eval.json")
-        assert record["results"]["eval/num_prompts"] == 3 and "win_rate/oracle" in record["results"]
+        assert record["results"]["heldout/num_prompts"] == 3 and "win_rate/oracle" in record["results"]
         assert "win_rate/reward_model" in record["results"]  # the reward model judges every method
         assert tracking.read_json(root / method / "seed=0/peak_memory.json")["peak_memory_mb"] > 0
     rows = {m: (root / m / "seed=0/compare_eval.jsonl").read_text().splitlines() for m in ("ppo", "dpo")}

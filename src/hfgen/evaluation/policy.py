@@ -63,7 +63,7 @@ def compare_to_reference(
     `reference=None` with a PEFT `policy`: the reference is the policy with its adapter disabled. `scorer` (a
     `RewardScorer`) gives `reward_model` and, when it adds reward functions or weights (PPO's training reward),
     `score`; `oracle` and `judges` ({name: function(prompts, responses)}) give one figure each. Keys:
-    `sft/<figure>`, `<name>/<figure>`, `win_rate/<judge>` (name over SFT), `kl_to_reference`, `eval/...`.
+    `sft/<figure>`, `<name>/<figure>`, `win_rate/<judge>` (name over SFT), `kl_to_reference`, and the settings in `heldout/...`.
     Prompts are split over the processes and gathered; every process returns the same figures."""
     from accelerate.utils import gather_object
 
@@ -145,11 +145,11 @@ def compare_to_reference(
 def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
     """The figures of `compare_to_reference` from its rows (also how `hfgen compare` re-reads saved rows): the
     mean of every figure, and a win rate for every judge (every figure but length and EOS rate)."""
-    results = {
-        "eval/num_prompts": len(rows) // max(sampling.samples_per_prompt, 1),
-        "eval/samples_per_prompt": sampling.samples_per_prompt,
-        "eval/response_length": sampling.response_length,
-        "eval/temperature": sampling.temperature,
+    results = {  # settings under heldout/, not eval/: a later `hfgen eval` of the run replaces eval/ (its own)
+        "heldout/num_prompts": len(rows) // max(sampling.samples_per_prompt, 1),
+        "heldout/samples_per_prompt": sampling.samples_per_prompt,
+        "heldout/response_length": sampling.response_length,
+        "heldout/temperature": sampling.temperature,
         "kl_to_reference": mean([row["kl"] for row in rows]),
     }
     figures = [key.split("/", 1)[1] for key in rows[0] if key.startswith(f"{name}/") and key != f"{name}/response"]
@@ -193,7 +193,7 @@ def format_comparison(results: dict, name: str) -> str:
     """The held-out comparison as a small table: SFT, the tuned policy, and its win rate over SFT, one row per
     figure the comparison has."""
     lines = [
-        f"Held-out evaluation: {results['eval/num_prompts']} prompts x {results['eval/samples_per_prompt']} samples",
+        f"Held-out evaluation: {results['heldout/num_prompts']} prompts x {results['heldout/samples_per_prompt']} samples",
         f"  {'':<18}{'SFT':>9}{name.upper():>9}{'win rate':>10}",
     ]
     for key in [key.split("/", 1)[1] for key in results if key.startswith(f"{name}/")]:
