@@ -288,6 +288,40 @@ def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
     assert scores == pytest.approx(expected, abs=1e-5) and scores[0] != pytest.approx(scores[1])
 
 
+def test_string_prompts_of_a_chat_model_are_scored_as_its_conversations(model_dir, reward_dir, tokenizer, tmp_path):
+    """A chat model's string prompts (a .txt, a string `prompt` column) are rendered as user turns, and the reward
+    model must read them so too: they reached PPO's scorer as strings, which it took for raw text, leaving out the
+    template's end-of-turn after a finished answer (the probe: -0.087 instead of 1.154 on the tiny SFT model)."""
+    from transformers import AutoModelForCausalLM
+
+    # a model that ends every answer at once (EOS): every response is finished, so the end-of-turn matters
+    answers_eos = tmp_path / "answers_eos"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # the residual stream is the token's embedding, whose first coordinate votes for EOS
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 10.0
+    model.save_pretrained(answers_eos)
+    tokenizer.save_pretrained(answers_eos)
+    prompts = ["describe the cat.", "tell me about the owl."]
+    as_strings, as_messages = tmp_path / "strings.jsonl", tmp_path / "messages.jsonl"
+    as_strings.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    as_messages.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in prompts))
+    scores = []
+    for dataset in (as_strings, as_messages):
+        output = tmp_path / f"{dataset.stem}.json"
+        arguments = ["--eval_dataset", dataset, "--reward_model", reward_dir, "--oracle", "none", "--chat"]
+        arguments += ["--perplexity_dataset", "none", "--output", output]
+        assert hfgen(["eval", str(answers_eos), *FAST, *map(str, arguments)]) == 0
+        rows = [json.loads(line) for line in output.with_name(f"{dataset.stem}_samples.jsonl").read_text().splitlines()]
+        assert all(response == "" for row in rows for response in row["responses"])  # finished at once
+        scores.append(tracking.read_json(output)["quality/reward_score"])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+
+
 def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_path):
     from hfgen.errors import UserError
     from hfgen.evaluation.command import load_prompts

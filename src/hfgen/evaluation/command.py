@@ -284,6 +284,16 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
+def model_inputs(prompts: list, chat: bool) -> list:
+    """The prompts as the model reads them, and as the judges get them: a chat model's a conversation (a string
+    prompt becomes its user turn, as `hfgen generate` renders it), a raw-text model's plain text. The reward scorer
+    tells chat from text by the prompts' type: a string prompt of a chat model was scored without the template's
+    end-of-turn, not as PPO scored it."""
+    if chat:
+        return [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    return [prompt_text(p) for p in prompts]
+
+
 def perplexity_rows(spec: str, count: int):
     """The first `count` rows of the --perplexity_dataset's test split (its one split for a file), which must have a
     'text' or 'messages' column."""
@@ -347,7 +357,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
     # Speed first, while the target model is the only one loaded, so peak memory is the target's own.
     speed.reset_peak_memory(device)
-    inputs = [p if chat else prompt_text(p) for p in prompts]
+    inputs = model_inputs(prompts, chat)
     batched = (inputs * args.speed_batch_size)[: args.speed_batch_size]
     with tqdm(total=2, desc="speed", disable=args.quiet) as bar:
         for name, batch in (("batch1", batched[:1]), ("batched", batched)):
@@ -381,7 +391,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         baseline_tokenizer = load_tokenizer(args.baseline)
         baseline = load_causal_lm(args.baseline).to(device)
         baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
-        baseline_inputs = [p if baseline_chat else prompt_text(p) for p in prompts]
+        baseline_inputs = model_inputs(prompts, baseline_chat)
         baseline_completions = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
         baseline_judges = load_judges(args, device, baseline_tokenizer)
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
