@@ -322,6 +322,22 @@ def test_string_prompts_of_a_chat_model_are_scored_as_its_conversations(model_di
     assert scores[0] == pytest.approx(scores[1], abs=1e-6)
 
 
+def test_auto_judges_and_perplexity_of_the_arithmetic_prompts_are_the_arithmetic_tasks(tokenizer):
+    # the description world's oracle scored correct sums -1, and perplexity was measured on its descriptions
+    from hfgen.data.arithmetic import correct_steps
+    from hfgen.evaluation.command import perplexity_texts, resolve_oracle
+
+    prompts = "embedded:arithmetic_prompts"
+    assert resolve_oracle("auto", prompts) is correct_steps
+    assert resolve_oracle("auto", prompts)(["2+2+9=?"], ["2+2=4. 4+9=13. answer: 13"]) == [1.0]
+    dataset, texts, prefixes = perplexity_texts("auto", prompts, tokenizer, True, 2)
+    assert dataset == "embedded:arithmetic_instructions" and len(texts) == 2  # its prompt/completion conversations
+    assert texts[0].startswith(prefixes[0]) and "answer:" in texts[0].removeprefix(prefixes[0])
+    dataset, texts, prefixes = perplexity_texts("auto", prompts, tokenizer, False, 2)
+    assert dataset == "embedded:arithmetic_corpus" and prefixes is None and "=" in texts[0]
+    assert perplexity_texts("auto", "embedded:prompts", tokenizer, True, 1)[0] == "embedded:instructions"
+
+
 def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_path):
     from hfgen.errors import UserError
     from hfgen.evaluation.command import load_prompts

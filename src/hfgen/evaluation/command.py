@@ -8,7 +8,7 @@
 For a text model (a model dir, hub id with --output, or LoRA adapter dir), `--num_samples` responses are
 sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
   quality    perplexity on --perplexity_dataset; mean reward-model score (--reward_model); mean oracle score
-             (--oracle MODULE:FUNC, by default the embedded data's oracle for embedded prompts); win rate over
+             (--oracle MODULE:FUNC, by default the embedded world's oracle for embedded prompts); win rate over
              --baseline's responses to the same prompts, judged by the reward model, else by the oracle
   diversity  distinct-1/2/3 over all samples; self-BLEU and embedding self-similarity among each prompt's samples
   speed      generation tokens/s at batch 1 and batched (a fixed number of new tokens), peak memory
@@ -57,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality = parser.add_argument_group("quality")
     quality.add_argument(
         "--perplexity_dataset", action=Given, default=AUTO,
-        help="texts (column 'text') or conversations ('messages') to measure perplexity on; 'auto': embedded:corpus "
-        "for raw-text models, embedded:instructions for chat models, when the prompts are embedded; 'none' skips",
+        help="texts (column 'text') or conversations ('messages', or conversational 'prompt' and 'completion') to "
+        "measure perplexity on; 'auto', for embedded prompts: their world's corpus for raw-text models, its "
+        "instructions for chat models (embedded:corpus / embedded:instructions, embedded:arithmetic_corpus / "
+        "embedded:arithmetic_instructions for embedded:arithmetic_prompts); 'none' skips",
     )  # fmt: skip
     quality.add_argument(
         "--perplexity_texts", action=Given, type=int, default=200, help="how many texts of its test split"
@@ -67,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument(
         "--oracle", action=Given, default=AUTO,
         help="MODULE:FUNC scoring (prompts, responses) -> list[float]; 'auto': hfgen.data.embedded:oracle_scores "
-        "for embedded prompts; 'none' skips",
+        "for embedded prompts, hfgen.data.arithmetic:correct_steps for embedded:arithmetic_prompts; 'none' skips",
     )  # fmt: skip
     quality.add_argument("--baseline", action=Given, help="another model dir: win rate of TARGET over it")
     speed = parser.add_argument_group("speed")
@@ -235,12 +237,28 @@ def check_text_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"hfgen eval: {len(problems)} problem(s): " + "; ".join(problems) + ".")
 
 
+def embedded_world(eval_dataset: str) -> dict | None:
+    """What 'auto' means for embedded prompts: the oracle and perplexity sets of the world they come from (the
+    arithmetic task's own for `embedded:arithmetic_*`; the description world's was -1 for a correct sum and a
+    perplexity on descriptions), or None for other prompts."""
+    from hfgen.data.arithmetic import NAMES as ARITHMETIC_NAMES
+
+    if not eval_dataset.startswith("embedded:"):
+        return None
+    if eval_dataset.removeprefix("embedded:") in ARITHMETIC_NAMES:
+        return {"oracle": "hfgen.data.arithmetic:correct_steps", "chat": "embedded:arithmetic_instructions",
+                "text": "embedded:arithmetic_corpus"}  # fmt: skip
+    return {"oracle": "hfgen.data.embedded:oracle_scores", "chat": "embedded:instructions", "text": "embedded:corpus"}
+
+
 def resolve_oracle(spec: str, eval_dataset: str):
-    """The oracle function named by MODULE:FUNC, the embedded oracle for 'auto' on embedded prompts, or None."""
-    if spec == "none" or (spec == AUTO and not eval_dataset.startswith("embedded:")):
+    """The oracle function named by MODULE:FUNC, the embedded world's oracle for 'auto' on embedded prompts, or
+    None."""
+    world = embedded_world(eval_dataset)
+    if spec == "none" or (spec == AUTO and world is None):
         return None
     if spec == AUTO:
-        spec = "hfgen.data.embedded:oracle_scores"
+        spec = world["oracle"]
     module_name, _, function_name = spec.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
@@ -296,25 +314,30 @@ def model_inputs(prompts: list, chat: bool) -> list:
 
 def perplexity_rows(spec: str, count: int):
     """The first `count` rows of the --perplexity_dataset's test split (its one split for a file), which must have a
-    'text' or 'messages' column."""
+    'text' or 'messages' column, or conversational 'prompt' and 'completion' (joined into 'messages')."""
     from hfgen.data.loading import load_raw
 
     splits = load_raw(spec)
     rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
+    rows = rows.select(range(min(count, len(rows))))
+    if not {"text", "messages"} & set(rows.column_names) and {"prompt", "completion"} <= set(rows.column_names):
+        if len(rows) and all(isinstance(rows[0][c], list) for c in ("prompt", "completion")):
+            rows = rows.map(lambda row: {"messages": row["prompt"] + row["completion"]})
     if not {"text", "messages"} & set(rows.column_names):
         raise UserError(
-            f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column (it has {rows.column_names})"
+            f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column, or conversational 'prompt' and "
+            f"'completion' (it has {rows.column_names})"
         )
-    return rows.select(range(min(count, len(rows))))
+    return rows
 
 
 def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
     """(dataset name, texts, prefixes) to measure perplexity on. Conversations are formatted with the chat
     template and only their last message (the response) is scored: the prompt is context, as in SFT's loss."""
     if spec == AUTO:
-        if not eval_dataset.startswith("embedded:"):
+        if (world := embedded_world(eval_dataset)) is None:
             return None, [], None
-        spec = "embedded:instructions" if chat else "embedded:corpus"
+        spec = world["chat" if chat else "text"]
     if spec == "none":
         return None, [], None
     rows = perplexity_rows(spec, count)
