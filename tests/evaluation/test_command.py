@@ -338,6 +338,30 @@ def test_auto_judges_and_perplexity_of_the_arithmetic_prompts_are_the_arithmetic
     assert perplexity_texts("auto", "embedded:prompts", tokenizer, True, 1)[0] == "embedded:instructions"
 
 
+def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(
+    model_dir, tmp_path, monkeypatch, capsys
+):
+    # None was a raw TypeError; too few scores were silently regrouped (a prompt got 1 score for 2 responses)
+    (tmp_path / "eval_oracles.py").write_text(
+        "def some_none(prompts, responses):\n    return [None if i % 2 else 2.0 for i in range(len(responses))]\n"
+        "def short(prompts, responses):\n    return [1.0] * (len(responses) - 1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    output = tmp_path / "eval.json"
+    common = ["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]
+    assert hfgen([*common, "--oracle", "eval_oracles:some_none", "--baseline", str(model_dir)]) == 0
+    results = tracking.read_json(output)
+    assert results["quality/oracle_score"] == 2.0 and results["quality/win_rate_vs_baseline_by_oracle"] == 0.5
+    rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert all(row["oracle"] == [2.0, None] for row in rows)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen([*common, "--oracle", "eval_oracles:short"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert "--oracle 'eval_oracles:short'" in error and "returned 7 scores for 8 responses" in error, error
+
+
 def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_path):
     from hfgen.errors import UserError
     from hfgen.evaluation.command import load_prompts

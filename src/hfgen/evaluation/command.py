@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from pathlib import Path
 
 from hfgen.errors import UserError
@@ -408,7 +409,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     judges = load_judges(args, device, tokenizer)
     scores = {name: judge(inputs, completions) for name, judge in judges.items()}
     for name, values in scores.items():
-        results[f"quality/{name}_score"] = sum(map(mean, values)) / len(values)
+        results[f"quality/{name}_score"] = mean(list(map(mean, values)))
     if args.baseline:
         del model
         baseline_tokenizer = load_tokenizer(args.baseline)
@@ -420,11 +421,10 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
         for name, judge in baseline_judges.items():
             judged = judge(baseline_inputs, baseline_completions)
-            results[f"quality/baseline_{name}_score"] = sum(map(mean, judged)) / len(judged)
-            ours = [s for group in scores[name] for s in group]
-            results[f"quality/win_rate_vs_baseline_by_{name}"] = text.win_rate(
-                ours, [s for group in judged for s in group]
-            )
+            results[f"quality/baseline_{name}_score"] = mean(list(map(mean, judged)))
+            ours, theirs = [s for group in scores[name] for s in group], [s for group in judged for s in group]
+            pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]  # both scored
+            results[f"quality/win_rate_vs_baseline_by_{name}"] = text.win_rate(*zip(*pairs)) if pairs else None
         primary = "oracle" if "oracle" in judges else "reward"
         results["quality/win_rate_vs_baseline"] = results[f"quality/win_rate_vs_baseline_by_{primary}"]
         results["eval/baseline"], results["eval/win_rate_judge"] = args.baseline, primary
@@ -443,8 +443,11 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     return results, rows
 
 
-def mean(values) -> float:
-    return sum(values) / len(values)
+def mean(values) -> float | None:
+    """The mean of the scored values (an oracle's None, "does not score this response", is skipped), None when
+    none was scored."""
+    scored = [value for value in values if value is not None]
+    return sum(scored) / len(scored) if scored else None
 
 
 def texts_of(completions: list[list]) -> list[list[str]]:
@@ -478,7 +481,7 @@ def load_judges(args: argparse.Namespace, device: str, tokenizer) -> dict:
     'oracle'. The reward judge is PPO's own `RewardScorer`, so it scores what PPO optimised: the same rendering of
     prompt + response (+ EOS only when the response finished), the model's token ids when the reward model shares
     its tokenizer."""
-    from hfgen.rl.rollout import RewardScorer
+    from hfgen.rl.rollout import RewardScorer, reward_values
 
     judges = {}
     if args.reward_model:
@@ -498,11 +501,14 @@ def load_judges(args: argparse.Namespace, device: str, tokenizer) -> dict:
     if oracle is not None:
 
         def oracle_judge(prompts, completions):
-            flat = oracle(
-                [prompt_text(p) for p, group in zip(prompts, completions) for _ in group],
-                [c.text for group in completions for c in group],
-            )
-            return regroup([float(s) for s in flat], [len(group) for group in completions])
+            responses = [c.text for group in completions for c in group]
+            flat = oracle([prompt_text(p) for p, group in zip(prompts, completions) for _ in group], responses)
+            try:  # read as a reward function's scores: None is "not scored" (NaN there), anything else exits 2
+                values = reward_values(oracle, flat, len(responses))
+            except UserError as error:
+                raise UserError(f"hfgen eval: --oracle '{args.oracle}': {error}") from None
+            values = [None if math.isnan(value) else value for value in values]  # null in the JSON files
+            return regroup(values, [len(group) for group in completions])
 
         judges["oracle"] = oracle_judge
     return judges
