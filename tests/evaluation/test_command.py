@@ -362,6 +362,25 @@ def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_
     assert "--oracle 'eval_oracles:short'" in error and "returned 7 scores for 8 responses" in error, error
 
 
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 of 256 learned positions: it reads no sequence longer than that."""
+    from tiny_models import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("gpt2") / "gpt2", "gpt2")
+
+
+def test_perplexity_texts_longer_than_the_learned_positions_are_cut_to_them(gpt2_dir, tmp_path, capsys):
+    # an IndexError in the position lookup, after the speed runs and the sampling
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": " ".join(["the cat sits by the river."] * 100)}) + "\n")
+    output = tmp_path / "eval.json"
+    arguments = ["--perplexity_dataset", str(long), "--oracle", "none", "--no-chat", "--output", str(output)]
+    assert hfgen(["eval", str(gpt2_dir), *FAST, *arguments]) == 0
+    assert "1 of 1 texts are longer than the 256 positions gpt2 models learn" in capsys.readouterr().out
+    assert 100 < tracking.read_json(output)["quality/perplexity"] < 2000  # a random model of 493 tokens
+
+
 def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_path):
     from hfgen.errors import UserError
     from hfgen.evaluation.command import load_prompts

@@ -343,7 +343,7 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
         return None, [], None
     rows = perplexity_rows(spec, count)
     if "text" in rows.column_names:
-        return spec, rows["text"], None
+        return spec, list(rows["text"]), None
     if "messages" in rows.column_names and tokenizer.chat_template is not None:
         texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
         prefixes = [
@@ -366,7 +366,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
     from hfgen.evaluation import speed, text
     from hfgen.generate import wants_chat
-    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.models import load_causal_lm, load_tokenizer, position_limit
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
     tokenizer = load_tokenizer(args.target)
@@ -400,9 +400,16 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         args.perplexity_dataset, args.eval_dataset, tokenizer, chat, args.perplexity_texts
     )
     if texts:
+        # A model with learned positions (GPT-2, OPT) reads no further than them (an IndexError past them): longer
+        # texts are cut to their first `limit` tokens, as training cuts its rows.
+        limit = position_limit(model.config)
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=prefixes is None)["input_ids"]]
+        if limit and (cut := sum(length > limit for length in lengths)):
+            print(f"perplexity: {cut} of {len(texts)} texts are longer than the {limit} positions "
+                  f"{model.config.model_type} models learn: cut to their first {limit} tokens")  # fmt: skip
         with tqdm(total=len(texts), desc="perplexity", disable=args.quiet) as bar:
             results["quality/perplexity"] = text.perplexity(
-                model, tokenizer, texts, prefixes, add_special_tokens=prefixes is None, progress=bar
+                model, tokenizer, texts, prefixes, add_special_tokens=prefixes is None, max_length=limit, progress=bar
             )
         results["eval/perplexity_dataset"] = dataset
         results["eval/perplexity_of"] = "responses" if prefixes else "texts"
