@@ -9,7 +9,9 @@ For a text model (a model dir, hub id with --output, or LoRA adapter dir), `--nu
 sampled for each of the first `--num_prompts` prompts of `--eval_dataset`, then:
   quality    perplexity on --perplexity_dataset; mean reward-model score (--reward_model); mean oracle score
              (--oracle MODULE:FUNC, by default the embedded world's oracle for embedded prompts); win rate over
-             --baseline's responses to the same prompts, judged by the reward model, else by the oracle
+             --baseline's responses to the same prompts by each judge (`..._by_reward`, `..._by_oracle`); the headline
+             `quality/win_rate_vs_baseline` is the oracle's when there is one (it cannot be gamed), else the reward
+             model's
   diversity  distinct-1/2/3 over all samples; self-BLEU and embedding self-similarity among each prompt's samples
   speed      generation tokens/s at batch 1 and batched (a fixed number of new tokens), peak memory
 The table is printed and merged into TARGET/eval.json (or --output), the samples go to eval_samples.jsonl
