@@ -381,6 +381,22 @@ def test_perplexity_texts_longer_than_the_learned_positions_are_cut_to_them(gpt2
     assert 100 < tracking.read_json(output)["quality/perplexity"] < 2000  # a random model of 493 tokens
 
 
+def test_speed_counts_the_tokens_generated_when_the_learned_positions_lower_them(gpt2_dir, tmp_path, capsys):
+    # tokens/s counted --speed_new_tokens per sequence although generation stopped at the 256th position (1000
+    # asked, ~250 generated: 3.5x too many tokens a second), and eval.json did not say how many were generated
+    from transformers import AutoTokenizer
+
+    from hfgen.evaluation.command import load_prompts
+
+    output = tmp_path / "eval.json"
+    arguments = ["--speed_new_tokens", "1000", "--perplexity_dataset", "none", "--no-chat", "--output", str(output)]
+    assert hfgen(["eval", str(gpt2_dir), *FAST, *arguments]) == 0
+    assert "max_new_tokens 1000 lowered to" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    prompts = [p[-1]["content"] for p in load_prompts("embedded:prompts", "test", "prompt", 2)]  # speed batch of 2
+    assert tracking.read_json(output)["speed/new_tokens"] == 256 - max(len(tokenizer(p)["input_ids"]) for p in prompts)
+
+
 def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_path):
     from hfgen.errors import UserError
     from hfgen.evaluation.command import load_prompts

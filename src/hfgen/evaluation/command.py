@@ -367,7 +367,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     from tqdm.auto import tqdm
 
     from hfgen.evaluation import speed, text
-    from hfgen.generate import wants_chat
+    from hfgen.generate import format_prompts, wants_chat, within_positions
     from hfgen.models import load_causal_lm, load_tokenizer, position_limit
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
@@ -385,13 +385,19 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     speed.reset_peak_memory(device)
     inputs = model_inputs(prompts, chat)
     batched = (inputs * args.speed_batch_size)[: args.speed_batch_size]
+    # A model with learned positions (GPT-2) has room for fewer new tokens after a long prompt: both measurements
+    # generate as many as the batch's longest prompt leaves (said when lowered), and eval.json says how many.
+    longest = max(
+        map(len, tokenizer(format_prompts(tokenizer, batched, chat), add_special_tokens=not chat)["input_ids"])
+    )
+    new_tokens = within_positions(model, longest, args.speed_new_tokens)
     with tqdm(total=2, desc="speed", disable=args.quiet) as bar:
         for name, batch in (("batch1", batched[:1]), ("batched", batched)):
             results[f"speed/tokens_per_s_{name}"] = speed.generation_tokens_per_second(
-                model, tokenizer, batch, new_tokens=args.speed_new_tokens, chat=chat
+                model, tokenizer, batch, new_tokens=new_tokens, chat=chat
             )
             bar.update()
-    results["speed/batch_size"] = len(batched)
+    results["speed/batch_size"], results["speed/new_tokens"] = len(batched), new_tokens
     results["speed/peak_memory_mb"], results["speed/peak_memory_kind"] = speed.peak_memory(device)
 
     completions = sample(model, tokenizer, inputs, args, chat)
