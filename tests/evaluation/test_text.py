@@ -26,7 +26,7 @@ def test_distinct_n_counts_unique_ngrams_over_all_texts():
     assert distinct_n(texts, 1) == pytest.approx(4 / 6)
     assert distinct_n(texts, 2) == pytest.approx(3 / 4)
     assert distinct_n(texts, 3) == pytest.approx(1.0)
-    assert distinct_n(["too short"], 3) == 0.0
+    assert distinct_n(["too short"], 3) is None  # nothing to measure (0.0 read as "no diversity")
 
 
 def test_bleu_matches_hand_computed_precisions():
@@ -40,8 +40,8 @@ def test_bleu_matches_hand_computed_precisions():
 def test_bleu_brevity_penalty_and_identity():
     reference = words("the cat sat on the mat")
     assert bleu(reference, [reference]) == pytest.approx(1.0)
-    # 'the cat': p1 = 2/2, p2 = 1/1, no trigram or 4-gram -> 0.1 each; BP = exp(1 - 6/2)
-    assert bleu(words("the cat"), [reference]) == pytest.approx(math.exp(-2) * (0.1 * 0.1) ** 0.25)
+    # 'the cat': p1 = 2/2, p2 = 1/1, and no trigram or 4-gram: scored on orders 1-2 (NLTK's auto_reweigh); BP = exp(1 - 6/2)
+    assert bleu(words("the cat"), [reference]) == pytest.approx(math.exp(-2))
     assert bleu(words("dog"), [reference]) == 0.0
 
 
@@ -59,6 +59,9 @@ def test_self_bleu_is_one_for_copies_and_falls_with_unrelated_samples():
     assert self_bleu([text]) is None
     # identical empty answers are copies (they scored 0, "most diverse"); a lone empty one copies nothing
     assert self_bleu(["", ""]) == 1.0 and self_bleu(["", "", text]) == pytest.approx(2 / 3)
+    # copies of answers shorter than 4 words (0.3162 for "the star" x 3, 0.178 for "a" x 2: smoothed 0/0 orders)
+    assert self_bleu(["the star"] * 3) == pytest.approx(1.0) and self_bleu(["a", "a"]) == pytest.approx(1.0)
+    assert self_bleu(["the star", "the moon"]) == pytest.approx(math.sqrt(1 / 2 * 0.1))  # p1 1/2, p2 0 -> 0.1
 
 
 def test_diversity_averages_self_bleu_per_prompt_and_pools_distinct_n():

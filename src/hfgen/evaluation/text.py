@@ -11,7 +11,8 @@ Quality
     win_rate         share of paired comparisons A wins, ties counting one half.
 
 BLEU is our own (`evaluate.load("bleu")` fetches its code from the Hub): sentence BLEU as in NLTK's
-`sentence_bleu` with uniform weights and smoothing method 1 (a zero n-gram match count becomes 0.1).
+`sentence_bleu` with uniform weights, smoothing method 1 (a zero n-gram match count becomes 0.1) and
+`auto_reweigh` (a hypothesis shorter than 4 tokens is scored on the orders it has, so that copies score 1).
 Texts are split into lowercase words and punctuation marks by `words`.
 """
 
@@ -39,10 +40,11 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
 # ---- diversity --------------------------------------------------------------------------------------
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct n-grams over all n-grams in `texts` (pooled); 0.0 when no text has n tokens."""
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Distinct n-grams over all n-grams in `texts` (pooled); None when no text has n tokens (there is nothing to
+    measure: 0 would read as "no diversity")."""
     grams = [gram for text in texts for gram in ngrams(words(text), n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return len(set(grams)) / len(grams) if grams else None
 
 
 def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
@@ -50,10 +52,13 @@ def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: 
 
     Modified n-gram precisions p_1..p_max_n (hypothesis counts clipped by the most any reference has),
     geometric mean with uniform weights, times the brevity penalty exp(1 - r/c) when the hypothesis length c
-    is below the closest reference length r. No unigram match at all gives 0.
+    is below the closest reference length r. No unigram match at all gives 0. A hypothesis of fewer than `max_n`
+    tokens is scored on the orders it has (NLTK's auto_reweigh): it has no longer n-gram to match, and smoothing
+    those orders' 0/0 scored an exact copy of a 2-word answer 0.32.
     """
     if not hypothesis or not references:
         return 0.0
+    max_n = min(max_n, len(hypothesis))
     log_precision = 0.0
     for n in range(1, max_n + 1):
         counts = Counter(ngrams(hypothesis, n))
