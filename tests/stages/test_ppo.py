@@ -172,6 +172,10 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     merged = tracking.read_json(run / "eval.json")
     assert merged["quality/win_rate_vs_baseline_by_reward"] == 0.5 and merged["eval/chat"] is True
     assert merged["kl_to_reference"] == results["kl_to_reference"]
+    # and so are the settings of PPO's held-out comparison (were eval/... keys, which hfgen eval replaced)
+    assert {key: merged.get(key) for key in results if key.startswith("heldout/")} == {
+        key: results[key] for key in results if key.startswith("heldout/")
+    } and "heldout/temperature" in results
 
 
 @pytest.mark.slow
