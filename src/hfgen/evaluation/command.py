@@ -325,7 +325,7 @@ def perplexity_rows(spec: str, count: int):
     rows = rows.select(range(min(count, len(rows))))
     if not {"text", "messages"} & set(rows.column_names) and {"prompt", "completion"} <= set(rows.column_names):
         if len(rows) and all(isinstance(rows[0][c], list) for c in ("prompt", "completion")):
-            rows = rows.map(lambda row: {"messages": row["prompt"] + row["completion"]})
+            rows = rows.add_column("messages", [p + c for p, c in zip(rows["prompt"], rows["completion"])])
     if not {"text", "messages"} & set(rows.column_names):
         raise UserError(
             f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column, or conversational 'prompt' and "

@@ -36,11 +36,6 @@ def best_time(run: Callable[[], object], repeats: int = 2, warmup: int = 1, devi
     return min(times)
 
 
-def throughput(run: Callable[[], object], units: int, repeats: int = 2, warmup: int = 1, device="cpu") -> float:
-    """Units per second (tokens, images) of a callable that produces `units` units per call."""
-    return units / best_time(run, repeats, warmup, device)
-
-
 def generation_tokens_per_second(
     model, tokenizer, prompts: list, *, new_tokens: int = 64, chat: bool = False, repeats: int = 2,
     temperature: float = 0.8, top_p: float = 0.95,
