@@ -152,59 +152,84 @@ def generate_tokens(
     num_samples: int = 1, chat: bool = False, batch_size: int = 64, min_new_tokens: int | None = None,
 ) -> list[list[Completion]]:  # fmt: skip
     """`generate_text` with the token ids kept and whether each completion finished: what a reward model that
-    shares the tokenizer reads (`hfgen.rl.rollout.RewardScorer`)."""
+    shares the tokenizer reads (`hfgen.rl.rollout.RewardScorer`).
+
+    Sampling is PPO's (`sampling_config`): softmax(logits / temperature) with top-p, nothing else from the model's
+    generation_config.json, stopping at every EOS id (`hfgen.rl.models.stop_token_ids`). A prompt gets
+    `max_new_tokens`, lowered only for the prompts that would run past a model's learned positions
+    (`new_token_budgets`): prompts are batched with those of the same budget."""
     import torch
 
-    from hfgen.models import unsampled_ids
+    from hfgen.rl.models import stop_token_ids
 
     texts = format_prompts(tokenizer, prompts, chat)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    eos = tokenizer.eos_token_id
-    sampling["suppress_tokens"] = unsampled_ids(tokenizer, [eos]) or None  # never the (maybe added) pad token
-    outputs: list[list[Completion]] = []
+    stop_ids = stop_token_ids(tokenizer, model)
+    prompt_ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    budgets = new_token_budgets(model, [len(ids) for ids in prompt_ids], max_new_tokens)
+    outputs: list[list[Completion] | None] = [None] * len(texts)
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat
-            ).to(device)
-            new_tokens = within_positions(model, batch["input_ids"].shape[1], max_new_tokens)
-            with torch.inference_mode():
-                generated = model.generate(
-                    **batch, max_new_tokens=new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=num_samples,
-                    use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling,
-                )  # fmt: skip
-            completions = generated[:, batch["input_ids"].shape[1] :].tolist()
-            decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
-            group = []
-            for row, (ids, text) in enumerate(zip(completions, decoded)):
-                prompt = batch["input_ids"][row // num_samples][batch["attention_mask"][row // num_samples].bool()]
-                finished = eos in ids
-                kept = ids[: ids.index(eos) + 1] if finished else ids
-                group.append(Completion(text, prompt.tolist(), kept, finished))
-            outputs += [group[i : i + num_samples] for i in range(0, len(group), num_samples)]
+        for budget in dict.fromkeys(budgets):  # one group (in order) unless some prompts are near the limit
+            indices = [i for i, b in enumerate(budgets) if b == budget]
+            config = sampling_config(tokenizer, model, budget, temperature, top_p, stop_ids, min_new_tokens)
+            for start in range(0, len(indices), batch_size):
+                rows = indices[start : start + batch_size]
+                batch = tokenizer.pad({"input_ids": [prompt_ids[i] for i in rows]}, return_tensors="pt").to(device)
+                with torch.inference_mode():
+                    generated = model.generate(**batch, generation_config=config, num_return_sequences=num_samples)
+                completions = generated[:, batch["input_ids"].shape[1] :].tolist()
+                decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
+                for row, (ids, text) in enumerate(zip(completions, decoded)):
+                    prompt = prompt_ids[rows[row // num_samples]]
+                    end = next((at for at, token in enumerate(ids) if token in stop_ids), None)
+                    kept = ids if end is None else ids[: end + 1]
+                    completion = Completion(text, list(prompt), kept, end is not None)
+                    if row % num_samples == 0:
+                        outputs[rows[row // num_samples]] = []
+                    outputs[rows[row // num_samples]].append(completion)
     finally:
         tokenizer.padding_side = padding_side
     return outputs
 
 
-def within_positions(model, prompt_length: int, max_new_tokens: int) -> int:
-    """`max_new_tokens`, lowered (with a line saying so) so that prompt + answer fit a model with learned positions (GPT-2's
-    n_positions, OPT's): past them generation fails with an IndexError (a device assert on a GPU)."""
+def sampling_config(
+    tokenizer, model, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int],
+    min_new_tokens: int | None = None,
+):  # fmt: skip
+    """The GenerationConfig of `generate_tokens`: PPO's (`hfgen.rl.models.make_generation_config`, which pins off
+    top_k, repetition penalties, min-p... that transformers would otherwise take from the model's
+    generation_config.json, top_k=50 by default), so that `hfgen generate` / `hfgen eval` sample a PPO policy as
+    PPO did; greedy (do_sample off) at temperature 0, and no logits kept."""
+    from hfgen.rl.models import make_generation_config
+
+    config = make_generation_config(tokenizer, max_new_tokens, temperature or 1.0, top_p, stop_ids, models=[model])
+    config.update(return_dict_in_generate=False, output_logits=False, min_new_tokens=min_new_tokens)
+    if temperature == 0:  # greedy: temperature and top-p would not apply (transformers warns when set)
+        config.update(do_sample=False, temperature=1.0, top_p=1.0)
+    return config
+
+
+def new_token_budgets(model, prompt_lengths: list[int], max_new_tokens: int) -> list[int]:
+    """`max_new_tokens` for each prompt, lowered (with a line saying so) for the prompts that would otherwise run past
+    a model with learned positions (GPT-2's n_positions, OPT's): past them generation fails with an IndexError (a
+    device assert on a GPU). Only those prompts: a long prompt does not shorten the answers of the others."""
     from hfgen.errors import UserError
     from hfgen.models import position_limit
 
     limit = position_limit(model.config)
-    if limit is None or prompt_length + max_new_tokens <= limit:
-        return max_new_tokens
-    if prompt_length >= limit:
+    if limit is None:
+        return [max_new_tokens] * len(prompt_lengths)
+    if max(prompt_lengths) >= limit:
         raise UserError(
-            f"a prompt of {prompt_length} tokens leaves no room to answer in this model's {limit} positions: "
+            f"a prompt of {max(prompt_lengths)} tokens leaves no room to answer in this model's {limit} positions: "
             "give shorter prompts"
         )
-    print(
-        f"max_new_tokens {max_new_tokens} lowered to {limit - prompt_length}: the model reads at most {limit} positions"
-    )
-    return limit - prompt_length
+    budgets = [min(max_new_tokens, limit - length) for length in prompt_lengths]
+    if lowered := sum(budget < max_new_tokens for budget in budgets):
+        print(
+            f"max_new_tokens {max_new_tokens} lowered to {min(budgets)} (for {lowered} of {len(budgets)} prompts): "
+            f"the model reads at most {limit} positions"
+        )
+    return budgets

@@ -1,0 +1,75 @@
+"""`hfgen generate` (and `generate_tokens`, which `hfgen eval` samples with): PPO's sampling whatever the model's
+generation_config.json says, every EOS id stops, a long prompt shortens only its own answer."""
+
+import pytest
+import torch
+
+from tiny_models import pretrained_tiny_llama, save_tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return pretrained_tiny_llama(tmp_path_factory)  # pretrained: its greedy answer does not repeat one token
+
+
+@pytest.fixture
+def model_and_tokenizer(llama_dir):
+    from hfgen.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(str(llama_dir)), load_tokenizer(str(llama_dir))
+
+
+def test_generate_samples_as_ppo_whatever_the_generation_config_says(model_and_tokenizer):
+    """transformers' default top_k=50 and a generation_config.json's top_k / repetition_penalty applied in generate
+    and eval (top_k=1 made every sample the greedy one), while PPO samples from softmax(logits / T) with top-p."""
+    from hfgen.generate import generate_tokens
+    from hfgen.rl.models import make_generation_config, stop_token_ids
+    from hfgen.rl.rollout import left_pad, sample_responses
+
+    model, tokenizer = model_and_tokenizer
+    model.generation_config.update(top_k=1, repetition_penalty=5.0)
+    torch.manual_seed(0)
+    ours = generate_tokens(model, tokenizer, ["the cat"], max_new_tokens=12, temperature=0.8, top_p=0.95, num_samples=6)
+    stop_ids = stop_token_ids(tokenizer, model)
+    config = make_generation_config(tokenizer, 12, 0.8, 0.95, stop_ids, models=[model])
+    query_ids, query_mask = left_pad([ours[0][0].prompt_ids] * 6, tokenizer.pad_token_id, "cpu")
+    torch.manual_seed(0)
+    ppo = sample_responses(model, query_ids, query_mask, config, 6, tokenizer.pad_token_id).response_ids.tolist()
+    for completion, ids in zip(ours[0], ppo):
+        end = next((at + 1 for at, token in enumerate(ids) if token in stop_ids), len(ids))
+        assert completion.completion_ids == ids[:end] and completion.finished == (end < len(ids) or ids[-1] in stop_ids)
+    assert len({tuple(c.completion_ids) for c in ours[0]}) > 1  # not the greedy answer six times
+
+
+def test_generate_stops_at_every_eos_id_of_the_generation_config(model_and_tokenizer):
+    """PPO/GRPO stop at every EOS id of the generation config (chat models list several); generate and eval ran past
+    all but the tokenizer's, and the reward scorer saw such a response as unfinished."""
+    from hfgen.generate import generate_tokens
+
+    model, tokenizer = model_and_tokenizer
+    greedy = generate_tokens(model, tokenizer, ["the cat"], max_new_tokens=8, temperature=0)[0][0].completion_ids
+    stop = next(token for at, token in enumerate(greedy) if at >= 2 and token not in greedy[:at])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    model.generation_config.repetition_penalty = 5.0  # greedy decoding ignores it too
+    stopped = generate_tokens(model, tokenizer, ["the cat"], max_new_tokens=8, temperature=0)[0][0]
+    assert stopped.completion_ids == greedy[: greedy.index(stop) + 1] and stopped.finished
+
+
+def test_a_long_prompt_lowers_max_new_tokens_for_itself_only(tmp_path):
+    """With learned positions (GPT-2's 256) a long prompt lowered max_new_tokens for its whole batch (the padded
+    length): "the dog" got 16 new tokens beside a 240-token prompt, 30 alone."""
+    from hfgen.generate import generate_tokens
+    from hfgen.models import load_causal_lm, load_tokenizer
+
+    path = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    model, tokenizer = load_causal_lm(str(path)), load_tokenizer(str(path))
+    long = " ".join(["the cat sleeps."] * 200)
+    long = tokenizer.decode(tokenizer(long)["input_ids"][:240])
+    length = len(tokenizer(long)["input_ids"])
+    alone, (short, cut) = (
+        generate_tokens(model, tokenizer, prompts, max_new_tokens=30, temperature=0)
+        for prompts in (["the dog"], ["the dog", long])
+    )
+    assert short == alone[0]
+    assert len(short[0].completion_ids) == 30 or short[0].finished
+    assert len(cut[0].completion_ids) == 256 - length or cut[0].finished
