@@ -1,9 +1,10 @@
 """`hfgen generate` (and `generate_tokens`, which `hfgen eval` samples with): PPO's sampling whatever the model's
-generation_config.json says, every EOS id stops, a long prompt shortens only its own answer."""
+generation_config.json says, every EOS id stops, one seed gives one answer from an adapter and its merge, a long prompt shortens only its own answer."""
 
 import pytest
 import torch
 
+from hfgen.cli import main as hfgen
 from tiny_models import pretrained_tiny_llama, save_tiny_causal_lm
 
 
@@ -53,6 +54,31 @@ def test_generate_stops_at_every_eos_id_of_the_generation_config(model_and_token
     model.generation_config.repetition_penalty = 5.0  # greedy decoding ignores it too
     stopped = generate_tokens(model, tokenizer, ["the cat"], max_new_tokens=8, temperature=0)[0][0]
     assert stopped.completion_ids == greedy[: greedy.index(stop) + 1] and stopped.finished
+
+
+def test_one_seed_samples_the_same_from_an_adapter_and_its_merged_model(llama_dir, tmp_path, capsys):
+    """The seed was set before loading: a LoRA adapter's initialisation drew from the RNG, and the adapter dir
+    sampled other answers than its merged model."""
+    from peft import LoraConfig, get_peft_model
+
+    from hfgen.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(llama_dir))
+    lora = get_peft_model(load_causal_lm(str(llama_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # an adapter that changes the model
+    lora.save_pretrained(tmp_path / "lora")
+    tokenizer.save_pretrained(tmp_path / "lora")
+    lora.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    outputs = []
+    for model in ("lora", "merged"):
+        arguments = ["--prompt", "the cat", "--num_samples", "3", "--max_new_tokens", "8", "--no-chat", "--seed", "3"]
+        assert hfgen(["generate", str(tmp_path / model), *arguments]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
 
 
 def test_a_long_prompt_lowers_max_new_tokens_for_itself_only(tmp_path):

@@ -59,9 +59,11 @@ def main(args: argparse.Namespace) -> int:
     if problems := check_model_source("MODEL", args.model) or not_a_generator(args.model, "MODEL"):
         raise UserError(problems[0])
 
-    torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
+    # seeded after loading (as `hfgen eval`): a LoRA adapter's initialisation draws from the RNG, which made an
+    # adapter dir and its merged model sample differently from one --seed
+    torch.manual_seed(args.seed)
     chat = wants_chat(args.model, tokenizer) if args.chat is None else args.chat
     samples = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
