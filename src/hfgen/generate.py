@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template"
     )
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
-    images = parser.add_argument_group("images (diffusers pipeline dirs)")
-    images.add_argument("--num_inference_steps", type=int, default=25)
-    images.add_argument("--guidance_scale", type=float, default=3.0)
+    images = parser.add_argument_group("images (diffusers pipeline dirs; default: the run's recipe, else 25 / 3.0)")
+    images.add_argument("--num_inference_steps", type=int)
+    images.add_argument("--guidance_scale", type=float)
     images.add_argument("--output_dir", default=None, help="where PNGs and grid.png go (default: MODEL/generated)")
 
 

@@ -108,6 +108,23 @@ def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00-digit-seven-0.png", "grid.png", "notes.png"]
 
 
+def test_generate_renders_the_validation_grid_with_the_run_s_sampling_settings(scratch_run, tmp_path):
+    """Unset, --num_inference_steps and --guidance_scale are the run's (as in `hfgen eval`): generate took 25 / 3.0,
+    and the validation prompts at the run's seed rendered another grid than the run's validation grid."""
+    import numpy as np
+
+    from hfgen.evaluation.images import recipe_of
+
+    recipe = recipe_of(scratch_run)
+    prompts = [argument for prompt in recipe["validation_prompts"] for argument in ("--prompt", prompt)]
+    result = run_hfgen_here("generate", scratch_run, *prompts, "--num_samples", recipe["num_validation_images"],
+                            "--seed", recipe["seed"], "--output_dir", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = sorted((scratch_run / "validation").glob("step-*.png"))[-1]
+    rendered, validation = (np.asarray(Image.open(path).convert("RGB"), int) for path in (tmp_path / "grid.png", grid))
+    assert np.abs(rendered - validation).max() == 0
+
+
 def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run, tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -68,6 +68,22 @@ def recorded_call_arguments(pipeline_dir: str | Path) -> dict:
     return arguments
 
 
+DEFAULT_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE = 25, 3.0  # for a pipeline whose recipe does not say
+
+
+def recorded_sampling(pipeline_dir: str | Path, num_inference_steps: int | None, guidance_scale: float | None):
+    """(num_inference_steps, guidance_scale): the ones given, else the run's recipe.yaml's (those its validation
+    grids were rendered with), else 25 / 3.0. `hfgen generate` and `hfgen eval` both take them so."""
+    from hfgen.evaluation.images import recipe_of
+
+    recipe = recipe_of(pipeline_dir)
+    if num_inference_steps is None:
+        num_inference_steps = recipe.get("num_inference_steps") or DEFAULT_INFERENCE_STEPS
+    if guidance_scale is None:
+        guidance_scale = recipe.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    return num_inference_steps, guidance_scale
+
+
 def make_grid(rows: list[list], cell: int | None = None):
     """One PIL image: row i holds rows[i]'s images side by side, each `cell` pixels square (nearest-neighbour)."""
     from PIL import Image
@@ -121,15 +137,16 @@ def save_images(rows: list[list], prompts: list[str], output_dir: str | Path) ->
 
 
 def render_images(
-    pipeline_dir: str, prompts: list[str], num_images: int = 1, num_inference_steps: int = 25,
-    guidance_scale: float = 3.0, seed: int = 0, output_dir: str | None = None,
+    pipeline_dir: str, prompts: list[str], num_images: int = 1, num_inference_steps: int | None = None,
+    guidance_scale: float | None = None, seed: int = 0, output_dir: str | None = None,
 ) -> list[Path]:  # fmt: skip
     """Load the pipeline at `pipeline_dir` (a pipeline dir, or a t2i LoRA run), render `num_images` images per
     prompt, save them as PNGs plus grid.png in `output_dir` (default PIPELINE_DIR/generated); return the paths,
-    grid.png last."""
+    grid.png last. Unset sampling settings are the run's (`recorded_sampling`), as its validation grids'."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.errors import UserError
 
+    num_inference_steps, guidance_scale = recorded_sampling(pipeline_dir, num_inference_steps, guidance_scale)
     if num_images < 1 or num_inference_steps < 1:
         raise UserError("the number of images and of inference steps must be at least 1.")
     if not prompts:

@@ -169,7 +169,13 @@ def evaluate_pipeline(
     per prompt: with one it is None. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.data import DIGIT_DATASETS
-    from hfgen.diffusion.rendering import check_inference_steps, generate_images, recorded_call_arguments, save_images
+    from hfgen.diffusion.rendering import (
+        check_inference_steps,
+        generate_images,
+        recorded_call_arguments,
+        recorded_sampling,
+        save_images,
+    )
     from hfgen.errors import UserError
 
     for name, value in (("images_per_prompt", images_per_prompt), ("num_inference_steps", num_inference_steps)):
@@ -177,8 +183,7 @@ def evaluate_pipeline(
             raise UserError(f"hfgen eval: --{name} must be at least 1, got {value}.")
     recipe = recipe_of(pipeline_dir)
     images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
-    num_inference_steps = num_inference_steps or recipe.get("num_inference_steps") or 25
-    guidance_scale = guidance_scale if guidance_scale is not None else recipe.get("guidance_scale", 3.0)
+    num_inference_steps, guidance_scale = recorded_sampling(pipeline_dir, num_inference_steps, guidance_scale)
     digits = recipe.get("dataset_name") in DIGIT_DATASETS if digits is None else digits
     if digits:
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
