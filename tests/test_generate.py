@@ -1,9 +1,13 @@
 """`hfgen generate` (and `generate_tokens`, which `hfgen eval` samples with): PPO's sampling whatever the model's
-generation_config.json says, every EOS id stops, one seed gives one answer from an adapter and its merge, a long prompt shortens only its own answer."""
+generation_config.json says, every EOS id stops, one seed gives one answer from an adapter and its merge, a long
+prompt shortens only its own answer, and the other modality's options are refused."""
+
+import json
 
 import pytest
 import torch
 
+from conftest import run_hfgen_here
 from hfgen.cli import main as hfgen
 from tiny_models import pretrained_tiny_llama, save_tiny_causal_lm
 
@@ -99,3 +103,21 @@ def test_a_long_prompt_lowers_max_new_tokens_for_itself_only(tmp_path):
     assert short == alone[0]
     assert len(short[0].completion_ids) == 30 or short[0].finished
     assert len(cut[0].completion_ids) == 256 - length or cut[0].finished
+
+
+def test_generate_refuses_the_other_modality_s_options(llama_dir, tmp_path):
+    """They were ignored (exit 0, no --output_dir made), while `hfgen eval` refuses them."""
+    text = run_hfgen_here("generate", llama_dir, "--prompt", "the cat", "--guidance_scale", "9",
+                          "--num_inference_steps", "3", "--output_dir", tmp_path / "gtxt")  # fmt: skip
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    image = run_hfgen_here("generate", pipeline, "--prompt", "a handwritten digit 3", "--temperature", "0",
+                           "--top_p", "0.5", "--max_new_tokens", "3", "--no-chat")  # fmt: skip
+    for result, names in (
+        (text, ["--guidance_scale", "--num_inference_steps", "--output_dir"]),
+        (image, ["--temperature", "--top_p", "--max_new_tokens", "--chat"]),
+    ):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert all(name in result.stderr for name in names) and "leave them out" in result.stderr, result.stderr
+    assert not (tmp_path / "gtxt").exists()

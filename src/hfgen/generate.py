@@ -13,14 +13,18 @@ from typing import NamedTuple
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hfgen.evaluation.command import Given
+
     parser.add_argument("model", help="model dir, hub id, LoRA adapter dir, or diffusers pipeline dir")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--num_samples", type=int, default=1, help="samples (texts or images) per prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    chat = parser.add_mutually_exclusive_group()
+    # the text options (action=Given) and the image options (default None): refused where they do not apply
+    text = parser.add_argument_group("text (causal LMs)")
+    text.add_argument("--max_new_tokens", action=Given, type=int, default=48)
+    text.add_argument("--temperature", action=Given, type=float, default=0.8, help="0 means greedy decoding")
+    text.add_argument("--top_p", action=Given, type=float, default=0.95)
+    chat = text.add_mutually_exclusive_group()
     chat.add_argument(
         "--chat", dest="chat", action="store_true", default=None, help="wrap prompts in the chat template"
     )
@@ -31,12 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument("--output_dir", default=None, help="where PNGs and grid.png go (default: MODEL/generated)")
 
 
+IMAGE_OPTIONS = ("num_inference_steps", "guidance_scale", "output_dir")  # unset: None
+
+
 def main(args: argparse.Namespace) -> int:
     from hfgen.diffusion import is_pipeline_dir
     from hfgen.errors import UserError
+    from hfgen.evaluation.command import options_that_do_not_apply
 
     model_path = Path(args.model)
-    if is_pipeline_dir(model_path):  # a diffusers pipeline dir or a t2i LoRA run
+    images = is_pipeline_dir(model_path)  # a diffusers pipeline dir or a t2i LoRA run
+    if ignored := options_that_do_not_apply(args, images, IMAGE_OPTIONS):
+        kind = "a diffusers pipeline (images)" if images else "a text model"
+        verb, pronoun = ("does", "it") if len(ignored) == 1 else ("do", "them")
+        raise UserError(f"hfgen generate: {', '.join(ignored)} {verb} not apply to MODEL '{args.model}', {kind}; "
+                        f"leave {pronoun} out.")  # fmt: skip
+    if images:
         from hfgen.diffusion import render_images
 
         paths = render_images(

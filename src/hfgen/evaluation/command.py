@@ -96,13 +96,13 @@ class Given(argparse.Action):
 IMAGE_OPTIONS = ("images_per_prompt", "num_inference_steps", "guidance_scale")
 
 
-def options_that_do_not_apply(args: argparse.Namespace, images: bool) -> list[str]:
-    """The options the user gave that this kind of evaluation ignores: the text ones for a diffusers pipeline, the
-    image ones for a text model."""
+def options_that_do_not_apply(args: argparse.Namespace, images: bool, image_options=IMAGE_OPTIONS) -> list[str]:
+    """The options the user gave that this kind of evaluation ignores: the text ones (`Given`, and --chat) for a
+    diffusers pipeline, the image ones (`image_options`, None when unset) for a text model. `hfgen generate` too."""
     if images:
         given = sorted(getattr(args, "given", ())) + (["chat"] if args.chat is not None else [])
         return [f"--{name}" for name in given]
-    return [f"--{name}" for name in IMAGE_OPTIONS if getattr(args, name) is not None]
+    return [f"--{name}" for name in image_options if getattr(args, name) is not None]
 
 
 def main(args: argparse.Namespace) -> int:
