@@ -189,12 +189,14 @@ def generate_tokens(
     try:
         for budget in dict.fromkeys(budgets):  # one group (in order) unless some prompts are near the limit
             indices = [i for i, b in enumerate(budgets) if b == budget]
-            config = sampling_config(tokenizer, model, budget, temperature, top_p, stop_ids, min_new_tokens)
+            config = sampling_config(
+                tokenizer, model, budget, temperature, top_p, stop_ids, min_new_tokens, num_samples
+            )
             for start in range(0, len(indices), batch_size):
                 rows = indices[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [prompt_ids[i] for i in rows]}, return_tensors="pt").to(device)
                 with torch.inference_mode():
-                    generated = model.generate(**batch, generation_config=config, num_return_sequences=num_samples)
+                    generated = model.generate(**batch, generation_config=config)
                 completions = generated[:, batch["input_ids"].shape[1] :].tolist()
                 decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
                 for row, (ids, text) in enumerate(zip(completions, decoded)):
@@ -212,16 +214,20 @@ def generate_tokens(
 
 def sampling_config(
     tokenizer, model, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int],
-    min_new_tokens: int | None = None,
+    min_new_tokens: int | None = None, num_samples: int = 1,
 ):  # fmt: skip
     """The GenerationConfig of `generate_tokens`: PPO's (`hfgen.rl.models.make_generation_config`, which pins off
     top_k, repetition penalties, min-p... that transformers would otherwise take from the model's
     generation_config.json, top_k=50 by default), so that `hfgen generate` / `hfgen eval` sample a PPO policy as
-    PPO did; greedy (do_sample off) at temperature 0, and no logits kept."""
+    PPO did; greedy (do_sample off) at temperature 0, `num_samples` sequences per prompt, and no logits kept (all in
+    the config: transformers deprecates generation arguments beside a generation_config)."""
     from hfgen.rl.models import make_generation_config
 
     config = make_generation_config(tokenizer, max_new_tokens, temperature or 1.0, top_p, stop_ids, models=[model])
-    config.update(return_dict_in_generate=False, output_logits=False, min_new_tokens=min_new_tokens)
+    config.update(
+        return_dict_in_generate=False, output_logits=False, min_new_tokens=min_new_tokens,
+        num_return_sequences=num_samples,
+    )  # fmt: skip
     if temperature == 0:  # greedy: temperature and top-p would not apply (transformers warns when set)
         config.update(do_sample=False, temperature=1.0, top_p=1.0)
     return config
