@@ -367,7 +367,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     from tqdm.auto import tqdm
 
     from hfgen.evaluation import speed, text
-    from hfgen.generate import format_prompts, wants_chat, within_positions
+    from hfgen.generate import format_prompts, new_token_budgets, wants_chat
     from hfgen.models import load_causal_lm, load_tokenizer, position_limit
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
@@ -390,7 +390,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     longest = max(
         map(len, tokenizer(format_prompts(tokenizer, batched, chat), add_special_tokens=not chat)["input_ids"])
     )
-    new_tokens = within_positions(model, longest, args.speed_new_tokens)
+    (new_tokens,) = new_token_budgets(model, [longest], args.speed_new_tokens)
     with tqdm(total=2, desc="speed", disable=args.quiet) as bar:
         for name, batch in (("batch1", batched[:1]), ("batched", batched)):
             results[f"speed/tokens_per_s_{name}"] = speed.generation_tokens_per_second(
