@@ -267,7 +267,7 @@ def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
 
     from hfgen.evaluation.command import load_judges
     from hfgen.generate import Completion
-    from hfgen.rl.rollout import sequence_scores, turn_suffix_ids
+    from hfgen.rl.rollout import sequence_scores, turn_close_ids
 
     args = argparse.Namespace(reward_model=str(reward_dir), oracle="none", eval_dataset="x", batch_size=4)
     judge = load_judges(args, "cpu", tokenizer)["reward"]
@@ -281,9 +281,9 @@ def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
     cut_off = Completion(" is kind.", prompt_ids, said, False)
     scores = judge([prompt], [[finished, cut_off]])[0]
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1)
-    suffix = turn_suffix_ids(tokenizer) if chat else []
+    close = turn_close_ids(tokenizer) if chat else [tokenizer.eos_token_id]
     expected = sequence_scores(
-        reward_model, [prompt_ids + finished.completion_ids + suffix, prompt_ids + said], tokenizer.pad_token_id, 4
+        reward_model, [prompt_ids + said + close, prompt_ids + said], tokenizer.pad_token_id, 4
     ).tolist()
     assert scores == pytest.approx(expected, abs=1e-5) and scores[0] != pytest.approx(scores[1])
 

@@ -183,14 +183,14 @@ def test_scorer_passes_the_policys_ids_straight_through_when_tokenizers_match(em
     # round trip would score other tokens than the policy produced.
     spelled = [tokenizer.convert_tokens_to_ids(c) for c in "the"] + [tokenizer.eos_token_id]
     assert tokenizer.unk_token_id not in spelled
-    suffix = R.turn_suffix_ids(tokenizer)
-    assert tokenizer.decode(suffix) == "\n"  # what the template writes after <|end|>
+    close = R.turn_close_ids(tokenizer)
+    assert tokenizer.decode(close) == "<|end|>\n"  # what the template writes after an assistant turn's content
     shared = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4, policy_tokenizer=tokenizer)
     assert shared.reads_policy_ids
     text = tokenizer.decode(spelled, skip_special_tokens=True)
     score, _ = shared([prompt], [text], [True], "cpu", [query + spelled])
     torch.testing.assert_close(
-        score, R.sequence_scores(reward_model, [query + spelled + suffix], tokenizer.pad_token_id, 4)
+        score, R.sequence_scores(reward_model, [query + spelled[:-1] + close], tokenizer.pad_token_id, 4)
     )
     by_text, _ = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4)(
         [prompt], [text], [True], "cpu", [query + spelled]
@@ -402,3 +402,80 @@ def test_recipe_functions_from_files_in_either_convention_and_their_errors(tmp_p
     with pytest.raises(UserError, match="a score must be a number"):
         reward_values(load_function(spec + "text"), load_function(spec + "text")(["p"], ["r"]), 1)
     assert same_name_problems(["a:score", "b:score", "a:other"]) and not same_name_problems(["a:score", "a:other"])
+
+
+GEMMA_IT = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] "
+    "| trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+PHI_3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+LLAMA_3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+    "\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, special, stops",
+    [
+        # Gemma-2-it: EOS <eos>, turns end with <end_of_turn> (its generation config stops on both)
+        (GEMMA_IT, {"bos_token": "<bos>", "eos_token": "<eos>", "extra": ["<start_of_turn>", "<end_of_turn>"]},
+         ["<end_of_turn>", "<eos>"]),
+        # Phi-3: EOS <|endoftext|>, turns end with <|end|>, the template's last turn with <|end|>\n<|endoftext|>
+        (PHI_3, {"eos_token": "<|endoftext|>", "extra": ["<|user|>", "<|assistant|>", "<|end|>"]},
+         ["<|end|>", "<|endoftext|>"]),
+        # Llama 3 instruct: EOS <|eot_id|> ends the turn
+        (LLAMA_3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                   "extra": ["<|start_header_id|>", "<|end_header_id|>"]}, ["<|eot_id|>"]),
+    ],
+    ids=["gemma", "phi3", "llama3"],
+)  # fmt: skip
+def test_the_ids_path_closes_a_turn_as_the_template_the_reward_model_trained_on_does(template, special, stops):
+    # the ids path dropped a special stop id and appended EOS: Gemma-it's reward model, trained on
+    # "...<end_of_turn>\n", was scored on "...<eos>", Phi-3's, trained on "...<|end|>\n<|endoftext|>", on
+    # "...<|endoftext|>"
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    tokenizer.add_special_tokens(
+        {**{k: v for k, v in special.items() if k != "extra"}, "additional_special_tokens": special["extra"]}
+    )
+    tokenizer.chat_template = template
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    query = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    said = tokenizer("the cat is red.", add_special_tokens=False)["input_ids"]
+    scorer = R.RewardScorer(object(), tokenizer, {}, [1.0], 8, policy_tokenizer=tokenizer)
+    assert scorer.reads_policy_ids
+    # what the reward stage trained on (TRL renders prompt + chosen with the template) is what the text path scores
+    trained_on = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": "the cat is red."}], tokenize=True, return_dict=False
+    )
+    [text] = R.reward_model_texts(tokenizer, [prompt], ["the cat is red."], [True])
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == trained_on
+    for stop in stops:
+        assert scorer.closed(query + said + [tokenizer.convert_tokens_to_ids(stop)], True) == trained_on, stop
+
+
+def test_the_ids_path_leaves_a_template_it_cannot_rebuild_to_the_text_path(embedded_reward_model):
+    # Qwen3's template writes an empty <think> block before the last turn's content, which the generation prompt
+    # lacks: prompt ids + response ids + closing is no rendering the reward model read
+    tokenizer, reward_model = embedded_reward_model
+    thinking = __import__("copy").deepcopy(tokenizer)
+    thinking.chat_template = (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>' }}{% if message['role'] == 'assistant' %}"
+        "{{ '<think></think>' }}{% endif %}{{ message['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    assert R.turn_close_ids(thinking) is None
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    query = thinking.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    response = thinking("the cat", add_special_tokens=False)["input_ids"] + [thinking.eos_token_id]
+    shared = R.RewardScorer(reward_model, thinking, {}, [1.0], 4, policy_tokenizer=thinking)
+    by_ids, _ = shared([prompt], ["the cat"], [True], "cpu", [query + response])
+    by_text, _ = R.RewardScorer(reward_model, thinking, {}, [1.0], 4)([prompt], ["the cat"], [True], "cpu")
+    torch.testing.assert_close(by_ids, by_text)

@@ -227,15 +227,23 @@ def reward_model_texts(tokenizer, prompts: list, responses: list[str], finished:
     return texts
 
 
-def turn_suffix_ids(tokenizer) -> list[int]:
-    """The tokens a chat template writes after a finished assistant turn's EOS (e.g. a newline): the reward model
-    saw them at the end of every training pair, so the ids path appends them too. [] without a template."""
-    if tokenizer.chat_template is None or tokenizer.eos_token is None:
-        return []
-    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    rendered = tokenizer.apply_chat_template(probe, tokenize=False)
-    head, eos, suffix = rendered.rpartition(tokenizer.eos_token)
-    return tokenizer(suffix, add_special_tokens=False)["input_ids"] if eos and suffix else []
+def turn_close_ids(tokenizer) -> list[int] | None:
+    """The tokens a chat template writes after a finished assistant turn's content: EOS and what follows it (Llama
+    3's <|eot_id|>, ChatML's <|im_end|> and newline), or its own end-of-turn token where that is not EOS (Gemma's
+    <end_of_turn> and newline, Phi-3's <|end|>, newline and <|endoftext|>). The reward model saw them at the end of
+    every training pair, so the ids path closes a finished response with them. Without a template: EOS. None when
+    the template does not write a finished turn as its generation prompt + the content + a closing (Qwen3's empty
+    <think> block before the last turn's content): the ids path cannot rebuild that, the text path renders it."""
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if tokenizer.chat_template is None:
+        return eos
+    content = "b"
+    prompt = [{"role": "user", "content": "a"}]
+    opened = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + content
+    rendered = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": content}], tokenize=False)
+    if not rendered.startswith(opened):
+        return None
+    return tokenizer(rendered[len(opened) :], add_special_tokens=False)["input_ids"]
 
 
 def same_tokenizer(a, b) -> bool:
@@ -481,7 +489,7 @@ class RewardScorer:
             and self.policy_tokenizer is not None
             and same_tokenizer(self.policy_tokenizer, self.reward_tokenizer)
         )
-        self.suffix_ids = turn_suffix_ids(self.reward_tokenizer) if self.reads_policy_ids else []
+        self.close_ids = turn_close_ids(self.reward_tokenizer) if self.reads_policy_ids else None
 
     def __call__(
         self, prompts: list, responses: list[str], finished, device, token_ids: list[list[int]] | None = None
@@ -494,12 +502,11 @@ class RewardScorer:
         finished = [bool(done) for done in finished]
         components = {}
         if self.reward_model is not None:
-            if self.reads_policy_ids and token_ids is not None:
-                chat = not isinstance(prompts[0], str)
+            chat = not isinstance(prompts[0], str)
+            if self.reads_policy_ids and token_ids is not None and (self.close_ids is not None or not chat):
                 sequences = [self.closed(ids, chat) if done else list(ids) for ids, done in zip(token_ids, finished)]
             else:
                 texts = reward_model_texts(self.reward_tokenizer, prompts, responses, finished)
-                chat = not isinstance(prompts[0], str)
                 special = not chat or uses_plain_template(self.reward_tokenizer, chat)  # a template writes its own
                 sequences = reward_model_ids(self.reward_model, self.reward_tokenizer, texts, special)
             pad = self.reward_tokenizer.pad_token_id
@@ -519,16 +526,16 @@ class RewardScorer:
 
     def closed(self, ids: list[int], chat: bool) -> list[int]:
         """A finished episode's ids (ending with the stop id that ended it) as the text path renders it
-        (`reward_model_texts`): the response's text, then EOS, then the template's end-of-turn suffix. A stop id
-        other than EOS ("." in a list of eos ids, Qwen's <|endoftext|> for <|im_end|>) is kept when it is text and
-        dropped when it is a special token (`response_texts` skips those), and EOS follows it: the template's
-        suffix after another stop id would make a sequence the reward model never read."""
+        (`reward_model_texts`): the response's text, then the template's closing of an assistant turn
+        (`turn_close_ids`) for a conversation, EOS for a plain prompt. A stop id other than EOS ("." in a list of eos
+        ids) is kept when it is text and dropped when it is a special token (`response_texts` skips those: Gemma's
+        <end_of_turn>, Phi-3's <|end|>, which the closing writes again where the template puts them)."""
         tokenizer = self.reward_tokenizer
         ids, stop = list(ids[:-1]), ids[-1]
         if stop != tokenizer.eos_token_id and stop not in tokenizer.all_special_ids:
             ids.append(stop)
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        return ids + eos + (self.suffix_ids if chat else [])
+        return ids + (self.close_ids if chat else eos)
 
 
 def reward_model_ids(reward_model, tokenizer, texts: list[str], special: bool) -> list[list[int]]:
