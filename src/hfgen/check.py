@@ -232,13 +232,25 @@ def assistant_mask_problems(tokenizer) -> list[str]:
     return []
 
 
+def marked_spans(tokenizer, ids: list[int], trained: list[int]) -> str:
+    """The decoded ids with each run of trained tokens in [[...]]."""
+    import itertools
+
+    text, position = "", 0
+    for mark, run in itertools.groupby(trained):
+        length = len(list(run))
+        span = tokenizer.decode(ids[position : position + length])
+        text, position = text + (f"[[{span}]]" if mark else span), position + length
+    return text
+
+
 def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:
     """(report lines: rendered examples with trained tokens marked and the shares below, fatal findings: labels
     fully masked, no EOS in the labels, a chat template whose generation prompt does not begin the training
     conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
     from trl.data_utils import common_prefix_length
 
-    from hfgen.stages.sft import split_prompt_response, tokenize_response
+    from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation
 
     fatal = []
     rows = rows.select(range(min(ROWS_RENDERED, len(rows))))
@@ -252,18 +264,23 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
         ]
     if "messages" in rows.column_names and training_args.assistant_only_loss:
         fatal += assistant_mask_problems(tokenizer)
+        if fatal:  # no template to mark the assistant turns with
+            return [], fatal
     examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
     for row in rows:
         prompt, response = split_prompt_response(row, "text")
         if response is None:
             continue
-        tokenized = tokenize_response(tokenizer, prompt, response, training_args.max_length)
-        if tokenized is None:
+        if "messages" in row:  # what SFTTrainer trains: every assistant turn, in the template it trains with
+            ids, trained = trained_conversation(tokenizer, row, training_args)
+        else:
+            tokenized = tokenize_response(tokenizer, prompt, response, training_args.max_length)
+            ids, start = tokenized or ([], 0)
+            trained = [int(i >= (start if masked_loss else 0)) for i in range(len(ids))]
+        if not any(trained):
             fully_masked += 1
             continue
-        ids, start = tokenized
-        start = start if masked_loss else 0
-        with_eos += tokenizer.eos_token_id in ids[max(start, 1) :]
+        with_eos += any(token == tokenizer.eos_token_id and mark for token, mark in zip(ids[1:], trained[1:]))
         if chat and prompt:
             prompt_ids = tokenizer.apply_chat_template(
                 prompt, add_generation_prompt=True, tokenize=True, return_dict=True
@@ -272,7 +289,7 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
             full = tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"]
             mismatched += common_prefix_length(prompt_ids, full) < len(prompt_ids)
         if len(examples) < EXAMPLES:
-            examples.append(tokenizer.decode(ids[:start]) + "[[" + tokenizer.decode(ids[start:]) + "]]")
+            examples.append(marked_spans(tokenizer, ids, trained))
     total = len(rows)
     lines = ["rendered examples (trained tokens in [[...]]):"] + ["  " + e.replace("\n", "\\n") for e in examples]
     share_masked = fully_masked / total if total else 0.0

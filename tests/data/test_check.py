@@ -225,3 +225,34 @@ def test_ppo_takes_chat_prompts_as_grpo_does(tiny_lm, tmp_path, capsys):
     code, _, err = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm, "--dataset_name",
                          prompts, *extra)  # fmt: skip
     assert code == 0, err
+
+
+def test_a_conversation_whose_last_turn_is_cut_trains_and_shows_its_earlier_turns(tiny_lm, tmp_path, capsys):
+    # with assistant_only_loss, TRL trains every assistant turn inside max_length; the check and the drop looked at
+    # the last one only: rows whose last user turn passes max_length were dropped (all of them: exit 2, "100% of the
+    # rows have fully masked labels"), and the check marked only the last turn as trained
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from hfgen.stages.sft import drop_fully_masked
+
+    long_question = "and the dog? " + "tell me more about the dog and the river. " * 6
+    rows = [
+        {"messages": [{"role": "user", "content": f"describe the red cat {i}."},
+                      {"role": "assistant", "content": "the cat is red."},
+                      {"role": "user", "content": long_question}, {"role": "assistant", "content": "the dog is sad."}]}
+        for i in range(8)
+    ]  # fmt: skip
+    data = tmp_path / "long_last_turn.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", data,
+                           "--max_length", 64)  # fmt: skip
+    assert code == 0, err
+    assert "fully masked after truncation (max_length=64): 0.0%" in out
+    assert "<|assistant|>\\n[[the cat is red.<|end|>]]\\n<|user|>" in out  # the first turn, marked as trained
+    args = SFTConfig(
+        output_dir=str(tmp_path), assistant_only_loss=True, max_length=64, report_to="none", use_cpu=True, bf16=False
+    )
+    records = {}
+    assert len(drop_fully_masked(Dataset.from_list(rows), AutoTokenizer.from_pretrained(tiny_lm), args, records)) == 8

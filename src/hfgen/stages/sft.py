@@ -223,6 +223,33 @@ def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tu
     return (ids, max(start, 1)) if start < len(ids) else None
 
 
+def trained_conversation(tokenizer, row: dict, training_args) -> tuple[list[int], list[int]]:
+    """(token ids, trained mask) of a `messages` row as SFTTrainer trains it: every assistant turn under
+    assistant_only_loss (the assistant mask of the template it trains with: TRL's training version, with
+    {% generation %} markers, of a template without them), every token otherwise; truncated to max_length as
+    truncation_mode says. Not only the last turn: an earlier turn within max_length trains when the last is cut."""
+    import json
+
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    assistant_only = bool(training_args.assistant_only_loss)
+    template = None
+    if assistant_only and not has_generation_markers(tokenizer.chat_template):
+        template = get_training_chat_template(tokenizer)
+    tools = row.get("tools")
+    rendered = tokenizer.apply_chat_template(
+        row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only,
+        chat_template=template, tools=json.loads(tools) if isinstance(tools, str) else tools,
+    )  # fmt: skip
+    ids = list(rendered["input_ids"])
+    mask = list(rendered["assistant_masks"]) if assistant_only else [1] * len(ids)
+    if training_args.max_length:
+        keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
+        cut = slice(-training_args.max_length, None) if keep_end else slice(None, training_args.max_length)
+        ids, mask = ids[cut], mask[cut]
+    return ids, mask
+
+
 def response_loss(model, examples: list[tuple[list[int], int]], pad_token_id: int, batch_size: int) -> float:
     """Mean next-token loss over response tokens only (prompt tokens are context, not scored)."""
     import torch
@@ -302,10 +329,13 @@ def drop_fully_masked(rows, tokenizer, training_args: SFTConfig, records: dict):
     chat = "completion" not in rows.column_names or isinstance(rows[0]["completion"], list)
     if not masked_loss or not training_args.max_length or (chat and tokenizer.chat_template is None):
         return rows
-    keep = [
-        tokenize_response(tokenizer, prompt, response, training_args.max_length) is not None
-        for prompt, response in (split_prompt_response(row, "text") for row in rows)
-    ]
+    if "messages" in rows.column_names:  # every assistant turn trains, not only the last one
+        keep = [any(trained_conversation(tokenizer, row, training_args)[1]) for row in rows]
+    else:
+        keep = [
+            tokenize_response(tokenizer, prompt, response, training_args.max_length) is not None
+            for prompt, response in (split_prompt_response(row, "text") for row in rows)
+        ]
     kept = drop_and_count(rows, keep, records, f"no trained token within max_length={training_args.max_length}")
     if len(kept) < len(rows) / 2:
         raise UserError(
