@@ -250,9 +250,10 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
     conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
     from trl.data_utils import common_prefix_length
 
-    from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation
+    from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation, without_doubled_bos
 
     fatal = []
+    rows, bos_note = without_doubled_bos(rows, tokenizer)  # as `hfgen train` feeds SFTTrainer
     rows = rows.select(range(min(ROWS_RENDERED, len(rows))))
     masked_loss = "completion" in rows.column_names and training_args.completion_only_loss is not False
     masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
@@ -291,7 +292,8 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
         if len(examples) < EXAMPLES:
             examples.append(marked_spans(tokenizer, ids, trained))
     total = len(rows)
-    lines = ["rendered examples (trained tokens in [[...]]):"] + ["  " + e.replace("\n", "\\n") for e in examples]
+    lines = [f"note: {bos_note}"] if bos_note else []
+    lines += ["rendered examples (trained tokens in [[...]]):"] + ["  " + e.replace("\n", "\\n") for e in examples]
     share_masked = fully_masked / total if total else 0.0
     lines.append(f"labels fully masked after truncation (max_length={training_args.max_length}): {share_masked:.1%}")
     lines.append(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")

@@ -256,3 +256,36 @@ def test_a_conversation_whose_last_turn_is_cut_trains_and_shows_its_earlier_turn
     )
     records = {}
     assert len(drop_fully_masked(Dataset.from_list(rows), AutoTokenizer.from_pretrained(tiny_lm), args, records)) == 8
+
+
+def test_text_rendered_with_a_chat_template_keeps_one_bos_and_its_held_out_loss_covers_every_turn(tmp_path):
+    # text that already starts with the tokenizer's BOS (a rendered Llama 3 conversation) was tokenized with a
+    # second BOS in front, unflagged; and the held-out response loss stopped at the first EOS, the user turn's
+    from datasets import Dataset
+    from tokenizers.processors import TemplateProcessing
+    from trl import SFTConfig
+
+    from hfgen.check import check_sft_rendering
+    from hfgen.models import build_embedded_tokenizer
+    from hfgen.stages.sft import tokenize_response, without_doubled_bos
+
+    tokenizer = build_embedded_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    turns = [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "the cat is red."}]
+    text = "<|begin_of_text|>" + tokenizer.apply_chat_template(turns, tokenize=False)
+    rows, note = without_doubled_bos(Dataset.from_list([{"text": "the dog"}, {"text": text}]), tokenizer)
+    assert "1 of 2 rows of the text column (row 1 first) already start with the tokenizer's BOS" in note
+    ids = tokenizer(rows[1]["text"])["input_ids"]
+    assert ids.count(bos) == 1 and ids[0] == bos and rows[0]["text"] == "the dog"
+    assert tokenizer.eos_token in rows[1]["text"][:-10]  # the user turn ends with EOS too
+    held_out, start = tokenize_response(tokenizer, "", rows[1]["text"], None)
+    assert (
+        held_out[: len(ids)] == ids and start == 1
+    )  # every turn scored (then the EOS TRL appends), not the first only
+    args = SFTConfig(output_dir=str(tmp_path), max_length=128, report_to="none", use_cpu=True, bf16=False)
+    lines, fatal = check_sft_rendering(Dataset.from_list([{"text": text}] * 4), tokenizer, args)
+    assert not fatal and lines[0].startswith("note: 4 of 4 rows") and "[[<|begin_of_text|><|user|>" in lines[2]

@@ -135,6 +135,28 @@ def completion_loss_instead(rows, training_args: SFTConfig) -> str | None:
     )
 
 
+def without_doubled_bos(rows, tokenizer):
+    """(rows, note): plain `text` rows that already start with the tokenizer's BOS (text rendered with a chat
+    template: Llama 3's <|begin_of_text|>) lose that prefix, since SFTTrainer tokenizes text with the special tokens
+    and the tokenizer puts its own BOS in front: a doubled BOS is a sequence the model never reads at inference.
+    The note (None when no row had it) says so; `hfgen check` and `hfgen train` print it, data.json records it."""
+    bos = tokenizer.bos_token
+    if "text" not in rows.column_names or not bos or not len(rows):
+        return rows, None
+    if tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:  # the tokenizer adds no BOS: nothing doubles
+        return rows, None
+    starting = [i for i, text in enumerate(rows["text"]) if text.startswith(bos)]
+    if not starting:
+        return rows, None
+    rows = rows.map(lambda row: {"text": row["text"].removeprefix(bos)})
+    note = (
+        f"{len(starting)} of {len(rows)} rows of the text column (row {starting[0]} first) already start with the "
+        f"tokenizer's BOS {bos!r} (text rendered with a chat template); the tokenizer adds its own, so the text's was "
+        "removed: one BOS, as the template renders it"
+    )
+    return rows, note
+
+
 # ---- packing without varlen attention kernels ----------------------------------------------------------
 
 ROW_PACKING_ATTENTION = ("sdpa", "eager")  # kernels that take a dense mask; flash/flex attention handle varlen rows
@@ -217,7 +239,9 @@ def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tu
         text = prompt + response
         ids = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
     start = common_prefix_length(prompt_ids, ids)  # the template may render the prompt differently alone
-    if tokenizer.eos_token_id in ids[start:]:  # the response ends at its EOS; template text after it is not scored
+    if isinstance(response, list) and tokenizer.eos_token_id in ids[start:]:
+        # the assistant turn ends at its EOS; template text after it is not scored. Plain text trains whole: a text
+        # rendered with a chat template holds an EOS (Llama 3's <|eot_id|>) after every turn, the user's first
         ids = ids[: ids.index(tokenizer.eos_token_id, start) + 1]
     ids = ids[:max_length] if max_length else ids
     return (ids, max(start, 1)) if start < len(ids) else None
@@ -378,6 +402,11 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     training_args.dataset_text_field = "text"  # the text column, whatever the file called it, is `text` now
     if note := completion_loss_instead(train_rows, training_args):
         print(note)
+        data_records.setdefault("notes", []).append(note)
+    train_rows, note = without_doubled_bos(train_rows, tokenizer)
+    eval_rows = without_doubled_bos(eval_rows, tokenizer)[0]
+    if note:
+        print(f"note: {note}")
         data_records.setdefault("notes", []).append(note)
     train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     record(output_dir, data_records)
