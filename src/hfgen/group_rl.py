@@ -243,13 +243,62 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
 # ---- prompts and rewards ------------------------------------------------------------------------------------
 
 
-def prepare_prompts(dataset, data_args, tokenizer):
+def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None):
     """Plain-string prompts become one user turn for a chat model (`chat_prompts: auto`), since TRL would otherwise
-    send them untemplated."""
-    if isinstance(dataset[0]["prompt"], str) and tokenizer.chat_template is not None:
-        if data_args.chat_prompts == "auto":
-            dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return dataset
+    send them untemplated. A string already rendered with the chat template (`template_marks`) is not wrapped in it
+    again: one that renders a single user turn is read back as that turn (the policy reads the same tokens, reward
+    functions the question), any other is kept as it is; said, and noted in `records` when given."""
+    if not (isinstance(dataset[0]["prompt"], str) and tokenizer.chat_template is not None):
+        return dataset
+    if data_args.chat_prompts != "auto":
+        return dataset
+    opening, closing, tokens = template_marks(tokenizer)
+
+    def turns(prompt: str) -> list[dict] | str:
+        if not any(token in prompt for token in tokens) and not (opening.strip() and prompt.startswith(opening)):
+            return [{"role": "user", "content": prompt}]  # a plain string
+        if prompt.startswith(opening) and prompt.endswith(closing) and len(prompt) > len(opening + closing):
+            content = prompt[len(opening) : len(prompt) - len(closing)]
+            turn = [{"role": "user", "content": content}]
+            one_turn = not any(token in content for token in tokens)  # not a whole conversation between the two
+            if one_turn and tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) == prompt:
+                return turn
+        return prompt  # rendered, but not one user turn: kept as it is
+
+    prepared = [turns(prompt) for prompt in dataset["prompt"]]
+    rendered = [
+        i for i, (old, new) in enumerate(zip(dataset["prompt"], prepared)) if new != [{"role": "user", "content": old}]
+    ]
+    if not rendered:
+        return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    kept = [i for i in rendered if isinstance(prepared[i], str)]
+    if kept and len(kept) < len(dataset):  # one column holds either strings or conversations
+        other = next(i for i in range(len(dataset)) if not isinstance(prepared[i], str))
+        raise UserError(
+            f"chat_prompts: auto: the prompts of {data_source(data_args)} mix strings already rendered with the "
+            f"model's chat template as more than one user turn (row {kept[0]}) and questions that become one user "
+            f"turn (row {other}): render all of them (and set chat_prompts: never) or none"
+        )
+    note = (
+        f"chat_prompts: auto: {len(rendered)} of {len(dataset)} string prompts (row {rendered[0]} first) are already "
+        "rendered with the model's chat template: not wrapped in it again, "
+        + ("kept as they are" if kept else "read back as the user turn they render (the same tokens)")
+    )
+    print(f"note: {note}")
+    if records is not None:
+        records.setdefault("notes", []).append(note)
+    return dataset.map(lambda row, index: {"prompt": prepared[index]}, with_indices=True)
+
+
+def template_marks(tokenizer) -> tuple[str, str, list[str]]:
+    """(what the chat template writes before a user's content, after it with the generation prompt, the special
+    tokens among those): a string prompt holding one of the tokens (Llama 3's <|start_header_id|>, ChatML's
+    <|im_start|>), or beginning with that opening, is already rendered."""
+    sentinel = "\x00hfgen\x00"
+    user = [{"role": "user", "content": sentinel}]
+    opening, closing = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True).split(sentinel)
+    special = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return opening, closing, [token for token in special if token in opening + closing]
 
 
 def completion_text(completion) -> str:
@@ -528,9 +577,9 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     train_rows, eval_rows, data_records = load_for_stage(
         data_args, "prompt", seed=config.seed, default_columns=prompt_columns(data_args), other_columns=True
     )
-    record(output_dir, data_records)
-    train_rows = prepare_prompts(train_rows, data_args, tokenizer)
+    train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
+    record(output_dir, data_records)
     monitor = None
     if data_args.hacking_monitor:
         monitor = build_monitor(data_args, reward_weights=config.reward_weights)

@@ -482,3 +482,29 @@ def test_dropout_is_off_by_default_as_in_ppo_and_can_be_turned_on(tmp_path, mode
     recipe = write_recipe(tmp_path, models[0], stage=stage)
     assert load_recipe(recipe, check_inputs=False).value("disable_dropout") is True
     assert load_recipe(recipe, ["--disable_dropout", "false"], check_inputs=False).value("disable_dropout") is False
+
+
+def test_string_prompts_already_rendered_with_the_chat_template_are_not_wrapped_in_it_again():
+    # chat_prompts: auto wrapped "<|user|>\n3+8+5=?<|end|>\n<|assistant|>\n" in the template a second time, silently:
+    # the policy generated after a user turn holding a whole rendered conversation (exact_answer 0.000 vs 0.250)
+    from datasets import Dataset
+
+    from hfgen.errors import UserError
+    from hfgen.group_rl import GroupRLArguments, prepare_prompts
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    questions = [[{"role": "user", "content": f"{a}+1+2=?"}] for a in range(3)]
+    rendered = [tokenizer.apply_chat_template(q, tokenize=False, add_generation_prompt=True) for q in questions]
+    records = {}
+    strings = Dataset.from_list([{"prompt": p} for p in rendered[:2]] + [{"prompt": "2+1+2=?"}])
+    # read back as the user turn they render: the same tokens for the policy, the question for reward functions
+    assert prepare_prompts(strings, GroupRLArguments(), tokenizer, records)["prompt"] == questions
+    assert "2 of 3 string prompts (row 0 first) are already rendered" in records["notes"][0]
+    # a rendered conversation of more than one turn is kept as it is
+    talk = questions[0] + [{"role": "assistant", "content": "answer: 3"}, {"role": "user", "content": "and 2+2?"}]
+    multi = tokenizer.apply_chat_template(talk, tokenize=False, add_generation_prompt=True)
+    assert prepare_prompts(Dataset.from_list([{"prompt": multi}]), GroupRLArguments(), tokenizer)["prompt"] == [multi]
+    mixed = Dataset.from_list([{"prompt": multi}, {"prompt": "1+1+2=?"}])
+    with pytest.raises(UserError, match=r"more than one user turn \(row 0\) and questions .* \(row 1\)"):
+        prepare_prompts(mixed, GroupRLArguments(), tokenizer)

@@ -397,7 +397,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     max_prompt_length = prompt_room(policy, data_args.max_prompt_length, config.response_length)
     # plain-string prompts to a chat model as one user turn (`chat_prompts`), as GRPO and RLOO send them
-    train_rows, eval_rows = (prepare_prompts(rows, data_args, tokenizer) for rows in (train_rows, eval_rows))
+    train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records)
+    eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
     # (the rows within max_prompt_length, and their token ids: the prompts are rendered and tokenized once)
     (train_rows, train_queries), (eval_rows, _) = (
         drop_long_prompts(tokenizer, rows, max_prompt_length, data_records, split)
