@@ -119,9 +119,11 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     if stage != "sft":
         print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
         return []
+    from hfgen.data.prepare import data_source
     from hfgen.finetune import tokenizer_for
 
-    lines, fatal = check_sft_rendering(train, tokenizer_for(recipe.configs[0], training_args), training_args)
+    tokenizer = tokenizer_for(recipe.configs[0], training_args)
+    lines, fatal = check_sft_rendering(train, tokenizer, training_args, data_source(data_args))
     print("\n".join(lines))
     return fatal
 
@@ -244,12 +246,13 @@ def marked_spans(tokenizer, ids: list[int], trained: list[int]) -> str:
     return text
 
 
-def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list[str]]:
+def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data") -> tuple[list[str], list[str]]:
     """(report lines: rendered examples with trained tokens marked and the shares below, fatal findings: labels
     fully masked, no EOS in the labels, a chat template whose generation prompt does not begin the training
     conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
     from trl.data_utils import common_prefix_length
 
+    from hfgen.data.rendering import template_refusals
     from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation, without_doubled_bos
 
     fatal = []
@@ -263,6 +266,8 @@ def check_sft_rendering(rows, tokenizer, training_args) -> tuple[list[str], list
             "the data is conversational but the tokenizer has no chat template: set chat_template_path (a .jinja file, "
             "or a tokenizer whose template to copy, e.g. an instruct model's)"
         ]
+    if refused := template_refusals(tokenizer, rows, source):  # rendering them below would stop with jinja's error
+        return [], refused
     if "messages" in rows.column_names and training_args.assistant_only_loss:
         fatal += assistant_mask_problems(tokenizer)
         if fatal:  # no template to mark the assistant turns with

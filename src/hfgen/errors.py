@@ -33,3 +33,14 @@ def exit_on_user_error(program: str = "hfgen"):
     except Diverged as error:
         print(f"{program}: diverged: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
+    except Exception as error:
+        # A chat template's own refusal of a row (its raise_exception: a TemplateError itself, not a subclass such
+        # as a syntax error) past the rows the check renders: the data does not fit the model's template.
+        from jinja2.exceptions import TemplateError
+
+        if type(error) is not TemplateError:
+            raise
+        from hfgen.data.rendering import template_refusal
+
+        print(f"{program}: error: {template_refusal(error, 'a row of the data')}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -231,6 +231,13 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
             f"the prompts of {source} hold chat messages, but the tokenizer of '{model}' has no chat template to "
             "render them: use a chat model (or one whose tokenizer has a chat_template), or give plain-string prompts"
         ]
+    if not isinstance(first, str) and has_template:  # a prompt the template refuses (Gemma: a system turn)
+        from hfgen.data.loading import ROWS_CHECKED
+        from hfgen.data.rendering import template_refusals
+
+        sample = train_rows.select(range(min(ROWS_CHECKED, len(train_rows))))
+        if refused := template_refusals(load_tokenizer(model, config.trust_remote_code), sample, source):
+            return refused
     if isinstance(first, str) and has_template and data_args.chat_prompts == "refuse":
         return [
             f"the prompts of {source} are plain strings, but "

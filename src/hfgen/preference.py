@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hfgen import guard, loop, tracking
 from hfgen.data.formats import unpaired_rows
-from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.models import check_model_source, not_a_reward_model
@@ -84,6 +84,15 @@ def check_preference_data(
                 "(a base model): start from one that has (an sft run keeps the template it trained with, e.g. from "
                 "chat_template_path), or give text rows"
             )
+    if tokenizer is not None and not problems:  # a row the template refuses stops the renderings below
+        from hfgen.data.loading import ROWS_CHECKED
+        from hfgen.data.rendering import template_refusals
+
+        for rows, split in zip(loaded[:2], ("train", "eval")):
+            sample = rows.select(range(min(ROWS_CHECKED, len(rows))))
+            if refused := template_refusals(tokenizer, sample, f"{data_source(data_args)} ({split} split)"):
+                problems += refused
+                break
     if tokenizer is not None and not problems and training_args is not None:
         problems += prompt_length_problems(tokenizer, loaded[0], training_args)
         from hfgen.data.loading import ROWS_CHECKED

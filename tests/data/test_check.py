@@ -289,3 +289,48 @@ def test_text_rendered_with_a_chat_template_keeps_one_bos_and_its_held_out_loss_
     args = SFTConfig(output_dir=str(tmp_path), max_length=128, report_to="none", use_cpu=True, bf16=False)
     lines, fatal = check_sft_rendering(Dataset.from_list([{"text": text}] * 4), tokenizer, args)
     assert not fatal and lines[0].startswith("note: 4 of 4 rows") and "[[<|begin_of_text|><|user|>" in lines[2]
+
+
+NO_SYSTEM_TEMPLATE = (  # Gemma-it's refusal, on hfgen's template
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_conversation_the_chat_template_refuses_exits_2_naming_the_row(tiny_lm, tmp_path, capsys, stage):
+    # Gemma's template raises "System role not supported" on a system turn: a raw jinja2 TemplateError traceback
+    # (exit 1) from the check's rendering (sft: tokenize_response, dpo: prompt_length_problems)
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(tiny_lm).chat_template
+    model = with_template(tiny_lm, tmp_path, template, NO_SYSTEM_TEMPLATE + template)
+    system = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "describe the red cat."}]
+    answer, other = [{"role": "assistant", "content": "the cat is red."}], [{"role": "assistant", "content": "no."}]
+    rows = (
+        [{"messages": system + answer}] if stage == "sft" else [{"prompt": system, "chosen": answer, "rejected": other}]
+    )
+    data = tmp_path / "system.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 8))
+    recipe = SFT_FULL if stage == "sft" else REPO / "recipes/tiny/dpo.yaml"
+    code, _, err = check(capsys, recipe, "--model_name_or_path", model, "--dataset_name", data)
+    assert code == 2, err
+    assert f"the chat template refuses row 0 of dataset '{data}'" in err and "'System role not supported'" in err
+    assert "merge a system turn into the first user turn" in err
+
+
+def test_a_template_refusal_past_the_checked_rows_exits_2_without_a_traceback(tiny_lm, capsys):
+    from jinja2.exceptions import TemplateSyntaxError
+    from transformers import AutoTokenizer
+
+    from hfgen.errors import exit_on_user_error
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        tokenizer.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    assert exit_info.value.code == 2 and "refuses a row of the data: 'System role not supported'" in (
+        capsys.readouterr().err
+    )
+    tokenizer.chat_template = "{% if %}"  # a broken template is no data problem: it keeps its traceback
+    with pytest.raises(TemplateSyntaxError), exit_on_user_error():
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)

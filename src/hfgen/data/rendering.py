@@ -53,3 +53,34 @@ def sequence_text(tokenizer, prompt, response) -> tuple[str, bool]:
 def sequence_ids(tokenizer, prompt, response) -> list[int]:
     text, special = sequence_text(tokenizer, prompt, response)
     return tokenizer(text=text, add_special_tokens=special)["input_ids"]
+
+
+def template_refusal(error, where: str) -> str:
+    """The message of a chat template's own refusal of a conversation (its `raise_exception`: Gemma's "System role
+    not supported", Mistral's "Conversation roles must alternate"), `where` naming the data."""
+    return (
+        f"the chat template refuses {where}: '{error}'. The model's template does not take such conversations: merge "
+        "a system turn into the first user turn (or drop it), make user and assistant turns alternate, or use a chat "
+        "template that accepts them"
+    )
+
+
+def template_refusals(tokenizer, rows, source: str) -> list[str]:
+    """The first of `rows` (a sample of the data, in the standard columns) whose conversations the tokenizer's chat
+    template refuses to render, as a problem naming the row (`template_refusal`); [] when it renders them all or
+    has no template. Found at the check: the trainers would stop with jinja's traceback."""
+    from jinja2.exceptions import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    for index, row in enumerate(rows):
+        prompt = row.get("prompt") if isinstance(row.get("prompt"), list) else []
+        answers = [row[key] for key in ("completion", "chosen", "rejected") if isinstance(row.get(key), list)]
+        conversations = [row["messages"]] if isinstance(row.get("messages"), list) else []
+        conversations += [prompt + answer for answer in answers] or ([prompt] if prompt else [])
+        for messages in conversations:
+            try:
+                tokenizer.apply_chat_template(messages, tokenize=False)
+            except TemplateError as error:
+                return [template_refusal(error, f"row {index} of {source}")]
+    return []

@@ -91,7 +91,7 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             except UserError as error:
                 problems.append(str(error))
             else:
-                problems += check_sft_rendering(loaded[0], tokenizer, training_args)[1]
+                problems += check_sft_rendering(loaded[0], tokenizer, training_args, data_source(data_args))[1]
                 problems += new_template_tokens_problems(model_args, training_args, tokenizer)
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
