@@ -234,6 +234,16 @@ def assistant_mask_problems(tokenizer) -> list[str]:
     return []
 
 
+def turn_end_token(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant turn's content (Gemma-it's
+    <end_of_turn>, Llama 3's <|eot_id|>), None when it writes none there."""
+    sentinel = "\x00hfgen\x00"
+    talk = [{"role": "user", "content": "a"}, {"role": "assistant", "content": sentinel}]
+    closing = tokenizer.apply_chat_template(talk, tokenize=False).split(sentinel)[-1]
+    special = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return next((token for token in special if closing.startswith(token)), None)
+
+
 def marked_spans(tokenizer, ids: list[int], trained: list[int]) -> str:
     """The decoded ids with each run of trained tokens in [[...]]."""
     import itertools
@@ -272,7 +282,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
         fatal += assistant_mask_problems(tokenizer)
         if fatal:  # no template to mark the assistant turns with
             return [], fatal
-    examples, fully_masked, with_eos, mismatched = [], 0, 0, 0
+    examples, fully_masked, with_eos, mismatched, cut_before_eos = [], 0, 0, 0, 0
     for row in rows:
         prompt, response = split_prompt_response(row, "text")
         if response is None:
@@ -286,7 +296,15 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
         if not any(trained):
             fully_masked += 1
             continue
-        with_eos += any(token == tokenizer.eos_token_id and mark for token, mark in zip(ids[1:], trained[1:]))
+        trains_eos = any(token == tokenizer.eos_token_id and mark for token, mark in zip(ids[1:], trained[1:]))
+        with_eos += trains_eos
+        if not trains_eos and training_args.max_length:  # would it, were the row not cut at max_length?
+            if "messages" in row:
+                whole, marks = trained_conversation(tokenizer, row, training_args, truncate=False)
+            else:
+                whole, start = tokenize_response(tokenizer, prompt, response, None) or ([], 0)
+                marks = [int(i >= (start if masked_loss else 0)) for i in range(len(whole))]
+            cut_before_eos += any(t == tokenizer.eos_token_id and m for t, m in zip(whole[1:], marks[1:]))
         if chat and prompt:
             prompt_ids = tokenizer.apply_chat_template(
                 prompt, add_generation_prompt=True, tokenize=True, return_dict=True
@@ -309,10 +327,22 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
             f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="
             f"{training_args.max_length}: raise max_length"
         )
-    if total > fully_masked and with_eos == 0:
+    if total > fully_masked and with_eos == 0 and cut_before_eos:
+        fatal.append(
+            f"EOS ('{tokenizer.eos_token}') is inside no row's labels: max_length={training_args.max_length} cuts "
+            f"{cut_before_eos} of {total - fully_masked} rows before their EOS (uncut, their labels hold it), so the "
+            "model would never learn to stop: raise max_length"
+        )
+    elif total > fully_masked and with_eos == 0:
+        end = turn_end_token(tokenizer) if chat else None
         fatal.append(
             f"EOS ('{tokenizer.eos_token}') is inside no row's labels: the model would never learn to stop "
-            "(plain text needs the tokenizer's eos_token; a chat template must end assistant turns with it)"
+            + (
+                f"(the chat template ends assistant turns with '{end}', not with EOS, as Gemma-it's does: set "
+                f"eos_token: '{end}' so that it is the EOS trained and generation stops at)"
+                if end and end != tokenizer.eos_token
+                else "(plain text needs the tokenizer's eos_token; a chat template must end assistant turns with it)"
+            )
         )
     if mismatched:
         fatal.append(

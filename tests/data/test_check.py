@@ -56,11 +56,13 @@ def test_check_reports_the_data_and_rendered_examples(tiny_lm, capsys):
     "change, expected",
     [
         (("max_length", "6"), "fully masked labels after truncation at max_length=6"),
+        # every row cut before its EOS: the message blamed the template ("a chat template must end assistant turns")
+        (("max_length", "14"), "EOS ('<|end|>') is inside no row's labels: max_length=14 cuts 200 of 200 rows before"),
         (("template", "message['content'] + '<|end|>'", "message['content']"), "EOS ('<|end|>') is inside no row's labels"),
         (("template", "{{ '<|assistant|>\n' }}{%- endif %}", "{{ 'Assistant: ' }}{%- endif %}"), "generation prompt does not begin"),
         (("template", GENERATION_SPAN, GENERATION_SPAN[16:-19]), "assistant_only_loss: true masks the loss by"),
     ],
-    ids=["fully-masked", "no-eos-in-labels", "template-mismatch", "no-generation-markers"],
+    ids=["fully-masked", "cut-before-eos", "no-eos-in-labels", "template-mismatch", "no-generation-markers"],
 )  # fmt: skip
 def test_check_exits_2_naming_the_problem(tiny_lm, tmp_path, capsys, change, expected):
     if change[0] == "max_length":
@@ -334,3 +336,15 @@ def test_a_template_refusal_past_the_checked_rows_exits_2_without_a_traceback(ti
     tokenizer.chat_template = "{% if %}"  # a broken template is no data problem: it keeps its traceback
     with pytest.raises(TemplateSyntaxError), exit_on_user_error():
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+
+
+def test_a_template_ending_turns_with_another_special_token_than_eos_is_told_to_set_eos_token(
+    tiny_lm, tmp_path, capsys
+):
+    # Gemma-it ships eos_token <eos> and ends turns with <end_of_turn>: the refusal did not say the fix
+    ends = with_template(tiny_lm, tmp_path, "message['content'] + '<|end|>'", "message['content'] + '<|system|>'")
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", ends)
+    assert code == 2 and "EOS ('<|end|>') is inside no row's labels" in err
+    assert "the chat template ends assistant turns with '<|system|>'" in err and "set eos_token: '<|system|>'" in err
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", ends, "--eos_token", "<|system|>")
+    assert code == 0, err  # the suggested key does it

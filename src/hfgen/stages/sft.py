@@ -247,7 +247,7 @@ def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tu
     return (ids, max(start, 1)) if start < len(ids) else None
 
 
-def trained_conversation(tokenizer, row: dict, training_args) -> tuple[list[int], list[int]]:
+def trained_conversation(tokenizer, row: dict, training_args, truncate: bool = True) -> tuple[list[int], list[int]]:
     """(token ids, trained mask) of a `messages` row as SFTTrainer trains it: every assistant turn under
     assistant_only_loss (the assistant mask of the template it trains with: TRL's training version, with
     {% generation %} markers, of a template without them), every token otherwise; truncated to max_length as
@@ -267,7 +267,7 @@ def trained_conversation(tokenizer, row: dict, training_args) -> tuple[list[int]
     )  # fmt: skip
     ids = list(rendered["input_ids"])
     mask = list(rendered["assistant_masks"]) if assistant_only else [1] * len(ids)
-    if training_args.max_length:
+    if training_args.max_length and truncate:
         keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
         cut = slice(-training_args.max_length, None) if keep_end else slice(None, training_args.max_length)
         ids, mask = ids[cut], mask[cut]
