@@ -155,7 +155,9 @@ def check_rewards(recipe, prompts) -> list[str]:
 
 
 def sampled_responses(model_args, config, tokenizer, prompts: list, max_new_tokens: int):
-    """REWARD_SAMPLES completions of each prompt by the recipe's policy, seeded by the recipe."""
+    """REWARD_SAMPLES completions of each prompt by the recipe's policy, seeded by the recipe, at its temperature and
+    top-p (PPO's sampling rule, `hfgen.generate.sampling_config`; GRPO's top_k, min_p and repetition_penalty, which
+    TRL adds when set, are left out of this sample)."""
     import torch
 
     from hfgen.generate import generate_tokens
@@ -164,7 +166,7 @@ def sampled_responses(model_args, config, tokenizer, prompts: list, max_new_toke
     policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
     torch.manual_seed(config.seed)
     return generate_tokens(
-        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=config.temperature,
+        policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=config.temperature, top_p=config.top_p,
         num_samples=REWARD_SAMPLES, chat=not isinstance(prompts[0], str),
     )  # fmt: skip
 

@@ -138,6 +138,12 @@ def test_check_samples_rewards_for_ppo(tiny_lm, capsys):
                          "--response_length", "8")  # fmt: skip
     assert code == 0 and "reward of 32 sampled responses (4 for each of 8 prompts)" in out
     assert "prompt groups whose rewards are all equal:" in out
+    assert "prompt groups whose rewards are all equal: 8 of 8" not in out
+    # the sample is drawn at the recipe's top_p (it drew at generate's 0.95): a top-p this small is greedy
+    code, out, _ = check(capsys, REPO / "recipes/tiny/ppo.yaml", "--model_name_or_path", tiny_lm,
+                         "--reward_model_path", "null", "--reward_functions", "hfgen.data.embedded:oracle_scores",
+                         "--response_length", "8", "--top_p", "1e-6")  # fmt: skip
+    assert code == 0 and "prompt groups whose rewards are all equal: 8 of 8" in out, out
 
 
 def test_check_samples_every_reward_component_for_grpo_and_rloo(tiny_lm, tmp_path, capsys):
