@@ -308,6 +308,16 @@ def unsampled_ids(tokenizer, stop_ids=()) -> list[int]:
 # ---- models -----------------------------------------------------------------------------------------
 
 
+def bos_added_twice(tokenizer) -> str | None:
+    """The BOS text a string would carry twice once tokenized with special tokens: the tokenizer's own BOS when it
+    puts one in front of every text (Llama 3's <|begin_of_text|>), which a text rendered with a chat template
+    already starts with. None when the tokenizer adds no BOS."""
+    bos = tokenizer.bos_token
+    if not bos or tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return None
+    return bos
+
+
 def adapter_base(path: str | Path) -> str | None:
     """The base model of a PEFT adapter dir, or None if `path` is not one."""
     config = Path(path) / "adapter_config.json"

@@ -297,6 +297,14 @@ def test_text_rendered_with_a_chat_template_keeps_one_bos_and_its_held_out_loss_
     args = SFTConfig(output_dir=str(tmp_path), max_length=128, report_to="none", use_cpu=True, bf16=False)
     lines, fatal = check_sft_rendering(Dataset.from_list([{"text": text}] * 4), tokenizer, args)
     assert not fatal and lines[0].startswith("note: 4 of 4 rows") and "[[<|begin_of_text|><|user|>" in lines[2]
+    # PPO's string prompts (sent as they are when already rendered with the template) keep one BOS too
+    from hfgen.rl.models import prompt_ids
+
+    rendered = "<|begin_of_text|>" + tokenizer.apply_chat_template(
+        turns[:1], tokenize=False, add_generation_prompt=True
+    )
+    (ids,) = prompt_ids(tokenizer, [rendered])
+    assert ids.count(bos) == 1 and ids[0] == bos and prompt_ids(tokenizer, ["the dog"])[0][0] == bos
 
 
 NO_SYSTEM_TEMPLATE = (  # Gemma-it's refusal, on hfgen's template

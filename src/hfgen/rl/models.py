@@ -288,11 +288,15 @@ def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
     """The prompts' token ids as the policy reads them: chat messages get the chat template with the assistant turn
     opened."""
     from hfgen.generate import format_prompts
+    from hfgen.models import bos_added_twice
 
     chat = not isinstance(prompts[0], str)
     if chat and tokenizer.chat_template is None:
         raise UserError("the prompts are chat messages but the tokenizer of the policy has no chat template")
-    return tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+    texts = format_prompts(tokenizer, prompts, chat)
+    if not chat and (bos := bos_added_twice(tokenizer)):  # a prompt already rendered with the template holds it
+        texts = [text.removeprefix(bos) for text in texts]
+    return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
 
 
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:

@@ -140,10 +140,10 @@ def without_doubled_bos(rows, tokenizer):
     template: Llama 3's <|begin_of_text|>) lose that prefix, since SFTTrainer tokenizes text with the special tokens
     and the tokenizer puts its own BOS in front: a doubled BOS is a sequence the model never reads at inference.
     The note (None when no row had it) says so; `hfgen check` and `hfgen train` print it, data.json records it."""
-    bos = tokenizer.bos_token
+    from hfgen.models import bos_added_twice
+
+    bos = bos_added_twice(tokenizer)
     if "text" not in rows.column_names or not bos or not len(rows):
-        return rows, None
-    if tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:  # the tokenizer adds no BOS: nothing doubles
         return rows, None
     starting = [i for i, text in enumerate(rows["text"]) if text.startswith(bos)]
     if not starting:
