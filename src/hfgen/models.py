@@ -173,9 +173,11 @@ def not_a_generator(path: str | Path, label: str) -> list[str]:
         return []
     kind = config.get("_class_name") or next(iter(config.get("architectures") or []), "")
     if kind.endswith("ForSequenceClassification"):
+        # a reward stage's output has its held-out accuracy beside it; PPO's value_model/ has no eval.json
+        figures = "; its held-out accuracy is in its own eval.json" if (Path(path) / "eval.json").is_file() else ""
         return [
             f"{label} '{path}' is a reward model ({kind}): it scores responses and generates none (`hfgen eval POLICY "
-            "--reward_model` judges with it); its held-out accuracy is in its own eval.json"
+            f"--reward_model` judges with it){figures}"
         ]
     if config.get("_class_name"):
         return [

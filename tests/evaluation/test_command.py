@@ -1,6 +1,7 @@
 """`hfgen eval`: prints quality, diversity and speed for a text model and merges them into eval.json."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,16 @@ def test_eval_and_generate_refuse_a_reward_model_or_an_autoencoder_naming_what_i
             error = capsys.readouterr().err
             assert exit_info.value.code == 2 and message in error and "Traceback" not in error, command
         assert not (Path(target) / "eval_samples.jsonl").exists()
+    # a reward run's figures are named only where they are: PPO's full value_model/ has no eval.json
+    from hfgen.models import not_a_generator
+
+    for name, figures in (("value_full", False), ("reward_run", True)):
+        (tmp_path / name).mkdir()
+        shutil.copy(Path(reward_dir) / "config.json", tmp_path / name)
+        if figures:
+            (tmp_path / name / "eval.json").write_text("{}")
+        (problem,) = not_a_generator(tmp_path / name, "model")
+        assert ("held-out accuracy is in its own eval.json" in problem) == figures, problem
 
 
 @pytest.mark.slow
