@@ -63,6 +63,28 @@ def test_with_gradient_accumulation_a_step_logs_the_mean_of_its_micro_batches(co
     assert runs[2] == pytest.approx([(single[0] + single[1]) / 2, (single[2] + single[3]) / 2], rel=1e-5)
 
 
+def test_each_row_logs_the_learning_rate_its_step_used(configs, tmp_path):
+    """Step s trains at the schedule's rate after s - 1 scheduler steps (step 1 of a warm-up at 0): the rows logged
+    it after the schedule had moved on (the next step's rate), and the forced last row (4 is no multiple of 3) had
+    none."""
+    import torch
+    from transformers import get_scheduler
+
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--logging_steps", "3",
+                       "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "2e-3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=2e-3)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=4)
+    used = []
+    for _ in range(4):
+        used.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    rows = tracking.read_metrics(tmp_path)
+    assert [row["step"] for row in rows] == [3, 4]
+    assert [row["lr"] for row in rows] == pytest.approx([used[2], used[3]])
+
+
 def test_adversarial_term_trains_a_discriminator(configs, tmp_path):
     result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--adversarial_weight", "0.1",
                        "--adversarial_start_step", "2", "--discriminator_channels", "8")  # fmt: skip

@@ -194,6 +194,7 @@ class StepLog:
         self.sums: dict = {}
         self.count = 0
         self.micro: dict = {}  # name: (sum, count) over the current optimizer step's micro-batches
+        self.lr = None  # the learning rate of the last step ended
 
     def add(self, **values) -> None:
         for name, value in values.items():
@@ -207,15 +208,18 @@ class StepLog:
             total, count = self.micro.get(name, (0.0, 0))
             self.micro[name] = (total + value.detach().float(), count + 1)
 
-    def end_step(self) -> None:
+    def end_step(self, lr: float) -> None:
+        """The step's mean of its micro-batches, and `lr`, the learning rate the step used (read before the
+        schedule's step: after it, the scheduler gives the next step's rate), logged with the next row."""
         self.add(**{name: total / count for name, (total, count) in self.micro.items()})
         self.micro = {}
+        self.lr = lr
 
     def maybe_write(self, step: int, force: bool = False, **extra) -> dict | None:
         if not self.count or (step % self.every and not force):
             return None
         means = {name: self.accelerator.reduce(total, "mean").item() / self.count for name, total in self.sums.items()}
-        self.logger.log(step, **means, **extra)
+        self.logger.log(step, **means, lr=self.lr, **extra)
         self.sums, self.count = {}, 0
         return means
 

@@ -498,6 +498,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
                 first_pass,
             )  # fmt: skip
         timing["training"] = time.perf_counter() - train_started + first_pass_s
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update used (read before the schedule moves on)
         scheduler.step()
 
         # 4. Records: global means of the step's figures, the KL controller's update, samples, checkpoint.
@@ -507,7 +508,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         if oracle is not None:
             local["oracle/score"] = function_scores(oracle, prompts, details.texts, accelerator.device).mean()
         metrics = global_means(accelerator, local)
-        metrics |= {"objective/kl_coef": kl_controller.value, "lr": scheduler.get_last_lr()[0]}
+        metrics |= {"objective/kl_coef": kl_controller.value, "lr": lr}
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
         alerts = watch_for_hacking(accelerator, monitor, step, metrics, details, rollout) if monitor else []

@@ -311,12 +311,12 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
             # Checks once an optimizer step has been taken (not on accumulation micro-steps)
             if accelerator.sync_gradients:
+                log.end_step(lr=lr_scheduler.get_last_lr()[0])  # the rate this step used, before the schedule moves on
                 lr_scheduler.step()
                 global_step += 1
                 if ema_unet is not None:
                     ema_unet.step(unet.parameters())
-                log.end_step()
-                log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
+                log.maybe_write(global_step)
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     with loop.gathered(accelerator, unet, text_encoder) as (whole_unet, whole_text_encoder):

@@ -253,12 +253,12 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
+                log.end_step(lr=lr_scheduler.get_last_lr()[0])  # the rate this step used, before the schedule moves on
                 lr_scheduler.step()
                 global_step += 1
                 if ema is not None:
                     ema.step(transformer.parameters())
-                log.end_step()
-                log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
+                log.maybe_write(global_step)
                 maybe_checkpoint(accelerator, args, global_step)
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     with loop.gathered(accelerator, transformer) as (whole,):

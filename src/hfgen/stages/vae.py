@@ -209,10 +209,10 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                     disc_optimizer.zero_grad()  # the generator loss also reached the discriminator: not its update
 
             if accelerator.sync_gradients:
+                log.end_step(lr=lr_scheduler.get_last_lr()[0])  # the rate this step used, before the schedule moves on
                 lr_scheduler.step()
                 global_step += 1
-                log.end_step()
-                log.maybe_write(global_step, lr=lr_scheduler.get_last_lr()[0])
+                log.maybe_write(global_step)
                 training.maybe_checkpoint(accelerator, args, global_step)
                 if global_step >= max_steps:
                     break
