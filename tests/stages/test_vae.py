@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import accelerate_launch, run_hfgen, run_hfgen_here
@@ -67,7 +68,6 @@ def test_each_row_logs_the_learning_rate_its_step_used(configs, tmp_path):
     """Step s trains at the schedule's rate after s - 1 scheduler steps (step 1 of a warm-up at 0): the rows logged
     it after the schedule had moved on (the next step's rate), and the forced last row (4 is no multiple of 3) had
     none."""
-    import torch
     from transformers import get_scheduler
 
     result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--logging_steps", "3",
@@ -91,6 +91,27 @@ def test_adversarial_term_trains_a_discriminator(configs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = tracking.read_metrics(tmp_path)
     assert "disc_loss" not in rows[1] and "disc_loss" in rows[2] and "generator_loss" in rows[3]
+
+
+def test_with_the_adversarial_term_a_step_split_into_micro_batches_trains_as_the_whole_batch(configs, tmp_path):
+    """8 images x 1 and 4 x 2 (accumulated): the same autoencoder, discriminator included, as without the GAN. The
+    discriminator took a step on every micro-batch (step 1's generator loss 0.059 against -0.013)."""
+    from safetensors.torch import load_file
+
+    common = [*vae_overrides(configs, tmp_path, steps=2), "--adversarial_weight", "0.1", "--adversarial_start_step",
+              "0", "--discriminator_channels", "8"]  # fmt: skip
+    runs = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        output_dir = tmp_path / f"{batch}x{accumulation}"
+        result = run_hfgen("train", VAE_RECIPE, *common, "--train_batch_size", batch, "--gradient_accumulation_steps",
+                           accumulation, "--output_dir", output_dir)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[batch] = tracking.read_metrics(output_dir), load_file(output_dir / "diffusion_pytorch_model.safetensors")
+    (rows, weights), (split_rows, split_weights) = runs[8], runs[4]
+    for key in ("loss", "disc_loss", "generator_loss"):
+        assert [row[key] for row in split_rows] == pytest.approx([row[key] for row in rows], rel=1e-4, abs=1e-6), key
+    for name, weight in weights.items():
+        assert torch.allclose(split_weights[name], weight, atol=1e-5), name
 
 
 def test_two_processes_end_with_identical_weights(configs, tmp_path, free_port):

@@ -189,14 +189,15 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                 losses = {"loss": loss, "reconstruction_loss": reconstruction_loss, "kl_loss": kl_loss}
 
                 if adversarial:
-                    # Discriminator step first (hinge loss on real vs detached reconstructions) ...
+                    # The discriminator's hinge loss on real vs detached reconstructions: its gradient accumulates
+                    # over the step's micro-batches, as the autoencoder's does, for one step at the step's end ...
                     logits = discriminator(torch.cat([pixels, reconstruction.detach()]))
                     real, fake = logits.chunk(2)
                     disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
                     accelerator.backward(disc_loss)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad()
-                    # ... then the autoencoder is pushed to make reconstructions the discriminator calls real
+                    disc_gradients = [p.grad.clone() for p in discriminator.parameters()]
+                    # ... and the autoencoder is pushed to make reconstructions the discriminator (as it was before
+                    # this step: the same for every split of the step's batch) calls real
                     generator_loss = -discriminator(reconstruction).mean()
                     loss = loss + args.adversarial_weight * generator_loss
                     losses.update(disc_loss=disc_loss, generator_loss=generator_loss)
@@ -206,7 +207,12 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                     accelerator, autoencoder, optimizer, loss, args.max_grad_norm, global_step + 1, divergence
                 )
                 if adversarial:
-                    disc_optimizer.zero_grad()  # the generator loss also reached the discriminator: not its update
+                    # the generator loss also reached the discriminator: not its update
+                    for parameter, gradient in zip(discriminator.parameters(), disc_gradients):
+                        parameter.grad.copy_(gradient)
+                    if accelerator.sync_gradients:  # one discriminator step per autoencoder step
+                        disc_optimizer.step()
+                        disc_optimizer.zero_grad()
 
             if accelerator.sync_gradients:
                 log.end_step(lr=lr_scheduler.get_last_lr()[0])  # the rate this step used, before the schedule moves on
