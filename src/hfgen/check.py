@@ -94,7 +94,7 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         **dict.fromkeys(("ppo", *GROUP_RL), {"prompt": getattr(data_args, "prompt_column", "prompt")}),
     }.get(stage)
     train, evaluation, records = load_for_stage(
-        data_args, TEXT_KINDS[stage], seed=0, default_columns=defaults,
+        data_args, TEXT_KINDS[stage], seed=training_args.seed, default_columns=defaults,  # the run's draws
         other_columns=True if stage in GROUP_RL else REWARD_COLUMNS if stage == "reward" else False,
     )  # fmt: skip
     if with_models and stage in PREFERENCE_STAGES:  # pairs that max_length makes equal count as equal pairs

@@ -362,3 +362,26 @@ def test_a_template_ending_turns_with_another_special_token_than_eos_is_told_to_
     assert "the chat template ends assistant turns with '<|system|>'" in err and "set eos_token: '<|system|>'" in err
     code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", ends, "--eos_token", "<|system|>")
     assert code == 0, err  # the suggested key does it
+
+
+def test_check_reports_the_mixture_draws_of_the_recipes_seed(tiny_lm, tmp_path, capsys):
+    """A mixture's draws depend on the seed: check reports those the run trains on (it drew them for seed 0)."""
+    import yaml
+
+    from hfgen.data.prepare import load_for_stage, summary_lines
+    from hfgen.recipe import load_recipe
+
+    sets = []
+    for name in "AB":
+        path = tmp_path / f"set{name}.jsonl"
+        rows = [{"prompt": f"q {name}{i}", "completion": f" a {name}{i}"} for i in range(30)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        sets.append({"name": str(path), "weight": 0.5})
+    recipe = {**yaml.safe_load(SFT_FULL.read_text()), "model_name_or_path": str(tiny_lm), "seed": 42}
+    del recipe["dataset_name"]
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({**recipe, "datasets": sets}))
+    _, _, records = load_for_stage(load_recipe(tmp_path / "mix.yaml").configs[1], "sft", seed=42)
+    _, _, seed_0 = load_for_stage(load_recipe(tmp_path / "mix.yaml").configs[1], "sft", seed=0)
+    assert summary_lines(records) != summary_lines(seed_0)  # (else this mixture would not tell them apart)
+    code, out, _ = check(capsys, tmp_path / "mix.yaml", small=False)
+    assert code == 0 and "\n".join(summary_lines(records)) in out
