@@ -85,6 +85,25 @@ def test_each_row_logs_the_learning_rate_its_step_used(configs, tmp_path):
     assert [row["lr"] for row in rows] == pytest.approx([used[2], used[3]])
 
 
+def test_an_epochs_last_shorter_accumulation_trains_as_the_same_batch_unsplit(configs, tmp_path):
+    """6 rows in batches of 4 make one batch an epoch: with gradient_accumulation_steps 2 each step is a short
+    accumulation of 1 batch, which must take the step that batch takes alone (it took half of it: accelerate's
+    backward divides by 2). Adam with beta1 0 and a large epsilon follows the gradient's scale, as SGD does."""
+    from safetensors.torch import load_file
+
+    common = [*vae_overrides(configs, tmp_path, steps=2), "--max_train_samples", "6", "--train_batch_size", "4",
+              "--adam_beta1", "0", "--adam_epsilon", "1.0", "--learning_rate", "1.0", "--max_grad_norm", "0"]  # fmt: skip
+    weights = {}
+    for accumulation in (1, 2):
+        output_dir = tmp_path / f"accumulation{accumulation}"
+        result = run_hfgen("train", VAE_RECIPE, *common, "--gradient_accumulation_steps", accumulation,
+                           "--output_dir", output_dir)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[accumulation] = load_file(output_dir / "diffusion_pytorch_model.safetensors")
+    for name, weight in weights[1].items():
+        assert torch.allclose(weights[2][name], weight, atol=1e-6, rtol=1e-4), name
+
+
 def test_adversarial_term_trains_a_discriminator(configs, tmp_path):
     result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--adversarial_weight", "0.1",
                        "--adversarial_start_step", "2", "--discriminator_channels", "8")  # fmt: skip

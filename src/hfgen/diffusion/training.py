@@ -146,6 +146,15 @@ def epoch_batches(accelerator, dataloader, epoch: int, skip: int):
     return accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
 
 
+def accumulation_scale(args: LoopArguments, batches_per_epoch: int, index: int) -> float:
+    """The factor on the loss of an epoch's batch `index` (0-based, of `batches_per_epoch` on this process): GA / k
+    for the k batches of an epoch's last, shorter accumulation (batches per epoch not a multiple of
+    gradient_accumulation_steps, GA), 1 otherwise. accelerate's backward divides every loss by GA, so that step's
+    gradient would be k / GA of its batches' mean, not their mean (the Trainer stages correct it alike)."""
+    short = batches_per_epoch % args.gradient_accumulation_steps
+    return args.gradient_accumulation_steps / short if short and index >= batches_per_epoch - short else 1.0
+
+
 class TrainingRNG:
     """The training loop's own random generator (noise, timesteps, dropped captions, flips), one stream per process,
     saved in checkpoints (`accelerator.register_for_checkpointing`). A resumed run then draws exactly what the

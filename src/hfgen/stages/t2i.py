@@ -138,6 +138,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     from hfgen.diffusion.training import (
         StepLog,
         TrainingRNG,
+        accumulation_scale,
         epoch_batches,
         make_accelerator,
         make_lr_scheduler,
@@ -247,7 +248,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     for epoch in range(first_epoch, num_epochs):
         for model in trained:
             model.train()
-        for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+        skipped = skip if epoch == first_epoch else 0
+        for index, batch in enumerate(epoch_batches(accelerator, train_loader, epoch, skipped), skipped):
+            # (an epoch's last, shorter accumulation: its losses weigh GA / k, for the mean over its k batches)
+            scale = accumulation_scale(args, len(train_loader), index)
             with accelerator.accumulate(*trained):
                 # Convert images to latent space: z ~ q(z|x) from the cached posterior, or by encoding the pixels
                 if args.cache_latents:
@@ -301,7 +305,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
 
                 # Backpropagate
                 log.add_micro_batch(loss=loss)
-                accelerator.backward(loss)
+                accelerator.backward(loss * scale)
                 loop.clip_gradients(accelerator, trained, args.max_grad_norm)
                 if accelerator.sync_gradients:
                     guard.kill_point("step", global_step + 1)

@@ -124,6 +124,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     from hfgen.diffusion.training import (
         StepLog,
         TrainingRNG,
+        accumulation_scale,
         epoch_batches,
         make_accelerator,
         make_lr_scheduler,
@@ -222,7 +223,10 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     loop_started, first_step = time.perf_counter(), global_step
     for epoch in range(first_epoch, num_epochs):
         transformer.train()
-        for batch in epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+        skipped = skip if epoch == first_epoch else 0
+        for index, batch in enumerate(epoch_batches(accelerator, train_loader, epoch, skipped), skipped):
+            # (an epoch's last, shorter accumulation: its losses weigh GA / k, for the mean over its k batches)
+            scale = accumulation_scale(args, len(train_loader), index)
             with accelerator.accumulate(transformer):
                 latents = image_stage.sample_cached_latents(batch, data_args.random_flip, rng.generator, device)
                 latents = (latents.float() - shift) * scale
@@ -245,7 +249,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                     prior_loss_weight,
                 )
                 log.add_micro_batch(loss=loss)
-                accelerator.backward(loss)
+                accelerator.backward(loss * scale)
                 loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
                 if accelerator.sync_gradients:
                     guard.kill_point("step", global_step + 1)

@@ -173,7 +173,10 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
     for epoch in range(first_epoch, num_epochs):
         autoencoder.train()
-        for batch in training.epoch_batches(accelerator, train_loader, epoch, skip if epoch == first_epoch else 0):
+        skipped = skip if epoch == first_epoch else 0
+        for index, batch in enumerate(training.epoch_batches(accelerator, train_loader, epoch, skipped), skipped):
+            # (an epoch's last, shorter accumulation: its losses weigh GA / k, for the mean over its k batches)
+            scale = training.accumulation_scale(args, len(train_loader), index)
             adversarial = use_adversary and global_step >= args.adversarial_start_step
             with accelerator.accumulate(autoencoder):
                 pixels = batch["pixel_values"]
@@ -194,7 +197,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                     logits = discriminator(torch.cat([pixels, reconstruction.detach()]))
                     real, fake = logits.chunk(2)
                     disc_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-                    accelerator.backward(disc_loss)
+                    accelerator.backward(disc_loss * scale)
                     disc_gradients = [p.grad.clone() for p in discriminator.parameters()]
                     # ... and the autoencoder is pushed to make reconstructions the discriminator (as it was before
                     # this step: the same for every split of the step's batch) calls real
@@ -204,7 +207,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
                 log.add_micro_batch(**losses)
                 loop.backward_and_step(
-                    accelerator, autoencoder, optimizer, loss, args.max_grad_norm, global_step + 1, divergence
+                    accelerator, autoencoder, optimizer, loss * scale, args.max_grad_norm, global_step + 1, divergence
                 )
                 if adversarial:
                     # the generator loss also reached the discriminator: not its update
