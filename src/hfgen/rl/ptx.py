@@ -108,10 +108,19 @@ def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
     return examples
 
 
-def pretraining_loss(accelerator, trainable, examples: list[tuple[list[int], list[int]]], batch_size: int):
-    """The policy's next-token loss on `batch_size` random ptx examples (drawn with the global RNG, which
-    checkpoints restore), over their labelled tokens."""
-    picked = [examples[i] for i in torch.randint(len(examples), (batch_size,)).tolist()]
+def draw_ptx(examples: list[tuple[list[int], list[int]]], count: int) -> list[tuple[list[int], list[int]]]:
+    """`count` random ptx examples, drawn with the global RNG (which checkpoints restore)."""
+    return [examples[i] for i in torch.randint(len(examples), (count,)).tolist()]
+
+
+def ptx_tokens(picked: list[tuple[list[int], list[int]]]) -> int:
+    """The tokens `pretraining_loss` averages over: the labelled ones after each example's first."""
+    return sum(label != IGNORE for _, labels in picked for label in labels[1:])
+
+
+def pretraining_loss(accelerator, trainable, picked: list[tuple[list[int], list[int]]]):
+    """The policy's next-token loss on the ptx examples `picked` (`draw_ptx`), over their labelled tokens."""
+    batch_size = len(picked)
     width = max(len(ids) for ids, _ in picked)
     input_ids = torch.zeros((batch_size, width), dtype=torch.long)
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)

@@ -67,7 +67,7 @@ from hfgen.rl.models import (
 )
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems
 from hfgen.rl.policy_weights import PolicyEMA, PolicySnapshots
-from hfgen.rl.ptx import pretraining_loss, ptx_examples, ptx_rows
+from hfgen.rl.ptx import draw_ptx, pretraining_loss, ptx_examples, ptx_rows, ptx_tokens
 from hfgen.rl.records import global_means, reward_ceiling, start_samples, watch_for_hacking, write_samples
 from hfgen.rl.rollout import (
     WHY_NO_COLUMNS,
@@ -699,9 +699,18 @@ def ppo_update(
     steps leave the policy alone inside `policy_frozen`); `ema` (a
     `PolicyEMA` of the policy's trained weights) follows each step; `check(loss)` (the divergence
     guard) runs before each optimiser step; `first_pass` (`first_training_pass`) is the first micro-batch's forward
-    pass, already run."""
+    pass, already run.
+
+    Every loss term is a mean over the tokens of the whole minibatch (all its micro-batches, on every process), as
+    transformers' Trainer weighs tokens with `num_items_in_batch`: a micro-batch's token mean is weighted by its
+    share of the minibatch's tokens, times the micro-batches x processes that accelerate's backward and the
+    engine's gradient averaging divide by. The update then does not depend on how the minibatch is split into
+    per_device_train_batch_size x gradient_accumulation_steps x processes (with one micro-batch on one process
+    every weight is exactly 1)."""
     trainable.train()
-    minibatch_size = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    micro_batch_size = config.per_device_train_batch_size
+    minibatch_size = micro_batch_size * config.gradient_accumulation_steps
+    divided_by = accelerator.gradient_accumulation_steps * accelerator.num_processes
     stats = []
     for epoch in range(config.num_ppo_epochs):
         if epoch == 0 and first_pass is not None:
@@ -709,12 +718,21 @@ def ppo_update(
         else:
             order = torch.randperm(len(rollout), device=rollout.input_ids.device)
         for minibatch in order.split(minibatch_size):
-            for rows in minibatch.split(config.per_device_train_batch_size):
+            tokens = minibatch_tokens(accelerator, [rollout.response_mask[minibatch].sum()])
+            ptx_batches = ptx_weights = [None] * config.gradient_accumulation_steps
+            if ptx_data is not None:  # the minibatch's examples drawn at once, to count their tokens first
+                picked = draw_ptx(ptx_data, len(minibatch))
+                ptx_batches = [picked[i : i + micro_batch_size] for i in range(0, len(picked), micro_batch_size)]
+                ptx_total = minibatch_tokens(accelerator, [ptx_tokens(picked)])
+                ptx_weights = [ptx_tokens(batch) * divided_by / ptx_total for batch in ptx_batches]
+            for rows, ptx_batch, ptx_weight in zip(minibatch.split(micro_batch_size), ptx_batches, ptx_weights):
                 outputs, first_pass = (first_pass.outputs if first_pass is not None else None), None
+                weight = rollout.response_mask[rows].sum().item() * divided_by / tokens
                 with accelerator.accumulate(trainable):
                     loss, micro_batch_stats = ppo_loss(
-                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_data, outputs
-                    )
+                        accelerator, trainable, rollout.select(rows), config, train_policy, ptx_batch, outputs,
+                        weight, ptx_weight,
+                    )  # fmt: skip
                     accelerator.backward(loss)
                     loop.clip_gradients(accelerator, trainable, config.max_grad_norm)
                     if accelerator.sync_gradients and check is not None:
@@ -749,11 +767,23 @@ def policy_frozen(adamw):
         hook.remove()
 
 
-def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_data, outputs=None):
+def minibatch_tokens(accelerator, counts: list) -> float:
+    """The sum of `counts` (this process's token counts) over all processes, at least 1."""
+    total = torch.tensor([float(sum(counts))], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    return max(total.item(), 1.0)
+
+
+def ppo_loss(
+    accelerator, trainable, batch: Rollout, config: PPOConfig, train_policy: bool, ptx_batch=None, outputs=None,
+    weight: float = 1.0, ptx_weight: float | None = 1.0,
+):  # fmt: skip
     """One micro-batch's loss: clipped policy loss + vf_coef * clipped value loss (details 7, 14), minus
-    entropy_coef * entropy, plus kl_loss_coef * KL to the reference, plus ptx_coef * LM loss on a micro-batch of
-    `ptx_data` (PPO-ptx). `outputs`: the trained models' (logits, values) over `batch`, when already computed.
-    -> (loss, PPOStats)."""
+    entropy_coef * entropy, plus kl_loss_coef * KL to the reference, each a mean over the micro-batch's response
+    tokens times `weight` (see `ppo_update`), plus ptx_coef * LM loss on `ptx_batch` (PPO-ptx, `draw_ptx`'s
+    examples) times `ptx_weight`. `outputs`: the trained models' (logits, values) over `batch`, when already
+    computed. -> (loss, PPOStats: the micro-batch's unweighted means)."""
     if outputs is None:
         outputs = trainable(batch.input_ids, batch.attention_mask, batch.context_length)
     logits, values = outputs
@@ -769,12 +799,13 @@ def ppo_loss(accelerator, trainable, batch: Rollout, config: PPOConfig, train_po
         policy_loss = policy_loss + config.kl_loss_coef * F.kl_loss(
             logprobs, batch.ref_logprobs, mask, config.kl_loss_estimator
         )
+    policy_loss = policy_loss * weight
     ptx_loss = None
-    if ptx_data is not None:  # in the same backward pass, so DDP syncs it with the rest
-        ptx_loss = pretraining_loss(accelerator, trainable, ptx_data, config.per_device_train_batch_size)
-        policy_loss = policy_loss + config.ptx_coef * ptx_loss
+    if ptx_batch is not None:  # in the same backward pass, so DDP syncs it with the rest
+        ptx_loss = pretraining_loss(accelerator, trainable, ptx_batch)
+        policy_loss = policy_loss + config.ptx_coef * ptx_loss * ptx_weight
     # A frozen policy still joins the backward pass (times 0): DDP expects a gradient for it.
-    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss
+    loss = policy_loss * float(train_policy) + config.vf_coef * value.loss * weight
     stats = PPOStats(
         policy.loss.detach(), value.loss.detach(), policy.clip_fraction, value.clip_fraction, policy.approx_kl,
         entropy.detach(), policy.ratio, ptx_loss.detach() if ptx_loss is not None else None,
