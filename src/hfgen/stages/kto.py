@@ -23,7 +23,16 @@ ARGUMENTS = (ModelConfig, PreferenceDataArguments, KTOConfig)
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: KTOConfig) -> list[str]:
-    return check_stage(model_args, data_args, training_args, unpaired_ok=True)
+    problems = []
+    # KTO's KL estimate pairs each row with another row's completion in the same micro-batch (TRL refuses one row,
+    # with a message that names no key); apo_zero_unpaired estimates no KL
+    if training_args.loss_type != "apo_zero_unpaired" and training_args.per_device_train_batch_size < 2:
+        problems.append(
+            f"per_device_train_batch_size must be at least 2 for KTO (loss_type {training_args.loss_type}), got "
+            f"{training_args.per_device_train_batch_size}: its KL term pairs each row with another row's completion "
+            "in the same micro-batch; lower gradient_accumulation_steps to keep the global batch"
+        )
+    return problems + check_stage(model_args, data_args, training_args, unpaired_ok=True)
 
 
 def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: KTOConfig) -> Path:
