@@ -511,43 +511,17 @@ def test_the_update_does_not_depend_on_how_the_minibatch_is_split_into_micro_bat
     """The same rollout of responses of different lengths, one minibatch of 4 as 4x1, 2x2 and 1x4 (per-device batch x
     accumulation), every loss term on (entropy, KL loss, ptx): the same update. Each micro-batch's token means were
     weighted alike, so a short response's tokens counted for more in a small micro-batch (2.9% and 38% off)."""
-    import copy
-
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from hfgen.rl.ptx import IGNORE
-    from hfgen.rl.rollout import PolicyAndValue
-    from hfgen.rl.types import Rollout
-    from hfgen.stages.ppo import PPOConfig, ppo_update
+    from ppo_split import split_update
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)  # fmt: skip
-    start = PolicyAndValue(LlamaForCausalLM(config), LlamaForSequenceClassification(config))
-    input_ids, context = torch.randint(1, 16, (4, 10)), 4
-    mask = torch.arange(6) < torch.tensor([[6], [1], [3], [2]])  # responses of 6, 1, 3 and 2 tokens
-    with torch.no_grad():
-        logprobs = torch.log_softmax(start.policy(input_ids).logits[:, context - 1 : -1], -1)
-        logprobs = logprobs.gather(-1, input_ids[:, context:, None])[..., 0]
-    rollout = Rollout(input_ids, torch.ones_like(input_ids), context, mask, logprobs, logprobs - 0.3, torch.randn(4, 6),
-                      torch.zeros(4), torch.randn(4, 6), torch.randn(4, 6))  # fmt: skip
-    ptx = [(torch.randint(1, 16, (n,)).tolist(), [IGNORE] * (n - k) + [1] * k) for n, k in ((8, 6), (5, 2), (7, 3))]
     updated = {}
     for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
-        settings = PPOConfig(num_ppo_epochs=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                             entropy_coef=0.1, kl_loss_coef=0.5, ptx_coef=0.5, max_grad_norm=0.0, temperature=1.0)  # fmt: skip
-        trainable = copy.deepcopy(start)
-        optimizer = torch.optim.SGD(trainable.parameters(), lr=1.0)  # the update is the gradient itself
-        trainable, optimizer = accelerator.prepare(trainable, optimizer)  # (steps on the accumulation's last only)
-        torch.manual_seed(1)  # the same minibatch order and ptx examples
-        ppo_update(accelerator, trainable, optimizer, rollout, settings, ptx_data=ptx)
-        updated[batch, accumulation] = torch.cat([(p - q).flatten() for p, q in
-                                                  zip(trainable.parameters(), start.parameters())])  # fmt: skip
+        updated[batch, accumulation] = split_update(accelerator, batch, accumulation)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     reference = updated[4, 1]
@@ -557,6 +531,32 @@ def test_the_update_does_not_depend_on_how_the_minibatch_is_split_into_micro_bat
             split,
             (updated[split] - reference).abs().max(),
         )
+
+
+@pytest.mark.slow
+def test_the_update_split_over_two_processes_equals_the_one_process_update(tmp_path, free_port):
+    """The rollout's 4 responses, 2 on each of 2 processes as 2x1 and 1x2, take the step one process takes with the
+    4 as 4x1 (the gradient averaged over processes weighted each process's tokens alike: 0.1 off)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from conftest import REPO
+    from ppo_split import split_update
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    reference = split_update(Accelerator(cpu=True), 4, 1, ptx=False)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    for batch, accumulation in ((2, 1), (1, 2)):
+        out = tmp_path / f"{batch}x{accumulation}.pt"
+        result = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO / "recipes/accelerate/cpu_2proc.yaml",
+             "--main_process_port", str(free_port), REPO / "tests/ppo_split.py", str(batch), str(accumulation), out],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert torch.allclose(torch.load(out), reference, atol=1e-6, rtol=1e-5), (batch, accumulation)
 
 
 def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp_path, tiny_models):
