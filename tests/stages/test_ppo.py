@@ -1,5 +1,6 @@
 """Stage `ppo` end to end on tiny models: bad input exits 2, a zero learning rate changes nothing (KL 0), the oracle
-reward rises, the LoRA reference is the adapter-disabled policy, two processes agree, resume is exact."""
+reward rises, the LoRA reference is the adapter-disabled policy, two processes agree, resume is exact, and a minibatch
+split otherwise (per-device batch x accumulation x processes) takes the same update."""
 
 import json
 import os
