@@ -122,3 +122,34 @@ def test_a_spawned_launch_exits_with_its_processes_code_and_launches_every_proce
     stopped = run_hfgen("train", PRETRAIN, *tiny, "--save_on_signal", "true", "--output_dir", tmp_path / "b",
                         "--num_processes", "1", env={**cpu, "HFGEN_KILL_AT": "step@2:TERM"})  # fmt: skip
     assert stopped.returncode == 128 + 15 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+
+
+def test_a_launch_asking_for_another_precision_than_the_recipe_exits_2_naming_both(tmp_path, monkeypatch, capsys):
+    # `accelerate launch --mixed_precision bf16` (or a default accelerate config with mixed_precision: bf16) sets
+    # ACCELERATE_MIXED_PRECISION: sft trained in bf16 although its recipe says bf16: false, and ppo, vae and t2i
+    # (which pass their own precision to accelerate) ran in float32, silently either way
+    from hfgen.recipe import precision_problems
+    from tiny_models import save_tiny_llama
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    tiny = REPO / "recipes/tiny"
+    for name, setting, agreeing in [
+        ("sft_full", "bf16: false", ["--bf16", "true"]),
+        ("pretrain", "bf16: false", ["--bf16", "true"]),
+        ("ppo", "bf16: false", ["--bf16", "true"]),
+        ("grpo_arithmetic", "bf16: false", ["--dtype", "bfloat16"]),
+        ("vae_digits", "mixed_precision: no", ["--mixed_precision", "bf16"]),
+        ("t2i_digits", "mixed_precision: no", ["--mixed_precision", "bf16"]),
+    ]:
+        problems = precision_problems(load_recipe(tiny / f"{name}.yaml", check_inputs=False).configs)
+        assert len(problems) == 1 and "ACCELERATE_MIXED_PRECISION=bf16" in problems[0], (name, problems)
+        assert f"float32 (no mixed precision) ({setting})" in problems[0], (name, problems)
+        assert precision_problems(load_recipe(tiny / f"{name}.yaml", agreeing, check_inputs=False).configs) == []
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default: the recipe decides
+    assert precision_problems(load_recipe(tiny / "sft_full.yaml", ["--bf16", "true"], check_inputs=False).configs) == []
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # through `hfgen train`, before anything is written
+    model = save_tiny_llama(tmp_path / "model")
+    error = refused(capsys, tiny / "sft_full.yaml", "--model_name_or_path", model, "--output_dir", tmp_path / "run")
+    assert "the launch asks for mixed precision bf16" in error and "(bf16: false)" in error
+    assert not (tmp_path / "run").exists()

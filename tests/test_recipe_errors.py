@@ -239,3 +239,31 @@ def test_gradient_checkpointing_against_activation_checkpointing_exits_2(tmp_pat
     assert code == 2 and "keys 'gradient_checkpointing' (true) and 'activation_checkpointing' (false) disagree" in err
     agreeing = load_recipe(sft, ["--gradient_checkpointing", "false"], check_inputs=False)
     assert agreeing.get(TrainingArguments).activation_checkpointing is False
+
+
+def test_fp16_without_a_cuda_gpu_exits_2_in_every_stage(tmp_path, capsys):
+    # The image stages refused mixed_precision fp16 on CPU; sft with `fp16: true` or `dtype: float16` (full
+    # fine-tuning: float32 weights under fp16 mixed precision) and ppo with `dtype: float16` trained in float32 on
+    # CPU (accelerate has no fp16 autocast there) while the log said "compute in float16"
+    import torch
+
+    from hfgen.recipe import load_recipe, precision_problems
+    from tiny_models import save_tiny_llama
+
+    tiny = REPO / "recipes/tiny"
+    cases = [
+        ("sft_full", ["--dtype", "float16"], "dtype: float16 trains in fp16 mixed precision"),
+        ("sft_lora", ["--fp16", "true"], "fp16: true trains in fp16 mixed precision"),
+        ("ppo", ["--dtype", "float16"], "dtype: float16 trains in fp16 mixed precision"),
+    ]  # fmt: skip
+    for name, overrides, expected in cases:  # these recipes set use_cpu: true, which a GPU does not change
+        problems = precision_problems(load_recipe(tiny / f"{name}.yaml", overrides, check_inputs=False).configs)
+        assert len(problems) == 1 and expected in problems[0] and "use bf16 or no on CPU" in problems[0], problems
+        off_cpu = load_recipe(tiny / f"{name}.yaml", [*overrides, "--use_cpu", "false"], check_inputs=False)
+        assert bool(precision_problems(off_cpu.configs)) != torch.cuda.is_available()  # a GPU's run is not refused
+    vae = load_recipe(tiny / "vae_digits.yaml", ["--mixed_precision", "fp16"], check_inputs=False)
+    assert bool(precision_problems(vae.configs)) != torch.cuda.is_available()
+    model = save_tiny_llama(tmp_path / "model")
+    code, err = run_inprocess(capsys, tiny / "sft_full.yaml", "--model_name_or_path", model, "--dtype", "float16",
+                              "--output_dir", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "dtype: float16 trains in fp16 mixed precision, which needs a CUDA GPU" in err

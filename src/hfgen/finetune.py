@@ -254,6 +254,24 @@ def count_trained_tokens(training_args) -> None:
     training_args.include_num_input_tokens_seen = "non_padding"
 
 
+def loaded_dtype(model_args) -> str | None:
+    """The dtype `model_args` load the model in (`auto`: the checkpoint's, read from its config; None where no
+    config says, e.g. an adapter dir, whose base decides, or a model built from scratch)."""
+    dtype = model_args.dtype
+    if dtype != "auto":
+        return dtype
+    from transformers import AutoConfig
+
+    name = getattr(model_args, "model_name_or_path", None)
+    if not name:
+        return None
+    try:
+        checkpoint = AutoConfig.from_pretrained(resolved(name))
+    except (OSError, ValueError):
+        return None
+    return str(getattr(checkpoint, "dtype", None) or "").removeprefix("torch.") or None
+
+
 def float32_weights_note(dtype: str, frozen: str) -> str:
     """Why a model trained in full keeps float32 weights when `dtype` asks for a half dtype (said when it happens)."""
     resolution = {"bfloat16": 256, "float16": 2048}[dtype]  # half the spacing of its numbers, relative

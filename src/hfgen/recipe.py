@@ -329,6 +329,7 @@ def build_recipe(
     problems = value_problems((*recipe.configs, run))
     if check_inputs:
         problems += installed_problems((*recipe.configs, run))
+        problems += precision_problems(recipe.configs)
     if check_inputs and not recipe_output_dir(values):
         problems.append("no output_dir: add `output_dir: PATH` to the recipe or give `--output_dir PATH`")
     if check_inputs and hasattr(module, "check"):
@@ -473,6 +474,70 @@ def installed_problems(configs) -> list[str]:
                 "key 'use_liger_kernel': true needs the liger-kernel package, which is not installed here "
                 "(pip install liger-kernel); or set use_liger_kernel: false"
             )
+    return problems
+
+
+def training_precision(configs) -> tuple[str, str] | None:
+    """(the mixed precision a run of `configs` trains in: no, bf16 or fp16; the recipe setting that decides it), as
+    each stage sets it: the image stages' `mixed_precision`; in the other stages a half `dtype` (or `auto` on a
+    half-precision checkpoint) trained in full, which trains float32 weights in that dtype's mixed precision
+    (`finetune.keep_float32_weights`, PPO's `rl.models.training_precision`), else `bf16` / `fp16`. None for a
+    stage that trains nothing itself (rlhf: its steps are checked one by one)."""
+    from hfgen.finetune import loaded_dtype
+
+    def holding(key):  # the config with the field `key` (TrainingArguments sets a mixed_precision of its own)
+        return next((config for config in configs if key in {f.name for f in dataclasses.fields(config)}), None)
+
+    if (loop := holding("mixed_precision")) is not None:
+        return loop.mixed_precision, f"mixed_precision: {loop.mixed_precision}"
+    training, model = holding("bf16"), holding("dtype")
+    if training is None:
+        return None
+    # LoRA keeps its base in the dtype (not mixed precision); DeepSpeed keeps its own float32 master weights
+    full = model is not None and not getattr(model, "use_peft", False)
+    if full and getattr(training, "deepspeed_plugin", None) is None:
+        dtype = loaded_dtype(model)
+        half = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+        if half:
+            return half, f"dtype: {model.dtype}" + (f" (the checkpoint's {dtype})" if model.dtype == "auto" else "")
+    if training.bf16:
+        return "bf16", "bf16: true"
+    if getattr(training, "fp16", False):
+        return "fp16", "fp16: true"
+    return "no", "bf16: false"
+
+
+def precision_problems(configs) -> list[str]:
+    """The recipe decides the precision of every stage, which trains in it or says why not:
+    - fp16 mixed precision without a CUDA GPU (or with use_cpu) would run float32 without a word (accelerate has no
+      fp16 autocast on CPU), the image stages' rule (`diffusion.training.check_loop_arguments`) for every stage;
+    - a launch asking for another precision (`accelerate launch --mixed_precision`, the mixed_precision of its
+      config, the default config's too: ACCELERATE_MIXED_PRECISION) would override the recipe in the Trainer stages
+      and be ignored by ppo, vae and t2i, silently either way. A launch asking for none ("no", accelerate's
+      default) leaves it to the recipe."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    resolved = training_precision(configs)
+    if resolved is None:
+        return []
+    precision, setting = resolved
+    problems = []
+    on_cpu = any(getattr(config, "use_cpu", False) for config in configs) or parse_flag_from_env("ACCELERATE_USE_CPU")
+    if precision == "fp16" and (on_cpu or not torch.cuda.is_available()):
+        where = "use_cpu runs on the CPU" if on_cpu else "no CUDA GPU is visible"
+        problems.append(
+            f"{setting} trains in fp16 mixed precision, which needs a CUDA GPU ({where}: it would train float32 "
+            "instead); use bf16 or no on CPU"
+        )
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked not in ("no", precision):
+        problems.append(
+            f"the launch asks for mixed precision {asked} (ACCELERATE_MIXED_PRECISION={asked}: `accelerate launch "
+            f"--mixed_precision {asked}`, or mixed_precision: {asked} in its config or the default accelerate config) "
+            f"but the recipe trains in {precision if precision != 'no' else 'float32 (no mixed precision)'} ({setting}); "
+            f"the recipe decides precision: set the recipe to {asked}, or launch with --mixed_precision {precision}"
+        )
     return problems
 
 

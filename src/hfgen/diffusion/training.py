@@ -57,8 +57,6 @@ class LoopArguments:
 
 
 def check_loop_arguments(args: LoopArguments) -> list[str]:
-    import torch
-
     problems = []
     for key in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
         if getattr(args, key) < 1:
@@ -68,8 +66,7 @@ def check_loop_arguments(args: LoopArguments) -> list[str]:
                         "to keep every checkpoint, or set checkpointing_steps: 0 for none")  # fmt: skip
     if args.max_train_steps is not None and args.max_train_steps < 1:
         problems.append(f"max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        problems.append("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    # (mixed_precision fp16 without a CUDA GPU: `recipe.precision_problems`, the rule of every stage)
     resume = args.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "false") and not Path(resume).is_dir():
         problems.append(f"resume_from_checkpoint '{resume}' is not a directory")

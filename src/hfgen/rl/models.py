@@ -33,17 +33,9 @@ def training_precision(model_args, config) -> tuple[str, object]:
     precision), decided before the accelerator exists; the frozen reference and reward model load as asked. At
     PPO's learning rates a bfloat16 policy barely moves (measured: 0.3% of the tiny policy's weights changed in 16
     updates at 1e-6)."""
-    from hfgen.finetune import float32_weights_note, resolved
+    from hfgen.finetune import float32_weights_note, loaded_dtype
 
-    dtype = model_args.dtype
-    if dtype == "auto":
-        from transformers import AutoConfig
-
-        try:
-            checkpoint = AutoConfig.from_pretrained(resolved(model_args.model_name_or_path))
-            dtype = str(getattr(checkpoint, "dtype", None) or "").removeprefix("torch.")
-        except (OSError, ValueError):  # an adapter dir: its base decides, loaded as it is
-            dtype = None
+    dtype = loaded_dtype(model_args)
     precision = "bf16" if config.bf16 else "no"
     if model_args.use_peft or dtype not in HALF_PRECISION:
         return precision, model_args
