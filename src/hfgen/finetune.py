@@ -280,12 +280,13 @@ def float32_weights_note(dtype: str, frozen: str) -> str:
             f"{frozen}")  # fmt: skip
 
 
-def keep_float32_weights(model, args, lora: bool) -> None:
+def keep_float32_weights(model, args, lora: bool) -> str | None:
     """A model loaded in bfloat16 (or float16) and trained in full by a Trainer would be updated in that dtype:
     AdamW's steps of about the learning rate round away against weights 1e3-1e4 times larger (measured: 15% of the
     tiny model's weights moved in 10 SFT steps at 2e-5, 0.3% of PPO's in 16 at 1e-6). So it trains float32 weights
     under mixed precision in that dtype, as FSDP2 (which upcasts) and DeepSpeed (float32 master weights) do; those
-    are left to their engine. LoRA trains float32 adapters on the frozen half-precision base already."""
+    are left to their engine. LoRA trains float32 adapters on the frozen half-precision base already. Returns the
+    half dtype the model was loaded in when it was upcast, else None."""
     import torch
 
     dtype = next(model.parameters()).dtype
@@ -294,7 +295,9 @@ def keep_float32_weights(model, args, lora: bool) -> None:
     model.float()
     args.bf16, args.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     args.mixed_precision = "bf16" if args.bf16 else "fp16"
-    print(float32_weights_note(str(dtype).removeprefix("torch."), "frozen models stay in it"))
+    name = str(dtype).removeprefix("torch.")
+    print(float32_weights_note(name, "frozen models stay in it"))
+    return name
 
 
 def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None, callbacks=(), eval_dataset=None,
@@ -305,9 +308,15 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
     a ValueError there is the recipe's, as is a NotImplementedError (a combination of keys TRL does not support,
     e.g. sync_ref_model with LoRA): a UserError naming the trainer (`trainer_name`, default the class's) and TRL's
     reason."""
+    from trl import GRPOTrainer, KTOTrainer, RLOOTrainer
+
     from hfgen import tracking
 
-    keep_float32_weights(kwargs["model"], kwargs["args"], lora=kwargs.get("peft_config") is not None)
+    half = keep_float32_weights(kwargs["model"], kwargs["args"], lora=kwargs.get("peft_config") is not None)
+    if half and issubclass(trainer_class, (GRPOTrainer, RLOOTrainer, KTOTrainer)) and "ref_model" not in kwargs:
+        # these build their reference from model_init_kwargs, in the policy's dtype by default: float32 once upcast.
+        # The frozen reference stays in the dtype asked, as the one DPO is given.
+        kwargs["args"].model_init_kwargs = {**(kwargs["args"].model_init_kwargs or {}), "dtype": half}
     if kwargs["args"].eval_strategy != "no":
         kwargs["eval_dataset"] = eval_dataset
     try:

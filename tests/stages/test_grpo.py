@@ -508,3 +508,37 @@ def test_string_prompts_already_rendered_with_the_chat_template_are_not_wrapped_
     mixed = Dataset.from_list([{"prompt": multi}, {"prompt": "1+1+2=?"}])
     with pytest.raises(UserError, match=r"more than one user turn \(row 0\) and questions .* \(row 1\)"):
         prepare_prompts(mixed, GroupRLArguments(), tokenizer)
+
+
+def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_trains_float32(tmp_path):
+    # dtype: bfloat16 trained in full: the policy is upcast to float32 before the trainer is built, and GRPO, RLOO
+    # (and KTO without a reference given) build their reference in the policy's dtype: it was float32 (README:
+    # frozen models stay in bfloat16; DPO's, given by hfgen, was)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
+
+    from hfgen.finetune import build_trainer
+    from hfgen.models import load_tokenizer
+
+    path = save_tiny_llama(tmp_path / "model")
+    tokenizer = load_tokenizer(str(path))
+    prompts = Dataset.from_dict({"prompt": ["1+1=", "2+2="] * 2})
+    common = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "bf16": False, "report_to": "none",
+              "per_device_train_batch_size": 2, "max_steps": 1}  # fmt: skip
+    group = {"num_generations": 2, "max_completion_length": 4, "beta": 0.1}
+
+    def brevity(completions, **kwargs):
+        return [-len(completion) / 10 for completion in completions]
+
+    for trainer_class, config, extra in [
+        (GRPOTrainer, GRPOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
+        (RLOOTrainer, RLOOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
+        (KTOTrainer, KTOConfig(**common), {"train_dataset": Dataset.from_dict(
+            {"prompt": ["a", "b"], "completion": [" c", " d"], "label": [True, False]})}),
+    ]:  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        trainer = build_trainer(trainer_class, tmp_path / "out", model=model, args=config, processing_class=tokenizer,
+                                **extra)  # fmt: skip
+        assert next(trainer.model.parameters()).dtype == torch.float32 and trainer.args.bf16
+        assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16, trainer_class.__name__
