@@ -267,3 +267,29 @@ def test_fp16_without_a_cuda_gpu_exits_2_in_every_stage(tmp_path, capsys):
     code, err = run_inprocess(capsys, tiny / "sft_full.yaml", "--model_name_or_path", model, "--dtype", "float16",
                               "--output_dir", tmp_path / "out")  # fmt: skip
     assert code == 2 and "dtype: float16 trains in fp16 mixed precision, which needs a CUDA GPU" in err
+
+
+def test_an_optimizer_whose_package_is_missing_exits_2_at_the_check(tmp_path, capsys):
+    # optim: adamw_bnb_8bit (and the other bitsandbytes / torchao / ... optimizers) passed `hfgen check`, then the
+    # run crashed with transformers' ImportError once the model had loaded, leaving a half-written run dir
+    import importlib.util
+
+    from hfgen.recipe import optimizer_problems
+    from tiny_models import save_tiny_llama
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        model = save_tiny_llama(tmp_path / "model")
+        with pytest.raises(SystemExit) as exit_info:
+            hfgen_main(["check", str(REPO / "recipes/tiny/sft_full.yaml"), "--model_name_or_path", str(model),
+                        "--optim", "adamw_bnb_8bit", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+        message = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "key 'optim': adamw_bnb_8bit needs bitsandbytes" in message
+        assert "use adamw_torch" in message and "Traceback" not in message
+    for name, module, package in [
+        ("paged_adamw_8bit", "bitsandbytes", "bitsandbytes"),
+        ("adamw_torch_4bit", "torchao", "torchao"),
+        ("lomo", "lomo_optim", "lomo-optim"),
+    ]:
+        missing = importlib.util.find_spec(module) is None
+        assert bool(optimizer_problems(name)) == missing and (not missing or package in optimizer_problems(name)[0])
+    assert optimizer_problems("adamw_torch") == optimizer_problems("adamw_torch_fused") == []

@@ -463,12 +463,58 @@ _ATTENTION_NEEDS = {
 }
 
 
+# transformers' optimizer groups (trainer_optimizer.py) whose package is optional: (its availability check in
+# transformers.utils, what to install). transformers checks only once the model has loaded and the Trainer is built.
+_OPTIMIZER_PACKAGES = {
+    "_BITSANDBYTES_OPTIMIZERS": ("is_bitsandbytes_available", "bitsandbytes (pip install bitsandbytes; a CUDA GPU)"),
+    "_TORCHAO_OPTIMIZERS": ("is_torchao_available", "torchao (pip install torchao)"),
+    "_GALORE_OPTIMIZERS": ("is_galore_torch_available", "galore-torch (pip install galore-torch)"),
+    "_APOLLO_OPTIMIZERS": ("is_apollo_torch_available", "apollo-torch (pip install apollo-torch)"),
+    "_SCHEDULE_FREE_OPTIMIZERS": ("is_schedulefree_available", "schedulefree (pip install schedulefree)"),
+}
+# the single optimizers with an optional package: (optim value, availability check or module, what to install)
+_OPTIMIZER_MODULES = {
+    "lomo": ("is_lomo_available", "lomo-optim (pip install lomo-optim)"),
+    "adalomo": ("is_lomo_available", "lomo-optim (pip install lomo-optim)"),
+    "grokadamw": ("is_grokadamw_available", "grokadamw (pip install grokadamw)"),
+    "stable_adamw": ("is_torch_optimi_available", "torch-optimi (pip install torch-optimi)"),
+    "adamw_anyprecision": ("torchdistx", "torchdistx (github.com/pytorch/torchdistx)"),
+    "adamw_torch_xla": ("torch_xla", "torch_xla (a TPU)"),
+    "adamw_torch_npu_fused": ("torch_npu", "torch_npu (an Ascend NPU)"),
+}
+
+
+def optimizer_problems(optim) -> list[str]:
+    """`optim` names an optimizer whose package is installed here: transformers imports it only when the Trainer
+    builds its optimizer, after the model has loaded (an ImportError traceback, a half-written run dir)."""
+    import transformers.trainer_optimizer as optimizers
+    import transformers.utils
+
+    if optim is None:
+        return []
+    name = getattr(optim, "value", optim)
+    needs = dict(_OPTIMIZER_MODULES)
+    for group, need in _OPTIMIZER_PACKAGES.items():
+        needs |= {getattr(member, "value", member): need for member in getattr(optimizers, group, [])}
+    if name not in needs:
+        return []
+    check, package = needs[name]
+    available = getattr(transformers.utils, check, None)
+    installed = available() if available else importlib.util.find_spec(check) is not None
+    if installed:
+        return []
+    return [
+        f"key 'optim': {name} needs {package}, which is not installed here; use adamw_torch (or leave optim out: adamw_torch_fused)"
+    ]
+
+
 def installed_problems(configs) -> list[str]:
     """Keys that need a package (or hardware) this machine lacks, said before any model loads; checked where the
     recipe is to run (not when a finished run's recipe is read back)."""
     problems = []
     for config in configs:
         problems += attention_problems(getattr(config, "attn_implementation", None))
+        problems += optimizer_problems(getattr(config, "optim", None))
         if getattr(config, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
             problems.append(
                 "key 'use_liger_kernel': true needs the liger-kernel package, which is not installed here "
