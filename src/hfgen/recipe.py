@@ -511,10 +511,20 @@ def optimizer_problems(optim) -> list[str]:
 def installed_problems(configs) -> list[str]:
     """Keys that need a package (or hardware) this machine lacks, said before any model loads; checked where the
     recipe is to run (not when a finished run's recipe is read back)."""
+    import torch
+
     problems = []
     for config in configs:
         problems += attention_problems(getattr(config, "attn_implementation", None))
         problems += optimizer_problems(getattr(config, "optim", None))
+        if getattr(config, "activation_offloading", False) and (
+            torch.accelerator.current_accelerator() is None or getattr(config, "use_cpu", False)
+        ):  # TRL moves activations from the accelerator to the CPU: without one it crashed once training started
+            problems.append(
+                "key 'activation_offloading': true needs a GPU (it offloads the GPU's activations to CPU memory), "
+                f"and {'use_cpu: true runs on the CPU' if getattr(config, 'use_cpu', False) else 'none is visible'}; "
+                "set activation_offloading: false"
+            )
         if getattr(config, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
             problems.append(
                 "key 'use_liger_kernel': true needs the liger-kernel package, which is not installed here "
