@@ -196,6 +196,9 @@ def test_what_would_fail_once_the_model_loaded_exits_2_at_the_check(tmp_path, ca
         (sft, ["--use_liger_kernel", "true"], "needs the liger-kernel package"),
         # passed the check, then TRL's AttributeError ('NoneType' object has no attribute 'type') once training began
         (sft, ["--activation_offloading", "true"], "key 'activation_offloading': true needs a GPU"),
+        # QLoRA's settings, ignored without load_in_4bit
+        (sft, ["--bnb_4bit_quant_type", "fp4", "--use_bnb_nested_quant", "true"],
+         "use_bnb_nested_quant, bnb_4bit_quant_type: settings of 4-bit (QLoRA) loading, read only with load_in_4bit"),
         (sft, ["--padding_free", "true"], "padding_free: true without packing"),
         (sft, ["--torch_dtype", "float32"], "unknown key 'torch_dtype' for stage 'sft': it is now 'dtype'"),
         (sft, ["--chat_template_path", tmp_path / "missing.jinja"], "missing.jinja' does not exist"),

@@ -8,6 +8,7 @@ model may be a hub id, a full model dir, or a LoRA adapter dir from an earlier r
 
 from __future__ import annotations
 
+import dataclasses
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def check_model_config(model_args, trust_remote_code: bool = False) -> list[str]
         if adapter_base(name):
             problems.append(f"{key}: model_name_or_path '{name}' is a LoRA adapter dir; merge it first (hfgen merge)")
         problems += quantization_problems(key)
+    # QLoRA's 4-bit settings are read only with load_in_4bit (trl.get_quantization_config): set without it, they
+    # would be ignored. (Compared with the defaults: a recipe spelling those out still checks.)
+    defaults = {f.name: f.default for f in dataclasses.fields(model_args)}
+    changed = [
+        key for key in ("use_bnb_nested_quant", "bnb_4bit_quant_type", "bnb_4bit_quant_storage")
+        if key in defaults and getattr(model_args, key) != defaults[key]
+    ]  # fmt: skip
+    if changed and not model_args.load_in_4bit:
+        problems.append(
+            f"{', '.join(changed)}: settings of 4-bit (QLoRA) loading, read only with load_in_4bit: true; drop them "
+            "or set load_in_4bit: true"
+        )
     if not problems and model_args.use_peft:
         problems += lora_target_problems(model_args, trust_remote_code)
     return problems
