@@ -298,3 +298,20 @@ def test_an_optimizer_whose_package_is_missing_exits_2_at_the_check(tmp_path, ca
         missing = importlib.util.find_spec(module) is None
         assert bool(optimizer_problems(name)) == missing and (not missing or package in optimizer_problems(name)[0])
     assert optimizer_problems("adamw_torch") == optimizer_problems("adamw_torch_fused") == []
+
+
+def test_mixed_precision_spelled_another_stages_way_points_to_this_stages_key():
+    # `bf16: true` in a t2i recipe said only "unknown key 'bf16'", `mixed_precision: bf16` in pretrain suggested nothing
+    from hfgen.errors import UserError
+    from hfgen.recipe import load_recipe
+
+    tiny = REPO / "recipes/tiny"
+    for name, overrides, expected in [
+        ("t2i_digits", ["--bf16", "true"], "unknown key 'bf16' for stage 't2i': this stage says `mixed_precision: bf16`"),
+        ("vae_digits", ["--fp16", "true"], "this stage says `mixed_precision: fp16`"),
+        ("pretrain", ["--mixed_precision", "bf16"], "unknown key 'mixed_precision' for stage 'pretrain': this stage says `bf16: true`"),
+        ("sft_full", ["--mixed_precision", "fp16"], "this stage says `fp16: true`"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError) as error:
+            load_recipe(tiny / f"{name}.yaml", overrides, check_inputs=False)
+        assert expected in str(error.value), str(error.value)

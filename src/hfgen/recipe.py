@@ -274,6 +274,8 @@ def build_recipe(
         if action is None:
             if RENAMED.get(key) in parser.actions:  # a spelling from older recipes, closer to another key's letters
                 errors.append(f"unknown key '{key}' for stage '{stage}': it is now '{RENAMED[key]}'")
+            elif spelling := precision_spelling(key, value, parser.actions):
+                errors.append(f"unknown key '{key}' for stage '{stage}': this stage says {spelling}")
             else:
                 errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
             continue
@@ -345,6 +347,19 @@ ALIASES = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
+
+
+def precision_spelling(key: str, value, actions: dict) -> str | None:
+    """Mixed precision as another stage spells it: the Trainer stages' (and ppo's) `bf16: true` / `fp16: true`,
+    the image stages' `mixed_precision: bf16`. The key of this stage that says the same, with its value."""
+    text = str(value).lower()
+    if key in ("bf16", "fp16") and "mixed_precision" in actions:
+        return f"`mixed_precision: {key if text in ('true', '1', 'yes') else 'no'}`"
+    if key == "mixed_precision" and "bf16" in actions:
+        if text in actions:  # bf16, fp16
+            return f"`{text}: true`"
+        return "`bf16: false`" if text == "no" else "`bf16: true` (bfloat16 mixed precision)"
+    return None
 
 
 def _alias_conflicts(values: dict[str, Any], actions: dict) -> list[str]:
