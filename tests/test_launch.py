@@ -153,3 +153,22 @@ def test_a_launch_asking_for_another_precision_than_the_recipe_exits_2_naming_bo
     error = refused(capsys, tiny / "sft_full.yaml", "--model_name_or_path", model, "--output_dir", tmp_path / "run")
     assert "the launch asks for mixed precision bf16" in error and "(bf16: false)" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_spawning_with_a_launch_config_asking_for_another_precision_is_refused_before_spawning(
+    tmp_path, monkeypatch, capsys
+):
+    # the recipe presets in recipes/accelerate say mixed_precision: bf16: each spawned process would refuse a float32
+    # recipe under it; refused once here
+    import os
+
+    import yaml
+
+    config = yaml.safe_load(CPU_2PROC.read_text()) | {"mixed_precision": "bf16"}
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    run = ["--output_dir", tmp_path / "run"]
+    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+    assert error.count("the launch asks for mixed precision bf16") == 1 and "(bf16: false)" in error
+    assert not (tmp_path / "run").exists() and "ACCELERATE_MIXED_PRECISION" not in os.environ

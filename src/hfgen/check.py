@@ -376,6 +376,18 @@ def read_launch_config(launch_config: str | None) -> dict:
     return config
 
 
+def launch_mixed_precision(launch_config: str | None) -> str:
+    """The mixed precision `accelerate launch` will give the spawned processes (ACCELERATE_MIXED_PRECISION): the
+    launch config's, or without one the default accelerate config's, else "no"."""
+    from pathlib import Path
+
+    from accelerate.commands.config import default_config_file
+
+    if not launch_config and Path(default_config_file).is_file():
+        launch_config = default_config_file
+    return str(read_launch_config(launch_config).get("mixed_precision") or "no").lower()
+
+
 def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
     """Before `hfgen train --num_processes N --launch_config CFG` spawns anything: the launch the processes would
     refuse, refused once here (each process printed the refusal, then torchrun its own traceback, exit code 1).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(known_keys(stage)))
         return 0
     from hfgen import loop
-    from hfgen.check import check_spawn
+    from hfgen.check import check_spawn, launch_mixed_precision
 
     loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
     if args.num_processes is not None or args.launch_config or args.main_process_port is not None:
@@ -58,7 +59,16 @@ def main(args: argparse.Namespace) -> int:
                 f"--launch_config '{args.launch_config}' does not exist; presets live in recipes/accelerate/."
             )
         processes = check_spawn(args.num_processes, args.launch_config)  # refused once here, not once per process
-        validate_for_processes(recipe_path, args.overrides, processes)
+        # checked against the precision the launch will ask of the processes (recipe.precision_problems), as they will
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        os.environ["ACCELERATE_MIXED_PRECISION"] = launch_mixed_precision(args.launch_config)
+        try:
+            validate_for_processes(recipe_path, args.overrides, processes)
+        finally:
+            if precision is None:
+                del os.environ["ACCELERATE_MIXED_PRECISION"]
+            else:
+                os.environ["ACCELERATE_MIXED_PRECISION"] = precision
         return launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
