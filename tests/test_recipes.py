@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from hfgen.recipe import known_keys, load_recipe, read_recipe_file
+from hfgen.check import launch_mixed_precision
+from hfgen.recipe import known_keys, load_recipe, read_recipe_file, training_precision
 
 RECIPES = sorted(
     p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.relative_to(REPO / "recipes").parts
@@ -28,6 +29,11 @@ def test_recipe_parses_with_known_keys_and_types(path):
         overrides = ["--use_cpu", "true"]  # GPU recipes (bf16, ...) fail TrainingArguments' device checks on a CPU
     recipe = load_recipe(path, overrides, check_inputs=False)
     assert recipe.stage == stage and recipe.output_dir
+    # launched with any preset, the recipe's precision stands: a preset asking for another is refused (sd-1.5's fp16
+    # recipes under the bf16 presets were)
+    if (precision := training_precision(recipe.configs)) is not None:
+        for preset in ACCELERATE_PRESETS:
+            assert launch_mixed_precision(str(preset)) in ("no", precision[0]), (name(preset), precision)
     assert path.read_text().startswith("#"), "a recipe opens with a comment giving the command that runs it"
     assert (
         "hfgen train" in path.read_text().split("stage:")[0]
