@@ -56,13 +56,21 @@ def run_hfgen_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
     """`hfgen ARGS` run by the CLI's own `main` in this process, for runs a test expects to stop at the check (exit 2):
     the same code as the console script without a new interpreter importing torch, transformers and diffusers again
     (about 5 s a call). A bug's exception is raised here, as its traceback would end the real CLI."""
-    stdout, stderr, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    from accelerate.state import AcceleratorState, GradientState
+
     from hfgen.cli import main
+
+    def fresh_accelerate():  # a new process's: another test's Accelerator (its mixed precision...) would persist
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    stdout, stderr, previous = io.StringIO(), io.StringIO(), os.getcwd()
 
     # what a new interpreter would find: the PYTHONPATH a test set (its reward modules), then the working directory
     added = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path and path not in sys.path]
     sys.path[:0] = added
     os.chdir(cwd)
+    fresh_accelerate()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
@@ -72,6 +80,7 @@ def run_hfgen_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
     finally:
         os.chdir(previous)
         del sys.path[: len(added)]
+        fresh_accelerate()
     return subprocess.CompletedProcess(["hfgen", *map(str, args)], returncode, stdout.getvalue(), stderr.getvalue())
 
 

@@ -514,6 +514,7 @@ def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_train
     # dtype: bfloat16 trained in full: the policy is upcast to float32 before the trainer is built, and GRPO, RLOO
     # (and KTO without a reference given) build their reference in the policy's dtype: it was float32 (README:
     # frozen models stay in bfloat16; DPO's, given by hfgen, was)
+    from accelerate.state import AcceleratorState
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
@@ -531,14 +532,17 @@ def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_train
     def brevity(completions, **kwargs):
         return [-len(completion) / 10 for completion in completions]
 
-    for trainer_class, config, extra in [
-        (GRPOTrainer, GRPOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
-        (RLOOTrainer, RLOOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
-        (KTOTrainer, KTOConfig(**common), {"train_dataset": Dataset.from_dict(
-            {"prompt": ["a", "b"], "completion": [" c", " d"], "label": [True, False]})}),
-    ]:  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        trainer = build_trainer(trainer_class, tmp_path / "out", model=model, args=config, processing_class=tokenizer,
-                                **extra)  # fmt: skip
-        assert next(trainer.model.parameters()).dtype == torch.float32 and trainer.args.bf16
-        assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16, trainer_class.__name__
+    try:
+        for trainer_class, config, extra in [
+            (GRPOTrainer, GRPOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
+            (RLOOTrainer, RLOOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
+            (KTOTrainer, KTOConfig(**common), {"train_dataset": Dataset.from_dict(
+                {"prompt": ["a", "b"], "completion": [" c", " d"], "label": [True, False]})}),
+        ]:  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+            trainer = build_trainer(trainer_class, tmp_path / "out", model=model, args=config, processing_class=tokenizer,
+                                    **extra)  # fmt: skip
+            assert next(trainer.model.parameters()).dtype == torch.float32 and trainer.args.bf16
+            assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16, trainer_class.__name__
+    finally:  # the trainers' Accelerator ran in bf16: the next test's would find that state, as in one process
+        AcceleratorState._reset_state(reset_partial_state=True)
