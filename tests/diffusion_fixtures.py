@@ -115,3 +115,29 @@ def validation_grid_difference(run_dir, pipeline_dir=None) -> int:
     )  # fmt: skip
     grid = sorted((run_dir / "validation").glob("step-*.png"))[-1]
     return int(np.abs(np.asarray(make_grid(rows), int) - np.asarray(Image.open(grid).convert("RGB"), int)).max())
+
+
+def save_tiny_sdxl(directory):
+    """A few-thousand-parameter StableDiffusionXLPipeline (a UNet with SDXL's added time/text conditions), saved
+    into `directory`, which the t2i stage must refuse."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from hfgen.diffusion.components import build_caption_tokenizer
+
+    tokenizer = build_caption_tokenizer(["a handwritten digit 3"], 16)
+    text = CLIPTextConfig(**TINY_TEXT_ENCODER, vocab_size=len(tokenizer), max_position_embeddings=16, projection_dim=16)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1, sample_size=8, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+    )  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2)  # fmt: skip
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text), text_encoder_2=CLIPTextModelWithProjection(text),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(),
+    )  # fmt: skip
+    pipeline.save_pretrained(directory)
+    return directory

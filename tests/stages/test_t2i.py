@@ -15,6 +15,7 @@ from diffusion_fixtures import (
     LORA_RECIPE,
     SMALL_DATA,
     T2I_RECIPE,
+    save_tiny_sdxl,
     t2i_overrides,
     validation_grid_difference,
     with_reference_lora,
@@ -380,6 +381,18 @@ def test_component_configs_that_fail_mid_training_exit_2_at_the_check(configs, v
     result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--scheduler_config",
                        tmp_path / "sample.json")  # fmt: skip
     assert result.returncode == 2 and "scheduler_config build a pipeline from scratch" in result.stderr
+
+
+def test_an_sdxl_unet_found_only_when_loaded_exits_2_before_any_data(tmp_path):
+    """A hub SDXL pipeline not yet downloaded passes `hfgen check` (its UNet config is not at hand); the loaded UNet
+    is checked again by the loader, before the data are encoded or DreamBooth's class images generated (it died in
+    diffusers at the first step)."""
+    from hfgen.diffusion.components import PipelineArguments, load_components
+    from hfgen.errors import UserError
+
+    sdxl = save_tiny_sdxl(tmp_path / "sdxl")
+    with pytest.raises(UserError, match="addition_embed_type 'text_time'"):
+        load_components(PipelineArguments(pretrained_model_name_or_path=str(sdxl)), [])
 
 
 def test_lora_target_modules_the_unet_lacks_exit_2_naming_its_layers(scratch_run, tmp_path):

@@ -194,9 +194,10 @@ def denoiser_config_problems(key: str, name: str, config: dict, expected: str, v
             "the VAE's latents; use a VAE and a denoiser config with the same channels"]  # fmt: skip
 
 
-def unet_config_problems(args: PipelineArguments) -> list[str]:
+def unet_config_problems(args: PipelineArguments, loaded_config=None) -> list[str]:
     """The UNet config (unet_config, or a pretrained pipeline's with another VAE) checked against the VAE and what
-    this loop feeds it (`denoiser_config_problems`; no SDXL added conditions)."""
+    this loop feeds it (`denoiser_config_problems`; no SDXL added conditions). `loaded_config`: the loaded UNet's
+    `.config`, checked again after loading, since at check time a hub pipeline not yet downloaded has none at hand."""
     from hfgen.diffusion.flow_components import pipeline_config
 
     if args.unet_config:
@@ -206,6 +207,8 @@ def unet_config_problems(args: PipelineArguments) -> list[str]:
         config = pipeline_config(name, "unet/config.json")
     else:
         config = None
+    if loaded_config is not None:
+        config = dict(loaded_config)
     if not config:
         return []
     if added := config.get("addition_embed_type"):
@@ -362,6 +365,11 @@ def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
             }
         except (OSError, ValueError) as error:
             raise UserError(f"pipeline '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+        # Checked again on the loaded UNet: `hfgen check` sees no config of a hub pipeline not yet downloaded, and an
+        # SDXL UNet would otherwise fail inside diffusers at the first step, after the data (and DreamBooth's class
+        # images) were made.
+        if problems := unet_config_problems(args, components["unet"].config):
+            raise UserError("; ".join(problems))
     else:
         if args.tokenizer_name == CAPTION_TOKENIZER:
             tokenizer = build_caption_tokenizer(train_captions, args.max_caption_tokens)
