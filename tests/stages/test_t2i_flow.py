@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
-from diffusion_fixtures import SMALL_DATA, validation_grid_difference, with_reference_lora
+from diffusion_fixtures import LORA_RECIPE, SMALL_DATA, validation_grid_difference, with_reference_lora
 from hfgen import tracking
 
 VAE16_RECIPE = REPO / "recipes/tiny/vae_digits16.yaml"
@@ -211,6 +211,32 @@ def test_a_transformer_config_of_another_class_or_channels_exits_2_at_the_check(
             "check", FLOW_RECIPE, *flow_overrides(configs, tmp_path / "vae16", tmp_path / "out"), *change
         )
         assert result.returncode == 2 and all(part in result.stderr for part in expected), (change, result.stderr)
+
+
+def test_a_pipeline_of_another_family_or_flux_with_drop_t5_exits_2_at_the_check(tmp_path):
+    """A pipeline class the stage does not train (model_index.json's _class_name) is refused by `hfgen check`,
+    naming the stage that trains it: t2i refused SD3 and Flux only at load ("no file named config.json"), t2i_flow
+    SDXL after loading everything; drop_t5 on Flux exited 2 only after loading. model_index.json alone is enough."""
+    classes = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+               "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}  # fmt: skip
+    for name, class_name in classes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    output = ["--output_dir", tmp_path / "out"]
+    cases = [
+        (LORA_RECIPE, "sd3", [], ["StableDiffusion3Pipeline", "the t2i stage", "`stage: t2i_flow`"]),
+        (LORA_RECIPE, "flux", [], ["FluxPipeline", "`stage: t2i_flow`"]),
+        (LORA_RECIPE, "sdxl", [], ["StableDiffusionXLPipeline", "SDXL is not supported"]),
+        (FLOW_LORA_RECIPE, "sdxl", [], ["StableDiffusionXLPipeline", "the t2i_flow stage", "SDXL is not supported"]),
+        (FLOW_LORA_RECIPE, "sd", [], ["StableDiffusionPipeline", "`stage: t2i`"]),
+        (FLOW_LORA_RECIPE, "flux", ["--drop_t5", "true"], ["drop_t5", "FluxPipeline"]),
+    ]
+    for recipe, name, change, expected in cases:
+        result = run_hfgen_here("check", recipe, "--pretrained_model_name_or_path", tmp_path / name, *output, *change)
+        assert result.returncode == 2 and all(part in result.stderr for part in expected), (name, result.stderr)
+    for recipe, name, change in ((LORA_RECIPE, "sd", []), (FLOW_LORA_RECIPE, "sd3", ["--drop_t5", "true"])):
+        result = run_hfgen_here("check", recipe, "--pretrained_model_name_or_path", tmp_path / name, *output, *change)
+        assert result.returncode == 0, (name, result.stderr)
 
 
 def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):

@@ -107,7 +107,9 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
                 f"MERGED_DIR, or start from '{base}'"
             )
         else:
-            problems += check_model_source("pretrained_model_name_or_path", name)
+            problems += check_model_source("pretrained_model_name_or_path", name) or pipeline_class_problems(
+                name, "t2i"
+            )
     else:
         missing = [
             k
@@ -131,6 +133,26 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
     if problems:
         return problems
     return scheduler_prediction_problems(args) + unet_config_problems(args)
+
+
+T2I_PIPELINES = ("StableDiffusionPipeline",)  # the layout the t2i stage loads (SD 1.x/2.x) and saves
+
+
+def pipeline_class_problems(name: str, stage: str) -> list[str]:
+    """A pretrained pipeline whose model_index.json (a local dir's, or a hub repo's already cached: nothing is
+    downloaded) names a class `stage` does not train, naming the stage that does: t2i refused an SD3 or Flux dir only
+    at load ("no file named config.json"), t2i_flow an SDXL one only after loading every component."""
+    from hfgen.diffusion.flow_components import FLOW_PIPELINES, pipeline_config
+
+    trains = {"t2i": (T2I_PIPELINES, "SD 1.x/2.x"), "t2i_flow": (FLOW_PIPELINES, "SD3, SD3.5, Flux.1")}
+    found = (pipeline_config(name, "model_index.json") or {}).get("_class_name")
+    if not found or found in trains[stage][0]:
+        return []
+    other = next((other for other, (classes, _) in trains.items() if found in classes), None)
+    where = f"train it with `stage: {other}`" if other else "no hfgen stage trains it (SDXL is not supported)"
+    classes, families = trains[stage]
+    return [f"pretrained_model_name_or_path '{name}' is a {found} (its model_index.json's _class_name); the {stage} "
+            f"stage trains {' and '.join(classes)} pipelines ({families}): {where}"]  # fmt: skip
 
 
 TRAINED_PREDICTIONS = ("epsilon", "v_prediction")  # the loss targets this stage computes (the recipe key's choices)

@@ -98,7 +98,7 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
             )
         if args.text_encoder_pretraining_steps:
             problems.append("text_encoder_pretraining_steps pretrains text encoders built from scratch; drop it")
-        problems += check_model_source("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+        problems += flow_base_problems(args)
     else:
         missing = [k for k in FROM_SCRATCH_KEYS if not getattr(args, k)]
         if missing:
@@ -124,6 +124,25 @@ def check_flow_pipeline_arguments(args: FlowPipelineArguments) -> list[str]:
     if problems:
         return problems
     return transformer_config_problems(args)
+
+
+def flow_base_problems(args: FlowPipelineArguments) -> list[str]:
+    """The pretrained pipeline: there, of a class this stage trains (`components.pipeline_class_problems`), and not
+    a Flux one with drop_t5; read from its model_index.json before anything loads (a hub id not yet downloaded is
+    checked again at load, `load_flow_components`)."""
+    from hfgen.diffusion.components import pipeline_class_problems
+
+    name = args.pretrained_model_name_or_path
+    problems = check_model_source("pretrained_model_name_or_path", name) or pipeline_class_problems(name, "t2i_flow")
+    if problems or not args.drop_t5:
+        return problems
+    if (pipeline_config(name, "model_index.json") or {}).get("_class_name") == "FluxPipeline":
+        return [DROP_T5_FLUX]
+    return []
+
+
+DROP_T5_FLUX = ("drop_t5: the pretrained pipeline is a FluxPipeline, which conditions on the T5 sequence embeddings "
+                "and cannot drop its T5 encoder (SD3 can); drop drop_t5")  # fmt: skip
 
 
 def transformer_config_problems(args: FlowPipelineArguments) -> list[str]:
@@ -221,7 +240,7 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
                 f"{' and '.join(FLOW_PIPELINES)} pipelines (SD3, SD3.5, Flux.1)"
             )
         if args.drop_t5 and type(pipeline).__name__ == "FluxPipeline":
-            raise UserError("drop_t5: Flux conditions on the T5 sequence embeddings and cannot drop its T5 encoder")
+            raise UserError(DROP_T5_FLUX)
         parts = dict(pipeline.components)
         parts["base_scheduler"] = parts["scheduler"]  # the base's own sampling (DreamBooth's class images)
         if args.vae_name_or_path:
