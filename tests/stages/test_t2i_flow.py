@@ -319,13 +319,24 @@ def test_gpu_recipe_parses_with_its_features():
     assert args.use_lora and args.mixed_precision == "bf16" and args.gradient_checkpointing
 
 
-def tiny_flux_pipeline(sd3_dir, output_dir):
+def tiny_flux_pipeline(sd3_dir, output_dir, guidance_embeds=True):
     """A FluxPipeline built from configs (CLIP pooled + T5 sequence, a guidance-distilled FluxTransformer2DModel)
-    on the SD3 run's caption tokenizer (for both encoders) and 16-channel VAE: Flux.1-dev's layout, tiny."""
+    on the SD3 run's caption tokenizer (for both encoders) and 16-channel VAE: Flux.1-dev's layout, tiny. Without
+    `sd3_dir`: a caption tokenizer and an untrained VAE; `guidance_embeds` false: Flux.1-schnell's layout."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    tokenizer = CLIPTokenizer.from_pretrained(sd3_dir / "tokenizer")
+    from hfgen.diffusion.components import build_caption_tokenizer
+
+    if sd3_dir:
+        tokenizer, vae = (
+            CLIPTokenizer.from_pretrained(sd3_dir / "tokenizer"),
+            AutoencoderKL.from_pretrained(sd3_dir / "vae"),
+        )
+    else:
+        tokenizer = build_caption_tokenizer(["a handwritten digit 3"], 16)
+        vae = AutoencoderKL(latent_channels=16, block_out_channels=(8, 16), norm_num_groups=4, shift_factor=0.0,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)  # fmt: skip
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
     torch.manual_seed(0)
@@ -339,13 +350,35 @@ def tiny_flux_pipeline(sd3_dir, output_dir):
         ),
         transformer=FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
             axes_dims_rope=(2, 2, 4),
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16),
-        vae=AutoencoderKL.from_pretrained(sd3_dir / "vae"), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        vae=vae, tokenizer=tokenizer, tokenizer_2=tokenizer,
     ).save_pretrained(output_dir)  # fmt: skip
     return output_dir
+
+
+def test_a_flux_pipeline_without_guidance_embeds_claims_no_guidance_scale(tmp_path):
+    """Flux.1-schnell-like (no guidance_embeds) ignores guidance: an explicit training_guidance_scale is refused by
+    `hfgen check`, and eval records no guidance_scale (two scales gave identical figures, each recorded as applied);
+    a guidance-distilled one records it."""
+    from hfgen.evaluation.images import evaluate_pipeline
+
+    runs = {}
+    for name, embeds in (("schnell", False), ("dev", True)):
+        runs[name] = tiny_flux_pipeline(None, tmp_path / name, guidance_embeds=embeds)
+    check = ["check", FLOW_LORA_RECIPE, "--output_dir", tmp_path / "out", "--training_guidance_scale", "1.0"]
+    result = run_hfgen_here(*check, "--pretrained_model_name_or_path", runs["schnell"])
+    assert result.returncode == 2 and "training_guidance_scale 1.0" in result.stderr, result.stderr
+    assert "not guidance-distilled" in result.stderr
+    assert run_hfgen_here(*check, "--pretrained_model_name_or_path", runs["dev"]).returncode == 0
+    recorded = {}
+    for name, run in runs.items():  # (the sampling settings a run's recipe.yaml gives: 16x16, 8 T5 tokens)
+        (run / "recipe.yaml").write_text("stage: t2i_flow\nresolution: 16\nmax_sequence_length: 8\n")
+        results = evaluate_pipeline(str(run), ["a handwritten digit 3"], 1, 1, guidance_scale=9.0, device="cpu")
+        recorded[name] = results["eval/guidance_scale"]
+    assert recorded == {"schnell": None, "dev": 9.0}
 
 
 @pytest.mark.slow

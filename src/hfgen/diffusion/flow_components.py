@@ -134,11 +134,25 @@ def flow_base_problems(args: FlowPipelineArguments) -> list[str]:
 
     name = args.pretrained_model_name_or_path
     problems = check_model_source("pretrained_model_name_or_path", name) or pipeline_class_problems(name, "t2i_flow")
-    if problems or not args.drop_t5:
+    if problems:
         return problems
-    if (pipeline_config(name, "model_index.json") or {}).get("_class_name") == "FluxPipeline":
-        return [DROP_T5_FLUX]
-    return []
+    if args.drop_t5 and (pipeline_config(name, "model_index.json") or {}).get("_class_name") == "FluxPipeline":
+        problems.append(DROP_T5_FLUX)
+    return problems + training_guidance_problems(args, pipeline_config(name, "transformer/config.json"))
+
+
+def training_guidance_problems(args: FlowPipelineArguments, transformer_config) -> list[str]:
+    """An explicitly set training_guidance_scale (another than the default) for a Flux transformer that is not
+    guidance-distilled (schnell-like: no `guidance_embeds`), which takes no guidance input: it was ignored."""
+    default = FlowPipelineArguments.training_guidance_scale
+    if args.training_guidance_scale == default or not transformer_config or not is_flux_config(transformer_config):
+        return []
+    if transformer_config.get("guidance_embeds"):
+        return []
+    return [f"training_guidance_scale {args.training_guidance_scale}: the pretrained Flux pipeline "
+            f"'{args.pretrained_model_name_or_path}' is not guidance-distilled (its transformer has no "
+            "guidance_embeds, as Flux.1-schnell) and takes no guidance input, in training or sampling; drop "
+            "training_guidance_scale"]  # fmt: skip
 
 
 DROP_T5_FLUX = ("drop_t5: the pretrained pipeline is a FluxPipeline, which conditions on the T5 sequence embeddings "
@@ -241,6 +255,9 @@ def load_flow_components(args: FlowPipelineArguments, train_captions: list[str])
             )
         if args.drop_t5 and type(pipeline).__name__ == "FluxPipeline":
             raise UserError(DROP_T5_FLUX)
+        # (again on the loaded transformer: at check, a hub pipeline not yet downloaded had no config at hand)
+        if problems := training_guidance_problems(args, pipeline.transformer.config):
+            raise UserError(problems[0])
         parts = dict(pipeline.components)
         parts["base_scheduler"] = parts["scheduler"]  # the base's own sampling (DreamBooth's class images)
         if args.vae_name_or_path:

@@ -8,6 +8,7 @@ Used by `hfgen generate`, by the t2i stage's validation grids and by the image e
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 GRID_CELL_MIN = 64  # pixels: small images (e.g. 16x16 digits) are enlarged in the grid so a person can see them
@@ -39,6 +40,22 @@ def generate_images(
             ).images  # fmt: skip
         images.append(row)
     return images
+
+
+def guidance_applies(pipeline) -> bool:
+    """Whether `guidance_scale` changes a pipeline's samples: not for a Flux pipeline whose transformer is not
+    guidance-distilled (Flux.1-schnell-like: no `guidance_embeds`), which FluxPipeline ignores it for (its
+    true_cfg_scale is another argument). A scale that had no effect is then not recorded as if applied."""
+    config = getattr(getattr(pipeline, "transformer", None), "config", None)
+    return not (config is not None and config.get("_class_name") == "FluxTransformer2DModel"
+                and not config.get("guidance_embeds"))  # fmt: skip
+
+
+def guidance_note(pipeline_dir) -> str:
+    return (
+        f"note: '{pipeline_dir}' is a Flux pipeline whose transformer is not guidance-distilled (no "
+        "guidance_embeds): guidance_scale has no effect on its samples and is not recorded"
+    )
 
 
 def check_inference_steps(pipeline, num_inference_steps: int) -> None:
@@ -146,6 +163,7 @@ def render_images(
     from hfgen.diffusion.components import load_pipeline
     from hfgen.errors import UserError
 
+    given_guidance = guidance_scale
     num_inference_steps, guidance_scale = recorded_sampling(pipeline_dir, num_inference_steps, guidance_scale)
     if num_images < 1 or num_inference_steps < 1:
         raise UserError("the number of images and of inference steps must be at least 1.")
@@ -157,6 +175,8 @@ def render_images(
         raise UserError(problem + ".")
     pipeline = load_pipeline(pipeline_dir)
     check_inference_steps(pipeline, num_inference_steps)
+    if given_guidance is not None and not guidance_applies(pipeline):
+        print(guidance_note(pipeline_dir), file=sys.stderr)
     rows = generate_images(
         pipeline, list(prompts), num_images, num_inference_steps, guidance_scale, seed,
         **recorded_call_arguments(pipeline_dir),

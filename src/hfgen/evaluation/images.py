@@ -25,6 +25,7 @@ trained on `embedded:digits` it reports diversity (on 32x32 thumbnails) and spee
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +173,8 @@ def evaluate_pipeline(
     from hfgen.diffusion.rendering import (
         check_inference_steps,
         generate_images,
+        guidance_applies,
+        guidance_note,
         recorded_call_arguments,
         recorded_sampling,
         save_images,
@@ -183,6 +186,7 @@ def evaluate_pipeline(
             raise UserError(f"hfgen eval: --{name} must be at least 1, got {value}.")
     recipe = recipe_of(pipeline_dir)
     images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
+    given_guidance = guidance_scale
     num_inference_steps, guidance_scale = recorded_sampling(pipeline_dir, num_inference_steps, guidance_scale)
     digits = recipe.get("dataset_name") in DIGIT_DATASETS if digits is None else digits
     if digits:
@@ -191,6 +195,11 @@ def evaluate_pipeline(
     pipeline = load_pipeline(pipeline_dir, device=device)
     check_inference_steps(pipeline, num_inference_steps)
     call_arguments = recorded_call_arguments(pipeline_dir)
+    recorded_guidance = guidance_scale
+    if not guidance_applies(pipeline):  # (Flux without guidance_embeds ignores it: not recorded as if applied)
+        if given_guidance is not None:
+            print(guidance_note(pipeline_dir), file=sys.stderr)
+        recorded_guidance = None
 
     def render():
         return generate_images(
@@ -209,7 +218,7 @@ def evaluate_pipeline(
         "eval/images_per_prompt": images_per_prompt,
         "eval/num_prompts": len(prompts),
         "eval/num_inference_steps": num_inference_steps,
-        "eval/guidance_scale": guidance_scale,
+        "eval/guidance_scale": recorded_guidance,
         "eval/sampler": type(pipeline.scheduler).__name__,
         "speed/images_per_s": len(prompts) * images_per_prompt / elapsed,
     }
