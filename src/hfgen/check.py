@@ -284,29 +284,31 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
         fatal += assistant_mask_problems(tokenizer)
         if fatal:  # no template to mark the assistant turns with
             return [], fatal
+
+    def trained_tokens(row, prompt, response, truncate: bool) -> tuple[list[int], list[int]]:
+        """(ids, trained mask) of the row as SFTTrainer trains it, cut at max_length or not."""
+        if "messages" in row:  # every assistant turn, in the template SFTTrainer trains with
+            return trained_conversation(tokenizer, row, training_args, truncate=truncate)
+        max_length = training_args.max_length if truncate else None
+        ids, start = tokenize_response(tokenizer, prompt, response, max_length) or ([], 0)
+        return ids, [int(i >= (start if masked_loss else 0)) for i in range(len(ids))]
+
+    def trains_eos(ids, trained) -> bool:  # the first token is never a label
+        return any(token == tokenizer.eos_token_id and mark for token, mark in zip(ids[1:], trained[1:]))
+
     examples, fully_masked, with_eos, mismatched, cut_before_eos = [], 0, 0, 0, 0
     for row in rows:
         prompt, response = split_prompt_response(row, "text")
         if response is None:
             continue
-        if "messages" in row:  # what SFTTrainer trains: every assistant turn, in the template it trains with
-            ids, trained = trained_conversation(tokenizer, row, training_args)
-        else:
-            tokenized = tokenize_response(tokenizer, prompt, response, training_args.max_length)
-            ids, start = tokenized or ([], 0)
-            trained = [int(i >= (start if masked_loss else 0)) for i in range(len(ids))]
+        ids, trained = trained_tokens(row, prompt, response, truncate=True)
         if not any(trained):
             fully_masked += 1
             continue
-        trains_eos = any(token == tokenizer.eos_token_id and mark for token, mark in zip(ids[1:], trained[1:]))
-        with_eos += trains_eos
-        if not trains_eos and training_args.max_length:  # would it, were the row not cut at max_length?
-            if "messages" in row:
-                whole, marks = trained_conversation(tokenizer, row, training_args, truncate=False)
-            else:
-                whole, start = tokenize_response(tokenizer, prompt, response, None) or ([], 0)
-                marks = [int(i >= (start if masked_loss else 0)) for i in range(len(whole))]
-            cut_before_eos += any(t == tokenizer.eos_token_id and m for t, m in zip(whole[1:], marks[1:]))
+        eos = trains_eos(ids, trained)
+        with_eos += eos
+        if not eos and training_args.max_length:  # would it, were the row not cut at max_length?
+            cut_before_eos += trains_eos(*trained_tokens(row, prompt, response, truncate=False))
         if chat and prompt:
             prompt_ids = tokenizer.apply_chat_template(
                 prompt, add_generation_prompt=True, tokenize=True, return_dict=True

@@ -555,6 +555,7 @@ def training_precision(configs) -> tuple[str, str] | None:
     (`finetune.keep_float32_weights`, PPO's `rl.models.training_precision`), else `bf16` / `fp16`. None for a
     stage that trains nothing itself (rlhf: its steps are checked one by one)."""
     from hfgen.finetune import loaded_dtype
+    from hfgen.rl.models import HALF_PRECISION
 
     def holding(key):  # the config with the field `key` (TrainingArguments sets a mixed_precision of its own)
         return next((config for config in configs if key in {f.name for f in dataclasses.fields(config)}), None)
@@ -568,7 +569,7 @@ def training_precision(configs) -> tuple[str, str] | None:
     full = model is not None and not getattr(model, "use_peft", False)
     if full and getattr(training, "deepspeed_plugin", None) is None:
         dtype = loaded_dtype(model)
-        half = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+        half = HALF_PRECISION.get(dtype)
         if half:
             return half, f"dtype: {model.dtype}" + (f" (the checkpoint's {dtype})" if model.dtype == "auto" else "")
     if training.bf16:
