@@ -91,3 +91,41 @@ def test_train_help_lists_every_stage(capsys):
         line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and line.split()
     ]
     assert set(STAGES) <= set(listed), set(STAGES) - set(listed)  # grpo, rloo and t2i_flow were missing
+
+
+def test_a_command_line_value_is_read_by_its_keys_type_not_as_yaml_1_1_numbers():
+    """YAML 1.1 reads `010` as octal 8, `0x1F` as 31 and `1e3` as text: `--output_dir 010` trained into ./8."""
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    overrides = ["--use_cpu", "true", "--output_dir", "010", "--run_name", "1.50", "--dataset_text_field", "0x1F"]
+    recipe = load_recipe(sft, [*overrides, "--seed", "017", "--max_steps", "1e1", "--learning_rate", "3e-3"], False)
+    args = recipe.configs[-1]
+    assert (args.output_dir, args.run_name, args.dataset_text_field) == ("010", "1.50", "0x1F")
+    assert (args.seed, args.max_steps, args.learning_rate) == (17, 10, 0.003)
+    assert load_recipe(sft, ["--output_dir", "8", "--max_steps", "5"], False).configs[-1].max_steps == 5
+
+
+def test_report_to_null_means_no_tracker():
+    recipe = load_recipe(REPO / "recipes/tiny/sft_lora.yaml", ["--use_cpu", "true", "--report_to", "null"], False)
+    assert recipe.configs[-1].report_to == []  # transformers kept [None] and failed on it as a tracker's name
+
+
+def test_the_command_line_refuses_what_it_would_silently_drop(tmp_path):
+    """A key given twice (a list key kept only its last value), a second --config, max_steps 0 (transformers trains
+    one step), launch options given to check, and --list-keys on a recipe without a valid stage."""
+    from conftest import run_hfgen_here
+
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    unknown = tmp_path / "unknown_stage.yaml"
+    unknown.write_text("stage: ppox\noutput_dir: x\n")
+    for args, says in [
+        (("check", sft, "--lora_target_modules", "q_proj", "--lora_target_modules", "v_proj"), "given twice"),
+        (("train", "--config", sft, "--config", unknown), "two recipes given"),
+        (("check", sft, "--max_steps", "0"), "key 'max_steps' must be a number of steps (1 or more)"),
+        (("check", sft, "--num_processes", "2"), "option of `hfgen train`"),
+        (("train", unknown, "--list-keys"), "unknown stage 'ppox' (did you mean 'ppo'?)"),
+    ]:
+        result = run_hfgen_here(*args)
+        assert result.returncode == 2 and says in result.stderr, (args, result.stderr[-600:])
+        assert "Traceback" not in result.stderr
+    listed = run_hfgen_here("train", sft, "--stage", "vae", "--list_keys")
+    assert listed.returncode == 0 and "vae_config" in listed.stdout.split(), listed.stderr[-400:]

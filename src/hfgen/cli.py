@@ -75,6 +75,8 @@ def config_as_recipe(argv: list[str]) -> list[str]:
             continue
         if rest and not rest[0].startswith("-"):
             raise UserError(f"two recipes given ('{rest[0]}' and --config '{value}'): give one")
+        if second := next((t for t in rest if t == "--config" or t.startswith("--config=")), None):
+            raise UserError(f"two recipes given (--config '{value}' and a second {second}): give one")
         return [argv[0], value, *rest]
     return argv
 

@@ -29,6 +29,8 @@ STAGE_KEY = "stage"
 # Keys transformers/TRL renamed: the old name in a recipe points to the new one (difflib would suggest
 # `torch_compile` for `torch_dtype`)
 RENAMED = {"torch_dtype": "dtype", "evaluation_strategy": "eval_strategy"}
+# `hfgen train`'s own options, not recipe keys: a recipe (or `hfgen check`) given one is told where it belongs
+LAUNCH_OPTIONS = ("num_processes", "launch_config", "main_process_port")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -165,6 +167,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             if not name:
                 raise UserError(f"override '{token}' has no key name.")
             key = name.replace("-", "_")
+            if key in overrides:  # as a recipe file refuses a key written twice: a list key would keep only the last
+                raise UserError(
+                    f"key '{key}' is given twice on the command line; give it once (a list as `--{key} A B`)."
+                )
             overrides[key] = [value] if eq else []
         elif key is None:
             raise UserError(f"unexpected argument '{token}': overrides take the form --key value.")
@@ -195,8 +201,11 @@ def _decode_scalar(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and _SCIENTIFIC.fullmatch(text):
-        return float(text)  # YAML 1.1 wants a dot in floats: `3e-3` would stay a string
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _number_text(value) != text.strip():
+        # YAML 1.1 reads more than the number a user typed: `010` is octal 8, `0x1F`, `1_000`, `1e3` written as
+        # `1000.0`. The text goes on as typed and the key's own type reads it (a str key keeps `010`, an int key
+        # reads 10, a float key `3e-3`), as it would from the recipe file
+        return text
     if isinstance(value, dict) or (
         isinstance(value, list) and all(isinstance(item, (str, int, float, bool, dict)) for item in value)
     ):
@@ -204,6 +213,11 @@ def _decode_scalar(text: str) -> Any:
         # "{prompt: question}"`, `--datasets "[{name: a.jsonl, weight: 0.7}, ...]"`
         return value
     return value if isinstance(value, (str, int, float, bool)) or value is None else text
+
+
+def _number_text(value: int | float) -> str:
+    """How a number decoded by YAML prints back, to tell a typed `2.5` from a `2.50` (a str key's text)."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _numbers_inside(value: Any) -> Any:
@@ -244,13 +258,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, che
     return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs, valueless=bare)
 
 
-def build_recipe(
-    values: dict[str, Any], source: Path | None = None, check_inputs: bool = True, valueless: frozenset = frozenset()
-) -> Recipe:
-    """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be."""
-    values = dict(values)
-    where = f"recipe '{source}'" if source else "recipe"
-    stage = values.pop(STAGE_KEY, None)
+def recipe_stage(stage: Any, where: str = "recipe") -> str:
+    """The recipe's `stage:` value, refused unless it names one stage."""
     if stage is None:
         raise UserError(f"{where} has no 'stage' key; set one of: {', '.join(STAGES)}.")
     if not isinstance(stage, str):
@@ -262,6 +271,16 @@ def build_recipe(
         raise UserError(
             f"{where}: unknown stage '{stage}'{_suggest(str(stage), list(STAGES))}; stages: {', '.join(STAGES)}."
         )
+    return stage
+
+
+def build_recipe(
+    values: dict[str, Any], source: Path | None = None, check_inputs: bool = True, valueless: frozenset = frozenset()
+) -> Recipe:
+    """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be."""
+    values = dict(values)
+    where = f"recipe '{source}'" if source else "recipe"
+    stage = recipe_stage(values.pop(STAGE_KEY, None), where)
     module = load_stage(stage)
     parser = _RaisingParser((*module.ARGUMENTS, RunArguments))
 
@@ -276,6 +295,11 @@ def build_recipe(
                 errors.append(f"unknown key '{key}' for stage '{stage}': it is now '{RENAMED[key]}'")
             elif spelling := precision_spelling(key, value, parser.actions):
                 errors.append(f"unknown key '{key}' for stage '{stage}': this stage says {spelling}")
+            elif key in LAUNCH_OPTIONS:
+                errors.append(
+                    f"'{key}' is an option of `hfgen train` (it launches the processes), not a recipe key: "
+                    f"`hfgen train RECIPE --{key} ...`"
+                )
             else:
                 errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
             continue
@@ -285,8 +309,12 @@ def build_recipe(
         # typed by the field (`1e-3` for a str key stays a str)
         if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict) for v in value):
             value = values[key] = _numbers_inside(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) and action.type is int:
+            value = float(value)  # `max_steps: 1e3`: YAML 1.1 reads a string, int() would refuse it
         if isinstance(value, float) and value.is_integer() and action.type is int:
-            value = int(value)  # `--max_steps 1e3`: YAML reads a float
+            value = int(value)
+        if value is None and key == "report_to":
+            value = "none"  # null means no tracker: transformers would keep None as a tracker's name and fail on it
         if value is None:  # YAML null: the field's None (TRL's `max_length: None` = no truncation)
             if not _allows_none(module.ARGUMENTS + (RunArguments,), key):
                 errors.append(f"key '{key}' cannot be null; give it a value or leave the key out for its default")
@@ -457,9 +485,10 @@ def value_problems(configs) -> list[str]:
                 problems.append(f"key '{key}' must be {wanted}, got {value}")
         problems += tracker_problems(getattr(config, "report_to", None))
         if hasattr(config, "max_steps") and hasattr(config, "num_train_epochs"):  # transformers' TrainingArguments
-            if config.max_steps < -1:
+            if config.max_steps < -1 or config.max_steps == 0:  # transformers trains one step for 0
                 problems.append(
-                    f"key 'max_steps' must be a number of steps, or -1 for num_train_epochs; got {config.max_steps}"
+                    f"key 'max_steps' must be a number of steps (1 or more), or -1 for num_train_epochs; "
+                    f"got {config.max_steps}"
                 )
             elif config.max_steps <= 0 and config.num_train_epochs <= 0:
                 problems.append(
