@@ -14,6 +14,7 @@ from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.errors import Diverged, UserError
 from hfgen.guard import Divergence, configure
+from hfgen.recipe import load_recipe
 from test_recipe_errors import run_inprocess
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
@@ -220,6 +221,42 @@ def test_a_fresh_start_over_a_run_clears_what_it_wrote_but_not_a_dir_that_held_n
     (tmp_path / "model.safetensors").write_text("x")
     tracking.write_run_records(tmp_path, recipe, resuming=True)  # a resume keeps everything
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_a_users_recipe_or_another_tools_checkpoints_in_output_dir_are_refused_not_deleted(tmp_path):
+    # a recipe.yaml of the user's own (`output_dir: .` beside it) took the dir for an earlier run: a fresh start
+    # deleted every file and folder in it and replaced the recipe; another tool's checkpoint-N/ likewise
+    recipe = yaml.safe_dump({"stage": "pretrain", "learning_rate": 0.001})
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src/code.py").write_text("x")
+    (project / "recipe.yaml").write_text("# mine\n" + recipe)
+    with pytest.raises(UserError, match="recipe.yaml that no hfgen run wrote"):
+        tracking.write_run_records(project, recipe, overwrite=True)
+    assert (project / "src/code.py").is_file() and (project / "recipe.yaml").read_text().startswith("# mine")
+    other = tmp_path / "other"
+    (other / "checkpoint-500").mkdir(parents=True)
+    (other / "checkpoint-500/model.safetensors").write_text("w")
+    (other / "notes.txt").write_text("important")
+    with pytest.raises(UserError, match="checkpoint dirs that no hfgen run wrote .checkpoint-500"):
+        tracking.write_run_records(other, recipe)
+    assert (other / "checkpoint-500/model.safetensors").is_file() and (other / "notes.txt").is_file()
+    # an hfgen run's dir is one from its first records on
+    tracking.write_run_records(tmp_path / "run", recipe)
+    assert tracking.is_run_dir(tmp_path / "run")
+
+
+def test_an_output_dir_that_a_fresh_start_would_clear_the_runs_own_input_from_is_refused(tmp_path):
+    # `--model_name_or_path BASE --output_dir BASE --overwrite_output_dir true` deleted the model before loading it
+    base = gpt2_config_only(tmp_path)
+    values = {"model_name_or_path": str(base), "output_dir": str(base), "overwrite_output_dir": True}
+    with pytest.raises(UserError, match=f"key 'model_name_or_path' .'{base}'. is the run's output_dir or inside it"):
+        load_recipe(recipe_with(tmp_path, **values))
+    # a model inside the output_dir's own run folder (kept on a fresh start) is read as before
+    (tmp_path / "out/base").mkdir(parents=True)
+    (tmp_path / "out/base/recipe.yaml").write_text("stage: pretrain\n")
+    assert not tracking.deleted_by_fresh_start(tmp_path / "out/base", tmp_path / "out")
+    assert tracking.deleted_by_fresh_start(tmp_path / "out/data.jsonl", tmp_path / "out")
 
 
 def test_a_bug_while_loading_data_keeps_its_traceback(tmp_path, monkeypatch):

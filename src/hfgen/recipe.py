@@ -362,11 +362,39 @@ def build_recipe(
         problems += precision_problems(recipe.configs)
     if check_inputs and not recipe_output_dir(values):
         problems.append("no output_dir: add `output_dir: PATH` to the recipe or give `--output_dir PATH`")
+    if check_inputs and recipe_output_dir(values):
+        problems += inputs_in_output_dir(values, recipe_output_dir(values))
     if check_inputs and hasattr(module, "check"):
         problems += module.check(*recipe.configs)  # every problem at once, out-of-range values with the rest
     if problems:
         raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems).rstrip(".") + ".")
     return recipe
+
+
+# the keys whose value is a model, data or config file or dir the run reads (a hub id where it does not exist)
+INPUT_PATH_KEYS = (
+    "model_name_or_path", "pretrained_model_name_or_path", "pretrained_vae_name_or_path", "vae_name_or_path",
+    "reward_model_path", "value_model_path", "tokenizer_name", "config_name", "chat_template_path", "dataset_name",
+    "ptx_dataset_name", "eval_prompts_dataset", "instance_data_dir", "vae_config", "unet_config", "scheduler_config",
+    "text_encoder_config", "transformer_config",
+)  # fmt: skip
+
+
+def inputs_in_output_dir(values: dict[str, Any], output_dir: Path) -> list[str]:
+    """The recipe's inputs that a fresh start into its output_dir deletes (the dir itself, or what it clears in it):
+    `--output_dir BASE --overwrite_output_dir true` on a model BASE deleted the model before loading it."""
+    from hfgen.tracking import deleted_by_fresh_start
+
+    return [
+        f"key '{key}' ('{value}') is the run's output_dir or inside it, which a fresh start clears before the run "
+        "reads it; choose another output_dir"
+        for key, value in values.items()
+        if key in INPUT_PATH_KEYS
+        and isinstance(value, str)
+        and value.strip()
+        and Path(value).expanduser().exists()
+        and deleted_by_fresh_start(value, output_dir)
+    ]
 
 
 # transformers' deprecated names, read only when the new name is unset: the shipped TRL-stage recipes set

@@ -99,8 +99,10 @@ def write_run_records(
     if not resuming:  # nothing of an earlier run is left to mix with this one's
         clear_previous_run(output_dir, overwrite)
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
-    (output_dir / "recipe.yaml").write_text(recipe_yaml)
+    # env.json first: a dir is a run's once both are there (`is_run_dir`), so a kill in between leaves no recipe.yaml
+    # that the next start would take for a user's own (`foreign_files_problem`)
     write_json(output_dir / "env.json", environment())
+    (output_dir / "recipe.yaml").write_text(recipe_yaml)
 
 
 # Keys that may change between a run and its continuation in the same directory.
@@ -149,6 +151,9 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
         raise UserError(f"output_dir '{output_dir}' cannot be created: {error.strerror or error}.") from None
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise UserError(f"output_dir '{output_dir}' is not writable; choose another output_dir.")
+    problem = foreign_files_problem(output_dir)
+    if problem:
+        raise UserError(problem)
     previous = output_dir / "recipe.yaml"
     if overwrite or not (is_complete(output_dir) and previous.is_file()):
         return
@@ -212,9 +217,37 @@ def unlock_output_dir(output_dir: Path) -> None:
         handle.close()
 
 
+RUN_RECORDS = ("env.json", "recipe.yaml")  # what every run writes first (`write_run_records`)
+
+
 def is_run_dir(path: Path) -> bool:
-    """Whether `path` holds an hfgen run (its recipe, its COMPLETE marker or a checkpoint of it)."""
-    return (path / "recipe.yaml").is_file() or is_complete(path) or bool(checkpoints(path))
+    """Whether `path` holds an hfgen run: its records (recipe.yaml with env.json), its COMPLETE marker or a complete
+    checkpoint of it. A recipe.yaml alone is not one (the user's own recipe, kept in the dir it names: a fresh start
+    deleted everything beside it), nor another tool's checkpoint-N (a plain transformers Trainer's output)."""
+    records = all((path / name).is_file() for name in RUN_RECORDS)
+    return records or is_complete(path) or bool(complete_checkpoints(path))
+
+
+def foreign_files_problem(output_dir: Path) -> str | None:
+    """A dir that holds no run but files a run writes over or takes for its own: a recipe.yaml (the run writes its
+    resolved recipe there) or checkpoint-N dirs (rotated, or resumed from, as the run's own)."""
+    if not output_dir.is_dir() or is_run_dir(output_dir):
+        return None
+    if (output_dir / "recipe.yaml").exists():
+        return (
+            f"output_dir '{output_dir}' holds a recipe.yaml that no hfgen run wrote (no env.json beside it); a run "
+            "writes its resolved recipe there, over yours: keep the recipe file outside the run's dir, or choose "
+            "another output_dir."
+        )
+    found = checkpoints(output_dir)
+    if found:
+        return (
+            f"output_dir '{output_dir}' holds checkpoint dirs that no hfgen run wrote "
+            f"({', '.join(p.name for p in found[:3])}{', ...' if len(found) > 3 else ''}: no hfgen_state.json in "
+            "them, no hfgen records beside them); a run would rotate them away or resume from them as its own: "
+            "choose another output_dir, or move them out."
+        )
+    return None
 
 
 def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
@@ -238,13 +271,29 @@ def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
     # run with no checkpoint to resume, never a complete-looking dir or checkpoint missing some of its files.
     (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
     for path in [*checkpoints(output_dir), *output_dir.iterdir()]:
-        holds_runs = path.is_dir() and not _CHECKPOINT.match(path.name) and any(path.rglob("recipe.yaml"))
-        if path.name in KEPT_ON_FRESH_START or holds_runs or not os.path.lexists(path):
+        if kept_on_fresh_start(path) or not os.path.lexists(path):
             continue
         if path.is_dir() and not path.is_symlink():
             remove_dir(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def kept_on_fresh_start(path: Path) -> bool:
+    """Whether `clear_previous_run` keeps this entry of a run dir: `KEPT_ON_FRESH_START`, or a folder with runs in it."""
+    holds_runs = path.is_dir() and not _CHECKPOINT.match(path.name) and any(path.rglob("recipe.yaml"))
+    return path.name in KEPT_ON_FRESH_START or holds_runs
+
+
+def deleted_by_fresh_start(path: str | Path, output_dir: str | Path) -> bool:
+    """Whether a fresh start into `output_dir` (now, or the next one over this run) deletes `path`: the dir itself,
+    or a file or folder inside it that `clear_previous_run` does not keep."""
+    path, output_dir = Path(path).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    if path == output_dir:
+        return True
+    if output_dir not in path.parents:
+        return False
+    return not kept_on_fresh_start(output_dir / path.relative_to(output_dir).parts[0])
 
 
 DELETING_PREFIX = ".deleting-"
