@@ -28,5 +28,10 @@ def test_note_repeated_rows_says_so_and_records_it_in_data_json(tmp_path, capsys
     shard = prepare_data_loader(DataLoader(list(range(3)), batch_size=2), num_processes=2, process_index=0,
                                 put_on_device=False)  # fmt: skip
     loop.note_repeated_rows(shard, tmp_path)
-    assert "copies of its first 1 rows" in capsys.readouterr().err
+    assert "with 1 copies of its first rows, which train twice per epoch" in capsys.readouterr().err
     assert tracking.read_json(tmp_path / "data.json") == {"train": {"rows_kept": 3}, "train_rows_repeated_per_epoch": 1}
+    # 2 rows, 2 processes x 4: each process trains [0, 1, 0, 1], every row 4 times (it said "twice")
+    shard = prepare_data_loader(DataLoader(list(range(2)), batch_size=4), num_processes=2, process_index=0,
+                                put_on_device=False)  # fmt: skip
+    loop.note_repeated_rows(shard, tmp_path)
+    assert "with 6 copies of its first rows, which train up to 4 times per epoch" in capsys.readouterr().err

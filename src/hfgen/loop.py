@@ -31,6 +31,7 @@ What each engine needs, and where it is handled:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -344,10 +345,14 @@ def note_repeated_rows(dataloader, output_dir: str | Path) -> None:
         return
     shard = dataloader.batch_sampler
     rows = len(shard) * shard.batch_size * shard.num_processes - repeated
+    # the copies cycle through the rows from the first: with fewer rows than copies, rows train 3 or more times
+    most = 1 + math.ceil(repeated / rows)
+    how_often = "twice" if most == 2 else f"up to {most} times"
     print(
-        f"hfgen: the {rows} training rows of an epoch do not fill whole batches of {shard.num_processes} processes x {shard.batch_size}: accelerate completes "
-        f"each epoch's last batches with copies of its first {repeated} rows, which train twice per epoch (and count "
-        "in train_tokens); data.json records it as train_rows_repeated_per_epoch",
+        f"hfgen: the {rows} training rows of an epoch do not fill whole batches of {shard.num_processes} processes x "
+        f"{shard.batch_size}: accelerate completes each epoch's last batches with {repeated} copies of its first "
+        f"rows, which train {how_often} per epoch (and count in train_tokens); data.json records it as "
+        "train_rows_repeated_per_epoch",
         file=sys.stderr,
     )
     path = Path(output_dir) / "data.json"

@@ -607,3 +607,13 @@ def test_dataset_config_is_asked_for_by_name_refused_where_it_means_nothing_and_
     assert load(folder, "preference", dataset_config="main")[2]["dataset_config"] == "main"
     with pytest.raises(UserError, match="dataset_config 'main' is set, but dataset .* is a data file"):
         load(folder / "main" / "train.jsonl", "preference", dataset_config="main")
+
+
+def test_an_empty_split_file_is_named_as_such(tmp_path):
+    # datasets said only 'Instruction "test" corresponds to no data!'
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(6)))
+    (folder / "test.jsonl").write_text("")
+    with pytest.raises(UserError, match="its 'test' split has no rows \\(an empty file\\?\\)"):
+        load(folder, "text")

@@ -133,6 +133,12 @@ def load_raw(name: str, config: str | None = None):
                 f"dataset_name '{name}': {given}; set dataset_config to one of {configs.group(1)} (in a mixture, the "
                 "entry's `config`)"
             ) from None
+        if empty := re.search(r'Instruction "(\w+)" corresponds to no data', str(error)):
+            # an empty split file (test.jsonl of 0 rows): datasets' own words name neither the file nor the fix
+            raise UserError(
+                f"dataset_name '{name}': its '{empty.group(1)}' split has no rows (an empty file?); give it rows, "
+                "or remove it (a held-out part of train is then used)"
+            ) from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
 
 
