@@ -162,6 +162,29 @@ def test_images_as_cameras_and_tools_write_them_decode_as_they_look(tmp_path):
         assert batch["pixel_values"][0].shape == (3, 8, 8)
 
 
+def test_rgb_and_grayscale_pngs_with_a_transparent_colour_key_are_laid_on_white(tmp_path):
+    """optipng/oxipng store a binary-alpha logo as RGB or grayscale plus a tRNS colour key: only palette images
+    were laid on white, so these trained on black (the key's colour)."""
+    import numpy as np
+
+    from hfgen.diffusion.data import open_image
+
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+    rgb[4:12, 4:12] = (255, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    gray = np.zeros((16, 16), dtype=np.uint8)
+    gray[4:12, 4:12] = 128
+    Image.fromarray(gray).save(tmp_path / "gray.png", transparency=0)
+    deep = np.zeros((16, 16), dtype=np.uint16)
+    deep[4:12, 4:12] = 32768
+    Image.fromarray(deep).save(tmp_path / "deep.png", transparency=0)
+    for name, shape in (("rgb.png", (255, 0, 0)), ("gray.png", (128,) * 3), ("deep.png", (128,) * 3)):
+        assert Image.open(tmp_path / name).info.get("transparency") is not None  # the key was written
+        pixels = np.asarray(open_image(str(tmp_path / name), "image"))
+        assert tuple(pixels[0, 0]) == (255, 255, 255), name
+        assert tuple(pixels[8, 8]) == shape, name
+
+
 def test_images_an_imagefolder_metadata_leaves_out_are_warned_about(tmp_path, capsys):
     assert check_image_data(imagefolder(tmp_path, files=4, listed=3), need_captions=True) == []
     out = capsys.readouterr().out

@@ -190,14 +190,13 @@ def open_image(value, where: str):
 
 
 def on_white(image):
-    """A transparent image (RGBA, LA, a palette with a transparent colour) laid on white, as a viewer shows it:
-    convert("RGB") drops the alpha channel and keeps the colour under it, which is often black, so a logo or a
-    line drawing whose shape lives in the alpha channel would train as a blank square."""
+    """A transparent image (RGBA, LA, or any mode with a transparent colour key: a palette, or an RGB/grayscale
+    PNG with a tRNS chunk as optipng/oxipng store a binary alpha) laid on white, as a viewer shows it:
+    convert("RGB") drops the alpha channel (and the colour key) and keeps the colour under it, which is often
+    black, so a logo or a line drawing whose shape lives in the alpha channel would train as a blank square."""
     from PIL import Image
 
-    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and not (
-        image.mode == "P" and "transparency" in image.info
-    ):
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
         return image
     image = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
@@ -216,7 +215,11 @@ def eight_bit(image):
         scale = 255.0 if pixels.max(initial=0) <= 1 else 1.0
     else:  # I;16 is 16-bit; "I" holds 16-bit PNGs in older Pillow too, and 8-bit values when they fit
         scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 1.0
-    return Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    gray = Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    key = image.info.get("transparency")
+    if isinstance(key, int):  # a 16-bit tRNS colour key: kept as an alpha channel, which `on_white` lays on white
+        return Image.merge("LA", (gray, Image.fromarray(np.where(pixels == key, 0, 255).astype(np.uint8), "L")))
+    return gray
 
 
 def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CHECKED) -> list[str]:
