@@ -211,3 +211,40 @@ def test_an_empty_caption_and_an_undecodable_image_are_named_by_their_row_in_the
     problems = " ".join(check_image_data(args, need_captions=True))
     assert "rows [13], counted from 1" in problems, problems  # the 13th line holds the empty caption
     assert "row 8 (counted from 1) image" in problems and "7.png" in problems, problems
+
+
+@pytest.mark.parametrize(
+    "caption, complaint",
+    [
+        (["a red square", None], "neither a string nor a list of strings"),
+        ({"en": "a red square"}, "neither a string nor a list of strings"),
+        ([["a red square"]], "neither a string nor a list of strings"),
+        (["a red square", 5], "neither a string nor a list of strings"),
+        (["a red square", ""], "blank"),
+        ("   ", "blank"),
+    ],
+)
+def test_a_caption_training_cannot_use_or_would_train_unconditioned_is_named_by_row_at_check(
+    tmp_path, caption, complaint
+):
+    """These passed the check: the non-strings then stopped `train` with a message naming no dataset, column or
+    row, and a blank list item trained as the unconditional caption on half of that image's steps."""
+    for i in range(8):
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    rows = [{"image": f"{i}.png", "text": caption if i == 5 else f"square {i}"} for i in range(8)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ImageDataArguments(dataset_name=str(tmp_path / "data.jsonl"), resolution=8, validation_split_percentage=25)
+    problems = " ".join(check_image_data(args, need_captions=True))
+    assert complaint in problems and "column 'text'" in problems and "rows [6]" in problems, problems
+
+
+def test_a_class_subfolder_label_column_as_captions_is_refused_at_check(tmp_path):
+    """`caption_column: label` on a folder of class subfolders passed the check (label is exempt from the numbers
+    test for KTO), then `train` stopped with "caption 2 is neither a string nor a list of strings"."""
+    for name in ("red", "green", "blue"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
+    args = ImageDataArguments(dataset_name=str(tmp_path), resolution=8, caption_column="label")
+    problems = check_image_data(args, need_captions=True)
+    assert len(problems) == 1 and "column 'label' holds class ids" in problems[0] and "red" in problems[0], problems

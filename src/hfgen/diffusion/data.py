@@ -239,6 +239,53 @@ def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CH
     return problems
 
 
+def caption_problems(dataset, column: str, source: str, limit: int = ROWS_CHECKED) -> list[str]:
+    """Rows among the first `limit` whose caption training cannot use or would use wrongly, each named by its row:
+    a dict, a list holding a non-string (these stopped `train` with a message naming no row), a class-id column,
+    and a blank caption or blank list item (a list's "" was drawn as an unconditional caption: an unasked
+    dropout). None, "" and [] are `column_problems`' to report."""
+    import datasets
+
+    from hfgen.data.loading import NON_TEXT_COLUMNS, source_rows
+
+    feature = dataset.features.get(column)
+    if isinstance(feature, datasets.ClassLabel):  # a folder of class subfolders: `label` holds 0, 1, 2, ...
+        return [
+            f"dataset '{source}' column '{column}' holds class ids (0..{feature.num_classes - 1} for "
+            f"{feature.names[:5]}{'...' if feature.num_classes > 5 else ''}), not captions; set caption_column to a "
+            "column of text (a metadata.jsonl with a caption per file_name, or a .txt caption beside each image)"
+        ]
+    unusable, blank = [], []  # positions in `dataset`
+    for index, value in enumerate(dataset.select(range(min(limit, len(dataset))))[column]):
+        if (
+            value is None
+            or value == ""
+            or value == []
+            or (isinstance(value, (int, float)) and column not in NON_TEXT_COLUMNS)
+        ):
+            continue
+        try:
+            options = caption_options(value)
+        except UserError:
+            unusable.append((index, value))
+            continue
+        if any(not option.strip() for option in options):
+            blank.append((index, value))
+    problems = []
+    for found, what in (
+        (unusable, "values that are neither a string nor a list of strings"),
+        (blank, "blank captions or blank list items, which would train as the unconditional caption (an unasked "
+                "condition dropout; condition_dropout sets that)"),
+    ):  # fmt: skip
+        if found:
+            rows = source_rows(dataset, [index for index, _ in found[:5]])
+            problems.append(
+                f"dataset '{source}' column '{column}' has {what} (rows {rows}{'...' if len(found) > 5 else ''}, "
+                f"counted from 1; row {rows[0]}: {found[0][1]!r})"
+            )
+    return problems
+
+
 def unlisted_images(name: str) -> list[str]:
     """The images of an imagefolder (a folder with metadata.jsonl or metadata.csv files) that no metadata file
     names: `datasets` leaves them out without a word."""
@@ -298,6 +345,11 @@ def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]
     problems = column_problems(train, columns, args.dataset_name) + column_problems(
         evaluation, columns, args.dataset_name
     )
+    if need_captions and not problems:
+        for split in (train, evaluation):  # (a class-id column is named once, not per split)
+            problems += [
+                p for p in caption_problems(split, args.caption_column, args.dataset_name) if p not in problems
+            ]
     problems += image_problems(train, args.image_column, args.dataset_name)
     return problems + image_problems(evaluation, args.image_column, args.dataset_name, limit=ROWS_CHECKED // 10)
 
