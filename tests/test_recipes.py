@@ -67,6 +67,16 @@ def test_a_list_override_reads_as_in_the_recipe_file_or_as_separate_values():
     assert emptied.configs[1].reward_functions == []
 
 
+def test_a_ratio_or_a_time_on_the_command_line_stays_the_text_typed():
+    """YAML 1.1 reads `4:3` as the base-60 number 243: `--aspect_ratio_buckets 4:3 3:4` was refused with advice
+    to quote that the shell strips, and `--validation_prompts 12:30` trained and rendered the prompt "750"."""
+    overrides = ["--output_dir", "/nonexistent/out"]
+    recipe = load_recipe(REPO / "recipes/tiny/t2i_digits.yaml", [*overrides, "--aspect_ratio_buckets", "4:3", "3:4",
+                         "--validation_prompts", "12:30"], False)  # fmt: skip
+    data_args, args = recipe.configs[1], recipe.configs[2]
+    assert data_args.aspect_ratio_buckets == ["4:3", "3:4"] and args.validation_prompts == ["12:30"]
+
+
 def test_mapping_and_mixture_overrides_read_as_in_the_recipe_file():
     """`--dataset_columns "{prompt: question}"`, `--datasets "[{name: a, weight: 0.7}, ...]"`: YAML as in the file."""
     overrides = ["--use_cpu", "true", "--output_dir", "/nonexistent/out", "--dataset_name", ""]

@@ -32,6 +32,7 @@ RENAMED = {"torch_dtype": "dtype", "evaluation_strategy": "eval_strategy"}
 # `hfgen train`'s own options, not recipe keys: a recipe (or `hfgen check`) given one is told where it belongs
 LAUNCH_OPTIONS = ("num_processes", "launch_config", "main_process_port")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_BASE_60 = re.compile(r"[-+]?[\d_]+(:[\d_]+)+(\.[\d_]*)?")  # YAML 1.1's sexagesimal numbers: 4:3 is 243
 
 
 @dataclass
@@ -197,6 +198,8 @@ def valueless_keys(tokens: list[str]) -> frozenset:
 def _decode_scalar(text: str) -> Any:
     if text.lower() in ("yes", "no", "on", "off", "y", "n"):
         return text  # YAML 1.1 would make these booleans; `--save_strategy no` means the string
+    if _BASE_60.fullmatch(text):
+        return text  # `--aspect_ratio_buckets 4:3`, `--validation_prompts 12:30` mean the text, not 243 and 750
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

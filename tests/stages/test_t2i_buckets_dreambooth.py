@@ -231,7 +231,7 @@ def test_class_images_come_from_the_base_as_it_samples_not_with_the_recipe_s_pre
         (["--instance_data_dir", "EMPTY"], "needs instance_prompt"),
         (["--with_prior_preservation", "true"], "need(s) instance_data_dir"),
         (["--aspect_ratio_buckets", "wide"], "neither ratios"),
-        (["--aspect_ratio_buckets", "4:3"], "quote ratios"),  # YAML reads it as 243
+        (["--aspect_ratio_buckets", "[4:3]"], "quote ratios"),  # YAML reads it as 243, as in a recipe file
         (PRIOR_PRESERVATION_IN_BUCKETS, "aspect_ratio_buckets with with_prior_preservation is not supported"),
     ],
 )
