@@ -248,3 +248,29 @@ def test_a_class_subfolder_label_column_as_captions_is_refused_at_check(tmp_path
     args = ImageDataArguments(dataset_name=str(tmp_path), resolution=8, caption_column="label")
     problems = check_image_data(args, need_captions=True)
     assert len(problems) == 1 and "column 'label' holds class ids" in problems[0] and "red" in problems[0], problems
+
+
+def test_captions_longer_than_the_text_encoder_takes_are_counted_in_a_warning(capsys):
+    """The encoding cuts captions at the tokenizer's length (truncation, as the pipelines encode prompts): 300-word
+    captions trained as their first words with no word in the log or at check."""
+    from hfgen.diffusion.components import build_caption_tokenizer
+    from hfgen.diffusion.image_stage import warn_of_cut_captions
+
+    captions = ["a red square", "a blue circle", " ".join(f"word{i}" for i in range(40))]
+    rows = {"text": [[captions[0], captions[1]], captions[2], captions[2]]}
+    tokenizer = build_caption_tokenizer(captions, 16)
+    warn_of_cut_captions(rows, "text", tokenizer, tokenizer.model_max_length, "max_caption_tokens")
+    out = capsys.readouterr().out
+    assert "1 of 3 distinct captions are longer than max_caption_tokens (16 tokens" in out and "word0" in out, out
+    warn_of_cut_captions({"text": captions[:2]}, "text", tokenizer, tokenizer.model_max_length, "max_caption_tokens")
+    assert capsys.readouterr().out == ""
+    # the flow stage counts against each distinct tokenizer (SD3 from scratch shares one CLIP tokenizer twice)
+    from types import SimpleNamespace
+
+    from hfgen.diffusion.components import CAPTION_TOKENIZER
+    from hfgen.stages.t2i_flow import caption_lengths
+
+    scratch = SimpleNamespace(tokenizer_name=CAPTION_TOKENIZER, pretrained_model_name_or_path=None,
+                              max_sequence_length=None)  # fmt: skip
+    parts = {"tokenizer": tokenizer, "tokenizer_2": tokenizer, "tokenizer_3": None, "transformer": None}
+    assert caption_lengths(scratch, parts) == [(tokenizer, 16, "max_caption_tokens")]

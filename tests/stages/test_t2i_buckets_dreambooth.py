@@ -270,3 +270,29 @@ def test_flux_sides_off_its_packing_are_named_at_check(tmp_path):
     result = run_hfgen_here("check", FLOW_LORA_RECIPE, *flux, "--resolution", "24")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "resolution 24 is not a multiple of 16" in result.stderr and "Flux's 2x2 latent packing" in result.stderr
+
+
+def test_class_images_of_another_class_prompt_or_resolution_are_named_at_check(tmp_path):
+    """A second run into the same class_data_dir with another class_prompt and resolution counted the first run's
+    class images as present and trained prior preservation on them ('a red square' at 16x16) without a word."""
+    (tmp_path / "instance").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "instance" / "0.png")
+    class_dir = tmp_path / "class_images"
+    class_dir.mkdir()
+    for number in range(2):
+        name = f"{number:05d}-a-red-square.png"
+        Image.new("RGB", (16, 16), (255, 0, 0)).save(class_dir / name)
+        with (class_dir / "metadata.jsonl").open("a") as metadata:
+            metadata.write(json.dumps({"file_name": name, "text": "a red square"}) + "\n")
+    common = ["--dataset_name", "", "--instance_data_dir", str(tmp_path / "instance"), "--instance_prompt", "a sks",
+              "--with_prior_preservation", "true", "--num_class_images", "2", "--class_data_dir", str(class_dir),
+              "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    same = [*common, "--class_prompt", "a red square", "--resolution", "16"]
+    for change in (["--class_prompt", "a blue circle", "--resolution", "16"], ["--class_prompt", "a red square",
+                   "--resolution", "24"]):  # fmt: skip
+        with pytest.raises(UserError, match="class_data_dir .* holds 2 class image.* generated for another"):
+            load_recipe(T2I_RECIPE, overrides=[*common, *change])
+    try:
+        load_recipe(T2I_RECIPE, overrides=same)
+    except UserError as error:  # (other keys of this bare recipe may be refused, not the class images)
+        assert "class_data_dir" not in str(error), error

@@ -134,6 +134,40 @@ GENERATED_NAME = re.compile(r"^(\d{5})-")  # the class images hfgen writes: NNNN
 CLASS_IMAGE_BATCH = 16  # images per pipeline call while generating class images
 
 
+def class_image_problems(args: DreamBoothArguments, class_dir: Path, resolution: int) -> list[str]:
+    """Class images hfgen generated in `class_dir` for another class_prompt or resolution: a later run counts them
+    as present (only missing numbers are generated), so prior preservation would train on another class, or on
+    images upscaled from another size, without a word. Named, to be deleted or kept apart by the user."""
+    from PIL import Image
+
+    if not args.with_prior_preservation or not args.class_prompt or not class_dir.is_dir():
+        return []
+    listed = read_metadata(class_dir)
+    stale = []
+    for path in image_files(class_dir):
+        match = GENERATED_NAME.match(path.name)
+        if not match or int(match[1]) >= args.num_class_images:
+            continue  # a user's own image, or one beyond those this run uses
+        wanted = args.class_prompt[int(match[1]) % len(args.class_prompt)]
+        try:
+            with Image.open(path) as image:  # reads the header only
+                size = image.size
+        except (OSError, ValueError, SyntaxError):
+            continue  # a bad file is named when the class images are decoded
+        prompt = listed.get(path.name, wanted)
+        if prompt != wanted or size != (resolution, resolution):
+            stale.append((path.name, prompt, size))
+    if not stale:
+        return []
+    name, prompt, (width, height) = stale[0]
+    return [
+        f"class_data_dir '{class_dir}' holds {len(stale)} class image(s) generated for another class_prompt or "
+        f"resolution (e.g. '{name}': {prompt!r} at {width}x{height}; this recipe: {args.class_prompt} at "
+        f"{resolution}x{resolution}), which prior preservation would train on as they are: delete them (the "
+        "missing ones are generated) or set class_data_dir to another folder"
+    ]
+
+
 def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, steps: int, guidance: float, seed: int,
                      **call_arguments):  # fmt: skip
     """Generate the class images numbered 0..num_class_images-1 that are not in `class_dir` yet (besides images a

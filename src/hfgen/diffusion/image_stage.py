@@ -15,7 +15,7 @@ import torch
 from hfgen import tracking
 from hfgen.diffusion.components import LORA_BASE
 from hfgen.diffusion.data import DIGIT_DATASETS, check_image_data
-from hfgen.diffusion.dreambooth import DreamBoothArguments, dreambooth_problems
+from hfgen.diffusion.dreambooth import DreamBoothArguments, class_image_problems, dreambooth_problems
 from hfgen.diffusion.training import LoopArguments, check_loop_arguments
 from hfgen.errors import UserError
 
@@ -62,8 +62,12 @@ def check_image_stage(model_args, data_args, args: ImageStageArguments) -> list[
                         "batch stacks instance and class images in one tensor, and the class images are generated "
                         "at one size; drop one of the two keys")  # fmt: skip
     if args.instance_data_dir:
-        return problems
+        return problems + class_image_problems(args, class_data_dir(args), data_args.resolution)
     return problems + check_image_data(data_args, need_captions=True)
+
+
+def class_data_dir(args: ImageStageArguments) -> Path:
+    return Path(args.class_data_dir or Path(args.output_dir) / "class_images")
 
 
 # ---- training data ------------------------------------------------------------------------------------
@@ -86,11 +90,27 @@ def with_class_rows(rows, data_args, args: ImageStageArguments, make_pipeline, a
 
     from hfgen.diffusion.dreambooth import class_rows
 
-    class_dir = Path(args.class_data_dir or Path(args.output_dir) / "class_images")
+    class_dir = class_data_dir(args)
     sampling = (args.num_inference_steps, args.guidance_scale, args.seed)
     return datasets.concatenate_datasets(
         [rows, class_rows(args, data_args, class_dir, make_pipeline, accelerator, sampling, call_arguments)]
     )
+
+
+def warn_of_cut_captions(rows, caption_column: str, tokenizer, length: int, key: str) -> None:
+    """Print how many of the training captions (DreamBooth's class prompts included) are longer than the text
+    encoder's `length` tokens, which the encoding cuts off (truncation, as the pipelines encode prompts) without a
+    word: such a caption trains as its start, and captions that differ only after it train as one."""
+    from hfgen.diffusion.data import every_caption
+
+    captions = sorted(set(every_caption(rows[caption_column])))
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
+    cut = [(caption, n) for caption, n in zip(captions, lengths) if n > length]
+    if cut:
+        caption, n = cut[0]
+        print(f"warning: {len(cut)} of {len(captions)} distinct captions are longer than {key} ({length} tokens, "
+              f"the start and end tokens included) and are cut to it (e.g. {n} tokens: {caption[:60]!r}"
+              f"{'...' if len(caption) > 60 else ''})")  # fmt: skip
 
 
 def training_data(rows, n_instance: int, data_args, args, accelerator, vae, size_multiple: int, tokenizer=None):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from hfgen import guard, loop, tracking
 from hfgen.diffusion import image_stage
-from hfgen.diffusion.components import PipelineArguments, check_pipeline_arguments, tokenize
+from hfgen.diffusion.components import CAPTION_TOKENIZER, PipelineArguments, check_pipeline_arguments, tokenize
 from hfgen.diffusion.data import ImageDataArguments
 from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.image_stage import ImageStageArguments
@@ -173,6 +173,12 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     train_rows = image_stage.with_class_rows(
         train_rows, data_args, args, lambda: base_pipeline(model_args, parts).to(device), accelerator
     )
+    if accelerator.is_main_process:
+        cut_at = "max_caption_tokens" if model_args.tokenizer_name == CAPTION_TOKENIZER and not (
+            model_args.pretrained_model_name_or_path) else "the tokenizer's model_max_length"  # fmt: skip
+        image_stage.warn_of_cut_captions(
+            train_rows, data_args.caption_column, tokenizer, tokenizer.model_max_length, cut_at
+        )
     train_text_encoder = args.train_text_encoder
     vae.requires_grad_(False)
     text_encoder.requires_grad_(train_text_encoder and not args.use_lora)

@@ -33,7 +33,13 @@ from hfgen.diffusion import image_stage
 from hfgen.diffusion.data import ImageDataArguments
 from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.flow import WEIGHTING_SCHEMES
-from hfgen.diffusion.flow_components import FlowPipelineArguments, check_flow_pipeline_arguments, size_problems
+from hfgen.diffusion.flow_components import (
+    CAPTION_TOKENIZER,
+    FlowPipelineArguments,
+    check_flow_pipeline_arguments,
+    is_flux,
+    size_problems,
+)
 from hfgen.diffusion.image_stage import ImageStageArguments
 from hfgen.models import check_lora_targets
 
@@ -86,6 +92,33 @@ def refused_engines(model_args, data_args, args):
     if args.use_ema:
         refused["fsdp2"] = "use_ema averages whole transformer weights, which FSDP2 shards; use DDP or zero2"
     return refused
+
+
+def caption_lengths(model_args, parts: dict) -> list[tuple]:
+    """(tokenizer, the tokens it encodes, what sets that) for each distinct tokenizer of the pipeline: CLIP's
+    model_max_length (max_caption_tokens for the caption tokenizer built here), T5's max_sequence_length (unset:
+    the pipeline's default, 256 for SD3 and 512 for Flux)."""
+    import inspect
+
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    pipeline_class = FluxPipeline if is_flux(parts) else StableDiffusion3Pipeline
+    t5_default = inspect.signature(pipeline_class.__call__).parameters["max_sequence_length"].default
+    scratch = model_args.tokenizer_name == CAPTION_TOKENIZER and not model_args.pretrained_model_name_or_path
+    lengths, seen = [], set()
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = parts.get(name)
+        if tokenizer is None or id(tokenizer) in seen:
+            continue
+        seen.add(id(tokenizer))
+        if type(tokenizer).__name__.startswith("T5"):
+            length = model_args.max_sequence_length or t5_default
+            lengths.append((tokenizer, length, "max_sequence_length" if model_args.max_sequence_length else
+                            "the pipeline's T5 length"))  # fmt: skip
+        else:
+            lengths.append((tokenizer, tokenizer.model_max_length, "max_caption_tokens" if scratch else
+                            f"{name}'s model_max_length"))  # fmt: skip
+    return lengths
 
 
 def encode_captions(pipeline, captions: list[str], device, max_sequence_length: int | None, batch_size: int = 256):
@@ -161,6 +194,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                            warn_partial=args.lora_target_modules != list(TRANSFORMER_LORA_MODULES))  # fmt: skip
     base = lambda: make_pipeline(base_parts(model_args, parts)).to(device)  # noqa: E731
     train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator, sampling)
+    if accelerator.is_main_process:
+        for tokenizer, length, cut_at in caption_lengths(model_args, parts):
+            image_stage.warn_of_cut_captions(train_rows, data_args.caption_column, tokenizer, length, cut_at)
     frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
     for model in frozen:
         loop.replicated(accelerator, model)
