@@ -184,6 +184,9 @@ def test_a_folder_of_images_with_caption_files_loads_as_image_and_text(tmp_path)
     raw = load_raw(str(tmp_path / "set"))
     assert sorted(raw) == ["test", "train"] and len(raw["train"]) == 6 and len(raw["test"]) == 2
     assert raw["train"][3]["text"] == "a red square train 3" and raw["train"][3]["image"].size == (8, 8)
+    # Notepad's "UTF-8" writes a byte-order mark: it was kept, a leading token no typed prompt has
+    (tmp_path / "set" / "train" / "2.txt").write_bytes("\ufeffa red square with a BOM\r\n".encode())
+    assert load_raw(str(tmp_path / "set"))["train"][2]["text"] == "a red square with a BOM"
     (tmp_path / "set" / "train" / "5.txt").unlink()
     with pytest.raises(UserError, match="1 has none.*5.png"):
         load_raw(str(tmp_path / "set"))

@@ -262,7 +262,9 @@ def captioned_image_folder(path: Path):
         rows = splits.setdefault(split, {"image": [], "text": []})
         rows["image"].append(str(image))
         try:
-            rows["text"].append(caption.read_text(encoding="utf-8").strip())
+            # utf-8-sig: Notepad and many captioning tools start the file with a BOM, which strip() keeps and
+            # the tokenizer makes a token that no typed prompt has
+            rows["text"].append(caption.read_text(encoding="utf-8-sig").strip())
         except UnicodeDecodeError as error:
             raise UserError(f"dataset_name '{path}': caption file '{caption}' is not UTF-8 text ({error})") from None
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
