@@ -189,6 +189,14 @@ def test_images_an_imagefolder_metadata_leaves_out_are_warned_about(tmp_path, ca
     assert check_image_data(imagefolder(tmp_path, files=4, listed=3), need_captions=True) == []
     out = capsys.readouterr().out
     assert "warning" in out and "1 image(s)" in out and "3.png" in out and "metadata" in out
+    # Excel's "CSV UTF-8" starts metadata.csv with a BOM: its first column read as "\ufefffile_name", no image was
+    # listed, and the warning was lost
+    (tmp_path / "metadata.jsonl").unlink()
+    rows = "".join(f"{i}.png,a red square {i}\r\n" for i in range(3))
+    (tmp_path / "metadata.csv").write_bytes(("\ufefffile_name,text\r\n" + rows).encode())
+    assert check_image_data(ImageDataArguments(dataset_name=str(tmp_path), resolution=8), need_captions=True) == []
+    out = capsys.readouterr().out
+    assert "1 image(s)" in out and "3.png" in out, out
 
 
 def test_dreambooth_instance_images_include_tiff_and_gif(tmp_path):

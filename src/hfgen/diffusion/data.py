@@ -301,7 +301,7 @@ def unlisted_images(name: str) -> list[str]:
     listed = set()
     for metadata in (p for p in files if p.name in ("metadata.jsonl", "metadata.csv")):
         try:
-            with metadata.open(encoding="utf-8") as stream:
+            with metadata.open(encoding="utf-8-sig") as stream:  # Excel's "CSV UTF-8" starts with a BOM
                 if metadata.suffix == ".csv":
                     names = [row.get("file_name") for row in csv.DictReader(stream)]
                 else:
