@@ -282,3 +282,28 @@ def test_captions_longer_than_the_text_encoder_takes_are_counted_in_a_warning(ca
                               max_sequence_length=None)  # fmt: skip
     parts = {"tokenizer": tokenizer, "tokenizer_2": tokenizer, "tokenizer_3": None, "transformer": None}
     assert caption_lengths(scratch, parts) == [(tokenizer, 16, "max_caption_tokens")]
+
+
+def test_held_out_images_are_measured_on_the_same_pixels_whatever_the_training_crops(tmp_path):
+    """vae with center_crop: false evaluated its held-out images on fresh random crops each time: with learning
+    rate 0 the reconstruction MSE went 0.10437 -> 0.10486, crop noise reported as the training's effect."""
+    import numpy as np
+    import torch
+
+    from hfgen.stages import vae
+
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (16, 1))
+    Image.fromarray(np.stack([ramp] * 3, axis=-1)).save(tmp_path / "0.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a ramp"}) + "\n")
+    args = ImageDataArguments(dataset_name=str(tmp_path), resolution=16, center_crop=False)
+    rows = undecoded(load_raw_rows(args), "image")
+    pixels = [vae.held_out_transform(args, "x")(rows[:1])["pixel_values"][0] for _ in range(4)]
+    assert all(torch.equal(pixels[0], p) for p in pixels[1:])
+    centre = pixel_transform(ImageDataArguments(dataset_name=str(tmp_path), resolution=16), "x", flip=False)
+    assert torch.equal(pixels[0], centre(rows[:1])["pixel_values"][0])
+
+
+def load_raw_rows(args):
+    from hfgen.data.loading import load_raw
+
+    return load_raw(args.dataset_name)["train"]

@@ -419,6 +419,15 @@ def pixel_transform(args: ImageDataArguments, source: str, flip: bool | None = N
     return transform
 
 
+def held_out_transform(args: ImageDataArguments, source: str):
+    """`pixel_transform` for measuring held-out images: centre-cropped and unflipped whatever the training crops,
+    so every evaluation (the initial, the final, a resumed run's) sees the same pixels: random crops made the
+    before/after figures differ by crop noise, not by training."""
+    import dataclasses
+
+    return pixel_transform(dataclasses.replace(args, center_crop=True), source, flip=False)
+
+
 def undecoded(dataset, image_column: str):
     """The dataset with images left as bytes/paths, so that `pixel_transform` decodes them (and names bad ones)."""
     import datasets

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from hfgen import guard, loop, tracking
 from hfgen.diffusion import training
 from hfgen.diffusion.components import build_vae, load_vae, patch_discriminator
-from hfgen.diffusion.data import ImageDataArguments, check_image_data, load_image_splits, pixel_transform, undecoded
+from hfgen.diffusion.data import (
+    ImageDataArguments,
+    check_image_data,
+    held_out_transform,
+    load_image_splits,
+    pixel_transform,
+    undecoded,
+)
 from hfgen.diffusion.latents import PixelRows
 from hfgen.models import check_config_file, check_model_source
 
@@ -141,7 +148,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         undecoded(train_rows, data_args.image_column), pixel_transform(data_args, data_args.dataset_name), args.seed
     )
     eval_set = undecoded(eval_rows, data_args.image_column).with_transform(
-        pixel_transform(data_args, data_args.dataset_name, flip=False)
+        held_out_transform(data_args, data_args.dataset_name)
     )
     train_loader = training.train_dataloader(train_set, args, accelerator.num_processes)
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.eval_batch_size)
