@@ -171,3 +171,15 @@ def test_bucket_sizes_follow_the_exif_orientation(tmp_path):
     args = ImageDataArguments(dataset_name=str(tmp_path), resolution=16, validation_split_percentage=25)
     rows = load_image_splits(args)[0]
     assert sorted(image_sizes(rows, "image")) == sorted((32, 48) if text == "a" else (48, 32) for text in rows["text"])
+
+
+def test_a_bucket_smaller_than_a_batch_is_refused_naming_its_image_count():
+    """Incomplete batches are dropped: a lone wide image among squares (its own `auto` bucket) passed, because
+    only a run where no bucket held a full batch was refused, and it never trained."""
+    from hfgen.diffusion.buckets import BucketBatchSampler, short_bucket_problem
+
+    dataset = Bucketed([torch.utils.data.TensorDataset(torch.zeros(9, 2)), torch.utils.data.TensorDataset(torch.ones(1, 4))],
+                       [(16, 16), (24, 8)])  # fmt: skip
+    problem = short_bucket_problem(dataset, BucketBatchSampler(dataset.ranges(), 2, seed=0))
+    assert problem and "1 bucket(s)" in problem and "{'24x8': 1}" in problem, problem
+    assert short_bucket_problem(dataset, BucketBatchSampler(dataset.ranges(), 1, seed=0)) is None

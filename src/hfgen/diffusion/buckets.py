@@ -219,3 +219,18 @@ def summary(dataset: Bucketed, sampler: BucketBatchSampler) -> dict:
         f"{w}x{h}": {"images": len(part), "batches_per_epoch": runs * sampler.num_processes}
         for (w, h), part, runs in zip(dataset.sizes, dataset.datasets, sampler.runs_per_bucket())
     }
+
+
+def short_bucket_problem(dataset: Bucketed, sampler: BucketBatchSampler) -> str | None:
+    """The buckets holding fewer images than one batch on every process, as a message: incomplete batches are
+    dropped, so their images would never train (a lone 3:1 image among squares trained on nothing, silently)."""
+    buckets = summary(dataset, sampler)
+    short = {size: counts["images"] for size, counts in buckets.items() if not counts["batches_per_epoch"]}
+    if not short:
+        return None
+    return (
+        f"aspect_ratio_buckets: {len(short)} bucket(s) hold fewer images than train_batch_size ({sampler.batch_size}) "
+        f"x processes ({sampler.num_processes}), so their images would never train: {short} (images per bucket; all "
+        f"buckets: {buckets}); add images of those shapes or remove these, lower train_batch_size, or list buckets "
+        "that gather them"
+    )

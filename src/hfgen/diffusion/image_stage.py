@@ -128,9 +128,8 @@ def training_data(rows, n_instance: int, data_args, args, accelerator, vae, size
         else:
             dataset = buckets.bucketed_pixels(rows, data_args, tokenizer, size_multiple, args.seed)
         sampler = buckets.BucketBatchSampler(dataset.ranges(), batch_size, args.seed, accelerator.num_processes)
-        if not len(sampler):
-            raise UserError(f"aspect_ratio_buckets: no bucket holds train_batch_size ({batch_size}) x processes "
-                            f"({accelerator.num_processes}) images: {buckets.summary(dataset, sampler)}")  # fmt: skip
+        if problem := buckets.short_bucket_problem(dataset, sampler):
+            raise UserError(problem)
         if accelerator.is_main_process:
             tracking.write_json(Path(args.output_dir) / "buckets.json", buckets.summary(dataset, sampler))
     elif cached:
