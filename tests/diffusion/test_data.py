@@ -307,3 +307,18 @@ def load_raw_rows(args):
     from hfgen.data.loading import load_raw
 
     return load_raw(args.dataset_name)["train"]
+
+
+def test_t2i_stages_train_on_every_image_when_the_data_has_no_test_split(tmp_path):
+    """t2i / t2i_flow carved validation_split_percentage (at least one row) out of a dataset without a test split
+    and never used it: a 2-image set trained on 1 image, 16 kohya images on 15, with no note."""
+    from types import SimpleNamespace
+
+    from hfgen.diffusion.image_stage import training_rows
+
+    args = imagefolder(tmp_path, files=2, listed=2)
+    assert check_image_data(args, need_captions=True, hold_out=False) == []
+    rows = training_rows(args, SimpleNamespace(instance_data_dir=None), seed=0)
+    assert sorted(rows["text"]) == ["a red square 0", "a red square 1"]
+    train, evaluation = load_image_splits(args)  # the vae stage still measures a held-out slice
+    assert len(train) + len(evaluation) == 2 and len(evaluation) >= 1

@@ -320,10 +320,12 @@ def load_splits(args: DataArguments, seed: int = 0, kind: str | None = None):
 KIND_SPLIT_SUFFIX = {"preference": "_prefs", "unpaired_preference": "_prefs", "sft": "_sft", "prompt": "_gen"}
 
 
-def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | None = None, kind: str | None = None):
+def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | None = None, kind: str | None = None,
+                  hold_out: bool = True):  # fmt: skip
     """(train, eval) from a DatasetDict: the named splits (or the one split starting with each name, or the one
-    named for `kind`'s data among several, said in `notes`), a held-out slice of train if there is no test split,
-    and the max_*_samples caps."""
+    named for `kind`'s data among several, said in `notes`), a held-out slice of train if there is no test split
+    (`hold_out=False`, for a stage that evaluates on no held-out rows: all of train, and an empty eval), and the
+    max_*_samples caps."""
     source = args.dataset_name
     preferred = args.dataset_train_split + KIND_SPLIT_SUFFIX[kind] if kind in KIND_SPLIT_SUFFIX else None
     train_split, note = resolve_split(raw, args.dataset_train_split, "dataset_train_split", source, preferred)
@@ -351,6 +353,8 @@ def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | No
     train = raw[train_split]
     if test_split is not None and test_split != train_split:
         evaluation = raw[test_split]
+    elif not hold_out:
+        evaluation = train.select([])
     else:
         try:
             parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)

@@ -123,14 +123,15 @@ def digits_aspect_dataset():
     return digits_dataset().map(pad, batched=True, with_indices=True)
 
 
-def load_image_splits(args: DataArguments, seed: int = 0):
-    """(train, eval) image datasets: the embedded digits or any `load_raw` source, split as `load_splits` does."""
+def load_image_splits(args: DataArguments, seed: int = 0, hold_out: bool = True):
+    """(train, eval) image datasets: the embedded digits or any `load_raw` source, split as `load_splits` does
+    (`hold_out=False`: without a test split, every row trains and eval is empty)."""
     embedded = {DIGITS: digits_dataset, DIGITS_ASPECT: digits_aspect_dataset}
     name = args.dataset_name
     raw = embedded[name]() if name in embedded else load_raw(name, args.dataset_config)
     if name not in embedded:
         raw = paths_beside_the_data(raw, name, args.image_column)
-    return split_dataset(raw, args, seed)
+    return split_dataset(raw, args, seed, hold_out=hold_out)
 
 
 def paths_beside_the_data(raw, name: str, image_column: str):
@@ -315,8 +316,9 @@ def unlisted_images(name: str) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in images if p.resolve() not in listed)
 
 
-def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]:
-    """Problems with the recipe's image dataset: loading, columns, empty captions, undecodable images."""
+def check_image_data(args: ImageDataArguments, need_captions: bool, hold_out: bool = True) -> list[str]:
+    """Problems with the recipe's image dataset: loading, columns, empty captions, undecodable images (split as
+    `load_image_splits(args, hold_out=hold_out)` splits it for the stage)."""
     if not args.dataset_name:
         return ["dataset_name is not set"]
     if args.resolution < 8 or args.resolution % 8:
@@ -326,7 +328,7 @@ def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]
 
         if problems := bucket_problems(args.aspect_ratio_buckets):
             return problems
-    splits, problems = load_splits_for_check(load_image_splits, args)
+    splits, problems = load_splits_for_check(functools.partial(load_image_splits, hold_out=hold_out), args)
     if problems:
         return problems
     if unlisted := unlisted_images(args.dataset_name):
@@ -342,11 +344,10 @@ def check_image_data(args: ImageDataArguments, need_captions: bool) -> list[str]
             + (" and captions" if need_captions else "")
         ]  # fmt: skip
     train, evaluation = undecoded(train, args.image_column), undecoded(evaluation, args.image_column)
-    problems = column_problems(train, columns, args.dataset_name) + column_problems(
-        evaluation, columns, args.dataset_name
-    )
+    checked = [train] + ([evaluation] if hold_out or len(evaluation) else [])  # (no held-out slice: none to check)
+    problems = [p for split in checked for p in column_problems(split, columns, args.dataset_name)]
     if need_captions and not problems:
-        for split in (train, evaluation):  # (a class-id column is named once, not per split)
+        for split in checked:  # (a class-id column is named once, not per split)
             problems += [
                 p for p in caption_problems(split, args.caption_column, args.dataset_name) if p not in problems
             ]

@@ -63,7 +63,7 @@ def check_image_stage(model_args, data_args, args: ImageStageArguments) -> list[
                         "at one size; drop one of the two keys")  # fmt: skip
     if args.instance_data_dir:
         return problems + class_image_problems(args, class_data_dir(args), data_args.resolution)
-    return problems + check_image_data(data_args, need_captions=True)
+    return problems + check_image_data(data_args, need_captions=True, hold_out=False)
 
 
 def class_data_dir(args: ImageStageArguments) -> Path:
@@ -78,7 +78,10 @@ def training_rows(data_args, args: ImageStageArguments, seed: int):
     from hfgen.diffusion.data import load_image_splits
     from hfgen.diffusion.dreambooth import instance_rows
 
-    return instance_rows(args, data_args) if args.instance_data_dir else load_image_splits(data_args, seed)[0]
+    # (no held-out slice: these stages evaluate by sampling the pipeline, and a carved slice was never trained on)
+    if args.instance_data_dir:
+        return instance_rows(args, data_args)
+    return load_image_splits(data_args, seed, hold_out=False)[0]
 
 
 def with_class_rows(rows, data_args, args: ImageStageArguments, make_pipeline, accelerator, call_arguments=None):
