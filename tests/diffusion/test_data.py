@@ -322,3 +322,20 @@ def test_t2i_stages_train_on_every_image_when_the_data_has_no_test_split(tmp_pat
     assert sorted(rows["text"]) == ["a red square 0", "a red square 1"]
     train, evaluation = load_image_splits(args)  # the vae stage still measures a held-out slice
     assert len(train) + len(evaluation) == 2 and len(evaluation) >= 1
+
+
+def test_dreambooth_instance_images_are_decoded_at_check_from_subfolders_without_hidden_files(tmp_path):
+    """macOS copies leave `._0.png` AppleDouble files: taken as images, they passed the check (which decoded no
+    instance image) and stopped `train`; images in a subfolder were left out without a word."""
+    from hfgen.diffusion.dreambooth import DreamBoothArguments, dreambooth_problems, instance_files
+
+    (tmp_path / "more").mkdir()
+    for name in ("0.png", "more/1.png"):
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / name)
+    (tmp_path / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    args = DreamBoothArguments(instance_data_dir=str(tmp_path), instance_prompt="a sks square")
+    assert [p.relative_to(tmp_path).as_posix() for p in instance_files(tmp_path)] == ["0.png", "more/1.png"]
+    assert dreambooth_problems(args, None, "base") == []
+    (tmp_path / "more" / "2.png").write_bytes((tmp_path / "0.png").read_bytes()[:40])  # a truncated copy
+    problems = dreambooth_problems(args, None, "base")
+    assert len(problems) == 1 and "2.png" in problems[0] and "cannot be decoded" in problems[0], problems

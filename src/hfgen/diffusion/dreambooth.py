@@ -65,8 +65,10 @@ def dreambooth_problems(args: DreamBoothArguments, dataset_name: str | None, pre
     folder = Path(args.instance_data_dir)
     if not folder.is_dir():
         problems.append(f"instance_data_dir '{folder}' is not a directory")
-    elif not image_files(folder):
+    elif not (instances := instance_files(folder)):
         problems.append(f"instance_data_dir '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    else:
+        problems += undecodable(instances)
     if args.with_prior_preservation:
         if not args.class_prompt:
             problems.append("with_prior_preservation needs class_prompt")
@@ -81,7 +83,38 @@ def dreambooth_problems(args: DreamBoothArguments, dataset_name: str | None, pre
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images directly in `folder`, without hidden files (macOS copies leave `._x.png` AppleDouble files
+    beside each image: not images)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def instance_files(folder: Path) -> list[Path]:
+    """The subject's images: those in `folder` and its subfolders (as the dataset folder readers read them; a
+    subfolder was left out without a word), hidden files and folders skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )  # fmt: skip
+
+
+def undecodable(paths: list[Path]) -> list[str]:
+    """The images among `paths` (up to the dataset check's ROWS_CHECKED) that do not decode, named (at check, as
+    a dataset's images are: they stopped `train` only)."""
+    from hfgen.data.loading import ROWS_CHECKED
+    from hfgen.diffusion.data import open_image
+    from hfgen.errors import UserError
+
+    problems = []
+    for path in paths[:ROWS_CHECKED]:
+        try:
+            open_image(str(path), "instance_data_dir image")
+        except UserError as error:
+            problems.append(str(error))
+            if len(problems) == 5:
+                return problems + ["(stopped looking after 5 bad images)"]
+    return problems
 
 
 def folder_rows(paths: list[Path], captions: list[str], image_column: str, caption_column: str):
@@ -96,7 +129,7 @@ def folder_rows(paths: list[Path], captions: list[str], image_column: str, capti
 
 
 def instance_rows(args: DreamBoothArguments, data_args):
-    paths = image_files(Path(args.instance_data_dir))
+    paths = instance_files(Path(args.instance_data_dir))
     return folder_rows(paths, [args.instance_prompt] * len(paths), data_args.image_column, data_args.caption_column)
 
 
