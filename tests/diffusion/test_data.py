@@ -339,3 +339,20 @@ def test_dreambooth_instance_images_are_decoded_at_check_from_subfolders_without
     (tmp_path / "more" / "2.png").write_bytes((tmp_path / "0.png").read_bytes()[:40])  # a truncated copy
     problems = dreambooth_problems(args, None, "base")
     assert len(problems) == 1 and "2.png" in problems[0] and "cannot be decoded" in problems[0], problems
+
+
+def test_an_image_over_pil_s_pixel_limit_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """PIL refuses images over 2 x MAX_IMAGE_PIXELS (a 14000x14000 scan) with DecompressionBombError, which is no
+    OSError: a raw traceback at check, exit 1. (The limit is lowered here so that a small image crosses it.)"""
+    from hfgen.diffusion.buckets import image_sizes
+    from hfgen.diffusion.data import open_image
+    from hfgen.errors import UserError
+
+    Image.new("1", (64, 64)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(UserError, match="huge.png' is too large to decode .*4096 pixels.*downscale it"):
+        open_image(str(tmp_path / "huge.png"), "image")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "huge.png", "text": "a scan"}) + "\n")
+    rows = load_raw_rows(ImageDataArguments(dataset_name=str(tmp_path)))
+    with pytest.raises(UserError, match="too large to decode"):
+        image_sizes(rows, "image")

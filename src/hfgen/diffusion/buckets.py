@@ -102,12 +102,16 @@ def image_sizes(rows, image_column: str) -> list[tuple[int, int]]:
 
     sizes = []
     for value in undecoded(rows, image_column)[image_column]:
-        if isinstance(value, dict) and value.get("bytes"):
-            sizes.append(displayed(Image.open(io.BytesIO(value["bytes"]))))
-        elif isinstance(value, dict) and value.get("path"):
-            sizes.append(displayed(Image.open(value["path"])))
-        else:
-            sizes.append(open_image(value, "image").size)  # decoded and already turned
+        try:
+            if isinstance(value, dict) and value.get("bytes"):
+                sizes.append(displayed(Image.open(io.BytesIO(value["bytes"]))))
+                continue
+            if isinstance(value, dict) and value.get("path"):
+                sizes.append(displayed(Image.open(value["path"])))
+                continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            pass  # a header that does not read: `open_image` names the file
+        sizes.append(open_image(value, "image").size)  # decoded and already turned
     return sizes
 
 

@@ -186,6 +186,11 @@ def open_image(value, where: str):
         image.load()  # PIL opens lazily: only load() reads the pixels (and finds a truncated file)
         image = ImageOps.exif_transpose(image)  # a phone photo's pixels are stored turned; its EXIF says how
         return on_white(eight_bit(image)).convert("RGB")
+    except Image.DecompressionBombError as error:  # PIL's guard: over 2 x MAX_IMAGE_PIXELS (a 14000x14000 scan)
+        raise UserError(
+            f"{where} is too large to decode ({error.args[0].split(',')[0]}): downscale it (training resizes it to "
+            "the resolution anyway)"
+        ) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise UserError(f"{where} cannot be decoded: {error}") from None
 
