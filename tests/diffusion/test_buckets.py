@@ -183,3 +183,11 @@ def test_a_bucket_smaller_than_a_batch_is_refused_naming_its_image_count():
     problem = short_bucket_problem(dataset, BucketBatchSampler(dataset.ranges(), 2, seed=0))
     assert problem and "1 bucket(s)" in problem and "{'24x8': 1}" in problem, problem
     assert short_bucket_problem(dataset, BucketBatchSampler(dataset.ranges(), 1, seed=0)) is None
+
+
+def test_auto_buckets_take_an_image_over_200_times_taller_than_wide():
+    """4/1200 rounded (to 2 decimals) to a ratio of 0: ZeroDivisionError after the models had loaded."""
+    sizes = bucket_sizes(["auto"], 16, 8, image_sizes=[(4, 1200), (16, 16)])
+    assert (16, 16) in sizes and len(sizes) == 2
+    tall = next(size for size in sizes if size != (16, 16))
+    assert tall[0] == 8 and tall[1] > 200  # as narrow as the sides allow, about 16^2 / 0.0033 tall

@@ -60,7 +60,9 @@ def size_for_ratio(ratio: float, resolution: int, multiple: int) -> tuple[int, i
 def bucket_sizes(specs: list[str], resolution: int, multiple: int, image_sizes=()) -> list[tuple[int, int]]:
     """The distinct (width, height) of the buckets, in the order given (`auto`: by ratio, from `image_sizes`)."""
     if specs == [AUTO]:
-        ratios = sorted({round(w / h, 2) for w, h in image_sizes})
+        # (ratios to 2 decimals, so near-equal ones share a bucket; one under 0.005, an image over 200 times
+        # taller than wide, rounded to 0 and divided by zero: kept as it is)
+        ratios = sorted({round(w / h, 2) or w / h for w, h in image_sizes})
         sizes = [size_for_ratio(r, resolution, multiple) for r in ratios]
     else:
         sizes = []
