@@ -620,3 +620,13 @@ def test_an_empty_split_file_is_named_as_such(tmp_path):
     (folder / "test.jsonl").write_text("")
     with pytest.raises(UserError, match="its 'test' split has no rows \\(an empty file\\?\\)"):
         load(folder, "text")
+
+
+def test_a_double_star_pattern_reads_every_folder_level(tmp_path):
+    """`data/**/*.jsonl` read one folder level only (10 of 30 rows), without a word."""
+    for folder, word in (("", "top"), ("x", "one"), ("x/y", "two")):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        jsonl(tmp_path / folder / f"{word}.jsonl", [{"text": f"{word} row {i}"} for i in range(10)])
+    train, evaluation, _ = load(tmp_path / "**" / "*.jsonl", "text")
+    assert {t.split()[0] for t in list(train["text"]) + list(evaluation["text"])} == {"top", "one", "two"}
+    assert len(train) + len(evaluation) == 30

@@ -93,7 +93,12 @@ def load_raw(name: str, config: str | None = None):
         )
     try:
         if path.is_file() or glob.has_magic(name):
-            files = [path] if path.is_file() else sorted(Path(f) for f in glob.glob(str(path)) if Path(f).is_file())
+            # recursive: `**` is every folder level, as in `datasets`' own data_files patterns and globstar shells
+            files = (
+                [path]
+                if path.is_file()
+                else sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+            )
             builder = files_builder(name, files)
             for file in files:
                 if is_empty_file(file):  # `datasets` fails on these oddly
