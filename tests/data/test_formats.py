@@ -630,3 +630,12 @@ def test_a_double_star_pattern_reads_every_folder_level(tmp_path):
     train, evaluation, _ = load(tmp_path / "**" / "*.jsonl", "text")
     assert {t.split()[0] for t in list(train["text"]) + list(evaluation["text"])} == {"top", "one", "two"}
     assert len(train) + len(evaluation) == 30
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_dataset_config_on_an_embedded_dataset_is_refused(mixture):
+    """dataset_config on `embedded:corpus` changed nothing, and data.json recorded it as the configuration read."""
+    keys = {"datasets": [{"name": "embedded:corpus", "config": "wikitext-2-raw-v1"}]} if mixture else {
+        "dataset_name": "embedded:corpus", "dataset_config": "wikitext-2-raw-v1"}  # fmt: skip
+    with pytest.raises(UserError, match="dataset_config 'wikitext-2-raw-v1' is set, but .* an embedded dataset"):
+        load_for_stage(TextDataArguments(**keys), "text")

@@ -74,23 +74,26 @@ def load_raw(name: str, config: str | None = None):
     import datasets
     from datasets.exceptions import DatasetsError
 
-    if name.startswith("embedded:"):
-        from hfgen.data.embedded import NAMES, load_embedded
-
-        embedded = name.removeprefix("embedded:")
-        if embedded not in NAMES:
-            raise UserError(
-                f"dataset_name '{name}': no such embedded dataset; choose from {', '.join('embedded:' + n for n in NAMES)}"
-            )
-        return load_embedded(embedded)
+    embedded = name.startswith("embedded:")
     path = Path(name).expanduser()
     saved = path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists())
-    if config and (path.is_file() or glob.has_magic(name) or saved):  # read without it: a silent no-op
-        kind = "a save_to_disk folder" if saved else "a data file" if path.is_file() else "a pattern of data files"
+    if config and (embedded or path.is_file() or glob.has_magic(name) or saved):  # read without it: a silent no-op
+        kind = (
+            "an embedded dataset" if embedded else "a save_to_disk folder" if saved
+            else "a data file" if path.is_file() else "a pattern of data files"
+        )  # fmt: skip
         raise UserError(
             f"dataset_config '{config}' is set, but dataset '{name}' is {kind}, which has no configurations: remove "
             "dataset_config (in a mixture, set `config` on the entries that are hub datasets or hub-style folders)"
         )
+    if embedded:
+        from hfgen.data.embedded import NAMES, load_embedded
+
+        if name.removeprefix("embedded:") not in NAMES:
+            raise UserError(
+                f"dataset_name '{name}': no such embedded dataset; choose from {', '.join('embedded:' + n for n in NAMES)}"
+            )
+        return load_embedded(name.removeprefix("embedded:"))
     try:
         if path.is_file() or glob.has_magic(name):
             # recursive: `**` is every folder level, as in `datasets`' own data_files patterns and globstar shells
