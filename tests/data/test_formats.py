@@ -639,3 +639,16 @@ def test_dataset_config_on_an_embedded_dataset_is_refused(mixture):
         "dataset_name": "embedded:corpus", "dataset_config": "wikitext-2-raw-v1"}  # fmt: skip
     with pytest.raises(UserError, match="dataset_config 'wikitext-2-raw-v1' is set, but .* an embedded dataset"):
         load_for_stage(TextDataArguments(**keys), "text")
+
+
+def test_an_infinite_or_overflowing_mixture_weight_is_not_a_numpy_traceback(tmp_path):
+    """weight .inf passed the positive-number check and crashed in numpy ('Probabilities contain NaN'); two weights
+    of 1e308 overflowed their sum ('Probabilities do not sum to 1')."""
+    a = jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(40)])
+    b = jsonl(tmp_path / "b.jsonl", [{"text": f"b {i}"} for i in range(40)])
+    for weight in (float("inf"), float("nan")):
+        with pytest.raises(UserError, match="entry 1 .* weight must be a positive number"):
+            TextDataArguments(datasets=[{"name": a, "weight": weight}, {"name": b}])
+    train, _, records = load_for_stage(TextDataArguments(datasets=[{"name": a, "weight": 1e308},
+                                                                   {"name": b, "weight": 1e308}]), "text")  # fmt: skip
+    assert all(entry["rows_drawn"] > 5 for entry in records["mixture"])

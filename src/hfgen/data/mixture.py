@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def parse_mixture(entries: list) -> list[MixtureEntry]:
             weight = float(entry.get("weight", 1.0))
         except (TypeError, ValueError):
             weight = -1.0
-        if not weight > 0:
+        if not (math.isfinite(weight) and weight > 0):  # .inf, or nan, made numpy's draw fail with a traceback
             raise UserError(f"datasets entry {i + 1} ('{entry['name']}'): weight must be a positive number")
         parsed.append(MixtureEntry(**{**entry, "weight": weight}))
     return parsed
@@ -142,9 +143,10 @@ def interleave(sets: list, weights: list[float], seed: int, names: list[str]):
                 f"'{name}': {dict(dataset.features)}): give them the same layout (e.g. all chat messages)"
             )
     tagged = [d.add_column(SOURCE_COLUMN, [i] * len(d)) for i, d in enumerate(sets)]
-    total = sum(weights)
+    largest = max(weights)  # scaled first: finite weights near the float limit (1e308 each) overflow their sum
+    scaled = [w / largest for w in weights]
     mixed = datasets.interleave_datasets(
-        tagged, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="first_exhausted"
+        tagged, probabilities=[w / sum(scaled) for w in scaled], seed=seed, stopping_strategy="first_exhausted"
     )
     drawn = Counter(mixed[SOURCE_COLUMN])
     return mixed.remove_columns(SOURCE_COLUMN), {name: drawn.get(i, 0) for i, name in enumerate(names)}
