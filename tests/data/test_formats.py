@@ -652,3 +652,19 @@ def test_an_infinite_or_overflowing_mixture_weight_is_not_a_numpy_traceback(tmp_
     train, _, records = load_for_stage(TextDataArguments(datasets=[{"name": a, "weight": 1e308},
                                                                    {"name": b, "weight": 1e308}]), "text")  # fmt: skip
     assert all(entry["rows_drawn"] > 5 for entry in records["mixture"])
+
+
+def test_a_truncated_or_damaged_compressed_file_is_refused_naming_it(tmp_path):
+    """An interrupted download of a .jsonl.gz / .json.bz2 / .jsonl.xz was a raw EOFError traceback (exit 1), a
+    corrupt .xz a raw LZMAError."""
+    import bz2
+    import lzma
+
+    text = "".join(json.dumps({"text": f"row {i} " + "cat dog red " * (i % 7)}) + "\n" for i in range(3000)).encode()
+    damaged = lzma.compress(text)
+    damaged = damaged[:60] + b"\0" * 20 + damaged[80:]
+    for name, data in (("cut.jsonl.gz", gzip.compress(text)[:5000]), ("cut.json.bz2", bz2.compress(text)[:100]),
+                       ("cut.jsonl.xz", lzma.compress(text)[:200]), ("damaged.jsonl.xz", damaged)):  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=f"dataset_name '.*{name}' could not be loaded"):
+            load(tmp_path / name, "text")

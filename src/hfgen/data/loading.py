@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import lzma
 import re
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -124,9 +125,10 @@ def load_raw(name: str, config: str | None = None):
     except UserError:
         raise
     # What bad data or a bad name raises: OSError (FileNotFoundError, DatasetNotFoundError, EmptyDatasetError...),
-    # ValueError (ArrowInvalid, UnicodeDecodeError, a CSV parser's errors), and datasets' own build errors. Anything
-    # else is a bug and keeps its traceback.
-    except (OSError, ValueError, DatasetsError) as error:
+    # ValueError (ArrowInvalid, UnicodeDecodeError, a CSV parser's errors), datasets' own build errors, and a
+    # truncated or damaged compressed file's (EOFError, LZMAError, zlib.error: none of the others). Anything else is
+    # a bug and keeps its traceback.
+    except (OSError, ValueError, DatasetsError, EOFError, lzma.LZMAError, zlib.error) as error:
         error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         configs = re.search(r"(?:available configs|Available): (\[.*?\])", str(error))
