@@ -668,3 +668,22 @@ def test_a_truncated_or_damaged_compressed_file_is_refused_naming_it(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError, match=f"dataset_name '.*{name}' could not be loaded"):
             load(tmp_path / name, "text")
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_csv_cells_holding_na_words_are_text_and_a_bom_is_not(tmp_path, folder):
+    """pandas read the CSV words None, NA, null, nan, N/A as missing: rows of them were dropped as "empty" and a
+    file of answers "None" refused as lacking a value; a `.txt` file's BOM was trained as the first row's text."""
+    words = ["None", "NA", "null", "nan", "N/A", "#N/A", "NULL"]
+    (tmp_path / "na").mkdir()
+    (tmp_path / "na" / "answers.csv").write_text(
+        "prompt,completion\n" + "".join(f"which word is number {i}?,{words[i % 7]}\n" for i in range(21)) + ",\n"
+    )
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "lines.txt").write_text("".join(f"line {i} of the cat\n" for i in range(20)), "utf-8-sig")
+    train, evaluation, records = load(tmp_path / "na" / ("" if folder else "answers.csv"), "sft")
+    completions = list(train["completion"]) + list(evaluation["completion"])
+    assert sorted(completions) == sorted(words[i % 7] for i in range(21))
+    assert sum(r["dropped"].get("empty rows", 0) for r in records.values()) == 1  # the empty cells are missing
+    train, evaluation, _ = load(tmp_path / "bom" / ("" if folder else "lines.txt"), "text")
+    assert all(text.startswith("line") for text in list(train["text"]) + list(evaluation["text"]))

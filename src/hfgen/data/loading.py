@@ -29,7 +29,12 @@ FILE_BUILDERS = {
     ".text": "text",
     ".arrow": "arrow",  # a `datasets` cache file (data-00000-of-00001.arrow)
 }
-BUILDER_OPTIONS = {".tsv": {"sep": "\t"}}
+# A cell is missing only when it is empty: pandas' default reads the words None, NA, null, nan, N/A, #N/A, NULL as
+# missing, which dropped such rows as "empty" or refused a file of answers "None" as lacking a value.
+CSV_CELLS = {"keep_default_na": False, "na_values": [""]}
+# utf-8-sig: a BOM (Windows editors write one) is no text; the text reader kept it as the first row's first character
+TEXT_ENCODING = {"encoding": "utf-8-sig"}
+BUILDER_OPTIONS = {".tsv": {"sep": "\t", **CSV_CELLS}, ".csv": CSV_CELLS, ".txt": TEXT_ENCODING, ".text": TEXT_ENCODING}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # `datasets` decompresses these itself
 COMPRESSION_PACKAGES = {".zst": "zstandard", ".lz4": "lz4"}  # ... with these packages, which it does not require
 ROWS_CHECKED = 1000
@@ -117,8 +122,9 @@ def load_raw(name: str, config: str | None = None):
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
                 loaded = datasets.load_from_disk(str(path))
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-            one_file_type(path)
-            return captioned_image_folder(path) or valid_text(datasets.load_dataset(str(path), config), name)
+            folder_files = one_file_type(path)
+            options = BUILDER_OPTIONS.get(data_suffix(folder_files[0]), {}) if folder_files else {}
+            return captioned_image_folder(path) or valid_text(datasets.load_dataset(str(path), config, **options), name)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or data_suffix(path) in FILE_BUILDERS:
             raise UserError(f"dataset_name '{name}' does not exist")
         return datasets.load_dataset(name, config)
@@ -203,16 +209,17 @@ def is_empty_file(path: Path) -> bool:
         return False  # a broken archive: `datasets` names what is wrong with it
 
 
-def one_file_type(path: Path) -> None:
-    """A folder of data files read as one dataset holds one type: `datasets` reads the commonest and leaves the
-    others out without a word (a.jsonl and b.csv gave a.jsonl's rows). Image folders are `datasets`' own
-    (imagefolder with its metadata file) or `captioned_image_folder`'s."""
+def one_file_type(path: Path) -> list[Path]:
+    """The data files of a folder read as one dataset, which must be of one type: `datasets` reads the commonest
+    and leaves the others out without a word (a.jsonl and b.csv gave a.jsonl's rows). Image folders are
+    `datasets`' own (imagefolder with its metadata file) or `captioned_image_folder`'s: [] for them."""
     files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
-        return
-    data_files = [p for p in files if file_builder(p) is not None and not is_documentation(p)]
+        return []
+    data_files = sorted(p for p in files if file_builder(p) is not None and not is_documentation(p))
     if data_files:
         files_builder(str(path), data_files)
+    return data_files
 
 
 def is_documentation(path: Path) -> bool:
