@@ -687,3 +687,16 @@ def test_csv_cells_holding_na_words_are_text_and_a_bom_is_not(tmp_path, folder):
     assert sum(r["dropped"].get("empty rows", 0) for r in records.values()) == 1  # the empty cells are missing
     train, evaluation, _ = load(tmp_path / "bom" / ("" if folder else "lines.txt"), "text")
     assert all(text.startswith("line") for text in list(train["text"]) + list(evaluation["text"]))
+
+
+def test_max_samples_cap_a_mixture_not_each_of_its_sets(tmp_path):
+    """max_train_samples 20 gave a mixture of two sets 39 training rows (20 + 19) and max_eval_samples 3 gave 6
+    evaluation rows; the cap also cut the 1000-row set before mixing, so the weights no longer said what was drawn."""
+    small = jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(100)])
+    large = jsonl(tmp_path / "b.jsonl", [{"text": f"b {i}"} for i in range(1000)])
+    args = TextDataArguments(datasets=[{"name": small}, {"name": large}], max_train_samples=20, max_eval_samples=3)
+    train, evaluation, records = load_for_stage(args, "text")
+    assert len(train) == 20 and len(evaluation) == 3
+    assert sum(entry["rows_drawn"] for entry in records["mixture"]) == records["train_rows"] == 20
+    with pytest.raises(UserError, match="max_eval_samples must be at least 1"):
+        load_for_stage(TextDataArguments(datasets=[{"name": small}, {"name": large}], max_eval_samples=0), "text")

@@ -383,14 +383,15 @@ def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | No
                 "both sides."
             ) from None
         train, evaluation = parts["train"], parts["test"]
-    for key in ("max_train_samples", "max_eval_samples"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise UserError(f"{key} must be at least 1 (or unset for every row), got {getattr(args, key)}")
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples:
-        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+    return capped(train, args, "max_train_samples"), capped(evaluation, args, "max_eval_samples")
+
+
+def capped(dataset, args: DataArguments, key: str):
+    """The first `args.<key>` (max_train_samples / max_eval_samples) rows of `dataset`, or all when it is unset."""
+    cap = getattr(args, key)
+    if cap is not None and cap < 1:
+        raise UserError(f"{key} must be at least 1 (or unset for every row), got {cap}")
+    return dataset.select(range(min(cap, len(dataset)))) if cap else dataset
 
 
 def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) -> list[str]:

@@ -131,8 +131,8 @@ def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = 
     return sets
 
 
-def interleave(sets: list, weights: list[float], seed: int, names: list[str]):
-    """(mixed training set, rows drawn from each set by name)."""
+def interleave(sets: list, weights: list[float], seed: int, names: list[str], limit: int | None = None):
+    """(mixed training set, rows drawn from each set by name): its first `limit` rows when given (max_train_samples)."""
     import datasets
 
     features = sets[0].features
@@ -148,5 +148,7 @@ def interleave(sets: list, weights: list[float], seed: int, names: list[str]):
     mixed = datasets.interleave_datasets(
         tagged, probabilities=[w / sum(scaled) for w in scaled], seed=seed, stopping_strategy="first_exhausted"
     )
+    if limit and limit > 0:
+        mixed = mixed.select(range(min(limit, len(mixed))))
     drawn = Counter(mixed[SOURCE_COLUMN])
     return mixed.remove_columns(SOURCE_COLUMN), {name: drawn.get(i, 0) for i, name in enumerate(names)}

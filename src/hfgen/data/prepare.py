@@ -18,7 +18,7 @@ from hfgen.data.formats import (
     require_rows,
     to_standard,
 )
-from hfgen.data.loading import DataArguments, load_raw, split_dataset
+from hfgen.data.loading import DataArguments, capped, load_raw, split_dataset
 from hfgen.data.mixture import harmonise, interleave, parse_mixture
 from hfgen.errors import UserError
 
@@ -110,6 +110,9 @@ def load_for_stage(
         return train, evaluation, records | ({"dataset_config": args.dataset_config} if args.dataset_config else {})
 
     trains, evals, reports = [], [], []
+    # max_train_samples / max_eval_samples cap the run's rows, not each set's: the sets are read whole and the caps
+    # applied to the mixture (capping each set gave N sets up to N times the cap, and cut the sets the weights draw from)
+    uncapped = dataclasses.replace(args, max_train_samples=None, max_eval_samples=None)
     for entry in args.mixture:
         # The top-level dataset_columns / dataset_format / dataset_config are every set's defaults, as the top-level
         # splits already are: an entry's own columns / format / config replace them for that set.
@@ -117,7 +120,7 @@ def load_for_stage(
         columns = {**default_columns, **own_columns}
         fmt = entry.format or args.dataset_format
         train, evaluation, train_report, eval_report = _one_source(
-            args, kind, seed, entry.name, fmt, columns, [], other_columns, config=entry.config or args.dataset_config,
+            uncapped, kind, seed, entry.name, fmt, columns, [], other_columns, config=entry.config or args.dataset_config,
             dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
         )  # fmt: skip
         trains.append(train)
@@ -126,7 +129,12 @@ def load_for_stage(
     trains = harmonise(trains, kind, seed, common_columns_only=bool(other_columns))
     evals = harmonise(evals, kind, seed, common_columns_only=bool(other_columns))
     names = [f"{i + 1}:{entry.name}" for i, entry in enumerate(args.mixture)]
-    mixed, drawn = interleave(trains, [e.weight for e in args.mixture], seed, names)
+    mixed, drawn = interleave(trains, [e.weight for e in args.mixture], seed, names, args.max_train_samples)
+    mixed = capped(mixed, args, "max_train_samples")
+    evaluation = datasets.concatenate_datasets(evals)
+    if args.max_eval_samples:  # shuffled first, so that a capped evaluation holds rows of every set
+        evaluation = evaluation.shuffle(seed=seed)
+    evaluation = capped(evaluation, args, "max_eval_samples")
     records = {
         "mixture": [
             {"name": e.name, "weight": e.weight, "rows_drawn": drawn[n], "train": t.as_dict(), "eval": v.as_dict()}
@@ -135,8 +143,9 @@ def load_for_stage(
         ],
         "stopping_strategy": "first_exhausted",
         "train_rows": len(mixed),
+        "eval_rows": len(evaluation),
     }
-    return mixed, datasets.concatenate_datasets(evals), records
+    return mixed, evaluation, records
 
 
 def summary_lines(records: dict) -> list[str]:
