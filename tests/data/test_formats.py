@@ -700,3 +700,25 @@ def test_max_samples_cap_a_mixture_not_each_of_its_sets(tmp_path):
     assert sum(entry["rows_drawn"] for entry in records["mixture"]) == records["train_rows"] == 20
     with pytest.raises(UserError, match="max_eval_samples must be at least 1"):
         load_for_stage(TextDataArguments(datasets=[{"name": small}, {"name": large}], max_eval_samples=0), "text")
+
+
+def test_a_folder_whose_files_datasets_would_leave_out_is_refused_naming_them(tmp_path):
+    """Beside train.jsonl / test.jsonl the folder's other files were not read; `.text` files beside a `.txt` and
+    `b.JSONL` beside `a.jsonl` were left out too (hfgen took them for one type, `datasets` read only its own
+    suffixes): all without a word."""
+    for folder, files in (("splits", ["train.jsonl", "test.jsonl", "more_rows.jsonl"]),
+                          ("suffixes", ["a.txt", "b.text"]), ("case", ["a.jsonl", "b.JSONL"])):  # fmt: skip
+        (tmp_path / folder).mkdir()
+        for file in files:
+            rows = [f"{file} row {i}" for i in range(10)]
+            if file.endswith(".txt") or file.endswith(".text"):
+                (tmp_path / folder / file).write_text("\n".join(rows) + "\n")
+            else:
+                jsonl(tmp_path / folder / file, [{"text": row} for row in rows])
+        with pytest.raises(UserError, match=f"leave out 1 \\('{files[-1]}'\\)"):
+            load(tmp_path / folder, "text")
+    train, evaluation, _ = load(tmp_path / "case" / "*", "text")  # a pattern of them reads them all
+    assert len(train) + len(evaluation) == 20
+    (tmp_path / "splits" / "more_rows.jsonl").rename(tmp_path / "splits" / "train-more_rows.jsonl")
+    train, evaluation, _ = load(tmp_path / "splits", "text")
+    assert len(train) == 20 and len(evaluation) == 10

@@ -124,7 +124,11 @@ def load_raw(name: str, config: str | None = None):
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
             folder_files = one_file_type(path)
             options = BUILDER_OPTIONS.get(data_suffix(folder_files[0]), {}) if folder_files else {}
-            return captioned_image_folder(path) or valid_text(datasets.load_dataset(str(path), config, **options), name)
+            if images := captioned_image_folder(path):
+                return images
+            if folder_files and not declares_configs(path):
+                all_files_read(name, folder_files, datasets.load_dataset_builder(str(path), config, **options))
+            return valid_text(datasets.load_dataset(str(path), config, **options), name)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or data_suffix(path) in FILE_BUILDERS:
             raise UserError(f"dataset_name '{name}' does not exist")
         return datasets.load_dataset(name, config)
@@ -220,6 +224,34 @@ def one_file_type(path: Path) -> list[Path]:
     if data_files:
         files_builder(str(path), data_files)
     return data_files
+
+
+def declares_configs(path: Path) -> bool:
+    """Whether a hub-style folder's README.md names its configurations and their files (`configs:` in its YAML
+    header): then each configuration reads its own files, and the others are not left out by mistake."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    header = text[3:].split("\n---", 1)[0] if text.startswith("---") else ""
+    return bool(re.search(r"^configs\s*:", header, re.MULTILINE))
+
+
+def all_files_read(name: str, data_files: list[Path], builder) -> None:
+    """A UserError naming the folder's data files that `datasets` would leave out without a word: beside files named
+    for a split (train.jsonl, test.jsonl) it reads only those, and it knows only its own lower-case suffixes (a
+    `.text` beside a `.txt`, a `b.JSONL` beside `a.jsonl`: hfgen reads both as one type, `datasets` did not)."""
+    used = {Path(file).resolve() for files in builder.config.data_files.values() for file in files}
+    left_out = [file for file in data_files if file.resolve() not in used]
+    if left_out:
+        shown = ", ".join(f"'{file.relative_to(Path(name).expanduser())}'" for file in left_out[:5])
+        raise UserError(
+            f"dataset_name '{name}': `datasets` would read {len(data_files) - len(left_out)} of the folder's "
+            f"{len(data_files)} data files and leave out {len(left_out)} ({shown}{', ...' if len(left_out) > 5 else ''}): "
+            "in a folder, files named for a split (train, test, validation...) form those splits and the others are "
+            "not read, and only lower-case suffixes it knows are (.txt, not .text or .JSONL); rename or move those "
+            f"files, or give a glob pattern of them all (e.g. '{Path(name) / '**' / ('*' + ''.join(left_out[0].suffixes))}')"
+        )
 
 
 def is_documentation(path: Path) -> bool:
