@@ -722,3 +722,17 @@ def test_a_folder_whose_files_datasets_would_leave_out_is_refused_naming_them(tm
     (tmp_path / "splits" / "more_rows.jsonl").rename(tmp_path / "splits" / "train-more_rows.jsonl")
     train, evaluation, _ = load(tmp_path / "splits", "text")
     assert len(train) == 20 and len(evaluation) == 10
+
+
+def test_reading_a_save_to_disk_folder_writes_nothing_into_it(tmp_path):
+    """Reading a save_to_disk folder left five cache-*.arrow files in it (the held-out split's, select's...), after
+    which a glob of the folder's .arrow files failed ("Couldn't cast")."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [f"doc {i}" for i in range(40)]}).save_to_disk(tmp_path / "saved", num_shards=2)
+    before = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    train, evaluation, _ = load(tmp_path / "saved", "text", max_train_samples=30)
+    assert len(train) == 30 and len(evaluation) == 2
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
+    train, evaluation, _ = load(tmp_path / "saved" / "*.arrow", "text")
+    assert len(train) + len(evaluation) == 40

@@ -120,7 +120,7 @@ def load_raw(name: str, config: str | None = None):
             return valid_text(raw, name)
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-                loaded = datasets.load_from_disk(str(path))
+                loaded = load_saved(path)
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
             folder_files = one_file_type(path)
             options = BUILDER_OPTIONS.get(data_suffix(folder_files[0]), {}) if folder_files else {}
@@ -160,6 +160,28 @@ def load_raw(name: str, config: str | None = None):
                 "or remove it (a held-out part of train is then used)"
             ) from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def load_saved(path: Path):
+    """A `save_to_disk` folder's Dataset(Dict), read through a folder of links to its files under `datasets`' cache:
+    `datasets` writes the cache files of every later step (the held-out split, select, map) beside the memory-mapped
+    files it read, and wrote them into the user's folder (which may be shared, versioned or read-only; a glob of its
+    `.arrow` files then failed on the copies). The links keep the data where it is."""
+    import hashlib
+    import os
+
+    import datasets
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    mirror = Path(datasets.config.HF_DATASETS_CACHE) / "hfgen_saved_datasets" / key
+    for file in (p for p in path.rglob("*") if p.is_file()):
+        link = mirror / file.relative_to(path)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        temporary = link.with_name(f".{link.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(file.resolve())
+        os.replace(temporary, link)  # atomic: processes of one run (one per GPU) read the same folder at once
+    return datasets.load_from_disk(str(mirror))
 
 
 def files_builder(name: str, files: list[Path]) -> str:
