@@ -736,3 +736,23 @@ def test_reading_a_save_to_disk_folder_writes_nothing_into_it(tmp_path):
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
     train, evaluation, _ = load(tmp_path / "saved" / "*.arrow", "text")
     assert len(train) + len(evaluation) == 40
+
+
+def test_a_reward_mixture_keeps_the_margins_of_the_sets_that_have_them(tmp_path):
+    """A reward mixture of pairs with a `margin` and pairs without dropped the margins without a word (GRPO's rule:
+    only the columns every set has), so every pair trained with margin 0."""
+    from hfgen.data.formats import REWARD_COLUMNS
+
+    pairs = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(30)]
+    with_margin = [{**pair, "prompt": f"m{i}", "margin": 1.5} for i, pair in enumerate(pairs)]
+    train, evaluation, records = mixture(tmp_path, "preference", (pairs, {}), (with_margin, {}),
+                                         other_columns=REWARD_COLUMNS)  # fmt: skip
+    assert {row["margin"] for row in train if row["prompt"].startswith("m")} == {1.5}
+    assert {row["margin"] for row in train if not row["prompt"].startswith("m")} == {0.0}
+    assert "margin" in evaluation.column_names and "have margin 0" in records["notes"][0]
+    gsm = [{"prompt": f"{i}+1=?", "answer": f"{i + 1}", "source": "gsm"} for i in range(40)]
+    _, _, records = mixture(tmp_path, "prompt", (gsm, {}), ([{"prompt": "x", "answer": "y"}] * 40, {}),
+                            other_columns=True)  # fmt: skip
+    assert records["notes"] == [
+        "column 'source' is in 1:" + str(tmp_path / "set0.jsonl") + " only: left out, as every set must have it"
+    ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hfgen.data.formats import (
     FORMATS,
+    STANDARD_FORMAT,
     DataReport,
     check_rows,
     parse_columns,
@@ -126,9 +127,12 @@ def load_for_stage(
         trains.append(train)
         evals.append(evaluation)
         reports.append((train_report, eval_report))
+    names = [f"{i + 1}:{entry.name}" for i, entry in enumerate(args.mixture)]
+    notes = uneven_columns(trains, names, other_columns) if other_columns else []
+    if isinstance(other_columns, tuple):  # named number columns (a reward stage's margin): the others' rows get 0
+        trains, evals = (with_zero_columns(sets, other_columns) for sets in (trains, evals))
     trains = harmonise(trains, kind, seed, common_columns_only=bool(other_columns))
     evals = harmonise(evals, kind, seed, common_columns_only=bool(other_columns))
-    names = [f"{i + 1}:{entry.name}" for i, entry in enumerate(args.mixture)]
     mixed, drawn = interleave(trains, [e.weight for e in args.mixture], seed, names, args.max_train_samples)
     mixed = capped(mixed, args, "max_train_samples")
     evaluation = datasets.concatenate_datasets(evals)
@@ -144,8 +148,36 @@ def load_for_stage(
         "stopping_strategy": "first_exhausted",
         "train_rows": len(mixed),
         "eval_rows": len(evaluation),
-    }
+    } | ({"notes": notes} if notes else {})
     return mixed, evaluation, records
+
+
+def uneven_columns(sets: list, names: list[str], other_columns: bool | tuple[str, ...]) -> list[str]:
+    """Notes on the carried columns (outside the layout) that only some sets of a mixture have: a stage's named
+    number columns (a reward stage's margin) are given 0 in the others, any other column is left out."""
+    standard = {column for columns in STANDARD_FORMAT for column in columns}  # the layouts' own: harmonise's job
+    uneven = set().union(*(d.column_names for d in sets)) - set.intersection(*(set(d.column_names) for d in sets))
+    notes = []
+    for column in sorted(uneven - standard):
+        holders = [name for name, d in zip(names, sets) if column in d.column_names]
+        if isinstance(other_columns, tuple) and column in other_columns:
+            notes.append(f"column '{column}' is in {', '.join(holders)} only: the other sets' rows have {column} 0")
+        elif other_columns is True:
+            notes.append(f"column '{column}' is in {', '.join(holders)} only: left out, as every set must have it")
+    return notes
+
+
+def with_zero_columns(sets: list, columns: tuple[str, ...]) -> list:
+    """The sets, each given the named number columns that another set has and it lacks, as 0 (of the type of the
+    first set that has it), so that a mixture keeps them."""
+    for column in columns:
+        holder = next((d for d in sets if column in d.column_names), None)
+        if holder is not None:
+            feature = holder.features[column]
+            sets = [
+                d if column in d.column_names else d.add_column(column, [0] * len(d), feature=feature) for d in sets
+            ]
+    return sets
 
 
 def summary_lines(records: dict) -> list[str]:
@@ -157,7 +189,7 @@ def summary_lines(records: dict) -> list[str]:
             lines.append(
                 f"  {entry['name']} (weight {entry['weight']}): {entry['rows_drawn']} drawn; {report.summary()}"
             )
-        return lines
+        return lines + [f"  {note}" for note in records.get("notes", [])]
     train, evaluation = (DataReport(**records[s]) for s in ("train", "eval"))
     return [f"data: train {train.summary()}; eval {evaluation.summary()}"] + [f"  {n}" for n in train.notes]
 
