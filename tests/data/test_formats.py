@@ -756,3 +756,16 @@ def test_a_reward_mixture_keeps_the_margins_of_the_sets_that_have_them(tmp_path)
     assert records["notes"] == [
         "column 'source' is in 1:" + str(tmp_path / "set0.jsonl") + " only: left out, as every set must have it"
     ]
+
+
+def test_a_file_replaced_by_another_with_the_same_time_is_read_anew(tmp_path):
+    """`datasets` keys its cache of a local file on path and modification time: a file replaced by another with the
+    same time (tar, unzip, cp -p) trained the old rows."""
+    import os
+
+    path = tmp_path / "d.jsonl"
+    for rows in (["OLD one", "OLD two", "OLD three"], ["NEW rows that are longer", "second", "third", "fourth"]):
+        jsonl(path, [{"text": row} for row in rows])
+        os.utime(path, (1767225600, 1767225600))
+        train, evaluation, _ = load(path, "text", validation_split_percentage=25)
+        assert sorted(list(train["text"]) + list(evaluation["text"])) == sorted(rows)

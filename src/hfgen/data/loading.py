@@ -112,18 +112,22 @@ def load_raw(name: str, config: str | None = None):
             for file in files:
                 if is_empty_file(file):  # `datasets` fails on these oddly
                     raise UserError(f"dataset_name '{name}': '{file}' is an empty file: it holds no rows")
-            options = BUILDER_OPTIONS.get(data_suffix(files[0]), {})
+            options = BUILDER_OPTIONS.get(data_suffix(files[0]), {}) | {"cache_dir": content_cache_dir(files)}
             raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, **options)
             # SQuAD-style {"version": 1, "data": [rows]}: the rows are one field
             if data_suffix(files[0]) == ".json" and (field := rows_field(raw)):
-                raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, field=field)
+                raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, field=field,
+                                            cache_dir=options["cache_dir"])  # fmt: skip
             return valid_text(raw, name)
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
                 loaded = load_saved(path)
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
             folder_files = one_file_type(path)
-            options = BUILDER_OPTIONS.get(data_suffix(folder_files[0]), {}) if folder_files else {}
+            options = (
+                BUILDER_OPTIONS.get(data_suffix(folder_files[0]), {}) | {"cache_dir": content_cache_dir(folder_files)}
+                if folder_files else {}
+            )  # fmt: skip
             if images := captioned_image_folder(path):
                 return images
             if folder_files and not declares_configs(path):
@@ -160,6 +164,24 @@ def load_raw(name: str, config: str | None = None):
                 "or remove it (a held-out part of train is then used)"
             ) from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def content_cache_dir(files: list[Path]) -> str:
+    """A `datasets` cache folder for these data files' content: `datasets` keys its cache of a local file on the path
+    and modification time only, so a file replaced by another with the same time (tar, unzip, cp -p, rsync -t)
+    trained the old rows. The key adds each file's size and its first and last 64 KiB."""
+    import hashlib
+
+    import datasets
+
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        with open(file, "rb") as stream:
+            head = stream.read(2**16)
+            stream.seek(max(size - 2**16, 0))
+            digest.update(f"{file.resolve()}\0{size}\0".encode() + head + stream.read())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "hfgen_files" / digest.hexdigest()[:20])
 
 
 def load_saved(path: Path):
