@@ -90,7 +90,7 @@ def not_utf8(tmp_path):
          ["1 row(s)", "validation_split_percentage"]),
         (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "empty.jsonl", "")], ["empty.jsonl"]),
         (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "empty.csv", "")], ["empty.csv"]),
-        (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "flags.csv", "text\n" + "\n".join(["true", "false"] * 20))],
+        (lambda t: [PRETRAIN, "--dataset_name", data_file(t, "flags.jsonl", '{"text": true}\n{"text": false}\n' * 20)],
          ["column 'text' holds true/false"]),
         (lambda t: [PRETRAIN, "--learning_rate", "inf"], ["'learning_rate'", "finite", "inf"]),
         (lambda t: [PPO, "--kl_coef", "nan"], ["'kl_coef'", "finite", "nan"]),

@@ -769,3 +769,22 @@ def test_a_file_replaced_by_another_with_the_same_time_is_read_anew(tmp_path):
         os.utime(path, (1767225600, 1767225600))
         train, evaluation, _ = load(path, "text", validation_split_percentage=25)
         assert sorted(list(train["text"]) + list(evaluation["text"])) == sorted(rows)
+
+
+def test_csv_figures_train_as_the_file_writes_them(tmp_path):
+    """pandas read a CSV column of figures as numbers, so `0010.50` trained as `10.5`, `26.0` as `26` and `0026` as
+    `26`; a reward stage's margin column in a CSV is still a number."""
+    from hfgen.data.formats import REWARD_COLUMNS
+
+    answers = [f"00{i}.50" for i in range(10, 20)] + ["26.0", "0026", "3.10"] * 3 + ["12345678901234567890123"]
+    (tmp_path / "codes.csv").write_text(
+        "prompt,completion\n" + "".join(f"code of item {i}?,{answer}\n" for i, answer in enumerate(answers))
+    )
+    train, evaluation, _ = load(tmp_path / "codes.csv", "sft")
+    assert sorted(list(train["completion"]) + list(evaluation["completion"])) == sorted(answers)
+    (tmp_path / "pairs.csv").write_text(
+        "prompt,chosen,rejected,margin\n" + "".join(f"p{i},good {i},bad {i},{i % 3}.5\n" for i in range(20))
+    )
+    train, _, _ = load_for_stage(TextDataArguments(dataset_name=str(tmp_path / "pairs.csv")), "preference",
+                                 other_columns=REWARD_COLUMNS)  # fmt: skip
+    assert set(train["margin"]) <= {0.5, 1.5, 2.5} and train.features["margin"].dtype == "float64"

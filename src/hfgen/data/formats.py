@@ -579,7 +579,7 @@ def check_rows(
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
         for row, (value, skip) in enumerate(zip(dataset[column], blank)):
             if not skip:
-                _check_number(value, row, column, source)
+                _number(value, row, column, source)
 
 
 def _carried(dataset, fmt: str, other_columns: bool | tuple[str, ...]) -> set[str]:
@@ -598,12 +598,19 @@ REWARD_COLUMNS = ("margin",)
 NUMBER_COLUMNS = frozenset(REWARD_COLUMNS)
 
 
-def _check_number(value, row: int, column: str, source: str) -> None:
+def _number(value, row: int, column: str, source: str) -> float:
+    """A number column's value as a float: a number, or its text (a CSV's cells are read as text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise UserError(
             f"dataset '{source}' row {row + 1}, column '{column}': {type(value).__name__} value {str(value)[:60]!r} "
             "where a finite number belongs; fix the row, or rename the column if it is not a margin"
         )
+    return float(value)
 
 
 # Columns some layout reads into the prompt (Alpaca's input, Dolly's context, ShareGPT's system): a file's column of
@@ -648,13 +655,15 @@ def to_standard(
 
     keep = [c for c in (*spec.required, *spec.optional) if c in dataset.column_names]
     carried = [c for c in dataset.column_names if c in _carried(dataset, fmt, other_columns)]
+    numbers = set(carried) & NUMBER_COLUMNS if isinstance(other_columns, tuple) else set()
     reasons: list[str | None] = []
 
     def convert(row, index):
         layout_row = {c: row[c] for c in keep} if carried else row  # the converter sees the layout's columns
         result = _standard_row(fmt, kind, layout_row, index, source)
         reasons.append(result if isinstance(result, str) else None)
-        return {**{c: row[c] for c in carried}, **result} if isinstance(result, dict) else {}
+        values = {c: _number(row[c], index, c, source) if c in numbers else row[c] for c in carried}
+        return {**values, **result} if isinstance(result, dict) else {}
 
     report.notes += left_out_notes(dataset, fmt, kind, carried)
     rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep + carried))]

@@ -112,7 +112,7 @@ def load_raw(name: str, config: str | None = None):
             for file in files:
                 if is_empty_file(file):  # `datasets` fails on these oddly
                     raise UserError(f"dataset_name '{name}': '{file}' is an empty file: it holds no rows")
-            options = BUILDER_OPTIONS.get(data_suffix(files[0]), {}) | {"cache_dir": content_cache_dir(files)}
+            options = reader_options(files)
             raw = datasets.load_dataset(builder, data_files={"train": list(map(str, files))}, **options)
             # SQuAD-style {"version": 1, "data": [rows]}: the rows are one field
             if data_suffix(files[0]) == ".json" and (field := rows_field(raw)):
@@ -124,10 +124,7 @@ def load_raw(name: str, config: str | None = None):
                 loaded = load_saved(path)
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
             folder_files = one_file_type(path)
-            options = (
-                BUILDER_OPTIONS.get(data_suffix(folder_files[0]), {}) | {"cache_dir": content_cache_dir(folder_files)}
-                if folder_files else {}
-            )  # fmt: skip
+            options = reader_options(folder_files) if folder_files else {}
             if images := captioned_image_folder(path):
                 return images
             if folder_files and not declares_configs(path):
@@ -164,6 +161,22 @@ def load_raw(name: str, config: str | None = None):
                 "or remove it (a held-out part of train is then used)"
             ) from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def reader_options(files: list[Path]) -> dict:
+    """The `datasets` reader's options for these data files (of one type): BUILDER_OPTIONS, the cache folder of their
+    content, and for CSV/TSV every column read as text: pandas reads a column of figures as numbers, which a text
+    column then trained re-formatted (`0010.50` as `10.5`, `26.0` as `26`, a zip code without its leading 0). The
+    columns a stage reads as numbers (a reward stage's margin) are converted from their text by the stage's data."""
+    import datasets
+    import pandas
+
+    options = BUILDER_OPTIONS.get(data_suffix(files[0]), {}) | {"cache_dir": content_cache_dir(files)}
+    if file_builder(files[0]) == "csv":
+        reader = {key: value for key, value in options.items() if key in ("sep",)}
+        header = pandas.read_csv(files[0], nrows=0, **reader).columns
+        options["features"] = datasets.Features({column: datasets.Value("string") for column in header})
+    return options
 
 
 def content_cache_dir(files: list[Path]) -> str:
