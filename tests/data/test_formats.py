@@ -788,3 +788,18 @@ def test_csv_figures_train_as_the_file_writes_them(tmp_path):
     train, _, _ = load_for_stage(TextDataArguments(dataset_name=str(tmp_path / "pairs.csv")), "preference",
                                  other_columns=REWARD_COLUMNS)  # fmt: skip
     assert set(train["margin"]) <= {0.5, 1.5, 2.5} and train.features["margin"].dtype == "float64"
+
+
+def test_chat_prompts_are_read_as_turns_like_every_layout_reads_them(tmp_path):
+    """GRPO/RLOO/PPO prompts in the `prompt` layout skipped the turn reader: {from, value} turns and turns without
+    content were blamed on the chat template (row counted from 0), a list of strings was a raw TypeError."""
+    rows = [{"prompt": [{"from": "human", "value": f"tell me about cat {i}"}]} for i in range(20)]
+    train, _, _ = load(jsonl(tmp_path / "fromvalue.jsonl", rows), "prompt")
+    assert train[0]["prompt"][0]["role"] == "user" and train[0]["prompt"][0]["content"].startswith("tell me")
+    for name, prompt in (("strings", ["what is", "the cat"]), ("nocontent", [{"role": "user"}])):
+        rows = [{"prompt": [{"role": "user", "content": f"q {i}"}]} for i in range(20)] + [{"prompt": prompt}] * 2
+        with pytest.raises(UserError, match="row 21, column 'prompt': turn 1 lacks"):
+            load(jsonl(tmp_path / f"{name}.jsonl", rows), "prompt")
+    rows = [{"prompt": [{"from": "human", "value": f"q {i}"}], "completion": f"a {i}"} for i in range(20)]
+    train, _, _ = load(jsonl(tmp_path / "pc.jsonl", rows), "prompt")
+    assert train[0]["prompt"][0]["role"] == "user"

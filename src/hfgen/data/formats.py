@@ -358,8 +358,8 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
     if fmt == "prompt_completion" or fmt == "unpaired_preference":
         if _is_empty(row["prompt"]) or (kind != "prompt" and _is_empty(row["completion"])):
             return "empty text"
-        if kind == "prompt":
-            return {"prompt": row["prompt"]}
+        if kind == "prompt":  # turns read as every layout reads them ({from, value} too; a broken turn by row)
+            return {"prompt": _chat_or_text(row["prompt"], index, "prompt", source)}
         standard = {"prompt": row["prompt"], "completion": row["completion"]}
         if isinstance(row["prompt"], chat) or isinstance(row["completion"], chat):
             # chat turns on one side and text on the other (a chat prompt with a text answer): the text becomes one
@@ -375,7 +375,11 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
     if fmt == "preference":
         return _preference_row(kind, row, index, source)
     if fmt == "prompt":
-        return {"prompt": row["prompt"]} if not _is_empty(row["prompt"]) else "empty prompt"
+        return (
+            {"prompt": _chat_or_text(row["prompt"], index, "prompt", source)}
+            if not _is_empty(row["prompt"])
+            else "empty prompt"
+        )
     raise KeyError(fmt)
 
 
@@ -575,6 +579,10 @@ def check_rows(
                 ", counted from 1) chosen and rejected start with different prompts, and the prompt is the start they "
                 "share (no prompt column): the rows are misaligned; fix or remove them, or give a prompt column"
             )
+    if kind == "prompt" and "prompt" in dataset.column_names:  # chat prompts: a broken turn by its row in the file
+        for row, (value, skip) in enumerate(zip(dataset["prompt"], blank)):
+            if not skip and isinstance(value, (list, dict)):
+                _chat_or_text(value, row, "prompt", source)
     named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
         for row, (value, skip) in enumerate(zip(dataset[column], blank)):
