@@ -803,3 +803,15 @@ def test_chat_prompts_are_read_as_turns_like_every_layout_reads_them(tmp_path):
     rows = [{"prompt": [{"from": "human", "value": f"q {i}"}], "completion": f"a {i}"} for i in range(20)]
     train, _, _ = load(jsonl(tmp_path / "pc.jsonl", rows), "prompt")
     assert train[0]["prompt"][0]["role"] == "user"
+
+
+def test_column_names_that_meet_once_stripped_or_a_column_mapped_twice_are_refused_by_name(tmp_path):
+    """A CSV header `prompt,completion, prompt` was a raw ValueError ('New column names must all be different');
+    dataset_columns {prompt: prompt, completion: prompt} said the file 'has columns ['completion'], which match no
+    sft layout'."""
+    (tmp_path / "twins.csv").write_text("prompt,completion, prompt\n" + "q,a,b\n" * 20)
+    with pytest.raises(UserError, match="columns 'prompt' and ' prompt' have the same name once spaces"):
+        load(tmp_path / "twins.csv", "sft")
+    rows = [{"prompt": f"q {i}", "completion": f"a {i}"} for i in range(20)]
+    with pytest.raises(UserError, match="maps prompt and completion to the same column 'prompt'"):
+        load(jsonl(tmp_path / "pc.jsonl", rows), "sft", dataset_columns={"prompt": "prompt", "completion": "prompt"})

@@ -514,9 +514,24 @@ def resolve_layout(dataset, kind: str, format: str | None, columns: dict[str, st
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     dataset = dataset.flatten_indices()  # the Arrow checks read dataset.data, which a split's selection hides
     names = [c.strip().lstrip("\ufeff") for c in dataset.column_names]  # spreadsheets write a BOM, stray spaces
+    twins = [(a, b) for i, a in enumerate(dataset.column_names) for b in dataset.column_names[i + 1:]
+             if a.strip().lstrip("\ufeff") == b.strip().lstrip("\ufeff")]  # fmt: skip
+    if twins:  # (renaming them to one name was a raw ValueError)
+        raise UserError(
+            f"dataset '{source}': columns {twins[0][0]!r} and {twins[0][1]!r} have the same name once spaces (and a "
+            "BOM) are stripped; rename one of them in the file"
+        )
     if names != dataset.column_names:
         dataset = dataset.rename_columns(dict(zip(dataset.column_names, names)))
     columns = columns or {}
+    shared = {
+        file_column: [name for name, c in columns.items() if c == file_column] for file_column in columns.values()
+    }
+    if twice := next(((c, names) for c, names in shared.items() if len(names) > 1), None):
+        raise UserError(
+            f"dataset_columns (or the stage's prompt_column / text_column) maps {' and '.join(twice[1])} to the same "
+            f"column '{twice[0]}' of dataset '{source}'; a file column feeds one layout column: map each to its own"
+        )
     missing = [file_column for file_column in columns.values() if file_column not in dataset.column_names]
     if any("." in column for column in missing):  # a nested field (`meta.body`): its own column once flattened
         dataset = dataset.flatten()
