@@ -815,3 +815,19 @@ def test_column_names_that_meet_once_stripped_or_a_column_mapped_twice_are_refus
     rows = [{"prompt": f"q {i}", "completion": f"a {i}"} for i in range(20)]
     with pytest.raises(UserError, match="maps prompt and completion to the same column 'prompt'"):
         load(jsonl(tmp_path / "pc.jsonl", rows), "sft", dataset_columns={"prompt": "prompt", "completion": "prompt"})
+
+
+def test_a_chat_set_with_tool_calls_mixes_with_a_plain_chat_set(tmp_path):
+    """Both are `messages`, but the set with tool calls holds its turns as JSON: the mixture was refused as 'different
+    columns ... give them the same layout (e.g. all chat messages)'."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    tools = [{"messages": [{"role": "user", "content": f"weather {i}?"},
+                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "name": "weather", "content": "sunny"},
+                           {"role": "assistant", "content": f"sunny {i}"}]} for i in range(40)]  # fmt: skip
+    plain = [{"messages": turns(("user", f"hi {i}"), ("assistant", f"hello {i}"))} for i in range(40)]
+    train, evaluation, records = mixture(tmp_path, "sft", (plain, {}), (tools, {}))
+    assert all(entry["rows_drawn"] > 5 for entry in records["mixture"]) and len(evaluation) == 4
+    conversations = list(train["messages"])
+    assert any(len(m) == 4 and m[1]["tool_calls"] == [call] for m in conversations)
+    assert all("tool_calls" not in turn for m in conversations if len(m) == 2 for turn in m)

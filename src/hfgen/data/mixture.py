@@ -128,7 +128,25 @@ def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = 
     if common_columns_only and sets:
         common = set.intersection(*(set(d.column_names) for d in sets))
         sets = [d.select_columns([c for c in d.column_names if c in common]) for d in sets]
-    return sets
+    return _json_turns_alike(sets)
+
+
+def _json_turns_alike(sets: list) -> list:
+    """The sets with their chat columns in one Arrow form: a set with tool calls holds its turns as JSON (each turn
+    its own keys, see formats._from_rows), the others as {role, content} structs, and the mixture refused them as
+    different layouts though all are chat turns; the others' turns become JSON too."""
+    from datasets import Dataset, Features, Json, List
+
+    as_json = List(Json())
+    columns = {c for d in sets for c, feature in d.features.items() if feature == as_json}
+    converted = []
+    for d in sets:
+        other = [c for c in columns if c in d.column_names and d.features[c] != as_json]
+        if other:
+            features = Features({c: as_json if c in other else f for c, f in d.features.items()})
+            d = Dataset.from_list(d.to_list(), features=features)
+        converted.append(d)
+    return converted
 
 
 def interleave(sets: list, weights: list[float], seed: int, names: list[str], limit: int | None = None):
