@@ -831,3 +831,13 @@ def test_a_chat_set_with_tool_calls_mixes_with_a_plain_chat_set(tmp_path):
     conversations = list(train["messages"])
     assert any(len(m) == 4 and m[1]["tool_calls"] == [call] for m in conversations)
     assert all("tool_calls" not in turn for m in conversations if len(m) == 2 for turn in m)
+
+
+def test_the_held_out_slice_is_carved_from_the_rows_with_text(tmp_path):
+    """A corpus with blank lines between paragraphs: the slice was carved before blank rows were dropped, so
+    whether any usable evaluation row was left depended on the seed ('no usable evaluation rows' for seeds 2-4)."""
+    path = tmp_path / "paras.txt"
+    path.write_text("\n\n".join(f"paragraph {i} about the cat and the river." for i in range(12)) + "\n")
+    for seed in range(6):
+        train, evaluation, records = load_for_stage(TextDataArguments(dataset_name=str(path)), "text", seed=seed)
+        assert len(evaluation) == 1 and len(train) == 11 and records["train"]["dropped"]["empty rows"] == 11

@@ -462,16 +462,29 @@ def split_dataset(raw, args: DataArguments, seed: int = 0, notes: list[str] | No
     elif not hold_out:
         evaluation = train.select([])
     else:
+        import datasets
+
+        from hfgen.data.formats import _blank_rows
+
+        # carved from the rows with text: blank lines (a corpus's between paragraphs, dropped and counted later)
+        # made the held-out share, and whether any usable evaluation row was left, depend on the seed
+        blank = _blank_rows(train) if train._indices is None else []
+        rows = [i for i, b in enumerate(blank) if not b]  # the file's rows with text, split by their numbers
+        usable = datasets.Dataset.from_dict({"row": rows}) if any(blank) else train
         try:
-            parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+            parts = usable.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
         except ValueError:  # too few rows to hold out a slice, or a percentage outside (0, 100)
             raise UserError(
-                f"dataset '{args.dataset_name}' has {len(train)} row(s) and no '{args.dataset_test_split}' split: cannot "
+                f"dataset '{args.dataset_name}' has {len(usable)} row(s) with text and no '{args.dataset_test_split}' split: cannot "
                 f"hold out validation_split_percentage {args.validation_split_percentage}% of it for evaluation; give "
                 "more rows, a test split (dataset_test_split), or a percentage between 0 and 100 that leaves rows on "
                 "both sides."
             ) from None
-        train, evaluation = parts["train"], parts["test"]
+        if any(blank):  # the blank rows stay in train, where they are dropped and counted with its other rows
+            blanks = [i for i, b in enumerate(blank) if b]
+            train, evaluation = train.select(list(parts["train"]["row"]) + blanks), train.select(parts["test"]["row"])
+        else:
+            train, evaluation = parts["train"], parts["test"]
     return capped(train, args, "max_train_samples"), capped(evaluation, args, "max_eval_samples")
 
 
