@@ -841,3 +841,24 @@ def test_the_held_out_slice_is_carved_from_the_rows_with_text(tmp_path):
     for seed in range(6):
         train, evaluation, records = load_for_stage(TextDataArguments(dataset_name=str(path)), "text", seed=seed)
         assert len(evaluation) == 1 and len(train) == 11 and records["train"]["dropped"]["empty rows"] == 11
+
+
+def test_chat_turns_written_as_json_text_in_a_csv_are_read_as_turns(tmp_path):
+    """A CSV can hold conversations only as JSON text: pairs trained on the JSON syntax as plain text, and a
+    `messages` column was read character by character ("turn 1 lacks 'role' or 'content' ('[')")."""
+
+    def cell(*pairs):
+        return '"' + json.dumps(turns(*pairs)).replace('"', '""') + '"'
+
+    (tmp_path / "pairs.csv").write_text("chosen,rejected\n" + "".join(
+        f"{cell(('user', f'q {i}'), ('assistant', f'good {i}'))},{cell(('user', f'q {i}'), ('assistant', f'bad {i}'))}\n"
+        for i in range(20)))  # fmt: skip
+    train, _, _ = load(tmp_path / "pairs.csv", "preference")
+    assert isinstance(train[0]["chosen"], list) and train[0]["chosen"][-1]["content"].startswith("good")
+    (tmp_path / "chats.csv").write_text("messages\n" + "".join(
+        f"{cell(('user', f'hi {i}'), ('assistant', f'hello {i}'))}\n" for i in range(20)))  # fmt: skip
+    train, _, _ = load(tmp_path / "chats.csv", "sft")
+    assert train[0]["messages"][1] == {"role": "assistant", "content": train[0]["messages"][1]["content"]}
+    (tmp_path / "text.csv").write_text("messages\n" + "".join(f"hello {i}\n" for i in range(20)))
+    with pytest.raises(UserError, match="column 'messages': text \\('hello [0-9]+'\\) where a list of chat turns"):
+        load(tmp_path / "text.csv", "sft", dataset_format="messages")

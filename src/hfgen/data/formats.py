@@ -25,6 +25,7 @@ export rather than noise.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -242,8 +243,14 @@ TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
 
 
 def _turns(row: int, column: str, turns, role_key: str, content_key: str, source: str) -> list[dict]:
-    """Chat turns as {role, content} (with their tool calls, if any); a turn without its role or content breaks
-    the file."""
+    """Chat turns as {role, content} (with their tool calls, if any; from their JSON text too); a turn without its
+    role or content breaks the file, and so does text where turns belong."""
+    turns = _json_turns(turns)
+    if isinstance(turns, str):  # (was read character by character: "turn 1 lacks 'role' or 'content' ('[')")
+        raise UserError(
+            f"dataset '{source}' row {row + 1}, column '{column}': text ({turns[:60]!r}) where a list of chat turns "
+            f"belongs; write the turns as a list of {{{role_key}, {content_key}}} objects (JSON text of one in a CSV)"
+        )
     messages = []
     for i, turn in enumerate(turns):
         pairs = ((role_key, content_key), *TURN_KEYS) if isinstance(turn, dict) else ()  # the layout's keys first
@@ -395,9 +402,26 @@ def is_text_beside_conversations(row: dict) -> bool:
     )
 
 
+def _json_turns(value):
+    """Chat turns written as JSON text (a CSV cell can hold them no other way) as a list, else the value as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            turns = json.loads(value)
+        except ValueError:
+            return value
+        if (
+            isinstance(turns, list)
+            and turns
+            and all(isinstance(turn, dict) and any(s in turn and t in turn for s, t in TURN_KEYS) for turn in turns)
+        ):
+            return turns
+    return value
+
+
 def _chat_or_text(value, index: int, column: str, source: str):
     """A preference column's value: text as it is; chat turns (either pair of keys, or the one turn dict
-    LLaMA-Factory writes for `chosen`/`rejected`) as {role, content} turns."""
+    LLaMA-Factory writes for `chosen`/`rejected`, or their JSON text) as {role, content} turns."""
+    value = _json_turns(value)
     if isinstance(value, dict):
         value = [value]
     return _turns(index, column, value, "role", "content", source) if isinstance(value, list) else value
