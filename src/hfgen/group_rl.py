@@ -23,8 +23,10 @@ hfgen's data and reward keys. hfgen adds what TRL leaves out:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,8 +397,9 @@ def recorded(trainer_class):
     """`trainer_class` (GRPOTrainer or RLOOTrainer) plus hfgen's records and exact resume."""
 
     class Recorded(trainer_class):
-        def __init__(self, *args, oracle=None, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, *args, oracle=None, reference=None, **kwargs):
+            with reference_given(trainer_class, reference):
+                super().__init__(*args, **kwargs)
             self.oracle = oracle
             self._timers = {"generation": 0.0, "scoring": 0.0, "step": 0.0}
             self._episodes = 0
@@ -497,6 +500,39 @@ def recorded(trainer_class):
     return Recorded
 
 
+@contextlib.contextmanager
+def reference_given(trainer_class, reference):
+    """Within it, `trainer_class` (GRPOTrainer or RLOOTrainer) takes `reference` as its KL reference model.
+
+    They take no reference argument: with beta != 0 and no LoRA they load one with
+    `create_model_from_path(policy.config._name_or_path)`. For a policy merged from a LoRA adapter dir that name is
+    the adapter's base, so the KL anchored to the bare base instead of the starting model (measured: kl 0.53 at step
+    1 with learning rate 0), and for a base given a pad token the reference lacked the grown embeddings. That call
+    returns `reference` here (the starting model as hfgen loaded the policy), which TRL then prepares as its own
+    reference (dropout, fused LM head, placement for the engine). None: TRL's own loading, unchanged."""
+    if reference is None:
+        yield
+        return
+    module = sys.modules[trainer_class.__module__]  # where the trainer looks create_model_from_path up
+    load_from_path = module.create_model_from_path
+    taken = []
+
+    def starting_model(model_id, *args, **kwargs):
+        taken.append(model_id)
+        return reference
+
+    module.create_model_from_path = starting_model
+    try:
+        yield
+    finally:
+        module.create_model_from_path = load_from_path
+    if len(taken) != 1:  # a TRL that builds its reference (or other models) otherwise: found here, not as a wrong KL
+        raise RuntimeError(
+            f"{trainer_class.__name__} did not load its reference model through create_model_from_path "
+            f"once (calls: {taken}): hfgen's starting model was not passed as the reference"
+        )
+
+
 # ---- the stage ----------------------------------------------------------------------------------------------
 
 
@@ -545,6 +581,9 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(model_args, config, tokenizer)
+    # the KL reference is the starting model, loaded as the policy is (a LoRA run's reference is the adapter-disabled
+    # policy, as TRL makes it; beta 0 has none)
+    reference = None if model_args.use_peft or not config.beta else load_model(model_args, config, tokenizer)
     suppress_pad(config, tokenizer, model)
     limit = position_limit(model.config)
     if limit and (config.max_completion_length or 0) >= limit:
@@ -603,6 +642,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         peft_config=lora_config(model_args, model),
         callbacks=[monitor] if monitor else [],  # before hfgen's records: its alerts reach metrics.jsonl
         oracle=oracle,
+        reference=reference,
     )
 
     if reward_model is not None:  # a reward function to TRL, which does not place it: placed for the engine as

@@ -546,3 +546,21 @@ def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_train
             assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16, trainer_class.__name__
     finally:  # the trainers' Accelerator ran in bf16: the next test's would find that state, as in one process
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_the_kl_reference_of_a_full_run_from_an_adapter_dir_is_the_merged_starting_model(tmp_path, models, stage):
+    # TRL loads the reference from the policy's config._name_or_path, which for a model merged from a LoRA adapter
+    # dir is the adapter's base: the KL anchored to the bare base (kl 0.53 at step 1 with learning rate 0, where the
+    # policy is the starting model)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)  # an adapter with random A and B: the merged model is far from its base
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(models[0]), config).save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(models[0]).save_pretrained(tmp_path / "adapter")
+    train(write_recipe(tmp_path, tmp_path / "adapter", stage=stage, beta=0.1, learning_rate=0.0, max_steps=1,
+                       save_strategy="no", steps_per_generation=1, eval_samples_per_prompt=0))  # fmt: skip
+    (first,) = [row for row in tracking.read_metrics(tmp_path / "run") if "loss" in row]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
