@@ -81,6 +81,7 @@ def merged_causal_lm(adapter: Path, dtype: str):
         check_model_source,
         load_causal_lm,
         load_tokenizer,
+        name_special_tokens,
         refuse_tied_embedding_merge,
     )
 
@@ -102,6 +103,11 @@ def merged_causal_lm(adapter: Path, dtype: str):
     refuse_tied_embedding_merge(model, f"'{adapter}'")
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights
     tokenizer = load_tokenizer(str(adapter))
+    if (adapter / "generation_config.json").is_file():  # the run's (an SFT LoRA run saves it), not the base's
+        from transformers import GenerationConfig
+
+        merged.generation_config = GenerationConfig.from_pretrained(adapter)
+    name_special_tokens(merged, tokenizer)  # the adapter's tokenizer's EOS, as a full run's dir has it
 
     def save(directory: Path) -> None:
         merged.save_pretrained(directory)  # safetensors

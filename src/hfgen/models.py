@@ -401,6 +401,18 @@ def fit_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def name_special_tokens(model, tokenizer) -> None:
+    """The model's config and generation config name `tokenizer`'s EOS, as TRL's SFTTrainer sets it on the model it
+    trains (a full run saves it so): it replaces the config's and joins the generation config's stop ids, first,
+    rather than replacing them (a chat model's end of turn beside its end of text). A merged LoRA run otherwise kept
+    its base's EOS alone where the run's `eos_token` ends turns, so plain `generate` ran past the turn end."""
+    model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    stops = model.generation_config.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    if tokenizer.eos_token_id not in stops:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *stops] if stops else tokenizer.eos_token_id
+
+
 def refuse_tied_embedding_merge(peft_model, where) -> None:
     """A LoRA on the input (or output) embeddings of a model whose output layer shares their weight (tied, as in the
     tiny model, SmolLM2, Qwen2.5) cannot be merged: unmerged it changes only the lookup (or only the logits), merged

@@ -426,3 +426,29 @@ def test_lora_takes_a_chat_template_from_a_tokenizer_dir(tmp_path, capsys):
                                                               more_tokens))])  # fmt: skip
     message = capsys.readouterr().err
     assert exit_info.value.code == 2 and "brings 1 token(s) the model's tokenizer lacks (<|tool|>)" in message
+
+
+def test_a_lora_run_with_eos_token_and_its_merge_stop_at_the_turn_end_as_a_full_run(tmp_path):
+    """A base whose EOS is not the token its template ends turns with, trained with `eos_token` set to that one: a
+    full run saves both as stop ids, but the adapter dir had no generation config and `hfgen merge` saved the
+    base's (its EOS alone), so plain transformers generation on the merged model ran past the turn end."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from hfgen.models import load_tokenizer
+    from tiny_models import save_tiny_llama
+
+    base = save_tiny_llama(tmp_path / "base")
+    tokenizer = load_tokenizer(str(base))
+    tokenizer.eos_token = "<|system|>"  # the base's end of text, not its end of turn
+    tokenizer.save_pretrained(base)
+    for config in (AutoConfig.from_pretrained(base), GenerationConfig.from_pretrained(base)):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.save_pretrained(base)
+    run_recipe(load_recipe(SFT_LORA, [str(a) for a in on_tiny(base, tmp_path / "lora", "--eos_token", "<|end|>",
+                                                              "--max_steps", "2", "--num_samples", "0")]))  # fmt: skip
+    end, text_end = tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id
+    assert GenerationConfig.from_pretrained(tmp_path / "lora").eos_token_id == [end, text_end]
+    assert hfgen_main(["merge", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "merged")]) == 0
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [end, text_end]
+    assert AutoConfig.from_pretrained(tmp_path / "merged").eos_token_id == end
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").eos_token == "<|end|>"

@@ -454,6 +454,11 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
+    if model_args.use_peft and is_main:
+        # peft saves the adapter alone: the generation config SFTTrainer set (eos_token among its stop ids, the pad)
+        # goes beside it, as in a full run's dir, for `hfgen merge` and other tools (the base's would stop only at
+        # its own EOS, past the turn end)
+        model.generation_config.save_pretrained(output_dir)
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
 
