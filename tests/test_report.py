@@ -5,6 +5,7 @@ import io
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -137,6 +138,17 @@ def test_a_run_killed_mid_line_reports_and_a_damaged_file_is_named(two_runs, tmp
     with pytest.raises(SystemExit) as exit_info:  # was an IsADirectoryError, with a stray .tmp file left
         hfgen(["report", str(two_runs[0]), "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes find the disk full")
+def test_a_report_that_finds_the_disk_full_exits_2_naming_the_file_and_leaves_nothing(two_runs, tmp_path, capsys):
+    # was an OSError traceback (exit 1) with a truncated r.html.tmp left beside
+    (tmp_path / "r.html.tmp").symlink_to("/dev/full")  # where the page is written before it is moved into place
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["report", *map(str, two_runs), "--out", str(tmp_path / "r.html")])
+    assert exit_info.value.code == 2
+    assert f"the disk is full: writing '{tmp_path / 'r.html'}' failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in two_runs)  # no r.html, no tmp
 
 
 def test_a_run_with_malformed_files_is_shown_without_them_and_each_is_named(two_runs, tmp_path, capsys):

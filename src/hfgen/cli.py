@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from hfgen import __version__
-from hfgen.errors import exit_on_user_error
+from hfgen.errors import disk_full_exits_2, exit_on_user_error
 
 COMMANDS = {
     "train": "hfgen.train",
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    with exit_on_user_error():
+    # a full disk, in any command (an evaluation, a report, a merge, generated images), is the user's to free
+    output = next((getattr(args, key) for key in ("output", "out", "output_dir") if getattr(args, key, None)), None)
+    with exit_on_user_error(), disk_full_exits_2(output=output):
         return args.handler(args) or 0
 
 

@@ -220,10 +220,10 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     import torch
 
     from hfgen import tracking
-    from hfgen.errors import exit_on_user_error
+    from hfgen.errors import disk_full_exits_2, exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
     from hfgen.recipe import load_recipe
-    from hfgen.train import disk_full_exits_2, run_step
+    from hfgen.train import run_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with exit_on_user_error():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -44,3 +45,59 @@ def exit_on_user_error(program: str = "hfgen"):
 
         print(f"{program}: error: {template_refusal(error, 'a row of the data')}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def disk_full(error: BaseException | None, directory: Path | None = None) -> bool:
+    """Whether `error` is a write that found the disk full: ENOSPC anywhere in its chain, or the errors safetensors
+    and torch wrap it in, which keep only its text (torch's zip writer not even that: a short write, "unexpected
+    pos", taken for a full disk only when the disk of `directory` is indeed (almost) full)."""
+    import errno
+    import shutil
+
+    while error is not None:
+        text = str(error)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in text:
+            return True
+        if "unexpected pos" in text and directory is not None:
+            try:
+                return shutil.disk_usage(directory).free < 64 * 2**20
+            except OSError:
+                return False
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def written_file(error: BaseException) -> str | None:
+    """The file a failed write was writing, as its OSError in the chain names it: a copy's destination
+    (`filename2`), not its source (`filename`)."""
+    while error is not None:
+        if isinstance(error, OSError) and (error.filename2 or error.filename):
+            return str(error.filename2 or error.filename)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def disk_full_exits_2(output_dir: Path | None = None, output: str | Path | None = None):
+    """A write that fills the disk ends the command with exit code 2 naming the file (it was a traceback from
+    Python, safetensors or torch). `output_dir`: a training run's dir (`hfgen train`), which then has no COMPLETE
+    marker, so it reads as unfinished, and is continued by a resume. Otherwise (every other command, `hfgen.cli`)
+    `output` is what the command writes, named when the error names no file; its outputs are written beside and
+    moved into place, so none is left half written."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_full(error, Path(output_dir or output or ".")):
+            raise
+        where = written_file(error) or output_dir or output or "its output"
+        if output_dir is None:
+            raise UserError(
+                f"the disk is full: writing '{where}' failed (No space left on device); nothing was written under that "
+                "name. Free some space (or write to another disk), then run the same command again."
+            ) from None
+        raise UserError(
+            f"the disk is full: writing under '{where}' failed (No space left on device), so the run in "
+            f"'{output_dir}' is unfinished. Free some space (or choose an output_dir on another disk; save_total_limit "
+            "keeps fewer checkpoints), then run the same command again (with --resume_from_checkpoint true it continues "
+            "from the newest complete checkpoint)."
+        ) from None

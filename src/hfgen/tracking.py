@@ -336,15 +336,36 @@ def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a file atomically (a reader, or a process killed meanwhile, never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_texts({path: text})
+
+
+def write_texts(files: dict[str | Path, str]) -> None:
+    """Write files that belong together (figures and the samples they were measured on), each atomically: every
+    one is written to its tmp before any replaces its file, so a write that fails (a full disk) changes none of them
+    and leaves no tmp; they replace their files in the order given. A failed write's OSError names the file it was
+    for (a full disk's error from `write` names none)."""
+    tmps = {Path(path): Path(path).with_suffix(Path(path).suffix + ".tmp") for path in files}
+    try:
+        for (path, tmp), text in zip(tmps.items(), files.values()):
+            try:
+                tmp.write_text(text)
+            except OSError as error:
+                error.filename = error.filename or str(path)
+                raise
+        for path, tmp in tmps.items():
+            tmp.replace(path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (a reader never sees half a file)."""
-    write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    write_text(path, json_text(data))
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, default=_jsonable) + "\n"
 
 
 def _jsonable(value):
@@ -356,7 +377,11 @@ def _jsonable(value):
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows))
+    write_text(path, jsonl_text(rows))
+
+
+def jsonl_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows)
 
 
 def read_json(path: str | Path, default=None):

@@ -11,7 +11,6 @@ Also runs as `python -m hfgen.train RECIPE ...` and, on many processes or GPUs,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
-    from hfgen.errors import UserError
+    from hfgen.errors import UserError, disk_full_exits_2
     from hfgen.recipe import known_keys, load_recipe, parse_overrides, read_recipe_file, recipe_stage
 
     recipe_path = args.recipe or args.config_file  # `hfgen.cli.config_as_recipe` makes --config RECIPE the recipe
@@ -73,50 +72,10 @@ def main(args: argparse.Namespace) -> int:
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
     recipe = load_recipe(recipe_path, args.overrides)
-    with disk_full_exits_2(recipe.output_dir):
+    with disk_full_exits_2(recipe.output_dir):  # a run's own message: it is unfinished, and how to continue it
         run_recipe(recipe)
     tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0
-
-
-def disk_full(error: BaseException | None, directory: Path) -> bool:
-    """Whether `error` is a write that found the disk full: ENOSPC anywhere in its chain, or the errors safetensors
-    and torch wrap it in, which keep only its text (torch's zip writer not even that: a short write, "unexpected
-    pos", taken for a full disk only when the disk is indeed (almost) full)."""
-    import errno
-    import shutil
-
-    while error is not None:
-        text = str(error)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in text:
-            return True
-        if "unexpected pos" in text:
-            try:
-                return shutil.disk_usage(directory).free < 64 * 2**20
-            except OSError:
-                return False
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@contextlib.contextmanager
-def disk_full_exits_2(output_dir: Path):
-    """A save that fills the disk ends the run with exit code 2 naming the directory (it was a traceback from
-    safetensors or torch); the run has no COMPLETE marker, so it reads as unfinished."""
-    from hfgen.errors import UserError
-
-    try:
-        yield
-    except Exception as error:
-        if not disk_full(error, Path(output_dir)):
-            raise
-        where = getattr(error, "filename", None) or output_dir
-        raise UserError(
-            f"the disk is full: writing under '{where}' failed (No space left on device), so the run in "
-            f"'{output_dir}' is unfinished. Free some space (or choose an output_dir on another disk; save_total_limit "
-            "keeps fewer checkpoints), then run the same command again (with --resume_from_checkpoint true it continues "
-            "from the newest complete checkpoint)."
-        ) from None
 
 
 def validate_for_processes(recipe_path, overrides, processes: int) -> None:

@@ -152,6 +152,22 @@ def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_s
     assert exit_info.value.code == 2 and "holds JSON list, not an object" in error and "Traceback" not in error
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes find the disk full")
+def test_an_eval_that_finds_the_disk_full_changes_neither_file_and_exits_2(model_dir, tmp_path, capsys):
+    # eval.json was replaced before the samples were written: a full disk then left the new figures beside the
+    # earlier evaluation's samples (which `hfgen report` shows with them), after an OSError traceback (exit 1)
+    output = tmp_path / "eval.json"
+    assert hfgen(["eval", str(model_dir), *FAST, "--output", str(output)]) == 0
+    before = {name: (tmp_path / name).read_text() for name in ("eval.json", "eval_samples.jsonl")}
+    (tmp_path / "eval_samples.jsonl.tmp").symlink_to("/dev/full")  # where the samples are written first
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(model_dir), *FAST, "--num_samples", "3", "--output", str(output)])
+    assert exit_info.value.code == 2
+    assert f"the disk is full: writing '{tmp_path / 'eval_samples.jsonl'}' failed" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_text() for name in before} == before  # neither changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no tmp left
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

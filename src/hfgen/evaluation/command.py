@@ -135,9 +135,10 @@ def main(args: argparse.Namespace) -> int:
     # An earlier evaluation's figures go (the new one may have no baseline, other settings); the stage's own stay
     kept = {key: value for key, value in tracking.read_json(output, {}).items() if not key.startswith(EVAL_PREFIXES)}
     merged = {**kept, **results}
-    tracking.write_json(output, merged)
-    if not images:
-        tracking.write_jsonl(samples_file(output), samples)
+    # The samples replace theirs before the figures do, and both are written out first: a failure (a full disk) or
+    # a kill never leaves the new figures beside the earlier evaluation's samples, which `hfgen report` shows with them
+    files = {} if images else {samples_file(output): tracking.jsonl_text(samples)}
+    tracking.write_texts({**files, output: tracking.json_text(merged)})
     print(format_table(results, title=f"hfgen eval {args.target}"))
     print(f"\nwritten to {output}")
     return 0
