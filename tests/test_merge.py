@@ -119,3 +119,27 @@ def test_merges_that_would_be_wrong_exit_2(base_and_adapter, tmp_path, capsys):
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "embeddings")
     code, message = merge(capsys, tmp_path / "embeddings", "--output_dir", tmp_path / "out")
     assert code == 2 and "'model.embed_tokens'" in message and "tie_word_embeddings" in message
+
+
+def test_a_merge_on_a_base_without_a_pad_token_names_the_added_pad_as_a_full_run_does(tmp_path, capsys):
+    # hfgen gives a pad-less tokenizer (GPT-2's) a pad token and grows the embeddings for it; a full run saves its id
+    # in config.json and generation_config.json, the merge saved the base's (null, absent): plain generate then
+    # padded with EOS, and the model's config disagreed with the tokenizer beside it
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from hfgen.models import fit_embeddings, load_causal_lm, load_tokenizer
+    from tiny_models import save_tiny_gpt2_without_pad
+
+    base = save_tiny_gpt2_without_pad(tmp_path / "base")
+    tokenizer = load_tokenizer(str(base))
+    model = load_causal_lm(str(base), "float32")
+    fit_embeddings(model, tokenizer)  # as a LoRA run on it has it (peft saves the grown embeddings)
+    config = LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert merge(capsys, tmp_path / "adapter", "--output_dir", tmp_path / "merged")[0] == 0
+    pad = AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token_id
+    assert pad == 400 and AutoConfig.from_pretrained(tmp_path / "merged").vocab_size == 401
+    assert AutoConfig.from_pretrained(tmp_path / "merged").pad_token_id == pad
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").pad_token_id == pad

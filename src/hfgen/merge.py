@@ -107,7 +107,7 @@ def merged_causal_lm(adapter: Path, dtype: str):
         from transformers import GenerationConfig
 
         merged.generation_config = GenerationConfig.from_pretrained(adapter)
-    name_special_tokens(merged, tokenizer)  # the adapter's tokenizer's EOS, as a full run's dir has it
+    name_special_tokens(merged, tokenizer)  # the adapter's tokenizer's pad and EOS, as a full run's dir has them
 
     def save(directory: Path) -> None:
         merged.save_pretrained(directory)  # safetensors

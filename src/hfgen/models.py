@@ -402,10 +402,13 @@ def fit_embeddings(model, tokenizer) -> None:
 
 
 def name_special_tokens(model, tokenizer) -> None:
-    """The model's config and generation config name `tokenizer`'s EOS, as TRL's SFTTrainer sets it on the model it
-    trains (a full run saves it so): it replaces the config's and joins the generation config's stop ids, first,
-    rather than replacing them (a chat model's end of turn beside its end of text). A merged LoRA run otherwise kept
-    its base's EOS alone where the run's `eos_token` ends turns, so plain `generate` ran past the turn end."""
+    """The model's config and generation config name `tokenizer`'s pad and EOS, as TRL's SFTTrainer sets them on the
+    model it trains (a full run saves them so): the EOS replaces the config's and joins the generation config's stop
+    ids, first, rather than replacing them (a chat model's end of turn beside its end of text). A merged LoRA run
+    otherwise kept its base's: no pad where hfgen added one (and grew the embeddings for it), so plain `generate`
+    padded with EOS; the base's EOS alone where the run's `eos_token` ends turns, so it ran past the turn end."""
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
     stops = model.generation_config.eos_token_id
     stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
