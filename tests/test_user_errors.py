@@ -303,3 +303,25 @@ def test_a_diverging_run_stops_with_exit_3_keeping_its_checkpoint(tmp_path):
     assert "last finite loss" in result.stderr and "checkpoint-" in result.stderr
     assert not tracking.is_complete(tmp_path) and not (tmp_path / "model.safetensors").exists()
     assert tracking.complete_checkpoints(tmp_path)
+
+
+class BadImageRows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise UserError(f"dataset 'd' image '{index}.png' cannot be decoded: image file is truncated")
+
+
+def test_a_user_error_in_a_dataloader_worker_prints_its_message_not_the_worker_traceback(capsys):
+    """torch re-raises a worker's exception with "Caught UserError in DataLoader worker process 0. Original
+    Traceback ..." as its message: a bad image met mid-training with dataloader_num_workers 2 printed 20 lines of
+    traceback inside "hfgen: error:", where 0 workers print the one line."""
+    from hfgen.errors import exit_on_user_error
+
+    loader = torch.utils.data.DataLoader(BadImageRows(), batch_size=2, num_workers=1)
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        next(iter(loader))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "hfgen: error: dataset 'd' image '0.png' cannot be decoded: image file is truncated\n", err

@@ -29,7 +29,7 @@ def exit_on_user_error(program: str = "hfgen"):
     try:
         yield
     except UserError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {user_message(error)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except Diverged as error:
         print(f"{program}: diverged: {error}", file=sys.stderr)
@@ -101,3 +101,14 @@ def disk_full_exits_2(output_dir: Path | None = None, output: str | Path | None 
             "keeps fewer checkpoints), then run the same command again (with --resume_from_checkpoint true it continues "
             "from the newest complete checkpoint)."
         ) from None
+
+
+def user_message(error: UserError) -> str:
+    """The error's message. A DataLoader worker's UserError (a bad image met mid-training with
+    dataloader_num_workers > 0) reaches the main process re-raised by torch with "Caught UserError in DataLoader
+    worker process N" and the worker's whole traceback as its message: only the original message is the user's."""
+    text = str(error)
+    marker = f"\n{UserError.__module__}.{UserError.__name__}: "
+    if text.startswith("Caught UserError in DataLoader worker") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

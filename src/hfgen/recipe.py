@@ -168,11 +168,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             if not name:
                 raise UserError(f"override '{token}' has no key name.")
             key = name.replace("-", "_")
-            if key in overrides:  # as a recipe file refuses a key written twice: a list key would keep only the last
-                raise UserError(
-                    f"key '{key}' is given twice on the command line; give it once (a list as `--{key} A B`)."
-                )
-            overrides[key] = [value] if eq else []
+            overrides[key] = [value] if eq else []  # given again, the last wins (callers add to the user's)
         elif key is None:
             raise UserError(f"unexpected argument '{token}': overrides take the form --key value.")
         else:
