@@ -82,6 +82,28 @@ def test_relative_image_paths_in_a_data_file_are_beside_it(tmp_path, suffix):
     assert check_image_data(args, need_captions=True) == []
 
 
+def test_relative_paths_in_parquet_image_structs_are_beside_the_file(tmp_path):
+    """A parquet image column of {bytes: null, path: 'imgs/K.png'} structs (datasets' image storage) was read
+    relative to the working directory: 'imgs/21.png' does not exist, though string paths resolved."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    images = [{"bytes": None, "path": f"imgs/{i}.png"} for i in range(4)]
+    pq.write_table(pa.table({"image": images, "text": [f"red {i}" for i in range(4)]}), tmp_path / "structs.parquet")
+    args = ImageDataArguments(dataset_name=str(tmp_path / "structs.parquet"), resolution=8,
+                              validation_split_percentage=25)  # fmt: skip
+    assert check_image_data(args, need_captions=True) == []
+    train, _ = load_image_splits(args)
+    batch = pixel_transform(args, "x", flip=False)(train[:3])
+    reds = sorted(round(float(pixels[0, 0, 0]) * 127.5 + 127.5) for pixels in batch["pixel_values"])
+    assert all(red in {0, 60, 120, 180} for red in reds) and len(set(reds)) == 3, reds
+    assert np.isfinite(batch["pixel_values"][0].numpy()).all()
+
+
 def test_missing_image_file_is_reported_by_name(tmp_path):
     problems = check_image_data(imagefolder(tmp_path, files=3, listed=4), need_captions=True)
     assert len(problems) == 1 and "3.png" in problems[0] and "does not exist" in problems[0]

@@ -147,16 +147,25 @@ def paths_beside_the_data(raw, name: str, image_column: str):
 
     strings = (datasets.Value("string"), datasets.Value("large_string"))
 
-    def resolve(row):
-        path = row[image_column]
+    def resolved(path):
         if isinstance(path, str) and path and not Path(path).is_absolute() and (base / path).is_file():
-            return {image_column: str((base / path).resolve())}
-        return {image_column: path}
+            return str((base / path).resolve())
+        return path
+
+    def resolve(row):
+        value = row[image_column]
+        if isinstance(value, dict):  # {bytes, path} (datasets' image storage): the path is read when bytes is empty
+            return {image_column: value if value.get("bytes") else {**value, "path": resolved(value.get("path"))}}
+        return {image_column: resolved(value)}
+
+    def holds_paths(feature) -> bool:
+        # (JSON loads strings as "string", CSV and parquet as "large_string"; a parquet of {bytes, path} structs
+        # as a dict of the two)
+        return feature in strings or (isinstance(feature, dict) and feature.get("path") in strings)
 
     return datasets.DatasetDict(
         {
-            # (JSON loads strings as "string", CSV and parquet as "large_string")
-            split: dataset.map(resolve) if dataset.features.get(image_column) in strings else dataset
+            split: dataset.map(resolve) if holds_paths(dataset.features.get(image_column)) else dataset
             for split, dataset in raw.items()
         }
     )
