@@ -378,3 +378,16 @@ def test_an_image_over_pil_s_pixel_limit_is_named_not_a_traceback(tmp_path, monk
     rows = load_raw_rows(ImageDataArguments(dataset_name=str(tmp_path)))
     with pytest.raises(UserError, match="too large to decode"):
         image_sizes(rows, "image")
+
+
+def test_an_empty_caption_in_a_caption_folder_names_its_image(tmp_path):
+    """A kohya-style folder (or one metadata.jsonl per subfolder) has no single file whose line a row number is:
+    "rows [11]" named nothing the user could open; the image beside the caption file is named now."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(6):
+            Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / folder / f"x{i}.png")
+            (tmp_path / folder / f"x{i}.txt").write_text("" if (folder, i) == ("b", 2) else f"square {folder}{i}")
+    args = ImageDataArguments(dataset_name=str(tmp_path), resolution=8)
+    problems = " ".join(check_image_data(args, need_captions=True, hold_out=False))
+    assert "empty values in column 'text'" in problems and "images ['b/x2.png']" in problems, problems

@@ -496,8 +496,10 @@ def capped(dataset, args: DataArguments, key: str):
     return dataset.select(range(min(cap, len(dataset)))) if cap else dataset
 
 
-def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) -> list[str]:
-    """Missing columns, and empty (None) values in the first rows, as messages naming the source."""
+def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str, files=None) -> list[str]:
+    """Missing columns, and empty (None) values in the first rows, as messages naming the source; `files`
+    (positions -> a phrase naming their files) for data whose rows come from several files (an image folder),
+    where a row number alone names nothing the user can open."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         return [f"dataset '{source}' lacks column(s) {missing} (it has {dataset.column_names})"]
@@ -509,7 +511,7 @@ def column_problems(dataset, columns: list[str] | tuple[str, ...], source: str) 
             rows = source_rows(dataset, empty[:5])
             problems.append(
                 f"dataset '{source}' has empty values in column '{column}' (rows {rows}"
-                f"{'...' if len(empty) > 5 else ''}, counted from 1)"
+                f"{'...' if len(empty) > 5 else ''}, counted from 1{files(empty[:5]) if files else ''})"
             )
         numbers = [i for i, value in enumerate(sample[column]) if isinstance(value, (int, float))]
         if numbers and column not in NON_TEXT_COLUMNS:  # a column of numbers loads as numbers: no tokenizer takes them

@@ -254,7 +254,26 @@ def image_problems(dataset, image_column: str, source: str, limit: int = ROWS_CH
     return problems
 
 
-def caption_problems(dataset, column: str, source: str, limit: int = ROWS_CHECKED) -> list[str]:
+def row_files(dataset, image_column: str, source: str, positions: list[int]) -> str:
+    """ "; images [...]": the image files of `positions` of an image folder's dataset, relative to the folder (a
+    caption file or a metadata line sits beside its image), for messages whose row numbers count rows of several
+    files (a caption folder, one metadata.jsonl per subfolder); "" for a single data file, whose rows are lines."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or not positions:
+        return ""
+    names = []
+    for value in undecoded(dataset, image_column).select(positions)[image_column]:
+        path = value.get("path") if isinstance(value, dict) else value
+        if not isinstance(path, str):
+            return ""
+        try:
+            names.append(Path(path).resolve().relative_to(folder.resolve()).as_posix())
+        except ValueError:
+            names.append(path)
+    return f"; images {names}"
+
+
+def caption_problems(dataset, column: str, source: str, files=None, limit: int = ROWS_CHECKED) -> list[str]:
     """Rows among the first `limit` whose caption training cannot use or would use wrongly, each named by its row:
     a dict, a list holding a non-string (these stopped `train` with a message naming no row), a class-id column,
     and a blank caption or blank list item (a list's "" was drawn as an unconditional caption: an unasked
@@ -296,7 +315,8 @@ def caption_problems(dataset, column: str, source: str, limit: int = ROWS_CHECKE
             rows = source_rows(dataset, [index for index, _ in found[:5]])
             problems.append(
                 f"dataset '{source}' column '{column}' has {what} (rows {rows}{'...' if len(found) > 5 else ''}, "
-                f"counted from 1; row {rows[0]}: {found[0][1]!r})"
+                f"counted from 1{files([index for index, _ in found[:5]]) if files else ''}; row {rows[0]}: "
+                f"{found[0][1]!r})"
             )
     return problems
 
@@ -359,11 +379,15 @@ def check_image_data(args: ImageDataArguments, need_captions: bool, hold_out: bo
         ]  # fmt: skip
     train, evaluation = undecoded(train, args.image_column), undecoded(evaluation, args.image_column)
     checked = [train] + ([evaluation] if hold_out or len(evaluation) else [])  # (no held-out slice: none to check)
-    problems = [p for split in checked for p in column_problems(split, columns, args.dataset_name)]
+    problems = []
+    for split in checked:
+        files = functools.partial(row_files, split, args.image_column, args.dataset_name)
+        problems += column_problems(split, columns, args.dataset_name, files)
     if need_captions and not problems:
         for split in checked:  # (a class-id column is named once, not per split)
+            files = functools.partial(row_files, split, args.image_column, args.dataset_name)
             problems += [
-                p for p in caption_problems(split, args.caption_column, args.dataset_name) if p not in problems
+                p for p in caption_problems(split, args.caption_column, args.dataset_name, files) if p not in problems
             ]
     problems += image_problems(train, args.image_column, args.dataset_name)
     return problems + image_problems(evaluation, args.image_column, args.dataset_name, limit=ROWS_CHECKED // 10)
