@@ -862,3 +862,23 @@ def test_chat_turns_written_as_json_text_in_a_csv_are_read_as_turns(tmp_path):
     (tmp_path / "text.csv").write_text("messages\n" + "".join(f"hello {i}\n" for i in range(20)))
     with pytest.raises(UserError, match="column 'messages': text \\('hello [0-9]+'\\) where a list of chat turns"):
         load(tmp_path / "text.csv", "sft", dataset_format="messages")
+
+
+def test_files_that_differ_in_columns_type_or_encoding_are_refused_saying_how(tmp_path):
+    """Shards whose columns differ said only "Couldn't cast." / "An error occurred while generating the dataset";
+    .csv beside .tsv passed as one type (the .tsv read with commas); a UTF-16 file said "JSON parse error: Invalid
+    value. in row 0"."""
+    (tmp_path / "cols").mkdir()
+    jsonl(tmp_path / "cols" / "part-0.jsonl", [{"text": f"a {i}"} for i in range(10)])
+    jsonl(tmp_path / "cols" / "part-1.jsonl", [{"text": f"b {i}", "source": "web"} for i in range(10)])
+    with pytest.raises(UserError, match=r"rows with columns \['text', 'source'\] .* differ in their columns"):
+        load(tmp_path / "cols", "text")
+    (tmp_path / "sheets").mkdir()
+    (tmp_path / "sheets" / "a.csv").write_text("prompt,completion\n" + "q,a\n" * 10)
+    (tmp_path / "sheets" / "b.tsv").write_text("prompt\tcompletion\n" + "q\ta\n" * 10)
+    for name in (tmp_path / "sheets", tmp_path / "sheets" / "*"):
+        with pytest.raises(UserError, match=r"files of different types \(csv, tsv\)"):
+            load(name, "sft")
+    (tmp_path / "u16.jsonl").write_bytes("".join(f'{{"text": "the cat {i}"}}\n' for i in range(40)).encode("utf-16"))
+    with pytest.raises(UserError, match="'.*u16.jsonl' is UTF-16 or UTF-32 text .*save it as UTF-8"):
+        load(tmp_path / "u16.jsonl", "text")

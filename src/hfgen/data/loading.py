@@ -100,6 +100,7 @@ def load_raw(name: str, config: str | None = None):
                 f"dataset_name '{name}': no such embedded dataset; choose from {', '.join('embedded:' + n for n in NAMES)}"
             )
         return load_embedded(name.removeprefix("embedded:"))
+    files: list[Path] = []  # the local data files read, for the messages of a failed read
     try:
         if path.is_file() or glob.has_magic(name):
             # recursive: `**` is every folder level, as in `datasets`' own data_files patterns and globstar shells
@@ -123,12 +124,12 @@ def load_raw(name: str, config: str | None = None):
             if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
                 loaded = load_saved(path)
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
-            folder_files = one_file_type(path)
-            options = reader_options(folder_files) if folder_files else {}
+            files = one_file_type(path)
+            options = reader_options(files) if files else {}
             if images := captioned_image_folder(path):
                 return images
-            if folder_files and not declares_configs(path):
-                all_files_read(name, folder_files, datasets.load_dataset_builder(str(path), config, **options))
+            if files and not declares_configs(path):
+                all_files_read(name, files, datasets.load_dataset_builder(str(path), config, **options))
             return valid_text(datasets.load_dataset(str(path), config, **options), name)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or data_suffix(path) in FILE_BUILDERS:
             raise UserError(f"dataset_name '{name}' does not exist")
@@ -141,7 +142,12 @@ def load_raw(name: str, config: str | None = None):
     # a bug and keeps its traceback.
     except (OSError, ValueError, DatasetsError, EOFError, lzma.LZMAError, zlib.error) as error:
         error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if wide := next((file for file in files if is_wide_text(file)), None):  # its JSON error said "row 0"
+            raise UserError(
+                f"dataset_name '{name}': '{wide}' is UTF-16 or UTF-32 text (Windows' 'Unicode'), not UTF-8; save it "
+                "as UTF-8"
+            ) from None
+        message = load_error_text(error)
         configs = re.search(r"(?:available configs|Available): (\[.*?\])", str(error))
         if configs and ("Config name is missing" in str(error) or "BuilderConfig" in str(error)):
             # datasets' first line alone ("Config name is missing.") names neither the key nor the choices
@@ -161,6 +167,38 @@ def load_raw(name: str, config: str | None = None):
                 "or remove it (a held-out part of train is then used)"
             ) from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def is_wide_text(path: Path) -> bool:
+    """Whether a data file (looking through its compression) starts as UTF-16 or UTF-32 text: a byte-order mark of
+    one, or NUL bytes, which UTF-8 text does not hold."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    try:
+        with opener(path, "rb") as stream:
+            start = stream.read(64)
+    except (OSError, EOFError, lzma.LZMAError):
+        return False
+    return start.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in start
+
+
+def load_error_text(error: BaseException) -> str:
+    """What a reader's error says is wrong, in a line: its first line, except where that is only a heading
+    (datasets' "An error occurred while generating the dataset", pyarrow's "Couldn't cast") and the files or columns
+    at fault come after it."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if differ := next((line for line in lines if line.startswith("All the data files must have the same")), None):
+        file = re.search(r"generating data using\s+(\S+?),", text)
+        return f"{differ}{f' (in {file.group(1)})' if file else ''}; give every file the same columns"
+    if lines[0] == "Couldn't cast" and "to" in lines:  # schema lines 'name: type', then 'to', the features, 'because'
+        found = [line.split(":")[0] for line in lines[1 : lines.index("to")]]
+        return (
+            f"rows with columns {found} among rows read with the columns {lines[lines.index('to') + 1]} "
+            f"({lines[-1]}): the files (or the rows of one file) differ in their columns; give them all the same ones"
+        )
+    return lines[0]
 
 
 def reader_options(files: list[Path]) -> dict:
@@ -225,15 +263,16 @@ def files_builder(name: str, files: list[Path]) -> str:
     if not files:
         raise UserError(f"dataset_name '{name}' matches no file")
     builders = {file_builder(file) for file in files}
+    types = {"tsv" if data_suffix(file) == ".tsv" else file_builder(file) for file in files}  # one reader's options
     if None in builders:
         other = next(file for file in files if file_builder(file) is None)
         raise UserError(
             f"dataset_name '{name}': unsupported file type '{other.suffix}' ('{other}'); use "
             f"{', '.join(sorted(FILE_BUILDERS))}, optionally compressed ({', '.join(COMPRESSIONS)})"
         )
-    if len(builders) > 1:
+    if len(types) > 1:  # (.csv beside .tsv: the .tsv files were read with commas)
         raise UserError(
-            f"dataset_name '{name}' holds files of different types ({', '.join(sorted(builders))}); a dataset is "
+            f"dataset_name '{name}' holds files of different types ({', '.join(sorted(types))}); a dataset is "
             "read with one reader: give one type, or several sets as a mixture (datasets: [{name: ...}, ...])"
         )
     for file in files:
