@@ -882,3 +882,17 @@ def test_files_that_differ_in_columns_type_or_encoding_are_refused_saying_how(tm
     (tmp_path / "u16.jsonl").write_bytes("".join(f'{{"text": "the cat {i}"}}\n' for i in range(40)).encode("utf-16"))
     with pytest.raises(UserError, match="'.*u16.jsonl' is UTF-16 or UTF-32 text .*save it as UTF-8"):
         load(tmp_path / "u16.jsonl", "text")
+
+
+def test_bad_rows_of_a_json_lines_file_with_blank_lines_are_named_by_their_lines(tmp_path):
+    """`datasets` skips blank lines of a JSON-lines file, so the rows the messages counted were not its lines: the
+    broken rows on lines 26 and 28 were named as rows 21 and 23, both valid."""
+    lines = []
+    for i in range(30):
+        if i % 6 == 5:
+            lines.append("   ")
+        row = {"prompt": f"q {i}", "completion": f"a {i}"}
+        lines.append(json.dumps({"prompt": row["prompt"]} if len(lines) in (25, 27) else row))
+    (tmp_path / "blank.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"lack a value in required column 'completion' \(lines \[26, 28\]"):
+        load(tmp_path / "blank.jsonl", "sft")

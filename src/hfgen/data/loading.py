@@ -297,6 +297,25 @@ def rows_field(raw) -> str | None:
     return lists[0] if len(lists) == 1 else None
 
 
+def with_file_lines(message: str, name: str) -> str:
+    """A row message about a JSON-lines file with blank lines, its rows named by their lines: `datasets` skips blank
+    lines, so the rows it read (and the messages count) were not the file's lines, and row 21 was line 26."""
+    path = Path(name).expanduser()
+    if not path.is_file() or data_suffix(path) != ".jsonl":
+        return message
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    with opener(path, "rb") as stream:
+        lines = [number for number, line in enumerate(stream, 1) if line.strip()]
+    if not lines or lines[-1] == len(lines):  # no blank line before the last row: rows are lines
+        return message
+
+    def line(row: str) -> str:
+        return str(lines[int(row) - 1]) if 0 < int(row) <= len(lines) else row
+
+    message = re.sub(r"\brows \[([\d, ]+)\]", lambda m: f"lines [{', '.join(map(line, m[1].split(', ')))}]", message)
+    return re.sub(r"\brow (\d+)\b", lambda m: f"line {line(m[1])}", message)
+
+
 def is_empty_file(path: Path) -> bool:
     """Whether a data file holds nothing but white space, looking through its compression."""
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower())

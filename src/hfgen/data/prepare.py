@@ -19,7 +19,7 @@ from hfgen.data.formats import (
     require_rows,
     to_standard,
 )
-from hfgen.data.loading import DataArguments, capped, load_raw, split_dataset
+from hfgen.data.loading import DataArguments, capped, load_raw, split_dataset, with_file_lines
 from hfgen.data.mixture import harmonise, interleave, parse_mixture
 from hfgen.errors import UserError
 
@@ -68,8 +68,11 @@ def _one_source(
 ):
     """(train, eval, train report, eval report) of one source."""
     raw = load_raw(name, split_keys.pop("config", None))
-    for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
-        check_rows(split, kind, fmt, columns, source=name, other_columns=other_columns)
+    try:
+        for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
+            check_rows(split, kind, fmt, columns, source=name, other_columns=other_columns)
+    except UserError as error:
+        raise UserError(with_file_lines(str(error), name)) from None
     source_args = dataclasses.replace(args, dataset_name=name, **{k: v for k, v in split_keys.items() if v})
     train, evaluation = split_dataset(raw, source_args, seed, notes, kind)
     train, train_report = to_standard(train, kind, fmt, columns, source=name, other_columns=other_columns,
