@@ -896,3 +896,24 @@ def test_bad_rows_of_a_json_lines_file_with_blank_lines_are_named_by_their_lines
     (tmp_path / "blank.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"lack a value in required column 'completion' \(lines \[26, 28\]"):
         load(tmp_path / "blank.jsonl", "sft")
+
+
+def test_a_hub_style_folder_of_csv_configurations_with_other_columns_loads(tmp_path):
+    """The CSV columns are read as text with the header of the folder's first file: a hub-style folder whose
+    configurations have other columns must not get that file's columns."""
+    folder = tmp_path / "hub"
+    for config, header, row in (("a_pairs", "prompt,completion", "q {},0{}.50"), ("b_text", "text", "0{}.5{}")):
+        (folder / config).mkdir(parents=True)
+        (folder / config / "train.csv").write_text(header + "\n" + "".join(row.format(i, i) + "\n" for i in range(20)))
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.csv\n"
+            for c in ("a_pairs", "b_text")
+        )
+        + "---\n"
+    )
+    train, evaluation, _ = load(folder, "sft", dataset_config="a_pairs")
+    assert sorted(list(train["completion"]) + list(evaluation["completion"])) == sorted(f"0{i}.50" for i in range(20))
+    train, evaluation, _ = load(folder, "text", dataset_config="b_text")
+    assert len(train) + len(evaluation) == 20

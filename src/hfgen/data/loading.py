@@ -126,6 +126,11 @@ def load_raw(name: str, config: str | None = None):
                 return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
             files = one_file_type(path)
             options = reader_options(files) if files else {}
+            if "features" in options:  # CSV: the header of a file the configuration reads, not the folder's first
+                options.pop("features")
+                builder = datasets.load_dataset_builder(str(path), config, **options)
+                read = [Path(file) for split in builder.config.data_files.values() for file in split]
+                options["features"] = text_features(read[0], options) if read else None
             if images := captioned_image_folder(path):
                 return images
             if files and not declares_configs(path):
@@ -206,15 +211,19 @@ def reader_options(files: list[Path]) -> dict:
     content, and for CSV/TSV every column read as text: pandas reads a column of figures as numbers, which a text
     column then trained re-formatted (`0010.50` as `10.5`, `26.0` as `26`, a zip code without its leading 0). The
     columns a stage reads as numbers (a reward stage's margin) are converted from their text by the stage's data."""
+    options = BUILDER_OPTIONS.get(data_suffix(files[0]), {}) | {"cache_dir": content_cache_dir(files)}
+    if file_builder(files[0]) == "csv":
+        options["features"] = text_features(files[0], options)
+    return options
+
+
+def text_features(file: Path, options: dict):
+    """`datasets` features that read every column of a CSV/TSV file's header as text."""
     import datasets
     import pandas
 
-    options = BUILDER_OPTIONS.get(data_suffix(files[0]), {}) | {"cache_dir": content_cache_dir(files)}
-    if file_builder(files[0]) == "csv":
-        reader = {key: value for key, value in options.items() if key in ("sep",)}
-        header = pandas.read_csv(files[0], nrows=0, **reader).columns
-        options["features"] = datasets.Features({column: datasets.Value("string") for column in header})
-    return options
+    header = pandas.read_csv(file, nrows=0, sep=options.get("sep", ",")).columns
+    return datasets.Features({column: datasets.Value("string") for column in header})
 
 
 def content_cache_dir(files: list[Path]) -> str:
