@@ -38,13 +38,14 @@ def main(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise UserError("no recipe given: `hfgen check RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
     values = {**read_recipe_file(args.recipe), **parse_overrides(args.overrides)}
-    pending = models_made_by_earlier_steps(values)
+    pending = models_made_by_earlier_steps(values, args.recipe)
     # keys, types, models, data: as `hfgen train` does first; without the models an earlier step will make
-    recipe = load_recipe(args.recipe, args.overrides, check_inputs=not pending)
+    recipe = load_recipe(args.recipe, args.overrides, made_later=tuple(v for v, _ in pending.values()))
     if pending:
         print(
-            f"recipe: {args.recipe} (stage {recipe.stage}): keys and types are valid; model-dependent checks "
-            f"skipped, since earlier steps make {', '.join(f'{k} ({v})' for k, v in pending.items())}"
+            f"recipe: {args.recipe} (stage {recipe.stage}): keys, types and settings are valid; model-dependent "
+            "checks skipped, since earlier steps make "
+            + ", ".join(f"{key} ({path}, written by {maker})" for key, (path, maker) in pending.items())
         )
     else:
         print(f"recipe: {args.recipe} (stage {recipe.stage}): keys, models and data are valid")
@@ -65,18 +66,38 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def models_made_by_earlier_steps(values: dict) -> dict[str, str]:
-    """The recipe's model keys (`*_name_or_path`, `*_model_path`, `tokenizer_name`) naming a run dir under
-    outputs/ that does not exist yet: an earlier step (or the pipeline) makes it."""
+def models_made_by_earlier_steps(values: dict, recipe_path) -> dict[str, tuple[str, str]]:
+    """{key: (path, the recipe that writes it)} for the recipe's model keys (`*_name_or_path`, `*_model_path`,
+    `tokenizer_name`) naming a dir that does not exist yet and that a recipe beside this one writes (its
+    output_dir): an earlier step of the sequence makes it. A missing path no recipe writes (a typo) is not pending:
+    it is checked, and refused, as `hfgen train` would."""
     from pathlib import Path
 
-    return {
+    from hfgen.errors import UserError
+    from hfgen.recipe import read_recipe_file
+
+    missing = {
         key: value
         for key, value in values.items()
         if key.endswith(("name_or_path", "model_path", "tokenizer_name"))
         and isinstance(value, str)
-        and "outputs" in Path(value).parts
-        and not Path(value).exists()
+        and value.strip()
+        and not Path(value).expanduser().exists()
+    }
+    if not missing:
+        return {}
+    writers = {}
+    for sibling in sorted(Path(recipe_path).resolve().parent.glob("*.y*ml")):
+        try:
+            output_dir = read_recipe_file(sibling).get("output_dir")
+        except UserError:
+            continue
+        if isinstance(output_dir, str) and output_dir.strip():
+            writers.setdefault(Path(output_dir).expanduser().resolve(), sibling.name)
+    return {
+        key: (value, writers[Path(value).expanduser().resolve()])
+        for key, value in missing.items()
+        if Path(value).expanduser().resolve() in writers
     }
 
 

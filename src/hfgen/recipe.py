@@ -249,12 +249,19 @@ def known_keys(stage: str) -> list[str]:
     return sorted(f.name for cls in (*module.ARGUMENTS, RunArguments) for f in dataclasses.fields(cls) if f.init)
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_inputs: bool = True) -> Recipe:
-    """Read, merge, type-check and validate a recipe. Raises one UserError listing every problem."""
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    check_inputs: bool = True,
+    made_later: tuple[str, ...] = (),
+) -> Recipe:
+    """Read, merge, type-check and validate a recipe. Raises one UserError listing every problem. `made_later`:
+    see `build_recipe`."""
     values = read_recipe_file(path) if path is not None else {}
     values.update(parse_overrides(overrides or []))
     bare = valueless_keys(overrides or [])
-    return build_recipe(values, source=Path(path) if path else None, check_inputs=check_inputs, valueless=bare)
+    source = Path(path) if path else None
+    return build_recipe(values, source, check_inputs=check_inputs, valueless=bare, made_later=made_later)
 
 
 def recipe_stage(stage: Any, where: str = "recipe") -> str:
@@ -274,9 +281,15 @@ def recipe_stage(stage: Any, where: str = "recipe") -> str:
 
 
 def build_recipe(
-    values: dict[str, Any], source: Path | None = None, check_inputs: bool = True, valueless: frozenset = frozenset()
+    values: dict[str, Any],
+    source: Path | None = None,
+    check_inputs: bool = True,
+    valueless: frozenset = frozenset(),
+    made_later: tuple[str, ...] = (),
 ) -> Recipe:
-    """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be."""
+    """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be.
+    `made_later`: model paths an earlier step has not made yet (`hfgen check` of a step): the stage's checks that
+    name them are left out, every other check is made."""
     values = dict(values)
     where = f"recipe '{source}'" if source else "recipe"
     stage = recipe_stage(values.pop(STAGE_KEY, None), where)
@@ -364,7 +377,9 @@ def build_recipe(
     if check_inputs and recipe_output_dir(values):
         problems += inputs_in_output_dir(values, recipe_output_dir(values))
     if check_inputs and hasattr(module, "check"):
-        problems += module.check(*recipe.configs)  # every problem at once, out-of-range values with the rest
+        problems += [  # every problem at once, out-of-range values with the rest
+            problem for problem in module.check(*recipe.configs) if not any(path in problem for path in made_later)
+        ]
     if problems:
         raise UserError(f"{where} has {_count(problems, 'problem')}: " + "; ".join(problems).rstrip(".") + ".")
     return recipe
