@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from hfgen.cli import main as hfgen_main
 from tiny_models import save_tiny_llama
 
@@ -143,3 +143,27 @@ def test_a_merge_on_a_base_without_a_pad_token_names_the_added_pad_as_a_full_run
     assert pad == 400 and AutoConfig.from_pretrained(tmp_path / "merged").vocab_size == 401
     assert AutoConfig.from_pretrained(tmp_path / "merged").pad_token_id == pad
     assert GenerationConfig.from_pretrained(tmp_path / "merged").pad_token_id == pad
+
+
+def test_an_adapter_whose_base_was_trained_again_in_place_is_refused(tmp_path, capsys):
+    # merge and generate loaded an adapter onto whatever its base dir held: retrained there since (a new COMPLETE
+    # run id), base + adapter was not the pair that trained, and nothing said so
+    from hfgen import tracking
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    base = save_tiny_llama(tmp_path / "base")
+    tracking.mark_complete(base)  # the base is an hfgen run (a pretrain run's COMPLETE marker)
+    adapter = tmp_path / "adapter"
+    overrides = ["--model_name_or_path", base, "--output_dir", adapter, "--max_steps", "1", "--max_train_samples", "8"]
+    overrides += ["--max_eval_samples", "4", "--eval_strategy", "no", "--save_strategy", "no"]
+    run_recipe(load_recipe(REPO / "recipes/tiny/sft_lora.yaml", list(map(str, overrides))))
+    trained_on = json.loads((adapter / tracking.COMPLETE_MARKER).read_text())[tracking.INPUT_RUNS]
+    assert trained_on == {"model_name_or_path": tracking.run_id(base)}
+    assert merge(capsys, adapter, "--output_dir", tmp_path / "merged")[0] == 0  # on its own base: merged
+    tracking.mark_complete(base)  # trained again in place: another run
+    code, message = merge(capsys, adapter, "--output_dir", tmp_path / "merged_again")
+    assert code == 2 and f"was trained on the run {trained_on['model_name_or_path']} in '{base}'" in message
+    assert not (tmp_path / "merged_again").exists()
+    result = run_hfgen_here("generate", adapter, "--prompt", "the cat", "--max_new_tokens", "2")
+    assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr

@@ -464,6 +464,11 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     base = adapter_base(path)
+    if base is not None:
+        from hfgen.tracking import base_changed_problem
+
+        if problem := base_changed_problem(path, base):
+            raise UserError(problem + ".")
     try:
         tokenizer = load_tokenizer(path, trust_remote_code)
     except UserError:  # a model without a tokenizer of its own (pretraining takes one by name)

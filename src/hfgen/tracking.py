@@ -415,6 +415,44 @@ def mark_complete(output_dir: str | Path, **info) -> None:
         write_json(Path(output_dir) / COMPLETE_MARKER, marker)
 
 
+def run_id(path: str | Path | None) -> str | None:
+    """The id of the complete hfgen run in `path` (its COMPLETE marker's `run`), or None: a hub id, a plain model
+    dir, an unfinished run."""
+    if not isinstance(path, (str, Path)) or not Path(path).expanduser().is_dir():
+        return None
+    marker = read_json(Path(path).expanduser() / COMPLETE_MARKER, None)
+    return marker.get("run") if isinstance(marker, dict) else None
+
+
+# The model runs a run trained on, in its COMPLETE marker: {key: the run id of that key's model dir}, so that an
+# adapter is loaded only onto the base weights it was trained on (`base_changed_problem`)
+INPUT_RUNS = "input_runs"
+INPUT_RUN_KEYS = ("model_name_or_path", "pretrained_model_name_or_path")
+
+
+def input_runs(recipe) -> dict[str, str]:
+    """{key: run id} of the recipe's models that are complete hfgen runs, read before the run loads them."""
+    ids = {key: run_id(recipe.value(key)) for key in INPUT_RUN_KEYS}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "model_name_or_path") -> str | None:
+    """An adapter run whose base dir holds another run than the one it trained on (the base was retrained in place
+    since): base + adapter is not the pair that trained, and merged or sampled it gives other outputs without a word.
+    None when they match, or when either records no run (a hub base, an adapter from an older hfgen)."""
+    marker = read_json(Path(adapter) / COMPLETE_MARKER, None)
+    trained_on = (marker.get(INPUT_RUNS) or {}).get(key) if isinstance(marker, dict) else None
+    if trained_on is None or run_id(base) == trained_on:
+        return None
+    now = run_id(base)
+    return (
+        f"the adapter '{adapter}' was trained on the run {trained_on} in '{base}', which now holds "
+        f"{f'another run ({now})' if now else 'no complete run'}: the base was trained again in place since, so base "
+        "and adapter are not the pair that trained; train the adapter again on the new base, or restore the base it "
+        "was trained on"
+    )
+
+
 # A pipeline step's record of the runs it consumed (the earlier steps' COMPLETE markers, `inputs_of`), written when
 # it starts: a step whose inputs were made again since is run again from scratch, even when a stop between steps
 # made the pipeline forget that an earlier step ran.

@@ -176,12 +176,14 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
                 config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
+    trained_on = tracking.input_runs(recipe)  # before the stage loads them: the runs whose weights it trains on
     if inputs is not None and tracking.is_main_process():
         tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
     guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
     try:
         stage.run(*recipe.configs)
-        tracking.mark_complete(output_dir, stage=recipe.stage, wall_time_s=round(time.time() - started, 2))
+        info = {"stage": recipe.stage, "wall_time_s": round(time.time() - started, 2)}
+        tracking.mark_complete(output_dir, **info, **({tracking.INPUT_RUNS: trained_on} if trained_on else {}))
     finally:
         tracking.unlock_output_dir(output_dir)  # (a killed process's lock goes with it)
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0

@@ -466,7 +466,13 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
         if (path / "model_index.json").is_file():
             pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **absent_components(path))
         else:
+            from hfgen.tracking import base_changed_problem
+
             base = lora_run_base(path)
+            if problem := base_changed_problem(
+                path, base["pretrained_model_name_or_path"], "pretrained_model_name_or_path"
+            ):
+                raise UserError(problem + ".")
             changes = base.get("pipeline_changes", {})
             left_out = {name: None for name in changes.get("absent", [])}  # e.g. drop_t5's T5
             pipeline = DiffusionPipeline.from_pretrained(
