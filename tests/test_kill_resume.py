@@ -207,6 +207,20 @@ def test_t2i_killed_mid_checkpoint_ends_as_the_uninterrupted_run(tmp_path_factor
 
 
 @pytest.mark.slow
+def test_vae_resumed_between_two_log_rows_logs_the_uninterrupted_runs_rows(tmp_path_factory):
+    # the losses of the steps since the last row were not in the checkpoint: resumed from checkpoint-3, the row of
+    # step 4 was the mean of step 4 alone, the uninterrupted run's the mean of steps 1-4
+    configs = write_tiny_configs(tmp_path_factory.mktemp("configs"))
+    overrides = vae_overrides(configs, "unused", steps=6)
+    for key, value in (("--logging_steps", "4"), ("--checkpointing_steps", "3")):
+        overrides[overrides.index(key) + 1] = value
+    overrides = overrides[: overrides.index("--output_dir")] + overrides[overrides.index("--output_dir") + 2 :]
+    reference, killed, _ = reference_and_killed(tmp_path_factory, VAE_RECIPE, overrides, ["step@5"])
+    assert [row["step"] for row in tracking.read_metrics(reference) if "loss" in row] == [4, 6]
+    assert_same_run(reference, killed)
+
+
+@pytest.mark.slow
 def test_t2i_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(
     configs, vae_dir, tmp_path, free_port, monkeypatch
 ):

@@ -161,18 +161,26 @@ class TrainingRNG:
     accelerate writes a registered object's `state_dict` from the main process only (one custom_checkpoint_N.pkl)
     but calls it on every process, and every process loads that file: the state holds every process's stream
     (gathered, a collective), and each process takes back its own. Saving the main process's alone gave every
-    process rank 0's stream after a resume: the same noise and timesteps on all, a different run."""
+    process rank 0's stream after a resume: the same noise and timesteps on all, a different run.
 
-    def __init__(self, seed: int, device):
+    `log`: the loop's `StepLog`, whose window (the losses of the steps since its last row) goes along the same way:
+    a checkpoint between two log rows left it out, and the first row after a resume averaged fewer steps than the
+    uninterrupted run's."""
+
+    def __init__(self, seed: int, device, log: StepLog | None = None):
         import torch
 
         self.generator = torch.Generator(device).manual_seed(seed)
+        self.log = log
 
     def state_dict(self) -> dict:
-        """Every process's generator state, in process order (every process must call it)."""
+        """Every process's generator state, and log window, in process order (every process must call it)."""
         from accelerate.utils import gather_object
 
-        return {"states": gather_object([self.generator.get_state()])}
+        state = {"states": gather_object([self.generator.get_state()])}
+        if self.log is not None:
+            state["log_windows"] = gather_object([self.log.window()])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         from accelerate import PartialState
@@ -188,6 +196,8 @@ class TrainingRNG:
                 "so no resume of it on several processes can repeat the run; start it afresh."
             )
         self.generator.set_state(states[process.process_index])
+        if self.log is not None and "log_windows" in state:  # (a checkpoint of an earlier hfgen: an empty window)
+            self.log.restore_window(state["log_windows"][process.process_index])
 
 
 class StepLog:
@@ -220,6 +230,21 @@ class StepLog:
         self.add(**{name: total / count for name, (total, count) in self.micro.items()})
         self.micro = {}
         self.lr = lr
+
+    def window(self) -> dict:
+        """The steps since the last row (their sums, count and last learning rate), for a checkpoint."""
+        return {"sums": {name: total.item() for name, total in self.sums.items()}, "count": self.count, "lr": self.lr}
+
+    def restore_window(self, window: dict) -> None:
+        """A checkpoint's `window`: the next row averages the same steps as the uninterrupted run's (the sums were
+        float32 tensors, exact as Python floats)."""
+        import torch
+
+        device = self.accelerator.device
+        self.sums = {
+            name: torch.tensor(total, dtype=torch.float32, device=device) for name, total in window["sums"].items()
+        }
+        self.count, self.lr = window["count"], window["lr"]
 
     def maybe_write(self, step: int, force: bool = False, **extra) -> dict | None:
         if not self.count or (step % self.every and not force):

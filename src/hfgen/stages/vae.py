@@ -167,14 +167,14 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         disc_optimizer = training.make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
         discriminator, disc_optimizer = loop.prepare(accelerator, discriminator, disc_optimizer, **prepare)
 
-    rng = training.TrainingRNG(args.seed + accelerator.process_index, accelerator.device)
+    log = training.StepLog(accelerator, args.output_dir, args.logging_steps)
+    rng = training.TrainingRNG(args.seed + accelerator.process_index, accelerator.device, log)  # (log window too)
     accelerator.register_for_checkpointing(rng)
     global_step, first_epoch, skip = training.resume(accelerator, args, steps_per_epoch)
     if global_step == 0:  # into eval.json now: a resumed run has it from there
         with loop.gathered(accelerator, autoencoder) as (unwrapped,):
             initial_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
         tracking.update_eval(output_dir, {"quality/reconstruction_mse_initial": initial_error})
-    log = training.StepLog(accelerator, args.output_dir, args.logging_steps)
     divergence = guard.Divergence(output_dir)
     accelerator.print(f"vae: {sum(p.numel() for p in vae.parameters()):,} parameters, {max_steps} steps")
 
