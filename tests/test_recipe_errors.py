@@ -315,3 +315,14 @@ def test_mixed_precision_spelled_another_stages_way_points_to_this_stages_key():
         with pytest.raises(UserError) as error:
             load_recipe(tiny / f"{name}.yaml", overrides, check_inputs=False)
         assert expected in str(error.value), str(error.value)
+
+
+def test_a_missing_relative_path_is_named_with_the_directory_it_was_looked_for_in(tmp_path):
+    # `cd recipes/tiny && hfgen check pretrain.yaml`: "config_name 'recipes/tiny/llama_tiny.json' does not exist",
+    # a file that exists, relative to the repository root; nothing said where it was looked for
+    result = run_hfgen_here("check", PRETRAIN, "--output_dir", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"config_name 'recipes/tiny/llama_tiny.json' does not exist (relative to the working directory {tmp_path}"
+        in (result.stderr)
+    )

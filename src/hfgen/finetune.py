@@ -23,6 +23,7 @@ from hfgen.models import (
     linear_layers_hint,
     load_causal_lm,
     merged,
+    relative_to_cwd,
 )
 
 
@@ -135,7 +136,9 @@ def tokenizer_for(model_args, training_args):
         return tokenizer
     if path.endswith((".jinja", ".j2")):
         if not Path(path).is_file():
-            raise UserError(f"chat_template_path '{path}' does not exist (a .jinja template file)")
+            raise UserError(
+                f"chat_template_path '{path}' does not exist{relative_to_cwd(path)} (a .jinja template file)"
+            )
         tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
         return tokenizer
     from transformers import AutoTokenizer

@@ -66,6 +66,15 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
+def relative_to_cwd(name: str) -> str:
+    """For a message about a missing path: where a relative one was looked for. A recipe's paths are read from the
+    directory hfgen runs in, not from the recipe file's folder (`cd recipes/tiny && hfgen check pretrain.yaml` did
+    not find `recipes/tiny/llama_tiny.json`, with no word of where it looked)."""
+    if Path(name).expanduser().is_absolute():
+        return ""
+    return f" (relative to the working directory {Path.cwd()}: recipe paths are read from there, not from the recipe's folder)"
+
+
 def not_a_model_dir(path: Path) -> str | None:
     """What an hfgen dir that holds no loadable model is (a pipeline's records, a run killed before it finished, a
     training checkpoint), in words that say where the model is; None for any other dir."""
@@ -115,7 +124,7 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
             return [f"{key} '{name}' is a directory without a config.json or adapter_config.json"]
         config = path / "config.json"
     elif looks_local(name):
-        return [f"{key} '{name}' does not exist{'; ' + hint if hint else ''}"]
+        return [f"{key} '{name}' does not exist{relative_to_cwd(name)}{'; ' + hint if hint else ''}"]
     else:
         from huggingface_hub import try_to_load_from_cache
         from huggingface_hub.constants import HF_HUB_OFFLINE
@@ -217,7 +226,7 @@ def check_config_file(key: str, name: str | None, transformers_config: bool = Fa
     """A local config JSON must exist and hold a JSON object; `transformers_config`: with a `model_type` that
     transformers knows (an unknown one fails deep inside `AutoConfig` with a list of every model type)."""
     if name and looks_local(name) and not Path(name).exists():
-        return [f"{key} '{name}' does not exist"]
+        return [f"{key} '{name}' does not exist{relative_to_cwd(name)}"]
     if name and name.endswith(".json") and Path(name).is_file():
         try:
             values = json.loads(Path(name).read_text())
