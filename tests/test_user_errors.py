@@ -325,3 +325,15 @@ def test_a_user_error_in_a_dataloader_worker_prints_its_message_not_the_worker_t
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err == "hfgen: error: dataset 'd' image '0.png' cannot be decoded: image file is truncated\n", err
+
+
+def test_a_glob_or_mixture_input_inside_output_dir_is_refused_as_a_path_is(tmp_path):
+    from hfgen.recipe import inputs_in_output_dir
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("text\nx\n")
+    inside = [{"dataset_name": str(tmp_path / "data" / "*.csv")},
+              {"datasets": [{"name": str(tmp_path / "data" / "a.csv"), "weight": 1.0}]}]  # fmt: skip
+    for values in inside:  # both passed: a rerun's fresh start then deleted data/
+        assert "is the run's output_dir or inside it" in " ".join(inputs_in_output_dir(values, tmp_path)), values
+    assert inputs_in_output_dir({"dataset_name": str(tmp_path / "data" / "*.csv")}, tmp_path / "out") == []

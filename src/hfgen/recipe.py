@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
 import importlib.util
 import json
 import math
@@ -396,19 +397,27 @@ INPUT_PATH_KEYS = (
 
 def inputs_in_output_dir(values: dict[str, Any], output_dir: Path) -> list[str]:
     """The recipe's inputs that a fresh start into its output_dir deletes (the dir itself, or what it clears in it):
-    `--output_dir BASE --overwrite_output_dir true` on a model BASE deleted the model before loading it."""
+    `--output_dir BASE --overwrite_output_dir true` on a model BASE deleted the model before loading it. A glob
+    pattern is judged by the folder before its first wildcard, a mixture by each entry's name."""
     from hfgen.tracking import deleted_by_fresh_start
 
-    return [
-        f"key '{key}' ('{value}') is the run's output_dir or inside it, which a fresh start clears before the run "
-        "reads it; choose another output_dir"
-        for key, value in values.items()
-        if key in INPUT_PATH_KEYS
-        and isinstance(value, str)
-        and value.strip()
-        and Path(value).expanduser().exists()
-        and deleted_by_fresh_start(value, output_dir)
-    ]
+    named = [(key, value) for key, value in values.items() if key in INPUT_PATH_KEYS]
+    for entry in values.get("datasets") or []:  # a mixture: entries are mappings with a name, or names
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        named.append(("datasets", name))
+    problems = []
+    for key, value in named:
+        if not isinstance(value, str) or not value.strip():
+            continue
+        parts = Path(value).expanduser().parts
+        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+        path = Path(*parts[:fixed]) if fixed else None
+        if path is not None and path.exists() and deleted_by_fresh_start(str(path), output_dir):
+            problems.append(
+                f"key '{key}' ('{value}') is the run's output_dir or inside it, which a fresh start clears before "
+                "the run reads it; choose another output_dir"
+            )
+    return problems
 
 
 # transformers' deprecated names, read only when the new name is unset: the shipped TRL-stage recipes set

@@ -917,3 +917,16 @@ def test_a_hub_style_folder_of_csv_configurations_with_other_columns_loads(tmp_p
     assert sorted(list(train["completion"]) + list(evaluation["completion"])) == sorted(f"0{i}.50" for i in range(20))
     train, evaluation, _ = load(folder, "text", dataset_config="b_text")
     assert len(train) + len(evaluation) == 20
+
+
+def test_csv_files_whose_headers_differ_keep_every_column(tmp_path):
+    """Reading every CSV column as text took the features from one file's header: a train.csv with a margin column
+    beside a test.csv without one lost its margins without a word (test.csv sorts first)."""
+    from hfgen.data.loading import load_raw
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "train.csv").write_text("prompt,chosen,rejected,margin\np,a,b,1\nq,c,d,2\n")
+    (folder / "test.csv").write_text("prompt,chosen,rejected\nr,e,f\n")
+    raw = load_raw(str(folder))
+    assert raw["train"]["margin"] == [1, 2] and raw["test"].num_rows == 1

@@ -130,7 +130,7 @@ def load_raw(name: str, config: str | None = None):
                 options.pop("features")
                 builder = datasets.load_dataset_builder(str(path), config, **options)
                 read = [Path(file) for split in builder.config.data_files.values() for file in split]
-                options["features"] = text_features(read[0], options) if read else None
+                options["features"] = text_features(read, options) if read else None
             if images := captioned_image_folder(path):
                 return images
             if files and not declares_configs(path):
@@ -167,10 +167,11 @@ def load_raw(name: str, config: str | None = None):
             ) from None
         if empty := re.search(r'Instruction "(\w+)" corresponds to no data', str(error)):
             # an empty split file (test.jsonl of 0 rows): datasets' own words name neither the file nor the fix
-            raise UserError(
-                f"dataset_name '{name}': its '{empty.group(1)}' split has no rows (an empty file?); give it rows, "
-                "or remove it (a held-out part of train is then used)"
-            ) from None
+            split = empty.group(1)
+            fix = "give it rows" + (
+                "" if split == "train" else ", or remove it (a held-out part of train is then used)"
+            )
+            raise UserError(f"dataset_name '{name}': its '{split}' split has no rows (an empty file?); {fix}") from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
 
 
@@ -213,17 +214,21 @@ def reader_options(files: list[Path]) -> dict:
     columns a stage reads as numbers (a reward stage's margin) are converted from their text by the stage's data."""
     options = BUILDER_OPTIONS.get(data_suffix(files[0]), {}) | {"cache_dir": content_cache_dir(files)}
     if file_builder(files[0]) == "csv":
-        options["features"] = text_features(files[0], options)
+        options["features"] = text_features(files, options)
     return options
 
 
-def text_features(file: Path, options: dict):
-    """`datasets` features that read every column of a CSV/TSV file's header as text."""
+def text_features(files: list[Path], options: dict):
+    """`datasets` features that read every column of the CSV/TSV files' one header as text. None when their headers
+    differ (train.csv with a margin column beside test.csv without): one header's features would drop the other
+    files' columns without a word, so those files are read as `datasets` types them."""
     import datasets
     import pandas
 
-    header = pandas.read_csv(file, nrows=0, sep=options.get("sep", ",")).columns
-    return datasets.Features({column: datasets.Value("string") for column in header})
+    headers = {tuple(pandas.read_csv(file, nrows=0, sep=options.get("sep", ",")).columns) for file in files}
+    if len(headers) != 1:
+        return None
+    return datasets.Features({column: datasets.Value("string") for column in headers.pop()})
 
 
 def content_cache_dir(files: list[Path]) -> str:
