@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from diffusion_fixtures import (
     T2I_RECIPE,
     VAE_RECIPE,
@@ -349,6 +349,19 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
     (checkpoint / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 4, **launch, "engine": "zero3"}))
     with pytest.raises(UserError, match=r"engine: 'zero3' -> 'ddp'"):
         resume_with()
+
+
+def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
+    # its checkpoints hold no optimizer, scheduler or RNG state: resumed silently with fresh ones, exit 0, other weights
+    short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1", "--save_steps", "1",
+             "--save_only_model", "true", "--output_dir", tmp_path]  # fmt: skip
+    assert run_hfgen_here("train", PRETRAIN, *short, "--max_steps", "1").returncode == 0
+    rows = tracking.read_metrics(tmp_path)
+    more = ["--max_steps", "2", "--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
+    result = run_hfgen_here("train", PRETRAIN, *short, *more)  # a complete run given one step more
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"checkpoint '{tmp_path / 'checkpoint-1'}' was written with save_only_model: true" in result.stderr
+    assert tracking.read_metrics(tmp_path) == rows
 
 
 DIES_DELETING = """

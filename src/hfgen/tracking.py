@@ -769,6 +769,15 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     metrics.jsonl cut back to it (`start_metrics`) and TRL's token count as it was then."""
     _count_whole_model_flos(trainer)
     path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir, trainer.args)
+    if path is not None and trainer.args.save_only_model:
+        # (check_same_run has made sure the checkpoint was written under the same value)
+        raise UserError(
+            f"resume_from_checkpoint: checkpoint '{path}' was written with save_only_model: true, so it holds the "
+            "weights but no optimizer, scheduler or RNG state; resumed from it, training would go on with a fresh "
+            "optimizer and learning-rate schedule, another run than the uninterrupted one. Start afresh (a new "
+            "output_dir, or overwrite_output_dir: true without --resume_from_checkpoint), or keep save_only_model "
+            "false in runs you may resume."
+        )
     start_metrics(output_dir, path)
     if path is not None and _trained_to_the_end(path, trainer.args):
         _finish_without_training(trainer, path)
