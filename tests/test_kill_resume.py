@@ -364,6 +364,36 @@ def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
     assert tracking.read_metrics(tmp_path) == rows
 
 
+SHORT_PRETRAIN = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "2", "--max_steps", "4",
+                  "--save_steps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def short_pretrain(tmp_path_factory):
+    reference = tmp_path_factory.mktemp("short_pretrain")
+    result = train(PRETRAIN, reference, SHORT_PRETRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return reference
+
+
+def closing_train_loss(run_dir) -> float:
+    return next(row["train_loss"] for row in tracking.read_metrics(run_dir) if "train_loss" in row)
+
+
+@pytest.mark.slow
+def test_a_signal_checkpoint_between_logged_steps_resumes_to_the_uninterrupted_runs_rows(short_pretrain, tmp_path):
+    # the signal picks the step (3, logging_steps 2): the resumed run's step-4 row averaged step 4 alone, and the
+    # closing row's train_loss (after any resume) covered only the steps since the resume
+    overrides = [*SHORT_PRETRAIN, "--save_on_signal", "true"]
+    result = train(PRETRAIN, tmp_path, overrides, kill_at="step@3:INT")
+    assert result.returncode == 128 + signal.SIGINT, result.stderr[-3000:]
+    assert [p.name for p in tracking.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    result = train(PRETRAIN, tmp_path, overrides, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(short_pretrain, tmp_path)  # the loss rows included
+    assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
+
+
 DIES_DELETING = """
 import os, signal, sys
 from pathlib import Path

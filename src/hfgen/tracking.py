@@ -554,6 +554,9 @@ def trainer_callbacks(output_dir: str | Path) -> list:
 
     class RunCallback(TrainerCallback):
         total_limit = None
+        # set by `trainer_resume` (every Trainer stage calls it before training): the Trainer, whose loss counters
+        # a checkpoint keeps (`loss_window`), and the checkpoint the run resumed from
+        trainer, resumed_from = None, None
 
         def on_init_end(self, args, state, control, **kwargs):
             # Trainer rotates checkpoints before the completion marker exists: a kill in between would leave no
@@ -564,8 +567,12 @@ def trainer_callbacks(output_dir: str | Path) -> list:
             from hfgen import loop
 
             loop.note_repeated_rows(train_dataloader, output_dir)
+            restore_loss_window(self.trainer, self.resumed_from)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "train_loss" in logs and self.trainer is not None:
+                # the closing row: the Trainer's figure covers only the steps since the resume (as eval.json's did)
+                logs["train_loss"] = run_train_loss(self.trainer, logs["train_loss"], self.resumed_from)
             if state.is_world_process_zero and logs:
                 logger.log(state.global_step, **{"epoch": state.epoch, **logs})
             divergence.note_loss(state.global_step, (logs or {}).get("loss"))
@@ -584,9 +591,12 @@ def trainer_callbacks(output_dir: str | Path) -> list:
 
         def on_save(self, args, state, control, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            window = loss_window(self.trainer)  # (every process: a gather)
             wait_for_everyone()  # every rank's files (its RNG state) are written
             if args.should_save:
-                finish_checkpoint(output_dir, path, state.global_step, self.total_limit, state.best_model_checkpoint)
+                finish_checkpoint(
+                    output_dir, path, state.global_step, self.total_limit, state.best_model_checkpoint, window
+                )
             wait_for_everyone()
             guard.exit_on_signal(path)
 
@@ -594,6 +604,33 @@ def trainer_callbacks(output_dir: str | Path) -> list:
             guard.kill_point("eval", state.global_step)
 
     return [RunCallback()]
+
+
+# The loss the Trainer sums since its last logged row (each process its own), kept in a checkpoint: a checkpoint at a
+# step that is not a logging step (a signal's, or save_steps not a multiple of logging_steps) left the steps since
+# that row out of the next row after a resume, which then averaged fewer steps than the uninterrupted run's.
+LOSS_WINDOW = "loss_window"
+
+
+def loss_window(trainer) -> dict[str, Any]:
+    """{LOSS_WINDOW: {"since_step": the last logged step, "sums": each process's loss sum since}} (transformers 5's
+    `_tr_loss` and `_globalstep_last_logged`), or {} when the Trainer keeps no such counters."""
+    if trainer is None or not hasattr(trainer, "_tr_loss") or not hasattr(trainer, "_globalstep_last_logged"):
+        return {}
+    sums = trainer.accelerator.gather(trainer._tr_loss.detach().reshape(1)).tolist()
+    return {LOSS_WINDOW: {"since_step": trainer._globalstep_last_logged, "sums": sums}}
+
+
+def restore_loss_window(trainer, checkpoint: Path | None) -> None:
+    """At the start of a resumed `train()`: each process's loss sum since the last logged step back, so the next row
+    averages the same steps as the uninterrupted run's. Those steps' loss is already in the run-wide train_loss
+    (`run_train_loss`), so it is taken out of the Trainer's figure for this call, which covers the steps it trains."""
+    window = read_json(Path(checkpoint) / CHECKPOINT_STATE, {}).get(LOSS_WINDOW) if checkpoint else None
+    if not window or not hasattr(trainer, "_tr_loss") or window["since_step"] >= trainer.state.global_step:
+        return
+    trainer._tr_loss.fill_(window["sums"][trainer.accelerator.process_index])
+    trainer._globalstep_last_logged = window["since_step"]
+    trainer._total_loss_scalar -= sum(window["sums"]) / len(window["sums"])  # (the logged loss: their mean)
 
 
 # ---- checkpoints: complete when hfgen_state.json is written (Trainer writes the files of its own) ------------
@@ -635,10 +672,15 @@ def start_checkpoint(path: str | Path) -> None:
 
 
 def finish_checkpoint(
-    output_dir: str | Path, path: str | Path, step: int, total_limit: int | None, keep: str | None = None
+    output_dir: str | Path,
+    path: str | Path,
+    step: int,
+    total_limit: int | None,
+    keep: str | None = None,
+    state: dict[str, Any] | None = None,
 ) -> None:
     """Mark a fully written checkpoint complete (its state file, written atomically and last, also records how many
-    metrics.jsonl rows it covers), then rotate: the oldest complete checkpoints beyond `total_limit` go (never
+    metrics.jsonl rows it covers, and `state`, what else a resume takes back), then rotate: the oldest complete checkpoints beyond `total_limit` go (never
     `keep`, the best one), and so do incomplete ones older than this one (left by a killed run). A kill at any
     moment thus leaves at least the newest complete checkpoint."""
     from hfgen import guard
@@ -652,6 +694,7 @@ def finish_checkpoint(
         "metrics_rows": len(read_metrics(output_dir)),
         **launch_identity(),
         "skipped_steps": sorted(guard.skipped_steps),
+        **(state or {}),
     })  # fmt: skip
     # Checkpoints of later steps than this one are of a line of training the run left (it resumed from an earlier
     # one): they go, never this run's own (rotation keeping a stale "newest" one deleted each new one as written).
@@ -778,6 +821,9 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
             "output_dir, or overwrite_output_dir: true without --resume_from_checkpoint), or keep save_only_model "
             "false in runs you may resume."
         )
+    for callback in trainer.callback_handler.callbacks:
+        if hasattr(callback, "resumed_from"):  # trainer_callbacks' RunCallback
+            callback.trainer, callback.resumed_from = trainer, path
     start_metrics(output_dir, path)
     if path is not None and _trained_to_the_end(path, trainer.args):
         _finish_without_training(trainer, path)
@@ -831,8 +877,8 @@ def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> 
     """The mean training loss over the whole run's steps, for eval.json. After a resume the Trainer's `training_loss`
     covers only the steps this call trained (transformers 5), so a resumed run recorded another figure than the
     uninterrupted one; the earlier steps' losses come from the log history restored with the checkpoint (each
-    logged loss is the mean over the steps since the log before it). Steps after the checkpoint's last log and
-    before the checkpoint have no logged loss and are left out (none when logging_steps divides save_steps)."""
+    logged loss is the mean over the steps since the log before it); the steps after the checkpoint's last log, from
+    the loss sum the checkpoint kept (`loss_window`; a checkpoint of an older hfgen has none: they are left out)."""
     if resumed_from is None:
         return training_loss
     start = _step_of(resumed_from)
@@ -842,6 +888,10 @@ def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> 
             total += row["loss"] * (row["step"] - previous)
             steps += row["step"] - previous
             previous = row["step"]
+    window = read_json(Path(resumed_from) / CHECKPOINT_STATE, {}).get(LOSS_WINDOW)
+    if window and window["since_step"] < start:
+        total += sum(window["sums"]) / len(window["sums"])
+        steps += start - window["since_step"]
     trained = trainer.state.global_step - start
     return (total + training_loss * trained) / max(steps + trained, 1)
 
