@@ -394,6 +394,16 @@ def test_a_signal_checkpoint_between_logged_steps_resumes_to_the_uninterrupted_r
     assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
 
 
+@pytest.mark.slow
+def test_a_resume_from_another_dirs_checkpoint_starts_with_that_runs_rows(short_pretrain, tmp_path):
+    # the new dir's metrics.jsonl held only the rows after the checkpoint
+    resume = ["--resume_from_checkpoint", short_pretrain / "checkpoint-2", "--output_dir", tmp_path]
+    result = run_hfgen_here("train", PRETRAIN, *SHORT_PRETRAIN, *resume)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stable_rows(tmp_path) == stable_rows(short_pretrain)
+    assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
+
+
 DIES_DELETING = """
 import os, signal, sys
 from pathlib import Path

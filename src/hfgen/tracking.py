@@ -489,6 +489,10 @@ def start_metrics(output_dir: str | Path, resume: Path | None) -> None:
         path.unlink(missing_ok=True)
         return
     state = read_json(Path(resume) / CHECKPOINT_STATE, {})
+    source = Path(resume).parent
+    if source.resolve() != Path(output_dir).resolve():
+        copy_checkpoint_metrics(source, output_dir, state)
+        return
     rows = read_metrics(output_dir)
     if "metrics_rows" in state:
         kept = rows[: state["metrics_rows"]]
@@ -496,6 +500,26 @@ def start_metrics(output_dir: str | Path, resume: Path | None) -> None:
         kept = [row for row in rows if row["step"] <= state.get("step", 0)]
     if path.is_file():
         write_jsonl(path, kept)
+
+
+def copy_checkpoint_metrics(source: Path, output_dir: str | Path, state: dict[str, Any]) -> None:
+    """A resume from another dir's checkpoint: metrics.jsonl starts with that run's rows up to the checkpoint (its
+    dir's first `metrics_rows` rows), as the uninterrupted run's does; the new dir's file held none of them. When that
+    run's file no longer holds them (deleted, or cut back by a later resume), the new one starts at the checkpoint,
+    and says so."""
+    import sys
+
+    rows, count, step = read_metrics(source), state.get("metrics_rows"), state.get("step", 0)
+    path = Path(output_dir) / "metrics.jsonl"
+    if count is not None and len(rows) >= count and all(row.get("step", 0) <= step for row in rows[:count]):
+        write_jsonl(path, rows[:count])
+        return
+    path.unlink(missing_ok=True)
+    print(
+        f"hfgen: resume: '{source / 'metrics.jsonl'}' no longer holds the rows of the run up to step {step}, so "
+        f"'{path}' starts after that step",
+        file=sys.stderr,
+    )
 
 
 class MetricsLogger:
