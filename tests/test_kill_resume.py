@@ -404,6 +404,15 @@ def test_a_resume_from_another_dirs_checkpoint_starts_with_that_runs_rows(short_
     assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
 
 
+def test_a_run_dir_given_as_the_checkpoint_is_named_a_run_dir(tmp_path):
+    # it was called "an incomplete checkpoint (no hfgen_state.json: the run stopped while writing it ...)"
+    run = tmp_path / "run"
+    fake_checkpoint(run, yaml.safe_load(PRETRAIN.read_text()), tracking.launch_identity())
+    (run / "recipe.yaml").write_text(PRETRAIN.read_text())
+    with pytest.raises(UserError, match=r"'.*/run' is a run dir, not a checkpoint.*\(it holds: checkpoint-4\)"):
+        tracking.resolve_resume(str(run), tmp_path / "new")
+
+
 DIES_DELETING = """
 import os, signal, sys
 from pathlib import Path

@@ -969,6 +969,13 @@ def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise UserError(f"resume_from_checkpoint: '{path}' is not a directory.")
+    if not is_complete_checkpoint(path) and not _CHECKPOINT.match(path.name) and is_run_dir(path):
+        found = ", ".join(p.name for p in checkpoints(path)) or "none"
+        raise UserError(
+            f"resume_from_checkpoint: '{path}' is a run dir, not a checkpoint; give one of its checkpoint-N dirs "
+            f"(it holds: {found}), or, to continue the run in output_dir, `--resume_from_checkpoint true` (the newest "
+            "complete checkpoint there)."
+        )
     if not is_complete_checkpoint(path):
         raise UserError(
             f"resume_from_checkpoint: '{path}' is an incomplete checkpoint (no {CHECKPOINT_STATE}: the run stopped "
