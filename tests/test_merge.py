@@ -90,6 +90,37 @@ def test_a_merge_killed_half_way_leaves_no_model_dir_and_a_rerun_completes(base_
     assert code == 2 and "holds other files" in message and (tmp_path / "notes/todo.txt").is_file()
 
 
+DIES_DELETING = """
+import os, signal, sys
+from hfgen.cli import main
+
+unlink, deleted = os.unlink, []
+def dying_unlink(*args, **kwargs):  # a kill half way through deleting the earlier merge
+    unlink(*args, **kwargs)
+    deleted.append(args[0])
+    if len(deleted) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.unlink = dying_unlink
+main(sys.argv[1:])
+"""
+
+
+def test_a_merge_killed_while_deleting_the_earlier_merge_leaves_no_half_of_it(base_and_adapter, tmp_path, capsys):
+    # rmtree, killed half way, left the earlier merge's dir missing files, its merged_from.json presenting it as a model
+    import subprocess
+    import sys
+
+    _, adapter = base_and_adapter
+    output_dir = tmp_path / "merged"
+    assert merge(capsys, adapter, "--output_dir", output_dir)[0] == 0
+    command = [sys.executable, "-c", DIES_DELETING, "merge", str(adapter), "--output_dir", str(output_dir)]
+    killed = subprocess.run(command, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not output_dir.exists()  # renamed away at once, then deleted
+    assert merge(capsys, adapter, "--output_dir", output_dir)[0] == 0
+    assert (output_dir / "merged_from.json").is_file() and (output_dir / "tokenizer.json").is_file()
+
+
 def test_a_full_model_loads_from_inside_an_adapter_dir(base_and_adapter, monkeypatch):
     # the adapter-chain probe must not read the working directory's adapter_config.json for a full model
     from hfgen.models import load_causal_lm

@@ -67,7 +67,9 @@ def main(args: argparse.Namespace) -> int:
         partial / "merged_from.json",
         {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions(), **run_recipe},
     )
-    shutil.rmtree(output_dir, ignore_errors=True)  # empty, or an earlier merge's (checked above)
+    # empty, or an earlier merge's (checked above): renamed away first, so a kill half way through deleting it never
+    # leaves half an earlier merge that its merged_from.json still presents as a model
+    tracking.remove_dir(output_dir)
     partial.rename(output_dir)
     print(output_dir)
     return 0
