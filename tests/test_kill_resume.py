@@ -413,6 +413,20 @@ def test_a_run_dir_given_as_the_checkpoint_is_named_a_run_dir(tmp_path):
         tracking.resolve_resume(str(run), tmp_path / "new")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes find the disk full")
+def test_a_full_disk_while_a_checkpoint_copies_the_recipe_names_the_copy_not_the_recipe(tmp_path):
+    # shutil.copyfile's error names its source first: the message named the run's recipe.yaml, which was only read
+    from hfgen.errors import disk_full_exits_2
+
+    (tmp_path / "recipe.yaml").write_text(PRETRAIN.read_text())
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "recipe.yaml.tmp").symlink_to("/dev/full")  # its write finds the disk full
+    with pytest.raises(UserError, match=r"the disk is full: writing under '.*checkpoint-4/recipe.yaml' failed"):
+        with disk_full_exits_2(tmp_path):
+            tracking.finish_checkpoint(tmp_path, tmp_path / "checkpoint-4", 4, None)
+    assert not tracking.complete_checkpoints(tmp_path) and not (tmp_path / "checkpoint-4" / "recipe.yaml").exists()
+
+
 DIES_DELETING = """
 import os, signal, sys
 from pathlib import Path

@@ -712,7 +712,9 @@ def finish_checkpoint(
     guard.kill_point("checkpoint", step)
     recipe = Path(output_dir) / "recipe.yaml"
     if recipe.is_file() and not (Path(path) / "recipe.yaml").is_file():  # what a resume is compared with
-        shutil.copyfile(recipe, Path(path) / "recipe.yaml")
+        # written whole or not at all (a half copy, kept by a later save of this checkpoint, read as another recipe),
+        # and a full disk names this file, not the recipe read (shutil.copyfile's error names its source)
+        write_text(Path(path) / "recipe.yaml", recipe.read_text())
     write_json(Path(path) / CHECKPOINT_STATE, {
         "step": step,
         "metrics_rows": len(read_metrics(output_dir)),
