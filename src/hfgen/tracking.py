@@ -704,9 +704,9 @@ def finish_checkpoint(
     state: dict[str, Any] | None = None,
 ) -> None:
     """Mark a fully written checkpoint complete (its state file, written atomically and last, also records how many
-    metrics.jsonl rows it covers, and `state`, what else a resume takes back), then rotate: the oldest complete checkpoints beyond `total_limit` go (never
-    `keep`, the best one), and so do incomplete ones older than this one (left by a killed run). A kill at any
-    moment thus leaves at least the newest complete checkpoint."""
+    metrics.jsonl rows it covers, and `state`: what else a resume takes back), then rotate: the oldest complete
+    checkpoints beyond `total_limit` go (never `keep`, the best one), and so do incomplete ones older than this one
+    (left by a killed run). A kill at any moment thus leaves at least the newest complete checkpoint."""
     from hfgen import guard
 
     guard.kill_point("checkpoint", step)
@@ -900,7 +900,8 @@ def _finish_without_training(trainer, checkpoint: Path) -> None:
 
 
 def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> float:
-    """The mean training loss over the whole run's steps, for eval.json. After a resume the Trainer's `training_loss`
+    """The mean training loss over the whole run's steps, for eval.json and the closing metrics.jsonl row (the
+    Trainer's own `train_loss`). After a resume the Trainer's `training_loss`
     covers only the steps this call trained (transformers 5), so a resumed run recorded another figure than the
     uninterrupted one; the earlier steps' losses come from the log history restored with the checkpoint (each
     logged loss is the mean over the steps since the log before it); the steps after the checkpoint's last log, from
