@@ -383,11 +383,12 @@ def closing_train_loss(run_dir) -> float:
 @pytest.mark.slow
 def test_a_signal_checkpoint_between_logged_steps_resumes_to_the_uninterrupted_runs_rows(short_pretrain, tmp_path):
     # the signal picks the step (3, logging_steps 2): the resumed run's step-4 row averaged step 4 alone, and the
-    # closing row's train_loss (after any resume) covered only the steps since the resume
-    overrides = [*SHORT_PRETRAIN, "--save_on_signal", "true"]
+    # closing row's train_loss (after any resume) covered only the steps since the resume; then it left step 3 out
+    # once checkpoint-3 was rotated away (save_total_limit 1) before the run ended
+    overrides = [*SHORT_PRETRAIN, "--save_on_signal", "true", "--save_total_limit", "1"]
     result = train(PRETRAIN, tmp_path, overrides, kill_at="step@3:INT")
     assert result.returncode == 128 + signal.SIGINT, result.stderr[-3000:]
-    assert [p.name for p in tracking.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in tracking.complete_checkpoints(tmp_path)] == ["checkpoint-3"]
     result = train(PRETRAIN, tmp_path, overrides, resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(short_pretrain, tmp_path)  # the loss rows included

@@ -645,11 +645,25 @@ def loss_window(trainer) -> dict[str, Any]:
     return {LOSS_WINDOW: {"since_step": trainer._globalstep_last_logged, "sums": sums}}
 
 
+_loss_windows: dict[Path, dict | None] = {}  # resumed checkpoint -> its loss window, read while it still exists
+
+
+def resumed_loss_window(checkpoint: Path | None) -> dict | None:
+    """The loss window the checkpoint a run resumed from kept, read once at the resume: by the end of the run the
+    checkpoint may be rotated away (save_total_limit), and the run's train_loss then left its steps out."""
+    if checkpoint is None:
+        return None
+    key = Path(checkpoint).resolve()
+    if key not in _loss_windows:
+        _loss_windows[key] = read_json(key / CHECKPOINT_STATE, {}).get(LOSS_WINDOW)
+    return _loss_windows[key]
+
+
 def restore_loss_window(trainer, checkpoint: Path | None) -> None:
     """At the start of a resumed `train()`: each process's loss sum since the last logged step back, so the next row
     averages the same steps as the uninterrupted run's. Those steps' loss is already in the run-wide train_loss
     (`run_train_loss`), so it is taken out of the Trainer's figure for this call, which covers the steps it trains."""
-    window = read_json(Path(checkpoint) / CHECKPOINT_STATE, {}).get(LOSS_WINDOW) if checkpoint else None
+    window = resumed_loss_window(checkpoint)
     if not window or not hasattr(trainer, "_tr_loss") or window["since_step"] >= trainer.state.global_step:
         return
     trainer._tr_loss.fill_(window["sums"][trainer.accelerator.process_index])
@@ -915,7 +929,7 @@ def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> 
             total += row["loss"] * (row["step"] - previous)
             steps += row["step"] - previous
             previous = row["step"]
-    window = read_json(Path(resumed_from) / CHECKPOINT_STATE, {}).get(LOSS_WINDOW)
+    window = resumed_loss_window(resumed_from)
     if window and window["since_step"] < start:
         total += sum(window["sums"]) / len(window["sums"])
         steps += start - window["since_step"]
