@@ -86,6 +86,8 @@ def disk_full_exits_2(output_dir: Path | None = None, output: str | Path | None 
     moved into place, so none is left half written."""
     try:
         yield
+    except UserError:
+        raise  # already said (an inner guard's message: its chain still holds the OSError)
     except Exception as error:
         if not disk_full(error, Path(output_dir or output or ".")):
             raise
