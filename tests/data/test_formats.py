@@ -26,6 +26,18 @@ def load(path, kind, **keys):
     return load_for_stage(TextDataArguments(dataset_name=str(path), **keys), kind)
 
 
+def hub_readme(folder, train_files: dict) -> None:
+    """A hub-style dataset card declaring one configuration per entry: its name and its train split's file."""
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {path}\n"
+            for c, path in train_files.items()
+        )
+        + "---\n"
+    )
+
+
 def turns(*pairs, role="role", content="content"):
     return [{role: r, content: c} for r, c in pairs]
 
@@ -595,14 +607,7 @@ def test_dataset_config_is_asked_for_by_name_refused_where_it_means_nothing_and_
     for config in ("main", "socratic"):
         (folder / config).mkdir(parents=True)
         jsonl(folder / config / "train.jsonl", TLDR)
-    (folder / "README.md").write_text(
-        "---\nconfigs:\n"
-        + "".join(
-            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n"
-            for c in ("main", "socratic")
-        )
-        + "---\n"
-    )
+    hub_readme(folder, {c: f"{c}/train.jsonl" for c in ("main", "socratic")})
     with pytest.raises(UserError, match=r"several configurations; set dataset_config to one of \['main', 'socratic'\]"):
         load(folder, "preference")
     with pytest.raises(UserError, match=r"dataset_config 'nope' is not one of .*\['main', 'socratic'\]"):
@@ -905,14 +910,7 @@ def test_a_hub_style_folder_of_csv_configurations_with_other_columns_loads(tmp_p
     for config, header, row in (("a_pairs", "prompt,completion", "q {},0{}.50"), ("b_text", "text", "0{}.5{}")):
         (folder / config).mkdir(parents=True)
         (folder / config / "train.csv").write_text(header + "\n" + "".join(row.format(i, i) + "\n" for i in range(20)))
-    (folder / "README.md").write_text(
-        "---\nconfigs:\n"
-        + "".join(
-            f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.csv\n"
-            for c in ("a_pairs", "b_text")
-        )
-        + "---\n"
-    )
+    hub_readme(folder, {c: f"{c}/train.csv" for c in ("a_pairs", "b_text")})
     train, evaluation, _ = load(folder, "sft", dataset_config="a_pairs")
     assert sorted(list(train["completion"]) + list(evaluation["completion"])) == sorted(f"0{i}.50" for i in range(20))
     train, evaluation, _ = load(folder, "text", dataset_config="b_text")
