@@ -117,8 +117,30 @@ def test_a_merge_killed_while_deleting_the_earlier_merge_leaves_no_half_of_it(ba
     killed = subprocess.run(command, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not output_dir.exists()  # renamed away at once, then deleted
+    assert [path.name for path in tmp_path.glob(".deleting-merged-*")]  # what the kill left, renamed
     assert merge(capsys, adapter, "--output_dir", output_dir)[0] == 0
     assert (output_dir / "merged_from.json").is_file() and (output_dir / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".deleting-*"))  # the rerun cleared it: a merge's leftover held a model's space
+
+
+def test_a_merge_that_finds_the_disk_full_exits_2_and_leaves_nothing_half_written(
+    base_and_adapter, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    save_pretrained = PreTrainedModel.save_pretrained
+
+    def fills_the_disk(self, directory, *args, **kwargs):  # the weights get written, then the disk is full
+        save_pretrained(self, directory, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_the_disk)
+    _, adapter = base_and_adapter
+    code, message = merge(capsys, adapter, "--output_dir", tmp_path / "merged")
+    assert code == 2 and "No space left" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # no merged/, no merged.partial/ holding the space
 
 
 def test_a_full_model_loads_from_inside_an_adapter_dir(base_and_adapter, monkeypatch):

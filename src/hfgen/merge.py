@@ -61,12 +61,17 @@ def main(args: argparse.Namespace) -> int:
     # Written beside, then moved into place: a merge killed half-way leaves no dir that looks like a model.
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save(partial)
-    guard.kill_point("merge_save")
-    tracking.write_json(
-        partial / "merged_from.json",
-        {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions(), **run_recipe},
-    )
+    tracking.remove_deletion_leftovers(output_dir.parent, of=output_dir.name)  # an earlier merge killed mid-delete
+    try:
+        save(partial)
+        guard.kill_point("merge_save")
+        tracking.write_json(
+            partial / "merged_from.json",
+            {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions(), **run_recipe},
+        )
+    except BaseException:  # a full disk, Ctrl-C: the half-written weights would hold the disk's space for nothing
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     # empty, or an earlier merge's (checked above): renamed away first, so a kill half way through deleting it never
     # leaves half an earlier merge that its merged_from.json still presents as a model
     tracking.remove_dir(output_dir)

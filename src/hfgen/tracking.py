@@ -313,10 +313,15 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def remove_deletion_leftovers(output_dir: Path) -> None:
-    """What a kill during `remove_dir` left (renamed, not yet removed): removed when a run starts in the dir."""
-    for path in output_dir.glob(f"{DELETING_PREFIX}*"):
-        if path.is_dir() and not path.is_symlink():
+def remove_deletion_leftovers(output_dir: Path, of: str | None = None) -> None:
+    """What a kill during `remove_dir` left (renamed, not yet removed): removed when a run starts in the dir. With
+    `of`, only the leftovers of `remove_dir(output_dir / of)` (the dir is the user's, e.g. a merge's parent)."""
+    import glob
+    import re
+
+    prefix = DELETING_PREFIX if of is None else f"{DELETING_PREFIX}{of}-"
+    for path in output_dir.glob(glob.escape(prefix) + "*"):
+        if re.search("-[0-9a-f]{8}$", path.name) and path.is_dir() and not path.is_symlink():  # remove_dir's names
             shutil.rmtree(path, ignore_errors=True)
 
 
