@@ -351,6 +351,25 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         resume_with()
 
 
+def test_a_bad_resume_target_is_refused_before_the_stage_loads_its_data(tmp_path, monkeypatch):
+    # the stage resolved its resume only after loading its data and models (minutes on a real run) before saying so
+    from hfgen.stages import pretrain
+
+    monkeypatch.setattr(pretrain, "run", lambda *configs: pytest.fail("the stage ran before the resume was checked"))
+    recipe = yaml.safe_load(PRETRAIN.read_text())
+    other = fake_checkpoint(tmp_path / "other", {**recipe, "learning_rate": 0.03}, tracking.launch_identity())
+    incomplete = fake_checkpoint(tmp_path / "killed", recipe, tracking.launch_identity())
+    (incomplete / tracking.CHECKPOINT_STATE).unlink()
+    for target, message in [
+        (tmp_path / "no-such-checkpoint", "is not a directory"),
+        (incomplete, "is an incomplete checkpoint"),
+        (other, "learning_rate: 0.03 -> 0.003"),
+    ]:
+        run = ["--output_dir", tmp_path / "run", "--resume_from_checkpoint", target, "--overwrite_output_dir", "true"]
+        result = run_hfgen_here("train", PRETRAIN, *run)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+
+
 def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
     # its checkpoints hold no optimizer, scheduler or RNG state: resumed silently with fresh ones, exit 0, other weights
     short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1", "--save_steps", "1",

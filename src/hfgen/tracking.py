@@ -1052,10 +1052,6 @@ def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
     """A resume continues the checkpoint's run: the same stage and recipe (but for `RESUMABLE_CHANGES`), the same
     number of processes and engine; otherwise a UserError naming what differs (a resumed run that silently ran
     with other values, or on another launch, would be neither the old run nor the new one)."""
-    import yaml
-
-    from hfgen.recipe import load_recipe
-
     state = read_json(checkpoint / CHECKPOINT_STATE, {})
     now = launch_identity()
     launch = [f"{key}: {state[key]!r} -> {now[key]!r}" for key in now if key in state and state[key] != now[key]]
@@ -1065,6 +1061,28 @@ def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
             "its optimizer state and data order belong to that launch. Resume with the same number of processes and "
             "engine, or start afresh (a new output_dir, or overwrite_output_dir: true)."
         )
+    check_same_recipe(checkpoint, output_dir)
+
+
+def check_resume_target(resume_from_checkpoint, output_dir: str | Path) -> None:
+    """What `resolve_resume` refuses in the checkpoint itself (not a checkpoint, incomplete, another stage's or
+    recipe's), checked when the run starts: the stage resolves its resume only after loading its data and models,
+    minutes on a real run. (The launch is checked there: before the stage's Accelerator, the engine is not known.)"""
+    if resume_from_checkpoint in (True, "true", "True"):
+        complete = complete_checkpoints(output_dir)
+        path = complete[-1] if complete else None
+    else:
+        path = _resume_path(resume_from_checkpoint, output_dir, None)
+    if path is not None:
+        check_same_recipe(path, output_dir)
+
+
+def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:
+    """`check_same_run`'s recipe half: the checkpoint's recipe.yaml against output_dir's (this run's)."""
+    import yaml
+
+    from hfgen.recipe import load_recipe
+
     then_file, now_file = checkpoint / "recipe.yaml", Path(output_dir) / "recipe.yaml"
     if not then_file.is_file() or not now_file.is_file():
         return  # a checkpoint of an older hfgen

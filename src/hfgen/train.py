@@ -176,6 +176,8 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
                 config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
+    if resuming:  # (against the recipe.yaml just written)
+        tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir)
     trained_on = tracking.input_runs(recipe)  # before the stage loads them: the runs whose weights it trains on
     if inputs is not None and tracking.is_main_process():
         tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
