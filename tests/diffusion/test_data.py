@@ -268,6 +268,23 @@ def test_a_caption_training_cannot_use_or_would_train_unconditioned_is_named_by_
     assert complaint in problems and "column 'text'" in problems and "rows [6]" in problems, problems
 
 
+def test_a_bad_caption_past_the_rows_the_check_reads_is_named_by_row_before_training(tmp_path):
+    """The check reads the first 1,000 rows; a list caption holding None further on stopped `train` with "caption
+    [...] is neither a string nor a list of strings", naming no dataset, column or row."""
+    from types import SimpleNamespace
+
+    from hfgen.diffusion.image_stage import training_rows
+    from hfgen.errors import UserError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    rows = [{"image": "0.png", "text": ["square", None] if i == 1002 else f"square {i}"} for i in range(1010)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ImageDataArguments(dataset_name=str(tmp_path / "data.jsonl"), resolution=8)
+    assert check_image_data(args, need_captions=True, hold_out=False) == []  # past the rows it reads
+    with pytest.raises(UserError, match=r"column 'text' has values that are neither .* \(rows \[1003\]"):
+        training_rows(args, SimpleNamespace(instance_data_dir=None), seed=0)
+
+
 def test_a_class_subfolder_label_column_as_captions_is_refused_at_check(tmp_path):
     """`caption_column: label` on a folder of class subfolders passed the check (label is exempt from the numbers
     test for KTO), then `train` stopped with "caption 2 is neither a string nor a list of strings"."""

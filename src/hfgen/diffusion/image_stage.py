@@ -75,13 +75,22 @@ def class_data_dir(args: ImageStageArguments) -> Path:
 
 def training_rows(data_args, args: ImageStageArguments, seed: int):
     """The training split of the recipe's dataset, or DreamBooth's instance images under `instance_prompt`."""
-    from hfgen.diffusion.data import load_image_splits
+    import functools
+
+    from hfgen.data.loading import ROWS_CHECKED
+    from hfgen.diffusion.data import caption_problems, load_image_splits, row_files
     from hfgen.diffusion.dreambooth import instance_rows
+    from hfgen.errors import UserError
 
     # (no held-out slice: these stages evaluate by sampling the pipeline, and a carved slice was never trained on)
     if args.instance_data_dir:
         return instance_rows(args, data_args)
-    return load_image_splits(data_args, seed, hold_out=False)[0]
+    rows = load_image_splits(data_args, seed, hold_out=False)[0]
+    if len(rows) > ROWS_CHECKED:  # the check read the first rows; a bad caption past them stopped training unnamed
+        files = functools.partial(row_files, rows, data_args.image_column, data_args.dataset_name)
+        if problems := caption_problems(rows, data_args.caption_column, data_args.dataset_name, files, len(rows)):
+            raise UserError("; ".join(problems) + ".")
+    return rows
 
 
 def with_class_rows(rows, data_args, args: ImageStageArguments, make_pipeline, accelerator, call_arguments=None):
