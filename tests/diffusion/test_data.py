@@ -270,19 +270,23 @@ def test_a_caption_training_cannot_use_or_would_train_unconditioned_is_named_by_
 
 def test_a_bad_caption_past_the_rows_the_check_reads_is_named_by_row_before_training(tmp_path):
     """The check reads the first 1,000 rows; a list caption holding None further on stopped `train` with "caption
-    [...] is neither a string nor a list of strings", naming no dataset, column or row."""
+    [...] is neither a string nor a list of strings", naming no dataset, column or row (None the same; "" trained
+    as the unconditional caption)."""
     from types import SimpleNamespace
 
     from hfgen.diffusion.image_stage import training_rows
     from hfgen.errors import UserError
 
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
-    rows = [{"image": "0.png", "text": ["square", None] if i == 1002 else f"square {i}"} for i in range(1010)]
+    bad = {1002: ["square", None], 1005: None, 1007: ""}  # the last two: a crash naming nothing, an unasked dropout
+    rows = [{"image": "0.png", "text": bad.get(i, f"square {i}")} for i in range(1010)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ImageDataArguments(dataset_name=str(tmp_path / "data.jsonl"), resolution=8)
     assert check_image_data(args, need_captions=True, hold_out=False) == []  # past the rows it reads
-    with pytest.raises(UserError, match=r"column 'text' has values that are neither .* \(rows \[1003\]"):
+    with pytest.raises(UserError) as refused:
         training_rows(args, SimpleNamespace(instance_data_dir=None), seed=0)
+    assert "column 'text' has empty values (rows [1006, 1008]" in str(refused.value)
+    assert "column 'text' has values that are neither a string nor a list of strings (rows [1003]" in str(refused.value)
 
 
 def test_a_class_subfolder_label_column_as_captions_is_refused_at_check(tmp_path):

@@ -273,11 +273,14 @@ def row_files(dataset, image_column: str, source: str, positions: list[int]) -> 
     return f"; images {names}"
 
 
-def caption_problems(dataset, column: str, source: str, files=None, limit: int = ROWS_CHECKED) -> list[str]:
+def caption_problems(
+    dataset, column: str, source: str, files=None, limit: int = ROWS_CHECKED, empties: bool = False
+) -> list[str]:
     """Rows among the first `limit` whose caption training cannot use or would use wrongly, each named by its row:
     a dict, a list holding a non-string (these stopped `train` with a message naming no row), a class-id column,
     and a blank caption or blank list item (a list's "" was drawn as an unconditional caption: an unasked
-    dropout). None, "" and [] are `column_problems`' to report."""
+    dropout). None, "" and [] are `column_problems`' to report among the first rows, and reported here with
+    `empties` (past them)."""
     import datasets
 
     from hfgen.data.loading import NON_TEXT_COLUMNS, source_rows
@@ -289,14 +292,13 @@ def caption_problems(dataset, column: str, source: str, files=None, limit: int =
             f"{feature.names[:5]}{'...' if feature.num_classes > 5 else ''}), not captions; set caption_column to a "
             "column of text (a metadata.jsonl with a caption per file_name, or a .txt caption beside each image)"
         ]
-    unusable, blank = [], []  # positions in `dataset`
+    unusable, blank, empty = [], [], []  # positions in `dataset`
     for index, value in enumerate(dataset.select(range(min(limit, len(dataset))))[column]):
-        if (
-            value is None
-            or value == ""
-            or value == []
-            or (isinstance(value, (int, float)) and column not in NON_TEXT_COLUMNS)
-        ):
+        if value is None or value == "" or value == []:
+            if empties:
+                empty.append((index, value))
+            continue
+        if isinstance(value, (int, float)) and column not in NON_TEXT_COLUMNS:
             continue
         try:
             options = caption_options(value)
@@ -307,6 +309,7 @@ def caption_problems(dataset, column: str, source: str, files=None, limit: int =
             blank.append((index, value))
     problems = []
     for found, what in (
+        (empty, "empty values"),
         (unusable, "values that are neither a string nor a list of strings"),
         (blank, "blank captions or blank list items, which would train as the unconditional caption (an unasked "
                 "condition dropout; condition_dropout sets that)"),

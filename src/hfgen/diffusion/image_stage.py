@@ -88,7 +88,7 @@ def training_rows(data_args, args: ImageStageArguments, seed: int):
     rows = load_image_splits(data_args, seed, hold_out=False)[0]
     if len(rows) > ROWS_CHECKED:  # the check read the first rows; a bad caption past them stopped training unnamed
         files = functools.partial(row_files, rows, data_args.image_column, data_args.dataset_name)
-        if problems := caption_problems(rows, data_args.caption_column, data_args.dataset_name, files, len(rows)):
+        if problems := caption_problems(rows, data_args.caption_column, data_args.dataset_name, files, len(rows), True):
             raise UserError("; ".join(problems) + ".")
     return rows
 
