@@ -58,8 +58,20 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation -e ".[deepspeed]"
 	touch $@
 
+# One pytest process per core (TEST_PROCESSES), sharing out the test files (tests/conftest.py); the others' output
+# is printed after the first's. Fails when any of them fails.
+TEST_PROCESSES ?= 2
 test: install install-deepspeed chromium
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	@shared=$$(mktemp -d) && status=0 && pids="" && \
+	for i in $$(seq 2 $(TEST_PROCESSES)); do \
+		HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests --share-files-with $$shared $(PYTEST_ARGS) \
+			> $$shared/process-$$i.log 2>&1 & pids="$$pids $$!"; \
+	done; \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests --share-files-with $$shared $(PYTEST_ARGS) || status=1; \
+	for pid in $$pids; do wait $$pid || status=1; done; \
+	for i in $$(seq 2 $(TEST_PROCESSES)); do echo "== pytest process $$i of $(TEST_PROCESSES)"; \
+		cat $$shared/process-$$i.log; done; \
+	rm -rf $$shared; exit $$status
 
 # The reward-hacking monitor over seeds (needs `make demo` first; about 2 x 3 minutes per seed on a CPU).
 check-monitor: install

@@ -33,6 +33,47 @@ REPO = Path(__file__).resolve().parents[1]
 HFGEN = [sys.executable, "-m", "hfgen.cli"]
 
 
+# `make test` runs one pytest process per core, side by side (the tests use one torch thread each): each takes the
+# next test file no other process has taken (`--share-files-with DIR`, the claims as files in DIR), the heaviest
+# first, so the last file started decides when both end. A file's tests run in one process (its module fixtures).
+HEAVY_FILES_FIRST = [
+    "test_kill_resume.py", "stages/test_preference.py", "stages/test_pretrain.py", "stages/test_ppo.py",
+    "stages/test_grpo.py", "test_engines.py", "stages/test_t2i_buckets_dreambooth.py", "stages/test_sft.py",
+    "stages/test_t2i_flow.py", "stages/test_reward.py", "stages/test_rlhf.py", "test_sweep.py",
+    "data/test_layouts_train.py", "stages/test_t2i.py",
+]  # fmt: skip
+_files_taken: dict[Path, bool] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--share-files-with",
+        metavar="DIR",
+        help="run beside other pytest processes given the same empty DIR: each test file runs in the first to reach it",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--share-files-with"):
+        order = {name: rank for rank, name in enumerate(HEAVY_FILES_FIRST)}
+        items.sort(key=lambda item: order.get(item.path.relative_to(REPO / "tests").as_posix(), len(order)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    shared = item.config.getoption("--share-files-with")
+    if not shared:
+        return None
+    if item.path not in _files_taken:
+        claim = Path(shared) / item.path.relative_to(REPO).as_posix().replace("/", "--")
+        try:
+            claim.open("x").close()
+            _files_taken[item.path] = True
+        except FileExistsError:
+            _files_taken[item.path] = False
+    return None if _files_taken[item.path] else True  # True: handled (by the process that took the file)
+
+
 @pytest.fixture
 def free_port() -> int:
     with socket.socket() as s:
