@@ -928,3 +928,29 @@ def test_csv_files_whose_headers_differ_keep_every_column(tmp_path):
     (folder / "test.csv").write_text("prompt,chosen,rejected\nr,e,f\n")
     raw = load_raw(str(folder))
     assert raw["train"]["margin"] == [1, 2] and raw["test"].num_rows == 1
+
+
+def test_chat_answers_whose_turns_are_all_empty_are_dropped_as_empty_text(tmp_path):
+    # An empty assistant turn as the completion (or a pair's answer) would teach an empty answer; the same rows
+    # with text answers or as messages are dropped, so these are too.
+    rows = [
+        {
+            "prompt": turns(("user", f"tell me about the cat {i}")),
+            "completion": turns(("assistant", "" if i % 4 == 0 else f"a cat {i}")),
+        }
+        for i in range(40)
+    ]
+    train, evaluation, records = load(jsonl(tmp_path / "pc.jsonl", rows), "sft")
+    dropped = records["train"]["dropped"].get("empty text", 0) + records["eval"]["dropped"].get("empty text", 0)
+    assert dropped == 10 and len(train) + len(evaluation) == 30
+    pairs = [
+        {
+            "prompt": turns(("user", f"q{i}")),
+            "chosen": turns(("assistant", "" if i % 4 == 0 else f"yes {i}")),
+            "rejected": turns(("assistant", f"no {i}")),
+        }
+        for i in range(40)
+    ]
+    train, evaluation, records = load(jsonl(tmp_path / "pairs.jsonl", pairs), "preference")
+    dropped = records["train"]["dropped"].get("empty text", 0) + records["eval"]["dropped"].get("empty text", 0)
+    assert dropped == 10 and len(train) + len(evaluation) == 30

@@ -196,7 +196,15 @@ def parse_columns(value) -> dict[str, str]:
 
 
 def _is_empty(value) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
+    """No text: None, blank text, or chat turns none of which says anything (`[{role: assistant, content: ""}]`
+    as a completion would train the model to answer with nothing, as an empty text completion would)."""
+    if isinstance(value, list):
+        return all(isinstance(turn, dict) and _is_empty(_turn_text(turn)) for turn in value)
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _turn_text(turn: dict):
+    return next((turn[content] for _, content in TURN_KEYS if content in turn), None)
 
 
 # A turn's (speaker, text) keys: ShareGPT's and OpenAI's. Files mix them up (a `conversations` column of
