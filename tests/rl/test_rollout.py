@@ -2,6 +2,8 @@
 generation log-probs equal a forward pass's, the LoRA reference is the adapter-disabled policy, scores and values
 read the right positions."""
 
+import math
+
 import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -390,6 +392,8 @@ def test_recipe_functions_from_files_in_either_convention_and_their_errors(tmp_p
         "def positional(prompts, responses):\n    return [1.0 for _ in responses]\n"
         "def raises(prompts, responses):\n    return [1 / 0 for _ in responses]\n"
         "def text(prompts, responses):\n    return ['1' for _ in responses]\n"
+        "def infinite(prompts, responses):\n    return [float('inf')] + [0.0 for _ in responses[1:]]\n"
+        "def not_a_number(prompts, responses):\n    return [float('nan') for _ in responses]\n"
     )  # fmt: skip
     spec = f"{tmp_path / 'my_rewards.py'}:"
     assert load_function(spec + "trl_style")(["p", "q"], ["ab", "c"]) == [2.0, 1.0]
@@ -399,8 +403,14 @@ def test_recipe_functions_from_files_in_either_convention_and_their_errors(tmp_p
     assert load_function(spec + "positional")(["p"], ["r"]) == [1.0]
     with pytest.raises(UserError, match=r"raised ZeroDivisionError: division by zero \(at .*my_rewards.py:8\)"):
         load_function(spec + "raises")(["p"], ["r"])
-    with pytest.raises(UserError, match="a score must be a number"):
+    with pytest.raises(UserError, match="a score must be a finite number"):
         reward_values(load_function(spec + "text"), load_function(spec + "text")(["p"], ["r"]), 1)
+    # inf made PPO stop as "diverged, lower learning_rate" and GRPO log reward inf; a NaN passed as "not scored"
+    with pytest.raises(UserError, match=r"infinite returned inf for response 0: a score must be a finite number"):
+        reward_values(load_function(spec + "infinite"), load_function(spec + "infinite")(["p", "q"], ["r", "s"]), 2)
+    with pytest.raises(UserError, match=r"not_a_number returned nan for response 0"):
+        reward_values(load_function(spec + "not_a_number"), [math.nan], 1)
+    assert reward_values(load_function(spec + "positional"), [None, 1], 2)[1] == 1.0  # None: not scored
     assert same_name_problems(["a:score", "b:score", "a:other"]) and not same_name_problems(["a:score", "a:other"])
 
 

@@ -440,8 +440,8 @@ def function_scores(function: RewardFunction, prompts: list, responses: list[str
 def reward_values(function, values, count: int) -> list[float]:
     """What a reward function returned, as `count` floats (a list, tuple, numpy array or tensor of numbers). None
     is TRL's "this function does not score this sample": NaN here, which the weighted sum of the rewards skips
-    (`RewardScorer`; TRL's GRPO and RLOO do the same). Anything else is the recipe's function at fault, not hfgen:
-    exit 2 naming the function and what it returned."""
+    (`RewardScorer`; TRL's GRPO and RLOO do the same). Anything else (text, inf, a NaN of its own) is the recipe's
+    function at fault, not hfgen: exit 2 naming the function and what it returned."""
     name = getattr(function, "__qualname__", repr(function))
     try:
         values = values.tolist() if hasattr(values, "tolist") else list(values)
@@ -456,11 +456,16 @@ def reward_values(function, values, count: int) -> list[float]:
         try:
             if isinstance(value, (str, bytes)):
                 raise TypeError("text is not a score")
-            scores.append(math.nan if value is None else float(value))
+            score = math.nan if value is None else float(value)
+            # inf or NaN: a broken function, not a score; taken as one it would make PPO's loss NaN (a
+            # "divergence" blamed on the learning rate) and GRPO's group advantage zero, and a NaN would pass as None
+            if value is not None and not math.isfinite(score):
+                raise ValueError("not finite")
+            scores.append(score)
         except (TypeError, ValueError):
             raise UserError(
-                f"reward function {name} returned {value!r} for response {index}: a score must be a number (None: "
-                "the function does not score that response)"
+                f"reward function {name} returned {value!r} for response {index}: a score must be a finite number "
+                "(None: the function does not score that response)"
             ) from None
     return scores
 
