@@ -293,6 +293,41 @@ def test_divergence_guard_skips_within_tolerance_then_stops():
         guard.check_step(3, torch.tensor(1.0), optimizer)
 
 
+class SquaredLoss(torch.nn.Module):
+    """A model whose loss is non-finite exactly for the rows holding a NaN: a step the guard skips, on cue."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return {"loss": ((self.weight * x) ** 2).sum()}
+
+
+def test_a_step_skipped_within_nan_tolerance_is_logged_as_nan_not_as_a_perfect_loss(tmp_path):
+    # transformers' logging_nan_inf_filter put the window's mean so far (0 right after a row) in place of the skipped
+    # step's loss: the Trainer stages logged "loss": 0.0 where training broke and averaged it into train_loss
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    configure(nan_tolerance=2)
+    rows = [{"x": [math.nan, 1.0] if i == 1 else [1.0, 2.0]} for i in range(4)]
+    args = TrainingArguments(tmp_path, per_device_train_batch_size=1, max_steps=4, logging_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    callbacks = tracking.trainer_callbacks(tmp_path)
+    trainer = Trainer(model=SquaredLoss(), args=args, train_dataset=Dataset.from_list(rows), callbacks=callbacks)
+    tracking.trainer_resume(trainer, tmp_path)
+    try:
+        trainer.train()
+    finally:
+        configure()  # no skipped step left for the next test's run
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["loss"] for row in logged if "loss" in row}
+    skipped = [step for step, loss in losses.items() if math.isnan(loss)]
+    assert len(skipped) == 1 and all(loss > 4 for step, loss in losses.items() if step not in skipped), losses
+    assert math.isnan(logged[-1]["train_loss"])  # the run's mean is not known, not the finite steps' sum over 4
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_exit_3_keeping_its_checkpoint(tmp_path):
     result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--learning_rate", "1e4", "--max_steps", "40",

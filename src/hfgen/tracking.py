@@ -14,6 +14,7 @@ A run directory holds:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -586,6 +587,7 @@ def trainer_callbacks(output_dir: str | Path) -> list:
         # set by `trainer_resume` (every Trainer stage calls it before training): the Trainer, whose loss counters
         # a checkpoint keeps (`loss_window`), and the checkpoint the run resumed from
         trainer, resumed_from = None, None
+        last_loss_row = 0  # the step of the last row with a loss (its window starts after it)
 
         def on_init_end(self, args, state, control, **kwargs):
             # Trainer rotates checkpoints before the completion marker exists: a kill in between would leave no
@@ -597,8 +599,16 @@ def trainer_callbacks(output_dir: str | Path) -> list:
 
             loop.note_repeated_rows(train_dataloader, output_dir)
             restore_loss_window(self.trainer, self.resumed_from)
+            self.last_loss_row = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                # A step the guard skipped (nan_tolerance) had a non-finite loss, which transformers'
+                # logging_nan_inf_filter replaced by the mean of its window so far (0 right after a row): the row
+                # read as a good step, 0.0 where training broke. It is NaN, as the accelerate loops log it.
+                if any(self.last_loss_row < step <= state.global_step for step in guard.skipped_steps):
+                    logs["loss"] = math.nan
+                self.last_loss_row = state.global_step
             if logs and "train_loss" in logs and self.trainer is not None:
                 # the closing row: the Trainer's figure covers only the steps since the resume (as eval.json's did)
                 logs["train_loss"] = run_train_loss(self.trainer, logs["train_loss"], self.resumed_from)
@@ -924,7 +934,13 @@ def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> 
     covers only the steps this call trained (transformers 5), so a resumed run recorded another figure than the
     uninterrupted one; the earlier steps' losses come from the log history restored with the checkpoint (each
     logged loss is the mean over the steps since the log before it); the steps after the checkpoint's last log, from
-    the loss sum the checkpoint kept (`loss_window`; a checkpoint of an older hfgen has none: they are left out)."""
+    the loss sum the checkpoint kept (`loss_window`; a checkpoint of an older hfgen has none: they are left out).
+    NaN when the divergence guard skipped a step (`nan_tolerance`): the Trainer counted its loss as its window's mean
+    so far, a made-up figure, so the run's mean is not known."""
+    from hfgen import guard
+
+    if guard.skipped_steps:
+        return math.nan
     if resumed_from is None:
         return training_loss
     start = _step_of(resumed_from)
