@@ -162,11 +162,14 @@ def test_scientific_numbers_inside_a_mapping_are_numbers(tmp_path):
     from hfgen.recipe import load_recipe
 
     path = write_recipe(
-        tmp_path, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": "1e-3", "x": ["2E-1"]}
+        tmp_path,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": "1e-3"},
+        gradient_checkpointing_kwargs={"x": ["2E-1"]},  # (the schedule's own arguments are checked: x is none)
     )
     path.write_text(path.read_text().replace("'1e-3'", "1e-3").replace("'2E-1'", "2E-1"))  # as people write them
     args = load_recipe(path, check_inputs=False).get(TrainingArguments)
-    assert args.lr_scheduler_kwargs == {"min_lr": 0.001, "x": [0.2]}
+    assert args.lr_scheduler_kwargs == {"min_lr": 0.001} and args.gradient_checkpointing_kwargs == {"x": [0.2]}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     scheduler = get_scheduler(
         args.lr_scheduler_type,

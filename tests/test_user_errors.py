@@ -119,6 +119,15 @@ def not_utf8(tmp_path):
         (lambda t: [PPO, "--reward_model_path", custom_code_model(t)], ["reward_model_path", "trust_remote_code: true"]),
         (lambda t: [SFT_LORA, "--model_name_or_path", gpt2_config_only(t), "--lora_target_modules", "[q_proj, v_proj]"],
          ["lora_target_modules", "(gpt2) has no module named q_proj, v_proj", "c_attn, c_fc, c_proj"]),
+        # learning-rate schedules transformers could not build: a TypeError/ValueError once the model had loaded
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_restarts", "--lr_scheduler_kwargs", "{num_cycle: 3}"],
+         ["lr_scheduler_type cosine_with_restarts", "'num_cycle'", "its arguments are num_cycles"]),
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "warmup_stable_decay"], ["'num_decay_steps'", "lr_scheduler_kwargs"]),
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_min_lr"], ["min_lr or min_lr_rate"]),
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "polynomial", "--learning_rate", "1e-8"],
+         ["lr_end 1e-07", "lr_scheduler_kwargs"]),
+        (lambda t: [T2I, "--lr_scheduler", "polynomial", "--learning_rate", "1e-8"],
+         ["lr_scheduler polynomial", "raise learning_rate"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
@@ -130,7 +139,8 @@ def not_utf8(tmp_path):
         "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
         "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "sft-custom-code", "ppo-custom-code-reward",
-        "sft-lora-targets-of-another-family",
+        "sft-lora-targets-of-another-family", "schedule-kwargs-misspelt", "wsd-without-decay-steps",
+        "min-lr-schedule-without-floor", "polynomial-below-its-end", "loop-polynomial-below-its-end",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):

@@ -535,6 +535,7 @@ def value_problems(configs) -> list[str]:
                 )
                 problems.append(f"key '{key}' must be {wanted}, got {value}")
         problems += tracker_problems(getattr(config, "report_to", None))
+        problems += schedule_problems(config)
         if hasattr(config, "max_steps") and hasattr(config, "num_train_epochs"):  # transformers' TrainingArguments
             if config.max_steps < -1 or config.max_steps == 0:  # transformers trains one step for 0
                 problems.append(
@@ -547,6 +548,65 @@ def value_problems(configs) -> list[str]:
                     "max_steps (optimizer steps) or num_train_epochs to a positive number"
                 )
     return problems
+
+
+def schedule_problems(config) -> list[str]:
+    """The learning-rate schedule can be built from the recipe: `lr_scheduler_kwargs` fit the function
+    `lr_scheduler_type` names (a misspelt or missing argument), cosine_with_min_lr has its floor, polynomial decays
+    to an end below the learning rate. transformers checks only when the schedule is built, after the model has
+    loaded: a TypeError or ValueError traceback. (The accelerate loops' `lr_scheduler` has no kwargs key.)"""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    key = next((k for k in ("lr_scheduler_type", "lr_scheduler") if getattr(config, k, None) is not None), None)
+    if key is None:
+        return []
+    try:
+        kind = SchedulerType(getattr(getattr(config, key), "value", getattr(config, key)))
+    except ValueError:  # (an unknown name: the stage's own check names it)
+        return []
+    kwargs = getattr(config, "lr_scheduler_kwargs", None) or {}
+    has_kwargs = hasattr(config, "lr_scheduler_kwargs")
+    if not isinstance(kwargs, dict) or kind in (SchedulerType.CONSTANT, SchedulerType.CONSTANT_WITH_WARMUP):
+        return []  # (get_scheduler passes these two no arguments)
+    how = (
+        "set them with lr_scheduler_kwargs"
+        if has_kwargs
+        else f"this stage has no lr_scheduler_kwargs key to set them: choose another {key}"
+    )
+    given = {"optimizer": None, **kwargs}  # what transformers' get_scheduler passes, with the recipe's kwargs
+    if kind not in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY):
+        given["num_warmup_steps"] = 0
+        if kind != SchedulerType.INVERSE_SQRT:
+            given["num_training_steps"] = 1
+    parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[kind]).parameters
+    named = [
+        name for name in parameters if name not in ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
+    ]
+    try:
+        inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[kind]).bind(**given)
+    except TypeError as error:
+        return [
+            f"{key} {kind.value} cannot be built from lr_scheduler_kwargs {kwargs}: {error}; its arguments are "
+            f"{', '.join(named) or 'none'} ({how})"
+        ]
+    if kind in (SchedulerType.COSINE_WITH_MIN_LR, SchedulerType.COSINE_WARMUP_WITH_MIN_LR) and not (
+        {"min_lr", "min_lr_rate"} & set(kwargs)
+    ):
+        return [f"{key} {kind.value} needs its floor, min_lr or min_lr_rate ({how})"]
+    learning_rate, lr_end = getattr(config, "learning_rate", None), kwargs.get("lr_end", 1e-7)
+    if kind == SchedulerType.POLYNOMIAL and isinstance(learning_rate, (int, float)) and not learning_rate > lr_end:
+        return [
+            f"{key} polynomial decays from learning_rate {learning_rate} to lr_end {lr_end}, which must be smaller: "
+            + (
+                "set a smaller lr_end with lr_scheduler_kwargs"
+                if has_kwargs
+                else f"raise learning_rate or choose another {key} (this stage has no lr_scheduler_kwargs key)"
+            )
+        ]
+    return []
 
 
 # attn_implementation values a model loads with, and what each needs here (transformers checks when it loads)
