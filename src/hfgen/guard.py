@@ -169,3 +169,24 @@ class Divergence:
             f"{kept}. Lower learning_rate (or raise warmup, clip with max_grad_norm), or set nan_tolerance: N in the "
             "recipe to skip up to N such steps."
         )
+
+
+def check_final_model(output_dir, step: int, figures: dict) -> None:
+    """After the last update, before the final model is saved: a held-out figure the model computes (its
+    reconstruction error, a loss) that is not finite means the last update (which the per-step check saw only the
+    loss and gradients of) or the steps `nan_tolerance` skipped left a model that no longer computes. `Diverged`,
+    as for a step past the tolerance: no model saved, no COMPLETE."""
+    from hfgen import tracking
+
+    bad = {name: value for name, value in figures.items() if value is None or not math.isfinite(float(value))}
+    if not bad:
+        return
+    what = ", ".join(f"its {name} is {value}" for name, value in bad.items())
+    newest = tracking.complete_checkpoints(output_dir)
+    kept = f"the newest complete checkpoint is {newest[-1]}" if newest else "no complete checkpoint was written"
+    skipped = f" ({len(skipped_steps)} step(s) were skipped under nan_tolerance)" if skipped_steps else ""
+    raise Diverged(
+        f"training ended at step {step} with a model that no longer computes: {what}{skipped}. The model was not "
+        f"saved and the run is not COMPLETE; {kept}. Lower learning_rate (or raise warmup, clip with "
+        "max_grad_norm); nan_tolerance skips steps, it cannot keep a model whose outputs are not finite."
+    )

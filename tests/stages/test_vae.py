@@ -85,6 +85,17 @@ def test_each_row_logs_the_learning_rate_its_step_used(configs, tmp_path):
     assert [row["lr"] for row in rows] == pytest.approx([used[2], used[3]])
 
 
+def test_a_model_whose_reconstructions_are_not_finite_is_not_saved_as_complete(configs, tmp_path):
+    """Steps skipped under nan_tolerance left a VAE whose every reconstruction was NaN, saved with exit 0, COMPLETE
+    and a config.json `scaling_factor: NaN`: the final figures are checked, and the run stops as diverged."""
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=4), "--learning_rate", "1e12",
+                       "--lr_warmup_steps", "0", "--nan_tolerance", "10")  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "no longer computes: its held-out reconstruction error is nan" in result.stderr
+    assert "Traceback" not in result.stderr and not tracking.is_complete(tmp_path)
+    assert not (tmp_path / "config.json").exists() and not list(tmp_path.glob("*.safetensors"))
+
+
 def test_an_epochs_last_shorter_accumulation_trains_as_the_same_batch_unsplit(configs, tmp_path):
     """6 rows in batches of 4 make one batch an epoch: with gradient_accumulation_steps 2 each step is a short
     accumulation of 1 batch, which must take the step that batch takes alone (it took half of it: accelerate's

@@ -244,6 +244,9 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         scaling_factor = vae.config.scaling_factor if model_args.pretrained_vae_name_or_path else measured
         unwrapped.vae.register_to_config(scaling_factor=scaling_factor)
         final_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
+    guard.check_final_model(
+        output_dir, global_step, {"held-out reconstruction error": final_error, "latent scaling factor": measured}
+    )
 
     whole = loop.whole_on_main(accelerator, autoencoder, lambda: EncodeDecode(AutoencoderKL.from_config(vae.config)))
     if accelerator.is_main_process:
