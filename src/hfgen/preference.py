@@ -484,6 +484,15 @@ def run_stage(
 
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # The trained policy's held-out log-probabilities before the save: a model the last update broke (the guard saw
+    # only that step's loss and gradients) is not saved
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (policy,):
+        after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
+    guard.check_final_model(
+        output_dir,
+        trainer.state.global_step,
+        {f"held-out {side} log-probability": sum(logp for logp, _ in pairs) for side, pairs in after.items()},
+    )
     trainer.save_model(str(output_dir))
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
@@ -499,7 +508,6 @@ def run_stage(
         frozen = load_model(model_args, training_args, tokenizer).eval().requires_grad_(False)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
         guard.kill_point("eval")
-        after = {s: completion_logprobs(policy, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()}
         parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard
         comparison, rows = {}, []
         if data_args.eval_samples_per_prompt and data_args.eval_num_prompts:

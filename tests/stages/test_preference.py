@@ -126,6 +126,16 @@ def test_lora_reference_is_the_adapter_disabled_policy(tiny_lm, tmp_path):
     assert results["kl_to_reference"] > 0 and results["logps/chosen_change"] != 0
 
 
+def test_a_policy_broken_by_the_last_update_is_not_saved(tiny_lm, tmp_path):
+    """The guard checks a step's loss and gradients before its update: the last one's (learning rate 1e12) left a
+    policy whose log-probabilities were NaN, saved, then the comparison's figures ended in a raw TypeError."""
+    from hfgen.errors import Diverged
+
+    with pytest.raises(Diverged, match="training ended at step 1 with a model that no longer computes: its held-out"):
+        train(write_recipe(tmp_path, "dpo", tiny_lm, learning_rate=1e12, warmup_steps=0, max_steps=1))
+    assert not (tmp_path / "run/model.safetensors").exists() and not tracking.is_complete(tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_sync_ref_model_compares_against_the_starting_model(tiny_lm, tmp_path):
     # mixup alpha 1 at every step: TRL's reference becomes the policy itself; the comparison's baseline must not

@@ -223,3 +223,15 @@ def test_a_block_no_batch_of_documents_fills_says_how_many_tokens_there_are(tmp_
     message = capsys.readouterr().err
     tokens = int(re.search(r"the training text .* it has (\d+) tokens in 3000 documents", message).group(1))
     assert exit_info.value.code == 2 and tokens > 50000 and "each batch of 1000 documents" in message
+
+
+def test_a_model_broken_by_the_last_update_is_not_saved(tmp_path):
+    """The guard checks each step's loss and gradients before its update: the last update (learning rate 1e39:
+    every weight inf) was saved, then sampling from it ended in a raw RuntimeError (exit 1) with the model on disk.
+    The final held-out loss, measured before the save, stops the run as diverged."""
+    result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "1", "--learning_rate", "1e39",
+                       "--warmup_steps", "0", "--max_train_samples", "32", "--max_eval_samples", "8")  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training ended at step 1 with a model that no longer computes: its held-out loss is nan" in result.stderr
+    assert "Traceback" not in result.stderr and not tracking.is_complete(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))

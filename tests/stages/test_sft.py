@@ -238,6 +238,16 @@ def share_moved(start_dir, trained_dir) -> float:
     return moved / sum(trained[k].numel() for k in trained)
 
 
+def test_a_model_broken_by_the_last_update_is_not_saved(tiny_lm, tmp_path):
+    """The guard checks a step's loss and gradients before its update: the last one's (learning rate 1e12) left
+    finite weights whose every forward gave NaN, saved, then sampling ended in a raw RuntimeError (exit 1)."""
+    overrides = ["--max_steps", "1", "--learning_rate", "1e12", "--warmup_steps", "0", "--max_train_samples", "64"]
+    result = run_hfgen("train", SFT_FULL, *on_tiny(tiny_lm, tmp_path, *overrides))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training ended at step 1 with a model that no longer computes: its held-out response loss" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.glob("*.safetensors"))
+
+
 def test_a_bfloat16_model_trains_float32_weights_so_small_updates_land(tiny_lm, tmp_path):
     """`dtype: bfloat16` for a full fine-tune at an SFT learning rate: updated in bfloat16, most of AdamW's steps
     (about the learning rate) would round away against the weights; float32 weights under bf16 compute keep them."""

@@ -192,15 +192,18 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):  # every process: sharded engines
+        # The final loss as the initial one, over every held-out block once: trainer.evaluate() on N processes
+        # averages batch means, and accelerate pads the last process's batch with copies of blocks when they do
+        # not split evenly over processes x per_device_eval_batch_size. Measured before the save: a model the last
+        # update broke (the guard saw only that step's loss and gradients) is not saved.
+        final_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
+    guard.check_final_model(output_dir, trainer.state.global_step, {"held-out loss": final_loss})
     trainer.save_model(str(output_dir))  # safetensors, with config and tokenizer
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
     guard.kill_point("eval")  # (trainer.evaluate()'s callback held it when the final loss came from there)
-    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):  # every process: sharded engines
-        # The final loss as the initial one, over every held-out block once: trainer.evaluate() on N processes
-        # averages batch means, and accelerate pads the last process's batch with copies of blocks when they do
-        # not split evenly over processes x per_device_eval_batch_size
-        final_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):
         samples = generate_text(whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
         parameters = sum(p.numel() for p in whole.parameters())
     trainer.log({"eval_loss": final_loss})  # metrics.jsonl's last row, as trainer.evaluate() logged it

@@ -453,6 +453,11 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # The final loss before the save: a model the last update broke (the guard saw only that step's loss and
+    # gradients) or the steps nan_tolerance skipped left unusable is not saved
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):
+        final_loss = response_loss(whole, held_out, tokenizer.pad_token_id, eval_batch)
+    guard.check_final_model(output_dir, trainer.state.global_step, {"held-out response loss": final_loss})
     trainer.save_model(str(output_dir))
     if model_args.use_peft and is_main:
         # peft saves the adapter alone: the generation config SFTTrainer set (eos_token among its stop ids, the pad)
@@ -464,7 +469,6 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
 
     guard.kill_point("eval")
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (model,):
-        final_loss = response_loss(model, held_out, tokenizer.pad_token_id, eval_batch)
         samples = sample_responses(
             model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed
         )
