@@ -341,6 +341,16 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     accelerator.wait_for_everyone()
     image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
+    if global_step > first_step and ema_unet is None:
+        # The trained UNet on the last step's inputs, on every process, before the save: the guard saw only that
+        # step's loss and gradients, and an update that broke the model saved one whose every sample was NaN.
+        # (With EMA the saved weights are the average's, which one update does not break.)
+        with torch.no_grad(), loop.gathered(accelerator, unet) as (whole,):
+            prediction = whole(noisy_latents, timesteps, encoder_hidden_states.to(dtype), return_dict=False)[0]
+        guard.check_final_model(
+            output_dir, global_step, {"noise prediction on the last batch": prediction.float().abs().mean().item()}
+        )
+
     # Save: the full pipeline (EMA weights when kept), or the LoRA adapters beside the name of their base.
     whole_unet = loop.whole_on_main(accelerator, unet, lambda: image_stage.empty_like(unet))
     if accelerator.is_main_process:
