@@ -151,3 +151,16 @@ def shrunk(recipe: str, directory, **values) -> str:
     path = Path(directory) / recipe
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the run's TensorBoard event files under `run_dir` hold: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    scalars = {}
+    for path in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                figure = value.tensor.float_val[0] if value.tensor.float_val else value.simple_value
+                scalars.setdefault(value.tag, []).append((event.step, float(figure)))
+    return scalars

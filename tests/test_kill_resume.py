@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_hfgen, run_hfgen_here
+from conftest import REPO, run_hfgen, run_hfgen_here, tensorboard_scalars
 from diffusion_fixtures import (
     T2I_RECIPE,
     VAE_RECIPE,
@@ -422,6 +422,17 @@ def test_a_resume_from_another_dirs_checkpoint_starts_with_that_runs_rows(short_
     assert result.returncode == 0, result.stderr[-3000:]
     assert stable_rows(tmp_path) == stable_rows(short_pretrain)
     assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_tracker_gets_the_run_wide_closing_train_loss(short_pretrain, tmp_path):
+    # metrics.jsonl's closing train_loss was made run-wide after the report_to callbacks had run: TensorBoard's
+    # train/train_loss was the mean over the steps since the resume (5.1678 against the run's 6.0110)
+    resume = ["--resume_from_checkpoint", short_pretrain / "checkpoint-2", "--output_dir", tmp_path]
+    result = run_hfgen_here("train", PRETRAIN, *SHORT_PRETRAIN, *resume, "--report_to", "tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [(step, figure)] = tensorboard_scalars(tmp_path / "runs")["train/train_loss"]
+    assert step == 4 and figure == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
 
 
 def test_a_run_dir_given_as_the_checkpoint_is_named_a_run_dir(tmp_path):

@@ -864,7 +864,8 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
 
 def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     """A Trainer stage's resume: the checkpoint to pass to `trainer.train` (None: a fresh start), with
-    metrics.jsonl cut back to it (`start_metrics`) and TRL's token count as it was then."""
+    metrics.jsonl cut back to it (`start_metrics`), TRL's token count as it was then, and the trackers (report_to)
+    placed to log the rows as metrics.jsonl has them (`_trackers_after_records`)."""
     _count_whole_model_flos(trainer)
     path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir, trainer.args)
     if path is not None and trainer.args.save_only_model:
@@ -879,6 +880,7 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     for callback in trainer.callback_handler.callbacks:
         if hasattr(callback, "resumed_from"):  # trainer_callbacks' RunCallback
             callback.trainer, callback.resumed_from = trainer, path
+    _trackers_after_records(trainer)
     start_metrics(output_dir, path)
     if path is not None and _trained_to_the_end(path, trainer.args):
         _finish_without_training(trainer, path)
@@ -888,6 +890,19 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
         counts = [row["num_tokens"] for row in read_metrics(output_dir) if "num_tokens" in row]
         trainer._total_train_tokens = counts[-1] if counts else 0
     return path
+
+
+def _trackers_after_records(trainer) -> None:
+    """Trainer calls its report_to callbacks (TensorBoard, W&B, ...) before the stage's: they logged each row before
+    hfgen's callbacks rewrote it (the closing train_loss made run-wide after a resume, the reward stage's batch-mean
+    names), so a tracker's figure differed from metrics.jsonl's under the same name. Moved after them, the trackers
+    log the rows as metrics.jsonl has them."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    for tracker in get_reporting_integration_callbacks(trainer.args.report_to):
+        callback = trainer.pop_callback(tracker)
+        if callback is not None:
+            trainer.add_callback(callback)
 
 
 def _count_whole_model_flos(trainer) -> None:

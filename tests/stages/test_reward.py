@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen, tensorboard_scalars
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import oracle_score, preference_pairs
@@ -236,14 +236,17 @@ def test_chat_template_path_is_what_the_pairs_are_rendered_with(tmp_path):
 
 def test_the_logged_held_out_accuracy_is_named_as_the_batch_mean_it_is(tiny_lm, tmp_path):
     """metrics.jsonl's eval_accuracy was TRL's mean of batch means (0.8125 against eval.json's 0.7 per pair): it is
-    logged as eval_batch_mean_accuracy, so that it is not mistaken for the per-pair figure."""
+    logged as eval_batch_mean_accuracy, so that it is not mistaken for the per-pair figure. The trackers get the same
+    name: TensorBoard logged eval/accuracy, the report_to callbacks running before the rename."""
     from hfgen.recipe import load_recipe
     from hfgen.train import run_recipe
 
     data = pairs_file(tmp_path / "pairs.jsonl", True)
     overrides = on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", data, "--max_steps", "2", "--eval_strategy",
-                        "steps", "--eval_steps", "1", "--per_device_eval_batch_size", "4")  # fmt: skip
+                        "steps", "--eval_steps", "1", "--per_device_eval_batch_size", "4", "--report_to", "tensorboard")  # fmt: skip
     run_recipe(load_recipe(REWARD, [str(o) for o in overrides]))
     rows = tracking.read_jsonl(tmp_path / "out/metrics.jsonl")
     evaluated = [row for row in rows if "eval_loss" in row]
     assert evaluated and all("eval_batch_mean_accuracy" in row and "eval_accuracy" not in row for row in evaluated)
+    tags = tensorboard_scalars(tmp_path / "out/runs")
+    assert "eval/batch_mean_accuracy" in tags and "eval/accuracy" not in tags
