@@ -642,7 +642,25 @@ def trainer_callbacks(output_dir: str | Path) -> list:
         def on_prediction_step(self, args, state, control, **kwargs):
             guard.kill_point("eval", state.global_step)
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            check_best_metric(args.metric_for_best_model, metrics or {})
+
     return [RunCallback()]
+
+
+def check_best_metric(name: str | None, metrics: dict[str, Any]) -> None:
+    """`metric_for_best_model` must name a figure the evaluation logs. Which figures a stage logs is known only once
+    it has evaluated (TRL's trainers add their own), and transformers then looked the name up with a KeyError
+    traceback; this says it as the recipe's error, at the first evaluation, before the Trainer looks."""
+    if not name:
+        return
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    if key not in metrics:
+        logged = ", ".join(sorted(k.removeprefix("eval_") for k in metrics if k.startswith("eval_")))
+        raise UserError(
+            f"metric_for_best_model: '{name}' is not a figure this stage's evaluation logs (looked up as '{key}' in "
+            f"its metrics.jsonl rows); it logs: {logged}. Name one of these (with or without 'eval_')."
+        )
 
 
 # The loss the Trainer sums since its last logged row (each process its own), kept in a checkpoint: a checkpoint at a

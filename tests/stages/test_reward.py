@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch, run_hfgen, tensorboard_scalars
+from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here, tensorboard_scalars
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import oracle_score, preference_pairs
@@ -250,3 +250,15 @@ def test_the_logged_held_out_accuracy_is_named_as_the_batch_mean_it_is(tiny_lm, 
     assert evaluated and all("eval_batch_mean_accuracy" in row and "eval_accuracy" not in row for row in evaluated)
     tags = tensorboard_scalars(tmp_path / "out/runs")
     assert "eval/batch_mean_accuracy" in tags and "eval/accuracy" not in tags
+
+
+def test_a_metric_for_best_model_the_evaluation_does_not_log_exits_2_naming_the_logged_ones(tiny_lm, tmp_path):
+    # TRL's name 'accuracy' (logged here as batch_mean_accuracy) was a KeyError traceback from transformers, exit 1,
+    # at the first evaluation
+    data = pairs_file(tmp_path / "pairs.jsonl", True)
+    best = ["--load_best_model_at_end", "true", "--metric_for_best_model", "accuracy"]
+    result = run_hfgen_here("train", REWARD, *on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", data, "--max_steps",
+                            "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1", *best))  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "metric_for_best_model: 'accuracy'" in result.stderr and "batch_mean_accuracy" in result.stderr
+    assert not tracking.is_complete(tmp_path / "out")
