@@ -532,6 +532,7 @@ def run_stage(
         tracking.update_eval(
             output_dir,
             {
+                **tracking.best_model_record(trainer),
                 **figures,
                 **comparison,
                 "method": method,

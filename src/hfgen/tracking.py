@@ -411,6 +411,16 @@ def update_eval(output_dir: str | Path, results: dict[str, Any]) -> dict[str, An
     return merged
 
 
+def best_model_record(trainer) -> dict[str, Any]:
+    """With load_best_model_at_end the saved weights, and so the figures eval.json measures on them, are the best
+    checkpoint's, not the last step's: eval.json says which step that was and its metric_for_best_model figure."""
+    state = trainer.state
+    if not trainer.args.load_best_model_at_end or state.best_global_step is None:
+        return {}
+    return {"best_global_step": state.best_global_step, "best_metric": state.best_metric,
+            "metric_for_best_model": trainer.args.metric_for_best_model}  # fmt: skip
+
+
 def mark_complete(output_dir: str | Path, **info) -> None:
     """The run ended. `run`, a random id, tells this run's output from the next run's into the same dir (a pipeline
     compares it with the id its later steps recorded as their input: `inputs_of`)."""

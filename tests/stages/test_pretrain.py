@@ -150,6 +150,20 @@ def test_python_m_entry_point_with_tensorboard(tmp_path):
     assert tracking.is_complete(tmp_path)
 
 
+def test_the_best_checkpoints_weights_are_recorded_as_that_steps(tmp_path):
+    # load_best_model_at_end saved step 2's weights (greater_is_better: the higher loss), but their loss was logged as
+    # a second eval_loss row at step 4 (the curve jumping back up) and eval.json named no step
+    best = ["--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+            "--load_best_model_at_end", "true", "--greater_is_better", "true"]  # fmt: skip
+    result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "4", *SHORT, *best)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = [row for row in tracking.read_metrics(tmp_path) if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == [2, 4]
+    results = tracking.read_json(tmp_path / "eval.json")
+    assert results["best_global_step"] == 2 and results["best_metric"] == pytest.approx(evaluated[0]["eval_loss"])
+    assert results["eval_loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-3)  # the saved weights' loss
+
+
 @pytest.mark.slow
 def test_hfgen_train_spawns_accelerate_when_asked(tmp_path, free_port):
     config = REPO / "recipes/accelerate/cpu_2proc.yaml"

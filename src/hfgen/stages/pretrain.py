@@ -206,7 +206,11 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):
         samples = generate_text(whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
         parameters = sum(p.numel() for p in whole.parameters())
-    trainer.log({"eval_loss": final_loss})  # metrics.jsonl's last row, as trainer.evaluate() logged it
+    best = tracking.best_model_record(trainer)
+    if best.get("best_global_step", result.global_step) == result.global_step:
+        # metrics.jsonl's last row, as trainer.evaluate() logged it; not for an earlier step's weights (load_best_
+        # model_at_end), whose loss at the last step made the curve jump back (eval.json names their step)
+        trainer.log({"eval_loss": final_loss})
     if trainer.is_world_process_zero():
         tracking.write_jsonl(
             output_dir / "samples.jsonl", [{"prompt": p, "response": s[0]} for p, s in zip(SAMPLE_PROMPTS, samples)]
@@ -214,6 +218,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         tracking.update_eval(
             output_dir,
             {
+                **best,
                 "eval_loss_initial": initial_loss,
                 "perplexity_initial": math.exp(initial_loss),
                 "eval_loss": final_loss,

@@ -231,6 +231,7 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
         tracking.update_eval(
             output_dir,
             {
+                **tracking.best_model_record(trainer),
                 "accuracy_initial": initial["accuracy"],
                 "margin_initial": initial["margin"],
                 "accuracy": final["accuracy"],

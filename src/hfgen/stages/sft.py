@@ -479,6 +479,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         tracking.update_eval(
             output_dir,
             {
+                **tracking.best_model_record(trainer),
                 "response_loss_initial": initial_loss,
                 "response_loss": final_loss,
                 "held_out_responses": len(held_out),
