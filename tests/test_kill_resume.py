@@ -435,6 +435,18 @@ def test_a_resumed_runs_tracker_gets_the_run_wide_closing_train_loss(short_pretr
     assert step == 4 and figure == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
 
 
+@pytest.mark.slow
+def test_a_resumed_run_with_eval_on_start_does_not_evaluate_again_at_the_resumed_step(tmp_path):
+    # transformers evaluates at the start of each train() call: the resumed run had an eval_loss row at step 2
+    overrides = [*SHORT_PRETRAIN, "--eval_on_start", "true", "--eval_strategy", "steps", "--eval_steps", "3"]
+    result = train(PRETRAIN, tmp_path / "reference", overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resume = ["--resume_from_checkpoint", tmp_path / "reference/checkpoint-2", "--output_dir", tmp_path / "resumed"]
+    result = run_hfgen_here("train", PRETRAIN, *overrides, *resume)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stable_rows(tmp_path / "resumed") == stable_rows(tmp_path / "reference")
+
+
 def test_a_run_dir_given_as_the_checkpoint_is_named_a_run_dir(tmp_path):
     # it was called "an incomplete checkpoint (no hfgen_state.json: the run stopped while writing it ...)"
     run = tmp_path / "run"

@@ -909,6 +909,10 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
         if hasattr(callback, "resumed_from"):  # trainer_callbacks' RunCallback
             callback.trainer, callback.resumed_from = trainer, path
     _trackers_after_records(trainer)
+    if path is not None:
+        # eval_on_start is the run's start: transformers evaluates at the start of every train() call, which added a
+        # row at the resumed step that the uninterrupted run has not (the step-0 row is among those kept)
+        trainer.args.eval_on_start = False
     start_metrics(output_dir, path)
     if path is not None and _trained_to_the_end(path, trainer.args):
         _finish_without_training(trainer, path)
