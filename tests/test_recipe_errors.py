@@ -329,3 +329,13 @@ def test_a_missing_relative_path_is_named_with_the_directory_it_was_looked_for_i
         f"config_name 'recipes/tiny/llama_tiny.json' does not exist (relative to the working directory {tmp_path}"
         in (result.stderr)
     )
+
+
+def test_a_model_path_that_is_no_hub_id_either_exits_2_naming_it(tmp_path):
+    # 'my model' (a typo) or '$MYMODELS/x' (an unexpanded variable) is neither a path nor a valid hub id: the hub's
+    # cache lookup raised HFValidationError, a traceback from `hfgen check`
+    for name, expected in (("my model", "is not a hub id"), ("$MYMODELS/sharded", "$VARIABLES are not expanded")):
+        result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", name,
+                                "--output_dir", tmp_path / "out")  # fmt: skip
+        assert result.returncode == 2 and f"model_name_or_path '{name}' does not exist" in result.stderr, result.stderr
+        assert expected in result.stderr

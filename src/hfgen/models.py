@@ -128,7 +128,18 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
     else:
         from huggingface_hub import try_to_load_from_cache
         from huggingface_hub.constants import HF_HUB_OFFLINE
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
 
+        # a name with a space or a '$' is no hub id, and the hub's lookup raises on it: the user meant a path
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            unexpanded = "; $VARIABLES are not expanded in a recipe" if "$" in name else ""
+            return [
+                f"{key} '{name}' does not exist{relative_to_cwd(name)} and is not a hub id (org/name){unexpanded}"
+                f"{'; ' + hint if hint else ''}"
+            ]
         config = try_to_load_from_cache(name, "config.json")
         if (
             HF_HUB_OFFLINE
