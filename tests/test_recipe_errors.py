@@ -339,3 +339,15 @@ def test_a_model_path_that_is_no_hub_id_either_exits_2_naming_it(tmp_path):
                                 "--output_dir", tmp_path / "out")  # fmt: skip
         assert result.returncode == 2 and f"model_name_or_path '{name}' does not exist" in result.stderr, result.stderr
         assert expected in result.stderr
+
+
+def test_a_model_path_under_home_written_with_a_tilde_loads(tmp_path, monkeypatch):
+    # `~/models/x` passed the existence check (which expands ~) and then reached the tokenizer and model loaders as
+    # written, which took it for a hub id: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+    from tiny_models import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "models" / "tiny")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", "~/models/tiny",
+                            "--max_train_samples", "50", "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 0, result.stderr

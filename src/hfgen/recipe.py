@@ -339,6 +339,10 @@ def build_recipe(
             # DeepSpeed-on-CPU launch): accelerate would ask torch for a group no one made. Kept in recipe.yaml, and
             # under a launch (its WORLD_SIZE; one DeepSpeed process needs it too)
             continue
+        if key in INPUT_PATH_KEYS and isinstance(value, str) and value.startswith("~"):
+            # no hub id starts with '~': a path under home, expanded once here as output_dir is, so that every loader
+            # (transformers' took `~/models/x` for a hub id) reads the same path the checks found
+            value = os.path.expanduser(value)
         if key in valueless and action.const is not True:
             errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")
             continue
