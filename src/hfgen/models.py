@@ -314,9 +314,26 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         if base is None:
             raise UserError(f"could not load a tokenizer from '{name}': {error}") from None
         tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = eos_of_model_config(name, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def eos_of_model_config(name: str, tokenizer) -> str | None:
+    """The EOS token a local model dir's config.json (or generation_config.json) names by id, for a tokenizer that
+    names none: a dir with tokenizer.json but no tokenizer_config.json loads without EOS, and pretraining joined
+    documents with None (a RuntimeError in the loss), sft's responses ended with None (a TypeError). None when the
+    dir names no single EOS id within the vocabulary."""
+    for file in ("config.json", "generation_config.json"):
+        try:
+            eos_id = json.loads((Path(name).expanduser() / file).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(eos_id, int) and 0 <= eos_id < len(tokenizer):
+            return tokenizer.convert_ids_to_tokens(eos_id)
+    return None
 
 
 def unsampled_ids(tokenizer, stop_ids=()) -> list[int]:

@@ -249,3 +249,27 @@ def test_a_model_broken_by_the_last_update_is_not_saved(tmp_path):
     assert "training ended at step 1 with a model that no longer computes: its held-out loss is nan" in result.stderr
     assert "Traceback" not in result.stderr and not tracking.is_complete(tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_model_dir_whose_tokenizer_names_no_eos_takes_it_from_config_json(tmp_path):
+    # tokenizer.json alone (no tokenizer_config.json) loads without EOS: pretraining joined documents with None (a
+    # RuntimeError in the loss), sft ended prompt/completion responses with None (a TypeError)
+    from datasets import Dataset
+
+    from hfgen.errors import UserError
+    from hfgen.models import load_tokenizer
+    from hfgen.stages.pretrain import pack
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    eos = load_tokenizer(str(model)).eos_token
+    for name in model.iterdir():
+        if name.name.startswith(("tokenizer_config", "special_tokens_map", "chat_template")):
+            name.unlink()
+    tokenizer = load_tokenizer(str(model))
+    assert tokenizer.eos_token == eos
+    blocks = pack(Dataset.from_dict({"text": ["the cat sat", "a dog ran"]}), tokenizer, "text", 4)
+    assert tokenizer.eos_token_id in [token for block in blocks["input_ids"] for token in block]
+    tokenizer.eos_token = None  # and a dir whose config names none either: told so, no traceback from the loss
+    with pytest.raises(UserError, match="has no EOS token"):
+        pack(Dataset.from_dict({"text": ["the cat sat"]}), tokenizer, "text", 4)

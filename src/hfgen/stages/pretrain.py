@@ -72,6 +72,13 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
 def pack(dataset, tokenizer, text_column: str, block_size: int):
     """Tokenize, append EOS to each document, concatenate, and cut into `block_size` blocks (remainder dropped)."""
 
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            f"the tokenizer of '{tokenizer.name_or_path}' has no EOS token (a tokenizer.json without "
+            "tokenizer_config.json?), and pretraining joins documents with it: give the tokenizer's "
+            "tokenizer_config.json an eos_token, or the model's config.json an eos_token_id"
+        )
+
     def tokenize_and_chunk(batch):
         ids = [
             token for text in batch[text_column] for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
