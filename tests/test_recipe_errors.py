@@ -351,3 +351,18 @@ def test_a_model_path_under_home_written_with_a_tilde_loads(tmp_path, monkeypatc
     result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", "~/models/tiny",
                             "--max_train_samples", "50", "--output_dir", tmp_path / "out")  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_a_model_dir_without_tokenizer_files_is_told_so(tmp_path):
+    # weights and config only (the tokenizer kept elsewhere): the message was transformers' advice to install
+    # sentencepiece or tiktoken
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    for name in model.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+            name.unlink()
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", model,
+                            "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2 and "the dir holds no tokenizer files" in result.stderr, result.stderr
+    assert "sentencepiece" not in result.stderr

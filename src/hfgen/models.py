@@ -312,6 +312,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as error:
         base = adapter_base(name)
         if base is None:
+            if holds_no_tokenizer(name):  # transformers' own text here advises installing sentencepiece or tiktoken
+                raise UserError(
+                    f"could not load a tokenizer from '{name}': the dir holds no tokenizer files (tokenizer.json, "
+                    "tokenizer_config.json, tokenizer.model, vocab.json); copy those of the model it came from "
+                    "into it"
+                ) from None
             raise UserError(f"could not load a tokenizer from '{name}': {error}") from None
         tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token is None:
@@ -319,6 +325,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def holds_no_tokenizer(name: str) -> bool:
+    """A local dir (weights and config, the tokenizer kept elsewhere) with none of the files a tokenizer loads from."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return False
+    patterns = ("tokenizer*", "vocab*", "*.model", "merges.txt", "spiece*", "tekken.json")
+    return not any(any(path.glob(pattern)) for pattern in patterns)
 
 
 def eos_of_model_config(name: str, tokenizer) -> str | None:
