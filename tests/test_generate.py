@@ -121,3 +121,29 @@ def test_generate_refuses_the_other_modality_s_options(llama_dir, tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert all(name in result.stderr for name in names) and "leave them out" in result.stderr, result.stderr
     assert not (tmp_path / "gtxt").exists()
+
+
+def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eval_and_merge(tmp_path):
+    # A run with trust_remote_code: true keeps the model's code beside the weights, but generate, eval and merge
+    # loaded with trust_remote_code=False and passed on transformers' "pass the argument `trust_remote_code=True`",
+    # an argument none of them has
+    from hfgen.errors import UserError
+    from hfgen.models import load_causal_lm
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="tinycustom", auto_map={"AutoConfig": "configuration_tiny.TinyCustomConfig",
+                  "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"})  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n    model_type = 'tinycustom'\n"
+    )
+    (model / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyCustomConfig\n\n\n"
+        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n"
+    )
+    with pytest.raises(UserError, match="brings its own model code, which hfgen runs only for the output of a run"):
+        load_causal_lm(str(model))
+    (model / "recipe.yaml").write_text("stage: sft\ntrust_remote_code: true\n")
+    assert type(load_causal_lm(str(model))).__name__ == "TinyCustomForCausalLM"

@@ -300,11 +300,33 @@ def train_bpe_tokenizer(texts, vocab_size: int, split_digits: bool = False):
     return tokenizer
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def trusted_by_its_run(path: str | Path) -> bool:
+    """Whether `path` is the output (or a checkpoint) of an hfgen run whose recipe set `trust_remote_code: true`:
+    that run ran the model's own code and saved it beside the weights, so the commands that take a model dir
+    (generate, eval, merge) run it too; they have no key of their own to trust it with."""
+    import yaml
+
+    path = Path(path).expanduser()
+    try:  # `hfgen merge`'s output: as the adapter run it merged
+        adapter = json.loads((path / "merged_from.json").read_text()).get("adapter")
+        return bool(adapter) and Path(adapter) != path and trusted_by_its_run(adapter)
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(recipe, dict) and recipe.get("trust_remote_code") is True
+
+
+def load_tokenizer(name: str, trust_remote_code: bool | None = None):
     """Tokenizer from a hub id, a local dir, an adapter dir (its base's), or the embedded default.
-    Guarantees a pad token distinct from EOS when it can (PPO needs EOS != PAD)."""
+    Guarantees a pad token distinct from EOS when it can (PPO needs EOS != PAD). `trust_remote_code` None: as the
+    run that wrote `name` trusted its code (`trusted_by_its_run`)."""
     from transformers import AutoTokenizer
 
+    if trust_remote_code is None:
+        trust_remote_code = trusted_by_its_run(name)
     if name in (EMBEDDED_TOKENIZER, ARITHMETIC_TOKENIZER):
         return build_embedded_tokenizer(arithmetic=name == ARITHMETIC_TOKENIZER)
     try:
@@ -504,7 +526,7 @@ def merged(peft_model, where="the adapter"):
 
 
 def load_causal_lm(
-    path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
+    path: str, dtype: str = "auto", trust_remote_code: bool | None = None, attn_implementation: str | None = None
 ):
     """A causal LM from a full model dir / hub id, or base+adapter from a LoRA adapter dir (adapter kept
     unmerged, as a PeftModel). Its embeddings fit its tokenizer as `load_tokenizer` gives it (`fit_embeddings`):
@@ -512,6 +534,8 @@ def load_causal_lm(
     adapter whose base is itself an adapter dir (LoRA trained on an earlier LoRA run) loads on that one, merged."""
     from transformers import AutoModelForCausalLM
 
+    if trust_remote_code is None:  # generate, eval, merge: as the run that wrote `path` (`trusted_by_its_run`)
+        trust_remote_code = trusted_by_its_run(path)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -538,6 +562,14 @@ def load_causal_lm(
 
         return PeftModel.from_pretrained(model, path)
     except (OSError, ValueError) as error:
+        if not trust_remote_code and "trust_remote_code" in str(
+            error
+        ):  # transformers asks for an argument hfgen has not
+            raise UserError(
+                f"could not load a causal language model from '{path}': it brings its own model code, which hfgen "
+                "runs only for the output of a run whose recipe set trust_remote_code: true (read from its "
+                "recipe.yaml); to use another such model, train from it with trust_remote_code: true"
+            ) from None
         raise UserError(f"could not load a causal language model from '{path}': {error}") from None
 
 
