@@ -366,3 +366,11 @@ def test_a_model_dir_without_tokenizer_files_is_told_so(tmp_path):
                             "--output_dir", tmp_path / "out")  # fmt: skip
     assert result.returncode == 2 and "the dir holds no tokenizer files" in result.stderr, result.stderr
     assert "sentencepiece" not in result.stderr
+
+
+def test_a_model_revision_other_than_main_exits_2(tmp_path):
+    # model_revision loaded the model's weights at that revision but the tokenizer (chat template, EOS, max length)
+    # from main, and saved them together; a revision missing from the cache was an OSError traceback
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_revision", "v3",
+                            "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2 and "key 'model_revision' ('v3') is not carried" in result.stderr, result.stderr

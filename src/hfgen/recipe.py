@@ -358,6 +358,7 @@ def build_recipe(
             continue
         argv += [f"--{key}", *tokens]
     errors += _alias_conflicts(values, parser.actions)
+    errors += _revision_problem(values) if "model_revision" in parser.actions else []
     if errors:
         raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors).rstrip(".") + ".")
 
@@ -462,6 +463,21 @@ def _alias_conflicts(values: dict[str, Any], actions: dict) -> list[str]:
                     f"old name of {new}, read only when {new} is unset; set {new} alone"
                 )
     return problems
+
+
+def _revision_problem(values: dict[str, Any]) -> list[str]:
+    """TRL's `model_revision` other than main: the policy's weights loaded at that revision, but the tokenizer (its
+    chat template, EOS, pad, max length), the checks and the reference/reward models from main, so a run trained one
+    revision's weights with another's tokenizer and saved them together; a revision missing from the cache was an
+    OSError traceback after the data loaded. A local snapshot dir gives every loader the same files."""
+    revision = values.get("model_revision")
+    if revision in (None, "main"):
+        return []
+    return [
+        f"key 'model_revision' ('{revision}') is not carried past the model's weights (its tokenizer would come from "
+        "main); give model_name_or_path that revision's local dir instead (`hf download ORG/NAME --revision "
+        f"{revision}` prints it), and leave model_revision out"
+    ]
 
 
 def _allows_none(dataclass_types, key: str) -> bool:
