@@ -172,3 +172,17 @@ def test_spawning_with_a_launch_config_asking_for_another_precision_is_refused_b
     error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
     assert error.count("the launch asks for mixed precision bf16") == 1 and "(bf16: false)" in error
     assert not (tmp_path / "run").exists() and "ACCELERATE_MIXED_PRECISION" not in os.environ
+
+
+def test_a_launch_config_accelerate_refuses_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    # a key accelerate's launcher does not know (gradient_accumulation_steps) passed hfgen's checks, then raised
+    # accelerate's ValueError as a traceback from the launcher, exit 1
+    import yaml
+
+    config = yaml.safe_load(CPU_2PROC.read_text()) | {"gradient_accumulation_steps": 4}
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    run = ["--output_dir", tmp_path / "run"]
+    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+    assert f"--launch_config '{tmp_path / 'launch.yaml'}': accelerate refuses it" in error
+    assert "gradient_accumulation_steps" in error and not (tmp_path / "run").exists()

@@ -396,6 +396,14 @@ def read_launch_config(launch_config: str | None) -> dict:
         raise UserError(f"--launch_config '{launch_config}' cannot be read as YAML: {error}") from None
     if not isinstance(config, dict):
         raise UserError(f"--launch_config '{launch_config}' must be an accelerate config (a mapping of keys)")
+    # read as `accelerate launch` will read it: a file it refuses (a key it does not know, a distributed_type it
+    # has not) raised its ValueError as a traceback in the launcher, after every check here had passed
+    from accelerate.commands.config import load_config_from_file
+
+    try:
+        load_config_from_file(str(launch_config))
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--launch_config '{launch_config}': accelerate refuses it: {error}") from None
     return config
 
 
