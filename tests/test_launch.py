@@ -186,3 +186,16 @@ def test_a_launch_config_accelerate_refuses_exits_2_naming_it(tmp_path, monkeypa
     error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
     assert f"--launch_config '{tmp_path / 'launch.yaml'}': accelerate refuses it" in error
     assert "gradient_accumulation_steps" in error and not (tmp_path / "run").exists()
+
+
+def test_a_launch_asking_for_other_gradient_accumulation_than_the_recipe_exits_2_naming_both(
+    configs, tmp_path, monkeypatch, capsys
+):
+    # accelerate's ACCELERATE_GRADIENT_ACCUMULATION_STEPS overrode the recipe's value in the vae/t2i/ppo loops, which
+    # count their own micro-steps: the run exited 0 with one optimizer step of three (nothing learned)
+    from diffusion_fixtures import VAE_RECIPE, vae_overrides
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    error = refused(capsys, VAE_RECIPE, *vae_overrides(configs, tmp_path / "run"))
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4" in error and "gradient_accumulation_steps: 1" in error
+    assert not (tmp_path / "run" / "COMPLETE").exists()

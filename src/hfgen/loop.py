@@ -152,6 +152,17 @@ def make_accelerator(
     check_launch(refused)
     if cpu and launched_engine().startswith("zero"):  # accelerate's DeepSpeed set-up fails half-way on cpu=True
         raise UserError(use_cpu_problem())
+    # Accelerator (and its DeepSpeed plugin) take this variable over the argument; these loops count their own
+    # micro-steps, so another value left the optimizer steps skipped: the run ended having barely trained
+    launched = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launched is not None and launched.strip() != str(gradient_accumulation_steps):
+        raise UserError(
+            f"the launch asks for gradient accumulation over {launched} micro-batches "
+            f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS={launched}: `accelerate launch --gradient_accumulation_steps "
+            f"{launched}` with DeepSpeed, or the environment) but the recipe has gradient_accumulation_steps: "
+            f"{gradient_accumulation_steps}; the recipe decides: set gradient_accumulation_steps: {launched} in it, "
+            "or launch without the variable"
+        )
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
