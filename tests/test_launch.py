@@ -1,6 +1,8 @@
 """Launch checks of `hfgen train`: a launch that cannot do what was asked exits 2 once, before any model loads or
 any process is spawned; a one-process run ignores a process-group backend meant for a launch."""
 
+import os
+
 import pytest
 import torch
 
@@ -199,3 +201,27 @@ def test_a_launch_asking_for_other_gradient_accumulation_than_the_recipe_exits_2
     error = refused(capsys, VAE_RECIPE, *vae_overrides(configs, tmp_path / "run"))
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4" in error and "gradient_accumulation_steps: 1" in error
     assert not (tmp_path / "run" / "COMPLETE").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches CPU processes")
+def test_an_output_dir_not_shared_between_machines_exits_2_on_every_process(tmp_path, free_port):
+    # two machines with a node-local output_dir each: the run exited 0, machine 1's dir held checkpoint dirs with only
+    # its rng state, and every later start or resume there was refused as "checkpoint dirs that no hfgen run wrote"
+    import subprocess
+
+    from conftest import HFGEN
+
+    port, tiny = str(free_port), ["--max_steps", "2", "--max_train_samples", "32", "--disable_tqdm", "true"]
+    machines = []
+    for rank in range(2):  # one process per machine, each given its own disk
+        env = {"ACCELERATE_USE_CPU": "true", "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
+        command = [*HFGEN, "train", str(PRETRAIN), *tiny, "--output_dir", str(tmp_path / f"machine{rank}")]
+        machines.append(
+            subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+        )
+    for machine in machines:
+        error = machine.communicate(timeout=300)[1]
+        assert machine.returncode == 2 and "Traceback" not in error, error[-3000:]
+        assert "process(es) 1 (on" in error and "a filesystem every machine sees" in error
+    assert not list((tmp_path / "machine1").glob("checkpoint-*"))

@@ -211,6 +211,33 @@ def lock_output_dir(output_dir: Path) -> None:
     _locks[key] = handle
 
 
+def check_output_dir_shared(output_dir: str | Path) -> None:
+    """On several processes, every one must see the dir the main process writes: only it writes the records, the
+    weights and the checkpoints' shared files, so on a machine whose output_dir is its own disk the run left
+    checkpoint dirs holding only that machine's rng states, which no later start or resume could use. Each process
+    reads the lock file the main process has just written (`lock_output_dir`); all of them exit 2 together."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    from accelerate.utils import gather_object
+
+    wait_for_everyone()  # the main process has written its lock
+    try:
+        seen = (Path(output_dir) / LOCK_FILE).read_text().strip()
+    except OSError:
+        seen = None
+    views = gather_object([(platform.node(), seen)])
+    blind = [f"{rank} (on {node})" for rank, (node, view) in enumerate(views) if view != views[0][1]]
+    if blind:
+        raise UserError(
+            f"output_dir '{output_dir}' is not the same directory for every process: process(es) "
+            f"{', '.join(blind)} do not see the run process 0 ({views[0][0]}) has just started there. On several "
+            "machines output_dir must be on a filesystem every machine sees (a shared disk): only process 0 writes "
+            "the run's records, weights and checkpoints."
+        )
+
+
 def unlock_output_dir(output_dir: Path) -> None:
     """The run in `output_dir` has ended (complete or failed): another may start there."""
     handle = _locks.pop(Path(output_dir).resolve(), None)

@@ -176,6 +176,7 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
                 config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
+    tracking.check_output_dir_shared(output_dir)
     if resuming:  # (against the recipe.yaml just written)
         tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir)
     trained_on = tracking.input_runs(recipe)  # before the stage loads them: the runs whose weights it trains on
