@@ -147,3 +147,15 @@ def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eva
         load_causal_lm(str(model))
     (model / "recipe.yaml").write_text("stage: sft\ntrust_remote_code: true\n")
     assert type(load_causal_lm(str(model))).__name__ == "TinyCustomForCausalLM"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "merge"])
+def test_a_one_process_command_launched_on_several_processes_exits_2(llama_dir, tmp_path, monkeypatch, command):
+    """Under `accelerate launch --num_processes 2` each process ran the whole command and wrote the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    options = {"generate": ["--prompt", "the cat"], "eval": ["--output", tmp_path / "eval.json"],
+               "merge": ["--output_dir", tmp_path / "merged"]}[command]  # fmt: skip
+    result = run_hfgen_here(command, llama_dir, *options)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"`hfgen {command}` runs on one process, but 2 were launched (WORLD_SIZE=2)" in result.stderr
+    assert not list(tmp_path.iterdir())

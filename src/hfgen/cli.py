@@ -24,6 +24,25 @@ COMMANDS = {
 }
 
 
+# Commands that run whole on one process: launched on several, each process ran all of it, writing the same files
+# (the same temporary names) side by side
+ONE_PROCESS_COMMANDS = ("eval", "generate", "merge")
+
+
+def check_one_process(command: str) -> None:
+    import os
+
+    from hfgen.errors import UserError
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if command in ONE_PROCESS_COMMANDS and world_size > 1:
+        raise UserError(
+            f"`hfgen {command}` runs on one process, but {world_size} were launched (WORLD_SIZE={world_size}): each "
+            f"would run all of it and write the same files. Run `hfgen {command} ...` directly, not under "
+            "`accelerate launch` or torchrun."
+        )
+
+
 def _available_commands():
     for name, module_name in COMMANDS.items():
         try:
@@ -93,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # a full disk, in any command (an evaluation, a report, a merge, generated images), is the user's to free
     output = next((getattr(args, key) for key in ("output", "out", "output_dir") if getattr(args, key, None)), None)
     with exit_on_user_error(), disk_full_exits_2(output=output):
+        check_one_process(args.command)
         return args.handler(args) or 0
 
 
