@@ -119,6 +119,16 @@ def not_utf8(tmp_path):
         (lambda t: [PPO, "--reward_model_path", custom_code_model(t)], ["reward_model_path", "trust_remote_code: true"]),
         (lambda t: [SFT_LORA, "--model_name_or_path", gpt2_config_only(t), "--lora_target_modules", "[q_proj, v_proj]"],
          ["lora_target_modules", "(gpt2) has no module named q_proj, v_proj", "c_attn, c_fc, c_proj"]),
+        (lambda t: [SFT_LORA, "--model_name_or_path", gpt2_config_only(t), "--lora_target_modules", ".*(c_attn"],
+         ["lora_target_modules '.*(c_attn'", "not one (missing )", "c_attn, c_fc, c_proj"]),
+        # peft's task type: a name it lacks failed inside peft, another stage's trained an adapter no loader takes
+        (lambda t: [SFT_LORA, "--model_name_or_path", gpt2_config_only(t), "--lora_task_type", "FOO"],
+         ["lora_task_type 'FOO'", "set lora_task_type: CAUSAL_LM"]),
+        (lambda t: [SFT_LORA, "--model_name_or_path", gpt2_config_only(t), "--lora_task_type", "SEQ_CLS"],
+         ["lora_task_type 'SEQ_CLS'", "task type CAUSAL_LM"]),
+        (lambda t: [DPO, "--model_name_or_path", gpt2_config_only(t), "--use_peft", "true", "--lora_task_type",
+                    "SEQ_CLS"], ["lora_task_type 'SEQ_CLS'", "task type CAUSAL_LM"]),
+        (lambda t: [REWARD, "--use_peft", "true", "--lora_task_type", "FOO"], ["lora_task_type 'FOO'", "SEQ_CLS"]),
         # learning-rate schedules transformers could not build: a TypeError/ValueError once the model had loaded
         (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_restarts", "--lr_scheduler_kwargs", "{num_cycle: 3}"],
          ["lr_scheduler_type cosine_with_restarts", "'num_cycle'", "its arguments are num_cycles"]),
@@ -139,7 +149,8 @@ def not_utf8(tmp_path):
         "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
         "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "sft-custom-code", "ppo-custom-code-reward",
-        "sft-lora-targets-of-another-family", "schedule-kwargs-misspelt", "wsd-without-decay-steps",
+        "sft-lora-targets-of-another-family", "sft-lora-targets-bad-regex", "sft-lora-task-type-unknown",
+        "sft-lora-task-type-of-a-classifier", "dpo-lora-task-type-of-a-classifier", "reward-lora-task-type-unknown", "schedule-kwargs-misspelt", "wsd-without-decay-steps",
         "min-lr-schedule-without-floor", "polynomial-below-its-end", "loop-polynomial-below-its-end",
     ],
 )  # fmt: skip

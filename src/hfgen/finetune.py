@@ -37,9 +37,10 @@ def run_first_hint(path: str) -> str:
     return "run the recipe that writes it first"
 
 
-def check_model_config(model_args, trust_remote_code: bool = False) -> list[str]:
+def check_model_config(model_args, trust_remote_code: bool = False, task_type: str = "CAUSAL_LM") -> list[str]:
     """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded (`trust_remote_code`:
-    the recipe's, on its training config)."""
+    the recipe's, on its training config; `task_type`: peft's name for the model the stage trains, which its LoRA
+    adapter must carry)."""
     name = model_args.model_name_or_path
     if not name:
         return [
@@ -66,6 +67,14 @@ def check_model_config(model_args, trust_remote_code: bool = False) -> list[str]
         problems.append(
             f"{', '.join(changed)}: settings of 4-bit (QLoRA) loading, read only with load_in_4bit: true; drop them "
             "or set load_in_4bit: true"
+        )
+    # The adapter's task type decides which peft class loads it: another than the stage's trains another model (a
+    # SEQ_CLS head on an SFT policy, which generate/merge then refuse) and a name peft lacks fails inside peft.
+    # TRL's default (CAUSAL_LM) stands for "not set", which lora_config's `task_type` change overrides.
+    if model_args.use_peft and model_args.lora_task_type not in (task_type, defaults["lora_task_type"]):
+        problems.append(
+            f"lora_task_type '{model_args.lora_task_type}': this stage trains adapters of task type {task_type} "
+            f"(peft's name for the model it trains); drop the key or set lora_task_type: {task_type}"
         )
     if not problems and model_args.use_peft:
         problems += lora_target_problems(model_args, trust_remote_code)

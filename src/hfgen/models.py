@@ -599,7 +599,14 @@ def check_lora_targets(targets, model, where: str, all_linear: bool = True, warn
 
     names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in names):
+        try:
+            pattern = re.compile(targets)
+        except re.error as error:  # peft would raise it as its own traceback
+            raise UserError(
+                f"lora_target_modules '{targets}' is read as a regular expression over module paths, but it is not "
+                f"one ({error}); write a list of module names ({linear_layers_hint(model, all_linear)})"
+            ) from None
+        if not any(pattern.fullmatch(name) for name in names):
             raise UserError(
                 f"lora_target_modules '{targets}' (a regular expression over module paths) matches no module of "
                 f"{where}: {linear_layers_hint(model, all_linear)}"
