@@ -133,6 +133,10 @@ def not_utf8(tmp_path):
         (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_restarts", "--lr_scheduler_kwargs", "{num_cycle: 3}"],
          ["lr_scheduler_type cosine_with_restarts", "'num_cycle'", "its arguments are num_cycles"]),
         (lambda t: [PRETRAIN, "--lr_scheduler_type", "warmup_stable_decay"], ["'num_decay_steps'", "lr_scheduler_kwargs"]),
+        # not a mapping at all: `**kwargs` was a TypeError once the data had loaded
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", "min_lr=1e-3"],
+         ["key 'lr_scheduler_kwargs' takes a mapping", "str 'min_lr=1e-3'", '--lr_scheduler_kwargs "{name: value}"']),
+        (lambda t: [PRETRAIN, "--lr_scheduler_kwargs", "5"], ["key 'lr_scheduler_kwargs' takes a mapping", "int 5"]),
         (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_min_lr"], ["min_lr or min_lr_rate"]),
         (lambda t: [PRETRAIN, "--lr_scheduler_type", "polynomial", "--learning_rate", "1e-8"],
          ["lr_end 1e-07", "lr_scheduler_kwargs"]),
@@ -150,7 +154,7 @@ def not_utf8(tmp_path):
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
         "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "sft-custom-code", "ppo-custom-code-reward",
         "sft-lora-targets-of-another-family", "sft-lora-targets-bad-regex", "sft-lora-task-type-unknown",
-        "sft-lora-task-type-of-a-classifier", "dpo-lora-task-type-of-a-classifier", "reward-lora-task-type-unknown", "schedule-kwargs-misspelt", "wsd-without-decay-steps",
+        "sft-lora-task-type-of-a-classifier", "dpo-lora-task-type-of-a-classifier", "reward-lora-task-type-unknown", "schedule-kwargs-misspelt", "wsd-without-decay-steps", "schedule-kwargs-as-k-equals-v", "schedule-kwargs-a-number",
         "min-lr-schedule-without-floor", "polynomial-below-its-end", "loop-polynomial-below-its-end",
     ],
 )  # fmt: skip

@@ -322,6 +322,13 @@ def build_recipe(
         # typed by the field (`1e-3` for a str key stays a str)
         if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict) for v in value):
             value = values[key] = _numbers_inside(value)
+        if _takes_mapping(module.ARGUMENTS + (RunArguments,), key) and not _mapping_like(value):
+            # the library would apply `**value` mid-run (a TypeError once the data had loaded)
+            errors.append(
+                f"key '{key}' takes a mapping of names to values, got {type(value).__name__} {value!r}; write "
+                f'`{key}: {{name: value}}` in the recipe, `--{key} "{{name: value}}"` on the command line'
+            )
+            continue
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) and action.type is int:
             value = float(value)  # `max_steps: 1e3`: YAML 1.1 reads a string, int() would refuse it
         if isinstance(value, float) and value.is_integer() and action.type is int:
@@ -492,6 +499,30 @@ def _allows_none(dataclass_types, key: str) -> bool:
                 union = typing.get_origin(hint) in (typing.Union, types.UnionType)
                 return f.default is None or (union and type(None) in typing.get_args(hint))
     return False
+
+
+# keys typed `dict | str` whose string is a file path (a DeepSpeed/FSDP/accelerate config file), not a mapping
+_CONFIG_FILE_KEYS = ("deepspeed", "fsdp_config", "accelerator_config")
+
+
+def _takes_mapping(dataclass_types, key: str) -> bool:
+    """Whether the field `key` is keyword arguments or settings (typed `dict`, `dict | str`: its JSON text), which
+    the library reads as a mapping (`lr_scheduler_kwargs`, `model_init_kwargs`, `generation_kwargs`, ...)."""
+    import typing
+
+    if key in _CONFIG_FILE_KEYS:
+        return False
+    for cls in dataclass_types:
+        for f in dataclasses.fields(cls):
+            if f.name == key and f.init:
+                hint = typing.get_type_hints(cls).get(key)
+                return any(typing.get_origin(t) is dict or t is dict for t in (hint, *typing.get_args(hint)))
+    return False
+
+
+def _mapping_like(value) -> bool:
+    """A mapping, or JSON text of one (transformers decodes a `{...}` string), or null."""
+    return value is None or isinstance(value, dict) or isinstance(value, str) and value.lstrip().startswith("{")
 
 
 def _parse_into_dataclasses(parser, argv: list[str], nulls: list[str]) -> tuple:
