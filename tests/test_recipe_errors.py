@@ -147,6 +147,10 @@ def test_null_sets_none_or_exits_2(tmp_path, capsys):
     recipe = load_recipe(sft, ["--max_length", "null", "--max_train_samples", "None"], check_inputs=False)
     assert {getattr(c, "max_length", None) for c in recipe.configs} == {None}
     assert next(c for c in recipe.configs if hasattr(c, "max_train_samples")).max_train_samples is None
+    # README's `None` for null held for number keys only: a text or list key took the text 'None'
+    recipe = load_recipe(sft, ["--eos_token", "None", "--lora_target_modules", "None"], check_inputs=False)
+    assert {getattr(c, "eos_token", 0) for c in recipe.configs} - {0} == {None}
+    assert next(c for c in recipe.configs if hasattr(c, "lora_target_modules")).lora_target_modules is None
     ppo = load_recipe(REPO / "recipes/tiny/ppo.yaml", ["--missing_eos_penalty", "null"], check_inputs=False)
     assert next(c for c in ppo.configs if hasattr(c, "missing_eos_penalty")).missing_eos_penalty is None
     code, err = run_inprocess(capsys, sft, "--learning_rate", "null", "--output_dir", tmp_path)

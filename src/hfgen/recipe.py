@@ -316,8 +316,11 @@ def build_recipe(
             else:
                 errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
             continue
-        if isinstance(value, str) and value in ("None", "none") and action.type in (int, float):
-            value = None  # Python's spelling of null, for a number (`--max_steps None`)
+        if isinstance(value, str) and (
+            value in ("None", "none") and action.type in (int, float)
+            or value == "None" and _allows_none(module.ARGUMENTS + (RunArguments,), key) and "None" not in (action.choices or ())
+        ):  # fmt: skip
+            value = None  # Python's spelling of null (`--max_steps None`; `--eos_token None`, not the text 'None')
         # A mapping reaches the library untyped (`lr_scheduler_kwargs: {min_lr: 1e-3}`); a plain list's items are
         # typed by the field (`1e-3` for a str key stays a str)
         if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, dict) for v in value):
