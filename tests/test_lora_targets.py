@@ -49,6 +49,14 @@ def test_target_modules_adapt_the_named_layers(architecture, targets, adapted):
         ("gpt2", ["q_proj", "v_proj"], ["no module named q_proj, v_proj", "c_attn, c_fc, c_proj", "[all-linear]"]),
         ("gpt2", [".*q_proj"], ["'.*q_proj'", "matches no module", "c_attn"]),
         ("phi3", None, ["lora_target_modules is not set", "(phi3)", "qkv_proj"]),  # peft knows no default for phi3
+        # matched, but not layers peft adapts: TRL's trainer refused them once the data had loaded
+        (
+            "llama",
+            ["q_proj", "input_layernorm"],
+            ["not model 'tiny' (llama)'s input_layernorm (LlamaRMSNorm)", "q_proj"],
+        ),
+        ("gpt2", [r".*\.ln_1"], ["ln_1 (LayerNorm)", "c_attn"]),
+        ("gpt2", [".*(c_attn"], ["'.*(c_attn' is read as a regular expression", "not one (missing )", "c_attn, c_fc"]),
     ],
 )
 def test_target_modules_the_model_lacks_are_a_user_error(architecture, targets, expected):

@@ -606,11 +606,13 @@ def check_lora_targets(targets, model, where: str, all_linear: bool = True, warn
                 f"lora_target_modules '{targets}' is read as a regular expression over module paths, but it is not "
                 f"one ({error}); write a list of module names ({linear_layers_hint(model, all_linear)})"
             ) from None
-        if not any(pattern.fullmatch(name) for name in names):
+        matched = [name for name in names if pattern.fullmatch(name)]
+        if not matched:
             raise UserError(
                 f"lora_target_modules '{targets}' (a regular expression over module paths) matches no module of "
                 f"{where}: {linear_layers_hint(model, all_linear)}"
             )
+        check_lora_adaptable(model, matched, where, all_linear)
         return
     unmatched = [t for t in sorted(targets) if not any(n == t or n.endswith(f".{t}") for n in names)]
     if len(unmatched) == len(set(targets)):
@@ -618,9 +620,29 @@ def check_lora_targets(targets, model, where: str, all_linear: bool = True, warn
             f"lora_target_modules: {where} has no module named {', '.join(unmatched)}: "
             f"{linear_layers_hint(model, all_linear)}"
         )
+    matched = [n for n in names if any(n == t or n.endswith(f".{t}") for t in targets)]
+    check_lora_adaptable(model, matched, where, all_linear)
     if unmatched and warn_partial:
         print(f"warning: lora_target_modules: {where} has no module named {', '.join(unmatched)}; the adapters go on "
               f"the others ({linear_layers_hint(model, all_linear)})")  # fmt: skip
+
+
+def check_lora_adaptable(model, paths: list[str], where: str, all_linear: bool) -> None:
+    """The modules `lora_target_modules` matched must be of a kind peft puts LoRA on (linear, embedding,
+    convolution, attention layers): a norm layer or a block failed inside the trainer, once the data had loaded."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                 torch.nn.MultiheadAttention, Conv1D)  # fmt: skip
+    modules = dict(model.named_modules())
+    others = sorted({f"{path.rsplit('.', 1)[-1]} ({type(modules[path]).__name__})" for path in paths
+                     if not isinstance(modules[path], adaptable)})  # fmt: skip
+    if others:
+        raise UserError(
+            f"lora_target_modules: LoRA adapts linear, embedding and convolution layers, not {where}'s "
+            f"{', '.join(others)}: {linear_layers_hint(model, all_linear)}"
+        )
 
 
 def position_limit(config) -> int | None:
