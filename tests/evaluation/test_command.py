@@ -95,6 +95,10 @@ def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(model_d
     assert results["quality/win_rate_vs_baseline"] == 0.5 and results["eval/win_rate_judge"] == "oracle"
     # chat models are measured on conversations formatted with their chat template
     assert results["eval/chat"] is True and results["eval/perplexity_dataset"] == "embedded:instructions"
+    # the judges and counts the figures came from (another oracle or reward model gave figures that looked alike)
+    assert results["eval/reward_model"] == str(reward_dir.resolve())
+    assert results["eval/oracle"] == "hfgen.data.embedded:oracle_scores" and results["eval/seed"] == 0
+    assert results["eval/perplexity_texts"] > 0
     assert "win_rate_vs_baseline" in capsys.readouterr().out
     assert (tmp_path / "eval_samples.jsonl").is_file()  # beside --output
 

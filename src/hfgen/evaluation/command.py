@@ -380,6 +380,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         "eval/prompts": f"{args.eval_dataset}[{args.eval_split}]", "eval/num_prompts": len(prompts),
         "eval/num_samples": args.num_samples, "eval/max_new_tokens": args.max_new_tokens,
         "eval/temperature": args.temperature, "eval/top_p": args.top_p, "eval/chat": chat, "eval/device": device,
+        "eval/seed": args.seed,
     }  # fmt: skip
 
     # Speed first, while the target model is the only one loaded, so peak memory is the target's own.
@@ -422,7 +423,14 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             )
         results["eval/perplexity_dataset"] = dataset
         results["eval/perplexity_of"] = "responses" if prefixes else "texts"
+        results["eval/perplexity_texts"] = len(texts)
     judges = load_judges(args, device, tokenizer)
+    # which judges gave the scores: another oracle or reward model gives figures that only look comparable
+    if "reward" in judges:
+        results["eval/reward_model"] = str(Path(args.reward_model).expanduser().resolve())
+    if "oracle" in judges:
+        oracle = resolve_oracle(args.oracle, args.eval_dataset)
+        results["eval/oracle"] = f"{oracle.__module__}:{oracle.__qualname__}"
     scores = {name: judge(inputs, completions) for name, judge in judges.items()}
     for name, values in scores.items():
         results[f"quality/{name}_score"] = mean(list(map(mean, values)))
