@@ -22,10 +22,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
     axes, fixed = split_grid(
-        ["--learning_rate", "1e-4,3e-4", "--lora_r=8,16", "--max_steps", "3", "--modules", "q", "v", "--x", "[1,2]"]
-    )
+        ["--learning_rate", "1e-4,3e-4", "--lora_r=8,16", "--max_steps", "3", "--modules", "q", "v", "--x", "[1,2]",
+         "--dataset_columns", "prompt=instruction,completion=output"]  # (README's k=v form of a mapping: one value)
+    )  # fmt: skip
     assert axes == {"learning_rate": ["1e-4", "3e-4"], "lora_r": ["8", "16"]}
-    assert fixed == ["--max_steps", "3", "--modules", "q", "v", "--x", "[1,2]"]
+    assert fixed == ["--max_steps", "3", "--modules", "q", "v", "--x", "[1,2]",
+                     "--dataset_columns", "prompt=instruction,completion=output"]  # fmt: skip
     points = grid_points(axes)
     assert [name for name, _ in points] == [
         "learning_rate=1e-4_lora_r=8", "learning_rate=1e-4_lora_r=16",

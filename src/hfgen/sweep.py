@@ -129,7 +129,8 @@ def was_evaluated(run_dir: Path) -> bool:
 
 def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Override tokens -> (axes: key -> values, fixed tokens). `--lr 1e-4,3e-4` is an axis; `--steps 3`,
-    lists (`--modules q v`) and JSON/YAML values (`--x [1,2]`, `--y {a: 1}`) are fixed."""
+    lists (`--modules q v`), JSON/YAML values (`--x [1,2]`, `--y {a: 1}`) and the `k=v,k=v` form of a mapping
+    (`--dataset_columns prompt=instruction,completion=output`, as `hfgen train` reads it) are fixed."""
     groups: list[list[str]] = []
     for token in tokens:
         if token.startswith("--"):
@@ -145,7 +146,8 @@ def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         raise UserError(f"hfgen sweep: --{twice[0]} is given twice; give each key once (an axis as --key a,b,c)")
     axes, fixed = {}, []
     for key, *values in groups:
-        if len(values) == 1 and "," in values[0] and not values[0].lstrip().startswith(("[", "{")):
+        mapping = all("=" in part for part in values[0].split(",")) if len(values) == 1 else False
+        if len(values) == 1 and "," in values[0] and not values[0].lstrip().startswith(("[", "{")) and not mapping:
             axis = [v.strip() for v in values[0].split(",") if v.strip()]
             name = key[2:].replace("-", "_")
             if len(set(axis)) != len(axis):
