@@ -111,18 +111,26 @@ RUN_SUB_MODELS = ("ema",)  # the models a run saves beside its own (PPO's `ema_d
 
 def wants_chat(model_path: str, tokenizer) -> bool:
     """Chat format by default for fine-tuned models: hfgen runs other than pretraining (and their sub-models, e.g.
-    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise. `--chat` / `--no-chat`
-    decide explicitly."""
+    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise, and for an SFT run (or its
+    merge) trained on plain text or plain prompt/completion rows, which it answers as it was trained. `--chat` /
+    `--no-chat` decide explicitly."""
     import yaml
+
+    from hfgen import tracking
 
     if tokenizer.chat_template is None:
         return False
-    recipe = Path(model_path) / "recipe.yaml"
-    if not recipe.is_file() and Path(model_path).name in RUN_SUB_MODELS:  # a run's sub-model: the run's format
-        recipe = Path(model_path).parent / "recipe.yaml"
+    path = Path(model_path)
+    merged_from = tracking.read_json(path / "merged_from.json", {}).get("adapter")
+    run = Path(merged_from) if merged_from and Path(merged_from).is_dir() else path
+    recipe = run / "recipe.yaml"
+    if not recipe.is_file() and run.name in RUN_SUB_MODELS:  # a run's sub-model: the run's format
+        recipe = run.parent / "recipe.yaml"
     if recipe.is_file():
-        return yaml.safe_load(recipe.read_text()).get("stage") != "pretrain"
-    return any((Path(model_path) / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
+        if yaml.safe_load(recipe.read_text()).get("stage") == "pretrain":
+            return False
+        return tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat") is not False
+    return any((path / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
 
 
 def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:

@@ -167,6 +167,18 @@ def test_plain_text_and_plain_prompt_completion_data_train(tiny_lm, tmp_path, mo
     samples = [json.loads(line) for line in (tmp_path / "out/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(isinstance(s["prompt"], str) for s in samples)
     assert trainer.state.num_input_tokens_seen > 0
+    # hfgen generate / eval prompt it as it was trained: raw (they wrapped its prompts in the chat template)
+    from hfgen.generate import wants_chat
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tmp_path / "out"))
+    assert tokenizer.chat_template and results["trained_on_chat"] is False
+    assert not wants_chat(str(tmp_path / "out"), tokenizer)
+    (tmp_path / "merged").mkdir()  # a merge of it (merged_from.json names the adapter run)
+    tracking.write_json(tmp_path / "merged/merged_from.json", {"adapter": str(tmp_path / "out")})
+    assert not wants_chat(str(tmp_path / "merged"), tokenizer)
+    tracking.update_eval(tmp_path / "out", {"trained_on_chat": True})  # a run on conversations
+    assert wants_chat(str(tmp_path / "out"), tokenizer) and wants_chat(str(tmp_path / "merged"), tokenizer)
 
 
 def test_row_packing_keeps_packed_documents_apart(tiny_lm):

@@ -473,6 +473,8 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
             model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed
         )
         parameters = count_parameters(model), count_parameters(model, trainable_only=True)
+    rendered = [isinstance(response, list) for _, response in pairs if response is not None]
+    trained_on_chat = any(rendered) if rendered else None  # (no held-out rows: unknown, the default stays)
     if is_main:
         tracking.write_jsonl(output_dir / "samples.jsonl", samples)
         tokens = trainer.state.num_input_tokens_seen
@@ -491,6 +493,8 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
                 "parameters": parameters[0],
                 "trainable_parameters": parameters[1],
                 "peft": model_args.use_peft,
+                # how the run's prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
+                "trained_on_chat": trained_on_chat,
             },
         )
     return output_dir
