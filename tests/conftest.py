@@ -71,7 +71,12 @@ def pytest_runtest_protocol(item, nextitem):
             _files_taken[item.path] = True
         except FileExistsError:
             _files_taken[item.path] = False
-    return None if _files_taken[item.path] else True  # True: handled (by the process that took the file)
+    if not _files_taken[item.path]:
+        return True  # handled (by the process that took the file)
+    # The last item this process ran was torn down for its `nextitem`, which may be a skipped one of another file
+    # in the same folder: pytest kept that folder's collectors set up, which this item (elsewhere) must not find.
+    item.session._setupstate.teardown_exact(item)
+    return None
 
 
 @pytest.fixture

@@ -176,14 +176,14 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
                 config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
-    tracking.check_output_dir_shared(output_dir)
-    if resuming:  # (against the recipe.yaml just written)
-        tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir)
-    trained_on = tracking.input_runs(recipe)  # before the stage loads them: the runs whose weights it trains on
-    if inputs is not None and tracking.is_main_process():
-        tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
-    guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
-    try:
+    try:  # from here the dir is locked: a refusal below unlocks it too (a pipeline, a test, runs on in this process)
+        tracking.check_output_dir_shared(output_dir)
+        if resuming:  # (against the recipe.yaml just written)
+            tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir)
+        trained_on = tracking.input_runs(recipe)  # before the stage loads them: the runs whose weights it trains on
+        if inputs is not None and tracking.is_main_process():
+            tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
+        guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
         stage.run(*recipe.configs)
         info = {"stage": recipe.stage, "wall_time_s": round(time.time() - started, 2)}
         tracking.mark_complete(output_dir, **info, **({tracking.INPUT_RUNS: trained_on} if trained_on else {}))
