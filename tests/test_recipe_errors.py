@@ -281,6 +281,28 @@ def test_fp16_without_a_cuda_gpu_exits_2_in_every_stage(tmp_path, capsys):
     assert code == 2 and "dtype: float16 trains in fp16 mixed precision, which needs a CUDA GPU" in err
 
 
+def test_bf16_without_a_gpu_that_has_it_is_one_problem_among_the_others(tmp_path):
+    # transformers' TrainingArguments raised "Your setup doesn't support bf16/gpu" from its __post_init__, alone: a
+    # GPU recipe checked on a CPU said nothing of its missing model or its other bad values (probe 38 A3)
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    from hfgen.recipe import load_recipe, precision_problems
+
+    if is_torch_bf16_gpu_available():
+        pytest.skip("this machine trains in bf16")
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    result = run_hfgen_here("check", sft, "--use_cpu", "false", "--bf16", "true", "--learning_rate", "-1",
+                            "--model_name_or_path", tmp_path / "missing", "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has 3 problems" in result.stderr and "doesn't support bf16" not in result.stderr
+    assert "bf16: true trains in bfloat16, which needs a GPU that supports it (no GPU is visible)" in result.stderr
+    assert "key 'learning_rate' must be at least 0" in result.stderr and "missing' does not exist" in result.stderr
+    # TRL's own default (a recipe without bf16) is bf16 too; use_cpu trains bf16 on the CPU; the recipe keeps its ask
+    unset = load_recipe(sft, ["--use_cpu", "false", "--bf16", "null"], check_inputs=False)
+    assert unset.value("bf16") is True and "bf16: true trains in bfloat16" in precision_problems(unset.configs)[0]
+    assert precision_problems(load_recipe(sft, ["--bf16", "true"], check_inputs=False).configs) == []
+
+
 def test_an_optimizer_whose_package_is_missing_exits_2_at_the_check(tmp_path, capsys):
     # optim: adamw_bnb_8bit (and the other bitsandbytes / torchao / ... optimizers) passed `hfgen check`, then the
     # run crashed with transformers' ImportError once the model had loaded, leaving a half-written run dir

@@ -531,14 +531,37 @@ def _mapping_like(value) -> bool:
 def _parse_into_dataclasses(parser, argv: list[str], nulls: list[str]) -> tuple:
     """HfArgumentParser.parse_args_into_dataclasses, with the keys in `nulls` set to None before the configs are
     built (argparse has no spelling of None for a typed value), so their __post_init__ checks see the None."""
+    from transformers import TrainingArguments
+
     namespace = parser.parse_args(args=argv)
     for key in nulls:
         setattr(namespace, key, None)
     configs = []
     for cls in parser.dataclass_types:
         keys = {f.name for f in dataclasses.fields(cls) if f.init}
-        configs.append(cls(**{k: v for k, v in vars(namespace).items() if k in keys}))
+        kwargs = {k: v for k, v in vars(namespace).items() if k in keys}
+        refused = []
+        if issubclass(cls, TrainingArguments):
+            bf16 = kwargs.get("bf16")
+            bf16 = not kwargs.get("fp16") if bf16 is None else bf16  # TRL's configs: unset is bf16 unless fp16
+            refused = refused_bf16_keys(bf16, kwargs.get("bf16_full_eval"), kwargs.get("use_cpu"))
+        config = cls(**{**kwargs, **dict.fromkeys(refused, False)})
+        for key in refused:  # as the recipe asks: `precision_problems` reports it with the recipe's other problems
+            setattr(config, key, True)
+        configs.append(config)
     return tuple(configs)
+
+
+def refused_bf16_keys(bf16, bf16_full_eval, use_cpu) -> list[str]:
+    """The bf16 keys transformers' TrainingArguments refuses on this machine: bfloat16 without a GPU that has it,
+    unless use_cpu. Its __post_init__ raises that alone, before the recipe's other problems are looked for (a GPU
+    recipe checked on a laptop said only "Your setup doesn't support bf16/gpu"), so the config is built with them
+    off, and `precision_problems` reports them among the rest."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    if use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return []
+    return [key for key, on in (("bf16", bf16), ("bf16_full_eval", bf16_full_eval)) if on]
 
 
 # Numeric keys of any stage, by name (whichever config holds them): (minimum, maximum, minimum allowed itself).
@@ -777,18 +800,31 @@ def precision_problems(configs) -> list[str]:
     """The recipe decides the precision of every stage, which trains in it or says why not:
     - fp16 mixed precision without a CUDA GPU (or with use_cpu) would run float32 without a word (accelerate has no
       fp16 autocast on CPU), the image stages' rule (`diffusion.training.check_loop_arguments`) for every stage;
+    - bf16 in the Trainer stages without a GPU that has it, unless use_cpu (`refused_bf16_keys`);
     - a launch asking for another precision (`accelerate launch --mixed_precision`, the mixed_precision of its
       config, the default config's too: ACCELERATE_MIXED_PRECISION) would override the recipe in the Trainer stages
       and be ignored by ppo, vae and t2i, silently either way. A launch asking for none ("no", accelerate's
       default) leaves it to the recipe."""
     import torch
     from accelerate.utils import parse_flag_from_env
+    from transformers import TrainingArguments
 
+    problems = []
+    for config in configs:
+        if isinstance(config, TrainingArguments):
+            for key in refused_bf16_keys(config.bf16, config.bf16_full_eval, config.use_cpu):
+                where = (
+                    "this CUDA GPU has none: Ampere or newer has" if torch.cuda.is_available() else "no GPU is visible"
+                )
+                problems.append(
+                    f"{key}: true trains in bfloat16, which needs a GPU that supports it ({where}); set {key}: false "
+                    f"to train in float32 (TRL's stages turn bf16 on unless the recipe says false), or use_cpu: true "
+                    "to train in bf16 on the CPU"
+                )
     resolved = training_precision(configs)
     if resolved is None:
-        return []
+        return problems
     precision, setting = resolved
-    problems = []
     on_cpu = any(getattr(config, "use_cpu", False) for config in configs) or parse_flag_from_env("ACCELERATE_USE_CPU")
     if precision == "fp16" and (on_cpu or not torch.cuda.is_available()):
         where = "use_cpu runs on the CPU" if on_cpu else "no CUDA GPU is visible"

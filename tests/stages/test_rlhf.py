@@ -79,6 +79,21 @@ def test_every_steps_values_are_checked_before_anything_runs(pipeline, tmp_path)
     assert not (tmp_path / "pretrain_out").exists()
 
 
+def test_a_steps_bf16_without_a_gpu_is_named_with_its_own_step(pipeline, tmp_path):
+    # the sft step's `bf16: true` on a CPU stopped every step at transformers' "Your setup doesn't support bf16/gpu",
+    # the ppo step's too, naming the SFT recipe (it reads the sft step's output_dir) (probe 38 A3)
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if is_torch_bf16_gpu_available():
+        pytest.skip("this machine trains in bf16")
+    bf16 = json.dumps({"use_cpu": False, "bf16": True})
+    result = run_hfgen_here("check", pipeline, "--sft_overrides", bf16, "--ppo_overrides", '{"reward_clip": 0}')
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has 2 problems" in result.stderr and "doesn't support bf16" not in result.stderr
+    assert "step sft: bf16: true trains in bfloat16" in result.stderr and "step ppo: reward_clip" in result.stderr
+    assert not (tmp_path / "pretrain_out").exists()
+
+
 def test_shipped_pipeline_recipe_names_the_tiny_steps():
     from hfgen.recipe import load_recipe
 
