@@ -77,6 +77,18 @@ def test_a_ratio_or_a_time_on_the_command_line_stays_the_text_typed():
     assert data_args.aspect_ratio_buckets == ["4:3", "3:4"] and args.validation_prompts == ["12:30"]
 
 
+def test_on_and_off_read_as_booleans_on_the_command_line_as_in_the_recipe_file(tmp_path):
+    """`use_peft: off` in the file was false, `--use_peft off` was refused: "invalid string_to_bool value 'off'"
+    (probe 38 A7); `--save_strategy no` stays the choice's text."""
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    in_file = tmp_path / "off.yaml"
+    in_file.write_text(sft.read_text().replace("use_peft: true", "use_peft: off"))
+    typed = load_recipe(sft, ["--use_peft", "off", "--packing", "On", "--save_strategy", "no"], False)
+    assert typed.value("use_peft") is load_recipe(in_file, [], False).value("use_peft") is False
+    assert typed.value("packing") is True and typed.value("save_strategy") == "no"
+    assert typed.values["use_peft"] is False  # recipe.yaml records the boolean, as the file's would be
+
+
 def test_mapping_and_mixture_overrides_read_as_in_the_recipe_file():
     """`--dataset_columns "{prompt: question}"`, `--datasets "[{name: a, weight: 0.7}, ...]"`: YAML as in the file."""
     overrides = ["--use_cpu", "true", "--output_dir", "/nonexistent/out", "--dataset_name", ""]

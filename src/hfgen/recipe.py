@@ -332,6 +332,10 @@ def build_recipe(
                 f'`{key}: {{name: value}}` in the recipe, `--{key} "{{name: value}}"` on the command line'
             )
             continue
+        if isinstance(value, str) and value.lower() in ("on", "off") and action.const is True:
+            # a flag (bool key): YAML 1.1's on/off, read as the recipe file reads them (`--use_peft off`; the command
+            # line keeps on/off as text for the keys whose choices take them, and transformers' bool knows yes/no)
+            value = values[key] = value.lower() == "on"
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value) and action.type is int:
             value = float(value)  # `max_steps: 1e3`: YAML 1.1 reads a string, int() would refuse it
         if isinstance(value, float) and value.is_integer() and action.type is int:
