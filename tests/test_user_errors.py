@@ -228,6 +228,23 @@ def test_a_complete_run_of_another_recipe_is_kept_unless_overwrite_output_dir(tm
     tracking.check_output_dir(tmp_path, other)  # an unfinished run is no one's output yet
 
 
+def test_a_complete_run_copied_to_another_dir_is_the_same_recipe_there(tmp_path):
+    # `cp -r out/sft out/sft_copy`, then a rerun or resume into the copy: "holds a complete run of a different recipe
+    # (differing keys: output_dir) ... or set overwrite_output_dir: true" (probe 38 A7), advice that deletes the copy
+    import shutil
+
+    original, copy = tmp_path / "sft", tmp_path / "sft_copy"
+    tracking.write_run_records(original, yaml.safe_dump({"stage": "pretrain", "output_dir": str(original)}))
+    tracking.mark_complete(original)
+    tracking.unlock_output_dir(original)
+    shutil.copytree(original, copy)
+    into_copy = {"stage": "pretrain", "output_dir": str(copy)}
+    tracking.check_output_dir(copy, yaml.safe_dump({**into_copy, "resume_from_checkpoint": True}))
+    assert tracking.holds_recipe(copy, yaml.safe_dump(into_copy))  # a pipeline's step moved there is skipped
+    with pytest.raises(UserError, match=r"differing keys: learning_rate\)"):  # another recipe still is one
+        tracking.check_output_dir(copy, yaml.safe_dump({**into_copy, "learning_rate": 0.1}))
+
+
 def test_a_fresh_start_over_a_run_clears_what_it_wrote_but_not_a_dir_that_held_no_run_nor_runs_inside(tmp_path):
     recipe = yaml.safe_dump({"stage": "pretrain", "learning_rate": 0.001})
     (tmp_path / "notes.txt").write_text("the user's, before any run")

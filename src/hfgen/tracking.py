@@ -111,8 +111,11 @@ CONTINUATION_KEYS = ("resume_from_checkpoint", "overwrite_output_dir", "save_on_
 
 
 def comparable_recipe(recipe_yaml: str):
-    """A recipe.yaml's values as compared between two runs: its output_dir resolved, so that `./x` and `/abs/x` (the
-    same dir, spelled from elsewhere) are one run. None for a file that is not a YAML mapping."""
+    """A recipe.yaml's values as compared between the run a dir holds and a recipe that writes that dir
+    (`holds_recipe`, `check_output_dir`): without output_dir, since the dir compared is the one the recipe names
+    either way, wherever the run was made (`./x` and `/abs/x`, or a run copied or moved to another dir: a complete
+    copy was "a different recipe (output_dir)", and the advice, overwrite_output_dir, would have deleted it). None
+    for a file that is not a YAML mapping."""
     import yaml
 
     try:
@@ -121,13 +124,12 @@ def comparable_recipe(recipe_yaml: str):
         return None
     if not isinstance(values, dict):
         return None
-    if isinstance(values.get("output_dir"), str):
-        values["output_dir"] = str(Path(values["output_dir"]).expanduser().resolve())
+    values.pop("output_dir", None)
     return values
 
 
 def holds_recipe(output_dir: str | Path, recipe_yaml: str) -> bool:
-    """Whether OUTPUT_DIR/recipe.yaml records this same resolved recipe (output_dir compared resolved)."""
+    """Whether OUTPUT_DIR/recipe.yaml records this same resolved recipe (but for where it was made: `comparable_recipe`)."""
     previous = Path(output_dir) / "recipe.yaml"
     if not previous.is_file():
         return False
