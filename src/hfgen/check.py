@@ -216,7 +216,8 @@ def check_group_rewards(recipe, rows) -> list[str]:
 
     model_args, data_args, config = recipe.configs
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    rows = prepare_prompts(rows.select(range(min(REWARD_PROMPTS, len(rows)))), data_args, tokenizer)
+    rows = rows.select(range(min(REWARD_PROMPTS, len(rows))))
+    rows = prepare_prompts(rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
     samples = sampled_responses(model_args, config, tokenizer, rows["prompt"], config.max_completion_length)
     each = [(row, completion) for row, group in zip(rows, samples) for completion in group]
     prompts_each, texts, finished = ([row["prompt"] for row, _ in each], [c.text for _, c in each],

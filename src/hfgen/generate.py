@@ -111,26 +111,54 @@ RUN_SUB_MODELS = ("ema",)  # the models a run saves beside its own (PPO's `ema_d
 
 def wants_chat(model_path: str, tokenizer) -> bool:
     """Chat format by default for fine-tuned models: hfgen runs other than pretraining (and their sub-models, e.g.
-    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise, and for an SFT run (or its
-    merge) trained on plain text or plain prompt/completion rows, which it answers as it was trained. `--chat` /
-    `--no-chat` decide explicitly."""
-    import yaml
-
-    from hfgen import tracking
-
+    a PPO run's ema/), LoRA adapter dirs and `hfgen merge` outputs; raw text otherwise, and for a run (or its merge)
+    that prompted its model raw (`trained_on_chat`: SFT on plain text or plain prompt/completion rows, a later stage
+    on plain prompts), which it answers as it was trained. `--chat` / `--no-chat` decide explicitly."""
     if tokenizer.chat_template is None:
         return False
+    if made_by_run(model_path) is not None:
+        return trained_on_chat(model_path) is not False
+    return any((Path(model_path) / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
+
+
+def made_by_run(model_path: str) -> Path | None:
+    """The recipe.yaml of the hfgen run that made the model at `model_path`: its own, that of the adapter run a merge
+    names (merged_from.json), or the run's for a model it saved beside its own (ema/). None when no run made it."""
+    from hfgen import tracking
+
     path = Path(model_path)
     merged_from = tracking.read_json(path / "merged_from.json", {}).get("adapter")
     run = Path(merged_from) if merged_from and Path(merged_from).is_dir() else path
     recipe = run / "recipe.yaml"
     if not recipe.is_file() and run.name in RUN_SUB_MODELS:  # a run's sub-model: the run's format
         recipe = run.parent / "recipe.yaml"
-    if recipe.is_file():
-        if yaml.safe_load(recipe.read_text()).get("stage") == "pretrain":
-            return False
-        return tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat") is not False
-    return any((path / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
+    return recipe if recipe.is_file() else None
+
+
+def trained_on_chat(model_path: str) -> bool | None:
+    """Whether the hfgen run that made the model prompted it in the chat template, as its eval.json records
+    (`trained_on_chat`: SFT from its rows, the later stages from the prompts they trained on); False for
+    pretraining. None when unknown: no hfgen run made it, or its run does not say (an older run)."""
+    import yaml
+
+    from hfgen import tracking
+
+    recipe = made_by_run(model_path)
+    if recipe is None:
+        return None
+    if yaml.safe_load(recipe.read_text()).get("stage") == "pretrain":
+        return False
+    return tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
+
+
+def prompts_are_chat(rows) -> bool | None:
+    """Whether a stage's rows (their `prompt`, or for rows with none the `chosen` / `completion`) are chat messages,
+    as the stage records `trained_on_chat`; None for no rows."""
+    if rows is None or not len(rows):
+        return None
+    first = rows[0]
+    column = next((c for c in ("prompt", "chosen", "completion") if first.get(c) is not None), None)
+    return None if column is None else not isinstance(first[column], str)
 
 
 def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:

@@ -18,7 +18,7 @@ hfgen's data and reward keys. hfgen adds what TRL leaves out:
   (steps_per_generation > gradient_accumulation_steps, or num_iterations > 1) resumes on different completions;
   hfgen saves the buffer and the counter with each checkpoint and restores them;
 - plain-string prompts given to a model with a chat template are sent as one user turn, the way SFT on
-  conversational data trained it (`chat_prompts: auto`), or refused.
+  conversational data trained it (`chat_prompts: auto`; raw to a model whose run prompted it raw), or refused.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
+from hfgen.generate import prompts_are_chat, trained_on_chat
 from hfgen.models import check_model_source, not_a_reward_model, position_limit
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
 
@@ -48,7 +49,8 @@ def chat_prompts_field():
         default="auto",
         metadata={
             "help": "Plain-string prompts: 'auto' sends them as one user turn when the tokenizer has a chat template "
-            "(as SFT on conversations trained), 'never' keeps them raw, 'refuse' stops the recipe."
+            "(as SFT on conversations trained; raw to a model whose hfgen run prompted it raw: its eval.json's "
+            "trained_on_chat), 'never' keeps them raw, 'refuse' stops the recipe."
         },
     )
 
@@ -252,14 +254,25 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
 # ---- prompts and rewards ------------------------------------------------------------------------------------
 
 
-def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None):
+def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None, model_path: str | None = None):
     """Plain-string prompts become one user turn for a chat model (`chat_prompts: auto`), since TRL would otherwise
-    send them untemplated. A string already rendered with the chat template (`template_marks`) is not wrapped in it
-    again: one that renders a single user turn is read back as that turn (the policy reads the same tokens, reward
-    functions the question), any other is kept as it is; said, and noted in `records` when given."""
+    send them untemplated; not for a model whose hfgen run prompted it raw (`model_path`'s run records
+    trained_on_chat false: SFT on plain text, or pretraining), which is prompted as it was trained. A string
+    already rendered with the chat template (`template_marks`) is not wrapped in it again: one that renders a single
+    user turn is read back as that turn (the policy reads the same tokens, reward functions the question), any
+    other is kept as it is; said, and noted in `records` when given."""
     if not (isinstance(dataset[0]["prompt"], str) and tokenizer.chat_template is not None):
         return dataset
     if data_args.chat_prompts != "auto":
+        return dataset
+    if model_path is not None and trained_on_chat(model_path) is False:
+        note = (
+            f"chat_prompts: auto: the run that made {model_path} prompted it raw (its eval.json: trained_on_chat "
+            "false), so the string prompts stay raw"
+        )
+        if records is not None:  # (said once: for the training rows)
+            print(f"note: {note}")
+            records.setdefault("notes", []).append(note)
         return dataset
     opening, closing, tokens = template_marks(tokenizer)
 
@@ -623,8 +636,8 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     train_rows, eval_rows, data_records = load_for_stage(
         data_args, "prompt", seed=config.seed, default_columns=prompt_columns(data_args), other_columns=True
     )
-    train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records)
-    eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
+    train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records, model_args.model_name_or_path)
+    eval_rows = prepare_prompts(eval_rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
     record(output_dir, data_records)
     monitor = None
     if data_args.hacking_monitor:
@@ -673,6 +686,8 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             "parameters": count_parameters(policy),
             "trainable_parameters": count_parameters(policy, trainable_only=True),
             "peft": model_args.use_peft,
+            # how its prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
+            "trained_on_chat": prompts_are_chat(train_rows),
         }
         if data_args.eval_samples_per_prompt:
             figures |= evaluate_against_start(trainer, policy, starting, eval_rows, data_args, config, name, oracle)

@@ -29,6 +29,7 @@ from hfgen.data.formats import unpaired_rows
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
+from hfgen.generate import prompts_are_chat
 from hfgen.models import check_model_source, not_a_reward_model
 
 
@@ -544,6 +545,8 @@ def run_stage(
                 "parameters": parameters[0],
                 "trainable_parameters": parameters[1],
                 "peft": model_args.use_peft,
+                # how its prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
+                "trained_on_chat": prompts_are_chat(train_rows),
             },
         )
         if comparison:

@@ -143,6 +143,44 @@ def test_plain_string_prompts_are_templated_as_sft_trained_them_or_refused(tmp_p
 
 
 @pytest.mark.slow
+def test_a_model_whose_run_prompted_it_raw_gets_raw_prompts_and_its_run_records_them(tmp_path, models):
+    # GRPO/RLOO/PPO from an SFT model trained on plain text (its eval.json: trained_on_chat false) wrapped the
+    # prompts in the chat template (`chat_prompts: auto`), and `hfgen generate` / `eval` of the later run's dir
+    # defaulted to chat, a format neither run had trained on
+    from datasets import Dataset
+
+    from hfgen.generate import wants_chat
+    from hfgen.group_rl import GroupRLArguments, prepare_prompts
+    from hfgen.models import load_tokenizer
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    sft = tmp_path / "sft"  # the records of a plain-text SFT run (test_sft.py makes them by training)
+    shutil.copytree(models[0], sft)
+    (sft / "recipe.yaml").write_text(yaml.safe_dump({"stage": "sft", "output_dir": str(sft)}))
+    tracking.write_json(sft / "env.json", {})
+    tracking.write_json(sft / "eval.json", {"trained_on_chat": False})
+    tracking.mark_complete(sft)
+    tokenizer = load_tokenizer(str(sft))
+    strings = Dataset.from_list([{"prompt": "3+8+5=?"}])
+    assert (
+        tokenizer.chat_template
+        and prepare_prompts(strings, GroupRLArguments(), tokenizer, {}, str(sft))[0]["prompt"] == "3+8+5=?"
+    )
+    data = tmp_path / "questions.jsonl"  # plain-string prompts
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1+2=?", "answer": str(a + 3)}) + "\n" for a in range(10)))
+    recipe = write_recipe(tmp_path, sft, dataset_name=str(data), max_steps=2, eval_samples_per_prompt=1,
+                          reward_functions=REWARDS[:1], reward_weights=[1.0])  # fmt: skip
+    run = run_recipe(load_recipe(recipe))
+    assert tracking.read_json(run / "eval.json")["trained_on_chat"] is False
+    assert not wants_chat(str(run), tokenizer)
+    tracking.write_json(sft / "eval.json", {"trained_on_chat": True})  # an SFT run on conversations: one user turn
+    assert prepare_prompts(strings, GroupRLArguments(), tokenizer, model_path=str(sft))[0]["prompt"] == [
+        {"role": "user", "content": "3+8+5=?"}
+    ]
+
+
+@pytest.mark.slow
 def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_comparison(full_run):
     metrics = [row for row in tracking.read_metrics(full_run) if "loss" in row]
     assert [row["step"] for row in metrics] == [1, 2, 3, 4]

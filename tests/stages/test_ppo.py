@@ -164,6 +164,7 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     assert abs(results["kl_to_reference"]) < 1e-4
     assert results["win_rate/reward_model"] == results["win_rate/oracle"] == 0.5  # same samples: all ties
     assert results["monitor/alerts"] == [] and results["stopped_early"] is False  # the monitor is on, and quiet
+    assert results["trained_on_chat"] is True  # its string prompts, as one user turn: generate / eval prompt so
     assert 0 <= results["ppo/on_topic_scores"] == results["sft/on_topic_scores"] <= 1  # an eval_functions judge
     for name in ("COMPLETE", "recipe.yaml", "tokenizer_config.json", "value_model/model.safetensors"):
         assert (run / name).exists(), name

@@ -111,6 +111,8 @@ def test_kto_orpo_simpo_train_on_their_layouts(tiny_lm, tmp_path, stage, data):
     assert results["logps/chosen_change"] != 0 and results["logps/rejected_change"] != 0
     assert ("accuracy" in results) == (data != "unpaired")  # unpaired rows are not pairs
     assert results["heldout/num_prompts"] == 2 and results["kl_to_reference"] > 0
+    # how its rows prompted the model, for generate / eval (plain rows: raw; they defaulted to chat)
+    assert results["trained_on_chat"] is not data.startswith("plain")
     if stage in ("orpo", "simpo"):  # reference-free: the implicit reward is the mean log-prob, before and after
         assert 0 <= results["accuracy_initial"] <= 1
 

@@ -48,6 +48,7 @@ from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stag
 from hfgen.errors import UserError
 from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
+from hfgen.generate import prompts_are_chat
 from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
 from hfgen.models import check_model_source, fit_max_length, not_a_reward_model
 from hfgen.rl import functional as F
@@ -346,7 +347,8 @@ def prompt_length_problems(model_args, data_args, config, splits, records: dict 
     for rows, split in zip(splits[:2], ("train", "eval")):
         rows = rows if records is not None else rows.select(range(min(ROWS_CHECKED, len(rows))))
         try:
-            drop_long_prompts(tokenizer, prepare_prompts(rows, data_args, tokenizer), data_args.max_prompt_length,
+            prompts = prepare_prompts(rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
+            drop_long_prompts(tokenizer, prompts, data_args.max_prompt_length,
                               {} if records is None else records, split)  # fmt: skip
         except UserError as error:
             return [str(error)]
@@ -397,8 +399,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     max_prompt_length = prompt_room(policy, data_args.max_prompt_length, config.response_length)
     # plain-string prompts to a chat model as one user turn (`chat_prompts`), as GRPO and RLOO send them
-    train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records)
-    eval_rows = prepare_prompts(eval_rows, data_args, tokenizer)
+    train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records, model_args.model_name_or_path)
+    eval_rows = prepare_prompts(eval_rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
     # (the rows within max_prompt_length, and their token ids: the prompts are rendered and tokenized once)
     (train_rows, train_queries), (eval_rows, _) = (
         drop_long_prompts(tokenizer, rows, max_prompt_length, data_records, split)
@@ -561,6 +563,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         "train_runtime_s": train_runtime,
         "episodes_per_s": max(last_step - start_step, 0) * global_batch / max(train_runtime, 1e-9),
         "steps": last_step,
+        # how its prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
+        "trained_on_chat": prompts_are_chat(train_rows),
         "stopped_early": False,
         **stopped,
         # ema/ averages every update up to the last step trained, the stop's included: stop_on_hacking keeps
