@@ -249,6 +249,28 @@ def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_
     assert not any("embed_tokens" in key for key in value)
 
 
+def test_lora_modules_to_save_train_in_full_in_the_policy_and_the_value_model(tmp_path):
+    # the value model's LoRA config replaced the recipe's lora_modules_to_save with its score head: with
+    # `[embed_tokens]` the critic's embeddings stayed frozen while the policy's trained
+    from hfgen.recipe import load_recipe
+    from hfgen.rl.models import load_policy_and_reference, load_value_model
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    recipe = write_recipe(tmp_path, model, use_peft=True, lora_target_modules=["q_proj", "v_proj"],
+                          lora_modules_to_save=["lm_head", "embed_tokens"])  # fmt: skip
+    model_args, _, config = load_recipe(recipe, check_inputs=False).configs
+    tokenizer, policy, _ = load_policy_and_reference(model_args, config)
+    value_model = load_value_model(model_args, config, tokenizer)
+
+    def trained_in_full(peft_model):
+        names = {name.split(".modules_to_save")[0] for name, p in peft_model.named_parameters() if p.requires_grad}
+        return {name.rsplit(".", 1)[-1] for name in names if "lora_" not in name}
+
+    assert trained_in_full(policy) == {"lm_head", "embed_tokens"}
+    assert trained_in_full(value_model) == {"embed_tokens", "score"}  # what it has of the list, and its new head
+
+
 def test_a_lora_run_over_a_full_run_with_overwrite_leaves_none_of_its_outputs(tmp_path, tiny_models):
     """overwrite_output_dir trains over a complete run of another recipe: its full model.safetensors (which
     from_pretrained loads in place of the new adapter), ema/ and samples.jsonl were left beside the new outputs."""

@@ -164,12 +164,16 @@ def load_value_model(model_args, config, tokenizer):
             )
         )
     if model_args.use_peft:
-        # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full.
+        # LoRA on the critic too (same rank and target modules as the policy's); its new score head trains in full,
+        # and so do the recipe's lora_modules_to_save it has (embed_tokens: the user's list was replaced by score;
+        # a causal LM's lm_head it has not)
         from peft import get_peft_model
 
         from hfgen.finetune import lora_config
 
-        lora = lora_config(model_args, model, task_type="SEQ_CLS", modules_to_save=["score"])
+        names = [name for name, _ in model.named_modules()]
+        asked = [m for m in model_args.lora_modules_to_save or [] if any(n == m or n.endswith(f".{m}") for n in names)]
+        lora = lora_config(model_args, model, task_type="SEQ_CLS", modules_to_save=[*asked, "score"])
         model = get_peft_model(model, lora)
         disable_dropout(model)
     return model
