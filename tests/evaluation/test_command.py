@@ -301,7 +301,9 @@ def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
     from hfgen.rl.rollout import sequence_scores, turn_close_ids
 
     args = argparse.Namespace(reward_model=str(reward_dir), oracle="none", eval_dataset="x", batch_size=4)
-    judge = load_judges(args, "cpu", tokenizer)["reward"]
+    judges, judged_by = load_judges(args, "cpu", tokenizer)
+    judge = judges["reward"]
+    assert judged_by == {"reward": str(reward_dir.resolve())}  # what eval.json records as eval/reward_model
     prompt = [{"role": "user", "content": "describe the cat."}] if chat else "the cat"
     if chat:
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)

@@ -424,13 +424,9 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         results["eval/perplexity_dataset"] = dataset
         results["eval/perplexity_of"] = "responses" if prefixes else "texts"
         results["eval/perplexity_texts"] = len(texts)
-    judges = load_judges(args, device, tokenizer)
+    judges, judged_by = load_judges(args, device, tokenizer)
     # which judges gave the scores: another oracle or reward model gives figures that only look comparable
-    if "reward" in judges:
-        results["eval/reward_model"] = str(Path(args.reward_model).expanduser().resolve())
-    if "oracle" in judges:
-        oracle = resolve_oracle(args.oracle, args.eval_dataset)
-        results["eval/oracle"] = f"{oracle.__module__}:{oracle.__qualname__}"
+    results |= {f"eval/{'reward_model' if name == 'reward' else name}": which for name, which in judged_by.items()}
     scores = {name: judge(inputs, completions) for name, judge in judges.items()}
     for name, values in scores.items():
         results[f"quality/{name}_score"] = mean(list(map(mean, values)))
@@ -441,7 +437,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
         baseline_inputs = model_inputs(prompts, baseline_chat)
         baseline_completions = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
-        baseline_judges = load_judges(args, device, baseline_tokenizer)
+        baseline_judges, _ = load_judges(args, device, baseline_tokenizer)
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
         for name, judge in baseline_judges.items():
             judged = judge(baseline_inputs, baseline_completions)
@@ -500,15 +496,16 @@ def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool)
     return responses
 
 
-def load_judges(args: argparse.Namespace, device: str, tokenizer) -> dict:
-    """name -> judge(prompts as the model saw them, Completions per prompt) -> scores per prompt: 'reward' and/or
-    'oracle'. The reward judge is PPO's own `RewardScorer`, so it scores what PPO optimised: the same rendering of
-    prompt + response (+ EOS only when the response finished), the model's token ids when the reward model shares
-    its tokenizer."""
+def load_judges(args: argparse.Namespace, device: str, tokenizer) -> tuple[dict, dict]:
+    """(name -> judge(prompts as the model saw them, Completions per prompt) -> scores per prompt, name -> what the
+    judge is: the reward model's resolved dir, the oracle's MODULE:NAME), for 'reward' and/or 'oracle'. The reward
+    judge is PPO's own `RewardScorer`, so it scores what PPO optimised: the same rendering of prompt + response
+    (+ EOS only when the response finished), the model's token ids when the reward model shares its tokenizer."""
     from hfgen.rl.rollout import RewardScorer, reward_values
 
-    judges = {}
+    judges, judged_by = {}, {}
     if args.reward_model:
+        judged_by["reward"] = str(Path(args.reward_model).expanduser().resolve())
         reward_tokenizer, reward_model = load_reward_model(args.reward_model, device)
         scorer = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], args.batch_size, tokenizer)
 
@@ -523,6 +520,7 @@ def load_judges(args: argparse.Namespace, device: str, tokenizer) -> dict:
         judges["reward"] = reward
     oracle = resolve_oracle(args.oracle, args.eval_dataset)
     if oracle is not None:
+        judged_by["oracle"] = f"{oracle.__module__}:{oracle.__qualname__}"
 
         def oracle_judge(prompts, completions):
             responses = [c.text for group in completions for c in group]
@@ -535,7 +533,7 @@ def load_judges(args: argparse.Namespace, device: str, tokenizer) -> dict:
             return regroup(values, [len(group) for group in completions])
 
         judges["oracle"] = oracle_judge
-    return judges
+    return judges, judged_by
 
 
 def regroup(flat: list, sizes: list[int]) -> list[list]:
