@@ -123,15 +123,16 @@ def wants_chat(model_path: str, tokenizer) -> bool:
 
 def made_by_run(model_path: str) -> Path | None:
     """The recipe.yaml of the hfgen run that made the model at `model_path`: its own, that of the adapter run a merge
-    names (merged_from.json), or the run's for a model it saved beside its own (ema/). None when no run made it."""
+    names (merged_from.json), or the run's for a model it saved beside its own (ema/) or in one of its checkpoints
+    (whose eval.json is the run's, beside the run's recipe). None when no run made it."""
     from hfgen import tracking
 
     path = Path(model_path)
     merged_from = tracking.read_json(path / "merged_from.json", {}).get("adapter")
     run = Path(merged_from) if merged_from and Path(merged_from).is_dir() else path
     recipe = run / "recipe.yaml"
-    if not recipe.is_file() and run.name in RUN_SUB_MODELS:  # a run's sub-model: the run's format
-        recipe = run.parent / "recipe.yaml"
+    if (not recipe.is_file() and run.name in RUN_SUB_MODELS) or tracking.is_checkpoint_dir(run):
+        recipe = run.parent / "recipe.yaml"  # a run's sub-model or checkpoint: the run's format
     return recipe if recipe.is_file() else None
 
 

@@ -160,7 +160,19 @@ def test_plain_text_and_plain_prompt_completion_data_train(tiny_lm, tmp_path, mo
         tiny_lm, tmp_path / "out", "--dataset_name", dataset(tmp_path), "--max_steps", "2", "--num_samples", "2"
     )
     trainer = train_in_process(
-        monkeypatch, SFT_LORA, [*overrides, "--max_train_samples", "200", "--max_eval_samples", "16"]
+        monkeypatch,
+        SFT_LORA,
+        [
+            *overrides,
+            "--max_train_samples",
+            "200",
+            "--max_eval_samples",
+            "16",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+        ],  # fmt: skip
     )
     results = tracking.read_json(tmp_path / "out/eval.json")
     assert results["held_out_responses"] >= 10 and 0 < results["response_loss"] < 10
@@ -177,8 +189,12 @@ def test_plain_text_and_plain_prompt_completion_data_train(tiny_lm, tmp_path, mo
     (tmp_path / "merged").mkdir()  # a merge of it (merged_from.json names the adapter run)
     tracking.write_json(tmp_path / "merged/merged_from.json", {"adapter": str(tmp_path / "out")})
     assert not wants_chat(str(tmp_path / "merged"), tokenizer)
+    # its checkpoint too: the run's eval.json says (the checkpoint's own recipe.yaml has none beside it)
+    assert (tmp_path / "out/checkpoint-2/adapter_config.json").is_file()
+    assert not wants_chat(str(tmp_path / "out/checkpoint-2"), tokenizer)
     tracking.update_eval(tmp_path / "out", {"trained_on_chat": True})  # a run on conversations
     assert wants_chat(str(tmp_path / "out"), tokenizer) and wants_chat(str(tmp_path / "merged"), tokenizer)
+    assert wants_chat(str(tmp_path / "out/checkpoint-2"), tokenizer)
 
 
 def test_row_packing_keeps_packed_documents_apart(tiny_lm):
