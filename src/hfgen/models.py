@@ -655,6 +655,19 @@ def position_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def reads_last_token(config) -> bool:
+    """Whether a sequence classifier of this config reads each sequence's last token (a decoder's head: Llama, GPT-2,
+    Qwen, OPT, XLNet...), rather than pooling its first ([CLS]: BERT, RoBERTa, DeBERTa, ModernBERT) or its EOS (BART,
+    T5). Decided by the model, not its tokenizer: DeBERTa's and RoBERTa's tokenizers have an EOS ([SEP], </s>), and
+    ModernBERT's config names one. The model types with a masked-LM class are the encoders; a type transformers
+    does not know (remote code) is taken for a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def fit_max_length(model, args, key: str = "max_length") -> None:
     """Lower `args.<key>` (the longest row a Trainer stage keeps) to the model's `position_limit`, saying so: TRL's
     default (1024) is longer than a BERT reward model or a small GPT-2 can read, and the rows it keeps would crash

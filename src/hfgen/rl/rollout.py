@@ -264,11 +264,14 @@ def episode_ids(queries: list[list[int]], response_ids: torch.Tensor, mask: torc
 
 
 @torch.no_grad()
-def sequence_scores(
-    reward_model, sequences: list[list[int]], pad_token_id: int, chunk_size: int, padding_side: str = "left"
-) -> torch.Tensor:
+def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int, chunk_size: int) -> torch.Tensor:
     """(B,) float scores of a one-label sequence classifier, read at each token sequence's last token (a decoder's
-    head) or its first (an encoder's [CLS] pooler: such tokenizers pad on the right, so the first token stays first)."""
+    head) or its first (an encoder's [CLS] pooler). A decoder's sequences are left-padded with `position_ids_from`
+    (as PPO's every forward pass); an encoder's are right-padded, so its first token stays first, without position ids:
+    it numbers its own (RoBERTa from padding_idx + 1), as in the reward stage's training (`hfgen.models.reads_last_token`
+    tells which it is, from the model: DeBERTa's and RoBERTa's tokenizers have an EOS too)."""
+    from hfgen.models import reads_last_token
+
     device = next(reward_model.parameters()).device
     table = reward_model.get_input_embeddings().num_embeddings
     outside = max((max(ids, default=0) for ids in sequences), default=0)
@@ -278,16 +281,12 @@ def sequence_scores(
             "all in the reward model's vocabulary (its tokenizer has tokens the reward model lacks, e.g. an added pad "
             "token); give the reward model a tokenizer that matches its embeddings"
         )
-    pad = left_pad if padding_side == "left" else right_pad
+    decoder = reads_last_token(reward_model.config)
     scores = []
     for rows in chunks(len(sequences), chunk_size):
-        input_ids, attention_mask = pad(sequences[rows], pad_token_id, device)
-        output = reward_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from(attention_mask),
-            use_cache=False,
-        )
+        input_ids, attention_mask = (left_pad if decoder else right_pad)(sequences[rows], pad_token_id, device)
+        positions = {"position_ids": position_ids_from(attention_mask)} if decoder else {}
+        output = reward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **positions)
         scores.append(output.logits[:, 0].float())
     return torch.cat(scores)
 
@@ -515,9 +514,7 @@ class RewardScorer:
                 special = not chat or uses_plain_template(self.reward_tokenizer, chat)  # a template writes its own
                 sequences = reward_model_ids(self.reward_model, self.reward_tokenizer, texts, special)
             pad = self.reward_tokenizer.pad_token_id
-            # An encoder classifier (no EOS: BERT, DeBERTa) pools its first token ([CLS]): padded on the right.
-            side = "left" if self.reward_tokenizer.eos_token is not None else "right"
-            scores = sequence_scores(self.reward_model, sequences, pad, self.chunk_size, side)
+            scores = sequence_scores(self.reward_model, sequences, pad, self.chunk_size)
             components["reward_model"] = scores.to(device)
         for name, function in self.functions.items():
             components[name] = function_scores(function, prompts, responses, device)
