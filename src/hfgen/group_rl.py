@@ -719,7 +719,7 @@ def evaluate_against_start(
     import torch
 
     from hfgen.evaluation.text import win_rate
-    from hfgen.rl.functional import has_stop_token
+    from hfgen.rl.functional import has_stop_token, response_mask
     from hfgen.rl.models import stop_token_ids
     from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses
 
@@ -774,10 +774,12 @@ def evaluate_against_start(
         if oracle is not None:
             figures["oracle"] = call_reward_function(oracle, prompts, responses, columns)
         figures["eos_rate"] = ended.float().tolist()
-        figures["response_length"] = (sampled.response_ids != tokenizer.pad_token_id).sum(1).float().tolist()
+        # up to and including the first stop id: a pad that is also the EOS (GRPO keeps the model's) is counted
+        figures["response_length"] = response_mask(sampled.response_ids, stop_ids).sum(1).float().tolist()
         judged[label] = figures
     input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)  # the trained policy's samples
-    attention_mask = torch.cat([query_mask, (sampled.response_ids != tokenizer.pad_token_id).long()], dim=1)
+    kept = response_mask(sampled.response_ids, stop_ids)  # the closing EOS too, when it is also the pad
+    attention_mask = torch.cat([query_mask, kept.long()], dim=1)
     reference = starting.to(device) if starting is not None else None
     ref = reference_logprobs(
         policy,
@@ -788,8 +790,7 @@ def evaluate_against_start(
         config.temperature,
         data_args.eval_generation_batch_size,
     )
-    response_mask = attention_mask[:, query_ids.shape[1] :].bool()
-    kl = ((sampled.logprobs - ref) * response_mask).sum(1)
+    kl = ((sampled.logprobs - ref) * kept).sum(1)
 
     results = {
         "heldout/num_prompts": len(eval_rows),  # not eval/: `hfgen eval` owns those and replaces them

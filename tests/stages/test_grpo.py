@@ -435,6 +435,38 @@ def test_the_held_out_comparison_stops_at_every_eos_id_training_stops_at(tmp_pat
         assert figures[f"{side}/eos_rate"] == 1.0 and figures[f"{side}/response_length"] == 1.0, figures
 
 
+def test_the_held_out_comparison_counts_the_closing_eos_of_a_model_whose_pad_is_its_eos(tmp_path, models):
+    # GRPO keeps the model's pad = EOS; the comparison took every token equal to the pad for padding, so an answer's
+    # closing EOS was left out of response_length and kl_to_reference (probe 39 F3: 22.25 against 22.375 tokens)
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_tokenizer
+
+    start = tmp_path / "start"
+    tokenizer = load_tokenizer(str(models[0]))
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(models[0])
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
+    # Every response is its EOS alone: with attention and MLP outputs zeroed, the hidden state after the generation
+    # prompt is its last token's embedding, and the (tied) EOS row is made to point along it
+    last = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+2="}], add_generation_prompt=True, return_dict=False
+    )[-1]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.get_input_embeddings().weight
+        direction = model.model.norm.weight * embeddings[last]
+        embeddings[tokenizer.eos_token_id] = 50 * direction / direction.norm()
+    model.save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    train(write_recipe(tmp_path, start, max_steps=1, save_strategy="no", steps_per_generation=1))
+    figures = json.loads((tmp_path / "run" / "eval.json").read_text())
+    for side in ("sft", "grpo"):
+        assert figures[f"{side}/eos_rate"] == 1.0 and figures[f"{side}/response_length"] == 1.0, figures
+
+
 def test_a_reward_model_scores_a_truncated_completion_unfinished_in_training_as_in_the_evaluation(tmp_path, models):
     # TRL rendered every completion as a closed assistant turn for a reward model, so one cut off at
     # max_completion_length scored as a finished answer in training, and unfinished in eval.json (RewardScorer)
