@@ -349,6 +349,15 @@ def load_tokenizer(name: str, trust_remote_code: bool | None = None):
     return tokenizer
 
 
+def pad_apart_from_eos(tokenizer) -> None:
+    """A pad token of its own (PAD, added) for a tokenizer whose pad is its EOS (Qwen2 base's <|endoftext|>, many
+    Llama fine-tunes): with EOS == PAD every EOS looks like padding, so PPO would never see a response end, and a
+    decoder's sequence classifier, which reads the last token that is not the pad, would read the one before the
+    closing EOS: finished and cut-off answers alike. The model's embeddings grow for it (`fit_embeddings`)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+
+
 def holds_no_tokenizer(name: str) -> bool:
     """A local dir (weights and config, the tokenizer kept elsewhere) with none of the files a tokenizer loads from."""
     path = Path(name).expanduser()

@@ -262,3 +262,40 @@ def test_a_metric_for_best_model_the_evaluation_does_not_log_exits_2_naming_the_
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "metric_for_best_model: 'accuracy'" in result.stderr and "batch_mean_accuracy" in result.stderr
     assert not tracking.is_complete(tmp_path / "out")
+
+
+def test_a_base_whose_pad_is_its_eos_trains_a_reward_model_that_reads_the_eos(tmp_path, capsys):
+    # The classifier reads the last token that is not the pad: with the pad the EOS (Qwen2 base's, many Llama
+    # fine-tunes'), the one before the closing EOS, so a finished answer and the same answer cut off scored alike in
+    # PPO, GRPO and hfgen eval (probe 39 F2: -0.20358343 and -0.20358346)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hfgen.evaluation.command import load_reward_model as load_judge
+    from hfgen.recipe import load_recipe
+    from hfgen.rl.rollout import RewardScorer
+    from hfgen.train import run_recipe
+
+    base = save_tiny_llama(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"pad_token_id": tokenizer.eos_token_id}))
+    refused = run_hfgen_here("check", REWARD, *on_tiny(base, tmp_path / "refused", "--pad_token", tokenizer.eos_token))
+    assert refused.returncode == 2 and "pad_token '<|end|>' is the EOS" in refused.stderr, refused.stderr[-3000:]
+
+    output_dir = tmp_path / "out"
+    small = ["--max_steps", "1", "--max_train_samples", "32", "--max_eval_samples", "8"]
+    run_recipe(load_recipe(REWARD, [str(o) for o in on_tiny(base, output_dir, *small)]))
+    judge_tokenizer, judge = load_judge(str(output_dir), "cpu")
+    assert judge.config.pad_token_id == judge_tokenizer.pad_token_id != judge_tokenizer.eos_token_id
+    capsys.readouterr()
+    scored, _ = RewardScorer(judge, judge_tokenizer, {}, [1.0], 2)(["the cat"] * 2, [" is kind."] * 2, [True, False],
+                                                                   "cpu")  # fmt: skip
+    assert scored[0] != scored[1]  # shown finished (EOS) and cut off
+    assert "pad token is its EOS" not in capsys.readouterr().out
+
+    # a reward model trained so before: said at loading, since it cannot tell the two apart
+    older = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    scored, _ = RewardScorer(older, tokenizer, {}, [1.0], 2)(["the cat"] * 2, [" is kind."] * 2, [True, False], "cpu")
+    assert scored[0] == scored[1] and "pad token is its EOS" in capsys.readouterr().out

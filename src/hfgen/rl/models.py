@@ -48,13 +48,11 @@ def load_policy_and_reference(model_args, config, trained_args=None):
     the same model with its adapter disabled. `trained_args`: the model args the policy loads with, when they
     differ from the reference's (`training_precision`)."""
     from hfgen.finetune import load_model, lora_config
-    from hfgen.models import load_tokenizer
+    from hfgen.models import load_tokenizer, pad_apart_from_eos
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # EOS == PAD would make every EOS look like padding: responses would never be seen to end.
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    pad_apart_from_eos(tokenizer)  # responses would never be seen to end otherwise
     policy = load_model(trained_args or model_args, config, tokenizer)
     disable_dropout(policy)
     if config.gradient_checkpointing:

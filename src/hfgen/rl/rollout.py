@@ -494,6 +494,11 @@ class RewardScorer:
             and same_tokenizer(self.policy_tokenizer, self.reward_tokenizer)
         )
         self.close_ids = turn_close_ids(self.reward_tokenizer) if self.reads_policy_ids else None
+        if self.reward_model is not None and pad_hides_eos(self.reward_model, self.reward_tokenizer):
+            print(f"warning: the reward model's pad token is its EOS (id {self.reward_tokenizer.eos_token_id}), as "
+                  "in reward models hfgen trained before it gave such a tokenizer a pad of its own: it reads the "
+                  "token before a closing EOS, in training as here, so it scores a finished answer that ends with "
+                  "the EOS as the same answer cut off; train it again with the reward stage")  # fmt: skip
 
     def __call__(
         self, prompts: list, responses: list[str], finished, device, token_ids: list[list[int]] | None = None
@@ -538,6 +543,17 @@ class RewardScorer:
             ids.append(stop)
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         return ids + (self.close_ids if chat else eos)
+
+
+def pad_hides_eos(reward_model, tokenizer) -> bool:
+    """Whether a decoder reward model's pad id (`config.pad_token_id`, by which its classifier finds the last token)
+    is the EOS its inputs end with: it then reads the token before that EOS, and never sees whether an answer ended
+    (an encoder pools its first token, unaffected)."""
+    from hfgen.models import reads_last_token
+
+    config = getattr(reward_model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    return pad is not None and pad == tokenizer.eos_token_id and reads_last_token(config)
 
 
 def reward_model_ids(reward_model, tokenizer, texts: list[str], special: bool) -> list[list[int]]:

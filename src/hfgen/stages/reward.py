@@ -53,6 +53,13 @@ def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: 
             tokenizer = tokenizer_for(model_args, training_args)  # the recipe's eos_token and chat template
         except UserError as error:
             return [*problems, str(error)]
+        if training_args.pad_token and training_args.pad_token == tokenizer.eos_token:
+            return [
+                *problems,
+                f"pad_token '{training_args.pad_token}' is the EOS: the classifier reads each sequence's last token "
+                "that is not the pad, which would be the one before the closing EOS, and the reward model could not "
+                "tell a finished answer from a cut-off one; leave pad_token unset (a pad of its own is added)",
+            ]
         for rows, split in zip(loaded[:2], ("train", "eval")):
             try:
                 tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, training_args.max_length,
@@ -157,7 +164,7 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     from transformers import set_seed
     from trl import RewardTrainer
 
-    from hfgen.models import count_parameters
+    from hfgen.models import count_parameters, pad_apart_from_eos
 
     set_seed(training_args.seed)  # the new score head is drawn at random
     output_dir = Path(training_args.output_dir)
@@ -166,6 +173,11 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     # With the recipe's eos_token and chat_template_path applied here, before the pairs are tokenized (RewardTrainer
     # applies them in its constructor, after: the pairs were rendered with the model's own template and EOS)
     tokenizer = tokenizer_for(model_args, training_args)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # the classifier reads the last token that is not the pad: the one before the closing EOS, so the model
+        # would never learn (nor PPO, GRPO and `hfgen eval` see) whether an answer ended or was cut off
+        print(f"the tokenizer's pad token is its EOS ('{tokenizer.eos_token}'): adding a pad token of its own")
+        pad_apart_from_eos(tokenizer)
     model = load_model(model_args, training_args, tokenizer, sequence_classifier=True)
 
     # Data: any preference layout, as prompt+chosen and prompt+rejected token ids; pairs over max_length dropped.
