@@ -123,6 +123,26 @@ def test_generate_refuses_the_other_modality_s_options(llama_dir, tmp_path):
     assert not (tmp_path / "gtxt").exists()
 
 
+def test_generate_refuses_a_temperature_that_is_not_finite_and_a_seed_past_64_bits(llama_dir, tmp_path):
+    """They ended in transformers' or torch's tracebacks (a nan temperature passed `< 0` and `== 0`; torch.manual_seed
+    overflowed), as --top_p nan did not."""
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for model, arguments, message in (
+        (llama_dir, ["--temperature", "nan"], "--temperature must be a finite number (0 is greedy decoding), got nan"),
+        (llama_dir, ["--temperature", "inf"], "--temperature must be a finite number (0 is greedy decoding), got inf"),
+        (llama_dir, ["--seed", str(2**64)], f"--seed must be a 64-bit integer, from {-(2**63)} to {2**63 - 1}"),
+        (pipeline, ["--seed", str(-(2**63) - 1)], "--seed must be a 64-bit integer"),  # (before the pipeline loads)
+        (llama_dir, ["--prompt", "  "], "--prompt '  ' is empty"),  # (the whitespace given was shown as '')
+    ):
+        result = run_hfgen_here("generate", model, "--prompt", "the cat", *arguments)
+        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert run_hfgen_here("generate", llama_dir, "--prompt", "the cat", "--seed", str(2**63 - 1),
+                          "--max_new_tokens", "2").returncode == 0  # fmt: skip
+
+
 def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eval_and_merge(tmp_path):
     # A run with trust_remote_code: true keeps the model's code beside the weights, but generate, eval and merge
     # loaded with trust_remote_code=False and passed on transformers' "pass the argument `trust_remote_code=True`",

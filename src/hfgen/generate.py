@@ -8,6 +8,7 @@ MODEL_DIR is a model dir or hub id, a LoRA adapter dir (loaded on its base), or 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
         verb, pronoun = ("does", "it") if len(ignored) == 1 else ("do", "them")
         raise UserError(f"hfgen generate: {', '.join(ignored)} {verb} not apply to MODEL '{args.model}', {kind}; "
                         f"leave {pronoun} out.")  # fmt: skip
+    if problems := seed_problems(args.seed):  # images and text
+        raise UserError("hfgen generate: " + "; ".join(problems) + ".")
     if images:
         from hfgen.diffusion import render_images
 
@@ -62,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     problems = sampling_problems(args.num_samples, args.temperature, args.top_p)
     problems += ["--max_new_tokens must be at least 1"] * (args.max_new_tokens < 1)
-    problems += ["--prompt '' is empty: give the text to continue"] * any(not p.strip() for p in args.prompt)
+    if (blank := next((p for p in args.prompt if not p.strip()), None)) is not None:  # as given ('   ' showed '')
+        problems.append(f"--prompt {blank!r} is empty: give the text to continue")
     if problems:
         raise UserError("hfgen generate: " + "; ".join(problems) + ".")
 
@@ -94,7 +98,9 @@ def sampling_problems(num_samples: int, temperature: float, top_p: float) -> lis
     problems = []
     if num_samples < 1:
         problems.append("--num_samples must be at least 1")
-    if temperature < 0:
+    if not math.isfinite(temperature):  # nan passed the checks below, then failed in transformers (inf in torch)
+        problems.append(f"--temperature must be a finite number (0 is greedy decoding), got {temperature}")
+    elif temperature < 0:
         problems.append(f"--temperature must be >= 0 (0 is greedy decoding), got {temperature}")
     if temperature == 0 and num_samples > 1:
         problems.append(
@@ -104,6 +110,17 @@ def sampling_problems(num_samples: int, temperature: float, top_p: float) -> lis
     if not 0 < top_p <= 1:
         problems.append(f"--top_p must lie in (0, 1], got {top_p}")
     return problems
+
+
+# torch's generators take a 64-bit seed (beyond it, torch.manual_seed's raw "ValueError: Overflow when unpacking long
+# long"); the signed range, so that an image render's per-prompt seed (seed + the prompt's index) stays in it too
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def seed_problems(seed: int) -> list[str]:
+    """--seed's problem (generate and eval, text and images): out of the range torch can seed with."""
+    low, high = SEED_RANGE
+    return [] if low <= seed <= high else [f"--seed must be a 64-bit integer, from {low} to {high}; got {seed}"]
 
 
 RUN_SUB_MODELS = ("ema",)  # the models a run saves beside its own (PPO's `ema_decay` copy), in the run's format

@@ -182,6 +182,9 @@ def test_an_eval_that_finds_the_disk_full_changes_neither_file_and_exits_2(model
         (["{model}", "--num_samples", "0"], "--num_samples must be at least 1"),
         (["{model}", "--num_samples", "2", "--temperature", "0"], "--temperature 0 decodes greedily"),
         (["{model}", "--top_p", "1.5"], "--top_p must lie in (0, 1]"),
+        (["{model}", "--temperature", "nan"], "--temperature must be a finite number (0 is greedy decoding), got nan"),
+        (["{model}", "--temperature", "inf"], "--temperature must be a finite number (0 is greedy decoding), got inf"),
+        (["{model}", "--seed", str(2**64)], "--seed must be a 64-bit integer"),
         (["{model}", "--device", "nonsense"], "is not a device name"),
         (["{model}", "--reward_model", "{model}"], "is not a reward model"),
         (["{model}", "--output", "{model}"], "is a directory; give the file to write"),
@@ -209,6 +212,15 @@ def test_image_eval_refuses_the_text_options_the_user_gave(tmp_path, capsys):
     assert exit_info.value.code == 2 and "Traceback" not in error, error
     assert "--num_prompts, --temperature, --chat do not apply to TARGET" in error, error
     assert "--eval_dataset" not in error and "--seed" not in error  # defaults, and an option images use
+
+
+def test_image_eval_refuses_a_seed_past_64_bits(tmp_path, capsys):
+    # torch.manual_seed's "ValueError: Overflow when unpacking long long", after loading the pipeline
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(tmp_path), "--seed", str(2**64), "--quiet"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--seed must be a 64-bit integer" in error and "Traceback" not in error
 
 
 def test_eval_and_generate_refuse_a_reward_model_or_an_autoencoder_naming_what_it_is(reward_dir, tmp_path, capsys):

@@ -196,7 +196,7 @@ def device_problems(device: str) -> list[str]:
 
 def check_text_arguments(args: argparse.Namespace) -> None:
     """Every problem with the paths, counts, oracle and datasets, reported at once."""
-    from hfgen.generate import sampling_problems
+    from hfgen.generate import sampling_problems, seed_problems
     from hfgen.models import check_model_source, not_a_generator, not_a_reward_model
 
     problems = []
@@ -218,6 +218,7 @@ def check_text_arguments(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1")
     problems += sampling_problems(args.num_samples, args.temperature, args.top_p)
+    problems += seed_problems(args.seed)
     problems += device_problems(args.device)
     try:
         oracle = resolve_oracle(args.oracle, args.eval_dataset)
@@ -580,8 +581,10 @@ def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
         if error.name != "hfgen.evaluation.images":
             raise
         raise UserError(f"'{target}' is a diffusers pipeline, and image evaluation is not available here.") from None
-    if problems := device_problems(args.device):
-        raise UserError(problems[0])
+    from hfgen.generate import seed_problems
+
+    if problems := device_problems(args.device) + seed_problems(args.seed):
+        raise UserError("hfgen eval: " + "; ".join(problems) + ".")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
     options = {
         name: getattr(args, name)
