@@ -143,6 +143,25 @@ def test_generate_refuses_a_temperature_that_is_not_finite_and_a_seed_past_64_bi
                           "--max_new_tokens", "2").returncode == 0  # fmt: skip
 
 
+def test_generate_refuses_a_guidance_scale_that_is_not_finite(tmp_path):
+    """inf rendered all-black images (NaN pixels cast to 0) and nan unguided ones, both with exit 0: refused before
+    the pipeline loads, given or from the run's recipe."""
+    pipeline, recipe_run = tmp_path / "pipeline", tmp_path / "run"
+    for path in (pipeline, recipe_run):
+        path.mkdir()
+        (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (recipe_run / "recipe.yaml").write_text("stage: t2i\nguidance_scale: .inf\n")
+    for model, arguments, message in (
+        (pipeline, ["--guidance_scale", "inf"], "--guidance_scale must be a finite number, got inf"),
+        (pipeline, ["--guidance_scale", "nan"], "--guidance_scale must be a finite number, got nan"),
+        (recipe_run, [], f"the recipe of '{recipe_run}' has guidance_scale inf"),
+    ):
+        result = run_hfgen_here("generate", model, "--prompt", "a digit", *arguments, "--output_dir", tmp_path / "out")
+        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eval_and_merge(tmp_path):
     # A run with trust_remote_code: true keeps the model's code beside the weights, but generate, eval and merge
     # loaded with trust_remote_code=False and passed on transformers' "pass the argument `trust_remote_code=True`",

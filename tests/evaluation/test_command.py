@@ -223,6 +223,17 @@ def test_image_eval_refuses_a_seed_past_64_bits(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--seed must be a 64-bit integer" in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize("scale", ["inf", "nan"])
+def test_image_eval_refuses_a_guidance_scale_that_is_not_finite(tmp_path, capsys, scale):
+    # inf scored all-black images (NaN pixels cast to 0) as a model's, nan scored unguided ones: both exit 0
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(tmp_path), "--guidance_scale", scale, "--output", str(tmp_path / "e.json"), "--quiet"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    assert f"--guidance_scale must be a finite number, got {scale}" in error and not (tmp_path / "e.json").exists()
+
+
 def test_eval_and_generate_refuse_a_reward_model_or_an_autoencoder_naming_what_it_is(reward_dir, tmp_path, capsys):
     # loaded as causal LMs they would generate from a random head and print figures that mean nothing
     from diffusers import AutoencoderKL

@@ -7,6 +7,7 @@ Used by `hfgen generate`, by the t2i stage's validation grids and by the image e
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -90,14 +91,21 @@ DEFAULT_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE = 25, 3.0  # for a pipeline whos
 
 def recorded_sampling(pipeline_dir: str | Path, num_inference_steps: int | None, guidance_scale: float | None):
     """(num_inference_steps, guidance_scale): the ones given, else the run's recipe.yaml's (those its validation
-    grids were rendered with), else 25 / 3.0. `hfgen generate` and `hfgen eval` both take them so."""
+    grids were rendered with), else 25 / 3.0. `hfgen generate` and `hfgen eval` both take them so. A guidance scale
+    that is not finite is refused: inf rendered all-black images (NaN pixels cast to 0), which eval scored as a
+    model's; nan rendered unguided (classifier-free guidance applies where scale > 1), both with exit 0."""
+    from hfgen.errors import UserError
     from hfgen.evaluation.images import recipe_of
 
     recipe = recipe_of(pipeline_dir)
     if num_inference_steps is None:
         num_inference_steps = recipe.get("num_inference_steps") or DEFAULT_INFERENCE_STEPS
-    if guidance_scale is None:
+    given = guidance_scale is not None
+    if not given:
         guidance_scale = recipe.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        problem = "" if given else f"the recipe of '{pipeline_dir}' has guidance_scale {guidance_scale}; "
+        raise UserError(f"{problem}--guidance_scale must be a finite number, got {guidance_scale}.")
     return num_inference_steps, guidance_scale
 
 
