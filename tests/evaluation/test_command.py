@@ -473,6 +473,19 @@ def test_eval_prompts_are_read_in_any_prompt_layout_from_a_one_split_file(tmp_pa
     gaps = tmp_path / "gaps.jsonl"
     gaps.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a", "", " ", "b", "", "c", "d"]))
     assert load_prompts(str(gaps), "test", "prompt", 3) == ["a", "b", "c"]
+    # none left (was a raw "ValueError: Column 'prompt' doesn't exist."), an empty or missing file: named by the option
+    blank, empty = tmp_path / "blank.jsonl", tmp_path / "empty.jsonl"
+    blank.write_text('{"prompt": ""}\n{"prompt": "  "}\n')
+    empty.write_text("")
+    for path, message in (
+        (blank, "holds no non-empty prompt to sample from: its train split's 2 row(s) (prompt layout) were all dropped "
+                "(2 empty rows)"),
+        (empty, "is an empty file: it holds no rows"),
+        (tmp_path / "missing.jsonl", "does not exist"),
+    ):  # fmt: skip
+        with pytest.raises(UserError) as error:
+            load_prompts(str(path), "test", "prompt", 2)
+        assert str(error.value).startswith(f"--eval_dataset '{path}'") and message in str(error.value), error.value
 
 
 def test_generate_fits_learned_positions_and_refuses_what_it_cannot_do(tmp_path, capsys):

@@ -75,6 +75,18 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many evaluation rows."})
 
 
+def load_raw_as(key: str, name: str, config: str | None = None):
+    """`load_raw` for data another key or option gives (ptx_dataset_name, hfgen eval's --eval_dataset): its
+    problems, which name the recipe's `dataset_name`, name `key` instead."""
+    try:
+        return load_raw(name, config)
+    except UserError as error:  # "dataset_name 'NAME' does not exist", "dataset_name 'NAME': ..."
+        message = str(error)
+        raise UserError(
+            key + message.removeprefix("dataset_name") if message.startswith("dataset_name ") else message
+        ) from None
+
+
 def load_raw(name: str, config: str | None = None):
     """A DatasetDict from any supported source; a missing or unreadable source is a UserError naming it."""
     import datasets

@@ -282,9 +282,9 @@ def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list
     (hfgen.data.formats: a `prompt` column or the one `--prompt_column` names, a .txt of one prompt a line,
     Alpaca's instructions, conversations' user turns). A file has one split (`train`): that one is read."""
     from hfgen.data.formats import to_standard
-    from hfgen.data.loading import load_raw
+    from hfgen.data.loading import load_raw_as
 
-    splits = load_raw(dataset_name)
+    splits = load_raw_as("--eval_dataset", dataset_name)
     if split not in splits and len(splits) == 1:
         split = next(iter(splits))
     if split not in splits:
@@ -294,10 +294,14 @@ def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list
         raise UserError(f"--eval_dataset '{dataset_name}' has no column '{column}' (it has {rows.column_names})")
     columns = {"prompt": column} if column != "prompt" else None
     try:  # the first `count` after the empty prompts are dropped (selected before, fewer would be evaluated)
-        prompts = to_standard(rows, "prompt", columns=columns, source=dataset_name)[0]["prompt"]
+        standard, report = to_standard(rows, "prompt", columns=columns, source=dataset_name)
     except UserError as error:
         raise UserError(f"{error} (in hfgen eval, --prompt_column names the column of prompts)") from None
-    return prompts[:count]
+    if not len(standard):  # (the empty dataset has no 'prompt' column: a raw ValueError)
+        dropped = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items())
+        raise UserError(f"--eval_dataset '{dataset_name}' holds no non-empty prompt to sample from: its {split} "
+                        f"split's {report.rows_read} row(s) ({report.format} layout) were all dropped ({dropped})")  # fmt: skip
+    return standard["prompt"][:count]
 
 
 def prompt_text(prompt) -> str:
@@ -320,9 +324,9 @@ def model_inputs(prompts: list, chat: bool) -> list:
 def perplexity_rows(spec: str, count: int):
     """The first `count` rows of the --perplexity_dataset's test split (its one split for a file), which must have a
     'text' or 'messages' column, or conversational 'prompt' and 'completion' (joined into 'messages')."""
-    from hfgen.data.loading import load_raw
+    from hfgen.data.loading import load_raw_as
 
-    splits = load_raw(spec)
+    splits = load_raw_as("--perplexity_dataset", spec)
     rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
     rows = rows.select(range(min(count, len(rows))))
     if not {"text", "messages"} & set(rows.column_names) and {"prompt", "completion"} <= set(rows.column_names):

@@ -55,14 +55,10 @@ def ptx_rows(config):
     ppo stage's check. Its problems name the ptx keys: the loaders' messages name the prompt data's keys
     (dataset_name, dataset_format, dataset_columns), which say nothing about the ptx data."""
     from hfgen.data.formats import resolve_layout, to_standard
-    from hfgen.data.loading import load_raw
+    from hfgen.data.loading import load_raw_as
 
     name = config.ptx_dataset_name
-    try:
-        splits = load_raw(name)
-    except UserError as error:  # "dataset_name 'NAME' does not exist", "dataset_name 'NAME': ..."
-        message = str(error)
-        raise UserError(f"ptx_{message}" if message.startswith("dataset_name ") else message) from None
+    splits = load_raw_as("ptx_dataset_name", name)
     rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
     columns = None
     if config.ptx_column != "text":
