@@ -162,6 +162,43 @@ def test_generate_refuses_a_guidance_scale_that_is_not_finite(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_rendered_images_replace_only_the_images_an_earlier_render_wrote(tmp_path):
+    """save_images deleted every PNG of the --output_dir whose name fit its pattern (NN-words-K.png, grid.png): a
+    user's 2023-06-beach-1.png and 12-holiday-2.png went without a word. It lists what it writes and deletes only
+    that; a user's file of a name it would write is refused, before a render (generate) and at the save."""
+    from PIL import Image
+
+    from hfgen.diffusion.rendering import save_images
+    from hfgen.errors import UserError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    mine = {name: bytes([i]) * 8 for i, name in enumerate(["2023-06-beach-1.png", "12-holiday-2.png", "me.png"])}
+    for name, data in mine.items():
+        (photos / name).write_bytes(data)
+    image = Image.new("RGB", (8, 8), "white")
+    paths = save_images([[image, image], [image]], ["a digit 1", "a digit 2"], photos)
+    assert [p.name for p in paths] == ["00-a-digit-1-0.png", "00-a-digit-1-1.png", "01-a-digit-2-0.png", "grid.png"]
+    save_images([[image]], ["a digit 3"], photos)  # fewer: the first render's other images go, the user's stay
+    ours = ["00-a-digit-3-0.png", "grid.png"]
+    assert {name: (photos / name).read_bytes() for name in mine if (photos / name).exists()} == mine
+    assert sorted(p.name for p in photos.iterdir()) == sorted([*mine, *ours, "hfgen_images.json"])
+    assert json.loads((photos / "hfgen_images.json").read_text()) == {"images": ours}
+    # a user's file of a name a render writes: refused, at the save and (generate) before the pipeline loads
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "grid.png").write_bytes(b"mine")
+    with pytest.raises(UserError, match="holds grid.png, which no hfgen render wrote there"):
+        save_images([[image]], ["a digit 3"], own)
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    result = run_hfgen_here("generate", pipeline, "--prompt", "a digit 3", "--output_dir", own)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"--output_dir '{own}' holds grid.png, which no hfgen render wrote there" in result.stderr
+    assert sorted(p.name for p in own.iterdir()) == ["grid.png"] and (own / "grid.png").read_bytes() == b"mine"
+
+
 def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eval_and_merge(tmp_path):
     # A run with trust_remote_code: true keeps the model's code beside the weights, but generate, eval and merge
     # loaded with trust_remote_code=False and passed on transformers' "pass the argument `trust_remote_code=True`",

@@ -33,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images = parser.add_argument_group("images (diffusers pipeline dirs; default: the run's recipe, else 25 / 3.0)")
     images.add_argument("--num_inference_steps", type=int)
     images.add_argument("--guidance_scale", type=float)
-    images.add_argument("--output_dir", default=None, help="where PNGs and grid.png go (default: MODEL/generated)")
+    images.add_argument(
+        "--output_dir",
+        default=None,
+        help="where PNGs and grid.png go (default: MODEL/generated); a later render there replaces only them",
+    )
 
 
 IMAGE_OPTIONS = ("num_inference_steps", "guidance_scale", "output_dir")  # unset: None

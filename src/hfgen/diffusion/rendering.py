@@ -8,6 +8,7 @@ Used by `hfgen generate`, by the t2i stage's validation grids and by the image e
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -139,26 +140,68 @@ def slug(text: str, length: int = 40) -> str:
 
 # the names `save_images` writes: NN-prompt-slug-K.png and grid.png
 SAVED_IMAGE = re.compile(r"(\d{2,}-[a-z0-9-]*-\d+|grid)\.png")
+# what `save_images` wrote in a dir, the only files a later call there deletes or replaces: it deleted every PNG whose
+# name fit SAVED_IMAGE, e.g. a user's 2023-06-beach-1.png in the --output_dir given
+IMAGES_MANIFEST = "hfgen_images.json"
 
 
-def save_images(rows: list[list], prompts: list[str], output_dir: str | Path) -> list[Path]:
-    """PNGs named NN-prompt-slug-K.png, then grid.png (last in the returned list). An earlier call's images in
-    `output_dir` are deleted first: a second render with fewer prompts or samples would otherwise leave the first's
-    extra images beside its own, as if rendered now (other files are left alone)."""
+def image_names(prompts: list[str], counts: list[int]) -> list[str]:
+    """The files `save_images` writes for `counts[i]` images of prompts[i]: NN-prompt-slug-K.png, then grid.png."""
+    names = [f"{index:02d}-{slug(prompt)}-{k}.png" for index, (prompt, count) in enumerate(zip(prompts, counts))
+             for k in range(count)]  # fmt: skip
+    return names + ["grid.png"]
+
+
+def written_images(output_dir: Path) -> list[str]:
+    """The images an earlier `save_images` wrote in `output_dir`, by its manifest (names only: never a path out)."""
+    from hfgen import tracking
+
+    listed = tracking.read_json(output_dir / IMAGES_MANIFEST, {})
+    listed = listed.get("images", []) if isinstance(listed, dict) else []
+    return [name for name in listed if isinstance(name, str) and SAVED_IMAGE.fullmatch(name)]
+
+
+def foreign_images_problem(output_dir: str | Path, names: list[str], label: str) -> str | None:
+    """A dir holding files of the names a render writes that no render wrote there (the user's own): they would be
+    replaced. Checked before rendering (`render_images`) and again as it saves."""
+    output_dir = Path(output_dir)
+    earlier = set(written_images(output_dir))
+    foreign = [name for name in names if os.path.lexists(output_dir / name) and name not in earlier]
+    if not foreign:
+        return None
+    shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    return (
+        f"{label} '{output_dir}' holds {shown}, which no hfgen render wrote there (its {IMAGES_MANIFEST} does not "
+        "list them), and a render there writes files of those names: give another (or an empty) directory, or move "
+        "them out (an earlier hfgen's images, which no list names, you may delete)"
+    )
+
+
+def save_images(rows: list[list], prompts: list[str], output_dir: str | Path, label: str = "output dir") -> list[Path]:
+    """PNGs named NN-prompt-slug-K.png, then grid.png (last in the returned list), listed in IMAGES_MANIFEST. The
+    images an earlier call wrote in `output_dir` (by its list) are deleted first: a second render with fewer prompts
+    or samples would otherwise leave the first's extra images beside its own, as if rendered now. Nothing else is
+    deleted, and a file of one of the names that the list does not hold is refused (`foreign_images_problem`)."""
+    from hfgen import tracking
+    from hfgen.errors import UserError
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for old in output_dir.glob("*.png"):
-        if SAVED_IMAGE.fullmatch(old.name):
-            old.unlink()
-    paths = []
-    for index, (prompt, row) in enumerate(zip(prompts, rows)):
-        for k, image in enumerate(row):
-            path = output_dir / f"{index:02d}-{slug(prompt)}-{k}.png"
-            image.save(path)
-            paths.append(path)
-    grid = output_dir / "grid.png"
-    make_grid(rows).save(grid)
-    return paths + [grid]
+    names = image_names(prompts, [len(row) for row in rows])
+    if problem := foreign_images_problem(output_dir, names, label):
+        raise UserError(problem + ".")
+    earlier = written_images(output_dir)
+    # listed before any is written (a kill half way leaves none unlisted), the earlier ones all gone before the new
+    # ones are written, grid.png last: never an earlier grid beside some of the new images
+    tracking.write_json(output_dir / IMAGES_MANIFEST, {"images": sorted(set(earlier) | set(names))})
+    for name in earlier:
+        (output_dir / name).unlink(missing_ok=True)
+    images = [image for row in rows for image in row] + [make_grid(rows)]
+    paths = [output_dir / name for name in names]
+    for path, image in zip(paths, images):
+        image.save(path)
+    tracking.write_json(output_dir / IMAGES_MANIFEST, {"images": names})
+    return paths
 
 
 def render_images(
@@ -181,6 +224,10 @@ def render_images(
 
     if output_dir and (problem := tracking.path_problem(output_dir, "--output_dir", directory=True)):
         raise UserError(problem + ".")
+    output_dir = output_dir or Path(pipeline_dir) / "generated"
+    names = image_names(list(prompts), [num_images] * len(prompts))
+    if problem := foreign_images_problem(output_dir, names, "--output_dir"):  # before the render, not after it
+        raise UserError(problem + ".")
     pipeline = load_pipeline(pipeline_dir)
     check_inference_steps(pipeline, num_inference_steps)
     if given_guidance is not None and not guidance_applies(pipeline):
@@ -189,4 +236,4 @@ def render_images(
         pipeline, list(prompts), num_images, num_inference_steps, guidance_scale, seed,
         **recorded_call_arguments(pipeline_dir),
     )  # fmt: skip
-    return save_images(rows, list(prompts), output_dir or Path(pipeline_dir) / "generated")
+    return save_images(rows, list(prompts), output_dir, "--output_dir")
