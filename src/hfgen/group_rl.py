@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -718,7 +719,7 @@ def evaluate_against_start(
     KL(trained || start) per response (`kl_to_reference`) (summed over the trained policy's response tokens)."""
     import torch
 
-    from hfgen.evaluation.text import win_rate
+    from hfgen.evaluation.policy import compared_figures
     from hfgen.rl.functional import has_stop_token, response_mask
     from hfgen.rl.models import stop_token_ids
     from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses
@@ -770,7 +771,10 @@ def evaluate_against_start(
             else:
                 figures[reward_name] = reward(prompts, responses, **columns)
         weights = trainer.reward_weights.tolist()
-        figures["reward"] = [sum(w * v for w, v in zip(weights, row)) for row in zip(*figures.values())]
+        # as training sums them (TRL's nansum): a component's None (NaN here) is skipped, none scored is 0
+        figures["reward"] = [
+            sum(w * v for w, v in zip(weights, row) if not math.isnan(v)) for row in zip(*figures.values())
+        ]
         if oracle is not None:
             figures["oracle"] = call_reward_function(oracle, prompts, responses, columns)
         figures["eos_rate"] = ended.float().tolist()
@@ -797,11 +801,8 @@ def evaluate_against_start(
         "heldout/samples_per_prompt": data_args.eval_samples_per_prompt,
         "kl_to_reference": kl.mean().item(),
     }
-    for key in judged[name]:
-        results[f"sft/{key}"] = sum(judged["sft"][key]) / len(prompts)
-        results[f"{name}/{key}"] = sum(judged[name][key]) / len(prompts)
-        if key not in ("response_length", "eos_rate"):
-            results[f"win_rate/{key}"] = win_rate(judged[name][key], judged["sft"][key])
+    for key in judged[name]:  # means over the scored responses, win rates over the pairs scored on both sides
+        results |= compared_figures(key, judged[name][key], judged["sft"][key], name)
     if "exact_answer" in judged[name]:
         results["sft/exact_match"] = results["sft/exact_answer"]
         results[f"{name}/exact_match"] = results[f"{name}/exact_answer"]

@@ -34,6 +34,8 @@ def models(tmp_path_factory):
         "CALLS = dict.fromkeys(('rising', 'falling'), int(os.environ.get('GRPO_TEST_CALLS', 0)))\n"
         "def rising(prompts, responses):\n    CALLS['rising'] += 1\n    return [10.0 * CALLS['rising']] * len(responses)\n"
         "def falling(prompts, responses):\n    CALLS['falling'] += 1\n    return [-5.0 * CALLS['falling']] * len(responses)\n"
+        "# 1.0 or, for every fourth response, None (not scored)\n"
+        "def partial(prompts, responses):\n    return [None if i % 4 == 0 else 1.0 for i in range(len(responses))]\n"
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
@@ -414,6 +416,25 @@ def test_trained_log_probs_of_a_left_padded_batch_equal_the_unpadded_ones(tmp_pa
             logits = model(input_ids=torch.tensor([row])).logits[0, -scored - 1 : -1].float()
             alone = logits.log_softmax(-1).gather(-1, torch.tensor(row[-scored:])[:, None])[:, 0]
             torch.testing.assert_close(row_logps, alone, atol=1e-5, rtol=0)
+
+
+def test_a_reward_functions_unscored_responses_are_left_out_of_the_held_out_means_and_win_rates(tmp_path, models):
+    # None is a reward function's "not scored" (README): eval.json once held NaN means and totals (no JSON) and
+    # counted every pair with an unscored side as a loss (0.375 here, where every pair scored on both sides ties).
+    # RLOO's comparison is the same function.
+    recipe = write_recipe(tmp_path, models[0], reward_functions=["grpo_test_rewards:brevity", "grpo_test_rewards:partial"],
+                          max_steps=1, save_strategy="no", steps_per_generation=1)  # fmt: skip
+    train(recipe)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in eval.json")
+
+    figures = json.loads((tmp_path / "run" / "eval.json").read_text(), parse_constant=refuse)
+    # 4 prompts x 2 samples: responses 0 and 4 unscored on both sides, the 6 other pairs tie
+    assert figures["sft/partial"] == figures["grpo/partial"] == 1.0
+    assert figures["win_rate/partial"] == 0.5 and figures["heldout/pairs_left_out/partial"] == 2
+    # the weighted total skips the unscored component, as training's does: every response has one
+    assert "heldout/pairs_left_out/reward" not in figures and isinstance(figures["grpo/reward"], float)
 
 
 def test_the_held_out_comparison_stops_at_every_eos_id_training_stops_at(tmp_path, models):

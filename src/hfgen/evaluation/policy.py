@@ -154,16 +154,27 @@ def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
     }
     figures = [key.split("/", 1)[1] for key in rows[0] if key.startswith(f"{name}/") and key != f"{name}/response"]
     for key in figures:
-        ours, sft = [row[f"{name}/{key}"] for row in rows], [row[f"sft/{key}"] for row in rows]
-        results |= {f"sft/{key}": mean(sft), f"{name}/{key}": mean(ours)}
-        if key not in NOT_JUDGES:  # over the pairs the judge scored on both sides
-            pairs = [(a, b) for a, b in zip(ours, sft) if mean([a]) is not None and mean([b]) is not None]
-            results[f"win_rate/{key}"] = win_rate(*zip(*pairs)) if pairs else None
+        results |= compared_figures(
+            key, [row[f"{name}/{key}"] for row in rows], [row[f"sft/{key}"] for row in rows], name
+        )
     for who in ("sft", name):
         groups: dict = {}
         for row in rows:
             groups.setdefault(str(row["prompt"]), []).append(row[f"{who}/response"])
         results |= {f"{who}/{key}": value for key, value in diversity(list(groups.values())).items()}
+    return results
+
+
+def compared_figures(key: str, ours: list, sft: list, name: str) -> dict:
+    """Both policies' means of one figure over the responses it scored, and for a judge (not length or EOS rate)
+    the win rate over the pairs it scored on both sides; `heldout/pairs_left_out/KEY` counts the pairs a judge
+    left unscored on either side (present only when there are some). Also GRPO's and RLOO's comparison."""
+    results = {f"sft/{key}": mean(sft), f"{name}/{key}": mean(ours)}
+    if key not in NOT_JUDGES:
+        pairs = [(a, b) for a, b in zip(ours, sft) if mean([a]) is not None and mean([b]) is not None]
+        results[f"win_rate/{key}"] = win_rate(*zip(*pairs)) if pairs else None
+        if len(pairs) < len(ours):
+            results[f"heldout/pairs_left_out/{key}"] = len(ours) - len(pairs)
     return results
 
 
