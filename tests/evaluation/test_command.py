@@ -397,9 +397,10 @@ def test_auto_judges_and_perplexity_of_the_arithmetic_prompts_are_the_arithmetic
 def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(
     model_dir, tmp_path, monkeypatch, capsys
 ):
-    # None was a raw TypeError; too few scores were silently regrouped (a prompt got 1 score for 2 responses)
+    # None was a raw TypeError; too few scores were silently regrouped (a prompt got 1 score for 2 responses); the
+    # score was a mean of per-prompt means, weighing a prompt's one scored response as much as another's two
     (tmp_path / "eval_oracles.py").write_text(
-        "def some_none(prompts, responses):\n    return [None if i % 2 else 2.0 for i in range(len(responses))]\n"
+        "def some_none(prompts, responses):\n    return [None if i % 4 == 1 else float(i) for i in range(len(responses))]\n"
         "def short(prompts, responses):\n    return [1.0] * (len(responses) - 1)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -407,9 +408,11 @@ def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_
     common = ["eval", str(model_dir), *FAST, "--perplexity_dataset", "none", "--output", str(output)]
     assert hfgen([*common, "--oracle", "eval_oracles:some_none", "--baseline", str(model_dir)]) == 0
     results = tracking.read_json(output)
-    assert results["quality/oracle_score"] == 2.0 and results["quality/win_rate_vs_baseline_by_oracle"] == 0.5
     rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
-    assert all(row["oracle"] == [2.0, None] for row in rows)
+    assert [row["oracle"] for row in rows] == [[0.0, None], [2.0, 3.0], [4.0, None], [6.0, 7.0]]
+    # the mean over the 6 scored responses (the mean of per-prompt means would be 3.25)
+    assert results["quality/oracle_score"] == results["quality/baseline_oracle_score"] == pytest.approx(22 / 6)
+    assert results["quality/win_rate_vs_baseline_by_oracle"] == 0.5
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         hfgen([*common, "--oracle", "eval_oracles:short"])

@@ -433,8 +433,8 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     # which judges gave the scores: another oracle or reward model gives figures that only look comparable
     results |= {f"eval/{'reward_model' if name == 'reward' else name}": which for name, which in judged_by.items()}
     scores = {name: judge(inputs, completions) for name, judge in judges.items()}
-    for name, values in scores.items():
-        results[f"quality/{name}_score"] = mean(list(map(mean, values)))
+    for name, values in scores.items():  # over the scored responses, as the win rate and the stages' comparisons
+        results[f"quality/{name}_score"] = mean([s for group in values for s in group])
     if args.baseline:
         del model
         baseline_tokenizer = load_tokenizer(args.baseline)
@@ -446,8 +446,8 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
         for name, judge in baseline_judges.items():
             judged = judge(baseline_inputs, baseline_completions)
-            results[f"quality/baseline_{name}_score"] = mean(list(map(mean, judged)))
             ours, theirs = [s for group in scores[name] for s in group], [s for group in judged for s in group]
+            results[f"quality/baseline_{name}_score"] = mean(theirs)
             pairs = [(a, b) for a, b in zip(ours, theirs) if a is not None and b is not None]  # both scored
             results[f"quality/win_rate_vs_baseline_by_{name}"] = text.win_rate(*zip(*pairs)) if pairs else None
         primary = "oracle" if "oracle" in judges else "reward"
