@@ -394,6 +394,21 @@ def test_auto_judges_and_perplexity_of_the_arithmetic_prompts_are_the_arithmetic
     assert perplexity_texts("auto", "embedded:prompts", tokenizer, True, 1)[0] == "embedded:instructions"
 
 
+def test_a_chat_models_perplexity_scores_the_response_up_to_its_eos_as_sft_trains_it(tokenizer):
+    # the whole rendered conversation was scored: the template's newline after the turn's EOS, a token SFT never
+    # trains, cost ~12 nats a text and multiplied a tiny SFT model's perplexity by 2.6
+    from hfgen.data.loading import load_raw
+    from hfgen.evaluation.command import perplexity_texts
+    from hfgen.stages.sft import tokenize_response
+
+    _, texts, prefixes = perplexity_texts("embedded:instructions", "embedded:prompts", tokenizer, True, 3)
+    conversations = load_raw("embedded:instructions")["test"]["messages"][:3]
+    for text, prefix, messages in zip(texts, prefixes, conversations):
+        ids, start = tokenize_response(tokenizer, messages[:-1], messages[-1:], None)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids and ids[-1] == tokenizer.eos_token_id
+        assert len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) == start
+
+
 def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(
     model_dir, tmp_path, monkeypatch, capsys
 ):

@@ -342,7 +342,9 @@ def perplexity_rows(spec: str, count: int):
 
 def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
     """(dataset name, texts, prefixes) to measure perplexity on. Conversations are formatted with the chat
-    template and only their last message (the response) is scored: the prompt is context, as in SFT's loss."""
+    template and only their last message (the response) is scored, up to its EOS: the prompt is context and the
+    template text after the EOS (a newline in ChatML-like templates) is left out, as in SFT's held-out loss
+    (sft.tokenize_response)."""
     if spec == AUTO:
         if (world := embedded_world(eval_dataset)) is None:
             return None, [], None
@@ -357,11 +359,22 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
         prefixes = [
             tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in rows["messages"]
         ]
-        return spec, texts, prefixes
+        return (
+            spec,
+            [up_to_eos(text, len(prefix), tokenizer.eos_token) for text, prefix in zip(texts, prefixes)],
+            prefixes,
+        )
     raise UserError(
         f"--perplexity_dataset '{spec}' holds conversations ('messages'), and the model's tokenizer has no chat "
         "template to render them; give texts (a 'text' column), or --perplexity_dataset none"
     )
+
+
+def up_to_eos(text: str, start: int, eos: str | None) -> str:
+    """`text` up to and including the first `eos` at or after `start` (all of it when there is none): the
+    response's end that sft.tokenize_response cuts the token ids at, here on the rendered text."""
+    end = text.find(eos, start) if eos else -1
+    return text if end < 0 else text[: end + len(eos)]
 
 
 # ---- text evaluation --------------------------------------------------------------------------------
