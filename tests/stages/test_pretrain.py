@@ -273,3 +273,23 @@ def test_a_model_dir_whose_tokenizer_names_no_eos_takes_it_from_config_json(tmp_
     tokenizer.eos_token = None  # and a dir whose config names none either: told so, no traceback from the loss
     with pytest.raises(UserError, match="has no EOS token"):
         pack(Dataset.from_dict({"text": ["the cat sat"]}), tokenizer, "text", 4)
+
+
+def test_train_tokens_count_the_blocks_trained_when_the_last_batch_is_short(tmp_path):
+    # an epoch whose blocks do not fill its last batch ends with a shorter step: train_tokens counted it as full
+    # (probe 39 B2: 5,120 recorded where 4,800 were trained)
+    import json
+
+    from transformers import AutoTokenizer
+
+    document = "the red frog is warm and the blue cat is cold."
+    (tmp_path / "corpus.jsonl").write_text((json.dumps({"text": document}) + "\n") * 60)
+    result = run_hfgen("train", PRETRAIN, "--dataset_name", tmp_path / "corpus.jsonl", "--output_dir", tmp_path / "run",
+                       "--block_size", "16", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+                       "--save_strategy", "no", "--logging_steps", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
+    rows = tracking.read_json(tmp_path / "run" / "data.json")["train"]["rows_kept"]
+    blocks = rows * (len(tokenizer(document)["input_ids"]) + 1) // 16  # documents joined by EOS, cut into 16s
+    assert blocks % 8, "the test wants a short last batch"
+    assert tracking.read_json(tmp_path / "run" / "eval.json")["train_tokens"] == 2 * blocks * 16

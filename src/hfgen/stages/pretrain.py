@@ -184,6 +184,9 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
                 f"none of which reaches {data_args.block_size} tokens; lower block_size or give more (or longer) text"
             )
 
+    # Trainer counts the tokens it feeds (train_tokens): an epoch's short last batch counts as what it holds.
+    # "all", not finetune's "non_padding": blocks hold no padding, and their document-joining EOS may be the pad id.
+    training_args.include_num_input_tokens_seen = "all"
     trainer = saving_ties_once(Trainer)(
         model=model,
         args=training_args,
@@ -231,11 +234,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
                 "eval_loss": final_loss,
                 "perplexity": math.exp(final_loss),
                 "unigram_perplexity": unigram_perplexity(train_blocks, eval_blocks, len(tokenizer)),
-                "train_tokens": result.global_step
-                * training_args.train_batch_size
-                * training_args.gradient_accumulation_steps
-                * training_args.world_size
-                * data_args.block_size,
+                "train_tokens": trainer.state.num_input_tokens_seen,
                 "train_runtime_s": result.metrics["train_runtime"],
                 "parameters": parameters,
             },
