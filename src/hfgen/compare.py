@@ -282,7 +282,7 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
 
     from hfgen import tracking
     from hfgen.evaluation.command import load_prompts, resolve_oracle
-    from hfgen.evaluation.policy import Sampling, compare_to_reference, load_judges
+    from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, load_judges
     from hfgen.models import adapter_base, load_causal_lm, load_tokenizer
 
     settings = {**evaluation_settings(args), "reward_model": str(reward_dir) if reward_dir else None}
@@ -297,7 +297,7 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
     reference = None if adapter_base(run_dir) else load_causal_lm(str(sft_dir), "float32").to(device)
     scorer, _ = load_judges(str(reward_dir) if reward_dir else None, None, 64, device)
     oracle = resolve_oracle(args.oracle, args.eval_dataset)
-    prompts = load_prompts(args.eval_dataset, "test", "prompt", args.num_prompts)
+    prompts = distinct_prompts(load_prompts(args.eval_dataset, "test", "prompt", None))[: args.num_prompts]
     sampling = Sampling(args.samples_per_prompt, args.response_length, args.temperature, seed=1234)
     results, rows = compare_to_reference(
         PartialState(), policy, reference, tokenizer, prompts, sampling, scorer, oracle, name="policy"

@@ -295,14 +295,15 @@ def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
     """Distinct prompts for the generation comparison, in order. When the preference rows are conversations, a
     plain-string prompt of `eval_prompts_dataset` (a .txt) is sent as one user turn, as grpo/rloo/ppo send theirs
     (`chat_prompts: auto`): raw text is not what the policy was trained to answer."""
+    from hfgen.evaluation.policy import distinct_prompts
+
     if data_args.eval_prompts_dataset:
         prompts = load_eval_prompts(data_args.eval_prompts_dataset)
         if len(eval_rows) and not isinstance(eval_rows[0]["prompt"], str):
             prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     else:
         prompts = eval_rows["prompt"]
-    distinct = {repr(p): p for p in prompts}
-    return list(distinct.values())[: data_args.eval_num_prompts]
+    return distinct_prompts(prompts)[: data_args.eval_num_prompts]
 
 
 # ---- held-out log-probabilities ---------------------------------------------------------------------------

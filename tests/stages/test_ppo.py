@@ -180,6 +180,25 @@ def test_zero_learning_rate_leaves_the_policy_unchanged_and_kl_zero(tmp_path, ti
     } and "heldout/temperature" in results
 
 
+def test_the_held_out_comparison_answers_a_repeated_prompt_once_as_dpos_does(tmp_path, tiny_models):
+    # embedded:prompts' test split repeats 4 prompts: PPO's comparison answered each copy, so a repeated prompt
+    # weighed twice and its self-BLEU group pooled both copies' samples (DPO's comparison de-duplicates)
+    sft, _ = tiny_models
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    lines = [
+        {"prompt": [{"role": "user", "content": f"write about the {thing}."}]} for thing in ("star", "moon", "star")
+    ]
+    (prompts / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines * 6))
+    (prompts / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines))
+    recipe = write_recipe(tmp_path, sft, dataset_name=str(prompts), max_eval_samples=None, total_episodes=16,
+                          reward_functions=[ORACLE])  # fmt: skip
+    train(recipe)
+    results = tracking.read_json(tmp_path / "run" / "eval.json")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "policy_eval.jsonl").read_text().splitlines()]
+    assert results["heldout/num_prompts"] == 2 and len(rows) == 4
+
+
 @pytest.mark.slow
 def test_oracle_reward_rises(tmp_path, tiny_models):
     sft, _ = tiny_models

@@ -165,6 +165,12 @@ def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:
     return results
 
 
+def distinct_prompts(prompts: list) -> list:
+    """The prompts without repeats, in order of first appearance: the comparison groups the samples by prompt text
+    (self-BLEU, distinct-n), so a repeated prompt would pool two groups' samples and weigh twice in every mean."""
+    return list({repr(prompt): prompt for prompt in prompts}.values())
+
+
 def compared_figures(key: str, ours: list, sft: list, name: str) -> dict:
     """Both policies' means of one figure over the responses it scored, and for a judge (not length or EOS rate)
     the win rate over the pairs it scored on both sides; `heldout/pairs_left_out/KEY` counts the pairs a judge

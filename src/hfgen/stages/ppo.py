@@ -46,7 +46,7 @@ from trl import ModelConfig
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
 from hfgen.errors import UserError
-from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison
+from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
 from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
@@ -407,7 +407,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
     )
     record(output_dir, data_records)
-    train_prompts, eval_prompts = list(train_rows["prompt"]), list(eval_rows["prompt"])
+    train_prompts, eval_prompts = list(train_rows["prompt"]), distinct_prompts(eval_rows["prompt"])
     fit_max_length(policy, config, "ptx_max_length")
     ptx_data = ptx_examples(tokenizer, config) if config.ptx_coef else None
 
