@@ -172,9 +172,9 @@ def test_replay_of_logged_figures_raises_the_alerts_of_the_run():
     rows = []
     for step in range(1, 9):
         figures = {"objective/kl": 1.0, "response/entropy_per_token": 2.0, "response/length_mean": 10.0,
-                   "response/distinct_1": 1.0 if step < 6 else 0.5, "reward/rm": 0.5, "oracle/score": 1.0}  # fmt: skip
+                   "response/within_distinct_1": 1.0 if step < 6 else 0.5, "reward/rm": 0.5, "oracle/score": 1.0}  # fmt: skip
         scores = [0.0, 1.0] if step < 5 else [3.0, 3.0]
-        live.observe(step, kl=1.0, entropy=2.0, length=10.0, distinct_1=figures["response/distinct_1"],
+        live.observe(step, kl=1.0, entropy=2.0, length=10.0, distinct_1=figures["response/within_distinct_1"],
                      components={"rm": 0.5}, proxy_scores=scores, oracle=1.0)  # fmt: skip
         rows.append({"step": step, **figures, **live.metrics()})
     replayed = M.replay(M.HackingMonitor(), rows)

@@ -27,7 +27,7 @@ def test_step_metrics_by_hand():
     batch = rollout()
     kl = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 1.0]])
     details = RolloutDetails(
-        ["a", "b"], {"reward_model": torch.tensor([1.0, 3.0])}, torch.ones(2, 3), torch.tensor([True, False])
+        ["a a", "b"], {"reward_model": torch.tensor([1.0, 3.0])}, torch.ones(2, 3), torch.tensor([True, False])
     )
     one = torch.tensor(1.0)
     stats = [PPOStats(one, one * 2, one * 0.1, one * 0.2, one * 0.01, one * 0.5, one)] * 2
@@ -42,6 +42,9 @@ def test_step_metrics_by_hand():
     assert metrics["response/length_mean"] == 2.5 and abs(metrics["per_token/kl"] - 3 / 5) < 1e-6
     assert metrics["speed/generation_tokens_per_s"] == 5.0 and metrics["speed/training_tokens_per_s"] == 10.0
     assert metrics["loss/value_avg"] == 2.0 and metrics["reward/reward_model"] == 2.0
+    # each response's own distinct-1, averaged ((1/2 + 1) / 2), under a name of its own: distinct_1 is the pooled
+    # figure everywhere else (unique words over all responses: 2/3 here)
+    assert metrics["response/within_distinct_1"] == 0.75 and "response/distinct_1" not in metrics
     line = format_metrics(3, 10, {**metrics, "eps": 4.0, **{f"time/{k}_s": v for k, v in timing.items()}})
     assert line.startswith("step 3/10 | score 2 |") and "gen/score/adv/train 29/14/0/57" in line
 

@@ -55,8 +55,10 @@ def step_metrics(
         "val/eos_rate": details.has_eos.float().mean(),
         "response/length_mean": lengths.mean(),
         "response/entropy_per_token": masked_mean(details.entropy, mask),
-        "response/distinct_1": torch.tensor(mean_distinct_n(details.texts, 1)),
-        "response/distinct_2": torch.tensor(mean_distinct_n(details.texts)),
+        # each response's own distinct-n, averaged (the monitor's repetition signal): not the pooled distinct-n of
+        # eval.json and `hfgen eval`, hence the name
+        "response/within_distinct_1": torch.tensor(mean_distinct_n(details.texts, 1)),
+        "response/within_distinct_2": torch.tensor(mean_distinct_n(details.texts)),
         "per_token/kl": masked_mean(kl, mask),
         "speed/generation_tokens_per_s": lengths.sum() / max(timing["generation"], 1e-9),
         "speed/training_tokens_per_s": rollout.attention_mask.sum() * num_ppo_epochs / max(timing["training"], 1e-9),

@@ -54,7 +54,9 @@ def distinct_n(text: str, n: int = 2) -> float:
 
 
 def mean_distinct_n(texts: list[str], n: int = 2) -> float:
-    """Mean within-response distinct-n: 1.0 when no response repeats a phrase of its own."""
+    """Mean within-response distinct-n: 1.0 when no response repeats a phrase of its own (a response without an
+    n-gram counts 1.0). Not the pooled distinct-n of evaluation.text (unique n-grams over all responses): PPO logs
+    this one as response/within_distinct_N."""
     return sum(distinct_n(t, n) for t in texts) / max(len(texts), 1)
 
 
@@ -173,7 +175,8 @@ class HackingMonitor:
                 holds = abs(now[key] - base) > self.length_drift * base
             else:
                 holds = now[key] < self.repetition_floor * base
-            out[signal] = (holds, f"{key} {now[key]:.3g} against {base:.3g} at the start")
+            label = "within-response distinct-1" if key == "distinct_1" else key
+            out[signal] = (holds, f"{label} {now[key]:.3g} against {base:.3g} at the start")
         if len(now["components"]) > 1:
             # weighed as the trained reward weighs them: a 0.1-weighted component's fall is a tenth of its own
             gains = {
@@ -222,7 +225,7 @@ class HackingMonitor:
         now = self.history[-1]
         figures = {"monitor/alerts": float(len(self.alerts))}
         if now.get("distinct_1") is not None:
-            figures["monitor/distinct_1"] = now["distinct_1"]
+            figures["monitor/within_distinct_1"] = now["distinct_1"]
         if now.get("above_ceiling") is not None:
             figures["monitor/above_ceiling"] = now["above_ceiling"]
         if now["kl"] is not None:
@@ -277,7 +280,9 @@ def logged_figures(metrics: dict) -> dict:
     the one place that knows which logged keys the monitor reads, for the training loop and `replay` alike."""
     return {
         "kl": metrics["objective/kl"], "entropy": metrics["response/entropy_per_token"],
-        "length": metrics["response/length_mean"], "distinct_1": metrics["response/distinct_1"],
+        # (response/distinct_1: its name in the logs of runs made before it was named for what it is)
+        "length": metrics["response/length_mean"],
+        "distinct_1": metrics.get("response/within_distinct_1", metrics.get("response/distinct_1")),
         "components": {k.removeprefix("reward/"): v for k, v in metrics.items() if k.startswith("reward/")},
         "oracle": metrics.get("oracle/score"),
     }  # fmt: skip
