@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.cli import main as hfgen
 
@@ -177,7 +177,8 @@ def test_an_eval_that_finds_the_disk_full_changes_neither_file_and_exits_2(model
     [
         (["missing_dir"], "does not exist"),
         (["{model}", "--baseline", "{model}", "--oracle", "none"], "--baseline needs a judge"),
-        (["{model}", "--oracle", "no_such_module:f"], "not an importable MODULE:FUNC"),
+        (["{model}", "--oracle", "no_such_module:f"], "cannot import module 'no_such_module'"),
+        (["{model}", "--oracle", "no_colon"], "is not of the form package.module:function"),
         (["{model}", "--prompt_column", "question"], "has no column 'question'"),
         (["{model}", "--num_samples", "0"], "--num_samples must be at least 1"),
         (["{model}", "--num_samples", "2", "--temperature", "0"], "--temperature 0 decodes greedily"),
@@ -384,7 +385,7 @@ def test_auto_judges_and_perplexity_of_the_arithmetic_prompts_are_the_arithmetic
     from hfgen.evaluation.command import perplexity_texts, resolve_oracle
 
     prompts = "embedded:arithmetic_prompts"
-    assert resolve_oracle("auto", prompts) is correct_steps
+    assert resolve_oracle("auto", prompts).__wrapped__ is correct_steps
     assert resolve_oracle("auto", prompts)(["2+2+9=?"], ["2+2=4. 4+9=13. answer: 13"]) == [1.0]
     dataset, texts, prefixes = perplexity_texts("auto", prompts, tokenizer, True, 2)
     assert dataset == "embedded:arithmetic_instructions" and len(texts) == 2  # its prompt/completion conversations
@@ -434,6 +435,22 @@ def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in error
     assert "--oracle 'eval_oracles:short'" in error and "returned 7 scores for 8 responses" in error, error
+
+
+def test_the_oracle_is_named_as_a_recipes_oracle_function_a_file_or_a_module_of_the_working_directory(
+    model_dir, tmp_path
+):
+    # --oracle took only a MODULE:FUNC importable from PYTHONPATH: the path/to/file.py:function form and the
+    # working directory that a recipe's oracle_function is read from were refused
+    oracle = tmp_path / "cwd_oracle.py"
+    oracle.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    output = tmp_path / "eval.json"
+    for spec, recorded in ((f"{oracle}:length", f"{oracle.resolve()}:length"), ("cwd_oracle:length", None)):
+        result = run_hfgen_here("eval", model_dir, *FAST, "--perplexity_dataset", "none", "--oracle", spec,
+                                "--output", output, cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        results = tracking.read_json(output)
+        assert results["eval/oracle"] == (recorded or spec) and results["quality/oracle_score"] is not None
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ model scores with PPO's own `RewardScorer`, so `quality/reward_score` is the qua
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 from pathlib import Path
 
@@ -71,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--reward_model", action=Given, help="a sequence-classification reward model dir")
     quality.add_argument(
         "--oracle", action=Given, default=AUTO,
-        help="MODULE:FUNC scoring (prompts, responses) -> list[float]; 'auto': hfgen.data.embedded:oracle_scores "
+        help="MODULE:FUNC or path/to/file.py:FUNC scoring (prompts, responses) -> list[float], as a recipe's "
+        "oracle_function (the working directory is searched too); 'auto': hfgen.data.embedded:oracle_scores "
         "for embedded prompts, hfgen.data.arithmetic:correct_steps for embedded:arithmetic_prompts; 'none' skips",
     )  # fmt: skip
     quality.add_argument("--baseline", action=Given, help="another model dir: win rate of TARGET over it")
@@ -256,22 +256,32 @@ def embedded_world(eval_dataset: str) -> dict | None:
     return {"oracle": "hfgen.data.embedded:oracle_scores", "chat": "embedded:instructions", "text": "embedded:corpus"}
 
 
-def resolve_oracle(spec: str, eval_dataset: str):
-    """The oracle function named by MODULE:FUNC, the embedded world's oracle for 'auto' on embedded prompts, or
-    None."""
+def oracle_spec(spec: str, eval_dataset: str) -> str | None:
+    """The oracle --oracle names, as eval.json records it: MODULE:FUNC, or PATH.py:FUNC with the path made
+    absolute; the embedded world's oracle for 'auto' on embedded prompts; None for 'none' or 'auto' on others."""
     world = embedded_world(eval_dataset)
     if spec == "none" or (spec == AUTO and world is None):
         return None
     if spec == AUTO:
-        spec = world["oracle"]
-    module_name, _, function_name = spec.partition(":")
+        return world["oracle"]
+    module, colon, function = spec.rpartition(":")
+    if colon and module.endswith(".py"):
+        return f"{Path(module).expanduser().resolve()}:{function}"
+    return spec
+
+
+def resolve_oracle(spec: str, eval_dataset: str):
+    """The oracle function of `oracle_spec`, or None, loaded as the recipes' `oracle_function` is
+    (rl.rollout.load_function: a module from PYTHONPATH or the working directory, or a .py file; hfgen's or TRL's
+    calling convention)."""
+    from hfgen.rl.rollout import load_function
+
+    if (named := oracle_spec(spec, eval_dataset)) is None:
+        return None
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError):
-        raise UserError(f"--oracle '{spec}' is not an importable MODULE:FUNC") from None
-    if not callable(function):
-        raise UserError(f"--oracle '{spec}' is not a function")
-    return function
+        return load_function(named)
+    except ValueError as error:
+        raise UserError(f"--oracle {error}") from None
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -538,7 +548,7 @@ def load_judges(args: argparse.Namespace, device: str, tokenizer) -> tuple[dict,
         judges["reward"] = reward
     oracle = resolve_oracle(args.oracle, args.eval_dataset)
     if oracle is not None:
-        judged_by["oracle"] = f"{oracle.__module__}:{oracle.__qualname__}"
+        judged_by["oracle"] = oracle_spec(args.oracle, args.eval_dataset)  # as given, a file's path made absolute
 
         def oracle_judge(prompts, completions):
             responses = [c.text for group in completions for c in group]
