@@ -70,12 +70,21 @@ def test_images_are_read_as_8x8_grayscale():
     assert pixels.shape == (2, 64) and np.allclose(pixels, 1.0)
 
 
-def test_digit_metrics_of_real_digits_look_real():
+def test_digit_metrics_of_a_perfect_generator_meet_their_references():
+    # real digits through the path generated images take (resized to the resolution, back to 8x8), as a perfect
+    # generator would hand them over: the references were of raw digits, which that path smooths, so such a
+    # generator scored diversity ratio 0.6 and Fréchet 0.66 against a "floor" of 0.028 (two halves of 898 raw digits)
     pixels, labels = real_digits()
-    results = digit_metrics([pixels[labels == k][:30] for k in range(10)], resolution=16)
-    assert results["quality/prompt_adherence"] > 0.95
-    assert results["diversity/pairwise_distance_ratio"] == pytest.approx(1.0, abs=0.15)
-    assert results["quality/frechet_distance"] < 1.0
+    rng = np.random.default_rng(1)
+    for per_prompt in (20, 1):  # (the Fréchet reference has as many images as were generated)
+        drawn = [rng.choice(np.flatnonzero(labels == k), per_prompt, replace=False) for k in range(10)]
+        results = digit_metrics([as_pipeline_sees(pixels[rows], resolution=16) for rows in drawn], resolution=16)
+        assert results["quality/prompt_adherence"] > 0.9
+        assert results["quality/frechet_distance"] == pytest.approx(
+            results["quality/frechet_distance_real_images"], rel=0.25
+        )
+        if per_prompt > 1:
+            assert results["diversity/pairwise_distance_ratio"] == pytest.approx(1.0, abs=0.15)
 
 
 # ---- the aspect-ratio bucket measure ----
