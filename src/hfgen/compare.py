@@ -286,6 +286,7 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
     from hfgen.models import adapter_base, load_causal_lm, load_tokenizer
 
     settings = {**evaluation_settings(args), "reward_model": str(reward_dir) if reward_dir else None}
+    settings["prompts"] = "distinct"  # an evaluation cached before repeated prompts were answered once is redone
     settings["models"] = {"policy": model_stamp(run_dir), "sft": model_stamp(sft_dir)}
     settings["models"]["reward"] = model_stamp(reward_dir) if reward_dir else None
     cached = tracking.read_json(run_dir / EVAL_FILE, {})
