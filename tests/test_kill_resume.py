@@ -341,6 +341,8 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         resume_with(learning_rate=0.03)
     with pytest.raises(UserError, match=r"per_device_train_batch_size"):
         resume_with(per_device_train_batch_size=3)
+    with pytest.raises(UserError, match=r"validation_split_percentage: 5.0 -> 50.0"):  # it decides the training rows
+        resume_with(validation_split_percentage=50)
     with pytest.raises(UserError, match="written by a pretrain run, not a sft run"):
         resume_with(stage="sft")
     (checkpoint / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 4, **launch, "processes": 2}))

@@ -1116,6 +1116,8 @@ def _trained_to_the_end(path: Path, args=None) -> bool:
 # evaluated and sampled (`eval_*`, `validation_*` and the keys below), and how long it trains (a resume may extend a
 # run). Any other change would make the resumed run another run than the checkpoint's.
 RESUMABLE_PREFIXES = ("eval_", "validation_")
+# ... but for these, which the prefixes would let through: the held-out slice decides which rows train
+NOT_RESUMABLE = frozenset(("validation_split_percentage",))
 RESUMABLE_CHANGES = frozenset((
     "per_device_eval_batch_size", "max_eval_samples", "num_validation_images", "num_inference_steps",
     "guidance_scale", "num_samples", "sample_max_new_tokens", "sample_steps",
@@ -1126,6 +1128,11 @@ RESUMABLE_CHANGES = frozenset((
     "dataloader_num_workers", "ddp_backend", "ddp_timeout", "use_cpu",
     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
 ))  # fmt: skip
+
+
+def shapes_training(key: str) -> bool:
+    """Whether a recipe key's value must stay the same between a run and its resume (`RESUMABLE_CHANGES`)."""
+    return key in NOT_RESUMABLE or (key not in RESUMABLE_CHANGES and not key.startswith(RESUMABLE_PREFIXES))
 
 
 def launch_identity() -> dict[str, Any]:
@@ -1184,9 +1191,7 @@ def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a {then_yaml.get('stage')} run, "
             f"not a {now_yaml.get('stage')} run; give a checkpoint of this run."
         )
-    keys = sorted(
-        key for key in (set(then_yaml) | set(now_yaml)) - RESUMABLE_CHANGES if not key.startswith(RESUMABLE_PREFIXES)
-    )
+    keys = sorted(key for key in set(then_yaml) | set(now_yaml) if shapes_training(key))
     if all(then_yaml.get(key) == now_yaml.get(key) for key in keys):
         return
     try:  # parsed, so that a key left out and the same key at its default agree
