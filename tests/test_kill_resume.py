@@ -372,6 +372,47 @@ def test_a_bad_resume_target_is_refused_before_the_stage_loads_its_data(tmp_path
         assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
 
 
+def test_a_resume_whose_base_data_or_chat_template_changed_in_place_is_refused(tmp_path, monkeypatch):
+    # each resumed without a word on other inputs under the same paths (probe 39 C1, C2, C9): a LoRA run continued on
+    # a base retrained in place (and its COMPLETE named the new base as the one it trained on), a data file
+    # rewritten under its name trained other rows, an edited chat template the last steps
+    short = ["--max_train_samples", "16", "--max_eval_samples", "4", "--logging_steps", "1", "--max_steps", "2",
+             "--save_steps", "1", "--per_device_train_batch_size", "4", "--block_size", "8"]  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the red cat number {i} is warm."}) + "\n" for i in range(40)))
+    base, run = tmp_path / "base", tmp_path / "run"
+    result = run_hfgen_here("train", PRETRAIN, *short, "--output_dir", base, "--dataset_name", data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    on_base = ["--model_name_or_path", base, "--config_name", "null", "--tokenizer_name", "null", "--output_dir", run]
+    result = run_hfgen_here("train", PRETRAIN, *short, *on_base, "--dataset_name", data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resume = [*short, *on_base, "--resume_from_checkpoint", run / "checkpoint-1", "--overwrite_output_dir", "true"]
+
+    def resumed(*extra):
+        return run_hfgen_here("train", PRETRAIN, *resume, "--dataset_name", data, *extra)
+
+    from hfgen.stages import pretrain
+
+    monkeypatch.setattr(pretrain, "run", lambda *configs: None)  # past the check: the resume would train
+    assert resumed().returncode == 0
+    original = data.read_text()
+    data.write_text(original.replace("red", "tan"))  # the same size and row count
+    result = resumed()
+    assert result.returncode == 2 and f"dataset_name '{data}' changed since" in result.stderr, result.stderr[-3000:]
+    assert "restore those inputs, or start afresh" in result.stderr
+    data.write_text(original)
+    template = base / "chat_template.jinja"
+    template.write_text("please: " + template.read_text())
+    result = resumed()
+    assert result.returncode == 2 and "its files chat_template.jinja" in result.stderr, result.stderr[-3000:]
+    monkeypatch.undo()
+    result = run_hfgen_here("train", PRETRAIN, *short, "--output_dir", base, "--dataset_name", data,
+                            "--overwrite_output_dir", "true", "--seed", "7")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = resumed()
+    assert result.returncode == 2 and f"model_name_or_path '{base}' now holds another run" in result.stderr
+
+
 def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
     # its checkpoints hold no optimizer, scheduler or RNG state: resumed silently with fresh ones, exit 0, other weights
     short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1", "--save_steps", "1",

@@ -498,6 +498,33 @@ def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "mode
     )
 
 
+# What a run's training inputs held when it started (`fingerprint.recipe_inputs` of the keys that shape training):
+# OUTPUT_DIR/hfgen_inputs.json, and in each checkpoint's state, so that a resume, or a complete run judged reusable, is
+# of the same inputs, not only of the same paths (a base retrained in place, a data file rewritten under its name)
+RUN_INPUTS = "hfgen_inputs.json"
+
+
+def current_inputs(recipe) -> dict[str, Any]:
+    """The fingerprints of the recipe's training inputs as they are now."""
+    from hfgen import fingerprint
+
+    return fingerprint.recipe_inputs(recipe.values, shapes_training)
+
+
+def record_inputs(output_dir: str | Path, inputs: dict[str, Any]) -> None:
+    if is_main_process():
+        write_json(Path(output_dir) / RUN_INPUTS, inputs)
+
+
+def inputs_changed(run_dir: str | Path, recipe) -> list[str]:
+    """How the inputs of the run in `run_dir` (complete, of this recipe) differ from what its paths hold now, in
+    words; [] when they are the same, or when the run recorded none (an older hfgen: judged by its recipe alone)."""
+    from hfgen import fingerprint
+
+    recorded = read_json(Path(run_dir) / RUN_INPUTS, None)
+    return [] if recorded is None else fingerprint.changes(recorded, current_inputs(recipe))
+
+
 # A pipeline step's record of the runs it consumed (the earlier steps' COMPLETE markers, `inputs_of`), written when
 # it starts: a step whose inputs were made again since is run again from scratch, even when a stop between steps
 # made the pipeline forget that an earlier step ran.
@@ -806,6 +833,7 @@ def finish_checkpoint(
         "metrics_rows": len(read_metrics(output_dir)),
         **launch_identity(),
         "skipped_steps": sorted(guard.skipped_steps),
+        **({"inputs": inputs} if (inputs := read_json(Path(output_dir) / RUN_INPUTS, None)) is not None else {}),
         **(state or {}),
     })  # fmt: skip
     # Checkpoints of later steps than this one are of a line of training the run left (it resumed from an earlier
@@ -1163,10 +1191,11 @@ def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
     check_same_recipe(checkpoint, output_dir)
 
 
-def check_resume_target(resume_from_checkpoint, output_dir: str | Path) -> None:
+def check_resume_target(resume_from_checkpoint, output_dir: str | Path, inputs: dict | None = None) -> None:
     """What `resolve_resume` refuses in the checkpoint itself (not a checkpoint, incomplete, another stage's or
-    recipe's), checked when the run starts: the stage resolves its resume only after loading its data and models,
-    minutes on a real run. (The launch is checked there: before the stage's Accelerator, the engine is not known.)"""
+    recipe's, or of other `inputs`: `current_inputs`), checked when the run starts: the stage resolves its resume only
+    after loading its data and models, minutes on a real run. (The launch is checked there: before the stage's
+    Accelerator, the engine is not known.)"""
     if resume_from_checkpoint in (True, "true", "True"):
         complete = complete_checkpoints(output_dir)
         path = complete[-1] if complete else None
@@ -1174,6 +1203,25 @@ def check_resume_target(resume_from_checkpoint, output_dir: str | Path) -> None:
         path = _resume_path(resume_from_checkpoint, output_dir, None)
     if path is not None:
         check_same_recipe(path, output_dir)
+        if inputs is not None:
+            check_same_inputs(path, inputs)
+
+
+def check_same_inputs(checkpoint: Path, inputs: dict[str, Any]) -> None:
+    """The checkpoint's training inputs (its state's `inputs`) against what their paths hold now: a resume on a
+    retrained base (a LoRA adapter or DPO policy half trained on each), another data file under the same name or an
+    edited chat template would continue on other inputs without a word, and its COMPLETE marker would name the new
+    base as the one it trained on. A checkpoint of an older hfgen records none."""
+    from hfgen import fingerprint
+
+    then = read_json(checkpoint / CHECKPOINT_STATE, {}).get("inputs")
+    changed = fingerprint.changes(then, inputs) if isinstance(then, dict) else []
+    if changed:
+        raise UserError(
+            f"resume_from_checkpoint: checkpoint '{checkpoint}' was trained on other inputs than these paths hold now: "
+            f"{'; '.join(changed)}. A resume continues that run as it was: restore those inputs, or start afresh on "
+            "the new ones (a new output_dir, or overwrite_output_dir: true)."
+        )
 
 
 def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:

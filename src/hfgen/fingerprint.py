@@ -1,0 +1,137 @@
+"""What a run's inputs held when it read them: fingerprints of the local files and folders its recipe names.
+
+A recipe names its model, data and tokenizer by path, and a path may hold other contents later (a base retrained in
+place, a data file rewritten under its name, a chat template edited). A run records these fingerprints when it
+starts (`tracking.record_inputs`) and with each checkpoint: a resume, a sweep point or pipeline step judged complete,
+a cached evaluation are then of the same inputs only when the fingerprints still match.
+
+The rule for one file (`file_fingerprint`): files up to FULL_HASH_BYTES are hashed whole, so any edit shows (one that
+keeps the size and the modification time too: cp -p, rsync -t, tar, a fixed-width field corrected); larger ones by
+their size, modification time (ns), inode and status-change time, which every write changes and no tool (cp -p,
+touch, rsync) can set back. A folder's fingerprint is its files' (by relative path); a folder that is a complete
+hfgen run is named by its run id (`tracking.run_id`, new on every run into it), its weights covered by that id."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+FULL_HASH_BYTES = 64 * 2**20
+# the files of an hfgen run dir that are the model (configs, tokenizer, chat template), beside its weights; its other
+# files are the run's records, which later commands update (`hfgen eval` writes eval.json)
+MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+RUN_RECORDS = frozenset((
+    "data.json", "env.json", "eval.json", "pipeline_inputs.json", "hfgen_inputs.json", "compare_eval.json",
+    "trainer_state.json",
+))  # fmt: skip
+# folders inside an input folder that are no part of it: a run's checkpoints, DreamBooth's class images, TensorBoard
+SKIPPED_FOLDERS = re.compile(r"^(checkpoint-\d+|class_images|runs|\..*)$")
+LISTED_FILES = 64  # a folder of up to this many files records each one's fingerprint, so a change can name the file
+# recipe keys whose values name inputs (a path among them is fingerprinted); other keys' strings are never paths
+INPUT_KEY = re.compile(r"(_name_or_path|_path|_name|_dir|_file|_files|^datasets|_dataset|^reward_model|template)$")
+NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
+
+
+def file_fingerprint(path: Path) -> str:
+    """One file's content fingerprint (the module's rule)."""
+    stat = path.stat()
+    if stat.st_size > FULL_HASH_BYTES:
+        return f"stat:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def folder_files(folder: Path, run: bool) -> list[Path]:
+    """The files that make up an input folder, sorted; of an hfgen run (`run`), only its model's small files."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if not path.is_file() or any(SKIPPED_FOLDERS.match(part) for part in parts[:-1]) or parts[-1][0] == ".":
+            continue
+        if run and (path.suffix not in MODEL_FILE_SUFFIXES or (len(parts) == 1 and parts[0] in RUN_RECORDS)):
+            continue
+        found.append(path)
+    return found
+
+
+def path_fingerprint(value: str) -> dict[str, Any] | None:
+    """{"path", "digest", "run" (an hfgen run's id), "files" (a small folder's, by relative path)} of a local file,
+    folder or glob pattern of files; None for anything else (a hub id, an embedded dataset, a plain word)."""
+    from hfgen import tracking
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        return {"path": str(path.resolve()), "digest": file_fingerprint(path)}
+    if path.is_dir():
+        run = tracking.run_id(path)
+        root, files = path, folder_files(path, run is not None)
+    elif glob.has_magic(value):
+        run, root = None, Path(".")
+        files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+        if not files:
+            return None
+    else:
+        return None
+    names = {str(f.relative_to(root) if f.is_relative_to(root) else f): file_fingerprint(f) for f in files}
+    digest = hashlib.sha256(f"{run}\0{sorted(names.items())}".encode()).hexdigest()[:32]
+    record = {"path": str(path.resolve()) if path.is_dir() else value, "digest": digest}
+    return record | ({"run": run} if run else {}) | ({"files": names} if len(names) <= LISTED_FILES else {})
+
+
+def input_strings(key: str, value) -> list[str]:
+    """The strings of a recipe value that may name inputs: itself, or a mixture's entries' `name`/`path`/files."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in input_strings(key, item)]
+    if isinstance(value, dict):
+        return [text for k, v in value.items() if k in ("name", "path", "files", "data_files")
+                for text in input_strings(k, v)]  # fmt: skip
+    return []
+
+
+def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
+    """{key: fingerprint} of the local inputs a recipe's `values` name (only those `keys` when given: the ones that
+    shape training); a key naming several (a mixture) records a list."""
+    found = {}
+    for key, value in values.items():
+        if key in NOT_INPUTS or not INPUT_KEY.search(key) or (keys is not None and not keys(key)):
+            continue
+        prints = [p for text in input_strings(key, value) if (p := path_fingerprint(text)) is not None]
+        if prints:
+            found[key] = prints[0] if isinstance(value, str) else prints
+    return found
+
+
+def changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two `recipe_inputs` records, in words ('' of a key the older record lacks: nothing to
+    compare)."""
+    said = []
+    for key in sorted(set(then) & set(now)):
+        before, after = then[key], now[key]
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            said.append(f"{key} '{before.get('path')}' {what_changed(before, after)}")
+        else:
+            said.append(f"{key}: the content of its files changed")
+    return said
+
+
+def what_changed(before: dict, after: dict) -> str:
+    if before.get("run") != after.get("run"):
+        now = after.get("run")
+        return f"now holds {f'another run ({now})' if now else 'no complete run'}, not the run {before.get('run')}"
+    if "files" in before and "files" in after:
+        names = sorted(
+            n for n in set(before["files"]) | set(after["files"]) if before["files"].get(n) != after["files"].get(n)
+        )
+        if names:
+            return f"changed since (its files {', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+    return "changed since (its content)"
