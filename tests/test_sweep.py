@@ -6,10 +6,11 @@ import resource
 
 import pytest
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.cli import main as hfgen
 from hfgen.errors import UserError
+from hfgen.recipe import load_recipe
 from hfgen.sweep import grid_points, split_grid
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
@@ -149,6 +150,26 @@ def test_a_sweep_resumes_with_its_root_spelled_another_way(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "was interrupted: continuing from its newest complete checkpoint" in resumed.stdout, resumed.stdout
     assert tracking.is_complete(point)
+
+
+def test_a_complete_point_whose_data_changed_in_place_is_trained_again(tmp_path):
+    # both points were "already complete, skipped", their stale report rewritten, after the data file was rewritten
+    # under its name (and so after a base model retrained in place: probe 39 C3)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"text": "the red cat number {i} is warm."}}\n' for i in range(40)))
+    arguments = ["sweep", PRETRAIN, "--seed", "1,2", "--quiet", "--max_steps", "1", "--max_train_samples", "8",
+                 "--max_eval_samples", "4", "--block_size", "8", "--dataset_name", data, "--output_root", tmp_path / "sw"]  # fmt: skip
+    first = run_hfgen_here(*arguments)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_hfgen_here(*arguments)
+    assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 2, again.stdout
+    data.write_text(data.read_text().replace("red", "tan"))
+    changed = run_hfgen_here(*arguments)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    said = f"training again: its inputs changed since it ran (dataset_name '{data}' changed since"
+    assert changed.stdout.count(said) == 2, changed.stdout
+    point = tmp_path / "sw" / "seed=1"  # it records the new content now
+    assert tracking.inputs_changed(point, load_recipe(point / "recipe.yaml", check_inputs=False)) == []
 
 
 def test_a_points_evaluation_measures_its_own_peak_memory(tmp_path):

@@ -127,19 +127,26 @@ def main(args: argparse.Namespace) -> int:
     for index, ((method, seed), recipe) in enumerate(runs.items(), 1):
         run_dir = recipe.output_dir
         label = f"[{index}/{len(runs)}] {method} seed {seed}"
-        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml())
+        changed = tracking.inputs_changed(run_dir, recipe)  # its data or models changed in place
+        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml()) and not changed
         inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
         same_inputs = tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs
         if done and same_inputs:
             print(f"{label}: already complete, skipped")
         else:
-            why = " (trained from an older SFT or reward model, or not recorded)" if done else ""
+            why = (
+                f" (its inputs changed since it ran: {'; '.join(changed)})"
+                if changed
+                else " (trained from an older SFT or reward model, or not recorded)"
+                if done
+                else ""
+            )
             print(f"{label}: training{why} -> {run_dir}", flush=True)
             # recorded before training: an interrupted run of these inputs continues from its checkpoint (run_step),
             # one begun from other inputs starts over
             run_dir.mkdir(parents=True, exist_ok=True)
             tracking.write_json(run_dir / INPUTS_FILE, inputs)
-            train_point(recipe, args.quiet, fresh=not same_inputs)
+            train_point(recipe, args.quiet, fresh=not same_inputs or bool(changed))
         evaluate_point(run_dir, method, sft_dir, reward_dir, args)
     report = write_compare_report(root, runs, methods, args)
     print(f"report: {report}")
@@ -186,7 +193,12 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
     for step in ("sft", "reward") if needs_reward else ("sft",):
         recipe = rlhf.step_recipe(shared, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
-        if done and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml()):
+        # (its inputs: the prerequisite, the SFT model, data, each as it is now, not only by its path)
+        if (
+            done
+            and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml())
+            and not tracking.inputs_changed(recipe.output_dir, recipe)
+        ):
             print(f"== {step}: {recipe.output_dir} is complete, reused")
             continue
         print(f"== {step}: -> {recipe.output_dir}")

@@ -76,12 +76,14 @@ def main(args: argparse.Namespace) -> int:
     failed: dict[str, Exception] = {}
     for index, (name, recipe) in enumerate(recipes.items(), 1):
         run_dir = root / name
-        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml())
+        changed = tracking.inputs_changed(run_dir, recipe)  # (a base retrained, a data file rewritten in place)
+        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml()) and not changed
         try:
             if done:
                 print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")
             else:
-                print(f"[{index}/{len(recipes)}] {name}: training")
+                why = f" again: its inputs changed since it ran ({'; '.join(changed)})" if changed else ""
+                print(f"[{index}/{len(recipes)}] {name}: training{why}")
                 if args.quiet:
                     for config in recipe.configs:  # Trainer's progress bar: on the parsed config, not in recipe.yaml
                         if hasattr(config, "disable_tqdm"):

@@ -201,14 +201,18 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
 
 def run_step(recipe, fresh: bool = False, inputs: dict | None = None) -> Path:
     """Run one step of a pipeline (`rlhf`) or one point of a sweep, which its caller has decided must run (its
-    output is missing, unfinished, of another recipe, or forced). An unfinished run of this same recipe continues
-    from its newest complete checkpoint rather than from scratch, unless `fresh` (its inputs, an earlier step's
-    output, were made again): then it starts over, its old checkpoints deleted. `inputs`: see `run_recipe`."""
+    output is missing, unfinished, of another recipe or inputs, or forced). An unfinished run of this same recipe
+    continues from its newest complete checkpoint rather than from scratch, unless `fresh` (its inputs, an earlier
+    step's output, were made again) or its recorded inputs changed (`tracking.inputs_changed`): then it starts over,
+    its old checkpoints deleted. `inputs`: see `run_recipe`."""
     from hfgen import tracking
 
     output_dir = recipe.output_dir
     unfinished_same_run = (
-        not fresh and not tracking.is_complete(output_dir) and tracking.holds_recipe(output_dir, recipe.to_yaml())
+        not fresh
+        and not tracking.is_complete(output_dir)
+        and tracking.holds_recipe(output_dir, recipe.to_yaml())
+        and not tracking.inputs_changed(output_dir, recipe)  # its checkpoints trained on what its paths held then
     )
     if unfinished_same_run and tracking.complete_checkpoints(output_dir):
         for config in recipe.configs:

@@ -104,6 +104,25 @@ def test_shipped_pipeline_recipe_names_the_tiny_steps():
     )  # fmt: skip
 
 
+def test_compare_retrains_its_sft_step_after_the_prerequisite_was_retrained_in_place(pipeline, tmp_path, capsys):
+    # `hfgen compare` reused its SFT step (and then skipped its runs), and the pipeline after it, though the
+    # pretrained model it was made from had been trained again in place (probe 39 C7)
+    from hfgen.compare import run_shared_steps
+    from hfgen.recipe import load_recipe
+
+    shared = load_recipe(pipeline).configs[0]
+    run_shared_steps(shared, needs_reward=False)
+    assert "== sft: ->" in capsys.readouterr().out
+    run_shared_steps(shared, needs_reward=False)
+    assert "is complete, reused" in capsys.readouterr().out
+    again = run_hfgen_here("train", shared.prerequisite, "--overwrite_output_dir", "true", "--seed", "5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    run_shared_steps(shared, needs_reward=False)
+    assert "== sft: ->" in capsys.readouterr().out  # trained again, from the new pretrained run
+    trained_on = tracking.read_json(tmp_path / "sft" / tracking.COMPLETE_MARKER)[tracking.INPUT_RUNS]
+    assert trained_on["model_name_or_path"] == tracking.run_id(tmp_path / "pretrain_out")
+
+
 @pytest.mark.slow
 def test_pipeline_from_nothing_then_skips_and_reruns_what_changed(pipeline, tmp_path):
     result = run_hfgen("train", pipeline)

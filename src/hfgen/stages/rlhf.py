@@ -207,7 +207,9 @@ def run(args: RLHFArguments) -> Path:
     for step in pipeline_steps(args):
         recipe = step_recipe(args, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
-        same = done and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml())
+        # (and of the same inputs: a model or data file outside the pipeline changed in place since, `inputs_changed`)
+        changed = tracking.inputs_changed(recipe.output_dir, recipe)
+        same = done and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml()) and not changed
         # Whether an earlier step was made again since this one started (complete or interrupted: a checkpoint
         # trained on the old inputs is not resumed). Read from the step's dir, not only remembered here: a stop
         # between two steps (a signal during a step's final save, a kill while the next step cleared its dir) lost
@@ -216,7 +218,7 @@ def run(args: RLHFArguments) -> Path:
         inputs = tracking.inputs_of(consumed)
         recorded = tracking.read_json(recipe.output_dir / tracking.INPUTS_RECORD, None)
         inputs_changed = recorded is not None and recorded != inputs
-        rerun = args.force or earlier_ran or inputs_changed
+        rerun = args.force or earlier_ran or inputs_changed or bool(changed)
         tracking.wait_for_everyone()  # every rank has read the record before rank 0 rewrites it
         consumed[step] = recipe.output_dir
         if same and not rerun:
@@ -229,6 +231,8 @@ def run(args: RLHFArguments) -> Path:
             if earlier_ran
             else "an earlier step was made again since it ran"
             if inputs_changed
+            else f"its inputs changed since it ran ({'; '.join(changed)})"
+            if changed
             else "recipe changed"
             if done
             else "interrupted"
