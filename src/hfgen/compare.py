@@ -263,8 +263,15 @@ def model_stamp(model_dir: Path) -> dict | None:
 
 
 def evaluation_settings(args) -> dict:
+    """What an evaluation's figures depend on besides the models: a cached one of other settings is redone. The
+    prompts are keyed on their file's content (`fingerprint.path_fingerprint`), not only its name: a file rewritten
+    under its name is other prompts."""
+    from hfgen import fingerprint
+
     keys = ("eval_dataset", "num_prompts", "samples_per_prompt", "response_length", "temperature", "oracle")
-    return {key: getattr(args, key) for key in keys}
+    settings = {key: getattr(args, key) for key in keys}
+    content = fingerprint.path_fingerprint(args.eval_dataset) if args.eval_dataset else None
+    return settings | ({"eval_dataset_content": content["digest"]} if content else {})
 
 
 def evaluation_problems(args) -> list[str]:

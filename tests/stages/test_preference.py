@@ -377,6 +377,23 @@ def comparison(tiny_lm, tmp_path_factory):
     return directory / "root", *outputs
 
 
+def test_compares_cached_evaluation_is_keyed_on_the_prompts_content_not_their_files_name(tmp_path):
+    # a --eval_dataset file rewritten under its name reused the evaluation on the old prompts (probe 39 C8)
+    import argparse
+
+    from hfgen.compare import evaluation_settings
+
+    prompts = tmp_path / "ev.jsonl"
+    prompts.write_text('{"prompt": "describe the cat."}\n')
+    args = argparse.Namespace(eval_dataset=str(prompts), num_prompts=2, samples_per_prompt=1, response_length=4,
+                              temperature=1.0, oracle="none")  # fmt: skip
+    before = evaluation_settings(args)
+    assert evaluation_settings(args) == before  # the same file: the cache holds
+    prompts.write_text('{"prompt": "where is the cat?"}\n')
+    assert evaluation_settings(args) != before
+    assert evaluation_settings(argparse.Namespace(**{**vars(args), "eval_dataset": "embedded:prompts"}))
+
+
 @pytest.mark.slow
 def test_compare_trains_each_method_at_a_matched_budget_and_resumes(comparison):
     root, first, second = comparison
