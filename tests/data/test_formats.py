@@ -776,6 +776,21 @@ def test_a_file_replaced_by_another_with_the_same_time_is_read_anew(tmp_path):
         assert sorted(list(train["text"]) + list(evaluation["text"])) == sorted(rows)
 
 
+def test_a_large_file_edited_in_the_middle_with_its_size_and_time_kept_is_read_anew(tmp_path):
+    """The cache key hashed the size and the first and last 64 KiB only: an edit in the middle of a larger file
+    that kept its length and modification time (a fixed-width field corrected, then cp -p or rsync -t) trained the
+    old rows (probe 39 C4)."""
+    import os
+
+    path = tmp_path / "d.jsonl"
+    rows = [f"the red cat number {i:05d} is warm" for i in range(6000)]  # 240 KB
+    for edited in (rows, [row.replace("red", "tan") if 2000 <= i < 3000 else row for i, row in enumerate(rows)]):
+        jsonl(path, [{"text": row} for row in edited])
+        os.utime(path, (1767225600, 1767225600))
+        train, evaluation, _ = load(path, "text", validation_split_percentage=25)
+        assert sorted(list(train["text"]) + list(evaluation["text"])) == sorted(edited)
+
+
 def test_csv_figures_train_as_the_file_writes_them(tmp_path):
     """pandas read a CSV column of figures as numbers, so `0010.50` trained as `10.5`, `26.0` as `26` and `0026` as
     `26`; a reward stage's margin column in a CSV is still a number."""

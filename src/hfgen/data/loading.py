@@ -246,18 +246,17 @@ def text_features(files: list[Path], options: dict):
 def content_cache_dir(files: list[Path]) -> str:
     """A `datasets` cache folder for these data files' content: `datasets` keys its cache of a local file on the path
     and modification time only, so a file replaced by another with the same time (tar, unzip, cp -p, rsync -t)
-    trained the old rows. The key adds each file's size and its first and last 64 KiB."""
+    trained the old rows. The key adds each file's content fingerprint (`fingerprint.file_fingerprint`: the whole
+    content up to 64 MiB, which the conversion reads anyway; beyond, size, times and inode, which a write changes)."""
     import hashlib
 
     import datasets
 
+    from hfgen.fingerprint import file_fingerprint
+
     digest = hashlib.sha256()
     for file in files:
-        size = file.stat().st_size
-        with open(file, "rb") as stream:
-            head = stream.read(2**16)
-            stream.seek(max(size - 2**16, 0))
-            digest.update(f"{file.resolve()}\0{size}\0".encode() + head + stream.read())
+        digest.update(f"{file.resolve()}\0{file_fingerprint(file)}\0".encode())
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "hfgen_files" / digest.hexdigest()[:20])
 
 
