@@ -203,6 +203,33 @@ def test_class_image_generation_killed_midway_ends_with_the_uninterrupted_images
     assert sorted(json.loads(row)["file_name"] for row in rows) == [p.name for p in images["whole"]]
 
 
+def test_class_images_of_another_base_pipeline_are_named_at_check(base_pipeline, configs, vae_dir, tmp_path):
+    """A rerun after the base was retrained in place trained prior preservation on the old base's class images
+    without a word (probe 39 C6): they record what generated them (the base's fingerprint, steps, guidance)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from dreambooth_digits import write_instance_images
+
+    write_instance_images(tmp_path / "instance", count=2)
+    base = tmp_path / "base"
+    shutil.copytree(base_pipeline, base)  # the same run at another path: the same pipeline
+    common = ["train", REPO / "recipes/tiny/t2i_digits_dreambooth.yaml", "--pretrained_model_name_or_path", base,
+              "--instance_data_dir", tmp_path / "instance", "--num_class_images", "2", "--num_inference_steps", "2",
+              "--max_train_steps", "1", "--train_batch_size", "2", "--num_validation_images", "1",
+              "--validation_prompts", "[]", "--eval_images_per_prompt", "0", "--output_dir", tmp_path / "run",
+              "--overwrite_output_dir", "true"]  # fmt: skip
+    first = run_hfgen_here(*common)
+    assert first.returncode == 0 and "generating 2 class images" in first.stdout, first.stderr[-3000:]
+    stale = "holds 2 class image(s) (e.g. '00000-"
+    other_sampling = run_hfgen_here(*common, "--guidance_scale", "5.0")
+    assert other_sampling.returncode == 2 and stale in other_sampling.stderr, other_sampling.stderr[-3000:]
+    retrained = run_hfgen_here("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, base, steps=2),
+                               "--eval_images_per_prompt", "0", "--checkpointing_steps", "0",
+                               "--overwrite_output_dir", "true", "--seed", "3")  # fmt: skip
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    again = run_hfgen_here(*common)
+    assert again.returncode == 2 and stale in again.stderr and "another base pipeline" in again.stderr
+
+
 def test_class_images_come_from_the_base_as_it_samples_not_with_the_recipe_s_prediction_type(base_pipeline, tmp_path):
     """The base's UNet predicts noise: class images sampled with the run's v_prediction sampler would be noise
     read as velocity. They come from the base's own sampler, so they are the ones a run without the change makes."""

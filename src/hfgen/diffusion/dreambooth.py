@@ -134,12 +134,14 @@ def instance_rows(args: DreamBoothArguments, data_args):
 
 
 def class_rows(args: DreamBoothArguments, data_args, class_dir: Path, make_pipeline, accelerator, sampling,
-               call_arguments: dict | None = None) -> object:  # fmt: skip
+               call_arguments: dict | None = None, source: str | None = None) -> object:  # fmt: skip
     """The class images in `class_dir`, first generating the missing ones (of `num_class_images`) with the base
     pipeline `make_pipeline()` on the main process; `sampling`: (num_inference_steps, guidance_scale, seed);
-    `call_arguments`: what every pipeline call needs to sample as the base was trained (t2i_flow: its T5 length)."""
+    `call_arguments`: what every pipeline call needs to sample as the base was trained (t2i_flow: its T5 length);
+    `source`: what generates them (`class_image_source`), recorded with them."""
     if accelerator.is_main_process:
-        generate_missing(args, class_dir, make_pipeline, data_args.resolution, *sampling, **(call_arguments or {}))
+        generate_missing(args, class_dir, make_pipeline, data_args.resolution, *sampling, source=source,
+                         **(call_arguments or {}))  # fmt: skip
     accelerator.wait_for_everyone()
     listed = read_metadata(class_dir)
     paths = image_files(class_dir)[: args.num_class_images]
@@ -147,9 +149,9 @@ def class_rows(args: DreamBoothArguments, data_args, class_dir: Path, make_pipel
     return folder_rows(paths, captions, data_args.image_column, data_args.caption_column)
 
 
-def read_metadata(class_dir: Path) -> dict[str, str]:
-    """{file name: prompt} of the generated class images; a last line cut short by a kill is skipped (its image
-    then takes the prompt its number cycles to, the one it was generated with)."""
+def read_metadata(class_dir: Path, field: str = "text") -> dict[str, str]:
+    """{file name: prompt} (or another `field`: "source") of the generated class images; a last line cut short by a
+    kill is skipped (its image then takes the prompt its number cycles to, the one it was generated with)."""
     path = class_dir / METADATA
     if not path.is_file():
         return {}
@@ -159,23 +161,49 @@ def read_metadata(class_dir: Path) -> dict[str, str]:
             row = json.loads(line)
         except ValueError:
             continue
-        listed[row["file_name"]] = row["text"]
+        if field in row:
+            listed[row["file_name"]] = row[field]
     return listed
+
+
+def class_image_source(pretrained: str | None, steps: int, guidance: float) -> str | None:
+    """What generates the class images, as their metadata.jsonl rows record it ("source"): the base pipeline's
+    content fingerprint (`fingerprint.path_fingerprint`: an hfgen run by its run id; a hub id by its name) and the
+    sampling steps and guidance. A base retrained in place since makes other class images."""
+    from hfgen.fingerprint import path_fingerprint
+
+    if not pretrained:
+        return None
+    found = path_fingerprint(pretrained)
+    return f"{found['digest'] if found else pretrained}:{steps}:{guidance}"
 
 
 GENERATED_NAME = re.compile(r"^(\d{5})-")  # the class images hfgen writes: NNNNN-prompt-slug.png
 CLASS_IMAGE_BATCH = 16  # images per pipeline call while generating class images
 
 
-def class_image_problems(args: DreamBoothArguments, class_dir: Path, resolution: int) -> list[str]:
-    """Class images hfgen generated in `class_dir` for another class_prompt or resolution: a later run counts them
-    as present (only missing numbers are generated), so prior preservation would train on another class, or on
-    images upscaled from another size, without a word. Named, to be deleted or kept apart by the user."""
+def class_image_problems(args: DreamBoothArguments, class_dir: Path, resolution: int, source: str | None = None
+                         ) -> list[str]:  # fmt: skip
+    """Class images hfgen generated in `class_dir` for another class_prompt or resolution, or by another base
+    pipeline or sampling than `source` (`class_image_source`): a later run counts them as present (only missing
+    numbers are generated), so prior preservation would train on another class, on images upscaled from another
+    size, or on another model's samples, without a word. Named, to be deleted or kept apart by the user."""
     from PIL import Image
 
     if not args.with_prior_preservation or not args.class_prompt or not class_dir.is_dir():
         return []
-    listed = read_metadata(class_dir)
+    listed, sources = read_metadata(class_dir), read_metadata(class_dir, "source")
+    # (images of an older hfgen record no source: judged by prompt and size alone)
+    other_source = [name for name, made_by in sources.items() if source and made_by != source
+                    and (match := GENERATED_NAME.match(name)) and int(match[1]) < args.num_class_images]  # fmt: skip
+    if other_source:
+        return [
+            f"class_data_dir '{class_dir}' holds {len(other_source)} class image(s) (e.g. '{other_source[0]}') "
+            "generated by another base pipeline or sampling than this run's (pretrained_model_name_or_path "
+            f"'{getattr(args, 'pretrained_model_name_or_path', None) or 'the base'}' retrained or replaced since, or "
+            "another num_inference_steps / guidance_scale), which prior preservation would train on as they are: "
+            "delete them (the missing ones are generated by this base) or set class_data_dir to another folder"
+        ]
     stale = []
     for path in image_files(class_dir):
         match = GENERATED_NAME.match(path.name)
@@ -202,10 +230,10 @@ def class_image_problems(args: DreamBoothArguments, class_dir: Path, resolution:
 
 
 def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, steps: int, guidance: float, seed: int,
-                     **call_arguments):  # fmt: skip
+                     source: str | None = None, **call_arguments):  # fmt: skip
     """Generate the class images numbered 0..num_class_images-1 that are not in `class_dir` yet (besides images a
     user put there, which count), prompts cycling through `class_prompt`, appending their prompts to
-    metadata.jsonl; `call_arguments` go to every pipeline call. Image N comes from its own generator seeded
+    metadata.jsonl (with their `source`, `class_image_source`); `call_arguments` go to every pipeline call. Image N comes from its own generator seeded
     `seed + N`, so it is the same however the generation was batched or interrupted, and it is written under a
     temporary name and then renamed: a run killed meanwhile leaves no half-written image, and the next one generates
     exactly the missing numbers (a kill used to leave holes that counting the files could not see)."""
@@ -239,7 +267,8 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
                     partial = class_dir / f"{name}.partial"
                     image.save(partial, format="PNG")
                     partial.replace(class_dir / name)
-                    metadata.write(json.dumps({"file_name": name, "text": prompt}) + "\n")
+                    row = {"file_name": name, "text": prompt} | ({"source": source} if source else {})
+                    metadata.write(json.dumps(row) + "\n")
                     metadata.flush()
                     guard.kill_point("class_image", number)
 

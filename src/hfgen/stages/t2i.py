@@ -171,8 +171,9 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         check_lora_targets(args.lora_target_modules, unet, "the UNet", all_linear=False,
                            warn_partial=args.lora_target_modules != list(UNET_LORA_MODULES))  # fmt: skip
     train_rows = image_stage.with_class_rows(
-        train_rows, data_args, args, lambda: base_pipeline(model_args, parts).to(device), accelerator
-    )
+        train_rows, data_args, args, lambda: base_pipeline(model_args, parts).to(device), accelerator,
+        pretrained=model_args.pretrained_model_name_or_path,
+    )  # fmt: skip
     if accelerator.is_main_process:
         cut_at = "max_caption_tokens" if model_args.tokenizer_name == CAPTION_TOKENIZER and not (
             model_args.pretrained_model_name_or_path) else "the tokenizer's model_max_length"  # fmt: skip

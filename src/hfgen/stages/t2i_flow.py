@@ -193,7 +193,9 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         check_lora_targets(args.lora_target_modules, transformer, "the denoising transformer", all_linear=False,
                            warn_partial=args.lora_target_modules != list(TRANSFORMER_LORA_MODULES))  # fmt: skip
     base = lambda: make_pipeline(base_parts(model_args, parts)).to(device)  # noqa: E731
-    train_rows = image_stage.with_class_rows(train_rows, data_args, args, base, accelerator, sampling)
+    train_rows = image_stage.with_class_rows(
+        train_rows, data_args, args, base, accelerator, sampling, pretrained=model_args.pretrained_model_name_or_path
+    )
     if accelerator.is_main_process:
         for tokenizer, length, cut_at in caption_lengths(model_args, parts):
             image_stage.warn_of_cut_captions(train_rows, data_args.caption_column, tokenizer, length, cut_at)
