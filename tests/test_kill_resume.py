@@ -413,6 +413,25 @@ def test_a_resume_whose_base_data_or_chat_template_changed_in_place_is_refused(t
     assert result.returncode == 2 and f"model_name_or_path '{base}' now holds another run" in result.stderr
 
 
+def test_an_input_folder_is_read_whole_up_to_its_budget_then_known_by_its_files_status(tmp_path, monkeypatch):
+    # a folder of a million images was read through at every run's start
+    import os
+
+    from hfgen import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FOLDER_HASH_BYTES", 10)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("123456")
+    before = fingerprint.path_fingerprint(str(tmp_path))
+    assert not before["files"]["a.txt"].startswith("stat:") and before["files"]["b.txt"].startswith("stat:")
+    stat = (tmp_path / "a.txt").stat()
+    (tmp_path / "a.txt").write_text("654321")  # the same size and time: its content tells
+    os.utime(tmp_path / "a.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint.changes({"k": before}, {"k": fingerprint.path_fingerprint(str(tmp_path))}) == [
+        f"k '{tmp_path}' changed since (its files a.txt)"
+    ]
+
+
 def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
     # its checkpoints hold no optimizer, scheduler or RNG state: resumed silently with fresh ones, exit 0, other weights
     short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1", "--save_steps", "1",

@@ -8,8 +8,10 @@ a cached evaluation are then of the same inputs only when the fingerprints still
 The rule for one file (`file_fingerprint`): files up to FULL_HASH_BYTES are hashed whole, so any edit shows (one that
 keeps the size and the modification time too: cp -p, rsync -t, tar, a fixed-width field corrected); larger ones by
 their size, modification time (ns), inode and status-change time, which every write changes and no tool (cp -p,
-touch, rsync) can set back. A folder's fingerprint is its files' (by relative path); a folder that is a complete
-hfgen run is named by its run id (`tracking.run_id`, new on every run into it), its weights covered by that id."""
+touch, rsync) can set back (so is an unreadable file). A folder's fingerprint is its files' (by relative path), the
+whole content read for at most FOLDER_HASH_BYTES of them (a folder of a million images is not read through at each
+start); a folder that is a complete hfgen run is named by its run id (`tracking.run_id`, new on every run into it),
+its weights covered by that id."""
 
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 FULL_HASH_BYTES = 64 * 2**20
+FOLDER_HASH_BYTES = 256 * 2**20
 # the files of an hfgen run dir that are the model (configs, tokenizer, chat template), beside its weights; its other
 # files are the run's records, which later commands update (`hfgen eval` writes eval.json)
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 RUN_RECORDS = frozenset((
     "data.json", "env.json", "eval.json", "pipeline_inputs.json", "hfgen_inputs.json", "compare_eval.json",
-    "trainer_state.json",
+    "compare_inputs.json", "trainer_state.json", "peak_memory.json", "hacking_monitor.json", "buckets.json",
 ))  # fmt: skip
 # folders inside an input folder that are no part of it: a run's checkpoints, DreamBooth's class images, TensorBoard
 SKIPPED_FOLDERS = re.compile(r"^(checkpoint-\d+|class_images|runs|\..*)$")
@@ -35,16 +38,29 @@ INPUT_KEY = re.compile(r"(_name_or_path|_path|_name|_dir|_file|_files|^datasets|
 NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
 
 
-def file_fingerprint(path: Path) -> str:
-    """One file's content fingerprint (the module's rule)."""
+def file_fingerprint(path: Path, read: bool = True) -> str:
+    """One file's content fingerprint (the module's rule; not `read`: by its status alone)."""
     stat = path.stat()
-    if stat.st_size > FULL_HASH_BYTES:
-        return f"stat:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+    by_status = f"stat:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+    if not read or stat.st_size > FULL_HASH_BYTES:
+        return by_status
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(2**20):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(2**20):
+                digest.update(chunk)
+    except OSError:  # unreadable here: whoever reads it names it
+        return by_status
     return digest.hexdigest()[:32]
+
+
+def files_fingerprints(files: list[Path], root: Path) -> dict[str, str]:
+    """{relative name: fingerprint} of a folder's (or a pattern's) files, read whole for FOLDER_HASH_BYTES at most."""
+    found, budget = {}, FOLDER_HASH_BYTES
+    for file in files:
+        budget -= file.stat().st_size
+        found[str(file.relative_to(root) if file.is_relative_to(root) else file)] = file_fingerprint(file, budget >= 0)
+    return found
 
 
 def folder_files(folder: Path, run: bool) -> list[Path]:
@@ -78,7 +94,7 @@ def path_fingerprint(value: str) -> dict[str, Any] | None:
             return None
     else:
         return None
-    names = {str(f.relative_to(root) if f.is_relative_to(root) else f): file_fingerprint(f) for f in files}
+    names = files_fingerprints(files, root)
     digest = hashlib.sha256(f"{run}\0{sorted(names.items())}".encode()).hexdigest()[:32]
     record = {"path": str(path.resolve()) if path.is_dir() else value, "digest": digest}
     return record | ({"run": run} if run else {}) | ({"files": names} if len(names) <= LISTED_FILES else {})
