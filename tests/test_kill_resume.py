@@ -386,6 +386,7 @@ def test_a_resume_whose_base_data_or_chat_template_changed_in_place_is_refused(t
     on_base = ["--model_name_or_path", base, "--config_name", "null", "--tokenizer_name", "null", "--output_dir", run]
     result = run_hfgen_here("train", PRETRAIN, *short, *on_base, "--dataset_name", data)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (run / tracking.INPUTS_RECORD).exists()  # a pipeline step's record (the runs it consumed) only
     resume = [*short, *on_base, "--resume_from_checkpoint", run / "checkpoint-1", "--overwrite_output_dir", "true"]
 
     def resumed(*extra):
