@@ -130,8 +130,8 @@ def run_hfgen_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["hfgen", *map(str, args)], returncode, stdout.getvalue(), stderr.getvalue())
 
 
-def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.CompletedProcess:
-    """`accelerate launch` on 2 CPU processes (gloo) with the repo's cpu_2proc config."""
+def accelerate_launch(port, *args, cwd=REPO, timeout=900, env=None) -> subprocess.CompletedProcess:
+    """`accelerate launch` on 2 CPU processes (gloo) with the repo's cpu_2proc config (`env`: more variables)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
         "--main_process_port", str(port), str(REPO / "scripts/train.py"), *map(str, args),
@@ -143,7 +143,7 @@ def accelerate_launch(port, *args, cwd=REPO, timeout=900) -> subprocess.Complete
         text=True,
         timeout=timeout,
         # the weights fingerprint (hfgen.loop.maybe_write_fingerprint) is written only when a test asks for it
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "HFGEN_WEIGHTS_FINGERPRINT": "1"},
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "HFGEN_WEIGHTS_FINGERPRINT": "1", **(env or {})},
     )
 
 

@@ -144,15 +144,32 @@ def test_with_the_adversarial_term_a_step_split_into_micro_batches_trains_as_the
         assert torch.allclose(split_weights[name], weight, atol=1e-5), name
 
 
-def test_two_processes_end_with_identical_weights(configs, tmp_path, free_port):
-    # With the discriminator on, two DDP models (autoencoder and discriminator) train and are torn down.
-    overrides = vae_overrides(configs, tmp_path, steps=4) + ["--adversarial_weight", "0.1", "--adversarial_start_step",
-                                                             "2", "--discriminator_channels", "8"]  # fmt: skip
-    result = accelerate_launch(free_port, VAE_RECIPE, *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    fingerprints = [(tmp_path / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
-    assert fingerprints[0] == fingerprints[1]
-    assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2 and tracking.is_complete(tmp_path)
+@pytest.mark.slow
+def test_two_processes_train_every_step_end_with_identical_weights_and_resume_on_the_same_batch(
+    configs, tmp_path, free_port
+):
+    """48 rows in batches of 16 make 3 batches an epoch, of which accelerate gives each of 2 processes 1 (it drops the
+    third). The step budget counted ceil(3 / 2) = 2 steps an epoch: 4 steps announced, 2 trained, COMPLETE; and a
+    resume from checkpoint-3 started in epoch 1 (3 // 2), skipping 2 of its 1 batches, not in epoch 3. With the
+    discriminator on, two DDP models (autoencoder and discriminator) train, are checkpointed and torn down."""
+    overrides = [*vae_overrides(configs, tmp_path, steps=4), "--max_train_samples", "48", "--checkpointing_steps", "3",
+                 "--adversarial_weight", "0.1", "--adversarial_start_step", "2", "--discriminator_channels", "8"]  # fmt: skip
+    runs = {}
+    for name, env in (("whole", {}), ("resumed", {"HFGEN_KILL_AT": "step@4"})):
+        output_dir = tmp_path / name
+        result = accelerate_launch(free_port, VAE_RECIPE, *overrides, "--output_dir", output_dir, env=env)
+        if env:
+            assert result.returncode != 0 and (output_dir / "checkpoint-3").is_dir(), result.stderr[-3000:]
+            result = accelerate_launch(free_port, VAE_RECIPE, *overrides, "--output_dir", output_dir,
+                                       "--resume_from_checkpoint", "true")  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert tracking.read_json(output_dir / "eval.json")["train/steps"] == 4 and tracking.is_complete(output_dir)
+        assert tracking.read_json(output_dir / "env.json")["world_size"] == 2
+        fingerprints = [(output_dir / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+        assert fingerprints[0] == fingerprints[1]
+        runs[name] = tracking.read_metrics(output_dir), fingerprints[0]
+    assert [row["step"] for row in runs["whole"][0]] == [1, 2, 3, 4]
+    assert runs["resumed"] == runs["whole"]
 
 
 def test_missing_image_exits_2_naming_the_file(configs, tmp_path):

@@ -159,6 +159,13 @@ def training_data(rows, n_instance: int, data_args, args, accelerator, vae, size
         dataset = pixel_dataset(rows, data_args, tokenizer, args.seed)
     if args.with_prior_preservation:
         sampler = PriorBatchSampler(n_instance, len(rows) - n_instance, batch_size, args.seed)
+        if len(sampler) < accelerator.num_processes:  # accelerate deals whole rounds of pairs out: none would train
+            raise UserError(
+                f"with_prior_preservation: {n_instance} instance and {len(rows) - n_instance} class images make "
+                f"{len(sampler)} batch pair(s) of train_batch_size {batch_size} per epoch, fewer than the "
+                f"{accelerator.num_processes} processes, so no process would get one: add images (instance_data_dir, "
+                "num_class_images) or lower train_batch_size"
+            )
     loader_args = dict(num_workers=args.dataloader_num_workers, collate_fn=CachedLatents.collate if cached else None)
     if sampler is not None:
         return dataset, captions, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_args)

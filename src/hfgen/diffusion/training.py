@@ -111,7 +111,8 @@ def train_dataloader(dataset, args: LoopArguments, num_processes: int, collate_f
 
 
 def step_budget(args: LoopArguments, batches_per_epoch: int) -> tuple[int, int, int]:
-    """(optimizer steps in all, epochs, optimizer steps per epoch) for a dataloader of `batches_per_epoch`."""
+    """(optimizer steps in all, epochs, optimizer steps per epoch) for a dataloader giving this process
+    `batches_per_epoch` (the prepared loader's length: `prepare_training`)."""
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     return max_steps, math.ceil(max_steps / steps_per_epoch), steps_per_epoch
@@ -121,6 +122,39 @@ def make_lr_scheduler(accelerator, optimizer, args: LoopArguments, max_steps: in
     from hfgen import loop
 
     return loop.lr_schedule(accelerator, args.lr_scheduler, optimizer, args.lr_warmup_steps, max_steps)
+
+
+def prepare_training(accelerator, args: LoopArguments, models: list, optimizer, train_loader):
+    """`loop.prepare` of the trained `models`, their optimizer and the training loader -> (prepared models,
+    prepared optimizer, prepared loader, lr schedule, `step_budget`).
+
+    The budget counts the batches the prepared loader gives this process: accelerate deals an epoch's batches out
+    to the processes and drops (drop_last) or completes (even_batches) the last round, so the unprepared loader's
+    batches / processes overestimated an epoch (5 batches on 2 processes: 2 each, not 3); the epochs then ran out
+    before max_steps, and a resume skipped to another batch than the one the run stopped at. The schedule, which
+    needs max_steps, is made then, over the torch optimizer (prepare's wrapper is none under DeepSpeed)."""
+    from hfgen import loop
+
+    *models, prepared_optimizer, train_loader = loop.prepare(
+        accelerator, *models, optimizer, train_loader,
+        micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm,
+    )  # fmt: skip
+    if len(train_loader) == 0:  # (the samplers keep at least one batch per process; a guard against a new one)
+        raise RuntimeError(f"the prepared training dataloader gives process {accelerator.process_index} no batch")
+    budget = step_budget(args, len(train_loader))
+    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, budget[0])
+    return models, prepared_optimizer, train_loader, lr_scheduler, budget
+
+
+def check_trained_to_end(global_step: int, max_steps: int) -> None:
+    """After the epoch loop: it must have reached max_steps (a resume from a checkpoint past a shortened
+    max_train_steps starts beyond it). Ending short is a bug in the step budget, not a finished run: the model
+    would be saved, COMPLETE written, with fewer steps than announced and the schedule never run to its end."""
+    if global_step < max_steps:
+        raise RuntimeError(
+            f"the training loop ran out of batches at step {global_step} of {max_steps}: the step budget "
+            "(`training.step_budget`) does not match the batches the dataloader gave"
+        )
 
 
 def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int, int, int]:

@@ -139,13 +139,13 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         StepLog,
         TrainingRNG,
         accumulation_scale,
+        check_trained_to_end,
         epoch_batches,
         make_accelerator,
-        make_lr_scheduler,
         make_optimizer,
         maybe_checkpoint,
+        prepare_training,
         resume,
-        step_budget,
         weight_dtype,
     )  # fmt: skip
 
@@ -229,12 +229,10 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     optimizer = make_optimizer(
         [[p for p in model.parameters() if p.requires_grad] for model in trained], args, accelerator.num_processes
     )
-    max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
-    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
-    *trained, optimizer, train_loader = loop.prepare(
-        accelerator, *trained, optimizer, train_loader,
-        micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm,
-    )  # fmt: skip
+    trained, optimizer, train_loader, lr_scheduler, budget = prepare_training(
+        accelerator, args, trained, optimizer, train_loader
+    )
+    max_steps, num_epochs, steps_per_epoch = budget
     unet = trained[0]
     if train_text_encoder:
         text_encoder = trained[1]
@@ -337,6 +335,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
                         )  # fmt: skip
                 if global_step >= max_steps:
                     break
+    check_trained_to_end(global_step, max_steps)
     log.maybe_write(global_step, force=True)
     loop_time = time.perf_counter() - loop_started
     accelerator.wait_for_everyone()

@@ -21,7 +21,6 @@ plus lora_base.json (`pipe.load_lora_weights(dir)` on the base); validation grid
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,13 +157,13 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         StepLog,
         TrainingRNG,
         accumulation_scale,
+        check_trained_to_end,
         epoch_batches,
         make_accelerator,
-        make_lr_scheduler,
         make_optimizer,
         maybe_checkpoint,
+        prepare_training,
         resume,
-        step_budget,
         weight_dtype,
     )  # fmt: skip
 
@@ -239,12 +238,10 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     optimizer = make_optimizer(
         [[p for p in transformer.parameters() if p.requires_grad]], args, accelerator.num_processes
     )
-    max_steps, num_epochs, steps_per_epoch = step_budget(args, math.ceil(len(train_loader) / accelerator.num_processes))
-    lr_scheduler = make_lr_scheduler(accelerator, optimizer, args, max_steps)
-    transformer, optimizer, train_loader = loop.prepare(
-        accelerator, transformer, optimizer, train_loader, micro_batch_size=args.train_batch_size,
-        max_grad_norm=args.max_grad_norm,
-    )  # fmt: skip
+    (transformer,), optimizer, train_loader, lr_scheduler, budget = prepare_training(
+        accelerator, args, [transformer], optimizer, train_loader
+    )
+    max_steps, num_epochs, steps_per_epoch = budget
     if ema is not None:
         ema.to(device)
 
@@ -307,6 +304,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                         validate(accelerator, args, parts, whole, ema, global_step, sampling)
                 if global_step >= max_steps:
                     break
+    check_trained_to_end(global_step, max_steps)
     log.maybe_write(global_step, force=True)
     loop_time = time.perf_counter() - loop_started
     accelerator.wait_for_everyone()

@@ -17,7 +17,6 @@ t2i recipe names as `vae_name_or_path`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,17 +154,16 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
 
     # Optimizers and schedule.
     optimizer = training.make_optimizer([vae.parameters()], args, accelerator.num_processes)
-    max_steps, num_epochs, steps_per_epoch = training.step_budget(
-        args, math.ceil(len(train_loader) / accelerator.num_processes)
+    (autoencoder,), optimizer, train_loader, lr_scheduler, budget = training.prepare_training(
+        accelerator, args, [EncodeDecode(vae)], optimizer, train_loader
     )
-    lr_scheduler = training.make_lr_scheduler(accelerator, optimizer, args, max_steps)
-    prepare = dict(micro_batch_size=args.train_batch_size, max_grad_norm=args.max_grad_norm)
-    autoencoder, optimizer, train_loader = loop.prepare(
-        accelerator, EncodeDecode(vae), optimizer, train_loader, **prepare
-    )
+    max_steps, num_epochs, steps_per_epoch = budget
     if use_adversary:
         disc_optimizer = training.make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
-        discriminator, disc_optimizer = loop.prepare(accelerator, discriminator, disc_optimizer, **prepare)
+        discriminator, disc_optimizer = loop.prepare(
+            accelerator, discriminator, disc_optimizer, micro_batch_size=args.train_batch_size,
+            max_grad_norm=args.max_grad_norm,
+        )  # fmt: skip
 
     log = training.StepLog(accelerator, args.output_dir, args.logging_steps)
     rng = training.TrainingRNG(args.seed + accelerator.process_index, accelerator.device, log)  # (log window too)
@@ -232,6 +230,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                 training.maybe_checkpoint(accelerator, args, global_step)
                 if global_step >= max_steps:
                     break
+    training.check_trained_to_end(global_step, max_steps)
     log.maybe_write(global_step, force=True)
     accelerator.wait_for_everyone()
 
