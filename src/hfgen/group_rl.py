@@ -491,6 +491,17 @@ def recorded(trainer_class):
                             handle.write(json.dumps(row) + "\n")
             super().log(logs, start_time)
 
+        # Exact resume across epochs: the sampler the training loop uses is kept, to be advanced past the epochs
+        # the checkpoint trained (`skip_epoch_orders`) once the Trainer knows them.
+        def _get_train_sampler(self, dataset=None):
+            self._train_sampler = super()._get_train_sampler(dataset)
+            return self._train_sampler
+
+        def _init_training_state(self, *args, **kwargs):
+            epochs_trained, steps_trained_in_current_epoch = super()._init_training_state(*args, **kwargs)
+            skip_epoch_orders(getattr(self, "_train_sampler", None), epochs_trained)
+            return epochs_trained, steps_trained_in_current_epoch
+
         # Exact resume: the completion buffer and micro-step counter travel with the checkpoint.
         def _save_checkpoint(self, model, trial):
             import torch
@@ -512,6 +523,26 @@ def recorded(trainer_class):
 
     Recorded.__name__ = Recorded.__qualname__ = trainer_class.__name__
     return Recorded
+
+
+def skip_epoch_orders(sampler, epochs: int) -> None:
+    """Advance TRL's train sampler past the prompt orders of `epochs` epochs, those a resumed run's checkpoint
+    trained. RepeatSampler draws an epoch's order (one permutation per pass over it) from its own generator, seeded
+    once when it is made: a resumed run's new sampler gave its first epoch epoch 0's order again, and every later
+    epoch the order of another (the Trainer's set_epoch does not reach it). None (an iterable dataset: no sampler)
+    or an unshuffled sampler: nothing to do."""
+    import torch
+    from trl.trainer.utils import RepeatSampler
+
+    if not epochs or sampler is None or not getattr(sampler, "shuffle", False):
+        return
+    if type(sampler) is not RepeatSampler:  # a TRL whose sampler draws otherwise: found here, not as another order
+        raise RuntimeError(
+            f"TRL's train sampler is a {type(sampler).__name__}, not the RepeatSampler whose epoch orders "
+            "skip_epoch_orders replays: a resumed run would not repeat the uninterrupted run's prompt orders"
+        )
+    for _ in range(epochs):  # what RepeatSampler.__iter__ draws from it per epoch
+        torch.randperm(sampler.num_samples, generator=sampler.generator)
 
 
 @contextlib.contextmanager

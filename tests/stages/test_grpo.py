@@ -70,8 +70,9 @@ def train(recipe, *overrides):
 
 @pytest.fixture(scope="module")
 def full_run(models, tmp_path_factory):
+    """4 steps over 4 prompts: 2 epochs of one generation batch (4 prompts x 4 completions) each."""
     directory = tmp_path_factory.mktemp("grpo_full")
-    train(write_recipe(directory, models[0]))
+    train(write_recipe(directory, models[0], max_train_samples=4))
     return directory / "run"
 
 
@@ -274,29 +275,38 @@ def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_
 
 
 @pytest.mark.slow
-def test_resume_mid_generation_batch_reproduces_the_uninterrupted_run(full_run, models, tmp_path):
-    """Killed after checkpoint-1 (half-way through a generation batch), resumed: the same later metrics and final
-    weights. A resume that were ignored would log step 1 again (a resume that changed the starting model is refused:
-    `tracking.check_same_run`)."""
-    (tmp_path / "run").mkdir()
-    shutil.copytree(full_run / "checkpoint-1", tmp_path / "run" / "checkpoint-1")
-    result = run_hfgen_here("train", write_recipe(tmp_path, models[1]), "--resume_from_checkpoint", "true")
-    assert result.returncode == 2 and "model_name_or_path" in result.stderr, result.stderr[-2000:]
-    train(write_recipe(tmp_path, models[0]), "--resume_from_checkpoint", "true")
+def test_resume_mid_generation_batch_or_epoch_reproduces_the_uninterrupted_run(full_run, models, tmp_path):
+    """Killed after checkpoint-1 (half-way through a generation batch) or checkpoint-2 (the end of epoch 1 of 2),
+    resumed: the same later metrics and final weights. A resume that were ignored would log step 1 again (a resume
+    that changed the starting model is refused: `tracking.check_same_run`); TRL's prompt sampler, new in the resumed
+    run, gave epoch 2 epoch 1's prompt order (its generator is seeded once, when it is made)."""
     full = [row for row in tracking.read_metrics(full_run) if "loss" in row]
-    resumed = [row for row in tracking.read_metrics(tmp_path / "run") if "loss" in row]
-    assert [row["step"] for row in resumed] == [2, 3, 4]
-    # generation metrics appear on generation steps only (1 and 3): a resume that regenerated at step 2 would show them
-    for key in ("loss", "grad_norm", "entropy", "reward", "rewards/brevity/std", "completions/mean_length"):
-        assert [key in row for row in resumed] == [key in row for row in full[1:]], key
-        values = [(row[key], original[key]) for row, original in zip(resumed, full[1:]) if key in row]
-        assert [a for a, _ in values] == pytest.approx([b for _, b in values], rel=1e-5, abs=1e-7), key
-    # the reward-hacking monitor's history travels with the checkpoint: a fresh monitor would have seen step 3 only
-    full_summary, resumed_summary = (tracking.read_json(run / "eval.json") for run in (full_run, tmp_path / "run"))
-    assert resumed_summary["monitor/observed_steps"] == full_summary["monitor/observed_steps"] == 2
-    a, b = load_file(full_run / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    full_summary = tracking.read_json(full_run / "eval.json")
+    full_weights = load_file(full_run / "model.safetensors")
+    for checkpoint in (1, 2):
+        directory = tmp_path / f"from{checkpoint}"
+        (directory / "run").mkdir(parents=True)
+        shutil.copytree(full_run / f"checkpoint-{checkpoint}", directory / "run" / f"checkpoint-{checkpoint}")
+        if checkpoint == 1:
+            result = run_hfgen_here("train", write_recipe(directory, models[1], max_train_samples=4),
+                                    "--resume_from_checkpoint", "true")  # fmt: skip
+            assert result.returncode == 2 and "model_name_or_path" in result.stderr, result.stderr[-2000:]
+        train(write_recipe(directory, models[0], max_train_samples=4), "--resume_from_checkpoint", "true")
+        resumed = [row for row in tracking.read_metrics(directory / "run") if "loss" in row]
+        assert [row["step"] for row in resumed] == list(range(checkpoint + 1, 5))
+        # generation metrics appear on generation steps only (1 and 3): a resume that regenerated at step 2 would
+        # show them
+        for key in ("loss", "grad_norm", "entropy", "reward", "rewards/brevity/std", "completions/mean_length"):
+            assert [key in row for row in resumed] == [key in row for row in full[checkpoint:]], (checkpoint, key)
+            values = [(row[key], original[key]) for row, original in zip(resumed, full[checkpoint:]) if key in row]
+            expected = pytest.approx([b for _, b in values], rel=1e-5, abs=1e-7)
+            assert [a for a, _ in values] == expected, (checkpoint, key)
+        # the reward-hacking monitor's history travels with the checkpoint: a fresh monitor would have seen step 3 only
+        resumed_summary = tracking.read_json(directory / "run" / "eval.json")
+        assert resumed_summary["monitor/observed_steps"] == full_summary["monitor/observed_steps"] == 2
+        weights = load_file(directory / "run" / "model.safetensors")
+        for name in full_weights:
+            torch.testing.assert_close(weights[name], full_weights[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
