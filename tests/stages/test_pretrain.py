@@ -164,6 +164,16 @@ def test_the_best_checkpoints_weights_are_recorded_as_that_steps(tmp_path):
     assert results["eval_loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-3)  # the saved weights' loss
 
 
+def test_a_last_step_the_periodic_evaluation_logged_has_one_eval_loss_row(tmp_path):
+    # the closing eval_loss row was logged whatever the Trainer's evaluation at that step had logged: two rows at step 2
+    evaluation = ["--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no"]
+    result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "2", *SHORT, *evaluation)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = [row for row in tracking.read_metrics(tmp_path) if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == [2]
+    assert tracking.read_json(tmp_path / "eval.json")["eval_loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_hfgen_train_spawns_accelerate_when_asked(tmp_path, free_port):
     config = REPO / "recipes/accelerate/cpu_2proc.yaml"

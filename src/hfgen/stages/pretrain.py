@@ -217,7 +217,12 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         samples = generate_text(whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
         parameters = sum(p.numel() for p in whole.parameters())
     best = tracking.best_model_record(trainer)
-    if best.get("best_global_step", result.global_step) == result.global_step:
+    # the Trainer's periodic evaluation may have logged the last step already (eval_strategy steps, the last step a
+    # multiple of eval_steps): a second row for it gave the curve two points there (eval.json has the exact figure)
+    evaluated_last = any(
+        row.get("step") == result.global_step and "eval_loss" in row for row in trainer.state.log_history
+    )
+    if best.get("best_global_step", result.global_step) == result.global_step and not evaluated_last:
         # metrics.jsonl's last row, as trainer.evaluate() logged it; not for an earlier step's weights (load_best_
         # model_at_end), whose loss at the last step made the curve jump back (eval.json names their step)
         trainer.log({"eval_loss": final_loss})
