@@ -94,6 +94,25 @@ def test_hfgen_eval_on_a_run_uses_its_validation_prompts_and_one_image_has_no_di
     assert refused.returncode == 2 and "--images_per_prompt" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_hfgen_eval_on_a_run_given_one_validation_prompt_renders_that_prompt(scratch_run, tmp_path):
+    """A single `--validation_prompts "..."` is recorded in recipe.yaml as a string: eval rendered one prompt per
+    character of it (25 one-letter prompts)."""
+    import yaml
+
+    from hfgen.recipe import parse_overrides
+
+    run = tmp_path / "run"
+    shutil.copytree(scratch_run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe |= {"dataset_name": str(tmp_path / "images"), **parse_overrides(["--validation_prompts", "a sks square"])}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))  # as `hfgen train` records the command line's value
+    output = tmp_path / "eval.json"
+    result = run_hfgen_here("eval", run, "--images_per_prompt", "1", "--num_inference_steps", "1", "--quiet",
+                            "--output", output)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tracking.read_json(output)["eval/num_prompts"] == 1
+
+
 def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
     result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--prompt", "digit five",
                        "--num_samples", "3", "--num_inference_steps", "2", "--output_dir", tmp_path)  # fmt: skip

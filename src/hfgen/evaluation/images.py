@@ -191,7 +191,12 @@ def evaluate_pipeline(
     digits = recipe.get("dataset_name") in DIGIT_DATASETS if digits is None else digits
     if digits:
         prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
-    prompts = list(prompts or recipe.get("validation_prompts") or GENERIC_PROMPTS)
+    recorded_prompts = recipe.get("validation_prompts")
+    if isinstance(recorded_prompts, str):
+        # recipe.yaml keeps a list key's single value as it was given (`--validation_prompts "a sks dog"`, or
+        # `validation_prompts: a sks dog` in the recipe): one prompt, which list() would split into its characters
+        recorded_prompts = [recorded_prompts]
+    prompts = list(prompts or recorded_prompts or GENERIC_PROMPTS)
     pipeline = load_pipeline(pipeline_dir, device=device)
     check_inference_steps(pipeline, num_inference_steps)
     call_arguments = recorded_call_arguments(pipeline_dir)
