@@ -113,6 +113,18 @@ def test_hfgen_eval_on_a_run_given_one_validation_prompt_renders_that_prompt(scr
     assert tracking.read_json(output)["eval/num_prompts"] == 1
 
 
+def test_hfgen_eval_of_a_run_defaults_to_the_seed_of_its_own_evaluation_and_records_it(scratch_run, tmp_path):
+    """`hfgen eval RUN` sampled under seed 0 while the run's own evaluation used its recipe's seed (42), recording
+    no eval/seed: merged into the run's eval.json, its figures replaced the run's with others, unsaid."""
+    output = tmp_path / "eval.json"
+    result = run_hfgen_here("eval", scratch_run, "--quiet", "--output", output)  # the run's own settings
+    assert result.returncode == 0, result.stderr[-3000:]
+    again, own = tracking.read_json(output), tracking.read_json(scratch_run / "eval.json")
+    figures = [key for key in own if key.startswith(("quality/", "diversity/"))]
+    assert figures and {key: again[key] for key in figures} == {key: own[key] for key in figures}
+    assert again["eval/seed"] == own["eval/seed"] == 42
+
+
 def test_generate_command_renders_pngs_and_a_grid(scratch_run, tmp_path):
     result = run_hfgen("generate", scratch_run, "--prompt", "a handwritten digit 3", "--prompt", "digit five",
                        "--num_samples", "3", "--num_inference_steps", "2", "--output_dir", tmp_path)  # fmt: skip

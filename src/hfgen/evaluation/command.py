@@ -52,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--temperature", action=Given, type=float, default=0.8)
     prompts.add_argument("--top_p", action=Given, type=float, default=0.95)
     prompts.add_argument("--batch_size", action=Given, type=int, default=64, help="sequences per generation batch")
-    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument(
+        "--seed", type=int,
+        help="seeds the sampling; default: the seed a t2i run's own evaluation used (its recipe's seed, 42 unset), "
+        "so the figures merged into its eval.json are the run's; else 0 (text models, pipelines from elsewhere)",
+    )  # fmt: skip
     chat = prompts.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="use the chat template")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
@@ -129,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
     if images:
         results = evaluate_images(Path(args.target), args)
     else:
+        args.seed = 0 if args.seed is None else args.seed  # (a text run's own evaluation measures none of these)
         check_text_arguments(args)
         results, samples = evaluate_text_model(args)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -610,7 +615,8 @@ def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
         raise UserError(f"'{target}' is a diffusers pipeline, and image evaluation is not available here.") from None
     from hfgen.generate import seed_problems
 
-    if problems := device_problems(args.device) + seed_problems(args.seed):
+    problems = device_problems(args.device) + (seed_problems(args.seed) if args.seed is not None else [])
+    if problems:
         raise UserError("hfgen eval: " + "; ".join(problems) + ".")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
     options = {

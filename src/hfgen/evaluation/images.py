@@ -157,17 +157,28 @@ def recipe_of(pipeline_dir: str | Path) -> dict:
     return json.loads(merged_from.read_text()).get("recipe") or {} if merged_from.is_file() else {}
 
 
+def recorded_seed(recipe: dict) -> int:
+    """The seed a t2i run's own evaluation used (its recipe's `seed`, else the stage's default), so that `hfgen eval`
+    of the run measures, and merges into its eval.json, the figures the run measured; 0 for a pipeline from
+    elsewhere (no recipe)."""
+    from hfgen.diffusion.training import LoopArguments
+
+    if not recipe:
+        return 0
+    return int(recipe.get("seed", LoopArguments.seed))
+
+
 def evaluate_pipeline(
     pipeline_dir: str, prompts: list[str] | None = None, images_per_prompt: int | None = None,
-    num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+    num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
     device: str | None = None, quiet: bool = False, digits: bool | None = None, samples_dir: str | None = None,
 ) -> dict:  # fmt: skip
     """Generate `images_per_prompt` images per prompt and measure them; a flat dict of `quality/`, `diversity/`,
     `speed/` figures and the `eval/` settings. Digit prompts (and digit metrics) when the pipeline was trained on
     embedded:digits (or `digits=True`); else `prompts`, the run's validation_prompts, or a few generic ones.
     `samples_dir` also saves the images. Unset sampling settings come from the t2i run's recipe.yaml
-    (eval_images_per_prompt, num_inference_steps, guidance_scale), else 20 / 25 / 3.0. Diversity needs two images
-    per prompt: with one it is None. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
+    (eval_images_per_prompt, num_inference_steps, guidance_scale), else 20 / 25 / 3.0, and an unset `seed` is the
+    one the run's own evaluation used (`recorded_seed`). Diversity needs two images per prompt: with one it is None. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.data import DIGIT_DATASETS
     from hfgen.diffusion.rendering import (
@@ -186,6 +197,7 @@ def evaluate_pipeline(
             raise UserError(f"hfgen eval: --{name} must be at least 1, got {value}.")
     recipe = recipe_of(pipeline_dir)
     images_per_prompt = images_per_prompt or recipe.get("eval_images_per_prompt") or 20
+    seed = recorded_seed(recipe) if seed is None else seed
     given_guidance = guidance_scale
     num_inference_steps, guidance_scale = recorded_sampling(pipeline_dir, num_inference_steps, guidance_scale)
     digits = recipe.get("dataset_name") in DIGIT_DATASETS if digits is None else digits
@@ -225,6 +237,7 @@ def evaluate_pipeline(
         "eval/num_inference_steps": num_inference_steps,
         "eval/guidance_scale": recorded_guidance,
         "eval/sampler": type(pipeline.scheduler).__name__,
+        "eval/seed": seed,
         "speed/images_per_s": len(prompts) * images_per_prompt / elapsed,
     }
     if not digits:
