@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from hfgen.data.prepare import shared_loads
+
+    with shared_loads():  # the report is of the data (and renderings) the recipe's check loaded, read once
+        return _check(args)
+
+
+def _check(args: argparse.Namespace) -> int:
     from hfgen.errors import UserError
     from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
 
@@ -141,10 +148,8 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         print(f"model-dependent checks of stage {stage}: none beyond the data (rendered examples are for sft)")
         return []
     from hfgen.data.prepare import data_source
-    from hfgen.finetune import tokenizer_for
 
-    tokenizer = tokenizer_for(recipe.configs[0], training_args)
-    lines, fatal = check_sft_rendering(train, tokenizer, training_args, data_source(data_args))
+    lines, fatal = sft_rendering(train, recipe.configs[0], training_args, data_source(data_args))
     print("\n".join(lines))
     return fatal
 
@@ -278,6 +283,19 @@ def marked_spans(tokenizer, ids: list[int], trained: list[int]) -> str:
         span = tokenizer.decode(ids[position : position + length])
         text, position = text + (f"[[{span}]]" if mark else span), position + length
     return text
+
+
+def sft_rendering(rows, model_args, training_args, source: str, tokenizer=None) -> tuple[list[str], list[str]]:
+    """check_sft_rendering with the recipe's tokenizer (`tokenizer`, or loaded), computed once in a `hfgen check`:
+    the recipe's check renders the rows for its fatal findings, the report prints the same rendering."""
+    from hfgen.data.prepare import shared_once
+    from hfgen.finetune import tokenizer_for
+
+    key = ("sft rendering", rows._fingerprint, len(rows), repr(model_args), repr(training_args), source)
+    return shared_once(
+        key,
+        lambda: check_sft_rendering(rows, tokenizer or tokenizer_for(model_args, training_args), training_args, source),
+    )
 
 
 def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data") -> tuple[list[str], list[str]]:

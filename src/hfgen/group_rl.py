@@ -126,7 +126,9 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
     problems += monitor_problems(data_args)
-    splits, dataset_problems = check_text_data(data_args, "prompt", prompt_columns(data_args), other_columns=True)
+    splits, dataset_problems = check_text_data(
+        data_args, "prompt", prompt_columns(data_args), other_columns=True, seed=config.seed
+    )
     problems += dataset_problems
     if splits:  # the rewards are called with the data's other columns by name
         columns = [c for c in splits[0].column_names if c != "prompt"]

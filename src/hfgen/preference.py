@@ -76,7 +76,9 @@ def check_preference_data(
     from hfgen.models import load_tokenizer
     from hfgen.rl.rollout import WHY_NO_COLUMNS, load_function, unmet_arguments
 
-    loaded, problems = check_text_data(data_args, data_kind(unpaired_ok))
+    loaded, problems = check_text_data(
+        data_args, data_kind(unpaired_ok), seed=training_args.seed if training_args is not None else 0
+    )
     tokenizer = load_tokenizer(model, trust_remote_code) if model and loaded and len(loaded[0]) else None
     if tokenizer is not None and is_conversational(loaded[0][0]):
         if tokenizer.chat_template is None:

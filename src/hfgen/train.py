@@ -71,9 +71,12 @@ def main(args: argparse.Namespace) -> int:
         return launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
-    recipe = load_recipe(recipe_path, args.overrides)
-    with disk_full_exits_2(recipe.output_dir):  # a run's own message: it is unfinished, and how to continue it
-        run_recipe(recipe)
+    from hfgen.data.prepare import shared_loads
+
+    with shared_loads():  # the run trains on the data its recipe's check loaded, read once
+        recipe = load_recipe(recipe_path, args.overrides)
+        with disk_full_exits_2(recipe.output_dir):  # a run's own message: it is unfinished, and how to continue it
+            run_recipe(recipe)
     tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0
 

@@ -53,6 +53,30 @@ def test_check_reports_the_data_and_rendered_examples(tiny_lm, capsys):
     assert "fully masked after truncation (max_length=128): 0.0%" in out and "EOS inside the labels: 200 of 200" in out
 
 
+def test_check_reads_the_data_and_renders_the_rows_once(tiny_lm, capsys, monkeypatch):
+    """The recipe's check loads the data and renders the checked rows; the report prints from that one pass (it read
+    and rendered them all again, ~38% of `hfgen check`)."""
+    import hfgen.check
+    import hfgen.data.prepare
+
+    calls = {"load_raw": 0, "check_sft_rendering": 0}
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(hfgen.data.prepare, "load_raw")
+    counted(hfgen.check, "check_sft_rendering")
+    code, out, _ = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm)
+    assert code == 0 and "200 of 200 rows (messages)" in out and "EOS inside the labels: 200 of 200" in out
+    assert calls == {"load_raw": 1, "check_sft_rendering": 1}
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [

@@ -5,6 +5,8 @@ happened in OUTPUT_DIR/data.json and on the console.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,23 @@ def _one_source(
     return train, evaluation, train_report, eval_report
 
 
+# Inside `shared_loads()` (one `hfgen train` or `hfgen check`): the splits the recipe's check loaded, by what they
+# were loaded from, for the run (or check's report) to take instead of reading and converting the data again.
+_shared: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_loads():
+    """Within the block, a load_for_stage with the same data keys, kind, seed and columns as an earlier one returns
+    that load's splits (once: the entry is taken) instead of reading the data again; the rest are dropped at exit."""
+    global _shared
+    outer, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
 def load_for_stage(
     args,
     kind: str,
@@ -97,9 +116,32 @@ def load_for_stage(
     """(train, eval, records): the stage's data in the standard columns of `kind` (and, with `other_columns`, the
     file's columns outside its layout); records say which layout, split and rows were used, which were dropped and
     why, and for a mixture how many rows each set gave."""
+    default_columns = {k: v for k, v in (default_columns or {}).items() if k != v}
+    if _shared is None:
+        return _load_for_stage(args, kind, seed, default_columns, other_columns)
+    key = (repr(args), kind, seed, repr(default_columns), repr(other_columns))
+    if key in _shared:
+        train, evaluation, records = _shared.pop(key)
+    else:
+        train, evaluation, records = _load_for_stage(args, kind, seed, default_columns, other_columns)
+        _shared[key] = train, evaluation, copy.deepcopy(records)
+    return train, evaluation, copy.deepcopy(records)  # callers count their drops in the records they are given
+
+
+def shared_once(key: tuple, compute):
+    """compute(); inside `shared_loads`, the result an earlier call with the same key computed, taken once (a
+    check's work on the loaded data that the run or check's report would repeat)."""
+    if _shared is None:
+        return compute()
+    if ("result", *key) in _shared:
+        return _shared.pop(("result", *key))
+    _shared[("result", *key)] = result = compute()
+    return result
+
+
+def _load_for_stage(args, kind: str, seed: int, default_columns: dict[str, str], other_columns: bool | tuple[str, ...]):
     import datasets
 
-    default_columns = {k: v for k, v in (default_columns or {}).items() if k != v}
     if args.mixture and args.dataset_name:
         raise UserError("set either dataset_name or datasets (a mixture), not both")
     if not args.mixture:
@@ -227,10 +269,15 @@ def data_source(args) -> str:
 
 
 def check_text_data(
-    args, kind: str, default_columns: dict[str, str] | None = None, other_columns: bool | tuple[str, ...] = False
+    args,
+    kind: str,
+    default_columns: dict[str, str] | None = None,
+    other_columns: bool | tuple[str, ...] = False,
+    seed: int = 0,
 ) -> tuple[tuple | None, list[str]]:
-    """For a stage's check: ((train, eval, records), []) or (None, [the problem]); quiet."""
+    """For a stage's check: ((train, eval, records), []) or (None, [the problem]); quiet. `seed`: the run's, so that
+    the check sees the rows the run draws, and the run takes this load (`shared_loads`) instead of reading again."""
     from hfgen.data.loading import load_splits_for_check
 
-    return load_splits_for_check(lambda a: load_for_stage(a, kind, seed=0, default_columns=default_columns,
+    return load_splits_for_check(lambda a: load_for_stage(a, kind, seed=seed, default_columns=default_columns,
                                                           other_columns=other_columns), args)  # fmt: skip

@@ -329,7 +329,7 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     if min(config.logging_steps, config.sample_steps, config.save_steps) < 0 or data_args.eval_samples_per_prompt < 0:
         problems.append("logging_steps, sample_steps, save_steps and eval_samples_per_prompt must be >= 0")
     problems += chat_prompts_problems(data_args)
-    splits, data_problems = check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column})
+    splits, data_problems = check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column}, seed=config.seed)
     if splits and not problems + data_problems:
         data_problems += prompt_template_problems(model_args, data_args, config, splits[0])
     if splits and not problems + data_problems:

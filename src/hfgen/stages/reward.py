@@ -44,7 +44,9 @@ MAX_DROPPED_FOR_LENGTH = 0.5  # more pairs than this over max_length: the limit 
 
 def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code, task_type="SEQ_CLS")
-    loaded, data_problems = check_text_data(data_args, "preference", other_columns=REWARD_COLUMNS)
+    loaded, data_problems = check_text_data(
+        data_args, "preference", other_columns=REWARD_COLUMNS, seed=training_args.seed
+    )
     problems += data_problems
     if loaded and not problems:  # pairs over max_length, found here rather than once the model has loaded
         from hfgen.data.loading import ROWS_CHECKED

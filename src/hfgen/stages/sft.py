@@ -66,7 +66,9 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
             "it): set packing: true, or max_length: null to train rows at their full length"
         )
-    loaded, data_problems = check_text_data(data_args, "sft", {"text": training_args.dataset_text_field})
+    loaded, data_problems = check_text_data(
+        data_args, "sft", {"text": training_args.dataset_text_field}, seed=training_args.seed
+    )
     problems += data_problems
     if loaded:
         columns = loaded[0].column_names
@@ -84,14 +86,14 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
                 f"(columns {columns}): set assistant_only_loss: false to train on every token"
             )
         if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
-            from hfgen.check import check_sft_rendering
+            from hfgen.check import sft_rendering
 
             try:
                 tokenizer = tokenizer_for(model_args, training_args)
             except UserError as error:
                 problems.append(str(error))
             else:
-                problems += check_sft_rendering(loaded[0], tokenizer, training_args, data_source(data_args))[1]
+                problems += sft_rendering(loaded[0], model_args, training_args, data_source(data_args), tokenizer)[1]
                 problems += new_template_tokens_problems(model_args, training_args, tokenizer)
     if data_args.num_samples < 0 or data_args.sample_max_new_tokens < 1:
         problems.append("num_samples must be >= 0 and sample_max_new_tokens >= 1")
