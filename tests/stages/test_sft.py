@@ -232,6 +232,40 @@ def test_row_packing_needs_a_model_that_reads_documents_from_position_ids(archit
     assert keeps_documents_apart(model) == apart and model.training  # OPT builds its mask without position_ids
 
 
+def test_the_run_reads_its_data_and_renders_each_row_once(tiny_lm, tmp_path, monkeypatch, capsys):
+    """`hfgen train` read and converted the data twice (the recipe check's load, then the run's) and rendered every
+    training row through the chat template to drop the fully masked ones before SFTTrainer tokenized them again (and
+    dropped them itself). Now one load, the check's renderings only, and the same rows dropped and counted."""
+    import hfgen.data.prepare
+    import hfgen.stages.sft
+
+    (tmp_path / "data").mkdir()
+    rows = generate_rows("instructions", "train")[:40]
+    long = {"role": "user", "content": "write about the yellow tree. " * 40}  # fills max_length=128 alone
+    too_long = [{"messages": [long, row["messages"][1]]} for row in rows[:4]]
+    jsonl(tmp_path / "data/train.jsonl", rows[4:30] + too_long)
+    jsonl(tmp_path / "data/test.jsonl", rows[30:])
+    calls = {"load_raw": 0, "trained_conversation": 0}
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(hfgen.data.prepare, "load_raw")
+    counted(hfgen.stages.sft, "trained_conversation")  # the check's renderings (ROWS_RENDERED at most) and any more
+    overrides = on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", tmp_path / "data", "--max_steps", "1")
+    assert hfgen_main(["train", str(SFT_FULL), *map(str, overrides), "--num_samples", "0"]) == 0
+    assert calls == {"load_raw": 1, "trained_conversation": 30}  # 2 and 60 before
+    records = tracking.read_json(tmp_path / "out/data.json")
+    assert records["train"]["dropped"] == {"no trained token within max_length=128": 4}
+    assert records["train"]["rows_kept"] == 26 and "no trained token" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_full_sft_saves_a_plain_model_that_improved(tiny_lm, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -253,14 +253,21 @@ def drop_and_count(dataset, keep: list[bool], records: dict, reason: str, split:
     """Drop rows the stage found unusable (e.g. longer than max_length), counted in `records`."""
     dropped = len(keep) - sum(keep)
     if dropped:
-        target = records[split] if split in records else None
-        if target is not None:
-            target["dropped"][reason] = target["dropped"].get(reason, 0) + dropped
-            target["rows_kept"] -= dropped
-        else:
-            records.setdefault(f"{split}_dropped", {})[reason] = dropped
+        count_dropped(records, reason, dropped, split)
         dataset = dataset.select([i for i, k in enumerate(keep) if k])
     return dataset
+
+
+def count_dropped(records: dict, reason: str, dropped: int, split: str = "train") -> None:
+    """Count in `records` `dropped` rows of `split` that were found unusable for `reason` (here or by a trainer)."""
+    if not dropped:
+        return
+    target = records[split] if split in records else None
+    if target is not None:
+        target["dropped"][reason] = target["dropped"].get(reason, 0) + dropped
+        target["rows_kept"] -= dropped
+    else:
+        records.setdefault(f"{split}_dropped", {})[reason] = dropped
 
 
 def data_source(args) -> str:

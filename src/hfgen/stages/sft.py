@@ -29,7 +29,15 @@ from trl import ModelConfig, SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, drop_and_count, load_for_stage, record
+from hfgen.data.prepare import (
+    TextDataArguments,
+    check_text_data,
+    count_dropped,
+    data_source,
+    drop_and_count,
+    load_for_stage,
+    record,
+)
 from hfgen.errors import UserError
 from hfgen.finetune import (
     build_trainer,
@@ -362,13 +370,36 @@ def drop_fully_masked(rows, tokenizer, training_args: SFTConfig, records: dict):
             tokenize_response(tokenizer, prompt, response, training_args.max_length) is not None
             for prompt, response in (split_prompt_response(row, "text") for row in rows)
         ]
-    kept = drop_and_count(rows, keep, records, f"no trained token within max_length={training_args.max_length}")
-    if len(kept) < len(rows) / 2:
+    kept = drop_and_count(rows, keep, records, fully_masked_reason(training_args))
+    refuse_too_many_fully_masked(len(rows), len(kept), training_args)
+    return kept
+
+
+def trl_drops_fully_masked(training_args: SFTConfig) -> bool:
+    """Whether SFTTrainer drops the rows truncation leaves with no trained token itself (it does when it truncates
+    the rows it tokenized: max_length set, no packing, its preparation not skipped)."""
+    skipped = (training_args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+    return training_args.max_length is not None and not training_args.packing and not skipped
+
+
+def count_fully_masked(rows_given: int, trainer, training_args: SFTConfig, records: dict) -> None:
+    """Count (and refuse, as drop_fully_masked) the training rows SFTTrainer dropped as fully masked: the rows it was
+    given less the rows it kept, read from its tokenized data instead of tokenizing every row a second time."""
+    kept = len(trainer.train_dataset)
+    count_dropped(records, fully_masked_reason(training_args), rows_given - kept)
+    refuse_too_many_fully_masked(rows_given, kept, training_args)
+
+
+def fully_masked_reason(training_args: SFTConfig) -> str:
+    return f"no trained token within max_length={training_args.max_length}"
+
+
+def refuse_too_many_fully_masked(rows: int, kept: int, training_args: SFTConfig) -> None:
+    if kept < rows / 2:
         raise UserError(
-            f"{len(rows) - len(kept)} of {len(rows)} training rows have prompts that fill max_length="
+            f"{rows - kept} of {rows} training rows have prompts that fill max_length="
             f"{training_args.max_length} tokens, so truncation leaves them no trained token; raise max_length"
         )
-    return kept
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -410,8 +441,8 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     if note:
         print(f"note: {note}")
         data_records.setdefault("notes", []).append(note)
-    train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
-    record(output_dir, data_records)
+    if not trl_drops_fully_masked(training_args):  # else counted from what SFTTrainer kept (count_fully_masked)
+        train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     count_trained_tokens(training_args)
     trainer = build_trainer(
         SFTTrainer,
@@ -423,6 +454,9 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         processing_class=tokenizer,
         peft_config=lora_config(model_args, model),
     )
+    if trl_drops_fully_masked(training_args):
+        count_fully_masked(len(train_rows), trainer, training_args, data_records)
+    record(output_dir, data_records)
     if use_row_packing(training_args, trainer.model):
         with loop.gathered(trainer.accelerator, trainer.model) as (whole,):
             apart = keeps_documents_apart(whole)
