@@ -707,12 +707,12 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
 
     # On every process, with whole weights (gathered under ZeRO-3, unsharded under FSDP2): the reward model's passes
     # and the starting model's load are collective there, and rank 0 alone would wait for the others for ever.
-    starting = (
-        None
-        if model_args.use_peft or not data_args.eval_samples_per_prompt
-        else load_model(model_args, config, tokenizer)
-    )
+    starting = None
+    if data_args.eval_samples_per_prompt and not model_args.use_peft:
+        starting = frozen_reference(trainer, reference, config) or load_model(model_args, config, tokenizer)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped, starting) as (policy, starting):
+        if starting is not None:  # TRL's reference runs under the mixed-precision autocast; a loaded model does not
+            starting = trainer.accelerator.unwrap_model(starting, keep_fp32_wrapper=False)
         guard.kill_point("eval")
         figures = {
             "train_runtime_s": result.metrics["train_runtime"],
@@ -730,6 +730,16 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     if trainer.is_world_process_zero():
         tracking.update_eval(output_dir, figures)
     return output_dir
+
+
+def frozen_reference(trainer, reference, config):
+    """TRL's prepared KL reference when it is still the starting model as hfgen loads it, for the final evaluation to
+    sample from instead of loading the starting model a third time (a third full model resident); else None.
+    Not when sync_ref_model mixed the policy into it during training, nor with cast_lm_head_to_fp32 (its LM head
+    was cast to float32, the starting model's is not)."""
+    if reference is None or config.sync_ref_model or getattr(config, "cast_lm_head_to_fp32", False):
+        return None
+    return trainer.ref_model
 
 
 def generated_completions(steps: int, config) -> int:

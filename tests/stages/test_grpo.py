@@ -665,3 +665,24 @@ def test_the_kl_reference_of_a_full_run_from_an_adapter_dir_is_the_merged_starti
                        save_strategy="no", steps_per_generation=1, eval_samples_per_prompt=0))  # fmt: skip
     (first,) = [row for row in tracking.read_metrics(tmp_path / "run") if "loss" in row]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_the_held_out_comparison_samples_the_start_from_trls_reference_without_loading_it_again(
+    tmp_path, models, monkeypatch, stage
+):
+    """With beta != 0 the starting model was loaded three times (policy, TRL's KL reference, and again for the final
+    comparison), a third full model resident; the comparison now samples TRL's frozen reference."""
+    import hfgen.group_rl
+
+    loads = []
+    load_model = hfgen.group_rl.load_model
+    monkeypatch.setattr(hfgen.group_rl, "load_model", lambda *a, **k: loads.append(1) or load_model(*a, **k))
+    recipe = write_recipe(tmp_path, models[0], stage=stage, beta=0.1, learning_rate=0.0, max_steps=1,
+                          save_strategy="no", steps_per_generation=1, eval_samples_per_prompt=1)  # fmt: skip
+    result = run_hfgen_here("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(loads) == 2  # the policy and the reference (3 before)
+    results = tracking.read_json(tmp_path / "run/eval.json")  # learning rate 0: the policy is the starting model
+    assert results["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert results[f"{stage}/reward"] == pytest.approx(results["sft/reward"])
