@@ -74,6 +74,33 @@ def test_unet_trains_in_buckets_and_measures_every_bucket(bucket_runs):
 
 
 @pytest.mark.slow
+def test_the_bucket_evaluation_loads_the_saved_pipeline_once(bucket_runs, configs, vae_dir, tmp_path, monkeypatch):
+    """The final evaluation loaded the saved pipeline twice (its figures, then the per-bucket adherence): once now,
+    with the figures of the two loads."""
+    import hfgen.diffusion.components
+    from hfgen.diffusion import image_stage
+    from hfgen.evaluation.images import bucket_adherence, evaluate_pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(bucket_runs[0], run)
+    _, data_args, args = load_recipe(T2I_RECIPE, t2i_overrides(configs, vae_dir, run) + UNET_BUCKETS).configs
+    args.eval_images_per_prompt = 1
+    loads = []
+    monkeypatch.setattr(
+        hfgen.diffusion.components, "load_pipeline", lambda *a, **k: loads.append(1) or load_pipeline(*a, **k)
+    )
+    results = image_stage.evaluate(run, data_args, args, "cpu")
+    assert len(loads) == 1  # 2 before
+    apart = evaluate_pipeline(str(run), images_per_prompt=1, num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, seed=args.seed, device="cpu", digits=True)  # fmt: skip
+    apart |= bucket_adherence(str(run), [(16, 16), (24, 16), (16, 24)], 1, args.num_inference_steps,
+                              args.guidance_scale, args.seed, "cpu")  # fmt: skip
+    assert len(loads) == 3 and {k: v for k, v in results.items() if not k.startswith("speed/")} == {
+        k: v for k, v in apart.items() if not k.startswith("speed/")
+    }
+
+
+@pytest.mark.slow
 def test_unet_bucket_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(bucket_runs):
     full, resumed = bucket_runs
     weights = "unet/diffusion_pytorch_model.safetensors"

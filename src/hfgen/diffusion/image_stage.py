@@ -286,21 +286,23 @@ def evaluate(output_dir: Path, data_args, args: ImageStageArguments, device) -> 
     import json
 
     from hfgen import guard
+    from hfgen.diffusion.components import load_pipeline
     from hfgen.evaluation.images import evaluate_pipeline
 
     guard.kill_point("eval")
     digits = data_args.dataset_name in DIGIT_DATASETS
+    pipeline = load_pipeline(str(output_dir), device=str(device))  # once, for both measures
     results = evaluate_pipeline(
         str(output_dir), prompts=args.validation_prompts or None, images_per_prompt=args.eval_images_per_prompt,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        device=str(device), digits=digits, samples_dir=str(output_dir / "samples"),
+        device=str(device), digits=digits, samples_dir=str(output_dir / "samples"), pipeline=pipeline,
     )  # fmt: skip
     if digits and data_args.aspect_ratio_buckets:
         from hfgen.evaluation.images import bucket_adherence
 
         sizes = [tuple(map(int, name.split("x"))) for name in tracking.read_json(output_dir / "buckets.json")]
         results |= bucket_adherence(str(output_dir), sizes, args.eval_images_per_prompt, args.num_inference_steps,
-                                    args.guidance_scale, args.seed, str(device))  # fmt: skip
+                                    args.guidance_scale, args.seed, str(device), pipeline=pipeline)  # fmt: skip
     tracking.update_eval(output_dir, results)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
     return results

@@ -172,13 +172,16 @@ def evaluate_pipeline(
     pipeline_dir: str, prompts: list[str] | None = None, images_per_prompt: int | None = None,
     num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
     device: str | None = None, quiet: bool = False, digits: bool | None = None, samples_dir: str | None = None,
+    pipeline=None,
 ) -> dict:  # fmt: skip
     """Generate `images_per_prompt` images per prompt and measure them; a flat dict of `quality/`, `diversity/`,
     `speed/` figures and the `eval/` settings. Digit prompts (and digit metrics) when the pipeline was trained on
     embedded:digits (or `digits=True`); else `prompts`, the run's validation_prompts, or a few generic ones.
     `samples_dir` also saves the images. Unset sampling settings come from the t2i run's recipe.yaml
     (eval_images_per_prompt, num_inference_steps, guidance_scale), else 20 / 25 / 3.0, and an unset `seed` is the
-    one the run's own evaluation used (`recorded_seed`). Diversity needs two images per prompt: with one it is None. `quiet` is accepted for `hfgen eval` (progress bars are always off)."""
+    one the run's own evaluation used (`recorded_seed`). Diversity needs two images per prompt: with one it is None.
+    `quiet` is accepted for `hfgen eval` (progress bars are always off). `pipeline`: the one
+    `load_pipeline(pipeline_dir, device)` gives, when the caller has loaded it already."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.data import DIGIT_DATASETS
     from hfgen.diffusion.rendering import (
@@ -209,7 +212,7 @@ def evaluate_pipeline(
         # `validation_prompts: a sks dog` in the recipe): one prompt, which list() would split into its characters
         recorded_prompts = [recorded_prompts]
     prompts = list(prompts or recorded_prompts or GENERIC_PROMPTS)
-    pipeline = load_pipeline(pipeline_dir, device=device)
+    pipeline = pipeline or load_pipeline(pipeline_dir, device=device)
     check_inference_steps(pipeline, num_inference_steps)
     call_arguments = recorded_call_arguments(pipeline_dir)
     recorded_guidance = guidance_scale
@@ -405,14 +408,15 @@ def bucket_adherence_of(images_by_digit: list[list], size: tuple[int, int]) -> d
 
 def bucket_adherence(
     pipeline_dir: str, sizes: list[tuple[int, int]], images_per_prompt: int, num_inference_steps: int,
-    guidance_scale: float, seed: int, device: str | None = None,
+    guidance_scale: float, seed: int, device: str | None = None, pipeline=None,
 ) -> dict:  # fmt: skip
     """Prompt adherence of digits generated at each bucket's size (width x height) by the bucket measure
-    (`bucket_adherence_of`), the lowest over the buckets, and the measure's classifier and description."""
+    (`bucket_adherence_of`), the lowest over the buckets, and the measure's classifier and description. `pipeline`:
+    as in `evaluate_pipeline`."""
     from hfgen.diffusion.components import load_pipeline
     from hfgen.diffusion.rendering import generate_images, recorded_call_arguments
 
-    pipeline = load_pipeline(pipeline_dir, device=device)
+    pipeline = pipeline or load_pipeline(pipeline_dir, device=device)
     call_arguments = recorded_call_arguments(pipeline_dir)
     prompts = [DIGIT_PROMPT.format(k=k) for k in range(10)]
     results = {}
