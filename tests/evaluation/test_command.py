@@ -81,10 +81,18 @@ def test_eval_prints_the_three_criteria_and_merges_eval_json(model_dir):
     assert len(rows) == 4 and all(len(row["responses"]) == 2 and len(row["oracle"]) == 2 for row in rows)
 
 
-def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(model_dir, reward_dir, tmp_path, capsys):
+def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(
+    model_dir, reward_dir, tmp_path, capsys, monkeypatch
+):
+    from hfgen.evaluation import command
+
+    loads = []  # the reward model is loaded once, for the model and the baseline (twice, two copies resident, before)
+    load = command.load_reward_model
+    monkeypatch.setattr(command, "load_reward_model", lambda *a: loads.append(1) or load(*a))
     output = tmp_path / "eval.json"
     args = ["eval", str(model_dir), *FAST, "--chat", "--reward_model", str(reward_dir), "--baseline", str(model_dir)]
     assert hfgen([*args, "--output", str(output)]) == 0
+    assert len(loads) == 1
     results = tracking.read_json(output)
     assert isinstance(results["quality/reward_score"], float)
     # same model, same seed: identical responses, every comparison a tie

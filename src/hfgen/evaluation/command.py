@@ -457,7 +457,9 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         results["eval/perplexity_dataset"] = dataset
         results["eval/perplexity_of"] = "responses" if prefixes else "texts"
         results["eval/perplexity_texts"] = len(texts)
-    judges, judged_by = load_judges(args, device, tokenizer)
+    # the reward model loaded once: the baseline's judges score with it too (a RewardScorer per policy tokenizer)
+    reward_model = load_reward_model(args.reward_model, device) if args.reward_model else None
+    judges, judged_by = load_judges(args, device, tokenizer, reward_model)
     # which judges gave the scores: another oracle or reward model gives figures that only look comparable
     results |= {f"eval/{'reward_model' if name == 'reward' else name}": which for name, which in judged_by.items()}
     scores = {name: judge(inputs, completions) for name, judge in judges.items()}
@@ -470,7 +472,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
         baseline_inputs = model_inputs(prompts, baseline_chat)
         baseline_completions = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
-        baseline_judges, _ = load_judges(args, device, baseline_tokenizer)
+        baseline_judges, _ = load_judges(args, device, baseline_tokenizer, reward_model)
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
         for name, judge in baseline_judges.items():
             judged = judge(baseline_inputs, baseline_completions)
@@ -529,17 +531,20 @@ def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool)
     return responses
 
 
-def load_judges(args: argparse.Namespace, device: str, tokenizer) -> tuple[dict, dict]:
+def load_judges(
+    args: argparse.Namespace, device: str, tokenizer, loaded_reward: tuple | None = None
+) -> tuple[dict, dict]:
     """(name -> judge(prompts as the model saw them, Completions per prompt) -> scores per prompt, name -> what the
-    judge is: the reward model's resolved dir, the oracle's MODULE:NAME), for 'reward' and/or 'oracle'. The reward
+    judge is: the reward model's resolved dir, the oracle's spec, `oracle_spec`), for 'reward' and/or 'oracle'. The reward
     judge is PPO's own `RewardScorer`, so it scores what PPO optimised: the same rendering of prompt + response
-    (+ EOS only when the response finished), the model's token ids when the reward model shares its tokenizer."""
+    (+ EOS only when the response finished), the model's token ids when the reward model shares its tokenizer.
+    `loaded_reward`: (tokenizer, model) of args.reward_model when loaded already."""
     from hfgen.rl.rollout import RewardScorer, reward_values
 
     judges, judged_by = {}, {}
     if args.reward_model:
         judged_by["reward"] = str(Path(args.reward_model).expanduser().resolve())
-        reward_tokenizer, reward_model = load_reward_model(args.reward_model, device)
+        reward_tokenizer, reward_model = loaded_reward or load_reward_model(args.reward_model, device)
         scorer = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], args.batch_size, tokenizer)
 
         def reward(prompts, completions):
