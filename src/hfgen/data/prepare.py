@@ -96,8 +96,9 @@ _shared: dict | None = None
 
 @contextlib.contextmanager
 def shared_loads():
-    """Within the block, a load_for_stage with the same data keys, kind, seed and columns as an earlier one returns
-    that load's splits (once: the entry is taken) instead of reading the data again; the rest are dropped at exit."""
+    """Within the block, the load a stage's check made (`check_text_data`) is handed to the next load_for_stage with
+    the same data keys, kind, seed and columns (the run's, or check's report) instead of reading the data again,
+    which takes it; whatever no load took is dropped at exit."""
     global _shared
     outer, _shared = _shared, {}
     try:
@@ -112,19 +113,20 @@ def load_for_stage(
     seed: int = 0,
     default_columns: dict[str, str] | None = None,
     other_columns: bool | tuple[str, ...] = False,
+    for_the_run: bool = False,
 ):
     """(train, eval, records): the stage's data in the standard columns of `kind` (and, with `other_columns`, the
     file's columns outside its layout); records say which layout, split and rows were used, which were dropped and
-    why, and for a mixture how many rows each set gave."""
+    why, and for a mixture how many rows each set gave. `for_the_run`: a check's load, kept for the run
+    (`shared_loads`)."""
     default_columns = {k: v for k, v in (default_columns or {}).items() if k != v}
     if _shared is None:
         return _load_for_stage(args, kind, seed, default_columns, other_columns)
     key = (repr(args), kind, seed, repr(default_columns), repr(other_columns))
-    if key in _shared:
-        train, evaluation, records = _shared.pop(key)
-    else:
-        train, evaluation, records = _load_for_stage(args, kind, seed, default_columns, other_columns)
-        _shared[key] = train, evaluation, copy.deepcopy(records)
+    loaded = _shared.pop(key, None) or _load_for_stage(args, kind, seed, default_columns, other_columns)
+    if for_the_run:
+        _shared[key] = loaded
+    train, evaluation, records = loaded
     return train, evaluation, copy.deepcopy(records)  # callers count their drops in the records they are given
 
 
@@ -287,4 +289,4 @@ def check_text_data(
     from hfgen.data.loading import load_splits_for_check
 
     return load_splits_for_check(lambda a: load_for_stage(a, kind, seed=seed, default_columns=default_columns,
-                                                          other_columns=other_columns), args)  # fmt: skip
+                                                          other_columns=other_columns, for_the_run=True), args)  # fmt: skip
