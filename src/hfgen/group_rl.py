@@ -701,6 +701,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     if resume is None and trainer.is_world_process_zero():
         (output_dir / "samples.jsonl").unlink(missing_ok=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    check_final_policy(trainer, eval_rows if len(eval_rows) else train_rows, config)
     trainer.save_model(str(output_dir))
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
@@ -753,6 +754,38 @@ def generated_completions(steps: int, config) -> int:
 # ---- final evaluation ---------------------------------------------------------------------------------------
 
 
+def prompt_ids(tokenizer, prompts: list, config) -> list[list[int]]:
+    """The prompts' token ids as the policy reads them in training: chat prompts rendered with the chat template
+    (and the recipe's chat_template_kwargs), up to the assistant's turn; strings as they are."""
+    chat = not isinstance(prompts[0], str)
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(config.chat_template_kwargs or {}))
+        if chat else p
+        for p in prompts
+    ]  # fmt: skip
+    return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+
+
+def check_final_policy(trainer, rows, config, count: int = 8) -> None:
+    """Before the save, on every process: the trained policy's mean log-probability of the tokens of `count` of
+    `rows`' prompts (held-out ones). The guard saw only the last update's loss and gradients: an update that broke
+    the policy saved it COMPLETE, the final evaluation sampling from NaN."""
+    import torch
+
+    from hfgen.rl.functional import masked_mean, token_logprobs
+    from hfgen.rl.rollout import response_logits, right_pad
+
+    tokenizer = trainer.processing_class
+    queries = prompt_ids(tokenizer, [row["prompt"] for row in rows.select(range(min(count, len(rows))))], config)
+    # right-padded: every scored position reads real tokens only (a row of nothing but padding can be NaN)
+    ids, mask = right_pad(queries, tokenizer.pad_token_id, trainer.accelerator.device)
+    with torch.no_grad(), loop.gathered(trainer.accelerator, trainer.model_wrapped) as (policy,):
+        policy.eval()
+        logits = response_logits(policy, ids, mask, 1)  # predicting each prompt token after the first
+    mean = masked_mean(token_logprobs(logits, ids[:, 1:]), mask[:, 1:]).item()
+    guard.check_final_model(config.output_dir, trainer.state.global_step, {"held-out prompts' log-probability": mean})
+
+
 def evaluate_against_start(
     trainer, policy, starting, eval_rows, data_args: GroupRLArguments, config, name: str, oracle
 ):
@@ -775,14 +808,7 @@ def evaluate_against_start(
         for key in eval_rows.column_names
         if key != "prompt"
     }
-    chat = not isinstance(prompts[0], str)
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(config.chat_template_kwargs or {}))
-        if chat else p
-        for p in prompts
-    ]  # fmt: skip
-    queries = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
-    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, device)
+    query_ids, query_mask = left_pad(prompt_ids(tokenizer, prompts, config), tokenizer.pad_token_id, device)
     # every id that ends a completion in training (TRL stops at the tokenizer's EOS and all of the policy's
     # generation_config eos ids), so eos_rate and lengths measure what training sampled
     stop_ids = stop_token_ids(tokenizer, policy)

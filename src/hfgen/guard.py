@@ -155,19 +155,15 @@ class Divergence:
         return False
 
     def message(self, step: int, what: str) -> str:
-        from hfgen import tracking
-
         last = (
             f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
             if self.last_finite
             else "no finite loss seen before"
         )
-        newest = tracking.complete_checkpoints(self.output_dir)
-        kept = f"the newest complete checkpoint is {newest[-1]}" if newest else "no complete checkpoint was written"
         return (
             f"training stopped at step {step}: {what} ({last}). The model was not saved and the run is not COMPLETE; "
-            f"{kept}. Lower learning_rate (or raise warmup, clip with max_grad_norm), or set nan_tolerance: N in the "
-            "recipe to skip up to N such steps."
+            f"{newest_complete(self.output_dir)}. Lower learning_rate (or raise warmup, clip with max_grad_norm), or "
+            "set nan_tolerance: N in the recipe to skip up to N such steps."
         )
 
 
@@ -175,18 +171,39 @@ def check_final_model(output_dir, step: int, figures: dict) -> None:
     """After the last update, before the final model is saved: a held-out figure the model computes (its
     reconstruction error, a loss) that is not finite means the last update (which the per-step check saw only the
     loss and gradients of) or the steps `nan_tolerance` skipped left a model that no longer computes. `Diverged`,
-    as for a step past the tolerance: no model saved, no COMPLETE."""
-    from hfgen import tracking
-
-    bad = {name: value for name, value in figures.items() if value is None or not math.isfinite(float(value))}
+    as for a step past the tolerance: no model saved, no COMPLETE. Every process calls it (`agreed`)."""
+    names = list(figures)
+    values = agreed([math.nan if figures[name] is None else float(figures[name]) for name in names])
+    bad = {name: value for name, value in zip(names, values) if not math.isfinite(value)}
     if not bad:
         return
     what = ", ".join(f"its {name} is {value}" for name, value in bad.items())
-    newest = tracking.complete_checkpoints(output_dir)
-    kept = f"the newest complete checkpoint is {newest[-1]}" if newest else "no complete checkpoint was written"
     skipped = f" ({len(skipped_steps)} step(s) were skipped under nan_tolerance)" if skipped_steps else ""
     raise Diverged(
         f"training ended at step {step} with a model that no longer computes: {what}{skipped}. The model was not "
-        f"saved and the run is not COMPLETE; {kept}. Lower learning_rate (or raise warmup, clip with "
-        "max_grad_norm); nan_tolerance skips steps, it cannot keep a model whose outputs are not finite."
+        f"saved and the run is not COMPLETE; {newest_complete(output_dir)}. Lower learning_rate (or raise warmup, "
+        "clip with max_grad_norm); nan_tolerance skips steps, it cannot keep a model whose outputs are not finite."
     )
+
+
+def agreed(values: list[float]) -> list[float]:
+    """`values` summed over the processes of a distributed run (one tiny all-reduce), so that a NaN or inf any
+    process found is non-finite on every process: all stop together, where one stopping alone would leave the
+    others waiting in a collective forever. Unchanged on one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    import torch
+    from accelerate import PartialState
+
+    total = torch.tensor(values, dtype=torch.float64, device=PartialState().device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def newest_complete(output_dir) -> str:
+    from hfgen import tracking
+
+    newest = tracking.complete_checkpoints(output_dir)
+    return f"the newest complete checkpoint is {newest[-1]}" if newest else "no complete checkpoint was written"

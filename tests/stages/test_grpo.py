@@ -233,6 +233,19 @@ def test_freeze_modules_keeps_the_named_modules_unchanged(tmp_path, models):
     assert moved and not {key for key in moved if key.startswith(frozen)}, moved
 
 
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_a_policy_broken_by_the_last_update_is_not_saved(tmp_path, models, stage):
+    """The guard checks each step's loss and gradients before its update: the last one's (learning rate 1e12) left
+    a policy whose every log-probability was NaN, saved with COMPLETE. Its log-probabilities of held-out prompts,
+    measured before the save, stop the run as diverged."""
+    recipe = write_recipe(tmp_path, models[0], stage, max_steps=1, save_strategy="no", learning_rate=1e12)
+    result = run_hfgen_here("train", recipe)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training ended at step 1 with a model that no longer computes: its held-out prompts' log-probability " \
+           "is nan" in result.stderr  # fmt: skip
+    assert not tracking.is_complete(tmp_path / "run") and not (tmp_path / "run/model.safetensors").exists()
+
+
 def test_stop_on_hacking_keeps_the_average_of_the_policies_before_the_onset(tmp_path, models):
     """One reward component brings all the gain while another falls (dominance, alerting from the first step after
     a 2-step baseline): the run stops at step 3, normally, and its output is the average of the policies of steps 1

@@ -199,6 +199,23 @@ def test_the_held_out_comparison_answers_a_repeated_prompt_once_as_dpos_does(tmp
     assert results["heldout/num_prompts"] == 2 and len(rows) == 4
 
 
+def test_a_policy_broken_by_the_last_update_is_not_saved(tmp_path, tiny_models):
+    """The guard checks each optimizer step's loss and gradients before its update: the last one's (learning rate
+    1e12, one minibatch, one epoch) left a policy and value model computing NaN, saved, then the final comparison
+    ended in a raw TypeError (exit 1) with the models on disk. The policy's log-probabilities and the values on the
+    last rollout, measured before the save, stop the run as diverged."""
+    sft, reward = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_model_path=str(reward), learning_rate=1e12, total_episodes=8,
+                          gradient_accumulation_steps=1, num_ppo_epochs=1)  # fmt: skip
+    result = run_hfgen_here("train", recipe)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training ended at step 1 with a model that no longer computes: its log-probability of the last " in (
+        result.stderr
+    )
+    assert "its value on the last rollout's responses is nan" in result.stderr
+    assert not tracking.is_complete(tmp_path / "run") and not (tmp_path / "run/model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_oracle_reward_rises(tmp_path, tiny_models):
     sft, _ = tiny_models

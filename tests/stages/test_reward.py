@@ -299,3 +299,17 @@ def test_a_base_whose_pad_is_its_eos_trains_a_reward_model_that_reads_the_eos(tm
     older = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     scored, _ = RewardScorer(older, tokenizer, {}, [1.0], 2)(["the cat"] * 2, [" is kind."] * 2, [True, False], "cpu")
     assert scored[0] == scored[1] and "pad token is its EOS" in capsys.readouterr().out
+
+
+def test_a_reward_model_broken_by_the_last_update_is_not_saved(tiny_lm, tmp_path):
+    """The guard checks a step's loss and gradients before its update: the last one's (learning rate 1e12) left a
+    model whose every score was NaN, saved with exit 0 and COMPLETE (eval.json margin NaN) for PPO to train on. Its
+    held-out scores, measured before the save, stop the run as diverged."""
+    data = pairs_file(tmp_path / "pairs.jsonl", True)
+    result = run_hfgen_here("train", REWARD, *on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", data, "--max_steps",
+                            "1", "--learning_rate", "1e12", "--warmup_steps", "0"))  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training ended at step 1 with a model that no longer computes: its held-out score margin is nan" in (
+        result.stderr
+    )
+    assert not tracking.is_complete(tmp_path / "out") and not (tmp_path / "out/model.safetensors").exists()

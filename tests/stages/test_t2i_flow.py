@@ -281,6 +281,19 @@ def test_lora_on_two_processes_ends_with_identical_adapters(flow_run, tmp_path, 
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
 
 
+@pytest.mark.parametrize("use_ema", ["false", "true"])
+def test_a_transformer_broken_by_the_last_update_is_not_saved(configs, vae16_dir, tmp_path, use_ema):
+    """The guard checks a step's loss and gradients before its update: the last one's (learning rate 1e12) left a
+    transformer whose every output was NaN, saved with exit 0 and COMPLETE. Its prediction on the last batch (the
+    EMA average's, the weights saved, with EMA), measured before the save, stops the run as diverged."""
+    result = run_hfgen_here("train", FLOW_RECIPE, *flow_overrides(configs, vae16_dir, tmp_path, steps=1),
+                            "--learning_rate", "1e12", "--lr_warmup_steps", "0", "--validation_steps", "0",
+                            "--eval_images_per_prompt", "0", "--use_ema", use_ema)  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training ended at step 1 with a model that no longer computes: its velocity prediction" in result.stderr
+    assert not tracking.is_complete(tmp_path) and not (tmp_path / "transformer").exists()
+
+
 def test_timestep_samplings_draw_what_they_name():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

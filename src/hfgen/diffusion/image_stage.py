@@ -7,6 +7,7 @@ grids, the speed record, the LoRA base file, and the evaluation of the saved pip
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,24 +231,33 @@ def empty_like(model):
     return empty
 
 
+@contextlib.contextmanager
+def ema_weights(ema, model):
+    """Within it, `model` holds the EMA's weights (the ones the run saves), when `ema` is not None; its own after."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
 def validation_grid(accelerator, args: ImageStageArguments, pipeline, model, ema, step: int, **call_arguments) -> None:
     """Render the validation prompts with `pipeline` (whose denoiser is `model`, with the EMA weights swapped in
     when kept) into validation/step-N.png, on the main process; `call_arguments` go to every pipeline call."""
     from hfgen.diffusion.rendering import generate_images, make_grid
 
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
     pipeline.set_progress_bar_config(disable=True)
     model.eval()
-    with accelerator.autocast():
+    with accelerator.autocast(), ema_weights(ema, model):
         rows = generate_images(
             pipeline, args.validation_prompts, args.num_validation_images, args.num_inference_steps,
             args.guidance_scale, args.seed, **call_arguments,
         )  # fmt: skip
     model.train()
-    if ema is not None:
-        ema.restore(model.parameters())
     path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows).save(path)

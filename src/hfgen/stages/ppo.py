@@ -462,7 +462,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     started = time.perf_counter()
-    last_step, stopped = total_steps, {}
+    last_step, stopped, rollout = total_steps, {}, None
     if monitor is not None and monitor.alerts and config.stop_on_hacking:
         # Resumed from the checkpoint of the step whose alert stopped the run (a kill during the final save or
         # evaluation, a resume of the complete run): the monitor raises each signal once, so the loop would train
@@ -529,6 +529,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             last_step, stopped = step, stop_on_hacking(accelerator, trainable, snapshots, monitor)
             break
     train_runtime = time.perf_counter() - started
+    if rollout is not None:  # (a resume of a complete or stopped run trains nothing)
+        check_final_models(accelerator, trainable, rollout, config, last_step)
 
     # Save: the policy (full model or LoRA adapter) with the tokenizer, the value model beside it; whole weights.
     state = loop.full_state_dict(accelerator, trainable)
@@ -579,6 +581,26 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             accelerator.print(format_comparison(results, "ppo"))
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
+
+
+def check_final_models(accelerator, trainable, rollout: Rollout, config: PPOConfig, step: int) -> None:
+    """Before the save, on every process: the trained policy's log-probabilities of the last rollout's responses
+    and the value model's values there (its first micro-batch). The guard saw only the last update's loss and
+    gradients: an update that broke the models saved them, and the final evaluation then sampled from NaN."""
+    rows = torch.arange(min(len(rollout), config.per_device_train_batch_size), device=rollout.input_ids.device)
+    batch = rollout.select(rows)
+    with torch.no_grad(), loop.gathered(accelerator, trainable) as (whole,), accelerator.autocast():
+        whole.eval()
+        logits, values = whole(batch.input_ids, batch.attention_mask, batch.context_length)
+    logprobs = F.token_logprobs(logits, batch.response_ids, config.temperature)
+    guard.check_final_model(
+        config.output_dir,
+        step,
+        {
+            "log-probability of the last rollout's responses": F.masked_mean(logprobs, batch.response_mask).item(),
+            "value on the last rollout's responses": F.masked_mean(values, batch.response_mask).item(),
+        },
+    )
 
 
 def stop_on_hacking(accelerator, trainable, snapshots: PolicySnapshots, monitor) -> dict:

@@ -220,11 +220,17 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
 
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # The trained model's held-out scores before the save: a model the last update broke (the guard saw only that
+    # step's loss and gradients) scored NaN, and was saved COMPLETE for PPO to train on. A non-finite score makes
+    # the margin non-finite. (LoRA: the same scores unmerged.)
+    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (model,):
+        final = pairwise_eval(model, tokenizer, held_out, eval_batch)
+        parameters = count_parameters(model)
+    guard.check_final_model(output_dir, trainer.state.global_step, {"held-out score margin": final["margin"]})
 
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
     # Save one plain classifier: LoRA adapters (and the trained head copy) merged into the backbone, on the main
     # process from whole weights (gathered into a copy there under ZeRO-3 and FSDP2).
-    parameters = None
     if is_peft_model(trainer.model):
         whole = loop.whole_on_main(trainer.accelerator, trainer.model_wrapped, lambda: peft_copy(trainer.model))
         if is_main:
@@ -237,9 +243,6 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     guard.kill_point("final_save")
 
     guard.kill_point("eval")
-    with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (model,):  # (LoRA: the same scores unmerged)
-        final = pairwise_eval(model, tokenizer, held_out, eval_batch)
-        parameters = parameters or count_parameters(model)
     if is_main:
         tokens = trainer.state.num_input_tokens_seen
         tracking.update_eval(

@@ -341,11 +341,11 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     accelerator.wait_for_everyone()
     image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
-    if global_step > first_step and ema_unet is None:
-        # The trained UNet on the last step's inputs, on every process, before the save: the guard saw only that
-        # step's loss and gradients, and an update that broke the model saved one whose every sample was NaN.
-        # (With EMA the saved weights are the average's, which one update does not break.)
-        with torch.no_grad(), loop.gathered(accelerator, unet) as (whole,):
+    if global_step > first_step:
+        # The UNet the run saves (the EMA average when kept: early in its warm-up that is about the trained weights)
+        # on the last step's inputs, on every process, before the save: the guard saw only that step's loss and
+        # gradients, and an update that broke the model saved one whose every sample was NaN.
+        with torch.no_grad(), loop.gathered(accelerator, unet) as (whole,), image_stage.ema_weights(ema_unet, whole):
             prediction = whole(noisy_latents, timesteps, encoder_hidden_states.to(dtype), return_dict=False)[0]
         guard.check_final_model(
             output_dir, global_step, {"noise prediction on the last batch": prediction.float().abs().mean().item()}

@@ -310,6 +310,19 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     accelerator.wait_for_everyone()
     image_stage.record_speed(output_dir, global_step, first_step, loop_time, total_batch)
 
+    if global_step > first_step:
+        # The transformer the run saves (the EMA average when kept) on the last step's inputs, on every process,
+        # before the save: the guard saw only that step's loss and gradients, and an update that broke the model
+        # saved one whose every sample was NaN.
+        with torch.no_grad(), loop.gathered(accelerator, transformer) as (whole,), image_stage.ema_weights(ema, whole):
+            prediction = predict_velocity(
+                whole, parts["transformer"].config, noisy_latents(latents, noise, sigmas).to(dtype), timesteps,
+                caption_states[index].to(dtype), caption_pooled[index].to(dtype), model_args.training_guidance_scale,
+            )  # fmt: skip
+        guard.check_final_model(
+            output_dir, global_step, {"velocity prediction on the last batch": prediction.float().abs().mean().item()}
+        )
+
     # Save from whole weights on the main process: FSDP2's unsharded parameters live in its gather buffers, which
     # safetensors cannot write (so not `loop.gathered` here, as for validation).
     whole = loop.whole_on_main(accelerator, transformer, lambda: image_stage.empty_like(transformer))
