@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from hfgen.errors import Diverged
 
@@ -183,6 +184,40 @@ def check_final_model(output_dir, step: int, figures: dict) -> None:
         f"training ended at step {step} with a model that no longer computes: {what}{skipped}. The model was not "
         f"saved and the run is not COMPLETE; {newest_complete(output_dir)}. Lower learning_rate (or raise warmup, "
         "clip with max_grad_norm); nan_tolerance skips steps, it cannot keep a model whose outputs are not finite."
+    )
+
+
+def check_checkpoint(output_dir, path, step: int, models) -> None:
+    """Before checkpoint-STEP at `path` is marked complete: trained weights that went to inf or NaN in an update (the
+    per-step check saw only that step's loss and gradients) make a checkpoint no resume can continue from, yet
+    `resume_from_checkpoint: true` would take it and the divergence messages would name it as the one kept.
+    `Diverged` instead, and the checkpoint's files (written or not) go. Every process calls it: each checks the
+    weights it holds (its shard under ZeRO-3 and FSDP2, `loop.local_shard`), and all agree (`agreed`). One read of
+    the trained weights per checkpoint."""
+    import torch
+
+    from hfgen.loop import local_shard
+
+    # trained weights only: frozen ones are the starting model's, as loaded
+    held = [
+        (n, local_shard(p)) for model in filter(None, models) for n, p in model.named_parameters() if p.requires_grad
+    ]
+    broken = [
+        name
+        for name, weights in held
+        if weights.numel() and not torch.isfinite(torch.stack([weights.amax(), weights.amin()])).all()
+    ]  # (amax and amin are NaN when any value is, inf when one is: no full-size copy of each tensor)
+    if math.isfinite(agreed([math.nan if broken else 0.0])[0]):
+        return
+    from hfgen import tracking
+
+    if tracking.is_main_process():
+        tracking.remove_dir(Path(path))
+    shown = f" ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})" if broken else ""
+    raise Diverged(
+        f"training stopped at step {step}: its update left trained weights that are inf or NaN{shown}, so "
+        f"checkpoint-{step} was not kept. The model was not saved and the run is not COMPLETE; "
+        f"{newest_complete(output_dir)}. Lower learning_rate (or raise warmup, clip with max_grad_norm)."
     )
 
 

@@ -694,8 +694,9 @@ def trainer_callbacks(output_dir: str | Path) -> list:
 
         on_epoch_end = on_step_end
 
-        def on_save(self, args, state, control, **kwargs):
+        def on_save(self, args, state, control, model=None, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            guard.check_checkpoint(output_dir, path, state.global_step, [model])  # (every process, before marking)
             window = loss_window(self.trainer)  # (every process: a gather)
             wait_for_everyone()  # every rank's files (its RNG state) are written
             if args.should_save:
@@ -862,8 +863,11 @@ def save_checkpoint(
     """`accelerator.save_state` (models, optimizers, schedulers, RNG, registered objects) into checkpoint-STEP,
     with the recipe beside it, marked complete last (`finish_checkpoint`), then rotated. `save_extra(path)`, run on
     every process, writes what `save_state` cannot (each process's own files) before the checkpoint is complete."""
+    from hfgen import guard
+
     path = Path(output_dir) / f"checkpoint-{step}"
     start_checkpoint(path)
+    guard.check_checkpoint(output_dir, path, step, accelerator._models)  # what save_state writes, before it does
     hook = accelerator.register_save_state_pre_hook(_drop_frozen_parameters)
     try:
         accelerator.save_state(str(path))

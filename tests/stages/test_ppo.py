@@ -216,6 +216,20 @@ def test_a_policy_broken_by_the_last_update_is_not_saved(tmp_path, tiny_models):
     assert not tracking.is_complete(tmp_path / "run") and not (tmp_path / "run/model.safetensors").exists()
 
 
+def test_a_checkpoint_whose_weights_went_to_inf_is_not_kept_as_complete(tmp_path, tiny_models):
+    """Learning rate 1e39: step 1's update made every trained weight inf, and checkpoint-1 was marked complete, to
+    be offered to `resume_from_checkpoint: true` (step 2 then sampled from it). The trained weights are checked
+    before a checkpoint is written: the run stops at step 1 as diverged, no checkpoint kept."""
+    sft, reward = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_model_path=str(reward), learning_rate=1e39, total_episodes=16,
+                          gradient_accumulation_steps=1, num_ppo_epochs=1, save_steps=1)  # fmt: skip
+    result = run_hfgen_here("train", recipe)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training stopped at step 1: its update left trained weights that are inf or NaN" in result.stderr
+    assert "checkpoint-1 was not kept" in result.stderr and "no complete checkpoint was written" in result.stderr
+    assert not tracking.checkpoints(tmp_path / "run") and not tracking.is_complete(tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_oracle_reward_rises(tmp_path, tiny_models):
     sft, _ = tiny_models

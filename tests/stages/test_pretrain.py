@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.data.embedded import ADJECTIVES, COLORS, SUBJECTS
 from hfgen.recipe import load_recipe
@@ -253,12 +253,27 @@ def test_a_model_broken_by_the_last_update_is_not_saved(tmp_path):
     """The guard checks each step's loss and gradients before its update: the last update (learning rate 1e39:
     every weight inf) was saved, then sampling from it ended in a raw RuntimeError (exit 1) with the model on disk.
     The final held-out loss, measured before the save, stops the run as diverged."""
+    # (no checkpoint: the one the Trainer writes at the last step would stop the run first, its weights inf)
     result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "1", "--learning_rate", "1e39",
-                       "--warmup_steps", "0", "--max_train_samples", "32", "--max_eval_samples", "8")  # fmt: skip
+                       "--warmup_steps", "0", "--max_train_samples", "32", "--max_eval_samples", "8",
+                       "--save_strategy", "no")  # fmt: skip
     assert result.returncode == 3, result.stderr[-3000:]
     assert "training ended at step 1 with a model that no longer computes: its held-out loss is nan" in result.stderr
     assert "Traceback" not in result.stderr and not tracking.is_complete(tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_a_checkpoint_whose_weights_went_to_inf_is_not_kept_as_complete(tmp_path):
+    """Learning rate 1e39 with a checkpoint every step: checkpoint-1, every weight inf, was marked complete, offered to
+    `resume_from_checkpoint: true` and named 'the newest complete checkpoint' by the divergence message. The trained
+    weights are checked before a checkpoint is marked: the run stops there as diverged, the checkpoint not kept."""
+    result = run_hfgen_here("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "1", "--learning_rate",
+                            "1e39", "--warmup_steps", "0", "--save_steps", "1", "--max_train_samples", "32",
+                            "--max_eval_samples", "8")  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training stopped at step 1: its update left trained weights that are inf or NaN" in result.stderr
+    assert "checkpoint-1 was not kept" in result.stderr and "no complete checkpoint was written" in result.stderr
+    assert not tracking.checkpoints(tmp_path) and not tracking.is_complete(tmp_path)
 
 
 def test_a_model_dir_whose_tokenizer_names_no_eos_takes_it_from_config_json(tmp_path):
