@@ -294,6 +294,24 @@ def test_a_transformer_broken_by_the_last_update_is_not_saved(configs, vae16_dir
     assert not tracking.is_complete(tmp_path) and not (tmp_path / "transformer").exists()
 
 
+def test_the_vae_scaling_factor_scales_the_latents_the_transformer_learns(configs, vae16_dir, tmp_path):
+    """Training took the VAE's latents unscaled: the loop's gradient-accumulation factor (1.0) overwrote the VAE's
+    scaling factor in the same variable, while sampling divides by it, so the model learnt latents of another size
+    than those it generates. The first step's loss (before any update) now moves with the factor."""
+    losses = []
+    for factor in (1.0, 4.0):
+        vae = shutil.copytree(vae16_dir, tmp_path / f"vae{factor}", ignore=shutil.ignore_patterns("checkpoint-*"))
+        config = json.loads((vae / "config.json").read_text())
+        (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": factor, "shift_factor": 0.0}))
+        output_dir = tmp_path / f"flow{factor}"
+        result = run_hfgen_here("train", FLOW_RECIPE, *flow_overrides(configs, vae, output_dir, steps=1),
+                                "--validation_steps", "0", "--eval_images_per_prompt", "0")  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses.append(tracking.read_metrics(output_dir)[0]["loss"])
+    # the velocity target is noise - latents: latents 4x larger give a larger loss at the same initial weights
+    assert losses[1] > 1.5 * losses[0], losses
+
+
 def test_timestep_samplings_draw_what_they_name():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -229,7 +229,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     )
     if vae.config.shift_factor is None:  # a VAE trained here: normalise its latents as SD3 does
         set_latent_normalisation(vae, image_stage.latent_means(train_set))
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    shift, latent_scale = vae.config.shift_factor, vae.config.scaling_factor
     caption_states, caption_pooled = encode_captions(
         make_pipeline(parts), captions, device, model_args.max_sequence_length
     )
@@ -261,10 +261,10 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         skipped = skip if epoch == first_epoch else 0
         for index, batch in enumerate(epoch_batches(accelerator, train_loader, epoch, skipped), skipped):
             # (an epoch's last, shorter accumulation: its losses weigh GA / k, for the mean over its k batches)
-            scale = accumulation_scale(args, len(train_loader), index)
+            loss_scale = accumulation_scale(args, len(train_loader), index)
             with accelerator.accumulate(transformer):
                 latents = image_stage.sample_cached_latents(batch, data_args.random_flip, rng.generator, device)
-                latents = (latents.float() - shift) * scale
+                latents = (latents.float() - shift) * latent_scale
                 noise = torch.randn(latents.shape, generator=rng.generator, device=device)
                 bsz = len(latents)
                 timesteps, sigmas = sample_sigmas(
@@ -272,10 +272,12 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                     rng.generator, device,
                 )  # fmt: skip
                 dropped = torch.rand(bsz, generator=rng.generator, device=device) < args.condition_dropout
-                index = torch.where(dropped, empty_caption, image_stage.draw_captions(batch, rng.generator, device))
+                caption_index = torch.where(
+                    dropped, empty_caption, image_stage.draw_captions(batch, rng.generator, device)
+                )
                 model_pred = predict_velocity(  # SD3 or Flux inputs, the guidance of a guidance-distilled one
                     transformer, parts["transformer"].config, noisy_latents(latents, noise, sigmas).to(dtype),
-                    timesteps, caption_states[index].to(dtype), caption_pooled[index].to(dtype),
+                    timesteps, caption_states[caption_index].to(dtype), caption_pooled[caption_index].to(dtype),
                     model_args.training_guidance_scale,
                 )  # fmt: skip
                 loss = prior_preserving_loss(  # DreamBooth: instance loss + weighted prior loss
@@ -284,7 +286,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
                     prior_loss_weight,
                 )
                 log.add_micro_batch(loss=loss)
-                accelerator.backward(loss * scale)
+                accelerator.backward(loss * loss_scale)
                 loop.clip_gradients(accelerator, transformer, args.max_grad_norm)
                 if accelerator.sync_gradients:
                     guard.kill_point("step", global_step + 1)
@@ -317,7 +319,8 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         with torch.no_grad(), loop.gathered(accelerator, transformer) as (whole,), image_stage.ema_weights(ema, whole):
             prediction = predict_velocity(
                 whole, parts["transformer"].config, noisy_latents(latents, noise, sigmas).to(dtype), timesteps,
-                caption_states[index].to(dtype), caption_pooled[index].to(dtype), model_args.training_guidance_scale,
+                caption_states[caption_index].to(dtype), caption_pooled[caption_index].to(dtype),
+                model_args.training_guidance_scale,
             )  # fmt: skip
         guard.check_final_model(
             output_dir, global_step, {"velocity prediction on the last batch": prediction.float().abs().mean().item()}
