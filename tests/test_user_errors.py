@@ -23,6 +23,7 @@ REWARD = REPO / "recipes/tiny/reward.yaml"
 T2I = REPO / "recipes/tiny/t2i_digits.yaml"
 PPO = REPO / "recipes/tiny/ppo.yaml"
 DPO = REPO / "recipes/tiny/dpo.yaml"
+KTO = REPO / "recipes/tiny/kto.yaml"
 GRPO = REPO / "recipes/tiny/grpo_arithmetic.yaml"
 GSM8K = "hfgen.data.arithmetic:gsm8k_exact_answer"  # needs the data's `answer` column by name
 
@@ -114,6 +115,9 @@ def not_utf8(tmp_path):
         (lambda t: [DPO, "--eval_prompts_dataset", t / "missing.jsonl"], ["eval_prompts_dataset", "missing.jsonl"]),
         (lambda t: [DPO, "--eval_prompts_dataset", data_file(t, "qa.jsonl", '{"question": "q", "answer": "a"}\n' * 4)],
          ["eval_prompts_dataset", "qa.jsonl", "match no prompt layout"]),
+        # every prompt empty or blank: a raw "ValueError: Column 'prompt' doesn't exist."
+        (lambda t: [KTO, "--eval_prompts_dataset", data_file(t, "blank.jsonl", '{"prompt": ""}\n{"prompt": "  "}\n')],
+         ["eval_prompts_dataset '", "blank.jsonl' holds no non-empty prompt", "2 row(s)", "(2 empty rows)"]),
         (lambda t: [SFT_LORA, "--model_name_or_path", custom_code_model(t)],
          ["model_name_or_path", "'custom_lm'", "modeling_custom.CustomLM", "trust_remote_code: true"]),
         (lambda t: [PPO, "--reward_model_path", custom_code_model(t)], ["reward_model_path", "trust_remote_code: true"]),
@@ -152,7 +156,7 @@ def not_utf8(tmp_path):
         "config-unknown-model-type", "config-without-model-type", "config-not-an-object", "unknown-tracker",
         "ppo-unknown-tracker", "zero-max-length", "negative-dpo-beta", "ppo-reward-needing-a-column",
         "dpo-oracle-needing-a-column", "grpo-reward-needing-a-missing-column", "dpo-on-unpaired-rows",
-        "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "sft-custom-code", "ppo-custom-code-reward",
+        "dpo-eval-prompts-missing", "dpo-eval-prompts-without-prompts", "kto-eval-prompts-all-blank", "sft-custom-code", "ppo-custom-code-reward",
         "sft-lora-targets-of-another-family", "sft-lora-targets-bad-regex", "sft-lora-task-type-unknown",
         "sft-lora-task-type-of-a-classifier", "dpo-lora-task-type-of-a-classifier", "reward-lora-task-type-unknown", "schedule-kwargs-misspelt", "wsd-without-decay-steps", "schedule-kwargs-as-k-equals-v", "schedule-kwargs-a-number",
         "min-lr-schedule-without-floor", "polynomial-below-its-end", "loop-polynomial-below-its-end",

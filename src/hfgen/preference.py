@@ -282,15 +282,12 @@ def load_preference_splits(
 def load_eval_prompts(name: str) -> list:
     """The prompts of `eval_prompts_dataset` (its test split, else its first), in any prompt layout
     (hfgen.data.formats: a `prompt` column, a .txt of one prompt a line, Alpaca's instructions, conversations)."""
-    from hfgen.data.formats import to_standard
-    from hfgen.data.loading import load_raw
+    from hfgen.data.formats import standard_prompts
+    from hfgen.data.loading import load_raw_as
 
-    try:
-        raw = load_raw(name)
-        rows = raw["test"] if "test" in raw else raw[next(iter(raw))]
-        return to_standard(rows, "prompt", source=name)[0]["prompt"]
-    except UserError as error:
-        raise UserError(f"eval_prompts_dataset: {error}") from None
+    raw = load_raw_as("eval_prompts_dataset", name)  # (its problems name the key)
+    split = "test" if "test" in raw else next(iter(raw))
+    return standard_prompts(raw[split], "eval_prompts_dataset", name, split)
 
 
 def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:

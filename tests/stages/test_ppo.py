@@ -116,6 +116,15 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
     result = run_hfgen_here("train", recipe)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "PPO:" not in result.stdout
     assert f"ptx_dataset_name '{tmp_path / 'missing.jsonl'}' does not exist" in result.stderr
+    # ptx data whose every text is blank: passed the check, and stopped once every model had loaded
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": ""}\n{"text": "  "}\n')
+    result = run_hfgen_here("train", write_recipe(tmp_path, sft, reward_functions=[ORACLE], ptx_coef=1.0,
+                                                  ptx_dataset_name=str(blank)))  # fmt: skip
+    assert result.returncode == 2 and "PPO:" not in result.stdout
+    assert f"ptx_dataset_name '{blank}' holds no non-empty text to learn from: its train split's 2 row(s)" in (
+        result.stderr
+    )
 
 
 def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):

@@ -730,6 +730,30 @@ def to_standard(
     return _from_rows(kept, source), report
 
 
+def standard_prompts(
+    rows, key: str, name: str, split: str, columns: dict[str, str] | None = None, hint: str = ""
+) -> list:
+    """The non-empty prompts of `rows`, split `split` of the data `name` that `key` gives (hfgen eval's
+    --eval_dataset, the preference stages' eval_prompts_dataset), in any prompt layout. Its problems name `key`
+    (the layout's, which name the file, followed by `hint`): a split left with none is one, with the rows and why
+    they were dropped (the empty dataset `to_standard` leaves has no 'prompt' column: indexed, a raw ValueError)."""
+    try:
+        standard, report = to_standard(rows, "prompt", columns=columns, source=name)
+    except UserError as error:
+        raise UserError(f"{key}: {error}{hint}") from None
+    if not len(standard):
+        raise none_left(key, name, split, report, "prompt to sample from")
+    return standard["prompt"]
+
+
+def none_left(key: str, name: str, split: str, report: DataReport, what: str) -> UserError:
+    """The problem of data that `key` gives whose split `to_standard` left without a row (every one empty or
+    blank): named by the key, the file, its rows and why they were dropped."""
+    dropped = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items())
+    return UserError(f"{key} '{name}' holds no non-empty {what}: its {split} split's {report.rows_read} row(s) "
+                     f"({report.format} layout) were all dropped ({dropped})")  # fmt: skip
+
+
 def refuse_identical_pairs(source: str, reports: dict[str, DataReport]) -> None:
     """A UserError when chosen equals rejected in more than MAX_IDENTICAL_PAIRS of the pairs of all `reports` (a
     source's splits, by name) together: a broken export, not noise. Counted over the whole data, so that one such

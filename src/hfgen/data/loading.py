@@ -76,7 +76,7 @@ class DataArguments:
 
 
 def load_raw_as(key: str, name: str, config: str | None = None):
-    """`load_raw` for data another key or option gives (ptx_dataset_name, hfgen eval's --eval_dataset): its
+    """`load_raw` for data another key or option gives (ptx_dataset_name, eval_prompts_dataset, --eval_dataset): its
     problems, which name the recipe's `dataset_name`, name `key` instead."""
     try:
         return load_raw(name, config)

@@ -296,7 +296,7 @@ def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list
     """The first `count` non-empty prompts of a dataset split (strings, or lists of chat messages), in any layout
     (hfgen.data.formats: a `prompt` column or the one `--prompt_column` names, a .txt of one prompt a line,
     Alpaca's instructions, conversations' user turns). A file has one split (`train`): that one is read."""
-    from hfgen.data.formats import to_standard
+    from hfgen.data.formats import standard_prompts
     from hfgen.data.loading import load_raw_as
 
     splits = load_raw_as("--eval_dataset", dataset_name)
@@ -308,15 +308,9 @@ def load_prompts(dataset_name: str, split: str, column: str, count: int) -> list
     if column != "prompt" and column not in rows.column_names:
         raise UserError(f"--eval_dataset '{dataset_name}' has no column '{column}' (it has {rows.column_names})")
     columns = {"prompt": column} if column != "prompt" else None
-    try:  # the first `count` after the empty prompts are dropped (selected before, fewer would be evaluated)
-        standard, report = to_standard(rows, "prompt", columns=columns, source=dataset_name)
-    except UserError as error:
-        raise UserError(f"{error} (in hfgen eval, --prompt_column names the column of prompts)") from None
-    if not len(standard):  # (the empty dataset has no 'prompt' column: a raw ValueError)
-        dropped = ", ".join(f"{n} {reason}" for reason, n in report.dropped.items())
-        raise UserError(f"--eval_dataset '{dataset_name}' holds no non-empty prompt to sample from: its {split} "
-                        f"split's {report.rows_read} row(s) ({report.format} layout) were all dropped ({dropped})")  # fmt: skip
-    return standard["prompt"][:count]
+    hint = " (in hfgen eval, --prompt_column names the column of prompts)"
+    # the first `count` after the empty prompts are dropped (selected before, fewer would be evaluated)
+    return standard_prompts(rows, "--eval_dataset", dataset_name, split, columns, hint)[:count]
 
 
 def prompt_text(prompt) -> str:

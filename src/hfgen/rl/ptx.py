@@ -54,12 +54,13 @@ def ptx_rows(config):
     """The ptx data's train split in the sft stage's standard columns (`to_standard`), for `ptx_examples` and the
     ppo stage's check. Its problems name the ptx keys: the loaders' messages name the prompt data's keys
     (dataset_name, dataset_format, dataset_columns), which say nothing about the ptx data."""
-    from hfgen.data.formats import resolve_layout, to_standard
+    from hfgen.data.formats import none_left, resolve_layout, to_standard
     from hfgen.data.loading import load_raw_as
 
     name = config.ptx_dataset_name
     splits = load_raw_as("ptx_dataset_name", name)
-    rows = splits["train"] if "train" in splits else splits[next(iter(splits))]
+    split = "train" if "train" in splits else next(iter(splits))
+    rows = splits[split]
     columns = None
     if config.ptx_column != "text":
         if config.ptx_column not in rows.column_names:
@@ -76,7 +77,10 @@ def ptx_rows(config):
                 "sft stage reads (messages, prompt/completion, Alpaca, ShareGPT, ...); set ptx_column to its text column"
             )
         raise UserError(f"ptx_dataset_name '{name}' has columns {rows.column_names}: {what}") from None
-    return to_standard(rows, "sft", columns=columns, source=name)[0]
+    standard, report = to_standard(rows, "sft", columns=columns, source=name)
+    if not len(standard):  # (else a check that passed, and a UserError once every model had loaded)
+        raise none_left("ptx_dataset_name", name, split, report, "text to learn from")
+    return standard
 
 
 def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
