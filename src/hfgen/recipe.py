@@ -568,6 +568,7 @@ def refused_bf16_keys(bf16, bf16_full_eval, use_cpu) -> list[str]:
     return [key for key, on in (("bf16", bf16), ("bf16_full_eval", bf16_full_eval)) if on]
 
 
+SEED_MAX = 2**32 - 1  # the largest seed numpy takes
 # Numeric keys of any stage, by name (whichever config holds them): (minimum, maximum, minimum allowed itself).
 _AT_LEAST_ONE = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "train_batch_size", "eval_batch_size",
@@ -579,8 +580,8 @@ _AT_LEAST_ONE = (
 _NON_NEGATIVE = (
     "learning_rate", "num_train_epochs", "warmup_steps", "lr_warmup_steps", "weight_decay", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "lora_alpha", "save_steps", "eval_steps", "logging_steps", "sample_steps",
-    "save_total_limit", "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance", "seed",
-    "data_seed", "num_samples", "eval_samples_per_prompt", "eval_images_per_prompt", "num_validation_images",
+    "save_total_limit", "checkpoints_total_limit", "max_train_samples", "max_eval_samples", "nan_tolerance",
+    "num_samples", "eval_samples_per_prompt", "eval_images_per_prompt", "num_validation_images",
     "validation_steps", "text_encoder_pretraining_steps", "adversarial_start_step", "kl_weight", "adversarial_weight",
     "kl_coef", "vf_coef", "cliprange", "cliprange_value", "noise_offset", "dataloader_num_workers", "beta",
     "eval_num_prompts",
@@ -593,6 +594,9 @@ BOUNDS = {
     "temperature": (0, None, False),
     "eval_temperature": (0, None, False),  # the preference stages' held-out sampling (0 trained, then crashed)
     "top_p": (0, 1, False),
+    # numpy's seeds: transformers' and accelerate's set_seed seed np.random with them (a traceback then)
+    "seed": (0, SEED_MAX, True),
+    "data_seed": (0, SEED_MAX, True),
 }
 
 

@@ -371,6 +371,8 @@ def scheduler_problems(name: str) -> list[str]:
 def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> Path:
     from accelerate.utils import set_seed
 
+    from hfgen.recipe import SEED_MAX
+
     output_dir = Path(config.output_dir)
     trackers = [name for name in config.report_to if name != "none"]
     precision, trained_args = training_precision(model_args, config)
@@ -442,7 +444,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
     start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots)
     if not start_step:
-        set_seed(config.seed + accelerator.process_index)  # each process samples differently
+        # each process samples differently (within numpy's seeds, which the check bounds `seed` by)
+        set_seed((config.seed + accelerator.process_index) % (SEED_MAX + 1))
     metrics_logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `loop.resume`
     if accelerator.is_main_process:
         start_samples(output_dir, start_step)
