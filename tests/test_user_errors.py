@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_hfgen
+from conftest import REPO, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.errors import Diverged, UserError
@@ -173,6 +173,30 @@ def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expec
     for fragment in expected:
         assert fragment in err, err
     assert "hfgen: error:" in err and "`r`" not in err
+
+
+def test_numbers_that_are_not_finite_exit_2_at_the_check_naming_each_key(tmp_path):
+    # nan and inf passed every key outside the range-checked ones: a NaN loss at the first step
+    # (label_smoothing_factor, a loss weight), black or silently unguided validation images (guidance_scale)
+    flow = yaml.safe_load((REPO / "recipes/tiny/t2i_flow_digits_dreambooth.yaml").read_text())
+    recipe = tmp_path / "flow.yaml"
+    recipe.write_text(yaml.safe_dump({**flow, "guidance_scale": math.inf, "logit_std": math.inf}))  # YAML's .inf
+    cases = [
+        ([recipe, "--training_guidance_scale", "nan", "--prior_loss_weight", "nan"],
+         {"guidance_scale": "inf", "training_guidance_scale": "nan", "logit_std": "inf", "prior_loss_weight": "nan"}),
+        ([T2I, "--guidance_scale", "nan", "--snr_gamma", "inf"], {"guidance_scale": "nan", "snr_gamma": "inf"}),
+        ([PRETRAIN, "--label_smoothing_factor", "nan"], {"label_smoothing_factor": "nan"}),
+        ([DPO, "--loss_weights", "1.0", "inf"], {"loss_weights": "[1.0, inf]"}),
+    ]  # fmt: skip
+    for argv, refused in cases:
+        result = run_hfgen_here("check", *argv, "--output_dir", tmp_path / "out")
+        assert result.returncode == 2, result.stderr
+        for key, value in refused.items():
+            assert f"key '{key}' must be a finite number, got {value}" in result.stderr, result.stderr
+    # the one key whose inf means something: wait for the vLLM server forever (nan is refused there too)
+    assert load_recipe(GRPO, ["--vllm_server_timeout", "inf"], check_inputs=False).configs
+    with pytest.raises(UserError, match="key 'vllm_server_timeout' must be a finite number, got nan"):
+        load_recipe(GRPO, ["--vllm_server_timeout", "nan"], check_inputs=False)
 
 
 def test_broken_json_lines_exit_2_in_the_real_cli(tmp_path):

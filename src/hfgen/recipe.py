@@ -600,18 +600,37 @@ BOUNDS = {
 }
 
 
+# The float keys whose `inf` means something: TRL's wait for a vLLM server, forever (nan is refused all the same).
+INFINITE_ALLOWED = ("vllm_server_timeout",)
+
+
+def non_finite_problems(config) -> list[str]:
+    """Float keys of any stage (and lists of floats: loss_weights, reward_weights) that are nan or inf, which no
+    key means: each passed the range checks (nan compares false, inf passes a lower bound) and made a loss NaN at
+    the first step (label_smoothing_factor, a coefficient, a weight), a validation image black or silently unguided
+    (guidance_scale), or
+    its term silently a no-op (snr_gamma: inf clamps no SNR, min-SNR weighting off)."""
+    problems = []
+    for key in (f.name for f in dataclasses.fields(config)):
+        value = getattr(config, key, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        refused = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if refused and not (key in INFINITE_ALLOWED and all(v == math.inf for v in refused)):
+            problems.append(f"key '{key}' must be a finite number, got {value}")
+    return problems
+
+
 def value_problems(configs) -> list[str]:
-    """Numbers no training can run with (a batch of 0, a negative learning rate, no steps at all), named by their
-    recipe keys, before a library rejects them under its own parameter names (LoRA's `r` for `lora_r`)."""
+    """Numbers no training can run with (a batch of 0, a negative learning rate, no steps at all, a nan or inf),
+    named by their recipe keys, before a library rejects them under its own parameter names (LoRA's `r` for
+    `lora_r`)."""
     problems = []
     for config in configs:
+        problems += non_finite_problems(config)
         for key, (low, high, low_allowed) in BOUNDS.items():
             value = getattr(config, key, None)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            if not math.isfinite(value):  # `inf` passes a lower bound, and a learning rate of inf diverges at once
-                problems.append(f"key '{key}' must be a finite number, got {value}")
-                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue  # (not finite: said above)
             if not (value >= low if low_allowed else value > low) or (high is not None and not value <= high):
                 wanted = (
                     f"between {low} and {high}"
