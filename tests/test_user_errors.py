@@ -180,10 +180,10 @@ def test_numbers_that_are_not_finite_exit_2_at_the_check_naming_each_key(tmp_pat
     # (label_smoothing_factor, a loss weight), black or silently unguided validation images (guidance_scale)
     flow = yaml.safe_load((REPO / "recipes/tiny/t2i_flow_digits_dreambooth.yaml").read_text())
     recipe = tmp_path / "flow.yaml"
-    recipe.write_text(yaml.safe_dump({**flow, "guidance_scale": math.inf, "logit_std": math.inf}))  # YAML's .inf
+    recipe.write_text(yaml.safe_dump({**flow, "guidance_scale": math.inf, "logit_std": -math.inf}))  # YAML's (-).inf
     cases = [
         ([recipe, "--training_guidance_scale", "nan", "--prior_loss_weight", "nan"],
-         {"guidance_scale": "inf", "training_guidance_scale": "nan", "logit_std": "inf", "prior_loss_weight": "nan"}),
+         {"guidance_scale": "inf", "training_guidance_scale": "nan", "logit_std": "-inf", "prior_loss_weight": "nan"}),
         ([T2I, "--guidance_scale", "nan", "--snr_gamma", "inf"], {"guidance_scale": "nan", "snr_gamma": "inf"}),
         ([PRETRAIN, "--label_smoothing_factor", "nan"], {"label_smoothing_factor": "nan"}),
         ([DPO, "--loss_weights", "1.0", "inf"], {"loss_weights": "[1.0, inf]"}),
@@ -197,6 +197,15 @@ def test_numbers_that_are_not_finite_exit_2_at_the_check_naming_each_key(tmp_pat
     assert load_recipe(GRPO, ["--vllm_server_timeout", "inf"], check_inputs=False).configs
     with pytest.raises(UserError, match="key 'vllm_server_timeout' must be a finite number, got nan"):
         load_recipe(GRPO, ["--vllm_server_timeout", "nan"], check_inputs=False)
+
+
+def test_a_negative_number_argparse_would_take_for_an_option_is_read_as_the_keys_value(tmp_path):
+    # logit_mean: -1.0e-5 (passed as '-1e-05') and -.inf: "argument --logit_mean: expected one argument", exit 2
+    flow = yaml.safe_load((REPO / "recipes/tiny/t2i_flow_digits.yaml").read_text())
+    recipe = tmp_path / "flow.yaml"
+    recipe.write_text(yaml.safe_dump({**flow, "logit_mean": -1.0e-5}))
+    assert load_recipe(recipe, check_inputs=False).configs[-1].logit_mean == -1.0e-5
+    assert load_recipe(recipe, ["--logit_mean", "-1e-05"], check_inputs=False).configs[-1].logit_mean == -1.0e-5
 
 
 def test_broken_json_lines_exit_2_in_the_real_cli(tmp_path):

@@ -370,7 +370,9 @@ def build_recipe(
         if problem:
             errors.append(f"key '{key}': {problem}")
             continue
-        argv += [f"--{key}", *tokens]
+        # one value as --key=VALUE: argparse takes a separate token that starts with '-' and is not a plain negative
+        # number (-inf, -1e-05: str() of logit_mean: -1.0e-5) for an option, "expected one argument"
+        argv += [f"--{key}={tokens[0]}"] if action.nargs in (None, "?") else [f"--{key}", *tokens]
     errors += _alias_conflicts(values, parser.actions)
     errors += _revision_problem(values) if "model_revision" in parser.actions else []
     if errors:
