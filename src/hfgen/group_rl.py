@@ -431,6 +431,8 @@ def recorded(trainer_class):
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             import torch
 
+            from hfgen.rl.rollout import recorded_scores
+
             start = time.perf_counter()
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             mode = "train" if self.model.training else "eval"
@@ -448,12 +450,14 @@ def recorded(trainer_class):
                 keys = [key for key in inputs[0] if key not in ("prompt", "completion", "completion_ids")]
                 columns = {key: [row[key] for row in inputs] for key in keys}
                 scores = call_reward_function(self.oracle, prompts, responses, columns)
-                local = torch.tensor(scores, device=rewards_per_func.device)
-                self._metrics[mode]["oracle/mean"].append(gather(local).mean().item())
+                batch = gather(torch.tensor(scores, device=rewards_per_func.device))
+                # the mean over the responses the oracle scored (None is "not scored", NaN here); NaN when none
+                # is, which TRL's log leaves out (null when no batch it averages was scored)
+                self._metrics[mode]["oracle/mean"].append(batch.nanmean().item())
             if mode == "train" and self.accelerator.is_main_process:
                 self._samples = [
                     {"prompt": completion_text(p) if not isinstance(p, str) else p, "response": r,
-                     **{name: rewards_per_func[i, j].item() for j, name in enumerate(self.reward_func_names)}}
+                     **dict(zip(self.reward_func_names, recorded_scores(rewards_per_func[i])))}
                     for i, (p, r) in enumerate(zip(prompts[:4], responses[:4]))
                 ]  # fmt: skip
             self._timers["scoring"] += time.perf_counter() - start

@@ -445,13 +445,21 @@ def test_a_reward_functions_unscored_responses_are_left_out_of_the_held_out_mean
     # None is a reward function's "not scored" (README): eval.json once held NaN means and totals (no JSON) and
     # counted every pair with an unscored side as a loss (0.375 here, where every pair scored on both sides ties).
     # RLOO's comparison is the same function.
+    # The oracle leaves the same responses unscored: its logged oracle/mean was null (a plain mean over a batch
+    # with one NaN), and samples.jsonl held NaN for each unscored response.
     recipe = write_recipe(tmp_path, models[0], reward_functions=["grpo_test_rewards:brevity", "grpo_test_rewards:partial"],
-                          max_steps=1, save_strategy="no", steps_per_generation=1)  # fmt: skip
+                          oracle_function="grpo_test_rewards:partial", max_steps=1, save_strategy="no",
+                          steps_per_generation=1)  # fmt: skip
     train(recipe)
 
     def refuse(constant):
-        raise ValueError(f"{constant} in eval.json")
+        raise ValueError(f"{constant} in a record")
 
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "run" / name).read_text().splitlines()]
+        assert rows, name
+    assert [row["oracle/mean"] for row in tracking.read_metrics(tmp_path / "run") if "oracle/mean" in row] == [1.0]
+    assert rows[0]["partial"] is None and {row["partial"] for row in rows[1:]} == {1.0}  # the first of four unscored
     figures = json.loads((tmp_path / "run" / "eval.json").read_text(), parse_constant=refuse)
     # 4 prompts x 2 samples: responses 0 and 4 unscored on both sides, the 6 other pairs tie
     assert figures["sft/partial"] == figures["grpo/partial"] == 1.0
