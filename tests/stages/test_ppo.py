@@ -867,3 +867,39 @@ def test_prompts_over_max_prompt_length_are_counted_and_refused_when_most(tmp_pa
     records = tracking.read_json(tmp_path / "run" / "data.json")
     dropped = sum(records[s]["dropped"].get("longer than max_prompt_length=40", 0) for s in ("train", "eval"))
     assert dropped == 4
+
+
+def test_an_oracle_that_leaves_responses_unscored_is_averaged_over_those_it_scored(tmp_path, tiny_models):
+    # None is a reward function's "not scored" (README), an oracle's too: one unscored response made the step's
+    # oracle/score and the monitor's oracle gain and gap NaN (metrics.jsonl and eval.json no JSON), samples.jsonl
+    # a raw TypeError, and policy_eval.jsonl held NaN for each unscored held-out response.
+    sft, _ = tiny_models
+    oracle = tmp_path / "partial_oracle.py"
+    oracle.write_text(
+        "def partial(prompts, responses):\n    return [None if i % 2 == 0 else 1.0 for i in range(len(responses))]\n"
+    )
+    recipe = write_recipe(
+        tmp_path, sft, reward_functions=["hfgen.data.embedded:on_topic_scores"], oracle_function=f"{oracle}:partial",
+        total_episodes=32, sample_steps=1,
+    )  # fmt: skip
+    train(recipe)
+    run = tmp_path / "run"
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in a record")
+
+    records = {
+        name: [json.loads(line, parse_constant=refuse) for line in (run / name).read_text().splitlines()]
+        for name in ("metrics.jsonl", "samples.jsonl", "policy_eval.jsonl")
+    }
+    results = json.loads((run / "eval.json").read_text(), parse_constant=refuse)
+    metrics = records["metrics.jsonl"]
+    assert len(metrics) == 2 and all(row["oracle/score"] == 1.0 for row in metrics)  # every other response: 1.0
+    assert (
+        metrics[-1]["monitor/oracle_gain"] == 0.0 and results["monitor/oracle_gap"] == metrics[-1]["monitor/oracle_gap"]
+    )
+    # each sample row is scored alone, as the oracle's first (unscored) response
+    assert records["samples.jsonl"] and all(row["oracle"] is None for row in records["samples.jsonl"])
+    rows = records["policy_eval.jsonl"]
+    assert [row["ppo/oracle"] for row in rows] == [None, 1.0] * (len(rows) // 2)
+    assert results["ppo/oracle"] == results["sft/oracle"] == 1.0

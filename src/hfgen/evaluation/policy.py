@@ -73,6 +73,7 @@ def compare_to_reference(
         episode_ids,
         function_scores,
         left_pad,
+        recorded_scores,
         reference_logprobs,
         response_texts,
         sample_responses,
@@ -117,7 +118,7 @@ def compare_to_reference(
                 if "reward_model" in components:
                     figures["reward_model"] = components["reward_model"].tolist()
             for judge, function in judges.items():
-                figures[judge] = function_scores(function, shard_prompts, texts, policy.device).tolist()
+                figures[judge] = recorded_scores(function_scores(function, shard_prompts, texts, policy.device))
             figures["response_length"] = mask.sum(1).float().tolist()
             figures["eos_rate"] = finished.float().tolist()
             local[who] = {key: values[:kept] for key, values in figures.items()}

@@ -71,7 +71,7 @@ def format_metrics(step: int, total_steps: int, metrics: dict[str, float]) -> st
     shown = [("score", "objective/scores"), ("oracle", "oracle/score"), ("kl", "objective/kl"),
              ("entropy", "policy/entropy_avg"), ("clipfrac", "policy/clipfrac_avg"), ("vloss", "loss/value_avg"),
              ("len", "response/length_mean"), ("eos", "val/eos_rate"), ("eps", "eps")]  # fmt: skip
-    parts = [f"{label} {metrics[key]:.3g}" for label, key in shown if key in metrics]
+    parts = [f"{label} {metrics[key]:.3g}" for label, key in shown if metrics.get(key) is not None]
     times = [metrics[f"time/{name}_s"] for name in TIME_SPLIT]
     split = "/".join(f"{100 * t / max(sum(times), 1e-9):.0f}" for t in times)
     return f"step {step}/{total_steps} | " + " | ".join(parts) + f" | time % gen/score/adv/train {split}"

@@ -238,7 +238,10 @@ class HackingMonitor:
     def oracle_summary(self) -> dict:
         """With an oracle: proxy and oracle gains since the start, their gap, and the step the oracle peaked
         (its centred 3-step mean, so one lucky batch is no peak)."""
-        rows = [row for row in self.history if row["oracle"] is not None and row["proxy"] is not None]
+        from hfgen.evaluation.policy import mean
+
+        # steps with both figures (a step whose responses the oracle left unscored has none; NaN: an older run's log)
+        rows = [row for row in self.history if mean([row["oracle"]]) is not None and mean([row["proxy"]]) is not None]
         if not rows:
             return {}
         smoothed = centred_mean([row["oracle"] for row in rows])

@@ -11,7 +11,7 @@ import torch
 from hfgen import tracking
 from hfgen.rl.metrics import RATES
 from hfgen.rl.monitor import HackingMonitor, logged_figures
-from hfgen.rl.rollout import prompt_text
+from hfgen.rl.rollout import prompt_text, recorded_scores, reward_values
 
 SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
 
@@ -41,12 +41,14 @@ def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -
     for i in range(min(SAMPLE_ROWS, len(texts))):
         row = {"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": float(scores[i])}
         if oracle is not None:
-            row["oracle"] = float(oracle([row["prompt"]], [texts[i]])[0])
+            row["oracle"] = recorded_scores(reward_values(oracle, oracle([row["prompt"]], [texts[i]]), 1))[0]
         rows.append(row)
     with (output_dir / "samples.jsonl").open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     for row in rows:
-        judged = f"score {row['score']:+.2f}" + (f", oracle {row['oracle']:+.2f}" if "oracle" in row else "")
+        judged = f"score {row['score']:+.2f}" + (
+            f", oracle {row['oracle']:+.2f}" if row.get("oracle") is not None else ""
+        )
         print(f"    [{judged}] {row['prompt'][:40]!r} -> {row['response'][:80]!r}")
 
 

@@ -510,16 +510,21 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         local = step_metrics(
             rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs, all_reduce
         )
-        if oracle is not None:
-            local["oracle/score"] = function_scores(oracle, prompts, details.texts, accelerator.device).mean()
+        if oracle is not None:  # the mean over the responses it scored (None: unscored), over every process
+            oracle_scores = function_scores(oracle, prompts, details.texts, accelerator.device)
+            local["oracle/scored_sum"] = oracle_scores.nansum()
+            local["oracle/scored_count"] = oracle_scores.isfinite().sum()
         metrics = global_means(accelerator, local)
+        if oracle is not None:
+            total, count = metrics.pop("oracle/scored_sum"), metrics.pop("oracle/scored_count")
+            metrics["oracle/score"] = total / count if count else None
         metrics |= {"objective/kl_coef": kl_controller.value, "lr": lr}
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
         alerts = watch_for_hacking(accelerator, monitor, step, metrics, details, rollout) if monitor else []
         metrics_logger.log(step, **metrics)
         if trackers:
-            accelerator.log(metrics, step=step)
+            accelerator.log({name: value for name, value in metrics.items() if value is not None}, step=step)
         if config.logging_steps and (step % config.logging_steps == 0 or step in (1, total_steps)):
             accelerator.print(format_metrics(step, total_steps, metrics))
         if config.sample_steps and (step % config.sample_steps == 0 or step in (1, total_steps)):
