@@ -59,6 +59,13 @@ def test_num_processes_0_exits_2(capsys):
     assert "--num_processes 0: must be at least 1" in refused(capsys, PRETRAIN, "--num_processes", "0")
 
 
+@pytest.mark.parametrize("port", ["99999", "-5", "0"])
+def test_a_main_process_port_out_of_range_exits_2(capsys, port):
+    # 99999 and -5 were accelerate's raw OverflowError after the recipe's checks; 0 was dropped (29500 used)
+    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--main_process_port", port)
+    assert f"--main_process_port {port}: must be a port number, 1-65535" in error
+
+
 def test_main_process_port_is_a_launch_option_not_a_recipe_key():
     # was refused as "unknown key 'main_process_port' for stage ..."
     args, extra = build_parser().parse_known_args(

@@ -438,7 +438,7 @@ def launch_mixed_precision(launch_config: str | None) -> str:
     return str(read_launch_config(launch_config).get("mixed_precision") or "no").lower()
 
 
-def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
+def check_spawn(num_processes: int | None, launch_config: str | None, main_process_port: int | None = None) -> int:
     """Before `hfgen train --num_processes N --launch_config CFG` spawns anything: the launch the processes would
     refuse, refused once here (each process printed the refusal, then torchrun its own traceback, exit code 1).
     Returns the number of processes the launch will start."""
@@ -451,6 +451,9 @@ def check_spawn(num_processes: int | None, launch_config: str | None) -> int:
     config = read_launch_config(launch_config)
     if num_processes is not None and num_processes < 1:
         raise UserError(f"--num_processes {num_processes}: must be at least 1")
+    # accelerate's own check of it is a raw OverflowError after the recipe's checks (and 0 was dropped for 29500)
+    if main_process_port is not None and not 1 <= main_process_port <= 65535:
+        raise UserError(f"--main_process_port {main_process_port}: must be a port number, 1-65535")
     processes = num_processes or int(config.get("num_processes") or max(torch.cuda.device_count(), 1))
     deepspeed = config.get("distributed_type") == "DEEPSPEED"
     use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")

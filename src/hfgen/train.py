@@ -57,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--launch_config '{args.launch_config}' does not exist; presets live in recipes/accelerate/."
             )
-        processes = check_spawn(args.num_processes, args.launch_config)  # refused once here, not once per process
+        # refused once here, not once per process
+        processes = check_spawn(args.num_processes, args.launch_config, args.main_process_port)
         # checked against the precision the launch will ask of the processes (recipe.precision_problems), as they will
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
         os.environ["ACCELERATE_MIXED_PRECISION"] = launch_mixed_precision(args.launch_config)
@@ -138,7 +139,7 @@ def launch_with_accelerate(
 
     command = ["--config_file", config_file] if config_file else []
     command += ["--num_processes", str(num_processes)] if num_processes else []
-    command += ["--main_process_port", str(main_process_port)] if main_process_port else []
+    command += ["--main_process_port", str(main_process_port)] if main_process_port is not None else []
     engine = read_launch_config(config_file).get("distributed_type", "NO")  # (check_spawn has read it already)
     if processes > 1 and engine == "NO":
         # without a multi-process config accelerate starts ONE process (its simple launcher), which trained alone
