@@ -485,3 +485,35 @@ def test_a_unet_broken_by_the_last_update_is_not_saved(configs, vae_dir, tmp_pat
     assert result.returncode == 3, result.stderr[-3000:]
     assert "training ended at step 1 with a model that no longer computes: its noise prediction" in result.stderr
     assert not tracking.is_complete(tmp_path) and not (tmp_path / "unet").exists()
+
+
+def test_the_ema_comes_back_from_a_checkpoint_on_the_device_it_was_moved_to(tmp_path):
+    """accelerate loads a registered object's state on the CPU and diffusers' EMAModel replaced its shadow weights
+    with those tensors: a GPU resume left the EMA on the CPU, the UNet on the GPU, and its first `step` raised (probe
+    39 H1). 'meta' stands in for the GPU: the one device other than the CPU that every machine has."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers import UNet2DModel
+
+    from hfgen.diffusion import image_stage
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4,), layers_per_block=1,
+                           down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=2)  # fmt: skip
+        ema = image_stage.make_ema(unet, UNet2DModel, SimpleNamespace(use_ema=True, ema_decay=0.9), accelerator)
+        ema.step(unet.parameters())
+        accelerator.save_state(tmp_path / "checkpoint")
+        unet.to("meta")  # as the stage moves the denoiser, then the EMA, to its device before resuming
+        ema.to("meta")
+        accelerator.load_state(tmp_path / "checkpoint")
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert ema.optimization_step == 1  # the checkpoint's state was loaded
+    assert {p.device.type for p in ema.shadow_params} == {"meta"}
+    ema.step(unet.parameters())  # the resumed run's next step: every tensor on one device

@@ -206,12 +206,24 @@ def draw_captions(batch, generator, device) -> torch.Tensor:
 
 
 def make_ema(model, model_cls, args: ImageStageArguments, accelerator):
-    """diffusers' EMAModel of `model` (with warm-up), checkpointed with the run; None without `use_ema`."""
+    """diffusers' EMAModel of `model` (with warm-up), checkpointed with the run; None without `use_ema`. It keeps
+    the device it was moved to across a resume (see `DeviceKeepingEMA`)."""
     if not args.use_ema:
         return None
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(
+    class DeviceKeepingEMA(EMAModel):
+        """accelerate's load_state loads a registered object's state on the CPU, and EMAModel.load_state_dict
+        replaces its shadow weights with those tensors: after a resume on a GPU the EMA sat on the CPU, the
+        denoiser on the GPU, and the first `step` mixed devices and raised. The loaded weights go where the old
+        ones were."""
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            device = self.shadow_params[0].device if self.shadow_params else None
+            super().load_state_dict(state_dict)
+            self.to(device)
+
+    ema = DeviceKeepingEMA(
         model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True,
         model_cls=model_cls, model_config=model.config,
     )  # fmt: skip
