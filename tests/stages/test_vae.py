@@ -196,3 +196,42 @@ def test_a_resumed_run_reports_the_error_it_started_from(configs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = tracking.read_json(tmp_path / "eval.json")
     assert results["quality/reconstruction_mse_initial"] > results["quality/reconstruction_mse"]
+
+
+def test_a_row_averages_each_loss_over_the_steps_that_had_it_also_across_a_resume(tmp_path):
+    """vae's disc_loss and generator_loss exist only from adversarial_start_step on: a row whose window began before
+    it divided their sums by every step of the window (probe 39 H2: disc_loss 0.94 where the steps had 1.88). A
+    checkpoint inside the window keeps each value's count, so the resumed row is the uninterrupted one."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from hfgen.diffusion.training import StepLog
+
+    steps = [
+        {"loss": 4.0},
+        {"loss": 3.0, "disc_loss": 2.0},
+        {"loss": 2.0, "disc_loss": 1.0},
+        {"loss": 1.0, "disc_loss": 0.5},
+    ]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        uninterrupted = StepLog(accelerator, str(tmp_path / "uninterrupted"), every=4)
+        for values in steps:
+            uninterrupted.add(**{name: torch.tensor(value) for name, value in values.items()})
+        interrupted = StepLog(accelerator, str(tmp_path / "interrupted"), every=4)
+        for values in steps[:2]:  # a checkpoint after step 2: its window saved, loaded by the resumed run's log
+            interrupted.add(**{name: torch.tensor(value) for name, value in values.items()})
+        resumed = StepLog(accelerator, str(tmp_path / "resumed"), every=4)
+        resumed.restore_window(json.loads(json.dumps(interrupted.window())))
+        for values in steps[2:]:
+            resumed.add(**{name: torch.tensor(value) for name, value in values.items()})
+        rows = [log.maybe_write(4) for log in (uninterrupted, resumed)]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    expected = {"loss": 2.5, "disc_loss": 3.5 / 3}
+    for row in rows:
+        assert row == pytest.approx(expected)
+    assert tracking.read_metrics(tmp_path / "resumed")[0]["disc_loss"] == pytest.approx(3.5 / 3)

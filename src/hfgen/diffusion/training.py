@@ -236,19 +236,23 @@ class TrainingRNG:
 
 class StepLog:
     """Mean loss over the last `logging_steps` steps, averaged across processes, appended to metrics.jsonl. Losses
-    stay tensors between logs, so logging costs no per-step synchronisation."""
+    stay tensors between logs, so logging costs no per-step synchronisation. Each value is the mean over the steps
+    that had it: vae's adversarial losses exist only from `adversarial_start_step` on, and a row whose window began
+    before it divided their sums by every step of the window (half the disc_loss for a switch-on mid-window)."""
 
     def __init__(self, accelerator, output_dir: str, every: int):
         self.accelerator, self.every = accelerator, every
         self.logger = tracking.MetricsLogger(output_dir)  # cut back to the checkpoint by `resume`
         self.sums: dict = {}
-        self.count = 0
+        self.counts: dict = {}  # name: steps of the window that had it
+        self.count = 0  # steps of the window
         self.micro: dict = {}  # name: (sum, count) over the current optimizer step's micro-batches
         self.lr = None  # the learning rate of the last step ended
 
     def add(self, **values) -> None:
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.count += 1
 
     def add_micro_batch(self, **values) -> None:
@@ -266,8 +270,9 @@ class StepLog:
         self.lr = lr
 
     def window(self) -> dict:
-        """The steps since the last row (their sums, count and last learning rate), for a checkpoint."""
-        return {"sums": {name: total.item() for name, total in self.sums.items()}, "count": self.count, "lr": self.lr}
+        """The steps since the last row (their sums, counts and last learning rate), for a checkpoint."""
+        sums = {name: total.item() for name, total in self.sums.items()}
+        return {"sums": sums, "counts": dict(self.counts), "count": self.count, "lr": self.lr}
 
     def restore_window(self, window: dict) -> None:
         """A checkpoint's `window`: the next row averages the same steps as the uninterrupted run's (the sums were
@@ -279,13 +284,17 @@ class StepLog:
             name: torch.tensor(total, dtype=torch.float32, device=device) for name, total in window["sums"].items()
         }
         self.count, self.lr = window["count"], window["lr"]
+        # an earlier hfgen's checkpoint kept one count for the whole window: the best guess for every value
+        self.counts = dict(window.get("counts") or {name: self.count for name in self.sums})
 
     def maybe_write(self, step: int, force: bool = False, **extra) -> dict | None:
         if not self.count or (step % self.every and not force):
             return None
-        means = {name: self.accelerator.reduce(total, "mean").item() / self.count for name, total in self.sums.items()}
+        means = {
+            name: self.accelerator.reduce(total, "mean").item() / self.counts[name] for name, total in self.sums.items()
+        }
         self.logger.log(step, **means, lr=self.lr, **extra)
-        self.sums, self.count = {}, 0
+        self.sums, self.counts, self.count = {}, {}, 0
         return means
 
 
