@@ -433,6 +433,74 @@ def test_an_input_folder_is_read_whole_up_to_its_budget_then_known_by_its_files_
     ]
 
 
+def test_what_hfgen_writes_into_an_input_folder_is_no_part_of_it(tmp_path):
+    # `hfgen eval` of a downloaded base (eval.json, eval_samples.jsonl) or `hfgen generate` into it (generated/...)
+    # made every run on that base refuse its resume, and sweep, compare and rlhf retrain it (review 39 F1)
+    from hfgen import fingerprint
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name, text in (("config.json", "{}"), ("model.safetensors", "weights"), ("tokenizer.json", "{}")):
+        (base / name).write_text(text)
+    before = fingerprint.path_fingerprint(str(base))
+    assert sorted(before["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
+    (base / "eval.json").write_text("{}")
+    (base / "eval_samples.jsonl").write_text("{}\n")
+    (base / "README.md").write_text("notes")
+    (base / "generated").mkdir()
+    (base / "generated" / "00-a-cat-0.png").write_bytes(b"png")
+    (base / "generated" / "hfgen_images.json").write_text('{"images": ["00-a-cat-0.png"]}')
+    (base / "merged").mkdir()
+    (base / "merged" / "merged_from.json").write_text("{}")
+    (base / "merged" / "model.safetensors").write_text("other weights")
+    assert fingerprint.path_fingerprint(str(base)) == before
+    (base / "model.safetensors").write_text("WEIGHTS")  # the model itself still counts
+    assert fingerprint.changes({"k": before}, {"k": fingerprint.path_fingerprint(str(base))}) == [
+        f"k '{base}' changed since (its files model.safetensors)"
+    ]
+
+
+def test_a_large_input_is_known_by_its_size_and_time_and_a_moved_project_is_the_same(tmp_path, monkeypatch):
+    # a large file was known by its inode and ctime too: a copy moved back, a chmod or a staged copy on node-local
+    # scratch refused every resume; and a project moved (relative paths) was 'changed' by its resolved path
+    # (review 39 F2)
+    import os
+    import shutil
+
+    from hfgen import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 4)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"0123456789")
+    before = fingerprint.path_fingerprint(str(big))
+    shutil.copy2(big, tmp_path / "big.tmp")  # the same bytes and time, another inode
+    os.replace(tmp_path / "big.tmp", big)
+    big.chmod(0o600)
+    assert fingerprint.path_fingerprint(str(big)) == before
+    moved = dict(before, path=str(tmp_path / "elsewhere" / "big.bin"))
+    assert fingerprint.changes({"k": before}, {"k": moved}) == []
+    assert fingerprint.changes({"k": [before]}, {"k": [moved]}) == []
+
+
+def test_a_runs_own_output_dir_inside_an_input_folder_is_no_part_of_it(tmp_path):
+    # a run saved inside its base's folder (output_dir BASE/ft) counted its own records as the base's changes, and
+    # never resumed; class images generated inside the instance images' folder the same (review 39 F3)
+    from hfgen import fingerprint
+
+    base, images = tmp_path / "base", tmp_path / "dog"
+    (base / "ft").mkdir(parents=True)
+    (images / "class_imgs").mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    (images / "a.png").write_bytes(b"dog")
+    values = {"model_name_or_path": str(base), "output_dir": str(base / "ft"), "instance_data_dir": str(images),
+              "class_data_dir": str(images / "class_imgs")}  # fmt: skip
+    before = fingerprint.recipe_inputs(values)
+    (base / "ft" / "config.json").write_text('{"trained": 1}')
+    (base / "ft" / "adapter_model.safetensors").write_text("adapter")
+    (images / "class_imgs" / "00000-a-dog.png").write_bytes(b"a dog")
+    assert fingerprint.changes(before, fingerprint.recipe_inputs(values)) == []
+
+
 def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
     # its checkpoints hold no optimizer, scheduler or RNG state: resumed silently with fresh ones, exit 0, other weights
     short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1", "--save_steps", "1",

@@ -7,41 +7,56 @@ a cached evaluation are then of the same inputs only when the fingerprints still
 
 The rule for one file (`file_fingerprint`): files up to FULL_HASH_BYTES are hashed whole, so any edit shows (one that
 keeps the size and the modification time too: cp -p, rsync -t, tar, a fixed-width field corrected); larger ones by
-their size, modification time (ns), inode and status-change time, which every write changes and no tool (cp -p,
-touch, rsync) can set back (so is an unreadable file). A folder's fingerprint is its files' (by relative path), the
-whole content read for at most FOLDER_HASH_BYTES of them (a folder of a million images is not read through at each
-start); a folder that is a complete hfgen run is named by its run id (`tracking.run_id`, new on every run into it),
-its weights covered by that id."""
+their size and modification time (ns) only: a copy moved back, a chmod, a staged copy on node-local scratch or another
+mount is the same file, but an in-place edit of a large file that keeps both its size and its modification time is not
+noticed (so is an unreadable file known). A folder's fingerprint is its files' (by relative path), the whole content
+read for at most FOLDER_HASH_BYTES of them (a folder of a million images is not read through at each start), the rest
+by the same size and time. It leaves out what hfgen itself writes into a folder it reads (`hfgen eval`'s eval.json,
+`hfgen generate`'s images, a run's records, a nested run, merge or render output, the run's own output_dir inside an
+input folder: `folder_files`): those are no part of the model or data. A folder that is a complete hfgen run is named
+by its run id (`tracking.run_id`, new on every run into it), its weights covered by that id. Two records of one input
+are compared by their content digest, not by the path it resolved to: a project moved with relative paths in its
+recipe is the same run."""
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 FULL_HASH_BYTES = 64 * 2**20
 FOLDER_HASH_BYTES = 256 * 2**20
-# the files of an hfgen run dir that are the model (configs, tokenizer, chat template), beside its weights; its other
-# files are the run's records, which later commands update (`hfgen eval` writes eval.json)
-MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+# the files of a model folder that are the model (configs, tokenizer, chat template, remote code), beside its weights;
+# its other files (a README, eval_samples.jsonl, images) are no part of it. An hfgen run's weights are covered by its
+# run id; a plain model folder's (a downloaded base, a merge) by their own fingerprints
+MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
+MODEL_MARKS = ("config.json", "model_index.json", "adapter_config.json")  # a folder holding one is a model folder
+# the records hfgen's commands write into a model folder, at any depth, which later commands update (`hfgen eval` writes
+# eval.json into any model folder it evaluates, `hfgen generate` a manifest beside its images)
 RUN_RECORDS = frozenset((
     "data.json", "env.json", "eval.json", "pipeline_inputs.json", "hfgen_inputs.json", "compare_eval.json",
     "compare_inputs.json", "trainer_state.json", "peak_memory.json", "hacking_monitor.json", "buckets.json",
+    "hfgen_images.json",
 ))  # fmt: skip
 # folders inside an input folder that are no part of it: a run's checkpoints, DreamBooth's class images, TensorBoard
 SKIPPED_FOLDERS = re.compile(r"^(checkpoint-\d+|class_images|runs|\..*)$")
+# a folder inside an input folder holding one of these is hfgen's output (rendered images, a merge, a run), not input
+OUTPUT_MARKS = ("hfgen_images.json", "merged_from.json", "recipe.yaml")
 LISTED_FILES = 64  # a folder of up to this many files records each one's fingerprint, so a change can name the file
 # recipe keys whose values name inputs (a path among them is fingerprinted); other keys' strings are never paths
 INPUT_KEY = re.compile(r"(_name_or_path|_path|_name|_dir|_file|_files|^datasets|_dataset|^reward_model|template)$")
 NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
+OUTPUT_FOLDER_KEYS = ("output_dir", "logging_dir", "class_data_dir", "pipeline_dir")  # the folders a run writes
 
 
 def file_fingerprint(path: Path, read: bool = True) -> str:
     """One file's content fingerprint (the module's rule; not `read`: by its status alone)."""
     stat = path.stat()
-    by_status = f"stat:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+    by_status = f"stat:{stat.st_size}:{stat.st_mtime_ns}"  # (not inode or ctime: a copy moved back, a chmod)
     if not read or stat.st_size > FULL_HASH_BYTES:
         return by_status
     digest = hashlib.sha256()
@@ -54,31 +69,48 @@ def file_fingerprint(path: Path, read: bool = True) -> str:
     return digest.hexdigest()[:32]
 
 
-def files_fingerprints(files: list[Path], root: Path) -> dict[str, str]:
-    """{relative name: fingerprint} of a folder's (or a pattern's) files, read whole for FOLDER_HASH_BYTES at most."""
-    found, budget = {}, FOLDER_HASH_BYTES
+def budgeted_fingerprints(files: list[Path]) -> list[str]:
+    """The files' fingerprints, read whole for FOLDER_HASH_BYTES in all at most (the rest by size and time)."""
+    found, budget = [], FOLDER_HASH_BYTES
     for file in files:
         budget -= file.stat().st_size
-        found[str(file.relative_to(root) if file.is_relative_to(root) else file)] = file_fingerprint(file, budget >= 0)
+        found.append(file_fingerprint(file, budget >= 0))
     return found
 
 
-def folder_files(folder: Path, run: bool) -> list[Path]:
-    """The files that make up an input folder, sorted; of an hfgen run (`run`), only its model's small files."""
+def files_fingerprints(files: list[Path], root: Path) -> dict[str, str]:
+    """{relative name: fingerprint} of a folder's (or a pattern's) files, read whole for FOLDER_HASH_BYTES at most."""
+    names = [str(file.relative_to(root) if file.is_relative_to(root) else file) for file in files]
+    return dict(zip(names, budgeted_fingerprints(files)))
+
+
+def folder_files(folder: Path, run: bool, excluded: tuple[Path, ...] = ()) -> list[Path]:
+    """The files that make up an input folder, sorted: not the output folders inside it (OUTPUT_MARKS, SKIPPED_FOLDERS,
+    the `excluded` resolved dirs: the run's own output_dir); of a model folder (MODEL_MARKS) only its model files
+    without hfgen's records (RUN_RECORDS, at any depth), and of an hfgen run (`run`) only its small ones (its weights
+    are covered by its run id). A data folder keeps its other files (its data.json may be data)."""
+    model = run or any((folder / mark).is_file() for mark in MODEL_MARKS)
+    suffixes = MODEL_FILE_SUFFIXES + (() if run else WEIGHT_SUFFIXES)
     found = []
-    for path in sorted(folder.rglob("*")):
-        parts = path.relative_to(folder).parts
-        if not path.is_file() or any(SKIPPED_FOLDERS.match(part) for part in parts[:-1]) or parts[-1][0] == ".":
+    for top, dirs, files in os.walk(folder):  # (not into linked folders, as before)
+        here = Path(top)
+        if here != folder and (
+            SKIPPED_FOLDERS.match(here.name) or here.resolve() in excluded or any(m in files for m in OUTPUT_MARKS)
+        ):
+            dirs.clear()
             continue
-        if run and (path.suffix not in MODEL_FILE_SUFFIXES or (len(parts) == 1 and parts[0] in RUN_RECORDS)):
-            continue
-        found.append(path)
-    return found
+        for name in files:
+            path = here / name
+            if name[0] == "." or (model and (name in RUN_RECORDS or path.suffix not in suffixes)) or not path.is_file():
+                continue
+            found.append(path)
+    return sorted(found)
 
 
-def path_fingerprint(value: str) -> dict[str, Any] | None:
+def path_fingerprint(value: str, excluded: tuple[Path, ...] = ()) -> dict[str, Any] | None:
     """{"path", "digest", "run" (an hfgen run's id), "files" (a small folder's, by relative path)} of a local file,
-    folder or glob pattern of files; None for anything else (a hub id, an embedded dataset, a plain word)."""
+    folder or glob pattern of files, without the `excluded` resolved dirs inside a folder; None for anything else
+    (a hub id, an embedded dataset, a plain word)."""
     from hfgen import tracking
 
     path = Path(value).expanduser()
@@ -86,7 +118,7 @@ def path_fingerprint(value: str) -> dict[str, Any] | None:
         return {"path": str(path.resolve()), "digest": file_fingerprint(path)}
     if path.is_dir():
         run = tracking.run_id(path)
-        root, files = path, folder_files(path, run is not None)
+        root, files = path, folder_files(path, run is not None, excluded)
     elif glob.has_magic(value):
         run, root = None, Path(".")
         files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
@@ -114,12 +146,14 @@ def input_strings(key: str, value) -> list[str]:
 
 def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
     """{key: fingerprint} of the local inputs a recipe's `values` name (only those `keys` when given: the ones that
-    shape training); a key naming several (a mixture) records a list."""
+    shape training); a key naming several (a mixture) records a list. The run's own folders (OUTPUT_FOLDER_KEYS: an
+    output_dir inside its base's folder, class images generated inside the instance images') are no part of them."""
+    excluded = tuple(Path(v).expanduser().resolve() for k in OUTPUT_FOLDER_KEYS if isinstance(v := values.get(k), str))
     found = {}
     for key, value in values.items():
         if key in NOT_INPUTS or not INPUT_KEY.search(key) or (keys is not None and not keys(key)):
             continue
-        prints = [p for text in input_strings(key, value) if (p := path_fingerprint(text)) is not None]
+        prints = [p for text in input_strings(key, value) if (p := path_fingerprint(text, excluded)) is not None]
         if prints:
             found[key] = prints[0] if isinstance(value, str) else prints
     return found
@@ -131,13 +165,20 @@ def changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     said = []
     for key in sorted(set(then) & set(now)):
         before, after = then[key], now[key]
-        if before == after:
+        if content(before) == content(after):  # (not the path it resolved to: a moved project is the same run)
             continue
         if isinstance(before, dict) and isinstance(after, dict):
             said.append(f"{key} '{before.get('path')}' {what_changed(before, after)}")
         else:
             said.append(f"{key}: the content of its files changed")
     return said
+
+
+def content(record):
+    """A fingerprint record's content (its digest and run id), or a list of them (a mixture's)."""
+    if isinstance(record, list):
+        return [content(item) for item in record]
+    return (record.get("digest"), record.get("run")) if isinstance(record, dict) else record
 
 
 def what_changed(before: dict, after: dict) -> str:
