@@ -791,6 +791,27 @@ def test_a_large_file_edited_in_the_middle_with_its_size_and_time_kept_is_read_a
         assert sorted(list(train["text"]) + list(evaluation["text"])) == sorted(edited)
 
 
+def test_a_dataset_of_many_files_is_read_whole_up_to_the_folder_budget(tmp_path, monkeypatch):
+    """The cache key read every data file up to 64 MiB whole at every load, with no total budget: a dataset of many
+    shards was read through by every process at every start to name its cache (review 39 F5). Past the folder
+    budget a file is known by its size and modification time."""
+    import os
+
+    from hfgen import fingerprint
+    from hfgen.data.loading import content_cache_dir
+
+    monkeypatch.setattr(fingerprint, "FOLDER_HASH_BYTES", 10)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (first, second):
+        path.write_text("123456")
+    key = content_cache_dir([first, second])
+    for path in (second, first):
+        stat = path.stat()
+        path.write_text("654321")  # the same size and time
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert (content_cache_dir([first, second]) == key) == (path == second)  # only the first is read
+
+
 def test_csv_figures_train_as_the_file_writes_them(tmp_path):
     """pandas read a CSV column of figures as numbers, so `0010.50` trained as `10.5`, `26.0` as `26` and `0026` as
     `26`; a reward stage's margin column in a CSV is still a number."""

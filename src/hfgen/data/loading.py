@@ -246,17 +246,18 @@ def text_features(files: list[Path], options: dict):
 def content_cache_dir(files: list[Path]) -> str:
     """A `datasets` cache folder for these data files' content: `datasets` keys its cache of a local file on the path
     and modification time only, so a file replaced by another with the same time (tar, unzip, cp -p, rsync -t)
-    trained the old rows. The key adds each file's content fingerprint (`fingerprint.file_fingerprint`: the whole
-    content up to 64 MiB, which the conversion reads anyway; beyond, size, times and inode, which a write changes)."""
+    trained the old rows. The key adds each file's content fingerprint (`fingerprint.budgeted_fingerprints`, the rule
+    of input folders: the whole content of files up to 64 MiB, FOLDER_HASH_BYTES in all, so that a dataset of many
+    shards is not read through at every load; beyond, size and modification time)."""
     import hashlib
 
     import datasets
 
-    from hfgen.fingerprint import file_fingerprint
+    from hfgen.fingerprint import budgeted_fingerprints
 
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.resolve()}\0{file_fingerprint(file)}\0".encode())
+    for file, content in zip(files, budgeted_fingerprints(files)):
+        digest.update(f"{file.resolve()}\0{content}\0".encode())
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "hfgen_files" / digest.hexdigest()[:20])
 
 
