@@ -173,14 +173,38 @@ def trained_on_chat(model_path: str) -> bool | None:
     return tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
 
 
-def prompts_are_chat(rows) -> bool | None:
+def prompts_are_chat(rows, tokenizer=None) -> bool | None:
     """Whether a stage's rows (their `prompt`, or for rows with none the `chosen` / `completion`) are chat messages,
-    as the stage records `trained_on_chat`; None for no rows."""
+    as the stage records `trained_on_chat`, or strings already rendered with the `tokenizer`'s chat template
+    (`rendered_with_template`: the model was prompted in the template all the same); None for no rows."""
     if rows is None or not len(rows):
         return None
     first = rows[0]
     column = next((c for c in ("prompt", "chosen", "completion") if first.get(c) is not None), None)
-    return None if column is None else not isinstance(first[column], str)
+    if column is None:
+        return None
+    if not isinstance(first[column], str):
+        return True
+    if column != "prompt" or tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        return False
+    return rendered_with_template(first[column], template_marks(tokenizer))
+
+
+def template_marks(tokenizer) -> tuple[str, str, list[str]]:
+    """(what the chat template writes before a user's content, after it with the generation prompt, the special
+    tokens among those): a string prompt holding one of the tokens (Llama 3's <|start_header_id|>, ChatML's
+    <|im_start|>), or beginning with that opening, is already rendered."""
+    sentinel = "\x00hfgen\x00"
+    user = [{"role": "user", "content": sentinel}]
+    opening, closing = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True).split(sentinel)
+    special = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return opening, closing, [token for token in special if token in opening + closing]
+
+
+def rendered_with_template(prompt: str, marks: tuple[str, str, list[str]]) -> bool:
+    """Whether a string prompt is already rendered with the chat template whose `template_marks` these are."""
+    opening, _, tokens = marks
+    return any(token in prompt for token in tokens) or bool(opening.strip() and prompt.startswith(opening))
 
 
 def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:

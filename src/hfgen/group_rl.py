@@ -36,7 +36,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
-from hfgen.generate import prompts_are_chat, trained_on_chat
+from hfgen.generate import prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
 from hfgen.models import check_model_source, not_a_reward_model, position_limit
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
 
@@ -280,7 +280,7 @@ def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None, 
     opening, closing, tokens = template_marks(tokenizer)
 
     def turns(prompt: str) -> list[dict] | str:
-        if not any(token in prompt for token in tokens) and not (opening.strip() and prompt.startswith(opening)):
+        if not rendered_with_template(prompt, (opening, closing, tokens)):
             return [{"role": "user", "content": prompt}]  # a plain string
         if prompt.startswith(opening) and prompt.endswith(closing) and len(prompt) > len(opening + closing):
             content = prompt[len(opening) : len(prompt) - len(closing)]
@@ -313,17 +313,6 @@ def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None, 
     if records is not None:
         records.setdefault("notes", []).append(note)
     return dataset.map(lambda row, index: {"prompt": prepared[index]}, with_indices=True)
-
-
-def template_marks(tokenizer) -> tuple[str, str, list[str]]:
-    """(what the chat template writes before a user's content, after it with the generation prompt, the special
-    tokens among those): a string prompt holding one of the tokens (Llama 3's <|start_header_id|>, ChatML's
-    <|im_start|>), or beginning with that opening, is already rendered."""
-    sentinel = "\x00hfgen\x00"
-    user = [{"role": "user", "content": sentinel}]
-    opening, closing = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True).split(sentinel)
-    special = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
-    return opening, closing, [token for token in special if token in opening + closing]
 
 
 def completion_text(completion) -> str:
@@ -726,7 +715,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
             "trainable_parameters": count_parameters(policy, trainable_only=True),
             "peft": model_args.use_peft,
             # how its prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
-            "trained_on_chat": prompts_are_chat(train_rows),
+            "trained_on_chat": prompts_are_chat(train_rows, tokenizer),
         }
         if data_args.eval_samples_per_prompt:
             figures |= evaluate_against_start(trainer, policy, starting, eval_rows, data_args, config, name, oracle)

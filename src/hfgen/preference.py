@@ -546,7 +546,7 @@ def run_stage(
                 "trainable_parameters": parameters[1],
                 "peft": model_args.use_peft,
                 # how its prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
-                "trained_on_chat": prompts_are_chat(train_rows),
+                "trained_on_chat": prompts_are_chat(train_rows, tokenizer),
             },
         )
         if comparison:

@@ -632,6 +632,27 @@ def test_string_prompts_already_rendered_with_the_chat_template_are_not_wrapped_
         prepare_prompts(mixed, GroupRLArguments(), tokenizer)
 
 
+def test_string_prompts_already_rendered_with_the_chat_template_are_recorded_as_trained_on_chat():
+    # a policy trained on a conversation rendered to a string (kept as it is by chat_prompts: auto, untouched by
+    # never) recorded trained_on_chat: false, so `hfgen generate` / `eval` and later stages prompted it raw, in a
+    # format it never saw (review 39 F4)
+    from datasets import Dataset
+
+    from hfgen.generate import prompts_are_chat
+    from hfgen.group_rl import GroupRLArguments, prepare_prompts
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "name a cat"}]  # fmt: skip
+    multi = Dataset.from_list([{"prompt": tokenizer.apply_chat_template(talk, tokenize=False,
+                                                                        add_generation_prompt=True)}])  # fmt: skip
+    for chat_prompts in ("auto", "never"):
+        rows = prepare_prompts(multi, GroupRLArguments(chat_prompts=chat_prompts), tokenizer)
+        assert isinstance(rows[0]["prompt"], str) and prompts_are_chat(rows, tokenizer) is True
+    assert prompts_are_chat(Dataset.from_list([{"prompt": "name a cat"}]), tokenizer) is False
+
+
 def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_trains_float32(tmp_path):
     # dtype: bfloat16 trained in full: the policy is upcast to float32 before the trainer is built, and GRPO, RLOO
     # (and KTO without a reference given) build their reference in the policy's dtype: it was float32 (README:

@@ -574,7 +574,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         "episodes_per_s": max(last_step - start_step, 0) * global_batch / max(train_runtime, 1e-9),
         "steps": last_step,
         # how its prompts were rendered, for `hfgen generate` / `eval` to prompt it the same way
-        "trained_on_chat": prompts_are_chat(train_rows),
+        "trained_on_chat": prompts_are_chat(train_rows, tokenizer),
         "stopped_early": False,
         **stopped,
         # ema/ averages every update up to the last step trained, the stop's included: stop_on_hacking keeps
