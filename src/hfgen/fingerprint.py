@@ -148,7 +148,9 @@ def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
     """{key: fingerprint} of the local inputs a recipe's `values` name (only those `keys` when given: the ones that
     shape training); a key naming several (a mixture) records a list. The run's own folders (OUTPUT_FOLDER_KEYS: an
     output_dir inside its base's folder, class images generated inside the instance images') are no part of them."""
-    excluded = tuple(Path(v).expanduser().resolve() for k in OUTPUT_FOLDER_KEYS if isinstance(v := values.get(k), str))
+    excluded = tuple(
+        Path(v).expanduser().resolve() for k in OUTPUT_FOLDER_KEYS if isinstance(v := values.get(k), (str, Path))
+    )
     found = {}
     for key, value in values.items():
         if key in NOT_INPUTS or not INPUT_KEY.search(key) or (keys is not None and not keys(key)):
