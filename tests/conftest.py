@@ -98,6 +98,17 @@ def run_hfgen(*args, cwd=REPO, timeout=900, env=None) -> subprocess.CompletedPro
     )
 
 
+def count_calls(monkeypatch, calls: dict, module, name: str) -> None:
+    """Count in `calls[name]` the calls of `module.name` (still called), for tests of work done once."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
 def run_hfgen_here(*args, cwd=REPO) -> subprocess.CompletedProcess:
     """`hfgen ARGS` run by the CLI's own `main` in this process, for runs a test expects to stop at the check (exit 2):
     the same code as the console script without a new interpreter importing torch, transformers and diffusers again

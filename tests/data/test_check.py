@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, run_hfgen_here
+from conftest import REPO, count_calls, run_hfgen_here
 from hfgen.cli import main as hfgen_main
 from hfgen.models import CHAT_TEMPLATE
 from tiny_models import save_tiny_llama
@@ -61,17 +61,8 @@ def test_check_reads_the_data_and_renders_the_rows_once(tiny_lm, capsys, monkeyp
 
     calls = {"load_raw": 0, "check_sft_rendering": 0}
 
-    def counted(module, name):
-        original = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    counted(hfgen.data.prepare, "load_raw")
-    counted(hfgen.check, "check_sft_rendering")
+    count_calls(monkeypatch, calls, hfgen.data.prepare, "load_raw")
+    count_calls(monkeypatch, calls, hfgen.check, "check_sft_rendering")
     code, out, _ = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm)
     assert code == 0 and "200 of 200 rows (messages)" in out and "EOS inside the labels: 200 of 200" in out
     assert calls == {"load_raw": 1, "check_sft_rendering": 1}

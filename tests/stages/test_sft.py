@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, run_hfgen
+from conftest import REPO, accelerate_launch, count_calls, run_hfgen
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import generate_rows
@@ -247,17 +247,10 @@ def test_the_run_reads_its_data_and_renders_each_row_once(tiny_lm, tmp_path, mon
     jsonl(tmp_path / "data/test.jsonl", rows[30:])
     calls = {"load_raw": 0, "trained_conversation": 0}
 
-    def counted(module, name):
-        original = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    counted(hfgen.data.prepare, "load_raw")
-    counted(hfgen.stages.sft, "trained_conversation")  # the check's renderings (ROWS_RENDERED at most) and any more
+    count_calls(monkeypatch, calls, hfgen.data.prepare, "load_raw")
+    count_calls(
+        monkeypatch, calls, hfgen.stages.sft, "trained_conversation"
+    )  # the check's renderings (ROWS_RENDERED at most) and any more
     overrides = on_tiny(tiny_lm, tmp_path / "out", "--dataset_name", tmp_path / "data", "--max_steps", "1")
     assert hfgen_main(["train", str(SFT_FULL), *map(str, overrides), "--num_samples", "0"]) == 0
     assert calls == {"load_raw": 1, "trained_conversation": 30}  # 2 and 60 before
