@@ -514,7 +514,9 @@ def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_chan
     printed = compare(
         {"learning_rate": 1e-2, "overwrite_output_dir": True}
     )  # the SFT model is trained again: the DPO run is stale
-    assert "== sft" in printed and "training (trained from an older SFT or reward model" in printed, printed
+    # (the run's recorded input fingerprints say so first: its model_name_or_path holds another run now)
+    assert "== sft" in printed and "training (its inputs changed since it ran: model_name_or_path" in printed, printed
+    assert "now holds another run" in printed, printed
     second = (run / "compare_eval.json").read_text()
     assert second != first
     # another recipe for the run: refused before anything trains, naming the key and what to pass
