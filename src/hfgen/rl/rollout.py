@@ -281,7 +281,7 @@ def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int,
             "all in the reward model's vocabulary (its tokenizer has tokens the reward model lacks, e.g. an added pad "
             "token); give the reward model a tokenizer that matches its embeddings"
         )
-    decoder = reads_last_token(reward_model.config)
+    decoder = reads_last_token(model_config(reward_model))
     scores = []
     for rows in chunks(len(sequences), chunk_size):
         input_ids, attention_mask = (left_pad if decoder else right_pad)(sequences[rows], pad_token_id, device)
@@ -552,13 +552,19 @@ class RewardScorer:
         return ids + (self.close_ids if chat else eos)
 
 
+def model_config(model):
+    """The transformers config of `model`, also when an engine wraps it: a reward model TRL prepared under ZeRO-3 is
+    a DeepSpeedEngine, whose own `config` is the DeepSpeed settings (a dict)."""
+    return getattr(model, "module", model).config
+
+
 def pad_hides_eos(reward_model, tokenizer) -> bool:
     """Whether a decoder reward model's pad id (`config.pad_token_id`, by which its classifier finds the last token)
     is the EOS its inputs end with: it then reads the token before that EOS, and never sees whether an answer ended
     (an encoder pools its first token, unaffected)."""
     from hfgen.models import reads_last_token
 
-    config = getattr(reward_model, "config", None)
+    config = model_config(reward_model)
     pad = getattr(config, "pad_token_id", None)
     return pad is not None and pad == tokenizer.eos_token_id and reads_last_token(config)
 
@@ -570,7 +576,7 @@ def reward_model_ids(reward_model, tokenizer, texts: list[str], special: bool) -
     which is what is judged, and the special tokens ([CLS] that an encoder pools)."""
     from hfgen.models import position_limit
 
-    limit = position_limit(reward_model.config)
+    limit = position_limit(model_config(reward_model))
     if not limit:
         return tokenizer(texts, add_special_tokens=special)["input_ids"]
     side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
