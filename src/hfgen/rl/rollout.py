@@ -554,8 +554,8 @@ class RewardScorer:
 
 def model_config(model):
     """The transformers config of `model`, also when an engine wraps it: a reward model TRL prepared under ZeRO-3 is
-    a DeepSpeedEngine, whose own `config` is the DeepSpeed settings (a dict)."""
-    return getattr(model, "module", model).config
+    a DeepSpeedEngine, whose own `config` is the DeepSpeed settings (a dict). None for a model without one."""
+    return getattr(getattr(model, "module", model), "config", None)
 
 
 def pad_hides_eos(reward_model, tokenizer) -> bool:
