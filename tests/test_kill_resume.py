@@ -433,6 +433,29 @@ def test_an_input_folder_is_read_whole_up_to_its_budget_then_known_by_its_files_
     ]
 
 
+def test_a_linked_sub_folder_is_part_of_its_input_folder_and_a_removed_file_is_named(tmp_path):
+    # a data folder whose train/ links to a shared disk was fingerprinted without train/'s files, so rewriting them
+    # went unnoticed; a link back up must not walk forever; a file removed between the listing and its reading (a
+    # folder being written to as a run starts) ended the start in a raw FileNotFoundError
+    from hfgen import fingerprint
+
+    shared, data = tmp_path / "shared", tmp_path / "data"
+    shared.mkdir()
+    data.mkdir()
+    (shared / "rows.jsonl").write_text('{"text": "a"}\n')
+    (data / "train").symlink_to(shared, target_is_directory=True)
+    (shared / "up").symlink_to(data, target_is_directory=True)
+    before = fingerprint.path_fingerprint(str(data))
+    assert sorted(before["files"]) == ["train/rows.jsonl"]
+    (shared / "rows.jsonl").write_text('{"text": "b"}\n')
+    assert fingerprint.changes({"k": before}, {"k": fingerprint.path_fingerprint(str(data))}) == [
+        f"k '{data}' changed since (its files train/rows.jsonl)"
+    ]
+    listed = fingerprint.folder_files(data, run=False)
+    (shared / "rows.jsonl").unlink()
+    assert fingerprint.files_fingerprints(listed, data) == {"train/rows.jsonl": "missing"}
+
+
 def test_what_hfgen_writes_into_an_input_folder_is_no_part_of_it(tmp_path):
     # `hfgen eval` of a downloaded base (eval.json, eval_samples.jsonl) or `hfgen generate` into it (generated/...)
     # made every run on that base refuse its resume, and sweep, compare and rlhf retrain it (review 39 F1)

@@ -54,8 +54,12 @@ OUTPUT_FOLDER_KEYS = ("output_dir", "logging_dir", "class_data_dir", "pipeline_d
 
 
 def file_fingerprint(path: Path, read: bool = True) -> str:
-    """One file's content fingerprint (the module's rule; not `read`: by its status alone)."""
-    stat = path.stat()
+    """One file's content fingerprint (the module's rule; not `read`: by its status alone); "missing" for a file
+    removed since it was listed (a folder being written to while a run starts: the next start sees the change)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return "missing"
     by_status = f"stat:{stat.st_size}:{stat.st_mtime_ns}"  # (not inode or ctime: a copy moved back, a chmod)
     if not read or stat.st_size > FULL_HASH_BYTES:
         return by_status
@@ -73,7 +77,11 @@ def budgeted_fingerprints(files: list[Path]) -> list[str]:
     """The files' fingerprints, read whole for FOLDER_HASH_BYTES in all at most (the rest by size and time)."""
     found, budget = [], FOLDER_HASH_BYTES
     for file in files:
-        budget -= file.stat().st_size
+        try:
+            budget -= file.stat().st_size
+        except FileNotFoundError:  # removed since the folder was listed (`file_fingerprint`)
+            found.append("missing")
+            continue
         found.append(file_fingerprint(file, budget >= 0))
     return found
 
@@ -91,14 +99,18 @@ def folder_files(folder: Path, run: bool, excluded: tuple[Path, ...] = ()) -> li
     are covered by its run id). A data folder keeps its other files (its data.json may be data)."""
     model = run or any((folder / mark).is_file() for mark in MODEL_MARKS)
     suffixes = MODEL_FILE_SUFFIXES + (() if run else WEIGHT_SUFFIXES)
-    found = []
-    for top, dirs, files in os.walk(folder):  # (not into linked folders, as before)
+    found, walked = [], set()
+    # into linked sub-folders too (a data folder whose train/ links to a shared disk: its files are the data), each
+    # real folder once (a link back up would walk forever)
+    for top, dirs, files in os.walk(folder, followlinks=True):
         here = Path(top)
-        if here != folder and (
-            SKIPPED_FOLDERS.match(here.name) or here.resolve() in excluded or any(m in files for m in OUTPUT_MARKS)
-        ):
+        real = here.resolve()
+        if real in walked or (here != folder and (
+            SKIPPED_FOLDERS.match(here.name) or real in excluded or any(m in files for m in OUTPUT_MARKS)
+        )):  # fmt: skip
             dirs.clear()
             continue
+        walked.add(real)
         for name in files:
             path = here / name
             if name[0] == "." or (model and (name in RUN_RECORDS or path.suffix not in suffixes)) or not path.is_file():
