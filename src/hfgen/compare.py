@@ -265,13 +265,20 @@ def model_stamp(model_dir: Path) -> dict | None:
 def evaluation_settings(args) -> dict:
     """What an evaluation's figures depend on besides the models: a cached one of other settings is redone. The
     prompts are keyed on their file's content (`fingerprint.path_fingerprint`), not only its name: a file rewritten
-    under its name is other prompts."""
+    under its name is other prompts; so is the oracle on its module's source (an oracle fixed in place judges anew)."""
     from hfgen import fingerprint
+    from hfgen.evaluation.command import oracle_spec
+    from hfgen.rl.rollout import import_module_or_file
 
     keys = ("eval_dataset", "num_prompts", "samples_per_prompt", "response_length", "temperature", "oracle")
     settings = {key: getattr(args, key) for key in keys}
     content = fingerprint.path_fingerprint(args.eval_dataset) if args.eval_dataset else None
-    return settings | ({"eval_dataset_content": content["digest"]} if content else {})
+    if content:
+        settings["eval_dataset_content"] = content["digest"]
+    if oracle := oracle_spec(args.oracle, args.eval_dataset):  # (importable: `evaluation_problems` checked it)
+        source = getattr(import_module_or_file(oracle.rpartition(":")[0]), "__file__", None)
+        settings["oracle_source"] = fingerprint.file_fingerprint(Path(source)) if source else None
+    return settings
 
 
 def evaluation_problems(args) -> list[str]:

@@ -394,6 +394,22 @@ def test_compares_cached_evaluation_is_keyed_on_the_prompts_content_not_their_fi
     assert evaluation_settings(argparse.Namespace(**{**vars(args), "eval_dataset": "embedded:prompts"}))
 
 
+def test_compares_cached_evaluation_is_keyed_on_the_oracles_source(tmp_path):
+    # an --oracle file fixed in place (same MODULE:FUNC) reused the evaluations its old code judged (note 39's Left)
+    import argparse
+
+    from hfgen.compare import evaluation_settings
+
+    judge = tmp_path / "judge.py"
+    judge.write_text("def oracle(prompts, completions, **kwargs):\n    return [1.0 for _ in completions]\n")
+    args = argparse.Namespace(eval_dataset="embedded:prompts", num_prompts=2, samples_per_prompt=1,
+                              response_length=4, temperature=1.0, oracle=f"{judge}:oracle")  # fmt: skip
+    before = evaluation_settings(args)
+    assert evaluation_settings(args) == before
+    judge.write_text("def oracle(prompts, completions, **kwargs):\n    return [0.0 for _ in completions]\n")
+    assert evaluation_settings(args) != before
+
+
 @pytest.mark.slow
 def test_compare_trains_each_method_at_a_matched_budget_and_resumes(comparison):
     root, first, second = comparison
