@@ -96,6 +96,18 @@ def test_a_model_whose_reconstructions_are_not_finite_is_not_saved_as_complete(c
     assert not (tmp_path / "config.json").exists() and not list(tmp_path.glob("*.safetensors"))
 
 
+def test_an_update_past_float32s_range_stops_the_run_as_diverged(configs, tmp_path):
+    """Learning rate 1e39 without warm-up: the diffusion stages' AdamW (torch's per-parameter loop on CPU) ended the
+    run in a raw RuntimeError ('value cannot be converted to type float without overflow'); the fused AdamW the text
+    stages use leaves inf weights, and the next step's check stops the run (vae, t2i and t2i_flow share the
+    optimizer)."""
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, tmp_path, steps=2), "--learning_rate", "1e39",
+                       "--lr_warmup_steps", "0")  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "hfgen: diverged: training stopped at step 2" in result.stderr and "Traceback" not in result.stderr
+    assert not tracking.is_complete(tmp_path)
+
+
 def test_an_epochs_last_shorter_accumulation_trains_as_the_same_batch_unsplit(configs, tmp_path):
     """6 rows in batches of 4 make one batch an epoch: with gradient_accumulation_steps 2 each step is a short
     accumulation of 1 batch, which must take the step that batch takes alone (it took half of it: accelerate's

@@ -89,13 +89,15 @@ def weight_dtype(accelerator):
 
 
 def make_optimizer(parameter_groups, args: LoopArguments, num_processes: int):
-    """AdamW over `parameter_groups`; lr scaled by the global batch when `scale_lr`."""
+    """AdamW over `parameter_groups`; lr scaled by the global batch when `scale_lr`. Fused, as the text stages' (and
+    transformers' default): the per-parameter loop torch picks on CPU raised a raw RuntimeError for an update past
+    float32's range (learning_rate 1e39), where the fused one leaves inf weights for the divergence guard to stop."""
     from hfgen import loop
 
     scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
     return loop.adamw(
         parameter_groups, args.learning_rate * scale, (args.adam_beta1, args.adam_beta2), args.adam_weight_decay,
-        args.adam_epsilon,
+        args.adam_epsilon, fused=True,
     )  # fmt: skip
 
 
