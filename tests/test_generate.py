@@ -235,3 +235,24 @@ def test_a_one_process_command_launched_on_several_processes_exits_2(llama_dir, 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"`hfgen {command}` runs on one process, but 2 were launched (WORLD_SIZE=2)" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("layout", "chat"), [("alpaca", False), ("text", False), ("messages", True), (None, True)])
+def test_an_older_run_without_trained_on_chat_is_prompted_as_its_rows_were(tmp_path, capsys, layout, chat):
+    # an SFT run of an older hfgen (no trained_on_chat in eval.json) trained on Alpaca rows was prompted in the chat
+    # template by `hfgen generate` / `eval`, a format it never saw (probe 40 D1); its data.json names its rows' layout.
+    # A run neither record tells about is prompted in the template, saying so
+    from types import SimpleNamespace
+
+    import yaml
+
+    from hfgen import tracking
+    from hfgen.generate import wants_chat
+
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"stage": "sft", "output_dir": str(run)}))
+    tracking.write_json(run / "eval.json", {"train_loss": 1.0})
+    tracking.write_json(run / "data.json", {"train": {"format": layout}} if layout else {})
+    assert wants_chat(str(run), SimpleNamespace(chat_template="{{ messages }}")) is chat
+    assert ("does not record whether it prompted" in capsys.readouterr().err) is (layout is None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -138,7 +139,15 @@ def wants_chat(model_path: str, tokenizer) -> bool:
     if tokenizer.chat_template is None:
         return False
     if made_by_run(model_path) is not None:
-        return trained_on_chat(model_path) is not False
+        chat = trained_on_chat(model_path)
+        if chat is None:
+            print(
+                f"hfgen: the run that made {model_path} does not record whether it prompted its model in the chat "
+                "template (an older hfgen, or no held-out rows): prompting in the chat template; --no-chat prompts "
+                "raw text",
+                file=sys.stderr,
+            )
+        return chat is not False
     return any((Path(model_path) / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
 
 
@@ -160,7 +169,9 @@ def made_by_run(model_path: str) -> Path | None:
 def trained_on_chat(model_path: str) -> bool | None:
     """Whether the hfgen run that made the model prompted it in the chat template, as its eval.json records
     (`trained_on_chat`: SFT from its rows, the later stages from the prompts they trained on); False for
-    pretraining. None when unknown: no hfgen run made it, or its run does not say (an older run)."""
+    pretraining. A run that does not say (an older hfgen's) is read from the layout of its training rows in its
+    data.json: plain text, Alpaca or Dolly rows are prompted raw, conversations in the template. None when unknown:
+    no hfgen run made it, or neither record tells."""
     import yaml
 
     from hfgen import tracking
@@ -170,7 +181,11 @@ def trained_on_chat(model_path: str) -> bool | None:
         return None
     if yaml.safe_load(recipe.read_text()).get("stage") == "pretrain":
         return False
-    return tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
+    recorded = tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
+    if recorded is not None:
+        return recorded
+    layout = tracking.read_json(recipe.parent / "data.json", {}).get("train", {}).get("format")
+    return {"text": False, "alpaca": False, "dolly": False, "messages": True, "sharegpt": True}.get(layout)
 
 
 def prompts_are_chat(rows, tokenizer=None) -> bool | None:
