@@ -199,7 +199,7 @@ def test_an_eval_that_finds_the_disk_full_changes_neither_file_and_exits_2(model
         (["{model}", "--output", "{model}"], "is a directory; give the file to write"),
         (["{model}", "--perplexity_texts", "0"], "--perplexity_texts must be at least 1"),
         (["{model}", "--perplexity_dataset", "{model}/missing.jsonl"], "missing.jsonl"),
-        (["{model}", "--perplexity_dataset", "embedded:prompts"], "needs a 'text' or 'messages' column"),
+        (["{model}", "--perplexity_dataset", "embedded:prompts"], "needs texts (a 'text' column), conversations"),
         (["{model}", "--images_per_prompt", "2"], "--images_per_prompt does not apply to TARGET"),
     ],
 )
@@ -416,6 +416,33 @@ def test_a_chat_models_perplexity_scores_the_response_up_to_its_eos_as_sft_train
         ids, start = tokenize_response(tokenizer, messages[:-1], messages[-1:], None)
         assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids and ids[-1] == tokenizer.eos_token_id
         assert len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) == start
+
+
+def test_perplexity_reads_conversations_and_instructions_as_the_sft_stage_does(tokenizer, tmp_path):
+    # content parts, {from, value} turns in `messages` and a conversation ending with a user's turn were raw
+    # TypeError / ValueError tracebacks (probe 40 C6); Alpaca rows were refused
+    from hfgen.evaluation.command import perplexity_texts
+
+    expected_prefix = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "name a cat"}], tokenize=False, add_generation_prompt=True
+    )
+    layouts = {
+        "parts": {"messages": [{"role": "user", "content": [{"type": "text", "text": "name a cat"}]},
+                               {"role": "assistant", "content": [{"type": "text", "text": "tom"}]}]},
+        "from_value": {"messages": [{"from": "human", "value": "name a cat"}, {"from": "gpt", "value": "tom"}]},
+        "dangling": {"messages": [{"role": "user", "content": "name a cat"}, {"role": "assistant", "content": "tom"},
+                                  {"role": "user", "content": "another?"}]},
+    }  # fmt: skip
+    for name, row in layouts.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text((json.dumps(row) + "\n") * 3)
+        _, texts, prefixes = perplexity_texts(str(path), "embedded:prompts", tokenizer, True, 3)
+        assert prefixes == [expected_prefix] * 3, name
+        assert texts[0].removeprefix(expected_prefix) == "tom" + tokenizer.eos_token, name
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(json.dumps({"instruction": "name a cat", "input": "", "output": "tom"}) + "\n")
+    _, texts, prefixes = perplexity_texts(str(alpaca), "embedded:prompts", tokenizer, False, 3)
+    assert prefixes == ["name a cat\n\n"] and texts == ["name a cat\n\ntom"]
 
 
 def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(

@@ -331,29 +331,37 @@ def model_inputs(prompts: list, chat: bool) -> list:
 
 
 def perplexity_rows(spec: str, count: int):
-    """The first `count` rows of the --perplexity_dataset's test split (its one split for a file), which must have a
-    'text' or 'messages' column, or conversational 'prompt' and 'completion' (joined into 'messages')."""
+    """The first `count` rows of the --perplexity_dataset's test split (its one split for a file), read as the sft
+    stage reads its data (`to_standard`: plain text, conversations in any layout it takes, content parts joined,
+    ShareGPT's turns, Alpaca's and other prompt/completion rows); rows it drops (empty ones) are left out."""
+    from hfgen.data.formats import none_left, resolve_layout, to_standard
     from hfgen.data.loading import load_raw_as
 
     splits = load_raw_as("--perplexity_dataset", spec)
-    rows = splits["test"] if "test" in splits else splits[next(iter(splits))]
-    rows = rows.select(range(min(count, len(rows))))
-    if not {"text", "messages"} & set(rows.column_names) and {"prompt", "completion"} <= set(rows.column_names):
-        if len(rows) and all(isinstance(rows[0][c], list) for c in ("prompt", "completion")):
-            rows = rows.add_column("messages", [p + c for p, c in zip(rows["prompt"], rows["completion"])])
-    if not {"text", "messages"} & set(rows.column_names):
+    split = "test" if "test" in splits else next(iter(splits))
+    rows = splits[split].select(range(min(count, len(splits[split]))))
+    try:  # (the layout's own message names recipe keys hfgen eval does not have)
+        resolve_layout(rows, "sft", None, None, spec)
+    except UserError:
         raise UserError(
-            f"--perplexity_dataset '{spec}' needs a 'text' or 'messages' column, or conversational 'prompt' and "
-            f"'completion' (it has {rows.column_names})"
-        )
-    return rows
+            f"--perplexity_dataset '{spec}' needs texts (a 'text' column), conversations ('messages', ShareGPT's "
+            f"'conversations') or prompt/completion rows (Alpaca's, Dolly's too); it has columns {rows.column_names}"
+        ) from None
+    try:
+        standard, report = to_standard(rows, "sft", source=spec)
+    except UserError as error:
+        raise UserError(f"--perplexity_dataset: {error}") from None
+    if not len(standard):
+        raise none_left("--perplexity_dataset", spec, split, report, "text to score")
+    return standard
 
 
 def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
-    """(dataset name, texts, prefixes) to measure perplexity on. Conversations are formatted with the chat
-    template and only their last message (the response) is scored, up to its EOS: the prompt is context and the
-    template text after the EOS (a newline in ChatML-like templates) is left out, as in SFT's held-out loss
-    (sft.tokenize_response)."""
+    """(dataset name, texts, prefixes) to measure perplexity on. A conversation is formatted with the chat template
+    up to its last assistant turn, and only that turn (the response) is scored, up to its EOS: the turns before are
+    context and the template text after the EOS (a newline in ChatML-like templates) is left out, as in SFT's
+    held-out loss (sft.tokenize_response). A plain prompt/completion row scores its completion, its prompt the
+    context."""
     if spec == AUTO:
         if (world := embedded_world(eval_dataset)) is None:
             return None, [], None
@@ -363,20 +371,27 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
     rows = perplexity_rows(spec, count)
     if "text" in rows.column_names:
         return spec, list(rows["text"]), None
-    if "messages" in rows.column_names and tokenizer.chat_template is not None:
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in rows["messages"]]
-        prefixes = [
-            tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in rows["messages"]
-        ]
-        return (
-            spec,
-            [up_to_eos(text, len(prefix), tokenizer.eos_token) for text, prefix in zip(texts, prefixes)],
-            prefixes,
+    if "messages" in rows.column_names:
+        conversations = list(rows["messages"])
+    elif isinstance(rows[0]["prompt"], str):  # plain rows are prompted raw, as SFT trains them
+        return spec, [p + c for p, c in zip(rows["prompt"], rows["completion"])], list(rows["prompt"])
+    else:
+        conversations = [p + c for p, c in zip(rows["prompt"], rows["completion"])]
+    if tokenizer.chat_template is None:
+        raise UserError(
+            f"--perplexity_dataset '{spec}' holds conversations, and the model's tokenizer has no chat template to "
+            "render them; give texts (a 'text' column), or --perplexity_dataset none"
         )
-    raise UserError(
-        f"--perplexity_dataset '{spec}' holds conversations ('messages'), and the model's tokenizer has no chat "
-        "template to render them; give texts (a 'text' column), or --perplexity_dataset none"
-    )
+    # each up to its last assistant turn, the response scored (a conversation may end with a user's turn)
+    conversations = [
+        m[: max((i for i, t in enumerate(m) if t["role"] == "assistant"), default=len(m) - 1) + 1]
+        for m in conversations
+    ]
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations]
+    prefixes = [
+        tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in conversations
+    ]
+    return spec, [up_to_eos(text, len(prefix), tokenizer.eos_token) for text, prefix in zip(texts, prefixes)], prefixes
 
 
 def up_to_eos(text: str, start: int, eos: str | None) -> str:
