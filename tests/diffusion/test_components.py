@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from transformers import CLIPTokenizer
 
 from hfgen.diffusion.components import build_caption_tokenizer, build_text_encoder, is_pipeline_dir
@@ -59,3 +60,27 @@ def test_a_lora_runs_local_base_is_recorded_as_an_absolute_path(tmp_path, monkey
         Path("run"), SimpleNamespace(pretrained_model_name_or_path="org/sd", revision="r", variant=None), {}
     )
     assert lora_run_base(tmp_path / "run")["pretrained_model_name_or_path"] == "org/sd"  # a hub id stays one
+
+
+def test_a_pipelines_scheduler_is_taken_from_diffusers_only_its_named_module_is_not_imported(tmp_path, monkeypatch):
+    # model_index.json's scheduler entry ["this", "DDIMScheduler"] imported (ran) the module `this`, then ended in
+    # a raw AttributeError; a module beside the pipeline ran its code with no trust_remote_code (probe 40 D2)
+    import json
+
+    from diffusers import DDIMScheduler
+
+    from hfgen.diffusion.components import pretrained_sampler
+    from hfgen.errors import UserError
+
+    DDIMScheduler(num_train_timesteps=50).save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').close()\nDDIMScheduler = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for entry in (["planted", "DDIMScheduler"], ["diffusers", "StableDiffusionPipeline"]):
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "scheduler": entry}))
+        with pytest.raises(UserError, match=r"names the scheduler .* which is not a diffusers scheduler"):
+            pretrained_sampler(str(tmp_path), None)
+    assert not (tmp_path / "RAN").exists()
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "X", "scheduler": ["diffusers", "DDIMScheduler"]})
+    )
+    assert pretrained_sampler(str(tmp_path), None).config.num_train_timesteps == 50

@@ -417,16 +417,22 @@ def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
 
 
 def pretrained_sampler(name: str, revision: str | None):
-    """The pretrained pipeline's own inference scheduler (its class is named in model_index.json)."""
+    """The pretrained pipeline's own inference scheduler (its class is named in model_index.json), a diffusers
+    scheduler only: the library named there was imported, and importing a module runs it (diffusers itself imports
+    no other library a model_index.json names, and neither does hfgen without trust_remote_code)."""
+    import diffusers
     from diffusers import DiffusionPipeline
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    config = DiffusionPipeline.load_config(name, revision=revision)
-    library, class_name = config["scheduler"]
-    import importlib
-
-    return getattr(importlib.import_module(library), class_name).from_pretrained(
-        name, subfolder="scheduler", revision=revision
-    )
+    library, class_name = DiffusionPipeline.load_config(name, revision=revision).get("scheduler") or (None, None)
+    scheduler = getattr(diffusers, str(class_name), None) if library == "diffusers" else None
+    if not (isinstance(scheduler, type) and issubclass(scheduler, SchedulerMixin)):
+        raise UserError(
+            f"pretrained_model_name_or_path '{name}': its model_index.json names the scheduler "
+            f"{[library, class_name]}, which is not a diffusers scheduler; hfgen samples with diffusers' schedulers "
+            "only (it does not import the other libraries a pipeline names)"
+        )
+    return scheduler.from_pretrained(name, subfolder="scheduler", revision=revision)
 
 
 def make_pipeline(tokenizer, text_encoder, vae, unet, sampler):
