@@ -225,6 +225,38 @@ def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eva
     assert type(load_causal_lm(str(model))).__name__ == "TinyCustomForCausalLM"
 
 
+def test_a_reward_model_that_trusted_its_code_loads_as_hfgen_evals_judge_and_another_is_refused(tmp_path):
+    # hfgen eval --reward_model of such a run: its tokenizer ran the code, its model load (trust None) asked on
+    # stdin "[y/N]" and then advised an argument eval does not have (probe 40 D3)
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hfgen.errors import UserError
+    from hfgen.evaluation.command import load_reward_model
+    from hfgen.models import build_embedded_tokenizer
+
+    model = tmp_path / "reward"
+    tokenizer = build_embedded_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1)  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="tinyscorer", auto_map={"AutoConfig": "scorer.TinyScorerConfig",
+                  "AutoModel": "scorer.TinyModel", "AutoModelForSequenceClassification": "scorer.TinyScorer"})  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "scorer.py").write_text(
+        "from transformers import AutoModel, LlamaConfig, LlamaForSequenceClassification, LlamaModel\n\n\n"
+        "class TinyScorerConfig(LlamaConfig):\n    model_type = 'tinyscorer'\n\n\n"
+        "class TinyModel(LlamaModel):\n    config_class = TinyScorerConfig\n\n\n"
+        "AutoModel.register(TinyScorerConfig, TinyModel, exist_ok=True)\n\n\n"
+        "class TinyScorer(LlamaForSequenceClassification):\n    config_class = TinyScorerConfig\n"
+    )
+    with pytest.raises(UserError, match="--reward_model: could not load a sequence classifier .* brings its own"):
+        load_reward_model(str(model), "cpu")
+    (model / "recipe.yaml").write_text("stage: reward\ntrust_remote_code: true\n")
+    assert type(load_reward_model(str(model), "cpu")[1]).__name__ == "TinyScorer"
+
+
 @pytest.mark.parametrize("command", ["generate", "eval", "merge"])
 def test_a_one_process_command_launched_on_several_processes_exits_2(llama_dir, tmp_path, monkeypatch, command):
     """Under `accelerate launch --num_processes 2` each process ran the whole command and wrote the same files."""

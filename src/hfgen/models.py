@@ -571,15 +571,19 @@ def load_causal_lm(
 
         return PeftModel.from_pretrained(model, path)
     except (OSError, ValueError) as error:
-        if not trust_remote_code and "trust_remote_code" in str(
-            error
-        ):  # transformers asks for an argument hfgen has not
-            raise UserError(
-                f"could not load a causal language model from '{path}': it brings its own model code, which hfgen "
-                "runs only for the output of a run whose recipe set trust_remote_code: true (read from its "
-                "recipe.yaml); to use another such model, train from it with trust_remote_code: true"
-            ) from None
-        raise UserError(f"could not load a causal language model from '{path}': {error}") from None
+        raise load_problem("a causal language model", path, error, trust_remote_code) from None
+
+
+def load_problem(what: str, path: str, error: Exception, trust_remote_code: bool) -> UserError:
+    """The problem of a model dir (or hub id) that `from_pretrained` could not load as `what`. A model bringing
+    its own code, untrusted: transformers asks for an argument the commands that take a model dir do not have."""
+    if not trust_remote_code and "trust_remote_code" in str(error):
+        return UserError(
+            f"could not load {what} from '{path}': it brings its own model code, which hfgen runs only for the "
+            "output of a run whose recipe set trust_remote_code: true (read from its recipe.yaml); to use another "
+            "such model, train from it with trust_remote_code: true"
+        )
+    return UserError(f"could not load {what} from '{path}': {error}")
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:

@@ -595,18 +595,21 @@ def load_reward_model(path: str, device: str):
     """(tokenizer, model) of a reward model: a full sequence-classification dir, or a LoRA adapter on one."""
     from transformers import AutoModelForSequenceClassification
 
-    from hfgen.models import adapter_base, load_tokenizer
+    from hfgen.models import adapter_base, load_problem, load_tokenizer, trusted_by_its_run
 
-    tokenizer = load_tokenizer(path)
+    trusted = trusted_by_its_run(path)  # as the run that wrote it ran its code (None made transformers ask on stdin)
+    tokenizer = load_tokenizer(path, trusted)
     try:
         if adapter_base(path) is None:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=trusted)
         else:
             from peft import AutoPeftModelForSequenceClassification
 
-            model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=trusted
+            )
     except (OSError, ValueError) as error:
-        raise UserError(f"--reward_model '{path}' could not be loaded as a sequence classifier: {error}") from None
+        raise UserError(f"--reward_model: {load_problem('a sequence classifier', path, error, trusted)}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # it finds each sequence's last token by padding
     return tokenizer, model.to(device)

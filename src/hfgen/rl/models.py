@@ -98,7 +98,9 @@ def load_sequence_classifier(path: str, model_args, config, tokenizer):
     if adapter_config.is_file() and json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
         from peft import AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(resolved(path), num_labels=1)
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            resolved(path), num_labels=1, trust_remote_code=model_args.trust_remote_code
+        )
         model = model.merge_and_unload()
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
