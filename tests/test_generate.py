@@ -288,3 +288,27 @@ def test_an_older_run_without_trained_on_chat_is_prompted_as_its_rows_were(tmp_p
     tracking.write_json(run / "data.json", {"train": {"format": layout}} if layout else {})
     assert wants_chat(str(run), SimpleNamespace(chat_template="{{ messages }}")) is chat
     assert ("does not record whether it prompted" in capsys.readouterr().err) is (layout is None)
+
+
+def test_a_bin_weights_file_holding_other_objects_than_tensors_is_refused_naming_it(llama_dir, tmp_path):
+    # torch's weights_only guard stopped such a pickle (no code ran) but hfgen generate ended in its raw
+    # UnpicklingError, advising to load with weights_only=False (probe 40 D6)
+    import shutil
+
+    from hfgen.errors import UserError
+    from hfgen.models import load_causal_lm
+
+    model = tmp_path / "bin_model"
+    shutil.copytree(llama_dir, model)
+    from safetensors.torch import load_file
+
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save({**state, "planted": PlantedObject()}, model / "pytorch_model.bin")
+    with pytest.raises(UserError, match="its .bin weights hold objects other than tensors"):
+        load_causal_lm(str(model))
+
+
+class PlantedObject:
+    def __reduce__(self):  # what a crafted pickle would run on load
+        return (print, ("planted code ran",))

@@ -7,6 +7,7 @@ models the same way.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -570,13 +571,19 @@ def load_causal_lm(
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, path)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
         raise load_problem("a causal language model", path, error, trust_remote_code) from None
 
 
 def load_problem(what: str, path: str, error: Exception, trust_remote_code: bool) -> UserError:
     """The problem of a model dir (or hub id) that `from_pretrained` could not load as `what`. A model bringing
-    its own code, untrusted: transformers asks for an argument the commands that take a model dir do not have."""
+    its own code, untrusted: transformers asks for an argument the commands that take a model dir do not have; a
+    .bin weights file holding objects other than tensors: torch advises turning its guard off."""
+    if isinstance(error, pickle.UnpicklingError):
+        return UserError(
+            f"could not load {what} from '{path}': its .bin weights hold objects other than tensors (a pickle that "
+            "would run code when loaded), which hfgen does not load; use its safetensors weights"
+        )
     if not trust_remote_code and "trust_remote_code" in str(error):
         return UserError(
             f"could not load {what} from '{path}': it brings its own model code, which hfgen runs only for the "

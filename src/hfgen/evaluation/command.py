@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 from pathlib import Path
 
 from hfgen.errors import UserError
@@ -608,7 +609,7 @@ def load_reward_model(path: str, device: str):
             model = AutoPeftModelForSequenceClassification.from_pretrained(
                 path, num_labels=1, trust_remote_code=trusted
             )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
         raise UserError(f"--reward_model: {load_problem('a sequence classifier', path, error, trusted)}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # it finds each sequence's last token by padding
