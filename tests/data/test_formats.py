@@ -990,3 +990,15 @@ def test_chat_answers_whose_turns_are_all_empty_are_dropped_as_empty_text(tmp_pa
     train, evaluation, records = load(jsonl(tmp_path / "pairs.jsonl", pairs), "preference")
     dropped = records["train"]["dropped"].get("empty text", 0) + records["eval"]["dropped"].get("empty text", 0)
     assert dropped == 10 and len(train) + len(evaluation) == 30
+
+
+def test_a_folder_with_a_dataset_loading_script_is_refused_naming_it(tmp_path):
+    # datasets refuses to run it (raw RuntimeError 'Dataset scripts are no longer supported', exit 1; probe 40 D7)
+    folder = tmp_path / "squad_like"
+    folder.mkdir()
+    (folder / "squad_like.py").write_text("raise SystemExit('a loading script ran')\n")
+    jsonl(folder / "train.jsonl", [{"text": f"row {i}"} for i in range(10)])
+    with pytest.raises(UserError, match=r"holds a dataset loading script \(squad_like.py\), which datasets no longer"):
+        load(folder, "text")
+    train, evaluation, _ = load(folder / "*.jsonl", "text")  # its data files, named, load
+    assert len(train) + len(evaluation) == 10

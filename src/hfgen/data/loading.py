@@ -153,6 +153,14 @@ def load_raw(name: str, config: str | None = None):
         return datasets.load_dataset(name, config)
     except UserError:
         raise
+    except RuntimeError as error:  # (datasets 4+ runs no loading script; anything else is a bug)
+        if "Dataset scripts are no longer supported" not in str(error):
+            raise
+        script = str(error).rpartition("found ")[2]
+        raise UserError(
+            f"dataset_name '{name}' holds a dataset loading script ({script}), which datasets no longer runs: point "
+            f"dataset_name at its data files instead (a file, a folder of them or a pattern such as {name}/*.jsonl)"
+        ) from None
     # What bad data or a bad name raises: OSError (FileNotFoundError, DatasetNotFoundError, EmptyDatasetError...),
     # ValueError (ArrowInvalid, UnicodeDecodeError, a CSV parser's errors), datasets' own build errors, and a
     # truncated or damaged compressed file's (EOFError, LZMAError, zlib.error: none of the others). Anything else is
