@@ -1002,3 +1002,73 @@ def test_a_folder_with_a_dataset_loading_script_is_refused_naming_it(tmp_path):
         load(folder, "text")
     train, evaluation, _ = load(folder / "*.jsonl", "text")  # its data files, named, load
     assert len(train) + len(evaluation) == 10
+
+
+def test_an_empty_assistant_turn_among_others_is_dropped_as_empty_text(tmp_path):
+    # a multi-turn conversation with an empty assistant turn in the middle trained it (the model learnt to end its
+    # answer at once); only a lone empty answer was dropped (probe 40 C3). A turn that only calls a tool is not empty
+    rows = [
+        {
+            "messages": turns(
+                ("user", f"q{i}"),
+                ("assistant", "" if i % 4 == 0 else f"a{i}"),
+                ("user", f"r{i}"),
+                ("assistant", f"b{i}"),
+            )
+        }  # fmt: skip
+        for i in range(40)
+    ]
+    rows[1]["messages"][1] = {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
+    train, evaluation, records = load(jsonl(tmp_path / "m.jsonl", rows), "sft")
+    dropped = records["train"]["dropped"].get("empty text", 0) + records["eval"]["dropped"].get("empty text", 0)
+    assert dropped == 10 and len(train) + len(evaluation) == 30
+    pairs = [
+        {
+            "prompt": turns(("user", f"q{i}")),
+            "chosen": turns(("assistant", "" if i % 4 == 0 else f"yes {i}"), ("user", "more"), ("assistant", "ok")),
+            "rejected": turns(("assistant", f"no {i}")),
+        }  # fmt: skip
+        for i in range(40)
+    ]
+    train, evaluation, records = load(jsonl(tmp_path / "pairs.jsonl", pairs), "preference")
+    dropped = records["train"]["dropped"].get("empty text", 0) + records["eval"]["dropped"].get("empty text", 0)
+    assert dropped == 10 and len(train) + len(evaluation) == 30
+
+
+def test_sharegpt_speaker_names_under_role_are_read_and_unknown_roles_refused(tmp_path):
+    # {"role": "human"} reached the chat template as an unknown role (Qwen2.5's drops the turn: the model trained to
+    # answer a question it never saw), {"role": "gpt"} dropped the row as having no assistant turn (probe 40 C2)
+    rows = [{"messages": turns(("human", f"q{i}"), ("gpt", f"a{i}"))} for i in range(20)]
+    train, _, _ = load(jsonl(tmp_path / "roles.jsonl", rows), "sft")
+    assert [m["role"] for m in train[0]["messages"]] == ["user", "assistant"]
+    rows[3] = {"messages": turns(("user", "q"), ("bot", "a"))}
+    with pytest.raises(UserError, match=r"row 4, column 'messages': turn 2 has the unknown role 'bot'; known: "):
+        load(jsonl(tmp_path / "bot.jsonl", rows), "sft")
+
+
+def test_a_broken_value_is_named_by_its_row_in_the_file_not_in_the_shuffled_split(tmp_path):
+    # the turns and text values were checked only once the held-out slice was carved (train_test_split shuffles):
+    # the 4th row of a 20-row file was named row 6, the 1st row 10
+    for bad in (0, 3, 19):
+        rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+        rows[bad]["output"] = {"x": 1}
+        with pytest.raises(UserError, match=rf"row {bad + 1}, column 'output': dict value"):
+            load(jsonl(tmp_path / "alpaca.jsonl", rows), "sft")
+        rows = [{"messages": turns(("user", f"q{i}"), ("assistant", f"a{i}"))} for i in range(20)]
+        rows[bad]["messages"][1] = {"role": "assistant"}
+        with pytest.raises(UserError, match=rf"row {bad + 1}, column 'messages': turn 2 lacks"):
+            load(jsonl(tmp_path / "messages.jsonl", rows), "sft")
+
+
+@pytest.mark.parametrize("flag", [{"weight": 0}, {"train": False}])
+def test_a_turn_marked_not_to_be_trained_is_refused_by_row(tmp_path, flag):
+    # axolotl's per-turn `weight: 0` (or `train: false`) was dropped without a word and the turn trained (probe 40
+    # C4); a conversation whose turns are all marked trained is read as it is
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}", "weight": 1}]}
+            for i in range(20)]  # fmt: skip
+    train, _, _ = load(jsonl(tmp_path / "ok.jsonl", rows), "sft")
+    assert len(train) > 0
+    rows[5]["messages"][1] = {"role": "assistant", "content": "bad answer", **flag}
+    with pytest.raises(UserError, match=r"row 6, column 'messages': turn 2 is marked not to be trained"):
+        load(jsonl(tmp_path / "flags.jsonl", rows), "sft")

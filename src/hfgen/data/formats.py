@@ -39,6 +39,12 @@ IDENTICAL = "chosen equal to rejected"  # the drop reason of such pairs
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SHAREGPT_ROLES |= {"chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
 SHAREGPT_ROLES |= {"function_call": "assistant", "observation": "tool"}  # LLaMA-Factory's tool turns (glaive)
+# A turn's role under either key (`role` or ShareGPT's `from`): the roles chat templates render, kept as they are, and
+# ShareGPT's speaker names (`{"role": "human"}` reached the template as an unknown role: Qwen's drops such a turn)
+ROLE_NAMES = {role: role for role in ("tool", "function", "ipython", "developer")} | SHAREGPT_ROLES
+# Per-turn training flags other formats write (axolotl's `weight: 0`, `train: false`): hfgen trains every assistant
+# turn, so a conversation that marks one as not trained is refused rather than trained whole
+TURN_TRAINING_FLAGS = ("weight", "train", "training", "loss")
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,16 @@ def _is_empty(value) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+def _holds_empty_answer(turns) -> bool:
+    """Chat turns with an assistant turn that says nothing and calls no tool among others that do: trained, it
+    teaches the model to end its answer at once (as a lone empty completion would, `_is_empty`)."""
+    return isinstance(turns, list) and any(
+        isinstance(turn, dict) and turn.get("role") == "assistant" and _is_empty(turn.get("content"))
+        and not turn.get("tool_calls")
+        for turn in turns
+    )  # fmt: skip
+
+
 def _turn_text(turn: dict):
     return next((turn[content] for _, content in TURN_KEYS if content in turn), None)
 
@@ -275,14 +291,18 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
                 f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} lacks '{role_key}' or "
                 f"'{content_key}' ({turn!r})"
             )
-        role = turn[speaker]
-        if speaker == "from":
-            role = SHAREGPT_ROLES.get(str(role).lower())
-            if role is None:
-                raise UserError(
-                    f"dataset '{source}' row {row + 1}: unknown ShareGPT speaker '{turn[speaker]}'; "
-                    f"known: {', '.join(SHAREGPT_ROLES)}"
-                )
+        role = ROLE_NAMES.get(str(turn[speaker]).lower())
+        if role is None:
+            raise UserError(
+                f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} has the unknown {speaker} "
+                f"'{turn[speaker]}'; known: {', '.join(ROLE_NAMES)}"
+            )
+        if untrained := [k for k in TURN_TRAINING_FLAGS if k in turn and turn[k] in (0, False, "false", "no")]:
+            raise UserError(
+                f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} is marked not to be trained "
+                f"({untrained[0]}: {turn[untrained[0]]!r}); hfgen trains every assistant turn of a conversation "
+                "(TRL's assistant mask has no per-turn flag). Drop such turns, or cut the conversation before them"
+            )
         message = {"role": role, "content": _content(turn, text, row, column, source)}
         if speaker == "from" and str(turn[speaker]).lower() == "function_call" and (call := _tool_call(message)):
             message = {"role": "assistant", "content": "", "tool_calls": [call]}
@@ -369,6 +389,8 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
             return {"prompt": prompt} if prompt else "no user turn"
         if not any(m["role"] == "assistant" and not _is_empty(m["content"]) for m in messages):
             return "no assistant turn"
+        if _holds_empty_answer(messages):
+            return "empty text"
         return {"messages": messages}
     if fmt == "prompt_completion" or fmt == "unpaired_preference":
         if _is_empty(row["prompt"]) or (kind != "prompt" and _is_empty(row["completion"])):
@@ -386,6 +408,8 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
             for column, role in (("prompt", "user"), ("completion", "assistant")):
                 if isinstance(standard[column], str):
                     standard[column] = [{"role": role, "content": standard[column]}]
+            if _holds_empty_answer(standard["completion"]):
+                return "empty text"
         return standard | ({"label": _label(row["label"], index, source)} if kind == "unpaired_preference" else {})
     if fmt == "preference":
         return _preference_row(kind, row, index, source)
@@ -477,7 +501,7 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
         if _is_empty(prompt):
             return "no prompt column" if "prompt" not in row else "empty prompt"
         return {"prompt": prompt}
-    if _is_empty(chosen) or _is_empty(rejected):
+    if _is_empty(chosen) or _is_empty(rejected) or _holds_empty_answer(chosen) or _holds_empty_answer(rejected):
         return "empty text"
     if _is_empty(prompt) and prompts_differ(chosen, rejected):  # (check_rows refuses these in a stage's data)
         return DIFFERENT_PROMPTS
@@ -626,15 +650,31 @@ def check_rows(
                 ", counted from 1) chosen and rejected start with different prompts, and the prompt is the start they "
                 "share (no prompt column): the rows are misaligned; fix or remove them, or give a prompt column"
             )
-    if kind == "prompt" and "prompt" in dataset.column_names:  # chat prompts: a broken turn by its row in the file
-        for row, (value, skip) in enumerate(zip(dataset["prompt"], blank)):
-            if not skip and isinstance(value, (list, dict)):
-                _chat_or_text(value, row, "prompt", source)
+    _check_values(dataset, fmt, source, blank)
     named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
         for row, (value, skip) in enumerate(zip(dataset[column], blank)):
             if not skip:
                 _number(value, row, column, source)
+
+
+def _check_values(dataset, fmt: str, source: str, blank: list[bool]) -> None:
+    """The values `to_standard` refuses by row (chat turns without role or content, of an unknown role, marked not to
+    be trained; a value that is not text where text belongs), found here by the file's row: `to_standard` sees a
+    split's rows, shuffled by the held-out slice, and named the wrong one. A column typed as text is text."""
+    for column in (c for c in TEXT_COLUMNS if c in dataset.column_names):
+        chat = column in CHAT_COLUMNS
+        if not chat and getattr(dataset.features[column], "dtype", None) in ("string", "large_string"):
+            continue
+        keys = ("from", "value") if fmt == "sharegpt" and column == "conversations" else ("role", "content")
+        for row, (value, skip) in enumerate(zip(dataset[column], blank)):
+            if skip or value is None:
+                continue
+            turns = _json_turns(value) if chat else value
+            if isinstance(turns, (list, dict)) and chat:
+                _turns(row, column, [turns] if isinstance(turns, dict) else turns, *keys, source)
+            elif not isinstance(turns, str):
+                _text(turns, row, column, source)
 
 
 def _carried(dataset, fmt: str, other_columns: bool | tuple[str, ...]) -> set[str]:
