@@ -13,8 +13,8 @@ Each stage module names its TRL trainer and config; the run is the same for all 
    for full fine-tuning the reference (the starting model) is loaded once and passed to the trainer (with
    `precompute_ref_log_probs` it is not: TRL computes its log-probs with the policy before training, and the
    starting model is loaded after training for the comparison).
-3. records (eval.json): on held-out pairs, the log-probability of chosen and rejected responses before and after
-   training (a falling chosen log-prob is a known failure of DPO-like losses: it is logged and said), and the
+3. records (eval.json): on held-out pairs, the log-probability of chosen and rejected responses (up to and
+   including their EOS, as the policy generates them) before and after training (a falling chosen log-prob is a known failure of DPO-like losses: it is logged and said), and the
    preference accuracy of the implicit reward; then the held-out generation comparison with the SFT model
    (`hfgen.evaluation.policy`: reward-model and oracle scores, win rates, KL, length, diversity).
 """
@@ -163,9 +163,9 @@ def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
 
 def trained_sequence(tokenizer, prompt, completion, training_args) -> tuple[tuple, tuple]:
     """(token ids, completion mask) of prompt + completion as the trainer feeds them: tokenized as TRL's preference
-    trainers do (completion_example), then cut to `max_length` as their collators cut it (keep_start: the first
+    trainers do (completion_example, the template's text after the EOS included), then cut to `max_length` as their collators cut it (keep_start: the first
     tokens; DPO's keep_end: the last)."""
-    ids, start = completion_example(tokenizer, prompt, completion)
+    ids, start = completion_example(tokenizer, prompt, completion, template_tail=True)
     mask = [0] * start + [1] * (len(ids) - start)
     limit = getattr(training_args, "max_length", None)
     if limit:
@@ -308,21 +308,16 @@ def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
 # ---- held-out log-probabilities ---------------------------------------------------------------------------
 
 
-def completion_example(tokenizer, prompt, completion) -> tuple[list[int], int]:
+def completion_example(tokenizer, prompt, completion, template_tail: bool = False) -> tuple[list[int], int]:
     """(token ids of prompt + completion, index where the completion starts), tokenized as TRL's preference
     trainers do: chat template for conversations, EOS after plain text, the completion starting where the tokenized
-    prompt and prompt+completion diverge."""
-    from trl.data_utils import common_prefix_length
+    prompt and prompt+completion diverge. A conversation's completion ends at the assistant's EOS, where the policy's
+    answer ends (sft.tokenize_response's cut, as SFT's held-out loss and `hfgen eval`'s perplexity score it): the
+    template's text after it (ChatML's newline) is never generated, and its log-prob, learnt in the first steps, made
+    most of the held-out chosen "rise". `template_tail` keeps that text, as TRL's DPO and KTO train it."""
+    from hfgen.stages.sft import tokenize_response
 
-    if isinstance(completion, list):
-        render = dict(tokenize=True, return_dict=True)
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **render)["input_ids"]
-        ids = tokenizer.apply_chat_template(prompt + completion, **render)["input_ids"]
-    else:
-        text = prompt + completion
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
-        ids = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
-    return ids, max(common_prefix_length(prompt_ids, ids), 1)
+    return tokenize_response(tokenizer, prompt, completion, None, template_tail)
 
 
 def completion_logprobs(model, examples: list[tuple[list[int], int]], pad_token_id: int, batch_size: int):

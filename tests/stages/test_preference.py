@@ -664,3 +664,34 @@ def test_the_untokenized_judgement_of_pairs_that_differ_within_max_length_is_nev
     early = {"prompt": "q", "chosen": "good " + "x " * 50, "rejected": "bad " + "x " * 50}
     assert differ_before(tokenizer, early, 64, False, {}) and not differ_before(tokenizer, early, 64, True, {})
     assert not differ_before(tokenizer, {**early, "rejected": early["chosen"]}, 64, False, {})
+
+
+def test_held_out_log_probs_score_each_answer_up_to_its_eos(tmp_path):
+    """eval.json's held-out logps/*_change, accuracy and chosen_logp_fell score the answer the policy generates, up to
+    and including its EOS: the chat template's newline after the EOS (never generated; learnt in DPO's first steps
+    through its sft term) made +10.6 of a reported +11.4 nats "chosen rose" while the answers barely moved."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_tokenizer
+    from hfgen.preference import completion_logprobs, held_out_examples
+
+    model_dir = save_tiny_llama(tmp_path / "lm")
+    tokenizer = load_tokenizer(str(model_dir))
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    rows = datasets.Dataset.from_list([
+        {"prompt": prompt, "chosen": [{"role": "assistant", "content": "the cat is kind."}],
+         "rejected": [{"role": "assistant", "content": "the cat is rude."}]},
+    ])  # fmt: skip
+    examples = held_out_examples(tokenizer, rows)
+    for side, answer in (("chosen", "the cat is kind."), ("rejected", "the cat is rude.")):
+        ((ids, start),) = examples[side]
+        assert tokenizer.decode(ids[start:]) == answer + tokenizer.eos_token  # (not "...<|end|>\n")
+        ((_, scored),) = completion_logprobs(
+            AutoModelForCausalLM.from_pretrained(model_dir), examples[side], tokenizer.pad_token_id, 4
+        )
+        assert scored == len(ids) - start
+    # plain-text pairs end with the EOS the trainers append, as before
+    plain = held_out_examples(tokenizer, datasets.Dataset.from_list([PAIR]))
+    ((ids, start),) = plain["chosen"]
+    assert tokenizer.decode(ids[start:]) == PAIR["chosen"] + tokenizer.eos_token

@@ -232,10 +232,13 @@ def split_prompt_response(row: dict, text_field: str):
     return "", row[text_field]
 
 
-def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tuple[list[int], int] | None:
+def tokenize_response(
+    tokenizer, prompt, response, max_length: int | None, template_tail: bool = False
+) -> tuple[list[int], int] | None:
     """(token ids of prompt+response up to the response's EOS, index where the response starts), tokenized the way
     SFTTrainer does: chat template for conversations, EOS after plain text. None when truncation leaves no
-    response token."""
+    response token. `template_tail`: a conversation keeps the template's text after the EOS too (TRL's DPO and KTO
+    train it)."""
     from trl.data_utils import common_prefix_length
 
     if isinstance(response, list):  # conversational
@@ -249,7 +252,7 @@ def tokenize_response(tokenizer, prompt, response, max_length: int | None) -> tu
         text = prompt + response
         ids = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
     start = common_prefix_length(prompt_ids, ids)  # the template may render the prompt differently alone
-    if isinstance(response, list) and tokenizer.eos_token_id in ids[start:]:
+    if isinstance(response, list) and not template_tail and tokenizer.eos_token_id in ids[start:]:
         # the assistant turn ends at its EOS; template text after it is not scored. Plain text trains whole: a text
         # rendered with a chat template holds an EOS (Llama 3's <|eot_id|>) after every turn, the user's first
         ids = ids[: ids.index(tokenizer.eos_token_id, start) + 1]
