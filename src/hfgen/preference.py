@@ -163,15 +163,52 @@ def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
 
 def trained_sequence(tokenizer, prompt, completion, training_args) -> tuple[tuple, tuple]:
     """(token ids, completion mask) of prompt + completion as the trainer feeds them: tokenized as TRL's preference
-    trainers do (completion_example, the template's text after the EOS included), then cut to `max_length` as their collators cut it (keep_start: the first
-    tokens; DPO's keep_end: the last)."""
-    ids, start = completion_example(tokenizer, prompt, completion, template_tail=True)
+    trainers do (completion_example: DPO and KTO with the template's text after the EOS, ORPO and CPO with each
+    answer cut after it, as run_stage hands them their rows: answers_cut_at_eos), then cut to `max_length` as they
+    cut it: DPO's and KTO's collators keep the first tokens (DPO's keep_end: the last); ORPO and CPO keep the whole
+    prompt and cut the answer (a prompt of max_length or more leaves none)."""
+    text_trainer = experimental_pair_trainer(training_args)
+    ids, start = completion_example(tokenizer, prompt, completion, template_tail=not text_trainer)
     mask = [0] * start + [1] * (len(ids) - start)
     limit = getattr(training_args, "max_length", None)
-    if limit:
+    if limit and text_trainer:
+        ids, mask = ids[: max(limit, start)], mask[: max(limit, start)]
+    elif limit:
         keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
         ids, mask = (ids[-limit:], mask[-limit:]) if keep_end else (ids[:limit], mask[:limit])
     return tuple(ids), tuple(mask)
+
+
+def experimental_pair_trainer(training_args) -> bool:
+    """Whether the stage trains with TRL's experimental ORPOTrainer or CPOTrainer (orpo, simpo: their configs), which
+    take text, tokenize it themselves and truncate otherwise than DPO and KTO do. Told by the config's class
+    without importing trl.experimental (which warns on import) in the other stages."""
+    return any(
+        cls.__module__.startswith("trl.experimental.") and cls.__name__ in ("ORPOConfig", "CPOConfig")
+        for cls in type(training_args).__mro__
+    )
+
+
+def answers_cut_at_eos(tokenizer, rows):
+    """Conversational pairs rendered to text for TRL's experimental ORPO and CPO trainers as they render them
+    (maybe_apply_chat_template), each answer cut after the assistant's EOS (evaluation.command.up_to_eos). Rendered
+    whole, an answer kept the template's text after its EOS (ChatML's newline), and the trainers appended an EOS to
+    the text that no longer ended in one: every answer trained as `answer<|end|>\n<|end|>`, two tokens the policy
+    never generates that made most of ORPO's NLL term and of SimPO's per-token reward and margin. Cut, each answer
+    ends at its one EOS, the sequence hfgen's held-out figures score (completion_example). Plain-text pairs are
+    left as they are: the trainers end them with an EOS."""
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    from hfgen.evaluation.command import up_to_eos
+
+    if not len(rows) or not is_conversational(rows[0]):
+        return rows
+
+    def render(row):
+        text = maybe_apply_chat_template(row, tokenizer)
+        return {**text, **{side: up_to_eos(text[side], 0, tokenizer.eos_token) for side in ("chosen", "rejected")}}
+
+    return rows.map(render)
 
 
 def differ_before(tokenizer, row, limit: int, keep_end: bool, overheads: dict) -> bool:
@@ -457,13 +494,17 @@ def run_stage(
     if unpaired and "chosen" in train_rows.column_names:
         train_rows = unpaired_rows(train_rows, training_args.seed)
     extra = {"ref_model": reference} if needs_reference and reference is not None else {}
+    if experimental_pair_trainer(training_args):
+        trainer_rows = [answers_cut_at_eos(tokenizer, rows) for rows in (train_rows, eval_rows)]
+    else:
+        trainer_rows = [train_rows, eval_rows]
     trainer = build_trainer(
         trainer_class,
         output_dir,
         model=model,
         args=training_args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
+        train_dataset=trainer_rows[0],
+        eval_dataset=trainer_rows[1],
         processing_class=tokenizer,
         peft_config=lora_config(model_args, model),
         **extra,

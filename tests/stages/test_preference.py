@@ -4,6 +4,7 @@ adapter-disabled policy; two processes agree; resume is exact; bad keys and brok
 loads; chosen == rejected pairs are dropped and counted, refused when too many."""
 
 import contextlib
+import importlib
 import io
 import json
 import shutil
@@ -695,3 +696,86 @@ def test_held_out_log_probs_score_each_answer_up_to_its_eos(tmp_path):
     plain = held_out_examples(tokenizer, datasets.Dataset.from_list([PAIR]))
     ((ids, start),) = plain["chosen"]
     assert tokenizer.decode(ids[start:]) == PAIR["chosen"] + tokenizer.eos_token
+
+
+def experimental_trainer(stage: str):
+    """TRL's experimental (config, trainer) classes of the orpo or simpo stage."""
+    module = importlib.import_module("trl.experimental.orpo" if stage == "orpo" else "trl.experimental.cpo")
+    name = "ORPO" if stage == "orpo" else "CPO"
+    return getattr(module, f"{name}Config"), getattr(module, f"{name}Trainer")
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_orpo_and_simpo_train_each_answer_ended_by_one_eos_as_the_held_out_figures_score_it(
+    tmp_path, monkeypatch, stage
+):
+    """TRL's experimental ORPO/CPO trainers rendered a conversation whole and appended an EOS to the template's
+    newline after the answer's: `answer<|end|>\\n<|end|>` was trained (most of ORPO's NLL and SimPO's per-token
+    reward), and hfgen's held-out figures scored other sequences. Every sequence they tokenize is now an answer
+    ending at its one EOS, the very ids and completion start of hfgen's held-out examples."""
+    from hfgen.models import load_tokenizer
+    from hfgen.preference import completion_example
+
+    _, trainer_class = experimental_trainer(stage)
+    tokenized = []
+    original = trainer_class.tokenize_row
+
+    def recording(self, feature, model=None):  # the trainer's own tokenization, only recorded
+        tokenized.append(original(self, feature, model))
+        return tokenized[-1]
+
+    monkeypatch.setattr(trainer_class, "tokenize_row", recording)
+    pairs = preference_pairs(24, seed=3)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    model = save_tiny_llama(tmp_path / "lm")
+    few = {"dataset_name": str(data), "max_train_samples": 16, "max_eval_samples": 8, "max_steps": 1,
+           "eval_samples_per_prompt": 0, "eval_prompts_dataset": None, "oracle_function": None}  # fmt: skip
+    train(write_recipe(tmp_path, stage, model, **few))
+    tokenizer = load_tokenizer(str(model))
+    ours = {
+        (tuple(ids), start)
+        for row in pairs
+        for ids, start in (completion_example(tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected"))
+    }
+    assert len(tokenized) >= 16  # (every training pair)
+    for batch in tokenized:
+        for side in ("chosen", "rejected"):
+            answer = [t for t in batch[f"{side}_labels"] if t != -100]
+            assert answer[-1] == tokenizer.eos_token_id and answer.count(tokenizer.eos_token_id) == 1, answer
+            assert (tuple(batch[f"{side}_input_ids"]), batch[f"{side}_labels"].count(-100)) in ours
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_trained_sequence_cuts_as_orpo_and_cpo_cut_at_max_length(tmp_path, stage):
+    """trained_sequence (what drop_truncated_identical_pairs compares) modelled DPO's cut for every stage; ORPO and
+    CPO keep the whole prompt and cut only the answer, so a prompt past max_length trains whole, with no answer."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_tokenizer
+    from hfgen.preference import answers_cut_at_eos, trained_sequence
+
+    Config, Trainer = experimental_trainer(stage)
+    model_dir = save_tiny_llama(tmp_path / "lm")
+    tokenizer = load_tokenizer(str(model_dir))
+
+    def pair(prompt, chosen, rejected):
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}  # fmt: skip
+
+    rows = datasets.Dataset.from_list([
+        pair("describe the cat.", "the cat is kind and calm.", "the cat is rude."),
+        pair("describe the cat. " * 8, "the cat is kind.", "the cat is rude."),  # a prompt longer than max_length
+        pair("describe the cat.", "the cat is kind and calm and the dog is kind too.", "no."),
+    ])  # fmt: skip
+    args = Config(output_dir=str(tmp_path / "out"), max_length=16, use_cpu=True, bf16=False, report_to="none")
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+        train_dataset=answers_cut_at_eos(tokenizer, rows), processing_class=tokenizer,
+    )  # fmt: skip
+    for row, tokenized in zip(rows, trainer.train_dataset):
+        for side in ("chosen", "rejected"):
+            mask = tuple(int(label != -100) for label in tokenized[f"{side}_labels"])
+            expected = (tuple(tokenized[f"{side}_input_ids"]), mask)
+            assert trained_sequence(tokenizer, row["prompt"], row[side], args) == expected, (row, side)

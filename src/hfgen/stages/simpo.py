@@ -6,7 +6,8 @@ length-normalised log-probability beta x mean log pi(y|x), with a target margin 
 Keys are TRL's `CPOConfig` with SimPO's defaults (`loss_type` simpo, or alphapo: SimPO with AlphaPO's reward
 shape, which needs `alpha` other than 0; `cpo_alpha` 0: no behaviour-cloning term;
 set it above 0 for CPO-SimPO), `beta`, `simpo_gamma`, `label_smoothing`, `max_length`, ...; `ModelConfig` and the
-preference data keys of `hfgen.preference`.
+preference data keys of `hfgen.preference`. Conversational pairs reach the trainer as text, each answer cut after
+its EOS (`preference.answers_cut_at_eos`): SimPO's per-token reward is the answer's own tokens'.
 """
 
 from __future__ import annotations
