@@ -442,6 +442,13 @@ def check_stage(model_args, data_args: PreferenceDataArguments, training_args, u
             "sync_ref_model needs a reference model of its own to update, and with use_peft the reference is the "
             "adapter-disabled policy: set sync_ref_model: false, or train without use_peft"
         )
+    if experimental_pair_trainer(training_args) and training_args.max_completion_length is not None:
+        # TRL's ORPO and CPO cut the answer by it for encoder-decoder models only; hfgen trains causal LMs
+        problems.append(
+            f"max_completion_length {training_args.max_completion_length} has no effect in ORPO and SimPO with a "
+            "decoder-only model (TRL reads it for encoder-decoder models only), and answers would train uncut: "
+            "leave it unset; max_length cuts the answer (the prompt is kept whole)"
+        )
     model = None if problems else model_args.model_name_or_path  # its tokenizer renders conversations
     return problems + check_preference_data(
         data_args, unpaired_ok, model, training_args.trust_remote_code, training_args

@@ -265,6 +265,8 @@ def test_broken_preference_data_exits_2_naming_rows_or_columns(tmp_path, capsys,
         ("kto", ["--per_device_train_batch_size", "1"], "per_device_train_batch_size must be at least 2 for KTO"),
         ("simpo", ["--eval_temperature", "nan"], "'eval_temperature' must be a finite number"),
         ("orpo", ["--eval_num_prompts", "-2"], "'eval_num_prompts' must be at least 0"),
+        ("orpo", ["--max_completion_length", "4"], "max_completion_length 4 has no effect in ORPO and SimPO"),
+        ("simpo", ["--max_completion_length", "4"], "max_completion_length 4 has no effect in ORPO and SimPO"),
     ],
 )
 def test_bad_keys_exit_2_naming_them(tmp_path, capsys, stage, overrides, expected):

@@ -3,8 +3,9 @@ plus an odds-ratio penalty on the rejected ones, in one loss and without a refer
 
     hfgen train recipes/tiny/orpo.yaml
 
-Keys are TRL's `ORPOConfig` (`beta`: the odds-ratio term's weight, lambda in the paper; `max_length`,
-`max_completion_length`, ...), `ModelConfig` and the preference data keys of `hfgen.preference`. ORPO is meant to
+Keys are TRL's `ORPOConfig` (`beta`: the odds-ratio term's weight, lambda in the paper; `max_length`: the
+answer is cut to fit, the prompt kept whole; `max_completion_length` is refused: TRL reads it for encoder-decoder
+models only; ...), `ModelConfig` and the preference data keys of `hfgen.preference`. ORPO is meant to
 start from a base model as well as an SFT one; the held-out comparison is always against the starting model.
 Conversational pairs reach the trainer as text, each answer cut after its EOS (`preference.answers_cut_at_eos`).
 """
