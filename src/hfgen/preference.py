@@ -134,9 +134,9 @@ MAX_FULL_PROMPTS = 0.5  # a larger share of rows whose prompt fills max_length: 
 
 
 def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
-    """Rows whose prompt alone fills `max_length` (after `max_prompt_length`, where the trainer has it) keep no
-    answer token under keep_start truncation: TRL's DPO drops them (all dropped: a traceback), KTO trained zero
-    steps, ORPO and SimPO diverged on empty answers. Refused when most of the checked rows are such."""
+    """Rows whose prompt alone fills `max_length` keep no answer token under keep_start truncation (prompt_fills):
+    dropped and counted at the run (drop_full_prompts); refused when most of the checked rows are such (all of them
+    dropped, nothing would train)."""
     from trl.data_utils import maybe_extract_prompt
 
     from hfgen.data.loading import ROWS_CHECKED
@@ -144,19 +144,19 @@ def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
     limit = getattr(training_args, "max_length", None)
     if not limit or getattr(training_args, "truncation_mode", "keep_start") == "keep_end":
         return []
-    prompt_limit = getattr(training_args, "max_prompt_length", None) or limit
     sample = rows.select(range(min(ROWS_CHECKED, len(rows))))
-    lengths = []
-    for row in sample:
-        prompt = maybe_extract_prompt(dict(row)).get("prompt", "") if "prompt" not in row else row["prompt"]
-        if not isinstance(prompt, str):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        lengths.append(min(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), prompt_limit))
-    full = sum(length >= limit for length in lengths)
-    if full <= MAX_FULL_PROMPTS * len(lengths):
+    overheads: dict = {}
+    filled = [
+        prompt_fills(
+            tokenizer, maybe_extract_prompt(dict(row)) if "prompt" not in row else row, training_args, overheads
+        )
+        for row in sample
+    ]
+    full = sum(filled)
+    if full <= MAX_FULL_PROMPTS * len(filled):
         return []
     return [
-        f"{full} of {len(lengths)} rows checked have a prompt of max_length={limit} tokens or more, which leaves no "
+        f"{full} of {len(filled)} rows checked have a prompt of max_length={limit} tokens or more, which leaves no "
         "answer token to train on: raise max_length (or shorten the prompts, or set truncation_mode: keep_end)"
     ]
 
@@ -211,6 +211,28 @@ def answers_cut_at_eos(tokenizer, rows):
     return rows.map(render)
 
 
+def turn_texts(value) -> str | None:
+    """A prompt's or answer's text (a conversation's contents joined), for byte counts; None for other contents."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(turn.get("content"), str) for turn in value):
+        return "\x00".join(turn["content"] for turn in value)
+    return None
+
+
+def template_tokens(tokenizer, row, overheads: dict) -> int:
+    """At most how many tokens a row's prompt and answer take beyond their texts' bytes: the chat template's own
+    tokens around the turns (rendered once per role sequence, cached in `overheads`), or BOS and EOS."""
+    answer = row["chosen"] if "chosen" in row else row["completion"]
+    if not isinstance(answer, list):
+        return 8  # BOS, EOS, a SentencePiece word start
+    roles = tuple(turn["role"] for turn in [*row["prompt"], *answer])
+    if roles not in overheads:
+        empty = [{"role": role, "content": ""} for role in roles]
+        overheads[roles] = len(tokenizer.apply_chat_template(empty, tokenize=True, return_dict=True)["input_ids"])
+    return overheads[roles] + 4 * len(roles)  # (a token may straddle a content's edge)
+
+
 def differ_before(tokenizer, row, limit: int, keep_end: bool, overheads: dict) -> bool:
     """Whether a pair's chosen and rejected surely differ inside the `limit` tokens the trainer keeps, judged
     without tokenizing it (rendering two chat templates a pair costs ~10 ms: minutes on UltraFeedback's 61k pairs).
@@ -220,29 +242,45 @@ def differ_before(tokenizer, row, limit: int, keep_end: bool, overheads: dict) -
     "tokenize to know"."""
     import os
 
-    def texts(value):
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(isinstance(turn.get("content"), str) for turn in value):
-            return "\x00".join(turn["content"] for turn in value)
-        return None
-
-    prompt, chosen, rejected = (texts(row[key]) for key in ("prompt", "chosen", "rejected"))
+    prompt, chosen, rejected = (turn_texts(row[key]) for key in ("prompt", "chosen", "rejected"))
     if prompt is None or chosen is None or rejected is None or chosen == rejected:
         return False
-    if isinstance(row["chosen"], list):  # the template's tokens around the turns, rendered once per role sequence
-        roles = tuple(turn["role"] for turn in [*row["prompt"], *row["chosen"]])
-        if roles not in overheads:
-            empty = [{"role": role, "content": ""} for role in roles]
-            overheads[roles] = len(tokenizer.apply_chat_template(empty, tokenize=True, return_dict=True)["input_ids"])
-        overhead = overheads[roles] + 4 * len(roles)  # (a token may straddle a content's edge)
-    else:
-        overhead = 8  # BOS, EOS, a SentencePiece word start
+    overhead = template_tokens(tokenizer, row, overheads)
     if keep_end:  # the cut drops the start: what matters is how much of the end the two answers share
         shared = os.path.commonprefix([chosen[::-1], rejected[::-1]])
         return overhead + len(shared.encode()) < limit
     shared = prompt + os.path.commonprefix([chosen, rejected])
     return overhead + len(shared.encode()) < limit
+
+
+def prompt_fills(tokenizer, row, training_args, overheads: dict) -> bool:
+    """Whether truncation to max_length leaves a row (a pair, or KTO's unpaired row) no answer token: its prompt
+    alone fills max_length under keep_start (ORPO and CPO keep the whole prompt). TRL's DPO and KTO drop such rows
+    themselves, uncounted; ORPO and SimPO averaged the log-prob of zero answer tokens (NaN) and stopped as
+    diverged. Told from the prompt's bytes where they and the template's tokens come to fewer than max_length
+    (differ_before's bound), else from the tokens the trainer keeps (trained_sequence)."""
+    limit = training_args.max_length
+    prompt = turn_texts(row["prompt"])
+    if prompt is not None and template_tokens(tokenizer, row, overheads) + len(prompt.encode()) < limit:
+        return False
+    answer = row["chosen"] if "chosen" in row else row["completion"]
+    return not any(trained_sequence(tokenizer, row["prompt"], answer, training_args)[1])
+
+
+def drop_full_prompts(tokenizer, splits, records: dict, training_args):
+    """Rows that truncation leaves no answer token (prompt_fills) are dropped and counted, as SFT's fully masked
+    rows are; prompt_length_problems refuses the data when most rows are such (max_length is wrong for it)."""
+    from hfgen.data.prepare import drop_and_count
+
+    limit = getattr(training_args, "max_length", None)
+    if not limit or getattr(training_args, "truncation_mode", "keep_start") == "keep_end":
+        return splits  # (keep_end keeps the answer's end)
+    overheads: dict = {}
+    return [
+        drop_and_count(rows, [not prompt_fills(tokenizer, row, training_args, overheads) for row in rows], records,
+                       f"prompt fills max_length={limit}", split)
+        for rows, split in zip(splits, ("train", "eval"))
+    ]  # fmt: skip
 
 
 def drop_truncated_identical_pairs(tokenizer, splits, records: dict, training_args):
@@ -271,7 +309,7 @@ def drop_truncated_identical_pairs(tokenizer, splits, records: dict, training_ar
             chosen, rejected = (
                 trained_sequence(tokenizer, row["prompt"], row[side], training_args) for side in ("chosen", "rejected")
             )
-            # (a prompt that fills max_length leaves no answer token on either side: prompt_length_problems' rows)
+            # (a prompt that fills max_length leaves no answer token on either side: drop_full_prompts' rows)
             keep.append(chosen != rejected or not any(chosen[1]))
         kept.append(drop_and_count(rows, keep, records, reason, split))
     reports = [records[split] for split in ("train", "eval") if split in records]
@@ -307,6 +345,7 @@ def load_preference_splits(
             rows = rows.map(maybe_extract_prompt)
         splits.append(rows)
     if tokenizer is not None and training_args is not None:
+        splits = drop_full_prompts(tokenizer, splits, records, training_args)
         splits = drop_truncated_identical_pairs(tokenizer, splits, records, training_args)
     if "label" in splits[0].column_names and len(set(splits[0]["label"])) == 1:
         kind = "desirable" if splits[0][0]["label"] else "undesirable"

@@ -781,3 +781,38 @@ def test_trained_sequence_cuts_as_orpo_and_cpo_cut_at_max_length(tmp_path, stage
             mask = tuple(int(label != -100) for label in tokenized[f"{side}_labels"])
             expected = (tuple(tokenized[f"{side}_input_ids"]), mask)
             assert trained_sequence(tokenizer, row["prompt"], row[side], args) == expected, (row, side)
+
+
+def test_rows_whose_prompt_fills_max_length_are_dropped_and_counted(tmp_path):
+    """A few rows whose prompt alone fills max_length keep no answer token: ORPO and SimPO averaged the log-prob of
+    zero tokens (NaN) and stopped as "diverged ... lower learning_rate"; DPO and KTO dropped them inside TRL while
+    data.json and eval.json counted them as trained. They are dropped and counted (most such rows: exit 2)."""
+    from trl import KTOConfig
+
+    from hfgen.models import load_tokenizer
+    from hfgen.preference import PreferenceDataArguments, load_preference_splits
+
+    pairs = preference_pairs(20, seed=3)
+    for pair in pairs[::5]:  # 4 of 20 prompts far past max_length 48
+        pair["prompt"][0]["content"] = " ".join(["describe the cat"] * 40)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    model = save_tiny_llama(tmp_path / "lm")
+    few = {"dataset_name": str(data), "validation_split_percentage": 20, "max_length": 48, "max_steps": 2,
+           "max_train_samples": None, "max_eval_samples": None, "eval_samples_per_prompt": 0,
+           "eval_prompts_dataset": None, "oracle_function": None}  # fmt: skip
+    train(write_recipe(tmp_path, "orpo", model, **few))  # (stopped as diverged: exit 3)
+    records = tracking.read_json(tmp_path / "run/data.json")
+    reason = "prompt fills max_length=48"
+    assert sum(records[split]["dropped"].get(reason, 0) for split in ("train", "eval")) == 4
+    assert tracking.read_json(tmp_path / "run/eval.json")["train_rows"] == records["train"]["rows_kept"]
+
+    # KTO's unpaired rows too
+    unpaired = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+                for p in pairs for side in ("chosen", "rejected")]  # fmt: skip
+    data.write_text("".join(json.dumps(row) + "\n" for row in unpaired))
+    config = KTOConfig(output_dir=str(tmp_path / "kto"), max_length=48, use_cpu=True, bf16=False)
+    args = PreferenceDataArguments(dataset_name=str(data), validation_split_percentage=20)
+    train_rows, eval_rows, records = load_preference_splits(args, 0, True, load_tokenizer(str(model)), config)
+    assert len(train_rows) + len(eval_rows) == 32
+    assert sum(records[split]["dropped"].get(reason, 0) for split in ("train", "eval")) == 8
