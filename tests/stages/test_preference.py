@@ -816,3 +816,35 @@ def test_rows_whose_prompt_fills_max_length_are_dropped_and_counted(tmp_path):
     train_rows, eval_rows, records = load_preference_splits(args, 0, True, load_tokenizer(str(model)), config)
     assert len(train_rows) + len(eval_rows) == 32
     assert sum(records[split]["dropped"].get(reason, 0) for split in ("train", "eval")) == 8
+
+
+def test_orpos_nll_term_covers_the_prompt_as_the_docs_say(tmp_path):
+    """README and orpo.py say ORPO's NLL term is taken over prompt and answer tokens alike (they said "SFT on the
+    chosen answers"; TRL has no key to mask the prompt): pinned here, so a TRL that changes it is noticed."""
+    import datasets
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_tokenizer
+    from hfgen.preference import answers_cut_at_eos
+
+    Config, Trainer = experimental_trainer("orpo")
+    model_dir = save_tiny_llama(tmp_path / "lm")
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = datasets.Dataset.from_list(preference_pairs(2, seed=3))
+    args = Config(output_dir=str(tmp_path / "out"), max_length=64, use_cpu=True, bf16=False, report_to="none")
+    trainer = Trainer(
+        model=model, args=args, train_dataset=answers_cut_at_eos(tokenizer, rows), processing_class=tokenizer
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        nll = trainer.concatenated_forward(model, batch)[4]
+        logits = model(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]).logits
+
+    def cross_entropy(targets):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
+
+    every_token = batch["chosen_input_ids"].masked_fill(batch["chosen_attention_mask"] == 0, -100)
+    assert torch.allclose(nll, cross_entropy(every_token), atol=1e-5)
+    assert not torch.allclose(nll, cross_entropy(batch["chosen_labels"]), atol=1e-3)  # (the answers alone)

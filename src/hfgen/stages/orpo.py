@@ -1,5 +1,7 @@
-"""ORPO (Hong et al. 2024) on TRL's experimental `ORPOTrainer`: supervised fine-tuning on the chosen responses
-plus an odds-ratio penalty on the rejected ones, in one loss and without a reference model.
+"""ORPO (Hong et al. 2024) on TRL's experimental `ORPOTrainer`: a language-modelling (NLL) term on the chosen
+sequences plus an odds-ratio penalty on the rejected ones, in one loss and without a reference model. TRL takes the
+NLL over the prompt's tokens and the answer's alike (every attended token; it has no key to mask the prompt), unlike
+the `sft` stage's assistant_only_loss; the odds ratio reads the answers only.
 
     hfgen train recipes/tiny/orpo.yaml
 

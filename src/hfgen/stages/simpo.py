@@ -4,7 +4,7 @@ length-normalised log-probability beta x mean log pi(y|x), with a target margin 
     hfgen train recipes/tiny/simpo.yaml
 
 Keys are TRL's `CPOConfig` with SimPO's defaults (`loss_type` simpo, or alphapo: SimPO with AlphaPO's reward
-shape, which needs `alpha` other than 0; `cpo_alpha` 0: no behaviour-cloning term;
+shape, which needs `alpha` other than 0; `cpo_alpha` 0: no behaviour-cloning term, which TRL takes over the chosen prompt and answer alike;
 set it above 0 for CPO-SimPO), `beta`, `simpo_gamma`, `label_smoothing`, `max_length`, ...; `ModelConfig` and the
 preference data keys of `hfgen.preference`. Conversational pairs reach the trainer as text, each answer cut after
 its EOS (`preference.answers_cut_at_eos`): SimPO's per-token reward is the answer's own tokens'.
@@ -27,7 +27,10 @@ class SimPOConfig(CPOConfig):
         default="simpo", metadata={"help": "simpo (or alphapo, SimPO with AlphaPO's reward shape).",
                                    "choices": ["simpo", "alphapo"]},
     )  # fmt: skip
-    cpo_alpha: float = field(default=0.0, metadata={"help": "Weight of a behaviour-cloning (NLL) term; 0 in SimPO."})
+    cpo_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight of a behaviour-cloning term (NLL of the chosen prompt and answer); 0 in SimPO."},
+    )
     beta: float = field(default=2.0, metadata={"help": "Scale of the length-normalised reward (SimPO paper: 2-2.5)."})
 
     def __post_init__(self):
