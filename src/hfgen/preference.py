@@ -14,9 +14,10 @@ Each stage module names its TRL trainer and config; the run is the same for all 
    `precompute_ref_log_probs` it is not: TRL computes its log-probs with the policy before training, and the
    starting model is loaded after training for the comparison).
 3. records (eval.json): on held-out pairs, the log-probability of chosen and rejected responses (up to and
-   including their EOS, as the policy generates them) before and after training (a falling chosen log-prob is a known failure of DPO-like losses: it is logged and said), and the
-   preference accuracy of the implicit reward; then the held-out generation comparison with the SFT model
-   (`hfgen.evaluation.policy`: reward-model and oracle scores, win rates, KL, length, diversity).
+   including their EOS, as the policy generates them) before and after training (a falling chosen log-prob is a
+   known failure of DPO-like losses: it is logged and said), and the preference accuracy of the implicit reward;
+   then the held-out generation comparison with the SFT model (`hfgen.evaluation.policy`: reward-model and oracle
+   scores, win rates, KL, length, diversity).
 """
 
 from __future__ import annotations
