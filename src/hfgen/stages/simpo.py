@@ -4,10 +4,11 @@ length-normalised log-probability beta x mean log pi(y|x), with a target margin 
     hfgen train recipes/tiny/simpo.yaml
 
 Keys are TRL's `CPOConfig` with SimPO's defaults (`loss_type` simpo, or alphapo: SimPO with AlphaPO's reward
-shape, which needs `alpha` other than 0; `cpo_alpha` 0: no behaviour-cloning term, which TRL takes over the chosen prompt and answer alike;
-set it above 0 for CPO-SimPO), `beta`, `simpo_gamma`, `label_smoothing`, `max_length`, ...; `ModelConfig` and the
-preference data keys of `hfgen.preference`. Conversational pairs reach the trainer as text, each answer cut after
-its EOS (`preference.answers_cut_at_eos`): SimPO's per-token reward is the answer's own tokens'.
+shape, which needs `alpha` other than 0; `cpo_alpha` 0: no behaviour-cloning term, which TRL takes over the
+chosen prompt and answer alike; set it above 0 for CPO-SimPO), `beta`, `simpo_gamma`, `label_smoothing`,
+`max_length`, ...; `ModelConfig` and the preference data keys of `hfgen.preference`. Conversational pairs reach
+the trainer as text, each answer cut after its EOS (`preference.answers_cut_at_eos`): SimPO's per-token reward is
+the answer's own tokens'.
 """
 
 from __future__ import annotations
