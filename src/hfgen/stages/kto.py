@@ -7,6 +7,8 @@ Data: unpaired `prompt`/`completion`/`label` rows (label true = desirable), or t
 and `dpo` stages read, which are split into one desirable and one undesirable row each, shuffled. Keys are TRL's
 `KTOConfig` (`beta`, `loss_type` kto | apo_zero_unpaired, `desirable_weight`, `undesirable_weight`,
 `precompute_ref_log_probs`, `max_length`, ...), `ModelConfig` and the preference data keys of `hfgen.preference`.
+TRL builds the KL term's mismatched pairs within chunks of `per_device_train_batch_size` rows and averages the KL
+over the processes of a micro-batch, so the same global batch split otherwise takes another step (README).
 With very unbalanced data, weigh the classes so that desirable_weight x #desirable / (undesirable_weight x
 #undesirable) lies in [1, 4/3] (the KTO paper's advice).
 """
