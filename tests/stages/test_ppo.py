@@ -875,12 +875,14 @@ def test_an_oracle_that_leaves_responses_unscored_is_averaged_over_those_it_scor
     # a raw TypeError, and policy_eval.jsonl held NaN for each unscored held-out response.
     sft, _ = tiny_models
     oracle = tmp_path / "partial_oracle.py"
+    # a reward function that scores none of a step's responses made reward/NAME NaN the same way
     oracle.write_text(
         "def partial(prompts, responses):\n    return [None if i % 2 == 0 else 1.0 for i in range(len(responses))]\n"
+        "def never(prompts, responses):\n    return [None] * len(responses)\n"
     )
     recipe = write_recipe(
-        tmp_path, sft, reward_functions=["hfgen.data.embedded:on_topic_scores"], oracle_function=f"{oracle}:partial",
-        total_episodes=32, sample_steps=1,
+        tmp_path, sft, reward_functions=["hfgen.data.embedded:on_topic_scores", f"{oracle}:never"],
+        oracle_function=f"{oracle}:partial", total_episodes=32, sample_steps=1,
     )  # fmt: skip
     train(recipe)
     run = tmp_path / "run"
@@ -895,6 +897,7 @@ def test_an_oracle_that_leaves_responses_unscored_is_averaged_over_those_it_scor
     results = json.loads((run / "eval.json").read_text(), parse_constant=refuse)
     metrics = records["metrics.jsonl"]
     assert len(metrics) == 2 and all(row["oracle/score"] == 1.0 for row in metrics)  # every other response: 1.0
+    assert all(row["reward/never"] is None and row["reward/on_topic_scores"] is not None for row in metrics)
     assert (
         metrics[-1]["monitor/oracle_gain"] == 0.0 and results["monitor/oracle_gap"] == metrics[-1]["monitor/oracle_gap"]
     )

@@ -12,6 +12,15 @@ from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
 
 TIME_SPLIT = ("generation", "scoring", "advantages", "training")
 RATES = ("speed/generation_tokens_per_s", "speed/training_tokens_per_s")  # per process: summed over processes
+SCORED_PARTS = ("/scored_sum", "/scored_count")  # a mean over scored responses, as `scored_figure` splits it
+
+
+def scored_figure(name: str, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The figure `name`, the mean of the responses a function scored (NaN: its None, unscored), as the sum and the
+    count of this process's scored responses: a mean of per-process means would weigh a process with one scored
+    response like one with all, and be NaN when one process scored none. `records.global_means` sums both over
+    processes and writes the mean, or None (null) when no process scored any."""
+    return {name + SCORED_PARTS[0]: scores.nansum(), name + SCORED_PARTS[1]: scores.isfinite().sum()}
 
 
 def step_metrics(
@@ -35,13 +44,17 @@ def step_metrics(
     def mean_of(field: str) -> torch.Tensor:
         return torch.stack([getattr(s, field) for s in stats]).mean()
 
+    components = {}  # reward/NAME: over the responses it scored (None: unscored)
+    for name, scores in details.components.items():
+        components |= scored_figure(f"reward/{name}", scores)
+
     return {
         "objective/scores": rollout.scores.mean(),
         "objective/kl": kl.sum(1).mean(),
         "objective/entropy": (details.entropy * mask).sum(1).mean(),
         "objective/non_score_reward": kl_rewards.sum(1).mean(),
         "objective/rlhf_reward": (rollout.scores + kl_rewards.sum(1)).mean(),
-        **{f"reward/{name}": scores.nanmean() for name, scores in details.components.items()},  # None: not scored
+        **components,
         "policy/approxkl_avg": mean_of("approx_kl"),
         "policy/clipfrac_avg": mean_of("policy_clip_fraction"),
         "policy/entropy_avg": mean_of("entropy"),

@@ -35,6 +35,7 @@ oracle's gains since the start and the step where the oracle peaked, so an alert
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -111,7 +112,11 @@ class HackingMonitor:
         `mean_distinct_n(texts, 1)`; `proxy_scores` the reward model's score of every response); -> the alerts raised at this
         step (each signal alerts once). Every process must feed the same figures, so all decide alike. `kl` None: no
         KL is known (GRPO/RLOO with beta 0 log none), and kl_growth is not judged."""
-        row = {"step": step, "kl": kl, "entropy": entropy, "length": length, "components": components or {},
+        # a component that scored no response this step (None; NaN in TRL's logs and older records) has no figure
+        scored = {
+            name: value for name, value in (components or {}).items() if value is not None and not math.isnan(value)
+        }
+        row = {"step": step, "kl": kl, "entropy": entropy, "length": length, "components": scored,
                "distinct_1": distinct_1, "oracle": oracle,
                "proxy": sum(proxy_scores) / len(proxy_scores) if proxy_scores else None}  # fmt: skip
         if proxy_scores and self.reward_ceiling is not None:

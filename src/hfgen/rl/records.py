@@ -9,20 +9,29 @@ from pathlib import Path
 import torch
 
 from hfgen import tracking
-from hfgen.rl.metrics import RATES
+from hfgen.rl.metrics import RATES, SCORED_PARTS
 from hfgen.rl.monitor import HackingMonitor, logged_figures
 from hfgen.rl.rollout import prompt_text, recorded_scores, reward_values
 
 SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
 
 
-def global_means(accelerator, local: dict) -> dict[str, float]:
-    """Means over processes of this process's figures, in one collective; rates are summed instead."""
+def global_means(accelerator, local: dict) -> dict[str, float | None]:
+    """Means over processes of this process's figures, in one collective; rates are summed instead, and a figure
+    given as its scored sum and count (`metrics.scored_figure`) is their ratio, None when none was scored."""
     names = list(local)
     means = accelerator.reduce(torch.stack([local[n].float().to(accelerator.device) for n in names]), "mean")
-    metrics = {name: value.item() for name, value in zip(names, means)}
+    reduced = {name: value.item() for name, value in zip(names, means)}
     for name in RATES:
-        metrics[name] *= accelerator.num_processes
+        reduced[name] *= accelerator.num_processes
+    metrics = {}
+    for name, value in reduced.items():
+        if name.endswith(SCORED_PARTS[0]):  # (means of both: their ratio is that of the sums)
+            figure = name.removesuffix(SCORED_PARTS[0])
+            count = reduced[figure + SCORED_PARTS[1]]
+            metrics[figure] = value / count if count else None
+        elif not name.endswith(SCORED_PARTS[1]):
+            metrics[name] = value
     return metrics
 
 

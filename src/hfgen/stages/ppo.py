@@ -53,7 +53,7 @@ from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_pr
 from hfgen.models import check_model_source, fit_max_length, not_a_reward_model
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
-from hfgen.rl.metrics import format_metrics, step_metrics
+from hfgen.rl.metrics import format_metrics, scored_figure, step_metrics
 from hfgen.rl.models import (
     drop_long_prompts,
     load_oracle,
@@ -511,13 +511,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             rollout, details, shaping["kl"], shaping["kl_rewards"], stats, timing, config.num_ppo_epochs, all_reduce
         )
         if oracle is not None:  # the mean over the responses it scored (None: unscored), over every process
-            oracle_scores = function_scores(oracle, prompts, details.texts, accelerator.device)
-            local["oracle/scored_sum"] = oracle_scores.nansum()
-            local["oracle/scored_count"] = oracle_scores.isfinite().sum()
+            local |= scored_figure("oracle/score", function_scores(oracle, prompts, details.texts, accelerator.device))
         metrics = global_means(accelerator, local)
-        if oracle is not None:
-            total, count = metrics.pop("oracle/scored_sum"), metrics.pop("oracle/scored_count")
-            metrics["oracle/score"] = total / count if count else None
         metrics |= {"objective/kl_coef": kl_controller.value, "lr": lr}
         kl_controller.update(metrics["objective/kl"], n_steps=global_batch)
         metrics |= {"episode": step * global_batch, "eps": global_batch / (time.perf_counter() - step_started)}
