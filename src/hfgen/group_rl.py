@@ -122,6 +122,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         except ValueError as error:
             problems.append(f"reward function {error}")
     problems += trainer_key_problems(config)
+    problems += generation_kwargs_problems(config, data_args)
     problems += chat_prompts_problems(data_args)
     if data_args.eval_samples_per_prompt < 0 or data_args.eval_generation_batch_size < 1:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
@@ -187,6 +188,44 @@ CHOICE_KEYS = {  # GRPO keys whose values TRL checks only at the first loss (aft
     "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
     "vllm_importance_sampling_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
 }
+
+
+# generation_kwargs keys (transformers' GenerationConfig) that the held-out comparison samples with as TRL's generate
+# trains with them (`sampling_config`): each shapes a next token's distribution or when a response ends, one token at
+# a time. Any other (num_beams, num_return_sequences, do_sample, eos_token_id, stop_strings, guidance_scale, ...)
+# changes what generate returns or needs what hfgen's sampling does not give it: refused while that comparison runs.
+GENERATION_SAMPLING_KWARGS = (
+    "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
+    "min_new_tokens", "min_length", "max_new_tokens", "exponential_decay_length_penalty", "remove_invalid_values",
+    "renormalize_logits",
+)  # fmt: skip
+# ... and those that change how generate runs, not what it samples: training's, left out of the comparison
+GENERATION_ENGINE_KWARGS = (
+    "use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile", "max_cache_len",
+    "prefill_chunk_size",
+)  # fmt: skip
+
+
+def generation_kwargs_problems(config, data_args) -> list[str]:
+    """`generation_kwargs` keys the held-out comparison could not sample with as training does (its figures would be
+    measured under another sampling rule than the one trained)."""
+    if not data_args.eval_samples_per_prompt:
+        return []
+    problems = []
+    for key in config.generation_kwargs or {}:
+        if key == "temperature":
+            problems.append(
+                "generation_kwargs: temperature samples at another temperature than the one TRL scores "
+                "log-probabilities at (the recipe's `temperature`): set `temperature` instead"
+            )
+        elif key not in GENERATION_SAMPLING_KWARGS and key not in GENERATION_ENGINE_KWARGS:
+            problems.append(
+                f"generation_kwargs: '{key}' is not one hfgen's held-out comparison (eval.json) can sample with as "
+                f"training does; it takes {', '.join(GENERATION_SAMPLING_KWARGS)} (and cache or compile settings, "
+                "which change no sample): leave it out, or set eval_samples_per_prompt: 0 to skip the comparison"
+            )
+    return problems
 
 
 def trainer_key_problems(config) -> list[str]:
@@ -878,17 +917,21 @@ def _nothing():
 
 
 def sampling_config(tokenizer, config, stop_ids: list[int]):
-    """Sampling as in training: softmax(logits / temperature) with the config's top_p/top_k/min_p, nothing else
-    (a model's own generation_config.json cannot leak in), ending at any of `stop_ids`, never the pad token (as in
-    training, `suppress_pad`)."""
+    """Sampling as in training: softmax(logits / temperature) with the config's top_p/top_k/min_p and
+    repetition_penalty, then its `generation_kwargs` on top (as TRL builds its generation config; those
+    `generation_kwargs_problems` lets through), nothing else (a model's own generation_config.json cannot leak in),
+    ending at any of `stop_ids`, never the pad token (as in training, `suppress_pad`)."""
     from transformers import GenerationConfig
 
     from hfgen.models import unsampled_ids
 
-    return GenerationConfig(
+    extra = {k: v for k, v in (config.generation_kwargs or {}).items() if k not in GENERATION_ENGINE_KWARGS}
+    suppressed = {*(extra.pop("suppress_tokens", None) or []), *unsampled_ids(tokenizer, stop_ids)}
+    sampling = dict(
         do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,
         min_p=config.min_p, repetition_penalty=config.repetition_penalty, max_new_tokens=config.max_completion_length,
-        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        suppress_tokens=unsampled_ids(tokenizer, stop_ids) or None,
-        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    return GenerationConfig(
+        **sampling | extra, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        suppress_tokens=sorted(suppressed) or None, return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip

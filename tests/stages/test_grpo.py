@@ -728,3 +728,44 @@ def test_the_held_out_comparison_samples_the_start_from_trls_reference_without_l
     results = tracking.read_json(tmp_path / "run/eval.json")  # learning rate 0: the policy is the starting model
     assert results["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
     assert results[f"{stage}/reward"] == pytest.approx(results["sft/reward"])
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_the_held_out_comparison_samples_with_top_k_min_p_and_the_generation_kwargs_trained_with(models, stage):
+    # with top_p 1 (TRL's default) the held-out sampling took a shortcut that dropped top_k and min_p, and it never
+    # read generation_kwargs, which TRL's generate trains with: eval.json measured another sampling rule
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, RLOOConfig
+
+    from hfgen.group_rl import sampling_config
+    from hfgen.models import load_tokenizer
+    from hfgen.rl.models import stop_token_ids
+    from hfgen.rl.rollout import left_pad, sample_responses
+
+    tokenizer = load_tokenizer(str(models[0]))
+    model = AutoModelForCausalLM.from_pretrained(models[0]).eval()
+    query_ids, query_mask = left_pad([tokenizer("3+8+5=?")["input_ids"]] * 16, tokenizer.pad_token_id, "cpu")
+
+    def distinct_responses(**keys) -> int:
+        config = (GRPOConfig if stage == "grpo" else RLOOConfig)(
+            output_dir="unused", use_cpu=True, bf16=False, max_completion_length=8, **keys
+        )
+        generation_config = sampling_config(tokenizer, config, stop_token_ids(tokenizer, model))
+        torch.manual_seed(0)
+        sampled = sample_responses(model, query_ids, query_mask, generation_config, 16, tokenizer.pad_token_id)
+        return len({tuple(ids) for ids in sampled.response_ids.tolist()})
+
+    assert distinct_responses() > 8  # a random model: temperature sampling seldom repeats a response
+    assert distinct_responses(top_k=1) == 1  # greedy
+    assert distinct_responses(min_p=1.0) == 1  # only the most likely token
+    assert distinct_responses(generation_kwargs={"top_k": 1}) == 1
+
+
+def test_generation_kwargs_the_held_out_comparison_cannot_sample_with_exit_2_naming_them(tmp_path, models):
+    kwargs = {"num_beams": 2, "temperature": 0.5, "no_repeat_ngram_size": 2}
+    result = run_hfgen_here("check", write_recipe(tmp_path, models[0], generation_kwargs=kwargs))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "generation_kwargs: 'num_beams'" in result.stderr and "generation_kwargs: temperature" in result.stderr
+    assert "no_repeat_ngram_size'" not in result.stderr  # one it samples with
+    recipe = write_recipe(tmp_path, models[0], generation_kwargs=kwargs, eval_samples_per_prompt=0)
+    assert run_hfgen_here("check", recipe).returncode == 0  # no comparison: TRL's business alone

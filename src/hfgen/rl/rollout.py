@@ -58,6 +58,23 @@ class InverseTransformSampler:
         return torch.full_like(scores, -math.inf).scatter_(-1, tokens, 0.0)
 
 
+def narrows_sampling(generation_config) -> bool:
+    """Whether `generate`'s sampling keeps only part of the vocabulary (top-p, top-k, min-p, top-h, typical-p, an
+    epsilon or eta cutoff): transformers runs those warpers only when it samples (do_sample), so the greedy step
+    behind `InverseTransformSampler` would skip them. PPO pins them off (`make_generation_config`); GRPO and RLOO
+    train with them (`group_rl.sampling_config`)."""
+    config = generation_config
+    return (
+        (config.top_p or 1.0) < 1.0
+        or (config.top_k or 0) > 0
+        or bool(config.min_p)  # (0.0 keeps every token)
+        or config.top_h is not None
+        or (config.typical_p or 1.0) < 1.0
+        or 0.0 < (config.epsilon_cutoff or 0.0) < 1.0
+        or 0.0 < (config.eta_cutoff or 0.0) < 1.0
+    )
+
+
 class Sampled(NamedTuple):
     response_ids: torch.Tensor  # (B, T) long, padded with pad_token_id after the first EOS
     logprobs: torch.Tensor  # (B, T) float, log pi(token) at the sampling temperature
@@ -72,12 +89,13 @@ def sample_responses(
 
     The log-probs of the sampled tokens come from the logits `generate` already computed (output_logits), at
     the config's temperature: that is pi_old of the PPO ratio, with no second forward pass over the rollout.
-    `generation_config` must set do_sample, return_dict_in_generate and output_logits. Without top-p, the tokens
-    are drawn by `InverseTransformSampler` (the same distribution as generate's own sampling, faster).
+    `generation_config` must set do_sample, return_dict_in_generate and output_logits. When sampling keeps the
+    whole vocabulary (`narrows_sampling`: no top-p, top-k, min-p, ...), the tokens are drawn by
+    `InverseTransformSampler` (the same distribution as generate's own sampling, faster).
     """
     temperature = generation_config.temperature
     processors = None
-    if (generation_config.top_p or 1.0) >= 1.0:
+    if not narrows_sampling(generation_config):
         processors = [InverseTransformSampler(temperature)]
         generation_config = copy.deepcopy(generation_config)
         generation_config.update(do_sample=False, temperature=1.0, top_k=None, min_p=None)  # greedy picks the draw
