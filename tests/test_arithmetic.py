@@ -1,9 +1,11 @@
 """The embedded arithmetic task: its rewards, judge and splits, against hand-computed values."""
 
+import math
+
 import pytest
 
 from hfgen.data import arithmetic
-from hfgen.group_rl import call_reward_function, no_signal_share, trl_reward_function
+from hfgen.group_rl import call_reward_function, no_signal_share, trl_reward_function, weighted_totals
 
 PROMPTS = ["3+8+5=?", "3+8+5=?", "1+2+3+4=?", "describe the cat.", "3+8+5=?"]
 RESPONSES = [
@@ -38,6 +40,18 @@ def test_no_signal_share_by_hand():
     assert no_signal_share(rewards, 3) == 0.5
     assert no_signal_share(rewards, 2) == pytest.approx(2 / 6)  # pairs: [1,1] [1,0] [1,0] [.5,.5] [.5,0] [0,1]
     assert no_signal_share(rewards, 1) == 1.0
+
+
+def test_a_completion_no_reward_function_scored_is_left_out_as_trl_leaves_it_out():
+    # TRL 1.16: every function's None makes a completion unscorable (NaN: out of its group's baseline and the logged
+    # reward, advantage 0); hfgen counted it 0, so [1, None, None, 1] was a group with signal
+    nan = math.nan
+    rewards_per_func = [[1.0, nan], [nan, nan], [nan, 2.0], [nan, nan]]
+    totals = weighted_totals(rewards_per_func, [1.0, 0.5])
+    assert totals[0] == 1.0 and totals[2] == 1.0 and totals[[1, 3]].isnan().all()
+    # groups of 4: [1, -, -, 1] no signal, [0, -, 1, -] signal, [-, -, -, -] nothing scored: no signal
+    assert no_signal_share([1, nan, nan, 1, 0, nan, 1, nan, nan, nan, nan, nan], 4) == pytest.approx(2 / 3)
+    assert no_signal_share([nan, 1.0], 2) == 1.0  # one scored: its advantage is 0 too
 
 
 def test_reward_functions_in_trls_calling_convention():

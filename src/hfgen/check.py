@@ -12,6 +12,7 @@ are skipped, and the report says so.
 from __future__ import annotations
 
 import argparse
+import math
 
 TEXT_KINDS = {"pretrain": "text", "sft": "sft", "reward": "preference", "ppo": "prompt"}
 TEXT_KINDS |= {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "unpaired_preference"}
@@ -198,13 +199,20 @@ def sampled_responses(model_args, config, tokenizer, prompts: list, max_new_toke
 
 
 def reward_lines(groups: list[list[float]], components: str = "", equal_means: str = "") -> list[str]:
-    """The report of the sampled rewards (one list per prompt): their spread, and how many prompts' groups got
-    one reward for all (`components`, `equal_means`: what the stage adds to each line)."""
+    """The report of the sampled rewards (one list per prompt; NaN: a response no reward function scored, which
+    GRPO and RLOO leave out): their spread, and how many prompts' groups got one reward for all their scored
+    responses (`components`, `equal_means`: what the stage adds to each line)."""
+    from hfgen.group_rl import silent_groups
+
     rewards = [r for group in groups for r in group]
-    equal = sum(max(g) - min(g) < 1e-6 for g in groups)
+    scored = [r for r in rewards if not math.isnan(r)]
+    spread = f"mean {sum(scored) / len(scored):.3f}, min {min(scored):.3f}, max {max(scored):.3f}" if scored else ""
+    if len(scored) < len(rewards):
+        spread += f"{', ' if scored else ''}{len(rewards) - len(scored)} scored by no reward function"
+    equal = int(silent_groups(rewards, REWARD_SAMPLES, tolerance=1e-6).sum())
     return [
         f"reward of {len(rewards)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
-        f"mean {sum(rewards) / len(rewards):.3f}, min {min(rewards):.3f}, max {max(rewards):.3f}{components}",
+        f"{spread}{components}",
         f"prompt groups whose rewards are all equal{equal_means}: {equal} of {len(groups)}",
     ]
 
@@ -215,7 +223,14 @@ def check_group_rewards(recipe, rows) -> list[str]:
     are all equal: their group-relative advantages are zero, they teach nothing."""
     import torch
 
-    from hfgen.group_rl import load_reward_model, prepare_prompts, reward_component_names, trl_reward_function
+    from hfgen.evaluation.policy import mean
+    from hfgen.group_rl import (
+        load_reward_model,
+        prepare_prompts,
+        reward_component_names,
+        trl_reward_function,
+        weighted_totals,
+    )
     from hfgen.models import load_tokenizer
     from hfgen.rl.rollout import RewardScorer
 
@@ -236,9 +251,12 @@ def check_group_rewards(recipe, rows) -> list[str]:
     for spec in data_args.reward_functions:
         components.append(trl_reward_function(spec)(prompts_each, texts, **columns))
     weights = config.reward_weights or [1.0] * len(components)
-    totals = [sum(w * v for w, v in zip(weights, values)) for values in zip(*components)]
+    totals = weighted_totals(list(zip(*components)), weights).tolist()  # as training sums them
     groups = [totals[i : i + REWARD_SAMPLES] for i in range(0, len(totals), REWARD_SAMPLES)]
-    means = ", ".join(f"{n} {sum(v) / len(v):.3f}" for n, v in zip(reward_component_names(data_args), components))
+    means = ", ".join(
+        f"{name} " + ("none scored" if mean(values) is None else f"{mean(values):.3f}")
+        for name, values in zip(reward_component_names(data_args), components)
+    )
     return reward_lines(groups, f" (components: {means})", " (no signal for a group-relative method)")
 
 

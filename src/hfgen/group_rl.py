@@ -412,13 +412,33 @@ def reward_model_function(reward_model, reward_tokenizer, stop_ids: list[int], c
     return reward
 
 
-def no_signal_share(rewards, num_generations: int) -> float:
-    """Share of the groups (consecutive runs of `num_generations` completions of one prompt) whose rewards are all
-    equal: their group-relative advantages are zero, so they teach nothing."""
+def weighted_totals(rewards_per_func, weights):
+    """(N,) each completion's reward as TRL 1.16 sums its (N, K) components: the weighted sum of those that scored
+    it (a function's None is NaN, skipped); NaN where none did. TRL leaves such an unscorable completion out of its
+    group's baseline and its logged `reward`, and gives it advantage 0 (a 0 in the sum would bias the baseline and
+    hand it an advantage)."""
+    import torch
+
+    rewards = torch.as_tensor(rewards_per_func, dtype=torch.float32)
+    totals = (rewards * torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)).nansum(1)
+    return totals.masked_fill(rewards.isnan().all(1), math.nan)
+
+
+def silent_groups(rewards, num_generations: int, tolerance: float = 0.0):
+    """(G,) bools: which groups (consecutive runs of `num_generations` completions of one prompt) have scored
+    rewards all equal, within `tolerance` (NaN: unscored, out of the group's baseline as in TRL; a group with fewer
+    than two scored is one of them): their group-relative advantages are zero, so they teach nothing."""
     import torch
 
     groups = torch.as_tensor(rewards, dtype=torch.float32).view(-1, num_generations)
-    return (groups == groups[:, :1]).all(dim=1).float().mean().item()
+    unscored = groups.isnan()
+    lowest, highest = groups.masked_fill(unscored, math.inf).amin(1), groups.masked_fill(unscored, -math.inf).amax(1)
+    return highest - lowest <= tolerance  # (-inf when none is scored)
+
+
+def no_signal_share(rewards, num_generations: int) -> float:
+    """Share of the groups that teach nothing (`silent_groups`)."""
+    return silent_groups(rewards, num_generations).float().mean().item()
 
 
 # ---- the trainer: TRL's, plus records and exact resume ------------------------------------------------------
@@ -464,11 +484,10 @@ def recorded(trainer_class):
             start = time.perf_counter()
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             mode = "train" if self.model.training else "eval"
-            weights = self.reward_weights.to(rewards_per_func.device)
-            total = (rewards_per_func.nan_to_num() * weights).sum(1)
+            total = weighted_totals(rewards_per_func, self.reward_weights)
             self._metrics[mode]["groups/no_signal_share"].append(no_signal_share(total, self.num_generations))
             for column, name in enumerate(self.reward_func_names):
-                share = no_signal_share(rewards_per_func[:, column].nan_to_num(), self.num_generations)
+                share = no_signal_share(rewards_per_func[:, column], self.num_generations)
                 self._metrics[mode][f"rewards/{name}/no_signal_share"].append(share)
             responses = [completion_text(c) for c in completions]
             if self.oracle is not None:
@@ -871,11 +890,8 @@ def evaluate_against_start(
                 figures[reward_name] = reward.scorer(prompts, responses, ended.tolist(), device)[0].tolist()
             else:
                 figures[reward_name] = reward(prompts, responses, **columns)
-        weights = trainer.reward_weights.tolist()
-        # as training sums them (TRL's nansum): a component's None (NaN here) is skipped, none scored is 0
-        figures["reward"] = [
-            sum(w * v for w, v in zip(weights, row) if not math.isnan(v)) for row in zip(*figures.values())
-        ]
+        # as training sums them: a component's None (NaN here) is skipped; none scored, left out (NaN)
+        figures["reward"] = weighted_totals(list(zip(*figures.values())), trainer.reward_weights).tolist()
         if oracle is not None:
             figures["oracle"] = call_reward_function(oracle, prompts, responses, columns)
         figures["eos_rate"] = ended.float().tolist()

@@ -177,6 +177,21 @@ def test_check_samples_every_reward_component_for_grpo_and_rloo(tiny_lm, tmp_pat
         assert "prompt groups whose rewards are all equal (no signal for a group-relative method):" in out
 
 
+def test_check_leaves_responses_no_reward_function_scored_out_of_the_group_rewards(tiny_lm, tmp_path, capsys):
+    # a response every function left unscored (None) is out of GRPO's group baseline (TRL 1.16): the check printed
+    # "mean nan" and counted no group as all equal
+    never = tmp_path / "never.py"
+    never.write_text("def never(prompts, responses):\n    return [None] * len(responses)\n")
+    code, out, _ = check(capsys, REPO / "recipes/tiny/grpo_arithmetic.yaml", "--model_name_or_path", tiny_lm,
+                         "--reward_functions", f"{never}:never", "--reward_weights", "1.0",
+                         "--max_completion_length", "8")  # fmt: skip
+    assert (
+        code == 0
+        and "(4 for each of 8 prompts): 32 scored by no reward function (components: never none scored)" in out
+    )
+    assert "prompt groups whose rewards are all equal (no signal for a group-relative method): 8 of 8" in out, out
+
+
 def test_check_reports_the_preference_stages_data(capsys, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     same = {"prompt": "p", "chosen": "same", "rejected": "same"}

@@ -468,6 +468,22 @@ def test_a_reward_functions_unscored_responses_are_left_out_of_the_held_out_mean
     assert "heldout/pairs_left_out/reward" not in figures and isinstance(figures["grpo/reward"], float)
 
 
+def test_a_completion_no_reward_function_scored_is_out_of_the_group_signal_and_the_held_out_reward(tmp_path, models):
+    # TRL 1.16 leaves a completion every function left unscored (None) out of its group's baseline (advantage 0) and
+    # its logged reward; hfgen counted it 0: groups/no_signal_share said every group [-, 1, 1, 1] taught while the step
+    # had no signal at all, and eval.json's reward (0.75) was not the one function's mean (1.0)
+    recipe = write_recipe(tmp_path, models[0], reward_functions=["grpo_test_rewards:partial"], reward_weights=[1.0],
+                          max_steps=1, save_strategy="no", steps_per_generation=1)  # fmt: skip
+    train(recipe)
+    (metrics,) = [row for row in tracking.read_metrics(tmp_path / "run") if "groups/no_signal_share" in row]
+    assert metrics["groups/no_signal_share"] == metrics["rewards/partial/no_signal_share"] == 1.0
+    assert metrics["reward"] == 1.0 and metrics["loss"] == 0.0  # TRL's own: no signal
+    figures = tracking.read_json(tmp_path / "run" / "eval.json")
+    # 4 prompts x 2 samples: responses 0 and 4 unscored on both sides
+    assert figures["sft/reward"] == figures["grpo/reward"] == figures["grpo/partial"] == 1.0
+    assert figures["heldout/pairs_left_out/reward"] == 2 and figures["win_rate/reward"] == 0.5
+
+
 def test_the_held_out_comparison_stops_at_every_eos_id_training_stops_at(tmp_path, models):
     # a generation_config listing several eos ids: TRL stops at each in training; the evaluation once stopped at the
     # tokenizer's EOS alone (eos_rate and lengths of responses training never sees). Here every token but the pad
