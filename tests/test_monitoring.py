@@ -99,3 +99,29 @@ def test_stop_on_hacking_puts_back_the_average_of_the_policies_before_the_onset(
         steady.on_log(args, state, TrainerControl(), logs={"kl": 0.01, "entropy": 1.0, "reward": 1.0})
     # the copies of steps 15-20: the next alert's window starts at step 18 at the earliest, 2 are kept before it
     assert sorted(steady.snapshots.copies) == list(range(15, 21))
+
+
+def test_a_down_weighted_reward_model_is_weighed_by_its_reward_weight_under_trls_name_for_it(tmp_path):
+    # TRL logs the reward model as rewards/<its folder>/mean; the monitor's weights are keyed by the recipe's
+    # `reward_model`, so the model weighed 1.0 whatever reward_weights said: its rise of 1.0 (0.1 weighted) against
+    # the format reward's fall of 0.2 (the trained reward falls) was a dominance alert
+    from trl import GRPOConfig
+
+    from hfgen.group_rl import GroupRLArguments, hacking_monitor, trl_reward_function
+
+    def reward(prompts, completions, **_):  # stands for the reward model: hfgen names it as TRL does, after its dir
+        return [0.0] * len(prompts)
+
+    data_args = GroupRLArguments(dataset_name="embedded:arithmetic_prompts", reward_model_path=str(tmp_path / "reward"),
+                                 reward_functions=["hfgen.data.arithmetic:answer_format"])  # fmt: skip
+    config = GRPOConfig(output_dir=str(tmp_path), reward_weights=[0.1, 1.0], report_to=[], use_cpu=True)
+    callback = hacking_monitor(data_args, config, [reward, trl_reward_function(data_args.reward_functions[0])])
+    args, state, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerState(), TrainerControl()
+    for step in range(1, 10):
+        state.global_step = step
+        rm, answer_format = (0.0, 0.5) if step <= 4 else (1.0, 0.3)
+        logs = {"loss": 0.0, "entropy": 1.0, "completions/mean_length": 10.0, "reward": 0.1 * rm + answer_format,
+                "rewards/reward/mean": rm, "rewards/answer_format/mean": answer_format}  # fmt: skip
+        callback.on_log(args, state, control, logs=logs)
+    assert callback.monitor.history[-1]["components"] == {"reward_model": 1.0, "answer_format": 0.3}
+    assert not callback.monitor.alerts

@@ -671,7 +671,6 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     from transformers import set_seed
 
     from hfgen.models import count_parameters, load_tokenizer
-    from hfgen.monitoring import HackingMonitorCallback
     from hfgen.rl.rollout import load_function
 
     set_seed(config.seed)
@@ -724,10 +723,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records, model_args.model_name_or_path)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
     record(output_dir, data_records)
-    monitor = None
-    if data_args.hacking_monitor:
-        monitor = build_monitor(data_args, reward_weights=config.reward_weights)
-        monitor = HackingMonitorCallback(monitor, stop_on_hacking=data_args.stop_on_hacking)
+    monitor = hacking_monitor(data_args, config, rewards)
     trainer = build_trainer(
         recorded(trainer_class),
         output_dir,
@@ -815,6 +811,19 @@ def prompt_ids(tokenizer, prompts: list, config) -> list[list[int]]:
         for p in prompts
     ]  # fmt: skip
     return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+
+
+def hacking_monitor(data_args, config, rewards: list):
+    """The reward-hacking monitor's callback (None with `hacking_monitor: false`), reading TRL's log of each of
+    `rewards` (the reward functions in the trainer's order) under the recipe's name of its component, which its
+    `reward_weights` entry is keyed by: TRL logs the reward model under its folder's name."""
+    from hfgen.monitoring import HackingMonitorCallback
+
+    if not data_args.hacking_monitor:
+        return None
+    names = dict(zip((reward.__name__ for reward in rewards), reward_component_names(data_args)))
+    monitor = build_monitor(data_args, reward_weights=config.reward_weights)
+    return HackingMonitorCallback(monitor, stop_on_hacking=data_args.stop_on_hacking, component_names=names)
 
 
 def check_final_policy(trainer, rows, config, count: int = 8) -> None:

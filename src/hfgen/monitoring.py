@@ -30,9 +30,15 @@ from hfgen.rl.policy_weights import PolicySnapshots
 
 
 class HackingMonitorCallback(TrainerCallback):
-    def __init__(self, monitor: HackingMonitor | None = None, stop_on_hacking: bool = False):
+    def __init__(
+        self, monitor: HackingMonitor | None = None, stop_on_hacking: bool = False, component_names: dict | None = None
+    ):
+        """`component_names`: TRL's name of each reward function (its `rewards/NAME/mean`) -> the recipe's name of
+        that component, the key of the monitor's weights (TRL names the reward model after its folder, hfgen
+        `reward_model`); a name not in it is kept."""
         self.monitor = monitor or HackingMonitor()
         self.stop_on_hacking = stop_on_hacking
+        self.component_names = component_names or {}
         self.stopped: dict = {}
         self.snapshots = PolicySnapshots()
 
@@ -70,7 +76,7 @@ class HackingMonitorCallback(TrainerCallback):
             return  # an evaluation or end-of-training row
         length = logs.get("completions/mean_length")
         components = {
-            name.split("/")[1]: value
+            self.component_names.get(name.split("/")[1], name.split("/")[1]): value
             for name, value in logs.items()
             if name.startswith("rewards/") and name.endswith("/mean")
         }
