@@ -127,6 +127,18 @@ def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
     )
 
 
+def test_a_kl_target_whose_update_cannot_keep_kl_coef_positive_exits_2(tmp_path, tiny_models):
+    # the adaptive update multiplies kl_coef by 1 +- 0.2 x episodes / kl_horizon: with 16 episodes a step and a
+    # horizon of 3 a KL under target made it negative (a KL bonus), and from kl_coef 0 it stayed 0; both trained
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], kl_target=1.0, kl_horizon=3, kl_coef=0.0)
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "from kl_coef 0.0 it stays there" in result.stderr
+    assert "kl_horizon 3 is at most 1/5 of a step's 16 episodes" in result.stderr, result.stderr[-2000:]
+    assert run_hfgen_here("check", recipe, "--kl_horizon", "20", "--kl_coef", "0.05").returncode == 0
+
+
 def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):
     # value_model_path of another vocabulary was accepted silently (the check ran only for the reward model), and a
     # BERT classifier was said to be "no AutoModelForSequenceClassification" though it is one

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,6 +323,7 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     problems += scheduler_problems(config.lr_scheduler_type)
     if config.kl_target is not None and config.kl_target <= 0:
         problems.append(f"kl_target must be > 0 (or unset for a fixed kl_coef), got {config.kl_target}")
+    problems += adaptive_kl_problems(config)
     if config.missing_eos_penalty is not None and config.missing_eos_penalty < 0:
         problems.append(
             f"missing_eos_penalty is subtracted from the score: give a positive value, got {config.missing_eos_penalty}"
@@ -335,6 +337,31 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     if splits and not problems + data_problems:
         data_problems += prompt_length_problems(model_args, data_args, config, splits)
     return problems + data_problems
+
+
+def adaptive_kl_problems(config) -> list[str]:
+    """`kl_target`'s controller (`AdaptiveKLController`) multiplies kl_coef by 1 + clip(KL / kl_target - 1, +-0.2) x
+    episodes / kl_horizon each step (Ziegler et al., for steps far smaller than the horizon): from 0 it stays 0, and
+    with a step of at least 5 x kl_horizon episodes a KL under target makes it 0 or negative (a KL bonus). The step's
+    episodes at the launched world size (WORLD_SIZE; `hfgen train --num_processes` checks at that size first)."""
+    if config.kl_target is None or config.kl_target <= 0:
+        return []
+    problems = []
+    if config.kl_coef <= 0:
+        problems.append(
+            f"kl_target {config.kl_target} adapts kl_coef by multiplying it: from kl_coef {config.kl_coef} it "
+            "stays there for the whole run; give kl_coef > 0, its starting value"
+        )
+    local_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.num_mini_batches
+    episodes = local_batch * int(os.environ.get("WORLD_SIZE", "1"))
+    if config.kl_horizon >= 1 and 0.2 * episodes >= config.kl_horizon:
+        problems.append(
+            f"kl_horizon {config.kl_horizon} is at most 1/5 of a step's {episodes} episodes: kl_target's update "
+            f"multiplies kl_coef by as little as 1 - 0.2 x {episodes} / {config.kl_horizon}, making it 0 or negative "
+            f"(a KL bonus) the first time KL is under kl_target; give kl_horizon well above {5 * episodes} episodes "
+            "(default 10000)"
+        )
+    return problems
 
 
 def prompt_length_problems(model_args, data_args, config, splits, records: dict | None = None) -> list[str]:
