@@ -195,12 +195,26 @@ def adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused or None)
 
 
-def lr_schedule(accelerator, name: str, optimizer, warmup_steps: int, total_steps: int):
+def lr_schedule(accelerator, name: str, optimizer, warmup_steps: int, total_steps: int, starts: list | None = None):
     """A transformers schedule stepped once per optimizer step by the loop itself (not through `prepare`, which
-    would step it once per process) and saved in checkpoints."""
+    would step it once per process) and saved in checkpoints. `starts`: per parameter group, the optimizer steps
+    before its own schedule begins (rate 0 until then, then the whole schedule, warm-up included, over the steps
+    left): PPO's policy, frozen during the critic warm-up, whose warm-up a shared schedule would spend meanwhile."""
+    from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    if not any(starts or []):
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    else:
+
+        def multiplier(start: int):
+            unused = torch.optim.SGD([torch.zeros(1)], lr=1.0)  # (transformers builds a schedule around an optimizer)
+            scheduled = get_scheduler(
+                name, unused, num_warmup_steps=warmup_steps, num_training_steps=total_steps - start
+            )
+            return lambda step: scheduled.lr_lambdas[0](step - start) if step >= start else 0.0
+
+        scheduler = LambdaLR(optimizer, [multiplier(start) for start in starts])
     accelerator.register_for_checkpointing(scheduler)
     return scheduler
 

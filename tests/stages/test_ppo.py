@@ -494,8 +494,9 @@ def test_options_critic_warmup_ema_sft_reward_normalisation_and_ptx(tmp_path, ti
     run = tmp_path / "run"
     metrics = tracking.read_metrics(run)
     assert [row["episode"] for row in metrics] == [16, 32, 48]  # rollout = per_device x accumulation x minibatches
-    # each row's lr is the rate its update used: the linear schedule from 1e-2 over 3 steps (was the next step's)
-    assert [row["lr"] for row in metrics] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+    # each row's lr is the rate the policy's update used (was the next step's): none in the critic warm-up, then the
+    # linear schedule from 1e-2 over the 2 steps it trains (one schedule for both spent the policy's on the warm-up)
+    assert [row["lr"] for row in metrics] == pytest.approx([0.0, 1e-2, 1e-2 / 2])
     # the SFT policy's responses, normalised with their own statistics: mean 0
     assert abs(metrics[0]["objective/scores"]) < 1e-5 and metrics[1]["objective/scores"] != 0
     # step 1 trained the value model only: the policy sampling step 2 is still the reference

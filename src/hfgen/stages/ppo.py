@@ -446,7 +446,11 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         parameter_groups(trainable, config), config.learning_rate,
         (config.adam_beta1, config.adam_beta2), config.weight_decay, config.adam_epsilon, fused=True,
     )  # fmt: skip
-    scheduler = loop.lr_schedule(accelerator, config.lr_scheduler_type, optimizer, config.warmup_steps, total_steps)
+    # the policy's schedule starts when it trains, after the critic warm-up (OpenRLHF's actor and critic schedules)
+    starts = [config.critic_warmup_steps if group["part"] == "policy" else 0 for group in optimizer.param_groups]
+    scheduler = loop.lr_schedule(
+        accelerator, config.lr_scheduler_type, optimizer, config.warmup_steps, total_steps, starts
+    )
     trainable, optimizer = loop.prepare(
         accelerator, trainable, optimizer,
         micro_batch_size=config.per_device_train_batch_size, max_grad_norm=config.max_grad_norm,
