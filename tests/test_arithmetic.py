@@ -5,7 +5,13 @@ import math
 import pytest
 
 from hfgen.data import arithmetic
-from hfgen.group_rl import call_reward_function, no_signal_share, trl_reward_function, weighted_totals
+from hfgen.group_rl import (
+    call_reward_function,
+    groups_no_signal_share,
+    no_signal_share,
+    trl_reward_function,
+    weighted_totals,
+)
 
 PROMPTS = ["3+8+5=?", "3+8+5=?", "1+2+3+4=?", "describe the cat.", "3+8+5=?"]
 RESPONSES = [
@@ -52,6 +58,14 @@ def test_a_completion_no_reward_function_scored_is_left_out_as_trl_leaves_it_out
     # groups of 4: [1, -, -, 1] no signal, [0, -, 1, -] signal, [-, -, -, -] nothing scored: no signal
     assert no_signal_share([1, nan, nan, 1, 0, nan, 1, nan, nan, nan, nan, nan], 4) == pytest.approx(2 / 3)
     assert no_signal_share([nan, 1.0], 2) == 1.0  # one scored: its advantage is 0 too
+
+
+def test_under_normalize_then_sum_a_group_teaches_when_any_component_varies_in_it():
+    # TRL normalises each component within its group before the weighted sum: exact answers [1, 0, 1, 0] and a bonus
+    # [0, 2, 0, 2] weighted [1, 0.5] total 1.0 each, yet give advantages +-0.87; hfgen counted the group silent
+    rewards_per_func = [[1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    assert groups_no_signal_share(rewards_per_func, [1.0, 0.5], 4, "normalize_then_sum") == 0.5
+    assert groups_no_signal_share(rewards_per_func, [1.0, 0.5], 4, "sum_then_normalize") == 1.0  # equal totals
 
 
 def test_reward_functions_in_trls_calling_convention():

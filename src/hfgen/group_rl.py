@@ -441,6 +441,20 @@ def no_signal_share(rewards, num_generations: int) -> float:
     return silent_groups(rewards, num_generations).float().mean().item()
 
 
+def groups_no_signal_share(rewards_per_func, weights, num_generations: int, aggregation: str | None) -> float:
+    """`groups/no_signal_share`: the share of groups that teach nothing, by TRL's `multi_objective_aggregation`. The
+    default sums the weighted components, then normalises within the group: no signal when the totals are equal.
+    normalize_then_sum normalises each component within the group before the sum: components that cancel in the
+    total still teach, so no signal only when every component is constant in the group."""
+    import torch
+
+    if aggregation == "normalize_then_sum":
+        columns = torch.as_tensor(rewards_per_func, dtype=torch.float32).unbind(1)
+        silent = torch.stack([silent_groups(column, num_generations) for column in columns]).all(0)
+        return silent.float().mean().item()
+    return no_signal_share(weighted_totals(rewards_per_func, weights), num_generations)
+
+
 # ---- the trainer: TRL's, plus records and exact resume ------------------------------------------------------
 
 
@@ -484,8 +498,11 @@ def recorded(trainer_class):
             start = time.perf_counter()
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             mode = "train" if self.model.training else "eval"
-            total = weighted_totals(rewards_per_func, self.reward_weights)
-            self._metrics[mode]["groups/no_signal_share"].append(no_signal_share(total, self.num_generations))
+            share = groups_no_signal_share(
+                rewards_per_func, self.reward_weights, self.num_generations,
+                getattr(self, "multi_objective_aggregation", None),  # (GRPO's; RLOO sums)
+            )  # fmt: skip
+            self._metrics[mode]["groups/no_signal_share"].append(share)
             for column, name in enumerate(self.reward_func_names):
                 share = no_signal_share(rewards_per_func[:, column], self.num_generations)
                 self._metrics[mode][f"rewards/{name}/no_signal_share"].append(share)
