@@ -360,13 +360,14 @@ def completion_text(completion) -> str:
 
 
 def call_reward_function(function, prompts: list, responses: list[str], columns: dict) -> list[float]:
-    """function(prompt texts, response texts, **the dataset columns it names) as floats."""
-    from hfgen.rl.rollout import prompt_text, reward_values
+    """function(prompts, response texts, **the dataset columns it names) as floats (a `recipe_function`)."""
+    from hfgen.rl.rollout import reward_values
 
     parameters = inspect.signature(function).parameters
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     extra = {key: value for key, value in columns.items() if takes_all or key in parameters}
-    return reward_values(function, function([prompt_text(p) for p in prompts], responses, **extra), len(responses))
+    # the prompts as they are: a recipe function (`recipe_function`) reads them in its convention
+    return reward_values(function, function(list(prompts), responses, **extra), len(responses))
 
 
 def trl_reward_function(spec: str):

@@ -287,6 +287,31 @@ def test_load_function_and_function_scores():
             R.load_function(bad)
 
 
+def test_a_function_in_trls_convention_gets_what_trl_gives_it(tmp_path):
+    # TRL passes a conversation's prompt as its messages and each completion as its assistant message list (its docs'
+    # format reward reads completion[0]["content"]); hfgen passed strings: that reward was refused with a TypeError
+    from hfgen.group_rl import trl_reward_function
+
+    (tmp_path / "trl_rewards.py").write_text(
+        "def format_reward_func(prompts, completions, **kwargs):\n"
+        "    return [float(c[0]['content'].startswith('answer') and p[-1]['role'] == 'user') if isinstance(c, list)\n"
+        "            else 0.5 for p, c in zip(prompts, completions)]\n"
+    )
+    function = R.load_function(f"{tmp_path / 'trl_rewards.py'}:format_reward_func")
+    chat, plain = [{"role": "user", "content": "3+8=?"}], "3+8=?"
+    # PPO, and GRPO's held-out comparison and oracle: prompts as the policy saw them, response texts
+    assert R.function_scores(function, [chat, chat, plain], ["answer: 11", "11", "answer: 11"], "cpu").tolist() == [
+        1.0, 0.0, 0.5,
+    ]  # fmt: skip
+    # GRPO's training: TRL's own completions, through hfgen's wrapper, reach the function as TRL gave them
+    completions = [[{"role": "assistant", "content": "answer: 11"}]]
+    assert trl_reward_function(f"{tmp_path / 'trl_rewards.py'}:format_reward_func")([chat], completions) == [1.0]
+    # hfgen's convention still reads texts: the conversation's user message
+    oracle = R.load_function("hfgen.data.embedded:oracle_scores")
+    assert R.function_scores(oracle, [[{"role": "user", "content": "describe the red cat."}]], ["the red cat is kind."],
+                             "cpu").tolist() == [2.5]  # fmt: skip
+
+
 def test_prompt_rows_are_disjoint_across_processes_and_cover_each_pass():
     size, local = 10, 3
     first_pass = [R.prompt_rows(step, size, 2 * local, local, rank, seed=1) for step in (1,) for rank in (0, 1)]

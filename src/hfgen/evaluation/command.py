@@ -572,7 +572,8 @@ def load_judges(
 
         def oracle_judge(prompts, completions):
             responses = [c.text for group in completions for c in group]
-            flat = oracle([prompt_text(p) for p, group in zip(prompts, completions) for _ in group], responses)
+            # the prompts as they are: the oracle (`recipe_function`) reads them in its convention
+            flat = oracle([p for p, group in zip(prompts, completions) for _ in group], responses)
             try:  # read as a reward function's scores: None is "not scored" (NaN there), anything else exits 2
                 values = reward_values(oracle, flat, len(responses))
             except UserError as error:

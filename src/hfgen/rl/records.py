@@ -50,7 +50,7 @@ def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -
     for i in range(min(SAMPLE_ROWS, len(texts))):
         row = {"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": float(scores[i])}
         if oracle is not None:
-            row["oracle"] = recorded_scores(reward_values(oracle, oracle([row["prompt"]], [texts[i]]), 1))[0]
+            row["oracle"] = recorded_scores(reward_values(oracle, oracle([prompts[i]], [texts[i]]), 1))[0]
         rows.append(row)
     with (output_dir / "samples.jsonl").open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

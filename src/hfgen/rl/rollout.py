@@ -373,10 +373,12 @@ def takes_trl_arguments(function) -> bool:
 
 def recipe_function(function, spec: str):
     """A recipe's reward / oracle / eval function, called as function(prompts, responses, **columns) whichever
-    convention it was written in (hfgen's positional one, or TRL's keywords `prompts`, `completions`), with the
-    columns it names as parameters (all of them when it takes **kwargs); an
-    exception inside it is a UserError naming the function, its exception and where it was raised (the recipe's
-    code, not hfgen's)."""
+    convention it was written in, with the columns it names as parameters (all of them when it takes **kwargs):
+    `prompts` as the policy saw them (strings or chat messages), `responses` texts. hfgen's positional convention
+    reads each prompt's text (`prompt_text`); TRL's keywords `prompts`, `completions` get what TRL gives them, the
+    prompts as they are and, for a conversation, each completion as its assistant message list
+    (`[{"role": "assistant", "content": text}]`). An exception inside it is a UserError naming the function, its
+    exception and where it was raised (the recipe's code, not hfgen's)."""
     import inspect
 
     try:
@@ -391,8 +393,10 @@ def recipe_function(function, spec: str):
         columns = {k: v for k, v in columns.items() if takes_all or k in parameters}  # the ones it names
         try:
             if not trl_style:
-                return function(prompts, responses, **columns)
-            given = {"prompts": prompts, "completions": responses, **columns}
+                return function([prompt_text(p) for p in prompts], responses, **columns)
+            completions = [r if isinstance(p, str) else [{"role": "assistant", "content": r}]
+                           for p, r in zip(prompts, responses)]  # fmt: skip
+            given = {"prompts": list(prompts), "completions": completions, **columns}
             return function(**{k: v for k, v in given.items() if takes_all or k in parameters})
         except UserError:
             raise
@@ -450,7 +454,7 @@ def required_arguments(function) -> list[str]:
 
 def function_scores(function: RewardFunction, prompts: list, responses: list[str], device) -> torch.Tensor:
     """(B,) float scores of a rule-based reward function called as function(prompt texts, response texts)."""
-    values = function([prompt_text(p) for p in prompts], responses)
+    values = function(list(prompts), responses)  # (a recipe function reads each prompt in its convention)
     return torch.tensor(reward_values(function, values, len(responses)), device=device)
 
 
