@@ -35,6 +35,9 @@ def exit_on_user_error(program: str = "hfgen"):
         print(f"{program}: diverged: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
     except Exception as error:
+        if weights_refused(error):  # (the loaders of generate, eval and merge name the model: models.load_problem)
+            print(f"{program}: error: {WEIGHTS_REFUSED}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         # A chat template's own refusal of a row (its raise_exception: a TemplateError itself, not a subclass such
         # as a syntax error) past the rows the check renders: the data does not fit the model's template.
         from jinja2.exceptions import TemplateError
@@ -45,6 +48,21 @@ def exit_on_user_error(program: str = "hfgen"):
 
         print(f"{program}: error: {template_refusal(error, 'a row of the data')}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+WEIGHTS_REFUSED = (
+    "a model's .bin weights file holds objects other than tensors (a pickle that would run code when loaded): torch's "
+    "weights-only guard refused it, no code ran, and hfgen does not load such weights; use the model's safetensors "
+    "weights (or convert its .bin where you trust it)"
+)
+
+
+def weights_refused(error: BaseException) -> bool:
+    """Whether `error` is torch's weights-only guard refusing a pickled weights file (a model's .bin holding other
+    objects than tensors): bad input wherever a model loads, not a bug."""
+    import pickle
+
+    return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
 
 
 def disk_full(error: BaseException | None, directory: Path | None = None) -> bool:

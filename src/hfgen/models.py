@@ -11,7 +11,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hfgen.errors import UserError
+from hfgen.errors import WEIGHTS_REFUSED, UserError, weights_refused
 
 EMBEDDED_TOKENIZER = "embedded:tiny-bpe"
 EMBEDDED_VOCAB_SIZE = 512
@@ -579,11 +579,8 @@ def load_problem(what: str, path: str, error: Exception, trust_remote_code: bool
     """The problem of a model dir (or hub id) that `from_pretrained` could not load as `what`. A model bringing
     its own code, untrusted: transformers asks for an argument the commands that take a model dir do not have; a
     .bin weights file holding objects other than tensors: torch advises turning its guard off."""
-    if isinstance(error, pickle.UnpicklingError):
-        return UserError(
-            f"could not load {what} from '{path}': its .bin weights hold objects other than tensors (a pickle that "
-            "would run code when loaded), which hfgen does not load; use its safetensors weights"
-        )
+    if weights_refused(error):
+        return UserError(f"could not load {what} from '{path}': {WEIGHTS_REFUSED}")
     if not trust_remote_code and "trust_remote_code" in str(error):
         return UserError(
             f"could not load {what} from '{path}': it brings its own model code, which hfgen runs only for the "
