@@ -467,6 +467,10 @@ def test_kto_labels_are_read_as_written(tmp_path):
     assert all(row["label"] == expected[row["completion"]] for row in [*train, *evaluation])
     with pytest.raises(UserError, match="'maybe' is not a label"):
         load(jsonl(tmp_path / "bad.jsonl", [{**rows[0], "label": "maybe"}] * 20), "unpaired_preference")
+    for bad in (0, 3, 19):  # named by its row in the file, not in the shuffled split (probe 40 I3)
+        labelled = [{**row, "label": "maybe" if i == bad else "yes"} for i, row in enumerate(rows[:20])]
+        with pytest.raises(UserError, match=rf"row {bad + 1}, column 'label': 'maybe' is not a label"):
+            load(jsonl(tmp_path / "one_bad.jsonl", labelled), "unpaired_preference")
 
 
 def test_a_json_file_whose_rows_are_one_field_loads_them(tmp_path):

@@ -651,6 +651,10 @@ def check_rows(
                 "share (no prompt column): the rows are misaligned; fix or remove them, or give a prompt column"
             )
     _check_values(dataset, fmt, source, blank)
+    if fmt == "unpaired_preference":  # KTO's labels, by the file's row too
+        for row, (value, skip) in enumerate(zip(dataset["label"], blank)):
+            if not skip:
+                _label(value, row, source)
     named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
         for row, (value, skip) in enumerate(zip(dataset[column], blank)):
