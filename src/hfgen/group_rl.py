@@ -36,7 +36,7 @@ from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
-from hfgen.generate import prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
+from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
 from hfgen.models import check_model_source, not_a_reward_model, position_limit
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
 
@@ -307,7 +307,8 @@ def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None, 
         return dataset
     if data_args.chat_prompts != "auto":
         return dataset
-    if model_path is not None and trained_on_chat(model_path) is False:
+    chat = trained_on_chat(model_path) if model_path is not None else None
+    if chat is False:
         note = (
             f"chat_prompts: auto: the run that made {model_path} prompted it raw (its eval.json: trained_on_chat "
             "false), so the string prompts stay raw"
@@ -316,6 +317,13 @@ def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None, 
             print(f"note: {note}")
             records.setdefault("notes", []).append(note)
         return dataset
+    if chat is None and model_path is not None and made_by_run(model_path) is not None and records is not None:
+        note = (  # (an older hfgen's run on prompt/completion rows: neither its eval.json nor its data.json tells)
+            f"chat_prompts: auto: the run that made {model_path} does not record whether it prompted its model in "
+            "the chat template, so the string prompts are sent in it; chat_prompts: never keeps them raw"
+        )
+        print(f"note: {note}")
+        records.setdefault("notes", []).append(note)
     opening, closing, tokens = template_marks(tokenizer)
 
     def turns(prompt: str) -> list[dict] | str:

@@ -181,6 +181,12 @@ def test_a_model_whose_run_prompted_it_raw_gets_raw_prompts_and_its_run_records_
     assert prepare_prompts(strings, GroupRLArguments(), tokenizer, model_path=str(sft))[0]["prompt"] == [
         {"role": "user", "content": "3+8+5=?"}
     ]
+    # an older hfgen's run on prompt/completion rows records neither: sent as a user turn, said (probe 40 I4)
+    tracking.write_json(sft / "eval.json", {})
+    tracking.write_json(sft / "data.json", {"train": {"format": "prompt_completion"}})
+    records = {}
+    assert prepare_prompts(strings, GroupRLArguments(), tokenizer, records, str(sft))[0]["prompt"][0]["role"] == "user"
+    assert "does not record whether it prompted its model in the chat template" in records["notes"][0]
 
 
 @pytest.mark.slow
