@@ -322,7 +322,6 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
     conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
     from trl.data_utils import common_prefix_length
 
-    from hfgen.data.rendering import template_refusals
     from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation, without_doubled_bos
 
     fatal = []
@@ -336,8 +335,6 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
             "the data is conversational but the tokenizer has no chat template: set chat_template_path (a .jinja file, "
             "or a tokenizer whose template to copy, e.g. an instruct model's)"
         ]
-    if refused := template_refusals(tokenizer, rows, source):  # rendering them below would stop with jinja's error
-        return [], refused
     if "messages" in rows.column_names and training_args.assistant_only_loss:
         fatal += assistant_mask_problems(tokenizer)
         if fatal:  # no template to mark the assistant turns with

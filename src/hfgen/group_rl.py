@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
+from hfgen.data.prepare import (
+    TextDataArguments,
+    check_text_data,
+    checking_template,
+    data_source,
+    load_for_stage,
+    record,
+)
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
@@ -128,8 +135,9 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
     problems += monitor_problems(data_args)
     splits, dataset_problems = check_text_data(
-        data_args, "prompt", prompt_columns(data_args), other_columns=True, seed=config.seed
-    )
+        data_args, "prompt", prompt_columns(data_args), other_columns=True, seed=config.seed,
+        template=checking_template(model_args.model_name_or_path, config.trust_remote_code),
+    )  # fmt: skip
     problems += dataset_problems
     if splits:  # the rewards are called with the data's other columns by name
         columns = [c for c in splits[0].column_names if c != "prompt"]
@@ -277,13 +285,6 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
             f"the prompts of {source} hold chat messages, but the tokenizer of '{model}' has no chat template to "
             "render them: use a chat model (or one whose tokenizer has a chat_template), or give plain-string prompts"
         ]
-    if not isinstance(first, str) and has_template:  # a prompt the template refuses (Gemma: a system turn)
-        from hfgen.data.loading import ROWS_CHECKED
-        from hfgen.data.rendering import template_refusals
-
-        sample = train_rows.select(range(min(ROWS_CHECKED, len(train_rows))))
-        if refused := template_refusals(load_tokenizer(model, config.trust_remote_code), sample, source):
-            return refused
     if isinstance(first, str) and has_template and data_args.chat_prompts == "refuse":
         return [
             f"the prompts of {source} are plain strings, but "

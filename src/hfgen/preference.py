@@ -27,7 +27,13 @@ from pathlib import Path
 
 from hfgen import guard, loop, tracking
 from hfgen.data.formats import unpaired_rows
-from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, load_for_stage, record
+from hfgen.data.prepare import (
+    TextDataArguments,
+    check_text_data,
+    checking_template,
+    load_for_stage,
+    record,
+)
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
@@ -74,13 +80,14 @@ def check_preference_data(
     before any model is loaded."""
     from trl.data_utils import is_conversational
 
-    from hfgen.models import load_tokenizer
     from hfgen.rl.rollout import WHY_NO_COLUMNS, load_function, unmet_arguments
 
+    template = checking_template(model, trust_remote_code)  # renders every row (a refusal named by its row)
     loaded, problems = check_text_data(
-        data_args, data_kind(unpaired_ok), seed=training_args.seed if training_args is not None else 0
-    )
-    tokenizer = load_tokenizer(model, trust_remote_code) if model and loaded and len(loaded[0]) else None
+        data_args, data_kind(unpaired_ok), seed=training_args.seed if training_args is not None else 0,
+        template=template,
+    )  # fmt: skip
+    tokenizer = template if loaded and len(loaded[0]) else None
     if tokenizer is not None and is_conversational(loaded[0][0]):
         if tokenizer.chat_template is None:
             problems.append(
@@ -88,15 +95,6 @@ def check_preference_data(
                 "(a base model): start from one that has (an sft run keeps the template it trained with, e.g. from "
                 "chat_template_path), or give text rows"
             )
-    if tokenizer is not None and not problems:  # a row the template refuses stops the renderings below
-        from hfgen.data.loading import ROWS_CHECKED
-        from hfgen.data.rendering import template_refusals
-
-        for rows, split in zip(loaded[:2], ("train", "eval")):
-            sample = rows.select(range(min(ROWS_CHECKED, len(rows))))
-            if refused := template_refusals(tokenizer, sample, f"{data_source(data_args)} ({split} split)"):
-                problems += refused
-                break
     if tokenizer is not None and not problems and training_args is not None:
         problems += prompt_length_problems(tokenizer, loaded[0], training_args)
         from hfgen.data.loading import ROWS_CHECKED

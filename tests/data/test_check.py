@@ -350,26 +350,33 @@ NO_SYSTEM_TEMPLATE = (  # Gemma-it's refusal, on hfgen's template
 )
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
 def test_a_conversation_the_chat_template_refuses_exits_2_naming_the_row(tiny_lm, tmp_path, capsys, stage):
     # Gemma's template raises "System role not supported" on a system turn: a raw jinja2 TemplateError traceback
-    # (exit 1) from the check's rendering (sft: tokenize_response, dpo: prompt_length_problems)
+    # (exit 1) from the check's rendering (sft: tokenize_response, dpo: prompt_length_problems). The row is the
+    # file's (it was named by its place in the shuffled training split), past the first 1000 rows too (those passed
+    # the check, and the run stopped naming no row)
     from transformers import AutoTokenizer
 
     template = AutoTokenizer.from_pretrained(tiny_lm).chat_template
     model = with_template(tiny_lm, tmp_path, template, NO_SYSTEM_TEMPLATE + template)
-    system = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "describe the red cat."}]
+    user = [{"role": "user", "content": "describe the red cat."}]
     answer, other = [{"role": "assistant", "content": "the cat is red."}], [{"role": "assistant", "content": "no."}]
-    rows = (
-        [{"messages": system + answer}] if stage == "sft" else [{"prompt": system, "chosen": answer, "rejected": other}]
-    )
+
+    def row(prompt):
+        if stage == "sft":
+            return {"messages": prompt + answer}
+        return {"prompt": prompt} if stage == "ppo" else {"prompt": prompt, "chosen": answer, "rejected": other}
+
+    rows = [row(user)] * 1200
+    rows[1099] = row([{"role": "system", "content": "be brief."}, *user])
     data = tmp_path / "system.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 8))
-    recipe = SFT_FULL if stage == "sft" else REPO / "recipes/tiny/dpo.yaml"
-    code, _, err = check(capsys, recipe, "--model_name_or_path", model, "--dataset_name", data)
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = SFT_FULL if stage == "sft" else REPO / f"recipes/tiny/{stage}.yaml"
+    code, _, err = check(capsys, recipe, "--model_name_or_path", model, "--dataset_name", data, small=False)
     assert code == 2, err
-    assert f"the chat template refuses row 0 of dataset '{data}'" in err and "'System role not supported'" in err
-    assert "merge a system turn into the first user turn" in err
+    assert f"the chat template refuses row 1100 (counted from 1) of dataset '{data}'" in err, err
+    assert "'System role not supported'" in err and "merge a system turn into the first user turn" in err
 
 
 def test_a_template_refusal_past_the_checked_rows_exits_2_without_a_traceback(tiny_lm, capsys):

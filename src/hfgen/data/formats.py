@@ -114,6 +114,9 @@ class DataReport:
     rows_kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    # the kept rows' numbers in the file (counted from 1), for messages about a row found after conversion (not in
+    # data.json): the split's rows are shuffled by the held-out slice
+    file_rows: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
         return {
@@ -742,6 +745,9 @@ def to_standard(
     """(dataset in the kind's standard columns, DataReport). See the module docstring. `other_columns`: the file's
     columns outside its layout travel with each row (GRPO's reward functions read them, e.g. a reference answer);
     all of them (True) or those named (a reward stage's `margin`), those in NUMBER_COLUMNS checked as numbers."""
+    from hfgen.data.loading import source_rows
+
+    file_rows = source_rows(dataset, range(len(dataset)))
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     spec = FORMATS[fmt]
     report = DataReport(source=source, format=fmt, rows_read=len(dataset))
@@ -767,6 +773,8 @@ def to_standard(
     report.notes += left_out_notes(dataset, fmt, kind, carried)
     rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep + carried))]
     kept = [r for r in rows if r]
+    report.file_rows = [n for n, b in zip(file_rows, blank) if not b]
+    report.file_rows = [n for n, row in zip(report.file_rows, rows) if row]
     report.dropped.update(reason for reason in reasons if reason)
     report.rows_kept = len(kept)
     if refuse_identical:

@@ -623,8 +623,8 @@ def source_rows(dataset, positions: list[int]) -> list[int]:
     indices = dataset._indices  # datasets' view mapping (None when the dataset is the loaded data itself)
     if indices is None:
         return [position + 1 for position in positions]
-    column = indices.column(0)
-    return [column[position].as_py() + 1 for position in positions]
+    column = indices.column(0).to_pylist()
+    return [column[position] + 1 for position in positions]
 
 
 def load_splits_for_check(load, args) -> tuple[tuple | None, list[str]]:

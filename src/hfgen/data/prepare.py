@@ -66,9 +66,11 @@ def _one_source(
     columns: dict,
     notes: list[str],
     other_columns: bool | tuple[str, ...],
+    template=None,
     **split_keys,
 ):
-    """(train, eval, train report, eval report) of one source."""
+    """(train, eval, train report, eval report) of one source; a row that `template` (a tokenizer) has a chat
+    template and refuses to render is a UserError naming its row in the file."""
     raw = load_raw(name, split_keys.pop("config", None))
     try:
         for split in raw.values():  # before the held-out slice is carved, so rows are numbered as in the file
@@ -86,6 +88,12 @@ def _one_source(
     train_report.notes += notes
     require_rows(train, train_report)
     require_rows(evaluation, eval_report, "evaluation rows")
+    if template is not None:
+        from hfgen.data.rendering import template_refusals
+
+        for rows, report in ((train, train_report), (evaluation, eval_report)):
+            if refused := template_refusals(template, rows, f"dataset '{name}'", report.file_rows):
+                raise UserError(refused[0])
     return train, evaluation, train_report, eval_report
 
 
@@ -114,16 +122,18 @@ def load_for_stage(
     default_columns: dict[str, str] | None = None,
     other_columns: bool | tuple[str, ...] = False,
     for_the_run: bool = False,
+    template=None,
 ):
     """(train, eval, records): the stage's data in the standard columns of `kind` (and, with `other_columns`, the
     file's columns outside its layout); records say which layout, split and rows were used, which were dropped and
     why, and for a mixture how many rows each set gave. `for_the_run`: a check's load, kept for the run
-    (`shared_loads`)."""
+    (`shared_loads`). `template`: a tokenizer whose chat template must render every row (`_one_source`), which a
+    check gives; the run takes the check's load, so it is not part of what makes two loads the same."""
     default_columns = {k: v for k, v in (default_columns or {}).items() if k != v}
     if _shared is None:
-        return _load_for_stage(args, kind, seed, default_columns, other_columns)
+        return _load_for_stage(args, kind, seed, default_columns, other_columns, template)
     key = (repr(args), kind, seed, repr(default_columns), repr(other_columns))
-    loaded = _shared.pop(key, None) or _load_for_stage(args, kind, seed, default_columns, other_columns)
+    loaded = _shared.pop(key, None) or _load_for_stage(args, kind, seed, default_columns, other_columns, template)
     if for_the_run:
         _shared[key] = loaded
     train, evaluation, records = loaded
@@ -141,7 +151,9 @@ def shared_once(key: tuple, compute):
     return result
 
 
-def _load_for_stage(args, kind: str, seed: int, default_columns: dict[str, str], other_columns: bool | tuple[str, ...]):
+def _load_for_stage(
+    args, kind: str, seed: int, default_columns: dict[str, str], other_columns: bool | tuple[str, ...], template=None
+):
     import datasets
 
     if args.mixture and args.dataset_name:
@@ -151,7 +163,7 @@ def _load_for_stage(args, kind: str, seed: int, default_columns: dict[str, str],
             raise UserError("dataset_name is not set")
         columns = {**default_columns, **(args.dataset_columns or {})}
         train, evaluation, train_report, eval_report = _one_source(
-            args, kind, seed, args.dataset_name, args.dataset_format, columns, [], other_columns,
+            args, kind, seed, args.dataset_name, args.dataset_format, columns, [], other_columns, template,
             config=args.dataset_config,
         )  # fmt: skip
         records = {"train": train_report.as_dict(), "eval": eval_report.as_dict()}
@@ -168,7 +180,8 @@ def _load_for_stage(args, kind: str, seed: int, default_columns: dict[str, str],
         columns = {**default_columns, **own_columns}
         fmt = entry.format or args.dataset_format
         train, evaluation, train_report, eval_report = _one_source(
-            uncapped, kind, seed, entry.name, fmt, columns, [], other_columns, config=entry.config or args.dataset_config,
+            uncapped, kind, seed, entry.name, fmt, columns, [], other_columns, template,
+            config=entry.config or args.dataset_config,
             dataset_train_split=entry.train_split, dataset_test_split=entry.test_split,
         )  # fmt: skip
         trains.append(train)
@@ -277,16 +290,30 @@ def data_source(args) -> str:
     return f"dataset '{args.dataset_name}'" if args.dataset_name else "the datasets' mixture"
 
 
+def checking_template(model: str | None, trust_remote_code: bool | None = False):
+    """The tokenizer of `model` for `check_text_data`'s `template`, or None when there is no model or it does not
+    load (the model's own check names that)."""
+    from hfgen.models import load_tokenizer
+
+    try:
+        return load_tokenizer(model, trust_remote_code) if model else None
+    except (UserError, OSError, ValueError):
+        return None
+
+
 def check_text_data(
     args,
     kind: str,
     default_columns: dict[str, str] | None = None,
     other_columns: bool | tuple[str, ...] = False,
     seed: int = 0,
+    template=None,
 ) -> tuple[tuple | None, list[str]]:
     """For a stage's check: ((train, eval, records), []) or (None, [the problem]); quiet. `seed`: the run's, so that
-    the check sees the rows the run draws, and the run takes this load (`shared_loads`) instead of reading again."""
+    the check sees the rows the run draws, and the run takes this load (`shared_loads`) instead of reading again.
+    `template`: the tokenizer whose chat template must render every row (see `load_for_stage`)."""
     from hfgen.data.loading import load_splits_for_check
 
     return load_splits_for_check(lambda a: load_for_stage(a, kind, seed=seed, default_columns=default_columns,
-                                                          other_columns=other_columns, for_the_run=True), args)  # fmt: skip
+                                                          other_columns=other_columns, for_the_run=True,
+                                                          template=template), args)  # fmt: skip

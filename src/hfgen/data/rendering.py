@@ -65,22 +65,32 @@ def template_refusal(error, where: str) -> str:
     )
 
 
-def template_refusals(tokenizer, rows, source: str) -> list[str]:
-    """The first of `rows` (a sample of the data, in the standard columns) whose conversations the tokenizer's chat
-    template refuses to render, as a problem naming the row (`template_refusal`); [] when it renders them all or
-    has no template. Found at the check: the trainers would stop with jinja's traceback."""
+def template_refusals(tokenizer, rows, source: str, file_rows: list[int]) -> list[str]:
+    """The first of `rows` (a split in the standard columns, every row; `file_rows`: their numbers in the file)
+    whose conversations the tokenizer's chat template refuses to render, as a problem naming the row in the file
+    (`template_refusal`); [] when it renders them all or has no template. Found at the load: the trainers would
+    stop with jinja's traceback. A template refuses a conversation for its turns' roles (Gemma: a system turn;
+    Mistral: roles that do not alternate), so each row is rendered whose sequence of roles (and tool calls) no
+    earlier row had: every row checked, at the cost of a few renderings on a file of any size."""
     from jinja2.exceptions import TemplateError
 
     if not getattr(tokenizer, "chat_template", None):
         return []
-    for index, row in enumerate(rows):
+    seen = set()
+    columns = [c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in rows.column_names]
+    values = [rows[column] for column in columns]  # whole columns: a Dataset read row by row is slow
+    for index, row in enumerate(dict(zip(columns, row)) for row in zip(*values)):
         prompt = row.get("prompt") if isinstance(row.get("prompt"), list) else []
         answers = [row[key] for key in ("completion", "chosen", "rejected") if isinstance(row.get(key), list)]
         conversations = [row["messages"]] if isinstance(row.get("messages"), list) else []
         conversations += [prompt + answer for answer in answers] or ([prompt] if prompt else [])
         for messages in conversations:
+            shape = tuple((turn.get("role"), bool(turn.get("tool_calls"))) for turn in messages)
+            if shape in seen:
+                continue
+            seen.add(shape)
             try:
                 tokenizer.apply_chat_template(messages, tokenize=False)
             except TemplateError as error:
-                return [template_refusal(error, f"row {index} of {source}")]
+                return [template_refusal(error, f"row {file_rows[index]} (counted from 1) of {source}")]
     return []

@@ -45,7 +45,7 @@ import torch
 from trl import ModelConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, checking_template, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
@@ -331,7 +331,10 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     if min(config.logging_steps, config.sample_steps, config.save_steps) < 0 or data_args.eval_samples_per_prompt < 0:
         problems.append("logging_steps, sample_steps, save_steps and eval_samples_per_prompt must be >= 0")
     problems += chat_prompts_problems(data_args)
-    splits, data_problems = check_text_data(data_args, "prompt", {"prompt": data_args.prompt_column}, seed=config.seed)
+    template = checking_template(model_args.model_name_or_path, config.trust_remote_code)  # renders every prompt
+    splits, data_problems = check_text_data(
+        data_args, "prompt", {"prompt": data_args.prompt_column}, seed=config.seed, template=template
+    )
     if splits and not problems + data_problems:
         data_problems += prompt_template_problems(model_args, data_args, config, splits[0])
     if splits and not problems + data_problems:

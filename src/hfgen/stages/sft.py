@@ -74,8 +74,14 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
             "it): set packing: true, or max_length: null to train rows at their full length"
         )
+    tokenizer, tokenizer_problems = None, []
+    if not problems:  # the template every row must render with (a row it refuses is named in the file by the load)
+        try:
+            tokenizer = tokenizer_for(model_args, training_args)
+        except UserError as error:
+            tokenizer_problems = [str(error)]
     loaded, data_problems = check_text_data(
-        data_args, "sft", {"text": training_args.dataset_text_field}, seed=training_args.seed
+        data_args, "sft", {"text": training_args.dataset_text_field}, seed=training_args.seed, template=tokenizer
     )
     problems += data_problems
     if loaded:
@@ -96,10 +102,8 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
         if not problems:  # the fast part of `hfgen check`: labels fully masked, EOS outside labels, template mismatch
             from hfgen.check import sft_rendering
 
-            try:
-                tokenizer = tokenizer_for(model_args, training_args)
-            except UserError as error:
-                problems.append(str(error))
+            if tokenizer_problems:
+                problems += tokenizer_problems
             else:
                 problems += sft_rendering(loaded[0], model_args, training_args, data_source(data_args), tokenizer)[1]
                 problems += new_template_tokens_problems(model_args, training_args, tokenizer)
