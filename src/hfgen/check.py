@@ -322,6 +322,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
     conversations). The fatal part is what `hfgen train` checks first (stages/sft.py)."""
     from trl.data_utils import common_prefix_length
 
+    from hfgen.data.formats import row_tools
     from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation, without_doubled_bos
 
     fatal = []
@@ -345,7 +346,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
         if "messages" in row:  # every assistant turn, in the template SFTTrainer trains with
             return trained_conversation(tokenizer, row, training_args, truncate=truncate)
         max_length = training_args.max_length if truncate else None
-        ids, start = tokenize_response(tokenizer, prompt, response, max_length) or ([], 0)
+        ids, start = tokenize_response(tokenizer, prompt, response, max_length, tools=row_tools(row)) or ([], 0)
         return ids, [int(i >= (start if masked_loss else 0)) for i in range(len(ids))]
 
     def trains_eos(ids, trained) -> bool:  # the first token is never a label

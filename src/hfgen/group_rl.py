@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
+from hfgen.data.formats import tools_problems
 from hfgen.data.prepare import (
     TextDataArguments,
     check_text_data,
@@ -139,6 +140,10 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         template=checking_template(model_args.model_name_or_path, config.trust_remote_code),
     )  # fmt: skip
     problems += dataset_problems
+    if splits:  # TRL's trainers render the prompts without function definitions
+        problems += tools_problems(
+            splits[0], type(config).__name__.removesuffix("Config").lower(), data_source(data_args)
+        )
     if splits:  # the rewards are called with the data's other columns by name
         columns = [c for c in splits[0].column_names if c != "prompt"]
         read = {}  # column -> the reward functions that read it

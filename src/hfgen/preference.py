@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hfgen import guard, loop, tracking
-from hfgen.data.formats import unpaired_rows
+from hfgen.data.formats import TOOLS_COLUMN, tools_problems, unpaired_rows
 from hfgen.data.prepare import (
     TextDataArguments,
     check_text_data,
     checking_template,
+    data_source,
     load_for_stage,
     record,
 )
@@ -73,7 +74,7 @@ def data_kind(unpaired_ok: bool) -> str:
 
 def check_preference_data(
     data_args: PreferenceDataArguments, unpaired_ok: bool = False, model: str | None = None,
-    trust_remote_code: bool = False, training_args=None,
+    trust_remote_code: bool = False, training_args=None, stage: str = "dpo",
 ) -> list[str]:  # fmt: skip
     """Problems with the dataset (its layout, missing columns and values, too many chosen == rejected pairs, no
     usable row; conversations that `model`'s tokenizer has no chat template for) and with the evaluation keys, found
@@ -88,6 +89,8 @@ def check_preference_data(
         template=template,
     )  # fmt: skip
     tokenizer = template if loaded and len(loaded[0]) else None
+    if loaded:
+        problems += tools_problems(loaded[0], stage, data_source(data_args))
     if tokenizer is not None and is_conversational(loaded[0][0]):
         if tokenizer.chat_template is None:
             problems.append(
@@ -338,7 +341,7 @@ def load_preference_splits(
     for rows in (train, evaluation):
         # only the pair's columns: TRL reads a `messages` column beside them (UltraFeedback-binarized has one) as
         # another layout, and ORPO's and CPO's trainers stop on it
-        rows = rows.select_columns([c for c in PREFERENCE_COLUMNS if c in rows.column_names])
+        rows = rows.select_columns([c for c in (*PREFERENCE_COLUMNS, TOOLS_COLUMN) if c in rows.column_names])
         # (a text prompt beside conversations that hold it was dropped by the converter: TRL's implicit prompt)
         if "chosen" in rows.column_names and "prompt" not in rows.column_names:
             rows = rows.map(maybe_extract_prompt)
@@ -473,7 +476,9 @@ CHOSEN_FELL = (
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
-def check_stage(model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False) -> list[str]:
+def check_stage(
+    stage: str, model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False
+) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code)
     if getattr(training_args, "sync_ref_model", False) and model_args.use_peft:  # TRL's NotImplementedError
         problems.append(
@@ -489,7 +494,7 @@ def check_stage(model_args, data_args: PreferenceDataArguments, training_args, u
         )
     model = None if problems else model_args.model_name_or_path  # its tokenizer renders conversations
     return problems + check_preference_data(
-        data_args, unpaired_ok, model, training_args.trust_remote_code, training_args
+        data_args, unpaired_ok, model, training_args.trust_remote_code, training_args, stage
     )
 
 

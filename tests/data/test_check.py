@@ -454,3 +454,24 @@ def test_check_skips_only_the_model_checks_of_a_model_a_recipe_beside_it_writes(
     assert result.returncode == 2 and f"model_name_or_path '{typo}' does not exist" in result.stderr, result.stderr
     result = run_hfgen_here("check", recipe, "--optim", "adamw_bnb_8bit", *small)  # pending, the rest still checked
     assert result.returncode == 2 and "adamw_bnb_8bit needs bitsandbytes" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("stage", ["orpo", "ppo"])
+def test_function_definitions_a_stage_does_not_render_are_refused(tmp_path, capsys, stage):
+    # a `tools` column reaches the trainers that render it (sft, dpo, kto); ORPO's trainer and PPO's rollout render
+    # none, and the model trained on tool calls (or was prompted) without the functions declared
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    user = [{"role": "user", "content": "weather in paris?"}]
+    row = {"prompt": user, "tools": tools}
+    if stage == "orpo":
+        row |= {
+            "chosen": [{"role": "assistant", "content": "sunny."}],
+            "rejected": [{"role": "assistant", "content": "no."}],
+        }
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for _ in range(12)))
+    code, _, err = check(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--dataset_name", data)
+    assert code == 2, err
+    assert (
+        f"dataset '{data}' has a 'tools' column (function definitions for the chat template), which the {stage}" in err
+    )

@@ -1076,3 +1076,56 @@ def test_a_turn_marked_not_to_be_trained_is_refused_by_row(tmp_path, flag):
     rows[5]["messages"][1] = {"role": "assistant", "content": "bad answer", **flag}
     with pytest.raises(UserError, match=r"row 6, column 'messages': turn 2 is marked not to be trained"):
         load(jsonl(tmp_path / "flags.jsonl", rows), "sft")
+
+
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "paris"}}}
+
+
+def test_a_tools_column_travels_with_the_conversations_as_trl_reads_it(tmp_path):
+    # OpenAI's / TRL's function-calling layout: `tools` beside `messages` (a list, or its JSON text, LLaMA-Factory's)
+    # was dropped by the conversion, and the model trained to call functions its prompt never declared
+    call = [
+        {"role": "user", "content": "weather in paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "it is sunny."},
+    ]
+    listed = jsonl(tmp_path / "listed.jsonl", [{"messages": call, "tools": WEATHER_TOOLS}] * 10)
+    as_text = jsonl(tmp_path / "as_text.jsonl", [{"messages": call, "tools": json.dumps(WEATHER_TOOLS)}] * 10)
+    for path in (listed, as_text):
+        train, evaluation, _ = load(path, "sft")
+        assert [json.loads(tools) for tools in [*train["tools"], *evaluation["tools"]]] == [WEATHER_TOOLS] * 10
+    pairs = [
+        {
+            "prompt": call[:1],
+            "chosen": call[3:],
+            "rejected": [{"role": "assistant", "content": "no."}],
+            "tools": WEATHER_TOOLS,
+        }
+    ] * 10
+    train, _, _ = load(jsonl(tmp_path / "pairs.jsonl", pairs), "preference")
+    assert json.loads(train["tools"][0]) == WEATHER_TOOLS
+    # in a mixture, the rows of a set without function definitions have none
+    plain = jsonl(tmp_path / "plain.jsonl", [{"messages": [call[0], call[3]]}] * 10)
+    mixture = [json.dumps({"name": str(p), "weight": 1}) for p in (listed, plain)]
+    train, _, _ = load_for_stage(TextDataArguments(datasets=mixture), "sft")
+    assert {
+        (len(m), t and json.loads(t)[0]["function"]["name"]) for m, t in zip(train["messages"], train["tools"])
+    } == {
+        (4, "get_weather"),
+        (2, None),
+    }
+    broken = jsonl(tmp_path / "broken.jsonl", [{"messages": call, "tools": WEATHER_TOOLS}] * 3 + [
+        {"messages": call, "tools": "get_weather(city)"}
+    ])  # fmt: skip
+    with pytest.raises(UserError, match="row 4, column 'tools': not JSON"):
+        load(broken, "sft")

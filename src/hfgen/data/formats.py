@@ -45,6 +45,11 @@ ROLE_NAMES = {role: role for role in ("tool", "function", "ipython", "developer"
 # Per-turn training flags other formats write (axolotl's `weight: 0`, `train: false`): hfgen trains every assistant
 # turn, so a conversation that marks one as not trained is refused rather than trained whole
 TURN_TRAINING_FLAGS = ("weight", "train", "training", "loss")
+# Function definitions beside chat turns (OpenAI's, TRL's and LLaMA-Factory's `tools` column: a list, or its JSON
+# text): kept with each row as JSON text, which TRL's SFT, DPO and KTO trainers read per row and hand the chat template
+# (Qwen's writes them into its system turn). Dropped, the model trained to call functions its prompt never declared.
+TOOLS_COLUMN = "tools"
+STAGES_READING_TOOLS = ("sft", "dpo", "kto")
 
 
 @dataclass(frozen=True)
@@ -667,8 +672,13 @@ def check_rows(
 
 def _check_values(dataset, fmt: str, source: str, blank: list[bool]) -> None:
     """The values `to_standard` refuses by row (chat turns without role or content, of an unknown role, marked not to
-    be trained; a value that is not text where text belongs), found here by the file's row: `to_standard` sees a
-    split's rows, shuffled by the held-out slice, and named the wrong one. A column typed as text is text."""
+    be trained; a value that is not text where text belongs; tools that are not a list of definitions), found here by
+    the file's row: `to_standard` sees a split's rows, shuffled by the held-out slice, and named the wrong one. A
+    column typed as text is text."""
+    if TOOLS_COLUMN in dataset.column_names:
+        for row, (value, skip) in enumerate(zip(dataset[TOOLS_COLUMN], blank)):
+            if not skip:
+                _tools(value, row, source)
     for column in (c for c in TEXT_COLUMNS if c in dataset.column_names):
         chat = column in CHAT_COLUMNS
         if not chat and getattr(dataset.features[column], "dtype", None) in ("string", "large_string"):
@@ -685,13 +695,56 @@ def _check_values(dataset, fmt: str, source: str, blank: list[bool]) -> None:
 
 
 def _carried(dataset, fmt: str, other_columns: bool | tuple[str, ...]) -> set[str]:
-    """The columns outside the layout that travel with each row (see `to_standard`)."""
+    """The columns outside the layout that travel with each row (see `to_standard`; `tools` always does)."""
     spec = FORMATS[fmt]
     wanted = other_columns if isinstance(other_columns, tuple) else ()
     return {
         c for c in dataset.column_names
-        if c not in (*spec.required, *spec.optional) and (other_columns is True or c in wanted)
+        if c not in (*spec.required, *spec.optional) and c != TOOLS_COLUMN and (other_columns is True or c in wanted)
     }  # fmt: skip
+
+
+def _tools(value, row: int, source: str) -> str | None:
+    """A row's `tools` value as JSON text of a list of definitions (None when it has none), or a UserError by row."""
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"dataset '{source}' row {row + 1}, column '{TOOLS_COLUMN}': not JSON ({error}); give the function "
+                "definitions as a list (or its JSON text)"
+            ) from None
+    if value is None or value == [] or (isinstance(value, str) and not value.strip()):
+        return None
+    value = [value] if isinstance(value, dict) else value
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise UserError(
+            f"dataset '{source}' row {row + 1}, column '{TOOLS_COLUMN}': {value!r} is not a list of function "
+            "definitions ({type: function, function: {name, parameters, ...}})"
+        )
+    return json.dumps(value)
+
+
+def row_tools(row: dict) -> list | None:
+    """A standard row's function definitions as a chat template takes them (`tools=`), None when it has none."""
+    tools = row.get(TOOLS_COLUMN)
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
+def tools_problems(rows, stage: str, source: str) -> list[str]:
+    """The stage's refusal of data with function definitions when its trainer does not render them (ORPO's and
+    SimPO's TRL trainers, the reward stage's scoring, PPO's, GRPO's and RLOO's prompts): the model would be trained
+    on tool calls, or prompted, without the functions it may call."""
+    if stage in STAGES_READING_TOOLS or TOOLS_COLUMN not in rows.column_names:
+        return []
+    if all(value is None for value in rows[TOOLS_COLUMN]):
+        return []
+    return [
+        f"{source} has a '{TOOLS_COLUMN}' column (function definitions for the chat template), which the {stage} "
+        f"stage does not render: its model would see tool calls, or be prompted, without the functions declared. "
+        f"Train with sft, dpo or kto (their trainers render it), or remove the column (dataset_columns cannot drop "
+        "it: write the file without it)"
+    ]
 
 
 # Columns outside a layout that a stage reads as numbers, refused by row when a value is not one: a reward
@@ -760,18 +813,21 @@ def to_standard(
 
     keep = [c for c in (*spec.required, *spec.optional) if c in dataset.column_names]
     carried = [c for c in dataset.column_names if c in _carried(dataset, fmt, other_columns)]
+    tools = [TOOLS_COLUMN] if TOOLS_COLUMN in dataset.column_names and TOOLS_COLUMN not in keep else []
     numbers = set(carried) & NUMBER_COLUMNS if isinstance(other_columns, tuple) else set()
     reasons: list[str | None] = []
 
     def convert(row, index):
-        layout_row = {c: row[c] for c in keep} if carried else row  # the converter sees the layout's columns
+        layout_row = {c: row[c] for c in keep} if carried or tools else row  # the converter sees the layout's columns
         result = _standard_row(fmt, kind, layout_row, index, source)
+        if isinstance(result, dict) and tools:
+            result[TOOLS_COLUMN] = _tools(row[TOOLS_COLUMN], index, source)
         reasons.append(result if isinstance(result, str) else None)
         values = {c: _number(row[c], index, c, source) if c in numbers else row[c] for c in carried}
         return {**values, **result} if isinstance(result, dict) else {}
 
     report.notes += left_out_notes(dataset, fmt, kind, carried)
-    rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep + carried))]
+    rows = [convert(row, i) for i, row in enumerate(dataset.select_columns(keep + carried + tools))]
     kept = [r for r in rows if r]
     report.file_rows = [n for n, b in zip(file_rows, blank) if not b]
     report.file_rows = [n for n, row in zip(report.file_rows, rows) if row]

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from hfgen.data.formats import unpaired_rows
+from hfgen.data.formats import TOOLS_COLUMN, unpaired_rows
 from hfgen.errors import UserError
 
 SOURCE_COLUMN = "_mixture_set"
@@ -106,9 +106,12 @@ def _as_chat(dataset, kind: str, to_messages: bool = True):
 
 def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = False) -> list:
     """The sets of a mixture in one form: when some hold chat turns and others text, the text ones as chat turns
-    (`_as_chat`); for KTO's data, pairs beside unpaired rows as unpaired rows (`unpaired_rows`); with `common_columns_only`, only the columns every set
+    (`_as_chat`); for KTO's data, pairs beside unpaired rows as unpaired rows (`unpaired_rows`); function definitions
+    (`tools`) of some sets given as none to the others' rows; with `common_columns_only`, only the columns every set
     has (the carried columns of GRPO's data). Pairs whose prompt is implicit (the conversations' or texts' shared
     start) beside sets with a `prompt` get theirs extracted (as TRL extracts it)."""
+    from datasets import Value
+
     implicit = ["chosen" in d.column_names and "prompt" not in d.column_names for d in sets]
     if any(implicit) and not all(implicit):
         from trl.data_utils import maybe_extract_prompt
@@ -125,6 +128,9 @@ def harmonise(sets: list, kind: str, seed: int = 0, common_columns_only: bool = 
     if any(chat) and not all(chat):
         to_messages = any("messages" in d.column_names for d in sets)
         sets = [_as_chat(d, kind, to_messages) for d in sets]
+    if any(TOOLS_COLUMN in d.column_names for d in sets):  # function definitions: the others' rows have none
+        sets = [d if TOOLS_COLUMN in d.column_names else d.add_column(TOOLS_COLUMN, [None] * len(d)) for d in sets]
+        sets = [d.cast_column(TOOLS_COLUMN, Value("string")) for d in sets]
     if common_columns_only and sets:
         common = set.intersection(*(set(d.column_names) for d in sets))
         sets = [d.select_columns([c for c in d.column_names if c in common]) for d in sets]

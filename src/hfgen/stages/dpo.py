@@ -27,7 +27,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: DPOConfig) -> list[str]:
-    problems = check_stage(model_args, data_args, training_args)
+    problems = check_stage("dpo", model_args, data_args, training_args)
     unknown = [name for name in training_args.loss_type if name not in LOSS_TYPES]
     if unknown:
         problems.append(f"loss_type {unknown} unknown; DPO's loss types are {', '.join(LOSS_TYPES)}")

@@ -34,7 +34,7 @@ def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_
             f"{training_args.per_device_train_batch_size}: its KL term pairs each row with another row's completion "
             "in the same micro-batch; lower gradient_accumulation_steps to keep the global batch"
         )
-    return problems + check_stage(model_args, data_args, training_args, unpaired_ok=True)
+    return problems + check_stage("kto", model_args, data_args, training_args, unpaired_ok=True)
 
 
 def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: KTOConfig) -> Path:

@@ -25,7 +25,7 @@ ARGUMENTS = (ModelConfig, PreferenceDataArguments, ORPOConfig)
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: ORPOConfig) -> list[str]:
-    return check_stage(model_args, data_args, training_args)
+    return check_stage("orpo", model_args, data_args, training_args)
 
 
 def run(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: ORPOConfig) -> Path:

@@ -45,7 +45,15 @@ import torch
 from trl import ModelConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, checking_template, load_for_stage, record
+from hfgen.data.formats import tools_problems
+from hfgen.data.prepare import (
+    TextDataArguments,
+    check_text_data,
+    checking_template,
+    data_source,
+    load_for_stage,
+    record,
+)
 from hfgen.errors import UserError
 from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, format_comparison
 from hfgen.finetune import check_model_config, run_first_hint
@@ -335,6 +343,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     splits, data_problems = check_text_data(
         data_args, "prompt", {"prompt": data_args.prompt_column}, seed=config.seed, template=template
     )
+    if splits:  # the rollout renders the prompts without function definitions
+        data_problems += tools_problems(splits[0], "ppo", data_source(data_args))
     if splits and not problems + data_problems:
         data_problems += prompt_template_problems(model_args, data_args, config, splits[0])
     if splits and not problems + data_problems:

@@ -22,8 +22,8 @@ from pathlib import Path
 from trl import ModelConfig, RewardConfig
 
 from hfgen import guard, loop, tracking
-from hfgen.data.formats import REWARD_COLUMNS
-from hfgen.data.prepare import TextDataArguments, check_text_data, drop_and_count, load_for_stage, record
+from hfgen.data.formats import REWARD_COLUMNS, tools_problems
+from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, drop_and_count, load_for_stage, record
 from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
 from hfgen.finetune import (
@@ -48,6 +48,8 @@ def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: 
         data_args, "preference", other_columns=REWARD_COLUMNS, seed=training_args.seed
     )
     problems += data_problems
+    if loaded:  # its pairs are scored without function definitions
+        problems += tools_problems(loaded[0], "reward", data_source(data_args))
     if loaded and not problems:  # pairs over max_length, found here rather than once the model has loaded
         from hfgen.data.loading import ROWS_CHECKED
 

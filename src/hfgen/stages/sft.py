@@ -237,16 +237,16 @@ def split_prompt_response(row: dict, text_field: str):
 
 
 def tokenize_response(
-    tokenizer, prompt, response, max_length: int | None, template_tail: bool = False
+    tokenizer, prompt, response, max_length: int | None, template_tail: bool = False, tools: list | None = None
 ) -> tuple[list[int], int] | None:
     """(token ids of prompt+response up to the response's EOS, index where the response starts), tokenized the way
-    SFTTrainer does: chat template for conversations, EOS after plain text. None when truncation leaves no
-    response token. `template_tail`: a conversation keeps the template's text after the EOS too (TRL's DPO and KTO
-    train it)."""
+    SFTTrainer does: chat template for conversations (with the row's function definitions, `tools`), EOS after
+    plain text. None when truncation leaves no response token. `template_tail`: a conversation keeps the template's
+    text after the EOS too (TRL's DPO and KTO train it)."""
     from trl.data_utils import common_prefix_length
 
     if isinstance(response, list):  # conversational
-        render = dict(tokenize=True, return_dict=True)
+        render = dict(tokenize=True, return_dict=True, tools=tools)
         prompt_ids = (
             tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **render)["input_ids"] if prompt else []
         )
@@ -269,18 +269,17 @@ def trained_conversation(tokenizer, row: dict, training_args, truncate: bool = T
     assistant_only_loss (the assistant mask of the template it trains with: TRL's training version, with
     {% generation %} markers, of a template without them), every token otherwise; truncated to max_length as
     truncation_mode says. Not only the last turn: an earlier turn within max_length trains when the last is cut."""
-    import json
-
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from hfgen.data.formats import row_tools
 
     assistant_only = bool(training_args.assistant_only_loss)
     template = None
     if assistant_only and not has_generation_markers(tokenizer.chat_template):
         template = get_training_chat_template(tokenizer)
-    tools = row.get("tools")
     rendered = tokenizer.apply_chat_template(
         row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only,
-        chat_template=template, tools=json.loads(tools) if isinstance(tools, str) else tools,
+        chat_template=template, tools=row_tools(row),
     )  # fmt: skip
     ids = list(rendered["input_ids"])
     mask = list(rendered["assistant_masks"]) if assistant_only else [1] * len(ids)

@@ -45,7 +45,7 @@ ARGUMENTS = (ModelConfig, PreferenceDataArguments, SimPOConfig)
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: SimPOConfig) -> list[str]:
-    problems = check_stage(model_args, data_args, training_args)
+    problems = check_stage("simpo", model_args, data_args, training_args)
     if getattr(training_args, "alphapo", False) and training_args.alpha == 0:
         problems.append(
             "loss_type alphapo with alpha 0 is plain SimPO: AlphaPO's reward shape (1 - p^-alpha) / alpha needs "
