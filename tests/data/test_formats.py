@@ -1129,3 +1129,21 @@ def test_a_tools_column_travels_with_the_conversations_as_trl_reads_it(tmp_path)
     ])  # fmt: skip
     with pytest.raises(UserError, match="row 4, column 'tools': not JSON"):
         load(broken, "sft")
+
+
+def test_an_answer_that_only_calls_a_tool_is_an_answer_in_every_layout(tmp_path):
+    # `{"role": "assistant", "content": null, "tool_calls": [...]}` answering a question was dropped as "empty text"
+    # (prompt/completion, preference pairs) or "no assistant turn" (messages): its content is empty, its call is not
+    user = [{"role": "user", "content": "weather in paris?"}]
+    call = [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]
+    london = [{"role": "assistant", "content": None, "tool_calls": [dict(TOOL_CALL, function={"name": "get_weather",
+                                                                                 "arguments": {"city": "london"}})]}]  # fmt: skip
+    for name, row, kind in (
+        ("pc", {"prompt": user, "completion": call}, "sft"),
+        ("messages", {"messages": user + call}, "sft"),
+        ("pairs", {"prompt": user, "chosen": call, "rejected": london}, "preference"),
+    ):
+        train, evaluation, records = load(jsonl(tmp_path / f"{name}.jsonl", [row] * 10), kind)
+        assert len(train) + len(evaluation) == 10 and not records["train"]["dropped"], (name, records)
+        answer = train[0].get("completion") or train[0].get("chosen") or train[0]["messages"][1:]
+        assert answer[0]["tool_calls"][0]["function"]["arguments"] in ({"city": "paris"}, '{"city": "paris"}')

@@ -211,10 +211,16 @@ def parse_columns(value) -> dict[str, str]:
 
 def _is_empty(value) -> bool:
     """No text: None, blank text, or chat turns none of which says anything (`[{role: assistant, content: ""}]`
-    as a completion would train the model to answer with nothing, as an empty text completion would)."""
+    as a completion would train the model to answer with nothing, as an empty text completion would). A turn that
+    calls a tool (`tool_calls`, content null) says something: the call is the answer the template renders."""
     if isinstance(value, list):
-        return all(isinstance(turn, dict) and _is_empty(_turn_text(turn)) for turn in value)
+        return all(isinstance(turn, dict) and _is_empty(_turn_text(turn)) and not _calls(turn) for turn in value)
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _calls(turn: dict) -> bool:
+    """Whether a chat turn calls a tool (OpenAI's `tool_calls`, its legacy `function_call`)."""
+    return bool(turn.get("tool_calls") or turn.get("function_call"))
 
 
 def _holds_empty_answer(turns) -> bool:
@@ -395,7 +401,7 @@ def _standard_row(fmt: str, kind: str, row: dict, index: int, source: str) -> di
         if kind == "prompt":
             prompt = _prompt_of(messages)
             return {"prompt": prompt} if prompt else "no user turn"
-        if not any(m["role"] == "assistant" and not _is_empty(m["content"]) for m in messages):
+        if not any(m["role"] == "assistant" and not _is_empty([m]) for m in messages):
             return "no assistant turn"
         if _holds_empty_answer(messages):
             return "empty text"
