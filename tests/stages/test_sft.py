@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, count_calls, run_hfgen
+from conftest import REPO, accelerate_launch, count_calls, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import generate_rows
@@ -517,3 +517,21 @@ def test_a_lora_run_with_eos_token_and_its_merge_stop_at_the_turn_end_as_a_full_
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [end, text_end]
     assert AutoConfig.from_pretrained(tmp_path / "merged").eos_token_id == end
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").eos_token == "<|end|>"
+
+
+def test_alpaca_rows_mixed_with_conversations_keep_the_loss_on_the_answers_or_are_refused(tmp_path):
+    # beside a `messages` set, Alpaca's rows become conversations, where TRL's completion-only loss (theirs alone)
+    # no longer applies: every token trained, the instruction and the template's system prompt too, without a word
+    alpaca = tmp_path / "alpaca.jsonl"
+    alpaca.write_text(
+        "".join(json.dumps({"instruction": f"name {i}", "output": f"it is {i}"}) + "\n" for i in range(12))
+    )
+    chats = tmp_path / "chats.jsonl"
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    chats.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(12)))
+    mixture = f"[{{name: {alpaca}, weight: 1}}, {{name: {chats}, weight: 1}}]"
+    common = ["check", str(REPO / "recipes/tiny/sft_full.yaml"), "--datasets", mixture, "--dataset_name", ""]
+    refused = run_hfgen_here(*common, "--assistant_only_loss", "false")
+    assert refused.returncode == 2, refused.stderr
+    assert f"prompt/completion set(s) '{alpaca}' (alpaca) become conversations" in refused.stderr
+    assert "Set assistant_only_loss: true" in refused.stderr

@@ -94,6 +94,7 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
                 f"{', '.join(layouts)} (columns {columns} after conversion): give a prompt/completion layout (alpaca, "
                 "dolly, prompt_completion: set dataset_format), or set completion_only_loss: false"
             )
+        problems += moved_completions_problems(loaded[2], columns, training_args)
         if training_args.assistant_only_loss and "text" in columns:
             problems.append(
                 f"assistant_only_loss: true needs conversational data (or prompt/completion); the data is plain text "
@@ -130,6 +131,31 @@ def new_template_tokens_problems(model_args, training_args: SFTConfig, tokenizer
         f"lacks ({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}), which TRL trains beside LoRA in a way peft "
         "cannot run (lm_head in full and the new embedding rows): train without LoRA (use_peft: false) to learn the "
         "new tokens, or give a .jinja template written with tokens the tokenizer has"
+    ]
+
+
+PROMPT_COMPLETION_LAYOUTS = ("alpaca", "dolly", "prompt_completion", "unpaired_preference")
+
+
+def moved_completions_problems(records: dict, columns: list[str], training_args: SFTConfig) -> list[str]:
+    """A mixture's prompt/completion sets (Alpaca) made conversations beside sets of whole conversations
+    (mixture._as_chat) lose TRL's completion-only loss, which alone they have by default: without
+    assistant_only_loss the loss would fall on every token, their instructions and the template's system prompt
+    too. Refused unless the loss is asked for on the assistant turns, or on every token (completion_only_loss: false)."""
+    moved = [
+        f"'{entry['name']}' ({entry['train']['format']})"
+        for entry in records.get("mixture", [])
+        if entry["train"]["format"] in PROMPT_COMPLETION_LAYOUTS
+    ]
+    if not moved or "messages" not in columns or training_args.assistant_only_loss:
+        return []
+    if training_args.completion_only_loss is False:
+        return []
+    return [
+        f"the mixture's prompt/completion set(s) {', '.join(moved)} become conversations beside the other sets' "
+        "(messages), where the loss is no longer on the completions only (TRL's completion_only_loss applies to "
+        "prompt/completion rows): their instructions and the system prompt would train. Set assistant_only_loss: "
+        "true (the loss on every set's assistant turns), or completion_only_loss: false to train every token"
     ]
 
 
