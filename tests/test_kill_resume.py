@@ -1,8 +1,8 @@
 """Runs that survive a SIGKILL at any moment: killed at named points (inside a step, mid-checkpoint-write, during
 evaluation, during the final save) and resumed with `--resume_from_checkpoint true`, every stage ends with the
 uninterrupted run's weights, bit for bit, and its metrics.jsonl rows (no duplicates, no gaps). pretrain and ppo
-are killed at every point in one run; sft (LoRA), reward, t2i and t2i_flow mid-checkpoint-write, t2i on 2
-processes inside a step, and DPO and GRPO (a sibling of each TRL family) mid-checkpoint-write and during their
+are killed at every point in one run; sft (LoRA), reward, t2i and t2i_flow mid-checkpoint-write, t2i and GRPO on
+2 processes inside a step, and DPO and GRPO (a sibling of each TRL family) mid-checkpoint-write and during their
 held-out comparison. The full matrix of stages x points is scripts/kill_matrix.py."""
 
 import json
@@ -237,6 +237,25 @@ def test_t2i_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(
     result = train(T2I_RECIPE, killed, overrides, kill_at="step@3")  # after checkpoint-2
     assert result.returncode == 128 + signal.SIGKILL, result.stderr[-3000:]
     result = train(T2I_RECIPE, killed, overrides, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(reference, killed)
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(tiny_lm, tmp_path, free_port, monkeypatch):
+    # Each process keeps its own generation buffer in the checkpoint: loaded with map_location the device, which
+    # under CPU DDP is `cpu:0`, every rank's resume ended in torch's "don't know how to restore data location"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    overrides = ["--model_name_or_path", tiny_lm, *GROUP_RL_ARGS, "--max_steps", "3", "--max_completion_length", "8",
+                 "--per_device_train_batch_size", "4", "--num_processes", "2",
+                 "--main_process_port", str(free_port)]  # fmt: skip
+    recipe = REPO / "recipes/tiny/grpo_arithmetic.yaml"
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    result = train(recipe, reference, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = train(recipe, killed, overrides, kill_at="step@3")  # after checkpoint-2
+    assert result.returncode == 128 + signal.SIGKILL, result.stderr[-3000:]
+    result = train(recipe, killed, overrides, resume=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(reference, killed)
 

@@ -599,12 +599,16 @@ def recorded(trainer_class):
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             import torch
+            from accelerate.utils import send_to_device
 
             super()._load_optimizer_and_scheduler(checkpoint)
             path = Path(checkpoint or "") / f"{self.accelerator.process_index}-{BUFFER_FILE}"
             if checkpoint is not None and path.is_file():
-                state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
-                self._step, self._buffered_inputs = state["step"], state["buffer"]
+                # Loaded on the CPU, then moved: under CPU DDP the device is `cpu:0`, an indexed CPU location torch's
+                # deserializer refuses ("don't know how to restore data location ... cpu:0").
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                self._step = state["step"]
+                self._buffered_inputs = send_to_device(state["buffer"], self.accelerator.device)
 
     Recorded.__name__ = Recorded.__qualname__ = trainer_class.__name__
     return Recorded
