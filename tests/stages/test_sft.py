@@ -219,6 +219,24 @@ def test_row_packing_keeps_packed_documents_apart(tiny_lm):
         assert use_row_packing(args, type("Model", (), {"config": config})()) == expected
 
 
+def test_the_logged_num_tokens_of_packed_rows_counts_every_token_trained(tiny_lm, tmp_path, monkeypatch):
+    # Row packing drops attention_mask (PackedRowsCollator): TRL's SFTTrainer then counted `position_ids.size(1)`,
+    # one row's length per batch (127 where 4 rows of ~124 tokens trained), in num_tokens and eval_num_tokens
+    output_dir = tmp_path / "out"
+    overrides = on_tiny(tiny_lm, output_dir, "--max_steps", "2", "--num_samples", "0", "--packing", "true",
+                        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_strategy", "steps",
+                        "--eval_steps", "2", "--max_eval_samples", "8")  # fmt: skip
+    trainer = train_in_process(monkeypatch, SFT_LORA, overrides)
+    assert trainer.processing_class.pad_token_id != trainer.processing_class.eos_token_id  # pads alone not counted
+    rows = tracking.read_metrics(output_dir)
+    trained = [row for row in rows if "num_input_tokens_seen" in row and "num_tokens" in row]
+    assert [row["step"] for row in trained] == [1, 2]
+    # num_input_tokens_seen: Trainer's count of the non-pad input tokens (the packed rows' pads are the row tails)
+    assert [row["num_tokens"] for row in trained] == [row["num_input_tokens_seen"] for row in trained]
+    evaluated = [row for row in rows if "eval_num_tokens" in row]
+    assert evaluated and evaluated[-1]["eval_num_tokens"] == trained[-1]["num_input_tokens_seen"]
+
+
 @pytest.mark.parametrize("architecture, apart", [("llama", True), ("gpt2", True), ("qwen2", True), ("opt", False)])
 def test_row_packing_needs_a_model_that_reads_documents_from_position_ids(architecture, apart):
     from transformers import AutoConfig, AutoModelForCausalLM

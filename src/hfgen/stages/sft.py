@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from trl import ModelConfig, SFTConfig
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import (
@@ -200,6 +200,9 @@ def without_doubled_bos(rows, tokenizer):
 # ---- packing without varlen attention kernels ----------------------------------------------------------
 
 ROW_PACKING_ATTENTION = ("sdpa", "eager")  # kernels that take a dense mask; flash/flex attention handle varlen rows
+# Batch key of PackedRowsCollator: each row's tokens (its tail padding not), for the logged num_tokens; taken out
+# of the batch before the forward (PackedRowsCounted)
+PACKED_ROW_TOKENS = "packed_row_tokens"
 
 
 @dataclass
@@ -214,8 +217,26 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
 
     def torch_call(self, examples):
         batch = super().torch_call(examples)
-        del batch["attention_mask"]  # its presence would switch the packed-sequence mask off
+        # its presence would switch the packed-sequence mask off; what it counts goes on (PACKED_ROW_TOKENS)
+        batch[PACKED_ROW_TOKENS] = batch.pop("attention_mask").sum(dim=1)
         return batch
+
+
+class PackedRowsCounted(SFTTrainer):
+    """SFTTrainer whose logged `num_tokens` (and `eval_num_tokens`, the same count) counts the tokens trained in
+    PackedRowsCollator's rows. Given no attention_mask, TRL counts `position_ids.size(1)` a batch, the length of
+    its own packing's one flattened row: of hfgen's rows, one row's length (127 where 4 rows of ~124 tokens
+    trained). The collator's count of each row's tokens is counted in its place; unpacked batches, TRL's count."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        row_tokens = inputs.pop(PACKED_ROW_TOKENS, None)  # no input of the model's forward
+        counted = self._total_train_tokens
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if row_tokens is not None and self.model.training:  # TRL counts training batches alone, as here
+            trained = self.accelerator.gather_for_metrics(row_tokens.sum()).sum().item()
+            self._total_train_tokens = counted + trained // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
 
 
 def use_row_packing(training_args: SFTConfig, model) -> bool:
@@ -439,7 +460,6 @@ def refuse_too_many_fully_masked(rows: int, kept: int, training_args: SFTConfig)
 
 def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFTConfig) -> Path:
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from hfgen.models import count_parameters
 
@@ -477,8 +497,9 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     count_trained_tokens(training_args)
     trainer = build_trainer(
-        SFTTrainer,
+        PackedRowsCounted,
         output_dir,
+        trainer_name="SFTTrainer",
         model=model,
         args=training_args,
         train_dataset=train_rows,
