@@ -604,7 +604,8 @@ def recorded(trainer_class):
             super()._load_optimizer_and_scheduler(checkpoint)
             path = Path(checkpoint or "") / f"{self.accelerator.process_index}-{BUFFER_FILE}"
             if checkpoint is not None and path.is_file():
-                # Loaded on the CPU, then moved: under CPU DDP the device is `cpu:0`, an indexed CPU location torch's
+                # weights_only: a checkpoint given to resume from (another's) must not run code. Loaded on the CPU,
+                # then moved: under CPU DDP the device is `cpu:0`, an indexed CPU location torch's
                 # deserializer refuses ("don't know how to restore data location ... cpu:0").
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 self._step = state["step"]

@@ -903,6 +903,7 @@ def load_checkpoint(accelerator, path: str | Path) -> int:
     may be missing from its weights (they are the freshly loaded ones); anything else missing is an error."""
     from accelerate.utils import DistributedType
 
+    check_registered_states(path)
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
         accelerator.load_state(str(path))  # saved whole, by their own savers
         return checkpoint_step(path)
@@ -912,6 +913,29 @@ def load_checkpoint(accelerator, path: str | Path) -> int:
     finally:
         hook.remove()
     return checkpoint_step(path)
+
+
+def check_registered_states(path: str | Path) -> None:
+    """accelerate unpickles a checkpoint's registered objects' states (custom_checkpoint_N.pkl: schedule, EMA, RNG,
+    KL controller, ...) with weights_only=False, so a crafted file given as resume_from_checkpoint (a colleague's, a
+    downloaded one) would run code. hfgen's states are tensors, numbers and containers of them: each file must load
+    under weights_only=True first (mmap: a model-sized EMA state is not read into memory twice), or it is refused."""
+    import pickle
+
+    import torch
+
+    for state_file in sorted(Path(path).glob("custom_checkpoint_*.pkl")):
+        try:
+            torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            # torch's own text advises turning the guard off: only the object it refused is named
+            refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+            reason = f"it names {refused.group(1)}" if refused else str(error).split(". ")[0].strip()
+            raise UserError(
+                f"resume_from_checkpoint: '{state_file}' is no state hfgen wrote: it does not load as tensors, "
+                f"numbers and lists or dicts of them ({reason}), and resuming from it would run what its pickle "
+                "names. Resume only from checkpoints of runs you trust; hfgen does not load this one."
+            ) from None
 
 
 def _check_trainable_weights_saved(models, input_dir) -> None:

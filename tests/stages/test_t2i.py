@@ -292,6 +292,30 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(configs, vae_dir, 
     assert_resumed_records(full, resumed)
 
 
+def test_a_checkpoint_state_that_would_run_code_is_refused_before_it_is_unpickled(
+    scratch_run, configs, vae_dir, tmp_path
+):
+    """accelerate unpickles the registered objects' states (custom_checkpoint_N.pkl: schedule, RNG, EMA) with
+    weights_only=False: a crafted one given to resume from ran what its pickle named (probe 40 D5). hfgen loads each
+    with weights_only=True first and refuses the file; its own states load so (the resume tests)."""
+    marker = tmp_path / "marker"
+
+    class RunsCode:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    (checkpoint,) = scratch_run.glob("checkpoint-*")
+    crafted = tmp_path / "run" / checkpoint.name
+    shutil.copytree(checkpoint, crafted)
+    torch.save({"state": RunsCode()}, crafted / "custom_checkpoint_0.pkl")
+    overrides = t2i_overrides(configs, vae_dir, tmp_path / "run") + ["--checkpointing_steps", "2",
+                                                                      "--checkpoints_total_limit", "1"]  # fmt: skip
+    result = run_hfgen_here("train", T2I_RECIPE, *overrides, "--resume_from_checkpoint", crafted)
+    assert result.returncode == 2 and "custom_checkpoint_0.pkl' is no state hfgen wrote" in result.stderr, result.stderr
+    assert "(it names io.open)" in result.stderr and "weights_only` set to `False`" not in result.stderr
+    assert not marker.exists()
+
+
 def assert_resumed_records(full, resumed):
     """A run that ignored the checkpoint and redid every step from the same seed would end with the same weights;
     the resumed one logs only the steps after the checkpoint, with the uninterrupted run's learning rates."""
