@@ -556,6 +556,25 @@ def test_a_save_only_model_checkpoint_is_not_resumed(tmp_path):
     assert tracking.read_metrics(tmp_path) == rows
 
 
+def test_a_resume_from_an_earlier_hfgens_checkpoint_between_two_rows_says_its_first_row_is_short(tmp_path):
+    # checkpoints of an hfgen before the loss since the last row travelled with them (92a0009) hold none: resumed
+    # between two logged rows, the first row averaged only the steps since the checkpoint, nothing said (probe 40 D4)
+    short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "2", "--max_steps", "4",
+             "--save_steps", "3"]  # fmt: skip
+    assert run_hfgen_here("train", PRETRAIN, *short, "--output_dir", tmp_path / "full").returncode == 0
+    note = "keeps no loss of steps 3-3: the first logged row after the resume (step 4) averages only steps 4-4"
+    for earlier in (False, True):
+        run = tmp_path / f"earlier{earlier}"
+        shutil.copytree(tmp_path / "full" / "checkpoint-3", run / "checkpoint-3")
+        state = tracking.read_json(run / "checkpoint-3" / tracking.CHECKPOINT_STATE)
+        if earlier:
+            del state[tracking.LOSS_WINDOW]
+        (run / "checkpoint-3" / tracking.CHECKPOINT_STATE).write_text(json.dumps(state))
+        result = run_hfgen_here("train", PRETRAIN, *short, "--output_dir", run, "--resume_from_checkpoint", "true")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (note in result.stderr) == earlier, result.stderr[-3000:]
+
+
 SHORT_PRETRAIN = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "2", "--max_steps", "4",
                   "--save_steps", "2"]  # fmt: skip
 

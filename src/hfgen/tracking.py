@@ -759,11 +759,31 @@ def resumed_loss_window(checkpoint: Path | None) -> dict | None:
     return _loss_windows[key]
 
 
+def note_window_not_kept(checkpoint: Path, step: int, logging_steps: int, max_steps: int) -> None:
+    """A checkpoint of an earlier hfgen (before the loss window travelled with it) between two logged rows: the
+    losses of the steps since the last row are not in it, so the first row after the resume averages only the steps
+    since the checkpoint. Said on the console, as that row differs from the uninterrupted run's."""
+    import sys
+
+    if logging_steps and step % logging_steps and step < max_steps:
+        last, row = step - step % logging_steps, min(step - step % logging_steps + logging_steps, max_steps)
+        print(
+            f"hfgen: resume: {Path(checkpoint).name}, an earlier hfgen's, keeps no loss of steps {last + 1}-{step}: "
+            f"the first logged row after the resume (step {row}) averages only steps {step + 1}-{row}",
+            file=sys.stderr,
+        )
+
+
 def restore_loss_window(trainer, checkpoint: Path | None) -> None:
     """At the start of a resumed `train()`: each process's loss sum since the last logged step back, so the next row
     averages the same steps as the uninterrupted run's. Those steps' loss is already in the run-wide train_loss
     (`run_train_loss`), so it is taken out of the Trainer's figure for this call, which covers the steps it trains."""
     window = resumed_loss_window(checkpoint)
+    if window is None and checkpoint is not None and hasattr(trainer, "_tr_loss"):
+        if trainer.args.logging_strategy == "steps" and is_main_process():
+            note_window_not_kept(
+                checkpoint, trainer.state.global_step, trainer.state.logging_steps, trainer.state.max_steps
+            )
     if not window or not hasattr(trainer, "_tr_loss") or window["since_step"] >= trainer.state.global_step:
         return
     trainer._tr_loss.fill_(window["sums"][trainer.accelerator.process_index])

@@ -210,6 +210,26 @@ def test_a_resumed_run_reports_the_error_it_started_from(configs, tmp_path):
     assert results["quality/reconstruction_mse_initial"] > results["quality/reconstruction_mse"]
 
 
+def test_a_resume_from_an_earlier_hfgens_checkpoint_between_two_rows_says_its_first_row_is_short(configs, tmp_path):
+    """Checkpoints of an hfgen before the log window travelled with them (7084205) hold none: resumed between two
+    logged rows, the first row averaged only the steps since the checkpoint, with nothing said (probe 40 D4)."""
+    overrides = [*vae_overrides(configs, tmp_path / "full", steps=3), "--checkpointing_steps", "2",
+                 "--logging_steps", "3"]  # fmt: skip
+    assert run_hfgen("train", VAE_RECIPE, *overrides).returncode == 0
+    note = "keeps no loss of steps 1-2: the first logged row after the resume (step 3) averages only steps 3-3"
+    for earlier in (False, True):
+        run = tmp_path / f"earlier{earlier}"
+        shutil.copytree(tmp_path / "full" / "checkpoint-2", run / "checkpoint-2")
+        for state_file in (run / "checkpoint-2").glob("custom_checkpoint_*.pkl"):
+            state = torch.load(state_file, weights_only=True)
+            if earlier and "log_windows" in state:  # the training RNG's state as an earlier hfgen wrote it
+                del state["log_windows"]
+                torch.save(state, state_file)
+        result = run_hfgen("train", VAE_RECIPE, *overrides, "--output_dir", run, "--resume_from_checkpoint", "true")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (note in result.stderr) == earlier, result.stderr[-3000:]
+
+
 def test_a_row_averages_each_loss_over_the_steps_that_had_it_also_across_a_resume(tmp_path):
     """vae's disc_loss and generator_loss exist only from adversarial_start_step on: a row whose window began before
     it divided their sums by every step of the window (probe 39 H2: disc_loss 0.94 where the steps had 1.88). A

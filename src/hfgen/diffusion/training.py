@@ -159,13 +159,17 @@ def check_trained_to_end(global_step: int, max_steps: int) -> None:
         )
 
 
-def resume(accelerator, args: LoopArguments, steps_per_epoch: int) -> tuple[int, int, int]:
+def resume(accelerator, args: LoopArguments, steps_per_epoch: int, rng: TrainingRNG) -> tuple[int, int, int]:
     """Load the checkpoint named by `resume_from_checkpoint`, if any: (global step, first epoch, batches of that
-    epoch to skip). Everything registered with the accelerator comes back: models, optimizer, schedule, RNG, EMA."""
+    epoch to skip). Everything registered with the accelerator comes back: models, optimizer, schedule, RNG, EMA;
+    `rng`, the loop's registered `TrainingRNG`, says whether its log window came back with it."""
     from hfgen import loop
 
     step = loop.resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if step and rng.log is not None and not rng.window_restored and accelerator.is_main_process:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{step}"  # (the name only: the note says whose it is)
+        tracking.note_window_not_kept(checkpoint, step, args.logging_steps, max_steps)
     if step >= max_steps:  # trained to the end: no epoch left to enter (the loop checks its budget after a step)
         return step, math.ceil(max_steps / steps_per_epoch), 0
     return step, step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -208,6 +212,7 @@ class TrainingRNG:
 
         self.generator = torch.Generator(device).manual_seed(seed)
         self.log = log
+        self.window_restored = False  # whether a checkpoint's log window came back (`resume` says when not)
 
     def state_dict(self) -> dict:
         """Every process's generator state, and log window, in process order (every process must call it)."""
@@ -234,6 +239,7 @@ class TrainingRNG:
         self.generator.set_state(states[process.process_index])
         if self.log is not None and "log_windows" in state:  # (a checkpoint of an earlier hfgen: an empty window)
             self.log.restore_window(state["log_windows"][process.process_index])
+            self.window_restored = True
 
 
 class StepLog:

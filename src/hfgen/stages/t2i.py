@@ -242,7 +242,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
     log = StepLog(accelerator, args.output_dir, args.logging_steps)
     rng = TrainingRNG(args.seed + accelerator.process_index, device, log)  # the log's window resumes with it
     accelerator.register_for_checkpointing(rng)
-    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch)
+    global_step, first_epoch, skip = resume(accelerator, args, steps_per_epoch, rng)
     divergence = guard.Divergence(output_dir)
     prior_loss_weight = args.prior_loss_weight if args.with_prior_preservation else None
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes

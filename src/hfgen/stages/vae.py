@@ -168,7 +168,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     log = training.StepLog(accelerator, args.output_dir, args.logging_steps)
     rng = training.TrainingRNG(args.seed + accelerator.process_index, accelerator.device, log)  # (log window too)
     accelerator.register_for_checkpointing(rng)
-    global_step, first_epoch, skip = training.resume(accelerator, args, steps_per_epoch)
+    global_step, first_epoch, skip = training.resume(accelerator, args, steps_per_epoch, rng)
     if global_step == 0:  # into eval.json now: a resumed run has it from there
         with loop.gathered(accelerator, autoencoder) as (unwrapped,):
             initial_error = reconstruction_error(unwrapped.vae, eval_loader, accelerator.device)
