@@ -199,10 +199,12 @@ def test_rendered_images_replace_only_the_images_an_earlier_render_wrote(tmp_pat
     assert sorted(p.name for p in own.iterdir()) == ["grid.png"] and (own / "grid.png").read_bytes() == b"mine"
 
 
-def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eval_and_merge(tmp_path):
+def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eval_and_merge(tmp_path, capsys):
     # A run with trust_remote_code: true keeps the model's code beside the weights, but generate, eval and merge
     # loaded with trust_remote_code=False and passed on transformers' "pass the argument `trust_remote_code=True`",
-    # an argument none of them has
+    # an argument none of them has. A hand-written recipe.yaml line and any COMPLETE file were trusted as such a run
+    # (a downloaded dir can carry both: probe 40 D8): a run's record is asked for, and the code run is named.
+    from hfgen import tracking
     from hfgen.errors import UserError
     from hfgen.models import load_causal_lm
     from tiny_models import save_tiny_llama
@@ -219,10 +221,21 @@ def test_the_output_of_a_run_that_trusted_its_models_code_loads_for_generate_eva
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyCustomConfig\n\n\n"
         "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n"
     )
-    with pytest.raises(UserError, match="brings its own model code, which hfgen runs only for the output of a run"):
+    refused = "brings its own model code, which hfgen runs only for the output of a run"
+    with pytest.raises(UserError, match=refused):
         load_causal_lm(str(model))
-    (model / "recipe.yaml").write_text("stage: sft\ntrust_remote_code: true\n")
+    for recipe, marker in [("trust_remote_code: true\n", {}), ("trust_remote_code: true\n", {"run": "1"}),
+                           ("stage: sft\ntrust_remote_code: true\n", {})]:  # fmt: skip
+        (model / "recipe.yaml").write_text(recipe)
+        (model / "COMPLETE").write_text(json.dumps(marker))
+        with pytest.raises(UserError, match=refused):
+            load_causal_lm(str(model))
+    tracking.mark_complete(model)
+    capsys.readouterr()
     assert type(load_causal_lm(str(model))).__name__ == "TinyCustomForCausalLM"
+    said = capsys.readouterr().err
+    assert f"hfgen: running the model code in '{model}' (configuration_tiny.py, modeling_tiny.py)" in said
+    assert said.count("running the model code") == 1  # once, though the tokenizer and the model both load it
 
 
 def test_a_reward_model_that_trusted_its_code_loads_as_hfgen_evals_judge_and_another_is_refused(tmp_path):

@@ -304,20 +304,52 @@ def train_bpe_tokenizer(texts, vocab_size: int, split_digits: bool = False):
 def trusted_by_its_run(path: str | Path) -> bool:
     """Whether `path` is the output (or a checkpoint) of an hfgen run whose recipe set `trust_remote_code: true`:
     that run ran the model's own code and saved it beside the weights, so the commands that take a model dir
-    (generate, eval, merge) run it too; they have no key of their own to trust it with."""
+    (generate, eval, merge) run it too; they have no key of their own to trust it with. The dir must hold a run's
+    record, not only the recipe line: a COMPLETE marker with its run id (a checkpoint: its completion state) and a
+    recipe naming a stage. Its code files are named on the console when it is trusted, once per dir."""
+    path = Path(path).expanduser()
+    trusted = _trusted_by_its_run(path)
+    if trusted and path.resolve() not in _code_trust_said:
+        _code_trust_said.add(path.resolve())
+        code = sorted(p.name for p in path.glob("*.py")) if path.is_dir() else []
+        if code:
+            import sys
+
+            print(
+                f"hfgen: running the model code in '{path}' ({', '.join(code)}): the hfgen run that wrote it set "
+                "trust_remote_code: true",
+                file=sys.stderr,
+            )
+    return trusted
+
+
+_code_trust_said: set[Path] = set()  # dirs whose trusted code the console has named
+
+
+def _trusted_by_its_run(path: Path) -> bool:
     import yaml
 
-    path = Path(path).expanduser()
+    from hfgen import tracking
+
     try:  # `hfgen merge`'s output: as the adapter run it merged
         adapter = json.loads((path / "merged_from.json").read_text()).get("adapter")
-        return bool(adapter) and Path(adapter) != path and trusted_by_its_run(adapter)
+        return bool(adapter) and Path(adapter) != path and _trusted_by_its_run(Path(adapter).expanduser())
     except (OSError, ValueError, AttributeError):
         pass
     try:
         recipe = yaml.safe_load((path / "recipe.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    return isinstance(recipe, dict) and recipe.get("trust_remote_code") is True
+    if not isinstance(recipe, dict) or recipe.get("trust_remote_code") is not True:
+        return False
+    try:  # the run's record: its COMPLETE marker's run id, or a checkpoint's completion state
+        checkpoint_state = tracking.read_json(path / tracking.CHECKPOINT_STATE, None)
+        run_record = tracking.run_id(path) is not None or (
+            isinstance(checkpoint_state, dict) and checkpoint_state.get("step") is not None
+        )
+    except UserError:  # a marker that is not JSON: no run's record
+        return False
+    return run_record and isinstance(recipe.get("stage"), str)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool | None = None):
