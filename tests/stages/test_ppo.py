@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -557,6 +558,14 @@ def test_ptx_data_of_sft_layouts_carries_the_loss_on_the_answers(tmp_path):
     tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     text, answer = labelled("chat.jsonl")
     assert answer == text and "describe the red cat." in text
+    # a real model's template without the markers (Qwen2.5's, as shipped): the assistant turns only, by TRL's marked
+    # copy of it, as the sft stage's assistant_only_loss trains them (every token trained, the system prompt too)
+    import trl
+
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates/qwen2_5.jinja").read_text()
+    text, answer = labelled("chat.jsonl")
+    assert text.startswith("<|im_start|>system") and "describe the red cat." in text
+    assert answer.strip().startswith("the red cat is kind.") and "describe" not in answer and "system" not in answer
 
 
 @pytest.mark.parametrize("option", ["entropy_coef", "kl_loss_coef"])

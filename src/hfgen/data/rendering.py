@@ -55,6 +55,15 @@ def sequence_ids(tokenizer, prompt, response) -> list[int]:
     return tokenizer(text=text, add_special_tokens=special)["input_ids"]
 
 
+def marked_template(tokenizer) -> str | None:
+    """The chat template whose {% generation %} markers give the assistant turns' mask, as TRL's SFTTrainer trains
+    with it: None for the tokenizer's own when it has them, else TRL's training copy of it (Llama 3, Qwen, Gemma,
+    Phi-3, ...); a ValueError when TRL has none."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    return None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
+
+
 def template_refusal(error, where: str) -> str:
     """The message of a chat template's own refusal of a conversation (its `raise_exception`: Gemma's "System role
     not supported", Mistral's "Conversation roles must alternate"), `where` naming the data."""

@@ -14,18 +14,24 @@ from hfgen.rl.rollout import position_ids_from
 IGNORE = -100  # label of a token that carries no loss (transformers' ignore_index)
 
 
-def _conversation_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], bool]:
-    """(ids, labels, answers_marked) of a conversation: the chat template's rendering, labelled on the assistant
-    turns when the template marks them with {% generation %}; else (or with no chat template: the plain 'User: ...'
-    rendering) labelled everywhere."""
-    from hfgen.data.rendering import plain_conversation, uses_plain_template
+def _conversation_example(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, answers_marked) of a conversation, labelled on the assistant turns as the sft stage's
+    assistant_only_loss labels them: by the {% generation %} markers of the chat template, or of TRL's training copy
+    of a template without them (`marked_template`: Qwen's, Llama 3's, Gemma's, Phi-3's); with no such template (or
+    no chat template: the plain 'User: ...' rendering) labelled everywhere."""
+    from hfgen.data.rendering import marked_template, plain_conversation, uses_plain_template
 
     if uses_plain_template(tokenizer, True):
         ids = tokenizer(plain_conversation(messages))["input_ids"]
         return ids, list(ids), False
+    try:
+        template = marked_template(tokenizer)
+    except ValueError:  # TRL has no marked copy of this template: rendered with its own, unmarked
+        template = None
     rendered = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template,
+        tools=tools,
+    )  # fmt: skip
     ids, answer_mask = list(rendered["input_ids"]), rendered["assistant_masks"]
     if not any(answer_mask):
         return ids, list(ids), False
@@ -34,16 +40,17 @@ def _conversation_example(tokenizer, messages: list[dict]) -> tuple[list[int], l
 
 def _example(tokenizer, row: dict) -> tuple[list[int], list[int], bool]:
     """(ids, labels, answers_marked) of one standard SFT row (hfgen.data.formats, kind 'sft')."""
+    from hfgen.data.formats import row_tools
     from hfgen.data.rendering import sequence_ids
 
     if "text" in row:
         ids = tokenizer(row["text"])["input_ids"]
         return ids, list(ids), True
     if "messages" in row:
-        return _conversation_example(tokenizer, row["messages"])
+        return _conversation_example(tokenizer, row["messages"], row_tools(row))
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, list):
-        return _conversation_example(tokenizer, prompt + completion)
+        return _conversation_example(tokenizer, prompt + completion, row_tools(row))
     # text prompt and completion, joined as TRL's SFT joins them (EOS appended); the loss on the completion
     ids = sequence_ids(tokenizer, prompt, completion)
     prompt_length = len(tokenizer(prompt)["input_ids"])
@@ -98,7 +105,7 @@ def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
     if unmarked:
         print(
             f"ptx: {unmarked} conversation(s) of '{name}' carry the loss on every token: the tokenizer's chat "
-            "template does not mark the assistant's turns with {% generation %}"
+            "template does not mark the assistant's turns with {% generation %}, and TRL has no marked copy of it"
         )
     if not examples:
         raise UserError(

@@ -316,14 +316,11 @@ def trained_conversation(tokenizer, row: dict, training_args, truncate: bool = T
     assistant_only_loss (the assistant mask of the template it trains with: TRL's training version, with
     {% generation %} markers, of a template without them), every token otherwise; truncated to max_length as
     truncation_mode says. Not only the last turn: an earlier turn within max_length trains when the last is cut."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     from hfgen.data.formats import row_tools
+    from hfgen.data.rendering import marked_template
 
     assistant_only = bool(training_args.assistant_only_loss)
-    template = None
-    if assistant_only and not has_generation_markers(tokenizer.chat_template):
-        template = get_training_chat_template(tokenizer)
+    template = marked_template(tokenizer) if assistant_only else None
     rendered = tokenizer.apply_chat_template(
         row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only,
         chat_template=template, tools=row_tools(row),
