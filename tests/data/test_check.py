@@ -475,3 +475,19 @@ def test_function_definitions_a_stage_does_not_render_are_refused(tmp_path, caps
     assert (
         f"dataset '{data}' has a 'tools' column (function definitions for the chat template), which the {stage}" in err
     )
+
+
+def test_a_template_that_renders_no_tool_calls_is_refused_naming_the_row(tiny_lm, tmp_path, capsys):
+    # a template without tool support (Phi-3's; hfgen's embedded one) renders an assistant turn that only calls a
+    # tool as an empty answer: trained, without a word
+    turns = [
+        {"role": "user", "content": "weather in paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "paris"}}}]},
+        {"role": "tool", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "it is sunny."},
+    ]  # fmt: skip
+    data = tmp_path / "calls.jsonl"
+    data.write_text("".join(json.dumps({"messages": turns}) + "\n" for _ in range(12)))
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", data)
+    assert code == 2, err
+    assert "the chat template renders no tool call ('get_weather') of row" in err and f"of dataset '{data}'" in err

@@ -1147,3 +1147,25 @@ def test_an_answer_that_only_calls_a_tool_is_an_answer_in_every_layout(tmp_path)
         assert len(train) + len(evaluation) == 10 and not records["train"]["dropped"], (name, records)
         answer = train[0].get("completion") or train[0].get("chosen") or train[0]["messages"][1:]
         assert answer[0]["tool_calls"][0]["function"]["arguments"] in ({"city": "paris"}, '{"city": "paris"}')
+
+
+def test_openai_legacy_function_calls_are_read_as_tool_calls(tmp_path):
+    # an assistant `function_call` and a `function` turn (OpenAI's legacy layout): the call was dropped (an empty
+    # answer trained) and the result kept under a role Qwen's template does not render (it vanished)
+    legacy = [
+        {"role": "user", "content": "weather in paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "function_call": {"name": "get_weather", "arguments": '{"city": "paris"}'},
+        },
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "it is sunny."},
+    ]
+    train, _, records = load(jsonl(tmp_path / "legacy.jsonl", [{"messages": legacy}] * 10), "sft")
+    assert not records["train"]["dropped"]
+    user, call, result, answer = train[0]["messages"]
+    assert call["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "paris"}}}
+    ]
+    assert (result["role"], result["name"], result["content"]) == ("tool", "get_weather", "sunny")

@@ -25,6 +25,7 @@ export rather than noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -41,7 +42,10 @@ SHAREGPT_ROLES |= {"chatgpt": "assistant", "bing": "assistant", "bard": "assista
 SHAREGPT_ROLES |= {"function_call": "assistant", "observation": "tool"}  # LLaMA-Factory's tool turns (glaive)
 # A turn's role under either key (`role` or ShareGPT's `from`): the roles chat templates render, kept as they are, and
 # ShareGPT's speaker names (`{"role": "human"}` reached the template as an unknown role: Qwen's drops such a turn)
-ROLE_NAMES = {role: role for role in ("tool", "function", "ipython", "developer")} | SHAREGPT_ROLES
+ROLE_NAMES = {role: role for role in ("tool", "ipython", "developer")} | SHAREGPT_ROLES
+# OpenAI's legacy function calling: a `function` turn holds a function's result, what templates render as a `tool`
+# turn (Qwen's renders no `function` role: the result vanished); the assistant's `function_call` becomes `tool_calls`
+ROLE_NAMES |= {"function": "tool"}
 # Per-turn training flags other formats write (axolotl's `weight: 0`, `train: false`): hfgen trains every assistant
 # turn, so a conversation that marks one as not trained is refused rather than trained whole
 TURN_TRAINING_FLAGS = ("weight", "train", "training", "loss")
@@ -320,6 +324,13 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
         message = {"role": role, "content": _content(turn, text, row, column, source)}
         if speaker == "from" and str(turn[speaker]).lower() == "function_call" and (call := _tool_call(message)):
             message = {"role": "assistant", "content": "", "tool_calls": [call]}
+        if turn.get("function_call") and not turn.get("tool_calls"):  # OpenAI's legacy call (the call was lost)
+            if (call := _tool_call({"content": turn["function_call"]})) is None:
+                raise UserError(
+                    f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1}'s function_call "
+                    f"{turn['function_call']!r} is not a call ({{name, arguments}})"
+                )
+            message["tool_calls"] = [call]
         messages.append(message | {key: turn[key] for key in TOOL_KEYS if turn.get(key) is not None})
     return messages
 
@@ -344,17 +355,21 @@ def _label(value, row: int, source: str) -> bool:
 
 
 def _tool_call(message: dict) -> dict | None:
-    """A ShareGPT `function_call` turn's JSON ({"name": ..., "arguments": ...}) as an OpenAI tool call, which chat
-    templates render; None when it is not such JSON (the turn then stays text)."""
+    """A ShareGPT `function_call` turn's JSON ({"name": ..., "arguments": ...}; or OpenAI's legacy `function_call`
+    object) as an OpenAI tool call, which chat templates render; None when it is not such JSON (the turn then stays
+    text)."""
     import json
 
     try:
-        call = json.loads(message["content"])
+        call = message["content"] if isinstance(message["content"], dict) else json.loads(message["content"])
     except (TypeError, ValueError):
         return None
     if not isinstance(call, dict) or "name" not in call:
         return None
-    return {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}
+    arguments = call.get("arguments", {})
+    with contextlib.suppress(TypeError, ValueError):  # OpenAI writes them as JSON text; templates `tojson` them
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    return {"type": "function", "function": {"name": call["name"], "arguments": arguments}}
 
 
 def _instruction_prompt(instruction: str, extra: str | None) -> str:

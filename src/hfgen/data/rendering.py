@@ -99,7 +99,28 @@ def template_refusals(tokenizer, rows, source: str, file_rows: list[int]) -> lis
                 continue
             seen.add(shape)
             try:
-                tokenizer.apply_chat_template(messages, tokenize=False)
+                rendered = tokenizer.apply_chat_template(messages, tokenize=False)
             except TemplateError as error:
                 return [template_refusal(error, f"row {file_rows[index]} (counted from 1) of {source}")]
+            if lost := lost_tool_text(messages, rendered):
+                return [
+                    f"the chat template renders no {lost} of row {file_rows[index]} (counted from 1) of {source}: "
+                    "a tool call would train as an empty answer, a tool's result vanish. Use a chat template that "
+                    "renders tool calls and tool turns (chat_template_path; Qwen's, Llama 3.1's), or drop such turns"
+                ]
     return []
+
+
+def lost_tool_text(messages: list[dict], rendered: str) -> str | None:
+    """What of a conversation's tool calls and tool results its rendering lacks, in words (None when it has them
+    all): a template without tool support (Phi-3's) renders an assistant turn that only calls a tool as an empty
+    answer, and no `tool` turn at all."""
+    for turn in messages:
+        for call in turn.get("tool_calls") or []:
+            name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
+            if name and str(name) not in rendered:
+                return f"tool call ('{name}')"
+        if turn.get("role") == "tool" and isinstance(turn.get("content"), str) and turn["content"].strip():
+            if turn["content"].strip() not in rendered:
+                return f"tool result ({turn['content'].strip()[:40]!r})"
+    return None
