@@ -1169,3 +1169,11 @@ def test_openai_legacy_function_calls_are_read_as_tool_calls(tmp_path):
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "paris"}}}
     ]
     assert (result["role"], result["name"], result["content"]) == ("tool", "get_weather", "sunny")
+
+
+def test_a_chat_prompt_ending_with_an_assistant_turn_is_refused_by_row(tmp_path):
+    # a prefill ([user, {assistant: "The answer is"}]) was closed and followed by a second assistant header
+    user = [{"role": "user", "content": "what is 2+2?"}]
+    rows = [{"prompt": user}] * 5 + [{"prompt": [*user, {"role": "assistant", "content": "The answer is"}]}]
+    with pytest.raises(UserError, match=r"row 6, column 'prompt': the prompt ends with an assistant turn"):
+        load(jsonl(tmp_path / "prefill.jsonl", rows), "prompt")

@@ -684,6 +684,18 @@ def check_rows(
         for row, (value, skip) in enumerate(zip(dataset["label"], blank)):
             if not skip:
                 _label(value, row, source)
+
+    if kind == "prompt" and fmt == "prompt":  # prompts to generate from, each followed by the generation prompt
+        for row, (value, skip) in enumerate(zip(dataset["prompt"], blank)):
+            turns = None if skip else _json_turns(value)
+            last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
+            if ROLE_NAMES.get(str(last.get("role", last.get("from"))).lower()) == "assistant":
+                raise UserError(
+                    f"dataset '{source}' row {row + 1}, column 'prompt': the prompt ends with an assistant turn (a "
+                    "prefill); hfgen closes it and opens a new assistant turn after it (GRPO, RLOO, PPO and hfgen eval "
+                    "generate after the generation prompt), so the answer would not continue it. End each prompt "
+                    "with the user's turn"
+                )
     named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
         for row, (value, skip) in enumerate(zip(dataset[column], blank)):
