@@ -243,6 +243,7 @@ def test_a_reward_model_that_trusted_its_code_loads_as_hfgen_evals_judge_and_ano
     # stdin "[y/N]" and then advised an argument eval does not have (probe 40 D3)
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    from hfgen import tracking
     from hfgen.errors import UserError
     from hfgen.evaluation.command import load_reward_model
     from hfgen.models import build_embedded_tokenizer
@@ -267,6 +268,7 @@ def test_a_reward_model_that_trusted_its_code_loads_as_hfgen_evals_judge_and_ano
     with pytest.raises(UserError, match="--reward_model: could not load a sequence classifier .* brings its own"):
         load_reward_model(str(model), "cpu")
     (model / "recipe.yaml").write_text("stage: reward\ntrust_remote_code: true\n")
+    tracking.mark_complete(model)  # the output of a reward run that trusted its code
     assert type(load_reward_model(str(model), "cpu")[1]).__name__ == "TinyScorer"
 
 
