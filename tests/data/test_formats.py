@@ -4,10 +4,12 @@
 import csv
 import gzip
 import json
+from collections import Counter
 
 import pytest
 
 from hfgen.data.formats import to_standard
+from hfgen.data.loading import load_raw
 from hfgen.data.prepare import TextDataArguments, load_for_stage
 from hfgen.errors import UserError
 
@@ -137,6 +139,23 @@ def test_blank_lines_of_a_text_corpus_are_dropped_and_counted(tmp_path):
     train, evaluation, records = load(path, "text")
     dropped = records["train"]["dropped"]["empty rows"] + records["eval"]["dropped"].get("empty rows", 0)
     assert dropped == 60 and len(train) + len(evaluation) == 30 and all(t.strip() for t in train["text"])
+
+
+def test_a_text_corpus_stays_memory_mapped_and_its_empty_rows_are_counted(tmp_path):
+    """A pretraining corpus (GBs) was converted row by row into Python dicts and a Dataset held in memory at every
+    load: ~10x the file in RAM, and nothing the packing's map could cache. Its standard text is now the rows of
+    datasets' cache file (memory-mapped), less the rows without text, counted under the same reasons."""
+    rows = [{"text": f"doc {i} about the cat.", "source": "web"} for i in range(40)]
+    rows[3], rows[9], rows[17] = {}, {"text": "  ", "source": None}, {"text": " \t", "source": "web"}
+    rows[30] = {"text": "", "source": "book"}
+    train, evaluation, records = load(jsonl(tmp_path / "corpus.jsonl", rows), "text")
+    assert train.cache_files and evaluation.cache_files  # (an in-memory Dataset has none)
+    dropped = Counter(records["train"]["dropped"]) + Counter(records["eval"]["dropped"])
+    assert dropped == {"empty rows": 2, "empty text": 2} and len(train) + len(evaluation) == 36
+    assert train.column_names == ["text"] and all(text.strip() for text in [*train["text"], *evaluation["text"]])
+    prompts, report = to_standard(load_raw(str(tmp_path / "corpus.jsonl"), None)["train"], "prompt")
+    assert prompts.column_names == ["prompt"] and len(prompts) == report.rows_kept == 36
+    assert list(report.dropped.items()) == [("empty rows", 2), ("empty text", 2)]
 
 
 def test_spreadsheet_csv_with_bom_and_empty_lines(tmp_path):

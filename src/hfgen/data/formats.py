@@ -554,10 +554,12 @@ def _preference_row(kind: str, row: dict, index: int, source: str) -> dict | str
     return {"chosen": chosen, "rejected": rejected} | ({"prompt": prompt} if prompt is not None else {})
 
 
-def check_required_values(dataset, columns: list[str], source: str, blank: list[bool]) -> None:
+def check_required_values(dataset, columns: list[str], source: str, blank) -> None:
     """Every row that is not blank has a value in every required column: a null (a JSON row missing the key, an
     empty CSV cell in a row that has other values) breaks the file, named by row and column. A text column of
-    true/false is refused too (numbers are read as their text: a spreadsheet column of figures)."""
+    true/false is refused too (numbers are read as their text: a spreadsheet column of figures). `blank`: the
+    rows `_blank_mask` gives."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -570,26 +572,41 @@ def check_required_values(dataset, columns: list[str], source: str, blank: list[
                 f"dataset '{source}' column '{column}' holds true/false values, not text (row 1: "
                 f"{values[0].as_py()!r}); map the column that holds the text (dataset_columns)"
             )
-        nulls = [null and not skip for null, skip in zip(pc.is_null(dataset.data.column(column)).to_pylist(), blank)]
-        if any(nulls):
-            rows = [i + 1 for i, null in enumerate(nulls) if null]
+        nulls = pc.and_not(pc.is_null(values), blank)  # in Arrow: a list of one bool a row costs a corpus GBs
+        if pc.any(nulls).as_py():
+            rows = np.flatnonzero(nulls.to_numpy()) + 1
             raise UserError(
-                f"dataset '{source}': {len(rows)} row(s) lack a value in required column '{column}' (rows {rows[:5]}"
-                f"{'...' if len(rows) > 5 else ''}, counted from 1); fix or remove them"
+                f"dataset '{source}': {len(rows)} row(s) lack a value in required column '{column}' (rows "
+                f"{rows[:5].tolist()}{'...' if len(rows) > 5 else ''}, counted from 1); fix or remove them"
             )
 
 
-def _blank_rows(dataset) -> list[bool]:
-    """Rows with no value in any column: the empty lines of a text file, CSV or JSON-lines file."""
+def _empty_text(column):
+    """Per value of an Arrow column: null, or (text) nothing but whitespace, which Arrow trims as str.strip does."""
+    import pyarrow.compute as pc
+
+    empty = pc.is_null(column)
+    if str(column.type) in ("string", "large_string"):
+        empty = pc.or_kleene(empty, pc.equal(pc.utf8_trim_whitespace(column), ""))
+    return empty
+
+
+def _blank_mask(dataset):
+    """Rows with no value in any column (the empty lines of a text file, CSV or JSON-lines file), as an Arrow array
+    of booleans: a Python list of them is one object a row."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     blank = None
     for column in dataset.data.columns:
-        empty = pc.is_null(column)
-        if column.type == "string" or str(column.type) in ("string", "large_string"):
-            empty = pc.or_kleene(empty, pc.equal(pc.utf8_trim_whitespace(column), ""))
+        empty = _empty_text(column)
         blank = empty if blank is None else pc.and_kleene(blank, empty)
-    return [bool(b) for b in pc.fill_null(blank, True).to_pylist()] if blank is not None else []
+    return pc.fill_null(blank, True) if blank is not None else pa.array([], pa.bool_())
+
+
+def _blank_rows(dataset) -> list[bool]:
+    """`_blank_mask` as a list, for a loop over the rows that skips the blank ones."""
+    return _blank_mask(dataset).to_pylist()
 
 
 def resolve_layout(dataset, kind: str, format: str | None, columns: dict[str, str] | None, source: str):
@@ -666,11 +683,12 @@ def check_rows(
     """The broken-file checks of `to_standard` alone, on a whole split as read: row numbers are the file's."""
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     needed = [c for c in required_columns(fmt, kind) if c in dataset.column_names]
-    blank = _blank_rows(dataset)
+    blank = _blank_mask(dataset)
     check_required_values(dataset, needed, source, blank)
+    # the row loops below take the mask as a list (one object a row) only when they run: a corpus never does
     if fmt == "preference" and "prompt" not in dataset.column_names and "conversations" not in dataset.column_names:
         different = [
-            i + 1 for i, (chosen, rejected, skip) in enumerate(zip(dataset["chosen"], dataset["rejected"], blank))
+            i + 1 for i, (chosen, rejected, skip) in enumerate(zip(dataset["chosen"], dataset["rejected"], blank.to_pylist()))
             if not skip and prompts_differ(*(_chat_or_text(v, i, c, source) for v, c in ((chosen, "chosen"), (rejected, "rejected"))))
         ]  # fmt: skip
         if different:
@@ -681,12 +699,11 @@ def check_rows(
             )
     _check_values(dataset, fmt, source, blank)
     if fmt == "unpaired_preference":  # KTO's labels, by the file's row too
-        for row, (value, skip) in enumerate(zip(dataset["label"], blank)):
+        for row, (value, skip) in enumerate(zip(dataset["label"], blank.to_pylist())):
             if not skip:
                 _label(value, row, source)
-
     if kind == "prompt" and fmt == "prompt":  # prompts to generate from, each followed by the generation prompt
-        for row, (value, skip) in enumerate(zip(dataset["prompt"], blank)):
+        for row, (value, skip) in enumerate(zip(dataset["prompt"], blank.to_pylist())):
             turns = None if skip else _json_turns(value)
             last = turns[-1] if isinstance(turns, list) and turns and isinstance(turns[-1], dict) else {}
             if ROLE_NAMES.get(str(last.get("role", last.get("from"))).lower()) == "assistant":
@@ -698,18 +715,18 @@ def check_rows(
                 )
     named = set(other_columns) if isinstance(other_columns, tuple) else set()  # (GRPO's carried columns are free)
     for column in _carried(dataset, fmt, other_columns) & named & NUMBER_COLUMNS:
-        for row, (value, skip) in enumerate(zip(dataset[column], blank)):
+        for row, (value, skip) in enumerate(zip(dataset[column], blank.to_pylist())):
             if not skip:
                 _number(value, row, column, source)
 
 
-def _check_values(dataset, fmt: str, source: str, blank: list[bool]) -> None:
+def _check_values(dataset, fmt: str, source: str, blank) -> None:  # (blank: `_blank_mask`)
     """The values `to_standard` refuses by row (chat turns without role or content, of an unknown role, marked not to
     be trained; a value that is not text where text belongs; tools that are not a list of definitions), found here by
     the file's row: `to_standard` sees a split's rows, shuffled by the held-out slice, and named the wrong one. A
     column typed as text is text."""
     if TOOLS_COLUMN in dataset.column_names:
-        for row, (value, skip) in enumerate(zip(dataset[TOOLS_COLUMN], blank)):
+        for row, (value, skip) in enumerate(zip(dataset[TOOLS_COLUMN], blank.to_pylist())):
             if not skip:
                 _tools(value, row, source)
     for column in (c for c in TEXT_COLUMNS if c in dataset.column_names):
@@ -717,7 +734,7 @@ def _check_values(dataset, fmt: str, source: str, blank: list[bool]) -> None:
         if not chat and getattr(dataset.features[column], "dtype", None) in ("string", "large_string"):
             continue
         keys = ("from", "value") if fmt == "sharegpt" and column == "conversations" else ("role", "content")
-        for row, (value, skip) in enumerate(zip(dataset[column], blank)):
+        for row, (value, skip) in enumerate(zip(dataset[column], blank.to_pylist())):
             if skip or value is None:
                 continue
             turns = _json_turns(value) if chat else value
@@ -837,9 +854,12 @@ def to_standard(
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     spec = FORMATS[fmt]
     report = DataReport(source=source, format=fmt, rows_read=len(dataset))
-    blank = _blank_rows(dataset)
+    blank = _blank_mask(dataset)
     needed = [c for c in required_columns(fmt, kind) if c in dataset.column_names]
     check_required_values(dataset, needed, source, blank)
+    if _plain_text(dataset, fmt, other_columns):
+        return _standard_text(dataset, kind, blank, report), report
+    blank = blank.to_pylist()
     if any(blank):
         report.dropped["empty rows"] += sum(blank)
         dataset = dataset.select([i for i, b in enumerate(blank) if not b])
@@ -869,6 +889,41 @@ def to_standard(
     if refuse_identical:
         refuse_identical_pairs(source, {"data": report})
     return _from_rows(kept, source), report
+
+
+def _plain_text(dataset, fmt: str, other_columns: bool | tuple[str, ...]) -> bool:
+    """Text layout data whose text column is already text, with no column that travels beside it or that a note
+    names (`left_out_notes`): its conversion only drops the rows without text (`_standard_text`)."""
+    return (
+        fmt == "text"
+        and str(dataset.data.column("text").type) in ("string", "large_string")
+        and not _carried(dataset, fmt, other_columns)
+        and not any(column in dataset.column_names for column in PROMPT_PART_COLUMNS)
+    )
+
+
+def _has_text(texts: list) -> list[bool]:
+    return [not _is_empty(text) for text in texts]
+
+
+def _standard_text(dataset, kind: str, blank, report: DataReport):
+    """`to_standard` of `_plain_text` data, done by datasets on the Arrow table: a pretraining corpus (GBs) stays
+    memory-mapped in its cache file, where the row-by-row conversion held it all in memory as Python rows and
+    left nothing for the packing's map to cache. The rows are dropped and counted as the conversion does: blank
+    ones as empty rows, the others without text as empty text."""
+    import pyarrow.compute as pc
+
+    empty = _empty_text(dataset.data.column("text"))  # (a null in a row that is not blank was refused above)
+    blank_rows, empty_rows = (int(pc.sum(mask).as_py() or 0) for mask in (blank, empty))
+    if blank_rows:
+        report.dropped["empty rows"] += blank_rows
+    if empty_rows > blank_rows:
+        report.dropped["empty text"] += empty_rows - blank_rows
+    report.rows_kept = len(dataset) - empty_rows
+    dataset = dataset.select_columns(["text"])
+    if empty_rows:  # an indices mapping beside the data, in datasets' cache
+        dataset = dataset.filter(_has_text, batched=True, input_columns=["text"], desc="dropping empty text")
+    return dataset.rename_column("text", "prompt") if kind == "prompt" else dataset
 
 
 def standard_prompts(
