@@ -318,3 +318,32 @@ def test_train_tokens_count_the_blocks_trained_when_the_last_batch_is_short(tmp_
     blocks = rows * (len(tokenizer(document)["input_ids"]) + 1) // 16  # documents joined by EOS, cut into 16s
     assert blocks % 8, "the test wants a short last batch"
     assert tracking.read_json(tmp_path / "run" / "eval.json")["train_tokens"] == 2 * blocks * 16
+
+
+def test_a_corpus_is_packed_once_and_the_next_start_reuses_the_packing(tmp_path, monkeypatch):
+    """pretrain tokenized and packed the whole corpus again at every start, and on every rank one after the other
+    (main_process_first bought nothing): its standard text was a Dataset in memory, whose map datasets does not
+    cache. The text is now the rows of datasets' cache file, and the packing is cached beside it."""
+    import uuid
+    from collections import Counter
+
+    from conftest import count_calls
+    from hfgen.data.prepare import TextDataArguments, load_for_stage
+    from hfgen.models import load_tokenizer
+    from hfgen.stages.pretrain import pack
+
+    corpus = tmp_path / "corpus.txt"  # a new corpus each run: packed here first, not by an earlier test session
+    corpus.write_text(
+        f"{uuid.uuid4()}\n" + "".join(f"the {c} {s} is {a}.\n" for c, s, a in zip(COLORS, SUBJECTS, ADJECTIVES))
+    )
+    tokenizer = load_tokenizer("embedded:tiny-bpe")
+    calls, tokenized = Counter(), []
+    count_calls(monkeypatch, calls, type(tokenizer), "__call__")
+    for _ in range(2):  # two starts of a run: each loads the data and packs it
+        train, _, _ = load_for_stage(TextDataArguments(dataset_name=str(corpus)), "text", seed=1)
+        blocks = pack(train, tokenizer, "text", 4)
+        tokenized.append(calls["__call__"])
+    assert tokenized == [len(train), len(train)]  # each document once, by the first start
+    assert len(blocks) > 4 and blocks.cache_files
+    pack(train, tokenizer, "text", 5)  # other blocks: packed anew, not read from the cache of the 4-token ones
+    assert calls["__call__"] == 2 * len(train)
