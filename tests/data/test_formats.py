@@ -1097,6 +1097,20 @@ def test_a_turn_marked_not_to_be_trained_is_refused_by_row(tmp_path, flag):
         load(jsonl(tmp_path / "flags.jsonl", rows), "sft")
 
 
+def test_turns_other_than_the_assistants_marked_not_to_be_trained_load(tmp_path):
+    # SlimOrca-style ShareGPT marks system/user turns `weight: 0` (never trained anyway) and axolotl exports write
+    # `train: false` on them: the whole file was refused (review 40 F1); a float such as a logged `loss: 0.0` is no flag
+    rows = [{"conversations": [{"from": "system", "value": "be brief", "weight": None},
+                               {"from": "human", "value": f"q{i}", "weight": 0.0, "train": False},
+                               {"from": "gpt", "value": f"a{i}", "weight": 1.0, "loss": 0.0}]}
+            for i in range(20)]  # fmt: skip
+    train, _, _ = load(jsonl(tmp_path / "slimorca.jsonl", rows), "sft")
+    assert [t["role"] for t in train[0]["messages"]] == ["system", "user", "assistant"]
+    rows[3]["conversations"][2]["train"] = "no"
+    with pytest.raises(UserError, match=r"row 4, column 'conversations': turn 3 is marked not to be trained"):
+        load(jsonl(tmp_path / "flags.jsonl", rows), "sft")
+
+
 WEATHER_TOOLS = [
     {
         "type": "function",

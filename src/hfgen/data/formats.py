@@ -47,8 +47,21 @@ ROLE_NAMES = {role: role for role in ("tool", "ipython", "developer")} | SHAREGP
 # turn (Qwen's renders no `function` role: the result vanished); the assistant's `function_call` becomes `tool_calls`
 ROLE_NAMES |= {"function": "tool"}
 # Per-turn training flags other formats write (axolotl's `weight: 0`, `train: false`): hfgen trains every assistant
-# turn, so a conversation that marks one as not trained is refused rather than trained whole
-TURN_TRAINING_FLAGS = ("weight", "train", "training", "loss")
+# turn, so a conversation that marks an ASSISTANT turn as not trained is refused rather than trained whole (system and
+# user turns are never trained: SlimOrca-style files mark them `weight: 0` and load). The values that say "not
+# trained", compared exactly: a float such as a logged per-turn figure (0.0) is not a flag.
+TURN_TRAINING_FLAGS = ("weight", "train", "training")
+
+
+def _marked_untrained(value) -> bool:
+    """Whether a per-turn flag's value says "not trained": False, the int 0, or the words false/no."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value == 0
+    return isinstance(value, str) and value.strip().lower() in ("false", "no")
+
+
 # Function definitions beside chat turns (OpenAI's, TRL's and LLaMA-Factory's `tools` column: a list, or its JSON
 # text): kept with each row as JSON text, which TRL's SFT, DPO and KTO trainers read per row and hand the chat template
 # (Qwen's writes them into its system turn). Dropped, the model trained to call functions its prompt never declared.
@@ -315,7 +328,7 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
                 f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} has the unknown {speaker} "
                 f"'{turn[speaker]}'; known: {', '.join(ROLE_NAMES)}"
             )
-        if untrained := [k for k in TURN_TRAINING_FLAGS if k in turn and turn[k] in (0, False, "false", "no")]:
+        if role == "assistant" and (untrained := [k for k in TURN_TRAINING_FLAGS if _marked_untrained(turn.get(k))]):
             raise UserError(
                 f"dataset '{source}' row {row + 1}, column '{column}': turn {i + 1} is marked not to be trained "
                 f"({untrained[0]}: {turn[untrained[0]]!r}); hfgen trains every assistant turn of a conversation "
