@@ -7,8 +7,9 @@ import json
 from collections import Counter
 
 import pytest
+from datasets import Dataset
 
-from hfgen.data.formats import to_standard
+from hfgen.data.formats import check_rows, to_standard
 from hfgen.data.loading import load_raw
 from hfgen.data.prepare import TextDataArguments, load_for_stage
 from hfgen.errors import UserError
@@ -1109,6 +1110,18 @@ def test_turns_other_than_the_assistants_marked_not_to_be_trained_load(tmp_path)
     rows[3]["conversations"][2]["train"] = "no"
     with pytest.raises(UserError, match=r"row 4, column 'conversations': turn 3 is marked not to be trained"):
         load(jsonl(tmp_path / "flags.jsonl", rows), "sft")
+
+
+def test_columns_outside_the_layout_are_not_checked_as_text(tmp_path):
+    # a metadata `context` dict beside messages, a GRPO reference `output` list: columns the layout does not convert
+    # were refused as "not text" although they are dropped or carried as they are (review 40 F2)
+    chat = [{"messages": turns(("user", f"q{i}"), ("assistant", f"a{i}")), "context": {"src": "a"}} for i in range(20)]
+    train, _, _ = load(jsonl(tmp_path / "chat.jsonl", chat), "sft")
+    assert len(train) > 0 and "context" not in train.column_names
+    rows = Dataset.from_list([{"prompt": f"{i}+1?", "output": [i + 1, i + 2]} for i in range(20)])
+    check_rows(rows, "prompt", source="refs", other_columns=True)
+    kept, _ = to_standard(rows, "prompt", source="refs", other_columns=True)
+    assert kept[0]["output"] == [1, 2]  # travels to the reward functions as it is
 
 
 WEATHER_TOOLS = [

@@ -743,7 +743,10 @@ def _check_values(dataset, fmt: str, source: str, blank) -> None:  # (blank: `_b
         for row, (value, skip) in enumerate(zip(dataset[TOOLS_COLUMN], blank.to_pylist())):
             if not skip:
                 _tools(value, row, source)
-    for column in (c for c in TEXT_COLUMNS if c in dataset.column_names):
+    spec = FORMATS[fmt]  # the layout's own columns, those `to_standard` converts: the others travel as they are (a
+    # metadata `context` dict, a GRPO reference `output: [4, 5]`) or are dropped, whatever their name
+    layout = [c for c in (*spec.required, *spec.optional) if c in TEXT_COLUMNS and c in dataset.column_names]
+    for column in layout:
         chat = column in CHAT_COLUMNS
         if not chat and getattr(dataset.features[column], "dtype", None) in ("string", "large_string"):
             continue
