@@ -205,38 +205,61 @@ CHOICE_KEYS = {  # GRPO keys whose values TRL checks only at the first loss (aft
 
 # generation_kwargs keys (transformers' GenerationConfig) that the held-out comparison samples with as TRL's generate
 # trains with them (`sampling_config`): each shapes a next token's distribution or when a response ends, one token at
-# a time. Any other (num_beams, num_return_sequences, do_sample, eos_token_id, stop_strings, guidance_scale, ...)
-# changes what generate returns or needs what hfgen's sampling does not give it: refused while that comparison runs.
+# a time. Any other (num_beams > 1, do_sample: false, eos_token_id, guidance_scale, ...) changes what generate
+# returns or needs what hfgen's sampling does not give it: refused while that comparison runs.
 GENERATION_SAMPLING_KWARGS = (
     "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
     "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens",
     "min_new_tokens", "min_length", "max_new_tokens", "exponential_decay_length_penalty", "remove_invalid_values",
     "renormalize_logits",
 )  # fmt: skip
-# ... and those that change how generate runs, not what it samples: training's, left out of the comparison
+# ... and those that change how generate runs or what it returns besides the tokens, not what it samples: training's,
+# left out of the comparison
 GENERATION_ENGINE_KWARGS = (
     "use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile", "max_cache_len",
-    "prefill_chunk_size",
+    "prefill_chunk_size", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
+    "return_dict_in_generate",
 )  # fmt: skip
+# ... and values that are what TRL's sampling does anyway (one sampled sequence per prompt): no-ops, left out too
+GENERATION_NO_OP_VALUES = {"do_sample": True, "num_beams": 1, "num_return_sequences": 1}
+
+
+def comparison_kwargs(config) -> dict:
+    """The `generation_kwargs` the held-out comparison samples with: none under use_vllm (they are vLLM's
+    SamplingParams there, not transformers' keys), else all but the engine keys and the no-op values."""
+    if getattr(config, "use_vllm", False):
+        return {}
+    return {
+        k: v for k, v in (config.generation_kwargs or {}).items()
+        if k not in GENERATION_ENGINE_KWARGS and not (k in GENERATION_NO_OP_VALUES and GENERATION_NO_OP_VALUES[k] == v)
+    }  # fmt: skip
 
 
 def generation_kwargs_problems(config, data_args) -> list[str]:
     """`generation_kwargs` keys the held-out comparison could not sample with as training does (its figures would be
-    measured under another sampling rule than the one trained)."""
+    measured under another sampling rule than the one trained); under use_vllm they are vLLM's SamplingParams, which
+    the comparison leaves out (README says so) rather than refusing the run."""
+    kwargs = comparison_kwargs(config)
+    if "stop_strings" in kwargs:  # transformers' generate wants the tokenizer for them, which TRL does not pass it
+        return [
+            "generation_kwargs: stop_strings stops TRL's first generation (transformers' generate needs the tokenizer "
+            "for them, which TRL does not pass); leave it out, or with use_vllm: true give vLLM's `stop`"
+        ]
     if not data_args.eval_samples_per_prompt:
         return []
     problems = []
-    for key in config.generation_kwargs or {}:
+    for key in kwargs:
         if key == "temperature":
             problems.append(
                 "generation_kwargs: temperature samples at another temperature than the one TRL scores "
                 "log-probabilities at (the recipe's `temperature`): set `temperature` instead"
             )
-        elif key not in GENERATION_SAMPLING_KWARGS and key not in GENERATION_ENGINE_KWARGS:
+        elif key not in GENERATION_SAMPLING_KWARGS:
             problems.append(
-                f"generation_kwargs: '{key}' is not one hfgen's held-out comparison (eval.json) can sample with as "
-                f"training does; it takes {', '.join(GENERATION_SAMPLING_KWARGS)} (and cache or compile settings, "
-                "which change no sample): leave it out, or set eval_samples_per_prompt: 0 to skip the comparison"
+                f"generation_kwargs: '{key}' ({kwargs[key]!r}) is not one hfgen's held-out comparison (eval.json) can "
+                f"sample with as training does; it takes {', '.join(GENERATION_SAMPLING_KWARGS)} (cache or compile "
+                f"settings, which change no sample, and {', '.join(f'{k}: {v}' for k, v in GENERATION_NO_OP_VALUES.items())}"
+                ", which TRL samples with anyway): leave it out, or set eval_samples_per_prompt: 0 to skip the comparison"
             )
     return problems
 
@@ -987,7 +1010,7 @@ def sampling_config(tokenizer, config, stop_ids: list[int]):
 
     from hfgen.models import unsampled_ids
 
-    extra = {k: v for k, v in (config.generation_kwargs or {}).items() if k not in GENERATION_ENGINE_KWARGS}
+    extra = comparison_kwargs(config)
     suppressed = {*(extra.pop("suppress_tokens", None) or []), *unsampled_ids(tokenizer, stop_ids)}
     sampling = dict(
         do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or 0,

@@ -791,3 +791,21 @@ def test_generation_kwargs_the_held_out_comparison_cannot_sample_with_exit_2_nam
     assert "no_repeat_ngram_size'" not in result.stderr  # one it samples with
     recipe = write_recipe(tmp_path, models[0], generation_kwargs=kwargs, eval_samples_per_prompt=0)
     assert run_hfgen_here("check", recipe).returncode == 0  # no comparison: TRL's business alone
+
+
+def test_generation_kwargs_harmless_for_the_held_out_comparison_pass_the_check(tmp_path, models):
+    # no-op values (do_sample: true, num_beams: 1), output flags and, under use_vllm, vLLM's SamplingParams keys
+    # (stop, seed, ...) were refused although training and the comparison sample alike (review 40 F11)
+    from trl import GRPOConfig
+
+    kwargs = {"do_sample": True, "num_beams": 1, "num_return_sequences": 1, "output_scores": False, "top_k": 5}
+    assert run_hfgen_here("check", write_recipe(tmp_path, models[0], generation_kwargs=kwargs)).returncode == 0
+    from hfgen.group_rl import GroupRLArguments, comparison_kwargs, generation_kwargs_problems
+
+    data_args = GroupRLArguments(dataset_name="unused", eval_samples_per_prompt=4)
+    vllm_kwargs = {"stop": ["</answer>"], "seed": 1, "skip_special_tokens": False, "top_k": -1}
+    vllm = GRPOConfig(output_dir="unused", use_cpu=True, bf16=False, use_vllm=True, generation_kwargs=vllm_kwargs)
+    assert generation_kwargs_problems(vllm, data_args) == [] and comparison_kwargs(vllm) == {}  # left out (README)
+    plain = GRPOConfig(output_dir="unused", use_cpu=True, bf16=False, generation_kwargs={**kwargs, "do_sample": False})
+    assert comparison_kwargs(plain) == {"do_sample": False, "top_k": 5}
+    assert [p.split("'")[1] for p in generation_kwargs_problems(plain, data_args)] == ["do_sample"]
