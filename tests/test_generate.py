@@ -3,6 +3,7 @@ generation_config.json says, every EOS id stops, one seed gives one answer from 
 prompt shortens only its own answer, and the other modality's options are refused."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -327,6 +328,16 @@ def test_a_bin_weights_file_holding_other_objects_than_tensors_is_refused_naming
                             str(tmp_path / "run"), "--max_steps", "1", "--max_train_samples", "8")  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert "holds objects other than tensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_weights_only_refusal_of_a_checkpoint_state_keeps_its_traceback(tmp_path):
+    # every torch weights-only refusal inside hfgen's commands was reported as "a model's .bin weights file" (exit 2,
+    # no file, no traceback), a resume's rng_state.pth or optimizer.pt too (review 40 F7): only a model's load is
+    from hfgen.errors import exit_on_user_error
+
+    torch.save({"python": PlantedObject()}, tmp_path / "rng_state.pth")  # as Trainer._load_rng_state reads it
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"), exit_on_user_error():
+        torch.load(tmp_path / "rng_state.pth", weights_only=True)
 
 
 class PlantedObject:

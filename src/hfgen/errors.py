@@ -35,7 +35,7 @@ def exit_on_user_error(program: str = "hfgen"):
         print(f"{program}: diverged: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
     except Exception as error:
-        if weights_refused(error):  # (the loaders of generate, eval and merge name the model: models.load_problem)
+        if weights_refused(error) and loading_a_model(error):  # (generate, eval and merge name it: load_problem)
             print(f"{program}: error: {WEIGHTS_REFUSED}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         # A chat template's own refusal of a row (its raise_exception: a TemplateError itself, not a subclass such
@@ -63,6 +63,22 @@ def weights_refused(error: BaseException) -> bool:
     import pickle
 
     return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
+
+
+# The functions a model's weights load through (transformers' from_pretrained and its load_state_dict, PEFT's
+# from_pretrained): a weights-only refusal below one of them is a model's .bin; elsewhere (a checkpoint's rng_state.pth,
+# optimizer.pt, a stage's own state) it is another file, whose refusal keeps its traceback (torch's message names none)
+MODEL_LOADERS = ("from_pretrained", "load_state_dict", "_load_pretrained_model", "load_adapter")
+
+
+def loading_a_model(error: BaseException) -> bool:
+    """Whether `error` was raised below one of `MODEL_LOADERS` (a frame of its traceback)."""
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_name in MODEL_LOADERS:
+            return True
+        trace = trace.tb_next
+    return False
 
 
 def disk_full(error: BaseException | None, directory: Path | None = None) -> bool:
