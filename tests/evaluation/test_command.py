@@ -443,6 +443,10 @@ def test_perplexity_reads_conversations_and_instructions_as_the_sft_stage_does(t
     alpaca.write_text(json.dumps({"instruction": "name a cat", "input": "", "output": "tom"}) + "\n")
     _, texts, prefixes = perplexity_texts(str(alpaca), "embedded:prompts", tokenizer, False, 3)
     assert prefixes == ["name a cat\n\n"] and texts == ["name a cat\n\ntom"]
+    # a `text` column beside prompt/completion (the formatted text with its parts) is read, as before (review 40 F14)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"text": "a cat: tom", "prompt": "name a cat", "completion": "tom", "id": 1}) + "\n")
+    assert perplexity_texts(str(mixed), "embedded:prompts", tokenizer, False, 3)[1:] == (["a cat: tom"], None)
 
 
 def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(

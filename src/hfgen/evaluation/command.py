@@ -341,15 +341,19 @@ def perplexity_rows(spec: str, count: int):
     splits = load_raw_as("--perplexity_dataset", spec)
     split = "test" if "test" in splits else next(iter(splits))
     rows = splits[split].select(range(min(count, len(splits[split]))))
-    try:  # (the layout's own message names recipe keys hfgen eval does not have)
-        resolve_layout(rows, "sft", None, None, spec)
-    except UserError:
+    # a `text` column is read first, whatever else the file holds (the formatted text beside its prompt/completion
+    # parts: a common export), as hfgen eval always read it; other layouts are detected as the sft stage detects them
+    fmt = "text" if "text" in rows.column_names else None
+    try:
+        resolve_layout(rows, "sft", fmt, None, spec)
+    except UserError as error:  # (detection's own message says what is ambiguous; it names recipe keys eval lacks)
         raise UserError(
             f"--perplexity_dataset '{spec}' needs texts (a 'text' column), conversations ('messages', ShareGPT's "
-            f"'conversations') or prompt/completion rows (Alpaca's, Dolly's too); it has columns {rows.column_names}"
+            f"'conversations') or prompt/completion rows (Alpaca's, Dolly's too); it has columns {rows.column_names} "
+            f"({error})"
         ) from None
     try:
-        standard, report = to_standard(rows, "sft", source=spec)
+        standard, report = to_standard(rows, "sft", fmt, source=spec)
     except UserError as error:
         raise UserError(f"--perplexity_dataset: {error}") from None
     if not len(standard):
