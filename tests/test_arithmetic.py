@@ -66,6 +66,11 @@ def test_under_normalize_then_sum_a_group_teaches_when_any_component_varies_in_i
     rewards_per_func = [[1.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     assert groups_no_signal_share(rewards_per_func, [1.0, 0.5], 4, "normalize_then_sum") == 0.5
     assert groups_no_signal_share(rewards_per_func, [1.0, 0.5], 4, "sum_then_normalize") == 1.0  # equal totals
+    # a component weighted 0 (a metric logged as a reward) adds 0 to every advantage whatever it varies: TRL's
+    # weighted sum teaches nothing where only it varies (review 40 F12: hfgen counted such a group as teaching)
+    logged = [[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    assert groups_no_signal_share(logged, [1.0, 0.0], 4, "normalize_then_sum") == 1.0
+    assert groups_no_signal_share(logged, [0.0, 0.0], 4, "normalize_then_sum") == 1.0  # nothing weighted
 
 
 def test_reward_functions_in_trls_calling_convention():

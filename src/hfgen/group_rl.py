@@ -479,18 +479,27 @@ def no_signal_share(rewards, num_generations: int) -> float:
     return silent_groups(rewards, num_generations).float().mean().item()
 
 
-def groups_no_signal_share(rewards_per_func, weights, num_generations: int, aggregation: str | None) -> float:
-    """`groups/no_signal_share`: the share of groups that teach nothing, by TRL's `multi_objective_aggregation`. The
-    default sums the weighted components, then normalises within the group: no signal when the totals are equal.
-    normalize_then_sum normalises each component within the group before the sum: components that cancel in the
-    total still teach, so no signal only when every component is constant in the group."""
+def silent_groups_by_aggregation(rewards_per_func, weights, num_generations: int, aggregation: str | None,
+                                 tolerance: float = 0.0):  # fmt: skip
+    """(G,) bools: the groups that teach nothing, by TRL's `multi_objective_aggregation`. The default sums the
+    weighted components, then normalises within the group: no signal when the totals are equal. normalize_then_sum
+    normalises each component within the group before the weighted sum: components that cancel in the total still
+    teach, so no signal only when every component weighted other than 0 is constant in the group (a component
+    weighted 0, a metric logged as a reward, adds 0 whatever it varies)."""
     import torch
 
-    if aggregation == "normalize_then_sum":
-        columns = torch.as_tensor(rewards_per_func, dtype=torch.float32).unbind(1)
-        silent = torch.stack([silent_groups(column, num_generations) for column in columns]).all(0)
-        return silent.float().mean().item()
-    return no_signal_share(weighted_totals(rewards_per_func, weights), num_generations)
+    if aggregation != "normalize_then_sum":
+        return silent_groups(weighted_totals(rewards_per_func, weights), num_generations, tolerance)
+    rewards = torch.as_tensor(rewards_per_func, dtype=torch.float32)
+    columns = [column for column, weight in zip(rewards.unbind(1), weights) if float(weight) != 0]
+    if not columns:
+        return torch.ones(rewards.shape[0] // num_generations, dtype=torch.bool)
+    return torch.stack([silent_groups(column, num_generations, tolerance) for column in columns]).all(0)
+
+
+def groups_no_signal_share(rewards_per_func, weights, num_generations: int, aggregation: str | None) -> float:
+    """`groups/no_signal_share`: the share of groups that teach nothing (`silent_groups_by_aggregation`)."""
+    return silent_groups_by_aggregation(rewards_per_func, weights, num_generations, aggregation).float().mean().item()
 
 
 # ---- the trainer: TRL's, plus records and exact resume ------------------------------------------------------
