@@ -198,10 +198,11 @@ def sampled_responses(model_args, config, tokenizer, prompts: list, max_new_toke
     )  # fmt: skip
 
 
-def reward_lines(groups: list[list[float]], components: str = "", equal_means: str = "") -> list[str]:
+def reward_lines(groups: list[list[float]], components: str = "", equal_means: str = "", silent=None) -> list[str]:
     """The report of the sampled rewards (one list per prompt; NaN: a response no reward function scored, which
     GRPO and RLOO leave out): their spread, and how many prompts' groups got one reward for all their scored
-    responses (`components`, `equal_means`: what the stage adds to each line)."""
+    responses (`components`, `equal_means`: what the stage adds to each line; `silent`: the groups that teach
+    nothing when the stage tells them otherwise than by their rewards)."""
     from hfgen.group_rl import silent_groups
 
     rewards = [r for group in groups for r in group]
@@ -209,7 +210,7 @@ def reward_lines(groups: list[list[float]], components: str = "", equal_means: s
     spread = f"mean {sum(scored) / len(scored):.3f}, min {min(scored):.3f}, max {max(scored):.3f}" if scored else ""
     if len(scored) < len(rewards):
         spread += f"{', ' if scored else ''}{len(rewards) - len(scored)} scored by no reward function"
-    equal = int(silent_groups(rewards, REWARD_SAMPLES, tolerance=1e-6).sum())
+    equal = int((silent_groups(rewards, REWARD_SAMPLES, tolerance=1e-6) if silent is None else silent).sum())
     return [
         f"reward of {len(rewards)} sampled responses ({REWARD_SAMPLES} for each of {len(groups)} prompts): "
         f"{spread}{components}",
@@ -228,6 +229,7 @@ def check_group_rewards(recipe, rows) -> list[str]:
         load_reward_model,
         prepare_prompts,
         reward_component_names,
+        silent_groups_by_aggregation,
         trl_reward_function,
         weighted_totals,
     )
@@ -251,13 +253,16 @@ def check_group_rewards(recipe, rows) -> list[str]:
     for spec in data_args.reward_functions:
         components.append(trl_reward_function(spec)(prompts_each, texts, **columns))
     weights = config.reward_weights or [1.0] * len(components)
-    totals = weighted_totals(list(zip(*components)), weights).tolist()  # as training sums them
+    rewards_per_func = [[math.nan if r is None else r for r in rewards] for rewards in zip(*components)]
+    totals = weighted_totals(rewards_per_func, weights).tolist()  # as training sums them
+    aggregation = getattr(config, "multi_objective_aggregation", None)  # (RLOO's config has none: sums)
+    silent = silent_groups_by_aggregation(rewards_per_func, weights, REWARD_SAMPLES, aggregation, tolerance=1e-6)
     groups = [totals[i : i + REWARD_SAMPLES] for i in range(0, len(totals), REWARD_SAMPLES)]
     means = ", ".join(
         f"{name} " + ("none scored" if mean(values) is None else f"{mean(values):.3f}")
         for name, values in zip(reward_component_names(data_args), components)
     )
-    return reward_lines(groups, f" (components: {means})", " (no signal for a group-relative method)")
+    return reward_lines(groups, f" (components: {means})", " (no signal for a group-relative method)", silent)
 
 
 def assistant_mask_problems(tokenizer) -> list[str]:

@@ -177,6 +177,24 @@ def test_check_samples_every_reward_component_for_grpo_and_rloo(tiny_lm, tmp_pat
         assert "prompt groups whose rewards are all equal (no signal for a group-relative method):" in out
 
 
+def test_checks_all_equal_groups_follow_multi_objective_aggregation_as_training_does(tiny_lm, tmp_path, capsys):
+    # exact answers [0, 1, 0, 1] and a bonus [2, 0, 2, 0] weighted [1, 0.5] total 1.0 each: equal totals, no signal
+    # by the default sum, yet normalize_then_sum normalises each before the sum and every group teaches; the check
+    # judged the totals whatever the aggregation (review 40 F13)
+    rewards = tmp_path / "alternating.py"
+    rewards.write_text(
+        "def answer(prompts, responses):\n    return [float(i % 2) for i in range(len(responses))]\n"
+        "def bonus(prompts, responses):\n    return [2.0 * (1 - i % 2) for i in range(len(responses))]\n"
+    )
+    common = ["--model_name_or_path", tiny_lm, "--reward_functions", f"{rewards}:answer", f"{rewards}:bonus",
+              "--reward_weights", "1.0", "0.5", "--max_completion_length", "4"]  # fmt: skip
+    equal = "prompt groups whose rewards are all equal (no signal for a group-relative method)"
+    for aggregation, count in (("sum_then_normalize", 8), ("normalize_then_sum", 0)):
+        code, out, _ = check(capsys, REPO / "recipes/tiny/grpo_arithmetic.yaml", *common,
+                             "--multi_objective_aggregation", aggregation)  # fmt: skip
+        assert code == 0 and f"{equal}: {count} of 8" in out, (aggregation, out)
+
+
 def test_check_leaves_responses_no_reward_function_scored_out_of_the_group_rewards(tiny_lm, tmp_path, capsys):
     # a response every function left unscored (None) is out of GRPO's group baseline (TRL 1.16): the check printed
     # "mean nan" and counted no group as all equal
