@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, count_calls, run_hfgen, run_hfgen_here
@@ -535,6 +536,33 @@ def test_a_lora_run_with_eos_token_and_its_merge_stop_at_the_turn_end_as_a_full_
     assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [end, text_end]
     assert AutoConfig.from_pretrained(tmp_path / "merged").eos_token_id == end
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").eos_token == "<|end|>"
+
+
+def test_the_readmes_mixtures_example_passes_the_check_as_written(tmp_path):
+    # README's Mixtures example (Alpaca beside ShareGPT) was refused for sft as written (review 40 F10): its
+    # Alpaca rows become conversations, which needs assistant_only_loss (or completion_only_loss: false)
+    import gzip
+
+    from datasets import Dataset
+
+    readme = (REPO / "README.md").read_text()
+    example = readme[readme.index("**Mixtures.**") :].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "data").mkdir()
+    with gzip.open(tmp_path / "data/alpaca.jsonl.gz", "wt") as file:
+        file.writelines(json.dumps({"instruction": f"name {i}", "input": "", "output": f"it is {i}"}) + "\n"
+                        for i in range(12))  # fmt: skip
+    dialog = [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]
+    Dataset.from_list([{"dialog": dialog}] * 12).to_parquet(tmp_path / "data/chat.parquet")
+    recipe = yaml.safe_load((REPO / "recipes/tiny/sft_full.yaml").read_text())
+    for key in ("dataset_name", "assistant_only_loss"):  # the example's keys alone, the rest the defaults
+        del recipe[key]
+    recipe |= yaml.safe_load(example) | {"output_dir": str(tmp_path / "run")}
+    from tiny_models import save_tiny_llama
+
+    recipe["model_name_or_path"] = str(save_tiny_llama(tmp_path / "base"))  # its template has {% generation %}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_hfgen_here("check", str(tmp_path / "recipe.yaml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
 
 
 def test_alpaca_rows_mixed_with_conversations_keep_the_loss_on_the_answers_or_are_refused(tmp_path):
