@@ -1195,14 +1195,16 @@ def test_an_answer_that_only_calls_a_tool_is_an_answer_in_every_layout(tmp_path)
         assert answer[0]["tool_calls"][0]["function"]["arguments"] in ({"city": "paris"}, '{"city": "paris"}')
 
 
-def test_openai_legacy_function_calls_are_read_as_tool_calls(tmp_path):
+@pytest.mark.parametrize("content", ["", None])
+def test_openai_legacy_function_calls_are_read_as_tool_calls(tmp_path, content):
     # an assistant `function_call` and a `function` turn (OpenAI's legacy layout): the call was dropped (an empty
-    # answer trained) and the result kept under a role Qwen's template does not render (it vanished)
+    # answer trained) and the result kept under a role Qwen's template does not render (it vanished); with content
+    # null, as OpenAI wrote it, the turn was refused as lacking its content (review 40 F6)
     legacy = [
         {"role": "user", "content": "weather in paris?"},
         {
             "role": "assistant",
-            "content": "",
+            "content": content,
             "function_call": {"name": "get_weather", "arguments": '{"city": "paris"}'},
         },
         {"role": "function", "name": "get_weather", "content": "sunny"},

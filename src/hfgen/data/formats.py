@@ -313,7 +313,8 @@ def _turns(row: int, column: str, turns, role_key: str, content_key: str, source
             (
                 (s, t)
                 for s, t in pairs
-                if turn.get(s) is not None and (turn.get(t) is not None or (t in turn and turn.get("tool_calls")))
+                if turn.get(s) is not None
+                and (turn.get(t) is not None or (t in turn and (turn.get("tool_calls") or turn.get("function_call"))))
             ),
             (None, None),
         )
