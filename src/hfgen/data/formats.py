@@ -868,7 +868,7 @@ def to_standard(
     all of them (True) or those named (a reward stage's `margin`), those in NUMBER_COLUMNS checked as numbers."""
     from hfgen.data.loading import source_rows
 
-    file_rows = source_rows(dataset, range(len(dataset)))
+    as_read = dataset  # (its view of the file's rows, which resolve_layout flattens: `source_rows`)
     dataset, fmt = resolve_layout(dataset, kind, format, columns, source)
     spec = FORMATS[fmt]
     report = DataReport(source=source, format=fmt, rows_read=len(dataset))
@@ -877,6 +877,7 @@ def to_standard(
     check_required_values(dataset, needed, source, blank)
     if _plain_text(dataset, fmt, other_columns):
         return _standard_text(dataset, kind, blank, report), report
+    file_rows = source_rows(as_read, range(len(as_read)))  # (a list a row: not for a corpus, above)
     blank = blank.to_pylist()
     if any(blank):
         report.dropped["empty rows"] += sum(blank)
