@@ -509,3 +509,30 @@ def test_a_template_that_renders_no_tool_calls_is_refused_naming_the_row(tiny_lm
     code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", data)
     assert code == 2, err
     assert "the chat template renders no tool call ('get_weather') of row" in err and f"of dataset '{data}'" in err
+
+
+def test_a_template_that_refuses_a_rows_content_is_found_in_the_checked_rows():
+    # the whole-file check rendered one row per sequence of roles (a16e5e5): a refusal that depends on the turns'
+    # content (Llama 3.1's template takes one tool call a turn) past a row of the same roles passed the check, and
+    # the run stopped on jinja's error (review 40 F4)
+    from datasets import Dataset
+
+    from hfgen.data.rendering import template_refusals
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer("embedded:tiny-bpe")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.tool_calls and m.tool_calls | length > 1 %}"
+        "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+        "{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}{{ c.function.name }}{% endfor %}\n{% endfor %}"
+    )
+    call = {"type": "function", "function": {"name": "weather", "arguments": {}}}
+
+    def conversation(calls):
+        return [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call] * calls}]
+
+    rows = Dataset.from_list(
+        [{"messages": conversation(1)}, {"messages": conversation(1)}, {"messages": conversation(2)}]
+    )
+    refused = template_refusals(tokenizer, rows, "dataset 'x'", [4, 7, 9])
+    assert refused and "refuses row 9 (counted from 1) of dataset 'x'" in refused[0], refused

@@ -79,9 +79,13 @@ def template_refusals(tokenizer, rows, source: str, file_rows: list[int]) -> lis
     whose conversations the tokenizer's chat template refuses to render, as a problem naming the row in the file
     (`template_refusal`); [] when it renders them all or has no template. Found at the load: the trainers would
     stop with jinja's traceback. A template refuses a conversation for its turns' roles (Gemma: a system turn;
-    Mistral: roles that do not alternate), so each row is rendered whose sequence of roles (and tool calls) no
-    earlier row had: every row checked, at the cost of a few renderings on a file of any size."""
+    Mistral: roles that do not alternate), so beyond the first ROWS_CHECKED rows (each rendered: a template may
+    refuse for a turn's content too, Llama 3.1 two tool calls in one turn) each row is rendered whose sequence of
+    roles (and numbers of tool calls) no earlier row had: every row checked, at the cost of a few renderings on a
+    file of any size."""
     from jinja2.exceptions import TemplateError
+
+    from hfgen.data.loading import ROWS_CHECKED
 
     if not getattr(tokenizer, "chat_template", None):
         return []
@@ -94,8 +98,8 @@ def template_refusals(tokenizer, rows, source: str, file_rows: list[int]) -> lis
         conversations = [row["messages"]] if isinstance(row.get("messages"), list) else []
         conversations += [prompt + answer for answer in answers] or ([prompt] if prompt else [])
         for messages in conversations:
-            shape = tuple((turn.get("role"), bool(turn.get("tool_calls"))) for turn in messages)
-            if shape in seen:
+            shape = tuple((turn.get("role"), len(turn.get("tool_calls") or [])) for turn in messages)
+            if shape in seen and index >= ROWS_CHECKED:
                 continue
             seen.add(shape)
             try:
