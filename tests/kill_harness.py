@@ -38,14 +38,15 @@ def train(recipe, output_dir, overrides, kill_at=None, resume=False):
     return run_hfgen(*args, env={"HFGEN_KILL_AT": kill_at} if kill_at else {"HFGEN_KILL_AT": ""})
 
 
-def killed_then_resumed(recipe, output_dir, overrides, kill_points) -> list[str]:
+def killed_then_resumed(recipe, output_dir, overrides, kill_points, killed_code=-signal.SIGKILL) -> list[str]:
     """Run once per kill point, each killed there (each resumed from the newest complete checkpoint of the last),
-    then once to the end. Returns what each resume said about skipped checkpoints (its stderr lines)."""
+    then once to the end. Returns what each resume said about skipped checkpoints (its stderr lines). `killed_code`:
+    a killed run's exit code (`hfgen train --num_processes N`, which launches the processes, exits 128 + 9)."""
     notes = []
     resume = False
     for point in kill_points:
         result = train(recipe, output_dir, overrides, kill_at=point, resume=resume)
-        assert result.returncode == -signal.SIGKILL, (
+        assert result.returncode == killed_code, (
             f"{point}: not killed (rc {result.returncode}): {result.stderr[-3000:]}"
         )
         assert not tracking.is_complete(output_dir), f"{point}: a killed run left COMPLETE"

@@ -42,12 +42,12 @@ FINE_TUNING_ARGS = ["--max_train_samples", "64", "--max_eval_samples", "8", "--p
                     "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "2"]  # fmt: skip
 
 
-def reference_and_killed(tmp_path_factory, recipe, overrides, kill_points):
+def reference_and_killed(tmp_path_factory, recipe, overrides, kill_points, killed_code=-signal.SIGKILL):
     """(the uninterrupted run, the killed-and-resumed run, what the resumes said) for one stage."""
     reference, killed = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("killed")
     result = train(recipe, reference, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    notes = killed_then_resumed(recipe, killed, overrides, kill_points)
+    notes = killed_then_resumed(recipe, killed, overrides, kill_points, killed_code)
     return reference, killed, notes
 
 
@@ -222,7 +222,7 @@ def test_vae_resumed_between_two_log_rows_logs_the_uninterrupted_runs_rows(tmp_p
 
 @pytest.mark.slow
 def test_t2i_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(
-    configs, vae_dir, tmp_path, free_port, monkeypatch
+    configs, vae_dir, tmp_path_factory, free_port, monkeypatch
 ):
     # Each process draws its own noise, timesteps and dropped captions (`TrainingRNG`): the checkpoint kept the main
     # process's generator alone, and after a resume process 1 drew process 0's (every later step differed)
@@ -231,32 +231,25 @@ def test_t2i_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(
         "--checkpointing_steps", "2", "--eval_images_per_prompt", "0", "--validation_prompts", "[]",
         "--num_processes", "2", "--main_process_port", str(free_port),
     ]  # fmt: skip
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    result = train(T2I_RECIPE, reference, overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = train(T2I_RECIPE, killed, overrides, kill_at="step@3")  # after checkpoint-2
-    assert result.returncode == 128 + signal.SIGKILL, result.stderr[-3000:]
-    result = train(T2I_RECIPE, killed, overrides, resume=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # killed at step 3, after checkpoint-2
+    reference, killed, _ = reference_and_killed(
+        tmp_path_factory, T2I_RECIPE, overrides, ["step@3"], 128 + signal.SIGKILL
+    )
     assert_same_run(reference, killed)
 
 
 @pytest.mark.slow
-def test_grpo_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(tiny_lm, tmp_path, free_port, monkeypatch):
+def test_grpo_on_two_processes_killed_mid_run_ends_as_the_uninterrupted_run(
+    tiny_lm, tmp_path_factory, free_port, monkeypatch
+):
     # Each process keeps its own generation buffer in the checkpoint: loaded with map_location the device, which
     # under CPU DDP is `cpu:0`, every rank's resume ended in torch's "don't know how to restore data location"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     overrides = ["--model_name_or_path", tiny_lm, *GROUP_RL_ARGS, "--max_steps", "3", "--max_completion_length", "8",
                  "--per_device_train_batch_size", "4", "--num_processes", "2",
                  "--main_process_port", str(free_port)]  # fmt: skip
-    recipe = REPO / "recipes/tiny/grpo_arithmetic.yaml"
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    result = train(recipe, reference, overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = train(recipe, killed, overrides, kill_at="step@3")  # after checkpoint-2
-    assert result.returncode == 128 + signal.SIGKILL, result.stderr[-3000:]
-    result = train(recipe, killed, overrides, resume=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    recipe = REPO / "recipes/tiny/grpo_arithmetic.yaml"  # killed at step 3, after checkpoint-2
+    reference, killed, _ = reference_and_killed(tmp_path_factory, recipe, overrides, ["step@3"], 128 + signal.SIGKILL)
     assert_same_run(reference, killed)
 
 
