@@ -244,10 +244,8 @@ def _holds_empty_answer(turns) -> bool:
     """Chat turns with an assistant turn that says nothing and calls no tool among others that do: trained, it
     teaches the model to end its answer at once (as a lone empty completion would, `_is_empty`)."""
     return isinstance(turns, list) and any(
-        isinstance(turn, dict) and turn.get("role") == "assistant" and _is_empty(turn.get("content"))
-        and not turn.get("tool_calls")
-        for turn in turns
-    )  # fmt: skip
+        isinstance(turn, dict) and turn.get("role") == "assistant" and _is_empty([turn]) for turn in turns
+    )
 
 
 def _turn_text(turn: dict):
