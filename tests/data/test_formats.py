@@ -1225,3 +1225,24 @@ def test_a_chat_prompt_ending_with_an_assistant_turn_is_refused_by_row(tmp_path)
     rows = [{"prompt": user}] * 5 + [{"prompt": [*user, {"role": "assistant", "content": "The answer is"}]}]
     with pytest.raises(UserError, match=r"row 6, column 'prompt': the prompt ends with an assistant turn"):
         load(jsonl(tmp_path / "prefill.jsonl", rows), "prompt")
+
+
+@pytest.mark.parametrize("odd_first", [False, True])
+def test_files_that_give_a_column_different_types_are_named_with_the_row(tmp_path, odd_first):
+    """KTO shards with `label` true/false in one and "maybe" in another ended in pyarrow's bare `Failed to parse
+    value: "maybe"`, naming no file, row or column (probe 40 I5). With the odd file first `datasets` reads the column
+    as mixed values and the row check names the row."""
+    rows = [{"prompt": f"say {i}.", "completion": f"{i}.", "label": i % 2 == 0} for i in range(6)]
+    odd = [dict(row) for row in rows]
+    odd[2]["label"] = "maybe"
+    good_name, odd_name = ("b.jsonl", "a.jsonl") if odd_first else ("a.jsonl", "b.jsonl")
+    for name, data in ((good_name, rows), (odd_name, odd)):
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in data))
+    named = (
+        r"row 3, column 'label': 'maybe' is not a label"
+        if odd_first
+        else rf"column 'label' different types: .*{good_name}' reads it as bool, row 3 of '.*{odd_name}' holds 'maybe'"
+    )
+    for source in (tmp_path, tmp_path / "*.jsonl"):
+        with pytest.raises(UserError, match=named):
+            load(source, "unpaired_preference")

@@ -173,6 +173,8 @@ def load_raw(name: str, config: str | None = None):
                 "as UTF-8"
             ) from None
         message = load_error_text(error)
+        if len(files) > 1 and (differ := types_that_differ(files)):
+            message = differ  # one schema over all the files: pyarrow's "Failed to parse value" names none of them
         configs = re.search(r"(?:available configs|Available): (\[.*?\])", str(error))
         if configs and ("Config name is missing" in str(error) or "BuilderConfig" in str(error)):
             # datasets' first line alone ("Config name is missing.") names neither the key nor the choices
@@ -193,6 +195,52 @@ def load_raw(name: str, config: str | None = None):
             )
             raise UserError(f"dataset_name '{name}': its '{split}' split has no rows (an empty file?); {fix}") from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def types_that_differ(files: list[Path]) -> str | None:
+    """Which file gives a column another type than the first file does (`label` true/false in a.jsonl, "maybe" in
+    b.jsonl), and its first row of another type, each file read alone: `datasets` reads the files with one schema,
+    and pyarrow's error when a file breaks it names no file, row or column. None when the files read alike (the
+    error is another one) or one fails alone (its error is its own)."""
+    import datasets
+
+    read = []
+    for file in files:
+        try:
+            read.append(
+                datasets.load_dataset(file_builder(file), data_files={"train": [str(file)]}, **reader_options([file]))[
+                    "train"
+                ]
+            )
+        except Exception:  # noqa: BLE001 -- the caller's message is then the reader's own
+            return None
+    for file, rows in zip(files[1:], read[1:], strict=True):
+        if column := next(
+            (c for c in rows.features if c in read[0].features and rows.features[c] != read[0].features[c]), None
+        ):
+            (reference, first), (file, rows) = (files[0], read[0]), (file, rows)
+            if not hasattr(first.features[column], "dtype") and hasattr(rows.features[column], "dtype"):
+                (reference, first), (file, rows) = (file, rows), (reference, first)  # the mixed column is the odd one
+            wanted = first.features[column]
+            kind = getattr(wanted, "dtype", type(wanted).__name__)
+            python = {"bool": bool, "string": str, "large_string": str}.get(kind) or (
+                (int, float) if kind.startswith(("int", "uint", "float")) else None
+            )
+            row = next(
+                (i for i, value in enumerate(rows[column]) if python and value is not None
+                 and (not isinstance(value, python) or (python is not bool and isinstance(value, bool)))),
+                None,
+            )  # fmt: skip
+            where = (
+                f"row {row + 1} of '{file}' holds {rows[column][row]!r}"
+                if row is not None
+                else f"'{file}' reads it otherwise"
+            )
+            return (
+                f"the files give column '{column}' different types: '{reference}' reads it as {kind}, {where}; "
+                "give the column one type in every file"
+            )
+    return None
 
 
 def is_wide_text(path: Path) -> bool:
