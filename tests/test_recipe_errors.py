@@ -400,3 +400,12 @@ def test_a_model_revision_other_than_main_exits_2(tmp_path):
     result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_revision", "v3",
                             "--output_dir", tmp_path / "out")  # fmt: skip
     assert result.returncode == 2 and "key 'model_revision' ('v3') is not carried" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_a_misspelt_key_is_not_pointed_at_a_key_the_stage_refuses(capsys, stage):
+    """`--max_prompt_length` on orpo/simpo was hinted towards max_completion_length, which these stages refuse
+    whenever it is set (TRL reads it for encoder-decoder models only)."""
+    code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--max_prompt_length", "32")
+    assert code == 2 and "unknown key 'max_prompt_length'" in err
+    assert "max_completion_length" not in err and "did you mean 'max_length'" in err

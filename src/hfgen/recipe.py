@@ -314,7 +314,8 @@ def build_recipe(
                     f"`hfgen train RECIPE --{key} ...`"
                 )
             else:
-                errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, list(parser.actions))}")
+                offered = [known for known in parser.actions if known not in getattr(module, "NOT_SUGGESTED", ())]
+                errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, offered)}")
             continue
         if isinstance(value, str) and (
             value in ("None", "none") and action.type in (int, float)

@@ -22,6 +22,8 @@ from trl.experimental.orpo import ORPOConfig
 from hfgen.preference import PreferenceDataArguments, check_stage, run_stage
 
 ARGUMENTS = (ModelConfig, PreferenceDataArguments, ORPOConfig)
+# keys the stage refuses whenever they are set (check says why): never offered for a misspelt key
+NOT_SUGGESTED = ("max_completion_length",)
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: ORPOConfig) -> list[str]:

@@ -42,6 +42,8 @@ class SimPOConfig(CPOConfig):
 
 
 ARGUMENTS = (ModelConfig, PreferenceDataArguments, SimPOConfig)
+# keys the stage refuses whenever they are set (check says why): never offered for a misspelt key
+NOT_SUGGESTED = ("max_completion_length",)
 
 
 def check(model_args: ModelConfig, data_args: PreferenceDataArguments, training_args: SimPOConfig) -> list[str]:
