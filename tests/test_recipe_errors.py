@@ -409,3 +409,32 @@ def test_a_misspelt_key_is_not_pointed_at_a_key_the_stage_refuses(capsys, stage)
     code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{stage}.yaml", "--max_prompt_length", "32")
     assert code == 2 and "unknown key 'max_prompt_length'" in err
     assert "max_completion_length" not in err and "did you mean 'max_length'" in err
+
+
+@pytest.mark.parametrize(
+    "stage, key, value",
+    [
+        ("reward", "label_smoothing_factor", "0.3"),
+        ("dpo", "label_smoothing_factor", "0.3"),
+        ("grpo_arithmetic", "label_smoothing_factor", "0.1"),
+        ("reward", "train_sampling_strategy", "group_by_length"),
+        ("dpo", "train_sampling_strategy", "batch_rebalance"),
+        ("grpo_arithmetic", "train_sampling_strategy", "sequential"),
+    ],
+)
+def test_a_trainer_key_the_stage_never_reads_is_refused(capsys, stage, key, value):
+    """label_smoothing_factor trained reward and DPO to bit-identical weights (TRL's trainers compute their own
+    loss); train_sampling_strategy group_by_length passed the check and ended reward/DPO in transformers'
+    ValueError after the data loaded (probe 41 B1, B2); GRPO's own sampler never reads it."""
+    code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{stage}.yaml", f"--{key}", value)
+    assert code == 2 and f"{key} {value if key.startswith('label') else repr(value)}" in err
+
+
+def test_the_trainer_keys_still_work_where_they_are_read(tmp_path):
+    from hfgen.recipe import load_recipe
+
+    for stage, key, value in (("sft_full", "label_smoothing_factor", "0.1"), ("reward", "train_sampling_strategy",
+                                                                              "sequential")):  # fmt: skip
+        recipe = load_recipe(REPO / f"recipes/tiny/{stage}.yaml", [f"--{key}", value, "--output_dir", str(tmp_path)],
+                             check_inputs=False)  # fmt: skip
+        assert str(getattr(recipe.configs[-1], key)) == value

@@ -391,7 +391,7 @@ def build_recipe(
                 setattr(config, key, [])
     *configs, run = configs
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
-    problems = value_problems((*recipe.configs, run))
+    problems = value_problems((*recipe.configs, run)) + unread_key_problems(stage, recipe.configs)
     if check_inputs:
         problems += installed_problems((*recipe.configs, run))
         problems += precision_problems(recipe.configs)
@@ -654,6 +654,41 @@ def value_problems(configs) -> list[str]:
                     f"max_steps {config.max_steps} and num_train_epochs {config.num_train_epochs} train nothing: set "
                     "max_steps (optimizer steps) or num_train_epochs to a positive number"
                 )
+    return problems
+
+
+# transformers' Trainer reads these keys in code that some stages' TRL trainers replace; set there, they did nothing
+# (exit 0, the same weights) or failed after the data loaded
+OWN_LOSS_STAGES = ("reward", "dpo", "kto", "orpo", "simpo", "grpo", "rloo")  # a compute_loss of their own
+OWN_SAMPLER_STAGES = ("grpo", "rloo")  # TRL's RepeatSampler builds the prompt groups
+PAIRED_ROW_STAGES = ("reward", "dpo", "orpo", "simpo")  # rows of chosen_/rejected_input_ids: no `input_ids` length
+
+
+def unread_key_problems(stage: str, configs) -> list[str]:
+    """TrainingArguments keys set to something this stage's trainer never reads: `label_smoothing_factor` (the base
+    Trainer's loss only: pretrain and sft), `train_sampling_strategy` (GRPO/RLOO sample prompt groups their own way;
+    a length-grouped order needs an `input_ids` column the pair stages' rows lack: transformers' ValueError at
+    train). KTO's own sampler refuses it itself."""
+    problems = []
+    for config in configs:
+        if getattr(config, "label_smoothing_factor", 0) and stage in OWN_LOSS_STAGES:
+            extra = (
+                " (DPO's own `label_smoothing` works with its robust/exo_pair/aot loss types)" if stage == "dpo" else ""
+            )
+            problems.append(
+                f"label_smoothing_factor {config.label_smoothing_factor} has no effect in stage '{stage}': TRL's "
+                f"trainer computes its own loss and does not read it{extra}; remove it"
+            )
+        strategy = getattr(config, "train_sampling_strategy", "random")
+        if (stage in OWN_SAMPLER_STAGES and strategy != "random") or (
+            stage in PAIRED_ROW_STAGES and strategy in ("group_by_length", "batch_rebalance")
+        ):
+            why = (
+                "TRL's trainer draws each prompt's group with a sampler of its own (shuffle_dataset decides the order)"
+                if stage in OWN_SAMPLER_STAGES
+                else "its rows are pairs, with no `input_ids` column for transformers to take lengths from"
+            )
+            problems.append(f"train_sampling_strategy '{strategy}' cannot be used in stage '{stage}': {why}; remove it")
     return problems
 
 
