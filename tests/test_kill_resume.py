@@ -719,6 +719,22 @@ def test_the_steps_the_divergence_guard_skipped_travel_with_the_checkpoint(tmp_p
     guard.configure()
 
 
+def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_once():
+    """An rlhf pipeline (or a sweep) whose earlier step had save_on_signal kept hfgen's handler for the later steps
+    without it: their Ctrl-C was held until a periodic checkpoint, or ignored to the end of the step (probe 41 C1)."""
+    from hfgen import guard
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    guard.configure(save_on_signal=True)
+    assert signal.getsignal(signal.SIGINT) is guard._note_signal
+    guard.configure(save_on_signal=True)  # twice in a row: what it replaced first is still what comes back
+    guard.configure()  # the next step, without it
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # the default handler again: the run stops here
+    assert guard.received_signal() is None
+
+
 def test_a_second_run_into_a_dir_in_use_exits_2(tmp_path):
     # two runs into one dir interleaved their metrics rows, checkpoints and weights, both ending "COMPLETE"
     import subprocess

@@ -51,6 +51,10 @@ _signal_received: int | None = None
 # Steps the divergence guard skipped in this run (every `Divergence` of the run shares them): a checkpoint records
 # them (`tracking.finish_checkpoint`) and a resume restores them, so `nan_tolerance` counts over the whole run.
 skipped_steps: set[int] = set()
+# The handlers `configure` replaced with `_note_signal`, put back for a later run in this process without
+# save_on_signal (an rlhf pipeline's next step, a sweep's next point): else its Ctrl-C was held until a checkpoint
+# that might never come.
+_handlers_before: dict[int, object] = {}
 
 
 def configure(nan_tolerance: int = 0, save_on_signal: bool = False) -> None:
@@ -62,7 +66,17 @@ def configure(nan_tolerance: int = 0, save_on_signal: bool = False) -> None:
     skipped_steps.clear()
     if save_on_signal:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _note_signal)
+            if (previous := signal.signal(signum, _note_signal)) is not _note_signal:
+                _handlers_before[signum] = previous
+    else:
+        restore_signal_handlers()
+
+
+def restore_signal_handlers() -> None:
+    """The handlers `configure` replaced, back: for what runs after a run with save_on_signal in this process."""
+    for signum, handler in _handlers_before.items():
+        signal.signal(signum, handler)
+    _handlers_before.clear()
 
 
 def _note_signal(signum, frame) -> None:

@@ -195,6 +195,7 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
         tracking.mark_complete(output_dir, **info, **({tracking.INPUT_RUNS: trained_on} if trained_on else {}))
     finally:
         tracking.unlock_output_dir(output_dir)  # (a killed process's lock goes with it)
+        guard.restore_signal_handlers()  # what runs next here (a sweep's report, a pipeline's step) stops on Ctrl-C
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0
     signum = guard.received_signal()
     if signum is not None:  # it came after the last step (the final save, evaluation): the run is complete
