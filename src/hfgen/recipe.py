@@ -661,14 +661,16 @@ def value_problems(configs) -> list[str]:
 # (exit 0, the same weights) or failed after the data loaded
 OWN_LOSS_STAGES = ("reward", "dpo", "kto", "orpo", "simpo", "grpo", "rloo")  # a compute_loss of their own
 OWN_SAMPLER_STAGES = ("grpo", "rloo")  # TRL's RepeatSampler builds the prompt groups
-PAIRED_ROW_STAGES = ("reward", "dpo", "orpo", "simpo")  # rows of chosen_/rejected_input_ids: no `input_ids` length
+# rows of chosen_/rejected_ or prompt_/completion_input_ids: no `input_ids` to take lengths from
+PAIRED_ROW_STAGES = ("reward", "dpo", "kto", "orpo", "simpo")
 
 
 def unread_key_problems(stage: str, configs) -> list[str]:
     """TrainingArguments keys set to something this stage's trainer never reads: `label_smoothing_factor` (the base
     Trainer's loss only: pretrain and sft), `train_sampling_strategy` (GRPO/RLOO sample prompt groups their own way;
     a length-grouped order needs an `input_ids` column the pair stages' rows lack: transformers' ValueError at
-    train). KTO's own sampler refuses it itself."""
+    train; TRL's KTO refuses it only for its KL loss types), `dataloader_persistent_workers` without workers to keep
+    (torch's ValueError when the loader is built; transformers checks only `dataloader_prefetch_factor`)."""
     problems = []
     for config in configs:
         if getattr(config, "label_smoothing_factor", 0) and stage in OWN_LOSS_STAGES:
@@ -686,9 +688,16 @@ def unread_key_problems(stage: str, configs) -> list[str]:
             why = (
                 "TRL's trainer draws each prompt's group with a sampler of its own (shuffle_dataset decides the order)"
                 if stage in OWN_SAMPLER_STAGES
-                else "its rows are pairs, with no `input_ids` column for transformers to take lengths from"
+                else "its rows are pairs (or prompt and completion), with no `input_ids` column for transformers to take "
+                "lengths from"
             )
             problems.append(f"train_sampling_strategy '{strategy}' cannot be used in stage '{stage}': {why}; remove it")
+        if getattr(config, "dataloader_persistent_workers", False) and not config.dataloader_num_workers:
+            problems.append(
+                "dataloader_persistent_workers: true keeps the data loader's worker processes between epochs, and "
+                "dataloader_num_workers is 0 (none: the main process loads): set dataloader_num_workers above 0, or "
+                "remove dataloader_persistent_workers"
+            )
     return problems
 
 
