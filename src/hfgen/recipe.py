@@ -814,6 +814,77 @@ def optimizer_problems(optim) -> list[str]:
     ]
 
 
+class _NamesAsked(dict):
+    """optim_args as transformers' optimizer handler reads them, noting every name it asks about (present or not);
+    a handler that hands them all on (bitsandbytes' extra kwargs) iterates them: all read."""
+
+    def __init__(self, values: dict):
+        super().__init__(values)
+        self.asked: set[str] = set()
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def pop(self, key, *default):
+        self.asked.add(key)
+        return super().pop(key, *default)
+
+    def __iter__(self):
+        self.asked.update(super().keys())
+        return super().__iter__()
+
+    def keys(self):
+        self.asked.update(super().keys())
+        return super().keys()
+
+    def items(self):
+        self.asked.update(super().keys())
+        return super().items()
+
+
+def optim_args_problems(config) -> list[str]:
+    """`optim_args` names the chosen optimizer never reads: transformers' handlers take a fixed list of names (SGD's
+    momentum, dampening, weight_decay, nesterov; AdamW and Adafactor none) and drop the rest without a word, so a
+    misspelt `momentun=0.9` trained as if unset. Asks the handler itself which names it reads; an optimizer whose
+    handler cannot run here (a package or the model missing) is not judged."""
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext, _parse_optim_args
+
+    if not getattr(config, "optim_args", None) or not hasattr(config, "optim"):
+        return []
+    name = getattr(config.optim, "value", config.optim)
+    try:
+        given = _NamesAsked(_parse_optim_args(config.optim_args))
+    except ValueError:  # "a=1,b" (no `=`): transformers' unpacking error when the Trainer is built
+        return [f"key 'optim_args' must be comma-separated name=value pairs, got '{config.optim_args}'"]
+    context = OptimizerContext(
+        args=config, model=None, optimizer_kwargs={"lr": config.learning_rate}, adam_kwargs={}, optim_args=given
+    )
+    try:
+        _OPTIMIZER_HANDLERS[name](context)
+    except Exception:  # noqa: BLE001 -- a handler that needs its package or the model: not judged here
+        return []
+    unread = [key for key in dict.keys(given) if key not in given.asked]
+    if not unread:
+        return []
+    reads = sorted(given.asked - set(unread))
+    hint = (
+        ": AdamW's settings are the keys adam_beta1, adam_beta2, adam_epsilon, weight_decay" if "adam" in name else ""
+    )
+    return [
+        f"key 'optim_args': optim {name} does not read {', '.join(unread)} (it reads "
+        f"{', '.join(reads) if reads else 'none' + hint}); transformers would drop them without a word"
+    ]
+
+
 def installed_problems(configs) -> list[str]:
     """Keys that need a package (or hardware) this machine lacks, said before any model loads; checked where the
     recipe is to run (not when a finished run's recipe is read back)."""
@@ -822,7 +893,8 @@ def installed_problems(configs) -> list[str]:
     problems = []
     for config in configs:
         problems += attention_problems(getattr(config, "attn_implementation", None))
-        problems += optimizer_problems(getattr(config, "optim", None))
+        # (a handler that cannot import its package cannot say which optim_args it reads)
+        problems += optimizer_problems(getattr(config, "optim", None)) or optim_args_problems(config)
         if getattr(config, "activation_offloading", False) and (
             torch.accelerator.current_accelerator() is None or getattr(config, "use_cpu", False)
         ):  # TRL moves activations from the accelerator to the CPU: without one it crashed once training started
