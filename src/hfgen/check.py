@@ -112,7 +112,7 @@ def models_made_by_earlier_steps(values: dict, recipe_path) -> dict[str, tuple[s
 def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     """Print the data report and, `with_models`, the model-dependent checks; return the fatal findings."""
     from hfgen.data.formats import REWARD_COLUMNS
-    from hfgen.data.prepare import TextDataArguments, load_for_stage, summary_lines
+    from hfgen.data.prepare import TextDataArguments, data_seed, load_for_stage, summary_lines
 
     data_args = recipe.get(TextDataArguments)
     training_args = recipe.configs[-1]
@@ -123,7 +123,7 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         **dict.fromkeys(("ppo", *GROUP_RL), {"prompt": getattr(data_args, "prompt_column", "prompt")}),
     }.get(stage)
     train, evaluation, records = load_for_stage(
-        data_args, TEXT_KINDS[stage], seed=training_args.seed, default_columns=defaults,  # the run's draws
+        data_args, TEXT_KINDS[stage], seed=data_seed(training_args), default_columns=defaults,  # the run's draws
         other_columns=True if stage in GROUP_RL else REWARD_COLUMNS if stage == "reward" else False,
     )  # fmt: skip
     if with_models and stage in PREFERENCE_STAGES:  # pairs that max_length makes equal count as equal pairs

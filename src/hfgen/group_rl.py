@@ -38,6 +38,7 @@ from hfgen.data.prepare import (
     TextDataArguments,
     check_text_data,
     checking_template,
+    data_seed,
     data_source,
     load_for_stage,
     record,
@@ -787,7 +788,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     # any prompt layout (text, chat messages, an SFT or preference file's prompts) as `prompt`, the file's other
     # columns beside it for the reward functions that name them (a reference answer)
     train_rows, eval_rows, data_records = load_for_stage(
-        data_args, "prompt", seed=config.seed, default_columns=prompt_columns(data_args), other_columns=True
+        data_args, "prompt", seed=data_seed(config), default_columns=prompt_columns(data_args), other_columns=True
     )
     train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records, model_args.model_name_or_path)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer, model_path=model_args.model_name_or_path)

@@ -31,6 +31,7 @@ from hfgen.data.prepare import (
     TextDataArguments,
     check_text_data,
     checking_template,
+    data_seed,
     data_source,
     load_for_stage,
     record,
@@ -85,7 +86,7 @@ def check_preference_data(
 
     template = checking_template(model, trust_remote_code)  # renders every row (a refusal named by its row)
     loaded, problems = check_text_data(
-        data_args, data_kind(unpaired_ok), seed=training_args.seed if training_args is not None else 0,
+        data_args, data_kind(unpaired_ok), seed=data_seed(training_args) if training_args is not None else 0,
         template=template,
     )  # fmt: skip
     tokenizer = template if loaded and len(loaded[0]) else None
@@ -538,11 +539,11 @@ def run_stage(
         reference.requires_grad_(False)
 
     train_rows, eval_rows, data_records = load_preference_splits(
-        data_args, training_args.seed, unpaired, tokenizer, training_args
+        data_args, data_seed(training_args), unpaired, tokenizer, training_args
     )
     record(output_dir, data_records)
     if unpaired and "chosen" in train_rows.column_names:
-        train_rows = unpaired_rows(train_rows, training_args.seed)
+        train_rows = unpaired_rows(train_rows, data_seed(training_args))
     extra = {"ref_model": reference} if needs_reference and reference is not None else {}
     if experimental_pair_trainer(training_args):
         trainer_rows = [answers_cut_at_eos(tokenizer, rows) for rows in (train_rows, eval_rows)]

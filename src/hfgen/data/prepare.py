@@ -115,6 +115,14 @@ def shared_loads():
         _shared = outer
 
 
+def data_seed(training_args) -> int:
+    """The seed of the data's draws (the held-out carve, a mixture's interleaving, shuffles): `data_seed` where the
+    recipe sets it, as transformers' samplers read it, else `seed`; so a seed sweep with `data_seed` fixed trains
+    and evaluates every seed on the same rows."""
+    chosen = getattr(training_args, "data_seed", None)
+    return training_args.seed if chosen is None else chosen
+
+
 def load_for_stage(
     args,
     kind: str,

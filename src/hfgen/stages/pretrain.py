@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from hfgen import guard, loop, tracking
-from hfgen.data.prepare import TextDataArguments, check_text_data, load_for_stage, record
+from hfgen.data.prepare import TextDataArguments, check_text_data, data_seed, load_for_stage, record
 from hfgen.errors import UserError
 from hfgen.models import ModelArguments, check_config_file, check_model_source, not_a_causal_lm
 
@@ -135,7 +135,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
 
     # Data: any text layout arrives as a `text` column, empty lines dropped and counted.
     train_text, eval_text, data_records = load_for_stage(
-        data_args, "text", seed=training_args.seed, default_columns={"text": data_args.text_column}
+        data_args, "text", seed=data_seed(training_args), default_columns={"text": data_args.text_column}
     )
     record(output_dir, data_records)
 

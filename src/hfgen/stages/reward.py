@@ -23,7 +23,15 @@ from trl import ModelConfig, RewardConfig
 
 from hfgen import guard, loop, tracking
 from hfgen.data.formats import REWARD_COLUMNS, tools_problems
-from hfgen.data.prepare import TextDataArguments, check_text_data, data_source, drop_and_count, load_for_stage, record
+from hfgen.data.prepare import (
+    TextDataArguments,
+    check_text_data,
+    data_seed,
+    data_source,
+    drop_and_count,
+    load_for_stage,
+    record,
+)
 from hfgen.data.rendering import sequence_ids, uses_plain_template
 from hfgen.errors import UserError
 from hfgen.finetune import (
@@ -186,7 +194,7 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
 
     # Data: any preference layout, as prompt+chosen and prompt+rejected token ids; pairs over max_length dropped.
     train_rows, eval_rows, data_records = load_for_stage(
-        data_args, "preference", seed=training_args.seed, other_columns=REWARD_COLUMNS
+        data_args, "preference", seed=data_seed(training_args), other_columns=REWARD_COLUMNS
     )
     if "margin" in train_rows.column_names:
         data_records["margin"] = (

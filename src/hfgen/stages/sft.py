@@ -33,6 +33,7 @@ from hfgen.data.prepare import (
     TextDataArguments,
     check_text_data,
     count_dropped,
+    data_seed,
     data_source,
     drop_and_count,
     load_for_stage,
@@ -479,7 +480,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     # Data: SFTTrainer renders conversations with the chat template, tokenizes, builds the loss masks, packs.
     # Data: any SFT layout, as TRL's text, prompt/completion or messages columns.
     train_rows, eval_rows, data_records = load_for_stage(
-        data_args, "sft", seed=training_args.seed, default_columns={"text": training_args.dataset_text_field}
+        data_args, "sft", seed=data_seed(training_args), default_columns={"text": training_args.dataset_text_field}
     )
     training_args.dataset_text_field = "text"  # the text column, whatever the file called it, is `text` now
     if note := completion_loss_instead(train_rows, training_args):
