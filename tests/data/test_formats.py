@@ -641,6 +641,20 @@ def test_dataset_config_is_asked_for_by_name_refused_where_it_means_nothing_and_
         load(folder / "main" / "train.jsonl", "preference", dataset_config="main")
 
 
+def test_a_hub_style_parquet_folder_given_no_or_a_wrong_config_names_its_configs(tmp_path):
+    """A parquet folder (as `huggingface-cli download` leaves gsm8k) given a wrong or no dataset_config was said to be
+    'UTF-16 or UTF-32 text': every parquet file holds NUL bytes in its first 64 (probe 41 D2)."""
+    folder = tmp_path / "hub"
+    for config in ("main", "socratic"):
+        (folder / config).mkdir(parents=True)
+        Dataset.from_list(TLDR).to_parquet(folder / config / "train-00000-of-00001.parquet")
+    hub_readme(folder, {c: f"{c}/train-00000-of-00001.parquet" for c in ("main", "socratic")})
+    with pytest.raises(UserError, match=r"several configurations; set dataset_config to one of \['main', 'socratic'\]"):
+        load(folder, "preference")
+    with pytest.raises(UserError, match=r"dataset_config 'Main' is not one of .*\['main', 'socratic'\]"):
+        load(folder, "preference", dataset_config="Main")
+
+
 def test_an_empty_split_file_is_named_as_such(tmp_path):
     # datasets said only 'Instruction "test" corresponds to no data!'
     folder = tmp_path / "set"

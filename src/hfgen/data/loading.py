@@ -246,6 +246,8 @@ def types_that_differ(files: list[Path]) -> str | None:
 def is_wide_text(path: Path) -> bool:
     """Whether a data file (looking through its compression) starts as UTF-16 or UTF-32 text: a byte-order mark of
     one, or NUL bytes, which UTF-8 text does not hold."""
+    if file_builder(path) in ("parquet", "arrow", None):  # binary: NUL bytes are their own, not wide text's
+        return False
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
     try:
         with opener(path, "rb") as stream:
@@ -385,6 +387,8 @@ def with_file_lines(message: str, name: str) -> str:
     path = Path(name).expanduser()
     if not path.is_file() or data_suffix(path) != ".jsonl":
         return message
+    if file_builder(path) in ("parquet", "arrow", None):  # binary: NUL bytes are their own, not wide text's
+        return False
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
     with opener(path, "rb") as stream:
         lines = [number for number, line in enumerate(stream, 1) if line.strip()]
