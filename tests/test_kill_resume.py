@@ -735,6 +735,46 @@ def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_o
     assert guard.received_signal() is None
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, stop):
+    """compare's training runs and sweep's evaluations ran under subprocess.run: a SIGTERM to `hfgen compare` left
+    the training running as an orphan (holding its GPU and its dir's lock), and a Ctrl-C SIGKILLed it before its
+    save_on_signal checkpoint (probe 41 C7). The signal is passed on and waited for; a killed parent's child gets
+    SIGTERM."""
+    import subprocess
+    import sys
+    import time
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import signal, sys, time, pathlib\n"
+        f"folder = pathlib.Path({str(tmp_path)!r})\n"
+        "def stop(signum, frame):\n"
+        "    (folder / 'heard').write_text(str(signum))\n"
+        "    sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "(folder / 'ready').write_text('')\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from hfgen import guard; sys.exit(guard.run_child([sys.executable, {str(child)!r}]))",
+        ]
+    )
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    parent.send_signal(getattr(signal, stop))
+    code = parent.wait(timeout=60)
+    while not (tmp_path / "heard").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "heard").read_text() == str(int(signal.SIGTERM))
+    if stop == "SIGTERM":
+        assert code == 128 + signal.SIGTERM  # the child's own exit, passed on
+
+
 def test_a_second_run_into_a_dir_in_use_exits_2(tmp_path):
     # two runs into one dir interleaved their metrics rows, checkpoints and weights, both ending "COMPLETE"
     import subprocess

@@ -34,10 +34,11 @@ import html
 import json
 import math
 import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
+from hfgen import guard
 from hfgen.errors import UserError
 
 EVAL_FILE = "compare_eval.json"  # a run's comparison figures, beside the rows in compare_eval.jsonl
@@ -218,7 +219,9 @@ def train_point(recipe, quiet: bool, fresh: bool) -> None:
     path.write_text(recipe.to_yaml())
     code = f"from hfgen.compare import run_point; run_point({str(path)!r}, {quiet!r}, {fresh!r})"
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
-    returncode = subprocess.run([sys.executable, "-c", code], env=env).returncode
+    returncode = guard.run_child([sys.executable, "-c", code], env=env)
+    if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped by a signal (its checkpoint is saved)
+        sys.exit(returncode)
     if returncode == 2:  # the child's one-paragraph error is above
         raise UserError(f"hfgen compare: the run {recipe.output_dir} was refused (why is above); fix that, then rerun "
                         "the same command: complete runs are skipped")  # fmt: skip

@@ -256,3 +256,39 @@ def newest_complete(output_dir) -> str:
 
     newest = tracking.complete_checkpoints(output_dir)
     return f"the newest complete checkpoint is {newest[-1]}" if newest else "no complete checkpoint was written"
+
+
+def run_child(command: list[str], env: dict | None = None) -> int:
+    """Run `command` (compare's training runs, sweep's evaluations) and hand back its exit code; the child stops
+    with this process: SIGINT/SIGTERM received here are passed on to it once and waited for (a training child with
+    save_on_signal writes its checkpoint), and it gets SIGTERM should this process die. subprocess.run left it
+    running as an orphan on SIGTERM, and SIGKILLed it 0.25 s after a Ctrl-C. The child has a session of its own,
+    so a terminal's Ctrl-C reaches it once, from here."""
+    import subprocess
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
+        return subprocess.run(command, env=env).returncode
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_terminated_with_parent)
+
+    def pass_on(signum, frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:  # this process is leaving on an error of its own
+            child.kill()
+            child.wait()
+
+
+def _terminated_with_parent() -> None:
+    """In the child, before it runs: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -22,10 +22,11 @@ import argparse
 import itertools
 import json
 import re
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
+from hfgen import guard
 from hfgen.errors import Diverged, UserError
 
 
@@ -191,6 +192,8 @@ def evaluate(run_dir: Path, quiet: bool) -> None:
     """`hfgen eval RUN_DIR` with its defaults, in a process of its own: on a CPU its `speed/peak_memory_mb` is the
     process's peak RSS, which in the sweep's process would be the largest of all the points' training runs."""
     command = [sys.executable, "-m", "hfgen.cli", "eval", str(run_dir), *(["--quiet"] if quiet else [])]
-    returncode = subprocess.run(command).returncode
+    returncode = guard.run_child(command)
+    if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        sys.exit(returncode)
     if returncode != 0:  # its one-paragraph error or its traceback is above
         raise UserError(f"hfgen sweep: `hfgen eval {run_dir}` failed (exit code {returncode}; why is above)")
