@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from hfgen import __version__
-from hfgen.errors import disk_full_exits_2, exit_on_user_error
+from hfgen.errors import disk_full_exits_2, exit_on_user_error, unwritable_exits_2
 
 COMMANDS = {
     "train": "hfgen.train",
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     # a full disk, in any command (an evaluation, a report, a merge, generated images), is the user's to free
     output = next((getattr(args, key) for key in ("output", "out", "output_dir") if getattr(args, key, None)), None)
-    with exit_on_user_error(), disk_full_exits_2(output=output):
+    with exit_on_user_error(), disk_full_exits_2(output=output), unwritable_exits_2():
         check_one_process(args.command)
         return args.handler(args) or 0
 

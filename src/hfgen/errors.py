@@ -139,6 +139,25 @@ def disk_full_exits_2(output_dir: Path | None = None, output: str | Path | None 
         ) from None
 
 
+@contextmanager
+def unwritable_exits_2():
+    """A file the command could not write (or read) for the file system's reasons, a read-only mount or a folder
+    without permission, ends it with exit code 2 naming the file: `hfgen eval` of a model on a read-only share
+    evaluated everything, then ended in an OSError traceback writing its eval.json beside the model."""
+    import errno
+
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.EROFS, errno.EACCES) or not error.filename:
+            raise
+        raise UserError(
+            f"'{error.filename}': {error.strerror} (a read-only disk, or a file or folder this user may not write "
+            "or read); give the command an output path elsewhere (--output, --out or --output_dir), or fix the "
+            "permissions"
+        ) from None
+
+
 def user_message(error: UserError) -> str:
     """The error's message. A DataLoader worker's UserError (a bad image met mid-training with
     dataloader_num_workers > 0) reaches the main process re-raised by torch with "Caught UserError in DataLoader

@@ -13,6 +13,7 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -356,8 +357,9 @@ def remove_deletion_leftovers(output_dir: Path, of: str | None = None) -> None:
 
 
 def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
-    """An output path that is the wrong kind of thing (a folder where a file goes, or the reverse), as a problem
-    naming the option: writing would fail half way (IsADirectoryError, NotADirectoryError)."""
+    """An output path that is the wrong kind of thing (a folder where a file goes, or the reverse) or cannot be
+    written (a read-only disk), as a problem naming the option: writing would fail half way (IsADirectoryError,
+    NotADirectoryError), after the evaluation or generation it was to hold."""
     path = Path(path)
     if directory and path.exists() and not path.is_dir():
         return f"{label} '{path}' is a file; give a directory"
@@ -366,6 +368,9 @@ def path_problem(path: str | Path, label: str, directory: bool) -> str | None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         return f"{label} '{path}': '{parent}' is a file, not a directory"
+    writes_into = path if path.is_dir() else parent  # (a run dir that exists is written into)
+    if writes_into is not None and not os.access(writes_into, os.W_OK):  # said before the work, not after it
+        return f"{label} '{path}': '{writes_into}' cannot be written to (a read-only disk, or no permission); give a path elsewhere"
     return None
 
 
@@ -385,13 +390,14 @@ def write_texts(files: dict[str | Path, str]) -> None:
             try:
                 tmp.write_text(text)
             except OSError as error:
-                error.filename = error.filename or str(path)
+                error.filename = str(path)  # (not its tmp: a read-only disk's error names that one)
                 raise
         for path, tmp in tmps.items():
             tmp.replace(path)
     finally:
         for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only folder refuses this too: its first error is the one)
+                tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:
