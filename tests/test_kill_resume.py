@@ -775,6 +775,48 @@ def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, st
         assert code == 128 + signal.SIGTERM  # the child's own exit, passed on
 
 
+def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path, monkeypatch):
+    """`hfgen train --num_processes 2` SIGKILLed: torch elastic starts each rank in a session of its own, and both
+    ranks trained on to the end as orphans, COMPLETE, holding the dir's lock (probe 41 I1). A launched process asks
+    for SIGTERM when its launcher dies (guard.stop_with_launcher, called by hfgen.train's entry)."""
+    import subprocess
+    import sys
+    import time
+
+    from hfgen import guard, train
+
+    rank = tmp_path / "rank.py"
+    rank.write_text(
+        "import signal, sys, time, pathlib\n"
+        "from hfgen import guard\n"
+        f"folder = pathlib.Path({str(tmp_path)!r})\n"
+        "def stop(signum, frame):\n"
+        "    (folder / 'heard').write_text(str(signum))\n"
+        "    sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "guard.stop_with_launcher()\n"
+        "(folder / 'ready').write_text('')\n"
+        "time.sleep(60)\n"
+    )
+    launcher = subprocess.Popen(  # as torch elastic starts a rank: a session of its own
+        [sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(rank)!r}], "
+         "start_new_session=True); time.sleep(60)"]
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    launcher.kill()
+    launcher.wait()
+    while not (tmp_path / "heard").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "heard").read_text() == str(int(signal.SIGTERM))
+    asked = []
+    monkeypatch.setattr(guard, "stop_with_launcher", lambda: asked.append(True))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    train.cli([str(PRETRAIN), "--list-keys"])  # hfgen.train's entry in a launched process asks for it
+    assert asked == [True]
+
+
 def test_a_second_run_into_a_dir_in_use_exits_2(tmp_path):
     # two runs into one dir interleaved their metrics rows, checkpoints and weights, both ending "COMPLETE"
     import subprocess

@@ -269,7 +269,7 @@ def run_child(command: list[str], env: dict | None = None) -> int:
 
     if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
         return subprocess.run(command, env=env).returncode
-    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_terminated_with_parent)
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminated_with_parent)
 
     def pass_on(signum, frame) -> None:
         if child.poll() is None:
@@ -286,9 +286,19 @@ def run_child(command: list[str], env: dict | None = None) -> int:
             child.wait()
 
 
-def _terminated_with_parent() -> None:
-    """In the child, before it runs: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+def terminated_with_parent() -> None:
+    """In a child process: SIGTERM when its parent dies (Linux; elsewhere nothing)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_with_launcher() -> None:
+    """In a process `hfgen train --num_processes` (accelerate, torch elastic) launched: SIGTERM when the launching
+    process dies. torch elastic starts each rank in a session of its own with no parent-death signal, so a launcher
+    SIGKILLed (kill -9, the OOM killer, a scheduler) left its ranks training on to the end as orphans, holding the
+    devices and the dir's lock. With save_on_signal they write a checkpoint first."""
+    terminated_with_parent()
+    if os.getppid() == 1:  # the launcher died before this process could ask
+        os.kill(os.getpid(), signal.SIGTERM)

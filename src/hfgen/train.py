@@ -230,7 +230,11 @@ def run_step(recipe, fresh: bool = False, inputs: dict | None = None) -> Path:
 
 def cli(argv: list[str] | None = None) -> int:
     """Entry for `python -m hfgen.train` and `scripts/train.py`: the same as `hfgen train`."""
+    from hfgen import guard
     from hfgen.cli import main as hfgen_main
+
+    if "LOCAL_RANK" in os.environ:  # a process of a launch (`launch_with_accelerate`, accelerate launch, torchrun)
+        guard.stop_with_launcher()
 
     return hfgen_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
