@@ -860,6 +860,19 @@ def test_a_complete_trainer_run_given_more_steps_continues_from_its_last_checkpo
     assert steps == [2, 4, 6, 8, 10]
 
 
+def test_a_complete_run_of_part_of_an_epoch_given_more_epochs_trains_them(tmp_path):
+    # 0.5 -> 1 epoch (4 steps an epoch): trainer_state.json keeps transformers' ceil(num_train_epochs), 1, which read
+    # as 'trained to the end' of 1 epoch: the run 'finished' from checkpoint-2, COMPLETE with half the epoch trained
+    overrides = ["--max_train_samples", "200", "--max_eval_samples", "8", "--max_steps", "-1", "--warmup_steps", "0",
+                 "--logging_steps", "1", "--save_steps", "1", "--save_total_limit", "1"]  # fmt: skip
+    assert train(PRETRAIN, tmp_path, [*overrides, "--num_train_epochs", "0.5"]).returncode == 0
+    longer = [*overrides, "--num_train_epochs", "1", "--overwrite_output_dir", "true"]
+    result = train(PRETRAIN, tmp_path, longer, resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finishing the run from it" not in result.stderr
+    assert [row["step"] for row in tracking.read_metrics(tmp_path) if "loss" in row] == [1, 2, 3, 4]
+
+
 @pytest.mark.slow
 def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it_without_training_again(tmp_path):
     # "checkpoint-8 is the last step's; starting again": every step trained again, and with save_total_limit 1 the

@@ -987,12 +987,11 @@ def _check_trainable_weights_saved(models, input_dir) -> None:
             )
 
 
-def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path, args=None) -> Path | None:
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:
     """`--resume_from_checkpoint true` means the newest complete checkpoint in output_dir (newer incomplete ones,
     cut short by a kill, are skipped and named); a path means that one, which must be complete. Either must have
-    been written by this run (`check_same_run`); the steps the divergence guard skipped come back with it. `args`:
-    a Trainer stage's TrainingArguments (a checkpoint of a run's last step is one to extend when they ask for more)."""
-    path = _resume_path(resume_from_checkpoint, output_dir, args)
+    been written by this run (`check_same_run`); the steps the divergence guard skipped come back with it."""
+    path = _resume_path(resume_from_checkpoint, output_dir)
     if path is not None:
         from hfgen import guard
 
@@ -1006,7 +1005,7 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
     metrics.jsonl cut back to it (`start_metrics`), TRL's token count as it was then, and the trackers (report_to)
     placed to log the rows as metrics.jsonl has them (`_trackers_after_records`)."""
     _count_whole_model_flos(trainer)
-    path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir, trainer.args)
+    path = resolve_resume(trainer.args.resume_from_checkpoint, output_dir)
     if path is not None and trainer.args.save_only_model:
         # (check_same_run has made sure the checkpoint was written under the same value)
         raise UserError(
@@ -1025,8 +1024,8 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
         # row at the resumed step that the uninterrupted run has not (the step-0 row is among those kept)
         trainer.args.eval_on_start = False
     start_metrics(output_dir, path)
-    if path is not None and _trained_to_the_end(path, trainer.args):
-        _finish_without_training(trainer, path)
+    if path is not None:
+        _finish_if_trained_to_the_end(trainer, path)
     if path is not None and is_main_process() and hasattr(trainer, "_total_train_tokens"):
         # TRL (1.16) keeps its `num_tokens` count in the trainer, not in the checkpoint: the curve restarted at 0.
         # The main process logs it; the count is the same on every process (a gathered sum).
@@ -1067,23 +1066,46 @@ def _count_whole_model_flos(trainer) -> None:
     trainer.floating_point_ops = lambda inputs: 6 * inputs[main_input].numel() * count if main_input in inputs else 0
 
 
-def _finish_without_training(trainer, checkpoint: Path) -> None:
+def _finish_if_trained_to_the_end(trainer, checkpoint: Path) -> None:
     """From a checkpoint of the run's last step (a stop during the final evaluation or save), `trainer.train` loads
     it (weights, optimizer, state, log history) and ends as training ends (its closing metrics row, the best model
     when asked), training no step: transformers (5.24-5.25) checks max_steps only after a step, so where the last
     step is not an epoch's last it trained one step more. Any epoch left is skipped, and the RNG state comes back from
     the checkpoint (as a resumed epoch restores it) for what samples after training (generations, held-out
-    comparisons): the uninterrupted run's."""
-    finalize = trainer._finalize_training
+    comparisons): the uninterrupted run's. A run extended past the checkpoint (a larger max_steps or
+    num_train_epochs) trains on from it.
+    Whether it is the last step's is decided once transformers has counted this run's steps (its first epoch, or its
+    end where no epoch is left): the checkpoint's trainer_state.json keeps ceil(num_train_epochs), so a run of half an
+    epoch extended to a whole one read as trained to the end of it, and only the data loader tells how many steps a
+    fraction of an epoch is."""
+    import sys
 
-    def no_epoch(*args, **kwargs):
-        trainer.control.should_training_stop = True
+    run_epoch, finalize = trainer._run_epoch, trainer._finalize_training
+    decided: list[bool] = []  # [whether the checkpoint is the last step's], once known
+
+    def at_the_end() -> bool:
+        if not decided:
+            decided.append(trainer.state.global_step >= trainer.state.max_steps)
+            if decided[0] and is_main_process():
+                # (resuming from an earlier checkpoint, or from none, trained again what was trained, and the
+                # rotation then deleted the new run's checkpoints in favour of this one)
+                print(
+                    f"hfgen: resume: {checkpoint.name} is the last step's; finishing the run from it", file=sys.stderr
+                )
+        return decided[0]
+
+    def epoch_unless_at_the_end(*args, **kwargs):
+        if at_the_end():
+            trainer.control.should_training_stop = True
+            return None
+        return run_epoch(*args, **kwargs)
 
     def finalize_from_checkpoint(*args, **kwargs):
-        trainer._load_rng_state(str(checkpoint))
+        if at_the_end():
+            trainer._load_rng_state(str(checkpoint))
         return finalize(*args, **kwargs)
 
-    trainer._run_epoch, trainer._finalize_training = no_epoch, finalize_from_checkpoint
+    trainer._run_epoch, trainer._finalize_training = epoch_unless_at_the_end, finalize_from_checkpoint
 
 
 def run_train_loss(trainer, training_loss: float, resumed_from: Path | None) -> float:
@@ -1135,7 +1157,7 @@ def nothing_to_resume(resume_from_checkpoint, output_dir: str | Path) -> bool:
     return True
 
 
-def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
+def _resume_path(resume_from_checkpoint, output_dir) -> Path | None:
     import sys
 
     if not resume_requested(resume_from_checkpoint):
@@ -1157,10 +1179,6 @@ def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
                 f"resuming from {complete[-1].name}",
                 file=sys.stderr,
             )
-        if _trained_to_the_end(complete[-1], args) and is_main_process():
-            # (resuming from an earlier checkpoint, or from none, trained again what was trained, and the rotation
-            # then deleted the new run's checkpoints in favour of this one)
-            print(f"hfgen: resume: {complete[-1].name} is the last step's; finishing the run from it", file=sys.stderr)
         return complete[-1]
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
@@ -1179,19 +1197,6 @@ def _resume_path(resume_from_checkpoint, output_dir, args) -> Path | None:
             "`--resume_from_checkpoint true` for the newest complete one."
         )
     return path
-
-
-def _trained_to_the_end(path: Path, args=None) -> bool:
-    """A Trainer checkpoint written at the last step of this run (`args`: its TrainingArguments): a run extended
-    past it (a larger max_steps or num_train_epochs) continues from it."""
-    state = read_json(path / "trainer_state.json", {})
-    if not state.get("max_steps") or state.get("global_step", 0) < state["max_steps"]:
-        return False  # not a last step's checkpoint (or not a Trainer's)
-    if args is None:
-        return True
-    if args.max_steps and args.max_steps > 0:
-        return state["global_step"] >= args.max_steps
-    return state.get("num_train_epochs", 0) >= args.num_train_epochs
 
 
 # Keys that may change between a run and its resume: where and how often it saves, logs and reports, how it is
@@ -1254,7 +1259,7 @@ def check_resume_target(resume_from_checkpoint, output_dir: str | Path, inputs: 
         complete = complete_checkpoints(output_dir)
         path = complete[-1] if complete else None
     else:
-        path = _resume_path(resume_from_checkpoint, output_dir, None)
+        path = _resume_path(resume_from_checkpoint, output_dir)
     if path is not None:
         check_same_recipe(path, output_dir)
         if inputs is not None:
