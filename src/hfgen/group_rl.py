@@ -612,7 +612,13 @@ def recorded(trainer_class):
         # Exact resume across epochs: the sampler the training loop uses is kept, to be advanced past the epochs
         # the checkpoint trained (`skip_epoch_orders`) once the Trainer knows them.
         def _get_train_sampler(self, dataset=None):
-            self._train_sampler = super()._get_train_sampler(dataset)
+            self._train_sampler = sampler = super()._get_train_sampler(dataset)
+            if getattr(sampler, "generator", None) is not None and sampler.seed != data_seed(self.args):
+                # TRL seeds its RepeatSampler with `seed`: data_seed (transformers' seed of the data samplers, and
+                # of hfgen's draws) was never read, so a seed sweep with data_seed fixed drew other prompt orders.
+                # (The same on every process: each keeps its share of the same groups.)
+                sampler.seed = data_seed(self.args)
+                sampler.generator.manual_seed(sampler.seed)
             return self._train_sampler
 
         def _init_training_state(self, *args, **kwargs):

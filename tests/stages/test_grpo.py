@@ -217,6 +217,22 @@ def test_a_run_records_rewards_signal_time_split_samples_and_the_held_out_compar
     assert tracking.is_complete(full_run) and (full_run / "model.safetensors").is_file()
 
 
+def test_data_seed_decides_the_prompt_order_whatever_the_seed(tmp_path, models):
+    # TRL's RepeatSampler draws the order from `seed`: data_seed 1 and 2 trained bit-identically, and a seed sweep
+    # with data_seed fixed trained each seed on other prompts
+    def first_prompts(name, seed, data_seed):
+        (tmp_path / name).mkdir()
+        recipe = write_recipe(tmp_path / name, models[0], max_steps=1, save_strategy="no", num_generations=2,
+                              seed=seed, data_seed=data_seed)  # fmt: skip
+        train(recipe)
+        rows = (tmp_path / name / "run" / "samples.jsonl").read_text().splitlines()
+        return [json.loads(line)["prompt"] for line in rows]
+
+    order = first_prompts("a", seed=7, data_seed=1)
+    assert first_prompts("b", seed=7, data_seed=2) != order
+    assert first_prompts("c", seed=8, data_seed=1) == order
+
+
 @pytest.mark.parametrize("steps_per_generation, num_iterations, generated", [(1, 1, 40), (2, 1, 48), (1, 2, 24)])
 def test_episodes_count_the_completions_generated(tmp_path, steps_per_generation, num_iterations, generated):
     from trl import GRPOConfig
