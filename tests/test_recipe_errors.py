@@ -433,6 +433,13 @@ def test_a_trainer_key_the_stage_never_reads_is_refused(capsys, stage, key, valu
     assert code == 2 and said.get(key, f"{key}: {value}") in err
 
 
+def test_label_smoothing_factor_with_an_sft_loss_type_that_never_reads_it_is_refused(capsys):
+    # loss_type dft trained bit-identically with label_smoothing_factor 0 and 0.3: TRL smooths its nll loss only
+    code, err = run_inprocess(capsys, REPO / "recipes/tiny/sft_full.yaml", "--loss_type", "dft",
+                              "--label_smoothing_factor", "0.3")  # fmt: skip
+    assert code == 2 and "label_smoothing_factor 0.3 has no effect with loss_type 'dft'" in err, err
+
+
 def test_the_trainer_keys_still_work_where_they_are_read(tmp_path):
     from hfgen.recipe import load_recipe
 

@@ -667,7 +667,7 @@ PAIRED_ROW_STAGES = ("reward", "dpo", "kto", "orpo", "simpo")
 
 def unread_key_problems(stage: str, configs) -> list[str]:
     """TrainingArguments keys set to something this stage's trainer never reads: `label_smoothing_factor` (the base
-    Trainer's loss only: pretrain and sft), `train_sampling_strategy` (GRPO/RLOO sample prompt groups their own way;
+    Trainer's loss only: pretrain, and sft's nll loss type), `train_sampling_strategy` (GRPO/RLOO sample prompt groups their own way;
     a length-grouped order needs an `input_ids` column the pair stages' rows lack: transformers' ValueError at
     train; TRL's KTO refuses it only for its KL loss types), `dataloader_persistent_workers` without workers to keep
     (torch's ValueError when the loader is built; transformers checks only `dataloader_prefetch_factor`)."""
@@ -680,6 +680,13 @@ def unread_key_problems(stage: str, configs) -> list[str]:
             problems.append(
                 f"label_smoothing_factor {config.label_smoothing_factor} has no effect in stage '{stage}': TRL's "
                 f"trainer computes its own loss and does not read it{extra}; remove it"
+            )
+        elif getattr(config, "label_smoothing_factor", 0) and stage == "sft" and config.loss_type != "nll":
+            # (TRL's SFTTrainer applies transformers' label smoother in its nll branch only)
+            problems.append(
+                f"label_smoothing_factor {config.label_smoothing_factor} has no effect with loss_type "
+                f"'{config.loss_type}': TRL's SFT trainer smooths the labels of its nll loss only; remove it, or use "
+                "loss_type nll"
             )
         strategy = getattr(config, "train_sampling_strategy", "random")
         if (stage in OWN_SAMPLER_STAGES and strategy != "random") or (
