@@ -422,6 +422,7 @@ def test_a_misspelt_key_is_not_pointed_at_a_key_the_stage_refuses(capsys, stage)
         ("grpo_arithmetic", "train_sampling_strategy", "sequential"),
         ("kto", "train_sampling_strategy", "group_by_length"),  # TRL refuses it for KL loss types only (B6)
         ("pretrain", "dataloader_persistent_workers", "true"),  # with 0 workers: torch's ValueError at train (B3)
+        ("pretrain", "dataloader_multiprocessing_context", "spawn"),  # the same
     ],
 )
 def test_a_trainer_key_the_stage_never_reads_is_refused(capsys, stage, key, value):

@@ -667,10 +667,11 @@ PAIRED_ROW_STAGES = ("reward", "dpo", "kto", "orpo", "simpo")
 
 def unread_key_problems(stage: str, configs) -> list[str]:
     """TrainingArguments keys set to something this stage's trainer never reads: `label_smoothing_factor` (the base
-    Trainer's loss only: pretrain, and sft's nll loss type), `train_sampling_strategy` (GRPO/RLOO sample prompt groups their own way;
-    a length-grouped order needs an `input_ids` column the pair stages' rows lack: transformers' ValueError at
-    train; TRL's KTO refuses it only for its KL loss types), `dataloader_persistent_workers` without workers to keep
-    (torch's ValueError when the loader is built; transformers checks only `dataloader_prefetch_factor`)."""
+    Trainer's loss only: pretrain, and sft's nll loss type), `train_sampling_strategy` (GRPO/RLOO sample prompt
+    groups their own way; a length-grouped order needs an `input_ids` column the pair stages' rows lack:
+    transformers' ValueError at train; TRL's KTO refuses it only for its KL loss types),
+    `dataloader_persistent_workers` and `dataloader_multiprocessing_context` without workers (torch's ValueError when
+    the loader is built; transformers checks only `dataloader_prefetch_factor`)."""
     problems = []
     for config in configs:
         if getattr(config, "label_smoothing_factor", 0) and stage in OWN_LOSS_STAGES:
@@ -704,6 +705,13 @@ def unread_key_problems(stage: str, configs) -> list[str]:
                 "dataloader_persistent_workers: true keeps the data loader's worker processes between epochs, and "
                 "dataloader_num_workers is 0 (none: the main process loads): set dataloader_num_workers above 0, or "
                 "remove dataloader_persistent_workers"
+            )
+        context = getattr(config, "dataloader_multiprocessing_context", None)
+        if context is not None and not config.dataloader_num_workers:
+            problems.append(
+                f"dataloader_multiprocessing_context: {context} says how the data loader's worker processes start, "
+                "and dataloader_num_workers is 0 (none: the main process loads): set dataloader_num_workers above 0, "
+                "or remove dataloader_multiprocessing_context"
             )
     return problems
 
