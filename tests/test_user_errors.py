@@ -150,6 +150,15 @@ def not_utf8(tmp_path):
          ["lr_end 1e-07", "lr_scheduler_kwargs"]),
         (lambda t: [T2I, "--lr_scheduler", "polynomial", "--learning_rate", "1e-8"],
          ["lr_scheduler polynomial", "raise learning_rate"]),
+        # values the schedule's function refuses as it runs (probe 41 B11): a traceback once the model had loaded
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs",
+                    "{min_lr: 1e-5, min_lr_rate: 0.1}"],
+         ["lr_scheduler_type cosine_with_min_lr cannot be built", "Only one of min_lr or min_lr_rate"]),
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",
+                    "{num_decay_steps: 2, decay_type: cubic}"], ["'decay_type': 'cubic'", "Unknown decay type: cubic"]),
+        (lambda t: [PRETRAIN, "--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "steps",
+                    "--eval_steps", "1", "--lr_scheduler_kwargs", "{patiance: 2}"],
+         ["lr_scheduler_type reduce_lr_on_plateau", "unexpected keyword argument 'patiance'"]),
     ],
     ids=[
         "recipe-not-utf8", "recipe-is-a-directory", "stage-list", "stage-dict", "stage-number", "negative-max-steps",
@@ -165,6 +174,7 @@ def not_utf8(tmp_path):
         "sft-lora-targets-of-another-family", "sft-lora-targets-bad-regex", "sft-lora-task-type-unknown",
         "sft-lora-task-type-of-a-classifier", "dpo-lora-task-type-of-a-classifier", "reward-lora-task-type-unknown", "schedule-kwargs-misspelt", "wsd-without-decay-steps", "schedule-kwargs-as-k-equals-v", "schedule-kwargs-a-number",
         "min-lr-schedule-without-floor", "polynomial-below-its-end", "loop-polynomial-below-its-end",
+        "min-lr-schedule-with-both-floors", "wsd-unknown-decay-type", "plateau-kwargs-misspelt",
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_naming_the_problem(tmp_path, capsys, make_argv, expected):

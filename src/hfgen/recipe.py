@@ -772,6 +772,29 @@ def schedule_problems(config) -> list[str]:
                 else f"raise learning_rate or choose another {key} (this stage has no lr_scheduler_kwargs key)"
             )
         ]
+    return _schedule_build_problems(key, kind, kwargs, given, learning_rate)
+
+
+def _schedule_build_problems(key: str, kind, kwargs: dict, given: dict, learning_rate) -> list[str]:
+    """Values the schedule's function refuses only when it runs (cosine_with_min_lr given both min_lr and
+    min_lr_rate, warmup_stable_decay's decay_type cubic, a misspelt argument of reduce_lr_on_plateau, whose function
+    takes any name: `given`, the arguments `schedule_problems` bound): it is built here on a throwaway optimizer, as
+    the Trainer would build it."""
+    import warnings
+
+    import torch
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    lr = learning_rate if isinstance(learning_rate, (int, float)) and learning_rate > 0 else 1e-3
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    # (a run's length, for the schedules that take one: its figures are not what is checked here)
+    built = {**given, "optimizer": optimizer} | ({"num_training_steps": 100} if "num_training_steps" in given else {})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            TYPE_TO_SCHEDULER_FUNCTION[kind](**built)
+    except (TypeError, ValueError) as error:
+        return [f"{key} {kind.value} cannot be built from lr_scheduler_kwargs {kwargs}: {error}"]
     return []
 
 
