@@ -411,6 +411,21 @@ def test_a_misspelt_key_is_not_pointed_at_a_key_the_stage_refuses(capsys, stage)
     assert "max_completion_length" not in err and "did you mean 'max_length'" in err
 
 
+def test_an_upstream_key_is_pointed_at_the_key_that_means_it_not_the_nearest_letters(capsys):
+    # TRL's PPO num_train_epochs was hinted towards num_ppo_epochs (the passes over each rollout), mini_batch_size (a
+    # size) towards num_mini_batches (a count), max_steps towards save_steps; t2i's save_steps/warmup_ratio got none
+    code, err = run_inprocess(capsys, REPO / "recipes/tiny/ppo.yaml", "--num_train_epochs", "2", "--max_steps", "5",
+                              "--mini_batch_size", "4", "--kl_penalty", "k1")  # fmt: skip
+    assert code == 2 and "did you mean" not in err, err
+    for key, here in (("num_train_epochs", "total_episodes"), ("max_steps", "total_episodes"),
+                      ("mini_batch_size", "num_mini_batches"), ("kl_penalty", "kl_estimator")):  # fmt: skip
+        assert f"unknown key '{key}' for stage 'ppo': this stage says {here}, " in err, err
+    code, err = run_inprocess(capsys, REPO / "recipes/tiny/t2i_digits.yaml", "--save_steps", "10", "--warmup_ratio",
+                              "0.1")  # fmt: skip
+    assert code == 2 and "'save_steps' for stage 't2i': this stage says checkpointing_steps" in err, err
+    assert "'warmup_ratio' for stage 't2i': this stage says lr_warmup_steps, a number of optimizer steps" in err
+
+
 @pytest.mark.parametrize(
     "stage, key, value",
     [

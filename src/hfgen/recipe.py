@@ -30,6 +30,37 @@ STAGE_KEY = "stage"
 # Keys transformers/TRL renamed: the old name in a recipe points to the new one (difflib would suggest
 # `torch_compile` for `torch_dtype`)
 RENAMED = {"torch_dtype": "dtype", "evaluation_strategy": "eval_strategy"}
+# Upstream keys (transformers' and TRL's PPO, diffusers' scripts) whose letters sent the did-you-mean hint to a key of
+# another meaning here (num_train_epochs to PPO's num_ppo_epochs, the passes over each rollout; mini_batch_size, a
+# size, to num_mini_batches, a count) or to none: the key that says it here, and how the value converts. Used where
+# the stage has that key.
+FOREIGN_SPELLINGS = {
+    "num_train_epochs": (
+        "total_episodes",
+        "the prompts rolled out over the whole run (N epochs: N x the training prompts), not num_ppo_epochs, the "
+        "passes over each rollout",
+    ),
+    "max_steps": (
+        "total_episodes",
+        "the prompts rolled out over the whole run (N updates: N x per_device_train_batch_size x "
+        "gradient_accumulation_steps x num_mini_batches x processes)",
+    ),
+    "mini_batch_size": (
+        "num_mini_batches",
+        "a count, not a size: a minibatch is per_device_train_batch_size x gradient_accumulation_steps x processes "
+        "sequences, and a rollout holds num_mini_batches of them",
+    ),
+    "kl_penalty": ("kl_estimator", "the per-token KL estimator, k1 or k3"),
+    "per_device_eval_batch_size": (
+        "local_rollout_forward_batch_size",
+        "the held-out comparison generates in chunks of it, as the rollout does",
+    ),
+    "save_steps": ("checkpointing_steps", "a checkpoint every N optimizer steps (diffusers' name)"),
+    "warmup_ratio": (
+        "lr_warmup_steps",
+        "a number of optimizer steps, not a share of the run (the share x the run's optimizer steps)",
+    ),
+}
 # `hfgen train`'s own options, not recipe keys: a recipe (or `hfgen check`) given one is told where it belongs
 LAUNCH_OPTIONS = ("num_processes", "launch_config", "main_process_port")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -306,6 +337,9 @@ def build_recipe(
         if action is None:
             if RENAMED.get(key) in parser.actions:  # a spelling from older recipes, closer to another key's letters
                 errors.append(f"unknown key '{key}' for stage '{stage}': it is now '{RENAMED[key]}'")
+            elif key in FOREIGN_SPELLINGS and FOREIGN_SPELLINGS[key][0] in parser.actions:
+                here, meaning = FOREIGN_SPELLINGS[key]
+                errors.append(f"unknown key '{key}' for stage '{stage}': this stage says {here}, {meaning}")
             elif spelling := precision_spelling(key, value, parser.actions):
                 errors.append(f"unknown key '{key}' for stage '{stage}': this stage says {spelling}")
             elif key in LAUNCH_OPTIONS:
