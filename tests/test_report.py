@@ -168,8 +168,13 @@ def test_a_report_written_to_a_read_only_disk_exits_2_naming_the_file(two_runs, 
         assert exit_info.value.code == 2 and "Traceback" not in err
         assert f"--out '{disk / 'r.html'}': '{disk}' cannot be written to" in err  # said before the report is built
         with pytest.raises(UserError, match=r"r.html': Read-only file system .*an output path elsewhere"):
-            with unwritable_exits_2():  # what a write past the start's check meets (its tmp's cleanup fails too)
+            with unwritable_exits_2(disk / "r.html"):  # a write past the start's check (its tmp's cleanup fails too)
                 tracking.write_text(disk / "r.html", "")
+        # a file that is not the command's output (a class_data_dir, a cache) gets no advice about an output
+        with pytest.raises(UserError, match=r"ro/cls': Read-only file system .*make it writable") as refused:
+            with unwritable_exits_2(tmp_path / "r.html"):
+                (disk / "cls").mkdir()
+        assert "output" not in str(refused.value)
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)
 

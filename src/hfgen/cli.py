@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     # a full disk, in any command (an evaluation, a report, a merge, generated images), is the user's to free
     output = next((getattr(args, key) for key in ("output", "out", "output_dir") if getattr(args, key, None)), None)
-    with exit_on_user_error(), disk_full_exits_2(output=output), unwritable_exits_2():
+    with exit_on_user_error(), disk_full_exits_2(output=output), unwritable_exits_2(output):
         check_one_process(args.command)
         return args.handler(args) or 0
 

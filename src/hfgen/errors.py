@@ -140,10 +140,12 @@ def disk_full_exits_2(output_dir: Path | None = None, output: str | Path | None 
 
 
 @contextmanager
-def unwritable_exits_2():
+def unwritable_exits_2(output: str | Path | None = None):
     """A file the command could not write (or read) for the file system's reasons, a read-only mount or a folder
     without permission, ends it with exit code 2 naming the file: `hfgen eval` of a model on a read-only share
-    evaluated everything, then ended in an OSError traceback writing its eval.json beside the model."""
+    evaluated everything, then ended in an OSError traceback writing its eval.json beside the model. `output`: what
+    the command writes (its --output, --out or --output_dir); a file elsewhere (a class_data_dir, a cache) is named
+    alone, without advice about an output it is not."""
     import errno
 
     try:
@@ -151,10 +153,18 @@ def unwritable_exits_2():
     except OSError as error:
         if error.errno not in (errno.EROFS, errno.EACCES) or not error.filename:
             raise
+        under_output = output is not None and Path(output).resolve() in (
+            Path(error.filename).resolve(),
+            *Path(error.filename).resolve().parents,
+        )
+        advice = (
+            "give the command an output path elsewhere, or fix the permissions"
+            if under_output
+            else "make it writable (and readable), or point the key or variable that names it elsewhere"
+        )
         raise UserError(
             f"'{error.filename}': {error.strerror} (a read-only disk, or a file or folder this user may not write "
-            "or read); give the command an output path elsewhere (--output, --out or --output_dir), or fix the "
-            "permissions"
+            f"or read); {advice}"
         ) from None
 
 
