@@ -103,6 +103,37 @@ def save_tiny_gpt2_without_pad(path: Path) -> Path:
     return path
 
 
+BOS = "<|begin_of_text|>"
+
+
+def bos_adding_tokenizer():
+    """The embedded tokenizer putting a BOS of its own in front of every text, as Llama 3's (Gemma's, Llama 2's)
+    does: text rendered with such a model's chat template already starts with that BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": BOS})
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tokenizer.bos_token_id)]
+    )
+    return tokenizer
+
+
+def save_tiny_llama_adding_bos(path: Path) -> Path:
+    """A tiny random Llama whose tokenizer adds a BOS to every text (`bos_adding_tokenizer`), saved into `path`."""
+    bos_adding_tokenizer().save_pretrained(path)
+    return save_tiny_llama(path, tokenizer_name=str(path))
+
+
+def rendered_with_bos(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    """`messages` as text rendered with a Llama 3 chat template: the BOS first, then the turns."""
+    return tokenizer.bos_token + tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
 def pretrain(model, tokenizer, steps: int, block_size: int = 64, batch_size: int = 16) -> None:
     """Next-token training on packed blocks of the embedded corpus (AdamW, linear decay)."""
     import torch

@@ -328,7 +328,8 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
     from trl.data_utils import common_prefix_length
 
     from hfgen.data.formats import row_tools
-    from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation, without_doubled_bos
+    from hfgen.data.rendering import without_doubled_bos
+    from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation
 
     fatal = []
     rows, bos_note = without_doubled_bos(rows, tokenizer)  # as `hfgen train` feeds SFTTrainer

@@ -43,6 +43,7 @@ from hfgen.data.prepare import (
     load_for_stage,
     record,
 )
+from hfgen.data.rendering import without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
@@ -327,6 +328,19 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
 
 
 def prepare_prompts(dataset, data_args, tokenizer, records: dict | None = None, model_path: str | None = None):
+    """The prompts as the policy is to read them (`templated_prompts`); those that stay strings, tokenized with the
+    special tokens (TRL's GRPO and RLOO, hfgen's PPO), lose a leading BOS the tokenizer adds again
+    (`without_doubled_bos`: a prompt rendered with a Llama 3 template, under chat_prompts: never), said and noted
+    in `records` when given."""
+    dataset = templated_prompts(dataset, data_args, tokenizer, records, model_path)
+    dataset, note = without_doubled_bos(dataset, tokenizer, ("prompt",))
+    if note and records is not None:  # (said once: for the training rows)
+        print(f"note: {note}")
+        records.setdefault("notes", []).append(note)
+    return dataset
+
+
+def templated_prompts(dataset, data_args, tokenizer, records: dict | None = None, model_path: str | None = None):
     """Plain-string prompts become one user turn for a chat model (`chat_prompts: auto`), since TRL would otherwise
     send them untemplated; not for a model whose hfgen run prompted it raw (`model_path`'s run records
     trained_on_chat false: SFT on plain text, or pretraining), which is prompted as it was trained. A string

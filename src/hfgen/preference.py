@@ -36,6 +36,7 @@ from hfgen.data.prepare import (
     load_for_stage,
     record,
 )
+from hfgen.data.rendering import splits_without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
@@ -347,6 +348,8 @@ def load_preference_splits(
         if "chosen" in rows.column_names and "prompt" not in rows.column_names:
             rows = rows.map(maybe_extract_prompt)
         splits.append(rows)
+    if tokenizer is not None:  # the prompt, plain text, is tokenized with the special tokens (TRL's trainers)
+        splits = list(splits_without_doubled_bos(*splits, tokenizer, records, ("prompt",)))
     if tokenizer is not None and training_args is not None:
         splits = drop_full_prompts(tokenizer, splits, records, training_args)
         splits = drop_truncated_identical_pairs(tokenizer, splits, records, training_args)

@@ -606,3 +606,21 @@ def test_generate_and_eval_say_what_a_dir_without_a_model_is(tmp_path, capsys):
                 hfgen(command)
             error = capsys.readouterr().err
             assert exit_info.value.code == 2 and message in error and "Traceback" not in error, (command, error)
+
+
+def test_perplexity_texts_rendered_with_a_template_that_writes_the_bos_are_scored_with_one(tmp_path, capsys):
+    # text rendered with a Llama 3 template starts with <|begin_of_text|>, which the tokenizer adds again: the
+    # perplexity was of '<BOS><BOS>...', a sequence the model never reads (probe 41 A1)
+    from hfgen.evaluation.command import perplexity_texts
+    from tiny_models import bos_adding_tokenizer, rendered_with_bos
+
+    tokenizer = bos_adding_tokenizer()
+    turns = [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "the cat is red."}]
+    data = tmp_path / "rendered.jsonl"
+    data.write_text(json.dumps({"text": rendered_with_bos(tokenizer, turns)}) + "\n")
+    _, texts, prefixes = perplexity_texts(str(data), "embedded:prompts", tokenizer, False, 1)
+    (ids,) = tokenizer(texts, add_special_tokens=prefixes is None)["input_ids"]  # as evaluate_text_model scores them
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert (
+        "1 of 1 rows of the text column (row 0 first) already start with the tokenizer's BOS" in capsys.readouterr().out
+    )

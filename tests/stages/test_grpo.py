@@ -825,3 +825,25 @@ def test_generation_kwargs_harmless_for_the_held_out_comparison_pass_the_check(t
     plain = GRPOConfig(output_dir="unused", use_cpu=True, bf16=False, generation_kwargs={**kwargs, "do_sample": False})
     assert comparison_kwargs(plain) == {"do_sample": False, "top_k": 5}
     assert [p.split("'")[1] for p in generation_kwargs_problems(plain, data_args)] == ["do_sample"]
+
+
+def test_string_prompts_rendered_with_a_template_that_writes_the_bos_reach_the_policy_with_one():
+    # a prompt rendered with a Llama 3 template starts with <|begin_of_text|>, which the tokenizer adds again: under
+    # chat_prompts: never TRL's GRPO and RLOO sampled after '<BOS><BOS>...', unflagged (probe 41 A1)
+    from datasets import Dataset
+
+    from hfgen.group_rl import GroupRLArguments, prepare_prompts
+    from tiny_models import bos_adding_tokenizer, rendered_with_bos
+
+    tokenizer = bos_adding_tokenizer()
+    questions = [[{"role": "user", "content": f"describe the {thing}."}] for thing in ("cat", "dog")]
+    rendered = Dataset.from_list(
+        [{"prompt": rendered_with_bos(tokenizer, q, generation_prompt=True)} for q in questions]
+    )
+    records = {}
+    rows = prepare_prompts(rendered, GroupRLArguments(chat_prompts="never"), tokenizer, records)
+    for ids in tokenizer(list(rows["prompt"]))["input_ids"]:  # as TRL tokenizes string prompts: with the special tokens
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert (
+        "2 of 2 rows of the prompt column (row 0 first) already start with the tokenizer's BOS" in records["notes"][0]
+    )

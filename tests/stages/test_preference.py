@@ -848,3 +848,28 @@ def test_orpos_nll_term_covers_the_prompt_as_the_docs_say(tmp_path):
     every_token = batch["chosen_input_ids"].masked_fill(batch["chosen_attention_mask"] == 0, -100)
     assert torch.allclose(nll, cross_entropy(every_token), atol=1e-5)
     assert not torch.allclose(nll, cross_entropy(batch["chosen_labels"]), atol=1e-3)  # (the answers alone)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_prompts_rendered_with_a_template_that_writes_the_bos_reach_the_trainer_with_one(tmp_path, stage):
+    # a prompt rendered with a Llama 3 template starts with <|begin_of_text|>, which the tokenizer adds again when
+    # TRL's DPO, KTO, ORPO and SimPO trainers tokenize the plain prompt: they trained '<BOS><BOS>...' (probe 41 A1)
+    from hfgen.preference import PreferenceDataArguments, load_preference_splits
+    from tiny_models import bos_adding_tokenizer, rendered_with_bos
+
+    tokenizer = bos_adding_tokenizer()
+    rows = []
+    for i in range(12):
+        prompt = rendered_with_bos(tokenizer, [{"role": "user", "content": f"describe cat {i}."}], True)
+        answers = {"chosen": f"the cat {i} is red.<|end|>", "rejected": f"no {i}.<|end|>"}
+        rows += [{"prompt": prompt, **answers}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train_rows, eval_rows, records = load_preference_splits(
+        PreferenceDataArguments(dataset_name=str(data)), 0, unpaired_ok=stage == "kto", tokenizer=tokenizer
+    )
+    for prompt in [*train_rows["prompt"], *eval_rows["prompt"]]:  # as TRL tokenizes a plain prompt
+        ids = tokenizer(prompt)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert any("rows of the prompt column (row 0 first) already start with the tokenizer's BOS" in note
+               for note in records["notes"])  # fmt: skip

@@ -347,3 +347,37 @@ def test_a_corpus_is_packed_once_and_the_next_start_reuses_the_packing(tmp_path,
     assert len(blocks) > 4 and blocks.cache_files
     pack(train, tokenizer, "text", 5)  # other blocks: packed anew, not read from the cache of the 4-token ones
     assert calls["__call__"] == 2 * len(train)
+
+
+def test_text_rendered_with_a_chat_template_is_packed_with_one_bos_and_one_eos(tmp_path):
+    """Text rendered with a Llama 3 chat template starts with the BOS its tokenizer adds again, and ends with the
+    template's EOS, which packing appended again: pretraining read '<BOS><BOS>...<EOS><EOS>', unflagged (probe 41
+    A1). The text's BOS goes, as SFT's does (said, and in data.json); the EOS is appended only where none ends it."""
+    import json
+
+    from datasets import Dataset
+
+    from hfgen.stages.pretrain import pack
+    from tiny_models import bos_adding_tokenizer, rendered_with_bos, save_tiny_llama_adding_bos
+
+    tokenizer = bos_adding_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    turns = [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "the cat is red."}]
+    rendered = rendered_with_bos(tokenizer, turns).rstrip("\n")
+    assert rendered.endswith(tokenizer.eos_token)
+    texts = [{"text": rendered.removeprefix(tokenizer.bos_token)}, {"text": "the dog is calm."}]
+    block = pack(Dataset.from_list(texts * 8), tokenizer, "text", 64)["input_ids"][0]
+    pairs = list(zip(block, block[1:]))
+    assert block[0] == bos and (bos, bos) not in pairs and (eos, eos) not in pairs
+    assert (eos, bos) in pairs  # every document still ends with its EOS
+
+    base = save_tiny_llama_adding_bos(tmp_path / "base")
+    data = tmp_path / "rendered.jsonl"
+    data.write_text("".join(json.dumps({"text": rendered}) + "\n" for _ in range(60)))
+    output_dir = tmp_path / "out"
+    result = run_hfgen_here("train", PRETRAIN, "--config_name", "null", "--tokenizer_name", "null",
+                            "--model_name_or_path", base, "--dataset_name", data, "--block_size", "32",
+                            "--output_dir", output_dir, "--max_steps", "1", *SHORT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = tracking.read_json(output_dir / "data.json")["notes"]
+    assert any("already start with the tokenizer's BOS '<|begin_of_text|>'" in note for note in notes), notes

@@ -313,3 +313,29 @@ def test_a_reward_model_broken_by_the_last_update_is_not_saved(tiny_lm, tmp_path
         result.stderr
     )
     assert not tracking.is_complete(tmp_path / "out") and not (tmp_path / "out/model.safetensors").exists()
+
+
+def test_pairs_rendered_with_a_template_that_writes_the_bos_are_scored_with_one(tmp_path):
+    # a prompt rendered with a Llama 3 template starts with <|begin_of_text|>, which the tokenizer adds again: the
+    # reward model trained on '<BOS><BOS>...', unflagged, and PPO, GRPO and `hfgen eval` score it with one (probe 41 A1)
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+    from tiny_models import rendered_with_bos, save_tiny_llama_adding_bos
+
+    base = save_tiny_llama_adding_bos(tmp_path / "base")
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base))
+    rows = []
+    for pair in preference_pairs(40, seed=7):
+        prompt = rendered_with_bos(tokenizer, pair["prompt"], generation_prompt=True)
+        rows.append({"prompt": prompt, **{k: pair[k][0]["content"] + "<|end|>" for k in ("chosen", "rejected")}})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_recipe(
+        load_recipe(
+            REWARD, [str(o) for o in on_tiny(base, tmp_path / "out", "--dataset_name", data, "--max_steps", "1")]
+        )
+    )
+    notes = tracking.read_json(tmp_path / "out/data.json")["notes"]
+    assert any("rows of the prompt column (row 0 first) already start with the tokenizer's BOS" in n for n in notes)

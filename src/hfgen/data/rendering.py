@@ -128,3 +128,38 @@ def lost_tool_text(messages: list[dict], rendered: str) -> str | None:
             if turn["content"].strip() not in rendered:
                 return f"tool result ({turn['content'].strip()[:40]!r})"
     return None
+
+
+def without_doubled_bos(rows, tokenizer, columns: tuple[str, ...] = ("text",)):
+    """(rows, note): string rows of `columns` (those that open the sequence: the text, the prompt) that already
+    start with the tokenizer's BOS (text rendered with a chat template: Llama 3's <|begin_of_text|>) lose that
+    prefix, since the stages tokenize such text with the special tokens and the tokenizer puts its own BOS in
+    front: a doubled BOS is a sequence the model never reads at inference. The note (None when no row had it)
+    says so; the stages print it and record it in data.json."""
+    from hfgen.models import bos_added_twice
+
+    bos = bos_added_twice(tokenizer)
+    columns = [c for c in columns if c in rows.column_names and len(rows) and isinstance(rows[0][c], str)]
+    if not bos or not columns:
+        return rows, None
+    starting = [i for i, row in enumerate(rows) if any(row[c].startswith(bos) for c in columns)]
+    if not starting:
+        return rows, None
+    rows = rows.map(lambda row: {c: row[c].removeprefix(bos) for c in columns})
+    note = (
+        f"{len(starting)} of {len(rows)} rows of the {' and '.join(columns)} column{'s' if len(columns) > 1 else ''} "
+        f"(row {starting[0]} first) already start with the tokenizer's BOS {bos!r} (text rendered with a chat "
+        "template); the tokenizer adds its own, so the text's was removed: one BOS, as the template renders it"
+    )
+    return rows, note
+
+
+def splits_without_doubled_bos(train_rows, eval_rows, tokenizer, records: dict, columns: tuple[str, ...] = ("text",)):
+    """(train rows, eval rows) `without_doubled_bos`, its note about the training rows printed and added to the
+    data records."""
+    train_rows, note = without_doubled_bos(train_rows, tokenizer, columns)
+    eval_rows = without_doubled_bos(eval_rows, tokenizer, columns)[0]
+    if note:
+        print(f"note: {note}")
+        records.setdefault("notes", []).append(note)
+    return train_rows, eval_rows

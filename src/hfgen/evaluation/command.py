@@ -367,6 +367,8 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
     context and the template text after the EOS (a newline in ChatML-like templates) is left out, as in SFT's
     held-out loss (sft.tokenize_response). A plain prompt/completion row scores its completion, its prompt the
     context."""
+    from hfgen.data.rendering import without_doubled_bos
+
     if spec == AUTO:
         if (world := embedded_world(eval_dataset)) is None:
             return None, [], None
@@ -374,7 +376,10 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
     if spec == "none":
         return None, [], None
     rows = perplexity_rows(spec, count)
-    if "text" in rows.column_names:
+    if "text" in rows.column_names:  # tokenized with the special tokens, as the stages tokenize text
+        rows, note = without_doubled_bos(rows, tokenizer)
+        if note:
+            print(f"note: --perplexity_dataset: {note}")
         return spec, list(rows["text"]), None
     if "messages" in rows.column_names:
         conversations = list(rows["messages"])

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from hfgen import guard, loop, tracking
 from hfgen.data.prepare import TextDataArguments, check_text_data, data_seed, load_for_stage, record
+from hfgen.data.rendering import splits_without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.models import ModelArguments, check_config_file, check_model_source, not_a_causal_lm
 
@@ -70,7 +71,9 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
 
 
 def pack(dataset, tokenizer, text_column: str, block_size: int):
-    """Tokenize, append EOS to each document, concatenate, and cut into `block_size` blocks (remainder dropped)."""
+    """Tokenize, append EOS to each document that does not end with it already (text rendered with a chat template
+    ends with the template's EOS, as TRL's SFT checks too), concatenate, and cut into `block_size` blocks (remainder
+    dropped)."""
 
     if tokenizer.eos_token_id is None:
         raise UserError(
@@ -80,9 +83,9 @@ def pack(dataset, tokenizer, text_column: str, block_size: int):
         )
 
     def tokenize_and_chunk(batch):
-        ids = [
-            token for text in batch[text_column] for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        ]
+        eos = [tokenizer.eos_token_id]
+        documents = tokenizer(batch[text_column])["input_ids"]
+        ids = [token for document in documents for token in document + (eos if document[-1:] != eos else [])]
         usable = len(ids) // block_size * block_size
         blocks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
@@ -137,7 +140,6 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     train_text, eval_text, data_records = load_for_stage(
         data_args, "text", seed=data_seed(training_args), default_columns={"text": data_args.text_column}
     )
-    record(output_dir, data_records)
 
     # Model and tokenizer: from scratch (config + tokenizer) or continued from a pretrained model.
     if data_args.train_tokenizer:
@@ -169,6 +171,9 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
             f"({model.config.model_type}'s max_position_embeddings): lower block_size to at most {limit}"
         )
 
+    # text rendered with a chat template starts with the BOS the tokenizer adds itself: kept once, as SFT keeps it
+    train_text, eval_text = splits_without_doubled_bos(train_text, eval_text, tokenizer, data_records)
+    record(output_dir, data_records)
     with training_args.main_process_first(desc="packing"):
         train_blocks = pack(train_text, tokenizer, "text", data_args.block_size)
         eval_blocks = pack(eval_text, tokenizer, "text", data_args.block_size)

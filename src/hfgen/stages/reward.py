@@ -32,7 +32,7 @@ from hfgen.data.prepare import (
     load_for_stage,
     record,
 )
-from hfgen.data.rendering import sequence_ids, uses_plain_template
+from hfgen.data.rendering import sequence_ids, splits_without_doubled_bos, uses_plain_template
 from hfgen.errors import UserError
 from hfgen.finetune import (
     build_trainer,
@@ -200,6 +200,9 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
         data_records["margin"] = (
             "column 'margin' used in the loss: -log sigmoid(r(chosen) - r(rejected) - margin) (TRL's RewardTrainer)"
         )
+    # plain text is tokenized with the special tokens; its sequences open with the prompt, or the responses
+    opening = ("prompt",) if "prompt" in train_rows.column_names else ("chosen", "rejected")
+    train_rows, eval_rows = splits_without_doubled_bos(train_rows, eval_rows, tokenizer, data_records, opening)
     conversational = isinstance(train_rows[0]["chosen"], list)
     if uses_plain_template(tokenizer, conversational):
         data_records["rendering"] = "plain template ('User: ...', 'Assistant: ...'): the tokenizer has no chat template"

@@ -39,6 +39,7 @@ from hfgen.data.prepare import (
     load_for_stage,
     record,
 )
+from hfgen.data.rendering import splits_without_doubled_bos, without_doubled_bos  # noqa: F401 (tests import it here)
 from hfgen.errors import UserError
 from hfgen.finetune import (
     build_trainer,
@@ -174,28 +175,6 @@ def completion_loss_instead(rows, training_args: SFTConfig) -> str | None:
         "assistant_only_loss: the data is prompt/completion text, not chat turns: the loss is on the completions "
         "(completion_only_loss), as assistant_only_loss asks"
     )
-
-
-def without_doubled_bos(rows, tokenizer):
-    """(rows, note): plain `text` rows that already start with the tokenizer's BOS (text rendered with a chat
-    template: Llama 3's <|begin_of_text|>) lose that prefix, since SFTTrainer tokenizes text with the special tokens
-    and the tokenizer puts its own BOS in front: a doubled BOS is a sequence the model never reads at inference.
-    The note (None when no row had it) says so; `hfgen check` and `hfgen train` print it, data.json records it."""
-    from hfgen.models import bos_added_twice
-
-    bos = bos_added_twice(tokenizer)
-    if "text" not in rows.column_names or not bos or not len(rows):
-        return rows, None
-    starting = [i for i, text in enumerate(rows["text"]) if text.startswith(bos)]
-    if not starting:
-        return rows, None
-    rows = rows.map(lambda row: {"text": row["text"].removeprefix(bos)})
-    note = (
-        f"{len(starting)} of {len(rows)} rows of the text column (row {starting[0]} first) already start with the "
-        f"tokenizer's BOS {bos!r} (text rendered with a chat template); the tokenizer adds its own, so the text's was "
-        "removed: one BOS, as the template renders it"
-    )
-    return rows, note
 
 
 # ---- packing without varlen attention kernels ----------------------------------------------------------
@@ -486,11 +465,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     if note := completion_loss_instead(train_rows, training_args):
         print(note)
         data_records.setdefault("notes", []).append(note)
-    train_rows, note = without_doubled_bos(train_rows, tokenizer)
-    eval_rows = without_doubled_bos(eval_rows, tokenizer)[0]
-    if note:
-        print(f"note: {note}")
-        data_records.setdefault("notes", []).append(note)
+    train_rows, eval_rows = splits_without_doubled_bos(train_rows, eval_rows, tokenizer, data_records)
     if not trl_drops_fully_masked(training_args):  # else counted from what SFTTrainer kept (count_fully_masked)
         train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     count_trained_tokens(training_args)
