@@ -339,3 +339,24 @@ def test_pairs_rendered_with_a_template_that_writes_the_bos_are_scored_with_one(
     )
     notes = tracking.read_json(tmp_path / "out/data.json")["notes"]
     assert any("rows of the prompt column (row 0 first) already start with the tokenizer's BOS" in n for n in notes)
+
+
+def test_lora_with_a_chat_template_path_that_brings_new_tokens_exits_2_as_sft_does(tmp_path):
+    # the template's tokens (ChatML's <|im_start|>/<|im_end|> on a base without them) were added to the tokenizer
+    # before RewardTrainer looked for new tokens to train, so under LoRA their embedding rows stayed random in every
+    # pair the reward model trained on, exit 0 (probe 41 A2); SFT refuses the combination at the check
+    from transformers import AutoTokenizer
+
+    base = save_tiny_llama(tmp_path / "base")
+    more_tokens = tmp_path / "more_tokens"
+    source = AutoTokenizer.from_pretrained(base)
+    source.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    source.save_pretrained(more_tokens)
+    lora = on_tiny(base, tmp_path / "out", "--use_peft", "true", "--chat_template_path", more_tokens)
+    result = run_hfgen_here("check", REWARD, *lora)
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "chat_template_path" in result.stderr and "brings 1 token(s) the model's tokenizer lacks (<|tool|>)" in (
+        result.stderr
+    )
+    full = run_hfgen_here("check", REWARD, *on_tiny(base, tmp_path / "full", "--chat_template_path", more_tokens))
+    assert full.returncode == 0, full.stderr[-2000:]

@@ -72,6 +72,10 @@ def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: 
                 "that is not the pad, which would be the one before the closing EOS, and the reward model could not "
                 "tell a finished answer from a cut-off one; leave pad_token unset (a pad of its own is added)",
             ]
+        from hfgen.stages.sft import new_template_tokens_problems
+
+        if new_tokens := new_template_tokens_problems(model_args, training_args, tokenizer):
+            return [*problems, *new_tokens]
         for rows, split in zip(loaded[:2], ("train", "eval")):
             try:
                 tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, training_args.max_length,

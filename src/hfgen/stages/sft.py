@@ -115,11 +115,13 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
     return problems
 
 
-def new_template_tokens_problems(model_args, training_args: SFTConfig, tokenizer) -> list[str]:
-    """LoRA with `chat_template_path` naming a tokenizer whose special tokens the model's lacks: TRL would train the
-    new tokens' embedding rows (peft's trainable_token_indices) and lm_head in full (modules_to_save), and peft cannot
-    run the two on one layer (a ValueError, "TrainableTokensLayer wraps an unknown layer type", at the first forward
-    pass, after the model has loaded); frozen under LoRA, their rows would stay random."""
+def new_template_tokens_problems(model_args, training_args, tokenizer) -> list[str]:
+    """LoRA with `chat_template_path` naming a tokenizer whose special tokens the model's lacks: TRL's SFT would
+    train the new tokens' embedding rows (peft's trainable_token_indices) and lm_head in full (modules_to_save), and
+    peft cannot run the two on one layer (a ValueError, "TrainableTokensLayer wraps an unknown layer type", at the
+    first forward pass, after the model has loaded); frozen under LoRA, their rows would stay random, as they do in
+    the reward stage (its tokenizer holds them before RewardTrainer looks for tokens to train). `tokenizer`: with
+    the template's tokens added (`finetune.tokenizer_for`)."""
     from hfgen.models import load_tokenizer
 
     if not model_args.use_peft or not training_args.chat_template_path:
@@ -130,9 +132,10 @@ def new_template_tokens_problems(model_args, training_args: SFTConfig, tokenizer
         return []
     return [
         f"chat_template_path '{training_args.chat_template_path}' brings {len(new)} token(s) the model's tokenizer "
-        f"lacks ({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}), which TRL trains beside LoRA in a way peft "
-        "cannot run (lm_head in full and the new embedding rows): train without LoRA (use_peft: false) to learn the "
-        "new tokens, or give a .jinja template written with tokens the tokenizer has"
+        f"lacks ({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}), whose new embedding rows LoRA does not train "
+        "(they would stay random; TRL's SFT trains them beside LoRA in a way peft cannot run, lm_head in full): train "
+        "without LoRA (use_peft: false) to learn the new tokens, or give a .jinja template written with tokens the "
+        "tokenizer has"
     ]
 
 
