@@ -395,10 +395,10 @@ def test_auto_judges_and_perplexity_of_the_arithmetic_prompts_are_the_arithmetic
     prompts = "embedded:arithmetic_prompts"
     assert resolve_oracle("auto", prompts).__wrapped__ is correct_steps
     assert resolve_oracle("auto", prompts)(["2+2+9=?"], ["2+2=4. 4+9=13. answer: 13"]) == [1.0]
-    dataset, texts, prefixes = perplexity_texts("auto", prompts, tokenizer, True, 2)
+    dataset, texts, prefixes, _ = perplexity_texts("auto", prompts, tokenizer, True, 2)
     assert dataset == "embedded:arithmetic_instructions" and len(texts) == 2  # its prompt/completion conversations
     assert texts[0].startswith(prefixes[0]) and "answer:" in texts[0].removeprefix(prefixes[0])
-    dataset, texts, prefixes = perplexity_texts("auto", prompts, tokenizer, False, 2)
+    dataset, texts, prefixes, _ = perplexity_texts("auto", prompts, tokenizer, False, 2)
     assert dataset == "embedded:arithmetic_corpus" and prefixes is None and "=" in texts[0]
     assert perplexity_texts("auto", "embedded:prompts", tokenizer, True, 1)[0] == "embedded:instructions"
 
@@ -410,7 +410,7 @@ def test_a_chat_models_perplexity_scores_the_response_up_to_its_eos_as_sft_train
     from hfgen.evaluation.command import perplexity_texts
     from hfgen.stages.sft import tokenize_response
 
-    _, texts, prefixes = perplexity_texts("embedded:instructions", "embedded:prompts", tokenizer, True, 3)
+    _, texts, prefixes, _ = perplexity_texts("embedded:instructions", "embedded:prompts", tokenizer, True, 3)
     conversations = load_raw("embedded:instructions")["test"]["messages"][:3]
     for text, prefix, messages in zip(texts, prefixes, conversations):
         ids, start = tokenize_response(tokenizer, messages[:-1], messages[-1:], None)
@@ -436,17 +436,17 @@ def test_perplexity_reads_conversations_and_instructions_as_the_sft_stage_does(t
     for name, row in layouts.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text((json.dumps(row) + "\n") * 3)
-        _, texts, prefixes = perplexity_texts(str(path), "embedded:prompts", tokenizer, True, 3)
+        _, texts, prefixes, _ = perplexity_texts(str(path), "embedded:prompts", tokenizer, True, 3)
         assert prefixes == [expected_prefix] * 3, name
         assert texts[0].removeprefix(expected_prefix) == "tom" + tokenizer.eos_token, name
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "name a cat", "input": "", "output": "tom"}) + "\n")
-    _, texts, prefixes = perplexity_texts(str(alpaca), "embedded:prompts", tokenizer, False, 3)
-    assert prefixes == ["name a cat\n\n"] and texts == ["name a cat\n\ntom"]
+    _, texts, prefixes, _ = perplexity_texts(str(alpaca), "embedded:prompts", tokenizer, False, 3)
+    assert prefixes == ["name a cat\n\n"] and texts == ["name a cat\n\ntom" + tokenizer.eos_token]
     # a `text` column beside prompt/completion (the formatted text with its parts) is read, as before (review 40 F14)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps({"text": "a cat: tom", "prompt": "name a cat", "completion": "tom", "id": 1}) + "\n")
-    assert perplexity_texts(str(mixed), "embedded:prompts", tokenizer, False, 3)[1:] == (["a cat: tom"], None)
+    assert perplexity_texts(str(mixed), "embedded:prompts", tokenizer, False, 3)[1:] == (["a cat: tom"], None, True)
 
 
 def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(
@@ -618,9 +618,37 @@ def test_perplexity_texts_rendered_with_a_template_that_writes_the_bos_are_score
     turns = [{"role": "user", "content": "describe the cat."}, {"role": "assistant", "content": "the cat is red."}]
     data = tmp_path / "rendered.jsonl"
     data.write_text(json.dumps({"text": rendered_with_bos(tokenizer, turns)}) + "\n")
-    _, texts, prefixes = perplexity_texts(str(data), "embedded:prompts", tokenizer, False, 1)
-    (ids,) = tokenizer(texts, add_special_tokens=prefixes is None)["input_ids"]  # as evaluate_text_model scores them
+    _, texts, prefixes, special_tokens = perplexity_texts(str(data), "embedded:prompts", tokenizer, False, 1)
+    (ids,) = tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]  # as evaluate_text_model scores them
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert (
         "1 of 1 rows of the text column (row 0 first) already start with the tokenizer's BOS" in capsys.readouterr().out
     )
+
+
+def test_the_perplexity_of_prompt_completion_rows_scores_the_tokens_sft_trains(tmp_path):
+    # plain prompt/completion rows were scored without the BOS a Llama 3 tokenizer puts in front of every text (SFT
+    # trains them with it), without the EOS SFT appends, and with the answer's first token dropped when it merges with
+    # the prompt's trailing space ("Answer: " + "the": ' the'): another perplexity than the SFT run's held-out loss of
+    # the same rows (probe 41 A4)
+    import math
+
+    from hfgen.evaluation import text
+    from hfgen.evaluation.command import perplexity_texts
+    from hfgen.models import load_causal_lm, load_tokenizer
+    from hfgen.stages.sft import response_loss, tokenize_response
+    from tiny_models import save_tiny_llama_adding_bos
+
+    base = save_tiny_llama_adding_bos(tmp_path / "base")
+    tokenizer, model = load_tokenizer(str(base)), load_causal_lm(str(base))
+    rows = [{"prompt": f"Question: describe the {thing}. Answer: ", "completion": f"the {thing} is happy."}
+            for thing in ("cat", "dog")]  # fmt: skip
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _, texts, prefixes, special_tokens = perplexity_texts(str(data), "embedded:prompts", tokenizer, False, 2)
+    measured = text.perplexity(model, tokenizer, texts, prefixes, add_special_tokens=special_tokens)
+    examples = [tokenize_response(tokenizer, row["prompt"], row["completion"], None) for row in rows]
+    assert examples[0][0][0] == tokenizer.bos_token_id and examples[0][0][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(examples[0][0][examples[0][1]]).startswith(" the")  # the answer's first word is scored
+    sft_loss = response_loss(model, examples, tokenizer.pad_token_id, batch_size=8)
+    assert measured == pytest.approx(math.exp(sft_loss), rel=1e-4)

@@ -362,29 +362,32 @@ def perplexity_rows(spec: str, count: int):
 
 
 def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count: int):
-    """(dataset name, texts, prefixes) to measure perplexity on. A conversation is formatted with the chat template
-    up to its last assistant turn, and only that turn (the response) is scored, up to its EOS: the turns before are
-    context and the template text after the EOS (a newline in ChatML-like templates) is left out, as in SFT's
-    held-out loss (sft.tokenize_response). A plain prompt/completion row scores its completion, its prompt the
-    context."""
+    """(dataset name, texts, prefixes, whether the texts are tokenized with the special tokens) to measure
+    perplexity on. A conversation is formatted with the chat template up to its last assistant turn, and only that
+    turn (the response) is scored, up to its EOS: the turns before are context and the template text after the EOS
+    (a newline in ChatML-like templates) is left out, as in SFT's held-out loss (sft.tokenize_response). A plain
+    prompt/completion row scores its completion ended by EOS, its prompt the context, with the tokenizer's special
+    tokens (its BOS), as SFT trains it (sft.tokenize_response too)."""
     from hfgen.data.rendering import without_doubled_bos
 
     if spec == AUTO:
         if (world := embedded_world(eval_dataset)) is None:
-            return None, [], None
+            return None, [], None, True
         spec = world["chat" if chat else "text"]
     if spec == "none":
-        return None, [], None
+        return None, [], None, True
     rows = perplexity_rows(spec, count)
     if "text" in rows.column_names:  # tokenized with the special tokens, as the stages tokenize text
         rows, note = without_doubled_bos(rows, tokenizer)
         if note:
             print(f"note: --perplexity_dataset: {note}")
-        return spec, list(rows["text"]), None
+        return spec, list(rows["text"]), None, True
     if "messages" in rows.column_names:
         conversations = list(rows["messages"])
     elif isinstance(rows[0]["prompt"], str):  # plain rows are prompted raw, as SFT trains them
-        return spec, [p + c for p, c in zip(rows["prompt"], rows["completion"])], list(rows["prompt"])
+        eos = tokenizer.eos_token or ""
+        texts = [p + c if (p + c).endswith(eos) else p + c + eos for p, c in zip(rows["prompt"], rows["completion"])]
+        return spec, texts, list(rows["prompt"]), True
     else:
         conversations = [p + c for p, c in zip(rows["prompt"], rows["completion"])]
     if tokenizer.chat_template is None:
@@ -401,7 +404,8 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
     prefixes = [
         tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True) for m in conversations
     ]
-    return spec, [up_to_eos(text, len(prefix), tokenizer.eos_token) for text, prefix in zip(texts, prefixes)], prefixes
+    texts = [up_to_eos(text, len(prefix), tokenizer.eos_token) for text, prefix in zip(texts, prefixes)]
+    return spec, texts, prefixes, False  # the template writes the special tokens
 
 
 def up_to_eos(text: str, start: int, eos: str | None) -> str:
@@ -458,20 +462,20 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     responses = texts_of(completions)
 
     # Quality: perplexity, then judges (reward model, oracle), then the baseline's win rate.
-    dataset, texts, prefixes = perplexity_texts(
+    dataset, texts, prefixes, special_tokens = perplexity_texts(
         args.perplexity_dataset, args.eval_dataset, tokenizer, chat, args.perplexity_texts
     )
     if texts:
         # A model with learned positions (GPT-2, OPT) reads no further than them (an IndexError past them): longer
         # texts are cut to their first `limit` tokens, as training cuts its rows.
         limit = position_limit(model.config)
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=prefixes is None)["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]]
         if limit and (cut := sum(length > limit for length in lengths)):
             print(f"perplexity: {cut} of {len(texts)} texts are longer than the {limit} positions "
                   f"{model.config.model_type} models learn: cut to their first {limit} tokens")  # fmt: skip
         with tqdm(total=len(texts), desc="perplexity", disable=args.quiet) as bar:
             results["quality/perplexity"] = text.perplexity(
-                model, tokenizer, texts, prefixes, add_special_tokens=prefixes is None, max_length=limit, progress=bar
+                model, tokenizer, texts, prefixes, add_special_tokens=special_tokens, max_length=limit, progress=bar
             )
         results["eval/perplexity_dataset"] = dataset
         results["eval/perplexity_of"] = "responses" if prefixes else "texts"

@@ -140,8 +140,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], prefixes: Sequence[str] |
                add_special_tokens: bool = True, max_length: int | None = None, progress=None) -> float:  # fmt: skip
     """exp(mean negative log-likelihood per predicted token) of `texts`, each scored on its own: every token
     after the first is predicted, except those of `prefixes[i]` (a start of texts[i], e.g. a chat prompt), which
-    are context only. `progress` is an optional tqdm-like bar, advanced per text."""
+    are context only: the tokens up to where the prefix's and the text's token ids part, as TRL's SFT (and
+    sft.tokenize_response) start the completion, since the prefix's last word may merge with the text's next ("Answer: "
+    + "the": ' the'). `progress` is an optional tqdm-like bar, advanced per text."""
     import torch
+    from trl.data_utils import common_prefix_length
 
     if prefixes is not None and not all(t.startswith(p) for t, p in zip(texts, prefixes)):
         raise ValueError("perplexity: every prefix must be the start of its text")
@@ -159,7 +162,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], prefixes: Sequence[str] |
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             if prefixes is not None:
                 for row, prefix in enumerate(prefixes[start : start + batch_size]):
-                    labels[row, : len(tokenizer(prefix, **encode)["input_ids"])] = -100
+                    prefix_ids = tokenizer(prefix, **encode)["input_ids"]
+                    labels[row, : common_prefix_length(prefix_ids, batch["input_ids"][row].tolist())] = -100
             with torch.inference_mode():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = labels[:, 1:]
