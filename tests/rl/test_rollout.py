@@ -562,3 +562,28 @@ def test_a_roberta_reward_model_numbers_its_own_positions_as_in_training():
     short, long = [2, 5, 6, EOS], [2, 5, 6, 7, 8, 9, 10, EOS]
     own = torch.cat([reward_model(input_ids=torch.tensor([ids])).logits[:, 0] for ids in (short, long)])
     torch.testing.assert_close(R.sequence_scores(reward_model, [short, long], PAD, chunk_size=2), own)
+
+
+def test_a_cut_off_response_reaches_the_reward_model_as_the_template_writes_an_assistant_turn():
+    # Llama 2's template writes ' ' + content after '[/INST]'; a cut-off response was rendered as the generation
+    # prompt + its decoded text, which has lost its SentencePiece word's leading space: '[/INST]the cat', its first
+    # word tokenized unlike anything the policy generated or the reward model trained on (probe 41 A5)
+    from tiny_models import bos_adding_tokenizer
+
+    tokenizer = bos_adding_tokenizer()
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+    )
+    prompt = [{"role": "user", "content": "describe the cat."}]
+    finished, cut = R.reward_model_texts(tokenizer, [prompt, prompt], ["the cat is calm.", "the cat is"], [True, False])
+    assert finished == "<|begin_of_text|>[INST] describe the cat. [/INST] the cat is calm. <|end|>"
+    assert cut == "<|begin_of_text|>[INST] describe the cat. [/INST] the cat is"  # left open, its word's space kept
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids(finished)[: len(ids(cut))] == ids(cut)  # the same tokens as the finished turn, up to where it stops
+    # ChatML-like templates write the content as it is: the generation prompt + the response, trailing space too
+    tokenizer.chat_template = bos_adding_tokenizer().chat_template
+    assert R.reward_model_texts(tokenizer, [prompt], ["the cat is "], [False]) == [
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + "the cat is "
+    ]

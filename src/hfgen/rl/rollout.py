@@ -241,8 +241,29 @@ def reward_model_texts(tokenizer, prompts: list, responses: list[str], finished:
                 tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
             )
         else:
-            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + response)
+            texts.append(open_turn_text(tokenizer, prompt, response))
     return texts
+
+
+def open_turn_text(tokenizer, prompt: list, response: str) -> str:
+    """The conversation with `response` as an assistant turn left open: the template's rendering of the finished
+    turn, cut where the response's text ends (before its closing), so the response reads as the template writes a
+    turn's content. Not the generation prompt + the response: Llama 2's template writes ' ' + content after
+    '[/INST]', and the response's decoded text has lost the leading space of its SentencePiece word ('▁the' ->
+    'the'), so '[/INST]the' would tokenize its first word unlike anything the reward model trained on. That
+    rendering where the template does not write the response's text as it is."""
+    import os
+
+    opened = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    content = response.strip()
+    if not content:
+        return opened + response
+    full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    start = len(os.path.commonprefix([opened, full]))  # the turn's content begins after the shared prompt
+    for written in (response, content):  # as it is, or stripped as Llama 2's template strips it
+        if (at := full.find(written, start)) >= 0:
+            return full[: at + len(written)]
+    return opened + response
 
 
 def turn_close_ids(tokenizer) -> list[int] | None:
