@@ -127,6 +127,18 @@ def save_tiny_llama_adding_bos(path: Path) -> Path:
     return save_tiny_llama(path, tokenizer_name=str(path))
 
 
+def save_tiny_llama_ending_turns_apart(path: Path) -> Path:
+    """A tiny random Llama whose chat template ends assistant turns with a token that is not its EOS, as Qwen2.5
+    base's (turns end <|im_end|>, EOS and generation_config eos <|endoftext|>): the embedded tokenizer with an EOS
+    '<|endoftext|>' of its own, the template's turns still ending with '<|end|>'."""
+    from hfgen.models import build_embedded_tokenizer
+
+    tokenizer = build_embedded_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    tokenizer.save_pretrained(path)
+    return save_tiny_llama(path, tokenizer_name=str(path))
+
+
 def rendered_with_bos(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
     """`messages` as text rendered with a Llama 3 chat template: the BOS first, then the turns."""
     return tokenizer.bos_token + tokenizer.apply_chat_template(

@@ -303,13 +303,25 @@ def prompt_columns(data_args: GroupRLArguments) -> dict[str, str]:
 
 
 def prompt_template_problems(model_args, data_args, config, train_rows) -> list[str]:
-    """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to."""
+    """Chat-message prompts need a chat template; plain strings to a chat model are refused when asked to. Prompts
+    sent in the chat template warn when generation would not stop at the template's turn end
+    (`unstopped_turn_end`)."""
     from hfgen.models import load_tokenizer
 
     first = train_rows[0]["prompt"]
     source = data_source(data_args)
     model = model_args.model_name_or_path
-    has_template = load_tokenizer(model, config.trust_remote_code).chat_template is not None
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    has_template = tokenizer.chat_template is not None
+    if has_template and (not isinstance(first, str) or data_args.chat_prompts == "auto"):
+        if end := unstopped_turn_end(tokenizer, model):
+            print(
+                f"warning: the chat template of '{model}' ends assistant turns with '{end}', which is not a token "
+                f"generation stops at (the EOS '{tokenizer.eos_token}' and the generation_config's eos_token_id): "
+                f"a response that closes its turn runs on past it (the next turn, scored by the rewards) and counts "
+                f"as unfinished; add the id of '{end}' to the eos_token_id of the model's generation_config.json (as "
+                "an SFT run with eos_token saves it), or start from a model trained to end its answers with EOS"
+            )
     if not isinstance(first, str) and not has_template:
         return [
             f"the prompts of {source} hold chat messages, but the tokenizer of '{model}' has no chat template to "
@@ -322,6 +334,32 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
             "chat_prompts: auto to send each as one user turn, or never to keep them raw"
         ]
     return []
+
+
+def unstopped_turn_end(tokenizer, model: str) -> str | None:
+    """The special token the chat template ends an assistant turn with (`check.turn_end_token`) when it is none of
+    the ids generation stops at (`rl.models.stop_token_ids`: the EOS and the generation config's): Qwen2.5 base's
+    template ends turns with <|im_end|>, its EOS is <|endoftext|>. None otherwise."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from hfgen.check import turn_end_token
+    from hfgen.models import base_model_of
+    from hfgen.rl.models import stop_token_ids
+
+    end = turn_end_token(tokenizer)
+    if end is None:
+        return None
+    generation = None
+    for path in dict.fromkeys([model, base_model_of(model)]):  # an adapter dir's own, else its base's
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+            break
+        except (OSError, ValueError):  # none saved
+            continue
+    stops = stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation))
+    return None if tokenizer.convert_tokens_to_ids(end) in stops else end
 
 
 # ---- prompts and rewards ------------------------------------------------------------------------------------

@@ -847,3 +847,23 @@ def test_string_prompts_rendered_with_a_template_that_writes_the_bos_reach_the_p
     assert (
         "2 of 2 rows of the prompt column (row 0 first) already start with the tokenizer's BOS" in records["notes"][0]
     )
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of(tmp_path, stage):
+    # from a Qwen2.5 base (turns end <|im_end|>, EOS <|endoftext|>) the policy's responses ran on past the turn's
+    # end into a next turn, scored by the rewards and counted unfinished, with no word from the check; the SFT check
+    # refuses the same layout (probe 41 A3)
+    from tiny_models import save_tiny_llama_ending_turns_apart
+
+    model = save_tiny_llama_ending_turns_apart(tmp_path / "base")
+    recipe = write_recipe(tmp_path, model, stage, reward_functions=["hfgen.data.arithmetic:exact_answer"],
+                          reward_weights=[1.0])  # fmt: skip
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ends assistant turns with '<|end|>', which is not a token generation stops at" in result.stdout
+    ending_with_eos = save_tiny_llama(tmp_path / "eos", tokenizer_name="embedded:arithmetic-bpe")
+    assert (
+        "warning: the chat template"
+        not in run_hfgen_here("check", recipe, "--model_name_or_path", ending_with_eos).stdout
+    )

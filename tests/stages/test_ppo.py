@@ -928,3 +928,14 @@ def test_an_oracle_that_leaves_responses_unscored_is_averaged_over_those_it_scor
     rows = records["policy_eval.jsonl"]
     assert [row["ppo/oracle"] for row in rows] == [None, 1.0] * (len(rows) // 2)
     assert results["ppo/oracle"] == results["sft/oracle"] == 1.0
+
+
+def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of(tmp_path):
+    # from a Qwen2.5 base (turns end <|im_end|>, EOS <|endoftext|>) the rollouts ran on past the turn's end, scored
+    # and counted unfinished, with no word from the check; the SFT check refuses the same layout (probe 41 A3)
+    from tiny_models import save_tiny_llama_ending_turns_apart
+
+    model = save_tiny_llama_ending_turns_apart(tmp_path / "base")
+    result = run_hfgen_here("check", write_recipe(tmp_path, model, reward_functions=[ORACLE]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ends assistant turns with '<|end|>', which is not a token generation stops at" in result.stdout
