@@ -83,9 +83,10 @@ def pack(dataset, tokenizer, text_column: str, block_size: int):
         )
 
     def tokenize_and_chunk(batch):
-        eos = [tokenizer.eos_token_id]
-        documents = tokenizer(batch[text_column])["input_ids"]
-        ids = [token for document in documents for token in document + (eos if document[-1:] != eos else [])]
+        eos, ids = [tokenizer.eos_token_id], []
+        for text in batch[text_column]:
+            document = tokenizer(text)["input_ids"]
+            ids += document if document[-1:] == eos else document + eos
         usable = len(ids) // block_size * block_size
         blocks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
