@@ -181,15 +181,14 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
     interrupted step continues from its checkpoint (`run_step`) unless an earlier step ran just now; a complete step
     of another recipe is trained over only with its overwrite_output_dir (`run_recipe` refuses it otherwise)."""
     from hfgen import tracking
-    from hfgen.recipe import load_recipe
     from hfgen.stages import rlhf
     from hfgen.train import run_recipe, run_step
 
     if shared.prerequisite:
-        prerequisite = load_recipe(shared.prerequisite, check_inputs=False)
+        prerequisite = rlhf.prerequisite_recipe(shared, check_inputs=False)
         if not tracking.is_complete(prerequisite.output_dir):
             print(f"== prerequisite: {shared.prerequisite} -> {prerequisite.output_dir}")
-            run_step(load_recipe(shared.prerequisite))
+            run_step(rlhf.prerequisite_recipe(shared))
     ran = False
     for step in ("sft", "reward") if needs_reward else ("sft",):
         recipe = rlhf.step_recipe(shared, step, check_inputs=False)

@@ -139,6 +139,11 @@ class _RaisingParser:
             def error(self, message):  # argparse calls this on bad values; we collect instead
                 raise UserError(message)
 
+            @staticmethod
+            def _parse_dataclass_field(parser, field):
+                if is_recipe_key(field):  # (a field hfgen fills itself, as rlhf's passed_to_steps, takes no value)
+                    HfArgumentParser._parse_dataclass_field(parser, field)
+
         self.parser = Parser(dataclass_types)
         self.actions = {
             action.dest: action
@@ -276,9 +281,15 @@ def _suggest(key: str, known: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def is_recipe_key(field: dataclasses.Field) -> bool:
+    return field.init and field.metadata.get("recipe_key", True)
+
+
 def known_keys(stage: str) -> list[str]:
     module = load_stage(stage)
-    return sorted(f.name for cls in (*module.ARGUMENTS, RunArguments) for f in dataclasses.fields(cls) if f.init)
+    return sorted(
+        f.name for cls in (*module.ARGUMENTS, RunArguments) for f in dataclasses.fields(cls) if is_recipe_key(f)
+    )
 
 
 def load_recipe(
@@ -424,6 +435,9 @@ def build_recipe(
             if hasattr(config, key):
                 setattr(config, key, [])
     *configs, run = configs
+    for config in configs:  # a pipeline's own save_on_signal / nan_tolerance, for its steps (`rlhf.step_recipe`)
+        if hasattr(config, "passed_to_steps"):
+            config.passed_to_steps = {key: getattr(run, key) for key in module.PASSED_TO_STEPS if key in values}
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
     problems = value_problems((*recipe.configs, run)) + unread_key_problems(stage, recipe.configs)
     if check_inputs:

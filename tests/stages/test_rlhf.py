@@ -94,6 +94,28 @@ def test_a_steps_bf16_without_a_gpu_is_named_with_its_own_step(pipeline, tmp_pat
     assert not (tmp_path / "pretrain_out").exists()
 
 
+def test_the_pipelines_save_on_signal_and_nan_tolerance_reach_every_step_that_sets_none(pipeline, tmp_path):
+    # `save_on_signal: true` on the pipeline recipe was accepted, and each step (a run of its own recipe) ran without
+    # it: a SIGINT mid-step was a KeyboardInterrupt traceback, no checkpoint (probe 41 C4); nan_tolerance the same
+    import dataclasses
+
+    from hfgen.recipe import load_recipe
+    from hfgen.stages import rlhf
+
+    own = ["--sft_overrides", '{"save_on_signal": false}', "--save_on_signal", "true", "--nan_tolerance", "2"]
+    (args,) = load_recipe(pipeline, own).configs
+    steps = {step: rlhf.step_recipe(args, step, check_inputs=False).run for step in ("sft", "reward", "ppo")}
+    assert [(run.save_on_signal, run.nan_tolerance) for run in steps.values()] == [(False, 2), (True, 2), (True, 2)]
+    prerequisite = rlhf.prerequisite_recipe(args, check_inputs=False).run
+    assert (prerequisite.save_on_signal, prerequisite.nan_tolerance) == (True, 2)
+    method = dataclasses.replace(args, method="ppo")  # as `hfgen compare` makes each method's arguments
+    assert rlhf.step_recipe(method, "ppo", check_inputs=False).values["save_on_signal"] is True
+    (unset,) = load_recipe(pipeline).configs  # a pipeline that sets neither leaves the steps' recipes as they were
+    assert "save_on_signal" not in rlhf.step_recipe(unset, "ppo", check_inputs=False).values
+    result = run_hfgen_here("check", pipeline, "--passed_to_steps", "{}")  # filled by hfgen, not a recipe key
+    assert result.returncode == 2 and "unknown key 'passed_to_steps'" in result.stderr
+
+
 def test_shipped_pipeline_recipe_names_the_tiny_steps():
     from hfgen.recipe import load_recipe
 

@@ -74,12 +74,20 @@ class RLHFArguments:
     simpo: str | None = field(default=None, metadata={"help": "Recipe of the simpo step (method: simpo)."})
     simpo_overrides: str | None = field(default=None, metadata={"help": "Mapping overriding the simpo recipe."})
     force: bool = field(default=False, metadata={"help": "Rerun every step even when its output is complete."})
+    # not a recipe key: the pipeline recipe's own PASSED_TO_STEPS values, set by `recipe.build_recipe` (a field, so
+    # that `dataclasses.replace` of the arguments, as `hfgen compare` makes them, keeps them)
+    passed_to_steps: dict = field(default_factory=dict, metadata={"recipe_key": False})
 
 
 ARGUMENTS = (RLHFArguments,)
 
 
 INPUT_MODEL_KEYS = ("model_name_or_path", "reward_model_path", "value_model_path")  # a step's models to read
+
+# The keys of every recipe (`recipe.RunArguments`) about how a run stops, which the pipeline recipe passes on to each
+# step whose own recipe and `<step>_overrides` leave them out: each step is a run of its own, which read only its
+# own recipe, so `save_on_signal: true` on the pipeline recipe was accepted and a preempted step saved nothing.
+PASSED_TO_STEPS = ("save_on_signal", "nan_tolerance")
 
 
 def check(args: RLHFArguments) -> list[str]:
@@ -94,10 +102,8 @@ def check(args: RLHFArguments) -> list[str]:
     # (name, recipe) in the order they run: the prerequisite, then the steps
     recipes = []
     if args.prerequisite and Path(args.prerequisite).is_file():
-        from hfgen.recipe import load_recipe
-
         try:
-            recipes.append(("prerequisite", load_recipe(args.prerequisite, check_inputs=False)))
+            recipes.append(("prerequisite", prerequisite_recipe(args, check_inputs=False)))
         except UserError as error:
             problems.append(f"prerequisite: {error}")
     for step in pipeline_steps(args):
@@ -167,7 +173,8 @@ def value_problems(recipes: list, made: list[Path]) -> list[tuple[str, str]]:
 
 def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
     """The step's recipe file, then the pipeline's wiring (PPO reads the SFT and reward steps' outputs), then the
-    user's overrides for the step, which win."""
+    user's overrides for the step, which win; then the pipeline recipe's own PASSED_TO_STEPS keys that neither
+    the step's recipe nor its overrides set."""
     from hfgen.recipe import build_recipe, read_recipe_file
 
     path = Path(getattr(args, step))
@@ -177,7 +184,20 @@ def step_recipe(args: RLHFArguments, step: str, check_inputs: bool):
         if "reward" in pipeline_steps(args):  # the reward model to train against, or (offline methods) the judge
             values["reward_model_path"] = str(step_recipe(args, "reward", check_inputs=False).output_dir)
     values.update(user_overrides(args, step))
-    return build_recipe(values, source=path, check_inputs=check_inputs)
+    return build_recipe(with_passed_keys(args, values), source=path, check_inputs=check_inputs)
+
+
+def prerequisite_recipe(args: RLHFArguments, check_inputs: bool = True):
+    """The prerequisite's recipe file, with the pipeline's PASSED_TO_STEPS keys it leaves out, as a step's."""
+    from hfgen.recipe import build_recipe, read_recipe_file
+
+    path = Path(args.prerequisite)
+    return build_recipe(with_passed_keys(args, read_recipe_file(path)), source=path, check_inputs=check_inputs)
+
+
+def with_passed_keys(args: RLHFArguments, values: dict) -> dict:
+    """A step's values, with the pipeline recipe's own PASSED_TO_STEPS keys that they leave out."""
+    return {**values, **{key: value for key, value in args.passed_to_steps.items() if key not in values}}
 
 
 def user_overrides(args: RLHFArguments, step: str) -> dict:
@@ -192,15 +212,14 @@ def user_overrides(args: RLHFArguments, step: str) -> dict:
 
 
 def run(args: RLHFArguments) -> Path:
-    from hfgen.recipe import load_recipe
     from hfgen.train import run_step
 
     consumed = {}  # the runs a step consumes (its inputs): the prerequisite and every earlier step
     if args.prerequisite:
-        prerequisite = load_recipe(args.prerequisite, check_inputs=False)
+        prerequisite = prerequisite_recipe(args, check_inputs=False)
         if not tracking.is_complete(prerequisite.output_dir):
             say(f"== prerequisite: {args.prerequisite} -> {prerequisite.output_dir}")
-            run_step(load_recipe(args.prerequisite))
+            run_step(prerequisite_recipe(args))
         consumed["prerequisite"] = prerequisite.output_dir
 
     earlier_ran = False
