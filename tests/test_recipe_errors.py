@@ -367,6 +367,26 @@ def test_a_model_path_that_is_no_hub_id_either_exits_2_naming_it(tmp_path):
         assert expected in result.stderr
 
 
+def test_a_variable_in_any_path_key_is_refused_not_written_into_a_folder_of_that_name(tmp_path, monkeypatch):
+    # `output_dir: $SCRATCH/run` trained into a folder literally named '$SCRATCH/run' under the working directory,
+    # exit 0, where the same variable in a model path was refused (probe 41 C8); a data path's was "does not exist"
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    result = run_hfgen_here("check", PRETRAIN, "--output_dir", "$SCRATCH/run", "--dataset_name", "${SCRATCH}/d.jsonl",
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "has 2 problems" in result.stderr, result.stderr
+    assert (
+        f"output_dir '$SCRATCH/run' is used as written (relative to the working directory {tmp_path}" in result.stderr
+    )
+    assert "dataset_name '${SCRATCH}/d.jsonl' does not exist" in result.stderr
+    assert "$VARIABLES are not expanded in a recipe ($SCRATCH stays as written)" in result.stderr
+    assert '`--output_dir "$SCRATCH/run"`' in result.stderr
+    assert not (tmp_path / "$SCRATCH").exists()
+    (tmp_path / "$HOME data").mkdir()  # a path that exists with a '$' in its name is that path
+    result = run_hfgen_here("check", PRETRAIN, "--output_dir", tmp_path / "out", "--dataset_name", "$HOME data",
+                            cwd=tmp_path)  # fmt: skip
+    assert "$VARIABLES" not in result.stderr
+
+
 def test_a_model_path_under_home_written_with_a_tilde_loads(tmp_path, monkeypatch):
     # `~/models/x` passed the existence check (which expands ~) and then reached the tokenizer and model loaders as
     # written, which took it for a hub id: "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"

@@ -420,6 +420,7 @@ def build_recipe(
         # number (-inf, -1e-05: str() of logit_mean: -1.0e-5) for an option, "expected one argument"
         argv += [f"--{key}={tokens[0]}"] if action.nargs in (None, "?") else [f"--{key}", *tokens]
     errors += _alias_conflicts(values, parser.actions)
+    errors += unexpanded_variable_problems(values, parser.actions)
     errors += _revision_problem(values) if "model_revision" in parser.actions else []
     if errors:
         raise UserError(f"{where} has {_count(errors, 'problem')}: " + "; ".join(errors).rstrip(".") + ".")
@@ -463,6 +464,45 @@ INPUT_PATH_KEYS = (
     "ptx_dataset_name", "eval_prompts_dataset", "instance_data_dir", "vae_config", "unet_config", "scheduler_config",
     "text_encoder_config", "transformer_config",
 )  # fmt: skip
+
+
+# the other keys whose value is a path: where the run writes (output_dir; dreambooth's class images, made when
+# missing), the checkpoint it resumes from, a config file, and an rlhf pipeline's recipes
+OTHER_PATH_KEYS = (
+    "output_dir", "class_data_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config",
+    "prerequisite", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "orpo", "simpo",
+)  # fmt: skip
+_VARIABLE = re.compile(r"\$(\{\w+\}|[A-Za-z_]\w*)")  # a shell's $NAME or ${NAME}
+
+
+def unexpanded_variable_problems(values: dict[str, Any], actions: dict) -> list[str]:
+    """Path values holding a `$NAME` that names no existing path: a recipe's text is not a shell's, and nothing
+    expands it (`~` aside). `output_dir: $SCRATCH/run` trained into a folder literally named '$SCRATCH/run' under the
+    working directory, exit 0, where the same variable in a model path was refused."""
+    from hfgen.models import relative_to_cwd
+
+    named = [(key, value) for key, value in values.items() if key in (*INPUT_PATH_KEYS, *OTHER_PATH_KEYS)]
+    mixture = values.get("datasets")  # (not yet type-checked here) entries are mappings with a name, or names
+    for entry in mixture if isinstance(mixture, list) else []:
+        named.append(("datasets", entry.get("name") if isinstance(entry, dict) else entry))
+    problems = []
+    for key, value in named:
+        if key not in actions or not isinstance(value, str) or not (found := _VARIABLE.search(value)):
+            continue
+        if Path(value).expanduser().exists():
+            continue  # a path whose name holds a '$' (what nothing would expand either)
+        what = "does not exist" if key in INPUT_PATH_KEYS or key == "datasets" else "is used as written"
+        # (a mixture's entry has no command-line spelling of its own)
+        shell = (
+            ""
+            if key == "datasets"
+            else f', or give it on the command line, where the shell expands it (`--{key} "{value}"`)'
+        )
+        problems.append(
+            f"{key} '{value}' {what}{relative_to_cwd(value)}; $VARIABLES are not expanded in a recipe "
+            f"({found.group(0)} stays as written): write the path out{shell}"
+        )
+    return problems
 
 
 def inputs_in_output_dir(values: dict[str, Any], output_dir: Path) -> list[str]:
