@@ -7,6 +7,7 @@ required columns are checked, and a sample of rows is read, before any model is 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import importlib.util
@@ -166,6 +167,8 @@ def load_raw(name: str, config: str | None = None):
     # truncated or damaged compressed file's (EOFError, LZMAError, zlib.error: none of the others). Anything else is
     # a bug and keeps its traceback.
     except (OSError, ValueError, DatasetsError, EOFError, lzma.LZMAError, zlib.error) as error:
+        if full := datasets_cache_full(error):  # its cache's disk, not the data, is the problem
+            raise UserError(full) from None
         error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
         if wide := next((file for file in files if is_wide_text(file)), None):  # its JSON error said "row 0"
             raise UserError(
@@ -195,6 +198,53 @@ def load_raw(name: str, config: str | None = None):
             )
             raise UserError(f"dataset_name '{name}': its '{split}' split has no rows (an empty file?); {fix}") from None
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+
+
+def datasets_cache_full(error: BaseException) -> str | None:
+    """The message for a write of datasets' cache (HF_DATASETS_CACHE: the arrow files of a load, a map, a filter)
+    that found the disk full, else None. Its error names no file (the write is pyarrow's, into a tempfile), so the
+    command's guard (`errors.disk_full_exits_2`) blamed "its output", which has room. The half-written tempfile,
+    which datasets' own cleanup never reaches (its writer's final flush fails again first), is removed."""
+    import datasets
+
+    from hfgen.errors import disk_full
+
+    if not disk_full(error):
+        return None
+    package = str(Path(datasets.__file__).parent)
+    frames, chained = [], error
+    while chained is not None:  # every frame of the chain: datasets' cleanup raised while handling the first error
+        traceback = chained.__traceback__
+        while traceback is not None:
+            frames.append(traceback.tb_frame)
+            traceback = traceback.tb_next
+        chained = chained.__cause__ or chained.__context__
+    theirs = [frame for frame in frames if frame.f_code.co_filename.startswith(package)]
+    if not theirs:
+        return None
+    for frame in theirs:  # the writing frame's own tempfile, by its name (no other process's)
+        name = getattr(frame.f_locals.get("tmp_file"), "name", None)
+        if isinstance(name, str) and Path(name).name.startswith("tmp"):
+            Path(name).unlink(missing_ok=True)
+    return (
+        f"the disk is full: datasets could not write its cache under '{datasets.config.HF_DATASETS_CACHE}' "
+        "(HF_DATASETS_CACHE; No space left on device), where it keeps the data it loads and prepares. Free some "
+        "space there, or set HF_DATASETS_CACHE to a folder on another disk, then run the same command again."
+    )
+
+
+@contextlib.contextmanager
+def datasets_cache_full_exits_2():
+    """A full disk met by datasets' cache writes within the block (loading, the stage's tokenization) ends the
+    command with exit code 2 naming the cache (`datasets_cache_full`); any other error passes as it was."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        if full := datasets_cache_full(error):
+            raise UserError(full) from None
+        raise
 
 
 def types_that_differ(files: list[Path]) -> str | None:
