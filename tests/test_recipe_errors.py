@@ -357,6 +357,30 @@ def test_a_missing_relative_path_is_named_with_the_directory_it_was_looked_for_i
     )
 
 
+def test_a_missing_relative_model_or_data_path_of_a_hub_ids_shape_is_named_with_the_working_directory(
+    tmp_path, monkeypatch
+):
+    # run from another directory, `rosrc/model` (a hub id's shape too) was "neither a local path nor in the Hugging
+    # Face cache", `rosrc/data.jsonl` "does not exist", `rosrc/data` could not be reached on the hub: none said where
+    # the folder was looked for, as a one-part or `../` path's message does (probe 41 C6)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    where = f"(relative to the working directory {tmp_path}: recipe paths are read from there"
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", "rosrc/model",
+                            "--dataset_name", "rosrc/data.jsonl", "--output_dir", tmp_path / "out", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"model_name_or_path 'rosrc/model' is neither a local path {where}" in result.stderr
+    assert "nor in the Hugging Face cache" in result.stderr
+    assert f"dataset_name 'rosrc/data.jsonl' does not exist {where}" in result.stderr
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--dataset_name", "rosrc/data",
+                            "--output_dir", tmp_path / "out", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "dataset_name 'rosrc/data' could not be loaded: " in result.stderr
+    assert f"; nor is it a folder {where}" in result.stderr
+
+
 def test_a_model_path_that_is_no_hub_id_either_exits_2_naming_it(tmp_path):
     # 'my model' (a typo) or '$MYMODELS/x' (an unexpanded variable) is neither a path nor a valid hub id: the hub's
     # cache lookup raised HFValidationError, a traceback from `hfgen check`

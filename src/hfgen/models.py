@@ -147,7 +147,11 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
             and not isinstance(config, str)
             and not isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
         ):
-            return [f"{key} '{name}' is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"]
+            # (`outputs/sft` is a hub id's shape too: where the folder was looked for is said as for any relative path)
+            return [
+                f"{key} '{name}' is neither a local path{relative_to_cwd(name)} nor in the Hugging Face cache, and "
+                "HF_HUB_OFFLINE is set"
+            ]
     if trust_remote_code is False and isinstance(config, (str, Path)):
         return custom_code_problem(key, name, Path(config))
     return []

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from hfgen.errors import UserError
+from hfgen.models import relative_to_cwd
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -150,7 +151,7 @@ def load_raw(name: str, config: str | None = None):
                 all_files_read(name, files, datasets.load_dataset_builder(str(path), config, **options))
             return valid_text(datasets.load_dataset(str(path), config, **options), name)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or data_suffix(path) in FILE_BUILDERS:
-            raise UserError(f"dataset_name '{name}' does not exist")
+            raise UserError(f"dataset_name '{name}' does not exist{relative_to_cwd(name)}")
         return datasets.load_dataset(name, config)
     except UserError:
         raise
@@ -197,7 +198,10 @@ def load_raw(name: str, config: str | None = None):
                 "" if split == "train" else ", or remove it (a held-out part of train is then used)"
             )
             raise UserError(f"dataset_name '{name}': its '{split}' split has no rows (an empty file?); {fix}") from None
-        raise UserError(f"dataset_name '{name}' could not be loaded: {message}") from None
+        # a hub id's shape (`data/prompts`) that is also no folder where hfgen looked for one, as a relative path
+        nowhere = not embedded and not glob.has_magic(name) and not path.exists() and relative_to_cwd(name)
+        folder = f"; nor is it a folder{nowhere}" if nowhere else ""
+        raise UserError(f"dataset_name '{name}' could not be loaded: {message}{folder}") from None
 
 
 def datasets_cache_full(error: BaseException) -> str | None:
