@@ -126,6 +126,7 @@ def comparable_recipe(recipe_yaml: str):
     if not isinstance(values, dict):
         return None
     values.pop("output_dir", None)
+    values.pop("save_on_signal", None)  # how a run stops, not what it trains: a complete run with it is the same run
     return values
 
 

@@ -114,6 +114,14 @@ def test_the_pipelines_save_on_signal_and_nan_tolerance_reach_every_step_that_se
     assert "save_on_signal" not in rlhf.step_recipe(unset, "ppo", check_inputs=False).values
     result = run_hfgen_here("check", pipeline, "--passed_to_steps", "{}")  # filled by hfgen, not a recipe key
     assert result.returncode == 2 and "unknown key 'passed_to_steps'" in result.stderr
+    # a step completed without it is the same run once the pipeline passes it on: reused, not trained again
+    from hfgen import tracking
+
+    without = rlhf.step_recipe(unset, "ppo", check_inputs=False)
+    (tmp_path / "recipe.yaml").write_text(without.to_yaml())
+    (signalled,) = load_recipe(pipeline, ["--save_on_signal", "true"]).configs
+    assert tracking.holds_recipe(tmp_path, rlhf.step_recipe(signalled, "ppo", check_inputs=False).to_yaml())
+    assert not tracking.holds_recipe(tmp_path, rlhf.step_recipe(method, "ppo", check_inputs=False).to_yaml())  # (2)
 
 
 def test_shipped_pipeline_recipe_names_the_tiny_steps():
