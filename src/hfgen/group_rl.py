@@ -777,6 +777,23 @@ def suppress_pad(config, tokenizer, model) -> None:
         config.generation_kwargs = kwargs
 
 
+def pin_model_sampling(config, models) -> None:
+    """The sampling keys `models`' generation_config.json sets (min_p, no_repeat_ngram_size, typical_p...) and the
+    recipe does not, pinned off in `generation_kwargs`: TRL passes the recipe's temperature/top_p/top_k/min_p/
+    repetition_penalty (min_p None) and transformers 5 fills every other key left None from the model's own config,
+    so training and the held-out comparison (`sampling_config`) would sample under settings the recipe never named,
+    while the loss scores the plain tempered softmax. vLLM takes other sampling parameters: left as it is there."""
+    from hfgen.rl.models import sampling_keys_models_set
+
+    if getattr(config, "use_vllm", False):
+        return
+    kwargs = dict(config.generation_kwargs or {})
+    named = {*kwargs, *(key for key in ("top_k", "min_p", "repetition_penalty") if getattr(config, key) is not None)}
+    pins = sampling_keys_models_set(models, named)
+    if pins:
+        config.generation_kwargs = kwargs | pins
+
+
 def load_reward_model(path: str, model_args, config):
     """A reward-stage output (one-label sequence classifier) and its own tokenizer; one without a chat template (an
     encoder: BERT, DeBERTa) is given the plain template the reward stage trained it on, as TRL renders conversations
@@ -810,6 +827,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     # policy, as TRL makes it; beta 0 has none)
     reference = None if model_args.use_peft or not config.beta else load_model(model_args, config, tokenizer)
     suppress_pad(config, tokenizer, model)
+    pin_model_sampling(config, [model, reference])
     limit = position_limit(model.config)
     if limit and (config.max_completion_length or 0) >= limit:
         raise UserError(
@@ -1072,7 +1090,8 @@ def _nothing():
 def sampling_config(tokenizer, config, stop_ids: list[int]):
     """Sampling as in training: softmax(logits / temperature) with the config's top_p/top_k/min_p and
     repetition_penalty, then its `generation_kwargs` on top (as TRL builds its generation config; those
-    `generation_kwargs_problems` lets through), nothing else (a model's own generation_config.json cannot leak in),
+    `generation_kwargs_problems` lets through, and the off values `pin_model_sampling` added there), nothing else (a
+    model's own generation_config.json cannot leak in),
     ending at any of `stop_ids`, never the pad token (as in training, `suppress_pad`)."""
     from transformers import GenerationConfig
 

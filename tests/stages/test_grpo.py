@@ -634,6 +634,46 @@ def test_training_and_the_evaluation_never_sample_the_added_pad_token(tmp_path):
     assert not (responses == pad).any()  # (pad fills a row after its EOS)
 
 
+def test_a_models_generation_config_sampling_keys_leak_into_neither_training_nor_the_comparison(tmp_path):
+    # TRL passes min_p None and no no_repeat_ngram_size etc.: transformers filled them from the model's
+    # generation_config.json, so training and the held-out comparison sampled under rules the recipe never named
+    # (no_repeat_ngram_size 1: never a repeated token) while the loss scored the plain softmax (probe 41 E9)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hfgen.group_rl import pin_model_sampling, recorded, sampling_config, suppress_pad
+    from hfgen.models import load_tokenizer
+    from hfgen.rl.functional import response_mask
+    from hfgen.rl.models import stop_token_ids
+    from hfgen.rl.rollout import left_pad, sample_responses
+
+    path = save_tiny_llama(tmp_path / "llama")
+    tokenizer = load_tokenizer(str(path))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.generation_config.no_repeat_ngram_size = 1
+    with torch.no_grad():  # logits all 0: 24 draws from ~500 tokens repeat one in about 4 responses of 10
+        model.get_output_embeddings().weight.zero_()
+    config = GRPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none",
+                        per_device_train_batch_size=2, num_generations=2, max_completion_length=24)  # fmt: skip
+    suppress_pad(config, tokenizer, model)
+    pin_model_sampling(config, [model])
+    trainer = recorded(GRPOTrainer)(
+        model=model, reward_funcs=[lambda prompts, completions, **_: [0.0] * len(prompts)], args=config,
+        train_dataset=Dataset.from_dict({"prompt": ["the cat"] * 2}), processing_class=tokenizer,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    completion_ids = trainer._generate(["the cat"] * 32)[1]
+    assert any(len(set(ids)) < len(ids) for ids in completion_ids)
+    query_ids, query_mask = left_pad([tokenizer("the cat")["input_ids"]] * 32, tokenizer.pad_token_id, "cpu")
+    generation_config = sampling_config(tokenizer, config, stop_token_ids(tokenizer, model))
+    sampled = sample_responses(model.eval(), query_ids, query_mask, generation_config, 32, tokenizer.pad_token_id)
+    kept = response_mask(sampled.response_ids, generation_config.eos_token_id)
+    responses = [ids[mask].tolist() for ids, mask in zip(sampled.response_ids, kept)]
+    assert any(len(set(ids)) < len(ids) for ids in responses)
+
+
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_dropout_is_off_by_default_as_in_ppo_and_can_be_turned_on(tmp_path, models, stage):
     # TRL's disable_dropout defaults to false: GPT-2's dropout made KL 0.004 at step 1 instead of 0

@@ -206,6 +206,30 @@ def stop_token_ids(tokenizer, policy) -> list[int]:
     return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
 
 
+# GenerationConfig keys that reshape the sampled distribution (or when a response may end), at their off values.
+# Off must be explicit: transformers 5 fills every key left None from the model's own generation_config.json.
+SAMPLING_OFF = dict(
+    top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, num_beams=1,
+    guidance_scale=1.0,
+)  # fmt: skip
+# ... and those whose off value still runs a logits processor (min_p=0.0 a softmax over the vocabulary at every
+# step): pinned only when a model sets them
+OFF_WHEN_SET_BY_MODEL = dict(min_p=0.0, suppress_tokens=[], begin_suppress_tokens=[])
+
+
+def sampling_keys_models_set(models, named) -> dict:
+    """The off values (`SAMPLING_OFF`, `OFF_WHEN_SET_BY_MODEL`) of the sampling keys that one of `models`' generation
+    configs sets to something else and `named` (the keys the recipe decides) leaves out: what a generate that
+    passes only the recipe's keys would otherwise take from the model's generation_config.json."""
+    pins = {}
+    for key, off in (SAMPLING_OFF | OFF_WHEN_SET_BY_MODEL).items():
+        values = [getattr(m.generation_config, key, None) for m in models if m is not None]
+        if key not in named and any(value is not None and value != off for value in values):
+            pins[key] = off
+    return pins
+
+
 def make_generation_config(
     tokenizer, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int], models=None
 ):
@@ -225,12 +249,11 @@ def make_generation_config(
 
     set_by_model = {
         key: models is None or any(getattr(m.generation_config, key, None) is not None for m in models if m is not None)
-        for key in ("min_p", "suppress_tokens", "begin_suppress_tokens")
+        for key in OFF_WHEN_SET_BY_MODEL
     }
     return GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0, epsilon_cutoff=0.0,
-        eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-        min_length=0, num_beams=1, guidance_scale=1.0, min_p=0.0 if set_by_model["min_p"] else None,
+        **SAMPLING_OFF, do_sample=True, temperature=temperature, top_p=top_p,
+        min_p=0.0 if set_by_model["min_p"] else None,
         # the pad token is never sampled (`unsampled_ids`); nothing else is suppressed
         suppress_tokens=unsampled_ids(tokenizer, stop_ids) or ([] if set_by_model["suppress_tokens"] else None),
         begin_suppress_tokens=[] if set_by_model["begin_suppress_tokens"] else None,
