@@ -801,8 +801,10 @@ def load_reward_model(path: str, model_args, config):
     from transformers import AutoModelForSequenceClassification
 
     from hfgen.data.rendering import with_plain_chat_template
-    from hfgen.models import load_tokenizer, torch_dtype
+    from hfgen.models import load_tokenizer, reward_labels_problem, torch_dtype
 
+    if problem := reward_labels_problem("reward_model_path", path, config.trust_remote_code):
+        raise UserError(problem)
     tokenizer = with_plain_chat_template(load_tokenizer(path, config.trust_remote_code))
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=torch_dtype(model_args.dtype or "auto"), trust_remote_code=config.trust_remote_code

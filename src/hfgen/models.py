@@ -611,6 +611,27 @@ def load_causal_lm(
         raise load_problem("a causal language model", path, error, trust_remote_code) from None
 
 
+def reward_labels_problem(key: str, path: str, trust_remote_code: bool = False) -> str | None:
+    """Why the model at `path` (given as `key`) cannot score as a reward model, read from its config before its
+    weights load: a sequence classifier of another number of labels than one (a sentiment classifier), whose head
+    transformers refuses to load as one label (a raw size-mismatch RuntimeError). None for anything else: a reward
+    model, a causal LM (given a new one-label head) or a dir whose config does not load (its loader says why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    classifiers = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+    if not classifiers or config.num_labels == 1:
+        return None
+    return (
+        f"{key} '{path}' is a {classifiers[0]} of {config.num_labels} labels (its config's num_labels): a reward "
+        "model scores with one label (AutoModelForSequenceClassification with num_labels 1, as the reward stage "
+        "trains it); give a reward model, not a classifier of several classes"
+    )
+
+
 def load_problem(what: str, path: str, error: Exception, trust_remote_code: bool) -> UserError:
     """The problem of a model dir (or hub id) that `from_pretrained` could not load as `what`. A model bringing
     its own code, untrusted: transformers asks for an argument the commands that take a model dir do not have; a

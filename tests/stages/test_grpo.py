@@ -839,6 +839,21 @@ def test_the_held_out_comparison_samples_with_top_k_min_p_and_the_generation_kwa
     assert distinct_responses(generation_kwargs={"top_k": 1}) == 1
 
 
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_a_reward_model_of_two_labels_exits_2_naming_it(tmp_path, models, stage):
+    # transformers refused the 2-row score head as 1 label: a raw size-mismatch RuntimeError (probe 41 E4)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    two = tmp_path / "two_labels"
+    AutoModelForSequenceClassification.from_pretrained(models[0], num_labels=2).save_pretrained(two)
+    AutoTokenizer.from_pretrained(models[0]).save_pretrained(two)
+    recipe = write_recipe(tmp_path, models[0], stage=stage, reward_model_path=str(two), reward_weights=[1.0, 1.0, 0.5])
+    for command in ("check", "train"):
+        result = run_hfgen_here(command, recipe)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"reward_model_path '{two}' is a LlamaForSequenceClassification of 2 labels" in result.stderr
+
+
 def test_generation_kwargs_the_held_out_comparison_cannot_sample_with_exit_2_naming_them(tmp_path, models):
     kwargs = {"num_beams": 2, "temperature": 0.5, "no_repeat_ngram_size": 2}
     result = run_hfgen_here("check", write_recipe(tmp_path, models[0], generation_kwargs=kwargs))

@@ -93,6 +93,37 @@ def train(recipe, *overrides):
     return result
 
 
+def save_two_label_classifier(reward, directory):
+    """`reward` re-saved as a classifier of two labels (a sentiment classifier given as the judge)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(reward)
+    config.num_labels = 2
+    model = AutoModelForSequenceClassification.from_pretrained(reward, config=config, ignore_mismatched_sizes=True)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(reward).save_pretrained(directory)
+    return directory
+
+
+def test_a_reward_model_of_two_labels_exits_2_naming_it_before_loading(tmp_path, tiny_models):
+    # transformers refused the 2-row score head as 1 label: a raw size-mismatch RuntimeError in check, train and
+    # hfgen eval (probe 41 E4)
+    sft, reward = tiny_models
+    two = save_two_label_classifier(reward, tmp_path / "two_labels")
+    recipe = write_recipe(tmp_path, sft, reward_model_path=str(two))
+    for command in ("check", "train"):
+        result = run_hfgen_here(command, recipe)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"reward_model_path '{two}' is a LlamaForSequenceClassification of 2 labels" in result.stderr
+    result = run_hfgen_here("eval", sft, "--reward_model", two, "--output", tmp_path / "eval.json", *EVAL_FAST)
+    assert result.returncode == 2 and f"--reward_model '{two}' is a" in result.stderr, result.stderr[-2000:]
+    # a value model of several labels too
+    result = run_hfgen_here(
+        "check", write_recipe(tmp_path, sft, reward_model_path=str(reward), value_model_path=str(two))
+    )
+    assert result.returncode == 2 and f"value_model_path '{two}' is a" in result.stderr, result.stderr[-2000:]
+
+
 def test_bad_recipes_exit_2_naming_every_problem(tmp_path, tiny_models):
     sft, _ = tiny_models
     recipe = write_recipe(tmp_path, sft, reward_functions=["hfgen.data.embedded:no_such_function"], num_ppo_epochs=0)

@@ -89,10 +89,14 @@ def parameter_groups(trainable, config) -> list[dict]:
     return groups
 
 
-def load_sequence_classifier(path: str, model_args, config, tokenizer):
+def load_sequence_classifier(path: str, model_args, config, tokenizer, key: str):
     """A one-label sequence classifier from a full model dir, a classifier's LoRA adapter dir (merged), or a
-    causal LM (its backbone, with a new score head)."""
+    causal LM (its backbone, with a new score head); a classifier of several labels exits 2 naming `key`."""
     from hfgen.finetune import load_model, resolved
+    from hfgen.models import reward_labels_problem
+
+    if problem := reward_labels_problem(key, path, config.trust_remote_code):
+        raise UserError(problem)
 
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.is_file() and json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
@@ -148,7 +152,7 @@ def load_value_model(model_args, config, tokenizer):
             key, path = "model_name_or_path", model_args.model_name_or_path
     else:
         key, path = "model_name_or_path", model_args.model_name_or_path
-    model = load_sequence_classifier(path, model_args, config, tokenizer)
+    model = load_sequence_classifier(path, model_args, config, tokenizer, key)
     if not hasattr(model, "score"):
         # token_values runs the backbone over the policy's tokens and reads every position through `score`: a
         # decoder's classifier (LlamaForSequenceClassification...) has one; an encoder's (BERT: `classifier` over a
@@ -185,7 +189,9 @@ def load_scorer(model_args, config, policy_tokenizer=None) -> RewardScorer:
     reward_model = reward_tokenizer = None
     if config.reward_model_path:
         reward_tokenizer = load_tokenizer(config.reward_model_path, config.trust_remote_code)
-        reward_model = load_sequence_classifier(config.reward_model_path, model_args, config, reward_tokenizer)
+        reward_model = load_sequence_classifier(
+            config.reward_model_path, model_args, config, reward_tokenizer, "reward_model_path"
+        )
         reward_model.eval().requires_grad_(False)
     functions = {function_name(spec): load_function(spec) for spec in config.reward_functions}
     count = int(reward_model is not None) + len(functions)
