@@ -192,6 +192,28 @@ def test_a_lora_run_with_override_shift_renders_its_validation_grid_in_generate_
     assert recipe_of(merged)["dataset_name"] == "embedded:digits"
 
 
+def test_a_lora_run_on_a_base_whose_vae_has_no_shift_factor_records_the_factors_it_set(flow_run, tmp_path):
+    """A base assembled with a VAE of hfgen's `vae` stage has no shift_factor: the run sets the latent factors in
+    memory, so its LoRA output must say them (the final evaluation, generate and merge reload the base), where the
+    final evaluation ended in SD3's raw TypeError and a half-written output (probe 41 E6)."""
+    base = tmp_path / "base"
+    shutil.copytree(flow_run, base, ignore=shutil.ignore_patterns("checkpoint-*", "validation", "ema"))
+    vae_config = json.loads((base / "vae/config.json").read_text())
+    (base / "vae/config.json").write_text(json.dumps({**vae_config, "shift_factor": None, "scaling_factor": 1.0}))
+    refused = run_hfgen_here("generate", base, "--prompt", "a handwritten digit 3", "--output_dir", tmp_path / "g")
+    assert refused.returncode == 2 and "no shift_factor" in refused.stderr, refused.stderr[-2000:]
+
+    run = tmp_path / "run"
+    result = run_hfgen("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", base, "--output_dir", run,
+                       "--max_train_steps", "2", "--checkpointing_steps", "0", "--eval_images_per_prompt", "1",
+                       "--num_validation_images", "1", "--num_inference_steps", "2", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "COMPLETE").is_file()
+    factors = json.loads((run / "lora_base.json").read_text())["pipeline_changes"]["vae"]
+    assert set(factors) == {"scaling_factor", "shift_factor"} and factors["shift_factor"] is not None
+    assert validation_grid_difference(run) == 0  # hfgen's loader renders the run's grid again
+
+
 def test_a_transformer_config_of_another_class_or_channels_exits_2_at_the_check(configs, tmp_path):
     """A UNet config as transformer_config, or a transformer whose channels differ from the VAE's latents: refused
     by `hfgen check` (they crashed after the text encoders' pretraining). The VAEs are configs alone: enough there."""

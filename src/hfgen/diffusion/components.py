@@ -489,25 +489,37 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
             pipeline.load_lora_weights(str(path))
     except (OSError, ValueError) as error:
         raise UserError(f"pipeline '{path}' could not be loaded: {str(error).splitlines()[0]}") from None
+    if "transformer" in pipeline.components and getattr(pipeline.vae.config, "shift_factor", 0.0) is None:
+        # SD3's and Flux's pipelines decode latents / scaling_factor + shift_factor: a TypeError at the first image
+        raise UserError(
+            f"pipeline '{path}': its VAE's config has no shift_factor, which {type(pipeline).__name__} needs to "
+            "decode; a t2i_flow run on it sets the VAE's latent factors and saves them (a full run in its vae/, a "
+            "LoRA run in lora_base.json)"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
-def pipeline_changes(model_args, vae, scheduler_changes: dict, absent: tuple[str, ...] = ()) -> dict:
+def pipeline_changes(
+    model_args, vae, scheduler_changes: dict, absent: tuple[str, ...] = (), latent_factors: bool = False
+) -> dict:
     """What a LoRA run's recipe changed in its base pipeline, for lora_base.json's `pipeline_changes`: the
     scheduler's config keys it set (`scheduler_changes`: prediction_type; a flow run's shift), the VAE it swapped in
     (`vae_name_or_path`, with the latent shift/scaling factors the run used: a flow run sets them on a VAE trained
-    here), and the components it left out (`absent`: drop_t5's T5). The adapters were trained on, and validated
-    with, that pipeline: `load_pipeline` rebuilds it (stock `load_lora_weights` on the base does not)."""
+    here), the base VAE's latent factors when the run may have set them (`latent_factors`: a flow run on a base whose
+    VAE had none), and the components it left out (`absent`: drop_t5's T5). The adapters were trained on, and
+    validated with, that pipeline: `load_pipeline` rebuilds it (stock `load_lora_weights` on the base does not)."""
     from hfgen.finetune import resolved
 
     changes = {}
     if scheduler_changes:
         changes["scheduler"] = scheduler_changes
+    factors = {"scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}
     if model_args.vae_name_or_path:
-        changes["vae"] = {"name_or_path": resolved(model_args.vae_name_or_path),
-                          "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}  # fmt: skip
+        changes["vae"] = {"name_or_path": resolved(model_args.vae_name_or_path), **factors}
+    elif latent_factors:
+        changes["vae"] = factors
     if absent:
         changes["absent"] = list(absent)
     return changes
@@ -520,7 +532,9 @@ def apply_pipeline_changes(pipeline, changes: dict, dtype=None) -> None:
         pipeline.register_modules(
             scheduler=type(pipeline.scheduler).from_config(pipeline.scheduler.config, **scheduler)
         )
-    if vae := changes.get("vae"):
+    if (vae := changes.get("vae")) and "name_or_path" not in vae:  # the base's own VAE, with the run's factors
+        pipeline.vae.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
+    elif vae:
         swapped = load_vae(vae["name_or_path"])
         swapped.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
         pipeline.register_modules(vae=swapped.to(dtype=dtype) if dtype is not None else swapped)

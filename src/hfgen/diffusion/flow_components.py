@@ -319,7 +319,9 @@ def lora_pipeline_changes(args: FlowPipelineArguments, parts: dict) -> dict:
     from hfgen.diffusion.components import pipeline_changes
 
     absent = ("text_encoder_3", "tokenizer_3") if args.drop_t5 else ()
-    return pipeline_changes(args, parts["vae"], scheduler_changes(args), absent)
+    # the VAE's latent factors too when the run set them on a base VAE that had none (`set_latent_normalisation`)
+    latent_factors = parts.get("latent_factors_set", False)
+    return pipeline_changes(args, parts["vae"], scheduler_changes(args), absent, latent_factors=latent_factors)
 
 
 def is_flux(parts: dict) -> bool:

@@ -229,6 +229,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     )
     if vae.config.shift_factor is None:  # a VAE trained here: normalise its latents as SD3 does
         set_latent_normalisation(vae, image_stage.latent_means(train_set))
+        parts["latent_factors_set"] = True  # a LoRA run records them (its output has no VAE of its own)
     shift, latent_scale = vae.config.shift_factor, vae.config.scaling_factor
     caption_states, caption_pooled = encode_captions(
         make_pipeline(parts), captions, device, model_args.max_sequence_length
