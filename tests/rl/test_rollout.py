@@ -204,6 +204,22 @@ def test_scorer_passes_the_policys_ids_straight_through_when_tokenizers_match(em
     )
 
 
+def test_a_policy_tokenizer_with_an_added_token_is_not_the_reward_models(embedded_reward_model):
+    # a policy whose SFT added a token passed as the reward model's tokenizer: its ids went straight to the reward
+    # model, and the first sampled added token stopped the run with an error blaming the reward model (probe 41 E2)
+    import copy
+
+    tokenizer, reward_model = embedded_reward_model
+    policy_tokenizer = copy.deepcopy(tokenizer)
+    policy_tokenizer.add_tokens(["<|tool|>"])
+    scorer = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4, policy_tokenizer=policy_tokenizer)
+    assert not scorer.reads_policy_ids  # the text, re-rendered with the reward model's own tokenizer
+    assert not R.same_vocabulary(policy_tokenizer, tokenizer)
+    padded = copy.deepcopy(tokenizer)  # a pad the policy adds (and never samples) is the one extra allowed
+    padded.add_special_tokens({"pad_token": "<|new_pad|>"})
+    assert R.same_vocabulary(padded, tokenizer)
+
+
 @pytest.mark.parametrize("stop", [".", "<|user|>"])
 def test_the_ids_path_closes_a_response_ended_by_another_stop_id_as_the_text_path_renders_it(
     embedded_reward_model, stop

@@ -292,9 +292,13 @@ def same_tokenizer(a, b) -> bool:
 
 
 def same_vocabulary(a, b) -> bool:
-    """Whether every token of b's vocabulary has the same id in a's (a may add a pad token)."""
-    vocabulary = a.get_vocab()
-    return all(vocabulary.get(token) == index for token, index in b.get_vocab().items())
+    """Whether every token of b's vocabulary has the same id in a's, and a has no other token but its pad (never
+    sampled): a policy whose SFT added a token (a tool-call marker) samples ids that b's model lacks or reads as
+    another token."""
+    vocabulary, other = a.get_vocab(), b.get_vocab()
+    return set(vocabulary) - set(other) <= {a.pad_token} and all(
+        vocabulary.get(token) == index for token, index in other.items()
+    )
 
 
 def episode_ids(queries: list[list[int]], response_ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
