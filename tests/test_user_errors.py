@@ -466,3 +466,39 @@ def test_a_glob_or_mixture_input_inside_output_dir_is_refused_as_a_path_is(tmp_p
     for values in inside:  # both passed: a rerun's fresh start then deleted data/
         assert "is the run's output_dir or inside it" in " ".join(inputs_in_output_dir(values, tmp_path)), values
     assert inputs_in_output_dir({"dataset_name": str(tmp_path / "data" / "*.csv")}, tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_sharded_model_with_a_shard_missing_or_cut_short_exits_2_naming_it(tmp_path, damage):
+    # an interrupted download or copy: the check passed, then train ended in a raw FileNotFoundError or safetensors'
+    # "incomplete metadata" SafetensorError (exit 1), and hfgen generate in the latter (probe 41 E7)
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.finetune import load_model
+    from hfgen.recipe import load_recipe
+    from tiny_models import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    model.save_pretrained(model_dir, max_shard_size="100KB")
+    shards = sorted(model_dir.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (model_dir / "model.safetensors").exists()
+    if damage == "missing":
+        shards[1].unlink()
+    else:
+        shards[1].write_bytes(shards[1].read_bytes()[:20000])
+    recipe = tmp_path / "sft.yaml"
+    values = yaml.safe_load((REPO / "recipes/tiny/sft_full.yaml").read_text())
+    recipe.write_text(
+        yaml.safe_dump(values | {"model_name_or_path": str(model_dir), "output_dir": str(tmp_path / "o")})
+    )
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"model_name_or_path '{model_dir}'" in result.stderr and shards[1].name in result.stderr
+    result = run_hfgen_here("generate", model_dir, "--prompt", "hi", "--max_new_tokens", "2")
+    assert result.returncode == 2 and shards[1].name in result.stderr, result.stderr[-2000:]
+    # past the check (a dir damaged after it), the stage's own loader names it too
+    model_args, _, training_args = load_recipe(recipe, check_inputs=False).configs
+    with pytest.raises(UserError, match=shards[1].name):
+        load_model(model_args, training_args, None)

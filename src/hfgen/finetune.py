@@ -214,7 +214,15 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
             kwargs["num_labels"] = 1
         kwargs |= training_args.model_init_kwargs or {}
         architecture = AutoModelForSequenceClassification if sequence_classifier else AutoModelForCausalLM
-        model = create_model_from_path(resolved(name), architecture, **kwargs)
+        from safetensors import SafetensorError
+
+        from hfgen.models import load_problem
+
+        try:
+            model = create_model_from_path(resolved(name), architecture, **kwargs)
+        except (OSError, SafetensorError) as error:  # a shard missing or cut short: bad input, named
+            what = "a sequence classifier" if sequence_classifier else "a causal language model"
+            raise load_problem(what, name, error, training_args.trust_remote_code) from None
     fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     fit_max_length(model, training_args)

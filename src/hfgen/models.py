@@ -11,6 +11,8 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from hfgen.errors import WEIGHTS_REFUSED, UserError, weights_refused
 
 EMBEDDED_TOKENIZER = "embedded:tiny-bpe"
@@ -123,6 +125,8 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
             for f in ("config.json", "adapter_config.json", "model_index.json", "tokenizer_config.json")
         ):
             return [f"{key} '{name}' is a directory without a config.json or adapter_config.json"]
+        if problem := damaged_weights(path):
+            return [f"{key} '{name}': {problem}"]
         config = path / "config.json"
     elif looks_local(name):
         return [f"{key} '{name}' does not exist{relative_to_cwd(name)}{'; ' + hint if hint else ''}"]
@@ -155,6 +159,34 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
     if trust_remote_code is False and isinstance(config, (str, Path)):
         return custom_code_problem(key, name, Path(config))
     return []
+
+
+def damaged_weights(path: str | Path) -> str | None:
+    """The safetensors weights of a local model dir that an interrupted download or copy left incomplete, said
+    without loading them: a shard its index (`*.safetensors.index.json`) names but the dir lacks, or a file whose
+    header does not cover it (cut short). None for a whole dir, a hub id, or other weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except (OSError, ValueError, AttributeError):
+            return f"its shard index {index.name} is not valid JSON with a weight_map"
+        if missing := [shard for shard in shards if not (path / shard).is_file()]:
+            return (
+                f"{', '.join(missing)}, named by {index.name}, is missing (an interrupted download or copy?); "
+                "fetch the model again"
+            )
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):  # reads the header only
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"its weights file {weights.name} is damaged ({error}); fetch the model again"
+    return None
 
 
 def custom_code_problem(key: str, name: str, config_file: Path) -> list[str]:
@@ -607,7 +639,7 @@ def load_causal_lm(
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, path)
-    except (OSError, ValueError, pickle.UnpicklingError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
         raise load_problem("a causal language model", path, error, trust_remote_code) from None
 
 
@@ -638,6 +670,8 @@ def load_problem(what: str, path: str, error: Exception, trust_remote_code: bool
     .bin weights file holding objects other than tensors: torch advises turning its guard off."""
     if weights_refused(error):
         return UserError(f"could not load {what} from '{path}': {WEIGHTS_REFUSED}")
+    if damaged := damaged_weights(path):  # safetensors' own message names no file
+        return UserError(f"could not load {what} from '{path}': {damaged}")
     if not trust_remote_code and "trust_remote_code" in str(error):
         return UserError(
             f"could not load {what} from '{path}': it brings its own model code, which hfgen runs only for the "
