@@ -541,3 +541,25 @@ def test_the_ema_comes_back_from_a_checkpoint_on_the_device_it_was_moved_to(tmp_
     assert ema.optimization_step == 1  # the checkpoint's state was loaded
     assert {p.device.type for p in ema.shadow_params} == {"meta"}
     ema.step(unet.parameters())  # the resumed run's next step: every tensor on one device
+
+
+def test_a_variant_applies_to_the_pipelines_vae_as_to_its_other_components(scratch_run, tmp_path):
+    """A pipeline whose weights are fp16 variant files only (a hub repo's fp16 variant): the UNet and text encoder
+    loaded with `variant`, the VAE without it, and the run exited 2 saying the VAE could not be loaded (probe 41
+    E1)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from hfgen.diffusion.components import PipelineArguments, load_components
+
+    base = tmp_path / "fp16"
+    shutil.copytree(scratch_run, base, ignore=shutil.ignore_patterns("checkpoint-*", "validation", "ema"))
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        model = cls.from_pretrained(base / sub)
+        for weights in (base / sub).glob("*.safetensors"):
+            weights.unlink()
+        model.to(torch.float16).save_pretrained(base / sub, variant="fp16")
+    parts = load_components(PipelineArguments(pretrained_model_name_or_path=str(base), variant="fp16"), [])
+    saved = load_file(base / "vae/diffusion_pytorch_model.fp16.safetensors")
+    for name, tensor in parts["vae"].state_dict().items():  # the variant's weights
+        torch.testing.assert_close(tensor, saved[name].to(tensor.dtype))

@@ -343,17 +343,19 @@ def build_vae(config_path: str):
     return AutoencoderKL.from_config(read_config(config_path))
 
 
-def load_vae(name: str, revision: str | None = None, subfolder: str | None = None):
-    """An AutoencoderKL from a dir holding one (a vae run), a pipeline dir/hub id (its `vae` subfolder), or a hub id."""
+def load_vae(name: str, revision: str | None = None, subfolder: str | None = None, variant: str | None = None):
+    """An AutoencoderKL from a dir holding one (a vae run), a pipeline dir/hub id (its `vae` subfolder), or a hub id;
+    `variant`: the pipeline's weights variant (fp16), which applies to its VAE as to its other components."""
     from diffusers import AutoencoderKL
 
     path = Path(name)
     if subfolder is None and (path / "model_index.json").is_file():
         subfolder = "vae"
     try:
-        return AutoencoderKL.from_pretrained(name, revision=revision, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(name, revision=revision, subfolder=subfolder, variant=variant)
     except (OSError, ValueError) as error:
-        raise UserError(f"VAE '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
+        where = f"{name}/{subfolder}" if subfolder else name
+        raise UserError(f"VAE '{where}' could not be loaded: {str(error).splitlines()[0]}") from None
 
 
 def build_noise_scheduler(config_path: str | None):
@@ -376,9 +378,9 @@ def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
                 "text_encoder": CLIPTextModel.from_pretrained(
                     name, subfolder="text_encoder", revision=revision, variant=variant
                 ),
-                "vae": load_vae(
-                    args.vae_name_or_path or name, revision, subfolder=None if args.vae_name_or_path else "vae"
-                ),
+                "vae": load_vae(args.vae_name_or_path)
+                if args.vae_name_or_path
+                else load_vae(name, revision, subfolder="vae", variant=variant),
                 "unet": UNet2DConditionModel.from_pretrained(
                     name, subfolder="unet", revision=revision, variant=variant
                 ),

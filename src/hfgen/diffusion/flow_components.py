@@ -309,7 +309,9 @@ def base_parts(args: FlowPipelineArguments, parts: dict) -> dict:
     from hfgen.diffusion.components import load_vae
 
     vae = (
-        load_vae(args.pretrained_model_name_or_path, args.revision, subfolder="vae") if args.vae_name_or_path else None
+        load_vae(args.pretrained_model_name_or_path, args.revision, subfolder="vae", variant=args.variant)
+        if args.vae_name_or_path
+        else None
     )
     return {**parts, "scheduler": parts["base_scheduler"], "vae": vae or parts["vae"]}
 

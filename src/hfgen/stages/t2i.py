@@ -378,7 +378,9 @@ def base_pipeline(model_args: PipelineArguments, parts):
 
     vae = parts["vae"]
     if model_args.pretrained_model_name_or_path and model_args.vae_name_or_path:
-        vae = load_vae(model_args.pretrained_model_name_or_path, model_args.revision, subfolder="vae")
+        vae = load_vae(
+            model_args.pretrained_model_name_or_path, model_args.revision, subfolder="vae", variant=model_args.variant
+        )
     return make_pipeline(parts["tokenizer"], parts["text_encoder"], vae, parts["unet"], parts["base_sampler"])
 
 
