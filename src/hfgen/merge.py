@@ -133,4 +133,12 @@ def fused_pipeline(adapter: Path, dtype: str):
     pipeline = load_pipeline(adapter, device="cpu", dtype=None if dtype == "auto" else getattr(torch, dtype))
     pipeline.fuse_lora()  # every component the adapters were trained on (UNet or transformer, text encoders)
     pipeline.unload_lora_weights()  # the LoRA layers go, the fused weights stay
+    from hfgen.diffusion.image_stage import record_sample_size
+    from hfgen.evaluation.images import recipe_of
+
+    # the trained size as the denoiser's default, as a full run saves it (plain diffusers renders sample_size x the
+    # VAE's factor: the base's size otherwise)
+    if resolution := (recipe_of(adapter) or {}).get("resolution"):
+        denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+        record_sample_size(denoiser, resolution, pipeline.vae)
     return lambda directory: pipeline.save_pretrained(directory, safe_serialization=True)

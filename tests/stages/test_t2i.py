@@ -238,7 +238,8 @@ def test_a_lora_run_s_pipeline_changes_are_recorded_and_applied_by_generate_and_
 @pytest.mark.parametrize("use_lora", ["false", "true"])
 def test_a_run_at_another_resolution_than_its_base_renders_at_its_own(scratch_run, tmp_path, use_lora):
     """The base renders 16 px (sample_size 8); a run at resolution 32 samples (eval, hfgen generate) at 32, and its
-    saved UNet config says so (a LoRA run's base keeps its own: the size comes from the run's recipe.yaml)."""
+    saved UNet config says so (a LoRA run's base keeps its own: the size comes from the run's recipe.yaml; its
+    merge's UNet config says the trained size)."""
     from diffusers import DiffusionPipeline
 
     run = tmp_path / "run"
@@ -252,11 +253,14 @@ def test_a_run_at_another_resolution_than_its_base_renders_at_its_own(scratch_ru
                        "--output_dir", tmp_path / "generated")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(next((tmp_path / "generated").glob("00-*.png"))).size == (32, 32)
-    if use_lora == "false":
-        pipeline = DiffusionPipeline.from_pretrained(run)
-        assert pipeline.unet.config.sample_size == 16
-        pipeline.set_progress_bar_config(disable=True)
-        assert pipeline("a handwritten digit 3", num_inference_steps=2).images[0].size == (32, 32)
+    if use_lora == "true":  # its merge is a plain pipeline that says the trained size too (probe 41 E8)
+        merged = tmp_path / "merged"
+        assert run_hfgen("merge", run, "--output_dir", merged).returncode == 0
+        run = merged
+    pipeline = DiffusionPipeline.from_pretrained(run)
+    assert pipeline.unet.config.sample_size == 16
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline("a handwritten digit 3", num_inference_steps=2).images[0].size == (32, 32)
 
 
 @pytest.mark.slow
