@@ -229,7 +229,7 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
     return model
 
 
-def lora_config(model_args, model, warn: bool = True, **changes):
+def lora_config(model_args, model, warn: bool = True, where: str | None = None, **changes):
     """TRL's `get_peft_config(model_args)` (None without `use_peft`), with `changes` applied, checked against
     `model` before any stage wraps it, so a recipe written for another architecture exits 2 naming
     `lora_target_modules` and the model's linear layers instead of failing inside peft.
@@ -253,7 +253,7 @@ def lora_config(model_args, model, warn: bool = True, **changes):
     config = dataclasses.replace(config, **changes) if changes else config
     targets = config.target_modules
     model_type = getattr(model.config, "model_type", None)
-    where = f"model '{model_args.model_name_or_path}' ({model_type})"
+    where = where or f"model '{model_args.model_name_or_path}' ({model_type})"  # the model the warnings name
     if targets is None and config.target_parameters is None:
         if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
             raise UserError(

@@ -374,6 +374,23 @@ def test_lora_modules_to_save_train_in_full_in_the_policy_and_the_value_model(tm
     assert trained_in_full(value_model) == {"embed_tokens", "score"}  # what it has of the list, and its new head
 
 
+def test_lm_head_among_the_lora_targets_adapts_the_policy_without_a_warning_about_the_value_model(tmp_path, capsys):
+    # the value model (a sequence classifier: `score`, no lm_head) warned "model '<the policy>' has no module named
+    # lm_head; the adapters go on the others", while the policy's adapter did train lm_head (probe 41 E3)
+    from hfgen.recipe import load_recipe
+    from hfgen.rl.models import load_policy_and_reference, load_value_model
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    recipe = write_recipe(tmp_path, model, use_peft=True, lora_target_modules=["q_proj", "lm_head"])
+    model_args, _, config = load_recipe(recipe, check_inputs=False).configs
+    tokenizer, policy, _ = load_policy_and_reference(model_args, config)
+    value_model = load_value_model(model_args, config, tokenizer)
+    assert any("lm_head.lora_A" in name for name, _ in policy.named_parameters())
+    assert set(value_model.peft_config["default"].target_modules) == {"q_proj"}
+    assert "lm_head" not in capsys.readouterr().out
+
+
 def test_a_lora_run_over_a_full_run_with_overwrite_leaves_none_of_its_outputs(tmp_path, tiny_models):
     """overwrite_output_dir trains over a complete run of another recipe: its full model.safetensors (which
     from_pretrained loads in place of the new adapter), ema/ and samples.jsonl were left beside the new outputs."""

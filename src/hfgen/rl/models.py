@@ -177,7 +177,13 @@ def load_value_model(model_args, config, tokenizer):
 
         names = [name for name, _ in model.named_modules()]
         asked = [m for m in model_args.lora_modules_to_save or [] if any(n == m or n.endswith(f".{m}") for n in names)]
-        lora = lora_config(model_args, model, task_type="SEQ_CLS", modules_to_save=[*asked, "score"])
+        # lm_head among the targets is the policy's: the value model has none (its `score` head trains in full)
+        targets = model_args.lora_target_modules
+        dropped = {"target_modules": [t for t in targets if t != "lm_head"]} if isinstance(targets, list) else {}
+        lora = lora_config(
+            model_args, model, where=f"the value model (from {key} '{path}')", task_type="SEQ_CLS",
+            modules_to_save=[*asked, "score"], **(dropped if dropped.get("target_modules") else {}),
+        )  # fmt: skip
         model = get_peft_model(model, lora)
         disable_dropout(model)
     return model
