@@ -74,3 +74,19 @@ def test_names_of_other_architectures_beside_the_models_own_are_named_in_a_warni
 
 def test_no_lora_without_use_peft():
     assert lora_config(ModelConfig(model_name_or_path="tiny", lora_target_modules=["nothing"]), tiny("gpt2")) is None
+
+
+@pytest.mark.parametrize("recipe", ["sft_lora", "dpo", "kto", "grpo_arithmetic"])
+def test_lm_head_among_the_targets_of_a_trl_trainer_that_refuses_it_exits_2_at_the_check(tmp_path, recipe):
+    # SFT/DPO/KTO/GRPO/RLOO's TRL trainers refuse an adapter on lm_head only once the model and data loaded (their
+    # ValueError, exit 2 late); hfgen check passed it (probe 41 E3). PPO (hfgen's own loop) trains it.
+    from conftest import REPO, run_hfgen_here
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    result = run_hfgen_here(
+        "check", REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", model, "--output_dir", tmp_path / "o",
+        "--use_peft", "true", "--lora_target_modules", "q_proj", "lm_head",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "does not train a LoRA adapter on lm_head" in result.stderr, result.stderr[-2000:]

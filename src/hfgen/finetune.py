@@ -37,10 +37,13 @@ def run_first_hint(path: str) -> str:
     return "run the recipe that writes it first"
 
 
-def check_model_config(model_args, trust_remote_code: bool = False, task_type: str = "CAUSAL_LM") -> list[str]:
+def check_model_config(
+    model_args, trust_remote_code: bool = False, task_type: str = "CAUSAL_LM", trl_trainer: str | None = None
+) -> list[str]:
     """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded (`trust_remote_code`:
     the recipe's, on its training config; `task_type`: peft's name for the model the stage trains, which its LoRA
-    adapter must carry)."""
+    adapter must carry; `trl_trainer`: the TRL trainer that trains it, whose refusal of an adapter on lm_head
+    would come only once the model and data had loaded)."""
     name = model_args.model_name_or_path
     if not name:
         return [
@@ -75,6 +78,13 @@ def check_model_config(model_args, trust_remote_code: bool = False, task_type: s
         problems.append(
             f"lora_task_type '{model_args.lora_task_type}': this stage trains adapters of task type {task_type} "
             f"(peft's name for the model it trains); drop the key or set lora_task_type: {task_type}"
+        )
+    targets = model_args.lora_target_modules
+    if model_args.use_peft and trl_trainer and isinstance(targets, list) and "lm_head" in targets:
+        problems.append(  # TRL's ValueError: it computes log-probs from lm_head.weight, never the adapter
+            f"lora_target_modules: {trl_trainer} does not train a LoRA adapter on lm_head (its log-probabilities "
+            "read lm_head's weight directly, so the adapter would never train); drop lm_head, or train the head "
+            "in full with lora_modules_to_save: [lm_head]"
         )
     if not problems and model_args.use_peft:
         problems += lora_target_problems(model_args, trust_remote_code)

@@ -112,7 +112,8 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
     """Problems found before anything heavy loads: models, rewards, data, prompts vs chat template."""
     from hfgen.rl.rollout import load_function, same_name_problems, unmet_arguments
 
-    problems = check_model_config(model_args, config.trust_remote_code)
+    trainer = "RLOOTrainer" if type(config).__name__.startswith("RLOO") else "GRPOTrainer"
+    problems = check_model_config(model_args, config.trust_remote_code, trl_trainer=trainer)
     if data_args.reward_model_path:
         path = data_args.reward_model_path
         problems += check_model_source(

@@ -483,7 +483,9 @@ CHOSEN_FELL = (
 def check_stage(
     stage: str, model_args, data_args: PreferenceDataArguments, training_args, unpaired_ok: bool = False
 ) -> list[str]:
-    problems = check_model_config(model_args, training_args.trust_remote_code)
+    # DPO's and KTO's trainers refuse an adapter on lm_head (ORPO's and CPO's experimental ones do not say)
+    trainer = None if experimental_pair_trainer(training_args) else f"{stage.upper()}Trainer"
+    problems = check_model_config(model_args, training_args.trust_remote_code, trl_trainer=trainer)
     if getattr(training_args, "sync_ref_model", False) and model_args.use_peft:  # TRL's NotImplementedError
         problems.append(
             "sync_ref_model needs a reference model of its own to update, and with use_peft the reference is the "

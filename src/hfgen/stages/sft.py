@@ -70,7 +70,7 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
     # An encoder first: the LoRA target check would build it as a causal LM (transformers bolts a decoder head on)
     problems = not_a_causal_lm(
         "model_name_or_path", model_args.model_name_or_path, training_args.trust_remote_code
-    ) or check_model_config(model_args, training_args.trust_remote_code)
+    ) or check_model_config(model_args, training_args.trust_remote_code, trl_trainer="SFTTrainer")
     if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
         problems.append(  # SFTTrainer's refusal, once the model had loaded
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
