@@ -567,3 +567,22 @@ def test_a_variant_applies_to_the_pipelines_vae_as_to_its_other_components(scrat
     saved = load_file(base / "vae/diffusion_pytorch_model.fp16.safetensors")
     for name, tensor in parts["vae"].state_dict().items():  # the variant's weights
         torch.testing.assert_close(tensor, saved[name].to(tensor.dtype))
+
+
+@pytest.mark.parametrize("damage", ["absent", "config_only"])
+def test_a_pipeline_missing_a_component_exits_2_at_the_check_naming_it(scratch_run, tmp_path, damage):
+    """model_index.json names text_encoder but its folder is absent (or holds only config.json): hfgen check passed,
+    and train / generate said 'pipeline could not be loaded: no file named model.safetensors ... in <root>'
+    (probe 41 E5)."""
+    base = tmp_path / "pipe"
+    shutil.copytree(scratch_run, base, ignore=shutil.ignore_patterns("checkpoint-*", "validation", "ema"))
+    if damage == "absent":
+        shutil.rmtree(base / "text_encoder")
+    else:
+        for weights in (base / "text_encoder").glob("*.safetensors"):
+            weights.unlink()
+    result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", base)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "text_encoder/" in result.stderr and "pretrained_model_name_or_path" in result.stderr
+    result = run_hfgen_here("generate", base, "--prompt", "a handwritten digit 3", "--output_dir", tmp_path / "g")
+    assert result.returncode == 2 and "text_encoder/" in result.stderr, result.stderr[-2000:]

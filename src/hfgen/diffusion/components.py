@@ -107,8 +107,10 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
                 f"MERGED_DIR, or start from '{base}'"
             )
         else:
-            problems += check_model_source("pretrained_model_name_or_path", name) or pipeline_class_problems(
-                name, "t2i"
+            problems += (
+                check_model_source("pretrained_model_name_or_path", name)
+                or pipeline_class_problems(name, "t2i")
+                or [f"pretrained_model_name_or_path {problem}" for problem in missing_component_problems(name)]
             )
     else:
         missing = [
@@ -153,6 +155,32 @@ def pipeline_class_problems(name: str, stage: str) -> list[str]:
     classes, families = trains[stage]
     return [f"pretrained_model_name_or_path '{name}' is a {found} (its model_index.json's _class_name); the {stage} "
             f"stage trains {' and '.join(classes)} pipelines ({families}): {where}"]  # fmt: skip
+
+
+def missing_component_problems(name: str) -> list[str]:
+    """The components a local pipeline dir's model_index.json names that its dir lacks: a folder absent or empty,
+    or a model's folder (its config.json) without a weights file (a variant's counts). diffusers' own message
+    names the pipeline's root only, and only once the components before it have loaded."""
+    index = Path(name) / "model_index.json"
+    if not index.is_file():
+        return []
+    try:
+        components = json.loads(index.read_text())
+    except ValueError:
+        return [f"'{name}': its model_index.json is not valid JSON"]
+    problems = []
+    for component, value in components.items():
+        if component.startswith("_") or not isinstance(value, list) or value == [None, None]:
+            continue
+        folder = Path(name) / component
+        weights = [f for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")] if folder.is_dir() else []
+        if not folder.is_dir() or not any(folder.iterdir()):
+            problems.append(f"'{name}': its model_index.json names the component {component} ({value[-1]}), but "
+                            f"{component}/ is missing or empty")  # fmt: skip
+        elif (folder / "config.json").is_file() and not weights:
+            problems.append(f"'{name}': {component}/ ({value[-1]}) has no weights "
+                            "file (.safetensors or .bin)")  # fmt: skip
+    return problems
 
 
 TRAINED_PREDICTIONS = ("epsilon", "v_prediction")  # the loss targets this stage computes (the recipe key's choices)
@@ -388,6 +416,8 @@ def load_components(args: PipelineArguments, train_captions: list[str]) -> dict:
                 "sampler": pretrained_sampler(name, revision),
             }
         except (OSError, ValueError) as error:
+            if problems := missing_component_problems(name):  # diffusers' message names the root only
+                raise UserError("pretrained_model_name_or_path " + "; ".join(problems)) from None
             raise UserError(f"pipeline '{name}' could not be loaded: {str(error).splitlines()[0]}") from None
         # Checked again on the loaded UNet: `hfgen check` sees no config of a hub pipeline not yet downloaded, and an
         # SDXL UNet would otherwise fail inside diffusers at the first step, after the data (and DreamBooth's class
@@ -490,6 +520,8 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
             apply_pipeline_changes(pipeline, changes, dtype)
             pipeline.load_lora_weights(str(path))
     except (OSError, ValueError) as error:
+        if problems := missing_component_problems(str(path)):  # diffusers' message names the root only
+            raise UserError("pipeline " + "; ".join(problems)) from None
         raise UserError(f"pipeline '{path}' could not be loaded: {str(error).splitlines()[0]}") from None
     if "transformer" in pipeline.components and getattr(pipeline.vae.config, "shift_factor", 0.0) is None:
         # SD3's and Flux's pipelines decode latents / scaling_factor + shift_factor: a TypeError at the first image

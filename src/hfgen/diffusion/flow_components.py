@@ -130,10 +130,14 @@ def flow_base_problems(args: FlowPipelineArguments) -> list[str]:
     """The pretrained pipeline: there, of a class this stage trains (`components.pipeline_class_problems`), and not
     a Flux one with drop_t5; read from its model_index.json before anything loads (a hub id not yet downloaded is
     checked again at load, `load_flow_components`)."""
-    from hfgen.diffusion.components import pipeline_class_problems
+    from hfgen.diffusion.components import missing_component_problems, pipeline_class_problems
 
     name = args.pretrained_model_name_or_path
-    problems = check_model_source("pretrained_model_name_or_path", name) or pipeline_class_problems(name, "t2i_flow")
+    problems = (
+        check_model_source("pretrained_model_name_or_path", name)
+        or pipeline_class_problems(name, "t2i_flow")
+        or [f"pretrained_model_name_or_path {problem}" for problem in missing_component_problems(name)]
+    )
     if problems:
         return problems
     if args.drop_t5 and (pipeline_config(name, "model_index.json") or {}).get("_class_name") == "FluxPipeline":
