@@ -535,3 +535,11 @@ def test_optim_args_the_optimizer_reads_pass(tmp_path):
     recipe = load_recipe(PRETRAIN, ["--optim", "sgd", "--optim_args", "momentum=0.9,nesterov=true", "--output_dir",
                                     str(tmp_path)], check_inputs=False)  # fmt: skip
     assert installed_problems(recipe.configs) == []
+
+
+def test_a_schedule_whose_function_fails_when_built_exits_2(capsys):
+    """Building the schedule at the check (26364da) caught TypeError/ValueError only: inverse_sqrt with timescale 0
+    divides by it when built, a ZeroDivisionError traceback from `hfgen check` itself (review 41 F9)."""
+    code, err = run_inprocess(capsys, PRETRAIN, "--lr_scheduler_type", "inverse_sqrt", "--lr_scheduler_kwargs",
+                              '{"timescale": 0}')  # fmt: skip
+    assert code == 2 and "inverse_sqrt cannot be built from lr_scheduler_kwargs" in err

@@ -139,7 +139,7 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
         problems.append("eval_samples_per_prompt must be >= 0 and eval_generation_batch_size >= 1")
     problems += monitor_problems(data_args)
     splits, dataset_problems = check_text_data(
-        data_args, "prompt", prompt_columns(data_args), other_columns=True, seed=config.seed,
+        data_args, "prompt", prompt_columns(data_args), other_columns=True, seed=data_seed(config),
         template=checking_template(model_args.model_name_or_path, config.trust_remote_code),
     )  # fmt: skip
     problems += dataset_problems

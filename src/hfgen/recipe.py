@@ -881,7 +881,7 @@ def _schedule_build_problems(key: str, kind, kwargs: dict, given: dict, learning
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             TYPE_TO_SCHEDULER_FUNCTION[kind](**built)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ArithmeticError) as error:  # (inverse_sqrt with timescale 0 divides by it)
         return [f"{key} {kind.value} cannot be built from lr_scheduler_kwargs {kwargs}: {error}"]
     return []
 

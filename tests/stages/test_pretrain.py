@@ -381,3 +381,18 @@ def test_text_rendered_with_a_chat_template_is_packed_with_one_bos_and_one_eos(t
     assert result.returncode == 0, result.stderr[-3000:]
     notes = tracking.read_json(output_dir / "data.json")["notes"]
     assert any("already start with the tokenizer's BOS '<|begin_of_text|>'" in note for note in notes), notes
+
+
+def test_with_data_seed_the_run_takes_its_checks_load(tmp_path, monkeypatch):
+    """With data_seed set, the stage's check carved its held-out rows with `seed` and the run with data_seed: every
+    start read and converted its data twice, and the check judged a split the run did not use (review 41 F7)."""
+    import hfgen.data.prepare
+    from conftest import count_calls
+    from hfgen.cli import main as hfgen_main
+
+    calls = {"_load_for_stage": 0}
+    count_calls(monkeypatch, calls, hfgen.data.prepare, "_load_for_stage")
+    overrides = ["--max_steps", "1", "--max_train_samples", "64", "--max_eval_samples", "8", "--data_seed", "7",
+                 "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]  # fmt: skip
+    assert hfgen_main(["train", str(PRETRAIN), *overrides]) == 0
+    assert calls == {"_load_for_stage": 1}

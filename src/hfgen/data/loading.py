@@ -441,8 +441,6 @@ def with_file_lines(message: str, name: str) -> str:
     path = Path(name).expanduser()
     if not path.is_file() or data_suffix(path) != ".jsonl":
         return message
-    if file_builder(path) in ("parquet", "arrow", None):  # binary: NUL bytes are their own, not wide text's
-        return False
     opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
     with opener(path, "rb") as stream:
         lines = [number for number, line in enumerate(stream, 1) if line.strip()]

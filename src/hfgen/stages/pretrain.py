@@ -67,7 +67,9 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
     problems += check_model_source("tokenizer_name", model_args.tokenizer_name)
     if data_args.block_size < 2:
         problems.append(f"block_size must be at least 2, got {data_args.block_size}")
-    return problems + check_text_data(data_args, "text", {"text": data_args.text_column}, seed=training_args.seed)[1]
+    return (
+        problems + check_text_data(data_args, "text", {"text": data_args.text_column}, seed=data_seed(training_args))[1]
+    )
 
 
 def pack(dataset, tokenizer, text_column: str, block_size: int):

@@ -53,7 +53,7 @@ MAX_DROPPED_FOR_LENGTH = 0.5  # more pairs than this over max_length: the limit 
 def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: RewardConfig) -> list[str]:
     problems = check_model_config(model_args, training_args.trust_remote_code, task_type="SEQ_CLS")
     loaded, data_problems = check_text_data(
-        data_args, "preference", other_columns=REWARD_COLUMNS, seed=training_args.seed
+        data_args, "preference", other_columns=REWARD_COLUMNS, seed=data_seed(training_args)
     )
     problems += data_problems
     if loaded:  # its pairs are scored without function definitions

@@ -83,7 +83,7 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
         except UserError as error:
             tokenizer_problems = [str(error)]
     loaded, data_problems = check_text_data(
-        data_args, "sft", {"text": training_args.dataset_text_field}, seed=training_args.seed, template=tokenizer
+        data_args, "sft", {"text": training_args.dataset_text_field}, seed=data_seed(training_args), template=tokenizer
     )
     problems += data_problems
     if loaded:
