@@ -735,7 +735,7 @@ def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_o
     assert guard.received_signal() is None
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGINT"])
 def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, stop):
     """compare's training runs and sweep's evaluations ran under subprocess.run: a SIGTERM to `hfgen compare` left
     the training running as an orphan (holding its GPU and its dir's lock), and a Ctrl-C SIGKILLed it before its
@@ -768,6 +768,9 @@ def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, st
         time.sleep(0.1)
     parent.send_signal(getattr(signal, stop))
     code = parent.wait(timeout=60)
+    if stop == "SIGINT":  # a child that dies of it (an `hfgen eval`): the caller is told, and stops (review 41 F2)
+        assert code == 128 + signal.SIGINT
+        return
     while not (tmp_path / "heard").exists() and time.time() < deadline:
         time.sleep(0.1)
     assert (tmp_path / "heard").read_text() == str(int(signal.SIGTERM))
@@ -779,6 +782,8 @@ def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path, monkeypa
     """`hfgen train --num_processes 2` SIGKILLed: torch elastic starts each rank in a session of its own, and both
     ranks trained on to the end as orphans, COMPLETE, holding the dir's lock (probe 41 I1). A launched process asks
     for SIGTERM when its launcher dies (guard.stop_with_launcher, called by hfgen.train's entry)."""
+    import os
+    import socket
     import subprocess
     import sys
     import time
@@ -810,6 +815,17 @@ def test_a_launched_process_stops_when_its_launcher_is_killed(tmp_path, monkeypa
     while not (tmp_path / "heard").exists() and time.time() < deadline:
         time.sleep(0.1)
     assert (tmp_path / "heard").read_text() == str(int(signal.SIGTERM))
+    # the launcher hfgen names (`hfgen train --num_processes`) already gone: stopped at once; a launcher that is the
+    # process's parent, pid 1 included (a container's entrypoint), is alive: it runs on (review 41 F1)
+    check = "import os, signal; from hfgen import guard; guard.stop_with_launcher(); print('running')"
+    for launcher, runs in ((f"{socket.gethostname()}:{os.getpid() + 10**6}", False), (guard.launcher_identity(), True)):
+        started = subprocess.run([sys.executable, "-c", check], env={**os.environ, guard.LAUNCHER_PID: launcher},
+                                 capture_output=True, text=True)  # fmt: skip
+        assert (started.returncode, "running" in started.stdout) == ((0, True) if runs else (-signal.SIGTERM, False))
+    in_a_container = subprocess.run(["unshare", "-pf", "--mount-proc", "sh", "-c", f"{sys.executable} -c \"{check}\""],
+                                    env={**os.environ, "LOCAL_RANK": "0"}, capture_output=True, text=True)  # fmt: skip
+    if "Operation not permitted" not in in_a_container.stderr and in_a_container.returncode != 127:
+        assert "running" in in_a_container.stdout, in_a_container.stderr  # (its parent, sh, is pid 1 there)
     asked = []
     monkeypatch.setattr(guard, "stop_with_launcher", lambda: asked.append(True))
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -259,46 +259,79 @@ def newest_complete(output_dir) -> str:
 
 
 def run_child(command: list[str], env: dict | None = None) -> int:
-    """Run `command` (compare's training runs, sweep's evaluations) and hand back its exit code; the child stops
-    with this process: SIGINT/SIGTERM received here are passed on to it once and waited for (a training child with
-    save_on_signal writes its checkpoint), and it gets SIGTERM should this process die. subprocess.run left it
-    running as an orphan on SIGTERM, and SIGKILLed it 0.25 s after a Ctrl-C. The child has a session of its own,
-    so a terminal's Ctrl-C reaches it once, from here."""
+    """Run `command` (compare's training runs, sweep's evaluations) and hand back its exit code as a shell reports
+    it (killed by signal N: 128 + N); the child stops with this process: SIGINT/SIGTERM received here are passed on
+    to it once and waited for (a training child with save_on_signal writes its checkpoint), and the code is then
+    128 + that signal whatever the child made of it, so the caller stops as asked; the child gets SIGTERM should
+    this process die. subprocess.run left it running as an orphan on SIGTERM, and SIGKILLed it 0.25 s after a
+    Ctrl-C. The child has a session of its own, so a terminal's Ctrl-C reaches it once, from here."""
     import subprocess
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
         return subprocess.run(command, env=env).returncode
-    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminated_with_parent)
+    ask_for_sigterm = parent_death_signal()  # looked up here: the child only calls it between fork and exec
+    parent = os.getpid()
+
+    def in_the_child() -> None:
+        ask_for_sigterm()
+        if os.getppid() != parent:  # this process died before the child could ask
+            os._exit(128 + signal.SIGTERM)
+
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=in_the_child)
+    received: list[int] = []
 
     def pass_on(signum, frame) -> None:
+        received.append(signum)
         if child.poll() is None:
             child.send_signal(signum)
 
     previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait()
+        code = child.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if child.poll() is None:  # this process is leaving on an error of its own
             child.kill()
             child.wait()
+    if received:
+        return 128 + received[0]
+    return 128 - code if code < 0 else code
 
 
-def terminated_with_parent() -> None:
-    """In a child process: SIGTERM when its parent dies (Linux; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def parent_death_signal():
+    """A function that, called in a child process, asks for SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG;
+    elsewhere it does nothing)."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)
+
+
+# what `hfgen train --num_processes` (`train.launch_with_accelerate`) tells the processes it launches: its pid
+LAUNCHER_PID = "HFGEN_LAUNCHER_PID"
 
 
 def stop_with_launcher() -> None:
     """In a process `hfgen train --num_processes` (accelerate, torch elastic) launched: SIGTERM when the launching
     process dies. torch elastic starts each rank in a session of its own with no parent-death signal, so a launcher
     SIGKILLed (kill -9, the OOM killer, a scheduler) left its ranks training on to the end as orphans, holding the
-    devices and the dir's lock. With save_on_signal they write a checkpoint first."""
-    terminated_with_parent()
-    if os.getppid() == 1:  # the launcher died before this process could ask
+    devices and the dir's lock. With save_on_signal they write a checkpoint first. Where hfgen launched the process
+    it knows the launcher's pid, and a launcher that died before the request is noticed too (a launcher that is
+    pid 1, a container's entrypoint, is no dead one)."""
+    import socket
+
+    parent_death_signal()()
+    host, _, pid = os.environ.get(LAUNCHER_PID, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and os.getppid() != int(pid):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_identity() -> str:
+    """This process as `LAUNCHER_PID` names it: host and pid (a process on another machine has another parent)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"

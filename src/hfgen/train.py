@@ -139,6 +139,7 @@ def launch_with_accelerate(
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from hfgen import guard
     from hfgen.check import read_launch_config
 
     command = ["--config_file", config_file] if config_file else []
@@ -149,6 +150,7 @@ def launch_with_accelerate(
         # without a multi-process config accelerate starts ONE process (its simple launcher), which trained alone
         command.append("--multi_gpu")  # DDP: on CPUs (ACCELERATE_USE_CPU=true, as check_spawn asks) CPU processes
     command += ["--module", "hfgen.train", str(recipe_path), *overrides]
+    os.environ[guard.LAUNCHER_PID] = guard.launcher_identity()  # their parent (`guard.stop_with_launcher`)
     try:
         launch_command(launch_command_parser().parse_args(command))
     except subprocess.CalledProcessError as error:  # the one process (its output has been shown)
