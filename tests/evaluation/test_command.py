@@ -446,7 +446,11 @@ def test_perplexity_reads_conversations_and_instructions_as_the_sft_stage_does(t
     # a `text` column beside prompt/completion (the formatted text with its parts) is read, as before (review 40 F14)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps({"text": "a cat: tom", "prompt": "name a cat", "completion": "tom", "id": 1}) + "\n")
-    assert perplexity_texts(str(mixed), "embedded:prompts", tokenizer, False, 3)[1:] == (["a cat: tom"], None, True)
+    assert perplexity_texts(str(mixed), "embedded:prompts", tokenizer, False, 3)[1:] == (
+        ["a cat: tom" + tokenizer.eos_token],
+        None,
+        True,
+    )
 
 
 def test_an_oracle_is_read_as_a_reward_function_none_skipped_a_wrong_count_exit_2(
@@ -652,3 +656,9 @@ def test_the_perplexity_of_prompt_completion_rows_scores_the_tokens_sft_trains(t
     assert tokenizer.decode(examples[0][0][examples[0][1]]).startswith(" the")  # the answer's first word is scored
     sft_loss = response_loss(model, examples, tokenizer.pad_token_id, batch_size=8)
     assert measured == pytest.approx(math.exp(sft_loss), rel=1e-4)
+    # text rows end with the EOS sft and pretrain put after each text (review 41 F3)
+    (tmp_path / "texts.jsonl").write_text(
+        "".join(json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in rows)
+    )
+    _, texts, _, _ = perplexity_texts(str(tmp_path / "texts.jsonl"), "embedded:prompts", tokenizer, False, 2)
+    assert texts == [r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]

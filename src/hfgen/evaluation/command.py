@@ -367,7 +367,8 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
     turn (the response) is scored, up to its EOS: the turns before are context and the template text after the EOS
     (a newline in ChatML-like templates) is left out, as in SFT's held-out loss (sft.tokenize_response). A plain
     prompt/completion row scores its completion ended by EOS, its prompt the context, with the tokenizer's special
-    tokens (its BOS), as SFT trains it (sft.tokenize_response too)."""
+    tokens (its BOS), as SFT trains it (sft.tokenize_response too); a text row ends with EOS, as SFT (TRL's add_eos)
+    and pretrain's packing end each text."""
     from hfgen.data.rendering import without_doubled_bos
 
     if spec == AUTO:
@@ -377,15 +378,15 @@ def perplexity_texts(spec: str, eval_dataset: str, tokenizer, chat: bool, count:
     if spec == "none":
         return None, [], None, True
     rows = perplexity_rows(spec, count)
-    if "text" in rows.column_names:  # tokenized with the special tokens, as the stages tokenize text
+    eos = tokenizer.eos_token or ""
+    if "text" in rows.column_names:  # with the special tokens and a closing EOS, as sft and pretrain train text
         rows, note = without_doubled_bos(rows, tokenizer)
         if note:
             print(f"note: --perplexity_dataset: {note}")
-        return spec, list(rows["text"]), None, True
+        return spec, [t if t.endswith(eos) else t + eos for t in rows["text"]], None, True
     if "messages" in rows.column_names:
         conversations = list(rows["messages"])
     elif isinstance(rows[0]["prompt"], str):  # plain rows are prompted raw, as SFT trains them
-        eos = tokenizer.eos_token or ""
         texts = [p + c if (p + c).endswith(eos) else p + c + eos for p, c in zip(rows["prompt"], rows["completion"])]
         return spec, texts, list(rows["prompt"]), True
     else:
