@@ -543,3 +543,33 @@ def test_a_schedule_whose_function_fails_when_built_exits_2(capsys):
     code, err = run_inprocess(capsys, PRETRAIN, "--lr_scheduler_type", "inverse_sqrt", "--lr_scheduler_kwargs",
                               '{"timescale": 0}')  # fmt: skip
     assert code == 2 and "inverse_sqrt cannot be built from lr_scheduler_kwargs" in err
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, said",
+    [  # probe 41 I3, I4, I5, I7, I8, I10, I11: each trained bit-identically with and without the key, exit 0
+        ("ppo", ["--kl_horizon", "50"], "kl_horizon 50 is read only by kl_target's adaptive KL controller"),
+        ("ppo", ["--ptx_coef", "0", "--ptx_dataset_name", "null", "--ptx_max_length", "7", "--ptx_column", "foo"],
+         "ptx_column 'foo', ptx_max_length 7 are read only by the ptx loss"),
+        ("sft_full", ["--lora_r", "64", "--lora_target_modules", "[q_proj]"],
+         "lora_r 64, lora_target_modules 'q_proj' are read only by the LoRA adapters, and use_peft is false"),
+        ("t2i_digits_lora", ["--use_lora", "false", "--lora_rank", "16", "--ema_decay", "0.5"],
+         "lora_rank 16, lora_alpha 4 are read only by the LoRA adapters, and use_lora is false"),
+        ("t2i_digits_lora", ["--use_lora", "false", "--ema_decay", "0.5"], "ema_decay 0.5 is read only by the weights' EMA"),
+        ("t2i_digits_dreambooth", ["--with_prior_preservation", "false", "--prior_loss_weight", "0.2"],
+         "prior_loss_weight 0.2, num_class_images 50 are read only by DreamBooth's prior preservation"),
+        ("t2i_flow_digits_lora", ["--max_caption_tokens", "4"], "max_caption_tokens 4 is read only by the caption"),
+        ("vae_digits", ["--discriminator_channels", "8"], "discriminator_channels 8 is read only by the GAN"),
+        ("pretrain", ["--optim", "sgd", "--adam_beta1", "0.5", "--adam_epsilon", "0.1"],
+         "adam_beta1 0.5, adam_epsilon 0.1 are read only by optimizers with Adam's betas and epsilon, and optim sgd"),
+        ("pretrain", ["--lr_scheduler_type", "constant", "--warmup_steps", "20"],
+         "warmup_steps 20.0 is read only by a schedule with a warm-up, and lr_scheduler_type constant has none"),
+        ("pretrain", ["--lr_scheduler_type", "constant", "--lr_scheduler_kwargs", "{num_cycles: 5}"],
+         "lr_scheduler_kwargs {'num_cycles': 5} is read only by schedules with arguments"),
+        ("vae_digits", ["--lr_scheduler", "constant", "--lr_warmup_steps", "2"],
+         "lr_warmup_steps 2 is read only by a schedule with a warm-up, and lr_scheduler constant has none"),
+    ],
+)  # fmt: skip
+def test_a_key_whose_feature_is_off_is_refused_naming_the_switch(capsys, recipe, overrides, said):
+    code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{recipe}.yaml", *overrides)
+    assert code == 2 and said in err, err

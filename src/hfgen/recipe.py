@@ -801,7 +801,144 @@ def unread_key_problems(stage: str, configs) -> list[str]:
                 "and dataloader_num_workers is 0 (none: the main process loads): set dataloader_num_workers above 0, "
                 "or remove dataloader_multiprocessing_context"
             )
+    return problems + feature_off_problems(configs)
+
+
+@dataclass(frozen=True)
+class ReadOnlyWhen:
+    """Keys only a feature reads. Changed from their default while `off` says the feature is off (or its mode does
+    not use them), they were recorded in recipe.yaml and did nothing: exit 0, the same weights. `switch` is the key the
+    rule is about; a stage without it has no such feature."""
+
+    switch: str
+    keys: tuple[str, ...]
+    off: Any  # (values: _Values) -> bool
+    why: str  # "... read only <why>" with the state of the switch
+    fix: str  # what to set instead of removing them
+
+
+class _Values:
+    """The recipe's values by key across its configs, with each key's dataclass default."""
+
+    def __init__(self, configs):
+        self.configs = configs
+
+    def has(self, key: str) -> bool:
+        return any(hasattr(config, key) for config in self.configs)
+
+    def __getattr__(self, key: str):
+        for config in self.configs:
+            if hasattr(config, key):
+                return getattr(config, key)
+        raise AttributeError(key)
+
+    def changed(self, key: str) -> bool:
+        for config in self.configs:
+            for field_ in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+                if field_.name == key:
+                    default = field_.default_factory() if field_.default_factory is not dataclasses.MISSING else (
+                        field_.default
+                    )  # fmt: skip
+                    value = getattr(config, key)
+                    return getattr(value, "value", value) != getattr(default, "value", default)
+        return False
+
+
+def _schedule_name(values: _Values, key: str) -> str:
+    value = getattr(values, key)
+    return str(getattr(value, "value", value))
+
+
+# TRL's ModelConfig LoRA keys: peft reads them only when use_peft builds the adapters
+TRL_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+                 "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")  # fmt: skip
+
+READ_ONLY_WHEN = (
+    ReadOnlyWhen("use_peft", TRL_LORA_KEYS, lambda v: not v.use_peft,
+                 "by the LoRA adapters, and use_peft is false (the whole model trains)", "set use_peft: true"),
+    ReadOnlyWhen("use_lora", ("lora_rank", "lora_alpha", "lora_target_modules"), lambda v: not v.use_lora,
+                 "by the LoRA adapters, and use_lora is false (the whole denoiser trains)", "set use_lora: true"),
+    ReadOnlyWhen("use_ema", ("ema_decay",), lambda v: not v.use_ema,
+                 "by the weights' EMA, and use_ema is false", "set use_ema: true"),
+    ReadOnlyWhen("with_prior_preservation", ("class_prompt", "prior_loss_weight", "num_class_images", "class_data_dir"),
+                 lambda v: not v.with_prior_preservation,
+                 "by DreamBooth's prior preservation, and with_prior_preservation is false (no class images, no "
+                 "prior loss)", "set with_prior_preservation: true"),
+    ReadOnlyWhen("max_caption_tokens", ("max_caption_tokens",), lambda v: v.tokenizer_name != "embedded:caption-bpe",
+                 "by the caption tokenizer built from scratch (tokenizer_name: embedded:caption-bpe); a pretrained "
+                 "pipeline's or a named tokenizer keeps its own model_max_length", "use tokenizer_name: "
+                 "embedded:caption-bpe"),
+    ReadOnlyWhen("kl_target", ("kl_horizon",), lambda v: v.kl_target is None,
+                 "by kl_target's adaptive KL controller, and kl_target is unset (a fixed kl_coef)", "set kl_target"),
+    ReadOnlyWhen("ptx_dataset_name", ("ptx_column", "ptx_max_length"), lambda v: not v.ptx_dataset_name,
+                 "by the ptx loss, and ptx_dataset_name is unset (no ptx)", "set ptx_dataset_name and ptx_coef"),
+    ReadOnlyWhen("adversarial_weight", ("adversarial_start_step", "discriminator_channels"),
+                 lambda v: not v.adversarial_weight,
+                 "by the GAN discriminator, and adversarial_weight is 0 (none)", "set adversarial_weight above 0"),
+    ReadOnlyWhen("optim", ("adam_beta1", "adam_beta2", "adam_epsilon"), lambda v: not _reads_adam_settings(v.optim),
+                 "by optimizers with Adam's betas and epsilon, and optim {optim} has neither (its settings go in "
+                 "optim_args)", "choose an Adam-like optim"),
+    # transformers' get_scheduler returns these before it reads num_warmup_steps or passes any kwargs
+    ReadOnlyWhen("lr_scheduler_type", ("warmup_steps",),
+                 lambda v: _schedule_name(v, "lr_scheduler_type") in ("constant", "reduce_lr_on_plateau", "greedy"),
+                 "by a schedule with a warm-up, and lr_scheduler_type {lr_scheduler_type} has none",
+                 "use lr_scheduler_type constant_with_warmup (or another with a warm-up)"),
+    ReadOnlyWhen("lr_scheduler_type", ("lr_scheduler_kwargs",),
+                 lambda v: _schedule_name(v, "lr_scheduler_type") in ("constant", "constant_with_warmup"),
+                 "by schedules with arguments, and lr_scheduler_type {lr_scheduler_type} takes none",
+                 "choose a schedule that takes them"),
+    ReadOnlyWhen("lr_scheduler", ("lr_warmup_steps",), lambda v: _schedule_name(v, "lr_scheduler") == "constant",
+                 "by a schedule with a warm-up, and lr_scheduler constant has none",
+                 "use lr_scheduler constant_with_warmup (or another with a warm-up)"),
+)  # fmt: skip
+
+
+def feature_off_problems(configs) -> list[str]:
+    """The READ_ONLY_WHEN keys changed from their defaults while their feature is off: one problem per rule, naming
+    every key to drop and the switch to set."""
+    values = _Values(configs)
+    problems = []
+    for rule in READ_ONLY_WHEN:
+        if not values.has(rule.switch):
+            continue
+        changed = [key for key in rule.keys if values.has(key) and values.changed(key)]
+        if not changed or not rule.off(values):
+            continue
+        named = ", ".join(f"{key} {_shown(getattr(values, key))}" for key in changed)
+        why = rule.why.format(**{rule.switch: _schedule_name(values, rule.switch)})
+        problems.append(
+            f"{named} {'is' if len(changed) == 1 else 'are'} read only {why}: nothing would read "
+            f"{'it' if len(changed) == 1 else 'them'}; remove {', '.join(changed)}, or {rule.fix}"
+        )
     return problems
+
+
+def _shown(value) -> str:
+    value = getattr(value, "value", value)
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def _reads_adam_settings(optim) -> bool:
+    """Whether transformers' handler for `optim` reads adam_beta1/adam_beta2/adam_epsilon (its adam_kwargs): SGD,
+    Adagrad, RMSprop and Adafactor build their kwargs without them. A handler that cannot run here is not judged."""
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, OptimizerContext
+
+    name = getattr(optim, "value", optim)
+    adam_kwargs = _NamesAsked({"betas": (0.9, 0.999), "eps": 1e-8})
+    context = OptimizerContext(args=_AnyArgs(), model=None, optimizer_kwargs={"lr": 1e-3}, adam_kwargs=adam_kwargs,
+                               optim_args={})  # fmt: skip
+    try:
+        _, kwargs = _OPTIMIZER_HANDLERS[name](context)
+    except Exception:  # noqa: BLE001 -- a handler that needs its package or the model: not judged here
+        return True
+    return bool(adam_kwargs.asked) or "betas" in kwargs or "eps" in kwargs
+
+
+class _AnyArgs:
+    """TrainingArguments as a handler reads them (only for which kwargs it builds)."""
+
+    def __getattr__(self, key):
+        return None
 
 
 def schedule_problems(config) -> list[str]:

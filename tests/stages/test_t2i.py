@@ -244,7 +244,8 @@ def test_a_run_at_another_resolution_than_its_base_renders_at_its_own(scratch_ru
 
     run = tmp_path / "run"
     result = run_hfgen("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir", run,
-                       "--use_lora", use_lora, "--resolution", "32", "--max_train_steps", "1",
+                       "--use_lora", use_lora, *(["--lora_alpha", "null"] if use_lora == "false" else []),
+                       "--resolution", "32", "--max_train_steps", "1",
                        "--checkpointing_steps", "0", "--eval_images_per_prompt", "1", "--num_validation_images", "1",
                        "--num_inference_steps", "2", *SMALL_DATA)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
