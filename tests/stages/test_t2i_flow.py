@@ -434,6 +434,27 @@ def test_a_flux_pipeline_without_guidance_embeds_claims_no_guidance_scale(tmp_pa
     assert recorded == {"schnell": None, "dev": 9.0}
 
 
+def test_an_sd3_transformer_claims_no_training_guidance_scale():
+    """SD3's transformer has no guidance input: training_guidance_scale 7.0 on an SD3 pipeline trained a bit-identical
+    LoRA, exit 0, while only a Flux one without guidance_embeds was refused (probe 41 I12). Refused for SD3 alike,
+    from a pipeline's transformer config or from scratch (transformer_config); a guidance-distilled Flux keeps it."""
+    from hfgen.diffusion.flow_components import (
+        FlowPipelineArguments,
+        training_guidance_problems,
+        transformer_config_problems,
+    )
+
+    sd3 = json.loads((REPO / "recipes/tiny/mmdit_digits.json").read_text())
+    args = FlowPipelineArguments(pretrained_model_name_or_path="sd3-run", training_guidance_scale=7.0)
+    (problem,) = training_guidance_problems(args, {**sd3, "_class_name": "SD3Transformer2DModel"})
+    assert "training_guidance_scale 7.0: the transformer of 'sd3-run' is an SD3 one" in problem
+    assert training_guidance_problems(args, {"_class_name": "FluxTransformer2DModel", "guidance_embeds": True}) == []
+    assert training_guidance_problems(FlowPipelineArguments(), sd3) == []  # (left at its default: not said)
+    scratch_args = FlowPipelineArguments(transformer_config=str(REPO / "recipes/tiny/mmdit_digits.json"),
+                                         training_guidance_scale=7.0)  # fmt: skip
+    assert "is an SD3 one, which has no guidance input" in transformer_config_problems(scratch_args)[0]
+
+
 @pytest.mark.slow
 def test_override_shift_on_flux_is_a_static_shift(flow_run, tmp_path):
     """Flux's scheduler shifts dynamically (by image size), ignoring `shift`: override_shift turns that off, so the

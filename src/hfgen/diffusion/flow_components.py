@@ -146,17 +146,23 @@ def flow_base_problems(args: FlowPipelineArguments) -> list[str]:
 
 
 def training_guidance_problems(args: FlowPipelineArguments, transformer_config) -> list[str]:
-    """An explicitly set training_guidance_scale (another than the default) for a Flux transformer that is not
-    guidance-distilled (schnell-like: no `guidance_embeds`), which takes no guidance input: it was ignored."""
+    """An explicitly set training_guidance_scale (another than the default) for a transformer without
+    `guidance_embeds` (SD3's, or a Flux one that is not guidance-distilled, as Flux.1-schnell), which takes no
+    guidance input: it was ignored."""
     default = FlowPipelineArguments.training_guidance_scale
-    if args.training_guidance_scale == default or not transformer_config or not is_flux_config(transformer_config):
+    if args.training_guidance_scale == default or not transformer_config:
         return []
     if transformer_config.get("guidance_embeds"):
         return []
-    return [f"training_guidance_scale {args.training_guidance_scale}: the pretrained Flux pipeline "
-            f"'{args.pretrained_model_name_or_path}' is not guidance-distilled (its transformer has no "
-            "guidance_embeds, as Flux.1-schnell) and takes no guidance input, in training or sampling; drop "
-            "training_guidance_scale"]  # fmt: skip
+    if is_flux_config(transformer_config):
+        whose = (f"the pretrained Flux pipeline '{args.pretrained_model_name_or_path}' is not guidance-distilled (its "
+                 "transformer has no guidance_embeds, as Flux.1-schnell)")  # fmt: skip
+    else:  # (SD3's transformer has no guidance input at all; predict_velocity passes none)
+        source = args.pretrained_model_name_or_path or args.transformer_config
+        whose = (f"the transformer of '{source}' is an SD3 one, which has no guidance input (only guidance-distilled "
+                 "Flux, with guidance_embeds, has one)")  # fmt: skip
+    return [f"training_guidance_scale {args.training_guidance_scale}: {whose} and takes no guidance input, in "
+            "training or sampling; drop training_guidance_scale"]  # fmt: skip
 
 
 DROP_T5_FLUX = ("drop_t5: the pretrained pipeline is a FluxPipeline, which conditions on the T5 sequence embeddings "
@@ -170,6 +176,8 @@ def transformer_config_problems(args: FlowPipelineArguments) -> list[str]:
 
     if args.transformer_config:
         key, name, config = "transformer_config", args.transformer_config, read_config(args.transformer_config)
+        if problems := training_guidance_problems(args, config):
+            return problems
     elif args.pretrained_model_name_or_path and args.vae_name_or_path:
         key, name = "pretrained_model_name_or_path", args.pretrained_model_name_or_path
         config = pipeline_config(name, "transformer/config.json")
