@@ -6,6 +6,7 @@ are killed at every point in one run; sft (LoRA), reward, t2i and t2i_flow mid-c
 held-out comparison. The full matrix of stages x points is scripts/kill_matrix.py."""
 
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -845,6 +846,23 @@ def test_a_second_run_into_a_dir_in_use_exits_2(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert other.returncode != 0 and "is in use by another running hfgen process (pid" in other.stderr
+
+
+def test_an_output_dir_on_a_disk_without_file_locks_is_not_blamed_on_another_run(tmp_path, monkeypatch):
+    """flock() on a mount without lock support (Lustre without -o flock, some NFS/FUSE/SMB) fails with ENOSYS or
+    EOPNOTSUPP: it was refused as 'in use by another running hfgen process (pid unknown); wait for it to end', which
+    never ends (probe 41 I9). The simulated mount's failure, as such a file system returns it."""
+    import errno
+    import fcntl
+
+    def unsupported(handle, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with pytest.raises(UserError) as error:
+        tracking.lock_output_dir(tmp_path)
+    assert "does not support file locks (flock: Function not implemented" in str(error.value)
+    assert "in use by another" not in str(error.value)
 
 
 @pytest.mark.slow

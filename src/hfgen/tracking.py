@@ -14,6 +14,7 @@ A run directory holds:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -200,7 +201,14 @@ def lock_output_dir(output_dir: Path) -> None:
     handle = open(key / LOCK_FILE, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # (only these mean: held by another)
+            handle.close()
+            raise UserError(
+                f"output_dir '{output_dir}' is on a file system that does not support file locks (flock: "
+                f"{error.strerror}; some Lustre, NFS, FUSE or SMB mounts): hfgen locks the run dir against a second "
+                "run into it; mount it with flock support, or choose an output_dir elsewhere."
+            ) from None
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
