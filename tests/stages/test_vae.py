@@ -267,3 +267,18 @@ def test_a_row_averages_each_loss_over_the_steps_that_had_it_also_across_a_resum
     for row in rows:
         assert row == pytest.approx(expected)
     assert tracking.read_metrics(tmp_path / "resumed")[0]["disc_loss"] == pytest.approx(3.5 / 3)
+
+
+def test_an_adversarial_start_past_the_end_of_the_run_is_refused(configs, tmp_path):
+    """adversarial_weight 0.5 with adversarial_start_step 50 in a 3-step run trained bit-identically to no GAN term,
+    exit 0 (probe 41 I8): refused by the check for a max_train_steps budget, and once the data is counted for an
+    epoch budget, before any step."""
+    gan = ["--adversarial_weight", "0.5", "--adversarial_start_step", "50"]
+    result = run_hfgen_here("check", VAE_RECIPE, *vae_overrides(configs, tmp_path / "a"), *gan)
+    assert result.returncode == 2 and "adversarial_start_step 50 is at or past the run's 3 steps" in result.stderr
+    result = run_hfgen_here("train", VAE_RECIPE, *vae_overrides(configs, tmp_path / "b"), *gan, "--max_train_steps",
+                            "null", "--num_train_epochs", "1")  # fmt: skip
+    assert result.returncode == 2 and "adversarial_start_step 50 is at or past the run's" in result.stderr, (
+        result.stderr
+    )
+    assert not (tmp_path / "b" / "COMPLETE").exists()

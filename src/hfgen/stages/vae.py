@@ -35,6 +35,7 @@ from hfgen.diffusion.data import (
     undecoded,
 )
 from hfgen.diffusion.latents import PixelRows
+from hfgen.errors import UserError
 from hfgen.models import check_config_file, check_model_source
 
 EVAL_IMAGES_SHOWN = 8
@@ -75,7 +76,21 @@ def check(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VA
     problems += check_model_source("pretrained_vae_name_or_path", model_args.pretrained_vae_name_or_path)
     if args.kl_weight < 0 or args.adversarial_weight < 0:
         problems.append("kl_weight and adversarial_weight must be >= 0")
+    if args.max_train_steps:  # (a budget of epochs is known once the data is: `never_adversarial` then)
+        problems += never_adversarial(args, args.max_train_steps)
     return problems + check_image_data(data_args, need_captions=False)
+
+
+def never_adversarial(args: VAETrainingArguments, max_steps: int) -> list[str]:
+    """adversarial_weight with adversarial_start_step at or past the run's last step: the GAN term never switches
+    on (the weights came out as without it, while the discriminator was built and refused engines)."""
+    if args.adversarial_weight <= 0 or args.adversarial_start_step < max_steps:
+        return []
+    return [
+        f"adversarial_start_step {args.adversarial_start_step} is at or past the run's {max_steps} steps: the GAN term "
+        f"(adversarial_weight {args.adversarial_weight}) would never switch on; lower adversarial_start_step, train "
+        "longer, or drop adversarial_weight"
+    ]
 
 
 def refused_engines(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAETrainingArguments):
@@ -158,6 +173,8 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
         accelerator, args, [EncodeDecode(vae)], optimizer, train_loader
     )
     max_steps, num_epochs, steps_per_epoch = budget
+    if problems := never_adversarial(args, max_steps):  # (an epoch budget: known now that the data is)
+        raise UserError(problems[0])
     if use_adversary:
         disc_optimizer = training.make_optimizer([discriminator.parameters()], args, accelerator.num_processes)
         discriminator, disc_optimizer = loop.prepare(
