@@ -596,7 +596,7 @@ def test_ptx_data_of_sft_layouts_carries_the_loss_on_the_answers(tmp_path):
     assert text == tokenizer.apply_chat_template(files["chat.jsonl"]["messages"], tokenize=False)
     assert answer == "the red cat is kind.<|end|>"
     assert labelled("pairs.jsonl")[1].strip() == "the dog is calm.<|end|>"
-    assert labelled("plain.jsonl", column="body") == ("the owl sleeps.", "the owl sleeps.")
+    assert labelled("plain.jsonl", column="body") == ("the owl sleeps.<|end|>", "the owl sleeps.<|end|>")
     with pytest.raises(UserError, match="ptx_max_length"):  # the user turn alone fills 6 tokens
         labelled("chat.jsonl", max_length=6)
     # a layout of neither kind: the message named dataset_format and dataset_columns, the prompt data's keys
@@ -614,6 +614,46 @@ def test_ptx_data_of_sft_layouts_carries_the_loss_on_the_answers(tmp_path):
     text, answer = labelled("chat.jsonl")
     assert text.startswith("<|im_start|>system") and "describe the red cat." in text
     assert answer.strip().startswith("the red cat is kind.") and "describe" not in answer and "system" not in answer
+
+
+def test_ptx_texts_and_pairs_are_tokenized_as_sft_tokenizes_them(tmp_path, capsys):
+    """PPO-ptx tokenized its plain rows unlike the SFT they stand for (probe 41 I2): a prompt ending in a space lost
+    the completion's first token (' the', merged with the space) from the loss, a text got no EOS (ptx texts never
+    learned to end), a text rendered with a chat template got a second BOS. Now as `sft.tokenize_response` and
+    `sft.without_doubled_bos` make SFT's rows."""
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from hfgen.models import build_embedded_tokenizer
+    from hfgen.rl.ptx import IGNORE, ptx_examples
+    from hfgen.stages.sft import tokenize_response
+
+    tokenizer = build_embedded_tokenizer()  # with a BOS put in front of every text, as Llama 3's tokenizer does
+    tokenizer.add_special_tokens({"bos_token": "<|bos|>"})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_token_id)]
+    )
+    pair = {"prompt": "describe the dog. answer: ", "completion": "the dog is calm."}
+    files = {"pairs.jsonl": pair, "texts.jsonl": {"text": "<|bos|>the owl sleeps."}}
+    for name, row in files.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+
+    def example(name):
+        settings = SimpleNamespace(ptx_dataset_name=str(tmp_path / name), ptx_column="text", ptx_max_length=128)
+        [(ids, labels)] = ptx_examples(tokenizer, settings)
+        return ids, labels
+
+    ids, labels = example("pairs.jsonl")
+    sft_ids, start = tokenize_response(tokenizer, pair["prompt"], pair["completion"], None)
+    assert ids == sft_ids and labels == [IGNORE] * start + sft_ids[start:]
+    assert tokenizer.decode([label for label in labels if label != IGNORE]) == " the dog is calm.<|end|>"
+    ids, labels = example("texts.jsonl")
+    assert tokenizer.convert_ids_to_tokens(ids)[:2] == ["<|bos|>", "the"] and ids == labels
+    assert tokenizer.decode(ids) == "<|bos|>the owl sleeps.<|end|>"
+    assert "ptx: 1 of 1 rows of the text column (row 0 first) already start with the tokenizer's BOS" in (
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize("option", ["entropy_coef", "kl_loss_coef"])

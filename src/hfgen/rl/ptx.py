@@ -39,22 +39,25 @@ def _conversation_example(tokenizer, messages: list[dict], tools=None) -> tuple[
 
 
 def _example(tokenizer, row: dict) -> tuple[list[int], list[int], bool]:
-    """(ids, labels, answers_marked) of one standard SFT row (hfgen.data.formats, kind 'sft')."""
+    """(ids, labels, answers_marked) of one standard SFT row (hfgen.data.formats, kind 'sft'). Plain text and a text
+    prompt/completion are tokenized as the sft stage tokenizes them (`sft.tokenize_response`, TRL's way): EOS after
+    the text, so a ptx text learns to end; the completion from where its ids part from the prompt's alone, so a
+    prompt ending in a space keeps the completion's first token (' the') in the loss. (A text's doubled BOS is
+    removed beforehand, `ptx_examples`.)"""
     from hfgen.data.formats import row_tools
-    from hfgen.data.rendering import sequence_ids
+    from hfgen.stages.sft import tokenize_response
 
-    if "text" in row:
-        ids = tokenizer(row["text"])["input_ids"]
-        return ids, list(ids), True
     if "messages" in row:
         return _conversation_example(tokenizer, row["messages"], row_tools(row))
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, list):
-        return _conversation_example(tokenizer, prompt + completion, row_tools(row))
-    # text prompt and completion, joined as TRL's SFT joins them (EOS appended); the loss on the completion
-    ids = sequence_ids(tokenizer, prompt, completion)
-    prompt_length = len(tokenizer(prompt)["input_ids"])
-    return ids, [IGNORE] * prompt_length + ids[prompt_length:], True
+    if "text" not in row and isinstance(row["prompt"], list):
+        return _conversation_example(tokenizer, row["prompt"] + row["completion"], row_tools(row))
+    prompt, completion = ("", row["text"]) if "text" in row else (row["prompt"], row["completion"])
+    tokenized = tokenize_response(tokenizer, prompt, completion, None)
+    if tokenized is None:  # (an empty completion: nothing to learn)
+        return [], [], True
+    ids, start = tokenized
+    start = start if prompt else 0  # (a text trains whole; its first token is never predicted anyway)
+    return ids, [IGNORE] * start + ids[start:], True
 
 
 def ptx_rows(config):
@@ -93,8 +96,12 @@ def ptx_rows(config):
 def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length; examples left without a
     labelled token after the first are dropped."""
+    from hfgen.stages.sft import without_doubled_bos
+
     name = config.ptx_dataset_name
-    rows = ptx_rows(config)
+    rows, note = without_doubled_bos(ptx_rows(config), tokenizer)  # as the sft stage feeds its text rows
+    if note:
+        print(f"ptx: {note}")
     examples, unmarked = [], 0
     for row in rows:
         ids, labels, answers_marked = _example(tokenizer, row)
