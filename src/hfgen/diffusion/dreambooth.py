@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,20 @@ def class_image_problems(args: DreamBoothArguments, class_dir: Path, resolution:
     size, or on another model's samples, without a word. Named, to be deleted or kept apart by the user."""
     from PIL import Image
 
-    if not args.with_prior_preservation or not args.class_prompt or not class_dir.is_dir():
+    if not args.with_prior_preservation or not args.class_prompt:
+        return []
+    if missing := missing_class_images(args, class_dir):
+        writes_into = next((p for p in (class_dir, *class_dir.parents) if p.exists()), None)
+        if writes_into is not None and writes_into.is_dir() and not os.access(writes_into, os.W_OK):
+            # (a shared, complete, read-only folder is only read; short of images, it failed after the pipeline
+            # loaded, with advice about an output path)
+            return [
+                f"class_data_dir '{class_dir}' holds {args.num_class_images - len(missing)} of the "
+                f"{args.num_class_images} class images (num_class_images) and the missing ones cannot be written to "
+                f"'{writes_into}' (a read-only disk, or no permission): make it writable, point class_data_dir "
+                "elsewhere, or lower num_class_images"
+            ]
+    if not class_dir.is_dir():
         return []
     listed, sources = read_metadata(class_dir), read_metadata(class_dir, "source")
     # (images of an older hfgen record no source: judged by prompt and size alone)
@@ -229,6 +243,15 @@ def class_image_problems(args: DreamBoothArguments, class_dir: Path, resolution:
     ]
 
 
+def missing_class_images(args, class_dir: Path) -> list[int]:
+    """The numbers of the class images still to generate into `class_dir` (all of them where it does not exist): a
+    user's own images there count towards num_class_images."""
+    present = image_files(class_dir) if class_dir.is_dir() else []
+    generated = {int(match[1]) for p in present if (match := GENERATED_NAME.match(p.name))}
+    wanted = args.num_class_images - (len(present) - len(generated))
+    return [number for number in range(wanted) if number not in generated]
+
+
 def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, steps: int, guidance: float, seed: int,
                      source: str | None = None, **call_arguments):  # fmt: skip
     """Generate the class images numbered 0..num_class_images-1 that are not in `class_dir` yet (besides images a
@@ -241,11 +264,7 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
     from hfgen.diffusion.rendering import generator_device, slug
 
     class_dir.mkdir(parents=True, exist_ok=True)
-    present = image_files(class_dir)
-    generated = {int(match[1]) for p in present if (match := GENERATED_NAME.match(p.name))}
-    wanted = args.num_class_images - (len(present) - len(generated))  # a user's own images count towards it
-    missing = [number for number in range(wanted) if number not in generated]
-    if not missing:
+    if not (missing := missing_class_images(args, class_dir)):
         return
     pipeline = make_pipeline()
     pipeline.set_progress_bar_config(disable=True)
