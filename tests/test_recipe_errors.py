@@ -455,6 +455,15 @@ def test_a_misspelt_key_is_not_pointed_at_a_key_the_stage_refuses(capsys, stage)
     assert "max_completion_length" not in err and "did you mean 'max_length'" in err
 
 
+@pytest.mark.parametrize("recipe", ["orpo", "kto", "grpo_arithmetic", "reward", "pretrain"])
+def test_label_smoothing_is_not_pointed_at_a_key_the_stage_refuses(capsys, recipe):
+    """`label_smoothing` (DPO's own key) on orpo, kto, grpo, reward was hinted towards label_smoothing_factor,
+    which these stages then refuse (probe 41 I14); pretrain reads it, and keeps the hint."""
+    code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{recipe}.yaml", "--label_smoothing", "0.1")
+    assert code == 2 and "unknown key 'label_smoothing'" in err, err
+    assert ("did you mean 'label_smoothing_factor'" in err) == (recipe == "pretrain"), err
+
+
 def test_an_upstream_key_is_pointed_at_the_key_that_means_it_not_the_nearest_letters(capsys):
     # TRL's PPO num_train_epochs was hinted towards num_ppo_epochs (the passes over each rollout), mini_batch_size (a
     # size) towards num_mini_batches (a count), max_steps towards save_steps; t2i's save_steps/warmup_ratio got none

@@ -359,7 +359,8 @@ def build_recipe(
                     f"`hfgen train RECIPE --{key} ...`"
                 )
             else:
-                offered = [known for known in parser.actions if known not in getattr(module, "NOT_SUGGESTED", ())]
+                refused = (*getattr(module, "NOT_SUGGESTED", ()), *refused_everywhere(stage))
+                offered = [known for known in parser.actions if known not in refused]
                 errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, offered)}")
             continue
         if isinstance(value, str) and (
@@ -743,6 +744,15 @@ def value_problems(configs) -> list[str]:
                     "max_steps (optimizer steps) or num_train_epochs to a positive number"
                 )
     return problems
+
+
+def refused_everywhere(stage: str) -> tuple[str, ...]:
+    """Keys `unread_key_problems` refuses in `stage` whatever their value: never offered as the nearest spelling of
+    an unknown key (ORPO's `label_smoothing`, a DPO key, was pointed at label_smoothing_factor, which is then
+    refused)."""
+    return ("label_smoothing_factor",) * (stage in OWN_LOSS_STAGES) + ("train_sampling_strategy",) * (
+        stage in OWN_SAMPLER_STAGES
+    )
 
 
 # transformers' Trainer reads these keys in code that some stages' TRL trainers replace; set there, they did nothing
