@@ -101,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
 
     # A run dir holding the complete run of another recipe is refused before anything trains, as `hfgen sweep`
     # refuses it (a retrain of the SFT model must not come first, only for the points to fail).
-    problems = []
+    # (and a root that cannot be written: the shared SFT step trained first, then the first run failed to start)
+    problems = [problem] if (problem := tracking.path_problem(root, "--output_root", directory=True)) else []
     for recipe in runs.values():
         if recipe.output_dir.exists():
             try:
