@@ -92,6 +92,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from hfgen.diffusion.dreambooth import DreamBoothArguments
     from hfgen.evaluation.images import DIGIT_PROMPT, digit_classifier, prompt_adherence, to_digit_pixels
     from hfgen.recipe import load_recipe
     from hfgen.train import run_recipe
@@ -108,11 +109,16 @@ def main() -> int:
     sampling = (args.images_per_prompt, train_args.num_inference_steps, train_args.guidance_scale, train_args.seed)
 
     pixels, seconds = {"base": render(base, prompts, *sampling)}, {}
-    for name, prior in (("with_prior_preservation", "true"), ("without_prior_preservation", "false")):
+    # without prior preservation its keys go back to their defaults (the check refuses them set while it is off)
+    defaults = DreamBoothArguments()
+    no_prior = ["--with_prior_preservation", "false", "--class_prompt", "[]", "--class_data_dir", "null",
+                "--num_class_images", str(defaults.num_class_images), "--prior_loss_weight",
+                str(defaults.prior_loss_weight)]  # fmt: skip
+    for name, prior in (("with_prior_preservation", ["--with_prior_preservation", "true"]),
+                        ("without_prior_preservation", no_prior)):  # fmt: skip
         run_dir = output_dir / name
         started = time.perf_counter()
-        run_recipe(load_recipe(REPO / recipe_path, overrides=[*common, "--with_prior_preservation", prior,
-                                                              "--output_dir", str(run_dir)]))  # fmt: skip
+        run_recipe(load_recipe(REPO / recipe_path, overrides=[*common, *prior, "--output_dir", str(run_dir)]))
         seconds[name] = round(time.perf_counter() - started, 1)
         pixels[name] = render(run_dir, prompts, *sampling)
 
