@@ -771,6 +771,12 @@ def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, st
     code = parent.wait(timeout=60)
     if stop == "SIGINT":  # a child that dies of it (an `hfgen eval`): the caller is told, and stops (review 41 F2)
         assert code == 128 + signal.SIGINT
+        ignoring = subprocess.run(  # ... unless this process ignores SIGINT (a background job): then so does the child
+            [sys.executable, "-c", "import os, signal, sys; from hfgen import guard; signal.signal(signal.SIGINT, "
+             "signal.SIG_IGN); sys.exit(guard.run_child([sys.executable, '-c', 'import os, signal, time; "
+             "os.kill(os.getppid(), signal.SIGINT); time.sleep(1)']))"]
+        )  # fmt: skip
+        assert ignoring.returncode == 0
         return
     while not (tmp_path / "heard").exists() and time.time() < deadline:
         time.sleep(0.1)

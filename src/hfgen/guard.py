@@ -286,7 +286,9 @@ def run_child(command: list[str], env: dict | None = None) -> int:
         if child.poll() is None:
             child.send_signal(signum)
 
-    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # (a signal this process ignores, as a shell's background job ignores SIGINT, stays ignored)
+    heard = [signum for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, pass_on) for signum in heard}
     try:
         code = child.wait()
     finally:
