@@ -314,7 +314,7 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
     model = model_args.model_name_or_path
     tokenizer = load_tokenizer(model, config.trust_remote_code)
     has_template = tokenizer.chat_template is not None
-    if has_template and (not isinstance(first, str) or data_args.chat_prompts == "auto"):
+    if has_template and reaches_the_policy_templated(first, data_args, tokenizer, model):
         if end := unstopped_turn_end(tokenizer, model):
             print(
                 f"warning: the chat template of '{model}' ends assistant turns with '{end}', which is not a token "
@@ -335,6 +335,17 @@ def prompt_template_problems(model_args, data_args, config, train_rows) -> list[
             "chat_prompts: auto to send each as one user turn, or never to keep them raw"
         ]
     return []
+
+
+def reaches_the_policy_templated(prompt, data_args, tokenizer, model: str) -> bool:
+    """Whether a prompt reaches the policy in the chat template, as `templated_prompts` sends it: chat messages; a
+    string already rendered with it (under any chat_prompts); a plain string under chat_prompts auto, unless the
+    model's hfgen run prompted it raw (trained_on_chat false)."""
+    if not isinstance(prompt, str):
+        return True
+    if rendered_with_template(prompt, template_marks(tokenizer)):
+        return True
+    return data_args.chat_prompts == "auto" and trained_on_chat(model) is not False
 
 
 def unstopped_turn_end(tokenizer, model: str) -> str | None:

@@ -909,6 +909,7 @@ def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of
     # from a Qwen2.5 base (turns end <|im_end|>, EOS <|endoftext|>) the policy's responses ran on past the turn's
     # end into a next turn, scored by the rewards and counted unfinished, with no word from the check; the SFT check
     # refuses the same layout (probe 41 A3)
+    from hfgen.data.arithmetic import problem_text
     from tiny_models import save_tiny_llama_ending_turns_apart
 
     model = save_tiny_llama_ending_turns_apart(tmp_path / "base")
@@ -922,3 +923,20 @@ def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of
         "warning: the chat template"
         not in run_hfgen_here("check", recipe, "--model_name_or_path", ending_with_eos).stdout
     )
+    # decided by what reaches the policy, not by chat_prompts: prompts already rendered with the template warn under
+    # never too, plain ones under never do not (review 41 F10)
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model))
+    prompts = [problem_text((a, a + 1)) for a in range(1, 41)]
+    rendered = tmp_path / "rendered.jsonl"
+    rendered.write_text("".join(json.dumps({"prompt": tokenizer.apply_chat_template(
+        [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)}) + "\n" for p in prompts))  # fmt: skip
+    never = ["--chat_prompts", "never"]
+    assert (
+        "ends assistant turns with '<|end|>'"
+        in run_hfgen_here("check", recipe, *never, "--dataset_name", rendered).stdout
+    )
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert "warning: the chat template" not in run_hfgen_here("check", recipe, *never, "--dataset_name", plain).stdout
