@@ -180,3 +180,16 @@ def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
                 figure = value.tensor.float_val[0] if value.tensor.float_val else value.simple_value
                 scalars.setdefault(value.tag, []).append((event.step, float(figure)))
     return scalars
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """An empty folder on a read-only tmpfs (needs the right to mount, else the test is skipped), unmounted after."""
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs is not allowed here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)

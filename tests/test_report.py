@@ -152,31 +152,23 @@ def test_a_report_that_finds_the_disk_full_exits_2_naming_the_file_and_leaves_no
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in two_runs)  # no r.html, no tmp
 
 
-def test_a_report_written_to_a_read_only_disk_exits_2_naming_the_file(two_runs, tmp_path, capsys):
+def test_a_report_written_to_a_read_only_disk_exits_2_naming_the_file(two_runs, tmp_path, capsys, read_only_disk):
     """`hfgen report --out` (and eval's output beside a model on a read-only share) ended in an OSError traceback,
     the tmp file's cleanup raising again over the first error (probe 41 C5)."""
-    import subprocess
-
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a read-only tmpfs is not allowed here")
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            hfgen(["report", *map(str, two_runs), "--out", str(disk / "r.html")])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "Traceback" not in err
-        assert f"--out '{disk / 'r.html'}': '{disk}' cannot be written to" in err  # said before the report is built
-        with pytest.raises(UserError, match=r"r.html': Read-only file system .*an output path elsewhere"):
-            with unwritable_exits_2(disk / "r.html"):  # a write past the start's check (its tmp's cleanup fails too)
-                tracking.write_text(disk / "r.html", "")
-        # a file that is not the command's output (a class_data_dir, a cache) gets no advice about an output
-        with pytest.raises(UserError, match=r"ro/cls': Read-only file system .*make it writable") as refused:
-            with unwritable_exits_2(tmp_path / "r.html"):
-                (disk / "cls").mkdir()
-        assert "output" not in str(refused.value)
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+    disk = read_only_disk
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["report", *map(str, two_runs), "--out", str(disk / "r.html")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"--out '{disk / 'r.html'}': '{disk}' cannot be written to" in err  # said before the report is built
+    with pytest.raises(UserError, match=r"r.html': Read-only file system .*an output path elsewhere"):
+        with unwritable_exits_2(disk / "r.html"):  # a write past the start's check (its tmp's cleanup fails too)
+            tracking.write_text(disk / "r.html", "")
+    # a file that is not the command's output (a class_data_dir, a cache) gets no advice about an output
+    with pytest.raises(UserError, match=r"ro/cls': Read-only file system .*make it writable") as refused:
+        with unwritable_exits_2(tmp_path / "r.html"):
+            (disk / "cls").mkdir()
+    assert "output" not in str(refused.value)
 
 
 def test_a_run_with_malformed_files_is_shown_without_them_and_each_is_named(two_runs, tmp_path, capsys):

@@ -507,25 +507,17 @@ def test_compare_checks_its_evaluation_options_before_anything_trains(capsys, tm
     assert not root.exists()
 
 
-def test_compare_into_a_read_only_root_is_refused_before_anything_trains(capsys, tmp_path):
+def test_compare_into_a_read_only_root_is_refused_before_anything_trains(capsys, read_only_disk):
     """--output_root on a read-only disk: the shared SFT step trained first, then the first run stopped on the
     read-only root (probe 41 I13)."""
-    import subprocess
-
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a read-only tmpfs is not allowed here")
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            hfgen_main(["compare", str(REPO / "recipes/tiny/compare.yaml"), "--methods", "dpo", "--seeds", "1",
-                        "--output_root", str(disk / "compare")])  # fmt: skip
-        error = capsys.readouterr()
-        assert exit_info.value.code == 2 and "Traceback" not in error.err, error.err
-        assert f"nothing was run: --output_root '{disk / 'compare'}': '{disk}' cannot be written to" in error.err
-        assert "== sft" not in error.out  # (no step ran)
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+    disk = read_only_disk
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["compare", str(REPO / "recipes/tiny/compare.yaml"), "--methods", "dpo", "--seeds", "1",
+                    "--output_root", str(disk / "compare")])  # fmt: skip
+    error = capsys.readouterr()
+    assert exit_info.value.code == 2 and "Traceback" not in error.err, error.err
+    assert f"nothing was run: --output_root '{disk / 'compare'}': '{disk}' cannot be written to" in error.err
+    assert "== sft" not in error.out  # (no step ran)
 
 
 @pytest.mark.slow

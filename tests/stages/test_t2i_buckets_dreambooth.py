@@ -352,26 +352,20 @@ def test_class_images_of_another_class_prompt_or_resolution_are_named_at_check(t
         assert "class_data_dir" not in str(error), error
 
 
-def test_a_class_data_dir_short_of_images_on_a_read_only_disk_is_refused_at_the_check(tmp_path):
+def test_a_class_data_dir_short_of_images_on_a_read_only_disk_is_refused_at_the_check(tmp_path, read_only_disk):
     """A class_data_dir on a read-only disk, short of num_class_images: `hfgen check` passed, train loaded the
     pipeline and then failed writing the first class image, with advice about an output path (probe 41 I6). Refused
     by the check naming class_data_dir; a complete folder is only read, and passes."""
     from hfgen.diffusion.dreambooth import DreamBoothArguments, class_image_problems
 
-    disk = tmp_path / "ro"
-    disk.mkdir()
+    disk = read_only_disk
     complete = tmp_path / "complete"
     complete.mkdir()
     for number in range(2):  # (a user's own images count towards num_class_images)
         Image.new("RGB", (8, 8)).save(complete / f"mine-{number}.png")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a read-only tmpfs is not allowed here")
-    try:
-        args = DreamBoothArguments(instance_data_dir="inst", instance_prompt="a sks dog", with_prior_preservation=True,
-                                   class_prompt=["a dog"], num_class_images=2)  # fmt: skip
-        (problem,) = class_image_problems(args, disk / "cls", 8)
-        assert f"class_data_dir '{disk / 'cls'}' holds 0 of the 2 class images" in problem
-        assert f"cannot be written to '{disk}'" in problem and "lower num_class_images" in problem
-        assert class_image_problems(args, complete, 8) == []
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+    args = DreamBoothArguments(instance_data_dir="inst", instance_prompt="a sks dog", with_prior_preservation=True,
+                               class_prompt=["a dog"], num_class_images=2)  # fmt: skip
+    (problem,) = class_image_problems(args, disk / "cls", 8)
+    assert f"class_data_dir '{disk / 'cls'}' holds 0 of the 2 class images" in problem
+    assert f"cannot be written to '{disk}'" in problem and "lower num_class_images" in problem
+    assert class_image_problems(args, complete, 8) == []
