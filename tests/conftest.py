@@ -182,14 +182,21 @@ def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str):
+    """`folder`, made and mounted as a tmpfs with these mount options (a small disk, a read-only one); the test is
+    skipped where mounting is not allowed. Unmounted lazily after: a file a failed run left open keeps it busy."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip(f"mounting a tmpfs ({options}) is not allowed here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
 @pytest.fixture
 def read_only_disk(tmp_path):
-    """An empty folder on a read-only tmpfs (needs the right to mount, else the test is skipped), unmounted after."""
-    disk = tmp_path / "ro"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a read-only tmpfs is not allowed here")
-    try:
+    """An empty folder on a read-only tmpfs."""
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1M") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)

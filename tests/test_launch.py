@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, mounted_tmpfs
 from hfgen.cli import build_parser
 from hfgen.cli import main as hfgen_main
 from hfgen.recipe import load_recipe
@@ -76,18 +76,9 @@ def test_main_process_port_is_a_launch_option_not_a_recipe_key():
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs: a full disk for the run's saves (needs the right to mount, else the test is skipped)."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs is not allowed here")
-    try:
+    """A 1 MiB tmpfs: a full disk for the run's saves."""
+    with mounted_tmpfs(tmp_path / "disk", "size=1M") as mount:
         yield mount
-    finally:
-        # lazily: a file the failed run left open would keep it busy
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_a_full_disk_while_saving_exits_2_naming_the_output_dir(small_disk, tmp_path, capsys):
