@@ -168,7 +168,7 @@ def damaged_weights(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return None
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     for index in sorted(path.glob("*.safetensors.index.json")):
         try:

@@ -96,7 +96,7 @@ def ptx_rows(config):
 def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length; examples left without a
     labelled token after the first are dropped."""
-    from hfgen.stages.sft import without_doubled_bos
+    from hfgen.data.rendering import without_doubled_bos
 
     name = config.ptx_dataset_name
     rows, note = without_doubled_bos(ptx_rows(config), tokenizer)  # as the sft stage feeds its text rows
