@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_t2i_flow import FLOW_LORA_RECIPE, FLOW_RECIPE, TINY, VAE16_RECIPE, flow_overrides
 
 from conftest import REPO, run_hfgen, run_hfgen_here
@@ -309,13 +309,15 @@ def test_dreambooth_gpu_recipe_parses_with_its_features():
 
 def test_flux_sides_off_its_packing_are_named_at_check(tmp_path):
     """A Flux pipeline's sides must be multiples of its VAE's downsampling x its 2x2 latent packing (16 for
-    FLUX.1's 8x VAE): found from the configs alone (no weights here), before anything loads."""
+    FLUX.1's 8x VAE): found from the configs alone (empty weights files here), before anything loads."""
     configs = {"model_index.json": {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]},
                "transformer/config.json": {"_class_name": "FluxTransformer2DModel", "patch_size": 1},
                "vae/config.json": {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}}  # fmt: skip
     for name, config in configs.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(json.dumps(config))
+    for component in ("transformer", "vae"):  # (a component without a weights file is refused at the check itself)
+        save_file({}, tmp_path / component / "diffusion_pytorch_model.safetensors")
     flux = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]
     load_recipe(FLOW_LORA_RECIPE, overrides=[*flux, "--resolution", "32", *DIGITS_ASPECT, "--aspect_ratio_buckets",
                                              "32x32", "48x32", '"3:2"'])  # fmt: skip
