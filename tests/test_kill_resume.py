@@ -720,7 +720,16 @@ def test_the_steps_the_divergence_guard_skipped_travel_with_the_checkpoint(tmp_p
     guard.configure()
 
 
-def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_once():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test (KeyboardInterrupt): a background job, as `make test` starts one of
+    its two processes, starts with SIGINT ignored, and a process started from it inherits that."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)
+
+
+def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_once(python_sigint):
     """An rlhf pipeline (or a sweep) whose earlier step had save_on_signal kept hfgen's handler for the later steps
     without it: their Ctrl-C was held until a periodic checkpoint, or ignored to the end of the step (probe 41 C1)."""
     from hfgen import guard
@@ -737,7 +746,7 @@ def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_o
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGINT"])
-def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, stop):
+def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, stop, python_sigint):
     """compare's training runs and sweep's evaluations ran under subprocess.run: a SIGTERM to `hfgen compare` left
     the training running as an orphan (holding its GPU and its dir's lock), and a Ctrl-C SIGKILLed it before its
     save_on_signal checkpoint (probe 41 C7). The signal is passed on and waited for; a killed parent's child gets
