@@ -200,3 +200,28 @@ def read_only_disk(tmp_path):
     """An empty folder on a read-only tmpfs."""
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1M") as disk:
         yield disk
+
+
+@pytest.fixture
+def full_datasets_cache(tmp_path, monkeypatch):
+    """(cache, made): datasets' cache moved to `cache`, on a disk with no room left: each tempfile datasets makes
+    there is linked to /dev/full (listed in `made`), so its first write fails with ENOSPC as on a full disk."""
+    import tempfile
+
+    import datasets
+
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full, a device whose writes find the disk full")
+    cache, made, real = tmp_path / "cache", [], tempfile.NamedTemporaryFile
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+
+    def on_a_full_disk(*args, **kwargs):
+        file = real(*args, **kwargs)
+        if str(kwargs.get("dir", "")).startswith(str(cache)):
+            Path(file.name).unlink()
+            Path(file.name).symlink_to("/dev/full")
+            made.append(Path(file.name))
+        return file
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", on_a_full_disk)
+    return cache, made

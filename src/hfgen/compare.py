@@ -235,20 +235,22 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     import torch
 
     from hfgen import tracking
+    from hfgen.data.loading import datasets_cache_full_exits_2
     from hfgen.errors import disk_full_exits_2, exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
     from hfgen.recipe import load_recipe
     from hfgen.train import run_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with exit_on_user_error():
+    # a full disk as `hfgen train` says it (hfgen.train.main): the run's, or datasets' cache's
+    with exit_on_user_error(), datasets_cache_full_exits_2():
         recipe = load_recipe(recipe_path)
         if quiet:
             for config in recipe.configs:
                 if hasattr(config, "disable_tqdm"):
                     config.disable_tqdm = True
         reset_peak_memory(device)
-        with disk_full_exits_2(recipe.output_dir):
+        with disk_full_exits_2(recipe.output_dir), datasets_cache_full_exits_2():
             run_step(recipe, fresh=fresh)
     megabytes, kind = peak_memory(device)
     tracking.write_json(Path(recipe.output_dir) / "peak_memory.json", {"peak_memory_mb": megabytes, "kind": kind})

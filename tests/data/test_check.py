@@ -2,7 +2,6 @@
 masked labels, a missing EOS in the labels and a chat template that generates from another prompt."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -539,31 +538,14 @@ def test_a_template_that_refuses_a_rows_content_is_found_in_the_checked_rows():
     assert refused and "refuses row 9 (counted from 1) of dataset 'x'" in refused[0], refused
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device whose writes find the disk full")
 def test_a_full_datasets_cache_is_named_with_its_variable_and_its_half_written_file_removed(
-    tiny_lm, tmp_path, capsys, monkeypatch
+    tiny_lm, tmp_path, capsys, full_datasets_cache
 ):
     # a full HF_DATASETS_CACHE said "writing 'its output' failed ... nothing was written under that name", naming
     # neither the cache nor the variable, and left datasets' half-written cache file (probe 41 C3)
-    import tempfile
-
-    import datasets
-
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"q {i}", "completion": f"a {i}"}) + "\n" for i in range(64)))
-    cache = tmp_path / "cache"
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
-    made, real = [], tempfile.NamedTemporaryFile
-
-    def on_a_full_disk(*args, **kwargs):  # datasets' tempfile in the cache, on a disk with no room left
-        file = real(*args, **kwargs)
-        if str(kwargs.get("dir", "")).startswith(str(cache)):
-            Path(file.name).unlink()
-            Path(file.name).symlink_to("/dev/full")
-            made.append(Path(file.name))
-        return file
-
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", on_a_full_disk)
+    cache, made = full_datasets_cache
     code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", rows)
     assert code == 2 and made, err
     assert f"datasets could not write its cache under '{cache}' (HF_DATASETS_CACHE; No space left" in err

@@ -180,6 +180,23 @@ def test_an_eval_that_finds_the_disk_full_changes_neither_file_and_exits_2(model
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no tmp left
 
 
+def test_an_eval_whose_prompts_find_datasets_cache_full_names_the_cache(
+    model_dir, tmp_path, capsys, full_datasets_cache
+):
+    # datasets' full cache was named (probe 41 C3) in `hfgen train` and `hfgen check` only: eval (sweep's
+    # evaluation child too) said "writing 'its output' failed", which has room
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"tell me about the cat {i}."}) + "\n" for i in range(8)))
+    cache, made = full_datasets_cache
+    output = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(model_dir), *FAST, "--eval_dataset", str(prompts), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and made, err
+    assert f"datasets could not write its cache under '{cache}' (HF_DATASETS_CACHE; No space left" in err
+    assert not output.exists()
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
