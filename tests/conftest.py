@@ -86,6 +86,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A locale whose encoding is ASCII, as an old cluster's ISO-8859-1 is not UTF-8 (Python would otherwise coerce C to
+# UTF-8): what hfgen writes must still be UTF-8, and what it prints must not end the command.
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}
+
+
 def run_hfgen(*args, cwd=REPO, timeout=900, env=None) -> subprocess.CompletedProcess:
     """Run the real `hfgen` CLI in a subprocess, as a user would."""
     return subprocess.run(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import ASCII_LOCALE, run_hfgen
 from hfgen import tracking
 from hfgen.cli import main as hfgen
 from hfgen.errors import UserError, unwritable_exits_2
@@ -105,6 +106,18 @@ def test_reward_hacking_alerts_have_their_own_table(two_runs, tmp_path):
     assert "repetition" in alerts and "distinct_2 0.5 against 1" in alerts and "stopped early" in alerts
     assert "lr_high" in alerts and "lr_low" not in alerts
     assert '<table class="alerts">' not in write_report(two_runs[:1], tmp_path / "quiet.html").read_text()
+
+
+def test_a_report_made_under_a_non_utf8_locale_is_utf8_as_its_page_says(tmp_path):
+    # the page was written in the locale's encoding: a UnicodeEncodeError under ASCII or Latin-1 at its first "—"
+    # or CJK sample, and Latin-1 bytes under <meta charset="utf-8"> otherwise (probe 42 C1)
+    run = make_run(tmp_path / "run", 1e-4, 0.02)
+    tracking.write_jsonl(run / "samples.jsonl", [{"prompt": "le café", "response": "très bon — 猫 🐱"}])
+    out = tmp_path / "report.html"
+    result = run_hfgen("report", run, "--out", out, env=ASCII_LOCALE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = out.read_bytes().decode("utf-8")
+    assert '<meta charset="utf-8">' in page and "le café" in page and "très bon — 猫 🐱" in page
 
 
 def test_runs_without_records_are_shown_and_images_embedded(two_runs, tmp_path):

@@ -433,7 +433,7 @@ def read_launch_config(launch_config: str | None) -> dict:
     if not launch_config:
         return {}
     try:
-        with open(launch_config) as stream:
+        with open(launch_config, encoding="utf-8") as stream:
             config = yaml.safe_load(stream) or {}
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"--launch_config '{launch_config}' cannot be read as YAML: {error}") from None

@@ -101,8 +101,19 @@ def config_as_recipe(argv: list[str]) -> list[str]:
     return argv
 
 
+def printable_stdout() -> None:
+    """Under a locale whose encoding is not UTF-8 (an old cluster's ISO-8859-1), a print of user text (a rendered
+    example, a generation, a PPO sample) that it cannot encode ended the command in a UnicodeEncodeError: such
+    characters are printed as escapes instead (stderr does so already). Files are written in UTF-8 whatever the
+    locale."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding not in ("utf8", "utf8sig") and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    printable_stdout()
     parser = build_parser()
     with exit_on_user_error():
         argv = config_as_recipe(argv)

@@ -216,7 +216,7 @@ def train_point(recipe, quiet: bool, fresh: bool) -> None:
     sweep point (`run_step`: an interrupted run continues from its checkpoint, unless `fresh`)."""
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     path = recipe.output_dir / "compare_recipe.yaml"
-    path.write_text(recipe.to_yaml())
+    path.write_text(recipe.to_yaml(), encoding="utf-8")
     code = f"from hfgen.compare import run_point; run_point({str(path)!r}, {quiet!r}, {fresh!r})"
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     returncode = guard.run_child([sys.executable, "-c", code], env=env)
@@ -235,6 +235,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     import torch
 
     from hfgen import tracking
+    from hfgen.cli import printable_stdout
     from hfgen.data.loading import datasets_cache_full_exits_2
     from hfgen.errors import disk_full_exits_2, exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
@@ -242,6 +243,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     from hfgen.train import run_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    printable_stdout()  # (a child process: not through hfgen.cli.main)
     # a full disk as `hfgen train` says it (hfgen.train.main): the run's, or datasets' cache's
     with exit_on_user_error(), datasets_cache_full_exits_2():
         recipe = load_recipe(recipe_path)
@@ -350,7 +352,9 @@ def run_figures(run_dir: Path) -> dict:
     from hfgen.evaluation.text import win_rate
 
     results = tracking.read_json(run_dir / EVAL_FILE)["results"]
-    rows = [json.loads(line) for line in (run_dir / "compare_eval.jsonl").read_text().splitlines() if line]
+    rows = [
+        json.loads(line) for line in (run_dir / "compare_eval.jsonl").read_text(encoding="utf-8").splitlines() if line
+    ]
     figures = dict(results)
     for judge in ("oracle", "reward_model"):
         if f"policy/{judge}" in rows[0]:
@@ -432,5 +436,5 @@ def write_compare_report(root: Path, runs: dict, methods: list[str], args) -> Pa
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hfgen compare</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>")  # fmt: skip
     out = root / "report.html"
-    out.write_text(page)
+    out.write_text(page, encoding="utf-8")
     return out

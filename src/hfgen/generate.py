@@ -179,7 +179,7 @@ def trained_on_chat(model_path: str) -> bool | None:
     recipe = made_by_run(model_path)
     if recipe is None:
         return None
-    if yaml.safe_load(recipe.read_text()).get("stage") == "pretrain":
+    if yaml.safe_load(recipe.read_text(encoding="utf-8")).get("stage") == "pretrain":
         return False
     recorded = tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
     if recorded is not None:

@@ -668,7 +668,7 @@ def recorded(trainer_class):
                 if self._samples and self.accelerator.is_main_process:
                     rows = [{"step": self.state.global_step, **row} for row in self._samples]
                     path = Path(self.args.output_dir) / "samples.jsonl"
-                    with path.open("a") as handle:
+                    with path.open("a", encoding="utf-8") as handle:
                         for row in rows:
                             handle.write(json.dumps(row) + "\n")
             super().log(logs, start_time)

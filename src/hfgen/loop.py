@@ -533,5 +533,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
     `save_extra(path)`: see `tracking.save_checkpoint`."""
     recipe = Path(output_dir) / "recipe.yaml"
     return tracking.save_checkpoint(
-        accelerator, output_dir, step, total_limit, recipe.read_text() if recipe.is_file() else None, save_extra
+        accelerator,
+        output_dir,
+        step,
+        total_limit,
+        recipe.read_text(encoding="utf-8") if recipe.is_file() else None,
+        save_extra,
     )

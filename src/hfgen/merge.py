@@ -97,7 +97,7 @@ def merged_causal_lm(adapter: Path, dtype: str):
         raise UserError(
             f"'{adapter}' is not a LoRA adapter dir (no adapter_config.json); hfgen merge takes the output of a LoRA run."
         )
-    task_type = json.loads(config_path.read_text()).get("task_type")
+    task_type = json.loads(config_path.read_text(encoding="utf-8")).get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         raise UserError(
             f"'{adapter}' is a {task_type} adapter; hfgen merge handles causal-LM adapters (reward runs save merged models already)."

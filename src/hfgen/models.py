@@ -84,7 +84,7 @@ def not_a_model_dir(path: Path) -> str | None:
     from hfgen import tracking
 
     recipe = path / "recipe.yaml"
-    if recipe.is_file() and "stage: rlhf" in recipe.read_text():
+    if recipe.is_file() and "stage: rlhf" in recipe.read_text(encoding="utf-8"):
         steps = tracking.read_json(path / "eval.json", {})
         policy = next((v for k, v in steps.items() if k.startswith("output_dir/") and k != "output_dir/sft" and
                        k != "output_dir/reward" and k != "output_dir/prerequisite"), None)  # fmt: skip
@@ -172,7 +172,7 @@ def damaged_weights(path: str | Path) -> str | None:
 
     for index in sorted(path.glob("*.safetensors.index.json")):
         try:
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
         except (OSError, ValueError, AttributeError):
             return f"its shard index {index.name} is not valid JSON with a weight_map"
         if missing := [shard for shard in shards if not (path / shard).is_file()]:
@@ -194,7 +194,7 @@ def custom_code_problem(key: str, name: str, config_file: Path) -> list[str]:
     loads only with `trust_remote_code: true`, which runs that code (transformers would stop with a traceback).
     A known model type with an `auto_map` loads with transformers' own code, as transformers does."""
     try:
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     from transformers import CONFIG_MAPPING
@@ -215,7 +215,7 @@ def not_a_generator(path: str | Path, label: str) -> list[str]:
     LM over its base it generated text while its score head was dropped."""
     adapter = Path(path) / "adapter_config.json"
     try:
-        task = json.loads(adapter.read_text()).get("task_type") if adapter.is_file() else None
+        task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type") if adapter.is_file() else None
     except (OSError, ValueError):
         task = None
     if task == "SEQ_CLS":
@@ -225,7 +225,7 @@ def not_a_generator(path: str | Path, label: str) -> list[str]:
             "reward model); give a policy (causal LM) dir"
         ]
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     kind = config.get("_class_name") or next(iter(config.get("architectures") or []), "")
@@ -253,11 +253,13 @@ def not_a_reward_model(path: str | Path | None, label: str) -> list[str]:
     adapter = Path(path) / "adapter_config.json"
     try:
         if adapter.is_file():
-            task = json.loads(adapter.read_text()).get("task_type")
+            task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
             kind = f"a LoRA adapter of task {task}"
             scores = task == "SEQ_CLS"
         else:
-            architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+            architectures = (
+                json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+            )
             kind = ", ".join(architectures)
             scores = not architectures or any(a.endswith("ForSequenceClassification") for a in architectures)
     except (OSError, ValueError):
@@ -277,7 +279,7 @@ def check_config_file(key: str, name: str | None, transformers_config: bool = Fa
         return [f"{key} '{name}' does not exist{relative_to_cwd(name)}"]
     if name and name.endswith(".json") and Path(name).is_file():
         try:
-            values = json.loads(Path(name).read_text())
+            values = json.loads(Path(name).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             return [f"{key} '{name}' is not valid JSON ({error})"]
         if not isinstance(values, dict):
@@ -368,12 +370,12 @@ def _trusted_by_its_run(path: Path) -> bool:
     from hfgen import tracking
 
     try:  # `hfgen merge`'s output: as the adapter run it merged
-        adapter = json.loads((path / "merged_from.json").read_text()).get("adapter")
+        adapter = json.loads((path / "merged_from.json").read_text(encoding="utf-8")).get("adapter")
         return bool(adapter) and Path(adapter) != path and _trusted_by_its_run(Path(adapter).expanduser())
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return False
     if not isinstance(recipe, dict) or recipe.get("trust_remote_code") is not True:
@@ -443,7 +445,7 @@ def eos_of_model_config(name: str, tokenizer) -> str | None:
     dir names no single EOS id within the vocabulary."""
     for file in ("config.json", "generation_config.json"):
         try:
-            eos_id = json.loads((Path(name).expanduser() / file).read_text()).get("eos_token_id")
+            eos_id = json.loads((Path(name).expanduser() / file).read_text(encoding="utf-8")).get("eos_token_id")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(eos_id, int) and 0 <= eos_id < len(tokenizer):
@@ -477,7 +479,7 @@ def adapter_base(path: str | Path) -> str | None:
     config = Path(path) / "adapter_config.json"
     if not config.is_file():
         return None
-    return json.loads(config.read_text()).get("base_model_name_or_path")
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
 def base_model_of(path: str | Path) -> str:
@@ -527,7 +529,7 @@ def build_causal_lm_from_config(config_name: str, tokenizer, args: ModelArgument
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if config_name.endswith(".json") and Path(config_name).is_file():  # checked by `check_config_file`
-        config = AutoConfig.for_model(**json.loads(Path(config_name).read_text()))
+        config = AutoConfig.for_model(**json.loads(Path(config_name).read_text(encoding="utf-8")))
     else:
         try:
             config = AutoConfig.from_pretrained(config_name, trust_remote_code=args.trust_remote_code)

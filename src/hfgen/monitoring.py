@@ -56,7 +56,9 @@ class HackingMonitorCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero:  # every process holds the same state: it is fed the same gathered figures
-            (folder / self.STATE_FILE).write_text(json.dumps({"monitor": self.monitor.state_dict(), **self.stopped}))
+            (folder / self.STATE_FILE).write_text(
+                json.dumps({"monitor": self.monitor.state_dict(), **self.stopped}), encoding="utf-8"
+            )
         if self.stop_on_hacking:  # each process its own copies (its shards)
             self.snapshots.save(folder)
 
@@ -65,7 +67,7 @@ class HackingMonitorCallback(TrainerCallback):
         the recent policies `stop_on_hacking` may keep included."""
         path = Path(checkpoint) / self.STATE_FILE
         if path.is_file():
-            state = json.loads(path.read_text())
+            state = json.loads(path.read_text(encoding="utf-8"))
             self.monitor.load_state_dict(state.pop("monitor"))
             self.stopped = state
         if self.stop_on_hacking:

@@ -109,7 +109,7 @@ def load_run(path: Path, name: str) -> Run:
     import yaml
 
     def recipe(file: Path):
-        return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+        return (yaml.safe_load(file.read_text(encoding="utf-8")) or {}) if file.is_file() else {}
 
     run = Run(name=name, path=path, complete=tracking.is_complete(path))
     run.recipe = read_or_warn(run, "recipe.yaml", recipe, dict)

@@ -105,7 +105,7 @@ def write_run_records(
     # env.json first: a dir is a run's once both are there (`is_run_dir`), so a kill in between leaves no recipe.yaml
     # that the next start would take for a user's own (`foreign_files_problem`)
     write_json(output_dir / "env.json", environment())
-    (output_dir / "recipe.yaml").write_text(recipe_yaml)
+    (output_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
 
 
 # Keys that may change between a run and its continuation in the same directory.
@@ -137,7 +137,7 @@ def holds_recipe(output_dir: str | Path, recipe_yaml: str) -> bool:
     if not previous.is_file():
         return False
     try:
-        before = comparable_recipe(previous.read_text())
+        before = comparable_recipe(previous.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         return False
     return before is not None and before == comparable_recipe(recipe_yaml)
@@ -164,7 +164,7 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
     if overwrite or not (is_complete(output_dir) and previous.is_file()):
         return
     try:
-        before = comparable_recipe(previous.read_text())
+        before = comparable_recipe(previous.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         before = None
     now = comparable_recipe(recipe_yaml) or {}
@@ -198,7 +198,7 @@ def lock_output_dir(output_dir: Path) -> None:
     key = output_dir.resolve()
     if key in _locks:
         return  # this process holds it already (a pipeline step run again, a test running twice)
-    handle = open(key / LOCK_FILE, "a+")
+    handle = open(key / LOCK_FILE, "a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -236,7 +236,7 @@ def check_output_dir_shared(output_dir: str | Path) -> None:
 
     wait_for_everyone()  # the main process has written its lock
     try:
-        seen = (Path(output_dir) / LOCK_FILE).read_text().strip()
+        seen = (Path(output_dir) / LOCK_FILE).read_text(encoding="utf-8").strip()
     except OSError:
         seen = None
     views = gather_object([(platform.node(), seen)])
@@ -397,7 +397,7 @@ def write_texts(files: dict[str | Path, str]) -> None:
     try:
         for (path, tmp), text in zip(tmps.items(), files.values()):
             try:
-                tmp.write_text(text)
+                tmp.write_text(text, encoding="utf-8")
             except OSError as error:
                 error.filename = str(path)  # (not its tmp: a read-only disk's error names that one)
                 raise
@@ -440,7 +440,7 @@ def read_json(path: str | Path, default=None):
     if not path.is_file():
         return default
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"'{path}' is not valid JSON ({error}): restore or delete it") from None
 
@@ -623,7 +623,7 @@ class MetricsLogger:
         if not is_main_process():
             return
         row = {"step": step, **{k: _jsonable(v) if hasattr(v, "item") else v for k, v in metrics.items()}}
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
 
@@ -633,7 +633,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UserError(f"'{path}' is not UTF-8 text ({error}): restore or delete it") from None
     lines = [line for line in text.splitlines() if line.strip()]
@@ -863,7 +863,7 @@ def finish_checkpoint(
     if recipe.is_file() and not (Path(path) / "recipe.yaml").is_file():  # what a resume is compared with
         # written whole or not at all (a half copy, kept by a later save of this checkpoint, read as another recipe),
         # and a full disk names this file, not the recipe read (shutil.copyfile's error names its source)
-        write_text(Path(path) / "recipe.yaml", recipe.read_text())
+        write_text(Path(path) / "recipe.yaml", recipe.read_text(encoding="utf-8"))
     write_json(Path(path) / CHECKPOINT_STATE, {
         "step": step,
         "metrics_rows": len(read_metrics(output_dir)),
@@ -913,7 +913,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written
     if accelerator.is_main_process:
         if recipe_yaml:
-            (path / "recipe.yaml").write_text(recipe_yaml)
+            (path / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         finish_checkpoint(output_dir, path, step, total_limit)
     accelerator.wait_for_everyone()
     return path
@@ -1301,7 +1301,7 @@ def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:
     then_file, now_file = checkpoint / "recipe.yaml", Path(output_dir) / "recipe.yaml"
     if not then_file.is_file() or not now_file.is_file():
         return  # a checkpoint of an older hfgen
-    then_yaml, now_yaml = (yaml.safe_load(f.read_text()) or {} for f in (then_file, now_file))
+    then_yaml, now_yaml = (yaml.safe_load(f.read_text(encoding="utf-8")) or {} for f in (then_file, now_file))
     if then_yaml.get("stage") != now_yaml.get("stage"):
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a {then_yaml.get('stage')} run, "
@@ -1371,5 +1371,5 @@ def write_weights_fingerprint(state_dict: dict, output_dir: str | Path) -> str:
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     rank = int(os.environ.get("RANK", "0"))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / f"weights-rank{rank}.sha256").write_text(digest.hexdigest() + "\n")
+    (Path(output_dir) / f"weights-rank{rank}.sha256").write_text(digest.hexdigest() + "\n", encoding="utf-8")
     return digest.hexdigest()

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, count_calls, run_hfgen_here
+from conftest import ASCII_LOCALE, REPO, count_calls, run_hfgen, run_hfgen_here
 from hfgen.cli import main as hfgen_main
 from hfgen.models import CHAT_TEMPLATE
 from tiny_models import save_tiny_llama
@@ -551,3 +551,14 @@ def test_a_full_datasets_cache_is_named_with_its_variable_and_its_half_written_f
     assert f"datasets could not write its cache under '{cache}' (HF_DATASETS_CACHE; No space left" in err
     assert "its output" not in err
     assert not any(path.is_symlink() or path.exists() for path in made)  # datasets' half-written file is gone
+
+
+def test_check_prints_non_ascii_examples_under_a_non_utf8_locale(tiny_lm, tmp_path):
+    # the rendered examples' print ended `hfgen check` (and generate's, PPO's sample prints) in a UnicodeEncodeError
+    # under a locale whose encoding is not UTF-8 (probe 42 C2): they are printed with escapes
+    rows = tmp_path / "rows.jsonl"
+    row = {"prompt": "décris le chat —", "completion": " il est très doux 猫"}
+    rows.write_text("".join(json.dumps(row) + "\n" for _ in range(40)))
+    result = run_hfgen("check", SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", rows, env=ASCII_LOCALE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "d\\xe9cris le chat \\u2014" in result.stdout, result.stdout[-2000:]

@@ -165,7 +165,7 @@ def missing_component_problems(name: str) -> list[str]:
     if not index.is_file():
         return []
     try:
-        components = json.loads(index.read_text())
+        components = json.loads(index.read_text(encoding="utf-8"))
     except ValueError:
         return [f"'{name}': its model_index.json is not valid JSON"]
     problems = []
@@ -272,7 +272,7 @@ def unet_config_problems(args: PipelineArguments, loaded_config=None) -> list[st
 
 
 def read_config(path: str) -> dict:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 # ---- tokenizer and text encoder ----------------------------------------------------------------------
@@ -483,7 +483,7 @@ def lora_run_base(path: str | Path) -> dict | None:
     """The base pipeline a t2i / t2i_flow LoRA run's adapters belong on (its lora_base.json: name, revision,
     variant), or None if `path` is not such a run."""
     base_file = Path(path) / LORA_BASE
-    return json.loads(base_file.read_text()) if base_file.is_file() else None
+    return json.loads(base_file.read_text(encoding="utf-8")) if base_file.is_file() else None
 
 
 def is_pipeline_dir(path: str | Path) -> bool:
@@ -580,7 +580,9 @@ def absent_components(path: str | Path) -> dict:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return {}
-    return {name: None for name, value in json.loads(index.read_text()).items() if value == [None, None]}
+    return {
+        name: None for name, value in json.loads(index.read_text(encoding="utf-8")).items() if value == [None, None]
+    }
 
 
 def patch_discriminator(in_channels: int = 3, channels: int = 64, downsamplings: int = 2):

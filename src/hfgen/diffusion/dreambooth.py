@@ -157,7 +157,7 @@ def read_metadata(class_dir: Path, field: str = "text") -> dict[str, str]:
     if not path.is_file():
         return {}
     listed = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -271,7 +271,7 @@ def generate_missing(args, class_dir: Path, make_pipeline, resolution: int, step
     device = generator_device(pipeline)
     prompts = args.class_prompt
     print(f"dreambooth: generating {len(missing)} class images into {class_dir}")
-    with (class_dir / METADATA).open("a") as metadata:
+    with (class_dir / METADATA).open("a", encoding="utf-8") as metadata:
         for k, prompt in enumerate(prompts):
             numbers = [number for number in missing if number % len(prompts) == k]
             for start in range(0, len(numbers), CLASS_IMAGE_BATCH):

@@ -216,7 +216,7 @@ def pipeline_config(name: str, filename: str) -> dict | None:
         except ValueError:  # not a repo id either: check_model_source names the key
             return None
         path = Path(cached) if isinstance(cached, str) else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
 
 
 def size_problems(args: FlowPipelineArguments, data_args) -> list[str]:

@@ -157,7 +157,7 @@ def follow_rlhf_pipeline(args: argparse.Namespace) -> None:
     from hfgen import tracking
 
     recipe, summary = Path(args.target) / "recipe.yaml", Path(args.target) / "eval.json"
-    if not (recipe.is_file() and summary.is_file()) or "stage: rlhf" not in recipe.read_text():
+    if not (recipe.is_file() and summary.is_file()) or "stage: rlhf" not in recipe.read_text(encoding="utf-8"):
         return
     steps = tracking.read_json(summary)
     if "output_dir/ppo" not in steps:

@@ -153,8 +153,8 @@ def recipe_of(pipeline_dir: str | Path) -> dict:
 
     recipe, merged_from = Path(pipeline_dir) / "recipe.yaml", Path(pipeline_dir) / "merged_from.json"
     if recipe.is_file():
-        return yaml.safe_load(recipe.read_text()) or {}
-    return json.loads(merged_from.read_text()).get("recipe") or {} if merged_from.is_file() else {}
+        return yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    return json.loads(merged_from.read_text(encoding="utf-8")).get("recipe") or {} if merged_from.is_file() else {}
 
 
 def recorded_seed(recipe: dict) -> int:

@@ -75,7 +75,7 @@ def peak_memory(device) -> tuple[float, str]:
     # exec: a sweep's or compare's child process reported the parent's training memory as its own
     status = Path("/proc/self/status")
     if status.is_file():
-        for line in status.read_text().splitlines():
+        for line in status.read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**10, "process_peak_rss"
     import resource

@@ -99,7 +99,10 @@ def load_sequence_classifier(path: str, model_args, config, tokenizer, key: str)
         raise UserError(problem)
 
     adapter_config = Path(path) / "adapter_config.json"
-    if adapter_config.is_file() and json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
+    if (
+        adapter_config.is_file()
+        and json.loads(adapter_config.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS"
+    ):
         from peft import AutoPeftModelForSequenceClassification
 
         model = AutoPeftModelForSequenceClassification.from_pretrained(

@@ -52,7 +52,7 @@ def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -
         if oracle is not None:
             row["oracle"] = recorded_scores(reward_values(oracle, oracle([prompts[i]], [texts[i]]), 1))[0]
         rows.append(row)
-    with (output_dir / "samples.jsonl").open("a") as f:
+    with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     for row in rows:
         judged = f"score {row['score']:+.2f}" + (
