@@ -502,3 +502,19 @@ def test_a_sharded_model_with_a_shard_missing_or_cut_short_exits_2_naming_it(tmp
     model_args, _, training_args = load_recipe(recipe, check_inputs=False).configs
     with pytest.raises(UserError, match=shards[1].name):
         load_model(model_args, training_args, None)
+
+
+def test_a_runs_weights_get_the_umasks_mode_as_its_other_outputs_do(tmp_path):
+    # safetensors writes a tempfile (0600) and renames it: under umask 002 (a group-shared output dir) the run's
+    # config, records and optimizer were group-readable but model.safetensors, final and in checkpoints, was not
+    # (probe 42 C4)
+    old = os.umask(0o002)
+    try:
+        run_hfgen_here("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "2", "--save_steps", "1",
+                       "--max_train_samples", "64", "--max_eval_samples", "8")  # fmt: skip
+    finally:
+        os.umask(old)
+    weights = [tmp_path / "model.safetensors", *tmp_path.glob("checkpoint-*/model.safetensors")]
+    assert tracking.is_complete(tmp_path) and len(weights) >= 2
+    modes = {file.name: oct(file.stat().st_mode & 0o777) for file in [tmp_path / "config.json", *weights]}
+    assert set(modes.values()) == {oct(0o664)}, modes

@@ -64,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
     tracking.remove_deletion_leftovers(output_dir.parent, of=output_dir.name)  # an earlier merge killed mid-delete
     try:
         save(partial)
+        tracking.weights_readable_as_umask(partial)
         guard.kill_point("merge_save")
         tracking.write_json(
             partial / "merged_from.json",

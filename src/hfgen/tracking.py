@@ -465,12 +465,27 @@ def best_model_record(trainer) -> dict[str, Any]:
             "metric_for_best_model": trainer.args.metric_for_best_model}  # fmt: skip
 
 
+def weights_readable_as_umask(folder: str | Path) -> None:
+    """Give the weight files under `folder` the mode any other output gets under the umask. safetensors writes
+    each to a tempfile (mode 0600) that it renames, so in a group-shared output dir (umask 002) colleagues could read
+    a run's config, records and optimizer state but not its weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for file in Path(folder).rglob("*.safetensors"):
+        with contextlib.suppress(OSError):  # (another owner's file, a read-only copy: left as it is)
+            if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 != mode:
+                file.chmod(mode)
+
+
 def mark_complete(output_dir: str | Path, **info) -> None:
     """The run ended. `run`, a random id, tells this run's output from the next run's into the same dir (a pipeline
-    compares it with the id its later steps recorded as their input: `inputs_of`)."""
+    compares it with the id its later steps recorded as their input: `inputs_of`). Its weights get the umask's
+    mode (`weights_readable_as_umask`)."""
     import uuid
 
     if is_main_process():
+        weights_readable_as_umask(output_dir)
         marker = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": uuid.uuid4().hex, **info}
         write_json(Path(output_dir) / COMPLETE_MARKER, marker)
 
@@ -859,6 +874,7 @@ def finish_checkpoint(
     from hfgen import guard
 
     guard.kill_point("checkpoint", step)
+    weights_readable_as_umask(path)
     recipe = Path(output_dir) / "recipe.yaml"
     if recipe.is_file() and not (Path(path) / "recipe.yaml").is_file():  # what a resume is compared with
         # written whole or not at all (a half copy, kept by a later save of this checkpoint, read as another recipe),
