@@ -343,3 +343,29 @@ def test_a_weights_only_refusal_of_a_checkpoint_state_keeps_its_traceback(tmp_pa
 class PlantedObject:
     def __reduce__(self):  # what a crafted pickle would run on load
         return (print, ("planted code ran",))
+
+
+def test_sampling_as_ppo_raises_no_warning_about_settings_hfgen_pinned(model_and_tokenizer):
+    # pinning min_length=0 beside min_new_tokens made transformers warn "Both `min_new_tokens` and `min_length` seem
+    # to have been set" at every generate: each PPO rollout, six times an `hfgen eval` (probe 42 D1)
+    import logging
+
+    from hfgen.generate import generate_tokens
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    model, tokenizer = model_and_tokenizer
+    lines, logger = Lines(), logging.getLogger("transformers")
+    logger.addHandler(lines)
+    try:
+        generate_tokens(model, tokenizer, ["the cat"], max_new_tokens=4, temperature=0.8, top_p=1.0)
+        generate_tokens(model, tokenizer, ["the cat"], max_new_tokens=4, min_new_tokens=4, temperature=0.8, top_p=1.0)
+    finally:
+        logger.removeHandler(lines)
+    assert not [m for m in lines.messages if "seem to have been set" in m], lines.messages

@@ -225,12 +225,13 @@ def stop_token_ids(tokenizer, policy) -> list[int]:
 # Off must be explicit: transformers 5 fills every key left None from the model's own generation_config.json.
 SAMPLING_OFF = dict(
     top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_length=0, min_new_tokens=0, num_beams=1,
-    guidance_scale=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, guidance_scale=1.0,
 )  # fmt: skip
-# ... and those whose off value still runs a logits processor (min_p=0.0 a softmax over the vocabulary at every
-# step): pinned only when a model sets them
-OFF_WHEN_SET_BY_MODEL = dict(min_p=0.0, suppress_tokens=[], begin_suppress_tokens=[])
+# ... and those pinned only when a model sets them: min-p and the suppressed-token lists, whose off value still runs
+# a logits processor (min_p=0.0 a softmax over the vocabulary at every step), and min_length, which min_new_tokens
+# overrides anyway (transformers warns at every generate when both are set: at each PPO rollout, six times an
+# `hfgen eval`, for the models that set neither)
+OFF_WHEN_SET_BY_MODEL = dict(min_p=0.0, suppress_tokens=[], begin_suppress_tokens=[], min_length=0)
 
 
 def sampling_keys_models_set(models, named) -> dict:
@@ -272,6 +273,7 @@ def make_generation_config(
         # the pad token is never sampled (`unsampled_ids`); nothing else is suppressed
         suppress_tokens=unsampled_ids(tokenizer, stop_ids) or ([] if set_by_model["suppress_tokens"] else None),
         begin_suppress_tokens=[] if set_by_model["begin_suppress_tokens"] else None,
+        min_length=0 if set_by_model["min_length"] else None,
         max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=True,
     )  # fmt: skip
