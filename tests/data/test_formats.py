@@ -469,6 +469,26 @@ def test_files_folders_and_splits_as_people_have_them(tmp_path):
     assert train[0]["text"].startswith("text ")
 
 
+def test_a_folder_under_a_hidden_folder_or_named_with_dotdot_is_read_by_the_same_rules(tmp_path, monkeypatch):
+    # every file of a folder whose own path held a dot-name (`../data`, a hub snapshot under ~/.cache) counted as
+    # hidden: the folder was read with none of hfgen's rules, and a CSV beside the JSON lines was left out without a
+    # word (probe 42 C5); a notebook's hidden `.ipynb_checkpoints/` below the folder is still skipped
+    pairs = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    folder = tmp_path / ".cache" / "parts"
+    folder.mkdir(parents=True)
+    jsonl(folder / "part.jsonl", pairs)
+    (folder / ".ipynb_checkpoints").mkdir()
+    jsonl(folder / ".ipynb_checkpoints" / "part-checkpoint.jsonl", pairs)
+    train, evaluation, _ = load(folder, "sft")
+    assert len(train) + len(evaluation) == 20
+    (folder / "extra.csv").write_text("prompt,completion\na,b\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for path in (folder, "../.cache/parts"):
+        with pytest.raises(UserError, match="different types"):
+            load(path, "sft")
+
+
 def test_a_mixture_of_prompt_completion_sets_keeps_the_loss_on_the_completions(tmp_path):
     """Alpaca (text) beside conversational prompt/completion: was a mixture of whole conversations, which trained
     the prompts too; now conversational prompt/completion, which TRL trains on the completions."""

@@ -466,11 +466,21 @@ def is_empty_file(path: Path) -> bool:
         return False  # a broken archive: `datasets` names what is wrong with it
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files under `folder` that `datasets` reads: none of the names below the folder hidden (starting with ".",
+    as a notebook's `.ipynb_checkpoints/`). The folder's own path does not hide them: tested on the whole path, a
+    `../` or a dataset under `~/.cache` hid every file, and the folder was read with none of the rules below."""
+    return [
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]  # fmt: skip
+
+
 def one_file_type(path: Path) -> list[Path]:
     """The data files of a folder read as one dataset, which must be of one type: `datasets` reads the commonest
     and leaves the others out without a word (a.jsonl and b.csv gave a.jsonl's rows). Image folders are
     `datasets`' own (imagefolder with its metadata file) or `captioned_image_folder`'s: [] for them."""
-    files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    files = visible_files(path)
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
         return []
     data_files = sorted(p for p in files if file_builder(p) is not None and not is_documentation(p))
@@ -540,7 +550,7 @@ def captioned_image_folder(path: Path):
     `validation/` folders form those splits, as in an imagefolder."""
     import datasets
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(visible_files(path))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images or any(p.stem == "metadata" for p in files):
         return None

@@ -330,12 +330,12 @@ def unlisted_images(name: str) -> list[str]:
     import csv
     import json
 
-    from hfgen.data.loading import IMAGE_SUFFIXES
+    from hfgen.data.loading import IMAGE_SUFFIXES, visible_files
 
     folder = Path(name).expanduser()
     if not folder.is_dir():
         return []
-    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)]
+    files = visible_files(folder)
     listed = set()
     for metadata in (p for p in files if p.name in ("metadata.jsonl", "metadata.csv")):
         try:

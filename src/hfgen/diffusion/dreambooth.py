@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hfgen.data.loading import IMAGE_SUFFIXES  # the dataset path's (TIFF and GIF too)
+from hfgen.data.loading import IMAGE_SUFFIXES, visible_files  # (the dataset path's suffixes: TIFF and GIF too)
 
 METADATA = "metadata.jsonl"
 
@@ -92,12 +92,7 @@ def image_files(folder: Path) -> list[Path]:
 def instance_files(folder: Path) -> list[Path]:
     """The subject's images: those in `folder` and its subfolders (as the dataset folder readers read them; a
     subfolder was left out without a word), hidden files and folders skipped."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )  # fmt: skip
+    return sorted(p for p in visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def undecodable(paths: list[Path]) -> list[str]:
