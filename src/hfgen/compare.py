@@ -247,7 +247,10 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     # a full disk as `hfgen train` says it (hfgen.train.main): the run's, or datasets' cache's
     with exit_on_user_error(), datasets_cache_full_exits_2():
         recipe = load_recipe(recipe_path)
-        if quiet:
+        if quiet:  # as `hfgen sweep --quiet` runs its points: no progress bars of its own nor of the libraries
+            from hfgen.evaluation.command import quiet_libraries
+
+            quiet_libraries()
             for config in recipe.configs:
                 if hasattr(config, "disable_tqdm"):
                     config.disable_tqdm = True

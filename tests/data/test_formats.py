@@ -1280,3 +1280,20 @@ def test_files_that_give_a_column_different_types_are_named_with_the_row(tmp_pat
     for source in (tmp_path, tmp_path / "*.jsonl"):
         with pytest.raises(UserError, match=named):
             load(source, "unpaired_preference")
+
+
+def test_a_stages_check_leaves_datasets_progress_bars_off_when_a_quiet_command_turned_them_off():
+    # `hfgen sweep --quiet` turned datasets' bars off, and each point's check turned them on again: every point
+    # printed its packing and flattening bars (probe 42 D3)
+    import datasets
+
+    from hfgen.data.loading import load_splits_for_check
+
+    datasets.disable_progress_bars()
+    try:
+        assert load_splits_for_check(lambda args: (args, args), "rows") == (("rows", "rows"), [])
+        assert not datasets.is_progress_bar_enabled()
+    finally:
+        datasets.enable_progress_bars()
+    assert load_splits_for_check(lambda args: (args, args), "rows")[1] == []
+    assert datasets.is_progress_bar_enabled()  # and on, for a command that shows them

@@ -746,13 +746,15 @@ def load_splits_for_check(load, args) -> tuple[tuple | None, list[str]]:
     check's findings are its only output."""
     import datasets
 
+    shown = datasets.is_progress_bar_enabled()  # (off already in a quiet sweep or compare: left off)
     datasets.disable_progress_bars()
     try:
         return load(args), []
     except UserError as error:
         return None, [str(error)]
     finally:
-        datasets.enable_progress_bars()
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def check_dataset(args: DataArguments, any_of_columns: list[tuple[str, ...]], kind: str | None = None) -> list[str]:
