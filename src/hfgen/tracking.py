@@ -50,24 +50,23 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def git_commit() -> str | None:
-    """The commit of the hfgen checkout (or of the working directory's repo), with '+dirty' if modified."""
-    for where in (Path(__file__).resolve().parent, Path.cwd()):
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=where,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            return commit + ("+dirty" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return None
+def git_commit(where: str | Path, tracking_file: str | Path | None = None) -> str | None:
+    """The commit of the git repository holding `where`, with '+dirty' if its tracked files are modified; None
+    outside one, or (given `tracking_file`) when the repository does not track that file: hfgen installed as a
+    package into a venv inside another project answered with that project's commit."""
+
+    def git(*args) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        if tracking_file is not None:
+            git("ls-files", "--error-unmatch", str(tracking_file))
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def environment() -> dict[str, Any]:
@@ -75,7 +74,10 @@ def environment() -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "packages": package_versions(),
-        "git_commit": git_commit(),
+        # hfgen's own checkout (None when installed as a package), and the working directory's repository: the
+        # user's project, where a recipe's reward or oracle functions live
+        "git_commit": git_commit(Path(__file__).resolve().parent, tracking_file=Path(__file__).resolve()),
+        "working_dir_git_commit": git_commit(Path.cwd()),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),

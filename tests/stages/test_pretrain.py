@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,3 +397,25 @@ def test_with_data_seed_the_run_takes_its_checks_load(tmp_path, monkeypatch):
                  "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"]  # fmt: skip
     assert hfgen_main(["train", str(PRETRAIN), *overrides]) == 0
     assert calls == {"_load_for_stage": 1}
+
+
+def test_env_json_records_hfgens_commit_only_from_a_checkout_that_tracks_it(tmp_path):
+    # hfgen installed as a package into a venv inside the user's project (site-packages ignored by its git) recorded
+    # that project's commit, "+dirty" included, as the code that trained the run (probe 42 C3)
+    project = tmp_path / "project"
+    site = project / ".venv" / "site-packages" / "hfgen"
+    site.mkdir(parents=True)
+    (site / "tracking.py").write_text("# an installed copy\n")
+    (project / ".gitignore").write_text(".venv/\n")
+    (project / "notes.txt").write_text("v1\n")
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@x", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    subprocess.run([*git, "-C", str(project), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(project), "commit", "-qm", "user project"], check=True)
+    head = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert tracking.git_commit(site, tracking_file=site / "tracking.py") is None
+    assert tracking.git_commit(project) == head.strip()  # working_dir_git_commit: the user's project
+    (project / "notes.txt").write_text("v2\n")
+    assert tracking.git_commit(project) == head.strip() + "+dirty"
+    hfgen_source = Path(tracking.__file__).resolve()
+    assert tracking.git_commit(hfgen_source.parent, tracking_file=hfgen_source)  # this checkout tracks it
