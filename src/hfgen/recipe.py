@@ -287,10 +287,38 @@ def is_recipe_key(field: dataclasses.Field) -> bool:
 
 
 def known_keys(stage: str) -> list[str]:
+    return sorted(key_fields(stage))
+
+
+def key_fields(stage: str) -> dict[str, dataclasses.Field]:
+    """The stage's recipe keys and their dataclass fields (default, help)."""
     module = load_stage(stage)
-    return sorted(
-        f.name for cls in (*module.ARGUMENTS, RunArguments) for f in dataclasses.fields(cls) if is_recipe_key(f)
-    )
+    fields = {}
+    for cls in (*module.ARGUMENTS, RunArguments):
+        for f in dataclasses.fields(cls):
+            if is_recipe_key(f):
+                fields.setdefault(f.name, f)
+    return fields
+
+
+def key_lines(stage: str) -> list[str]:
+    """`hfgen train RECIPE --list-keys`: each key as a recipe line, `key: default  # help` (the help of the
+    dataclass field, on one line), so that it can be pasted into a recipe."""
+    import yaml
+
+    lines = []
+    for name, f in sorted(key_fields(stage).items()):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        default = getattr(default, "value", default)  # an Enum's spelling in a recipe
+        value = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        text = " ".join(str(f.metadata.get("help") or "").split())
+        lines.append(f"{name}: {value}" + (f"  # {text}" if text else ""))
+    return lines
 
 
 def load_recipe(

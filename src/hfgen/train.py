@@ -26,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
     parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
     parser.add_argument(
-        "--list-keys", "--list_keys", action="store_true", help="print every key the recipe's stage accepts, then exit"
+        "--list-keys",
+        "--list_keys",
+        action="store_true",
+        help="print every key the recipe's stage accepts, as `key: default  # what it does`, then exit",
     )
     launch = parser.add_argument_group("several processes (spawns `accelerate launch` for you)")
     launch.add_argument("--num_processes", type=int, help="processes (GPUs) to launch, e.g. 8")
@@ -39,14 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.errors import UserError, disk_full_exits_2
-    from hfgen.recipe import known_keys, load_recipe, parse_overrides, read_recipe_file, recipe_stage
+    from hfgen.recipe import key_lines, load_recipe, parse_overrides, read_recipe_file, recipe_stage
 
     recipe_path = args.recipe or args.config_file  # `hfgen.cli.config_as_recipe` makes --config RECIPE the recipe
     if recipe_path is None:
         raise UserError("no recipe given: `hfgen train RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
     if args.list_keys:
         values = {**read_recipe_file(recipe_path), **parse_overrides(args.overrides)}
-        print("\n".join(known_keys(recipe_stage(values.get("stage"), f"recipe '{recipe_path}'"))))
+        print("\n".join(key_lines(recipe_stage(values.get("stage"), f"recipe '{recipe_path}'"))))
         return 0
     from hfgen import loop
     from hfgen.check import check_spawn, launch_mixed_precision

@@ -137,7 +137,7 @@ def test_help_lists_stages_and_commands():
     train_help = run_hfgen("train", "--help").stdout
     for stage in ("pretrain", "sft", "reward", "ppo", "rlhf", "t2i", "vae"):
         assert stage in train_help
-    keys = run_hfgen("train", PRETRAIN, "--list-keys").stdout.split()
+    keys = [line.split(":")[0] for line in run_hfgen("train", PRETRAIN, "--list-keys").stdout.splitlines()]
     assert {"learning_rate", "block_size", "config_name", "dataset_name"} <= set(keys)
 
 
