@@ -331,7 +331,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
 
     from hfgen.data.formats import row_tools
     from hfgen.data.rendering import without_doubled_bos
-    from hfgen.stages.sft import split_prompt_response, tokenize_response, trained_conversation
+    from hfgen.stages.sft import row_cut, split_prompt_response, tokenize_response, trained_conversation
 
     fatal = []
     rows, bos_note = without_doubled_bos(rows, tokenizer)  # as `hfgen train` feeds SFTTrainer
@@ -353,8 +353,10 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
         """(ids, trained mask) of the row as SFTTrainer trains it, cut at max_length or not."""
         if "messages" in row:  # every assistant turn, in the template SFTTrainer trains with
             return trained_conversation(tokenizer, row, training_args, truncate=truncate)
-        max_length = training_args.max_length if truncate else None
-        ids, start = tokenize_response(tokenizer, prompt, response, max_length, tools=row_tools(row)) or ([], 0)
+        max_length, keep_end = row_cut(training_args) if truncate else (None, False)
+        ids, start = tokenize_response(
+            tokenizer, prompt, response, max_length, tools=row_tools(row), keep_end=keep_end
+        ) or ([], 0)
         return ids, [int(i >= (start if masked_loss else 0)) for i in range(len(ids))]
 
     def trains_eos(ids, trained) -> bool:  # the first token is never a label

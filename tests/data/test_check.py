@@ -562,3 +562,57 @@ def test_check_prints_non_ascii_examples_under_a_non_utf8_locale(tiny_lm, tmp_pa
     result = run_hfgen("check", SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", rows, env=ASCII_LOCALE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "d\\xe9cris le chat \\u2014" in result.stdout, result.stdout[-2000:]
+
+
+def long_prompt_rows(count: int, answer_words: int = 6) -> list[dict]:
+    """Prompt/completion rows whose ~40-word prompts fill a max_length of 32 tokens, with short answers."""
+    words = "red cat dog river tree house happy sad big small".split()
+    return [
+        {"prompt": "question " + " ".join(words[(i + j) % 10] for j in range(40)) + " ?",
+         "completion": " answer " + " ".join(words[(i * 3 + j) % 10] for j in range(answer_words)) + " end"}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def trl_prepared(tiny_lm, tmp_path, rows, **config):
+    """The rows as SFTTrainer prepares them for training (tokenized, labelled, cut), with hfgen's tokenizer."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False, **config)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return trainer.train_dataset, tokenizer, args
+
+
+def test_truncation_mode_keep_end_is_judged_on_the_end_that_trains(tiny_lm, tmp_path, capsys):
+    # under truncation_mode: keep_end SFTTrainer keeps each row's last max_length tokens; the check, the drop of
+    # fully masked rows and the held-out loss cut prompt/completion rows from the start (sft.tokenize_response):
+    # rows whose prompt fills max_length were refused ("100% of the rows have fully masked labels") though their
+    # answers train, and the held-out loss scored tokens training never saw
+    from datasets import Dataset
+
+    rows = long_prompt_rows(8) + long_prompt_rows(4, answer_words=40)  # long prompts; long answers too
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", data,
+                           "--max_length", 32, "--truncation_mode", "keep_end", "--assistant_only_loss", "false")  # fmt: skip
+    assert code == 0, err
+    assert (
+        "fully masked after truncation (max_length=32): 0.0%" in out and "EOS inside the labels: 11 of 11" in out
+    )  # 1 of 12 held out
+
+    from hfgen.stages.sft import drop_fully_masked, row_cut, tokenize_response
+
+    prepared, tokenizer, args = trl_prepared(tiny_lm, tmp_path, rows, max_length=32, truncation_mode="keep_end")
+    assert len(prepared) == len(rows)
+    max_length, keep_end = row_cut(args)
+    assert (max_length, keep_end) == (32, True)
+    for row, trained in zip(rows, prepared):
+        ids, start = tokenize_response(tokenizer, row["prompt"], row["completion"], max_length, keep_end=keep_end)
+        assert ids == trained["input_ids"]  # the tokens SFTTrainer trains on, its labels from `start` on
+        assert [i for i, label in enumerate(trained["labels"]) if label != -100 and i] == list(range(start, len(ids)))
+    records = {}
+    assert len(drop_fully_masked(Dataset.from_list(rows), tokenizer, args, records)) == len(rows)

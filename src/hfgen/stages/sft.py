@@ -266,13 +266,29 @@ def split_prompt_response(row: dict, text_field: str):
     return "", row[text_field]
 
 
+def row_cut(training_args) -> tuple[int | None, bool]:
+    """(the length SFTTrainer cuts each tokenized row to, None when it cuts none; whether the cut keeps the row's
+    end): its truncation at max_length, from the start or, under `truncation_mode: keep_end`, from the end. What
+    the check, the drop of fully masked rows and the held-out loss cut with, so that they judge the tokens that
+    train."""
+    keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
+    return training_args.max_length or None, keep_end
+
+
 def tokenize_response(
-    tokenizer, prompt, response, max_length: int | None, template_tail: bool = False, tools: list | None = None
+    tokenizer,
+    prompt,
+    response,
+    max_length: int | None,
+    template_tail: bool = False,
+    tools: list | None = None,
+    keep_end: bool = False,
 ) -> tuple[list[int], int] | None:
     """(token ids of prompt+response up to the response's EOS, index where the response starts), tokenized the way
     SFTTrainer does: chat template for conversations (with the row's function definitions, `tools`), EOS after
-    plain text. None when truncation leaves no response token. `template_tail`: a conversation keeps the template's
-    text after the EOS too (TRL's DPO and KTO train it)."""
+    plain text; cut to `max_length` from the start, or from the end with `keep_end` (`row_cut`). None when
+    truncation leaves no response token. `template_tail`: a conversation keeps the template's text after the EOS
+    too (TRL's DPO and KTO train it)."""
     from trl.data_utils import common_prefix_length
 
     if isinstance(response, list):  # conversational
@@ -286,6 +302,10 @@ def tokenize_response(
         text = prompt + response
         ids = tokenizer(text=text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)["input_ids"]
     start = common_prefix_length(prompt_ids, ids)  # the template may render the prompt differently alone
+    if keep_end and max_length and len(ids) > max_length:
+        # SFTTrainer keeps the last max_length tokens of the whole rendering (the template's text after the EOS
+        # too), and the prompt's start goes first
+        start, ids = max(start - (len(ids) - max_length), 0), ids[-max_length:]
     if isinstance(response, list) and not template_tail and tokenizer.eos_token_id in ids[start:]:
         # the assistant turn ends at its EOS; template text after it is not scored. Plain text trains whole: a text
         # rendered with a chat template holds an EOS (Llama 3's <|eot_id|>) after every turn, the user's first
@@ -310,9 +330,9 @@ def trained_conversation(tokenizer, row: dict, training_args, truncate: bool = T
     )  # fmt: skip
     ids = list(rendered["input_ids"])
     mask = list(rendered["assistant_masks"]) if assistant_only else [1] * len(ids)
-    if training_args.max_length and truncate:
-        keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
-        cut = slice(-training_args.max_length, None) if keep_end else slice(None, training_args.max_length)
+    max_length, keep_end = row_cut(training_args)
+    if max_length and truncate:
+        cut = slice(-max_length, None) if keep_end else slice(None, max_length)
         ids, mask = ids[cut], mask[cut]
     return ids, mask
 
@@ -394,13 +414,14 @@ def drop_fully_masked(rows, tokenizer, training_args: SFTConfig, records: dict):
     masked_loss = "completion" in rows.column_names and training_args.completion_only_loss is not False
     masked_loss |= "messages" in rows.column_names and training_args.assistant_only_loss
     chat = "completion" not in rows.column_names or isinstance(rows[0]["completion"], list)
-    if not masked_loss or not training_args.max_length or (chat and tokenizer.chat_template is None):
+    max_length, keep_end = row_cut(training_args)
+    if not masked_loss or not max_length or (chat and tokenizer.chat_template is None):
         return rows
     if "messages" in rows.column_names:  # every assistant turn trains, not only the last one
         keep = [any(trained_conversation(tokenizer, row, training_args)[1]) for row in rows]
     else:
         keep = [
-            tokenize_response(tokenizer, prompt, response, training_args.max_length) is not None
+            tokenize_response(tokenizer, prompt, response, max_length, keep_end=keep_end) is not None
             for prompt, response in (split_prompt_response(row, "text") for row in rows)
         ]
     kept = drop_and_count(rows, keep, records, fully_masked_reason(training_args))
@@ -504,8 +525,11 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
     text_field = training_args.dataset_text_field
     pairs = [split_prompt_response(row, text_field) for row in eval_rows]
+    max_length, keep_end = row_cut(training_args)  # scored on the tokens training cuts each row to
     held_out = [
-        t for p, r in pairs if r is not None and (t := tokenize_response(tokenizer, p, r, training_args.max_length))
+        t
+        for p, r in pairs
+        if r is not None and (t := tokenize_response(tokenizer, p, r, max_length, keep_end=keep_end))
     ]
     sample_prompts = [sample_prompt(p, r) for p, r in pairs[: data_args.num_samples] if r is not None]
     is_main = trainer.is_world_process_zero()
