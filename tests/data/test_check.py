@@ -616,3 +616,21 @@ def test_truncation_mode_keep_end_is_judged_on_the_end_that_trains(tiny_lm, tmp_
         assert [i for i, label in enumerate(trained["labels"]) if label != -100 and i] == list(range(start, len(ids)))
     records = {}
     assert len(drop_fully_masked(Dataset.from_list(rows), tokenizer, args, records)) == len(rows)
+
+
+def test_truncation_mode_keep_end_with_packing_exits_2_as_the_packer_cuts_rows_from_their_start(
+    tiny_lm, tmp_path, capsys
+):
+    # TRL skips its truncation when packing, and its packer (pack_dataset's bfd) keeps each row's first max_length
+    # tokens whatever truncation_mode says; hfgen's check and drop cut them from the end: conversations with a long
+    # system prompt trained no token and answers were cut before their EOS, while the check reported 0% fully masked
+    from trl import SFTConfig
+
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--max_length", 64, "--packing", "true",
+                         "--truncation_mode", "keep_end")  # fmt: skip
+    assert code == 2 and "truncation_mode: keep_end with packing: true" in err and "max_length=64" in err, err
+
+    from hfgen.stages.sft import row_cut
+
+    args = SFTConfig(output_dir=str(tmp_path), max_length=64, packing=True, report_to="none", use_cpu=True)
+    assert row_cut(args) == (64, False)  # what the check and the drop cut with: the packer's cut

@@ -76,6 +76,13 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
             "it): set packing: true, or max_length: null to train rows at their full length"
         )
+    if training_args.packing and training_args.truncation_mode == "keep_end" and training_args.max_length:
+        problems.append(  # TRL's packing cuts from the start without a word (pack_dataset), its truncation skipped
+            f"truncation_mode: keep_end with packing: true: TRL's packing cuts every row longer than max_length="
+            f"{training_args.max_length} from its start (keeps its first tokens) whatever truncation_mode says, so "
+            "the ends keep_end asks for would not train: set packing: false to keep the ends, or truncation_mode: "
+            "keep_start"
+        )
     tokenizer, tokenizer_problems = None, []
     if not problems:  # the template every row must render with (a row it refuses is named in the file by the load)
         try:
@@ -268,9 +275,12 @@ def split_prompt_response(row: dict, text_field: str):
 
 def row_cut(training_args) -> tuple[int | None, bool]:
     """(the length SFTTrainer cuts each tokenized row to, None when it cuts none; whether the cut keeps the row's
-    end): its truncation at max_length, from the start or, under `truncation_mode: keep_end`, from the end. What
-    the check, the drop of fully masked rows and the held-out loss cut with, so that they judge the tokens that
-    train."""
+    end): unpacked, its truncation at max_length, from the start or, under `truncation_mode: keep_end`, from the
+    end; packed, the packer's cut (TRL skips its truncation when packing, and `pack_dataset`'s bfd keeps each row's
+    first max_length tokens whatever truncation_mode says). What the check, the drop of fully masked rows and the
+    held-out loss cut with, so that they judge the tokens that train."""
+    if getattr(training_args, "packing", False):
+        return training_args.max_length or None, False
     keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
     return training_args.max_length or None, keep_end
 
