@@ -362,6 +362,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
     def trains_eos(ids, trained) -> bool:  # the first token is never a label
         return any(token == tokenizer.eos_token_id and mark for token, mark in zip(ids[1:], trained[1:]))
 
+    cut_at = row_cut(training_args)[0]  # None where training cuts no row (packing_strategy bfd_split, wrapped)
     examples, fully_masked, with_eos, mismatched, cut_before_eos = [], 0, 0, 0, 0
     for row in rows:
         prompt, response = split_prompt_response(row, "text")
@@ -373,7 +374,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
             continue
         eos = trains_eos(ids, trained)
         with_eos += eos
-        if not eos and training_args.max_length:  # would it, were the row not cut at max_length?
+        if not eos and cut_at:  # would it, were the row not cut at max_length?
             cut_before_eos += trains_eos(*trained_tokens(row, prompt, response, truncate=False))
         if chat and prompt:
             prompt_ids = tokenizer.apply_chat_template(
@@ -388,18 +389,19 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
     lines = [f"note: {bos_note}"] if bos_note else []
     lines += ["rendered examples (trained tokens in [[...]]):"] + ["  " + e.replace("\n", "\\n") for e in examples]
     share_masked = fully_masked / total if total else 0.0
-    lines.append(f"labels fully masked after truncation (max_length={training_args.max_length}): {share_masked:.1%}")
+    truncation = f"after truncation (max_length={cut_at})" if cut_at else "(no row is cut at max_length)"
+    lines.append(f"labels fully masked {truncation}: {share_masked:.1%}")
     lines.append(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")
     if chat:
         lines.append(f"rows whose generation prompt differs from the training rendering: {mismatched}")
     if share_masked > MAX_FULLY_MASKED:
         fatal.append(
             f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="
-            f"{training_args.max_length}: raise max_length"
+            f"{cut_at}: raise max_length"
         )
     if total > fully_masked and with_eos == 0 and cut_before_eos:
         fatal.append(
-            f"EOS ('{tokenizer.eos_token}') is inside no row's labels: max_length={training_args.max_length} cuts "
+            f"EOS ('{tokenizer.eos_token}') is inside no row's labels: max_length={cut_at} cuts "
             f"{cut_before_eos} of {total - fully_masked} rows before their EOS (uncut, their labels hold it), so the "
             "model would never learn to stop: raise max_length"
         )

@@ -634,3 +634,31 @@ def test_truncation_mode_keep_end_with_packing_exits_2_as_the_packer_cuts_rows_f
 
     args = SFTConfig(output_dir=str(tmp_path), max_length=64, packing=True, report_to="none", use_cpu=True)
     assert row_cut(args) == (64, False)  # what the check and the drop cut with: the packer's cut
+
+
+def test_packing_strategies_that_cut_no_row_drop_none_for_its_length(tiny_lm, tmp_path, capsys):
+    # packing_strategy bfd_split packs a long row's overflow as further documents and wrapped cuts the stream of
+    # rows into max_length rows: TRL cuts no row, yet hfgen dropped the rows whose prompt fills max_length ("no
+    # trained token within max_length") and refused the run when they were most ("raise max_length")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    rows = long_prompt_rows(12)
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", data,
+                           "--max_length", 32, "--packing", "true", "--packing_strategy", "bfd_split",
+                           "--assistant_only_loss", "false")  # fmt: skip
+    assert code == 0, err
+    assert "labels fully masked (no row is cut at max_length): 0.0%" in out and "EOS inside the labels: 11 of 11" in out
+
+    from hfgen.stages.sft import drop_fully_masked
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    for strategy in ("bfd_split", "wrapped"):
+        args = SFTConfig(output_dir=str(tmp_path), max_length=32, packing=True, packing_strategy=strategy,
+                         report_to="none", use_cpu=True, bf16=False)  # fmt: skip
+        records = {}
+        assert len(drop_fully_masked(Dataset.from_list(rows), tokenizer, args, records)) == len(rows), strategy
+        assert records == {}, records  # nothing counted as dropped

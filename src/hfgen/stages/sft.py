@@ -76,7 +76,8 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
             "it): set packing: true, or max_length: null to train rows at their full length"
         )
-    if training_args.packing and training_args.truncation_mode == "keep_end" and training_args.max_length:
+    cutting_packer = training_args.packing and training_args.packing_strategy not in UNCUT_PACKING
+    if cutting_packer and training_args.truncation_mode == "keep_end" and training_args.max_length:
         problems.append(  # TRL's packing cuts from the start without a word (pack_dataset), its truncation skipped
             f"truncation_mode: keep_end with packing: true: TRL's packing cuts every row longer than max_length="
             f"{training_args.max_length} from its start (keeps its first tokens) whatever truncation_mode says, so "
@@ -273,14 +274,20 @@ def split_prompt_response(row: dict, text_field: str):
     return "", row[text_field]
 
 
+# TRL's packing strategies that cut no row: bfd_split packs a long row's overflow as further documents, wrapped
+# concatenates every row and cuts the stream into max_length rows; every token trains either way
+UNCUT_PACKING = ("bfd_split", "wrapped")
+
+
 def row_cut(training_args) -> tuple[int | None, bool]:
     """(the length SFTTrainer cuts each tokenized row to, None when it cuts none; whether the cut keeps the row's
     end): unpacked, its truncation at max_length, from the start or, under `truncation_mode: keep_end`, from the
     end; packed, the packer's cut (TRL skips its truncation when packing, and `pack_dataset`'s bfd keeps each row's
-    first max_length tokens whatever truncation_mode says). What the check, the drop of fully masked rows and the
-    held-out loss cut with, so that they judge the tokens that train."""
+    first max_length tokens whatever truncation_mode says; bfd_split and wrapped cut none). What the check, the drop
+    of fully masked rows and the held-out loss cut with, so that they judge the tokens that train."""
     if getattr(training_args, "packing", False):
-        return training_args.max_length or None, False
+        uncut = getattr(training_args, "packing_strategy", "bfd") in UNCUT_PACKING
+        return (None if uncut else training_args.max_length or None), False
     keep_end = getattr(training_args, "truncation_mode", "keep_start") == "keep_end"
     return training_args.max_length or None, keep_end
 
@@ -535,7 +542,10 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
     text_field = training_args.dataset_text_field
     pairs = [split_prompt_response(row, text_field) for row in eval_rows]
-    max_length, keep_end = row_cut(training_args)  # scored on the tokens training cuts each row to
+    # scored on the tokens training cuts each row to; a packing that cuts none still within max_length (the model
+    # reads no longer sequence in training: its fragments are packed apart)
+    max_length, keep_end = row_cut(training_args)
+    max_length = max_length or training_args.max_length
     held_out = [
         t
         for p, r in pairs
