@@ -138,6 +138,10 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         from hfgen.stages.ppo import prompt_length_problems
 
         prompt_length_problems(recipe.configs[0], data_args, training_args, (train, evaluation), records)
+    if with_models and stage in GROUP_RL:  # prompts that leave no room to answer in learned positions, as dropped
+        from hfgen.group_rl import prompt_length_problems
+
+        prompt_length_problems(recipe.configs[0], data_args, training_args, (train, evaluation), records)
     print("\n".join(summary_lines(records)))
     if not with_models:
         return []
@@ -229,19 +233,28 @@ def check_group_rewards(recipe, rows) -> list[str]:
     from hfgen.evaluation.policy import mean
     from hfgen.group_rl import (
         load_reward_model,
+        policy_config,
         prepare_prompts,
+        prompt_room,
         reward_component_names,
         silent_groups_by_aggregation,
         trl_reward_function,
         weighted_totals,
     )
     from hfgen.models import load_tokenizer
+    from hfgen.rl.models import prompt_ids
     from hfgen.rl.rollout import RewardScorer
 
     model_args, data_args, config = recipe.configs
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    rows = rows.select(range(min(REWARD_PROMPTS, len(rows))))
+    model_config = policy_config(model_args, config)
+    room = prompt_room(model_config, config) if model_config is not None else None
+    # (a few more, for prompts the run drops as leaving no room to answer in a model's learned positions)
+    rows = rows.select(range(min(REWARD_PROMPTS * (1 if room is None else 4), len(rows))))
     rows = prepare_prompts(rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
+    if room is not None:
+        rows = rows.select([i for i, ids in enumerate(prompt_ids(tokenizer, rows["prompt"])) if len(ids) <= room])
+    rows = rows.select(range(min(REWARD_PROMPTS, len(rows))))
     samples = sampled_responses(model_args, config, tokenizer, rows["prompt"], config.max_completion_length)
     each = [(row, completion) for row, group in zip(rows, samples) for completion in group]
     prompts_each, texts, finished = ([row["prompt"] for row, _ in each], [c.text for _, c in each],

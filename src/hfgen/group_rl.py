@@ -167,7 +167,82 @@ def check(model_args, data_args: GroupRLArguments, config) -> list[str]:
             problems += reward_column_problems(data_args, read)
     if not dataset_problems and not problems:
         problems += prompt_template_problems(model_args, data_args, config, splits[0])
+    if not dataset_problems and not problems:
+        problems += prompt_length_problems(model_args, data_args, config, splits)
     return problems
+
+
+def prompt_room(model_config, config) -> int | None:
+    """The longest prompt the policy can answer max_completion_length tokens after within the positions of a model
+    with learned position embeddings (`position_limit`: GPT-2, OPT); None for a model without that limit. TRL's
+    GRPO and RLOO have no prompt limit, and a prompt + completion past those positions fails in the position lookup
+    at the first generation (a raw IndexError). A max_completion_length that leaves no room is refused."""
+    limit = position_limit(model_config)
+    if not limit or not config.max_completion_length:
+        return None
+    if config.max_completion_length >= limit:
+        raise UserError(
+            f"max_completion_length {config.max_completion_length} leaves no room for a prompt in the {limit} "
+            f"positions {model_config.model_type} models learn: lower max_completion_length"
+        )
+    return limit - config.max_completion_length
+
+
+def drop_unanswerable_prompts(tokenizer, rows, room: int | None, model_config, config, records: dict, split: str):
+    """`rows` (prompts as the policy reads them, `prepare_prompts`) less those longer than `room` tokens
+    (`prompt_room`), counted in `records`, as PPO drops its prompts over max_prompt_length; refused when none or
+    fewer than half remain (`rl.models.drop_long_prompts`)."""
+    from hfgen.rl.models import drop_long_prompts
+
+    if room is None:
+        return rows
+    limit = (
+        f"{room} tokens, the room max_completion_length={config.max_completion_length} leaves in the "
+        f"{position_limit(model_config)} positions {model_config.model_type} models learn"
+    )
+    remedy = "lower max_completion_length"
+    return drop_long_prompts(tokenizer, rows, room, records, split, limit, remedy)[0]
+
+
+def policy_config(model_args, config):
+    """The policy's model config (an adapter's base's), read without its weights; None when it cannot be read here
+    (its loading says why)."""
+    from transformers import AutoConfig
+
+    from hfgen.models import base_model_of
+
+    name = model_args.model_name_or_path
+    if not name or name.startswith("embedded:"):
+        return None
+    try:
+        return AutoConfig.from_pretrained(base_model_of(name), trust_remote_code=config.trust_remote_code)
+    except Exception:  # noqa: BLE001 (the loading says what is wrong with it)
+        return None
+
+
+def prompt_length_problems(model_args, data_args, config, splits, records: dict | None = None) -> list[str]:
+    """Prompts that leave no room for max_completion_length in a model's learned positions (`prompt_room`), as the
+    run drops and refuses them, found before any model loads: on a sample of each split, or with `records` on every
+    row, the drops counted there (hfgen check's data report)."""
+    from hfgen.data.loading import ROWS_CHECKED
+    from hfgen.models import load_tokenizer
+
+    model_config = policy_config(model_args, config)
+    if model_config is None:
+        return []
+    try:
+        room = prompt_room(model_config, config)
+        if room is None:
+            return []
+        tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+        for rows, split in zip(splits[:2], ("train", "eval")):
+            rows = rows if records is not None else rows.select(range(min(ROWS_CHECKED, len(rows))))
+            prompts = prepare_prompts(rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
+            drop_unanswerable_prompts(tokenizer, prompts, room, model_config, config,
+                                      {} if records is None else records, split)  # fmt: skip
+    except UserError as error:
+        return [str(error)]
+    return []
 
 
 def reward_column_problems(data_args, read: dict[str, list[str]]) -> list[str]:
@@ -842,12 +917,7 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     reference = None if model_args.use_peft or not config.beta else load_model(model_args, config, tokenizer)
     suppress_pad(config, tokenizer, model)
     pin_model_sampling(config, [model, reference])
-    limit = position_limit(model.config)
-    if limit and (config.max_completion_length or 0) >= limit:
-        raise UserError(
-            f"max_completion_length {config.max_completion_length} leaves no room for a prompt in the {limit} "
-            f"positions {model.config.model_type} models learn: lower max_completion_length"
-        )
+    room = prompt_room(model.config, config)  # (refused when max_completion_length leaves none)
     for module_name in data_args.freeze_modules:
         try:
             model.get_submodule(module_name).requires_grad_(False)
@@ -882,6 +952,10 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     )
     train_rows = prepare_prompts(train_rows, data_args, tokenizer, data_records, model_args.model_name_or_path)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
+    train_rows, eval_rows = (
+        drop_unanswerable_prompts(tokenizer, rows, room, model.config, config, data_records, split)
+        for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
+    )
     record(output_dir, data_records)
     monitor = hacking_monitor(data_args, config, rewards)
     trainer = build_trainer(

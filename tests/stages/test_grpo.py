@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
 from hfgen import tracking
-from tiny_models import save_tiny_llama
+from tiny_models import save_tiny_causal_lm, save_tiny_llama
 
 # exact_answer is 0 on a random model's garbage; a reward for short responses (written below, importable by the runs)
 # varies within every group, so the policy moves
@@ -940,3 +940,59 @@ def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     assert "warning: the chat template" not in run_hfgen_here("check", recipe, *never, "--dataset_name", plain).stdout
+
+
+def prompts_file(path, tiny_gpt2, short: int, long: int):
+    """`short` short prompts and `long` ones of ~220 tokens as the policy reads them (in its chat template): within
+    GPT-2's 256 learned positions, but with no room there for a max_completion_length of 64."""
+    from hfgen.models import load_tokenizer
+    from hfgen.rl.models import prompt_ids
+
+    words = "the red cat sat by the blue river and the dog ran to the house".split()
+    text = " ".join(words[i % len(words)] for i in range(600))
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    cut = next(n for n in range(50, 600, 5) if len(prompt_ids(tokenizer, [" ".join(text.split()[:n])])[0]) > 215)
+    long_prompt = " ".join(text.split()[:cut])
+    assert 200 < len(prompt_ids(tokenizer, [long_prompt])[0]) < 256
+    rows = [{"prompt": f"what is {i}+{i}?"} for i in range(short)] + [
+        {"prompt": f"{i} {long_prompt}"} for i in range(long)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def gpt2_recipe(directory, tiny_gpt2, data, stage="grpo"):
+    return write_recipe(
+        directory, tiny_gpt2, stage, dataset_name=str(data), reward_functions=["hfgen.data.arithmetic:answer_format"],
+        reward_weights=[1.0], eval_samples_per_prompt=0, num_generations=2, per_device_train_batch_size=4,
+        max_completion_length=64, max_steps=1, save_strategy="no", steps_per_generation=1,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_prompts_leaving_no_room_to_answer_in_learned_positions_exit_2_at_the_check(tmp_path, stage):
+    # GRPO/RLOO checked only max_completion_length against a model's learned positions (GPT-2's 256): a prompt of
+    # 220 tokens + 64 completion tokens passed the check (its sample lowered max_new_tokens to fit) and ended
+    # `train` in a raw IndexError at the first generation
+    tiny_gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    recipe = gpt2_recipe(tmp_path, tiny_gpt2, prompts_file(tmp_path / "long.jsonl", tiny_gpt2, 4, 16), stage)
+    for command in ("check", "train"):
+        result = run_hfgen_here(command, recipe)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "prompts are longer than 192 tokens, the room max_completion_length=64 leaves in the 256 positions" \
+            in result.stderr and "lower max_completion_length" in result.stderr  # fmt: skip
+
+
+@pytest.mark.slow
+def test_prompts_leaving_no_room_to_answer_in_learned_positions_are_dropped_and_counted(tmp_path):
+    # as PPO drops its prompts over max_prompt_length: the run trains on the others (a long one crashed it)
+    tiny_gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    recipe = gpt2_recipe(tmp_path, tiny_gpt2, prompts_file(tmp_path / "mixed.jsonl", tiny_gpt2, 30, 6))
+    check = run_hfgen_here("check", recipe)
+    assert check.returncode == 0, check.stderr[-2000:]
+    reason = "longer than 192 tokens, the room max_completion_length=64 leaves in the 256 positions gpt2 models learn"
+    assert reason in check.stdout
+    train(recipe)
+    records = json.loads((tmp_path / "run" / "data.json").read_text())
+    dropped = sum(records[split]["dropped"].get(reason, 0) for split in ("train", "eval"))
+    assert dropped == 6 and (tmp_path / "run" / "COMPLETE").is_file()

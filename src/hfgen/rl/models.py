@@ -300,22 +300,28 @@ def prompt_room(policy, max_prompt_length: int, response_length: int) -> int:
 MAX_LONG_PROMPTS = 0.5  # a larger share of prompts over max_prompt_length: the limit is wrong for the data
 
 
-def drop_long_prompts(tokenizer, rows, max_prompt_length: int, records: dict, split: str):
+def drop_long_prompts(
+    tokenizer, rows, max_prompt_length: int, records: dict, split: str, limit: str = "", remedy: str = ""
+):
     """(`rows` less the prompts longer than max_prompt_length tokens, the kept prompts' token ids as `prompt_ids`
     gives them), the dropped ones counted in the data records (data.json, hfgen check); refused, as the README's
     bad-rows policy says, when none remain or more than half the prompts are dropped (the limit is wrong for the
-    data)."""
+    data). `limit`, `remedy`: the limit in words and what to change, for a limit that is not PPO's
+    max_prompt_length key (GRPO's room before max_completion_length)."""
     from hfgen.data.prepare import drop_and_count
 
     if not len(rows):
         return rows, []
     ids = prompt_ids(tokenizer, rows["prompt"])
     keep = [len(query) <= max_prompt_length for query in ids]
-    kept = drop_and_count(rows, keep, records, f"longer than max_prompt_length={max_prompt_length}", split)
+    kept = drop_and_count(
+        rows, keep, records, f"longer than {limit or f'max_prompt_length={max_prompt_length}'}", split
+    )
     if len(kept) == 0 or len(kept) < (1 - MAX_LONG_PROMPTS) * len(rows):
         raise UserError(
-            f"{len(rows) - len(kept)} of {len(rows)} {split} prompts are longer than max_prompt_length="
-            f"{max_prompt_length} tokens; raise max_prompt_length (or shorten the prompts)"
+            f"{len(rows) - len(kept)} of {len(rows)} {split} prompts are longer than "
+            f"{limit or f'max_prompt_length={max_prompt_length} tokens'}; {remedy or 'raise max_prompt_length'} (or "
+            "shorten the prompts)"
         )
     return kept, [query for query, kept_it in zip(ids, keep) if kept_it]
 
