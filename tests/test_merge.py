@@ -200,7 +200,8 @@ def test_a_merge_on_a_base_without_a_pad_token_names_the_added_pad_as_a_full_run
 
 def test_an_adapter_whose_base_was_trained_again_in_place_is_refused(tmp_path, capsys):
     # merge and generate loaded an adapter onto whatever its base dir held: retrained there since (a new COMPLETE
-    # run id), base + adapter was not the pair that trained, and nothing said so
+    # run id), base + adapter was not the pair that trained, and nothing said so. The run's checkpoint-N (no COMPLETE
+    # marker of its own: its state records the base's run) was still loaded on the new base (probe 42 B3)
     from hfgen import tracking
     from hfgen.recipe import load_recipe
     from hfgen.train import run_recipe
@@ -209,14 +210,17 @@ def test_an_adapter_whose_base_was_trained_again_in_place_is_refused(tmp_path, c
     tracking.mark_complete(base)  # the base is an hfgen run (a pretrain run's COMPLETE marker)
     adapter = tmp_path / "adapter"
     overrides = ["--model_name_or_path", base, "--output_dir", adapter, "--max_steps", "1", "--max_train_samples", "8"]
-    overrides += ["--max_eval_samples", "4", "--eval_strategy", "no", "--save_strategy", "no"]
+    overrides += ["--max_eval_samples", "4", "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "1"]
     run_recipe(load_recipe(REPO / "recipes/tiny/sft_lora.yaml", list(map(str, overrides))))
     trained_on = json.loads((adapter / tracking.COMPLETE_MARKER).read_text())[tracking.INPUT_RUNS]
     assert trained_on == {"model_name_or_path": tracking.run_id(base)}
+    checkpoint = adapter / "checkpoint-1"
     assert merge(capsys, adapter, "--output_dir", tmp_path / "merged")[0] == 0  # on its own base: merged
+    assert merge(capsys, checkpoint, "--output_dir", tmp_path / "merged_checkpoint")[0] == 0
     tracking.mark_complete(base)  # trained again in place: another run
-    code, message = merge(capsys, adapter, "--output_dir", tmp_path / "merged_again")
-    assert code == 2 and f"was trained on the run {trained_on['model_name_or_path']} in '{base}'" in message
-    assert not (tmp_path / "merged_again").exists()
-    result = run_hfgen_here("generate", adapter, "--prompt", "the cat", "--max_new_tokens", "2")
-    assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr
+    for trained in (adapter, checkpoint):
+        code, message = merge(capsys, trained, "--output_dir", tmp_path / "merged_again")
+        assert code == 2 and f"was trained on the run {trained_on['model_name_or_path']} in '{base}'" in message
+        assert not (tmp_path / "merged_again").exists()
+        result = run_hfgen_here("generate", trained, "--prompt", "the cat", "--max_new_tokens", "2")
+        assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr

@@ -517,8 +517,7 @@ def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "mode
     """An adapter run whose base dir holds another run than the one it trained on (the base was retrained in place
     since): base + adapter is not the pair that trained, and merged or sampled it gives other outputs without a word.
     None when they match, or when either records no run (a hub base, an adapter from an older hfgen)."""
-    marker = read_json(Path(adapter) / COMPLETE_MARKER, None)
-    trained_on = (marker.get(INPUT_RUNS) or {}).get(key) if isinstance(marker, dict) else None
+    trained_on = trained_on_run(Path(adapter), key)
     if trained_on is None or run_id(base) == trained_on:
         return None
     now = run_id(base)
@@ -528,6 +527,21 @@ def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "mode
         "and adapter are not the pair that trained; train the adapter again on the new base, or restore the base it "
         "was trained on"
     )
+
+
+def trained_on_run(adapter: Path, key: str) -> str | None:
+    """The run id of the `key` model that the adapter in `adapter` trained on: a finished run's COMPLETE marker names
+    it; a checkpoint-N has no marker, but its state (or else its run's hfgen_inputs.json) records the inputs the run
+    read, each hfgen run among them by its id."""
+    marker = read_json(adapter / COMPLETE_MARKER, None)
+    if isinstance(marker, dict):
+        return (marker.get(INPUT_RUNS) or {}).get(key)
+    state = read_json(adapter / CHECKPOINT_STATE, None)
+    inputs = state.get("inputs") if isinstance(state, dict) else None
+    if inputs is None and is_checkpoint_dir(adapter):
+        inputs = read_json(adapter.parent / RUN_INPUTS, None)
+    recorded = inputs.get(key) if isinstance(inputs, dict) else None
+    return recorded.get("run") if isinstance(recorded, dict) else None
 
 
 # What a run's training inputs held when it started (`fingerprint.recipe_inputs` of the keys that shape training):
