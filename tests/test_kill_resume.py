@@ -922,6 +922,24 @@ def test_a_complete_run_of_part_of_an_epoch_given_more_epochs_trains_them(tmp_pa
     assert [row["step"] for row in tracking.read_metrics(tmp_path) if "loss" in row] == [1, 2, 3, 4]
 
 
+def test_a_resume_that_would_end_the_run_before_its_checkpoints_step_is_refused(tmp_path):
+    # "checkpoint-3 is the last step's; finishing the run from it": exit 0, COMPLETE, recipe.yaml saying 2 steps
+    # over a model trained 3 under the longer run's schedule (probe 42 A1). max_steps is refused at the start; a
+    # count of epochs once the data says how many steps it is
+    overrides = ["--max_train_samples", "200", "--max_eval_samples", "8", "--warmup_steps", "0", "--logging_steps",
+                 "1", "--save_steps", "3", "--output_dir", tmp_path]  # fmt: skip
+    assert run_hfgen_here("train", PRETRAIN, *overrides, "--max_steps", "3").returncode == 0
+    again = ["--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
+    for shorter, budget in [
+        (["--max_steps", "2"], "max_steps: 2"),
+        (["--max_steps", "-1", "--num_train_epochs", "0.5"], "num_train_epochs: 0.5 (2 steps)"),  # 4 steps an epoch
+    ]:
+        result = run_hfgen_here("train", PRETRAIN, *overrides, *again, *shorter)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"checkpoint '{tmp_path / 'checkpoint-3'}' is at step 3, past this run's {budget}" in result.stderr
+        assert not tracking.is_complete(tmp_path)
+
+
 @pytest.mark.slow
 def test_a_run_stopped_after_its_last_checkpoint_finishes_from_it_without_training_again(tmp_path):
     # "checkpoint-8 is the last step's; starting again": every step trained again, and with save_total_limit 1 the

@@ -512,12 +512,17 @@ def shard_of(parameter, whole):
 # ---- checkpoints, resume, metrics -------------------------------------------------------------------
 
 
-def resume(accelerator, resume_from_checkpoint, output_dir: str | Path, load_extra=None) -> int:
+def resume(
+    accelerator, resume_from_checkpoint, output_dir: str | Path, budget: tuple[int, str], load_extra=None
+) -> int:
     """Load the checkpoint `resume_from_checkpoint` names (a dir, or true for the newest) -> its step (0: none).
     Everything registered with the accelerator comes back: models, optimizer, schedule, RNGs, registered objects;
     `load_extra(path)` reads what `save_checkpoint`'s `save_extra` wrote. A checkpoint of another recipe or launch
-    is refused (`tracking.check_same_run`)."""
+    is refused (`tracking.check_same_run`), and so is one past the run's `budget` (its steps, and the keys that set
+    them as the refusal names them: `tracking.check_budget_reaches`)."""
     path = tracking.resolve_resume(resume_from_checkpoint, output_dir)
+    if path is not None:
+        tracking.check_budget_reaches(path, tracking.checkpoint_step(path), *budget)
     tracking.start_metrics(output_dir, path)  # metrics.jsonl as it was at that checkpoint (none on a fresh start)
     if path is None:
         return 0

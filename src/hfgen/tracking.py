@@ -1114,7 +1114,7 @@ def _finish_if_trained_to_the_end(trainer, checkpoint: Path) -> None:
     step is not an epoch's last it trained one step more. Any epoch left is skipped, and the RNG state comes back from
     the checkpoint (as a resumed epoch restores it) for what samples after training (generations, held-out
     comparisons): the uninterrupted run's. A run extended past the checkpoint (a larger max_steps or
-    num_train_epochs) trains on from it.
+    num_train_epochs) trains on from it; one shortened to before it is refused (`check_budget_reaches`).
     Whether it is the last step's is decided once transformers has counted this run's steps (its first epoch, or its
     end where no epoch is left): the checkpoint's trainer_state.json keeps ceil(num_train_epochs), so a run of half an
     epoch extended to a whole one read as trained to the end of it, and only the data loader tells how many steps a
@@ -1126,7 +1126,11 @@ def _finish_if_trained_to_the_end(trainer, checkpoint: Path) -> None:
 
     def at_the_end() -> bool:
         if not decided:
-            decided.append(trainer.state.global_step >= trainer.state.max_steps)
+            state, args = trainer.state, trainer.args
+            epochs = f"num_train_epochs: {args.num_train_epochs} ({state.max_steps} steps)"
+            budget = f"max_steps: {args.max_steps}" if args.max_steps > 0 else epochs
+            check_budget_reaches(checkpoint, state.global_step, state.max_steps, budget)
+            decided.append(state.global_step >= state.max_steps)
             if decided[0] and is_main_process():
                 # (resuming from an earlier checkpoint, or from none, trained again what was trained, and the
                 # rotation then deleted the new run's checkpoints in favour of this one)
@@ -1303,8 +1307,38 @@ def check_resume_target(resume_from_checkpoint, output_dir: str | Path, inputs: 
         path = _resume_path(resume_from_checkpoint, output_dir)
     if path is not None:
         check_same_recipe(path, output_dir)
+        budget = _steps_in_recipe(Path(output_dir) / "recipe.yaml")
+        if budget is not None:
+            check_budget_reaches(path, checkpoint_step(path), *budget)
         if inputs is not None:
             check_same_inputs(path, inputs)
+
+
+def _steps_in_recipe(recipe_file: Path) -> tuple[int, str] | None:
+    """(steps, the key that says so) where the recipe gives its step count outright (a Trainer stage's max_steps, a
+    loop's max_train_steps); a count of epochs or episodes is known only once the data and the launch are (the
+    stage checks it then: `check_budget_reaches`)."""
+    import yaml
+
+    values = (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
+    for key in ("max_steps", "max_train_steps"):
+        steps = values.get(key)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+            return steps, f"{key}: {steps}"
+    return None
+
+
+def check_budget_reaches(checkpoint: Path, step: int, max_steps: int, budget: str) -> None:
+    """A resume may lengthen a run (`RESUMABLE_CHANGES`: max_steps, epochs, episodes) but not end it before its
+    checkpoint's step: those steps are trained, so the run 'finished' from the checkpoint was COMPLETE with more steps,
+    trained under the longer schedule, than its recipe.yaml says. `budget`: the keys that set `max_steps`, as named."""
+    if step > max_steps:
+        raise UserError(
+            f"resume_from_checkpoint: checkpoint '{checkpoint}' is at step {step}, past this run's {budget}: a resume "
+            "may lengthen a run, not end it before its checkpoint (its steps are trained, under the longer run's "
+            f"schedule). Resume with at least {step} steps, from an earlier checkpoint, or start afresh (a new "
+            "output_dir, or overwrite_output_dir: true)."
+        )
 
 
 def check_same_inputs(checkpoint: Path, inputs: dict[str, Any]) -> None:

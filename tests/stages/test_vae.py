@@ -210,6 +210,23 @@ def test_a_resumed_run_reports_the_error_it_started_from(configs, tmp_path):
     assert results["quality/reconstruction_mse_initial"] > results["quality/reconstruction_mse"]
 
 
+def test_a_resume_that_would_end_the_run_before_its_checkpoints_step_is_refused(configs, tmp_path):
+    """Resumed from checkpoint-5 with 3 steps, the run 'finished' from it: exit 0, COMPLETE, no word, recipe.yaml
+    saying 3 steps over a model trained 5 (probe 42 A1). max_train_steps is refused at the start; a count of
+    epochs once the data says how many steps it is (64 rows in batches of 16)."""
+    overrides = [*vae_overrides(configs, tmp_path, steps=5), "--checkpointing_steps", "5"]
+    assert run_hfgen_here("train", VAE_RECIPE, *overrides).returncode == 0
+    again = ["--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
+    for shorter, budget in [
+        (["--max_train_steps", "3"], "max_train_steps: 3"),
+        (["--max_train_steps", "null", "--num_train_epochs", "1"], "num_train_epochs: 1 (4 steps)"),
+    ]:
+        result = run_hfgen_here("train", VAE_RECIPE, *overrides, *again, *shorter)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"checkpoint '{tmp_path / 'checkpoint-5'}' is at step 5, past this run's {budget}" in result.stderr
+        assert not tracking.is_complete(tmp_path)
+
+
 def test_a_resume_from_an_earlier_hfgens_checkpoint_between_two_rows_says_its_first_row_is_short(configs, tmp_path):
     """Checkpoints of an hfgen before the log window travelled with them (7084205) hold none: resumed between two
     logged rows, the first row averaged only the steps since the checkpoint, with nothing said (probe 40 D4)."""

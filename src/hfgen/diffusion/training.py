@@ -149,8 +149,8 @@ def prepare_training(accelerator, args: LoopArguments, models: list, optimizer, 
 
 
 def check_trained_to_end(global_step: int, max_steps: int) -> None:
-    """After the epoch loop: it must have reached max_steps (a resume from a checkpoint past a shortened
-    max_train_steps starts beyond it). Ending short is a bug in the step budget, not a finished run: the model
+    """After the epoch loop: it must have reached max_steps (a resume from a checkpoint past it is refused:
+    `tracking.check_budget_reaches`). Ending short is a bug in the step budget, not a finished run: the model
     would be saved, COMPLETE written, with fewer steps than announced and the schedule never run to its end."""
     if global_step < max_steps:
         raise RuntimeError(
@@ -165,12 +165,14 @@ def resume(accelerator, args: LoopArguments, steps_per_epoch: int, rng: Training
     `rng`, the loop's registered `TrainingRNG`, says whether its log window came back with it."""
     from hfgen import loop
 
-    step = loop.resume(accelerator, args.resume_from_checkpoint, args.output_dir)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epochs = f"num_train_epochs: {args.num_train_epochs} ({max_steps} steps)"
+    budget = f"max_train_steps: {max_steps}" if args.max_train_steps else epochs
+    step = loop.resume(accelerator, args.resume_from_checkpoint, args.output_dir, (max_steps, budget))
     if step and rng.log is not None and not rng.window_restored and accelerator.is_main_process:
         checkpoint = Path(args.output_dir) / f"checkpoint-{step}"  # (the name only: the note says whose it is)
         tracking.note_window_not_kept(checkpoint, step, args.logging_steps, max_steps)
-    if step >= max_steps:  # trained to the end: no epoch left to enter (the loop checks its budget after a step)
+    if step == max_steps:  # trained to the end: no epoch left to enter (the loop checks its budget after a step)
         return step, math.ceil(max_steps / steps_per_epoch), 0
     return step, step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps
 

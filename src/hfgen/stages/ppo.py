@@ -491,7 +491,8 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     snapshots = PolicySnapshots() if config.stop_on_hacking else None
     save_snapshots, load_snapshots = (snapshots.save, snapshots.load) if snapshots is not None else (None, None)
     # weights (what trains), optimiser, scheduler, KL coefficient, every RNG
-    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, load_snapshots)
+    budget = total_steps, f"total_episodes: {config.total_episodes} ({total_steps} steps of {global_batch} episodes)"
+    start_step = loop.resume(accelerator, config.resume_from_checkpoint, output_dir, budget, load_snapshots)
     if not start_step:
         # each process samples differently (within numpy's seeds, which the check bounds `seed` by)
         set_seed((config.seed + accelerator.process_index) % (SEED_MAX + 1))
