@@ -366,6 +366,19 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         resume_with()
 
 
+def test_a_trainer_run_resumed_with_a_key_written_out_at_its_default_trains_on(tmp_path):
+    # the same run, but comparing the two recipes built TrainingArguments once the Trainer existed, which reset
+    # accelerate's state under it: AttributeError "`AcceleratorState` object has no attribute `distributed_type`"
+    # from the Trainer's first `prepare` (probe 42 A2)
+    overrides = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1", "--save_steps", "1",
+                 "--output_dir", tmp_path]  # fmt: skip
+    assert run_hfgen_here("train", PRETRAIN, *overrides, "--max_steps", "1").returncode == 0
+    more = ["--max_steps", "2", "--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
+    result = run_hfgen_here("train", PRETRAIN, *overrides, *more, "--max_grad_norm", "1.0")  # (its default)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in tracking.read_metrics(tmp_path) if "loss" in row] == [1, 2]
+
+
 def test_a_bad_resume_target_is_refused_before_the_stage_loads_its_data(tmp_path, monkeypatch):
     # the stage resolved its resume only after loading its data and models (minutes on a real run) before saying so
     from hfgen.stages import pretrain

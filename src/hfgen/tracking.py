@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -1362,32 +1363,48 @@ def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:
     """`check_same_run`'s recipe half: the checkpoint's recipe.yaml against output_dir's (this run's)."""
     import yaml
 
-    from hfgen.recipe import load_recipe
-
     then_file, now_file = checkpoint / "recipe.yaml", Path(output_dir) / "recipe.yaml"
     if not then_file.is_file() or not now_file.is_file():
         return  # a checkpoint of an older hfgen
-    then_yaml, now_yaml = (yaml.safe_load(f.read_text(encoding="utf-8")) or {} for f in (then_file, now_file))
+    then_text, now_text = then_file.read_text(encoding="utf-8"), now_file.read_text(encoding="utf-8")
+    then_yaml, now_yaml = yaml.safe_load(then_text) or {}, yaml.safe_load(now_text) or {}
     if then_yaml.get("stage") != now_yaml.get("stage"):
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a {then_yaml.get('stage')} run, "
             f"not a {now_yaml.get('stage')} run; give a checkpoint of this run."
         )
-    keys = sorted(key for key in set(then_yaml) | set(now_yaml) if shapes_training(key))
-    if all(then_yaml.get(key) == now_yaml.get(key) for key in keys):
-        return
-    try:  # parsed, so that a key left out and the same key at its default agree
-        then, now_recipe = (load_recipe(path, check_inputs=False) for path in (then_file, now_file))
-    except UserError:
-        return  # a recipe of an older hfgen: accelerate's own checks remain
-    changed = [f"{key}: {then.value(key)!r} -> {now_recipe.value(key)!r}"
-               for key in keys if then.value(key) != now_recipe.value(key)]  # fmt: skip
+    changed = _training_changes(then_text, now_text)
     if changed:
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a run with other values of keys that "
             f"shape training ({', '.join(changed)}); a resume continues that run as it was. Resume with those values, "
             "or start afresh (a new output_dir, or overwrite_output_dir: true)."
         )
+
+
+@functools.cache
+def _training_changes(then_text: str, now_text: str) -> tuple[str, ...]:
+    """The keys that shape training (`shapes_training`) whose values differ between two recipes of a stage, as
+    'key: then -> now'; parsed, so that a key left out and the same key at its default agree.
+    Cached, so that a resume parses them once, at the run's start (`check_resume_target`): parsing builds
+    TrainingArguments, which resets accelerate's process-wide state (transformers' `_setup_devices`), and parsed again
+    from `resolve_resume`, after the Trainer was built, it left the Trainer's Accelerator without one: a resume whose
+    recipe wrote a key out at its default crashed at the Trainer's first `prepare`."""
+    import yaml
+
+    from hfgen.recipe import build_recipe
+
+    then_yaml, now_yaml = yaml.safe_load(then_text) or {}, yaml.safe_load(now_text) or {}
+    keys = sorted(key for key in set(then_yaml) | set(now_yaml) if shapes_training(key))
+    if all(then_yaml.get(key) == now_yaml.get(key) for key in keys):
+        return ()
+    try:  # (this run's last: what parsing sets process-wide, its precision in the environment, stays this run's)
+        then, now = (build_recipe(values, check_inputs=False) for values in (then_yaml, now_yaml))
+    except UserError:
+        return ()  # a recipe of an older hfgen: accelerate's own checks remain
+    return tuple(
+        f"{key}: {then.value(key)!r} -> {now.value(key)!r}" for key in keys if then.value(key) != now.value(key)
+    )
 
 
 def checkpoint_step(path: str | Path) -> int:
