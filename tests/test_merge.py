@@ -224,3 +224,35 @@ def test_an_adapter_whose_base_was_trained_again_in_place_is_refused(tmp_path, c
         assert not (tmp_path / "merged_again").exists()
         result = run_hfgen_here("generate", trained, "--prompt", "the cat", "--max_new_tokens", "2")
         assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr
+
+
+def test_an_adapter_trained_on_a_checkpoint_whose_run_was_trained_again_in_place_is_refused(tmp_path, capsys):
+    # a LoRA run on RUN/checkpoint-2 recorded no base run (a checkpoint has no run id): after that run was trained
+    # again in place, the adapter was merged and sampled on the new checkpoint-2's weights with no word (probe 42 B5)
+    from hfgen import tracking
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    checkpoint = save_tiny_llama(tmp_path / "base" / "checkpoint-2")
+    (tmp_path / "base" / "recipe.yaml").write_text("stage: pretrain\n")  # a complete checkpoint of an hfgen run
+    (checkpoint / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 2, "metrics_rows": 0}))
+    adapter = tmp_path / "adapter"
+    overrides = ["--model_name_or_path", checkpoint, "--output_dir", adapter, "--max_steps", "1"]
+    overrides += [
+        "--max_train_samples",
+        "8",
+        "--max_eval_samples",
+        "4",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    ]
+    run_recipe(load_recipe(REPO / "recipes/tiny/sft_lora.yaml", list(map(str, overrides))))
+    assert merge(capsys, adapter, "--output_dir", tmp_path / "merged")[0] == 0  # on its own base: merged
+    save_tiny_llama(checkpoint, seed=1)  # the run trained again in place: other weights in its checkpoint-2
+    code, message = merge(capsys, adapter, "--output_dir", tmp_path / "merged_again")
+    assert code == 2 and f"was trained on the checkpoint '{checkpoint}', which changed since" in message, message
+    assert "model.safetensors" in message and not (tmp_path / "merged_again").exists()
+    result = run_hfgen_here("generate", adapter, "--prompt", "the cat", "--max_new_tokens", "2")
+    assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr

@@ -516,33 +516,54 @@ def input_runs(recipe) -> dict[str, str]:
 
 def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "model_name_or_path") -> str | None:
     """An adapter run whose base dir holds another run than the one it trained on (the base was retrained in place
-    since): base + adapter is not the pair that trained, and merged or sampled it gives other outputs without a word.
-    None when they match, or when either records no run (a hub base, an adapter from an older hfgen)."""
-    trained_on = trained_on_run(Path(adapter), key)
-    if trained_on is None or run_id(base) == trained_on:
-        return None
-    now = run_id(base)
+    since), or whose base checkpoint-N holds other files than when it trained (its run was trained again in place):
+    base + adapter is not the pair that trained, and merged or sampled it gives other outputs without a word. None
+    when they match, or when either records nothing to compare (a hub base, an adapter from an older hfgen)."""
+    adapter = Path(adapter)
+    trained_on = trained_on_run(adapter, key)
+    if trained_on is not None:
+        if run_id(base) == trained_on:
+            return None
+        now = run_id(base)
+        changed = f"was trained on the run {trained_on} in '{base}', which now holds " + (
+            f"another run ({now})" if now else "no complete run"
+        )
+    else:
+        # A checkpoint has no run id (its run draws one when it finishes): its files, as the adapter's run
+        # fingerprinted them when it started, tell
+        if not is_complete_checkpoint(base):
+            return None
+        from hfgen import fingerprint
+
+        recorded, now = recorded_input(adapter, key), fingerprint.path_fingerprint(str(base))
+        if recorded is None or now is None or fingerprint.content(recorded) == fingerprint.content(now):
+            return None
+        changed = f"was trained on the checkpoint '{base}', which {fingerprint.what_changed(recorded, now)}"
     return (
-        f"the adapter '{adapter}' was trained on the run {trained_on} in '{base}', which now holds "
-        f"{f'another run ({now})' if now else 'no complete run'}: the base was trained again in place since, so base "
-        "and adapter are not the pair that trained; train the adapter again on the new base, or restore the base it "
-        "was trained on"
+        f"the adapter '{adapter}' {changed}: the base was trained again in place since, so base and adapter are not "
+        "the pair that trained; train the adapter again on the new base, or restore the base it was trained on"
     )
 
 
 def trained_on_run(adapter: Path, key: str) -> str | None:
     """The run id of the `key` model that the adapter in `adapter` trained on: a finished run's COMPLETE marker names
-    it; a checkpoint-N has no marker, but its state (or else its run's hfgen_inputs.json) records the inputs the run
-    read, each hfgen run among them by its id."""
+    it; a checkpoint-N has no marker, but the inputs its run recorded (`recorded_input`) name each hfgen run among
+    them by its id."""
     marker = read_json(adapter / COMPLETE_MARKER, None)
     if isinstance(marker, dict):
         return (marker.get(INPUT_RUNS) or {}).get(key)
-    state = read_json(adapter / CHECKPOINT_STATE, None)
+    return (recorded_input(adapter, key) or {}).get("run")
+
+
+def recorded_input(run: Path, key: str) -> dict[str, Any] | None:
+    """The fingerprint of its `key` input that the run which wrote `run` recorded when it started (`record_inputs`):
+    a checkpoint-N's state holds it (or else its run's hfgen_inputs.json), a finished run's hfgen_inputs.json."""
+    state = read_json(run / CHECKPOINT_STATE, None)
     inputs = state.get("inputs") if isinstance(state, dict) else None
-    if inputs is None and is_checkpoint_dir(adapter):
-        inputs = read_json(adapter.parent / RUN_INPUTS, None)
+    if inputs is None:
+        inputs = read_json((run.parent if is_checkpoint_dir(run) else run) / RUN_INPUTS, None)
     recorded = inputs.get(key) if isinstance(inputs, dict) else None
-    return recorded.get("run") if isinstance(recorded, dict) else None
+    return recorded if isinstance(recorded, dict) else None
 
 
 # What a run's training inputs held when it started (`fingerprint.recipe_inputs` of the keys that shape training):
