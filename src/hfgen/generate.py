@@ -169,9 +169,10 @@ def made_by_run(model_path: str) -> Path | None:
 def trained_on_chat(model_path: str) -> bool | None:
     """Whether the hfgen run that made the model prompted it in the chat template, as its eval.json records
     (`trained_on_chat`: SFT from its rows, the later stages from the prompts they trained on); False for
-    pretraining. A run that does not say (an older hfgen's) is read from the layout of its training rows in its
-    data.json: plain text, Alpaca or Dolly rows are prompted raw, conversations in the template. None when unknown:
-    no hfgen run made it, or neither record tells."""
+    pretraining. SFT records it in data.json too when it starts, for a checkpoint of a run not finished yet. A run
+    that does not say (an older hfgen's) is read from the layout of its training rows in its data.json: plain text,
+    Alpaca or Dolly rows are prompted raw, conversations in the template. None when unknown: no hfgen run made it, or
+    neither record tells."""
     import yaml
 
     from hfgen import tracking
@@ -182,9 +183,12 @@ def trained_on_chat(model_path: str) -> bool | None:
     if yaml.safe_load(recipe.read_text(encoding="utf-8")).get("stage") == "pretrain":
         return False
     recorded = tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
+    data = tracking.read_json(recipe.parent / "data.json", {})
+    if recorded is None:
+        recorded = data.get("trained_on_chat")
     if recorded is not None:
         return recorded
-    layout = tracking.read_json(recipe.parent / "data.json", {}).get("train", {}).get("format")
+    layout = data.get("train", {}).get("format")
     return {"text": False, "alpaca": False, "dolly": False, "messages": True, "sharegpt": True}.get(layout)
 
 

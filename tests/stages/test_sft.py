@@ -196,6 +196,11 @@ def test_plain_text_and_plain_prompt_completion_data_train(tiny_lm, tmp_path, mo
     tracking.update_eval(tmp_path / "out", {"trained_on_chat": True})  # a run on conversations
     assert wants_chat(str(tmp_path / "out"), tokenizer) and wants_chat(str(tmp_path / "merged"), tokenizer)
     assert wants_chat(str(tmp_path / "out/checkpoint-2"), tokenizer)
+    # a checkpoint of a run not finished yet (eval.json is written at the end): data.json, written when the run
+    # starts, says so too (it was prompted in the chat template: probe 42 B4)
+    (tmp_path / "out/eval.json").unlink()
+    assert tracking.read_json(tmp_path / "out/data.json")["trained_on_chat"] is False
+    assert not wants_chat(str(tmp_path / "out/checkpoint-2"), tokenizer)
 
 
 def test_data_seed_decides_the_held_out_rows_whatever_the_seed(tiny_lm, tmp_path, monkeypatch):

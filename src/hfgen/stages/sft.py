@@ -523,6 +523,13 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     )
     if trl_drops_fully_masked(training_args):
         count_fully_masked(len(train_rows), trainer, training_args, data_records)
+    # How the run's prompts are rendered, for `hfgen generate` / `eval` to prompt its model the same way: in data.json
+    # from the start too, for a checkpoint of a run not finished yet (eval.json gets it at the end)
+    text_field = training_args.dataset_text_field
+    pairs = [split_prompt_response(row, text_field) for row in eval_rows]
+    rendered = [isinstance(response, list) for _, response in pairs if response is not None]
+    trained_on_chat = any(rendered) if rendered else None  # (no held-out rows: unknown, the default stays)
+    data_records["trained_on_chat"] = trained_on_chat
     record(output_dir, data_records)
     if use_row_packing(training_args, trainer.model):
         with loop.gathered(trainer.accelerator, trainer.model) as (whole,):
@@ -540,8 +547,6 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         )
 
     # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
-    text_field = training_args.dataset_text_field
-    pairs = [split_prompt_response(row, text_field) for row in eval_rows]
     # scored on the tokens training cuts each row to; a packing that cuts none still within max_length (the model
     # reads no longer sequence in training: its fragments are packed apart)
     max_length, keep_end = row_cut(training_args)
@@ -582,8 +587,6 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
             model, tokenizer, sample_prompts, data_args.sample_max_new_tokens, training_args.seed
         )
         parameters = count_parameters(model), count_parameters(model, trainable_only=True)
-    rendered = [isinstance(response, list) for _, response in pairs if response is not None]
-    trained_on_chat = any(rendered) if rendered else None  # (no held-out rows: unknown, the default stays)
     if is_main:
         tracking.write_jsonl(output_dir / "samples.jsonl", samples)
         tokens = trainer.state.num_input_tokens_seen
