@@ -31,10 +31,10 @@ LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj"
 FIRST_UPDATE = ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores", "policy/approxkl_avg")
 
 
-def launch(engine: str, port: int, *args, env=None) -> subprocess.CompletedProcess:
+def launch(engine: str, port: int, *args, env=None, **options) -> subprocess.CompletedProcess:
     """`accelerate launch` of tests/engines/run_recipes.py on 2 CPU processes under `engine` (ddp, fsdp2, zero2,
-    zero3): `args` are recipes with their overrides, separated by --then."""
-    command, environment = engine_command(engine, port, {"HFGEN_WEIGHTS_FINGERPRINT": "1", **(env or {})})
+    zero3): `args` are recipes with their overrides, separated by --then; `options` go to `engine_command`."""
+    command, environment = engine_command(engine, port, {"HFGEN_WEIGHTS_FINGERPRINT": "1", **(env or {})}, **options)
     return subprocess.run(
         [*command, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=1800,
         env=environment,
@@ -415,6 +415,40 @@ def test_diffusion_stages_save_whole_models_that_load(runs, engine):
             ours, theirs = (SD3Transformer2DModel.from_pretrained(runs(name)["t2i_flow"], subfolder="transformer")
                             for name in (engine, "zero2"))  # fmt: skip
             assert_same_weights(ours.state_dict(), theirs.state_dict(), f"{engine} t2i_flow")
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_trainer_stages_save_whole_models_whatever_the_launch_says_to_save(tmp_path, engine):
+    """Under ZeRO-3 launched without --zero3_save_16bit_model (accelerate's default) the Trainer saved DeepSpeed's
+    shards (global_step*/) and no weights; under FSDP2 with SHARDED_STATE_DICT (recipes/accelerate/fsdp.yaml's) it
+    saved nothing at all. Both runs ended COMPLETE without a model, and the next stage failed on it (probe 42 B1, B2).
+    The run and its checkpoints now hold a model that loads, the checkpoints also the engine's state a resume reads:
+    the run given a third step continues from checkpoint-2."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import save_tiny_llama
+
+    pretrained = save_tiny_llama(tmp_path / "pretrained")
+    run = tmp_path / "continued"
+    recipe = shrunk("pretrain.yaml", tmp_path, model_name_or_path=str(pretrained), config_name=None,
+                    tokenizer_name=None, block_size=64, max_steps=2, warmup_steps=0, per_device_train_batch_size=4,
+                    max_train_samples=32, max_eval_samples=8, output_dir=str(run),
+                    **{**TRAINER_KEYS, "save_strategy": "steps", "save_steps": 1})  # fmt: skip
+    options = {"env": {"FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}} if engine == "fsdp2" else {}
+    more = [recipe, "--max_steps", "3", "--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
+    result = launch(engine, free_port(), recipe, "--then", *more, zero3_save_16bit_model=False, **options)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert_whole_run(run)
+    assert [row["step"] for row in tracking.read_metrics(run) if "loss" in row] == [1, 2, 3]
+    # checkpoint-2 is the first run's, kept (resumed from), not written again by a fresh start after env.json
+    written = (run / "checkpoint-2" / tracking.CHECKPOINT_STATE).stat().st_mtime_ns
+    assert written < (run / "env.json").stat().st_mtime_ns < (run / "checkpoint-3").stat().st_mtime_ns
+    resume_state = "global_step3" if engine == "zero3" else "pytorch_model_fsdp_0"
+    for saved in (run, run / "checkpoint-2", run / "checkpoint-3"):
+        assert AutoModelForCausalLM.from_pretrained(saved).num_parameters() > 0, saved
+        assert saved_names(saved) == saved_names(pretrained), saved
+    assert (run / "checkpoint-3" / resume_state).is_dir()
+    assert not list(run.glob("global_step*"))  # the finished run: the model alone
 
 
 def test_bad_launches_exit_2_before_any_model_loads(tmp_path):

@@ -363,23 +363,52 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
     if kwargs["args"].eval_strategy != "no":
         kwargs["eval_dataset"] = eval_dataset
     try:
-        return saving_ties_once(trainer_class)(
+        return saving_whole_models(trainer_class)(
             callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs
         )
     except (ValueError, NotImplementedError) as error:
         raise UserError(f"{trainer_name or trainer_class.__name__} rejected the recipe: {error}") from None
 
 
-def saving_ties_once(trainer_class):
-    """`trainer_class` whose saves write tied weights (embeddings and LM head) once under every engine, as under
-    DDP: under ZeRO-2 and FSDP2 the Trainer hands `_save` a whole state dict with a copy per name (`loop.tied_as_in`)."""
+def saving_whole_models(trainer_class):
+    """`trainer_class` whose saves (the final one and each checkpoint's) write one whole model that `from_pretrained`
+    loads under every engine, as hfgen's own loops do (`loop.prepare`, `loop.full_state_dict`):
+    - under ZeRO-3 the Trainer gathers the partitioned weights only with DeepSpeed's
+      `stage3_gather_16bit_weights_on_model_save` (accelerate's `--zero3_save_16bit_model`, off by default); without
+      it the run ended COMPLETE with DeepSpeed's shards (global_step*/) and no weights. It is set before the engine
+      starts. The checkpoints keep DeepSpeed's shards too, which a resume reads.
+    - under FSDP the Trainer saves a model only with `state_dict_type: FULL_STATE_DICT`; with SHARDED_STATE_DICT (as
+      recipes/accelerate/fsdp.yaml ships) it saved nothing, and the run ended COMPLETE without a model. The whole
+      state dict is gathered then as it is for FULL_STATE_DICT (accelerate's `get_state_dict` gathers every shard
+      whatever the type); the checkpoints keep the sharded state a resume reads (`save_fsdp_model`).
+    - tied weights (embeddings and LM head) are written once, as under DDP: under ZeRO-2 and FSDP2 the Trainer hands
+      `_save` a whole state dict with a copy per name (`loop.tied_as_in`)."""
     from hfgen import loop
 
-    class TiesSavedOnce(trainer_class):
+    class WholeModelSaves(trainer_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.is_deepspeed_enabled:  # (the engine starts in train(), from this config)
+                plugin = self.accelerator.state.deepspeed_plugin
+                plugin.deepspeed_config.setdefault("zero_optimization", {})[
+                    "stage3_gather_16bit_weights_on_model_save"
+                ] = True
+                plugin.zero3_save_16bit_model = True
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+                self.accelerator.state.fsdp_plugin.state_dict_type
+            ):
+                self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+                if self.args.push_to_hub and not _internal_call:  # as the Trainer's own save_model does
+                    self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+                return
+            super().save_model(output_dir, _internal_call)
+
         def _save(self, output_dir=None, state_dict=None):
             if state_dict is not None:
                 state_dict = loop.tied_as_in(self.accelerator.unwrap_model(self.model), state_dict)
             super()._save(output_dir, state_dict)
 
-    TiesSavedOnce.__name__ = TiesSavedOnce.__qualname__ = trainer_class.__name__
-    return TiesSavedOnce
+    WholeModelSaves.__name__ = WholeModelSaves.__qualname__ = trainer_class.__name__
+    return WholeModelSaves

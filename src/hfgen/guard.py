@@ -201,6 +201,24 @@ def check_final_model(output_dir, step: int, figures: dict) -> None:
     )
 
 
+def check_saved_model(output_dir) -> None:
+    """After a Trainer stage's final save, before COMPLETE: the output dir holds a model `from_pretrained` loads
+    (config and weights, or a peft adapter). An engine's save that wrote none (ZeRO-3 left DeepSpeed's shards, FSDP
+    under SHARDED_STATE_DICT wrote nothing: `finetune.saving_whole_models` handles both) would otherwise end COMPLETE
+    with no model for the next stage. Every process calls it (`agreed`): the main process, which saved, looks."""
+    from hfgen import tracking
+    from hfgen.models import unloadable_model_problem
+
+    problem = unloadable_model_problem(Path(output_dir)) if tracking.is_main_process() else None
+    if math.isfinite(agreed([math.nan if problem else 0.0])[0]):
+        return
+    raise RuntimeError(
+        f"the final save wrote no loadable model: {output_dir} {problem or '(as the main process found)'}. The run is "
+        f"not COMPLETE; {newest_complete(output_dir)}. The engine's save did not gather the whole model: report it, "
+        "with the launch config"
+    )
+
+
 def check_checkpoint(output_dir, path, step: int, models) -> None:
     """Before checkpoint-STEP at `path` is marked complete: trained weights that went to inf or NaN in an update (the
     per-step check saw only that step's loss and gradients) make a checkpoint no resume can continue from, yet

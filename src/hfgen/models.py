@@ -89,6 +89,8 @@ def not_a_model_dir(path: Path) -> str | None:
         policy = next((v for k, v in steps.items() if k.startswith("output_dir/") and k != "output_dir/sft" and
                        k != "output_dir/reward" and k != "output_dir/prerequisite"), None)  # fmt: skip
         return "is an rlhf pipeline dir (records, no model)" + (f"; its final policy is '{policy}'" if policy else "")
+    if problem := sharded_save_problem(path):
+        return problem
     loadable = ("config.json", "adapter_config.json", "model_index.json")  # a Trainer's checkpoints hold a model
     # A checkpoint holds a copy of its run's recipe.yaml and never a COMPLETE marker: judged as a checkpoint (its
     # hfgen_state.json, written last, marks it complete), not as an unfinished run
@@ -107,6 +109,44 @@ def not_a_model_dir(path: Path) -> str | None:
             "run continues from its newest complete checkpoint)"
         )
     return None
+
+
+# The files `from_pretrained` loads a model's (or a peft adapter's) weights from
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def unloadable_model_problem(path: Path) -> str | None:
+    """What a dir a stage saved its model into lacks for `from_pretrained` (a transformers model: config.json and its
+    weights; a peft adapter: adapter_config.json and its weights), in words; None when they are there (the weights
+    are not read: `damaged_weights`)."""
+    for config, weights in (("adapter_config.json", ADAPTER_WEIGHT_FILES), ("config.json", WEIGHT_FILES)):
+        if (path / config).is_file():
+            if any((path / name).is_file() for name in weights):
+                return None
+            return f"holds {config} but no weights ({' or '.join(weights)})"
+    return "holds neither config.json nor adapter_config.json"
+
+
+def sharded_save_problem(path: Path) -> str | None:
+    """A dir that holds DeepSpeed's ZeRO-3 shards (global_step*/) instead of model weights, in words that say how to
+    get the weights out: what the Trainer writes under ZeRO-3 when it may not gather the weights (launched without
+    zero3_save_16bit_model: an older hfgen, or another tool). None for a dir with weights, or without such shards."""
+    if any((path / name).is_file() for name in WEIGHT_FILES + ADAPTER_WEIGHT_FILES):
+        return None  # (a checkpoint holds the engine's shards for a resume beside the weights)
+    if not any(path.glob("global_step*/")):
+        return None
+    return (
+        "holds DeepSpeed ZeRO-3 shards (global_step*/) and no model weights: a ZeRO-3 save without "
+        "stage3_gather_16bit_weights_on_model_save (accelerate's zero3_save_16bit_model). Recover the weights with "
+        f"`python {path / 'zero_to_fp32.py'} {path} OUTPUT_DIR --safe_serialization` and copy config.json and the "
+        "tokenizer files beside them, or train again with this hfgen, which saves whole models under ZeRO-3"
+    )
 
 
 def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_code: bool | None = None) -> list[str]:

@@ -200,6 +200,8 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
             tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
         guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
         stage.run(*recipe.configs)
+        if recipe.stage in loop.TRAINER_STAGES:  # (the engine's save, not hfgen's: `guard.check_saved_model`)
+            guard.check_saved_model(output_dir)
         info = {"stage": recipe.stage, "wall_time_s": round(time.time() - started, 2)}
         tracking.mark_complete(output_dir, **info, **({tracking.INPUT_RUNS: trained_on} if trained_on else {}))
     finally:

@@ -3,8 +3,11 @@ code users run, Trainer-based stages included) on accelerate's FSDP2 branch on C
 
 accelerate maps any CPU run to DDP (MULTI_CPU), even with --use_fsdp. On CPU, torch's `fully_shard` works on gloo,
 so right after each Accelerator is created its state is switched onto the FSDP branch with an FSDP2 plugin: from
-there `prepare`, backward, clipping, `get_state_dict` and saving run accelerate's real FSDP2 code.
+there `prepare`, backward, clipping, `get_state_dict` and saving run accelerate's real FSDP2 code. Its state_dict_type
+is FSDP_STATE_DICT_TYPE's, as a launch config's `fsdp_state_dict_type` sets it (FULL_STATE_DICT when unset).
 """
+
+import os
 
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -20,7 +23,7 @@ def _create_on_fsdp2(self, *args, **kwargs):
     # layer class in the plugin it wraps with.
     self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False,
+        state_dict_type=os.environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT"), cpu_ram_efficient_loading=False,
     )  # fmt: skip
 
 

@@ -8,9 +8,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def engine_command(engine: str, port: int, env: dict | None = None) -> tuple[list[str], dict]:
+def engine_command(
+    engine: str, port: int, env: dict | None = None, zero3_save_16bit_model: bool = True
+) -> tuple[list[str], dict]:
     """(the command up to run_recipes.py's arguments, its environment) for `engine`: ddp and fsdp2 (gloo processes,
-    FSDP2 switched on by fsdp2_launch), zero2 and zero3 (DeepSpeed's CPU accelerator)."""
+    FSDP2 switched on by fsdp2_launch, its state_dict_type FSDP_STATE_DICT_TYPE in `env` as a launch config sets it,
+    default FULL_STATE_DICT), zero2 and zero3 (DeepSpeed's CPU accelerator; `zero3_save_16bit_model` as the launch
+    flag, which accelerate leaves off by default)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port)]
     environment = {**os.environ, **(env or {})}
     entry = [str(REPO / "tests/engines/run_recipes.py"), *(["--fsdp2"] if engine == "fsdp2" else [])]
@@ -19,7 +23,8 @@ def engine_command(engine: str, port: int, env: dict | None = None) -> tuple[lis
         environment["ACCELERATE_USE_CPU"] = "true"
     else:
         command += ["--use_deepspeed", "--zero_stage", engine[-1], "--num_processes", "2", "--mixed_precision", "no"]
-        command += ["--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"] if engine == "zero3" else []
+        command += ["--zero3_init_flag", "true"] if engine == "zero3" else []
+        command += ["--zero3_save_16bit_model", "true"] if engine == "zero3" and zero3_save_16bit_model else []
         environment["DS_ACCELERATOR"] = "cpu"
         environment.pop("ACCELERATE_USE_CPU", None)
     return command + entry, environment

@@ -617,8 +617,19 @@ def test_generate_and_eval_say_what_a_dir_without_a_model_is(tmp_path, capsys):
     (killed / "checkpoint-3").mkdir()
     checkpoint.mkdir(parents=True)
     (checkpoint / "hfgen_state.json").write_text("{}")
+    # a Trainer's save under ZeRO-3 without zero3_save_16bit_model: config.json and DeepSpeed's shards, no weights
+    # (a run, and its checkpoint); "no file named model.safetensors" said nothing of ZeRO-3 (probe 42 B1)
+    zero3 = tmp_path / "zero3"
+    tracking.write_run_records(zero3, "stage: pretrain\n")
+    tracking.mark_complete(zero3)
+    for shards in (zero3, zero3 / "checkpoint-2"):
+        (shards / "global_step2").mkdir(parents=True)
+        (shards / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (zero3 / "checkpoint-2" / "hfgen_state.json").write_text("{}")
     cases = [(pipeline, f"its final policy is '{tmp_path / 'ppo'}'"), (killed, "newest checkpoint is"),
-             (checkpoint, "is a training checkpoint"), (tmp_path / "none" / "x", "does not exist")]  # fmt: skip
+             (checkpoint, "is a training checkpoint"), (tmp_path / "none" / "x", "does not exist"),
+             (zero3, f"{zero3 / 'zero_to_fp32.py'} {zero3} OUTPUT_DIR"),
+             (zero3 / "checkpoint-2", "holds DeepSpeed ZeRO-3 shards (global_step*/) and no model weights")]  # fmt: skip
     for target, message in cases:
         commands = [["generate", str(target), "--prompt", "hi"]]
         commands += [["eval", str(target), "--quiet"]] if target != pipeline else []  # eval follows a pipeline dir
@@ -627,6 +638,8 @@ def test_generate_and_eval_say_what_a_dir_without_a_model_is(tmp_path, capsys):
                 hfgen(command)
             error = capsys.readouterr().err
             assert exit_info.value.code == 2 and message in error and "Traceback" not in error, (command, error)
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", zero3)
+    assert result.returncode == 2 and "zero_to_fp32.py" in result.stderr, result.stderr[-2000:]
 
 
 def test_perplexity_texts_rendered_with_a_template_that_writes_the_bos_are_scored_with_one(tmp_path, capsys):
