@@ -956,6 +956,8 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
         drop_unanswerable_prompts(tokenizer, rows, room, model.config, config, data_records, split)
         for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
     )
+    # how its prompts are rendered (eval.json says at the end): for a checkpoint of a run not finished yet
+    data_records["trained_on_chat"] = prompts_are_chat(train_rows, tokenizer)
     record(output_dir, data_records)
     monitor = hacking_monitor(data_args, config, rewards)
     trainer = build_trainer(

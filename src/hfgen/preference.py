@@ -546,6 +546,8 @@ def run_stage(
     train_rows, eval_rows, data_records = load_preference_splits(
         data_args, data_seed(training_args), unpaired, tokenizer, training_args
     )
+    # how its prompts are rendered (eval.json says at the end): for a checkpoint of a run not finished yet
+    data_records["trained_on_chat"] = prompts_are_chat(train_rows, tokenizer)
     record(output_dir, data_records)
     if unpaired and "chosen" in train_rows.column_names:
         train_rows = unpaired_rows(train_rows, data_seed(training_args))

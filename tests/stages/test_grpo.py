@@ -177,6 +177,8 @@ def test_a_model_whose_run_prompted_it_raw_gets_raw_prompts_and_its_run_records_
     run = run_recipe(load_recipe(recipe))
     assert tracking.read_json(run / "eval.json")["trained_on_chat"] is False
     assert not wants_chat(str(run), tokenizer)
+    # data.json says so from the start, for a checkpoint of the run before its eval.json (probe 42 B4)
+    assert tracking.read_json(run / "data.json")["trained_on_chat"] is False
     tracking.write_json(sft / "eval.json", {"trained_on_chat": True})  # an SFT run on conversations: one user turn
     assert prepare_prompts(strings, GroupRLArguments(), tokenizer, model_path=str(sft))[0]["prompt"] == [
         {"role": "user", "content": "3+8+5=?"}

@@ -114,6 +114,8 @@ def test_kto_orpo_simpo_train_on_their_layouts(tiny_lm, tmp_path, stage, data):
     assert results["heldout/num_prompts"] == 2 and results["kl_to_reference"] > 0
     # how its rows prompted the model, for generate / eval (plain rows: raw; they defaulted to chat)
     assert results["trained_on_chat"] is not data.startswith("plain")
+    # data.json says so from the start, for a checkpoint of the run before its eval.json (probe 42 B4)
+    assert tracking.read_json(tmp_path / "run/data.json")["trained_on_chat"] is results["trained_on_chat"]
     if stage in ("orpo", "simpo"):  # reference-free: the implicit reward is the mean log-prob, before and after
         assert 0 <= results["accuracy_initial"] <= 1
 
