@@ -138,6 +138,10 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         from hfgen.stages.ppo import prompt_length_problems
 
         prompt_length_problems(recipe.configs[0], data_args, training_args, (train, evaluation), records)
+        if training_args.ptx_dataset_name and training_args.ptx_coef:  # ptx examples, as the run drops them
+            from hfgen.stages.ppo import ptx_length_problems
+
+            ptx_length_problems(recipe.configs[0], training_args, records)
     if with_models and stage in GROUP_RL:  # prompts that leave no room to answer in learned positions, as dropped
         from hfgen.group_rl import prompt_length_problems
 

@@ -616,6 +616,43 @@ def test_ptx_data_of_sft_layouts_carries_the_loss_on_the_answers(tmp_path):
     assert answer.strip().startswith("the red cat is kind.") and "describe" not in answer and "system" not in answer
 
 
+def test_ptx_examples_whose_prompt_fills_ptx_max_length_are_counted_and_refused_when_most(tmp_path, tiny_models):
+    """ptx_examples skipped the examples left with no token to learn within ptx_max_length without a word (probe
+    42 E4): 18 of 20 ptx rows gone, the ptx loss training on 2 repeated, nothing on the console, in hfgen check or in
+    data.json. Counted there now, and refused (at the check too) when more than half are dropped, as the README's
+    bad-rows policy says of every stage's rows."""
+    from types import SimpleNamespace
+
+    from hfgen.models import build_embedded_tokenizer
+    from hfgen.rl.ptx import ptx_examples
+
+    long_prompt = "describe the red cat and the blue dog by the river. " * 6  # more than 32 tokens
+
+    def ptx_file(long: int):
+        rows = [{"prompt": long_prompt if i < long else "describe the dog.", "completion": " the dog is calm."}
+                for i in range(10)]  # fmt: skip
+        (tmp_path / "ptx.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return tmp_path / "ptx.jsonl"
+
+    reason = "no token to learn within ptx_max_length=32"
+    settings = SimpleNamespace(ptx_dataset_name=str(ptx_file(3)), ptx_column="text", ptx_max_length=32)
+    records = {}
+    assert len(ptx_examples(build_embedded_tokenizer(), settings, records)) == 7
+    assert records["ptx"]["rows_kept"] == 7 and records["ptx"]["dropped"] == {reason: 3}
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, reward_functions=[ORACLE], ptx_coef=1.0, ptx_dataset_name=str(ptx_file(3)),
+                          ptx_max_length=32)  # fmt: skip
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"data: ptx 7 of 10 rows (prompt_completion); dropped 3 {reason}" in result.stdout
+    ptx_file(8)
+    for command in ("check", "train"):  # refused before any model loads
+        result = run_hfgen_here(command, recipe)
+        assert result.returncode == 2 and "PPO:" not in result.stdout, result.stderr[-2000:]
+        assert f"8 of 10 examples of ptx_dataset_name '{tmp_path / 'ptx.jsonl'}' have {reason}" in result.stderr
+        assert "raise ptx_max_length" in result.stderr
+
+
 def test_ptx_texts_and_pairs_are_tokenized_as_sft_tokenizes_them(tmp_path, capsys):
     """PPO-ptx tokenized its plain rows unlike the SFT they stand for (probe 41 I2): a prompt ending in a space lost
     the completion's first token (' the', merged with the space) from the loss, a text got no EOS (ptx texts never

@@ -259,7 +259,8 @@ def summary_lines(records: dict) -> list[str]:
             )
         return lines + [f"  {note}" for note in records.get("notes", [])]
     train, evaluation = (DataReport(**records[s]) for s in ("train", "eval"))
-    return [f"data: train {train.summary()}; eval {evaluation.summary()}"] + [f"  {n}" for n in train.notes]
+    ptx = [f"data: ptx {DataReport(**records['ptx']).summary()}"] if "ptx" in records else []  # PPO-ptx's data
+    return [f"data: train {train.summary()}; eval {evaluation.summary()}"] + [f"  {n}" for n in train.notes] + ptx
 
 
 def record(output_dir, records: dict) -> None:

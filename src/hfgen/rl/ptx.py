@@ -60,9 +60,9 @@ def _example(tokenizer, row: dict) -> tuple[list[int], list[int], bool]:
     return ids, [IGNORE] * start + ids[start:], True
 
 
-def ptx_rows(config):
+def ptx_rows(config, with_report: bool = False):
     """The ptx data's train split in the sft stage's standard columns (`to_standard`), for `ptx_examples` and the
-    ppo stage's check. Its problems name the ptx keys: the loaders' messages name the prompt data's keys
+    ppo stage's check; `with_report`: (rows, its DataReport). Its problems name the ptx keys: the loaders' messages name the prompt data's keys
     (dataset_name, dataset_format, dataset_columns), which say nothing about the ptx data."""
     from hfgen.data.formats import none_left, resolve_layout, to_standard
     from hfgen.data.loading import load_raw_as
@@ -90,16 +90,23 @@ def ptx_rows(config):
     standard, report = to_standard(rows, "sft", columns=columns, source=name)
     if not len(standard):  # (else a check that passed, and a UserError once every model had loaded)
         raise none_left("ptx_dataset_name", name, split, report, "text to learn from")
-    return standard
+    return (standard, report) if with_report else standard
 
 
-def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length; examples left without a
-    labelled token after the first are dropped."""
+def ptx_examples(
+    tokenizer, config, records: dict | None = None, rows_checked: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of the ptx data's train split, each cut to ptx_max_length. Examples left without a
+    labelled token after the first (a prompt that fills ptx_max_length) are dropped and counted, as the README's
+    bad-rows policy says: in `records` under `ptx` (data.json, hfgen check's report), and refused when none or
+    fewer than half remain (ptx_max_length is wrong for the data). `rows_checked`: the first rows only (a check)."""
     from hfgen.data.rendering import without_doubled_bos
 
     name = config.ptx_dataset_name
-    rows, note = without_doubled_bos(ptx_rows(config), tokenizer)  # as the sft stage feeds its text rows
+    rows, report = ptx_rows(config, with_report=True)
+    if rows_checked is not None:
+        rows = rows.select(range(min(rows_checked, len(rows))))
+    rows, note = without_doubled_bos(rows, tokenizer)  # as the sft stage feeds its text rows
     if note:
         print(f"ptx: {note}")
     examples, unmarked = [], 0
@@ -114,10 +121,17 @@ def ptx_examples(tokenizer, config) -> list[tuple[list[int], list[int]]]:
             f"ptx: {unmarked} conversation(s) of '{name}' carry the loss on every token: the tokenizer's chat "
             "template does not mark the assistant's turns with {% generation %}, and TRL has no marked copy of it"
         )
-    if not examples:
+    dropped = len(rows) - len(examples)
+    if records is not None:
+        from hfgen.data.prepare import count_dropped
+
+        records["ptx"] = report.as_dict()  # (rows the conversion dropped, blank texts, counted there already)
+        count_dropped(records, f"no token to learn within ptx_max_length={config.ptx_max_length}", dropped, "ptx")
+    if not examples or len(examples) < len(rows) / 2:
         raise UserError(
-            f"ptx_dataset_name '{name}' has no example with a token to learn within ptx_max_length "
-            f"({config.ptx_max_length})"
+            f"{dropped} of {len(rows)} examples of ptx_dataset_name '{name}' have no token to learn within "
+            f"ptx_max_length={config.ptx_max_length} (their prompt fills it): raise ptx_max_length (or shorten the "
+            "prompts)"
         )
     return examples
 

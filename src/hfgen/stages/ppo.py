@@ -354,7 +354,24 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
         data_problems += prompt_template_problems(model_args, data_args, config, splits[0])
     if splits and not problems + data_problems:
         data_problems += prompt_length_problems(model_args, data_args, config, splits)
+    if config.ptx_dataset_name and config.ptx_coef and not problems + data_problems:
+        data_problems += ptx_length_problems(model_args, config)
     return problems + data_problems
+
+
+def ptx_length_problems(model_args, config, records: dict | None = None) -> list[str]:
+    """ptx examples left with no token to learn within ptx_max_length, refused as the run refuses them
+    (`ptx_examples`), found before any model loads: on a sample, or with `records` on every example, the drops
+    counted there (hfgen check's data report)."""
+    from hfgen.data.loading import ROWS_CHECKED
+    from hfgen.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    try:
+        ptx_examples(tokenizer, config, records, rows_checked=None if records is not None else ROWS_CHECKED)
+    except UserError as error:
+        return [str(error)]
+    return []
 
 
 def adaptive_kl_problems(config) -> list[str]:
@@ -453,10 +470,10 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         drop_long_prompts(tokenizer, rows, max_prompt_length, data_records, split)
         for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
     )
+    fit_max_length(policy, config, "ptx_max_length")
+    ptx_data = ptx_examples(tokenizer, config, data_records) if config.ptx_coef else None
     record(output_dir, data_records)
     train_prompts, eval_prompts = list(train_rows["prompt"]), distinct_prompts(eval_rows["prompt"])
-    fit_max_length(policy, config, "ptx_max_length")
-    ptx_data = ptx_examples(tokenizer, config) if config.ptx_coef else None
 
     # Optimiser over policy and value parameters; one PPO step = one rollout = one scheduler step.
     trainable = PolicyAndValue(policy, value_model)
