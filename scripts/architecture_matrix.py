@@ -60,7 +60,7 @@ def stages(config: Path) -> dict[str, list[str]]:
 
 
 def run(command: list[str], log: Path, environment: dict | None = None) -> int:
-    with log.open("w") as out:
+    with log.open("w", encoding="utf-8") as out:
         return subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=environment).returncode
 
 

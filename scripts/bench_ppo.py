@@ -175,7 +175,7 @@ def timed(command: list[str], output: Path, warmup: int, who: str) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if result.returncode != 0:
         sys.exit(f"{who} failed:\n{result.stderr[-3000:]}")
-    record = json.loads(output.read_text())
+    record = json.loads(output.read_text(encoding="utf-8"))
     ends = record["step_ends"][warmup - 1 :]  # from the end of step `warmup` to the end of the last
     episodes = EPISODES_PER_STEP * (len(ends) - 1)
     return {

@@ -1342,7 +1342,7 @@ def _steps_in_recipe(recipe_file: Path) -> tuple[int, str] | None:
     stage checks it then: `check_budget_reaches`)."""
     import yaml
 
-    values = (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
+    values = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}) if recipe_file.is_file() else {}
     for key in ("max_steps", "max_train_steps"):
         steps = values.get(key)
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
