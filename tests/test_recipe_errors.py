@@ -479,6 +479,17 @@ def test_an_upstream_key_is_pointed_at_the_key_that_means_it_not_the_nearest_let
     assert "'warmup_ratio' for stage 't2i': this stage says lr_warmup_steps, a number of optimizer steps" in err
 
 
+@pytest.mark.parametrize("recipe", ["grpo_arithmetic", "rloo_arithmetic"])
+def test_a_prompt_limit_on_grpo_or_rloo_is_told_there_is_none_not_hinted_to_the_answer_cap(capsys, recipe):
+    # max_prompt_length (TRL's older GRPO) was hinted towards max_completion_length, which caps the answers, and
+    # max_length towards vllm_max_model_length, a vLLM-only key (probe 42 E12)
+    code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{recipe}.yaml", "--max_prompt_length", "64",
+                              "--max_length", "96")  # fmt: skip
+    assert code == 2 and "did you mean" not in err, err
+    assert "unknown key 'max_prompt_length'" in err and "cut no prompt" in err, err
+    assert "unknown key 'max_length'" in err and "cap the answers alone (max_completion_length)" in err, err
+
+
 @pytest.mark.parametrize(
     "stage, key, value",
     [

@@ -54,6 +54,16 @@ BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-
 TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to the columns
 
 
+# Length keys of other GRPO/RLOO trainers (TRL before 0.2x, OpenRLHF) with no counterpart in TRL 1.16's: a spelling
+# hint sent `max_prompt_length` to max_completion_length, which caps the answers instead (`recipe.build_recipe`)
+KEYS_WITHOUT_COUNTERPART = {
+    "max_prompt_length": "TRL's GRPO and RLOO cut no prompt (its trainers have no prompt limit; hfgen drops only "
+    "the prompts that leave no room for max_completion_length in a model's learned positions): shorten or drop long "
+    "prompts in the data; max_completion_length caps the answers",
+    "max_length": "TRL's GRPO and RLOO cap the answers alone (max_completion_length) and cut no prompt",
+}
+
+
 def chat_prompts_field():
     """The `chat_prompts` key of the online RL stages (grpo, rloo, ppo)."""
     return field(

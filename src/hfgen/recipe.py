@@ -377,6 +377,8 @@ def build_recipe(
         if action is None:
             if RENAMED.get(key) in parser.actions:  # a spelling from older recipes, closer to another key's letters
                 errors.append(f"unknown key '{key}' for stage '{stage}': it is now '{RENAMED[key]}'")
+            elif key in getattr(module, "KEYS_WITHOUT_COUNTERPART", {}):  # an upstream key this stage has no match for
+                errors.append(f"unknown key '{key}' for stage '{stage}': {module.KEYS_WITHOUT_COUNTERPART[key]}")
             elif key in FOREIGN_SPELLINGS and FOREIGN_SPELLINGS[key][0] in parser.actions:
                 here, meaning = FOREIGN_SPELLINGS[key]
                 errors.append(f"unknown key '{key}' for stage '{stage}': this stage says {here}, {meaning}")

@@ -28,6 +28,7 @@ class GRPOConfig(TRLGRPOConfig):
 
 
 ARGUMENTS = (ModelConfig, GroupRLArguments, GRPOConfig)
+KEYS_WITHOUT_COUNTERPART = group_rl.KEYS_WITHOUT_COUNTERPART  # (read by hfgen.recipe: no spelling hint for them)
 
 
 def check(model_args: ModelConfig, data_args: GroupRLArguments, config: GRPOConfig) -> list[str]:

@@ -29,6 +29,7 @@ class RLOOConfig(TRLRLOOConfig):
 
 
 ARGUMENTS = (ModelConfig, GroupRLArguments, RLOOConfig)
+KEYS_WITHOUT_COUNTERPART = group_rl.KEYS_WITHOUT_COUNTERPART  # (read by hfgen.recipe: no spelling hint for them)
 
 
 def check(model_args: ModelConfig, data_args: GroupRLArguments, config: RLOOConfig) -> list[str]:
