@@ -366,6 +366,26 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         resume_with()
 
 
+def test_a_checkpoint_whose_recipe_holds_a_key_since_refused_has_its_other_training_keys_compared(tmp_path):
+    # an older hfgen's recipe holding a key this one refuses (warmup_steps under a constant schedule: never read) gave
+    # up the whole comparison, so a resume changed every training key without a word (probe 42 A3)
+    then = {**yaml.safe_load(PRETRAIN.read_text()), "lr_scheduler_type": "constant"}  # (and its warmup_steps: 20)
+    checkpoint = fake_checkpoint(tmp_path, then, tracking.launch_identity())
+
+    def resume_with(left_out=("warmup_steps",), **changes):  # the refused key left out, as its refusal asks
+        now = {key: value for key, value in then.items() if key not in left_out}
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**now, **changes}))
+        return tracking.resolve_resume("true", tmp_path)
+
+    assert resume_with() == checkpoint
+    with pytest.raises(UserError, match=r"learning_rate: 0.003 -> 0.03, seed: 42 -> 7\)"):
+        resume_with(learning_rate=0.03, seed=7)
+    with pytest.raises(UserError, match=r"\(weight_decay: 0.1 -> 0.0\)"):  # left out: its default
+        resume_with(left_out=("warmup_steps", "weight_decay"))
+    with pytest.raises(UserError, match=r"\(lr_scheduler_type: 'constant' -> 'cosine'\)"):  # (then read it)
+        resume_with(left_out=(), lr_scheduler_type="cosine")
+
+
 def test_a_trainer_run_resumed_with_a_key_written_out_at_its_default_trains_on(tmp_path):
     # the same run, but comparing the two recipes built TrainingArguments once the Trainer existed, which reset
     # accelerate's state under it: AttributeError "`AcceleratorState` object has no attribute `distributed_type`"

@@ -1419,13 +1419,44 @@ def _training_changes(then_text: str, now_text: str) -> tuple[str, ...]:
     keys = sorted(key for key in set(then_yaml) | set(now_yaml) if shapes_training(key))
     if all(then_yaml.get(key) == now_yaml.get(key) for key in keys):
         return ()
+    then = _parsed_without_refused_keys(then_yaml, now_yaml)
     try:  # (this run's last: what parsing sets process-wide, its precision in the environment, stays this run's)
-        then, now = (build_recipe(values, check_inputs=False) for values in (then_yaml, now_yaml))
+        now = build_recipe(now_yaml, check_inputs=False)
     except UserError:
-        return ()  # a recipe of an older hfgen: accelerate's own checks remain
+        return ()  # (this run's recipe, which has parsed: a guard)
+    if then is None:  # what can still be compared: the keys both recipes write out
+        return tuple(
+            f"{key}: {then_yaml[key]!r} -> {now_yaml[key]!r}"
+            for key in keys
+            if key in then_yaml and key in now_yaml and then_yaml[key] != now_yaml[key]
+        )
     return tuple(
         f"{key}: {then.value(key)!r} -> {now.value(key)!r}" for key in keys if then.value(key) != now.value(key)
     )
+
+
+def _parsed_without_refused_keys(then_yaml: dict, now_yaml: dict):
+    """The checkpoint's recipe as this hfgen parses it (a `Recipe`). One of an older hfgen may hold keys this one
+    refuses (a key of a feature that is off: `unread_keys.READ_ONLY_WHEN`), which the refusal tells its user to
+    leave out of the resumed recipe: of the keys the resumed recipe leaves out, those the checkpoint's recipe does
+    not parse with are dropped, and every other key is compared (given up whole, a resume could change every key
+    unnoticed). None where it still does not parse."""
+    from hfgen.recipe import build_recipe
+
+    def parsed(values: dict):
+        try:
+            return build_recipe(values, check_inputs=False)
+        except UserError:
+            return None
+
+    whole = parsed(then_yaml)
+    if whole is not None:
+        return whole
+    kept = {key: value for key, value in then_yaml.items() if key in now_yaml}
+    for key in [key for key in then_yaml if key not in now_yaml]:
+        if parsed({**kept, key: then_yaml[key]}) is not None:
+            kept[key] = then_yaml[key]
+    return parsed(kept)
 
 
 def checkpoint_step(path: str | Path) -> int:
