@@ -460,6 +460,28 @@ def test_a_resume_whose_base_data_or_chat_template_changed_in_place_is_refused(t
     assert result.returncode == 2 and f"model_name_or_path '{base}' now holds another run" in result.stderr
 
 
+def test_a_reward_functions_module_edited_between_a_kill_and_the_resume_is_refused(tmp_path, monkeypatch):
+    # `reward_functions: [myrewards:score]` edited between a kill and the resume: the resumed PPO steps trained on the
+    # other reward, exit 0, COMPLETE, no word (probe 42 A5). hfgen's own functions change with hfgen, as its code does
+    from hfgen import fingerprint
+
+    monkeypatch.syspath_prepend(tmp_path)
+    rewards, judge = tmp_path / "myrewards.py", tmp_path / "judge.py"
+    for module in (rewards, judge):
+        module.write_text("def score(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    values = {"reward_functions": ["myrewards:score", "hfgen.data.embedded:hackable_reward_scores"],
+              "oracle_function": f"{judge}:score"}  # fmt: skip
+    then = fingerprint.recipe_inputs(values, tracking.shapes_training)
+    checkpoint = fake_checkpoint(tmp_path / "run", {"stage": "ppo"}, {"inputs": then})
+    tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values, tracking.shapes_training))
+    for module in (rewards, judge):
+        module.write_text(module.read_text().replace("len(r)", "-len(r)"))
+    with pytest.raises(UserError) as refused:
+        tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values, tracking.shapes_training))
+    changed = f"oracle_function '{judge}' changed since (its content); reward_functions '{rewards}' changed since"
+    assert changed in str(refused.value)
+
+
 def test_an_input_folder_is_read_whole_up_to_its_budget_then_known_by_its_files_status(tmp_path, monkeypatch):
     # a folder of a million images was read through at every run's start
     import os

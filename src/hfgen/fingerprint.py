@@ -51,6 +51,8 @@ LISTED_FILES = 64  # a folder of up to this many files records each one's finger
 INPUT_KEY = re.compile(r"(_name_or_path|_path|_name|_dir|_file|_files|^datasets|_dataset|^reward_model|template)$")
 NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
 OUTPUT_FOLDER_KEYS = ("output_dir", "logging_dir", "class_data_dir", "pipeline_dir")  # the folders a run writes
+# recipe keys whose values are 'module:function' specs of code that scores the responses a run trains on (or stops on)
+FUNCTION_KEYS = ("reward_functions", "oracle_function")
 
 
 def file_fingerprint(path: Path, read: bool = True) -> str:
@@ -165,12 +167,39 @@ def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
     )
     found = {}
     for key, value in values.items():
-        if key in NOT_INPUTS or not INPUT_KEY.search(key) or (keys is not None and not keys(key)):
+        if key in FUNCTION_KEYS and (keys is None or keys(key)):
+            texts = [str(file) for spec in input_strings(key, value) if (file := function_source(spec)) is not None]
+        elif key in NOT_INPUTS or not INPUT_KEY.search(key) or (keys is not None and not keys(key)):
             continue
-        prints = [p for text in input_strings(key, value) if (p := path_fingerprint(text, excluded)) is not None]
+        else:
+            texts = input_strings(key, value)
+        prints = [p for text in texts if (p := path_fingerprint(text, excluded)) is not None]
         if prints:
             found[key] = prints[0] if isinstance(value, str) else prints
     return found
+
+
+def function_source(spec: str) -> Path | None:
+    """The file of a 'module:function' (or 'path/to/file.py:function') spec's module where it is the run's own code: a
+    reward module edited between a kill and the resume trained the resumed steps on another reward. None for a module
+    of an installed package or of hfgen (they change with their versions), or one that does not import (the stage's
+    check names it)."""
+    import hfgen
+    from hfgen.rl.rollout import import_module_or_file
+
+    module_name = spec.rpartition(":")[0]
+    if module_name.endswith(".py"):
+        return Path(module_name).expanduser()
+    try:
+        source = getattr(import_module_or_file(module_name), "__file__", None)
+    except Exception:  # (any error of the user's module: its check reports it)
+        return None
+    if source is None:
+        return None
+    source = Path(source).resolve()
+    if {"site-packages", "dist-packages"} & set(source.parts) or source.is_relative_to(Path(hfgen.__file__).parent):
+        return None
+    return source
 
 
 def changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -183,6 +212,8 @@ def changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         if isinstance(before, dict) and isinstance(after, dict):
             said.append(f"{key} '{before.get('path')}' {what_changed(before, after)}")
+        elif isinstance(before, list) and isinstance(after, list) and len(before) == len(after):  # each one named
+            said += [changes({key: b}, {key: a})[0] for b, a in zip(before, after) if content(b) != content(a)]
         else:
             said.append(f"{key}: the content of its files changed")
     return said
