@@ -386,6 +386,26 @@ def test_a_checkpoint_whose_recipe_holds_a_key_since_refused_has_its_other_train
         resume_with(left_out=(), lr_scheduler_type="cosine")
 
 
+def test_a_resume_under_other_package_versions_than_its_checkpoints_says_so(tmp_path, capsys):
+    # an upgrade between a kill and the resume that changed a default of a key the recipe leaves out trained the
+    # resumed steps under the new value, and env.json, rewritten, kept only the new versions: nothing said (probe 42 A4)
+    recipe = yaml.safe_load(PRETRAIN.read_text())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "checkpoint-4").mkdir()
+    tracking.finish_checkpoint(tmp_path, tmp_path / "checkpoint-4", 4, None)
+    tracking.check_resume_target("true", tmp_path)
+    assert "package versions" not in capsys.readouterr().err
+    state = tmp_path / "checkpoint-4" / tracking.CHECKPOINT_STATE
+    versions = tracking.read_json(state)["packages"]
+    assert versions == tracking.package_versions()
+    tracking.write_json(state, {**tracking.read_json(state), "packages": {**versions, "transformers": "4.40.0"}})
+    tracking.check_resume_target("true", tmp_path)
+    changed = (
+        f"checkpoint-4 was written under other package versions (transformers 4.40.0 -> {versions['transformers']})"
+    )
+    assert changed in capsys.readouterr().err
+
+
 def test_a_trainer_run_resumed_with_a_key_written_out_at_its_default_trains_on(tmp_path):
     # the same run, but comparing the two recipes built TrainingArguments once the Trainer existed, which reset
     # accelerate's state under it: AttributeError "`AcceleratorState` object has no attribute `distributed_type`"

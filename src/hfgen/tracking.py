@@ -923,6 +923,7 @@ def finish_checkpoint(
         "metrics_rows": len(read_metrics(output_dir)),
         **launch_identity(),
         "skipped_steps": sorted(guard.skipped_steps),
+        "packages": package_versions(),  # (`note_other_versions`)
         **({"inputs": inputs} if (inputs := read_json(Path(output_dir) / RUN_INPUTS, None)) is not None else {}),
         **(state or {}),
     })  # fmt: skip
@@ -1334,6 +1335,30 @@ def check_resume_target(resume_from_checkpoint, output_dir: str | Path, inputs: 
             check_budget_reaches(path, checkpoint_step(path), *budget)
         if inputs is not None:
             check_same_inputs(path, inputs)
+        note_other_versions(path)
+
+
+def note_other_versions(checkpoint: Path) -> None:
+    """A resume under other package versions than its checkpoint's (an upgrade between a kill and the resume) is
+    said: the defaults of the keys the recipe leaves out (hfgen's, transformers', TRL's) may have changed, so the
+    resumed steps may train under other values, and nothing else would show it (recipe.yaml records the keys written,
+    env.json this start's versions). Not refused: most upgrades change no default a run uses. A checkpoint of an
+    older hfgen records none."""
+    import sys
+
+    then = read_json(checkpoint / CHECKPOINT_STATE, {}).get("packages")
+    if not isinstance(then, dict) or not is_main_process():
+        return
+    now = package_versions()
+    changed = [f"{name} {then.get(name)} -> {now.get(name)}" for name in sorted(set(then) | set(now))
+               if then.get(name) != now.get(name)]  # fmt: skip
+    if changed:
+        print(
+            f"hfgen: resume: {checkpoint.name} was written under other package versions ({', '.join(changed)}): "
+            "the defaults of keys the recipe leaves out may differ, and the resumed steps train under this run's; "
+            "write out the keys that matter, or resume under the versions it was written with",
+            file=sys.stderr,
+        )
 
 
 def _steps_in_recipe(recipe_file: Path) -> tuple[int, str] | None:
