@@ -86,7 +86,7 @@ def merged_causal_lm(adapter: Path, dtype: str):
     from hfgen.errors import UserError
     from hfgen.models import (
         adapter_base,
-        check_model_source,
+        adapter_base_problems,
         load_causal_lm,
         load_tokenizer,
         name_special_tokens,
@@ -104,9 +104,8 @@ def merged_causal_lm(adapter: Path, dtype: str):
             f"'{adapter}' is a {task_type} adapter; hfgen merge handles causal-LM adapters (reward runs save merged models already)."
         )
     base = adapter_base(adapter)
-    problems = check_model_source("the adapter's base_model_name_or_path", base)
-    if problems:
-        raise UserError(f"{problems[0]} (from {config_path}).")
+    if problems := adapter_base_problems(adapter):
+        raise UserError(problems[0] + ".")
     model = load_causal_lm(str(adapter), dtype)
     refuse_tied_embedding_merge(model, f"'{adapter}'")
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaN weights

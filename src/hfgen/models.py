@@ -167,6 +167,8 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
             return [f"{key} '{name}' is a directory without a config.json or adapter_config.json"]
         if problem := damaged_weights(path):
             return [f"{key} '{name}': {problem}"]
+        if problems := adapter_base_problems(path):
+            return [f"{key} '{name}': {problems[0]}"]
         config = path / "config.json"
     elif looks_local(name):
         return [f"{key} '{name}' does not exist{relative_to_cwd(name)}{'; ' + hint if hint else ''}"]
@@ -522,6 +524,18 @@ def adapter_base(path: str | Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
+def adapter_base_problems(path: str | Path) -> list[str]:
+    """The problem of the base an adapter dir names (`check_model_source` of its adapter_config.json's
+    base_model_name_or_path, and so down a chain of adapters), said with the file that names it: a base moved or
+    deleted, a checkpoint rotated away, which transformers took for a hub id ("Repo id must be in the form ...").
+    [] for a dir that is no adapter, or whose base is there."""
+    base = adapter_base(path)
+    if base is None:
+        return []
+    problems = check_model_source("the adapter's base_model_name_or_path", base)
+    return [f"{problems[0]} (from {Path(path) / 'adapter_config.json'})"] if problems else []
+
+
 def base_model_of(path: str | Path) -> str:
     """The full model under `path`: itself, or the base at the end of a chain of adapter dirs."""
     path = str(path)
@@ -663,7 +677,7 @@ def load_causal_lm(
     if base is not None:
         from hfgen.tracking import base_changed_problem
 
-        if problem := base_changed_problem(path, base):
+        if problem := next(iter(adapter_base_problems(path)), None) or base_changed_problem(path, base):
             raise UserError(problem + ".")
     try:
         tokenizer = load_tokenizer(path, trust_remote_code)

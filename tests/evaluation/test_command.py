@@ -626,10 +626,17 @@ def test_generate_and_eval_say_what_a_dir_without_a_model_is(tmp_path, capsys):
         (shards / "global_step2").mkdir(parents=True)
         (shards / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (zero3 / "checkpoint-2" / "hfgen_state.json").write_text("{}")
+    # an adapter whose base is gone (a checkpoint rotated away, a run moved): transformers took the missing path for
+    # a hub id, "Repo id must be in the form ...", and hfgen check passed it (probe 42 B6)
+    orphan, gone = tmp_path / "orphan", tmp_path / "base" / "checkpoint-2"
+    orphan.mkdir()
+    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gone)}))
+    orphaned = f"the adapter's base_model_name_or_path '{gone}' does not exist (from {orphan / 'adapter_config.json'})"
     cases = [(pipeline, f"its final policy is '{tmp_path / 'ppo'}'"), (killed, "newest checkpoint is"),
              (checkpoint, "is a training checkpoint"), (tmp_path / "none" / "x", "does not exist"),
              (zero3, f"{zero3 / 'zero_to_fp32.py'} {zero3} OUTPUT_DIR"),
-             (zero3 / "checkpoint-2", "holds DeepSpeed ZeRO-3 shards (global_step*/) and no model weights")]  # fmt: skip
+             (zero3 / "checkpoint-2", "holds DeepSpeed ZeRO-3 shards (global_step*/) and no model weights"),
+             (orphan, orphaned)]  # fmt: skip
     for target, message in cases:
         commands = [["generate", str(target), "--prompt", "hi"]]
         commands += [["eval", str(target), "--quiet"]] if target != pipeline else []  # eval follows a pipeline dir
@@ -638,8 +645,9 @@ def test_generate_and_eval_say_what_a_dir_without_a_model_is(tmp_path, capsys):
                 hfgen(command)
             error = capsys.readouterr().err
             assert exit_info.value.code == 2 and message in error and "Traceback" not in error, (command, error)
-    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", zero3)
-    assert result.returncode == 2 and "zero_to_fp32.py" in result.stderr, result.stderr[-2000:]
+    for model, message in ((zero3, "zero_to_fp32.py"), (orphan, orphaned)):
+        result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", model)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_perplexity_texts_rendered_with_a_template_that_writes_the_bos_are_scored_with_one(tmp_path, capsys):
