@@ -24,7 +24,7 @@ from hfgen.errors import UserError
 from hfgen.models import ModelArguments, check_config_file, check_model_source, not_a_causal_lm
 
 SAMPLE_PROMPTS = ("the cat", "a happy", "the red car", "the river")
-PACK_BATCH = 1000  # documents tokenized and cut into blocks together
+PACK_BATCH = 1000  # documents tokenized (and their blocks cut) by one call of a map
 
 
 @dataclass
@@ -74,8 +74,13 @@ def check(model_args: ModelArguments, data_args: PretrainDataArguments, training
 
 def pack(dataset, tokenizer, text_column: str, block_size: int):
     """Tokenize, append EOS to each document that does not end with it already (text rendered with a chat template
-    ends with the template's EOS, as TRL's SFT checks too), concatenate, and cut into `block_size` blocks (remainder
-    dropped)."""
+    ends with the template's EOS, as TRL's SFT checks too), concatenate the whole text, and cut it into `block_size`
+    blocks (the last remainder, shorter than a block, dropped). Blocks run across the batches of PACK_BATCH
+    documents the maps work in: cut within each batch, each batch's remainder was lost (up to half of a corpus of
+    short lines under a long block_size). Both maps are cached beside the text (a next start reuses them)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets.fingerprint import Hasher
 
     if tokenizer.eos_token_id is None:
         raise UserError(
@@ -84,18 +89,39 @@ def pack(dataset, tokenizer, text_column: str, block_size: int):
             "tokenizer_config.json an eos_token, or the model's config.json an eos_token_id"
         )
 
-    def tokenize_and_chunk(batch):
-        eos, ids = [tokenizer.eos_token_id], []
+    def tokenize(batch):
+        eos, documents = [tokenizer.eos_token_id], []
         for text in batch[text_column]:
             document = tokenizer(text)["input_ids"]
-            ids += document if document[-1:] == eos else document + eos
-        usable = len(ids) // block_size * block_size
-        blocks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+            documents.append(document if document[-1:] == eos else document + eos)
+        return {"input_ids": documents}
 
-    return dataset.map(
-        tokenize_and_chunk, batched=True, batch_size=PACK_BATCH, remove_columns=dataset.column_names, desc="packing"
+    documents = dataset.map(
+        tokenize, batched=True, batch_size=PACK_BATCH, remove_columns=dataset.column_names, desc="tokenizing"
     )
+    lengths = pc.list_value_length(documents.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # where each document starts in the text
+    total = int(offsets[-1])
+
+    def cut(batch, indices):
+        """The blocks that start within this batch's documents, read on into the next ones where they run on."""
+        first, last = indices[0], indices[-1] + 1
+        begin, end = int(offsets[first]), int(offsets[last])
+        starts = range(-(-begin // block_size) * block_size, min(end, total - block_size + 1), block_size)
+        if not starts:
+            return {"input_ids": [], "labels": []}
+        ids = [token for document in batch["input_ids"] for token in document]
+        needed = starts[-1] + block_size
+        if needed > end:  # the last block runs on into the documents after this batch
+            upto = int(np.searchsorted(offsets, needed, side="left"))
+            ids += [token for document in documents[last:upto]["input_ids"] for token in document]
+        blocks = [ids[at - begin : at - begin + block_size] for at in starts]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    return documents.map(
+        cut, batched=True, batch_size=PACK_BATCH, with_indices=True, remove_columns=documents.column_names,
+        new_fingerprint=Hasher.hash((documents._fingerprint, block_size, "blocks across batches")), desc="packing",
+    )  # fmt: skip
 
 
 def unigram_perplexity(train_blocks, eval_blocks, vocab_size: int) -> float:
@@ -182,14 +208,11 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
         eval_blocks = pack(eval_text, tokenizer, "text", data_args.block_size)
     for split, blocks, text in (("training", train_blocks, train_text), ("evaluation", eval_blocks, eval_text)):
         if len(blocks) == 0:
-            # Blocks are cut within each batch of PACK_BATCH documents (each batch's remainder is dropped), so a
-            # text of many short documents can hold many blocks' worth of tokens and still give none
             tokens = sum(len(ids) + 1 for ids in tokenizer(list(text["text"]))["input_ids"])
             raise UserError(
                 f"the {split} text of '{data_args.dataset_name or 'the mixture'}' gives no block of "
-                f"block_size={data_args.block_size} tokens: it has {tokens} tokens in {len(text)} documents, and "
-                f"blocks are cut within each batch of {PACK_BATCH} documents (the remainder of each is dropped), "
-                f"none of which reaches {data_args.block_size} tokens; lower block_size or give more (or longer) text"
+                f"block_size={data_args.block_size} tokens: it has {tokens} tokens in {len(text)} documents; lower "
+                "block_size or give more (or longer) text"
             )
 
     # Trainer counts the tokens it feeds (train_tokens): an epoch's short last batch counts as what it holds.
