@@ -39,6 +39,22 @@ def test_a_trainer_max_length_past_the_limit_is_lowered_and_said(capsys):
     assert args.max_length == 1024
 
 
+def test_a_trainer_max_length_of_null_is_lowered_to_the_limit_too(capsys):
+    # `max_length: null` (no truncation) was left as it is: rows longer than GPT-2's positions reached the model, a
+    # raw IndexError in the first batch that held one (sft, reward; probe 42 E7)
+    args = SimpleNamespace(max_length=None)
+    fit_max_length(model_of("gpt2"), args)
+    assert args.max_length == 256 and "max_length null (no truncation) would pass rows longer than the 256" in (
+        capsys.readouterr().out
+    )
+    args = SimpleNamespace(max_length=None)
+    fit_max_length(model_of("llama"), args)  # rotary: left as asked
+    assert args.max_length is None
+    args = SimpleNamespace()
+    fit_max_length(model_of("gpt2"), args)  # no such key: nothing set
+    assert not hasattr(args, "max_length")
+
+
 def test_ppo_prompt_room(capsys):
     assert prompt_room(model_of("llama"), 512, 512) == 512
     assert prompt_room(model_of("gpt2"), 64, 64) == 64

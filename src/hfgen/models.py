@@ -835,8 +835,14 @@ def reads_last_token(config) -> bool:
 def fit_max_length(model, args, key: str = "max_length") -> None:
     """Lower `args.<key>` (the longest row a Trainer stage keeps) to the model's `position_limit`, saying so: TRL's
     default (1024) is longer than a BERT reward model or a small GPT-2 can read, and the rows it keeps would crash
-    the first batch that holds one."""
-    limit, value = position_limit(model.config), getattr(args, key, None)
-    if limit and value and value > limit:
+    the first batch that holds one. `<key>: null` (no truncation) too: it would let every row through uncut."""
+    limit, value = position_limit(model.config), getattr(args, key, 0)
+    if not limit or value == 0:  # (0: no such key)
+        return
+    if value is None:
+        print(f"{key} null (no truncation) would pass rows longer than the {limit} positions "
+              f"{model.config.model_type} models learn: {key} {limit}")  # fmt: skip
+        setattr(args, key, limit)
+    elif value > limit:
         print(f"{key} {value} is more than the {limit} positions {model.config.model_type} models learn: {key} {limit}")
         setattr(args, key, limit)
