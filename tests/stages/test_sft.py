@@ -600,3 +600,29 @@ def test_alpaca_rows_mixed_with_conversations_keep_the_loss_on_the_answers_or_ar
     assert refused.returncode == 2, refused.stderr
     assert f"prompt/completion set(s) '{alpaca}' (alpaca) become conversations" in refused.stderr
     assert "Set assistant_only_loss: true" in refused.stderr
+
+
+def test_held_out_samples_on_learned_positions_fit_each_prompt_in_them(tmp_path, capsys):
+    # the samples after training asked sample_max_new_tokens of every held-out prompt: one within GPT-2's 256
+    # positions but not with its answer ended the run, after the whole training, in a raw IndexError (probe 42 E10)
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_tokenizer
+    from hfgen.stages.sft import sample_responses
+    from tiny_models import save_tiny_causal_lm
+
+    path = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
+    words = "the red cat sat by the blue river and ran home".split()
+
+    def prompt_of(tokens: int) -> str:  # a plain prompt of about `tokens` tokens
+        text = ""
+        for i in range(10 * tokens):
+            if len(tokenizer(text)["input_ids"]) >= tokens:
+                return text
+            text += f" {words[i % len(words)]}"
+
+    prompts = ["the cat", prompt_of(230), prompt_of(300)]
+    samples = sample_responses(model, tokenizer, prompts, max_new_tokens=64, seed=0)
+    assert [sample["prompt"] for sample in samples] == prompts[:2]  # the one that fills the positions: left out
+    assert "1 of 3 held-out prompts are left out: they fill the 256 positions" in capsys.readouterr().out
