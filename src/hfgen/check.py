@@ -237,7 +237,6 @@ def check_group_rewards(recipe, rows) -> list[str]:
     from hfgen.evaluation.policy import mean
     from hfgen.group_rl import (
         load_reward_model,
-        policy_config,
         prepare_prompts,
         prompt_room,
         reward_component_names,
@@ -245,13 +244,13 @@ def check_group_rewards(recipe, rows) -> list[str]:
         trl_reward_function,
         weighted_totals,
     )
-    from hfgen.models import load_tokenizer
+    from hfgen.models import load_tokenizer, read_config
     from hfgen.rl.models import prompt_ids
     from hfgen.rl.rollout import RewardScorer
 
     model_args, data_args, config = recipe.configs
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    model_config = policy_config(model_args, config)
+    model_config = read_config(model_args.model_name_or_path, config.trust_remote_code)
     room = prompt_room(model_config, config) if model_config is not None else None
     # (a few more, for prompts the run drops as leaving no room to answer in a model's learned positions)
     rows = rows.select(range(min(REWARD_PROMPTS * (1 if room is None else 4), len(rows))))

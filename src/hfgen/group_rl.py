@@ -47,7 +47,7 @@ from hfgen.data.rendering import without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
-from hfgen.models import check_model_source, not_a_reward_model, position_limit
+from hfgen.models import check_model_source, not_a_reward_model, position_limit, read_config
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
@@ -214,22 +214,6 @@ def drop_unanswerable_prompts(tokenizer, rows, room: int | None, model_config, c
     return drop_long_prompts(tokenizer, rows, room, records, split, limit, remedy)[0]
 
 
-def policy_config(model_args, config):
-    """The policy's model config (an adapter's base's), read without its weights; None when it cannot be read here
-    (its loading says why)."""
-    from transformers import AutoConfig
-
-    from hfgen.models import base_model_of
-
-    name = model_args.model_name_or_path
-    if not name or name.startswith("embedded:"):
-        return None
-    try:
-        return AutoConfig.from_pretrained(base_model_of(name), trust_remote_code=config.trust_remote_code)
-    except Exception:  # noqa: BLE001 (the loading says what is wrong with it)
-        return None
-
-
 def prompt_length_problems(model_args, data_args, config, splits, records: dict | None = None) -> list[str]:
     """Prompts that leave no room for max_completion_length in a model's learned positions (`prompt_room`), as the
     run drops and refuses them, found before any model loads: on a sample of each split, or with `records` on every
@@ -237,7 +221,7 @@ def prompt_length_problems(model_args, data_args, config, splits, records: dict 
     from hfgen.data.loading import ROWS_CHECKED
     from hfgen.models import load_tokenizer
 
-    model_config = policy_config(model_args, config)
+    model_config = read_config(model_args.model_name_or_path, config.trust_remote_code)
     if model_config is None:
         return []
     try:

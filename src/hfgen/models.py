@@ -832,6 +832,19 @@ def reads_last_token(config) -> bool:
     return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def read_config(name: str | None, trust_remote_code: bool = False):
+    """The config of the model `name` (an adapter's base's), read without its weights, for a check's limits; None
+    when it cannot be read here (its loading says why)."""
+    from transformers import AutoConfig
+
+    if not name or name.startswith("embedded:"):
+        return None
+    try:
+        return AutoConfig.from_pretrained(base_model_of(name), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 (the loading says what is wrong with it)
+        return None
+
+
 def fit_max_length(model, args, key: str = "max_length") -> None:
     """Lower `args.<key>` (the longest row a Trainer stage keeps) to the model's `position_limit`, saying so: TRL's
     default (1024) is longer than a BERT reward model or a small GPT-2 can read, and the rows it keeps would crash

@@ -40,7 +40,7 @@ from hfgen.data.rendering import splits_without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
-from hfgen.models import check_model_source, not_a_reward_model
+from hfgen.models import check_model_source, not_a_reward_model, position_limit, read_config
 
 
 @dataclass
@@ -112,6 +112,12 @@ def check_preference_data(
     if data_args.eval_prompts_dataset:
         try:
             load_eval_prompts(data_args.eval_prompts_dataset)
+        except UserError as error:
+            problems.append(str(error))
+    if tokenizer is not None and not problems and data_args.eval_samples_per_prompt and data_args.eval_num_prompts:
+        try:  # the comparison's prompts within a model's learned positions, as the run keeps them
+            room = held_out_prompt_room(read_config(model, trust_remote_code), data_args)
+            fitting_held_out_prompts(tokenizer, held_out_prompts(data_args, loaded[1]), room, data_args, {})
         except UserError as error:
             problems.append(str(error))
     if data_args.reward_model_path:
@@ -372,6 +378,47 @@ def load_eval_prompts(name: str) -> list:
     return standard_prompts(raw[split], "eval_prompts_dataset", name, split)
 
 
+def held_out_prompt_room(model_config, data_args) -> int | None:
+    """The longest held-out prompt the comparison can answer eval_response_length tokens after: within the positions
+    of a model with learned position embeddings (GPT-2, OPT: `position_limit`), past which generation fails with an
+    IndexError after the training; None (every prompt, as `hfgen eval` samples them) for any other."""
+    limit = position_limit(model_config) if model_config is not None else None
+    if not limit:
+        return None
+    if data_args.eval_response_length >= limit:
+        raise UserError(
+            f"eval_response_length {data_args.eval_response_length} leaves no room for a held-out prompt in the "
+            f"{limit} positions {model_config.model_type} models learn: lower eval_response_length"
+        )
+    return limit - data_args.eval_response_length
+
+
+def fitting_held_out_prompts(tokenizer, prompts: list, room: int | None, data_args, records: dict) -> list:
+    """`prompts` less those longer than `room` tokens (`held_out_prompt_room`), counted in `records` (data.json's
+    `heldout_dropped`); refused, as the README's bad-rows policy refuses rows over a length limit, when none or fewer
+    than half remain."""
+    from hfgen.data.prepare import count_dropped
+    from hfgen.rl.models import prompt_ids
+
+    if room is None or not prompts:
+        return prompts
+    keep = [len(ids) <= room for ids in prompt_ids(tokenizer, prompts)]
+    dropped = len(keep) - sum(keep)
+    reason = (
+        f"longer than {room} tokens, the room eval_response_length={data_args.eval_response_length} leaves in the "
+        "model's learned positions"
+    )
+    count_dropped(records, reason, dropped, "heldout")
+    if dropped:
+        print(f"held-out comparison: dropped {dropped} of {len(keep)} prompts {reason}")
+    if sum(keep) < len(keep) / 2 or not sum(keep):
+        raise UserError(
+            f"{dropped} of {len(keep)} held-out prompts are {reason}: lower eval_response_length, or give shorter "
+            "held-out prompts (eval_prompts_dataset), or set eval_samples_per_prompt: 0"
+        )
+    return [prompt for prompt, kept in zip(prompts, keep) if kept]
+
+
 def held_out_prompts(data_args: PreferenceDataArguments, eval_rows) -> list:
     """Distinct prompts for the generation comparison, in order. When the preference rows are conversations, a
     plain-string prompt of `eval_prompts_dataset` (a .txt) is sent as one user turn, as grpo/rloo/ppo send theirs
@@ -548,6 +595,16 @@ def run_stage(
     )
     # how its prompts are rendered (eval.json says at the end): for a checkpoint of a run not finished yet
     data_records["trained_on_chat"] = prompts_are_chat(train_rows, tokenizer)
+    # the comparison's prompts, within the model's positions (before the training: a prompt past them failed after)
+    compared = bool(data_args.eval_samples_per_prompt and data_args.eval_num_prompts)
+    prompt_room = held_out_prompt_room(model.config, data_args)
+    comparison_prompts = (
+        fitting_held_out_prompts(
+            tokenizer, held_out_prompts(data_args, eval_rows), prompt_room, data_args, data_records
+        )  # fmt: skip
+        if compared
+        else []
+    )
     record(output_dir, data_records)
     if unpaired and "chosen" in train_rows.column_names:
         train_rows = unpaired_rows(train_rows, data_seed(training_args))
@@ -605,18 +662,19 @@ def run_stage(
         guard.kill_point("eval")
         parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard
         comparison, rows = {}, []
-        if data_args.eval_samples_per_prompt and data_args.eval_num_prompts:
+        if compared:
             device = trainer.accelerator.device
             scorer, oracle = load_judges(data_args.reward_model_path, data_args.oracle_function, eval_batch, device)
             sampling = Sampling(
                 samples_per_prompt=data_args.eval_samples_per_prompt, response_length=data_args.eval_response_length,
                 temperature=data_args.eval_temperature, seed=training_args.seed, chunk_size=max(eval_batch, 16),
+                max_prompt_length=prompt_room,
             )  # fmt: skip
             if reference is not None:
                 reference.to(device)
             comparison, rows = compare_to_reference(
                 trainer.accelerator, policy, reference if not is_peft_model(policy) else None, tokenizer,
-                held_out_prompts(data_args, eval_rows), sampling, scorer, oracle, name=method,
+                comparison_prompts, sampling, scorer, oracle, name=method,
             )  # fmt: skip
     figures = preference_figures(before, after, "chosen" in eval_rows.column_names, not needs_reference)
     if figures["chosen_logp_fell"] and is_main:

@@ -888,3 +888,33 @@ def test_prompts_rendered_with_a_template_that_writes_the_bos_reach_the_trainer_
         assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert any("rows of the prompt column (row 0 first) already start with the tokenizer's BOS" in note
                for note in records["notes"])  # fmt: skip
+
+
+def test_held_out_prompts_past_learned_positions_exit_2_before_training_and_others_have_no_hidden_limit(tmp_path):
+    # the held-out comparison took a hidden 256-token prompt limit (Sampling's default, no recipe key): longer
+    # prompts were dropped uncounted; on GPT-2 (256 learned positions) the prompts it kept + eval_response_length
+    # ran past them and the run ended after the training in a raw IndexError (probe 42 E9)
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from conftest import run_hfgen_here
+    from tiny_models import ARCHITECTURES, save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    prompts = tmp_path / "long_prompts.jsonl"
+    long_prompt = " ".join(["the red cat sat by the blue river"] * 40)  # ~240 tokens of 256
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} {long_prompt}"}) + "\n" for i in range(4)))
+    recipe = write_recipe(tmp_path, "dpo", gpt2, eval_prompts_dataset=str(prompts), eval_response_length=24,
+                          max_length=64)  # fmt: skip
+    for command in ("check", "train"):
+        result = run_hfgen_here(command, recipe)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "4 of 4 held-out prompts are longer than 232 tokens, the room eval_response_length=24" in result.stderr
+        assert not (tmp_path / "run" / "model.safetensors").exists()
+
+    from hfgen.preference import held_out_prompt_room
+
+    settings = SimpleNamespace(eval_response_length=24)
+    assert held_out_prompt_room(AutoConfig.for_model(**ARCHITECTURES["llama"]), settings) is None  # every prompt
+    assert held_out_prompt_room(AutoConfig.for_model(**ARCHITECTURES["gpt2"]), settings) == 232

@@ -36,7 +36,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 42
     chunk_size: int = 64
-    max_prompt_length: int = 256
+    max_prompt_length: int | None = 256  # None: every prompt
 
 
 def load_judges(reward_model_path: str | None, oracle_function: str | None, chunk_size: int, device):

@@ -341,11 +341,11 @@ def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=not chat)["input_ids"]
 
 
-def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list, list[list[int]]]:
-    """(prompts, token ids) for the prompts within max_prompt_length; chat messages get the chat template with
-    the assistant turn opened (`prompt_ids`)."""
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None) -> tuple[list, list[list[int]]]:
+    """(prompts, token ids) for the prompts within max_prompt_length (None: every prompt); chat messages get the chat
+    template with the assistant turn opened (`prompt_ids`)."""
     ids = prompt_ids(tokenizer, prompts)
-    kept = [i for i, query in enumerate(ids) if len(query) <= max_prompt_length]
+    kept = [i for i, query in enumerate(ids) if max_prompt_length is None or len(query) <= max_prompt_length]
     if not kept:
         raise UserError(f"every prompt is longer than max_prompt_length={max_prompt_length} tokens")
     if len(kept) < len(ids):
