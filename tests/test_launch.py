@@ -174,6 +174,58 @@ def test_spawning_with_a_launch_config_asking_for_another_precision_is_refused_b
     assert not (tmp_path / "run").exists() and "ACCELERATE_MIXED_PRECISION" not in os.environ
 
 
+def test_a_launch_asking_for_torch_compile_against_the_recipe_exits_2_naming_both(tmp_path, monkeypatch, capsys):
+    # `accelerate launch --dynamo_backend inductor` (or the dynamo_config `accelerate config` writes to the default
+    # config) sets ACCELERATE_DYNAMO_BACKEND, which accelerate's TorchDynamoPlugin reads when the Trainer passes no
+    # backend (torch_compile: false) and in the ppo/vae/t2i loops: the model was compiled, unsaid (a 3-step tiny sft
+    # was still compiling after 5 minutes)
+    from hfgen.recipe import compile_problems
+    from tiny_models import save_tiny_llama
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    tiny = REPO / "recipes/tiny"
+    for name, said in [
+        ("sft_full", "the recipe has torch_compile: false"),
+        ("pretrain", "the recipe has torch_compile: false"),
+        ("grpo_arithmetic", "the recipe has torch_compile: false"),
+        ("ppo", "this stage's training loop is not compiled"),
+        ("vae_digits", "this stage's training loop is not compiled"),
+    ]:
+        problems = compile_problems(load_recipe(tiny / f"{name}.yaml", check_inputs=False).configs)
+        assert len(problems) == 1 and "ACCELERATE_DYNAMO_BACKEND=inductor" in problems[0], (name, problems)
+        assert said in problems[0], (name, problems)
+    # the recipe asking to compile compiles with its own backend (the Trainer passes it)
+    assert (
+        compile_problems(load_recipe(tiny / "sft_full.yaml", ["--torch_compile", "true"], check_inputs=False).configs)
+        == []
+    )
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # accelerate launch's default: the recipe decides
+    assert compile_problems(load_recipe(tiny / "sft_full.yaml", check_inputs=False).configs) == []
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")  # through `hfgen train`, before anything is written
+    model = save_tiny_llama(tmp_path / "model")
+    error = refused(capsys, tiny / "sft_full.yaml", "--model_name_or_path", model, "--output_dir", tmp_path / "run")
+    assert "ACCELERATE_DYNAMO_BACKEND=inductor" in error and "torch_compile: false" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_spawning_with_a_launch_config_asking_for_torch_compile_is_refused_before_spawning(
+    tmp_path, monkeypatch, capsys
+):
+    # the dynamo_config of the launch config (or of the default accelerate config) becomes each process's
+    # ACCELERATE_DYNAMO_BACKEND: refused once here, as the processes would see it
+    import yaml
+
+    config = yaml.safe_load(CPU_2PROC.read_text()) | {"dynamo_config": {"dynamo_backend": "INDUCTOR"}}
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    run = ["--output_dir", tmp_path / "run"]
+    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+    assert error.count("ACCELERATE_DYNAMO_BACKEND=inductor") == 1 and "torch_compile: false" in error
+    assert not (tmp_path / "run").exists() and "ACCELERATE_DYNAMO_BACKEND" not in os.environ
+
+
 def test_a_launch_config_accelerate_refuses_exits_2_naming_it(tmp_path, monkeypatch, capsys):
     # a key accelerate's launcher does not know (gradient_accumulation_steps) passed hfgen's checks, then raised
     # accelerate's ValueError as a traceback from the launcher, exit 1

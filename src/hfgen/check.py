@@ -470,16 +470,33 @@ def read_launch_config(launch_config: str | None) -> dict:
     return config
 
 
-def launch_mixed_precision(launch_config: str | None) -> str:
-    """The mixed precision `accelerate launch` will give the spawned processes (ACCELERATE_MIXED_PRECISION): the
-    launch config's, or without one the default accelerate config's, else "no"."""
+def launched_config(launch_config: str | None) -> dict:
+    """The accelerate config `accelerate launch` will read: the launch config, or without one the default accelerate
+    config ({} without either)."""
     from pathlib import Path
 
     from accelerate.commands.config import default_config_file
 
     if not launch_config and Path(default_config_file).is_file():
         launch_config = default_config_file
-    return str(read_launch_config(launch_config).get("mixed_precision") or "no").lower()
+    return read_launch_config(launch_config)
+
+
+def launch_mixed_precision(launch_config: str | None) -> str:
+    """The mixed precision `accelerate launch` will give the spawned processes (ACCELERATE_MIXED_PRECISION): the
+    launch config's, or without one the default accelerate config's, else "no"."""
+    return str(launched_config(launch_config).get("mixed_precision") or "no").lower()
+
+
+def launch_dynamo_backend(launch_config: str | None) -> str:
+    """The torch.compile backend `accelerate launch` will give the spawned processes (ACCELERATE_DYNAMO_BACKEND): the
+    dynamo_backend of the launch config's dynamo_config (a top-level dynamo_backend in older configs), or without one
+    the default accelerate config's, else "no"."""
+    config = launched_config(launch_config)
+    dynamo = config.get("dynamo_config") or {}
+    return str(
+        (dynamo.get("dynamo_backend") if isinstance(dynamo, dict) else None) or config.get("dynamo_backend") or "no"
+    ).lower()
 
 
 def check_spawn(num_processes: int | None, launch_config: str | None, main_process_port: int | None = None) -> int:

@@ -475,7 +475,7 @@ def build_recipe(
     problems = value_problems((*recipe.configs, run)) + unread_key_problems(stage, recipe.configs)
     if check_inputs:
         problems += installed_problems((*recipe.configs, run))
-        problems += precision_problems(recipe.configs)
+        problems += precision_problems(recipe.configs) + compile_problems(recipe.configs)
     if check_inputs and not recipe_output_dir(values):
         problems.append("no output_dir: add `output_dir: PATH` to the recipe or give `--output_dir PATH`")
     if check_inputs and recipe_output_dir(values):
@@ -1015,6 +1015,39 @@ def precision_problems(configs) -> list[str]:
             f"the recipe decides precision: set the recipe to {asked}, or launch with --mixed_precision {precision}"
         )
     return problems
+
+
+def compile_problems(configs) -> list[str]:
+    """The recipe decides whether the model is compiled: a launch asking for torch.compile (`accelerate launch
+    --dynamo_backend`, the dynamo_config of its config or of the default accelerate config, which `accelerate config`
+    writes when asked to "optimize with torch dynamo": ACCELERATE_DYNAMO_BACKEND) compiled it although the recipe says
+    torch_compile: false (accelerate's TorchDynamoPlugin reads the variable when the Trainer has no backend to pass,
+    and `loop.make_accelerator`'s stages pass none), silently: minutes of compiling before the first step. A recipe
+    with torch_compile: true compiles with its own torch_compile_backend (the Trainer passes it), whatever the launch
+    asks. A launch asking for "no" (accelerate's default) leaves it to the recipe."""
+    from transformers import TrainingArguments
+
+    asked = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
+    if asked == "no" or training_precision(configs) is None:  # a stage that trains nothing itself: rlhf's steps
+        return []
+    launch = (
+        f"ACCELERATE_DYNAMO_BACKEND={asked}: `accelerate launch --dynamo_backend {asked}`, or dynamo_backend: "
+        f"{asked.upper()} in the dynamo_config of its config or the default accelerate config"
+    )
+    without = "launch without it (--dynamo_backend no, or no dynamo_config in the accelerate config)"
+    trainer = next((config for config in configs if isinstance(config, TrainingArguments)), None)
+    if trainer is None:
+        return [
+            f"the launch asks to compile the model with torch.compile ({launch}) but this stage's training loop is "
+            f"not compiled (it has no torch_compile key); {without}"
+        ]
+    if not trainer.torch_compile:
+        return [
+            f"the launch asks to compile the model with torch.compile ({launch}) but the recipe has torch_compile: "
+            f"false; the recipe decides: set torch_compile: true (and torch_compile_backend: {asked}) in it, or "
+            f"{without}"
+        ]
+    return []
 
 
 def attention_problems(name: str | None) -> list[str]:

@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(key_lines(recipe_stage(values.get("stage"), f"recipe '{recipe_path}'"))))
         return 0
     from hfgen import loop
-    from hfgen.check import check_spawn, launch_mixed_precision
+    from hfgen.check import check_spawn, launch_dynamo_backend, launch_mixed_precision
 
     loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
     if args.num_processes is not None or args.launch_config or args.main_process_port is not None:
@@ -62,16 +62,22 @@ def main(args: argparse.Namespace) -> int:
             )
         # refused once here, not once per process
         processes = check_spawn(args.num_processes, args.launch_config, args.main_process_port)
-        # checked against the precision the launch will ask of the processes (recipe.precision_problems), as they will
-        precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        os.environ["ACCELERATE_MIXED_PRECISION"] = launch_mixed_precision(args.launch_config)
+        # checked against the precision and compiling the launch will ask of the processes (recipe.precision_problems,
+        # recipe.compile_problems), as they will
+        launched = {
+            "ACCELERATE_MIXED_PRECISION": launch_mixed_precision(args.launch_config),
+            "ACCELERATE_DYNAMO_BACKEND": launch_dynamo_backend(args.launch_config),
+        }
+        before = {name: os.environ.get(name) for name in launched}
+        os.environ.update(launched)
         try:
             validate_for_processes(recipe_path, args.overrides, processes)
         finally:
-            if precision is None:
-                del os.environ["ACCELERATE_MIXED_PRECISION"]
-            else:
-                os.environ["ACCELERATE_MIXED_PRECISION"] = precision
+            for name, value in before.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
         return launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )

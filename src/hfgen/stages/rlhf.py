@@ -158,15 +158,16 @@ def shared_dir_problems(args: RLHFArguments, recipes: list) -> list[str]:
 def value_problems(recipes: list, made: list[Path]) -> list[tuple[str, str]]:
     """(step, problem) of each step's own checks (`stage.check`), run before anything trains, less the problems
     naming a dir the pipeline writes: the models earlier steps make do not exist yet (or are about to be made
-    again); the step checks them when it runs. And each step's precision on this machine (bf16 without a GPU)."""
-    from hfgen.recipe import precision_problems
+    again); the step checks them when it runs. And each step's precision on this machine (bf16 without a GPU), and
+    what the launch asks of it (precision, torch.compile)."""
+    from hfgen.recipe import compile_problems, precision_problems
     from hfgen.stages import load_stage
 
     found = []
     for step, recipe in recipes:
         module = load_stage(recipe.stage)
         problems = module.check(*recipe.configs) if hasattr(module, "check") else []
-        problems += precision_problems(recipe.configs)
+        problems += precision_problems(recipe.configs) + compile_problems(recipe.configs)
         found += [(step, p) for p in problems if not any(str(path) in p for path in made)]
     return found
 
