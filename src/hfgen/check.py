@@ -32,11 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hfgen.data.loading import datasets_cache_full_exits_2
+    from hfgen.data.loading import datasets_cache_unwritable_exits_2
     from hfgen.data.prepare import shared_loads
 
-    # (the report is of the data and renderings the recipe's check loaded, read once; a full datasets cache is named)
-    with shared_loads(), datasets_cache_full_exits_2():
+    # (the report is of the data and renderings the recipe's check loaded, read once; a full or read-only datasets cache
+    # is named)
+    with shared_loads(), datasets_cache_unwritable_exits_2():
         return _check(args)
 
 

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from hfgen import __version__
-from hfgen.data.loading import datasets_cache_full_exits_2
+from hfgen.data.loading import datasets_cache_unwritable_exits_2
 from hfgen.errors import disk_full_exits_2, exit_on_user_error, unwritable_exits_2
 
 COMMANDS = {
@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     # a full disk, in any command (an evaluation, a report, a merge, generated images), is the user's to free; met
-    # by datasets' cache (an evaluation's prompts), the cache is named, not the command's output
+    # by datasets' cache (an evaluation's prompts), or that cache read-only, the cache is named, not the command's output
     output = next((getattr(args, key) for key in ("output", "out", "output_dir") if getattr(args, key, None)), None)
     with (
         exit_on_user_error(),
         disk_full_exits_2(output=output),
         unwritable_exits_2(output),
-        datasets_cache_full_exits_2(),
+        datasets_cache_unwritable_exits_2(),
     ):
         check_one_process(args.command)
         return args.handler(args) or 0

@@ -236,7 +236,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
 
     from hfgen import tracking
     from hfgen.cli import printable_stdout
-    from hfgen.data.loading import datasets_cache_full_exits_2
+    from hfgen.data.loading import datasets_cache_unwritable_exits_2
     from hfgen.errors import disk_full_exits_2, exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
     from hfgen.recipe import load_recipe
@@ -245,7 +245,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     device = "cuda" if torch.cuda.is_available() else "cpu"
     printable_stdout()  # (a child process: not through hfgen.cli.main)
     # a full disk as `hfgen train` says it (hfgen.train.main): the run's, or datasets' cache's
-    with exit_on_user_error(), datasets_cache_full_exits_2():
+    with exit_on_user_error(), datasets_cache_unwritable_exits_2():
         recipe = load_recipe(recipe_path)
         if quiet:  # as `hfgen sweep --quiet` runs its points: no progress bars of its own nor of the libraries
             from hfgen.evaluation.command import quiet_libraries
@@ -255,7 +255,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
                 if hasattr(config, "disable_tqdm"):
                     config.disable_tqdm = True
         reset_peak_memory(device)
-        with disk_full_exits_2(recipe.output_dir), datasets_cache_full_exits_2():
+        with disk_full_exits_2(recipe.output_dir), datasets_cache_unwritable_exits_2():
             run_step(recipe, fresh=fresh)
     megabytes, kind = peak_memory(device)
     tracking.write_json(Path(recipe.output_dir) / "peak_memory.json", {"peak_memory_mb": megabytes, "kind": kind})

@@ -81,15 +81,15 @@ def main(args: argparse.Namespace) -> int:
         return launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
-    from hfgen.data.loading import datasets_cache_full_exits_2
+    from hfgen.data.loading import datasets_cache_unwritable_exits_2
     from hfgen.data.prepare import shared_loads
 
     # The run trains on the data its recipe's check loaded, read once. A full disk is the run's own message (it is
     # unfinished, and how to continue it), or, met by datasets' cache (the check's, the stage's tokenization), the
-    # cache's.
-    with shared_loads(), datasets_cache_full_exits_2():
+    # cache's, as is a read-only cache.
+    with shared_loads(), datasets_cache_unwritable_exits_2():
         recipe = load_recipe(recipe_path, args.overrides)
-        with disk_full_exits_2(recipe.output_dir), datasets_cache_full_exits_2():
+        with disk_full_exits_2(recipe.output_dir), datasets_cache_unwritable_exits_2():
             run_recipe(recipe)
     tracking.shutdown_distributed()  # after the stage has returned and its DDP models are gone
     return 0

@@ -553,6 +553,24 @@ def test_a_full_datasets_cache_is_named_with_its_variable_and_its_half_written_f
     assert not any(path.is_symlink() or path.exists() for path in made)  # datasets' half-written file is gone
 
 
+def test_a_read_only_datasets_cache_is_named_with_its_variable_not_blamed_on_the_data(
+    tiny_lm, tmp_path, capsys, monkeypatch, read_only_disk
+):
+    # HF_DATASETS_CACHE on a read-only mount (or, none set, a read-only HOME whose ~/.cache it would be made in) said
+    # "dataset_name '<file>' could not be loaded: [Errno 30] Read-only file system: '<cache>'", naming neither the
+    # cache nor the variable, as a full cache does (probe 42 C9)
+    import datasets
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q {i}", "completion": f"a {i}"}) + "\n" for i in range(64)))
+    for cache in (read_only_disk / "datasets", read_only_disk / "home/.cache/huggingface/datasets"):
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+        code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", rows)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"datasets could not write its cache under '{cache}' (HF_DATASETS_CACHE; Read-only file system" in err
+        assert "could not be loaded" not in err and "Set HF_DATASETS_CACHE to a folder this user can write to" in err
+
+
 def test_check_prints_non_ascii_examples_under_a_non_utf8_locale(tiny_lm, tmp_path):
     # the rendered examples' print ended `hfgen check` (and generate's, PPO's sample prints) in a UnicodeEncodeError
     # under a locale whose encoding is not UTF-8 (probe 42 C2): they are printed with escapes

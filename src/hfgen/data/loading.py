@@ -12,6 +12,7 @@ import glob
 import gzip
 import importlib.util
 import lzma
+import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -168,8 +169,8 @@ def load_raw(name: str, config: str | None = None):
     # truncated or damaged compressed file's (EOFError, LZMAError, zlib.error: none of the others). Anything else is
     # a bug and keeps its traceback.
     except (OSError, ValueError, DatasetsError, EOFError, lzma.LZMAError, zlib.error) as error:
-        if full := datasets_cache_full(error):  # its cache's disk, not the data, is the problem
-            raise UserError(full) from None
+        if unwritable := datasets_cache_unwritable(error):  # its cache's disk, not the data, is the problem
+            raise UserError(unwritable) from None
         error = error.__cause__ or error  # datasets' build errors wrap the reader's, which says what is wrong
         if wide := next((file for file in files if is_wide_text(file)), None):  # its JSON error said "row 0"
             raise UserError(
@@ -204,17 +205,45 @@ def load_raw(name: str, config: str | None = None):
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}{folder}") from None
 
 
-def datasets_cache_full(error: BaseException) -> str | None:
+def datasets_cache_unwritable(error: BaseException) -> str | None:
     """The message for a write of datasets' cache (HF_DATASETS_CACHE: the arrow files of a load, a map, a filter)
-    that found the disk full, else None. Its error names no file (the write is pyarrow's, into a tempfile), so the
-    command's guard (`errors.disk_full_exits_2`) blamed "its output", which has room. The half-written tempfile,
-    which datasets' own cleanup never reaches (its writer's final flush fails again first), is removed."""
+    that failed for the cache's sake, not the data's, else None: the disk full, or the cache (or the folder it would
+    be made in: a read-only HOME on a cluster's node) on a read-only disk or not this user's to write. Both were
+    blamed on what the command read or wrote: a full disk's error names no file (the write is pyarrow's, into a
+    tempfile), so the command's guard (`errors.disk_full_exits_2`) blamed "its output", which has room; a read-only
+    cache was "dataset_name '<file>' could not be loaded". On a full disk the half-written tempfile, which datasets'
+    own cleanup never reaches (its writer's final flush fails again first), is removed."""
     import datasets
 
     from hfgen.errors import disk_full
 
-    if not disk_full(error):
+    cache = os.path.abspath(datasets.config.HF_DATASETS_CACHE)
+    if disk_full(error):
+        if not datasets_cache_full(error):
+            return None
+        reason = "the disk is full: "
+        cause = "No space left on device"
+        fix = "Free some space there, or set HF_DATASETS_CACHE to a folder on another disk"
+    elif refused := refused_cache_write(error, Path(cache)):
+        reason = ""
+        cause = f"{refused.strerror}: '{refused.filename}'"
+        fix = (
+            "Set HF_DATASETS_CACHE to a folder this user can write to (unset, the cache is HF_HOME/datasets, else "
+            "~/.cache/huggingface/datasets)"
+        )
+    else:
         return None
+    return (
+        f"{reason}datasets could not write its cache under '{cache}' (HF_DATASETS_CACHE; {cause}), where it keeps "
+        f"the data it loads and prepares. {fix}, then run the same command again."
+    )
+
+
+def datasets_cache_full(error: BaseException) -> bool:
+    """Whether the full disk of `error` (`errors.disk_full`) was met by a write of datasets (its frames in the
+    chain), whose half-written tempfile it then removes."""
+    import datasets
+
     package = str(Path(datasets.__file__).parent)
     frames, chained = [], error
     while chained is not None:  # every frame of the chain: datasets' cleanup raised while handling the first error
@@ -224,30 +253,40 @@ def datasets_cache_full(error: BaseException) -> str | None:
             traceback = traceback.tb_next
         chained = chained.__cause__ or chained.__context__
     theirs = [frame for frame in frames if frame.f_code.co_filename.startswith(package)]
-    if not theirs:
-        return None
     for frame in theirs:  # the writing frame's own tempfile, by its name (no other process's)
         name = getattr(frame.f_locals.get("tmp_file"), "name", None)
         if isinstance(name, str) and Path(name).name.startswith("tmp"):
             Path(name).unlink(missing_ok=True)
-    return (
-        f"the disk is full: datasets could not write its cache under '{datasets.config.HF_DATASETS_CACHE}' "
-        "(HF_DATASETS_CACHE; No space left on device), where it keeps the data it loads and prepares. Free some "
-        "space there, or set HF_DATASETS_CACHE to a folder on another disk, then run the same command again."
-    )
+    return bool(theirs)
+
+
+def refused_cache_write(error: BaseException, cache: Path) -> OSError | None:
+    """The OSError in `error`'s chain that refused a write in datasets' cache for the file system's reasons (a
+    read-only disk, a folder without permission): its file is in the cache, the cache itself, or a folder the cache
+    would be made in (~/.cache when HOME is read-only)."""
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and error.filename:
+            file = Path(os.path.abspath(error.filename))
+            if file == cache or cache in file.parents or file in cache.parents:
+                return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @contextlib.contextmanager
-def datasets_cache_full_exits_2():
-    """A full disk met by datasets' cache writes within the block (loading, the stage's tokenization) ends the
-    command with exit code 2 naming the cache (`datasets_cache_full`); any other error passes as it was."""
+def datasets_cache_unwritable_exits_2():
+    """A write of datasets' cache within the block (loading, the stage's tokenization) that found its disk full or
+    read-only ends the command with exit code 2 naming the cache (`datasets_cache_unwritable`); any other error passes
+    as it was."""
     try:
         yield
     except UserError:
         raise
     except Exception as error:
-        if full := datasets_cache_full(error):
-            raise UserError(full) from None
+        if unwritable := datasets_cache_unwritable(error):
+            raise UserError(unwritable) from None
         raise
 
 
@@ -379,7 +418,6 @@ def load_saved(path: Path):
     files it read, and wrote them into the user's folder (which may be shared, versioned or read-only; a glob of its
     `.arrow` files then failed on the copies). The links keep the data where it is."""
     import hashlib
-    import os
 
     import datasets
 
