@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_hfgen, run_hfgen_here
+from conftest import ASCII_LOCALE, REPO, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.errors import Diverged, UserError
@@ -518,3 +518,17 @@ def test_a_runs_weights_get_the_umasks_mode_as_its_other_outputs_do(tmp_path):
     assert tracking.is_complete(tmp_path) and len(weights) >= 2
     modes = {file.name: oct(file.stat().st_mode & 0o777) for file in [tmp_path / "config.json", *weights]}
     assert set(modes.values()) == {oct(0o664)}, modes
+
+
+def test_non_ascii_command_line_text_under_an_ascii_locale_exits_2_naming_the_locale(tmp_path):
+    # LC_ALL=C with Python's UTF-8 mode off gives a non-ASCII argument as lone surrogates: a prompt ended in
+    # tokenizers' TypeError traceback, a data path in "surrogates not allowed" (probe 42 C7). Said first, naming the
+    # text as the user typed it and the locale
+    result = run_hfgen("generate", tmp_path / "model", "--prompt", "Décris le café 🐱", env=ASCII_LOCALE)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "non-ASCII text ('D\\xe9cris le caf\\xe9 \\U0001f431')" in result.stderr, result.stderr
+    assert "LC_ALL=C.UTF-8" in result.stderr
+    # a file name of bytes that are not UTF-8, under a UTF-8 locale, is a path the file system reads as given
+    from hfgen.cli import unreadable_argument
+
+    assert unreadable_argument(["--dataset_name", os.fsdecode(b"/data/caf\xe9.jsonl"), "Décris"]) is None

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import locale
+import os
 import sys
 
 from hfgen import __version__
 from hfgen.data.loading import datasets_cache_unwritable_exits_2
-from hfgen.errors import disk_full_exits_2, exit_on_user_error, unwritable_exits_2
+from hfgen.errors import UserError, disk_full_exits_2, exit_on_user_error, unwritable_exits_2
 
 COMMANDS = {
     "train": "hfgen.train",
@@ -111,11 +113,34 @@ def printable_stdout() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")
 
 
+def unreadable_argument(argv: list[str]) -> str | None:
+    """The first command-line value holding UTF-8 text that the locale could not decode, as that text (None when
+    there is none). Under a locale whose encoding is ASCII (LC_ALL=C with Python's UTF-8 mode off) Python gives its
+    bytes as lone surrogates: a prompt ended in tokenizers' TypeError, a data path was "surrogates not allowed", and
+    the text decoded cannot be used either, as such a locale's file system encoding cannot name the file. A value of
+    bytes that are not UTF-8 (a Latin-1 file name under a UTF-8 locale) is a path the file system reads as given."""
+    for value in argv:
+        if not any("\udc80" <= char <= "\udcff" for char in value):
+            continue
+        try:
+            return os.fsencode(value).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     printable_stdout()
     parser = build_parser()
     with exit_on_user_error():
+        if (text := unreadable_argument(argv)) is not None:
+            raise UserError(
+                f"the command line holds non-ASCII text ('{text}') that this locale's encoding "
+                f"({locale.getpreferredencoding(False)}: LC_ALL=C or POSIX with Python's UTF-8 mode off) cannot read, "
+                "nor name such a file: hfgen would get it garbled. Run hfgen under a UTF-8 locale: LC_ALL=C.UTF-8 (or "
+                "PYTHONUTF8=1)"
+            )
         argv = config_as_recipe(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
