@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ASCII_LOCALE, REPO, run_hfgen, run_hfgen_here
+from conftest import ASCII_LOCALE, HFGEN, REPO, run_hfgen, run_hfgen_here
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.errors import Diverged, UserError
@@ -532,3 +532,21 @@ def test_non_ascii_command_line_text_under_an_ascii_locale_exits_2_naming_the_lo
     from hfgen.cli import unreadable_argument
 
     assert unreadable_argument(["--dataset_name", os.fsdecode(b"/data/caf\xe9.jsonl"), "Décris"]) is None
+
+
+def test_a_command_run_from_a_deleted_working_directory_exits_2_naming_it(tmp_path):
+    # a shell left in a folder another job removed: every command that loads torch died with MKL's "Cannot load
+    # libtorch_cpu.so" (exit 2), which reads as a broken torch install, the folder unnamed (probe 42 C6)
+    import subprocess
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = subprocess.run(
+        ["bash", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', gone, *HFGEN, "check", PRETRAIN],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"the working directory '{gone}' no longer exists" in result.stderr, result.stderr
+    assert "oneMKL" not in result.stderr

@@ -129,9 +129,28 @@ def unreadable_argument(argv: list[str]) -> str | None:
     return None
 
 
+def deleted_working_directory() -> str | None:
+    """The message when the working directory no longer exists (a shell left in a folder another job removed, a
+    scratch dir cleaned up), else None: every command that loads torch died in it with MKL's "Cannot load
+    libtorch_cpu.so", which reads as a broken torch install. Looked at before torch is imported (hfgen imports it
+    lazily). The shell names the folder in PWD."""
+    try:
+        os.getcwd()
+        return None
+    except FileNotFoundError:
+        folder = f" '{os.environ['PWD']}'" if os.environ.get("PWD") else ""
+        return (
+            f"the working directory{folder} no longer exists (deleted after this shell entered it): cd to an "
+            "existing folder and run the command again"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     printable_stdout()
+    with exit_on_user_error():
+        if deleted := deleted_working_directory():
+            raise UserError(deleted)
     parser = build_parser()
     with exit_on_user_error():
         if (text := unreadable_argument(argv)) is not None:
