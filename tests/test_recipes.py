@@ -156,4 +156,5 @@ def test_the_command_line_refuses_what_it_would_silently_drop(tmp_path):
         assert result.returncode == 2 and says in result.stderr, (args, result.stderr[-600:])
         assert "Traceback" not in result.stderr
     listed = run_hfgen_here("train", sft, "--stage", "vae", "--list_keys")
-    assert listed.returncode == 0 and "vae_config" in listed.stdout.split(), listed.stderr[-400:]
+    keys = [line.split(":")[0] for line in listed.stdout.splitlines()]  # (`key: default  # help` lines)
+    assert listed.returncode == 0 and "vae_config" in keys, listed.stderr[-400:]
