@@ -479,6 +479,30 @@ def test_an_upstream_key_is_pointed_at_the_key_that_means_it_not_the_nearest_let
     assert "'warmup_ratio' for stage 't2i': this stage says lr_warmup_steps, a number of optimizer steps" in err
 
 
+@pytest.mark.parametrize(
+    "recipe, key, says",
+    [
+        ("ppo", "max_completion_length", "this stage says response_length"),  # was: max_prompt_length (accepted)
+        ("ppo", "epsilon", "this stage says cliprange"),  # was: adam_epsilon (accepted: an optimizer eps of 0.2)
+        ("ppo", "max_length", "caps the prompts (max_prompt_length) and the answers (response_length) apart"),
+        ("grpo_arithmetic", "num_ppo_epochs", "this stage says num_iterations"),  # was: num_train_epochs
+        ("grpo_arithmetic", "sft_model_path", "this stage says model_name_or_path"),  # was: reward_model_path
+        ("grpo_arithmetic", "kl_target", "fixed beta"),  # was: entropy_target
+        ("rloo_arithmetic", "max_seq_length", "cut no prompt"),  # was: vllm_max_model_length
+        ("sft_lora", "lora_rank", "this stage says lora_r"),  # was: local_rank
+        ("dpo", "use_lora", "this stage says use_peft"),  # was: use_rslora (refused without use_peft)
+        ("pretrain", "use_peft", "pretraining trains every weight"),  # was: use_cpu (accepted)
+    ],
+)
+def test_an_upstream_key_of_another_library_is_pointed_at_its_meaning_here_not_at_similar_letters(
+    capsys, recipe, key, says
+):
+    # the nearest-spelling hint sent these to keys of another meaning, some of which the stage then accepted
+    # (probe 42 I2)
+    code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{recipe}.yaml", f"--{key}", "1")
+    assert code == 2 and f"unknown key '{key}'" in err and says in err and "did you mean" not in err, err
+
+
 @pytest.mark.parametrize("recipe", ["grpo_arithmetic", "rloo_arithmetic"])
 def test_a_prompt_limit_on_grpo_or_rloo_is_told_there_is_none_not_hinted_to_the_answer_cap(capsys, recipe):
     # max_prompt_length (TRL's older GRPO) was hinted towards max_completion_length, which caps the answers, and

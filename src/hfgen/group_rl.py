@@ -61,6 +61,8 @@ KEYS_WITHOUT_COUNTERPART = {
     "the prompts that leave no room for max_completion_length in a model's learned positions): shorten or drop long "
     "prompts in the data; max_completion_length caps the answers",
     "max_length": "TRL's GRPO and RLOO cap the answers alone (max_completion_length) and cut no prompt",
+    "max_seq_length": "TRL's GRPO and RLOO cap the answers alone (max_completion_length) and cut no prompt",
+    "kl_target": "TRL's GRPO and RLOO weigh the KL by a fixed beta (no adaptive KL controller; ppo has one)",
 }
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from hfgen.errors import UserError
 from hfgen.stages import STAGES, load_stage
-from hfgen.unread_keys import optim_args_problems, refused_everywhere, unread_key_problems
+from hfgen.unread_keys import optim_args_problems, refused_everywhere, switched_off_keys, unread_key_problems
 
 STAGE_KEY = "stage"
 # Keys transformers/TRL renamed: the old name in a recipe points to the new one (difflib would suggest
@@ -61,6 +61,15 @@ FOREIGN_SPELLINGS = {
         "lr_warmup_steps",
         "a number of optimizer steps, not a share of the run (the share x the run's optimizer steps)",
     ),
+    # GRPO's and PPO's names for one another's keys, and LoRA's names in the other libraries (spelling hints sent
+    # them to keys of another meaning: max_completion_length to PPO's prompt cap, epsilon to adam_epsilon,
+    # num_ppo_epochs to num_train_epochs, lora_rank to local_rank)
+    "max_completion_length": ("response_length", "the answers' length cap, in tokens"),
+    "epsilon": ("cliprange", "the clip range of the policy ratio"),
+    "num_ppo_epochs": ("num_iterations", "the passes over each batch of generations"),
+    "sft_model_path": ("model_name_or_path", "the policy to start from (the reference is its copy)"),
+    "lora_rank": ("lora_r", "the LoRA rank"),
+    "use_lora": ("use_peft", "LoRA adapters instead of training every weight (with lora_r, lora_alpha, ...)"),
 }
 # `hfgen train`'s own options, not recipe keys: a recipe (or `hfgen check`) given one is told where it belongs
 LAUNCH_OPTIONS = ("num_processes", "launch_config", "main_process_port")
@@ -390,7 +399,11 @@ def build_recipe(
                     f"`hfgen train RECIPE --{key} ...`"
                 )
             else:
-                refused = (*getattr(module, "NOT_SUGGESTED", ()), *refused_everywhere(stage))
+                refused = (
+                    *getattr(module, "NOT_SUGGESTED", ()),
+                    *refused_everywhere(stage),
+                    *switched_off_keys(values, {name: action.default for name, action in parser.actions.items()}),
+                )
                 offered = [known for known in parser.actions if known not in refused]
                 errors.append(f"unknown key '{key}' for stage '{stage}'{_suggest(key, offered)}")
             continue

@@ -187,6 +187,31 @@ def feature_off_problems(configs) -> list[str]:
     return problems
 
 
+def switched_off_keys(values: dict[str, Any], defaults: dict[str, Any]) -> set[str]:
+    """The READ_ONLY_WHEN keys whose feature is off in a recipe's raw values (a switch left out is at its default in
+    `defaults`): never offered as the nearest spelling of an unknown key (`use_lora` was pointed at use_rslora, which
+    is then refused without use_peft; PPO's `max_length` at ptx_max_length without ptx data)."""
+    raw = _RawValues(values, defaults)
+    off = set()
+    for rule in READ_ONLY_WHEN:
+        if rule.switch in defaults and rule.off(raw):
+            off.update(rule.keys)
+    return off
+
+
+class _RawValues:
+    """A recipe's values before they are typed, as `READ_ONLY_WHEN`'s rules read them: each key's value, or its
+    default when the recipe leaves it out."""
+
+    def __init__(self, values: dict[str, Any], defaults: dict[str, Any]):
+        self.values, self.defaults = values, defaults
+
+    def __getattr__(self, key: str):
+        if key in ("values", "defaults"):
+            raise AttributeError(key)
+        return self.values.get(key, self.defaults.get(key))
+
+
 def _shown(value) -> str:
     value = getattr(value, "value", value)
     return f"'{value}'" if isinstance(value, str) else str(value)

@@ -260,6 +260,10 @@ class PPOConfig(HackingMonitorArguments):
 
 
 ARGUMENTS = (ModelConfig, PPODataArguments, PPOConfig)
+# upstream keys with no counterpart here (a spelling hint sent max_length to max_prompt_length): `recipe.build_recipe`
+KEYS_WITHOUT_COUNTERPART = {
+    "max_length": "PPO caps the prompts (max_prompt_length) and the answers (response_length) apart",
+}
 
 
 def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> list[str]:

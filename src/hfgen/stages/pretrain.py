@@ -42,6 +42,11 @@ class PretrainDataArguments(TextDataArguments):
 
 
 ARGUMENTS = (ModelArguments, PretrainDataArguments, TrainingArguments)
+# upstream keys with no counterpart here (a spelling hint sent use_peft to use_cpu): `recipe.build_recipe`
+KEYS_WITHOUT_COUNTERPART = {
+    "use_peft": "pretraining trains every weight (LoRA is in the sft, reward, dpo, kto, orpo, simpo, ppo, grpo and rloo "
+    "stages)",
+}
 
 
 def check(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> list[str]:
