@@ -626,3 +626,24 @@ def test_held_out_samples_on_learned_positions_fit_each_prompt_in_them(tmp_path,
     samples = sample_responses(model, tokenizer, prompts, max_new_tokens=64, seed=0)
     assert [sample["prompt"] for sample in samples] == prompts[:2]  # the one that fills the positions: left out
     assert "1 of 3 held-out prompts are left out: they fill the 256 positions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_evaluation_rows_left_with_no_trained_token_are_counted(tiny_lm, tmp_path, monkeypatch, packing):
+    # the held-out loss leaves out the evaluation rows truncation leaves no response token (as SFTTrainer's evaluation
+    # drops them), yet data.json said every evaluation row was kept (probe 42 E8)
+    long_prompt = "describe the red cat and the blue dog by the river at night. " * 5  # > 32 tokens
+    rows = [
+        {"prompt": long_prompt if i % 5 < 2 else f"describe the cat {i}.", "completion": " the cat is red."}
+        for i in range(40)
+    ]  # 40% of the rows: a prompt that fills max_length
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train_in_process(monkeypatch, SFT_LORA, on_tiny(
+        tiny_lm, tmp_path / "out", "--dataset_name", data, "--max_length", "32", "--max_steps", "1",
+        "--num_samples", "1", "--validation_split_percentage", "25", "--packing", str(packing).lower(),
+    ))  # fmt: skip
+    records = tracking.read_json(tmp_path / "out/data.json")["eval"]
+    dropped = records["dropped"].get("no response token within max_length=32", 0)
+    held_out = tracking.read_json(tmp_path / "out/eval.json")["held_out_responses"]
+    assert dropped > 0 and records["rows_kept"] == held_out == records["rows_read"] - dropped, records

@@ -544,6 +544,19 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     rendered = [isinstance(response, list) for _, response in pairs if response is not None]
     trained_on_chat = any(rendered) if rendered else None  # (no held-out rows: unknown, the default stays)
     data_records["trained_on_chat"] = trained_on_chat
+    # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
+    # scored on the tokens training cuts each row to; a packing that cuts none still within max_length (the model
+    # reads no longer sequence in training: its fragments are packed apart)
+    max_length, keep_end = row_cut(training_args)
+    max_length = max_length or training_args.max_length
+    held_out = [
+        t
+        for p, r in pairs
+        if r is not None and (t := tokenize_response(tokenizer, p, r, max_length, keep_end=keep_end))
+    ]
+    # the evaluation rows left out of it (no response token within max_length), counted as the training rows are
+    responses = sum(r is not None for _, r in pairs)
+    count_dropped(data_records, f"no response token within max_length={max_length}", responses - len(held_out), "eval")
     record(output_dir, data_records)
     if use_row_packing(training_args, trainer.model):
         with loop.gathered(trainer.accelerator, trainer.model) as (whole,):
@@ -560,16 +573,6 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
             pad_to_multiple_of=training_args.pad_to_multiple_of,
         )
 
-    # Held-out responses, tokenized after SFTTrainer has settled the tokenizer (eos_token, chat template).
-    # scored on the tokens training cuts each row to; a packing that cuts none still within max_length (the model
-    # reads no longer sequence in training: its fragments are packed apart)
-    max_length, keep_end = row_cut(training_args)
-    max_length = max_length or training_args.max_length
-    held_out = [
-        t
-        for p, r in pairs
-        if r is not None and (t := tokenize_response(tokenizer, p, r, max_length, keep_end=keep_end))
-    ]
     sample_prompts = [sample_prompt(p, r) for p, r in pairs[: data_args.num_samples] if r is not None]
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
