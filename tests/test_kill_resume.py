@@ -820,6 +820,45 @@ def test_a_run_without_save_on_signal_after_one_with_it_stops_on_the_signal_at_o
     assert guard.received_signal() is None
 
 
+def test_ctrl_c_ends_a_command_with_one_line_and_130_as_sigterm_ends_it_quietly(tmp_path, python_sigint):
+    """Ctrl-C in `hfgen eval` (generate, merge, train without save_on_signal) printed a raw KeyboardInterrupt
+    traceback of whatever line it landed on, while SIGTERM ended the same commands quietly with 143 (probe 42 D9).
+    The SIGINT lands here in the user's oracle file, which eval loads at its check."""
+    import subprocess
+    import sys
+    import time
+
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    ready = tmp_path / "ready"
+    oracle = tmp_path / "slow_oracle.py"
+    oracle.write_text(
+        f"import pathlib, time\npathlib.Path({str(ready)!r}).write_text('')\ntime.sleep(120)\n\n\n"
+        "def score(prompts, responses):\n    return [0.0] * len(responses)\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "hfgen.cli",
+        "eval",
+        model,
+        "--oracle",
+        f"{oracle}:score",
+        "--output",
+        tmp_path / "e.json",
+    ]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "hfgen: interrupted" and "Traceback" not in stderr, stderr[-3000:]
+    assert stdout == "" and not (tmp_path / "e.json").exists()
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGINT"])
 def test_a_child_run_hears_its_parents_signal_and_never_outlives_it(tmp_path, stop, python_sigint):
     """compare's training runs and sweep's evaluations ran under subprocess.run: a SIGTERM to `hfgen compare` left

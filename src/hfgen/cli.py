@@ -13,7 +13,7 @@ import sys
 
 from hfgen import __version__
 from hfgen.data.loading import datasets_cache_unwritable_exits_2
-from hfgen.errors import UserError, disk_full_exits_2, exit_on_user_error, unwritable_exits_2
+from hfgen.errors import UserError, disk_full_exits_2, exit_on_interrupt, exit_on_user_error, unwritable_exits_2
 
 COMMANDS = {
     "train": "hfgen.train",
@@ -146,7 +146,12 @@ def deleted_working_directory() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    with exit_on_interrupt():
+        return run_command(sys.argv[1:] if argv is None else argv)
+
+
+def run_command(argv: list[str]) -> int:
+    """`hfgen ARGV`: its exit code."""
     printable_stdout()
     with exit_on_user_error():
         if deleted := deleted_working_directory():

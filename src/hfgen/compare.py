@@ -237,7 +237,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     from hfgen import tracking
     from hfgen.cli import printable_stdout
     from hfgen.data.loading import datasets_cache_unwritable_exits_2
-    from hfgen.errors import disk_full_exits_2, exit_on_user_error
+    from hfgen.errors import disk_full_exits_2, exit_on_interrupt, exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
     from hfgen.recipe import load_recipe
     from hfgen.train import run_step
@@ -245,7 +245,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     device = "cuda" if torch.cuda.is_available() else "cpu"
     printable_stdout()  # (a child process: not through hfgen.cli.main)
     # a full disk as `hfgen train` says it (hfgen.train.main): the run's, or datasets' cache's
-    with exit_on_user_error(), datasets_cache_unwritable_exits_2():
+    with exit_on_interrupt(), exit_on_user_error(), datasets_cache_unwritable_exits_2():
         recipe = load_recipe(recipe_path)
         if quiet:  # as `hfgen sweep --quiet` runs its points: no progress bars of its own nor of the libraries
             from hfgen.evaluation.command import quiet_libraries

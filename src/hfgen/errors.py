@@ -13,6 +13,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
 
 
 class UserError(Exception):
@@ -48,6 +49,19 @@ def exit_on_user_error(program: str = "hfgen"):
 
         print(f"{program}: error: {template_refusal(error, 'a row of the data')}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+@contextmanager
+def exit_on_interrupt(program: str = "hfgen"):
+    """Turn Ctrl-C (SIGINT's KeyboardInterrupt) into one line on stderr and exit code 130, wherever it lands (an
+    import, a model load, a step), as SIGTERM ends a command quietly with 143: not a traceback of the line it
+    happened to interrupt. The `finally` blocks on the way (a run dir's lock) have run; a run with save_on_signal
+    catches the signal itself and never gets here during training."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 WEIGHTS_REFUSED = (
