@@ -90,6 +90,15 @@ def test_a_merge_killed_half_way_leaves_no_model_dir_and_a_rerun_completes(base_
     assert code == 2 and "holds other files" in message and (tmp_path / "notes/todo.txt").is_file()
 
 
+def test_a_merges_stdout_is_the_merged_dir_alone(base_and_adapter, tmp_path):
+    """`MERGED=$(hfgen merge ...)`: deepspeed's 'Setting accelerator to CPU' warning, logged when the save imports it
+    on a machine without a GPU, came on stdout before the path (probe 42 D7); it goes to stderr."""
+    _, adapter = base_and_adapter
+    result = run_hfgen("merge", adapter, "--output_dir", tmp_path / "merged", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [str(tmp_path / "merged")], result.stdout
+
+
 DIES_DELETING = """
 import os, signal, sys
 from hfgen.cli import main

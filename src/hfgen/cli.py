@@ -145,6 +145,30 @@ def deleted_working_directory() -> str | None:
         )
 
 
+# deepspeed's own log line format, kept on stderr
+DEEPSPEED_LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d:%(funcName)s] %(message)s"
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """deepspeed logs through a handler of its own on stdout: any save imports it (accelerate's unwrap does), and on
+    a machine without a GPU its import warns 'Setting accelerator to CPU', which landed beside a command's result
+    (`MERGED=$(hfgen merge ...)` got two lines). A filter on its logger writes each record to stderr instead and
+    stops it there; set before deepspeed is imported (its import adds the stdout handler) or after, and without
+    importing it (seconds)."""
+    import logging
+
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(DEEPSPEED_LOG_FORMAT))
+
+    def on_stderr(record: logging.LogRecord) -> bool:
+        stderr.handle(record)
+        return False  # (not to its stdout handler)
+
+    logger = logging.getLogger("DeepSpeed")
+    if not any(getattr(f, "__name__", "") == on_stderr.__name__ for f in logger.filters):  # once per process
+        logger.addFilter(on_stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     with exit_on_interrupt():
         return run_command(sys.argv[1:] if argv is None else argv)
@@ -153,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(argv: list[str]) -> int:
     """`hfgen ARGV`: its exit code."""
     printable_stdout()
+    deepspeed_logs_to_stderr()
     with exit_on_user_error():
         if deleted := deleted_working_directory():
             raise UserError(deleted)

@@ -235,7 +235,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
     import torch
 
     from hfgen import tracking
-    from hfgen.cli import printable_stdout
+    from hfgen.cli import deepspeed_logs_to_stderr, printable_stdout
     from hfgen.data.loading import datasets_cache_unwritable_exits_2
     from hfgen.errors import disk_full_exits_2, exit_on_interrupt, exit_on_user_error
     from hfgen.evaluation.speed import peak_memory, reset_peak_memory
@@ -244,6 +244,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     printable_stdout()  # (a child process: not through hfgen.cli.main)
+    deepspeed_logs_to_stderr()
     # a full disk as `hfgen train` says it (hfgen.train.main): the run's, or datasets' cache's
     with exit_on_interrupt(), exit_on_user_error(), datasets_cache_unwritable_exits_2():
         recipe = load_recipe(recipe_path)
