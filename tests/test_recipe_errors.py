@@ -120,6 +120,21 @@ def test_options_are_not_abbreviated():
     assert args.seeds != 1 and extra == ["--seed", "1"]
 
 
+def test_compare_and_eval_describe_oracle_alike_as_they_read_it_alike():
+    # compare's help said "MODULE:FUNC judge" while it takes a file's function and 'none' as eval does (probe 42 D8)
+    from hfgen.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.choices and "compare" in action.choices).choices
+    helps = {
+        name: next(action.help for action in commands[name]._actions if "--oracle" in action.option_strings)
+        for name in ("compare", "eval")
+    }
+    assert (
+        helps["compare"] == helps["eval"] and "path/to/file.py:FUNC" in helps["compare"] and "'none'" in helps["eval"]
+    )
+
+
 def test_number_overrides_as_people_type_them():
     # `--max_steps 1e3` was "invalid int value '1000.0'" (YAML reads a float); `--max_steps None` was refused
     from hfgen.recipe import load_recipe

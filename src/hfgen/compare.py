@@ -47,6 +47,8 @@ OFFLINE = ("dpo", "kto", "orpo", "simpo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hfgen.evaluation.command import ORACLE_HELP
+
     parser.add_argument("recipe", help="an rlhf pipeline recipe naming one step recipe per method")
     parser.add_argument("--methods", default="ppo,dpo,kto", help="comma-separated methods (default ppo,dpo,kto)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
@@ -57,9 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=4, help="answers per prompt and policy")
     parser.add_argument("--response_length", type=int, default=24, help="maximum new tokens per answer")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    parser.add_argument(
-        "--oracle", default="auto", help="MODULE:FUNC judge; auto: the embedded oracle for embedded prompts"
-    )
+    parser.add_argument("--oracle", default="auto", help=ORACLE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Other --key value pairs override every method's recipe, e.g. --learning_rate 1e-4."

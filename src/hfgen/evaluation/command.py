@@ -74,10 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     quality.add_argument("--reward_model", action=Given, help="a sequence-classification reward model dir")
     quality.add_argument(
-        "--oracle", action=Given, default=AUTO,
-        help="MODULE:FUNC or path/to/file.py:FUNC scoring (prompts, responses) -> list[float], as a recipe's "
-        "oracle_function (the working directory is searched too); 'auto': hfgen.data.embedded:oracle_scores "
-        "for embedded prompts, hfgen.data.arithmetic:correct_steps for embedded:arithmetic_prompts; 'none' skips",
+        "--oracle", action=Given, default=AUTO, help=ORACLE_HELP,
     )  # fmt: skip
     quality.add_argument("--baseline", action=Given, help="another model dir: win rate of TARGET over it")
     speed = parser.add_argument_group("speed")
@@ -663,6 +660,14 @@ def evaluate_images(target: Path, args: argparse.Namespace) -> dict:
     results = evaluate_pipeline(str(target), seed=args.seed, device=device, quiet=args.quiet, **options)
     results["speed/peak_memory_mb"], results["speed/peak_memory_kind"] = speed.peak_memory(device)
     return results
+
+
+# --oracle of `hfgen eval` and `hfgen compare`, which resolve it alike (`resolve_oracle`)
+ORACLE_HELP = (
+    "MODULE:FUNC or path/to/file.py:FUNC scoring (prompts, responses) -> list[float], as a recipe's oracle_function "
+    "(the working directory is searched too); 'auto': hfgen.data.embedded:oracle_scores for embedded prompts, "
+    "hfgen.data.arithmetic:correct_steps for embedded:arithmetic_prompts; 'none' skips"
+)
 
 
 def format_value(value) -> str:
