@@ -214,11 +214,40 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
         tracking.unlock_output_dir(output_dir)  # (a killed process's lock goes with it)
         guard.restore_signal_handlers()  # what runs next here (a sweep's report, a pipeline's step) stops on Ctrl-C
     tracking.wait_for_everyone()  # in a pipeline, every rank's next step checks this marker, written by rank 0
+    if tracking.is_main_process():
+        print(closing_lines(output_dir))
     signum = guard.received_signal()
     if signum is not None:  # it came after the last step (the final save, evaluation): the run is complete
         print(f"hfgen: {output_dir} is complete; stopping here, as the signal asked", file=sys.stderr)
         sys.exit(128 + signum)  # a pipeline or sweep stops before its next step
     return output_dir
+
+
+# figures measured after training only that still head a run's results: the image stages' held-out evaluation
+HEADLINE_FIGURES = ("quality/prompt_adherence", "quality/frechet_distance")
+
+
+def closing_lines(output_dir: Path) -> str:
+    """How every stage's run ends on the console: its headline figures from eval.json (each measured before
+    training too as before -> after, the tuned policy's win rates over its start, the image stages' quality) and
+    where the complete run is. The Trainer printed its final evaluation only with disable_tqdm, and each loop ended
+    its own way."""
+    from hfgen import tracking
+    from hfgen.evaluation.command import format_value
+
+    results = tracking.read_json(Path(output_dir) / "eval.json", {})
+    figures = [
+        f"{key} {format_value(results[f'{key}_initial'])} -> {format_value(value)}"
+        for key, value in results.items()
+        if f"{key}_initial" in results
+    ]
+    figures += [
+        f"{key} {format_value(value)}"
+        for key, value in results.items()
+        if key.startswith("win_rate/") or key in HEADLINE_FIGURES
+    ]
+    held_out = [f"hfgen: held-out figures (eval.json): {', '.join(figures)}"] if figures else []
+    return "\n".join([*held_out, f"hfgen: complete, written to {output_dir}"])
 
 
 def run_step(recipe, fresh: bool = False, inputs: dict | None = None) -> Path:

@@ -235,6 +235,14 @@ def test_continued_from_a_lora_run_in_bfloat16_trains_float32_weights(tmp_path):
                         tmp_path / "scratch", "--max_steps", "2", *SHORT)  # fmt: skip
     assert scratch.returncode == 0, scratch.stderr[-3000:]
     assert "the trained weights stay float32" in scratch.stdout
+    # the closing lines, as every stage ends: the Trainer printed its final evaluation only with disable_tqdm, and
+    # no line said where the run was (probe 42 D5)
+    results = tracking.read_json(tmp_path / "scratch/eval.json")
+    assert scratch.stdout.splitlines()[-2:] == [
+        f"hfgen: held-out figures (eval.json): eval_loss {results['eval_loss_initial']:.4g} -> "
+        f"{results['eval_loss']:.4g}, perplexity {results['perplexity_initial']:.4g} -> {results['perplexity']:.4g}",
+        f"hfgen: complete, written to {tmp_path / 'scratch'}",
+    ]
 
 
 def test_a_text_shorter_than_a_block_says_how_many_tokens_it_has(tmp_path, capsys):

@@ -274,7 +274,8 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
                    "vae/measured_scaling_factor": measured,
                    "vae/parameters": sum(p.numel() for p in whole.vae.parameters()), "train/steps": global_step}  # fmt: skip
         initial_error = tracking.update_eval(output_dir, results).get("quality/reconstruction_mse_initial")
-        accelerator.print(f"held-out reconstruction MSE {initial_error} -> {final_error:.5f}")
+        before = "n/a" if initial_error is None else f"{initial_error:.5f}"  # (a run resumed from an older hfgen's)
+        accelerator.print(f"held-out reconstruction MSE {before} -> {final_error:.5f}")
     loop.maybe_write_fingerprint(accelerator, autoencoder, output_dir)
     tracking.finish_trackers(accelerator)  # the process group outlives the stage: tracking.shutdown_distributed
     return output_dir
