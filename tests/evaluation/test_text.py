@@ -178,3 +178,42 @@ def test_the_held_out_comparison_skips_what_a_judge_did_not_score():
     assert results["sft/silent"] is None and results["win_rate/silent"] is None
     json.loads(json.dumps(results, allow_nan=False))
     assert "silent" not in format_comparison(results, "grpo")
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_held_out_prompts_answers_do_not_depend_on_the_prompts_sampled_beside_it(top_p):
+    """Each sampled row draws the random numbers of its place in the whole list (both policies alike): chunks of 1
+    and of all 12 rows give the same answers. Every process seeded alike gave rank r's k-th prompt rank 0's k-th
+    prompt's numbers (probe 42 D4: alike answers, distinct-n falling with the process count); the multi-process
+    case is the slow test below."""
+    from accelerate import PartialState
+
+    from heldout_split import heldout_answers
+
+    together = heldout_answers(PartialState(), top_p, chunk_size=64)
+    one_by_one = heldout_answers(PartialState(), top_p, chunk_size=1)
+    assert together == one_by_one
+    assert len({sft for _, sft, _ in together}) == len(together)  # 12 different answers: they are sampled
+
+
+@pytest.mark.slow
+def test_held_out_answers_on_two_processes_are_those_of_one(tmp_path, free_port):
+    """The 12 rows split 6 and 6 over 2 gloo processes: every prompt gets the answers it gets on one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from accelerate import PartialState
+
+    from conftest import REPO
+    from heldout_split import heldout_answers
+
+    out = tmp_path / "answers.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", REPO / "recipes/accelerate/cpu_2proc.yaml",
+         "--main_process_port", str(free_port), REPO / "tests/heldout_split.py", "0.9", out],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text(encoding="utf-8")) == heldout_answers(PartialState(), 0.9)

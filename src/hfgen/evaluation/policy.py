@@ -2,8 +2,9 @@
 ORPO, SimPO, and `hfgen compare` for PPO too).
 
 Both policies answer the same held-out prompts, `samples_per_prompt` times each, with the same random numbers
-(common random numbers: the comparison is less noisy than two independent draws). Each response is judged by the
-learned reward model and/or an oracle function; the figures are the mean scores of both policies, the tuned
+(common random numbers: the comparison is less noisy than two independent draws); each sample's numbers come from
+its place in the whole list, so a prompt's answers do not depend on how many processes share the prompts. Each
+response is judged by the learned reward model and/or an oracle function; the figures are the mean scores of both policies, the tuned
 policy's win rate over SFT per judge (ties count half), KL(tuned || SFT) per response (k1 summed over the tuned
 policy's own response tokens), response length, EOS rate and diversity (distinct-n, self-BLEU).
 
@@ -98,13 +99,16 @@ def compare_to_reference(
         indices = [index for index, _ in shard][:kept]
         shard_prompts = [prompt for _, (prompt, _) in shard]
         query_ids, query_mask = left_pad([query for _, (_, query) in shard], tokenizer.pad_token_id, policy.device)
+        # each row's random numbers come from its place in the whole list: the same for both policies (common
+        # random numbers), and whatever the number of processes or the rank it lands on (one seed for every rank
+        # gave rank r's k-th prompt rank 0's k-th prompt's numbers: alike answers, diversity falling with processes)
+        seeds = [row_seed(sampling.seed, index) for index, _ in shard]
         for who in ("sft", name):
-            torch.manual_seed(sampling.seed + 1)  # common random numbers
             use_reference = who == "sft" and reference is not None
             with policy.disable_adapter() if who == "sft" and reference is None else nullcontext():
                 sampled = sample_responses(
                     reference if use_reference else policy, query_ids, query_mask, generation_config,
-                    sampling.chunk_size, tokenizer.pad_token_id,
+                    sampling.chunk_size, tokenizer.pad_token_id, seeds,
                 )  # fmt: skip
             mask = F.response_mask(sampled.response_ids, stop_ids)
             texts = response_texts(tokenizer, sampled.response_ids, stop_ids)
@@ -141,6 +145,11 @@ def compare_to_reference(
             rows.append(row)
     rows.sort(key=lambda row: row["index"])
     return summarise(rows, name, sampling), rows
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th sampled row of a comparison seeded with `seed`, in torch's 64-bit range."""
+    return (seed * 1_000_003 + index + 1) % 2**63
 
 
 def summarise(rows: list[dict], name: str, sampling: Sampling) -> dict:

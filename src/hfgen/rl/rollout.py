@@ -46,16 +46,42 @@ class InverseTransformSampler:
     finite entry is that token, for `generate`'s greedy step (do_sample=False) to pick. The same distribution as
     generate's sampling step, which calls `torch.multinomial`: on CPU that takes about 0.2 ms per step at a
     512-token vocabulary and 5 ms at 16k, ten times this. Other processors (in PPO only the pad token's
-    suppression: `make_generation_config` pins the rest off) run before it, as they would before the sampling step."""
+    suppression: `make_generation_config` pins the rest off) run before it, as they would before the sampling step.
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    `seeds` (one per row): each row draws its numbers from a generator of its own seed, so a row's response depends
+    on its seed alone, not on the rows sampled beside it (the chunk, the process's share of the prompts).
+    `top_p` < 1 keeps the smallest set of tokens whose probability reaches it, as transformers' top-p warper does
+    after the temperature."""
+
+    def __init__(self, temperature: float, top_p: float = 1.0, seeds: Sequence[int] | None = None):
+        self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
+        self.generators = None  # made at the first step, on the device of the scores
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cumulative = torch.softmax(scores.float() / self.temperature, dim=-1).cumsum(-1)
-        draws = torch.rand(len(scores), 1, device=scores.device) * cumulative[:, -1:]
+        probabilities = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            probabilities = top_p_kept(probabilities, self.top_p)
+        cumulative = probabilities.cumsum(-1)
+        draws = self.uniforms(len(scores), scores.device) * cumulative[:, -1:]
         tokens = torch.searchsorted(cumulative, draws, right=True).clamp(max=scores.shape[-1] - 1)
         return torch.full_like(scores, -math.inf).scatter_(-1, tokens, 0.0)
+
+    def uniforms(self, rows: int, device) -> torch.Tensor:
+        """(rows, 1) uniform numbers: from the global generator, or one from each row's own."""
+        if self.seeds is None:
+            return torch.rand(rows, 1, device=device)
+        if self.generators is None:
+            self.generators = [torch.Generator(device).manual_seed(seed) for seed in self.seeds]
+        return torch.cat([torch.rand(1, 1, generator=generator, device=device) for generator in self.generators])
+
+
+def top_p_kept(probabilities: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) probabilities with the tokens outside the top-p set zeroed (not renormalized): the most probable
+    tokens whose total reaches `top_p`, at least one; as transformers' TopPLogitsWarper (ties aside)."""
+    ascending, order = probabilities.sort(dim=-1)
+    dropped = ascending.cumsum(-1) <= 1 - top_p
+    dropped[:, -1] = False  # the most probable token always stays
+    return probabilities.masked_fill(dropped.scatter(-1, order, dropped), 0.0)
 
 
 def narrows_sampling(generation_config) -> bool:
@@ -83,8 +109,9 @@ class Sampled(NamedTuple):
 
 @torch.no_grad()
 def sample_responses(
-    policy, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_config, chunk_size: int, pad_token_id: int
-) -> Sampled:
+    policy, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_config, chunk_size: int, pad_token_id: int,
+    seeds: Sequence[int] | None = None,
+) -> Sampled:  # fmt: skip
     """Sample one response per prompt with KV-cached `generate`, chunk by chunk.
 
     The log-probs of the sampled tokens come from the logits `generate` already computed (output_logits), at
@@ -92,18 +119,27 @@ def sample_responses(
     `generation_config` must set do_sample, return_dict_in_generate and output_logits. When sampling keeps the
     whole vocabulary (`narrows_sampling`: no top-p, top-k, min-p, ...), the tokens are drawn by
     `InverseTransformSampler` (the same distribution as generate's own sampling, faster).
+
+    `seeds` (one per row; sampling by temperature and top-p only, as `hfgen.rl.models.make_generation_config`'s):
+    each row is sampled with the random numbers of its own seed, whatever rows are sampled beside it; the held-out
+    comparison seeds each prompt by its place in the whole list, so that its answers do not depend on how many
+    processes share the list or on which one it lands.
     """
-    temperature = generation_config.temperature
-    processors = None
-    if not narrows_sampling(generation_config):
-        processors = [InverseTransformSampler(temperature)]
+    temperature, top_p = generation_config.temperature, generation_config.top_p or 1.0
+    draws_here = seeds is not None or not narrows_sampling(generation_config)
+    if draws_here:
         generation_config = copy.deepcopy(generation_config)
-        generation_config.update(do_sample=False, temperature=1.0, top_k=None, min_p=None)  # greedy picks the draw
+        generation_config.update(
+            do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None
+        )  # greedy picks the draw
+        if narrows_sampling(generation_config):  # a caller's bug: the seeded draw has no top-k, min-p, ...
+            raise ValueError("seeded sampling draws by temperature and top-p only")
     pieces = []
     for rows in chunks(len(query_ids), chunk_size):
+        sampler = InverseTransformSampler(temperature, top_p, None if seeds is None else seeds[rows])
         output = policy.generate(
             input_ids=query_ids[rows], attention_mask=query_mask[rows], generation_config=generation_config,
-            logits_processor=processors,
+            logits_processor=[sampler] if draws_here else None,
         )  # fmt: skip
         responses = output.sequences[:, query_ids.shape[1] :]
         logits = torch.stack(output.logits, dim=1)  # (b, t, V), raw (before temperature or top-p)
