@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO
 from hfgen.check import launch_mixed_precision
-from hfgen.recipe import known_keys, load_recipe, read_recipe_file, training_precision
+from hfgen.recipe import build_recipe, known_keys, load_recipe, read_recipe_file, training_precision
 
 RECIPES = sorted(
     p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.relative_to(REPO / "recipes").parts
@@ -158,3 +159,12 @@ def test_the_command_line_refuses_what_it_would_silently_drop(tmp_path):
     listed = run_hfgen_here("train", sft, "--stage", "vae", "--list_keys")
     keys = [line.split(":")[0] for line in listed.stdout.splitlines()]  # (`key: default  # help` lines)
     assert listed.returncode == 0 and "vae_config" in keys, listed.stderr[-400:]
+    # the default shown is the value a recipe leaving the key out runs with (TRL's bf16 and activation_checkpointing
+    # fields say null and parse to another value), and the help reads as text (argparse's %% was shown)
+    listed = run_hfgen_here("train", sft, "--list-keys")
+    shown = dict(line.partition("  # ")[0].split(": ", 1) for line in listed.stdout.splitlines())
+    parsed = build_recipe({"stage": "sft"}, None, check_inputs=False).configs
+    for key in ("bf16", "activation_checkpointing", "learning_rate", "max_length"):
+        value = next(getattr(config, key) for config in parsed if hasattr(config, key))
+        assert yaml.safe_load(shown[key]) == value, (key, shown[key], value)
+    assert "%%" not in listed.stdout

@@ -12,7 +12,6 @@ import os
 import sys
 
 from hfgen import __version__
-from hfgen.data.loading import datasets_cache_unwritable_exits_2
 from hfgen.errors import UserError, disk_full_exits_2, exit_on_interrupt, exit_on_user_error, unwritable_exits_2
 
 COMMANDS = {
@@ -176,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(argv: list[str]) -> int:
     """`hfgen ARGV`: its exit code."""
+    from hfgen.data.loading import datasets_cache_unwritable_exits_2  # (here: `hfgen --help` imports no more)
+
     printable_stdout()
     deepspeed_logs_to_stderr()
     with exit_on_user_error():

@@ -311,10 +311,19 @@ def key_fields(stage: str) -> dict[str, dataclasses.Field]:
 
 
 def key_lines(stage: str) -> list[str]:
-    """`hfgen train RECIPE --list-keys`: each key as a recipe line, `key: default  # help` (the help of the
-    dataclass field, on one line), so that it can be pasted into a recipe."""
+    """`hfgen train RECIPE --list-keys`: each key as a recipe line, `key: default  # help` (the field's help, on one
+    line), so that it can be pasted into a recipe. The default is the value a recipe that leaves the key out runs
+    with (as parsed: TRL's bf16 null becomes true where bf16 is supported), else the field's own."""
     import yaml
 
+    def as_yaml(value) -> str:
+        value = getattr(value, "value", value)  # an Enum's spelling in a recipe
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+    try:
+        parsed = build_recipe({"stage": stage}, None, check_inputs=False).configs
+    except UserError:  # (a stage that needs more keys to parse: the fields' own defaults)
+        parsed = ()
     lines = []
     for name, f in sorted(key_fields(stage).items()):
         if f.default is not dataclasses.MISSING:
@@ -323,9 +332,13 @@ def key_lines(stage: str) -> list[str]:
             default = f.default_factory()
         else:
             default = None
-        default = getattr(default, "value", default)  # an Enum's spelling in a recipe
-        value = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-        text = " ".join(str(f.metadata.get("help") or "").split())
+        if name != "output_dir":  # (transformers fills in trainer_output; hfgen asks for one)
+            default = next((getattr(config, name) for config in parsed if hasattr(config, name)), default)
+        try:
+            value = as_yaml(default)
+        except yaml.representer.RepresenterError:  # parsed into an object (accelerator_config): the field's own
+            value = as_yaml(f.default if f.default is not dataclasses.MISSING else None)
+        text = " ".join(str(f.metadata.get("help") or "").replace("%%", "%").split())
         lines.append(f"{name}: {value}" + (f"  # {text}" if text else ""))
     return lines
 
