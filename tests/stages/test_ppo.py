@@ -171,6 +171,33 @@ def test_a_kl_target_whose_update_cannot_keep_kl_coef_positive_exits_2(tmp_path,
     assert run_hfgen_here("check", recipe, "--kl_horizon", "20", "--kl_coef", "0.05").returncode == 0
 
 
+def save_reward_lora(sft, directory):
+    """A reward LoRA adapter on `sft` as a reward run's checkpoint-N is saved: SEQ_CLS, its new score head trained in
+    full (modules_to_save), the tokenizer beside it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    get_peft_model(model, lora).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(sft).save_pretrained(directory)
+    return directory
+
+
+def test_a_reward_lora_adapter_serves_as_reward_and_value_model(tmp_path, tiny_models):
+    # its loader passed model_args.trust_remote_code, which TRL's ModelConfig has not: a raw AttributeError in check
+    # (the reward scorer) and train (the value model) (probe 42 I4)
+    sft, _ = tiny_models
+    adapter = save_reward_lora(sft, tmp_path / "reward_lora")
+    recipe = write_recipe(tmp_path, sft, reward_model_path=str(adapter), total_episodes=8,
+                          gradient_accumulation_steps=1, num_ppo_epochs=1, eval_samples_per_prompt=1)  # fmt: skip
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_hfgen_here("train", recipe)  # the value model starts from the reward model
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "value_model").is_dir()
+
+
 def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):
     # value_model_path of another vocabulary was accepted silently (the check ran only for the reward model), and a
     # BERT classifier was said to be "no AutoModelForSequenceClassification" though it is one

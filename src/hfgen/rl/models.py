@@ -106,7 +106,7 @@ def load_sequence_classifier(path: str, model_args, config, tokenizer, key: str)
         from peft import AutoPeftModelForSequenceClassification
 
         model = AutoPeftModelForSequenceClassification.from_pretrained(
-            resolved(path), num_labels=1, trust_remote_code=model_args.trust_remote_code
+            resolved(path), num_labels=1, trust_remote_code=config.trust_remote_code
         )
         model = model.merge_and_unload()
         model.config.pad_token_id = tokenizer.pad_token_id
