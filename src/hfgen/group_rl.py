@@ -884,9 +884,9 @@ def load_reward_model(path: str, model_args, config):
     from transformers import AutoModelForSequenceClassification
 
     from hfgen.data.rendering import with_plain_chat_template
-    from hfgen.models import load_tokenizer, reward_labels_problem, torch_dtype
+    from hfgen.models import load_tokenizer, reward_model_problem, torch_dtype
 
-    if problem := reward_labels_problem("reward_model_path", path, config.trust_remote_code):
+    if problem := reward_model_problem("reward_model_path", path, config.trust_remote_code):
         raise UserError(problem)
     tokenizer = with_plain_chat_template(load_tokenizer(path, config.trust_remote_code))
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -536,6 +536,19 @@ def adapter_base_problems(path: str | Path) -> list[str]:
     return [f"{problems[0]} (from {Path(path) / 'adapter_config.json'})"] if problems else []
 
 
+def adapter_pair_problem(path: str | Path) -> str | None:
+    """Why the adapter dir `path` cannot be loaded onto its base: the base it names is missing
+    (`adapter_base_problems`), or holds another run than the one it trained on (`tracking.base_changed_problem`).
+    None for a dir that is no adapter, or whose base is the one it trained on. Every loader of an adapter dir asks
+    (a policy's, a reward model's): base + adapter of another pair would give other outputs without a word."""
+    base = adapter_base(path)
+    if base is None:
+        return None
+    from hfgen.tracking import base_changed_problem
+
+    return next(iter(adapter_base_problems(path)), None) or base_changed_problem(path, base)
+
+
 def base_model_of(path: str | Path) -> str:
     """The full model under `path`: itself, or the base at the end of a chain of adapter dirs."""
     path = str(path)
@@ -674,11 +687,8 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     base = adapter_base(path)
-    if base is not None:
-        from hfgen.tracking import base_changed_problem
-
-        if problem := next(iter(adapter_base_problems(path)), None) or base_changed_problem(path, base):
-            raise UserError(problem + ".")
+    if problem := adapter_pair_problem(path):
+        raise UserError(problem + ".")
     try:
         tokenizer = load_tokenizer(path, trust_remote_code)
     except UserError:  # a model without a tokenizer of its own (pretraining takes one by name)
@@ -697,6 +707,15 @@ def load_causal_lm(
         return PeftModel.from_pretrained(model, path)
     except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
         raise load_problem("a causal language model", path, error, trust_remote_code) from None
+
+
+def reward_model_problem(key: str, path: str, trust_remote_code: bool = False) -> str | None:
+    """Why the model at `path` (given as `key`) cannot score as a reward model, before its weights load: a reward
+    LoRA adapter whose base is missing or was trained again in place (`adapter_pair_problem`: it would score on
+    another model), or a classifier of several labels (`reward_labels_problem`)."""
+    if problem := adapter_pair_problem(path):
+        return f"{key} '{path}': {problem}"
+    return reward_labels_problem(key, path, trust_remote_code)
 
 
 def reward_labels_problem(key: str, path: str, trust_remote_code: bool = False) -> str | None:

@@ -360,3 +360,44 @@ def test_lora_with_a_chat_template_path_that_brings_new_tokens_exits_2_as_sft_do
     )
     full = run_hfgen_here("check", REWARD, *on_tiny(base, tmp_path / "full", "--chat_template_path", more_tokens))
     assert full.returncode == 0, full.stderr[-2000:]
+
+
+def test_a_reward_lora_checkpoint_whose_base_was_trained_again_in_place_is_refused_as_a_reward_model(tmp_path):
+    # a reward run's checkpoint-N (a SEQ_CLS adapter) given as a reward model (hfgen eval --reward_model, PPO's and
+    # GRPO/RLOO's reward_model_path) was scored on whatever its base dir held: after the base was retrained in place
+    # the scores changed with no word, as policies' adapters are refused (probe 42 I3)
+    import yaml
+
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    base = save_tiny_llama(tmp_path / "base")
+    tracking.mark_complete(base)  # the base is an hfgen run (a pretrain run's COMPLETE marker)
+    overrides = ["--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "1"]
+    overrides += ["--max_train_samples", "16", "--save_strategy", "steps", "--save_steps", "1"]
+    run_recipe(load_recipe(REWARD, list(map(str, on_tiny(base, tmp_path / "reward", *overrides)))))
+    checkpoint = tmp_path / "reward" / "checkpoint-1"
+    assert (checkpoint / "adapter_config.json").is_file()
+    evaluate = ["eval", base, "--reward_model", checkpoint, "--num_prompts", "2", "--num_samples", "1"]
+    evaluate += ["--max_new_tokens", "4", "--perplexity_dataset", "none", "--oracle", "none", "--quiet"]
+    evaluate += ["--output", tmp_path / "eval.json"]
+    result = run_hfgen_here(*evaluate)
+    assert result.returncode == 0, result.stderr[-2000:]  # on its own base: scored
+    tracking.mark_complete(base)  # trained again in place: another run
+    changed = f"'{checkpoint}': the adapter '{checkpoint}' was trained on the run"
+    result = run_hfgen_here(*evaluate)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"--reward_model {changed}" in result.stderr
+    ppo = yaml.safe_load((REPO / "recipes/tiny/ppo.yaml").read_text()) | {
+        "model_name_or_path": str(base), "reward_model_path": str(checkpoint), "output_dir": str(tmp_path / "ppo"),
+    }  # fmt: skip
+    grpo = {
+        "stage": "grpo", "model_name_or_path": str(base), "dataset_name": "embedded:prompts",
+        "reward_model_path": str(checkpoint), "num_generations": 2, "per_device_train_batch_size": 4,
+        "max_completion_length": 4, "output_dir": str(tmp_path / "grpo"), "use_cpu": True, "bf16": False,
+    }  # fmt: skip
+    for stage, recipe in (("ppo", ppo), ("grpo", grpo)):
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(recipe))
+        result = run_hfgen_here("check", tmp_path / f"{stage}.yaml")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"reward_model_path {changed}" in result.stderr, result.stderr[-2000:]

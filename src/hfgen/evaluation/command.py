@@ -608,10 +608,10 @@ def load_reward_model(path: str, device: str):
     """(tokenizer, model) of a reward model: a full sequence-classification dir, or a LoRA adapter on one."""
     from transformers import AutoModelForSequenceClassification
 
-    from hfgen.models import adapter_base, load_problem, load_tokenizer, reward_labels_problem, trusted_by_its_run
+    from hfgen.models import adapter_base, load_problem, load_tokenizer, reward_model_problem, trusted_by_its_run
 
     trusted = trusted_by_its_run(path)  # as the run that wrote it ran its code (None made transformers ask on stdin)
-    if problem := reward_labels_problem("--reward_model", path, trusted):
+    if problem := reward_model_problem("--reward_model", path, trusted):
         raise UserError(problem)
     tokenizer = load_tokenizer(path, trusted)
     try:

@@ -93,9 +93,9 @@ def load_sequence_classifier(path: str, model_args, config, tokenizer, key: str)
     """A one-label sequence classifier from a full model dir, a classifier's LoRA adapter dir (merged), or a
     causal LM (its backbone, with a new score head); a classifier of several labels exits 2 naming `key`."""
     from hfgen.finetune import load_model, resolved
-    from hfgen.models import reward_labels_problem
+    from hfgen.models import reward_model_problem
 
-    if problem := reward_labels_problem(key, path, config.trust_remote_code):
+    if problem := reward_model_problem(key, path, config.trust_remote_code):
         raise UserError(problem)
 
     adapter_config = Path(path) / "adapter_config.json"

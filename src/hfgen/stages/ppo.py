@@ -274,11 +274,11 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
             problems += check_model_source(key, path, run_first_hint(path), trust_remote_code=config.trust_remote_code)
     if config.reward_model_path and not problems:
         problems += not_a_reward_model(config.reward_model_path, "reward_model_path")
-    if config.value_model_path and not problems:  # a classifier of several labels would not load as one
-        from hfgen.models import reward_labels_problem
+    if config.value_model_path and not problems:  # a classifier of several labels would not load as one, nor an
+        from hfgen.models import reward_model_problem  # adapter whose base changed start from the one it trained
 
-        problems += filter(None, [reward_labels_problem("value_model_path", config.value_model_path,
-                                                        config.trust_remote_code)])  # fmt: skip
+        problems += filter(None, [reward_model_problem("value_model_path", config.value_model_path,
+                                                       config.trust_remote_code)])  # fmt: skip
     if config.value_model_path and not problems:
         from hfgen.models import load_tokenizer
         from hfgen.rl.models import value_vocabulary_problem
