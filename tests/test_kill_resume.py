@@ -502,6 +502,30 @@ def test_a_reward_functions_module_edited_between_a_kill_and_the_resume_is_refus
     assert changed in str(refused.value)
 
 
+def test_a_model_config_file_edited_between_a_kill_and_the_resume_is_refused(tmp_path):
+    # vae/t2i/t2i_flow's vae_config, unet_config, ... (and deepspeed) were not fingerprinted: a vae_config edited
+    # between a kill and the resume (act_fn silu -> gelu) trained the resumed steps on another model, exit 0,
+    # COMPLETE, its config.json saying the new one (probe 42 I1). An inline mapping or None names no file
+    from hfgen import fingerprint
+
+    vae, deepspeed = tmp_path / "vae.json", tmp_path / "ds.json"
+    vae.write_text(json.dumps({"act_fn": "silu", "latent_channels": 4}))
+    deepspeed.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    values = {"stage": "vae", "vae_config": str(vae), "unet_config": {"sample_size": 8, "act_fn": "silu"},
+              "scheduler_config": None, "deepspeed": str(deepspeed)}  # fmt: skip
+    then = fingerprint.recipe_inputs(values, tracking.shapes_training)
+    assert set(then) == {"vae_config", "deepspeed"}
+    checkpoint = fake_checkpoint(tmp_path / "run", {"stage": "vae"}, {"inputs": then})
+    tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values, tracking.shapes_training))
+    vae.write_text(json.dumps({"act_fn": "gelu", "latent_channels": 4}))
+    deepspeed.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(UserError) as refused:
+        tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values, tracking.shapes_training))
+    assert f"deepspeed '{deepspeed}' changed since (its content); vae_config '{vae}' changed since" in str(
+        refused.value
+    )
+
+
 def test_an_input_folder_is_read_whole_up_to_its_budget_then_known_by_its_files_status(tmp_path, monkeypatch):
     # a folder of a million images was read through at every run's start
     import os

@@ -47,8 +47,12 @@ SKIPPED_FOLDERS = re.compile(r"^(checkpoint-\d+|class_images|runs|\..*)$")
 # a folder inside an input folder holding one of these is hfgen's output (rendered images, a merge, a run), not input
 OUTPUT_MARKS = ("hfgen_images.json", "merged_from.json", "recipe.yaml")
 LISTED_FILES = 64  # a folder of up to this many files records each one's fingerprint, so a change can name the file
-# recipe keys whose values name inputs (a path among them is fingerprinted); other keys' strings are never paths
-INPUT_KEY = re.compile(r"(_name_or_path|_path|_name|_dir|_file|_files|^datasets|_dataset|^reward_model|template)$")
+# recipe keys whose values name inputs (a path among them is fingerprinted); other keys' strings are never paths.
+# `*_config` and `deepspeed` name a JSON file or hold an inline mapping (or nothing): vae/t2i/t2i_flow's model
+# configs (vae_config, unet_config, ...) build the model a resume loads its weights into, and so shape training
+INPUT_KEY = re.compile(
+    r"(_name_or_path|_path|_name|_dir|_file|_files|^datasets|_dataset|^reward_model|template|_config|^deepspeed)$"
+)
 NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
 OUTPUT_FOLDER_KEYS = ("output_dir", "logging_dir", "class_data_dir", "pipeline_dir")  # the folders a run writes
 # recipe keys whose values are 'module:function' specs of code that scores the responses a run trains on (or stops on)
