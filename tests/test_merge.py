@@ -265,3 +265,37 @@ def test_an_adapter_trained_on_a_checkpoint_whose_run_was_trained_again_in_place
     assert "model.safetensors" in message and not (tmp_path / "merged_again").exists()
     result = run_hfgen_here("generate", adapter, "--prompt", "the cat", "--max_new_tokens", "2")
     assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr
+
+
+def test_a_merge_of_a_run_trained_on_raw_prompts_is_prompted_raw_once_the_run_dir_moved(tmp_path, capsys):
+    # generate/eval read how the adapter's run prompted its model from that run's records, through merged_from.json's
+    # path: once the run dir was moved or deleted (the usual reason to merge) the merge was prompted in the chat
+    # template, with no note (probe 42 I5). hfgen merge keeps the run's trained_on_chat in merged_from.json
+    from hfgen import tracking
+    from hfgen.generate import wants_chat
+    from hfgen.models import load_tokenizer
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    base = save_tiny_llama(tmp_path / "base")
+    rows = tmp_path / "rows.jsonl"  # plain prompt/completion strings: trained raw
+    rows.write_text("".join(json.dumps({"prompt": f"Describe the {c} fox. Answer: ", "completion": f"the {c} fox."})
+                            + "\n" for c in ("red", "blue", "green", "gray") * 4))  # fmt: skip
+    adapter = tmp_path / "adapter"
+    overrides = ["--model_name_or_path", base, "--output_dir", adapter, "--dataset_name", rows, "--max_steps", "1"]
+    overrides += ["--max_eval_samples", "4", "--eval_strategy", "no", "--save_strategy", "no", "--num_samples", "0"]
+    run_recipe(load_recipe(REPO / "recipes/tiny/sft_lora.yaml", list(map(str, overrides))))
+    assert tracking.read_json(adapter / "eval.json")["trained_on_chat"] is False
+    assert merge(capsys, adapter, "--output_dir", tmp_path / "merged")[0] == 0
+    tokenizer = load_tokenizer(str(tmp_path / "merged"))
+    assert tokenizer.chat_template and not wants_chat(str(tmp_path / "merged"), tokenizer)
+    adapter.rename(tmp_path / "moved")
+    assert not wants_chat(str(tmp_path / "merged"), tokenizer)  # still raw, from merged_from.json
+    # an older merge, which kept no word: prompted in the template, said
+    record = json.loads((tmp_path / "merged/merged_from.json").read_text())
+    del record["trained_on_chat"]
+    (tmp_path / "merged/merged_from.json").write_text(json.dumps(record))
+    assert wants_chat(str(tmp_path / "merged"), tokenizer)
+    assert (
+        "does not record whether its adapter's run prompted its model in the chat template" in capsys.readouterr().err
+    )

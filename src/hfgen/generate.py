@@ -138,17 +138,21 @@ def wants_chat(model_path: str, tokenizer) -> bool:
     on plain prompts), which it answers as it was trained. `--chat` / `--no-chat` decide explicitly."""
     if tokenizer.chat_template is None:
         return False
-    if made_by_run(model_path) is not None:
-        chat = trained_on_chat(model_path)
-        if chat is None:
-            print(
-                f"hfgen: the run that made {model_path} does not record whether it prompted its model in the chat "
-                "template (an older hfgen, or no held-out rows): prompting in the chat template; --no-chat prompts "
-                "raw text",
-                file=sys.stderr,
-            )
-        return chat is not False
-    return any((Path(model_path) / name).is_file() for name in ("adapter_config.json", "merged_from.json"))
+    if (chat := trained_on_chat(model_path)) is not None:
+        return chat
+    merged = (Path(model_path) / "merged_from.json").is_file()
+    if made_by_run(model_path) is not None or merged:
+        unrecorded = (
+            f"the run that made {model_path} does not record whether it prompted its model in the chat template (an "
+            "older hfgen, or no held-out rows)"
+            if made_by_run(model_path) is not None
+            else f"the merge {model_path} does not record whether its adapter's run prompted its model in the chat "
+            "template (an adapter no hfgen run made, or an older hfgen merge whose adapter run is no longer where its "
+            "merged_from.json says)"
+        )
+        print(f"hfgen: {unrecorded}: prompting in the chat template; --no-chat prompts raw text", file=sys.stderr)
+        return True
+    return (Path(model_path) / "adapter_config.json").is_file()
 
 
 def made_by_run(model_path: str) -> Path | None:
@@ -168,8 +172,8 @@ def made_by_run(model_path: str) -> Path | None:
 
 def trained_on_chat(model_path: str) -> bool | None:
     """Whether the hfgen run that made the model prompted it in the chat template, as its eval.json records
-    (`trained_on_chat`: SFT from its rows, the later stages from the prompts they trained on); False for
-    pretraining. SFT records it in data.json too when it starts, for a checkpoint of a run not finished yet. A run
+    (`trained_on_chat`: SFT from its rows, the later stages from the prompts they trained on), or a merge's
+    merged_from.json as `hfgen merge` copied it from the adapter's run; False for pretraining. SFT records it in data.json too when it starts, for a checkpoint of a run not finished yet. A run
     that does not say (an older hfgen's) is read from the layout of its training rows in its data.json: plain text,
     Alpaca or Dolly rows are prompted raw, conversations in the template. None when unknown: no hfgen run made it, or
     neither record tells."""
@@ -177,6 +181,9 @@ def trained_on_chat(model_path: str) -> bool | None:
 
     from hfgen import tracking
 
+    merged = tracking.read_json(Path(model_path) / "merged_from.json", {})
+    if isinstance(merged, dict) and merged.get("trained_on_chat") is not None:  # `hfgen merge` kept its run's word
+        return merged["trained_on_chat"]
     recipe = made_by_run(model_path)
     if recipe is None:
         return None

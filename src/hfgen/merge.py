@@ -56,7 +56,13 @@ def main(args: argparse.Namespace) -> int:
         # look like a run)
         run_recipe = {"recipe": recipe_of(adapter)}
     else:
+        from hfgen.generate import trained_on_chat
+
         save, base = merged_causal_lm(adapter, args.dtype)
+        # how the adapter's run prompted its model, kept with the merge: the run dir is often moved or deleted once
+        # merged, and a model trained on raw prompts would then be prompted in the chat template
+        if (chat := trained_on_chat(str(adapter))) is not None:
+            run_recipe = {"trained_on_chat": chat}
 
     # Written beside, then moved into place: a merge killed half-way leaves no dir that looks like a model.
     partial = output_dir.with_name(output_dir.name + ".partial")
