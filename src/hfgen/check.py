@@ -348,7 +348,13 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
 
     from hfgen.data.formats import row_tools
     from hfgen.data.rendering import without_doubled_bos
-    from hfgen.stages.sft import row_cut, split_prompt_response, tokenize_response, trained_conversation
+    from hfgen.stages.sft import (
+        keep_end_ignored,
+        row_cut,
+        split_prompt_response,
+        tokenize_response,
+        trained_conversation,
+    )
 
     fatal = []
     rows, bos_note = without_doubled_bos(rows, tokenizer)  # as `hfgen train` feeds SFTTrainer
@@ -381,11 +387,14 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
 
     cut_at = row_cut(training_args)[0]  # None where training cuts no row (packing_strategy bfd_split, wrapped)
     examples, fully_masked, with_eos, mismatched, cut_before_eos = [], 0, 0, 0, 0
+    ends_lost = 0  # rows the packer cuts from their start under truncation_mode: keep_end (`keep_end_ignored`)
     for row in rows:
         prompt, response = split_prompt_response(row, "text")
         if response is None:
             continue
         ids, trained = trained_tokens(row, prompt, response, truncate=True)
+        if keep_end_ignored(training_args):
+            ends_lost += len(trained_tokens(row, prompt, response, truncate=False)[0]) > cut_at
         if not any(trained):
             fully_masked += 1
             continue
@@ -411,6 +420,13 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
     lines.append(f"rows with EOS inside the labels: {with_eos} of {total - fully_masked}")
     if chat:
         lines.append(f"rows whose generation prompt differs from the training rendering: {mismatched}")
+    if ends_lost:
+        fatal.append(
+            f"truncation_mode: keep_end with packing: true: {ends_lost} of {total} rows are longer than max_length="
+            f"{cut_at}, and TRL's packing cuts them from their start (keeps their first tokens) whatever "
+            "truncation_mode says, so the ends keep_end asks for would not train: set packing: false to keep the "
+            "ends, truncation_mode: keep_start, or a max_length that holds the rows"
+        )
     if share_masked > MAX_FULLY_MASKED:
         fatal.append(
             f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="

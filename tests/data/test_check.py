@@ -644,9 +644,17 @@ def test_truncation_mode_keep_end_with_packing_exits_2_as_the_packer_cuts_rows_f
     # system prompt trained no token and answers were cut before their EOS, while the check reported 0% fully masked
     from trl import SFTConfig
 
-    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--max_length", 64, "--packing", "true",
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in long_prompt_rows(12)))
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--dataset_name", data, "--max_length", 32,
+                         "--packing", "true", "--truncation_mode", "keep_end", "--assistant_only_loss", "false")  # fmt: skip
+    assert code == 2 and "truncation_mode: keep_end with packing: true" in err, err
+    assert "rows are longer than max_length=32" in err, err
+    # rows that fit are cut by neither: the combination trains what it says (it was refused whatever the rows, review
+    # 42 #1)
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", tiny_lm, "--max_length", 1024, "--packing", "true",
                          "--truncation_mode", "keep_end")  # fmt: skip
-    assert code == 2 and "truncation_mode: keep_end with packing: true" in err and "max_length=64" in err, err
+    assert code == 0, err
 
     from hfgen.stages.sft import row_cut
 

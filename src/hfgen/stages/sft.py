@@ -76,14 +76,6 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
             "it): set packing: true, or max_length: null to train rows at their full length"
         )
-    cutting_packer = training_args.packing and training_args.packing_strategy not in UNCUT_PACKING
-    if cutting_packer and training_args.truncation_mode == "keep_end" and training_args.max_length:
-        problems.append(  # TRL's packing cuts from the start without a word (pack_dataset), its truncation skipped
-            f"truncation_mode: keep_end with packing: true: TRL's packing cuts every row longer than max_length="
-            f"{training_args.max_length} from its start (keeps its first tokens) whatever truncation_mode says, so "
-            "the ends keep_end asks for would not train: set packing: false to keep the ends, or truncation_mode: "
-            "keep_start"
-        )
     tokenizer, tokenizer_problems = None, []
     if not problems:  # the template every row must render with (a row it refuses is named in the file by the load)
         try:
@@ -277,6 +269,14 @@ def split_prompt_response(row: dict, text_field: str):
 # TRL's packing strategies that cut no row: bfd_split packs a long row's overflow as further documents, wrapped
 # concatenates every row and cuts the stream into max_length rows; every token trains either way
 UNCUT_PACKING = ("bfd_split", "wrapped")
+
+
+def keep_end_ignored(training_args) -> bool:
+    """truncation_mode: keep_end under a packing that cuts rows: TRL's packer cuts a row longer than max_length from
+    its start (keeps its first tokens) whatever truncation_mode says (`pack_dataset`, its truncation skipped), so the
+    ends keep_end asks for would not train. The check refuses it when a row is that long (`check_sft_rendering`)."""
+    cutting_packer = training_args.packing and training_args.packing_strategy not in UNCUT_PACKING
+    return bool(cutting_packer and training_args.truncation_mode == "keep_end" and training_args.max_length)
 
 
 def row_cut(training_args) -> tuple[int | None, bool]:
