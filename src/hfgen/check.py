@@ -333,11 +333,30 @@ def sft_rendering(rows, model_args, training_args, source: str, tokenizer=None) 
     from hfgen.data.prepare import shared_once
     from hfgen.finetune import tokenizer_for
 
+    training_args = within_learned_positions(model_args, training_args)
     key = ("sft rendering", rows._fingerprint, len(rows), repr(model_args), repr(training_args), source)
     return shared_once(
         key,
         lambda: check_sft_rendering(rows, tokenizer or tokenizer_for(model_args, training_args), training_args, source),
     )
+
+
+def within_learned_positions(model_args, training_args):
+    """`training_args`, or a copy whose max_length is lowered to the model's learned positions (GPT-2, OPT) as `hfgen
+    train` lowers it once the model has loaded (`models.fit_max_length`, null too), read from its config: the check
+    judges the rows at the length they will be cut to."""
+    import copy
+
+    from hfgen.models import position_limit, read_config
+
+    config = read_config(model_args.model_name_or_path, training_args.trust_remote_code)
+    limit = position_limit(config) if config is not None else None
+    if not limit or (training_args.max_length is not None and training_args.max_length <= limit):
+        return training_args
+    lowered = copy.copy(training_args)
+    lowered.max_length = limit
+    lowered.learned_positions = f"{limit} positions {config.model_type} models learn"  # (for the messages)
+    return lowered
 
 
 def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data") -> tuple[list[str], list[str]]:
@@ -427,16 +446,20 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
             "truncation_mode says, so the ends keep_end asks for would not train: set packing: false to keep the "
             "ends, truncation_mode: keep_start, or a max_length that holds the rows"
         )
+    raise_it = "raise max_length"
+    if positions := getattr(training_args, "learned_positions", None):  # max_length lowered to them: no higher
+        raise_it = (f"max_length is the {positions} (lowered to them, as training lowers it): shorten the rows, or "
+                    "use a model with more positions")  # fmt: skip
     if share_masked > MAX_FULLY_MASKED:
         fatal.append(
             f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="
-            f"{cut_at}: raise max_length"
+            f"{cut_at}: {raise_it}"
         )
     if total > fully_masked and with_eos == 0 and cut_before_eos:
         fatal.append(
             f"EOS ('{tokenizer.eos_token}') is inside no row's labels: max_length={cut_at} cuts "
             f"{cut_before_eos} of {total - fully_masked} rows before their EOS (uncut, their labels hold it), so the "
-            "model would never learn to stop: raise max_length"
+            f"model would never learn to stop: {raise_it}"
         )
     elif total > fully_masked and with_eos == 0:
         end = turn_end_token(tokenizer) if chat else None

@@ -688,3 +688,19 @@ def test_packing_strategies_that_cut_no_row_drop_none_for_its_length(tiny_lm, tm
         records = {}
         assert len(drop_fully_masked(Dataset.from_list(rows), tokenizer, args, records)) == len(rows), strategy
         assert records == {}, records  # nothing counted as dropped
+
+
+def test_the_check_cuts_rows_at_the_learned_positions_training_lowers_max_length_to(tmp_path, capsys):
+    # on GPT-2 (256 learned positions) the check judged the rows at the recipe's max_length (1024: 0% cut) while
+    # training lowers it to 256 first, then refused the run after the model loaded, saying "raise max_length"
+    from tiny_models import save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    rows = [{"prompt": "question " + " ".join(["the red cat sat by the river"] * 50) + f" {i} ?",
+             "completion": " answer the cat is red end"} for i in range(12)]  # fmt: skip
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, _, err = check(capsys, SFT_FULL, "--model_name_or_path", gpt2, "--dataset_name", data,
+                         "--max_length", 1024, "--assistant_only_loss", "false")  # fmt: skip
+    assert code == 2 and "fully masked labels after truncation at max_length=256" in err, err
+    assert "max_length is the 256 positions gpt2 models learn" in err and "raise max_length" not in err
