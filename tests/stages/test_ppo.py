@@ -1091,3 +1091,23 @@ def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of
     result = run_hfgen_here("check", write_recipe(tmp_path, model, reward_functions=[ORACLE]))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ends assistant turns with '<|end|>', which is not a token generation stops at" in result.stdout
+
+
+def test_the_check_keeps_prompts_within_the_room_response_length_leaves_in_learned_positions(tmp_path):
+    # on GPT-2 (256 learned positions) the check judged the prompts against max_prompt_length (256) while the run
+    # lowers it to 256 - response_length: the check passed, then the run refused after loading the models, saying to
+    # raise max_prompt_length, which changes nothing (probe 42 E6, PPO)
+    from tiny_models import save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    prompt = " ".join(["the red cat sat by the river"] * 30)  # ~210 tokens: over 256 - 64, within 256
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} {prompt}"}) + "\n" for i in range(12)))
+    recipe = write_recipe(tmp_path, gpt2, reward_functions=[ORACLE], dataset_name=str(prompts), response_length=64,
+                          max_prompt_length=256)  # fmt: skip
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "prompts are longer than 192 tokens, the room response_length=64 leaves in the 256 positions" in (
+        result.stderr
+    )
+    assert "lower response_length" in result.stderr and "raise max_prompt_length" not in result.stderr

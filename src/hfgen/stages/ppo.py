@@ -39,6 +39,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, NamedTuple
 
 import torch
@@ -59,7 +60,7 @@ from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_pro
 from hfgen.finetune import check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
 from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
-from hfgen.models import check_model_source, fit_max_length, not_a_reward_model
+from hfgen.models import check_model_source, fit_max_length, not_a_reward_model, position_limit, read_config
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, scored_figure, step_metrics
@@ -410,15 +411,35 @@ def prompt_length_problems(model_args, data_args, config, splits, records: dict 
     from hfgen.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
+    policy_config = read_config(model_args.model_name_or_path, config.trust_remote_code)
+    room = data_args.max_prompt_length  # the limit the run keeps them within: lowered to a model's learned positions
+    try:
+        if policy_config is not None:
+            room = prompt_room(SimpleNamespace(config=policy_config), room, config.response_length)
+    except UserError as error:
+        return [str(error)]
     for rows, split in zip(splits[:2], ("train", "eval")):
         rows = rows if records is not None else rows.select(range(min(ROWS_CHECKED, len(rows))))
         try:
             prompts = prepare_prompts(rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
-            drop_long_prompts(tokenizer, prompts, data_args.max_prompt_length,
-                              {} if records is None else records, split)  # fmt: skip
+            drop_long_prompts(tokenizer, prompts, room, {} if records is None else records, split,
+                              *prompt_limit_words(room, data_args, config, policy_config))  # fmt: skip
         except UserError as error:
             return [str(error)]
     return []
+
+
+def prompt_limit_words(room: int, data_args, config, policy_config) -> tuple[str, str]:
+    """(the prompt limit in words, what to change) for `drop_long_prompts`: max_prompt_length's own, unless
+    `prompt_room` lowered it to what response_length leaves in a model's learned positions (raising
+    max_prompt_length would change nothing)."""
+    if room == data_args.max_prompt_length:
+        return "", ""
+    return (
+        f"{room} tokens, the room response_length={config.response_length} leaves in the "
+        f"{position_limit(policy_config)} positions {policy_config.model_type} models learn",
+        "lower response_length",
+    )
 
 
 def scheduler_problems(name: str) -> list[str]:
@@ -471,7 +492,14 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     eval_rows = prepare_prompts(eval_rows, data_args, tokenizer, model_path=model_args.model_name_or_path)
     # (the rows within max_prompt_length, and their token ids: the prompts are rendered and tokenized once)
     (train_rows, train_queries), (eval_rows, _) = (
-        drop_long_prompts(tokenizer, rows, max_prompt_length, data_records, split)
+        drop_long_prompts(
+            tokenizer,
+            rows,
+            max_prompt_length,
+            data_records,
+            split,
+            *prompt_limit_words(max_prompt_length, data_args, config, policy.config),
+        )  # fmt: skip
         for rows, split in ((train_rows, "train"), (eval_rows, "eval"))
     )
     fit_max_length(policy, config, "ptx_max_length")
