@@ -864,6 +864,14 @@ def read_config(name: str | None, trust_remote_code: bool = False):
         return None
 
 
+def max_length_as_trained(name: str | None, trust_remote_code: bool, max_length: int | None) -> int | None:
+    """`max_length` as training will have it once the model `name` loads (`fit_max_length`: lowered to its learned
+    positions, null too), read from its config: what a check judges the rows at."""
+    config = read_config(name, trust_remote_code)
+    limit = position_limit(config) if config is not None else None
+    return limit if limit and (max_length is None or max_length > limit) else max_length
+
+
 def fit_max_length(model, args, key: str = "max_length") -> None:
     """Lower `args.<key>` (the longest row a Trainer stage keeps) to the model's `position_limit`, saying so: TRL's
     default (1024) is longer than a BERT reward model or a small GPT-2 can read, and the rows it keeps would crash

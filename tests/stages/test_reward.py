@@ -401,3 +401,19 @@ def test_a_reward_lora_checkpoint_whose_base_was_trained_again_in_place_is_refus
         result = run_hfgen_here("check", tmp_path / f"{stage}.yaml")
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert f"reward_model_path {changed}" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_check_measures_pairs_at_the_learned_positions_training_lowers_max_length_to(tmp_path):
+    # on GPT-2 (256 learned positions) the check measured the pairs at the recipe's max_length (1024: none too long)
+    # while training lowers it to 256 first, then refused the run once the model had loaded (probe 42 E6, reward)
+    from tiny_models import save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    prompt = " ".join(["the red cat sat by the river"] * 45)  # ~300 tokens
+    pairs = [{"prompt": f"{i} {prompt}", "chosen": " the cat is red.", "rejected": " the dog is blue."}
+             for i in range(12)]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    result = run_hfgen_here("check", REWARD, "--model_name_or_path", gpt2, "--dataset_name", data,
+                            "--max_length", "1024", "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2 and "pairs are longer than max_length=256 tokens" in result.stderr, result.stderr

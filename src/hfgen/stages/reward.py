@@ -76,10 +76,17 @@ def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: 
 
         if new_tokens := new_template_tokens_problems(model_args, training_args, tokenizer):
             return [*problems, *new_tokens]
+        from hfgen.models import max_length_as_trained
+
+        # at the length training will cut at: lowered to a model's learned positions (GPT-2's: 1024 passed here,
+        # then the run refused once the model had loaded)
+        max_length = max_length_as_trained(
+            model_args.model_name_or_path, training_args.trust_remote_code, training_args.max_length
+        )
         for rows, split in zip(loaded[:2], ("train", "eval")):
             try:
-                tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, training_args.max_length,
-                                {}, split)  # fmt: skip
+                tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, max_length, {},
+                                split)  # fmt: skip
             except UserError as error:
                 problems.append(str(error))
     return problems
