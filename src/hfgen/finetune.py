@@ -378,9 +378,10 @@ def saving_whole_models(trainer_class):
       it the run ended COMPLETE with DeepSpeed's shards (global_step*/) and no weights. It is set before the engine
       starts. The checkpoints keep DeepSpeed's shards too, which a resume reads.
     - under FSDP the Trainer saves a model only with `state_dict_type: FULL_STATE_DICT`; with SHARDED_STATE_DICT (as
-      recipes/accelerate/fsdp.yaml ships) it saved nothing, and the run ended COMPLETE without a model. The whole
-      state dict is gathered then as it is for FULL_STATE_DICT (accelerate's `get_state_dict` gathers every shard
-      whatever the type); the checkpoints keep the sharded state a resume reads (`save_fsdp_model`).
+      recipes/accelerate/fsdp.yaml ships) it saved nothing, and the run ended COMPLETE without a model. The final
+      save gathers the whole state dict as it is for FULL_STATE_DICT (accelerate's `get_state_dict` gathers every
+      shard whatever the type); the checkpoints keep the sharded state alone, which a resume reads
+      (`save_fsdp_model`), as a sharded state dict asks (no gather to one process at every save_steps).
     - tied weights (embeddings and LM head) are written once, as under DDP: under ZeRO-2 and FSDP2 the Trainer hands
       `_save` a whole state dict with a copy per name (`loop.tied_as_in`)."""
     from hfgen import loop
@@ -396,8 +397,12 @@ def saving_whole_models(trainer_class):
                 plugin.zero3_save_16bit_model = True
 
         def save_model(self, output_dir=None, _internal_call=False):
-            if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
-                self.accelerator.state.fsdp_plugin.state_dict_type
+            # (a checkpoint's save, `_internal_call`, keeps the sharded state alone: gathering every save_steps is
+            # what a sharded state dict is chosen to avoid; the checkpoint's model shards are saved for the resume)
+            if (
+                self.is_fsdp_enabled
+                and not _internal_call
+                and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
             ):
                 self._save(output_dir or self.args.output_dir, state_dict=self.accelerator.get_state_dict(self.model))
                 if self.args.push_to_hub and not _internal_call:  # as the Trainer's own save_model does
