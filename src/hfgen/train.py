@@ -84,6 +84,11 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.data.loading import datasets_cache_unwritable_exits_2
     from hfgen.data.prepare import shared_loads
 
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # a launch's other processes on this machine
+        from hfgen.evaluation.command import quiet_libraries
+
+        quiet_libraries()  # one set of data and loading bars per machine, as the Trainer's and log lines
+
     # The run trains on the data its recipe's check loaded, read once. A full disk is the run's own message (it is
     # unfinished, and how to continue it), or, met by datasets' cache (the check's, the stage's tokenization), the
     # cache's, as is a read-only cache.

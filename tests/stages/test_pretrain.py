@@ -88,6 +88,8 @@ def test_two_processes_end_with_identical_weights_and_exact_eval_loss(tmp_path, 
     fingerprints = [(tmp_path / f"weights-rank{r}.sha256").read_text() for r in (0, 1)]
     assert fingerprints[0] == fingerprints[1]
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+    # the train and eval splits' packing bars once, not once per process (probe 42 D6)
+    assert result.stderr.replace("\r", "\n").count("packing:   0%") == 2, result.stderr[-3000:]
     # The final eval_loss is the mean over every held-out block once, as the initial one, though the blocks do not
     # split evenly over 2 processes x 4 (accelerate pads the last batch with copies, which trainer.evaluate() counts)
     recipe = load_recipe(PRETRAIN, overrides)
@@ -184,6 +186,8 @@ def test_hfgen_train_spawns_accelerate_when_asked(tmp_path, free_port):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2
+    # the train and eval splits' packing bars once, not once per process (probe 42 D6)
+    assert result.stderr.replace("\r", "\n").count("packing:   0%") == 2, result.stderr[-3000:]
     assert (tmp_path / "weights-rank1.sha256").read_text() == (tmp_path / "weights-rank0.sha256").read_text()
 
 
