@@ -4,9 +4,9 @@ ORPO, SimPO, and `hfgen compare` for PPO too).
 Both policies answer the same held-out prompts, `samples_per_prompt` times each, with the same random numbers
 (common random numbers: the comparison is less noisy than two independent draws); each sample's numbers come from
 its place in the whole list, so a prompt's answers do not depend on how many processes share the prompts. Each
-response is judged by the learned reward model and/or an oracle function; the figures are the mean scores of both policies, the tuned
-policy's win rate over SFT per judge (ties count half), KL(tuned || SFT) per response (k1 summed over the tuned
-policy's own response tokens), response length, EOS rate and diversity (distinct-n, self-BLEU).
+response is judged by the learned reward model and/or an oracle function; the figures are the mean scores of both
+policies, the tuned policy's win rate over SFT per judge (ties count half), KL(tuned || SFT) per response (k1 summed
+over the tuned policy's own response tokens), response length, EOS rate and diversity (distinct-n, self-BLEU).
 
 PPO's final evaluation is this comparison too. The pieces are PPO's: `hfgen.rl.rollout` samples (KV-cached
 `generate`, with `hfgen.rl.models`' pinned sampling config) and scores, and `hfgen.evaluation.text` gives win rates

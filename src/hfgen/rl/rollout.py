@@ -129,9 +129,8 @@ def sample_responses(
     draws_here = seeds is not None or not narrows_sampling(generation_config)
     if draws_here:
         generation_config = copy.deepcopy(generation_config)
-        generation_config.update(
-            do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None
-        )  # greedy picks the draw
+        # greedy picks the draw
+        generation_config.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None)
         if narrows_sampling(generation_config):  # a caller's bug: the seeded draw has no top-k, min-p, ...
             raise ValueError("seeded sampling draws by temperature and top-p only")
     pieces = []
