@@ -117,7 +117,8 @@ def check_preference_data(
     if tokenizer is not None and not problems and data_args.eval_samples_per_prompt and data_args.eval_num_prompts:
         try:  # the comparison's prompts within a model's learned positions, as the run keeps them
             room = held_out_prompt_room(read_config(model, trust_remote_code), data_args)
-            fitting_held_out_prompts(tokenizer, held_out_prompts(data_args, loaded[1]), room, data_args, {})
+            prompts = held_out_prompts(data_args, with_explicit_prompt(loaded[1]))  # (as the run reads them)
+            fitting_held_out_prompts(tokenizer, prompts, room, data_args, {})
         except UserError as error:
             problems.append(str(error))
     if data_args.reward_model_path:
@@ -336,24 +337,29 @@ def drop_truncated_identical_pairs(tokenizer, splits, records: dict, training_ar
     return kept
 
 
+def with_explicit_prompt(rows):
+    """Pairs whose prompt is implicit (the conversations' shared prefix; a text prompt beside conversations that hold
+    it was dropped by the converter) with it as a `prompt` column, as TRL extracts it."""
+    from trl.data_utils import maybe_extract_prompt
+
+    if "chosen" in rows.column_names and "prompt" not in rows.column_names:
+        return rows.map(maybe_extract_prompt)
+    return rows
+
+
 def load_preference_splits(
     data_args: PreferenceDataArguments, seed: int, unpaired_ok: bool = False, tokenizer=None, training_args=None
 ):
     """(train, eval, data records): rows in the stage's layout (hfgen.data.formats: pairs, or for KTO also unpaired
     rows; chosen == rejected pairs dropped and counted, also those equal once cut to max_length when `tokenizer` and
     `training_args` are given) with an explicit prompt (extracted from the shared prefix when implicit)."""
-    from trl.data_utils import maybe_extract_prompt
-
     train, evaluation, records = load_for_stage(data_args, data_kind(unpaired_ok), seed=seed)
     splits = []
     for rows in (train, evaluation):
         # only the pair's columns: TRL reads a `messages` column beside them (UltraFeedback-binarized has one) as
         # another layout, and ORPO's and CPO's trainers stop on it
         rows = rows.select_columns([c for c in (*PREFERENCE_COLUMNS, TOOLS_COLUMN) if c in rows.column_names])
-        # (a text prompt beside conversations that hold it was dropped by the converter: TRL's implicit prompt)
-        if "chosen" in rows.column_names and "prompt" not in rows.column_names:
-            rows = rows.map(maybe_extract_prompt)
-        splits.append(rows)
+        splits.append(with_explicit_prompt(rows))
     if tokenizer is not None:  # the prompt, plain text, is tokenized with the special tokens (TRL's trainers)
         splits = list(splits_without_doubled_bos(*splits, tokenizer, records, ("prompt",)))
     if tokenizer is not None and training_args is not None:
