@@ -102,27 +102,33 @@ def disk_full(error: BaseException | None, directory: Path | None = None) -> boo
     import errno
     import shutil
 
-    while error is not None:
-        text = str(error)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in text:
+    for link in error_chain(error):
+        text = str(link)
+        if isinstance(link, OSError) and link.errno == errno.ENOSPC or "No space left on device" in text:
             return True
         if "unexpected pos" in text and directory is not None:
             try:
                 return shutil.disk_usage(directory).free < 64 * 2**20
             except OSError:
                 return False
-        error = error.__cause__ or error.__context__
     return False
 
 
 def written_file(error: BaseException) -> str | None:
     """The file a failed write was writing, as its OSError in the chain names it: a copy's destination
     (`filename2`), not its source (`filename`)."""
-    while error is not None:
-        if isinstance(error, OSError) and (error.filename2 or error.filename):
-            return str(error.filename2 or error.filename)
-        error = error.__cause__ or error.__context__
+    for link in error_chain(error):
+        if isinstance(link, OSError) and (link.filename2 or link.filename):
+            return str(link.filename2 or link.filename)
     return None
+
+
+def error_chain(error: BaseException | None):
+    """`error`, then the error it was raised from or while handling, and so down the chain: a library's error wraps
+    the OSError that says what happened (safetensors', torch's, datasets')."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from hfgen.errors import UserError
+from hfgen.errors import UserError, error_chain
 from hfgen.models import relative_to_cwd
 
 FILE_BUILDERS = {
@@ -245,13 +245,12 @@ def datasets_cache_full(error: BaseException) -> bool:
     import datasets
 
     package = str(Path(datasets.__file__).parent)
-    frames, chained = [], error
-    while chained is not None:  # every frame of the chain: datasets' cleanup raised while handling the first error
+    frames = []
+    for chained in error_chain(error):  # every frame of the chain: datasets' cleanup raised while handling the first
         traceback = chained.__traceback__
         while traceback is not None:
             frames.append(traceback.tb_frame)
             traceback = traceback.tb_next
-        chained = chained.__cause__ or chained.__context__
     theirs = [frame for frame in frames if frame.f_code.co_filename.startswith(package)]
     for frame in theirs:  # the writing frame's own tempfile, by its name (no other process's)
         name = getattr(frame.f_locals.get("tmp_file"), "name", None)
@@ -266,12 +265,11 @@ def refused_cache_write(error: BaseException, cache: Path) -> OSError | None:
     would be made in (~/.cache when HOME is read-only)."""
     import errno
 
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and error.filename:
-            file = Path(os.path.abspath(error.filename))
+    for link in error_chain(error):
+        if isinstance(link, OSError) and link.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and link.filename:
+            file = Path(os.path.abspath(link.filename))
             if file == cache or cache in file.parents or file in cache.parents:
-                return error
-        error = error.__cause__ or error.__context__
+                return link
     return None
 
 
