@@ -24,6 +24,17 @@ def refused(capsys, *argv) -> str:
     return error
 
 
+def refused_spawn(capsys, tmp_path, monkeypatch, launch: dict) -> str:
+    """The refusal of `hfgen train PRETRAIN --num_processes 2` under a launch config of CPU_2PROC's with `launch`'s
+    keys (CPU processes, output under tmp_path/run)."""
+    import yaml
+
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(yaml.safe_load(CPU_2PROC.read_text()) | launch))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    run = ["--output_dir", tmp_path / "run"]
+    return refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+
+
 def test_a_deepspeed_launch_with_accelerate_use_cpu_exits_2_before_any_model_loads(tmp_path, monkeypatch, capsys):
     # the environment `accelerate launch --use_deepspeed` gives each process, with ACCELERATE_USE_CPU=true: the
     # Trainer-based stages crashed after the model loaded ('weight' must be 2-D), leaving an output dir
@@ -162,14 +173,8 @@ def test_spawning_with_a_launch_config_asking_for_another_precision_is_refused_b
     # recipe under it; refused once here
     import os
 
-    import yaml
-
-    config = yaml.safe_load(CPU_2PROC.read_text()) | {"mixed_precision": "bf16"}
-    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    run = ["--output_dir", tmp_path / "run"]
-    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+    error = refused_spawn(capsys, tmp_path, monkeypatch, {"mixed_precision": "bf16"})
     assert error.count("the launch asks for mixed precision bf16") == 1 and "(bf16: false)" in error
     assert not (tmp_path / "run").exists() and "ACCELERATE_MIXED_PRECISION" not in os.environ
 
@@ -214,14 +219,9 @@ def test_spawning_with_a_launch_config_asking_for_torch_compile_is_refused_befor
 ):
     # the dynamo_config of the launch config (or of the default accelerate config) becomes each process's
     # ACCELERATE_DYNAMO_BACKEND: refused once here, as the processes would see it
-    import yaml
 
-    config = yaml.safe_load(CPU_2PROC.read_text()) | {"dynamo_config": {"dynamo_backend": "INDUCTOR"}}
-    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
-    run = ["--output_dir", tmp_path / "run"]
-    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+    error = refused_spawn(capsys, tmp_path, monkeypatch, {"dynamo_config": {"dynamo_backend": "INDUCTOR"}})
     assert error.count("ACCELERATE_DYNAMO_BACKEND=inductor") == 1 and "torch_compile: false" in error
     assert not (tmp_path / "run").exists() and "ACCELERATE_DYNAMO_BACKEND" not in os.environ
 
@@ -229,13 +229,8 @@ def test_spawning_with_a_launch_config_asking_for_torch_compile_is_refused_befor
 def test_a_launch_config_accelerate_refuses_exits_2_naming_it(tmp_path, monkeypatch, capsys):
     # a key accelerate's launcher does not know (gradient_accumulation_steps) passed hfgen's checks, then raised
     # accelerate's ValueError as a traceback from the launcher, exit 1
-    import yaml
 
-    config = yaml.safe_load(CPU_2PROC.read_text()) | {"gradient_accumulation_steps": 4}
-    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    run = ["--output_dir", tmp_path / "run"]
-    error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", tmp_path / "launch.yaml", *run)
+    error = refused_spawn(capsys, tmp_path, monkeypatch, {"gradient_accumulation_steps": 4})
     assert f"--launch_config '{tmp_path / 'launch.yaml'}': accelerate refuses it" in error
     assert "gradient_accumulation_steps" in error and not (tmp_path / "run").exists()
 
