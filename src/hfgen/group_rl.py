@@ -47,7 +47,7 @@ from hfgen.data.rendering import without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
 from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
-from hfgen.models import check_model_source, not_a_reward_model, position_limit, read_config
+from hfgen.models import answer_room, check_model_source, not_a_reward_model, position_limit, read_config
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
@@ -189,15 +189,9 @@ def prompt_room(model_config, config) -> int | None:
     with learned position embeddings (`position_limit`: GPT-2, OPT); None for a model without that limit. TRL's
     GRPO and RLOO have no prompt limit, and a prompt + completion past those positions fails in the position lookup
     at the first generation (a raw IndexError). A max_completion_length that leaves no room is refused."""
-    limit = position_limit(model_config)
-    if not limit or not config.max_completion_length:
+    if not config.max_completion_length:
         return None
-    if config.max_completion_length >= limit:
-        raise UserError(
-            f"max_completion_length {config.max_completion_length} leaves no room for a prompt in the {limit} "
-            f"positions {model_config.model_type} models learn: lower max_completion_length"
-        )
-    return limit - config.max_completion_length
+    return answer_room(model_config, "max_completion_length", config.max_completion_length)
 
 
 def drop_unanswerable_prompts(tokenizer, rows, room: int | None, model_config, config, records: dict, split: str):

@@ -838,6 +838,22 @@ def position_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def answer_room(config, key: str, answer_tokens: int, prompt: str = "a prompt") -> int | None:
+    """The longest prompt a model with learned position embeddings (`position_limit`: GPT-2, OPT) can answer
+    `answer_tokens` tokens after (the recipe's `key`: PPO's response_length, GRPO's max_completion_length, the
+    held-out comparison's eval_response_length) within its positions; None for a model without that limit (or no
+    config). Answers that fill the positions are refused, naming `key`."""
+    limit = position_limit(config) if config is not None else None
+    if not limit:
+        return None
+    if answer_tokens >= limit:
+        raise UserError(
+            f"{key} {answer_tokens} leaves no room for {prompt} in the {limit} positions {config.model_type} models "
+            f"learn: lower {key}"
+        )
+    return limit - answer_tokens
+
+
 def reads_last_token(config) -> bool:
     """Whether a sequence classifier of this config reads each sequence's last token (a decoder's head: Llama, GPT-2,
     Qwen, OPT, XLNet...), rather than pooling its first ([CLS]: BERT, RoBERTa, DeBERTa, ModernBERT) or its EOS (BART,

@@ -40,7 +40,7 @@ from hfgen.data.rendering import splits_without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
-from hfgen.models import check_model_source, not_a_reward_model, position_limit, read_config
+from hfgen.models import answer_room, check_model_source, not_a_reward_model, read_config
 
 
 @dataclass
@@ -388,15 +388,7 @@ def held_out_prompt_room(model_config, data_args) -> int | None:
     """The longest held-out prompt the comparison can answer eval_response_length tokens after: within the positions
     of a model with learned position embeddings (GPT-2, OPT: `position_limit`), past which generation fails with an
     IndexError after the training; None (every prompt, as `hfgen eval` samples them) for any other."""
-    limit = position_limit(model_config) if model_config is not None else None
-    if not limit:
-        return None
-    if data_args.eval_response_length >= limit:
-        raise UserError(
-            f"eval_response_length {data_args.eval_response_length} leaves no room for a held-out prompt in the "
-            f"{limit} positions {model_config.model_type} models learn: lower eval_response_length"
-        )
-    return limit - data_args.eval_response_length
+    return answer_room(model_config, "eval_response_length", data_args.eval_response_length, "a held-out prompt")
 
 
 def fitting_held_out_prompts(tokenizer, prompts: list, room: int | None, data_args, records: dict) -> list:

@@ -282,19 +282,15 @@ def make_generation_config(
 def prompt_room(policy, max_prompt_length: int, response_length: int) -> int:
     """The longest prompt PPO keeps: `max_prompt_length`, lowered (and said) so that prompt + response fit in the
     positions a model with learned position embeddings can read (`hfgen.models.position_limit`: GPT-2, OPT)."""
-    from hfgen.models import position_limit
+    from hfgen.models import answer_room
 
-    limit = position_limit(policy.config)
-    if not limit or max_prompt_length + response_length <= limit:
+    room = answer_room(policy.config, "response_length", response_length)
+    if room is None or max_prompt_length <= room:
         return max_prompt_length
-    if response_length >= limit:
-        raise UserError(
-            f"response_length {response_length} leaves no room for a prompt in the {limit} positions "
-            f"{policy.config.model_type} models learn: lower response_length"
-        )
-    print(f"max_prompt_length {max_prompt_length} + response_length {response_length} is more than the {limit} "
-          f"positions {policy.config.model_type} models learn: prompts over {limit - response_length} tokens are dropped")  # fmt: skip
-    return limit - response_length
+    print(f"max_prompt_length {max_prompt_length} + response_length {response_length} is more than the "
+          f"{room + response_length} positions {policy.config.model_type} models learn: prompts over {room} tokens "
+          "are dropped")  # fmt: skip
+    return room
 
 
 MAX_LONG_PROMPTS = 0.5  # a larger share of prompts over max_prompt_length: the limit is wrong for the data
