@@ -173,10 +173,10 @@ def made_by_run(model_path: str) -> Path | None:
 def trained_on_chat(model_path: str) -> bool | None:
     """Whether the hfgen run that made the model prompted it in the chat template, as its eval.json records
     (`trained_on_chat`: SFT from its rows, the later stages from the prompts they trained on), or a merge's
-    merged_from.json as `hfgen merge` copied it from the adapter's run; False for pretraining. SFT records it in data.json too when it starts, for a checkpoint of a run not finished yet. A run
-    that does not say (an older hfgen's) is read from the layout of its training rows in its data.json: plain text,
-    Alpaca or Dolly rows are prompted raw, conversations in the template. None when unknown: no hfgen run made it, or
-    neither record tells."""
+    merged_from.json as `hfgen merge` copied it from the adapter's run; False for pretraining. The stages record it
+    in data.json too when they start, for a checkpoint of a run not finished yet. A run that does not say (an older
+    hfgen's) is read from the layout of its training rows in its data.json: plain text, Alpaca or Dolly rows are
+    prompted raw, conversations in the template. None when unknown: no hfgen run made it, or neither record tells."""
     import yaml
 
     from hfgen import tracking
