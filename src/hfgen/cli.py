@@ -153,14 +153,15 @@ def deepspeed_logs_to_stderr() -> None:
     a machine without a GPU its import warns 'Setting accelerator to CPU', which landed beside a command's result
     (`MERGED=$(hfgen merge ...)` got two lines). A filter on its logger writes each record to stderr instead and
     stops it there; set before deepspeed is imported (its import adds the stdout handler) or after, and without
-    importing it (seconds)."""
+    importing it (seconds). Each record goes to the sys.stderr of its moment: set once per process, a handler made
+    with the first command's stderr wrote to a closed stream once a caller had replaced it (hfgen.cli.main called
+    again in one process: a notebook, the tests' captured output), printing logging's own error and traceback."""
     import logging
 
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter(DEEPSPEED_LOG_FORMAT))
+    formatter = logging.Formatter(DEEPSPEED_LOG_FORMAT)
 
     def on_stderr(record: logging.LogRecord) -> bool:
-        stderr.handle(record)
+        print(formatter.format(record), file=sys.stderr)
         return False  # (not to its stdout handler)
 
     logger = logging.getLogger("DeepSpeed")
