@@ -404,6 +404,11 @@ def test_a_resume_under_other_package_versions_than_its_checkpoints_says_so(tmp_
         f"checkpoint-4 was written under other package versions (transformers 4.40.0 -> {versions['transformers']})"
     )
     assert changed in capsys.readouterr().err
+    # another commit of an hfgen checkout, under the same version number (review 42 #5)
+    assert tracking.read_json(state)["hfgen_commit"] == tracking.hfgen_commit()
+    tracking.write_json(state, {**tracking.read_json(state), "packages": versions, "hfgen_commit": "0" * 40})
+    tracking.check_resume_target("true", tmp_path)
+    assert "other package versions (hfgen's commit 000000000000 -> " in capsys.readouterr().err
 
 
 def test_a_trainer_run_resumed_with_a_key_written_out_at_its_default_trains_on(tmp_path):
@@ -1062,11 +1067,13 @@ def test_a_complete_run_of_part_of_an_epoch_given_more_epochs_trains_them(tmp_pa
 
 def test_a_resume_that_would_end_the_run_before_its_checkpoints_step_is_refused(tmp_path):
     # "checkpoint-3 is the last step's; finishing the run from it": exit 0, COMPLETE, recipe.yaml saying 2 steps
-    # over a model trained 3 under the longer run's schedule (probe 42 A1). max_steps is refused at the start; a
-    # count of epochs once the data says how many steps it is
+    # over a model trained 3 under the longer run's schedule (probe 42 A1). max_steps is refused at the start, before
+    # the run's records are rewritten (the complete run stays as it was: review 42 #7); a count of epochs once the
+    # data says how many steps it is
     overrides = ["--max_train_samples", "200", "--max_eval_samples", "8", "--warmup_steps", "0", "--logging_steps",
                  "1", "--save_steps", "3", "--output_dir", tmp_path]  # fmt: skip
     assert run_hfgen_here("train", PRETRAIN, *overrides, "--max_steps", "3").returncode == 0
+    recipe = (tmp_path / "recipe.yaml").read_text(encoding="utf-8")
     again = ["--overwrite_output_dir", "true", "--resume_from_checkpoint", "true"]
     for shorter, budget in [
         (["--max_steps", "2"], "max_steps: 2"),
@@ -1075,7 +1082,11 @@ def test_a_resume_that_would_end_the_run_before_its_checkpoints_step_is_refused(
         result = run_hfgen_here("train", PRETRAIN, *overrides, *again, *shorter)
         assert result.returncode == 2, result.stderr[-3000:]
         assert f"checkpoint '{tmp_path / 'checkpoint-3'}' is at step 3, past this run's {budget}" in result.stderr
-        assert not tracking.is_complete(tmp_path)
+        assert "overwrite_output_dir: true without resume_from_checkpoint" in result.stderr
+        if budget == "max_steps: 2":
+            assert tracking.is_complete(tmp_path) and (tmp_path / "recipe.yaml").read_text(encoding="utf-8") == recipe
+        else:  # refused once the steps are counted, after the records: not complete, as recipe.yaml no longer is
+            assert not tracking.is_complete(tmp_path)
 
 
 @pytest.mark.slow

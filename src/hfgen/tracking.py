@@ -70,6 +70,13 @@ def git_commit(where: str | Path, tracking_file: str | Path | None = None) -> st
         return None
 
 
+@functools.cache
+def hfgen_commit() -> str | None:
+    """hfgen's own checkout's commit (None when installed as a package): its version number stays the same across
+    the commits of a checkout, whose changes may change what a run trains on."""
+    return git_commit(Path(__file__).resolve().parent, tracking_file=Path(__file__).resolve())
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -77,7 +84,7 @@ def environment() -> dict[str, Any]:
         "packages": package_versions(),
         # hfgen's own checkout (None when installed as a package), and the working directory's repository: the
         # user's project, where a recipe's reward or oracle functions live
-        "git_commit": git_commit(Path(__file__).resolve().parent, tracking_file=Path(__file__).resolve()),
+        "git_commit": hfgen_commit(),
         "working_dir_git_commit": git_commit(Path.cwd()),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -924,6 +931,7 @@ def finish_checkpoint(
         **launch_identity(),
         "skipped_steps": sorted(guard.skipped_steps),
         "packages": package_versions(),  # (`note_other_versions`)
+        "hfgen_commit": hfgen_commit(),
         **({"inputs": inputs} if (inputs := read_json(Path(output_dir) / RUN_INPUTS, None)) is not None else {}),
         **(state or {}),
     })  # fmt: skip
@@ -1313,24 +1321,28 @@ def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by another launch ({', '.join(launch)}); "
             "its optimizer state and data order belong to that launch. Resume with the same number of processes and "
-            "engine, or start afresh (a new output_dir, or overwrite_output_dir: true)."
+            "engine, or start afresh (a new output_dir, or overwrite_output_dir: true without resume_from_checkpoint)."
         )
     check_same_recipe(checkpoint, output_dir)
 
 
-def check_resume_target(resume_from_checkpoint, output_dir: str | Path, inputs: dict | None = None) -> None:
+def check_resume_target(
+    resume_from_checkpoint, output_dir: str | Path, inputs: dict | None = None, recipe_yaml: str | None = None
+) -> None:
     """What `resolve_resume` refuses in the checkpoint itself (not a checkpoint, incomplete, another stage's or
     recipe's, or of other `inputs`: `current_inputs`), checked when the run starts: the stage resolves its resume only
     after loading its data and models, minutes on a real run. (The launch is checked there: before the stage's
-    Accelerator, the engine is not known.)"""
+    Accelerator, the engine is not known.) `recipe_yaml`: this run's recipe, when output_dir's recipe.yaml is not yet
+    rewritten (`train.run_recipe` checks before it writes the run's records, so that a refused resume leaves the run
+    in the dir as it was: a complete run kept its COMPLETE marker and recipe.yaml)."""
     if resume_from_checkpoint in (True, "true", "True"):
         complete = complete_checkpoints(output_dir)
         path = complete[-1] if complete else None
     else:
         path = _resume_path(resume_from_checkpoint, output_dir)
     if path is not None:
-        check_same_recipe(path, output_dir)
-        budget = _steps_in_recipe(Path(output_dir) / "recipe.yaml")
+        check_same_recipe(path, output_dir, recipe_yaml)
+        budget = _steps_in_recipe(recipe_yaml if recipe_yaml is not None else Path(output_dir) / "recipe.yaml")
         if budget is not None:
             check_budget_reaches(path, checkpoint_step(path), *budget)
         if inputs is not None:
@@ -1346,12 +1358,15 @@ def note_other_versions(checkpoint: Path) -> None:
     older hfgen records none."""
     import sys
 
-    then = read_json(checkpoint / CHECKPOINT_STATE, {}).get("packages")
+    state = read_json(checkpoint / CHECKPOINT_STATE, {})
+    then = state.get("packages")
     if not isinstance(then, dict) or not is_main_process():
         return
     now = package_versions()
     changed = [f"{name} {then.get(name)} -> {now.get(name)}" for name in sorted(set(then) | set(now))
                if then.get(name) != now.get(name)]  # fmt: skip
+    if "hfgen_commit" in state and state["hfgen_commit"] != hfgen_commit():  # a checkout's commits share a version
+        changed.append(f"hfgen's commit {_short_commit(state['hfgen_commit'])} -> {_short_commit(hfgen_commit())}")
     if changed:
         print(
             f"hfgen: resume: {checkpoint.name} was written under other package versions ({', '.join(changed)}): "
@@ -1361,13 +1376,23 @@ def note_other_versions(checkpoint: Path) -> None:
         )
 
 
-def _steps_in_recipe(recipe_file: Path) -> tuple[int, str] | None:
-    """(steps, the key that says so) where the recipe gives its step count outright (a Trainer stage's max_steps, a
-    loop's max_train_steps); a count of epochs or episodes is known only once the data and the launch are (the
-    stage checks it then: `check_budget_reaches`)."""
+def _short_commit(commit: str | None) -> str:
+    return (
+        "none (an installed package)"
+        if commit is None
+        else commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+    )
+
+
+def _steps_in_recipe(recipe: Path | str) -> tuple[int, str] | None:
+    """(steps, the key that says so) where the recipe (a recipe.yaml, or its text) gives its step count outright (a
+    Trainer stage's max_steps, a loop's max_train_steps); a count of epochs or episodes is known only once the data
+    and the launch are (the stage checks it then: `check_budget_reaches`)."""
     import yaml
 
-    values = (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}) if recipe_file.is_file() else {}
+    if isinstance(recipe, Path):
+        recipe = recipe.read_text(encoding="utf-8") if recipe.is_file() else ""
+    values = yaml.safe_load(recipe) or {}
     for key in ("max_steps", "max_train_steps"):
         steps = values.get(key)
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
@@ -1384,7 +1409,7 @@ def check_budget_reaches(checkpoint: Path, step: int, max_steps: int, budget: st
             f"resume_from_checkpoint: checkpoint '{checkpoint}' is at step {step}, past this run's {budget}: a resume "
             "may lengthen a run, not end it before its checkpoint (its steps are trained, under the longer run's "
             f"schedule). Resume with at least {step} steps, from an earlier checkpoint, or start afresh (a new "
-            "output_dir, or overwrite_output_dir: true)."
+            "output_dir, or overwrite_output_dir: true without resume_from_checkpoint)."
         )
 
 
@@ -1401,18 +1426,20 @@ def check_same_inputs(checkpoint: Path, inputs: dict[str, Any]) -> None:
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was trained on other inputs than these paths hold now: "
             f"{'; '.join(changed)}. A resume continues that run as it was: restore those inputs, or start afresh on "
-            "the new ones (a new output_dir, or overwrite_output_dir: true)."
+            "the new ones (a new output_dir, or overwrite_output_dir: true without resume_from_checkpoint)."
         )
 
 
-def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:
-    """`check_same_run`'s recipe half: the checkpoint's recipe.yaml against output_dir's (this run's)."""
+def check_same_recipe(checkpoint: Path, output_dir: str | Path, recipe_yaml: str | None = None) -> None:
+    """`check_same_run`'s recipe half: the checkpoint's recipe.yaml against this run's (`recipe_yaml`, else
+    output_dir's)."""
     import yaml
 
     then_file, now_file = checkpoint / "recipe.yaml", Path(output_dir) / "recipe.yaml"
-    if not then_file.is_file() or not now_file.is_file():
+    if not then_file.is_file() or (recipe_yaml is None and not now_file.is_file()):
         return  # a checkpoint of an older hfgen
-    then_text, now_text = then_file.read_text(encoding="utf-8"), now_file.read_text(encoding="utf-8")
+    then_text = then_file.read_text(encoding="utf-8")
+    now_text = recipe_yaml if recipe_yaml is not None else now_file.read_text(encoding="utf-8")
     then_yaml, now_yaml = yaml.safe_load(then_text) or {}, yaml.safe_load(now_text) or {}
     if then_yaml.get("stage") != now_yaml.get("stage"):
         raise UserError(
@@ -1424,7 +1451,7 @@ def check_same_recipe(checkpoint: Path, output_dir: str | Path) -> None:
         raise UserError(
             f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by a run with other values of keys that "
             f"shape training ({', '.join(changed)}); a resume continues that run as it was. Resume with those values, "
-            "or start afresh (a new output_dir, or overwrite_output_dir: true)."
+            "or start afresh (a new output_dir, or overwrite_output_dir: true without resume_from_checkpoint)."
         )
 
 

@@ -199,12 +199,12 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
             if hasattr(config, "resume_from_checkpoint"):
                 config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
+    read_from = tracking.current_inputs(recipe)  # what its input paths hold, before the stage reads them
+    if resuming:  # before the records are rewritten: a refused resume leaves the dir's run as it was (COMPLETE kept)
+        tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir, read_from, recipe.to_yaml())
     tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
     try:  # from here the dir is locked: a refusal below unlocks it too (a pipeline, a test, runs on in this process)
         tracking.check_output_dir_shared(output_dir)
-        read_from = tracking.current_inputs(recipe)  # what its input paths hold, before the stage reads them
-        if resuming:  # (against the recipe.yaml just written)
-            tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir, read_from)
         tracking.record_inputs(output_dir, read_from)  # (a checkpoint's state copies it)
         trained_on = tracking.input_runs(recipe)  # before the stage loads them: the runs whose weights it trains on
         if inputs is not None and tracking.is_main_process():
