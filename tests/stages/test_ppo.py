@@ -1093,6 +1093,32 @@ def test_a_chat_template_whose_turn_end_generation_does_not_stop_at_is_warned_of
     assert "ends assistant turns with '<|end|>', which is not a token generation stops at" in result.stdout
 
 
+def test_the_ptx_check_reads_its_data_once_at_the_length_the_run_trains_with(tmp_path, monkeypatch):
+    # the check judged the ptx examples at the recipe's ptx_max_length (512) while the run lowers it to GPT-2's 256
+    # positions: examples whose prompt fills 256 tokens passed the check and data report, then the run dropped them;
+    # and the ptx data was read and converted three times a command (review 42 #6)
+    from hfgen.rl import ptx
+    from tiny_models import save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    long_prompt = " ".join(["the red cat sat by the river"] * 40)  # ~280 tokens: within 512, past 256
+    rows = [
+        {"prompt": long_prompt if i < 3 else "describe the dog.", "completion": " the dog is calm."} for i in range(10)
+    ]
+    (tmp_path / "ptx.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reads = []
+    read_ptx_rows = ptx._read_ptx_rows
+    monkeypatch.setattr(ptx, "_read_ptx_rows", lambda config: reads.append(1) or read_ptx_rows(config))
+    recipe = write_recipe(tmp_path, gpt2, reward_functions=[ORACLE], ptx_coef=1.0, ptx_max_length=512,
+                          ptx_dataset_name=str(tmp_path / "ptx.jsonl"))  # fmt: skip
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data: ptx 7 of 10 rows (prompt_completion); dropped 3 no token to learn within ptx_max_length=256" in (
+        result.stdout
+    )
+    assert len(reads) == 1
+
+
 def test_the_check_keeps_prompts_within_the_room_response_length_leaves_in_learned_positions(tmp_path):
     # on GPT-2 (256 learned positions) the check judged the prompts against max_prompt_length (256) while the run
     # lowers it to 256 - response_length: the check passed, then the run refused after loading the models, saying to

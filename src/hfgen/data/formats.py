@@ -147,7 +147,7 @@ class DataReport:
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "dropped": dict(self.dropped),
-            "notes": self.notes,
+            "notes": list(self.notes),
         }
 
     def summary(self) -> str:

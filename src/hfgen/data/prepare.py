@@ -148,13 +148,14 @@ def load_for_stage(
     return train, evaluation, copy.deepcopy(records)  # callers count their drops in the records they are given
 
 
-def shared_once(key: tuple, compute):
+def shared_once(key: tuple, compute, keep: bool = False):
     """compute(); inside `shared_loads`, the result an earlier call with the same key computed, taken once (a
-    check's work on the loaded data that the run or check's report would repeat)."""
+    check's work on the loaded data that the run or check's report would repeat). `keep`: left for every later call
+    in the block (an unchanging value that several readers take: PPO-ptx's rows)."""
     if _shared is None:
         return compute()
     if ("result", *key) in _shared:
-        return _shared.pop(("result", *key))
+        return _shared[("result", *key)] if keep else _shared.pop(("result", *key))
     _shared[("result", *key)] = result = compute()
     return result
 

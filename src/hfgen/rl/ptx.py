@@ -63,7 +63,17 @@ def _example(tokenizer, row: dict) -> tuple[list[int], list[int], bool]:
 def ptx_rows(config, with_report: bool = False):
     """The ptx data's train split in the sft stage's standard columns (`to_standard`), for `ptx_examples` and the
     ppo stage's check; `with_report`: (rows, its DataReport). Its problems name the ptx keys: the loaders' messages name the prompt data's keys
-    (dataset_name, dataset_format, dataset_columns), which say nothing about the ptx data."""
+    (dataset_name, dataset_format, dataset_columns), which say nothing about the ptx data. Read once a command
+    (`shared_loads`): the stage's check, the check's report and the run each take them."""
+    from hfgen.data.prepare import shared_once
+
+    standard, report = shared_once(
+        ("ptx_rows", config.ptx_dataset_name, config.ptx_column), lambda: _read_ptx_rows(config), keep=True
+    )
+    return (standard, report) if with_report else standard
+
+
+def _read_ptx_rows(config):
     from hfgen.data.formats import none_left, resolve_layout, to_standard
     from hfgen.data.loading import load_raw_as
 
@@ -90,7 +100,7 @@ def ptx_rows(config, with_report: bool = False):
     standard, report = to_standard(rows, "sft", columns=columns, source=name)
     if not len(standard):  # (else a check that passed, and a UserError once every model had loaded)
         raise none_left("ptx_dataset_name", name, split, report, "text to learn from")
-    return (standard, report) if with_report else standard
+    return standard, report
 
 
 def ptx_examples(
