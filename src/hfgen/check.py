@@ -131,10 +131,13 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
     )  # fmt: skip
     if with_models and stage in PREFERENCE_STAGES:  # pairs that max_length makes equal count as equal pairs
         from hfgen.models import load_tokenizer
-        from hfgen.preference import drop_truncated_identical_pairs
+        from hfgen.preference import drop_truncated_identical_pairs, lengths_as_trained
 
-        tokenizer = load_tokenizer(recipe.configs[0].model_name_or_path, training_args.trust_remote_code)
-        drop_truncated_identical_pairs(tokenizer, (train, evaluation), records, training_args)
+        model = recipe.configs[0].model_name_or_path
+        tokenizer = load_tokenizer(model, training_args.trust_remote_code)
+        drop_truncated_identical_pairs(
+            tokenizer, (train, evaluation), records, lengths_as_trained(training_args, model)
+        )
     if with_models and stage == "ppo":  # prompts over max_prompt_length, as the run drops them
         from hfgen.stages.ppo import prompt_length_problems
 
@@ -332,31 +335,14 @@ def sft_rendering(rows, model_args, training_args, source: str, tokenizer=None) 
     the recipe's check renders the rows for its fatal findings, the report prints the same rendering."""
     from hfgen.data.prepare import shared_once
     from hfgen.finetune import tokenizer_for
+    from hfgen.models import within_learned_positions
 
-    training_args = within_learned_positions(model_args, training_args)
+    training_args = within_learned_positions(model_args.model_name_or_path, training_args)
     key = ("sft rendering", rows._fingerprint, len(rows), repr(model_args), repr(training_args), source)
     return shared_once(
         key,
         lambda: check_sft_rendering(rows, tokenizer or tokenizer_for(model_args, training_args), training_args, source),
     )
-
-
-def within_learned_positions(model_args, training_args):
-    """`training_args`, or a copy whose max_length is lowered to the model's learned positions (GPT-2, OPT) as `hfgen
-    train` lowers it once the model has loaded (`models.fit_max_length`, null too), read from its config: the check
-    judges the rows at the length they will be cut to."""
-    import copy
-
-    from hfgen.models import position_limit, read_config
-
-    config = read_config(model_args.model_name_or_path, training_args.trust_remote_code)
-    limit = position_limit(config) if config is not None else None
-    if not limit or (training_args.max_length is not None and training_args.max_length <= limit):
-        return training_args
-    lowered = copy.copy(training_args)
-    lowered.max_length = limit
-    lowered.learned_positions = f"{limit} positions {config.model_type} models learn"  # (for the messages)
-    return lowered
 
 
 def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data") -> tuple[list[str], list[str]]:
@@ -367,6 +353,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
 
     from hfgen.data.formats import row_tools
     from hfgen.data.rendering import without_doubled_bos
+    from hfgen.models import raise_length_advice
     from hfgen.stages.sft import (
         keep_end_ignored,
         row_cut,
@@ -446,10 +433,7 @@ def check_sft_rendering(rows, tokenizer, training_args, source: str = "the data"
             "truncation_mode says, so the ends keep_end asks for would not train: set packing: false to keep the "
             "ends, truncation_mode: keep_start, or a max_length that holds the rows"
         )
-    raise_it = "raise max_length"
-    if positions := getattr(training_args, "learned_positions", None):  # max_length lowered to them: no higher
-        raise_it = (f"max_length is the {positions} (lowered to them, as training lowers it): shorten the rows, or "
-                    "use a model with more positions")  # fmt: skip
+    raise_it = raise_length_advice(training_args)  # (not when max_length was lowered to learned positions)
     if share_masked > MAX_FULLY_MASKED:
         fatal.append(
             f"{share_masked:.0%} of the rows have fully masked labels after truncation at max_length="

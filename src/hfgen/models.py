@@ -880,12 +880,31 @@ def read_config(name: str | None, trust_remote_code: bool = False):
         return None
 
 
-def max_length_as_trained(name: str | None, trust_remote_code: bool, max_length: int | None) -> int | None:
-    """`max_length` as training will have it once the model `name` loads (`fit_max_length`: lowered to its learned
-    positions, null too), read from its config: what a check judges the rows at."""
-    config = read_config(name, trust_remote_code)
+def within_learned_positions(name: str | None, args, key: str = "max_length"):
+    """`args`, or a copy whose `key` is lowered to the learned positions of the model `name` (GPT-2, OPT) as training
+    lowers it once the model has loaded (`fit_max_length`, null too), read from its config: what a check judges the
+    rows at (at TRL's 1024 a check passed rows that the run then dropped, or refused saying to raise max_length).
+    The copy's `learned_positions` names the limit for the messages (`raise_length_advice`)."""
+    import copy
+
+    config = read_config(name, getattr(args, "trust_remote_code", False))
     limit = position_limit(config) if config is not None else None
-    return limit if limit and (max_length is None or max_length > limit) else max_length
+    value = getattr(args, key)
+    if not limit or (value is not None and value <= limit):
+        return args
+    lowered = copy.copy(args)
+    setattr(lowered, key, limit)
+    lowered.learned_positions = f"{limit} positions {config.model_type} models learn"
+    return lowered
+
+
+def raise_length_advice(args, key: str = "max_length", shorten: str = "the rows") -> str:
+    """What a refusal of rows too long for `args.<key>` advises: to raise it (or shorten `shorten`), unless it was
+    lowered to a model's learned positions (`within_learned_positions`), which it cannot pass."""
+    if positions := getattr(args, "learned_positions", None):
+        return (f"{key} is the {positions} (lowered to them, as training lowers it): shorten {shorten}, or use a "
+                "model with more positions")  # fmt: skip
+    return f"raise {key} (or shorten {shorten})"
 
 
 def fit_max_length(model, args, key: str = "max_length") -> None:

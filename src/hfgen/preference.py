@@ -40,7 +40,14 @@ from hfgen.data.rendering import splits_without_doubled_bos
 from hfgen.errors import UserError
 from hfgen.finetune import build_trainer, check_model_config, run_first_hint
 from hfgen.generate import prompts_are_chat
-from hfgen.models import answer_room, check_model_source, not_a_reward_model, read_config
+from hfgen.models import (
+    answer_room,
+    check_model_source,
+    not_a_reward_model,
+    raise_length_advice,
+    read_config,
+    within_learned_positions,
+)
 
 
 @dataclass
@@ -101,6 +108,7 @@ def check_preference_data(
                 "chat_template_path), or give text rows"
             )
     if tokenizer is not None and not problems and training_args is not None:
+        training_args = within_learned_positions(model, training_args)  # the length the run cuts at
         problems += prompt_length_problems(tokenizer, loaded[0], training_args)
         from hfgen.data.loading import ROWS_CHECKED
 
@@ -168,7 +176,8 @@ def prompt_length_problems(tokenizer, rows, training_args) -> list[str]:
         return []
     return [
         f"{full} of {len(filled)} rows checked have a prompt of max_length={limit} tokens or more, which leaves no "
-        "answer token to train on: raise max_length (or shorten the prompts, or set truncation_mode: keep_end)"
+        f"answer token to train on: {raise_length_advice(training_args, shorten='the prompts')}; or set "
+        "truncation_mode: keep_end"
     ]
 
 
@@ -332,7 +341,8 @@ def drop_truncated_identical_pairs(tokenizer, splits, records: dict, training_ar
         raise UserError(
             f"{truncated} of {read} pairs have chosen and rejected that differ only after max_length={limit} tokens "
             f"(with {identical - truncated} equal pairs, more than {MAX_IDENTICAL_PAIRS:.0%}): truncated, they train as "
-            "the same sequence and teach nothing; raise max_length (or shorten the shared start of the answers)"
+            "the same sequence and teach nothing; "
+            + raise_length_advice(training_args, shorten="the shared start of the answers")
         )
     return kept
 

@@ -890,6 +890,29 @@ def test_prompts_rendered_with_a_template_that_writes_the_bos_reach_the_trainer_
                for note in records["notes"])  # fmt: skip
 
 
+@pytest.mark.parametrize("stage", ["dpo", "orpo"])
+def test_the_check_judges_prompts_at_the_learned_positions_training_lowers_max_length_to(tmp_path, stage):
+    # on GPT-2 (256 learned positions) the check judged the pairs at max_length 1024 (TRL's default) while the run
+    # lowers it to 256 once the model loads: the check passed, then the run dropped or refused the rows after the
+    # models had loaded, saying to raise max_length, which changes nothing (probe 42 E6, the preference stages)
+    from conftest import run_hfgen_here
+    from tiny_models import save_tiny_causal_lm
+
+    gpt2 = save_tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    pairs = preference_pairs(12, seed=3)
+    for pair in pairs[:8]:  # ~290 tokens: within 1024, past 256
+        pair["prompt"][0]["content"] = " ".join(["describe the red cat by the river"] * 40)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    recipe = write_recipe(tmp_path, stage, gpt2, dataset_name=str(data), max_length=1024, eval_samples_per_prompt=0,
+                          eval_prompts_dataset=None)  # fmt: skip
+    result = run_hfgen_here("check", recipe)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "have a prompt of max_length=256 tokens or more" in result.stderr
+    assert "max_length is the 256 positions gpt2 models learn" in result.stderr
+    assert "raise max_length" not in result.stderr
+
+
 def test_held_out_prompts_past_learned_positions_exit_2_before_training_and_others_have_no_hidden_limit(tmp_path):
     # the held-out comparison took a hidden 256-token prompt limit (Sampling's default, no recipe key): longer
     # prompts were dropped uncounted; on GPT-2 (256 learned positions) the prompts it kept + eval_response_length

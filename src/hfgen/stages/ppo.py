@@ -369,17 +369,11 @@ def ptx_length_problems(model_args, config, records: dict | None = None) -> list
     (`ptx_examples`), found before any model loads: on a sample, or with `records` on every example, the drops
     counted there (hfgen check's data report). At the ptx_max_length the run trains with: a model with learned
     positions (GPT-2, OPT) lowers it to them (`fit_max_length`)."""
-    import copy
-
     from hfgen.data.loading import ROWS_CHECKED
-    from hfgen.models import load_tokenizer, position_limit, read_config
+    from hfgen.models import load_tokenizer, within_learned_positions
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    policy_config = read_config(model_args.model_name_or_path, config.trust_remote_code)
-    limit = position_limit(policy_config) if policy_config is not None else None
-    if limit and (config.ptx_max_length is None or config.ptx_max_length > limit):
-        config = copy.copy(config)
-        config.ptx_max_length = limit
+    config = within_learned_positions(model_args.model_name_or_path, config, "ptx_max_length")
     try:
         ptx_examples(tokenizer, config, records, rows_checked=None if records is not None else ROWS_CHECKED)
     except UserError as error:

@@ -76,13 +76,11 @@ def check(model_args: ModelConfig, data_args: TextDataArguments, training_args: 
 
         if new_tokens := new_template_tokens_problems(model_args, training_args, tokenizer):
             return [*problems, *new_tokens]
-        from hfgen.models import max_length_as_trained
+        from hfgen.models import within_learned_positions
 
         # at the length training will cut at: lowered to a model's learned positions (GPT-2's: 1024 passed here,
         # then the run refused once the model had loaded)
-        max_length = max_length_as_trained(
-            model_args.model_name_or_path, training_args.trust_remote_code, training_args.max_length
-        )
+        max_length = within_learned_positions(model_args.model_name_or_path, training_args).max_length
         for rows, split in zip(loaded[:2], ("train", "eval")):
             try:
                 tokenized_pairs(rows.select(range(min(ROWS_CHECKED, len(rows)))), tokenizer, max_length, {},
