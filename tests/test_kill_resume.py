@@ -673,6 +673,28 @@ def test_a_resume_from_an_earlier_hfgens_checkpoint_between_two_rows_says_its_fi
         assert (note in result.stderr) == earlier, result.stderr[-3000:]
 
 
+def test_runs_resumed_one_after_another_from_the_same_checkpoint_path_take_each_its_own_loss_window(tmp_path):
+    # the loss window a checkpoint keeps was read once per process and cached by its path: a later run resumed
+    # from a new checkpoint at the same path (a notebook's second run into the dir) logged its first row and
+    # train_loss with the first checkpoint's losses (probe 43 B2)
+    short = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "2", "--max_steps", "4",
+             "--save_steps", "3"]  # fmt: skip
+    run = tmp_path / "run"
+    for learning_rate in ("1e-3", "3e-3"):
+        full = tmp_path / f"full-{learning_rate}"
+        first = run_hfgen_here("train", PRETRAIN, *short, "--learning_rate", learning_rate, "--output_dir", full)
+        assert first.returncode == 0, first.stderr[-3000:]
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(full / "checkpoint-3", run / "checkpoint-3")
+        result = run_hfgen_here("train", PRETRAIN, *short, "--learning_rate", learning_rate, "--output_dir", run,
+                                "--resume_from_checkpoint", "true")  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        row = next(row for row in tracking.read_metrics(run) if row.get("step") == 4 and "loss" in row)
+        expected = next(row for row in tracking.read_metrics(full) if row.get("step") == 4 and "loss" in row)
+        assert row["loss"] == expected["loss"], learning_rate
+        assert closing_train_loss(run) == closing_train_loss(full), learning_rate
+
+
 SHORT_PRETRAIN = ["--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "2", "--max_steps", "4",
                   "--save_steps", "2"]  # fmt: skip
 

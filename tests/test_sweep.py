@@ -110,6 +110,22 @@ def test_a_point_that_diverges_does_not_stop_the_others(tmp_path):
     assert tracking.is_complete(tmp_path / "learning_rate=1e-3") and (tmp_path / "report.html").is_file()
 
 
+def test_points_of_a_loop_stage_under_other_mixed_precisions_train_in_one_process(tmp_path, configs):
+    # a sweep runs its points in one process: the second point's Accelerator met the first's process-wide state and
+    # ended the sweep in accelerate's "AcceleratorState has already been initialized and cannot be changed" (probe
+    # 43 B1; a notebook calling hfgen.cli.main twice too)
+    from diffusion_fixtures import SMALL_DATA, VAE_RECIPE
+
+    arguments = ["sweep", VAE_RECIPE, "--vae_config", configs["vae_config"], "--max_train_steps", "2",
+                 "--checkpointing_steps", "0", *SMALL_DATA, "--mixed_precision", "bf16,no", "--output_root", tmp_path,
+                 "--quiet"]  # fmt: skip
+    result = run_hfgen_here(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tracking.is_complete(tmp_path / "mixed_precision=bf16") and tracking.is_complete(
+        tmp_path / "mixed_precision=no"
+    )
+
+
 def test_pipeline_points_train_their_steps_in_their_own_dirs(tmp_path):
     """An rlhf pipeline's steps wrote into their step recipes' output_dirs, shared by every point: point 2 retrained
     point 1's reward and DPO models in place, and a rerun found both points complete."""

@@ -823,6 +823,12 @@ def loss_window(trainer) -> dict[str, Any]:
 _loss_windows: dict[Path, dict | None] = {}  # resumed checkpoint -> its loss window, read while it still exists
 
 
+def forget_resumed_loss_windows() -> None:
+    """At a run's start: a checkpoint another run in this process resumed from may have been written again at the
+    same path since (a notebook's or a sweep's next run into the dir), and its window read then is not this one's."""
+    _loss_windows.clear()
+
+
 def resumed_loss_window(checkpoint: Path | None) -> dict | None:
     """The loss window the checkpoint a run resumed from kept, read once at the resume: by the end of the run the
     checkpoint may be rotated away (save_total_limit), and the run's train_loss then left its steps out."""

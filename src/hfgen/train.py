@@ -199,6 +199,7 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
             if hasattr(config, "resume_from_checkpoint"):
                 config.resume_from_checkpoint = None
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
+    tracking.forget_resumed_loss_windows()  # (another run in this process may have resumed from the same path)
     read_from = tracking.current_inputs(recipe)  # what its input paths hold, before the stage reads them
     if resuming:  # before the records are rewritten: a refused resume leaves the dir's run as it was (COMPLETE kept)
         tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir, read_from, recipe.to_yaml())
