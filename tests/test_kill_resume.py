@@ -1028,6 +1028,27 @@ def test_a_second_run_into_a_dir_in_use_exits_2(tmp_path):
     assert other.returncode != 0 and "is in use by another running hfgen process (pid" in other.stderr
 
 
+def test_a_run_refused_while_writing_its_records_leaves_the_dir_unlocked(tmp_path):
+    # refused for an unfinished run's checkpoints after taking the lock, the dir stayed locked by the caller's
+    # process (a notebook): the remedy, --resume_from_checkpoint true from a shell, was refused "in use by another
+    # running hfgen process" while nothing ran (probe 43 B5)
+    import subprocess
+    import sys
+
+    (tmp_path / "recipe.yaml").write_text(PRETRAIN.read_text())
+    tracking.write_json(tmp_path / "env.json", {})
+    (tmp_path / "checkpoint-4").mkdir()
+    tracking.finish_checkpoint(tmp_path, tmp_path / "checkpoint-4", 4, None)
+    with pytest.raises(UserError, match="holds an unfinished run with complete checkpoints"):
+        tracking.write_run_records(tmp_path, PRETRAIN.read_text())
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from hfgen import tracking; from pathlib import Path; "
+                               "tracking.lock_output_dir(Path(sys.argv[1]))", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr
+
+
 def test_an_output_dir_on_a_disk_without_file_locks_is_not_blamed_on_another_run(tmp_path, monkeypatch):
     """flock() on a mount without lock support (Lustre without -o flock, some NFS/FUSE/SMB) fails with ENOSYS or
     EOPNOTSUPP: it was refused as 'in use by another running hfgen process (pid unknown); wait for it to end', which

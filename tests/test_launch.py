@@ -115,6 +115,21 @@ def test_the_stages_told_to_set_ddp_backend_are_every_stage_transformers_sets_up
     assert set(loop.TRAINER_STAGES) == trainer_based
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches CPU processes")
+def test_a_spawned_launch_leaves_the_callers_environment_as_it_was(tmp_path, monkeypatch, capfd):
+    # the launcher's identity stayed in the caller's os.environ (a notebook, a driver script): every later
+    # `accelerate launch` from it took that process for its launcher and its ranks stopped themselves (probe 43 B3)
+    from hfgen import guard
+    from hfgen.cli import main
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.delenv(guard.LAUNCHER_PID, raising=False)
+    missing = ["--resume_from_checkpoint", str(tmp_path / "no-such-checkpoint"), "--output_dir", str(tmp_path / "a")]
+    code = main(["train", str(PRETRAIN), "--max_steps", "1", *missing, "--num_processes", "1"])  # the process's
+    assert code == 2 and "no-such-checkpoint' is not a directory" in capfd.readouterr().err  # (its output: the fd)
+    assert guard.LAUNCHER_PID not in os.environ
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="launches CPU processes")
 def test_a_spawned_launch_exits_with_its_processes_code_and_launches_every_process(tmp_path):

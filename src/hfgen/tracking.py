@@ -108,14 +108,18 @@ def write_run_records(
         return
     output_dir = Path(output_dir)
     lock_output_dir(output_dir)
-    remove_deletion_leftovers(output_dir)
-    if not resuming:  # nothing of an earlier run is left to mix with this one's
-        clear_previous_run(output_dir, overwrite)
-    (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
-    # env.json first: a dir is a run's once both are there (`is_run_dir`), so a kill in between leaves no recipe.yaml
-    # that the next start would take for a user's own (`foreign_files_problem`)
-    write_json(output_dir / "env.json", environment())
-    (output_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    try:  # a refusal here (an unfinished run's checkpoints, a full disk) unlocks: the caller's process may live on
+        remove_deletion_leftovers(output_dir)
+        if not resuming:  # nothing of an earlier run is left to mix with this one's
+            clear_previous_run(output_dir, overwrite)
+        (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+        # env.json first: a dir is a run's once both are there (`is_run_dir`), so a kill in between leaves no
+        # recipe.yaml that the next start would take for a user's own (`foreign_files_problem`)
+        write_json(output_dir / "env.json", environment())
+        (output_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    except BaseException:
+        unlock_output_dir(output_dir)
+        raise
 
 
 # Keys that may change between a run and its continuation in the same directory.

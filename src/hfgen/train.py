@@ -11,6 +11,7 @@ Also runs as `python -m hfgen.train RECIPE ...` and, on many processes or GPUs,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -68,16 +69,8 @@ def main(args: argparse.Namespace) -> int:
             "ACCELERATE_MIXED_PRECISION": launch_mixed_precision(args.launch_config),
             "ACCELERATE_DYNAMO_BACKEND": launch_dynamo_backend(args.launch_config),
         }
-        before = {name: os.environ.get(name) for name in launched}
-        os.environ.update(launched)
-        try:
+        with environment_variables(launched):
             validate_for_processes(recipe_path, args.overrides, processes)
-        finally:
-            for name, value in before.items():
-                if value is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = value
         return launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
@@ -164,9 +157,12 @@ def launch_with_accelerate(
         # without a multi-process config accelerate starts ONE process (its simple launcher), which trained alone
         command.append("--multi_gpu")  # DDP: on CPUs (ACCELERATE_USE_CPU=true, as check_spawn asks) CPU processes
     command += ["--module", "hfgen.train", str(recipe_path), *overrides]
-    os.environ[guard.LAUNCHER_PID] = guard.launcher_identity()  # their parent (`guard.stop_with_launcher`)
+    # their parent (`guard.stop_with_launcher`), for this launch only: left in the caller's environment (a notebook,
+    # a driver script), every later launch from it took this process for its launcher and stopped its own ranks
+    launcher = {guard.LAUNCHER_PID: guard.launcher_identity()}
     try:
-        launch_command(launch_command_parser().parse_args(command))
+        with environment_variables(launcher):
+            launch_command(launch_command_parser().parse_args(command))
     except subprocess.CalledProcessError as error:  # the one process (its output has been shown)
         return _exit_code(error.returncode)
     except ChildFailedError as error:  # torchrun: the first process that failed
@@ -174,6 +170,21 @@ def launch_with_accelerate(
         print(f"hfgen: process {rank} of the launch exited with code {failure.exitcode}", file=sys.stderr)
         return _exit_code(failure.exitcode)
     return 0
+
+
+@contextlib.contextmanager
+def environment_variables(values: dict[str, str]):
+    """`values` set in os.environ for the block, and the caller's environment as it was after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _exit_code(returncode: int) -> int:
