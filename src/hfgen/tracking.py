@@ -817,11 +817,18 @@ LOSS_WINDOW = "loss_window"
 
 def loss_window(trainer) -> dict[str, Any]:
     """{LOSS_WINDOW: {"since_step": the last logged step, "sums": each process's loss sum since}} (transformers 5's
-    `_tr_loss` and `_globalstep_last_logged`), or {} when the Trainer keeps no such counters."""
+    `_tr_loss` and `_globalstep_last_logged`), or {} when the Trainer keeps no such counters. With TRL's trainers
+    also what they log beside the loss: the figures of each step since that row (`_metrics["train"]`: SFT's entropy
+    and token accuracy, DPO's rewards..., gathered, so the same on every process) and SFT's token count so far."""
     if trainer is None or not hasattr(trainer, "_tr_loss") or not hasattr(trainer, "_globalstep_last_logged"):
         return {}
     sums = trainer.accelerator.gather(trainer._tr_loss.detach().reshape(1)).tolist()
-    return {LOSS_WINDOW: {"since_step": trainer._globalstep_last_logged, "sums": sums}}
+    window: dict[str, Any] = {"since_step": trainer._globalstep_last_logged, "sums": sums}
+    if isinstance(getattr(trainer, "_metrics", None), dict) and "train" in trainer._metrics:
+        window["trl_metrics"] = {key: [float(v) for v in values] for key, values in trainer._metrics["train"].items()}
+    if hasattr(trainer, "_total_train_tokens"):
+        window["total_train_tokens"] = trainer._total_train_tokens
+    return {LOSS_WINDOW: window}
 
 
 _loss_windows: dict[Path, dict | None] = {}  # resumed checkpoint -> its loss window, read while it still exists
@@ -869,8 +876,13 @@ def restore_loss_window(trainer, checkpoint: Path | None) -> None:
             note_window_not_kept(
                 checkpoint, trainer.state.global_step, trainer.state.logging_steps, trainer.state.max_steps
             )
+    if window and "total_train_tokens" in window and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = window["total_train_tokens"]  # (at the checkpoint's step, not the last row's)
     if not window or not hasattr(trainer, "_tr_loss") or window["since_step"] >= trainer.state.global_step:
         return
+    if "trl_metrics" in window and isinstance(getattr(trainer, "_metrics", None), dict):
+        trainer._metrics["train"].clear()  # what TRL's trainers average into the next row with the loss
+        trainer._metrics["train"].update({key: list(values) for key, values in window["trl_metrics"].items()})
     trainer._tr_loss.fill_(window["sums"][trainer.accelerator.process_index])
     trainer._globalstep_last_logged = window["since_step"]
     trainer._total_loss_scalar -= sum(window["sums"]) / len(window["sums"])  # (the logged loss: their mean)
@@ -1110,7 +1122,8 @@ def trainer_resume(trainer, output_dir: str | Path) -> Path | None:
         _finish_if_trained_to_the_end(trainer, path)
     if path is not None and is_main_process() and hasattr(trainer, "_total_train_tokens"):
         # TRL (1.16) keeps its `num_tokens` count in the trainer, not in the checkpoint: the curve restarted at 0.
-        # The main process logs it; the count is the same on every process (a gathered sum).
+        # The main process logs it; the count is the same on every process (a gathered sum). The last row's count,
+        # for a checkpoint of an earlier hfgen: `restore_loss_window` takes the count at the checkpoint's own step.
         counts = [row["num_tokens"] for row in read_metrics(output_dir) if "num_tokens" in row]
         trainer._total_train_tokens = counts[-1] if counts else 0
     return path
