@@ -195,7 +195,15 @@ def test_a_reward_lora_adapter_serves_as_reward_and_value_model(tmp_path, tiny_m
     assert result.returncode == 0, result.stderr[-2000:]
     result = run_hfgen_here("train", recipe)  # the value model starts from the reward model
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "run" / "value_model").is_dir()
+    # and trains: peft loaded the adapter frozen, and the critic stayed the reward model (probe 43 C6)
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    start = AutoPeftModelForSequenceClassification.from_pretrained(adapter, num_labels=1).merge_and_unload()
+    trained = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "value_model", num_labels=1)
+    start, trained = start.state_dict(), trained.state_dict()
+    moved = [name for name in trained if name in start and not torch.equal(trained[name], start[name])]
+    assert "score.weight" in moved and len(moved) > len(trained) / 2, moved
 
 
 def test_a_value_model_of_another_vocabulary_or_without_a_per_token_head_exits_2_naming_the_key(tmp_path, tiny_models):
