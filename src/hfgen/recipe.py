@@ -25,7 +25,13 @@ import yaml
 
 from hfgen.errors import UserError
 from hfgen.stages import STAGES, load_stage
-from hfgen.unread_keys import optim_args_problems, refused_everywhere, switched_off_keys, unread_key_problems
+from hfgen.unread_keys import (
+    field_default,
+    optim_args_problems,
+    refused_everywhere,
+    switched_off_keys,
+    unread_key_problems,
+)
 
 STAGE_KEY = "stage"
 # Keys transformers/TRL renamed: the old name in a recipe points to the new one (difflib would suggest
@@ -326,12 +332,7 @@ def key_lines(stage: str) -> list[str]:
         parsed = ()
     lines = []
     for name, f in sorted(key_fields(stage).items()):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
+        default = field_default(f)
         if name != "output_dir":  # (transformers fills in trainer_output; hfgen asks for one)
             default = next((getattr(config, name) for config in parsed if hasattr(config, name)), default)
         try:

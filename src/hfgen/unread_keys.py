@@ -110,12 +110,19 @@ class _Values:
         for config in self.configs:
             for field_ in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
                 if field_.name == key:
-                    default = field_.default_factory() if field_.default_factory is not dataclasses.MISSING else (
-                        field_.default
-                    )  # fmt: skip
+                    default = field_default(field_)
                     value = getattr(config, key)
                     return getattr(value, "value", value) != getattr(default, "value", default)
         return False
+
+
+def field_default(field_: dataclasses.Field):
+    """A dataclass field's own default: its value, or what its factory makes; None for a field without one."""
+    if field_.default is not dataclasses.MISSING:
+        return field_.default
+    if field_.default_factory is not dataclasses.MISSING:
+        return field_.default_factory()
+    return None
 
 
 def _schedule_name(values: _Values, key: str) -> str:
