@@ -125,8 +125,9 @@ def test_a_spawned_launch_leaves_the_callers_environment_as_it_was(tmp_path, mon
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     monkeypatch.delenv(guard.LAUNCHER_PID, raising=False)
     missing = ["--resume_from_checkpoint", str(tmp_path / "no-such-checkpoint"), "--output_dir", str(tmp_path / "a")]
-    code = main(["train", str(PRETRAIN), "--max_steps", "1", *missing, "--num_processes", "1"])  # the process's
-    assert code == 2 and "no-such-checkpoint' is not a directory" in capfd.readouterr().err  # (its output: the fd)
+    with pytest.raises(SystemExit) as stopped:  # the process's code, as a failure in this process leaves (B7)
+        main(["train", str(PRETRAIN), "--max_steps", "1", *missing, "--num_processes", "1"])
+    assert stopped.value.code == 2 and "no-such-checkpoint' is not a directory" in capfd.readouterr().err  # (the fd)
     assert guard.LAUNCHER_PID not in os.environ
 
 

@@ -126,6 +126,25 @@ def test_points_of_a_loop_stage_under_other_mixed_precisions_train_in_one_proces
     )
 
 
+def test_a_run_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
+    # transformers' full_determinism made the whole process deterministic-only with CUDA_LAUNCH_BLOCKING=1 for every
+    # later run in it (a sweep's next point, a notebook's next cell, the processes they start), and --quiet left
+    # the progress bars off (probe 43 B6)
+    import torch
+    import transformers
+
+    monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    result = run_hfgen_here("train", PRETRAIN, *SHORT, "--full_determinism", "true", "--output_dir", tmp_path / "a")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not torch.are_deterministic_algorithms_enabled() and "CUDA_LAUNCH_BLOCKING" not in os.environ
+    assert transformers.utils.logging.is_progress_bar_enabled()
+    result = run_hfgen_here("eval", tmp_path / "a", "--quiet", "--num_prompts", "2", "--num_samples", "1",
+                            "--max_new_tokens", "4", "--perplexity_dataset", "none")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert transformers.utils.logging.is_progress_bar_enabled()
+
+
 def test_pipeline_points_train_their_steps_in_their_own_dirs(tmp_path):
     """An rlhf pipeline's steps wrote into their step recipes' output_dirs, shared by every point: point 2 retrained
     point 1's reward and DPO models in place, and a rerun found both points complete."""

@@ -11,7 +11,7 @@ import locale
 import os
 import sys
 
-from hfgen import __version__
+from hfgen import __version__, process_state
 from hfgen.errors import UserError, disk_full_exits_2, exit_on_interrupt, exit_on_user_error, unwritable_exits_2
 
 COMMANDS = {
@@ -170,6 +170,9 @@ def deepspeed_logs_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`hfgen ARGV` in this process (the console script, a notebook, a driver script): 0 when the command succeeds;
+    a failure leaves by SystemExit with the command line's exit code (2 bad input, 3 diverged, 130 interrupted, a
+    launched process's code), whether it ran here or in launched processes."""
     with exit_on_interrupt():
         return run_command(sys.argv[1:] if argv is None else argv)
 
@@ -207,7 +210,8 @@ def run_command(argv: list[str]) -> int:
         datasets_cache_unwritable_exits_2(),
     ):
         check_one_process(args.command)
-        return args.handler(args) or 0
+        with process_state.kept():  # for a caller's next command in this process (a notebook): as a new process
+            return args.handler(args) or 0
 
 
 if __name__ == "__main__":

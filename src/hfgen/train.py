@@ -71,9 +71,12 @@ def main(args: argparse.Namespace) -> int:
         }
         with environment_variables(launched):
             validate_for_processes(recipe_path, args.overrides, processes)
-        return launch_with_accelerate(
+        code = launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
         )
+        if code:  # a failure leaves a command as it does in one process (exit_on_user_error): SystemExit
+            sys.exit(code)
+        return 0
     from hfgen.data.loading import datasets_cache_unwritable_exits_2
     from hfgen.data.prepare import shared_loads
 
@@ -195,7 +198,7 @@ def _exit_code(returncode: int) -> int:
 def run_recipe(recipe, inputs: dict | None = None) -> Path:
     """Run a validated recipe: records first, the stage, then the COMPLETE marker. Used by the CLI and by `rlhf`,
     whose steps record `inputs`, the runs they consume (`tracking.INPUTS_RECORD`), before they train."""
-    from hfgen import guard, loop, tracking
+    from hfgen import guard, loop, process_state, tracking
     from hfgen.stages import load_stage
 
     stage = load_stage(recipe.stage)
@@ -222,7 +225,8 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
         if inputs is not None and tracking.is_main_process():
             tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
         guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
-        stage.run(*recipe.configs)
+        with process_state.kept():  # what the libraries set for this run (full_determinism) is not the next one's
+            stage.run(*recipe.configs)
         if recipe.stage in loop.TRAINER_STAGES:  # (the engine's save, not hfgen's: `guard.check_saved_model`)
             guard.check_saved_model(output_dir)
         info = {"stage": recipe.stage, "wall_time_s": round(time.time() - started, 2)}
