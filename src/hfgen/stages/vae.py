@@ -129,14 +129,22 @@ def reconstruction_error(vae, dataloader, device) -> float:
     return total / count
 
 
-def latent_scaling_factor(vae, dataloader, device, max_batches: int = 16) -> float:
-    """1 / std of latents sampled from the training images: makes the diffusion model's inputs unit-variance."""
+def latent_scaling_factor(vae, images, batch_size: int, device, seed: int, max_batches: int = 16) -> float:
+    """1 / std of latents sampled from the training images: makes the diffusion model's inputs unit-variance.
+    The first `max_batches` batches of `images` in order (their first epoch's crops and flips), each latent drawn
+    from a generator of `seed`: the training loader's order after the run and the global random state differ
+    between a resumed run and the uninterrupted one (the factor, in config.json, scales every later model's
+    latents), and between the processes of a launch."""
+    if hasattr(images, "set_epoch"):
+        images.set_epoch(0)
+    generator = torch.Generator(device=device).manual_seed(seed)
     latents = []
     with torch.inference_mode():
-        for index, batch in enumerate(dataloader):
+        for index, batch in enumerate(torch.utils.data.DataLoader(images, batch_size=batch_size)):
             if index == max_batches:
                 break
-            latents.append(vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.sample().float())
+            posterior = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
+            latents.append(posterior.sample(generator=generator).float())
     return 1.0 / torch.cat(latents).flatten().std().item()
 
 
@@ -254,7 +262,7 @@ def run(model_args: VAEModelArguments, data_args: ImageDataArguments, args: VAET
     # Save: the latent scaling factor first (in the config), then the whole model as safetensors.
     guard.kill_point("eval")
     with loop.gathered(accelerator, autoencoder) as (unwrapped,):
-        measured = latent_scaling_factor(unwrapped.vae, train_loader, accelerator.device)
+        measured = latent_scaling_factor(unwrapped.vae, train_set, args.train_batch_size, accelerator.device, args.seed)
         # A fine-tuned VAE keeps its own factor (as SD's keeps 0.18215): the denoisers trained on its latents were
         # trained with that scale, and fine-tuning leaves the latent space about where it was.
         scaling_factor = vae.config.scaling_factor if model_args.pretrained_vae_name_or_path else measured
