@@ -695,21 +695,27 @@ def test_runs_resumed_one_after_another_from_the_same_checkpoint_path_take_each_
         assert closing_train_loss(run) == closing_train_loss(full), learning_rate
 
 
-def test_an_sft_run_resumed_between_two_rows_logs_trls_figures_as_the_uninterrupted_run(tiny_lm, tmp_path):
-    # TRL's figures beside the loss (entropy, mean_token_accuracy: averaged over the steps since the last row) and
-    # its token count were not in the checkpoint: resumed from checkpoint-4 (rows every 3 steps), the step-6 row
-    # averaged steps 5-6 only and num_tokens stayed short by step 4's tokens for the rest of the run (probe 43 B4)
+@pytest.mark.parametrize(
+    ("stage", "figures"),
+    [("sft_full", ("loss", "entropy", "mean_token_accuracy", "num_tokens")),
+     ("orpo", ("loss", "nll_loss", "rewards/margins", "logps/chosen"))],
+)  # fmt: skip
+def test_a_run_resumed_between_two_rows_logs_trls_figures_as_the_uninterrupted_run(tiny_lm, tmp_path, stage, figures):
+    # TRL's figures beside the loss (averaged over the steps since the last row) and SFT's token count were not in
+    # the checkpoint: resumed from checkpoint-4 (rows every 3 steps), the step-6 row averaged steps 5-6 only and
+    # num_tokens stayed short by step 4's tokens for the rest of the run (probe 43 B4); ORPO and SimPO keep theirs
+    # elsewhere (_stored_metrics: probe 43 I2)
     short = ["--model_name_or_path", str(tiny_lm), "--max_train_samples", "48", "--max_eval_samples", "8",
              "--per_device_train_batch_size", "8", "--max_steps", "6", "--save_strategy", "steps", "--save_steps",
-             "4", "--logging_steps", "3", "--num_samples", "0"]  # fmt: skip
-    recipe = REPO / "recipes/tiny/sft_full.yaml"
+             "4", "--logging_steps", "3"]  # fmt: skip
+    short += ["--num_samples", "0"] if stage == "sft_full" else ["--eval_samples_per_prompt", "0"]
+    recipe = REPO / f"recipes/tiny/{stage}.yaml"
     full = run_hfgen_here("train", recipe, *short, "--output_dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     resumed = run_hfgen_here("train", recipe, *short, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
                              "true")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    figures = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
 
     def step_6(run):
         row = next(row for row in tracking.read_metrics(tmp_path / run) if row.get("step") == 6 and "loss" in row)

@@ -815,17 +815,27 @@ def check_best_metric(name: str | None, metrics: dict[str, Any]) -> None:
 LOSS_WINDOW = "loss_window"
 
 
+# Where TRL's trainers keep the per-step figures they average into the next logged row: `_metrics[mode]` (SFT, DPO,
+# KTO, GRPO, ...), `_stored_metrics[mode]` (the experimental ORPO and CPO/SimPO trainers)
+TRL_PENDING_FIGURES = ("_metrics", "_stored_metrics")
+
+
 def loss_window(trainer) -> dict[str, Any]:
     """{LOSS_WINDOW: {"since_step": the last logged step, "sums": each process's loss sum since}} (transformers 5's
     `_tr_loss` and `_globalstep_last_logged`), or {} when the Trainer keeps no such counters. With TRL's trainers
-    also what they log beside the loss: the figures of each step since that row (`_metrics["train"]`: SFT's entropy
+    also what they log beside the loss: the figures of each step since that row (`TRL_PENDING_FIGURES`: SFT's entropy
     and token accuracy, DPO's rewards..., gathered, so the same on every process) and SFT's token count so far."""
     if trainer is None or not hasattr(trainer, "_tr_loss") or not hasattr(trainer, "_globalstep_last_logged"):
         return {}
     sums = trainer.accelerator.gather(trainer._tr_loss.detach().reshape(1)).tolist()
     window: dict[str, Any] = {"since_step": trainer._globalstep_last_logged, "sums": sums}
-    if isinstance(getattr(trainer, "_metrics", None), dict) and "train" in trainer._metrics:
-        window["trl_metrics"] = {key: [float(v) for v in values] for key, values in trainer._metrics["train"].items()}
+    pending = {
+        attribute: {key: [float(v) for v in values] for key, values in getattr(trainer, attribute)["train"].items()}
+        for attribute in TRL_PENDING_FIGURES
+        if isinstance(getattr(trainer, attribute, None), dict)
+    }
+    if pending:
+        window["trl_metrics"] = pending
     if hasattr(trainer, "_total_train_tokens"):
         window["total_train_tokens"] = trainer._total_train_tokens
     return {LOSS_WINDOW: window}
@@ -880,9 +890,10 @@ def restore_loss_window(trainer, checkpoint: Path | None) -> None:
         trainer._total_train_tokens = window["total_train_tokens"]  # (at the checkpoint's step, not the last row's)
     if not window or not hasattr(trainer, "_tr_loss") or window["since_step"] >= trainer.state.global_step:
         return
-    if "trl_metrics" in window and isinstance(getattr(trainer, "_metrics", None), dict):
-        trainer._metrics["train"].clear()  # what TRL's trainers average into the next row with the loss
-        trainer._metrics["train"].update({key: list(values) for key, values in window["trl_metrics"].items()})
+    for attribute, figures in window.get("trl_metrics", {}).items():  # what TRL averages into the next row
+        if isinstance(getattr(trainer, attribute, None), dict):
+            getattr(trainer, attribute)["train"].clear()
+            getattr(trainer, attribute)["train"].update({key: list(values) for key, values in figures.items()})
     trainer._tr_loss.fill_(window["sums"][trainer.accelerator.process_index])
     trainer._globalstep_last_logged = window["since_step"]
     trainer._total_loss_scalar -= sum(window["sums"]) / len(window["sums"])  # (the logged loss: their mean)
