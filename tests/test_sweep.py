@@ -145,6 +145,31 @@ def test_a_run_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
     assert transformers.utils.logging.is_progress_bar_enabled()
 
 
+def test_each_point_trains_with_the_tf32_setting_its_recipe_asks(tmp_path, monkeypatch):
+    # transformers sets TF32 process-wide when a recipe is parsed, and a sweep parses every point first: every point
+    # trained with the last one's (--tf32 true,false: the tf32=true point in IEEE float32) (probe 43 I3). TF32 exists
+    # on GPUs only: transformers is told here that it is available, as on an A100; the training is real
+    import torch
+    import transformers
+    import transformers.training_args
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_tf32_available", lambda: True)
+    seen = []
+    train = transformers.Trainer.train
+
+    def observed(trainer, *args, **kwargs):  # the precision each point's training ran with
+        seen.append((trainer.args.tf32, torch.backends.fp32_precision))
+        return train(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "train", observed)
+    before = torch.backends.fp32_precision
+    arguments = ["sweep", PRETRAIN, *SHORT, "--tf32", "true,false", "--output_root", tmp_path, "--quiet"]
+    result = run_hfgen_here(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert seen == [(True, "tf32"), (False, "ieee")]
+    assert torch.backends.fp32_precision == before
+
+
 def test_pipeline_points_train_their_steps_in_their_own_dirs(tmp_path):
     """An rlhf pipeline's steps wrote into their step recipes' output_dirs, shared by every point: point 2 retrained
     point 1's reward and DPO models in place, and a rerun found both points complete."""

@@ -4,7 +4,8 @@ caller, should find the process as a new one would.
 
 The libraries set such state: transformers' Trainer, for `full_determinism`, makes torch deterministic-only and sets
 CUDA_LAUNCH_BLOCKING and other variables (on a GPU every later run in the process, and every process it starts, ran
-with synchronous kernels); `--quiet` turns transformers' and datasets' progress bars off.
+with synchronous kernels); its TrainingArguments set TF32 for `tf32` when a recipe is parsed; `--quiet` turns
+transformers' and datasets' progress bars off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def kept():
     defaults, not deterministic; the bars of a library first imported inside it stay as the block left them)."""
     environ = dict(os.environ)
     torch_flags = _torch_flags() if "torch" in sys.modules else None
+    precision = fp32_precision()
     bars = _progress_bars()
     try:
         yield
@@ -30,7 +32,25 @@ def kept():
         os.environ.update({name: value for name, value in environ.items() if os.environ.get(name) != value})
         if "torch" in sys.modules:
             _set_torch_flags(torch_flags or (False, False, False, False))
+            set_fp32_precision(precision or "ieee")  # (torch's default)
         _set_progress_bars(bars)
+
+
+def fp32_precision() -> str | None:
+    """torch's float32 matmul precision ('ieee', or 'tf32' on GPUs that have it: transformers' `tf32` sets it through
+    `enable_tf32`), None before torch is imported (or a torch without the setting)."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    return getattr(torch.backends, "fp32_precision", None)
+
+
+def set_fp32_precision(precision: str | None) -> None:
+    import torch
+
+    if precision is not None and hasattr(torch.backends, "fp32_precision") and fp32_precision() != precision:
+        torch.backends.fp32_precision = precision
 
 
 def _torch_flags() -> tuple[bool, bool, bool, bool]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from hfgen import process_state
 from hfgen.errors import UserError
 from hfgen.stages import STAGES, load_stage
 from hfgen.unread_keys import (
@@ -113,6 +114,10 @@ class Recipe:
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     run: RunArguments = field(default_factory=RunArguments)
+    # torch's float32 matmul precision as parsing this recipe left it: transformers' TrainingArguments sets it for
+    # `tf32` (and torch_compile under bf16) when parsed, process-wide, so a sweep that parsed its later points first
+    # trained every point with the last one's (`process_state.fp32_precision`; set again when the run starts)
+    fp32_precision: str | None = None
 
     def get(self, cls):
         """The config instance of type `cls` (or a subclass)."""
@@ -499,6 +504,7 @@ def build_recipe(
         if hasattr(config, "passed_to_steps"):
             config.passed_to_steps = {key: getattr(run, key) for key in module.PASSED_TO_STEPS if key in values}
     recipe = Recipe(stage=stage, values=values, configs=tuple(configs), source=source, run=run)
+    recipe.fp32_precision = process_state.fp32_precision()
     problems = value_problems((*recipe.configs, run)) + unread_key_problems(stage, recipe.configs)
     if check_inputs:
         problems += installed_problems((*recipe.configs, run))

@@ -226,6 +226,7 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
             tracking.write_json(output_dir / tracking.INPUTS_RECORD, inputs)
         guard.configure(recipe.run.nan_tolerance, recipe.run.save_on_signal)
         with process_state.kept():  # what the libraries set for this run (full_determinism) is not the next one's
+            process_state.set_fp32_precision(recipe.fp32_precision)  # as its parse set it (a sweep parsed others since)
             stage.run(*recipe.configs)
         if recipe.stage in loop.TRAINER_STAGES:  # (the engine's save, not hfgen's: `guard.check_saved_model`)
             guard.check_saved_model(output_dir)
