@@ -68,9 +68,10 @@ def check_image_stage(model_args, data_args, args: ImageStageArguments) -> list[
                         "batch stacks instance and class images in one tensor, and the class images are generated "
                         "at one size; drop one of the two keys")  # fmt: skip
     if args.instance_data_dir:
-        source = class_image_source(model_args.pretrained_model_name_or_path, args.num_inference_steps,
-                                    args.guidance_scale)  # fmt: skip
-        return problems + class_image_problems(args, class_data_dir(args), data_args.resolution, source)
+        pretrained = model_args.pretrained_model_name_or_path
+        t5_length = getattr(model_args, "max_sequence_length", None)  # (t2i_flow's: the class images' sampling)
+        source = class_image_source(pretrained, args.num_inference_steps, args.guidance_scale, t5_length)
+        return problems + class_image_problems(args, class_data_dir(args), data_args.resolution, source, pretrained)
     return problems + check_image_data(data_args, need_captions=True, hold_out=False)
 
 
@@ -113,7 +114,8 @@ def with_class_rows(rows, data_args, args: ImageStageArguments, make_pipeline, a
 
     class_dir = class_data_dir(args)
     sampling = (args.num_inference_steps, args.guidance_scale, args.seed)
-    source = class_image_source(pretrained, args.num_inference_steps, args.guidance_scale)
+    source = class_image_source(pretrained, args.num_inference_steps, args.guidance_scale,
+                                (call_arguments or {}).get("max_sequence_length"))  # fmt: skip
     return datasets.concatenate_datasets(
         [rows, class_rows(args, data_args, class_dir, make_pipeline, accelerator, sampling, call_arguments, source)]
     )
