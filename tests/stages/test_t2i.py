@@ -264,6 +264,31 @@ def test_a_run_at_another_resolution_than_its_base_renders_at_its_own(scratch_ru
     assert pipeline("a handwritten digit 3", num_inference_steps=2).images[0].size == (32, 32)
 
 
+@pytest.mark.parametrize("base", ["built", "pretrained"])
+def test_mixed_precision_saves_the_frozen_vae_and_text_encoder_as_loaded(scratch_run, configs, vae_dir, tmp_path, base):
+    """Under mixed_precision the frozen VAE and text encoder compute in bf16; cast back to float32 for the save, the
+    pipeline held every weight rounded to bf16, in float32 where nothing shows it (probe 43 C2). Saved as loaded:
+    read again from the base pipeline and vae_name_or_path, or (a text encoder built from its config and
+    pretrained here) kept as it was before the cast, which the float32 scratch run saved with the same seed."""
+    run = tmp_path / "run"
+    quick = ["--max_train_steps", "1", "--mixed_precision", "bf16", "--validation_steps", "0",
+             "--eval_images_per_prompt", "0", "--checkpointing_steps", "0"]  # fmt: skip
+    if base == "built":
+        result = run_hfgen_here("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, run), *quick)
+        expected = {"vae": vae_dir / "diffusion_pytorch_model.safetensors",
+                    "text_encoder": scratch_run / "text_encoder/model.safetensors"}  # fmt: skip
+    else:
+        result = run_hfgen_here("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir",
+                                run, "--use_lora", "false", "--lora_alpha", "null", *quick, *SMALL_DATA)  # fmt: skip
+        expected = {"vae": scratch_run / "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder": scratch_run / "text_encoder/model.safetensors"}  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for component, path in expected.items():
+        loaded, saved = load_file(path), load_file(next((run / component).glob("*.safetensors")))
+        assert saved.keys() == loaded.keys() and {t.dtype for t in saved.values()} == {torch.float32}
+        assert all(torch.equal(saved[name], loaded[name]) for name in loaded), component
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_identical_unet_weights(configs, vae_dir, tmp_path, free_port):
     overrides = t2i_overrides(configs, vae_dir, tmp_path, steps=3) + ["--eval_images_per_prompt", "0"]

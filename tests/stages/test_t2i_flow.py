@@ -279,6 +279,30 @@ def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, 
     assert [row["step"] for row in tracking.read_metrics(resumed)] == [3, 4]
 
 
+@pytest.mark.parametrize("base", ["built", "pretrained"])
+def test_mixed_precision_saves_the_frozen_vae_and_text_encoders_as_loaded(flow_run, configs, vae16_dir, tmp_path, base):
+    """Under mixed_precision the frozen VAE and text encoders compute in bf16; cast back to float32 for the save, the
+    pipeline held every weight rounded to bf16, in float32 where nothing shows it (probe 43 C2). Saved as loaded:
+    read again from the base pipeline and vae_name_or_path, or (text encoders built from their config and
+    pretrained here) kept as they were before the cast, which the float32 run flow_run saved with the same seed."""
+    run = tmp_path / "run"
+    quick = ["--max_train_steps", "1", "--mixed_precision", "bf16", "--validation_steps", "0",
+             "--eval_images_per_prompt", "0", "--checkpointing_steps", "0"]  # fmt: skip
+    if base == "built":
+        result = run_hfgen_here("train", FLOW_RECIPE, *flow_overrides(configs, vae16_dir, run), *quick)
+        vae = vae16_dir / "diffusion_pytorch_model.safetensors"
+    else:
+        result = run_hfgen_here("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--output_dir",
+                                run, "--use_lora", "false", "--lora_alpha", "null", *quick, *SMALL_DATA)  # fmt: skip
+        vae = flow_run / "vae/diffusion_pytorch_model.safetensors"
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {"vae": vae, **{n: flow_run / n / "model.safetensors" for n in ("text_encoder", "text_encoder_2")}}
+    for component, path in expected.items():
+        loaded, saved = load_file(path), load_file(next((run / component).glob("*.safetensors")))
+        assert saved.keys() == loaded.keys() and {t.dtype for t in saved.values()} == {torch.float32}
+        assert all(torch.equal(saved[name], loaded[name]) for name in loaded), component
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_identical_transformer_weights(configs, vae16_dir, tmp_path, free_port):
     result = accelerate_launch(free_port, FLOW_RECIPE, *flow_overrides(configs, vae16_dir, tmp_path, steps=3),

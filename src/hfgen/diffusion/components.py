@@ -476,6 +476,60 @@ def make_pipeline(tokenizer, text_encoder, vae, unet, sampler):
     )  # fmt: skip
 
 
+class FrozenInHalf:
+    """Frozen components (`models`: name -> VAE / text encoder of `args`' pipeline) cast to the mixed-precision
+    `dtype`, which they compute in, and brought back by `restore` to their float32 weights as loaded, for the save
+    (float32 on disk whatever the training precision, as the pretrained pipelines ship): casting back up would
+    save every weight rounded to the half dtype, in float32 where nothing shows it (probe 43 C2). A component read
+    from files is read again then, not held twice through the run (an SD3 T5 is 19 GB in float32); one built here
+    (a text encoder from its config, pretrained contrastively: small by construction) keeps a float32 copy of its
+    weights on the CPU."""
+
+    def __init__(self, args, models: dict, dtype):
+        import torch
+
+        self.args, self.models, self.copies = args, models, {}
+        self.cast = dtype != torch.float32
+        if not self.cast:
+            return
+        for name, model in models.items():
+            if not self.reads_again(name):
+                self.copies[name] = {
+                    key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()
+                }
+            model.to(dtype=dtype)  # (diffusers warns about any dtype cast, even a no-op one)
+
+    def reads_again(self, name: str) -> bool:
+        return bool(self.args.pretrained_model_name_or_path or (name == "vae" and self.args.vae_name_or_path))
+
+    def read_again(self, name: str):
+        """The component `name` as `load_components` / `load_flow_components` read it."""
+        if name == "vae" and self.args.vae_name_or_path:
+            return load_vae(self.args.vae_name_or_path)
+        cls, source = type(self.models[name]), self.args.pretrained_model_name_or_path
+        found = dict(subfolder=name, revision=self.args.revision)
+        try:
+            return cls.from_pretrained(source, **found, variant=self.args.variant)
+        except (OSError, ValueError):
+            if self.args.variant is None:
+                raise
+            # a whole pipeline (t2i_flow's) loads a component that lacks the variant's files from its plain ones
+            return cls.from_pretrained(source, **found)
+
+    def restore(self) -> None:
+        """Every frozen component back in float32, in place (the run's last grid renders with it), with its weights
+        as loaded."""
+        import torch
+
+        if not self.cast:
+            return
+        for name, model in self.models.items():
+            weights = self.copies.pop(name) if name in self.copies else self.read_again(name).state_dict()
+            model.to(dtype=torch.float32)
+            model.load_state_dict(weights)
+        self.cast = False
+
+
 # ---- reading pipeline dirs ------------------------------------------------------------------------------
 
 

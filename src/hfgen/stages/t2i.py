@@ -38,7 +38,13 @@ import torch.nn.functional as F
 
 from hfgen import guard, loop, tracking
 from hfgen.diffusion import image_stage
-from hfgen.diffusion.components import CAPTION_TOKENIZER, PipelineArguments, check_pipeline_arguments, tokenize
+from hfgen.diffusion.components import (
+    CAPTION_TOKENIZER,
+    FrozenInHalf,
+    PipelineArguments,
+    check_pipeline_arguments,
+    tokenize,
+)
 from hfgen.diffusion.data import ImageDataArguments
 from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.image_stage import ImageStageArguments
@@ -195,13 +201,16 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
         unet.enable_gradient_checkpointing()
         if train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
-    # Frozen weights in the mixed-precision dtype; trained ones (full UNet, LoRA adapters) stay float32.
+    # Frozen weights in the mixed-precision dtype; trained ones (full UNet, LoRA adapters) stay float32. The frozen
+    # VAE and text encoder are saved as loaded (a LoRA run saves no UNet).
     if not train_text_encoder:
         loop.replicated(accelerator, text_encoder)  # whole on every process (the main one renders alone)
-    for model, frozen in ((vae, True), (text_encoder, not train_text_encoder), (unet, args.use_lora)):
+    for model in (vae, text_encoder, unet):
         model.to(device)
-        if frozen and dtype != torch.float32:  # (diffusers warns about any dtype cast, even a no-op one)
-            model.to(dtype=dtype)
+    frozen_models = {"vae": vae} if train_text_encoder else {"vae": vae, "text_encoder": text_encoder}
+    frozen = FrozenInHalf(model_args, frozen_models, dtype)
+    if args.use_lora and dtype != torch.float32:  # (diffusers warns about any dtype cast, even a no-op one)
+        unet.to(dtype=dtype)
     if args.use_lora:
         cast_training_params([unet, text_encoder] if train_text_encoder else [unet], dtype=torch.float32)
     ema_unet = image_stage.make_ema(unet, UNet2DConditionModel, args, accelerator)
@@ -358,7 +367,7 @@ def run(model_args: PipelineArguments, data_args: ImageDataArguments, args: T2IT
             ema_unet.copy_to(whole_unet.parameters())
         text_encoder = accelerator.unwrap_model(text_encoder)  # (trained only under DDP: see refused_engines)
         # saved first: a failure while rendering the last grid leaves the trained weights on disk
-        save(output_dir, model_args, args, parts, whole_unet, text_encoder, data_args.resolution)
+        save(output_dir, model_args, args, parts, whole_unet, text_encoder, frozen, data_args.resolution)
         guard.kill_point("final_save")
         validate(accelerator, args, parts, whole_unet, text_encoder, None, global_step, data_args.resolution)
     loop.maybe_write_fingerprint(accelerator, trained[0], output_dir)
@@ -398,7 +407,7 @@ def validate(accelerator, args, parts, unet, text_encoder, ema_unet, step: int, 
 
 def save(
     output_dir: Path, model_args: PipelineArguments, args: T2ITrainingArguments, parts, unet, text_encoder,
-    resolution: int,
+    frozen: FrozenInHalf, resolution: int,
 ) -> None:  # fmt: skip
     """A full pipeline dir, or LoRA weights that `pipe.load_lora_weights(output_dir)` loads on the base pipeline."""
     from diffusers import StableDiffusionPipeline
@@ -428,10 +437,8 @@ def save(
         return
     from hfgen.diffusion.components import make_pipeline
 
-    # float32 on disk whatever the training precision (as the pretrained pipelines ship)
-    for model in (text_encoder, parts["vae"], unet):
-        if model.dtype != torch.float32:
-            model.to(dtype=torch.float32)
+    # float32 on disk whatever the training precision (as the pretrained pipelines ship): what trained is float32
+    frozen.restore()
     image_stage.record_sample_size(unet, resolution, parts["vae"])
     pipeline = make_pipeline(parts["tokenizer"], text_encoder, parts["vae"], unet, parts["sampler"])
     pipeline.save_pretrained(output_dir, safe_serialization=True)

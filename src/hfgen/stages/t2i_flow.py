@@ -29,6 +29,7 @@ import torch
 
 from hfgen import guard, loop, tracking
 from hfgen.diffusion import image_stage
+from hfgen.diffusion.components import FrozenInHalf
 from hfgen.diffusion.data import ImageDataArguments
 from hfgen.diffusion.dreambooth import prior_preserving_loss
 from hfgen.diffusion.flow import WEIGHTING_SCHEMES
@@ -198,11 +199,11 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
     if accelerator.is_main_process:
         for tokenizer, length, cut_at in caption_lengths(model_args, parts):
             image_stage.warn_of_cut_captions(train_rows, data_args.caption_column, tokenizer, length, cut_at)
-    frozen = [parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)]
-    for model in frozen:
+    # The frozen VAE and text encoders compute in the mixed-precision dtype and are saved as loaded
+    frozen_models = {n: parts[n] for n in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3") if parts.get(n)}
+    for model in frozen_models.values():
         loop.replicated(accelerator, model)
-        if dtype != torch.float32:
-            model.to(dtype=dtype)
+    frozen = FrozenInHalf(model_args, frozen_models, dtype)
     transformer.requires_grad_(not args.use_lora)
     if args.use_lora:
         from peft import LoraConfig
@@ -334,7 +335,7 @@ def run(model_args: FlowPipelineArguments, data_args: ImageDataArguments, args: 
         if ema is not None:
             ema.copy_to(whole.parameters())
         # saved first: a failure while rendering the last grid leaves the trained weights on disk
-        save(output_dir, model_args, args, parts, whole, data_args.resolution)
+        save(output_dir, model_args, args, parts, whole, frozen, data_args.resolution)
         guard.kill_point("final_save")
         validate(accelerator, args, parts, whole, None, global_step, sampling)
     loop.maybe_write_fingerprint(accelerator, transformer, output_dir)
@@ -358,7 +359,7 @@ def validate(accelerator, args, parts, transformer, ema, step: int, sampling: di
     )
 
 
-def save(output_dir: Path, model_args, args, parts, transformer, resolution: int) -> None:
+def save(output_dir: Path, model_args, args, parts, transformer, frozen, resolution: int) -> None:
     """A StableDiffusion3Pipeline dir (float32), or LoRA weights for `pipe.load_lora_weights(output_dir)`."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -377,7 +378,6 @@ def save(output_dir: Path, model_args, args, parts, transformer, resolution: int
         return
     from hfgen.diffusion.flow_components import make_pipeline
 
+    frozen.restore()  # (what trained is float32)
     image_stage.record_sample_size(transformer, resolution, parts["vae"])
-    pipeline = make_pipeline(parts, transformer)
-    pipeline.to(dtype=torch.float32)
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    make_pipeline(parts, transformer).save_pretrained(output_dir, safe_serialization=True)
