@@ -387,6 +387,80 @@ def test_divergence_guard_skips_within_tolerance_then_stops():
         guard.check_step(3, torch.tensor(1.0), optimizer)
 
 
+@pytest.fixture
+def fp16_scaled_accelerator():
+    """A CPU Accelerator with fp16's GradScaler installed before `prepare`, as accelerate installs it on a GPU only
+    (GPU behaviour simulated: the same torch GradScaler, on the CPU). The factory takes the scaler's initial scale."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def make(init_scale: float):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        accelerator.native_amp, accelerator.state._mixed_precision = True, "fp16"
+        return accelerator
+
+    yield make
+    AcceleratorState._reset_state(reset_partial_state=True)  # the singleton's fp16 would reach later tests
+    GradientState._reset_state()
+    configure()
+
+
+def test_gradients_fp16s_loss_scaler_skips_are_left_to_it_not_counted_as_divergence(fp16_scaled_accelerator):
+    """Gradients that overflow float16 at the scaler's first scale (2**16) are inf/nan once clipping unscales them;
+    the scaler's step skips them and halves its scale until they fit, the start of every fp16 run. The guard counted
+    each as divergence: exit 3 at step 1 with the default nan_tolerance 0 (probe 43 C3). A non-finite loss still
+    counts, and so do overflowing gradients once the scale has fallen below 1."""
+    from hfgen import loop
+
+    configure(nan_tolerance=0)
+    accelerator = fp16_scaled_accelerator(2.0**16)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    inputs, guard = torch.randn(32, 64), Divergence(output_dir="/nonexistent")
+
+    def loss(factor=400.0):  # gradients of about 1: times 2**16, past float16's 65504
+        with torch.autocast("cpu", dtype=torch.float16):
+            return (model(inputs).float() ** 2).mean() * factor
+
+    scales, updated = [], []
+    for step in range(1, 7):
+        before = model.weight.detach().clone()
+        loop.backward_and_step(accelerator, model, optimizer, loss(), 1.0, step, guard)
+        scales.append(accelerator.scaler.get_scale())
+        updated.append(not torch.equal(before, model.weight))
+    assert scales[:4] == [2.0**15, 2.0**14, 2.0**13, 2.0**13] and updated == [False] * 3 + [True] * 3
+    with pytest.raises(Diverged, match="step 7: the loss is nan"):
+        loop.backward_and_step(accelerator, model, optimizer, loss(math.nan), 1.0, 7, guard)
+
+    accelerator = fp16_scaled_accelerator(0.5)  # a scale the scaler lowered step after step
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    with pytest.raises(Diverged, match="step 8: the gradient norm at float16 loss scale 0.5 is (inf|nan)"):
+        loop.backward_and_step(accelerator, model, optimizer, loss(1e9), 1.0, 8, guard)
+
+
+def test_a_step_skipped_within_nan_tolerance_under_fp16s_loss_scaler_without_clipping(fp16_scaled_accelerator):
+    """With max_grad_norm 0 nothing unscaled the gradients the guard dropped, and the scaler's step then raised
+    torch's AssertionError "No inf checks were recorded for this optimizer": the skip is now the scaler's too."""
+    from hfgen import loop
+
+    configure(nan_tolerance=1)
+    accelerator = fp16_scaled_accelerator(2.0**8)
+    model = torch.nn.Linear(8, 8)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    inputs, guard = torch.randn(4, 8), Divergence(output_dir="/nonexistent")
+    weights = []
+    for step, factor in enumerate((1.0, math.nan, 1.0), 1):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = (model(inputs).float() ** 2).mean() * factor
+        loop.backward_and_step(accelerator, model, optimizer, loss, 0.0, step, guard)
+        weights.append(model.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    assert all(w.isfinite().all() for w in weights)
+
+
 class SquaredLoss(torch.nn.Module):
     """A model whose loss is non-finite exactly for the rows holding a NaN: a step the guard skips, on cue."""
 

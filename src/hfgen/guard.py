@@ -3,8 +3,9 @@ kill points the resume tests use. Trainer stages get all three through `tracking
 own accelerate loops call `Divergence.check_step`, `signalled` and `kill_point` at the same moments.
 
 Recipe keys (every stage): `nan_tolerance` (steps with a non-finite loss or gradient norm that are skipped before
-the run stops with exit code 3) and `save_on_signal` (SIGINT/SIGTERM writes a checkpoint, then the run exits).
-`hfgen.train.run_recipe` sets them for the run with `configure`.
+the run stops with exit code 3; under fp16's loss scaler, the overflowed gradients it skips itself are not counted)
+and `save_on_signal` (SIGINT/SIGTERM writes a checkpoint, then the run exits). `hfgen.train.run_recipe` sets them
+for the run with `configure`.
 """
 
 from __future__ import annotations
@@ -153,6 +154,14 @@ class Divergence:
                     torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
                 ).item()
         bad = {name: value for name, value in figures.items() if not math.isfinite(value)}
+        if "gradient norm" in bad and (scaler := loss_scaler(optimizer)) is not None:
+            # fp16's loss scaler (accelerate's GradScaler, on a GPU): gradients that overflowed at its scale are
+            # routine, its step skips them and lowers the scale (from 2**16 at the start, and again each time its
+            # growth overflows). Only a scale that fell below 1, gradients overflowing float16 unscaled, is divergence.
+            if (scale := scaler.get_scale()) >= 1:
+                del bad["gradient norm"]
+            else:
+                bad[f"gradient norm at float16 loss scale {scale:.3g}"] = bad.pop("gradient norm")
         if not bad:
             if "loss" in figures:
                 self.last_finite = (step, figures["loss"])
@@ -166,7 +175,7 @@ class Divergence:
             file=sys.stderr,
         )
         if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
+            drop_gradients(optimizer)
         return False
 
     def message(self, step: int, what: str) -> str:
@@ -180,6 +189,25 @@ class Divergence:
             f"{newest_complete(self.output_dir)}. Lower learning_rate (or raise warmup, clip with max_grad_norm), or "
             "set nan_tolerance: N in the recipe to skip up to N such steps."
         )
+
+
+def loss_scaler(optimizer):
+    """The fp16 GradScaler an accelerate-prepared optimizer steps through (`AcceleratedOptimizer.scaler`), or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def drop_gradients(optimizer) -> None:
+    """The step's gradients set to None: the optimizer leaves the parameters without one alone. fp16's loss scaler
+    asserts at its step that it checked the gradients for overflow, which its `unscale_` does (clipping calls it):
+    called here when clipping did not (max_grad_norm 0)."""
+    if (scaler := loss_scaler(optimizer)) is not None:
+        try:
+            scaler.unscale_(optimizer.optimizer)  # (the scaler keys its checks by the wrapped optimizer)
+        except RuntimeError as error:
+            if "already been called" not in str(error):  # "unscale_() has already been called ...": by clipping
+                raise
+    optimizer.zero_grad(set_to_none=True)
 
 
 def check_final_model(output_dir, step: int, figures: dict) -> None:
