@@ -9,6 +9,7 @@ import torch
 from conftest import REPO, mounted_tmpfs
 from hfgen.cli import build_parser
 from hfgen.cli import main as hfgen_main
+from hfgen.errors import UserError
 from hfgen.recipe import load_recipe
 
 PRETRAIN = REPO / "recipes/tiny/pretrain.yaml"
@@ -64,6 +65,30 @@ def test_spawning_refuses_a_launch_its_processes_would_refuse_once_before_spawni
     error = refused(capsys, PRETRAIN, "--num_processes", "2", "--launch_config", ZERO3, *run)
     assert "asked for DeepSpeed but ACCELERATE_USE_CPU=true" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_more_processes_than_gpus_exits_2_before_spawning(tmp_path, monkeypatch, capsys):
+    """(GPU simulated: torch sees one.) accelerate gives process i cuda:(i % GPUs), so four processes shared cuda:0
+    and NCCL refused them in every process at the first collective (probe 43 C5)."""
+    from hfgen.check import check_spawn
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    run = ["--output_dir", tmp_path / "run"]
+    error = refused(capsys, PRETRAIN, "--num_processes", "4", *run)
+    assert "4 processes put 4 on this machine, where torch sees 1 GPU(s)" in error, error
+    assert "--num_processes 1 or fewer" in error
+    error = refused(capsys, PRETRAIN, "--launch_config", REPO / "recipes/accelerate/multi_gpu.yaml", *run)
+    assert "8 processes put 8 on this machine, where torch sees 1 GPU(s)" in error, error
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_spawn(2, None) == 2  # one GPU each
+    (tmp_path / "two.yaml").write_text(
+        (REPO / "recipes/accelerate/multi_gpu.yaml").read_text().replace("gpu_ids: all", "gpu_ids: '1'")
+    )
+    with pytest.raises(UserError, match="the launch config's gpu_ids '1' name 1 GPU"):
+        check_spawn(2, str(tmp_path / "two.yaml"))
 
 
 def test_num_processes_0_exits_2(capsys):

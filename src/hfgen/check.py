@@ -551,4 +551,18 @@ def check_spawn(num_processes: int | None, launch_config: str | None, main_proce
             "config is not enough), e.g. `ACCELERATE_USE_CPU=true hfgen train RECIPE --num_processes 2 --launch_config "
             "recipes/accelerate/cpu_2proc.yaml`; on GPUs check that torch sees them"
         )
+    if processes > 1 and not use_cpu and torch.cuda.is_available():
+        # Each process takes its own GPU: accelerate gives process i cuda:(i % GPUs), and NCCL refuses two processes
+        # on one GPU at their first collective, in every process.
+        machines = int(config.get("num_machines") or 1)
+        gpu_ids = str(config.get("gpu_ids") or "all")
+        gpus = torch.cuda.device_count() if gpu_ids == "all" else len([i for i in gpu_ids.split(",") if i.strip()])
+        if (here := math.ceil(processes / machines)) > gpus:
+            where = "this machine" if machines == 1 else f"each of the {machines} machines"
+            has = f"torch sees {gpus}" if gpu_ids == "all" else f"the launch config's gpu_ids '{gpu_ids}' name {gpus}"
+            raise UserError(
+                f"{processes} processes put {here} on {where}, where {has} GPU(s): each process needs its own GPU. "
+                f"Pass --num_processes {gpus * machines} or fewer (or set num_processes in the launch config), or "
+                "ACCELERATE_USE_CPU=true for CPU processes"
+            )
     return processes

@@ -229,6 +229,21 @@ def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path
     assert message in error and "Traceback" not in error
 
 
+def test_a_gpu_index_the_machine_lacks_is_a_one_paragraph_error(model_dir, monkeypatch, capsys):
+    """(GPU simulated: torch sees one.) --device cuda:7 passed the check and failed with torch's "CUDA error: invalid
+    device ordinal" once the model had loaded (probe 43 C5)."""
+    from hfgen.evaluation.command import device_problems
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_problems("cuda") == device_problems("cuda:0") == []
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["eval", str(model_dir), "--device", "cuda:7", "--quiet"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    assert "--device 'cuda:7': torch sees 1 GPU(s) here, cuda:0 to cuda:0" in error
+
+
 def test_image_eval_refuses_the_text_options_the_user_gave(tmp_path, capsys):
     # a diffusers pipeline's evaluation ignored them silently (--num_prompts 3 evaluated the run's own prompts)
     (tmp_path / "model_index.json").write_text("{}")

@@ -184,7 +184,8 @@ def samples_file(output: Path) -> Path:
 
 
 def device_problems(device: str) -> list[str]:
-    """--device names a device torch has here (cuda on a machine without one was an AssertionError)."""
+    """--device names a device torch has here (cuda on a machine without one was an AssertionError; cuda:7 on one
+    with fewer GPUs, torch's "invalid device ordinal" once the model had loaded)."""
     import torch
 
     if device == AUTO:
@@ -194,7 +195,13 @@ def device_problems(device: str) -> list[str]:
     except RuntimeError:
         return [f"--device '{device}' is not a device name (cuda, cuda:1, cpu, mps, ...)"]
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
-    return [] if available() else [f"--device '{device}': this machine has no {kind} device (use cpu)"]
+    if not available():
+        return [f"--device '{device}': this machine has no {kind} device (use cpu)"]
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= (count := torch.cuda.device_count()):
+        return [f"--device '{device}': torch sees {count} GPU(s) here, cuda:0 to cuda:{count - 1} "
+                "(CUDA_VISIBLE_DEVICES numbers those it lists from 0)"]  # fmt: skip
+    return []
 
 
 def check_text_arguments(args: argparse.Namespace) -> None:
