@@ -303,6 +303,36 @@ def gathered(accelerator, *models):
 
 
 @contextlib.contextmanager
+def computing_as_prepared(accelerator, *models):
+    """Within it, `models` that `accelerator` has not prepared (a Trainer's model before `train()`, a starting model
+    loaded for a comparison) compute as a model it prepared does: under native mixed precision `prepare_model`
+    replaces the forward by one under the half dtype's autocast whose outputs are cast to float32, and
+    `unwrap_model` keeps it (`gathered`). A figure measured before training on the plain model and after it on the
+    prepared one otherwise compares float32 with bfloat16 compute (DPO at learning rate 0: accuracy 0.375 and its
+    chosen log-probs "fell"; SFT's response loss 1.417 -> 1.418), and a starting model compared with the trained
+    one differs from it at learning rate 0. Models already prepared (or None), runs without mixed precision and
+    FSDP2 (whose mixed precision is its sharding policy, not a forward wrapper) are left as they are."""
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    patched = []
+    try:
+        if accelerator.native_amp and not accelerator.is_fsdp2:
+            for model in models:
+                if model is None or "_original_forward" in vars(model):  # prepared: accelerate's forward already
+                    continue
+                autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+                patched.append((model, vars(model).get("forward")))
+                model.forward = convert_outputs_to_fp32(autocast(model.forward))
+        yield
+    finally:
+        for model, own_forward in reversed(patched):
+            if own_forward is None:
+                del model.forward  # the class's forward again
+            else:
+                model.forward = own_forward
+
+
+@contextlib.contextmanager
 def _unsharded(model):
     from torch.distributed.fsdp import FSDPModule
 

@@ -636,8 +636,12 @@ def run_stage(
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
     examples = held_out_examples(tokenizer, eval_rows)
-    # measured outside the Trainer, before DDP wraps it; whole weights under ZeRO-3 (partitioned at load)
-    with loop.gathered(trainer.accelerator, trainer.model) as (policy_model,):
+    # measured outside the Trainer, before DDP wraps it; whole weights under ZeRO-3 (partitioned at load); in the
+    # precision the prepared model computes `after` in
+    with (
+        loop.gathered(trainer.accelerator, trainer.model) as (policy_model,),
+        loop.computing_as_prepared(trainer.accelerator, policy_model),
+    ):
         before = {
             s: completion_logprobs(policy_model, e, tokenizer.pad_token_id, eval_batch) for s, e in examples.items()
         }

@@ -167,6 +167,16 @@ def test_the_best_checkpoints_weights_are_recorded_as_that_steps(tmp_path):
     assert results["eval_loss"] == pytest.approx(evaluated[0]["eval_loss"], rel=1e-3)  # the saved weights' loss
 
 
+def test_an_unchanged_model_under_bf16_mixed_precision_has_the_same_loss_before_and_after(tmp_path):
+    # the initial loss was computed in float32 (the model not yet prepared), the final one under the bf16 autocast of
+    # the prepared model: before -> after compared two precisions
+    result = run_hfgen_here("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "1", "--learning_rate", "0.0",
+                            "--bf16", "true", "--max_train_samples", "32", "--max_eval_samples", "8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "eval.json")
+    assert results["eval_loss"] == results["eval_loss_initial"], results
+
+
 def test_a_last_step_the_periodic_evaluation_logged_has_one_eval_loss_row(tmp_path):
     # the closing eval_loss row was logged whatever the Trainer's evaluation at that step had logged: two rows at step 2
     evaluation = ["--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no"]

@@ -234,6 +234,17 @@ def test_chat_template_path_is_what_the_pairs_are_rendered_with(tmp_path):
     assert saved["margin"] == pytest.approx(tracking.read_json(output_dir / "eval.json")["margin"], abs=1e-5)
 
 
+def test_an_unchanged_model_under_bf16_mixed_precision_scores_the_same_before_and_after(tiny_lm, tmp_path):
+    # the initial scores were computed in float32 (the model not yet prepared), the final ones under the bf16 autocast
+    # of the prepared model: margin -0.005600 -> -0.005646 at learning rate 0
+    overrides = on_tiny(tiny_lm, tmp_path / "out", "--max_steps", "1", "--learning_rate", "0.0", "--bf16", "true",
+                        "--max_train_samples", "16", "--max_eval_samples", "32")  # fmt: skip
+    result = run_hfgen_here("train", REWARD, *overrides)  # (a fresh accelerate state after it, bf16 not kept)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "out/eval.json")
+    assert results["margin"] == results["margin_initial"] and results["accuracy"] == results["accuracy_initial"]
+
+
 def test_the_logged_held_out_accuracy_is_named_as_the_batch_mean_it_is(tiny_lm, tmp_path):
     """metrics.jsonl's eval_accuracy was TRL's mean of batch means (0.8125 against eval.json's 0.7 per pair): it is
     logged as eval_batch_mean_accuracy, so that it is not mistaken for the per-pair figure. The trackers get the same

@@ -341,6 +341,16 @@ def test_a_model_broken_by_the_last_update_is_not_saved(tiny_lm, tmp_path):
     assert "Traceback" not in result.stderr and not list(tmp_path.glob("*.safetensors"))
 
 
+def test_an_unchanged_model_under_bf16_mixed_precision_has_the_same_response_loss_before_and_after(tiny_lm, tmp_path):
+    # the initial loss was computed in float32 (the model not yet prepared), the final one under the bf16 autocast of
+    # the prepared model: 1.417 -> 1.418 at learning rate 0
+    result = run_hfgen_here("train", SFT_FULL, *on_tiny(tiny_lm, tmp_path, "--learning_rate", "0.0", "--bf16", "true",
+                            "--max_steps", "1", "--num_samples", "0"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tracking.read_json(tmp_path / "eval.json")
+    assert results["response_loss"] == results["response_loss_initial"], results
+
+
 def test_a_bfloat16_model_trains_float32_weights_so_small_updates_land(tiny_lm, tmp_path):
     """`dtype: bfloat16` for a full fine-tune at an SFT learning rate: updated in bfloat16, most of AdamW's steps
     (about the learning rate) would round away against the weights; float32 weights under bf16 compute keep them."""

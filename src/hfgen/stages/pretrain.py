@@ -233,7 +233,8 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     )
     # Step-0 loss measured outside the Trainer: calling trainer.evaluate() before trainer.train() leaves the
     # model unwrapped by DDP in transformers 5.23 (ranks then drift apart), so it must not touch the trainer.
-    with loop.gathered(trainer.accelerator, model) as (whole,):  # whole weights under ZeRO-3
+    # Whole weights under ZeRO-3, in the precision the prepared model computes the final loss in.
+    with loop.gathered(trainer.accelerator, model) as (whole,), loop.computing_as_prepared(trainer.accelerator, whole):
         initial_loss = mean_loss(whole, eval_blocks, training_args.per_device_eval_batch_size)
     resume = tracking.trainer_resume(trainer, output_dir)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

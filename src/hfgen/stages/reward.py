@@ -236,8 +236,12 @@ def run(model_args: ModelConfig, data_args: TextDataArguments, training_args: Re
     held_out = list(zip(eval_rows["chosen_ids"], eval_rows["rejected_ids"]))
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
-    # Measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped.
-    with loop.gathered(trainer.accelerator, trainer.model) as (model,):  # every process, whole weights
+    # Measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped. Every process, whole
+    # weights, in the precision the prepared model computes the final scores in.
+    with (
+        loop.gathered(trainer.accelerator, trainer.model) as (model,),
+        loop.computing_as_prepared(trainer.accelerator, model),
+    ):
         initial = pairwise_eval(model, tokenizer, held_out, eval_batch)
 
     resume = tracking.trainer_resume(trainer, output_dir)

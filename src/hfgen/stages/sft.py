@@ -577,8 +577,12 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     is_main = trainer.is_world_process_zero()
     eval_batch = training_args.per_device_eval_batch_size
     # Starting loss measured outside the Trainer: trainer.evaluate() before train() leaves DDP unwrapped. Every
-    # process measures (with whole weights: a sharded engine needs them all), the main one records.
-    with loop.gathered(trainer.accelerator, trainer.model) as (model,):
+    # process measures (with whole weights: a sharded engine needs them all), the main one records; in the precision
+    # the prepared model computes the final loss in.
+    with (
+        loop.gathered(trainer.accelerator, trainer.model) as (model,),
+        loop.computing_as_prepared(trainer.accelerator, model),
+    ):
         initial_loss = response_loss(model, held_out, tokenizer.pad_token_id, eval_batch)
 
     # Train, then save: the full model, or only the LoRA adapter; with the tokenizer either way (safetensors).
