@@ -45,7 +45,7 @@ from hfgen.data.prepare import (
 )
 from hfgen.data.rendering import without_doubled_bos
 from hfgen.errors import UserError
-from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint
+from hfgen.finetune import build_trainer, check_model_config, load_model, lora_config, run_first_hint, upcast_like
 from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
 from hfgen.models import answer_room, check_model_source, not_a_reward_model, position_limit, read_config
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
@@ -984,9 +984,13 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     starting = None
     if data_args.eval_samples_per_prompt and not model_args.use_peft:
         starting = frozen_reference(trainer, reference, config) or load_model(model_args, config, tokenizer)
-    with loop.gathered(trainer.accelerator, trainer.model_wrapped, starting) as (policy, starting):
-        if starting is not None:  # TRL's reference runs under the mixed-precision autocast; a loaded model does not
-            starting = trainer.accelerator.unwrap_model(starting, keep_fp32_wrapper=False)
+        upcast_like(starting, trainer.model)  # a loaded one: as the policy was at its start (TRL's reference is)
+    # the starting model computing as the trained policy does: under the mixed-precision autocast, as TRL's prepared
+    # reference does already (a loaded model is given it): kl_to_reference 0.023 at learning rate 0 otherwise
+    with (
+        loop.gathered(trainer.accelerator, trainer.model_wrapped, starting) as (policy, starting),
+        loop.computing_as_prepared(trainer.accelerator, starting),
+    ):
         guard.kill_point("eval")
         figures = {
             "train_runtime_s": result.metrics["train_runtime"],
@@ -1084,7 +1088,7 @@ def evaluate_against_start(
     from hfgen.evaluation.policy import compared_figures
     from hfgen.rl.functional import has_stop_token, response_mask
     from hfgen.rl.models import stop_token_ids
-    from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses
+    from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses, sampled_logprobs
 
     tokenizer = trainer.processing_class
     device = trainer.accelerator.device
@@ -1137,16 +1141,10 @@ def evaluate_against_start(
     kept = response_mask(sampled.response_ids, stop_ids)  # the closing EOS too, when it is also the pad
     attention_mask = torch.cat([query_mask, kept.long()], dim=1)
     reference = starting.to(device) if starting is not None else None
-    ref = reference_logprobs(
-        policy,
-        reference,
-        input_ids,
-        attention_mask,
-        query_ids.shape[1],
-        config.temperature,
-        data_args.eval_generation_batch_size,
-    )
-    kl = ((sampled.logprobs - ref) * kept).sum(1)
+    passes = (input_ids, attention_mask, query_ids.shape[1], config.temperature, data_args.eval_generation_batch_size)
+    ref = reference_logprobs(policy, reference, *passes)
+    logprobs = sampled_logprobs(trainer.accelerator, policy, sampled, *passes)
+    kl = ((logprobs - ref) * kept).sum(1)
 
     results = {
         "heldout/num_prompts": len(eval_rows),  # not eval/: `hfgen eval` owns those and replaces them

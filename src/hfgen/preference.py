@@ -581,7 +581,7 @@ def run_stage(
     from transformers import set_seed
 
     from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison, load_judges
-    from hfgen.finetune import load_model, lora_config
+    from hfgen.finetune import load_model, lora_config, upcast_like
     from hfgen.models import count_parameters, load_tokenizer
 
     set_seed(training_args.seed)
@@ -670,7 +670,13 @@ def run_stage(
         # not loaded (precompute_ref_log_probs), or DPO's sync_ref_model mixed the policy into TRL's reference during
         # training: no longer the starting model the comparison and kl_to_reference are against. Loaded now.
         frozen = load_model(model_args, training_args, tokenizer).eval().requires_grad_(False)
-    with loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference):
+    # the starting model as the policy was at its start (ORPO and SimPO's and a reference loaded now are in the
+    # dtype asked; TRL's was upcast with the policy), computing as the policy does (`loop.computing_as_prepared`)
+    upcast_like(frozen, trainer.model)
+    with (
+        loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference),
+        loop.computing_as_prepared(trainer.accelerator, reference),
+    ):
         guard.kill_point("eval")
         parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard
         comparison, rows = {}, []

@@ -733,16 +733,18 @@ def test_string_prompts_already_rendered_with_the_chat_template_are_recorded_as_
     assert prompts_are_chat(Dataset.from_list([{"prompt": "name a cat"}]), tokenizer) is False
 
 
-def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_trains_float32(tmp_path):
-    # dtype: bfloat16 trained in full: the policy is upcast to float32 before the trainer is built, and GRPO, RLOO
-    # (and KTO without a reference given) build their reference in the policy's dtype: it was float32 (README:
-    # frozen models stay in bfloat16; DPO's, given by hfgen, was)
+def test_the_reference_hfgen_hands_over_is_upcast_with_a_policy_that_trains_float32(tmp_path):
+    # dtype: bfloat16 trained in full: the policy is upcast to float32 before the trainer is built and computes under
+    # bf16 autocast; the reference stayed bfloat16, whose log-probs differ from the policy's start under the same
+    # autocast (probe 43 C1: GRPO's kl 7e-05 and kl_to_reference 0.023 at learning rate 0). GRPO and RLOO take
+    # hfgen's starting model as `reference` (group_rl.recorded), KTO and DPO as `ref_model`.
     from accelerate.state import AcceleratorState
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
 
     from hfgen.finetune import build_trainer
+    from hfgen.group_rl import recorded
     from hfgen.models import load_tokenizer
 
     path = save_tiny_llama(tmp_path / "model")
@@ -755,18 +757,25 @@ def test_the_reference_trl_builds_stays_in_the_dtype_asked_when_the_policy_train
     def brevity(completions, **kwargs):
         return [-len(completion) / 10 for completion in completions]
 
+    def bfloat16_model():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+
     try:
         for trainer_class, config, extra in [
-            (GRPOTrainer, GRPOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
-            (RLOOTrainer, RLOOConfig(**common, **group), {"reward_funcs": [brevity], "train_dataset": prompts}),
-            (KTOTrainer, KTOConfig(**common), {"train_dataset": Dataset.from_dict(
+            (recorded(GRPOTrainer), GRPOConfig(**common, **group),
+             {"reward_funcs": [brevity], "train_dataset": prompts, "reference": bfloat16_model()}),
+            (recorded(RLOOTrainer), RLOOConfig(**common, **group),
+             {"reward_funcs": [brevity], "train_dataset": prompts, "reference": bfloat16_model()}),
+            (KTOTrainer, KTOConfig(**common), {"ref_model": bfloat16_model(), "train_dataset": Dataset.from_dict(
                 {"prompt": ["a", "b"], "completion": [" c", " d"], "label": [True, False]})}),
         ]:  # fmt: skip
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-            trainer = build_trainer(trainer_class, tmp_path / "out", model=model, args=config, processing_class=tokenizer,
-                                    **extra)  # fmt: skip
+            trainer = build_trainer(trainer_class, tmp_path / "out", model=bfloat16_model(), args=config,
+                                    processing_class=tokenizer, **extra)  # fmt: skip
             assert next(trainer.model.parameters()).dtype == torch.float32 and trainer.args.bf16
-            assert next(trainer.ref_model.parameters()).dtype == torch.bfloat16, trainer_class.__name__
+            policy, reference = dict(trainer.model.named_parameters()), dict(trainer.ref_model.named_parameters())
+            assert reference.keys() == policy.keys()
+            for name, weight in reference.items():  # the same float32 tensors (the values alone were equal before)
+                assert weight.dtype == torch.float32 and torch.equal(policy[name], weight), trainer_class.__name__
     finally:  # the trainers' Accelerator ran in bf16: the next test's would find that state, as in one process
         AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -808,6 +817,21 @@ def test_the_held_out_comparison_samples_the_start_from_trls_reference_without_l
     results = tracking.read_json(tmp_path / "run/eval.json")  # learning rate 0: the policy is the starting model
     assert results["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
     assert results[f"{stage}/reward"] == pytest.approx(results["sft/reward"])
+
+
+@pytest.mark.parametrize("stage, beta", [("grpo", 0.1), ("rloo", 0.0)])
+def test_a_bfloat16_policy_at_learning_rate_zero_has_kl_zero_to_its_start(tmp_path, models, stage, beta):
+    # dtype: bfloat16 trained in full: the policy trains float32 weights under bf16 autocast, the reference (and with
+    # beta 0 the start the comparison loads) stayed bfloat16, computed without autocast in the comparison, and the
+    # policy's log-probs there came from generate's KV-cached passes: at learning rate 0 TRL's kl 7e-05 and
+    # eval.json's kl_to_reference 0.023 (probe 43 C1)
+    recipe = write_recipe(tmp_path, models[0], stage=stage, dtype="bfloat16", beta=beta, learning_rate=0.0,
+                          max_steps=1, save_strategy="no", steps_per_generation=1, eval_samples_per_prompt=1)  # fmt: skip
+    result = run_hfgen_here("train", recipe)  # (a fresh accelerate state after it: bf16 would stay for the next test)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if beta:
+        assert all(row["kl"] == 0 for row in tracking.read_metrics(tmp_path / "run") if "kl" in row)
+    assert abs(tracking.read_json(tmp_path / "run/eval.json")["kl_to_reference"]) < 1e-6
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

@@ -351,6 +351,23 @@ def test_a_bfloat16_policy_trains_float32_weights_so_ppo_updates_land(tmp_path, 
     assert "the trained weights stay float32" in result.stdout
 
 
+def test_a_bfloat16_policy_at_learning_rate_zero_has_kl_zero_to_its_reference_and_ratio_one(tmp_path, tiny_models):
+    """`dtype: bfloat16` trained in full: the policy trains float32 weights under bf16 autocast, the reference stayed
+    bfloat16 (rounding what the float32 copy keeps), and the rollout's log-probs came from generate's KV-cached
+    passes, which round differently from the full passes of the reference and the update in bf16: at learning rate 0
+    objective/kl -0.0023 and 0.0058, the first ratio 1.0018, eval.json's kl_to_reference 0.005 (probe 43 C1)."""
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, dtype="bfloat16", learning_rate=0.0, reward_functions=[ORACLE],
+                          total_episodes=32)  # fmt: skip
+    result = run_hfgen_here("train", recipe)  # (a fresh accelerate state after it: bf16 would stay for the next test)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = tracking.read_metrics(tmp_path / "run")
+    assert len(metrics) == 2
+    for row in metrics:
+        assert abs(row["objective/kl"]) < 1e-6 and row["val/ratio"] == pytest.approx(1.0, abs=1e-6), row
+    assert abs(tracking.read_json(tmp_path / "run/eval.json")["kl_to_reference"]) < 1e-6
+
+
 def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_models):
     from peft import PeftModel
     from trl import ModelConfig

@@ -154,6 +154,21 @@ def test_an_unchanged_policy_under_bf16_mixed_precision_has_the_same_figures_bef
     assert results["accuracy"] == 0 and not results["chosen_logp_fell"]
 
 
+@pytest.mark.parametrize("stage", ["dpo", "orpo"])
+def test_a_bfloat16_policy_at_learning_rate_zero_matches_its_reference(tiny_lm, tmp_path, stage):
+    # dtype: bfloat16 trained in full: the policy trains float32 weights under bf16 autocast, the reference (DPO's
+    # loss's, ORPO's comparison baseline) stayed bfloat16: DPO's implicit rewards and eval.json's kl_to_reference were
+    # not 0 at learning rate 0 (probe 43 C1)
+    recipe = write_recipe(tmp_path, stage, tiny_lm, dtype="bfloat16", learning_rate=0.0, max_steps=1,
+                          eval_num_prompts=2, eval_samples_per_prompt=1)  # fmt: skip
+    result = run_hfgen_here("train", recipe)  # (a fresh accelerate state after it: bf16 would stay for the next test)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if stage == "dpo":
+        (row,) = [row for row in tracking.read_metrics(tmp_path / "run") if "rewards/chosen" in row]
+        assert row["rewards/chosen"] == row["rewards/rejected"] == 0, row
+    assert abs(tracking.read_json(tmp_path / "run/eval.json")["kl_to_reference"]) < 1e-6
+
+
 @pytest.mark.slow
 def test_sync_ref_model_compares_against_the_starting_model(tiny_lm, tmp_path):
     # mixup alpha 1 at every step: TRL's reference becomes the policy itself; the comparison's baseline must not

@@ -78,6 +78,7 @@ def compare_to_reference(
         reference_logprobs,
         response_texts,
         sample_responses,
+        sampled_logprobs,
     )
 
     prompts = [p for p in prompts for _ in range(sampling.samples_per_prompt)]
@@ -129,11 +130,10 @@ def compare_to_reference(
         # KL(tuned || SFT) on the tuned policy's own samples: sum over its response tokens of log pi - log pi_sft
         input_ids = torch.cat([query_ids, sampled.response_ids], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
-        ref = reference_logprobs(
-            policy, reference, input_ids, attention_mask, query_ids.shape[1], sampling.temperature,
-            sampling.chunk_size,
-        )  # fmt: skip
-        local["kl"] = {"kl": ((sampled.logprobs - ref) * mask).sum(1).tolist()[:kept]}
+        passes = (input_ids, attention_mask, query_ids.shape[1], sampling.temperature, sampling.chunk_size)
+        ref = reference_logprobs(policy, reference, *passes)
+        logprobs = sampled_logprobs(accelerator, policy, sampled, *passes)
+        local["kl"] = {"kl": ((logprobs - ref) * mask).sum(1).tolist()[:kept]}
     tokenizer.padding_side = padding_side
 
     rows: list[dict] = []

@@ -27,33 +27,36 @@ HALF_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def training_precision(model_args, config) -> tuple[str, object]:
-    """(accelerate's mixed_precision, the model args the trained models load with). PPO's side of
+    """(accelerate's mixed_precision, the model args the policy, its reference and the value model load with). PPO's side of
     `hfgen.finetune.keep_float32_weights`: with `dtype: bfloat16` (or float16, or `auto` on a half-precision
     checkpoint) and no LoRA, the trained policy and value model load in float32 and compute in the half dtype (mixed
-    precision), decided before the accelerator exists; the frozen reference and reward model load as asked. At
-    PPO's learning rates a bfloat16 policy barely moves (measured: 0.3% of the tiny policy's weights changed in 16
-    updates at 1e-6)."""
+    precision), decided before the accelerator exists; the frozen reference loads as the policy does, so that it
+    computes as the policy's start (`hfgen.finetune.upcast_like` says why), and the reward model as asked. At PPO's
+    learning rates a bfloat16 policy barely moves (measured: 0.3% of the tiny policy's weights changed in 16 updates
+    at 1e-6)."""
     from hfgen.finetune import float32_weights_note, loaded_dtype
 
     dtype = loaded_dtype(model_args)
     precision = "bf16" if config.bf16 else "no"
     if model_args.use_peft or dtype not in HALF_PRECISION:
         return precision, model_args
-    print(float32_weights_note(dtype, "the reference and reward model stay in it"))
+    print(float32_weights_note(dtype, "the reference too (it computes as the policy's start); the reward model stays "
+                                      "in it"))  # fmt: skip
     return HALF_PRECISION[dtype], dataclasses.replace(model_args, dtype="float32")
 
 
-def load_policy_and_reference(model_args, config, trained_args=None):
+def load_policy_and_reference(model_args, config):
     """(tokenizer, policy, reference). With use_peft the policy is a PeftModel and the reference is None: it is
-    the same model with its adapter disabled. `trained_args`: the model args the policy loads with, when they
-    differ from the reference's (`training_precision`)."""
+    the same model with its adapter disabled. Else the reference is the policy's start, loaded as it is (the
+    model args `training_precision` gives: float32 where the policy trains float32 weights), so that the two
+    compute alike until the policy trains."""
     from hfgen.finetune import load_model, lora_config
     from hfgen.models import load_tokenizer, pad_apart_from_eos
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
     tokenizer.padding_side = "left"
     pad_apart_from_eos(tokenizer)  # responses would never be seen to end otherwise
-    policy = load_model(trained_args or model_args, config, tokenizer)
+    policy = load_model(model_args, config, tokenizer)
     disable_dropout(policy)
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

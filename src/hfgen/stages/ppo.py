@@ -94,6 +94,7 @@ from hfgen.rl.rollout import (
     rollout_values,
     same_name_problems,
     sample_responses,
+    sampled_logprobs,
     unmet_arguments,
 )
 from hfgen.rl.types import PPOStats, Rollout, RolloutDetails
@@ -478,7 +479,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         )
 
     # Models: policy (+ reference), value model, reward model and reward functions.
-    tokenizer, policy, reference = load_policy_and_reference(model_args, config, trained_args)
+    tokenizer, policy, reference = load_policy_and_reference(trained_args, config)
     value_model = load_value_model(trained_args, config, tokenizer)
     scorer = load_scorer(model_args, config, tokenizer)
     oracle = load_oracle(config)
@@ -757,6 +758,9 @@ def collect_rollout(
         ref_logprobs = reference_logprobs(
             unwrapped.policy, reference, input_ids, attention_mask, context_length, config.temperature, chunk
         )
+        logprobs = sampled_logprobs(
+            accelerator, unwrapped.policy, sampled, input_ids, attention_mask, context_length, config.temperature, chunk
+        )
         old_values = None
         if values:
             old_values = rollout_values(unwrapped.value_model, input_ids, attention_mask, context_length, chunk) * mask
@@ -764,7 +768,7 @@ def collect_rollout(
     scores = shape_scores(scores, has_eos, config, reward_normalizer, all_reduce)
     rollout = Rollout(
         input_ids=input_ids, attention_mask=attention_mask, context_length=context_length, response_mask=mask,
-        logprobs=sampled.logprobs * mask, ref_logprobs=ref_logprobs * mask, values=old_values, scores=scores,
+        logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask, values=old_values, scores=scores,
     )  # fmt: skip
     timing = {"generation": generated - started, "scoring": time.perf_counter() - generated}
     return rollout, RolloutDetails(texts, components, sampled.entropy, has_eos), timing
