@@ -351,14 +351,19 @@ def test_a_bfloat16_policy_trains_float32_weights_so_ppo_updates_land(tmp_path, 
     assert "the trained weights stay float32" in result.stdout
 
 
-def test_a_bfloat16_policy_at_learning_rate_zero_has_kl_zero_to_its_reference_and_ratio_one(tmp_path, tiny_models):
+@pytest.mark.parametrize("precision", [{"dtype": "bfloat16"}, {"dtype": "float32", "bf16": True}],
+                         ids=["dtype_bfloat16", "float32_bf16"])  # fmt: skip
+def test_a_policy_under_bf16_at_learning_rate_zero_has_kl_zero_to_its_reference_and_ratio_one(
+    tmp_path, tiny_models, precision
+):
     """`dtype: bfloat16` trained in full: the policy trains float32 weights under bf16 autocast, the reference stayed
-    bfloat16 (rounding what the float32 copy keeps), and the rollout's log-probs came from generate's KV-cached
-    passes, which round differently from the full passes of the reference and the update in bf16: at learning rate 0
-    objective/kl -0.0023 and 0.0058, the first ratio 1.0018, eval.json's kl_to_reference 0.005 (probe 43 C1)."""
+    bfloat16 (rounding what the float32 copy keeps); and under bf16 (the shipped recipes' float32 + `bf16: true`
+    too) the rollout's log-probs came from generate's KV-cached passes, which round differently from the full passes
+    of the reference and the update: at learning rate 0 objective/kl -0.0023 and 0.0058 (-0.015 with float32 +
+    bf16), the first ratio 1.0018, eval.json's kl_to_reference 0.005 (probe 43 C1)."""
     sft, _ = tiny_models
-    recipe = write_recipe(tmp_path, sft, dtype="bfloat16", learning_rate=0.0, reward_functions=[ORACLE],
-                          total_episodes=32)  # fmt: skip
+    recipe = write_recipe(tmp_path, sft, learning_rate=0.0, reward_functions=[ORACLE], total_episodes=32,
+                          **precision)  # fmt: skip
     result = run_hfgen_here("train", recipe)  # (a fresh accelerate state after it: bf16 would stay for the next test)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = tracking.read_metrics(tmp_path / "run")
