@@ -344,6 +344,32 @@ def test_an_optimizer_whose_package_is_missing_exits_2_at_the_check(tmp_path, ca
     assert optimizer_problems("adamw_torch") == optimizer_problems("adamw_torch_fused") == []
 
 
+def test_a_half_dtype_beside_the_other_half_precision_key_exits_2_naming_both(tmp_path):
+    # a half dtype trained in full decides the mixed precision: dtype bfloat16 + fp16: true trained bf16 (and dtype
+    # float16 + bf16: true fp16), hfgen check passed, recipe.yaml kept the dropped key (probe 43 C8)
+    from hfgen.recipe import load_recipe, precision_problems
+
+    tiny = REPO / "recipes/tiny"
+    for name, overrides, expected in [
+        ("sft_full", ["--dtype", "bfloat16", "--bf16", "false", "--fp16", "true"],
+         "dtype: bfloat16 trained in full trains float32 weights in bf16 mixed precision, but the recipe also sets "
+         "fp16: true, which would be dropped: set fp16: false to train in bf16, or dtype: float32 (or float16)"),
+        ("dpo", ["--dtype", "float16", "--bf16", "true"], "also sets bf16: true, which would be dropped"),
+        ("ppo", ["--dtype", "float16", "--bf16", "true"], "also sets bf16: true, which would be dropped"),
+    ]:  # fmt: skip
+        recipe = load_recipe(tiny / f"{name}.yaml", overrides, check_inputs=False)
+        assert any(expected in problem for problem in precision_problems(recipe.configs, recipe.values)), name
+    # TRL's own default bf16 (left out) is not the recipe's ask; with LoRA the keys decide, the dtype is the base's
+    for overrides in (["--dtype", "float16", "--bf16", "null"], ["--dtype", "bfloat16", "--bf16", "true"]):
+        recipe = load_recipe(tiny / "sft_full.yaml", overrides, check_inputs=False)
+        assert not any("dropped" in p for p in precision_problems(recipe.configs, recipe.values)), overrides
+    lora = load_recipe(tiny / "sft_lora.yaml", ["--dtype", "float16", "--bf16", "true"], check_inputs=False)
+    assert not any("dropped" in p for p in precision_problems(lora.configs, lora.values))
+    result = run_hfgen_here("check", tiny / "sft_full.yaml", "--dtype", "bfloat16", "--bf16", "false", "--fp16",
+                            "true", "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2 and "also sets fp16: true" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_mixed_precision_spelled_another_stages_way_points_to_this_stages_key():
     # `bf16: true` in a t2i recipe said only "unknown key 'bf16'", `mixed_precision: bf16` in pretrain suggested nothing
     from hfgen.errors import UserError

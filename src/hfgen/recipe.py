@@ -508,7 +508,7 @@ def build_recipe(
     problems = value_problems((*recipe.configs, run)) + unread_key_problems(stage, recipe.configs)
     if check_inputs:
         problems += installed_problems((*recipe.configs, run))
-        problems += precision_problems(recipe.configs) + compile_problems(recipe.configs)
+        problems += precision_problems(recipe.configs, values) + compile_problems(recipe.configs)
     if check_inputs and not recipe_output_dir(values):
         problems.append("no output_dir: add `output_dir: PATH` to the recipe or give `--output_dir PATH`")
     if check_inputs and recipe_output_dir(values):
@@ -1003,8 +1003,12 @@ def training_precision(configs) -> tuple[str, str] | None:
     return "no", "bf16: false"
 
 
-def precision_problems(configs) -> list[str]:
-    """The recipe decides the precision of every stage, which trains in it or says why not:
+def precision_problems(configs, values: dict | None = None) -> list[str]:
+    """The recipe decides the precision of every stage, which trains in it or says why not (`values`: the ones the
+    recipe sets, `Recipe.values`):
+    - a half `dtype` trained in full decides the mixed precision (`training_precision`): `fp16: true` beside a
+      bfloat16 one, or a `bf16: true` the recipe sets beside a float16 one, would be dropped without a word (TRL's
+      default bf16, which the recipe leaves out, is not the recipe's ask);
     - fp16 mixed precision without a CUDA GPU (or with use_cpu) would run float32 without a word (accelerate has no
       fp16 autocast on CPU), the image stages' rule (`diffusion.training.check_loop_arguments`) for every stage;
     - bf16 in the Trainer stages without a GPU that has it, unless use_cpu (`refused_bf16_keys`);
@@ -1032,6 +1036,15 @@ def precision_problems(configs) -> list[str]:
     if resolved is None:
         return problems
     precision, setting = resolved
+    if setting.startswith("dtype"):
+        other = {"bf16": "fp16", "fp16": "bf16"}[precision]
+        other_dtype = {"bf16": "bfloat16", "fp16": "float16"}[other]
+        if (values or {}).get(other) is True:
+            problems.append(
+                f"{setting} trained in full trains float32 weights in {precision} mixed precision, but the recipe "
+                f"also sets {other}: true, which would be dropped: set {other}: false to train in {precision}, or "
+                f"dtype: float32 (or {other_dtype}) to train in {other}"
+            )
     on_cpu = any(getattr(config, "use_cpu", False) for config in configs) or parse_flag_from_env("ACCELERATE_USE_CPU")
     if precision == "fp16" and (on_cpu or not torch.cuda.is_available()):
         where = "use_cpu runs on the CPU" if on_cpu else "no CUDA GPU is visible"

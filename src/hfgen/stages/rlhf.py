@@ -167,7 +167,7 @@ def value_problems(recipes: list, made: list[Path]) -> list[tuple[str, str]]:
     for step, recipe in recipes:
         module = load_stage(recipe.stage)
         problems = module.check(*recipe.configs) if hasattr(module, "check") else []
-        problems += precision_problems(recipe.configs) + compile_problems(recipe.configs)
+        problems += precision_problems(recipe.configs, recipe.values) + compile_problems(recipe.configs)
         found += [(step, p) for p in problems if not any(str(path) in p for path in made)]
     return found
 
