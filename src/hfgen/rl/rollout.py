@@ -244,7 +244,8 @@ def sampled_logprobs(
     second pass; computing in a half dtype (mixed precision, or half weights), a full pass as the reference's: the
     two paths round differently there (measured on the tiny models in bfloat16: a KL of 0.004-0.015 nats and PPO's
     first ratio 1.0018 at learning rate 0, where the policy is its reference)."""
-    if accelerator.mixed_precision == "no" and next(policy.parameters()).dtype == torch.float32:
+    mixed = getattr(accelerator, "mixed_precision", "no")  # (`hfgen eval` passes a PartialState: none)
+    if mixed == "no" and next(policy.parameters()).dtype == torch.float32:
         return sampled.logprobs
     return response_logprobs(policy, input_ids, attention_mask, context_length, temperature, chunk_size)
 
