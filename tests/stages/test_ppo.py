@@ -373,6 +373,19 @@ def test_a_policy_under_bf16_at_learning_rate_zero_has_kl_zero_to_its_reference_
     assert abs(tracking.read_json(tmp_path / "run/eval.json")["kl_to_reference"]) < 1e-6
 
 
+def test_a_lora_run_on_a_bfloat16_base_under_bf16_trains_the_value_head_in_float32(tmp_path, tiny_models):
+    # peft upcasts its adapter layers only: the value model's `score` head (modules_to_save) trained in bfloat16, 81%
+    # of its first updates rounded away at 1e-5 and saved bfloat16 (probe 43 C7)
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, dtype="bfloat16", bf16=True, learning_rate=1e-5, reward_functions=[ORACLE],
+                          total_episodes=16, eval_samples_per_prompt=0, **LORA)  # fmt: skip
+    result = run_hfgen_here("train", recipe)  # (a fresh accelerate state after it: bf16 would stay for the next test)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = load_file(tmp_path / "run/value_model/adapter_model.safetensors")
+    heads = {name: weight for name, weight in saved.items() if "score" in name}
+    assert heads and all(weight.dtype == torch.float32 for weight in heads.values()), heads
+
+
 def test_lora_policy_has_no_reference_copy_and_starts_at_kl_zero(tmp_path, tiny_models):
     from peft import PeftModel
     from trl import ModelConfig

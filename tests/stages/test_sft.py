@@ -351,6 +351,23 @@ def test_an_unchanged_model_under_bf16_mixed_precision_has_the_same_response_los
     assert results["response_loss"] == results["response_loss_initial"], results
 
 
+def test_lora_modules_to_save_on_a_bfloat16_base_under_bf16_train_in_float32(tiny_lm, tmp_path, monkeypatch):
+    # peft upcasts its adapter layers only: lora_modules_to_save (embed_tokens here; the reward stage's score head)
+    # trained in bfloat16, where AdamW's steps round away, and fp16's GradScaler refuses them (probe 43 C7)
+    overrides = on_tiny(tiny_lm, tmp_path, "--dtype", "bfloat16", "--bf16", "true", "--max_steps", "1",
+                        "--lora_modules_to_save", "[embed_tokens]", "--num_samples", "0")  # fmt: skip
+    from accelerate.state import AcceleratorState
+
+    try:
+        trainer = train_in_process(monkeypatch, SFT_LORA, overrides)
+    finally:  # its Accelerator ran in bf16: the next test's would find that state, as in one process
+        AcceleratorState._reset_state(reset_partial_state=True)
+    trained = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in name for name in trained) and set(trained.values()) == {torch.float32}, trained
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}  # the base stays as loaded
+
+
 def test_a_bfloat16_model_trains_float32_weights_so_small_updates_land(tiny_lm, tmp_path):
     """`dtype: bfloat16` for a full fine-tune at an SFT learning rate: updated in bfloat16, most of AdamW's steps
     (about the learning rate) would round away against the weights; float32 weights under bf16 compute keep them."""

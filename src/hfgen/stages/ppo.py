@@ -57,7 +57,7 @@ from hfgen.data.prepare import (
 )
 from hfgen.errors import UserError
 from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, format_comparison
-from hfgen.finetune import check_model_config, run_first_hint
+from hfgen.finetune import check_model_config, float32_fully_trained_modules, run_first_hint
 from hfgen.generate import prompts_are_chat
 from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
 from hfgen.models import check_model_source, fit_max_length, not_a_reward_model, position_limit, read_config
@@ -481,6 +481,9 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     # Models: policy (+ reference), value model, reward model and reward functions.
     tokenizer, policy, reference = load_policy_and_reference(trained_args, config)
     value_model = load_value_model(trained_args, config, tokenizer)
+    if model_args.use_peft and precision != "no":
+        for model in (policy, value_model):  # their modules_to_save (the value head) train float32, as LoRA does
+            float32_fully_trained_modules(model)
     scorer = load_scorer(model_args, config, tokenizer)
     oracle = load_oracle(config)
 
