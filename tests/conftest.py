@@ -230,3 +230,35 @@ def full_datasets_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", on_a_full_disk)
     return cache, made
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """put(repo_id, folder, commit) -> snapshot dir: a Hugging Face hub cache in tmp_path (this process's
+    huggingface_hub and transformers read it, and subprocesses by HF_HUB_CACHE) into which `put` lays a local model
+    folder out as `hf download` does (blobs, `snapshots/<commit>/` links to them, `refs/main` naming the commit); a
+    second `put` of another commit is a download after the repo got a new commit."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    def put(repo_id: str, folder: Path, commit: str) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = repo / "snapshots" / commit / file.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return repo / "snapshots" / commit
+
+    return put

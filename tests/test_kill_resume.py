@@ -485,6 +485,39 @@ def test_a_resume_whose_base_data_or_chat_template_changed_in_place_is_refused(t
     assert result.returncode == 2 and f"model_name_or_path '{base}' now holds another run" in result.stderr
 
 
+def test_a_resume_on_a_hub_id_whose_cached_snapshot_moved_is_refused(tmp_path, monkeypatch, hub_cache):
+    # a run on `tinyorg/tiny-llama` from the local Hugging Face cache recorded nothing of it (hfgen_inputs.json {}):
+    # after `hf download` fetched a new commit (refs/main moved), the resume trained its last steps on the other
+    # weights, exit 0, COMPLETE, no word (probe 43 A1). The id is recorded as the snapshot commit it resolves to
+    from tiny_models import save_tiny_llama
+
+    first, second = "a" * 39 + "1", "b" * 39 + "2"
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_b", seed=1), second)
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_a"), first)  # refs/main: the first
+    run = tmp_path / "run"
+    short = ["--max_train_samples", "16", "--max_eval_samples", "4", "--logging_steps", "1", "--max_steps", "2",
+             "--save_steps", "1", "--per_device_train_batch_size", "4", "--block_size", "8", "--config_name", "null",
+             "--tokenizer_name", "null", "--model_name_or_path", "tinyorg/tiny-llama", "--output_dir", run]  # fmt: skip
+    result = run_hfgen_here("train", PRETRAIN, *short)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = tracking.read_json(run / tracking.RUN_INPUTS, {})["model_name_or_path"]
+    assert recorded["hub"] == "tinyorg/tiny-llama" and recorded["commit"] == first
+    from hfgen.stages import pretrain
+
+    monkeypatch.setattr(pretrain, "run", lambda *configs: None)  # past the check: the resume would train
+    resume = [*short, "--resume_from_checkpoint", run / "checkpoint-1", "--overwrite_output_dir", "true"]
+    assert run_hfgen_here("train", PRETRAIN, *resume).returncode == 0  # the same snapshot: resumed
+    refs = tmp_path / "hub" / "models--tinyorg--tiny-llama" / "refs" / "main"
+    refs.write_text(second)  # a download of the repo's new commit
+    result = run_hfgen_here("train", PRETRAIN, *resume)
+    said = (
+        f"model_name_or_path 'tinyorg/tiny-llama' changed since (the Hugging Face cache resolved it to the snapshot "
+        f"{first}, now to {second}"
+    )
+    assert result.returncode == 2 and said in result.stderr, result.stderr[-3000:]
+    assert "restore those inputs, or start afresh" in result.stderr
+
+
 def test_a_reward_functions_module_edited_between_a_kill_and_the_resume_is_refused(tmp_path, monkeypatch):
     # `reward_functions: [myrewards:score]` edited between a kill and the resume: the resumed PPO steps trained on the
     # other reward, exit 0, COMPLETE, no word (probe 42 A5). hfgen's own functions change with hfgen, as its code does

@@ -267,6 +267,33 @@ def test_an_adapter_trained_on_a_checkpoint_whose_run_was_trained_again_in_place
     assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr
 
 
+def test_an_adapter_trained_on_a_hub_id_whose_cached_snapshot_moved_is_refused(tmp_path, capsys, hub_cache):
+    # an adapter trained on `tinyorg/tiny-llama` from the local Hugging Face cache was merged (and sampled) on
+    # whatever snapshot the cache's refs/main named: after `hf download` fetched a new commit, exit 0 with other
+    # weights, and merged_from.json named no snapshot (probe 43 A2)
+    from hfgen.recipe import load_recipe
+    from hfgen.train import run_recipe
+
+    first, second = "a" * 39 + "1", "b" * 39 + "2"
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_b", seed=1), second)
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_a"), first)  # refs/main: the first
+    adapter = tmp_path / "adapter"
+    overrides = ["--model_name_or_path", "tinyorg/tiny-llama", "--output_dir", adapter, "--max_steps", "1"]
+    overrides += ["--max_train_samples", "8", "--max_eval_samples", "4", "--eval_strategy", "no"]
+    overrides += ["--save_strategy", "steps", "--save_steps", "1", "--num_samples", "0"]
+    run_recipe(load_recipe(REPO / "recipes/tiny/sft_lora.yaml", list(map(str, overrides))))
+    assert merge(capsys, adapter, "--output_dir", tmp_path / "merged")[0] == 0  # on its own snapshot: merged
+    assert json.loads((tmp_path / "merged" / "merged_from.json").read_text())["base_commit"] == first
+    (tmp_path / "hub" / "models--tinyorg--tiny-llama" / "refs" / "main").write_text(second)  # a new download
+    for trained in (adapter, adapter / "checkpoint-1"):
+        code, message = merge(capsys, trained, "--output_dir", tmp_path / "merged_again")
+        said = f"was trained on the snapshot {first} of 'tinyorg/tiny-llama', which the Hugging Face cache now resolves"
+        assert code == 2 and said in message and second in message, message
+        assert not (tmp_path / "merged_again").exists()
+        result = run_hfgen_here("generate", trained, "--prompt", "the cat", "--max_new_tokens", "2")
+        assert result.returncode == 2 and "train the adapter again on the new snapshot" in result.stderr
+
+
 def test_a_merge_of_a_run_trained_on_raw_prompts_is_prompted_raw_once_the_run_dir_moved(tmp_path, capsys):
     # generate/eval read how the adapter's run prompted its model from that run's records, through merged_from.json's
     # path: once the run dir was moved or deleted (the usual reason to merge) the merge was prompted in the chat

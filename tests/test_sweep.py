@@ -232,6 +232,29 @@ def test_a_complete_point_whose_data_changed_in_place_is_trained_again(tmp_path)
     assert tracking.inputs_changed(point, load_recipe(point / "recipe.yaml", check_inputs=False)) == []
 
 
+def test_a_complete_point_on_a_hub_id_whose_cached_snapshot_moved_is_trained_again(tmp_path, hub_cache):
+    # points trained on `tinyorg/tiny-llama` from the local Hugging Face cache were "already complete, skipped" after
+    # `hf download` fetched a new commit (refs/main moved): trained on the old snapshot, reported as of these inputs
+    # (probe 43 A3; a pipeline step is judged by the same record, `tracking.inputs_changed`)
+    from tiny_models import save_tiny_llama
+
+    first, second = "a" * 39 + "1", "b" * 39 + "2"
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_b", seed=1), second)
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_a"), first)  # refs/main: the first
+    arguments = ["sweep", PRETRAIN, "--seed", "1,2", "--quiet", "--max_steps", "1", "--max_train_samples", "8",
+                 "--max_eval_samples", "4", "--block_size", "8", "--model_name_or_path", "tinyorg/tiny-llama",
+                 "--config_name", "null", "--tokenizer_name", "null", "--output_root", tmp_path / "sw"]  # fmt: skip
+    first_sweep = run_hfgen_here(*arguments)
+    assert first_sweep.returncode == 0, first_sweep.stderr[-3000:]
+    (tmp_path / "hub" / "models--tinyorg--tiny-llama" / "refs" / "main").write_text(second)  # a new download
+    moved = run_hfgen_here(*arguments)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    said = "training again: its inputs changed since it ran (model_name_or_path 'tinyorg/tiny-llama' changed since"
+    assert moved.stdout.count(said) == 2 and second in moved.stdout, moved.stdout
+    again = run_hfgen_here(*arguments)  # they record the new snapshot now
+    assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 2, again.stdout
+
+
 def test_a_points_evaluation_measures_its_own_peak_memory(tmp_path):
     # on a CPU `sweep --eval` recorded the sweep process's peak RSS (all points' training) as each point's
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -1,4 +1,5 @@
-"""What a run's inputs held when it read them: fingerprints of the local files and folders its recipe names.
+"""What a run's inputs held when it read them: fingerprints of the local files and folders its recipe names, and the
+commit each hub model id it names resolves to in the local Hugging Face cache (`hub_fingerprint`).
 
 A recipe names its model, data and tokenizer by path, and a path may hold other contents later (a base retrained in
 place, a data file rewritten under its name, a chat template edited). A run records these fingerprints when it
@@ -55,6 +56,9 @@ INPUT_KEY = re.compile(
 )
 NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
 OUTPUT_FOLDER_KEYS = ("output_dir", "logging_dir", "class_data_dir", "pipeline_dir")  # the folders a run writes
+DATASET_KEY = re.compile(r"dataset")  # keys naming data, never a hub model (`hub_fingerprint`)
+# the key that sets the hub revision a model key's hub id is loaded at (TRL's model_revision; diffusers' revision)
+REVISION_KEYS = {"model_name_or_path": "model_revision", "pretrained_model_name_or_path": "revision"}
 # recipe keys whose values are 'module:function' specs of code that scores the responses a run trains on (or stops on)
 FUNCTION_KEYS = ("reward_functions", "oracle_function")
 
@@ -150,6 +154,19 @@ def path_fingerprint(value: str, excluded: tuple[Path, ...] = ()) -> dict[str, A
     return record | ({"run": run} if run else {}) | ({"files": names} if len(names) <= LISTED_FILES else {})
 
 
+def hub_fingerprint(value: str, revision: str | None = None) -> dict[str, Any] | None:
+    """{"path", "hub", "commit", "digest", "revision" (when given)} of a hub id served from the local Hugging Face cache: the commit it resolves
+    to there (`hub_cache.cached_snapshot`), which names its content (a download of a new commit moves the id to other
+    weights under the same name); None for anything the cache does not resolve."""
+    from hfgen.hub_cache import cached_snapshot
+
+    snapshot = cached_snapshot(value, revision)
+    if snapshot is None:
+        return None
+    record = {"path": value, "hub": value, "commit": snapshot.name, "digest": snapshot.name}
+    return record | ({"revision": revision} if revision else {})
+
+
 def input_strings(key: str, value) -> list[str]:
     """The strings of a recipe value that may name inputs: itself, or a mixture's entries' `name`/`path`/files."""
     if isinstance(value, str):
@@ -164,8 +181,9 @@ def input_strings(key: str, value) -> list[str]:
 
 def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
     """{key: fingerprint} of the local inputs a recipe's `values` name (only those `keys` when given: the ones that
-    shape training); a key naming several (a mixture) records a list. The run's own folders (OUTPUT_FOLDER_KEYS: an
-    output_dir inside its base's folder, class images generated inside the instance images') are no part of them."""
+    shape training), and of the hub models it names that the local cache holds (`hub_fingerprint`); a key naming
+    several (a mixture) records a list. The run's own folders (OUTPUT_FOLDER_KEYS: an output_dir inside its base's
+    folder, class images generated inside the instance images') are no part of them."""
     excluded = tuple(
         Path(v).expanduser().resolve() for k in OUTPUT_FOLDER_KEYS if isinstance(v := values.get(k), (str, Path))
     )
@@ -177,10 +195,22 @@ def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
             continue
         else:
             texts = input_strings(key, value)
-        prints = [p for text in texts if (p := path_fingerprint(text, excluded)) is not None]
+        prints = [
+            p for text in texts if (p := path_fingerprint(text, excluded) or key_hub_fingerprint(key, text, values))
+        ]
         if prints:
             found[key] = prints[0] if isinstance(value, str) else prints
     return found
+
+
+def key_hub_fingerprint(key: str, text: str, values: dict[str, Any]) -> dict[str, Any] | None:
+    """`hub_fingerprint` of a model key's hub id, at the revision its recipe loads it at (REVISION_KEYS). None for a
+    dataset key: offline, `datasets` loads the hub dataset it prepared into its own cache, whatever the hub cache's refs
+    name."""
+    if DATASET_KEY.search(key):
+        return None
+    revision = values.get(REVISION_KEYS.get(key, ""))
+    return hub_fingerprint(text, revision if isinstance(revision, str) else None)
 
 
 def function_source(spec: str) -> Path | None:
@@ -231,6 +261,11 @@ def content(record):
 
 
 def what_changed(before: dict, after: dict) -> str:
+    if before.get("commit") and after.get("commit"):  # a hub id (`hub_fingerprint`)
+        return (
+            f"changed since (the Hugging Face cache resolved it to the snapshot {before['commit']}, now to "
+            f"{after['commit']}: a download fetched another commit)"
+        )
     if before.get("run") != after.get("run"):
         now = after.get("run")
         return f"now holds {f'another run ({now})' if now else 'no complete run'}, not the run {before.get('run')}"

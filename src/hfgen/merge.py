@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> int:
     from hfgen import guard, tracking
     from hfgen.diffusion.components import lora_run_base
     from hfgen.errors import UserError
+    from hfgen.hub_cache import cached_snapshot
     from hfgen.models import not_a_model_dir
 
     adapter, output_dir = Path(args.adapter), Path(args.output_dir)
@@ -64,6 +65,9 @@ def main(args: argparse.Namespace) -> int:
         if (chat := trained_on_chat(str(adapter))) is not None:
             run_recipe = {"trained_on_chat": chat}
 
+    # a hub base: the snapshot it resolved to (the adapter's pair check refused another one than its run trained on)
+    snapshot = cached_snapshot(base, (pipeline_base or {}).get("revision"))
+    base_snapshot = {"base_commit": snapshot.name} if snapshot is not None else {}
     # Written beside, then moved into place: a merge killed half-way leaves no dir that looks like a model.
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -74,7 +78,13 @@ def main(args: argparse.Namespace) -> int:
         guard.kill_point("merge_save")
         tracking.write_json(
             partial / "merged_from.json",
-            {"adapter": str(adapter.resolve()), "base": base, "packages": tracking.package_versions(), **run_recipe},
+            {
+                "adapter": str(adapter.resolve()),
+                "base": base,
+                **base_snapshot,
+                "packages": tracking.package_versions(),
+                **run_recipe,
+            },  # fmt: skip
         )
     except BaseException:  # a full disk, Ctrl-C: the half-written weights would hold the disk's space for nothing
         shutil.rmtree(partial, ignore_errors=True)

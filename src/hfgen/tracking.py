@@ -529,9 +529,12 @@ def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "mode
     """An adapter run whose base dir holds another run than the one it trained on (the base was retrained in place
     since), or whose base checkpoint-N holds other files than when it trained (its run was trained again in place):
     base + adapter is not the pair that trained, and merged or sampled it gives other outputs without a word. None
-    when they match, or when either records nothing to compare (a hub base, an adapter from an older hfgen)."""
+    when they match, or when either records nothing to compare (an adapter from an older hfgen). A hub base is
+    compared by the snapshot commit the cache resolved it to (`hub_base_changed`)."""
     adapter = Path(adapter)
     trained_on = trained_on_run(adapter, key)
+    if trained_on is None and (recorded := recorded_input(adapter, key)) is not None and recorded.get("hub"):
+        return hub_base_changed(adapter, base, recorded)
     if trained_on is not None:
         if run_id(base) == trained_on:
             return None
@@ -553,6 +556,24 @@ def base_changed_problem(adapter: str | Path, base: str | Path, key: str = "mode
     return (
         f"the adapter '{adapter}' {changed}: the base was trained again in place since, so base and adapter are not "
         "the pair that trained; train the adapter again on the new base, or restore the base it was trained on"
+    )
+
+
+def hub_base_changed(adapter: Path, base: str | Path, recorded: dict[str, Any]) -> str | None:
+    """An adapter trained on a hub base (`recorded`: its run's `fingerprint.hub_fingerprint` of it) whose id the
+    Hugging Face cache now resolves to another snapshot (a download fetched a newer commit since): loaded on it, the
+    adapter would sit on other weights than it trained on. None while the cache resolves it as then, or not at all
+    (the load names that)."""
+    from hfgen import fingerprint, hub_cache
+
+    now = fingerprint.hub_fingerprint(str(base), recorded.get("revision"))
+    if now is None or now["commit"] == recorded.get("commit"):
+        return None
+    return (
+        f"the adapter '{adapter}' was trained on the snapshot {recorded.get('commit')} of '{base}', which the Hugging "
+        f"Face cache now resolves to the snapshot {now['commit']} (a download fetched another commit since), so base "
+        "and adapter are not the pair that trained; train the adapter again on the new snapshot, or point the cache "
+        f"back at the one it trained on (its commit in {hub_cache.refs_file(str(base), recorded.get('revision'))})"
     )
 
 
