@@ -518,6 +518,33 @@ def test_a_resume_on_a_hub_id_whose_cached_snapshot_moved_is_refused(tmp_path, m
     assert "restore those inputs, or start afresh" in result.stderr
 
 
+def test_a_resume_whose_local_input_is_gone_is_refused_even_where_its_name_is_now_a_hub_id(
+    tmp_path, monkeypatch, hub_cache
+):
+    # a checkpoint recorded the folder ./tinyorg/tiny-llama; moved away, the same value named the cached hub model,
+    # and the resume trained its last steps on it, exit 0, no word (probe 43 A6): an input recorded then that the
+    # value no longer names was "nothing to compare"
+    from hfgen import fingerprint
+    from tiny_models import save_tiny_llama
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny_llama(tmp_path / "tinyorg" / "tiny-llama", seed=1)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a"}\n')
+    values = {"model_name_or_path": "tinyorg/tiny-llama", "dataset_name": str(data)}
+    checkpoint = fake_checkpoint(tmp_path / "run", {"stage": "sft"}, {"inputs": fingerprint.recipe_inputs(values)})
+    tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values))
+    (tmp_path / "tinyorg").rename(tmp_path / "moved")
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama_a"), "a" * 40)
+    data.unlink()
+    with pytest.raises(UserError) as refused:
+        tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values))
+    folder = tmp_path / "tinyorg" / "tiny-llama"
+    assert f"dataset_name '{data}' is gone: its value no longer names that file or folder" in str(refused.value)
+    said = f"model_name_or_path '{folder}' is gone: 'tinyorg/tiny-llama' now names the hub model in the Hugging Face"
+    assert said in str(refused.value)
+
+
 def test_a_reward_functions_module_edited_between_a_kill_and_the_resume_is_refused(tmp_path, monkeypatch):
     # `reward_functions: [myrewards:score]` edited between a kill and the resume: the resumed PPO steps trained on the
     # other reward, exit 0, COMPLETE, no word (probe 42 A5). hfgen's own functions change with hfgen, as its code does

@@ -237,9 +237,16 @@ def function_source(spec: str) -> Path | None:
 
 
 def changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs between two `recipe_inputs` records, in words ('' of a key the older record lacks: nothing to
-    compare)."""
+    """What differs between two `recipe_inputs` records, in words (nothing of a key the older record lacks, an older
+    hfgen's: nothing to compare). A local input recorded then that its value no longer names (`now` lacks the key: the
+    folder moved away, the file deleted) is a change: whatever the value loads now is not what trained (a name that
+    a hub id's shape falls back to the hub model); a hub model the cache no longer holds is not (the load says so)."""
     said = []
+    for key in sorted(set(then) - set(now)):
+        if isinstance(before := then[key], dict) and not before.get("hub"):
+            said.append(f"{key} '{before.get('path')}' is gone: its value no longer names that file or folder")
+        elif isinstance(before, list) and any(isinstance(b, dict) and not b.get("hub") for b in before):
+            said.append(f"{key}: the files it named are gone")
     for key in sorted(set(then) & set(now)):
         before, after = then[key], now[key]
         if content(before) == content(after):  # (not the path it resolved to: a moved project is the same run)
@@ -261,6 +268,13 @@ def content(record):
 
 
 def what_changed(before: dict, after: dict) -> str:
+    if after.get("hub") and not before.get("hub"):  # the folder moved away: its name is now a hub id's
+        return (
+            f"is gone: '{after['hub']}' now names the hub model in the Hugging Face cache (the snapshot "
+            f"{after['commit']}), not that folder"
+        )
+    if before.get("hub") and not after.get("hub"):
+        return f"(the hub model, the snapshot {before.get('commit')}) now names the local '{after.get('path')}'"
     if before.get("commit") and after.get("commit"):  # a hub id (`hub_fingerprint`)
         return (
             f"changed since (the Hugging Face cache resolved it to the snapshot {before['commit']}, now to "
