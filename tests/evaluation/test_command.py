@@ -351,6 +351,19 @@ def test_eval_and_generate_take_a_complete_checkpoint_and_refuse_an_incomplete_o
         assert exit_info.value.code == 2 and "is an incomplete training checkpoint" in error, error
 
 
+def test_a_hub_reward_model_is_recorded_by_its_id_and_snapshot(reward_dir, tokenizer, hub_cache, monkeypatch, tmp_path):
+    # `--reward_model tinyorg/tiny-rm` (served from the Hugging Face cache) was recorded in eval.json as the working
+    # directory joined with the id, a dir that does not exist (probe 43 A10)
+    import argparse
+
+    from hfgen.evaluation.command import load_judges
+
+    hub_cache("tinyorg/tiny-rm", reward_dir, "c" * 40)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(reward_model="tinyorg/tiny-rm", oracle="none", eval_dataset="x", batch_size=4)
+    assert load_judges(args, "cpu", tokenizer)[1] == {"reward": "tinyorg/tiny-rm@" + "c" * 40}
+
+
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
 def test_eval_scores_with_ppos_scorer_rendering(reward_dir, tokenizer, chat):
     """`hfgen eval` reads what PPO's reward read: the policy's own ids (shared tokenizer), EOS only where the

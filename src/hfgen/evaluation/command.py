@@ -571,7 +571,7 @@ def load_judges(
 
     judges, judged_by = {}, {}
     if args.reward_model:
-        judged_by["reward"] = str(Path(args.reward_model).expanduser().resolve())
+        judged_by["reward"] = reward_model_named(args.reward_model)
         reward_tokenizer, reward_model = loaded_reward or load_reward_model(args.reward_model, device)
         scorer = RewardScorer(reward_model, reward_tokenizer, {}, [1.0], args.batch_size, tokenizer)
 
@@ -609,6 +609,19 @@ def regroup(flat: list, sizes: list[int]) -> list[list]:
         groups.append(flat[start : start + size])
         start += size
     return groups
+
+
+def reward_model_named(name: str) -> str:
+    """How eval.json names the reward model that judged: a local dir by its resolved path; a hub id as given, at the
+    snapshot the Hugging Face cache resolves it to (ORG/NAME@COMMIT): resolved as a path, it named a dir in the
+    working directory that does not exist."""
+    from hfgen.hub_cache import cached_snapshot
+
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    snapshot = cached_snapshot(name)
+    return f"{name}@{snapshot.name}" if snapshot is not None else name
 
 
 def load_reward_model(path: str, device: str):
