@@ -262,3 +262,44 @@ def hub_cache(tmp_path, monkeypatch):
         return repo / "snapshots" / commit
 
     return put
+
+
+@pytest.fixture
+def datasets_hub_cache(tmp_path, monkeypatch):
+    """put(repo_id, {split: rows}, sha, config="default") -> folder: datasets' cache moved into tmp_path, into which
+    `put` writes what an online `load_dataset(repo_id)` of the commit `sha` leaves there
+    (`ORG___NAME/CONFIG/0.0.0/SHA/`: NAME-SPLIT.arrow and dataset_info.json), which an offline load reads back, the
+    newest first; each put is newer than the one before."""
+    import json
+    import shutil
+    import time
+
+    import datasets
+
+    cache = tmp_path / "datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    made = []
+
+    def put(repo_id: str, splits: dict, sha: str, config: str = "default") -> Path:
+        namespace, name = repo_id.split("/")
+        source = tmp_path / f"source-{sha}-{config}"
+        source.mkdir()
+        for split, rows in splits.items():
+            (source / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files = {split: str(source / f"{split}.jsonl") for split in splits}
+        builder = datasets.load_dataset_builder("json", data_files=files, cache_dir=str(source / "cache"))
+        builder.download_and_prepare()
+        folder = cache / f"{namespace}___{name}" / config / "0.0.0" / sha
+        folder.mkdir(parents=True)
+        for arrow in Path(builder.cache_dir).glob("*.arrow"):  # json-train.arrow -> NAME-train.arrow
+            shutil.copy(arrow, folder / arrow.name.replace("json-", f"{name}-"))
+        info = json.loads((Path(builder.cache_dir) / "dataset_info.json").read_text())
+        info.update(config_name=config, dataset_name=name, builder_name="parquet")
+        (folder / "dataset_info.json").write_text(json.dumps(info))
+        made.append(folder)
+        stamp = time.time() + len(made)  # newer than every earlier put, whatever the clock's resolution
+        os.utime(folder, (stamp, stamp))
+        return folder
+
+    return put

@@ -545,6 +545,31 @@ def test_a_resume_whose_local_input_is_gone_is_refused_even_where_its_name_is_no
     assert said in str(refused.value)
 
 
+def test_a_resume_on_a_hub_dataset_of_which_datasets_cache_now_holds_a_newer_version_is_refused(
+    tmp_path, datasets_hub_cache
+):
+    # offline, datasets reads a hub dataset from its own cache, the newest version an online load prepared there: after
+    # a later online load (any project on the machine) added a newer one, the resume trained its last steps on the
+    # other rows, exit 0, no word; nothing recorded which version the first steps read (probe 43 A7)
+    from hfgen import fingerprint
+    from hfgen.data.loading import load_raw
+
+    rows = [{"prompt": f"what is {i}A?", "completion": f"it is {i} A."} for i in range(4)]
+    datasets_hub_cache("tinyorg/qa", {"train": rows}, "1" * 40)
+    values = {"dataset_name": "tinyorg/qa", "dataset_config": None}
+    assert load_raw("tinyorg/qa", None)["train"][0]["completion"] == "it is 0 A."  # what the first steps trained on
+    then = fingerprint.recipe_inputs(values)
+    assert then["dataset_name"]["version"] == f"default/0.0.0/{'1' * 40}"
+    checkpoint = fake_checkpoint(tmp_path / "run", {"stage": "sft"}, {"inputs": then})
+    tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values))
+    datasets_hub_cache("tinyorg/qa", {"train": [{**row, "completion": "B"} for row in rows]}, "2" * 40)
+    assert load_raw("tinyorg/qa", None)["train"][0]["completion"] == "B"  # what the resume would train on
+    with pytest.raises(UserError) as refused:
+        tracking.check_same_inputs(checkpoint, fingerprint.recipe_inputs(values))
+    said = f"dataset_name 'tinyorg/qa' changed since (datasets' cache held the version default/0.0.0/{'1' * 40} then"
+    assert said in str(refused.value)
+
+
 def test_a_reward_functions_module_edited_between_a_kill_and_the_resume_is_refused(tmp_path, monkeypatch):
     # `reward_functions: [myrewards:score]` edited between a kill and the resume: the resumed PPO steps trained on the
     # other reward, exit 0, COMPLETE, no word (probe 42 A5). hfgen's own functions change with hfgen, as its code does

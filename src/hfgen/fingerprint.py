@@ -1,5 +1,6 @@
-"""What a run's inputs held when it read them: fingerprints of the local files and folders its recipe names, and the
-commit each hub model id it names resolves to in the local Hugging Face cache (`hub_fingerprint`).
+"""What a run's inputs held when it read them: fingerprints of the local files and folders its recipe names, the
+commit each hub model id it names resolves to in the local Hugging Face cache (`hub_fingerprint`), and the version of
+each hub dataset that an offline load reads from datasets' cache (`hub_dataset_fingerprint`).
 
 A recipe names its model, data and tokenizer by path, and a path may hold other contents later (a base retrained in
 place, a data file rewritten under its name, a chat template edited). A run records these fingerprints when it
@@ -56,7 +57,7 @@ INPUT_KEY = re.compile(
 )
 NOT_INPUTS = frozenset(("output_dir", "logging_dir", "class_data_dir", "run_name", "hub_model_id", "pipeline_dir"))
 OUTPUT_FOLDER_KEYS = ("output_dir", "logging_dir", "class_data_dir", "pipeline_dir")  # the folders a run writes
-DATASET_KEY = re.compile(r"dataset")  # keys naming data, never a hub model (`hub_fingerprint`)
+DATASET_KEY = re.compile(r"dataset")  # keys naming data: a hub id among them is a dataset (`hub_dataset_fingerprint`)
 # the key that sets the hub revision a model key's hub id is loaded at (TRL's model_revision; diffusers' revision)
 REVISION_KEYS = {"model_name_or_path": "model_revision", "pretrained_model_name_or_path": "revision"}
 # recipe keys whose values are 'module:function' specs of code that scores the responses a run trains on (or stops on)
@@ -167,6 +168,15 @@ def hub_fingerprint(value: str, revision: str | None = None) -> dict[str, Any] |
     return record | ({"revision": revision} if revision else {})
 
 
+def hub_dataset_fingerprint(value: str, config: str | None = None) -> dict[str, Any] | None:
+    """{"path", "hub", "version", "digest"} of a hub dataset read offline: the version of it in datasets' cache that
+    the load reads (`hub_cache.cached_dataset_version`); None online or for anything that cache does not hold."""
+    from hfgen.hub_cache import cached_dataset_version
+
+    version = cached_dataset_version(value, config)
+    return None if version is None else {"path": value, "hub": value, "version": version, "digest": version}
+
+
 def input_strings(key: str, value) -> list[str]:
     """The strings of a recipe value that may name inputs: itself, or a mixture's entries' `name`/`path`/files."""
     if isinstance(value, str):
@@ -204,11 +214,11 @@ def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
 
 
 def key_hub_fingerprint(key: str, text: str, values: dict[str, Any]) -> dict[str, Any] | None:
-    """`hub_fingerprint` of a model key's hub id, at the revision its recipe loads it at (REVISION_KEYS). None for a
-    dataset key: offline, `datasets` loads the hub dataset it prepared into its own cache, whatever the hub cache's refs
-    name."""
+    """`hub_fingerprint` of a model key's hub id, at the revision its recipe loads it at (REVISION_KEYS); of a dataset
+    key's, the version datasets reads offline (`hub_dataset_fingerprint`: not the hub cache's refs)."""
     if DATASET_KEY.search(key):
-        return None
+        config = values.get("dataset_config") if key == "dataset_name" else None  # (a mixture's: any of its configs)
+        return hub_dataset_fingerprint(text, config if isinstance(config, str) else None)
     revision = values.get(REVISION_KEYS.get(key, ""))
     return hub_fingerprint(text, revision if isinstance(revision, str) else None)
 
@@ -267,14 +277,23 @@ def content(record):
     return (record.get("digest"), record.get("run")) if isinstance(record, dict) else record
 
 
+def hub_version(record: dict) -> str:
+    """What a hub record (`hub_fingerprint`, `hub_dataset_fingerprint`) names, in words."""
+    if record.get("commit"):
+        return f"the hub model in the Hugging Face cache (the snapshot {record['commit']})"
+    return f"the hub dataset in datasets' cache (the version {record.get('version')})"
+
+
 def what_changed(before: dict, after: dict) -> str:
     if after.get("hub") and not before.get("hub"):  # the folder moved away: its name is now a hub id's
-        return (
-            f"is gone: '{after['hub']}' now names the hub model in the Hugging Face cache (the snapshot "
-            f"{after['commit']}), not that folder"
-        )
+        return f"is gone: '{after['hub']}' now names {hub_version(after)}, not that local file or folder"
     if before.get("hub") and not after.get("hub"):
-        return f"(the hub model, the snapshot {before.get('commit')}) now names the local '{after.get('path')}'"
+        return f"({hub_version(before)}) now names the local '{after.get('path')}'"
+    if before.get("version") and after.get("version"):  # a hub dataset (`hub_dataset_fingerprint`)
+        return (
+            f"changed since (datasets' cache held the version {before['version']} then, and reads "
+            f"{after['version']} now: an online load fetched another)"
+        )
     if before.get("commit") and after.get("commit"):  # a hub id (`hub_fingerprint`)
         return (
             f"changed since (the Hugging Face cache resolved it to the snapshot {before['commit']}, now to "

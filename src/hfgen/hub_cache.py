@@ -1,10 +1,11 @@
-"""Where a hub id resolves to in the local Hugging Face cache, read without the network.
+"""Where a hub id resolves to in the local Hugging Face caches, read without the network.
 
 `hf download ORG/NAME` (or a first load online) lays a repo out as `CACHE/models--ORG--NAME/`: `snapshots/<commit>/`
 holds each commit's files, `refs/main` names the commit the id means now. A later download of a new commit moves
 `refs/main`, and every later load of the id reads the other snapshot, under the same name. So a run records a hub
 input as the commit it resolves to (`fingerprint.hub_fingerprint`: the commit names the content, no multi-GB hashing),
-and the checks that look into a local model dir (its tokenizer files, its weights' shards) look into the snapshot."""
+and the checks that look into a local model dir (its tokenizer files, its weights' shards) look into the snapshot.
+A hub dataset read offline comes from `datasets`' own cache instead (`cached_dataset_version`)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,28 @@ def refs_file(name: str, revision: str | None = None) -> Path:
     return (
         Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name, repo_type="model") / "refs" / (revision or "main")
     )
+
+
+def cached_dataset_version(name: str | None, config: str | None = None) -> str | None:
+    """Offline, the version of the hub dataset `name` that `datasets.load_dataset(name, config)` reads: the newest
+    (by modification time) of the folders an online load prepared in datasets' cache,
+    `ORG___NAME/CONFIG/VERSION/HASH`, as datasets' offline lookup picks it (`packaged_modules.cache`), said as
+    'CONFIG/VERSION/HASH' (the hash names the commit it was prepared from). A later online load of a new commit (by
+    any project on the machine) adds a newer one, which the next offline load reads under the same name. None online
+    (the load resolves the hub's commit itself), for a local path, no hub id, or a dataset the cache does not hold."""
+    from hfgen.models import looks_local
+
+    if not isinstance(name, str) or not name or looks_local(name) or name.count("/") != 1:
+        return None
+    import datasets.config
+    from datasets.naming import camelcase_to_snakecase
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        return None
+    namespace, dataset = name.split("/")
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / f"{namespace}___{camelcase_to_snakecase(dataset)}"
+    found = [folder for folder in root.glob(f"{config or '*'}/*/*") if folder.is_dir()]
+    if not found:
+        return None
+    newest = sorted(found, key=lambda folder: folder.stat().st_mtime)[-1]  # (datasets' own order)
+    return "/".join(newest.parts[-3:])
