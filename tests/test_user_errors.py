@@ -578,6 +578,29 @@ def test_a_sharded_model_with_a_shard_missing_or_cut_short_exits_2_naming_it(tmp
         load_model(model_args, training_args, None)
 
 
+def test_a_cached_hub_snapshot_with_a_shard_missing_exits_2_at_the_check_naming_it(tmp_path, hub_cache):
+    # an interrupted `hf download` of a sharded model: hfgen check passed (the local dir's check looked at local dirs
+    # only), then train exited 2 after loading its data, pointing at the hub's web page (probe 43 A5)
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    model.save_pretrained(model_dir, max_shard_size="100KB")
+    snapshot = hub_cache("tinyorg/missshard", model_dir, "e" * 40)
+    shard = sorted(snapshot.glob("model-*-of-*.safetensors"))[1]
+    shard.unlink()
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--model_name_or_path", "tinyorg/missshard",
+                            "--output_dir", tmp_path / "o")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    said = f"model_name_or_path 'tinyorg/missshard': {shard.name}, named by model.safetensors.index.json, is missing"
+    assert said in result.stderr and "hf download tinyorg/missshard" in result.stderr, result.stderr[-2000:]
+    result = run_hfgen_here("generate", "tinyorg/missshard", "--prompt", "hi", "--max_new_tokens", "2")
+    assert result.returncode == 2 and shard.name in result.stderr and "huggingface.co" not in result.stderr
+
+
 def test_a_runs_weights_get_the_umasks_mode_as_its_other_outputs_do(tmp_path):
     # safetensors writes a tempfile (0600) and renames it: under umask 002 (a group-shared output dir) the run's
     # config, records and optimizer were group-readable but model.safetensors, final and in checkpoints, was not

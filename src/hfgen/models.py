@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from hfgen.errors import WEIGHTS_REFUSED, UserError, weights_refused
+from hfgen.hub_cache import cached_snapshot
 
 EMBEDDED_TOKENIZER = "embedded:tiny-bpe"
 EMBEDDED_VOCAB_SIZE = 512
@@ -188,6 +189,8 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
                 f"{'; ' + hint if hint else ''}"
             ]
         config = try_to_load_from_cache(name, "config.json")
+        if problem := damaged_weights(name):  # a cached snapshot an interrupted `hf download` left without a shard
+            return [f"{key} '{name}': {problem}"]
         if (
             HF_HUB_OFFLINE
             and not isinstance(config, str)
@@ -204,12 +207,18 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
 
 
 def damaged_weights(path: str | Path) -> str | None:
-    """The safetensors weights of a local model dir that an interrupted download or copy left incomplete, said
-    without loading them: a shard its index (`*.safetensors.index.json`) names but the dir lacks, or a file whose
-    header does not cover it (cut short). None for a whole dir, a hub id, or other weights."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
+    """The safetensors weights of a local model dir, or of the cached snapshot a hub id resolves to
+    (`hub_cache.cached_snapshot`), that an interrupted download or copy left incomplete, said without loading them: a
+    shard its index (`*.safetensors.index.json`) names but the dir lacks, or a file whose header does not cover it
+    (cut short). None for a whole dir, a hub id not cached, or other weights."""
+    fetch = "fetch the model again"
+    if not Path(path).expanduser().is_dir():
+        if (snapshot := cached_snapshot(str(path))) is None:
+            return None
+        # (offline, transformers' own message pointed at the hub's web page)
+        fetch = f"fetch the model again (`hf download {path}`; its cached snapshot is {snapshot})"
+        path = snapshot
+    path = Path(path).expanduser()
     from safetensors import safe_open
 
     for index in sorted(path.glob("*.safetensors.index.json")):
@@ -219,15 +228,14 @@ def damaged_weights(path: str | Path) -> str | None:
             return f"its shard index {index.name} is not valid JSON with a weight_map"
         if missing := [shard for shard in shards if not (path / shard).is_file()]:
             return (
-                f"{', '.join(missing)}, named by {index.name}, is missing (an interrupted download or copy?); "
-                "fetch the model again"
+                f"{', '.join(missing)}, named by {index.name}, is missing (an interrupted download or copy?); {fetch}"
             )
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(weights, "pt"):  # reads the header only
                 pass
         except (SafetensorError, OSError) as error:
-            return f"its weights file {weights.name} is damaged ({error}); fetch the model again"
+            return f"its weights file {weights.name} is damaged ({error}); {fetch}"
     return None
 
 
