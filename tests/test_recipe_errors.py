@@ -418,8 +418,8 @@ def test_a_missing_relative_model_or_data_path_of_a_hub_ids_shape_is_named_with_
     assert f"dataset_name 'rosrc/data.jsonl' does not exist {where}" in result.stderr
     result = run_hfgen_here("check", REPO / "recipes/tiny/sft_full.yaml", "--dataset_name", "rosrc/data",
                             "--output_dir", tmp_path / "out", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 2 and "dataset_name 'rosrc/data' could not be loaded: " in result.stderr
-    assert f"; nor is it a folder {where}" in result.stderr
+    assert result.returncode == 2 and f"dataset_name 'rosrc/data' is neither a local path {where}" in result.stderr
+    assert "nor in datasets' cache (HF_DATASETS_CACHE), and HF_HUB_OFFLINE is set" in result.stderr
 
 
 def test_a_model_path_that_is_no_hub_id_either_exits_2_naming_it(tmp_path):

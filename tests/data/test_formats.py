@@ -661,6 +661,22 @@ def test_dataset_config_is_asked_for_by_name_refused_where_it_means_nothing_and_
         load(folder / "main" / "train.jsonl", "preference", dataset_config="main")
 
 
+def test_a_hub_dataset_read_offline_given_no_or_a_wrong_config_or_not_cached_is_told_so(datasets_hub_cache):
+    """A hub dataset of several configurations in datasets' cache, read offline, said datasets' first line ("There
+    are multiple 'ORG/NAME' configurations in the cache: de, en", "Couldn't find cache for ... for config 'fr'") with
+    neither the key nor the choices, and one not cached "Couldn't reach ... on the Hub" (probe 43 A8)."""
+    rows = [{"text": f"row {i}"} for i in range(4)]
+    for config in ("en", "de"):
+        datasets_hub_cache("tinyorg/multi", {"train": rows}, "3" * 40, config)
+    with pytest.raises(UserError, match=r"several configurations; set dataset_config to one of \['de', 'en'\]"):
+        load_raw("tinyorg/multi")
+    with pytest.raises(UserError, match=r"dataset_config 'fr' is not one of .*\['de', 'en'\]"):
+        load_raw("tinyorg/multi", "fr")
+    assert load_raw("tinyorg/multi", "de")["train"][0]["text"] == "row 0"
+    with pytest.raises(UserError, match=r"'nosuch/data' is neither a local path .*nor in datasets' cache .*HF_HUB_OFF"):
+        load_raw("nosuch/data")
+
+
 def test_a_hub_style_parquet_folder_given_no_or_a_wrong_config_names_its_configs(tmp_path):
     """A parquet folder (as `huggingface-cli download` leaves gsm8k) given a wrong or no dataset_config was said to be
     'UTF-16 or UTF-32 text': every parquet file holds NUL bytes in its first 64 (probe 41 D2)."""

@@ -180,17 +180,22 @@ def load_raw(name: str, config: str | None = None):
         message = load_error_text(error)
         if len(files) > 1 and (differ := types_that_differ(files)):
             message = differ  # one schema over all the files: pyarrow's "Failed to parse value" names none of them
-        configs = re.search(r"(?:available configs|Available): (\[.*?\])", str(error))
-        if configs and ("Config name is missing" in str(error) or "BuilderConfig" in str(error)):
-            # datasets' first line alone ("Config name is missing.") names neither the key nor the choices
+        if choices := config_choices(str(error)):
+            # datasets' first line alone ("Config name is missing.", "Couldn't find cache for ... for config 'fr'")
+            # names neither the key nor the choices
             given = (
                 f"dataset_config '{config}' is not one of its configurations"
                 if config
                 else "it has several configurations"
             )
             raise UserError(
-                f"dataset_name '{name}': {given}; set dataset_config to one of {configs.group(1)} (in a mixture, the "
+                f"dataset_name '{name}': {given}; set dataset_config to one of {choices} (in a mixture, the "
                 "entry's `config`)"
+            ) from None
+        if "OfflineModeIsEnabled" in str(error) and not path.exists():  # a hub id datasets' cache does not hold
+            raise UserError(
+                f"dataset_name '{name}' is neither a local path{relative_to_cwd(name)} nor in datasets' cache "
+                "(HF_DATASETS_CACHE), and HF_HUB_OFFLINE is set: load it once online, or give its files"
             ) from None
         if empty := re.search(r'Instruction "(\w+)" corresponds to no data', str(error)):
             # an empty split file (test.jsonl of 0 rows): datasets' own words name neither the file nor the fix
@@ -203,6 +208,18 @@ def load_raw(name: str, config: str | None = None):
         nowhere = not embedded and not glob.has_magic(name) and not path.exists() and relative_to_cwd(name)
         folder = f"; nor is it a folder{nowhere}" if nowhere else ""
         raise UserError(f"dataset_name '{name}' could not be loaded: {message}{folder}") from None
+
+
+def config_choices(text: str) -> str | None:
+    """The configurations a datasets error over a missing or wrong configuration lists, as a list's text ("['de',
+    'en']"), else None: of a hub-style folder ("Config name is missing ... available configs: [...]", "BuilderConfig
+    ... Available: [...]"), or of a hub dataset read offline from datasets' cache ("There are multiple 'ORG/NAME'
+    configurations in the cache: de, en", "Couldn't find cache for ... Available configs in the cache: [...]")."""
+    if several := re.search(r"There are multiple '.*?' configurations in the cache: (.*)", text):
+        return str([choice.strip() for choice in several.group(1).split(",")])
+    listed = re.search(r"(?:available configs|Available|Available configs in the cache): (\[.*?\])", text)
+    asked = ("Config name is missing", "BuilderConfig", "Couldn't find cache for")
+    return listed.group(1) if listed and any(words in text for words in asked) else None
 
 
 def datasets_cache_unwritable(error: BaseException) -> str | None:
