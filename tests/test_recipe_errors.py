@@ -479,6 +479,25 @@ def test_a_model_dir_without_tokenizer_files_is_told_so(tmp_path):
     assert "sentencepiece" not in result.stderr
 
 
+def test_a_cached_hub_snapshot_without_tokenizer_files_is_told_so(tmp_path, hub_cache):
+    # the hub sibling (an interrupted `hf download`): check, train and generate said transformers' advice to install
+    # sentencepiece or tiktoken (probe 43 A4)
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")
+    for name in model.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens_map", "chat_template")):
+            name.unlink()
+    snapshot = hub_cache("tinyorg/notokfiles", model, "7" * 40)
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", "tinyorg/notokfiles",
+                            "--output_dir", tmp_path / "out")  # fmt: skip
+    said = f"the cached snapshot {snapshot} holds no tokenizer files"
+    assert result.returncode == 2 and said in result.stderr, result.stderr
+    assert "hf download tinyorg/notokfiles" in result.stderr and "sentencepiece" not in result.stderr
+    result = run_hfgen_here("generate", "tinyorg/notokfiles", "--prompt", "hi", "--max_new_tokens", "2")
+    assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
 def test_a_model_revision_other_than_main_exits_2(tmp_path):
     # model_revision loaded the model's weights at that revision but the tokenizer (chat template, EOS, max length)
     # from main, and saved them together; a revision missing from the cache was an OSError traceback

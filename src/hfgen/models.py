@@ -456,10 +456,12 @@ def load_tokenizer(name: str, trust_remote_code: bool | None = None):
         base = adapter_base(name)
         if base is None:
             if holds_no_tokenizer(name):  # transformers' own text here advises installing sentencepiece or tiktoken
+                local = Path(name).expanduser().is_dir()
                 raise UserError(
-                    f"could not load a tokenizer from '{name}': the dir holds no tokenizer files (tokenizer.json, "
-                    "tokenizer_config.json, tokenizer.model, vocab.json); copy those of the model it came from "
-                    "into it"
+                    f"could not load a tokenizer from '{name}': the "
+                    f"{'dir' if local else f'cached snapshot {cached_snapshot(name)}'} holds no tokenizer files "
+                    "(tokenizer.json, tokenizer_config.json, tokenizer.model, vocab.json); "
+                    + ("copy those of the model it came from into it" if local else f"fetch them: hf download {name}")
                 ) from None
             raise UserError(f"could not load a tokenizer from '{name}': {error}") from None
         tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
@@ -480,9 +482,10 @@ def pad_apart_from_eos(tokenizer) -> None:
 
 
 def holds_no_tokenizer(name: str) -> bool:
-    """A local dir (weights and config, the tokenizer kept elsewhere) with none of the files a tokenizer loads from."""
+    """A local dir (weights and config, the tokenizer kept elsewhere), or the cached snapshot of a hub id (an
+    interrupted download), with none of the files a tokenizer loads from."""
     path = Path(name).expanduser()
-    if not path.is_dir():
+    if not path.is_dir() and (path := cached_snapshot(name)) is None:
         return False
     patterns = ("tokenizer*", "vocab*", "*.model", "merges.txt", "spiece*", "tekken.json")
     return not any(any(path.glob(pattern)) for pattern in patterns)
