@@ -294,6 +294,27 @@ def test_an_adapter_trained_on_a_hub_id_whose_cached_snapshot_moved_is_refused(t
         assert result.returncode == 2 and "train the adapter again on the new snapshot" in result.stderr
 
 
+def test_a_lora_adapter_named_by_hub_id_is_told_to_be_given_as_its_snapshot_dir(
+    base_and_adapter, tmp_path, capsys, hub_cache
+):
+    # `hf download ORG/some-lora` leaves an adapter in the cache: given by its id, check/generate/eval said
+    # transformers' "We couldn't connect to 'https://huggingface.co'" (the files were cached) and merge "not a LoRA
+    # adapter dir (no adapter_config.json)" (it has one) (probe 43 A9). Its snapshot dir loads
+    _, adapter = base_and_adapter
+    snapshot = hub_cache("tinyorg/tiny-lora", adapter, "4" * 40)
+    said = "'tinyorg/tiny-lora' is a LoRA adapter on the hub, which hfgen loads from a dir: give its cached snapshot "
+    said += f"dir '{snapshot}'"
+    code, message = merge(capsys, "tinyorg/tiny-lora", "--output_dir", tmp_path / "merged")
+    assert code == 2 and said in message, message
+    for command in (["generate", "tinyorg/tiny-lora", "--prompt", "hi"], ["eval", "tinyorg/tiny-lora", "--quiet"]):
+        result = run_hfgen_here(*command)
+        assert result.returncode == 2 and said in result.stderr and "huggingface.co" not in result.stderr, result.stderr
+    result = run_hfgen_here("check", REPO / "recipes/tiny/sft_lora.yaml", "--model_name_or_path", "tinyorg/tiny-lora",
+                            "--output_dir", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2 and f"model_name_or_path {said}" in result.stderr, result.stderr
+    assert merge(capsys, snapshot, "--output_dir", tmp_path / "merged")[0] == 0  # as the message says
+
+
 def test_a_merge_of_a_run_trained_on_raw_prompts_is_prompted_raw_once_the_run_dir_moved(tmp_path, capsys):
     # generate/eval read how the adapter's run prompted its model from that run's records, through merged_from.json's
     # path: once the run dir was moved or deleted (the usual reason to merge) the merge was prompted in the chat

@@ -207,10 +207,12 @@ def device_problems(device: str) -> list[str]:
 def check_text_arguments(args: argparse.Namespace) -> None:
     """Every problem with the paths, counts, oracle and datasets, reported at once."""
     from hfgen.generate import sampling_problems, seed_problems
-    from hfgen.models import check_model_source, not_a_generator, not_a_reward_model
+    from hfgen.models import check_model_source, hub_adapter_problem, not_a_generator, not_a_reward_model
 
     problems = []
-    if not Path(args.target).exists() and not args.output:
+    if not Path(args.target).exists() and (adapter := hub_adapter_problem("TARGET", args.target)):
+        problems.append(adapter)
+    elif not Path(args.target).exists() and not args.output:
         problems.append(f"TARGET '{args.target}' does not exist (for a hub id, pass --output FILE)")
     elif Path(args.target).exists() and (source := check_model_source("TARGET", args.target)):
         problems += source
