@@ -422,6 +422,19 @@ def test_a_missing_relative_model_or_data_path_of_a_hub_ids_shape_is_named_with_
     assert "nor in datasets' cache (HF_DATASETS_CACHE), and HF_HUB_OFFLINE is set" in result.stderr
 
 
+def test_a_config_name_hub_id_the_cache_does_not_hold_is_refused_at_the_check(tmp_path, hub_cache):
+    # `config_name: tinyorg/notthere` passed hfgen check (exit 0); train loaded and tokenized the corpus, wrote the
+    # run's records, then exited 2 with transformers' "We couldn't connect to 'https://huggingface.co'" (probe 43 A13)
+    from tiny_models import save_tiny_llama
+
+    result = run_hfgen_here("check", PRETRAIN, "--config_name", "tinyorg/notthere", "--output_dir", tmp_path / "out")
+    said = "config_name 'tinyorg/notthere' is neither a local path"
+    assert result.returncode == 2 and said in result.stderr and "nor in the Hugging Face cache" in result.stderr
+    hub_cache("tinyorg/tiny-llama", save_tiny_llama(tmp_path / "llama"), "a" * 40)
+    result = run_hfgen_here("check", PRETRAIN, "--config_name", "tinyorg/tiny-llama", "--output_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_a_model_path_that_is_no_hub_id_either_exits_2_naming_it(tmp_path):
     # 'my model' (a typo) or '$MYMODELS/x' (an unexpanded variable) is neither a path nor a valid hub id: the hub's
     # cache lookup raised HFValidationError, a traceback from `hfgen check`

@@ -175,7 +175,6 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
         return [f"{key} '{name}' does not exist{relative_to_cwd(name)}{'; ' + hint if hint else ''}"]
     else:
         from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import HF_HUB_OFFLINE
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id
 
@@ -193,19 +192,28 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
         config = try_to_load_from_cache(name, "config.json")
         if problem := damaged_weights(name):  # a cached snapshot an interrupted `hf download` left without a shard
             return [f"{key} '{name}': {problem}"]
-        if (
-            HF_HUB_OFFLINE
-            and not isinstance(config, str)
-            and not isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
-        ):
-            # (`outputs/sft` is a hub id's shape too: where the folder was looked for is said as for any relative path)
-            return [
-                f"{key} '{name}' is neither a local path{relative_to_cwd(name)} nor in the Hugging Face cache, and "
-                "HF_HUB_OFFLINE is set"
-            ]
+        if problem := uncached_hub_problem(key, name):
+            return [problem]
     if trust_remote_code is False and isinstance(config, (str, Path)):
         return custom_code_problem(key, name, Path(config))
     return []
+
+
+def uncached_hub_problem(key: str, name: str) -> str | None:
+    """A hub id (`name`, validated) that offline (HF_HUB_OFFLINE) the Hugging Face cache does not hold: no model's,
+    tokenizer's or diffusers pipeline's repo (its configs in subfolders, model_index.json on top) of that id. None
+    online, or for one it holds."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    cached = ("config.json", "tokenizer_config.json", "model_index.json")
+    if not HF_HUB_OFFLINE or any(isinstance(try_to_load_from_cache(name, file), str) for file in cached):
+        return None
+    # (`outputs/sft` is a hub id's shape too: where the folder was looked for is said as for any relative path)
+    return (
+        f"{key} '{name}' is neither a local path{relative_to_cwd(name)} nor in the Hugging Face cache, and "
+        "HF_HUB_OFFLINE is set"
+    )
 
 
 def hub_adapter_problem(key: str, name: str) -> str | None:
@@ -343,6 +351,18 @@ def check_config_file(key: str, name: str | None, transformers_config: bool = Fa
     transformers knows (an unknown one fails deep inside `AutoConfig` with a list of every model type)."""
     if name and looks_local(name) and not Path(name).exists():
         return [f"{key} '{name}' does not exist{relative_to_cwd(name)}"]
+    if name and not Path(name).exists() and not name.endswith(".json") and cached_snapshot(name) is None:
+        # a hub id's config (from_config of its config.json): offline, the check said nothing and the run failed
+        # after loading its data with transformers' "We couldn't connect to 'https://huggingface.co'"
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            return []  # (no hub id: the loading names it)
+        if problem := uncached_hub_problem(key, name):
+            return [problem]
     if name and name.endswith(".json") and Path(name).is_file():
         try:
             values = json.loads(Path(name).read_text(encoding="utf-8"))

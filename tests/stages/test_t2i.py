@@ -214,6 +214,26 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     assert refused.returncode == 2 and "is a LoRA run" in refused.stderr and "hfgen merge" in refused.stderr
 
 
+def cached_pipeline(scratch_run, tmp_path, hub_cache):
+    """scratch_run's pipeline put into the hub cache as tinyorg/tiny-sd (model_index.json on top, its components'
+    configs in subfolders): its snapshot dir."""
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (shutil.copytree if (scratch_run / part).is_dir() else shutil.copy)(scratch_run / part, pipeline / part)
+    return hub_cache("tinyorg/tiny-sd", pipeline, "7" * 40)
+
+
+def test_a_pipeline_named_by_hub_id_from_the_cache_passes_the_check(scratch_run, tmp_path, hub_cache):
+    # a cached diffusers pipeline was refused offline by the t2i check as "neither a local path nor in the Hugging
+    # Face cache": the check asked the cache for a config.json on top, which a pipeline repo has in its subfolders
+    # (probe 43 A11)
+    cached_pipeline(scratch_run, tmp_path, hub_cache)
+    result = run_hfgen_here("check", LORA_RECIPE, "--pretrained_model_name_or_path", "tinyorg/tiny-sd",
+                            "--output_dir", tmp_path / "run", *SMALL_DATA)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_a_lora_run_s_pipeline_changes_are_recorded_and_applied_by_generate_and_merge(scratch_run, vae_dir, tmp_path):
     """A LoRA run with its own prediction_type and VAE trains and validates on the changed base: lora_base.json
     records the changes, and hfgen's loader (generate, eval, merge) renders the run's validation grid exactly."""
