@@ -48,8 +48,11 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.diffusion import is_pipeline_dir
     from hfgen.errors import UserError
     from hfgen.evaluation.command import options_that_do_not_apply
+    from hfgen.models import hub_dir_problem
 
     model_path = Path(args.model)
+    if not model_path.exists() and (problem := hub_dir_problem("MODEL", args.model, pipelines=True)):
+        raise UserError(f"hfgen generate: {problem}")  # (an adapter's or a pipeline's kind is read from its dir)
     images = is_pipeline_dir(model_path)  # a diffusers pipeline dir or a t2i LoRA run
     if ignored := options_that_do_not_apply(args, images, IMAGE_OPTIONS):
         kind = "a diffusers pipeline (images)" if images else "a text model"

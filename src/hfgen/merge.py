@@ -103,7 +103,7 @@ def merged_causal_lm(adapter: Path, dtype: str):
     from hfgen.models import (
         adapter_base,
         adapter_base_problems,
-        hub_adapter_problem,
+        hub_dir_problem,
         load_causal_lm,
         load_tokenizer,
         name_special_tokens,
@@ -111,7 +111,7 @@ def merged_causal_lm(adapter: Path, dtype: str):
     )
 
     config_path = adapter / "adapter_config.json"
-    if not config_path.exists() and (problem := hub_adapter_problem("ADAPTER", str(adapter))):
+    if not config_path.exists() and (problem := hub_dir_problem("ADAPTER", str(adapter))):
         raise UserError(problem + ".")
     if not config_path.is_file():
         raise UserError(

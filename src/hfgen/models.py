@@ -187,7 +187,7 @@ def check_model_source(key: str, name: str | None, hint: str = "", trust_remote_
                 f"{key} '{name}' does not exist{relative_to_cwd(name)} and is not a hub id (org/name){unexpanded}"
                 f"{'; ' + hint if hint else ''}"
             ]
-        if problem := hub_adapter_problem(key, name):
+        if problem := hub_dir_problem(key, name):
             return [problem]
         config = try_to_load_from_cache(name, "config.json")
         if problem := damaged_weights(name):  # a cached snapshot an interrupted `hf download` left without a shard
@@ -216,16 +216,23 @@ def uncached_hub_problem(key: str, name: str) -> str | None:
     )
 
 
-def hub_adapter_problem(key: str, name: str) -> str | None:
+def hub_dir_problem(key: str, name: str, pipelines: bool = False) -> str | None:
     """A hub id whose cached snapshot is a LoRA adapter (adapter_config.json, no config.json: `hf download` of a
-    published adapter), said with the dir to give instead: hfgen reads an adapter's base and the pair it trained on
-    from its dir, and transformers, given the id, looked for the repo's config.json and blamed the connection. None
-    for anything else."""
+    published adapter), or with `pipelines` a diffusers pipeline (model_index.json: generate and eval tell one by its
+    dir), said with the dir to give instead: hfgen reads an adapter's base and the pair it trained on, and a
+    pipeline's kind, from the dir, and transformers, given the id, looked for the repo's config.json and blamed the
+    connection. None for anything else."""
     snapshot = cached_snapshot(name)
-    if snapshot is None or not (snapshot / "adapter_config.json").is_file() or (snapshot / "config.json").is_file():
+    if snapshot is None:
+        return None
+    if (snapshot / "adapter_config.json").is_file() and not (snapshot / "config.json").is_file():
+        what = "a LoRA adapter"
+    elif pipelines and (snapshot / "model_index.json").is_file():
+        what = "a diffusers pipeline"
+    else:
         return None
     return (
-        f"{key} '{name}' is a LoRA adapter on the hub, which hfgen loads from a dir: give its cached snapshot dir "
+        f"{key} '{name}' is {what} on the hub, which hfgen loads from a dir: give its cached snapshot dir "
         f"'{snapshot}' (what `hf download {name}` prints)"
     )
 

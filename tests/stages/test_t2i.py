@@ -234,6 +234,17 @@ def test_a_pipeline_named_by_hub_id_from_the_cache_passes_the_check(scratch_run,
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_generate_and_eval_of_a_pipeline_named_by_hub_id_ask_for_its_dir(scratch_run, tmp_path, hub_cache):
+    # generate and eval tell a pipeline by its dir: given a cached pipeline's id, they called it "a text model" or
+    # failed on its tokenizer, transformers blaming the connection (probe 43 A12)
+    snapshot = cached_pipeline(scratch_run, tmp_path, hub_cache)
+    said = "'tinyorg/tiny-sd' is a diffusers pipeline on the hub, which hfgen loads from a dir: give its cached "
+    said += f"snapshot dir '{snapshot}'"
+    for command in (["generate", "tinyorg/tiny-sd", "--prompt", "3"], ["eval", "tinyorg/tiny-sd", "--quiet"]):
+        result = run_hfgen_here(*command)
+        assert result.returncode == 2 and said in result.stderr and "text model" not in result.stderr, result.stderr
+
+
 def test_a_lora_run_s_pipeline_changes_are_recorded_and_applied_by_generate_and_merge(scratch_run, vae_dir, tmp_path):
     """A LoRA run with its own prediction_type and VAE trains and validates on the changed base: lora_base.json
     records the changes, and hfgen's loader (generate, eval, merge) renders the run's validation grid exactly."""

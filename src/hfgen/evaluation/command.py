@@ -110,6 +110,7 @@ def options_that_do_not_apply(args: argparse.Namespace, images: bool, image_opti
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.diffusion import is_pipeline_dir
+    from hfgen.models import hub_dir_problem
 
     target = Path(args.target)
     output = Path(args.output) if args.output else target / "eval.json"
@@ -120,6 +121,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"hfgen eval: --output '{output}' holds JSON {type(earlier).__name__}, not an object of "
                         "figures; give another --output, or delete the file")  # fmt: skip
     follow_rlhf_pipeline(args)
+    if not target.exists() and (problem := hub_dir_problem("TARGET", args.target, pipelines=True)):
+        raise UserError(f"hfgen eval: {problem}")  # (an adapter's or a pipeline's kind is read from its dir)
     images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
     if ignored := options_that_do_not_apply(args, images):
         kind = "a diffusers pipeline (image metrics)" if images else "a text model"
@@ -207,12 +210,10 @@ def device_problems(device: str) -> list[str]:
 def check_text_arguments(args: argparse.Namespace) -> None:
     """Every problem with the paths, counts, oracle and datasets, reported at once."""
     from hfgen.generate import sampling_problems, seed_problems
-    from hfgen.models import check_model_source, hub_adapter_problem, not_a_generator, not_a_reward_model
+    from hfgen.models import check_model_source, not_a_generator, not_a_reward_model
 
     problems = []
-    if not Path(args.target).exists() and (adapter := hub_adapter_problem("TARGET", args.target)):
-        problems.append(adapter)
-    elif not Path(args.target).exists() and not args.output:
+    if not Path(args.target).exists() and not args.output:
         problems.append(f"TARGET '{args.target}' does not exist (for a hub id, pass --output FILE)")
     elif Path(args.target).exists() and (source := check_model_source("TARGET", args.target)):
         problems += source
