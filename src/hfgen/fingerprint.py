@@ -156,9 +156,9 @@ def path_fingerprint(value: str, excluded: tuple[Path, ...] = ()) -> dict[str, A
 
 
 def hub_fingerprint(value: str, revision: str | None = None) -> dict[str, Any] | None:
-    """{"path", "hub", "commit", "digest", "revision" (when given)} of a hub id served from the local Hugging Face cache: the commit it resolves
-    to there (`hub_cache.cached_snapshot`), which names its content (a download of a new commit moves the id to other
-    weights under the same name); None for anything the cache does not resolve."""
+    """{"path", "hub", "commit", "digest", "revision" (when given)} of a hub id served from the local Hugging Face
+    cache: the commit it resolves to there (`hub_cache.cached_snapshot`), which names its content (a download of a new
+    commit moves the id to other weights under the same name); None for anything the cache does not resolve."""
     from hfgen.hub_cache import cached_snapshot
 
     snapshot = cached_snapshot(value, revision)
@@ -191,9 +191,9 @@ def input_strings(key: str, value) -> list[str]:
 
 def recipe_inputs(values: dict[str, Any], keys=None) -> dict[str, dict]:
     """{key: fingerprint} of the local inputs a recipe's `values` name (only those `keys` when given: the ones that
-    shape training), and of the hub models it names that the local cache holds (`hub_fingerprint`); a key naming
-    several (a mixture) records a list. The run's own folders (OUTPUT_FOLDER_KEYS: an output_dir inside its base's
-    folder, class images generated inside the instance images') are no part of them."""
+    shape training), and of the hub models and datasets it names that the local caches hold (`key_hub_fingerprint`);
+    a key naming several (a mixture) records a list. The run's own folders (OUTPUT_FOLDER_KEYS: an output_dir inside
+    its base's folder, class images generated inside the instance images') are no part of them."""
     excluded = tuple(
         Path(v).expanduser().resolve() for k in OUTPUT_FOLDER_KEYS if isinstance(v := values.get(k), (str, Path))
     )
