@@ -217,6 +217,22 @@ def test_data_seed_decides_the_held_out_rows_whatever_the_seed(tiny_lm, tmp_path
     assert held_out[1] == held_out[2]
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+def test_data_seed_decides_shuffle_datasets_order_whatever_the_seed(tiny_lm, tmp_path, monkeypatch, packing):
+    """TRL's shuffle_dataset shuffled with `seed`: a seed sweep with data_seed fixed trained each seed on another
+    row order and, packed, on other rows packed together (probe 43 D1)."""
+
+    def trained_rows(name, seed, data_seed):
+        overrides = on_tiny(tiny_lm, tmp_path / name, "--max_train_samples", 64, "--max_steps", 1, "--num_samples", 0,
+                            "--seed", seed, "--data_seed", data_seed, "--shuffle_dataset", "true",
+                            "--packing", packing, "--save_strategy", "no")  # fmt: skip
+        return list(train_in_process(monkeypatch, SFT_FULL, overrides).train_dataset["input_ids"])
+
+    rows = trained_rows("a", seed=1, data_seed=7)
+    assert trained_rows("b", seed=2, data_seed=7) == rows
+    assert trained_rows("c", seed=1, data_seed=8) != rows  # still shuffled, by data_seed
+
+
 def test_row_packing_keeps_packed_documents_apart(tiny_lm):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -21,6 +21,7 @@ plain model.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,19 @@ def completion_loss_instead(rows, training_args: SFTConfig) -> str | None:
     )
 
 
+class ShufflesWithDataSeed(SFTTrainer):
+    """SFTTrainer whose `shuffle_dataset` shuffle (of the rows before packing, and of the rows it trains, for the
+    training and evaluation splits alike) is drawn from `data_seed` (else `seed`), as hfgen's other data draws are:
+    TRL shuffles with `seed`, so a seed sweep with data_seed fixed trained each seed on another row order and, with
+    packing, other rows packed together (probe 43 D1). TRL's preparation reads its config's seed for this shuffle
+    alone; it is handed a shallow copy whose seed is the data's (the run's own config keeps `seed`)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, *rest, **kwargs):
+        shuffled_by_data_seed = copy.copy(args)
+        shuffled_by_data_seed.seed = data_seed(args)
+        return super()._prepare_dataset(dataset, processing_class, shuffled_by_data_seed, *rest, **kwargs)
+
+
 # ---- packing without varlen attention kernels ----------------------------------------------------------
 
 ROW_PACKING_ATTENTION = ("sdpa", "eager")  # kernels that take a dense mask; flash/flex attention handle varlen rows
@@ -205,7 +219,7 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
-class PackedRowsCounted(SFTTrainer):
+class PackedRowsCounted(ShufflesWithDataSeed):
     """SFTTrainer whose logged `num_tokens` (and `eval_num_tokens`, the same count) counts the tokens trained in
     PackedRowsCollator's rows. Given no attention_mask, TRL counts `position_ids.size(1)` a batch, the length of
     its own packing's one flattened row: of hfgen's rows, one row's length (127 where 4 rows of ~124 tokens
