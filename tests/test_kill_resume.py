@@ -850,6 +850,22 @@ def test_a_resume_from_another_dirs_checkpoint_starts_with_that_runs_rows(short_
     assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
 
 
+def test_group_by_length_resumed_inside_a_later_epoch_trains_the_uninterrupted_runs_order(tmp_path):
+    # transformers' LengthGroupedSampler drew each epoch's order from the global RNG as the epoch began: resumed from
+    # checkpoint-4 (3 steps an epoch: one step into the second), the run drew that epoch's order right after its
+    # start and skipped the first batch of another order; other weights and losses, exit 0 (probe 43 D2)
+    overrides = ["--max_train_samples", "60", "--max_eval_samples", "8", "--per_device_train_batch_size", "8",
+                 "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0",
+                 "--train_sampling_strategy", "group_by_length"]  # fmt: skip
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert run_hfgen_here("train", PRETRAIN, *overrides, "--output_dir", reference).returncode == 0
+    assert [row["epoch"] for row in tracking.read_metrics(reference) if "loss" in row][3] == pytest.approx(4 / 3)
+    resume = ["--resume_from_checkpoint", reference / "checkpoint-4", "--output_dir", resumed]
+    result = run_hfgen_here("train", PRETRAIN, *overrides, *resume)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(reference, resumed)
+
+
 @pytest.mark.slow
 def test_a_resumed_runs_tracker_gets_the_run_wide_closing_train_loss(short_pretrain, tmp_path):
     # metrics.jsonl's closing train_loss was made run-wide after the report_to callbacks had run: TensorBoard's

@@ -12,6 +12,7 @@ import dataclasses
 from importlib.util import find_spec
 from pathlib import Path
 
+from hfgen.data.prepare import data_seed
 from hfgen.errors import UserError
 from hfgen.models import (
     adapter_base,
@@ -397,7 +398,7 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
     if kwargs["args"].eval_strategy != "no":
         kwargs["eval_dataset"] = eval_dataset
     try:
-        trainer = saving_whole_models(trainer_class)(
+        trainer = saving_whole_models(length_groups_from_data_seed(trainer_class))(
             callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs
         )
     except (ValueError, NotImplementedError) as error:
@@ -411,6 +412,57 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
         # (the trainer wrapped the model in peft; DeepSpeed and FSDP2 keep float32 trained weights themselves)
         float32_fully_trained_modules(trainer.model)
     return trainer
+
+
+def length_groups_from_data_seed(trainer_class):
+    """`trainer_class` whose `train_sampling_strategy: group_by_length` sampler draws each epoch's order from
+    `data_seed` (else `seed`) and the epoch (`EpochSeededLengthGroups`). transformers builds the training
+    LengthGroupedSampler with no generator, so each epoch's order came from torch's global RNG when the epoch began:
+    a seed sweep with data_seed fixed trained each seed on another order (probe 43 D3), and a run resumed in an epoch
+    after the first drew that epoch's order right after its start, not after the earlier epochs' draws, so it skipped
+    the first batches of another order (D2). The Trainer sets each epoch on the sampler before the epoch's iterator;
+    the resumed epoch is set here too, once the checkpoint says which it is (a skipping loader on several processes
+    does not pass set_epoch on)."""
+
+    class LengthGroupsFromDataSeed(trainer_class):
+        def _get_train_sampler(self, dataset=None):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            sampler = super()._get_train_sampler(dataset)
+            if type(sampler) is LengthGroupedSampler:
+                sampler = EpochSeededLengthGroups(sampler, data_seed(self.args))
+            self._epoch_seeded_sampler = sampler if isinstance(sampler, EpochSeededLengthGroups) else None
+            return sampler
+
+        def _init_training_state(self, *args, **kwargs):
+            epochs_trained, steps_trained_in_current_epoch = super()._init_training_state(*args, **kwargs)
+            if getattr(self, "_epoch_seeded_sampler", None) is not None:
+                self._epoch_seeded_sampler.set_epoch(epochs_trained)
+            return epochs_trained, steps_trained_in_current_epoch
+
+    LengthGroupsFromDataSeed.__name__ = LengthGroupsFromDataSeed.__qualname__ = trainer_class.__name__
+    return LengthGroupsFromDataSeed
+
+
+class EpochSeededLengthGroups:
+    """transformers' LengthGroupedSampler (`groups`) whose epoch `e` draws its order from a generator seeded
+    `seed + e`, as accelerate's SeedableRandomSampler draws the random strategy's: the same order on every process
+    and in a resumed run. (A data loader takes any sized iterable of indices as its sampler.)"""
+
+    def __init__(self, groups, seed: int):
+        self.groups, self.seed, self.epoch = groups, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        import torch
+
+        self.groups.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.groups)
 
 
 def saving_whole_models(trainer_class):
