@@ -398,7 +398,7 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
     if kwargs["args"].eval_strategy != "no":
         kwargs["eval_dataset"] = eval_dataset
     try:
-        trainer = saving_whole_models(length_groups_from_data_seed(trainer_class))(
+        trainer = hfgen_trainer(trainer_class)(
             callbacks=[*callbacks, *tracking.trainer_callbacks(output_dir)], **kwargs
         )
     except (ValueError, NotImplementedError) as error:
@@ -412,6 +412,34 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
         # (the trainer wrapped the model in peft; DeepSpeed and FSDP2 keep float32 trained weights themselves)
         float32_fully_trained_modules(trainer.model)
     return trainer
+
+
+def hfgen_trainer(trainer_class):
+    """`trainer_class` (a TRL trainer, or transformers' Trainer for pretrain) as every Trainer stage trains with it:
+    its order of `group_by_length` from data_seed, every held-out row evaluated, whole models saved."""
+    return saving_whole_models(every_held_out_row_evaluated(length_groups_from_data_seed(trainer_class)))
+
+
+def every_held_out_row_evaluated(trainer_class):
+    """`trainer_class` whose evaluation loaders keep the last partial batch whatever `dataloader_drop_last` says:
+    transformers applies it to every loader it builds, so the periodic evaluation left the held-out split's last
+    rows out (metrics.jsonl's eval_loss over 4 of 5 blocks beside eval.json's over 5, for the same weights), and a
+    split smaller than the evaluation batch logged no eval_loss at all, which then stopped a run with
+    `metric_for_best_model: eval_loss` as a figure the stage does not log (probe 43 D4). drop_last is for the
+    training batches (a step of equal-sized batches); evaluation is over every held-out row, as hfgen's own final
+    measure is."""
+
+    class EveryHeldOutRowEvaluated(trainer_class):
+        def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
+            drop_last = self.args.dataloader_drop_last
+            self.args.dataloader_drop_last = drop_last and is_training
+            try:
+                return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+            finally:
+                self.args.dataloader_drop_last = drop_last
+
+    EveryHeldOutRowEvaluated.__name__ = EveryHeldOutRowEvaluated.__qualname__ = trainer_class.__name__
+    return EveryHeldOutRowEvaluated
 
 
 def length_groups_from_data_seed(trainer_class):

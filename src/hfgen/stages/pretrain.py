@@ -154,7 +154,7 @@ def mean_loss(model, blocks, batch_size: int) -> float:
 def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_args: TrainingArguments) -> Path:
     from transformers import Trainer, set_seed
 
-    from hfgen.finetune import keep_float32_weights, length_groups_from_data_seed, saving_whole_models
+    from hfgen.finetune import hfgen_trainer, keep_float32_weights
     from hfgen.generate import generate_text
     from hfgen.models import (
         adapter_base,
@@ -223,7 +223,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     # Trainer counts the tokens it feeds (train_tokens): an epoch's short last batch counts as what it holds.
     # "all", not finetune's "non_padding": blocks hold no padding, and their document-joining EOS may be the pad id.
     training_args.include_num_input_tokens_seen = "all"
-    trainer = saving_whole_models(length_groups_from_data_seed(Trainer))(
+    trainer = hfgen_trainer(Trainer)(
         model=model,
         args=training_args,
         train_dataset=train_blocks,
