@@ -565,6 +565,14 @@ def test_an_upstream_key_is_pointed_at_the_key_that_means_it_not_the_nearest_let
         ("sft_lora", "lora_rank", "this stage says lora_r"),  # was: local_rank
         ("dpo", "use_lora", "this stage says use_peft"),  # was: use_rslora (refused without use_peft)
         ("pretrain", "use_peft", "pretraining trains every weight"),  # was: use_cpu (accepted)
+        # probe 43 D5: the data-pipeline keys of the other stages
+        ("pretrain", "dataset_num_proc", "prepares this stage's data in one process"),  # was: dataset_name
+        ("grpo_arithmetic", "dataset_num_proc", "prepares this stage's data in one process"),  # was: dataset_name
+        ("ppo", "dataset_num_proc", "prepares this stage's data in one process"),  # was: dataset_name
+        ("pretrain", "shuffle_dataset", "draws its training order afresh every epoch"),  # was: datasets
+        ("vae_digits", "data_seed", "this stage says seed, which also draws"),  # was: dataset_name
+        ("ppo", "data_seed", "this stage says seed, which also draws"),
+        ("sft_full", "group_by_length", "this stage says train_sampling_strategy, with the value group_by_length"),
     ],
 )
 def test_an_upstream_key_of_another_library_is_pointed_at_its_meaning_here_not_at_similar_letters(
@@ -574,6 +582,11 @@ def test_an_upstream_key_of_another_library_is_pointed_at_its_meaning_here_not_a
     # (probe 42 I2)
     code, err = run_inprocess(capsys, REPO / f"recipes/tiny/{recipe}.yaml", f"--{key}", "1")
     assert code == 2 and f"unknown key '{key}'" in err and says in err and "did you mean" not in err, err
+
+
+def test_group_by_length_is_not_pointed_at_the_sampler_key_grpo_refuses(capsys):
+    code, err = run_inprocess(capsys, REPO / "recipes/tiny/grpo_arithmetic.yaml", "--group_by_length", "true")
+    assert code == 2 and "unknown key 'group_by_length'" in err and "train_sampling_strategy" not in err, err
 
 
 @pytest.mark.parametrize("recipe", ["grpo_arithmetic", "rloo_arithmetic"])

@@ -77,6 +77,25 @@ FOREIGN_SPELLINGS = {
     "sft_model_path": ("model_name_or_path", "the policy to start from (the reference is its copy)"),
     "lora_rank": ("lora_r", "the LoRA rank"),
     "use_lora": ("use_peft", "LoRA adapters instead of training every weight (with lora_r, lora_alpha, ...)"),
+    # data-pipeline keys of the other stages and of transformers before 5 (hints sent data_seed and dataset_num_proc
+    # to dataset_name, which would take the number as the data set's name: probe 43 D5)
+    "data_seed": (
+        "seed",
+        "which also draws this stage's data order, held-out rows and augmentations (it has no seed of the data's own)",
+    ),
+    "group_by_length": (
+        "train_sampling_strategy",
+        "with the value group_by_length (transformers 5's spelling of group_by_length: true)",
+    ),
+}
+# Upstream data-pipeline keys some stages read and the others have no counterpart for (as a stage's own
+# KEYS_WITHOUT_COUNTERPART): told so, not hinted to a key of similar letters (dataset_num_proc to dataset_name,
+# shuffle_dataset to datasets: probe 43 D5)
+WITHOUT_COUNTERPART = {
+    "dataset_num_proc": "hfgen prepares this stage's data in one process (dataset_num_proc, the processes TRL "
+    "tokenizes with, is a key of the sft, dpo, kto, orpo, simpo and reward stages)",
+    "shuffle_dataset": "this stage draws its training order afresh every epoch already (from data_seed where it "
+    "has one, else seed); shuffle_dataset is a key of the sft, grpo and rloo stages",
 }
 # `hfgen train`'s own options, not recipe keys: a recipe (or `hfgen check`) given one is told where it belongs
 LAUNCH_OPTIONS = ("num_processes", "launch_config", "main_process_port")
@@ -407,7 +426,13 @@ def build_recipe(
                 errors.append(f"unknown key '{key}' for stage '{stage}': it is now '{RENAMED[key]}'")
             elif key in getattr(module, "KEYS_WITHOUT_COUNTERPART", {}):  # an upstream key this stage has no match for
                 errors.append(f"unknown key '{key}' for stage '{stage}': {module.KEYS_WITHOUT_COUNTERPART[key]}")
-            elif key in FOREIGN_SPELLINGS and FOREIGN_SPELLINGS[key][0] in parser.actions:
+            elif key in WITHOUT_COUNTERPART:
+                errors.append(f"unknown key '{key}' for stage '{stage}': {WITHOUT_COUNTERPART[key]}")
+            elif (
+                key in FOREIGN_SPELLINGS
+                and FOREIGN_SPELLINGS[key][0] in parser.actions
+                and FOREIGN_SPELLINGS[key][0] not in refused_everywhere(stage)
+            ):
                 here, meaning = FOREIGN_SPELLINGS[key]
                 errors.append(f"unknown key '{key}' for stage '{stage}': this stage says {here}, {meaning}")
             elif spelling := precision_spelling(key, value, parser.actions):
