@@ -259,6 +259,17 @@ def test_data_seed_decides_group_by_lengths_order_whatever_the_seed(tiny_lm, tmp
     assert trained_batches("c", seed=1, data_seed=8) != batches
 
 
+@pytest.mark.parametrize("packing", ["--packing", "--eval_packing"])
+def test_packing_with_several_tokenizing_processes_exits_2(tiny_lm, tmp_path, packing):
+    # TRL packed each of dataset_num_proc shards apart: 2 processes trained other packed rows, other weights and
+    # another held-out response loss than 1, exit 0 (probe 43 D6)
+    argv = on_tiny(tiny_lm, tmp_path / "out", "--dataset_num_proc", 2, "--max_steps", 1)
+    result = run_hfgen_here("check", SFT_FULL, *argv, packing, "true")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "packing with dataset_num_proc 2: TRL packs each process's share of the rows apart" in result.stderr
+    assert run_hfgen_here("check", SFT_FULL, *argv).returncode == 0  # unpacked, the processes change nothing
+
+
 def test_row_packing_keeps_packed_documents_apart(tiny_lm):
     from transformers import AutoConfig, AutoModelForCausalLM
 

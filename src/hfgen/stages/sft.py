@@ -77,6 +77,17 @@ def check(model_args: ModelConfig, data_args: SFTDataArguments, training_args: S
             f"padding_free: true without packing does not enforce max_length={training_args.max_length} (TRL refuses "
             "it): set packing: true, or max_length: null to train rows at their full length"
         )
+    packs = training_args.packing if training_args.eval_packing is None else training_args.eval_packing
+    if (training_args.packing or packs) and (training_args.dataset_num_proc or 1) > 1:
+        # TRL packs with the same map as it tokenizes: each process's shard of the rows is packed apart (a bin never
+        # mixes rows of two shards, and each shard ends in its own part-filled one), so the rows packed together,
+        # and the weights, changed with the process count (probe 43 D6)
+        problems.append(
+            f"packing with dataset_num_proc {training_args.dataset_num_proc}: TRL packs each process's share of the "
+            "rows apart, so which rows train together (and the trained weights) would depend on the number of "
+            "processes: remove dataset_num_proc (the rows are then tokenized and packed in one process), or set "
+            "packing: false"
+        )
     tokenizer, tokenizer_problems = None, []
     if not problems:  # the template every row must render with (a row it refuses is named in the file by the load)
         try:
