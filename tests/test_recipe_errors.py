@@ -612,6 +612,8 @@ def test_a_prompt_limit_on_grpo_or_rloo_is_told_there_is_none_not_hinted_to_the_
         ("kto", "train_sampling_strategy", "group_by_length"),  # TRL refuses it for KL loss types only (B6)
         ("pretrain", "dataloader_persistent_workers", "true"),  # with 0 workers: torch's ValueError at train (B3)
         ("pretrain", "dataloader_multiprocessing_context", "spawn"),  # the same
+        ("sft_full", "dataloader_in_order", "false"),  # an order of the workers' timing (probe 43 D7)
+        ("dpo", "dataloader_in_order", "false"),
     ],
 )
 def test_a_trainer_key_the_stage_never_reads_is_refused(capsys, stage, key, value):

@@ -33,7 +33,8 @@ def unread_key_problems(stage: str, configs) -> list[str]:
     groups their own way; a length-grouped order needs an `input_ids` column the pair stages' rows lack:
     transformers' ValueError at train; TRL's KTO refuses it only for its KL loss types),
     `dataloader_persistent_workers` and `dataloader_multiprocessing_context` without workers (torch's ValueError when
-    the loader is built; transformers checks only `dataloader_prefetch_factor`)."""
+    the loader is built; transformers checks only `dataloader_prefetch_factor`); and `dataloader_in_order: false`,
+    read, but an order that depends on the workers' timing (no reproducible run, no exact resume)."""
     problems = []
     for config in configs:
         if getattr(config, "label_smoothing_factor", 0) and stage in OWN_LOSS_STAGES:
@@ -67,6 +68,15 @@ def unread_key_problems(stage: str, configs) -> list[str]:
                 "dataloader_persistent_workers: true keeps the data loader's worker processes between epochs, and "
                 "dataloader_num_workers is 0 (none: the main process loads): set dataloader_num_workers above 0, or "
                 "remove dataloader_persistent_workers"
+            )
+        if getattr(config, "dataloader_in_order", True) is False:
+            # torch's DataLoader(in_order=False) yields batches as the workers finish them (a latency knob for
+            # streamed data, which hfgen does not use): two runs of the same recipe trained different orders and
+            # weights (probe 43 D7)
+            problems.append(
+                "dataloader_in_order: false lets the data loader's worker processes hand over batches as they finish "
+                "them, so the order trained depends on their timing: two runs of the recipe would train different "
+                "weights, and a resume would skip whichever batches came first; remove it"
             )
         context = getattr(config, "dataloader_multiprocessing_context", None)
         if context is not None and not config.dataloader_num_workers:
