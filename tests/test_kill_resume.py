@@ -850,18 +850,37 @@ def test_a_resume_from_another_dirs_checkpoint_starts_with_that_runs_rows(short_
     assert closing_train_loss(tmp_path) == pytest.approx(closing_train_loss(short_pretrain), rel=1e-6)
 
 
+GROUPED_BY_LENGTH = ["--max_train_samples", "60", "--max_eval_samples", "8", "--max_steps", "6", "--save_steps", "2",
+                     "--logging_steps", "1", "--warmup_steps", "0", "--train_sampling_strategy", "group_by_length"]  # fmt: skip
+
+
 def test_group_by_length_resumed_inside_a_later_epoch_trains_the_uninterrupted_runs_order(tmp_path):
     # transformers' LengthGroupedSampler drew each epoch's order from the global RNG as the epoch began: resumed from
     # checkpoint-4 (3 steps an epoch: one step into the second), the run drew that epoch's order right after its
     # start and skipped the first batch of another order; other weights and losses, exit 0 (probe 43 D2)
-    overrides = ["--max_train_samples", "60", "--max_eval_samples", "8", "--per_device_train_batch_size", "8",
-                 "--max_steps", "6", "--save_steps", "2", "--logging_steps", "1", "--warmup_steps", "0",
-                 "--train_sampling_strategy", "group_by_length"]  # fmt: skip
+    overrides = [*GROUPED_BY_LENGTH, "--per_device_train_batch_size", "8"]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert run_hfgen_here("train", PRETRAIN, *overrides, "--output_dir", reference).returncode == 0
     assert [row["epoch"] for row in tracking.read_metrics(reference) if "loss" in row][3] == pytest.approx(4 / 3)
     resume = ["--resume_from_checkpoint", reference / "checkpoint-4", "--output_dir", resumed]
     result = run_hfgen_here("train", PRETRAIN, *overrides, *resume)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(reference, resumed)
+
+
+@pytest.mark.slow
+def test_group_by_length_on_two_processes_resumed_inside_a_later_epoch_trains_the_uninterrupted_runs_order(
+    tmp_path, free_port, monkeypatch
+):
+    # the resumed epoch's skipping loader on several processes does not pass the Trainer's set_epoch on to the
+    # sampler: without the epoch set from the checkpoint it drew epoch 0's order again (steps 5, 6 differed)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    overrides = [*GROUPED_BY_LENGTH, "--per_device_train_batch_size", "4", "--num_processes", "2",
+                 "--main_process_port", str(free_port)]  # fmt: skip
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert train(PRETRAIN, reference, overrides).returncode == 0
+    resume = [*overrides, "--resume_from_checkpoint", reference / "checkpoint-4"]
+    result = train(PRETRAIN, resumed, resume)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(reference, resumed)
 
