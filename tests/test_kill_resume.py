@@ -1343,3 +1343,22 @@ def test_a_pipeline_step_whose_inputs_were_made_again_starts_over(pretrain_runs,
     run_step(recipe, fresh=True)
     assert [row["step"] for row in tracking.read_metrics(tmp_path) if "loss" in row] == [2, 4, 6, 8]  # from step 1
     assert_same_run(pretrain_runs[0], tmp_path)
+
+
+def test_hub_inputs_are_recorded_offline_only_and_a_mixtures_hub_entries_not_at_all(tmp_path, monkeypatch, hub_cache):
+    # online the run's own load resolves the hub's commit after the record and may move refs/main: a resume would be
+    # refused for the commit it trained on; a mixture entry's dataset version was another config's (review 43 #3, #4)
+    from huggingface_hub import constants
+
+    from hfgen import fingerprint
+    from hfgen.models import damaged_weights
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model-1.safetensors"}}')
+    hub_cache("tinyorg/partial", tmp_path / "model", "a" * 40)
+    assert fingerprint.hub_fingerprint("tinyorg/partial")["commit"] == "a" * 40  # (the tests run offline)
+    assert "model-1.safetensors" in damaged_weights("tinyorg/partial")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert fingerprint.hub_fingerprint("tinyorg/partial") is None
+    assert damaged_weights("tinyorg/partial") is None  # (online, the load fetches the missing shard)
+    assert fingerprint.key_hub_fingerprint("datasets", "org/name", {}) is None

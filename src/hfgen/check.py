@@ -130,13 +130,13 @@ def check_text_stage(recipe, with_models: bool = True) -> list[str]:
         other_columns=True if stage in GROUP_RL else REWARD_COLUMNS if stage == "reward" else False,
     )  # fmt: skip
     if with_models and stage in PREFERENCE_STAGES:  # pairs that max_length makes equal count as equal pairs
-        from hfgen.models import load_tokenizer
-        from hfgen.preference import drop_truncated_identical_pairs, lengths_as_trained
+        from hfgen.models import load_tokenizer, within_learned_positions
+        from hfgen.preference import drop_truncated_identical_pairs
 
         model = recipe.configs[0].model_name_or_path
         tokenizer = load_tokenizer(model, training_args.trust_remote_code)
         drop_truncated_identical_pairs(
-            tokenizer, (train, evaluation), records, lengths_as_trained(training_args, model)
+            tokenizer, (train, evaluation), records, within_learned_positions(model, training_args)
         )
     if with_models and stage == "ppo":  # prompts over max_prompt_length, as the run drops them
         from hfgen.stages.ppo import prompt_length_problems

@@ -158,9 +158,15 @@ def path_fingerprint(value: str, excluded: tuple[Path, ...] = ()) -> dict[str, A
 def hub_fingerprint(value: str, revision: str | None = None) -> dict[str, Any] | None:
     """{"path", "hub", "commit", "digest", "revision" (when given)} of a hub id served from the local Hugging Face
     cache: the commit it resolves to there (`hub_cache.cached_snapshot`), which names its content (a download of a new
-    commit moves the id to other weights under the same name); None for anything the cache does not resolve."""
+    commit moves the id to other weights under the same name); None for anything the cache does not resolve, and
+    online, where the run's own load resolves the hub's commit and may move the cache after this record (a resume
+    would then be refused for the commit it trained on), as `hub_dataset_fingerprint` is."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
     from hfgen.hub_cache import cached_snapshot
 
+    if not HF_HUB_OFFLINE:
+        return None
     snapshot = cached_snapshot(value, revision)
     if snapshot is None:
         return None
@@ -217,7 +223,9 @@ def key_hub_fingerprint(key: str, text: str, values: dict[str, Any]) -> dict[str
     """`hub_fingerprint` of a model key's hub id, at the revision its recipe loads it at (REVISION_KEYS); of a dataset
     key's, the version datasets reads offline (`hub_dataset_fingerprint`: not the hub cache's refs)."""
     if DATASET_KEY.search(key):
-        config = values.get("dataset_config") if key == "dataset_name" else None  # (a mixture's: any of its configs)
+        if key != "dataset_name":  # (a mixture's entry: its own config is not known here, and another's version
+            return None  # would be recorded; not recorded, as before)
+        config = values.get("dataset_config")
         return hub_dataset_fingerprint(text, config if isinstance(config, str) else None)
     revision = values.get(REVISION_KEYS.get(key, ""))
     return hub_fingerprint(text, revision if isinstance(revision, str) else None)

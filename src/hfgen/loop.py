@@ -150,6 +150,12 @@ def make_accelerator(
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     refused = {"fsdp1": "set fsdp_version: 2 in the launch config (FSDP2)", **(refused or {})}
+    # accelerate's state is one per process, and an earlier run in it (a sweep's previous point, a notebook's last
+    # command) left its own: another mixed precision ended in accelerate's "AcceleratorState has already been
+    # initialized". Started afresh, as TrainingArguments starts the Trainer stages' (an initialised process group
+    # is kept: PartialState joins it again), before check_launch, whose PartialState names DeepSpeed-on-CPU's gloo
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     check_launch(refused)
     if cpu and launched_engine().startswith("zero"):  # accelerate's DeepSpeed set-up fails half-way on cpu=True
         raise UserError(use_cpu_problem())
@@ -164,12 +170,6 @@ def make_accelerator(
             f"{gradient_accumulation_steps}; the recipe decides: set gradient_accumulation_steps: {launched} in it, "
             "or launch without the variable"
         )
-    # accelerate's state is one per process, and an earlier run in it (a sweep's previous point, a notebook's last
-    # command) left its own: another mixed precision ended in accelerate's "AcceleratorState has already been
-    # initialized". Started afresh, as TrainingArguments starts the Trainer stages' (an initialised process group
-    # is kept: PartialState joins it again)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,

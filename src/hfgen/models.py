@@ -241,10 +241,13 @@ def damaged_weights(path: str | Path) -> str | None:
     """The safetensors weights of a local model dir, or of the cached snapshot a hub id resolves to
     (`hub_cache.cached_snapshot`), that an interrupted download or copy left incomplete, said without loading them: a
     shard its index (`*.safetensors.index.json`) names but the dir lacks, or a file whose header does not cover it
-    (cut short). None for a whole dir, a hub id not cached, or other weights."""
+    (cut short). None for a whole dir, a hub id not cached, or other weights; for a hub id online too, where the load
+    fetches what an interrupted download left out."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
     fetch = "fetch the model again"
     if not Path(path).expanduser().is_dir():
-        if (snapshot := cached_snapshot(str(path))) is None:
+        if not HF_HUB_OFFLINE or (snapshot := cached_snapshot(str(path))) is None:
             return None
         # (offline, transformers' own message pointed at the hub's web page)
         fetch = f"fetch the model again (`hf download {path}`; its cached snapshot is {snapshot})"

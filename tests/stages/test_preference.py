@@ -918,6 +918,16 @@ def test_prompts_rendered_with_a_template_that_writes_the_bos_reach_the_trainer_
                for note in records["notes"])  # fmt: skip
 
 
+def test_hfgen_check_of_a_preference_recipe_reports_its_data(tmp_path, tiny_lm):
+    # its data report imported a helper 1eac24b had renamed: every dpo/kto/orpo/simpo check ended in an ImportError
+    # (review 43 #1)
+    from conftest import run_hfgen_here
+
+    result = run_hfgen_here("check", write_recipe(tmp_path, "dpo", tiny_lm))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data: train" in result.stdout
+
+
 @pytest.mark.parametrize("stage", ["dpo", "orpo"])
 def test_the_check_judges_prompts_at_the_learned_positions_training_lowers_max_length_to(tmp_path, stage):
     # on GPT-2 (256 learned positions) the check judged the pairs at max_length 1024 (TRL's default) while the run
