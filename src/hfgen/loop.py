@@ -152,10 +152,12 @@ def make_accelerator(
     refused = {"fsdp1": "set fsdp_version: 2 in the launch config (FSDP2)", **(refused or {})}
     # accelerate's state is one per process, and an earlier run in it (a sweep's previous point, a notebook's last
     # command) left its own: another mixed precision ended in accelerate's "AcceleratorState has already been
-    # initialized". Started afresh, as TrainingArguments starts the Trainer stages' (an initialised process group
-    # is kept: PartialState joins it again), before check_launch, whose PartialState names DeepSpeed-on-CPU's gloo
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    # initialized". Started afresh in one process, as TrainingArguments starts the Trainer stages'; a launch's
+    # processes keep the state their process group was set up with (set up again, DeepSpeed's CPU processes lost
+    # check_launch's gloo backend, or waited on each other)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     check_launch(refused)
     if cpu and launched_engine().startswith("zero"):  # accelerate's DeepSpeed set-up fails half-way on cpu=True
         raise UserError(use_cpu_problem())
