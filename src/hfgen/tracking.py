@@ -1361,7 +1361,8 @@ def launch_identity() -> dict[str, Any]:
 
     from hfgen import loop
 
-    processes = PartialState().num_processes if PartialState._shared_state else int(os.environ.get("WORLD_SIZE", "1"))
+    # (read from accelerate's shared state, which a process that reset it, a notebook's earlier run, may hold empty)
+    processes = PartialState._shared_state.get("num_processes") or int(os.environ.get("WORLD_SIZE", "1"))
     return {"processes": processes, "engine": loop.current_engine()}
 
 
