@@ -20,6 +20,9 @@ def kept():
     """Within the block, anything; after it, the environment variables, torch's deterministic-algorithm and cuDNN
     flags and the libraries' progress bars as they were before it (torch first imported inside the block: its
     defaults, not deterministic; the bars of a library first imported inside it stay as the block left them)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a launch's processes end with it, and what torch.distributed
+        yield  # and DeepSpeed set in them for the process group (its variables) is for their later runs too
+        return
     environ = dict(os.environ)
     torch_flags = _torch_flags() if "torch" in sys.modules else None
     precision = fp32_precision()
