@@ -100,3 +100,18 @@ def _set_progress_bars(bars: dict[str, bool]) -> None:
         import datasets
 
         (datasets.enable_progress_bars if bars["datasets"] else datasets.disable_progress_bars)()
+
+
+@contextlib.contextmanager
+def environment_variables(values: dict[str, str]):
+    """`values` set in os.environ for the block, and the caller's environment as it was after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -11,7 +11,6 @@ Also runs as `python -m hfgen.train RECIPE ...` and, on many processes or GPUs,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         values = {**read_recipe_file(recipe_path), **parse_overrides(args.overrides)}
         print("\n".join(key_lines(recipe_stage(values.get("stage"), f"recipe '{recipe_path}'"))))
         return 0
-    from hfgen import loop
+    from hfgen import loop, process_state
     from hfgen.check import check_spawn, launch_dynamo_backend, launch_mixed_precision
 
     loop.check_launch()  # before parsing: TrainingArguments would set up the processes its own way
@@ -69,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
             "ACCELERATE_MIXED_PRECISION": launch_mixed_precision(args.launch_config),
             "ACCELERATE_DYNAMO_BACKEND": launch_dynamo_backend(args.launch_config),
         }
-        with environment_variables(launched):
+        with process_state.environment_variables(launched):
             validate_for_processes(recipe_path, args.overrides, processes)
         code = launch_with_accelerate(
             recipe_path, args.overrides, args.num_processes, args.launch_config, args.main_process_port, processes
@@ -149,7 +148,7 @@ def launch_with_accelerate(
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from hfgen import guard
+    from hfgen import guard, process_state
     from hfgen.check import read_launch_config
 
     command = ["--config_file", config_file] if config_file else []
@@ -164,7 +163,7 @@ def launch_with_accelerate(
     # a driver script), every later launch from it took this process for its launcher and stopped its own ranks
     launcher = {guard.LAUNCHER_PID: guard.launcher_identity()}
     try:
-        with environment_variables(launcher):
+        with process_state.environment_variables(launcher):
             launch_command(launch_command_parser().parse_args(command))
     except subprocess.CalledProcessError as error:  # the one process (its output has been shown)
         return _exit_code(error.returncode)
@@ -173,21 +172,6 @@ def launch_with_accelerate(
         print(f"hfgen: process {rank} of the launch exited with code {failure.exitcode}", file=sys.stderr)
         return _exit_code(failure.exitcode)
     return 0
-
-
-@contextlib.contextmanager
-def environment_variables(values: dict[str, str]):
-    """`values` set in os.environ for the block, and the caller's environment as it was after it."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _exit_code(returncode: int) -> int:
