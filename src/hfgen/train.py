@@ -199,9 +199,10 @@ def run_recipe(recipe, inputs: dict | None = None) -> Path:
     resuming = tracking.resume_requested(recipe.value("resume_from_checkpoint"))
     tracking.forget_resumed_loss_windows()  # (another run in this process may have resumed from the same path)
     read_from = tracking.current_inputs(recipe)  # what its input paths hold, before the stage reads them
+    recipe_yaml = recipe.to_yaml()  # (what the resume is compared with, then recipe.yaml)
     if resuming:  # before the records are rewritten: a refused resume leaves the dir's run as it was (COMPLETE kept)
-        tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir, read_from, recipe.to_yaml())
-    tracking.write_run_records(output_dir, recipe.to_yaml(), overwrite=overwrite, resuming=resuming)
+        tracking.check_resume_target(recipe.value("resume_from_checkpoint"), output_dir, read_from, recipe_yaml)
+    tracking.write_run_records(output_dir, recipe_yaml, overwrite=overwrite, resuming=resuming)
     try:  # from here the dir is locked: a refusal below unlocks it too (a pipeline, a test, runs on in this process)
         tracking.check_output_dir_shared(output_dir)
         tracking.record_inputs(output_dir, read_from)  # (a checkpoint's state copies it)
