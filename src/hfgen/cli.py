@@ -12,7 +12,15 @@ import os
 import sys
 
 from hfgen import __version__, process_state
-from hfgen.errors import UserError, disk_full_exits_2, exit_on_interrupt, exit_on_user_error, unwritable_exits_2
+from hfgen.errors import (
+    EXIT_DIVERGED,
+    EXIT_USAGE,
+    UserError,
+    disk_full_exits_2,
+    exit_on_interrupt,
+    exit_on_user_error,
+    unwritable_exits_2,
+)
 
 COMMANDS = {
     "train": "hfgen.train",
@@ -174,7 +182,27 @@ def main(argv: list[str] | None = None) -> int:
     a failure leaves by SystemExit with the command line's exit code (2 bad input, 3 diverged, 130 interrupted, a
     launched process's code), whether it ran here or in launched processes."""
     with exit_on_interrupt():
-        return run_command(sys.argv[1:] if argv is None else argv)
+        try:
+            return run_command(sys.argv[1:] if argv is None else argv)
+        except SystemExit as leaving:
+            if leaving.code not in (EXIT_USAGE, EXIT_DIVERGED):
+                raise
+            code = leaving.code
+        # (out of the except block: the refusal's frames, and any DDP model they hold, are gone)
+        end_process_group()
+        sys.exit(code)
+
+
+def end_process_group() -> None:
+    """A launched process refused its input (or diverged): its process group ends now, as a finished run's does
+    (`train.main`). Left to the interpreter's teardown, gloo's worker threads, still holding the last collective's
+    tensors, met the dying interpreter: the process aborted (SIGABRT, "terminate called without an active
+    exception") instead of exiting 2, seen on a 2-process run whose processes all refused their output_dir."""
+    if "torch" not in sys.modules:  # (a refusal before anything imported torch: `hfgen --help`, a bad argument)
+        return
+    from hfgen.tracking import shutdown_distributed
+
+    shutdown_distributed()
 
 
 def run_command(argv: list[str]) -> int:
