@@ -141,3 +141,20 @@ def save_tiny_sdxl(directory):
     )  # fmt: skip
     pipeline.save_pretrained(directory)
     return directory
+
+
+# one bf16 step, nothing sampled or kept: enough for a save of the frozen components (probe 43 C2's tests)
+ONE_BF16_STEP = ["--max_train_steps", "1", "--mixed_precision", "bf16", "--validation_steps", "0",
+                 "--eval_images_per_prompt", "0", "--checkpointing_steps", "0"]  # fmt: skip
+
+
+def assert_saved_as_loaded(run_dir, expected: dict) -> None:
+    """Each component of `run_dir` (`expected`: name -> the safetensors file it was loaded from) saved in float32,
+    every tensor equal to the file's."""
+    import torch
+    from safetensors.torch import load_file
+
+    for component, path in expected.items():
+        loaded, saved = load_file(path), load_file(next((run_dir / component).glob("*.safetensors")))
+        assert saved.keys() == loaded.keys() and {t.dtype for t in saved.values()} == {torch.float32}
+        assert all(torch.equal(saved[name], loaded[name]) for name in loaded), component

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
 from diffusion_fixtures import (
     LORA_RECIPE,
+    ONE_BF16_STEP,
     SMALL_DATA,
     T2I_RECIPE,
+    assert_saved_as_loaded,
     save_tiny_sdxl,
     t2i_overrides,
     validation_grid_difference,
@@ -302,22 +304,17 @@ def test_mixed_precision_saves_the_frozen_vae_and_text_encoder_as_loaded(scratch
     read again from the base pipeline and vae_name_or_path, or (a text encoder built from its config and
     pretrained here) kept as it was before the cast, which the float32 scratch run saved with the same seed."""
     run = tmp_path / "run"
-    quick = ["--max_train_steps", "1", "--mixed_precision", "bf16", "--validation_steps", "0",
-             "--eval_images_per_prompt", "0", "--checkpointing_steps", "0"]  # fmt: skip
     if base == "built":
-        result = run_hfgen_here("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, run), *quick)
+        result = run_hfgen_here("train", T2I_RECIPE, *t2i_overrides(configs, vae_dir, run), *ONE_BF16_STEP)
         expected = {"vae": vae_dir / "diffusion_pytorch_model.safetensors",
                     "text_encoder": scratch_run / "text_encoder/model.safetensors"}  # fmt: skip
     else:
         result = run_hfgen_here("train", LORA_RECIPE, "--pretrained_model_name_or_path", scratch_run, "--output_dir",
-                                run, "--use_lora", "false", "--lora_alpha", "null", *quick, *SMALL_DATA)  # fmt: skip
+                                run, "--use_lora", "false", "--lora_alpha", "null", *ONE_BF16_STEP, *SMALL_DATA)  # fmt: skip
         expected = {"vae": scratch_run / "vae/diffusion_pytorch_model.safetensors",
                     "text_encoder": scratch_run / "text_encoder/model.safetensors"}  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for component, path in expected.items():
-        loaded, saved = load_file(path), load_file(next((run / component).glob("*.safetensors")))
-        assert saved.keys() == loaded.keys() and {t.dtype for t in saved.values()} == {torch.float32}
-        assert all(torch.equal(saved[name], loaded[name]) for name in loaded), component
+    assert_saved_as_loaded(run, expected)
 
 
 @pytest.mark.slow

@@ -13,7 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here
-from diffusion_fixtures import LORA_RECIPE, SMALL_DATA, validation_grid_difference, with_reference_lora
+from diffusion_fixtures import (
+    LORA_RECIPE,
+    ONE_BF16_STEP,
+    SMALL_DATA,
+    assert_saved_as_loaded,
+    validation_grid_difference,
+    with_reference_lora,
+)
 from hfgen import tracking
 
 VAE16_RECIPE = REPO / "recipes/tiny/vae_digits16.yaml"
@@ -286,21 +293,16 @@ def test_mixed_precision_saves_the_frozen_vae_and_text_encoders_as_loaded(flow_r
     read again from the base pipeline and vae_name_or_path, or (text encoders built from their config and
     pretrained here) kept as they were before the cast, which the float32 run flow_run saved with the same seed."""
     run = tmp_path / "run"
-    quick = ["--max_train_steps", "1", "--mixed_precision", "bf16", "--validation_steps", "0",
-             "--eval_images_per_prompt", "0", "--checkpointing_steps", "0"]  # fmt: skip
     if base == "built":
-        result = run_hfgen_here("train", FLOW_RECIPE, *flow_overrides(configs, vae16_dir, run), *quick)
+        result = run_hfgen_here("train", FLOW_RECIPE, *flow_overrides(configs, vae16_dir, run), *ONE_BF16_STEP)
         vae = vae16_dir / "diffusion_pytorch_model.safetensors"
     else:
         result = run_hfgen_here("train", FLOW_LORA_RECIPE, "--pretrained_model_name_or_path", flow_run, "--output_dir",
-                                run, "--use_lora", "false", "--lora_alpha", "null", *quick, *SMALL_DATA)  # fmt: skip
+                                run, "--use_lora", "false", "--lora_alpha", "null", *ONE_BF16_STEP, *SMALL_DATA)  # fmt: skip
         vae = flow_run / "vae/diffusion_pytorch_model.safetensors"
     assert result.returncode == 0, result.stderr[-3000:]
     expected = {"vae": vae, **{n: flow_run / n / "model.safetensors" for n in ("text_encoder", "text_encoder_2")}}
-    for component, path in expected.items():
-        loaded, saved = load_file(path), load_file(next((run / component).glob("*.safetensors")))
-        assert saved.keys() == loaded.keys() and {t.dtype for t in saved.values()} == {torch.float32}
-        assert all(torch.equal(saved[name], loaded[name]) for name in loaded), component
+    assert_saved_as_loaded(run, expected)
 
 
 @pytest.mark.slow
