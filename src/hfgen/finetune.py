@@ -416,8 +416,32 @@ def build_trainer(trainer_class, output_dir, *, trainer_name: str | None = None,
 
 def hfgen_trainer(trainer_class):
     """`trainer_class` (a TRL trainer, or transformers' Trainer for pretrain) as every Trainer stage trains with it:
-    its order of `group_by_length` from data_seed, every held-out row evaluated, whole models saved."""
-    return saving_whole_models(every_held_out_row_evaluated(length_groups_from_data_seed(trainer_class)))
+    its order of `group_by_length` from data_seed, every held-out row evaluated, whole models saved, the closing
+    train_loss over every process."""
+    return train_loss_over_every_process(
+        saving_whole_models(every_held_out_row_evaluated(length_groups_from_data_seed(trainer_class)))
+    )
+
+
+def train_loss_over_every_process(trainer_class):
+    """`trainer_class` whose closing `train_loss` (the run's `training_loss`, the closing metrics.jsonl row's and
+    eval.json's, `tracking.run_train_loss`) averages every process's losses, as each logged `loss` row does.
+    transformers' `_finalize_training` adds this process's loss sum since the last logged row, not gathered: on
+    several processes the steps after the last logged row counted the main process's batches alone (all of them
+    with logging_steps past max_steps: SFT 2.956 on 2 processes, 3.146 on one, at learning rate 0; probe 44 D2). A
+    resumed run's earlier steps were averaged over the processes already (`tracking.loss_window`)."""
+
+    class TrainLossOverEveryProcess(trainer_class):
+        def _finalize_training(self, *args, **kwargs):
+            from transformers.trainer_pt_utils import nested_gather
+
+            # as `_maybe_log_save_evaluate` averages a logged row's: gathered and averaged (every process reaches
+            # this, a collective), so each process holds the same sum of mean losses
+            self._tr_loss = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean()
+            return super()._finalize_training(*args, **kwargs)
+
+    TrainLossOverEveryProcess.__name__ = TrainLossOverEveryProcess.__qualname__ = trainer_class.__name__
+    return TrainLossOverEveryProcess
 
 
 def every_held_out_row_evaluated(trainer_class):

@@ -442,6 +442,26 @@ def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
     assert tracking.read_json(tmp_path / "env.json")["world_size"] == 2 and tracking.is_complete(tmp_path)
 
 
+@pytest.mark.slow
+def test_two_processes_close_with_the_train_loss_of_one(tiny_lm, tmp_path, free_port):
+    """The closing train_loss (eval.json's and the closing metrics.jsonl row's) is every process's mean, as the
+    logged rows' is: the same batches at learning rate 0 on 2 processes and on one give the same figure. The steps
+    after the last logged row (here all: logging_steps past max_steps) counted the main process's batches alone."""
+    closing = ["--learning_rate", "0", "--max_steps", "2", "--logging_steps", "10", "--max_train_samples", "32",
+               "--max_eval_samples", "8", "--num_samples", "1"]  # fmt: skip
+    result = accelerate_launch(free_port, SFT_FULL, *on_tiny(tiny_lm, tmp_path / "two", *closing,
+                                                             "--per_device_train_batch_size", "4"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_recipe(load_recipe(SFT_FULL, [str(o) for o in on_tiny(tiny_lm, tmp_path / "one", *closing,
+                                                              "--per_device_train_batch_size", "8")]))  # fmt: skip
+    losses = {}
+    for run in ("two", "one"):
+        closing_row = [row for row in tracking.read_metrics(tmp_path / run) if "train_loss" in row][-1]
+        losses[run] = tracking.read_json(tmp_path / run / "eval.json")["train_loss"]
+        assert closing_row["train_loss"] == pytest.approx(losses[run], rel=1e-6), run
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-5)
+
+
 def train_exit_code(capsys, *argv):
     """`hfgen train ...` through the real CLI entry, in this process: (exit code, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
