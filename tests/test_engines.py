@@ -123,11 +123,13 @@ def write_ppo_warmup(directory, pretrained, reward) -> str:
     return str(path)
 
 
-def write_dpo(directory, pretrained) -> str:
-    """DPO: TRL's trainer, plus hfgen's own passes outside it (held-out log-probs, the generation comparison)."""
-    return shrunk("dpo.yaml", directory, model_name_or_path=str(pretrained), max_steps=2, per_device_train_batch_size=4,
-                  max_train_samples=32, max_eval_samples=8, eval_num_prompts=4, eval_samples_per_prompt=1,
-                  eval_response_length=8, output_dir=str(directory / "dpo"), **TRAINER_KEYS)  # fmt: skip
+def write_dpo(directory, pretrained, reward) -> str:
+    """DPO: TRL's trainer, plus hfgen's own passes outside it (held-out log-probs, the generation comparison judged
+    by the oracle and a reward model)."""
+    return shrunk("dpo.yaml", directory, model_name_or_path=str(pretrained), reward_model_path=str(reward),
+                  max_steps=2, per_device_train_batch_size=4, max_train_samples=32, max_eval_samples=8,
+                  eval_num_prompts=4, eval_samples_per_prompt=1, eval_response_length=8,
+                  output_dir=str(directory / "dpo"), **TRAINER_KEYS)  # fmt: skip
 
 
 def write_grpo(directory, pretrained, reward) -> str:
@@ -212,7 +214,7 @@ def runs(tmp_path_factory):
                                  "--eval_images_per_prompt", "0"], directory / "t2i"),
                 "t2i_flow": (lambda: [FLOW_RECIPE, *flow_overrides(flow_configs, vae16, directory / "t2i_flow", steps=3),
                                       "--eval_images_per_prompt", "0"], directory / "t2i_flow"),
-                "dpo": (lambda: [write_dpo(directory, pretrained)], directory / "dpo"),
+                "dpo": (lambda: [write_dpo(directory, pretrained, reward)], directory / "dpo"),
                 "grpo": (lambda: [write_grpo(directory, pretrained, reward)], directory / "grpo"),
             }  # fmt: skip
             args = [arg for job in JOBS[engine] for arg in ("--then", *jobs[job][0]())][1:]
@@ -377,9 +379,11 @@ def test_lora_runs_save_adapters_that_load_on_their_base_and_equal_ddp(runs, eng
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2", "zero2"])
 def test_trl_stages_own_passes_see_whole_weights_and_equal_ddp(runs, engine):
-    # DPO's held-out log-probs and generation comparison, GRPO's comparison scored by a reward model: hfgen's passes
-    # outside TRL's Trainer (under ZeRO-3 they once read partitioned weights, or hung on rank 0 alone)
-    for job, keys in (("dpo", ("logps/chosen", "logps/rejected", "kl_to_reference", "dpo/oracle")),
+    # DPO's held-out log-probs and generation comparison, GRPO's comparison, both scored by a reward model too:
+    # hfgen's passes outside TRL's Trainer (under ZeRO-3 they once read partitioned weights, or hung on rank 0 alone;
+    # DPO's judge, loaded partitioned and never gathered, failed the run after its save: probe 44 D1)
+    for job, keys in (("dpo", ("logps/chosen", "logps/rejected", "kl_to_reference", "dpo/oracle", "sft/reward_model",
+                               "dpo/reward_model")),
                       ("grpo", ("kl_to_reference", "sft/reward", "grpo/reward", "grpo/oracle"))):  # fmt: skip
         assert_whole_run(runs(engine)[job])
         ours, ddp = (tracking.read_json(runs(name)[job] / "eval.json") for name in (engine, "ddp"))

@@ -673,16 +673,25 @@ def run_stage(
     # the starting model as the policy was at its start (ORPO and SimPO's and a reference loaded now are in the
     # dtype asked; TRL's was upcast with the policy), computing as the policy does (`loop.computing_as_prepared`)
     upcast_like(frozen, trainer.model)
+    # The judges; the learned one (reward_model_path) placed for the engine and gathered with the policy, as PPO's
+    # and GRPO's reward models are: under ZeRO-3 it loads partitioned (`zero.Init`), every weight empty until gathered.
+    device = trainer.accelerator.device
+    scorer, oracle = (
+        load_judges(data_args.reward_model_path, data_args.oracle_function, eval_batch, device)
+        if compared
+        else (None, None)
+    )
+    judge = loop.prepare_frozen(trainer.accelerator, scorer.reward_model) if scorer is not None else None
     with (
-        loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen) as (policy, reference),
+        loop.gathered(trainer.accelerator, trainer.model_wrapped, frozen, judge) as (policy, reference, judge),
         loop.computing_as_prepared(trainer.accelerator, reference),
     ):
         guard.kill_point("eval")
         parameters = count_parameters(policy), count_parameters(policy, trainable_only=True)  # whole, not a shard
         comparison, rows = {}, []
         if compared:
-            device = trainer.accelerator.device
-            scorer, oracle = load_judges(data_args.reward_model_path, data_args.oracle_function, eval_batch, device)
+            if scorer is not None:
+                scorer.reward_model = judge  # its whole weights (the engine's own forward gathers them each pass)
             sampling = Sampling(
                 samples_per_prompt=data_args.eval_samples_per_prompt, response_length=data_args.eval_response_length,
                 temperature=data_args.eval_temperature, seed=training_args.seed, chunk_size=max(eval_batch, 16),
