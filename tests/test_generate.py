@@ -124,6 +124,43 @@ def test_generate_refuses_the_other_modality_s_options(llama_dir, tmp_path):
     assert not (tmp_path / "gtxt").exists()
 
 
+def image_artefacts_that_are_no_pipeline(root):
+    """{dir: what generate and eval say of it}: a VAE run's output, a pipeline's unet/ folder and a t2i run's
+    checkpoint."""
+    from hfgen import tracking
+
+    vae, unet, run = root / "vae", root / "t2i" / "unet", root / "t2i_run"
+    for path, kind in ((vae, "AutoencoderKL"), (unet, "UNet2DConditionModel")):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"_class_name": kind}))
+    checkpoint = run / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    for recipe in (run / "recipe.yaml", checkpoint / "recipe.yaml"):
+        recipe.write_text("stage: t2i\n")
+    (checkpoint / "model.safetensors").write_bytes(b"")
+    tracking.write_json(checkpoint / "hfgen_state.json", {})
+    return {
+        vae: "is a diffusers AutoencoderKL (a vae or other component run), not a pipeline",
+        unet: "is a diffusers UNet2DConditionModel",
+        checkpoint: "is a training checkpoint (the state a run resumes from), not a model",
+    }
+
+
+def test_an_image_artefact_that_is_no_pipeline_is_refused_for_what_it_is_with_or_without_image_options(
+    tmp_path, capsys
+):
+    """Given an image option, generate and eval called a VAE, a unet/ folder and a t2i checkpoint "a text model" and
+    told the user to leave the option out, which then met the refusal of what the dir is (probe 44 B1)."""
+    for model, message in image_artefacts_that_are_no_pipeline(tmp_path).items():
+        for command in (["generate", str(model), "--prompt", "a digit"], ["eval", str(model), "--quiet"]):
+            for options in ([], ["--num_inference_steps", "2"], ["--guidance_scale", "3"]):
+                with pytest.raises(SystemExit) as exit_info:
+                    hfgen([*command, *options])
+                error = capsys.readouterr().err
+                assert exit_info.value.code == 2 and "Traceback" not in error, error
+                assert message in error and "a text model" not in error, (command, options, error)
+
+
 def test_generate_refuses_a_temperature_that_is_not_finite_and_a_seed_past_64_bits(llama_dir, tmp_path):
     """They ended in transformers' or torch's tracebacks (a nan temperature passed `< 0` and `== 0`; torch.manual_seed
     overflowed), as --top_p nan did not."""

@@ -47,18 +47,14 @@ IMAGE_OPTIONS = ("num_inference_steps", "guidance_scale", "output_dir")  # unset
 def main(args: argparse.Namespace) -> int:
     from hfgen.diffusion import is_pipeline_dir
     from hfgen.errors import UserError
-    from hfgen.evaluation.command import options_that_do_not_apply
+    from hfgen.evaluation.command import refuse_options_that_do_not_apply
     from hfgen.models import hub_dir_problem
 
     model_path = Path(args.model)
     if not model_path.exists() and (problem := hub_dir_problem("MODEL", args.model, pipelines=True)):
         raise UserError(f"hfgen generate: {problem}")  # (an adapter's or a pipeline's kind is read from its dir)
     images = is_pipeline_dir(model_path)  # a diffusers pipeline dir or a t2i LoRA run
-    if ignored := options_that_do_not_apply(args, images, IMAGE_OPTIONS):
-        kind = "a diffusers pipeline (images)" if images else "a text model"
-        verb, pronoun = ("does", "it") if len(ignored) == 1 else ("do", "them")
-        raise UserError(f"hfgen generate: {', '.join(ignored)} {verb} not apply to MODEL '{args.model}', {kind}; "
-                        f"leave {pronoun} out.")  # fmt: skip
+    refuse_options_that_do_not_apply("hfgen generate", "MODEL", args.model, args, images, IMAGE_OPTIONS)
     if problems := seed_problems(args.seed):  # images and text
         raise UserError("hfgen generate: " + "; ".join(problems) + ".")
     if images:

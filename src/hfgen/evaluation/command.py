@@ -107,6 +107,25 @@ def options_that_do_not_apply(args: argparse.Namespace, images: bool, image_opti
     return [f"--{name}" for name in image_options if getattr(args, name) is not None]
 
 
+def refuse_options_that_do_not_apply(
+    command: str, label: str, name: str, args: argparse.Namespace, images: bool, image_options=IMAGE_OPTIONS
+) -> None:
+    """Refuse the options given that the model `name` (MODEL / TARGET: `label`) ignores (`options_that_do_not_apply`),
+    for `hfgen generate` and `hfgen eval`. A dir that is no pipeline is refused for what it is first, as without those
+    options (a VAE, a diffusers LoRA, a unet/ folder, a training checkpoint were called "a text model" and told to
+    drop the image option, then refused for what they are)."""
+    from hfgen.models import check_model_source, not_a_generator
+
+    if not (ignored := options_that_do_not_apply(args, images, image_options)):
+        return
+    if not images and (problems := check_model_source(label, name) or not_a_generator(name, label)):
+        raise UserError(f"{command}: {problems[0]}.")
+    kind = "a diffusers pipeline" if images else "a text model"
+    verb, pronoun = ("does", "it") if len(ignored) == 1 else ("do", "them")
+    raise UserError(f"{command}: {', '.join(ignored)} {verb} not apply to {label} '{name}', {kind}; "
+                    f"leave {pronoun} out.")  # fmt: skip
+
+
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.diffusion import is_pipeline_dir
@@ -124,11 +143,7 @@ def main(args: argparse.Namespace) -> int:
     if not target.exists() and (problem := hub_dir_problem("TARGET", args.target, pipelines=True)):
         raise UserError(f"hfgen eval: {problem}")  # (an adapter's or a pipeline's kind is read from its dir)
     images = is_pipeline_dir(Path(args.target))  # a diffusers pipeline dir or a t2i LoRA run
-    if ignored := options_that_do_not_apply(args, images):
-        kind = "a diffusers pipeline (image metrics)" if images else "a text model"
-        verb, pronoun = ("does", "it") if len(ignored) == 1 else ("do", "them")
-        raise UserError(f"hfgen eval: {', '.join(ignored)} {verb} not apply to TARGET '{args.target}', {kind}; "
-                        f"leave {pronoun} out")  # fmt: skip
+    refuse_options_that_do_not_apply("hfgen eval", "TARGET", args.target, args, images)
     if args.quiet:
         quiet_libraries()
     if images:
