@@ -72,6 +72,8 @@ def test_bad_merges_exit_2(base_and_adapter, tmp_path, capsys):
     (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
     code, message = merge(capsys, orphan, "--output_dir", tmp_path / "out")
     assert code == 2 and "does not exist" in message
+    # the base moved with its project (adapters record it as an absolute path): how to point the adapter at it
+    assert "if the base was moved (with its project, say), edit base_model_name_or_path in adapter_config" in message
 
 
 def test_a_merge_killed_half_way_leaves_no_model_dir_and_a_rerun_completes(base_and_adapter, tmp_path, capsys):
@@ -233,6 +235,26 @@ def test_an_adapter_whose_base_was_trained_again_in_place_is_refused(tmp_path, c
         assert not (tmp_path / "merged_again").exists()
         result = run_hfgen_here("generate", trained, "--prompt", "the cat", "--max_new_tokens", "2")
         assert result.returncode == 2 and "train the adapter again on the new base" in result.stderr
+
+
+def test_a_t2i_lora_run_whose_base_is_gone_is_told_so_and_how_to_point_it_at_the_base_s_new_place(tmp_path, capsys):
+    # a t2i / t2i_flow LoRA run whose recorded base no longer exists (the project moved: lora_base.json holds the
+    # absolute path) was told "the base was trained again in place since"; nothing was trained (probe 44 B2)
+    from hfgen import tracking
+
+    run, gone = tmp_path / "t2i_lora", tmp_path / "old_place" / "t2i"
+    run.mkdir()
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    tracking.write_json(run / "lora_base.json", {"pretrained_model_name_or_path": str(gone), "pipeline_changes": {}})
+    (run / "recipe.yaml").write_text("stage: t2i\n")
+    tracking.mark_complete(run, input_runs={"pretrained_model_name_or_path": "0123abcd"})  # its base's run
+    expected = (f"the adapter's pretrained_model_name_or_path '{gone}' does not exist (from {run / 'lora_base.json'}); "
+                "if the base was moved (with its project, say), edit pretrained_model_name_or_path in lora_base.json "
+                "to its new path")  # fmt: skip
+    code, message = merge(capsys, run, "--output_dir", tmp_path / "merged")
+    assert code == 2 and expected in message and "trained again" not in message, message
+    result = run_hfgen_here("generate", run, "--prompt", "a digit", "--output_dir", tmp_path / "images")
+    assert result.returncode == 2 and expected in result.stderr and "trained again" not in result.stderr
 
 
 def test_an_adapter_trained_on_a_checkpoint_whose_run_was_trained_again_in_place_is_refused(tmp_path, capsys):

@@ -589,8 +589,22 @@ def adapter_base_problems(path: str | Path) -> list[str]:
     base = adapter_base(path)
     if base is None:
         return []
-    problems = check_model_source("the adapter's base_model_name_or_path", base)
-    return [f"{problems[0]} (from {Path(path) / 'adapter_config.json'})"] if problems else []
+    problem = recorded_base_problem(Path(path) / "adapter_config.json", "base_model_name_or_path", base)
+    return [problem] if problem else []
+
+
+def recorded_base_problem(record: Path, key: str, base: str) -> str | None:
+    """The problem of the base an adapter dir records (`key` in its `record` file: a causal-LM adapter's
+    adapter_config.json, a t2i / t2i_flow LoRA run's lora_base.json), said with that file, or None. hfgen records a
+    local base as an absolute path (so that it loads from any working directory): a project moved or copied
+    elsewhere leaves it pointing at the old place, and a missing base is told how to point the record at the new one."""
+    problems = check_model_source(f"the adapter's {key}", base)
+    if not problems:
+        return None
+    moved = ""
+    if looks_local(base) and not Path(base).expanduser().exists():
+        moved = f"; if the base was moved (with its project, say), edit {key} in {record.name} to its new path"
+    return f"{problems[0]} (from {record}){moved}"
 
 
 def adapter_pair_problem(path: str | Path) -> str | None:

@@ -558,18 +558,21 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
         if (path / "model_index.json").is_file():
             pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **absent_components(path))
         else:
+            from hfgen.models import recorded_base_problem
             from hfgen.tracking import base_changed_problem
 
             base = lora_run_base(path)
-            if problem := base_changed_problem(
-                path, base["pretrained_model_name_or_path"], "pretrained_model_name_or_path"
+            base_name = base["pretrained_model_name_or_path"]
+            # a base that is gone first: it holds no run either, which was told as a base trained again in place
+            if problem := recorded_base_problem(path / LORA_BASE, "pretrained_model_name_or_path", base_name) or (
+                base_changed_problem(path, base_name, "pretrained_model_name_or_path")
             ):
                 raise UserError(problem + ".")
             changes = base.get("pipeline_changes", {})
             left_out = {name: None for name in changes.get("absent", [])}  # e.g. drop_t5's T5
             pipeline = DiffusionPipeline.from_pretrained(
-                base["pretrained_model_name_or_path"], revision=base.get("revision"), variant=base.get("variant"),
-                torch_dtype=dtype, **absent_components(base["pretrained_model_name_or_path"]) | left_out,
+                base_name, revision=base.get("revision"), variant=base.get("variant"), torch_dtype=dtype,
+                **absent_components(base_name) | left_out,
             )  # fmt: skip
             apply_pipeline_changes(pipeline, changes, dtype)
             pipeline.load_lora_weights(str(path))
