@@ -204,8 +204,9 @@ def load_model(model_args, training_args, tokenizer, sequence_classifier: bool =
             # peft froze the base; full fine-tuning trains it
             model = merged(model, f"model_name_or_path '{name}'").requires_grad_(True)
         # peft records the model's name as a new adapter's base: the adapter dir, whose weights are merged in here
-        # (the merged base alone would load without them); load_causal_lm follows such chains.
-        model.name_or_path = resolved(name)
+        # (the merged base alone would load without them); load_causal_lm follows such chains. The config's name is
+        # what peft's model card gives as base_model: it named the first base, without the adapter merged in here.
+        model.name_or_path = model.config.name_or_path = resolved(name)
         if sequence_classifier:
             model = sequence_classifier_from(model)
     else:

@@ -567,6 +567,9 @@ def test_lora_on_an_earlier_lora_run_loads_as_trained(lora_run_on_padless_gpt2, 
     base, first = lora_run_on_padless_gpt2
     trained = train_in_process(monkeypatch, SFT_LORA, on_tiny(first, tmp_path / "second", *LORA_FEW_STEPS)).model
     assert json.loads((tmp_path / "second/adapter_config.json").read_text())["base_model_name_or_path"] == str(first)
+    # its model card names that base too: it named the first run's base, on which the adapter computes other logits
+    card = yaml.safe_load((tmp_path / "second/README.md").read_text().split("---")[1])
+    assert card["base_model"] == str(first) and f"base_model:adapter:{first}" in card["tags"], card
     assert hfgen_main(["merge", str(tmp_path / "second"), "--output_dir", str(tmp_path / "merged")]) == 0
 
     ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(0))
