@@ -125,14 +125,16 @@ def test_generate_refuses_the_other_modality_s_options(llama_dir, tmp_path):
 
 
 def image_artefacts_that_are_no_pipeline(root):
-    """{dir: what generate and eval say of it}: a VAE run's output, a pipeline's unet/ folder and a t2i run's
-    checkpoint."""
+    """{dir: what generate and eval say of it}: a VAE run's output, a pipeline's unet/ folder, a diffusers LoRA
+    (as diffusers' LoRA scripts save it: no lora_base.json) and a t2i run's checkpoint."""
     from hfgen import tracking
 
-    vae, unet, run = root / "vae", root / "t2i" / "unet", root / "t2i_run"
+    vae, unet, lora, run = root / "vae", root / "t2i" / "unet", root / "diffusers_lora", root / "t2i_run"
     for path, kind in ((vae, "AutoencoderKL"), (unet, "UNet2DConditionModel")):
         path.mkdir(parents=True)
         (path / "config.json").write_text(json.dumps({"_class_name": kind}))
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
     checkpoint = run / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     for recipe in (run / "recipe.yaml", checkpoint / "recipe.yaml"):
@@ -142,6 +144,9 @@ def image_artefacts_that_are_no_pipeline(root):
     return {
         vae: "is a diffusers AutoencoderKL (a vae or other component run), not a pipeline",
         unet: "is a diffusers UNet2DConditionModel",
+        lora: "is a diffusers LoRA (pytorch_lora_weights.safetensors), which names no base pipeline: hfgen loads one "
+        "onto the base named in a lora_base.json beside it, as its t2i LoRA runs write it; write "
+        f'{{"pretrained_model_name_or_path": "BASE"}} into \'{lora / "lora_base.json"}\'',
         checkpoint: "is a training checkpoint (the state a run resumes from), not a model",
     }
 
@@ -149,8 +154,9 @@ def image_artefacts_that_are_no_pipeline(root):
 def test_an_image_artefact_that_is_no_pipeline_is_refused_for_what_it_is_with_or_without_image_options(
     tmp_path, capsys
 ):
-    """Given an image option, generate and eval called a VAE, a unet/ folder and a t2i checkpoint "a text model" and
-    told the user to leave the option out, which then met the refusal of what the dir is (probe 44 B1)."""
+    """Given an image option, generate and eval called a VAE, a unet/ folder, a diffusers LoRA and a t2i checkpoint "a
+    text model" and told the user to leave the option out, which then met the refusal of what the dir is (probe 44
+    B1). A diffusers LoRA was "a directory without a config.json or adapter_config.json" (B6)."""
     for model, message in image_artefacts_that_are_no_pipeline(tmp_path).items():
         for command in (["generate", str(model), "--prompt", "a digit"], ["eval", str(model), "--quiet"]):
             for options in ([], ["--num_inference_steps", "2"], ["--guidance_scale", "3"]):
@@ -159,6 +165,13 @@ def test_an_image_artefact_that_is_no_pipeline_is_refused_for_what_it_is_with_or
                 error = capsys.readouterr().err
                 assert exit_info.value.code == 2 and "Traceback" not in error, error
                 assert message in error and "a text model" not in error, (command, options, error)
+    # merge and a t2i LoRA run starting from the diffusers LoRA are told what it needs too
+    lora = tmp_path / "diffusers_lora"
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["merge", str(lora), "--output_dir", str(tmp_path / "merged")])
+    assert exit_info.value.code == 2 and "is a diffusers LoRA" in capsys.readouterr().err
+    result = run_hfgen_here("check", "recipes/tiny/t2i_digits_lora.yaml", "--pretrained_model_name_or_path", lora)
+    assert result.returncode == 2 and f"pretrained_model_name_or_path '{lora}' is a diffusers LoRA" in result.stderr
 
 
 def test_generate_refuses_a_temperature_that_is_not_finite_and_a_seed_past_64_bits(llama_dir, tmp_path):

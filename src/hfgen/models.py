@@ -81,7 +81,8 @@ def relative_to_cwd(name: str) -> str:
 
 def not_a_model_dir(path: Path) -> str | None:
     """What an hfgen dir that holds no loadable model is (a pipeline's records, a run killed before it finished, a
-    training checkpoint), in words that say where the model is; None for any other dir."""
+    training checkpoint), or a diffusers LoRA that names no base, in words that say where the model is or what it
+    needs; None for any other dir."""
     from hfgen import tracking
 
     recipe = path / "recipe.yaml"
@@ -91,6 +92,10 @@ def not_a_model_dir(path: Path) -> str | None:
                        k != "output_dir/reward" and k != "output_dir/prerequisite"), None)  # fmt: skip
         return "is an rlhf pipeline dir (records, no model)" + (f"; its final policy is '{policy}'" if policy else "")
     if problem := sharded_save_problem(path):
+        return problem
+    from hfgen.diffusion.components import diffusers_lora_problem
+
+    if problem := diffusers_lora_problem(path):
         return problem
     loadable = ("config.json", "adapter_config.json", "model_index.json")  # a Trainer's checkpoints hold a model
     # A checkpoint holds a copy of its run's recipe.yaml and never a COMPLETE marker: judged as a checkpoint (its

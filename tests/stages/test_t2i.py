@@ -216,6 +216,45 @@ def test_lora_changes_only_adapters_and_loads_with_load_lora_weights(scratch_run
     assert refused.returncode == 2 and "is a LoRA run" in refused.stderr and "hfgen merge" in refused.stderr
 
 
+def test_a_diffusers_lora_is_told_to_name_its_base_in_lora_base_json_and_then_loads(scratch_run, tmp_path):
+    """A LoRA as diffusers' LoRA scripts save it (save_lora_weights: no lora_base.json) was "a directory without a
+    config.json or adapter_config.json" to generate, eval and a t2i recipe, and "not a LoRA adapter dir" to merge
+    (probe 44 B6): told it needs its base named in lora_base.json, in the format README gives, it then merges into
+    a pipeline that renders what base + LoRA render."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipeline = DiffusionPipeline.from_pretrained(scratch_run)
+    pipeline.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_k", "to_v"]))
+    lora = tmp_path / "diffusers_lora"
+    StableDiffusionPipeline.save_lora_weights(
+        lora, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipeline.unet))
+    )
+    told = run_hfgen_here("generate", lora, "--prompt", "a handwritten digit 3")
+    assert told.returncode == 2 and "is a diffusers LoRA" in told.stderr, told.stderr[-2000:]
+    assert f'write {{"pretrained_model_name_or_path": "BASE"}} into \'{lora / "lora_base.json"}\'' in told.stderr
+    (lora / "lora_base.json").write_text("[]")  # a file that names no base: refused, naming it
+    refused = run_hfgen_here("merge", lora, "--output_dir", tmp_path / "merged")
+    assert refused.returncode == 2 and f"'{lora / 'lora_base.json'}' names no base pipeline" in refused.stderr
+    (lora / "lora_base.json").write_text(json.dumps({"pretrained_model_name_or_path": str(scratch_run)}))
+    merged = run_hfgen("merge", lora, "--output_dir", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+
+    def render(pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(0)
+        images = pipeline("a handwritten digit 3", num_inference_steps=2, generator=generator, output_type="np")
+        return torch.from_numpy(images.images)
+
+    base = DiffusionPipeline.from_pretrained(scratch_run)
+    base.load_lora_weights(lora)
+    with_lora = render(base)
+    base.disable_lora()
+    assert not torch.allclose(with_lora, render(base))  # the LoRA changes the images: the check below has teeth
+    torch.testing.assert_close(render(DiffusionPipeline.from_pretrained(tmp_path / "merged")), with_lora)
+
+
 def cached_pipeline(scratch_run, tmp_path, hub_cache):
     """scratch_run's pipeline put into the hub cache as tinyorg/tiny-sd (model_index.json on top, its components'
     configs in subfolders): its snapshot dir."""

@@ -535,9 +535,35 @@ class FrozenInHalf:
 
 def lora_run_base(path: str | Path) -> dict | None:
     """The base pipeline a t2i / t2i_flow LoRA run's adapters belong on (its lora_base.json: name, revision,
-    variant), or None if `path` is not such a run."""
+    variant, pipeline_changes), or None if `path` is not such a run. A user writes one beside a diffusers LoRA
+    (`diffusers_lora_problem`): one that names no base is refused, naming the file."""
     base_file = Path(path) / LORA_BASE
-    return json.loads(base_file.read_text(encoding="utf-8")) if base_file.is_file() else None
+    if not base_file.is_file():
+        return None
+    try:
+        base = json.loads(base_file.read_text(encoding="utf-8"))
+    except ValueError:
+        base = None
+    if not isinstance(base, dict) or not isinstance(base.get("pretrained_model_name_or_path"), str):
+        raise UserError(
+            f"'{base_file}' names no base pipeline: it must be a JSON object whose pretrained_model_name_or_path is "
+            'the pipeline dir or hub id the LoRA belongs on, e.g. {"pretrained_model_name_or_path": "outputs/t2i"}'
+        )
+    return base
+
+
+def diffusers_lora_problem(path: Path) -> str | None:
+    """A LoRA that diffusers' `save_lora_weights` saved (as its training scripts do: pytorch_lora_weights.safetensors)
+    without the lora_base.json that names its base pipeline, in words that say what hfgen needs to take it (it was
+    told it had no config.json or adapter_config.json); None for anything else."""
+    if not (path / LORA_WEIGHTS).is_file() or (path / LORA_BASE).is_file():
+        return None
+    return (
+        f"is a diffusers LoRA ({LORA_WEIGHTS}), which names no base pipeline: hfgen loads one onto the base named in "
+        f'a {LORA_BASE} beside it, as its t2i LoRA runs write it; write {{"pretrained_model_name_or_path": "BASE"}} '
+        f"into '{path / LORA_BASE}' (BASE: the pipeline dir or hub id the LoRA was trained on), and hfgen generate, "
+        "eval and merge take the dir (a stage starts from its merge)"
+    )
 
 
 def is_pipeline_dir(path: str | Path) -> bool:
