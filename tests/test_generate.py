@@ -126,7 +126,7 @@ def test_generate_refuses_the_other_modality_s_options(llama_dir, tmp_path):
 
 def image_artefacts_that_are_no_pipeline(root):
     """{dir: what generate and eval say of it}: a VAE run's output, a pipeline's unet/ folder, a diffusers LoRA
-    (as diffusers' LoRA scripts save it: no lora_base.json) and a t2i run's checkpoint."""
+    (as diffusers' LoRA scripts save it: no lora_base.json) and a t2i run's checkpoint (resume state only)."""
     from hfgen import tracking
 
     vae, unet, lora, run = root / "vae", root / "t2i" / "unet", root / "diffusers_lora", root / "t2i_run"
@@ -147,7 +147,9 @@ def image_artefacts_that_are_no_pipeline(root):
         lora: "is a diffusers LoRA (pytorch_lora_weights.safetensors), which names no base pipeline: hfgen loads one "
         "onto the base named in a lora_base.json beside it, as its t2i LoRA runs write it; write "
         f'{{"pretrained_model_name_or_path": "BASE"}} into \'{lora / "lora_base.json"}\'',
-        checkpoint: "is a training checkpoint (the state a run resumes from), not a model",
+        checkpoint: "an image stage's checkpoint holds only that state (no pipeline, unet/ folder or LoRA file, unlike "
+        "those of diffusers' training scripts); use the finished run's dir, or for the model of an earlier step train "
+        "a run of that many steps (max_train_steps)",
     }
 
 
@@ -156,7 +158,8 @@ def test_an_image_artefact_that_is_no_pipeline_is_refused_for_what_it_is_with_or
 ):
     """Given an image option, generate and eval called a VAE, a unet/ folder, a diffusers LoRA and a t2i checkpoint "a
     text model" and told the user to leave the option out, which then met the refusal of what the dir is (probe 44
-    B1). A diffusers LoRA was "a directory without a config.json or adapter_config.json" (B6)."""
+    B1). A diffusers LoRA was "a directory without a config.json or adapter_config.json" (B6); an image checkpoint was
+    told to use the finished run's dir only (B5)."""
     for model, message in image_artefacts_that_are_no_pipeline(tmp_path).items():
         for command in (["generate", str(model), "--prompt", "a digit"], ["eval", str(model), "--quiet"]):
             for options in ([], ["--num_inference_steps", "2"], ["--guidance_scale", "3"]):

@@ -79,6 +79,29 @@ def relative_to_cwd(name: str) -> str:
     return f" (relative to the working directory {Path.cwd()}: recipe paths are read from there, not from the recipe's folder)"
 
 
+IMAGE_STAGES = ("vae", "t2i", "t2i_flow")
+# An image stage's checkpoint is accelerate's save_state alone: diffusers' training scripts save a unet/ folder or a
+# LoRA file beside it, which users load from an earlier checkpoint; hfgen's hold no model that diffusers or hfgen load
+IMAGE_CHECKPOINT_ADVICE = (
+    "an image stage's checkpoint holds only that state (no pipeline, unet/ folder or LoRA file, unlike those of "
+    "diffusers' training scripts); use the finished run's dir, or for the model of an earlier step train a run of "
+    "that many steps (max_train_steps)"
+)
+
+
+def checkpoint_stage(path: Path) -> str | None:
+    """The stage of the run a training checkpoint belongs to (the copy of its recipe it holds, else its run's), or
+    None."""
+    import yaml
+
+    recipe = path / "recipe.yaml" if (path / "recipe.yaml").is_file() else path.parent / "recipe.yaml"
+    try:
+        stage = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("stage") if recipe.is_file() else None
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):  # (a recipe is a mapping; anything else tells none)
+        return None
+    return stage if isinstance(stage, str) else None
+
+
 def not_a_model_dir(path: Path) -> str | None:
     """What an hfgen dir that holds no loadable model is (a pipeline's records, a run killed before it finished, a
     training checkpoint), or a diffusers LoRA that names no base, in words that say where the model is or what it
@@ -105,7 +128,9 @@ def not_a_model_dir(path: Path) -> str | None:
             return ("is an incomplete training checkpoint (its save was interrupted, no hfgen_state.json): use a "
                     "complete checkpoint of the run, or the finished run's dir")  # fmt: skip
         if not any((path / name).is_file() for name in loadable):
-            return "is a training checkpoint (the state a run resumes from), not a model: use the finished run's dir"
+            return "is a training checkpoint (the state a run resumes from), not a model: " + (
+                IMAGE_CHECKPOINT_ADVICE if checkpoint_stage(path) in IMAGE_STAGES else "use the finished run's dir"
+            )
         return None
     if recipe.is_file() and not (path / "COMPLETE").exists():
         checkpoints = sorted(path.glob("checkpoint-*"), key=lambda c: int(c.name.rpartition("-")[2] or 0))
