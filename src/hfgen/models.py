@@ -358,12 +358,70 @@ def not_a_generator(path: str | Path, label: str) -> list[str]:
     return []
 
 
-def not_a_reward_model(path: str | Path | None, label: str) -> list[str]:
-    """A local model dir that is no sequence classifier (a causal LM, the SFT run given by mistake), as a problem:
-    loaded as a reward model it would score with a new, random head, and training would follow noise. Hub ids and
-    dirs whose config names no architecture are left to the loader."""
+def what_model_dir_holds(path: str | Path) -> str | None:
+    """What a local model dir holds, for a message naming it where another kind of model is needed: "a diffusers
+    AutoencoderKL (a vae run)", "a diffusers StableDiffusionPipeline (a t2i run)", "a LlamaForCausalLM
+    (an sft run)", "a LoRA adapter of task CAUSAL_LM". None: no model config here (or not a dir)."""
+    path = Path(path).expanduser()
+
+    def read(name: str) -> dict:
+        try:
+            values = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return values if isinstance(values, dict) else {}
+
+    index, config, adapter = read("model_index.json"), read("config.json"), read("adapter_config.json")
+    if index:
+        kind = f"a diffusers {index.get('_class_name')}" + (
+            "" if str(index.get("_class_name")).endswith("Pipeline") else " pipeline"
+        )
+    elif config.get("_class_name"):
+        kind = f"a diffusers {config['_class_name']}"
+    elif adapter:
+        kind = f"a LoRA adapter of task {adapter.get('task_type')}"
+    elif config:
+        kind = f"a {', '.join(config.get('architectures') or []) or repr(config.get('model_type')) + ' model'}"
+    else:
+        return None
+    import yaml
+
+    try:  # the hfgen run that wrote it, where it is one
+        stage = (yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("stage")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        stage = None
+    if not isinstance(stage, str):
+        return kind
+    return f"{kind} ({'an' if stage[:1] in 'aeiou' or stage in ('sft', 'rlhf') else 'a'} {stage} run)"
+
+
+def diffusers_dir_problem(key: str, path: str | Path | None, needs: str) -> list[str]:
+    """A local dir of diffusers (a pipeline's model_index.json, or a component's config.json with its _class_name:
+    a vae run) given as `key`, a transformers model, as a problem naming what it is and what `key` `needs`: its
+    config names no transformers architecture, so nothing refused it before its loading failed on the tokenizer."""
     if not path or not Path(path).is_dir():
         return []
+    what = what_model_dir_holds(path)
+    if not what or not what.startswith("a diffusers"):
+        return []
+    return [f"{key} '{path}' is {what}, not {needs}"]
+
+
+REWARD_MODEL_NEEDED = (
+    "a reward model: give the output of a reward stage (a sequence classifier), e.g. `hfgen train "
+    "recipes/tiny/reward.yaml`"
+)
+
+
+def not_a_reward_model(path: str | Path | None, label: str) -> list[str]:
+    """A local model dir that is no sequence classifier (a causal LM, the SFT run given by mistake; a diffusers vae
+    or pipeline), as a problem: loaded as a reward model it would score with a new, random head, and training would
+    follow noise; a diffusers dir failed at its load, for DPO-like stages after the whole training. Hub ids and
+    dirs whose transformers config names no architecture are left to the loader."""
+    if not path or not Path(path).is_dir():
+        return []
+    if problem := diffusers_dir_problem(label, path, REWARD_MODEL_NEEDED):
+        return problem
     adapter = Path(path) / "adapter_config.json"
     try:
         if adapter.is_file():
@@ -531,6 +589,8 @@ def load_tokenizer(name: str, trust_remote_code: bool | None = None):
     except (OSError, ValueError) as error:
         base = adapter_base(name)
         if base is None:
+            if diffusers := diffusers_dir_problem("the dir", name, "a transformers model with a tokenizer"):
+                raise UserError(f"could not load a tokenizer: {diffusers[0]}") from None  # none to copy into it
             if holds_no_tokenizer(name):  # transformers' own text here advises installing sentencepiece or tiktoken
                 local = Path(name).expanduser().is_dir()
                 raise UserError(

@@ -242,6 +242,53 @@ def test_a_causal_lm_given_as_the_reward_model_exits_2(tiny_lm, capsys, recipe):
     assert code == 2 and "reward_model_path" in err and "is not a reward model (LlamaForCausalLM)" in err, err
 
 
+def diffusers_dirs(directory) -> dict:
+    """A vae run's dir (a config.json of diffusers: _class_name, no architectures) and a t2i pipeline's
+    (model_index.json, no config.json), as their configs describe them: enough for the check."""
+    vae, pipeline = directory / "vae", directory / "t2i"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4}))
+    (vae / "recipe.yaml").write_text("stage: vae\n")
+    (vae / "COMPLETE").write_text(json.dumps({"run": "0", "stage": "vae"}))
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return {"vae": (vae, "a diffusers AutoencoderKL (a vae run)"), "t2i": (pipeline, "StableDiffusionPipeline")}
+
+
+@pytest.mark.parametrize(
+    "recipe, key",
+    [("dpo", "reward_model_path"), ("kto", "reward_model_path"), ("orpo", "reward_model_path"),
+     ("simpo", "reward_model_path"), ("ppo", "reward_model_path"), ("ppo", "value_model_path"),
+     ("grpo_arithmetic", "reward_model_path"), ("rloo_arithmetic", "reward_model_path")],
+)  # fmt: skip
+def test_a_diffusers_dir_given_as_a_reward_or_value_model_exits_2_naming_it(tiny_lm, capsys, tmp_path, recipe, key):
+    """A vae run or a t2i pipeline (its config names no transformers architecture) passed the check: DPO-like stages
+    trained and saved in full, then exited 2 at the comparison advising to copy tokenizer files into it (probe 44 I2)."""
+    reward = []
+    if key == "value_model_path":  # (the value model is checked once the reward model is)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1).save_pretrained(tmp_path / "rm")
+        AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+        reward = ["--reward_model_path", tmp_path / "rm"]
+    for path, what in diffusers_dirs(tmp_path).values():
+        code, _, err = check(capsys, REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", tiny_lm, *reward,
+                             f"--{key}", path, "--output_dir", tmp_path / "out")  # fmt: skip
+        assert code == 2 and f"{key} '{path}' is " in err and what in err, err
+        assert "not a reward model" in err if key == "reward_model_path" else "not a value model" in err, err
+        assert "tokenizer" not in err, err
+
+
+def test_a_diffusers_dir_loaded_as_a_tokenizer_is_named_not_given_files_to_copy(tmp_path):
+    from hfgen.errors import UserError
+    from hfgen.models import load_tokenizer
+
+    for path, what in diffusers_dirs(tmp_path).values():
+        with pytest.raises(UserError) as error:
+            load_tokenizer(str(path))
+        assert what in str(error.value) and "copy" not in str(error.value), error.value
+
+
 def test_reward_pairs_over_max_length_exit_2_at_the_check(tiny_lm, capsys):
     # were found only after the model had loaded (`hfgen check` said the recipe was valid)
     code, _, err = check(

@@ -213,6 +213,7 @@ def test_an_eval_whose_prompts_find_datasets_cache_full_names_the_cache(
         (["{model}", "--seed", str(2**64)], "--seed must be a 64-bit integer"),
         (["{model}", "--device", "nonsense"], "is not a device name"),
         (["{model}", "--reward_model", "{model}"], "is not a reward model"),
+        (["{model}", "--reward_model", "{vae}"], "is a diffusers AutoencoderKL, not a reward model"),  # (was loaded)
         (["{model}", "--output", "{model}"], "is a directory; give the file to write"),
         (["{model}", "--perplexity_texts", "0"], "--perplexity_texts must be at least 1"),
         (["{model}", "--perplexity_dataset", "{model}/missing.jsonl"], "missing.jsonl"),
@@ -221,7 +222,9 @@ def test_an_eval_whose_prompts_find_datasets_cache_full_names_the_cache(
     ],
 )
 def test_bad_input_is_a_one_paragraph_error_with_exit_code_2(model_dir, tmp_path, capsys, arguments, message):
-    arguments = [a.format(model=model_dir) for a in arguments]
+    (tmp_path / "vae").mkdir()  # a vae run's config (diffusers': _class_name, no architectures)
+    (tmp_path / "vae/config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    arguments = [a.format(model=model_dir, vae=tmp_path / "vae") for a in arguments]
     with pytest.raises(SystemExit) as exit_info:
         hfgen(["eval", *arguments, "--quiet"])
     assert exit_info.value.code == 2

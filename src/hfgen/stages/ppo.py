@@ -60,7 +60,14 @@ from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_pro
 from hfgen.finetune import check_model_config, float32_fully_trained_modules, run_first_hint
 from hfgen.generate import prompts_are_chat
 from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
-from hfgen.models import check_model_source, fit_max_length, not_a_reward_model, position_limit, read_config
+from hfgen.models import (
+    check_model_source,
+    diffusers_dir_problem,
+    fit_max_length,
+    not_a_reward_model,
+    position_limit,
+    read_config,
+)
 from hfgen.rl import functional as F
 from hfgen.rl.kl_control import AdaptiveKLController, FixedKLController
 from hfgen.rl.metrics import format_metrics, scored_figure, step_metrics
@@ -268,6 +275,12 @@ KEYS_WITHOUT_COUNTERPART = {
 }
 
 
+VALUE_MODEL_NEEDED = (
+    "a value model: give a decoder sharing the policy's vocabulary (a reward model, or a causal LM), or leave "
+    "value_model_path out to start it from the reward model"
+)
+
+
 def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> list[str]:
     problems = check_model_config(model_args, config.trust_remote_code)
     for key in ("reward_model_path", "value_model_path"):
@@ -276,6 +289,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
             problems += check_model_source(key, path, run_first_hint(path), trust_remote_code=config.trust_remote_code)
     if config.reward_model_path and not problems:
         problems += not_a_reward_model(config.reward_model_path, "reward_model_path")
+    if config.value_model_path and not problems:  # a vae or pipeline failed at its load, on the tokenizer
+        problems += diffusers_dir_problem("value_model_path", config.value_model_path, VALUE_MODEL_NEEDED)
     if config.value_model_path and not problems:  # a classifier of several labels would not load as one, nor an
         from hfgen.models import reward_model_problem  # adapter whose base changed start from the one it trained
 
