@@ -268,6 +268,36 @@ def test_a_pipeline_of_another_family_or_flux_with_drop_t5_exits_2_at_the_check(
         assert result.returncode == 0, (name, result.stderr)
 
 
+def test_a_dir_that_is_no_pipeline_exits_2_at_the_check_naming_what_it_is(tmp_path):
+    """A text model, a text LoRA run or a vae run (no model_index.json) as pretrained_model_name_or_path passed the
+    check; training then failed in diffusers' "no file named model.safetensors" (a file the dir holds: the message
+    names the root for text_encoder/'s) or "no file named model_index.json" (probe 44 I3)."""
+    dirs = {
+        "lm": (
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+            "sft",
+            "a LlamaForCausalLM (an sft run)",
+        ),
+        "vae": ({"_class_name": "AutoencoderKL"}, "vae", "a diffusers AutoencoderKL (a vae run): give it as vae_name"),
+    }
+    for name, (config, stage, _) in dirs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / name / "recipe.yaml").write_text(f"stage: {stage}\n")
+        (tmp_path / name / "COMPLETE").write_text(json.dumps({"run": "0", "stage": stage}))
+    (tmp_path / "lora").mkdir()  # (a text LoRA run's adapter, outside an hfgen run)
+    (tmp_path / "lora/adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM", "peft_type": "LORA"}))
+    expected = {**{name: what for name, (_, _, what) in dirs.items()}, "lora": "a LoRA adapter of task CAUSAL_LM"}
+    for recipe in (LORA_RECIPE, FLOW_LORA_RECIPE):
+        for name, what in expected.items():
+            result = run_hfgen_here("check", recipe, "--pretrained_model_name_or_path", tmp_path / name,
+                                    "--output_dir", tmp_path / "out")  # fmt: skip
+            assert result.returncode == 2, (recipe, name, result.stderr)
+            assert (
+                f"'{tmp_path / name}' is not a diffusers pipeline (no model_index.json): it is {what}" in result.stderr
+            )
+
+
 def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()

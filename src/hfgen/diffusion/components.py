@@ -147,7 +147,15 @@ def pipeline_class_problems(name: str, stage: str) -> list[str]:
     from hfgen.diffusion.flow_components import FLOW_PIPELINES, pipeline_config
 
     trains = {"t2i": (T2I_PIPELINES, "SD 1.x/2.x"), "t2i_flow": (FLOW_PIPELINES, "SD3, SD3.5, Flux.1")}
-    found = (pipeline_config(name, "model_index.json") or {}).get("_class_name")
+    index = pipeline_config(name, "model_index.json")
+    if index is None and Path(name).expanduser().is_dir():  # diffusers said a file the dir holds was missing
+        from hfgen.models import what_model_dir_holds
+
+        what = what_model_dir_holds(name) or "a dir without a model_index.json"
+        vae = ": give it as vae_name_or_path" if what.startswith("a diffusers AutoencoderKL") else ""
+        return [f"pretrained_model_name_or_path '{name}' is not a diffusers pipeline (no model_index.json): it is "
+                f"{what}{vae}"]  # fmt: skip
+    found = (index or {}).get("_class_name")
     if not found or found in trains[stage][0]:
         return []
     other = next((other for other, (classes, _) in trains.items() if found in classes), None)
