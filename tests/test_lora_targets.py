@@ -90,3 +90,35 @@ def test_lm_head_among_the_targets_of_a_trl_trainer_that_refuses_it_exits_2_at_t
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "does not train a LoRA adapter on lm_head" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "recipe, saved, refused",
+    [("sft_lora", "embed_tokens", True), ("dpo", "lm_head", True), ("ppo", "embed_tokens", False)],
+)
+def test_a_tied_embedding_in_modules_to_save_under_fsdp2_exits_2_at_the_check(tmp_path, monkeypatch, recipe, saved,
+                                                                               refused):  # fmt: skip
+    # peft's trainable copy hid the tie from accelerate's FSDP2 prepare of a Trainer's model: the shared weight in
+    # two FSDP groups, torch's ValueError at the first step (probe 44 A4). PPO's own loop trains it (not refused).
+    from conftest import REPO, run_hfgen_here
+    from tiny_models import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model")  # tied input and output embeddings
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --config_file fsdp.yaml` sets it
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    result = run_hfgen_here(
+        "check", REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", model, "--output_dir", tmp_path / "o",
+        "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj", "--lora_modules_to_save", saved,
+    )  # fmt: skip
+    if not refused:
+        assert result.returncode == 0, result.stderr[-2000:]
+        return
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for words in (f"lora_modules_to_save: {saved} under FSDP2", "model.embed_tokens and lm_head", "ZeRO-2/3"):
+        assert words in result.stderr, result.stderr[-2000:]
+    monkeypatch.setenv("FSDP_VERSION", "1")  # not FSDP2: not this refusal
+    result = run_hfgen_here(
+        "check", REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", model, "--output_dir", tmp_path / "o",
+        "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj", "--lora_modules_to_save", saved,
+    )  # fmt: skip
+    assert "under FSDP2" not in result.stderr, result.stderr[-2000:]

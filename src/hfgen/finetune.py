@@ -39,12 +39,17 @@ def run_first_hint(path: str) -> str:
 
 
 def check_model_config(
-    model_args, trust_remote_code: bool = False, task_type: str = "CAUSAL_LM", trl_trainer: str | None = None
+    model_args,
+    trust_remote_code: bool = False,
+    task_type: str = "CAUSAL_LM",
+    trl_trainer: str | None = None,
+    trainer_prepared: bool = True,
 ) -> list[str]:
     """Problems with a fine-tuning recipe's model keys, found before anything heavy is loaded (`trust_remote_code`:
     the recipe's, on its training config; `task_type`: peft's name for the model the stage trains, which its LoRA
     adapter must carry; `trl_trainer`: the TRL trainer that trains it, whose refusal of an adapter on lm_head
-    would come only once the model and data had loaded)."""
+    would come only once the model and data had loaded; `trainer_prepared`: a transformers Trainer prepares the
+    model for the engine, not hfgen's own loop)."""
     name = model_args.model_name_or_path
     if not name:
         return [
@@ -88,14 +93,16 @@ def check_model_config(
             "in full with lora_modules_to_save: [lm_head]"
         )
     if not problems and model_args.use_peft:
-        problems += lora_target_problems(model_args, trust_remote_code)
+        # a sequence classifier (SEQ_CLS) has no output embedding to share a weight with
+        problems += lora_target_problems(model_args, trust_remote_code, trainer_prepared and task_type == "CAUSAL_LM")
     return problems
 
 
-def lora_target_problems(model_args, trust_remote_code: bool) -> list[str]:
+def lora_target_problems(model_args, trust_remote_code: bool, tied_check: bool = True) -> list[str]:
     """`lora_config`'s check of `lora_target_modules`, on the model's architecture built on the meta device (no
-    weights read), so a recipe written for another family fails in seconds rather than after the model loads. Best
-    effort: a model this cannot build here is checked once loaded."""
+    weights read), so a recipe written for another family fails in seconds rather than after the model loads; then,
+    with `tied_check` (a causal LM a Trainer prepares), `tied_modules_to_save_problems`. Best effort: a model this cannot build here is
+    checked once loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -110,7 +117,30 @@ def lora_target_problems(model_args, trust_remote_code: bool) -> list[str]:
         lora_config(model_args, model, warn=False)
     except UserError as error:
         return [str(error)]
-    return []
+    return tied_modules_to_save_problems(model_args, model) if tied_check else []
+
+
+def tied_modules_to_save_problems(model_args, model) -> list[str]:
+    """`lora_modules_to_save` naming the input or output embedding of a model whose two share one weight
+    (tie_word_embeddings), launched under FSDP2. peft's trainable copy of the module (ModulesToSaveWrapper) hides the
+    tie from accelerate's FSDP2 prepare of the Trainer's model, which then shards the shared weight in two groups,
+    and torch stops at the first step. (PPO's own loop prepares its models inside one module, and trains them.)"""
+    from hfgen.loop import launched_engine
+
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if launched_engine() != "fsdp2" or outputs is None or inputs.weight is not outputs.weight:
+        return []
+    tied = [name for name, module in model.named_modules() if module is inputs or module is outputs]
+    asked = [m for m in model_args.lora_modules_to_save or [] if any(n == m or n.endswith(f".{m}") for n in tied)]
+    if not asked:
+        return []
+    return [
+        f"lora_modules_to_save: {', '.join(asked)} under FSDP2: model '{model_args.model_name_or_path}' ties its "
+        f"input and output embeddings ({' and '.join(tied)} share one weight, tie_word_embeddings), and peft's "
+        "trainable copy of the module hides the tie from accelerate's FSDP2 sharding, which puts the shared weight "
+        "in two groups (torch stops at the first step). Launch under DDP or DeepSpeed ZeRO-2/3, start from a model "
+        f"with untied embeddings (tie_word_embeddings: false), or drop {', '.join(asked)} from the key"
+    ]
 
 
 def quantization_problems(key: str) -> list[str]:

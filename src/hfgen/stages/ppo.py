@@ -282,7 +282,9 @@ VALUE_MODEL_NEEDED = (
 
 
 def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig) -> list[str]:
-    problems = check_model_config(model_args, config.trust_remote_code)
+    # hfgen's own loop prepares the policy (and value model) inside one module: a tied embedding in
+    # lora_modules_to_save trains under FSDP2 there
+    problems = check_model_config(model_args, config.trust_remote_code, trainer_prepared=False)
     for key in ("reward_model_path", "value_model_path"):
         if getattr(config, key):
             path = getattr(config, key)
