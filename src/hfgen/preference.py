@@ -22,6 +22,7 @@ Each stage module names its TRL trainer and config; the run is the same for all 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -570,6 +571,33 @@ def starting_model_while_training(model_args, training_args, needs_reference: bo
     return not (needs_reference and precomputed and not loop.launched_engine().startswith("fsdp"))
 
 
+# where the rows TRL precomputes the reference's log-probs for live during a run of several processes (inside its
+# output_dir, which every process shares), removed at the run's end
+REFERENCE_CACHE = "reference_logps_cache"
+
+
+def on_shared_files(datasets: list, directory: Path, training_args) -> list:
+    """`datasets` (in memory) as files in `directory` read by every process, when TRL precomputes the reference's
+    log-probs (`precompute_ref_log_probs`) in a run of several processes; else as they are. TRL writes the log-probs
+    on the main process beside the dataset's cache files and every process then reads that path: for an in-memory
+    dataset it is under `datasets`' temporary dir, another on each process, where the others found no file."""
+    if not getattr(training_args, "precompute_ref_log_probs", False) or training_args.world_size == 1:
+        return datasets
+    from datasets import Dataset
+
+    shared = []
+    with training_args.main_process_first(local=False, desc="the rows of the reference's log-probs"):
+        if training_args.process_index == 0:
+            shutil.rmtree(directory, ignore_errors=True)  # an earlier run's files (its tokenized rows, log-probs)
+            directory.mkdir(parents=True)
+        for name, rows in zip(("train", "eval"), datasets, strict=True):
+            path = str(directory / f"{name}.arrow")
+            if rows is not None and training_args.process_index == 0:
+                rows.flatten_indices(cache_file_name=path)
+            shared.append(None if rows is None else Dataset.from_file(path))
+    return shared
+
+
 def run_stage(
     method: str, trainer_class, model_args, data_args: PreferenceDataArguments, training_args,
     needs_reference: bool, unpaired: bool = False,
@@ -621,6 +649,7 @@ def run_stage(
         trainer_rows = [answers_cut_at_eos(tokenizer, rows) for rows in (train_rows, eval_rows)]
     else:
         trainer_rows = [train_rows, eval_rows]
+    trainer_rows = on_shared_files(trainer_rows, output_dir / REFERENCE_CACHE, training_args)
     trainer = build_trainer(
         trainer_class,
         output_dir,
@@ -708,6 +737,7 @@ def run_stage(
         print(CHOSEN_FELL.format(change=figures["logps/chosen_change"]))
 
     if is_main:
+        shutil.rmtree(output_dir / REFERENCE_CACHE, ignore_errors=True)  # training has read it
         tracking.write_jsonl(output_dir / "policy_eval.jsonl", rows)
         tracking.update_eval(
             output_dir,

@@ -8,6 +8,7 @@ import importlib
 import io
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import REPO, accelerate_launch, run_hfgen, run_hfgen_here, shrunk
 from hfgen import tracking
 from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import preference_pairs
+from hfgen.preference import REFERENCE_CACHE
 from tiny_models import pretrained_tiny_llama, save_tiny_llama
 
 ORACLE = "hfgen.data.embedded:oracle_scores"
@@ -233,6 +235,29 @@ def test_two_processes_end_with_identical_weights(tiny_lm, tmp_path, free_port):
     assert fingerprints[0] == fingerprints[1]
     assert tracking.read_json(run / "env.json")["world_size"] == 2
     assert tracking.read_json(run / "eval.json")["heldout/num_prompts"] == 4  # gathered from both ranks
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_on_two_processes(tiny_lm, tmp_path, free_port):
+    """DPO and KTO with `precompute_ref_log_probs` in one 2-process launch: TRL wrote the log-probs into the main
+    process's temporary datasets dir and the other process looked for them in its own (FileNotFoundError)."""
+    from engines.launch import engine_command
+
+    recipes = []
+    for stage in ("dpo", "kto"):
+        (tmp_path / stage).mkdir()
+        recipes.append(write_recipe(tmp_path / stage, stage, tiny_lm, max_steps=2, eval_samples_per_prompt=1,
+                                    precompute_ref_log_probs=True))  # fmt: skip
+    command, environment = engine_command("ddp", free_port, {"HFGEN_WEIGHTS_FINGERPRINT": "1"})
+    result = subprocess.run([*command, recipes[0], "--then", recipes[1]], cwd=REPO, capture_output=True, text=True,
+                            timeout=900, env=environment)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("dpo", "kto"):
+        run = tmp_path / stage / "run"
+        assert tracking.is_complete(run) and tracking.read_json(run / "env.json")["world_size"] == 2
+        assert (run / "weights-rank0.sha256").read_text() == (run / "weights-rank1.sha256").read_text()
+        assert tracking.read_json(run / "eval.json")["steps"] == 2
+        assert not (run / REFERENCE_CACHE).exists()  # the shared rows are gone with the run's end
 
 
 PAIR = {"prompt": "describe the cat.", "chosen": "the cat is kind.", "rejected": "the cat is rude."}
