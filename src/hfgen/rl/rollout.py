@@ -207,6 +207,13 @@ class PolicyAndValue(torch.nn.Module):
         logits = response_logits(self.policy, input_ids, attention_mask, context_length)
         return logits, token_values(self.value_model, input_ids, attention_mask, context_length)
 
+    def tie_weights(self, **kwargs):
+        """Tie each model's shared weights again (a PeftModel forwards this to its base). accelerate's FSDP2 prepare
+        with `cpu_ram_efficient_loading` (fsdp.yaml's) moves the model to meta, which unties embeddings and LM head,
+        and re-ties only a model with this method: without it the policy trained them as two parameters."""
+        self.policy.tie_weights()
+        self.value_model.tie_weights()
+
 
 @torch.no_grad()
 def response_logprobs(
