@@ -110,7 +110,9 @@ def write_ppo_lora(directory, sft, reward, name: str = "ppo_lora") -> str:
 
 def write_ppo_warmup(directory, pretrained, reward) -> str:
     """Full PPO whose first step is a critic warm-up (`critic_warmup_steps`), with a large weight decay: a policy
-    step taken in the warm-up (zero gradients, but weight decay and Adam's step count) shows in step 2's KL."""
+    step taken in the warm-up (zero gradients, but weight decay and Adam's step count) shows in step 2's KL. Its
+    `reward` is a reward LoRA adapter (`write_reward_adapter`), which the reward model and the value model's start
+    merge into their base."""
     recipe = {
         "stage": "ppo", "model_name_or_path": str(pretrained), "reward_model_path": str(reward), "dataset_name":
         "embedded:prompts", "output_dir": str(directory / "ppo_warmup"), "total_episodes": 32,
@@ -163,11 +165,29 @@ def write_reward_model(path, pretrained):
     return path
 
 
+def write_reward_adapter(path, reward):
+    """A reward LoRA adapter (SEQ_CLS, as a reward LoRA run's checkpoints hold) on the seeded reward model, its B
+    matrices drawn non-zero so that merging it changes the scores (under ZeRO-3 it once merged into the empty
+    placeholders of zero.Init's partitioned weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward, num_labels=1)
+    adapter = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj"]))
+    torch.manual_seed(1)
+    for name, weight in adapter.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.5)
+    adapter.save_pretrained(path)
+    AutoTokenizer.from_pretrained(reward).save_pretrained(path)
+    return path
+
+
 # The jobs of each engine's launch, in order: pretraining from a config; the pipeline (SFT -> reward -> PPO, all full
 # fine-tuning); SFT, reward and PPO with LoRA, and PPO's LoRA on the SFT LoRA run; the diffusion stages (a VAE, then
 # t2i on it; the flow transformer on a 16-channel VAE trained beforehand), but for t2i and t2i_flow under ZeRO-3
 # (refused); DPO and GRPO (TRL's trainers, with hfgen's passes outside them). PPO's critic warm-up under DDP and
-# DeepSpeed (which steps inside the backward).
+# DeepSpeed (which steps inside the backward), its reward model a LoRA adapter.
 TEXT_JOBS = ("pretrain", "pipeline", "sft_lora", "reward_lora", "ppo_lora", "ppo_on_lora")
 JOBS = {
     "ddp": (*TEXT_JOBS, "ppo_warmup", "dpo", "grpo"),
@@ -189,6 +209,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     pretrained = save_tiny_llama(root / "pretrained", pretrain_steps=30)
     reward = write_reward_model(root / "reward", pretrained)
+    reward_adapter = write_reward_adapter(root / "reward_adapter", reward)
     configs = write_tiny_configs(root)
     (root / "flow_configs").mkdir()
     flow_configs = write_flow_configs(root / "flow_configs")
@@ -208,7 +229,7 @@ def runs(tmp_path_factory):
                 "ppo_lora": (lambda: [write_ppo_lora(directory, pretrained, reward)], directory / "ppo_lora"),
                 "ppo_on_lora": (lambda: [write_ppo_lora(directory, directory / "sft_lora", reward, "ppo_on_lora")],
                                 directory / "ppo_on_lora"),
-                "ppo_warmup": (lambda: [write_ppo_warmup(directory, pretrained, reward)], directory / "ppo_warmup"),
+                "ppo_warmup": (lambda: [write_ppo_warmup(directory, pretrained, reward_adapter)], directory / "ppo_warmup"),
                 "vae": (lambda: [VAE_RECIPE, *vae_overrides(configs, directory / "vae", steps=3)], directory / "vae"),
                 "t2i": (lambda: [T2I_RECIPE, *t2i_overrides(configs, directory / "vae", directory / "t2i", steps=3),
                                  "--eval_images_per_prompt", "0"], directory / "t2i"),

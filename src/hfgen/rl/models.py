@@ -108,15 +108,16 @@ def load_sequence_classifier(path: str, model_args, config, tokenizer, key: str)
     ):
         from peft import AutoPeftModelForSequenceClassification
 
-        from hfgen.models import torch_dtype
+        from hfgen.models import merged, torch_dtype
 
         model = AutoPeftModelForSequenceClassification.from_pretrained(
             resolved(path), num_labels=1, trust_remote_code=config.trust_remote_code,
             dtype=torch_dtype(model_args.dtype or "auto"),
         )  # fmt: skip
         # peft loads an adapter for inference, every parameter frozen: a value model started from it never trained
-        # (a reward model is frozen by its caller); and in the recipe's dtype, as a full model dir loads
-        model = model.merge_and_unload().requires_grad_(True)
+        # (a reward model is frozen by its caller); and in the recipe's dtype, as a full model dir loads. Merged with
+        # whole weights: under ZeRO-3 zero.Init partitioned the base as it loaded
+        model = merged(model, f"{key} '{path}'").requires_grad_(True)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         classifier_args = dataclasses.replace(
