@@ -84,3 +84,20 @@ def test_a_pipelines_scheduler_is_taken_from_diffusers_only_its_named_module_is_
         json.dumps({"_class_name": "X", "scheduler": ["diffusers", "DDIMScheduler"]})
     )
     assert pretrained_sampler(str(tmp_path), None).config.num_train_timesteps == 50
+
+
+def test_a_lora_file_beside_a_model_or_in_an_hfgen_run_is_not_taken_for_a_diffusers_lora(tmp_path):
+    """A diffusers LoRA file without lora_base.json is told to name its base (probe 44 B6), but not where the dir holds
+    more: a pipeline saved beside its LoRA (it loads as the pipeline) or an hfgen t2i LoRA run interrupted between
+    its LoRA file and its lora_base.json (an unfinished run, to rerun), which the B6 check had refused (review 44 #1)."""
+    from hfgen.models import not_a_model_dir
+
+    lone, pipeline, unfinished = (tmp_path / name for name in ("lone", "pipeline", "unfinished"))
+    for directory in (lone, pipeline, unfinished):
+        directory.mkdir()
+        (directory / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (unfinished / "recipe.yaml").write_text("stage: t2i\n")
+    assert "is a diffusers LoRA" in not_a_model_dir(lone)
+    assert not_a_model_dir(pipeline) is None
+    assert "is an unfinished hfgen run" in not_a_model_dir(unfinished)

@@ -563,8 +563,11 @@ def lora_run_base(path: str | Path) -> dict | None:
 def diffusers_lora_problem(path: Path) -> str | None:
     """A LoRA that diffusers' `save_lora_weights` saved (as its training scripts do: pytorch_lora_weights.safetensors)
     without the lora_base.json that names its base pipeline, in words that say what hfgen needs to take it (it was
-    told it had no config.json or adapter_config.json); None for anything else."""
-    if not (path / LORA_WEIGHTS).is_file() or (path / LORA_BASE).is_file():
+    told it had no config.json or adapter_config.json); None for anything else: a dir that holds a model beside the
+    file (a pipeline a diffusers script saved into its LoRA's output_dir) or an hfgen run (one interrupted between
+    its LoRA file and its lora_base.json is told it is unfinished)."""
+    beside = (LORA_BASE, "model_index.json", "config.json", "adapter_config.json", "recipe.yaml")
+    if not (path / LORA_WEIGHTS).is_file() or any((path / name).is_file() for name in beside):
         return None
     return (
         f"is a diffusers LoRA ({LORA_WEIGHTS}), which names no base pipeline: hfgen loads one onto the base named in "
@@ -592,15 +595,17 @@ def load_pipeline(path: str | Path, device: str | None = None, dtype=None):
         if (path / "model_index.json").is_file():
             pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, **absent_components(path))
         else:
-            from hfgen.models import recorded_base_problem
+            from hfgen.models import looks_local, recorded_base_problem
             from hfgen.tracking import base_changed_problem
 
             base = lora_run_base(path)
             base_name = base["pretrained_model_name_or_path"]
-            # a base that is gone first: it holds no run either, which was told as a base trained again in place
-            if problem := recorded_base_problem(path / LORA_BASE, "pretrained_model_name_or_path", base_name) or (
-                base_changed_problem(path, base_name, "pretrained_model_name_or_path")
-            ):
+            # a local base that is gone first: it holds no run either, which was told as a base trained again in
+            # place (a hub id is left to from_pretrained, with the revision the run recorded)
+            gone = looks_local(base_name) and recorded_base_problem(
+                path / LORA_BASE, "pretrained_model_name_or_path", base_name
+            )
+            if problem := gone or base_changed_problem(path, base_name, "pretrained_model_name_or_path"):
                 raise UserError(problem + ".")
             changes = base.get("pipeline_changes", {})
             left_out = {name: None for name in changes.get("absent", [])}  # e.g. drop_t5's T5
