@@ -18,6 +18,10 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 # One torch thread per process: tiny models gain little from more, and the 2-process tests (or a busy
 # 2-core machine) slow down 10-30x when threads outnumber cores. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DeepSpeed's CPU engine tests JIT-build a C++ op: built in this venv's own folder, not ~/.cache, where a build killed
+# mid-way left a lock on which every later DeepSpeed launch of any checkout waited forever, and checkouts whose venvs
+# sit at other paths rebuilt the shared op in turn, each waiting on the other's lock. Subprocesses inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 # transformers creates its log handler on first use, on the sys.stderr of that moment: created inside a test that
 # captures output (capsys), it would keep writing to that test's closed stream, and every later test's stderr would

@@ -290,6 +290,26 @@ def test_a_launch_asking_for_other_gradient_accumulation_than_the_recipe_exits_2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="launches CPU processes")
+def test_a_refusal_in_a_process_group_ends_the_group_before_the_interpreter_does(tmp_path, free_port):
+    """A launched process that refused its input left its gloo group to the interpreter's teardown, where gloo's
+    worker threads sometimes aborted the process (SIGABRT, exit -6 instead of 2: the CI failure of stop 43): the
+    group ends as the command exits 2. Its own interpreter: a group of one, as a launched process holds its own."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port}', rank=0, world_size=1)\n"
+        "from hfgen.cli import main\n"
+        "try:\n"
+        f"    main(['train', {str(tmp_path / 'missing.yaml')!r}])\n"
+        "except SystemExit as leaving:\n"
+        "    print('exit', leaving.code, 'group', dist.is_initialized())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "exit 2 group False" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
 def test_an_output_dir_not_shared_between_machines_exits_2_on_every_process(tmp_path, free_port):
     # two machines with a node-local output_dir each: the run exited 0, machine 1's dir held checkpoint dirs with only
     # its rng state, and every later start or resume there was refused as "checkpoint dirs that no hfgen run wrote"
