@@ -19,6 +19,7 @@ from hfgen.models import (
     base_model_of,
     check_lora_targets,
     check_model_source,
+    diffusers_dir_problem,
     fit_embeddings,
     fit_max_length,
     linear_layers_hint,
@@ -58,6 +59,9 @@ def check_model_config(
     problems = check_model_source(
         "model_name_or_path", name, hint=run_first_hint(name), trust_remote_code=trust_remote_code
     )
+    # (a vae run or a pipeline: found at its tokenizer's load, after DPO's check had called the recipe valid)
+    needs = "a transformers model" if task_type == "SEQ_CLS" else "a causal language model"
+    problems += [] if problems else diffusers_dir_problem("model_name_or_path", name, needs)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
         if not model_args.use_peft:

@@ -279,6 +279,17 @@ def test_a_diffusers_dir_given_as_a_reward_or_value_model_exits_2_naming_it(tiny
         assert "tokenizer" not in err, err
 
 
+@pytest.mark.parametrize("recipe", ["dpo", "sft_full", "reward", "grpo_arithmetic"])
+def test_a_diffusers_dir_given_as_the_model_to_train_exits_2_at_the_check_naming_it(capsys, tmp_path, recipe):
+    """The same dirs as model_name_or_path: DPO's check called the recipe valid, then its tokenizer's load refused the
+    dir (review 44 #4)."""
+    for path, what in diffusers_dirs(tmp_path).values():
+        code, out, err = check(capsys, REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", path,
+                               "--output_dir", tmp_path / "out")  # fmt: skip
+        assert code == 2 and f"model_name_or_path '{path}' is " in err and what in err, err
+        assert "valid" not in out, out
+
+
 def test_a_diffusers_dir_loaded_as_a_tokenizer_is_named_not_given_files_to_copy(tmp_path):
     from hfgen.errors import UserError
     from hfgen.models import load_tokenizer
