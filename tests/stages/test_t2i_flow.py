@@ -296,6 +296,17 @@ def test_a_dir_that_is_no_pipeline_exits_2_at_the_check_naming_what_it_is(tmp_pa
             assert (
                 f"'{tmp_path / name}' is not a diffusers pipeline (no model_index.json): it is {what}" in result.stderr
             )
+    # an image LoRA run (its adapter file and lora_base.json): told to merge it or start from its base, by t2i_flow
+    # too, which called it a directory without a config.json (review 44 #3)
+    (tmp_path / "image_lora").mkdir()
+    (tmp_path / "image_lora/pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "image_lora/lora_base.json").write_text(json.dumps({"pretrained_model_name_or_path": "/base"}))
+    for recipe in (LORA_RECIPE, FLOW_LORA_RECIPE):
+        result = run_hfgen_here("check", recipe, "--pretrained_model_name_or_path", tmp_path / "image_lora",
+                                "--output_dir", tmp_path / "out")  # fmt: skip
+        assert result.returncode == 2 and "is a LoRA run (adapters for the pipeline '/base')" in result.stderr, (
+            recipe, result.stderr,
+        )  # fmt: skip
 
 
 def test_full_resume_with_ema_matches_the_uninterrupted_run(configs, vae16_dir, flow_run, tmp_path):

@@ -99,19 +99,12 @@ def check_pipeline_arguments(args: PipelineArguments) -> list[str]:
                 f"{', '.join(scratch_keys)} build a pipeline from scratch; drop them or pretrained_model_name_or_path"
             )
         name = args.pretrained_model_name_or_path
-        if base := lora_run_base(name):  # a LoRA run's adapters, not a pipeline: their weights would be lost
-            base = base["pretrained_model_name_or_path"]
-            problems.append(
-                f"pretrained_model_name_or_path '{name}' is a LoRA run (adapters for the pipeline '{base}'), not a "
-                f"pipeline: fuse them into one with `hfgen merge {name} --output_dir MERGED_DIR` and start from "
-                f"MERGED_DIR, or start from '{base}'"
-            )
-        else:
-            problems += (
-                check_model_source("pretrained_model_name_or_path", name)
-                or pipeline_class_problems(name, "t2i")
-                or [f"pretrained_model_name_or_path {problem}" for problem in missing_component_problems(name)]
-            )
+        problems += (
+            lora_run_as_base_problems(name)
+            or check_model_source("pretrained_model_name_or_path", name)
+            or pipeline_class_problems(name, "t2i")
+            or [f"pretrained_model_name_or_path {problem}" for problem in missing_component_problems(name)]
+        )
     else:
         missing = [
             k
@@ -539,6 +532,20 @@ class FrozenInHalf:
 
 
 # ---- reading pipeline dirs ------------------------------------------------------------------------------
+
+
+def lora_run_as_base_problems(name: str) -> list[str]:
+    """An image LoRA run given as the pipeline a stage starts from (t2i, t2i_flow): its adapters, not a pipeline,
+    whose weights would be lost; told how to start from them (before, t2i_flow called it a directory without a
+    config.json)."""
+    if not (base := lora_run_base(name)):
+        return []
+    base = base["pretrained_model_name_or_path"]
+    return [
+        f"pretrained_model_name_or_path '{name}' is a LoRA run (adapters for the pipeline '{base}'), not a "
+        f"pipeline: fuse them into one with `hfgen merge {name} --output_dir MERGED_DIR` and start from "
+        f"MERGED_DIR, or start from '{base}'"
+    ]
 
 
 def lora_run_base(path: str | Path) -> dict | None:

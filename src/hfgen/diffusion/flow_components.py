@@ -130,11 +130,16 @@ def flow_base_problems(args: FlowPipelineArguments) -> list[str]:
     """The pretrained pipeline: there, of a class this stage trains (`components.pipeline_class_problems`), and not
     a Flux one with drop_t5; read from its model_index.json before anything loads (a hub id not yet downloaded is
     checked again at load, `load_flow_components`)."""
-    from hfgen.diffusion.components import missing_component_problems, pipeline_class_problems
+    from hfgen.diffusion.components import (
+        lora_run_as_base_problems,
+        missing_component_problems,
+        pipeline_class_problems,
+    )
 
     name = args.pretrained_model_name_or_path
     problems = (
-        check_model_source("pretrained_model_name_or_path", name)
+        lora_run_as_base_problems(name)
+        or check_model_source("pretrained_model_name_or_path", name)
         or pipeline_class_problems(name, "t2i_flow")
         or [f"pretrained_model_name_or_path {problem}" for problem in missing_component_problems(name)]
     )
