@@ -366,6 +366,47 @@ def test_a_resume_with_other_training_keys_another_stage_or_another_launch_is_re
         resume_with()
 
 
+def test_an_fsdp_checkpoint_resumed_under_the_other_state_dict_type_is_refused(tmp_path):
+    # a FULL_STATE_DICT checkpoint (pytorch_model_fsdp.bin) resumed under SHARDED_STATE_DICT (recipes/accelerate/
+    # fsdp.yaml's), or the reverse, died on every rank inside accelerate's load_fsdp_model (".metadata" or
+    # pytorch_model_fsdp.bin not found; probe 44 E1): the launch's state-dict type is now recorded and compared, and
+    # read from the files of a checkpoint that did not record it. This process's accelerate state is put on FSDP2 as
+    # an FSDP launch's (tests/engines/fsdp2_launch.py) is.
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    def launch_under(state_dict_type):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        state = Accelerator(cpu=True).state
+        PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=state_dict_type)
+
+    recipe = yaml.safe_load(PRETRAIN.read_text())
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    try:
+        launch_under("FULL_STATE_DICT")
+        launch = tracking.launch_identity()
+        assert launch["engine"] == "fsdp2" and launch["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        checkpoint = fake_checkpoint(tmp_path, recipe, launch)
+        assert tracking.resolve_resume("true", tmp_path) == checkpoint
+        launch_under("SHARDED_STATE_DICT")
+        with pytest.raises(UserError, match=r"fsdp_state_dict_type: 'FULL_STATE_DICT' -> 'SHARDED_STATE_DICT'.*"
+                                            r"Resume with the launch config it was written with"):  # fmt: skip
+            tracking.resolve_resume("true", tmp_path)
+        # an older hfgen's checkpoint, without the record: its files say (a sharded one: pytorch_model_fsdp_0/)
+        del launch["fsdp_state_dict_type"]
+        (checkpoint / tracking.CHECKPOINT_STATE).write_text(json.dumps({"step": 4, **launch}))
+        (checkpoint / "pytorch_model_fsdp_0").mkdir()
+        assert tracking.resolve_resume("true", tmp_path) == checkpoint
+        launch_under("FULL_STATE_DICT")
+        with pytest.raises(UserError, match=r"fsdp_state_dict_type: 'SHARDED_STATE_DICT' -> 'FULL_STATE_DICT'"):
+            tracking.resolve_resume("true", tmp_path)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def test_a_checkpoint_whose_recipe_holds_a_key_since_refused_has_its_other_training_keys_compared(tmp_path):
     # an older hfgen's recipe holding a key this one refuses (warmup_steps under a constant schedule: never read) gave
     # up the whole comparison, so a resume changed every training key without a word (probe 42 A3)

@@ -1354,30 +1354,58 @@ def shapes_training(key: str) -> bool:
 
 
 def launch_identity() -> dict[str, Any]:
-    """How this run is launched, as a checkpoint records it: processes and engine. A checkpoint's optimizer, data
-    order and shards are those of its launch (a ZeRO-3 checkpoint has no optimizer.pt a DDP run could read, and
-    a run on another number of processes draws other batches)."""
+    """How this run is launched, as a checkpoint records it: processes and engine, and under FSDP its state-dict
+    type. A checkpoint's optimizer, data order and shards are those of its launch (a ZeRO-3 checkpoint has no
+    optimizer.pt a DDP run could read, a run on another number of processes draws other batches, and accelerate reads
+    an FSDP checkpoint only in the layout of the launch's `fsdp_state_dict_type`: `fsdp_layout_on_disk`)."""
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
     from hfgen import loop
 
     # (read from accelerate's shared state, which a process that reset it, a notebook's earlier run, may hold empty)
     processes = PartialState._shared_state.get("num_processes") or int(os.environ.get("WORLD_SIZE", "1"))
-    return {"processes": processes, "engine": loop.current_engine()}
+    identity = {"processes": processes, "engine": loop.current_engine()}
+    if identity["engine"].startswith("fsdp") and AcceleratorState._shared_state:
+        identity["fsdp_state_dict_type"] = AcceleratorState().fsdp_plugin.state_dict_type.name
+    return identity
+
+
+def fsdp_layout_on_disk(checkpoint: Path) -> str | None:
+    """The `fsdp_state_dict_type` an FSDP checkpoint was saved under, read from its files (checkpoints of an hfgen
+    that did not record it): accelerate's FULL_STATE_DICT writes the first model whole as pytorch_model_fsdp.bin,
+    SHARDED_STATE_DICT as a pytorch_model_fsdp_0/ folder of shards (the Trainer and `accelerator.save_state` alike)."""
+    if (checkpoint / "pytorch_model_fsdp_0").is_dir():
+        return "SHARDED_STATE_DICT"
+    if (checkpoint / "pytorch_model_fsdp.bin").is_file():
+        return "FULL_STATE_DICT"
+    return None
 
 
 def check_same_run(checkpoint: Path, output_dir: str | Path) -> None:
     """A resume continues the checkpoint's run: the same stage and recipe (but for `RESUMABLE_CHANGES`), the same
-    number of processes and engine; otherwise a UserError naming what differs (a resumed run that silently ran
-    with other values, or on another launch, would be neither the old run nor the new one)."""
+    number of processes, engine and FSDP state-dict type; otherwise a UserError naming what differs (a resumed run
+    that silently ran with other values, or on another launch, would be neither the old run nor the new one, and
+    accelerate reads an FSDP checkpoint of the other layout with a raw error on every rank)."""
     state = read_json(checkpoint / CHECKPOINT_STATE, {})
     now = launch_identity()
-    launch = [f"{key}: {state[key]!r} -> {now[key]!r}" for key in now if key in state and state[key] != now[key]]
-    if launch:
+    if "fsdp_state_dict_type" in now and "fsdp_state_dict_type" not in state and state.get("engine") == now["engine"]:
+        # a checkpoint of an hfgen that did not record it: its files say (neither file: nothing to compare)
+        state["fsdp_state_dict_type"] = fsdp_layout_on_disk(checkpoint) or now["fsdp_state_dict_type"]
+    changed = [key for key in now if key in state and state[key] != now[key]]
+    if changed:
+        launch = ", ".join(f"{key}: {state[key]!r} -> {now[key]!r}" for key in changed)
+        layout = (
+            " (accelerate reads an FSDP checkpoint only under the fsdp_state_dict_type it was saved with: the launch "
+            "config's fsdp_state_dict_type, or FSDP_STATE_DICT_TYPE)"
+            if "fsdp_state_dict_type" in changed
+            else ""
+        )
         raise UserError(
-            f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by another launch ({', '.join(launch)}); "
-            "its optimizer state and data order belong to that launch. Resume with the same number of processes and "
-            "engine, or start afresh (a new output_dir, or overwrite_output_dir: true without resume_from_checkpoint)."
+            f"resume_from_checkpoint: checkpoint '{checkpoint}' was written by another launch ({launch}); "
+            f"its optimizer state and data order belong to that launch{layout}. Resume with the launch config it was "
+            "written with (the same number of processes, engine and FSDP state-dict type), or start afresh (a new "
+            "output_dir, or overwrite_output_dir: true without resume_from_checkpoint)."
         )
     check_same_recipe(checkpoint, output_dir)
 
