@@ -160,7 +160,8 @@ def test_a_spawned_launch_leaves_the_callers_environment_as_it_was(tmp_path, mon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="launches CPU processes")
 def test_a_spawned_launch_exits_with_its_processes_code_and_launches_every_process(tmp_path):
     # a process's exit 2 came back as the launcher's CalledProcessError / ChildFailedError traceback and exit 1, a
-    # save_on_signal exit 143 as 1; and without --launch_config, --num_processes 2 started one process
+    # save_on_signal exit 143 as 1 (and its "saved ...; continue with" line came once per process); and without
+    # --launch_config, --num_processes 2 started one process
     from conftest import run_hfgen
 
     tiny = ["--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "4", "--save_steps", "1",
@@ -172,8 +173,9 @@ def test_a_spawned_launch_exits_with_its_processes_code_and_launches_every_proce
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("no-such-checkpoint' is not a directory") == 2  # said by each of the 2 processes
     stopped = run_hfgen("train", PRETRAIN, *tiny, "--save_on_signal", "true", "--output_dir", tmp_path / "b",
-                        "--num_processes", "1", env={**cpu, "HFGEN_KILL_AT": "step@2:TERM"})  # fmt: skip
+                        "--num_processes", "2", env={**cpu, "HFGEN_KILL_AT": "step@2:TERM"})  # fmt: skip
     assert stopped.returncode == 128 + 15 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.count("continue with --resume_from_checkpoint true") == 1, stopped.stderr[-3000:]
 
 
 def test_a_launch_asking_for_another_precision_than_the_recipe_exits_2_naming_both(tmp_path, monkeypatch, capsys):

@@ -119,7 +119,10 @@ def exit_on_signal(checkpoint) -> None:
     """After the checkpoint `signalled` asked for: leave without the COMPLETE marker (exit 128 + signal number)."""
     if _signal_received is None:
         return
-    print(f"hfgen: saved {checkpoint}; continue with --resume_from_checkpoint true", file=sys.stderr)
+    from hfgen import tracking
+
+    if tracking.is_main_process():  # (one line for the run, not one for each of its processes)
+        print(f"hfgen: saved {checkpoint}; continue with --resume_from_checkpoint true", file=sys.stderr)
     sys.exit(128 + _signal_received)
 
 
