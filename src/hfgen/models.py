@@ -89,17 +89,21 @@ IMAGE_CHECKPOINT_ADVICE = (
 )
 
 
-def checkpoint_stage(path: Path) -> str | None:
-    """The stage of the run a training checkpoint belongs to (the copy of its recipe it holds, else its run's), or
-    None."""
+def recorded_stage(recipe: Path) -> str | None:
+    """The stage a run's recipe.yaml names, or None (no such file, or one that names none)."""
     import yaml
 
-    recipe = path / "recipe.yaml" if (path / "recipe.yaml").is_file() else path.parent / "recipe.yaml"
     try:
-        stage = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("stage") if recipe.is_file() else None
+        stage = yaml.safe_load(recipe.read_text(encoding="utf-8")).get("stage")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):  # (a recipe is a mapping; anything else tells none)
         return None
     return stage if isinstance(stage, str) else None
+
+
+def checkpoint_stage(path: Path) -> str | None:
+    """The stage of the run a training checkpoint belongs to (the copy of its recipe it holds, else its run's), or
+    None."""
+    return recorded_stage(path / "recipe.yaml" if (path / "recipe.yaml").is_file() else path.parent / "recipe.yaml")
 
 
 def not_a_model_dir(path: Path) -> str | None:
@@ -384,13 +388,8 @@ def what_model_dir_holds(path: str | Path) -> str | None:
         kind = f"a {', '.join(config.get('architectures') or []) or repr(config.get('model_type')) + ' model'}"
     else:
         return None
-    import yaml
-
-    try:  # the hfgen run that wrote it, where it is one
-        stage = (yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("stage")
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
-        stage = None
-    if not isinstance(stage, str):
+    stage = recorded_stage(path / "recipe.yaml")  # the hfgen run that wrote it, where it is one
+    if stage is None:
         return kind
     return f"{kind} ({'an' if stage[:1] in 'aeiou' or stage in ('sft', 'rlhf') else 'a'} {stage} run)"
 
