@@ -176,9 +176,8 @@ def trained_on_chat(model_path: str) -> bool | None:
     in data.json too when they start, for a checkpoint of a run not finished yet. A run that does not say (an older
     hfgen's) is read from the layout of its training rows in its data.json: plain text, Alpaca or Dolly rows are
     prompted raw, conversations in the template. None when unknown: no hfgen run made it, or neither record tells."""
-    import yaml
-
     from hfgen import tracking
+    from hfgen.models import recorded_stage
 
     merged = tracking.read_json(Path(model_path) / "merged_from.json", {})
     if isinstance(merged, dict) and merged.get("trained_on_chat") is not None:  # `hfgen merge` kept its run's word
@@ -186,7 +185,7 @@ def trained_on_chat(model_path: str) -> bool | None:
     recipe = made_by_run(model_path)
     if recipe is None:
         return None
-    if yaml.safe_load(recipe.read_text(encoding="utf-8")).get("stage") == "pretrain":
+    if recorded_stage(recipe) == "pretrain":
         return False
     recorded = tracking.read_json(recipe.parent / "eval.json", {}).get("trained_on_chat")
     data = tracking.read_json(recipe.parent / "data.json", {})
