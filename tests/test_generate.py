@@ -86,6 +86,39 @@ def test_one_seed_samples_the_same_from_an_adapter_and_its_merged_model(llama_di
     assert outputs[0] == outputs[1]
 
 
+def test_a_prompts_samples_depend_on_the_seed_and_the_prompt_not_on_the_batch_or_the_other_prompts(
+    llama_dir, model_and_tokenizer, capsys
+):
+    """`hfgen generate` drew every prompt's samples from one global generator in batch order: "the cat" alone, with
+    a prompt after it or with one before it got three other sets of samples from one --seed (`hfgen eval` the same
+    with --batch_size and --num_prompts)."""
+    from hfgen.generate import generate_tokens, prompt_seeds
+
+    def generated(*prompts):
+        arguments = ["--num_samples", "3", "--max_new_tokens", "8", "--no-chat", "--seed", "3"]
+        assert hfgen(["generate", str(llama_dir), *[a for p in prompts for a in ("--prompt", p)], *arguments]) == 0
+        samples: dict = {}
+        for block in capsys.readouterr().out.split("### ")[1:]:
+            prompt, text = block.split("\n", 1)
+            samples.setdefault(prompt, []).append(text)
+        return samples
+
+    alone = generated("the cat")["the cat"]
+    assert len(set(alone)) > 1
+    assert generated("the cat", "a dog")["the cat"] == alone == generated("a dog", "the cat")["the cat"]
+
+    model, tokenizer = model_and_tokenizer
+    prompts = ["the cat", "a dog", "the cat", "the fox is"]  # a repeated prompt samples afresh
+    seeds = prompt_seeds(3, prompts)
+    texts = []
+    for batch_size in (1, 3, 64):
+        groups = generate_tokens(
+            model, tokenizer, prompts, max_new_tokens=8, num_samples=2, batch_size=batch_size, seeds=seeds
+        )
+        texts.append([[completion.text for completion in group] for group in groups])
+    assert texts[0] == texts[1] == texts[2] and texts[0][0] != texts[0][2]
+
+
 def test_a_long_prompt_lowers_max_new_tokens_for_itself_only(tmp_path):
     """With learned positions (GPT-2's 256) a long prompt lowered max_new_tokens for its whole batch (the padded
     length): "the dog" got 16 new tokens beside a 240-token prompt, 30 alone."""

@@ -74,8 +74,6 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         raise UserError("hfgen generate: " + "; ".join(problems) + ".")
 
-    import torch
-
     from hfgen.models import check_model_source, load_causal_lm, load_tokenizer, not_a_generator
 
     if problems := check_model_source("MODEL", args.model) or not_a_generator(args.model, "MODEL"):
@@ -83,13 +81,12 @@ def main(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
-    # seeded after loading (as `hfgen eval`): a LoRA adapter's initialisation draws from the RNG, which made an
-    # adapter dir and its merged model sample differently from one --seed
-    torch.manual_seed(args.seed)
     chat = wants_chat(args.model, tokenizer) if args.chat is None else args.chat
+    # each prompt's own seeds (as `hfgen eval`): its samples do not depend on the other prompts, and nothing drawn
+    # before (a LoRA adapter's initialisation draws from the global RNG) moves them
     samples = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, num_samples=args.num_samples, chat=chat,
+        top_p=args.top_p, num_samples=args.num_samples, chat=chat, seeds=prompt_seeds(args.seed, args.prompt),
     )  # fmt: skip
     for prompt, texts in zip(args.prompt, samples):
         for text in texts:
@@ -125,6 +122,26 @@ def seed_problems(seed: int) -> list[str]:
     """--seed's problem (generate and eval, text and images): out of the range torch can seed with."""
     low, high = SEED_RANGE
     return [] if low <= seed <= high else [f"--seed must be a 64-bit integer, from {low} to {high}; got {seed}"]
+
+
+def prompt_seeds(seed: int, prompts: list) -> list[int]:
+    """The sampling seed of each prompt (a text or a conversation) for `generate_tokens`' `seeds`: from `seed` and
+    the prompt itself, with how many equal prompts came before it (a repeated prompt samples afresh), by the held-out
+    comparison's `row_seed`. Not its place in the list: a prompt's samples do not depend on the batch size, on how
+    many prompts are sampled nor on the others before or after it."""
+    import hashlib
+    import json
+
+    from hfgen.evaluation.policy import row_seed
+
+    seen: dict[str, int] = {}
+    seeds = []
+    for prompt in prompts:
+        identity = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+        seen[identity] = seen.get(identity, 0) + 1
+        digest = hashlib.sha256(f"{seen[identity]}:{identity}".encode()).digest()  # stable across processes
+        seeds.append(row_seed(seed, int.from_bytes(digest[:8], "big")))
+    return seeds
 
 
 RUN_SUB_MODELS = ("ema",)  # the models a run saves beside its own (PPO's `ema_decay` copy), in the run's format
@@ -252,12 +269,13 @@ def format_prompts(tokenizer, prompts: list, chat: bool) -> list[str]:
 def generate_text(
     model, tokenizer, prompts: list, *, max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95,
     num_samples: int = 1, chat: bool = False, batch_size: int = 64, min_new_tokens: int | None = None,
+    seeds: list[int] | None = None,
 ) -> list[list[str]]:  # fmt: skip
     """`num_samples` completions for each prompt (completion text only, special tokens removed).
     Left-padded batches, KV cache on, stop at EOS."""
     samples = generate_tokens(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        num_samples=num_samples, chat=chat, batch_size=batch_size, min_new_tokens=min_new_tokens,
+        num_samples=num_samples, chat=chat, batch_size=batch_size, min_new_tokens=min_new_tokens, seeds=seeds,
     )  # fmt: skip
     return [[sample.text for sample in group] for group in samples]
 
@@ -272,6 +290,7 @@ class Completion(NamedTuple):
 def generate_tokens(
     model, tokenizer, prompts: list, *, max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95,
     num_samples: int = 1, chat: bool = False, batch_size: int = 64, min_new_tokens: int | None = None,
+    seeds: list[int] | None = None,
 ) -> list[list[Completion]]:  # fmt: skip
     """`generate_text` with the token ids kept and whether each completion finished: what a reward model that
     shares the tokenizer reads (`hfgen.rl.rollout.RewardScorer`).
@@ -279,10 +298,16 @@ def generate_tokens(
     Sampling is PPO's (`sampling_config`): softmax(logits / temperature) with top-p, nothing else from the model's
     generation_config.json, stopping at every EOS id (`hfgen.rl.models.stop_token_ids`). A prompt gets
     `max_new_tokens`, lowered only for the prompts that would run past a model's learned positions
-    (`new_token_budgets`): prompts are batched with those of the same budget."""
+    (`new_token_budgets`): prompts are batched with those of the same budget.
+
+    `seeds` (one per prompt, `prompt_seeds`): each sample draws from a generator of its own (`row_seed` of its
+    prompt's seed and its number), so a prompt's samples do not depend on the prompts batched beside it; without,
+    the draws come from torch's global generator in batch order."""
     import torch
 
+    from hfgen.evaluation.policy import row_seed
     from hfgen.rl.models import stop_token_ids
+    from hfgen.rl.rollout import InverseTransformSampler, picking_the_draw
 
     texts = format_prompts(tokenizer, prompts, chat)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -295,14 +320,23 @@ def generate_tokens(
     try:
         for budget in dict.fromkeys(budgets):  # one group (in order) unless some prompts are near the limit
             indices = [i for i, b in enumerate(budgets) if b == budget]
+            seeded = seeds is not None and temperature > 0  # (greedy decoding draws nothing)
+            # seeded, greedy picks the sampler's draw, and greedy returns one sequence a row: the rows are repeated
             config = sampling_config(
-                tokenizer, model, budget, temperature, top_p, stop_ids, min_new_tokens, num_samples
+                tokenizer, model, budget, temperature, top_p, stop_ids, min_new_tokens, 1 if seeded else num_samples
             )
+            if seeded:
+                config = picking_the_draw(config)
             for start in range(0, len(indices), batch_size):
                 rows = indices[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [prompt_ids[i] for i in rows]}, return_tensors="pt").to(device)
+                sampler = None
+                if seeded:  # each prompt num_samples times in a row, as num_return_sequences: one seed a sequence
+                    batch = {key: value.repeat_interleave(num_samples, dim=0) for key, value in batch.items()}
+                    row_seeds = [row_seed(seeds[i], sample) for i in rows for sample in range(num_samples)]
+                    sampler = [InverseTransformSampler(temperature, top_p, row_seeds)]
                 with torch.inference_mode():
-                    generated = model.generate(**batch, generation_config=config)
+                    generated = model.generate(**batch, generation_config=config, logits_processor=sampler)
                 completions = generated[:, batch["input_ids"].shape[1] :].tolist()
                 decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
                 for row, (ids, text) in enumerate(zip(completions, decoded)):

@@ -136,6 +136,25 @@ def test_perplexity_can_be_skipped(model_dir, tmp_path):
     assert (tmp_path / "policy_a_samples.jsonl").is_file() and not (tmp_path / "eval_samples.jsonl").exists()
 
 
+def test_a_prompts_samples_and_the_figures_do_not_depend_on_batch_size_or_num_prompts(model_dir, tmp_path):
+    """Every prompt's samples were drawn from one global generator in batch order: the same model and --seed gave
+    other samples, and another oracle score and diversity, at another --batch_size or --num_prompts."""
+
+    def evaluate(name, *options):
+        output = tmp_path / f"{name}.json"
+        arguments = [*FAST, "--perplexity_dataset", "none", "--output", str(output), *options]
+        assert hfgen(["eval", str(model_dir), *arguments]) == 0
+        rows = [json.loads(line) for line in (tmp_path / f"{name}_samples.jsonl").read_text().splitlines()]
+        figures = {k: v for k, v in tracking.read_json(output).items() if k.startswith(("quality/", "diversity/"))}
+        return rows, figures
+
+    rows, figures = evaluate("batched", "--batch_size", "64")
+    one_prompt_a_batch = evaluate("one_a_batch", "--batch_size", "2")  # 2 samples: one prompt a batch
+    assert one_prompt_a_batch == (rows, figures) and len(rows) == 4
+    assert evaluate("fewer", "--num_prompts", "2")[0] == rows[:2]
+    assert evaluate("other_seed", "--seed", "1")[0] != rows
+
+
 def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_stages(model_dir, tmp_path, capsys):
     # the earlier evaluation's figures stayed beside the new settings: a baseline win rate the new one did not measure
     from hfgen.evaluation.policy import Sampling, summarise

@@ -447,7 +447,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     from tqdm.auto import tqdm
 
     from hfgen.evaluation import speed, text
-    from hfgen.generate import format_prompts, new_token_budgets, wants_chat
+    from hfgen.generate import format_prompts, new_token_budgets, prompt_seeds, wants_chat
     from hfgen.models import load_causal_lm, load_tokenizer, position_limit
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == AUTO else args.device
@@ -481,7 +481,10 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     results["speed/batch_size"], results["speed/new_tokens"] = len(batched), new_tokens
     results["speed/peak_memory_mb"], results["speed/peak_memory_kind"] = speed.peak_memory(device)
 
-    completions = sample(model, tokenizer, inputs, args, chat)
+    # seeded by the prompts as read from the dataset, not as formatted: the baseline, prompted in its own format,
+    # samples with the same random numbers (common random numbers: a less noisy win rate)
+    seeds = prompt_seeds(args.seed, prompts)
+    completions = sample(model, tokenizer, inputs, seeds, args, chat)
     responses = texts_of(completions)
 
     # Quality: perplexity, then judges (reward model, oracle), then the baseline's win rate.
@@ -517,7 +520,7 @@ def evaluate_text_model(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         baseline = load_causal_lm(args.baseline).to(device)
         baseline_chat = wants_chat(args.baseline, baseline_tokenizer) if args.chat is None else args.chat
         baseline_inputs = model_inputs(prompts, baseline_chat)
-        baseline_completions = sample(baseline, baseline_tokenizer, baseline_inputs, args, baseline_chat)
+        baseline_completions = sample(baseline, baseline_tokenizer, baseline_inputs, seeds, args, baseline_chat)
         baseline_judges, _ = load_judges(args, device, baseline_tokenizer, reward_model)
         # Every judge gives its own verdict: a reward model can be gamed, the oracle (where there is one) cannot.
         for name, judge in baseline_judges.items():
@@ -555,15 +558,14 @@ def texts_of(completions: list[list]) -> list[list[str]]:
     return [[completion.text for completion in group] for group in completions]
 
 
-def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool) -> list[list]:
+def sample(model, tokenizer, inputs: list, seeds: list[int], args: argparse.Namespace, chat: bool) -> list[list]:
     """`num_samples` responses per prompt (`hfgen.generate.Completion`s: text, ids, finished), in batches of about
-    `batch_size` sequences, seeded."""
-    import torch
+    `batch_size` sequences, each prompt's drawn with its own of `seeds` (`hfgen.generate.prompt_seeds`): a prompt's
+    responses do not depend on `batch_size`, `num_prompts` or the other prompts."""
     from tqdm.auto import tqdm
 
     from hfgen.generate import generate_tokens
 
-    torch.manual_seed(args.seed)
     prompts_per_batch = max(1, args.batch_size // args.num_samples)
     responses: list[list] = []
     with tqdm(total=len(inputs), desc="sampling", disable=args.quiet) as bar:
@@ -572,6 +574,7 @@ def sample(model, tokenizer, inputs: list, args: argparse.Namespace, chat: bool)
             responses += generate_tokens(
                 model, tokenizer, chunk, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, num_samples=args.num_samples, chat=chat, batch_size=len(chunk),
+                seeds=seeds[start : start + prompts_per_batch],
             )  # fmt: skip
             bar.update(len(chunk))
     return responses

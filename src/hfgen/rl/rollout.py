@@ -84,6 +84,16 @@ def top_p_kept(probabilities: torch.Tensor, top_p: float) -> torch.Tensor:
     return probabilities.masked_fill(dropped.scatter(-1, order, dropped), 0.0)
 
 
+def picking_the_draw(generation_config):
+    """A copy of a sampling `generation_config` whose greedy step picks the token `InverseTransformSampler` drew
+    (at the config's temperature and top-p, given to the sampler)."""
+    generation_config = copy.deepcopy(generation_config)
+    generation_config.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None)
+    if narrows_sampling(generation_config):  # a caller's bug: the seeded draw has no top-k, min-p, ...
+        raise ValueError("seeded sampling draws by temperature and top-p only")
+    return generation_config
+
+
 def narrows_sampling(generation_config) -> bool:
     """Whether `generate`'s sampling keeps only part of the vocabulary (top-p, top-k, min-p, top-h, typical-p, an
     epsilon or eta cutoff): transformers runs those warpers only when it samples (do_sample), so the greedy step
@@ -129,11 +139,7 @@ def sample_responses(
     temperature, top_p = generation_config.temperature, generation_config.top_p or 1.0
     draws_here = seeds is not None or not narrows_sampling(generation_config)
     if draws_here:
-        generation_config = copy.deepcopy(generation_config)
-        # greedy picks the draw
-        generation_config.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None)
-        if narrows_sampling(generation_config):  # a caller's bug: the seeded draw has no top-k, min-p, ...
-            raise ValueError("seeded sampling draws by temperature and top-p only")
+        generation_config = picking_the_draw(generation_config)
     pieces = []
     for rows in chunks(len(query_ids), chunk_size):
         sampler = InverseTransformSampler(temperature, top_p, None if seeds is None else seeds[rows])
