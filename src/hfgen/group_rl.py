@@ -49,6 +49,7 @@ from hfgen.finetune import build_trainer, check_model_config, load_model, lora_c
 from hfgen.generate import made_by_run, prompts_are_chat, rendered_with_template, template_marks, trained_on_chat
 from hfgen.models import answer_room, check_model_source, not_a_reward_model, position_limit, read_config
 from hfgen.rl.monitor import HackingMonitorArguments, build_monitor, monitor_problems, reward_component_names
+from hfgen.rl.records import start_samples
 
 BUFFER_FILE = "hfgen_generation_buffer.pt"  # TRL's completion buffer and micro-step counter, per process
 TRAINER_ARGUMENTS = ("trainer_state", "log_extra", "log_metric", "environments")  # what TRL adds to the columns
@@ -755,7 +756,9 @@ def recorded(trainer_class):
             skip_epoch_orders(getattr(self, "_train_sampler", None), epochs_trained)
             return epochs_trained, steps_trained_in_current_epoch
 
-        # Exact resume: the completion buffer and micro-step counter travel with the checkpoint.
+        # Exact resume: the completion buffer and micro-step counter travel with the checkpoint, and so does the
+        # sample table of the buffered batch, which every logging step until the next generation writes again (a
+        # resume inside a generation batch wrote no table until then: gaps in samples.jsonl).
         def _save_checkpoint(self, model, trial):
             import torch
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -763,7 +766,8 @@ def recorded(trainer_class):
             super()._save_checkpoint(model, trial)
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             rank = self.accelerator.process_index
-            torch.save({"step": self._step, "buffer": self._buffered_inputs}, folder / f"{rank}-{BUFFER_FILE}")
+            state = {"step": self._step, "buffer": self._buffered_inputs, "samples": self._samples}
+            torch.save(state, folder / f"{rank}-{BUFFER_FILE}")
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             import torch
@@ -778,6 +782,7 @@ def recorded(trainer_class):
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 self._step = state["step"]
                 self._buffered_inputs = send_to_device(state["buffer"], self.accelerator.device)
+                self._samples = state.get("samples", [])  # (a checkpoint of an older hfgen has none)
 
     Recorded.__name__ = Recorded.__qualname__ = trainer_class.__name__
     return Recorded
@@ -971,8 +976,8 @@ def run(trainer_class, name: str, model_args, data_args: GroupRLArguments, confi
     resume = tracking.trainer_resume(trainer, output_dir)
     if monitor and resume:
         monitor.load(resume)
-    if resume is None and trainer.is_world_process_zero():
-        (output_dir / "samples.jsonl").unlink(missing_ok=True)
+    if trainer.is_world_process_zero():  # the rows of the steps after the checkpoint are about to be written again
+        start_samples(output_dir, tracking.checkpoint_step(resume) if resume else 0)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     check_final_policy(trainer, eval_rows if len(eval_rows) else train_rows, config)
     trainer.save_model(str(output_dir))

@@ -320,10 +320,13 @@ def test_resume_mid_generation_batch_or_epoch_reproduces_the_uninterrupted_run(f
     full = [row for row in tracking.read_metrics(full_run) if "loss" in row]
     full_summary = tracking.read_json(full_run / "eval.json")
     full_weights = load_file(full_run / "model.safetensors")
+    full_samples = tracking.read_jsonl(full_run / "samples.jsonl")
     for checkpoint in (1, 2):
         directory = tmp_path / f"from{checkpoint}"
         (directory / "run").mkdir(parents=True)
         shutil.copytree(full_run / f"checkpoint-{checkpoint}", directory / "run" / f"checkpoint-{checkpoint}")
+        # the sample tables a run killed after its last step had written: those after the checkpoint are written again
+        shutil.copy(full_run / "samples.jsonl", directory / "run" / "samples.jsonl")
         if checkpoint == 1:
             result = run_hfgen_here("train", write_recipe(directory, models[1], max_train_samples=4),
                                     "--resume_from_checkpoint", "true")  # fmt: skip
@@ -341,6 +344,15 @@ def test_resume_mid_generation_batch_or_epoch_reproduces_the_uninterrupted_run(f
         # the reward-hacking monitor's history travels with the checkpoint: a fresh monitor would have seen step 3 only
         resumed_summary = tracking.read_json(directory / "run" / "eval.json")
         assert resumed_summary["monitor/observed_steps"] == full_summary["monitor/observed_steps"] == 2
+        # samples.jsonl as the uninterrupted run's: from checkpoint-1 step 2 writes the buffered batch's table (it
+        # wrote none: the table travels with the buffer), and the rows past the checkpoint are not written twice
+        samples = tracking.read_jsonl(directory / "run" / "samples.jsonl")
+        assert [row["step"] for row in full_samples] == [step for step in range(1, 5) for _ in range(4)]
+        texts = ("step", "prompt", "response")
+        assert [[row[key] for key in texts] for row in samples] == [[row[key] for key in texts] for row in full_samples]
+        for row, original in zip(samples, full_samples):
+            scores = {key: value for key, value in original.items() if key not in texts}
+            assert {key: row[key] for key in scores} == pytest.approx(scores, rel=1e-5, abs=1e-7), checkpoint
         weights = load_file(directory / "run" / "model.safetensors")
         for name in full_weights:
             torch.testing.assert_close(weights[name], full_weights[name], rtol=1e-5, atol=1e-6)

@@ -37,9 +37,11 @@ def global_means(accelerator, local: dict) -> dict[str, float | None]:
 
 def start_samples(output_dir: Path, start_step: int) -> None:
     """Before training (main process): samples.jsonl as it was at the resumed checkpoint (rows of later steps are
-    about to be written again), or none on a fresh start."""
+    about to be written again), or none on a fresh start (`start_step` 0). PPO's and GRPO/RLOO's."""
     path = output_dir / "samples.jsonl"
-    if path.is_file():
+    if not start_step:
+        path.unlink(missing_ok=True)
+    elif path.is_file():
         tracking.write_jsonl(path, [row for row in tracking.read_jsonl(path) if row["step"] <= start_step])
 
 
