@@ -2,6 +2,7 @@
 input checked); every accelerate preset loads with accelerate's own config loader. An upstream rename (TRL's
 max_seq_length -> max_length, transformers' warmup_ratio -> warmup_steps) breaks this test, not a user's run."""
 
+import re
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 
 from conftest import REPO
 from hfgen.check import launch_mixed_precision
+from hfgen.errors import UserError
 from hfgen.recipe import build_recipe, known_keys, load_recipe, read_recipe_file, training_precision
 
 RECIPES = sorted(
@@ -132,6 +134,40 @@ def test_a_command_line_value_is_read_by_its_keys_type_not_as_yaml_1_1_numbers()
     assert (args.output_dir, args.run_name, args.dataset_text_field) == ("010", "1.50", "0x1F")
     assert (args.seed, args.max_steps, args.learning_rate) == (17, 10, 0.003)
     assert load_recipe(sft, ["--output_dir", "8", "--max_steps", "5"], False).configs[-1].max_steps == 5
+
+
+def test_a_text_value_on_the_command_line_is_the_text_typed():
+    """Each value was read as YAML: `--output_dir 'out/run #2'` wrote to out/run, `'out/run: v2'` to a folder named
+    '{"out/run": "v2"}', `--instance_prompt 'a sks #7 digit'` trained on "a sks", `&x` was null (probe 45 B1). A
+    key typed text keeps what was typed, in recipe.yaml too; a typed key keeps YAML's reading, and refuses what is
+    not one, naming it."""
+    dreambooth = REPO / "recipes/tiny/t2i_digits_dreambooth.yaml"
+    typed = {
+        "output_dir": "out/run: v2 #2",
+        "instance_prompt": "&sks a photo #7 of: digit",
+        "class_data_dir": " classes ",
+        "validation_prompts": ["a digit #3", "- b: c", "! seven", "~", "True", "3"],
+    }
+    tokens = [
+        token for key, value in typed.items() for token in (f"--{key}", *([value] if isinstance(value, str) else value))
+    ]
+    recipe = load_recipe(dreambooth, [*tokens, "--with_prior_preservation", "true", "--max_train_steps", "3"], False)
+    args = recipe.configs[-1]
+    assert {key: getattr(args, key) for key in typed} == typed
+    assert {key: yaml.safe_load(recipe.to_yaml())[key] for key in typed} == typed
+    assert (args.with_prior_preservation, args.max_train_steps) == (True, 3)
+    # flow lists and mappings, and null, as in the recipe file
+    flow = load_recipe(dreambooth, ["--validation_prompts", "[a, b]", "--class_data_dir", "null"], False).configs[-1]
+    assert flow.validation_prompts == ["a", "b"] and flow.class_data_dir is None
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    for given, says in [
+        (["--max_steps", "5 #x"], "key 'max_steps': invalid int value '5 #x'"),
+        (["--max_length", "#3"], "key 'max_length': invalid int value '#3'"),  # (was None: no truncation)
+        (["--use_peft", "true #x"], "key 'use_peft': invalid string_to_bool value 'true #x'"),
+        (["--output_dir", "{a: b}"], "key 'output_dir' takes a path, got dict {'a': 'b'}"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            load_recipe(sft, ["--use_cpu", "true", *given], False)
 
 
 def test_report_to_null_means_no_tracker():

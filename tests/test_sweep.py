@@ -42,6 +42,17 @@ def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
         grid_points(split_grid(["--run_name", "a/b,a:b,a b"])[0])
 
 
+def test_an_axis_value_is_the_text_typed(tmp_path):
+    # `--validation_prompts "a digit #1,a digit #2"`: both points trained on "a digit", the text before YAML's
+    # comment (probe 45 B1); a point's values are its key's type's reading, as `hfgen train` reads them
+    from hfgen.sweep import point_recipe
+
+    axes, fixed = split_grid(["--run_name", "exp #1,exp: 2", "--max_steps", "3"])
+    for (name, tokens), typed in zip(grid_points(axes), ["exp #1", "exp: 2"], strict=True):
+        args = point_recipe(str(PRETRAIN), [*fixed, *tokens], tmp_path / name).configs[-1]
+        assert (args.run_name, args.max_steps) == (typed, 3)
+
+
 def test_an_invalid_point_stops_the_sweep_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         hfgen(["sweep", str(PRETRAIN), "--learning_rate", "1e-3,fast", "--output_root", str(tmp_path), *SHORT])

@@ -43,12 +43,12 @@ def main(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from hfgen.errors import UserError
-    from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
+    from hfgen.recipe import load_recipe, recipe_values
 
     args.recipe = args.recipe or args.config_file  # `hfgen.cli.config_as_recipe` makes --config RECIPE the recipe
     if args.recipe is None:
         raise UserError("no recipe given: `hfgen check RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
-    values = {**read_recipe_file(args.recipe), **parse_overrides(args.overrides)}
+    values = recipe_values(args.recipe, args.overrides)
     pending = models_made_by_earlier_steps(values, args.recipe)
     # keys, types, models, data: as `hfgen train` does first; without the models an earlier step will make
     recipe = load_recipe(args.recipe, args.overrides, made_later=tuple(v for v, _ in pending.values()))

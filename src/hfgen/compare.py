@@ -165,7 +165,7 @@ def point_recipe(base, method: str, seed: int, root: Path, args):
     from hfgen.stages import rlhf
 
     wired = rlhf.step_recipe(dataclasses.replace(base, method=method), method, check_inputs=False)
-    values = {"stage": wired.stage, **wired.values, **parse_overrides(args.overrides)}
+    values = {"stage": wired.stage, **wired.values, **parse_overrides(args.overrides, wired.stage)}
     values |= {"seed": seed, "output_dir": str(root / method / f"seed={seed}")}
     if method in OFFLINE:
         values["eval_samples_per_prompt"] = 0

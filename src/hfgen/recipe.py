@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import glob
 import importlib.util
 import json
@@ -231,11 +232,19 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+def recipe_values(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """A recipe file's values with the command line's overrides over them, each read by its key's type in the
+    recipe's stage (`parse_overrides`)."""
+    values = read_recipe_file(path)
+    return {**values, **parse_overrides(overrides, values.get(STAGE_KEY))}
+
+
+def parse_overrides(tokens: list[str], stage: Any = None) -> dict[str, Any]:
     """`['--lr', '1e-4', '--flag', '--mods', 'q', 'v']` -> {'lr': '1e-4', 'flag': True, 'mods': ['q', 'v']}.
 
     Values stay strings (typed later by the dataclass field); YAML scalars are decoded so that the
-    resolved recipe reads naturally (`true`, numbers, `null`).
+    resolved recipe reads naturally (`true`, numbers, `null`). A key whose value is text in `stage` (or in the
+    `--stage` the tokens give) keeps the text as typed (`text_keys`).
     """
     overrides: dict[str, Any] = {}
     key = None
@@ -250,9 +259,11 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             raise UserError(f"unexpected argument '{token}': overrides take the form --key value.")
         else:
             overrides[key].append(token)
+    stage = (overrides.get(STAGE_KEY) or [stage])[0]
+    text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
     resolved = {}
     for key, values in overrides.items():
-        decoded = [_decode_scalar(v) for v in values]
+        decoded = [_decode_text(v) if key in text else _decode_scalar(v) for v in values]
         resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
     return resolved
 
@@ -268,7 +279,13 @@ def valueless_keys(tokens: list[str]) -> frozenset:
     )
 
 
+_NULLS = ("null", "Null", "NULL", "~", "")  # YAML's spellings of null
+
+
 def _decode_scalar(text: str) -> Any:
+    """A command-line value for a key of another type than text: YAML's reading where it is a number, a boolean,
+    null or a flow list or mapping (`[a, b]`, `{k: v}`) as typed, else the text (the key's own type reads it, or
+    says it cannot: YAML would read `5 #x` as 5, `&x` and `#3` as null)."""
     if text.lower() in ("yes", "no", "on", "off", "y", "n"):
         return text  # YAML 1.1 would make these booleans; `--save_strategy no` means the string
     if _BASE_60.fullmatch(text):
@@ -282,13 +299,62 @@ def _decode_scalar(text: str) -> Any:
         # `1000.0`. The text goes on as typed and the key's own type reads it (a str key keeps `010`, an int key
         # reads 10, a float key `3e-3`), as it would from the recipe file
         return text
-    if isinstance(value, dict) or (
-        isinstance(value, list) and all(isinstance(item, (str, int, float, bool, dict)) for item in value)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text  # (`true #x`)
+    if value is None and text.strip() not in _NULLS:
+        return text  # a comment, an anchor or a tag alone (`#3`, `&x`), which YAML reads as null
+    if text.lstrip().startswith(("[", "{")) and (
+        isinstance(value, dict)
+        or isinstance(value, list)
+        and all(isinstance(item, (str, int, float, bool, dict)) for item in value)
     ):
         # written as in the recipe file, the same value: `--loss_type "[sigmoid, sft]"`, `--dataset_columns
         # "{prompt: question}"`, `--datasets "[{name: a.jsonl, weight: 0.7}, ...]"`
         return value
-    return value if isinstance(value, (str, int, float, bool)) or value is None else text
+    return value if isinstance(value, (int, float, bool)) or value is None else text
+
+
+def _decode_text(text: str) -> Any:
+    """A command-line value for a key whose value is text: the text as typed (YAML would cut `run #2` at its
+    comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for `null` and no text
+    (`--dataset_name ""`: unset), and a flow list or mapping (`[a, b]`, `{prompt: question}`) as the recipe file
+    reads it."""
+    if text in ("null", "Null", "NULL", ""):
+        return None
+    return _decode_scalar(text) if text.lstrip().startswith(("[", "{")) else text
+
+
+@functools.cache
+def text_keys(stage: str) -> frozenset[str]:
+    """The stage's keys whose value is text: typed str (a path, a prompt, a name, a choice) or a list of text, None
+    allowed or not, and the config files (`dict | str`: a path, or a mapping). The other mappings' keys (`dict | str`,
+    keyword arguments) take YAML's reading, as the numbers do (`--lr_scheduler_kwargs 5` is said to be a number)."""
+    import typing
+
+    keys, seen = set(), set()
+    for cls in (*load_stage(stage).ARGUMENTS, RunArguments):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if is_recipe_key(f) and f.name not in seen:  # (the first class's field, as `key_fields`)
+                seen.add(f.name)
+                if _is_text_type(hints.get(f.name)) or f.name in _CONFIG_FILE_KEYS:
+                    keys.add(f.name)
+    return frozenset(keys)
+
+
+def _is_text_type(hint) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(hint) if member is not type(None)]
+        return bool(members) and all(_is_text_type(member) for member in members)
+    if origin is list:
+        return all(_is_text_type(member) for member in typing.get_args(hint))
+    if origin is typing.Literal:
+        return all(isinstance(member, str) for member in typing.get_args(hint))
+    return isinstance(hint, type) and issubclass(hint, (str, os.PathLike))
 
 
 def _number_text(value: int | float) -> str:
@@ -376,8 +442,7 @@ def load_recipe(
 ) -> Recipe:
     """Read, merge, type-check and validate a recipe. Raises one UserError listing every problem. `made_later`:
     see `build_recipe`."""
-    values = read_recipe_file(path) if path is not None else {}
-    values.update(parse_overrides(overrides or []))
+    values = recipe_values(path, overrides or []) if path is not None else parse_overrides(overrides or [])
     bare = valueless_keys(overrides or [])
     source = Path(path) if path else None
     return build_recipe(values, source, check_inputs=check_inputs, valueless=bare, made_later=made_later)
@@ -488,6 +553,10 @@ def build_recipe(
             # DeepSpeed-on-CPU launch): accelerate would ask torch for a group no one made. Kept in recipe.yaml, and
             # under a launch (its WORLD_SIZE; one DeepSpeed process needs it too)
             continue
+        if key in PATH_KEYS and isinstance(value, (dict, list)):
+            # (a `--output_dir "{a: b}"` trained into a folder named by the mapping's JSON text)
+            errors.append(f"key '{key}' takes a path, got {type(value).__name__} {value!r}")
+            continue
         if key in INPUT_PATH_KEYS and isinstance(value, str) and value.startswith("~"):
             # no hub id starts with '~': a path under home, expanded once here as output_dir is, so that every loader
             # (transformers' took `~/models/x` for a hub id) reads the same path the checks found
@@ -562,6 +631,10 @@ OTHER_PATH_KEYS = (
     "output_dir", "class_data_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config",
     "prerequisite", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "kto", "orpo", "simpo",
 )  # fmt: skip
+# keys typed `dict | str` whose string is a file path (a DeepSpeed/FSDP/accelerate config file), not a mapping
+_CONFIG_FILE_KEYS = ("deepspeed", "fsdp_config", "accelerator_config")
+# the keys whose value is a path and nothing else (a DeepSpeed, FSDP or accelerate config may be a mapping)
+PATH_KEYS = tuple(key for key in (*INPUT_PATH_KEYS, *OTHER_PATH_KEYS) if key not in _CONFIG_FILE_KEYS)
 _VARIABLE = re.compile(r"\$(\{\w+\}|[A-Za-z_]\w*)")  # a shell's $NAME or ${NAME}
 
 
@@ -687,10 +760,6 @@ def _allows_none(dataclass_types, key: str) -> bool:
                 union = typing.get_origin(hint) in (typing.Union, types.UnionType)
                 return f.default is None or (union and type(None) in typing.get_args(hint))
     return False
-
-
-# keys typed `dict | str` whose string is a file path (a DeepSpeed/FSDP/accelerate config file), not a mapping
-_CONFIG_FILE_KEYS = ("deepspeed", "fsdp_config", "accelerator_config")
 
 
 def _takes_mapping(dataclass_types, key: str) -> bool:

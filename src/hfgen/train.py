@@ -42,13 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.errors import UserError, disk_full_exits_2
-    from hfgen.recipe import key_lines, load_recipe, parse_overrides, read_recipe_file, recipe_stage
+    from hfgen.recipe import key_lines, load_recipe, recipe_stage, recipe_values
 
     recipe_path = args.recipe or args.config_file  # `hfgen.cli.config_as_recipe` makes --config RECIPE the recipe
     if recipe_path is None:
         raise UserError("no recipe given: `hfgen train RECIPE.yaml [--key value ...]` (recipes live under recipes/).")
     if args.list_keys:
-        values = {**read_recipe_file(recipe_path), **parse_overrides(args.overrides)}
+        values = recipe_values(recipe_path, args.overrides)
         print("\n".join(key_lines(recipe_stage(values.get("stage"), f"recipe '{recipe_path}'"))))
         return 0
     from hfgen import loop, process_state
@@ -104,7 +104,7 @@ def validate_for_processes(recipe_path, overrides, processes: int) -> None:
     import dataclasses
 
     from hfgen.errors import UserError
-    from hfgen.recipe import load_recipe, parse_overrides, read_recipe_file
+    from hfgen.recipe import load_recipe, recipe_values
     from hfgen.stages import load_stage
 
     try:
@@ -114,7 +114,7 @@ def validate_for_processes(recipe_path, overrides, processes: int) -> None:
         if processes <= 1:
             raise
         refusal = error
-    values = {**read_recipe_file(recipe_path), **parse_overrides(overrides)}
+    values = recipe_values(recipe_path, overrides)
     defaults = {f.name: f.default for cls in load_stage(values["stage"]).ARGUMENTS for f in dataclasses.fields(cls)}
     scaled = []
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
