@@ -165,9 +165,10 @@ class Recipe:
 
 def recipe_output_dir(values: dict[str, Any]) -> Path | None:
     """The recipe's own output_dir (None when missing, null or empty): transformers' TrainingArguments would fill
-    a missing one with ./trainer_output, and a run would land wherever it was started from."""
+    a missing one with ./trainer_output, and a run would land wherever it was started from. `~` expanded, as the
+    stages' configs have it (`build_recipe`)."""
     value = values.get("output_dir")
-    return Path(str(value)) if value is not None and str(value).strip() else None
+    return Path(str(value)).expanduser() if value is not None and str(value).strip() else None
 
 
 class _RaisingParser:
@@ -557,9 +558,11 @@ def build_recipe(
             # (a `--output_dir "{a: b}"` trained into a folder named by the mapping's JSON text)
             errors.append(f"key '{key}' takes a path, got {type(value).__name__} {value!r}")
             continue
-        if key in INPUT_PATH_KEYS and isinstance(value, str) and value.startswith("~"):
-            # no hub id starts with '~': a path under home, expanded once here as output_dir is, so that every loader
-            # (transformers' took `~/models/x` for a hub id) reads the same path the checks found
+        if key in (*INPUT_PATH_KEYS, *OTHER_PATH_KEYS) and isinstance(value, str) and value.startswith("~"):
+            # no hub id starts with '~': a path under home, expanded once here for every stage, so that every loader
+            # (transformers' took `~/models/x` for a hub id) reads the same path the checks found, and every stage
+            # writes where `~/...` says (TrainingArguments expanded its output_dir, the accelerate loops of vae, t2i
+            # and ppo wrote into a folder named '~' in the working directory)
             value = os.path.expanduser(value)
         if key in valueless and action.const is not True:
             errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")

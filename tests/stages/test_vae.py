@@ -31,6 +31,27 @@ def test_held_out_reconstruction_error_falls_far_below_its_start(configs, tmp_pa
     assert len(losses) == 60 and losses[-1] < losses[0] / 2
 
 
+def test_an_output_dir_under_home_written_with_a_tilde_is_the_same_folder_in_every_stage(
+    configs, tmp_path, monkeypatch
+):
+    # `output_dir: ~/runs/vae` trained into ./~/runs/vae in vae, t2i and ppo, where the Trainer stages (transformers
+    # expands it) wrote to $HOME/runs/sft, and a t2i run reading `~/runs/vae` did not find the VAE (probe 45 B2)
+    from conftest import REPO
+    from hfgen.recipe import load_recipe
+
+    home = tmp_path / "home"
+    result = run_hfgen("train", VAE_RECIPE, *vae_overrides(configs, "~/runs/vae", steps=1), cwd=tmp_path,
+                       env={"HOME": str(home)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tracking.is_complete(home / "runs/vae") and not (tmp_path / "~").exists()
+    assert f"written to {home / 'runs/vae'}" in result.stdout + result.stderr
+    assert "output_dir: ~/runs/vae" in (home / "runs/vae/recipe.yaml").read_text()  # as written
+    monkeypatch.setenv("HOME", str(home))
+    for recipe in ("sft_lora", "ppo", "t2i_digits", "vae_digits"):  # a Trainer stage's config and the loops' alike
+        parsed = load_recipe(REPO / f"recipes/tiny/{recipe}.yaml", ["--output_dir", "~/runs/x"], False)
+        assert parsed.output_dir == home / "runs/x", recipe
+
+
 def test_the_latent_scaling_factor_is_measured_the_same_whatever_the_random_state(configs):
     # it took the training loader's batches in its order after the run and latents drawn from the global random
     # state: a killed and resumed run's config.json said 0.99981 where the uninterrupted run's said 1.00111, and every
