@@ -472,9 +472,11 @@ class SquaredLoss(torch.nn.Module):
         return {"loss": ((self.weight * x) ** 2).sum()}
 
 
-def test_a_step_skipped_within_nan_tolerance_is_logged_as_nan_not_as_a_perfect_loss(tmp_path):
+def test_a_step_skipped_within_nan_tolerance_is_logged_as_null_not_as_a_perfect_loss(tmp_path):
     # transformers' logging_nan_inf_filter put the window's mean so far (0 right after a row) in place of the skipped
-    # step's loss: the Trainer stages logged "loss": 0.0 where training broke and averaged it into train_loss
+    # step's loss: the Trainer stages logged "loss": 0.0 where training broke and averaged it into train_loss. Then
+    # NaN, which no JSON reader but Python's takes (JavaScript's JSON.parse refused metrics.jsonl and eval.json:
+    # probe 45 B3): null, as a reward function's unscored response is
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -487,13 +489,21 @@ def test_a_step_skipped_within_nan_tolerance_is_logged_as_nan_not_as_a_perfect_l
     tracking.trainer_resume(trainer, tmp_path)
     try:
         trainer.train()
+        # eval.json's train_loss, as the Trainer stages record it
+        tracking.update_eval(tmp_path, {"train_loss": tracking.run_train_loss(trainer, 1.0, None)})
     finally:
         configure()  # no skipped step left for the next test's run
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = {row["step"]: row["loss"] for row in logged if "loss" in row}
-    skipped = [step for step, loss in losses.items() if math.isnan(loss)]
+    skipped = [step for step, loss in losses.items() if loss is None]
     assert len(skipped) == 1 and all(loss > 4 for step, loss in losses.items() if step not in skipped), losses
-    assert math.isnan(logged[-1]["train_loss"])  # the run's mean is not known, not the finite steps' sum over 4
+    assert logged[-1]["train_loss"] is None  # the run's mean is not known, not the finite steps' sum over 4
+    assert strict_json((tmp_path / "eval.json").read_text())["train_loss"] is None
+
+
+def strict_json(text: str):
+    """JSON as JavaScript's JSON.parse reads it: NaN and Infinity are no JSON."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r} is not JSON"))
 
 
 @pytest.mark.slow

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import sys
 import time
@@ -736,7 +735,7 @@ def recorded(trainer_class):
                     path = Path(self.args.output_dir) / "samples.jsonl"
                     with path.open("a", encoding="utf-8") as handle:
                         for row in rows:
-                            handle.write(json.dumps(row) + "\n")
+                            handle.write(tracking.json_line(row))
             super().log(logs, start_time)
 
         # Exact resume across epochs: the sampler the training loop uses is kept, to be advanced past the epochs

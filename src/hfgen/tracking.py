@@ -423,13 +423,35 @@ def write_texts(files: dict[str | Path, str]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    write_text(path, json_text(data))
+def write_json(path: str | Path, data: Any, exact: bool = False) -> None:
+    """Write JSON atomically (a reader never sees half a file); `exact`: see `json_text`."""
+    write_text(path, json_text(data, exact))
 
 
-def json_text(data: Any) -> str:
-    return json.dumps(data, indent=2, default=_jsonable) + "\n"
+def json_text(data: Any, exact: bool = False) -> str:
+    """Strict JSON, as every record hfgen writes is (`json_line` too): a non-finite figure (a skipped step's loss,
+    a run's train_loss then) is null, as a reward function's unscored response is; Python's NaN and Infinity are no
+    JSON, and JavaScript's JSON.parse, Go's and Rust's decoders refuse the file. `exact`: NaN and inf kept, for a
+    checkpoint's state, which only hfgen reads back and resumes with as it was."""
+    if exact:
+        return json.dumps(data, indent=2, default=_jsonable) + "\n"
+    return json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n"
+
+
+def json_line(row: Any) -> str:
+    """One line of a JSON-lines record (metrics.jsonl, samples.jsonl, ...): strict JSON, as `json_text`."""
+    return json.dumps(_finite(row), default=_jsonable, allow_nan=False) + "\n"
+
+
+def _finite(value):
+    """`value` with each non-finite float (a numpy or torch scalar's too) as None, at any depth."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # a numpy or torch scalar
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _jsonable(value):
@@ -445,7 +467,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def jsonl_text(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows)
+    return "".join(json_line(row) for row in rows)
 
 
 def read_json(path: str | Path, default=None):
@@ -707,9 +729,8 @@ class MetricsLogger:
     def log(self, step: int, **metrics) -> None:
         if not is_main_process():
             return
-        row = {"step": step, **{k: _jsonable(v) if hasattr(v, "item") else v for k, v in metrics.items()}}
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line({"step": step, **metrics}))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -988,7 +1009,7 @@ def finish_checkpoint(
         "hfgen_commit": hfgen_commit(),
         **({"inputs": inputs} if (inputs := read_json(Path(output_dir) / RUN_INPUTS, None)) is not None else {}),
         **(state or {}),
-    })  # fmt: skip
+    }, exact=True)  # fmt: skip
     # Checkpoints of later steps than this one are of a line of training the run left (it resumed from an earlier
     # one): they go, never this run's own (rotation keeping a stale "newest" one deleted each new one as written).
     complete = [p for p in complete_checkpoints(output_dir) if _step_of(p) <= step]

@@ -3,7 +3,6 @@ table, and the reward-hacking monitor's verdict."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -55,7 +54,7 @@ def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -
             row["oracle"] = recorded_scores(reward_values(oracle, oracle([prompts[i]], [texts[i]]), 1))[0]
         rows.append(row)
     with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.writelines(tracking.json_line(row) for row in rows)
     for row in rows:
         judged = f"score {row['score']:+.2f}" + (
             f", oracle {row['oracle']:+.2f}" if row.get("oracle") is not None else ""
