@@ -42,6 +42,22 @@ def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
         grid_points(split_grid(["--run_name", "a/b,a:b,a b"])[0])
 
 
+def test_a_long_value_makes_a_point_name_a_file_system_takes(tmp_path):
+    # two 320-character validation prompts made names of 680 bytes: the first point failed after every point was
+    # checked ("File name too long"), the second with an OSError traceback (probe 45 B4)
+    prompts = [f"a handwritten digit {word * 60}" for word in ("seven", "eight")] + ["a handwritten digit é" * 20]
+    axes = {"validation_prompts": prompts, "learning_rate": ["1e-3", "3e-3"]}
+    points = grid_points(axes)
+    assert points == grid_points(axes) and len({name for name, _ in points}) == 6  # the same names on a rerun
+    for name, tokens in points:
+        assert len(name.encode()) <= 255 and tokens[1] in prompts  # (the point trains on the whole value)
+        (tmp_path / name).mkdir()
+    assert points[0][0].startswith("validation_prompts=a-handwritten-digit-sevenseven")
+    assert grid_points({"run_name": ["a", "b"]})[0][0] == "run_name=a"  # a short value is the name as before
+    with pytest.raises(UserError, match="over the 255 a file name may have"):  # many axes: said before any run
+        grid_points({f"axis_{i}": [f"{'x' * 80}{i}", "y"] for i in range(4)})
+
+
 def test_an_axis_value_is_the_text_typed(tmp_path):
     # `--validation_prompts "a digit #1,a digit #2"`: both points trained on "a digit", the text before YAML's
     # comment (probe 45 B1); a point's values are its key's type's reading, as `hfgen train` reads them

@@ -19,6 +19,7 @@ defaults.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import re
@@ -172,14 +173,30 @@ def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
                 f"hfgen sweep: the points {spelled} would share the directory '{name}' (a value's characters other "
                 "than letters, digits and . + - become -): give values that differ there"
             )
+        if len(name.encode()) > NAME_BYTES:  # (each value is cut to VALUE_BYTES: many axes, or long keys)
+            raise UserError(
+                f"hfgen sweep: the point directory name '{name}' is {len(name.encode())} bytes, over the {NAME_BYTES} "
+                "a file name may have; give fewer axes (the others as single values, the same at every point)"
+            )
         named[name] = values
         points.append((name, [token for key, value in zip(axes, values) for token in (f"--{key}", value)]))
     return points
 
 
+NAME_BYTES = 255  # the longest file name most file systems take
+VALUE_BYTES = 64  # the most of a point's name one value takes
+
+
 def safe(value: str) -> str:
-    """A value as a piece of a directory name."""
-    return re.sub(r"[^\w.+-]", "-", value)
+    """A value as a piece of a directory name; a long one (a prompt) cut to VALUE_BYTES, its end a hash of the
+    whole value: two 320-character prompts made a name longer than a file name may be, and the points failed with
+    "File name too long" after every point had been checked."""
+    piece = re.sub(r"[^\w.+-]", "-", value)
+    if len(piece.encode()) <= VALUE_BYTES:
+        return piece
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    head = piece.encode()[: VALUE_BYTES - len(digest) - 1].decode(errors="ignore")  # (no half of a character)
+    return f"{head}-{digest}"
 
 
 def default_root(recipe_path: str, fixed: list[str]) -> Path:
