@@ -14,7 +14,7 @@ from conftest import ASCII_LOCALE, run_hfgen
 from hfgen import tracking
 from hfgen.cli import main as hfgen
 from hfgen.errors import UserError, unwritable_exits_2
-from hfgen.report import Run, curve_figure, load_run, metric_groups, write_report
+from hfgen.report import Run, curve_figure, load_run, metric_groups, png_base64, write_report
 
 
 def make_run(path, learning_rate, slope, ppo=False):
@@ -63,6 +63,18 @@ def test_each_plot_has_one_labelled_line_per_run(two_runs):
     reward_axis = curve_figure(runs, ["ppo/reward"], "Reward").axes[0]
     (line,) = reward_axis.get_lines()
     assert line.get_label() == "lr_high" and line.get_color() == axis.get_lines()[1].get_color()
+
+
+def test_a_run_name_or_metric_key_is_shown_as_written_in_the_plots(tmp_path):
+    # matplotlib left a line labelled `_lr1e-3` out of the legend, read `lr_$2$_run` as TeX (an italic 2) and
+    # stopped the report on an unbalanced `$x^$` with a ParseSyntaxException (probe 45 B5)
+    names, key = ["_lr1e-3", "lr_$2$_run", "price $x^$ and $y$"], "loss $x^$"
+    runs = [Run(name=name, path=tmp_path, metrics=[{"step": i, key: 5.0 - i} for i in range(3)]) for name in names]
+    figure = curve_figure(runs, [key], "Loss")
+    (axis,) = figure.axes
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == names
+    png_base64(figure)  # (drawn: TeX is parsed then)
+    assert axis.get_title() == key
 
 
 def test_ppo_and_trainer_metrics_land_in_sensible_groups(tmp_path):

@@ -178,16 +178,20 @@ def curve_figure(runs: list[Run], keys: list[str], title: str):
     figure = Figure(figsize=(4.6 * columns, 3.2 * rows + 0.4), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).flatten()
     for axis, key in zip(axes, keys):
+        lines = []
         for index, run in enumerate(runs):
             steps, values = numeric_series(run, key)
             if steps:  # colour by run, so a run keeps its colour in every panel
-                axis.plot(
+                lines += axis.plot(
                     steps, values, label=run.name, color=f"C{index % 10}", marker="." if len(steps) < 30 else None
                 )
-        axis.set_title(key, fontsize=10)
+        # Names and keys as written: matplotlib reads `$...$` as TeX (an unbalanced one raised), and a legend it
+        # builds itself leaves out the lines whose label starts with `_` (a run dir named `_lr1e-3`)
+        axis.set_title(key, fontsize=10, parse_math=False)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        for text in axis.legend(handles=lines, fontsize=8).get_texts():
+            text.set_parse_math(False)
     for axis in axes[len(keys) :]:
         axis.set_visible(False)
     figure.suptitle(title)
