@@ -2,6 +2,7 @@
 
 import base64
 import io
+import math
 import re
 import shutil
 import subprocess
@@ -75,6 +76,18 @@ def test_a_run_name_or_metric_key_is_shown_as_written_in_the_plots(tmp_path):
     assert [text.get_text() for text in axis.get_legend().get_texts()] == names
     png_base64(figure)  # (drawn: TeX is parsed then)
     assert axis.get_title() == key
+
+
+def test_a_curve_past_what_a_float_plots_is_drawn_with_a_gap(tmp_path):
+    # 1e308 and -1e308 in one panel made matplotlib's ticker raise "arange: cannot compute length", an integer past
+    # 1.8e308 an OverflowError: a traceback for the whole report (probe 45 B6)
+    for values, drawn in (([1e308, -1e308, 1.0], [None, None, 1.0]), ([10**400, 1, 2], [None, 1, 2])):
+        run = tmp_path / f"run{len(values)}{drawn[1]}"
+        run.mkdir()
+        tracking.write_jsonl(run / "metrics.jsonl", [{"step": i, "grad_norm": v} for i, v in enumerate(values)])
+        assert len(embedded_pngs(write_report([run], tmp_path / "r.html").read_text())) == 1
+        (line,) = curve_figure([load_run(run, "run")], ["grad_norm"], "Optimisation").axes[0].get_lines()
+        assert [None if math.isnan(v) else v for v in line.get_ydata()] == drawn
 
 
 def test_ppo_and_trainer_metrics_land_in_sensible_groups(tmp_path):

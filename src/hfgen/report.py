@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -142,14 +143,20 @@ def read_or_warn(run: Run, name: str, read, kind: type):
     return kind()
 
 
+# The largest magnitude a curve's point may have: beyond it, matplotlib cannot place the axis's ticks (1e308 and
+# -1e308 in one panel span more than a float holds: a ValueError), nor a float hold an integer past 1.8e308
+PLOTTABLE = 1e300
+
+
 def numeric_series(run: Run, key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of a metric in a run's metrics.jsonl, skipping rows without a number for it."""
+    """(steps, values) of a metric in a run's metrics.jsonl, skipping rows without a number for it; a value past
+    `PLOTTABLE` is a gap in the line, as a NaN or inf is."""
     points = [
         (row.get("step", i), row[key])
         for i, row in enumerate(run.metrics)
         if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
     ]
-    return [p[0] for p in points], [p[1] for p in points]
+    return [p[0] for p in points], [p[1] if -PLOTTABLE <= p[1] <= PLOTTABLE else math.nan for p in points]
 
 
 def metric_groups(runs: list[Run]) -> list[tuple[str, list[str]]]:
