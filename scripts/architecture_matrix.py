@@ -1,6 +1,6 @@
-"""Every text stage on ten architectures, not only the Llama the tiny recipes use: gpt2, gpt_neox, opt, qwen2,
-qwen3, mistral, gemma2, phi3, olmo2 and llama, each from a tiny config (tests/tiny_models.py's ARCHITECTURES)
-through `hfgen train`: pretraining from the config, SFT (full and LoRA on all linear layers), a reward model,
+"""Every text stage on eleven architectures, not only the Llama the tiny recipes use: gpt2, gpt_neox, opt, qwen2,
+qwen3, mistral, gemma2, phi3, olmo2, mixtral (Mixture-of-Experts) and llama, each from a tiny config
+(tests/tiny_models.py's ARCHITECTURES) through `hfgen train`: pretraining from the config, SFT (full and LoRA on all linear layers), a reward model,
 PPO (full, and LoRA on policy and critic), DPO, KTO, ORPO, SimPO, GRPO and RLOO, a few steps each. With
 `--engines`, PPO (full and LoRA) again under each named engine on 2 CPU processes (DDP, FSDP2, ZeRO-2, ZeRO-3, as
 tests/test_engines.py launches them). Prints one row per architecture: `ok` or the exit code (the logs are in

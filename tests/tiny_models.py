@@ -31,6 +31,9 @@ ARCHITECTURES = {
     "gemma2": {"model_type": "gemma2", **_SMALL, "head_dim": 16},
     "phi3": {"model_type": "phi3", **_SMALL},
     "olmo2": {"model_type": "olmo2", **_SMALL},
+    # Mixture-of-Experts: fused expert weights (peft's all-linear adapts them as target_parameters), router logits
+    # and a load-balancing loss (router_aux_loss_coef, 0.001 by default), which TRL's stages switch on
+    "mixtral": {"model_type": "mixtral", **_SMALL, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 

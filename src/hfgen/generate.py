@@ -336,7 +336,7 @@ def generate_tokens(
                     row_seeds = [row_seed(seeds[i], sample) for i in rows for sample in range(num_samples)]
                     sampler = [InverseTransformSampler(temperature, top_p, row_seeds)]
                 with torch.inference_mode():
-                    generated = model.generate(**batch, generation_config=config, logits_processor=sampler)
+                    generated = model_generate(model, **batch, generation_config=config, logits_processor=sampler)
                 completions = generated[:, batch["input_ids"].shape[1] :].tolist()
                 decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
                 for row, (ids, text) in enumerate(zip(completions, decoded)):
@@ -350,6 +350,20 @@ def generate_tokens(
     finally:
         tokenizer.padding_side = padding_side
     return outputs
+
+
+def model_generate(model, **generate_kwargs):
+    """`model.generate(**generate_kwargs)`: every hfgen text generation goes through here (`generate_tokens`, SFT's
+    held-out samples, the RL rollouts and held-out comparisons of `hfgen.rl.rollout.sample_responses`).
+
+    A Mixture-of-Experts model whose config says `output_router_logits: true` (what TRL's SFTTrainer sets to train
+    the load-balancing loss, and what many fine-tunes on the hub carry) makes transformers compute that loss inside
+    `generate`, which fails on a padded batch at the second token (a size mismatch in load_balancing_loss_func):
+    sampling needs no router logits, so they are turned off for the call."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config.get_text_config(), "output_router_logits", False):
+        generate_kwargs["output_router_logits"] = False
+    return model.generate(**generate_kwargs)
 
 
 def sampling_config(

@@ -16,7 +16,7 @@ from hfgen.cli import main as hfgen_main
 from hfgen.data.embedded import generate_rows
 from hfgen.recipe import load_recipe
 from hfgen.train import run_recipe
-from tiny_models import pretrained_tiny_llama, save_tiny_gpt2_without_pad
+from tiny_models import pretrained_tiny_llama, save_tiny_causal_lm, save_tiny_gpt2_without_pad
 
 SFT_LORA = REPO / "recipes/tiny/sft_lora.yaml"  # conversational prompt/completion, completion-only loss
 SFT_FULL = REPO / "recipes/tiny/sft_full.yaml"  # conversational messages, assistant_only_loss
@@ -750,3 +750,21 @@ def test_evaluation_rows_left_with_no_trained_token_are_counted(tiny_lm, tmp_pat
     dropped = records["dropped"].get("no response token within max_length=32", 0)
     held_out = tracking.read_json(tmp_path / "out/eval.json")["held_out_responses"]
     assert dropped > 0 and records["rows_kept"] == held_out == records["rows_read"] - dropped, records
+
+
+def test_sft_of_a_mixture_of_experts_model_completes_and_its_output_generates_padded_batches(tmp_path):
+    """TRL's SFTTrainer turns a MoE config's output_router_logits on (for the load-balancing loss), and transformers'
+    generate on a padded batch with it on fails at the second token: SFT crashed in its held-out samples after
+    training, and `hfgen generate` on any MoE whose config.json says true (a TRL fine-tune's) crashed the same."""
+    base = save_tiny_causal_lm(tmp_path / "mixtral", "mixtral")
+    output_dir = tmp_path / "sft"
+    result = run_hfgen("train", SFT_FULL, *on_tiny(base, output_dir, "--max_steps", "2", "--max_train_samples", "32",
+                                                   "--max_eval_samples", "8"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (output_dir / "samples.jsonl").read_text().strip()
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["output_router_logits"] is False  # as the model came, not SFTTrainer's training setting
+    config["output_router_logits"] = True  # as a TRL fine-tune's config says
+    (output_dir / "config.json").write_text(json.dumps(config))
+    generated = run_hfgen("generate", output_dir, "--prompt", "What is 2+3?", "--prompt", "Hi", "--max_new_tokens", "4")
+    assert generated.returncode == 0, generated.stderr[-3000:]

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from hfgen.errors import UserError
+from hfgen.generate import model_generate
 from hfgen.rl.functional import response_mask, token_logprobs, token_logprobs_and_entropy
 
 
@@ -143,8 +144,8 @@ def sample_responses(
     pieces = []
     for rows in chunks(len(query_ids), chunk_size):
         sampler = InverseTransformSampler(temperature, top_p, None if seeds is None else seeds[rows])
-        output = policy.generate(
-            input_ids=query_ids[rows], attention_mask=query_mask[rows], generation_config=generation_config,
+        output = model_generate(
+            policy, input_ids=query_ids[rows], attention_mask=query_mask[rows], generation_config=generation_config,
             logits_processor=[sampler] if draws_here else None,
         )  # fmt: skip
         responses = output.sequences[:, query_ids.shape[1] :]

@@ -417,7 +417,7 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed:
     prompt that fills them is left out, said: past them generation fails with an IndexError, after the training."""
     import torch
 
-    from hfgen.generate import format_prompts, new_token_budgets
+    from hfgen.generate import format_prompts, model_generate, new_token_budgets
     from hfgen.models import position_limit
 
     if not prompts:
@@ -443,8 +443,8 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed:
             tokenizer.padding_side = padding_side
         batch = batch.to(next(model.parameters()).device)
         with torch.inference_mode():
-            generated = model.generate(
-                **batch, max_new_tokens=budget, do_sample=True, temperature=0.7, top_p=0.95,
+            generated = model_generate(
+                model, **batch, max_new_tokens=budget, do_sample=True, temperature=0.7, top_p=0.95,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
         for row, new_tokens in zip(rows, generated[:, batch["input_ids"].shape[1] :].tolist()):
@@ -549,6 +549,10 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     if not trl_drops_fully_masked(training_args):  # else counted from what SFTTrainer kept (count_fully_masked)
         train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     count_trained_tokens(training_args)
+    # SFTTrainer turns a Mixture-of-Experts config's output_router_logits on to train the load-balancing loss
+    # (router_aux_loss_coef); the saved config says what the model came with, as other tools' batched generate
+    # fails on a padded batch with it on (the checkpoints, for resuming, keep SFTTrainer's setting)
+    loaded_router_logits = getattr(model.config.get_text_config(), "output_router_logits", None)
     trainer = build_trainer(
         PackedRowsCounted,
         output_dir,
@@ -618,6 +622,8 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):
         final_loss = response_loss(whole, held_out, tokenizer.pad_token_id, eval_batch)
     guard.check_final_model(output_dir, trainer.state.global_step, {"held-out response loss": final_loss})
+    if loaded_router_logits is not None:
+        trainer.model.config.get_text_config().output_router_logits = loaded_router_logits
     trainer.save_model(str(output_dir))
     if model_args.use_peft and is_main:
         # peft saves the adapter alone: the generation config SFTTrainer set (eos_token among its stop ids, the pad)
