@@ -1,9 +1,9 @@
 """Every text stage on eleven architectures, not only the Llama the tiny recipes use: gpt2, gpt_neox, opt, qwen2,
 qwen3, mistral, gemma2, phi3, olmo2, mixtral (Mixture-of-Experts) and llama, each from a tiny config
-(tests/tiny_models.py's ARCHITECTURES) through `hfgen train`: pretraining from the config, SFT (full and LoRA on all linear layers), a reward model,
-PPO (full, and LoRA on policy and critic), DPO, KTO, ORPO, SimPO, GRPO and RLOO, a few steps each. With
-`--engines`, PPO (full and LoRA) again under each named engine on 2 CPU processes (DDP, FSDP2, ZeRO-2, ZeRO-3, as
-tests/test_engines.py launches them). Prints one row per architecture: `ok` or the exit code (the logs are in
+(tests/tiny_models.py's ARCHITECTURES) through `hfgen train`: pretraining from the config, SFT (full and LoRA on all
+linear layers), a reward model, PPO (full, and LoRA on policy and critic), DPO, KTO, ORPO, SimPO, GRPO and RLOO, a
+few steps each. With `--engines`, PPO (full and LoRA) again under each named engine on 2 CPU processes (DDP, FSDP2,
+ZeRO-2, ZeRO-3, as tests/test_engines.py launches them). Prints one row per architecture: `ok` or the exit code (the logs are in
 --work). About 2 minutes an architecture on 2 cores, plus ~1.5 minutes an engine.
 
     python scripts/architecture_matrix.py [--architectures gpt2 phi3 ...] [--engines fsdp2 zero3] [--work DIR]
@@ -30,7 +30,7 @@ from tiny_models import ARCHITECTURES  # noqa: E402
 SHORT_PRETRAINING = ["--max_steps", "30", "--save_strategy", "no"]
 FEW_STEPS = ["--max_steps", "4", "--max_train_samples", "256", "--max_eval_samples", "16"]
 FEW_EPISODES = ["--total_episodes", "128", "--eval_samples_per_prompt", "1", "--max_eval_samples", "8"]
-LORA = ["--use_peft", "true", "--lora_target_modules", "all-linear"]
+LORA = ["--use_peft", "true", "--lora_target_modules", "all-linear", "--lora_dropout", "0.0"]  # MoE experts: no dropout
 GROUP_RL = ["--model_name_or_path", "{sft}", "--dataset_name", "embedded:prompts", "--reward_functions",
             "[hfgen.data.embedded:oracle_scores]", "--reward_weights", "[1.0]", "--oracle_function",
             "hfgen.data.embedded:oracle_scores", "--freeze_modules", "[]", "--max_steps", "2",

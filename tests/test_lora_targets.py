@@ -122,3 +122,38 @@ def test_a_tied_embedding_in_modules_to_save_under_fsdp2_exits_2_at_the_check(tm
         "--use_peft", "true", "--lora_target_modules", "q_proj", "v_proj", "--lora_modules_to_save", saved,
     )  # fmt: skip
     assert "under FSDP2" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    from tiny_models import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("mixtral"), "mixtral")
+
+
+@pytest.mark.parametrize("recipe", ["sft_lora", "reward", "ppo", "dpo", "grpo_arithmetic"])
+def test_all_linear_on_a_mixture_of_experts_model_with_lora_dropout_exits_2_at_the_check(tiny_mixtral, tmp_path,
+                                                                                       recipe):  # fmt: skip
+    # peft's all-linear on a transformers-5 MoE adapts the fused expert weights too (target_parameters), which take no
+    # dropout: PPO crashed with peft's raw ValueError, the others said only "lora.ParamWrapper does not work with
+    # lora_dropout != 0" (probe 45 A3). TRL's default lora_dropout is 0.05.
+    from conftest import REPO, run_hfgen_here
+
+    result = run_hfgen_here(
+        "check", REPO / f"recipes/tiny/{recipe}.yaml", "--model_name_or_path", tiny_mixtral, "--output_dir",
+        tmp_path / "o", "--use_peft", "true", "--lora_target_modules", "all-linear", "--lora_dropout", "0.05",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for words in ("lora_target_modules: all-linear", "(mixtral), a Mixture-of-Experts model", "gate_up_proj",
+                  "lora_dropout is 0.05: set lora_dropout: 0"):  # fmt: skip
+        assert words in result.stderr, result.stderr[-2000:]
+
+
+def test_all_linear_on_a_mixture_of_experts_model_with_lora_dropout_0_adapts_its_experts():
+    from peft import get_peft_model
+
+    args = ModelConfig(model_name_or_path="tiny", use_peft=True, lora_r=2, lora_target_modules="all-linear",
+                       lora_dropout=0.0)  # fmt: skip
+    wrapped = get_peft_model(tiny("mixtral"), lora_config(args, tiny("mixtral")))
+    adapted = {name for name, _ in wrapped.named_parameters() if ".lora_" in name}
+    assert any("experts" in name for name in adapted) and any("q_proj" in name for name in adapted)

@@ -308,7 +308,27 @@ def lora_config(model_args, model, warn: bool = True, where: str | None = None, 
             )
     elif targets is not None and targets != "all-linear":
         check_lora_targets(targets, model, where, warn_partial=warn)
+    if config.lora_dropout and (parameters := adapted_parameters(config, model)):
+        raise UserError(  # peft's bare ValueError at wrapping time: "lora.ParamWrapper does not work with ..."
+            f"lora_target_modules: {model_args.lora_target_modules} on {where}, a Mixture-of-Experts model, also "
+            f"adapts its expert weights ({', '.join(sorted(parameters))}: parameters, not layers, which peft adapts "
+            f"without dropout), but lora_dropout is {config.lora_dropout}: set lora_dropout: 0, or name only other "
+            "layers in lora_target_modules (the attention projections, e.g. [q_proj, k_proj, v_proj, o_proj])"
+        )
     return config
+
+
+def adapted_parameters(config, model) -> set[str]:
+    """The bare parameters (not layers) a LoRA `config` adapts on `model`: peft's `target_parameters`, which peft
+    fills in itself on transformers-5 Mixture-of-Experts models (Mixtral, Qwen-MoE), whose experts are fused weights,
+    for `all-linear` or a list naming the experts' old projections (w1, gate_proj...)."""
+    import copy
+
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    probe = copy.deepcopy(config)  # peft converts the config in place when it wraps the model
+    convert_peft_config_for_transformers(probe, model, conversions=None)
+    return set(probe.target_parameters or [])
 
 
 def sequence_classifier_from(causal_lm):
