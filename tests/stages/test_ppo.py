@@ -1180,3 +1180,21 @@ def test_the_check_keeps_prompts_within_the_room_response_length_leaves_in_learn
         result.stderr
     )
     assert "lower response_length" in result.stderr and "raise max_prompt_length" not in result.stderr
+
+
+@pytest.mark.parametrize("stage, ptx, refused", [("3", True, True), ("3", False, False), ("2", True, False)])
+def test_ptx_on_a_mixture_of_experts_policy_under_zero3_exits_2_at_the_check(tmp_path, monkeypatch, stage, ptx,
+                                                                             refused):  # fmt: skip
+    # the PPO and ptx forwards of a MoE policy in one backward: ZeRO-3's bare AssertionError at the first update on
+    # both ranks (probe 45 A2); without ptx, or under ZeRO-2, it trains
+    from tiny_models import save_tiny_causal_lm
+
+    policy = save_tiny_causal_lm(tmp_path / "mixtral", "mixtral")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as `accelerate launch --use_deepspeed` sets them
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+    ptx_keys = {"ptx_coef": 1.0, "ptx_dataset_name": "embedded:instructions"} if ptx else {}
+    result = run_hfgen_here("check", write_recipe(tmp_path, policy, reward_functions=[ORACLE], **ptx_keys))
+    said = "under DeepSpeed ZeRO-3 with a Mixture-of-Experts policy" in result.stderr
+    assert "Traceback" not in result.stderr and said == refused, result.stderr[-2000:]
+    if refused:
+        assert result.returncode == 2 and "ptx_coef: 0" in result.stderr and "ZeRO-2 or FSDP2" in result.stderr

@@ -338,6 +338,8 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
             ptx_rows(config)
         except UserError as error:
             problems.append(str(error))
+    if config.ptx_dataset_name and config.ptx_coef:
+        problems += zero3_ptx_problems(model_args, config)
     if config.ptx_dataset_name and not config.ptx_coef:  # else the data would be silently unused
         problems.append(
             f"ptx_dataset_name '{config.ptx_dataset_name}' needs ptx_coef > 0 (the ptx loss's weight); "
@@ -380,6 +382,35 @@ def check(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfi
     if config.ptx_dataset_name and config.ptx_coef and not problems + data_problems:
         data_problems += ptx_length_problems(model_args, config)
     return problems + data_problems
+
+
+def zero3_ptx_problems(model_args, config) -> list[str]:
+    """PPO-ptx on a Mixture-of-Experts policy under DeepSpeed ZeRO-3: the PPO loss's and the ptx loss's policy
+    forwards in one backward make ZeRO-3 put a routed model's parameter twice in one gradient bucket (DeepSpeed's
+    bare AssertionError in __reduce_and_partition_ipg_grads at the first update, both ranks; z3 leaf modules on the
+    MoE block do not help). A dense policy, ZeRO-2, FSDP2 and DDP train it."""
+    from transformers import AutoConfig
+
+    from hfgen.finetune import resolved
+    from hfgen.loop import launched_engine
+    from hfgen.models import base_model_of
+
+    if launched_engine() != "zero3":
+        return []
+    try:
+        policy = AutoConfig.from_pretrained(
+            resolved(base_model_of(model_args.model_name_or_path)), trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError):  # the model's own check says what is wrong with it
+        return []
+    if not hasattr(policy.get_text_config(), "output_router_logits"):  # (TRL's test for a MoE model too)
+        return []
+    return [
+        f"ptx_coef {config.ptx_coef} under DeepSpeed ZeRO-3 with a Mixture-of-Experts policy "
+        f"('{model_args.model_name_or_path}', {policy.model_type}): ZeRO-3 fails at the first update when the PPO and "
+        "ptx losses' forwards of a routed model share one backward. Set ptx_coef: 0 and ptx_dataset_name: null, or "
+        "launch under ZeRO-2 or FSDP2 (recipes/accelerate/deepspeed_zero2.yaml, fsdp.yaml)"
+    ]
 
 
 def ptx_length_problems(model_args, config, records: dict | None = None) -> list[str]:
