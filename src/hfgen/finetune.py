@@ -379,6 +379,25 @@ def float32_weights_note(dtype: str, frozen: str) -> str:
             f"{frozen}")  # fmt: skip
 
 
+def router_logits_for_training(model, switch_on: bool = False) -> bool | None:
+    """A Mixture-of-Experts model's `output_router_logits` as it came (None: not one), switched on with `switch_on`
+    where its config weighs the load-balancing loss (router_aux_loss_coef): TRL's ORPO and CPO (SimPO) trainers
+    train that loss only with the key on, which SFTTrainer switches on itself, and DPO, KTO, GRPO and RLOO's trainers
+    ask the forward for. Give the value to `restore_router_logits` before the save."""
+    text_config = model.config.get_text_config()
+    loaded = getattr(text_config, "output_router_logits", None)
+    if switch_on and loaded is False and getattr(text_config, "router_aux_loss_coef", 0):
+        text_config.output_router_logits = True
+    return loaded
+
+
+def restore_router_logits(model, loaded: bool | None) -> None:
+    """The saved config says what the model came with (`router_logits_for_training`): other tools' batched generate
+    fails on a padded batch with output_router_logits on (hfgen's own turns it off for the call)."""
+    if loaded is not None:
+        model.config.get_text_config().output_router_logits = loaded
+
+
 def keep_float32_weights(model, args, lora: bool) -> None:
     """A model loaded in bfloat16 (or float16) and trained in full by a Trainer would be updated in that dtype:
     AdamW's steps of about the learning rate round away against weights 1e3-1e4 times larger (measured: 15% of the

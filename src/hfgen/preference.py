@@ -609,7 +609,7 @@ def run_stage(
     from transformers import set_seed
 
     from hfgen.evaluation.policy import Sampling, compare_to_reference, format_comparison, load_judges
-    from hfgen.finetune import load_model, lora_config, upcast_like
+    from hfgen.finetune import load_model, lora_config, restore_router_logits, router_logits_for_training, upcast_like
     from hfgen.models import count_parameters, load_tokenizer
 
     set_seed(training_args.seed)
@@ -650,6 +650,8 @@ def run_stage(
     else:
         trainer_rows = [train_rows, eval_rows]
     trainer_rows = on_shared_files(trainer_rows, output_dir / REFERENCE_CACHE, training_args)
+    # a Mixture-of-Experts model trains the load-balancing loss in ORPO and SimPO too, as in DPO and KTO
+    loaded_router_logits = router_logits_for_training(model, switch_on=experimental_pair_trainer(training_args))
     trainer = build_trainer(
         trainer_class,
         output_dir,
@@ -686,6 +688,7 @@ def run_stage(
         trainer.state.global_step,
         {f"held-out {side} log-probability": sum(logp for logp, _ in pairs) for side, pairs in after.items()},
     )
+    restore_router_logits(trainer.model, loaded_router_logits)
     trainer.save_model(str(output_dir))
     guard.kill_point("final_save")
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only

@@ -1004,3 +1004,25 @@ def test_held_out_prompts_past_learned_positions_exit_2_before_training_and_othe
     settings = SimpleNamespace(eval_response_length=24)
     assert held_out_prompt_room(AutoConfig.for_model(**ARCHITECTURES["llama"]), settings) is None  # every prompt
     assert held_out_prompt_room(AutoConfig.for_model(**ARCHITECTURES["gpt2"]), settings) == 232
+
+
+@pytest.mark.parametrize("stage", ["orpo", "simpo"])
+def test_orpo_and_simpo_train_a_mixture_of_experts_load_balancing_loss_as_dpo_does(tmp_path, monkeypatch, stage):
+    """TRL's ORPO and CPO trainers add router_aux_loss_coef x the router's load-balancing loss only when the config
+    says output_router_logits: true, which MoE configs leave false: ORPO and SimPO trained a Mixtral's routers
+    without it where DPO, KTO and SFT train it (probe 45 A4). The saved config keeps the model's own setting."""
+    from tiny_models import save_tiny_causal_lm
+
+    _, trainer_class = experimental_trainer(stage)
+    seen = {}
+    original = trainer_class.train
+
+    def spy(self, *args, **kwargs):
+        seen["aux_loss"] = self.aux_loss_enabled, self.aux_loss_coef
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "train", spy)
+    model = save_tiny_causal_lm(tmp_path / "mixtral", "mixtral")
+    train(write_recipe(tmp_path, stage, model, max_steps=1, max_train_samples=16, max_eval_samples=8))
+    assert seen["aux_loss"] == (True, 0.001)  # Mixtral's default coefficient
+    assert json.loads((tmp_path / "run/config.json").read_text())["output_router_logits"] is False

@@ -48,6 +48,8 @@ from hfgen.finetune import (
     count_trained_tokens,
     load_model,
     lora_config,
+    restore_router_logits,
+    router_logits_for_training,
     tokenizer_for,
 )
 from hfgen.models import not_a_causal_lm
@@ -550,9 +552,8 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
         train_rows = drop_fully_masked(train_rows, tokenizer, training_args, data_records)
     count_trained_tokens(training_args)
     # SFTTrainer turns a Mixture-of-Experts config's output_router_logits on to train the load-balancing loss
-    # (router_aux_loss_coef); the saved config says what the model came with, as other tools' batched generate
-    # fails on a padded batch with it on (the checkpoints, for resuming, keep SFTTrainer's setting)
-    loaded_router_logits = getattr(model.config.get_text_config(), "output_router_logits", None)
+    # (router_aux_loss_coef); the saved config says what the model came with (the checkpoints keep SFTTrainer's)
+    loaded_router_logits = router_logits_for_training(model)
     trainer = build_trainer(
         PackedRowsCounted,
         output_dir,
@@ -622,8 +623,7 @@ def run(model_args: ModelConfig, data_args: SFTDataArguments, training_args: SFT
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):
         final_loss = response_loss(whole, held_out, tokenizer.pad_token_id, eval_batch)
     guard.check_final_model(output_dir, trainer.state.global_step, {"held-out response loss": final_loss})
-    if loaded_router_logits is not None:
-        trainer.model.config.get_text_config().output_router_logits = loaded_router_logits
+    restore_router_logits(trainer.model, loaded_router_logits)
     trainer.save_model(str(output_dir))
     if model_args.use_peft and is_main:
         # peft saves the adapter alone: the generation config SFTTrainer set (eos_token among its stop ids, the pad)
