@@ -70,6 +70,28 @@ def test_generation_logprobs_equal_a_forward_pass_at_the_temperature(policy):
     assert (sampled.entropy[keep] > 0).all()
 
 
+def test_a_mixture_of_experts_policy_whose_config_returns_router_logits_samples_a_padded_batch():
+    # transformers' generate computes the load-balancing loss when the config says output_router_logits: true (as
+    # TRL's SFT saved it) and fails on a padded batch at the second token: PPO's first rollout and every held-out
+    # comparison crashed on such a policy (probe 45 A1)
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=PAD, eos_token_id=EOS,
+        output_router_logits=True,
+    )  # fmt: skip
+    moe = MixtralForCausalLM(config).eval()
+    generation = GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=4, min_new_tokens=4, eos_token_id=EOS,
+        pad_token_id=PAD, return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    ids, mask = left_padded_pair()
+    sampled = R.sample_responses(moe, ids, mask, generation, chunk_size=2, pad_token_id=PAD)
+    assert sampled.response_ids.shape == (2, 4) and moe.config.output_router_logits  # (the config is left as it was)
+
+
 def test_inverse_transform_sampler_draws_from_the_tempered_softmax():
     """Frequencies of 200k draws from softmax(scores / temperature) match its probabilities (they would be p^0.7,
     renormalised, if the temperature were ignored); a zero-probability token is never drawn."""
