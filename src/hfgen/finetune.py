@@ -320,7 +320,7 @@ def lora_config(model_args, model, warn: bool = True, where: str | None = None, 
 
 def adapted_parameters(config, model) -> set[str]:
     """The bare parameters (not layers) a LoRA `config` adapts on `model`: peft's `target_parameters`, which peft
-    fills in itself on transformers-5 Mixture-of-Experts models (Mixtral, Qwen-MoE), whose experts are fused weights,
+    fills in itself on transformers-5 Mixture-of-Experts models (Mixtral, Qwen3-MoE), whose experts are fused weights,
     for `all-linear` or a list naming the experts' old projections (w1, gate_proj...)."""
     import copy
 
