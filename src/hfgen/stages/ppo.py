@@ -159,7 +159,11 @@ class PPOConfig(HackingMonitorArguments):
     )
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     local_rollout_forward_batch_size: int = field(
-        default=64, metadata={"help": "Sequences per no-grad generation/forward chunk in the rollout."}
+        default=64,
+        metadata={
+            "help": "Sequences per no-grad generation/forward chunk in the rollout (the samples draw "
+            "chunk by chunk: another size samples other responses from the same seed)."
+        },
     )
     # -- sampling
     response_length: int = field(default=53, metadata={"help": "Maximum new tokens per response."})
