@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 from hfgen.check import launch_mixed_precision
 from hfgen.errors import UserError
-from hfgen.recipe import build_recipe, known_keys, load_recipe, read_recipe_file, training_precision
+from hfgen.recipe import build_recipe, known_keys, load_recipe, parse_overrides, read_recipe_file, training_precision
 
 RECIPES = sorted(
     p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.relative_to(REPO / "recipes").parts
@@ -168,6 +168,21 @@ def test_a_text_value_on_the_command_line_is_the_text_typed():
     ]:
         with pytest.raises(UserError, match=re.escape(says)):
             load_recipe(sft, ["--use_cpu", "true", *given], False)
+
+
+def test_command_line_values_the_text_typing_kept_as_they_were_read():
+    """Review 45: with text keys typed as given, `--resume_from_checkpoint TRUE` was taken for a directory and
+    `FALSE` did not start afresh, a mapping key given `"dtype: float32"` (no braces) was refused, and `--eos_token ~`
+    set the token '~': each is read as the recipe file's YAML reads it, as before."""
+    sft = REPO / "recipes/tiny/sft_lora.yaml"
+    for given, expected in [("TRUE", True), ("False", False), ("outputs/x/checkpoint-4", "outputs/x/checkpoint-4")]:
+        assert parse_overrides(["--resume_from_checkpoint", given], "sft") == {"resume_from_checkpoint": expected}
+    assert parse_overrides(["--model_init_kwargs", "dtype: float32"], "sft") == {
+        "model_init_kwargs": {"dtype": "float32"}
+    }
+    assert parse_overrides(["--eos_token", "~"], "sft") == {"eos_token": None}
+    recipe = load_recipe(sft, ["--use_cpu", "true", "--model_init_kwargs", "dtype: float32"], False)
+    assert recipe.configs[-1].model_init_kwargs["dtype"] == "float32"
 
 
 def test_report_to_null_means_no_tracker():

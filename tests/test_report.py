@@ -251,3 +251,16 @@ def test_page_renders_in_headless_chromium(two_runs, tmp_path):
     assert background < 0.97, "screenshot is (almost) blank"
     colours = Image.open(screenshot).convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50  # text, lines and plot colours, not a flat page
+
+
+def test_a_null_figure_is_a_gap_in_its_line_and_a_figure_never_drawn_has_no_panel(tmp_path):
+    # hfgen writes a non-finite figure (a step skipped under nan_tolerance) as null: the line ran straight through
+    # that step, where NaN in older runs' records was a gap (review 45 #3)
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "loss": 2.0, "unscored": None}, {"step": 2, "loss": None, "unscored": None}]
+    tracking.write_jsonl(run / "metrics.jsonl", rows + [{"step": 3, "loss": 1.0, "unscored": None}])
+    loaded = load_run(run, "run")
+    (line,) = curve_figure([loaded], ["loss"], "Loss").axes[0].get_lines()
+    assert [None if math.isnan(v) else v for v in line.get_ydata()] == [2.0, None, 1.0]
+    assert "unscored" not in dict(metric_groups([loaded])).get("Other", [])

@@ -54,6 +54,8 @@ def test_a_long_value_makes_a_point_name_a_file_system_takes(tmp_path):
         (tmp_path / name).mkdir()
     assert points[0][0].startswith("validation_prompts=a-handwritten-digit-sevenseven")
     assert grid_points({"run_name": ["a", "b"]})[0][0] == "run_name=a"  # a short value is the name as before
+    # and so is a long one in a name a file system takes: an existing sweep's points keep their dirs (review 45 #3)
+    assert grid_points({"run_name": ["r" * 87, "b"]})[0][0] == "run_name=" + "r" * 87
     with pytest.raises(UserError, match="over the 255 a file name may have"):  # many axes: said before any run
         grid_points({f"axis_{i}": [f"{'x' * 80}{i}", "y"] for i in range(4)})
 

@@ -264,7 +264,8 @@ def parse_overrides(tokens: list[str], stage: Any = None) -> dict[str, Any]:
     text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
     resolved = {}
     for key, values in overrides.items():
-        decoded = [_decode_text(v) if key in text else _decode_scalar(v) for v in values]
+        alone = len(values) == 1
+        decoded = [_decode_text(v, key, alone) if key in text else _decode_scalar(v) for v in values]
         resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
     return resolved
 
@@ -304,24 +305,25 @@ def _decode_scalar(text: str) -> Any:
         return text  # (`true #x`)
     if value is None and text.strip() not in _NULLS:
         return text  # a comment, an anchor or a tag alone (`#3`, `&x`), which YAML reads as null
-    if text.lstrip().startswith(("[", "{")) and (
-        isinstance(value, dict)
-        or isinstance(value, list)
-        and all(isinstance(item, (str, int, float, bool, dict)) for item in value)
+    if isinstance(value, dict) or (
+        isinstance(value, list) and all(isinstance(item, (str, int, float, bool, dict)) for item in value)
     ):
         # written as in the recipe file, the same value: `--loss_type "[sigmoid, sft]"`, `--dataset_columns
-        # "{prompt: question}"`, `--datasets "[{name: a.jsonl, weight: 0.7}, ...]"`
+        # "{prompt: question}"` or "prompt: question", `--datasets "[{name: a.jsonl, weight: 0.7}, ...]"`
         return value
     return value if isinstance(value, (int, float, bool)) or value is None else text
 
 
-def _decode_text(text: str) -> Any:
+def _decode_text(text: str, key: str, alone: bool = True) -> Any:
     """A command-line value for a key whose value is text: the text as typed (YAML would cut `run #2` at its
-    comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for `null` and no text
-    (`--dataset_name ""`: unset), and a flow list or mapping (`[a, b]`, `{prompt: question}`) as the recipe file
-    reads it."""
-    if text in ("null", "Null", "NULL", ""):
+    comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for YAML's nulls given
+    `alone` (`--dataset_name ""`, `--eos_token ~`: unset; one of several values, a prompt, is text), a flow list or
+    mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and `--resume_from_checkpoint true` /
+    `false` in any case (a path or a yes/no)."""
+    if text in (_NULLS if alone else ("null", "Null", "NULL", "")):
         return None
+    if key == "resume_from_checkpoint" and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
     return _decode_scalar(text) if text.lstrip().startswith(("[", "{")) else text
 
 

@@ -149,23 +149,28 @@ PLOTTABLE = 1e300
 
 
 def numeric_series(run: Run, key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of a metric in a run's metrics.jsonl, skipping rows without a number for it; a value past
-    `PLOTTABLE` is a gap in the line, as a NaN or inf is."""
+    """(steps, values) of a metric in a run's metrics.jsonl, skipping rows without it; a null (a non-finite figure,
+    as hfgen writes one: a skipped step's loss) or a value past `PLOTTABLE` is a gap in the line, as NaN and inf
+    were in the records of older runs."""
     points = [
-        (row.get("step", i), row[key])
+        (row.get("step", i), math.nan if row[key] is None else row[key])
         for i, row in enumerate(run.metrics)
-        if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)
+        if key in row and (row[key] is None or is_number(row[key]))
     ]
     return [p[0] for p in points], [p[1] if -PLOTTABLE <= p[1] <= PLOTTABLE else math.nan for p in points]
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def metric_groups(runs: list[Run]) -> list[tuple[str, list[str]]]:
-    """(group title, metric keys) for every metric logged at two or more steps in some run."""
+    """(group title, metric keys) for every metric logged as a number (not null) at two or more steps in some run."""
     keys: list[str] = []
     for run in runs:
         for row in run.metrics:
             keys += [k for k in row if k not in keys and k not in NOT_CURVES]
-    curves = [k for k in keys if any(len(numeric_series(run, k)[0]) >= 2 for run in runs)]
+    curves = [k for k in keys if any(sum(map(is_number, (row.get(k) for row in run.metrics))) >= 2 for run in runs)]
     groups: dict[str, list[str]] = {}
     for key in curves:
         title = next(title for title, pattern in METRIC_GROUPS if pattern.search(key.lower()))

@@ -167,6 +167,8 @@ def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
     points, named = [], {}
     for values in itertools.product(*axes.values()):
         name = "_".join(f"{key}={safe(value)}" for key, value in zip(axes, values))
+        if len(name.encode()) > NAME_BYTES:  # long values cut only here: a sweep's existing names stay as they were
+            name = "_".join(f"{key}={safe(value, VALUE_BYTES)}" for key, value in zip(axes, values))
         if name in named:  # `a/b` and `a:b` are both `a-b`: two points would share one run dir
             spelled = " and ".join(" ".join(f"--{k} {v}" for k, v in zip(axes, vs)) for vs in (named[name], values))
             raise UserError(
@@ -184,18 +186,18 @@ def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
 
 
 NAME_BYTES = 255  # the longest file name most file systems take
-VALUE_BYTES = 64  # the most of a point's name one value takes
+VALUE_BYTES = 64  # the most of a point's name one value takes, when the whole name would be too long
 
 
-def safe(value: str) -> str:
-    """A value as a piece of a directory name; a long one (a prompt) cut to VALUE_BYTES, its end a hash of the
-    whole value: two 320-character prompts made a name longer than a file name may be, and the points failed with
-    "File name too long" after every point had been checked."""
+def safe(value: str, most_bytes: int | None = None) -> str:
+    """A value as a piece of a directory name; with `most_bytes`, a longer one (a prompt) cut to that, its end a
+    hash of the whole value: two 320-character prompts made a name longer than a file name may be, and the points
+    failed with "File name too long" after every point had been checked."""
     piece = re.sub(r"[^\w.+-]", "-", value)
-    if len(piece.encode()) <= VALUE_BYTES:
+    if most_bytes is None or len(piece.encode()) <= most_bytes:
         return piece
     digest = hashlib.sha256(value.encode()).hexdigest()[:10]
-    head = piece.encode()[: VALUE_BYTES - len(digest) - 1].decode(errors="ignore")  # (no half of a character)
+    head = piece.encode()[: most_bytes - len(digest) - 1].decode(errors="ignore")  # (no half of a character)
     return f"{head}-{digest}"
 
 
