@@ -988,7 +988,7 @@ output_dir = Path(sys.argv[1])
 if sys.argv[2] == "rotate":
     tracking.finish_checkpoint(output_dir, output_dir / "checkpoint-8", 8, 1)
 else:
-    tracking.clear_previous_run(output_dir, overwrite=True)
+    tracking.clear_previous_run(output_dir)
 """
 
 

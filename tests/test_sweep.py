@@ -241,6 +241,24 @@ def test_a_sweep_resumes_with_its_root_spelled_another_way(tmp_path):
     assert tracking.is_complete(point)
 
 
+def test_a_point_holding_an_unfinished_run_of_another_recipe_is_refused_before_anything_runs(tmp_path, capsys):
+    # its complete checkpoints were deleted and the point trained over them, exit 0, where `hfgen train` refuses the
+    # dir (probe 45 C1): an interrupted sweep rerun with one fixed key changed
+    point = tmp_path / "sw" / "seed=1"
+    tiny = ["--max_steps", "2", "--max_train_samples", "8", "--max_eval_samples", "4", "--block_size", "8",
+            "--save_strategy", "steps", "--save_steps", "1", "--quiet"]  # fmt: skip
+    assert hfgen(["train", str(PRETRAIN), "--seed", "1", "--output_dir", str(point), *tiny[:-1]]) == 0
+    (point / tracking.COMPLETE_MARKER).unlink()  # as a kill after its last checkpoint leaves it
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["sweep", str(PRETRAIN), "--seed", "1,2", "--warmup_steps", "1", "--output_root", str(tmp_path / "sw"),
+               *tiny])  # fmt: skip
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    assert f"output_dir '{point}' holds an unfinished run of a different recipe (differing keys: warmup_steps)" in error
+    assert [p.name for p in tracking.complete_checkpoints(point)] == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "sw" / "seed=2").exists()  # nothing ran
+
+
 def test_a_complete_point_whose_data_changed_in_place_is_trained_again(tmp_path):
     # both points were "already complete, skipped", their stale report rewritten, after the data file was rewritten
     # under its name (and so after a base model retrained in place: probe 39 C3)

@@ -23,7 +23,8 @@ wall time and peak memory; and each method's training curves side by side. Resum
 already complete with the same resolved recipe, trained from the same SFT (and reward) model, is not retrained
 (a retrained SFT model retrains every run, as a pipeline step that runs reruns the later steps), and its evaluation
 is redone only when a model it reads was trained again or the evaluation settings change. A run dir that holds the
-complete run of another recipe is refused before anything trains (--overwrite_output_dir true trains over it).
+complete run of another recipe, or an unfinished one with complete checkpoints, is refused before anything trains
+(--overwrite_output_dir true trains over it).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.recipe import load_recipe
     from hfgen.stages import rlhf
+    from hfgen.train import check_step_output_dir
 
     pipeline = load_recipe(args.recipe)
     if pipeline.stage != "rlhf":
@@ -99,16 +101,15 @@ def main(args: argparse.Namespace) -> int:
         for seed in range(args.seeds):
             runs[(method, seed)] = point_recipe(base, method, seed, root, args)
 
-    # A run dir holding the complete run of another recipe is refused before anything trains, as `hfgen sweep`
-    # refuses it (a retrain of the SFT model must not come first, only for the points to fail).
+    # A run dir holding the complete or unfinished run of another recipe is refused before anything trains, as
+    # `hfgen sweep` refuses it (a retrain of the SFT model must not come first, only for the points to fail).
     # (and a root that cannot be written: the shared SFT step trained first, then the first run failed to start)
     problems = [problem] if (problem := tracking.path_problem(root, "--output_root", directory=True)) else []
     for recipe in runs.values():
-        if recipe.output_dir.exists():
-            try:
-                tracking.check_output_dir(recipe.output_dir, recipe.to_yaml(), recipe.run.overwrite_output_dir)
-            except UserError as error:
-                problems.append(str(error))
+        try:
+            check_step_output_dir(recipe)
+        except UserError as error:
+            problems.append(str(error))
     if problems:
         raise UserError(f"hfgen compare: nothing was run: {' '.join(problems)} (for hfgen compare: "
                         "--overwrite_output_dir true, or another --output_root)")  # fmt: skip
@@ -129,8 +130,9 @@ def main(args: argparse.Namespace) -> int:
     for index, ((method, seed), recipe) in enumerate(runs.items(), 1):
         run_dir = recipe.output_dir
         label = f"[{index}/{len(runs)}] {method} seed {seed}"
-        changed = tracking.inputs_changed(run_dir, recipe)  # its data or models changed in place
-        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml()) and not changed
+        same_recipe = tracking.holds_recipe(run_dir, recipe.to_yaml())  # (its recorded inputs are that recipe's)
+        changed = tracking.inputs_changed(run_dir, recipe) if same_recipe else []  # its data or models changed in place
+        done = tracking.is_complete(run_dir) and same_recipe and not changed
         inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
         same_inputs = tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs
         if done and same_inputs:

@@ -9,8 +9,8 @@ other overrides apply to every point. Each point gets its own output dir, ROOT/K
 first one runs; then the points run one after the other through `hfgen.train.run_step`, exactly as
 `hfgen train` runs them. A point whose dir already holds a complete run of the same resolved recipe is
 skipped, and a point that was interrupted continues from its newest complete checkpoint, so a sweep that
-stopped half way picks up where it was; a point whose dir holds the complete run of another recipe is refused
-before anything runs (as `hfgen train` refuses it). A point that fails (diverges, or finds bad data) does not stop
+stopped half way picks up where it was; a point whose dir holds the complete run of another recipe, or an
+unfinished one with complete checkpoints, is refused before anything runs (as `hfgen train` refuses it). A point that fails (diverges, or finds bad data) does not stop
 the others: the sweep says which failed and exits non-zero after the report. Last, ROOT/report.html compares
 the points (`hfgen report`); with --eval each point not yet evaluated is first evaluated by `hfgen eval` with its
 defaults.
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from hfgen import tracking
     from hfgen.report import write_report
-    from hfgen.train import run_step
+    from hfgen.train import check_step_output_dir, run_step
 
     axes, fixed = split_grid(args.overrides)
     if not axes:
@@ -62,11 +62,9 @@ def main(args: argparse.Namespace) -> int:
     for name, tokens in points:
         try:
             recipes[name] = point_recipe(args.recipe, [*fixed, *tokens], root / name)
-            # a point's dir holding the complete run of another recipe (an earlier sweep with other fixed keys) is
-            # refused as `hfgen train` refuses it, not trained over
-            if (root / name).exists():
-                recipe = recipes[name]
-                tracking.check_output_dir(root / name, recipe.to_yaml(), recipe.run.overwrite_output_dir)
+            # a point's dir holding the complete or unfinished run of another recipe (an earlier sweep with other
+            # fixed keys) is refused as `hfgen train` refuses it, not trained over
+            check_step_output_dir(recipes[name])
         except UserError as error:
             problems.setdefault(str(error), []).append(name)  # one message for the points that share it
     if problems:
@@ -78,8 +76,9 @@ def main(args: argparse.Namespace) -> int:
     failed: dict[str, Exception] = {}
     for index, (name, recipe) in enumerate(recipes.items(), 1):
         run_dir = root / name
-        changed = tracking.inputs_changed(run_dir, recipe)  # (a base retrained, a data file rewritten in place)
-        done = tracking.is_complete(run_dir) and tracking.holds_recipe(run_dir, recipe.to_yaml()) and not changed
+        same_recipe = tracking.holds_recipe(run_dir, recipe.to_yaml())  # (its recorded inputs are that recipe's)
+        changed = tracking.inputs_changed(run_dir, recipe) if same_recipe else []  # (a base retrained in place)
+        done = tracking.is_complete(run_dir) and same_recipe and not changed
         try:
             if done:
                 print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")

@@ -111,7 +111,8 @@ def write_run_records(
     try:  # a refusal here (an unfinished run's checkpoints, a full disk) unlocks: the caller's process may live on
         remove_deletion_leftovers(output_dir)
         if not resuming:  # nothing of an earlier run is left to mix with this one's
-            clear_previous_run(output_dir, overwrite)
+            check_unfinished_run(output_dir, recipe_yaml, overwrite)
+            clear_previous_run(output_dir)
         (output_dir / COMPLETE_MARKER).unlink(missing_ok=True)
         # env.json first: a dir is a run's once both are there (`is_run_dir`), so a kill in between leaves no
         # recipe.yaml that the next start would take for a user's own (`foreign_files_problem`)
@@ -174,25 +175,49 @@ def check_output_dir(output_dir: str | Path, recipe_yaml: str, overwrite: bool =
     problem = foreign_files_problem(output_dir)
     if problem:
         raise UserError(problem)
-    previous = output_dir / "recipe.yaml"
-    if overwrite or not (is_complete(output_dir) and previous.is_file()):
+    if overwrite or not (is_complete(output_dir) and (output_dir / "recipe.yaml").is_file()):
         return
+    changed = differing_keys(output_dir, recipe_yaml)
+    if changed:
+        raise UserError(
+            f"output_dir '{output_dir}' holds a complete run of a different recipe (differing keys: "
+            f"{', '.join(changed)}); choose another output_dir, or set overwrite_output_dir: true to train over it."
+        )
+
+
+def differing_keys(output_dir: str | Path, recipe_yaml: str) -> list[str]:
+    """The keys whose values differ between the recipe OUTPUT_DIR/recipe.yaml records and `recipe_yaml`
+    (`comparable_recipe`, but for `CONTINUATION_KEYS`); ['the recipe file'] where they differ otherwise (a recorded
+    recipe that is no YAML mapping); [] for the same recipe."""
     try:
-        before = comparable_recipe(previous.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
+        before = comparable_recipe((Path(output_dir) / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
         before = None
     now = comparable_recipe(recipe_yaml) or {}
     if isinstance(before, dict):
         for key in CONTINUATION_KEYS:
             before.pop(key, None)
             now.pop(key, None)
-    if before != now:
-        changed = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
-        raise UserError(
-            f"output_dir '{output_dir}' holds a complete run of a different recipe (differing keys: "
-            f"{', '.join(changed) or 'the recipe file'}); choose another output_dir, or set overwrite_output_dir: true "
-            "to train over it."
-        )
+    if before == now:
+        return []
+    return sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k)) or ["the recipe file"]
+
+
+def check_unfinished_run(output_dir: str | Path, recipe_yaml: str, overwrite: bool = False) -> None:
+    """A fresh start into `output_dir` over an unfinished run with complete checkpoints would delete work a resume
+    continues: refused unless `overwrite`, naming the differing keys when the run is another recipe's. (`hfgen sweep`
+    and `hfgen compare` refuse their runs' dirs with it before anything runs: `train.check_step_output_dir`.)"""
+    output_dir = Path(output_dir)
+    resumable = [p.name for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
+    if not resumable or overwrite or is_complete(output_dir):
+        return
+    changed = differing_keys(output_dir, recipe_yaml) if (output_dir / "recipe.yaml").is_file() else []
+    of = f" of a different recipe (differing keys: {', '.join(changed)})" if changed else ""
+    raise UserError(
+        f"output_dir '{output_dir}' holds an unfinished run{of} with complete checkpoints ({', '.join(resumable)}): "
+        "continue it with --resume_from_checkpoint true, or start again over it with overwrite_output_dir: true "
+        "(its checkpoints are then deleted), or choose another output_dir."
+    )
 
 
 _locks: dict[Path, Any] = {}  # output dir -> its open lock file, held while its run runs
@@ -304,21 +329,15 @@ def foreign_files_problem(output_dir: Path) -> str | None:
     return None
 
 
-def clear_previous_run(output_dir: Path, overwrite: bool) -> None:
+def clear_previous_run(output_dir: Path) -> None:
     """A fresh start over an earlier run: what that run wrote goes, so none of it mixes with the new run's: its
     checkpoints (the new run's rotation and a later resume would take them for its own), and its outputs (an `ema/`
     or `value_model/` the new recipe does not write, a full model.safetensors beside a new LoRA adapter, which
     `from_pretrained` loads instead of the adapter, another stage's samples.jsonl). Only a dir that holds a run is
     cleared (not a dir of the user's that never held one), and in it neither `KEPT_ON_FRESH_START` nor a folder with
-    runs in it (a pipeline's steps or a sweep kept under the rlhf pipeline's dir). An unfinished run's complete checkpoints
-    are kept unless `overwrite`: that is work a resume would continue, so the run is refused instead."""
-    resumable = [p.name for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
-    if resumable and not overwrite and not is_complete(output_dir):
-        raise UserError(
-            f"output_dir '{output_dir}' holds an unfinished run with complete checkpoints ({', '.join(resumable)}): "
-            "continue it with --resume_from_checkpoint true, or start again over it with overwrite_output_dir: true "
-            "(its checkpoints are then deleted), or choose another output_dir."
-        )
+    runs in it (a pipeline's steps or a sweep kept under the rlhf pipeline's dir). (An unfinished run's complete
+    checkpoints are work a resume would continue: without overwrite_output_dir the start is refused before this,
+    `check_unfinished_run`.)"""
     if not is_run_dir(output_dir):
         return
     # The marker first, then the checkpoints, each gone at once (`remove_dir`): a kill half way leaves an unfinished

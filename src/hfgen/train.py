@@ -257,6 +257,22 @@ def closing_lines(output_dir: Path) -> str:
     return "\n".join([*held_out, f"hfgen: complete, written to {output_dir}"])
 
 
+def check_step_output_dir(recipe) -> None:
+    """Refuse, before anything runs, the dir of a sweep's point or a comparison's run that holds what `hfgen train`
+    refuses and `run_step` (which trains over the dir, its caller having compared the recipes) would delete: the
+    complete run of another recipe (`tracking.check_output_dir`), or an unfinished one with complete checkpoints
+    (`tracking.check_unfinished_run`); an unfinished run of this same recipe `run_step` continues. Unless the
+    recipe's overwrite_output_dir."""
+    from hfgen import tracking
+
+    output_dir, recipe_yaml, overwrite = recipe.output_dir, recipe.to_yaml(), recipe.run.overwrite_output_dir
+    if not output_dir.exists():
+        return
+    tracking.check_output_dir(output_dir, recipe_yaml, overwrite)
+    if not tracking.holds_recipe(output_dir, recipe_yaml):
+        tracking.check_unfinished_run(output_dir, recipe_yaml, overwrite)
+
+
 def run_step(recipe, fresh: bool = False, inputs: dict | None = None) -> Path:
     """Run one step of a pipeline (`rlhf`) or one point of a sweep, which its caller has decided must run (its
     output is missing, unfinished, of another recipe or inputs, or forced). An unfinished run of this same recipe

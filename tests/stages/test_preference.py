@@ -575,6 +575,24 @@ def test_compare_into_a_read_only_root_is_refused_before_anything_trains(capsys,
     assert "== sft" not in error.out  # (no step ran)
 
 
+def test_compare_refuses_a_run_dir_holding_an_unfinished_run_of_another_recipe(capsys, tmp_path):
+    """Its complete checkpoints were deleted and the run trained over them, exit 0, saying "its inputs changed since
+    it ran: config_name ... is gone" (probe 45 C1), where `hfgen train` refuses the dir."""
+    run = tmp_path / "compare" / "dpo" / "seed=0"
+    assert hfgen_main(["train", str(REPO / "recipes/tiny/pretrain.yaml"), "--max_steps", "1", "--max_train_samples",
+                       "8", "--max_eval_samples", "4", "--block_size", "8", "--save_strategy", "steps",
+                       "--save_steps", "1", "--output_dir", str(run)]) == 0  # fmt: skip
+    (run / tracking.COMPLETE_MARKER).unlink()  # as a kill after its last checkpoint leaves it
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["compare", str(REPO / "recipes/tiny/compare.yaml"), "--methods", "dpo", "--seeds", "1",
+                    "--output_root", str(tmp_path / "compare")])  # fmt: skip
+    error = capsys.readouterr()
+    assert exit_info.value.code == 2 and "Traceback" not in error.err, error.err
+    assert f"output_dir '{run}' holds an unfinished run of a different recipe (differing keys: " in error.err
+    assert "== sft" not in error.out and tracking.complete_checkpoints(run)  # (no step ran, nothing deleted)
+
+
 @pytest.mark.slow
 def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_changes(tiny_lm, tmp_path, capsys):
     # A retrained SFT model left every run "already complete, skipped", and a retrained run kept its old
