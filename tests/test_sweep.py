@@ -71,6 +71,19 @@ def test_an_axis_value_is_the_text_typed(tmp_path):
         assert (args.run_name, args.max_steps) == (typed, 3)
 
 
+def test_axis_values_may_hold_an_equals_sign(tmp_path, capsys):
+    # the point dirs of an earlier sweep (`.../learning_rate=1e-3_seed=1`) were read as the k=v,k=v form of a
+    # mapping: "no grid given", or one value of both paths beside another axis (probe 45 C6)
+    first, second = tmp_path / "sw1/learning_rate=1e-3_seed=1", "learning_rate=3e-3_seed=1"  # (a relative one too)
+    axes, fixed = split_grid(["--model_name_or_path", f"{first},{second}", "--seed", "1,2", "--x=a=b"])
+    assert axes == {"model_name_or_path": [str(first), second], "seed": ["1", "2"]} and fixed == ["--x", "a=b"]
+    with pytest.raises(SystemExit) as exit_info:  # the k=v,k=v form of the mapping key that takes it stays fixed
+        hfgen(["sweep", str(PRETRAIN), "--dataset_columns", "prompt=instruction,completion=output"])
+    assert exit_info.value.code == 2
+    said = "no grid given (--dataset_columns prompt=instruction,completion=output is one mapping, k=v,k=v, not an axis)"
+    assert said in capsys.readouterr().err
+
+
 def test_an_invalid_point_stops_the_sweep_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         hfgen(["sweep", str(PRETRAIN), "--learning_rate", "1e-3,fast", "--output_root", str(tmp_path), *SHORT])

@@ -47,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
 
     axes, fixed = split_grid(args.overrides)
     if not axes:
-        raise UserError("hfgen sweep: no grid given; write comma-separated values, e.g. --learning_rate 1e-4,3e-4.")
+        raise UserError(f"hfgen sweep: no grid given{mappings_note(fixed)}; write comma-separated values, e.g. "
+                        "--learning_rate 1e-4,3e-4.")  # fmt: skip
     if "output_dir" in axes or "--output_dir" in fixed:
         raise UserError("hfgen sweep: each point gets its own output_dir under --output_root; do not set output_dir.")
     root = Path(args.output_root) if args.output_root else default_root(args.recipe, fixed)
@@ -133,7 +134,10 @@ def was_evaluated(run_dir: Path) -> bool:
 def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Override tokens -> (axes: key -> values, fixed tokens). `--lr 1e-4,3e-4` is an axis; `--steps 3`,
     lists (`--modules q v`), JSON/YAML values (`--x [1,2]`, `--y {a: 1}`) and the `k=v,k=v` form of a mapping
-    (`--dataset_columns prompt=instruction,completion=output`, as `hfgen train` reads it) are fixed."""
+    (`--dataset_columns prompt=instruction,completion=output`, as `hfgen train` reads it: `PAIRS_TEXT_KEYS`) are
+    fixed. Another key's values may hold `=` (an earlier sweep's point dirs, `.../lr=1e-3_seed=1`)."""
+    from hfgen.data.formats import PAIRS_TEXT_KEYS
+
     groups: list[list[str]] = []
     for token in tokens:
         if token.startswith("--"):
@@ -149,16 +153,25 @@ def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
         raise UserError(f"hfgen sweep: --{twice[0]} is given twice; give each key once (an axis as --key a,b,c)")
     axes, fixed = {}, []
     for key, *values in groups:
-        mapping = all("=" in part for part in values[0].split(",")) if len(values) == 1 else False
+        name = key[2:].replace("-", "_")
+        mapping = name in PAIRS_TEXT_KEYS and len(values) == 1 and all("=" in part for part in values[0].split(","))
         if len(values) == 1 and "," in values[0] and not values[0].lstrip().startswith(("[", "{")) and not mapping:
             axis = [v.strip() for v in values[0].split(",") if v.strip()]
-            name = key[2:].replace("-", "_")
             if len(set(axis)) != len(axis):
                 raise UserError(f"hfgen sweep: --{name} repeats a value: {values[0]}")
             axes[name] = axis
         else:
             fixed += [key, *values]
     return axes, fixed
+
+
+def mappings_note(fixed: list[str]) -> str:
+    """Which fixed values were read as one mapping (`k=v,k=v`) rather than as an axis, for the no-grid message."""
+    from hfgen.data.formats import PAIRS_TEXT_KEYS
+
+    pairs = [f"--{token[2:]} {value}" for token, value in zip(fixed, fixed[1:])
+             if token.startswith("--") and token[2:].replace("-", "_") in PAIRS_TEXT_KEYS and "," in value]  # fmt: skip
+    return f" ({', '.join(pairs)} is one mapping, k=v,k=v, not an axis)" if pairs else ""
 
 
 def grid_points(axes: dict[str, list[str]]) -> list[tuple[str, list[str]]]:

@@ -200,6 +200,11 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
     )
 
 
+# the recipe keys whose text may be a mapping written `a=b,c=d` (`parse_columns`): `hfgen sweep` takes such a value
+# for one mapping, not for an axis of the grid
+PAIRS_TEXT_KEYS = ("dataset_columns",)
+
+
 def parse_columns(value) -> dict[str, str]:
     """`dataset_columns` from a recipe: a mapping (YAML or JSON) or `a=b,c=d`, LAYOUT_NAME -> FILE_COLUMN."""
     import json
