@@ -104,6 +104,18 @@ def test_output_dir_and_missing_grid_are_user_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_eval_under_a_launch_of_several_processes_is_refused_before_anything_trains(tmp_path, capsys, monkeypatch):
+    # under `accelerate launch --num_processes 2` every point trained, then each process's `hfgen eval` refused the
+    # launch: "2 of 2 points failed (the others ran)", exit 1 (probe 45 C5)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as the launcher sets it for each process
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen(["sweep", str(PRETRAIN), "--seed", "1,2", "--eval", "--output_root", str(tmp_path / "sw"), *SHORT])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    assert "`hfgen eval` runs on one process, but 2 were launched" in error and "--eval` directly" in error
+    assert not (tmp_path / "sw").exists()
+
+
 @pytest.mark.slow
 def test_two_by_two_pretrain_sweep_makes_four_runs_and_one_report(tmp_path):
     arguments = [

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import re
 import signal
 import sys
@@ -45,6 +46,14 @@ def main(args: argparse.Namespace) -> int:
     from hfgen.report import write_report
     from hfgen.train import check_step_output_dir, run_step
 
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.eval and processes > 1:  # every process's `hfgen eval` refused the launch: each point "failed" at the end
+        raise UserError(
+            f"hfgen sweep --eval: `hfgen eval` runs on one process, but {processes} were launched (WORLD_SIZE="
+            f"{processes}): train the points under the launch without --eval, then run the same `hfgen sweep ... "
+            "--eval` directly (not under accelerate launch or torchrun): it skips the complete points and evaluates "
+            "each."
+        )
     axes, fixed = split_grid(args.overrides)
     if not axes:
         raise UserError(f"hfgen sweep: no grid given{mappings_note(fixed)}; write comma-separated values, e.g. "
@@ -101,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"report: {report}" if report else "report: no point has a run dir")
     if failed:
         listing = "; ".join(f"{name}: {error}" for name, error in failed.items())
-        message = f"hfgen sweep: {len(failed)} of {len(recipes)} points failed (the others ran): {listing}"
+        others = " (the others ran)" if len(failed) < len(recipes) else ""
+        message = f"hfgen sweep: {len(failed)} of {len(recipes)} points failed{others}: {listing}"
         raise Diverged(message) if all(isinstance(e, Diverged) for e in failed.values()) else UserError(message)
     return 0
 
