@@ -85,6 +85,10 @@ def main(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise UserError(f"hfgen compare: --methods {unknown or args.methods}: each must be a method whose step "
                         f"recipe the pipeline '{args.recipe}' names ({', '.join(named) or 'none'})")  # fmt: skip
+    if twice := sorted({m for m in methods if methods.count(m) > 1}):  # (one run, listed twice in the report)
+        raise UserError(
+            f"hfgen compare: --methods {args.methods} names {', '.join(twice)} twice; give each method once"
+        )
     if args.seeds < 1 or args.prompts < 1:
         raise UserError("hfgen compare: --seeds and --prompts must be at least 1")
     if problems := evaluation_problems(args):  # found after all the training, they cost every run

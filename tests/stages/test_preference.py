@@ -536,7 +536,9 @@ def test_plain_held_out_prompts_are_a_user_turn_when_the_pairs_are_conversations
 @pytest.mark.parametrize(
     "recipe, methods, message",
     [("pretrain.yaml", "ppo,dpo", "is a pretrain recipe; compare takes a pipeline recipe"),
-     ("rlhf.yaml", "ppo,kto", "--methods ['kto']: each must be a method whose step recipe the pipeline")],
+     ("rlhf.yaml", "ppo,kto", "--methods ['kto']: each must be a method whose step recipe the pipeline"),
+     # it ran once but was listed twice in the report (probe 45 C7)
+     ("compare.yaml", "dpo,ppo,dpo", "--methods dpo,ppo,dpo names dpo twice; give each method once")],
 )  # fmt: skip
 def test_compare_refuses_a_stage_recipe_and_methods_the_pipeline_lacks(capsys, recipe, methods, message):
     # a stage recipe was a ValueError traceback (`(base,) = configs`); the list of methods offered all of them
