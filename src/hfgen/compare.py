@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import json
 import math
 import os
 import signal
@@ -42,7 +41,8 @@ from pathlib import Path
 from hfgen import guard
 from hfgen.errors import UserError
 
-EVAL_FILE = "compare_eval.json"  # a run's comparison figures, beside the rows in compare_eval.jsonl
+EVAL_FILE = "compare_eval.json"  # a run's comparison figures, beside the rows in ROWS_FILE
+ROWS_FILE = "compare_eval.jsonl"  # the evaluation's rows, whose bootstrap gives the report's intervals
 INPUTS_FILE = "compare_inputs.json"  # the SFT and reward models a run was trained from (`model_stamp`)
 OFFLINE = ("dpo", "kto", "orpo", "simpo")
 
@@ -333,7 +333,7 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
     settings["models"] = {"policy": model_stamp(run_dir), "sft": model_stamp(sft_dir)}
     settings["models"]["reward"] = model_stamp(reward_dir) if reward_dir else None
     cached = tracking.read_json(run_dir / EVAL_FILE, {})
-    if cached.get("settings") == settings:
+    if cached.get("settings") == settings and tracking.read_jsonl(run_dir / ROWS_FILE):  # (the report reads both)
         return cached
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(run_dir))
@@ -346,7 +346,7 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
     results, rows = compare_to_reference(
         PartialState(), policy, reference, tokenizer, prompts, sampling, scorer, oracle, name="policy"
     )
-    tracking.write_jsonl(run_dir / "compare_eval.jsonl", rows)
+    tracking.write_jsonl(run_dir / ROWS_FILE, rows)
     record = {"settings": settings, "method": method, "results": results}
     tracking.write_json(run_dir / EVAL_FILE, record)
     return record
@@ -362,9 +362,7 @@ def run_figures(run_dir: Path) -> dict:
     from hfgen.evaluation.text import win_rate
 
     results = tracking.read_json(run_dir / EVAL_FILE)["results"]
-    rows = [
-        json.loads(line) for line in (run_dir / "compare_eval.jsonl").read_text(encoding="utf-8").splitlines() if line
-    ]
+    rows = tracking.read_jsonl(run_dir / ROWS_FILE)
     figures = dict(results)
     for judge in ("oracle", "reward_model"):
         if f"policy/{judge}" in rows[0]:

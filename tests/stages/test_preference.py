@@ -468,6 +468,32 @@ def test_compares_cached_evaluation_is_keyed_on_the_oracles_source(tmp_path):
     assert evaluation_settings(args) != before
 
 
+def evaluation_arguments(tmp_path, name: str, oracle_scores: str):
+    """`hfgen compare`'s evaluation options, tiny, judged by the oracle NAME.py returning `oracle_scores` (a Python
+    expression of `completions`)."""
+    import argparse
+
+    judge = tmp_path / f"{name}.py"
+    judge.write_text(f"def oracle(prompts, completions, **kwargs):\n    return {oracle_scores}\n")
+    return argparse.Namespace(eval_dataset="embedded:prompts", num_prompts=3, samples_per_prompt=2,
+                              response_length=4, temperature=1.0, oracle=f"{judge}:oracle")  # fmt: skip
+
+
+def test_compares_cached_evaluation_without_its_rows_is_redone(tmp_path):
+    # compare_eval.json without compare_eval.jsonl (removed by hand) was a raw FileNotFoundError in the report
+    # (probe 45 C8)
+    from hfgen.compare import ROWS_FILE, evaluate_point, run_figures
+
+    policy, sft = save_tiny_llama(tmp_path / "policy", seed=1), save_tiny_llama(tmp_path / "sft")
+    args = evaluation_arguments(tmp_path, "length", "[float(len(c)) for c in completions]")
+    evaluate_point(policy, "dpo", sft, None, args)
+    rows = (policy / ROWS_FILE).read_text()
+    (policy / ROWS_FILE).unlink()
+    evaluate_point(policy, "dpo", sft, None, args)
+    assert (policy / ROWS_FILE).read_text() == rows  # evaluated again (the same random numbers)
+    assert run_figures(policy)["ci/oracle"]
+
+
 @pytest.mark.slow
 def test_compare_trains_each_method_at_a_matched_budget_and_resumes(comparison):
     root, first, second = comparison
