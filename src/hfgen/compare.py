@@ -358,19 +358,21 @@ def evaluate_point(run_dir: Path, method: str, sft_dir: Path, reward_dir: Path |
 def run_figures(run_dir: Path) -> dict:
     """The report's figures of one run, with bootstrap intervals from its evaluation rows."""
     from hfgen import tracking
-    from hfgen.evaluation.policy import bootstrap_interval
+    from hfgen.evaluation.policy import bootstrap_interval, scored
     from hfgen.evaluation.text import win_rate
 
     results = tracking.read_json(run_dir / EVAL_FILE)["results"]
     rows = tracking.read_jsonl(run_dir / ROWS_FILE)
     figures = dict(results)
     for judge in ("oracle", "reward_model"):
-        if f"policy/{judge}" in rows[0]:
+        ours, sft = f"policy/{judge}", f"sft/{judge}"
+        # over the pairs the judge scored on both sides, as its win rate (`policy.compared_figures`); none: no interval
+        pairs = [row for row in rows if scored(row.get(ours)) and scored(row.get(sft))]
+        if pairs:
             figures[f"ci/{judge}"] = bootstrap_interval(
-                rows,
-                lambda sample, j=judge: win_rate([r[f"policy/{j}"] for r in sample], [r[f"sft/{j}"] for r in sample]),
+                pairs, lambda sample, a=ours, b=sft: win_rate([r[a] for r in sample], [r[b] for r in sample])
             )
-    if "win_rate/reward_model" in figures and "win_rate/oracle" in figures:
+    if figures.get("win_rate/reward_model") is not None and figures.get("win_rate/oracle") is not None:
         figures["gap"] = figures["win_rate/reward_model"] - figures["win_rate/oracle"]
     complete = tracking.read_json(run_dir / tracking.COMPLETE_MARKER, {})
     figures["wall_time_s"] = complete.get("wall_time_s")

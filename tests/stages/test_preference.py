@@ -494,6 +494,33 @@ def test_compares_cached_evaluation_without_its_rows_is_redone(tmp_path):
     assert run_figures(policy)["ci/oracle"]
 
 
+def test_compares_intervals_leave_out_the_answers_its_oracle_did_not_score(tmp_path):
+    # an --oracle returning None for some answers (README: not scored) ended the report in a TypeError, after all
+    # the training and evaluation; one scoring none, with nothing to show (probe 45 C3)
+    from hfgen.compare import evaluate_point, run_figures, with_interval
+    from hfgen.evaluation.policy import bootstrap_interval
+    from hfgen.evaluation.text import win_rate
+
+    policy, sft = save_tiny_llama(tmp_path / "policy", seed=1), save_tiny_llama(tmp_path / "sft")
+    args = evaluation_arguments(
+        tmp_path, "some", "[None if i % 2 else float(len(c)) for i, c in enumerate(completions)]"
+    )
+    results = evaluate_point(policy, "dpo", sft, None, args)["results"]
+    assert results["heldout/pairs_left_out/oracle"] == 3  # (of 3 prompts x 2 answers)
+    figures = run_figures(policy)
+    pairs = [row for row in tracking.read_jsonl(policy / "compare_eval.jsonl") if row["policy/oracle"] is not None]
+    assert len(pairs) == 3 and figures["win_rate/oracle"] == win_rate(
+        [r["policy/oracle"] for r in pairs], [r["sft/oracle"] for r in pairs]
+    )
+    assert figures["ci/oracle"] == bootstrap_interval(
+        pairs, lambda rows: win_rate([r["policy/oracle"] for r in rows], [r["sft/oracle"] for r in rows])
+    )
+    args = evaluation_arguments(tmp_path, "none", "[None for c in completions]")
+    assert evaluate_point(policy, "dpo", sft, None, args)["results"]["win_rate/oracle"] is None
+    figures = run_figures(policy)
+    assert "ci/oracle" not in figures and with_interval(figures, "oracle") == "–"
+
+
 @pytest.mark.slow
 def test_compare_trains_each_method_at_a_matched_budget_and_resumes(comparison):
     root, first, second = comparison

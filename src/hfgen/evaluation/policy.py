@@ -187,7 +187,7 @@ def compared_figures(key: str, ours: list, sft: list, name: str) -> dict:
     left unscored on either side (present only when there are some). Also GRPO's and RLOO's comparison."""
     results = {f"sft/{key}": mean(sft), f"{name}/{key}": mean(ours)}
     if key not in NOT_JUDGES:
-        pairs = [(a, b) for a, b in zip(ours, sft) if mean([a]) is not None and mean([b]) is not None]
+        pairs = [(a, b) for a, b in zip(ours, sft) if scored(a) and scored(b)]
         results[f"win_rate/{key}"] = win_rate(*zip(*pairs)) if pairs else None
         if len(pairs) < len(ours):
             results[f"heldout/pairs_left_out/{key}"] = len(ours) - len(pairs)
@@ -197,8 +197,13 @@ def compared_figures(key: str, ours: list, sft: list, name: str) -> dict:
 def mean(values: list[float]) -> float | None:
     """The mean of the scored values: None (a reward function's "not scored") and NaN are skipped; None when
     nothing was scored (eval.json holds null, not NaN, which is no JSON)."""
-    scored = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(scored) / len(scored) if scored else None
+    kept = [v for v in values if scored(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def scored(value) -> bool:
+    """Whether a judge scored a response: None (a reward function's "not scored") and NaN are no scores."""
+    return value is not None and not math.isnan(value)
 
 
 def bootstrap_interval(
