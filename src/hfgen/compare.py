@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import json
 import math
 import os
 import signal
@@ -43,7 +44,10 @@ from hfgen.errors import UserError
 
 EVAL_FILE = "compare_eval.json"  # a run's comparison figures, beside the rows in ROWS_FILE
 ROWS_FILE = "compare_eval.jsonl"  # the evaluation's rows, whose bootstrap gives the report's intervals
-INPUTS_FILE = "compare_inputs.json"  # the SFT and reward models a run was trained from (`model_stamp`)
+# A run's record of the SFT and reward models it was trained from (`model_stamp`) is a pipeline step's record of the
+# runs it consumed (`tracking.INPUTS_RECORD`), written by `train.run_recipe` once the run's dir is cleared for a fresh
+# start; an older hfgen wrote it, before training, into this file, which that clearing deleted
+OLD_INPUTS_FILE = "compare_inputs.json"
 OFFLINE = ("dpo", "kto", "orpo", "simpo")
 
 
@@ -138,7 +142,8 @@ def main(args: argparse.Namespace) -> int:
         changed = tracking.inputs_changed(run_dir, recipe) if same_recipe else []  # its data or models changed in place
         done = tracking.is_complete(run_dir) and same_recipe and not changed
         inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
-        same_inputs = tracking.read_json(run_dir / INPUTS_FILE, {}) == inputs
+        recorded = tracking.read_json(run_dir / tracking.INPUTS_RECORD, None)
+        same_inputs = (recorded or tracking.read_json(run_dir / OLD_INPUTS_FILE, {})) == inputs
         if done and same_inputs:
             print(f"{label}: already complete, skipped")
         else:
@@ -150,11 +155,9 @@ def main(args: argparse.Namespace) -> int:
                 else ""
             )
             print(f"{label}: training{why} -> {run_dir}", flush=True)
-            # recorded before training: an interrupted run of these inputs continues from its checkpoint (run_step),
+            # recorded when it starts: an interrupted run of these inputs continues from its checkpoint (run_step),
             # one begun from other inputs starts over
-            run_dir.mkdir(parents=True, exist_ok=True)
-            tracking.write_json(run_dir / INPUTS_FILE, inputs)
-            train_point(recipe, args.quiet, fresh=not same_inputs or bool(changed))
+            train_point(recipe, args.quiet, fresh=not same_inputs or bool(changed), inputs=inputs)
         evaluate_point(run_dir, method, sft_dir, reward_dir, args)
     report = write_compare_report(root, runs, methods, args)
     print(f"report: {report}")
@@ -217,13 +220,16 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
         ran = True
 
 
-def train_point(recipe, quiet: bool, fresh: bool) -> None:
+def train_point(recipe, quiet: bool, fresh: bool, inputs: dict) -> None:
     """Train one run in a child process, so that its peak memory is its own (written to peak_memory.json); as a
-    sweep point (`run_step`: an interrupted run continues from its checkpoint, unless `fresh`)."""
+    sweep point (`run_step`: an interrupted run continues from its checkpoint, unless `fresh`), recording `inputs`."""
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     path = recipe.output_dir / "compare_recipe.yaml"
     path.write_text(recipe.to_yaml(), encoding="utf-8")
-    code = f"from hfgen.compare import run_point; run_point({str(path)!r}, {quiet!r}, {fresh!r})"
+    code = (
+        "import json; from hfgen.compare import run_point; "
+        f"run_point({str(path)!r}, {quiet!r}, {fresh!r}, json.loads({json.dumps(inputs)!r}))"
+    )
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     returncode = guard.run_child([sys.executable, "-c", code], env=env)
     if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # stopped by a signal (its checkpoint is saved)
@@ -236,7 +242,7 @@ def train_point(recipe, quiet: bool, fresh: bool) -> None:
                         "continues it from its newest complete checkpoint, and skips the runs that are complete")  # fmt: skip
 
 
-def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> None:
+def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False, inputs: dict | None = None) -> None:
     """The child process of `train_point`: the recipe's run (`run_step`), then the process's peak memory."""
     import torch
 
@@ -263,7 +269,7 @@ def run_point(recipe_path: str, quiet: bool = False, fresh: bool = False) -> Non
                     config.disable_tqdm = True
         reset_peak_memory(device)
         with disk_full_exits_2(recipe.output_dir), datasets_cache_unwritable_exits_2():
-            run_step(recipe, fresh=fresh)
+            run_step(recipe, fresh=fresh, inputs=inputs)
     megabytes, kind = peak_memory(device)
     tracking.write_json(Path(recipe.output_dir) / "peak_memory.json", {"peak_memory_mb": megabytes, "kind": kind})
 

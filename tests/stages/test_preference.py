@@ -679,6 +679,9 @@ def test_compare_retrains_and_reevaluates_after_the_sft_model_or_the_recipe_chan
     assert "now holds another run" in printed, printed
     second = (run / "compare_eval.json").read_text()
     assert second != first
+    # and once retrained, reused: its record of the SFT model it was trained from was deleted by the fresh start over
+    # its old run, and every later compare trained it again (probe 45 C2)
+    assert "already complete, skipped" in compare({"learning_rate": 1e-2, "overwrite_output_dir": True})
     # another recipe for the run: refused before anything trains, naming the key and what to pass
     with pytest.raises(SystemExit) as exit_info:
         compare({"learning_rate": 1e-2, "overwrite_output_dir": True}, "--learning_rate", "0.05")
