@@ -10,10 +10,10 @@ first one runs; then the points run one after the other through `hfgen.train.run
 `hfgen train` runs them. A point whose dir already holds a complete run of the same resolved recipe is
 skipped, and a point that was interrupted continues from its newest complete checkpoint, so a sweep that
 stopped half way picks up where it was; a point whose dir holds the complete run of another recipe, or an
-unfinished one with complete checkpoints, is refused before anything runs (as `hfgen train` refuses it). A point that fails (diverges, or finds bad data) does not stop
-the others: the sweep says which failed and exits non-zero after the report. Last, ROOT/report.html compares
-the points (`hfgen report`); with --eval each point not yet evaluated is first evaluated by `hfgen eval` with its
-defaults.
+unfinished one with complete checkpoints, is refused before anything runs (as `hfgen train` refuses it). A point
+that fails (diverges, or finds bad data) does not stop the others: the sweep says which failed and exits non-zero
+after the report. Last, ROOT/report.html compares the points (`hfgen report`); with --eval each point not yet
+evaluated is first evaluated by `hfgen eval` with its defaults.
 """
 
 from __future__ import annotations
