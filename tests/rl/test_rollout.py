@@ -2,12 +2,14 @@
 generation log-probs equal a forward pass's, the LoRA reference is the adapter-disabled policy, scores and values
 read the right positions."""
 
+import copy
 import math
 
 import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from hfgen.errors import UserError
 from hfgen.rl import rollout as R
 from hfgen.rl.functional import response_mask, token_logprobs
 
@@ -224,6 +226,25 @@ def test_scorer_passes_the_policys_ids_straight_through_when_tokenizers_match(em
     torch.testing.assert_close(
         unfinished, R.sequence_scores(reward_model, [query + spelled[:-1]], tokenizer.pad_token_id, 4)
     )
+
+
+def test_a_reward_model_scoring_nan_is_refused_not_taken_for_an_unscored_response(embedded_reward_model):
+    # a NaN score (broken weights, fp16 overflow) passed for a reward function's None: reward 0 in eval.json, GRPO
+    # and PPO, with a warning blaming the functions; with a function beside it, the row's reward was the function's
+    tokenizer, reward_model = embedded_reward_model
+    broken = copy.deepcopy(reward_model)
+    with torch.no_grad():
+        broken.score.weight[0, :] = math.inf  # inf * activations of both signs: NaN logits
+    broken.config.name_or_path = "judges/broken"
+    prompts, responses = ["describe the cat.", "name a dog."], [" it is kind.", " rex"]
+    assert R.sequence_scores(broken, tokenizer(prompts)["input_ids"], tokenizer.pad_token_id, 4).isnan().all()
+    for functions, weights in (({}, [1.0]), ({"one": lambda p, r: [1.0] * len(r)}, [1.0, 1.0])):
+        scorer = R.RewardScorer(broken, tokenizer, functions, weights, 4)
+        with pytest.raises(UserError, match=r"reward model 'judges/broken' returned nan for response 0 "
+                                            r"\(prompt 'describe the cat.'\): a score must be a finite number$"):  # fmt: skip
+            scorer(prompts, responses, [True, True], "cpu")
+    scores, _ = R.RewardScorer(reward_model, tokenizer, {}, [1.0], 4)(prompts, responses, [True, True], "cpu")
+    assert scores.isfinite().all()
 
 
 def test_a_policy_tokenizer_with_an_added_token_is_not_the_reward_models(embedded_reward_model):

@@ -556,7 +556,7 @@ def required_arguments(function) -> list[str]:
 def function_scores(function: RewardFunction, prompts: list, responses: list[str], device) -> torch.Tensor:
     """(B,) float scores of a rule-based reward function called as function(prompt texts, response texts)."""
     values = function(list(prompts), responses)  # (a recipe function reads each prompt in its convention)
-    return torch.tensor(reward_values(function, values, len(responses)), device=device)
+    return torch.tensor(reward_values(function, values, len(responses), prompts=prompts), device=device)
 
 
 def recorded_scores(scores) -> list[float | None]:
@@ -566,12 +566,15 @@ def recorded_scores(scores) -> list[float | None]:
     return [None if value is None or math.isnan(value) else value for value in values]
 
 
-def reward_values(function, values, count: int) -> list[float]:
+def reward_values(function, values, count: int, prompts: list | None = None, source: str = "") -> list[float]:
     """What a reward function returned, as `count` floats (a list, tuple, numpy array or tensor of numbers). None
     is TRL's "this function does not score this sample": NaN here, which the weighted sum of the rewards skips
     (`RewardScorer`; TRL's GRPO and RLOO do the same). Anything else (text, inf, a NaN of its own) is the recipe's
-    function at fault, not hfgen: exit 2 naming the function and what it returned."""
+    function at fault, not hfgen: exit 2 naming the function, what it returned and (given `prompts`) for which
+    prompt. `source` names another scorer in those errors: a reward model's scores are checked here too, since its
+    NaN would otherwise pass for a function's None, a reward of 0."""
     name = getattr(function, "__qualname__", repr(function))
+    source_given, source = bool(source), source or f"reward function {name}"
     try:
         values = values.tolist() if hasattr(values, "tolist") else list(values)
     except TypeError:
@@ -592,9 +595,10 @@ def reward_values(function, values, count: int) -> list[float]:
                 raise ValueError("not finite")
             scores.append(score)
         except (TypeError, ValueError):
+            prompt = "" if prompts is None else f" (prompt {prompt_text(prompts[index])[:80]!r})"
+            unscored = "" if source_given else " (None: the function does not score that response)"
             raise UserError(
-                f"reward function {name} returned {value!r} for response {index}: a score must be a finite number "
-                "(None: the function does not score that response)"
+                f"{source} returned {value!r} for response {index}{prompt}: a score must be a finite number{unscored}"
             ) from None
     return scores
 
@@ -650,7 +654,9 @@ class RewardScorer:
                 sequences = reward_model_ids(self.reward_model, self.reward_tokenizer, texts, special)
             pad = self.reward_tokenizer.pad_token_id
             scores = sequence_scores(self.reward_model, sequences, pad, self.chunk_size)
-            components["reward_model"] = scores.to(device)
+            source = f"reward model {str(model_config(self.reward_model).name_or_path)!r}"
+            scores = reward_values(self.reward_model, scores, len(sequences), prompts=prompts, source=source)
+            components["reward_model"] = torch.tensor(scores, device=device)
         for name, function in self.functions.items():
             components[name] = function_scores(function, prompts, responses, device)
         weighted = torch.stack([weight * scores for weight, scores in zip(self.weights, components.values())])
