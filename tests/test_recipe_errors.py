@@ -477,6 +477,48 @@ def test_a_model_path_under_home_written_with_a_tilde_loads(tmp_path, monkeypatc
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, keys",
+    [
+        (["merge", "~/lora", "--output_dir=~/merged"], ("adapter", "output_dir")),
+        (["generate", "~/m", "--prompt", "hi", "--output_dir=~/images"], ("model", "output_dir")),
+        (["eval", "~/m", "--output=~/e.json", "--reward_model=~/rm", "--baseline=~/b"],
+         ("target", "output", "reward_model", "baseline")),
+        (["report", "~/run", "--out=~/report.html"], ("out",)),
+        (["sweep", "r.yaml", "--output_root=~/sweep"], ("output_root",)),
+        (["compare", "r.yaml", "--output_root=~/compare"], ("output_root",)),
+        (["train", "r.yaml", "--launch_config=~/fsdp.yaml"], ("launch_config",)),
+    ],
+)  # fmt: skip
+def test_a_commands_path_arguments_under_home_written_with_a_tilde_are_expanded(argv, keys, tmp_path, monkeypatch):
+    # as the recipes' path keys are: eval's --output=~/e.json and merge's --output_dir wrote into a folder named '~'
+    # in the working directory, a model '~/m' was taken for a hub id
+    from hfgen.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(argv)
+    for key in keys:
+        assert str(getattr(args, key)).startswith(str(tmp_path)), (key, getattr(args, key))
+    assert args.command != "report" or args.run_dirs == [str(tmp_path / "run")]
+
+
+@pytest.mark.parametrize("key", ["fsdp_config", "accelerator_config"])
+def test_a_config_file_key_naming_no_file_is_refused_at_the_check(key, tmp_path, monkeypatch):
+    # transformers opens the file while the configs are made: a raw FileNotFoundError traceback in check and train
+    from hfgen.errors import UserError
+    from hfgen.recipe import build_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    values = {**yaml.safe_load(PRETRAIN.read_text()), "output_dir": str(tmp_path / "out"), key: "~/nofile.json"}
+    if key == "fsdp_config":
+        values["fsdp"] = "full_shard"
+    with pytest.raises(UserError, match=rf"key '{key}': no file '{tmp_path}/nofile.json'; give the path of a JSON"):
+        build_recipe(values, check_inputs=False)
+    (tmp_path / "nofile.json").write_text("{}")  # the file under home, written with '~', is read
+    configs = build_recipe(values, check_inputs=False).configs
+    assert any(getattr(config, key, None) is not None for config in configs)
+
+
 def test_a_model_dir_without_tokenizer_files_is_told_so(tmp_path):
     # weights and config only (the tokenizer kept elsewhere): the message was transformers' advice to install
     # sentencepiece or tiktoken

@@ -53,12 +53,13 @@ OFFLINE = ("dpo", "kto", "orpo", "simpo")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hfgen.evaluation.command import ORACLE_HELP
+    from hfgen.recipe import expand_home
 
     parser.add_argument("recipe", help="an rlhf pipeline recipe naming one step recipe per method")
     parser.add_argument("--methods", default="ppo,dpo,kto", help="comma-separated methods (default ppo,dpo,kto)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     parser.add_argument("--prompts", type=int, default=1024, help="training prompts seen by every method")
-    parser.add_argument("--output_root", help="where the runs and report.html go")
+    parser.add_argument("--output_root", type=expand_home, help="where the runs and report.html go")
     parser.add_argument("--eval_dataset", default="embedded:prompts", help="held-out prompts (its test split)")
     parser.add_argument("--num_prompts", type=int, default=51, help="held-out prompts (default 51)")
     parser.add_argument("--samples_per_prompt", type=int, default=4, help="answers per prompt and policy")

@@ -16,8 +16,11 @@ from typing import NamedTuple
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hfgen.evaluation.command import Given
+    from hfgen.recipe import expand_home
 
-    parser.add_argument("model", help="model dir, hub id, LoRA adapter dir, or diffusers pipeline dir")
+    parser.add_argument(
+        "model", type=expand_home, help="model dir, hub id, LoRA adapter dir, or diffusers pipeline dir"
+    )
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--num_samples", type=int, default=1, help="samples (texts or images) per prompt")
     parser.add_argument("--seed", type=int, default=0)
@@ -37,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     images.add_argument(
         "--output_dir",
         default=None,
+        type=expand_home,
         help="where PNGs and grid.png go (default: MODEL/generated); a later render there replaces only them",
     )
 

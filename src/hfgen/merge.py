@@ -17,10 +17,14 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hfgen.recipe import expand_home
+
     parser.add_argument(
-        "adapter", help="LoRA run dir: a causal-LM adapter (e.g. outputs/tiny/sft_lora) or a t2i/t2i_flow LoRA run"
+        "adapter",
+        type=expand_home,
+        help="LoRA run dir: a causal-LM adapter (e.g. outputs/tiny/sft_lora) or a t2i/t2i_flow LoRA run",
     )
-    parser.add_argument("--output_dir", required=True, help="where the merged model and tokenizer go")
+    parser.add_argument("--output_dir", required=True, type=expand_home, help="where the merged model and tokenizer go")
     parser.add_argument(
         "--dtype",
         default="auto",

@@ -171,6 +171,14 @@ def recipe_output_dir(values: dict[str, Any]) -> Path | None:
     return Path(str(value)).expanduser() if value is not None and str(value).strip() else None
 
 
+def expand_home(value: str) -> str:
+    """A path argument with its leading `~` (the user's home) expanded; anything else as given. No hub id starts
+    with '~'. The recipes' path keys (`build_recipe`) and the path arguments of hfgen eval, merge and generate (their
+    argparse `type`) read a path this one way: a `--output=~/e.json`, which the shell leaves as written, wrote into a
+    folder named '~' in the working directory, and a model '~/m' was taken for a hub id."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 class _RaisingParser:
     """Wraps `HfArgumentParser` so that argparse problems raise instead of printing usage and exiting."""
 
@@ -477,6 +485,8 @@ def build_recipe(
     """`valueless`: the keys given on the command line as a bare `--key`, which only a flag (bool key) may be.
     `made_later`: model paths an earlier step has not made yet (`hfgen check` of a step): the stage's checks that
     name them are left out, every other check is made."""
+    from hfgen.models import relative_to_cwd
+
     values = dict(values)
     where = f"recipe '{source}'" if source else "recipe"
     stage = recipe_stage(values.pop(STAGE_KEY, None), where)
@@ -565,7 +575,14 @@ def build_recipe(
             # (transformers' took `~/models/x` for a hub id) reads the same path the checks found, and every stage
             # writes where `~/...` says (TrainingArguments expanded its output_dir, the accelerate loops of vae, t2i
             # and ppo wrote into a folder named '~' in the working directory)
-            value = os.path.expanduser(value)
+            value = expand_home(value)
+        if key in _CONFIG_FILES_READ_AT_PARSE and isinstance(value, str) and not Path(value).is_file():
+            # transformers opens it while the configs are made: a raw FileNotFoundError traceback otherwise
+            errors.append(
+                f"key '{key}': no file '{value}'{relative_to_cwd(value)}; give the path of a JSON config file, or "
+                "the settings as a mapping"
+            )
+            continue
         if key in valueless and action.const is not True:
             errors.append(f"key '{key}' was given no value (`--{key} VALUE`)")
             continue
@@ -638,6 +655,9 @@ OTHER_PATH_KEYS = (
 )  # fmt: skip
 # keys typed `dict | str` whose string is a file path (a DeepSpeed/FSDP/accelerate config file), not a mapping
 _CONFIG_FILE_KEYS = ("deepspeed", "fsdp_config", "accelerator_config")
+# those whose string transformers can only open as a file (a DeepSpeed string may also be base64 JSON; a missing
+# file is refused there with a ValueError naming it)
+_CONFIG_FILES_READ_AT_PARSE = ("fsdp_config", "accelerator_config")
 # the keys whose value is a path and nothing else (a DeepSpeed, FSDP or accelerate config may be a mapping)
 PATH_KEYS = tuple(key for key in (*INPUT_PATH_KEYS, *OTHER_PATH_KEYS) if key not in _CONFIG_FILE_KEYS)
 _VARIABLE = re.compile(r"\$(\{\w+\}|[A-Za-z_]\w*)")  # a shell's $NAME or ${NAME}

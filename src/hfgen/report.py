@@ -60,8 +60,12 @@ class Run:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
-    parser.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    from hfgen.recipe import expand_home
+
+    parser.add_argument("run_dirs", nargs="+", type=expand_home, metavar="RUN_DIR", help="run directories to compare")
+    parser.add_argument(
+        "--out", type=expand_home, default="report.html", help="the HTML file to write (default: report.html)"
+    )
     parser.add_argument("--title", default="hfgen report")
     parser.add_argument("--max_samples", type=int, default=8, help="sample rows shown per run")
 

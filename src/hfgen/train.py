@@ -23,6 +23,8 @@ __doc__ = __doc__.replace("{stages}", "\n".join(f"  {name:9} {summary}" for name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hfgen.recipe import expand_home
+
     parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
     parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
     parser.add_argument(
@@ -33,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     launch = parser.add_argument_group("several processes (spawns `accelerate launch` for you)")
     launch.add_argument("--num_processes", type=int, help="processes (GPUs) to launch, e.g. 8")
-    launch.add_argument("--launch_config", help="accelerate config, e.g. recipes/accelerate/fsdp.yaml")
+    launch.add_argument(
+        "--launch_config", type=expand_home, help="accelerate config, e.g. recipes/accelerate/fsdp.yaml"
+    )
     launch.add_argument("--main_process_port", type=int, help="rendezvous port (another one for a second launch)")
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Any other --key value pair overrides that key of the recipe, e.g. --learning_rate 1e-4."

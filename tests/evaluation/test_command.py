@@ -111,6 +111,21 @@ def test_chat_model_reward_score_and_win_rate_against_itself_is_one_half(
     assert (tmp_path / "eval_samples.jsonl").is_file()  # beside --output
 
 
+def test_paths_under_home_written_with_a_tilde_are_read_and_written_there(model_dir, reward_dir, tmp_path, monkeypatch):
+    # `--output=~/e.json` (the shell leaves a `~` after `=` as written) wrote into a folder named '~' in the working
+    # directory, and a model or reward model '~/m' was taken for a hub id
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir(), home.mkdir()
+    (home / "m").symlink_to(model_dir)
+    (home / "rm").symlink_to(reward_dir)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    fast = ["--num_prompts", "2", "--num_samples", "1", "--max_new_tokens", "4", "--perplexity_dataset", "none"]
+    assert hfgen(["eval", "~/m", "--output=~/e.json", "--reward_model", "~/rm", *fast, "--quiet"]) == 0
+    assert "quality/reward_score" in tracking.read_json(home / "e.json") and (home / "e_samples.jsonl").is_file()
+    assert not (work / "~").exists()
+
+
 def test_lora_adapter_dir_is_evaluated_on_its_base_in_chat_format(model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -34,14 +34,24 @@ AUTO = "auto"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="model or run dir, LoRA adapter dir, or diffusers pipeline dir")
-    parser.add_argument("--output", help="eval.json to write or merge into (default: TARGET/eval.json)")
+    from hfgen.recipe import expand_home
+
+    parser.add_argument(
+        "target", type=expand_home, help="model or run dir, LoRA adapter dir, or diffusers pipeline dir"
+    )
+    parser.add_argument(
+        "--output", type=expand_home, help="eval.json to write or merge into (default: TARGET/eval.json)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--device", default=AUTO, help="cuda, cpu, ... (default: cuda when available)")
     # the text evaluation's options (action=Given): refused for a diffusers pipeline, which would ignore them
     prompts = parser.add_argument_group("sampling")
     prompts.add_argument(
-        "--eval_dataset", action=Given, default="embedded:prompts", help="dataset with a prompt column"
+        "--eval_dataset",
+        action=Given,
+        type=expand_home,
+        default="embedded:prompts",
+        help="dataset with a prompt column",
     )
     prompts.add_argument("--eval_split", action=Given, default="test")
     prompts.add_argument("--prompt_column", action=Given, default="prompt", help="a string or a list of chat messages")
@@ -63,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="feed prompts as raw text")
     quality = parser.add_argument_group("quality")
     quality.add_argument(
-        "--perplexity_dataset", action=Given, default=AUTO,
+        "--perplexity_dataset", action=Given, type=expand_home, default=AUTO,
         help="texts (column 'text') or conversations ('messages', or conversational 'prompt' and 'completion') to "
         "measure perplexity on; 'auto', for embedded prompts: their world's corpus for raw-text models, its "
         "instructions for chat models (embedded:corpus / embedded:instructions, embedded:arithmetic_corpus / "
@@ -72,11 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument(
         "--perplexity_texts", action=Given, type=int, default=200, help="how many texts of its test split"
     )
-    quality.add_argument("--reward_model", action=Given, help="a sequence-classification reward model dir")
+    quality.add_argument(
+        "--reward_model", action=Given, type=expand_home, help="a sequence-classification reward model dir"
+    )
     quality.add_argument(
         "--oracle", action=Given, default=AUTO, help=ORACLE_HELP,
     )  # fmt: skip
-    quality.add_argument("--baseline", action=Given, help="another model dir: win rate of TARGET over it")
+    quality.add_argument(
+        "--baseline", action=Given, type=expand_home, help="another model dir: win rate of TARGET over it"
+    )
     speed = parser.add_argument_group("speed")
     speed.add_argument("--speed_batch_size", action=Given, type=int, default=16)
     speed.add_argument("--speed_new_tokens", action=Given, type=int, default=64)
