@@ -1089,10 +1089,17 @@ def evaluate_against_start(
     KL(trained || start) per response (`kl_to_reference`) (summed over the trained policy's response tokens)."""
     import torch
 
-    from hfgen.evaluation.policy import compared_figures
+    from hfgen.evaluation.policy import compared_figures, row_seed
     from hfgen.rl.functional import has_stop_token, response_mask
     from hfgen.rl.models import stop_token_ids
-    from hfgen.rl.rollout import left_pad, reference_logprobs, response_texts, sample_responses, sampled_logprobs
+    from hfgen.rl.rollout import (
+        draw_can_be_seeded,
+        left_pad,
+        reference_logprobs,
+        response_texts,
+        sample_responses,
+        sampled_logprobs,
+    )
 
     tokenizer = trainer.processing_class
     device = trainer.accelerator.device
@@ -1107,12 +1114,19 @@ def evaluate_against_start(
     # generation_config eos ids), so eos_rate and lengths measure what training sampled
     stop_ids = stop_token_ids(tokenizer, policy)
     generation_config = sampling_config(tokenizer, config, stop_ids)
+    # each row's random numbers from its own seed, its place in the list (as compare_to_reference's): the same for
+    # both models (common random numbers, a less noisy comparison) and whatever eval_generation_batch_size chunks
+    # the rows (one seed for the whole list drew each chunk's numbers after the previous chunk's: the starting
+    # model's own figures changed with that memory knob). Sampling narrowed by typical-p, top-h or an epsilon/eta
+    # cutoff is generate's own, from one seed.
+    seeds = [row_seed(config.seed + 1, index) for index in range(len(prompts))]
+    seeds = seeds if draw_can_be_seeded(generation_config) else None
     judged, sampled = {}, None
     # components by hfgen's names ("reward_model", not TRL's name of the model's dir: outputs/tiny/reward would be
     # "reward", the total's name)
     names = reward_component_names(data_args)
     for label, model in (("sft", starting), (name, policy)):
-        torch.manual_seed(config.seed + 1)  # common random numbers: a less noisy comparison
+        torch.manual_seed(config.seed + 1)  # (generate's own draw, when the rows are not seeded)
         use_adapter_off = label == "sft" and model is None
         model = policy if model is None else model.to(device)
         model.eval()
@@ -1124,6 +1138,7 @@ def evaluate_against_start(
                 generation_config,
                 data_args.eval_generation_batch_size,
                 tokenizer.pad_token_id,
+                seeds,
             )
         responses = response_texts(tokenizer, sampled.response_ids, stop_ids)
         ended = has_stop_token(sampled.response_ids, stop_ids)

@@ -862,19 +862,36 @@ def test_the_held_out_comparison_samples_with_top_k_min_p_and_the_generation_kwa
     model = AutoModelForCausalLM.from_pretrained(models[0]).eval()
     query_ids, query_mask = left_pad([tokenizer("3+8+5=?")["input_ids"]] * 16, tokenizer.pad_token_id, "cpu")
 
-    def distinct_responses(**keys) -> int:
+    def distinct_responses(seeds=None, **keys) -> int:
         config = (GRPOConfig if stage == "grpo" else RLOOConfig)(
             output_dir="unused", use_cpu=True, bf16=False, max_completion_length=8, **keys
         )
         generation_config = sampling_config(tokenizer, config, stop_token_ids(tokenizer, model))
         torch.manual_seed(0)
-        sampled = sample_responses(model, query_ids, query_mask, generation_config, 16, tokenizer.pad_token_id)
+        sampled = sample_responses(model, query_ids, query_mask, generation_config, 16, tokenizer.pad_token_id, seeds)
         return len({tuple(ids) for ids in sampled.response_ids.tolist()})
 
-    assert distinct_responses() > 8  # a random model: temperature sampling seldom repeats a response
-    assert distinct_responses(top_k=1) == 1  # greedy
-    assert distinct_responses(min_p=1.0) == 1  # only the most likely token
-    assert distinct_responses(generation_kwargs={"top_k": 1}) == 1
+    for seeds in (None, list(range(16))):  # generate's own draw, and the per-row seeded one (the comparison's)
+        assert distinct_responses(seeds) > 8  # a random model: temperature sampling seldom repeats a response
+        assert distinct_responses(seeds, top_k=1) == 1  # greedy
+        assert distinct_responses(seeds, min_p=1.0) == 1  # only the most likely token
+        assert distinct_responses(seeds, generation_kwargs={"top_k": 1}) == 1
+
+
+def test_the_held_out_comparison_does_not_depend_on_eval_generation_batch_size(tmp_path, models, stage="grpo"):
+    # one seed for the whole comparison: each chunk drew its numbers after the previous chunk's, so the starting
+    # model's own figures changed with this memory knob (probe 45 I2); top_k and min_p narrow the sampling, as
+    # TRL's training does with them (RLOO's comparison is the same function)
+    figures = []
+    for chunk in (2, 8):
+        directory = tmp_path / f"chunk{chunk}"
+        directory.mkdir()
+        recipe = write_recipe(directory, models[0], stage=stage, max_steps=1, save_strategy="no",
+                              steps_per_generation=1, top_k=20, min_p=0.01, eval_generation_batch_size=chunk)  # fmt: skip
+        train(recipe)
+        results = tracking.read_json(directory / "run/eval.json")
+        figures.append({key: value for key, value in results.items() if key.startswith("sft/")})
+    assert figures[0] and figures[0] == figures[1], figures
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

@@ -51,17 +51,28 @@ class InverseTransformSampler:
 
     `seeds` (one per row): each row draws its numbers from a generator of its own seed, so a row's response depends
     on its seed alone, not on the rows sampled beside it (the chunk, the process's share of the prompts).
-    `top_p` < 1 keeps the smallest set of tokens whose probability reaches it, as transformers' top-p warper does
-    after the temperature."""
+    `top_k` > 0, `top_p` < 1 and `min_p` narrow the draw as transformers' warpers do after the temperature, in
+    their order (top-k, top-p, min-p): GRPO's held-out comparison samples with its training's top_k/min_p."""
 
-    def __init__(self, temperature: float, top_p: float = 1.0, seeds: Sequence[int] | None = None):
+    def __init__(
+        self, temperature: float, top_p: float = 1.0, seeds: Sequence[int] | None = None, top_k: int = 0,
+        min_p: float | None = None,
+    ):  # fmt: skip
         self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
+        self.top_k, self.min_p = top_k or 0, min_p
         self.generators = None  # made at the first step, on the device of the scores
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if 0 < self.top_k < scores.shape[-1]:  # the k most probable (ties with the k-th too, as TopKLogitsWarper)
+            kth = probabilities.topk(self.top_k, dim=-1).values[:, -1:]
+            probabilities = probabilities.masked_fill(probabilities < kth, 0.0)
+            probabilities = probabilities / probabilities.sum(-1, keepdim=True)  # top-p reads the kept set's total
         if self.top_p < 1.0:
             probabilities = top_p_kept(probabilities, self.top_p)
+        if self.min_p:  # tokens at least min_p times as probable as the most probable (MinPLogitsWarper)
+            top = probabilities.max(-1, keepdim=True).values
+            probabilities = probabilities.masked_fill(probabilities < self.min_p * top, 0.0)
         cumulative = probabilities.cumsum(-1)
         draws = self.uniforms(len(scores), scores.device) * cumulative[:, -1:]
         tokens = torch.searchsorted(cumulative, draws, right=True).clamp(max=scores.shape[-1] - 1)
@@ -87,12 +98,20 @@ def top_p_kept(probabilities: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def picking_the_draw(generation_config):
     """A copy of a sampling `generation_config` whose greedy step picks the token `InverseTransformSampler` drew
-    (at the config's temperature and top-p, given to the sampler)."""
+    (at the config's temperature, top-k, top-p and min-p, given to the sampler)."""
     generation_config = copy.deepcopy(generation_config)
     generation_config.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=None, min_p=None)
-    if narrows_sampling(generation_config):  # a caller's bug: the seeded draw has no top-k, min-p, ...
-        raise ValueError("seeded sampling draws by temperature and top-p only")
+    if narrows_sampling(generation_config):  # a caller's bug: the seeded draw has no typical-p, top-h, ...
+        raise ValueError("seeded sampling draws by temperature, top-k, top-p and min-p only")
     return generation_config
+
+
+def draw_can_be_seeded(generation_config) -> bool:
+    """Whether `InverseTransformSampler` draws what `generation_config` samples (no typical-p, top-h, epsilon or
+    eta cutoff), so that `sample_responses` can seed each row."""
+    config = copy.deepcopy(generation_config)
+    config.update(top_p=1.0, top_k=None, min_p=None)
+    return not narrows_sampling(config)
 
 
 def narrows_sampling(generation_config) -> bool:
@@ -132,18 +151,19 @@ def sample_responses(
     whole vocabulary (`narrows_sampling`: no top-p, top-k, min-p, ...), the tokens are drawn by
     `InverseTransformSampler` (the same distribution as generate's own sampling, faster).
 
-    `seeds` (one per row; sampling by temperature and top-p only, as `hfgen.rl.models.make_generation_config`'s):
+    `seeds` (one per row; sampling by temperature, top-k, top-p and min-p only: `draw_can_be_seeded`):
     each row is sampled with the random numbers of its own seed, whatever rows are sampled beside it; the held-out
     comparison seeds each prompt by its place in the whole list, so that its answers do not depend on how many
     processes share the list or on which one it lands.
     """
     temperature, top_p = generation_config.temperature, generation_config.top_p or 1.0
+    narrowing = {"top_k": generation_config.top_k or 0, "min_p": generation_config.min_p}
     draws_here = seeds is not None or not narrows_sampling(generation_config)
     if draws_here:
         generation_config = picking_the_draw(generation_config)
     pieces = []
     for rows in chunks(len(query_ids), chunk_size):
-        sampler = InverseTransformSampler(temperature, top_p, None if seeds is None else seeds[rows])
+        sampler = InverseTransformSampler(temperature, top_p, None if seeds is None else seeds[rows], **narrowing)
         output = model_generate(
             policy, input_ids=query_ids[rows], attention_mask=query_mask[rows], generation_config=generation_config,
             logits_processor=[sampler] if draws_here else None,
