@@ -85,6 +85,30 @@ def test_a_ratio_or_a_time_on_the_command_line_stays_the_text_typed():
     assert data_args.aspect_ratio_buckets == ["4:3", "3:4"] and args.validation_prompts == ["12:30"]
 
 
+def test_a_text_keys_unquoted_value_in_a_recipe_file_is_the_text_written(tmp_path):
+    """YAML 1.1 made `run_name: 0755` '493', `instance_prompt: yes` 'true', `0x10` '16', `12:30` '750', and a `~`
+    among validation_prompts the prompt 'None' (probe 45 I6); a number key keeps YAML's reading."""
+    digits = "".join(
+        line
+        for line in (REPO / "recipes/tiny/t2i_digits.yaml").open()
+        if not line.startswith(("validation_prompts:", "max_train_steps:"))
+    )
+    recipe = tmp_path / "t2i.yaml"
+    recipe.write_text(
+        digits + "\nvalidation_prompts: [yes, 12:30, 0x10, 2024-01-01, '~', 1_000]\nmax_train_steps: 0x10\n"
+    )
+    args = load_recipe(recipe, ["--output_dir", "/nonexistent/out"], False).configs[2]
+    assert args.validation_prompts == ["yes", "12:30", "0x10", "2024-01-01", "~", "1_000"]
+    assert args.max_train_steps == 16
+    sft = tmp_path / "sft.yaml"
+    sft.write_text((REPO / "recipes/tiny/sft_full.yaml").read_text() + "\nrun_name: 0755\nhub_model_id: off\n")
+    assert read_recipe_file(sft)["run_name"] == "0755"
+    assert load_recipe(sft, ["--output_dir", "/nonexistent/out"], False).value("hub_model_id") == "off"
+    recipe.write_text(digits + "\nvalidation_prompts: [a sks digit, ~]\n")
+    with pytest.raises(UserError, match=r"key 'validation_prompts' item 2 is null \(`~`\); quote it \(`\"~\"`\)"):
+        read_recipe_file(recipe)
+
+
 def test_on_and_off_read_as_booleans_on_the_command_line_as_in_the_recipe_file(tmp_path):
     """`use_peft: off` in the file was false, `--use_peft off` was refused: "invalid string_to_bool value 'off'"
     (probe 38 A7); `--save_strategy no` stays the choice's text."""

@@ -226,7 +226,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist.")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        source = path.read_text(encoding="utf-8")
+        data = yaml.load(source, Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as error:
         raise UserError(
             f"recipe file '{path}' is not UTF-8 text (byte {error.start}: {error.object[error.start : error.start + 1]!r}); "
@@ -238,7 +239,45 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"recipe file '{path}' is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe file '{path}' must be a mapping of keys to values, got {type(data).__name__}.")
+    return _text_as_written(data, source, path)
+
+
+_YAML_NULL, _YAML_STR = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str"
+
+
+def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str, Any]:
+    """The recipe's values with each text key's unquoted scalars as written (`text_keys` of its stage), as the
+    command line's overrides read them: YAML 1.1 turned `run_name: yes` into 'true', `0755` into '493', `0x10` into
+    '16', `1:30` into '90', and a `~` among `validation_prompts` into the prompt 'None'. A key's own null (`~`,
+    `null`) stays None; a null item of a list of text is refused, naming the key."""
+    stage = data.get(STAGE_KEY)
+    text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
+    if not text:
+        return data
+    root = yaml.compose(source, Loader=yaml.SafeLoader)
+    for key_node, value_node in root.value:
+        key = key_node.value
+        if key not in text:
+            continue
+        if isinstance(value_node, yaml.ScalarNode) and _plain_non_text(value_node):
+            data[key] = value_node.value
+        elif isinstance(value_node, yaml.SequenceNode) and isinstance(data[key], list):
+            for index, item in enumerate(value_node.value):
+                if not isinstance(item, yaml.ScalarNode) or item.tag == _YAML_STR:
+                    continue
+                if item.tag == _YAML_NULL:
+                    raise UserError(
+                        f"recipe file '{path}': key '{key}' item {index + 1} is null (`{item.value}`); quote it "
+                        f'(`"{item.value}"`) if you mean the text, or leave the item out.'
+                    )
+                if item.style is None:
+                    data[key][index] = item.value
     return data
+
+
+def _plain_non_text(node) -> bool:
+    """An unquoted scalar that YAML 1.1 reads as something other than text or null (a boolean, a number, a date)."""
+    return node.style is None and node.tag not in (_YAML_STR, _YAML_NULL)
 
 
 def recipe_values(path: str | Path, overrides: list[str]) -> dict[str, Any]:
