@@ -270,13 +270,17 @@ def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str,
                         f"recipe file '{path}': key '{key}' item {index + 1} is null (`{item.value}`); quote it "
                         f'(`"{item.value}"`) if you mean the text, or leave the item out.'
                     )
-                if item.style is None:
+                if _plain_non_text(item):
                     data[key][index] = item.value
     return data
 
 
 def _plain_non_text(node) -> bool:
-    """An unquoted scalar that YAML 1.1 reads as something other than text or null (a boolean, a number, a date)."""
+    """An unquoted scalar that YAML 1.1 reads as something other than text or null (a number, a date, a yes/no/on/off
+    boolean). `true`/`false` stay booleans: a choice key reads false as its 'no' (`eval_strategy: false`, as
+    recipe.yaml files hfgen wrote hold it), and a text key takes them as the same words."""
+    if node.tag == "tag:yaml.org,2002:bool" and node.value.lower() in ("true", "false"):
+        return False
     return node.style is None and node.tag not in (_YAML_STR, _YAML_NULL)
 
 
