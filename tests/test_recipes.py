@@ -205,6 +205,10 @@ def test_command_line_values_the_text_typing_kept_as_they_were_read():
         "model_init_kwargs": {"dtype": "float32"}
     }
     assert parse_overrides(["--eos_token", "~"], "sft") == {"eos_token": None}
+    # quoted as the recipe file quotes text: the text inside (a ratio YAML would read as a base-60 number)
+    assert parse_overrides(["--run_name", '"3:2"', "'a #1'", '"a" and "b"'], "sft") == {
+        "run_name": ["3:2", "a #1", '"a" and "b"']
+    }
     recipe = load_recipe(sft, ["--use_cpu", "true", "--model_init_kwargs", "dtype: float32"], False)
     assert recipe.configs[-1].model_init_kwargs["dtype"] == "float32"
 

@@ -9,6 +9,7 @@ reported at once, as one `UserError` (exit code 2) naming the offending keys.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -370,11 +371,16 @@ def _decode_text(text: str, key: str, alone: bool = True) -> Any:
     comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for YAML's nulls given
     `alone` (`--dataset_name ""`, `--eos_token ~`: unset; one of several values, a prompt, is text), a flow list or
     mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and `--resume_from_checkpoint true` /
-    `false` in any case (a path or a yes/no)."""
+    `false` in any case (a path or a yes/no); a value quoted whole as YAML quotes text (`'"3:2"'`) is the text
+    inside, as the recipe file reads it."""
     if text in (_NULLS if alone else ("null", "Null", "NULL", "")):
         return None
     if key == "resume_from_checkpoint" and text.strip().lower() in ("true", "false"):
         return text.strip().lower() == "true"
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":  # quoted as in the recipe file: `'"3:2"'`
+        with contextlib.suppress(yaml.YAMLError):
+            if isinstance(quoted := yaml.safe_load(text), str):
+                return quoted
     return _decode_scalar(text) if text.lstrip().startswith(("[", "{")) else text
 
 
