@@ -373,7 +373,7 @@ def _decode_text(text: str, key: str, alone: bool = True) -> Any:
     mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and `--resume_from_checkpoint true` /
     `false` in any case (a path or a yes/no); a value quoted whole as YAML quotes text (`'"3:2"'`) is the text
     inside, as the recipe file reads it."""
-    if text in (_NULLS if alone else ("null", "Null", "NULL", "")):
+    if text in _NULLS and (alone or text != "~"):
         return None
     if key == "resume_from_checkpoint" and text.strip().lower() in ("true", "false"):
         return text.strip().lower() == "true"
