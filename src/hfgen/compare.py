@@ -139,9 +139,7 @@ def main(args: argparse.Namespace) -> int:
     for index, ((method, seed), recipe) in enumerate(runs.items(), 1):
         run_dir = recipe.output_dir
         label = f"[{index}/{len(runs)}] {method} seed {seed}"
-        same_recipe = tracking.holds_recipe(run_dir, recipe.to_yaml())  # (its recorded inputs are that recipe's)
-        changed = tracking.inputs_changed(run_dir, recipe) if same_recipe else []  # its data or models changed in place
-        done = tracking.is_complete(run_dir) and same_recipe and not changed
+        done, changed = tracking.complete_as_recipe(run_dir, recipe)  # (changed: its data or models, in place)
         inputs = {"sft": sft_stamp, "reward": None if method in OFFLINE else reward_stamp}
         recorded = tracking.read_json(run_dir / tracking.INPUTS_RECORD, None)
         same_inputs = (recorded or tracking.read_json(run_dir / OLD_INPUTS_FILE, {})) == inputs
@@ -205,11 +203,7 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
         recipe = rlhf.step_recipe(shared, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
         # (its inputs: the prerequisite, the SFT model, data, each as it is now, not only by its path)
-        if (
-            done
-            and tracking.holds_recipe(recipe.output_dir, recipe.to_yaml())
-            and not tracking.inputs_changed(recipe.output_dir, recipe)
-        ):
+        if tracking.complete_as_recipe(recipe.output_dir, recipe)[0]:
             print(f"== {step}: {recipe.output_dir} is complete, reused")
             continue
         print(f"== {step}: -> {recipe.output_dir}")

@@ -88,9 +88,7 @@ def main(args: argparse.Namespace) -> int:
     failed: dict[str, Exception] = {}
     for index, (name, recipe) in enumerate(recipes.items(), 1):
         run_dir = root / name
-        same_recipe = tracking.holds_recipe(run_dir, recipe.to_yaml())  # (its recorded inputs are that recipe's)
-        changed = tracking.inputs_changed(run_dir, recipe) if same_recipe else []  # (a base retrained in place)
-        done = tracking.is_complete(run_dir) and same_recipe and not changed
+        done, changed = tracking.complete_as_recipe(run_dir, recipe)  # (changed: a base retrained in place)
         try:
             if done:
                 print(f"[{index}/{len(recipes)}] {name}: already complete, skipped")

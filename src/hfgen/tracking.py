@@ -452,9 +452,7 @@ def json_text(data: Any, exact: bool = False) -> str:
     a run's train_loss then) is null, as a reward function's unscored response is; Python's NaN and Infinity are no
     JSON, and JavaScript's JSON.parse, Go's and Rust's decoders refuse the file. `exact`: NaN and inf kept, for a
     checkpoint's state, which only hfgen reads back and resumes with as it was."""
-    if exact:
-        return json.dumps(data, indent=2, default=_jsonable) + "\n"
-    return json.dumps(_finite(data), indent=2, default=_jsonable, allow_nan=False) + "\n"
+    return json.dumps(data if exact else _finite(data), indent=2, default=_jsonable, allow_nan=exact) + "\n"
 
 
 def json_line(row: Any) -> str:
@@ -655,6 +653,15 @@ def current_inputs(recipe) -> dict[str, Any]:
 def record_inputs(output_dir: str | Path, inputs: dict[str, Any]) -> None:
     if is_main_process():
         write_json(Path(output_dir) / RUN_INPUTS, inputs)
+
+
+def complete_as_recipe(run_dir: str | Path, recipe) -> tuple[bool, list[str]]:
+    """(whether `run_dir` holds the complete run of this same resolved `recipe`, made from inputs as they are now;
+    how its inputs changed in place, `inputs_changed`): what a sweep's point or a comparison's run skips on. The
+    inputs are compared only for a run of this recipe: another recipe's record names other inputs."""
+    same_recipe = holds_recipe(run_dir, recipe.to_yaml())
+    changed = inputs_changed(run_dir, recipe) if same_recipe else []
+    return is_complete(run_dir) and same_recipe and not changed, changed
 
 
 def inputs_changed(run_dir: str | Path, recipe) -> list[str]:
