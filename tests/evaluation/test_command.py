@@ -170,6 +170,42 @@ def test_a_prompts_samples_and_the_figures_do_not_depend_on_batch_size_or_num_pr
     assert evaluate("other_seed", "--seed", "1")[0] != rows
 
 
+def test_the_baseline_samples_with_the_evaluated_models_seeds_whatever_format_it_is_prompted_in(tokenizer, tmp_path):
+    """The baseline draws with the evaluated model's per-prompt seeds (common random numbers), seeded by the prompts
+    as read, not as each model is prompted: a chat model against a raw-text baseline, seeded from its own prompts or
+    from the global generator, drew other random numbers. A model whose next token does not depend on its input
+    (every token embedded alike) then answers every prompt alike in either format: with the same numbers the two
+    models' responses, and so their figures, are the same."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tokenizer))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[:1].clone())  # every token's row alike
+    raw, chat = tmp_path / "raw", tmp_path / "chat"
+    for path in (raw, chat):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    tracking.write_json(chat / "merged_from.json", {"trained_on_chat": True})  # prompted in its chat template
+    oracle = tmp_path / "length_oracle.py"  # scores each response by its length, writing down what it was given
+    oracle.write_text(
+        "import json, pathlib\n"
+        "def length(prompts, responses):\n"
+        "    with open(pathlib.Path(__file__).with_suffix('.jsonl'), 'a') as seen:\n"
+        "        seen.write(json.dumps(responses) + '\\n')\n"
+        "    return [float(len(response)) for response in responses]\n"
+    )
+    output = tmp_path / "eval.json"
+    arguments = [*FAST, "--perplexity_dataset", "none", "--oracle", f"{oracle}:length", "--output", str(output)]
+    assert hfgen(["eval", str(chat), "--baseline", str(raw), *arguments]) == 0
+    results = tracking.read_json(output)
+    assert results["eval/chat"] is True
+    responses, baseline_responses = map(json.loads, oracle.with_suffix(".jsonl").read_text().splitlines())
+    assert responses == baseline_responses and len(set(responses)) > 1  # sampled, and each with the same numbers
+    assert results["quality/baseline_oracle_score"] == results["quality/oracle_score"]
+    assert results["quality/win_rate_vs_baseline_by_oracle"] == 0.5
+
+
 def test_a_reevaluation_replaces_the_earlier_evaluations_figures_and_keeps_the_stages(model_dir, tmp_path, capsys):
     # the earlier evaluation's figures stayed beside the new settings: a baseline win rate the new one did not measure
     from hfgen.evaluation.policy import Sampling, summarise
