@@ -353,6 +353,30 @@ def test_an_output_dir_that_a_fresh_start_would_clear_the_runs_own_input_from_is
     assert tracking.deleted_by_fresh_start(tmp_path / "out/data.jsonl", tmp_path / "out")
 
 
+def test_an_output_dir_under_home_written_with_a_tilde_is_the_folder_whose_inputs_a_fresh_start_would_clear(
+    tmp_path, monkeypatch, capsys
+):
+    # `output_dir: ~/...` is the folder under home (recipe_output_dir, as the stages write there), not a folder named
+    # '~' in the working directory: a model or data file in it, which the fresh start deletes, is refused at the check
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    gpt2_config_only(home)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    recipe = recipe_with(tmp_path, model_name_or_path="~/gpt2", output_dir="~/gpt2", overwrite_output_dir=True)
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["check", str(recipe)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert "key 'model_name_or_path' ('~/gpt2') is the run's output_dir or inside it" in error
+    (home / "out").mkdir()
+    data_file(home / "out", "rows.jsonl", '{"text": "the cat."}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        hfgen_main(["check", str(recipe), "--output_dir", "~/out", "--dataset_name", "~/out/rows.jsonl"])
+    assert "key 'dataset_name' ('~/out/rows.jsonl') is the run's output_dir" in capsys.readouterr().err
+    assert not (work / "~").exists()
+
+
 def test_a_bug_while_loading_data_keeps_its_traceback(tmp_path, monkeypatch):
     import datasets
 
