@@ -530,6 +530,22 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r} is not JSON"))
 
 
+def test_a_sample_tables_score_that_is_not_finite_is_written_to_samples_jsonl_as_null(tmp_path, capsys):
+    # PPO's sample table (records.write_samples, GRPO's appends the same way) wrote json.dumps' NaN and Infinity,
+    # which JavaScript's JSON.parse refuses (probe 45 B3); the oracle's unscored response was null already
+    from hfgen.rl.records import write_samples
+
+    def oracle(prompts, responses):
+        return [None if response == "b" else 2.0 for response in responses]
+
+    scores = torch.tensor([math.nan, math.inf, -math.inf, 0.5])
+    write_samples(tmp_path, 3, ["p1", "p2", "p3", "p4"], ["a", "b", "c", "d"], scores, oracle)
+    rows = [strict_json(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [row["score"] for row in rows] == [None, None, None, 0.5]
+    assert [row["oracle"] for row in rows] == [2.0, None, 2.0, 2.0] and {row["step"] for row in rows} == {3}
+    assert "score +0.50, oracle +2.00" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_exit_3_keeping_its_checkpoint(tmp_path):
     result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--learning_rate", "1e4", "--max_steps", "40",
