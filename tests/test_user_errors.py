@@ -546,6 +546,20 @@ def test_a_sample_tables_score_that_is_not_finite_is_written_to_samples_jsonl_as
     assert "score +0.50, oracle +2.00" in capsys.readouterr().out
 
 
+def test_a_checkpoints_state_keeps_a_nan_that_a_record_writes_as_null(tmp_path):
+    # hfgen_state.json is read back by hfgen alone, to resume as the run was: a process's loss sum since the last
+    # logged row, NaN after a skipped step, comes back NaN (as null it would be a sum that is not a number)
+    state = {tracking.LOSS_WINDOW: {"since_step": 2, "sums": [math.nan, 1.5, math.inf]}}
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    tracking.finish_checkpoint(tmp_path, checkpoint, 3, None, state=state)
+    tracking.forget_resumed_loss_windows()
+    window = tracking.resumed_loss_window(checkpoint)
+    assert math.isnan(window["sums"][0]) and window["sums"][1:] == [1.5, math.inf] and window["since_step"] == 2
+    # the same state written as a record (eval.json, metrics.jsonl) is strict JSON: null there
+    assert strict_json(tracking.json_text(state))[tracking.LOSS_WINDOW]["sums"] == [None, 1.5, None]
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_exit_3_keeping_its_checkpoint(tmp_path):
     result = run_hfgen("train", PRETRAIN, "--output_dir", tmp_path, "--learning_rate", "1e4", "--max_steps", "40",
