@@ -670,8 +670,6 @@ def recorded(trainer_class):
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             import torch
 
-            from hfgen.rl.rollout import recorded_scores
-
             start = time.perf_counter()
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             mode = "train" if self.model.training else "eval"
@@ -698,7 +696,7 @@ def recorded(trainer_class):
             if mode == "train" and self.accelerator.is_main_process:
                 self._samples = [
                     {"prompt": completion_text(p) if not isinstance(p, str) else p, "response": r,
-                     **dict(zip(self.reward_func_names, recorded_scores(rewards_per_func[i])))}
+                     **dict(zip(self.reward_func_names, tracking.finite_or_null(rewards_per_func[i].tolist())))}
                     for i, (p, r) in enumerate(zip(prompts[:4], responses[:4]))
                 ]  # fmt: skip
             self._timers["scoring"] += time.perf_counter() - start

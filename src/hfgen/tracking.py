@@ -452,20 +452,24 @@ def json_text(data: Any, exact: bool = False) -> str:
     a run's train_loss then) is null, as a reward function's unscored response is; Python's NaN and Infinity are no
     JSON, and JavaScript's JSON.parse, Go's and Rust's decoders refuse the file. `exact`: NaN and inf kept, for a
     checkpoint's state, which only hfgen reads back and resumes with as it was."""
-    return json.dumps(data if exact else _finite(data), indent=2, default=_jsonable, allow_nan=exact) + "\n"
+    return json.dumps(data if exact else finite_or_null(data), indent=2, default=_jsonable, allow_nan=exact) + "\n"
 
 
 def json_line(row: Any) -> str:
     """One line of a JSON-lines record (metrics.jsonl, samples.jsonl, ...): strict JSON, as `json_text`."""
-    return json.dumps(_finite(row), default=_jsonable, allow_nan=False) + "\n"
+    return json.dumps(finite_or_null(row), default=_jsonable, allow_nan=False) + "\n"
 
 
-def _finite(value):
-    """`value` with each non-finite float (a numpy or torch scalar's too) as None, at any depth."""
+def finite_or_null(value):
+    """`value` with each non-finite float (a numpy or torch scalar's too) as None, JSON's null, at any depth (a
+    tuple as a list): what hfgen's records hold for a skipped step's loss and for a response a reward function or
+    oracle did not score (NaN in `hfgen.rl.rollout.reward_values`). The records' writers (`json_line`, `json_text`)
+    and the score lists kept for them (samples.jsonl, the held-out comparisons' rows, hfgen eval's) read non-finite
+    numbers this one way."""
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: finite_or_null(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [finite_or_null(item) for item in value]
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # a numpy or torch scalar
         value = value.item()
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -22,7 +22,6 @@ model scores with PPO's own `RewardScorer`, so `quality/reward_score` is the qua
 from __future__ import annotations
 
 import argparse
-import math
 import pickle
 from pathlib import Path
 
@@ -602,6 +601,7 @@ def load_judges(
     judge is PPO's own `RewardScorer`, so it scores what PPO optimised: the same rendering of prompt + response
     (+ EOS only when the response finished), the model's token ids when the reward model shares its tokenizer.
     `loaded_reward`: (tokenizer, model) of args.reward_model when loaded already."""
+    from hfgen import tracking
     from hfgen.rl.rollout import RewardScorer, reward_values
 
     judges, judged_by = {}, {}
@@ -631,8 +631,8 @@ def load_judges(
                 values = reward_values(oracle, flat, len(responses))
             except UserError as error:
                 raise UserError(f"hfgen eval: --oracle '{args.oracle}': {error}") from None
-            values = [None if math.isnan(value) else value for value in values]  # null in the JSON files
-            return regroup(values, [len(group) for group in completions])
+            # an unscored response (NaN there) is null in the JSON files
+            return regroup(tracking.finite_or_null(values), [len(group) for group in completions])
 
         judges["oracle"] = oracle_judge
     return judges, judged_by

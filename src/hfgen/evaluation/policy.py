@@ -68,13 +68,13 @@ def compare_to_reference(
     Prompts are split over the processes and gathered; every process returns the same figures."""
     from accelerate.utils import gather_object
 
+    from hfgen import tracking
     from hfgen.rl import functional as F
     from hfgen.rl.models import make_generation_config, stop_token_ids, tokenize_prompts
     from hfgen.rl.rollout import (
         episode_ids,
         function_scores,
         left_pad,
-        recorded_scores,
         reference_logprobs,
         response_texts,
         sample_responses,
@@ -123,7 +123,8 @@ def compare_to_reference(
                 if "reward_model" in components:
                     figures["reward_model"] = components["reward_model"].tolist()
             for judge, function in judges.items():
-                figures[judge] = recorded_scores(function_scores(function, shard_prompts, texts, policy.device))
+                judged = function_scores(function, shard_prompts, texts, policy.device)
+                figures[judge] = tracking.finite_or_null(judged.tolist())
             figures["response_length"] = mask.sum(1).float().tolist()
             figures["eos_rate"] = finished.float().tolist()
             local[who] = {key: values[:kept] for key, values in figures.items()}

@@ -10,7 +10,7 @@ import torch
 from hfgen import tracking
 from hfgen.rl.metrics import RATES, SCORED_PARTS
 from hfgen.rl.monitor import HackingMonitor, logged_figures
-from hfgen.rl.rollout import prompt_text, recorded_scores, reward_values
+from hfgen.rl.rollout import prompt_text, reward_values
 
 SAMPLE_ROWS = 4  # rows of the sample table printed (and written to samples.jsonl) every `sample_steps`
 
@@ -51,7 +51,7 @@ def write_samples(output_dir: Path, step: int, prompts, texts, scores, oracle) -
     for i in range(min(SAMPLE_ROWS, len(texts))):
         row = {"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": float(scores[i])}
         if oracle is not None:
-            row["oracle"] = recorded_scores(reward_values(oracle, oracle([prompts[i]], [texts[i]]), 1))[0]
+            row["oracle"] = tracking.finite_or_null(reward_values(oracle, oracle([prompts[i]], [texts[i]]), 1))[0]
         rows.append(row)
     with (output_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
         f.writelines(tracking.json_line(row) for row in rows)

@@ -579,13 +579,6 @@ def function_scores(function: RewardFunction, prompts: list, responses: list[str
     return torch.tensor(reward_values(function, values, len(responses), prompts=prompts), device=device)
 
 
-def recorded_scores(scores) -> list[float | None]:
-    """Scores as records hold them (samples.jsonl, policy_eval.jsonl): an unscored response (a reward function's
-    None, NaN in `reward_values`) is None, JSON's null; NaN is no JSON."""
-    values = scores.tolist() if hasattr(scores, "tolist") else list(scores)
-    return [None if value is None or math.isnan(value) else value for value in values]
-
-
 def reward_values(function, values, count: int, prompts: list | None = None, source: str = "") -> list[float]:
     """What a reward function returned, as `count` floats (a list, tuple, numpy array or tensor of numbers). None
     is TRL's "this function does not score this sample": NaN here, which the weighted sum of the rewards skips
