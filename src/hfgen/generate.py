@@ -357,8 +357,9 @@ def generate_tokens(
 
 
 def model_generate(model, **generate_kwargs):
-    """`model.generate(**generate_kwargs)`: every hfgen text generation goes through here (`generate_tokens`, SFT's
-    held-out samples, the RL rollouts and held-out comparisons of `hfgen.rl.rollout.sample_responses`).
+    """`model.generate(**generate_kwargs)`: every hfgen text generation goes through here (`generate_tokens`, which
+    SFT's and pretraining's held-out samples use too, the RL rollouts and held-out comparisons of
+    `hfgen.rl.rollout.sample_responses`).
 
     A Mixture-of-Experts model whose config says `output_router_logits: true` (what TRL's SFTTrainer sets to train
     the load-balancing loss, and what many fine-tunes on the hub carry) makes transformers compute that loss inside

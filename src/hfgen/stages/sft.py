@@ -414,56 +414,34 @@ def sample_prompt(prompt, response):
 
 
 def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, seed: int) -> list[dict]:
-    """One sampled response (temperature 0.7) per prompt, and whether it ended with EOS. On a model with learned
-    positions (GPT-2, OPT) a prompt gets the new tokens its positions leave (`generate.new_token_budgets`), and a
-    prompt that fills them is left out, said: past them generation fails with an IndexError, after the training."""
-    import torch
-
-    from hfgen.generate import format_prompts, model_generate, new_token_budgets
+    """One sampled response (temperature 0.7, top-p 0.95) per prompt, and whether it ended with EOS (any of the
+    model's stop ids), by `hfgen eval`'s sampler (`generate.generate_tokens`): each prompt from its own seed
+    (`generate.prompt_seeds`), so that its sample does not depend on how many prompts are sampled nor on the others.
+    On a model with learned positions (GPT-2, OPT) a prompt gets the new tokens its positions leave
+    (`generate.new_token_budgets`), and a prompt that fills them is left out, said: generate_tokens refuses it, and
+    past them generation fails with an IndexError, after the training."""
+    from hfgen.generate import format_prompts, generate_tokens, prompt_seeds
     from hfgen.models import position_limit
 
     if not prompts:
         return []
     chat = isinstance(prompts[0], list)
-    prompt_ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
-    limit = position_limit(model.config)
-    if limit and (too_long := sum(len(ids) >= limit for ids in prompt_ids)):
-        print(f"samples: {too_long} of {len(prompts)} held-out prompts are left out: they fill the {limit} positions "
-              f"{model.config.model_type} models learn, leaving no room to answer")  # fmt: skip
-        kept = [i for i, ids in enumerate(prompt_ids) if len(ids) < limit]
-        prompts, prompt_ids = [prompts[i] for i in kept], [prompt_ids[i] for i in kept]
-    budgets = new_token_budgets(model, [len(ids) for ids in prompt_ids], max_new_tokens) if prompts else []
-    torch.manual_seed(seed)
-    model.eval()
-    responses: list[list[int] | None] = [None] * len(prompts)
-    for budget in dict.fromkeys(budgets):  # one group (in order) unless some prompts are near the positions' end
-        rows = [i for i, b in enumerate(budgets) if b == budget]
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            batch = tokenizer.pad({"input_ids": [prompt_ids[i] for i in rows]}, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = padding_side
-        batch = batch.to(next(model.parameters()).device)
-        with torch.inference_mode():
-            generated = model_generate(
-                model, **batch, max_new_tokens=budget, do_sample=True, temperature=0.7, top_p=0.95,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
-        for row, new_tokens in zip(rows, generated[:, batch["input_ids"].shape[1] :].tolist()):
-            responses[row] = new_tokens
-    samples = []
-    for prompt, new_tokens in zip(prompts, responses):
-        ended = tokenizer.eos_token_id in new_tokens
-        if ended:
-            new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
-        samples.append(
-            {
-                "prompt": prompt,
-                "response": tokenizer.decode(new_tokens, skip_special_tokens=True),
-                "ended_with_eos": ended,
-            }
-        )
-    return samples
+    if limit := position_limit(model.config):
+        prompt_ids = tokenizer(format_prompts(tokenizer, prompts, chat), add_special_tokens=not chat)["input_ids"]
+        if too_long := sum(len(ids) >= limit for ids in prompt_ids):
+            print(f"samples: {too_long} of {len(prompts)} held-out prompts are left out: they fill the {limit} "
+                  f"positions {model.config.model_type} models learn, leaving no room to answer")  # fmt: skip
+            prompts = [prompt for prompt, ids in zip(prompts, prompt_ids) if len(ids) < limit]
+    if not prompts:  # every one left out
+        return []
+    completions = generate_tokens(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, chat=chat,
+        seeds=prompt_seeds(seed, prompts),
+    )  # fmt: skip
+    return [
+        {"prompt": prompt, "response": sample.text, "ended_with_eos": sample.finished}
+        for prompt, (sample,) in zip(prompts, completions)
+    ]
 
 
 def drop_fully_masked(rows, tokenizer, training_args: SFTConfig, records: dict):
