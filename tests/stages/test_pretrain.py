@@ -177,6 +177,20 @@ def test_an_unchanged_model_under_bf16_mixed_precision_has_the_same_loss_before_
     assert results["eval_loss"] == results["eval_loss_initial"], results
 
 
+def test_hfgen_generate_of_the_saved_model_gives_the_runs_samples_again(tmp_path):
+    # samples.jsonl drew from wherever training left torch's global generator: no `hfgen generate --seed` of the
+    # saved model gave them again; each prompt is now drawn from its own seed of the recipe's, as generate draws it
+    result = run_hfgen_here("train", PRETRAIN, "--output_dir", tmp_path, "--max_steps", "2", "--seed", "5",
+                            "--max_train_samples", "64", "--max_eval_samples", "8", "--save_strategy", "no")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = {row["prompt"]: row["response"] for row in tracking.read_jsonl(tmp_path / "samples.jsonl")}
+    for prompt in ("the river", "the cat"):  # each alone, not among the run's four
+        generated = run_hfgen_here("generate", tmp_path, "--prompt", prompt, "--seed", "5", "--temperature", "0.7",
+                                   "--max_new_tokens", "24", "--no-chat")  # fmt: skip
+        assert generated.returncode == 0, generated.stderr[-3000:]
+        assert generated.stdout == f"### {prompt}\n{prompt}{samples[prompt]}\n\n"
+
+
 def test_a_last_step_the_periodic_evaluation_logged_has_one_eval_loss_row(tmp_path):
     # the closing eval_loss row was logged whatever the Trainer's evaluation at that step had logged: two rows at step 2
     evaluation = ["--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no"]

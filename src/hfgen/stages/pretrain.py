@@ -155,7 +155,7 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     from transformers import Trainer, set_seed
 
     from hfgen.finetune import hfgen_trainer, keep_float32_weights
-    from hfgen.generate import generate_text
+    from hfgen.generate import generate_text, prompt_seeds
     from hfgen.models import (
         adapter_base,
         build_causal_lm_from_config,
@@ -251,7 +251,12 @@ def run(model_args: ModelArguments, data_args: PretrainDataArguments, training_a
     loop.maybe_write_fingerprint(trainer.accelerator, trainer.model, output_dir)  # tests only
     guard.kill_point("eval")  # (trainer.evaluate()'s callback held it when the final loss came from there)
     with loop.gathered(trainer.accelerator, trainer.model_wrapped) as (whole,):
-        samples = generate_text(whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7)
+        # each prompt from its own seed, as `hfgen generate --seed` draws it: not from wherever training left the
+        # global generator (a sample `hfgen generate` of the saved model could not reproduce)
+        samples = generate_text(
+            whole, tokenizer, list(SAMPLE_PROMPTS), max_new_tokens=24, temperature=0.7,
+            seeds=prompt_seeds(training_args.seed, list(SAMPLE_PROMPTS)),
+        )  # fmt: skip
         parameters = sum(p.numel() for p in whole.parameters())
     best = tracking.best_model_record(trainer)
     # the Trainer's periodic evaluation may have logged the last step already (eval_strategy steps, the last step a
