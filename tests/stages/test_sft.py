@@ -731,6 +731,33 @@ def test_held_out_samples_on_learned_positions_fit_each_prompt_in_them(tmp_path,
     assert "1 of 3 held-out prompts are left out: they fill the 256 positions" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_held_out_prompts_sample_does_not_depend_on_the_prompts_sampled_beside_it(tmp_path, chat):
+    # samples.jsonl drew every prompt from one global seed in batch order: a prompt's sample changed with
+    # num_samples, or with the rows before it, where `hfgen eval` seeds each prompt of its own
+    from transformers import AutoModelForCausalLM
+
+    from hfgen.models import load_tokenizer
+    from hfgen.stages.sft import sample_responses
+    from tiny_models import save_tiny_causal_lm
+
+    path = save_tiny_causal_lm(tmp_path / "llama", "llama")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), load_tokenizer(str(path))
+    texts = ["the cat", "a happy dog by the blue river", "the red car", "the river"]
+    prompts = [[{"role": "user", "content": text}] for text in texts] if chat else texts
+
+    def sample_of(prompt, among):
+        samples = sample_responses(model, tokenizer, among, max_new_tokens=12, seed=3)
+        return next(sample for sample in samples if sample["prompt"] == prompt)
+
+    alone = sample_of(prompts[0], prompts[:1])
+    assert alone["response"]
+    for among in (prompts, prompts[::-1], prompts[2:] + prompts[:1]):  # more, reordered, fewer and padded
+        assert sample_of(prompts[0], among) == alone
+    # and the seed still decides
+    assert sample_responses(model, tokenizer, prompts[:1], max_new_tokens=12, seed=4)[0] != alone
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_evaluation_rows_left_with_no_trained_token_are_counted(tiny_lm, tmp_path, monkeypatch, packing):
     # the held-out loss leaves out the evaluation rows truncation leaves no response token (as SFTTrainer's evaluation
