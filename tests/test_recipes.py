@@ -109,6 +109,37 @@ def test_a_text_keys_unquoted_value_in_a_recipe_file_is_the_text_written(tmp_pat
         read_recipe_file(recipe)
 
 
+def test_yaml_boolean_words_keep_their_meaning_for_the_text_keys_that_take_a_boolean(tmp_path):
+    """Review 46 F3/F4: with a text key's value read as written, `resume_from_checkpoint: no` was a checkpoint path
+    ("'no' is not a directory") and `save_strategy: off`, `eval_strategy: No`, vae/t2i `mixed_precision: off` were
+    refused, where YAML 1.1 had read them as the booleans that mean 'no'. yes/no/on/off in any case keep that meaning
+    for resume_from_checkpoint and a choice key offering 'no', in the file and on the command line; other text keys
+    keep the word."""
+    from hfgen import tracking
+
+    kept = "".join(
+        line for line in (REPO / "recipes/tiny/sft_full.yaml").open() if not line.startswith(("eval_", "save_"))
+    )
+    sft = tmp_path / "sft.yaml"
+    words = "resume_from_checkpoint: no\nsave_strategy: off\neval_strategy: No\nlogging_strategy: NO\nrun_name: off\n"
+    sft.write_text(kept + words)
+    recipe = load_recipe(sft, ["--output_dir", "/nonexistent/out"], False)
+    assert read_recipe_file(sft)["resume_from_checkpoint"] is False
+    assert not tracking.resume_requested(recipe.value("resume_from_checkpoint"))
+    strategies = ("save_strategy", "eval_strategy", "logging_strategy")
+    assert [recipe.value(key) for key in strategies] == ["no"] * 3 and recipe.value("run_name") == "off"
+    typed = ["--resume_from_checkpoint", "On", "--save_strategy", "OFF", "--run_name", "yes"]
+    assert parse_overrides(typed, "sft") == {"resume_from_checkpoint": True, "save_strategy": False, "run_name": "yes"}
+    assert (
+        load_recipe(sft, ["--save_strategy", "OFF", "--output_dir", "/nonexistent/out"], False).value("save_strategy")
+        == "no"
+    )
+    digits = load_recipe(
+        REPO / "recipes/tiny/t2i_digits.yaml", ["--mixed_precision", "off", "--output_dir", "/x"], False
+    )
+    assert digits.value("mixed_precision") == "no"
+
+
 def test_on_and_off_read_as_booleans_on_the_command_line_as_in_the_recipe_file(tmp_path):
     """`use_peft: off` in the file was false, `--use_peft off` was refused: "invalid string_to_bool value 'off'"
     (probe 38 A7); `--save_strategy no` stays the choice's text."""

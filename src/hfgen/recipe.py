@@ -243,14 +243,15 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return _text_as_written(data, source, path)
 
 
-_YAML_NULL, _YAML_STR = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str"
+_YAML_NULL, _YAML_BOOL = "tag:yaml.org,2002:null", "tag:yaml.org,2002:bool"
 
 
 def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str, Any]:
     """The recipe's values with each text key's unquoted scalars as written (`text_keys` of its stage), as the
     command line's overrides read them: YAML 1.1 turned `run_name: yes` into 'true', `0755` into '493', `0x10` into
     '16', `1:30` into '90', and a `~` among `validation_prompts` into the prompt 'None'. A key's own null (`~`,
-    `null`) stays None; a null item of a list of text is refused, naming the key."""
+    `null`) stays None; a null item of a list of text is refused, naming the key. YAML's boolean words stay booleans
+    where they mean one (`_as_boolean_word`)."""
     stage = data.get(STAGE_KEY)
     text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
     if not text:
@@ -260,29 +261,60 @@ def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str,
         key = key_node.value
         if key not in text:
             continue
-        if isinstance(value_node, yaml.ScalarNode) and _plain_non_text(value_node):
-            data[key] = value_node.value
+        if isinstance(value_node, yaml.ScalarNode):
+            data[key] = _scalar_as_written(value_node, data[key], key, stage)
         elif isinstance(value_node, yaml.SequenceNode) and isinstance(data[key], list):
             for index, item in enumerate(value_node.value):
-                if not isinstance(item, yaml.ScalarNode) or item.tag == _YAML_STR:
+                if not isinstance(item, yaml.ScalarNode):
                     continue
-                if item.tag == _YAML_NULL:
+                if item.tag == _YAML_NULL and item.style is None:
                     raise UserError(
                         f"recipe file '{path}': key '{key}' item {index + 1} is null (`{item.value}`); quote it "
                         f'(`"{item.value}"`) if you mean the text, or leave the item out.'
                     )
-                if _plain_non_text(item):
-                    data[key][index] = item.value
+                data[key][index] = _scalar_as_written(item, data[key][index], key, stage)
     return data
 
 
-def _plain_non_text(node) -> bool:
-    """An unquoted scalar that YAML 1.1 reads as something other than text or null (a number, a date, a yes/no/on/off
-    boolean). `true`/`false` stay booleans: a choice key reads false as its 'no' (`eval_strategy: false`, as
-    recipe.yaml files hfgen wrote hold it), and a text key takes them as the same words."""
-    if node.tag == "tag:yaml.org,2002:bool" and node.value.lower() in ("true", "false"):
-        return False
-    return node.style is None and node.tag not in (_YAML_STR, _YAML_NULL)
+def _scalar_as_written(node, value: Any, key: str, stage: str) -> Any:
+    """`value`, YAML 1.1's reading of the scalar `node` of the text key `key`: the text as written where it is
+    unquoted and YAML read another type (a number, a date, yes/no/on/off), but for a boolean word where it means one
+    (`_as_boolean_word`), and `true`/`false`, which stay booleans (a text key takes them as the same words)."""
+    if node.style is not None or node.tag == _YAML_NULL:
+        return value  # quoted: YAML's reading is the text; or the key's own null
+    word = _as_boolean_word(node.value, key, stage)
+    if word is not None:
+        return word
+    if node.tag == _YAML_BOOL and node.value.lower() in ("true", "false"):
+        return value
+    return node.value
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _as_boolean_word(text: str, key: str, stage: str) -> bool | None:
+    """The one rule for YAML 1.1's boolean words (yes/no, on/off, true/false, in any case) given to a text key, in
+    the recipe file and on the command line: a boolean for the keys to which one means something (`boolean_word_keys`:
+    `resume_from_checkpoint: no` starts afresh, `save_strategy: off` is the choice's 'no', as YAML 1.1 read them
+    before text keys kept their text), else None: the key keeps the word as text (`run_name: yes`)."""
+    return _BOOLEAN_WORDS.get(text.strip().lower()) if key in boolean_word_keys(stage) else None
+
+
+@functools.cache
+def boolean_word_keys(stage: str) -> frozenset[str]:
+    """The stage's text keys that take a boolean: `resume_from_checkpoint` (a path, or true: the newest checkpoint,
+    false: start afresh) and each choice key whose choices hold 'no' or 'yes' (`build_recipe` reads false as 'no':
+    save_strategy, eval_strategy, logging_strategy, vae/t2i's mixed_precision)."""
+    actions = _RaisingParser((*load_stage(stage).ARGUMENTS, RunArguments)).actions
+    return frozenset(
+        key
+        for key in text_keys(stage)
+        if key == "resume_from_checkpoint"
+        or key in actions
+        and actions[key].choices
+        and ({"no", "yes"} & set(actions[key].choices))
+    )
 
 
 def recipe_values(path: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -317,7 +349,7 @@ def parse_overrides(tokens: list[str], stage: Any = None) -> dict[str, Any]:
     resolved = {}
     for key, values in overrides.items():
         alone = len(values) == 1
-        decoded = [_decode_text(v, key, alone) if key in text else _decode_scalar(v) for v in values]
+        decoded = [_decode_text(v, key, stage, alone) if key in text else _decode_scalar(v) for v in values]
         resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
     return resolved
 
@@ -366,17 +398,17 @@ def _decode_scalar(text: str) -> Any:
     return value if isinstance(value, (int, float, bool)) or value is None else text
 
 
-def _decode_text(text: str, key: str, alone: bool = True) -> Any:
+def _decode_text(text: str, key: str, stage: str, alone: bool = True) -> Any:
     """A command-line value for a key whose value is text: the text as typed (YAML would cut `run #2` at its
     comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for YAML's nulls given
     `alone` (`--dataset_name ""`, `--eos_token ~`: unset; one of several values, a prompt, is text), a flow list or
-    mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and `--resume_from_checkpoint true` /
-    `false` in any case (a path or a yes/no); a value quoted whole as YAML quotes text (`'"3:2"'`) is the text
+    mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and YAML's boolean words where they mean
+    a boolean, as in the file (`--resume_from_checkpoint no`, `--save_strategy off`: `_as_boolean_word`); a value quoted whole as YAML quotes text (`'"3:2"'`) is the text
     inside, as the recipe file reads it."""
     if text in _NULLS and (alone or text != "~"):
         return None
-    if key == "resume_from_checkpoint" and text.strip().lower() in ("true", "false"):
-        return text.strip().lower() == "true"
+    if (word := _as_boolean_word(text, key, stage)) is not None:
+        return word
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":  # quoted as in the recipe file: `'"3:2"'`
         with contextlib.suppress(yaml.YAMLError):
             if isinstance(quoted := yaml.safe_load(text), str):
