@@ -85,6 +85,20 @@ def test_a_ratio_or_a_time_on_the_command_line_stays_the_text_typed():
     assert data_args.aspect_ratio_buckets == ["4:3", "3:4"] and args.validation_prompts == ["12:30"]
 
 
+def test_a_text_keys_flow_list_on_the_command_line_reads_as_in_the_recipe_file():
+    """Review 46 F5: `--validation_prompts '[12:30, 0x10, yes]'` trained on the prompts '750', '16', 'true' and
+    `--aspect_ratio_buckets '[4:3, 3:4]'` read 243 and 184 (YAML 1.1), where the file and separate values keep the
+    text; `'[a sks digit, null]'` was one prompt of the bracket text (F6): a null item is refused as in the file."""
+    overrides = ["--output_dir", "/nonexistent/out", "--aspect_ratio_buckets", "[4:3, 3:4]"]
+    prompts = ["--validation_prompts", "[12:30, 0x10, yes, '~', \"a: b\"]"]
+    recipe = load_recipe(REPO / "recipes/tiny/t2i_digits.yaml", [*overrides, *prompts], False)
+    assert recipe.value("validation_prompts") == ["12:30", "0x10", "yes", "~", "a: b"]
+    assert recipe.value("aspect_ratio_buckets") == ["4:3", "3:4"]
+    says = "the command line: key 'validation_prompts' item 2 is null (`null`); quote it (`\"null\"`)"
+    with pytest.raises(UserError, match=re.escape(says)):
+        parse_overrides(["--validation_prompts", "[a sks digit, null]"], "t2i")
+
+
 def test_a_text_keys_unquoted_value_in_a_recipe_file_is_the_text_written(tmp_path):
     """YAML 1.1 made `run_name: 0755` '493', `instance_prompt: yes` 'true', `0x10` '16', `12:30` '750', and a `~`
     among validation_prompts the prompt 'None' (probe 45 I6); a number key keeps YAML's reading."""

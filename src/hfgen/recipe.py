@@ -258,22 +258,30 @@ def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str,
         return data
     root = yaml.compose(source, Loader=yaml.SafeLoader)
     for key_node, value_node in root.value:
-        key = key_node.value
-        if key not in text:
-            continue
-        if isinstance(value_node, yaml.ScalarNode):
-            data[key] = _scalar_as_written(value_node, data[key], key, stage)
-        elif isinstance(value_node, yaml.SequenceNode) and isinstance(data[key], list):
-            for index, item in enumerate(value_node.value):
-                if not isinstance(item, yaml.ScalarNode):
-                    continue
-                if item.tag == _YAML_NULL and item.style is None:
-                    raise UserError(
-                        f"recipe file '{path}': key '{key}' item {index + 1} is null (`{item.value}`); quote it "
-                        f'(`"{item.value}"`) if you mean the text, or leave the item out.'
-                    )
-                data[key][index] = _scalar_as_written(item, data[key][index], key, stage)
+        if key_node.value in text:
+            data[key_node.value] = _as_written(
+                value_node, data[key_node.value], key_node.value, stage, f"recipe file '{path}'"
+            )
     return data
+
+
+def _as_written(node, value: Any, key: str, stage: str, where: str) -> Any:
+    """`value`, YAML 1.1's reading of `node` for the text key `key` of `stage` (in the recipe file, or a flow list
+    or mapping on the command line: `where`), with its unquoted scalars as written (`_scalar_as_written`): the
+    value, and each item of a list (a null item refused)."""
+    if isinstance(node, yaml.ScalarNode):
+        return _scalar_as_written(node, value, key, stage)
+    if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+        for index, item in enumerate(node.value):
+            if not isinstance(item, yaml.ScalarNode):
+                continue
+            if item.tag == _YAML_NULL and item.style is None:
+                raise UserError(
+                    f"{where}: key '{key}' item {index + 1} is null (`{item.value}`); quote it "
+                    f'(`"{item.value}"`) if you mean the text, or leave the item out.'
+                )
+            value[index] = _scalar_as_written(item, value[index], key, stage)
+    return value
 
 
 def _scalar_as_written(node, value: Any, key: str, stage: str) -> Any:
@@ -403,8 +411,8 @@ def _decode_text(text: str, key: str, stage: str, alone: bool = True) -> Any:
     comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for YAML's nulls given
     `alone` (`--dataset_name ""`, `--eos_token ~`: unset; one of several values, a prompt, is text), a flow list or
     mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and YAML's boolean words where they mean
-    a boolean, as in the file (`--resume_from_checkpoint no`, `--save_strategy off`: `_as_boolean_word`); a value quoted whole as YAML quotes text (`'"3:2"'`) is the text
-    inside, as the recipe file reads it."""
+    a boolean, as in the file (`--resume_from_checkpoint no`, `--save_strategy off`: `_as_boolean_word`); a value
+    quoted whole as YAML quotes text (`'"3:2"'`) is the text inside, as the recipe file reads it."""
     if text in _NULLS and (alone or text != "~"):
         return None
     if (word := _as_boolean_word(text, key, stage)) is not None:
@@ -413,7 +421,13 @@ def _decode_text(text: str, key: str, stage: str, alone: bool = True) -> Any:
         with contextlib.suppress(yaml.YAMLError):
             if isinstance(quoted := yaml.safe_load(text), str):
                 return quoted
-    return _decode_scalar(text) if text.lstrip().startswith(("[", "{")) else text
+    if not text.lstrip().startswith(("[", "{")):
+        return text
+    try:  # a flow list or mapping, read as in the recipe file (YAML 1.1 read `[12:30, yes]` as [750, True])
+        node, value = yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return _as_written(node, value, key, stage, "the command line") if isinstance(value, (list, dict)) else text
 
 
 @functools.cache
