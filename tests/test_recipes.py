@@ -99,6 +99,18 @@ def test_a_text_keys_flow_list_on_the_command_line_reads_as_in_the_recipe_file()
         parse_overrides(["--validation_prompts", "[a sks digit, null]"], "t2i")
 
 
+def test_a_null_among_a_text_keys_command_line_values_is_refused_as_in_the_recipe_file():
+    """Review 46 F6: `--validation_prompts "a sks digit" null` trained on the prompt 'None', and `""` on an empty
+    one; the file refuses a null item. Quoted it is the text; `~` among several values stays the text it was."""
+    t2i = REPO / "recipes/tiny/t2i_digits.yaml"
+    for null, shown, quoted in (("null", "`null`", """`'"null"'`"""), ("", '`""`', """`'""'`""")):
+        says = f"the command line: key 'validation_prompts' item 2 is null ({shown}); quote it ({quoted})"
+        with pytest.raises(UserError, match=re.escape(says)):
+            load_recipe(t2i, ["--output_dir", "/nonexistent/out", "--validation_prompts", "a sks digit", null], False)
+    typed = parse_overrides(["--validation_prompts", "a sks digit", '"null"', "~"], "t2i")
+    assert typed == {"validation_prompts": ["a sks digit", "null", "~"]}
+
+
 def test_a_text_keys_unquoted_value_in_a_recipe_file_is_the_text_written(tmp_path):
     """YAML 1.1 made `run_name: 0755` '493', `instance_prompt: yes` 'true', `0x10` '16', `12:30` '750', and a `~`
     among validation_prompts the prompt 'None' (probe 45 I6); a number key keeps YAML's reading."""

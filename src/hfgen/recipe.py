@@ -356,8 +356,11 @@ def parse_overrides(tokens: list[str], stage: Any = None) -> dict[str, Any]:
     text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
     resolved = {}
     for key, values in overrides.items():
-        alone = len(values) == 1
-        decoded = [_decode_text(v, key, stage, alone) if key in text else _decode_scalar(v) for v in values]
+        several = len(values) > 1
+        decoded = [
+            _decode_text(v, key, stage, index + 1 if several else None) if key in text else _decode_scalar(v)
+            for index, v in enumerate(values)
+        ]
         resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
     return resolved
 
@@ -406,14 +409,21 @@ def _decode_scalar(text: str) -> Any:
     return value if isinstance(value, (int, float, bool)) or value is None else text
 
 
-def _decode_text(text: str, key: str, stage: str, alone: bool = True) -> Any:
+def _decode_text(text: str, key: str, stage: str, item: int | None = None) -> Any:
     """A command-line value for a key whose value is text: the text as typed (YAML would cut `run #2` at its
     comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for YAML's nulls given
-    `alone` (`--dataset_name ""`, `--eos_token ~`: unset; one of several values, a prompt, is text), a flow list or
+    alone (`--dataset_name ""`, `--eos_token ~`: unset; as the `item`-th of several values refused as the file's null
+    item is, but for `~`, a text), a flow list or
     mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and YAML's boolean words where they mean
     a boolean, as in the file (`--resume_from_checkpoint no`, `--save_strategy off`: `_as_boolean_word`); a value
     quoted whole as YAML quotes text (`'"3:2"'`) is the text inside, as the recipe file reads it."""
-    if text in _NULLS and (alone or text != "~"):
+    if text in _NULLS and (item is None or text != "~"):
+        if item is not None:  # (it was the prompt 'None', or an empty prompt)
+            shown = text or '""'
+            raise UserError(
+                f"the command line: key '{key}' item {item} is null (`{shown}`); quote it (`'\"{text}\"'`) if you "
+                "mean the text, or leave the item out."
+            )
         return None
     if (word := _as_boolean_word(text, key, stage)) is not None:
         return word
