@@ -166,6 +166,29 @@ def test_yaml_boolean_words_keep_their_meaning_for_the_text_keys_that_take_a_boo
     assert digits.value("mixed_precision") == "no"
 
 
+def test_a_text_key_inside_a_steps_overrides_or_under_the_command_lines_stage_is_the_text_written(tmp_path):
+    """Review 46 F7: the rule that keeps `run_name: 0755` that text looked only at the top level of a recipe naming
+    its own stage: rlhf's `sft_overrides: {run_name: 0755, dataset_text_field: no}` trained the SFT step as run
+    '493' on the column 'false', and a file without `stage:` given `--stage sft` read 493. A column YAML reads as a
+    boolean (`dataset_columns: {prompt: yes}`) is refused saying to quote it."""
+    from hfgen.recipe import recipe_values
+    from hfgen.stages import rlhf
+
+    pipeline = tmp_path / "rlhf.yaml"
+    steps = (REPO / "recipes/tiny/rlhf.yaml").read_text().replace("recipes/tiny/", f"{REPO}/recipes/tiny/")
+    pipeline.write_text(steps + "sft_overrides: {run_name: 0755, dataset_text_field: no, save_strategy: off}\n")
+    sft = rlhf.step_recipe(load_recipe(pipeline, [], False).configs[0], "sft", False)
+    assert (sft.value("run_name"), sft.value("dataset_text_field"), sft.value("save_strategy")) == ("0755", "no", "no")
+    typed = parse_overrides(["--sft_overrides", "{run_name: 0755}"], "rlhf")
+    assert typed == {"sft_overrides": {"run_name": "0755"}}
+    no_stage = tmp_path / "no_stage.yaml"
+    no_stage.write_text("run_name: 0755\n")
+    assert recipe_values(no_stage, ["--stage", "sft"]) == {"run_name": "0755", "stage": "sft"}
+    says = "got {'prompt': True}; 'prompt' is bool True (YAML 1.1's reading of an unquoted word): quote the column"
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_recipe(REPO / "recipes/tiny/sft_full.yaml", ["--dataset_columns", "{prompt: yes}"], False)
+
+
 def test_on_and_off_read_as_booleans_on_the_command_line_as_in_the_recipe_file(tmp_path):
     """`use_peft: off` in the file was false, `--use_peft off` was refused: "invalid string_to_bool value 'off'"
     (probe 38 A7); `--save_strategy no` stays the choice's text."""

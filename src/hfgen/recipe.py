@@ -219,8 +219,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML into a dict; a missing file or bad YAML is a UserError."""
+def read_recipe_file(path: str | Path, stage: str | None = None) -> dict[str, Any]:
+    """Read a recipe YAML into a dict; a missing file or bad YAML is a UserError. `stage`: the one the command line
+    gives, which wins over the file's (its text keys are read as written, `_text_as_written`)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"recipe file '{path}' is a directory; give a recipe YAML file (recipes live under recipes/).")
@@ -240,19 +241,18 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"recipe file '{path}' is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe file '{path}' must be a mapping of keys to values, got {type(data).__name__}.")
-    return _text_as_written(data, source, path)
+    return _text_as_written(data, source, path, stage or data.get(STAGE_KEY))
 
 
 _YAML_NULL, _YAML_BOOL = "tag:yaml.org,2002:null", "tag:yaml.org,2002:bool"
 
 
-def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str, Any]:
+def _text_as_written(data: dict[str, Any], source: str, path: Path, stage: Any) -> dict[str, Any]:
     """The recipe's values with each text key's unquoted scalars as written (`text_keys` of its stage), as the
     command line's overrides read them: YAML 1.1 turned `run_name: yes` into 'true', `0755` into '493', `0x10` into
     '16', `1:30` into '90', and a `~` among `validation_prompts` into the prompt 'None'. A key's own null (`~`,
     `null`) stays None; a null item of a list of text is refused, naming the key. YAML's boolean words stay booleans
     where they mean one (`_as_boolean_word`)."""
-    stage = data.get(STAGE_KEY)
     text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
     if not text:
         return data
@@ -268,7 +268,8 @@ def _text_as_written(data: dict[str, Any], source: str, path: Path) -> dict[str,
 def _as_written(node, value: Any, key: str, stage: str, where: str) -> Any:
     """`value`, YAML 1.1's reading of `node` for the text key `key` of `stage` (in the recipe file, or a flow list
     or mapping on the command line: `where`), with its unquoted scalars as written (`_scalar_as_written`): the
-    value, and each item of a list (a null item refused)."""
+    value, each item of a list (a null item refused), and each text key's value in a pipeline's `<step>_overrides`
+    mapping, by the step's stage (`sft_overrides: {run_name: 0755}` was '493')."""
     if isinstance(node, yaml.ScalarNode):
         return _scalar_as_written(node, value, key, stage)
     if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
@@ -281,6 +282,13 @@ def _as_written(node, value: Any, key: str, stage: str, where: str) -> Any:
                     f'(`"{item.value}"`) if you mean the text, or leave the item out.'
                 )
             value[index] = _scalar_as_written(item, value[index], key, stage)
+    step = key.removesuffix("_overrides")
+    if isinstance(node, yaml.MappingNode) and isinstance(value, dict) and step != key and step in STAGES:
+        for key_node, value_node in node.value:
+            if key_node.value in text_keys(step) and key_node.value in value:
+                value[key_node.value] = _as_written(
+                    value_node, value[key_node.value], key_node.value, step, f"{where}: key '{key}'"
+                )
     return value
 
 
@@ -328,7 +336,7 @@ def boolean_word_keys(stage: str) -> frozenset[str]:
 def recipe_values(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     """A recipe file's values with the command line's overrides over them, each read by its key's type in the
     recipe's stage (`parse_overrides`)."""
-    values = read_recipe_file(path)
+    values = read_recipe_file(path, (_override_tokens(overrides).get(STAGE_KEY) or [None])[0])
     return {**values, **parse_overrides(overrides, values.get(STAGE_KEY))}
 
 
@@ -339,7 +347,23 @@ def parse_overrides(tokens: list[str], stage: Any = None) -> dict[str, Any]:
     resolved recipe reads naturally (`true`, numbers, `null`). A key whose value is text in `stage` (or in the
     `--stage` the tokens give) keeps the text as typed (`text_keys`).
     """
-    overrides: dict[str, Any] = {}
+    overrides = _override_tokens(tokens)
+    stage = (overrides.get(STAGE_KEY) or [stage])[0]
+    text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
+    resolved = {}
+    for key, values in overrides.items():
+        several = len(values) > 1
+        decoded = [
+            _decode_text(v, key, stage, index + 1 if several else None) if key in text else _decode_scalar(v)
+            for index, v in enumerate(values)
+        ]
+        resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
+    return resolved
+
+
+def _override_tokens(tokens: list[str]) -> dict[str, list[str]]:
+    """`['--lr', '1e-4', '--mods', 'q', 'v']` -> {'lr': ['1e-4'], 'mods': ['q', 'v']}: each key's values as typed."""
+    overrides: dict[str, list[str]] = {}
     key = None
     for token in tokens:
         if token.startswith("--"):
@@ -352,17 +376,7 @@ def parse_overrides(tokens: list[str], stage: Any = None) -> dict[str, Any]:
             raise UserError(f"unexpected argument '{token}': overrides take the form --key value.")
         else:
             overrides[key].append(token)
-    stage = (overrides.get(STAGE_KEY) or [stage])[0]
-    text = text_keys(stage) if isinstance(stage, str) and stage in STAGES else frozenset()
-    resolved = {}
-    for key, values in overrides.items():
-        several = len(values) > 1
-        decoded = [
-            _decode_text(v, key, stage, index + 1 if several else None) if key in text else _decode_scalar(v)
-            for index, v in enumerate(values)
-        ]
-        resolved[key] = True if not decoded else decoded[0] if len(decoded) == 1 else decoded
-    return resolved
+    return overrides
 
 
 def valueless_keys(tokens: list[str]) -> frozenset:

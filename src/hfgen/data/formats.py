@@ -224,7 +224,11 @@ def parse_columns(value) -> dict[str, str]:
                 raise UserError(f"dataset_columns '{value}': write a mapping, e.g. {{prompt: instruction}}")
             value = {k.strip(): v.strip() for k, v in pairs}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise UserError(f"dataset_columns must map a layout's column names to the file's, got {value!r}")
+        # (YAML 1.1 reads a column named `yes`, `no`, `on`, `off`, `0755` or `12:30` as another type)
+        quote = next((f"; '{k}' is {type(v).__name__} {v!r} (YAML 1.1's reading of an unquoted word): quote the column "
+                      f'name, `{k}: "..."`' for k, v in value.items()
+                      if not isinstance(v, str)), "") if isinstance(value, dict) else ""  # fmt: skip
+        raise UserError(f"dataset_columns must map a layout's column names to the file's, got {value!r}{quote}")
     return dict(value)
 
 
