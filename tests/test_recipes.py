@@ -293,6 +293,13 @@ def test_command_line_values_the_text_typing_kept_as_they_were_read():
     assert recipe.configs[-1].model_init_kwargs["dtype"] == "float32"
 
 
+def test_a_double_quoted_command_line_value_is_the_text_inside_with_its_backslashes():
+    """Review 46 F9: `--output_dir '"C:\\new\\table"'` went through YAML's escapes (a newline and a tab in the
+    path) and `'"C:\\Users\\me"'`, an escape YAML refuses, kept its quotes."""
+    typed = parse_overrides(["--output_dir", r'"C:\new\table"', "--run_name", r'"C:\Users\me"'], "sft")
+    assert typed == {"output_dir": r"C:\new\table", "run_name": r"C:\Users\me"}
+
+
 def test_report_to_null_means_no_tracker():
     recipe = load_recipe(REPO / "recipes/tiny/sft_lora.yaml", ["--use_cpu", "true", "--report_to", "null"], False)
     assert recipe.configs[-1].report_to == []  # transformers kept [None] and failed on it as a tracker's name

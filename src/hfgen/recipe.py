@@ -427,10 +427,10 @@ def _decode_text(text: str, key: str, stage: str, item: int | None = None) -> An
     """A command-line value for a key whose value is text: the text as typed (YAML would cut `run #2` at its
     comment, make `a: b` a mapping, `- a` a list, `&x` an anchor, and strip spaces), but for YAML's nulls given
     alone (`--dataset_name ""`, `--eos_token ~`: unset; as the `item`-th of several values refused as the file's null
-    item is, but for `~`, a text), a flow list or
-    mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads it, and YAML's boolean words where they mean
-    a boolean, as in the file (`--resume_from_checkpoint no`, `--save_strategy off`: `_as_boolean_word`); a value
-    quoted whole as YAML quotes text (`'"3:2"'`) is the text inside, as the recipe file reads it."""
+    item is, but for `~`, a text), a flow list or mapping (`[a, b]`, `{prompt: question}`) as the recipe file reads
+    it, and YAML's boolean words where they mean a boolean, as in the file (`--resume_from_checkpoint no`,
+    `--save_strategy off`: `_as_boolean_word`); a value quoted whole (`'"3:2"'`, `"'a #1'"`) is the text inside:
+    single quotes as the recipe file reads them (`''` is `'`), double quotes without YAML's backslash escapes."""
     if text in _NULLS and (item is None or text != "~"):
         if item is not None:  # (it was the prompt 'None', or an empty prompt)
             shown = text or '""'
@@ -441,7 +441,11 @@ def _decode_text(text: str, key: str, stage: str, item: int | None = None) -> An
         return None
     if (word := _as_boolean_word(text, key, stage)) is not None:
         return word
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":  # quoted as in the recipe file: `'"3:2"'`
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        # the text inside as typed: YAML's double-quote escapes put a newline and a tab in `"C:\new\table"` and
+        # refused `"C:\Users\me"` (kept with its quotes), where a shell user means the path
+        return text[1:-1]
+    if len(text) >= 2 and text[0] == text[-1] == "'":  # quoted as in the recipe file: `"'a #1'"`, `"'it''s'"`
         with contextlib.suppress(yaml.YAMLError):
             if isinstance(quoted := yaml.safe_load(text), str):
                 return quoted
