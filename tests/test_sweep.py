@@ -42,6 +42,21 @@ def test_comma_values_form_the_grid_and_other_overrides_stay_fixed():
         grid_points(split_grid(["--run_name", "a/b,a:b,a b"])[0])
 
 
+def test_a_value_that_is_one_setting_holding_commas_stays_fixed(tmp_path):
+    # `--optim_args momentum=0.9,dampening=0.1` (transformers splits it into the optimizer's arguments) was an axis:
+    # each of twice the points trained with one of the arguments, exit 0 (review 46 F1); a prompt holding a comma
+    # stays one value when quoted whole, as the recipe file quotes text
+    from hfgen.sweep import point_recipe
+
+    tokens = ["--optim", "sgd", "--optim_args", "momentum=0.9,dampening=0.1", "--learning_rate", "1e-4,3e-4",
+              "--run_name", "'a dog, in snow'"]  # fmt: skip
+    axes, fixed = split_grid(tokens)
+    assert axes == {"learning_rate": ["1e-4", "3e-4"]} and fixed == [*tokens[:4], *tokens[6:]]
+    args = point_recipe(str(PRETRAIN), [*fixed, *grid_points(axes)[0][1]], tmp_path / "p").configs[-1]
+    assert (args.optim_args, args.run_name) == ("momentum=0.9,dampening=0.1", "a dog, in snow")
+    assert split_grid(["--optim_args", "momentum=0.9,momentum=0.5"])[0] == {}  # (pairs: one setting, as before)
+
+
 def test_a_long_value_makes_a_point_name_a_file_system_takes(tmp_path):
     # two 320-character validation prompts made names of 680 bytes: the first point failed after every point was
     # checked ("File name too long"), the second with an OSError traceback (probe 45 B4)

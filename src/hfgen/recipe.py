@@ -441,14 +441,8 @@ def _decode_text(text: str, key: str, stage: str, item: int | None = None) -> An
         return None
     if (word := _as_boolean_word(text, key, stage)) is not None:
         return word
-    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
-        # the text inside as typed: YAML's double-quote escapes put a newline and a tab in `"C:\new\table"` and
-        # refused `"C:\Users\me"` (kept with its quotes), where a shell user means the path
-        return text[1:-1]
-    if len(text) >= 2 and text[0] == text[-1] == "'":  # quoted as in the recipe file: `"'a #1'"`, `"'it''s'"`
-        with contextlib.suppress(yaml.YAMLError):
-            if isinstance(quoted := yaml.safe_load(text), str):
-                return quoted
+    if (quoted := quoted_text(text)) is not None:
+        return quoted
     if not text.lstrip().startswith(("[", "{")):
         return text
     try:  # a flow list or mapping, read as in the recipe file (YAML 1.1 read `[12:30, yes]` as [750, True])
@@ -456,6 +450,20 @@ def _decode_text(text: str, key: str, stage: str, item: int | None = None) -> An
     except yaml.YAMLError:
         return text
     return _as_written(node, value, key, stage, "the command line") if isinstance(value, (list, dict)) else text
+
+
+def quoted_text(text: str) -> str | None:
+    """The text inside a value quoted whole (`'"3:2"'`, `"'a, b'"`), else None (`"a","b"` is two quoted values):
+    single quotes as the recipe file reads them (`''` is `'`), double quotes without YAML's backslash escapes
+    (they put a newline and a tab in `"C:\\new\\table"` and refused `"C:\\Users\\me"`, where a shell user means the
+    path)."""
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        return text[1:-1]
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        with contextlib.suppress(yaml.YAMLError):
+            if isinstance(quoted := yaml.safe_load(text), str):
+                return quoted
+    return None
 
 
 @functools.cache

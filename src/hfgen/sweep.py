@@ -143,10 +143,13 @@ def was_evaluated(run_dir: Path) -> bool:
 
 def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Override tokens -> (axes: key -> values, fixed tokens). `--lr 1e-4,3e-4` is an axis; `--steps 3`,
-    lists (`--modules q v`), JSON/YAML values (`--x [1,2]`, `--y {a: 1}`) and the `k=v,k=v` form of a mapping
-    (`--dataset_columns prompt=instruction,completion=output`, as `hfgen train` reads it: `PAIRS_TEXT_KEYS`) are
-    fixed. Another key's values may hold `=` (an earlier sweep's point dirs, `.../lr=1e-3_seed=1`)."""
+    lists (`--modules q v`), JSON/YAML values (`--x [1,2]`, `--y {a: 1}`), `k=v,k=v` pairs where `hfgen train`
+    reads them as one setting (`--dataset_columns prompt=instruction,completion=output`, `--optim_args
+    momentum=0.9,dampening=0.1`: `PAIRS_TEXT_KEYS`) and a value quoted whole (`--instance_prompt '"a dog, in snow"'`,
+    one text holding commas) are fixed. Another key's values may hold `=` (an earlier sweep's point dirs,
+    `.../lr=1e-3_seed=1`)."""
     from hfgen.data.formats import PAIRS_TEXT_KEYS
+    from hfgen.recipe import quoted_text
 
     groups: list[list[str]] = []
     for token in tokens:
@@ -164,11 +167,13 @@ def split_grid(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     axes, fixed = {}, []
     for key, *values in groups:
         name = key[2:].replace("-", "_")
-        mapping = name in PAIRS_TEXT_KEYS and len(values) == 1 and all("=" in part for part in values[0].split(","))
-        if len(values) == 1 and "," in values[0] and not values[0].lstrip().startswith(("[", "{")) and not mapping:
-            axis = [v.strip() for v in values[0].split(",") if v.strip()]
+        value = values[0] if len(values) == 1 else ""  # (a list's values and a flag alone are fixed)
+        pairs = name in PAIRS_TEXT_KEYS and all("=" in part for part in value.split(","))
+        one_setting = pairs or value.lstrip().startswith(("[", "{")) or quoted_text(value) is not None
+        if "," in value and not one_setting:
+            axis = [v.strip() for v in value.split(",") if v.strip()]
             if len(set(axis)) != len(axis):
-                raise UserError(f"hfgen sweep: --{name} repeats a value: {values[0]}")
+                raise UserError(f"hfgen sweep: --{name} repeats a value: {value}")
             axes[name] = axis
         else:
             fixed += [key, *values]

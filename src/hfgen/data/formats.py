@@ -200,9 +200,10 @@ def detect_format(column_names: list[str], kind: str, source: str) -> str:
     )
 
 
-# the recipe keys whose text may be a mapping written `a=b,c=d` (`parse_columns`): `hfgen sweep` takes such a value
-# for one mapping, not for an axis of the grid
-PAIRS_TEXT_KEYS = ("dataset_columns",)
+# the recipe keys whose text may be pairs written `a=b,c=d`, one setting: dataset_columns' mapping (`parse_columns`)
+# and optim_args, which transformers splits on its commas into the optimizer's arguments
+# (trainer_optimizer._parse_optim_args); `hfgen sweep` takes such a value for one setting, not for an axis of the grid
+PAIRS_TEXT_KEYS = ("dataset_columns", "optim_args")
 
 
 def parse_columns(value) -> dict[str, str]:
