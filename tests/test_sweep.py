@@ -299,6 +299,24 @@ def test_a_point_holding_an_unfinished_run_of_another_recipe_is_refused_before_a
     assert not (tmp_path / "sw" / "seed=2").exists()  # nothing ran
 
 
+def test_an_interrupted_sweep_rerun_with_resume_from_checkpoint_continues_its_points(tmp_path, capfd):
+    # exit 2 before anything ran: the points' dirs held "an unfinished run ... continue it with
+    # --resume_from_checkpoint true", which the rerun had passed (review 46 F2); and a complete point is skipped
+    root = tmp_path / "sw"
+    sweep = ["sweep", str(PRETRAIN), "--seed", "1,2", "--output_root", str(root), "--max_steps", "2",
+             "--max_train_samples", "8", "--max_eval_samples", "4", "--block_size", "8", "--save_strategy", "steps",
+             "--save_steps", "1", "--quiet"]  # fmt: skip
+    assert hfgen(sweep) == 0
+    (root / "seed=1" / tracking.COMPLETE_MARKER).unlink()  # as a kill after its last checkpoint leaves it
+    capfd.readouterr()
+    assert hfgen([*sweep, "--resume_from_checkpoint", "true"]) == 0
+    said = "".join(capfd.readouterr())
+    assert "seed=1: training" in said and "checkpoint-2 is the last step's; finishing the run from it" in said, said
+    assert "seed=2: already complete, skipped" in said and tracking.is_complete(root / "seed=1")
+    assert hfgen(sweep) == 0  # the plain rerun: both points the same recipe as before
+    assert "".join(capfd.readouterr()).count("already complete, skipped") == 2
+
+
 def test_a_complete_point_whose_data_changed_in_place_is_trained_again(tmp_path):
     # both points were "already complete, skipped", their stale report rewritten, after the data file was rewritten
     # under its name (and so after a base model retrained in place: probe 39 C3)

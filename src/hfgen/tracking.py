@@ -142,7 +142,10 @@ def comparable_recipe(recipe_yaml: str):
     if not isinstance(values, dict):
         return None
     values.pop("output_dir", None)
-    values.pop("save_on_signal", None)  # how a run stops, not what it trains: a complete run with it is the same run
+    # how a run stops or continues, not what it trains (it resumes only from its own checkpoints: `check_same_run`):
+    # an interrupted sweep rerun with --resume_from_checkpoint true was "another recipe" in its own points' dirs
+    for key in ("save_on_signal", "resume_from_checkpoint"):
+        values.pop(key, None)
     return values
 
 
