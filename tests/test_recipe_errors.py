@@ -488,6 +488,11 @@ def test_a_model_path_under_home_written_with_a_tilde_loads(tmp_path, monkeypatc
         (["sweep", "r.yaml", "--output_root=~/sweep"], ("output_root",)),
         (["compare", "r.yaml", "--output_root=~/compare"], ("output_root",)),
         (["train", "r.yaml", "--launch_config=~/fsdp.yaml"], ("launch_config",)),
+        # the recipe: `--config=~/r.yaml` (which `hfgen` turns into the positional one) or a quoted '~/r.yaml' was
+        # "does not exist" (review 46 F8)
+        (["train", "--config=~/r.yaml"], ("config_file",)),
+        (["check", "--config=~/r.yaml"], ("config_file",)),
+        *[([command, "~/r.yaml"], ("recipe",)) for command in ("train", "check", "sweep", "compare")],
     ],
 )  # fmt: skip
 def test_a_commands_path_arguments_under_home_written_with_a_tilde_are_expanded(argv, keys, tmp_path, monkeypatch):

@@ -25,8 +25,12 @@ ROWS_RENDERED = 1000  # rows whose rendering is checked: enough for the shares, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
-    parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
+    from hfgen.recipe import expand_home
+
+    parser.add_argument("recipe", nargs="?", type=expand_home, help="recipe YAML (see recipes/)")
+    parser.add_argument(
+        "--config", dest="config_file", type=expand_home, help="the recipe, in TRL CLI style (instead of RECIPE)"
+    )
     parser.set_defaults(accepts_overrides=True)
     parser.epilog = "Any --key value pair overrides that key of the recipe, as in `hfgen train`."
 

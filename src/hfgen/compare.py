@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hfgen.evaluation.command import ORACLE_HELP
     from hfgen.recipe import expand_home
 
-    parser.add_argument("recipe", help="an rlhf pipeline recipe naming one step recipe per method")
+    parser.add_argument("recipe", type=expand_home, help="an rlhf pipeline recipe naming one step recipe per method")
     parser.add_argument("--methods", default="ppo,dpo,kto", help="comma-separated methods (default ppo,dpo,kto)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     parser.add_argument("--prompts", type=int, default=1024, help="training prompts seen by every method")

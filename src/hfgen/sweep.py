@@ -35,7 +35,7 @@ from hfgen.errors import Diverged, UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hfgen.recipe import expand_home
 
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("recipe", type=expand_home, help="recipe YAML (see recipes/)")
     parser.add_argument("--output_root", type=expand_home, help="where the points' run dirs and report.html go")
     parser.add_argument("--eval", action="store_true", help="run `hfgen eval` on each point before the report")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -25,8 +25,10 @@ __doc__ = __doc__.replace("{stages}", "\n".join(f"  {name:9} {summary}" for name
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hfgen.recipe import expand_home
 
-    parser.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
-    parser.add_argument("--config", dest="config_file", help="the recipe, in TRL CLI style (instead of RECIPE)")
+    parser.add_argument("recipe", nargs="?", type=expand_home, help="recipe YAML (see recipes/)")
+    parser.add_argument(
+        "--config", dest="config_file", type=expand_home, help="the recipe, in TRL CLI style (instead of RECIPE)"
+    )
     parser.add_argument(
         "--list-keys",
         "--list_keys",
