@@ -97,6 +97,9 @@ def test_a_text_keys_flow_list_on_the_command_line_reads_as_in_the_recipe_file()
     says = "the command line: key 'validation_prompts' item 2 is null (`null`); quote it (`\"null\"`)"
     with pytest.raises(UserError, match=re.escape(says)):
         parse_overrides(["--validation_prompts", "[a sks digit, null]"], "t2i")
+    # a list inside the list (review 46b G2): its null or number read as YAML 1.1's, the prompt 'None' or '493'
+    with pytest.raises(UserError, match=re.escape("key 'validation_prompts' item 2 is a list (`[~]`)")):
+        parse_overrides(["--validation_prompts", "[a sks digit, [~]]"], "t2i")
 
 
 def test_a_null_among_a_text_keys_command_line_values_is_refused_as_in_the_recipe_file():
@@ -155,7 +158,13 @@ def test_yaml_boolean_words_keep_their_meaning_for_the_text_keys_that_take_a_boo
     strategies = ("save_strategy", "eval_strategy", "logging_strategy")
     assert [recipe.value(key) for key in strategies] == ["no"] * 3 and recipe.value("run_name") == "off"
     typed = ["--resume_from_checkpoint", "On", "--save_strategy", "OFF", "--run_name", "yes"]
-    assert parse_overrides(typed, "sft") == {"resume_from_checkpoint": True, "save_strategy": False, "run_name": "yes"}
+    assert parse_overrides(typed, "sft") == {"resume_from_checkpoint": True, "save_strategy": "no", "run_name": "yes"}
+    # a choice key's word is the choice's text, as a run's recipe.yaml has always held it: read as false, the shipped
+    # pretraining recipe's `eval_strategy: no` made every run of it before "a complete run of a different recipe"
+    # (review 46b G1), and `--eval_strategy on` was refused as 'true', a value never typed
+    assert read_recipe_file(REPO / "recipes/tiny/pretrain.yaml")["eval_strategy"] == "no"
+    with pytest.raises(UserError, match="'yes' is not one of"):
+        load_recipe(sft, ["--eval_strategy", "on", "--output_dir", "/nonexistent/out"], False)
     assert (
         load_recipe(sft, ["--save_strategy", "OFF", "--output_dir", "/nonexistent/out"], False).value("save_strategy")
         == "no"
@@ -298,6 +307,8 @@ def test_a_double_quoted_command_line_value_is_the_text_inside_with_its_backslas
     path) and `'"C:\\Users\\me"'`, an escape YAML refuses, kept its quotes."""
     typed = parse_overrides(["--output_dir", r'"C:\new\table"', "--run_name", r'"C:\Users\me"'], "sft")
     assert typed == {"output_dir": r"C:\new\table", "run_name": r"C:\Users\me"}
+    # a double quote inside, escaped as YAML escapes it, is still read by YAML (review 46b G3: kept its quotes)
+    assert parse_overrides(["--run_name", r'"a\"b"'], "sft") == {"run_name": 'a"b'}
 
 
 def test_report_to_null_means_no_tracker():

@@ -274,6 +274,11 @@ def _as_written(node, value: Any, key: str, stage: str, where: str) -> Any:
         return _scalar_as_written(node, value, key, stage)
     if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
         for index, item in enumerate(node.value):
+            if isinstance(item, yaml.SequenceNode):  # no text key holds lists of lists: `[a, [~]]` became 'None'
+                raise UserError(
+                    f"{where}: key '{key}' item {index + 1} is a list (`{yaml.serialize(item).strip()}`); give its "
+                    "items as items of the key's own list, or quote it if you mean the text."
+                )
             if not isinstance(item, yaml.ScalarNode):
                 continue
             if item.tag == _YAML_NULL and item.style is None:
@@ -309,12 +314,16 @@ def _scalar_as_written(node, value: Any, key: str, stage: str) -> Any:
 _BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-def _as_boolean_word(text: str, key: str, stage: str) -> bool | None:
+def _as_boolean_word(text: str, key: str, stage: str) -> bool | str | None:
     """The one rule for YAML 1.1's boolean words (yes/no, on/off, true/false, in any case) given to a text key, in
-    the recipe file and on the command line: a boolean for the keys to which one means something (`boolean_word_keys`:
-    `resume_from_checkpoint: no` starts afresh, `save_strategy: off` is the choice's 'no', as YAML 1.1 read them
-    before text keys kept their text), else None: the key keeps the word as text (`run_name: yes`)."""
-    return _BOOLEAN_WORDS.get(text.strip().lower()) if key in boolean_word_keys(stage) else None
+    the recipe file and on the command line, for the keys to which one means something (`boolean_word_keys`), as
+    YAML 1.1 read them before text keys kept their text: `resume_from_checkpoint: no` is false (start afresh), and a
+    choice key's word is the choice's own text (`save_strategy: off` is 'no', `true` 'yes'), so a run's recipe.yaml
+    holds 'no' as the recipes before did (a boolean there made every earlier run "another recipe"). Else None: the key
+    keeps the word as text (`run_name: yes`)."""
+    if key not in boolean_word_keys(stage) or (flag := _BOOLEAN_WORDS.get(text.strip().lower())) is None:
+        return None
+    return flag if key == "resume_from_checkpoint" else ("yes" if flag else "no")
 
 
 @functools.cache
@@ -459,7 +468,7 @@ def quoted_text(text: str) -> str | None:
     path)."""
     if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
         return text[1:-1]
-    if len(text) >= 2 and text[0] == text[-1] == "'":
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # (`'"a\\"b"'`: YAML's escapes give a"b)
         with contextlib.suppress(yaml.YAMLError):
             if isinstance(quoted := yaml.safe_load(text), str):
                 return quoted
