@@ -285,7 +285,9 @@ def test_class_images_come_from_the_base_as_it_samples_not_with_the_recipe_s_pre
         (["--instance_data_dir", "EMPTY"], "needs instance_prompt"),
         (["--with_prior_preservation", "true"], "need(s) instance_data_dir"),
         (["--aspect_ratio_buckets", "wide"], "neither ratios"),
-        (["--aspect_ratio_buckets", "[4:3]"], "quote ratios"),  # YAML reads it as 243, as in a recipe file
+        # a ratio unquoted in a list is the ratio (YAML 1.1 read 4:3 as the base-60 243, which was refused as a
+        # number): only the number is named
+        (["--aspect_ratio_buckets", "[4:3, 243]"], r"\['243'\] are neither ratios"),
         (PRIOR_PRESERVATION_IN_BUCKETS, "aspect_ratio_buckets with with_prior_preservation is not supported"),
     ],
 )

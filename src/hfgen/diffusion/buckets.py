@@ -35,9 +35,6 @@ def bucket_problems(specs: list[str]) -> list[str]:
     if AUTO in specs and len(specs) > 1:
         return [f"aspect_ratio_buckets: 'auto' stands alone (got {specs})"]
     bad = [s for s in specs if s != AUTO and not _RATIO.match(s) and not _SIZE.match(s)]
-    if bad and all(s.isdigit() for s in bad):  # YAML 1.1 reads an unquoted 4:3 as the base-60 number 243
-        return [f"aspect_ratio_buckets: {bad} are numbers: quote ratios (\"4:3\") in the recipe file, which YAML "
-                "reads unquoted as base-60 numbers (4:3 is 243)"]  # fmt: skip
     if bad:
         return [f"aspect_ratio_buckets: {bad} are neither ratios ('4:3'), sizes ('768x512') nor 'auto'"]
     zero = [s for s in specs if s != AUTO and 0 in [float(x) for x in (_RATIO.match(s) or _SIZE.match(s)).groups()]]
