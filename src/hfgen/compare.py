@@ -202,8 +202,9 @@ def run_shared_steps(shared, needs_reward: bool) -> None:
     for step in ("sft", "reward") if needs_reward else ("sft",):
         recipe = rlhf.step_recipe(shared, step, check_inputs=False)
         done = tracking.is_complete(recipe.output_dir)
-        # (its inputs: the prerequisite, the SFT model, data, each as it is now, not only by its path)
-        if tracking.complete_as_recipe(recipe.output_dir, recipe)[0]:
+        # (its inputs: the prerequisite, the SFT model, data, each as it is now, not only by its path; fingerprinted
+        # only for a complete step)
+        if done and tracking.complete_as_recipe(recipe.output_dir, recipe)[0]:
             print(f"== {step}: {recipe.output_dir} is complete, reused")
             continue
         print(f"== {step}: -> {recipe.output_dir}")
