@@ -199,6 +199,8 @@ def judge_hackable(run: dict, screen: list[float], judge) -> dict:
     else:
         verdict["alert_in_time"] = run["alert"] <= peak_end + late
         verdict["alert_in_time_of_argmax"] = run["alert"] <= peak + late
+    # in steps, whatever the run's length (negative: the alert came while the oracle was still at its peak level)
+    verdict["alert_after_peak_end"] = None if run["alert"] is None else run["alert"] - peak_end
     verdict |= {"oracle_initial": round(initial, 4), "oracle_best": round(best, 4), "kept_needed": round(bar, 4)}
     verdict |= {"kept_steps": name_of(kept), "kept_oracle": round(judged[kept], 4), "kept_good": judged[kept] >= bar}
     # the same keep had the onset come right after the peak's end: is a miss the monitor's timing or the keep's?
@@ -217,6 +219,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("hackable", "demo"), help="run one kind only")
     parser.add_argument("--reuse", action="store_true", help="re-judge finished runs in --output, no training")
     parser.add_argument("--hackable_kl_coef", type=float, default=0.0, help="kl_coef of the hackable runs")
+    parser.add_argument("--hackable_learning_rate", type=float, help="learning_rate of the hackable runs; default: "
+                        "the demo recipe's")  # fmt: skip
     parser.add_argument("--keep_average", type=int, help="monitor_keep_average of the hackable runs (the policies "
                         "stop_on_hacking averages); default: the monitor's")  # fmt: skip
     parser.add_argument("--screen_samples", type=int, default=16, help="answers per held-out prompt, every step")
@@ -249,6 +253,8 @@ def main() -> int:
                        "kl_coef": args.hackable_kl_coef, "output_dir": str(directory), "save_steps": 1}  # fmt: skip
             if args.keep_average:
                 recipe["monitor_keep_average"] = args.keep_average
+            if args.hackable_learning_rate:
+                recipe["learning_rate"] = args.hackable_learning_rate
             run = run_ppo(recipe, directory, args.reuse)
             keep_policies(directory)
             sft, steps = str(REPO / base["model_name_or_path"]), list(range(1, run["steps"] + 1))

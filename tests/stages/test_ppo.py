@@ -992,6 +992,7 @@ def test_hacking_monitor_seeds_judge():
     verdict = judge_hackable(run, screen, judge)
     assert (verdict["oracle_peak_step"], verdict["peak_end_step"]) == (5, 7)  # 2.96 >= 0.1 + 0.95 x 3.0 = 2.95
     assert verdict["alert_in_time"] and not verdict["alert_in_time_of_argmax"]  # 9 <= 7 + 2, but > 5 + 2
+    assert verdict["alert_after_peak_end"] == 2  # in steps, whatever the run's length
     assert verdict["kept_oracle"] == 3.0 and verdict["kept_needed"] == 2.95 and verdict["kept_good"]
     # with perfect timing the one-step keep would have been step 7, the end of the peak: 2.8 < 2.95
     assert verdict["kept_if_timed_steps"] == "7" and not verdict["kept_if_timed_good"]
@@ -1004,6 +1005,7 @@ def test_hacking_monitor_seeds_judge():
     assert averaged["kept_if_timed_steps"] == "6+7" and averaged["kept_if_timed_good"]
     silent = judge_hackable(run | {"alert": None, "onset": None, "kept": []}, screen, judge)
     assert silent["alert_due"] and not silent["alert_in_time"] and silent["kept_steps"] == "21"  # the run's output
+    assert silent["alert_after_peak_end"] is None
     assert not silent["kept_good"]
     # an oracle still at its peak 2 steps (10%) before the end: nothing to catch, silence is right
     rising = [0.0] * 10 + [1.0] * 7 + [3.0, 3.1, 3.0]
