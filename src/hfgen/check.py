@@ -200,19 +200,18 @@ def check_rewards(recipe, prompts) -> list[str]:
 
 
 def sampled_responses(model_args, config, tokenizer, prompts: list, max_new_tokens: int):
-    """REWARD_SAMPLES completions of each prompt by the recipe's policy, seeded by the recipe, at its temperature and
-    top-p (PPO's sampling rule, `hfgen.generate.sampling_config`; GRPO's top_k, min_p and repetition_penalty, which
-    TRL adds when set, are left out of this sample)."""
-    import torch
-
-    from hfgen.generate import generate_tokens
+    """REWARD_SAMPLES completions of each prompt by the recipe's policy at its temperature and top-p (PPO's sampling
+    rule, `hfgen.generate.sampling_config`; GRPO's top_k, min_p and repetition_penalty, which TRL adds when set, are
+    left out of this sample), each prompt's drawn from the recipe's seed and the prompt (`prompt_seeds`, as `hfgen
+    eval` and `hfgen generate --seed` draw them): a prompt's sample does not depend on the prompts beside it."""
+    from hfgen.generate import generate_tokens, prompt_seeds
     from hfgen.models import load_causal_lm
 
     policy = load_causal_lm(model_args.model_name_or_path, "float32", config.trust_remote_code)
-    torch.manual_seed(config.seed)
+    prompts = list(prompts)
     return generate_tokens(
         policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        num_samples=REWARD_SAMPLES, chat=not isinstance(prompts[0], str),
+        num_samples=REWARD_SAMPLES, chat=not isinstance(prompts[0], str), seeds=prompt_seeds(config.seed, prompts),
     )  # fmt: skip
 
 

@@ -162,6 +162,30 @@ def test_check_samples_rewards_for_ppo(tiny_lm, capsys):
     assert code == 0 and "prompt groups whose rewards are all equal: 8 of 8" in out, out
 
 
+def test_checks_reward_sample_of_a_prompt_does_not_depend_on_the_prompts_beside_it(tiny_lm):
+    # drawn from the recipe's seed and the prompt, as hfgen eval and hfgen generate --seed draw it (it was the global
+    # generator in batch order: a prompt's sample changed with the prompts before it)
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from hfgen.check import sampled_responses
+
+    model_args = SimpleNamespace(model_name_or_path=str(tiny_lm))
+    config = SimpleNamespace(seed=3, temperature=1.0, top_p=1.0, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+
+    def sample(prompts):
+        groups = sampled_responses(model_args, config, tokenizer, prompts, 8)
+        return [[c.completion_ids for c in group] for group in groups]
+
+    alone = sample(["the cat"])[0]
+    assert sample(["the red dog", "the cat"])[1] == alone
+    assert len({tuple(ids) for ids in alone}) > 1  # four different draws, not one repeated
+    config.seed = 4
+    assert sample(["the cat"])[0] != alone  # and the recipe's seed still decides them
+
+
 def test_check_samples_every_reward_component_for_grpo_and_rloo(tiny_lm, tmp_path, capsys):
     # a GSM8K-style file: the prompt under another name, the reference answer read by the reward function
     data = tmp_path / "gsm.jsonl"
