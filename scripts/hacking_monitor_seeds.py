@@ -4,6 +4,7 @@
     python scripts/hacking_monitor_seeds.py --only demo          (the shipped demo's false alarms only)
     python scripts/hacking_monitor_seeds.py --reuse              (re-judge the runs in --output with this monitor)
     python scripts/hacking_monitor_seeds.py --reuse --keep_average 1   (... keeping the single step before the onset)
+    python scripts/hacking_monitor_seeds.py --reuse --monitor min_kl_slope=2   (... with other monitor thresholds)
 
 Two PPO runs per seed from the demo's SFT model, the oracle hidden from the monitor (it alerts on its oracle-free
 signals only; the oracle is logged to judge it):
@@ -88,6 +89,26 @@ def run_ppo(recipe: dict, directory: Path, reuse: bool = False) -> dict:
     first = alerts[0] if alerts else None
     return {"steps": len(rows), "alert": first and first.step, "signal": first and first.signal,
             "onset": first and first.onset, "kept": monitor.kept_steps(), "keep_average": monitor.keep_average}  # fmt: skip
+
+
+def monitor_settings(pairs: list[str]) -> dict:
+    """`--monitor NAME=VALUE` pairs -> {"monitor_NAME": value} recipe keys: thresholds of `HackingMonitor` (the
+    recipe's monitor_* keys, `hfgen.rl.monitor.THRESHOLDS`), each typed as the monitor's own default; ValueError
+    naming the pair otherwise."""
+    from hfgen.rl.monitor import THRESHOLDS
+
+    settings = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals or name not in THRESHOLDS:
+            raise ValueError(f"--monitor {pair}: give NAME=VALUE, NAME one of {', '.join(THRESHOLDS)}")
+        kind = type(getattr(HackingMonitor, name))
+        try:
+            settings[f"monitor_{name}"] = kind(text)
+        except ValueError:
+            wanted = "an integer" if kind is int else "a number"
+            raise ValueError(f"--monitor {pair}: {name} takes {wanted}, not {text!r}") from None
+    return settings
 
 
 def keep_policies(directory: Path) -> None:
@@ -223,6 +244,9 @@ def main() -> int:
                         "the demo recipe's")  # fmt: skip
     parser.add_argument("--keep_average", type=int, help="monitor_keep_average of the hackable runs (the policies "
                         "stop_on_hacking averages); default: the monitor's")  # fmt: skip
+    parser.add_argument("--monitor", nargs="+", default=[], metavar="NAME=VALUE", help="monitor thresholds of both "
+                        "kinds of run (the recipe's monitor_NAME, e.g. min_kl_slope=2); with --reuse, the finished "
+                        "runs are judged again with them")  # fmt: skip
     parser.add_argument("--screen_samples", type=int, default=16, help="answers per held-out prompt, every step")
     parser.add_argument("--judge_samples", type=int, default=64, help="answers per held-out prompt, judged steps")
     parser.add_argument(
@@ -230,6 +254,10 @@ def main() -> int:
     )
     parser.add_argument("--reward_model_path", help="default: the demo recipe's (outputs/tiny/reward)")
     args = parser.parse_args()
+    try:
+        settings = monitor_settings(args.monitor)
+    except ValueError as error:
+        parser.error(str(error))
     base = yaml.safe_load((REPO / "recipes/tiny/ppo.yaml").read_text())
     base |= {key: getattr(args, key) for key in ("model_name_or_path", "reward_model_path") if getattr(args, key)}
     for path in (base["model_name_or_path"], base["reward_model_path"]):
@@ -251,6 +279,7 @@ def main() -> int:
             # checkpoint after every step gives every step's policy to the held-out judge.
             recipe |= {"reward_functions": [HACKABLE], "value_model_path": base["reward_model_path"], "seed": seed,
                        "kl_coef": args.hackable_kl_coef, "output_dir": str(directory), "save_steps": 1}  # fmt: skip
+            recipe |= settings
             if args.keep_average:
                 recipe["monitor_keep_average"] = args.keep_average
             if args.hackable_learning_rate:
@@ -265,7 +294,7 @@ def main() -> int:
             print(json.dumps(verdict), flush=True)
         if args.only in (None, "demo"):
             directory = output / f"demo-{seed}"
-            run = run_ppo(base | {"seed": seed, "output_dir": str(directory)}, directory, args.reuse)
+            run = run_ppo(base | settings | {"seed": seed, "output_dir": str(directory)}, directory, args.reuse)
             verdict = {"kind": "demo", "seed": seed, "false_alarm": run["alert"] is not None,
                        "alert_step": run["alert"], "signal": run["signal"]}  # fmt: skip
             table.append(verdict)

@@ -1015,6 +1015,20 @@ def test_hacking_monitor_seeds_judge():
     assert silent["alert_in_time"] and silent["kept_good"]
 
 
+def test_hacking_monitor_seeds_monitor_settings_are_the_recipes_thresholds_typed_as_the_monitors():
+    monitor_settings = load_seeds_script().monitor_settings
+    settings = monitor_settings(["min_kl_slope=2", "keep_average=1", "kl_window=3"])
+    assert settings == {"monitor_min_kl_slope": 2.0, "monitor_keep_average": 1, "monitor_kl_window": 3}
+    assert isinstance(settings["monitor_min_kl_slope"], float) and isinstance(settings["monitor_kl_window"], int)
+    for bad, named in (
+        ("slope=2", "NAME one of"),
+        ("min_kl_slope", "NAME=VALUE"),
+        ("kl_window=2.5", "takes an integer"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            monitor_settings([bad])
+
+
 @pytest.mark.slow
 def test_hacking_monitor_seeds_runs_one_seed_of_each(tmp_path, tiny_models):
     """CI's run of scripts/hacking_monitor_seeds.py: one short seed of each kind on the tiny models, the hackable
