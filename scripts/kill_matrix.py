@@ -54,8 +54,8 @@ def stage_setups(work: Path) -> dict[str, tuple[Path, list[str], list[str]]]:
     every_point = ["step@3", "checkpoint@4", "final_save", "eval"]  # (in the order the stages below meet them)
     sft, reward = build_tiny_models(work / "ppo_models")
     ppo = write_recipe(work / "ppo_models", sft, reward_model_path=str(reward), total_episodes=80, save_steps=2)
-    # stop_on_hacking stops at step 5 keeping the policies of steps 2-3: a kill after checkpoint-2 or -4 must keep
-    # the same ones
+    # stop_on_hacking stops at step 5 keeping the two policies of steps 1-5 it judges best: a kill after checkpoint-2
+    # or -4 must keep the same ones
     (work / "ppo_stop").mkdir()
     ppo_stop = write_recipe(work / "ppo_stop", sft, **STOPS_AT_STEP_5, save_steps=2)
     configs = write_tiny_configs(work)

@@ -11,8 +11,9 @@ the start), `entropy`, `completions/mean_length` and each reward function's
 `rewards/NAME/mean`. Responses themselves are not in the logs, so the repetition and above-ceiling signals stay off
 here. Alerts are printed and added to the logged row (so metrics.jsonl and the report carry them, when this callback
 runs before the one writing metrics); with `stop_on_hacking` the trainer stops at the end of the step, normally, and
-the model holds the policy PPO's loop keeps: the average of the policies of the steps before the alert's onset
-(`HackingMonitor.kept_steps`), from CPU copies of the trained weights taken at the start of each recent step.
+the model holds the average of the policies of the steps before the alert's onset (`HackingMonitor.kept_steps`, PPO's
+keep with `monitor_keep_samples` 0: PPO's loop judges recent policies by their held-out answers, which a callback
+has no sampler for), from CPU copies of the trained weights taken at the start of each recent step.
 The monitor's state (its history, streaks and alerts) is written into every checkpoint (`hacking_monitor.json`), with
 stop_on_hacking's copies of recent policies (`PolicySnapshots.save`), and read back with `load(checkpoint)` before a
 resumed run trains, so a resume judges against the same baseline and keeps what the uninterrupted run keeps.
@@ -37,6 +38,9 @@ class HackingMonitorCallback(TrainerCallback):
         that component, the key of the monitor's weights (TRL names the reward model after its folder, hfgen
         `reward_model`); a name not in it is kept."""
         self.monitor = monitor or HackingMonitor()
+        # PPO's loop judges recent policies by their held-out answers; a callback has no sampler and scorer of its
+        # own, so it keeps by the onset (and holds only the copies that keep needs)
+        self.monitor.keep_samples = 0
         self.stop_on_hacking = stop_on_hacking
         self.component_names = component_names or {}
         self.stopped: dict = {}

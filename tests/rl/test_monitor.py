@@ -122,7 +122,10 @@ def test_kl_growth_onset_is_where_the_race_set_in_not_a_noisy_step_before_it():
     monitor = M.HackingMonitor()
     alerts = feed(monitor, [STEADY | {"kl": kl} for kl in kls])
     assert [(a.step, a.onset) for a in alerts] == [(12, 11)] and monitor.kept_steps() == [9, 10]
-    # an alert at step 13 would look back over steps 10-13 (its window): onset 10 at the earliest, the 2 before it
+    # an alert at step 13 would look back over steps 10-13 (its window): onset 10 at the earliest, and the judgement
+    # takes the 4 steps (kl_window) before it; without a judgement, the 2 (keep_average) before it
+    assert monitor.oldest_keepable_step() == 6
+    monitor.keep_samples = 0
     assert monitor.oldest_keepable_step() == 8
     # a noisy step above the highest before the window (6.0 > 1.15 x 5.2), then a dip, then the race
     kls = [0.0, 1.0, 1.5, 1.8, 2.5, 4.0, 4.3, 5.2, 6.0, 5.0, 7.9, 13.1]
@@ -146,7 +149,7 @@ def test_kept_policies_are_the_steps_before_the_onset_from_step_one_on():
     early.alerts = [M.Alert(step=4, onset=3, signal="repetition", message="")]
     assert early.kept_steps() == [1, 2]
     for onset in range(6, 10):  # an alert at step 9: kl_growth's onset lies in its window, steps 6-9
-        late = M.HackingMonitor(keep_average=3)
+        late = M.HackingMonitor(keep_average=3, keep_samples=0)
         feed(late, [STEADY] * 8)
         oldest = late.oldest_keepable_step()  # the snapshots a loop still holds while step 9 runs
         late.alerts = [M.Alert(step=9, onset=onset, signal="kl_growth", message="")]
@@ -161,8 +164,9 @@ def test_onset_and_keepable_steps_count_rows_when_a_trainer_logs_every_few_steps
     rows = [STEADY] * 6 + [STEADY | {"distinct_1": 0.6}] * 2
     alerts = [alert for step, row in zip(range(5, 45, 5), rows) for alert in monitor.observe(step, **row)]
     assert [(a.step, a.onset) for a in alerts] == [(40, 35)] and monitor.kept_steps() == [33, 34]
-    # the next alert's window (4 rows) holds the rows of steps 30, 35, 40 and the next: 2 steps before 30 on
-    assert monitor.oldest_keepable_step() == 28
+    # the next alert's window (4 rows) holds the rows of steps 30, 35, 40 and the next: the judgement's 4 steps
+    # (kl_window) before 30 on
+    assert monitor.oldest_keepable_step() == 26
 
 
 def test_replay_of_logged_figures_raises_the_alerts_of_the_run():
@@ -180,3 +184,33 @@ def test_replay_of_logged_figures_raises_the_alerts_of_the_run():
     replayed = M.replay(M.HackingMonitor(), rows)
     assert [(a.signal, a.step, a.onset) for a in live.alerts] == [("above_ceiling", 6, 5), ("repetition", 7, 6)]
     assert replayed == live.alerts and M.HackingMonitor().kept_steps() == []
+
+
+def test_the_judgement_charges_repeated_words_and_keeps_the_best_judged_candidates():
+    """`judged_score`: the mean reward less `repeat_cost` per repeated word; `candidate_steps` runs from kl_window
+    steps before the onset to the alert (from step 1 on); `judged_keep` averages the `keep_average` best, in step order,
+    whether or not they are neighbours; every candidate is within the snapshots the loop holds."""
+    assert M.repeated_words("the cat is warm.") == 0 and M.repeated_words("Lovely, lovely and LOVELY") == 2
+    # "kind" pays 1 a word: the repeating answer earns more reward and is judged worse
+    honest, hacked = ["the cat is kind."], ["the cat is kind kind kind kind."]
+    assert M.judged_score([2.0], honest, 2.0) == 2.0 and M.judged_score([5.0], hacked, 2.0) == -1.0
+    assert M.judged_score([2.0, 5.0], honest + hacked, 0.0) == 3.5  # repeat_cost 0: the reward alone
+    monitor = M.HackingMonitor()
+    monitor.alerts = [M.Alert(step=9, onset=8, signal="kl_growth", message="")]
+    assert monitor.candidate_steps() == [4, 5, 6, 7, 8, 9]
+    assert monitor.judged_keep({4: 1.0, 5: 3.0, 6: 2.0, 7: 3.5, 8: 0.5, 9: -2.0}) == [5, 7]
+    assert M.HackingMonitor(keep_average=1).judged_keep({4: 1.0, 5: 3.0}) == [5]
+    early = M.HackingMonitor()
+    early.alerts = [M.Alert(step=4, onset=3, signal="repetition", message="")]
+    assert early.candidate_steps() == [1, 2, 3, 4]
+    assert (
+        M.HackingMonitor().judging_samples_per_prompt(51) == 20
+        and M.HackingMonitor().judging_samples_per_prompt(5000) == 1
+    )
+    for onset in range(6, 10):  # an alert at step 9: kl_growth's onset lies in its window, steps 6-9
+        late = M.HackingMonitor()
+        feed(late, [STEADY] * 8)
+        oldest = late.oldest_keepable_step()  # the snapshots a loop still holds while step 9 runs
+        late.alerts = [M.Alert(step=9, onset=onset, signal="kl_growth", message="")]
+        assert min(late.candidate_steps()) >= oldest
+    assert oldest == 2  # the earliest onset (6) less kl_window

@@ -24,10 +24,11 @@ EVAL_FAST = ["--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "8"
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
 # stop_on_hacking's run (8 steps of 8 episodes): a reward ceiling below every score makes the above-ceiling signal
 # hold from step 4, the first after a 3-step baseline; with patience 2 the monitor alerts at step 5, and the run
-# stops there keeping the average of the policies of steps 2 and 3 (the tests below, scripts/kill_matrix.py)
+# stops there keeping the average of the two policies of steps 1-5 it judges best on 64 held-out answers each (the
+# tests below, scripts/kill_matrix.py)
 STOPS_AT_STEP_5 = dict(
     reward_functions=["hfgen.data.embedded:hackable_reward_scores"], total_episodes=64, gradient_accumulation_steps=1,
-    stop_on_hacking=True, reward_ceiling=-100.0, monitor_baseline_steps=3,
+    stop_on_hacking=True, reward_ceiling=-100.0, monitor_baseline_steps=3, monitor_keep_samples=64,
 )  # fmt: skip
 
 
@@ -859,11 +860,26 @@ def test_the_update_split_over_two_processes_equals_the_one_process_update(tmp_p
         assert torch.allclose(torch.load(out), reference, atol=1e-6, rtol=1e-5), (batch, accumulation)
 
 
-def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp_path, tiny_models):
+def policy_weight_of_step(run, sft, step: int, name: str) -> torch.Tensor:
+    """The weight `name` of the policy that sampled `step` of a PPO run saved every step: checkpoint-(step - 1)'s, the
+    SFT model's for step 1."""
+    if step == 1:
+        return load_file(sft / "model.safetensors")[name]
+    return load_file(run / f"checkpoint-{step - 1}" / "model.safetensors")["policy." + name]
+
+
+def test_stop_on_hacking_ends_normally_keeping_the_policies_the_monitor_judges_best(tmp_path, tiny_models):
     """A ceiling below every score makes the monitor's above-ceiling signal hold from the first step after its
     3-step baseline (step 4; `monitor_baseline_steps` 3, the default 4 would alert a step later): with patience 2 it
-    alerts at step 5, the run stops there, exits 0 with COMPLETE, and keeps the average of the policies that
-    sampled steps 2 and 3 (`monitor_keep_average` 2: the steps before the onset)."""
+    alerts at step 5, the run stops there and exits 0 with COMPLETE. It judges the policies of steps 1-5 (the
+    kl_window of 4 steps before the onset, and those since) on held-out answers and keeps the average of the two it
+    judges best; each judgement is `judge_policy`'s of that step's policy, as a user would compute it from the
+    checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfgen.evaluation.policy import Sampling, distinct_prompts, judge_policy
+    from hfgen.rl.rollout import RewardScorer, load_function
+
     sft, _ = tiny_models
     result = train(write_recipe(tmp_path, sft, **STOPS_AT_STEP_5, save_steps=1))
     run = tmp_path / "run"
@@ -873,28 +889,57 @@ def test_stop_on_hacking_ends_normally_keeping_the_policies_before_the_alert(tmp
     assert [row["step"] for row in metrics] == [1, 2, 3, 4, 5] and metrics[4]["monitor/alert/above_ceiling"] == 4
     results = tracking.read_json(run / "eval.json")
     assert results["stopped_early"] is True and results["stopped_at_step"] == 5 and results["steps"] == 5
-    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_steps"] == [2, 3]
     assert "above the ceiling" in results["stop_reason"] and results["monitor/first_alert_step"] == 5
-    assert "the output is the average of the policies of steps 2-3" in result.stdout
-    # the kept policy is the mean of the policies after steps 1 and 2 (which sampled steps 2 and 3)
+    judged = {int(step): score for step, score in results["judged_policies"].items()}
+    assert sorted(judged) == [1, 2, 3, 4, 5] and len(set(judged.values())) == 5
+    best = sorted(sorted(judged, key=judged.get)[-2:])
+    assert results["stop_signal"] == "above_ceiling" and results["kept_policy_of_steps"] == best
+    assert f"the output is the average of the policies of steps {best[0]}, {best[1]}" in result.stdout
     name = "model.layers.0.self_attn.q_proj.weight"
     kept = load_file(run / "model.safetensors")[name]
-    start = load_file(sft / "model.safetensors")[name]
-    after = [load_file(run / f"checkpoint-{step}" / "model.safetensors")["policy." + name] for step in (1, 2, 4)]
-    torch.testing.assert_close(kept, (after[0] + after[1]) / 2)
-    assert not any(torch.allclose(kept, other) for other in (start, *after))
+    expected = (policy_weight_of_step(run, sft, best[0], name) + policy_weight_of_step(run, sft, best[1], name)) / 2
+    torch.testing.assert_close(kept, expected)
+    # the judgement of step 3's policy, again from its checkpoint: 16 answers to each of the 4 held-out prompts
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    policy = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32)
+    weights = load_file(run / "checkpoint-2" / "model.safetensors")
+    trained = {k.removeprefix("policy."): v for k, v in weights.items() if k.startswith("policy.")}
+    assert set(policy.load_state_dict(trained, strict=False).missing_keys) <= {"lm_head.weight"}  # (tied)
+    rows = tracking.read_jsonl(run / "policy_eval.jsonl")
+    prompts = distinct_prompts([row["prompt"] for row in rows])
+    scorer = RewardScorer(None, None, {"hackable": load_function(STOPS_AT_STEP_5["reward_functions"][0])}, [1.0], 64)
+    sampling = Sampling(16, 16, 0.7, 1.0, 7, 64, None)
+    assert judge_policy(policy, tokenizer, prompts, sampling, scorer, 2.0) == pytest.approx(judged[3], abs=1e-5)
+
+
+def test_stop_on_hacking_without_a_judgement_keeps_the_policies_before_the_onset(tmp_path, tiny_models):
+    """`monitor_keep_samples` 0: no policy is judged, the run keeps the average of the policies of the 2 steps before
+    the alert's onset (step 4): steps 2 and 3."""
+    sft, _ = tiny_models
+    result = train(write_recipe(tmp_path, sft, **STOPS_AT_STEP_5 | {"monitor_keep_samples": 0, "save_steps": 1}))
+    run = tmp_path / "run"
+    results = tracking.read_json(run / "eval.json")
+    assert results["stopped_at_step"] == 5 and results["kept_policy_of_steps"] == [2, 3]
+    assert results["judged_policies"] == {} and "policies judged" not in result.stdout
+    name = "model.layers.0.self_attn.q_proj.weight"
+    kept = load_file(run / "model.safetensors")[name]
+    torch.testing.assert_close(
+        kept, (policy_weight_of_step(run, sft, 2, name) + policy_weight_of_step(run, sft, 3, name)) / 2
+    )
 
 
 def test_a_stop_on_hacking_run_killed_before_its_alert_keeps_what_the_uninterrupted_run_keeps(tmp_path, tiny_models):
-    """The run of the test above, killed after checkpoint-2 or checkpoint-4 and resumed: it stops at step 5 and keeps
-    the average of the policies of steps 2 and 3, which it sampled before the kill (the copies travel with the
-    checkpoints): the same output as the run that was not killed."""
+    """The run of the test above, killed after checkpoint-2 or checkpoint-4 and resumed: it stops at step 5, judges
+    the policies of steps 1-5 as the run that was not killed judged them (the copies of those it sampled before the
+    kill travel with the checkpoints) and keeps the same two: the same output."""
     sft, _ = tiny_models
     common = STOPS_AT_STEP_5 | {"save_steps": 1}
     (tmp_path / "full").mkdir()
     train(write_recipe(tmp_path / "full", sft, **common))
     full = tmp_path / "full" / "run"
     assert (full / "checkpoint-4" / "policy_snapshots" / "process-0.safetensors").is_file()
+    expected = tracking.read_json(full / "eval.json")
+    assert sorted(map(int, expected["judged_policies"])) == [1, 2, 3, 4, 5]
     for killed_after in (2, 4):
         resumed = tmp_path / f"killed_after_{killed_after}"
         (resumed / "run").mkdir(parents=True)
@@ -903,7 +948,9 @@ def test_a_stop_on_hacking_run_killed_before_its_alert_keeps_what_the_uninterrup
         result = train(write_recipe(resumed, sft, **common), "--resume_from_checkpoint", "true")
         assert f"resumed from {resumed / 'run' / checkpoint}" in result.stdout
         results = tracking.read_json(resumed / "run" / "eval.json")
-        assert results["stopped_at_step"] == 5 and results["kept_policy_of_steps"] == [2, 3], killed_after
+        assert results["stopped_at_step"] == 5, killed_after
+        assert results["judged_policies"] == expected["judged_policies"], killed_after
+        assert results["kept_policy_of_steps"] == expected["kept_policy_of_steps"], killed_after
         a, b = load_file(full / "model.safetensors"), load_file(resumed / "run" / "model.safetensors")
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

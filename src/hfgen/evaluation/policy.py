@@ -148,6 +148,42 @@ def compare_to_reference(
     return summarise(rows, name, sampling), rows
 
 
+@torch.no_grad()
+def judge_policy(policy, tokenizer, prompts: list, sampling: Sampling, scorer, repeat_cost: float) -> float:
+    """The reward-hacking monitor's judgement of `policy` (`hfgen.rl.monitor.judged_score`), for `stop_on_hacking` to
+    choose among recent policies: its answers to `prompts`, `samples_per_prompt` each, every answer's random numbers
+    from its place in the list (the same for every policy judged), scored by `scorer` (the training reward, the
+    missing-EOS penalty aside). Every process answers every prompt: all get the same figure, and sharded engines
+    (FSDP2, ZeRO-3) run the same passes on every rank."""
+    from hfgen.rl import functional as F
+    from hfgen.rl.models import make_generation_config, stop_token_ids, tokenize_prompts
+    from hfgen.rl.monitor import judged_score
+    from hfgen.rl.rollout import episode_ids, left_pad, response_texts, sample_responses
+
+    prompts = [p for p in prompts for _ in range(sampling.samples_per_prompt)]
+    prompts, queries = tokenize_prompts(tokenizer, prompts, sampling.max_prompt_length)
+    policy.eval()
+    stop_ids = stop_token_ids(tokenizer, policy)
+    generation_config = make_generation_config(
+        tokenizer, sampling.response_length, sampling.temperature, sampling.top_p, stop_ids, models=[policy]
+    )
+    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id, policy.device)
+    seeds = [row_seed(sampling.seed, index) for index in range(len(queries))]
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # as compare_to_reference samples
+    try:
+        sampled = sample_responses(
+            policy, query_ids, query_mask, generation_config, sampling.chunk_size, tokenizer.pad_token_id, seeds
+        )
+    finally:
+        tokenizer.padding_side = padding_side
+    mask = F.response_mask(sampled.response_ids, stop_ids)
+    texts = response_texts(tokenizer, sampled.response_ids, stop_ids)
+    finished = F.has_stop_token(sampled.response_ids, stop_ids)
+    ids = episode_ids(queries, sampled.response_ids, mask)
+    scores, _ = scorer(prompts, texts, finished.tolist(), policy.device, ids)
+    return judged_score(scores.tolist(), texts, repeat_cost)
+
+
 def row_seed(seed: int, index: int) -> int:
     """The seed of the `index`-th sampled row of a comparison seeded with `seed`, in torch's 64-bit range."""
     return (seed * 1_000_003 + index + 1) % 2**63

@@ -25,11 +25,19 @@ leaves the reference in a jump that says nothing about hacking):
                       score the reward model gave its own held-out preference pairs (off when unknown: the best
                       of a few SFT batches is no ceiling, PPO is meant to beat it)
 A signal raises an alert when it holds `patience` steps in a row (kl_growth: one); its onset is the first of those
-steps (kl_growth: see above), and the policy to keep is the average of the policies of the `keep_average` steps
-before the first alert's onset (`kept_steps`): on the plateau an exploit starts from, consecutive policies differ by
-the noise of their updates as much as by their quality, and averaging the iterates cancels some of it (Polyak
-averaging, SWA) where picking one of them keeps it; it cannot help an onset that comes before the peak (figures in
-the README). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
+steps (kl_growth: see above).
+
+The policy `stop_on_hacking` keeps is the monitor's judgement of the recent policies (`candidate_steps`: the
+`kl_window` steps before the first alert's onset and those from the onset to the alert): each answers held-out
+prompts (`keep_samples` answers, the same random numbers for every one), and `judged_score` gives it the mean
+training reward of its answers less `repeat_cost` for every word an answer repeats; the policy kept is the average of
+the `keep_average` best judged (`judged_keep`). The onset alone places the peak to a step or two, often onto the
+climb or past the fall (figures in the README): the judgement looks at what the policies write. Repetition is the
+exploit it charges because it is the commonest one of a learned reward, and the one whose pay the reward itself shows
+(a reward that pays for a repeated word pays on); a repeat costs `repeat_cost` in reward units, 2 by default: the
+pay of the repeat taken back and as much again. Averaging the two best (Polyak averaging, SWA) cancels some of the
+noise of their updates where picking one keeps it. With `keep_samples` 0, or where no policy can answer (the
+TRL stages' callback), the policy kept is the average of the `keep_average` steps before the onset (`kept_steps`). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
 oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
 """
 
@@ -52,6 +60,19 @@ def distinct_n(text: str, n: int = 2) -> float:
     words = _WORD.findall(text.lower())
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def repeated_words(text: str) -> int:
+    """Words of a text that repeat an earlier word of it (`\\w+` runs, case folded): 0 for "the cat is warm.", 2 for
+    "lovely, lovely and lovely"."""
+    words = _WORD.findall(text.lower())
+    return len(words) - len(set(words))
+
+
+def judged_score(scores: list[float], texts: list[str], repeat_cost: float) -> float:
+    """The monitor's judgement of a policy from its answers to held-out prompts (`texts`) and their training rewards
+    (`scores`): the mean reward less `repeat_cost` per repeated word (`repeated_words`) of an answer."""
+    return (sum(scores) - repeat_cost * sum(map(repeated_words, texts))) / max(len(texts), 1)
 
 
 def mean_distinct_n(texts: list[str], n: int = 2) -> float:
@@ -97,6 +118,8 @@ class HackingMonitor:
     dominance: float = 0.9
     ceiling_share: float = 0.5
     keep_average: int = 2  # policies averaged into the one stop_on_hacking keeps
+    keep_samples: int = 1024  # held-out answers of each candidate policy judged (0: keep by the onset alone)
+    repeat_cost: float = 2.0  # reward units charged per repeated word of an answer by the judgement
     reward_ceiling: float | None = None
     weights: dict[str, float] = field(default_factory=dict)  # component -> its reward weight (absent: 1)
     history: list[dict] = field(default_factory=list)
@@ -138,6 +161,22 @@ class HackingMonitor:
                 raised.append(alert)
         return raised
 
+    def candidate_steps(self) -> list[int]:
+        """The steps whose policies `stop_on_hacking` judges: the `kl_window` steps before the first alert's onset and
+        those from the onset to the alert, from step 1 on (none without an alert)."""
+        if not self.alerts:
+            return []
+        return list(range(max(self.alerts[0].onset - self.kl_window, 1), self.alerts[0].step + 1))
+
+    def judged_keep(self, judged: dict[int, float]) -> list[int]:
+        """The steps whose policies `stop_on_hacking` averages when it judged them (`judged`: step -> `judged_score`):
+        the `keep_average` best, in step order."""
+        return sorted(sorted(judged, key=judged.__getitem__, reverse=True)[: self.keep_average])
+
+    def judging_samples_per_prompt(self, prompts: int) -> int:
+        """Answers per held-out prompt that give each judged policy about `keep_samples` answers."""
+        return max(1, round(self.keep_samples / max(prompts, 1)))
+
     def kept_steps(self) -> list[int]:
         """The steps whose policies `stop_on_hacking` averages into the one it keeps: the last `keep_average` steps
         before the first alert's signal set in, from step 1 on (none without an alert)."""
@@ -147,14 +186,15 @@ class HackingMonitor:
         return list(range(max(last - self.keep_average + 1, 1), last + 1))
 
     def oldest_keepable_step(self) -> int:
-        """The oldest step whose policy an alert at the next observed step may still keep (`kept_steps`): a signal's
-        onset lies in its window (its `patience` rows, kl_growth's `kl_window`), which will hold the latest rows but
-        the oldest of these, and `keep_average` steps before the onset are kept. Counted in rows, so it holds for a
-        trainer that logs every few steps; a loop drops the policy snapshots older than this."""
+        """The oldest step whose policy an alert at the next observed step may still keep: a signal's onset lies in its
+        window (its `patience` rows, kl_growth's `kl_window`), which will hold the latest rows but the oldest of these,
+        and `kl_window` steps before the onset are judged (`candidate_steps`; `keep_average` steps before it are kept
+        without a judgement, `kept_steps`). Counted in rows, so it holds for a trainer that logs every few steps; a
+        loop drops the policy snapshots older than this."""
         window = max(self.patience, self.kl_window)
         rows = self.history[max(len(self.history) - window + 1, 0) :] if window > 1 else []
         first = rows[0]["step"] if rows else (self.history[-1]["step"] + 1 if self.history else 1)
-        return first - self.keep_average
+        return first - max(self.keep_average, self.kl_window if self.keep_samples else 0)
 
     def baseline(self, key: str) -> float | None:
         values = [row[key] for row in self.history[: self.baseline_steps] if row.get(key) is not None]
@@ -308,8 +348,9 @@ class HackingMonitorArguments:
     stop_on_hacking: bool = field(
         default=False,
         metadata={
-            "help": "On an alert, stop and save as the output the average of the policies of the "
-            "monitor_keep_average steps before the signal set in."
+            "help": "On an alert, stop and save as the output the average of the monitor_keep_average recent policies "
+            "the monitor judges best (PPO: by their answers to held-out prompts, reward less monitor_repeat_cost per "
+            "repeated word; GRPO, RLOO: those of the steps before the signal set in)."
         },
     )
     monitor_baseline_steps: int = field(
@@ -353,9 +394,20 @@ class HackingMonitorArguments:
     monitor_keep_average: int = field(
         default=HackingMonitor.keep_average,
         metadata={
-            "help": "stop_on_hacking keeps the average of the policies of this many steps before the signal set in "
-            "(1: the policy of the step before it)."
+            "help": "stop_on_hacking keeps the average of this many policies: the best judged, or (monitor_keep_samples "
+            "0) those of the steps before the signal set in (1: one policy)."
         },
+    )
+    monitor_keep_samples: int = field(
+        default=HackingMonitor.keep_samples,
+        metadata={
+            "help": "PPO's stop_on_hacking judges each recent policy by about this many answers to the held-out "
+            "prompts (0: keep the policies before the signal set in, as the GRPO and RLOO stages do)."
+        },
+    )
+    monitor_repeat_cost: float = field(
+        default=HackingMonitor.repeat_cost,
+        metadata={"help": "The judgement charges this much reward per word an answer repeats (0: the reward alone)."},
     )
 
 
@@ -373,6 +425,9 @@ def monitor_problems(args: HackingMonitorArguments) -> list[str]:
                        ("monitor_keep_average", 1)):  # fmt: skip
         if getattr(args, key) < least:
             problems.append(f"{key} must be at least {least}, got {getattr(args, key)}")
+    for key in ("monitor_keep_samples", "monitor_repeat_cost"):
+        if getattr(args, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(args, key)}")
     for key in ("monitor_kl_growth", "monitor_min_kl_slope", "monitor_length_drift"):
         if getattr(args, key) <= 0:
             problems.append(f"{key} must be > 0, got {getattr(args, key)}")

@@ -56,7 +56,7 @@ from hfgen.data.prepare import (
     record,
 )
 from hfgen.errors import UserError
-from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, format_comparison
+from hfgen.evaluation.policy import Sampling, compare_to_reference, distinct_prompts, format_comparison, judge_policy
 from hfgen.finetune import check_model_config, float32_fully_trained_modules, run_first_hint
 from hfgen.generate import prompts_are_chat
 from hfgen.group_rl import chat_prompts_field, chat_prompts_problems, prepare_prompts, prompt_template_problems
@@ -621,13 +621,29 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
         tokenizer, config.response_length, config.temperature, config.top_p, stop_ids, models=[policy]
     )
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+    judge = None
+    if snapshots is not None:  # stop_on_hacking's judgement of the policy in place, on held-out prompts
+        judging_prompts = eval_prompts or distinct_prompts(train_prompts)
+        judging = Sampling(
+            monitor.judging_samples_per_prompt(len(judging_prompts)), config.response_length, config.temperature,
+            config.top_p, config.seed, config.local_rollout_forward_batch_size, max_prompt_length,
+        )  # fmt: skip
+
+        def judge() -> float:
+            with loop.gathered(accelerator, trainable, scorer.reward_model) as (whole, reward_model):
+                with accelerator.autocast():
+                    return judge_policy(
+                        whole.policy, tokenizer, judging_prompts, judging,
+                        dataclasses.replace(scorer, reward_model=reward_model), monitor.repeat_cost,
+                    )  # fmt: skip
+
     started = time.perf_counter()
     last_step, stopped, rollout = total_steps, {}, None
     if monitor is not None and monitor.alerts and config.stop_on_hacking:
         # Resumed from the checkpoint of the step whose alert stopped the run (a kill during the final save or
         # evaluation, a resume of the complete run): the monitor raises each signal once, so the loop would train
         # on past the stop. The run ends as it did, keeping the same policies (their copies are in the checkpoint).
-        last_step, stopped = monitor.alerts[0].step, stop_on_hacking(accelerator, trainable, snapshots, monitor)
+        last_step, stopped = monitor.alerts[0].step, stop_on_hacking(accelerator, trainable, snapshots, monitor, judge)
     for step in range(start_step + 1, total_steps + 1) if not stopped else ():
         # 1. Rollout: this process's prompts for the step, responses sampled from the current policy, scored.
         step_started = time.perf_counter()
@@ -686,7 +702,7 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
             checkpoint = loop.save_checkpoint(accelerator, output_dir, step, config.save_total_limit, save_snapshots)
             guard.exit_on_signal(checkpoint)
         if alerts and config.stop_on_hacking:
-            last_step, stopped = step, stop_on_hacking(accelerator, trainable, snapshots, monitor)
+            last_step, stopped = step, stop_on_hacking(accelerator, trainable, snapshots, monitor, judge)
             break
     train_runtime = time.perf_counter() - started
     if rollout is not None:  # (a resume of a complete or stopped run trains nothing)
@@ -763,17 +779,28 @@ def check_final_models(accelerator, trainable, rollout: Rollout, config: PPOConf
     )
 
 
-def stop_on_hacking(accelerator, trainable, snapshots: PolicySnapshots, monitor) -> dict:
-    """Put back the average of the policies of the steps before the first alert's signal set in
-    (`HackingMonitor.kept_steps`) -> eval.json's record of the stop."""
-    alert = monitor.alerts[0]
-    kept = snapshots.restore(accelerator.unwrap_model(trainable).policy, monitor.kept_steps())
+def stop_on_hacking(accelerator, trainable, snapshots: PolicySnapshots, monitor, judge=None) -> dict:
+    """Put back the average of the recent policies the monitor judges best (`HackingMonitor.judged_keep`; `judge()`
+    judges the policy in place, on every process), or without a judgement (`monitor_keep_samples` 0) those of the
+    steps before the first alert's signal set in (`HackingMonitor.kept_steps`) -> eval.json's record of the stop."""
+    alert, policy = monitor.alerts[0], accelerator.unwrap_model(trainable).policy
+    steps, judged = monitor.kept_steps(), {}
+    if judge is not None and monitor.keep_samples:
+        for step in (s for s in monitor.candidate_steps() if s in snapshots.copies):
+            snapshots.restore(policy, [step])
+            judged[step] = judge()
+        if judged:
+            accelerator.print("stop_on_hacking: the policies judged (reward less the repeats' cost, held-out "
+                              "answers): " + ", ".join(f"step {s} {score:.3f}" for s, score in judged.items()))  # fmt: skip
+            steps = monitor.judged_keep(judged)
+    kept = snapshots.restore(policy, steps)
     policies = f"the policy of step {kept[0]}"
     if len(kept) > 1:
-        policies = f"the average of the policies of steps {kept[0]}-{kept[-1]}"
+        policies = f"the average of the policies of steps {', '.join(map(str, kept))}"
     accelerator.print(f"stop_on_hacking: stopped at step {alert.step}; the output is {policies}")
     return {"stopped_early": True, "stopped_at_step": alert.step, "stop_reason": alert.message,
-            "stop_signal": alert.signal, "kept_policy_of_steps": kept}  # fmt: skip
+            "stop_signal": alert.signal, "kept_policy_of_steps": kept,
+            "judged_policies": {str(step): score for step, score in judged.items()}}  # fmt: skip
 
 
 # ---- one PPO step -----------------------------------------------------------------------------------
