@@ -174,7 +174,8 @@ class HackingMonitor:
         return sorted(sorted(judged, key=judged.__getitem__, reverse=True)[: self.keep_average])
 
     def judging_samples_per_prompt(self, prompts: int) -> int:
-        """Answers per held-out prompt that give each judged policy about `keep_samples` answers."""
+        """Answers per held-out prompt that give each judged policy about `keep_samples` answers (the loop judges on
+        at most `keep_samples` prompts: one answer each at least)."""
         return max(1, round(self.keep_samples / max(prompts, 1)))
 
     def kept_steps(self) -> list[int]:
