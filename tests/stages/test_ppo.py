@@ -492,6 +492,23 @@ def test_two_processes_end_with_identical_policy_weights(tmp_path, tiny_models, 
 
 
 @pytest.mark.slow
+def test_two_processes_stop_on_hacking_judge_alike_and_keep_the_same_policy(tmp_path, tiny_models, free_port):
+    """stop_on_hacking under 2 processes: every rank judges the policies of steps 1-5 (the main process's figures
+    decide), both keep the same two and end with identical weights."""
+    sft, _ = tiny_models
+    recipe = write_recipe(tmp_path, sft, **STOPS_AT_STEP_5 | {"total_episodes": 128})  # 16 episodes a step
+    result = accelerate_launch(free_port, recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    results = tracking.read_json(run / "eval.json")
+    judged = {int(step): score for step, score in results["judged_policies"].items()}
+    assert results["stopped_at_step"] == 5 and sorted(judged) == [1, 2, 3, 4, 5]
+    assert results["kept_policy_of_steps"] == sorted(sorted(judged, key=judged.get)[-2:])
+    fingerprints = [(run / f"weights-rank{rank}.sha256").read_text() for rank in (0, 1)]
+    assert fingerprints[0] == fingerprints[1]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [{}, LORA], ids=["full", "lora"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, settings):
     sft, reward = tiny_models

@@ -784,12 +784,16 @@ def stop_on_hacking(accelerator, trainable, snapshots: PolicySnapshots, monitor,
     """Put back the average of the recent policies the monitor judges best (`HackingMonitor.judged_keep`; `judge()`
     judges the policy in place, on every process), or without a judgement (`monitor_keep_samples` 0) those of the
     steps before the first alert's signal set in (`HackingMonitor.kept_steps`) -> eval.json's record of the stop."""
+    from accelerate.utils import broadcast_object_list
+
     alert, policy = monitor.alerts[0], accelerator.unwrap_model(trainable).policy
     steps, judged = monitor.kept_steps(), {}
     if judge is not None and monitor.keep_samples:
         for step in (s for s in monitor.candidate_steps() if s in snapshots.copies):
             snapshots.restore(policy, [step])
             judged[step] = judge()
+        if accelerator.num_processes > 1:  # the main process's figures: a kernel's rounding on one rank must not
+            judged = broadcast_object_list([judged])[0]  # make it keep other steps than the rest (other shards)
         if judged:
             accelerator.print("stop_on_hacking: the policies judged (reward less the repeats' cost, held-out "
                               "answers): " + ", ".join(f"step {s} {score:.3f}" for s, score in judged.items()))  # fmt: skip
