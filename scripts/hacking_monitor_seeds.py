@@ -125,10 +125,12 @@ def judge_policies(directory: Path, sft: str, steps: list[int], monitor) -> dict
     tokenizer = AutoTokenizer.from_pretrained(sft)
     policy = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval()
     start = {name: p.detach().clone() for name, p in policy.state_dict().items()}
-    prompts = distinct_prompts([row["prompt"] for row in generate_rows("prompts", "test")])
+    prompts, per_prompt = monitor.judging_prompts(
+        distinct_prompts([row["prompt"] for row in generate_rows("prompts", "test")])
+    )
     sampling = Sampling(
-        monitor.judging_samples_per_prompt(len(prompts)), recipe["response_length"], recipe["temperature"],
-        recipe.get("top_p", 1.0), recipe["seed"], recipe["local_rollout_forward_batch_size"], 256,
+        per_prompt, recipe["response_length"], recipe["temperature"], recipe.get("top_p", 1.0), recipe["seed"],
+        recipe["local_rollout_forward_batch_size"], 256,
     )  # fmt: skip
     functions = {function_name(spec): load_function(spec) for spec in recipe["reward_functions"]}
     scorer = RewardScorer(None, None, functions, [1.0] * len(functions), recipe["local_rollout_forward_batch_size"])

@@ -203,10 +203,10 @@ def test_the_judgement_charges_repeated_words_and_keeps_the_best_judged_candidat
     early = M.HackingMonitor()
     early.alerts = [M.Alert(step=4, onset=3, signal="repetition", message="")]
     assert early.candidate_steps() == [1, 2, 3, 4]
-    assert (
-        M.HackingMonitor().judging_samples_per_prompt(51) == 20
-        and M.HackingMonitor().judging_samples_per_prompt(5000) == 1
-    )
+    prompts, per_prompt = M.HackingMonitor().judging_prompts(list(range(51)))
+    assert prompts == list(range(51)) and per_prompt == 20
+    prompts, per_prompt = M.HackingMonitor().judging_prompts(list(range(5000)))  # at most keep_samples prompts
+    assert prompts == list(range(1024)) and per_prompt == 1
     for onset in range(6, 10):  # an alert at step 9: kl_growth's onset lies in its window, steps 6-9
         late = M.HackingMonitor()
         feed(late, [STEADY] * 8)

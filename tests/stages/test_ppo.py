@@ -943,6 +943,7 @@ def test_stop_on_hacking_without_a_judgement_keeps_the_policies_before_the_onset
     torch.testing.assert_close(
         kept, (policy_weight_of_step(run, sft, 2, name) + policy_weight_of_step(run, sft, 3, name)) / 2
     )
+    assert not any(torch.allclose(kept, policy_weight_of_step(run, sft, step, name)) for step in (1, 2, 3, 5))
 
 
 def test_a_stop_on_hacking_run_killed_before_its_alert_keeps_what_the_uninterrupted_run_keeps(tmp_path, tiny_models):

@@ -37,8 +37,9 @@ exploit it charges because it is the commonest one of a learned reward, and the 
 (a reward that pays for a repeated word pays on); a repeat costs `repeat_cost` in reward units, 2 by default: the
 pay of the repeat taken back and as much again. Averaging the two best (Polyak averaging, SWA) cancels some of the
 noise of their updates where picking one keeps it. With `keep_samples` 0, or where no policy can answer (the
-TRL stages' callback), the policy kept is the average of the `keep_average` steps before the onset (`kept_steps`). With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the
-oracle's gains since the start and the step where the oracle peaked, so an alert can be judged.
+TRL stages' callback), the policy kept is the average of the `keep_average` steps before the onset (`kept_steps`).
+With an oracle (never used for alerts), the monitor also reports the gap between the proxy's and the oracle's gains
+since the start and the step where the oracle peaked, so an alert can be judged.
 """
 
 from __future__ import annotations
@@ -173,10 +174,11 @@ class HackingMonitor:
         the `keep_average` best, in step order."""
         return sorted(sorted(judged, key=judged.__getitem__, reverse=True)[: self.keep_average])
 
-    def judging_samples_per_prompt(self, prompts: int) -> int:
-        """Answers per held-out prompt that give each judged policy about `keep_samples` answers (the loop judges on
-        at most `keep_samples` prompts: one answer each at least)."""
-        return max(1, round(self.keep_samples / max(prompts, 1)))
+    def judging_prompts(self, prompts: list) -> tuple[list, int]:
+        """(the held-out prompts each judged policy answers, answers per prompt): at most `keep_samples` prompts (a
+        large held-out set would otherwise cost an answer to each, per policy), about `keep_samples` answers in all."""
+        prompts = prompts[: max(self.keep_samples, 1)]
+        return prompts, max(1, round(self.keep_samples / max(len(prompts), 1)))
 
     def kept_steps(self) -> list[int]:
         """The steps whose policies `stop_on_hacking` averages into the one it keeps: the last `keep_average` steps

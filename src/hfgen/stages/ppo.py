@@ -623,11 +623,10 @@ def run(model_args: ModelConfig, data_args: PPODataArguments, config: PPOConfig)
     all_reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
     judge = None
     if snapshots is not None:  # stop_on_hacking's judgement of the policy in place, on held-out prompts
-        # at most keep_samples prompts: a large held-out set would otherwise cost an answer to each, per candidate
-        judging_prompts = (eval_prompts or distinct_prompts(train_prompts))[: monitor.keep_samples or 1]
+        judging_prompts, per_prompt = monitor.judging_prompts(eval_prompts or distinct_prompts(train_prompts))
         judging = Sampling(
-            monitor.judging_samples_per_prompt(len(judging_prompts)), config.response_length, config.temperature,
-            config.top_p, config.seed, config.local_rollout_forward_batch_size, max_prompt_length,
+            per_prompt, config.response_length, config.temperature, config.top_p, config.seed,
+            config.local_rollout_forward_batch_size, max_prompt_length,
         )  # fmt: skip
 
         def judge() -> float:
